@@ -1,0 +1,39 @@
+"""dyt: Dynamic Tanh, ``weight * tanh(alpha * x) + bias``, a drop-in replacement for LayerNorm and
+RMSNorm (Zhu, Chen, He, LeCun, Liu, "Transformers without Normalization", 2025).
+
+Importing ``dyt`` needs only torch; the training harness lives in ``dyt.train`` (extra ``train``).
+"""
+
+from .alpha import alpha_init_for
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    default_backend,
+    select_backend,
+    set_default_backend,
+    use_backend,
+)
+from .convert import ConversionReport, classify_norm, convert_norms, iter_norms
+from .functional import dyt
+from .modules import DyT
+from .norms import ChannelsFirst, NormConfig, make_norm
+
+__all__ = [
+    "BackendUnavailableError",
+    "ChannelsFirst",
+    "ConversionReport",
+    "DyT",
+    "NormConfig",
+    "alpha_init_for",
+    "available_backends",
+    "classify_norm",
+    "convert_norms",
+    "default_backend",
+    "dyt",
+    "iter_norms",
+    "make_norm",
+    "select_backend",
+    "set_default_backend",
+    "use_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""Swap every norm layer of any model between LayerNorm, RMSNorm, DyT and identity, in place.
+
+Recognised: ``nn.LayerNorm``, ``nn.RMSNorm``, :class:`~dyt.DyT`, :class:`~dyt.norms.ChannelsFirst`,
+and norm-like modules of other libraries (a weight plus an ``eps``/``variance_epsilon``, or a class
+name with "Norm": HF's ``LlamaRMSNorm``, fairseq2's ``RMSNorm``/``StandardLayerNorm``, torchaudio's
+channels-first ``LayerNorm``). Those are identified by *probing*: the module runs on a small input,
+channels-last then channels-first, and its output is compared with the LayerNorm and RMSNorm
+formulas. So a module is only replaced by something that computes the same kind of normalisation;
+anything else norm-like (BatchNorm, GroupNorm, an RMSNorm with ``1 + weight`` scaling, ...) is left
+alone and listed in the report with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .modules import DyT
+from .norms import KINDS, ChannelsFirst, NormConfig
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    """What a norm layer computes, as far as conversion needs to know."""
+
+    kind: str  # layernorm | rmsnorm | dyt
+    shape: tuple[int, ...]
+    channels_last: bool
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Replacement:
+    path: str
+    old_type: str
+    new_type: str
+    shape: tuple[int, ...]
+    channels_last: bool
+    affine_copied: bool
+
+
+@dataclass(frozen=True)
+class LeftAlone:
+    path: str
+    type: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_norms` replaced, where, and what norm-like modules it left alone."""
+
+    target: str
+    replaced: list[Replacement] = field(default_factory=list)
+    left_alone: list[LeftAlone] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """How many modules of each original type were replaced."""
+        counts: dict[str, int] = {}
+        for r in self.replaced:
+            counts[r.old_type] = counts.get(r.old_type, 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        by_type = ", ".join(f"{n} x {t}" for t, n in sorted(self.counts().items())) or "nothing"
+        lines = [f"convert_norms -> {self.target}: replaced {len(self.replaced)} ({by_type})"]
+        for r in self.replaced:
+            layout = "" if r.channels_last else " [channels-first]"
+            lines.append(f"  {r.path}: {r.old_type} -> {r.new_type} {r.shape}{layout}")
+        if self.left_alone:
+            lines.append(f"left alone: {len(self.left_alone)}")
+            lines += [f"  {a.path}: {a.type} ({a.reason})" for a in self.left_alone]
+        return "\n".join(lines)
+
+
+_NOT_PER_TOKEN = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def _type_name(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    return (
+        weight if isinstance(weight, torch.Tensor) else None,
+        bias if isinstance(bias, torch.Tensor) else None,
+    )
+
+
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _info(module: nn.Module, kind: str, shape, channels_last: bool) -> NormInfo:
+    weight, bias = _affine(module)
+    device, dtype = _placement(module)
+    return NormInfo(kind, tuple(shape), channels_last, weight, bias, device, dtype)
+
+
+def _is_exact(module: nn.Module, cls: type) -> bool:
+    """An instance of ``cls`` whose forward is ``cls``'s own (subclasses may change the layout)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _looks_norm_like(module: nn.Module) -> bool:
+    if type(module).__module__.startswith("torch.nn.utils.parametriz"):
+        return False  # weight-norm parametrizations reshape weights, not activations
+    has_eps = any(isinstance(getattr(module, a, None), float) for a in ("eps", "variance_epsilon"))
+    return has_eps or "norm" in type(module).__name__.lower()
+
+
+def _reference(kind: str, x: torch.Tensor, eps: float, weight, bias) -> torch.Tensor:
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def _probe(module: nn.Module) -> NormInfo | str:
+    """Identify an unknown norm-like module by running it; a string says why it was not."""
+    weight, bias = _affine(module)
+    if weight is not None and weight.ndim == 1:
+        channels = weight.shape[0]
+    else:
+        shape = getattr(module, "normalized_shape", None)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
+        if len(shape) != 1:
+            return "cannot tell its channel count (no 1-D weight or normalized_shape)"
+        channels = shape[0]
+    if bias is not None and bias.shape != (channels,):
+        return f"bias of shape {tuple(bias.shape)} is not per-channel"
+    eps = next(
+        (float(getattr(module, a)) for a in ("eps", "variance_epsilon") if isinstance(getattr(module, a, None), float)),
+        1e-5,
+    )
+    device, dtype = _placement(module)
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 5, channels, generator=generator) * 2 + 0.7).to(device)
+    for channels_last in (True, False):
+        probe_in = x if channels_last else x.movedim(-1, 1)
+        try:
+            with torch.no_grad():
+                out = module(probe_in.to(dtype))
+        except Exception:  # noqa: BLE001 - a failed probe just means "not this layout"
+            continue
+        if not isinstance(out, torch.Tensor) or out.shape != probe_in.shape:
+            continue
+        out = (out if channels_last else out.movedim(1, -1)).float()
+        for kind in ("layernorm", "rmsnorm"):
+            if torch.allclose(out, _reference(kind, x, eps, weight, bias), rtol=tol, atol=tol):
+                return _info(module, kind, (channels,), channels_last)
+    return "its output matches neither LayerNorm nor RMSNorm (probed channels-last and channels-first)"
+
+
+def classify_norm(module: nn.Module) -> NormInfo | str | None:
+    """NormInfo for a convertible norm layer, a reason string for a norm-like module that is not
+    convertible, None for anything else."""
+    if isinstance(module, DyT):
+        return _info(module, "dyt", module.normalized_shape, module.channels_last)
+    if isinstance(module, ChannelsFirst):
+        inner = classify_norm(module.norm)
+        if isinstance(inner, NormInfo) and inner.channels_last:
+            return NormInfo(
+                inner.kind, inner.shape, False, inner.weight, inner.bias, inner.device, inner.dtype
+            )
+        return inner
+    if _is_exact(module, nn.LayerNorm):
+        return _info(module, "layernorm", module.normalized_shape, True)
+    if _is_exact(module, nn.RMSNorm):
+        return _info(module, "rmsnorm", module.normalized_shape, True)
+    if isinstance(module, _NOT_PER_TOKEN):
+        return "normalises over the batch or groups of channels, not per token"
+    if _looks_norm_like(module):
+        return _probe(module)
+    return None
+
+
+def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, NormInfo | str]]:
+    """Every norm-like submodule (path, module, classification), outermost first; the insides of
+    a recognised norm (e.g. a ChannelsFirst's inner LayerNorm) are not listed again."""
+    inside: list[str] = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        found = classify_norm(module)
+        if found is None:
+            continue
+        if isinstance(found, NormInfo):
+            inside.append(path)
+        yield path, module, found
+
+
+def build_norm(info: NormInfo, target: NormConfig, *, copy_affine: bool = True, role: str = "default") -> nn.Module:
+    """A ``target.kind`` layer that stands where a layer described by ``info`` stood; it has a bias
+    exactly when the original had one, and keeps its device, dtype and layout."""
+    kind = target.kind
+    has_bias = info.bias is not None
+    if kind == "identity":
+        return nn.Identity()
+    placement = {"device": info.device, "dtype": info.dtype}
+    if kind == "dyt":
+        width = info.shape[-1]
+        new: nn.Module = DyT(
+            info.shape,
+            alpha_init=target.alpha_for(width, role),
+            bias=has_bias,
+            channels_last=info.channels_last,
+            backend=target.backend,
+            **placement,
+        )
+        inner = new
+    else:
+        if kind == "layernorm":
+            inner = nn.LayerNorm(info.shape, eps=target.eps, bias=has_bias, **placement)
+        else:
+            inner = nn.RMSNorm(info.shape, eps=target.eps, **placement)
+        new = inner if info.channels_last else ChannelsFirst(inner)
+    if copy_affine:
+        with torch.no_grad():
+            if info.weight is not None:
+                inner.weight.copy_(info.weight.reshape(inner.weight.shape))
+            if info.bias is not None and getattr(inner, "bias", None) is not None:
+                inner.bias.copy_(info.bias.reshape(inner.bias.shape))
+    return new
+
+
+def convert_norms(
+    model: nn.Module,
+    to: NormConfig | str = "dyt",
+    *,
+    copy_affine: bool = True,
+    role_of: Callable[[str], str] | None = None,
+) -> ConversionReport:
+    """Replace every LayerNorm/RMSNorm/DyT-like layer of ``model`` with a ``to`` layer, in place.
+
+    Args:
+        to: the target kind (``dyt``, ``layernorm``, ``rmsnorm``, ``identity``) or a NormConfig
+            (its alpha policy, eps and backend are used).
+        copy_affine: carry the per-channel weight (and bias) over to the new layer.
+        role_of: maps a module path to a DyT role (attention / ffn / final / default) for the
+            alpha0 policy; default: every layer is ``default``.
+
+    Returns a :class:`ConversionReport`. Layers already of the target kind stay as they are.
+    """
+    target = NormConfig(kind=to) if isinstance(to, str) else to
+    if target.kind not in KINDS:
+        raise ValueError(f"unknown norm kind {target.kind!r}; choose one of {', '.join(KINDS)}")
+    report = ConversionReport(target=target.kind)
+    swapped: dict[int, nn.Module] = {}
+    for path, module, found in list(iter_norms(model)):
+        if isinstance(found, str):
+            report.left_alone.append(LeftAlone(path, _type_name(module), found))
+            continue
+        if found.kind == target.kind:
+            report.left_alone.append(LeftAlone(path, _type_name(module), f"already {target.kind}"))
+            continue
+        if not path:
+            raise ValueError("convert_norms replaces submodules; the model itself is a norm layer")
+        if id(module) not in swapped:
+            role = role_of(path) if role_of is not None else "default"
+            swapped[id(module)] = build_norm(found, target, copy_affine=copy_affine, role=role)
+        new = swapped[id(module)]
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, new)
+        report.replaced.append(
+            Replacement(
+                path,
+                _type_name(module),
+                _type_name(new),
+                found.shape,
+                found.channels_last,
+                copy_affine and (found.weight is not None or found.bias is not None),
+            )
+        )
+    return report

@@ -1,0 +1,57 @@
+"""Functional DyT: validates shapes, brings inputs to the kernels' canonical layout, dispatches."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import BACKENDS, select_backend
+
+
+def dyt(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    channels_last: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``.
+
+    Args:
+        x: input. With ``channels_last`` its trailing dims equal ``weight.shape``; otherwise it is
+            ``(batch, channels, ...)`` and ``weight`` is ``(channels,)``.
+        alpha: the learnable scalar, a 1-element tensor.
+        weight, bias: per-channel affine parameters (``bias`` may be None).
+        backend: ``eager``, ``compiled``, ``fused``, ``auto``, or None for the process default.
+
+    Math runs in float32 (float64 for float64 inputs); the result has ``x``'s dtype.
+    """
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
+    if bias is not None and bias.shape != weight.shape:
+        raise ValueError(f"bias shape {tuple(bias.shape)} differs from weight shape {tuple(weight.shape)}")
+    if channels_last:
+        if tuple(x.shape[x.ndim - weight.ndim :]) != tuple(weight.shape):
+            raise ValueError(
+                f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}"
+            )
+        channels = weight.numel()
+        canonical = x.reshape(-1, channels)
+        w, b = weight.reshape(channels), None if bias is None else bias.reshape(channels)
+        reduce_dims: tuple[int, ...] = (0,)
+    else:
+        if weight.ndim != 1 or x.ndim < 2 or x.shape[1] != weight.shape[0]:
+            raise ValueError(
+                f"channels-first DyT with {weight.numel()} channels got input of shape {tuple(x.shape)}"
+            )
+        channels = weight.shape[0]
+        canonical = x.reshape(x.shape[0], channels, -1)
+        w, b = weight.reshape(channels, 1), None if bias is None else bias.reshape(channels, 1)
+        reduce_dims = (0, 2)
+
+    impl = select_backend(backend, x.device)
+    if x.numel() == 0 or torch.compiler.is_compiling():
+        # Nothing to compute, or an outer torch.compile will fuse the plain formula itself.
+        impl = BACKENDS["eager"]
+    return impl.apply(canonical, alpha, w, b, reduce_dims).reshape(x.shape)

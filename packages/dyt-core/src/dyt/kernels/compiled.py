@@ -1,0 +1,123 @@
+"""The compiled backend: an autograd.Function whose forward and backward are separately compiled
+with ``torch.compile(dynamic=True)`` (inductor: C++/OpenMP on CPU, Triton on CUDA).
+
+Why not just ``torch.compile`` the eager formula? Measured on a 2-core CPU (see docs/performance.md),
+the autograd graph inductor derives saves ``tanh(alpha x)`` (an extra activation-sized buffer) and
+emits its per-channel gradient sums as column-strided loops, ending 1.7x slower than LayerNorm
+forward+backward. Here:
+
+* the forward saves only its inputs and recomputes ``tanh`` in the backward (tanh is cheap next to
+  a fresh activation-sized allocation, whose page faults dominate on CPU);
+* the backward first writes ``dy * tanh(alpha x)`` into the buffer that will become ``dx``, sums it
+  (and ``dy``) over rows with ATen's well-vectorised reductions, then overwrites the same buffer
+  with ``dx`` in place, so the backward allocates one activation-sized tensor, like LayerNorm's.
+
+Shapes are dynamic: new sequence lengths do not recompile.
+"""
+
+import functools
+import types
+
+import torch
+
+from . import compute_dtype
+
+
+def _forward_with_bias(x, alpha, weight, bias):
+    ct = compute_dtype(x, weight)
+    return (weight.to(ct) * torch.tanh(alpha.to(ct) * x.to(ct)) + bias.to(ct)).to(x.dtype)
+
+
+def _forward_no_bias(x, alpha, weight):
+    ct = compute_dtype(x, weight)
+    return (weight.to(ct) * torch.tanh(alpha.to(ct) * x.to(ct))).to(x.dtype)
+
+
+def _dy_times_tanh(dy, x, alpha, weight):
+    """dy * tanh(alpha x) in compute dtype: summed over rows it is the weight gradient."""
+    ct = compute_dtype(x, weight)
+    return dy.to(ct) * torch.tanh(alpha.to(ct) * x.to(ct))
+
+
+def _input_grad(dy, x, alpha, weight):
+    """(dx, dalpha) with dalpha = sum(dy * weight * (1 - t^2) * x), t = tanh(alpha x)."""
+    ct = compute_dtype(x, weight)
+    xc, a = x.to(ct), alpha.to(ct)
+    t = torch.tanh(a * xc)
+    g = dy.to(ct) * weight.to(ct) * (1 - t * t)
+    return (g * a).to(x.dtype), (g * xc).sum()
+
+
+def _input_grad_into(out, dy, x, alpha, weight):
+    """Like _input_grad, writing dx into ``out`` (same shape and dtype as x); returns dalpha."""
+    ct = compute_dtype(x, weight)
+    xc, a = x.to(ct), alpha.to(ct)
+    t = torch.tanh(a * xc)
+    g = dy.to(ct) * weight.to(ct) * (1 - t * t)
+    out.copy_((g * a).to(out.dtype))
+    return (g * xc).sum()
+
+
+@functools.cache
+def _compiled_for(fn, x_dtype: torch.dtype, w_dtype: torch.dtype, ndim: int):
+    """One torch.compile cache per (function, dtypes, layout). Dynamo's recompile limit counts per
+    code object, so each variant gets its own copy of the code instead of evicting the others."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+    return torch.compile(copy, dynamic=True)
+
+
+def _compiled(fn, x: torch.Tensor, weight: torch.Tensor):
+    return _compiled_for(fn, x.dtype, weight.dtype, x.ndim)
+
+
+class CompiledDyTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias, reduce_dims):
+        ctx.save_for_backward(x, alpha, weight)
+        ctx.reduce_dims = reduce_dims
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return _compiled(_forward_no_bias, x, weight)(x, alpha, weight)
+        return _compiled(_forward_with_bias, x, weight)(x, alpha, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, alpha, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        need_x, need_alpha, need_weight, need_bias = ctx.needs_input_grad[:4]
+        dims = ctx.reduce_dims
+        dweight = dbias = None
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum(dims, dtype=compute_dtype(x, weight)).reshape(weight.shape).to(weight.dtype)
+        if need_weight:
+            buffer = _compiled(_dy_times_tanh, x, weight)(dy, x, alpha, weight)
+            dweight = buffer.sum(dims).reshape(weight.shape).to(weight.dtype)
+            if buffer.dtype == x.dtype and (need_x or need_alpha):
+                dalpha = _compiled(_input_grad_into, x, weight)(buffer, dy, x, alpha, weight)
+                dx = buffer
+                return _finish(dx, dalpha, alpha, dweight, dbias, need_x, need_alpha)
+        if not (need_x or need_alpha):
+            return None, None, dweight, dbias, None
+        dx, dalpha = _compiled(_input_grad, x, weight)(dy, x, alpha, weight)
+        return _finish(dx, dalpha, alpha, dweight, dbias, need_x, need_alpha)
+
+
+def _finish(dx, dalpha, alpha, dweight, dbias, need_x, need_alpha):
+    return (
+        dx if need_x else None,
+        dalpha.reshape(alpha.shape).to(alpha.dtype) if need_alpha else None,
+        dweight,
+        dbias,
+        None,
+    )
+
+
+def dyt_compiled(x, alpha, weight, bias, reduce_dims):
+    """Compiled DyT on the canonical layout (see :mod:`dyt.kernels`)."""
+    if not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, alpha, weight, bias)
+    ):
+        if bias is None:
+            return _compiled(_forward_no_bias, x, weight)(x, alpha, weight)
+        return _compiled(_forward_with_bias, x, weight)(x, alpha, weight, bias)
+    return CompiledDyTFunction.apply(x, alpha, weight, bias, reduce_dims)

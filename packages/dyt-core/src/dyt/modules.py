@@ -1,0 +1,71 @@
+"""The DyT module: a drop-in replacement for one LayerNorm or RMSNorm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .backends import check_backend_name
+from .functional import dyt
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh, ``weight * tanh(alpha * x) + bias`` (Zhu et al., 2025).
+
+    Parameter names and shapes (``alpha`` [1], ``weight``, ``bias``) match the paper's reference
+    ``DynamicTanh``, so its checkpoints load with ``load_state_dict``.
+
+    Args:
+        normalized_shape: channel count (or trailing shape, as for ``nn.LayerNorm``).
+        alpha_init: initial alpha (the paper's default 0.5; see :func:`dyt.alpha_init_for`).
+        bias: ``False`` gives ``weight * tanh(alpha * x)``, the paper's LLaMA form.
+        channels_last: ``False`` for ``(batch, channels, ...)`` inputs.
+        backend: ``eager`` / ``compiled`` / ``fused`` / ``auto``; None follows the process default
+            (``DYT_BACKEND`` or :func:`dyt.use_backend`), itself ``auto`` unless set.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        alpha_init: float = 0.5,
+        bias: bool = True,
+        channels_last: bool = True,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if not channels_last and len(shape) != 1:
+            raise ValueError(f"channels-first DyT takes one channel count, got {shape}")
+        self.normalized_shape = shape
+        self.alpha_init = float(alpha_init)
+        self.channels_last = channels_last
+        self.backend = None if backend is None else check_backend_name(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(shape, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+            self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dyt(
+            x, self.alpha, self.weight, self.bias, channels_last=self.channels_last, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.normalized_shape}, alpha_init={self.alpha_init}, bias={self.bias is not None}"
+        if not self.channels_last:
+            text += ", channels_last=False"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text

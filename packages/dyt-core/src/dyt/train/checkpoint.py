@@ -1,0 +1,91 @@
+"""Checkpoints that are either complete or ignored.
+
+DeepSpeed's ``save_checkpoint`` writes model, optimizer and LR-scheduler state (and our client
+state: step and data position) under ``checkpoints/<tag>/``; each rank adds its RNG state with an
+atomic rename; after a barrier rank 0 writes ``COMPLETE``. Resume takes the newest tag that has
+``COMPLETE``, so a run killed mid-save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import DistInfo, barrier
+
+MARKER = "COMPLETE"
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+
+def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
+    """Save on every rank; returns the checkpoint directory once it is complete."""
+    tag = _tag(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    directory = root / tag
+    _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt", lambda h: torch.save(rng_state(), h))
+    barrier()
+    if dist.is_main:
+        meta = json.dumps({"step": step, "world_size": dist.world_size}).encode()
+        _atomic_write_bytes(directory / MARKER, lambda h: h.write(meta))
+        done = complete_checkpoints(root)
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in (p for p in root.iterdir() if p.is_dir() and p.name < tag and p not in done):
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
+    barrier()
+    return directory
+
+
+def load(engine, directory: Path, dist: DistInfo) -> dict[str, Any]:
+    """Restore engine state and this rank's RNG from a complete checkpoint; returns the client state."""
+    meta = json.loads((directory / MARKER).read_text())
+    _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    rng_file = directory / f"rng_rank{dist.rank}.pt"
+    if meta["world_size"] == dist.world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state or {}

@@ -1,0 +1,47 @@
+"""The command line every recipe shares: ``--config FILE``, ``--set key=value``, ``--print-config``,
+``--resume``. A recipe's ``__main__`` is ``run_recipe(MyConfig, MyTask)``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .config import ConfigError, dump_yaml, load_config
+from .trainer import Task, Trainer, TrainResult
+
+C = TypeVar("C")
+
+
+def parse_args(config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None):
+    """(resolved config, parsed args). Config errors exit with status 2 and a one-line message."""
+    parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__)
+    parser.add_argument("--config", help="YAML file with the recipe's settings")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting by its dotted key, e.g. --set model.norm=dyt (repeatable)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: config error: {error}\n")
+    return config, args
+
+
+def run_recipe(
+    config_cls: type[C], make_task: Callable[[C], Task], argv: Sequence[str] | None = None, prog: str | None = None
+) -> TrainResult | None:
+    """Parse the command line, build the task from the config, train. The config class must have
+    a ``train`` field of type :class:`~dyt.train.TrainConfig`."""
+    config, args = parse_args(config_cls, argv, prog)
+    if args.print_config:
+        sys.stdout.write(dump_yaml(config))
+        return None
+    task = make_task(config)
+    train_cfg: Any = config.train  # type: ignore[attr-defined]
+    return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)

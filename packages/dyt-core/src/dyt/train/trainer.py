@@ -1,0 +1,268 @@
+"""The training loop every recipe shares: DeepSpeed engine, resumable data order, validation,
+checkpoints, metrics, progress, and a stop on a non-finite loss.
+
+A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..analysis import dyt_layers
+from . import checkpoint
+from .config import TrainConfig, dump_yaml
+from .distributed import DistInfo, all_reduce, init_distributed
+from .metrics import MetricsLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class Task(Protocol):
+    """What a recipe provides. ``loss`` returns the loss and extra scalars; an extra named
+    ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric."""
+
+    def build_model(self) -> nn.Module: ...
+    def train_dataset(self) -> Dataset: ...
+    def eval_dataset(self) -> Dataset | None: ...
+    def collate(self, items: list[Any]) -> Any: ...
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    train_loss: float
+    eval_loss: float | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(cfg: TrainConfig):
+    """LR multiplier: linear warmup to 1, then cosine down to min_lr / lr at the last step."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config derived from the train settings, with cfg.deepspeed_config merged over."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        import json
+
+        path = Path(cfg.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.deepspeed_config: no such file {path}")
+        _merge(config, json.loads(path.read_text()))
+    return config
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class ResumableBatches:
+    """Micro-batches in a fixed order for (seed, epoch, rank), startable at any micro-batch index,
+    so that a resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, dataset: Dataset, task: Task, cfg: TrainConfig, dist: DistInfo):
+        self.dataset, self.task, self.cfg, self.dist = dataset, task, cfg, dist
+        per_rank = len(dataset) // dist.world_size
+        self.per_epoch = per_rank // cfg.micro_batch_size
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(dataset)} examples: fewer than one micro-batch "
+                f"({cfg.micro_batch_size}) per rank for {dist.world_size} rank(s)"
+            )
+
+    def _indices(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        usable = self.per_epoch * self.cfg.micro_batch_size * self.dist.world_size
+        return order[:usable][self.dist.rank :: self.dist.world_size]
+
+    def iterate(self, start: int) -> Iterator[Any]:
+        epoch, offset = divmod(start, self.per_epoch)
+        while True:
+            indices = self._indices(epoch)[offset * self.cfg.micro_batch_size :]
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.cfg.micro_batch_size,
+                sampler=indices,
+                drop_last=True,
+                collate_fn=self.task.collate,
+                num_workers=self.cfg.num_workers,
+            )
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None):
+        self.task, self.cfg = task, cfg
+        self.full_config = full_config if full_config is not None else cfg
+        self.dist = init_distributed()
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+
+    def _build(self):
+        import deepspeed
+
+        seed_everything(self.cfg.seed)  # same initial weights on every rank
+        model = self.task.build_model()
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(self.cfg)
+        )
+        seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
+        return engine
+
+    def _evaluate(self, engine, dataset: Dataset) -> float:
+        indices = list(range(self.dist.rank, len(dataset), self.dist.world_size))
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.micro_batch_size,
+            sampler=indices,
+            collate_fn=self.task.collate,
+            num_workers=self.cfg.num_workers,
+        )
+        total = torch.zeros(2, dtype=torch.float64)
+        engine.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= self.cfg.eval_batches:
+                    break
+                loss, _ = self.task.loss(engine, _to_device(batch, self.dist.device))
+                total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        engine.train()
+        total = all_reduce(total)
+        if total[1] == 0:
+            raise ValueError("the validation set has no examples for this many ranks")
+        return (total[0] / total[1]).item()
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        engine = self._build()
+        train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
+        batches = ResumableBatches(train_set, self.task, cfg, dist)
+
+        step, micro_batches, last_good = 0, 0, None
+        if resume:
+            done = checkpoint.complete_checkpoints(self.ckpt_root)
+            if done:
+                state = checkpoint.load(engine, done[-1], dist)
+                step, micro_batches, last_good = state["step"], state["micro_batches"], done[-1]
+                if dist.is_main:
+                    print(f"resumed from {done[-1]} (step {step})", flush=True)
+            elif dist.is_main:
+                print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_yaml(self.full_config))
+        metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress), dynamic_ncols=True)
+        stream = batches.iterate(micro_batches)
+        train_loss, eval_loss = float("nan"), None
+        try:
+            while step < cfg.steps:
+                started = time.perf_counter()
+                loss_sum, units = 0.0, 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = _to_device(next(stream), dist.device)
+                    micro_batches += 1
+                    loss, extras = self.task.loss(engine, batch)
+                    finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
+                    if finite.item() == 0:
+                        raise NonFiniteLossError(
+                            f"loss became {loss.item()} at step {step + 1}; "
+                            f"last good checkpoint: {last_good or 'none yet'}"
+                        )
+                    engine.backward(loss)
+                    engine.step()
+                    loss_sum += loss.item()
+                    units += float(extras.get("units", cfg.micro_batch_size))
+                step += 1
+                elapsed = time.perf_counter() - started
+                stats = all_reduce(torch.tensor([loss_sum / cfg.grad_accum, units], dtype=torch.float64))
+                train_loss = stats[0].item() / dist.world_size
+                throughput = stats[1].item() / elapsed
+                lr = engine.get_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}")
+                row: dict[str, float] = {}
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput})
+                    row.update({f"alpha/{p}": m.alpha.item() for p, m in dyt_layers(engine.module)})
+                if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    eval_loss = self._evaluate(engine, eval_set)
+                    row["eval/loss"] = eval_loss
+                if row:
+                    metrics.log(step, row)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                    client = {"step": step, "micro_batches": micro_batches}
+                    last_good = checkpoint.save(engine, self.ckpt_root, step, client, dist, cfg.keep_checkpoints)
+        finally:
+            bar.close()
+            metrics.close()
+        return TrainResult(self.out_dir, step, train_loss, eval_loss)

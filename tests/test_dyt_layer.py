@@ -1,0 +1,194 @@
+"""The DyT layer and functional against a float64 reference, on every backend that runs here."""
+
+import pytest
+import torch
+
+import dyt
+from dyt import DyT
+from dyt.functional import dyt as dyt_fn
+
+BACKENDS = ["eager", "compiled"]
+# (forward atol/rtol, gradient rtol) per input dtype: outputs are rounded to the input dtype.
+TOL = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6, grad=2e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=1e-2, grad=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3, grad=3e-3),
+}
+
+
+def _grads_vs_reference(reference, x, alpha, weight, bias, channels_last, backend, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, alpha, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    y = dyt_fn(*leaves, b, channels_last=channels_last, backend=backend)
+    y.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, alpha, weight)]
+    ref_b = None if bias is None else bias.detach().double().requires_grad_()
+    y_ref = reference(*ref_leaves, ref_b, channels_last=channels_last)
+    y_ref.backward(dy.double())
+    got = [t.grad for t in leaves] + ([] if b is None else [b.grad])
+    want = [t.grad for t in ref_leaves] + ([] if ref_b is None else [ref_b.grad])
+    return y, y_ref, got, want
+
+
+def _close(got, want, rtol, atol=0.0, what=""):
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    assert err <= atol + rtol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("channels", [1, 7, 1023, 4097])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64_reference(reference, backend, dtype, channels, with_bias):
+    g = torch.Generator().manual_seed(channels)
+    x = (torch.randn(3, 5, channels, generator=g) * 3).to(dtype)
+    alpha = torch.tensor([0.7])
+    weight = torch.randn(channels, generator=g)
+    bias = torch.randn(channels, generator=g) if with_bias else None
+    dy = torch.randn(3, 5, channels, generator=g).to(dtype)
+    tol = TOL[dtype]
+    y, y_ref, got, want = _grads_vs_reference(reference, x, alpha, weight, bias, True, backend, dy)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=tol["atol"], rtol=tol["rtol"])
+    for name, gv, wv in zip(["x", "alpha", "weight", "bias"], got, want):
+        _close(gv, wv, tol["grad"], what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_channels_first(reference, backend):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 40, 33, generator=g)
+    x = base.transpose(1, 2)[:, ::2]  # (6, 17, 40), non-contiguous
+    assert not x.is_contiguous()
+    alpha, weight, bias = torch.tensor([0.5]), torch.randn(40, generator=g), torch.randn(40, generator=g)
+    dy = torch.randn(x.shape, generator=g)
+    y, y_ref, got, want = _grads_vs_reference(reference, x, alpha, weight, bias, True, backend, dy)
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=2e-6, rtol=2e-6)
+    for gv, wv in zip(got, want):
+        _close(gv, wv, 2e-5)
+
+    images = torch.randn(2, 5, 4, 3, generator=g)  # (batch, channels, h, w)
+    cw, cb = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    dy = torch.randn(images.shape, generator=g)
+    y, y_ref, got, want = _grads_vs_reference(reference, images, alpha, cw, cb, False, backend, dy)
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=2e-6, rtol=2e-6)
+    for gv, wv in zip(got, want):
+        _close(gv, wv, 2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gradcheck_float64(backend, channels_last):
+    g = torch.Generator().manual_seed(2)
+    shape = (3, 4, 6) if channels_last else (3, 6, 4)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: dyt_fn(*t, channels_last=channels_last, backend=backend), (x, alpha, w, b)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_input(backend):
+    layer = DyT(8, backend=backend)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)
+    assert layer.weight.grad.abs().sum() == 0
+
+
+def test_frozen_parameters_get_no_gradient():
+    layer = DyT(16, backend="compiled")
+    layer.weight.requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and x.grad is not None and layer.bias.grad is not None
+
+
+def test_compiled_backend_does_not_recompile_for_new_lengths():
+    from torch._dynamo.utils import counters
+
+    layer = DyT(32, backend="compiled")
+    layer(torch.randn(2, 9, 32, requires_grad=True)).sum().backward()
+    layer(torch.randn(2, 10, 32, requires_grad=True)).sum().backward()  # first dynamic-shape compile
+    before = counters["stats"]["unique_graphs"]
+    for length in (11, 57, 300, 1001):
+        layer(torch.randn(2, length, 32, requires_grad=True)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_state_dict_uses_the_papers_names():
+    # The reference DynamicTanh stores alpha [1], weight and bias under exactly these names.
+    paper_state = {"alpha": torch.tensor([0.8]), "weight": torch.randn(10), "bias": torch.randn(10)}
+    layer = DyT(10)
+    layer.load_state_dict(paper_state)
+    assert set(layer.state_dict()) == {"alpha", "weight", "bias"}
+    assert layer.alpha.shape == (1,)
+    torch.testing.assert_close(layer.weight, paper_state["weight"])
+    no_bias = DyT(10, bias=False)
+    assert set(no_bias.state_dict()) == {"alpha", "weight"}
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(no_bias(x), torch.tanh(0.5 * x))
+
+
+def test_module_init_and_repr():
+    layer = DyT(12, alpha_init=0.2, bias=False, channels_last=False, backend="eager")
+    assert layer.alpha.item() == pytest.approx(0.2)
+    assert torch.equal(layer.weight, torch.ones(12))
+    assert "channels_last=False" in repr(layer) and "backend='eager'" in repr(layer)
+    with pytest.raises(ValueError, match="one channel count"):
+        DyT((3, 4), channels_last=False)
+
+
+def test_shape_errors_are_clear():
+    layer = DyT(8)
+    with pytest.raises(ValueError, match=r"trailing dims \(8,\)"):
+        layer(torch.randn(2, 16))  # 16 is a multiple of 8: must not be silently reshaped
+    with pytest.raises(ValueError, match="channels-first"):
+        DyT(8, channels_last=False)(torch.randn(2, 4, 8))
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    assert dyt.select_backend("auto", "cpu").name == "compiled"
+    assert dyt.available_backends("cpu") == ["compiled", "eager"]
+    with pytest.raises(dyt.BackendUnavailableError, match=r"'fused'.*cpu.*Usable here: compiled, eager"):
+        dyt.select_backend("fused", "cpu")
+    with pytest.raises(dyt.BackendUnavailableError):
+        DyT(4, backend="fused")(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="unknown DyT backend 'triton'; choose one of auto, eager"):
+        DyT(4, backend="triton")
+    monkeypatch.setattr("dyt.backends._have_cpp_compiler", lambda: False)
+    assert dyt.select_backend("auto", "cpu").name == "eager"
+    with pytest.raises(dyt.BackendUnavailableError, match="C\\+\\+ compiler"):
+        dyt.select_backend("compiled", "cpu")
+
+
+def test_process_wide_default(monkeypatch):
+    monkeypatch.setenv("DYT_BACKEND", "eager")
+    assert dyt.default_backend() == "eager"
+    with dyt.use_backend("compiled"):
+        assert dyt.default_backend() == "compiled"
+        assert dyt.select_backend(None, "cpu").name == "compiled"
+    assert dyt.default_backend() == "eager"
+    monkeypatch.setenv("DYT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown DyT backend 'bogus'"):
+        dyt.default_backend()
+
+
+def test_default_backend_is_used_by_layers(monkeypatch):
+    calls = []
+    original = dyt.backends.BACKENDS["eager"]
+    monkeypatch.setitem(
+        dyt.backends.BACKENDS,
+        "eager",
+        original.__class__("eager", original.summary, original.why_unavailable,
+                           lambda *a: calls.append(1) or original.apply(*a)),
+    )
+    with dyt.use_backend("eager"):
+        DyT(4)(torch.randn(2, 4))
+    assert calls == [1]
