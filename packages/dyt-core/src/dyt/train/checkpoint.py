@@ -75,7 +75,7 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: Dist
         done = complete_checkpoints(root)
         for old in done[: max(0, len(done) - keep)]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in (p for p in root.iterdir() if p.is_dir() and p.name < tag and p not in done):
+        for partial in (p for p in root.iterdir() if p.is_dir() and not (p / MARKER).exists()):
             shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
     barrier()
     return directory

@@ -147,6 +147,7 @@ class ResumableBatches:
                 drop_last=True,
                 collate_fn=self.task.collate,
                 num_workers=self.cfg.num_workers,
+                generator=torch.Generator().manual_seed(epoch),  # keeps the global RNG untouched
             )
             yield from loader
             epoch, offset = epoch + 1, 0
@@ -183,6 +184,7 @@ class Trainer:
             sampler=indices,
             collate_fn=self.task.collate,
             num_workers=self.cfg.num_workers,
+            generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
         )
         total = torch.zeros(2, dtype=torch.float64)
         engine.eval()

@@ -1,0 +1,165 @@
+"""convert_norms on real model architectures (torchaudio wav2vec2, fairseq2 LLaMA, HF LLaMA) and
+on the awkward cases: channels-first norms, shared modules, look-alikes that must be left alone."""
+
+import pytest
+import torch
+from torch import nn
+
+from dyt import ChannelsFirst, DyT, NormConfig, classify_norm, convert_norms, iter_norms
+
+
+def _count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def test_torchaudio_wav2vec2_base_all_layernorms_replaced():
+    torchaudio = pytest.importorskip("torchaudio")
+    model = torchaudio.models.wav2vec2_base()
+    layernorms = _count(model, nn.LayerNorm)
+    assert layernorms > 20
+    weights = {p: m.weight.detach().clone() for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    report = convert_norms(model, "dyt")
+    assert len(report.replaced) == layernorms
+    assert _count(model, nn.LayerNorm) == 0
+    for path, weight in weights.items():
+        torch.testing.assert_close(model.get_submodule(path).weight, weight)
+    left = {a.type.rsplit(".", 1)[-1]: a.reason for a in report.left_alone}
+    assert "GroupNorm" in left  # the feature extractor's first GroupNorm is not a per-token norm
+    assert all(isinstance(m, DyT) and m.bias is not None for m in model.modules() if isinstance(m, DyT))
+    waveform = torch.randn(1, 4000)
+    features, _ = model(waveform)
+    assert torch.isfinite(features).all()
+
+
+def test_torchaudio_channels_first_layernorm_round_trip():
+    """torchaudio's feature-extractor LayerNorm normalises (batch, channels, time): it becomes a
+    channels-first DyT, and converting back reproduces the original outputs exactly."""
+    torchaudio = pytest.importorskip("torchaudio")
+    torch.manual_seed(0)
+    model = torchaudio.models.wav2vec2_model(
+        extractor_mode="layer_norm",
+        extractor_conv_layer_config=[(16, 10, 5), (16, 3, 2)],
+        extractor_conv_bias=True,
+        encoder_embed_dim=32,
+        encoder_projection_dropout=0.0,
+        encoder_pos_conv_kernel=16,
+        encoder_pos_conv_groups=4,
+        encoder_num_layers=2,
+        encoder_num_heads=4,
+        encoder_attention_dropout=0.0,
+        encoder_ff_interm_features=64,
+        encoder_ff_interm_dropout=0.0,
+        encoder_dropout=0.0,
+        encoder_layer_norm_first=True,
+        encoder_layer_drop=0.0,
+        aux_num_out=None,
+    ).eval()
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial affine parameters, so copying them is tested
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    waveform = torch.randn(2, 800)
+    before, _ = model(waveform)
+    report = convert_norms(model, "dyt")
+    channels_first = [r for r in report.replaced if not r.channels_last]
+    assert len(channels_first) == 2 and all("components.LayerNorm" in r.old_type for r in channels_first)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    back = convert_norms(model, "layernorm")
+    assert len(back.replaced) == len(report.replaced)
+    assert sum(isinstance(m, ChannelsFirst) for m in model.modules()) == 2
+    after, _ = model(waveform)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_fairseq2_llama_rmsnorms_become_bias_free_dyt():
+    llama = pytest.importorskip("fairseq2.models.llama")
+    from fairseq2.nn import BatchLayout
+
+    torch.manual_seed(0)
+    config = llama.LLaMAConfig(
+        model_dim=64, max_seq_len=32, vocab_size=101, num_layers=2,
+        num_attn_heads=4, num_key_value_heads=2, ffn_inner_dim=128,
+    )
+    model = llama.create_llama_model(config)
+    policy = NormConfig(kind="dyt", alpha_policy="llm")
+    report = convert_norms(model, policy, role_of=lambda p: "attention" if "self_attn" in p else "ffn")
+    assert len(report.replaced) == 2 * 2 + 1
+    assert all(r.old_type == "fairseq2.nn.normalization.RMSNorm" for r in report.replaced)
+    layers = {p: m for p, m, _ in iter_norms(model)}
+    assert all(isinstance(m, DyT) and m.bias is None for m in layers.values())
+    assert layers["decoder.layers.0.self_attn_layer_norm"].alpha.item() == 1.0  # width 64 row
+    tokens = torch.randint(0, 101, (2, 9))
+    logits = model(tokens, BatchLayout(tokens.shape, seq_lens=[9, 9]))
+    assert logits.shape == (2, 9, 101) and torch.isfinite(logits).all()
+
+
+def test_hf_llama_rmsnorm_found_by_probing():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    rms = [p for p, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(rms) == 2 * 2 + 1
+    report = convert_norms(model, "dyt")
+    assert sorted(r.path for r in report.replaced) == sorted(rms)
+    out = model(input_ids=torch.randint(0, 97, (1, 7))).logits
+    assert torch.isfinite(out).all()
+
+
+class OnePlusWeightRMSNorm(nn.Module):
+    """Gemma-style RMSNorm scaling by (1 + weight): not a plain RMSNorm, so it must be left alone."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), 0.3))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+def test_lookalikes_left_alone_with_reasons():
+    model = nn.Sequential(nn.Linear(8, 8), OnePlusWeightRMSNorm(8), nn.BatchNorm1d(8), nn.LayerNorm(8))
+    report = convert_norms(model, "dyt")
+    assert [r.path for r in report.replaced] == ["3"]
+    reasons = {a.path: a.reason for a in report.left_alone}
+    assert "matches neither" in reasons["1"]
+    assert "batch" in reasons["2"]
+    assert "left alone: 2" in str(report)
+
+
+def test_shared_module_replaced_everywhere_with_one_instance():
+    norm = nn.LayerNorm(6)
+    model = nn.ModuleDict({"a": norm, "b": nn.Sequential(norm)})
+    report = convert_norms(model, "dyt")
+    assert len(report.replaced) == 2
+    assert model["a"] is model["b"][0] and isinstance(model["a"], DyT)
+
+
+def test_device_dtype_and_identity_target():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    convert_norms(model, "dyt")
+    assert model[1].weight.dtype == torch.bfloat16
+    convert_norms(model, "rmsnorm")
+    assert isinstance(model[1], nn.RMSNorm) and model[1].weight.dtype == torch.bfloat16
+    report = convert_norms(model, "identity")
+    assert isinstance(model[1], nn.Identity) and len(report.replaced) == 1
+
+
+def test_already_target_kind_is_reported_not_replaced():
+    model = nn.Sequential(DyT(4))
+    report = convert_norms(model, "dyt")
+    assert not report.replaced and report.left_alone[0].reason == "already dyt"
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        convert_norms(model, "batchnorm")
+    with pytest.raises(ValueError, match="the model itself is a norm"):
+        convert_norms(nn.LayerNorm(3), "dyt")
+
+
+def test_classify_norm():
+    assert classify_norm(nn.Linear(3, 3)) is None
+    info = classify_norm(nn.RMSNorm(5))
+    assert info.kind == "rmsnorm" and info.shape == (5,) and info.channels_last

@@ -1,0 +1,116 @@
+"""The shared training harness: resume continuity, non-finite stop, atomic checkpoints, metrics,
+and launches with 2 ranks under the deepspeed launcher and torchrun."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyt.train import NonFiniteLossError, TrainConfig, read_metrics, run_recipe, warmup_cosine
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from toy_recipe import ToyConfig, ToyTask  # noqa: E402
+
+
+def _run(out_dir, *overrides, resume=False):
+    argv = [
+        "--set", f"train.out_dir={out_dir}", "--set", "train.steps=8", "--set", "train.save_every=4",
+        "--set", "train.eval_every=4", "--set", "train.grad_accum=2", "--set", "train.warmup_steps=2",
+        "--set", "train.micro_batch_size=16", "--set", "train.lr=0.01", "--set", "train.progress=false",
+    ]
+    for item in overrides:
+        argv += ["--set", item]
+    return run_recipe(ToyConfig, ToyTask, argv + (["--resume"] if resume else []))
+
+
+def _series(out_dir, key):
+    return {row["step"]: row[key] for row in read_metrics(Path(out_dir) / "metrics.jsonl") if key in row}
+
+
+def _final_weights(out_dir):
+    ckpt = sorted((Path(out_dir) / "checkpoints").glob("step_*"))[-1]
+    states = torch.load(next(ckpt.glob("*model_states.pt")), weights_only=False)["module"]
+    return states
+
+
+def test_interrupted_run_resumes_on_the_same_curve(tmp_path):
+    straight = _run(tmp_path / "straight")
+    assert straight.step == 8
+    with pytest.raises(NonFiniteLossError, match=r"at step 6; last good checkpoint: .*step_00000004"):
+        _run(tmp_path / "resumed", "data.nan_at_step=6")
+    assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
+    resumed = _run(tmp_path / "resumed", resume=True)
+    assert resumed.step == 8
+
+    for key in ("train/loss", "eval/loss", "lr"):
+        a, b = _series(tmp_path / "straight", key), _series(tmp_path / "resumed", key)
+        assert a.keys() == b.keys() and len(a) >= 2
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (key, step)
+    for name, tensor in _final_weights(tmp_path / "straight").items():
+        torch.testing.assert_close(_final_weights(tmp_path / "resumed")[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
+    _run(tmp_path, "train.steps=4", "train.save_every=2")
+    partial = tmp_path / "checkpoints" / "step_00000009"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
+    _run(tmp_path, "train.steps=6", "train.save_every=2", resume=True)
+    assert "resumed from" in capsys.readouterr().out.split("step_00000004")[0]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step_00000004", "step_00000006"]  # keep_checkpoints=2; the partial one removed
+    assert _series(tmp_path, "train/loss").keys() == set(range(1, 7))
+
+
+def test_metrics_logs_alpha_lr_throughput_and_tensorboard(tmp_path):
+    _run(tmp_path, "train.steps=3", "train.eval_every=0")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"train/loss", "lr", "throughput", "alpha/1"} <= rows[-1].keys()
+    assert rows[0]["alpha/1"] != rows[-1]["alpha/1"]  # alpha is learned
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert "norm:\n    kind: dyt" in (tmp_path / "config.yaml").read_text()
+
+
+def test_warmup_cosine():
+    factor = warmup_cosine(TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1))
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(110) == pytest.approx(0.1)
+    assert all(factor(s) >= 0.1 - 1e-12 for s in range(0, 200))
+    assert not math.isnan(factor(10))
+
+
+def _launch(cmd, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_deepspeed_launcher_then_torchrun_resume(tmp_path):
+    bindir = Path(sys.executable).parent
+    common = [
+        "--set", "train.out_dir=run", "--set", "train.zero_stage=2", "--set", "train.save_every=2",
+        "--set", "train.eval_every=2", "--set", "train.micro_batch_size=8", "--set", "train.progress=false",
+    ]
+    _launch([str(bindir / "deepspeed"), "--num_gpus", "2", str(HERE / "toy_recipe.py"), *common,
+             "--set", "train.steps=2"], tmp_path)
+    ckpt = tmp_path / "run/checkpoints/step_00000002"
+    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
+    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+
+    _launch([str(bindir / "torchrun"), "--nproc_per_node", "2", str(HERE / "toy_recipe.py"), *common,
+             "--set", "train.steps=4", "--resume"], tmp_path)
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "eval/loss" in rows[1] and "eval/loss" in rows[3]
