@@ -1,0 +1,74 @@
+"""dyt-core stands alone: importing it pulls in no recipe dependency, and it installs into a venv
+that has nothing but torch."""
+
+import importlib.metadata as metadata
+import os
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_dyt_does_not_import_recipe_dependencies():
+    code = (
+        "import sys, dyt, dyt.analysis; "
+        "heavy = [m for m in ('deepspeed', 'fairseq2', 'datasets', 'matplotlib', 'yaml') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _requirement_closure(name: str) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        dist_name = todo.pop()
+        key = dist_name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional or platform-specific requirement that is not installed
+        seen.add(key)
+        for requirement in dist.requires or []:
+            if "extra ==" in requirement:
+                continue
+            todo.append(re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0])
+    return seen
+
+
+@pytest.mark.slow
+def test_dyt_core_installs_alone_into_a_torch_only_venv(tmp_path):
+    """A venv whose site-packages holds torch and its own requirements (linked from this venv, to
+    skip a multi-GB download), then ``pip install ./packages/dyt-core``."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    for name in _requirement_closure("torch"):
+        dist = metadata.distribution(name)
+        tops = {Path(str(f)).parts[0] for f in dist.files or []}
+        for top in tops:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not top.startswith("..") and top != "bin" and not (site / top).exists():
+                (site / top).symlink_to(source)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT / "packages" / "dyt-core")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    check = subprocess.run(
+        [python, "-c", "import torch, dyt; y = dyt.DyT(4, backend='eager')(torch.randn(2, 4)); "
+         "report = dyt.convert_norms(torch.nn.Sequential(torch.nn.LayerNorm(4))); print(len(report.replaced))"],
+        capture_output=True, text=True, env=env,
+    )
+    assert check.returncode == 0 and check.stdout.strip() == "1", check.stdout + check.stderr
+    listed = subprocess.check_output([python, "-m", "pip", "list", "--format=freeze"], text=True, env=env)
+    assert "deepspeed" not in listed and "fairseq2" not in listed
