@@ -100,7 +100,7 @@ def format_table(results: dict, baseline: str = "F.layer_norm") -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dyt-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cols", type=int, default=1024)
@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
-    return payload
 
 
 if __name__ == "__main__":
