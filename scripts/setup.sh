@@ -46,6 +46,6 @@ echo "setup: installing the pinned environment into $venv (first time: a few min
   -e "$root/packages/dyt-llama" \
   -e "$root/packages/dyt-wav2vec2" \
   -e "$root/packages/dyt-dna" \
-  pytest ruff
+  pytest ruff 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$want" > "$stamp"
 echo "setup: done ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -192,3 +192,12 @@ def test_default_backend_is_used_by_layers(monkeypatch):
     with dyt.use_backend("eager"):
         DyT(4)(torch.randn(2, 4))
     assert calls == [1]
+
+
+def test_inside_an_outer_torch_compile_the_plain_formula_is_traced(reference):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), DyT(8, backend="compiled"))
+    compiled = torch.compile(model, dynamic=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-6)
+    compiled(x).sum().backward()
+    assert model[1].alpha.grad is not None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .backends import available_backends
 from .functional import dyt
+from .kernels.eager import dyt_eager
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,6 +59,10 @@ def candidates(x, weight, bias, alpha) -> dict[str, Callable[[], torch.Tensor]]:
     }
     for name in ("eager", *[b for b in available_backends(x.device) if b != "eager"]):
         ops[f"DyT {name}"] = lambda name=name: dyt(x, alpha, weight, bias, backend=name)
+    if "compiled" in available_backends(x.device):
+        # What the compiled backend improves on: torch.compile of the eager formula as it stands.
+        plain = torch.compile(dyt_eager, dynamic=True)
+        ops["DyT plain torch.compile"] = lambda: plain(x, alpha, weight, bias)
     return ops
 
 
@@ -100,6 +105,16 @@ def format_table(results: dict, baseline: str = "F.layer_norm") -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dyt-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8192)
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     results = run(args.rows, args.cols, DTYPES[args.dtype], device, args.warmup, args.repeats)
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dyt-bench {args.rows}x{args.cols} {args.dtype} on {device} ({machine['device']}, "
           f"{machine['threads']} threads, torch {machine['torch']}); median of {args.repeats}")
     print(format_table(results))
+    print(f"'auto' here resolves to: {available_backends(device)[0]}")
     payload = {"shape": [args.rows, args.cols], "dtype": args.dtype, "machine": machine, "results": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
