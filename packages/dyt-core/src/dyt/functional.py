@@ -50,8 +50,10 @@ def dyt(
         w, b = weight.reshape(channels, 1), None if bias is None else bias.reshape(channels, 1)
         reduce_dims = (0, 2)
 
-    impl = select_backend(backend, x.device)
-    if x.numel() == 0 or torch.compiler.is_compiling():
-        # Nothing to compute, or an outer torch.compile will fuse the plain formula itself.
-        impl = BACKENDS["eager"]
+    if torch.compiler.is_compiling():
+        impl = BACKENDS["eager"]  # an outer torch.compile fuses the plain formula itself
+    else:
+        impl = select_backend(backend, x.device)
+        if x.numel() == 0:
+            impl = BACKENDS["eager"]  # nothing to compute: skip compiling for an empty shape
     return impl.apply(canonical, alpha, w, b, reduce_dims).reshape(x.shape)
