@@ -1,7 +1,17 @@
 import os
 
-import pytest
-import torch
+# Without a GPU, Triton kernels run in Triton's interpreter. Triton reads this when its language
+# module and our kernels are first imported, so it is set before anything imports triton.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests run on CPU in a few threads; keep compile caches per test session.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

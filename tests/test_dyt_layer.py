@@ -154,6 +154,7 @@ def test_shape_errors_are_clear():
 
 
 def test_backend_selection_and_errors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without Triton's interpreter
     assert dyt.select_backend("auto", "cpu").name == "compiled"
     assert dyt.available_backends("cpu") == ["compiled", "eager"]
     with pytest.raises(dyt.BackendUnavailableError, match=r"'fused'.*cpu.*Usable here: compiled, eager"):

@@ -7,6 +7,7 @@ Importing ``dyt`` needs only torch; the training harness lives in ``dyt.train`` 
 from .alpha import alpha_init_for
 from .backends import (
     BackendUnavailableError,
+    auto_backend,
     available_backends,
     default_backend,
     select_backend,
@@ -14,8 +15,9 @@ from .backends import (
     use_backend,
 )
 from .convert import ConversionReport, classify_norm, convert_norms, iter_norms
-from .functional import dyt
-from .modules import DyT
+from .functional import dyt, residual_dyt
+from .inference import ScaledTanh, fold_dyt
+from .modules import DyT, ResidualDyT
 from .norms import ChannelsFirst, NormConfig, make_norm
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "ChannelsFirst",
     "ConversionReport",
     "DyT",
+    "ResidualDyT",
+    "ScaledTanh",
     "NormConfig",
     "alpha_init_for",
     "available_backends",
@@ -30,8 +34,11 @@ __all__ = [
     "convert_norms",
     "default_backend",
     "dyt",
+    "fold_dyt",
     "iter_norms",
     "make_norm",
+    "residual_dyt",
+    "auto_backend",
     "select_backend",
     "set_default_backend",
     "use_backend",

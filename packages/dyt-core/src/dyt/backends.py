@@ -1,8 +1,8 @@
 """Which DyT implementation runs: one switch for the whole library.
 
 Backends: ``eager`` (plain PyTorch, runs anywhere), ``compiled`` (torch.compile'd forward and
-backward, dynamic shapes), ``fused`` (Triton kernels; not built yet — see issue #3) and ``auto``
-(fused on CUDA when available, else compiled, else eager).
+backward, dynamic shapes), ``fused`` (Triton kernels; CUDA, or Triton's interpreter on CPU with
+``TRITON_INTERPRET=1``) and ``auto`` (fused on CUDA when Triton is there, else compiled, else eager).
 
 The process-wide default is, in order: what :func:`set_default_backend` / :func:`use_backend` set,
 the ``DYT_BACKEND`` environment variable, ``"auto"``.
@@ -62,14 +62,22 @@ def _compiled_unavailable(device: torch.device) -> str | None:
     return f"torch.compile's inductor is not set up for {device.type} here"
 
 
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 def _fused_unavailable(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return "the fused Triton kernels need a CUDA device"
-    return "the fused Triton kernels are not built yet (issue #3)"
+    if not _have_triton():
+        return "the fused backend needs Triton"
+    if device.type == "cuda" or (device.type == "cpu" and _triton_interpreter_on()):
+        return None
+    return "the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow)"
 
 
 def _fused_apply(x, alpha, weight, bias, reduce_dims):
-    raise BackendUnavailableError(_fused_unavailable(x.device))
+    from .kernels.fused import dyt_fused  # imports Triton: only when the fused backend runs
+
+    return dyt_fused(x, alpha, weight, bias, reduce_dims)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -77,7 +85,7 @@ BACKENDS: dict[str, Backend] = {
     "compiled": Backend(
         "compiled", "torch.compile'd forward and backward (inductor)", _compiled_unavailable, dyt_compiled
     ),
-    "fused": Backend("fused", "Triton kernels (CUDA)", _fused_unavailable, _fused_apply),
+    "fused": Backend("fused", "Triton kernels (one pass each way)", _fused_unavailable, _fused_apply),
 }
 AUTO_ORDER = ("fused", "compiled", "eager")
 NAMES = (AUTO, *BACKENDS)
@@ -122,6 +130,13 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [n for n in AUTO_ORDER if BACKENDS[n].why_unavailable(device) is None]
 
 
+def auto_backend(device: torch.device | str) -> str:
+    """What ``auto`` picks: fused on CUDA, else compiled, else eager (never the interpreter)."""
+    device = torch.device(device)
+    usable = available_backends(device)
+    return next(n for n in usable if n != "fused" or device.type == "cuda")
+
+
 def select_backend(name: str | None, device: torch.device | str) -> Backend:
     """Resolve a backend name (None = the default) for tensors on ``device``.
 
@@ -131,7 +146,7 @@ def select_backend(name: str | None, device: torch.device | str) -> Backend:
     device = torch.device(device)
     name = check_backend_name(name) if name is not None else default_backend()
     if name == AUTO:
-        return BACKENDS[available_backends(device)[0]]
+        return BACKENDS[auto_backend(device)]
     reason = BACKENDS[name].why_unavailable(device)
     if reason is not None:
         usable = ", ".join(available_backends(device))

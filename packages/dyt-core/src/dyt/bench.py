@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backends import available_backends
+from .backends import auto_backend, available_backends
 from .functional import dyt
 from .kernels.eager import dyt_eager
 
@@ -57,7 +57,8 @@ def candidates(x, weight, bias, alpha) -> dict[str, Callable[[], torch.Tensor]]:
         "F.rms_norm": lambda: F.rms_norm(x, (n,), weight),
         "LLaMA reference RMSNorm": lambda: llama_reference_rmsnorm(x, weight),
     }
-    for name in ("eager", *[b for b in available_backends(x.device) if b != "eager"]):
+    usable = [b for b in available_backends(x.device) if b != "fused" or x.device.type == "cuda"]
+    for name in ("eager", *[b for b in usable if b != "eager"]):
         ops[f"DyT {name}"] = lambda name=name: dyt(x, alpha, weight, bias, backend=name)
     if "compiled" in available_backends(x.device):
         # What the compiled backend improves on: torch.compile of the eager formula as it stands.
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dyt-bench {args.rows}x{args.cols} {args.dtype} on {device} ({machine['device']}, "
           f"{machine['threads']} threads, torch {machine['torch']}); median of {args.repeats}")
     print(format_table(results))
-    print(f"'auto' here resolves to: {available_backends(device)[0]}")
+    print(f"'auto' here resolves to: {auto_backend(device)}")
     payload = {"shape": [args.rows, args.cols], "dtype": args.dtype, "machine": machine, "results": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

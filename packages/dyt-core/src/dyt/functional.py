@@ -57,3 +57,35 @@ def dyt(
         if x.numel() == 0:
             impl = BACKENDS["eager"]  # nothing to compute: skip compiling for an empty shape
     return impl.apply(canonical, alpha, w, b, reduce_dims).reshape(x.shape)
+
+
+def residual_dyt(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, dyt(s))`` with ``s = x + residual``: a pre-norm block's residual add and norm.
+
+    The fused backend does both in one pass (and one pass back); the others add, then call
+    :func:`dyt`. Channels-last only.
+    """
+    if x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
+    impl = BACKENDS["eager"] if torch.compiler.is_compiling() else select_backend(backend, x.device)
+    if impl.name != "fused" or x.numel() == 0:
+        s = x + residual
+        return s, dyt(s, alpha, weight, bias, backend=backend)
+    from .kernels.fused import FusedResidualDyTFunction
+
+    if tuple(x.shape[x.ndim - weight.ndim :]) != tuple(weight.shape):
+        raise ValueError(f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}")
+    channels = weight.numel()
+    s, y = FusedResidualDyTFunction.apply(
+        x.reshape(-1, channels), residual.reshape(-1, channels), alpha, weight.reshape(channels),
+        None if bias is None else bias.reshape(channels),
+    )
+    return s.reshape(x.shape), y.reshape(x.shape)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name
-from .functional import dyt
+from .functional import dyt, residual_dyt
 
 
 class DyT(nn.Module):
@@ -69,3 +69,16 @@ class DyT(nn.Module):
         if self.backend is not None:
             text += f", backend={self.backend!r}"
         return text
+
+
+class ResidualDyT(DyT):
+    """DyT that also does the residual add before it: ``forward(x, residual) -> (s, DyT(s))`` with
+    ``s = x + residual``, the two steps of a pre-norm block. With the fused backend both happen in
+    one kernel each way. Same parameters (and state-dict names) as :class:`DyT`."""
+
+    def __init__(self, normalized_shape: int | Sequence[int], alpha_init: float = 0.5, bias: bool = True,
+                 backend: str | None = None, device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, alpha_init, bias, True, backend, device, dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return residual_dyt(x, residual, self.alpha, self.weight, self.bias, backend=self.backend)

@@ -1,0 +1,53 @@
+"""Inference-time folding: move a DyT's per-channel affine into the Linear layers it feeds.
+
+``Linear(weight * tanh(alpha x) + bias) = Linear'(tanh(alpha x))`` with ``W' = W diag(weight)`` and
+``b' = b + W bias``, so at inference the norm position runs only ``tanh(alpha x)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import DyT
+
+
+class ScaledTanh(nn.Module):
+    """``tanh(alpha * x)``: what remains of a DyT once its affine is folded away."""
+
+    def __init__(self, alpha: torch.Tensor) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(alpha.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha.to(x.dtype) * x)
+
+
+@torch.no_grad()
+def fold_dyt(dyt: DyT, *linears: nn.Linear) -> tuple[ScaledTanh, list[nn.Linear]]:
+    """Fold ``dyt``'s weight and bias into every Linear it feeds (e.g. q, k and v projections).
+
+    Returns the ``ScaledTanh`` to put where the DyT was and new Linear layers (the originals are
+    untouched). Folding is done in float64 and cast back, so it is exact to rounding.
+    """
+    if not dyt.channels_last or len(dyt.normalized_shape) != 1:
+        raise ValueError("fold_dyt needs a channels-last DyT over one dimension")
+    if not linears:
+        raise ValueError("fold_dyt needs at least one nn.Linear that the DyT feeds")
+    scale = dyt.weight.double()
+    shift = None if dyt.bias is None else dyt.bias.double()
+    folded = []
+    for linear in linears:
+        if linear.in_features != dyt.normalized_shape[0]:
+            raise ValueError(f"{linear} does not take the DyT's {dyt.normalized_shape[0]} channels")
+        w = linear.weight.double()
+        new = nn.Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None or shift is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        new.weight.copy_(w * scale[None, :])
+        if new.bias is not None:
+            b = linear.bias.double() if linear.bias is not None else torch.zeros_like(w[:, 0])
+            new.bias.copy_(b + (w @ shift if shift is not None else 0.0))
+        folded.append(new)
+    return ScaledTanh(dyt.alpha), folded

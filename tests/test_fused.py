@@ -1,0 +1,141 @@
+"""The fused (Triton) backend. Without a GPU the kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, set before the kernels are imported): slow, so shapes stay small but odd."""
+
+import os
+
+import pytest
+import torch
+
+import dyt
+from dyt import DyT, ResidualDyT, fold_dyt
+from dyt.functional import dyt as dyt_fn
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET"
+
+from dyt.kernels import fused  # noqa: E402
+
+TOL = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6, grad=2e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=1e-2, grad=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3, grad=3e-3),
+}
+SHAPES = [(3, 7), (33, 300), (5, 1023), (2, 4097)]
+
+
+def _close(got, want, rtol, what):
+    err = (got.double() - want).abs().max().item()
+    scale = max(want.abs().max().item(), 1.0)
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_fused_matches_float64_reference(reference, dtype, shape, with_bias):
+    g = torch.Generator().manual_seed(shape[1])
+    rows, cols = shape
+    x = (torch.randn(rows, cols, generator=g) * 3).to(DEVICE, dtype)
+    dy = torch.randn(rows, cols, generator=g).to(DEVICE, dtype)
+    alpha = torch.tensor([0.7], device=DEVICE)
+    weight = torch.randn(cols, generator=g).to(DEVICE)
+    bias = torch.randn(cols, generator=g).to(DEVICE) if with_bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, alpha, weight)] + ([bias.clone().requires_grad_()] if with_bias else [])
+    y = dyt_fn(*leaves[:3], leaves[3] if with_bias else None, backend="fused")
+    y.backward(dy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = reference(*ref[:3], ref[3] if with_bias else None)
+    y_ref.backward(dy.double())
+    tol = TOL[dtype]
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=tol["atol"], rtol=tol["rtol"])
+    for name, got, want in zip(["x", "alpha", "weight", "bias"], leaves, ref):
+        _close(got.grad, want.grad, tol["grad"], f"grad {name}")
+
+
+def test_fused_non_contiguous_channels_first_and_empty(reference):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(9, 40, generator=g)
+    x = base[:, :33]  # row stride 40: used in place, no copy
+    alpha, w, b = torch.tensor([0.5]), torch.randn(33, generator=g), torch.randn(33, generator=g)
+    torch.testing.assert_close(dyt_fn(x, alpha, w, b, backend="fused").double(), reference(x, alpha, w, b), atol=2e-6, rtol=2e-6)
+    xt = torch.randn(33, 9, generator=g).t()  # last dim not contiguous: copied
+    torch.testing.assert_close(dyt_fn(xt, alpha, w, b, backend="fused").double(), reference(xt, alpha, w, b), atol=2e-6, rtol=2e-6)
+    images = torch.randn(2, 5, 3, 4, generator=g, requires_grad=True)
+    cw, cb = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    y = dyt_fn(images, alpha, cw, cb, channels_last=False, backend="fused")
+    torch.testing.assert_close(y.double(), reference(images, alpha, cw, cb, channels_last=False), atol=2e-6, rtol=2e-6)
+    empty = DyT(6, backend="fused")(torch.randn(0, 6, requires_grad=True))
+    assert empty.shape == (0, 6)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_residual_dyt_forward_and_all_gradients(reference, with_bias):
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(7, 300, generator=g), torch.randn(7, 300, generator=g)
+    ds, dy = torch.randn(7, 300, generator=g), torch.randn(7, 300, generator=g)
+    layer = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="fused")
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    eager = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="eager")
+    eager.load_state_dict(layer.state_dict())
+    outs = []
+    for module in (layer, eager):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        s, y = module(xi, ri)
+        torch.autograd.backward([s, y], [ds, dy])
+        outs.append((s, y, xi.grad, ri.grad, [p.grad for p in module.parameters()]))
+    (s, y, gx, gr, gp), (s0, y0, gx0, gr0, gp0) = outs
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y.double(), reference(x + r, layer.alpha, layer.weight, layer.bias), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(gx, gx0, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(gr, gr0, atol=2e-5, rtol=2e-5)
+    for a, b in zip(gp, gp0):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=2e-5)
+
+
+def test_residual_dyt_when_only_y_is_used():
+    layer = ResidualDyT(16, backend="fused")
+    x = torch.randn(4, 16, requires_grad=True)
+    r = torch.randn(4, 16, requires_grad=True)
+    _, y = layer(x, r)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, r.grad)
+
+
+def test_tile_heuristic_is_cached_per_shape_and_dtype():
+    fused._tiles.cache_clear()
+    for _ in range(3):
+        fused._tiles(4096, 2, "cuda")
+    assert fused._tiles.cache_info().misses == 1
+    block_m, block_n, warps = fused._tiles(4097, 2, "cuda")
+    assert block_n == 2048 and block_m >= 1 and warps in (4, 8)
+
+
+def test_backend_availability_with_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "fused" in dyt.available_backends("cpu")
+    assert dyt.auto_backend("cpu") == "compiled"  # auto never picks the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(dyt.BackendUnavailableError, match="need a CUDA device"):
+        dyt.select_backend("fused", "cpu")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fold_dyt_into_linears(with_bias):
+    torch.manual_seed(0)
+    norm = DyT(24, alpha_init=0.7, bias=with_bias)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if with_bias:
+            norm.bias.uniform_(-0.5, 0.5)
+    q, k = torch.nn.Linear(24, 8), torch.nn.Linear(24, 6, bias=False)
+    tanh_only, (q2, k2) = fold_dyt(norm, q, k)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(q2(tanh_only(x)), q(norm(x)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k2(tanh_only(x)), k(norm(x)), atol=1e-6, rtol=1e-6)
+    assert (k2.bias is not None) == with_bias
+    with pytest.raises(ValueError, match="does not take"):
+        fold_dyt(norm, torch.nn.Linear(5, 2))
