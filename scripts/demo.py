@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dyt import NormConfig, convert_norms
-from dyt.bench import format_table
+from dyt.bench import format_kernels
 from dyt.bench import main as bench_main
 
 
@@ -67,11 +67,16 @@ def main() -> None:
         "",
         f"Machine: {machine['device']}, {machine['threads']} threads, torch {machine['torch']}.",
         "",
-        f"## DyT vs LayerNorm / RMSNorm, {bench['shape'][0]}x{bench['shape'][1]} {bench['dtype']} (median ms)",
-        "",
-        "```",
-        format_table(bench["results"]),
-        "```",
+    ]
+    for shape, results in bench["kernels"].items():
+        lines += [
+            f"## DyT vs LayerNorm / RMSNorm, {shape} {bench['dtype']} (median; ratios to F.layer_norm and F.rms_norm)",
+            "",
+            "```",
+            format_kernels(results),
+            "```",
+        ]
+    lines += [
         "",
         "## Norm conversion of real architectures",
         "",

@@ -139,3 +139,19 @@ def test_fold_dyt_into_linears(with_bias):
     assert (k2.bias is not None) == with_bias
     with pytest.raises(ValueError, match="does not take"):
         fold_dyt(norm, torch.nn.Linear(5, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="LLaMA-size shapes need a GPU")
+@pytest.mark.parametrize("shape", [(4096, 4096), (16384, 4096), (8192, 8192)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fused_at_llama_shapes_on_gpu(reference, shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
+    dy = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
+    params = [torch.tensor([0.8]), torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)]
+    leaves = [x.clone().requires_grad_()] + [p.cuda().requires_grad_() for p in params]
+    dyt_fn(*leaves, backend="fused").backward(dy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = reference(*ref)
+    y_ref.backward(dy.double())
+    for name, got, want in zip(["x", "alpha", "weight", "bias"], leaves, ref):
+        _close(got.grad, want.grad, TOL[torch.bfloat16]["grad"], f"grad {name}")

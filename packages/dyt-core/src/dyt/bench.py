@@ -1,27 +1,34 @@
-"""dyt-bench: time every available DyT backend against LayerNorm, RMSNorm and the LLaMA reference
-RMSNorm on the current device, forward and forward+backward; print times and ratios, write JSON.
+"""dyt-bench: time DyT's backends against copy, LayerNorm, RMSNorm and the LLaMA reference RMSNorm,
+forward and forward+backward, on the current device; optionally a LLaMA-style decoder block with
+each norm. Prints times, effective bandwidth and ratios; writes JSON.
 
-The ratios compare ops measured in this one process; absolute times depend on the machine.
+Ratios compare ops timed in this one process; absolute times depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .backends import auto_backend, available_backends
-from .functional import dyt
+from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
+from .norms import NormConfig, make_norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_SHAPES = ["4096x4096", "16384x4096", "32768x4096", "8192x8192"]
 
 
 def llama_reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -50,58 +57,165 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     return statistics.median(samples)
 
 
-def candidates(x, weight, bias, alpha) -> dict[str, Callable[[], torch.Tensor]]:
+@dataclass
+class Op:
+    """One timed op: ``run`` returns the outputs to differentiate; ``accesses`` counts the
+    activation-sized tensors read or written forward and forward+backward (for GB/s)."""
+
+    run: Callable[[], tuple[torch.Tensor, ...]]
+    accesses: tuple[int, int] = (2, 5)
+    backward: bool = True
+
+
+def _liger_dyt():
+    for module in ("liger_kernel.ops.dyt", "liger_kernel.ops"):
+        try:
+            return importlib.import_module(module).LigerDyTFunction
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def kernel_ops(x, r, weight, bias, alpha) -> dict[str, Op]:
     n = x.shape[-1]
-    ops: dict[str, Callable[[], torch.Tensor]] = {
-        "F.layer_norm": lambda: F.layer_norm(x, (n,), weight, bias),
-        "F.rms_norm": lambda: F.rms_norm(x, (n,), weight),
-        "LLaMA reference RMSNorm": lambda: llama_reference_rmsnorm(x, weight),
+    device = x.device
+    usable = [b for b in available_backends(device) if b != "fused" or device.type == "cuda"]
+    ops = {
+        "copy": Op(lambda: (x.clone(),), backward=False),
+        "F.layer_norm": Op(lambda: (F.layer_norm(x, (n,), weight, bias),)),
+        "F.rms_norm": Op(lambda: (F.rms_norm(x, (n,), weight),)),
+        "LLaMA reference RMSNorm": Op(lambda: (llama_reference_rmsnorm(x, weight),)),
     }
-    usable = [b for b in available_backends(x.device) if b != "fused" or x.device.type == "cuda"]
     for name in ("eager", *[b for b in usable if b != "eager"]):
-        ops[f"DyT {name}"] = lambda name=name: dyt(x, alpha, weight, bias, backend=name)
-    if "compiled" in available_backends(x.device):
+        ops[f"DyT {name}"] = Op(lambda name=name: (dyt(x, alpha, weight, bias, backend=name),))
+    if "compiled" in usable:
         # What the compiled backend improves on: torch.compile of the eager formula as it stands.
         plain = torch.compile(dyt_eager, dynamic=True)
-        ops["DyT plain torch.compile"] = lambda: plain(x, alpha, weight, bias)
+        ops["DyT plain torch.compile"] = Op(lambda: (plain(x, alpha, weight, bias),))
+    liger = _liger_dyt() if device.type == "cuda" else None
+    if liger is not None:
+        ops["Liger DyT"] = Op(lambda: (liger.apply(x, alpha, weight, bias),))
+    best = auto_backend(device)
+    ops["add + F.rms_norm"] = Op(lambda: ((s := x + r), F.rms_norm(s, (n,), weight)), accesses=(4, 8))
+    ops[f"residual DyT {best}"] = Op(lambda: residual_dyt(x, r, alpha, weight, bias, backend=best), accesses=(4, 8))
     return ops
 
 
-def run(rows: int, cols: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
+def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(rows, cols, generator=generator).to(device=device, dtype=dtype).requires_grad_()
-    dy = torch.randn(rows, cols, generator=generator).to(device=device, dtype=dtype)
+
+    def make(*shape, grad=False):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    x, r = make(rows, cols, grad=True), make(rows, cols, grad=True)
+    grads = [make(rows, cols), make(rows, cols)]
     weight = torch.ones(cols, device=device, dtype=dtype, requires_grad=True)
     bias = torch.zeros(cols, device=device, dtype=dtype, requires_grad=True)
     alpha = torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True)
+    leaves = (x, r, weight, bias, alpha)
+    element_bytes = x.element_size() * x.numel()
     results = {}
-    for name, op in candidates(x, weight, bias, alpha).items():
+    for name, op in kernel_ops(x, r, weight, bias, alpha).items():
 
         def forward_only(op=op):
             with torch.no_grad():
-                op()
+                op.run()
 
         def forward_backward(op=op):
-            op().backward(dy)
-            x.grad = weight.grad = bias.grad = alpha.grad = None
+            outputs = op.run()
+            torch.autograd.backward(outputs, grads[: len(outputs)])
+            for leaf in leaves:
+                leaf.grad = None
 
-        results[name] = {
-            "forward_ms": time_ms(forward_only, device, warmup, repeats),
-            "forward_backward_ms": time_ms(forward_backward, device, warmup, repeats),
-        }
+        fwd = time_ms(forward_only, device, warmup, repeats)
+        row = {"forward_ms": fwd, "forward_GBps": op.accesses[0] * element_bytes / fwd / 1e6}
+        if op.backward:
+            both = time_ms(forward_backward, device, warmup, repeats)
+            row.update(forward_backward_ms=both, forward_backward_GBps=op.accesses[1] * element_bytes / both / 1e6)
+        results[name] = row
     return results
 
 
-def format_table(results: dict, baseline: str = "F.layer_norm") -> str:
-    base = results[baseline]
+class DecoderBlock(nn.Module):
+    """A LLaMA-style pre-norm decoder block (causal SDPA attention, SwiGLU), its norms from
+    ``make_norm``: enough to time a norm inside a real block. RoPE is left out (the same in
+    every variant)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, norm: NormConfig):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = make_norm(norm, dim, role="attention")
+        self.ffn_norm = make_norm(norm, dim, role="ffn")
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.gate_up = nn.Linear(dim, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attended.transpose(1, 2).reshape(b, t, d))
+        gate, up = self.gate_up(self.ffn_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def run_block(dim, heads, ffn, tokens, dtype, device, warmup, repeats) -> dict:
+    variants = {
+        "rmsnorm": NormConfig(kind="rmsnorm"),
+        "layernorm": NormConfig(kind="layernorm"),
+        f"dyt ({auto_backend(device)})": NormConfig(kind="dyt", bias=False, alpha_policy="llm"),
+    }
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, tokens, dim, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+    results = {}
+    for name, norm in variants.items():
+        torch.manual_seed(0)
+        block = DecoderBlock(dim, heads, ffn, norm).to(device=device, dtype=dtype)
+        results[name] = _time_block(block, x, device, warmup, repeats)
+    return results
+
+
+def _time_block(block: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int) -> dict:
+    def infer():
+        with torch.no_grad():
+            block(x)
+
+    def train_step():
+        block(x).float().pow(2).mean().backward()
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return {
+        "inference_ms": time_ms(infer, device, warmup, repeats),
+        "train_step_ms": time_ms(train_step, device, warmup, repeats),
+    }
+
+
+def format_kernels(results: dict) -> str:
+    ln, rms = results["F.layer_norm"], results["F.rms_norm"]
     lines = [
-        f"{'op':28} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd / LN':>9} {'fwd+bwd / LN':>13}",
+        f"{'op':28} {'fwd ms':>9} {'fwd GB/s':>9} {'fwd+bwd ms':>11} {'GB/s':>7} "
+        f"{'fwd/LN':>7} {'f+b/LN':>7} {'fwd/RMS':>8} {'f+b/RMS':>8}"
     ]
-    for name, r in results.items():
+    for name, row in results.items():
+        both = row.get("forward_backward_ms", math.nan)
         lines.append(
-            f"{name:28} {r['forward_ms']:9.2f} {r['forward_backward_ms']:11.2f} "
-            f"{r['forward_ms'] / base['forward_ms']:9.2f} "
-            f"{r['forward_backward_ms'] / base['forward_backward_ms']:13.2f}"
+            f"{name:28} {row['forward_ms']:9.3f} {row['forward_GBps']:9.1f} {both:11.3f} "
+            f"{row.get('forward_backward_GBps', math.nan):7.1f} "
+            f"{row['forward_ms'] / ln['forward_ms']:7.2f} {both / ln['forward_backward_ms']:7.2f} "
+            f"{row['forward_ms'] / rms['forward_ms']:8.2f} {both / rms['forward_backward_ms']:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_block(results: dict) -> str:
+    base = results["rmsnorm"]
+    lines = [f"{'norm':20} {'inference ms':>13} {'train step ms':>14} {'inf/RMS':>8} {'train/RMS':>10}"]
+    for name, row in results.items():
+        lines.append(
+            f"{name:20} {row['inference_ms']:13.3f} {row['train_step_ms']:14.3f} "
+            f"{row['inference_ms'] / base['inference_ms']:8.2f} {row['train_step_ms'] / base['train_step_ms']:10.2f}"
         )
     return "\n".join(lines)
 
@@ -116,34 +230,68 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _shape(text: str) -> tuple[int, int]:
+    rows, _, cols = text.lower().partition("x")
+    try:
+        return int(rows), int(cols)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not ROWSxCOLS (e.g. 8192x1024)") from None
+
+
 def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="dyt-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=8192)
-    parser.add_argument("--cols", type=int, default=1024)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--shape", dest="shapes", action="append", type=_shape,
+                        help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")
+    parser.add_argument("--block-size", default=None, metavar="DIM,HEADS,FFN,TOKENS",
+                        help="default: 4096,32,11008,4096 (LLaMA-7B) on CUDA, 512,8,1376,512 on CPU")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    results = run(args.rows, args.cols, DTYPES[args.dtype], device, args.warmup, args.repeats)
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    print(f"dyt-bench {args.rows}x{args.cols} {args.dtype} on {device} ({machine['device']}, "
-          f"{machine['threads']} threads, torch {machine['torch']}); median of {args.repeats}")
-    print(format_table(results))
-    print(f"'auto' here resolves to: {auto_backend(device)}")
-    payload = {"shape": [args.rows, args.cols], "dtype": args.dtype, "machine": machine, "results": results}
+    on_cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+    shapes = args.shapes or ([_shape(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
+    machine = machine_info(device)
+    print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
+          f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats}; "
+          f"'auto' = {auto_backend(device)}")
+    payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
+    for rows, cols in shapes:
+        results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
+        payload["kernels"][f"{rows}x{cols}"] = results
+        print(f"\n{rows} x {cols}\n{format_kernels(results)}")
+    if args.block:
+        size = args.block_size or ("4096,32,11008,4096" if on_cuda else "512,8,1376,512")
+        dim, heads, ffn, tokens = (int(v) for v in size.split(","))
+        results = run_block(dim, heads, ffn, tokens, dtype, device, args.warmup, args.repeats)
+        payload["block"] = {"size": [dim, heads, ffn, tokens], "results": results}
+        print(f"\ndecoder block dim {dim}, {heads} heads, ffn {ffn}, {tokens} tokens\n{format_block(results)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
