@@ -63,16 +63,33 @@ class NormRecorder:
         return record
 
 
-def plot_s_curves(
-    records: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, title: str = "", max_panels: int = 12
-) -> Path:
-    """One scatter panel (input vs output) per norm layer, in model order; evenly thinned to
-    ``max_panels``. Writes a PNG and returns its path."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_s_curves(
+    records: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, title: str = "", max_panels: int = 12
+) -> Path:
+    """One scatter panel (input vs output) per norm layer, in model order; evenly thinned to
+    ``max_panels``. Writes a PNG and returns its path."""
+    plt = _pyplot()
     names = list(records)
     if not names:
         raise ValueError("no norm layers were recorded (did the model run inside NormRecorder?)")
@@ -91,14 +108,7 @@ def plot_s_curves(
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def dyt_layers(model: nn.Module) -> Iterator[tuple[str, DyT]]:
@@ -151,11 +161,7 @@ class AlphaTracker:
 
     def plot(self, path: str | Path, title: str = "DyT alpha vs 1/std of its input") -> Path:
         """Left: alpha per layer over steps. Right: alpha against 1/std, every layer and step."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         if not self.history:
             raise ValueError("nothing recorded yet")
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -171,10 +177,4 @@ class AlphaTracker:
         right.set_ylabel("alpha")
         if len(self.history[-1]["alpha"]) <= 12:
             left.legend(fontsize=6)
-        fig.suptitle(title)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return _save(fig, path, title)

@@ -55,24 +55,26 @@ def _dy_times_tanh(dy, x, alpha, weight):
     return dy.to(ct) * _tanh(alpha.to(ct) * x.to(ct))
 
 
-def _input_grad(dy, x, alpha, weight):
-    """(dx, per-row partials of dalpha); dalpha = sum(dy * weight * (1 - t^2) * x), t = tanh(alpha x).
-    Partials over the last dim share the loop nest of dx, so inductor emits a single pass."""
+def _dx_and_alpha_partials(dy, x, alpha, weight):
+    """dx in compute dtype, and per-row partials of dalpha = sum(dy * weight * (1 - t^2) * x),
+    t = tanh(alpha x). Partials over the last dim share dx's loop nest: inductor emits one pass."""
     ct = compute_dtype(x, weight)
     xc, a = x.to(ct), alpha.to(ct)
     t = _tanh(a * xc)
     g = dy.to(ct) * weight.to(ct) * (1 - t * t)
-    return (g * a).to(x.dtype), (g * xc).sum(-1)
+    return g * a, (g * xc).sum(-1)
+
+
+def _input_grad(dy, x, alpha, weight):
+    dx, partials = _dx_and_alpha_partials(dy, x, alpha, weight)
+    return dx.to(x.dtype), partials
 
 
 def _input_grad_into(out, dy, x, alpha, weight):
     """Like _input_grad, writing dx into ``out`` (same shape and dtype as x); returns the partials."""
-    ct = compute_dtype(x, weight)
-    xc, a = x.to(ct), alpha.to(ct)
-    t = _tanh(a * xc)
-    g = dy.to(ct) * weight.to(ct) * (1 - t * t)
-    out.copy_((g * a).to(out.dtype))
-    return (g * xc).sum(-1)
+    dx, partials = _dx_and_alpha_partials(dy, x, alpha, weight)
+    out.copy_(dx.to(out.dtype))
+    return partials
 
 
 @functools.cache

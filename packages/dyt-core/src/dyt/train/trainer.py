@@ -6,6 +6,7 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -89,8 +90,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if cfg.deepspeed_config:
-        import json
-
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"train.deepspeed_config: no such file {path}")
