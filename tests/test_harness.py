@@ -114,3 +114,23 @@ def test_two_ranks_deepspeed_launcher_then_torchrun_resume(tmp_path):
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "eval/loss" in rows[1] and "eval/loss" in rows[3]
+
+
+def test_deepspeed_config_derived_then_file_merged_over(tmp_path):
+    from dyt.train import deepspeed_config
+
+    derived = deepspeed_config(TrainConfig(micro_batch_size=4, grad_accum=3, zero_stage=1, precision="bf16"))
+    assert derived["train_micro_batch_size_per_gpu"] == 4 and derived["gradient_accumulation_steps"] == 3
+    assert derived["zero_optimization"] == {"stage": 1} and derived["bf16"] == {"enabled": True}
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "gradient_clipping": 0.5}))
+    merged = deepspeed_config(TrainConfig(deepspeed_config=str(extra)))
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["gradient_clipping"] == 0.5 and merged["train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(FileNotFoundError, match="train.deepspeed_config: no such file"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "missing.json")))
+
+
+def test_too_small_training_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+        _run(tmp_path, "data.examples=8")
