@@ -33,7 +33,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Task(Protocol):
     """What a recipe provides. ``loss`` returns the loss and extra scalars; an extra named
-    ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric."""
+    ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric. Optionally,
+    ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity)."""
 
     def build_model(self) -> nn.Module: ...
     def train_dataset(self) -> Dataset: ...
@@ -113,6 +114,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def _peak_rss_per_rank(dist: DistInfo) -> dict[str, float]:
+    """Peak resident memory of every rank's process, in MB (Linux reports ru_maxrss in KB)."""
+    import resource
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(everyone, mine)
+    return {f"peak_rss_mb/rank{i}": t.item() for i, t in enumerate(everyone)}
 
 
 class ResumableBatches:
@@ -258,6 +269,9 @@ class Trainer:
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     eval_loss = self._evaluate(engine, eval_set)
                     row["eval/loss"] = eval_loss
+                    row.update(getattr(self.task, "eval_metrics", lambda _: {})(eval_loss))
+                if step == cfg.steps:
+                    row.update(_peak_rss_per_rank(dist))
                 if row:
                     metrics.log(step, row)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:

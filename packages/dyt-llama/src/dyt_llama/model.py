@@ -1,0 +1,149 @@
+"""LLaMA: RoPE, grouped-query attention (SDPA), SwiGLU, pre-norm blocks, final norm.
+
+Every norm comes from dyt-core's ``make_norm`` with its role (attention / ffn / final), so
+``model.norm`` alone switches RMSNorm, LayerNorm or DyT everywhere. With DyT, as the paper trained
+LLaMA, a learnable scalar multiplies the embeddings (initialised to sqrt(dim)).
+No parallelism or launcher logic lives here: the training harness wraps the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dyt import NormConfig, make_norm
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA architecture. ``norm`` picks every norm layer (rmsnorm, layernorm, dyt, identity)."""
+
+    dim: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    ffn_dim: int = 688
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tied_embeddings: bool = False
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+    norm: NormConfig = field(default_factory=lambda: NormConfig(kind="rmsnorm", eps=1e-5, bias=False))
+    embedding_scale: bool | None = None
+    """A learnable scalar after the embedding, initialised to sqrt(dim); None: on exactly when the
+    norm is DyT (the paper's LLaMA recipe)."""
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads or self.heads % self.kv_heads:
+            raise ValueError(
+                f"dim ({self.dim}) must divide by heads ({self.heads}), heads by kv_heads ({self.kv_heads})"
+            )
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {self.dim // self.heads}")
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x: (batch, heads, seq, head_dim)."""
+    pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
+    even, odd = pairs.unbind(-1)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rearrange(rotated, "... d two -> ... (d two)").type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.dim // cfg.heads
+        self.wq = nn.Linear(cfg.dim, cfg.heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.heads)
+        k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return self.wo(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg.norm, cfg.dim, role="attention")
+        self.attention = Attention(cfg)
+        self.ffn_norm = make_norm(cfg.norm, cfg.dim, role="ffn")
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        scale = cfg.embedding_scale if cfg.embedding_scale is not None else cfg.norm.kind == "dyt"
+        self.embed_scale = nn.Parameter(torch.tensor([math.sqrt(cfg.dim)])) if scale else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = make_norm(cfg.norm, cfg.dim, role="final")
+        self.output = None if cfg.tied_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.dim // cfg.heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 2:  # embeddings and projections; residual outputs scaled by depth (GPT-2)
+                out_proj = name.endswith(("wo.weight", "w2.weight"))
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.layers) if out_proj else std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for tokens (batch, seq)."""
+        length = tokens.shape[1]
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight) if self.output is None else self.output(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,63 @@
+"""The LLaMA pretraining task for the shared harness: config, model, data, loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dyt.train import TrainConfig
+
+from .data import DataConfig, build_datasets
+from .model import Llama, ModelConfig, count_parameters
+
+
+@dataclass
+class LlamaConfig:
+    """LLaMA pretraining (dyt-llama). model.norm switches RMSNorm / LayerNorm / DyT."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def role_of(path: str) -> str:
+    """The DyT role of a norm by its module path (for convert_norms on a built model)."""
+    return "attention" if "attention_norm" in path else "ffn" if "ffn_norm" in path else "final"
+
+
+class LlamaTask:
+    def __init__(self, config: LlamaConfig):
+        self.config = config
+        model = config.model
+        # Every data error surfaces here, before any engine or training starts.
+        self.train_rows, self.validation_rows, self.tokenizer = build_datasets(
+            config.data, model.vocab_size, model.max_seq_len
+        )
+
+    def build_model(self) -> Llama:
+        model = Llama(self.config.model)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 or not torch.distributed.is_initialized():
+            print(f"LLaMA {count_parameters(model) / 1e6:.2f}M parameters, norm={self.config.model.norm.kind}, "
+                  f"{len(self.train_rows)} training sequences of {self.config.data.seq_len} tokens", flush=True)
+        return model
+
+    def train_dataset(self):
+        return self.train_rows
+
+    def eval_dataset(self):
+        return self.validation_rows
+
+    def collate(self, rows):
+        return torch.stack(rows)
+
+    def loss(self, model, batch):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss, {"units": float(targets.numel())}
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        return {"eval/perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,155 @@
+"""dyt-llama: sizes, the norm switch, alpha0 per role, causality, data errors, a 2-rank run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyt import DyT, NormConfig, iter_norms
+from dyt.train import load_config, read_metrics
+from dyt_llama.data import DataConfig, DataError, build_datasets
+from dyt_llama.model import Llama, ModelConfig, count_parameters
+from dyt_llama.task import LlamaConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes" / "llama"
+# Published parameter counts (LLaMA 1/2 7B-70B, LLaMA 3.2 1B; 125m: the GPT-3 Small size class).
+PUBLISHED = {"125m": 125e6, "1b": 1.24e9, "7b": 6.74e9, "13b": 13.02e9, "34b": 33.74e9, "70b": 68.98e9}
+PAPER_ALPHA = {"7b": (0.8, 0.2), "13b": (0.6, 0.15), "34b": (0.2, 0.05), "70b": (0.2, 0.05)}
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED))
+def test_parameter_counts_match_published_sizes(size):
+    config = load_config(LlamaConfig, RECIPES / f"{size}.yaml", ["model.norm=dyt"])
+    with torch.device("meta"):
+        model = Llama(config.model)
+    assert count_parameters(model) == pytest.approx(PUBLISHED[size], rel=0.02)
+    if size in PAPER_ALPHA:
+        attention, other = PAPER_ALPHA[size]
+        assert model.blocks[0].attention_norm.alpha_init == pytest.approx(attention)
+        assert model.blocks[0].ffn_norm.alpha_init == pytest.approx(other)
+        assert model.norm.alpha_init == pytest.approx(other)
+
+
+def _tiny(norm="rmsnorm", **extra):
+    return ModelConfig(dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64, vocab_size=50, max_seq_len=16,
+                       norm=NormConfig(kind=norm, bias=False, alpha_policy="llm"), **extra)
+
+
+@pytest.mark.parametrize("norm, cls", [("rmsnorm", torch.nn.RMSNorm), ("dyt", DyT), ("layernorm", torch.nn.LayerNorm)])
+def test_norm_switch_changes_every_norm_and_only_norms(norm, cls):
+    baseline, model = Llama(_tiny("rmsnorm")), Llama(_tiny(norm))
+    found = [(p, type(m)) for p, m, _ in iter_norms(model)]
+    assert len(found) == 2 * 2 + 1 and all(t is cls for _, t in found)
+    others = lambda m: sorted((p, type(x).__name__) for p, x in m.named_modules() if not isinstance(x, (torch.nn.RMSNorm, DyT, torch.nn.LayerNorm)))  # noqa: E731
+    assert others(model) == others(baseline)
+    assert (model.embed_scale is not None) == (norm == "dyt")
+    if norm == "dyt":
+        assert model.embed_scale.item() == pytest.approx(32**0.5) and model.norm.bias is None
+
+
+def test_alpha_overrides_per_role():
+    cfg = _tiny("dyt")
+    cfg.norm.alpha_init = {"attention": 0.6, "final": 0.1}
+    model = Llama(cfg)
+    assert model.blocks[1].attention_norm.alpha.item() == pytest.approx(0.6)
+    assert model.blocks[1].ffn_norm.alpha.item() == pytest.approx(1.0)  # width 32: the <=1024 row
+    assert model.norm.alpha.item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "dyt"])
+def test_future_tokens_cannot_change_past_logits(norm):
+    torch.manual_seed(0)
+    model = Llama(_tiny(norm, tied_embeddings=True)).eval()
+    tokens = torch.randint(0, 50, (2, 12))
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 50
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+SONNET = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
+          "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. ")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    for i, name in enumerate(["a/one", "a/two", "b/three", "b/four"]):
+        path = root / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(SONNET * (8 + i))
+    return root
+
+
+def _data(corpus, tmp_path, **extra):
+    return DataConfig(corpus=str(corpus), validation_works=["b/four"], seq_len=16, cache_dir=str(tmp_path / "cache"), **extra)
+
+
+def test_split_by_document_packing_and_cache(corpus, tmp_path):
+    train, validation, tokenizer = build_datasets(_data(corpus, tmp_path), vocab_size=300, max_seq_len=32)
+    assert tokenizer.get_vocab_size() <= 300
+    assert len(train) > 0 and len(validation) > 0 and train[0].shape == (17,)
+    assert list(train[1][:1]) == list(train[0][-1:])  # packed windows overlap by the target token
+    again = build_datasets(_data(corpus, tmp_path), vocab_size=300, max_seq_len=32)
+    assert torch.equal(again[0][3], train[3])
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
+
+
+def test_bad_inputs_stop_with_one_clear_message(corpus, tmp_path):
+    with pytest.raises(DataError, match="corpus not found"):
+        build_datasets(_data(tmp_path / "nowhere", tmp_path), 300, 32)
+    with pytest.raises(DataError, match=r"data.seq_len=64 exceeds the model's context \(model.max_seq_len=32\)"):
+        build_datasets(DataConfig(corpus=str(corpus), seq_len=64), 300, 32)
+    (corpus / "b" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8"):
+        build_datasets(_data(corpus, tmp_path), 300, 32)
+    empty = tmp_path / "empty"
+    (empty / "x").mkdir(parents=True)
+    (empty / "x" / "blank.txt").write_text("  \n")
+    with pytest.raises(DataError, match="only empty documents"):
+        build_datasets(DataConfig(corpus=str(empty), seq_len=16, cache_dir=str(tmp_path / "c2")), 300, 32)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(DataError, match="has no .txt, .jsonl or .parquet files"):
+        build_datasets(DataConfig(corpus=str(bare), seq_len=16, cache_dir=str(tmp_path / "c3")), 300, 32)
+
+
+def test_jsonl_corpus_with_titles(tmp_path):
+    path = tmp_path / "docs" / "d.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"title": f"t{i}", "text": SONNET * 6}) + "\n" for i in range(4)))
+    train, validation, _ = build_datasets(
+        DataConfig(corpus=str(path.parent), validation_works=["t3"], seq_len=16, cache_dir=str(tmp_path / "c")), 300, 32)
+    assert len(train) > 2 * len(validation) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_deepspeed_run_logs_perplexity_and_resumes(corpus, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DYT_CACHE": str(tmp_path / "cache")}
+    common = [
+        "--module", "dyt_llama.train", "--config", str(RECIPES / "tiny.yaml"),
+        "--set", f"data.corpus={corpus}", "--set", "data.validation_works=[b/four]", "--set", "data.seq_len=16",
+        "--set", "model.dim=32", "--set", "model.heads=4", "--set", "model.kv_heads=2", "--set", "model.ffn_dim=64",
+        "--set", "model.vocab_size=300", "--set", "model.norm=dyt", "--set", "train.micro_batch_size=4",
+        "--set", "train.eval_every=2", "--set", "train.save_every=2", "--set", "train.log_every=1",
+        "--set", "train.progress=false", "--set", f"train.out_dir={tmp_path / 'run'}",
+    ]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    for steps, extra in ((2, []), (4, ["--resume"])):
+        proc = subprocess.run([deepspeed, "--num_gpus", "2", *common, "--set", f"train.steps={steps}", *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["eval/perplexity"] > 1 and "alpha/blocks.0.attention_norm" in rows[-1]
+    assert {"peak_rss_mb/rank0", "peak_rss_mb/rank1"} <= rows[-1].keys()
