@@ -1,7 +1,11 @@
-"""The README's main job. For now (the recipes land with their own issues): benchmark DyT's
-backends against LayerNorm/RMSNorm on this machine, and convert the norms of real model
-architectures (torchaudio's wav2vec 2.0 Base, fairseq2's LLaMA) to DyT and back; write
-``<out>/report.md`` with the tables."""
+"""The README's main job: a small LN-vs-DyT comparison on real data, ending in one report.
+
+1. LLaMA (tiny config) pretrained on Shakespeare + Austen with RMSNorm and with DyT, 2 ranks under
+   the deepspeed launcher (``dyt-llama-compare``): table, loss curves, alpha, S-curves.
+2. ``dyt-bench``: DyT's backends against LayerNorm / RMSNorm on this machine.
+3. ``convert_norms`` on real architectures (torchaudio's wav2vec 2.0 Base, fairseq2's LLaMA).
+
+Writes ``<out>/report.md``. Re-running resumes or reuses finished training runs."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from dyt import NormConfig, convert_norms
 from dyt.bench import format_kernels
 from dyt.bench import main as bench_main
+from dyt_llama.compare import main as compare_main
 
 
 def wav2vec2_base():
@@ -41,18 +46,24 @@ def llama_125m():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--llama-config", type=Path, default=Path("recipes/llama/tiny.yaml"))
+    parser.add_argument("--nproc", type=int, default=2, help="ranks for the training runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    print("== 1/2 dyt-bench: DyT backends vs LayerNorm / RMSNorm on this machine")
+    print("== 1/3 LLaMA pretraining, RMSNorm vs DyT (tiny config, 2 ranks, deepspeed launcher)")
+    llama_report = compare_main(["--config", str(args.llama_config), "--out", str(args.out / "llama"),
+                                 "--nproc", str(args.nproc)])
+
+    print("\n== 2/3 dyt-bench: DyT backends vs LayerNorm / RMSNorm on this machine")
     bench_main(["--json", str(args.out / "bench.json")])
     bench = json.loads((args.out / "bench.json").read_text())
 
     sections = []
     for build in (wav2vec2_base, llama_125m):
         name, model, target, role_of = build()
-        print(f"\n== 2/2 convert_norms on {name}")
+        print(f"\n== 3/3 convert_norms on {name}")
         params = sum(p.numel() for p in model.parameters())
         to_dyt = convert_norms(model, target, role_of=role_of)
         print(to_dyt)
@@ -62,10 +73,13 @@ def main() -> None:
         del model
 
     machine = bench["machine"]
+    llama_section = llama_report.read_text().replace("](", "](llama/").replace("# LLaMA: RMSNorm vs DyT", "## LLaMA pretraining: RMSNorm vs DyT")
     lines = [
         "# DyT demo report",
         "",
         f"Machine: {machine['device']}, {machine['threads']} threads, torch {machine['torch']}.",
+        "",
+        llama_section,
         "",
     ]
     for shape, results in bench["kernels"].items():
