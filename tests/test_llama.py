@@ -153,3 +153,23 @@ def test_two_rank_deepspeed_run_logs_perplexity_and_resumes(corpus, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["eval/perplexity"] > 1 and "alpha/blocks.0.attention_norm" in rows[-1]
     assert {"peak_rss_mb/rank0", "peak_rss_mb/rank1"} <= rows[-1].keys()
+
+
+@pytest.mark.slow
+def test_compare_writes_report_with_table_and_plots(corpus, tmp_path, monkeypatch):
+    from dyt_llama.compare import main as compare
+
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    report = compare([
+        "--config", str(RECIPES / "tiny.yaml"), "--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1",
+        "--set", f"data.corpus={corpus}", "--set", "data.validation_works=[b/four]", "--set", "data.seq_len=16",
+        "--set", "model.dim=32", "--set", "model.heads=4", "--set", "model.kv_heads=2", "--set", "model.ffn_dim=64",
+        "--set", "model.vocab_size=300", "--set", "train.steps=3", "--set", "train.eval_every=3",
+        "--set", "train.save_every=3", "--set", "train.micro_batch_size=4", "--set", "train.progress=false",
+    ])
+    text = report.read_text()
+    assert "| rmsnorm |" in text and "| dyt |" in text
+    for png in ("loss_curves.png", "dyt_alpha.png", "rmsnorm_s_curves.png"):
+        assert (tmp_path / "cmp" / png).read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert {s["norm"] for s in summary} == {"rmsnorm", "dyt"} and all(s["eval_perplexity"] > 1 for s in summary)
