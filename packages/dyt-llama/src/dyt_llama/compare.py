@@ -51,7 +51,9 @@ def run_one(args, norm: str, seed: int) -> dict:
     cmd = launch_command(args.launcher, args.nproc) + ["--config", str(args.config), "--resume"]
     for item in [*args.overrides, f"model.norm.kind={norm}", f"train.seed={seed}", f"train.out_dir={out}"]:
         cmd += ["--set", item]
-    env = dict(os.environ)
+    # Each run is a world of its own: drop rank variables this process may carry.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
@@ -68,7 +70,8 @@ def summarize(run: dict) -> dict:
     rows = read_metrics(run["dir"] / "metrics.jsonl")
     train = [r["train/loss"] for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/loss" in r]
-    speeds = [r["throughput"] for r in rows if "throughput" in r][1:]  # the first step includes warm-up
+    speeds = [r["throughput"] for r in rows if "throughput" in r]
+    speeds = speeds[1:] or speeds  # the first logged step includes warm-up
     last = rows[-1]
     return {
         "final_train_loss": statistics.mean(train[-3:]),
