@@ -63,7 +63,7 @@ class NormRecorder:
         return record
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
@@ -80,7 +80,7 @@ def _save(fig, path: str | Path, title: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -89,7 +89,7 @@ def plot_s_curves(
 ) -> Path:
     """One scatter panel (input vs output) per norm layer, in model order; evenly thinned to
     ``max_panels``. Writes a PNG and returns its path."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(records)
     if not names:
         raise ValueError("no norm layers were recorded (did the model run inside NormRecorder?)")
@@ -161,7 +161,7 @@ class AlphaTracker:
 
     def plot(self, path: str | Path, title: str = "DyT alpha vs 1/std of its input") -> Path:
         """Left: alpha per layer over steps. Right: alpha against 1/std, every layer and step."""
-        plt = _pyplot()
+        plt = pyplot()
         if not self.history:
             raise ValueError("nothing recorded yet")
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dyt.analysis import pyplot
 from dyt.train import load_config, read_metrics
 
 from .data import build_datasets
@@ -90,11 +91,7 @@ def _mean_std(values: list[float], digits: int = 3) -> str:
 
 
 def plot_losses(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
         rows = read_metrics(run["dir"] / "metrics.jsonl")
@@ -113,11 +110,7 @@ def plot_losses(runs: list[dict], path: Path) -> None:
 
 
 def plot_alphas(run: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in read_metrics(run["dir"] / "metrics.jsonl") if any(k.startswith("alpha/") for k in r)]
     if not rows:
         return False
