@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Launch dyt-llama pretraining with the deepspeed launcher.
+#   scripts/launch_llama.sh CONFIG [RANKS | HOSTFILE] [--resume] [--set key=value ...]
+# RANKS: processes on this machine (default: its GPU count, or 2 on a CPU-only machine).
+# HOSTFILE: "<host> slots=<GPUs>" lines (see recipes/llama/hostfile.example) for several nodes.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=${DYT_VENV:-$root/.venv}/bin
+[[ $# -ge 1 ]] || { sed -n '2,5p' "$0"; exit 2; }
+config=$1; shift
+where=()
+if [[ $# -ge 1 && -f "$1" ]]; then
+  where=(--hostfile "$1"); shift
+else
+  gpus=$("$bin/python" -c 'import torch; print(torch.cuda.device_count())')
+  if [[ $# -ge 1 && "$1" =~ ^[0-9]+$ ]]; then ranks=$1; shift; else ranks=$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2); fi
+  where=(--num_gpus "$ranks")
+  if [[ $gpus -eq 0 ]]; then
+    # CPU ranks share the cores: one OpenMP team each, waiting passively (see docs/performance.md).
+    export DS_ACCELERATOR=cpu OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
+  fi
+fi
+exec "$bin/deepspeed" "${where[@]}" --module dyt_llama.train --config "$config" "$@"
