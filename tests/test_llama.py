@@ -168,8 +168,17 @@ def test_compare_writes_report_with_table_and_plots(corpus, tmp_path, monkeypatc
         "--set", "train.save_every=3", "--set", "train.micro_batch_size=4", "--set", "train.progress=false",
     ])
     text = report.read_text()
-    assert "| rmsnorm |" in text and "| dyt |" in text
+    assert "| rmsnorm |" in text and "| dyt |" in text and "held out of training: b/four." in text
     for png in ("loss_curves.png", "dyt_alpha.png", "rmsnorm_s_curves.png"):
         assert (tmp_path / "cmp" / png).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert {s["norm"] for s in summary} == {"rmsnorm", "dyt"} and all(s["eval_perplexity"] > 1 for s in summary)
+
+
+def test_own_corpus_without_validation_works_holds_out_every_tenth_document(tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(10):
+        (root / f"doc{i}.txt").write_text(SONNET * 3)
+    train, validation, _ = build_datasets(DataConfig(corpus=str(root), seq_len=16, cache_dir=str(tmp_path / "c")), 300, 32)
+    assert len(train) > 5 * len(validation) > 0

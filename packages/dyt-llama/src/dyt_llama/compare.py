@@ -24,7 +24,7 @@ import torch
 from dyt.analysis import pyplot
 from dyt.train import load_config, read_metrics
 
-from .data import build_datasets
+from .data import build_datasets, load_documents
 from .task import LlamaConfig
 
 NORMS = ("rmsnorm", "dyt")
@@ -144,6 +144,11 @@ def plot_rmsnorm_s_curves(run: dict, path: Path) -> None:
     plot_s_curves(recorder.records, path, title="RMSNorm model: norm input vs output (validation text)")
 
 
+def validation_titles(args) -> list[str]:
+    config = load_config(LlamaConfig, args.config, args.overrides)
+    return list(load_documents(config.data)["validation"]["title"])
+
+
 def write_report(args, runs: list[dict]) -> Path:
     out = args.out
     summaries = {id(r): summarize(r) for r in runs}
@@ -151,7 +156,8 @@ def write_report(args, runs: list[dict]) -> Path:
         "# LLaMA: RMSNorm vs DyT",
         "",
         f"Config `{args.config}` with {args.nproc} rank(s) under `{args.launcher}`; seeds "
-        f"{sorted({r['seed'] for r in runs})}. Validation: held-out whole works (see the run's config.yaml).",
+        f"{sorted({r['seed'] for r in runs})}. Validation: whole documents held out of training: "
+        f"{', '.join(validation_titles(args))}.",
         "",
         "| norm | final train loss | validation loss | validation perplexity | tokens/s | peak RSS per rank (MB) | wall time (s) |",
         "|---|---|---|---|---|---|---|",

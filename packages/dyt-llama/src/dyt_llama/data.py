@@ -15,6 +15,7 @@ from filelock import FileLock
 from .corpus import default_cache, prepare_corpus
 
 EOS = "<eos>"
+BUILTIN_VALIDATION = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
 
 
 class DataError(ValueError):
@@ -27,11 +28,10 @@ class DataConfig:
     """A folder of .txt files (one document each, at any depth), .jsonl / .parquet files with a
     ``text`` column (one document per row), or a ``datasets.save_to_disk`` folder.
     Empty: the built-in Shakespeare + Austen corpus (built on first use)."""
-    validation_works: list[str] = field(
-        default_factory=lambda: ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
-    )
+    validation_works: list[str] = field(default_factory=list)
     """Documents held out whole for validation: .txt paths relative to ``corpus`` without the suffix,
-    or values of a ``title`` column. Empty: every 10th document."""
+    or values of a ``title`` column. Empty: Hamlet, The Tempest and Persuasion for the built-in
+    corpus, every 10th document otherwise."""
     tokenizer_file: str = ""
     """A ``tokenizers`` JSON file; empty: train a byte-level BPE of ``model.vocab_size`` on the
     training documents."""
@@ -84,11 +84,11 @@ def load_documents(cfg: DataConfig):
     table = table.filter(lambda row: bool(row["text"].strip()))
     if len(table) == 0:
         raise DataError(f"corpus {root} has only empty documents")
-    if cfg.validation_works:
-        missing = set(cfg.validation_works) - set(table["title"])
+    held_out = set(cfg.validation_works or ([] if cfg.corpus else BUILTIN_VALIDATION))
+    if held_out:
+        missing = held_out - set(table["title"])
         if missing:
             raise DataError(f"validation_works not in the corpus: {sorted(missing)}")
-        held_out = set(cfg.validation_works)
         is_validation = [title in held_out for title in table["title"]]
     else:
         is_validation = [i % 10 == 9 for i in range(len(table))]

@@ -39,7 +39,7 @@ class LlamaTask:
 
     def build_model(self) -> Llama:
         model = Llama(self.config.model)
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 or not torch.distributed.is_initialized():
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"LLaMA {count_parameters(model) / 1e6:.2f}M parameters, norm={self.config.model.norm.kind}, "
                   f"{len(self.train_rows)} training sequences of {self.config.data.seq_len} tokens", flush=True)
         return model
