@@ -7,6 +7,12 @@ import torch
 from .backends import BACKENDS, select_backend
 
 
+def _check_trailing(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Channels-last DyT needs x's trailing dims to be weight's shape (never a silent reshape)."""
+    if tuple(x.shape[x.ndim - weight.ndim :]) != tuple(weight.shape):
+        raise ValueError(f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}")
+
+
 def dyt(
     x: torch.Tensor,
     alpha: torch.Tensor,
@@ -32,10 +38,7 @@ def dyt(
     if bias is not None and bias.shape != weight.shape:
         raise ValueError(f"bias shape {tuple(bias.shape)} differs from weight shape {tuple(weight.shape)}")
     if channels_last:
-        if tuple(x.shape[x.ndim - weight.ndim :]) != tuple(weight.shape):
-            raise ValueError(
-                f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}"
-            )
+        _check_trailing(x, weight)
         channels = weight.numel()
         canonical = x.reshape(-1, channels)
         w, b = weight.reshape(channels), None if bias is None else bias.reshape(channels)
@@ -81,8 +84,7 @@ def residual_dyt(
         return s, dyt(s, alpha, weight, bias, backend=backend)
     from .kernels.fused import FusedResidualDyTFunction
 
-    if tuple(x.shape[x.ndim - weight.ndim :]) != tuple(weight.shape):
-        raise ValueError(f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}")
+    _check_trailing(x, weight)
     channels = weight.numel()
     s, y = FusedResidualDyTFunction.apply(
         x.reshape(-1, channels), residual.reshape(-1, channels), alpha, weight.reshape(channels),

@@ -89,15 +89,19 @@ def _compiled(fn, x: torch.Tensor, weight: torch.Tensor):
     return _compiled_for(fn, x.dtype, weight.dtype, x.ndim)
 
 
+def _compiled_forward(x, alpha, weight, bias):
+    if bias is None:
+        return _compiled(_forward_no_bias, x, weight)(x, alpha, weight)
+    return _compiled(_forward_with_bias, x, weight)(x, alpha, weight, bias)
+
+
 class CompiledDyTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, reduce_dims):
         ctx.save_for_backward(x, alpha, weight)
         ctx.reduce_dims = reduce_dims
         ctx.has_bias = bias is not None
-        if bias is None:
-            return _compiled(_forward_no_bias, x, weight)(x, alpha, weight)
-        return _compiled(_forward_with_bias, x, weight)(x, alpha, weight, bias)
+        return _compiled_forward(x, alpha, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -136,7 +140,5 @@ def dyt_compiled(x, alpha, weight, bias, reduce_dims):
     if not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, alpha, weight, bias)
     ):
-        if bias is None:
-            return _compiled(_forward_no_bias, x, weight)(x, alpha, weight)
-        return _compiled(_forward_with_bias, x, weight)(x, alpha, weight, bias)
+        return _compiled_forward(x, alpha, weight, bias)
     return CompiledDyTFunction.apply(x, alpha, weight, bias, reduce_dims)
