@@ -144,12 +144,7 @@ def plot_rmsnorm_s_curves(run: dict, path: Path) -> None:
     plot_s_curves(recorder.records, path, title="RMSNorm model: norm input vs output (validation text)")
 
 
-def validation_titles(args) -> list[str]:
-    config = load_config(LlamaConfig, args.config, args.overrides)
-    return list(load_documents(config.data)["validation"]["title"])
-
-
-def write_report(args, runs: list[dict]) -> Path:
+def write_report(args, runs: list[dict], held_out: list[str]) -> Path:
     out = args.out
     summaries = {id(r): summarize(r) for r in runs}
     lines = [
@@ -157,7 +152,7 @@ def write_report(args, runs: list[dict]) -> Path:
         "",
         f"Config `{args.config}` with {args.nproc} rank(s) under `{args.launcher}`; seeds "
         f"{sorted({r['seed'] for r in runs})}. Validation: whole documents held out of training: "
-        f"{', '.join(validation_titles(args))}.",
+        f"{', '.join(held_out)}.",
         "",
         "| norm | final train loss | validation loss | validation perplexity | tokens/s | peak RSS per rank (MB) | wall time (s) |",
         "|---|---|---|---|---|---|---|",
@@ -202,11 +197,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     config = load_config(LlamaConfig, args.config, args.overrides)  # config errors before any launch
     build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)  # and data errors; warms the cache
+    held_out = list(load_documents(config.data)["validation"]["title"])
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [run_one(args, norm, seed) for seed in args.seeds for norm in args.norms]
-    report = write_report(args, runs)
+    report = write_report(args, runs, held_out)
     print(f"\nreport: {report}")
     return report
 
