@@ -2,6 +2,7 @@
 engine set-up for the deepspeed launcher / torchrun / plain python, resumable data order, atomic
 checkpoints, JSONL + TensorBoard metrics, progress bar. See docs/architecture.md."""
 
+from .checkpoint import trained_weights
 from .cli import parse_args, run_recipe
 from .config import ConfigError, TrainConfig, dump_yaml, from_dict, load_config, to_dict
 from .distributed import DistInfo, init_distributed
@@ -25,5 +26,6 @@ __all__ = [
     "read_metrics",
     "run_recipe",
     "to_dict",
+    "trained_weights",
     "warmup_cosine",
 ]

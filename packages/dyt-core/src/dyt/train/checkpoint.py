@@ -89,3 +89,17 @@ def load(engine, directory: Path, dist: DistInfo) -> dict[str, Any]:
     if meta["world_size"] == dist.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}
+
+
+def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run's newest complete checkpoint, whole on one process (for evals and
+    analysis). ZeRO-sharded checkpoints are gathered with DeepSpeed's own fp32 consolidation."""
+    done = complete_checkpoints(Path(run_dir) / "checkpoints")
+    if not done:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
+    newest = done[-1]
+    if any(newest.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
+    return torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

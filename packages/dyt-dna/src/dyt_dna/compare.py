@@ -1,0 +1,156 @@
+"""Pretrain HyenaDNA (LayerNorm vs DyT) and Caduceus (RMSNorm vs DyT) on the same data with the
+same seed, fine-tune every checkpoint on DNA classification tasks over several seeds, and write
+``report.md`` (tables in mean ± std, loss curves, DyT alpha per layer).
+
+    dyt-dna-compare --out runs/dna-compare --nproc 2
+
+Finished pretraining runs resume and finished evals are reused, so a killed comparison continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from dyt.train import load_config
+from dyt.train.compare import (
+    LAUNCHERS,
+    Run,
+    mean_std,
+    median_throughput,
+    plot_alphas,
+    plot_losses,
+    run_training,
+)
+from dyt.train.finetune import FinetuneConfig
+
+from .data import ClassificationData, load_task, pretraining_datasets
+from .eval import evaluate
+from .task import DnaConfig
+
+CONFIGS = [Path("recipes/dna/hyena-tiny.yaml"), Path("recipes/dna/caduceus-tiny.yaml")]
+NAMES = {"hyena": "HyenaDNA", "caduceus": "Caduceus"}
+
+
+def _evaluate_cached(run: Run, task: ClassificationData, cfg: FinetuneConfig, settings: dict) -> list[dict]:
+    """Per-seed eval results of ``run`` on ``task``, reused when the same settings ran before."""
+    path = run.dir / f"eval-{task.name}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings:
+            return saved["results"]
+    results = [asdict(r) for r in evaluate(run.dir, task, cfg)]
+    path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    return results
+
+
+def pretraining_row(run: Run) -> str:
+    rows = run.metrics
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    last_eval = [r for r in rows if "eval/loss" in r][-1]
+    rss = " / ".join(f"{v:.0f}" for k, v in sorted(rows[-1].items()) if k.startswith("peak_rss_mb/"))
+    return (f"| {statistics.mean(train[-3:]):.4f} | {last_eval['eval/loss']:.4f} | {last_eval['eval/perplexity']:.3f} "
+            f"| {median_throughput(rows):.0f} | {rss} | {run.wall_s:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", type=Path, nargs="+", default=CONFIGS)
+    parser.add_argument("--out", type=Path, default=Path("runs/dna-compare"))
+    parser.add_argument("--tasks", nargs="+", default=["species"],
+                        help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--eval-window", type=int, default=128, help="built-in tasks: bases per example")
+    parser.add_argument("--per-class", type=int, default=100, help="built-in tasks: training examples per class")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--max-steps", type=int, default=40, help="fine-tuning steps per seed (0: epochs decide)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
+    args = parser.parse_args(argv)
+
+    configs = [load_config(DnaConfig, path, args.overrides) for path in args.configs]  # errors before launching
+    for config in configs:
+        pretraining_datasets(config.data, config.model.max_len)  # data errors early; warms the cache
+    tasks = [load_task(spec, args.eval_window, args.per_class) for spec in args.tasks]
+    for task, config in ((t, c) for t in tasks for c in configs):
+        task.check_length(config.model.max_len, truncate=False)
+    finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
+                                  max_steps=args.max_steps, eval_every=max(1, args.max_steps // 4), seeds=args.seeds)
+    settings = {"finetune": asdict(finetune_cfg), "window": args.eval_window, "per_class": args.per_class}
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    runs: list[tuple[DnaConfig, Path, Run]] = []
+    evals: dict[tuple[int, str], list[dict]] = {}
+    for config, path in zip(configs, args.configs):
+        arch = config.model.arch
+        for norm in dict.fromkeys([config.model.norm.kind, "dyt"]):
+            run = run_training("dyt_dna.train", path, args.out / f"{arch}-{norm}",
+                               [*args.overrides, f"model.norm.kind={norm}"], label=f"{NAMES[arch]} {norm}",
+                               seed=args.pretrain_seed, launcher=args.launcher, nproc=args.nproc)
+            runs.append((config, path, run))
+            for task in tasks:
+                print(f"== fine-tune {run.label} on {task.name}, seeds {args.seeds}", flush=True)
+                evals[(id(run), task.name)] = _evaluate_cached(run, task, finetune_cfg, settings)
+    report = write_report(args, runs, tasks, evals)
+    print(f"\nreport: {report}")
+    return report
+
+
+def write_report(args, runs, tasks: list[ClassificationData], evals) -> Path:
+    out = args.out
+    lines = [
+        "# DNA: HyenaDNA and Caduceus, published norm vs DyT",
+        "",
+        f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed {args.pretrain_seed}, configs "
+        f"{', '.join(f'`{p}`' for p in args.configs)}. Validation loss: held-out strains (never trained on).",
+        "",
+        "| model | norm | final train loss | validation loss | validation perplexity | bases/s | peak RSS per rank (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {NAMES[c.model.arch]} | {run.label.split()[-1]} {pretraining_row(run)}" for c, _, run in runs]
+    lines += [
+        "",
+        f"Fine-tuning from each checkpoint (full model, pooled linear head, early stopping on validation MCC), "
+        f"seeds {args.seeds}: test-split mean ± std.",
+        "",
+        "| model | norm | task | accuracy | MCC | F1 (macro) |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for config, _, run in runs:
+        for task in tasks:
+            results = evals[(id(run), task.name)]
+            metric = {m: [r["test"][m] for r in results] for m in ("accuracy", "mcc", "f1")}
+            lines.append(f"| {NAMES[config.model.arch]} | {run.label.split()[-1]} | {task.name} | "
+                         f"{mean_std(metric['accuracy'])} | {mean_std(metric['mcc'])} | {mean_std(metric['f1'])} |")
+            summary.append({"model": config.model.arch, "norm": run.label.split()[-1], "task": task.name,
+                            "seeds": args.seeds, **metric})
+    lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "
+                     f"{len(t.validation)} / {len(t.test)} train / validation / test examples. {t.note}" for t in tasks]
+    lines.append("")
+    for arch in dict.fromkeys(c.model.arch for c, _, _ in runs):
+        mine = [run for c, _, run in runs if c.model.arch == arch]
+        plot_losses(mine, out / f"{arch}_loss_curves.png", "cross-entropy (nats/base)")
+        lines += [f"![{NAMES[arch]} loss curves]({arch}_loss_curves.png)", ""]
+        for run in mine:
+            if plot_alphas(run, out / f"{arch}_dyt_alpha.png"):
+                lines += [f"![{NAMES[arch]} DyT alpha]({arch}_dyt_alpha.png)", ""]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    main()

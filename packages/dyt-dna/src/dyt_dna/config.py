@@ -1,0 +1,72 @@
+"""Model settings shared by HyenaDNA and Caduceus: ``model.arch`` picks the architecture and
+``model.norm`` the norm (through dyt-core's one factory)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dyt import NormConfig
+
+ARCHS = ("hyena", "caduceus")
+
+
+class EmbeddingScale(nn.Module):
+    def __init__(self, init: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([init]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@dataclass
+class HyenaOptions:
+    ffn_mult: int = 4
+    filter_order: int = 64
+    """Width of the implicit filter MLP."""
+    filter_features: int = 5
+    """Positional features fed to the filter MLP: t plus (filter_features - 1) / 2 cosine/sine pairs."""
+    short_kernel: int = 3
+    dropout: float = 0.0
+
+
+@dataclass
+class CaduceusOptions:
+    state: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    rcps: bool = True
+    """Reverse-complement parameter sharing (Caduceus-PS); off: plain BiMamba (Caduceus-Ph)."""
+
+
+@dataclass
+class DnaModelConfig:
+    arch: str = "hyena"
+    """hyena | caduceus"""
+    dim: int = 256
+    """Hidden channels (Caduceus with RCPS: two halves of dim / 2)."""
+    layers: int = 4
+    max_len: int = 1024
+    """Longest input in bases."""
+    norm: NormConfig = field(default_factory=NormConfig)
+    embedding_scale: bool | None = None
+    """A learnable scalar after the embedding, initialised to sqrt(dim), as the paper's LLaMA DyT;
+    None: on exactly when the norm is DyT (with 0.02-std embeddings DyT otherwise sees inputs so
+    small that its features ignore the sequence; see docs/dna.md)."""
+    hyena: HyenaOptions = field(default_factory=HyenaOptions)
+    caduceus: CaduceusOptions = field(default_factory=CaduceusOptions)
+
+    def embedding_scaler(self) -> nn.Module:
+        """sqrt(dim) * x with a learnable scale when wanted, else the identity."""
+        wanted = self.embedding_scale if self.embedding_scale is not None else self.norm.kind == "dyt"
+        return EmbeddingScale(math.sqrt(self.dim)) if wanted else nn.Identity()
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown model.arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch == "caduceus" and self.caduceus.rcps and self.dim % 2:
+            raise ValueError(f"Caduceus with RCPS needs an even model.dim (two halves); got {self.dim}")

@@ -1,0 +1,363 @@
+"""DNA data: pretraining windows from FASTA files and classification tasks (GenomicBenchmarks
+folders, ``sequence,label`` CSVs, and two built-in tasks on real genomes), all held as HF
+``datasets`` and cached on disk.
+
+Built-in splits never cut one genome into train and test: the held-out strain of each species
+(see :mod:`dyt_dna.genomes`) gives validation (first half) and test (second half) data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from .fasta import FastaError, read_fasta
+from .genomes import HELD_OUT, Genome, builtin_genomes, cache_root, species_names
+from .tokenizer import MASK, SPECIALS, encode, reverse_complement
+
+
+class DnaDataError(ValueError):
+    """Input data that cannot be used; the message names the file or folder."""
+
+
+@dataclass
+class DnaDataConfig:
+    fasta: list[str] = field(default_factory=list)
+    """Pretraining FASTA files (.fa/.fasta, optionally .gz). Empty: the built-in training strains."""
+    validation_fasta: list[str] = field(default_factory=list)
+    """Whole held-out FASTA files for validation (needed with ``fasta``). Empty with no ``fasta``:
+    the first half of the built-in held-out strains."""
+    window: int = 1024
+    """Bases per pretraining sequence (at most model.max_len)."""
+    stride: int = 0
+    """Start-to-start distance of windows; 0: ``window`` (no overlap)."""
+    max_windows: int = 0
+    """Evenly spaced subset of this many windows per split (0: all)."""
+    max_n_fraction: float = 0.5
+    """Windows with more N than this are skipped (assembly gaps)."""
+    rc_augment: bool = False
+    """Reverse-complement each training sequence with probability 1/2."""
+    mask_prob: float = 0.15
+    """Masked-LM (Caduceus): fraction of bases predicted; of those 80% [MASK], 10% random, 10% kept."""
+    cache_dir: str = ""
+    """Where windows are cached (empty: $DYT_CACHE/dna)."""
+
+
+def _cache_dir(cfg_dir: str) -> Path:
+    return Path(cfg_dir) if cfg_dir else cache_root() / "dna"
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_key(path: Path) -> tuple[str, int, float]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime
+
+
+@dataclass(frozen=True)
+class Region:
+    """A part of one FASTA file: ``fraction`` (lo, hi) of each record."""
+
+    path: Path
+    lo: float = 0.0
+    hi: float = 1.0
+
+
+def _windows(regions: list[Region], window: int, stride: int, max_n: float) -> Iterator[dict]:
+    for region in regions:
+        for record in read_fasta(region.path):
+            seq = record.sequence
+            first, last = int(len(seq) * region.lo), int(len(seq) * region.hi)
+            for start in range(first, last - window + 1, stride):
+                piece = seq[start : start + window]
+                if piece.count("N") <= max_n * window:
+                    yield {"sequence": piece, "source": f"{region.path.name}:{record.name}", "start": start}
+
+
+def window_dataset(regions: list[Region], window: int, stride: int, max_windows: int, cfg: DnaDataConfig,
+                   ) -> datasets.Dataset:
+    """Windows of ``regions``, cached on disk keyed by the files, window and stride."""
+    for region in regions:
+        if not region.path.is_file():
+            raise DnaDataError(f"{region.path}: no such FASTA file")
+    key = _fingerprint([(_file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction)
+    target = _cache_dir(cfg.cache_dir) / "windows" / key
+    if (target / "dataset_info.json").is_file():
+        rows = datasets.load_from_disk(str(target))
+    else:
+        try:
+            rows = datasets.Dataset.from_generator(
+                _windows, gen_kwargs={"regions": regions, "window": window, "stride": stride, "max_n": cfg.max_n_fraction},
+                cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
+            )
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise (cause if isinstance(cause, (FastaError, ValueError)) else DnaDataError(str(cause))) from None
+        rows.save_to_disk(str(target))
+    if len(rows) == 0:
+        names = ", ".join(r.path.name for r in regions)
+        raise DnaDataError(f"no window of {window} bases fits in {names}: use shorter windows or longer records")
+    if max_windows and len(rows) > max_windows:
+        rows = rows.select(np.linspace(0, len(rows) - 1, max_windows).round().astype(int).tolist())
+    return rows
+
+
+def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]:
+    """(training, validation) regions: the user's files, or the built-in strains."""
+    if cfg.fasta:
+        if not cfg.validation_fasta:
+            raise DnaDataError(
+                "data.validation_fasta is empty: give whole held-out FASTA files (validation is split by "
+                "genome, never by window)"
+            )
+        return [Region(Path(p)) for p in cfg.fasta], [Region(Path(p)) for p in cfg.validation_fasta]
+    genomes = builtin_genomes()
+    return ([Region(g.path) for g in genomes if not g.held_out],
+            [Region(g.path, 0.0, 0.5) for g in genomes if g.held_out])
+
+
+def pretraining_datasets(cfg: DnaDataConfig, max_len: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if cfg.window > max_len:
+        raise DnaDataError(f"data.window ({cfg.window}) is longer than the model's context (model.max_len {max_len})")
+    train, validation = pretraining_regions(cfg)
+    stride = cfg.stride or cfg.window
+    return (window_dataset(train, cfg.window, stride, cfg.max_windows, cfg),
+            window_dataset(validation, cfg.window, cfg.window, cfg.max_windows, cfg))
+
+
+def tokens(sequences: list[str], where: str = "sequence") -> torch.Tensor:
+    """(batch, length) token ids; sequences of unequal length are right-padded."""
+    ids = [encode(s, where) for s in sequences]
+    return torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
+
+
+def maybe_reverse_complement(batch: torch.Tensor) -> torch.Tensor:
+    flip = torch.rand(batch.shape[0]) < 0.5
+    batch = batch.clone()
+    batch[flip] = reverse_complement(batch[flip])
+    return batch
+
+
+def mask_for_mlm(batch: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for masked-LM: targets are -100 except at the chosen positions."""
+    chosen = torch.rand(batch.shape) < prob
+    targets = torch.where(chosen, batch, torch.full_like(batch, -100))
+    roll = torch.rand(batch.shape)
+    inputs = batch.clone()
+    inputs[chosen & (roll < 0.8)] = MASK
+    random_base = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[random_base] = torch.randint(len(SPECIALS), len(SPECIALS) + 4, (int(random_base.sum()),))
+    return inputs, targets
+
+
+# ---------------------------------------------------------------- classification tasks
+
+
+@dataclass
+class ClassificationData:
+    name: str
+    classes: list[str]
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset
+    note: str = ""
+
+    def check_length(self, max_len: int, truncate: bool) -> ClassificationData:
+        """Error on sequences longer than the model's context, or cut them when ``truncate``."""
+        longest = max(max(len(s) for s in split["sequence"]) for split in (self.train, self.validation, self.test))
+        if longest <= max_len:
+            return self
+        if not truncate:
+            raise DnaDataError(
+                f"task {self.name}: sequences up to {longest} bases, longer than the model's context ({max_len}); "
+                "pass --truncate to keep the first bases of each"
+            )
+        cut = lambda row: {"sequence": row["sequence"][:max_len]}  # noqa: E731
+        return ClassificationData(self.name, self.classes, self.train.map(cut), self.validation.map(cut),
+                                  self.test.map(cut), self.note + f" Sequences cut to {max_len} bases.")
+
+
+def _read_sequence_file(path: Path) -> str:
+    try:
+        text = "".join(line.strip() for line in path.read_text(encoding="ascii").splitlines() if not line.startswith(">"))
+    except UnicodeDecodeError:
+        raise DnaDataError(f"{path}: not an ASCII sequence file") from None
+    if not text:
+        raise DnaDataError(f"{path}: empty sequence")
+    encode(text.upper(), where=str(path))
+    return text.upper()
+
+
+def genomic_benchmarks(folder: Path, seed: int = 0, validation_fraction: float = 0.1) -> ClassificationData:
+    """``<task>/{train,test}/<class>/*.txt``, one sequence per file; validation: a seeded
+    ``validation_fraction`` of the training files (the benchmark ships no validation split)."""
+    splits = {}
+    for split in ("train", "test"):
+        root = folder / split
+        if not root.is_dir():
+            raise DnaDataError(f"{folder}: no {split}/ folder (expected <task>/{{train,test}}/<class>/*.txt)")
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        if not class_dirs:
+            raise DnaDataError(f"{root}: no class folders")
+        rows = {"sequence": [], "label": []}
+        for label, class_dir in enumerate(class_dirs):
+            files = sorted(class_dir.glob("*.txt"))
+            if not files:
+                raise DnaDataError(f"{class_dir}: label folder with no .txt files")
+            rows["sequence"] += [_read_sequence_file(f) for f in files]
+            rows["label"] += [label] * len(files)
+        splits[split] = (rows, [p.name for p in class_dirs])
+    classes = splits["train"][1]
+    if splits["test"][1] != classes:
+        raise DnaDataError(f"{folder}: train classes {classes} differ from test classes {splits['test'][1]}")
+    pieces = datasets.Dataset.from_dict(splits["train"][0]).train_test_split(
+        test_size=validation_fraction, seed=seed, stratify_by_column=None)
+    return ClassificationData(folder.name, classes, pieces["train"], pieces["test"],
+                              datasets.Dataset.from_dict(splits["test"][0]),
+                              f"GenomicBenchmarks layout; validation = {validation_fraction:.0%} of training files.")
+
+
+def csv_task(folder: Path) -> ClassificationData:
+    """``train.csv``, ``dev.csv`` (or ``validation.csv``) and ``test.csv`` with ``sequence,label``."""
+    files = {"train": folder / "train.csv", "test": folder / "test.csv"}
+    files["validation"] = next((folder / n for n in ("dev.csv", "validation.csv") if (folder / n).is_file()),
+                               folder / "dev.csv")
+    for split, path in files.items():
+        if not path.is_file():
+            raise DnaDataError(f"{folder}: no {path.name} ({split} split with sequence,label columns)")
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            header = [name.strip() for name in handle.readline().split(",")]
+        missing = {"sequence", "label"} - set(header)
+        if missing:
+            raise DnaDataError(f"{path}: missing column(s) {sorted(missing)}; found {header}")
+    loaded = datasets.load_dataset("csv", data_files={k: str(v) for k, v in files.items()})
+    for split, rows in loaded.items():
+        for i, seq in enumerate(rows["sequence"]):
+            if not seq:
+                raise DnaDataError(f"{files[split]}: row {i + 2} has an empty sequence")
+            encode(seq, where=f"{files[split]} row {i + 2}")
+    names = sorted({str(v) for split in loaded.values() for v in split["label"]})
+    index = {n: i for i, n in enumerate(names)}
+    relabeled = loaded.map(lambda row: {"sequence": row["sequence"].upper(), "class_id": index[str(row["label"])]})
+    relabeled = relabeled.remove_columns("label").rename_column("class_id", "label")
+    return ClassificationData(folder.name, names, *(relabeled[s] for s in ("train", "validation", "test")),
+                              note="CSV layout (train / dev / test).")
+
+
+def _evenly(items: list, count: int) -> list:
+    if len(items) <= count:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
+def _region_windows(genome: Genome, lo: float, hi: float, window: int, count: int) -> list[str]:
+    seq = read_fasta(genome.path)[0].sequence
+    first, last = int(len(seq) * lo), int(len(seq) * hi) - window
+    starts = np.linspace(first, last, count).round().astype(int)
+    return [seq[s : s + window] for s in starts]
+
+
+def species_task(window: int, per_species: int) -> ClassificationData:
+    """Which of the 4 species a window comes from. Train: the training strains (``per_species``
+    windows per species, spread over its strains); validation / test: the held-out strain's halves."""
+    classes = species_names()
+    genomes = builtin_genomes()
+    splits = {s: {"sequence": [], "label": []} for s in ("train", "validation", "test")}
+    for label, species in enumerate(classes):
+        strains = [g for g in genomes if g.species == species and not g.held_out]
+        for i, genome in enumerate(strains):
+            share = per_species // len(strains) + (i < per_species % len(strains))
+            splits["train"]["sequence"] += _region_windows(genome, 0, 1, window, share)
+        held = next(g for g in genomes if g.species == species and g.held_out)
+        for split, (lo, hi) in (("validation", (0, 0.5)), ("test", (0.5, 1))):
+            splits[split]["sequence"] += _region_windows(held, lo, hi, window, max(1, per_species // 4))
+        for split in splits:
+            splits[split]["label"] += [label] * (len(splits[split]["sequence"]) - len(splits[split]["label"]))
+    held = ", ".join(f"{s} {g}" for s, g in sorted(HELD_OUT.items()))
+    return ClassificationData("species", classes, *(datasets.Dataset.from_dict(splits[s]) for s in splits),
+                              note=f"Train on training strains; validation/test = first/second half of {held}.")
+
+
+def _gene_spans(genome: Genome) -> list[tuple[int, int]]:
+    """Coding spans (0-based, end exclusive) from pyrodigal, cached per genome."""
+    cache = _cache_dir("") / "genes" / f"{_fingerprint(_file_key(genome.path))}.json"
+    if cache.is_file():
+        return [tuple(s) for s in json.loads(cache.read_text())]
+    import pyrodigal
+
+    sequence = "".join(r.sequence for r in read_fasta(genome.path)[:1]).encode()
+    finder = pyrodigal.GeneFinder()
+    finder.train(sequence)
+    spans = [(gene.begin - 1, gene.end) for gene in finder.find_genes(sequence)]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(spans))
+    return spans
+
+
+def _coding_windows(genome: Genome, lo: float, hi: float, window: int, per_class: int) -> tuple[list[str], list[str]]:
+    """(coding, non-coding) windows: wholly inside one called gene, or touching none."""
+    seq = read_fasta(genome.path)[0].sequence
+    covered = np.zeros(len(seq) + 1, dtype=np.int32)
+    inside = np.zeros(len(seq), dtype=bool)
+    for begin, end in _gene_spans(genome):
+        covered[begin] += 1
+        covered[end] -= 1
+        if end - begin >= window:
+            inside[begin : end - window + 1] = True  # windows starting here stay in this gene
+    depth = np.cumsum(covered)[:-1] > 0
+    touched = np.concatenate([[0], np.cumsum(depth)])  # coding bases before each position
+    first, last = int(len(seq) * lo), int(len(seq) * hi) - window
+    starts = np.arange(first, last + 1, max(1, window // 4))
+    coding = [s for s in starts if inside[s]]
+    noncoding = [s for s in starts if touched[s + window] - touched[s] == 0]
+    pick = lambda ss: [seq[s : s + window] for s in _evenly(ss, per_class)]  # noqa: E731
+    return pick(coding), pick(noncoding)
+
+
+def coding_task(window: int, per_class: int) -> ClassificationData:
+    """Coding vs non-coding windows (pyrodigal gene calls), classes balanced, split by genome:
+    train on the training strains, validation / test on the halves of the held-out strains."""
+    genomes = builtin_genomes()
+    train = [g for g in genomes if not g.held_out]
+    held = [g for g in genomes if g.held_out]
+    parts = {"train": [(g, 0, 1, per_class // len(train)) for g in train],
+             "validation": [(g, 0, 0.5, per_class // 4 // len(held)) for g in held],
+             "test": [(g, 0.5, 1, per_class // 4 // len(held)) for g in held]}
+    splits = {}
+    for split, jobs in parts.items():
+        rows = {"sequence": [], "label": []}
+        for genome, lo, hi, count in jobs:
+            coding, noncoding = _coding_windows(genome, lo, hi, window, max(1, count))
+            count = min(len(coding), len(noncoding))  # balanced per genome
+            rows["sequence"] += noncoding[:count] + coding[:count]
+            rows["label"] += [0] * count + [1] * count
+        splits[split] = datasets.Dataset.from_dict(rows)
+    return ClassificationData("coding", ["non-coding", "coding"], splits["train"], splits["validation"], splits["test"],
+                              note="Labels from pyrodigal gene calls; split by genome (held-out strains for validation/test).")
+
+
+BUILTIN_TASKS = ("species", "coding")
+
+
+def load_task(spec: str, window: int, per_class: int) -> ClassificationData:
+    """A built-in task name, a GenomicBenchmarks task folder, or a folder of CSVs."""
+    if spec == "species":
+        return species_task(window, per_class)
+    if spec == "coding":
+        return coding_task(window, per_class)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise DnaDataError(f"task {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a folder")
+    if (folder / "train.csv").is_file():
+        return csv_task(folder)
+    return genomic_benchmarks(folder)
+

@@ -1,0 +1,96 @@
+"""DNA classification from a pretrained checkpoint: a pooled linear head on the backbone, full
+fine-tuning, early stopping on validation MCC, several seeds; accuracy, MCC and F1 on the test split.
+
+    python -m dyt_dna.eval --run runs/dna/hyena-tiny --task species --seeds 0 1 2
+    python -m dyt_dna.eval --run RUN --task path/to/genomic_benchmarks/human_nontata_promoters
+
+``--task``: a built-in task (species, coding), a GenomicBenchmarks task folder
+(``{train,test}/<class>/*.txt``) or a folder with train.csv / dev.csv / test.csv (sequence,label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dyt.train import load_config, trained_weights
+from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune
+
+from .data import ClassificationData, load_task, tokens
+from .task import DnaConfig, build_model
+
+
+class SequenceClassifier(nn.Module):
+    """Backbone features, pooled over positions (reverse-complement invariant for Caduceus-PS), then a linear head."""
+
+    def __init__(self, backbone: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, classes)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.pool(self.backbone.features(batch), batch))
+
+
+def load_backbone(run_dir: Path) -> tuple[DnaConfig, dict[str, torch.Tensor]]:
+    config = load_config(DnaConfig, run_dir / "config.yaml")
+    return config, trained_weights(run_dir)
+
+
+def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig) -> list[FinetuneResult]:
+    """Fine-tune the run's pretrained model on ``task`` once per seed."""
+    config, weights = load_backbone(run_dir)
+
+    def make_model() -> SequenceClassifier:
+        backbone = build_model(config.model)
+        backbone.load_state_dict(weights)
+        return SequenceClassifier(backbone, len(task.classes))
+
+    def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
+
+    return [
+        finetune(make_model, task.train, task.validation, task.test, collate, len(task.classes), cfg, seed,
+                 desc=f"{config.model.arch}/{config.model.norm.kind} {task.name} seed {seed}")
+        for seed in cfg.seeds
+    ]
+
+
+def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
+    return {metric: [r.test[metric] for r in results] for metric in ("accuracy", "mcc", "f1")}
+
+
+def main(argv: list[str] | None = None) -> list[FinetuneResult]:
+    parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
+    parser.add_argument("--task", default="species")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=1000, help="built-in tasks: training windows per class")
+    parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
+    parser.add_argument("--out", type=Path, help="write the per-seed results here as JSON")
+    args = parser.parse_args(argv)
+    config, _ = load_backbone(args.run)
+    task = load_task(args.task, config.data.window, args.per_class).check_length(config.model.max_len, args.truncate)
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                         seeds=args.seeds)
+    results = evaluate(args.run, task, cfg)
+    for metric, values in summarize(results).items():
+        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+        print(f"{task.name} {metric}: {statistics.mean(values):.3f}{spread} over seeds {args.seeds}")
+    if args.out:
+        args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

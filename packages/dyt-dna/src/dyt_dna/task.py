@@ -1,0 +1,67 @@
+"""DNA pretraining for the shared harness: HyenaDNA (next base) or Caduceus (masked bases)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyt.train import TrainConfig
+
+from .caduceus import Caduceus
+from .config import DnaModelConfig
+from .data import DnaDataConfig, mask_for_mlm, maybe_reverse_complement, pretraining_datasets, tokens
+from .hyena import HyenaDNA
+
+
+@dataclass
+class DnaConfig:
+    """DNA pretraining (dyt-dna). model.arch picks HyenaDNA / Caduceus; model.norm the norm."""
+
+    model: DnaModelConfig = field(default_factory=DnaModelConfig)
+    data: DnaDataConfig = field(default_factory=DnaDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_model(cfg: DnaModelConfig) -> nn.Module:
+    return HyenaDNA(cfg) if cfg.arch == "hyena" else Caduceus(cfg)
+
+
+class DnaPretrainTask:
+    def __init__(self, config: DnaConfig):
+        self.config = config
+        # Every data error surfaces here, before any engine or training starts.
+        self.train_rows, self.validation_rows = pretraining_datasets(config.data, config.model.max_len)
+
+    def build_model(self) -> nn.Module:
+        model = build_model(self.config.model)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            params = sum(p.numel() for p in model.parameters())
+            print(f"{self.config.model.arch} {params / 1e6:.2f}M parameters, norm={self.config.model.norm.kind}, "
+                  f"{len(self.train_rows)} training windows of {self.config.data.window} bases", flush=True)
+        return model
+
+    def train_dataset(self):
+        return self.train_rows
+
+    def eval_dataset(self):
+        return self.validation_rows
+
+    def collate(self, rows: list[dict]) -> torch.Tensor:
+        batch = tokens([r["sequence"] for r in rows])
+        return maybe_reverse_complement(batch) if self.config.data.rc_augment else batch
+
+    def loss(self, model, batch):
+        if self.config.model.arch == "hyena":
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+        else:
+            inputs, targets = mask_for_mlm(batch, self.config.data.mask_prob)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return loss, {"units": float(batch.numel())}
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        return {"eval/perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,323 @@
+"""dyt-dna: tokenizer and FASTA, the pure scan, RC equivariance, causality, norm coverage, data
+formats and errors, a 2-rank run, fine-tuning. Real DNA: the genomes shipped in pyrodigal's tests."""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyt import DyT, NormConfig, iter_norms
+from dyt.train import read_metrics
+from dyt_dna.caduceus import RCPS, BiMamba, RCPSEmbedding, RCPSLMHead, rc_hidden
+from dyt_dna.config import CaduceusOptions, DnaModelConfig
+from dyt_dna.data import (
+    DnaDataConfig,
+    DnaDataError,
+    _coding_windows,
+    _gene_spans,
+    csv_task,
+    genomic_benchmarks,
+    mask_for_mlm,
+    pretraining_datasets,
+)
+from dyt_dna.fasta import FastaError, read_fasta
+from dyt_dna.genomes import Genome
+from dyt_dna.hyena import fft_long_conv
+from dyt_dna.scan import selective_scan, selective_scan_reference
+from dyt_dna.task import build_model
+from dyt_dna.tokenizer import COMPLEMENT, MASK, AlphabetError, decode, encode, reverse_complement
+
+ROOT = Path(__file__).resolve().parents[1]
+PYRODIGAL_DATA = Path(__import__("pyrodigal").__file__).parent / "tests" / "data"
+GENOME_A = PYRODIGAL_DATA / "KK037166.fna.gz"
+GENOME_B = PYRODIGAL_DATA / "GCF_001457455.1_NCTC11397_genomic_100kb.fna.gz"
+
+
+def _genome(path=GENOME_B) -> str:
+    return read_fasta(path)[0].sequence
+
+
+def _model(arch, norm="layernorm", rcps=True, dim=16, layers=2):
+    cfg = DnaModelConfig(arch=arch, dim=dim, layers=layers, max_len=128, norm=NormConfig(kind=norm),
+                         caduceus=CaduceusOptions(state=4, rcps=rcps))
+    return build_model(cfg).double()
+
+
+# ---------------------------------------------------------------- tokenizer and FASTA
+
+def test_tokenizer_round_trip_reverse_complement_and_ambiguity_codes():
+    seq = _genome()[:500]
+    assert decode(encode(seq)) == seq
+    assert decode(encode(seq.lower())) == seq
+    assert decode(reverse_complement(encode("AACGTN"))) == "NACGTT"
+    assert torch.equal(reverse_complement(reverse_complement(encode(seq))), encode(seq))
+    assert torch.equal(COMPLEMENT[COMPLEMENT], torch.arange(len(COMPLEMENT)))
+    assert decode(encode("ACRYG")) == "ACNNG"
+    with pytest.raises(AlphabetError, match=r"'X' at position 3"):
+        encode("ACGXT")
+
+
+def test_fasta_gzip_multi_record_lower_case_and_n_runs(tmp_path):
+    path = tmp_path / "two.fa.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(">one first record\nacgtNNNN\nACGT\n>two\nTTTT\n")
+    records = read_fasta(path)
+    assert [(r.name, r.sequence) for r in records] == [("one", "ACGTNNNNACGT"), ("two", "TTTT")]
+    (tmp_path / "empty.fa").write_text(">a\nACGT\n>b\n>c\nAC\n")
+    with pytest.raises(FastaError, match="record 'b' is empty"):
+        read_fasta(tmp_path / "empty.fa")
+    (tmp_path / "bad.fa").write_text(">a\nACGT\nAC1T\n")
+    with pytest.raises(AlphabetError, match=r"bad.fa record 'a'.*'1' at position 6"):
+        read_fasta(tmp_path / "bad.fa")
+    (tmp_path / "none.fa").write_text("ACGT\n")
+    with pytest.raises(FastaError, match="before the first '>'"):
+        read_fasta(tmp_path / "none.fa")
+    with pytest.raises(FastaError, match="no such FASTA file"):
+        read_fasta(tmp_path / "missing.fa")
+
+
+# ---------------------------------------------------------------- the scan
+
+@pytest.mark.parametrize("length", [1, 7, 37, 100])
+def test_parallel_scan_equals_step_by_step_reference(length):
+    torch.manual_seed(length)
+    b, d, n = 2, 6, 4
+    x = torch.randn(b, d, length, dtype=torch.float64, requires_grad=True)
+    dt = torch.nn.functional.softplus(torch.randn(b, d, length, dtype=torch.float64) - 2).requires_grad_()
+    A = -torch.arange(1, n + 1, dtype=torch.float64).repeat(d, 1)
+    B, C = (torch.randn(b, n, length, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    D = torch.randn(d, dtype=torch.float64)
+    inputs = (x, dt, B, C)
+    fast = selective_scan(x, dt, A, B, C, D)
+    slow = selective_scan_reference(x, dt, A, B, C, D)
+    torch.testing.assert_close(fast.double(), slow, rtol=1e-5, atol=1e-5)
+    grads_fast = torch.autograd.grad(fast.sum(), inputs)
+    grads_slow = torch.autograd.grad(slow.sum(), inputs)
+    for g_fast, g_slow in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(g_fast.double(), g_slow, rtol=1e-4, atol=1e-4)
+
+
+def test_scan_survives_very_fast_decay():
+    """exp(-S) inside a chunk would overflow in float32 here; the result must stay finite and right."""
+    x, B, C = torch.ones(1, 2, 40), torch.ones(1, 1, 40), torch.ones(1, 1, 40)
+    dt, A, D = torch.full((1, 2, 40), 8.0), torch.tensor([[-16.0], [-1.0]]), torch.zeros(2)
+    fast = selective_scan(x, dt, A, B, C, D)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, selective_scan_reference(x, dt, A, B, C, D), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- reverse-complement equivariance
+
+def _rc_tokens(batch):
+    return reverse_complement(batch)
+
+
+def _real_tokens(batch=2, length=50):
+    seq = _genome()
+    return torch.stack([encode(seq[i * 997 : i * 997 + length]) for i in range(batch)])
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "dyt"])
+def test_every_caduceus_component_commutes_with_reverse_complement(norm):
+    torch.manual_seed(0)
+    half, tokens = 8, _real_tokens()
+    hidden = torch.randn(2, 50, 2 * half, dtype=torch.float64)
+    embedding = RCPSEmbedding(7, half).double()
+    torch.testing.assert_close(embedding(_rc_tokens(tokens)), rc_hidden(embedding(tokens)))
+    mixer = RCPS(BiMamba(half, CaduceusOptions(state=4))).double()
+    torch.testing.assert_close(mixer(rc_hidden(hidden)), rc_hidden(mixer(hidden)))
+    from dyt import make_norm
+
+    norm_layer = RCPS(make_norm(norm, half)).double()
+    with torch.no_grad():
+        for p in norm_layer.parameters():
+            p.add_(torch.randn_like(p))  # break any symmetry of the default init
+    torch.testing.assert_close(norm_layer(rc_hidden(hidden)), rc_hidden(norm_layer(hidden)))
+    head = RCPSLMHead(embedding.embedding).double()
+    torch.testing.assert_close(head(rc_hidden(hidden)), head(hidden).flip(1)[..., COMPLEMENT])
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "dyt"])
+def test_whole_caduceus_is_rc_equivariant_and_its_pooling_invariant(norm):
+    torch.manual_seed(1)
+    model, tokens = _model("caduceus", norm), _real_tokens()
+    logits, logits_rc = model(tokens), model(_rc_tokens(tokens))
+    torch.testing.assert_close(logits_rc, logits.flip(1)[..., COMPLEMENT])
+    pooled = model.pool(model.features(tokens), tokens)
+    pooled_rc = model.pool(model.features(_rc_tokens(tokens)), _rc_tokens(tokens))
+    torch.testing.assert_close(pooled_rc, pooled)
+
+
+def test_caduceus_without_parameter_sharing_is_not_equivariant():
+    """The control that shows the equivariance tests can fail."""
+    torch.manual_seed(2)
+    model, tokens = _model("caduceus", "rmsnorm", rcps=False), _real_tokens()
+    logits, logits_rc = model(tokens), model(_rc_tokens(tokens))
+    assert (logits_rc - logits.flip(1)[..., COMPLEMENT]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- HyenaDNA
+
+def test_fft_long_conv_equals_direct_causal_convolution():
+    torch.manual_seed(0)
+    u, k, skip = torch.randn(2, 3, 33, dtype=torch.float64), torch.randn(3, 33, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    direct = torch.stack([
+        torch.stack([sum(k[c, j] * u[b, c, t - j] for j in range(t + 1)) for t in range(33)]) for b in range(2) for c in range(3)
+    ]).reshape(2, 3, 33) + u * skip[:, None]
+    torch.testing.assert_close(fft_long_conv(u, k, skip), direct)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "dyt"])
+def test_hyena_future_bases_cannot_change_past_outputs(norm):
+    torch.manual_seed(0)
+    model = _model("hyena", norm)
+    tokens = _real_tokens(1, 100)
+    changed = tokens.clone()
+    changed[0, 60:] = _rc_tokens(tokens)[0, 60:]
+    out, out_changed = model(tokens), model(changed)
+    torch.testing.assert_close(out[0, :60], out_changed[0, :60], rtol=0, atol=1e-9)
+    assert (out[0, 60:] - out_changed[0, 60:]).abs().max() > 1e-3
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        _model("hyena")(torch.full((1, 129), 2))
+
+
+# ---------------------------------------------------------------- the norm switch
+
+NORM_TYPES = {"layernorm": torch.nn.LayerNorm, "rmsnorm": torch.nn.RMSNorm, "dyt": DyT}
+
+
+@pytest.mark.parametrize("arch,expected", [("hyena", 2 * 3 + 1), ("caduceus", 3 + 1)])
+@pytest.mark.parametrize("norm", list(NORM_TYPES))
+def test_norm_switch_covers_every_norm_including_the_add_norm_path(arch, expected, norm):
+    model = _model(arch, norm, layers=3)
+    found = list(iter_norms(model))
+    assert len(found) == expected
+    assert all(type(module) is NORM_TYPES[norm] for _, module, _ in found), [type(m) for _, m, _ in found]
+    if norm == "dyt":
+        assert not [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+
+
+def test_dyt_models_scale_the_embedding():
+    assert _model("hyena", "dyt").embed_scale.scale.item() == pytest.approx(4.0)
+    assert isinstance(_model("caduceus", "rmsnorm").embed_scale, torch.nn.Identity)
+
+
+# ---------------------------------------------------------------- data
+
+def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path):
+    cfg = DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=64, max_windows=50,
+                        cache_dir=str(tmp_path))
+    train, validation = pretraining_datasets(cfg, 128)
+    assert len(train) == 50 and len(validation) == 50
+    assert all(len(s) == 64 for s in train["sequence"])
+    assert set(train["source"]).isdisjoint(validation["source"])
+    assert list((tmp_path / "windows").iterdir())
+    assert pretraining_datasets(cfg, 128)[0]["sequence"] == train["sequence"]
+    with pytest.raises(DnaDataError, match="validation_fasta is empty"):
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], window=64, cache_dir=str(tmp_path)), 128)
+    with pytest.raises(DnaDataError, match="longer than the model's context"):
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=256), 128)
+
+
+def test_masked_lm_targets_only_chosen_positions():
+    torch.manual_seed(0)
+    batch = _real_tokens(4, 100)
+    inputs, targets = mask_for_mlm(batch, 0.15)
+    chosen = targets != -100
+    assert 0.08 < chosen.float().mean() < 0.22
+    assert torch.equal(targets[chosen], batch[chosen])
+    assert torch.equal(inputs[~chosen], batch[~chosen])
+    assert (inputs[chosen] == MASK).float().mean() > 0.6
+
+
+def _write_benchmark(root: Path, seq: str, files_per_class: int = 6):
+    for split in ("train", "test"):
+        for label, offset in (("coding", 0), ("other", 50_000)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(files_per_class):
+                start = offset + (i + (100 if split == "test" else 0)) * 80
+                (folder / f"{i}.txt").write_text(seq[start : start + 60])
+
+
+def test_genomic_benchmarks_folder_and_its_errors(tmp_path):
+    _write_benchmark(tmp_path / "task", _genome())
+    task = genomic_benchmarks(tmp_path / "task")
+    assert task.classes == ["coding", "other"]
+    assert len(task.train) + len(task.validation) == 12 and len(task.test) == 12
+    assert task.check_length(128, truncate=False) is task
+    with pytest.raises(DnaDataError, match="longer than the model's context"):
+        task.check_length(32, truncate=False)
+    assert max(len(s) for s in task.check_length(32, truncate=True).test["sequence"]) == 32
+    empty = tmp_path / "task" / "train" / "third"
+    empty.mkdir()
+    with pytest.raises(DnaDataError, match="third: label folder with no .txt files"):
+        genomic_benchmarks(tmp_path / "task")
+    empty.rmdir()
+    (tmp_path / "task" / "test" / "other" / "0.txt").write_text("ACGT?")
+    with pytest.raises(AlphabetError, match=r"0.txt.*'\?'"):
+        genomic_benchmarks(tmp_path / "task")
+
+
+def test_csv_task_and_its_errors(tmp_path):
+    seq = _genome()
+    for split in ("train", "dev", "test"):
+        rows = [f"{seq[i * 70 : i * 70 + 60]},{'yes' if i % 2 else 'no'}" for i in range(8)]
+        (tmp_path / f"{split}.csv").write_text("sequence,label\n" + "\n".join(rows) + "\n")
+    task = csv_task(tmp_path)
+    assert task.classes == ["no", "yes"] and len(task.train) == 8 and set(task.test["label"]) == {0, 1}
+    (tmp_path / "dev.csv").write_text("seq,label\nACGT,no\n")
+    with pytest.raises(DnaDataError, match=r"dev.csv: missing column\(s\) \['sequence'\]"):
+        csv_task(tmp_path)
+
+
+def test_coding_windows_lie_inside_genes_and_non_coding_touch_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path))
+    genome = Genome("test", "NCTC11397", GENOME_B)
+    spans = _gene_spans(genome)
+    seq = _genome()
+    coding, noncoding = _coding_windows(genome, 0, 1, 100, 20)
+    assert len(coding) == 20 and len(noncoding) >= 5
+    covered = torch.zeros(len(seq), dtype=torch.bool)
+    for begin, end in spans:
+        covered[begin:end] = True
+    for window in noncoding:
+        start = seq.index(window)
+        assert not covered[start : start + 100].any()
+    for window in coding:
+        start = seq.index(window)
+        assert any(b <= start and start + 100 <= e for b, e in spans)
+
+
+# ---------------------------------------------------------------- training and fine-tuning
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_pretraining_then_fine_tuning(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DYT_CACHE": str(tmp_path / "cache")}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--module", "dyt_dna.train",
+           "--config", str(ROOT / "recipes/dna/caduceus-tiny.yaml"), "--set", "model.norm=dyt",
+           "--set", f"data.fasta=[{GENOME_A}]", "--set", f"data.validation_fasta=[{GENOME_B}]",
+           "--set", "data.window=64", "--set", "data.max_windows=64", "--set", "model.dim=16",
+           "--set", "train.steps=3", "--set", "train.micro_batch_size=4", "--set", "train.eval_every=3",
+           "--set", "train.log_every=1", "--set", "train.progress=false", "--set", f"train.out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["eval/loss"] > 0
+    assert "alpha/final_norm.module" in rows[-1]
+
+    from dyt_dna.eval import main as evaluate
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=16)
+    results = evaluate(["--run", str(tmp_path / "run"), "--task", str(tmp_path / "bench"), "--seeds", "0", "1",
+                        "--epochs", "2", "--batch-size", "8"])
+    assert len(results) == 2
+    assert all(0 <= r.test["accuracy"] <= 1 and len(r.confusion) == 2 for r in results)
