@@ -320,4 +320,4 @@ def test_two_rank_pretraining_then_fine_tuning(tmp_path):
     results = evaluate(["--run", str(tmp_path / "run"), "--task", str(tmp_path / "bench"), "--seeds", "0", "1",
                         "--epochs", "2", "--batch-size", "8"])
     assert len(results) == 2
-    assert all(0 <= r.test["accuracy"] <= 1 and len(r.confusion) == 2 for r in results)
+    assert all(0 <= r.test["test"]["accuracy"] <= 1 and len(r.confusion["test"]) == 2 for r in results)

@@ -131,7 +131,7 @@ def write_report(args, runs, tasks: list[ClassificationData], evals) -> Path:
     for config, _, run in runs:
         for task in tasks:
             results = evals[(id(run), task.name)]
-            metric = {m: [r["test"][m] for r in results] for m in ("accuracy", "mcc", "f1")}
+            metric = {m: [r["test"]["test"][m] for r in results] for m in ("accuracy", "mcc", "f1")}
             lines.append(f"| {NAMES[config.model.arch]} | {run.label.split()[-1]} | {task.name} | "
                          f"{mean_std(metric['accuracy'])} | {mean_std(metric['mcc'])} | {mean_std(metric['f1'])} |")
             summary.append({"model": config.model.arch, "norm": run.label.split()[-1], "task": task.name,

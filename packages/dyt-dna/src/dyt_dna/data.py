@@ -18,8 +18,10 @@ import datasets
 import numpy as np
 import torch
 
+from dyt.debian import cache_root
+
 from .fasta import FastaError, read_fasta
-from .genomes import HELD_OUT, Genome, builtin_genomes, cache_root, species_names
+from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
 from .tokenizer import MASK, SPECIALS, encode, reverse_complement
 
 

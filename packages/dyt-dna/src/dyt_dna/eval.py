@@ -56,14 +56,14 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig) -> li
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
 
     return [
-        finetune(make_model, task.train, task.validation, task.test, collate, len(task.classes), cfg, seed,
+        finetune(make_model, task.train, task.validation, {"test": task.test}, collate, len(task.classes), cfg, seed,
                  desc=f"{config.model.arch}/{config.model.norm.kind} {task.name} seed {seed}")
         for seed in cfg.seeds
     ]
 
 
 def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
-    return {metric: [r.test[metric] for r in results] for metric in ("accuracy", "mcc", "f1")}
+    return {metric: [r.test["test"][metric] for r in results] for metric in ("accuracy", "mcc", "f1")}
 
 
 def main(argv: list[str] | None = None) -> list[FinetuneResult]:

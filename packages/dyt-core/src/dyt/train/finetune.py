@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +60,10 @@ class FinetuneResult:
     seed: int
     best_step: int
     validation: dict[str, float]
-    test: dict[str, float]
-    confusion: list[list[int]]
+    test: dict[str, dict[str, float]]
+    """Metrics per test set."""
+    confusion: dict[str, list[list[int]]]
+    """(true, predicted) counts per test set."""
     curve: list[dict[str, float]]
 
 
@@ -83,7 +85,7 @@ def finetune(
     make_model: Callable[[], nn.Module],
     train: Dataset,
     validation: Dataset,
-    test: Dataset,
+    tests: Mapping[str, Dataset],
     collate: Callable[[list[Any]], tuple[Any, torch.Tensor]],
     classes: int,
     cfg: FinetuneConfig,
@@ -91,7 +93,7 @@ def finetune(
     desc: str = "fine-tune",
 ) -> FinetuneResult:
     """Train ``make_model()`` on ``train``; keep the weights with the best validation MCC; report
-    test metrics of those weights. Parameters with ``requires_grad=False`` stay frozen (a probe)."""
+    the metrics of those weights on each of ``tests``. Parameters with ``requires_grad=False`` stay frozen (a probe)."""
     from tqdm.auto import tqdm
 
     seed_everything(seed)
@@ -130,5 +132,7 @@ def finetune(
                 break
     bar.close()
     model.load_state_dict(best[3])
-    confusion, _ = _predict(model, DataLoader(test, batch_size=cfg.batch_size, collate_fn=collate), classes)
-    return FinetuneResult(seed, best[1], best[2], classification_metrics(confusion), confusion.tolist(), curve)
+    confusions = {name: _predict(model, DataLoader(test, batch_size=cfg.batch_size, collate_fn=collate), classes)[0]
+                  for name, test in tests.items()}
+    return FinetuneResult(seed, best[1], best[2], {n: classification_metrics(c) for n, c in confusions.items()},
+                          {n: c.tolist() for n, c in confusions.items()}, curve)

@@ -33,7 +33,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Task(Protocol):
     """What a recipe provides. ``loss`` returns the loss and extra scalars; an extra named
-    ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric. Optionally,
+    ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric, and every other
+    extra is averaged over the step and logged as ``train/<name>``. Optionally,
     ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity)."""
 
     def build_model(self) -> nn.Module: ...
@@ -239,7 +240,7 @@ class Trainer:
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
-                loss_sum, units = 0.0, 0.0
+                loss_sum, units, extra_sums = 0.0, 0.0, {}
                 for _ in range(cfg.grad_accum):
                     batch = _to_device(next(stream), dist.device)
                     micro_batches += 1
@@ -254,17 +255,23 @@ class Trainer:
                     engine.step()
                     loss_sum += loss.item()
                     units += float(extras.get("units", cfg.micro_batch_size))
+                    for name, value in extras.items():
+                        if name != "units":
+                            extra_sums[name] = extra_sums.get(name, 0.0) + float(value) / cfg.grad_accum
                 step += 1
                 elapsed = time.perf_counter() - started
-                stats = all_reduce(torch.tensor([loss_sum / cfg.grad_accum, units], dtype=torch.float64))
+                names = sorted(extra_sums)
+                stats = all_reduce(torch.tensor([loss_sum / cfg.grad_accum, units, *(extra_sums[n] for n in names)],
+                                                dtype=torch.float64))
                 train_loss = stats[0].item() / dist.world_size
                 throughput = stats[1].item() / elapsed
+                extra_means = {f"train/{n}": v.item() / dist.world_size for n, v in zip(names, stats[2:])}
                 lr = engine.get_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}")
                 row: dict[str, float] = {}
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput})
+                    row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, **extra_means})
                     row.update({f"alpha/{p}": m.alpha.item() for p, m in dyt_layers(engine.module)})
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     eval_loss = self._evaluate(engine, eval_set)

@@ -1,0 +1,45 @@
+"""Real data from Debian packages without installing them: ``apt-get download`` then ``dpkg-deb
+-x`` into a cache dir (no root needed), once, under a file lock. The recipes' built-in corpora
+(genomes, speech) come from here; nothing is fetched from model or data hubs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$DYT_CACHE`` or ``~/.cache/dyt``: every recipe's downloads and derived data."""
+    return Path(os.environ.get("DYT_CACHE", Path.home() / ".cache" / "dyt"))
+
+
+def unpack(packages: Sequence[str], name: str) -> Path:
+    """Unpack ``packages`` into ``$DYT_CACHE/debian/<name>`` (once) and return that root."""
+    from filelock import FileLock
+
+    target = cache_root() / "debian" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").is_file():
+            return target
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise RuntimeError(
+                f"the built-in data come from the Debian package(s) {', '.join(packages)}, and this machine has "
+                "no apt-get/dpkg-deb: point the recipe at your own data instead (see its docs)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"apt-get download {' '.join(packages)} failed: {done.stderr.strip()[-500:]}")
+            staging = Path(tmp) / "root"
+            for deb in sorted(Path(tmp).glob("*.deb")):
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(staging), target)
+        (target / ".complete").write_text("\n".join(packages))
+    return target

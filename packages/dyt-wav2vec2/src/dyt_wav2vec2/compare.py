@@ -1,0 +1,152 @@
+"""Pretrain the same wav2vec 2.0 config with LayerNorm and with DyT (same seed, same audio), run
+the downstream speech evals on both checkpoints over several seeds, and write ``report.md``
+(tables in mean ± std, confusion matrices, WER, loss curves, DyT alpha per layer).
+
+    dyt-wav2vec2-compare --out runs/wav2vec2-compare --nproc 2
+
+Finished pretraining runs resume and finished evals are reused, so a killed comparison continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from dyt.analysis import pyplot
+from dyt.train import load_config
+from dyt.train.compare import (
+    LAUNCHERS,
+    Run,
+    mean_std,
+    median_throughput,
+    plot_alphas,
+    plot_losses,
+    run_training,
+)
+
+from .eval import run_evals
+from .speech import KEYWORDS, build
+from .task import Wav2Vec2PretrainConfig, pretraining_audio
+
+NORMS = ("layernorm", "dyt")
+EVAL_NAMES = {"probe": "keywords, linear probe", "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
+
+
+def _evals_cached(run: Run, data: Path, evals: list[str], seeds: list[int], steps: int) -> dict:
+    path = run.dir / "evals.json"
+    settings = {"evals": evals, "seeds": seeds, "steps": steps}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings:
+            return saved["results"]
+    results = run_evals(run.dir, data, evals, seeds, steps)
+    path.write_text(json.dumps({"settings": settings, "results": results}))
+    return results
+
+
+def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(KEYWORDS)), KEYWORDS, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(KEYWORDS)), KEYWORDS, fontsize=5)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("spoken")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("recipes/wav2vec2/tiny.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("runs/wav2vec2-compare"))
+    parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["probe", "finetune", "ctc"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="downstream seeds")
+    parser.add_argument("--steps", type=int, default=150, help="downstream fine-tuning steps per seed")
+    parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
+    args = parser.parse_args(argv)
+
+    config = load_config(Wav2Vec2PretrainConfig, args.config, args.overrides)  # config errors before launching
+    data = build(per_split={"train": config.data.builtin_sentences, "validation": 200, "test": 200})
+    pretraining_audio(config.data, config.data.min_samples or 1)  # audio errors before launching
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs, evals = [], {}
+    for norm in NORMS:
+        run = run_training("dyt_wav2vec2.train", args.config, args.out / norm, [*args.overrides, f"model.norm.kind={norm}"],
+                           label=norm, seed=args.pretrain_seed, launcher=args.launcher, nproc=args.nproc)
+        runs.append(run)
+        print(f"== downstream evals of {norm}: {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
+        evals[norm] = _evals_cached(run, data, args.evals, args.seeds, args.steps)
+    report = write_report(args, runs, evals)
+    print(f"\nreport: {report}")
+    return report
+
+
+def write_report(args, runs: list[Run], evals: dict) -> Path:
+    out = args.out
+    lines = [
+        "# wav2vec 2.0: LayerNorm vs DyT",
+        "",
+        f"Config `{args.config}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed {args.pretrain_seed}. "
+        "Validation: synthetic sentences in voices never heard in training. Loss: fairseq2's contrastive + "
+        "0.1 x diversity + feature penalty per masked frame (nats).",
+        "",
+        "| norm | final train loss | validation loss | codebook perplexity | audio s / s | peak RSS per rank (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        rows = run.metrics
+        train = [r for r in rows if "train/loss" in r]
+        last_eval = [r for r in rows if "eval/loss" in r][-1]
+        rss = " / ".join(f"{v:.0f}" for k, v in sorted(rows[-1].items()) if k.startswith("peak_rss_mb/"))
+        lines.append(f"| {run.label} | {statistics.mean(r['train/loss'] for r in train[-3:]):.3f} | "
+                     f"{last_eval['eval/loss']:.3f} | {train[-1]['train/codebook_perplexity']:.1f} | "
+                     f"{median_throughput(rows):.1f} | {rss} | {run.wall_s:.0f} |")
+    lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std.", "",
+              "| norm | eval | unseen voices | real recordings |", "|---|---|---|---|"]
+    summary = {}
+    for norm, results in evals.items():
+        for name, rows in results.items():
+            if name == "ctc":
+                cells = {t: [r["wer"][t] for r in rows] for t in rows[0]["wer"]}
+                label = "CTC word error rate (lower is better)"
+            else:
+                cells = {t: [r["test"][t]["accuracy"] for r in rows] for t in rows[0]["test"]}
+                label = f"{EVAL_NAMES[name]}: accuracy ({len(KEYWORDS)} classes)"
+            summary[f"{norm}/{name}"] = cells
+            lines.append(f"| {norm} | {label} | {mean_std(cells['unseen voices'])} | {mean_std(cells['real recordings'])} |")
+    lines.append("")
+    plot_losses(runs, out / "loss_curves.png", "wav2vec 2.0 loss per masked frame")
+    lines += ["![pretraining loss curves](loss_curves.png)", ""]
+    for run in runs:
+        if plot_alphas(run, out / "dyt_alpha.png"):
+            lines += ["![DyT alpha per layer](dyt_alpha.png)", ""]
+    for norm, results in evals.items():
+        best = next((results[n] for n in ("finetune", "probe") if n in results), None)
+        if best:
+            plot_confusion(best[0]["confusion"]["real recordings"], out / f"confusion_{norm}.png",
+                           f"{norm}: keywords on real recordings (seed {best[0]['seed']})")
+            lines += [f"![{norm} confusion matrix](confusion_{norm}.png)", ""]
+        if "ctc" in results:
+            lines += [f"CTC examples ({norm}, seed {results['ctc'][0]['seed']}, real recordings): reference → hypothesis", ""]
+            lines += [f"- `{ref}` → `{hyp}`" for ref, hyp in results["ctc"][0]["examples"]["real recordings"]]
+            lines.append("")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Downstream speech evals of a pretrained wav2vec 2.0 checkpoint, each over several seeds:
+
+1. keyword classification (36 words: digits + NATO alphabet) — a linear probe on frozen, mean-pooled
+   encoder features, and a full fine-tune; accuracy on unseen synthetic voices and on the real
+   Asterisk recordings of the same words;
+2. CTC speech recognition (characters) fine-tuned on synthetic sentences; word error rate on unseen
+   voices saying unseen sentences, and on real recordings of those sentences.
+
+    python -m dyt_wav2vec2.eval --run runs/wav2vec2/tiny --evals probe finetune ctc --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchaudio
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from dyt.train import load_config, trained_weights
+from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune
+from dyt.train.trainer import seed_everything
+
+from .audio import Utterance, load_audio
+from .model import build_wav2vec2, encode
+from .speech import KEYWORDS, build, load_split
+from .task import Wav2Vec2PretrainConfig, crop_and_batch
+
+CHARACTERS = ["<blank>", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+KEYWORD_TESTS = {"unseen voices": "keywords-test", "real recordings": "real-keywords"}
+CTC_TESTS = {"unseen voices": "sentences-test", "real recordings": "real-sentences-test"}
+
+
+def load_pretrained(run_dir: Path):
+    config = load_config(Wav2Vec2PretrainConfig, run_dir / "config.yaml")
+    config.model.compile_quantizer = False  # the quantizer is not used downstream
+    weights = trained_weights(run_dir)
+
+    def make() -> nn.Module:
+        model = build_wav2vec2(config.model)
+        model.load_state_dict(weights)
+        return model
+
+    return config, make
+
+
+class LabeledAudio(Dataset):
+    def __init__(self, rows: list[Utterance], labels: list):
+        self.rows, self.labels = rows, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        return load_audio(self.rows[index].path), self.labels[index]
+
+
+def _collate_labels(items):
+    waves, labels = zip(*items)
+    return crop_and_batch(list(waves), crop=10**9), torch.tensor(labels)
+
+
+def _keyword_rows(data: Path, name: str) -> LabeledAudio:
+    rows = load_split(data, name)
+    return LabeledAudio(rows, [KEYWORDS.index(r.text) for r in rows])
+
+
+def pooled(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean of the encoder's output over each utterance's valid frames."""
+    features, frames = encode(model, *batch)
+    keep = (torch.arange(features.shape[1])[None, :] < frames[:, None]).unsqueeze(-1).to(features.dtype)
+    return (features * keep).sum(1) / keep.sum(1)
+
+
+class KeywordClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(dim, len(KEYWORDS))
+
+    def forward(self, batch):
+        return self.head(pooled(self.backbone, batch))
+
+
+def _frozen_features(make, dataset: LabeledAudio) -> TensorDataset:
+    model = make().eval()
+    chunks, labels = [], []
+    with torch.no_grad():
+        for batch, label in DataLoader(dataset, batch_size=32, collate_fn=_collate_labels):
+            chunks.append(pooled(model, batch))
+            labels.append(label)
+    return TensorDataset(torch.cat(chunks), torch.cat(labels))
+
+
+def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig) -> list[FinetuneResult]:
+    """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
+    config, make = load_pretrained(run_dir)
+    splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
+              **{name: _keyword_rows(data, manifest) for name, manifest in KEYWORD_TESTS.items()}}
+    if mode == "probe":
+        splits = {name: _frozen_features(make, rows) for name, rows in splits.items()}
+
+        def build_probe() -> nn.Module:
+            return nn.Linear(config.model.dim, len(KEYWORDS))
+
+        builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
+    else:
+        def build_classifier() -> nn.Module:
+            return KeywordClassifier(make(), config.model.dim)
+
+        builder, collate = build_classifier, _collate_labels
+    tests = {name: splits[name] for name in KEYWORD_TESTS}
+    return [finetune(builder, splits["train"], splits["validation"], tests, collate, len(KEYWORDS), cfg, seed,
+                     desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in cfg.seeds]
+
+
+# ---------------------------------------------------------------- CTC speech recognition
+
+def text_to_ids(text: str) -> torch.Tensor:
+    return torch.tensor([CHARACTERS.index(c) for c in text])
+
+
+def greedy_decode(log_probs: torch.Tensor, frames: torch.Tensor) -> list[str]:
+    """Best path: most likely character per frame, repeats merged, blanks dropped."""
+    texts = []
+    for row, length in zip(log_probs.argmax(-1), frames.tolist()):
+        ids = torch.unique_consecutive(row[:length])
+        texts.append("".join(CHARACTERS[i] for i in ids.tolist() if i != 0))
+    return [" ".join(t.split()) for t in texts]
+
+
+def word_error_rate(hypotheses: list[str], references: list[str]) -> float:
+    """Word edits (substitutions + insertions + deletions) over reference words, corpus-level."""
+    edits = sum(torchaudio.functional.edit_distance(r.split(), h.split()) for h, r in zip(hypotheses, references))
+    words = sum(len(r.split()) for r in references)
+    return edits / max(1, words)
+
+
+class CTCModel(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(dim, len(CHARACTERS))
+
+    def forward(self, waveforms, lengths):
+        features, frames = encode(self.backbone, waveforms, lengths)
+        return self.head(features).log_softmax(-1), frames
+
+
+@dataclass
+class CTCResult:
+    seed: int
+    wer: dict[str, float]
+    examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _transcribe(model: CTCModel, rows: list[Utterance]) -> list[str]:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(rows), 16):
+            waves, lengths = crop_and_batch([load_audio(r.path) for r in rows[i : i + 16]], crop=10**9)
+            out += greedy_decode(*model(waves, lengths))
+    model.train()
+    return out
+
+
+def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig) -> list[CTCResult]:
+    config, make = load_pretrained(run_dir)
+    train, validation = load_split(data, "sentences-train"), load_split(data, "sentences-validation")[:50]
+    tests = {name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}
+    results = []
+    for seed in cfg.seeds:
+        seed_everything(seed)
+        model = CTCModel(make(), config.model.dim)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        steps = cfg.max_steps or cfg.epochs * (len(train) // cfg.batch_size)
+        curve, best = [], (float("inf"), None)
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(1, steps + 1), desc=f"CTC ({config.model.norm.kind}) seed {seed}", leave=False):
+            picked = [train[order[(step * cfg.batch_size + k) % len(train)]] for k in range(cfg.batch_size)]
+            waves, lengths = crop_and_batch([load_audio(r.path) for r in picked], crop=10**9)
+            log_probs, frames = model(waves, lengths)
+            targets = [text_to_ids(r.text) for r in picked]
+            loss = nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), frames,
+                                          torch.tensor([len(t) for t in targets]), zero_infinity=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            if step % (cfg.eval_every or steps) == 0 or step == steps:
+                wer = word_error_rate(_transcribe(model, validation), [r.text for r in validation])
+                curve.append({"step": step, "train/ctc_loss": loss.item(), "validation/wer": wer})
+                if wer < best[0]:
+                    best = (wer, {k: v.clone() for k, v in model.state_dict().items()})
+        model.load_state_dict(best[1])
+        wers, examples = {}, {}
+        for name, rows in tests.items():
+            hypotheses = _transcribe(model, rows)
+            wers[name] = word_error_rate(hypotheses, [r.text for r in rows])
+            examples[name] = [(r.text, h) for r, h in zip(rows[:3], hypotheses[:3])]
+        results.append(CTCResult(seed, wers, examples, curve))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
+    parser.add_argument("--evals", nargs="+", choices=["probe", "finetune", "ctc"], default=["probe", "finetune", "ctc"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per seed")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    data = args.data or build()
+    results = run_evals(args.run, data, args.evals, args.seeds, args.steps)
+    for name, rows in results.items():
+        for test in rows[0]["test" if name != "ctc" else "wer"]:
+            values = [r["test"][test]["accuracy"] if name != "ctc" else r["wer"][test] for r in rows]
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            print(f"{name} {'accuracy' if name != 'ctc' else 'WER'} on {test}: {statistics.mean(values):.3f}{spread}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    results = {}
+    for name in evals:
+        if name == "ctc":
+            cfg = FinetuneConfig(lr=5e-4, batch_size=8, max_steps=steps, eval_every=max(1, steps // 4), seeds=seeds)
+            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg)]
+        else:
+            lr = 1e-2 if name == "probe" else 5e-4
+            cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),
+                                 patience=4, seeds=seeds)
+            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg)]
+    return results
+
+
+if __name__ == "__main__":
+    main()

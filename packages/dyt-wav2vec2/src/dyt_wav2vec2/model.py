@@ -1,0 +1,123 @@
+"""wav2vec 2.0 built from fairseq2's parts, with every LayerNorm chosen by ``model.norm``.
+
+The encoder's norms come through fairseq2's hook, ``Wav2Vec2EncoderFactory.create_layer_norm``,
+which here calls dyt-core's factory. The frontend's post-extraction LayerNorm and the feature
+extractor's per-conv LayerNorms are built by fairseq2 directly, so they are swapped after building
+with :func:`dyt.convert_norms`. Nothing else differs between the LayerNorm and the DyT model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from fairseq2.models.transformer import TransformerNormOrder
+from fairseq2.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2EncoderConfig, Wav2Vec2Model
+from fairseq2.models.wav2vec2.factory import Wav2Vec2EncoderFactory, Wav2Vec2Factory
+from fairseq2.nn import BatchLayout
+from torch import nn
+
+from dyt import NormConfig, convert_norms, make_norm
+
+NORM_ORDERS = {"pre": TransformerNormOrder.PRE, "post": TransformerNormOrder.POST}
+
+
+@dataclass
+class Wav2Vec2ModelConfig:
+    """The wav2vec 2.0 sizes and settings a recipe chooses; everything else is fairseq2's default."""
+
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn_dim: int = 3072
+    conv_layers: list[list[int]] = field(
+        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2)
+    """Feature extractor convs as [channels, kernel, stride]; the default is 320x downsampling (50 Hz)."""
+    conv_layer_norm: bool = False
+    """LayerNorm in every conv (large_lv60k) instead of fairseq2's GroupNorm in the first one."""
+    norm_order: str = "post"
+    """post (Base) | pre (Large, as the paper trained it)."""
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    final_dim: int = 256
+    quantized_dim: int = 256
+    codebooks: int = 2
+    codebook_entries: int = 320
+    distractors: int = 100
+    mask_prob: float = 0.65
+    mask_span: int = 10
+    dropout: float = 0.1
+    layer_drop: float = 0.05
+    norm: NormConfig = field(default_factory=lambda: NormConfig(kind="layernorm", alpha_init={"default": 0.5}))
+    """layernorm | dyt (the paper: alpha0 0.5, with bias)."""
+    compile_quantizer: bool = True
+    """fairseq2 torch.compiles one step of its quantizer; on a CPU that costs 8-17 s at the first
+    step (and again for new shapes). False runs it eagerly."""
+
+    def fairseq2_config(self) -> Wav2Vec2Config:
+        if self.norm_order not in NORM_ORDERS:
+            raise ValueError(f"model.norm_order must be pre or post, not {self.norm_order!r}")
+        encoder = Wav2Vec2EncoderConfig(
+            model_dim=self.dim, num_encoder_layers=self.layers, num_encoder_attn_heads=self.heads,
+            ffn_inner_dim=self.ffn_dim, feature_dim=self.conv_layers[-1][0],
+            feature_extractor_layer_descs=[tuple(layer) for layer in self.conv_layers],
+            feature_extractor_layer_norm_convs=self.conv_layer_norm, feature_extractor_bias=self.conv_layer_norm,
+            pos_conv_kernel_size=self.pos_conv_kernel, num_pos_conv_groups=self.pos_conv_groups,
+            norm_order=NORM_ORDERS[self.norm_order], dropout_p=self.dropout, attn_dropout_p=self.dropout,
+            layer_drop_p=self.layer_drop,
+        )
+        return Wav2Vec2Config(
+            encoder_config=encoder, final_dim=self.final_dim, quantized_dim=self.quantized_dim,
+            num_codebooks=self.codebooks, num_codebook_entries=self.codebook_entries,
+            num_distractors=self.distractors, max_temporal_mask_prob=self.mask_prob,
+            temporal_mask_span_len=self.mask_span,
+        )
+
+
+class _EncoderFactory(Wav2Vec2EncoderFactory):
+    def __init__(self, config: Wav2Vec2EncoderConfig, norm: NormConfig) -> None:
+        super().__init__(config)
+        self.norm = norm
+
+    def create_layer_norm(self):  # fairseq2's hook for every encoder norm
+        return make_norm(self.norm, self._config.model_dim)
+
+
+class _Factory(Wav2Vec2Factory):
+    def __init__(self, config: Wav2Vec2Config, norm: NormConfig) -> None:
+        super().__init__(config)
+        self.encoder_factory = _EncoderFactory(config.encoder_config, norm)
+
+    def create_encoder_frontend(self):
+        return self.encoder_factory.create_encoder_frontend()
+
+    def create_encoder(self):
+        return self.encoder_factory.create_encoder()
+
+
+def _run_quantizer_eagerly(quantizer: nn.Module) -> None:
+    def eager(_module, _inputs):
+        torch.compiler.set_stance("force_eager")
+
+    def restore(_module, _inputs, _output):
+        torch.compiler.set_stance("default")
+
+    quantizer.register_forward_pre_hook(eager)
+    quantizer.register_forward_hook(restore)
+
+
+def build_wav2vec2(cfg: Wav2Vec2ModelConfig) -> Wav2Vec2Model:
+    model = _Factory(cfg.fairseq2_config(), cfg.norm).create_model()
+    if cfg.norm.kind != "layernorm":
+        convert_norms(model, cfg.norm)  # the frontend's and feature extractor's hard-coded LayerNorms
+    if not cfg.compile_quantizer:
+        _run_quantizer_eagerly(model.quantizer)
+    return model
+
+
+def encode(model: Wav2Vec2Model, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (b, frames, dim) without masking, and the number of valid frames per row."""
+    layout = BatchLayout(waveforms.shape, seq_lens=lengths.tolist(), device=waveforms.device)
+    seqs, layout, _ = model.encoder_frontend.extract_features(waveforms, layout)
+    seqs, _ = model.encoder_frontend.process_features(seqs, layout, None)
+    return model.encoder(seqs, layout), torch.tensor(layout.seq_lens, device=waveforms.device)

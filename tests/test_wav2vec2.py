@@ -1,0 +1,205 @@
+"""dyt-wav2vec2: every LayerNorm swapped (and back), masking/quantizer shapes, the loss falls on
+real synthetic speech, manifests and bad audio, eval metrics, a 2-rank run with resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from fairseq2.nn import BatchLayout
+
+from dyt import DyT, NormConfig, convert_norms, iter_norms
+from dyt.train import load_config, read_metrics
+from dyt.train.finetune import classification_metrics, confusion_matrix
+from dyt_wav2vec2.audio import (
+    AudioError,
+    Utterance,
+    load_audio,
+    manifest_from_folder,
+    read_manifest,
+    write_manifest,
+)
+from dyt_wav2vec2.eval import greedy_decode, text_to_ids, word_error_rate
+from dyt_wav2vec2.model import build_wav2vec2, encode
+from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, synthesize, voice_splits
+from dyt_wav2vec2.task import Wav2Vec2PretrainConfig, check_audio, crop_and_batch, masking_min_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "wav2vec2" / "tiny.yaml"
+
+
+def _config(*overrides):
+    return load_config(Wav2Vec2PretrainConfig, TINY, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """A few real synthetic utterances: espeak-ng and flite voices from the Debian packages."""
+    root, out = package_root(), tmp_path_factory.mktemp("speech")
+    voices = voice_splits(root)
+    import random
+
+    rng = random.Random(0)
+    texts = ["please enter your account number", "the party you are calling is not available", "alpha bravo seven"]
+    rows = [synthesize(root, voice, text, out / f"{i}.wav", rng)
+            for i, (voice, text) in enumerate(zip(voices["train"][:2] + ["flite:kal"], texts))]
+    return out, rows
+
+
+# ---------------------------------------------------------------- model and the norm switch
+
+@pytest.mark.parametrize("norm_order", ["pre", "post"])
+def test_norm_switch_replaces_every_layernorm_and_back(norm_order):
+    layernorm = build_wav2vec2(_config(f"model.norm_order={norm_order}").model)
+    dyt = build_wav2vec2(_config(f"model.norm_order={norm_order}", "model.norm=dyt").model)
+    before = list(iter_norms(layernorm))
+    after = list(iter_norms(dyt))
+    assert len(before) == len(after) > 2 * 2  # conv norms + frontend + 2 per layer (+ final with pre-LN)
+    assert [p for p, _, _ in before] == [p for p, _, _ in after]
+    assert all(isinstance(m, DyT) for _, m, _ in after)
+    assert not [m for m in dyt.modules() if "LayerNorm" in type(m).__name__ or isinstance(m, torch.nn.GroupNorm)]
+    assert all(m.alpha_init == 0.5 and m.bias is not None for _, m, _ in after)
+    back = convert_norms(dyt, NormConfig(kind="layernorm"))
+    assert len(back.replaced) == len(after)
+    assert not [m for m in dyt.modules() if isinstance(m, DyT)]
+
+
+def test_masking_and_quantizer_shapes():
+    torch.manual_seed(0)
+    cfg = _config()
+    model = build_wav2vec2(cfg.model)
+    waves = torch.randn(3, 32000)
+    lengths = [32000, 24000, 16000]
+    loss, out = model(waves, BatchLayout(waves.shape, seq_lens=lengths))
+    batch, masked, candidates = out.logits.shape
+    assert batch == 3 and candidates == cfg.model.distractors + 1
+    assert out.num_targets == batch * masked
+    assert out.temporal_mask.shape == (3, 99) and out.temporal_mask.sum() == out.num_targets
+    assert out.quantizer_output.quantized_vectors.shape == (3, masked, cfg.model.quantized_dim)
+    assert 1 <= out.quantizer_output.prob_perplexity <= cfg.model.codebooks * cfg.model.codebook_entries
+    features, frames = encode(model.eval(), waves, torch.tensor(lengths))
+    assert features.shape == (3, 99, cfg.model.dim) and frames.tolist() == [99, 74, 49]
+    assert masking_min_samples(cfg.model) == (31 + 2) * 320
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "dyt"])
+def test_loss_decreases_on_real_synthetic_speech(speech, norm):
+    torch.manual_seed(0)
+    cfg = _config(f"model.norm={norm}")
+    model = build_wav2vec2(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    waves, lengths = crop_and_batch([load_audio(r.path) for r in speech[1]], crop=24000)
+    losses = []
+    for _ in range(12):
+        torch.manual_seed(1)  # same masks and distractors each step: the loss must fall
+        loss, out = model(waves, BatchLayout(waves.shape, seq_lens=lengths.tolist()))
+        value = loss.aggregate / out.num_targets
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------- audio inputs
+
+def test_manifest_round_trip_and_folder(speech, tmp_path):
+    folder, rows = speech
+    manifest = tmp_path / "train.tsv"
+    write_manifest(manifest, folder, rows)
+    again = read_manifest(manifest, manifest.with_suffix(".wrd"))
+    assert [(r.path, r.num_samples, r.text) for r in again] == [(r.path, r.num_samples, r.text) for r in rows]
+    built = manifest_from_folder(folder, tmp_path / "all.tsv")
+    assert sorted(r.num_samples for r in built) == sorted(r.num_samples for r in rows)
+    assert load_audio(rows[0].path).numel() == rows[0].num_samples
+
+
+def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):
+    folder, rows = speech
+    (tmp_path / "stereo.wav").parent.mkdir(exist_ok=True)
+    soundfile.write(tmp_path / "stereo.wav", np.zeros((16000, 2), dtype=np.float32), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really audio")
+    soundfile.write(tmp_path / "empty.wav", np.zeros((0,), dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="stereo.wav: 2 channels"):
+        load_audio(tmp_path / "stereo.wav")
+    with pytest.raises(AudioError, match="broken.wav: unreadable audio"):
+        load_audio(tmp_path / "broken.wav")
+    with pytest.raises(AudioError, match="empty.wav: empty audio"):
+        load_audio(tmp_path / "empty.wav")
+    (tmp_path / "m.tsv").write_text(f"{folder}\n{rows[0].path.name}\t100\nmissing.wav\t100\n")
+    with pytest.raises(AudioError, match=r"m.tsv:3: audio file .*missing.wav does not exist"):
+        read_manifest(tmp_path / "m.tsv")
+    (tmp_path / "m.tsv").write_text(f"{folder}\n{rows[0].path.name} 100\n")
+    with pytest.raises(AudioError, match=r"m.tsv:2: expected 'relative/path<TAB>num_samples'"):
+        read_manifest(tmp_path / "m.tsv")
+    good = [Utterance(r.path, r.num_samples) for r in rows]
+    bad = [Utterance(tmp_path / "broken.wav", 10), Utterance(tmp_path / "stereo.wav", 16000)]
+    with pytest.raises(AudioError, match="2 of 5 files are bad"):
+        check_audio(good + bad, 0.2, 1, "training audio")
+    assert len(check_audio(good + bad, 0.5, 1, "training audio")) == 3
+
+
+# ---------------------------------------------------------------- eval metrics
+
+def test_word_error_rate_on_hand_checked_strings():
+    assert word_error_rate(["the cat sat"], ["the cat sat"]) == 0
+    assert word_error_rate(["the cat"], ["the cat sat"]) == pytest.approx(1 / 3)  # one deletion
+    assert word_error_rate(["a the cat sat on"], ["the cat sat"]) == pytest.approx(2 / 3)  # two insertions
+    assert word_error_rate(["the dog sat", "hello"], ["the cat sat", "hello world"]) == pytest.approx(2 / 5)
+
+
+def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():
+    ids = [text_to_ids(c).item() if c != "_" else 0 for c in "hh_ee_ll_llo  _wo"]
+    log_probs = torch.nn.functional.one_hot(torch.tensor([ids]), 29).float().log()
+    assert greedy_decode(log_probs, torch.tensor([len(ids)])) == ["hello wo"]
+    assert normalize_text("Please enter your account number, followed by the pound-key.") == \
+        "please enter your account number followed by the pound key"
+
+
+def test_classification_metrics_on_a_hand_checked_confusion():
+    predicted, target = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 2, 0])
+    confusion = confusion_matrix(predicted, target, 3)
+    assert confusion.tolist() == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
+    scores = classification_metrics(confusion)
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    # macro F1: class 0 1/(2), class 1 2*2/(3+2), class 2 2*1/(1+2)
+    assert scores["f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    # Gorodkin: (c*s - sum p_k t_k) / sqrt((s^2 - sum p^2)(s^2 - sum t^2)), c=4, s=6, p=(2,2,2), t=(2,3,1)
+    assert scores["mcc"] == pytest.approx((4 * 6 - (2 * 2 + 2 * 3 + 2 * 1)) / ((36 - 12) * (36 - 14)) ** 0.5)
+    assert classification_metrics(torch.tensor([[5, 0], [0, 5]]))["mcc"] == pytest.approx(1.0)
+
+
+def test_keyword_classes():
+    assert len(KEYWORDS) >= 30 and len(set(KEYWORDS)) == len(KEYWORDS)
+
+
+# ---------------------------------------------------------------- a 2-rank run with resume
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
+    folder, rows = speech
+    write_manifest(tmp_path / "train.tsv", folder, rows[:2] * 4)
+    write_manifest(tmp_path / "valid.tsv", folder, rows[2:] * 4)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+    def launch(out, steps, *extra):
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--module", "dyt_wav2vec2.train",
+               "--config", str(TINY), "--set", "model.norm=dyt", "--set", f"data.train_manifest={tmp_path / 'train.tsv'}",
+               "--set", f"data.validation_manifest={tmp_path / 'valid.tsv'}", "--set", "train.micro_batch_size=2",
+               "--set", f"train.steps={steps}", "--set", "train.eval_every=2", "--set", "train.save_every=2",
+               "--set", "train.log_every=1", "--set", "train.progress=false", "--set", f"train.out_dir={out}", *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return read_metrics(out / "metrics.jsonl")
+
+    whole = launch(tmp_path / "whole", 4)
+    launch(tmp_path / "split", 2)
+    resumed = launch(tmp_path / "split", 4, "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert "train/codebook_perplexity" in resumed[-1] and "alpha/encoder.layers.0.self_attn_layer_norm" in resumed[-1]
+    np.testing.assert_allclose([r["train/loss"] for r in resumed], [r["train/loss"] for r in whole], rtol=1e-5)
