@@ -2,8 +2,12 @@
 
 1. LLaMA (tiny config) pretrained on Shakespeare + Austen with RMSNorm and with DyT, 2 ranks under
    the deepspeed launcher (``dyt-llama-compare``): table, loss curves, alpha, S-curves.
-2. ``dyt-bench``: DyT's backends against LayerNorm / RMSNorm on this machine.
-3. ``convert_norms`` on real architectures (torchaudio's wav2vec 2.0 Base, fairseq2's LLaMA).
+2. wav2vec 2.0 (tiny) pretrained on synthetic speech with LayerNorm and with DyT, then a keyword
+   probe on unseen voices and real recordings (``dyt-wav2vec2-compare --evals probe``).
+3. HyenaDNA and Caduceus (tiny) pretrained on bacterial genomes with their norm and with DyT, then
+   fine-tuned to tell species on held-out strains (``dyt-dna-compare``).
+4. ``dyt-bench``: DyT's backends against LayerNorm / RMSNorm on this machine.
+5. ``convert_norms`` on real architectures (torchaudio's wav2vec 2.0 Base, fairseq2's LLaMA).
 
 Writes ``<out>/report.md``. Re-running resumes or reuses finished training runs."""
 
@@ -19,7 +23,9 @@ import torch
 from dyt import NormConfig, convert_norms
 from dyt.bench import format_kernels
 from dyt.bench import main as bench_main
+from dyt_dna.compare import main as dna_compare
 from dyt_llama.compare import main as compare_main
+from dyt_wav2vec2.compare import main as wav2vec2_compare
 
 
 def wav2vec2_base():
@@ -52,18 +58,23 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    print("== 1/3 LLaMA pretraining, RMSNorm vs DyT (tiny config, 2 ranks, deepspeed launcher)")
-    llama_report = compare_main(["--config", str(args.llama_config), "--out", str(args.out / "llama"),
-                                 "--nproc", str(args.nproc)])
+    print("== 1/5 LLaMA pretraining, RMSNorm vs DyT (tiny config, 2 ranks, deepspeed launcher)")
+    reports = [compare_main(["--config", str(args.llama_config), "--out", str(args.out / "llama"),
+                             "--nproc", str(args.nproc)])]
+    print("\n== 2/5 wav2vec 2.0 pretraining, LayerNorm vs DyT, and a keyword probe")
+    reports.append(wav2vec2_compare(["--out", str(args.out / "wav2vec2"), "--nproc", str(args.nproc),
+                                     "--evals", "probe"]))
+    print("\n== 3/5 HyenaDNA and Caduceus pretraining, their norm vs DyT, and species classification")
+    reports.append(dna_compare(["--out", str(args.out / "dna"), "--nproc", str(args.nproc)]))
 
-    print("\n== 2/3 dyt-bench: DyT backends vs LayerNorm / RMSNorm on this machine")
+    print("\n== 4/5 dyt-bench: DyT backends vs LayerNorm / RMSNorm on this machine")
     bench_main(["--json", str(args.out / "bench.json")])
     bench = json.loads((args.out / "bench.json").read_text())
 
     sections = []
     for build in (wav2vec2_base, llama_125m):
         name, model, target, role_of = build()
-        print(f"\n== 3/3 convert_norms on {name}")
+        print(f"\n== 5/5 convert_norms on {name}")
         params = sum(p.numel() for p in model.parameters())
         to_dyt = convert_norms(model, target, role_of=role_of)
         print(to_dyt)
@@ -73,15 +84,15 @@ def main() -> None:
         del model
 
     machine = bench["machine"]
-    llama_section = llama_report.read_text().replace("](", "](llama/").replace("# LLaMA: RMSNorm vs DyT", "## LLaMA pretraining: RMSNorm vs DyT")
     lines = [
         "# DyT demo report",
         "",
         f"Machine: {machine['device']}, {machine['threads']} threads, torch {machine['torch']}.",
         "",
-        llama_section,
-        "",
     ]
+    for report in reports:  # each recipe's report, one heading level down, image links rebased
+        text = report.read_text().replace("](", f"]({report.parent.name}/")
+        lines += [("#" + text) if text.startswith("# ") else text, ""]
     for shape, results in bench["kernels"].items():
         lines += [
             f"## DyT vs LayerNorm / RMSNorm, {shape} {bench['dtype']} (median; ratios to F.layer_norm and F.rms_norm)",

@@ -321,3 +321,19 @@ def test_two_rank_pretraining_then_fine_tuning(tmp_path):
                         "--epochs", "2", "--batch-size", "8"])
     assert len(results) == 2
     assert all(0 <= r.test["test"]["accuracy"] <= 1 and len(r.confusion["test"]) == 2 for r in results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mamba_ssm's kernel needs CUDA")
+def test_mamba_ssm_kernel_agrees_with_the_pure_scan():
+    pytest.importorskip("mamba_ssm")
+    from dyt_dna.scan import scan
+
+    torch.manual_seed(0)
+    b, d, n, length = 2, 64, 16, 1000
+    x, dt = torch.randn(b, d, length, device="cuda"), torch.randn(b, d, length, device="cuda") - 2
+    A = -torch.arange(1, n + 1.0, device="cuda").repeat(d, 1)
+    B, C = torch.randn(b, n, length, device="cuda"), torch.randn(b, n, length, device="cuda")
+    D, bias = torch.ones(d, device="cuda"), torch.zeros(d, device="cuda")
+    kernel = scan(x, dt, bias, A, B, C, D, use_kernel=True)
+    pure = scan(x, dt, bias, A, B, C, D, use_kernel=False)
+    torch.testing.assert_close(kernel, pure, rtol=1e-3, atol=1e-3)

@@ -118,6 +118,23 @@ def test_manifest_round_trip_and_folder(speech, tmp_path):
     assert load_audio(rows[0].path).numel() == rows[0].num_samples
 
 
+def test_hf_audio_dataset_is_read_through_the_same_pipeline(speech, tmp_path, monkeypatch):
+    import datasets
+
+    from dyt_wav2vec2.task import audio_source
+
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    folder, rows = speech
+    saved = tmp_path / "hf"
+    datasets.Dataset.from_dict({"audio": [str(r.path) for r in rows], "text": [r.text for r in rows]}).cast_column(
+        "audio", datasets.Audio(decode=False)).save_to_disk(str(saved))
+    loaded = audio_source(saved)
+    assert [u.text for u in loaded] == [r.text for r in rows]
+    assert [u.num_samples for u in loaded] == [r.num_samples for r in rows]
+    torch.testing.assert_close(load_audio(loaded[0].path), load_audio(rows[0].path), atol=1e-4, rtol=0)
+    assert audio_source(saved)[0].path == loaded[0].path  # cached
+
+
 def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):
     folder, rows = speech
     (tmp_path / "stereo.wav").parent.mkdir(exist_ok=True)

@@ -24,6 +24,7 @@ from dyt.train.compare import (
     median_throughput,
     plot_alphas,
     plot_losses,
+    reuse_or_compute,
     run_training,
 )
 from dyt.train.finetune import FinetuneConfig
@@ -34,18 +35,6 @@ from .task import DnaConfig
 
 CONFIGS = [Path("recipes/dna/hyena-tiny.yaml"), Path("recipes/dna/caduceus-tiny.yaml")]
 NAMES = {"hyena": "HyenaDNA", "caduceus": "Caduceus"}
-
-
-def _evaluate_cached(run: Run, task: ClassificationData, cfg: FinetuneConfig, settings: dict) -> list[dict]:
-    """Per-seed eval results of ``run`` on ``task``, reused when the same settings ran before."""
-    path = run.dir / f"eval-{task.name}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["settings"] == settings:
-            return saved["results"]
-    results = [asdict(r) for r in evaluate(run.dir, task, cfg)]
-    path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    return results
 
 
 def pretraining_row(run: Run) -> str:
@@ -101,7 +90,9 @@ def main(argv: list[str] | None = None) -> Path:
             runs.append((config, path, run))
             for task in tasks:
                 print(f"== fine-tune {run.label} on {task.name}, seeds {args.seeds}", flush=True)
-                evals[(id(run), task.name)] = _evaluate_cached(run, task, finetune_cfg, settings)
+                evals[(id(run), task.name)] = reuse_or_compute(
+                    run.dir / f"eval-{task.name}.json", settings,
+                    lambda run=run, task=task: [asdict(r) for r in evaluate(run.dir, task, finetune_cfg)])
     report = write_report(args, runs, tasks, evals)
     print(f"\nreport: {report}")
     return report

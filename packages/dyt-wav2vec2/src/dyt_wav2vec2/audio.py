@@ -1,5 +1,6 @@
 """Audio inputs: fairseq-style manifests (first line the root dir, then ``path<TAB>num_samples``),
-folders of audio, decoding with soundfile, resampling to 16 kHz with torchaudio. Bad files stop a
+folders of audio, HF ``datasets`` with an Audio column (saved with ``save_to_disk``), decoding with
+soundfile, resampling to 16 kHz with torchaudio. Bad files stop a
 run with their name, unless ``max_bad_fraction`` allows skipping a stated share of them."""
 
 from __future__ import annotations
@@ -91,4 +92,49 @@ def manifest_from_folder(folder: Path, out: Path) -> list[Utterance]:
             raise AudioError(f"{path}: unreadable audio ({error})") from None
         utterances.append(Utterance(path, round(info.frames * SAMPLE_RATE / info.samplerate)))
     write_manifest(out, folder, utterances)
+    return utterances
+
+
+def is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:
+    """The audio of a saved HF dataset, written once as 16 kHz wav files under ``cache`` (keyed by
+    the dataset's fingerprint), so every input takes the same path through the pipeline."""
+    import io
+
+    import datasets
+
+    rows = datasets.load_from_disk(str(path))
+    if isinstance(rows, datasets.DatasetDict):
+        raise AudioError(f"{path}: a DatasetDict; point at one split's folder (e.g. {path}/train)")
+    column = next((name for name, kind in rows.features.items() if isinstance(kind, datasets.Audio)), None)
+    if column is None:
+        raise AudioError(f"{path}: no Audio column among {list(rows.features)}")
+    rows = rows.cast_column(column, datasets.Audio(decode=False))
+    out = cache / rows._fingerprint
+    manifest = out / "manifest.tsv"
+    if manifest.is_file():
+        return read_manifest(manifest, manifest.with_suffix(".wrd") if manifest.with_suffix(".wrd").is_file() else None)
+    utterances = []
+    for index, row in enumerate(rows):
+        audio, name = row[column], f"{path}[{index}]"
+        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
+        if source is None:
+            raise AudioError(f"{name}: neither bytes nor a path")
+        try:
+            data, rate = soundfile.read(source, dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+            raise AudioError(f"{name}: unreadable audio ({error})") from None
+        if data.shape[0] == 0 or data.shape[1] != 1:
+            raise AudioError(f"{name}: {data.shape[0]} samples, {data.shape[1]} channels; need mono, non-empty audio")
+        waveform = torch.from_numpy(data[:, 0])
+        if rate != SAMPLE_RATE:
+            waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
+        target = out / f"{index:07d}.wav"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
+        utterances.append(Utterance(target, waveform.numel(), str(row.get(text_column, "") or "")))
+    write_manifest(manifest, out, utterances)
     return utterances

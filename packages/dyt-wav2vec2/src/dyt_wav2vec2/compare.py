@@ -24,6 +24,7 @@ from dyt.train.compare import (
     median_throughput,
     plot_alphas,
     plot_losses,
+    reuse_or_compute,
     run_training,
 )
 
@@ -33,18 +34,6 @@ from .task import Wav2Vec2PretrainConfig, pretraining_audio
 
 NORMS = ("layernorm", "dyt")
 EVAL_NAMES = {"probe": "keywords, linear probe", "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
-
-
-def _evals_cached(run: Run, data: Path, evals: list[str], seeds: list[int], steps: int) -> dict:
-    path = run.dir / "evals.json"
-    settings = {"evals": evals, "seeds": seeds, "steps": steps}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["settings"] == settings:
-            return saved["results"]
-    results = run_evals(run.dir, data, evals, seeds, steps)
-    path.write_text(json.dumps({"settings": settings, "results": results}))
-    return results
 
 
 def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
@@ -59,6 +48,11 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _steps_per_second(train_rows: list[dict]) -> str:
+    seconds = [r["step_seconds"] for r in train_rows[1:] if "step_seconds" in r]  # the first includes warm-up
+    return f"{1 / statistics.median(seconds):.2f}" if seconds else "-"
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -87,7 +81,9 @@ def main(argv: list[str] | None = None) -> Path:
                            label=norm, seed=args.pretrain_seed, launcher=args.launcher, nproc=args.nproc)
         runs.append(run)
         print(f"== downstream evals of {norm}: {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
-        evals[norm] = _evals_cached(run, data, args.evals, args.seeds, args.steps)
+        settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps}
+        evals[norm] = reuse_or_compute(run.dir / "evals.json", settings,
+                                       lambda run=run: run_evals(run.dir, data, args.evals, args.seeds, args.steps))
     report = write_report(args, runs, evals)
     print(f"\nreport: {report}")
     return report
@@ -102,8 +98,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         "Validation: synthetic sentences in voices never heard in training. Loss: fairseq2's contrastive + "
         "0.1 x diversity + feature penalty per masked frame (nats).",
         "",
-        "| norm | final train loss | validation loss | codebook perplexity | audio s / s | peak RSS per rank (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| norm | final train loss | validation loss | codebook perplexity | steps/s | audio s / s | peak RSS per rank (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         rows = run.metrics
@@ -112,6 +108,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         rss = " / ".join(f"{v:.0f}" for k, v in sorted(rows[-1].items()) if k.startswith("peak_rss_mb/"))
         lines.append(f"| {run.label} | {statistics.mean(r['train/loss'] for r in train[-3:]):.3f} | "
                      f"{last_eval['eval/loss']:.3f} | {train[-1]['train/codebook_perplexity']:.1f} | "
+                     f"{_steps_per_second(train)} | "
                      f"{median_throughput(rows):.1f} | {rss} | {run.wall_s:.0f} |")
     lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std.", "",
               "| norm | eval | unseen voices | real recordings |", "|---|---|---|---|"]

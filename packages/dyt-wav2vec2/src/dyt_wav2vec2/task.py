@@ -11,9 +11,18 @@ import torch
 from fairseq2.nn import BatchLayout
 from torch.utils.data import Dataset
 
+from dyt.debian import cache_root
 from dyt.train import TrainConfig
 
-from .audio import SAMPLE_RATE, AudioError, Utterance, load_audio, read_manifest
+from .audio import (
+    SAMPLE_RATE,
+    AudioError,
+    Utterance,
+    is_hf_dataset,
+    load_audio,
+    read_manifest,
+    utterances_from_hf_dataset,
+)
 from .model import Wav2Vec2ModelConfig, build_wav2vec2
 from .speech import build, load_split
 
@@ -21,9 +30,10 @@ from .speech import build, load_split
 @dataclass
 class SpeechDataConfig:
     train_manifest: str = ""
-    """fairseq manifest of training audio. Empty: the built-in synthetic sentences + keywords."""
+    """fairseq manifest (or a saved HF dataset with an Audio column) of training audio. Empty: the
+    built-in synthetic sentences + keywords."""
     validation_manifest: str = ""
-    """Manifest of held-out audio (other speakers). Empty with no train_manifest: built-in unseen voices."""
+    """The same for held-out audio (other speakers). Empty with no train_manifest: built-in unseen voices."""
     builtin_sentences: int = 2000
     """Size of the built-in synthetic training set (sentences)."""
     crop_samples: int = 32_000
@@ -81,6 +91,13 @@ def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int
     return good
 
 
+def audio_source(path: Path) -> list[Utterance]:
+    """A fairseq manifest, or a saved HF dataset with an Audio column."""
+    if is_hf_dataset(path):
+        return utterances_from_hf_dataset(path, cache_root() / "hf-audio")
+    return read_manifest(path)
+
+
 def masking_min_samples(model: Wav2Vec2ModelConfig) -> int:
     """Samples needed for fairseq2's masker to place two spans at the configured mask probability."""
     stride = math.prod(layer[2] for layer in model.conv_layers)
@@ -91,7 +108,7 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
     if cfg.train_manifest:
         if not cfg.validation_manifest:
             raise AudioError("data.validation_manifest is empty: give a manifest of held-out speakers")
-        train, validation = read_manifest(Path(cfg.train_manifest)), read_manifest(Path(cfg.validation_manifest))
+        train, validation = (audio_source(Path(p)) for p in (cfg.train_manifest, cfg.validation_manifest))
     else:
         data = build(per_split={"train": cfg.builtin_sentences, "validation": 200, "test": 200})
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")

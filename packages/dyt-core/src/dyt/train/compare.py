@@ -5,13 +5,14 @@ Each run is passed ``--resume``, so a killed comparison continues where it stopp
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,18 @@ def run_training(
     started = time.perf_counter()
     subprocess.run(cmd, env=launch_env(nproc), check=True)
     return Run(label, seed, out, time.perf_counter() - started)
+
+
+def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
+    """The JSON result stored at ``path`` when it was made with the same ``settings``; otherwise
+    ``compute()``, stored with them. Lets a killed comparison skip its finished evals."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["results"]
+    results = compute()
+    path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    return results
 
 
 def mean_std(values: Sequence[float], digits: int = 3) -> str:

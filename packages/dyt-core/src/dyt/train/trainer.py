@@ -271,7 +271,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}")
                 row: dict[str, float] = {}
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, **extra_means})
+                    row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
+                                **extra_means})
                     row.update({f"alpha/{p}": m.alpha.item() for p, m in dyt_layers(engine.module)})
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     eval_loss = self._evaluate(engine, eval_set)
