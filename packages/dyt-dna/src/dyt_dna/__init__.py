@@ -1,1 +1,1 @@
-"""HyenaDNA and Caduceus with a norm-versus-DyT switch (the recipe lands with its own issue)."""
+"""HyenaDNA and Caduceus pretraining with a norm-versus-DyT switch, and DNA classification evals."""

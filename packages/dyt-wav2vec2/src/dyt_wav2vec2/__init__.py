@@ -1,1 +1,1 @@
-"""wav2vec 2.0 pretraining with a LayerNorm-versus-DyT switch (the recipe lands with its own issue)."""
+"""wav2vec 2.0 (fairseq2 parts) pretraining with a LayerNorm-versus-DyT switch, and speech evals."""
