@@ -107,14 +107,20 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move a batch to ``device``; floating tensors (waveforms, features) also to the engine's
+    bf16/fp16 weights' dtype, so a recipe's float inputs meet its half-precision layers."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
+        return batch.to(device, dtype=dtype, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(_to_device(v, device, float_dtype) for v in batch)
     return batch
+
+
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _peak_rss_per_rank(dist: DistInfo) -> dict[str, float]:
@@ -203,7 +209,7 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if i >= self.cfg.eval_batches:
                     break
-                loss, _ = self.task.loss(engine, _to_device(batch, self.dist.device))
+                loss, _ = self.task.loss(engine, _to_device(batch, self.dist.device, HALF_PRECISION.get(self.cfg.precision)))
                 total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         engine.train()
         total = all_reduce(total)
@@ -242,7 +248,7 @@ class Trainer:
                 started = time.perf_counter()
                 loss_sum, units, extra_sums = 0.0, 0.0, {}
                 for _ in range(cfg.grad_accum):
-                    batch = _to_device(next(stream), dist.device)
+                    batch = _to_device(next(stream), dist.device, HALF_PRECISION.get(cfg.precision))
                     micro_batches += 1
                     loss, extras = self.task.loss(engine, batch)
                     finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
