@@ -8,6 +8,7 @@ Built-in splits never cut one genome into train and test: the held-out strain of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -255,6 +256,12 @@ def csv_task(folder: Path) -> ClassificationData:
                               note="CSV layout (train / dev / test).")
 
 
+@functools.lru_cache(maxsize=2)
+def _genome_sequence(path: Path) -> str:
+    """A built-in genome's chromosome (its first record); cached, as tasks read each genome per split."""
+    return read_fasta(path)[0].sequence
+
+
 def _evenly(items: list, count: int) -> list:
     if len(items) <= count:
         return items
@@ -262,7 +269,7 @@ def _evenly(items: list, count: int) -> list:
 
 
 def _region_windows(genome: Genome, lo: float, hi: float, window: int, count: int) -> list[str]:
-    seq = read_fasta(genome.path)[0].sequence
+    seq = _genome_sequence(genome.path)
     first, last = int(len(seq) * lo), int(len(seq) * hi) - window
     starts = np.linspace(first, last, count).round().astype(int)
     return [seq[s : s + window] for s in starts]
@@ -296,7 +303,7 @@ def _gene_spans(genome: Genome) -> list[tuple[int, int]]:
         return [tuple(s) for s in json.loads(cache.read_text())]
     import pyrodigal
 
-    sequence = "".join(r.sequence for r in read_fasta(genome.path)[:1]).encode()
+    sequence = _genome_sequence(genome.path).encode()
     finder = pyrodigal.GeneFinder()
     finder.train(sequence)
     spans = [(gene.begin - 1, gene.end) for gene in finder.find_genes(sequence)]
@@ -307,7 +314,7 @@ def _gene_spans(genome: Genome) -> list[tuple[int, int]]:
 
 def _coding_windows(genome: Genome, lo: float, hi: float, window: int, per_class: int) -> tuple[list[str], list[str]]:
     """(coding, non-coding) windows: wholly inside one called gene, or touching none."""
-    seq = read_fasta(genome.path)[0].sequence
+    seq = _genome_sequence(genome.path)
     covered = np.zeros(len(seq) + 1, dtype=np.int32)
     inside = np.zeros(len(seq), dtype=bool)
     for begin, end in _gene_spans(genome):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import soundfile
 import torch
@@ -27,16 +28,17 @@ class Utterance:
     text: str = ""
 
 
-def load_audio(path: Path) -> torch.Tensor:
-    """Mono float32 waveform at 16 kHz."""
+def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
+    """Mono float32 waveform at 16 kHz from a file (or a file object; ``name`` then names it in errors)."""
+    name = name or str(path)
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(path if not isinstance(path, Path) else str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-        raise AudioError(f"{path}: unreadable audio ({error})") from None
+        raise AudioError(f"{name}: unreadable audio ({error})") from None
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: empty audio (0 samples)")
+        raise AudioError(f"{name}: empty audio (0 samples)")
     if data.shape[1] != 1:
-        raise AudioError(f"{path}: {data.shape[1]} channels; wav2vec 2.0 takes mono audio")
+        raise AudioError(f"{name}: {data.shape[1]} channels; wav2vec 2.0 takes mono audio")
     waveform = torch.from_numpy(data[:, 0])
     if rate != SAMPLE_RATE:
         waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
@@ -123,15 +125,7 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
         source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
         if source is None:
             raise AudioError(f"{name}: neither bytes nor a path")
-        try:
-            data, rate = soundfile.read(source, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-            raise AudioError(f"{name}: unreadable audio ({error})") from None
-        if data.shape[0] == 0 or data.shape[1] != 1:
-            raise AudioError(f"{name}: {data.shape[0]} samples, {data.shape[1]} channels; need mono, non-empty audio")
-        waveform = torch.from_numpy(data[:, 0])
-        if rate != SAMPLE_RATE:
-            waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
+        waveform = load_audio(Path(source) if isinstance(source, str) else source, name)
         target = out / f"{index:07d}.wav"
         target.parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
