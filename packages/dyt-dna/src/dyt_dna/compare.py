@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 
 from dyt.train import load_config
 from dyt.train.compare import (
-    LAUNCHERS,
     Run,
+    add_run_arguments,
     mean_std,
     median_throughput,
+    parse_run_arguments,
     plot_alphas,
     plot_losses,
+    prepare_out,
     reuse_or_compute,
     run_training,
 )
@@ -49,7 +50,6 @@ def pretraining_row(run: Run) -> str:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=Path, nargs="+", default=CONFIGS)
-    parser.add_argument("--out", type=Path, default=Path("runs/dna-compare"))
     parser.add_argument("--tasks", nargs="+", default=["species"],
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
@@ -60,11 +60,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max-steps", type=int, default=40, help="fine-tuning steps per seed (0: epochs decide)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
-    args = parser.parse_args(argv)
+    add_run_arguments(parser, out="runs/dna-compare")
+    args = parse_run_arguments(parser, argv)
 
     configs = [load_config(DnaConfig, path, args.overrides) for path in args.configs]  # errors before launching
     for config in configs:
@@ -75,9 +72,7 @@ def main(argv: list[str] | None = None) -> Path:
     finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
                                   max_steps=args.max_steps, eval_every=max(1, args.max_steps // 4), seeds=args.seeds)
     settings = {"finetune": asdict(finetune_cfg), "window": args.eval_window, "per_class": args.per_class}
-    if args.fresh and args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_out(args)
 
     runs: list[tuple[DnaConfig, Path, Run]] = []
     evals: dict[tuple[int, str], list[dict]] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 from pathlib import Path
 
@@ -18,12 +17,14 @@ import torch
 
 from dyt.train import load_config, trained_weights
 from dyt.train.compare import (
-    LAUNCHERS,
     Run,
+    add_run_arguments,
     mean_std,
     median_throughput,
+    parse_run_arguments,
     plot_alphas,
     plot_losses,
+    prepare_out,
     run_training,
 )
 
@@ -110,23 +111,15 @@ def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("recipes/llama/tiny.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("runs/llama-compare"))
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=["rmsnorm", "dyt", "layernorm", "identity"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
-    args = parser.parse_args(argv)
-    if args.launcher == "python" and args.nproc != 1:
-        parser.error("--launcher python runs one process: use --nproc 1")
+    add_run_arguments(parser, out="runs/llama-compare")
+    args = parse_run_arguments(parser, argv)
 
     config = load_config(LlamaConfig, args.config, args.overrides)  # config errors before any launch
     build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)  # and data errors; warms the cache
     held_out = list(load_documents(config.data)["validation"]["title"])
-    if args.fresh and args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_out(args)
     runs = [run_one(args, norm, seed) for seed in args.seeds for norm in args.norms]
     report = write_report(args, runs, held_out)
     print(f"\nreport: {report}")

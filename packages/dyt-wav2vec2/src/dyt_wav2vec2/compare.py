@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 from pathlib import Path
 
 from dyt.analysis import pyplot
 from dyt.train import load_config
 from dyt.train.compare import (
-    LAUNCHERS,
     Run,
+    add_run_arguments,
     mean_std,
     median_throughput,
+    parse_run_arguments,
     plot_alphas,
     plot_losses,
+    prepare_out,
     reuse_or_compute,
     run_training,
 )
@@ -58,23 +59,17 @@ def _steps_per_second(train_rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("recipes/wav2vec2/tiny.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("runs/wav2vec2-compare"))
     parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["probe", "finetune", "ctc"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=int, default=150, help="downstream fine-tuning steps per seed")
     parser.add_argument("--pretrain-seed", type=int, default=0)
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
-    args = parser.parse_args(argv)
+    add_run_arguments(parser, out="runs/wav2vec2-compare")
+    args = parse_run_arguments(parser, argv)
 
     config = load_config(Wav2Vec2PretrainConfig, args.config, args.overrides)  # config errors before launching
     data = build(per_split={"train": config.data.builtin_sentences, "validation": 200, "test": 200})
     pretraining_audio(config.data, config.data.min_samples or 1)  # audio errors before launching
-    if args.fresh and args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_out(args)
     runs, evals = [], {}
     for norm in NORMS:
         run = run_training("dyt_wav2vec2.train", args.config, args.out / norm, [*args.overrides, f"model.norm.kind={norm}"],

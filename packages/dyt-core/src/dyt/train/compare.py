@@ -5,8 +5,10 @@ Each run is passed ``--resume``, so a killed comparison continues where it stopp
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -42,6 +44,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every ``dyt-*-compare`` shares: where runs go and how they are launched."""
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
+    parser.add_argument("--nproc", type=int, default=2, help="local ranks per training run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every run (repeatable)")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.launcher == "python" and args.nproc != 1:
+        parser.error("--launcher python runs one process: use --nproc 1")
+    return args
+
+
+def prepare_out(args: argparse.Namespace) -> None:
+    """Create ``--out``; with ``--fresh`` delete what earlier runs left there first."""
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
 
 
 def launch_command(module: str, launcher: str, nproc: int) -> list[str]:
