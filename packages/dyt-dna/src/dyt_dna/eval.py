@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
     parser.add_argument("--out", type=Path, help="write the per-seed results here as JSON")
     args = parser.parse_args(argv)
-    config, _ = load_backbone(args.run)
+    config = load_config(DnaConfig, args.run / "config.yaml")  # the weights are loaded once, by evaluate
     task = load_task(args.task, config.data.window, args.per_class).check_length(config.model.max_len, args.truncate)
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                          seeds=args.seeds)

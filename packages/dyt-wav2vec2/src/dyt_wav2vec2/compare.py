@@ -31,7 +31,7 @@ from dyt.train.compare import (
 
 from .eval import run_evals
 from .speech import KEYWORDS, build
-from .task import Wav2Vec2PretrainConfig, pretraining_audio
+from .task import Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask
 
 NORMS = ("layernorm", "dyt")
 EVAL_NAMES = {"probe": "keywords, linear probe", "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     config = load_config(Wav2Vec2PretrainConfig, args.config, args.overrides)  # config errors before launching
     data = build(per_split={"train": config.data.builtin_sentences, "validation": 200, "test": 200})
-    pretraining_audio(config.data, config.data.min_samples or 1)  # audio errors before launching
+    Wav2Vec2PretrainTask(config)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)
     runs, evals = [], {}
     for norm in NORMS:
