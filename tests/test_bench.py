@@ -12,7 +12,7 @@ def test_bench_writes_kernels_and_block(tmp_path, capsys):
     payload = json.loads(out.read_text())
     ops = payload["kernels"]["64x48"]
     assert {"copy", "F.layer_norm", "F.rms_norm", "LLaMA reference RMSNorm", "DyT eager", "DyT compiled",
-            "add + F.rms_norm", "residual DyT compiled"} <= ops.keys()
+            "add + F.rms_norm", "residual DyT eager"} <= ops.keys()  # auto at 64x48 on CPU: eager
     assert all(row["forward_ms"] > 0 for row in ops.values())
-    assert set(payload["block"]["results"]) == {"rmsnorm", "layernorm", "dyt (compiled)"}
-    assert "'auto' = compiled" in capsys.readouterr().out
+    assert set(payload["block"]["results"]) == {"rmsnorm", "layernorm", "dyt (eager)"}
+    assert "'auto' = compiled (eager under 2097152 elements)" in capsys.readouterr().out

@@ -92,6 +92,24 @@ def test_gradcheck_float64(backend, channels_last):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_saturated_inputs(reference, backend, dtype):
+    """Far into tanh's tails (incl. |alpha x| in 43.6..51.9, where exp(-2|y|) is a float32
+    subnormal): outputs are exactly +-weight and gradients match the reference."""
+    x = torch.tensor([[-1e4, -47.0, -30.0, -21.0, 21.0, 30.0, 47.0, 1e4]], dtype=dtype)
+    alpha = torch.tensor([1.0], dtype=dtype)
+    weight = torch.linspace(0.5, 2.0, 8, dtype=dtype)
+    dy = torch.ones_like(x)
+    y, y_ref, got, want = _grads_vs_reference(reference, x, alpha, weight, None, True, backend, dy)
+    assert torch.equal(y, weight * x.sign())
+    for name, gv, wv in zip(["x", "alpha", "weight"], got, want):
+        _close(gv, wv, 1e-6, what=f"grad {name}")
+    infinite = dyt_fn(torch.tensor([[-float("inf"), float("inf")]], dtype=dtype), alpha, weight[:2], None,
+                      backend=backend)
+    assert torch.equal(infinite, torch.stack([-weight[0], weight[1]])[None])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_size_input(backend):
     layer = DyT(8, backend=backend)
     x = torch.randn(0, 8, requires_grad=True)
@@ -156,6 +174,10 @@ def test_shape_errors_are_clear():
 def test_backend_selection_and_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without Triton's interpreter
     assert dyt.select_backend("auto", "cpu").name == "compiled"
+    big = dyt.backends.CPU_COMPILED_MIN_ELEMENTS
+    assert dyt.select_backend("auto", "cpu", big).name == "compiled"
+    assert dyt.select_backend("auto", "cpu", big - 1).name == "eager"  # per-call overhead wins
+    assert dyt.select_backend("compiled", "cpu", 8).name == "compiled"  # a named backend is kept
     assert dyt.available_backends("cpu") == ["compiled", "eager"]
     with pytest.raises(dyt.BackendUnavailableError, match=r"'fused'.*cpu.*Usable here: compiled, eager"):
         dyt.select_backend("fused", "cpu")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import auto_backend, available_backends
+from .backends import CPU_COMPILED_MIN_ELEMENTS, auto_backend, available_backends
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm
@@ -95,7 +95,7 @@ def kernel_ops(x, r, weight, bias, alpha) -> dict[str, Op]:
     liger = _liger_dyt() if device.type == "cuda" else None
     if liger is not None:
         ops["Liger DyT"] = Op(lambda: (liger.apply(x, alpha, weight, bias),))
-    best = auto_backend(device)
+    best = auto_backend(device, x.numel())
     ops["add + F.rms_norm"] = Op(lambda: ((s := x + r), F.rms_norm(s, (n,), weight)), accesses=(4, 8))
     ops[f"residual DyT {best}"] = Op(lambda: residual_dyt(x, r, alpha, weight, bias, backend=best), accesses=(4, 8))
     return ops
@@ -164,7 +164,7 @@ def run_block(dim, heads, ffn, tokens, dtype, device, warmup, repeats) -> dict:
     variants = {
         "rmsnorm": NormConfig(kind="rmsnorm"),
         "layernorm": NormConfig(kind="layernorm"),
-        f"dyt ({auto_backend(device)})": NormConfig(kind="dyt", bias=False, alpha_policy="llm"),
+        f"dyt ({auto_backend(device, tokens * dim)})": NormConfig(kind="dyt", bias=False, alpha_policy="llm"),
     }
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, tokens, dim, generator=generator).to(device=device, dtype=dtype).requires_grad_()
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info(device)
     print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
           f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats}; "
-          f"'auto' = {auto_backend(device)}")
+          f"'auto' = {auto_backend(device)}" + (f" (eager under {CPU_COMPILED_MIN_ELEMENTS} elements)" if not on_cuda else ""))
     payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
     for rows, cols in shapes:
         results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)

@@ -56,7 +56,7 @@ def dyt(
     if torch.compiler.is_compiling():
         impl = BACKENDS["eager"]  # an outer torch.compile fuses the plain formula itself
     else:
-        impl = select_backend(backend, x.device)
+        impl = select_backend(backend, x.device, x.numel())
         if x.numel() == 0:
             impl = BACKENDS["eager"]  # nothing to compute: skip compiling for an empty shape
     return impl.apply(canonical, alpha, w, b, reduce_dims).reshape(x.shape)
@@ -78,7 +78,7 @@ def residual_dyt(
     """
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
-    impl = BACKENDS["eager"] if torch.compiler.is_compiling() else select_backend(backend, x.device)
+    impl = BACKENDS["eager"] if torch.compiler.is_compiling() else select_backend(backend, x.device, x.numel())
     if impl.name != "fused" or x.numel() == 0:
         s = x + residual
         return s, dyt(s, alpha, weight, bias, backend=backend)
