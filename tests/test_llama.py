@@ -52,6 +52,20 @@ def test_norm_switch_changes_every_norm_and_only_norms(norm, cls):
         assert model.embed_scale.item() == pytest.approx(32**0.5) and model.norm.bias is None
 
 
+def test_output_head_init():
+    torch.manual_seed(0)
+    dim = 256
+    untied = Llama(ModelConfig(dim=dim, layers=2, heads=4, kv_heads=2, ffn_dim=64, vocab_size=4096))
+    assert untied.output.weight.std().item() == pytest.approx(dim**-0.5, rel=0.02)  # unit-norm rows
+    assert untied.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    chosen = Llama(ModelConfig(dim=dim, layers=2, heads=4, kv_heads=2, ffn_dim=64, vocab_size=4096,
+                               output_init_std=0.01))
+    assert chosen.output.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    tied = Llama(ModelConfig(dim=dim, layers=2, heads=4, kv_heads=2, ffn_dim=64, vocab_size=4096,
+                             tied_embeddings=True))
+    assert tied.output is None and tied.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)
+
+
 def test_alpha_overrides_per_role():
     cfg = _tiny("dyt")
     cfg.norm.alpha_init = {"attention": 0.6, "final": 0.1}

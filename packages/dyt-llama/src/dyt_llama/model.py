@@ -35,6 +35,12 @@ class ModelConfig:
     tied_embeddings: bool = False
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    """Init std of embeddings and projections (residual output projections get it / sqrt(2 layers))."""
+    output_init_std: float | None = None
+    """Init std of an untied output head; None: dim ** -0.5 (unit-norm rows, as in torchtitan's and
+    the DyT paper's LLaMA code). Bounded DyT features need this: with a 0.02 head the tiny DyT model
+    saturated every tanh to reach confident logits and stalled at the unigram loss
+    (docs/performance.md). A tied head is the embedding and keeps ``init_std``."""
     norm: NormConfig = field(default_factory=lambda: NormConfig(kind="rmsnorm", eps=1e-5, bias=False))
     embedding_scale: bool | None = None
     """A learnable scalar after the embedding, initialised to sqrt(dim); None: on exactly when the
@@ -126,6 +132,9 @@ class Llama(nn.Module):
             if p.ndim == 2:  # embeddings and projections; residual outputs scaled by depth (GPT-2)
                 out_proj = name.endswith(("wo.weight", "w2.weight"))
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.layers) if out_proj else std)
+        if self.output is not None:
+            head_std = self.cfg.output_init_std
+            nn.init.normal_(self.output.weight, std=self.cfg.dim**-0.5 if head_std is None else head_std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seq, vocab) for tokens (batch, seq)."""
