@@ -156,3 +156,21 @@ def test_deepspeed_config_derived_then_file_merged_over(tmp_path):
 def test_too_small_training_set_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="fewer than one micro-batch"):
         _run(tmp_path, "data.examples=8")
+
+
+def test_compare_wall_time_counts_only_launches_that_trained(tmp_path, monkeypatch):
+    """A finished run relaunched by a compare (to resume) keeps the wall time it trained in."""
+    from dyt.train.compare import run_training
+
+    monkeypatch.setenv("PYTHONPATH", str(HERE))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "toy.yaml"
+    config.write_text("train:\n  steps: 2\n  progress: false\n  eval_every: 0\n")
+    out = tmp_path / "run"
+    first = run_training("toy_recipe", config, out, [], label="toy", seed=0, launcher="python", nproc=1)
+    assert first.wall_s > 0
+    again = run_training("toy_recipe", config, out, [], label="toy", seed=0, launcher="python", nproc=1)
+    assert again.wall_s == first.wall_s
+    longer = run_training("toy_recipe", config, out, ["train.steps=3"], label="toy", seed=0,
+                          launcher="python", nproc=1)
+    assert longer.wall_s > first.wall_s

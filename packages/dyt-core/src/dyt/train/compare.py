@@ -103,14 +103,34 @@ def run_training(
     module: str, config: Path, out: Path, overrides: Sequence[str], *,
     label: str, seed: int, launcher: str = "deepspeed", nproc: int = 2,
 ) -> Run:
-    """Train ``module`` with ``config`` + ``overrides`` into ``out`` (resuming what is there)."""
+    """Train ``module`` with ``config`` + ``overrides`` into ``out`` (resuming what is there).
+
+    The run's wall time is the sum over the launches that trained steps, kept in ``out``, so a run
+    that was already finished reports the time it took then, not that of the check."""
     cmd = launch_command(module, launcher, nproc) + ["--config", str(config), "--resume"]
     for item in [*overrides, f"train.seed={seed}", f"train.out_dir={out}"]:
         cmd += ["--set", item]
     print(f"\n== {label}, seed {seed}: {' '.join(cmd)}", flush=True)
+    wall_file = out / WALL_FILE
+    steps_before = _last_step(out)
     started = time.perf_counter()
-    subprocess.run(cmd, env=launch_env(nproc), check=True)
-    return Run(label, seed, out, time.perf_counter() - started)
+    try:
+        subprocess.run(cmd, env=launch_env(nproc), check=True)
+    finally:
+        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
+        if _last_step(out) > steps_before:
+            wall += time.perf_counter() - started
+            wall_file.write_text(json.dumps({"seconds": wall}))
+    return Run(label, seed, out, wall)
+
+
+WALL_FILE = "wall_seconds.json"
+
+
+def _last_step(out: Path) -> int:
+    """The last step a run in ``out`` logged (0 for none)."""
+    path = out / "metrics.jsonl"
+    return max((row["step"] for row in read_metrics(path)), default=0) if path.is_file() else 0
 
 
 def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
