@@ -91,8 +91,11 @@ def test_gradcheck_float64(backend, channels_last):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [(b, d) for b in BACKENDS for d in (torch.float32, torch.float64)] + [("fused", torch.float32)],
+    ids=str,
+)
 def test_saturated_inputs(reference, backend, dtype):
     """Far into tanh's tails (incl. |alpha x| in 43.6..51.9, where exp(-2|y|) is a float32
     subnormal): outputs are exactly +-weight and gradients match the reference."""
@@ -104,9 +107,10 @@ def test_saturated_inputs(reference, backend, dtype):
     assert torch.equal(y, weight * x.sign())
     for name, gv, wv in zip(["x", "alpha", "weight"], got, want):
         _close(gv, wv, 1e-6, what=f"grad {name}")
-    infinite = dyt_fn(torch.tensor([[-float("inf"), float("inf")]], dtype=dtype), alpha, weight[:2], None,
-                      backend=backend)
-    assert torch.equal(infinite, torch.stack([-weight[0], weight[1]])[None])
+    special = dyt_fn(torch.tensor([[-float("inf"), float("inf"), float("nan")]], dtype=dtype), alpha, weight[:3],
+                     None, backend=backend)
+    assert torch.equal(special[0, :2], torch.stack([-weight[0], weight[1]]))
+    assert special[0, 2].isnan()  # a NaN must reach the loss, never be clamped into +-1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -127,14 +127,19 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.ndim == 2:  # embeddings and projections; residual outputs scaled by depth (GPT-2)
-                out_proj = name.endswith(("wo.weight", "w2.weight"))
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.layers) if out_proj else std)
-        if self.output is not None:
-            head_std = self.cfg.output_init_std
-            nn.init.normal_(self.output.weight, std=self.cfg.dim**-0.5 if head_std is None else head_std)
+            if p.ndim == 2:
+                nn.init.normal_(p, std=self._init_std(name))
+
+    def _init_std(self, name: str) -> float:
+        """Embeddings and projections: init_std; residual output projections scaled by depth
+        (GPT-2); an untied head: output_init_std (default 1/sqrt(dim))."""
+        cfg = self.cfg
+        if name == "output.weight":
+            return cfg.dim**-0.5 if cfg.output_init_std is None else cfg.output_init_std
+        if name.endswith(("wo.weight", "w2.weight")):
+            return cfg.init_std / math.sqrt(2 * cfg.layers)
+        return cfg.init_std
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seq, vocab) for tokens (batch, seq)."""

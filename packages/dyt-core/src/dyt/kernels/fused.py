@@ -18,12 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .compiled import SATURATED
+
+_SATURATED = tl.constexpr(SATURATED)
+
 
 @triton.jit
 def _tanh(y):
     # Same formulation as the compiled backend: odd Taylor polynomial near 0, exp form elsewhere
     # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh.
-    ay = tl.minimum(tl.abs(y), 20.0)  # tanh is +-1 there; keeps exp(-2|y|) out of subnormals
+    ay = tl.abs(y)
+    ay = tl.where(ay > _SATURATED, _SATURATED, ay)  # tanh is +-1 there; keeps exp(-2|y|) out of
+    # subnormals. (A where, unlike tl.minimum's default, lets NaN through.)
     e = tl.exp(-2.0 * ay)
     large = (1.0 - e) / (1.0 + e)
     large = tl.where(y < 0, -large, large)

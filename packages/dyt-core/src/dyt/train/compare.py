@@ -24,6 +24,8 @@ from ..analysis import pyplot
 from .metrics import read_metrics
 
 LAUNCHERS = ("deepspeed", "torchrun", "python")
+WALL_FILE = "wall_seconds.json"
+"""A run's training wall time (seconds), summed over its launches: see run_training."""
 
 
 @dataclass
@@ -123,8 +125,6 @@ def run_training(
             wall_file.write_text(json.dumps({"seconds": wall}))
     return Run(label, seed, out, wall)
 
-
-WALL_FILE = "wall_seconds.json"
 
 
 def _last_step(out: Path) -> int:
