@@ -126,7 +126,6 @@ def run_training(
     return Run(label, seed, out, wall)
 
 
-
 def _last_step(out: Path) -> int:
     """The last step a run in ``out`` logged (0 for none)."""
     path = out / "metrics.jsonl"
