@@ -79,3 +79,52 @@ def test_optional_nested_dataclass():
 
     assert load_config(Outer, None, ["norm=dyt"]).norm.kind == "dyt"
     assert load_config(Outer, None, []).norm is None
+
+
+@pytest.mark.parametrize(
+    "file_norm, override, want",
+    [
+        ("dyt", "model.norm.alpha_init.attention=0.6", {"kind": "dyt", "alpha_init": {"attention": 0.6}}),
+        ("rmsnorm", "model.norm.eps=1e-6", {"kind": "rmsnorm", "eps": 1e-6}),
+        ("{kind: dyt}", "model.norm.bias=false", {"kind": "dyt", "bias": False}),
+    ],
+)
+def test_dotted_norm_key_keeps_a_scalar_norm_kind(tmp_path, file_norm, override, want):
+    """Bug: a scalar ``norm: dyt`` in the file followed by a dotted norm key was replaced by {},
+    so the model silently became LayerNorm (NormConfig's class default)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  norm: {file_norm}\n")
+    norm = load_config(ToyConfig, path, [override]).model.norm
+    for key, value in want.items():
+        assert getattr(norm, key) == value, (key, getattr(norm, key))
+
+
+def test_partial_sections_keep_the_recipes_own_defaults(tmp_path):
+    """Bug: ``--set model.norm=dyt`` (or a file setting only some norm keys) rebuilt the norm from
+    NormConfig's class defaults (bias on, alpha policy default), not the recipe's field default."""
+
+    @dataclass
+    class Model:
+        norm: NormConfig = field(default_factory=lambda: NormConfig(kind="rmsnorm", bias=False, alpha_policy="llm"))
+
+    @dataclass
+    class Recipe:
+        model: Model = field(default_factory=Model)
+
+    for overrides in (["model.norm=dyt"], ["model.norm.kind=dyt"], ["model.norm.alpha_init.ffn=0.3", "model.norm=dyt"]):
+        norm = load_config(Recipe, None, overrides).model.norm
+        assert (norm.kind, norm.bias, norm.alpha_policy) == ("dyt", False, "llm"), overrides
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  norm: dyt\n")
+    assert load_config(Recipe, path).model.norm == NormConfig(kind="dyt", bias=False, alpha_policy="llm")
+    path.write_text("model:\n  norm: {kind: layernorm, bias: true}\n")
+    assert load_config(Recipe, path).model.norm == NormConfig(kind="layernorm", bias=True, alpha_policy="llm")
+
+
+def test_llama_dyt_from_the_command_line_alone_is_the_papers_llama_dyt():
+    """docs/llama.md: ``--set model.norm=dyt`` gives bias-free DyT with the paper's alpha0 table."""
+    from dyt_llama.task import LlamaConfig
+
+    norm = load_config(LlamaConfig, None, ["model.norm=dyt", "model.dim=4096"]).model.norm
+    assert norm.kind == "dyt" and norm.bias is False and norm.alpha_policy == "llm"
+    assert (norm.alpha_for(4096, "attention"), norm.alpha_for(4096, "ffn")) == (0.8, 0.2)

@@ -41,7 +41,11 @@ class ModelConfig:
     the DyT paper's LLaMA code). Bounded DyT features need this: with a 0.02 head the tiny DyT model
     saturated every tanh to reach confident logits and stalled at the unigram loss
     (docs/performance.md). A tied head is the embedding and keeps ``init_std``."""
-    norm: NormConfig = field(default_factory=lambda: NormConfig(kind="rmsnorm", eps=1e-5, bias=False))
+    norm: NormConfig = field(
+        default_factory=lambda: NormConfig(kind="rmsnorm", eps=1e-5, bias=False, alpha_policy="llm")
+    )
+    """The recipe's norm defaults hold for every kind: ``--set model.norm=dyt`` alone is the paper's
+    LLaMA DyT (no bias, alpha0 from its table by width and role)."""
     embedding_scale: bool | None = None
     """A learnable scalar after the embedding, initialised to sqrt(dim); None: on exactly when the
     norm is DyT (the paper's LLaMA recipe)."""

@@ -1,5 +1,10 @@
 """Recipe configs: dataclasses, loaded from YAML, overridden with dotted keys, printed resolved.
 
+A config resolves as fairseq2's do: the recipe's full dataclass defaults, then the file, then the
+overrides. A nested section given in part keeps the recipe's own defaults for the rest: with
+LLaMA's ``norm`` default ``{kind: rmsnorm, bias: false, alpha_policy: llm}``, ``norm: dyt`` is a
+bias-free DyT with the paper's alpha0 table, not ``NormConfig``'s class defaults.
+
 Every key is checked against the dataclass: an unknown key is an error that names it and the valid
 keys at that level; a value of the wrong type is an error that names the key and the type wanted.
 A dataclass with a ``SHORTHAND`` class attribute accepts a bare scalar for that field
@@ -76,8 +81,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """``value`` as type ``tp``, or a ConfigError naming ``key``."""
+def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
+    """``value`` as type ``tp``, or a ConfigError naming ``key``. A partial mapping for a dataclass
+    fills its missing keys from ``default`` (the enclosing field's default) when that is one."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -88,14 +94,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             value = {shorthand: value}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} settings, got {value!r}")
-        return from_dict(tp, value, prefix=key)
+        return from_dict(tp, value, prefix=key, base=default if isinstance(default, tp) else None)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
         for arm in (a for a in args if a is not type(None)):
             try:
-                return _coerce(arm, value, key)
+                return _coerce(arm, value, key, default)
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
@@ -144,8 +150,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from a (possibly partial) nested mapping; missing keys keep their defaults."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """Build ``cls`` from a (possibly partial) nested mapping. Missing keys keep the values of
+    ``base`` when given, else the field defaults; a nested dataclass given in part starts from its
+    field's default, so a recipe's defaults for a section survive a file or override that sets
+    only some of its keys."""
     fields = _fields(cls)
     hints = _hints(cls)
     where = f" under '{prefix}'" if prefix else ""
@@ -153,9 +168,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         if name not in fields:
             raise ConfigError(f"unknown key '{prefix + '.' if prefix else ''}{name}'; valid keys{where}: {', '.join(fields)}")
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+        default = getattr(base, name) if base is not None else _field_default(fields[name])
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name, default)
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
@@ -208,7 +224,9 @@ def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any) -> None:
             return
         child = node.get(part)
         if not isinstance(child, dict):
-            child = node[part] = {}
+            # A scalar shorthand (``norm: dyt``) deeper keys go under keeps its meaning: {kind: dyt}.
+            shorthand = getattr(next_type, "SHORTHAND", None) if dataclasses.is_dataclass(next_type) else None
+            child = node[part] = {shorthand: child} if shorthand and child is not None else {}
         node, node_type = child, next_type
         walked.append(part)
 
