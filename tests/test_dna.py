@@ -337,3 +337,45 @@ def test_mamba_ssm_kernel_agrees_with_the_pure_scan():
     kernel = scan(x, dt, bias, A, B, C, D, use_kernel=True)
     pure = scan(x, dt, bias, A, B, C, D, use_kernel=False)
     torch.testing.assert_close(kernel, pure, rtol=1e-3, atol=1e-3)
+
+
+def _fake_run(root: Path, max_len: int = 128) -> Path:
+    """A pretraining run directory (config + one complete checkpoint) of a tiny untrained HyenaDNA."""
+    from dyt.train.config import dump_yaml
+    from dyt_dna.config import HyenaOptions
+    from dyt_dna.task import DnaConfig
+
+    config = DnaConfig(model=DnaModelConfig(arch="hyena", dim=8, layers=1, max_len=max_len,
+                                            hyena=HyenaOptions(filter_order=8)))
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(dump_yaml(config))
+    checkpoint = root / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    torch.save({"module": build_model(config.model).state_dict()}, checkpoint / "mp_rank_00_model_states.pt")
+    (checkpoint / "COMPLETE").write_text("{}")
+    return root
+
+
+def test_fine_tuning_eval_validates_every_quarter_of_the_steps(tmp_path):
+    from dyt_dna.eval import main as evaluate
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=16)  # 28 train / 4 validation files
+    results = evaluate(["--run", str(_fake_run(tmp_path / "run")), "--task", str(tmp_path / "bench"),
+                        "--seeds", "0", "--epochs", "2", "--batch-size", "4", "--patience", "10"])
+    # 7 steps per epoch, 14 in all: docs/dna.md's "validation every quarter of the steps"
+    assert [row["step"] for row in results[0].curve] == [4, 8, 12, 14]
+
+
+def test_truncate_note_is_printed_and_saved(tmp_path, capsys):
+    import json
+
+    from dyt_dna.eval import main as evaluate
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=4)  # 60-base sequences
+    out = tmp_path / "results.json"
+    evaluate(["--run", str(_fake_run(tmp_path / "run", max_len=32)), "--task", str(tmp_path / "bench"),
+              "--seeds", "0", "1", "--epochs", "1", "--batch-size", "4", "--truncate", "--out", str(out)])
+    printed = [line for line in capsys.readouterr().out.splitlines() if "cut to" in line]
+    assert len(printed) == 1 and "32 bases" in printed[0], printed
+    saved = json.loads(out.read_text())
+    assert len(saved) == 2 and all("cut to their first 32 bases" in row["note"] for row in saved)

@@ -31,7 +31,7 @@ from dyt.train.compare import (
 from dyt.train.finetune import FinetuneConfig
 
 from .data import ClassificationData, load_task, pretraining_datasets
-from .eval import evaluate
+from .eval import evaluate, results_json
 from .task import DnaConfig
 
 CONFIGS = [Path("recipes/dna/hyena-tiny.yaml"), Path("recipes/dna/caduceus-tiny.yaml")]
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
                 print(f"== fine-tune {run.label} on {task.name}, seeds {args.seeds}", flush=True)
                 evals[(id(run), task.name)] = reuse_or_compute(
                     run.dir / f"eval-{task.name}.json", settings,
-                    lambda run=run, task=task: [asdict(r) for r in evaluate(run.dir, task, finetune_cfg)])
+                    lambda run=run, task=task: results_json(task, evaluate(run.dir, task, finetune_cfg)))
     report = write_report(args, runs, tasks, evals)
     print(f"\nreport: {report}")
     return report

@@ -175,7 +175,7 @@ class ClassificationData:
     note: str = ""
 
     def check_length(self, max_len: int, truncate: bool) -> ClassificationData:
-        """Error on sequences longer than the model's context, or cut them when ``truncate``."""
+        """Error on sequences longer than the model's context, or cut them when ``truncate`` (and say so in ``note``)."""
         longest = max(max(len(s) for s in split["sequence"]) for split in (self.train, self.validation, self.test))
         if longest <= max_len:
             return self
@@ -184,9 +184,12 @@ class ClassificationData:
                 f"task {self.name}: sequences up to {longest} bases, longer than the model's context ({max_len}); "
                 "pass --truncate to keep the first bases of each"
             )
+        lengths = [len(s) for split in (self.train, self.validation, self.test) for s in split["sequence"]]
+        cut_note = (f"--truncate: {sum(n > max_len for n in lengths)} of {len(lengths)} sequences (up to {longest} "
+                    f"bases) cut to their first {max_len} bases, the model's context.")
         cut = lambda row: {"sequence": row["sequence"][:max_len]}  # noqa: E731
         return ClassificationData(self.name, self.classes, self.train.map(cut), self.validation.map(cut),
-                                  self.test.map(cut), self.note + f" Sequences cut to {max_len} bases.")
+                                  self.test.map(cut), " ".join(filter(None, (self.note, cut_note))))
 
 
 def _read_sequence_file(path: Path) -> str:

@@ -1,5 +1,6 @@
 """DNA classification from a pretrained checkpoint: a pooled linear head on the backbone, full
-fine-tuning, early stopping on validation MCC, several seeds; accuracy, MCC and F1 on the test split.
+fine-tuning, validation every quarter of the steps, early stopping on validation MCC, several seeds;
+accuracy, MCC and F1 on the test split.
 
     python -m dyt_dna.eval --run runs/dna/hyena-tiny --task species --seeds 0 1 2
     python -m dyt_dna.eval --run RUN --task path/to/genomic_benchmarks/human_nontata_promoters
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +22,13 @@ import torch
 from torch import nn
 
 from dyt.train import load_config, trained_weights
-from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune
+from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune, planned_steps
 
 from .data import ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
+
+VALIDATIONS = 4
+"""Validation runs this many times per fine-tuning run (every quarter of the steps)."""
 
 
 class SequenceClassifier(nn.Module):
@@ -62,6 +67,11 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig) -> li
     ]
 
 
+def results_json(task: ClassificationData, results: list[FinetuneResult]) -> list[dict]:
+    """Per-seed results as JSON rows, each with the task's name and note (e.g. what ``--truncate`` cut)."""
+    return [{**asdict(r), "task": task.name, "note": task.note} for r in results]
+
+
 def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
     return {metric: [r.test["test"][metric] for r in results] for metric in ("accuracy", "mcc", "f1")}
 
@@ -81,14 +91,17 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     args = parser.parse_args(argv)
     config = load_config(DnaConfig, args.run / "config.yaml")  # the weights are loaded once, by evaluate
     task = load_task(args.task, config.data.window, args.per_class).check_length(config.model.max_len, args.truncate)
+    if task.note:
+        print(f"{task.name}: {task.note}", flush=True)
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                          seeds=args.seeds)
+    cfg.eval_every = math.ceil(planned_steps(cfg, len(task.train)) / VALIDATIONS)
     results = evaluate(args.run, task, cfg)
     for metric, values in summarize(results).items():
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         print(f"{task.name} {metric}: {statistics.mean(values):.3f}{spread} over seeds {args.seeds}")
     if args.out:
-        args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
+        args.out.write_text(json.dumps(results_json(task, results), indent=1))
     return results
 
 

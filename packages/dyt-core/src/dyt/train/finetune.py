@@ -67,6 +67,12 @@ class FinetuneResult:
     curve: list[dict[str, float]]
 
 
+def planned_steps(cfg: FinetuneConfig, examples: int) -> int:
+    """Optimizer steps ``finetune`` takes over ``examples`` training examples unless it stops early."""
+    total = cfg.epochs * math.ceil(examples / cfg.batch_size)
+    return min(cfg.max_steps, total) if cfg.max_steps else total
+
+
 def _predict(model: nn.Module, loader: DataLoader, classes: int) -> tuple[torch.Tensor, float]:
     model.eval()
     confusion = torch.zeros(classes, classes, dtype=torch.long)
@@ -106,7 +112,7 @@ def finetune(
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0 or len(validation) == 0:
         raise ValueError(f"{desc}: {len(train)} training and {len(validation)} validation examples; need both")
-    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    total = planned_steps(cfg, len(train))
     every = cfg.eval_every or steps_per_epoch
     best: tuple[float, int, dict, dict] = (-math.inf, 0, {}, {})
     curve, waited, step = [], 0, 0
