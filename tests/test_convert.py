@@ -82,7 +82,7 @@ def test_fairseq2_llama_rmsnorms_become_bias_free_dyt():
         num_attn_heads=4, num_key_value_heads=2, ffn_inner_dim=128,
     )
     model = llama.create_llama_model(config)
-    policy = NormConfig(kind="dyt", alpha_policy="llm")
+    policy = NormConfig(kind="dyt", bias=False, alpha_policy="llm")  # a NormConfig is followed as given
     report = convert_norms(model, policy, role_of=lambda p: "attention" if "self_attn" in p else "ffn")
     assert len(report.replaced) == 2 * 2 + 1
     assert all(r.old_type == "fairseq2.nn.normalization.RMSNorm" for r in report.replaced)
@@ -163,3 +163,20 @@ def test_classify_norm():
     assert classify_norm(nn.Linear(3, 3)) is None
     info = classify_norm(nn.RMSNorm(5))
     assert info.kind == "rmsnorm" and info.shape == (5,) and info.channels_last
+
+
+def test_a_norm_config_target_is_followed_and_a_bare_kind_keeps_each_bias():
+    """Conversion builds through make_norm: a NormConfig's bias and alpha0 reach every new layer (the
+    old builder copied the original's bias whatever the config said); a bare kind keeps each bias."""
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8, bias=False))
+    convert_norms(model, NormConfig(kind="dyt", bias=False, alpha_init={"default": 0.3}))
+    assert [m.bias is None for m in (model[0], model[2])] == [True, True]
+    assert model[0].alpha.item() == pytest.approx(0.3)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8, bias=False))
+    convert_norms(model, NormConfig(kind="dyt", bias=True))
+    assert model[0].bias is not None and model[2].bias is not None and not model[2].bias.any()
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8, bias=False))
+    convert_norms(model, "dyt")
+    assert model[0].bias is not None and model[2].bias is None
+    back = convert_norms(model, NormConfig(kind="layernorm", eps=1e-3))
+    assert len(back.replaced) == 2 and model[0].eps == 1e-3 and model[2].eps == 1e-3

@@ -1,6 +1,7 @@
 """dyt-wav2vec2: every LayerNorm swapped (and back), masking/quantizer shapes, the loss falls on
 real synthetic speech, manifests and bad audio, eval metrics, a 2-rank run with resume."""
 
+import math
 import os
 import subprocess
 import sys
@@ -53,9 +54,9 @@ def speech(tmp_path_factory):
 # ---------------------------------------------------------------- model and the norm switch
 
 @pytest.mark.parametrize("norm_order", ["pre", "post"])
-def test_norm_switch_replaces_every_layernorm_and_back(norm_order):
-    layernorm = build_wav2vec2(_config(f"model.norm_order={norm_order}").model)
-    dyt = build_wav2vec2(_config(f"model.norm_order={norm_order}", "model.norm=dyt").model)
+def test_norm_scope_all_replaces_every_layernorm_and_back(norm_order):
+    layernorm = build_wav2vec2(_config(f"model.norm_order={norm_order}", "model.norm_scope=all").model)
+    dyt = build_wav2vec2(_config(f"model.norm_order={norm_order}", "model.norm=dyt", "model.norm_scope=all").model)
     before = list(iter_norms(layernorm))
     after = list(iter_norms(dyt))
     assert len(before) == len(after) > 2 * 2  # conv norms + frontend + 2 per layer (+ final with pre-LN)
@@ -66,6 +67,49 @@ def test_norm_switch_replaces_every_layernorm_and_back(norm_order):
     back = convert_norms(dyt, NormConfig(kind="layernorm"))
     assert len(back.replaced) == len(after)
     assert not [m for m in dyt.modules() if isinstance(m, DyT)]
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "base", "large"])
+def test_default_norm_scope_is_the_papers(recipe):
+    """Post-extraction norm and every Transformer norm become DyT; the conv feature extractor keeps
+    the baseline's norms (GroupNorm for Base, per-conv LayerNorms for Large and tiny). Every DyT
+    takes the config's settings (bias, alpha0), the frontend's included."""
+    overrides = ["model.norm=dyt", "model.norm.bias=false", "model.norm.alpha_init.default=0.7"]
+    if recipe != "tiny":
+        overrides += ["model.layers=2", "model.dim=64", "model.heads=4", "model.ffn_dim=128"]
+    cfg = load_config(Wav2Vec2PretrainConfig, ROOT / "recipes" / "wav2vec2" / f"{recipe}.yaml", overrides)
+    norms = {path: type(module).__name__ for path, module, _ in iter_norms(build_wav2vec2(cfg.model))}
+    extractor = {p: t for p, t in norms.items() if p.startswith("encoder_frontend.feature_extractor.")}
+    converted = {p: t for p, t in norms.items() if p not in extractor}
+    baseline = {"base": {"Float32GroupNorm"}}.get(recipe, {"StandardLayerNorm"})
+    assert extractor and set(extractor.values()) == baseline, extractor
+    assert len(extractor) == (1 if recipe == "base" else 7)
+    want = {"encoder_frontend.post_extract_layer_norm"} | {f"encoder.layers.{i}.{n}_layer_norm"
+                                                           for i in range(cfg.model.layers) for n in ("self_attn", "ffn")}
+    want |= {"encoder_frontend.layer_norm"} if cfg.model.norm_order == "post" else {"encoder.layer_norm"}
+    assert set(converted) == want and set(converted.values()) == {"DyT"}, converted
+    dyts = [m for m in build_wav2vec2(cfg.model).modules() if isinstance(m, DyT)]
+    assert len(dyts) == len(want) and all(m.bias is None and m.alpha_init == 0.7 for m in dyts)
+
+
+def test_contrastive_metrics_score_a_collapsed_quantizer_at_chance():
+    """fairseq2 drops distractors equal to the target (-inf logits): a model whose targets are all
+    one code then scores a low loss. Kept as ties, it scores ln(K + 1) and no accuracy."""
+    from dyt_wav2vec2.task import contrastive_metrics
+
+    collapsed = torch.zeros(2, 5, 21)
+    collapsed[..., 1:] = -torch.inf
+    metrics = contrastive_metrics(collapsed)
+    assert metrics["contrastive_kept"] == pytest.approx(math.log(21))
+    assert metrics["contrastive_accuracy"] == 0.0 and metrics["distractors_equal_target"] == 1.0
+    logits = torch.tensor([[[3.0, 1.0, -torch.inf], [0.0, 2.0, 1.0]]])  # frame 1 right, frame 2 wrong
+    metrics = contrastive_metrics(logits)
+    want = (torch.nn.functional.cross_entropy(torch.tensor([[3.0, 1.0, 3.0], [0.0, 2.0, 1.0]]), torch.zeros(2, dtype=torch.long)))
+    assert metrics["contrastive_kept"] == pytest.approx(want.item())
+    assert metrics["contrastive_accuracy"] == 0.0  # frame 1 ties its duplicate: not ranked first
+    assert metrics["distractors_equal_target"] == pytest.approx(0.25)
+    metrics = contrastive_metrics(torch.tensor([[[3.0, 1.0, 2.0], [0.0, 2.0, 1.0]]]))
+    assert metrics["contrastive_accuracy"] == 0.5 and metrics["distractors_equal_target"] == 0.0
 
 
 def test_masking_and_quantizer_shapes():

@@ -12,6 +12,7 @@ alone and listed in the report with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .modules import DyT
-from .norms import KINDS, ChannelsFirst, NormConfig
+from .norms import KINDS, ChannelsFirst, NormConfig, make_norm
 
 
 @dataclass(frozen=True)
@@ -208,33 +209,14 @@ def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, NormInfo | st
 
 
 def build_norm(info: NormInfo, target: NormConfig, *, copy_affine: bool = True, role: str = "default") -> nn.Module:
-    """A ``target.kind`` layer that stands where a layer described by ``info`` stood; it has a bias
-    exactly when the original had one, and keeps its device, dtype and layout."""
-    kind = target.kind
-    has_bias = info.bias is not None
-    if kind == "identity":
-        return nn.Identity()
-    placement = {"device": info.device, "dtype": info.dtype}
-    if kind == "dyt":
-        width = info.shape[-1]
-        new: nn.Module = DyT(
-            info.shape,
-            alpha_init=target.alpha_for(width, role),
-            bias=has_bias,
-            channels_last=info.channels_last,
-            backend=target.backend,
-            **placement,
-        )
-        inner = new
-    else:
-        if kind == "layernorm":
-            inner = nn.LayerNorm(info.shape, eps=target.eps, bias=has_bias, **placement)
-        else:
-            inner = nn.RMSNorm(info.shape, eps=target.eps, **placement)
-        new = inner if info.channels_last else ChannelsFirst(inner)
+    """The ``target`` layer, built by :func:`make_norm` (the one norm builder), that stands where a
+    layer described by ``info`` stood: same shape, layout, device and dtype; bias, eps and alpha0
+    as ``target`` says. The original's weight (and bias, where both have one) are copied over."""
+    new = make_norm(target, info.shape, role=role, channels_last=info.channels_last, device=info.device, dtype=info.dtype)
+    inner = new.norm if isinstance(new, ChannelsFirst) else new
     if copy_affine:
         with torch.no_grad():
-            if info.weight is not None:
+            if info.weight is not None and getattr(inner, "weight", None) is not None:
                 inner.weight.copy_(info.weight.reshape(inner.weight.shape))
             if info.bias is not None and getattr(inner, "bias", None) is not None:
                 inner.bias.copy_(info.bias.reshape(inner.bias.shape))
@@ -247,19 +229,24 @@ def convert_norms(
     *,
     copy_affine: bool = True,
     role_of: Callable[[str], str] | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> ConversionReport:
     """Replace every LayerNorm/RMSNorm/DyT-like layer of ``model`` with a ``to`` layer, in place.
 
     Args:
-        to: the target kind (``dyt``, ``layernorm``, ``rmsnorm``, ``identity``) or a NormConfig
-            (its alpha policy, eps and backend are used).
+        to: a NormConfig, whose settings (bias, eps, alpha0, backend) every new layer takes; or a
+            bare kind (``dyt``, ``layernorm``, ``rmsnorm``, ``identity``): NormConfig's defaults,
+            except that each new layer has a bias exactly when the layer it replaces had one.
         copy_affine: carry the per-channel weight (and bias) over to the new layer.
         role_of: maps a module path to a DyT role (attention / ffn / final / default) for the
             alpha0 policy; default: every layer is ``default``.
+        only: converts just the layers whose path it accepts (e.g. the paper's wav2vec 2.0 scope,
+            everything but the conv feature extractor); the rest are reported as left alone.
 
     Returns a :class:`ConversionReport`. Layers already of the target kind stay as they are.
     """
-    target = NormConfig(kind=to) if isinstance(to, str) else to
+    keep_bias = isinstance(to, str)
+    target = NormConfig(kind=to) if keep_bias else to
     if target.kind not in KINDS:
         raise ValueError(f"unknown norm kind {target.kind!r}; choose one of {', '.join(KINDS)}")
     report = ConversionReport(target=target.kind)
@@ -268,6 +255,9 @@ def convert_norms(
         if isinstance(found, str):
             report.left_alone.append(LeftAlone(path, _type_name(module), found))
             continue
+        if only is not None and not only(path):
+            report.left_alone.append(LeftAlone(path, _type_name(module), "outside the requested scope"))
+            continue
         if found.kind == target.kind:
             report.left_alone.append(LeftAlone(path, _type_name(module), f"already {target.kind}"))
             continue
@@ -275,7 +265,8 @@ def convert_norms(
             raise ValueError("convert_norms replaces submodules; the model itself is a norm layer")
         if id(module) not in swapped:
             role = role_of(path) if role_of is not None else "default"
-            swapped[id(module)] = build_norm(found, target, copy_affine=copy_affine, role=role)
+            layer_target = dataclasses.replace(target, bias=found.bias is not None) if keep_bias else target
+            swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role)
         new = swapped[id(module)]
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -70,16 +71,18 @@ class ChannelsFirst(nn.Module):
 
 def make_norm(
     config: NormConfig | str,
-    dim: int,
+    dim: int | Sequence[int],
     *,
     role: str = "default",
     channels_last: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Build the norm layer ``config`` asks for over ``dim`` channels.
+    """Build the norm layer ``config`` asks for over ``dim`` channels (or a trailing shape, as
+    ``nn.LayerNorm`` takes; channels-first layers take one channel count).
 
-    ``role`` (attention / ffn / final / default) only matters for DyT's alpha0.
+    ``role`` (attention / ffn / final / default) only matters for DyT's alpha0, chosen by the last
+    dimension's width.
     """
     if isinstance(config, str):
         config = NormConfig(kind=config)
@@ -89,7 +92,7 @@ def make_norm(
     if config.kind == "dyt":
         return DyT(
             dim,
-            alpha_init=config.alpha_for(dim, role),
+            alpha_init=config.alpha_for(dim if isinstance(dim, int) else dim[-1], role),
             bias=config.bias,
             channels_last=channels_last,
             backend=config.backend,

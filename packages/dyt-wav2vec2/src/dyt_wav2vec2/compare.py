@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from dyt.train.compare import (
 
 from .eval import run_evals
 from .speech import KEYWORDS, build
-from .task import Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask
+from .task import Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask, collapse_reason
 
 NORMS = ("layernorm", "dyt")
 EVAL_NAMES = {"probe": "keywords, linear probe", "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
@@ -86,24 +87,32 @@ def main(argv: list[str] | None = None) -> Path:
 
 def write_report(args, runs: list[Run], evals: dict) -> Path:
     out = args.out
+    model = load_config(Wav2Vec2PretrainConfig, args.config, args.overrides).model
     lines = [
         "# wav2vec 2.0: LayerNorm vs DyT",
         "",
         f"Config `{args.config}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed {args.pretrain_seed}. "
-        "Validation: synthetic sentences in voices never heard in training. Loss: fairseq2's contrastive + "
-        "0.1 x diversity + feature penalty per masked frame (nats).",
+        "Validation: synthetic sentences in voices never heard in training, masked and with distractors "
+        f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
+        f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
+        "counts as a tie, where fairseq2's training loss drops it. Accuracy: the target scores strictly above "
+        f"every distractor (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
+        "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance.",
         "",
-        "| norm | final train loss | validation loss | codebook perplexity | steps/s | audio s / s | peak RSS per rank (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| norm | final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
+        "| distractors equal to target | status | steps/s | audio s / s | peak RSS per rank (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         rows = run.metrics
         train = [r for r in rows if "train/loss" in r]
         last_eval = [r for r in rows if "eval/loss" in r][-1]
+        reason = collapse_reason(last_eval, model)
         rss = " / ".join(f"{v:.0f}" for k, v in sorted(rows[-1].items()) if k.startswith("peak_rss_mb/"))
         lines.append(f"| {run.label} | {statistics.mean(r['train/loss'] for r in train[-3:]):.3f} | "
-                     f"{last_eval['eval/loss']:.3f} | {train[-1]['train/codebook_perplexity']:.1f} | "
-                     f"{_steps_per_second(train)} | "
+                     f"{last_eval['eval/contrastive_kept']:.3f} | {last_eval['eval/contrastive_accuracy']:.3f} | "
+                     f"{last_eval['eval/codebook_perplexity']:.1f} | {last_eval['eval/distractors_equal_target']:.1%} | "
+                     f"{f'**collapsed** ({reason})' if reason else 'learning'} | {_steps_per_second(train)} | "
                      f"{median_throughput(rows):.1f} | {rss} | {run.wall_s:.0f} |")
     lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std.", "",
               "| norm | eval | unseen voices | real recordings |", "|---|---|---|---|"]

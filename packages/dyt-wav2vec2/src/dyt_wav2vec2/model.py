@@ -1,9 +1,12 @@
 """wav2vec 2.0 built from fairseq2's parts, with every LayerNorm chosen by ``model.norm``.
 
 The encoder's norms come through fairseq2's hook, ``Wav2Vec2EncoderFactory.create_layer_norm``,
-which here calls dyt-core's factory. The frontend's post-extraction LayerNorm and the feature
-extractor's per-conv LayerNorms are built by fairseq2 directly, so they are swapped after building
-with :func:`dyt.convert_norms`. Nothing else differs between the LayerNorm and the DyT model.
+which here calls dyt-core's factory. The frontend's norms (post-extraction, and the encoder-input
+one of post-norm models) are built by fairseq2 directly, so they are swapped after building with
+:func:`dyt.convert_norms`, which builds through the same factory. ``model.norm_scope`` says how far
+the switch reaches: ``encoder`` (default, the paper's fairseq patch) leaves the conv feature
+extractor's norms as in the baseline; ``all`` converts them too (an ablation). Nothing else differs
+between the LayerNorm and the DyT model.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from torch import nn
 from dyt import NormConfig, convert_norms, make_norm
 
 NORM_ORDERS = {"pre": TransformerNormOrder.PRE, "post": TransformerNormOrder.POST}
+NORM_SCOPES = ("encoder", "all")
+FEATURE_EXTRACTOR = "encoder_frontend.feature_extractor"
 
 
 @dataclass
@@ -50,13 +55,21 @@ class Wav2Vec2ModelConfig:
     layer_drop: float = 0.05
     norm: NormConfig = field(default_factory=lambda: NormConfig(kind="layernorm", alpha_init={"default": 0.5}))
     """layernorm | dyt (the paper: alpha0 0.5, with bias)."""
+    norm_scope: str = "encoder"
+    """Which norms ``norm`` sets: ``encoder`` (the post-extraction norm and every Transformer norm;
+    the conv feature extractor keeps the baseline's GroupNorm / LayerNorms, as the paper's fairseq
+    patch does) or ``all`` (the feature extractor's too: an ablation)."""
     compile_quantizer: bool = True
     """fairseq2 torch.compiles one step of its quantizer; on a CPU that costs 8-17 s at the first
     step (and again for new shapes). False runs it eagerly."""
 
-    def fairseq2_config(self) -> Wav2Vec2Config:
+    def __post_init__(self) -> None:
         if self.norm_order not in NORM_ORDERS:
             raise ValueError(f"model.norm_order must be pre or post, not {self.norm_order!r}")
+        if self.norm_scope not in NORM_SCOPES:
+            raise ValueError(f"model.norm_scope must be one of {', '.join(NORM_SCOPES)}, not {self.norm_scope!r}")
+
+    def fairseq2_config(self) -> Wav2Vec2Config:
         encoder = Wav2Vec2EncoderConfig(
             model_dim=self.dim, num_encoder_layers=self.layers, num_encoder_attn_heads=self.heads,
             ffn_inner_dim=self.ffn_dim, feature_dim=self.conv_layers[-1][0],
@@ -64,6 +77,9 @@ class Wav2Vec2ModelConfig:
             feature_extractor_layer_norm_convs=self.conv_layer_norm, feature_extractor_bias=self.conv_layer_norm,
             pos_conv_kernel_size=self.pos_conv_kernel, num_pos_conv_groups=self.pos_conv_groups,
             norm_order=NORM_ORDERS[self.norm_order], dropout_p=self.dropout, attn_dropout_p=self.dropout,
+            # The encoder-input norm exists only in post-norm (Base) models, as in fairseq v1 and
+            # fairseq2's own Large presets; pre-norm models end with the encoder's final norm.
+            layer_norm_features=self.norm_order == "post",
             layer_drop_p=self.layer_drop,
         )
         return Wav2Vec2Config(
@@ -108,8 +124,9 @@ def _run_quantizer_eagerly(quantizer: nn.Module) -> None:
 
 def build_wav2vec2(cfg: Wav2Vec2ModelConfig) -> Wav2Vec2Model:
     model = _Factory(cfg.fairseq2_config(), cfg.norm).create_model()
-    if cfg.norm.kind != "layernorm":
-        convert_norms(model, cfg.norm)  # the frontend's and feature extractor's hard-coded LayerNorms
+    if cfg.norm.kind != "layernorm":  # the norms fairseq2 builds without the hook
+        in_scope = None if cfg.norm_scope == "all" else (lambda path: not path.startswith(FEATURE_EXTRACTOR + "."))
+        convert_norms(model, cfg.norm, only=in_scope)
     if not cfg.compile_quantizer:
         _run_quantizer_eagerly(model.quantizer)
     return model

@@ -1,5 +1,6 @@
 """wav2vec 2.0 self-supervised pretraining for the shared harness: contrastive + diversity loss
-(fairseq2's), random crops of 16 kHz speech, validation loss and codebook perplexity."""
+(fairseq2's), random crops of 16 kHz speech; logged for training and validation: the contrastive
+loss with every distractor kept, contrastive accuracy, codebook (soft) and code (hard) perplexity."""
 
 from __future__ import annotations
 
@@ -140,6 +141,46 @@ def crop_and_batch(waveforms: list[torch.Tensor], crop: int) -> tuple[torch.Tens
     return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True), lengths
 
 
+def contrastive_metrics(logits: torch.Tensor) -> dict[str, float]:
+    """Scores of the contrastive task that a collapsed quantizer cannot game.
+
+    fairseq2 sets a distractor's logit to -inf when it equals the target and leaves it out of the
+    loss, so a model whose targets are all one code has no distractors left and scores a low loss.
+    Here such a distractor is scored as what it is, a tie with the target: ``contrastive_kept`` is
+    the cross-entropy over all 1 + K candidates, and ``contrastive_accuracy`` counts a masked frame
+    only when its target scores strictly above every distractor. ``distractors_equal_target`` is
+    the share fairseq2 dropped."""
+    logits = logits.detach().float().flatten(0, -2)  # (masked frames, 1 + K)
+    target = logits[:, :1]
+    dropped = torch.isneginf(logits[:, 1:])
+    kept = torch.cat([target, torch.where(dropped, target, logits[:, 1:])], dim=1)
+    zeros = torch.zeros(len(kept), dtype=torch.long, device=kept.device)
+    return {
+        "contrastive_kept": torch.nn.functional.cross_entropy(kept, zeros).item(),
+        "contrastive_accuracy": (kept[:, 0] > kept[:, 1:].amax(1)).float().mean().item(),
+        "distractors_equal_target": dropped.float().mean().item(),
+    }
+
+
+COLLAPSE_PERPLEXITY = 0.95
+"""A codebook perplexity at or above this share of its maximum is uniform code sampling."""
+
+
+def collapse_reason(metrics: dict[str, float], model: Wav2Vec2ModelConfig) -> str | None:
+    """Why a run's validation ``metrics`` (``eval/...``) show a collapsed model, or None.
+
+    Collapsed: codebook perplexity >= 95% of its maximum (the quantizer's logits no longer depend on
+    the audio, so Gumbel sampling picks codes uniformly), or contrastive accuracy under twice the
+    1 / (K + 1) of guessing."""
+    most = model.codebooks * model.codebook_entries
+    if metrics["eval/codebook_perplexity"] >= COLLAPSE_PERPLEXITY * most:
+        return f"codebook perplexity {metrics['eval/codebook_perplexity']:.0f} of {most}"
+    chance = 1 / (model.distractors + 1)
+    if metrics["eval/contrastive_accuracy"] < 2 * chance:
+        return f"contrastive accuracy {metrics['eval/contrastive_accuracy']:.3f}, chance {chance:.3f}"
+    return None
+
+
 class Wav2Vec2PretrainTask:
     def __init__(self, config: Wav2Vec2PretrainConfig):
         self.config = config
@@ -174,4 +215,6 @@ class Wav2Vec2PretrainTask:
             "units": lengths.sum().item() / SAMPLE_RATE,  # audio seconds
             "contrastive": losses.contrastive.item() / targets,
             "codebook_perplexity": output.quantizer_output.prob_perplexity.item(),
+            "code_perplexity": output.quantizer_output.code_perplexity.item(),
+            **contrastive_metrics(output.logits),
         }

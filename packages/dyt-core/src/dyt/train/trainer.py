@@ -34,7 +34,8 @@ class NonFiniteLossError(RuntimeError):
 class Task(Protocol):
     """What a recipe provides. ``loss`` returns the loss and extra scalars; an extra named
     ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric, and every other
-    extra is averaged over the step and logged as ``train/<name>``. Optionally,
+    extra is averaged over the step and logged as ``train/<name>``, and over validation batches as
+    ``eval/<name>``. Optionally,
     ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity)."""
 
     def build_model(self) -> nn.Module: ...
@@ -193,7 +194,11 @@ class Trainer:
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
-    def _evaluate(self, engine, dataset: Dataset) -> float:
+    def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
+        """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
+        over ``eval_batches`` micro-batches per rank, averaged over ranks."""
+        if len(dataset) < self.dist.world_size:  # a rank without a batch could not name the extras
+            raise ValueError(f"the validation set has {len(dataset)} examples, fewer than the {self.dist.world_size} ranks")
         indices = list(range(self.dist.rank, len(dataset), self.dist.world_size))
         loader = DataLoader(
             dataset,
@@ -203,19 +208,26 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
         )
-        total = torch.zeros(2, dtype=torch.float64)
+        sums: dict[str, float] = {}
+        batches = 0
         engine.eval()
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if i >= self.cfg.eval_batches:
                     break
-                loss, _ = self.task.loss(engine, _to_device(batch, self.dist.device, HALF_PRECISION.get(self.cfg.precision)))
-                total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, HALF_PRECISION.get(self.cfg.precision)))
+                for name, value in {"loss": loss.item(), **extras}.items():
+                    if name != "units":
+                        sums[name] = sums.get(name, 0.0) + float(value)
+                batches += 1
         engine.train()
-        total = all_reduce(total)
-        if total[1] == 0:
+        # Every rank has at least one batch, so every rank reduces the same names in the same order.
+        names = ["loss"] + sorted(n for n in sums if n != "loss")
+        count = all_reduce(torch.tensor([float(batches)], dtype=torch.float64))
+        if count.item() == 0:
             raise ValueError("the validation set has no examples for this many ranks")
-        return (total[0] / total[1]).item()
+        totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
+        return {n: (t / count).item() for n, t in zip(names, totals)}
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, dist = self.cfg, self.dist
@@ -281,8 +293,9 @@ class Trainer:
                                 **extra_means})
                     row.update({f"alpha/{p}": m.alpha.item() for p, m in dyt_layers(engine.module)})
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    eval_loss = self._evaluate(engine, eval_set)
-                    row["eval/loss"] = eval_loss
+                    evaluated = self._evaluate(engine, eval_set)
+                    eval_loss = evaluated["loss"]
+                    row.update({f"eval/{name}": value for name, value in evaluated.items()})
                     row.update(getattr(self.task, "eval_metrics", lambda _: {})(eval_loss))
                 if step == cfg.steps:
                     row.update(_peak_rss_per_rank(dist))
