@@ -59,6 +59,11 @@ class Wav2Vec2ModelConfig:
     """Which norms ``norm`` sets: ``encoder`` (the post-extraction norm and every Transformer norm;
     the conv feature extractor keeps the baseline's GroupNorm / LayerNorms, as the paper's fairseq
     patch does) or ``all`` (the feature extractor's too: an ablation)."""
+    feature_grad_scale: float = 0.1
+    """Gradient scale into the conv feature extractor (fairseq v1's feature_grad_mult; Base 0.1)."""
+    quantizer_encoder_grad: bool = True
+    """Let the quantizer's losses (diversity, contrastive targets) send gradient into the frontend,
+    as fairseq v1 does; False reads a detached copy of the features."""
     compile_quantizer: bool = True
     """fairseq2 torch.compiles one step of its quantizer; on a CPU that costs 8-17 s at the first
     step (and again for new shapes). False runs it eagerly."""
@@ -80,13 +85,13 @@ class Wav2Vec2ModelConfig:
             # The encoder-input norm exists only in post-norm (Base) models, as in fairseq v1 and
             # fairseq2's own Large presets; pre-norm models end with the encoder's final norm.
             layer_norm_features=self.norm_order == "post",
-            layer_drop_p=self.layer_drop,
+            layer_drop_p=self.layer_drop, feature_grad_scale=self.feature_grad_scale,
         )
         return Wav2Vec2Config(
             encoder_config=encoder, final_dim=self.final_dim, quantized_dim=self.quantized_dim,
             num_codebooks=self.codebooks, num_codebook_entries=self.codebook_entries,
             num_distractors=self.distractors, max_temporal_mask_prob=self.mask_prob,
-            temporal_mask_span_len=self.mask_span,
+            temporal_mask_span_len=self.mask_span, quantizer_encoder_grad=self.quantizer_encoder_grad,
         )
 
 

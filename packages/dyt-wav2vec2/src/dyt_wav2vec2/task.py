@@ -147,9 +147,11 @@ def contrastive_metrics(logits: torch.Tensor) -> dict[str, float]:
     fairseq2 sets a distractor's logit to -inf when it equals the target and leaves it out of the
     loss, so a model whose targets are all one code has no distractors left and scores a low loss.
     Here such a distractor is scored as what it is, a tie with the target: ``contrastive_kept`` is
-    the cross-entropy over all 1 + K candidates, and ``contrastive_accuracy`` counts a masked frame
-    only when its target scores strictly above every distractor. ``distractors_equal_target`` is
-    the share fairseq2 dropped."""
+    the cross-entropy over all 1 + K candidates, and ``contrastive_accuracy`` is the chance that the
+    target ranks first with ties broken at random (1 / (1 + d) for a frame whose target beats every
+    other distractor and ties its d copies), so guessing scores 1 / (K + 1) whatever the codebook
+    does, and a collapsed one exactly that. ``distractors_equal_target`` is the share fairseq2
+    dropped."""
     logits = logits.detach().float().flatten(0, -2)  # (masked frames, 1 + K)
     target = logits[:, :1]
     dropped = torch.isneginf(logits[:, 1:])
@@ -157,7 +159,7 @@ def contrastive_metrics(logits: torch.Tensor) -> dict[str, float]:
     zeros = torch.zeros(len(kept), dtype=torch.long, device=kept.device)
     return {
         "contrastive_kept": torch.nn.functional.cross_entropy(kept, zeros).item(),
-        "contrastive_accuracy": (kept[:, 0] > kept[:, 1:].amax(1)).float().mean().item(),
+        "contrastive_accuracy": ((logits[:, 0] > logits[:, 1:].amax(1)) / (1 + dropped.sum(1))).mean().item(),
         "distractors_equal_target": dropped.float().mean().item(),
     }
 
