@@ -1,15 +1,75 @@
 #!/usr/bin/env bash
-# One prepared GPU run (H100/H200): the fused kernels' correctness at small and LLaMA shapes, then
-# the benchmark (kernels at the four LLaMA shapes in bf16, plus a LLaMA-7B decoder block).
-# Needs only torch + Triton on the machine (dyt-core has no other dependency).
-#   scripts/gpu_check.sh [OUT_DIR]
-set -euo pipefail
+# One prepared GPU run (H100/H200), in this order:
+#   1. gpu.txt: nvidia-smi, torch / CUDA / Triton versions, the commit.
+#   2. The benchmark (bench.json, bench.txt): kernels at the four LLaMA shapes in bf16, plus a
+#      LLaMA-7B decoder block.
+#   3. selfcheck.txt: every backend (eager, compiled, fused) against a float64 reference in
+#      fp32/bf16/fp16, forward and gradients, at small odd shapes and at LLaMA shapes
+#      (python -m dyt.selfcheck: plain Python, PASS/FAIL per check, last line "N passed, M failed").
+#   4. tests.txt: tests/test_fused.py and tests/test_dyt_layer.py, when pytest is installed.
+# Needs only Python with torch + Triton: nothing is installed, nothing comes from a registry (dyt-core
+# is used from this checkout through PYTHONPATH). A failed step never stops the later ones: each
+# step's exit status goes to status.txt, and the script exits 1 when any step failed.
+# Without a GPU the GPU-only parts are skipped (noted in the files): the benchmark is a short CPU
+# smoke run, and the fused checks run at small shapes in Triton's interpreter.
+#   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else runs/gpu; PYTHON picks the interpreter)
+set -uo pipefail
 out=${1:-${OUT:-runs/gpu}}
-mkdir -p "$out"
-python -m pip install --quiet --no-deps --no-build-isolation -e packages/dyt-core 2>/dev/null \
-  || export PYTHONPATH="$PWD/packages/dyt-core/src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-python -m pip install --quiet pytest 2>/dev/null || true
-python -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_dyt_layer.py 2>&1 | tail -15 | tee "$out/tests.txt"
-python -m dyt.bench --block --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+py=${PYTHON:-$(command -v python || command -v python3)}
+export PYTHONPATH="$PWD/packages/dyt-core/src${PYTHONPATH:+:$PYTHONPATH}"
+: >"$out/status.txt"
+failed=0
+
+step() {  # step NAME LOG COMMAND...: run it, output to the terminal and OUT/LOG; record its status
+  local name=$1 log=$2
+  shift 2
+  echo "== $name: $*" | tee "$out/$log"
+  "$@" 2>&1 | tee -a "$out/$log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name $rc" >>"$out/status.txt"
+  [ "$rc" -eq 0 ] || failed=1
+}
+
+if "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then gpu=1; else gpu=0; fi
+
+info() {
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && nvidia-smi
+  else
+    echo "nvidia-smi not found: no NVIDIA GPU here, GPU-only steps skipped"
+  fi
+  git log -1 --format='commit %H %cd' 2>/dev/null && git status --short 2>/dev/null | sed 's/^/  changed: /'
+  "$py" -c "
+import torch
+print('python', __import__('platform').python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (torch sees no CUDA device)')
+try:
+    import triton
+    print('triton', triton.__version__)
+except ImportError:
+    print('triton not installed')
+"
+}
+step info gpu.txt info
+
+if [ "$gpu" = 1 ]; then
+  step bench bench.txt "$py" -m dyt.bench --block --json "$out/bench.json"
+  step selfcheck selfcheck.txt "$py" -m dyt.selfcheck
+else  # CPU: a smoke run of the same code paths, at sizes that take seconds
+  step bench bench.txt "$py" -m dyt.bench --shape 512x256 --warmup 1 --repeats 3 --block \
+    --block-size 128,4,344,64 --json "$out/bench.json"
+  step selfcheck selfcheck.txt env TRITON_INTERPRET=1 "$py" -m dyt.selfcheck
+fi
+
+if "$py" -c "import pytest" 2>/dev/null; then  # tests/conftest.py sets TRITON_INTERPRET without a GPU
+  step pytest tests.txt "$py" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_dyt_layer.py
+else
+  echo "pytest not installed: tests skipped (selfcheck.txt has the correctness checks)" | tee "$out/tests.txt"
+  echo "pytest skipped" >>"$out/status.txt"
+fi
+
+echo "== step exit statuses (in $out/status.txt)"
+cat "$out/status.txt"
+exit "$failed"

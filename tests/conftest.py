@@ -13,21 +13,10 @@ except ImportError:  # pragma: no cover
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from dyt.selfcheck import reference as dyt_reference  # noqa: E402  (float64: the ground truth)
+
 # Tests run on CPU in a few threads; keep compile caches per test session.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def dyt_reference(x, alpha, weight, bias=None, channels_last=True):
-    """Float64 pure-torch DyT: the ground truth every backend is checked against."""
-    x64 = x.double()
-    w64 = weight.double()
-    b64 = None if bias is None else bias.double()
-    if not channels_last:
-        shape = (-1,) + (1,) * (x.ndim - 2)
-        w64 = w64.reshape(shape)
-        b64 = None if b64 is None else b64.reshape(shape)
-    y = w64 * torch.tanh(alpha.double() * x64)
-    return y if b64 is None else y + b64
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The DyT layer and functional against a float64 reference, on every backend that runs here."""
+"""The DyT layer and functional against a float64 reference, on every backend that runs here: on
+CUDA when there is one (fused included), else on CPU (fused is tested in test_fused.py)."""
 
 import pytest
 import torch
@@ -6,14 +7,10 @@ import torch
 import dyt
 from dyt import DyT
 from dyt.functional import dyt as dyt_fn
+from dyt.selfcheck import TOL, assert_grad_close, check_dyt
 
-BACKENDS = ["eager", "compiled"]
-# (forward atol/rtol, gradient rtol) per input dtype: outputs are rounded to the input dtype.
-TOL = {
-    torch.float32: dict(atol=2e-6, rtol=2e-6, grad=2e-5),
-    torch.bfloat16: dict(atol=2e-2, rtol=1e-2, grad=2e-2),
-    torch.float16: dict(atol=2e-3, rtol=2e-3, grad=3e-3),
-}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["eager", "compiled"] + (["fused"] if DEVICE == "cuda" else [])  # fused on CPU: test_fused.py
 
 
 def _grads_vs_reference(reference, x, alpha, weight, bias, channels_last, backend, dy):
@@ -30,51 +27,34 @@ def _grads_vs_reference(reference, x, alpha, weight, bias, channels_last, backen
     return y, y_ref, got, want
 
 
-def _close(got, want, rtol, atol=0.0, what=""):
-    scale = want.abs().max().item() if want.numel() else 0.0
-    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
-    assert err <= atol + rtol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("channels", [1, 7, 1023, 4097])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_matches_float64_reference(reference, backend, dtype, channels, with_bias):
-    g = torch.Generator().manual_seed(channels)
-    x = (torch.randn(3, 5, channels, generator=g) * 3).to(dtype)
-    alpha = torch.tensor([0.7])
-    weight = torch.randn(channels, generator=g)
-    bias = torch.randn(channels, generator=g) if with_bias else None
-    dy = torch.randn(3, 5, channels, generator=g).to(dtype)
-    tol = TOL[dtype]
-    y, y_ref, got, want = _grads_vs_reference(reference, x, alpha, weight, bias, True, backend, dy)
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.double(), y_ref.detach(), atol=tol["atol"], rtol=tol["rtol"])
-    for name, gv, wv in zip(["x", "alpha", "weight", "bias"], got, want):
-        _close(gv, wv, tol["grad"], what=f"grad {name}")
+def test_matches_float64_reference(backend, dtype, channels, with_bias):
+    check_dyt(backend, dtype, (3, 5, channels), with_bias, DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_channels_first(reference, backend):
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(6, 40, 33, generator=g)
+    base = torch.randn(6, 40, 33, generator=g).to(DEVICE)
     x = base.transpose(1, 2)[:, ::2]  # (6, 17, 40), non-contiguous
     assert not x.is_contiguous()
-    alpha, weight, bias = torch.tensor([0.5]), torch.randn(40, generator=g), torch.randn(40, generator=g)
-    dy = torch.randn(x.shape, generator=g)
+    alpha, weight, bias = (t.to(DEVICE) for t in (torch.tensor([0.5]), torch.randn(40, generator=g), torch.randn(40, generator=g)))
+    dy = torch.randn(x.shape, generator=g).to(DEVICE)
     y, y_ref, got, want = _grads_vs_reference(reference, x, alpha, weight, bias, True, backend, dy)
     torch.testing.assert_close(y.double(), y_ref.detach(), atol=2e-6, rtol=2e-6)
     for gv, wv in zip(got, want):
-        _close(gv, wv, 2e-5)
+        assert_grad_close(gv, wv, 2e-5)
 
-    images = torch.randn(2, 5, 4, 3, generator=g)  # (batch, channels, h, w)
-    cw, cb = torch.randn(5, generator=g), torch.randn(5, generator=g)
-    dy = torch.randn(images.shape, generator=g)
+    images = torch.randn(2, 5, 4, 3, generator=g).to(DEVICE)  # (batch, channels, h, w)
+    cw, cb = torch.randn(5, generator=g).to(DEVICE), torch.randn(5, generator=g).to(DEVICE)
+    dy = torch.randn(images.shape, generator=g).to(DEVICE)
     y, y_ref, got, want = _grads_vs_reference(reference, images, alpha, cw, cb, False, backend, dy)
     torch.testing.assert_close(y.double(), y_ref.detach(), atol=2e-6, rtol=2e-6)
     for gv, wv in zip(got, want):
-        _close(gv, wv, 2e-5)
+        assert_grad_close(gv, wv, 2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,10 +62,10 @@ def test_non_contiguous_and_channels_first(reference, backend):
 def test_gradcheck_float64(backend, channels_last):
     g = torch.Generator().manual_seed(2)
     shape = (3, 4, 6) if channels_last else (3, 6, 4)
-    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-    alpha = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    alpha = torch.tensor([0.8], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda *t: dyt_fn(*t, channels_last=channels_last, backend=backend), (x, alpha, w, b)
     )
@@ -93,21 +73,21 @@ def test_gradcheck_float64(backend, channels_last):
 
 @pytest.mark.parametrize(
     "backend, dtype",
-    [(b, d) for b in BACKENDS for d in (torch.float32, torch.float64)] + [("fused", torch.float32)],
+    [(b, d) for b in ("eager", "compiled", "fused") for d in (torch.float32, torch.float64)],
     ids=str,
 )
 def test_saturated_inputs(reference, backend, dtype):
     """Far into tanh's tails (incl. |alpha x| in 43.6..51.9, where exp(-2|y|) is a float32
     subnormal): outputs are exactly +-weight and gradients match the reference."""
-    x = torch.tensor([[-1e4, -47.0, -30.0, -21.0, 21.0, 30.0, 47.0, 1e4]], dtype=dtype)
-    alpha = torch.tensor([1.0], dtype=dtype)
-    weight = torch.linspace(0.5, 2.0, 8, dtype=dtype)
+    x = torch.tensor([[-1e4, -47.0, -30.0, -21.0, 21.0, 30.0, 47.0, 1e4]], dtype=dtype, device=DEVICE)
+    alpha = torch.tensor([1.0], dtype=dtype, device=DEVICE)
+    weight = torch.linspace(0.5, 2.0, 8, dtype=dtype, device=DEVICE)
     dy = torch.ones_like(x)
     y, y_ref, got, want = _grads_vs_reference(reference, x, alpha, weight, None, True, backend, dy)
     assert torch.equal(y, weight * x.sign())
     for name, gv, wv in zip(["x", "alpha", "weight"], got, want):
-        _close(gv, wv, 1e-6, what=f"grad {name}")
-    special = dyt_fn(torch.tensor([[-float("inf"), float("inf"), float("nan")]], dtype=dtype), alpha, weight[:3],
+        assert_grad_close(gv, wv, 1e-6, what=f"grad {name}")
+    special = dyt_fn(torch.tensor([[-float("inf"), float("inf"), float("nan")]], dtype=dtype, device=DEVICE), alpha, weight[:3],
                      None, backend=backend)
     assert torch.equal(special[0, :2], torch.stack([-weight[0], weight[1]]))
     assert special[0, 2].isnan()  # a NaN must reach the loss, never be clamped into +-1
@@ -115,8 +95,8 @@ def test_saturated_inputs(reference, backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_size_input(backend):
-    layer = DyT(8, backend=backend)
-    x = torch.randn(0, 8, requires_grad=True)
+    layer = DyT(8, backend=backend, device=DEVICE)
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
     y = layer(x)
     assert y.shape == (0, 8)
     y.sum().backward()
@@ -125,9 +105,9 @@ def test_zero_size_input(backend):
 
 
 def test_frozen_parameters_get_no_gradient():
-    layer = DyT(16, backend="compiled")
+    layer = DyT(16, backend="compiled", device=DEVICE)
     layer.weight.requires_grad_(False)
-    x = torch.randn(4, 16, requires_grad=True)
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
     layer(x).sum().backward()
     assert layer.weight.grad is None and x.grad is not None and layer.bias.grad is not None
 
@@ -135,12 +115,12 @@ def test_frozen_parameters_get_no_gradient():
 def test_compiled_backend_does_not_recompile_for_new_lengths():
     from torch._dynamo.utils import counters
 
-    layer = DyT(32, backend="compiled")
-    layer(torch.randn(2, 9, 32, requires_grad=True)).sum().backward()
-    layer(torch.randn(2, 10, 32, requires_grad=True)).sum().backward()  # first dynamic-shape compile
+    layer = DyT(32, backend="compiled", device=DEVICE)
+    layer(torch.randn(2, 9, 32, device=DEVICE, requires_grad=True)).sum().backward()
+    layer(torch.randn(2, 10, 32, device=DEVICE, requires_grad=True)).sum().backward()  # first dynamic-shape compile
     before = counters["stats"]["unique_graphs"]
     for length in (11, 57, 300, 1001):
-        layer(torch.randn(2, length, 32, requires_grad=True)).sum().backward()
+        layer(torch.randn(2, length, 32, device=DEVICE, requires_grad=True)).sum().backward()
     assert counters["stats"]["unique_graphs"] == before
 
 
@@ -222,9 +202,18 @@ def test_default_backend_is_used_by_layers(monkeypatch):
 
 
 def test_inside_an_outer_torch_compile_the_plain_formula_is_traced(reference):
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), DyT(8, backend="compiled"))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), DyT(8, backend="compiled")).to(DEVICE)
     compiled = torch.compile(model, dynamic=True)
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, device=DEVICE)
     torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-6)
     compiled(x).sum().backward()
     assert model[1].alpha.grad is not None
+
+
+def test_selfcheck_runner(capsys):
+    """python -m dyt.selfcheck (scripts/gpu_check.sh's correctness step without pytest)."""
+    from dyt import selfcheck
+
+    assert selfcheck.main(["--backend", "eager", "--device", DEVICE, "--no-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.rstrip().endswith(" passed, 0 failed")

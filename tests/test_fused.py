@@ -1,5 +1,5 @@
-"""The fused (Triton) backend. Without a GPU the kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, set before the kernels are imported): slow, so shapes stay small but odd."""
+"""The fused (Triton) backend, on CUDA when there is one. Without a GPU the kernels run in Triton's
+interpreter (TRITON_INTERPRET=1, set before the kernels are imported): slow, so shapes stay small but odd."""
 
 import os
 
@@ -9,6 +9,7 @@ import torch
 import dyt
 from dyt import DyT, ResidualDyT, fold_dyt
 from dyt.functional import dyt as dyt_fn
+from dyt.selfcheck import LLAMA_SHAPES, TOL, check_dyt, check_residual_dyt
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,69 +17,40 @@ assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "conftest 
 
 from dyt.kernels import fused  # noqa: E402
 
-TOL = {
-    torch.float32: dict(atol=2e-6, rtol=2e-6, grad=2e-5),
-    torch.bfloat16: dict(atol=2e-2, rtol=1e-2, grad=2e-2),
-    torch.float16: dict(atol=2e-3, rtol=2e-3, grad=3e-3),
-}
 SHAPES = [(3, 7), (33, 300), (5, 1023), (2, 4097)]
-
-
-def _close(got, want, rtol, what):
-    err = (got.double() - want).abs().max().item()
-    scale = max(want.abs().max().item(), 1.0)
-    assert err <= rtol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_fused_matches_float64_reference(reference, dtype, shape, with_bias):
-    g = torch.Generator().manual_seed(shape[1])
-    rows, cols = shape
-    x = (torch.randn(rows, cols, generator=g) * 3).to(DEVICE, dtype)
-    dy = torch.randn(rows, cols, generator=g).to(DEVICE, dtype)
-    alpha = torch.tensor([0.7], device=DEVICE)
-    weight = torch.randn(cols, generator=g).to(DEVICE)
-    bias = torch.randn(cols, generator=g).to(DEVICE) if with_bias else None
-    leaves = [t.clone().requires_grad_() for t in (x, alpha, weight)] + ([bias.clone().requires_grad_()] if with_bias else [])
-    y = dyt_fn(*leaves[:3], leaves[3] if with_bias else None, backend="fused")
-    y.backward(dy)
-    ref = [t.detach().double().requires_grad_() for t in leaves]
-    y_ref = reference(*ref[:3], ref[3] if with_bias else None)
-    y_ref.backward(dy.double())
-    tol = TOL[dtype]
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.double(), y_ref.detach(), atol=tol["atol"], rtol=tol["rtol"])
-    for name, got, want in zip(["x", "alpha", "weight", "bias"], leaves, ref):
-        _close(got.grad, want.grad, tol["grad"], f"grad {name}")
+def test_fused_matches_float64_reference(dtype, shape, with_bias):
+    check_dyt("fused", dtype, shape, with_bias, DEVICE)
 
 
 def test_fused_non_contiguous_channels_first_and_empty(reference):
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(9, 40, generator=g)
+    base = torch.randn(9, 40, generator=g).to(DEVICE)
     x = base[:, :33]  # row stride 40: used in place, no copy
-    alpha, w, b = torch.tensor([0.5]), torch.randn(33, generator=g), torch.randn(33, generator=g)
+    alpha, w, b = (t.to(DEVICE) for t in (torch.tensor([0.5]), torch.randn(33, generator=g), torch.randn(33, generator=g)))
     torch.testing.assert_close(dyt_fn(x, alpha, w, b, backend="fused").double(), reference(x, alpha, w, b), atol=2e-6, rtol=2e-6)
-    xt = torch.randn(33, 9, generator=g).t()  # last dim not contiguous: copied
+    xt = torch.randn(33, 9, generator=g).to(DEVICE).t()  # last dim not contiguous: copied
     torch.testing.assert_close(dyt_fn(xt, alpha, w, b, backend="fused").double(), reference(xt, alpha, w, b), atol=2e-6, rtol=2e-6)
-    images = torch.randn(2, 5, 3, 4, generator=g, requires_grad=True)
-    cw, cb = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    images = torch.randn(2, 5, 3, 4, generator=g).to(DEVICE).requires_grad_()
+    cw, cb = torch.randn(5, generator=g).to(DEVICE), torch.randn(5, generator=g).to(DEVICE)
     y = dyt_fn(images, alpha, cw, cb, channels_last=False, backend="fused")
     torch.testing.assert_close(y.double(), reference(images, alpha, cw, cb, channels_last=False), atol=2e-6, rtol=2e-6)
-    empty = DyT(6, backend="fused")(torch.randn(0, 6, requires_grad=True))
+    empty = DyT(6, backend="fused", device=DEVICE)(torch.randn(0, 6, device=DEVICE, requires_grad=True))
     assert empty.shape == (0, 6)
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_residual_dyt_forward_and_all_gradients(reference, with_bias):
     g = torch.Generator().manual_seed(3)
-    x, r = torch.randn(7, 300, generator=g), torch.randn(7, 300, generator=g)
-    ds, dy = torch.randn(7, 300, generator=g), torch.randn(7, 300, generator=g)
-    layer = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="fused")
+    x, r, ds, dy = (torch.randn(7, 300, generator=g).to(DEVICE) for _ in range(4))
+    layer = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="fused", device=DEVICE)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
-    eager = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="eager")
+    eager = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="eager", device=DEVICE)
     eager.load_state_dict(layer.state_dict())
     outs = []
     for module in (layer, eager):
@@ -96,9 +68,9 @@ def test_residual_dyt_forward_and_all_gradients(reference, with_bias):
 
 
 def test_residual_dyt_when_only_y_is_used():
-    layer = ResidualDyT(16, backend="fused")
-    x = torch.randn(4, 16, requires_grad=True)
-    r = torch.randn(4, 16, requires_grad=True)
+    layer = ResidualDyT(16, backend="fused", device=DEVICE)
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 16, device=DEVICE, requires_grad=True)
     _, y = layer(x, r)
     y.sum().backward()
     torch.testing.assert_close(x.grad, r.grad)
@@ -141,17 +113,14 @@ def test_fold_dyt_into_linears(with_bias):
         fold_dyt(norm, torch.nn.Linear(5, 2))
 
 
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_residual_dyt_matches_float64_reference(dtype, with_bias):
+    check_residual_dyt("fused", dtype, (33, 300), with_bias, DEVICE)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="LLaMA-size shapes need a GPU")
-@pytest.mark.parametrize("shape", [(4096, 4096), (16384, 4096), (8192, 8192)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_fused_at_llama_shapes_on_gpu(reference, shape):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
-    dy = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
-    params = [torch.tensor([0.8]), torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)]
-    leaves = [x.clone().requires_grad_()] + [p.cuda().requires_grad_() for p in params]
-    dyt_fn(*leaves, backend="fused").backward(dy)
-    ref = [t.detach().double().requires_grad_() for t in leaves]
-    y_ref = reference(*ref)
-    y_ref.backward(dy.double())
-    for name, got, want in zip(["x", "alpha", "weight", "bias"], leaves, ref):
-        _close(got.grad, want.grad, TOL[torch.bfloat16]["grad"], f"grad {name}")
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("shape", LLAMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fused_at_llama_shapes_on_gpu(dtype, shape):
+    check_dyt("fused", dtype, shape, True, "cuda")

@@ -32,7 +32,12 @@ def _tanh(y):
     (truncation < 1e-8 relative), (1 - e) / (1 + e) with e = exp(-2|y|) elsewhere.
 
     |y| is clamped at SATURATED first: for |y| in (43.6, 51.9) exp(-2|y|) is a float32 subnormal,
-    and subnormal arithmetic on x86 CPUs made the backward 1.5x slower on saturated inputs."""
+    and subnormal arithmetic on x86 CPUs made the backward 1.5x slower on saturated inputs.
+
+    float64 input takes torch.tanh: the polynomial's 1e-8 truncation would show there, and float64
+    callers want float64 accuracy, not speed (dtypes are static under torch.compile)."""
+    if y.dtype == torch.float64:
+        return torch.tanh(y)
     ay = y.abs().clamp(max=SATURATED)
     e = torch.exp(-2 * ay)
     large = torch.copysign((1 - e) / (1 + e), y)

@@ -1,8 +1,9 @@
 """The fused backend: Triton kernels for DyT and for residual-add + DyT.
 
 Forward: one pass (read x, write y). Backward: one pass over x and dy that writes dx and keeps
-per-program float32 partials of d weight, d bias and d alpha in 2-D register tiles, reduced once
-at the end of each program; a tiny torch reduction over programs finishes them. So the backward
+per-program partials of d weight, d bias and d alpha in 2-D register tiles, reduced once at the end
+of each program; a tiny torch reduction over programs finishes them. Math and partials are float32
+for half, bfloat16 and float32 input, float64 for float64 input. So the backward
 moves the memory floor (read x, dy; write dx) plus O(programs x channels) partials.
 
 Kernels take a 2-D ``(rows, channels)`` view whose last dim is contiguous (any row stride). Import
@@ -24,9 +25,11 @@ _SATURATED = tl.constexpr(SATURATED)
 
 
 @triton.jit
-def _tanh(y):
+def _tanh(y, EXP_ONLY: tl.constexpr):
     # Same formulation as the compiled backend: odd Taylor polynomial near 0, exp form elsewhere
-    # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh.
+    # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh. In float64
+    # (EXP_ONLY) the polynomial's 1e-8 truncation would show, so the exp form runs everywhere: its
+    # absolute error stays at float64 rounding.
     ay = tl.abs(y)
     ay = tl.where(ay > _SATURATED, _SATURATED, ay)  # tanh is +-1 there; keeps exp(-2|y|) out of
     # subnormals. (A where, unlike tl.minimum's default, lets NaN through.)
@@ -39,6 +42,8 @@ def _tanh(y):
     p = p * y2 - 17.0 / 315.0
     p = p * y2 + 2.0 / 15.0
     p = p * y2 - 1.0 / 3.0
+    if EXP_ONLY:
+        return large
     return tl.where(ay < 0.4, y + y * y2 * p, large)
 
 
@@ -47,6 +52,7 @@ def _forward_kernel(
     x_ptr, r_ptr, s_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr,
     rows, cols, stride_x, stride_r, stride_s, stride_y,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -55,15 +61,15 @@ def _forward_kernel(
     mask_m = offs_m < rows
     mask_n = offs_n < cols
     mask = mask_m[:, None] & mask_n[None, :]
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    alpha = tl.load(alpha_ptr).to(COMPUTE)
+    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
     if HAS_RESIDUAL:
-        x += tl.load(r_ptr + offs_m[:, None] * stride_r + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(r_ptr + offs_m[:, None] * stride_r + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
         tl.store(s_ptr + offs_m[:, None] * stride_s + offs_n[None, :], x.to(s_ptr.dtype.element_ty), mask=mask)
-    y = w[None, :] * _tanh(alpha * x)
+    y = w[None, :] * _tanh(alpha * x, COMPUTE == tl.float64)
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -73,28 +79,28 @@ def _backward_kernel(
     dw_part_ptr, db_part_ptr, da_part_ptr,
     rows, cols, stride_x, stride_dy, stride_ds, stride_dx,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < cols
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    da_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    alpha = tl.load(alpha_ptr).to(COMPUTE)
+    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    da_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     row_start = pid_m * ITERS * BLOCK_M
     for step in range(ITERS):
         offs_m = row_start + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (offs_m < rows)[:, None] & mask_n[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dy + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = _tanh(alpha * x)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dy + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
+        t = _tanh(alpha * x, COMPUTE == tl.float64)
         g = dy * w[None, :] * (1.0 - t * t)
         dx = g * alpha
         if HAS_RESIDUAL_GRAD:
-            dx += tl.load(ds_ptr + offs_m[:, None] * stride_ds + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += tl.load(ds_ptr + offs_m[:, None] * stride_ds + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
         tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * t
         if HAS_BIAS:
@@ -126,6 +132,11 @@ def _row_programs(device: torch.device) -> int:
     return 4
 
 
+def _compute_dtype(x: torch.Tensor):
+    """float64 math for float64 input (as every backend promises); float32 for the rest."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -147,7 +158,7 @@ def fused_forward(x, alpha, weight, bias, residual=None):
         rows, cols, x.stride(0), residual.stride(0) if residual is not None else 0,
         s.stride(0) if s is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE=_compute_dtype(x), num_warps=warps,
     )
     return y, s
 
@@ -165,17 +176,17 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None):
     iters = triton.next_power_of_2(triton.cdiv(triton.cdiv(rows, target), block_m))
     programs = triton.cdiv(rows, iters * block_m)
     col_blocks = triton.cdiv(cols, block_n)
-    f32 = {"device": x.device, "dtype": torch.float32}
-    dw_part = torch.empty(programs, cols, **f32)
-    db_part = torch.empty(programs, cols, **f32) if has_bias else dw_part
-    da_part = torch.empty(programs, col_blocks, **f32)
+    partial = {"device": x.device, "dtype": torch.float64 if x.dtype == torch.float64 else torch.float32}
+    dw_part = torch.empty(programs, cols, **partial)
+    db_part = torch.empty(programs, cols, **partial) if has_bias else dw_part
+    da_part = torch.empty(programs, col_blocks, **partial)
     if ds is not None:
         ds = _as_rows(ds)
     _backward_kernel[(programs, col_blocks)](
         x, dy, ds if ds is not None else dy, dx, alpha, weight, dw_part, db_part, da_part,
         rows, cols, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
         HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ITERS=iters, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, ITERS=iters, COMPUTE=_compute_dtype(x), num_warps=warps,
     )
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype) if has_bias else None

@@ -1,0 +1,188 @@
+"""Every DyT backend against a float64 reference, with no test framework needed.
+
+The checks are plain functions that raise AssertionError: tests/test_fused.py and
+tests/test_dyt_layer.py call them, and ``python -m dyt.selfcheck`` runs them on a machine without
+pytest (scripts/gpu_check.sh)::
+
+    python -m dyt.selfcheck [--device cuda] [--backend fused] [--no-llama]
+
+It checks every backend usable on the device, in float32, bfloat16 and float16, forward and all
+gradients, at small odd shapes and (on CUDA) at LLaMA shapes; prints PASS/FAIL per check and a last
+line ``N passed, M failed``; exits 1 when a check failed or none ran. On CPU the fused backend runs
+only in Triton's interpreter (``TRITON_INTERPRET=1`` in the environment) and LLaMA shapes are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .backends import available_backends
+from .functional import dyt
+from .modules import ResidualDyT
+
+# (forward atol/rtol, gradient rtol) per input dtype: outputs are rounded to the input dtype.
+TOL = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6, grad=2e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=1e-2, grad=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3, grad=3e-3),
+    torch.float64: dict(atol=1e-10, rtol=1e-10, grad=1e-9),  # float64 math (fused computing in float32: 1.5e-8)
+}
+SMALL_SHAPES = [(3, 5, 1), (3, 7), (33, 300), (5, 1023), (2, 4097)]
+LLAMA_SHAPES = [(4096, 4096), (16384, 4096), (8192, 8192)]  # 7B/13B hidden sizes, 70B-like width
+
+
+def reference(x, alpha, weight, bias=None, channels_last=True):
+    """Float64 pure-torch DyT: the ground truth every backend is checked against."""
+    x64 = x.double()
+    w64 = weight.double()
+    b64 = None if bias is None else bias.double()
+    if not channels_last:
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        w64 = w64.reshape(shape)
+        b64 = None if b64 is None else b64.reshape(shape)
+    y = w64 * torch.tanh(alpha.double() * x64)
+    return y if b64 is None else y + b64
+
+
+def assert_grad_close(got, want, rtol, what=""):
+    """max |got - want| <= rtol * max(max |want|, 1): a gradient's error relative to its scale."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    assert err <= rtol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _inputs(shape, dtype, device, count):
+    """A generator on ``device`` seeded by the channel count, and ``count`` tensors of ``shape`` drawn
+    from it; the first is scaled by 3 to reach into tanh's tails."""
+    g = torch.Generator(device).manual_seed(shape[-1])
+    tensors = [torch.randn(shape, generator=g, device=device) for _ in range(count)]
+    tensors[0] *= 3
+    return g, [t.to(dtype) for t in tensors]
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Parameters as a model holds them: float32 beside half / bfloat16 / float32 activations (their
+    gradients are float32-rounded), float64 in a float64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool = True, device="cpu") -> None:
+    """``dyt(x)`` (channels last) on ``backend``: output dtype, output and the gradients of x, alpha,
+    weight and bias against :func:`reference` in float64, within ``TOL[dtype]``."""
+    g, (x, dy) = _inputs(shape, dtype, device, 2)
+    cols = shape[-1]
+    params = {"device": device, "dtype": _param_dtype(dtype)}
+    alpha = torch.tensor([0.7], **params)
+    weight = torch.randn(cols, generator=g, **params)
+    bias = torch.randn(cols, generator=g, **params) if with_bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, alpha, weight, bias) if t is not None]
+    y = dyt(*leaves[:3], leaves[3] if with_bias else None, backend=backend)
+    y.backward(dy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = reference(*ref[:3], ref[3] if with_bias else None)
+    y_ref.backward(dy.double())
+    tol = TOL[dtype]
+    assert y.dtype == dtype, f"output dtype {y.dtype}, input {dtype}"
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=tol["atol"], rtol=tol["rtol"])
+    for name, got, want in zip(["x", "alpha", "weight", "bias"], leaves, ref):
+        assert_grad_close(got.grad, want.grad, tol["grad"], f"grad {name}")
+
+
+def check_residual_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool = True, device="cpu") -> None:
+    """``ResidualDyT(x, r) -> (s, y)`` on ``backend``, gradients arriving at both s and y: s, y and
+    the gradients of x, r, alpha, weight and bias against float64, within ``TOL[dtype]``."""
+    g, (x, r, ds, dy) = _inputs(shape, dtype, device, 4)
+    cols = shape[-1]
+    layer = ResidualDyT(cols, alpha_init=0.9, bias=with_bias, backend=backend, device=device, dtype=_param_dtype(dtype))
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(cols, generator=g, device=device) + 0.5)
+        if with_bias:
+            layer.bias.copy_(torch.randn(cols, generator=g, device=device))
+    xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+    s, y = layer(xi, ri)
+    torch.autograd.backward([s, y], [ds, dy])
+    x64, r64 = x.double().requires_grad_(), r.double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in layer.parameters()]  # alpha, weight, bias
+    s64 = x64 + r64
+    y64 = reference(s64, *params)
+    torch.autograd.backward([s64, y64], [ds.double(), dy.double()])
+    tol = TOL[dtype]
+    assert s.dtype == y.dtype == dtype, f"output dtypes {s.dtype}, {y.dtype}, input {dtype}"
+    torch.testing.assert_close(s.double(), s64.detach(), atol=tol["atol"], rtol=tol["rtol"])
+    torch.testing.assert_close(y.double(), y64.detach(), atol=tol["atol"], rtol=tol["rtol"])
+    got = [xi.grad, ri.grad] + [p.grad for p in layer.parameters()]
+    want = [x64.grad, r64.grad] + [p.grad for p in params]
+    for name, gv, wv in zip(["x", "residual", "alpha", "weight", "bias"], got, want):
+        assert_grad_close(gv, wv, tol["grad"], f"grad {name}")
+
+
+def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(name, check) pairs: each backend and dtype at the small shapes (with and without bias) and
+    residual + DyT at one of them; with ``llama``, at LLaMA shapes too."""
+    def named(fn, backend, dtype, shape, with_bias):
+        name = (f"{fn.__name__.removeprefix('check_')} {backend} {str(dtype).removeprefix('torch.')} "
+                f"{'x'.join(map(str, shape))} {'bias' if with_bias else 'nobias'}")
+        return name, lambda: fn(backend, dtype, shape, with_bias, device)
+
+    for backend in backends:
+        for dtype in TOL:
+            for shape in SMALL_SHAPES:
+                for with_bias in (True, False):
+                    yield named(check_dyt, backend, dtype, shape, with_bias)
+            yield named(check_residual_dyt, backend, dtype, (33, 300), True)
+            if llama:
+                for shape in LLAMA_SHAPES:
+                    yield named(check_dyt, backend, dtype, shape, True)
+                yield named(check_residual_dyt, backend, dtype, (16384, 4096), False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m dyt.selfcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--backend", dest="backends", action="append",
+                        help="repeatable (default: every backend usable on the device)")
+    parser.add_argument("--no-llama", dest="llama", action="store_false", help="skip the LLaMA shapes")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    usable = available_backends(device)
+    backends = args.backends or usable
+    llama = args.llama and device.type == "cuda"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    print(f"dyt.selfcheck on {device}: torch {torch.__version__}, triton {triton_version}; "
+          f"backends {', '.join(backends)} (usable here: {', '.join(usable)})", flush=True)
+    if "fused" not in backends and device.type == "cpu" and not args.backends:
+        print("SKIP fused: no CUDA device (set TRITON_INTERPRET=1 to check it in Triton's interpreter)")
+    if not llama:
+        print("SKIP LLaMA shapes: " + ("--no-llama" if device.type == "cuda" else "they need a GPU"))
+    passed = failed = 0
+    for name, check in checks(str(device), backends, llama):
+        start = time.perf_counter()
+        try:
+            check()
+        except Exception as exc:  # a failed check (or a backend error) is reported, never fatal
+            failed += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}".rstrip())
+            if not isinstance(exc, AssertionError):
+                traceback.print_exc(limit=-3, file=sys.stdout)
+        else:
+            passed += 1
+            print(f"PASS {name} ({time.perf_counter() - start:.2f} s)")
+        sys.stdout.flush()
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed or not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
