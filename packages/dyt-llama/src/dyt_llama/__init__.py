@@ -1,1 +1,2 @@
-"""LLaMA pretraining with an RMSNorm-versus-DyT switch (the recipe lands with its own issue)."""
+"""LLaMA pretraining with an RMSNorm-versus-DyT switch, launched with DeepSpeed, and
+``dyt-llama-compare`` (see docs/llama.md)."""
