@@ -38,6 +38,11 @@ def test_shorthand_keeps_other_norm_settings():
         ("model.norm=batchnorm", "unknown norm kind 'batchnorm'"),
         ("model.width.x=1", "'model.width' has no sub-keys"),
         ("train.steps", "not of the form key=value"),
+        ("train.steps=-5", "train.steps: -5 is out of range: it must be at least 1"),
+        ("train.lr=0", "train.lr: 0.0 is out of range: it must be greater than 0"),
+        ("train.betas=[0.9, 1.5]", "train.betas[1]: 1.5 is out of range: it must be at least 0 and less than 1"),
+        ("train.zero_stage=4", "train.zero_stage: 4 is out of range: it must be from 0 to 3"),
+        ("train.lr=[1", "override 'train.lr=[1': the value is not valid YAML"),
     ],
 )
 def test_override_errors_name_the_key(override, message):
@@ -53,6 +58,40 @@ def test_file_errors(tmp_path):
     bad.write_text("train:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'; valid keys under 'train': out_dir, steps"):
         load_config(ToyConfig, bad)
+
+
+def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:1: invalid YAML: while parsing a flow sequence"):
+        load_config(ToyConfig, bad)
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2},, }')
+    with pytest.raises(ConfigError, match=r"ds.json:1:36: invalid JSON in train.deepspeed_config"):
+        load_config(ToyConfig, None, [f"train.deepspeed_config={ds}"])
+    ds.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"ds.json \(train.deepspeed_config\): expected a JSON object"):
+        load_config(ToyConfig, None, [f"train.deepspeed_config={ds}"])
+    ds.write_text('{"gradient_accumulation_steps": 4}')
+    with pytest.raises(ConfigError, match="sets 'gradient_accumulation_steps', which the harness derives: remove it "
+                                          "and set train.grad_accum"):
+        load_config(ToyConfig, None, [f"train.deepspeed_config={ds}"])
+    with pytest.raises(ConfigError, match="train.deepspeed_config: no such file"):
+        load_config(ToyConfig, None, [f"train.deepspeed_config={tmp_path / 'none.json'}"])
+    # an eval reading a finished run's config.yaml does not need the JSON
+    assert load_config(ToyConfig, None, [f"train.deepspeed_config={tmp_path / 'none.json'}"], check_files=False)
+
+
+def test_cross_field_checks_run_when_the_config_loads():
+    from dyt_dna.task import DnaConfig
+    from dyt_llama.task import LlamaConfig
+
+    with pytest.raises(ConfigError, match=r"data.seq_len=512 exceeds the model's context \(model.max_seq_len=256\)"):
+        load_config(LlamaConfig, None, ["data.seq_len=512"])
+    with pytest.raises(ConfigError, match=r"data.window=2048 is longer than the model's context \(model.max_len=1024\)"):
+        load_config(DnaConfig, None, ["data.window=2048"])
+    with pytest.raises(ConfigError, match="data.max_n_fraction: 1.5 is out of range: it must be from 0 to 1"):
+        load_config(DnaConfig, None, ["data.max_n_fraction=1.5"])
 
 
 def test_print_config_round_trips(tmp_path, capsys):

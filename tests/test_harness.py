@@ -153,9 +153,14 @@ def test_deepspeed_config_derived_then_file_merged_over(tmp_path):
         deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "missing.json")))
 
 
-def test_too_small_training_set_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+def test_too_small_training_set_is_a_clear_error(tmp_path, capsys):
+    """run_recipe is the command line: the error is one line and exit status 2, before the engine."""
+    with pytest.raises(SystemExit) as exit_info:
         _run(tmp_path, "data.examples=8")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "fewer than one micro-batch" in err and "Traceback" not in err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_compare_wall_time_counts_only_launches_that_trained(tmp_path, monkeypatch):
@@ -174,3 +179,20 @@ def test_compare_wall_time_counts_only_launches_that_trained(tmp_path, monkeypat
     longer = run_training("toy_recipe", config, out, ["train.steps=3"], label="toy", seed=0,
                           launcher="python", nproc=1)
     assert longer.wall_s > first.wall_s
+
+
+def test_fresh_deletes_its_out_folder_but_never_one_holding_the_working_directory(tmp_path, monkeypatch):
+    import argparse
+
+    from dyt.train.compare import prepare_out
+
+    out = tmp_path / "runs"
+    (out / "old-run").mkdir(parents=True)
+    prepare_out(argparse.Namespace(out=out, fresh=True))
+    assert out.is_dir() and not any(out.iterdir())
+    (tmp_path / "keep.txt").write_text("mine")
+    monkeypatch.chdir(out)
+    for dangerous in (Path("."), tmp_path):
+        with pytest.raises(SystemExit, match="holds the current directory"):
+            prepare_out(argparse.Namespace(out=dangerous, fresh=True))
+    assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import CPU_COMPILED_MIN_ELEMENTS, auto_backend, available_backends
+from .errors import user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm
@@ -249,11 +250,41 @@ def machine_info(device: torch.device) -> dict:
 def _shape(text: str) -> tuple[int, int]:
     rows, _, cols = text.lower().partition("x")
     try:
-        return int(rows), int(cols)
+        shape = int(rows), int(cols)
     except ValueError:
         raise argparse.ArgumentTypeError(f"shape {text!r} is not ROWSxCOLS (e.g. 8192x1024)") from None
+    if min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: rows and columns must be at least 1")
+    return shape
 
 
+def _block_size(text: str) -> tuple[int, int, int, int]:
+    try:
+        dim, heads, ffn, tokens = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DIM,HEADS,FFN,TOKENS (e.g. 512,8,1376,512)") from None
+    if min(dim, heads, ffn, tokens) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be at least 1")
+    if dim % heads or (dim // heads) % 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: DIM ({dim}) must divide into HEADS ({heads}) heads of even size")
+    return dim, heads, ffn, tokens
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be at least {least}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+@user_errors("dyt-bench")
 def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="dyt-bench", description=__doc__.split("\n\n")[0])
@@ -262,14 +293,25 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")
-    parser.add_argument("--block-size", default=None, metavar="DIM,HEADS,FFN,TOKENS",
+    parser.add_argument("--block-size", type=_block_size, default=None, metavar="DIM,HEADS,FFN,TOKENS",
                         help="default: 4096,32,11008,4096 (LLaMA-7B) on CUDA, 512,8,1376,512 on CPU")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=_count(0), default=5)
+    parser.add_argument("--repeats", type=_count(1), default=20)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    try:  # every option is checked before the first op is timed
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"argument --device: {error}")
+    if device.type == "cuda" and not cuda:
+        parser.error(f"argument --device: {args.device}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {args.device}: dyt-bench times cpu or cuda devices")
+    if args.json is not None and args.json.exists() and not args.json.is_file():
+        parser.error(f"argument --json: {args.json} is not a file")
+    if args.json is not None and any(p.exists() and not p.is_dir() for p in args.json.parents):
+        parser.error(f"argument --json: {args.json}: a parent of it is a file, not a folder")
 
-    device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     shapes = args.shapes or ([_shape(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
@@ -283,8 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["kernels"][f"{rows}x{cols}"] = results
         print(f"\n{rows} x {cols}\n{format_kernels(results)}")
     if args.block:
-        size = args.block_size or ("4096,32,11008,4096" if on_cuda else "512,8,1376,512")
-        dim, heads, ffn, tokens = (int(v) for v in size.split(","))
+        dim, heads, ffn, tokens = args.block_size or ((4096, 32, 11008, 4096) if on_cuda else (512, 8, 1376, 512))
         results = run_block(dim, heads, ffn, tokens, dtype, device, args.warmup, args.repeats)
         payload["block"] = {"size": [dim, heads, ffn, tokens], "results": results}
         print(f"\ndecoder block dim {dim}, {heads} heads, ffn {ffn}, {tokens} tokens\n{format_block(results)}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from dyt import NormConfig
+from dyt.train.config import AT_LEAST_ONE, Range
 
 ARCHS = ("hyena", "caduceus")
 
@@ -25,20 +27,20 @@ class EmbeddingScale(nn.Module):
 
 @dataclass
 class HyenaOptions:
-    ffn_mult: int = 4
-    filter_order: int = 64
+    ffn_mult: Annotated[int, AT_LEAST_ONE] = 4
+    filter_order: Annotated[int, AT_LEAST_ONE] = 64
     """Width of the implicit filter MLP."""
-    filter_features: int = 5
+    filter_features: Annotated[int, AT_LEAST_ONE] = 5
     """Positional features fed to the filter MLP: t plus (filter_features - 1) / 2 cosine/sine pairs."""
-    short_kernel: int = 3
-    dropout: float = 0.0
+    short_kernel: Annotated[int, AT_LEAST_ONE] = 3
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
 
 
 @dataclass
 class CaduceusOptions:
-    state: int = 16
-    expand: int = 2
-    conv_kernel: int = 4
+    state: Annotated[int, AT_LEAST_ONE] = 16
+    expand: Annotated[int, AT_LEAST_ONE] = 2
+    conv_kernel: Annotated[int, AT_LEAST_ONE] = 4
     rcps: bool = True
     """Reverse-complement parameter sharing (Caduceus-PS); off: plain BiMamba (Caduceus-Ph)."""
 
@@ -47,10 +49,10 @@ class CaduceusOptions:
 class DnaModelConfig:
     arch: str = "hyena"
     """hyena | caduceus"""
-    dim: int = 256
+    dim: Annotated[int, AT_LEAST_ONE] = 256
     """Hidden channels (Caduceus with RCPS: two halves of dim / 2)."""
-    layers: int = 4
-    max_len: int = 1024
+    layers: Annotated[int, AT_LEAST_ONE] = 4
+    max_len: Annotated[int, Range(ge=2)] = 1024
     """Longest input in bases."""
     norm: NormConfig = field(default_factory=NormConfig)
     embedding_scale: bool | None = None

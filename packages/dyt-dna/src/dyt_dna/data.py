@@ -14,20 +14,25 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import datasets
 import numpy as np
 import torch
 
 from dyt.debian import cache_root
+from dyt.errors import UserInputError
+from dyt.train.config import NON_NEGATIVE, PROBABILITY, Range
 
 from .fasta import FastaError, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
 from .tokenizer import MASK, SPECIALS, encode, reverse_complement
 
 
-class DnaDataError(ValueError):
+class DnaDataError(UserInputError):
     """Input data that cannot be used; the message names the file or folder."""
+
+    kind = "data error"
 
 
 @dataclass
@@ -37,17 +42,17 @@ class DnaDataConfig:
     validation_fasta: list[str] = field(default_factory=list)
     """Whole held-out FASTA files for validation (needed with ``fasta``). Empty with no ``fasta``:
     the first half of the built-in held-out strains."""
-    window: int = 1024
+    window: Annotated[int, Range(ge=2)] = 1024
     """Bases per pretraining sequence (at most model.max_len)."""
-    stride: int = 0
+    stride: Annotated[int, NON_NEGATIVE] = 0
     """Start-to-start distance of windows; 0: ``window`` (no overlap)."""
-    max_windows: int = 0
+    max_windows: Annotated[int, NON_NEGATIVE] = 0
     """Evenly spaced subset of this many windows per split (0: all)."""
-    max_n_fraction: float = 0.5
+    max_n_fraction: Annotated[float, PROBABILITY] = 0.5
     """Windows with more N than this are skipped (assembly gaps)."""
     rc_augment: bool = False
     """Reverse-complement each training sequence with probability 1/2."""
-    mask_prob: float = 0.15
+    mask_prob: Annotated[float, Range(gt=0, le=1)] = 0.15
     """Masked-LM (Caduceus): fraction of bases predicted; of those 80% [MASK], 10% random, 10% kept."""
     cache_dir: str = ""
     """Where windows are cached (empty: $DYT_CACHE/dna)."""
@@ -75,7 +80,9 @@ class Region:
     hi: float = 1.0
 
 
-def _windows(regions: list[Region], window: int, stride: int, max_n: float) -> Iterator[dict]:
+def _windows(regions: list[Region], window: int, stride: int, max_n: float, key: str = "") -> Iterator[dict]:
+    # ``key`` (the files' size and mtime) is unused here but part of datasets' own cache key for the
+    # generator: without it a FASTA rewritten in place at the same path gave its old windows.
     for region in regions:
         for record in read_fasta(region.path):
             seq = record.sequence
@@ -99,7 +106,7 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
     else:
         try:
             rows = datasets.Dataset.from_generator(
-                _windows, gen_kwargs={"regions": regions, "window": window, "stride": stride, "max_n": cfg.max_n_fraction},
+                _windows, gen_kwargs={"regions": regions, "window": window, "stride": stride, "max_n": cfg.max_n_fraction, "key": key},
                 cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
             )
         except datasets.exceptions.DatasetGenerationError as error:
@@ -360,15 +367,20 @@ def coding_task(window: int, per_class: int) -> ClassificationData:
 BUILTIN_TASKS = ("species", "coding")
 
 
+def check_task(spec: str) -> None:
+    """A DnaDataError unless ``spec`` names a built-in task or an existing folder (a cheap check)."""
+    if spec not in BUILTIN_TASKS and not Path(spec).is_dir():
+        raise DnaDataError(f"task {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a folder")
+
+
 def load_task(spec: str, window: int, per_class: int) -> ClassificationData:
     """A built-in task name, a GenomicBenchmarks task folder, or a folder of CSVs."""
     if spec == "species":
         return species_task(window, per_class)
     if spec == "coding":
         return coding_task(window, per_class)
+    check_task(spec)
     folder = Path(spec)
-    if not folder.is_dir():
-        raise DnaDataError(f"task {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a folder")
     if (folder / "train.csv").is_file():
         return csv_task(folder)
     return genomic_benchmarks(folder)

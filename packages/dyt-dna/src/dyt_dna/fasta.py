@@ -7,11 +7,15 @@ import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyt.errors import UserInputError
+
 from .tokenizer import encode
 
 
-class FastaError(ValueError):
+class FastaError(UserInputError):
     """A FASTA file is missing, empty, malformed or holds non-DNA characters."""
+
+    kind = "FASTA error"
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyt.train import TrainConfig
+from dyt.train import ConfigError, TrainConfig
 
 from .caduceus import Caduceus
 from .config import DnaModelConfig
@@ -24,6 +24,11 @@ class DnaConfig:
     model: DnaModelConfig = field(default_factory=DnaModelConfig)
     data: DnaDataConfig = field(default_factory=DnaDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.window > self.model.max_len:
+            raise ConfigError(f"data.window={self.data.window} is longer than the model's context "
+                              f"(model.max_len={self.model.max_len}): lower one or raise the other")
 
 
 def build_model(cfg: DnaModelConfig) -> nn.Module:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dyt.errors import UserInputError
+
 SPECIALS = ("[PAD]", "[MASK]")
 BASES = ("A", "C", "G", "T", "N")
 VOCAB = SPECIALS + BASES
@@ -14,8 +16,10 @@ PAD, MASK = 0, 1
 AMBIGUOUS = "RYSWKMBDHV"
 
 
-class AlphabetError(ValueError):
+class AlphabetError(UserInputError):
     """A sequence holds a character that is neither a base nor an IUPAC ambiguity code."""
+
+    kind = "data error"
 
 
 def _lookup() -> np.ndarray:

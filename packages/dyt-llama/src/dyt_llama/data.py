@@ -8,18 +8,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from filelock import FileLock
 
-from .corpus import default_cache, prepare_corpus
+from dyt.train.config import Range
+
+from .corpus import DataError, default_cache, prepare_corpus
 
 EOS = "<eos>"
 BUILTIN_VALIDATION = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
-
-
-class DataError(ValueError):
-    """The corpus or tokenizer cannot be used; the message says which file and why."""
 
 
 @dataclass
@@ -35,14 +34,18 @@ class DataConfig:
     tokenizer_file: str = ""
     """A ``tokenizers`` JSON file; empty: train a byte-level BPE of ``model.vocab_size`` on the
     training documents."""
-    seq_len: int = 128
+    seq_len: Annotated[int, Range(ge=2)] = 128
+    """Tokens per training sequence (at most model.max_seq_len)."""
     cache_dir: str = ""
     """Default: $DYT_CACHE (~/.cache/dyt)."""
 
 
 def _cache(cfg: DataConfig) -> Path:
     path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cache folder {path} (data.cache_dir or $DYT_CACHE) cannot be created: {error.strerror}") from None
     return path
 
 
@@ -106,10 +109,12 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if cfg.tokenizer_file:
-        path = Path(cfg.tokenizer_file)
-        if not path.is_file():
-            raise DataError(f"tokenizer file not found: {path}")
-        tokenizer = Tokenizer.from_file(str(path))
+        path = _tokenizer_path(cfg)
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises plain Exceptions from Rust
+            reason = " ".join(str(error).split())[:200]
+            raise DataError(f"{path} (data.tokenizer_file) is not a tokenizers JSON file: {reason}") from None
     else:
         path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{_content_key(train_docs)[:16]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +136,13 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int):
     if tokenizer.token_to_id(EOS) is None:
         raise DataError(f"tokenizer {path} has no {EOS} token")
     return tokenizer
+
+
+def _tokenizer_path(cfg: DataConfig) -> Path:
+    path = Path(cfg.tokenizer_file)
+    if not path.is_file():
+        raise DataError(f"tokenizer file not found: {path} (data.tokenizer_file)")
+    return path
 
 
 def _content_key(docs) -> str:
@@ -182,6 +194,10 @@ def build_datasets(cfg: DataConfig, vocab_size: int, max_seq_len: int):
         raise DataError(f"data.seq_len={cfg.seq_len} exceeds the model's context (model.max_seq_len={max_seq_len})")
     if cfg.seq_len < 2:
         raise DataError(f"data.seq_len must be at least 2, got {cfg.seq_len}")
+    if cfg.corpus and not Path(cfg.corpus).exists():  # the cheap checks first
+        raise DataError(f"corpus not found: {cfg.corpus} (data.corpus)")
+    if cfg.tokenizer_file:
+        _tokenizer_path(cfg)
     with FileLock(str(_cache(cfg) / "data.lock")):
         docs = load_documents(cfg)
         tokenizer = load_tokenizer(cfg, docs["train"], vocab_size)

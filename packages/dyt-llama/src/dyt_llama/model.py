@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +19,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dyt import NormConfig, make_norm
+from dyt.train.config import AT_LEAST_ONE, POSITIVE, Range
 
 
 @dataclass
 class ModelConfig:
     """LLaMA architecture. ``norm`` picks every norm layer (rmsnorm, layernorm, dyt, identity)."""
 
-    dim: int = 256
-    layers: int = 4
-    heads: int = 8
-    kv_heads: int = 4
-    ffn_dim: int = 688
-    vocab_size: int = 4096
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
+    dim: Annotated[int, AT_LEAST_ONE] = 256
+    layers: Annotated[int, AT_LEAST_ONE] = 4
+    heads: Annotated[int, AT_LEAST_ONE] = 8
+    kv_heads: Annotated[int, AT_LEAST_ONE] = 4
+    ffn_dim: Annotated[int, AT_LEAST_ONE] = 688
+    vocab_size: Annotated[int, Range(ge=2)] = 4096
+    max_seq_len: Annotated[int, Range(ge=2)] = 256
+    rope_theta: Annotated[float, POSITIVE] = 10000.0
     tied_embeddings: bool = False
     activation_checkpointing: bool = False
-    init_std: float = 0.02
+    init_std: Annotated[float, POSITIVE] = 0.02
     """Init std of embeddings and projections (residual output projections get it / sqrt(2 layers))."""
-    output_init_std: float | None = None
+    output_init_std: Annotated[float, POSITIVE] | None = None
     """Init std of an untied output head; None: dim ** -0.5 (unit-norm rows, as in torchtitan's and
     the DyT paper's LLaMA code). Bounded DyT features need this: with a 0.02 head the tiny DyT model
     saturated every tanh to reach confident logits and stalled at the unigram loss

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dyt.train import TrainConfig
+from dyt.train import ConfigError, TrainConfig
 
 from .data import DataConfig, build_datasets
 from .model import Llama, ModelConfig, count_parameters
@@ -21,6 +21,11 @@ class LlamaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds the model's context "
+                              f"(model.max_seq_len={self.model.max_seq_len}): lower one or raise the other")
 
 
 def role_of(path: str) -> str:

@@ -1,10 +1,13 @@
 """Audio inputs: fairseq-style manifests (first line the root dir, then ``path<TAB>num_samples``),
 folders of audio, HF ``datasets`` with an Audio column (saved with ``save_to_disk``), decoding with
-soundfile, resampling to 16 kHz with torchaudio. Bad files stop a
-run with their name, unless ``max_bad_fraction`` allows skipping a stated share of them."""
+soundfile, resampling to 16 kHz with torchaudio. Bad files (unreadable, empty, not mono,
+truncated) stop a run with their name, unless ``max_bad_fraction`` allows skipping a stated share of
+them; nothing is left out without a word."""
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -13,12 +16,16 @@ import soundfile
 import torch
 import torchaudio
 
+from dyt.errors import UserInputError
+
 SAMPLE_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
-class AudioError(ValueError):
+class AudioError(UserInputError):
     """An audio file or manifest row that cannot be used; the message names it."""
+
+    kind = "audio error"
 
 
 @dataclass
@@ -43,6 +50,73 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     if rate != SAMPLE_RATE:
         waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
     return waveform
+
+
+def _wav_header_frames(path: Path) -> int | None:
+    """The frames a RIFF/WAVE file's ``data`` chunk header promises (None: not a plain WAV, or a
+    streamed one whose header leaves the size open). libsndfile reports the frames the file really
+    holds, so a truncated WAV looks whole to it: this is what the header says."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = handle.read(8)
+                if len(chunk) < 8:
+                    return None
+                name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"fmt ":
+                    fmt = handle.read(size + (size & 1))
+                    block_align = struct.unpack("<H", fmt[12:14])[0] if len(fmt) >= 14 else None
+                elif name == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    handle.seek(size + (size & 1), 1)
+    except OSError:
+        return None
+
+
+def inspect_audio(path: Path, decode: bool = False) -> int:
+    """The samples at 16 kHz of one audio file as training reads it, or an AudioError naming the file
+    and what is wrong: unreadable, not mono, empty, truncated (the header promises more samples than
+    the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest tool);
+    without it the header is checked against the file and the last promised sample is read, which
+    costs the same for any length (training's check of every file at start)."""
+    try:
+        with soundfile.SoundFile(str(path)) as audio:
+            frames, channels, rate = audio.frames, audio.channels, audio.samplerate
+            promised = _wav_header_frames(path) if audio.format in ("WAV", "WAVEX") else None
+            promised = max(frames, promised or 0)
+            if channels != 1:
+                raise AudioError(f"{path}: {channels} channels; wav2vec 2.0 takes mono audio (mix it down, "
+                                 "e.g. sox in.wav -c 1 out.wav)")
+            if rate <= 0:
+                raise AudioError(f"{path}: sample rate {rate} Hz")
+            held, failure = (0 if decode else frames), ""
+            try:
+                if decode:
+                    for block in audio.blocks(blocksize=1 << 16):
+                        held += len(block)
+                elif frames:
+                    audio.seek(frames - 1)
+                    held = frames if len(audio.read(1)) == 1 else 0
+            except (soundfile.LibsndfileError, RuntimeError) as error:
+                held, failure = (held if decode else 0), f" ({error})"
+    except AudioError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        raise AudioError(f"{path}: unreadable audio ({error})") from None
+    if promised == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if held < promised:
+        holds = f"the file holds {held}" if decode or not failure else "its end cannot be read"
+        raise AudioError(f"{path}: truncated: the header promises {promised} samples, {holds}{failure}; "
+                         "re-export or remove the file")
+    return round(held * SAMPLE_RATE / rate)
 
 
 def read_manifest(path: Path, texts: Path | None = None) -> list[Utterance]:
@@ -81,18 +155,29 @@ def write_manifest(path: Path, root: Path, utterances: list[Utterance]) -> None:
         path.with_suffix(".wrd").write_text("\n".join(u.text for u in utterances) + "\n")
 
 
-def manifest_from_folder(folder: Path, out: Path) -> list[Utterance]:
-    """Build a manifest for every audio file under ``folder`` (``python -m dyt_wav2vec2.manifest``)."""
+def manifest_from_folder(folder: Path, out: Path, on_bad: Callable[[AudioError], None] | None = None,
+                         ) -> list[Utterance]:
+    """Build a manifest for every audio file under ``folder`` (``python -m dyt_wav2vec2.manifest``),
+    each file decoded as training reads it (:func:`inspect_audio`), sample counts at 16 kHz. A bad
+    file raises its AudioError; with ``on_bad`` it is passed there instead and left out, and the
+    manifest holds the good files only. Returns the rows written."""
+    if not folder.is_dir():
+        raise AudioError(f"{folder}: no such folder")
+    if not out.parent.is_dir():
+        raise AudioError(f"{out}: its folder {out.parent} does not exist")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
         raise AudioError(f"{folder}: no {', '.join(AUDIO_SUFFIXES)} files")
     utterances = []
     for path in files:
         try:
-            info = soundfile.info(str(path))
-        except (soundfile.LibsndfileError, RuntimeError) as error:
-            raise AudioError(f"{path}: unreadable audio ({error})") from None
-        utterances.append(Utterance(path, round(info.frames * SAMPLE_RATE / info.samplerate)))
+            utterances.append(Utterance(path, inspect_audio(path, decode=True)))
+        except AudioError as error:
+            if on_bad is None:
+                raise
+            on_bad(error)
+    if not utterances:
+        raise AudioError(f"{folder}: none of its {len(files)} audio files can be used (each is listed above)")
     write_manifest(out, folder, utterances)
     return utterances
 

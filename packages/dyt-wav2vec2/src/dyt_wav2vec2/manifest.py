@@ -1,20 +1,40 @@
 """``python -m dyt_wav2vec2.manifest AUDIO_DIR OUT.tsv``: a fairseq manifest of every .wav / .flac /
-.ogg file under a folder (sample counts at 16 kHz), for ``data.train_manifest`` and friends."""
+.ogg file under a folder (sample counts at 16 kHz), for ``data.train_manifest`` and friends.
+
+Every file is decoded as training will read it. A file that cannot be used (unreadable, empty,
+multi-channel, truncated) is printed with its reason and left out; the manifest holds the good
+files, and the command then exits with status 2, naming the files it left out."""
 
 import argparse
+import sys
 from pathlib import Path
 
-from .audio import SAMPLE_RATE, manifest_from_folder
+from dyt.errors import user_errors
+
+from .audio import SAMPLE_RATE, AudioError, manifest_from_folder
+
+PROG = "dyt_wav2vec2.manifest"
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.manifest", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
-    rows = manifest_from_folder(args.folder, args.out)
+    bad: list[AudioError] = []
+
+    def left_out(error: AudioError) -> None:
+        bad.append(error)
+        print(f"{PROG}: left out {error}", file=sys.stderr, flush=True)
+
+    rows = manifest_from_folder(args.folder, args.out, on_bad=left_out)
     hours = sum(r.num_samples for r in rows) / SAMPLE_RATE / 3600
     print(f"{args.out}: {len(rows)} files, {hours:.2f} h")
+    if bad:
+        names = ", ".join(str(e).split(": ", 1)[0] for e in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise AudioError(f"{args.out} lists {len(rows)} of {len(rows) + len(bad)} files; left out {len(bad)} bad "
+                         f"file(s) (reasons above): {names}; fix or remove them and run again")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,38 @@
 """The shared training harness (install ``dyt-core[train]``): config dataclasses and CLI, DeepSpeed
 engine set-up for the deepspeed launcher / torchrun / plain python, resumable data order, atomic
-checkpoints, JSONL + TensorBoard metrics, progress bar. See docs/architecture.md."""
+checkpoints, JSONL + TensorBoard metrics, progress bar, one error boundary for every command. See
+docs/architecture.md and docs/errors.md."""
 
-from .checkpoint import trained_weights
-from .cli import parse_args, run_recipe
-from .config import ConfigError, TrainConfig, dump_yaml, from_dict, load_config, to_dict
+from ..errors import UserInputError
+from .checkpoint import RunNotFoundError, check_run, trained_weights
+from .cli import command, parse_args, run_recipe, user_errors
+from .config import ConfigError, Range, TrainConfig, dump_yaml, from_dict, load_config, to_dict
 from .distributed import DistInfo, init_distributed
 from .metrics import read_metrics
-from .trainer import NonFiniteLossError, Task, Trainer, TrainResult, deepspeed_config, warmup_cosine
+from .trainer import (
+    CheckpointSaveError,
+    NonFiniteLossError,
+    Task,
+    Trainer,
+    TrainResult,
+    deepspeed_config,
+    warmup_cosine,
+)
 
 __all__ = [
+    "CheckpointSaveError",
     "ConfigError",
     "DistInfo",
     "NonFiniteLossError",
+    "Range",
+    "RunNotFoundError",
     "Task",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "UserInputError",
+    "check_run",
+    "command",
     "deepspeed_config",
     "dump_yaml",
     "from_dict",
@@ -27,5 +43,6 @@ __all__ = [
     "run_recipe",
     "to_dict",
     "trained_weights",
+    "user_errors",
     "warmup_cosine",
 ]

@@ -18,13 +18,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserInputError
 from .distributed import DistInfo, barrier
 
 MARKER = "COMPLETE"
 
 
+class RunNotFoundError(UserInputError, FileNotFoundError):
+    """A training run directory is missing, or holds no config.yaml or no complete checkpoint."""
+
+    kind = "run error"
+
+
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(directory: Path) -> int:
+    """The step of a checkpoint directory (``step_00000042`` -> 42)."""
+    return int(directory.name.removeprefix("step_"))
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -91,12 +103,26 @@ def load(engine, directory: Path, dist: DistInfo) -> dict[str, Any]:
     return client_state or {}
 
 
+def check_run(run_dir: str | Path, weights: bool = True) -> None:
+    """``run_dir`` is a training run's ``out_dir`` with its ``config.yaml`` and (with ``weights``) a
+    complete checkpoint; else a RunNotFoundError saying which is missing. Evals call this first,
+    before any data is built."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunNotFoundError(f"{run_dir}: no such run directory (give --run a training run's train.out_dir)")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunNotFoundError(f"{run_dir}: no config.yaml, so not a training run directory (give --run a training "
+                               "run's train.out_dir)")
+    if weights and not complete_checkpoints(run_dir / "checkpoints"):
+        raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
+
+
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of a run's newest complete checkpoint, whole on one process (for evals and
     analysis). ZeRO-sharded checkpoints are gathered with DeepSpeed's own fp32 consolidation."""
     done = complete_checkpoints(Path(run_dir) / "checkpoints")
     if not done:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
+        raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
     newest = done[-1]
     if any(newest.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

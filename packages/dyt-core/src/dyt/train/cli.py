@@ -1,21 +1,27 @@
 """The command line every recipe shares: ``--config FILE``, ``--set key=value``, ``--print-config``,
-``--resume``. A recipe's ``__main__`` is ``run_recipe(MyConfig, MyTask)``."""
+``--resume``. A recipe's ``__main__`` is ``run_recipe(MyConfig, MyTask)``.
+
+Bad input (a config key, a data file, ...) stops the command with one line and exit status 2 before
+any heavy work; ``user_errors`` is that boundary, shared by every command (see docs/errors.md)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .config import ConfigError, dump_yaml, load_config
+from ..errors import UserInputError, command, user_errors
+from .config import dump_yaml, load_config
 from .trainer import Task, Trainer, TrainResult
 
 C = TypeVar("C")
 
+__all__ = ["UserInputError", "command", "parse_args", "run_recipe", "user_errors"]
 
-def parse_args(config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None):
-    """(resolved config, parsed args). Config errors exit with status 2 and a one-line message."""
+
+def _parser(config_cls: type, prog: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__)
     parser.add_argument("--config", help="YAML file with the recipe's settings")
     parser.add_argument(
@@ -25,11 +31,15 @@ def parse_args(config_cls: type[C], argv: Sequence[str] | None = None, prog: str
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser
+
+
+def parse_args(config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None):
+    """(resolved config, parsed args). Config errors exit with status 2 and a one-line message."""
+    parser = _parser(config_cls, prog)
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser.prog):
         config = load_config(config_cls, args.config, args.overrides)
-    except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: config error: {error}\n")
     return config, args
 
 
@@ -37,11 +47,13 @@ def run_recipe(
     config_cls: type[C], make_task: Callable[[C], Task], argv: Sequence[str] | None = None, prog: str | None = None
 ) -> TrainResult | None:
     """Parse the command line, build the task from the config, train. The config class must have
-    a ``train`` field of type :class:`~dyt.train.TrainConfig`."""
-    config, args = parse_args(config_cls, argv, prog)
-    if args.print_config:
-        sys.stdout.write(dump_yaml(config))
-        return None
-    task = make_task(config)
-    train_cfg: Any = config.train  # type: ignore[attr-defined]
-    return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)
+    a ``train`` field of type :class:`~dyt.train.TrainConfig`. Every config and data error comes
+    before the engine is built, as one line (exit status 2)."""
+    with user_errors(prog or os.path.basename(sys.argv[0])):
+        config, args = parse_args(config_cls, argv, prog)
+        if args.print_config:
+            sys.stdout.write(dump_yaml(config))
+            return None
+        task = make_task(config)
+        train_cfg: Any = config.train  # type: ignore[attr-defined]
+        return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)

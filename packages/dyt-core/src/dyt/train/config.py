@@ -6,7 +6,12 @@ LLaMA's ``norm`` default ``{kind: rmsnorm, bias: false, alpha_policy: llm}``, ``
 bias-free DyT with the paper's alpha0 table, not ``NormConfig``'s class defaults.
 
 Every key is checked against the dataclass: an unknown key is an error that names it and the valid
-keys at that level; a value of the wrong type is an error that names the key and the type wanted.
+keys at that level; a value of the wrong type is an error that names the key and the type wanted; a
+number outside the range its field declares (``steps: Annotated[int, Range(ge=1)]``) is an error
+that names the key and the range. Checks across fields live in the config's ``__post_init__``; a
+dataclass's ``validate()`` runs once the whole config is loaded (``TrainConfig.validate`` reads the
+DeepSpeed JSON), so every config error comes before any data is prepared. YAML and JSON syntax
+errors name the file, line and column.
 A dataclass with a ``SHORTHAND`` class attribute accepts a bare scalar for that field
 (``norm: dyt`` means ``norm: {kind: dyt}``).
 """
@@ -14,19 +19,76 @@ A dataclass with a ``SHORTHAND`` class attribute accepts a bare scalar for that 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
+
+from ..errors import UserInputError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A config file or override does not fit the recipe's config dataclasses."""
+
+    kind = "config error"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field allows, declared with the field:
+    ``steps: Annotated[int, Range(ge=1)] = 100``; checked when the config loads."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return not (
+            (self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
+            or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt)
+            or (isinstance(value, float) and math.isnan(value))
+        )
+
+    def __str__(self) -> str:
+        low = f"at least {self.ge:g}" if self.ge is not None else f"greater than {self.gt:g}" if self.gt is not None else ""
+        high = f"at most {self.le:g}" if self.le is not None else f"less than {self.lt:g}" if self.lt is not None else ""
+        if self.ge is not None and self.le is not None:
+            return f"from {self.ge:g} to {self.le:g}"
+        return " and ".join(part for part in (low, high) if part) or "any number"
+
+    def check(self, value: float, key: str) -> None:
+        if value not in self:
+            raise ConfigError(f"{key}: {value!r} is out of range: it must be {self}")
+
+    def arg(self, kind: type = int):
+        """An argparse ``type=`` that parses ``kind`` and checks this range (for command-line options)."""
+        import argparse
+
+        def parse(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            if value not in self:
+                raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {self}")
+            return value
+
+        parse.__name__ = kind.__name__
+        return parse
+
+
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
+AT_LEAST_ONE = Range(ge=1)
+PROBABILITY = Range(ge=0, le=1)
 
 
 @dataclasses.dataclass
@@ -35,42 +97,86 @@ class TrainConfig:
 
     out_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
-    steps: int = 100
+    steps: Annotated[int, AT_LEAST_ONE] = 100
     """Optimizer steps."""
-    micro_batch_size: int = 8
+    micro_batch_size: Annotated[int, AT_LEAST_ONE] = 8
     """Examples per rank per forward."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, AT_LEAST_ONE] = 1
     """Micro-batches per optimizer step."""
-    lr: float = 3e-4
-    min_lr: float = 3e-5
+    lr: Annotated[float, POSITIVE] = 3e-4
+    min_lr: Annotated[float, NON_NEGATIVE] = 3e-5
     """The cosine schedule ends here."""
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 10
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.1
     """AdamW decay on matrices; biases, norm parameters and DyT's alpha are never decayed."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.95)
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
+    """Gradient-norm clipping; 0: none."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = 0
+    zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
     deepspeed_config: str | None = None
-    """A DeepSpeed JSON file merged over the config the harness derives from these settings."""
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 50
+    """A DeepSpeed JSON file merged over the config the harness derives from these settings; read
+    and checked when the config loads."""
+    seed: Annotated[int, NON_NEGATIVE] = 0
+    log_every: Annotated[int, AT_LEAST_ONE] = 1
+    eval_every: Annotated[int, NON_NEGATIVE] = 50
     """Validate every this many steps (and at the end); 0 turns validation off."""
-    eval_batches: int = 20
+    eval_batches: Annotated[int, AT_LEAST_ONE] = 20
     """Micro-batches per rank per validation."""
-    save_every: int = 50
+    save_every: Annotated[int, NON_NEGATIVE] = 50
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
-    keep_checkpoints: int = 2
-    num_workers: int = 0
+    keep_checkpoints: Annotated[int, AT_LEAST_ONE] = 2
+    num_workers: Annotated[int, NON_NEGATIVE] = 0
     """DataLoader worker processes."""
     progress: bool = True
     """Progress bar on rank 0."""
     tensorboard: bool = True
 
+    HARNESS_KEYS: typing.ClassVar[dict[str, str]] = {
+        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+        "gradient_accumulation_steps": "train.grad_accum",
+        "train_batch_size": "train.micro_batch_size and train.grad_accum",
+        "optimizer": "train.lr, train.betas and train.weight_decay (the harness builds AdamW)",
+        "scheduler": "train.lr, train.min_lr and train.warmup_steps (the harness builds the schedule)",
+    }
+    """DeepSpeed JSON keys the harness sets itself, and the settings to use instead."""
+
+    def validate(self) -> None:
+        """The DeepSpeed JSON exists, parses, is an object and leaves the harness's own keys alone."""
+        if self.deepspeed_config:
+            extra = read_json_object(self.deepspeed_config, "train.deepspeed_config")
+            clashes = [key for key in self.HARNESS_KEYS if key in extra]
+            if clashes:
+                raise ConfigError(
+                    f"{self.deepspeed_config} (train.deepspeed_config) sets {clashes[0]!r}, which the harness derives: "
+                    f"remove it and set {self.HARNESS_KEYS[clashes[0]]}"
+                )
+
+
+def read_json_object(path: str | Path, key: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (named by config ``key``), or a ConfigError naming the file and,
+    for a syntax error, the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} ({key}): not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}:{error.colno}: invalid JSON in {key}: {error.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} ({key}): expected a JSON object {{...}}, got {type(data).__name__}")
+    return data
+
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _plain(tp: Any) -> Any:
+    """``tp`` without its ``Annotated`` ranges."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -87,6 +193,12 @@ def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        value = _coerce(args[0], value, key, default)
+        for extra in args[1:]:
+            if isinstance(extra, Range) and value is not None:
+                extra.check(value, key)
         return value
     if dataclasses.is_dataclass(tp):
         shorthand = getattr(tp, "SHORTHAND", None)
@@ -204,7 +316,7 @@ def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any) -> None:
             if part not in fields:
                 where = f" under '{'.'.join(walked)}'" if walked else ""
                 raise ConfigError(f"unknown key '{key}'; valid keys{where}: {', '.join(fields)}")
-            field_type = _hints(node_type)[part]
+            field_type = _plain(_hints(node_type)[part])
             inner = next(
                 (a for a in (typing.get_args(field_type) or (field_type,)) if dataclasses.is_dataclass(a)), None
             )
@@ -216,7 +328,7 @@ def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any) -> None:
                 return
             next_type = inner if inner is not None else field_type
         elif typing.get_origin(node_type) in (dict, Mapping):
-            next_type = (typing.get_args(node_type) or (Any, Any))[1]
+            next_type = _plain((typing.get_args(node_type) or (Any, Any))[1])
         else:
             raise ConfigError(f"'{'.'.join(walked)}' has no sub-keys (in '{key}')")
         if last:
@@ -231,24 +343,64 @@ def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any) -> None:
         walked.append(part)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, then the YAML file, then ``key=value`` overrides (values parsed as YAML)."""
+def _yaml_error(error: yaml.YAMLError) -> tuple[str, str]:
+    """(``:line:column`` (1-based, as editors count) or "", what is wrong) of a YAML syntax error."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = " ".join(str(p) for p in (getattr(error, "context", None), getattr(error, "problem", None)) if p)
+    return (f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""), problem or str(error)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        at, problem = _yaml_error(error)
+        raise ConfigError(f"{path}{at}: invalid YAML: {problem}") from None
+
+
+def validate(config: Any) -> None:
+    """Run ``validate()`` of every dataclass in ``config`` (innermost first)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value)
+    check = getattr(config, "validate", None)
+    if callable(check):
+        check()
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                check_files: bool = True) -> T:
+    """Defaults of ``cls``, then the YAML file, then ``key=value`` overrides (values parsed as YAML);
+    then, with ``check_files``, every dataclass's ``validate()`` (files the config names, e.g. the
+    DeepSpeed JSON). Evals that read a finished run's ``config.yaml`` pass ``check_files=False``."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+            raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}")
         data = loaded
         from_dict(cls, data)  # report errors against the file before overrides are applied
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(data, cls, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return from_dict(cls, data)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_error(error)[1]}") from None
+        _set_dotted(data, cls, key.strip(), value)
+    config = from_dict(cls, data)
+    if check_files:
+        validate(config)
+    return config
 
 
 def dump_yaml(config: Any) -> str:

@@ -6,9 +6,9 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,14 +21,23 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..analysis import dyt_layers
+from ..errors import UserInputError
 from . import checkpoint
-from .config import TrainConfig, dump_yaml
+from .config import TrainConfig, dump_yaml, read_json_object
 from .distributed import DistInfo, all_reduce, init_distributed
 from .metrics import MetricsLogger
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class CheckpointSaveError(UserInputError):
+    """A checkpoint could not be written (disk full, quota, permissions); the message names the step
+    that was not saved and the complete checkpoint a resume will start from."""
+
+    kind = "checkpoint error"
+    every_rank = False  # one rank's write fails; that rank reports it
 
 
 class Task(Protocol):
@@ -96,7 +105,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"train.deepspeed_config: no such file {path}")
-        _merge(config, json.loads(path.read_text()))
+        _merge(config, read_json_object(path, "train.deepspeed_config"))
     return config
 
 
@@ -143,9 +152,10 @@ class ResumableBatches:
         per_rank = len(dataset) // dist.world_size
         self.per_epoch = per_rank // cfg.micro_batch_size
         if self.per_epoch == 0:
-            raise ValueError(
+            raise UserInputError(
                 f"the training set has {len(dataset)} examples: fewer than one micro-batch "
-                f"({cfg.micro_batch_size}) per rank for {dist.world_size} rank(s)"
+                f"({cfg.micro_batch_size}) per rank for {dist.world_size} rank(s); lower train.micro_batch_size "
+                "or give more data"
             )
 
     def _indices(self, epoch: int) -> list[int]:
@@ -194,11 +204,15 @@ class Trainer:
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
+    def _check_validation_size(self, dataset: Dataset) -> None:
+        if len(dataset) < self.dist.world_size:  # a rank without a batch could not name the extras
+            raise UserInputError(f"the validation set has {len(dataset)} examples, fewer than the {self.dist.world_size} "
+                                 "ranks: give more validation data or launch fewer ranks")
+
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
         """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
         over ``eval_batches`` micro-batches per rank, averaged over ranks."""
-        if len(dataset) < self.dist.world_size:  # a rank without a batch could not name the extras
-            raise ValueError(f"the validation set has {len(dataset)} examples, fewer than the {self.dist.world_size} ranks")
+        self._check_validation_size(dataset)
         indices = list(range(self.dist.rank, len(dataset), self.dist.world_size))
         loader = DataLoader(
             dataset,
@@ -229,11 +243,35 @@ class Trainer:
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
         return {n: (t / count).item() for n, t in zip(names, totals)}
 
+    def _save(self, engine, step: int, micro_batches: int) -> Path:
+        """A checkpoint of ``step``; a failed write (disk full, ...) stops the run with the step it could
+        not save and the complete checkpoint that ``--resume`` will take (the failed one never got
+        its COMPLETE marker, and older ones are deleted only after a new one is complete)."""
+        client = {"step": step, "micro_batches": micro_batches}
+        try:
+            return checkpoint.save(engine, self.ckpt_root, step, client, self.dist, self.cfg.keep_checkpoints)
+        except (OSError, RuntimeError) as error:
+            done = checkpoint.complete_checkpoints(self.ckpt_root)
+            cause = " ".join(str(error).split())[:300]
+            try:
+                cause += f"; {shutil.disk_usage(self.ckpt_root).free / 2**20:.0f} MiB free there"
+            except OSError:
+                pass
+            resume = (f"--resume continues from step {checkpoint.step_of(done[-1])} ({done[-1]})" if done
+                      else "there is no complete checkpoint yet: --resume starts from step 0")
+            raise CheckpointSaveError(
+                f"could not save the checkpoint of step {step} in {self.ckpt_root} ({cause}); {resume}. "
+                "Free disk space (or point train.out_dir elsewhere) and run again with --resume"
+            ) from error
+
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, dist = self.cfg, self.dist
-        engine = self._build()
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
+        # Too little data is an error before the engine is built.
         batches = ResumableBatches(train_set, self.task, cfg, dist)
+        if eval_set is not None and cfg.eval_every:
+            self._check_validation_size(eval_set)
+        engine = self._build()
 
         step, micro_batches, last_good = 0, 0, None
         if resume:
@@ -302,8 +340,10 @@ class Trainer:
                 if row:
                     metrics.log(step, row)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                    client = {"step": step, "micro_batches": micro_batches}
-                    last_good = checkpoint.save(engine, self.ckpt_root, step, client, dist, cfg.keep_checkpoints)
+                    last_good = self._save(engine, step, micro_batches)
+        except UserInputError as error:
+            error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
+            raise
         finally:
             bar.close()
             metrics.close()

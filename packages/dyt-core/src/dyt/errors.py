@@ -1,0 +1,107 @@
+"""One error boundary for every command (see docs/errors.md).
+
+A problem the user can fix (a config key, a file, a command-line option, a full disk) is a
+:class:`UserInputError`; the config, data, audio, FASTA and tokenizer errors of the harness and the
+recipes subclass it. Every command runs under :func:`user_errors`, which prints such an error as one
+line, ``<program>: <kind>: <message>``, and exits with status 2. ``DYT_DEBUG=1`` also prints the
+traceback. Any other exception is a bug and keeps its traceback (exit status 1).
+
+Under a launcher (``RANK`` set), an error every rank hits in the same way (everything found while
+setting up: config, data) is printed by rank 0 only; the other ranks exit 2 without a word. An
+error found on one rank only (``every_rank = False``, e.g. a checkpoint that could not be written)
+is printed by the rank that hit it.
+
+Standard library only: ``dyt-bench`` uses this without the ``train`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "DYT_DEBUG"
+QUIET_RANK_GRACE_S = 2.0
+"""A rank other than 0 waits this long before its quiet exit, so that the launcher (which stops every
+rank once one has exited with an error) does not stop rank 0 before it has printed the message."""
+
+
+class UserInputError(ValueError):
+    """Bad input or a fixable environment problem; the message names the file, key or option, what
+    is wrong and, where it is not obvious, what to do."""
+
+    kind = "error"
+    """Printed after the program's name: ``config error``, ``data error``, ``audio error``, ..."""
+    every_rank = True
+    """True: every rank of a launch hits this error alike, and rank 0 alone reports it."""
+
+
+def debug() -> bool:
+    """``DYT_DEBUG`` is set to something other than empty, 0, false or no."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(prog: str, error: UserInputError) -> str:
+    """``<prog>: [rank N: ]<kind>: <message>`` on one line."""
+    message = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    rank = os.environ.get("RANK")
+    where = f"rank {rank}: " if rank is not None and not error.every_rank and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    return f"{prog}: {where}{error.kind}: {message}"
+
+
+def report(prog: str, error: UserInputError) -> None:
+    """Print ``error`` as :func:`user_errors` does (or not, on a quiet rank) and exit with status 2."""
+    quiet = error.every_rank and os.environ.get("RANK", "0") not in ("", "0")
+    sys.stdout.flush()
+    if debug():
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    elif quiet:
+        time.sleep(QUIET_RANK_GRACE_S)
+        raise SystemExit(EXIT_USER_ERROR)
+    print(one_line(prog, error), file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+class user_errors(contextlib.ContextDecorator):
+    """``with user_errors("prog"):`` or ``@user_errors("prog")``: a :class:`UserInputError` raised
+    inside becomes one line on stderr and exit status 2 (see the module docstring)."""
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def __enter__(self) -> user_errors:
+        return self
+
+    def __exit__(self, exc_type, error, tb) -> bool:
+        if isinstance(error, UserInputError):
+            report(self.prog, error)
+        if isinstance(error, subprocess.CalledProcessError) and error.returncode == EXIT_USER_ERROR:
+            # A command this one launched (a training run of a comparison) met bad input and has said so.
+            command = error.cmd if isinstance(error.cmd, str) else " ".join(map(str, error.cmd))
+            report(self.prog, UserInputError(f"a launched command stopped with status 2 (its message is above): "
+                                             f"{command[:300]}"))
+        return False
+
+
+def command(prog: str, target: str | Callable[[], object]) -> Callable[[], int]:
+    """A console-script entry point: ``target`` (a function, or ``"module:function"`` imported when
+    the command runs) under :func:`user_errors`, exit status 0 when it returns. The target's return
+    value (e.g. a report path) is for Python callers, not the exit status."""
+
+    def run() -> int:
+        with user_errors(prog):
+            main = target
+            if isinstance(main, str):
+                module, _, name = main.partition(":")
+                main = getattr(importlib.import_module(module), name)
+            main()
+        return 0
+
+    run.__doc__ = f"The ``{prog}`` command."
+    return run

@@ -1,0 +1,352 @@
+"""Bad input gets one clear line, before any heavy work, in every command (docs/errors.md).
+
+Each case runs a command as a user would, in a subprocess, on tiny files under a temporary folder
+(no built-in corpus, genome or speech set is built: DYT_CACHE is an empty folder). Every case must
+exit with status 2, print no traceback, and end stderr with one line that starts with the program's
+name and names the file or key. The cases run two at a time (each is mostly Python start-up and
+imports); every selected case still reports as its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TIMEOUT_S = 120
+"""A case that takes longer has done heavy work it should not have."""
+DEBUG_ENV = "DYT_DEBUG"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    prog: str
+    """The program name the error line starts with."""
+    command: tuple[str, ...]
+    """``-m module``, a console script, or a script path, then its arguments; ``{tmp}`` is the fixture folder."""
+    names: tuple[str, ...]
+    """What the last line of stderr must hold: the file, key or option (and what is wrong)."""
+    also: tuple[str, ...] = ()
+    """What must be elsewhere in stderr (e.g. the reason each left-out file was left out)."""
+    env: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+def _llama(*args):
+    return ("-m", "dyt_llama.train", "--config", "recipes/llama/tiny.yaml", "--set", "train.out_dir={tmp}/out",
+            "--set", "data.cache_dir={tmp}/cache/llama", "--set", "data.corpus={tmp}/corpus", "--set", "data.validation_works=[b/four]", *args)
+
+
+def _dna(*args):
+    return ("-m", "dyt_dna.train", "--config", "recipes/dna/hyena-tiny.yaml", "--set", "train.out_dir={tmp}/out",
+            "--set", "data.cache_dir={tmp}/cache/dna", "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]", *args)
+
+
+def _w2v(train, *args):
+    return ("-m", "dyt_wav2vec2.train", "--config", "recipes/wav2vec2/tiny.yaml", "--set", "train.out_dir={tmp}/out",
+            "--set", f"data.train_manifest={{tmp}}/{train}", "--set", "data.validation_manifest={tmp}/valid.tsv", *args)
+
+
+CASES = [
+    # ---- LLaMA training (python -m dyt_llama.train)
+    Case("llama-steps-negative", "dyt_llama.train", _llama("--set", "train.steps=-5"),
+         ("train.steps", "-5", "at least 1")),
+    Case("llama-yaml-syntax", "dyt_llama.train", ("-m", "dyt_llama.train", "--config", "{tmp}/bad.yaml"),
+         ("bad.yaml:3:", "invalid YAML")),
+    Case("llama-unknown-key", "dyt_llama.train", _llama("--set", "train.stpes=3"), ("train.stpes", "valid keys")),
+    Case("llama-seq-len-over-context", "dyt_llama.train", _llama("--set", "data.seq_len=512"),
+         ("data.seq_len=512", "model.max_seq_len=256")),
+    Case("llama-deepspeed-json-malformed", "dyt_llama.train",
+         _llama("--set", "data.cache_dir={tmp}/cache/json-case", "--set", "train.deepspeed_config={tmp}/bad.json"),
+         ("bad.json:1:", "invalid JSON", "train.deepspeed_config")),
+    Case("llama-deepspeed-json-clash", "dyt_llama.train", _llama("--set", "train.deepspeed_config={tmp}/clash.json"),
+         ("clash.json", "train_micro_batch_size_per_gpu", "train.micro_batch_size")),
+    Case("llama-corpus-missing", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/nowhere"),
+         ("corpus not found", "nowhere")),
+    Case("llama-corpus-not-utf8", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/latin1-corpus"),
+         ("latin1.txt", "not UTF-8", "byte 3")),
+    Case("llama-tokenizer-not-json", "dyt_llama.train", _llama("--set", "data.tokenizer_file={tmp}/bad.yaml"),
+         ("bad.yaml", "data.tokenizer_file")),
+    # ---- DNA training (python -m dyt_dna.train)
+    Case("dna-fasta-bad-character", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/bad_char.fa]"),
+         ("bad_char.fa", "record 'chr2'", "'X' at position 7")),
+    Case("dna-fasta-no-header", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/no_header.fa]"),
+         ("no_header.fa:1", "before the first '>'")),
+    Case("dna-fasta-empty", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/empty.fa]"),
+         ("empty.fa", "no FASTA records")),
+    Case("dna-fasta-missing", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/none.fa]"),
+         ("none.fa", "no such FASTA file")),
+    Case("dna-window-over-context", "dyt_dna.train", _dna("--set", "data.window=4096"),
+         ("data.window=4096", "model.max_len=512")),
+    # ---- wav2vec 2.0 pretraining (python -m dyt_wav2vec2.train)
+    Case("w2v-train-truncated-wav", "dyt_wav2vec2.train", _w2v("train_truncated.tsv"),
+         ("training audio", "trunc.wav", "truncated", "header promises 16000 samples")),
+    Case("w2v-train-stereo-wav", "dyt_wav2vec2.train", _w2v("train_stereo.tsv"),
+         ("training audio", "stereo.wav", "2 channels")),
+    Case("w2v-train-all-too-short", "dyt_wav2vec2.train", _w2v("train_short.tsv"),
+         ("training audio", "3 of 3 files are shorter than 10560 samples", "short0.wav")),
+    # ---- the manifest tool (python -m dyt_wav2vec2.manifest)
+    Case("manifest-truncated-wav", "dyt_wav2vec2.manifest",
+         ("-m", "dyt_wav2vec2.manifest", "{tmp}/audio-truncated", "{tmp}/out-truncated.tsv"),
+         ("out-truncated.tsv lists 2 of 3 files", "trunc.wav"), ("trunc.wav: truncated",)),
+    Case("manifest-stereo-wav", "dyt_wav2vec2.manifest",
+         ("-m", "dyt_wav2vec2.manifest", "{tmp}/audio-stereo", "{tmp}/out-stereo.tsv"),
+         ("out-stereo.tsv lists 2 of 3 files", "stereo.wav"), ("stereo.wav: 2 channels",)),
+    Case("manifest-no-folder", "dyt_wav2vec2.manifest",
+         ("-m", "dyt_wav2vec2.manifest", "{tmp}/nowhere", "{tmp}/out.tsv"), ("nowhere", "no such folder")),
+    # ---- evals
+    Case("dna-eval-no-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/nowhere", "--task", "{tmp}/csv"),
+         ("nowhere", "no such run directory")),
+    Case("dna-eval-untrained-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run-untrained"),
+         ("run-untrained", "no complete checkpoint")),
+    Case("dna-eval-csv-column", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv"),
+         ("dev.csv", "missing column(s) ['sequence']")),
+    Case("dna-eval-epochs-zero", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--epochs", "0"),
+         ("--epochs", "at least 1")),
+    Case("w2v-eval-no-run", "dyt_wav2vec2.eval", ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/nowhere"),
+         ("nowhere", "no such run directory")),
+    Case("w2v-eval-steps-zero", "dyt_wav2vec2.eval", ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--steps", "0"),
+         ("--steps", "at least 1")),
+    # ---- the compare commands
+    Case("llama-compare-yaml-syntax", "dyt-llama-compare",
+         ("dyt-llama-compare", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/cmp"), ("bad.yaml:3:", "invalid YAML")),
+    Case("llama-compare-corpus-missing", "dyt-llama-compare",
+         ("dyt-llama-compare", "--out", "{tmp}/cmp", "--set", "data.corpus={tmp}/nowhere"), ("corpus not found", "nowhere")),
+    Case("dna-compare-config-missing", "dyt-dna-compare",
+         ("dyt-dna-compare", "--configs", "{tmp}/none.yaml", "--out", "{tmp}/cmp"), ("config file not found", "none.yaml")),
+    Case("dna-compare-task-missing", "dyt-dna-compare",
+         ("dyt-dna-compare", "--tasks", "{tmp}/none", "--out", "{tmp}/cmp", "--set", "data.fasta=[{tmp}/fasta/good.fa]",
+          "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]"), ("task", "none", "nor a folder")),
+    Case("w2v-compare-deepspeed-json", "dyt-wav2vec2-compare",
+         ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "train.deepspeed_config={tmp}/bad.json"),
+         ("bad.json:1:", "invalid JSON")),
+    # ---- dyt-bench and the corpus builder
+    Case("bench-block-size", "dyt-bench", ("dyt-bench", "--block", "--block-size", "30,4,64,16"),
+         ("--block-size", "DIM (30)")),
+    Case("bench-repeats-zero", "dyt-bench", ("dyt-bench", "--repeats", "0"), ("--repeats", "at least 1")),
+    Case("corpus-out-is-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml"),
+         ("bad.yaml", "not a folder")),
+]
+if not torch.cuda.is_available():
+    CASES.append(Case("bench-no-cuda", "dyt-bench", ("dyt-bench", "--device", "cuda"), ("--device", "CUDA is not available")))
+
+
+# ---------------------------------------------------------------- the tiny inputs
+
+def _wav(path: Path, samples: int = 16000, channels: int = 1, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(seed).normal(0, 0.1, (samples, channels)).astype(np.float32)
+    soundfile.write(str(path), noise, 16000, subtype="PCM_16")
+
+
+def _truncated_wav(path: Path) -> None:
+    """A WAV whose header promises 16000 samples and whose data stops after 8."""
+    _wav(path)
+    path.write_bytes(path.read_bytes()[: 44 + 16])
+
+
+def _manifest(path: Path, root: Path, files: list[str]) -> None:
+    path.write_text("\n".join([str(root)] + [f"{name}\t16000" for name in files]) + "\n")
+
+
+def _inputs(tmp: Path) -> None:
+    corpus = tmp / "corpus"
+    for name in ("a/one", "a/two", "b/three", "b/four"):
+        (corpus / f"{name}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (corpus / f"{name}.txt").write_text("Shall I compare thee to a summer's day? " * 20)
+    latin = tmp / "latin1-corpus"
+    latin.mkdir()
+    (latin / "good.txt").write_text("plain text\n")
+    (latin / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp / "bad.yaml").write_text("train:\n  steps: [1\n")
+    (tmp / "bad.json").write_text('{"zero_optimization": {"stage": 2},, "bf16": {"enabled": true}}\n')
+    (tmp / "clash.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+
+    fasta = tmp / "fasta"
+    fasta.mkdir()
+    bases = "".join(np.random.default_rng(0).choice(list("ACGT"), 3000))
+    (fasta / "good.fa").write_text(f">chr1\n{bases[:1500]}\n>chr2\n{bases[1500:]}\n")
+    (fasta / "bad_char.fa").write_text(f">chr1 first\n{bases[:600]}\n>chr2\nACGTACGXACGT{bases[600:1200]}\n")
+    (fasta / "no_header.fa").write_text(f"{bases[:600]}\n")
+    (fasta / "empty.fa").write_text("")
+
+    audio = tmp / "audio"
+    for i in range(3):
+        _wav(audio / f"good{i}.wav", seed=i)
+        _wav(audio / f"short{i}.wav", samples=4000, seed=i)
+    _truncated_wav(audio / "trunc.wav")
+    _wav(audio / "stereo.wav", channels=2)
+    _manifest(tmp / "valid.tsv", audio, ["good2.wav"] * 4)
+    _manifest(tmp / "train_truncated.tsv", audio, ["good0.wav", "good1.wav", "trunc.wav"])
+    _manifest(tmp / "train_stereo.tsv", audio, ["good0.wav", "good1.wav", "stereo.wav"])
+    _manifest(tmp / "train_short.tsv", audio, ["short0.wav", "short1.wav", "short2.wav"])
+    for name, bad in (("audio-truncated", _truncated_wav), ("audio-stereo", lambda p: _wav(p, channels=2))):
+        _wav(tmp / name / "good0.wav")
+        _wav(tmp / name / "sub" / "good1.wav", seed=1)
+        bad(tmp / name / ("trunc.wav" if name == "audio-truncated" else "stereo.wav"))
+
+    from dyt.train import dump_yaml, load_config
+    from dyt_dna.task import DnaConfig
+
+    config = dump_yaml(load_config(DnaConfig, ROOT / "recipes/dna/hyena-tiny.yaml"))
+    for run in ("run", "run-untrained"):
+        (tmp / run).mkdir()
+        (tmp / run / "config.yaml").write_text(config)
+    (tmp / "run/checkpoints/step_00000001").mkdir(parents=True)  # complete as far as the checks go;
+    (tmp / "run/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')  # never loaded
+    csv = tmp / "csv"
+    csv.mkdir()
+    for split in ("train", "test"):
+        (csv / f"{split}.csv").write_text("sequence,label\nACGTACGT,a\nTTGGCCAA,b\n")
+    (csv / "dev.csv").write_text("seq,label\nACGT,a\n")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", DEBUG_ENV)}
+    env.update(DYT_CACHE=str(tmp / "dyt-cache"), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=str(ROOT / "tests"))
+    return env
+
+
+
+def _argv(command: tuple[str, ...], tmp: Path) -> list[str]:
+    args = [part.replace("{tmp}", str(tmp)) for part in command]
+    if args[0] == "-m" or args[0].endswith(".py"):
+        return [sys.executable, *args]
+    return [str(BIN / args[0]), *args[1:]]
+
+
+def _run(case: Case, tmp: Path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(_argv(case.command, tmp), cwd=ROOT, env={**_env(tmp), **case.env}, capture_output=True,
+                              text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        return subprocess.CompletedProcess(expired.cmd, -1, expired.stdout or "", f"timed out after {TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(request, tmp_path_factory):
+    """Every selected case, run two at a time: name -> (finished process, fixture folder)."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    _inputs(tmp)
+    selected = {item.callspec.params["case"].name for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
+    cases = [c for c in CASES if c.name in selected]
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip((c.name for c in cases), pool.map(lambda c: _run(c, tmp), cases)))
+    return done, tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, bad_input_runs):
+    runs, tmp = bad_input_runs
+    proc = runs[case.name]
+    shown = f"exit {proc.returncode}\nstderr (end):\n{proc.stderr[-2500:]}"
+    assert proc.returncode == 2, shown
+    assert "Traceback" not in proc.stderr, shown
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"{case.prog}: "), shown
+    for name in case.names:
+        assert name in last, (name, last)
+    for name in case.also:
+        assert name in proc.stderr, (name, shown)
+
+
+def test_every_command_has_cases():
+    progs = {c.prog for c in CASES}
+    assert {"dyt_llama.train", "dyt_dna.train", "dyt_wav2vec2.train", "dyt_wav2vec2.manifest", "dyt_dna.eval",
+            "dyt_wav2vec2.eval", "dyt-llama-compare", "dyt-dna-compare", "dyt-wav2vec2-compare", "dyt-bench",
+            "dyt_llama.corpus"} <= progs
+    assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.slow
+def test_what_the_failed_cases_left_behind(bad_input_runs):
+    """The malformed DeepSpeed JSON stopped the run before any data was prepared; the manifest tool
+    wrote the good files only."""
+    runs, tmp = bad_input_runs
+    if "llama-deepspeed-json-malformed" in runs:
+        assert not (tmp / "cache" / "json-case").exists()
+    if "manifest-truncated-wav" in runs:
+        rows = (tmp / "out-truncated.tsv").read_text().splitlines()[1:]
+        assert sorted(r.split("\t")[0] for r in rows) == ["good0.wav", "sub/good1.wav"]
+        assert all(r.endswith("\t16000") for r in rows)
+
+
+# ---------------------------------------------------------------- DYT_DEBUG, ranks, a full disk
+
+def test_dyt_debug_shows_the_traceback(tmp_path):
+    cmd = [sys.executable, str(ROOT / "tests/toy_recipe.py"), "--set", "train.steps=-5"]
+    quiet = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT_S)
+    loud = subprocess.run(cmd, env={**_env(tmp_path), DEBUG_ENV: "1"}, capture_output=True, text=True, timeout=TIMEOUT_S)
+    line = "toy_recipe.py: config error: train.steps: -5 is out of range: it must be at least 1"
+    assert quiet.returncode == loud.returncode == 2
+    assert quiet.stderr.strip().splitlines()[-1] == line and "Traceback" not in quiet.stderr
+    assert "Traceback" in loud.stderr and loud.stderr.strip().endswith(line)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_error_every_rank_hits_is_printed_once(tmp_path):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "tests/toy_recipe.py", "--set", "train.steps=-5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("train.steps: -5 is out of range") == 1, out[-3000:]
+    assert "Traceback" not in out
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(tmp_path):
+    """A file-size limit (as a full disk) makes the step-4 checkpoint fail: the run stops with exit
+    status 2 naming step 4 and the step-2 checkpoint a resume takes; --resume then finishes."""
+    out = tmp_path / "run"
+
+    def train(steps: int, *extra: str, limit: int | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(ROOT / "tests/toy_recipe.py"), "--set", f"train.out_dir={out}",
+               "--set", f"train.steps={steps}", "--set", "train.save_every=2", "--set", "train.eval_every=0",
+               "--set", "train.tensorboard=false", "--set", "train.progress=false", "--set", "model.width=64", *extra]
+        return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT_S,
+                              preexec_fn=_file_size_limit(limit) if limit else None)
+
+    first = train(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    model_file = out / "checkpoints/step_00000002/mp_rank_00_model_states.pt"
+    limit = model_file.stat().st_size // 2  # metrics.jsonl and config.yaml stay far below it
+    full = train(4, "--resume", limit=limit)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("toy_recipe.py: checkpoint error: could not save the checkpoint of step 4"), last
+    assert "--resume continues from step 2" in last and "step_00000002" in last, last
+    assert not (out / "checkpoints/step_00000004/COMPLETE").exists()
+    assert (out / "checkpoints/step_00000002/COMPLETE").is_file()
+
+    resumed = train(4, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert (out / "checkpoints/step_00000004/COMPLETE").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
