@@ -2,8 +2,9 @@
 
 1. LLaMA (tiny config) pretrained on Shakespeare + Austen with RMSNorm and with DyT, 2 ranks under
    the deepspeed launcher (``dyt-llama-compare``): table, loss curves, alpha, S-curves.
-2. wav2vec 2.0 (tiny) pretrained on synthetic speech with LayerNorm and with DyT, then a keyword
-   probe on unseen voices and real recordings (``dyt-wav2vec2-compare --evals probe``).
+2. wav2vec 2.0 (tiny) pretrained on synthetic speech with LayerNorm and with DyT, then the
+   pretraining task on held-out speech and a keyword probe on unseen voices and real recordings,
+   each beside the same model untrained (``dyt-wav2vec2-compare --evals contrastive probe``).
 3. HyenaDNA and Caduceus (tiny) pretrained on bacterial genomes with their norm and with DyT, then
    fine-tuned to tell species on held-out strains (``dyt-dna-compare``).
 4. ``dyt-bench``: DyT's backends against LayerNorm / RMSNorm on this machine.
@@ -31,7 +32,7 @@ from dyt_wav2vec2.compare import main as wav2vec2_compare
 def wav2vec2_base():
     import torchaudio
 
-    return "torchaudio wav2vec2_base", torchaudio.models.wav2vec2_base(), NormConfig(kind="dyt"), None
+    return "torchaudio wav2vec2_base", torchaudio.models.wav2vec2_base(), NormConfig(kind="dyt"), None, "layernorm"
 
 
 def llama_125m():
@@ -46,7 +47,7 @@ def llama_125m():
     def role(path: str) -> str:
         return "attention" if "self_attn" in path else "ffn" if "ffn" in path else "final"
 
-    return "fairseq2 LLaMA (125M-size config)", create_llama_model(config), policy, role
+    return "fairseq2 LLaMA (125M-size config)", create_llama_model(config), policy, role, "rmsnorm"
 
 
 def main() -> None:
@@ -57,31 +58,42 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    seconds: dict[str, float] = {}  # each part's wall time, for the report
+
+    def part(name: str, work):
+        begun = time.perf_counter()
+        result = work()
+        seconds[name] = time.perf_counter() - begun
+        return result
 
     print("== 1/5 LLaMA pretraining, RMSNorm vs DyT (tiny config, 2 ranks, deepspeed launcher)")
-    reports = [compare_main(["--config", str(args.llama_config), "--out", str(args.out / "llama"),
-                             "--nproc", str(args.nproc)])]
-    print("\n== 2/5 wav2vec 2.0 pretraining, LayerNorm vs DyT, and a keyword probe")
-    reports.append(wav2vec2_compare(["--out", str(args.out / "wav2vec2"), "--nproc", str(args.nproc),
-                                     "--evals", "probe"]))
+    reports = [part("LLaMA", lambda: compare_main(["--config", str(args.llama_config), "--out", str(args.out / "llama"),
+                                                   "--nproc", str(args.nproc)]))]
+    print("\n== 2/5 wav2vec 2.0 pretraining, LayerNorm vs DyT, the pretraining task held out, a keyword probe")
+    reports.append(part("wav2vec 2.0", lambda: wav2vec2_compare(
+        ["--out", str(args.out / "wav2vec2"), "--nproc", str(args.nproc), "--evals", "contrastive", "probe"])))
     print("\n== 3/5 HyenaDNA and Caduceus pretraining, their norm vs DyT, and species classification")
-    reports.append(dna_compare(["--out", str(args.out / "dna"), "--nproc", str(args.nproc)]))
+    reports.append(part("DNA", lambda: dna_compare(["--out", str(args.out / "dna"), "--nproc", str(args.nproc)])))
 
     print("\n== 4/5 dyt-bench: DyT backends vs LayerNorm / RMSNorm on this machine")
-    bench_main(["--json", str(args.out / "bench.json")])
+    part("dyt-bench", lambda: bench_main(["--json", str(args.out / "bench.json")]))
     bench = json.loads((args.out / "bench.json").read_text())
 
-    sections = []
-    for build in (wav2vec2_base, llama_125m):
-        name, model, target, role_of = build()
-        print(f"\n== 5/5 convert_norms on {name}")
-        params = sum(p.numel() for p in model.parameters())
-        to_dyt = convert_norms(model, target, role_of=role_of)
-        print(to_dyt)
-        back = convert_norms(model, "layernorm" if "wav2vec2" in name else "rmsnorm")
-        print(f"and back: {len(back.replaced)} DyT layers -> {back.target}")
-        sections.append((name, params, to_dyt, back))
-        del model
+    def conversions():
+        found = []
+        for build in (wav2vec2_base, llama_125m):
+            name, model, target, role_of, baseline = build()
+            print(f"\n== 5/5 convert_norms on {name}")
+            params = sum(p.numel() for p in model.parameters())
+            to_dyt = convert_norms(model, target, role_of=role_of)
+            print(to_dyt)
+            back = convert_norms(model, baseline)
+            print(f"and back: {len(back.replaced)} DyT layers -> {back.target}")
+            found.append((name, params, to_dyt, back))
+            del model
+        return found
+
+    sections = part("conversions", conversions)
 
     machine = bench["machine"]
     lines = [
@@ -115,6 +127,8 @@ def main() -> None:
             f"| {name} | {params / 1e6:.1f}M | {len(to_dyt.replaced)} | {kinds} | {left} | "
             f"{len(back.replaced)} -> {back.target} |"
         )
+    lines += ["", "| demo part | wall time (s) |", "|---|---|"]
+    lines += [f"| {name} | {value:.0f} |" for name, value in seconds.items()]
     lines += ["", f"Total demo time: {time.perf_counter() - started:.0f} s.", ""]
     (args.out / "report.md").write_text("\n".join(lines))
     print(f"\nreport: {args.out / 'report.md'}")

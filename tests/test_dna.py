@@ -343,10 +343,11 @@ def _fake_run(root: Path, max_len: int = 128) -> Path:
     """A pretraining run directory (config + one complete checkpoint) of a tiny untrained HyenaDNA."""
     from dyt.train.config import dump_yaml
     from dyt_dna.config import HyenaOptions
+    from dyt_dna.data import DnaDataConfig
     from dyt_dna.task import DnaConfig
 
     config = DnaConfig(model=DnaModelConfig(arch="hyena", dim=8, layers=1, max_len=max_len,
-                                            hyena=HyenaOptions(filter_order=8)))
+                                            hyena=HyenaOptions(filter_order=8)), data=DnaDataConfig(window=max_len))
     root.mkdir(parents=True)
     (root / "config.yaml").write_text(dump_yaml(config))
     checkpoint = root / "checkpoints" / "step_00000001"
@@ -379,3 +380,32 @@ def test_truncate_note_is_printed_and_saved(tmp_path, capsys):
     assert len(printed) == 1 and "32 bases" in printed[0], printed
     saved = json.loads(out.read_text())
     assert len(saved) == 2 and all("cut to their first 32 bases" in row["note"] for row in saved)
+
+
+def test_random_init_eval_starts_from_fresh_weights_not_the_checkpoint(tmp_path, monkeypatch):
+    """The random-init row fine-tunes the run's model untrained: the checkpoint is never read, and
+    the pretrained row starts from exactly the checkpoint's weights."""
+    import dyt_dna.eval as dna_eval
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=4)
+    run = _fake_run(tmp_path / "run")
+    saved = torch.load(next(run.glob("checkpoints/*/mp_rank_00_model_states.pt")))["module"]
+    with torch.no_grad():
+        for value in saved.values():
+            value.fill_(0.125)  # a checkpoint no fresh initialisation can equal
+    torch.save({"module": saved}, next(run.glob("checkpoints/*/mp_rank_00_model_states.pt")))
+    starts = []
+    real_finetune = dna_eval.finetune
+
+    def spy(make_model, *args, **kwargs):
+        starts.append(make_model().backbone.state_dict())
+        return real_finetune(make_model, *args, **kwargs)
+
+    monkeypatch.setattr(dna_eval, "finetune", spy)
+    task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
+    cfg = dna_eval.FinetuneConfig(epochs=1, batch_size=4, seeds=[0])
+    dna_eval.evaluate(run, task, cfg, pretrained=True)
+    assert all(torch.equal(starts[0][k], saved[k]) for k in saved)
+    monkeypatch.setattr(dna_eval, "trained_weights", lambda _: pytest.fail("random init read the checkpoint"))
+    dna_eval.evaluate(run, task, cfg, pretrained=False)
+    assert not all(torch.equal(starts[1][k], saved[k]) for k in saved)

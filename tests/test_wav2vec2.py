@@ -19,12 +19,13 @@ from dyt.train.finetune import classification_metrics, confusion_matrix
 from dyt_wav2vec2.audio import (
     AudioError,
     Utterance,
+    inspect_audio,
     load_audio,
     manifest_from_folder,
     read_manifest,
     write_manifest,
 )
-from dyt_wav2vec2.eval import greedy_decode, text_to_ids, word_error_rate
+from dyt_wav2vec2.eval import character_error_rate, greedy_decode, headline, text_to_ids, word_error_rate
 from dyt_wav2vec2.model import build_wav2vec2, encode
 from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, synthesize, voice_splits
 from dyt_wav2vec2.task import Wav2Vec2PretrainConfig, check_audio, crop_and_batch, masking_min_samples
@@ -204,7 +205,47 @@ def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):
     assert len(check_audio(good + bad, 0.5, 1, "training audio")) == 3
 
 
+def test_truncated_and_too_short_audio_are_named_never_dropped_silently(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name, samples in (("a.wav", 16000), ("b.wav", 16000), ("short.wav", 800)):
+        soundfile.write(tmp_path / name, rng.normal(0, 0.1, samples).astype(np.float32), 16000, subtype="PCM_16")
+    (tmp_path / "trunc.wav").write_bytes((tmp_path / "a.wav").read_bytes()[: 44 + 16])  # promises 16000, holds 8
+    assert inspect_audio(tmp_path / "a.wav") == inspect_audio(tmp_path / "a.wav", decode=True) == 16000
+    for decode in (False, True):
+        with pytest.raises(AudioError, match="trunc.wav: truncated: the header promises 16000 samples, the file holds 8"):
+            inspect_audio(tmp_path / "trunc.wav", decode=decode)
+    rows = [Utterance(tmp_path / name, 16000) for name in ("a.wav", "b.wav", "short.wav", "trunc.wav")]
+    with pytest.raises(AudioError, match=r"training audio: 1 of 4 files are bad .*trunc.wav: truncated"):
+        check_audio(rows, 0.0, 1000, "training audio")
+    assert [r.path.name for r in check_audio(rows, 0.5, 1000, "training audio")] == ["a.wav", "b.wav"]
+    out = capsys.readouterr().out
+    assert "training audio: left out 1 bad file(s) of 4 (allowed: 50.0%)" in out and "trunc.wav: truncated" in out
+    assert "training audio: left out 1 file(s) of 4 shorter than 1000 samples" in out and "short.wav" in out
+    left_out = []
+    built = manifest_from_folder(tmp_path, tmp_path / "m.tsv", on_bad=left_out.append)
+    assert sorted(r.path.name for r in built) == ["a.wav", "b.wav", "short.wav"]
+    assert len(left_out) == 1 and "trunc.wav: truncated" in str(left_out[0])
+    assert "trunc.wav" not in (tmp_path / "m.tsv").read_text()
+    with pytest.raises(AudioError, match="trunc.wav: truncated"):
+        manifest_from_folder(tmp_path, tmp_path / "strict.tsv")
+    assert not (tmp_path / "strict.tsv").exists()
+
+
 # ---------------------------------------------------------------- eval metrics
+
+def test_character_error_rate_on_hand_checked_strings():
+    assert character_error_rate(["abc"], ["abc"]) == 0
+    assert character_error_rate(["ab"], ["abc"]) == pytest.approx(1 / 3)  # one deletion
+    assert character_error_rate(["the cot", "x"], ["the cat", "xy"]) == pytest.approx(2 / 9)  # a substitution, a deletion
+    assert character_error_rate([""], ["two words"]) == 1.0
+
+
+def test_headline_metrics_per_eval_and_test_set():
+    ctc = [{"wer": {"a": 1.0, "b": 0.5}, "cer": {"a": 0.4, "b": 0.2}}, {"wer": {"a": 0.9, "b": 0.7}, "cer": {"a": 0.3, "b": 0.1}}]
+    assert headline("ctc", ctc) == {"cer": {"a": [0.4, 0.3], "b": [0.2, 0.1]}, "wer": {"a": [1.0, 0.9], "b": [0.5, 0.7]}}
+    probe = [{"test": {"a": {"accuracy": 0.5, "mcc": 0.1}}}, {"test": {"a": {"accuracy": 0.25, "mcc": 0.0}}}]
+    assert headline("probe", probe) == {"accuracy": {"a": [0.5, 0.25]}}
+
 
 def test_word_error_rate_on_hand_checked_strings():
     assert word_error_rate(["the cat sat"], ["the cat sat"]) == 0

@@ -238,7 +238,7 @@ def convert_norms(
             bare kind (``dyt``, ``layernorm``, ``rmsnorm``, ``identity``): NormConfig's defaults,
             except that each new layer has a bias exactly when the layer it replaces had one.
         copy_affine: carry the per-channel weight (and bias) over to the new layer.
-        role_of: maps a module path to a DyT role (attention / ffn / final / default) for the
+        role_of: maps a module path to a DyT role (attention / ffn / final / input / default) for the
             alpha0 policy; default: every layer is ``default``.
         only: converts just the layers whose path it accepts (e.g. the paper's wav2vec 2.0 scope,
             everything but the conv feature extractor); the rest are reported as left alone.

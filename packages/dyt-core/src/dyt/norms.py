@@ -20,7 +20,8 @@ class NormConfig:
     """How a model normalises. A recipe's ``model.norm`` is one of these.
 
     In YAML or on the command line a bare kind (``norm: dyt``, ``--set model.norm=dyt``) sets
-    ``kind`` and leaves the rest at their defaults.
+    ``kind`` and leaves the rest at the recipe's defaults for ``model.norm`` (these class defaults
+    where the recipe sets none).
     """
 
     SHORTHAND: ClassVar[str] = "kind"
@@ -36,7 +37,8 @@ class NormConfig:
     alpha_policy: str = "default"
     """DyT alpha0: ``default`` (0.5 everywhere) or ``llm`` (the paper's table by width and role)."""
     alpha_init: dict[str, float] = field(default_factory=dict)
-    """Per-role alpha0 overrides, e.g. ``{attention: 0.8, ffn: 0.2}``; role ``default`` covers all."""
+    """Per-role alpha0 overrides, e.g. ``{attention: 0.8, ffn: 0.2}``; key ``default`` covers every role
+    without its own key."""
     backend: str | None = None
     """DyT backend (None: the process default)."""
 
@@ -81,7 +83,7 @@ def make_norm(
     """Build the norm layer ``config`` asks for over ``dim`` channels (or a trailing shape, as
     ``nn.LayerNorm`` takes; channels-first layers take one channel count).
 
-    ``role`` (attention / ffn / final / default) only matters for DyT's alpha0, chosen by the last
+    ``role`` (attention / ffn / final / input / default) only matters for DyT's alpha0, chosen by the last
     dimension's width.
     """
     if isinstance(config, str):

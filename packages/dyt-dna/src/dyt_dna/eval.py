@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyt.train import load_config, trained_weights
+from dyt.train import check_run, load_config, trained_weights, user_errors
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune, planned_steps
 
 from .data import ClassificationData, load_task, tokens
@@ -44,17 +45,23 @@ class SequenceClassifier(nn.Module):
 
 
 def load_backbone(run_dir: Path) -> tuple[DnaConfig, dict[str, torch.Tensor]]:
-    config = load_config(DnaConfig, run_dir / "config.yaml")
+    config = load_config(DnaConfig, run_dir / "config.yaml", check_files=False)
     return config, trained_weights(run_dir)
 
 
-def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig) -> list[FinetuneResult]:
-    """Fine-tune the run's pretrained model on ``task`` once per seed."""
-    config, weights = load_backbone(run_dir)
+def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
+    """Fine-tune the run's pretrained model on ``task`` once per seed; with ``pretrained`` False the
+    same model untrained (each seed's own initialisation): the baseline that shows what pretraining
+    bought."""
+    if pretrained:
+        config, weights = load_backbone(run_dir)
+    else:
+        config, weights = load_config(DnaConfig, run_dir / "config.yaml", check_files=False), None
 
     def make_model() -> SequenceClassifier:
         backbone = build_model(config.model)
-        backbone.load_state_dict(weights)
+        if weights is not None:
+            backbone.load_state_dict(weights)
         return SequenceClassifier(backbone, len(task.classes))
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +69,8 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig) -> li
 
     return [
         finetune(make_model, task.train, task.validation, {"test": task.test}, collate, len(task.classes), cfg, seed,
-                 desc=f"{config.model.arch}/{config.model.norm.kind} {task.name} seed {seed}")
+                 desc=f"{config.model.arch}/{config.model.norm.kind}{'' if pretrained else ' (random init)'} "
+                      f"{task.name} seed {seed}")
         for seed in cfg.seeds
     ]
 
@@ -76,27 +84,35 @@ def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
     return {metric: [r.test["test"][metric] for r in results] for metric in ("accuracy", "mcc", "f1")}
 
 
+@user_errors("dyt_dna.eval")
 def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--per-class", type=int, default=1000, help="built-in tasks: training windows per class")
+    parser.add_argument("--seeds", type=NON_NEGATIVE.arg(int), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=10)
+    parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
+    parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=32)
+    parser.add_argument("--patience", type=AT_LEAST_ONE.arg(int), default=3)
+    parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=1000,
+                        help="built-in tasks: training windows per class")
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
+    parser.add_argument("--random-init", action="store_true",
+                        help="fine-tune the run's model untrained (same config, seeds and budget): the baseline row")
     parser.add_argument("--out", type=Path, help="write the per-seed results here as JSON")
     args = parser.parse_args(argv)
-    config = load_config(DnaConfig, args.run / "config.yaml")  # the weights are loaded once, by evaluate
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
+    check_run(args.run, weights=not args.random_init)  # before any data is built
+    # the weights are loaded once, by evaluate
+    config = load_config(DnaConfig, args.run / "config.yaml", check_files=False)
     task = load_task(args.task, config.data.window, args.per_class).check_length(config.model.max_len, args.truncate)
     if task.note:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                          seeds=args.seeds)
     cfg.eval_every = math.ceil(planned_steps(cfg, len(task.train)) / VALIDATIONS)
-    results = evaluate(args.run, task, cfg)
+    results = evaluate(args.run, task, cfg, pretrained=not args.random_init)
     for metric, values in summarize(results).items():
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         print(f"{task.name} {metric}: {statistics.mean(values):.3f}{spread} over seeds {args.seeds}")

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from dyt.analysis import pyplot
+from dyt.errors import command
 from dyt.train import load_config
 from dyt.train.compare import (
     Run,
@@ -23,6 +24,7 @@ from dyt.train.compare import (
     mean_std,
     median_throughput,
     parse_run_arguments,
+    peak_rss_per_rank,
     plot_alphas,
     plot_losses,
     prepare_out,
@@ -30,12 +32,18 @@ from dyt.train.compare import (
     run_training,
 )
 
-from .eval import run_evals
+from .eval import headline, run_evals
 from .speech import KEYWORDS, build
 from .task import Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask, collapse_reason
 
 NORMS = ("layernorm", "dyt")
-EVAL_NAMES = {"probe": "keywords, linear probe", "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
+EVAL_NAMES = {"contrastive": "pretraining task, held out", "probe": "keywords, linear probe",
+              "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
+METRIC_NAMES = {"contrastive_accuracy": "contrastive accuracy", "contrastive_kept": "contrastive loss",
+                "accuracy": f"accuracy ({len(KEYWORDS)} classes)", "cer": "character error rate",
+                "wer": "word error rate"}
+INITS = {True: "pretrained", False: "random init"}
+"""Every downstream eval runs on the pretrained model and on the same model untrained."""
 
 
 def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
@@ -60,7 +68,7 @@ def _steps_per_second(train_rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("recipes/wav2vec2/tiny.yaml"))
-    parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["probe", "finetune", "ctc"])
+    parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=int, default=150, help="downstream fine-tuning steps per seed")
     parser.add_argument("--pretrain-seed", type=int, default=0)
@@ -76,10 +84,13 @@ def main(argv: list[str] | None = None) -> Path:
         run = run_training("dyt_wav2vec2.train", args.config, args.out / norm, [*args.overrides, f"model.norm.kind={norm}"],
                            label=norm, seed=args.pretrain_seed, launcher=args.launcher, nproc=args.nproc)
         runs.append(run)
-        print(f"== downstream evals of {norm}: {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
-        settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps}
-        evals[norm] = reuse_or_compute(run.dir / "evals.json", settings,
-                                       lambda run=run: run_evals(run.dir, data, args.evals, args.seeds, args.steps))
+        for pretrained, init in INITS.items():
+            print(f"== downstream evals of {norm} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
+            settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
+            evals[norm, init] = reuse_or_compute(
+                run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
+                lambda run=run, pretrained=pretrained: run_evals(run.dir, data, args.evals, args.seeds, args.steps,
+                                                                 pretrained=pretrained))
     report = write_report(args, runs, evals)
     print(f"\nreport: {report}")
     return report
@@ -95,8 +106,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         "Validation: synthetic sentences in voices never heard in training, masked and with distractors "
         f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
         f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
-        "counts as a tie, where fairseq2's training loss drops it. Accuracy: the target scores strictly above "
-        f"every distractor (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
+        "counts as a tie, where fairseq2's training loss drops it. Accuracy: how often the target ranks first, "
+        f"ties with such duplicates broken at random (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
         "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance.",
         "",
         "| norm | final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
@@ -108,32 +119,32 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         train = [r for r in rows if "train/loss" in r]
         last_eval = [r for r in rows if "eval/loss" in r][-1]
         reason = collapse_reason(last_eval, model)
-        rss = " / ".join(f"{v:.0f}" for k, v in sorted(rows[-1].items()) if k.startswith("peak_rss_mb/"))
+        rss = " / ".join(f"{v:.0f}" for v in peak_rss_per_rank(rows[-1]))
         lines.append(f"| {run.label} | {statistics.mean(r['train/loss'] for r in train[-3:]):.3f} | "
                      f"{last_eval['eval/contrastive_kept']:.3f} | {last_eval['eval/contrastive_accuracy']:.3f} | "
                      f"{last_eval['eval/codebook_perplexity']:.1f} | {last_eval['eval/distractors_equal_target']:.1%} | "
                      f"{f'**collapsed** ({reason})' if reason else 'learning'} | {_steps_per_second(train)} | "
                      f"{median_throughput(rows):.1f} | {rss} | {run.wall_s:.0f} |")
-    lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std.", "",
-              "| norm | eval | unseen voices | real recordings |", "|---|---|---|---|"]
+    lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std. "
+              "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
+              "pretraining bought is the gap to that row.", "",
+              "| norm | model | eval | metric | unseen voices | real recordings |", "|---|---|---|---|---|---|"]
     summary = {}
-    for norm, results in evals.items():
+    for (norm, init), results in evals.items():
         for name, rows in results.items():
-            if name == "ctc":
-                cells = {t: [r["wer"][t] for r in rows] for t in rows[0]["wer"]}
-                label = "CTC word error rate (lower is better)"
-            else:
-                cells = {t: [r["test"][t]["accuracy"] for r in rows] for t in rows[0]["test"]}
-                label = f"{EVAL_NAMES[name]}: accuracy ({len(KEYWORDS)} classes)"
-            summary[f"{norm}/{name}"] = cells
-            lines.append(f"| {norm} | {label} | {mean_std(cells['unseen voices'])} | {mean_std(cells['real recordings'])} |")
+            for metric, cells in headline(name, rows).items():
+                summary[f"{norm}/{init}/{name}/{metric}"] = cells
+                lines.append(f"| {norm} | {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
+                             f"{mean_std(cells['unseen voices'])} | {mean_std(cells['real recordings'])} |")
     lines.append("")
     plot_losses(runs, out / "loss_curves.png", "wav2vec 2.0 loss per masked frame")
     lines += ["![pretraining loss curves](loss_curves.png)", ""]
     for run in runs:
         if plot_alphas(run, out / "dyt_alpha.png"):
             lines += ["![DyT alpha per layer](dyt_alpha.png)", ""]
-    for norm, results in evals.items():
+    for (norm, init), results in evals.items():
+        if init != INITS[True]:
+            continue
         best = next((results[n] for n in ("finetune", "probe") if n in results), None)
         if best:
             plot_confusion(best[0]["confusion"]["real recordings"], out / f"confusion_{norm}.png",
@@ -149,5 +160,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     return report
 
 
+cli = command("dyt-wav2vec2-compare", main)
+"""The console script (exit status 0 on success, 2 on bad input)."""
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -1,10 +1,14 @@
-"""Downstream speech evals of a pretrained wav2vec 2.0 checkpoint, each over several seeds:
+"""Downstream speech evals of a pretrained wav2vec 2.0 checkpoint (or, with ``--random-init``, of
+the same model untrained: the row every table needs to show what pretraining bought), each over
+several seeds:
 
+0. ``contrastive``: the pretraining task itself (masking, distractors, quantized targets as in
+   validation) on held-out speech: unseen synthetic voices and the real Asterisk recordings;
 1. keyword classification (36 words: digits + NATO alphabet) — a linear probe on frozen, mean-pooled
    encoder features, and a full fine-tune; accuracy on unseen synthetic voices and on the real
    Asterisk recordings of the same words;
-2. CTC speech recognition (characters) fine-tuned on synthetic sentences; word error rate on unseen
-   voices saying unseen sentences, and on real recordings of those sentences.
+2. CTC speech recognition (characters) fine-tuned on synthetic sentences; character and word error
+   rates on unseen voices saying unseen sentences, and on real recordings of those sentences.
 
     python -m dyt_wav2vec2.eval --run runs/wav2vec2/tiny --evals probe finetune ctc --seeds 0 1 2
 """
@@ -22,28 +26,32 @@ import torchaudio
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dyt.train import load_config, trained_weights
+from dyt.train import check_run, load_config, trained_weights, user_errors
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
 from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune
 from dyt.train.trainer import seed_everything
 
 from .audio import Utterance, load_audio
 from .model import build_wav2vec2, encode
 from .speech import KEYWORDS, build, load_split
-from .task import Wav2Vec2PretrainConfig, crop_and_batch
+from .task import Wav2Vec2PretrainConfig, crop_and_batch, masking_min_samples, pretraining_loss
 
 CHARACTERS = ["<blank>", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 KEYWORD_TESTS = {"unseen voices": "keywords-test", "real recordings": "real-keywords"}
 CTC_TESTS = {"unseen voices": "sentences-test", "real recordings": "real-sentences-test"}
 
 
-def load_pretrained(run_dir: Path):
-    config = load_config(Wav2Vec2PretrainConfig, run_dir / "config.yaml")
-    config.model.compile_quantizer = False  # the quantizer is not used downstream
-    weights = trained_weights(run_dir)
+def load_pretrained(run_dir: Path, pretrained: bool = True):
+    """The run's config and a builder of its model: with the trained weights, or (``pretrained``
+    False) freshly initialised, seeded by the caller like every fine-tuning run."""
+    config = load_config(Wav2Vec2PretrainConfig, run_dir / "config.yaml", check_files=False)
+    config.model.compile_quantizer = False  # eager: evals are small, compiling costs more than it saves
+    weights = trained_weights(run_dir) if pretrained else None
 
     def make() -> nn.Module:
         model = build_wav2vec2(config.model)
-        model.load_state_dict(weights)
+        if weights is not None:
+            model.load_state_dict(weights)
         return model
 
     return config, make
@@ -86,8 +94,7 @@ class KeywordClassifier(nn.Module):
         return self.head(pooled(self.backbone, batch))
 
 
-def _frozen_features(make, dataset: LabeledAudio) -> TensorDataset:
-    model = make().eval()
+def _frozen_features(model: nn.Module, dataset: LabeledAudio) -> TensorDataset:
     chunks, labels = [], []
     with torch.no_grad():
         for batch, label in DataLoader(dataset, batch_size=32, collate_fn=_collate_labels):
@@ -96,13 +103,15 @@ def _frozen_features(make, dataset: LabeledAudio) -> TensorDataset:
     return TensorDataset(torch.cat(chunks), torch.cat(labels))
 
 
-def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig) -> list[FinetuneResult]:
+def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
     """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
-    config, make = load_pretrained(run_dir)
+    config, make = load_pretrained(run_dir, pretrained)
     splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
               **{name: _keyword_rows(data, manifest) for name, manifest in KEYWORD_TESTS.items()}}
     if mode == "probe":
-        splits = {name: _frozen_features(make, rows) for name, rows in splits.items()}
+        seed_everything(cfg.seeds[0])  # an untrained backbone: drawn once, from the first seed
+        backbone = make().eval()
+        splits = {name: _frozen_features(backbone, rows) for name, rows in splits.items()}
 
         def build_probe() -> nn.Module:
             return nn.Linear(config.model.dim, len(KEYWORDS))
@@ -140,6 +149,13 @@ def word_error_rate(hypotheses: list[str], references: list[str]) -> float:
     return edits / max(1, words)
 
 
+def character_error_rate(hypotheses: list[str], references: list[str]) -> float:
+    """Character edits (spaces included) over reference characters, corpus-level: moves well
+    before whole words come out right, so it shows a model that is learning where WER is still 1."""
+    edits = sum(torchaudio.functional.edit_distance(list(r), list(h)) for h, r in zip(hypotheses, references))
+    return edits / max(1, sum(len(r) for r in references))
+
+
 class CTCModel(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int):
         super().__init__()
@@ -154,6 +170,7 @@ class CTCModel(nn.Module):
 class CTCResult:
     seed: int
     wer: dict[str, float]
+    cer: dict[str, float]
     examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)
 
@@ -169,8 +186,8 @@ def _transcribe(model: CTCModel, rows: list[Utterance]) -> list[str]:
     return out
 
 
-def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig) -> list[CTCResult]:
-    config, make = load_pretrained(run_dir)
+def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True) -> list[CTCResult]:
+    config, make = load_pretrained(run_dir, pretrained)
     train, validation = load_split(data, "sentences-train"), load_split(data, "sentences-validation")[:50]
     tests = {name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}
     results = []
@@ -200,47 +217,106 @@ def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig) -> list[CTCResult]:
                 if wer < best[0]:
                     best = (wer, {k: v.clone() for k, v in model.state_dict().items()})
         model.load_state_dict(best[1])
-        wers, examples = {}, {}
+        wers, cers, examples = {}, {}, {}
         for name, rows in tests.items():
             hypotheses = _transcribe(model, rows)
             wers[name] = word_error_rate(hypotheses, [r.text for r in rows])
+            cers[name] = character_error_rate(hypotheses, [r.text for r in rows])
             examples[name] = [(r.text, h) for r, h in zip(rows[:3], hypotheses[:3])]
-        results.append(CTCResult(seed, wers, examples, curve))
+        results.append(CTCResult(seed, wers, cers, examples, curve))
     return results
 
 
+# ---------------------------------------------------------------- the pretraining task on held-out speech
+
+CONTRASTIVE_TESTS = {"unseen voices": ["sentences-test"], "real recordings": ["real-sentences-test", "real-keywords"]}
+
+
+def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True) -> list[dict]:
+    """The validation scores of pretraining (``pretraining_loss``'s extras: contrastive loss with
+    every distractor kept, accuracy, perplexities) on held-out speech, once per seed of the masks
+    and distractors. Speech the run never validated on (the real recordings) confirms what a
+    setting chosen on the validation voices does."""
+    config, make = load_pretrained(run_dir, pretrained)
+    results = []
+    for seed in seeds:
+        seed_everything(seed)
+        model = make().eval()
+        scores = {}
+        for name, manifests in CONTRASTIVE_TESTS.items():
+            rows = [r for m in manifests for r in load_split(data, m)]
+            rows = [r for r in rows if r.num_samples >= masking_min_samples(config.model)]
+            sums: dict[str, float] = {}
+            batches = 0
+            with torch.no_grad():
+                for i in range(0, len(rows), 8):
+                    batch = crop_and_batch([load_audio(r.path) for r in rows[i : i + 8]], config.data.crop_samples)
+                    _, extras = pretraining_loss(model, batch, config.loss)
+                    for key, value in extras.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    batches += 1
+            scores[name] = {k: v / batches for k, v in sums.items() if k != "units"} | {"utterances": len(rows)}
+        results.append({"seed": seed, "test": scores})
+    return results
+
+
+@user_errors("dyt_wav2vec2.eval")
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
-    parser.add_argument("--evals", nargs="+", choices=["probe", "finetune", "ctc"], default=["probe", "finetune", "ctc"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--evals", nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
+    parser.add_argument("--random-init", action="store_true",
+                        help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
+    parser.add_argument("--seeds", type=NON_NEGATIVE.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per seed")
+    parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=200, help="fine-tuning steps per seed")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    if args.data is not None and not any(args.data.glob("*.tsv")):
+        parser.error(f"--data {args.data}: no .tsv manifests there; give the folder `python -m dyt_wav2vec2.speech "
+                     "--out DIR` built, or leave --data out")
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
+    check_run(args.run, weights=not args.random_init)  # before any data is built
     data = args.data or build()
-    results = run_evals(args.run, data, args.evals, args.seeds, args.steps)
+    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, pretrained=not args.random_init)
     for name, rows in results.items():
-        for test in rows[0]["test" if name != "ctc" else "wer"]:
-            values = [r["test"][test]["accuracy"] if name != "ctc" else r["wer"][test] for r in rows]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            print(f"{name} {'accuracy' if name != 'ctc' else 'WER'} on {test}: {statistics.mean(values):.3f}{spread}")
+        for metric, cells in headline(name, rows).items():
+            for test, values in cells.items():
+                spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+                print(f"{name} {metric} on {test}: {statistics.mean(values):.3f}{spread}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return results
 
 
-def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int) -> dict[str, list[dict]]:
+EVALS = ["contrastive", "probe", "finetune", "ctc"]
+HEADLINE = {"contrastive": ["contrastive_accuracy", "contrastive_kept"], "probe": ["accuracy"],
+            "finetune": ["accuracy"], "ctc": ["cer", "wer"]}
+"""The metrics each eval's tables show (the first is its main one)."""
+
+
+def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """metric -> test set -> one value per seed, from one eval's per-seed results."""
+    if name == "ctc":
+        return {m: {t: [r[m][t] for r in rows] for t in rows[0][m]} for m in HEADLINE[name]}
+    return {m: {t: [r["test"][t][m] for r in rows] for t in rows[0]["test"]} for m in HEADLINE[name]}
+
+
+def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
+              pretrained: bool = True) -> dict[str, list[dict]]:
     results = {}
     for name in evals:
-        if name == "ctc":
+        if name == "contrastive":
+            results[name] = contrastive_eval(run_dir, data, seeds, pretrained)
+        elif name == "ctc":
             cfg = FinetuneConfig(lr=5e-4, batch_size=8, max_steps=steps, eval_every=max(1, steps // 4), seeds=seeds)
-            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg)]
+            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg, pretrained)]
         else:
             lr = 1e-2 if name == "probe" else 5e-4
             cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),
                                  patience=4, seeds=seeds)
-            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg)]
+            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg, pretrained)]
     return results
 
 

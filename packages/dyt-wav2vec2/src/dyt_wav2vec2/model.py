@@ -25,6 +25,8 @@ from dyt import NormConfig, convert_norms, make_norm
 NORM_ORDERS = {"pre": TransformerNormOrder.PRE, "post": TransformerNormOrder.POST}
 NORM_SCOPES = ("encoder", "all")
 FEATURE_EXTRACTOR = "encoder_frontend.feature_extractor"
+POST_EXTRACT = "encoder_frontend.post_extract_layer_norm"
+"""The norm over the conv features: DyT role ``input`` (``model.norm.alpha_init.input``)."""
 
 
 @dataclass
@@ -49,12 +51,16 @@ class Wav2Vec2ModelConfig:
     codebooks: int = 2
     codebook_entries: int = 320
     distractors: int = 100
+    codebook_temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995)
+    """Gumbel-softmax temperature: start, floor, decay per update (Base; Large floors at 0.1)."""
     mask_prob: float = 0.65
     mask_span: int = 10
     dropout: float = 0.1
     layer_drop: float = 0.05
-    norm: NormConfig = field(default_factory=lambda: NormConfig(kind="layernorm", alpha_init={"default": 0.5}))
-    """layernorm | dyt (the paper: alpha0 0.5, with bias)."""
+    norm: NormConfig = field(
+        default_factory=lambda: NormConfig(kind="layernorm", alpha_init={"default": 0.5, "input": 2.0}))
+    """layernorm | dyt: with bias, alpha0 0.5 (the paper's) except 2 for the DyT over the conv
+    features (role ``input``: about 1 / their std at initialisation, docs/wav2vec2.md)."""
     norm_scope: str = "encoder"
     """Which norms ``norm`` sets: ``encoder`` (the post-extraction norm and every Transformer norm;
     the conv feature extractor keeps the baseline's GroupNorm / LayerNorms, as the paper's fairseq
@@ -92,6 +98,7 @@ class Wav2Vec2ModelConfig:
             num_codebooks=self.codebooks, num_codebook_entries=self.codebook_entries,
             num_distractors=self.distractors, max_temporal_mask_prob=self.mask_prob,
             temporal_mask_span_len=self.mask_span, quantizer_encoder_grad=self.quantizer_encoder_grad,
+            codebook_sampling_temperature=tuple(self.codebook_temperature),
         )
 
 
@@ -131,7 +138,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig) -> Wav2Vec2Model:
     model = _Factory(cfg.fairseq2_config(), cfg.norm).create_model()
     if cfg.norm.kind != "layernorm":  # the norms fairseq2 builds without the hook
         in_scope = None if cfg.norm_scope == "all" else (lambda path: not path.startswith(FEATURE_EXTRACTOR + "."))
-        convert_norms(model, cfg.norm, only=in_scope)
+        convert_norms(model, cfg.norm, only=in_scope, role_of=lambda path: "input" if path == POST_EXTRACT else "default")
     if not cfg.compile_quantizer:
         _run_quantizer_eagerly(model.quantizer)
     return model

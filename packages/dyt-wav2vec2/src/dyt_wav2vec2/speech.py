@@ -26,6 +26,8 @@ import soundfile
 import torch
 
 from dyt.debian import cache_root, unpack
+from dyt.errors import user_errors
+from dyt.train.config import AT_LEAST_ONE
 
 from .audio import SAMPLE_RATE, Utterance, load_audio, read_manifest, write_manifest
 
@@ -102,13 +104,15 @@ def synthesize(root: Path, voice: str, text: str, out: Path, rng: random.Random)
     return Utterance(out, waveform.numel(), text)
 
 
-def _split_prompts(names: list[str]) -> dict[str, list[str]]:
-    """Prompt sentences split by text: 80% train, 10% validation, 10% test."""
-    shuffled = sorted(names)
+def _split_prompts(texts: dict[str, str]) -> dict[str, list[str]]:
+    """Prompt names split by their text: 80% train, 10% validation, 10% test of the distinct
+    transcripts, so prompts that say the same words (several Asterisk prompts do) share a split."""
+    shuffled = sorted(set(texts.values()))
     random.Random(0).shuffle(shuffled)
     n = len(shuffled)
-    return {"train": shuffled[: int(0.8 * n)], "validation": shuffled[int(0.8 * n) : int(0.9 * n)],
-            "test": shuffled[int(0.9 * n) :]}
+    split_of = {text: "train" if i < int(0.8 * n) else "validation" if i < int(0.9 * n) else "test"
+                for i, text in enumerate(shuffled)}
+    return {split: sorted(name for name, text in texts.items() if split_of[text] == split) for split in SPLITS}
 
 
 def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyword_voices: int = 40,
@@ -123,12 +127,14 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
 
     out = out or cache_root() / "speech"
     per_split = per_split or {"train": 2000, "validation": 200, "test": 200}
-    key = f"{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
+    # v2: prompts split by distinct transcript (v1 split by prompt name, and prompts saying the same
+    # words leaked 6 validation and 11 test sentences into training).
+    key = f"v2-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
     if (out / f".complete-{key}").is_file():
         return out
     root = package_root()
     voices, texts = voice_splits(root), prompts(root)
-    sentence_split = _split_prompts(list(texts))
+    sentence_split = _split_prompts(texts)
     jobs = []  # (manifest name, voice, text, wav path)
     for split in SPLITS:
         rng = random.Random(f"sentences-{split}")
@@ -179,10 +185,11 @@ def load_split(data_dir: Path, name: str) -> list[Utterance]:
     return read_manifest(manifest, texts if texts.is_file() else None)
 
 
+@user_errors("dyt_wav2vec2.speech")
 def main() -> None:
     parser = argparse.ArgumentParser(prog="dyt_wav2vec2.speech", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="default: $DYT_CACHE/speech")
-    parser.add_argument("--train", type=int, default=2000, help="synthetic training sentences")
+    parser.add_argument("--train", type=AT_LEAST_ONE.arg(int), default=2000, help="synthetic training sentences")
     args = parser.parse_args()
     out = build(args.out, {"train": args.train, "validation": 200, "test": 200})
     for manifest in sorted(out.glob("*.tsv")):

@@ -5,20 +5,24 @@ loss with every distractor kept, contrastive accuracy, codebook (soft) and code 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from fairseq2.nn import BatchLayout
 from torch.utils.data import Dataset
 
 from dyt.debian import cache_root
-from dyt.train import TrainConfig
+from dyt.train import ConfigError, TrainConfig
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY
 
 from .audio import (
     SAMPLE_RATE,
     AudioError,
     Utterance,
+    inspect_audio,
     is_hf_dataset,
     load_audio,
     read_manifest,
@@ -35,21 +39,28 @@ class SpeechDataConfig:
     built-in synthetic sentences + keywords."""
     validation_manifest: str = ""
     """The same for held-out audio (other speakers). Empty with no train_manifest: built-in unseen voices."""
-    builtin_sentences: int = 2000
+    builtin_sentences: Annotated[int, AT_LEAST_ONE] = 2000
     """Size of the built-in synthetic training set (sentences)."""
-    crop_samples: int = 32_000
+    crop_samples: Annotated[int, AT_LEAST_ONE] = 32_000
     """Longest training example in samples (longer audio is randomly cropped)."""
-    min_samples: int = 0
-    """Shorter audio is left out of pretraining. 0: the least the masker can work with (two mask
-    spans at the model's mask probability)."""
-    max_bad_fraction: float = 0.0
-    """Share of unreadable / empty / multi-channel files that may be skipped (0: any stops the run)."""
+    min_samples: Annotated[int, NON_NEGATIVE] = 0
+    """Shorter audio is left out of pretraining (counted and named when it happens). 0: the least
+    the masker can work with (two mask spans at the model's mask probability)."""
+    max_bad_fraction: Annotated[float, PROBABILITY] = 0.0
+    """Share of unreadable / empty / multi-channel / truncated files that may be skipped, each named
+    (0: any stops the run)."""
 
 
 @dataclass
 class LossConfig:
-    diversity_weight: float = 0.1
-    features_penalty_weight: float = 10.0
+    """fairseq v1's ``loss_weights``: Base [0.1, 10], Large [0.1, 0]."""
+
+    diversity_weight: Annotated[float, NON_NEGATIVE] = 0.1
+    features_penalty_weight: Annotated[float, NON_NEGATIVE] = 10.0
+    """Weight of the mean square of the conv features (Base 10; Large, and the pre-LN configs here,
+    0). It shrinks the features all through training; a LayerNorm after them is scale invariant and
+    hides that, a DyT in tanh's linear range passes it on to the quantizer, whose logits then fade
+    to uniform code sampling (docs/wav2vec2.md)."""
 
 
 @dataclass
@@ -61,34 +72,49 @@ class Wav2Vec2PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if not 0 < self.model.mask_prob <= 1:
+            raise ConfigError(f"model.mask_prob: {self.model.mask_prob!r} is out of range: it must be greater than 0 "
+                              "and at most 1")
+        shortest = self.data.min_samples or masking_min_samples(self.model)
+        if self.data.crop_samples < shortest:
+            raise ConfigError(f"data.crop_samples={self.data.crop_samples} is shorter than the shortest audio "
+                              f"pretraining takes ({shortest} samples: data.min_samples, or what the masking needs): "
+                              "raise data.crop_samples")
+
+
+def _first(items: list[str], count: int = 3) -> str:
+    return "; ".join(items[:count]) + (f"; and {len(items) - count} more" if len(items) > count else "")
+
 
 def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int, what: str) -> list[Utterance]:
-    """Keep readable mono rows of at least ``min_samples``; stop when bad files exceed the allowance."""
-    import soundfile
-
-    good, bad = [], []
+    """The rows training can use: every file checked as training reads it (:func:`inspect_audio`:
+    readable, mono, not empty, not truncated), at least ``min_samples`` long at 16 kHz. Bad files
+    beyond the ``max_bad_fraction`` allowance stop the run, naming the first; what is left out is
+    said in one line per reason (how many, why, the first few names), on rank 0."""
+    good, bad, short = [], [], []
     for row in rows:
         try:
-            info = soundfile.info(str(row.path))
-            if info.frames == 0:
-                raise AudioError(f"{row.path}: empty audio (0 samples)")
-            if info.channels != 1:
-                raise AudioError(f"{row.path}: {info.channels} channels; wav2vec 2.0 takes mono audio")
-        except (soundfile.LibsndfileError, RuntimeError) as error:
-            bad.append(f"{row.path}: unreadable audio ({error})")
-            continue
+            samples = inspect_audio(row.path)
         except AudioError as error:
             bad.append(str(error))
             continue
-        if row.num_samples >= min_samples:
-            good.append(row)
+        (good if samples >= min_samples else short).append(row)
     if len(bad) > max_bad_fraction * len(rows):
         raise AudioError(f"{what}: {len(bad)} of {len(rows)} files are bad (allowed: "
-                         f"{max_bad_fraction:.1%}); first: {bad[0]}")
-    if bad:
-        print(f"{what}: skipping {len(bad)} bad file(s) of {len(rows)} (allowed {max_bad_fraction:.1%}): {bad[:3]}")
+                         f"{max_bad_fraction:.1%}, data.max_bad_fraction); first: {bad[0]}")
+    loud = os.environ.get("RANK", "0") in ("", "0")
+    if bad and loud:
+        print(f"{what}: left out {len(bad)} bad file(s) of {len(rows)} (allowed: {max_bad_fraction:.1%}): "
+              f"{_first(bad)}", flush=True)
+    shortest = f"shorter than {min_samples} samples ({min_samples / SAMPLE_RATE:.2f} s at 16 kHz)"
     if not good:
-        raise AudioError(f"{what}: no utterance of at least {min_samples} samples")
+        raise AudioError(f"{what}: no usable utterance: {len(short)} of {len(rows)} files are {shortest}, "
+                         f"{len(bad)} bad; first short: {_first([str(r.path) for r in short])}; give longer audio "
+                         "or lower data.min_samples / the model's masking (model.mask_prob, model.mask_span)")
+    if short and loud:
+        print(f"{what}: left out {len(short)} file(s) of {len(rows)} {shortest}, too short for the model's "
+              f"masking or data.min_samples: {_first([str(r.path) for r in short])}", flush=True)
     return good
 
 
@@ -208,15 +234,21 @@ class Wav2Vec2PretrainTask:
         return crop_and_batch(waveforms, self.config.data.crop_samples)
 
     def loss(self, model, batch):
-        waveforms, lengths = batch
-        layout = BatchLayout(waveforms.shape, seq_lens=lengths.tolist(), device=waveforms.device)
-        losses, output = model(waveforms, layout, diversity_weight=self.config.loss.diversity_weight,
-                               features_penalty_weight=self.config.loss.features_penalty_weight)
-        targets = output.num_targets
-        return losses.aggregate / targets, {
-            "units": lengths.sum().item() / SAMPLE_RATE,  # audio seconds
-            "contrastive": losses.contrastive.item() / targets,
-            "codebook_perplexity": output.quantizer_output.prob_perplexity.item(),
-            "code_perplexity": output.quantizer_output.code_perplexity.item(),
-            **contrastive_metrics(output.logits),
-        }
+        return pretraining_loss(model, batch, self.config.loss)
+
+
+def pretraining_loss(model, batch: tuple[torch.Tensor, torch.Tensor], weights: LossConfig):
+    """fairseq2's wav2vec 2.0 loss per masked frame, and the scores logged with it: the one loss of
+    pretraining, its validation and the held-out ``contrastive`` eval."""
+    waveforms, lengths = batch
+    layout = BatchLayout(waveforms.shape, seq_lens=lengths.tolist(), device=waveforms.device)
+    losses, output = model(waveforms, layout, diversity_weight=weights.diversity_weight,
+                           features_penalty_weight=weights.features_penalty_weight)
+    targets = output.num_targets
+    return losses.aggregate / targets, {
+        "units": lengths.sum().item() / SAMPLE_RATE,  # audio seconds
+        "contrastive": losses.contrastive.item() / targets,
+        "codebook_perplexity": output.quantizer_output.prob_perplexity.item(),
+        "code_perplexity": output.quantizer_output.code_perplexity.item(),
+        **contrastive_metrics(output.logits),
+    }

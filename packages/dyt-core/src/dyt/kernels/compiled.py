@@ -3,7 +3,7 @@ with ``torch.compile(dynamic=True)`` (inductor: C++/OpenMP on CPU, Triton on CUD
 
 Why not just ``torch.compile`` the eager formula? Measured on a 2-core CPU (see docs/performance.md),
 the autograd graph inductor derives saves ``tanh(alpha x)`` (an extra activation-sized buffer) and
-emits its per-channel gradient sums as column-strided loops, ending 1.7x slower than LayerNorm
+emits its per-channel gradient sums as column-strided loops, ending 1.8-1.9x slower than LayerNorm
 forward+backward. Here:
 
 * the forward saves only its inputs and recomputes ``tanh`` in the backward (tanh is cheap next to

@@ -55,7 +55,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="local ranks per training run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier runs in --out first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the --out folder and everything in it first (refused where --out holds the "
+                             "current directory)")
 
 
 def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -66,8 +68,12 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
 
 
 def prepare_out(args: argparse.Namespace) -> None:
-    """Create ``--out``; with ``--fresh`` delete what earlier runs left there first."""
+    """Create ``--out``; with ``--fresh`` delete it, and what earlier runs left there, first."""
     if args.fresh and args.out.exists():
+        here = Path.cwd().resolve()
+        if args.out.resolve() in (here, *here.parents):
+            raise SystemExit(f"--fresh would delete {args.out}, which holds the current directory; "
+                             "give --out a folder of its own")
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -149,6 +155,12 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def peak_rss_per_rank(row: dict) -> list[float]:
+    """The ``peak_rss_mb/rank<i>`` values of a metrics row in rank order (rank 10 after rank 9)."""
+    ranks = {int(k.removeprefix("peak_rss_mb/rank")): v for k, v in row.items() if k.startswith("peak_rss_mb/rank")}
+    return [ranks[i] for i in sorted(ranks)]
 
 
 def median_throughput(rows: list[dict]) -> float:
