@@ -1,0 +1,166 @@
+"""Distributed correctness of the shared harness: what each rank reads, 2 ranks against 1 rank with
+gradient accumulation, and a 2-rank LLaMA run resumed from a checkpoint against the uninterrupted run.
+
+The data order (trainer.ResumableBatches): each epoch is one seeded permutation of the training set,
+cut to ``per_rank_batches * micro_batch * world`` examples; rank r reads every world-th example of
+it from position r, in micro-batches. So step k of a 2-rank run with micro-batch m reads positions
+[2mk, 2m(k+1)) of the permutation (rank 0 the even ones, rank 1 the odd ones), and step k of a
+1-rank run with grad_accum 2 reads the same positions as its two micro-batches: the same examples
+per step, hence the same loss curve. That holds while both runs cut the epoch at the same place,
+i.e. when the training set is a multiple of world * micro_batch (256 = 16 * 16 below). Otherwise
+the 1-rank run keeps examples the 2-rank run drops (1 rank keeps N // m micro-batches, 2 ranks
+2 * (N // 2 // m)), its epochs are longer and, from the first epoch boundary on, its steps read
+other examples: the curves are then only statistically alike.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe
+from dyt.train.trainer import ResumableBatches
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from toy_recipe import ToyConfig, ToyTask  # noqa: E402
+
+
+class _Indices:
+    """A task whose examples are their own indices, to see which ones each rank reads."""
+
+    @staticmethod
+    def collate(items):
+        return list(items)
+
+
+def _streams(examples: int, micro_batch: int, world: int, micro_batches: int, start: int = 0) -> list[list[list[int]]]:
+    """Per rank, ``micro_batches`` micro-batches of example indices from micro-batch ``start`` on."""
+    cfg = TrainConfig(micro_batch_size=micro_batch, seed=3)
+    out = []
+    for rank in range(world):
+        batches = ResumableBatches(list(range(examples)), _Indices(), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+        stream = batches.iterate(start)
+        out.append([next(stream) for _ in range(micro_batches)])
+    return out
+
+
+@pytest.mark.parametrize("examples", [256, 100], ids=["multiple-of-16", "remainder"])
+def test_ranks_read_disjoint_data_covering_each_epoch_once(examples):
+    micro_batch, world = 8, 2
+    per_epoch = examples // world // micro_batch  # micro-batches per rank per epoch
+    usable = per_epoch * micro_batch * world
+    epochs = 3
+    rank0, rank1 = _streams(examples, micro_batch, world, per_epoch * epochs)
+    orders = []
+    for epoch in range(epochs):
+        part = slice(epoch * per_epoch, (epoch + 1) * per_epoch)
+        read0 = [i for batch in rank0[part] for i in batch]
+        read1 = [i for batch in rank1[part] for i in batch]
+        assert not set(read0) & set(read1)  # no example read by both ranks in the epoch (so in no step)
+        assert sorted(read0 + read1) == sorted(set(read0 + read1))  # nor twice by one rank
+        assert len(read0) == len(read1) == usable // world  # every usable example once per epoch
+        assert set(read0 + read1) <= set(range(examples))
+        orders.append(read0 + read1)
+    assert orders[0] != orders[1] != orders[2]  # reshuffled every epoch
+    # A resumed run starts at any micro-batch and reads what the uninterrupted run read from there on.
+    for start in (1, per_epoch, per_epoch + 2):
+        resumed = _streams(examples, micro_batch, world, 4, start)
+        assert resumed == [rank0[start : start + 4], rank1[start : start + 4]]
+
+
+def test_two_ranks_read_per_step_what_one_rank_reads_with_grad_accum_2():
+    """Same examples per optimizer step over several epochs (256 examples: a multiple of 2 x 8)."""
+    steps = 3 * 256 // 16
+    rank0, rank1 = _streams(256, 8, 2, steps)
+    (single,) = _streams(256, 8, 1, 2 * steps)
+    for step in range(steps):
+        assert sorted(rank0[step] + rank1[step]) == sorted(single[2 * step] + single[2 * step + 1]), step
+
+
+def _launch(cmd, cwd, **env):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": str(HERE), **env}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _series(out_dir, key):
+    return {row["step"]: row[key] for row in read_metrics(Path(out_dir) / "metrics.jsonl") if key in row}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_follow_the_loss_curve_of_one_rank_with_grad_accum_2(tmp_path):
+    """2 ranks x micro-batch 8 against 1 rank x grad_accum 2 x micro-batch 8: the same examples per
+    step (64 examples, a multiple of 2 x 8, see the module docstring; 4 steps an epoch, so the 8
+    steps cross an epoch boundary), dropout off, gradients averaged over ranks in one and over
+    micro-batches in the other, so the same updates up to float rounding. Validation: 8 batches of
+    8 on 1 rank, 4 per rank on 2, the whole validation set either way."""
+    common = ["train.steps=8", "train.micro_batch_size=8", "train.lr=0.01", "train.warmup_steps=2",
+              "train.eval_every=4", "train.eval_batches=8", "train.save_every=0", "train.progress=false",
+              "train.tensorboard=false", "model.dropout=0.0", "data.examples=64"]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    _launch([deepspeed, "--num_gpus", "2", str(HERE / "toy_recipe.py"),
+             *(arg for item in common + ["train.out_dir=two", "train.grad_accum=1"] for arg in ("--set", item))], tmp_path)
+    run_recipe(ToyConfig, ToyTask, [arg for item in common + [f"train.out_dir={tmp_path / 'one'}", "train.grad_accum=2"]
+                                    for arg in ("--set", item)])
+    for key in ("train/loss", "eval/loss", "alpha/1"):
+        two, one = _series(tmp_path / "two", key), _series(tmp_path / "one", key)
+        assert two.keys() == one.keys() and len(two) >= 2, key
+        for step in two:
+            assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-7), (key, step, two[step], one[step])
+    alphas = _series(tmp_path / "one", "alpha/1")
+    assert abs(alphas[8] - alphas[1]) > 1e-4  # it trained: the comparison is not of two frozen runs
+
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity. ")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
+    """An uninterrupted 2-rank run of 4 steps checkpoints at steps 2 and 4. A copy of it cut back to
+    step 2 (the step-4 checkpoint deleted, as if the run had died after saving step 2; its metrics
+    rows 3-4 are the resume's to drop) resumes with the same config: its steps 3 and 4 must repeat
+    the uninterrupted run's (losses, validation, DyT alphas) to float tolerance. Same config, so
+    the LR schedule is the same; tests/test_llama.py's 2-rank test covers a resume with more steps."""
+    corpus = tmp_path / "corpus"
+    for i in range(4):
+        (corpus / f"doc{i}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (corpus / f"doc{i}.txt").write_text(TEXT * (8 + i))
+    args = ["--module", "dyt_llama.train", "--config", str(ROOT / "recipes" / "llama" / "tiny.yaml")]
+    for item in [f"data.corpus={corpus}", "data.validation_works=[doc3]", "data.seq_len=16", "model.dim=32",
+                 "model.layers=2", "model.heads=4", "model.kv_heads=2", "model.ffn_dim=64", "model.vocab_size=300",
+                 "model.norm=dyt", "train.steps=4", "train.micro_batch_size=4", "train.warmup_steps=1",
+                 "train.eval_every=2", "train.save_every=2", "train.log_every=1", "train.progress=false",
+                 "train.tensorboard=false"]:
+        args += ["--set", item]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    cache = {"DYT_CACHE": str(tmp_path / "cache")}
+    _launch([deepspeed, "--num_gpus", "2", *args, "--set", f"train.out_dir={tmp_path / 'whole'}"], tmp_path, **cache)
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    assert json.loads((checkpoints / "step_00000002" / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
+    _launch([deepspeed, "--num_gpus", "2", *args, "--set", f"train.out_dir={tmp_path / 'resumed'}", "--resume"],
+            tmp_path, **cache)
+    rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    keys = ["train/loss", "eval/loss", "lr"] + [k for k in whole[-1] if k.startswith("alpha/")]
+    assert len(keys) > 3 + 4  # a DyT per attention and FFN of each block, and the final one
+    for before, after in zip(whole[2:], rows[2:]):  # steps 3 and 4: computed after the resume
+        for key in keys:
+            if key in before:
+                assert after[key] == pytest.approx(before[key], rel=1e-5), (key, before["step"])
+    assert rows[-1]["train/loss"] != whole[0]["train/loss"]  # it trained

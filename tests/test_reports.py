@@ -1,0 +1,365 @@
+"""The compare commands' report tables (LLaMA, wav2vec 2.0, DNA) equal what the hand-made run
+folders hold: metrics.jsonl rows shaped as the harness's MetricsLogger writes them, config.yaml as the
+trainer dumps it, and eval JSON files as reuse_or_compute stores them. No training is launched: the
+report writers are called with ``Run`` objects pointing at those folders, and every expected cell is
+computed here with statistics.mean / stdev over seeds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import datasets
+import pytest
+
+from dyt.train import dump_yaml, load_config
+from dyt.train.compare import Run, reuse_or_compute
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_TINY = ROOT / "recipes" / "llama" / "tiny.yaml"
+WAV2VEC2_TINY = ROOT / "recipes" / "wav2vec2" / "tiny.yaml"
+DNA_CONFIGS = [ROOT / "recipes" / "dna" / "hyena-tiny.yaml", ROOT / "recipes" / "dna" / "caduceus-tiny.yaml"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    """What a mean ± std cell over seeds must read (the value alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _cells(line: str) -> list[str]:
+    assert line.startswith("|") and line.endswith("|"), line
+    return [c.strip() for c in line[1:-1].split("|")]
+
+
+def table(text: str, first_column: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with ``first_column``, as {header: cell}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = _cells(lines[start])
+    assert set(lines[start + 1]) <= {"|", "-"}, lines[start + 1]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = _cells(line)
+        assert len(cells) == len(header), (header, cells)
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def write_metrics(run_dir: Path, logged: list[dict], evals: dict[int, dict], rss: list[float], log_every: int = 5) -> None:
+    """metrics.jsonl as the trainer writes it: one row per logged step ({"step": s, "train/loss", "lr",
+    "throughput", "step_seconds", train extras, alpha/...}), validation values merged into the row of
+    their step, ``peak_rss_mb/rank<i>`` into the last row."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, values in enumerate(logged):
+        step = (i + 1) * log_every
+        row = dict(values)
+        row.update(evals.get(step, {}))
+        rows.append((step, row))
+    rows[-1][1].update({f"peak_rss_mb/rank{r}": v for r, v in enumerate(rss)})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **row}) + "\n" for s, row in rows))
+
+
+def train_row(rng: random.Random, loss: float, throughput: float, alphas: list[str], **extras) -> dict:
+    row = {"train/loss": loss, "lr": rng.uniform(1e-4, 5e-4), "throughput": throughput,
+           "step_seconds": rng.uniform(0.05, 0.5), **extras}
+    row.update({f"alpha/{name}": rng.uniform(0.3, 0.8) for name in alphas})
+    return row
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- LLaMA
+
+
+def _llama_run(root: Path, norm: str, seed: int, ranks: int) -> tuple[Run, dict]:
+    """One hand-made pretraining run and the values its report row is made of."""
+    from dyt_llama.task import LlamaConfig
+
+    rng = random.Random(f"llama-{norm}-{seed}")
+    config = load_config(LlamaConfig, LLAMA_TINY, [f"model.norm.kind={norm}", f"train.seed={seed}"])
+    run_dir = root / f"{norm}-seed{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    alphas = [f"blocks.{i}.{n}" for i in range(2) for n in ("attention_norm", "ffn_norm")] + ["norm"] if norm == "dyt" else []
+    losses = [6.0 - 0.4 * i + rng.uniform(-0.05, 0.05) for i in range(8)]
+    speeds = [rng.uniform(500, 900)] + [rng.uniform(4000, 6000) for _ in range(7)]  # the first includes warm-up
+    evals = {step: {"eval/loss": rng.uniform(3, 6)} for step in (20, 40)}
+    for values in evals.values():
+        values["eval/perplexity"] = math.exp(values["eval/loss"])
+    rss = [rng.uniform(800, 1600) for _ in range(ranks)]
+    write_metrics(run_dir, [train_row(rng, loss, speed, alphas) for loss, speed in zip(losses, speeds)], evals, rss)
+    wall = rng.uniform(100, 400)
+    expected = {"final": statistics.mean(losses[-3:]), "eval": evals[40]["eval/loss"],
+                "ppl": evals[40]["eval/perplexity"], "tokens": statistics.median(speeds[1:]), "rss": rss, "wall": wall}
+    return Run(norm, seed, run_dir, wall), expected
+
+
+@pytest.mark.parametrize("ranks", [2, 12])
+def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypatch, ranks):
+    from dyt_llama import compare
+
+    s_curves = []
+
+    def fake_s_curves(run, path):  # needs a trained checkpoint and the corpus; not what is tested here
+        s_curves.append(run)
+        path.write_bytes(b"\x89PNG fake")
+
+    monkeypatch.setattr(compare, "plot_rmsnorm_s_curves", fake_s_curves)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    args = argparse.Namespace(out=out, config=LLAMA_TINY, overrides=[], nproc=ranks, launcher="deepspeed",
+                              norms=["rmsnorm", "dyt"], seeds=[0, 1])
+    made = [_llama_run(out, norm, seed, ranks) for seed in args.seeds for norm in args.norms]  # main()'s order
+    runs = [run for run, _ in made]
+    report = compare.write_report(args, runs, ["b/four", "c/five"])
+    text = report.read_text()
+
+    rows = table(text, "norm")
+    assert [r["norm"] for r in rows] == args.norms
+    for row in rows:
+        mine = [e for run, e in made if run.label == row["norm"]]
+        assert len(mine) == 2
+        assert row["final train loss"] == fmt([e["final"] for e in mine])
+        assert row["validation loss"] == fmt([e["eval"] for e in mine])
+        assert row["validation perplexity"] == fmt([e["ppl"] for e in mine], 1)
+        assert row["tokens/s"] == fmt([e["tokens"] for e in mine], 0)
+        # peak memory: per rank, in rank order, the mean over the seeds
+        assert row["peak RSS per rank (MB)"] == " / ".join(
+            f"{statistics.mean(per_seed):.0f}" for per_seed in zip(*(e["rss"] for e in mine)))
+        assert row["wall time (s)"] == fmt([e["wall"] for e in mine], 0)
+    assert "seeds [0, 1]" in text and "b/four, c/five." in text
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["norm"], s["seed"]) for s in summary] == [(r.label, r.seed) for r in runs]
+    for s, (_, e) in zip(summary, made):
+        assert s["eval_loss"] == e["eval"] and s["peak_rss_mb"] == e["rss"]
+    assert is_png(out / "loss_curves.png") and is_png(out / "dyt_alpha.png")
+    assert [r.label for r in s_curves] == ["rmsnorm"]
+
+
+# ---------------------------------------------------------------- wav2vec 2.0
+
+
+def _w2v_run(root: Path, norm: str, last_eval: dict, earlier_eval: dict) -> tuple[Run, dict]:
+    from dyt_wav2vec2.task import Wav2Vec2PretrainConfig
+
+    rng = random.Random(f"w2v-{norm}")
+    run_dir = root / norm
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(Wav2Vec2PretrainConfig, WAV2VEC2_TINY,
+                                                               [f"model.norm.kind={norm}"])))
+    alphas = ["encoder.layers.0.self_attn_layer_norm", "encoder.layers.0.ffn_layer_norm"] if norm == "dyt" else []
+    losses = [5.0 - 0.1 * i + rng.uniform(-0.05, 0.05) for i in range(20)]
+    speeds = [rng.uniform(2, 5)] + [rng.uniform(40, 60) for _ in range(19)]  # audio seconds per second
+    logged = [train_row(rng, loss, speed, alphas, **{"train/contrastive": loss - 0.2,
+                                                     "train/codebook_perplexity": rng.uniform(30, 120)})
+              for loss, speed in zip(losses, speeds)]
+    evals = {}
+    for step, values in ((25, earlier_eval), (50, earlier_eval), (75, earlier_eval), (100, last_eval)):
+        evals[step] = {"eval/loss": rng.uniform(3, 4), "eval/contrastive": rng.uniform(2, 3),
+                       "eval/code_perplexity": rng.uniform(10, 60), **values}
+    rss = [rng.uniform(900, 1400) for _ in range(2)]
+    write_metrics(run_dir, logged, evals, rss)
+    wall = rng.uniform(200, 600)
+    seconds = [r["step_seconds"] for r in logged[1:]]
+    expected = {"final": statistics.mean(losses[-3:]), "steps_per_s": 1 / statistics.median(seconds),
+                "audio": statistics.median(speeds[1:]), "rss": rss, "wall": wall, **last_eval}
+    return Run(norm, 0, run_dir, wall), expected
+
+
+def _finetune_result(rng: random.Random, seed: int, tests: list[str], classes: int) -> dict:
+    """One seed's FinetuneResult as run_evals stores it (dataclasses.asdict, through JSON)."""
+    confusion = [[rng.randint(0, 3) for _ in range(classes)] for _ in range(classes)]
+    return {"seed": seed, "best_step": 40, "validation": {"accuracy": 0.5, "mcc": 0.4, "f1": 0.45},
+            "test": {t: {"accuracy": rng.uniform(0.1, 0.9), "mcc": rng.uniform(0, 0.8), "f1": rng.uniform(0.1, 0.9)}
+                     for t in tests},
+            "confusion": {t: confusion for t in tests},
+            "curve": [{"step": 40, "train/loss": 1.0, "validation/loss": 1.1, "accuracy": 0.5, "mcc": 0.4, "f1": 0.45}]}
+
+
+def _w2v_evals(rng: random.Random, seeds: list[int]) -> dict[str, list[dict]]:
+    """One model's run_evals results as evals.json holds them (dataclasses.asdict, through JSON)."""
+    from dyt_wav2vec2.eval import CONTRASTIVE_TESTS, CTC_TESTS, KEYWORD_TESTS
+    from dyt_wav2vec2.speech import KEYWORDS
+
+    results = {"contrastive": [{"seed": seed, "test": {t: {
+        "contrastive": rng.uniform(2, 3), "codebook_perplexity": rng.uniform(50, 120), "code_perplexity": rng.uniform(10, 60),
+        "contrastive_kept": rng.uniform(2, 3.5), "contrastive_accuracy": rng.uniform(0.05, 0.5),
+        "distractors_equal_target": rng.uniform(0, 0.3), "utterances": 200} for t in CONTRASTIVE_TESTS}} for seed in seeds]}
+    for name in ("probe", "finetune"):
+        results[name] = [_finetune_result(rng, seed, list(KEYWORD_TESTS), len(KEYWORDS)) for seed in seeds]
+    results["ctc"] = [{"seed": seed, "wer": {t: rng.uniform(0.5, 1.0) for t in CTC_TESTS},
+                       "cer": {t: rng.uniform(0.2, 0.7) for t in CTC_TESTS},
+                       "examples": {t: [["please hold", "pleas hold"]] * 3 for t in CTC_TESTS},
+                       "curve": [{"step": 150, "train/ctc_loss": 1.0, "validation/wer": 0.5}]} for seed in seeds]
+    return results
+
+
+def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(tmp_path):
+    from dyt_wav2vec2 import compare
+    from dyt_wav2vec2.eval import HEADLINE
+    from dyt_wav2vec2.task import Wav2Vec2PretrainConfig
+
+    args = argparse.Namespace(out=tmp_path / "cmp", config=WAV2VEC2_TINY, overrides=[], nproc=2, launcher="deepspeed",
+                              pretrain_seed=0, seeds=[0, 1], steps=150, evals=["contrastive", "probe", "finetune", "ctc"])
+    args.out.mkdir()
+    model = load_config(Wav2Vec2PretrainConfig, WAV2VEC2_TINY).model
+    most = model.codebooks * model.codebook_entries
+    chance = 1 / (model.distractors + 1)
+    learning = {"eval/contrastive_kept": 2.3456, "eval/contrastive_accuracy": 4.1 * chance,
+                "eval/codebook_perplexity": 0.94 * most, "eval/distractors_equal_target": 0.0123}
+    collapsed = {"eval/contrastive_kept": 3.0123, "eval/contrastive_accuracy": 3.3 * chance,  # above twice chance:
+                 "eval/codebook_perplexity": 0.96 * most,  # collapsed by the codebook alone
+                 "eval/distractors_equal_target": 0.4567}
+    # Earlier validations say the opposite: the report must read the last one.
+    made = [_w2v_run(args.out, "layernorm", learning, collapsed), _w2v_run(args.out, "dyt", collapsed, learning)]
+    runs = [run for run, _ in made]
+
+    evals = {}  # as main() makes it: (norm, init) -> the eval JSON reused from the run folder
+    for run in runs:
+        for pretrained, init in compare.INITS.items():
+            settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
+            path = run.dir / ("evals.json" if pretrained else "evals-random-init.json")
+            results = _w2v_evals(random.Random(f"evals-{run.label}-{init}"), args.seeds)
+            path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+            evals[run.label, init] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
+
+    text = compare.write_report(args, runs, evals).read_text()
+    rows = table(text, "norm")
+    assert [r["norm"] for r in rows] == ["layernorm", "dyt"]
+    for row, (_, e) in zip(rows, made):
+        assert row["final train loss"] == f"{e['final']:.3f}"
+        assert row["validation contrastive"] == f"{e['eval/contrastive_kept']:.3f}"
+        assert row["contrastive accuracy"] == f"{e['eval/contrastive_accuracy']:.3f}"
+        assert row["codebook perplexity"] == f"{e['eval/codebook_perplexity']:.1f}"
+        assert row["distractors equal to target"] == f"{e['eval/distractors_equal_target']:.1%}"
+        assert row["steps/s"] == f"{e['steps_per_s']:.2f}"
+        assert row["audio s / s"] == f"{e['audio']:.1f}"
+        assert row["peak RSS per rank (MB)"] == " / ".join(f"{v:.0f}" for v in e["rss"])
+        assert row["wall time (s)"] == f"{e['wall']:.0f}"
+    assert rows[0]["status"] == "learning"
+    assert rows[1]["status"].startswith("**collapsed**")
+    assert f"{0.96 * most:.0f} of {most}" in rows[1]["status"]  # the perplexity against codebooks x entries
+
+    downstream = table(text, "norm | model")
+    expected = []
+    for (norm, init), results in evals.items():
+        for name, per_seed in results.items():
+            for metric in HEADLINE[name]:
+                values = {t: [r[metric][t] if name == "ctc" else r["test"][t][metric] for r in per_seed]
+                          for t in ("unseen voices", "real recordings")}
+                expected.append(((norm, init, compare.EVAL_NAMES[name], compare.METRIC_NAMES[metric]), values))
+    assert len(expected) == 2 * 2 * (2 + 1 + 1 + 2)  # norms x inits x (contrastive 2, probe, finetune, ctc 2)
+    assert [(r["norm"], r["model"], r["eval"], r["metric"]) for r in downstream] == [key for key, _ in expected]
+    for row, (_, values) in zip(downstream, expected):
+        for test, per_seed in values.items():
+            assert len(per_seed) == 2 and row[test] == fmt(per_seed), (row, test)
+    summary = json.loads((args.out / "summary.json").read_text())
+    assert summary["dyt/random init/ctc/wer"]["real recordings"] == [
+        r["wer"]["real recordings"] for r in evals["dyt", "random init"]["ctc"]]
+    for png in ("loss_curves.png", "dyt_alpha.png", "confusion_layernorm.png", "confusion_dyt.png"):
+        assert is_png(args.out / png), png
+
+
+# ---------------------------------------------------------------- DNA
+
+
+def _dna_run(root: Path, config_path: Path, norm: str) -> tuple[object, Run, dict]:
+    from dyt_dna.compare import NAMES
+    from dyt_dna.task import DnaConfig
+
+    config = load_config(DnaConfig, config_path, [f"model.norm.kind={norm}"])
+    arch = config.model.arch
+    rng = random.Random(f"dna-{arch}-{norm}")
+    run_dir = root / f"{arch}-{norm}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    alphas = ["layers.0.norm1", "layers.1.norm1"] if norm == "dyt" else []
+    losses = [1.39 - 0.01 * i + rng.uniform(-0.003, 0.003) for i in range(20)]
+    speeds = [rng.uniform(100, 500)] + [rng.uniform(20000, 40000) for _ in range(19)]
+    evals = {step: {"eval/loss": rng.uniform(1.2, 1.4)} for step in (25, 50, 75, 100)}
+    for values in evals.values():
+        values["eval/perplexity"] = math.exp(values["eval/loss"])
+    rss = [rng.uniform(700, 1200) for _ in range(12)]  # 12 ranks: rank 10 must come after rank 9
+    write_metrics(run_dir, [train_row(rng, loss, speed, alphas) for loss, speed in zip(losses, speeds)], evals, rss)
+    wall = rng.uniform(50, 300)
+    expected = {"final": statistics.mean(losses[-3:]), "eval": evals[100]["eval/loss"],
+                "ppl": evals[100]["eval/perplexity"], "bases": statistics.median(speeds[1:]), "rss": rss, "wall": wall}
+    return config, Run(f"{NAMES[arch]} {norm}", 0, run_dir, wall), expected
+
+
+def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
+    from dyt_dna import compare
+    from dyt_dna.data import ClassificationData
+
+    args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS, nproc=12, launcher="deepspeed",
+                              pretrain_seed=0, seeds=[0, 1])
+    args.out.mkdir()
+    made = [_dna_run(args.out, path, norm) + (norm,)
+            for path, norms in zip(DNA_CONFIGS, (("layernorm", "dyt"), ("rmsnorm", "dyt"))) for norm in norms]
+    runs = [(config, norm, run) for config, run, _, norm in made]  # main()'s (config, norm, run)
+
+    def split(n: int, classes: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * n, "label": [i % classes for i in range(n)]})
+
+    tasks = [ClassificationData("species", ["E.Coli", "H.Pylori", "S.Aureus", "V.Cholerae"], split(40, 4), split(12, 4),
+                                split(8, 4), "species note."),
+             ClassificationData("coding", ["non-coding", "coding"], split(30, 2), split(6, 2), split(10, 2), "coding note.")]
+    settings = {"finetune": {"seeds": args.seeds}, "window": 128, "per_class": 100}
+    evals = {}  # as main() makes it: (id(run), task, init) -> the eval JSON reused from the run folder
+    for _, _, run in runs:
+        for task in tasks:
+            for pretrained, init in compare.INITS.items():
+                rng = random.Random(f"{run.label}-{task.name}-{init}")
+                results = [{**_finetune_result(rng, seed, ["test"], len(task.classes)), "task": task.name,
+                            "note": task.note} for seed in args.seeds]  # results_json's rows
+                path = run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json"
+                path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+                evals[(id(run), task.name, init)] = reuse_or_compute(path, settings,
+                                                                      lambda: pytest.fail("evals not reused"))
+
+    text = compare.write_report(args, runs, tasks, evals).read_text()
+    pretraining = table(text, "model")
+    assert [(r["model"], r["norm"]) for r in pretraining] == [
+        ("HyenaDNA", "layernorm"), ("HyenaDNA", "dyt"), ("Caduceus", "rmsnorm"), ("Caduceus", "dyt")]
+    for row, (_, _, e, _) in zip(pretraining, made):
+        assert row["final train loss"] == f"{e['final']:.4f}"
+        assert row["validation loss"] == f"{e['eval']:.4f}"
+        assert row["validation perplexity"] == f"{e['ppl']:.3f}"
+        assert row["bases/s"] == f"{e['bases']:.0f}"
+        assert row["peak RSS per rank (MB)"] == " / ".join(f"{v:.0f}" for v in e["rss"])  # rank order
+        assert row["wall time (s)"] == f"{e['wall']:.0f}"
+
+    finetuning = table(text, "model | norm | init")
+    assert len(finetuning) == len(runs) * len(tasks) * 2
+    keyed = {(r["model"], r["norm"], r["init"], r["task"]): r for r in finetuning}
+    assert len(keyed) == len(finetuning)
+    for _, norm, run in runs:
+        model = run.label.split()[0]
+        for task in tasks:
+            for init in ("pretrained", "random init"):
+                results = evals[(id(run), task.name, init)]
+                row = keyed[(model, norm, init, task.name)]
+                for metric, column in (("accuracy", "accuracy"), ("mcc", "MCC"), ("f1", "F1 (macro)")):
+                    values = [r["test"]["test"][metric] for r in results]
+                    assert len(values) == 2 and row[column] == fmt(values), (row, metric)
+    for task in tasks:
+        assert (f"`{task.name}`: {len(task.classes)} classes ({', '.join(task.classes)}); {len(task.train)} / "
+                f"{len(task.validation)} / {len(task.test)} train / validation / test examples.") in text
+    summary = json.loads((args.out / "summary.json").read_text())
+    assert len(summary) == 16 and all(len(s["mcc"]) == 2 for s in summary)
+    for png in ("hyena_loss_curves.png", "hyena_dyt_alpha.png", "caduceus_loss_curves.png", "caduceus_dyt_alpha.png"):
+        assert is_png(args.out / png), png
