@@ -26,7 +26,7 @@ from dyt_wav2vec2.audio import (
     write_manifest,
 )
 from dyt_wav2vec2.eval import character_error_rate, greedy_decode, headline, text_to_ids, word_error_rate
-from dyt_wav2vec2.model import build_wav2vec2, encode
+from dyt_wav2vec2.model import POST_EXTRACT, build_wav2vec2, encode
 from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, synthesize, voice_splits
 from dyt_wav2vec2.task import Wav2Vec2PretrainConfig, check_audio, crop_and_batch, masking_min_samples
 
@@ -64,7 +64,8 @@ def test_norm_scope_all_replaces_every_layernorm_and_back(norm_order):
     assert [p for p, _, _ in before] == [p for p, _, _ in after]
     assert all(isinstance(m, DyT) for _, m, _ in after)
     assert not [m for m in dyt.modules() if "LayerNorm" in type(m).__name__ or isinstance(m, torch.nn.GroupNorm)]
-    assert all(m.alpha_init == 0.5 and m.bias is not None for _, m, _ in after)
+    # alpha0 0.5 (the paper's) everywhere but the DyT over the conv features (role input: 2)
+    assert all(m.alpha_init == (2.0 if p == POST_EXTRACT else 0.5) and m.bias is not None for p, m, _ in after)
     back = convert_norms(dyt, NormConfig(kind="layernorm"))
     assert len(back.replaced) == len(after)
     assert not [m for m in dyt.modules() if isinstance(m, DyT)]
@@ -75,7 +76,8 @@ def test_default_norm_scope_is_the_papers(recipe):
     """Post-extraction norm and every Transformer norm become DyT; the conv feature extractor keeps
     the baseline's norms (GroupNorm for Base, per-conv LayerNorms for Large and tiny). Every DyT
     takes the config's settings (bias, alpha0), the frontend's included."""
-    overrides = ["model.norm=dyt", "model.norm.bias=false", "model.norm.alpha_init.default=0.7"]
+    overrides = ["model.norm=dyt", "model.norm.bias=false", "model.norm.alpha_init.default=0.7",
+                 "model.norm.alpha_init.input=1.5"]
     if recipe != "tiny":
         overrides += ["model.layers=2", "model.dim=64", "model.heads=4", "model.ffn_dim=128"]
     cfg = load_config(Wav2Vec2PretrainConfig, ROOT / "recipes" / "wav2vec2" / f"{recipe}.yaml", overrides)
@@ -89,8 +91,9 @@ def test_default_norm_scope_is_the_papers(recipe):
                                                            for i in range(cfg.model.layers) for n in ("self_attn", "ffn")}
     want |= {"encoder_frontend.layer_norm"} if cfg.model.norm_order == "post" else {"encoder.layer_norm"}
     assert set(converted) == want and set(converted.values()) == {"DyT"}, converted
-    dyts = [m for m in build_wav2vec2(cfg.model).modules() if isinstance(m, DyT)]
-    assert len(dyts) == len(want) and all(m.bias is None and m.alpha_init == 0.7 for m in dyts)
+    dyts = {p: m for p, m, _ in iter_norms(build_wav2vec2(cfg.model)) if isinstance(m, DyT)}
+    assert set(dyts) == want and all(m.bias is None for m in dyts.values())
+    assert {p: m.alpha_init for p, m in dyts.items()} == {p: 1.5 if p == POST_EXTRACT else 0.7 for p in want}
 
 
 def test_contrastive_metrics_score_a_collapsed_quantizer_at_chance():
