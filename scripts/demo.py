@@ -21,18 +21,26 @@ from pathlib import Path
 
 import torch
 
-from dyt import NormConfig, convert_norms
+import dyt_dna
+import dyt_llama
+import dyt_wav2vec2
+from dyt import convert_norms
 from dyt.bench import format_kernels
 from dyt.bench import main as bench_main
-from dyt_dna.compare import main as dna_compare
-from dyt_llama.compare import main as compare_main
-from dyt_wav2vec2.compare import main as wav2vec2_compare
+from dyt.train.recipe import RecipeSpec
+
+PARTS = [  # (recipe, what the demo adds to its compare command's defaults, what it prints)
+    (dyt_llama.SPEC, [], "LLaMA pretraining, RMSNorm vs DyT (tiny config, 2 ranks, deepspeed launcher)"),
+    (dyt_wav2vec2.SPEC, ["--evals", "contrastive", "probe"],
+     "wav2vec 2.0 pretraining, LayerNorm vs DyT, the pretraining task held out, a keyword probe"),
+    (dyt_dna.SPEC, [], "HyenaDNA and Caduceus pretraining, their norm vs DyT, and species classification"),
+]
 
 
 def wav2vec2_base():
     import torchaudio
 
-    return "torchaudio wav2vec2_base", torchaudio.models.wav2vec2_base(), NormConfig(kind="dyt"), None, "layernorm"
+    return "torchaudio wav2vec2_base", torchaudio.models.wav2vec2_base()
 
 
 def llama_125m():
@@ -42,18 +50,26 @@ def llama_125m():
         model_dim=768, max_seq_len=2048, vocab_size=32000, num_layers=12,
         num_attn_heads=12, num_key_value_heads=12, ffn_inner_dim=2048,
     )
-    policy = NormConfig(kind="dyt", bias=False, alpha_policy="llm")
+    return "fairseq2 LLaMA (125M-size config)", create_llama_model(config)
 
-    def role(path: str) -> str:
-        return "attention" if "self_attn" in path else "ffn" if "ffn" in path else "final"
 
-    return "fairseq2 LLaMA (125M-size config)", create_llama_model(config), policy, role, "rmsnorm"
+CONVERSIONS = [(dyt_wav2vec2.SPEC, wav2vec2_base), (dyt_llama.SPEC, llama_125m)]
+"""Real architectures of other libraries, each converted with its recipe's norm settings and role mapping."""
+
+
+def convert_and_back(spec: RecipeSpec, model: torch.nn.Module):
+    """``model``'s norms to DyT as ``spec``'s recipe configures DyT (its ``model.norm`` defaults, its
+    role mapping), then back to the recipe's baseline norm: the two reports."""
+    to_dyt = convert_norms(model, spec.default_norm(), role_of=spec.role_of)
+    back = convert_norms(model, spec.models[0].baseline)
+    return to_dyt, back
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--llama-config", type=Path, default=Path("recipes/llama/tiny.yaml"))
+    parser.add_argument("--llama-config", type=Path, default=None,
+                        help="default: the tiny config shipped with dyt_llama")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the training runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -66,14 +82,13 @@ def main() -> None:
         seconds[name] = time.perf_counter() - begun
         return result
 
-    print("== 1/5 LLaMA pretraining, RMSNorm vs DyT (tiny config, 2 ranks, deepspeed launcher)")
-    reports = [part("LLaMA", lambda: compare_main(["--config", str(args.llama_config), "--out", str(args.out / "llama"),
-                                                   "--nproc", str(args.nproc)]))]
-    print("\n== 2/5 wav2vec 2.0 pretraining, LayerNorm vs DyT, the pretraining task held out, a keyword probe")
-    reports.append(part("wav2vec 2.0", lambda: wav2vec2_compare(
-        ["--out", str(args.out / "wav2vec2"), "--nproc", str(args.nproc), "--evals", "contrastive", "probe"])))
-    print("\n== 3/5 HyenaDNA and Caduceus pretraining, their norm vs DyT, and species classification")
-    reports.append(part("DNA", lambda: dna_compare(["--out", str(args.out / "dna"), "--nproc", str(args.nproc)])))
+    reports = []
+    for number, (spec, extra, what) in enumerate(PARTS, 1):
+        print(f"\n== {number}/5 {what}")
+        argv = ["--out", str(args.out / spec.name), "--nproc", str(args.nproc), *extra]
+        if spec is dyt_llama.SPEC and args.llama_config is not None:
+            argv += ["--config", str(args.llama_config)]
+        reports.append(part(spec.title, lambda spec=spec, argv=argv: spec.compare_main()(argv)))
 
     print("\n== 4/5 dyt-bench: DyT backends vs LayerNorm / RMSNorm on this machine")
     part("dyt-bench", lambda: bench_main(["--json", str(args.out / "bench.json")]))
@@ -81,13 +96,12 @@ def main() -> None:
 
     def conversions():
         found = []
-        for build in (wav2vec2_base, llama_125m):
-            name, model, target, role_of, baseline = build()
+        for spec, build in CONVERSIONS:
+            name, model = build()
             print(f"\n== 5/5 convert_norms on {name}")
             params = sum(p.numel() for p in model.parameters())
-            to_dyt = convert_norms(model, target, role_of=role_of)
+            to_dyt, back = convert_and_back(spec, model)
             print(to_dyt)
-            back = convert_norms(model, baseline)
             print(f"and back: {len(back.replaced)} DyT layers -> {back.target}")
             found.append((name, params, to_dyt, back))
             del model

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment: the pinned stack from constraints.txt and the
-# four packages installed editable. Idempotent: when nothing changed since the last run it exits at once.
+# five packages installed editable. Idempotent: when nothing changed since the last run it exits at once.
 #   DYT_VENV   where the venv lives (default: .venv at the repo root)
 #   --relock   rewrite constraints.txt from what is installed now (after changing a dependency)
 set -euo pipefail
@@ -43,9 +43,14 @@ echo "setup: installing the pinned environment into $venv (first time: a few min
 [[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check -c "$root/constraints.txt" \
   -e "$root/packages/dyt-core[train,analysis]" \
+  -e "$root/packages/dyt-data" \
   -e "$root/packages/dyt-llama" \
   -e "$root/packages/dyt-wav2vec2" \
   -e "$root/packages/dyt-dna" \
   pytest ruff 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# DyT's C++ CPU kernels build at first use (~1 min); build them now, so that no training run or test
+# pays for it inside its timing (a failure is not fatal: DyT then runs its compiled/eager backends).
+"$venv/bin/python" -c 'from dyt.kernels.cpu_fused import build_error; e = build_error(); print("setup: DyT cpu kernels:", e or "built")' \
+  2> >(grep -v "RuntimeWarning\|warnings.warn" >&2) || true
 echo "$want" > "$stamp"
 echo "setup: done ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -74,6 +74,11 @@ CASES = [
          ("bad.json:1:", "invalid JSON", "train.deepspeed_config")),
     Case("llama-deepspeed-json-clash", "dyt_llama.train", _llama("--set", "train.deepspeed_config={tmp}/clash.json"),
          ("clash.json", "train_micro_batch_size_per_gpu", "train.micro_batch_size")),
+    Case("llama-deepspeed-json-precision", "dyt_llama.train", _llama("--set", "train.deepspeed_config={tmp}/bf16.json"),
+         ("bf16.json", "bf16.enabled=true", "train.precision='fp32'", "one source of truth")),
+    Case("llama-resume-model-changed", "dyt_llama.train",
+         _llama("--set", "train.out_dir={tmp}/llama-run", "--set", "model.dim=96", "--resume"),
+         ("--resume", "model.dim 192 -> 96", 'model.norm.kind "dyt" -> "rmsnorm"', "llama-run/config.yaml")),
     Case("llama-corpus-missing", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/nowhere"),
          ("corpus not found", "nowhere")),
     Case("llama-corpus-not-utf8", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/latin1-corpus"),
@@ -174,6 +179,7 @@ def _inputs(tmp: Path) -> None:
     (tmp / "bad.yaml").write_text("train:\n  steps: [1\n")
     (tmp / "bad.json").write_text('{"zero_optimization": {"stage": 2},, "bf16": {"enabled": true}}\n')
     (tmp / "clash.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    (tmp / "bf16.json").write_text(json.dumps({"bf16": {"enabled": True}}))
 
     fasta = tmp / "fasta"
     fasta.mkdir()
@@ -199,6 +205,15 @@ def _inputs(tmp: Path) -> None:
         bad(tmp / name / ("trunc.wav" if name == "audio-truncated" else "stereo.wav"))
 
     from dyt.train import dump_yaml, load_config
+    from dyt_llama.task import LlamaConfig
+
+    # A LLaMA run trained with DyT (its config.yaml and a checkpoint marker: the check comes first).
+    overrides = [arg.replace("{tmp}", str(tmp)) for flag, arg in zip(_llama(), _llama()[1:]) if flag == "--set"]
+    llama_run = tmp / "llama-run"
+    (llama_run / "checkpoints/step_00000001").mkdir(parents=True)
+    (llama_run / "checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
+    (llama_run / "config.yaml").write_text(dump_yaml(load_config(
+        LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [*overrides, "model.norm=dyt", f"train.out_dir={llama_run}"])))
     from dyt_dna.task import DnaConfig
 
     config = dump_yaml(load_config(DnaConfig, ROOT / "recipes/dna/hyena-tiny.yaml"))
@@ -346,7 +361,7 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(t
 
     resumed = train(4, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "(step 2, data epoch 0 example 16)" in resumed.stdout  # 2 steps x 8
     assert (out / "checkpoints/step_00000004/COMPLETE").is_file()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

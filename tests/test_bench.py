@@ -12,7 +12,24 @@ def test_bench_writes_kernels_and_block(tmp_path, capsys):
     payload = json.loads(out.read_text())
     ops = payload["kernels"]["64x48"]
     assert {"copy", "F.layer_norm", "F.rms_norm", "LLaMA reference RMSNorm", "DyT eager", "DyT compiled",
-            "add + F.rms_norm", "residual DyT eager"} <= ops.keys()  # auto at 64x48 on CPU: eager
+            "DyT cpu", "add + F.rms_norm", "residual DyT cpu"} <= ops.keys()  # auto on CPU: the cpu backend
     assert all(row["forward_ms"] > 0 for row in ops.values())
-    assert set(payload["block"]["results"]) == {"rmsnorm", "layernorm", "dyt (eager)"}
-    assert "'auto' = compiled (eager under 2097152 elements)" in capsys.readouterr().out
+    # Peak bytes: a forward+backward holds at least its output and the input gradient (2 x 64 x 48 fp32).
+    assert all(row["forward_backward_peak_bytes"] >= 2 * 64 * 48 * 4 for row in ops.values() if "forward_backward_ms" in row)
+    assert ops["copy"]["forward_peak_bytes"] == 64 * 48 * 4
+    assert set(payload["block"]["results"]) == {"rmsnorm", "layernorm", "dyt (cpu)"}
+    assert all(row["train_step_peak_bytes"] > 0 for row in payload["block"]["results"].values())
+    assert "'auto' = cpu" in capsys.readouterr().out
+
+
+def test_bench_times_llama_steps_interleaved(tmp_path, capsys):
+    recipe = tmp_path / "llama.yaml"
+    recipe.write_text("model: {dim: 32, layers: 1, heads: 2, kv_heads: 1, ffn_dim: 64, vocab_size: 64, max_seq_len: 16}\n"
+                      "data: {seq_len: 8}\ntrain: {micro_batch_size: 2}\n")
+    out = tmp_path / "bench.json"
+    main(["--shape", "8x32", "--repeats", "2", "--warmup", "0", "--llama", str(recipe), "--json", str(out)])
+    llama = json.loads(out.read_text())["llama"]
+    assert llama["tokens_per_step"] == 16 and llama["dyt_backend"] == "cpu"
+    assert set(llama["results"]) == {"rmsnorm", "layernorm", "dyt"}
+    assert all(row["train_step_ms"] > 0 and row["train_step_peak_bytes"] > 0 for row in llama["results"].values())
+    assert "train/RMS" in capsys.readouterr().out

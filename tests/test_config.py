@@ -1,5 +1,6 @@
 """Recipe configs: YAML, dotted overrides, shorthand, errors that name the key."""
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from dyt.train import ConfigError, TrainConfig, dump_yaml, load_config, parse_ar
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_recipe import ToyConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_file_then_overrides(tmp_path):
@@ -167,3 +170,78 @@ def test_llama_dyt_from_the_command_line_alone_is_the_papers_llama_dyt():
     norm = load_config(LlamaConfig, None, ["model.norm=dyt", "model.dim=4096"]).model.norm
     assert norm.kind == "dyt" and norm.bias is False and norm.alpha_policy == "llm"
     assert (norm.alpha_for(4096, "attention"), norm.alpha_for(4096, "ffn")) == (0.8, 0.2)
+
+
+# ---------------------------------------------------------------- one source of truth: train.* over a DeepSpeed JSON
+
+@pytest.mark.parametrize(
+    "json_text, settings, names",
+    [
+        ('{"bf16": {"enabled": true}}', [], ("bf16.enabled=true", "train.precision='fp32'", "bf16.enabled=false")),
+        ('{"bf16": {"enabled": false}}', ["train.precision=bf16"], ("bf16.enabled=false", "train.precision='bf16'")),
+        ('{"fp16": {"enabled": true}}', ["train.precision=bf16"], ("fp16.enabled=true", "train.precision='bf16'")),
+        ('{"zero_optimization": {"stage": 3}}', ["train.zero_stage=2"],
+         ("zero_optimization.stage=3", "train.zero_stage=2", "zero_optimization.stage=2")),
+        ('{"gradient_clipping": 0.5}', [], ("gradient_clipping=0.5", "train.grad_clip=1.0")),
+        ('{"bf16": {"enabled": "auto"}}', ["train.precision=bf16"], ('bf16.enabled="auto"', "train.precision='bf16'")),
+    ],
+)
+def test_a_deepspeed_json_that_contradicts_train_settings_is_an_error_naming_both(tmp_path, json_text, settings, names):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json_text)
+    with pytest.raises(ConfigError) as error:
+        load_config(ToyConfig, None, [f"train.deepspeed_config={ds}", *settings])
+    message = str(error.value)
+    assert "ds.json (train.deepspeed_config) sets" in message and "one source of truth" in message
+    for name in names:
+        assert name in message, (name, message)
+
+
+@pytest.mark.parametrize(
+    "json_text, key",
+    [
+        ('{"bfloat16": {"enabled": true}}', "bfloat16"),
+        ('{"amp": {"enabled": true}}', "amp"),
+        ('{"torch_autocast": {"enabled": true}}', "torch_autocast"),
+        ('{"data_types": {"param_dtype": "bf16"}}', "data_types.param_dtype"),
+        ('{"checkpoint": {"load_universal": true}}', "checkpoint.load_universal"),
+        ('{"optimizer": {"type": "Adam"}}', "optimizer"),
+    ],
+)
+def test_a_deepspeed_json_may_not_set_what_the_harness_derives(tmp_path, json_text, key):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json_text)
+    with pytest.raises(ConfigError, match=f"sets '{key}', which the harness derives: remove it and "):
+        load_config(ToyConfig, None, [f"train.deepspeed_config={ds}"])
+
+
+def test_a_deepspeed_json_may_restate_train_settings_and_add_its_own(tmp_path):
+    from dyt.train import deepspeed_config
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True, "immediate_grad_update": True}, "fp16": {"enabled": False},
+                              "zero_optimization": {"stage": 2, "overlap_comm": True}, "gradient_clipping": 1}))
+    config = load_config(ToyConfig, None, [f"train.deepspeed_config={ds}", "train.precision=bf16", "train.zero_stage=2"])
+    merged = deepspeed_config(config.train)
+    assert merged["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True} and merged["gradient_clipping"] == 1
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_the_shipped_deepspeed_jsons_run_what_the_config_says(stage):
+    """Each ``recipes/llama/ds_zeroN.json`` states its ZeRO stage (so it needs train.zero_stage=N) and
+    no precision: the engine's settings are those of ``train.*`` (which config.yaml records)."""
+    from dyt.train import deepspeed_config
+    from dyt_llama.task import LlamaConfig
+
+    path = ROOT / f"recipes/llama/ds_zero{stage}.json"
+    for precision in ("fp32", "bf16"):
+        config = load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml",
+                             [f"train.deepspeed_config={path}", f"train.zero_stage={stage}", f"train.precision={precision}"])
+        merged, derived = deepspeed_config(config.train), config.train.derived_deepspeed_config()
+        for key in ("bf16", "fp16", "gradient_clipping", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            assert merged[key] == derived[key], (path.name, key)
+        assert merged["zero_optimization"]["stage"] == stage
+    with pytest.raises(ConfigError, match=f"zero_optimization.stage={stage} but train.zero_stage={(stage + 1) % 4}"):
+        load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml",
+                    [f"train.deepspeed_config={path}", f"train.zero_stage={(stage + 1) % 4}"])

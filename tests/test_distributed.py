@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe
-from dyt.train.trainer import ResumableBatches
+from dyt.train.trainer import DataPosition, ResumableBatches
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -43,10 +43,12 @@ class _Indices:
 def _streams(examples: int, micro_batch: int, world: int, micro_batches: int, start: int = 0) -> list[list[list[int]]]:
     """Per rank, ``micro_batches`` micro-batches of example indices from micro-batch ``start`` on."""
     cfg = TrainConfig(micro_batch_size=micro_batch, seed=3)
+    epoch, offset = divmod(start, examples // (micro_batch * world))
+    position = DataPosition(epoch, offset * micro_batch * world)
     out = []
     for rank in range(world):
         batches = ResumableBatches(list(range(examples)), _Indices(), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
-        stream = batches.iterate(start)
+        stream = batches.iterate(position)
         out.append([next(stream) for _ in range(micro_batches)])
     return out
 
@@ -82,6 +84,38 @@ def test_two_ranks_read_per_step_what_one_rank_reads_with_grad_accum_2():
     (single,) = _streams(256, 8, 1, 2 * steps)
     for step in range(steps):
         assert sorted(rank0[step] + rank1[step]) == sorted(single[2 * step] + single[2 * step + 1]), step
+
+
+def test_a_data_position_reads_on_from_the_same_example_on_another_world_size():
+    """The position a checkpoint saves counts examples over all ranks, so a run resumed on another
+    world size reads on where the saved run stopped: from there, a 1-rank step of 2 micro-batches
+    reads exactly what a 2-rank step reads, also from a position that is no multiple of 2 ranks x
+    8 (3 micro-batches of 1 rank), and across the epoch boundary. An epoch left with less than one
+    micro-batch step over all ranks goes on with the next epoch (90 examples: 1 rank uses 88 an
+    epoch, 2 ranks 80; ResumableBatches' docstring)."""
+    cfg = TrainConfig(micro_batch_size=8, seed=3)
+
+    def positions_read(world: int, start: DataPosition, micro_batches: int, examples: int = 256):
+        streams = []
+        for rank in range(world):
+            batches = ResumableBatches(list(range(examples)), _Indices(), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+            stream = batches.iterate(start)
+            streams.append([next(stream) for _ in range(micro_batches)])
+        return streams, batches.position
+
+    for start in (DataPosition(0, 48), DataPosition(0, 24), DataPosition(1, 224)):
+        (one,), one_end = positions_read(1, start, 2 * 6)
+        two, two_end = positions_read(2, start, 6)
+        for step in range(6):
+            assert sorted(two[0][step] + two[1][step]) == sorted(one[2 * step] + one[2 * step + 1]), (start, step)
+        assert one_end == two_end
+    # From a position the new world's steps do not divide, the epoch's last 8 examples (less than one
+    # 2-rank step of 16) are skipped once: 232 -> 248, then epoch 1.
+    assert positions_read(2, DataPosition(0, 232), 2)[1] == DataPosition(1, 16)
+    (_, two_end) = positions_read(2, DataPosition(0, 88), 1, examples=90)
+    assert two_end == DataPosition(1, 16)
+    (one,), one_end = positions_read(1, DataPosition(0, 80), 1, examples=90)
+    assert one_end == DataPosition(0, 88)
 
 
 def _launch(cmd, cwd, **env):

@@ -19,6 +19,8 @@ from dyt_dna.data import (
     DnaDataError,
     _coding_windows,
     _gene_spans,
+    _genes,
+    _start_windows,
     csv_task,
     genomic_benchmarks,
     mask_for_mlm,
@@ -296,6 +298,29 @@ def test_coding_windows_lie_inside_genes_and_non_coding_touch_none(tmp_path, mon
         assert any(b <= start and start + 100 <= e for b, e in spans)
 
 
+def test_start_windows_centre_on_start_codons_matched_codon_by_codon(tmp_path, monkeypatch):
+    """Both classes centre on a start-like codon in frame of a called gene (the start itself, or
+    one at least 60 bases in), with the same codons in each class: only context tells them apart."""
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path))
+    genome = Genome("test", "NCTC11397", GENOME_B)
+    genes, seq = _genes(genome), _genome()
+    starts, internal = _start_windows(genome, 0, 1, 100, 30)
+    assert len(starts) == len(internal) >= 20
+
+    def centre_codon(window: str) -> tuple[int, str]:
+        at = seq.index(window) + 50
+        if any(strand == 1 and b <= at < e and (at - b) % 3 == 0 for b, e, strand in genes):  # in frame, forward
+            return at, seq[at : at + 3]
+        assert any(strand == -1 and b < at <= e and (e - at) % 3 == 0 for b, e, strand in genes)
+        return at, seq[at - 3 : at][::-1].translate(str.maketrans("ACGT", "TGCA"))
+
+    gene_starts = {(b if strand == 1 else e) for b, e, strand in genes}
+    assert all(centre_codon(w)[0] in gene_starts for w in starts)
+    assert not any(centre_codon(w)[0] in gene_starts for w in internal)
+    codons = lambda windows: sorted(centre_codon(w)[1] for w in windows)  # noqa: E731
+    assert codons(starts) == codons(internal) and set(codons(starts)) <= {"ATG", "GTG", "TTG"}
+
+
 # ---------------------------------------------------------------- training and fine-tuning
 
 @pytest.mark.slow
@@ -320,7 +345,7 @@ def test_two_rank_pretraining_then_fine_tuning(tmp_path):
     results = evaluate(["--run", str(tmp_path / "run"), "--task", str(tmp_path / "bench"), "--seeds", "0", "1",
                         "--epochs", "2", "--batch-size", "8"])
     assert len(results) == 2
-    assert all(0 <= r.test["test"]["accuracy"] <= 1 and len(r.confusion["test"]) == 2 for r in results)
+    assert all(0 <= r.test["test"]["accuracy"] <= 1 and len(r.details["test"]) == 2 for r in results)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mamba_ssm's kernel needs CUDA")

@@ -157,18 +157,20 @@ def test_shape_errors_are_clear():
 
 def test_backend_selection_and_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without Triton's interpreter
-    assert dyt.select_backend("auto", "cpu").name == "compiled"
+    assert dyt.select_backend("auto", "cpu").name == "cpu"  # the C++ kernels (test_cpu_fused.py)
     big = dyt.backends.CPU_COMPILED_MIN_ELEMENTS
-    assert dyt.select_backend("auto", "cpu", big).name == "compiled"
-    assert dyt.select_backend("auto", "cpu", big - 1).name == "eager"  # per-call overhead wins
+    assert dyt.select_backend("auto", "cpu", big - 1).name == "cpu"
     assert dyt.select_backend("compiled", "cpu", 8).name == "compiled"  # a named backend is kept
-    assert dyt.available_backends("cpu") == ["compiled", "eager"]
-    with pytest.raises(dyt.BackendUnavailableError, match=r"'fused'.*cpu.*Usable here: compiled, eager"):
+    assert dyt.available_backends("cpu") == ["cpu", "compiled", "eager"]
+    with pytest.raises(dyt.BackendUnavailableError, match=r"'fused'.*cpu.*Usable here: cpu, compiled, eager"):
         dyt.select_backend("fused", "cpu")
     with pytest.raises(dyt.BackendUnavailableError):
         DyT(4, backend="fused")(torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown DyT backend 'triton'; choose one of auto, eager"):
         DyT(4, backend="triton")
+    monkeypatch.setattr("dyt.kernels.cpu_fused.build_error", lambda: "simulated build failure")
+    assert dyt.select_backend("auto", "cpu", big).name == "compiled"  # without the cpu kernels
+    assert dyt.select_backend("auto", "cpu", big - 1).name == "eager"  # per-call overhead wins
     monkeypatch.setattr("dyt.backends._have_cpp_compiler", lambda: False)
     assert dyt.select_backend("auto", "cpu").name == "eager"
     with pytest.raises(dyt.BackendUnavailableError, match="C\\+\\+ compiler"):

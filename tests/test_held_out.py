@@ -259,18 +259,18 @@ def test_dna_pretraining_windows_never_come_from_held_out_strains(genomes, tmp_p
         assert _inside(window, first_halves) and not _inside(window, training)
 
 
-@pytest.mark.parametrize("task_name", ["species", "coding"])
+@pytest.mark.parametrize("task_name", ["species", "coding", "start"])
 def test_dna_fine_tuning_train_split_never_holds_a_held_out_strain(genomes, monkeypatch, task_name):
     from dyt_dna import data
     from dyt_dna.genomes import species_names
 
     held, training = _held_out_and_training(genomes)
 
-    def fake_gene_spans(genome):  # pyrodigal calls no genes in random sequence: genes every 600 bases instead
+    def fake_genes(genome):  # pyrodigal calls no genes in random sequence: genes every 150 bases instead
         length = len(genomes[genome.species, genome.strain][f"{genome.species}_{genome.strain}_chromosome"])
-        return [(start, start + 300) for start in range(100, length - 300, 600)]
+        return [(start, start + 300, 1 - 2 * (i % 2)) for i, start in enumerate(range(100, length - 300, 150))]
 
-    monkeypatch.setattr(data, "_gene_spans", fake_gene_spans)
+    monkeypatch.setattr(data, "_genes", fake_genes)
     task = data.load_task(task_name, 64, 48)
     chromosomes = {k: {n: seq for n, seq in records.items() if n.endswith("_chromosome")} for k, records in held.items()}
     halves = {

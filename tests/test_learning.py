@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from dyt import NormConfig, make_norm
 from dyt.analysis import dyt_layers
 from dyt.train import Trainer, load_config, read_metrics
-from dyt.train.finetune import FinetuneConfig, finetune
+from dyt.train.finetune import Classification, FinetuneConfig, finetune
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -278,7 +278,7 @@ def test_finetune_learns_a_separable_classification(sabotage):
     cfg = FinetuneConfig(epochs=10, batch_size=16, lr=0.0 if sabotage else 0.01, max_steps=40, eval_every=10,
                          patience=10, seeds=[0])
     result = finetune(classifier, _blobs(0), _blobs(1, 20), {"test": _blobs(2, 20)},
-                      torch.utils.data.default_collate, 3, cfg, seed=0)
+                      torch.utils.data.default_collate, Classification(3), cfg, seed=0)
     _judge(result.curve[-1]["validation/loss"], math.log(3) / 4, sabotage, "validation loss")
     if not sabotage:
         assert result.test["test"]["accuracy"] > 0.9

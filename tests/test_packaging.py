@@ -72,3 +72,48 @@ def test_dyt_core_installs_alone_into_a_torch_only_venv(tmp_path):
     assert check.returncode == 0 and check.stdout.strip() == "1", check.stdout + check.stderr
     listed = subprocess.check_output([python, "-m", "pip", "list", "--format=freeze"], text=True, env=env)
     assert "deepspeed" not in listed and "fairseq2" not in listed
+
+
+def test_import_dyt_data_imports_neither_torch_nor_the_kernel_package():
+    code = (
+        "import sys, dyt_data, dyt_data.shards; "
+        "heavy = [m for m in ('torch', 'dyt', 'datasets', 'deepspeed') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_dyt_data_installs_alone_with_its_declared_dependencies(tmp_path):
+    """A venv holding only dyt-data's declared requirements (linked from this venv), then ``pip
+    install --no-deps ./packages/dyt-data``: it imports, unpack's and the shards' modules load, and a
+    stream writes and reads back. An undeclared import (filelock once was) fails here."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    import tomllib
+
+    declared = set()
+    for requirement in tomllib.loads((ROOT / "packages" / "dyt-data" / "pyproject.toml").read_text())["project"]["dependencies"]:
+        declared |= _requirement_closure(re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0])
+    for name in declared:
+        dist = metadata.distribution(name)
+        for top in {Path(str(f)).parts[0] for f in dist.files or []}:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not top.startswith("..") and top != "bin" and not (site / top).exists():
+                (site / top).symlink_to(source)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+         str(ROOT / "packages" / "dyt-data")], capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    check = subprocess.run([python, "-c", (
+        "import sys, numpy as np, pathlib, dyt_data, dyt_data.debian, dyt_data.shards as s; "
+        "folder = pathlib.Path(sys.argv[1]); "
+        "s.write_shards(folder, [[0, 2]], lambda a, b, p: (np.arange(5, dtype=np.uint16).tofile(p), [2, 3])[1], np.uint16, {}); "
+        "print(s.TokenShards(folder).read(1, 3).tolist(), 'torch' in sys.modules)"), str(tmp_path / "stream")],
+        capture_output=True, text=True, env=env)
+    assert check.returncode == 0 and check.stdout.strip() == "[1, 2, 3] False", check.stdout + check.stderr

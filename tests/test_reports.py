@@ -17,7 +17,7 @@ import datasets
 import pytest
 
 from dyt.train import dump_yaml, load_config
-from dyt.train.compare import Run, reuse_or_compute
+from dyt.train.compare import NO_VERDICT, Point, Run, reuse_or_compute
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TINY = ROOT / "recipes" / "llama" / "tiny.yaml"
@@ -104,7 +104,7 @@ def _llama_run(root: Path, norm: str, seed: int, ranks: int) -> tuple[Run, dict]
     wall = rng.uniform(100, 400)
     expected = {"final": statistics.mean(losses[-3:]), "eval": evals[40]["eval/loss"],
                 "ppl": evals[40]["eval/perplexity"], "tokens": statistics.median(speeds[1:]), "rss": rss, "wall": wall}
-    return Run(norm, seed, run_dir, wall), expected
+    return Run(Point(norm, seed, model="llama"), run_dir, wall), expected
 
 
 @pytest.mark.parametrize("ranks", [2, 12])
@@ -117,11 +117,11 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
         s_curves.append(run)
         path.write_bytes(b"\x89PNG fake")
 
-    monkeypatch.setattr(compare, "plot_rmsnorm_s_curves", fake_s_curves)
+    monkeypatch.setattr(compare, "plot_s_curves", fake_s_curves)
     out = tmp_path / "cmp"
     out.mkdir()
     args = argparse.Namespace(out=out, config=LLAMA_TINY, overrides=[], nproc=ranks, launcher="deepspeed",
-                              norms=["rmsnorm", "dyt"], seeds=[0, 1])
+                              norms=["rmsnorm", "dyt"], seeds=[0, 1], sweeps=[])
     made = [_llama_run(out, norm, seed, ranks) for seed in args.seeds for norm in args.norms]  # main()'s order
     runs = [run for run, _ in made]
     report = compare.write_report(args, runs, ["b/four", "c/five"])
@@ -130,7 +130,7 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
     rows = table(text, "norm")
     assert [r["norm"] for r in rows] == args.norms
     for row in rows:
-        mine = [e for run, e in made if run.label == row["norm"]]
+        mine = [e for run, e in made if run.norm == row["norm"]]
         assert len(mine) == 2
         assert row["final train loss"] == fmt([e["final"] for e in mine])
         assert row["validation loss"] == fmt([e["eval"] for e in mine])
@@ -140,14 +140,15 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
         assert row["peak RSS per rank (MB)"] == " / ".join(
             f"{statistics.mean(per_seed):.0f}" for per_seed in zip(*(e["rss"] for e in mine)))
         assert row["wall time (s)"] == fmt([e["wall"] for e in mine], 0)
+        assert row["verdict (validation loss, vs rmsnorm)"] == ("baseline" if row["norm"] == "rmsnorm" else NO_VERDICT)
     assert "seeds [0, 1]" in text and "b/four, c/five." in text
 
     summary = json.loads((out / "summary.json").read_text())
-    assert [(s["norm"], s["seed"]) for s in summary] == [(r.label, r.seed) for r in runs]
+    assert [(s["norm"], s["seed"]) for s in summary] == [(r.norm, r.seed) for r in runs]
     for s, (_, e) in zip(summary, made):
         assert s["eval_loss"] == e["eval"] and s["peak_rss_mb"] == e["rss"]
     assert is_png(out / "loss_curves.png") and is_png(out / "dyt_alpha.png")
-    assert [r.label for r in s_curves] == ["rmsnorm"]
+    assert [r.norm for r in s_curves] == ["rmsnorm"]
 
 
 # ---------------------------------------------------------------- wav2vec 2.0
@@ -177,7 +178,7 @@ def _w2v_run(root: Path, norm: str, last_eval: dict, earlier_eval: dict) -> tupl
     seconds = [r["step_seconds"] for r in logged[1:]]
     expected = {"final": statistics.mean(losses[-3:]), "steps_per_s": 1 / statistics.median(seconds),
                 "audio": statistics.median(speeds[1:]), "rss": rss, "wall": wall, **last_eval}
-    return Run(norm, 0, run_dir, wall), expected
+    return Run(Point(norm, 0, model="wav2vec2"), run_dir, wall), expected
 
 
 def _finetune_result(rng: random.Random, seed: int, tests: list[str], classes: int) -> dict:
@@ -186,7 +187,7 @@ def _finetune_result(rng: random.Random, seed: int, tests: list[str], classes: i
     return {"seed": seed, "best_step": 40, "validation": {"accuracy": 0.5, "mcc": 0.4, "f1": 0.45},
             "test": {t: {"accuracy": rng.uniform(0.1, 0.9), "mcc": rng.uniform(0, 0.8), "f1": rng.uniform(0.1, 0.9)}
                      for t in tests},
-            "confusion": {t: confusion for t in tests},
+            "details": {t: confusion for t in tests},
             "curve": [{"step": 40, "train/loss": 1.0, "validation/loss": 1.1, "accuracy": 0.5, "mcc": 0.4, "f1": 0.45}]}
 
 
@@ -201,10 +202,11 @@ def _w2v_evals(rng: random.Random, seeds: list[int]) -> dict[str, list[dict]]:
         "distractors_equal_target": rng.uniform(0, 0.3), "utterances": 200} for t in CONTRASTIVE_TESTS}} for seed in seeds]}
     for name in ("probe", "finetune"):
         results[name] = [_finetune_result(rng, seed, list(KEYWORD_TESTS), len(KEYWORDS)) for seed in seeds]
-    results["ctc"] = [{"seed": seed, "wer": {t: rng.uniform(0.5, 1.0) for t in CTC_TESTS},
-                       "cer": {t: rng.uniform(0.2, 0.7) for t in CTC_TESTS},
-                       "examples": {t: [["please hold", "pleas hold"]] * 3 for t in CTC_TESTS},
-                       "curve": [{"step": 150, "train/ctc_loss": 1.0, "validation/wer": 0.5}]} for seed in seeds]
+    results["ctc"] = [{"seed": seed, "best_step": 150, "validation": {"loss": 1.0, "cer": 0.4, "wer": 0.9},
+                       "test": {t: {"loss": 1.0, "cer": rng.uniform(0.2, 0.7), "wer": rng.uniform(0.5, 1.0)} for t in CTC_TESTS},
+                       "details": {t: [["please hold", "pleas hold"]] * 3 for t in CTC_TESTS},
+                       "curve": [{"step": 150, "train/loss": 1.0, "validation/loss": 1.1, "cer": 0.4, "wer": 0.9}]}
+                      for seed in seeds]
     return results
 
 
@@ -214,7 +216,8 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     from dyt_wav2vec2.task import Wav2Vec2PretrainConfig
 
     args = argparse.Namespace(out=tmp_path / "cmp", config=WAV2VEC2_TINY, overrides=[], nproc=2, launcher="deepspeed",
-                              pretrain_seed=0, seeds=[0, 1], steps=150, evals=["contrastive", "probe", "finetune", "ctc"])
+                              pretrain_seed=0, seeds=[0, 1], steps=150, evals=["contrastive", "probe", "finetune", "ctc"],
+                              norms=None, sweeps=[])
     args.out.mkdir()
     model = load_config(Wav2Vec2PretrainConfig, WAV2VEC2_TINY).model
     most = model.codebooks * model.codebook_entries
@@ -228,14 +231,14 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     made = [_w2v_run(args.out, "layernorm", learning, collapsed), _w2v_run(args.out, "dyt", collapsed, learning)]
     runs = [run for run, _ in made]
 
-    evals = {}  # as main() makes it: (norm, init) -> the eval JSON reused from the run folder
+    evals = {}  # as main() makes it: (point, init) -> the eval JSON reused from the run folder
     for run in runs:
         for pretrained, init in compare.INITS.items():
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
             path = run.dir / ("evals.json" if pretrained else "evals-random-init.json")
             results = _w2v_evals(random.Random(f"evals-{run.label}-{init}"), args.seeds)
             path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-            evals[run.label, init] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
+            evals[run.point, init] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, evals).read_text()
     rows = table(text, "norm")
@@ -256,20 +259,21 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
 
     downstream = table(text, "norm | model")
     expected = []
-    for (norm, init), results in evals.items():
+    for (point, init), results in evals.items():
         for name, per_seed in results.items():
             for metric in HEADLINE[name]:
-                values = {t: [r[metric][t] if name == "ctc" else r["test"][t][metric] for r in per_seed]
+                values = {t: [r["test"][t][metric] for r in per_seed]
                           for t in ("unseen voices", "real recordings")}
-                expected.append(((norm, init, compare.EVAL_NAMES[name], compare.METRIC_NAMES[metric]), values))
+                expected.append(((point.norm, init, compare.EVAL_NAMES[name], compare.METRIC_NAMES[metric]), values))
     assert len(expected) == 2 * 2 * (2 + 1 + 1 + 2)  # norms x inits x (contrastive 2, probe, finetune, ctc 2)
     assert [(r["norm"], r["model"], r["eval"], r["metric"]) for r in downstream] == [key for key, _ in expected]
     for row, (_, values) in zip(downstream, expected):
         for test, per_seed in values.items():
             assert len(per_seed) == 2 and row[test] == fmt(per_seed), (row, test)
+            assert row[f"verdict ({test})"] == ("baseline" if row["norm"] == "layernorm" else NO_VERDICT)
     summary = json.loads((args.out / "summary.json").read_text())
     assert summary["dyt/random init/ctc/wer"]["real recordings"] == [
-        r["wer"]["real recordings"] for r in evals["dyt", "random init"]["ctc"]]
+        r["test"]["real recordings"]["wer"] for r in evals[runs[1].point, "random init"]["ctc"]]
     for png in ("loss_curves.png", "dyt_alpha.png", "confusion_layernorm.png", "confusion_dyt.png"):
         assert is_png(args.out / png), png
 
@@ -278,7 +282,6 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
 
 
 def _dna_run(root: Path, config_path: Path, norm: str) -> tuple[object, Run, dict]:
-    from dyt_dna.compare import NAMES
     from dyt_dna.task import DnaConfig
 
     config = load_config(DnaConfig, config_path, [f"model.norm.kind={norm}"])
@@ -298,19 +301,19 @@ def _dna_run(root: Path, config_path: Path, norm: str) -> tuple[object, Run, dic
     wall = rng.uniform(50, 300)
     expected = {"final": statistics.mean(losses[-3:]), "eval": evals[100]["eval/loss"],
                 "ppl": evals[100]["eval/perplexity"], "bases": statistics.median(speeds[1:]), "rss": rss, "wall": wall}
-    return config, Run(f"{NAMES[arch]} {norm}", 0, run_dir, wall), expected
+    return config, Run(Point(norm, 0, model=arch), run_dir, wall), expected
 
 
 def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
-    from dyt_dna import compare
+    from dyt_dna import SPEC, compare
     from dyt_dna.data import ClassificationData
 
     args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS, nproc=12, launcher="deepspeed",
-                              pretrain_seed=0, seeds=[0, 1])
+                              pretrain_seed=0, seeds=[0, 1], norms=None, sweeps=[])
     args.out.mkdir()
     made = [_dna_run(args.out, path, norm) + (norm,)
             for path, norms in zip(DNA_CONFIGS, (("layernorm", "dyt"), ("rmsnorm", "dyt"))) for norm in norms]
-    runs = [(config, norm, run) for config, run, _, norm in made]  # main()'s (config, norm, run)
+    runs = [run for _, run, _, _ in made]
 
     def split(n: int, classes: int) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * n, "label": [i % classes for i in range(n)]})
@@ -319,16 +322,16 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                                 split(8, 4), "species note."),
              ClassificationData("coding", ["non-coding", "coding"], split(30, 2), split(6, 2), split(10, 2), "coding note.")]
     settings = {"finetune": {"seeds": args.seeds}, "window": 128, "per_class": 100}
-    evals = {}  # as main() makes it: (id(run), task, init) -> the eval JSON reused from the run folder
-    for _, _, run in runs:
+    evals = {}  # as main() makes it: (run.point, task, init) -> the eval JSON reused from the run folder
+    for run in runs:
         for task in tasks:
             for pretrained, init in compare.INITS.items():
-                rng = random.Random(f"{run.label}-{task.name}-{init}")
+                rng = random.Random(f"{run.point.model}-{run.norm}-{task.name}-{init}")
                 results = [{**_finetune_result(rng, seed, ["test"], len(task.classes)), "task": task.name,
                             "note": task.note} for seed in args.seeds]  # results_json's rows
                 path = run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json"
                 path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-                evals[(id(run), task.name, init)] = reuse_or_compute(path, settings,
+                evals[(run.point, task.name, init)] = reuse_or_compute(path, settings,
                                                                       lambda: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, tasks, evals).read_text()
@@ -342,20 +345,23 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
         assert row["bases/s"] == f"{e['bases']:.0f}"
         assert row["peak RSS per rank (MB)"] == " / ".join(f"{v:.0f}" for v in e["rss"])  # rank order
         assert row["wall time (s)"] == f"{e['wall']:.0f}"
+        # one pretraining seed: no verdict, in words
+        assert row["verdict (validation loss)"] == ("baseline" if row["norm"] != "dyt" else NO_VERDICT)
 
     finetuning = table(text, "model | norm | init")
     assert len(finetuning) == len(runs) * len(tasks) * 2
     keyed = {(r["model"], r["norm"], r["init"], r["task"]): r for r in finetuning}
     assert len(keyed) == len(finetuning)
-    for _, norm, run in runs:
-        model = run.label.split()[0]
+    for run in runs:
+        norm, model = run.norm, SPEC.model(run.point.model).title
         for task in tasks:
             for init in ("pretrained", "random init"):
-                results = evals[(id(run), task.name, init)]
+                results = evals[(run.point, task.name, init)]
                 row = keyed[(model, norm, init, task.name)]
                 for metric, column in (("accuracy", "accuracy"), ("mcc", "MCC"), ("f1", "F1 (macro)")):
                     values = [r["test"]["test"][metric] for r in results]
                     assert len(values) == 2 and row[column] == fmt(values), (row, metric)
+                assert row["verdict (accuracy)"] == ("baseline" if norm != "dyt" else NO_VERDICT)  # 2 seeds
     for task in tasks:
         assert (f"`{task.name}`: {len(task.classes)} classes ({', '.join(task.classes)}); {len(task.train)} / "
                 f"{len(task.validation)} / {len(task.test)} train / validation / test examples.") in text

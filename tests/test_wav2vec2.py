@@ -15,7 +15,7 @@ from fairseq2.nn import BatchLayout
 
 from dyt import DyT, NormConfig, convert_norms, iter_norms
 from dyt.train import load_config, read_metrics
-from dyt.train.finetune import classification_metrics, confusion_matrix
+from dyt.train.finetune import FinetuneConfig, classification_metrics, confusion_matrix
 from dyt_wav2vec2.audio import (
     AudioError,
     Utterance,
@@ -25,7 +25,16 @@ from dyt_wav2vec2.audio import (
     read_manifest,
     write_manifest,
 )
-from dyt_wav2vec2.eval import character_error_rate, greedy_decode, headline, text_to_ids, word_error_rate
+from dyt_wav2vec2.eval import (
+    CTC_TESTS,
+    CTCModel,
+    character_error_rate,
+    conv_features,
+    greedy_decode,
+    headline,
+    text_to_ids,
+    word_error_rate,
+)
 from dyt_wav2vec2.model import POST_EXTRACT, build_wav2vec2, encode
 from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, synthesize, voice_splits
 from dyt_wav2vec2.task import Wav2Vec2PretrainConfig, check_audio, crop_and_batch, masking_min_samples
@@ -244,7 +253,8 @@ def test_character_error_rate_on_hand_checked_strings():
 
 
 def test_headline_metrics_per_eval_and_test_set():
-    ctc = [{"wer": {"a": 1.0, "b": 0.5}, "cer": {"a": 0.4, "b": 0.2}}, {"wer": {"a": 0.9, "b": 0.7}, "cer": {"a": 0.3, "b": 0.1}}]
+    ctc = [{"test": {"a": {"wer": 1.0, "cer": 0.4}, "b": {"wer": 0.5, "cer": 0.2}}},
+           {"test": {"a": {"wer": 0.9, "cer": 0.3}, "b": {"wer": 0.7, "cer": 0.1}}}]
     assert headline("ctc", ctc) == {"cer": {"a": [0.4, 0.3], "b": [0.2, 0.1]}, "wer": {"a": [1.0, 0.9], "b": [0.5, 0.7]}}
     probe = [{"test": {"a": {"accuracy": 0.5, "mcc": 0.1}}}, {"test": {"a": {"accuracy": 0.25, "mcc": 0.0}}}]
     assert headline("probe", probe) == {"accuracy": {"a": [0.5, 0.25]}}
@@ -255,6 +265,56 @@ def test_word_error_rate_on_hand_checked_strings():
     assert word_error_rate(["the cat"], ["the cat sat"]) == pytest.approx(1 / 3)  # one deletion
     assert word_error_rate(["a the cat sat on"], ["the cat sat"]) == pytest.approx(2 / 3)  # two insertions
     assert word_error_rate(["the dog sat", "hello"], ["the cat sat", "hello world"]) == pytest.approx(2 / 5)
+
+
+def test_ctc_reads_cached_conv_features_exactly_as_the_whole_model_would(speech):
+    """Fine-tuning freezes the feature extractor and reads its output computed once per utterance:
+    the recogniser on cached features equals the head on the uncached encoder."""
+    _, rows = speech
+    model, backbone = build_wav2vec2(_config().model).eval(), build_wav2vec2(_config().model)
+    backbone.load_state_dict(model.state_dict())
+    recogniser = CTCModel(backbone, 64).eval()
+    assert not any(name.startswith("backbone.encoder_frontend.feature_extractor") for name, _ in recogniser.named_parameters())
+    with torch.no_grad():
+        for row, features in zip(rows, conv_features(model, rows)):
+            wave = load_audio(row.path)[None]
+            expected = recogniser.head(encode(model, wave, torch.tensor([wave.shape[1]]))[0]).log_softmax(-1)
+            got, frames = recogniser(features[None], torch.tensor([len(features)]))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sabotage", [False, True], ids=["lr", "lr-0"])
+def test_ctc_finetunes_through_the_shared_loop(speech, tmp_path, monkeypatch, sabotage):
+    """CTC goes through dyt.train.finetune with its objective (selection by validation CER); on
+    three utterances the CTC loss leaves the all-blank plateau (~100 steps) within 150, and stays
+    put at lr 0."""
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    root, rows = speech
+    for name in ("sentences-train", "sentences-validation", *CTC_TESTS.values()):
+        write_manifest(tmp_path / f"{name}.tsv", root, rows)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY.read_text())
+    objectives = []
+    real_finetune = w2v_eval.finetune
+
+    def spy(make_model, train, validation, tests, collate, objective, *args, **kwargs):
+        objectives.append(objective)
+        return real_finetune(make_model, train, validation, tests, collate, objective, *args, **kwargs)
+
+    monkeypatch.setattr(w2v_eval, "finetune", spy)
+    cfg = FinetuneConfig(lr=0.0 if sabotage else 3e-3, batch_size=3, epochs=1000, max_steps=150, eval_every=50,
+                         patience=150, seeds=[0])
+    result, = w2v_eval.ctc_eval(run, tmp_path, cfg, pretrained=False)
+    assert [type(o).__name__ for o in objectives] == ["CTCObjective"] and objectives[0].selection == "cer"
+    losses = [c["validation/loss"] for c in result.curve]
+    if sabotage:
+        assert losses[-1] == pytest.approx(losses[0], rel=1e-6)
+    else:
+        assert losses[-1] < 0.5 * losses[0], losses
+    assert set(result.test) == set(CTC_TESTS) and all({"cer", "wer"} <= set(m) for m in result.test.values())
+    assert [ref for ref, _ in result.details["unseen voices"]] == [r.text for r in rows]
 
 
 def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():

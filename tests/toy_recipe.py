@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ class ToyDataConfig:
     examples: int = 256
     nan_at_step: int = 0
     """Make the loss NaN at this optimizer step (0: never): for testing the non-finite stop."""
+
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step"})
+    """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
 
 @dataclass

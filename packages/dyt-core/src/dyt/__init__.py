@@ -14,11 +14,12 @@ from .backends import (
     set_default_backend,
     use_backend,
 )
+from .baselines import apply_norm_free, residual_gate
 from .convert import ConversionReport, classify_norm, convert_norms, iter_norms
 from .functional import dyt, residual_dyt
 from .inference import ScaledTanh, fold_dyt
 from .modules import DyT, ResidualDyT
-from .norms import ChannelsFirst, NormConfig, make_norm
+from .norms import ChannelsFirst, NoNorm, NormConfig, make_norm, norm_variant_overrides
 
 __all__ = [
     "BackendUnavailableError",
@@ -27,8 +28,10 @@ __all__ = [
     "DyT",
     "ResidualDyT",
     "ScaledTanh",
+    "NoNorm",
     "NormConfig",
     "alpha_init_for",
+    "apply_norm_free",
     "available_backends",
     "classify_norm",
     "convert_norms",
@@ -37,7 +40,9 @@ __all__ = [
     "fold_dyt",
     "iter_norms",
     "make_norm",
+    "norm_variant_overrides",
     "residual_dyt",
+    "residual_gate",
     "auto_backend",
     "select_backend",
     "set_default_backend",

@@ -3,7 +3,9 @@
 ``NormRecorder`` hooks every norm layer (anything :func:`dyt.iter_norms` recognises) and keeps a
 sample of (input, output) pairs; ``plot_s_curves`` draws one panel per layer (matplotlib, extra
 ``analysis``). ``AlphaTracker`` records each DyT's alpha and the 1/std of its input over training:
-the paper observes alpha tracking 1/std.
+the paper observes alpha tracking 1/std. The training harness keeps one on every run and logs
+``alpha/<layer>`` and ``inv_std/<layer>`` at each logged step; ``plot_alpha_vs_scale`` draws the
+paper's figure from those metrics (``alpha_scale_history``) or from a tracker's own history.
 """
 
 from __future__ import annotations
@@ -117,37 +119,53 @@ def dyt_layers(model: nn.Module) -> Iterator[tuple[str, DyT]]:
             yield path, module
 
 
+def alpha_value(layer: DyT) -> float:
+    """A DyT's alpha as one number: the scalar, or the mean of a per-channel alpha."""
+    return layer.alpha.detach().float().mean().item()
+
+
 @dataclass
 class AlphaTracker:
     """Records, at each :meth:`record`, every DyT's alpha and the 1/std of its latest input.
 
-    Hooks stay on the model until :meth:`close`; the input statistic costs one reduction per DyT
-    per forward.
+    A forward pre-hook on each DyT measures 1/std of the input (all its elements) on training-mode
+    forwards while ``armed`` (one reduction per DyT; the value stays on the device until read, so
+    no synchronisation per forward). The trainer arms it for logged steps only. Hooks stay on the
+    model until :meth:`close`.
     """
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
+    armed: bool = True
 
     def __post_init__(self) -> None:
-        self._inv_std: dict[str, float] = {}
+        self._inv_std: dict[str, torch.Tensor] = {}
         self._handles = [
             module.register_forward_pre_hook(self._hook(path)) for path, module in dyt_layers(self.model)
         ]
 
     def _hook(self, path: str):
         def measure(module, inputs):
-            with torch.no_grad():
-                std = inputs[0].detach().float().std().item()
-            self._inv_std[path] = 1.0 / std if std > 0 else float("inf")
+            if self.armed and module.training:
+                with torch.no_grad():
+                    self._inv_std[path] = inputs[0].detach().float().std().reciprocal()
 
         return measure
 
+    def alphas(self) -> dict[str, float]:
+        return {p: alpha_value(m) for p, m in dyt_layers(self.model)}
+
+    def inverse_stds(self) -> dict[str, float]:
+        """1/std of each DyT's input at its latest measured forward (layers not measured yet are absent)."""
+        return {p: t.item() for p, t in self._inv_std.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """``alpha/<layer>`` and ``inv_std/<layer>`` for a metrics row."""
+        return {**{f"alpha/{p}": v for p, v in self.alphas().items()},
+                **{f"inv_std/{p}": v for p, v in self.inverse_stds().items()}}
+
     def record(self, step: int) -> dict:
-        row = {
-            "step": step,
-            "alpha": {p: m.alpha.detach().float().item() for p, m in dyt_layers(self.model)},
-            "inv_std": dict(self._inv_std),
-        }
+        row = {"step": step, "alpha": self.alphas(), "inv_std": self.inverse_stds()}
         self.history.append(row)
         return row
 
@@ -160,21 +178,62 @@ class AlphaTracker:
         Path(path).write_text("".join(json.dumps(row) + "\n" for row in self.history))
 
     def plot(self, path: str | Path, title: str = "DyT alpha vs 1/std of its input") -> Path:
-        """Left: alpha per layer over steps. Right: alpha against 1/std, every layer and step."""
-        plt = pyplot()
-        if not self.history:
-            raise ValueError("nothing recorded yet")
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        steps = [row["step"] for row in self.history]
-        for name in self.history[-1]["alpha"]:
-            left.plot(steps, [row["alpha"].get(name, float("nan")) for row in self.history], label=name)
-            pairs = [(row["inv_std"][name], row["alpha"][name]) for row in self.history if name in row["inv_std"]]
-            if pairs:
-                right.scatter(*zip(*pairs), s=6)
-        left.set_xlabel("step")
-        left.set_ylabel("alpha")
-        right.set_xlabel("1 / std(input)")
-        right.set_ylabel("alpha")
-        if len(self.history[-1]["alpha"]) <= 12:
-            left.legend(fontsize=6)
-        return _save(fig, path, title)
+        return plot_alpha_vs_scale(self.history, path, title)
+
+
+def alpha_scale_history(rows: list[dict]) -> list[dict]:
+    """A run's metrics rows (``metrics.jsonl``: ``step``, ``alpha/<layer>``, ``inv_std/<layer>``) as
+    :class:`AlphaTracker` history rows, keeping the rows that carry alpha."""
+    history = []
+    for row in rows:
+        alpha = {k.removeprefix("alpha/"): v for k, v in row.items() if k.startswith("alpha/")}
+        if alpha:
+            inv_std = {k.removeprefix("inv_std/"): v for k, v in row.items() if k.startswith("inv_std/")}
+            history.append({"step": row["step"], "alpha": alpha, "inv_std": inv_std})
+    return history
+
+
+def plot_alpha_vs_scale(
+    history: list[dict], path: str | Path, title: str = "DyT alpha vs 1/std of its input", max_panels: int = 12
+) -> Path:
+    """The paper's figure: one panel per DyT layer (evenly thinned to ``max_panels``) with alpha
+    (left axis) and 1/std of the layer's input (right axis) over training steps, and a last panel
+    of every layer's final alpha against its final 1/std. Writes a PNG and returns its path."""
+    plt = pyplot()
+    if not history:
+        raise ValueError("nothing recorded: no rows with alpha (is there a DyT in the model?)")
+    names = list(history[-1]["alpha"])
+    if len(names) > max_panels:
+        step = (len(names) - 1) / (max_panels - 1)
+        names = [names[round(i * step)] for i in range(max_panels)]
+    cols = min(4, len(names) + 1)
+    rows = math.ceil((len(names) + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    panels = list(axes.flat)
+    for ax, name in zip(panels, names):
+        steps = [r["step"] for r in history if name in r["alpha"]]
+        ax.plot(steps, [r["alpha"][name] for r in history if name in r["alpha"]], color="tab:blue")
+        ax.set_ylabel("alpha", color="tab:blue", fontsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        measured = [(r["step"], r["inv_std"][name]) for r in history if name in r.get("inv_std", {})]
+        if measured:
+            twin = ax.twinx()
+            twin.plot(*zip(*measured), color="tab:orange", linestyle="--")
+            twin.set_ylabel("1/std(input)", color="tab:orange", fontsize=7)
+            twin.tick_params(labelsize=6)
+            twin.ticklabel_format(axis="y", useOffset=False)
+        ax.set_title(name, fontsize=7)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    final = panels[len(names)]
+    last = history[-1]
+    pairs = [(last["inv_std"][n], last["alpha"][n]) for n in last["alpha"] if n in last.get("inv_std", {})]
+    if pairs:
+        final.scatter(*zip(*pairs), s=10)
+    final.set_title(f"every layer at step {last['step']}", fontsize=7)
+    final.set_xlabel("1/std(input)", fontsize=7)
+    final.set_ylabel("alpha", fontsize=7)
+    final.tick_params(labelsize=6)
+    for ax in panels[len(names) + 1 :]:
+        ax.axis("off")
+    return _save(fig, path, title)

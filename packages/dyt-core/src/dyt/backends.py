@@ -2,9 +2,10 @@
 
 Backends: ``eager`` (plain PyTorch, runs anywhere), ``compiled`` (torch.compile'd forward and
 backward, dynamic shapes), ``fused`` (Triton kernels; CUDA, or Triton's interpreter on CPU with
-``TRITON_INTERPRET=1``) and ``auto`` (fused on CUDA when Triton is there, else compiled, else eager;
-on CPU, eager for inputs under CPU_COMPILED_MIN_ELEMENTS, where the compiled kernels' per-call
-overhead costs more than their arithmetic saves).
+``TRITON_INTERPRET=1``), ``cpu`` (fused C++ kernels for CPU tensors, built at first use) and
+``auto`` (fused on CUDA when Triton is there; on CPU the cpu backend when its kernels build, else
+compiled, else eager, with eager for inputs under CPU_COMPILED_MIN_ELEMENTS, where the compiled
+kernels' per-call overhead costs more than their arithmetic saves).
 
 The process-wide default is, in order: what :func:`set_default_backend` / :func:`use_backend` set,
 the ``DYT_BACKEND`` environment variable, ``"auto"``.
@@ -28,7 +29,8 @@ from .kernels.eager import dyt_eager
 AUTO = "auto"
 
 CPU_COMPILED_MIN_ELEMENTS = 2**21
-"""Below this many input elements ``auto`` runs eager on CPU. Measured on the project's 2-core
+"""Where the cpu backend cannot be built: below this many input elements ``auto`` runs eager on
+CPU, compiled from here. Measured on the project's 2-core
 EPYC (docs/performance.md): at 1024 x 192 eager fwd+bwd took 0.61x the compiled time with one
 thread, 0.42x with two; at 8192 x 1024 compiled took 0.46x / 0.65x of eager."""
 
@@ -44,11 +46,18 @@ class Backend:
     why_unavailable: Callable[[torch.device], str | None]
     """None when the backend can run on the device, else the reason it cannot."""
     apply: Callable[..., torch.Tensor]
-    """apply(x, alpha, weight, bias, reduce_dims) on the canonical layout of dyt.kernels."""
+    """apply(x, alpha, weight, bias, reduce_dims) on the canonical layout of dyt.kernels; a backend
+    with ``all_options`` also takes ``squash=``."""
+    all_options: bool = False
+    """Runs every squash function and a per-channel alpha (the paper's ablations); False: tanh with
+    a scalar alpha only."""
+    apply_residual: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    """apply_residual(x, residual, alpha, weight, bias) -> (x + residual, DyT(x + residual)) in one
+    kernel, on 2-D ``(rows, channels)`` inputs; None: the add runs as its own op before DyT."""
 
 
-def _eager_apply(x, alpha, weight, bias, reduce_dims):
-    return dyt_eager(x, alpha, weight, bias)
+def _eager_apply(x, alpha, weight, bias, reduce_dims, squash="tanh"):
+    return dyt_eager(x, alpha, weight, bias, squash)
 
 
 @functools.cache
@@ -87,14 +96,46 @@ def _fused_apply(x, alpha, weight, bias, reduce_dims):
     return dyt_fused(x, alpha, weight, bias, reduce_dims)
 
 
+def _fused_apply_residual(x, residual, alpha, weight, bias):
+    from .kernels.fused import FusedResidualDyTFunction
+
+    return FusedResidualDyTFunction.apply(x, residual, alpha, weight, bias)
+
+
+def _cpu_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "its C++ kernels run on CPU tensors (the fused backend is their CUDA counterpart)"
+    if not _have_cpp_compiler():
+        return "its C++ kernels need a C++ compiler (g++ or clang++) to build"
+    from .kernels import cpu_fused
+
+    return cpu_fused.build_error()  # builds the kernels the first time (cached on disk after)
+
+
+def _cpu_apply(x, alpha, weight, bias, reduce_dims):
+    from .kernels.cpu_fused import dyt_cpu
+
+    return dyt_cpu(x, alpha, weight, bias, reduce_dims)
+
+
+def _cpu_apply_residual(x, residual, alpha, weight, bias):
+    from .kernels.cpu_fused import residual_dyt_cpu
+
+    return residual_dyt_cpu(x, residual, alpha, weight, bias)
+
+
 BACKENDS: dict[str, Backend] = {
-    "eager": Backend("eager", "plain PyTorch ops; runs anywhere", lambda device: None, _eager_apply),
+    "eager": Backend("eager", "plain PyTorch ops; runs anywhere", lambda device: None, _eager_apply, all_options=True),
     "compiled": Backend(
-        "compiled", "torch.compile'd forward and backward (inductor)", _compiled_unavailable, dyt_compiled
+        "compiled", "torch.compile'd forward and backward (inductor)", _compiled_unavailable, dyt_compiled,
+        all_options=True,
     ),
-    "fused": Backend("fused", "Triton kernels (one pass each way)", _fused_unavailable, _fused_apply),
+    "fused": Backend("fused", "Triton kernels (one pass each way)", _fused_unavailable, _fused_apply,
+                     apply_residual=_fused_apply_residual),
+    "cpu": Backend("cpu", "C++ kernels for CPU tensors (one pass each way)", _cpu_unavailable, _cpu_apply,
+                   apply_residual=_cpu_apply_residual),
 }
-AUTO_ORDER = ("fused", "compiled", "eager")
+AUTO_ORDER = ("fused", "cpu", "compiled", "eager")
 NAMES = (AUTO, *BACKENDS)
 
 _default: str | None = None
@@ -104,6 +145,16 @@ def check_backend_name(name: str) -> str:
     if name not in NAMES:
         raise ValueError(f"unknown DyT backend {name!r}; choose one of {', '.join(NAMES)}")
     return name
+
+
+def why_not_variant(name: str, squash: str, channel_alpha: bool) -> str | None:
+    """None when backend ``name`` (or ``auto``, which picks one that can) runs DyT with this squash
+    function and alpha layout, else a one-line reason naming the backends that do."""
+    if name == AUTO or BACKENDS[name].all_options or (squash == "tanh" and not channel_alpha):
+        return None
+    got = f"squash {squash!r}" + (" with a per-channel alpha" if channel_alpha else "")
+    able = ", ".join(n for n, b in BACKENDS.items() if b.all_options)
+    return f"DyT backend {name!r} runs tanh with a scalar alpha only, not {got}; use {able} or auto"
 
 
 def default_backend() -> str:
@@ -137,26 +188,42 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [n for n in AUTO_ORDER if BACKENDS[n].why_unavailable(device) is None]
 
 
-def auto_backend(device: torch.device | str, numel: int | None = None) -> str:
-    """What ``auto`` picks for an input of ``numel`` elements (None: a large one): fused on CUDA,
-    else compiled, else eager; never the interpreter; eager for small CPU inputs."""
+def auto_backend(device: torch.device | str, numel: int | None = None, all_options: bool = False) -> str:
+    """What ``auto`` picks for an input of ``numel`` elements (None: a large one): fused on CUDA;
+    on CPU the cpu backend at every size (measured faster than eager and compiled at every shape
+    and dtype tried, docs/performance.md); where it cannot build, compiled, or eager for small
+    inputs; never the interpreter. ``all_options``: only backends that run every squash function
+    and a per-channel alpha. Backends are checked in order, so the cpu kernels are only built when
+    auto would pick them."""
     device = torch.device(device)
-    usable = available_backends(device)
-    if device.type == "cpu" and numel is not None and numel < CPU_COMPILED_MIN_ELEMENTS:
-        return "eager"
-    return next(n for n in usable if n != "fused" or device.type == "cuda")
+    small_cpu = device.type == "cpu" and numel is not None and numel < CPU_COMPILED_MIN_ELEMENTS
+    candidates = (
+        n for n in AUTO_ORDER
+        if (BACKENDS[n].all_options or not all_options)
+        and (n != "fused" or device.type == "cuda")
+        and not (n == "compiled" and small_cpu)
+        and BACKENDS[n].why_unavailable(device) is None
+    )
+    return next(candidates)
 
 
-def select_backend(name: str | None, device: torch.device | str, numel: int | None = None) -> Backend:
-    """Resolve a backend name (None = the default) for a ``numel``-element input on ``device``.
+def select_backend(
+    name: str | None, device: torch.device | str, numel: int | None = None, squash: str = "tanh",
+    channel_alpha: bool = False,
+) -> Backend:
+    """Resolve a backend name (None = the default) for a ``numel``-element input on ``device``, DyT
+    with ``squash`` and a scalar or per-channel alpha.
 
     Raises BackendUnavailableError, naming the usable alternatives, when the named backend
-    cannot run there.
+    cannot run there or cannot run that squash / alpha layout.
     """
     device = torch.device(device)
     name = check_backend_name(name) if name is not None else default_backend()
     if name == AUTO:
-        return BACKENDS[auto_backend(device, numel)]
+        return BACKENDS[auto_backend(device, numel, all_options=squash != "tanh" or channel_alpha)]
+    variant_reason = why_not_variant(name, squash, channel_alpha)
+    if variant_reason is not None:
+        raise BackendUnavailableError(variant_reason)
     reason = BACKENDS[name].why_unavailable(device)
     if reason is not None:
         usable = ", ".join(available_backends(device))

@@ -1,8 +1,16 @@
 """dyt-bench: time DyT's backends against copy, LayerNorm, RMSNorm and the LLaMA reference RMSNorm,
-forward and forward+backward, on the current device; optionally a LLaMA-style decoder block with
-each norm. Prints times, effective bandwidth and ratios; writes JSON.
+forward and forward+backward, on the current device, with each op's peak memory; optionally a
+LLaMA-style decoder block with each norm, and a recipe's LLaMA training step with each norm (steps
+interleaved). Prints times, effective bandwidth, peak bytes and ratios; writes JSON.
 
-Ratios compare ops timed in this one process; absolute times depend on the machine.
+Ratios compare ops timed in this one process; absolute times depend on the machine (and on CPU on
+glibc's allocator settings, recorded in the JSON: a fresh activation-sized tensor above its mmap
+threshold costs page faults, docs/performance.md).
+
+Peak memory is the most bytes allocated at once above what was allocated before the op ran: on
+CUDA from ``torch.cuda.max_memory_allocated``; on CPU from the profiler's allocator events
+(``profile_memory``: every allocation and free of the CPU allocator, in every op, thread and C++
+extension, with its time), run once, outside the timed repeats.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -22,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import CPU_COMPILED_MIN_ELEMENTS, auto_backend, available_backends
-from .errors import user_errors
+from .backends import auto_backend, available_backends
+from .errors import UserInputError, user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm
@@ -56,6 +65,32 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
         _sync(device)
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Most bytes allocated at once while ``fn`` runs, above the level before it (see the module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # read when the profiler first starts: no GPU-probe errors on a CPU box
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+        key=lambda event: event[0],
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 @dataclass
@@ -129,10 +164,12 @@ def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
                 leaf.grad = None
 
         fwd = time_ms(forward_only, device, warmup, repeats)
-        row = {"forward_ms": fwd, "forward_GBps": op.accesses[0] * element_bytes / fwd / 1e6}
+        row = {"forward_ms": fwd, "forward_GBps": op.accesses[0] * element_bytes / fwd / 1e6,
+               "forward_peak_bytes": peak_bytes(forward_only, device)}
         if op.backward:
             both = time_ms(forward_backward, device, warmup, repeats)
-            row.update(forward_backward_ms=both, forward_backward_GBps=op.accesses[1] * element_bytes / both / 1e6)
+            row.update(forward_backward_ms=both, forward_backward_GBps=op.accesses[1] * element_bytes / both / 1e6,
+                       forward_backward_peak_bytes=peak_bytes(forward_backward, device))
         results[name] = row
     return results
 
@@ -190,33 +227,111 @@ def _time_block(block: nn.Module, x: torch.Tensor, device, warmup: int, repeats:
     return {
         "inference_ms": time_ms(infer, device, warmup, repeats),
         "train_step_ms": time_ms(train_step, device, warmup, repeats),
+        "train_step_peak_bytes": peak_bytes(train_step, device),
     }
 
 
+LLAMA_NORMS = {"rmsnorm": "model.norm=rmsnorm", "layernorm": "model.norm=layernorm", "dyt": "model.norm=dyt"}
+
+
+def run_llama(config_path: Path, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Training steps (forward, cross-entropy, backward, AdamW step) of a dyt-llama recipe's model with
+    each norm, one batch of its micro-batch size and sequence length. The variants' steps are
+    interleaved (one step of each in turn, ``repeats`` rounds), so a change in machine load hits
+    all of them alike; each variant's time is its median step."""
+    try:
+        from dyt_llama.model import Llama
+        from dyt_llama.task import LlamaConfig
+    except ImportError as error:
+        raise UserInputError(f"--llama needs the dyt-llama package ({error})") from None
+    from .train.config import load_config
+
+    variants = {}
+    for name, override in LLAMA_NORMS.items():
+        config = load_config(LlamaConfig, config_path, [override], check_files=False)
+        torch.manual_seed(0)
+        model = Llama(config.model).to(device=device, dtype=dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+        variants[name] = (model, optimizer)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    batch = torch.randint(config.model.vocab_size, (config.train.micro_batch_size, config.data.seq_len + 1),
+                          generator=generator).to(device)
+
+    def step(model, optimizer):
+        logits = model(batch[:, :-1])
+        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(warmup + repeats):
+        for name, (model, optimizer) in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(model, optimizer)
+            _sync(device)
+            if round_index >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    dyt_backend = auto_backend(device, config.train.micro_batch_size * config.data.seq_len * config.model.dim)
+    return {
+        "config": str(config_path),
+        "tokens_per_step": config.train.micro_batch_size * config.data.seq_len,
+        "dyt_backend": dyt_backend,
+        "results": {
+            name: {"train_step_ms": statistics.median(samples[name]),
+                   "train_step_peak_bytes": peak_bytes(lambda v=variants[name]: step(*v), device)}
+            for name in variants
+        },
+    }
+
+
+def _mb(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
 def format_kernels(results: dict) -> str:
-    ln, rms = results["F.layer_norm"], results["F.rms_norm"]
+    ln, rms, copy = results["F.layer_norm"], results["F.rms_norm"], results["copy"]
     lines = [
         f"{'op':28} {'fwd ms':>9} {'fwd GB/s':>9} {'fwd+bwd ms':>11} {'GB/s':>7} "
-        f"{'fwd/LN':>7} {'f+b/LN':>7} {'fwd/RMS':>8} {'f+b/RMS':>8}"
+        f"{'fwd/copy':>9} {'fwd/LN':>7} {'f+b/LN':>7} {'fwd/RMS':>8} {'f+b/RMS':>8} "
+        f"{'fwd MB':>8} {'f+b MB':>8} {'f+b MB/LN':>10}"
     ]
     for name, row in results.items():
         both = row.get("forward_backward_ms", math.nan)
+        both_peak = row.get("forward_backward_peak_bytes", math.nan)
         lines.append(
             f"{name:28} {row['forward_ms']:9.3f} {row['forward_GBps']:9.1f} {both:11.3f} "
-            f"{row.get('forward_backward_GBps', math.nan):7.1f} "
+            f"{row.get('forward_backward_GBps', math.nan):7.1f} {row['forward_ms'] / copy['forward_ms']:9.2f} "
             f"{row['forward_ms'] / ln['forward_ms']:7.2f} {both / ln['forward_backward_ms']:7.2f} "
-            f"{row['forward_ms'] / rms['forward_ms']:8.2f} {both / rms['forward_backward_ms']:8.2f}"
+            f"{row['forward_ms'] / rms['forward_ms']:8.2f} {both / rms['forward_backward_ms']:8.2f} "
+            f"{_mb(row['forward_peak_bytes']):8.1f} {_mb(both_peak):8.1f} "
+            f"{both_peak / ln['forward_backward_peak_bytes']:10.2f}"
         )
     return "\n".join(lines)
 
 
 def format_block(results: dict) -> str:
     base = results["rmsnorm"]
-    lines = [f"{'norm':20} {'inference ms':>13} {'train step ms':>14} {'inf/RMS':>8} {'train/RMS':>10}"]
+    lines = [f"{'norm':20} {'inference ms':>13} {'train step ms':>14} {'inf/RMS':>8} {'train/RMS':>10} "
+             f"{'peak MB':>8} {'peak/RMS':>9}"]
     for name, row in results.items():
         lines.append(
             f"{name:20} {row['inference_ms']:13.3f} {row['train_step_ms']:14.3f} "
-            f"{row['inference_ms'] / base['inference_ms']:8.2f} {row['train_step_ms'] / base['train_step_ms']:10.2f}"
+            f"{row['inference_ms'] / base['inference_ms']:8.2f} {row['train_step_ms'] / base['train_step_ms']:10.2f} "
+            f"{_mb(row['train_step_peak_bytes']):8.1f} "
+            f"{row['train_step_peak_bytes'] / base['train_step_peak_bytes']:9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_llama(results: dict) -> str:
+    base = results["rmsnorm"]
+    lines = [f"{'norm':12} {'train step ms':>14} {'train/RMS':>10} {'peak MB':>8} {'peak/RMS':>9}"]
+    for name, row in results.items():
+        lines.append(
+            f"{name:12} {row['train_step_ms']:14.3f} {row['train_step_ms'] / base['train_step_ms']:10.2f} "
+            f"{_mb(row['train_step_peak_bytes']):8.1f} "
+            f"{row['train_step_peak_bytes'] / base['train_step_peak_bytes']:9.2f}"
         )
     return "\n".join(lines)
 
@@ -237,6 +352,8 @@ def machine_info(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "load_average": os.getloadavg(),  # other work on the machine while it ran (1, 5, 15 min)
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     try:
         import triton
@@ -295,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")
     parser.add_argument("--block-size", type=_block_size, default=None, metavar="DIM,HEADS,FFN,TOKENS",
                         help="default: 4096,32,11008,4096 (LLaMA-7B) on CUDA, 512,8,1376,512 on CPU")
+    parser.add_argument("--llama", type=Path, metavar="RECIPE.yaml",
+                        help="also time training steps of this dyt-llama recipe's model (e.g. recipes/llama/tiny.yaml) "
+                             "with each norm, steps interleaved (needs the dyt-llama package)")
     parser.add_argument("--warmup", type=_count(0), default=5)
     parser.add_argument("--repeats", type=_count(1), default=20)
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -307,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"argument --device: {args.device}: CUDA is not available on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"argument --device: {args.device}: dyt-bench times cpu or cuda devices")
+    if args.llama is not None and not args.llama.is_file():
+        parser.error(f"argument --llama: {args.llama} is not a file")
     if args.json is not None and args.json.exists() and not args.json.is_file():
         parser.error(f"argument --json: {args.json} is not a file")
     if args.json is not None and any(p.exists() and not p.is_dir() for p in args.json.parents):
@@ -318,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info(device)
     print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
           f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats}; "
-          f"'auto' = {auto_backend(device)}" + (f" (eager under {CPU_COMPILED_MIN_ELEMENTS} elements)" if not on_cuda else ""))
+          f"'auto' = {auto_backend(device)}; load average {machine['load_average'][0]:.2f}; "
+          f"allocator {machine['allocator_env'] or 'glibc defaults'}")
     payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
     for rows, cols in shapes:
         results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
@@ -329,6 +452,11 @@ def main(argv: list[str] | None = None) -> None:
         results = run_block(dim, heads, ffn, tokens, dtype, device, args.warmup, args.repeats)
         payload["block"] = {"size": [dim, heads, ffn, tokens], "results": results}
         print(f"\ndecoder block dim {dim}, {heads} heads, ffn {ffn}, {tokens} tokens\n{format_block(results)}")
+    if args.llama:
+        payload["llama"] = run_llama(args.llama, dtype, device, args.warmup, args.repeats)
+        print(f"\nLLaMA training step ({args.llama}, {payload['llama']['tokens_per_step']} tokens, DyT backend "
+              f"{payload['llama']['dyt_backend']}), median of {args.repeats} interleaved steps\n"
+              f"{format_llama(payload['llama']['results'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))

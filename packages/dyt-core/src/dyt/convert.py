@@ -1,6 +1,7 @@
 """Swap every norm layer of any model between LayerNorm, RMSNorm, DyT and identity, in place.
 
 Recognised: ``nn.LayerNorm``, ``nn.RMSNorm``, :class:`~dyt.DyT`, :class:`~dyt.norms.ChannelsFirst`,
+:class:`~dyt.norms.NoNorm` (a removed norm, kind ``identity``),
 and norm-like modules of other libraries (a weight plus an ``eps``/``variance_epsilon``, or a class
 name with "Norm": HF's ``LlamaRMSNorm``, fairseq2's ``RMSNorm``/``StandardLayerNorm``, torchaudio's
 channels-first ``LayerNorm``). Those are identified by *probing*: the module runs on a small input,
@@ -20,14 +21,14 @@ import torch
 from torch import nn
 
 from .modules import DyT
-from .norms import KINDS, ChannelsFirst, NormConfig, make_norm
+from .norms import KINDS, ChannelsFirst, NoNorm, NormConfig, make_norm
 
 
 @dataclass(frozen=True)
 class NormInfo:
     """What a norm layer computes, as far as conversion needs to know."""
 
-    kind: str  # layernorm | rmsnorm | dyt
+    kind: str  # layernorm | rmsnorm | dyt | identity (a NoNorm)
     shape: tuple[int, ...]
     channels_last: bool
     weight: torch.Tensor | None
@@ -175,6 +176,8 @@ def classify_norm(module: nn.Module) -> NormInfo | str | None:
     convertible, None for anything else."""
     if isinstance(module, DyT):
         return _info(module, "dyt", module.normalized_shape, module.channels_last)
+    if isinstance(module, NoNorm):
+        return _info(module, "identity", module.normalized_shape, module.channels_last)
     if isinstance(module, ChannelsFirst):
         inner = classify_norm(module.norm)
         if isinstance(inner, NormInfo) and inner.channels_last:
@@ -236,7 +239,9 @@ def convert_norms(
     Args:
         to: a NormConfig, whose settings (bias, eps, alpha0, backend) every new layer takes; or a
             bare kind (``dyt``, ``layernorm``, ``rmsnorm``, ``identity``): NormConfig's defaults,
-            except that each new layer has a bias exactly when the layer it replaces had one.
+            except that each new layer has a bias exactly when the layer it replaces had one. A
+            baseline kind (``skipinit``, ``fixup``, ``sigma-reparam``) only removes the norms here;
+            its residual gates and weight changes come with building the model (:mod:`dyt.baselines`).
         copy_affine: carry the per-channel weight (and bias) over to the new layer.
         role_of: maps a module path to a DyT role (attention / ffn / final / input / default) for the
             alpha0 policy; default: every layer is ``default``.
@@ -258,8 +263,8 @@ def convert_norms(
         if only is not None and not only(path):
             report.left_alone.append(LeftAlone(path, _type_name(module), "outside the requested scope"))
             continue
-        if found.kind == target.kind:
-            report.left_alone.append(LeftAlone(path, _type_name(module), f"already {target.kind}"))
+        if found.kind == target.layer_kind:
+            report.left_alone.append(LeftAlone(path, _type_name(module), f"already {target.layer_kind}"))
             continue
         if not path:
             raise ValueError("convert_norms replaces submodules; the model itself is a norm layer")

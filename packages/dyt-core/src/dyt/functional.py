@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import BACKENDS, select_backend
+from .kernels.eager import check_squash
 
 
 def _check_trailing(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -21,20 +22,26 @@ def dyt(
     *,
     channels_last: bool = True,
     backend: str | None = None,
+    squash: str = "tanh",
 ) -> torch.Tensor:
-    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``.
+    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias`` (``tanh`` or another ``squash``).
 
     Args:
         x: input. With ``channels_last`` its trailing dims equal ``weight.shape``; otherwise it is
             ``(batch, channels, ...)`` and ``weight`` is ``(channels,)``.
-        alpha: the learnable scalar, a 1-element tensor.
+        alpha: the learnable scalar, a 1-element tensor; or one alpha per channel, shaped like ``weight``.
         weight, bias: per-channel affine parameters (``bias`` may be None).
-        backend: ``eager``, ``compiled``, ``fused``, ``auto``, or None for the process default.
+        backend: ``eager``, ``compiled``, ``fused``, ``cpu``, ``auto``, or None for the process default.
+        squash: ``tanh`` (DyT), or an ablation of the paper: ``hardtanh``, ``sigmoid``, ``identity``
+            (see :data:`dyt.kernels.eager.SQUASHES`). The fused and cpu backends run tanh with a
+            scalar alpha only; ``auto`` then picks compiled or eager.
 
     Math runs in float32 (float64 for float64 inputs); the result has ``x``'s dtype.
     """
-    if alpha.numel() != 1:
-        raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
+    check_squash(squash)
+    channel_alpha = alpha.numel() != 1
+    if channel_alpha and alpha.shape != weight.shape:
+        raise ValueError(f"alpha must have one element or weight's shape {tuple(weight.shape)}, got {tuple(alpha.shape)}")
     if bias is not None and bias.shape != weight.shape:
         raise ValueError(f"bias shape {tuple(bias.shape)} differs from weight shape {tuple(weight.shape)}")
     if channels_last:
@@ -42,6 +49,7 @@ def dyt(
         channels = weight.numel()
         canonical = x.reshape(-1, channels)
         w, b = weight.reshape(channels), None if bias is None else bias.reshape(channels)
+        a = alpha.reshape(channels) if channel_alpha else alpha
         reduce_dims: tuple[int, ...] = (0,)
     else:
         if weight.ndim != 1 or x.ndim < 2 or x.shape[1] != weight.shape[0]:
@@ -51,15 +59,18 @@ def dyt(
         channels = weight.shape[0]
         canonical = x.reshape(x.shape[0], channels, -1)
         w, b = weight.reshape(channels, 1), None if bias is None else bias.reshape(channels, 1)
+        a = alpha.reshape(channels, 1) if channel_alpha else alpha
         reduce_dims = (0, 2)
 
     if torch.compiler.is_compiling():
         impl = BACKENDS["eager"]  # an outer torch.compile fuses the plain formula itself
     else:
-        impl = select_backend(backend, x.device, x.numel())
+        impl = select_backend(backend, x.device, x.numel(), squash, channel_alpha)
         if x.numel() == 0:
             impl = BACKENDS["eager"]  # nothing to compute: skip compiling for an empty shape
-    return impl.apply(canonical, alpha, w, b, reduce_dims).reshape(x.shape)
+    if squash == "tanh":  # every backend's apply takes tanh without the keyword
+        return impl.apply(canonical, a, w, b, reduce_dims).reshape(x.shape)
+    return impl.apply(canonical, a, w, b, reduce_dims, squash=squash).reshape(x.shape)
 
 
 def residual_dyt(
@@ -70,23 +81,23 @@ def residual_dyt(
     bias: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    squash: str = "tanh",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, dyt(s))`` with ``s = x + residual``: a pre-norm block's residual add and norm.
 
-    The fused backend does both in one pass (and one pass back); the others add, then call
+    The fused and cpu backends do both in one pass (and one pass back); the others add, then call
     :func:`dyt`. Channels-last only.
     """
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
-    impl = BACKENDS["eager"] if torch.compiler.is_compiling() else select_backend(backend, x.device, x.numel())
-    if impl.name != "fused" or x.numel() == 0:
+    impl = (BACKENDS["eager"] if torch.compiler.is_compiling()
+            else select_backend(backend, x.device, x.numel(), squash, alpha.numel() != 1))
+    if impl.apply_residual is None or x.numel() == 0:
         s = x + residual
-        return s, dyt(s, alpha, weight, bias, backend=backend)
-    from .kernels.fused import FusedResidualDyTFunction
-
+        return s, dyt(s, alpha, weight, bias, backend=backend, squash=squash)
     _check_trailing(x, weight)
     channels = weight.numel()
-    s, y = FusedResidualDyTFunction.apply(
+    s, y = impl.apply_residual(
         x.reshape(-1, channels), residual.reshape(-1, channels), alpha, weight.reshape(channels),
         None if bias is None else bias.reshape(channels),
     )

@@ -9,18 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels.eager import SQUASH_FUNCTIONS, check_squash
 from .modules import DyT
 
 
 class ScaledTanh(nn.Module):
-    """``tanh(alpha * x)``: what remains of a DyT once its affine is folded away."""
+    """``tanh(alpha * x)`` (or the DyT's other ``squash``): what remains of a DyT once its affine is
+    folded away."""
 
-    def __init__(self, alpha: torch.Tensor) -> None:
+    def __init__(self, alpha: torch.Tensor, squash: str = "tanh") -> None:
         super().__init__()
         self.alpha = nn.Parameter(alpha.detach().clone(), requires_grad=False)
+        self.squash = check_squash(squash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha.to(x.dtype) * x)
+        return SQUASH_FUNCTIONS[self.squash](self.alpha.to(x.dtype) * x)
 
 
 @torch.no_grad()
@@ -50,4 +53,4 @@ def fold_dyt(dyt: DyT, *linears: nn.Linear) -> tuple[ScaledTanh, list[nn.Linear]
             b = linear.bias.double() if linear.bias is not None else torch.zeros_like(w[:, 0])
             new.bias.copy_(b + (w @ shift if shift is not None else 0.0))
         folded.append(new)
-    return ScaledTanh(dyt.alpha), folded
+    return ScaledTanh(dyt.alpha, dyt.squash), folded

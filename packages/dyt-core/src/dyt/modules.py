@@ -7,8 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .backends import check_backend_name
+from .backends import check_backend_name, why_not_variant
 from .functional import dyt, residual_dyt
+from .kernels.eager import check_squash
+
+ALPHA_SHAPES = ("scalar", "channel")
 
 
 class DyT(nn.Module):
@@ -24,6 +27,12 @@ class DyT(nn.Module):
         channels_last: ``False`` for ``(batch, channels, ...)`` inputs.
         backend: ``eager`` / ``compiled`` / ``fused`` / ``auto``; None follows the process default
             (``DYT_BACKEND`` or :func:`dyt.use_backend`), itself ``auto`` unless set.
+        squash: ``tanh`` (DyT) or one of the paper's ablations, ``hardtanh`` / ``sigmoid`` /
+            ``identity`` (see :data:`dyt.kernels.eager.SQUASHES`).
+        learnable_alpha: ``False`` keeps alpha at ``alpha_init``: a buffer (still in the state dict,
+            never in the optimizer), the paper's "without alpha" ablation when alpha_init is 1.
+        alpha_shape: ``scalar`` (the paper's one alpha) or ``channel`` (one alpha per channel,
+            shaped like ``weight``).
     """
 
     def __init__(
@@ -35,17 +44,32 @@ class DyT(nn.Module):
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        squash: str = "tanh",
+        learnable_alpha: bool = True,
+        alpha_shape: str = "scalar",
     ) -> None:
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if not channels_last and len(shape) != 1:
             raise ValueError(f"channels-first DyT takes one channel count, got {shape}")
+        if alpha_shape not in ALPHA_SHAPES:
+            raise ValueError(f"unknown alpha_shape {alpha_shape!r}; choose one of {', '.join(ALPHA_SHAPES)}")
         self.normalized_shape = shape
         self.alpha_init = float(alpha_init)
         self.channels_last = channels_last
         self.backend = None if backend is None else check_backend_name(backend)
+        self.squash = check_squash(squash)
+        self.learnable_alpha = learnable_alpha
+        self.alpha_shape = alpha_shape
+        if self.backend is not None and (reason := why_not_variant(self.backend, squash, alpha_shape == "channel")):
+            raise ValueError(reason)
         factory = {"device": device, "dtype": dtype}
-        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        alpha = torch.empty(shape if alpha_shape == "channel" else 1, **factory)
+        if learnable_alpha:
+            self.alpha = nn.Parameter(alpha)
+        else:
+            self.register_buffer("alpha", alpha)
         self.weight = nn.Parameter(torch.empty(shape, **factory))
         self.bias = nn.Parameter(torch.empty(shape, **factory)) if bias else None
         self.reset_parameters()
@@ -59,11 +83,18 @@ class DyT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dyt(
-            x, self.alpha, self.weight, self.bias, channels_last=self.channels_last, backend=self.backend
+            x, self.alpha, self.weight, self.bias, channels_last=self.channels_last, backend=self.backend,
+            squash=self.squash,
         )
 
     def extra_repr(self) -> str:
         text = f"{self.normalized_shape}, alpha_init={self.alpha_init}, bias={self.bias is not None}"
+        if self.squash != "tanh":
+            text += f", squash={self.squash!r}"
+        if not self.learnable_alpha:
+            text += ", learnable_alpha=False"
+        if self.alpha_shape != "scalar":
+            text += f", alpha_shape={self.alpha_shape!r}"
         if not self.channels_last:
             text += ", channels_last=False"
         if self.backend is not None:
@@ -77,8 +108,8 @@ class ResidualDyT(DyT):
     one kernel each way. Same parameters (and state-dict names) as :class:`DyT`."""
 
     def __init__(self, normalized_shape: int | Sequence[int], alpha_init: float = 0.5, bias: bool = True,
-                 backend: str | None = None, device=None, dtype=None) -> None:
-        super().__init__(normalized_shape, alpha_init, bias, True, backend, device, dtype)
+                 backend: str | None = None, device=None, dtype=None, **options) -> None:
+        super().__init__(normalized_shape, alpha_init, bias, True, backend, device, dtype, **options)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return residual_dyt(x, residual, self.alpha, self.weight, self.bias, backend=self.backend)
+        return residual_dyt(x, residual, self.alpha, self.weight, self.bias, backend=self.backend, squash=self.squash)

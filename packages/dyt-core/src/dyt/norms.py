@@ -1,4 +1,6 @@
-"""The one norm factory every recipe calls: a config value picks LayerNorm, RMSNorm, DyT or none."""
+"""The one norm factory every recipe calls: a config value picks LayerNorm, RMSNorm, DyT (and its
+ablations), none, or a normalization-free baseline (SkipInit, Fixup, sigmaReparam: no norm layers;
+their residual-branch and weight changes live in :mod:`dyt.baselines`)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,14 @@ import torch
 from torch import nn
 
 from .alpha import ROLES, alpha_init_for
-from .modules import DyT
+from .backends import BACKENDS, why_not_variant
+from .kernels.eager import SQUASHES
+from .modules import ALPHA_SHAPES, DyT
 
-KINDS = ("layernorm", "rmsnorm", "dyt", "identity")
+BASELINES = ("skipinit", "fixup", "sigma-reparam")
+"""Normalization-free baselines: every norm layer is removed (a :class:`NoNorm`) and
+:mod:`dyt.baselines` changes the residual branches (SkipInit, Fixup) or the linear layers (sigmaReparam)."""
+KINDS = ("layernorm", "rmsnorm", "dyt", "identity", *BASELINES)
 
 
 @dataclass
@@ -27,7 +34,8 @@ class NormConfig:
     SHORTHAND: ClassVar[str] = "kind"
 
     kind: str = "layernorm"
-    """layernorm | rmsnorm | dyt | identity (identity: the paper's no-norm ablation)."""
+    """layernorm | rmsnorm | dyt | identity (identity: the paper's no-norm ablation) | skipinit |
+    fixup | sigma-reparam (normalization-free baselines, :mod:`dyt.baselines`)."""
     eps: float = 1e-5
     """LayerNorm/RMSNorm epsilon."""
     affine: bool = True
@@ -41,15 +49,36 @@ class NormConfig:
     without its own key."""
     backend: str | None = None
     """DyT backend (None: the process default)."""
+    squash: str = "tanh"
+    """DyT only: tanh | hardtanh | sigmoid | identity, the paper's squashing-function ablation
+    (``dyt.kernels.eager.SQUASHES``; the fused and cpu backends run tanh only)."""
+    learnable_alpha: bool = True
+    """DyT only: false keeps alpha fixed at alpha0 (not trained; still in the state dict and the
+    ``alpha/`` metrics)."""
+    alpha_shape: str = "scalar"
+    """DyT only: scalar (the paper's one alpha per layer) | channel (one alpha per channel)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown norm kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.squash not in SQUASHES:
+            raise ValueError(f"unknown squash {self.squash!r}; choose one of {', '.join(SQUASHES)}")
+        if self.alpha_shape not in ALPHA_SHAPES:
+            raise ValueError(f"unknown alpha_shape {self.alpha_shape!r}; choose one of {', '.join(ALPHA_SHAPES)}")
+        if self.kind == "dyt" and self.backend in BACKENDS:  # e.g. fused with hardtanh: refused at load
+            reason = why_not_variant(self.backend, self.squash, self.alpha_shape == "channel")
+            if reason is not None:
+                raise ValueError(reason)
         if self.alpha_policy not in ("default", "llm"):
             raise ValueError(f"unknown alpha_policy {self.alpha_policy!r}; choose default or llm")
         unknown = set(self.alpha_init) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown role(s) in alpha_init: {sorted(unknown)}; roles are {', '.join(ROLES)}")
+
+    @property
+    def layer_kind(self) -> str:
+        """What each norm position holds: ``identity`` for the normalization-free baselines."""
+        return "identity" if self.kind in BASELINES else self.kind
 
     def alpha_for(self, width: int, role: str) -> float:
         """alpha0 for one DyT: an explicit override, else the policy."""
@@ -58,6 +87,22 @@ class NormConfig:
         if "default" in self.alpha_init:
             return float(self.alpha_init["default"])
         return alpha_init_for(width, role if self.alpha_policy == "llm" else "default")
+
+
+class NoNorm(nn.Identity):
+    """A removed norm layer (kind ``identity`` and the baselines): returns its input. It remembers the
+    shape, layout, device and dtype of the norm it stands for, so :func:`dyt.iter_norms` still lists
+    the position and :func:`dyt.convert_norms` can put a norm back."""
+
+    def __init__(self, normalized_shape: int | Sequence[int], channels_last: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.channels_last = channels_last
+        self.register_buffer("placement", torch.empty(0, device=device, dtype=dtype), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}" + ("" if self.channels_last else ", channels_last=False")
 
 
 class ChannelsFirst(nn.Module):
@@ -89,8 +134,8 @@ def make_norm(
     if isinstance(config, str):
         config = NormConfig(kind=config)
     factory = {"device": device, "dtype": dtype}
-    if config.kind == "identity":
-        return nn.Identity()
+    if config.layer_kind == "identity":
+        return NoNorm(dim, channels_last, **factory)
     if config.kind == "dyt":
         return DyT(
             dim,
@@ -98,6 +143,9 @@ def make_norm(
             bias=config.bias,
             channels_last=channels_last,
             backend=config.backend,
+            squash=config.squash,
+            learnable_alpha=config.learnable_alpha,
+            alpha_shape=config.alpha_shape,
             **factory,
         )
     if config.kind == "layernorm":
@@ -107,3 +155,45 @@ def make_norm(
     else:
         norm = nn.RMSNorm(dim, eps=config.eps, elementwise_affine=config.affine, **factory)
     return norm if channels_last else ChannelsFirst(norm)
+
+
+VARIANTS: dict[str, dict[str, str]] = {
+    **{kind: {"kind": kind} for kind in ("layernorm", "rmsnorm", "identity", *BASELINES)},
+    "dyt": {"kind": "dyt", "squash": "tanh", "learnable_alpha": "true", "alpha_shape": "scalar"},
+}
+"""Named norm variants for comparisons: ``dyt`` sets every DyT option (so a variant never inherits
+another's); qualifiers after ``dyt:`` change one each (see :func:`norm_variant_overrides`)."""
+DYT_QUALIFIERS: dict[str, tuple[str, str]] = {
+    **{squash: ("squash", squash) for squash in SQUASHES},
+    "fixed-alpha": ("learnable_alpha", "false"),
+    "channel-alpha": ("alpha_shape", "channel"),
+}
+
+
+def norm_variant_overrides(variant: str, prefix: str = "model.norm") -> list[str]:
+    """``--set`` items for one named norm variant, e.g. ``dyt:hardtanh`` ->
+    ``["model.norm.kind=dyt", "model.norm.squash=hardtanh", ...]``.
+
+    Names: layernorm, rmsnorm, identity (no norm), skipinit, fixup, sigma-reparam, dyt, and dyt with
+    ``:``-separated qualifiers: a squash (tanh, hardtanh, sigmoid, identity), ``fixed-alpha``,
+    ``channel-alpha`` (``dyt:sigmoid:fixed-alpha`` is sigmoid without a learnable alpha). A name
+    that is none of these raises :class:`dyt.errors.UserInputError`.
+    """
+    from .errors import UserInputError
+
+    base, *qualifiers = variant.split(":")
+    if base not in VARIANTS or (qualifiers and base != "dyt"):
+        known = ", ".join([*VARIANTS, *(f"dyt:{q}" for q in DYT_QUALIFIERS)])
+        raise UserInputError(f"unknown norm variant {variant!r}; known: {known} (qualifiers combine: dyt:sigmoid:fixed-alpha)")
+    settings = dict(VARIANTS[base])
+    seen: set[str] = set()
+    for qualifier in qualifiers:
+        if qualifier not in DYT_QUALIFIERS:
+            raise UserInputError(f"unknown qualifier {qualifier!r} in norm variant {variant!r}; "
+                                 f"choose from {', '.join(DYT_QUALIFIERS)}")
+        key, value = DYT_QUALIFIERS[qualifier]
+        if key in seen:
+            raise UserInputError(f"norm variant {variant!r} sets {key} twice")
+        seen.add(key)
+        settings[key] = value
+    return [f"{prefix}.{key}={value}" for key, value in settings.items()]

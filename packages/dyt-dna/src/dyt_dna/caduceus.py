@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from dyt import NormConfig, make_norm
+from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 
 from .config import CaduceusOptions, DnaModelConfig
 from .scan import scan
@@ -116,10 +116,12 @@ class Block(nn.Module):
         super().__init__()
         norm_layer, mixer = make_norm(norm, width), BiMamba(width, cfg)
         self.norm, self.mixer = (RCPS(norm_layer), RCPS(mixer)) if cfg.rcps else (norm_layer, mixer)
+        # A scalar gate (SkipInit / Fixup) commutes with the RC flip: RCPS equivariance holds.
+        self.gate = residual_gate(norm, self.mixer, mixer.forward_mamba.out_proj)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden if residual is None else hidden + residual
-        return self.mixer(self.norm(residual)), residual
+        return self.gate(self.mixer(self.norm(residual))), residual
 
 
 class Caduceus(nn.Module):
@@ -138,6 +140,7 @@ class Caduceus(nn.Module):
         self.final_norm = RCPS(final) if rcps else final
         self.head = RCPSLMHead(self.embed.embedding) if rcps else None
         self.feature_dim = width
+        apply_norm_free(self, cfg.norm)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_len:

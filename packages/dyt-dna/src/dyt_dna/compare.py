@@ -1,10 +1,12 @@
 """Pretrain HyenaDNA (LayerNorm vs DyT) and Caduceus (RMSNorm vs DyT) on the same data with the
-same seed, fine-tune every checkpoint on DNA classification tasks over several seeds, and write
-``report.md`` (tables in mean ± std, loss curves, DyT alpha per layer).
+same seed (optionally over a sweep grid), fine-tune every checkpoint on DNA classification tasks over
+several seeds, and write ``report.md`` (tables in mean ± std with a verdict per row, sweep tables and
+heatmaps, loss curves, DyT alpha per layer).
 
-    dyt-dna-compare --out runs/dna-compare --nproc 2
+    dyt-dna-compare --out runs/dna-compare --nproc 2 [--sweep KEY=V1,V2 ...]
 
-Finished pretraining runs resume and finished evals are reused, so a killed comparison continues.
+Finished pretraining runs are not launched again, unfinished ones resume, and finished evals are
+reused, so a killed comparison continues.
 """
 
 from __future__ import annotations
@@ -19,42 +21,46 @@ from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
     Run,
     add_run_arguments,
+    baseline_cell,
+    cells_of,
+    describe_sweep,
     mean_std,
-    median_throughput,
     parse_run_arguments,
-    peak_rss_per_rank,
-    plot_alphas,
+    plan_runs,
+    plot_alphas_of_first,
     plot_losses,
     prepare_out,
     reuse_or_compute,
-    run_training,
+    shown_path,
+    sweep_notes,
+    sweep_section,
+    train_runs,
+    verdict,
 )
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range
 from dyt.train.finetune import FinetuneConfig
+from dyt.train.recipe import Metric
 
 from .data import ClassificationData, check_task, load_task, pretraining_datasets
 from .eval import evaluate, results_json
+from .recipe import SPEC
 from .task import DnaConfig
 
-CONFIGS = [Path("recipes/dna/hyena-tiny.yaml"), Path("recipes/dna/caduceus-tiny.yaml")]
-NAMES = {"hyena": "HyenaDNA", "caduceus": "Caduceus"}
 INITS = {True: "pretrained", False: "random init"}
 """Every fine-tuning runs from the pretrained checkpoint and from the same model untrained."""
+FINETUNE_METRICS = {"accuracy": "accuracy", "mcc": "MCC", "f1": "F1 (macro)"}
 
 
-def pretraining_row(run: Run) -> str:
-    rows = run.metrics
-    train = [r["train/loss"] for r in rows if "train/loss" in r]
-    last_eval = [r for r in rows if "eval/loss" in r][-1]
-    rss = " / ".join(f"{v:.0f}" for v in peak_rss_per_rank(rows[-1]))
-    return (f"| {statistics.mean(train[-3:]):.4f} | {last_eval['eval/loss']:.4f} | {last_eval['eval/perplexity']:.3f} "
-            f"| {median_throughput(rows):.0f} | {rss} | {run.wall_s:.0f} |")
+def accuracy_metric(task: str) -> Metric:
+    """The downstream number sweeps chart and verdicts judge: test accuracy from the pretrained model."""
+    return Metric(f"{task}/accuracy", f"{task} accuracy (pretrained)", higher_is_better=True)
 
 
 @user_errors("dyt-dna-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=Path, nargs="+", default=CONFIGS)
+    parser.add_argument("--configs", type=Path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
+                        help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", nargs="+", default=["species"],
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
     parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
@@ -67,82 +73,123 @@ def main(argv: list[str] | None = None) -> Path:
                         help="fine-tuning steps per seed (0: epochs decide)")
     parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=16)
     parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
-    add_run_arguments(parser, out="runs/dna-compare")
+    add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 
-    configs = [load_config(DnaConfig, path, args.overrides) for path in args.configs]  # errors before launching
+    # Each config's model.arch says which of the recipe's models it is (and so its default norms).
+    models = [(SPEC.model(load_config(DnaConfig, path, args.overrides).model.arch), path) for path in args.configs]
+    plan = plan_runs(SPEC, args, models, [args.pretrain_seed])  # config errors before launching
     for spec in args.tasks:
         check_task(spec)
-    for config in configs:
-        pretraining_datasets(config.data, config.model.max_len)  # data errors early; warms the cache
+    for data, max_len in {repr((p.config.data, p.config.model.max_len)): (p.config.data, p.config.model.max_len)
+                          for p in plan}.values():
+        pretraining_datasets(data, max_len)  # data errors early; warms the cache
     tasks = [load_task(spec, args.eval_window, args.per_class) for spec in args.tasks]
-    for task, config in ((t, c) for t in tasks for c in configs):
-        task.check_length(config.model.max_len, truncate=False)
+    for task, max_len in ((t, m) for t in tasks for m in sorted({p.config.model.max_len for p in plan})):
+        task.check_length(max_len, truncate=False)
     finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
                                   max_steps=args.max_steps, eval_every=max(1, args.max_steps // 4), seeds=args.seeds)
     settings = {"finetune": asdict(finetune_cfg), "window": args.eval_window, "per_class": args.per_class}
     prepare_out(args)
 
-    runs: list[tuple[DnaConfig, str, Run]] = []
-    evals: dict[tuple[int, str, str], list[dict]] = {}
-    for config, path in zip(configs, args.configs):
-        arch = config.model.arch
-        for norm in dict.fromkeys([config.model.norm.kind, "dyt"]):
-            run = run_training("dyt_dna.train", path, args.out / f"{arch}-{norm}",
-                               [*args.overrides, f"model.norm.kind={norm}"], label=f"{NAMES[arch]} {norm}",
-                               seed=args.pretrain_seed, launcher=args.launcher, nproc=args.nproc)
-            runs.append((config, norm, run))
-            for task, (pretrained, init) in ((t, i) for t in tasks for i in INITS.items()):
-                print(f"== fine-tune {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
-                evals[(id(run), task.name, init)] = reuse_or_compute(
-                    run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
-                    lambda run=run, task=task, pretrained=pretrained: results_json(
-                        task, evaluate(run.dir, task, finetune_cfg, pretrained=pretrained)))
+    runs = train_runs(SPEC, args, plan)
+    evals: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for task, (pretrained, init) in ((t, i) for t in tasks for i in INITS.items()):
+            print(f"== fine-tune {run.point.model} {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
+            evals[(run.point, task.name, init)] = reuse_or_compute(
+                run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
+                lambda run=run, task=task, pretrained=pretrained: results_json(
+                    task, evaluate(run.dir, task, finetune_cfg, pretrained=pretrained)))
     report = write_report(args, runs, tasks, evals)
     print(f"\nreport: {report}")
     return report
 
 
-def write_report(args, runs, tasks: list[ClassificationData], evals) -> Path:
+def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals) -> Path:
+    """``evals[(run.point, task name, init)]``: that fine-tuning's results, one per seed."""
     out = args.out
+    summaries = {run.point: SPEC.summarize(run) for run in runs}
+    cells = cells_of(summaries)
+    metrics = (*SPEC.metrics, *(accuracy_metric(t.name) for t in tasks))
+    values = {}  # cell -> metric key -> its values (pretraining: the pretraining seeds; downstream: fine-tuning seeds)
+    for cell in cells:
+        points = [p for p in summaries if p.cell == cell]
+        values[cell] = {m.key: [summaries[p][m.key] for p in points] for m in SPEC.metrics}
+        for task in tasks:
+            values[cell][accuracy_metric(task.name).key] = [
+                r["test"]["test"]["accuracy"] for p in points for r in evals[(p, task.name, INITS[True])]]
+    swept = any(sweep for _, _, sweep in cells)
+
+    def baseline_of(model: str) -> str:
+        return (args.norms or SPEC.model(model).norms)[0]
+
+    def judged(cell, numbers: dict, metric: Metric) -> str:
+        """The verdict of ``cell`` on ``metric``; ``numbers[cell]``: its values."""
+        baseline = baseline_of(cell[0])
+        if cell[1] == baseline:
+            return "baseline"
+        reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(numbers[c]), metric.higher_is_better)
+        if reference is None:
+            return "no baseline run"
+        return verdict(numbers[cell], numbers[reference], higher_is_better=metric.higher_is_better,
+                       digits=metric.digits, baseline_name=baseline)
+
+    point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
+    main = SPEC.metrics[0]
     lines = [
         "# DNA: HyenaDNA and Caduceus, published norm vs DyT",
         "",
         f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed {args.pretrain_seed}, configs "
-        f"{', '.join(f'`{p}`' for p in args.configs)}. Validation loss: held-out strains (never trained on).",
+        f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: held-out strains (never trained on).",
         "",
-        "| model | norm | final train loss | validation loss | validation perplexity | bases/s | peak RSS per rank (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        *sweep_notes(args),
+        f"| model | norm |{point_column} final train loss | validation loss | validation perplexity | "
+        f"{SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}) |",
+        f"|---|---|{point_rule}---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {NAMES[c.model.arch]} | {norm} {pretraining_row(run)}" for c, norm, run in runs]
+    main_values = {cell: values[cell][main.key] for cell in cells}
+    for cell in cells:
+        for point in (p for p in summaries if p.cell == cell):
+            s = summaries[point]
+            rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"])
+            lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
+                         + f" {s['final_train_loss']:.4f} | {s['eval_loss']:.4f} | {s['eval_perplexity']:.3f} "
+                         f"| {s['throughput']:.0f} | {rss} | {s['wall_s']:.0f} | {judged(cell, main_values, main)} |")
     lines += [
         "",
         f"Fine-tuning from each checkpoint (full model, pooled linear head, early stopping on validation MCC), "
         f"seeds {args.seeds}: test-split mean ± std. Each model is also fine-tuned untrained (random init, same "
-        "seeds and budget): what pretraining bought is the gap to that row.",
+        "seeds and budget): what pretraining bought is the gap to that row. Verdict: the accuracy's mean against "
+        "the baseline norm's mean ± 2σ over seeds, same init and task.",
         "",
-        "| model | norm | init | task | accuracy | MCC | F1 (macro) |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | norm |{point_column} init | task | accuracy | MCC | F1 (macro) | verdict (accuracy) |",
+        f"|---|---|{point_rule}---|---|---|---|---|---|",
     ]
     summary = []
-    for config, norm, run in runs:
-        for task, init in ((t, i) for t in tasks for i in INITS.values()):
-            results = evals[(id(run), task.name, init)]
-            metric = {m: [r["test"]["test"][m] for r in results] for m in ("accuracy", "mcc", "f1")}
-            lines.append(f"| {NAMES[config.model.arch]} | {norm} | {init} | {task.name} | "
-                         f"{mean_std(metric['accuracy'])} | {mean_std(metric['mcc'])} | {mean_std(metric['f1'])} |")
-            summary.append({"model": config.model.arch, "norm": norm, "init": init, "task": task.name,
-                            "seeds": args.seeds, **metric})
+    accuracy = Metric("accuracy", "accuracy", higher_is_better=True)
+    for task, init in ((t, i) for t in tasks for i in INITS.values()):
+        numbers = {cell: [r["test"]["test"]["accuracy"] for p in summaries if p.cell == cell
+                          for r in evals[(p, task.name, init)]] for cell in cells}
+        for cell in cells:
+            results = [r for p in summaries if p.cell == cell for r in evals[(p, task.name, init)]]
+            metric = {m: [r["test"]["test"][m] for r in results] for m in FINETUNE_METRICS}
+            lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
+                         + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
+                         + f" | {judged(cell, numbers, accuracy)} |")
+            summary.append({"model": cell[0], "norm": cell[1], "sweep": [list(p) for p in cell[2]], "init": init,
+                            "task": task.name, "seeds": args.seeds, **metric})
     lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "
                      f"{len(t.validation)} / {len(t.test)} train / validation / test examples. {t.note}" for t in tasks]
     lines.append("")
-    for arch in dict.fromkeys(c.model.arch for c, _, _ in runs):
-        mine = [run for c, _, run in runs if c.model.arch == arch]
-        plot_losses(mine, out / f"{arch}_loss_curves.png", "cross-entropy (nats/base)")
-        lines += [f"![{NAMES[arch]} loss curves]({arch}_loss_curves.png)", ""]
-        for run in mine:
-            if plot_alphas(run, out / f"{arch}_dyt_alpha.png"):
-                lines += [f"![{NAMES[arch]} DyT alpha]({arch}_dyt_alpha.png)", ""]
+    for name in dict.fromkeys(cell[0] for cell in cells):
+        model = SPEC.model(name)
+        lines += sweep_section(out, model, values, metrics, args.sweeps)
+        mine = [run for run in runs if run.point.model == name]
+        plot_losses(mine, out / f"{name}_loss_curves.png", "cross-entropy (nats/base)")
+        lines += [f"![{model.title} loss curves]({name}_loss_curves.png)", ""]
+        if plot_alphas_of_first([r for r in mine if r.norm != baseline_of(name)], out / f"{name}_dyt_alpha.png"):
+            lines += [f"![{model.title} DyT alpha]({name}_dyt_alpha.png)", ""]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -20,9 +20,9 @@ import datasets
 import numpy as np
 import torch
 
-from dyt.debian import cache_root
 from dyt.errors import UserInputError
 from dyt.train.config import NON_NEGATIVE, PROBABILITY, Range
+from dyt_data import cache_root
 
 from .fasta import FastaError, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
@@ -306,20 +306,26 @@ def species_task(window: int, per_species: int) -> ClassificationData:
                               note=f"Train on training strains; validation/test = first/second half of {held}.")
 
 
-def _gene_spans(genome: Genome) -> list[tuple[int, int]]:
-    """Coding spans (0-based, end exclusive) from pyrodigal, cached per genome."""
-    cache = _cache_dir("") / "genes" / f"{_fingerprint(_file_key(genome.path))}.json"
+def _genes(genome: Genome) -> list[tuple[int, int, int]]:
+    """Genes called by pyrodigal as (begin, end, strand): 0-based, end exclusive, strand +1 or -1;
+    cached per genome."""
+    cache = _cache_dir("") / "genes-stranded" / f"{_fingerprint(_file_key(genome.path))}.json"
     if cache.is_file():
-        return [tuple(s) for s in json.loads(cache.read_text())]
+        return [tuple(g) for g in json.loads(cache.read_text())]
     import pyrodigal
 
     sequence = _genome_sequence(genome.path).encode()
     finder = pyrodigal.GeneFinder()
     finder.train(sequence)
-    spans = [(gene.begin - 1, gene.end) for gene in finder.find_genes(sequence)]
+    genes = [(gene.begin - 1, gene.end, gene.strand) for gene in finder.find_genes(sequence)]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(spans))
-    return spans
+    cache.write_text(json.dumps(genes))
+    return genes
+
+
+def _gene_spans(genome: Genome) -> list[tuple[int, int]]:
+    """Coding spans (0-based, end exclusive) from pyrodigal."""
+    return [(begin, end) for begin, end, _ in _genes(genome)]
 
 
 def _coding_windows(genome: Genome, lo: float, hi: float, window: int, per_class: int) -> tuple[list[str], list[str]]:
@@ -342,9 +348,10 @@ def _coding_windows(genome: Genome, lo: float, hi: float, window: int, per_class
     return pick(coding), pick(noncoding)
 
 
-def coding_task(window: int, per_class: int) -> ClassificationData:
-    """Coding vs non-coding windows (pyrodigal gene calls), classes balanced, split by genome:
-    train on the training strains, validation / test on the halves of the held-out strains."""
+def _by_genome(name: str, classes: list[str], windows, window: int, per_class: int, note: str) -> ClassificationData:
+    """A two-class task split by genome: train on the training strains, validation / test on the
+    first / second halves of the held-out strains; ``windows(genome, lo, hi, window, count)`` gives
+    (class 0, class 1) windows, balanced per genome."""
     genomes = builtin_genomes()
     train = [g for g in genomes if not g.held_out]
     held = [g for g in genomes if g.held_out]
@@ -355,16 +362,77 @@ def coding_task(window: int, per_class: int) -> ClassificationData:
     for split, jobs in parts.items():
         rows = {"sequence": [], "label": []}
         for genome, lo, hi, count in jobs:
-            coding, noncoding = _coding_windows(genome, lo, hi, window, max(1, count))
-            count = min(len(coding), len(noncoding))  # balanced per genome
-            rows["sequence"] += noncoding[:count] + coding[:count]
+            first, second = windows(genome, lo, hi, window, max(1, count))
+            count = min(len(first), len(second))  # balanced per genome
+            rows["sequence"] += first[:count] + second[:count]
             rows["label"] += [0] * count + [1] * count
         splits[split] = datasets.Dataset.from_dict(rows)
-    return ClassificationData("coding", ["non-coding", "coding"], splits["train"], splits["validation"], splits["test"],
-                              note="Labels from pyrodigal gene calls; split by genome (held-out strains for validation/test).")
+    return ClassificationData(name, classes, splits["train"], splits["validation"], splits["test"], note=note)
 
 
-BUILTIN_TASKS = ("species", "coding")
+def coding_task(window: int, per_class: int) -> ClassificationData:
+    """Coding vs non-coding windows (pyrodigal gene calls), classes balanced, split by genome:
+    train on the training strains, validation / test on the halves of the held-out strains."""
+    def noncoding_then_coding(*args):
+        coding, noncoding = _coding_windows(*args)
+        return noncoding, coding
+
+    return _by_genome("coding", ["non-coding", "coding"], noncoding_then_coding, window, per_class,
+                      "Labels from pyrodigal gene calls; split by genome (held-out strains for validation/test).")
+
+
+START_CODONS = {1: ("ATG", "GTG", "TTG"), -1: ("CAT", "CAC", "CAA")}
+"""Start codons as read on the forward strand, by the gene's strand (reverse complements for -1)."""
+MIN_INTERNAL_OFFSET = 60
+"""Internal codons lie at least this many bases (20 codons) into the gene, away from its start."""
+
+
+def _start_windows(genome: Genome, lo: float, hi: float, window: int, per_class: int) -> tuple[list[str], list[str]]:
+    """(gene start, internal codon) windows centred on a start-like codon: a called gene's start
+    codon, or one in frame inside a called gene. On the forward strand a window centres on the
+    codon's first base; on the reverse strand on the base after it (the codon's 5' end there).
+    Internal codons are drawn codon by codon as many as the starts use (most starts are ATG), so
+    the centre codon alone says nothing of the class."""
+    seq = _genome_sequence(genome.path)
+    half = window // 2
+    first, last = int(len(seq) * lo) + half, int(len(seq) * hi) - (window - half)
+    starts: list[tuple[int, int]] = []  # (centre, codon index in START_CODONS)
+    internal: dict[int, list[int]] = {i: [] for i in range(3)}
+    for begin, end, strand in _genes(genome):
+        codons = START_CODONS[strand]
+        start_at, centre = (begin, begin) if strand == 1 else (end - 3, end)
+        if first <= centre <= last and seq[start_at : start_at + 3] in codons:
+            starts.append((centre, codons.index(seq[start_at : start_at + 3])))
+        for offset in range(MIN_INTERNAL_OFFSET, end - begin - MIN_INTERNAL_OFFSET, 3):  # in frame, 5' to 3'
+            codon_at = begin + offset if strand == 1 else end - offset - 3
+            centre = codon_at if strand == 1 else codon_at + 3
+            if first <= centre <= last and seq[codon_at : codon_at + 3] in codons:
+                internal[codons.index(seq[codon_at : codon_at + 3])].append(centre)
+    starts = _evenly(sorted(starts), per_class)
+    positive, negative = [], []
+    for k in range(3):
+        of_codon = [centre for centre, j in starts if j == k]
+        count = min(len(of_codon), len(internal[k]))
+        positive += _evenly(of_codon, count)
+        negative += _evenly(sorted(internal[k]), count)
+    window_at = lambda centre: seq[centre - half : centre - half + window]  # noqa: E731
+    return [window_at(c) for c in positive], [window_at(c) for c in negative]
+
+
+def start_task(window: int, per_class: int) -> ClassificationData:
+    """Translation start or not: windows centred on a start-like codon (ATG, GTG, TTG), labelled by
+    whether pyrodigal calls a gene starting there or the codon sits in frame inside a called gene.
+    Classes balanced, split by genome like ``coding``."""
+    def internal_then_starts(*args):
+        starts, internal = _start_windows(*args)
+        return internal, starts
+
+    return _by_genome("start", ["internal codon", "gene start"], internal_then_starts, window, per_class,
+                      "Labels from pyrodigal gene calls; every window centres on a start-like codon; split by "
+                      "genome (held-out strains for validation/test).")
+
+
+BUILTIN_TASKS = ("species", "coding", "start")
 
 
 def check_task(spec: str) -> None:
@@ -379,6 +447,8 @@ def load_task(spec: str, window: int, per_class: int) -> ClassificationData:
         return species_task(window, per_class)
     if spec == "coding":
         return coding_task(window, per_class)
+    if spec == "start":
+        return start_task(window, per_class)
     check_task(spec)
     folder = Path(spec)
     if (folder / "train.csv").is_file():

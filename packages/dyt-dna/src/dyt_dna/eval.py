@@ -5,7 +5,7 @@ accuracy, MCC and F1 on the test split.
     python -m dyt_dna.eval --run runs/dna/hyena-tiny --task species --seeds 0 1 2
     python -m dyt_dna.eval --run RUN --task path/to/genomic_benchmarks/human_nontata_promoters
 
-``--task``: a built-in task (species, coding), a GenomicBenchmarks task folder
+``--task``: a built-in task (species, coding, start), a GenomicBenchmarks task folder
 (``{train,test}/<class>/*.txt``) or a folder with train.csv / dev.csv / test.csv (sequence,label).
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from dyt.train import check_run, load_config, trained_weights, user_errors
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
-from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune, planned_steps
+from dyt.train.finetune import Classification, FinetuneConfig, FinetuneResult, finetune, planned_steps
 
 from .data import ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
@@ -68,7 +68,7 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretr
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
 
     return [
-        finetune(make_model, task.train, task.validation, {"test": task.test}, collate, len(task.classes), cfg, seed,
+        finetune(make_model, task.train, task.validation, {"test": task.test}, collate, Classification(len(task.classes)), cfg, seed,
                  desc=f"{config.model.arch}/{config.model.norm.kind}{'' if pretrained else ' (random init)'} "
                       f"{task.name} seed {seed}")
         for seed in cfg.seeds

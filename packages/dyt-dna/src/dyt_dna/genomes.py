@@ -1,5 +1,5 @@
 """The built-in DNA: 16 complete bacterial genomes of 4 species from Debian's ``ragout-examples``,
-unpacked into ``$DYT_CACHE/debian`` by :func:`dyt.debian.unpack` (no install, no root).
+unpacked into ``$DYT_CACHE/debian`` by :func:`dyt_data.debian.unpack` (no install, no root).
 
 One strain per species is held out of all training (pretraining and fine-tuning): its first half
 is the validation region and its second half the test region — split by strain, never by window.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyt.debian import unpack
+from dyt_data import unpack
 
 PACKAGE = "ragout-examples"
 SYSTEM_DIR = Path("/usr/share/doc/ragout/examples")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from dyt import NormConfig, make_norm
+from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 
 from .config import DnaModelConfig, HyenaOptions
 from .tokenizer import PAD, VOCAB
@@ -91,14 +91,16 @@ class HyenaBlock(nn.Module):
         super().__init__()
         self.mixer_norm = make_norm(norm, d, role="attention")
         self.mixer = HyenaOperator(d, max_len, cfg)
+        self.mixer_gate = residual_gate(norm, self.mixer, self.mixer.out_proj)
         self.ffn_norm = make_norm(norm, d, role="ffn")
         self.ffn = nn.Sequential(
             nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * d, d),
         )
+        self.ffn_gate = residual_gate(norm, self.ffn, self.ffn[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer_gate(self.mixer(self.mixer_norm(x)))
+        return x + self.ffn_gate(self.ffn(self.ffn_norm(x)))
 
 
 class HyenaDNA(nn.Module):
@@ -115,6 +117,7 @@ class HyenaDNA(nn.Module):
         self.blocks = nn.ModuleList(HyenaBlock(cfg.dim, cfg.max_len, cfg.norm, cfg.hyena) for _ in range(cfg.layers))
         self.final_norm = make_norm(cfg.norm, cfg.dim, role="final")
         self.feature_dim = cfg.dim
+        apply_norm_free(self, cfg.norm)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_len:

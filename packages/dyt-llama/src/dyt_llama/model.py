@@ -1,7 +1,9 @@
 """LLaMA: RoPE, grouped-query attention (SDPA), SwiGLU, pre-norm blocks, final norm.
 
 Every norm comes from dyt-core's ``make_norm`` with its role (attention / ffn / final), so
-``model.norm`` alone switches RMSNorm, LayerNorm or DyT everywhere. With DyT, as the paper trained
+``model.norm`` alone switches RMSNorm, LayerNorm or DyT everywhere (or a normalization-free baseline:
+each residual branch passes through ``residual_gate`` and ``apply_norm_free`` finishes the build,
+see dyt.baselines). With DyT, as the paper trained
 LLaMA, a learnable scalar multiplies the embeddings (initialised to sqrt(dim)).
 No parallelism or launcher logic lives here: the training harness wraps the model.
 """
@@ -18,13 +20,15 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dyt import NormConfig, make_norm
+from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, Range
+from dyt.train.distributed import whole_parameter
 
 
 @dataclass
 class ModelConfig:
-    """LLaMA architecture. ``norm`` picks every norm layer (rmsnorm, layernorm, dyt, identity)."""
+    """LLaMA architecture. ``norm`` picks every norm layer (rmsnorm, layernorm, dyt, identity) or a
+    normalization-free baseline (skipinit, fixup, sigma-reparam)."""
 
     dim: Annotated[int, AT_LEAST_ONE] = 256
     layers: Annotated[int, AT_LEAST_ONE] = 4
@@ -109,12 +113,14 @@ class Block(nn.Module):
         super().__init__()
         self.attention_norm = make_norm(cfg.norm, cfg.dim, role="attention")
         self.attention = Attention(cfg)
+        self.attention_gate = residual_gate(cfg.norm, self.attention, self.attention.wo)
         self.ffn_norm = make_norm(cfg.norm, cfg.dim, role="ffn")
         self.feed_forward = FeedForward(cfg)
+        self.ffn_gate = residual_gate(cfg.norm, self.feed_forward, self.feed_forward.w2)
 
     def forward(self, x, cos, sin):
-        x = x + self.attention(self.attention_norm(x), cos, sin)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.attention_gate(self.attention(self.attention_norm(x), cos, sin))
+        return x + self.ffn_gate(self.feed_forward(self.ffn_norm(x)))
 
 
 class Llama(nn.Module):
@@ -131,11 +137,15 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        apply_norm_free(self, cfg.norm)
 
     def reset_parameters(self) -> None:
+        """Matrices from a normal of :meth:`_init_std`. Through ``whole_parameter``, so that under
+        ZeRO-3's partitioned build (children already sharded) the weights are the same as a whole build's."""
         for name, p in self.named_parameters():
-            if p.ndim == 2:
-                nn.init.normal_(p, std=self._init_std(name))
+            with whole_parameter(p) as full:
+                if full is not None and full.ndim == 2:
+                    nn.init.normal_(full, std=self._init_std(name))
 
     def _init_std(self, name: str) -> float:
         """Embeddings and projections: init_std; residual output projections scaled by depth
@@ -166,4 +176,5 @@ class Llama(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, also when ZeRO-3 has sharded them (``ds_numel``: the whole parameter's size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -28,9 +28,15 @@ class LlamaConfig:
                               f"(model.max_seq_len={self.model.max_seq_len}): lower one or raise the other")
 
 
+ROLE_NAMES = {"attention_norm": "attention", "ffn_norm": "ffn",  # this recipe's model.Llama
+              "self_attn_layer_norm": "attention", "ffn_layer_norm": "ffn"}  # fairseq2's LLaMA
+"""A LLaMA norm's module name -> its DyT role; every other norm (the final one) is ``final``."""
+
+
 def role_of(path: str) -> str:
-    """The DyT role of a norm by its module path (for convert_norms on a built model)."""
-    return "attention" if "attention_norm" in path else "ffn" if "ffn_norm" in path else "final"
+    """The DyT role of a LLaMA norm by its module path (convert_norms on a built model: this recipe's
+    or fairseq2's; the recipe's SPEC.role_of)."""
+    return ROLE_NAMES.get(path.rsplit(".", 1)[-1], "final")
 
 
 class LlamaTask:
@@ -41,6 +47,13 @@ class LlamaTask:
         self.train_rows, self.validation_rows, self.tokenizer = build_datasets(
             config.data, model.vocab_size, model.max_seq_len
         )
+
+    @property
+    def partitioned_init(self) -> bool:
+        """Under ZeRO-3 the harness may build this model shard by shard (``Llama.reset_parameters``
+        goes through ``whole_parameter``); not the normalization-free baselines whose
+        ``apply_norm_free`` rewrites built weights (fixup, sigma-reparam): they need it whole."""
+        return self.config.model.norm.kind not in ("fixup", "sigma-reparam")
 
     def build_model(self) -> Llama:
         model = Llama(self.config.model)

@@ -1,10 +1,12 @@
-"""Pretrain the same wav2vec 2.0 config with LayerNorm and with DyT (same seed, same audio), run
-the downstream speech evals on both checkpoints over several seeds, and write ``report.md``
-(tables in mean ± std, confusion matrices, WER, loss curves, DyT alpha per layer).
+"""Pretrain the same wav2vec 2.0 config with LayerNorm and with DyT (same seed, same audio;
+optionally over a sweep grid), run the downstream speech evals on every checkpoint over several
+seeds, and write ``report.md`` (tables in mean ± std with a verdict per row, sweep tables and
+heatmaps, confusion matrices, WER, loss curves, DyT alpha per layer).
 
-    dyt-wav2vec2-compare --out runs/wav2vec2-compare --nproc 2
+    dyt-wav2vec2-compare --out runs/wav2vec2-compare --nproc 2 [--sweep KEY=V1,V2 ...]
 
-Finished pretraining runs resume and finished evals are reused, so a killed comparison continues.
+Finished pretraining runs are not launched again, unfinished ones resume, and finished evals are
+reused, so a killed comparison continues.
 """
 
 from __future__ import annotations
@@ -21,27 +23,38 @@ from dyt.train import load_config
 from dyt.train.compare import (
     Run,
     add_run_arguments,
+    baseline_cell,
+    cell_label,
+    cells_of,
+    describe_sweep,
     mean_std,
-    median_throughput,
     parse_run_arguments,
-    peak_rss_per_rank,
-    plot_alphas,
+    plan_runs,
+    plot_alphas_of_first,
     plot_losses,
     prepare_out,
     reuse_or_compute,
-    run_training,
+    shown_path,
+    sweep_notes,
+    sweep_section,
+    train_runs,
+    verdict,
 )
+from dyt.train.recipe import Metric
 
 from .eval import headline, run_evals
+from .recipe import SPEC
 from .speech import KEYWORDS, build
-from .task import Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask, collapse_reason
+from .task import Wav2Vec2PretrainTask
 
-NORMS = ("layernorm", "dyt")
 EVAL_NAMES = {"contrastive": "pretraining task, held out", "probe": "keywords, linear probe",
               "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
 METRIC_NAMES = {"contrastive_accuracy": "contrastive accuracy", "contrastive_kept": "contrastive loss",
                 "accuracy": f"accuracy ({len(KEYWORDS)} classes)", "cer": "character error rate",
                 "wer": "word error rate"}
+HIGHER_IS_BETTER = {"contrastive_accuracy": True, "contrastive_kept": False, "accuracy": True, "cer": False,
+                    "wer": False}
+TESTS = ("unseen voices", "real recordings")
 INITS = {True: "pretrained", False: "random init"}
 """Every downstream eval runs on the pretrained model and on the same model untrained."""
 
@@ -60,34 +73,29 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _steps_per_second(train_rows: list[dict]) -> str:
-    seconds = [r["step_seconds"] for r in train_rows[1:] if "step_seconds" in r]  # the first includes warm-up
-    return f"{1 / statistics.median(seconds):.2f}" if seconds else "-"
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("recipes/wav2vec2/tiny.yaml"))
+    parser.add_argument("--config", type=Path, default=SPEC.config_path(),
+                        help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=int, default=150, help="downstream fine-tuning steps per seed")
     parser.add_argument("--pretrain-seed", type=int, default=0)
-    add_run_arguments(parser, out="runs/wav2vec2-compare")
+    add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 
-    config = load_config(Wav2Vec2PretrainConfig, args.config, args.overrides)  # config errors before launching
+    plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], [args.pretrain_seed])  # config errors first
+    config = plan[0].config
     data = build(per_split={"train": config.data.builtin_sentences, "validation": 200, "test": 200})
-    Wav2Vec2PretrainTask(config)  # the runs' own audio checks (and thresholds), before launching
+    for checked in {repr(p.config.data): p.config for p in plan}.values():
+        Wav2Vec2PretrainTask(checked)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)
-    runs, evals = [], {}
-    for norm in NORMS:
-        run = run_training("dyt_wav2vec2.train", args.config, args.out / norm, [*args.overrides, f"model.norm.kind={norm}"],
-                           label=norm, seed=args.pretrain_seed, launcher=args.launcher, nproc=args.nproc)
-        runs.append(run)
+    runs, evals = train_runs(SPEC, args, plan), {}
+    for run in runs:
         for pretrained, init in INITS.items():
-            print(f"== downstream evals of {norm} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
+            print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
-            evals[norm, init] = reuse_or_compute(
+            evals[run.point, init] = reuse_or_compute(
                 run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
                 lambda run=run, pretrained=pretrained: run_evals(run.dir, data, args.evals, args.seeds, args.steps,
                                                                  pretrained=pretrained))
@@ -96,13 +104,36 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
+def downstream_metric(name: str, metric: str, test: str) -> Metric:
+    return Metric(f"{name}/{metric}/{test}", f"{EVAL_NAMES[name]}, {METRIC_NAMES[metric]}, {test}",
+                  higher_is_better=HIGHER_IS_BETTER[metric])
+
+
 def write_report(args, runs: list[Run], evals: dict) -> Path:
+    """``evals[(run.point, init)]``: that run's downstream results (eval name -> one result per seed)."""
     out = args.out
-    model = load_config(Wav2Vec2PretrainConfig, args.config, args.overrides).model
+    model = load_config(SPEC.config_class, args.config, args.overrides).model
+    summaries = {run.point: SPEC.summarize(run) for run in runs}
+    cells = cells_of(summaries)
+    baseline = (args.norms or SPEC.models[0].norms)[0]
+    swept = any(sweep for _, _, sweep in cells)
+    point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
+
+    def judged(cell, numbers: dict, higher_is_better: bool) -> str:
+        if cell[1] == baseline:
+            return "baseline"
+        reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(numbers[c]), higher_is_better)
+        if reference is None:
+            return "no baseline run"
+        return verdict(numbers[cell], numbers[reference], higher_is_better=higher_is_better, baseline_name=baseline)
+
+    main = SPEC.metrics[0]
+    main_values = {cell: [summaries[p][main.key] for p in summaries if p.cell == cell] for cell in cells}
     lines = [
         "# wav2vec 2.0: LayerNorm vs DyT",
         "",
-        f"Config `{args.config}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed {args.pretrain_seed}. "
+        f"Config `{shown_path(args.config)}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed "
+        f"{args.pretrain_seed}. "
         "Validation: synthetic sentences in voices never heard in training, masked and with distractors "
         f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
         f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
@@ -110,49 +141,76 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         f"ties with such duplicates broken at random (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
         "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance.",
         "",
-        "| norm | final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
-        "| distractors equal to target | status | steps/s | audio s / s | peak RSS per rank (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *sweep_notes(args),
+        f"| norm |{point_column} final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
+        f"| distractors equal to target | status | steps/s | {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) "
+        f"| verdict ({main.title}) |",
+        f"|---|{point_rule}---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
-        rows = run.metrics
-        train = [r for r in rows if "train/loss" in r]
-        last_eval = [r for r in rows if "eval/loss" in r][-1]
-        reason = collapse_reason(last_eval, model)
-        rss = " / ".join(f"{v:.0f}" for v in peak_rss_per_rank(rows[-1]))
-        lines.append(f"| {run.label} | {statistics.mean(r['train/loss'] for r in train[-3:]):.3f} | "
-                     f"{last_eval['eval/contrastive_kept']:.3f} | {last_eval['eval/contrastive_accuracy']:.3f} | "
-                     f"{last_eval['eval/codebook_perplexity']:.1f} | {last_eval['eval/distractors_equal_target']:.1%} | "
-                     f"{f'**collapsed** ({reason})' if reason else 'learning'} | {_steps_per_second(train)} | "
-                     f"{median_throughput(rows):.1f} | {rss} | {run.wall_s:.0f} |")
+    for point, s in summaries.items():
+        rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"])
+        steps_per_s = "-" if s["steps_per_s"] is None else f"{s['steps_per_s']:.2f}"
+        status = f"**collapsed** ({s['collapse']})" if s["collapse"] else "learning"
+        lines.append(f"| {point.norm} |" + (f" {describe_sweep(point.sweep)} |" if swept else "")
+                     + f" {s['final_train_loss']:.3f} | "
+                     f"{s['eval_contrastive_kept']:.3f} | {s['eval_contrastive_accuracy']:.3f} | "
+                     f"{s['eval_codebook_perplexity']:.1f} | {s['eval_distractors_equal_target']:.1%} | "
+                     f"{status} | {steps_per_s} | "
+                     f"{s['throughput']:.1f} | {rss} | {s['wall_s']:.0f} | "
+                     f"{judged(point.cell, main_values, main.higher_is_better)} |")
     lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std. "
               "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
-              "pretraining bought is the gap to that row.", "",
-              "| norm | model | eval | metric | unseen voices | real recordings |", "|---|---|---|---|---|---|"]
-    summary = {}
-    for (norm, init), results in evals.items():
+              "pretraining bought is the gap to that row. Verdicts: each test set's mean against the baseline "
+              "norm's mean ± 2σ over seeds, same eval and init.", "",
+              f"| norm |{point_column} model | eval | metric | unseen voices | real recordings "
+              "| verdict (unseen voices) | verdict (real recordings) |",
+              f"|---|{point_rule}---|---|---|---|---|---|---|"]
+    downstream = {}  # (init, eval, metric, test) -> cell -> values over seeds
+    for (point, init), results in evals.items():
         for name, rows in results.items():
-            for metric, cells in headline(name, rows).items():
-                summary[f"{norm}/{init}/{name}/{metric}"] = cells
-                lines.append(f"| {norm} | {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
-                             f"{mean_std(cells['unseen voices'])} | {mean_std(cells['real recordings'])} |")
+            for metric, per_test in headline(name, rows).items():
+                for test in TESTS:
+                    downstream.setdefault((init, name, metric, test), {})[point.cell] = per_test[test]
+    summary = {}
+    for (point, init), results in evals.items():
+        for name, rows in results.items():
+            for metric, per_test in headline(name, rows).items():
+                summary[f"{cell_label(point.cell)}/{init}/{name}/{metric}"] = per_test
+                judgements = [judged(point.cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric])
+                              for test in TESTS]
+                lines.append(f"| {point.norm} |" + (f" {describe_sweep(point.sweep)} |" if swept else "")
+                             + f" {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
+                             + " | ".join(mean_std(per_test[test]) for test in TESTS) + " | "
+                             + " | ".join(judgements) + " |")
     lines.append("")
+    values = {cell: {m.key: main_values[cell] if m is main else [summaries[p][m.key] for p in summaries if p.cell == cell]
+                     for m in SPEC.metrics} for cell in cells}
+    metrics = list(SPEC.metrics)
+    for (init, name, metric, test), per_cell in downstream.items():
+        if init == INITS[True]:
+            metrics.append(downstream_metric(name, metric, test))
+            for cell, numbers in per_cell.items():
+                values[cell][metrics[-1].key] = numbers
+    lines += sweep_section(out, SPEC.models[0], values, metrics, args.sweeps)
     plot_losses(runs, out / "loss_curves.png", "wav2vec 2.0 loss per masked frame")
     lines += ["![pretraining loss curves](loss_curves.png)", ""]
-    for run in runs:
-        if plot_alphas(run, out / "dyt_alpha.png"):
-            lines += ["![DyT alpha per layer](dyt_alpha.png)", ""]
-    for (norm, init), results in evals.items():
-        if init != INITS[True]:
+    if plot_alphas_of_first([r for r in runs if r.norm != baseline], out / "dyt_alpha.png"):
+        lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
+    shown = set()  # a confusion matrix and CTC examples for the first point of each norm
+    for (point, init), results in evals.items():
+        if init != INITS[True] or point.norm in shown:
             continue
+        shown.add(point.norm)
+        norm = point.norm
         best = next((results[n] for n in ("finetune", "probe") if n in results), None)
         if best:
-            plot_confusion(best[0]["confusion"]["real recordings"], out / f"confusion_{norm}.png",
-                           f"{norm}: keywords on real recordings (seed {best[0]['seed']})")
+            plot_confusion(best[0]["details"]["real recordings"], out / f"confusion_{norm}.png",
+                           f"{point.label}: keywords on real recordings (seed {best[0]['seed']})")
             lines += [f"![{norm} confusion matrix](confusion_{norm}.png)", ""]
         if "ctc" in results:
-            lines += [f"CTC examples ({norm}, seed {results['ctc'][0]['seed']}, real recordings): reference → hypothesis", ""]
-            lines += [f"- `{ref}` → `{hyp}`" for ref, hyp in results["ctc"][0]["examples"]["real recordings"]]
+            lines += [f"CTC examples ({point.label}, seed {results['ctc'][0]['seed']}, real recordings): "
+                      "reference → hypothesis", ""]
+            lines += [f"- `{ref}` → `{hyp}`" for ref, hyp in results["ctc"][0]["details"]["real recordings"]]
             lines.append("")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report = out / "report.md"

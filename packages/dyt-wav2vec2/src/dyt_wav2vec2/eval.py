@@ -18,17 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torchaudio
+from fairseq2.nn import BatchLayout
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.train import check_run, load_config, trained_weights, user_errors
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
-from dyt.train.finetune import FinetuneConfig, FinetuneResult, finetune
+from dyt.train.finetune import Classification, FinetuneConfig, FinetuneResult, finetune
 from dyt.train.trainer import seed_everything
 
 from .audio import Utterance, load_audio
@@ -123,7 +124,7 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pret
 
         builder, collate = build_classifier, _collate_labels
     tests = {name: splits[name] for name in KEYWORD_TESTS}
-    return [finetune(builder, splits["train"], splits["validation"], tests, collate, len(KEYWORDS), cfg, seed,
+    return [finetune(builder, splits["train"], splits["validation"], tests, collate, Classification(len(KEYWORDS)), cfg, seed,
                      desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in cfg.seeds]
 
 
@@ -157,74 +158,105 @@ def character_error_rate(hypotheses: list[str], references: list[str]) -> float:
 
 
 class CTCModel(nn.Module):
+    """A character head on the encoder, reading the conv feature extractor's output computed once
+    per utterance (``conv_features``): fine-tuning keeps the feature extractor frozen, as fairseq's
+    wav2vec 2.0 fine-tuning does (``feature_grad_mult 0``); the post-extraction norm, projection,
+    positional conv and Transformer train."""
+
     def __init__(self, backbone: nn.Module, dim: int):
         super().__init__()
+        backbone.encoder_frontend.feature_extractor = None  # its output is cached
         self.backbone, self.head = backbone, nn.Linear(dim, len(CHARACTERS))
 
-    def forward(self, waveforms, lengths):
-        features, frames = encode(self.backbone, waveforms, lengths)
-        return self.head(features).log_softmax(-1), frames
+    def forward(self, features: torch.Tensor, frames: torch.Tensor):
+        layout = BatchLayout(features.shape[:2], seq_lens=frames.tolist(), device=features.device)
+        frontend = self.backbone.encoder_frontend
+        seqs, _ = frontend.process_features(frontend.post_extract_layer_norm(features), layout, None)
+        return self.head(self.backbone.encoder(seqs, layout)).log_softmax(-1), frames
 
 
-@dataclass
-class CTCResult:
-    seed: int
-    wer: dict[str, float]
-    cer: dict[str, float]
-    examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    curve: list[dict[str, float]] = field(default_factory=list)
-
-
-def _transcribe(model: CTCModel, rows: list[Utterance]) -> list[str]:
-    model.eval()
+def conv_features(model: nn.Module, rows: list[Utterance]) -> list[torch.Tensor]:
+    """The feature extractor's output (frames, channels) of each utterance, one at a time so that
+    no padding reaches a GroupNorm."""
+    extractor = model.encoder_frontend.feature_extractor.eval()
     out = []
     with torch.no_grad():
-        for i in range(0, len(rows), 16):
-            waves, lengths = crop_and_batch([load_audio(r.path) for r in rows[i : i + 16]], crop=10**9)
-            out += greedy_decode(*model(waves, lengths))
-    model.train()
+        for row in rows:
+            wave = load_audio(row.path)[None]
+            features, _ = extractor(wave, BatchLayout(wave.shape, seq_lens=[wave.shape[1]]))
+            out.append(features[0])
     return out
 
 
-def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True) -> list[CTCResult]:
-    config, make = load_pretrained(run_dir, pretrained)
-    train, validation = load_split(data, "sentences-train"), load_split(data, "sentences-validation")[:50]
-    tests = {name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}
-    results = []
-    for seed in cfg.seeds:
-        seed_everything(seed)
-        model = CTCModel(make(), config.model.dim)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        steps = cfg.max_steps or cfg.epochs * (len(train) // cfg.batch_size)
-        curve, best = [], (float("inf"), None)
-        from tqdm.auto import tqdm
+class Transcribed(Dataset):
+    """Cached conv features with their transcripts."""
 
-        for step in tqdm(range(1, steps + 1), desc=f"CTC ({config.model.norm.kind}) seed {seed}", leave=False):
-            picked = [train[order[(step * cfg.batch_size + k) % len(train)]] for k in range(cfg.batch_size)]
-            waves, lengths = crop_and_batch([load_audio(r.path) for r in picked], crop=10**9)
-            log_probs, frames = model(waves, lengths)
-            targets = [text_to_ids(r.text) for r in picked]
-            loss = nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), frames,
-                                          torch.tensor([len(t) for t in targets]), zero_infinity=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
-            if step % (cfg.eval_every or steps) == 0 or step == steps:
-                wer = word_error_rate(_transcribe(model, validation), [r.text for r in validation])
-                curve.append({"step": step, "train/ctc_loss": loss.item(), "validation/wer": wer})
-                if wer < best[0]:
-                    best = (wer, {k: v.clone() for k, v in model.state_dict().items()})
-        model.load_state_dict(best[1])
-        wers, cers, examples = {}, {}, {}
-        for name, rows in tests.items():
-            hypotheses = _transcribe(model, rows)
-            wers[name] = word_error_rate(hypotheses, [r.text for r in rows])
-            cers[name] = character_error_rate(hypotheses, [r.text for r in rows])
-            examples[name] = [(r.text, h) for r, h in zip(rows[:3], hypotheses[:3])]
-        results.append(CTCResult(seed, wers, cers, examples, curve))
-    return results
+    def __init__(self, features: list[torch.Tensor], rows: list[Utterance]):
+        self.features, self.texts = features, [r.text for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int):
+        return self.features[index], self.texts[index]
+
+
+def _collate_transcripts(items):
+    features, texts = zip(*items)
+    frames = torch.tensor([len(f) for f in features])
+    return (nn.utils.rnn.pad_sequence(list(features), batch_first=True), frames), list(texts)
+
+
+class CTCObjective:
+    """CTC loss over characters; scored by character (selects: it moves before words come out
+    right) and word error rates of greedy decoding; keeps the first reference/hypothesis pairs."""
+
+    selection = "cer"
+    higher_is_better = False
+    examples = 3
+
+    @staticmethod
+    def _ctc(log_probs: torch.Tensor, frames: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        targets = [text_to_ids(t) for t in texts]
+        return nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), frames,
+                                      torch.tensor([len(t) for t in targets]), zero_infinity=True)
+
+    def loss(self, model: CTCModel, batch) -> torch.Tensor:
+        (features, frames), texts = batch
+        return self._ctc(*model(features, frames), texts)
+
+    def evaluate(self, model: CTCModel, loader: DataLoader) -> tuple[dict[str, float], list[tuple[str, str]]]:
+        hypotheses, references, loss_sum = [], [], 0.0
+        for batch in loader:
+            (features, frames), texts = batch
+            log_probs, frames = model(features, frames)
+            loss_sum += self._ctc(log_probs, frames, texts).item() * len(texts)
+            hypotheses += greedy_decode(log_probs, frames)
+            references += texts
+        scores = {"loss": loss_sum / max(1, len(references)), "cer": character_error_rate(hypotheses, references),
+                  "wer": word_error_rate(hypotheses, references)}
+        return scores, list(zip(references, hypotheses))[: self.examples]
+
+
+def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
+    """Fine-tune the model with a character head under CTC on synthetic sentences, through the
+    shared ``finetune`` loop, selecting on validation CER; test on unseen voices saying unseen
+    sentences and on real recordings of them."""
+    config, make = load_pretrained(run_dir, pretrained)
+    splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
+              **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
+    seed_everything(cfg.seeds[0])  # an untrained feature extractor: drawn once, from the first seed
+    extractor = make()
+    datasets = {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
+
+    def build_recogniser() -> CTCModel:
+        return CTCModel(make(), config.model.dim)
+
+    tests = {name: datasets[name] for name in CTC_TESTS}
+    return [finetune(build_recogniser, datasets["train"], datasets["validation"], tests, _collate_transcripts,
+                     CTCObjective(), cfg, seed,
+                     desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}")
+            for seed in cfg.seeds]
 
 
 # ---------------------------------------------------------------- the pretraining task on held-out speech
@@ -298,8 +330,6 @@ HEADLINE = {"contrastive": ["contrastive_accuracy", "contrastive_kept"], "probe"
 
 def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     """metric -> test set -> one value per seed, from one eval's per-seed results."""
-    if name == "ctc":
-        return {m: {t: [r[m][t] for r in rows] for t in rows[0][m]} for m in HEADLINE[name]}
     return {m: {t: [r["test"][t][m] for r in rows] for t in rows[0]["test"]} for m in HEADLINE[name]}
 
 
@@ -310,7 +340,8 @@ def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], ste
         if name == "contrastive":
             results[name] = contrastive_eval(run_dir, data, seeds, pretrained)
         elif name == "ctc":
-            cfg = FinetuneConfig(lr=5e-4, batch_size=8, max_steps=steps, eval_every=max(1, steps // 4), seeds=seeds)
+            cfg = FinetuneConfig(lr=5e-4, batch_size=8, epochs=100, max_steps=steps, eval_every=max(1, steps // 4),
+                                 patience=steps, clip_grad_norm=10.0, seeds=seeds)
             results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg, pretrained)]
         else:
             lr = 1e-2 if name == "probe" else 5e-4

@@ -6,7 +6,10 @@ one of post-norm models) are built by fairseq2 directly, so they are swapped aft
 :func:`dyt.convert_norms`, which builds through the same factory. ``model.norm_scope`` says how far
 the switch reaches: ``encoder`` (default, the paper's fairseq patch) leaves the conv feature
 extractor's norms as in the baseline; ``all`` converts them too (an ablation). Nothing else differs
-between the LayerNorm and the DyT model.
+between the LayerNorm and the DyT model. The normalization-free baselines (``model.norm.kind``
+skipinit / fixup / sigma-reparam, dyt.baselines) remove the same norms, put dyt-core's residual gate
+into each encoder layer's two residual connections (fairseq2's ``ResidualConnect`` hook) and finish
+with ``apply_norm_free``.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from fairseq2.models.transformer import TransformerNormOrder
+from fairseq2.models.transformer import StandardTransformerEncoderLayer, TransformerNormOrder
 from fairseq2.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2EncoderConfig, Wav2Vec2Model
 from fairseq2.models.wav2vec2.factory import Wav2Vec2EncoderFactory, Wav2Vec2Factory
 from fairseq2.nn import BatchLayout
+from fairseq2.nn.residual import ResidualConnect
 from torch import nn
 
-from dyt import NormConfig, convert_norms, make_norm
+from dyt import NormConfig, apply_norm_free, convert_norms, make_norm, residual_gate
 
 NORM_ORDERS = {"pre": TransformerNormOrder.PRE, "post": TransformerNormOrder.POST}
 NORM_SCOPES = ("encoder", "all")
@@ -123,6 +127,25 @@ class _Factory(Wav2Vec2Factory):
         return self.encoder_factory.create_encoder()
 
 
+class GatedResidual(ResidualConnect):
+    """fairseq2's residual connection with dyt-core's gate on the branch: ``gate(seqs) + residual``
+    (the plain sum when the gate is the identity, i.e. for every kind but SkipInit and Fixup)."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, seqs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.gate(seqs) + residual
+
+
+def _gate_residuals(model: Wav2Vec2Model, norm: NormConfig) -> None:
+    for layer in model.encoder.layers:
+        if isinstance(layer, StandardTransformerEncoderLayer):
+            layer.self_attn_residual = GatedResidual(residual_gate(norm, layer.self_attn, layer.self_attn.output_proj))
+            layer.ffn_residual = GatedResidual(residual_gate(norm, layer.ffn, layer.ffn.output_proj))
+
+
 def _run_quantizer_eagerly(quantizer: nn.Module) -> None:
     def eager(_module, _inputs):
         torch.compiler.set_stance("force_eager")
@@ -134,11 +157,19 @@ def _run_quantizer_eagerly(quantizer: nn.Module) -> None:
     quantizer.register_forward_hook(restore)
 
 
+def role_of(path: str) -> str:
+    """The DyT role of a wav2vec 2.0 norm by its module path: ``input`` for the norm over the conv
+    features, ``default`` for the others (the recipe's SPEC.role_of)."""
+    return "input" if path == POST_EXTRACT else "default"
+
+
 def build_wav2vec2(cfg: Wav2Vec2ModelConfig) -> Wav2Vec2Model:
     model = _Factory(cfg.fairseq2_config(), cfg.norm).create_model()
     if cfg.norm.kind != "layernorm":  # the norms fairseq2 builds without the hook
         in_scope = None if cfg.norm_scope == "all" else (lambda path: not path.startswith(FEATURE_EXTRACTOR + "."))
-        convert_norms(model, cfg.norm, only=in_scope, role_of=lambda path: "input" if path == POST_EXTRACT else "default")
+        convert_norms(model, cfg.norm, only=in_scope, role_of=role_of)
+    _gate_residuals(model, cfg.norm)
+    apply_norm_free(model, cfg.norm)
     if not cfg.compile_quantizer:
         _run_quantizer_eagerly(model.quantizer)
     return model

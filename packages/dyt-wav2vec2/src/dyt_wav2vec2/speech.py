@@ -25,9 +25,9 @@ from pathlib import Path
 import soundfile
 import torch
 
-from dyt.debian import cache_root, unpack
 from dyt.errors import user_errors
 from dyt.train.config import AT_LEAST_ONE
+from dyt_data import cache_root, unpack
 
 from .audio import SAMPLE_RATE, Utterance, load_audio, read_manifest, write_manifest
 

@@ -14,9 +14,9 @@ import torch
 from fairseq2.nn import BatchLayout
 from torch.utils.data import Dataset
 
-from dyt.debian import cache_root
 from dyt.train import ConfigError, TrainConfig
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY
+from dyt_data import cache_root
 
 from .audio import (
     SAMPLE_RATE,

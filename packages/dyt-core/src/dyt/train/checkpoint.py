@@ -2,16 +2,26 @@
 
 DeepSpeed's ``save_checkpoint`` writes model, optimizer and LR-scheduler state (and our client
 state: step and data position) under ``checkpoints/<tag>/``; each rank adds its RNG state with an
-atomic rename; after a barrier rank 0 writes ``COMPLETE``. Resume takes the newest tag that has
-``COMPLETE``, so a run killed mid-save resumes from the previous checkpoint.
+atomic rename; after a barrier rank 0 writes ``COMPLETE`` (with the step and world size). Resume
+takes the newest tag that has ``COMPLETE``, so a run killed mid-save resumes from the previous
+checkpoint.
+
+A ZeRO checkpoint (stage 1-3: optimizer state sharded by rank) loads only on the world size that
+wrote it. On another world size, rank 0 converts it once with DeepSpeed's ``ds_to_universal`` into
+``<tag>/universal`` (written as ``universal.tmp``, renamed when done) and every rank loads that with
+DeepSpeed's ``checkpoint.load_universal``. A ZeRO-0 checkpoint holds whole states and loads as is.
+Before any of that, :func:`check_resume` compares the run's saved ``config.yaml`` with the new config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +29,12 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from .config import ConfigError, load_config, resume_changes
 from .distributed import DistInfo, barrier
 
 MARKER = "COMPLETE"
+UNIVERSAL = "universal"
+"""The sub-folder of a checkpoint that holds its universal (world-size-free) form."""
 
 
 class RunNotFoundError(UserInputError, FileNotFoundError):
@@ -93,14 +106,88 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: Dist
     return directory
 
 
-def load(engine, directory: Path, dist: DistInfo) -> dict[str, Any]:
-    """Restore engine state and this rank's RNG from a complete checkpoint; returns the client state."""
-    meta = json.loads((directory / MARKER).read_text())
-    _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+def saved_world_size(directory: Path) -> int:
+    """The number of ranks that wrote a complete checkpoint."""
+    return json.loads((directory / MARKER).read_text())["world_size"]
+
+
+def _zero_sharded(directory: Path) -> bool:
+    return any(directory.glob("*zero_pp_rank_*optim_states.pt"))
+
+
+def needs_universal(directory: Path, dist: DistInfo) -> bool:
+    """The checkpoint is ZeRO-sharded by another world size than this one."""
+    return saved_world_size(directory) != dist.world_size and _zero_sharded(directory)
+
+
+def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
+    """``<directory>/universal``: DeepSpeed's universal form of a ZeRO checkpoint, converted once by
+    rank 0 (``ds_to_universal``: fp32 weights and optimizer moments per parameter, whole) and reused
+    by later resumes. Every rank calls this; it returns once the conversion is complete."""
+    target = directory / UNIVERSAL
+    failure: BaseException | None = None
+    if dist.is_main and not (target / MARKER).is_file():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        partial = directory / f"{UNIVERSAL}.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        args = Namespace(input_folder=str(directory), output_folder=str(partial), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal(args)
+            (directory / "latest_universal").unlink(missing_ok=True)  # its pointer; we pass the tag
+            (partial / MARKER).write_text(json.dumps({"from_world_size": saved_world_size(directory)}))
+            os.replace(partial, target)
+            print(f"converted {directory} to a universal checkpoint in {target}", flush=True)
+        except Exception as error:  # the other ranks wait at the barrier below: tell them, then raise
+            failure = error
+            print(log.getvalue()[-3000:], flush=True)
+    barrier()
+    if failure is not None:
+        raise failure
+    if not (target / MARKER).is_file():
+        raise RuntimeError(f"rank 0 could not convert {directory} to a universal checkpoint (see its log)")
+    return target
+
+
+def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
+    """Restore engine state and, on the same world size, this rank's RNG from a complete checkpoint
+    (``universal``: from its universal form, for an engine built with ``load_universal``); returns
+    the client state."""
+    if universal:
+        _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
+    else:
+        _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
     rng_file = directory / f"rng_rank{dist.rank}.pt"
-    if meta["world_size"] == dist.world_size and rng_file.is_file():
+    if saved_world_size(directory) == dist.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}
+
+
+def check_resume(config: Any) -> list[str]:
+    """Before a ``--resume``: the settings that changed since the run's saved ``config.yaml`` and may
+    change (to print); a ConfigError naming every changed setting that may not (the model's, and
+    the train settings a checkpoint fixes: :attr:`TrainConfig.RESUME_MAY_CHANGE`). Nothing to check
+    when the run has no complete checkpoint yet (the run starts fresh)."""
+    run_dir = Path(config.train.out_dir)
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file() or not complete_checkpoints(run_dir / "checkpoints"):
+        return []
+    try:
+        saved = load_config(type(config), saved_file, check_files=False)
+    except ConfigError as error:
+        raise ConfigError(f"--resume: the run's saved {saved_file} does not load as this recipe's config "
+                          f"({error}); start a new run (another train.out_dir)") from None
+    fixed, allowed = resume_changes(saved, config)
+    if fixed:
+        raise ConfigError(
+            f"--resume: {'; '.join(fixed)} (saved in {saved_file}): a run keeps these settings, its checkpoint "
+            "was made with them; put them back, or start a new run (another train.out_dir, or without --resume)"
+        )
+    return allowed
 
 
 def check_run(run_dir: str | Path, weights: bool = True) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import UserInputError, command, user_errors
+from .checkpoint import check_resume
 from .config import dump_yaml, load_config
 from .trainer import Task, Trainer, TrainResult
 
@@ -29,7 +30,11 @@ def _parser(config_cls: type, prog: str | None) -> argparse.ArgumentParser:
         help="override one setting by its dotted key, e.g. --set model.norm=dyt (repeatable)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the newest complete checkpoint, also on another number of ranks; settings that "
+             "change the model are an error, the changes allowed (steps, cadences, batch split) are printed",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser
 
@@ -48,12 +53,17 @@ def run_recipe(
 ) -> TrainResult | None:
     """Parse the command line, build the task from the config, train. The config class must have
     a ``train`` field of type :class:`~dyt.train.TrainConfig`. Every config and data error comes
-    before the engine is built, as one line (exit status 2)."""
+    before the engine is built, as one line (exit status 2); with ``--resume``, so is a change of
+    a setting the run's checkpoint fixes (``checkpoint.check_resume``)."""
     with user_errors(prog or os.path.basename(sys.argv[0])):
         config, args = parse_args(config_cls, argv, prog)
         if args.print_config:
             sys.stdout.write(dump_yaml(config))
             return None
+        if args.resume:
+            changed = check_resume(config)
+            if changed and os.environ.get("RANK", "0") == "0":
+                print(f"--resume: changed since the run's config.yaml: {'; '.join(changed)}", flush=True)
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
         return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)

@@ -1,56 +1,180 @@
-"""What every recipe's norm comparison shares: launching one training run per (norm, seed) under a
-launcher, and the report pieces (mean ± std cells, loss-curve and alpha plots).
+"""The one comparison flow every ``dyt-*-compare`` and ``scripts/demo.py`` share: a recipe's
+:class:`~dyt.train.recipe.RecipeSpec` names what to train; this module plans one training run per
+model x norm x sweep point x seed, launches each under a launcher (resumed if its folder holds a
+checkpoint, not launched at all once finished), and holds the report pieces every recipe uses: mean ±
+std cells, verdicts against the baseline's seed spread, loss-curve and alpha plots, and the sweep
+tables and heatmaps.
 
-Each run is passed ``--resume``, so a killed comparison continues where it stopped."""
+A run's facts (model, norm, seed, sweep point) are fields of its :class:`Point`, saved as
+``point.json`` in its folder; nothing is read back from folder names or labels."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..analysis import pyplot
+from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
+from ..errors import UserInputError
+from ..norms import norm_variant_overrides
+from .checkpoint import complete_checkpoints, step_of
+from .config import dump_yaml, load_config
 from .metrics import read_metrics
+from .recipe import Metric, ModelSpec, RecipeSpec
 
 LAUNCHERS = ("deepspeed", "torchrun", "python")
 WALL_FILE = "wall_seconds.json"
 """A run's training wall time (seconds), summed over its launches: see run_training."""
+POINT_FILE = "point.json"
+"""A run's facts (:class:`Point`), written by the comparison before its first launch."""
+MIN_VERDICT_SEEDS = 3
+NO_VERDICT = f"fewer than {MIN_VERDICT_SEEDS} seeds: no verdict"
+
+
+class CompareError(UserInputError):
+    kind = "compare error"
+
+
+# ---------------------------------------------------------------- runs and their facts
+
+
+@dataclass(frozen=True)
+class Point:
+    """The facts of one training run of a comparison."""
+
+    norm: str
+    seed: int
+    model: str = ""
+    """The recipe's ``ModelSpec.name`` ("" for a run made outside a recipe comparison)."""
+    sweep: tuple[tuple[str, str], ...] = ()
+    """(dotted config key, value as given to ``--sweep``) of every sweep that applies to this run."""
+
+    @property
+    def cell(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        """What the seeds of one report cell share: (model, norm, sweep)."""
+        return self.model, self.norm, self.sweep
+
+    @property
+    def label(self) -> str:
+        """For printing and chart legends only."""
+        return cell_label(self.cell)
+
+    def dir_name(self) -> str:
+        """A folder name made from the facts (never parsed back): values kept readable where they are
+        plain, and a hash of the exact sweep whenever there is one, so distinct points never share a
+        folder."""
+        parts = [self.model, self.norm] if self.model else [self.norm]
+        if self.sweep:
+            digest = hashlib.sha1(json.dumps(self.sweep).encode()).hexdigest()[:6]
+            parts.append(",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.sweep) + "-" + digest)
+        parts.append(f"seed{self.seed}")
+        return re.sub(r"[^A-Za-z0-9._=,+-]", "_", "-".join(parts))
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "norm": self.norm, "seed": self.seed, "sweep": [list(p) for p in self.sweep]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Point:
+        return cls(norm=data["norm"], seed=data["seed"], model=data["model"],
+                   sweep=tuple((key, value) for key, value in data["sweep"]))
+
+
+def describe_sweep(sweep: Iterable[tuple[str, str]]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sweep) or "-"
 
 
 @dataclass
 class Run:
     """One finished training run of a comparison."""
 
-    label: str
-    seed: int
+    point: Point
     dir: Path
     wall_s: float
+
+    @property
+    def norm(self) -> str:
+        return self.point.norm
+
+    @property
+    def seed(self) -> int:
+        return self.point.seed
+
+    @property
+    def label(self) -> str:
+        return self.point.label
 
     @property
     def metrics(self) -> list[dict]:
         return read_metrics(self.dir / "metrics.jsonl")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def read_point(run_dir: Path) -> Point | None:
+    path = Path(run_dir) / POINT_FILE
+    return Point.from_json(json.loads(path.read_text())) if path.is_file() else None
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
-    """The options every ``dyt-*-compare`` shares: where runs go and how they are launched."""
-    parser.add_argument("--out", type=Path, default=Path(out))
+# ---------------------------------------------------------------- command line
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One ``--sweep [NORM:]KEY=V1,V2,...``: a config key and its values, for every norm or one."""
+
+    key: str
+    values: tuple[str, ...]
+    norm: str | None = None
+
+    def applies_to(self, norm: str) -> bool:
+        return self.norm is None or self.norm == norm
+
+
+def parse_sweep(text: str) -> Sweep:
+    """``KEY=V1,V2`` or ``NORM:KEY=V1,V2`` (the norm may hold colons itself: ``dyt:x:train.lr=...``;
+    a dotted config key never does). Values are applied like ``--set`` (parsed as YAML)."""
+    target, sep, values = text.partition("=")
+    norm, _, key = target.rpartition(":")
+    items = tuple(v.strip() for v in values.split(","))
+    if not sep or not key.strip() or not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not [NORM:]KEY=V1,V2,... (e.g. model.norm.alpha_init.ffn=0.2,0.5)")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a value twice")
+    return Sweep(key.strip(), items, norm.strip() or None)
+
+
+def norm_overrides(norm: str) -> list[str]:
+    """The ``--set`` items that make a run use ``norm``: the one place a ``--norms`` entry is
+    resolved. Any name ``dyt.norm_variant_overrides`` knows: a norm kind, a DyT variant
+    (``dyt:hardtanh``, ``dyt:fixed-alpha``, ...) or a normalization-free baseline (``skipinit``)."""
+    return norm_variant_overrides(norm)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None:
+    """The options every ``dyt-*-compare`` shares: where runs go, how they are launched, which norms
+    and which sweep grid."""
+    default_norms = " / ".join(" ".join(m.norms) for m in spec.models)
+    parser.add_argument("--norms", nargs="+", metavar="NORM",
+                        help=f"norms to train, the baseline first (verdicts compare with it); default {default_norms}")
+    parser.add_argument("--sweep", dest="sweeps", action="append", type=parse_sweep, default=[],
+                        metavar="[NORM:]KEY=V1,V2,...",
+                        help="train every value of a config key (repeatable: the grid of all --sweep options, "
+                             "each point with every norm and seed, one resumable run each); NORM: restricts it "
+                             "to that norm's runs, e.g. dyt:train.lr=1e-3,2e-3")
+    parser.add_argument("--out", type=Path, default=Path(f"runs/{spec.name}-compare"))
     parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks per training run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +188,17 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     args = parser.parse_args(argv)
     if args.launcher == "python" and args.nproc != 1:
         parser.error("--launcher python runs one process: use --nproc 1")
+    for first, second in itertools.combinations(args.sweeps, 2):
+        if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
+                second.key, second.norm):
+            parser.error(f"argument --sweep: {second.key} is swept twice for the same runs")
+    if args.norms is not None:
+        if len(set(args.norms)) != len(args.norms):
+            parser.error("argument --norms: a norm is listed twice")
+        for sweep in args.sweeps:
+            if sweep.norm is not None and sweep.norm not in args.norms:
+                parser.error(f"argument --sweep: {sweep.norm}:{sweep.key} names a norm that is not trained "
+                             f"(--norms {' '.join(args.norms)})")
     return args
 
 
@@ -76,6 +211,84 @@ def prepare_out(args: argparse.Namespace) -> None:
                              "give --out a folder of its own")
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (a packaged config of an
+    editable install reads ``packages/dyt-llama/src/dyt_llama/configs/tiny.yaml``), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------- planning and launching
+
+
+def grid(sweeps: Sequence[Sweep], norm: str) -> list[tuple[tuple[str, str], ...]]:
+    """Every sweep point of ``norm``'s runs: the product of the sweeps that apply to it, in the
+    order given (one empty point without sweeps)."""
+    mine = [s for s in sweeps if s.applies_to(norm)]
+    return [tuple(zip((s.key for s in mine), values)) for values in itertools.product(*(s.values for s in mine))]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run to make: its facts, where it goes, and the config it will train with."""
+
+    point: Point
+    config_path: Path
+    overrides: tuple[str, ...]
+    """``--set`` items after the config file (``run_training`` adds train.seed and train.out_dir)."""
+    dir: Path
+    config: Any = field(compare=False)
+
+
+def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple[ModelSpec, Path]],
+              seeds: Sequence[int]) -> list[PlannedRun]:
+    """Every run of a comparison: per model, seeds outermost (the whole comparison at the first seed
+    comes first), then norms, then sweep points. Each config is resolved now, so that a bad key or
+    value in ``--set``, ``--norms`` or ``--sweep`` stops the command before anything is launched."""
+    plan = []
+    for model, config_path in models:
+        norms = args.norms or list(model.norms)
+        for seed in seeds:
+            for norm in norms:
+                for sweep in grid(args.sweeps, norm):
+                    point = Point(norm=norm, seed=seed, model=model.name, sweep=sweep)
+                    out = args.out / point.dir_name()
+                    overrides = (*args.overrides, *norm_overrides(norm), *(f"{k}={v}" for k, v in sweep))
+                    config = load_config(spec.config_class, config_path, [*overrides, *run_items(seed, out)])
+                    plan.append(PlannedRun(point, Path(config_path), overrides, out, config))
+    trained = {p.point.norm for p in plan}
+    for sweep in args.sweeps:
+        if sweep.norm is not None and sweep.norm not in trained:
+            raise CompareError(f"--sweep {sweep.norm}:{sweep.key} names a norm no run trains "
+                               f"(norms: {', '.join(sorted(trained))})")
+    return plan
+
+
+def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[PlannedRun]) -> list[Run]:
+    """Train every planned run (finished ones are not launched again) and return them in plan order."""
+    runs = []
+    for planned in plan:
+        planned.dir.mkdir(parents=True, exist_ok=True)
+        saved = read_point(planned.dir)
+        if saved is None:
+            (planned.dir / POINT_FILE).write_text(json.dumps(planned.point.to_json(), indent=1))
+        elif saved != planned.point:
+            raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
+        wall = run_training(spec.train_module, planned.config_path, planned.dir, planned.overrides,
+                            seed=planned.point.seed, label=planned.point.label, launcher=args.launcher, nproc=args.nproc,
+                            steps=planned.config.train.steps, config_text=dump_yaml(planned.config))
+        runs.append(Run(planned.point, planned.dir, wall))
+    return runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_command(module: str, launcher: str, nproc: int) -> list[str]:
@@ -107,19 +320,45 @@ def launch_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def run_training(
-    module: str, config: Path, out: Path, overrides: Sequence[str], *,
-    label: str, seed: int, launcher: str = "deepspeed", nproc: int = 2,
-) -> Run:
-    """Train ``module`` with ``config`` + ``overrides`` into ``out`` (resuming what is there).
+def finished_step(out: Path) -> int:
+    """The step of the newest complete checkpoint in ``out`` (0 for none): the step a ``--resume``
+    launch would start from, and train nothing when that is at ``train.steps`` already."""
+    done = complete_checkpoints(Path(out) / "checkpoints")
+    return step_of(done[-1]) if done else 0
 
-    The run's wall time is the sum over the launches that trained steps, kept in ``out``, so a run
-    that was already finished reports the time it took then, not that of the check."""
+
+def run_items(seed: int, out: Path) -> list[str]:
+    """The ``--set`` items a comparison gives every run after its own: its seed and its folder."""
+    return [f"train.seed={seed}", f"train.out_dir={out}"]
+
+
+def run_training(
+    module: str, config: Path, out: Path, overrides: Sequence[str], *, seed: int, label: str,
+    launcher: str = "deepspeed", nproc: int = 2, steps: int | None = None, config_text: str | None = None,
+) -> float:
+    """Train ``module`` with ``config`` + ``overrides`` + ``seed`` into ``out`` (``--resume``: what is there
+    continues); returns the run's training wall time in seconds.
+
+    With ``steps`` (the run's ``train.steps``), a run whose newest complete checkpoint is at that step
+    already is not launched at all: the trainer would resume there and train nothing. ``config_text``
+    (the resolved config as the trainer dumps it) is then compared with the run's ``config.yaml`` and
+    a difference is printed: the finished run was trained with other settings.
+
+    The wall time is the sum over the launches that trained steps, kept in ``out``, so a run that was
+    already finished reports the time it took then, not that of the check."""
+    wall_file = out / WALL_FILE
+    done = finished_step(out)
+    if steps is not None and done >= steps:
+        print(f"\n== {label}, seed {seed}: finished (step {done} of {steps}) in {out}; not launched again", flush=True)
+        saved = out / "config.yaml"
+        if config_text is not None and saved.is_file() and saved.read_text() != config_text:
+            print(f"   note: {saved} differs from this comparison's settings for the run; its results are "
+                  "reported as trained (--fresh or another --out trains it anew)", flush=True)
+        return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
     cmd = launch_command(module, launcher, nproc) + ["--config", str(config), "--resume"]
-    for item in [*overrides, f"train.seed={seed}", f"train.out_dir={out}"]:
+    for item in [*overrides, *run_items(seed, out)]:
         cmd += ["--set", item]
     print(f"\n== {label}, seed {seed}: {' '.join(cmd)}", flush=True)
-    wall_file = out / WALL_FILE
     steps_before = _last_step(out)
     started = time.perf_counter()
     try:
@@ -129,7 +368,7 @@ def run_training(
         if _last_step(out) > steps_before:
             wall += time.perf_counter() - started
             wall_file.write_text(json.dumps({"seconds": wall}))
-    return Run(label, seed, out, wall)
+    return wall
 
 
 def _last_step(out: Path) -> int:
@@ -150,11 +389,61 @@ def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
     return results
 
 
+# ---------------------------------------------------------------- numbers and verdicts
+
+
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
     """``mean ± std`` over seeds (just the value for one seed)."""
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool, digits: int = 3,
+            baseline_name: str = "the baseline") -> str:
+    """In words: does the mean of ``values`` (DyT's, over seeds) lie within the baseline's mean ± 2σ
+    (σ: the baseline's sample standard deviation over its seeds)? Both need at least 3 seeds."""
+    if min(len(values), len(baseline)) < MIN_VERDICT_SEEDS:
+        return NO_VERDICT
+    centre, spread = statistics.mean(baseline), 2 * statistics.stdev(baseline)
+    low, high = centre - spread, centre + spread
+    mean = statistics.mean(values)
+    band = f"{baseline_name}'s mean ± 2σ [{low:.{digits}f}, {high:.{digits}f}]"
+    if low <= mean <= high:
+        return f"within {band}"
+    better = (mean > high) if higher_is_better else (mean < low)
+    return f"{'better' if better else 'worse'} than {band}"
+
+
+Cell = tuple[str, str, tuple[tuple[str, str], ...]]
+"""(model, norm, sweep): the runs (or downstream seeds) one report cell averages over."""
+
+
+def baseline_cell(cell: Cell, cells: Iterable[Cell], baseline: str, score: Callable[[Cell], float] | None = None,
+                  higher_is_better: bool = False) -> Cell | None:
+    """The baseline cell ``cell`` is judged against: the baseline's cell of the same model that has
+    the same value of every sweep key both share; where several do (the baseline swept keys of its
+    own, ``NORM:KEY``), the best by ``score``. None without a baseline cell."""
+    model, _, sweep = cell
+    mine = dict(sweep)
+    matches = [c for c in cells if c[0] == model and c[1] == baseline
+               and all(mine.get(key, value) == value for key, value in c[2])]
+    if not matches:
+        return None
+    if len(matches) == 1 or score is None:
+        return matches[0]
+    return (max if higher_is_better else min)(matches, key=score)
+
+
+def cell_label(cell: Cell) -> str:
+    """A cell's norm and sweep point in words, for tables and keys (never parsed back)."""
+    _, norm, sweep = cell
+    return f"{norm} ({describe_sweep(sweep)})" if sweep else norm
+
+
+def cells_of(points: Iterable[Point]) -> list[Cell]:
+    """The distinct cells of ``points``, in order of first appearance."""
+    return list(dict.fromkeys(p.cell for p in points))
 
 
 def peak_rss_per_rank(row: dict) -> list[float]:
@@ -166,6 +455,25 @@ def peak_rss_per_rank(row: dict) -> list[float]:
 def median_throughput(rows: list[dict]) -> float:
     speeds = [r["throughput"] for r in rows if "throughput" in r]
     return statistics.median(speeds[1:] or speeds)  # the first logged step includes warm-up
+
+
+def pretraining_summary(run: Run) -> dict[str, Any]:
+    """What every recipe reports of a pretraining run: the mean training loss of the last three
+    logged steps, the last validation's values (``eval_loss``, and each ``eval/<name>`` as
+    ``eval_<name>``), median throughput, peak memory per rank and wall time."""
+    rows = run.metrics
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    last_eval = [r for r in rows if "eval/loss" in r][-1]
+    return {
+        "final_train_loss": statistics.mean(train[-3:]),
+        **{"eval_" + k.removeprefix("eval/"): v for k, v in last_eval.items() if k.startswith("eval/")},
+        "throughput": median_throughput(rows),
+        "peak_rss_mb": peak_rss_per_rank(rows[-1]),
+        "wall_s": run.wall_s,
+    }
+
+
+# ---------------------------------------------------------------- plots
 
 
 def plot_losses(runs: Sequence[Run], path: Path, ylabel: str) -> None:
@@ -189,21 +497,111 @@ def plot_losses(runs: Sequence[Run], path: Path, ylabel: str) -> None:
 
 
 def plot_alphas(run: Run, path: Path) -> bool:
-    """DyT alpha of every layer over training; False when the run logged none."""
-    rows = [r for r in run.metrics if any(k.startswith("alpha/") for k in r)]
-    if not rows:
+    """The paper's alpha figure for one run: per DyT layer, alpha and 1/std of its input over
+    training, and every layer's final alpha against its final 1/std; False when the run logged no
+    alpha."""
+    history = alpha_scale_history(run.metrics)
+    if not history:
         return False
+    plot_alpha_vs_scale(history, path, title=f"DyT alpha and 1/std of its input per layer ({run.label})")
+    return True
+
+
+def plot_alphas_of_first(runs: Sequence[Run], path: Path) -> bool:
+    """The alpha chart of the first run that logged DyT alphas (False: none did)."""
+    return any(plot_alphas(run, path) for run in runs)
+
+
+# ---------------------------------------------------------------- sweeps in the report
+
+
+def sweep_section(out: Path, model: ModelSpec, values: dict[Cell, dict[str, list[float]]],
+                  metrics: Sequence[Metric], sweeps: Sequence[Sweep]) -> list[str]:
+    """The report's sweep part for one model: for every metric and every norm swept over more than
+    one point, a table of mean ± std over seeds per grid point and a chart (one key: the metric
+    against its values; two keys: a heatmap, rows the first key; more: the table alone), then the
+    best point of each norm. ``values[cell][metric.key]``: the numbers of that cell, one per seed.
+    Charts are written into ``out``; returns markdown lines (none without a swept grid)."""
+    lines: list[str] = []
+    for metric in metrics:
+        for norm in dict.fromkeys(c[1] for c in values if c[0] == model.name):
+            points = [c for c in values if c[0] == model.name and c[1] == norm and values[c].get(metric.key)]
+            mine = [s for s in sweeps if s.applies_to(norm)]
+            if len(points) < 2 or not mine:
+                continue
+            cell_of = {c[2]: values[c][metric.key] for c in points}
+            title = f"{model.title}, {norm}: {metric.title} over the sweep (mean ± std over seeds)"
+            lines += [f"#### {title}", "", *_sweep_table(mine, cell_of, metric)]
+            if len(mine) <= 2:
+                png = re.sub(r"[^A-Za-z0-9._-]", "_", f"sweep_{model.name}_{norm}_{metric.key}.png")
+                _plot_sweep(out / png, mine, cell_of, metric, title)
+                lines += ["", f"![{title}]({png})"]
+            best = (max if metric.higher_is_better else min)(cell_of, key=lambda p: statistics.mean(cell_of[p]))
+            lines += ["", f"Best {metric.title} for {norm}: {describe_sweep(best)} "
+                          f"({mean_std(cell_of[best], metric.digits)}, {len(cell_of[best])} seed(s)).", ""]
+    return lines
+
+
+def _sweep_table(sweeps: list[Sweep], cell_of: dict, metric: Metric) -> list[str]:
+    """Two keys: a matrix (rows the first key); otherwise one row per point."""
+    def cell(point) -> str:
+        return mean_std(cell_of[point], metric.digits) if point in cell_of else "-"
+
+    keys = [s.key for s in sweeps]
+    if len(keys) == 2:
+        rows, cols = sweeps
+        lines = [f"| {rows.key} \\ {cols.key} | " + " | ".join(cols.values) + " |",
+                 "|---" * (len(cols.values) + 1) + "|"]
+        for r in rows.values:
+            lines.append(f"| {r} | " + " | ".join(cell(((rows.key, r), (cols.key, c))) for c in cols.values) + " |")
+        return lines
+    lines = ["| " + " | ".join(keys) + f" | {metric.title} |", "|---" * (len(keys) + 1) + "|"]
+    for point in cell_of:
+        lines.append("| " + " | ".join(value for _, value in point) + f" | {cell(point)} |")
+    return lines
+
+
+def _plot_sweep(path: Path, sweeps: list[Sweep], cell_of: dict, metric: Metric, title: str) -> None:
+    """One key: the metric's mean (± std bars) against the key's values; two: a heatmap of the means."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = sorted(k for k in rows[-1] if k.startswith("alpha/"))
-    for name in names:
-        ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=name.removeprefix("alpha/"))
-    ax.set_xlabel("step")
-    ax.set_ylabel("alpha")
-    if len(names) <= 24:
-        ax.legend(fontsize=6, ncol=2)
-    ax.set_title(f"DyT alpha per layer ({run.label})")
+    if len(sweeps) == 1:
+        (sweep,) = sweeps
+        xs = [v for v in sweep.values if ((sweep.key, v),) in cell_of]
+        means = [statistics.mean(cell_of[((sweep.key, v),)]) for v in xs]
+        errors = [statistics.stdev(cell_of[((sweep.key, v),)]) if len(cell_of[((sweep.key, v),)]) > 1 else 0.0
+                  for v in xs]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.errorbar(range(len(xs)), means, yerr=errors, marker="o", capsize=4)
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_xlabel(sweep.key)
+        ax.set_ylabel(metric.title)
+    else:
+        rows, cols = sweeps
+        grid_means = [[statistics.mean(cell_of[((rows.key, r), (cols.key, c))])
+                       if ((rows.key, r), (cols.key, c)) in cell_of else float("nan") for c in cols.values]
+                      for r in rows.values]
+        fig, ax = plt.subplots(figsize=(1.2 * len(cols.values) + 3, 0.8 * len(rows.values) + 2.5))
+        image = ax.imshow(grid_means, cmap="viridis" if metric.higher_is_better else "viridis_r", aspect="auto")
+        for i, row in enumerate(grid_means):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{value:.{metric.digits}f}", ha="center", va="center", fontsize=8,
+                            bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
+        ax.set_xticks(range(len(cols.values)), cols.values)
+        ax.set_yticks(range(len(rows.values)), rows.values)
+        ax.set_xlabel(cols.key)
+        ax.set_ylabel(rows.key)
+        fig.colorbar(image, ax=ax, label=metric.title)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+
+
+def sweep_notes(args: argparse.Namespace) -> list[str]:
+    """One line saying what was swept (nothing without ``--sweep``)."""
+    if not args.sweeps:
+        return []
+    listed = "; ".join(f"{s.norm + ':' if s.norm else ''}{s.key} = {', '.join(s.values)}" for s in args.sweeps)
+    return [f"Swept: {listed} (every point a run of its own; a key with a norm prefix only in that norm's runs).", ""]
+

@@ -133,24 +133,87 @@ class TrainConfig:
     tensorboard: bool = True
 
     HARNESS_KEYS: typing.ClassVar[dict[str, str]] = {
-        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-        "gradient_accumulation_steps": "train.grad_accum",
-        "train_batch_size": "train.micro_batch_size and train.grad_accum",
-        "optimizer": "train.lr, train.betas and train.weight_decay (the harness builds AdamW)",
-        "scheduler": "train.lr, train.min_lr and train.warmup_steps (the harness builds the schedule)",
+        "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
+        "gradient_accumulation_steps": "set train.grad_accum",
+        "train_batch_size": "set train.micro_batch_size and train.grad_accum",
+        "optimizer": "set train.lr, train.betas and train.weight_decay (the harness builds AdamW)",
+        "scheduler": "set train.lr, train.min_lr and train.warmup_steps (the harness builds the schedule)",
+        "bfloat16": "set train.precision (bfloat16 is DeepSpeed's old name of bf16)",
+        "amp": "set train.precision",
+        "torch_autocast": "set train.precision",
+        "data_types.param_dtype": "set train.precision",
+        "checkpoint.load_universal": "use --resume, which turns it on when the checkpoint's world size differs",
     }
-    """DeepSpeed JSON keys the harness sets itself, and the settings to use instead."""
+    """DeepSpeed JSON keys (dotted paths) the harness sets itself, and what to do instead."""
+
+    MIRRORED_KEYS: typing.ClassVar[dict[str, str]] = {
+        "bf16.enabled": "precision",
+        "fp16.enabled": "precision",
+        "zero_optimization.stage": "zero_stage",
+        "gradient_clipping": "grad_clip",
+    }
+    """DeepSpeed JSON keys that restate a train setting: allowed in the JSON only with the value
+    that setting derives (``train.*`` is the run's one source of truth)."""
+
+    RESUME_MAY_CHANGE: typing.ClassVar[frozenset[str]] = frozenset({
+        "out_dir", "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "grad_clip",
+        "deepspeed_config", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+        "num_workers", "progress", "tensorboard",
+    })
+    """Settings ``--resume`` accepts changed (see :func:`resume_changes`). The others are fixed for a
+    run: ``lr``, ``betas`` and ``weight_decay`` come back with the optimizer state (a new value would
+    be silently ignored), ``precision`` and ``zero_stage`` shape the checkpoint, ``seed`` the data
+    order. The schedule is rebuilt from the new ``steps``, ``warmup_steps`` and ``min_lr`` at the
+    saved step; the data position is kept in samples, so the batch settings may change too."""
+
+    def derived_deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed config these settings give, before any ``deepspeed_config`` file."""
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.precision == "bf16"},
+            "fp16": {"enabled": self.precision == "fp16"},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
 
     def validate(self) -> None:
-        """The DeepSpeed JSON exists, parses, is an object and leaves the harness's own keys alone."""
-        if self.deepspeed_config:
-            extra = read_json_object(self.deepspeed_config, "train.deepspeed_config")
-            clashes = [key for key in self.HARNESS_KEYS if key in extra]
-            if clashes:
-                raise ConfigError(
-                    f"{self.deepspeed_config} (train.deepspeed_config) sets {clashes[0]!r}, which the harness derives: "
-                    f"remove it and set {self.HARNESS_KEYS[clashes[0]]}"
-                )
+        """The DeepSpeed JSON exists, parses, is an object, leaves the harness's own keys alone and
+        restates a train setting only with that setting's value: a conflict is an error naming both."""
+        if not self.deepspeed_config:
+            return
+        extra = read_json_object(self.deepspeed_config, "train.deepspeed_config")
+        where = f"{self.deepspeed_config} (train.deepspeed_config)"
+        for key, instead in self.HARNESS_KEYS.items():
+            if _dotted(extra, key) is not _ABSENT:
+                raise ConfigError(f"{where} sets {key!r}, which the harness derives: remove it and {instead}")
+        derived = self.derived_deepspeed_config()
+        for key, name in self.MIRRORED_KEYS.items():
+            given, wanted = _dotted(extra, key), _dotted(derived, key)
+            if given is _ABSENT or (given == wanted and isinstance(given, bool) == isinstance(wanted, bool)):
+                continue
+            raise ConfigError(
+                f"{where} sets {key}={json.dumps(given)} but train.{name}={getattr(self, name)!r} gives "
+                f"{key}={json.dumps(wanted)}: train.* is the run's one source of truth: set train.{name} and "
+                f"remove {key!r} from the file (or make the two agree)"
+            )
+
+
+_ABSENT = object()
+
+
+def _dotted(data: Mapping[str, Any], key: str) -> Any:
+    """``data[a][b]`` for ``key`` ``"a.b"``; ``_ABSENT`` where a part is missing."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
 
 
 def read_json_object(path: str | Path, key: str) -> dict[str, Any]:
@@ -405,3 +468,26 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def resume_changes(saved: Any, new: Any) -> tuple[list[str], list[str]]:
+    """(fixed, allowed): the settings that differ between a run's saved config and a new one, each
+    as ``key old -> new``. A setting may change on ``--resume`` when its dataclass names it in a
+    ``RESUME_MAY_CHANGE`` class attribute (TrainConfig does); every other one is fixed for a run, so
+    every model key (norm, sizes, vocabulary) is."""
+    fixed: list[str] = []
+    allowed: list[str] = []
+
+    def walk(old: Any, cur: Any, prefix: str) -> None:
+        may_change = getattr(type(cur), "RESUME_MAY_CHANGE", frozenset())
+        for f in dataclasses.fields(cur):
+            before, after = getattr(old, f.name), getattr(cur, f.name)
+            key = prefix + f.name
+            if dataclasses.is_dataclass(after) and type(before) is type(after):
+                walk(before, after, key + ".")
+            elif to_dict(before) != to_dict(after):
+                shown = f"{key} {json.dumps(to_dict(before))} -> {json.dumps(to_dict(after))}"
+                (allowed if f.name in may_change else fixed).append(shown)
+
+    walk(saved, new, "")
+    return fixed, allowed

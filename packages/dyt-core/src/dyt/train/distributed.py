@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +36,10 @@ def init_distributed() -> DistInfo:
     for a world of one. Without CUDA, DeepSpeed runs on its CPU accelerator over gloo.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A fresh port, even if MASTER_PORT came inherited: a parent that trained in-process holds
+        # the one it set, and a child reusing it fails with EADDRINUSE.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -65,3 +69,24 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def barrier() -> None:
     torch.distributed.barrier()
+
+
+@contextmanager
+def whole_parameter(param: torch.Tensor) -> Iterator[torch.Tensor | None]:
+    """``param`` whole, for model code that initialises it in place after its module was built.
+
+    Under ZeRO-3's partitioned construction (``deepspeed.zero.Init``, the harness's
+    ``build_partitioned``) a child module's parameters are already this rank's shard, an empty
+    placeholder, when the parent's ``__init__`` or ``reset_parameters`` runs. This gathers the
+    parameter, yields it on rank 0 and None on the others, and on exit sends rank 0's values to
+    every rank and re-shards them: only rank 0 draws random numbers, in the order a whole-model build
+    draws them, so the weights equal the whole-model build's for the same seed. Without ZeRO-3
+    partitioning: ``param`` itself, on every rank. Write ``with whole_parameter(p) as full: if full
+    is not None: nn.init.normal_(full, ...)``."""
+    if not hasattr(param, "ds_id"):
+        yield param
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
+        yield param if torch.distributed.get_rank() == 0 else None

@@ -1,7 +1,8 @@
-"""Supervised fine-tuning of a classifier with early stopping, and the classification metrics the
-recipes' downstream evals report. Single process: evals are small next to pretraining.
+"""Supervised fine-tuning with early stopping, the one loop every downstream eval uses, and the
+classification metrics. Single process: evals are small next to pretraining.
 
-Used by dyt-dna (sequence classification) and dyt-wav2vec2 (keyword probe / fine-tune)."""
+Used by dyt-dna (sequence classification) and dyt-wav2vec2 (keyword probe and fine-tune:
+``Classification``; CTC speech recognition: its own ``Objective``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -30,6 +31,8 @@ class FinetuneConfig:
     """Validate every this many steps (0: once per epoch)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit)."""
+    clip_grad_norm: float = 0.0
+    """Clip the gradient norm to this (0: no clipping)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
@@ -62,9 +65,51 @@ class FinetuneResult:
     validation: dict[str, float]
     test: dict[str, dict[str, float]]
     """Metrics per test set."""
-    confusion: dict[str, list[list[int]]]
-    """(true, predicted) counts per test set."""
+    details: dict[str, Any]
+    """What the objective keeps per test set besides its metrics (a confusion matrix, example transcripts)."""
     curve: list[dict[str, float]]
+
+
+class Objective(Protocol):
+    """What a fine-tuning run minimises, and how a model is scored on a dataset.
+
+    ``finetune`` owns the loop (seeding, optimizer, clipping, validation cadence, early stopping,
+    keeping the best weights); an objective owns the loss and the metrics, so a classifier and a CTC
+    recogniser share one loop."""
+
+    selection: str
+    """The validation metric that picks the kept weights."""
+    higher_is_better: bool
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[dict[str, float], Any]:
+        """Metrics over ``loader`` (``loss`` among them) and the details kept for test sets."""
+        ...
+
+
+@dataclass
+class Classification:
+    """Cross-entropy over ``classes``; scored by accuracy, MCC (selects) and macro F1; keeps the
+    confusion matrix. Batches are ``(inputs, labels)``."""
+
+    classes: int
+    selection: str = "mcc"
+    higher_is_better: bool = True
+
+    def loss(self, model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
+        inputs, labels = batch
+        return nn.functional.cross_entropy(model(inputs).float(), labels)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[dict[str, float], list[list[int]]]:
+        confusion = torch.zeros(self.classes, self.classes, dtype=torch.long)
+        loss_sum, count = 0.0, 0
+        for inputs, labels in loader:
+            logits = model(inputs)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+            count += len(labels)
+            confusion += confusion_matrix(logits.argmax(-1), labels, self.classes)
+        return {"loss": loss_sum / max(1, count), **classification_metrics(confusion)}, confusion.tolist()
 
 
 def planned_steps(cfg: FinetuneConfig, examples: int) -> int:
@@ -73,18 +118,12 @@ def planned_steps(cfg: FinetuneConfig, examples: int) -> int:
     return min(cfg.max_steps, total) if cfg.max_steps else total
 
 
-def _predict(model: nn.Module, loader: DataLoader, classes: int) -> tuple[torch.Tensor, float]:
+def _evaluate(model: nn.Module, objective: Objective, loader: DataLoader) -> tuple[dict[str, float], Any]:
     model.eval()
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
-    loss_sum, count = 0.0, 0
     with torch.no_grad():
-        for inputs, labels in loader:
-            logits = model(inputs)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-            count += len(labels)
-            confusion += confusion_matrix(logits.argmax(-1), labels, classes)
+        scores = objective.evaluate(model, loader)
     model.train()
-    return confusion, loss_sum / max(1, count)
+    return scores
 
 
 def finetune(
@@ -92,14 +131,15 @@ def finetune(
     train: Dataset,
     validation: Dataset,
     tests: Mapping[str, Dataset],
-    collate: Callable[[list[Any]], tuple[Any, torch.Tensor]],
-    classes: int,
+    collate: Callable[[list[Any]], Any],
+    objective: Objective,
     cfg: FinetuneConfig,
     seed: int,
     desc: str = "fine-tune",
 ) -> FinetuneResult:
-    """Train ``make_model()`` on ``train``; keep the weights with the best validation MCC; report
-    the metrics of those weights on each of ``tests``. Parameters with ``requires_grad=False`` stay frozen (a probe)."""
+    """Train ``make_model()`` on ``train`` with ``objective``'s loss; keep the weights with the best
+    validation ``objective.selection``; report the metrics of those weights on each of ``tests``.
+    Parameters with ``requires_grad=False`` stay frozen (a probe)."""
     from tqdm.auto import tqdm
 
     seed_everything(seed)
@@ -114,31 +154,34 @@ def finetune(
         raise ValueError(f"{desc}: {len(train)} training and {len(validation)} validation examples; need both")
     total = planned_steps(cfg, len(train))
     every = cfg.eval_every or steps_per_epoch
+    sign = 1.0 if objective.higher_is_better else -1.0
     best: tuple[float, int, dict, dict] = (-math.inf, 0, {}, {})
     curve, waited, step = [], 0, 0
     bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
     while step < total and waited < cfg.patience:
-        for inputs, labels in loader:
-            loss = nn.functional.cross_entropy(model(inputs).float(), labels)
+        for batch in loader:
+            loss = objective.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad_norm:
+                nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
             optimizer.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % every == 0 or step == total:
-                confusion, validation_loss = _predict(model, validation_loader, classes)
-                scores = classification_metrics(confusion)
-                curve.append({"step": step, "train/loss": loss.item(), "validation/loss": validation_loss, **scores})
-                if scores["mcc"] > best[0]:
-                    best, waited = (scores["mcc"], step, scores, copy.deepcopy(model.state_dict())), 0
+                scores, _ = _evaluate(model, objective, validation_loader)
+                curve.append({"step": step, "train/loss": loss.item(), "validation/loss": scores["loss"],
+                              **{k: v for k, v in scores.items() if k != "loss"}})
+                if sign * scores[objective.selection] > best[0]:
+                    best, waited = (sign * scores[objective.selection], step, scores, copy.deepcopy(model.state_dict())), 0
                 else:
                     waited += 1
             if step >= total or waited >= cfg.patience:
                 break
     bar.close()
     model.load_state_dict(best[3])
-    confusions = {name: _predict(model, DataLoader(test, batch_size=cfg.batch_size, collate_fn=collate), classes)[0]
-                  for name, test in tests.items()}
-    return FinetuneResult(seed, best[1], best[2], {n: classification_metrics(c) for n, c in confusions.items()},
-                          {n: c.tolist() for n, c in confusions.items()}, curve)
+    tested = {name: _evaluate(model, objective, DataLoader(test, batch_size=cfg.batch_size, collate_fn=collate))
+              for name, test in tests.items()}
+    return FinetuneResult(seed, best[1], best[2], {n: t[0] for n, t in tested.items()},
+                          {n: t[1] for n, t in tested.items()}, curve)

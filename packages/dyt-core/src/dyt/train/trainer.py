@@ -11,6 +11,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..analysis import dyt_layers
+from ..analysis import AlphaTracker
 from ..errors import UserInputError
 from . import checkpoint
 from .config import TrainConfig, dump_yaml, read_json_object
@@ -45,7 +46,12 @@ class Task(Protocol):
     ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric, and every other
     extra is averaged over the step and logged as ``train/<name>``, and over validation batches as
     ``eval/<name>``. Optionally,
-    ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity)."""
+    ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity), and
+    ``partitioned_init = True`` says that ``build_model`` may run under ``deepspeed.zero.Init``: with
+    ``train.zero_stage: 3`` each rank then only ever holds its shard of the weights (see
+    :func:`build_partitioned`). A model whose code writes a child module's parameters after the
+    child is built (a parent's ``reset_parameters``, an ``apply(init_fn)``) must do it through
+    :func:`dyt.train.distributed.whole_parameter`, or it would write empty shards."""
 
     def build_model(self) -> nn.Module: ...
     def train_dataset(self) -> Dataset: ...
@@ -82,30 +88,30 @@ def warmup_cosine(cfg: TrainConfig):
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Matrices decayed, the rest not. A parameter built under ZeRO-3's partitioned init is an empty
+    placeholder whose real shape is ``ds_shape``."""
+
+    def is_matrix(p: torch.Tensor) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config derived from the train settings, with cfg.deepspeed_config merged over."""
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config derived from the train settings, with cfg.deepspeed_config merged over
+    (which ``TrainConfig.validate`` allows to restate a train setting only with the same value, so
+    the train settings are what the engine runs); ``load_universal``: the checkpoint to resume from
+    is DeepSpeed's universal form (a resume on another world size)."""
+    config = cfg.derived_deepspeed_config()
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"train.deepspeed_config: no such file {path}")
         _merge(config, read_json_object(path, "train.deepspeed_config"))
+    if load_universal:
+        _merge(config, {"checkpoint": {"load_universal": True}})
     return config
 
 
@@ -133,6 +139,57 @@ def _to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def engine_input_dtype(engine) -> torch.dtype | None:
+    """The dtype floating batch tensors are cast to: the engine's own weights' dtype when it is a
+    half one (read from the engine, not from ``train.precision``), else None (inputs unchanged)."""
+    model_dtype, _ = engine.get_data_types()
+    return model_dtype if model_dtype in HALF_PRECISION.values() else None
+
+
+GLIBC_MMAP_THRESHOLD = -3  # mallopt's M_MMAP_THRESHOLD
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # the ceiling of glibc's dynamic threshold on 64-bit
+
+
+@contextmanager
+def _large_frees_returned() -> Iterator[None]:
+    """While a partitioned build runs, host allocations from 128 KiB up are mmapped, so each
+    module's whole-size temporaries go back to the system when the module is cut to its shard.
+    glibc's default raises that threshold after the first large free (up to 32 MiB), so the
+    temporaries land in the heap and stay as holes between the kept shards: measured on a 302M
+    LLaMA on 2 CPU ranks, +33 MB per block of 45 MB instead of the shard's 22.5. Afterwards the
+    threshold is set to 32 MiB, where the dynamic one settles in a run. glibc only; elsewhere nothing."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(GLIBC_MMAP_THRESHOLD, 128 * 2**10)
+    try:
+        yield
+    finally:
+        mallopt(GLIBC_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype | None) -> nn.Module:
+    """``build()`` under ``deepspeed.zero.Init``: each module's parameters become this rank's shard as
+    soon as that module is built (rank 0's values, broadcast), so no rank holds the whole model and
+    peak memory at init goes as 1 / world size. Built in fp32 like the whole-model path, so the same
+    seed gives the same weights (and buffers such as RoPE tables stay fp32); then the shards are cast
+    to the engine's half dtype, elementwise as the whole-model path casts whole parameters."""
+    import deepspeed
+
+    with _large_frees_returned(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32,
+                                                      mem_efficient_linear=False):
+        model = build()
+    if half_dtype is not None:
+        for param in model.parameters():
+            param.ds_tensor.data = param.ds_tensor.data.to(half_dtype)
+            param.data = param.data.to(half_dtype)
+    return model
+
+
 def _peak_rss_per_rank(dist: DistInfo) -> dict[str, float]:
     """Peak resident memory of every rank's process, in MB (Linux reports ru_maxrss in KB)."""
     import resource
@@ -143,42 +200,80 @@ def _peak_rss_per_rank(dist: DistInfo) -> dict[str, float]:
     return {f"peak_rss_mb/rank{i}": t.item() for i, t in enumerate(everyone)}
 
 
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the training data stands: the epoch, and how many examples of its order the run has
+    read over all ranks. Counted in examples, not micro-batches, so that a resume with another world
+    size (or micro-batch size) starts at the example where the saved run stopped."""
+
+    epoch: int = 0
+    sample: int = 0
+
+
 class ResumableBatches:
-    """Micro-batches in a fixed order for (seed, epoch, rank), startable at any micro-batch index,
-    so that a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    """Micro-batches in a fixed order for (seed, epoch), startable at any :class:`DataPosition`, so
+    that a resumed run sees exactly the examples the uninterrupted run would have seen.
+
+    Each epoch is one seeded permutation of the training set, cut to a multiple of ``micro_batch *
+    world`` examples. From position ``sample`` on, each micro-batch step takes the next ``micro_batch
+    * world`` examples of that order, rank r every world-th one from r. A step therefore reads the
+    same examples whatever the world size once ``micro_batch * world * grad_accum`` is the same; an
+    epoch remainder smaller than one such micro-batch step is skipped (as ``drop_last``)."""
 
     def __init__(self, dataset: Dataset, task: Task, cfg: TrainConfig, dist: DistInfo):
         self.dataset, self.task, self.cfg, self.dist = dataset, task, cfg, dist
-        per_rank = len(dataset) // dist.world_size
-        self.per_epoch = per_rank // cfg.micro_batch_size
+        self.step_examples = cfg.micro_batch_size * dist.world_size
+        """Examples one micro-batch takes over all ranks."""
+        self.per_epoch = len(dataset) // self.step_examples
+        """Micro-batches per rank per epoch."""
         if self.per_epoch == 0:
             raise UserInputError(
                 f"the training set has {len(dataset)} examples: fewer than one micro-batch "
                 f"({cfg.micro_batch_size}) per rank for {dist.world_size} rank(s); lower train.micro_batch_size "
                 "or give more data"
             )
+        self.usable = self.per_epoch * self.step_examples
+        self.position = DataPosition()
+        """After the last micro-batch handed out: what a checkpoint saves."""
 
-    def _indices(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        usable = self.per_epoch * self.cfg.micro_batch_size * self.dist.world_size
-        return order[:usable][self.dist.rank :: self.dist.world_size]
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
 
-    def iterate(self, start: int) -> Iterator[Any]:
-        epoch, offset = divmod(start, self.per_epoch)
+    def iterate(self, start: DataPosition) -> Iterator[Any]:
+        self.position = start
+        return self._batches(start)
+
+    def _batches(self, start: DataPosition) -> Iterator[Any]:
+        epoch, sample = start.epoch, start.sample
         while True:
-            indices = self._indices(epoch)[offset * self.cfg.micro_batch_size :]
+            if sample + self.step_examples > self.usable:
+                epoch, sample = epoch + 1, 0
+            steps = (self.usable - sample) // self.step_examples
+            window = self._order(epoch)[sample : sample + steps * self.step_examples]
             loader = DataLoader(
                 self.dataset,
                 batch_size=self.cfg.micro_batch_size,
-                sampler=indices,
+                sampler=window[self.dist.rank :: self.dist.world_size],
                 drop_last=True,
                 collate_fn=self.task.collate,
                 num_workers=self.cfg.num_workers,
                 generator=torch.Generator().manual_seed(epoch),  # keeps the global RNG untouched
             )
-            yield from loader
-            epoch, offset = epoch + 1, 0
+            for batch in loader:
+                sample += self.step_examples
+                self.position = DataPosition(epoch, sample)
+                yield batch
+
+    def position_of(self, client_state: dict[str, Any], saved_world_size: int) -> DataPosition:
+        """The data position a checkpoint's client state saved. Checkpoints from before positions
+        were kept in examples saved ``micro_batches`` per rank, at their world size (and, assumed
+        here, this micro-batch size)."""
+        if "data_position" in client_state:
+            return DataPosition(**client_state["data_position"])
+        step_examples = self.cfg.micro_batch_size * saved_world_size
+        epoch, offset = divmod(client_state.get("micro_batches", 0), len(self.dataset) // step_examples)
+        return DataPosition(epoch, offset * step_examples)
 
 
 class Trainer:
@@ -189,18 +284,22 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
 
-    def _build(self):
+    def build_engine(self, load_universal: bool = False):
+        """The DeepSpeed engine around the task's model, optimizer and schedule. Under ZeRO-3 a task
+        that declares ``partitioned_init`` is built shard by shard (:func:`build_partitioned`)."""
         import deepspeed
 
+        config = deepspeed_config(self.cfg, load_universal)
         seed_everything(self.cfg.seed)  # same initial weights on every rank
-        model = self.task.build_model()
+        if self.cfg.zero_stage == 3 and getattr(self.task, "partitioned_init", False):
+            model = build_partitioned(self.task.build_model, config, HALF_PRECISION.get(self.cfg.precision))
+        else:
+            model = self.task.build_model()
         optimizer = torch.optim.AdamW(
             _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg))
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(self.cfg)
-        )
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
@@ -229,7 +328,7 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if i >= self.cfg.eval_batches:
                     break
-                loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, HALF_PRECISION.get(self.cfg.precision)))
+                loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
                 for name, value in {"loss": loss.item(), **extras}.items():
                     if name != "units":
                         sums[name] = sums.get(name, 0.0) + float(value)
@@ -243,11 +342,11 @@ class Trainer:
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
         return {n: (t / count).item() for n, t in zip(names, totals)}
 
-    def _save(self, engine, step: int, micro_batches: int) -> Path:
+    def _save(self, engine, step: int, position: DataPosition) -> Path:
         """A checkpoint of ``step``; a failed write (disk full, ...) stops the run with the step it could
         not save and the complete checkpoint that ``--resume`` will take (the failed one never got
         its COMPLETE marker, and older ones are deleted only after a new one is complete)."""
-        client = {"step": step, "micro_batches": micro_batches}
+        client = {"step": step, "data_position": {"epoch": position.epoch, "sample": position.sample}}
         try:
             return checkpoint.save(engine, self.ckpt_root, step, client, self.dist, self.cfg.keep_checkpoints)
         except (OSError, RuntimeError) as error:
@@ -271,18 +370,26 @@ class Trainer:
         batches = ResumableBatches(train_set, self.task, cfg, dist)
         if eval_set is not None and cfg.eval_every:
             self._check_validation_size(eval_set)
-        engine = self._build()
+        done = checkpoint.complete_checkpoints(self.ckpt_root) if resume else []
+        if resume and not done and dist.is_main:
+            print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
+        # A ZeRO checkpoint of another world size loads through DeepSpeed's universal form.
+        universal = bool(done) and checkpoint.needs_universal(done[-1], dist)
+        if universal:
+            checkpoint.convert_to_universal(done[-1], dist)
+        engine = self.build_engine(load_universal=universal)
 
-        step, micro_batches, last_good = 0, 0, None
-        if resume:
-            done = checkpoint.complete_checkpoints(self.ckpt_root)
-            if done:
-                state = checkpoint.load(engine, done[-1], dist)
-                step, micro_batches, last_good = state["step"], state["micro_batches"], done[-1]
-                if dist.is_main:
-                    print(f"resumed from {done[-1]} (step {step})", flush=True)
-            elif dist.is_main:
-                print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
+        step, position, last_good = 0, DataPosition(), None
+        if done:
+            state = checkpoint.load(engine, done[-1], dist, universal)
+            saved_world = checkpoint.saved_world_size(done[-1])
+            step, position, last_good = state["step"], batches.position_of(state, saved_world), done[-1]
+            if dist.is_main:
+                moved = (f"; saved by {saved_world} rank(s), now {dist.world_size}"
+                         + (": loaded through DeepSpeed's universal checkpoint" if universal else "")
+                         if saved_world != dist.world_size else "")
+                print(f"resumed from {done[-1]} (step {step}, data epoch {position.epoch} example "
+                      f"{position.sample}{moved})", flush=True)
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(self.full_config))
@@ -291,15 +398,17 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress), dynamic_ncols=True)
-        stream = batches.iterate(micro_batches)
+        stream = batches.iterate(position)
+        input_dtype = engine_input_dtype(engine)
         train_loss, eval_loss = float("nan"), None
+        alpha_tracker = AlphaTracker(engine.module, armed=False)  # alpha and 1/std of each DyT's input
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
+                alpha_tracker.armed = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps  # logged steps only
                 loss_sum, units, extra_sums = 0.0, 0.0, {}
                 for _ in range(cfg.grad_accum):
-                    batch = _to_device(next(stream), dist.device, HALF_PRECISION.get(cfg.precision))
-                    micro_batches += 1
+                    batch = _to_device(next(stream), dist.device, input_dtype)
                     loss, extras = self.task.loss(engine, batch)
                     finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
                     if finite.item() == 0:
@@ -329,7 +438,7 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
                                 **extra_means})
-                    row.update({f"alpha/{p}": m.alpha.item() for p, m in dyt_layers(engine.module)})
+                    row.update(alpha_tracker.metrics())
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     evaluated = self._evaluate(engine, eval_set)
                     eval_loss = evaluated["loss"]
@@ -340,7 +449,7 @@ class Trainer:
                 if row:
                     metrics.log(step, row)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                    last_good = self._save(engine, step, micro_batches)
+                    last_good = self._save(engine, step, batches.position)
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
             raise

@@ -1,6 +1,7 @@
 """Real data from Debian packages without installing them: ``apt-get download`` then ``dpkg-deb
--x`` into a cache dir (no root needed), once, under a file lock. The recipes' built-in corpora
-(genomes, speech) come from here; nothing is fetched from model or data hubs."""
+-x`` into ``$DYT_CACHE/debian/<name>`` (no root needed), once, under a file lock. The recipes'
+built-in corpora (genomes, speech, the Austen novels) come from here; nothing is fetched from model
+or data hubs."""
 
 from __future__ import annotations
 
@@ -11,16 +12,25 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from filelock import FileLock
 
-def cache_root() -> Path:
-    """``$DYT_CACHE`` or ``~/.cache/dyt``: every recipe's downloads and derived data."""
-    return Path(os.environ.get("DYT_CACHE", Path.home() / ".cache" / "dyt"))
+from .cache import cache_root
+
+
+def _download(packages: Sequence[str], folder: str) -> None:
+    """``apt-get download``; as root, after one ``apt-get update`` when the first try fails (a fresh
+    container has no package lists)."""
+    command = ["apt-get", "download", *packages]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"apt-get download {' '.join(packages)} failed: {done.stderr.strip()[-500:]}")
 
 
 def unpack(packages: Sequence[str], name: str) -> Path:
     """Unpack ``packages`` into ``$DYT_CACHE/debian/<name>`` (once) and return that root."""
-    from filelock import FileLock
-
     target = cache_root() / "debian" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -32,9 +42,7 @@ def unpack(packages: Sequence[str], name: str) -> Path:
                 "no apt-get/dpkg-deb: point the recipe at your own data instead (see its docs)"
             )
         with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"apt-get download {' '.join(packages)} failed: {done.stderr.strip()[-500:]}")
+            _download(packages, tmp)
             staging = Path(tmp) / "root"
             for deb in sorted(Path(tmp).glob("*.deb")):
                 subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)

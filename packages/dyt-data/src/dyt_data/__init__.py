@@ -1,0 +1,12 @@
+"""Data plumbing shared by the recipes, kept out of the kernel package (``dyt``):
+
+* :mod:`dyt_data.cache`: ``$DYT_CACHE`` (default ``~/.cache/dyt``), where every recipe keeps data;
+* :mod:`dyt_data.debian`: Debian packages unpacked into that cache (no install, no root);
+* :mod:`dyt_data.shards`: token streams on disk as memory-mapped shards with a JSON index, written
+  in constant memory and resumable after a kill.
+"""
+
+from .cache import cache_root
+from .debian import unpack
+
+__all__ = ["cache_root", "unpack"]

@@ -1,0 +1,159 @@
+"""Token shards for LLaMA pretraining: each split's documents tokenised with ``datasets.map``
+(``num_proc`` processes), every document followed by <eos>, into memory-mapped shards under
+``<cache>/tokens/<key>/`` (:mod:`dyt_data.shards`: uint16 ids when the vocabulary fits, else uint32,
+and ``index.json``). Memory stays flat with corpus size: documents are read from datasets' on-disk
+tables a batch at a time and each worker appends its tokens to a file. A killed run picks up at the
+shard it was writing. Training calls this itself when the shards are missing; ``dyt-llama-prepare``
+(``python -m dyt_llama.prepare``) builds them ahead, e.g. with more processes::
+
+    dyt-llama-prepare --config recipes/llama/tiny.yaml --num-proc 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from dyt.errors import user_errors
+from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
+
+from .data import EOS, DataConfig, _cache, document_digests, load_documents, load_tokenizer
+
+SPLITS = ("train", "validation")
+ENCODE_CHARS = 1 << 18
+"""Characters handed to the tokenizer at once (whole documents, so one long document may exceed it):
+its encodings take about 200 bytes a character, so this bounds their memory."""
+
+
+@dataclass
+class Prepared:
+    shards: dict[str, TokenShards]
+    tokenizer: object
+
+
+def _groups(texts: list[str], limit: int):
+    group, size = [], 0
+    for text in texts:
+        if group and size + len(text) > limit:
+            yield group
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        yield group
+
+
+def _tokenise(batch, rank, tokenizer, eos: int, dtype: str, prefix: str) -> dict[str, list[int]]:
+    """Append the batch's tokens (each document + <eos>) to this worker's part file; return each
+    document's token count. datasets gives worker ``rank`` a contiguous run of documents in
+    order, so the parts concatenated by rank are the documents in order."""
+    counts = []
+    with open(f"{prefix}.part{rank or 0:04d}", "ab") as out:
+        for group in _groups(batch["text"], ENCODE_CHARS):
+            pieces = []
+            for encoding in tokenizer.encode_batch_fast(group):
+                pieces += [encoding.ids, [eos]]
+                counts.append(len(encoding.ids) + 1)
+            np.concatenate(pieces).astype(dtype, copy=False).tofile(out)
+    return {"tokens": counts}
+
+
+def _survey(docs, num_proc: int, shard_chars: int, name: str) -> tuple[str, list[list[int]]]:
+    """(the documents' content key, the shard plan): one pass over the text in ``num_proc``
+    processes (cached by datasets), then the small per-document results a batch at a time."""
+    stats = docs.map(document_digests, batched=True, batch_size=64, num_proc=num_proc if num_proc > 1 else None,
+                     remove_columns=docs.column_names, desc=f"reading {name} documents")
+    content, sizes = hashlib.sha256(), []
+    for batch in stats.with_format("numpy").iter(batch_size=100_000):
+        content.update("".join(batch["digest"].tolist()).encode())
+        sizes.append(batch["chars"])
+    return content.hexdigest(), plan_by_size(np.concatenate(sizes) if sizes else [], shard_chars)
+
+
+def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer_key: str, folder_root: Path,
+                 num_proc: int, name: str) -> TokenShards:
+    import datasets
+    from tqdm.auto import tqdm
+
+    processes = num_proc if num_proc > 1 else None
+    folder = folder_root / hashlib.sha256(f"{content}:{tokenizer_key}".encode()).hexdigest()[:24]
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    eos = tokenizer.token_to_id(EOS)
+
+    def write_shard(first: int, end: int, path: Path) -> list[int]:
+        prefix = str(path) + ".tokens"
+        for stale in path.parent.glob(Path(prefix).name + ".part*"):
+            stale.unlink()
+        piece = docs.select(range(first, end))
+        counts = piece.map(
+            _tokenise, batched=True, batch_size=16, with_rank=True, num_proc=min(processes or 1, len(piece)) if processes else None,
+            remove_columns=piece.column_names, keep_in_memory=True, load_from_cache_file=False,
+            new_fingerprint=hashlib.sha256(f"{folder}:{first}:{end}".encode()).hexdigest()[:16],
+            fn_kwargs={"tokenizer": tokenizer, "eos": eos, "dtype": dtype.name, "prefix": prefix},
+        )["tokens"]
+        parts = sorted(path.parent.glob(Path(prefix).name + ".part*"))
+        with open(path, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 22)
+                part.unlink()
+        return list(counts)
+
+    meta = {"tokenizer_sha256": tokenizer_key, "content_sha256": content, "vocab_size": tokenizer.get_vocab_size(),
+            "eos": eos, "split": name}
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar for the split, not one per shard
+    try:
+        with tqdm(total=len(docs), desc=f"token shards ({name})", unit="doc", dynamic_ncols=True) as bar:
+            write_shards(folder, plan, write_shard, dtype, meta, progress=bar.update)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    return TokenShards(folder)
+
+
+def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
+    """Documents, tokenizer and both splits' token shards, built once under a file lock (the ranks
+    that wait find them done)."""
+    if cfg.num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker processes are the parallelism
+    cache = _cache(cfg)
+    with FileLock(str(cache / "data.lock")):
+        docs = load_documents(cfg)
+        surveys = {name: _survey(docs[name], cfg.num_proc, cfg.shard_chars, name) for name in SPLITS}
+        tokenizer = load_tokenizer(cfg, docs["train"], vocab_size, content_key=surveys["train"][0])
+        tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+        shards = {name: _write_split(docs[name], *surveys[name], tokenizer, tokenizer_key, cache / "tokens",
+                                     cfg.num_proc, name) for name in SPLITS}
+    return Prepared(shards, tokenizer)
+
+
+@user_errors("dyt-llama-prepare")
+def main(argv: list[str] | None = None) -> None:
+    from dyt.train import load_config
+
+    from .task import LlamaConfig
+
+    parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--num-proc", type=int, default=None, help="tokenising processes (default: data.num_proc)")
+    args = parser.parse_args(argv)
+    overrides = list(args.set) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])
+    config = load_config(LlamaConfig, args.config, overrides)
+    prepared = prepare(config.data, config.model.vocab_size)
+    for name, shards in prepared.shards.items():
+        index = shards.index
+        print(f"{name}: {index['tokens']} tokens of {index['documents']} documents in {len(index['shards'])} "
+              f"{index['dtype']} shard(s), {shards.folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""LLaMA token data at scale, measured in one run (docs/performance.md, "Token shards"):
+
+1. ``dyt-llama-prepare`` on the built-in text corpus (1x) and on 8 copies of it with distinct
+   document titles (8x), with 1 and 2 tokenising processes: wall time, tokens/s and peak RSS. Each
+   run is a fresh process with an empty cache, given the same BPE tokenizer file (trained once on
+   1x beforehand), so what is timed is reading, tokenising and writing the shards. Peak RSS is
+   ``ru_maxrss`` of the largest process (with 2 processes: the largest of the parent and its
+   workers), file-backed pages included.
+2. A short tiny-LLaMA training (one rank, recipes/llama/tiny.yaml, RMSNorm) reading its windows
+   from the memory map, then the same run reading the same windows as the old packing stored them
+   (a ``datasets`` table saved to disk, read with the torch format): tokens/s of each (median over
+   the logged steps after the first), two runs each in fresh processes, in the order memory map,
+   table, table, memory map.
+
+``python scripts/bench_prepare.py [--steps 40] [--out runs/bench-prepare]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
+
+
+def _corpus(source: Path, out: Path, copies: int) -> list[str]:
+    """``copies`` copies of the corpus's .txt files under copy<k>/; returns the held-out titles."""
+    if out.exists():
+        shutil.rmtree(out)
+    for k in range(copies):
+        for path in sorted(source.rglob("*.txt")):
+            target = out / f"copy{k}" / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    return [f"copy{k}/{title}" for k in range(copies) for title in HELD_OUT]
+
+
+def _prepare_process(corpus: Path, held_out: list[str], tokenizer: Path, cache: Path, processes: int) -> dict:
+    """One ``dyt-llama-prepare`` run in a fresh process: wall seconds, tokens, peak RSS (MB)."""
+    if cache.exists():
+        shutil.rmtree(cache)
+    command = [sys.executable, "-m", "dyt_llama.prepare", "--config", str(ROOT / "recipes/llama/tiny.yaml"),
+               "--set", f"data.corpus={corpus}", "--set", f"data.validation_works=[{','.join(held_out)}]",
+               "--set", f"data.tokenizer_file={tokenizer}", "--set", f"data.cache_dir={cache}",
+               "--num-proc", str(processes)]
+    # ru_maxrss of RUSAGE_CHILDREN only grows over a process's life: measure from a fresh parent.
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
+             "sys.stderr.write(p.stdout[-2000:] + p.stderr[-2000:] if p.returncode else ''); sys.exit(p.returncode)")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf-datasets")}
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"prepare failed:\n{done.stderr}")
+    seconds, rss = (float(x) for x in done.stdout.split())
+    from dyt_data.shards import TokenShards
+
+    tokens = sum(len(TokenShards(folder)) for folder in (cache / "tokens").iterdir())
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "peak_rss_mb": rss}
+
+
+def _train(steps: int, out: Path, in_memory: bool) -> float:
+    """Median tokens/s of a short tiny-LLaMA run (one rank), windows from the memory map or from an
+    in-memory datasets table."""
+    import datasets
+
+    from dyt.train import Trainer, load_config, read_metrics
+    from dyt_llama.task import LlamaConfig, LlamaTask
+
+    config = load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [
+        f"train.steps={steps}", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
+        "train.progress=false", f"train.out_dir={out}"])
+    task = LlamaTask(config)
+    if in_memory:
+        class Rows:  # the old path: packed rows saved by datasets, read back as torch tensors
+            def __init__(self, windows, name):
+                rows = datasets.Dataset.from_dict({"input_ids": [windows[i].tolist() for i in range(len(windows))]})
+                rows.save_to_disk(str(out.parent / f"packed-{name}"))
+                self.rows = datasets.load_from_disk(str(out.parent / f"packed-{name}")).with_format("torch")
+
+            def __len__(self):
+                return len(self.rows)
+
+            def __getitem__(self, index):
+                return self.rows[index]["input_ids"]
+
+        task.train_rows, task.validation_rows = Rows(task.train_rows, "train"), Rows(task.validation_rows, "validation")
+    if out.exists():
+        shutil.rmtree(out)
+    Trainer(task, config.train, full_config=config).fit()
+    rates = [r["throughput"] for r in read_metrics(out / "metrics.jsonl") if "throughput" in r][1:]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-prepare")
+    parser.add_argument("--train", choices=["memmap", "table"], help=argparse.SUPPRESS)  # one training run
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.train:
+        print(_train(args.steps, args.out / f"train-{args.train}", in_memory=args.train == "table"))
+        return
+    from dyt.train import load_config
+    from dyt_llama.corpus import prepare_corpus
+    from dyt_llama.prepare import prepare
+    from dyt_llama.task import LlamaConfig
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    source = prepare_corpus()
+    config = load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [f"data.cache_dir={args.out / 'tokenizer'}"])
+    tokenizer = prepare(config.data, config.model.vocab_size).tokenizer  # the BPE that training builds
+    tokenizer_file = args.out / "bpe-4096.json"
+    tokenizer.save(str(tokenizer_file))
+    print(f"load before: {os.getloadavg()[0]:.2f} (1-min average; {os.cpu_count()} CPUs)", flush=True)
+
+    results = {}
+    for copies in (1, 8):
+        corpus = args.out / f"corpus-{copies}x"
+        held_out = _corpus(source, corpus, copies)
+        mb = sum(p.stat().st_size for p in corpus.rglob("*.txt")) / 2**20
+        for processes in (1, 2):
+            row = _prepare_process(corpus, held_out, tokenizer_file, args.out / f"cache-{copies}x-{processes}p", processes)
+            results[f"{copies}x/{processes}p"] = {**row, "text_mb": mb}
+            print(f"prepare {copies}x ({mb:.0f} MB text), {processes} process(es): {row['tokens']} tokens in "
+                  f"{row['seconds']:.1f} s = {row['tokens_per_s']:.0f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    for processes in (1, 2):
+        ratio = results[f"8x/{processes}p"]["peak_rss_mb"] / results[f"1x/{processes}p"]["peak_rss_mb"]
+        speed = results[f"8x/{processes}p"]["tokens_per_s"] / results["8x/1p"]["tokens_per_s"]
+        print(f"{processes} process(es): peak RSS 8x / 1x = {ratio:.2f} (target <= 1.3, 8x < 1500 MB); "
+              f"8x tokens/s vs 1 process = {speed:.2f}", flush=True)
+
+    rates = {"memmap": [], "table": []}
+    for source in ("memmap", "table", "table", "memmap"):  # each in a fresh process, in ABBA order against drift
+        done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--out", str(args.out),
+                               "--train", source], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"training from {source} failed:\n{done.stderr[-3000:]}")
+        rates[source].append(float(done.stdout.split()[-1]))
+        print(f"tiny LLaMA, 1 rank, {args.steps} steps, rows from the {source}: {rates[source][-1]:.0f} tokens/s", flush=True)
+    memmap, table = statistics.mean(rates["memmap"]), statistics.mean(rates["table"])
+    results["train"] = {"memmap_tokens_per_s": rates["memmap"], "table_tokens_per_s": rates["table"]}
+    print(f"tokens/s, mean of 2 runs each: {memmap:.0f} from the memory map, {table:.0f} from the packed datasets "
+          f"table (ratio {memmap / table:.3f})", flush=True)
+    print(f"load after: {os.getloadavg()[0]:.2f}", flush=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The cpu backend (C++ kernels for CPU tensors) against the float64 reference, as the Triton kernels
+are checked in test_fused.py. The extension builds once per machine (cached in torch's extension
+directory); the first test that needs it pays the ~40 s build."""
+
+import pytest
+import torch
+
+import dyt
+from dyt import DyT, ResidualDyT
+from dyt.backends import _have_cpp_compiler
+from dyt.functional import dyt as dyt_fn
+from dyt.functional import residual_dyt
+from dyt.kernels import cpu_fused
+from dyt.selfcheck import TOL, assert_grad_close, check_dyt, check_residual_dyt, reference
+
+pytestmark = pytest.mark.skipif(not _have_cpp_compiler(), reason="the cpu backend needs a C++ compiler")
+
+# Odd channel counts cover vector tails (16 floats / 32 bf16 per vector on AVX-512); 1000 x 77 spans
+# several row chunks, so the per-chunk partial sums are reduced across chunks.
+SHAPES = [(1, 1), (3, 7), (33, 300), (5, 1023), (2, 4097), (1000, 77), (3, 5, 17)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """Build (or load) the extension once; a failed build fails here, with the compiler's reason."""
+    return cpu_fused.load()
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_cpu_matches_float64_reference(dtype, shape, with_bias):
+    check_dyt("cpu", dtype, shape, with_bias)
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_residual_dyt_matches_float64_reference(dtype, with_bias):
+    check_residual_dyt("cpu", dtype, (33, 300), with_bias)
+    check_residual_dyt("cpu", dtype, (1000, 77), with_bias)
+
+
+def test_residual_goes_through_the_fused_kernel(monkeypatch):
+    calls = []
+    real = cpu_fused.cpu_forward
+    monkeypatch.setattr(cpu_fused, "cpu_forward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    s, y = residual_dyt(x, r, torch.tensor([0.5]), torch.ones(16), backend="cpu")
+    assert calls and calls[0].get("residual") is not None  # one kernel call did the add and DyT
+    torch.testing.assert_close(s, x + r)
+
+
+def test_residual_dyt_when_only_y_is_used():
+    layer = ResidualDyT(16, backend="cpu")
+    x = torch.randn(4, 16, requires_grad=True)
+    r = torch.randn(4, 16, requires_grad=True)
+    _, y = layer(x, r)
+    y.sum().backward()  # an expanded (stride 0) gradient, and none at s
+    torch.testing.assert_close(x.grad, r.grad)
+    x64 = (x.detach() + r.detach()).double().requires_grad_()
+    reference(x64, layer.alpha.detach(), layer.weight.detach(), layer.bias.detach()).sum().backward()
+    assert_grad_close(x.grad, x64.grad, TOL[torch.float32]["grad"], "grad x")
+
+
+def _leaves(x, cols, g, with_bias=True):
+    alpha = torch.tensor([0.6]).requires_grad_()
+    weight = torch.randn(cols, generator=g).requires_grad_()
+    bias = torch.randn(cols, generator=g).requires_grad_() if with_bias else None
+    return x.requires_grad_(), alpha, weight, bias
+
+
+def _check_against_reference(x, alpha, weight, bias, tol=TOL[torch.float32], channels_last=True):
+    """Forward and every gradient of dyt(..., backend='cpu') against float64, NaN where it has NaN."""
+    y = dyt_fn(x, alpha, weight, bias, channels_last=channels_last, backend="cpu")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    y.backward(dy)
+    leaves = [t for t in (x, alpha, weight, bias) if t is not None]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = reference(ref[0], ref[1], ref[2], ref[3] if bias is not None else None, channels_last=channels_last)
+    y64.backward(dy.double())
+    torch.testing.assert_close(y.double(), y64.detach(), atol=tol["atol"], rtol=tol["rtol"], equal_nan=True)
+    for name, got, want in zip(["x", "alpha", "weight", "bias"], leaves, ref):
+        nan = want.grad.isnan()
+        assert torch.equal(got.grad.isnan(), nan), f"grad {name}: NaN where the reference has none, or not where it has"
+        assert_grad_close(got.grad[~nan], want.grad[~nan], tol["grad"], f"grad {name}")
+
+
+def test_non_contiguous_input():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(9, 40, generator=g)
+    _check_against_reference(*_leaves(base[:, :33].detach(), 33, g))  # row stride 40: read in place
+    _check_against_reference(*_leaves(torch.randn(33, 9, generator=g).t(), 33, g))  # transposed: copied
+    images = torch.randn(2, 5, 3, 4, generator=g)  # channels first
+    _check_against_reference(*_leaves(images, 5, g), channels_last=False)
+
+
+def test_non_contiguous_bfloat16_rows():
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(17, 200, generator=g) * 3).to(torch.bfloat16)
+    _check_against_reference(*_leaves(base[::2, 3:180].detach(), 177, g), tol=TOL[torch.bfloat16])
+
+
+def test_empty_input(kernels):
+    y = DyT(6, backend="cpu")(torch.randn(0, 6, requires_grad=True))
+    assert y.shape == (0, 6)
+    # The kernels themselves (dyt() skips them for empty input): zero gradients, not garbage.
+    x = torch.empty(0, 6)
+    alpha, weight, bias = torch.tensor([0.5]), torch.randn(6), torch.randn(6)
+    y, s = cpu_fused.cpu_forward(x, alpha, weight, bias, residual=torch.empty(0, 6))
+    assert y.shape == s.shape == (0, 6)
+    dx, dalpha, dweight, dbias = cpu_fused.cpu_backward(torch.empty(0, 6), x, alpha, weight, True)
+    assert dx.shape == (0, 6)
+    assert dalpha.item() == 0 and not dweight.any() and not dbias.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_saturated_input(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 70, generator=g) * 1e4
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), 8.0, -50.0])
+    _check_against_reference(*_leaves(x.to(dtype), 70, g), tol=TOL[dtype])
+
+
+def test_nan_propagates_to_its_own_outputs_only():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 37, generator=g)
+    x[2, 9] = float("nan")
+    _check_against_reference(*_leaves(x, 37, g))
+    y = dyt_fn(x, torch.tensor([0.5]), torch.ones(37), backend="cpu")
+    assert y.isnan().sum() == 1 and y[2, 9].isnan()
+
+
+def test_tanh_accuracy_against_float64(kernels):
+    """The kernel's float32 tanh on a dense grid (and at 0, tiny and huge values), weight 1, no bias:
+    max abs error within 5e-7 of float64 (measured 2.6e-7; float32 torch.tanh: 3e-8)."""
+    y = torch.cat([torch.linspace(-12, 12, 480_001), torch.linspace(-1e-3, 1e-3, 10_001),
+                   torch.tensor([0.0, 1e-30, -1e-30, 3e38, -3e38])])
+    got, _ = kernels.forward(y.reshape(1, -1), None, torch.ones(1), torch.ones(y.numel()), None)
+    want = torch.tanh(y.double())
+    err = (got.reshape(-1).double() - want).abs()
+    assert err.max().item() < 5e-7, err.max().item()
+    small = y.abs() < 0.1  # relative accuracy near 0, where |tanh| is small
+    assert (err[small] / want[small].abs().clamp(min=1e-30)).max().item() < 1e-6
+
+
+def test_float64_parameters_give_float64_math():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 31, generator=g)
+    alpha, weight = torch.tensor([0.7], dtype=torch.float64), torch.randn(31, generator=g, dtype=torch.float64)
+    y = dyt_fn(x, alpha, weight, backend="cpu")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, dyt_fn(x, alpha, weight, backend="eager"), atol=0, rtol=0)
+
+
+def test_auto_picks_cpu_at_every_size(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without Triton's interpreter
+    assert dyt.available_backends("cpu") == ["cpu", "compiled", "eager"]
+    for numel in (1, 10_000, 2**21, 2**25, None):
+        assert dyt.auto_backend("cpu", numel) == "cpu"
+    assert dyt.auto_backend("cpu", 10, all_options=True) == "eager"  # squash ablations: not in C++
+    with pytest.raises(dyt.BackendUnavailableError, match="'cpu'.*cuda.*CPU tensors"):
+        dyt.select_backend("cpu", "cuda")
+
+
+def test_a_failed_build_names_the_alternatives_and_auto_falls_back(monkeypatch):
+    """A build that fails (no compiler, broken toolchain): simulated by a loader that raises."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    def broken_build(level):
+        raise cpu_fused.CpuKernelBuildError("building its C++ kernels failed (g++: not found)")
+
+    monkeypatch.setattr(cpu_fused, "_build", broken_build)
+    monkeypatch.setattr(cpu_fused, "_built", {})
+    with pytest.warns(RuntimeWarning, match="'cpu' DyT backend is unavailable.*'compiled' or 'eager'"):
+        assert dyt.auto_backend("cpu", 2**22) == "compiled"
+    assert dyt.auto_backend("cpu", 100) == "eager"  # the failure is kept: no second build, no second warning
+    with pytest.raises(dyt.BackendUnavailableError,
+                       match=r"'cpu' cannot run.*g\+\+: not found.*Usable here: compiled, eager"):
+        DyT(4, backend="cpu")(torch.randn(2, 4))
+    y = DyT(4)(torch.randn(2, 4))  # auto still runs
+    assert y.shape == (2, 4)
+
+
+def test_no_compiler_at_all(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("dyt.backends._have_cpp_compiler", lambda: False)
+    assert dyt.auto_backend("cpu", 2**22) == "eager"
+    with pytest.raises(dyt.BackendUnavailableError, match=r"'cpu'.*needs? a C\+\+ compiler.*Usable here: eager"):
+        dyt.select_backend("cpu", "cpu")

@@ -1,0 +1,216 @@
+"""Pretraining at scale in the shared harness (issue #13): partitioned ZeRO-3 init, resume on
+another world size through DeepSpeed's universal checkpoint, the engine's dtype for inputs, and what
+``--resume`` accepts changed in a run's config. The one-line errors (a config change a checkpoint
+cannot take, a DeepSpeed JSON that contradicts ``train.*``) are cases of tests/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyt.train import TrainConfig, Trainer, load_config, read_metrics, run_recipe
+from dyt.train.distributed import _free_port
+from dyt.train.trainer import engine_input_dtype, seed_everything
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(HERE))
+from toy_recipe import ToyConfig, ToyTask  # noqa: E402
+
+
+def _launch(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": str(HERE)}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _deepspeed(ranks: int) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+# ---------------------------------------------------------------- partitioned init under ZeRO-3
+
+SMALL_LLAMA = ["model.dim=64", "model.layers=2", "model.heads=4", "model.kv_heads=2", "model.ffn_dim=128",
+               "model.vocab_size=300", "model.norm=dyt"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_partitioned_init_gives_the_weights_of_a_whole_build(tmp_path, precision):
+    """2 ranks build a small LLaMA (DyT, so embed_scale and alphas too) under ZeRO-3 through the
+    harness: the model must come back from ``build_model`` already sharded (deepspeed.zero.Init, so
+    no rank held it whole), and the weights gathered from the shards must equal, bit for bit, a
+    single process's plain build with the same seed (cast to bf16 for a bf16 run, as the
+    whole-model path casts). ``Llama.reset_parameters`` writes its children's weights after they
+    are sharded: without ``whole_parameter`` 16 of the 27 tensors differ (checked by hand)."""
+    from dyt_llama.model import Llama
+    from dyt_llama.task import LlamaConfig
+
+    items = SMALL_LLAMA + ["train.zero_stage=3", f"train.precision={precision}", f"train.out_dir={tmp_path / 'z3'}"]
+    _launch([*_deepspeed(2), str(HERE / "zero_init_probe.py"), "--config", str(ROOT / "recipes/llama/tiny.yaml"),
+             *_sets(items)], tmp_path)
+    assert json.loads((tmp_path / "z3/initial.json").read_text()) == {"built_sharded": True, "world_size": 2}
+    gathered = torch.load(tmp_path / "z3/initial.pt")
+
+    config = load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml", SMALL_LLAMA)
+    seed_everything(config.train.seed)
+    whole = {name: p.detach() for name, p in Llama(config.model).named_parameters()}
+    assert sorted(gathered) == sorted(whole) and len(whole) == 27
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for name, weight in whole.items():
+        assert gathered[name].dtype == dtype, name
+        assert torch.equal(gathered[name], weight.to(dtype)), name
+
+
+def test_partitioned_init_is_declared_by_the_task():
+    """The harness builds shard by shard only for a task that says its model can be (the LLaMA task,
+    bar the norm-free baselines whose set-up rewrites built weights); a task that does not (the toy)
+    is built whole, as before."""
+    from dyt_llama.task import LlamaConfig, LlamaTask
+
+    def task(kind: str) -> LlamaTask:
+        instance = LlamaTask.__new__(LlamaTask)
+        instance.config = load_config(LlamaConfig, None, [f"model.norm={kind}"])
+        return instance
+
+    assert task("dyt").partitioned_init and task("rmsnorm").partitioned_init
+    assert not task("fixup").partitioned_init and not task("sigma-reparam").partitioned_init
+    assert not getattr(ToyTask(ToyConfig()), "partitioned_init", False)
+
+
+# ---------------------------------------------------------------- resume on another world size
+
+TOY = ["train.steps=6", "train.save_every=3", "train.micro_batch_size=8", "train.lr=0.01", "train.warmup_steps=2",
+       "train.eval_every=3", "train.eval_batches=8", "train.progress=false",
+       "train.tensorboard=false", "model.dropout=0.0", "data.examples=64"]
+
+
+def _toy(ranks: int, items: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The toy recipe on ``ranks`` ranks (deepspeed launcher; plain python for one), ``items`` as
+    ``--set`` overrides after TOY's, ``--resume`` passed through."""
+    script = str(HERE / "toy_recipe.py")
+    cmd = [*_deepspeed(ranks), script] if ranks > 1 else [sys.executable, script]
+    flags = [item for item in items if item.startswith("--")]
+    return _launch(cmd + _sets(TOY + [item for item in items if not item.startswith("--")]) + flags, cwd)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage, saved_ranks, resumed_ranks", [(2, 2, 1), (2, 1, 2), (0, 2, 1)],
+                         ids=["zero2-2-to-1", "zero2-1-to-2", "zero0-2-to-1"])
+def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, stage, saved_ranks, resumed_ranks):
+    """A toy run of 6 steps on ``saved_ranks`` checkpoints at steps 3 and 6. A copy cut back to step
+    3 resumes on ``resumed_ranks`` with grad_accum set so that the global batch stays 16 examples
+    (2 ranks x 8, or 1 rank x 8 x 2 micro-batches). DeepSpeed refuses a ZeRO-2 checkpoint on another
+    world size ("The checkpoint being loaded used a DP world size of 2 but the current world size
+    is 1"); the harness converts it to a universal checkpoint and loads that. A ZeRO-0 checkpoint
+    holds whole states and loads as is.
+
+    What must continue: the step (metrics rows 4-6 follow 1-3), the LR schedule (same lr per step),
+    the data position (same examples per step: the losses would differ at step 4 otherwise, e.g.
+    with the position reset to 0 or kept per rank), weights and Adam moments (steps 4-6 losses,
+    validation loss and DyT alpha). 64 examples = 4 global batches, so the 6 steps cross an epoch
+    boundary. Tolerance rel 1e-5: the gradient is averaged over ranks on one side and over
+    micro-batches on the other (tests/test_distributed.py compares the two set-ups alike); the
+    fp32 weights and moments come through the universal checkpoint exactly."""
+    accum = {1: 2, 2: 1}
+    _toy(saved_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[saved_ranks]}", "train.out_dir=whole"],
+         tmp_path)
+    checkpoints = tmp_path / "whole/checkpoints"
+    assert json.loads((checkpoints / "step_00000003/COMPLETE").read_text()) == {"step": 3, "world_size": saved_ranks}
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
+
+    resume = _toy(resumed_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[resumed_ranks]}",
+                                  "train.out_dir=resumed", "--resume"], tmp_path)
+    out = resume.stdout
+    universal = (tmp_path / "resumed/checkpoints/step_00000003/universal/COMPLETE").is_file()
+    if stage:
+        assert f"saved by {saved_ranks} rank(s), now {resumed_ranks}: loaded through DeepSpeed's universal checkpoint" in out
+        assert universal
+    else:
+        assert f"saved by {saved_ranks} rank(s), now {resumed_ranks})" in out and not universal
+    assert "(step 3, data epoch 0 example 48;" in out  # 3 steps x 16 examples
+    assert f"train.grad_accum {accum[saved_ranks]} -> {accum[resumed_ranks]}" in out
+
+    whole = read_metrics(tmp_path / "whole/metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed/metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(whole[3:], resumed[3:]):  # steps 4-6: computed after the resume
+        assert after["lr"] == pytest.approx(before["lr"], rel=1e-12), before["step"]
+        for key in ("train/loss", "eval/loss", "alpha/1"):
+            if key in before:
+                assert after[key] == pytest.approx(before[key], rel=1e-5), (key, before["step"], before[key], after[key])
+    assert "eval/loss" in resumed[-1]
+    assert abs(resumed[-1]["alpha/1"] - resumed[2]["alpha/1"]) > 1e-4  # it trained after the resume
+
+    # The resumed run's own checkpoint is written by the new world size and resumes there as usual.
+    assert json.loads((tmp_path / "resumed/checkpoints/step_00000006/COMPLETE").read_text()) == {
+        "step": 6, "world_size": resumed_ranks}
+
+
+# ---------------------------------------------------------------- the engine's dtype for inputs
+
+def test_inputs_follow_the_engines_dtype(tmp_path):
+    """The cast of floating inputs reads the engine's weights' dtype, not train.precision. (A
+    DeepSpeed JSON can no longer make the two differ, tests/test_config.py; this builds the engine
+    from such a JSON directly, past the config check, to see which one the cast follows.)"""
+    bf16_json = tmp_path / "bf16.json"
+    bf16_json.write_text(json.dumps({"bf16": {"enabled": True}}))
+    engines = {}
+    for name, cfg in {"fp32": TrainConfig(out_dir=str(tmp_path / "a")),
+                      "bf16-by-json": TrainConfig(out_dir=str(tmp_path / "b"), deepspeed_config=str(bf16_json))}.items():
+        engines[name] = Trainer(ToyTask(ToyConfig(train=cfg)), cfg).build_engine()
+    assert engine_input_dtype(engines["fp32"]) is None
+    assert engine_input_dtype(engines["bf16-by-json"]) == torch.bfloat16
+    assert next(engines["bf16-by-json"].module.parameters()).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- what --resume accepts changed
+
+def test_resume_prints_the_settings_that_changed_and_continues(tmp_path, capsys):
+    """Steps, cadences, progress and the batch split may change on --resume: they are printed and
+    the run continues (its config.yaml then records the new values)."""
+    common = [f"train.out_dir={tmp_path / 'run'}", "train.save_every=2", "train.eval_every=0", "train.progress=false",
+              "train.tensorboard=false", "model.width=8"]
+    run_recipe(ToyConfig, ToyTask, _sets(common + ["train.steps=2"]))
+    capsys.readouterr()
+    result = run_recipe(ToyConfig, ToyTask, _sets(common + ["train.steps=4", "train.eval_every=2", "train.log_every=2"])
+                        + ["--resume"])
+    out = capsys.readouterr().out
+    changed = [line for line in out.splitlines() if line.startswith("--resume: changed")]
+    assert changed == ["--resume: changed since the run's config.yaml: train.steps 2 -> 4; train.log_every 1 -> 2; "
+                       "train.eval_every 0 -> 2"], out
+    assert "resumed from" in out and "(step 2," in out and result.step == 4
+    saved = load_config(ToyConfig, tmp_path / "run/config.yaml", check_files=False)
+    assert saved.train.steps == 4 and saved.train.eval_every == 2
+
+
+def test_resume_changes_split_model_keys_from_allowed_ones():
+    from dyt.train.config import resume_changes
+
+    saved = load_config(ToyConfig, None, ["model.norm=dyt"])
+    new = load_config(ToyConfig, None, ["model.norm=rmsnorm", "model.width=32", "train.steps=500",
+                                        "train.lr=1e-3", "train.grad_accum=4", "data.examples=128"])
+    fixed, allowed = resume_changes(saved, new)
+    assert fixed == ['model.width 16 -> 32', 'model.norm.kind "dyt" -> "rmsnorm"', "data.examples 256 -> 128",
+                     "train.lr 0.0003 -> 0.001"]
+    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4"]
+    assert resume_changes(saved, saved) == ([], [])

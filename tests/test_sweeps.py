@@ -1,0 +1,477 @@
+"""Sweeps, recipe descriptions and verdicts of the shared comparison (dyt.train.compare).
+
+The sweep runs train the toy recipe for real (checkpoints, metrics, --resume) but in this process:
+``subprocess.run`` of the launch is replaced by ``run_recipe`` on the same arguments, which counts
+the launches and skips the seconds each new interpreter would take to import deepspeed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import random
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dyt.train import compare as shared
+from dyt.train import load_config, read_metrics, run_recipe
+from dyt.train.compare import (
+    NO_VERDICT,
+    Point,
+    add_run_arguments,
+    baseline_cell,
+    grid,
+    parse_run_arguments,
+    plan_runs,
+    prepare_out,
+    read_point,
+    sweep_section,
+    train_runs,
+    verdict,
+)
+from dyt.train.recipe import Metric, ModelSpec, RecipeSpec
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from toy_recipe import ToyConfig, ToyTask  # noqa: E402
+
+TOY = RecipeSpec(name="toy", title="Toy", package="toy_recipe", train_module="toy_recipe", compare_module="-",
+                 config_class=ToyConfig, models=(ModelSpec("toy", "Toy", "-", ("layernorm", "dyt")),),
+                 summarize=shared.pretraining_summary, metrics=(Metric("eval_loss", "validation loss"),))
+
+
+def _args(spec: RecipeSpec, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="toy-compare")
+    add_run_arguments(parser, spec)
+    return parse_run_arguments(parser, argv)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every launch of a toy run, trained in this process; the list of launch commands."""
+    made = []
+
+    def run_in_process(cmd, env, check):
+        assert cmd[:3] == [sys.executable, "-m", "toy_recipe"], cmd
+        made.append(cmd)
+        run_recipe(ToyConfig, ToyTask, cmd[3:])
+
+    monkeypatch.setattr(shared, "subprocess", SimpleNamespace(run=run_in_process))  # this module's launches only
+    return made
+
+
+def _toy_config(tmp_path: Path) -> Path:
+    config = tmp_path / "toy.yaml"
+    config.write_text("model:\n  norm: {kind: dyt}\ntrain:\n  steps: 4\n  save_every: 2\n  eval_every: 2\n"
+                      "  micro_batch_size: 16\n  warmup_steps: 1\n  progress: false\n  log_every: 1\n")
+    return config
+
+
+# ---------------------------------------------------------------- a 2 x 2 sweep end to end
+
+
+def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_path, launches):
+    config = _toy_config(tmp_path)
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
+                       "--sweep", "model.norm.alpha_init.default=0.25,2", "--sweep", "train.lr=0.001,0.03"])
+    plan = plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0])
+    prepare_out(args)
+    runs = train_runs(TOY, args, plan)
+
+    assert len(launches) == 4 and len({run.dir for run in runs}) == 4
+    expected = [(("model.norm.alpha_init.default", a), ("train.lr", lr)) for a in ("0.25", "2") for lr in ("0.001", "0.03")]
+    assert [run.point.sweep for run in runs] == expected
+    for run in runs:
+        assert read_point(run.dir) == run.point  # the facts, saved beside the run
+        trained = load_config(ToyConfig, run.dir / "config.yaml", check_files=False)
+        swept = dict(run.point.sweep)
+        assert trained.model.norm.alpha_init == {"default": float(swept["model.norm.alpha_init.default"])}
+        assert trained.train.lr == float(swept["train.lr"]) and trained.train.seed == 0
+        rows = read_metrics(run.dir / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        # alpha starts where the sweep put it (one step of AdamW moves it by about lr)
+        assert rows[0]["alpha/1"] == pytest.approx(float(swept["model.norm.alpha_init.default"]), abs=0.1)
+        assert shared.finished_step(run.dir) == 4
+
+    # the report: a 2 x 2 table of the validation loss, a heatmap, the best point
+    summaries = {run.point: TOY.summarize(run) for run in runs}
+    values = {p.cell: {"eval_loss": [s["eval_loss"]]} for p, s in summaries.items()}
+    lines = sweep_section(args.out, TOY.models[0], values, TOY.metrics, args.sweeps)
+    text = "\n".join(lines)
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model.norm.alpha_init.default \\ train.lr |"))
+    assert lines[header] == "| model.norm.alpha_init.default \\ train.lr | 0.001 | 0.03 |"
+    for offset, alpha in enumerate(("0.25", "2"), start=2):
+        cells = [f"{summaries[Point('dyt', 0, 'toy', (('model.norm.alpha_init.default', alpha), ('train.lr', lr)))]['eval_loss']:.3f}"
+                 for lr in ("0.001", "0.03")]
+        assert lines[header + offset] == f"| {alpha} | {cells[0]} | {cells[1]} |"
+    heatmap = args.out / "sweep_toy_dyt_eval_loss.png"
+    assert heatmap.read_bytes()[:4] == b"\x89PNG" and f"]({heatmap.name})" in text
+    best = min(summaries, key=lambda p: summaries[p]["eval_loss"])
+    assert (f"Best validation loss for dyt: model.norm.alpha_init.default={dict(best.sweep)['model.norm.alpha_init.default']}, "
+            f"train.lr={dict(best.sweep)['train.lr']} ({summaries[best]['eval_loss']:.3f}, 1 seed(s)).") in text
+
+    # a relaunch trains nothing: no launch, not a byte of the metrics changes
+    before = {run.dir: (run.dir / "metrics.jsonl").read_bytes() for run in runs}
+    again = train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0]))
+    assert len(launches) == 4
+    assert [r.wall_s for r in again] == [r.wall_s for r in runs]
+    assert all((run.dir / "metrics.jsonl").read_bytes() == before[run.dir] for run in runs)
+
+    # a run killed after its step-2 checkpoint: only that one is launched, and it resumes
+    killed = runs[1].dir
+    shutil.rmtree(killed / "checkpoints" / "step_00000004")
+    train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0]))
+    assert len(launches) == 5 and f"train.out_dir={killed}" in launches[-1] and "--resume" in launches[-1]
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert shared.finished_step(killed) == 4
+
+
+def test_sweep_report_one_key_charts_three_keys_table_only(tmp_path):
+    model = TOY.models[0]
+    metric = Metric("acc", "accuracy", higher_is_better=True)
+    one = [shared.parse_sweep("train.lr=1,2,3")]
+    values = {("toy", "dyt", (("train.lr", v),)): {"acc": [a, a + 0.02, a + 0.04]} for v, a in (("1", 0.5), ("2", 0.7), ("3", 0.6))}
+    values[("toy", "layernorm", ())] = {"acc": [0.1, 0.2, 0.3]}  # not swept: no table of its own
+    lines = sweep_section(tmp_path, model, values, [metric], one)
+    assert lines[2:7] == ["| train.lr | accuracy |", "|---|---|", "| 1 | 0.520 ± 0.020 |", "| 2 | 0.720 ± 0.020 |",
+                          "| 3 | 0.620 ± 0.020 |"]
+    assert (tmp_path / "sweep_toy_dyt_acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Best accuracy for dyt: train.lr=2 (0.720 ± 0.020, 3 seed(s))." in lines
+    assert not any("layernorm" in line for line in lines)
+
+    three = [shared.parse_sweep(f"{key}=1,2") for key in ("train.lr", "train.steps", "model.width")]
+    points = grid(three, "dyt")
+    values = {("toy", "dyt", p): {"acc": [i / 10]} for i, p in enumerate(points)}
+    lines = sweep_section(tmp_path / "three", model, values, [metric], three)
+    assert "| train.lr | train.steps | model.width | accuracy |" in lines and "| 2 | 2 | 2 | 0.700 |" in lines
+    assert not (tmp_path / "three").exists()  # no chart for three keys
+    assert "Best accuracy for dyt: train.lr=2, train.steps=2, model.width=2 (0.700, 1 seed(s))." in lines
+
+
+def test_more_steps_launch_a_finished_point_again(tmp_path, launches):
+    config = _toy_config(tmp_path)
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt"])
+    train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[3]))
+    longer = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
+                         "--set", "train.steps=6"])
+    (run,) = train_runs(TOY, longer, plan_runs(TOY, longer, [(TOY.models[0], config)], seeds=[3]))
+    assert len(launches) == 2 and [r["step"] for r in read_metrics(run.dir / "metrics.jsonl")][-1] == 6
+
+
+# ---------------------------------------------------------------- the sweep grammar and grid
+
+
+def test_sweep_options_build_a_grid_per_norm():
+    args = _args(TOY, ["--norms", "layernorm", "dyt", "--sweep", "train.lr=1e-3,2e-3,4e-3",
+                       "--sweep", "dyt:model.norm.alpha_init.ffn=0.2,0.5"])
+    assert [s.norm for s in args.sweeps] == [None, "dyt"]
+    assert len(grid(args.sweeps, "layernorm")) == 3 and len(grid(args.sweeps, "dyt")) == 6
+    assert grid(args.sweeps, "dyt")[1] == (("train.lr", "1e-3"), ("model.norm.alpha_init.ffn", "0.5"))
+    assert grid([], "dyt") == [()]
+    # a variant's name may hold a colon; the key is what follows the last one
+    variant = shared.parse_sweep("dyt:hardtanh:train.lr=1,2")
+    assert (variant.norm, variant.key, variant.values) == ("dyt:hardtanh", "train.lr", ("1", "2"))
+    assert shared.norm_overrides("rmsnorm") == ["model.norm.kind=rmsnorm"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "train.lr"], "is not [NORM:]KEY=V1,V2"),
+    (["--sweep", "train.lr=1,,2"], "is not [NORM:]KEY=V1,V2"),
+    (["--sweep", "train.lr=1,1"], "lists a value twice"),
+    (["--sweep", "train.lr=1,2", "--sweep", "dyt:train.lr=3,4"], "swept twice"),
+    (["--norms", "dyt", "--sweep", "rmsnorm:train.lr=1,2"], "names a norm that is not trained"),
+    (["--norms", "dyt", "dyt"], "listed twice"),
+])
+def test_bad_sweep_options_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _args(TOY, argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
+    from dyt.train import ConfigError
+
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1",
+                       "--sweep", "model.norm.alpha_init.ffn=0.5,1", "--sweep", "train.lrr=1,2"])
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    assert launches == [] and not (tmp_path / "cmp").exists()
+    # a norm prefix no run trains (the default norms here: layernorm, dyt)
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "rmsnorm:train.lr=1,2"])
+    with pytest.raises(shared.CompareError, match="rmsnorm:train.lr names a norm no run trains"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+
+
+def test_norms_take_ablation_variants_and_baselines(tmp_path):
+    """--norms resolves every entry through dyt.norm_variant_overrides: DyT variants get their
+    options, baselines their kind, each in a folder of its own; an unknown name stops the plan."""
+    from dyt.errors import UserInputError
+
+    norms = ["layernorm", "dyt", "dyt:hardtanh", "dyt:sigmoid:fixed-alpha", "dyt:channel-alpha", "skipinit"]
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--norms", *norms])
+    plan = plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    got = {p.point.norm: p.config.model.norm for p in plan}
+    assert list(got) == norms and len({p.dir for p in plan}) == len(norms)
+    assert (got["dyt"].kind, got["dyt"].squash, got["dyt"].learnable_alpha) == ("dyt", "tanh", True)
+    assert (got["dyt:hardtanh"].kind, got["dyt:hardtanh"].squash) == ("dyt", "hardtanh")
+    assert (got["dyt:sigmoid:fixed-alpha"].squash, got["dyt:sigmoid:fixed-alpha"].learnable_alpha) == ("sigmoid", False)
+    assert got["dyt:channel-alpha"].alpha_shape == "channel" and got["skipinit"].kind == "skipinit"
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--norms", "layernorm", "dyt:softsign"])
+    with pytest.raises(UserInputError, match="softsign"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+
+
+def test_point_folders_differ_for_every_point_and_facts_never_come_from_names():
+    points = [Point("dyt", 0, "llama", (("model.norm.alpha_init.attention", a), ("model.norm.alpha_init.ffn", f)))
+              for a in ("0.5", "1") for f in ("0.5", "1")]
+    points += [Point("dyt", 0, "llama", (("train.lr", "0.5"),)), Point("dyt", 1, "llama"), Point("rmsnorm", 0, "llama")]
+    assert len({p.dir_name() for p in points}) == len(points)
+    assert all("/" not in p.dir_name() for p in points + [Point("dyt", 0, "x", (("data.corpus", "/a/b"),))])
+    assert all(Point.from_json(json.loads(json.dumps(p.to_json()))) == p for p in points)
+
+
+# ---------------------------------------------------------------- verdicts in words
+
+
+@pytest.mark.parametrize("dyt, baseline, higher, words", [
+    ([4.95, 4.96, 4.94], [4.94, 4.96, 4.95], False, "within rmsnorm's mean ± 2σ [4.930, 4.970]"),
+    ([5.10, 5.11, 5.12], [4.94, 4.96, 4.95], False, "worse than rmsnorm's mean ± 2σ [4.930, 4.970]"),
+    ([4.80, 4.81, 4.82], [4.94, 4.96, 4.95], False, "better than rmsnorm's mean ± 2σ [4.930, 4.970]"),
+    ([0.80, 0.81, 0.82], [0.50, 0.52, 0.54], True, "better than rmsnorm's mean ± 2σ [0.480, 0.560]"),
+    ([0.30, 0.31, 0.32], [0.50, 0.52, 0.54], True, "worse than rmsnorm's mean ± 2σ [0.480, 0.560]"),
+    ([0.56, 0.56, 0.56], [0.50, 0.52, 0.54], True, "within rmsnorm's mean ± 2σ [0.480, 0.560]"),  # the edge is in
+    ([4.95, 4.96], [4.94, 4.96, 4.95], False, NO_VERDICT),
+    ([4.95, 4.96, 4.97], [4.94, 4.96], False, NO_VERDICT),
+    ([4.95], [4.95], False, NO_VERDICT),
+])
+def test_verdict_in_words(dyt, baseline, higher, words):
+    assert verdict(dyt, baseline, higher_is_better=higher, baseline_name="rmsnorm") == words
+    assert NO_VERDICT == "fewer than 3 seeds: no verdict"
+
+
+def test_each_point_is_judged_against_the_baseline_point_it_shares_keys_with():
+    lr = lambda v: ("train.lr", v)  # noqa: E731
+    alpha = lambda v: ("model.norm.alpha_init.ffn", v)  # noqa: E731
+    cells = [("m", "rmsnorm", (lr("1"),)), ("m", "rmsnorm", (lr("2"),)),
+             ("m", "dyt", (lr("1"), alpha("0.5"))), ("m", "dyt", (lr("2"), alpha("0.5")))]
+    assert baseline_cell(cells[3], cells, "rmsnorm") == cells[1]  # same lr
+    # the baseline swept its own lr (rmsnorm:train.lr) and DyT none: judged against the baseline's best lr
+    own = [("m", "rmsnorm", (lr("1"),)), ("m", "rmsnorm", (lr("2"),)), ("m", "dyt", ())]
+    losses = {own[0]: 5.0, own[1]: 4.0}
+    assert baseline_cell(own[2], own, "rmsnorm", losses.get) == own[1]
+    assert baseline_cell(own[2], own, "rmsnorm", losses.get, higher_is_better=True) == own[0]
+    assert baseline_cell(("other", "dyt", ()), own, "rmsnorm") is None
+
+
+def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
+    """The LLaMA table's verdict column over 3 seeds, from hand-made runs (test_reports' helpers)."""
+    from test_reports import LLAMA_TINY, _llama_run, table
+
+    from dyt_llama import compare
+
+    monkeypatch.setattr(compare, "plot_s_curves", lambda run, path: path.write_bytes(b"\x89PNG"))
+    out = tmp_path / "cmp"
+    out.mkdir()
+    args = argparse.Namespace(out=out, config=LLAMA_TINY, overrides=[], nproc=2, launcher="deepspeed",
+                              norms=["rmsnorm", "dyt"], seeds=[0, 1, 2], sweeps=[])
+    made = [_llama_run(out, norm, seed, 2) for seed in args.seeds for norm in args.norms]
+    rows = table(compare.write_report(args, [run for run, _ in made], ["x"]).read_text(), "norm")
+    losses = {norm: [e["eval"] for run, e in made if run.norm == norm] for norm in args.norms}
+    expected = verdict(losses["dyt"], losses["rmsnorm"], higher_is_better=False, baseline_name="rmsnorm")
+    assert expected != NO_VERDICT
+    assert [r["verdict (validation loss, vs rmsnorm)"] for r in rows] == ["baseline", expected]
+    centre, spread = statistics.mean(losses["rmsnorm"]), 2 * statistics.stdev(losses["rmsnorm"])
+    inside = abs(statistics.mean(losses["dyt"]) - centre) <= spread
+    assert expected.startswith("within" if inside else ("better", "worse"))
+
+
+def test_wav2vec2_report_with_a_sweep(tmp_path):
+    """wav2vec 2.0's report with a per-norm sweep, from hand-made runs: a sweep-point column, the
+    sweep tables of pretraining and downstream metrics, and each DyT point judged against the
+    (unswept) baseline with 3 downstream seeds."""
+    from test_reports import _w2v_evals, _w2v_run, table
+
+    from dyt_wav2vec2 import compare
+
+    sweep = shared.parse_sweep("dyt:model.norm.alpha_init.input=1,2")
+    args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
+                              nproc=1, launcher="python", pretrain_seed=0, seeds=[0, 1, 2], steps=4,
+                              evals=["contrastive", "probe"], norms=None, sweeps=[sweep])
+    args.out.mkdir()
+    learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
+                "eval/distractors_equal_target": 0.01}
+    runs, evals = [], {}
+    for norm, point in (("layernorm", ()), ("dyt", (("model.norm.alpha_init.input", "1"),)),
+                        ("dyt", (("model.norm.alpha_init.input", "2"),))):
+        made, _ = _w2v_run(tmp_path / f"r{len(runs)}", norm, learning, learning)
+        run = shared.Run(Point(norm, 0, "wav2vec2", point), made.dir, made.wall_s)
+        runs.append(run)
+        for init in compare.INITS.values():
+            evals[run.point, init] = _w2v_evals(random.Random(f"{len(runs)}-{init}"), args.seeds)
+            evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
+    text = compare.write_report(args, runs, evals).read_text()
+    rows = table(text, "norm")
+    assert [(r["norm"], r["sweep point"]) for r in rows] == [
+        ("layernorm", "-"), ("dyt", "model.norm.alpha_init.input=1"), ("dyt", "model.norm.alpha_init.input=2")]
+    downstream = table(text, "norm | sweep point | model")
+    probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["model"] == "pretrained"]
+    baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, "pretrained"]["probe"]]
+    for row, run in zip(probe, runs):
+        mine = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "pretrained"]["probe"]]
+        assert row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else verdict(
+            mine, baseline, higher_is_better=True, baseline_name="layernorm"))
+    assert "| model.norm.alpha_init.input | validation contrastive loss |" in text
+    assert "#### wav2vec 2.0, dyt: keywords, linear probe, accuracy (36 classes), real recordings over the sweep" in text
+    assert (args.out / "sweep_wav2vec2_dyt_probe_accuracy_real_recordings.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Best contrastive accuracy for dyt: model.norm.alpha_init.input=" in text
+
+
+# ---------------------------------------------------------------- the recipe descriptions
+
+
+def _specs():
+    import dyt_dna
+    import dyt_llama
+    import dyt_wav2vec2
+
+    return [dyt_llama.SPEC, dyt_wav2vec2.SPEC, dyt_dna.SPEC]
+
+
+def test_each_recipe_spec_names_what_its_package_holds():
+    for spec in _specs():
+        package_dir = Path(importlib.import_module(spec.package).__file__).parent
+        assert callable(importlib.import_module(spec.train_module).main)
+        assert spec.compare_main() is importlib.import_module(spec.compare_module).main
+        for model in spec.models:
+            path = spec.config_path(model)
+            assert path.is_file() and path.resolve().is_relative_to(package_dir)  # shipped inside the package
+            config = load_config(spec.config_class, path)
+            assert config.model.norm.kind == model.baseline and model.norms[-1] == "dyt"
+            # the repository's recipes/ path is the same file, not a copy
+            twin = ROOT / "recipes" / spec.name / Path(model.config).name
+            assert twin.is_symlink() and twin.resolve() == path.resolve()
+        assert spec.metrics and all(isinstance(m, Metric) for m in spec.metrics)
+        pyproject = (ROOT / "packages" / f"dyt-{spec.name}" / "pyproject.toml").read_text()
+        assert f'{spec.package} = ["configs/*.yaml"]' in pyproject
+    import dyt_dna
+
+    assert [m.name for m in dyt_dna.SPEC.models] == [
+        load_config(dyt_dna.SPEC.config_class, dyt_dna.SPEC.config_path(m)).model.arch for m in dyt_dna.SPEC.models]
+
+
+def test_llama_role_mapping_covers_this_recipe_and_fairseq2():
+    import dyt_llama
+    from dyt_llama.model import Llama, ModelConfig
+
+    role_of = dyt_llama.SPEC.role_of
+    ours = [name for name, module in Llama(ModelConfig(dim=32, layers=1, heads=4, kv_heads=2, ffn_dim=64,
+                                                       vocab_size=50, max_seq_len=16)).named_modules()
+            if type(module).__name__ == "RMSNorm"]
+    assert sorted(role_of(n) for n in ours) == ["attention", "ffn", "final"]
+    assert [role_of(p) for p in ("decoder.layers.3.self_attn_layer_norm", "decoder.layers.3.ffn_layer_norm",
+                                 "decoder.layer_norm")] == ["attention", "ffn", "final"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_compare_commands_take_their_facts_from_the_spec(index, tmp_path, monkeypatch):
+    """Each dyt-*-compare plans its runs through the shared plan_runs with its own SPEC: the module
+    to launch, the packaged default config(s), the default norms per model, ``--out``'s default."""
+    import importlib
+
+    spec = _specs()[index]
+    module = importlib.import_module(spec.compare_module)
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def capture(spec_given, args, models, seeds):
+        seen.update(spec=spec_given, args=args, models=models, seeds=seeds,
+                    plan=plan_runs(spec_given, args, models, seeds))  # the real plan, nothing launched
+        raise Planned
+
+    monkeypatch.setattr(module, "plan_runs", capture)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Planned):
+        module.main(["--launcher", "python", "--nproc", "1"])
+    assert seen["spec"] is spec
+    assert seen["args"].out == Path(f"runs/{spec.name}-compare")
+    assert [(m, Path(p).resolve()) for m, p in seen["models"]] == [(m, spec.config_path(m).resolve()) for m in spec.models]
+    planned = seen["plan"]
+    assert [(p.point.model, p.point.norm) for p in planned] == [(m.name, n) for m in spec.models for n in m.norms]
+    for p in planned:
+        assert p.config.model.norm.kind == p.point.norm and p.dir == seen["args"].out / p.point.dir_name()
+    assert not (tmp_path / "runs").exists()  # planning creates nothing
+
+
+def test_demo_runs_every_recipe_compare_through_its_spec(tmp_path, monkeypatch):
+    specs = _specs()
+    demo_spec = importlib.util.spec_from_file_location("demo_under_test", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(demo_spec)
+    demo_spec.loader.exec_module(demo)
+    assert [spec for spec, _, _ in demo.PARTS] == specs
+    assert [spec for spec, _ in demo.CONVERSIONS] == [specs[1], specs[0]]
+    called = []
+
+    def fake_compare(spec):
+        def main(argv):
+            called.append((spec.name, argv))
+            report = Path(argv[argv.index("--out") + 1]) / "report.md"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(f"# {spec.title} report\n\n![x](x.png)\n")
+            return report
+        return main
+
+    for spec in specs:
+        monkeypatch.setattr(importlib.import_module(spec.compare_module), "main", fake_compare(spec))
+
+    def fake_bench(argv):
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps(
+            {"machine": {"device": "cpu", "threads": 2, "torch": "x"}, "kernels": {}, "dtype": "float32"}))
+
+    monkeypatch.setattr(demo, "bench_main", fake_bench)
+    monkeypatch.setattr(demo, "CONVERSIONS", [])
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--out", str(tmp_path / "demo"), "--nproc", "1"])
+    demo.main()
+    assert [name for name, _ in called] == ["llama", "wav2vec2", "dna"]
+    for (_, argv), spec in zip(called, specs):
+        assert argv[:4] == ["--out", str(tmp_path / "demo" / spec.name), "--nproc", "1"]
+    text = (tmp_path / "demo" / "report.md").read_text()
+    assert all(f"## {spec.title} report" in text for spec in specs) and "](llama/x.png)" in text
+
+
+def test_demo_converts_fairseq2_llama_with_the_recipe_roles():
+    """The demo converts other libraries' LLaMA with dyt_llama's own norm settings and roles: at width
+    2048 the paper's table gives attention norms alpha0 1.0, the others 0.5."""
+    from fairseq2.models.llama import LLaMAConfig, create_llama_model
+
+    import dyt_llama
+    from dyt import DyT
+
+    demo_spec = importlib.util.spec_from_file_location("demo_convert", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(demo_spec)
+    demo_spec.loader.exec_module(demo)
+    model = create_llama_model(LLaMAConfig(model_dim=2048, max_seq_len=16, vocab_size=16, num_layers=1,
+                                           num_attn_heads=16, num_key_value_heads=16, ffn_inner_dim=64))
+    alphas = {}
+    original = demo.convert_norms
+
+    def spy(target, norm, role_of=None):
+        report = original(target, norm, role_of=role_of)
+        if norm != "rmsnorm":
+            alphas.update({n: m.alpha.item() for n, m in target.named_modules() if isinstance(m, DyT)})
+            assert not any(isinstance(m, DyT) and m.bias is not None for m in target.modules())  # LLaMA: no bias
+        return report
+
+    demo.convert_norms = spy
+    to_dyt, back = demo.convert_and_back(dyt_llama.SPEC, model)
+    assert alphas == {"decoder.layers.0.self_attn_layer_norm": 1.0, "decoder.layers.0.ffn_layer_norm": 0.5,
+                      "decoder.layer_norm": 0.5}
+    assert len(to_dyt.replaced) == 3 and len(back.replaced) == 3 and back.target == "rmsnorm"

@@ -1,0 +1,276 @@
+"""LLaMA token data on disk (dyt_llama.prepare, dyt_data.shards): the windows training reads from
+the memory map are the rows the in-memory packing gave, for any number of tokenising processes and
+shard sizes; the dtype and index; a write killed mid-way resumes without rewriting finished shards
+and ends identical to an uninterrupted write; ranks read disjoint windows, and only theirs; held-out
+documents never reach the training shards."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dyt.train import DistInfo, TrainConfig
+from dyt.train.trainer import DataPosition, ResumableBatches
+from dyt_data import shards as shard_module
+from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
+from dyt_llama import prepare as prepare_module
+from dyt_llama.data import EOS, DataConfig, build_datasets, load_documents
+
+WORDS = ("shall compare thee summer day thou art more lovely temperate rough winds shake darling buds may "
+         "lease hath short date sometime too hot eye heaven shines often gold complexion dimmed").split()
+
+
+def _write_corpus(root, count=12, seed=0):
+    """``count`` documents of different lengths, each opening with a marker of its own."""
+    rng = random.Random(seed)
+    for i in range(count):
+        path = root / f"{'ab'[i % 2]}" / f"doc{i:02d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 400)))
+        path.write_text(f"Opening of document {i:02d}. {body}\n")
+    return root
+
+
+def _config(tmp_path, corpus, **extra) -> DataConfig:
+    return DataConfig(corpus=str(corpus), validation_works=["b/doc03", "a/doc08"], seq_len=16,
+                      cache_dir=str(tmp_path / "cache"), **extra)
+
+
+def _old_packed_rows(docs, tokenizer, seq_len):
+    """The rows of the in-memory packing this replaced: the whole split encoded at once, each
+    document followed by <eos>, cut into rows of seq_len + 1 every seq_len tokens."""
+    stream = []
+    for encoding in tokenizer.encode_batch(list(docs["text"])):
+        stream += encoding.ids + [tokenizer.token_to_id(EOS)]
+    return [stream[i : i + seq_len + 1] for i in range(0, len(stream) - seq_len, seq_len)]
+
+
+@pytest.mark.parametrize("num_proc,shard_chars", [(1, 10**9), (1, 700), (2, 4000)],
+                         ids=["one-shard", "many-shards", "two-processes"])
+def test_windows_from_the_memory_map_are_the_packed_rows(tmp_path, num_proc, shard_chars):
+    corpus = _write_corpus(tmp_path / "corpus")
+    cfg = _config(tmp_path, corpus, num_proc=num_proc, shard_chars=shard_chars)
+    train, validation, tokenizer = build_datasets(cfg, vocab_size=300, max_seq_len=32)
+    docs = load_documents(cfg)
+    for rows, split in ((train, "train"), (validation, "validation")):
+        expected = _old_packed_rows(docs[split], tokenizer, cfg.seq_len)
+        assert [rows[i].tolist() for i in range(len(rows))] == expected
+        assert rows[0].dtype == torch.int64
+    index = train.shards.index
+    assert (len(index["shards"]) > 1) == (shard_chars < 10**9)
+    assert index["dtype"] == "uint16" and train.shards.dtype == np.uint16
+    assert index["meta"]["vocab_size"] == tokenizer.get_vocab_size()
+    assert index["documents"] == len(docs["train"]) and index["tokens"] == len(train.shards)
+    # document boundaries: each document's tokens end with <eos> at the recorded end
+    lengths = [len(e.ids) + 1 for e in tokenizer.encode_batch(list(docs["train"]["text"]))]
+    assert train.shards.document_ends().tolist() == np.cumsum(lengths).tolist()
+    for shard in index["shards"]:
+        data = np.fromfile(train.shards.folder / shard["file"], dtype=np.uint16)
+        assert len(data) == shard["tokens"] and data[-1] == tokenizer.token_to_id(EOS)
+
+
+def test_a_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {EOS: 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "big.json"))
+    corpus = tmp_path / "corpus"
+    for i in range(4):
+        (corpus / f"d{i}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (corpus / f"d{i}.txt").write_text(" ".join(f"w{(i * 7919 + k * 104729) % 70_000}" for k in range(100)))
+    cfg = DataConfig(corpus=str(corpus), validation_works=["d3"], tokenizer_file=str(tmp_path / "big.json"),
+                     seq_len=16, cache_dir=str(tmp_path / "cache"))
+    train, _, _ = build_datasets(cfg, vocab_size=70_002, max_seq_len=32)
+    assert train.shards.index["dtype"] == "uint32"
+    stream = train.shards.read(0, len(train.shards))
+    assert stream.max() > 65_535  # ids above uint16 survive the round trip
+    assert stream[:100].tolist() == [vocab[f"w{(k * 104729) % 70_000}"] for k in range(100)]
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+class _Killed(Exception):
+    pass
+
+
+def _fake_shard(first, end, path):
+    """A deterministic shard: document d has d % 5 + 1 tokens, each d."""
+    counts = [d % 5 + 1 for d in range(first, end)]
+    np.concatenate([np.full(c, d, np.uint16) for d, c in zip(range(first, end), counts)]).tofile(path)
+    return counts
+
+
+def _counting(calls):
+    def write(first, end, path):
+        calls.append(first)
+        return _fake_shard(first, end, path)
+    return write
+
+
+def test_a_killed_write_resumes_keeps_finished_shards_and_matches_an_uninterrupted_one(tmp_path):
+    plan = plan_by_size([3] * 40, 30)  # 4 shards of 10 documents
+    assert plan == [[0, 10], [10, 20], [20, 30], [30, 40]]
+    whole = write_shards(tmp_path / "whole", plan, _fake_shard, np.uint16, {"k": 1})
+
+    calls = []
+
+    def dies_in_shard_2(first, end, path):
+        calls.append(first)
+        if first == 20:
+            path.write_bytes(b"\x01\x00" * 3)  # a partial shard, as a kill leaves it
+            raise _Killed
+        return _fake_shard(first, end, path)
+
+    folder = tmp_path / "killed"
+    with pytest.raises(_Killed):
+        write_shards(folder, plan, dies_in_shard_2, np.uint16, {"k": 1})
+    assert not (folder / "index.json").exists() and (folder / "shard-00002.bin.tmp").exists()
+    kept = {n: (folder / f"shard-0000{n}.bin").stat() for n in (0, 1)}
+
+    calls.clear()
+    resumed = write_shards(folder, plan, _counting(calls), np.uint16, {"k": 1})
+    assert calls == [20, 30]  # the finished shards were verified and kept
+    for n, stat in kept.items():
+        now = (folder / f"shard-0000{n}.bin").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert not list(folder.glob("*.tmp"))
+    assert resumed == whole
+    for n in range(4):
+        name = f"shard-0000{n}.bin"
+        assert (folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert TokenShards(folder).read(0, whole["tokens"]).tolist() == TokenShards(tmp_path / "whole").read(0, whole["tokens"]).tolist()
+
+    # a finished shard whose bytes no longer match its checksum is written again
+    (folder / "index.json").unlink()
+    data = bytearray((folder / "shard-00001.bin").read_bytes())
+    data[0] ^= 0xFF
+    (folder / "shard-00001.bin").write_bytes(bytes(data))
+    calls.clear()
+    write_shards(folder, plan, _counting(calls), np.uint16, {"k": 1})
+    assert calls == [10]
+    assert (folder / "shard-00001.bin").read_bytes() == (tmp_path / "whole" / "shard-00001.bin").read_bytes()
+
+    # another plan or meta (another tokenizer, other documents) starts over
+    calls.clear()
+    write_shards(folder, plan, _counting(calls), np.uint16, {"k": 2})
+    assert calls == [0, 10, 20, 30]
+
+
+def test_prepare_killed_after_two_shards_resumes_to_the_same_token_data(tmp_path, monkeypatch):
+    corpus = _write_corpus(tmp_path / "corpus")
+    whole, _, _ = build_datasets(_config(tmp_path / "whole", corpus, shard_chars=700), 300, 32)
+
+    real = shard_module.write_shards
+    written = []
+
+    def dying_writer(folder, plan, write_shard, *args, **kwargs):
+        def shard(first, end, path):
+            if len(written) == 2:  # the training split comes first: killed in its third shard
+                raise _Killed
+            written.append(first)
+            return write_shard(first, end, path)
+        return real(folder, plan, shard, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_shards", dying_writer)
+    cfg = _config(tmp_path, corpus, shard_chars=700)
+    with pytest.raises(_Killed):
+        build_datasets(cfg, 300, 32)
+    folder = next((tmp_path / "cache" / "tokens").iterdir())
+    first_two = {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*.bin"))}
+    assert len(first_two) == 2
+
+    monkeypatch.setattr(prepare_module, "write_shards", real)
+    prepare_module.main(["--set", f"data.corpus={corpus}", "--set", "data.validation_works=[b/doc03,a/doc08]",
+                         "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.shard_chars=700",
+                         "--set", "model.vocab_size=300"])
+    for name, mtime in first_two.items():
+        assert (folder / name).stat().st_mtime_ns == mtime, f"{name} was written again"
+    train, _, _ = build_datasets(cfg, 300, 32)
+    assert train.shards.folder == folder
+    assert train.shards.read(0, len(train.shards)).tolist() == whole.shards.read(0, len(whole.shards)).tolist()
+
+
+def test_ranks_read_disjoint_windows_and_only_their_own(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus", count=30)
+    train, _, _ = build_datasets(_config(tmp_path, corpus, shard_chars=1500), 300, 32)
+    assert len(train) >= 32
+    cfg = TrainConfig(micro_batch_size=4, seed=5)
+    starts, rows = {}, {}
+    for rank in range(2):
+        reads = []
+        real_read = train.shards.read
+        train.shards.read = lambda start, length, real_read=real_read, reads=reads: (reads.append(start), real_read(start, length))[1]
+        batches = ResumableBatches(train, type("Collate", (), {"collate": staticmethod(torch.stack)})(), cfg,
+                                   DistInfo(rank, 2, rank, torch.device("cpu")))
+        stream = batches.iterate(DataPosition())
+        per_epoch = len(train) // 2 // cfg.micro_batch_size
+        rows[rank] = torch.cat([next(stream) for _ in range(per_epoch)])
+        del train.shards.read
+        starts[rank] = reads
+    assert not set(starts[0]) & set(starts[1])  # no window read by both ranks
+    assert all(s % train.seq_len == 0 for s in starts[0] + starts[1])
+    assert len(starts[0]) == len(starts[1]) == len(rows[0])  # each rank read exactly the windows it trained on
+    for rank in range(2):
+        assert [r.tolist() for r in rows[rank]] == [train[s // train.seq_len].tolist() for s in starts[rank]]
+    usable = (len(train) // (2 * cfg.micro_batch_size)) * 2 * cfg.micro_batch_size
+    assert len(set(starts[0]) | set(starts[1])) == usable  # one epoch covers each usable window once
+
+
+def test_held_out_documents_are_never_in_the_training_shards(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus", count=20)
+    cfg = _config(tmp_path, corpus, shard_chars=900)
+    train, validation, tokenizer = build_datasets(cfg, 300, 32)
+    docs = load_documents(cfg)
+    held_texts = set(docs["validation"]["text"])
+    assert {t.split(".")[0] for t in held_texts} == {"Opening of document 03", "Opening of document 08"}
+
+    def documents(shards):
+        stream, start, out = shards.read(0, len(shards)).tolist(), 0, []
+        for end in shards.document_ends().tolist():
+            out.append(tokenizer.decode(stream[start : end - 1]))  # without its <eos>
+            start = end
+        return out
+
+    train_docs = documents(train.shards)
+    assert train_docs == list(docs["train"]["text"])  # the training shards hold the training documents, in order
+    assert not held_texts & set(train_docs)
+    assert not any("document 03" in d or "document 08" in d for d in train_docs)
+    assert set(documents(validation.shards)) == held_texts
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--set", "data.corpus={tmp}/nowhere"], ["corpus not found", "nowhere"]),
+    (["--num-proc", "0"], ["data.num_proc"]),
+], ids=["corpus-missing", "no-processes"])
+def test_prepare_command_reports_bad_input_in_one_line(tmp_path, args, names):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).parent / "dyt-llama-prepare"),
+               *[a.replace("{tmp}", str(tmp_path)) for a in args], "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dyt-llama-prepare: ") and "Traceback" not in proc.stderr
+    assert all(name in last for name in names), last
+
+
+def test_parquet_corpus_without_titles_holds_out_every_tenth_document(tmp_path):
+    import datasets
+
+    rng = random.Random(1)
+    texts = [f"Row {i}. " + " ".join(rng.choice(WORDS) for _ in range(60)) for i in range(20)]
+    (tmp_path / "corpus").mkdir()
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "corpus" / "part.parquet"))
+    cfg = DataConfig(corpus=str(tmp_path / "corpus"), seq_len=16, cache_dir=str(tmp_path / "cache"), shard_chars=900)
+    train, validation, tokenizer = build_datasets(cfg, 300, 32)
+    docs = load_documents(cfg)
+    assert list(docs["validation"]["title"]) == ["document-9", "document-19"]
+    assert list(docs["validation"]["text"]) == [texts[9], texts[19]]
+    for rows, split in ((train, "train"), (validation, "validation")):
+        assert [rows[i].tolist() for i in range(len(rows))] == _old_packed_rows(docs[split], tokenizer, cfg.seq_len)

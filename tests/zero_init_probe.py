@@ -1,0 +1,47 @@
+"""Builds a LLaMA engine through the harness (``Trainer.build_engine``) and saves its initial
+weights, gathered whole on rank 0, to ``<train.out_dir>/initial.pt``, for tests/test_scale.py. Run
+under the deepspeed launcher with the LLaMA recipe's options (``--config``, ``--set``). No data is
+built: the task's model is all the engine needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from dyt.train import Trainer, parse_args
+from dyt_llama.task import LlamaConfig, LlamaTask
+
+
+class ModelOnlyTask(LlamaTask):
+    """The LLaMA task without its data; records whether the model came back already sharded."""
+
+    def __init__(self, config: LlamaConfig):
+        self.config, self.train_rows = config, []
+        self.built_sharded: bool | None = None
+
+    def build_model(self):
+        model = super().build_model()
+        self.built_sharded = all(hasattr(p, "ds_id") for p in model.parameters())
+        return model
+
+
+def main() -> None:
+    config, _ = parse_args(LlamaConfig)
+    out = Path(config.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = ModelOnlyTask(config)
+    engine = Trainer(task, config.train, config).build_engine()
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        if torch.distributed.get_rank() == 0:
+            torch.save({name: p.detach().clone() for name, p in params.items()}, out / "initial.pt")
+    if torch.distributed.get_rank() == 0:
+        (out / "initial.json").write_text(json.dumps({"built_sharded": task.built_sharded,
+                                                      "world_size": torch.distributed.get_world_size()}))
+
+
+if __name__ == "__main__":
+    main()
