@@ -13,3 +13,43 @@ import torch
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype DyT math runs in: at least float32, float64 if either operand is float64."""
     return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+
+
+def autograd_functions(forward, backward) -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
+    """The autograd wrappers of a fused backend's kernels: ``(DyT, residual DyT)`` functions.
+
+    ``forward(x, alpha, weight, bias, residual=None) -> (y, s)`` and ``backward(dy, x, alpha, weight,
+    has_bias, ds=None) -> (dx, dalpha, dweight, dbias)``; the residual function returns
+    ``(s, y) = (x + residual, DyT(x + residual))`` in one pass each way."""
+
+    class DyTFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, alpha, weight, bias):
+            y, _ = forward(x, alpha, weight, bias)
+            ctx.save_for_backward(x, alpha, weight)
+            ctx.has_bias = bias is not None
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, alpha, weight = ctx.saved_tensors
+            return backward(dy.contiguous(), x, alpha, weight, ctx.has_bias)
+
+    class ResidualDyTFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, residual, alpha, weight, bias):
+            y, s = forward(x, alpha, weight, bias, residual=residual)
+            ctx.save_for_backward(s, alpha, weight)
+            ctx.has_bias = bias is not None
+            return s, y
+
+        @staticmethod
+        def backward(ctx, ds, dy):
+            s, alpha, weight = ctx.saved_tensors
+            if dy is None:
+                return ds, ds, None, None, None
+            dx, dalpha, dweight, dbias = backward(dy.contiguous(), s, alpha, weight, ctx.has_bias,
+                                                  ds=None if ds is None else ds.contiguous())
+            return dx, dx, dalpha, dweight, dbias
+
+    return DyTFunction, ResidualDyTFunction

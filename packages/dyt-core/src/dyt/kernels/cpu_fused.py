@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import compute_dtype
+from . import autograd_functions, compute_dtype
 
 SOURCE = Path(__file__).parent / "csrc" / "dyt_cpu.cpp"
 
@@ -144,38 +144,7 @@ def cpu_backward(dy, x, alpha, weight, has_bias, ds=None):
             dbias.to(weight.dtype) if has_bias else None)
 
 
-class CpuDyTFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, alpha, weight, bias):
-        y, _ = cpu_forward(x, alpha, weight, bias)
-        ctx.save_for_backward(x, alpha, weight)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, alpha, weight = ctx.saved_tensors
-        dx, dalpha, dweight, dbias = cpu_backward(dy, x, alpha, weight, ctx.has_bias)
-        return dx, dalpha, dweight, dbias
-
-
-class CpuResidualDyTFunction(torch.autograd.Function):
-    """(s, y) = (x + residual, DyT(x + residual)) in one pass each way."""
-
-    @staticmethod
-    def forward(ctx, x, residual, alpha, weight, bias):
-        y, s = cpu_forward(x, alpha, weight, bias, residual=residual)
-        ctx.save_for_backward(s, alpha, weight)
-        ctx.has_bias = bias is not None
-        return s, y
-
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s, alpha, weight = ctx.saved_tensors
-        if dy is None:
-            return ds, ds, None, None, None
-        dx, dalpha, dweight, dbias = cpu_backward(dy, s, alpha, weight, ctx.has_bias, ds=ds)
-        return dx, dx, dalpha, dweight, dbias
+CpuDyTFunction, CpuResidualDyTFunction = autograd_functions(cpu_forward, cpu_backward)
 
 
 def _needs_grad(*tensors) -> bool:

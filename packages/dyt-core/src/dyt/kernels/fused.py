@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autograd_functions
 from .compiled import SATURATED
 
 _SATURATED = tl.constexpr(SATURATED)
@@ -194,40 +195,7 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None):
     return dx, dalpha, dweight, dbias
 
 
-class FusedDyTFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, alpha, weight, bias):
-        y, _ = fused_forward(x, alpha, weight, bias)
-        ctx.save_for_backward(x, alpha, weight)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, alpha, weight = ctx.saved_tensors
-        dx, dalpha, dweight, dbias = fused_backward(dy, x, alpha, weight, ctx.has_bias)
-        return dx, dalpha, dweight, dbias
-
-
-class FusedResidualDyTFunction(torch.autograd.Function):
-    """(s, y) = (x + residual, DyT(x + residual)) in one pass each way."""
-
-    @staticmethod
-    def forward(ctx, x, residual, alpha, weight, bias):
-        y, s = fused_forward(x, alpha, weight, bias, residual=residual)
-        ctx.save_for_backward(s, alpha, weight)
-        ctx.has_bias = bias is not None
-        return s, y
-
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s, alpha, weight = ctx.saved_tensors
-        if dy is None:
-            return ds, ds, None, None, None
-        if ds is not None:
-            ds = ds.contiguous()
-        dx, dalpha, dweight, dbias = fused_backward(dy.contiguous(), s, alpha, weight, ctx.has_bias, ds=ds)
-        return dx, dx, dalpha, dweight, dbias
+FusedDyTFunction, FusedResidualDyTFunction = autograd_functions(fused_forward, fused_backward)
 
 
 def dyt_fused(x, alpha, weight, bias, reduce_dims):
