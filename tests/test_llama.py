@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,22 @@ def test_bad_inputs_stop_with_one_clear_message(corpus, tmp_path):
     bare.mkdir()
     with pytest.raises(DataError, match="has no .txt, .jsonl or .parquet files"):
         build_datasets(DataConfig(corpus=str(bare), seq_len=16, cache_dir=str(tmp_path / "c3")), 300, 32)
+
+
+def test_second_corpus_is_the_66_books_of_the_kjv_as_plain_prose(tmp_path):
+    """The transfer-check corpus: one document per book, in canonical order, verse numbers and
+    chapter headings gone, every book non-empty (a misspelt book name makes `bible` print another)."""
+    from dyt_llama.corpus import KJV_BOOKS, prepare_kjv
+
+    out = prepare_kjv(tmp_path / "kjv")
+    books = sorted(out.glob("*.txt"))
+    assert len(books) == len(KJV_BOOKS) == 66
+    texts = {b.stem: b.read_text() for b in books}
+    assert texts["01-genesis"].startswith("In the beginning God created the heaven and the earth. And the earth")
+    assert texts["66-revelation"].rstrip().endswith("be with you all. Amen.")
+    assert texts["63-2john"] != texts["64-3john"] and len(set(texts.values())) == 66
+    assert not any(re.search(r"(^|\s)\d+ [A-Z]", t) for t in texts.values())  # no verse numbers left
+    assert 3.5e6 < sum(len(t) for t in texts.values()) < 4.5e6
 
 
 def test_jsonl_corpus_with_titles(tmp_path):
