@@ -40,13 +40,21 @@ def test_residual_dyt_matches_float64_reference(dtype, with_bias):
     check_residual_dyt("cpu", dtype, (1000, 77), with_bias)
 
 
-def test_residual_goes_through_the_fused_kernel(monkeypatch):
+def test_residual_goes_through_the_fused_kernel(monkeypatch, kernels):
     calls = []
-    real = cpu_fused.cpu_forward
-    monkeypatch.setattr(cpu_fused, "cpu_forward", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    class Counting:  # the extension, counting its residual entry point
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def residual_dyt(self, *args):
+            calls.append(args)
+            return kernels.residual_dyt(*args)
+
+    monkeypatch.setattr(cpu_fused, "load", Counting)
     x, r = torch.randn(4, 16), torch.randn(4, 16)
     s, y = residual_dyt(x, r, torch.tensor([0.5]), torch.ones(16), backend="cpu")
-    assert calls and calls[0].get("residual") is not None  # one kernel call did the add and DyT
+    assert len(calls) == 1  # one kernel call did the add and DyT
     torch.testing.assert_close(s, x + r)
 
 
@@ -60,6 +68,17 @@ def test_residual_dyt_when_only_y_is_used():
     x64 = (x.detach() + r.detach()).double().requires_grad_()
     reference(x64, layer.alpha.detach(), layer.weight.detach(), layer.bias.detach()).sum().backward()
     assert_grad_close(x.grad, x64.grad, TOL[torch.float32]["grad"], "grad x")
+
+
+def test_residual_dyt_when_only_s_is_used():
+    layer = ResidualDyT(16, backend="cpu")
+    x = torch.randn(4, 16, requires_grad=True)
+    r = torch.randn(4, 16, requires_grad=True)
+    s, _ = layer(x, r)
+    (s * 3).sum().backward()  # no gradient arrives at y: x and r get ds alone, the parameters none
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+    torch.testing.assert_close(r.grad, torch.full_like(r, 3.0))
+    assert layer.weight.grad is None and layer.alpha.grad is None
 
 
 def _leaves(x, cols, g, with_bias=True):
@@ -106,9 +125,9 @@ def test_empty_input(kernels):
     # The kernels themselves (dyt() skips them for empty input): zero gradients, not garbage.
     x = torch.empty(0, 6)
     alpha, weight, bias = torch.tensor([0.5]), torch.randn(6), torch.randn(6)
-    y, s = cpu_fused.cpu_forward(x, alpha, weight, bias, residual=torch.empty(0, 6))
+    y, s = kernels.forward(x, torch.empty(0, 6), alpha, weight, bias)
     assert y.shape == s.shape == (0, 6)
-    dx, dalpha, dweight, dbias = cpu_fused.cpu_backward(torch.empty(0, 6), x, alpha, weight, True)
+    dx, dalpha, dweight, dbias = kernels.backward(torch.empty(0, 6), x, alpha, weight, True, None)
     assert dx.shape == (0, 6)
     assert dalpha.item() == 0 and not dweight.any() and not dbias.any()
 

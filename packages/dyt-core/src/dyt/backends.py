@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import cpu_fused
 from .kernels.compiled import dyt_compiled
 from .kernels.eager import dyt_eager
 
@@ -107,21 +108,7 @@ def _cpu_unavailable(device: torch.device) -> str | None:
         return "its C++ kernels run on CPU tensors (the fused backend is their CUDA counterpart)"
     if not _have_cpp_compiler():
         return "its C++ kernels need a C++ compiler (g++ or clang++) to build"
-    from .kernels import cpu_fused
-
     return cpu_fused.build_error()  # builds the kernels the first time (cached on disk after)
-
-
-def _cpu_apply(x, alpha, weight, bias, reduce_dims):
-    from .kernels.cpu_fused import dyt_cpu
-
-    return dyt_cpu(x, alpha, weight, bias, reduce_dims)
-
-
-def _cpu_apply_residual(x, residual, alpha, weight, bias):
-    from .kernels.cpu_fused import residual_dyt_cpu
-
-    return residual_dyt_cpu(x, residual, alpha, weight, bias)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -132,8 +119,8 @@ BACKENDS: dict[str, Backend] = {
     ),
     "fused": Backend("fused", "Triton kernels (one pass each way)", _fused_unavailable, _fused_apply,
                      apply_residual=_fused_apply_residual),
-    "cpu": Backend("cpu", "C++ kernels for CPU tensors (one pass each way)", _cpu_unavailable, _cpu_apply,
-                   apply_residual=_cpu_apply_residual),
+    "cpu": Backend("cpu", "C++ kernels for CPU tensors (one pass each way)", _cpu_unavailable, cpu_fused.dyt_cpu,
+                   apply_residual=cpu_fused.residual_dyt_cpu),
 }
 AUTO_ORDER = ("fused", "cpu", "compiled", "eager")
 NAMES = (AUTO, *BACKENDS)

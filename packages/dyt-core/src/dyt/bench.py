@@ -1,7 +1,8 @@
 """dyt-bench: time DyT's backends against copy, LayerNorm, RMSNorm and the LLaMA reference RMSNorm,
 forward and forward+backward, on the current device, with each op's peak memory; optionally a
-LLaMA-style decoder block with each norm, and a recipe's LLaMA training step with each norm (steps
-interleaved). Prints times, effective bandwidth, peak bytes and ratios; writes JSON.
+LLaMA-style decoder block with each norm, and a recipe's LLaMA training step with each norm. Ops
+are timed interleaved (a call of each in turn, then the next round), so drift in the machine's
+speed hits all alike. Prints times, effective bandwidth, peak bytes and ratios; writes JSON.
 
 Ratios compare ops timed in this one process; absolute times depend on the machine (and on CPU on
 glibc's allocator settings, recorded in the JSON: a fresh activation-sized tensor above its mmap
@@ -16,6 +17,7 @@ extension, with its time), run once, outside the timed repeats.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -53,18 +55,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, float]:
+    """Median wall time of each of ``fns`` in milliseconds, timed in rounds (one call of each per
+    round, ``repeats`` rounds after ``warmup``): a change in the machine's speed during the run
+    (load, clocks) hits every op alike, so the ratios between them hold."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_index >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -150,26 +155,34 @@ def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
     alpha = torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True)
     leaves = (x, r, weight, bias, alpha)
     element_bytes = x.element_size() * x.numel()
-    results = {}
-    for name, op in kernel_ops(x, r, weight, bias, alpha).items():
+    ops = kernel_ops(x, r, weight, bias, alpha)
+    forward_only, forward_backward = {}, {}
+    for name, op in ops.items():
 
-        def forward_only(op=op):
+        def forward(op=op):
             with torch.no_grad():
                 op.run()
 
-        def forward_backward(op=op):
+        def both(op=op):
             outputs = op.run()
             torch.autograd.backward(outputs, grads[: len(outputs)])
             for leaf in leaves:
                 leaf.grad = None
 
-        fwd = time_ms(forward_only, device, warmup, repeats)
-        row = {"forward_ms": fwd, "forward_GBps": op.accesses[0] * element_bytes / fwd / 1e6,
-               "forward_peak_bytes": peak_bytes(forward_only, device)}
+        forward_only[name] = forward
         if op.backward:
-            both = time_ms(forward_backward, device, warmup, repeats)
+            forward_backward[name] = both
+    forward_ms = time_interleaved(forward_only, device, warmup, repeats)
+    both_ms = time_interleaved(forward_backward, device, warmup, repeats)
+    results = {}
+    for name, op in ops.items():
+        fwd = forward_ms[name]
+        row = {"forward_ms": fwd, "forward_GBps": op.accesses[0] * element_bytes / fwd / 1e6,
+               "forward_peak_bytes": peak_bytes(forward_only[name], device)}
+        if op.backward:
+            both = both_ms[name]
             row.update(forward_backward_ms=both, forward_backward_GBps=op.accesses[1] * element_bytes / both / 1e6,
-                       forward_backward_peak_bytes=peak_bytes(forward_backward, device))
+                       forward_backward_peak_bytes=peak_bytes(forward_backward[name], device))
         results[name] = row
     return results
 
@@ -206,29 +219,25 @@ def run_block(dim, heads, ffn, tokens, dtype, device, warmup, repeats) -> dict:
     }
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, tokens, dim, generator=generator).to(device=device, dtype=dtype).requires_grad_()
-    results = {}
+    blocks = {}
     for name, norm in variants.items():
         torch.manual_seed(0)
-        block = DecoderBlock(dim, heads, ffn, norm).to(device=device, dtype=dtype)
-        results[name] = _time_block(block, x, device, warmup, repeats)
-    return results
+        blocks[name] = DecoderBlock(dim, heads, ffn, norm).to(device=device, dtype=dtype)
 
-
-def _time_block(block: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int) -> dict:
-    def infer():
+    def infer(block):
         with torch.no_grad():
             block(x)
 
-    def train_step():
+    def train_step(block):
         block(x).float().pow(2).mean().backward()
         block.zero_grad(set_to_none=True)
         x.grad = None
 
-    return {
-        "inference_ms": time_ms(infer, device, warmup, repeats),
-        "train_step_ms": time_ms(train_step, device, warmup, repeats),
-        "train_step_peak_bytes": peak_bytes(train_step, device),
-    }
+    inference = time_interleaved({n: functools.partial(infer, b) for n, b in blocks.items()}, device, warmup, repeats)
+    steps = {n: functools.partial(train_step, b) for n, b in blocks.items()}
+    train = time_interleaved(steps, device, warmup, repeats)
+    return {name: {"inference_ms": inference[name], "train_step_ms": train[name],
+                   "train_step_peak_bytes": peak_bytes(steps[name], device)} for name in blocks}
 
 
 LLAMA_NORMS = {"rmsnorm": "model.norm=rmsnorm", "layernorm": "model.norm=layernorm", "dyt": "model.norm=dyt"}
@@ -263,23 +272,15 @@ def run_llama(config_path: Path, dtype: torch.dtype, device: torch.device, warmu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(warmup + repeats):
-        for name, (model, optimizer) in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            step(model, optimizer)
-            _sync(device)
-            if round_index >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+    steps = {name: functools.partial(step, *variant) for name, variant in variants.items()}
+    step_ms = time_interleaved(steps, device, warmup, repeats)
     dyt_backend = auto_backend(device, config.train.micro_batch_size * config.data.seq_len * config.model.dim)
     return {
         "config": str(config_path),
         "tokens_per_step": config.train.micro_batch_size * config.data.seq_len,
         "dyt_backend": dyt_backend,
         "results": {
-            name: {"train_step_ms": statistics.median(samples[name]),
-                   "train_step_peak_bytes": peak_bytes(lambda v=variants[name]: step(*v), device)}
+            name: {"train_step_ms": step_ms[name], "train_step_peak_bytes": peak_bytes(steps[name], device)}
             for name in variants
         },
     }
@@ -353,7 +354,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average": os.getloadavg(),  # other work on the machine while it ran (1, 5, 15 min)
-        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE"},
     }
     try:
         import triton
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = args.shapes or ([_shape(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
     machine = machine_info(device)
     print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
-          f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats}; "
+          f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats} interleaved rounds; "
           f"'auto' = {auto_backend(device)}; load average {machine['load_average'][0]:.2f}; "
           f"allocator {machine['allocator_env'] or 'glibc defaults'}")
     payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}

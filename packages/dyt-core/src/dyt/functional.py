@@ -47,9 +47,12 @@ def dyt(
     if channels_last:
         _check_trailing(x, weight)
         channels = weight.numel()
-        canonical = x.reshape(-1, channels)
-        w, b = weight.reshape(channels), None if bias is None else bias.reshape(channels)
-        a = alpha.reshape(channels) if channel_alpha else alpha
+        # Reshape only what is not already canonical: each view is an autograd node, and at the
+        # tiny LLaMA's sizes the per-call overhead is what separates DyT from LayerNorm.
+        canonical = x if x.ndim == 2 and weight.ndim == 1 else x.reshape(-1, channels)
+        w = weight if weight.ndim == 1 else weight.reshape(channels)
+        b = bias if bias is None or bias.ndim == 1 else bias.reshape(channels)
+        a = alpha.reshape(channels) if channel_alpha and alpha.ndim != 1 else alpha
         reduce_dims: tuple[int, ...] = (0,)
     else:
         if weight.ndim != 1 or x.ndim < 2 or x.shape[1] != weight.shape[0]:
@@ -69,8 +72,10 @@ def dyt(
         if x.numel() == 0:
             impl = BACKENDS["eager"]  # nothing to compute: skip compiling for an empty shape
     if squash == "tanh":  # every backend's apply takes tanh without the keyword
-        return impl.apply(canonical, a, w, b, reduce_dims).reshape(x.shape)
-    return impl.apply(canonical, a, w, b, reduce_dims, squash=squash).reshape(x.shape)
+        y = impl.apply(canonical, a, w, b, reduce_dims)
+    else:
+        y = impl.apply(canonical, a, w, b, reduce_dims, squash=squash)
+    return y if canonical is x else y.reshape(x.shape)
 
 
 def residual_dyt(

@@ -4,6 +4,9 @@ and ``at::parallel_for``.
 Forward is one pass (read x, write y); backward one pass over x and dy that writes dx and keeps
 per-chunk partial column sums of d weight and d bias and a per-chunk d alpha, reduced at the end,
 like the Triton ``fused`` backend. Residual-add + DyT is the same kernel with a second input.
+The autograd functions and the dtype handling are in C++ too (``dyt`` and ``residual_dyt`` of the
+extension): at the tiny LLaMA's 1024 x 192 a Python ``autograd.Function`` cost as much as the
+kernels themselves.
 Math and partials run in float32 for float32 / bfloat16 / float16 input, in float64 for float64.
 In float32 math tanh is a rational approximation (Eigen's form; max abs error 2.8e-7 against
 float64, within dyt.selfcheck's float32 tolerance): ATen's Sleef tanh and an exp-based tanh measured
@@ -25,8 +28,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from . import autograd_functions, compute_dtype
 
 SOURCE = Path(__file__).parent / "csrc" / "dyt_cpu.cpp"
 
@@ -84,6 +85,9 @@ def load():
     kept. Raises CpuKernelBuildError when it cannot be built; the failure is kept too (no second
     attempt in this process) and announced once with a warning."""
     level = capability()
+    result = _built.get(level)  # after the first call: no lock (the dict is only ever added to)
+    if result is not None and not isinstance(result, CpuKernelBuildError):
+        return result
     with _build_lock:
         if level not in _built:
             try:
@@ -107,50 +111,6 @@ def build_error() -> str | None:
     return None
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.ndim == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) else t.contiguous()
-
-
-def _kernel_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the kernel reads x in: x's own, unless the parameters ask for wider math than x's
-    (float64 weight beside float32 x), then x is read as the compute dtype."""
-    ct = compute_dtype(x, weight)
-    own = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.dtype if own == ct else ct
-
-
-def _param(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
-
-
-def cpu_forward(x, alpha, weight, bias, residual=None):
-    """(y, s): y = DyT(x [+ residual]) in x's dtype, s = x + residual (None without residual)."""
-    dtype, ct = _kernel_dtype(x, weight), compute_dtype(x, weight)
-    y, s = load().forward(
-        _as_rows(x.to(dtype)), None if residual is None else _as_rows(residual.to(dtype)),
-        _param(alpha, ct), _param(weight, ct), None if bias is None else _param(bias, ct),
-    )
-    return y.to(x.dtype), (None if residual is None else s.to(x.dtype))
-
-
-def cpu_backward(dy, x, alpha, weight, has_bias, ds=None):
-    """(dx, dalpha, dweight, dbias), parameter gradients in the parameters' dtypes."""
-    dtype, ct = _kernel_dtype(x, weight), compute_dtype(x, weight)
-    dx, dalpha, dweight, dbias = load().backward(
-        _as_rows(dy.to(dtype)), _as_rows(x.to(dtype)), _param(alpha, ct), _param(weight, ct), has_bias,
-        None if ds is None else _as_rows(ds.to(dtype)),
-    )
-    return (dx.to(x.dtype), dalpha.reshape(alpha.shape).to(alpha.dtype), dweight.to(weight.dtype),
-            dbias.to(weight.dtype) if has_bias else None)
-
-
-CpuDyTFunction, CpuResidualDyTFunction = autograd_functions(cpu_forward, cpu_backward)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def dyt_cpu(x, alpha, weight, bias, reduce_dims):
     """CPU-fused DyT on the canonical layout (see :mod:`dyt.kernels`); channels-first input is
     transposed to channels-last (a copy) because the kernel streams rows of channels."""
@@ -158,14 +118,10 @@ def dyt_cpu(x, alpha, weight, bias, reduce_dims):
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         y = dyt_cpu(rows, alpha, weight.reshape(-1), None if bias is None else bias.reshape(-1), (0,))
         return y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1)
-    if not _needs_grad(x, alpha, weight, bias):
-        return cpu_forward(x, alpha, weight, bias)[0]
-    return CpuDyTFunction.apply(x, alpha, weight, bias)
+    return load().dyt(x, alpha, weight, bias)
 
 
 def residual_dyt_cpu(x, residual, alpha, weight, bias):
     """(s, y) for 2-D ``(rows, channels)`` x and residual; see :func:`dyt.functional.residual_dyt`."""
-    if not _needs_grad(x, residual, alpha, weight, bias):
-        y, s = cpu_forward(x, alpha, weight, bias, residual=residual)
-        return s, y
-    return CpuResidualDyTFunction.apply(x, residual, alpha, weight, bias)
+    s, y = load().residual_dyt(x, residual, alpha, weight, bias)
+    return s, y

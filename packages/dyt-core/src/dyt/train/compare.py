@@ -477,20 +477,35 @@ def pretraining_summary(run: Run) -> dict[str, Any]:
 
 
 def plot_losses(runs: Sequence[Run], path: Path, ylabel: str) -> None:
-    """Training loss (lines) and validation loss (dots) of every run on one chart."""
+    """Training loss (lines) and validation loss (dots) per report cell (norm and sweep point), each
+    the mean over that cell's seeds at every step they share: one colour per cell, so a 10-variant,
+    3-seed ablation stays readable. The y range leaves out the first tenth of training (the loss
+    from ln(vocabulary) down), where every run looks alike."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    cells: dict[str, list[Run]] = {}
     for run in runs:
-        rows = run.metrics
-        label = f"{run.label} (seed {run.seed})"
-        train = [r for r in rows if "train/loss" in r]
-        line, = ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=f"{label} train", alpha=0.8)
-        evals = [r for r in rows if "eval/loss" in r]
-        ax.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o--", color=line.get_color(),
-                label=f"{label} validation")
+        cells.setdefault(run.label, []).append(run)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    shown: list[float] = []
+    for label, members in cells.items():
+        curves = {}
+        for key in ("train/loss", "eval/loss"):
+            per_run = [{r["step"]: r[key] for r in run.metrics if key in r} for run in members]
+            steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
+            curves[key] = (steps, [statistics.mean(c[step] for c in per_run) for step in steps])
+        seeds = f"{len(members)} seeds" if len(members) > 1 else f"seed {members[0].seed}"
+        steps, losses = curves["train/loss"]
+        line, = ax.plot(steps, losses, label=f"{label} ({seeds})", alpha=0.85, linewidth=1.2)
+        ax.plot(*curves["eval/loss"], "o", color=line.get_color(), markersize=4)
+        if steps:
+            shown += [v for t, v in zip(steps, losses) if t >= steps[-1] / 10] + curves["eval/loss"][1]
+    if shown:
+        low, high = min(shown), max(shown)
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+    ax.set_title("lines: training loss; dots: validation loss (means over seeds)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

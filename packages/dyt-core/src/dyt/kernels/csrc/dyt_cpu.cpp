@@ -271,6 +271,97 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   return {dx, sum_chunks(da_part.view({chunks, 1})), sum_chunks(dw_part), has_bias ? sum_chunks(db_part) : at::Tensor()};
 }
 
+// ---- autograd: the backend's entry points, so a training step crosses into Python once per call
+// (a Python autograd.Function and its dtype plumbing cost as much as the kernels at the tiny
+// LLaMA's 1024 x 192; docs/performance.md).
+
+// The dtype DyT math runs in: at least float, double if x or weight is double.
+at::ScalarType compute_type(const at::Tensor& x, const at::Tensor& weight) {
+  return at::promote_types(at::promote_types(x.scalar_type(), weight.scalar_type()), at::kFloat);
+}
+
+// The dtype the kernels read x in: x's own, unless the parameters ask for wider math (double weight
+// beside float x); then x is read in the compute dtype.
+at::ScalarType kernel_type(const at::Tensor& x, const at::Tensor& weight) {
+  const at::ScalarType ct = compute_type(x, weight);
+  return acc_type(x.scalar_type()) == ct ? x.scalar_type() : ct;
+}
+
+at::Tensor as_rows(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor r = t.to(dtype);
+  return r.size(1) <= 1 || r.stride(1) == 1 ? r : r.contiguous();
+}
+
+at::Tensor as_param(const at::Tensor& t, at::ScalarType dtype) { return t.detach().to(dtype).contiguous(); }
+
+// (y, s) in x's dtype for x [+ residual] of any float dtype and parameters of any float dtype.
+std::vector<at::Tensor> forward_any(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& alpha,
+                                    const at::Tensor& weight, const at::Tensor& bias) {
+  const at::ScalarType kt = kernel_type(x, weight), ct = compute_type(x, weight);
+  auto out = forward(as_rows(x, kt), residual.defined() ? c10::optional<at::Tensor>(as_rows(residual, kt)) : c10::nullopt,
+                     as_param(alpha, ct), as_param(weight, ct),
+                     bias.defined() ? c10::optional<at::Tensor>(as_param(bias, ct)) : c10::nullopt);
+  out[0] = out[0].to(x.scalar_type());
+  if (out[1].defined()) out[1] = out[1].to(x.scalar_type());
+  return out;
+}
+
+// (dx, dalpha, dweight, dbias), each in its input's dtype; dbias undefined without bias.
+std::vector<at::Tensor> backward_any(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha,
+                                     const at::Tensor& weight, bool has_bias, const at::Tensor& ds) {
+  const at::ScalarType kt = kernel_type(x, weight), ct = compute_type(x, weight);
+  auto g = backward(as_rows(dy, kt), as_rows(x, kt), as_param(alpha, ct), as_param(weight, ct), has_bias,
+                    ds.defined() ? c10::optional<at::Tensor>(as_rows(ds, kt)) : c10::nullopt);
+  return {g[0].to(x.scalar_type()), g[1].reshape(alpha.sizes()).to(alpha.scalar_type()), g[2].to(weight.scalar_type()),
+          has_bias ? g[3].to(weight.scalar_type()) : at::Tensor()};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct DyTFunction : public torch::autograd::Function<DyTFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
+    ctx->save_for_backward({x, alpha, weight});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return forward_any(x, at::Tensor(), alpha, weight, bias.value_or(at::Tensor()))[0];
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto g = backward_any(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), at::Tensor());
+    return {g[0], g[1], g[2], g[3]};
+  }
+};
+
+// (s, y) = (x + residual, DyT(x + residual)); backward takes the gradients at s and y in one pass.
+struct ResidualDyTFunction : public torch::autograd::Function<ResidualDyTFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
+                               const at::Tensor& alpha, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias) {
+    auto out = forward_any(x, residual, alpha, weight, bias.value_or(at::Tensor()));
+    ctx->set_materialize_grads(false);  // an unused s or y arrives undefined, not as zeros to read
+    ctx->save_for_backward({out[1], alpha, weight});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return {out[1], out[0]};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor &ds = grads[0], &dy = grads[1];
+    if (!dy.defined()) return {ds, ds, at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto g = backward_any(dy, saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), ds);
+    return {g[0], g[0], g[1], g[2], g[3]};
+  }
+};
+
+at::Tensor dyt(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return DyTFunction::apply(x, alpha, weight, bias);
+}
+
+variable_list residual_dyt(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& alpha,
+                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return ResidualDyTFunction::apply(x, residual, alpha, weight, bias);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -279,4 +370,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("alpha"), py::arg("weight"), py::arg("bias"));
   m.def("backward", &backward, "(dx, dalpha, dweight, dbias)", py::arg("dy"), py::arg("x"), py::arg("alpha"),
         py::arg("weight"), py::arg("has_bias"), py::arg("ds"));
+  m.def("dyt", &dyt, "DyT(x) with autograd, any float dtypes", py::arg("x"), py::arg("alpha"), py::arg("weight"),
+        py::arg("bias"));
+  m.def("residual_dyt", &residual_dyt, "(x + residual, DyT(x + residual)) with autograd", py::arg("x"),
+        py::arg("residual"), py::arg("alpha"), py::arg("weight"), py::arg("bias"));
 }
