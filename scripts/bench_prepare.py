@@ -9,10 +9,10 @@
 2. A short tiny-LLaMA training (one rank, recipes/llama/tiny.yaml, RMSNorm) reading its windows
    from the memory map, then the same run reading the same windows as the old packing stored them
    (a ``datasets`` table saved to disk, read with the torch format): tokens/s of each (median over
-   the logged steps after the first), two runs each in fresh processes, in the order memory map,
-   table, table, memory map.
+   the logged steps after the first), each run in a fresh process, in the order memory map, table,
+   table, memory map (``--rounds N``: that order N times; medians over the runs).
 
-``python scripts/bench_prepare.py [--steps 40] [--out runs/bench-prepare]``
+``python scripts/bench_prepare.py [--steps 40] [--out runs/bench-prepare] [--train-only] [--rounds 1]``
 """
 
 from __future__ import annotations
@@ -99,11 +99,32 @@ def _train(steps: int, out: Path, in_memory: bool) -> float:
     return statistics.median(rates)
 
 
+def _compare_training(args) -> dict:
+    """Tokens/s of the tiny run from the memory map and from the old packed table, each run in a
+    fresh process, in ABBA order (``args.rounds`` times) against drift in the box's speed."""
+    rates = {"memmap": [], "table": []}
+    for source in ("memmap", "table", "table", "memmap") * args.rounds:
+        done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--out", str(args.out),
+                               "--train", source], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"training from {source} failed:\n{done.stderr[-3000:]}")
+        rates[source].append(float(done.stdout.split()[-1]))
+        print(f"tiny LLaMA, 1 rank, {args.steps} steps, rows from the {source}: {rates[source][-1]:.0f} tokens/s", flush=True)
+    memmap, table = statistics.median(rates["memmap"]), statistics.median(rates["table"])
+    print(f"tokens/s, median of {len(rates['memmap'])} runs each: {memmap:.0f} from the memory map, {table:.0f} from "
+          f"the packed datasets table (ratio {memmap / table:.3f}); load now {os.getloadavg()[0]:.2f}", flush=True)
+    return {"memmap_tokens_per_s": rates["memmap"], "table_tokens_per_s": rates["table"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-prepare")
     parser.add_argument("--train", choices=["memmap", "table"], help=argparse.SUPPRESS)  # one training run
+    parser.add_argument("--train-only", action="store_true",
+                        help="skip the prepare benchmark: only the training comparison (memory map vs table)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="ABBA rounds of the training comparison (each round: 2 runs from each source)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.train:
@@ -123,6 +144,9 @@ def main() -> None:
     print(f"load before: {os.getloadavg()[0]:.2f} (1-min average; {os.cpu_count()} CPUs)", flush=True)
 
     results = {}
+    if args.train_only:
+        (args.out / "train.json").write_text(json.dumps(_compare_training(args), indent=1))
+        return
     for copies in (1, 8):
         corpus = args.out / f"corpus-{copies}x"
         held_out = _corpus(source, corpus, copies)
@@ -139,18 +163,7 @@ def main() -> None:
         print(f"{processes} process(es): peak RSS 8x / 1x = {ratio:.2f} (target <= 1.3, 8x < 1500 MB); "
               f"8x tokens/s vs 1 process = {speed:.2f}", flush=True)
 
-    rates = {"memmap": [], "table": []}
-    for source in ("memmap", "table", "table", "memmap"):  # each in a fresh process, in ABBA order against drift
-        done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--out", str(args.out),
-                               "--train", source], capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"training from {source} failed:\n{done.stderr[-3000:]}")
-        rates[source].append(float(done.stdout.split()[-1]))
-        print(f"tiny LLaMA, 1 rank, {args.steps} steps, rows from the {source}: {rates[source][-1]:.0f} tokens/s", flush=True)
-    memmap, table = statistics.mean(rates["memmap"]), statistics.mean(rates["table"])
-    results["train"] = {"memmap_tokens_per_s": rates["memmap"], "table_tokens_per_s": rates["table"]}
-    print(f"tokens/s, mean of 2 runs each: {memmap:.0f} from the memory map, {table:.0f} from the packed datasets "
-          f"table (ratio {memmap / table:.3f})", flush=True)
+    results["train"] = _compare_training(args)
     print(f"load after: {os.getloadavg()[0]:.2f}", flush=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=1))
 
