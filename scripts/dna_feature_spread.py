@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dyt.train.config import load_config
 from dyt_dna.data import load_task, tokens
-from dyt_dna.eval import load_backbone
-from dyt_dna.task import DnaConfig, build_model
+from dyt_dna.eval import backbone_builder
 
 
 def main() -> None:
@@ -32,14 +30,7 @@ def main() -> None:
     for run in args.runs:
         for pretrained in (False, True):
             torch.manual_seed(0)
-            if pretrained:
-                config, weights = load_backbone(run)
-            else:
-                config, weights = load_config(DnaConfig, run / "config.yaml", check_files=False), None
-            model = build_model(config.model)
-            if weights is not None:
-                model.load_state_dict(weights)
-            model.eval()
+            model = backbone_builder(run, pretrained)[1]().eval()
             with torch.no_grad():
                 pooled = model.pool(model.features(batch), batch)
             rms = pooled.pow(2).mean().sqrt().item()

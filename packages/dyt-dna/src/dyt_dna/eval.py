@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,25 +45,29 @@ class SequenceClassifier(nn.Module):
         return self.head(self.backbone.pool(self.backbone.features(batch), batch))
 
 
-def load_backbone(run_dir: Path) -> tuple[DnaConfig, dict[str, torch.Tensor]]:
+def backbone_builder(run_dir: Path, pretrained: bool = True) -> tuple[DnaConfig, Callable[[], nn.Module]]:
+    """The run's config and a function that builds its backbone: with the trained weights (read once
+    here), or untrained with ``pretrained`` False (each call its own initialisation)."""
     config = load_config(DnaConfig, run_dir / "config.yaml", check_files=False)
-    return config, trained_weights(run_dir)
+    weights = trained_weights(run_dir) if pretrained else None
+
+    def build() -> nn.Module:
+        backbone = build_model(config.model)
+        if weights is not None:
+            backbone.load_state_dict(weights)
+        return backbone
+
+    return config, build
 
 
 def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
     """Fine-tune the run's pretrained model on ``task`` once per seed; with ``pretrained`` False the
     same model untrained (each seed's own initialisation): the baseline that shows what pretraining
     bought."""
-    if pretrained:
-        config, weights = load_backbone(run_dir)
-    else:
-        config, weights = load_config(DnaConfig, run_dir / "config.yaml", check_files=False), None
+    config, build_backbone = backbone_builder(run_dir, pretrained)
 
     def make_model() -> SequenceClassifier:
-        backbone = build_model(config.model)
-        if weights is not None:
-            backbone.load_state_dict(weights)
-        return SequenceClassifier(backbone, len(task.classes))
+        return SequenceClassifier(build_backbone(), len(task.classes))
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
