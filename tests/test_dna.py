@@ -431,6 +431,8 @@ def test_random_init_eval_starts_from_fresh_weights_not_the_checkpoint(tmp_path,
     cfg = dna_eval.FinetuneConfig(epochs=1, batch_size=4, seeds=[0])
     dna_eval.evaluate(run, task, cfg, pretrained=True)
     assert all(torch.equal(starts[0][k], saved[k]) for k in saved)
-    monkeypatch.setattr(dna_eval, "trained_weights", lambda _: pytest.fail("random init read the checkpoint"))
+    import dyt.train.checkpoint as checkpoint  # where run_model_builder reads the weights
+
+    monkeypatch.setattr(checkpoint, "trained_weights", lambda _: pytest.fail("random init read the checkpoint"))
     dna_eval.evaluate(run, task, cfg, pretrained=False)
     assert not all(torch.equal(starts[1][k], saved[k]) for k in saved)

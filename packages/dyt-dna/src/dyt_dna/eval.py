@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyt.train import check_run, load_config, trained_weights, user_errors
+from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from dyt.train.finetune import Classification, FinetuneConfig, FinetuneResult, finetune, planned_steps
 
@@ -49,15 +49,7 @@ def backbone_builder(run_dir: Path, pretrained: bool = True) -> tuple[DnaConfig,
     """The run's config and a function that builds its backbone: with the trained weights (read once
     here), or untrained with ``pretrained`` False (each call its own initialisation)."""
     config = load_config(DnaConfig, run_dir / "config.yaml", check_files=False)
-    weights = trained_weights(run_dir) if pretrained else None
-
-    def build() -> nn.Module:
-        backbone = build_model(config.model)
-        if weights is not None:
-            backbone.load_state_dict(weights)
-        return backbone
-
-    return config, build
+    return config, run_model_builder(run_dir, lambda: build_model(config.model), pretrained)
 
 
 def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:

@@ -27,7 +27,7 @@ from fairseq2.nn import BatchLayout
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dyt.train import check_run, load_config, trained_weights, user_errors
+from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
 from dyt.train.finetune import Classification, FinetuneConfig, FinetuneResult, finetune
 from dyt.train.trainer import seed_everything
@@ -47,15 +47,7 @@ def load_pretrained(run_dir: Path, pretrained: bool = True):
     False) freshly initialised, seeded by the caller like every fine-tuning run."""
     config = load_config(Wav2Vec2PretrainConfig, run_dir / "config.yaml", check_files=False)
     config.model.compile_quantizer = False  # eager: evals are small, compiling costs more than it saves
-    weights = trained_weights(run_dir) if pretrained else None
-
-    def make() -> nn.Module:
-        model = build_wav2vec2(config.model)
-        if weights is not None:
-            model.load_state_dict(weights)
-        return model
-
-    return config, make
+    return config, run_model_builder(run_dir, lambda: build_wav2vec2(config.model), pretrained)
 
 
 class LabeledAudio(Dataset):

@@ -4,7 +4,7 @@ checkpoints, JSONL + TensorBoard metrics, progress bar, one error boundary for e
 docs/architecture.md and docs/errors.md."""
 
 from ..errors import UserInputError
-from .checkpoint import RunNotFoundError, check_run, trained_weights
+from .checkpoint import RunNotFoundError, check_run, run_model_builder, trained_weights
 from .cli import command, parse_args, run_recipe, user_errors
 from .config import ConfigError, Range, TrainConfig, dump_yaml, from_dict, load_config, to_dict
 from .distributed import DistInfo, init_distributed
@@ -42,6 +42,7 @@ __all__ = [
     "read_metrics",
     "run_recipe",
     "to_dict",
+    "run_model_builder",
     "trained_weights",
     "user_errors",
     "warmup_cosine",

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,19 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
 
         return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
     return torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def run_model_builder(run_dir: str | Path, build: Callable[[], torch.nn.Module],
+                      pretrained: bool = True) -> Callable[[], torch.nn.Module]:
+    """A function that builds a run's model with ``build`` and loads the run's trained weights (read
+    once, here), or, with ``pretrained`` False, leaves each build at its own initialisation: what
+    the fine-tuning evals call once per seed."""
+    weights = trained_weights(run_dir) if pretrained else None
+
+    def make() -> torch.nn.Module:
+        model = build()
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
+
+    return make
