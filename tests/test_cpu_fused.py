@@ -187,8 +187,8 @@ def test_a_failed_build_names_the_alternatives_and_auto_falls_back(monkeypatch):
     def broken_build(level):
         raise cpu_fused.CpuKernelBuildError("building its C++ kernels failed (g++: not found)")
 
-    monkeypatch.setattr(cpu_fused, "_build", broken_build)
-    monkeypatch.setattr(cpu_fused, "_built", {})
+    monkeypatch.setattr(cpu_fused.EXTENSION, "build", broken_build)
+    monkeypatch.setattr(cpu_fused.EXTENSION, "built", {})
     with pytest.warns(RuntimeWarning, match="'cpu' DyT backend is unavailable.*'compiled' or 'eager'"):
         assert dyt.auto_backend("cpu", 2**22) == "compiled"
     assert dyt.auto_backend("cpu", 100) == "eager"  # the failure is kept: no second build, no second warning

@@ -112,6 +112,81 @@ def test_scan_survives_very_fast_decay():
     torch.testing.assert_close(fast, selective_scan_reference(x, dt, A, B, C, D), rtol=1e-4, atol=1e-4)
 
 
+def _scan_inputs(b, d, n, length, dtype, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(b, d, length, dtype=dtype)
+    dt = torch.nn.functional.softplus(torch.randn(b, d, length, dtype=dtype) - 2)
+    A = -torch.arange(1, n + 1, dtype=dtype).repeat(d, 1) * torch.rand(d, 1, dtype=dtype)
+    B, C = torch.randn(b, n, length, dtype=dtype), torch.randn(b, n, length, dtype=dtype)
+    D = torch.randn(d, dtype=dtype)
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+
+
+@pytest.fixture(scope="module")
+def scan_cpu():
+    from dyt_dna import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip(f"C++ selective scan not built here: {scan_cpu.EXTENSION.build_error()}")
+    return scan_cpu
+
+
+# state sizes below, at and above a vector's width (8 floats on AVX2, 16 on AVX-512), length 1 included
+@pytest.mark.parametrize("shape", [(2, 6, 4, 37), (1, 3, 17, 5), (2, 5, 8, 1), (3, 4, 16, 100), (1, 2, 33, 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpp_scan_equals_step_by_step_reference_with_every_gradient(scan_cpu, shape, dtype):
+    inputs = _scan_inputs(*shape, dtype)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    reference = selective_scan_reference(*ref_inputs)
+    out = scan_cpu.selective_scan_cpu(*inputs)
+    assert out.dtype == dtype
+    tolerance = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=0, atol=tolerance * max(scale, 1.0))
+    gy = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, gy.to(dtype))
+    expected = torch.autograd.grad(reference, ref_inputs, gy)
+    for name, got, want in zip("x dt A B C D".split(), grads, expected):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance * max(scale, 1.0), msg=name)
+
+
+def test_cpp_scan_survives_very_fast_decay_and_propagates_nan(scan_cpu):
+    x, B, C = torch.ones(1, 2, 40), torch.ones(1, 1, 40), torch.ones(1, 1, 40)
+    dt, A, D = torch.full((1, 2, 40), 8.0), torch.tensor([[-16.0], [-1.0]]), torch.zeros(2)
+    out = scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)
+    torch.testing.assert_close(out, selective_scan_reference(x, dt, A, B, C, D), rtol=1e-5, atol=1e-5)
+    x[0, 1, 5] = float("nan")
+    out = scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)
+    assert out[0, 1, 5:].isnan().all() and not out[0, 1, :5].isnan().any() and not out[0, 0].isnan().any()
+
+
+def test_scan_runs_the_cpp_kernel_on_cpu_and_the_chunked_scan_where_it_cannot_build(scan_cpu, monkeypatch):
+    from dyt.kernels.cpp_build import CpuKernelBuildError
+    from dyt_dna.scan import scan
+
+    x, dt, A, B, C, D = (t.detach() for t in _scan_inputs(2, 4, 8, 20, torch.float32))
+    bias = torch.zeros(4)
+    with_kernel = scan(x, dt, bias, A, B, C, D)
+    assert with_kernel.grad_fn is None  # no grad here; check the path through the autograd node instead
+    x.requires_grad_()
+    assert type(scan(x, dt, bias, A, B, C, D).grad_fn).__name__ == "SelectiveScanCpuBackward"
+    chunked = scan(x, dt, bias, A, B, C, D, use_kernel=False)
+    assert "SelectiveScanCpu" not in type(chunked.grad_fn).__name__
+    torch.testing.assert_close(with_kernel, chunked.detach(), rtol=1e-5, atol=1e-5)
+
+    def no_compiler(level):
+        raise CpuKernelBuildError("building its C++ selective scan failed (g++: not found)")
+
+    monkeypatch.setattr(scan_cpu.EXTENSION, "build", no_compiler)
+    monkeypatch.setattr(scan_cpu.EXTENSION, "built", {})
+    with pytest.warns(RuntimeWarning, match="selective scan is unavailable.*g\\+\\+: not found.*chunked PyTorch scan"):
+        fallback = scan(x, dt, bias, A, B, C, D)
+    assert "SelectiveScanCpu" not in type(fallback.grad_fn).__name__
+    torch.testing.assert_close(fallback.detach(), with_kernel, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- reverse-complement equivariance
 
 def _rc_tokens(batch):

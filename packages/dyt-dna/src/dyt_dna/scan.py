@@ -1,5 +1,7 @@
-"""Mamba's selective scan in pure PyTorch, parallel within chunks (no Python loop per time step),
-so Caduceus trains on a CPU; ``mamba_ssm``'s CUDA kernel is used instead where it is importable.
+"""Mamba's selective scan: ``mamba_ssm``'s CUDA kernel for CUDA tensors where it is importable, the
+C++ kernel of :mod:`dyt_dna.scan_cpu` for CPU tensors where it builds, and otherwise (and as the
+readable formulation) this module's pure-PyTorch scan, parallel within chunks (no Python loop per
+time step).
 
 The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t . h_t + D x_t is solved in
 closed form inside each chunk of T steps: with S_t the cumulative log decay since the chunk start,
@@ -62,8 +64,15 @@ def _cuda_kernel():
 
 
 def scan(x, dt_raw, dt_bias, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
-    """The scan Mamba blocks call: dt = softplus(dt_raw + dt_bias); the CUDA kernel when usable."""
-    kernel = _cuda_kernel() if use_kernel and x.is_cuda else None
-    if kernel is not None:
-        return kernel(x, dt_raw, A, B, C, D.float(), delta_bias=dt_bias.float(), delta_softplus=True)
-    return selective_scan(x, F.softplus(dt_raw + dt_bias[:, None]), A, B, C, D)
+    """The scan Mamba blocks call: dt = softplus(dt_raw + dt_bias); a kernel when one is usable."""
+    if use_kernel and x.is_cuda:
+        kernel = _cuda_kernel()
+        if kernel is not None:
+            return kernel(x, dt_raw, A, B, C, D.float(), delta_bias=dt_bias.float(), delta_softplus=True)
+    dt = F.softplus(dt_raw + dt_bias[:, None])
+    if use_kernel and x.device.type == "cpu":
+        from . import scan_cpu
+
+        if scan_cpu.available():
+            return scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)
+    return selective_scan(x, dt, A, B, C, D)

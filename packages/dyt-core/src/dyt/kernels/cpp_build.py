@@ -1,0 +1,108 @@
+"""Building C++ CPU extensions the way the ``cpu`` backend does, for any package's kernels.
+
+One build per CPU capability, with the flags of the instruction set torch itself dispatches to
+(AVX-512, AVX2 or the portable default), so ATen's ``Vectorized`` in the extension matches torch's
+own kernels. torch.utils.cpp_extension caches the build in ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) and its lock file makes concurrent processes (ranks) wait for one
+build instead of compiling at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+}
+
+log = logging.getLogger(__name__)
+
+
+class CpuKernelBuildError(RuntimeError):
+    """C++ kernels could not be built or loaded (no compiler, no ninja, a failed build)."""
+
+
+@functools.cache
+def capability() -> str:
+    """The instruction set kernels are built for: torch's own CPU dispatch level (which also
+    honours ``ATEN_CPU_CAPABILITY``), or the portable default for any other."""
+    level = torch.backends.cpu.get_cpu_capability()
+    return level if level in CAPABILITY_FLAGS else "DEFAULT"
+
+
+def build_cpu_extension(name: str, source: Path, level: str | None = None, what: str = "C++ kernels"):
+    """Build (or load from the cache) the extension ``<name>_<level>`` from one C++ file.
+    Raises CpuKernelBuildError with a one-line reason when it cannot."""
+    from torch.utils import cpp_extension
+
+    level = level or capability()
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError as error:
+        raise CpuKernelBuildError(f"building its {what} needs ninja ({error})") from error
+    log.info("building or loading %s for %s (a first build takes ~40 s)", what, level)
+    try:
+        return cpp_extension.load(
+            name=f"{name}_{level.lower()}",
+            sources=[str(source)],
+            # -fopenmp: ATen's parallel_for is inline OpenMP in the headers; without it the kernels
+            # run on one thread. The extension then shares torch's libgomp (same soname, loaded first).
+            extra_cflags=["-O3", "-std=c++17", "-fopenmp", *CAPABILITY_FLAGS[level]],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # compiler missing or failing: cpp_extension raises several types
+        lines = str(error).strip().splitlines()
+        raise CpuKernelBuildError(
+            f"building its {what} failed ({lines[-1] if lines else type(error).__name__})"
+        ) from error
+
+
+class CpuExtension:
+    """One C++ file built at first use in a process, then kept; a failed build is kept too (no
+    second attempt) and announced once with a RuntimeWarning that says what runs instead."""
+
+    def __init__(self, name: str, source: Path, what: str, unavailable: str, instead: str) -> None:
+        """``what`` names the kernels in errors; a failed build warns "<unavailable>: <why>. <instead>"."""
+        self.name, self.source, self.what = name, source, what
+        self.unavailable, self.instead = unavailable, instead
+        self.built: dict[str, object] = {}  # capability -> the module, or the CpuKernelBuildError it raised
+        self._lock = threading.Lock()
+
+    def build(self, level: str):
+        return build_cpu_extension(self.name, self.source, level, self.what)
+
+    def load(self):
+        """The extension module; raises CpuKernelBuildError when it cannot be built."""
+        level = capability()
+        result = self.built.get(level)  # after the first call: no lock (the dict is only ever added to)
+        if result is not None and not isinstance(result, CpuKernelBuildError):
+            return result
+        with self._lock:
+            if level not in self.built:
+                try:
+                    self.built[level] = self.build(level)
+                except CpuKernelBuildError as error:
+                    self.built[level] = error
+                    warnings.warn(f"{self.unavailable}: {error}. {self.instead}", RuntimeWarning, stacklevel=4)
+            result = self.built[level]
+        if isinstance(result, CpuKernelBuildError):
+            raise result
+        return result
+
+    def build_error(self) -> str | None:
+        """None when the extension is built (building it now if needed), else why it cannot be."""
+        try:
+            self.load()
+        except CpuKernelBuildError as error:
+            return str(error)
+        return None
