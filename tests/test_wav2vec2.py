@@ -143,6 +143,31 @@ def test_masking_and_quantizer_shapes():
     assert masking_min_samples(cfg.model) == (31 + 2) * 320
 
 
+def test_conv_activations_on_contiguous_input_change_no_value_or_gradient():
+    """The feature extractor's GELUs run on a contiguous copy (a speed fix, ContiguousGELU): the
+    conv features and every gradient equal those of fairseq2's plain GELU up to float32 rounding
+    (ATen's vectorised and strided GELU round differently)."""
+    from dyt_wav2vec2.model import ContiguousGELU
+
+    cfg = _config("model.conv_layer_norm=true")  # LayerNorm convs: the strided case
+    waves = torch.randn(2, 8000)
+    outputs = []
+    for activation in (ContiguousGELU, torch.nn.GELU):
+        torch.manual_seed(0)
+        model = build_wav2vec2(cfg.model)
+        extractor = model.encoder_frontend.feature_extractor
+        assert all(isinstance(layer.activation, ContiguousGELU) for layer in extractor.layers)
+        for layer in extractor.layers:
+            layer.activation = activation()
+        features, _ = extractor(waves, BatchLayout(waves.shape, seq_lens=[8000, 8000]))
+        features.square().mean().backward()
+        outputs.append((features.detach(), [p.grad.clone() for p in extractor.parameters()]))
+    (ours, our_grads), (plain, plain_grads) = outputs
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
+    for ours_g, plain_g in zip(our_grads, plain_grads):
+        torch.testing.assert_close(ours_g, plain_g, rtol=1e-4, atol=1e-5 * plain_g.abs().max().item())
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "dyt"])
 def test_loss_decreases_on_real_synthetic_speech(speech, norm):
     torch.manual_seed(0)
