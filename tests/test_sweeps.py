@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 
 from dyt.train import compare as shared
 from dyt.train import load_config, read_metrics, run_recipe
@@ -358,8 +359,8 @@ def test_each_recipe_spec_names_what_its_package_holds():
             twin = ROOT / "recipes" / spec.name / Path(model.config).name
             assert twin.is_symlink() and twin.resolve() == path.resolve()
         assert spec.metrics and all(isinstance(m, Metric) for m in spec.metrics)
-        pyproject = (ROOT / "packages" / f"dyt-{spec.name}" / "pyproject.toml").read_text()
-        assert f'{spec.package} = ["configs/*.yaml"]' in pyproject
+        pyproject = tomllib.loads((ROOT / "packages" / f"dyt-{spec.name}" / "pyproject.toml").read_text())
+        assert "configs/*.yaml" in pyproject["tool"]["setuptools"]["package-data"][spec.package]
     import dyt_dna
 
     assert [m.name for m in dyt_dna.SPEC.models] == [
