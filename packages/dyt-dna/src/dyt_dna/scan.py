@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
+from . import scan_cpu
+
 CHUNK = 16
 
 
@@ -70,9 +72,6 @@ def scan(x, dt_raw, dt_bias, A, B, C, D, use_kernel: bool = True) -> torch.Tenso
         if kernel is not None:
             return kernel(x, dt_raw, A, B, C, D.float(), delta_bias=dt_bias.float(), delta_softplus=True)
     dt = F.softplus(dt_raw + dt_bias[:, None])
-    if use_kernel and x.device.type == "cpu":
-        from . import scan_cpu
-
-        if scan_cpu.available():
-            return scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)
+    if use_kernel and x.device.type == "cpu" and scan_cpu.available():
+        return scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)
     return selective_scan(x, dt, A, B, C, D)

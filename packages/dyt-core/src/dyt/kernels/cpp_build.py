@@ -39,34 +39,6 @@ def capability() -> str:
     return level if level in CAPABILITY_FLAGS else "DEFAULT"
 
 
-def build_cpu_extension(name: str, source: Path, level: str | None = None, what: str = "C++ kernels"):
-    """Build (or load from the cache) the extension ``<name>_<level>`` from one C++ file.
-    Raises CpuKernelBuildError with a one-line reason when it cannot."""
-    from torch.utils import cpp_extension
-
-    level = level or capability()
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError as error:
-        raise CpuKernelBuildError(f"building its {what} needs ninja ({error})") from error
-    log.info("building or loading %s for %s (a first build takes ~40 s)", what, level)
-    try:
-        return cpp_extension.load(
-            name=f"{name}_{level.lower()}",
-            sources=[str(source)],
-            # -fopenmp: ATen's parallel_for is inline OpenMP in the headers; without it the kernels
-            # run on one thread. The extension then shares torch's libgomp (same soname, loaded first).
-            extra_cflags=["-O3", "-std=c++17", "-fopenmp", *CAPABILITY_FLAGS[level]],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as error:  # compiler missing or failing: cpp_extension raises several types
-        lines = str(error).strip().splitlines()
-        raise CpuKernelBuildError(
-            f"building its {what} failed ({lines[-1] if lines else type(error).__name__})"
-        ) from error
-
-
 class CpuExtension:
     """One C++ file built at first use in a process, then kept; a failed build is kept too (no
     second attempt) and announced once with a RuntimeWarning that says what runs instead."""
@@ -79,7 +51,30 @@ class CpuExtension:
         self._lock = threading.Lock()
 
     def build(self, level: str):
-        return build_cpu_extension(self.name, self.source, level, self.what)
+        """Build (or load from torch's cache) ``<name>_<level>``; CpuKernelBuildError with a one-line
+        reason when it cannot."""
+        from torch.utils import cpp_extension
+
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError as error:
+            raise CpuKernelBuildError(f"building its {self.what} needs ninja ({error})") from error
+        log.info("building or loading %s for %s (a first build takes ~40 s)", self.what, level)
+        try:
+            return cpp_extension.load(
+                name=f"{self.name}_{level.lower()}",
+                sources=[str(self.source)],
+                # -fopenmp: ATen's parallel_for is inline OpenMP in the headers; without it the kernels
+                # run on one thread. The extension then shares torch's libgomp (same soname, loaded first).
+                extra_cflags=["-O3", "-std=c++17", "-fopenmp", *CAPABILITY_FLAGS[level]],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as error:  # compiler missing or failing: cpp_extension raises several types
+            lines = str(error).strip().splitlines()
+            raise CpuKernelBuildError(
+                f"building its {self.what} failed ({lines[-1] if lines else type(error).__name__})"
+            ) from error
 
     def load(self):
         """The extension module; raises CpuKernelBuildError when it cannot be built."""
