@@ -32,6 +32,7 @@ from dyt_wav2vec2.eval import (
     conv_features,
     greedy_decode,
     headline,
+    standardized,
     text_to_ids,
     word_error_rate,
 )
@@ -283,6 +284,26 @@ def test_headline_metrics_per_eval_and_test_set():
     assert headline("ctc", ctc) == {"cer": {"a": [0.4, 0.3], "b": [0.2, 0.1]}, "wer": {"a": [1.0, 0.9], "b": [0.5, 0.7]}}
     probe = [{"test": {"a": {"accuracy": 0.5, "mcc": 0.1}}}, {"test": {"a": {"accuracy": 0.25, "mcc": 0.0}}}]
     assert headline("probe", probe) == {"accuracy": {"a": [0.5, 0.25]}}
+
+
+def test_probe_features_are_standardised_by_the_training_split_alone():
+    """The probe sees the same inputs whatever each dimension's scale and offset (a DyT encoder's
+    features spread less than a LayerNorm's), and every split is scaled by the training split's
+    statistics, never its own."""
+    generator = torch.Generator().manual_seed(0)
+    splits = {name: torch.utils.data.TensorDataset(torch.randn(n, 4, generator=generator), torch.arange(n) % 3)
+              for name, n in (("train", 50), ("validation", 20), ("test", 20))}
+    scale, shift = torch.tensor([0.01, 0.3, 1.0, 40.0]), torch.tensor([5.0, -1.0, 0.0, 2.0])
+    moved = {name: torch.utils.data.TensorDataset(d.tensors[0] * scale + shift, d.tensors[1]) for name, d in splits.items()}
+    plain, rescaled = standardized(splits), standardized(moved)
+    for name in splits:
+        torch.testing.assert_close(rescaled[name].tensors[0], plain[name].tensors[0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(plain[name].tensors[1], splits[name].tensors[1])
+    train = plain["train"].tensors[0]
+    torch.testing.assert_close(train.mean(0), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(train.std(0), torch.ones(4))
+    raw_train, raw_test = splits["train"].tensors[0], splits["test"].tensors[0]
+    torch.testing.assert_close(plain["test"].tensors[0], (raw_test - raw_train.mean(0)) / raw_train.std(0))
 
 
 def test_word_error_rate_on_hand_checked_strings():

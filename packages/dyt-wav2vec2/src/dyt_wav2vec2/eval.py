@@ -5,8 +5,8 @@ several seeds:
 0. ``contrastive``: the pretraining task itself (masking, distractors, quantized targets as in
    validation) on held-out speech: unseen synthetic voices and the real Asterisk recordings;
 1. keyword classification (36 words: digits + NATO alphabet) — a linear probe on frozen, mean-pooled
-   encoder features, and a full fine-tune; accuracy on unseen synthetic voices and on the real
-   Asterisk recordings of the same words;
+   encoder features standardised by the training split's statistics, and a full fine-tune; accuracy
+   on unseen synthetic voices and on the real Asterisk recordings of the same words;
 2. CTC speech recognition (characters) fine-tuned on synthetic sentences; character and word error
    rates on unseen voices saying unseen sentences, and on real recordings of those sentences.
 
@@ -96,6 +96,18 @@ def _frozen_features(model: nn.Module, dataset: LabeledAudio) -> TensorDataset:
     return TensorDataset(torch.cat(chunks), torch.cat(labels))
 
 
+def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[str, TensorDataset]:
+    """Every split's features shifted and scaled per dimension by the ``by`` split's mean and std
+    (a BatchNorm without affine before the probe, as MAE's linear probing does).
+
+    Why: a linear head trained for a fixed budget at a fixed learning rate learns more slowly on
+    features of smaller spread, so without this the probe ranks feature *scale* as much as content.
+    DyT's pooled features spread ~3x less across utterances than LayerNorm's (docs/wav2vec2.md)."""
+    features = splits[by].tensors[0]
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-12)
+    return {name: TensorDataset((x - mean) / std, y) for name, (x, y) in ((n, d.tensors) for n, d in splits.items())}
+
+
 def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
     """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
     config, make = load_pretrained(run_dir, pretrained)
@@ -104,7 +116,7 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pret
     if mode == "probe":
         seed_everything(cfg.seeds[0])  # an untrained backbone: drawn once, from the first seed
         backbone = make().eval()
-        splits = {name: _frozen_features(backbone, rows) for name, rows in splits.items()}
+        splits = standardized({name: _frozen_features(backbone, rows) for name, rows in splits.items()})
 
         def build_probe() -> nn.Module:
             return nn.Linear(config.model.dim, len(KEYWORDS))
