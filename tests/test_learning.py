@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from dyt import NormConfig, make_norm
 from dyt.analysis import dyt_layers
 from dyt.train import Trainer, load_config, read_metrics
-from dyt.train.finetune import Classification, FinetuneConfig, finetune
+from dyt.train.finetune import Classification, finetune, FinetuneConfig, LengthBatches
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -282,3 +282,20 @@ def test_finetune_learns_a_separable_classification(sabotage):
     _judge(result.curve[-1]["validation/loss"], math.log(3) / 4, sabotage, "validation loss")
     if not sabotage:
         assert result.test["test"]["accuracy"] > 0.9
+
+
+def test_length_batches_group_similar_lengths_and_cover_every_example_once_per_epoch():
+    """Each epoch yields every index once, in batches of neighbours in length order (so a batch of
+    short utterances is never padded to a long one), and the batch order changes between epochs."""
+    lengths = [int(x) for x in torch.randint(1, 1000, (103,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthBatches(lengths, batch_size=8, generator=torch.Generator().manual_seed(1))
+    epochs = [list(sampler) for _ in range(2)]
+    ranked = sorted(lengths)
+    for batches in epochs:
+        assert len(batches) == len(sampler) == 13
+        assert sorted(i for batch in batches for i in batch) == list(range(103))
+        assert sorted(sorted(lengths[i] for i in batch) for batch in batches) == [ranked[i : i + 8] for i in range(0, 103, 8)]
+    assert [b[0] for b in epochs[0]] != [b[0] for b in epochs[1]]
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in epochs[0])
+    assert padded < 1.2 * sum(lengths)  # random batches of 8 here: ~1.8x
+

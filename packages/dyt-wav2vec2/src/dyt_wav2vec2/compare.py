@@ -20,6 +20,7 @@ from pathlib import Path
 from dyt.analysis import pyplot
 from dyt.errors import command
 from dyt.train import load_config
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
 from dyt.train.compare import (
     Run,
     add_run_arguments,
@@ -42,7 +43,7 @@ from dyt.train.compare import (
 )
 from dyt.train.recipe import Metric
 
-from .eval import headline, run_evals
+from .eval import CTC_STEPS, headline, run_evals
 from .recipe import SPEC
 from .speech import KEYWORDS, build
 from .task import Wav2Vec2PretrainTask
@@ -78,9 +79,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="downstream seeds")
-    parser.add_argument("--steps", type=int, default=150, help="downstream fine-tuning steps per seed")
-    parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0, 1, 2], help="downstream seeds")
+    parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=150, help="keyword fine-tuning (probe, finetune) steps per seed")
+    parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTC_STEPS, help="CTC fine-tuning steps per seed")
+    parser.add_argument("--pretrain-seed", type=NON_NEGATIVE.arg(int), default=0)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 
@@ -94,11 +96,12 @@ def main(argv: list[str] | None = None) -> Path:
     for run in runs:
         for pretrained, init in INITS.items():
             print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
-            settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
+            settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
+                        **({"ctc_steps": args.ctc_steps} if "ctc" in args.evals else {})}
             evals[run.point, init] = reuse_or_compute(
                 run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
                 lambda run=run, pretrained=pretrained: run_evals(run.dir, data, args.evals, args.seeds, args.steps,
-                                                                 pretrained=pretrained))
+                                                                 args.ctc_steps, pretrained=pretrained))
     report = write_report(args, runs, evals)
     print(f"\nreport: {report}")
     return report
@@ -158,7 +161,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                      f"{status} | {steps_per_s} | "
                      f"{s['throughput']:.1f} | {rss} | {s['wall_s']:.0f} | "
                      f"{judged(point.cell, main_values, main.higher_is_better)} |")
-    lines += ["", f"Downstream, seeds {args.seeds} ({args.steps} steps each, best validation checkpoint): mean ± std. "
+    budget = f"{args.steps} steps each" + (f", CTC {args.ctc_steps}" if "ctc" in args.evals else "")
+    lines += ["", f"Downstream, seeds {args.seeds} ({budget}, best validation checkpoint): mean ± std. "
               "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
               "pretraining bought is the gap to that row. Verdicts: each test set's mean against the baseline "
               "norm's mean ± 2σ over seeds, same eval and init.", "",

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .trainer import seed_everything
 
@@ -112,6 +112,26 @@ class Classification:
         return {"loss": loss_sum / max(1, count), **classification_metrics(confusion)}, confusion.tolist()
 
 
+class LengthBatches(Sampler[list[int]]):
+    """Batches of examples of similar length, in a new random order every epoch: sort by length
+    (ties broken at random), cut into batches, shuffle the batches (fairseq's ordering for speech).
+    A random batch of utterances is padded to its longest, so with lengths that vary 100-fold most
+    of its frames would be padding."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator):
+        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        ties = torch.rand(len(self.lengths), generator=self.generator).tolist()
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], ties[i]))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
+
+
 def planned_steps(cfg: FinetuneConfig, examples: int) -> int:
     """Optimizer steps ``finetune`` takes over ``examples`` training examples unless it stops early."""
     total = cfg.epochs * math.ceil(examples / cfg.batch_size)
@@ -136,10 +156,12 @@ def finetune(
     cfg: FinetuneConfig,
     seed: int,
     desc: str = "fine-tune",
+    lengths: Sequence[int] | None = None,
 ) -> FinetuneResult:
     """Train ``make_model()`` on ``train`` with ``objective``'s loss; keep the weights with the best
     validation ``objective.selection``; report the metrics of those weights on each of ``tests``.
-    Parameters with ``requires_grad=False`` stay frozen (a probe)."""
+    Parameters with ``requires_grad=False`` stay frozen (a probe). With ``lengths`` (one per
+    training example), each batch holds examples of similar length (``LengthBatches``)."""
     from tqdm.auto import tqdm
 
     seed_everything(seed)
@@ -147,7 +169,12 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    if lengths is None:
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    else:
+        if len(lengths) != len(train):
+            raise ValueError(f"{desc}: {len(lengths)} lengths for {len(train)} training examples")
+        loader = DataLoader(train, batch_sampler=LengthBatches(lengths, cfg.batch_size, generator), collate_fn=collate)
     validation_loader = DataLoader(validation, batch_size=cfg.batch_size, collate_fn=collate)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0 or len(validation) == 0:
