@@ -105,7 +105,7 @@ def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[st
     DyT's pooled features spread ~3x less across utterances than LayerNorm's (docs/wav2vec2.md)."""
     features = splits[by].tensors[0]
     mean, std = features.mean(0), features.std(0).clamp_min(1e-12)
-    return {name: TensorDataset((x - mean) / std, y) for name, (x, y) in ((n, d.tensors) for n, d in splits.items())}
+    return {name: TensorDataset((d.tensors[0] - mean) / std, d.tensors[1]) for name, d in splits.items()}
 
 
 def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
