@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from dyt import NormConfig, make_norm
 from dyt.analysis import dyt_layers
 from dyt.train import Trainer, load_config, read_metrics
-from dyt.train.finetune import Classification, finetune, FinetuneConfig, LengthBatches
+from dyt.train.finetune import Classification, FinetuneConfig, LengthBatches, finetune
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

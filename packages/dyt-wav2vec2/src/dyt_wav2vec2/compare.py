@@ -20,7 +20,6 @@ from pathlib import Path
 from dyt.analysis import pyplot
 from dyt.errors import command
 from dyt.train import load_config
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
 from dyt.train.compare import (
     Run,
     add_run_arguments,
@@ -41,6 +40,7 @@ from dyt.train.compare import (
     train_runs,
     verdict,
 )
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
 from dyt.train.recipe import Metric
 
 from .eval import CTC_STEPS, headline, run_evals
