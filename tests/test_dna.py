@@ -232,6 +232,34 @@ def test_whole_caduceus_is_rc_equivariant_and_its_pooling_invariant(norm):
     torch.testing.assert_close(pooled_rc, pooled)
 
 
+@pytest.mark.parametrize("norm", ["rmsnorm", "dyt"])
+def test_classifier_head_reads_pooled_features_standardised_by_the_training_split(norm):
+    """Before fine-tuning, the head's input over the training windows has mean 0 and std 1 per
+    dimension (a DyT backbone's features spread less than a norm's), and the Caduceus-PS
+    classifier stays reverse-complement invariant."""
+    from dyt_dna.data import tokens as batch_tokens
+    from dyt_dna.eval import SequenceClassifier
+
+    torch.manual_seed(3)
+    seq = _genome()
+    rows = [{"sequence": seq[i * 499 : i * 499 + 40], "label": i % 2} for i in range(24)]
+
+    def collate(batch):
+        return batch_tokens([r["sequence"] for r in batch]), torch.tensor([r["label"] for r in batch])
+
+    classifier = SequenceClassifier(_model("caduceus", norm), 2).double().fit_standardize(rows, collate, batch_size=5)
+    assert classifier.training
+    tokens, _ = collate(rows)
+    with torch.no_grad():
+        raw = classifier.pooled(tokens)
+        head_input = classifier.standardize(raw)
+        torch.testing.assert_close(head_input.mean(0), raw.new_zeros(raw.shape[1]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(head_input.std(0), raw.new_ones(raw.shape[1]), atol=1e-4, rtol=0)
+        assert not torch.allclose(raw.std(0), raw.new_ones(raw.shape[1]), atol=0.05)
+        window = _real_tokens()
+        torch.testing.assert_close(classifier(_rc_tokens(window)), classifier(window))
+
+
 def test_caduceus_without_parameter_sharing_is_not_equivariant():
     """The control that shows the equivariance tests can fail."""
     torch.manual_seed(2)

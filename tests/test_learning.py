@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from dyt import NormConfig, make_norm
 from dyt.analysis import dyt_layers
 from dyt.train import Trainer, load_config, read_metrics
-from dyt.train.finetune import Classification, FinetuneConfig, LengthBatches, finetune
+from dyt.train.finetune import Classification, FinetuneConfig, LengthBatches, Standardize, finetune
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -299,3 +299,20 @@ def test_length_batches_group_similar_lengths_and_cover_every_example_once_per_e
     padded = sum(max(lengths[i] for i in b) * len(b) for b in epochs[0])
     assert padded < 1.2 * sum(lengths)  # random batches of 8 here: ~1.8x
 
+
+
+def test_standardize_fits_chunks_of_rows_as_one_tensor_and_maps_them_to_mean_0_std_1():
+    """Statistics accumulated over chunks (a corpus of utterances, frame by frame) equal those of the
+    rows put together, also for features far from 0 (float64 moments), and are fixed thereafter."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1000, 5, generator=generator) * torch.tensor([1e-2, 0.05, 1.0, 3.0, 50.0]) + 10.0
+    whole, chunked = Standardize.fit(rows), Standardize.fit(rows.split([1, 400, 99, 500]))
+    torch.testing.assert_close(chunked.mean, rows.double().mean(0).float())
+    torch.testing.assert_close(chunked.std, rows.double().std(0).float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(chunked(rows), whole(rows), rtol=1e-4, atol=1e-4)
+    out = chunked(rows).double()
+    torch.testing.assert_close(out.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out.std(0), torch.ones(5, dtype=torch.float64), atol=1e-3, rtol=0)
+    assert not any(p.requires_grad for p in chunked.parameters()) and set(chunked.state_dict()) == {"mean", "std"}
+    with pytest.raises(ValueError, match="1 rows"):
+        Standardize.fit(rows[:1])

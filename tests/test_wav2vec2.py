@@ -28,10 +28,15 @@ from dyt_wav2vec2.audio import (
 from dyt_wav2vec2.eval import (
     CTC_TESTS,
     CTCModel,
+    KeywordClassifier,
+    LabeledAudio,
+    Transcribed,
+    _collate_labels,
     character_error_rate,
     conv_features,
     greedy_decode,
     headline,
+    pooled,
     standardized,
     text_to_ids,
     word_error_rate,
@@ -324,9 +329,40 @@ def test_ctc_reads_cached_conv_features_exactly_as_the_whole_model_would(speech)
     with torch.no_grad():
         for row, features in zip(rows, conv_features(model, rows)):
             wave = load_audio(row.path)[None]
-            expected = recogniser.head(encode(model, wave, torch.tensor([wave.shape[1]]))[0]).log_softmax(-1)
+            expected = recogniser.head(encode(model, wave, torch.tensor([wave.shape[1]]))[0]).log_softmax(-1)  # identity standardize
             got, frames = recogniser(features[None], torch.tensor([len(features)]))
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ctc_head_reads_the_encoder_standardised_by_the_training_frames(speech):
+    """Before fine-tuning, the head's input over every valid training frame has mean 0 and std 1 per
+    dimension, whatever the encoder's scale (a DyT's bounded output spreads less), and padding
+    frames do not enter the statistics."""
+    _, rows = speech
+    model = build_wav2vec2(_config().model).eval()
+    features = conv_features(model, rows)
+    dataset, lengths = Transcribed(features, rows), [len(f) for f in features]
+    recogniser = CTCModel(model, 64).fit_standardize(dataset, lengths, batch_size=2)
+    assert recogniser.training
+    with torch.no_grad():
+        encoded = torch.cat([recogniser.encoded(f[None], torch.tensor([len(f)]))[0] for f in features])
+        head_input = recogniser.standardize(encoded)
+    torch.testing.assert_close(head_input.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(head_input.std(0), torch.ones(64), atol=1e-4, rtol=0)
+    assert not torch.allclose(encoded.std(0), torch.ones(64), atol=0.05)  # the raw encoder is not already standard
+
+
+def test_keyword_fine_tune_head_reads_pooled_features_standardised_by_the_training_split(speech):
+    _, rows = speech
+    dataset = LabeledAudio(rows, [0, 1, 2])
+    classifier = KeywordClassifier(build_wav2vec2(_config().model), 64).fit_standardize(dataset)
+    assert classifier.training
+    with torch.no_grad():
+        raw = torch.cat([pooled(classifier.backbone.eval(), _collate_labels([item])[0]) for item in dataset])
+        head_input = classifier.standardize(raw)
+    torch.testing.assert_close(head_input.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(head_input.std(0), torch.ones(64), atol=1e-4, rtol=0)
+    assert not torch.allclose(raw.std(0), torch.ones(64), atol=0.05)
 
 
 @pytest.mark.parametrize("sabotage", [False, True], ids=["lr", "lr-0"])

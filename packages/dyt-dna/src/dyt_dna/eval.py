@@ -21,10 +21,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
-from dyt.train.finetune import Classification, FinetuneConfig, FinetuneResult, finetune, planned_steps
+from dyt.train.finetune import (
+    Classification,
+    FinetuneConfig,
+    FinetuneResult,
+    Standardize,
+    evaluating,
+    finetune,
+    planned_steps,
+)
 
 from .data import ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
@@ -34,15 +43,28 @@ VALIDATIONS = 4
 
 
 class SequenceClassifier(nn.Module):
-    """Backbone features, pooled over positions (reverse-complement invariant for Caduceus-PS), then a linear head."""
+    """Backbone features, pooled over positions (reverse-complement invariant for Caduceus-PS),
+    standardised per dimension by the training split's statistics before fine-tuning
+    (``fit_standardize``; DyT's bounded features spread less than a norm's), then a linear head."""
 
     def __init__(self, backbone: nn.Module, classes: int) -> None:
         super().__init__()
         self.backbone = backbone
+        self.standardize = Standardize(torch.zeros(backbone.feature_dim), torch.ones(backbone.feature_dim))
         self.head = nn.Linear(backbone.feature_dim, classes)
 
+    def pooled(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pool(self.backbone.features(batch), batch)
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.pool(self.backbone.features(batch), batch))
+        return self.head(self.standardize(self.pooled(batch)))
+
+    def fit_standardize(self, dataset, collate: Callable, batch_size: int = 64) -> SequenceClassifier:
+        """Set the head's input statistics from every example of ``dataset``, as the backbone is now."""
+        with evaluating(self):
+            self.standardize = Standardize.fit(
+                self.pooled(inputs) for inputs, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+        return self
 
 
 def backbone_builder(run_dir: Path, pretrained: bool = True) -> tuple[DnaConfig, Callable[[], nn.Module]]:
@@ -58,11 +80,11 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretr
     bought."""
     config, build_backbone = backbone_builder(run_dir, pretrained)
 
-    def make_model() -> SequenceClassifier:
-        return SequenceClassifier(build_backbone(), len(task.classes))
-
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
+
+    def make_model() -> SequenceClassifier:
+        return SequenceClassifier(build_backbone(), len(task.classes)).fit_standardize(task.train, collate)
 
     return [
         finetune(make_model, task.train, task.validation, {"test": task.test}, collate, Classification(len(task.classes)), cfg, seed,

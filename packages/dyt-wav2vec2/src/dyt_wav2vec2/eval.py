@@ -10,6 +10,8 @@ several seeds:
 2. CTC speech recognition (characters) fine-tuned on synthetic sentences; character and word error
    rates on unseen voices saying unseen sentences, and on real recordings of those sentences.
 
+Every head reads its features standardised by the training split's statistics (``Standardize``).
+
     python -m dyt_wav2vec2.eval --run runs/wav2vec2/tiny --evals probe finetune ctc --seeds 0 1 2
 """
 
@@ -29,7 +31,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
-from dyt.train.finetune import Classification, FinetuneConfig, FinetuneResult, finetune
+from dyt.train.finetune import (
+    Classification,
+    FinetuneConfig,
+    FinetuneResult,
+    LengthBatches,
+    Standardize,
+    evaluating,
+    finetune,
+)
 from dyt.train.trainer import seed_everything
 
 from .audio import Utterance, load_audio
@@ -79,12 +89,23 @@ def pooled(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.
 
 
 class KeywordClassifier(nn.Module):
+    """The encoder's mean-pooled features, standardised by the training split's statistics before
+    fine-tuning (``fit_standardize``, as the probe's), then a linear head; the encoder trains too."""
+
     def __init__(self, backbone: nn.Module, dim: int):
         super().__init__()
-        self.backbone, self.head = backbone, nn.Linear(dim, len(KEYWORDS))
+        self.backbone = backbone
+        self.standardize = Standardize(torch.zeros(dim), torch.ones(dim))
+        self.head = nn.Linear(dim, len(KEYWORDS))
 
     def forward(self, batch):
-        return self.head(pooled(self.backbone, batch))
+        return self.head(self.standardize(pooled(self.backbone, batch)))
+
+    def fit_standardize(self, dataset: LabeledAudio) -> KeywordClassifier:
+        """Set the head's input statistics from every utterance of ``dataset``, as the encoder is now."""
+        with evaluating(self):
+            self.standardize = Standardize.fit(_frozen_features(self.backbone, dataset).tensors[0])
+        return self
 
 
 def _frozen_features(model: nn.Module, dataset: LabeledAudio) -> TensorDataset:
@@ -98,14 +119,9 @@ def _frozen_features(model: nn.Module, dataset: LabeledAudio) -> TensorDataset:
 
 def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[str, TensorDataset]:
     """Every split's features shifted and scaled per dimension by the ``by`` split's mean and std
-    (a BatchNorm without affine before the probe, as MAE's linear probing does).
-
-    Why: a linear head trained for a fixed budget at a fixed learning rate learns more slowly on
-    features of smaller spread, so without this the probe ranks feature *scale* as much as content.
-    DyT's pooled features spread ~3x less across utterances than LayerNorm's (docs/wav2vec2.md)."""
-    features = splits[by].tensors[0]
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-12)
-    return {name: TensorDataset((d.tensors[0] - mean) / std, d.tensors[1]) for name, d in splits.items()}
+    (``Standardize``: the probe ranks content, not the feature scale of the encoder)."""
+    standardize = Standardize.fit(splits[by].tensors[0])
+    return {name: TensorDataset(standardize(d.tensors[0]), d.tensors[1]) for name, d in splits.items()}
 
 
 def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
@@ -124,7 +140,7 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pret
         builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     else:
         def build_classifier() -> nn.Module:
-            return KeywordClassifier(make(), config.model.dim)
+            return KeywordClassifier(make(), config.model.dim).fit_standardize(splits["train"])
 
         builder, collate = build_classifier, _collate_labels
     tests = {name: splits[name] for name in KEYWORD_TESTS}
@@ -165,18 +181,40 @@ class CTCModel(nn.Module):
     """A character head on the encoder, reading the conv feature extractor's output computed once
     per utterance (``conv_features``): fine-tuning keeps the feature extractor frozen, as fairseq's
     wav2vec 2.0 fine-tuning does (``feature_grad_mult 0``); the post-extraction norm, projection,
-    positional conv and Transformer train."""
+    positional conv and Transformer train. The head reads the encoder's output standardised by its
+    statistics over the training frames before fine-tuning (``fit_standardize``), as the keyword
+    probe does: DyT's bounded outputs spread less than a LayerNorm's."""
 
     def __init__(self, backbone: nn.Module, dim: int):
         super().__init__()
         backbone.encoder_frontend.feature_extractor = None  # its output is cached
-        self.backbone, self.head = backbone, nn.Linear(dim, len(CHARACTERS))
+        self.backbone = backbone
+        self.standardize = Standardize(torch.zeros(dim), torch.ones(dim))
+        self.head = nn.Linear(dim, len(CHARACTERS))
 
-    def forward(self, features: torch.Tensor, frames: torch.Tensor):
+    def encoded(self, features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for cached conv features (batch, frames, dim)."""
         layout = BatchLayout(features.shape[:2], seq_lens=frames.tolist(), device=features.device)
         frontend = self.backbone.encoder_frontend
         seqs, _ = frontend.process_features(frontend.post_extract_layer_norm(features), layout, None)
-        return self.head(self.backbone.encoder(seqs, layout)).log_softmax(-1), frames
+        return self.backbone.encoder(seqs, layout)
+
+    def forward(self, features: torch.Tensor, frames: torch.Tensor):
+        return self.head(self.standardize(self.encoded(features, frames))).log_softmax(-1), frames
+
+    def fit_standardize(self, dataset: Dataset, lengths: list[int], batch_size: int = 8) -> CTCModel:
+        """Set the head's input statistics from every valid frame of ``dataset`` (batches of similar
+        length: little padding to run), as the encoder is now."""
+        batches = LengthBatches(lengths, batch_size, torch.Generator().manual_seed(0))
+
+        def valid_frames():
+            for (features, frames), _ in DataLoader(dataset, batch_sampler=batches, collate_fn=_collate_transcripts):
+                encoded = self.encoded(features, frames)
+                yield encoded[torch.arange(encoded.shape[1])[None, :] < frames[:, None]]
+
+        with evaluating(self):
+            self.standardize = Standardize.fit(valid_frames())
+        return self
 
 
 def conv_features(model: nn.Module, rows: list[Utterance]) -> list[torch.Tensor]:
@@ -253,11 +291,12 @@ def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = 
     extractor = make()
     datasets = {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
 
+    frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-57 s: batch by length
+
     def build_recogniser() -> CTCModel:
-        return CTCModel(make(), config.model.dim)
+        return CTCModel(make(), config.model.dim).fit_standardize(datasets["train"], frames)
 
     tests = {name: datasets[name] for name in CTC_TESTS}
-    frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-57 s: batch by length
     return [finetune(build_recogniser, datasets["train"], datasets["validation"], tests, _collate_transcripts,
                      CTCObjective(), cfg, seed,
                      desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",

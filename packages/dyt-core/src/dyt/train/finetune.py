@@ -1,5 +1,6 @@
-"""Supervised fine-tuning with early stopping, the one loop every downstream eval uses, and the
-classification metrics. Single process: evals are small next to pretraining.
+"""Supervised fine-tuning with early stopping, the one loop every downstream eval uses; the
+classification metrics; the standardising every downstream head reads its features through.
+Single process: evals are small next to pretraining.
 
 Used by dyt-dna (sequence classification) and dyt-wav2vec2 (keyword probe and fine-tune:
 ``Classification``; CTC speech recognition: its own ``Objective``)."""
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,6 +114,39 @@ class Classification:
         return {"loss": loss_sum / max(1, count), **classification_metrics(confusion)}, confusion.tolist()
 
 
+class Standardize(nn.Module):
+    """Features shifted and scaled per dimension by fixed statistics, those of the training split as
+    the model first sees it (a BatchNorm frozen before training, without affine; MAE's linear probe).
+
+    Why: a head trained for a fixed budget at a fixed learning rate learns more slowly on inputs of
+    smaller spread, so a downstream eval with a raw head ranks feature *scale* as much as content.
+    DyT's bounded outputs spread ~3x less than a LayerNorm's (docs/wav2vec2.md). Every model gets
+    the same treatment; it is a fixed reparametrisation of the linear head that follows."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clamp_min(1e-12))
+
+    @classmethod
+    def fit(cls, chunks: torch.Tensor | Iterable[torch.Tensor]) -> Standardize:
+        """Statistics over the rows of ``chunks`` (one tensor, or several, of rows: examples or
+        frames, by dim), accumulated in float64 so that a million frames cost no precision; kept
+        in the rows' dtype."""
+        count, total, squares, dtype = 0, 0.0, 0.0, torch.float32
+        for chunk in [chunks] if isinstance(chunks, torch.Tensor) else chunks:
+            rows, dtype = chunk.detach().double().reshape(-1, chunk.shape[-1]), chunk.dtype
+            count, total, squares = count + len(rows), total + rows.sum(0), squares + (rows * rows).sum(0)
+        if count < 2:
+            raise ValueError(f"Standardize.fit: {count} rows; need at least 2")
+        mean = total / count
+        variance = (squares - count * mean * mean).clamp_min(0) / (count - 1)
+        return cls(mean.to(dtype), variance.sqrt().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class LengthBatches(Sampler[list[int]]):
     """Batches of examples of similar length, in a new random order every epoch: sort by length
     (ties broken at random), cut into batches, shuffle the batches (fairseq's ordering for speech).
@@ -138,12 +173,21 @@ def planned_steps(cfg: FinetuneConfig, examples: int) -> int:
     return min(cfg.max_steps, total) if cfg.max_steps else total
 
 
-def _evaluate(model: nn.Module, objective: Objective, loader: DataLoader) -> tuple[dict[str, float], Any]:
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode without gradients for the block, then back in the mode it was in."""
+    training = model.training
     model.eval()
-    with torch.no_grad():
-        scores = objective.evaluate(model, loader)
-    model.train()
-    return scores
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(training)
+
+
+def _evaluate(model: nn.Module, objective: Objective, loader: DataLoader) -> tuple[dict[str, float], Any]:
+    with evaluating(model):
+        return objective.evaluate(model, loader)
 
 
 def finetune(
