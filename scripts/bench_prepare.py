@@ -10,7 +10,9 @@
    from the memory map, then the same run reading the same windows as the old packing stored them
    (a ``datasets`` table saved to disk, read with the torch format): tokens/s of each (median over
    the logged steps after the first), each run in a fresh process, in the order memory map, table,
-   table, memory map (``--rounds N``: that order N times; medians over the runs).
+   table, memory map (``--rounds N``: that order N times; medians over the runs). Before them, in
+   one process, the time to read and collate one micro-batch from each source, alternating: the
+   only part of a step the source changes, measured without the runs' drift.
 
 ``python scripts/bench_prepare.py [--steps 40] [--out runs/bench-prepare] [--train-only] [--rounds 1]``
 """
@@ -66,37 +68,73 @@ def _prepare_process(corpus: Path, held_out: list[str], tokenizer: Path, cache: 
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "peak_rss_mb": rss}
 
 
-def _train(steps: int, out: Path, in_memory: bool) -> float:
-    """Median tokens/s of a short tiny-LLaMA run (one rank), windows from the memory map or from an
-    in-memory datasets table."""
-    import datasets
+class PackedTable:
+    """The old path: packed rows saved by ``datasets``, read back as torch tensors."""
 
-    from dyt.train import Trainer, load_config, read_metrics
+    def __init__(self, windows, folder: Path):
+        import datasets
+
+        rows = datasets.Dataset.from_dict({"input_ids": [windows[i].tolist() for i in range(len(windows))]})
+        rows.save_to_disk(str(folder))
+        self.rows = datasets.load_from_disk(str(folder)).with_format("torch")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]["input_ids"]
+
+
+def _tiny_task(steps: int, out: Path):
+    from dyt.train import load_config
     from dyt_llama.task import LlamaConfig, LlamaTask
 
     config = load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [
         f"train.steps={steps}", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
         "train.progress=false", f"train.out_dir={out}"])
-    task = LlamaTask(config)
+    return config, LlamaTask(config)
+
+
+def _train(steps: int, out: Path, in_memory: bool) -> float:
+    """Median tokens/s of a short tiny-LLaMA run (one rank), windows from the memory map or from an
+    in-memory datasets table."""
+    from dyt.train import Trainer, read_metrics
+
+    config, task = _tiny_task(steps, out)
     if in_memory:
-        class Rows:  # the old path: packed rows saved by datasets, read back as torch tensors
-            def __init__(self, windows, name):
-                rows = datasets.Dataset.from_dict({"input_ids": [windows[i].tolist() for i in range(len(windows))]})
-                rows.save_to_disk(str(out.parent / f"packed-{name}"))
-                self.rows = datasets.load_from_disk(str(out.parent / f"packed-{name}")).with_format("torch")
-
-            def __len__(self):
-                return len(self.rows)
-
-            def __getitem__(self, index):
-                return self.rows[index]["input_ids"]
-
-        task.train_rows, task.validation_rows = Rows(task.train_rows, "train"), Rows(task.validation_rows, "validation")
+        task.train_rows = PackedTable(task.train_rows, out.parent / "packed-train")
+        task.validation_rows = PackedTable(task.validation_rows, out.parent / "packed-validation")
     if out.exists():
         shutil.rmtree(out)
     Trainer(task, config.train, full_config=config).fit()
     rates = [r["throughput"] for r in read_metrics(out / "metrics.jsonl") if "throughput" in r][1:]
     return statistics.median(rates)
+
+
+def _compare_fetch(args, batches: int = 400) -> dict:
+    """What the data source changes in a training step, measured in one process: the time to read
+    and collate one micro-batch of random windows, from the memory map and from the packed table
+    alternately (the same indices for both), medians; everything else in a step is the same code on
+    the same tensors, so this bounds the difference in tokens/s that run-to-run drift hides."""
+    import time
+
+    import torch
+
+    _, task = _tiny_task(args.steps, args.out / "fetch")
+    sources = {"memmap": task.train_rows, "table": PackedTable(task.train_rows, args.out / "packed-fetch")}
+    size, generator = task.config.train.micro_batch_size, torch.Generator().manual_seed(0)
+    seconds: dict[str, list[float]] = {name: [] for name in sources}
+    for _ in range(batches):
+        indices = torch.randint(len(task.train_rows), (size,), generator=generator).tolist()
+        for name, rows in sources.items():
+            started = time.perf_counter()
+            batch = task.collate([rows[i] for i in indices])
+            seconds[name].append(time.perf_counter() - started)
+        assert torch.equal(task.collate([sources["memmap"][i] for i in indices]), batch)
+    medians = {name: statistics.median(values) * 1e6 for name, values in seconds.items()}
+    print(f"one micro-batch of {size} windows read and collated, median of {batches} (alternating): "
+          f"{medians['memmap']:.0f} us from the memory map, {medians['table']:.0f} us from the packed table", flush=True)
+    return {f"{name}_fetch_us": value for name, value in medians.items()}
 
 
 def _compare_training(args) -> dict:
@@ -124,7 +162,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true",
                         help="skip the prepare benchmark: only the training comparison (memory map vs table)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="ABBA rounds of the training comparison (each round: 2 runs from each source)")
+                        help="ABBA rounds of the training comparison (each round: 2 runs from each source; "
+                             "0: only the one-process micro-batch timing)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.train:
@@ -145,7 +184,9 @@ def main() -> None:
 
     results = {}
     if args.train_only:
-        (args.out / "train.json").write_text(json.dumps(_compare_training(args), indent=1))
+        fetch = _compare_fetch(args)
+        runs = _compare_training(args) if args.rounds else {}
+        (args.out / "train.json").write_text(json.dumps({**fetch, **runs}, indent=1))
         return
     for copies in (1, 8):
         corpus = args.out / f"corpus-{copies}x"
@@ -163,7 +204,7 @@ def main() -> None:
         print(f"{processes} process(es): peak RSS 8x / 1x = {ratio:.2f} (target <= 1.3, 8x < 1500 MB); "
               f"8x tokens/s vs 1 process = {speed:.2f}", flush=True)
 
-    results["train"] = _compare_training(args)
+    results["train"] = {**_compare_fetch(args), **_compare_training(args)}
     print(f"load after: {os.getloadavg()[0]:.2f}", flush=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=1))
 

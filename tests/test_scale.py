@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dyt.train import TrainConfig, Trainer, load_config, read_metrics, run_recipe
-from dyt.train.distributed import _free_port
+from dyt.train.distributed import _free_port, normal_chunks
 from dyt.train.trainer import engine_input_dtype, seed_everything
 
 HERE = Path(__file__).parent
@@ -27,9 +27,9 @@ sys.path.insert(0, str(HERE))
 from toy_recipe import ToyConfig, ToyTask  # noqa: E402
 
 
-def _launch(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _launch(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "PYTHONPATH": str(HERE)}
+           "PYTHONPATH": str(HERE), **(extra_env or {})}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -59,13 +59,15 @@ def test_zero3_partitioned_init_gives_the_weights_of_a_whole_build(tmp_path, pre
     no rank held it whole), and the weights gathered from the shards must equal, bit for bit, a
     single process's plain build with the same seed (cast to bf16 for a bf16 run, as the
     whole-model path casts). ``Llama.reset_parameters`` writes its children's weights after they
-    are sharded: without ``whole_parameter`` 16 of the 27 tensors differ (checked by hand)."""
+    are sharded: without ``init_normal_`` writing the shards 16 of the 27 tensors differ (checked by
+    hand). Its chunk is cut to 112 elements here, so that the 9600-element shards of the embedding
+    take ~86 chunks, one of them across the two ranks' boundary."""
     from dyt_llama.model import Llama
     from dyt_llama.task import LlamaConfig
 
     items = SMALL_LLAMA + ["train.zero_stage=3", f"train.precision={precision}", f"train.out_dir={tmp_path / 'z3'}"]
     _launch([*_deepspeed(2), str(HERE / "zero_init_probe.py"), "--config", str(ROOT / "recipes/llama/tiny.yaml"),
-             *_sets(items)], tmp_path)
+             *_sets(items)], tmp_path, extra_env={"DYT_TEST_NORMAL_CHUNK": "112"})
     assert json.loads((tmp_path / "z3/initial.json").read_text()) == {"built_sharded": True, "world_size": 2}
     gathered = torch.load(tmp_path / "z3/initial.pt")
 
@@ -77,6 +79,26 @@ def test_zero3_partitioned_init_gives_the_weights_of_a_whole_build(tmp_path, pre
     for name, weight in whole.items():
         assert gathered[name].dtype == dtype, name
         assert torch.equal(gathered[name], weight.to(dtype)), name
+
+
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 40, 111, 112, 127, 128, 129, 1000, 4096 + 7])
+def test_normal_chunks_draw_the_values_of_one_normal_over_the_whole(numel):
+    """``init_normal_`` fills a sharded parameter chunk by chunk: drawn one after another, the chunks
+    must hold what one ``normal_`` over the whole tensor holds, bit for bit, for sizes that are and
+    are not multiples of 16 and a last piece shorter than 16 (which must join the previous chunk)."""
+    torch.manual_seed(0)
+    whole = torch.empty(numel).normal_(0.5, 2.0)
+    for chunk in (16, 32, 112):
+        pieces = list(normal_chunks(numel, chunk))
+        assert pieces[0][0] == 0 and sum(size for _, size in pieces) == numel
+        assert all(size >= min(16, numel) for _, size in pieces)
+        torch.manual_seed(0)
+        chunked = torch.empty(numel)
+        for start, size in pieces:
+            chunked[start:start + size].normal_(0.5, 2.0)
+        assert torch.equal(chunked, whole), (numel, chunk)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        list(normal_chunks(100, 24))
 
 
 def test_partitioned_init_is_declared_by_the_task():

@@ -27,7 +27,9 @@ from dyt_wav2vec2.audio import (
 )
 from dyt_wav2vec2.eval import (
     CTC_TESTS,
+    CTCMasking,
     CTCModel,
+    FinetuneMasker,
     KeywordClassifier,
     LabeledAudio,
     Transcribed,
@@ -350,6 +352,42 @@ def test_ctc_head_reads_the_encoder_standardised_by_the_training_frames(speech):
     torch.testing.assert_close(head_input.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
     torch.testing.assert_close(head_input.std(0), torch.ones(64), atol=1e-4, rtol=0)
     assert not torch.allclose(encoded.std(0), torch.ones(64), atol=0.05)  # the raw encoder is not already standard
+
+
+def test_ctc_masking_masks_spans_of_frames_and_channels_of_each_row_in_training_only(speech):
+    """Fine-tuning masks the encoder's input: in each row spans of frames get the pretrained mask
+    vector (up to the time probability, less by overlap), spans of channels are zeroed, padding and
+    a row too short for one span stay untouched; in evaluation the recogniser reads its input
+    unmasked, so its scores do not depend on the masks."""
+    masking = CTCMasking(time_prob=0.5, time_span=10, channel_prob=0.5, channel_span=8)
+    embed = torch.nn.Parameter(torch.full((64,), 7.0))
+    torch.manual_seed(0)
+    seqs = torch.randn(3, 200, 64)
+    masked, time = FinetuneMasker(masking, embed)(seqs.clone(), BatchLayout(seqs.shape[:2], seq_lens=[200, 120, 10]))
+    channels = (masked == 0).all(1)  # (rows, channels) zeroed at every frame
+    assert 0.25 < time[0].float().mean() <= 0.5 and 0.25 < time[1, :120].float().mean() <= 0.5
+    assert not time[1, 120:].any() and not time[2].any()  # padding; 10 frames hold no 10-frame span
+    assert 0.2 < channels.float().mean(1).min() and channels.float().mean(1).max() <= 0.5
+    kept = ~channels[:, None, :]
+    assert torch.equal(masked[time[..., None] & kept], embed.expand(3, 200, 64)[time[..., None] & kept])
+    assert torch.equal(masked[~time[..., None] & kept], seqs[~time[..., None] & kept])
+    with pytest.raises(ValueError, match="time_prob"):
+        CTCMasking(time_prob=1.0)
+
+    _, rows = speech
+    model = build_wav2vec2(_config("model.dropout=0", "model.layer_drop=0").model)  # train mode: only masks vary
+    features = conv_features(model, rows)[0][None]
+    frames = torch.tensor([features.shape[1]])
+    recogniser = CTCModel(model, 64, masking)
+    assert recogniser.masker.mask_embed is model.masker.temporal_mask_embed
+    with torch.no_grad():
+        unmasked = recogniser.eval().encoded(features, frames)
+        assert torch.equal(recogniser.encoded(features, frames), unmasked)
+        trained = recogniser.train().encoded(features, frames)
+        recogniser.masker = None
+        assert torch.equal(recogniser.encoded(features, frames), unmasked)
+    assert not torch.allclose(trained, unmasked, atol=1e-3)
+    assert CTCModel(build_wav2vec2(_config().model), 64).masker is None  # CTCMasking() masks nothing
 
 
 def test_keyword_fine_tune_head_reads_pooled_features_standardised_by_the_training_split(speech):

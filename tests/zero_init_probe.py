@@ -6,12 +6,13 @@ built: the task's model is all the engine needs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import deepspeed
 import torch
 
-from dyt.train import Trainer, parse_args
+from dyt.train import Trainer, distributed, parse_args
 from dyt_llama.task import LlamaConfig, LlamaTask
 
 
@@ -29,6 +30,8 @@ class ModelOnlyTask(LlamaTask):
 
 
 def main() -> None:
+    if "DYT_TEST_NORMAL_CHUNK" in os.environ:  # the test cuts init_normal_'s chunks small
+        distributed.NORMAL_CHUNK = int(os.environ["DYT_TEST_NORMAL_CHUNK"])
     config, _ = parse_args(LlamaConfig)
     out = Path(config.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, Range
-from dyt.train.distributed import whole_parameter
+from dyt.train.distributed import init_normal_
 
 
 @dataclass
@@ -140,12 +140,12 @@ class Llama(nn.Module):
         apply_norm_free(self, cfg.norm)
 
     def reset_parameters(self) -> None:
-        """Matrices from a normal of :meth:`_init_std`. Through ``whole_parameter``, so that under
-        ZeRO-3's partitioned build (children already sharded) the weights are the same as a whole build's."""
+        """Matrices from a normal of :meth:`_init_std`. Through ``init_normal_``, so that under
+        ZeRO-3's partitioned build (children already sharded) the weights are the same as a whole
+        build's and no parameter is gathered whole."""
         for name, p in self.named_parameters():
-            with whole_parameter(p) as full:
-                if full is not None and full.ndim == 2:
-                    nn.init.normal_(full, std=self._init_std(name))
+            if len(getattr(p, "ds_shape", p.shape)) == 2:
+                init_normal_(p, std=self._init_std(name))
 
     def _init_std(self, name: str) -> float:
         """Embeddings and projections: init_std; residual output projections scaled by depth

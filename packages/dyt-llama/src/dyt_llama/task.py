@@ -51,7 +51,7 @@ class LlamaTask:
     @property
     def partitioned_init(self) -> bool:
         """Under ZeRO-3 the harness may build this model shard by shard (``Llama.reset_parameters``
-        goes through ``whole_parameter``); not the normalization-free baselines whose
+        goes through ``init_normal_``); not the normalization-free baselines whose
         ``apply_norm_free`` rewrites built weights (fixup, sigma-reparam): they need it whole."""
         return self.config.model.norm.kind not in ("fixup", "sigma-reparam")
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torchaudio
+from fairseq2.models.wav2vec2.masker import Wav2Vec2Masker
 from fairseq2.nn import BatchLayout
+from fairseq2.nn.utils.mask import compute_row_mask
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -177,26 +179,94 @@ def character_error_rate(hypotheses: list[str], references: list[str]) -> float:
     return edits / max(1, sum(len(r) for r in references))
 
 
+@dataclass(frozen=True)
+class CTCMasking:
+    """Masking of the encoder's input while CTC fine-tunes, fairseq's wav2vec 2.0 fine-tuning
+    regulariser (``mask_prob``, ``mask_channel_prob``): spans of ``time_span`` frames get the
+    pretrained mask vector, spans of ``channel_span`` channels are zeroed, each up to its
+    probability of the row (spans overlap, so less). Off in evaluation. ``channel_span`` 8 of the
+    tiny model's 64 channels is the share of fairseq's 64 of 512."""
+
+    time_prob: float = 0.0
+    time_span: int = 10
+    channel_prob: float = 0.0
+    channel_span: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("time_prob", "channel_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"CTC masking {name} must be in [0, 1), not {getattr(self, name)!r}")
+        for name in ("time_span", "channel_span"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CTC masking {name} must be at least 1, not {getattr(self, name)!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.time_prob > 0 or self.channel_prob > 0
+
+
+CTC_STEPS = 4000
+"""CTC leaves the all-blank plateau after ~1000-1500 steps at lr 5e-3 (docs/wav2vec2.md); the keyword
+evals learn within a few hundred, so CTC has its own budget."""
+CTC_LR = 5e-3
+CTC_MASKING = CTCMasking()
+"""Off: fine-tuning's masking, chosen on the validation voices, slowed CTC more than it helped
+(docs/wav2vec2.md)."""
+
+
+class FinetuneMasker(Wav2Vec2Masker):
+    """:class:`CTCMasking` as a fairseq2 masker, drawn row by row with fairseq2's
+    ``compute_row_mask`` (its own masker draws the same number of spans for every row of a batch and
+    rejects rows shorter than two spans; CTC batches hold sentences of 0.4-57 s): a row too short
+    for one span stays unmasked. Masked frames get ``mask_embed``, the vector pretraining learned
+    for them."""
+
+    def __init__(self, masking: CTCMasking, mask_embed: nn.Parameter):
+        super().__init__()
+        self.masking = masking
+        self.mask_embed = mask_embed
+
+    def forward(self, seqs: torch.Tensor, seqs_layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.masking
+        batch, length, dim = seqs.shape
+        time = torch.zeros(batch, length, dtype=torch.bool, device=seqs.device)
+        channels = torch.zeros(batch, dim, dtype=torch.bool, device=seqs.device)
+        for row, frames in enumerate(seqs_layout.seq_lens):
+            if m.time_prob > 0 and frames > m.time_span:
+                spans = compute_row_mask((1, frames), m.time_span, m.time_prob, device=seqs.device)
+                if spans is not None and spans.numel():
+                    time[row, :frames] = spans[0]
+            if m.channel_prob > 0 and dim > m.channel_span:
+                spans = compute_row_mask((1, dim), m.channel_span, m.channel_prob, device=seqs.device)
+                if spans is not None and spans.numel():
+                    channels[row] = spans[0]
+        seqs = torch.where(time[..., None], self.mask_embed.to(seqs.dtype), seqs)
+        return seqs.masked_fill(channels[:, None, :], 0.0), time
+
+
 class CTCModel(nn.Module):
     """A character head on the encoder, reading the conv feature extractor's output computed once
     per utterance (``conv_features``): fine-tuning keeps the feature extractor frozen, as fairseq's
     wav2vec 2.0 fine-tuning does (``feature_grad_mult 0``); the post-extraction norm, projection,
-    positional conv and Transformer train. The head reads the encoder's output standardised by its
-    statistics over the training frames before fine-tuning (``fit_standardize``), as the keyword
-    probe does: DyT's bounded outputs spread less than a LayerNorm's."""
+    positional conv and Transformer train, with the encoder's input masked in training
+    (``masking``). The head reads the encoder's output standardised by its statistics over the
+    training frames before fine-tuning (``fit_standardize``), as the keyword probe does: DyT's
+    bounded outputs spread less than a LayerNorm's."""
 
-    def __init__(self, backbone: nn.Module, dim: int):
+    def __init__(self, backbone: nn.Module, dim: int, masking: CTCMasking = CTCMasking()):
         super().__init__()
         backbone.encoder_frontend.feature_extractor = None  # its output is cached
         self.backbone = backbone
+        self.masker = FinetuneMasker(masking, backbone.masker.temporal_mask_embed) if masking.active else None
         self.standardize = Standardize(torch.zeros(dim), torch.ones(dim))
         self.head = nn.Linear(dim, len(CHARACTERS))
 
     def encoded(self, features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """The encoder's output for cached conv features (batch, frames, dim)."""
+        """The encoder's output for cached conv features (batch, frames, dim); masked in training."""
         layout = BatchLayout(features.shape[:2], seq_lens=frames.tolist(), device=features.device)
         frontend = self.backbone.encoder_frontend
-        seqs, _ = frontend.process_features(frontend.post_extract_layer_norm(features), layout, None)
+        masker = self.masker if self.training else None
+        seqs, _ = frontend.process_features(frontend.post_extract_layer_norm(features), layout, masker)
         return self.backbone.encoder(seqs, layout)
 
     def forward(self, features: torch.Tensor, frames: torch.Tensor):
@@ -280,10 +350,13 @@ class CTCObjective:
         return scores, list(zip(references, hypotheses))[: self.examples]
 
 
-def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
+def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True,
+             masking: CTCMasking | None = None) -> list[FinetuneResult]:
     """Fine-tune the model with a character head under CTC on synthetic sentences, through the
-    shared ``finetune`` loop, selecting on validation CER; test on unseen voices saying unseen
-    sentences and on real recordings of them."""
+    shared ``finetune`` loop, its input masked as ``masking`` says (default :data:`CTC_MASKING`),
+    selecting on validation CER; test on unseen voices saying unseen sentences and on real
+    recordings of them."""
+    masking = CTC_MASKING if masking is None else masking
     config, make = load_pretrained(run_dir, pretrained)
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
@@ -294,7 +367,7 @@ def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = 
     frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-57 s: batch by length
 
     def build_recogniser() -> CTCModel:
-        return CTCModel(make(), config.model.dim).fit_standardize(datasets["train"], frames)
+        return CTCModel(make(), config.model.dim, masking).fit_standardize(datasets["train"], frames)
 
     tests = {name: datasets[name] for name in CTC_TESTS}
     return [finetune(build_recogniser, datasets["train"], datasets["validation"], tests, _collate_transcripts,
@@ -348,8 +421,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=200, help="keyword fine-tuning steps per seed")
     parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTC_STEPS, help="CTC fine-tuning steps per seed")
+    parser.add_argument("--ctc-mask-time", type=float, default=CTC_MASKING.time_prob,
+                        help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)")
+    parser.add_argument("--ctc-mask-channels", type=float, default=CTC_MASKING.channel_prob,
+                        help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    try:
+        masking = CTCMasking(time_prob=args.ctc_mask_time, channel_prob=args.ctc_mask_channels)
+    except ValueError as error:
+        parser.error(str(error))
     if args.data is not None and not any(args.data.glob("*.tsv")):
         parser.error(f"--data {args.data}: no .tsv manifests there; give the folder `python -m dyt_wav2vec2.speech "
                      "--out DIR` built, or leave --data out")
@@ -357,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
     check_run(args.run, weights=not args.random_init)  # before any data is built
     data = args.data or build()
-    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, args.ctc_steps, pretrained=not args.random_init)
+    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, args.ctc_steps, pretrained=not args.random_init,
+                        ctc_masking=masking)
     for name, rows in results.items():
         for metric, cells in headline(name, rows).items():
             for test, values in cells.items():
@@ -379,14 +461,10 @@ def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     return {m: {t: [r["test"][t][m] for r in rows] for t in rows[0]["test"]} for m in HEADLINE[name]}
 
 
-CTC_STEPS = 4000
-"""CTC leaves the all-blank plateau after ~1000-1500 steps at lr 5e-3 (docs/wav2vec2.md); the keyword
-evals learn within a few hundred, so CTC has its own budget."""
-CTC_LR = 5e-3
 
 
 def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int, ctc_steps: int = CTC_STEPS,
-              pretrained: bool = True) -> dict[str, list[dict]]:
+              pretrained: bool = True, ctc_masking: CTCMasking | None = None) -> dict[str, list[dict]]:
     results = {}
     for name in evals:
         if name == "contrastive":
@@ -394,7 +472,7 @@ def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], ste
         elif name == "ctc":
             cfg = FinetuneConfig(lr=CTC_LR, batch_size=8, epochs=10**6, max_steps=ctc_steps,
                                  eval_every=max(1, ctc_steps // 8), patience=ctc_steps, clip_grad_norm=10.0, seeds=seeds)
-            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg, pretrained)]
+            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg, pretrained, ctc_masking)]
         else:
             lr = 1e-2 if name == "probe" else 5e-4
             cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),

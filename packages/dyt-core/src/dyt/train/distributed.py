@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,22 +70,53 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
-@contextmanager
-def whole_parameter(param: torch.Tensor) -> Iterator[torch.Tensor | None]:
-    """``param`` whole, for model code that initialises it in place after its module was built.
+NORMAL_CHUNK = 2**20
+"""Elements ``init_normal_`` draws and broadcasts at a time (4 MiB of fp32); a multiple of 16."""
 
-    Under ZeRO-3's partitioned construction (``deepspeed.zero.Init``, the harness's
-    ``build_partitioned``) a child module's parameters are already this rank's shard, an empty
-    placeholder, when the parent's ``__init__`` or ``reset_parameters`` runs. This gathers the
-    parameter, yields it on rank 0 and None on the others, and on exit sends rank 0's values to
-    every rank and re-shards them: only rank 0 draws random numbers, in the order a whole-model build
-    draws them, so the weights equal the whole-model build's for the same seed. Without ZeRO-3
-    partitioning: ``param`` itself, on every rank. Write ``with whole_parameter(p) as full: if full
-    is not None: nn.init.normal_(full, ...)``."""
+
+@torch.no_grad()
+def init_normal_(param: torch.Tensor, std: float, mean: float = 0.0) -> None:
+    """``nn.init.normal_(param, mean, std)``, also for a parameter already cut to this rank's ZeRO-3
+    shard (under ``deepspeed.zero.Init``, the harness's ``build_partitioned``, a child module's
+    parameters are shards when the parent's ``reset_parameters`` runs), without gathering it.
+
+    Rank 0 of the parameter's group draws the whole parameter's values in the chunks of
+    :func:`normal_chunks` and broadcasts each; every rank keeps the part inside its shard. The
+    values equal one ``normal_`` over the whole parameter from the same generator state, so the
+    weights equal a whole-model build's for the same seed (``tests/test_scale.py`` gathers them),
+    while no rank holds more than its shard and one chunk: peak memory at init goes as
+    1 / world size."""
     if not hasattr(param, "ds_id"):
-        yield param
+        param.normal_(mean, std)
         return
-    import deepspeed
+    group = param.ds_process_group
+    rank = torch.distributed.get_rank(group)
+    source = torch.distributed.get_global_rank(group, 0)
+    shard, numel = param.ds_tensor, param.ds_numel
+    first, last = rank * shard.ds_numel, min((rank + 1) * shard.ds_numel, numel)  # this rank's elements
+    chunks = list(normal_chunks(numel, NORMAL_CHUNK))
+    drawn = torch.empty(max(size for _, size in chunks), dtype=shard.dtype)  # on the CPU, as a whole build draws
+    sent = drawn if shard.device.type == "cpu" else torch.empty_like(drawn, device=shard.device)
+    for start, size in chunks:
+        values = sent[:size]
+        if rank == 0:
+            values.copy_(drawn[:size].normal_(mean, std))
+        torch.distributed.broadcast(values, source, group=group)
+        low, high = max(start, first), min(start + size, last)
+        if low < high:
+            shard[low - first:high - first].copy_(values[low - start:high - start])
 
-    with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
-        yield param if torch.distributed.get_rank() == 0 else None
+
+def normal_chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(start, size) pieces of ``numel`` elements that ``normal_`` can fill one after another with
+    the values one ``normal_`` over all of them gives: torch's CPU ``normal_`` draws one uniform per
+    element in order, then transforms blocks of 16, and when the size is not a multiple of 16
+    redraws and transforms the last 16. Pieces of ``chunk`` elements (a multiple of 16), the last
+    one at least 16 long (so its redrawn 16 lie inside it), draw and transform the same numbers."""
+    if chunk % 16 or chunk <= 0:
+        raise ValueError(f"chunk must be a positive multiple of 16, not {chunk}")
+    start = 0
+    while start < numel:
+        size = numel - start if numel - start < chunk + 16 else chunk
+        yield start, size
+        start += size

@@ -51,7 +51,8 @@ class Task(Protocol):
     ``train.zero_stage: 3`` each rank then only ever holds its shard of the weights (see
     :func:`build_partitioned`). A model whose code writes a child module's parameters after the
     child is built (a parent's ``reset_parameters``, an ``apply(init_fn)``) must do it through
-    :func:`dyt.train.distributed.whole_parameter`, or it would write empty shards."""
+    :func:`dyt.train.distributed.init_normal_` (or gather it with ``deepspeed.zero.GatheredParameters``),
+    or it would write empty shards."""
 
     def build_model(self) -> nn.Module: ...
     def train_dataset(self) -> Dataset: ...
@@ -180,9 +181,17 @@ def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype 
     to the engine's half dtype, elementwise as the whole-model path casts whole parameters."""
     import deepspeed
 
-    with _large_frees_returned(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32,
+    # fp32 through the config, not zero.Init's ``dtype``: DeepSpeed 0.19.8 reads ``dtype or fp16 if
+    # the accelerator supports fp16 else bf16 ...``, so on a CPU without fp16 (mkldnn) it builds in
+    # bf16 whatever dtype says (measured: an AMD EPYC box). With dtype None it takes the config's.
+    fp32_config = {k: v for k, v in ds_config.items() if k not in ("bf16", "bfloat16", "fp16")}
+    fp32_config.update(bf16={"enabled": False}, fp16={"enabled": False})
+    with _large_frees_returned(), deepspeed.zero.Init(config_dict_or_path=fp32_config, dtype=None,
                                                       mem_efficient_linear=False):
         model = build()
+    built = {p.ds_tensor.dtype for p in model.parameters() if hasattr(p, "ds_tensor")}
+    if built - {torch.float32}:
+        raise RuntimeError(f"deepspeed.zero.Init built the shards in {sorted(map(str, built))}, not float32")
     if half_dtype is not None:
         for param in model.parameters():
             param.ds_tensor.data = param.ds_tensor.data.to(half_dtype)
@@ -290,11 +299,7 @@ class Trainer:
         import deepspeed
 
         config = deepspeed_config(self.cfg, load_universal)
-        seed_everything(self.cfg.seed)  # same initial weights on every rank
-        if self.cfg.zero_stage == 3 and getattr(self.task, "partitioned_init", False):
-            model = build_partitioned(self.task.build_model, config, HALF_PRECISION.get(self.cfg.precision))
-        else:
-            model = self.task.build_model()
+        model = self.build_model(config)
         optimizer = torch.optim.AdamW(
             _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
         )
@@ -302,6 +307,16 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
+
+    def build_model(self, config: dict[str, Any] | None = None) -> nn.Module:
+        """The task's model as the engine gets it, from the run's seed (the same initial weights on
+        every rank): under ZeRO-3, for a task that declares ``partitioned_init``, built shard by
+        shard (:func:`build_partitioned`, ``config`` the DeepSpeed config); otherwise whole."""
+        seed_everything(self.cfg.seed)
+        if self.cfg.zero_stage == 3 and getattr(self.task, "partitioned_init", False):
+            config = deepspeed_config(self.cfg) if config is None else config
+            return build_partitioned(self.task.build_model, config, HALF_PRECISION.get(self.cfg.precision))
+        return self.task.build_model()
 
     def _check_validation_size(self, dataset: Dataset) -> None:
         if len(dataset) < self.dist.world_size:  # a rank without a batch could not name the extras
