@@ -351,12 +351,10 @@ class CTCObjective:
 
 
 def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True,
-             masking: CTCMasking | None = None) -> list[FinetuneResult]:
+             masking: CTCMasking = CTC_MASKING) -> list[FinetuneResult]:
     """Fine-tune the model with a character head under CTC on synthetic sentences, through the
-    shared ``finetune`` loop, its input masked as ``masking`` says (default :data:`CTC_MASKING`),
-    selecting on validation CER; test on unseen voices saying unseen sentences and on real
-    recordings of them."""
-    masking = CTC_MASKING if masking is None else masking
+    shared ``finetune`` loop, its input masked as ``masking`` says, selecting on validation CER;
+    test on unseen voices saying unseen sentences and on real recordings of them."""
     config, make = load_pretrained(run_dir, pretrained)
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
@@ -461,10 +459,8 @@ def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     return {m: {t: [r["test"][t][m] for r in rows] for t in rows[0]["test"]} for m in HEADLINE[name]}
 
 
-
-
 def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int, ctc_steps: int = CTC_STEPS,
-              pretrained: bool = True, ctc_masking: CTCMasking | None = None) -> dict[str, list[dict]]:
+              pretrained: bool = True, ctc_masking: CTCMasking = CTC_MASKING) -> dict[str, list[dict]]:
     results = {}
     for name in evals:
         if name == "contrastive":
