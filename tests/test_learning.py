@@ -301,18 +301,38 @@ def test_length_batches_group_similar_lengths_and_cover_every_example_once_per_e
 
 
 
-def test_standardize_fits_chunks_of_rows_as_one_tensor_and_maps_them_to_mean_0_std_1():
+def test_standardize_keeps_a_dimension_constant_in_training_bounded_whatever_the_scale():
+    """A dimension that never moves over the training split (a saturated DyT channel) is divided by
+    sqrt(EPS x the mean variance), not by ~0: a held-out value 0.01 off maps to ~4, not to 1e10,
+    and features scaled as a whole (DyT's spread less) are standardised to the same values."""
+    rows = torch.randn(200, 3, generator=torch.Generator().manual_seed(1))
+    rows[:, 1] = 0.75
+    held_out = torch.tensor([[0.0, 0.76, 0.0]])
+    standardize = Standardize.fit(rows)
+    assert 3.0 < standardize(held_out)[0, 1] < 5.0  # 0.01 / sqrt(1e-5 x ~2/3)
+    assert torch.equal(standardize(rows)[:, 1], torch.zeros(200))
+    small = Standardize.fit(rows * 0.03)
+    torch.testing.assert_close(small(held_out * 0.03), standardize(held_out))
+    torch.testing.assert_close(small(rows * 0.03), standardize(rows))
+    constant = Standardize.fit(torch.ones(200, 3))  # every dimension constant: centred only
+    assert torch.equal(constant(torch.tensor([[1.0, 2.0, 0.5]])), torch.tensor([[0.0, 1.0, -0.5]]))
+
+
+def test_standardize_fits_chunks_of_rows_as_one_tensor_and_maps_them_to_mean_0_std_about_1():
     """Statistics accumulated over chunks (a corpus of utterances, frame by frame) equal those of the
     rows put together, also for features far from 0 (float64 moments), and are fixed thereafter."""
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(1000, 5, generator=generator) * torch.tensor([1e-2, 0.05, 1.0, 3.0, 50.0]) + 10.0
     whole, chunked = Standardize.fit(rows), Standardize.fit(rows.split([1, 400, 99, 500]))
     torch.testing.assert_close(chunked.mean, rows.double().mean(0).float())
-    torch.testing.assert_close(chunked.std, rows.double().std(0).float(), rtol=1e-4, atol=0)
+    variance = rows.double().var(0)
+    floor = Standardize.EPS * variance.mean()  # ~5e-3: the 50-std dimension dominates the mean
+    torch.testing.assert_close(chunked.std, (variance + floor).sqrt().float(), rtol=1e-4, atol=0)
     torch.testing.assert_close(chunked(rows), whole(rows), rtol=1e-4, atol=1e-4)
     out = chunked(rows).double()
     torch.testing.assert_close(out.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-3, rtol=0)
-    torch.testing.assert_close(out.std(0), torch.ones(5, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out.std(0), (variance / (variance + floor)).sqrt(), atol=1e-3, rtol=0)
+    assert out.std(0)[0] < 0.2 and (out.std(0)[3:] > 0.999).all()  # std 1e-2 is under the floor's 0.07
     assert not any(p.requires_grad for p in chunked.parameters()) and set(chunked.state_dict()) == {"mean", "std"}
     with pytest.raises(ValueError, match="1 rows"):
         Standardize.fit(rows[:1])
