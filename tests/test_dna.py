@@ -44,9 +44,9 @@ def _genome(path=GENOME_B) -> str:
     return read_fasta(path)[0].sequence
 
 
-def _model(arch, norm="layernorm", rcps=True, dim=16, layers=2):
+def _model(arch, norm="layernorm", rcps=True, dim=16, layers=2, tied=True):
     cfg = DnaModelConfig(arch=arch, dim=dim, layers=layers, max_len=128, norm=NormConfig(kind=norm),
-                         caduceus=CaduceusOptions(state=4, rcps=rcps))
+                         caduceus=CaduceusOptions(state=4, rcps=rcps), tied_embeddings=tied)
     return build_model(cfg).double()
 
 
@@ -222,15 +222,34 @@ def test_every_caduceus_component_commutes_with_reverse_complement(norm):
     torch.testing.assert_close(head(rc_hidden(hidden)), head(hidden).flip(1)[..., COMPLEMENT])
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("norm", ["rmsnorm", "dyt"])
-def test_whole_caduceus_is_rc_equivariant_and_its_pooling_invariant(norm):
+def test_whole_caduceus_is_rc_equivariant_and_its_pooling_invariant(norm, tied):
     torch.manual_seed(1)
-    model, tokens = _model("caduceus", norm), _real_tokens()
+    model, tokens = _model("caduceus", norm, tied=tied), _real_tokens()
     logits, logits_rc = model(tokens), model(_rc_tokens(tokens))
     torch.testing.assert_close(logits_rc, logits.flip(1)[..., COMPLEMENT])
     pooled = model.pool(model.features(tokens), tokens)
     pooled_rc = model.pool(model.features(_rc_tokens(tokens)), _rc_tokens(tokens))
     torch.testing.assert_close(pooled_rc, pooled)
+
+
+@pytest.mark.parametrize("arch", ["hyena", "caduceus"])
+def test_an_untied_lm_head_has_its_own_weight_at_unit_row_norm(arch):
+    """model.tied_embeddings false: the LM head reads a weight of its own, N(0, 1/width), which
+    training moves apart from the embedding; tied (the default) there is no second weight."""
+    torch.manual_seed(0)
+    tied, untied = _model(arch, "dyt", dim=64), _model(arch, "dyt", dim=64, tied=False)
+    assert tied.output is None and untied.output is not None
+    width = untied.output.weight.shape[1]
+    embedding = untied.embed.embedding if arch == "caduceus" else untied.embed  # Caduceus-PS: RCPSEmbedding
+    assert untied.output.weight.data_ptr() != embedding.weight.data_ptr()
+    assert 0.8 < untied.output.weight.std().item() * width**0.5 < 1.25
+    tokens = _real_tokens()
+    untied(tokens).logsumexp(-1).sum().backward()
+    assert untied.output.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="tied_embeddings: false"):
+        DnaModelConfig(arch=arch, output_init_std=0.1)
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "dyt"])

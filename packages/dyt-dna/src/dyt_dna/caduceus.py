@@ -138,7 +138,8 @@ class Caduceus(nn.Module):
         self.blocks = nn.ModuleList(Block(width, cfg.norm, cfg.caduceus) for _ in range(cfg.layers))
         final = make_norm(cfg.norm, width, role="final")
         self.final_norm = RCPS(final) if rcps else final
-        self.head = RCPSLMHead(self.embed.embedding) if rcps else None
+        self.output = cfg.untied_output(self.embed.embedding if rcps else self.embed)
+        self.head = RCPSLMHead(self.embed.embedding if self.output is None else self.output) if rcps else None
         self.feature_dim = width
         apply_norm_free(self, cfg.norm)
 
@@ -152,7 +153,7 @@ class Caduceus(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = self.features(tokens)
-        return self.head(hidden) if self.head is not None else F.linear(hidden, self.embed.weight)
+        return self.head(hidden) if self.head is not None else F.linear(hidden, (self.embed if self.output is None else self.output).weight)
 
     def pool(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean over real positions; with RCPS the two halves are summed so the pooled features are

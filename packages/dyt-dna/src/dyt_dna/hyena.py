@@ -114,6 +114,7 @@ class HyenaDNA(nn.Module):
         self.embed = nn.Embedding(len(VOCAB), cfg.dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.embed_scale = cfg.embedding_scaler()
+        self.output = cfg.untied_output(self.embed)
         self.blocks = nn.ModuleList(HyenaBlock(cfg.dim, cfg.max_len, cfg.norm, cfg.hyena) for _ in range(cfg.layers))
         self.final_norm = make_norm(cfg.norm, cfg.dim, role="final")
         self.feature_dim = cfg.dim
@@ -128,7 +129,7 @@ class HyenaDNA(nn.Module):
         return self.final_norm(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.features(tokens), self.embed.weight)  # tied LM head
+        return F.linear(self.features(tokens), (self.embed if self.output is None else self.output).weight)  # tied unless model.tied_embeddings is false
 
     def pool(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean over the real (non-pad) positions."""
