@@ -17,7 +17,7 @@ import datasets
 import pytest
 
 from dyt.train import dump_yaml, load_config
-from dyt.train.compare import NO_VERDICT, Point, Run, reuse_or_compute
+from dyt.train.compare import EVALS_VERSION, NO_VERDICT, Point, Run, reuse_or_compute
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TINY = ROOT / "recipes" / "llama" / "tiny.yaml"
@@ -238,7 +238,7 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
             path = run.dir / ("evals.json" if pretrained else "evals-random-init.json")
             results = _w2v_evals(random.Random(f"evals-{run.label}-{init}"), args.seeds)
-            path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+            path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
             evals[run.point, init] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, evals).read_text()
@@ -332,7 +332,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                 results = [{**_finetune_result(rng, seed, ["test"], len(task.classes)), "task": task.name,
                             "note": task.note} for seed in args.seeds]  # results_json's rows
                 path = run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json"
-                path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+                path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
                 evals[(run.point, task.name, init)] = reuse_or_compute(path, settings,
                                                                       lambda: pytest.fail("evals not reused"))
 
@@ -371,3 +371,24 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
     assert len(summary) == 16 and all(len(s["mcc"]) == 2 for s in summary)
     for png in ("hyena_loss_curves.png", "hyena_dyt_alpha.png", "caduceus_loss_curves.png", "caduceus_dyt_alpha.png"):
         assert is_png(args.out / png), png
+
+
+def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path):
+    """A relaunch reuses an eval's stored results; results made with other settings, or by older
+    evals (before EVALS_VERSION, or another version), are recomputed and stored anew."""
+    path, settings = tmp_path / "eval-species.json", {"finetune": {"seeds": [0, 1]}, "window": 128}
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return [{"seed": len(computed)}]
+
+    assert reuse_or_compute(path, settings, compute) == [{"seed": 1}]
+    assert reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused")) == [{"seed": 1}]
+    assert reuse_or_compute(path, {**settings, "window": 256}, compute) == [{"seed": 2}]
+    older = {"settings": settings, "results": [{"seed": "stale"}]}  # as stored before EVALS_VERSION
+    for stored in (older, {**older, "evals_version": EVALS_VERSION - 1}):
+        path.write_text(json.dumps(stored))
+        assert reuse_or_compute(path, settings, compute) == [{"seed": len(computed)}]
+        assert json.loads(path.read_text())["evals_version"] == EVALS_VERSION
+    assert len(computed) == 4

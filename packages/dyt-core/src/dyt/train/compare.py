@@ -377,15 +377,22 @@ def _last_step(out: Path) -> int:
     return max((row["step"] for row in read_metrics(path)), default=0) if path.is_file() else 0
 
 
+EVALS_VERSION = 2
+"""Bumped whenever a change to the downstream evals changes their results (2: the head's
+standardising floor, 2026-12-02), so that a relaunch recomputes what older code stored instead of
+reporting it beside new results."""
+
+
 def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
-    """The JSON result stored at ``path`` when it was made with the same ``settings``; otherwise
-    ``compute()``, stored with them. Lets a killed comparison skip its finished evals."""
+    """The JSON result stored at ``path`` when it was made with the same ``settings`` by evals of
+    this ``EVALS_VERSION``; otherwise ``compute()``, stored with both. Lets a killed comparison skip
+    its finished evals."""
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
+        if saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION:
             return saved["results"]
     results = compute()
-    path.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
     return results
 
 
