@@ -59,18 +59,23 @@ class DnaModelConfig:
     """A learnable scalar after the embedding, initialised to sqrt(dim), as the paper's LLaMA DyT;
     None: on exactly when the norm is DyT (with 0.02-std embeddings DyT otherwise sees inputs so
     small that its features ignore the sequence; see docs/dna.md)."""
-    tied_embeddings: bool = True
+    tied_embeddings: bool | None = True
     """The LM head reads the embedding's 0.02-std weight (HyenaDNA and Caduceus as published); false:
-    a head of its own, N(0, output_init_std^2). Untied, DyT's final norm no longer saturates in
-    pretraining (docs/dna.md; for DyT runs only: ``--sweep dyt:model.tied_embeddings=false``)."""
+    a head of its own, N(0, output_init_std^2); None: untied for DyT only (the tiny Caduceus' DyT
+    recipe). Untied, DyT's final norm no longer saturates in pretraining
+    (docs/dna.md)."""
     output_init_std: Annotated[float, Range(gt=0)] | None = None
     """Untied head only; default 1/sqrt(width) (unit-norm rows, as dyt-llama's untied head)."""
+
+    def ties_embeddings(self) -> bool:
+        """Whether the LM head is the embedding's weight, with None resolved by the norm."""
+        return self.tied_embeddings if self.tied_embeddings is not None else self.norm.kind != "dyt"
     hyena: HyenaOptions = field(default_factory=HyenaOptions)
     caduceus: CaduceusOptions = field(default_factory=CaduceusOptions)
 
     def untied_output(self, embedding: nn.Embedding) -> nn.Embedding | None:
         """The LM head's own weight, shaped as ``embedding``; None when the head is tied to it."""
-        if self.tied_embeddings:
+        if self.ties_embeddings():
             return None
         head = nn.Embedding(embedding.num_embeddings, embedding.embedding_dim)
         std = embedding.embedding_dim**-0.5 if self.output_init_std is None else self.output_init_std
@@ -85,7 +90,7 @@ class DnaModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown model.arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.tied_embeddings and self.output_init_std is not None:
+        if self.tied_embeddings is True and self.output_init_std is not None:
             raise ValueError("model.output_init_std sets an untied head's init; set model.tied_embeddings: false too")
         if self.arch == "caduceus" and self.caduceus.rcps and self.dim % 2:
             raise ValueError(f"Caduceus with RCPS needs an even model.dim (two halves); got {self.dim}")

@@ -129,7 +129,7 @@ class HyenaDNA(nn.Module):
         return self.final_norm(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.features(tokens), (self.embed if self.output is None else self.output).weight)  # tied unless model.tied_embeddings is false
+        return F.linear(self.features(tokens), (self.embed if self.output is None else self.output).weight)  # tied unless the config unties it
 
     def pool(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean over the real (non-pad) positions."""
