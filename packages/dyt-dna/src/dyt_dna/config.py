@@ -62,16 +62,15 @@ class DnaModelConfig:
     tied_embeddings: bool | None = True
     """The LM head reads the embedding's 0.02-std weight (HyenaDNA and Caduceus as published); false:
     a head of its own, N(0, output_init_std^2); None: untied for DyT only (the tiny Caduceus' DyT
-    recipe). Untied, DyT's final norm no longer saturates in pretraining
-    (docs/dna.md)."""
+    recipe). Untied, DyT's final norm no longer saturates in pretraining (docs/dna.md)."""
     output_init_std: Annotated[float, Range(gt=0)] | None = None
     """Untied head only; default 1/sqrt(width) (unit-norm rows, as dyt-llama's untied head)."""
+    hyena: HyenaOptions = field(default_factory=HyenaOptions)
+    caduceus: CaduceusOptions = field(default_factory=CaduceusOptions)
 
     def ties_embeddings(self) -> bool:
         """Whether the LM head is the embedding's weight, with None resolved by the norm."""
         return self.tied_embeddings if self.tied_embeddings is not None else self.norm.kind != "dyt"
-    hyena: HyenaOptions = field(default_factory=HyenaOptions)
-    caduceus: CaduceusOptions = field(default_factory=CaduceusOptions)
 
     def untied_output(self, embedding: nn.Embedding) -> nn.Embedding | None:
         """The LM head's own weight, shaped as ``embedding``; None when the head is tied to it."""
