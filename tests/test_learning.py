@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from dyt import NormConfig, make_norm
 from dyt.analysis import dyt_layers
 from dyt.train import Trainer, load_config, read_metrics
-from dyt.train.finetune import Classification, FinetuneConfig, LengthBatches, Standardize, finetune
+from dyt.train.finetune import Classification, FinetuneConfig, LengthBatches, Standardize, finetune, tri_stage
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -282,6 +282,41 @@ def test_finetune_learns_a_separable_classification(sabotage):
     _judge(result.curve[-1]["validation/loss"], math.log(3) / 4, sabotage, "validation loss")
     if not sabotage:
         assert result.test["test"]["accuracy"] > 0.9
+
+
+def test_tri_stage_warms_up_holds_then_decays_to_its_final_scale():
+    """fairseq's wav2vec 2.0 fine-tuning schedule over 100 steps: 10 of linear warm-up from 1% of
+    the peak, 40 at the peak, 50 of exponential decay to 5%."""
+    scales = [tri_stage(step, 100) for step in range(101)]
+    assert scales[0] == pytest.approx(0.01) and scales[5] == pytest.approx(0.505)
+    assert scales[10:50] == [1.0] * 40
+    assert scales[75] == pytest.approx(0.05**0.5) and scales[100] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(scales[50:], scales[51:]))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "tri-stage"])
+def test_finetune_follows_its_learning_rate_schedule(monkeypatch, schedule):
+    """The rate the optimizer used at every step: the peak throughout, or ``tri_stage``'s
+    multipliers of it."""
+    used = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    cfg = FinetuneConfig(epochs=10, batch_size=16, lr=0.01, max_steps=40, eval_every=10, patience=10,
+                         schedule=schedule, seeds=[0])
+    finetune(lambda: torch.nn.Linear(8, 3), _blobs(0), _blobs(1, 20), {}, torch.utils.data.default_collate,
+             Classification(3), cfg, seed=0)
+    expected = [0.01 * (tri_stage(s, 40) if schedule == "tri-stage" else 1.0) for s in range(40)]
+    assert used == pytest.approx(expected)
+
+
+def test_finetune_config_names_the_schedules_when_given_an_unknown_one():
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosine'; choose from constant, tri-stage"):
+        FinetuneConfig(max_steps=2, schedule="cosine", seeds=[0])
 
 
 def test_length_batches_group_similar_lengths_and_cover_every_example_once_per_epoch():

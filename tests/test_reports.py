@@ -216,7 +216,8 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     from dyt_wav2vec2.task import Wav2Vec2PretrainConfig
 
     args = argparse.Namespace(out=tmp_path / "cmp", config=WAV2VEC2_TINY, overrides=[], nproc=2, launcher="deepspeed",
-                              pretrain_seed=0, seeds=[0, 1], steps=150, ctc_steps=4000,
+                              pretrain_seed=0, seeds=[0, 1], steps=150, ctc_steps=4000, ctc_lr=5e-3,
+                              ctc_schedule="tri-stage",
                               evals=["contrastive", "probe", "finetune", "ctc"],
                               norms=None, sweeps=[])
     args.out.mkdir()
@@ -242,7 +243,7 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
             evals[run.point, init] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, evals).read_text()
-    assert "(150 steps each, CTC 4000, best validation checkpoint)" in text
+    assert "(150 steps each, CTC 4000 at peak lr 0.005, tri-stage, best validation checkpoint)" in text
     rows = table(text, "norm")
     assert [r["norm"] for r in rows] == ["layernorm", "dyt"]
     for row, (_, e) in zip(rows, made):

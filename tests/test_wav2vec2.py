@@ -15,7 +15,7 @@ from fairseq2.nn import BatchLayout
 
 from dyt import DyT, NormConfig, convert_norms, iter_norms
 from dyt.train import load_config, read_metrics
-from dyt.train.finetune import FinetuneConfig, Standardize, classification_metrics, confusion_matrix
+from dyt.train.finetune import Standardize, classification_metrics, confusion_matrix
 from dyt_wav2vec2.audio import (
     AudioError,
     Utterance,
@@ -428,9 +428,8 @@ def test_ctc_finetunes_through_the_shared_loop(speech, tmp_path, monkeypatch, sa
         return real_finetune(make_model, train, validation, tests, collate, objective, *args, **kwargs)
 
     monkeypatch.setattr(w2v_eval, "finetune", spy)
-    cfg = FinetuneConfig(lr=0.0 if sabotage else 3e-3, batch_size=3, epochs=1000, max_steps=150, eval_every=50,
-                         patience=150, seeds=[0])
-    result, = w2v_eval.ctc_eval(run, tmp_path, cfg, pretrained=False)
+    settings = w2v_eval.CTCSettings(steps=150, lr=0.0 if sabotage else 3e-3, batch_size=3)
+    result, = w2v_eval.ctc_eval(run, tmp_path, [0], pretrained=False, settings=settings)
     assert [type(o).__name__ for o in objectives] == ["CTCObjective"] and objectives[0].selection == "cer"
     losses = [c["validation/loss"] for c in result.curve]
     if sabotage:

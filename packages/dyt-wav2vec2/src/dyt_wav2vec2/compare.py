@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
@@ -43,7 +44,7 @@ from dyt.train.compare import (
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
 from dyt.train.recipe import Metric
 
-from .eval import CTC_STEPS, headline, run_evals
+from .eval import CTCSettings, add_ctc_arguments, headline, run_evals
 from .recipe import SPEC
 from .speech import KEYWORDS, build
 from .task import Wav2Vec2PretrainTask
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
     parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=150, help="keyword fine-tuning (probe, finetune) steps per seed")
-    parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTC_STEPS, help="CTC fine-tuning steps per seed")
+    add_ctc_arguments(parser)
     parser.add_argument("--pretrain-seed", type=NON_NEGATIVE.arg(int), default=0)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
@@ -93,15 +94,16 @@ def main(argv: list[str] | None = None) -> Path:
         Wav2Vec2PretrainTask(checked)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)
     runs, evals = train_runs(SPEC, args, plan), {}
+    ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
     for run in runs:
         for pretrained, init in INITS.items():
             print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
-                        **({"ctc_steps": args.ctc_steps} if "ctc" in args.evals else {})}
+                        **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
             evals[run.point, init] = reuse_or_compute(
                 run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
-                lambda run=run, pretrained=pretrained: run_evals(run.dir, data, args.evals, args.seeds, args.steps,
-                                                                 args.ctc_steps, pretrained=pretrained))
+                lambda run=run, pretrained=pretrained: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
+                                                                 pretrained=pretrained))
     report = write_report(args, runs, evals)
     print(f"\nreport: {report}")
     return report
@@ -161,7 +163,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                      f"{status} | {steps_per_s} | "
                      f"{s['throughput']:.1f} | {rss} | {s['wall_s']:.0f} | "
                      f"{judged(point.cell, main_values, main.higher_is_better)} |")
-    budget = f"{args.steps} steps each" + (f", CTC {args.ctc_steps}" if "ctc" in args.evals else "")
+    budget = f"{args.steps} steps each" + (f", CTC {args.ctc_steps} at peak lr {args.ctc_lr:g}, {args.ctc_schedule}"
+                                           if "ctc" in args.evals else "")
     lines += ["", f"Downstream, seeds {args.seeds} ({budget}, best validation checkpoint): mean ± std. "
               "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
               "pretraining bought is the gap to that row. Verdicts: each test set's mean against the baseline "

@@ -32,8 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from dyt.train.finetune import (
+    SCHEDULES,
     Classification,
     FinetuneConfig,
     FinetuneResult,
@@ -205,13 +206,28 @@ class CTCMasking:
         return self.time_prob > 0 or self.channel_prob > 0
 
 
-CTC_STEPS = 4000
-"""CTC leaves the all-blank plateau after ~1000-1500 steps at lr 5e-3 (docs/wav2vec2.md); the keyword
-evals learn within a few hundred, so CTC has its own budget."""
-CTC_LR = 5e-3
-CTC_MASKING = CTCMasking()
-"""Off: fine-tuning's masking, chosen on the validation voices, slowed CTC more than it helped
-(docs/wav2vec2.md)."""
+@dataclass(frozen=True)
+class CTCSettings:
+    """How the CTC eval fine-tunes, apart from the seeds: its own budget (the keyword evals learn
+    within a few hundred steps), peak rate, schedule and input masking. Defaults chosen on the
+    validation voices (docs/wav2vec2.md)."""
+
+    steps: int = 4000
+    """CTC leaves the all-blank plateau after ~1000-1500 steps at lr 5e-3."""
+    lr: float = 5e-3
+    """The peak rate, for the tiny config; the small one's is 2e-3 (``--ctc-lr``)."""
+    schedule: str = "tri-stage"
+    """fairseq's wav2vec 2.0 fine-tuning schedule (``dyt.train.finetune.tri_stage``); a constant
+    rate left the weights where the last noisy steps put them (validation CER 0.655 vs 0.618)."""
+    masking: CTCMasking = CTCMasking()
+    """Off: fine-tuning's masking slowed CTC more than it helped."""
+    batch_size: int = 8
+    """Sentences per batch, grouped by length."""
+
+    def finetune_config(self, seeds: list[int]) -> FinetuneConfig:
+        return FinetuneConfig(lr=self.lr, batch_size=self.batch_size, epochs=10**6, max_steps=self.steps,
+                              eval_every=max(1, self.steps // 8), patience=self.steps, clip_grad_norm=10.0,
+                              schedule=self.schedule, seeds=seeds)
 
 
 class FinetuneMasker(Wav2Vec2Masker):
@@ -350,12 +366,13 @@ class CTCObjective:
         return scores, list(zip(references, hypotheses))[: self.examples]
 
 
-def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = True,
-             masking: CTCMasking = CTC_MASKING) -> list[FinetuneResult]:
+def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True,
+             settings: CTCSettings = CTCSettings()) -> list[FinetuneResult]:
     """Fine-tune the model with a character head under CTC on synthetic sentences, through the
-    shared ``finetune`` loop, its input masked as ``masking`` says, selecting on validation CER;
-    test on unseen voices saying unseen sentences and on real recordings of them."""
+    shared ``finetune`` loop as ``settings`` say, selecting on validation CER; test on unseen
+    voices saying unseen sentences and on real recordings of them."""
     config, make = load_pretrained(run_dir, pretrained)
+    cfg = settings.finetune_config(seeds)
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
     seed_everything(cfg.seeds[0])  # an untrained feature extractor: drawn once, from the first seed
@@ -365,7 +382,7 @@ def ctc_eval(run_dir: Path, data: Path, cfg: FinetuneConfig, pretrained: bool = 
     frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-57 s: batch by length
 
     def build_recogniser() -> CTCModel:
-        return CTCModel(make(), config.model.dim, masking).fit_standardize(datasets["train"], frames)
+        return CTCModel(make(), config.model.dim, settings.masking).fit_standardize(datasets["train"], frames)
 
     tests = {name: datasets[name] for name in CTC_TESTS}
     return [finetune(build_recogniser, datasets["train"], datasets["validation"], tests, _collate_transcripts,
@@ -418,10 +435,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=NON_NEGATIVE.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=200, help="keyword fine-tuning steps per seed")
-    parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTC_STEPS, help="CTC fine-tuning steps per seed")
-    parser.add_argument("--ctc-mask-time", type=float, default=CTC_MASKING.time_prob,
+    add_ctc_arguments(parser)
+    parser.add_argument("--ctc-mask-time", type=float, default=CTCSettings.masking.time_prob,
                         help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)")
-    parser.add_argument("--ctc-mask-channels", type=float, default=CTC_MASKING.channel_prob,
+    parser.add_argument("--ctc-mask-channels", type=float, default=CTCSettings.masking.channel_prob,
                         help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
@@ -436,8 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
     check_run(args.run, weights=not args.random_init)  # before any data is built
     data = args.data or build()
-    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, args.ctc_steps, pretrained=not args.random_init,
-                        ctc_masking=masking)
+    ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
+    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, ctc, pretrained=not args.random_init)
     for name, rows in results.items():
         for metric, cells in headline(name, rows).items():
             for test, values in cells.items():
@@ -459,16 +476,24 @@ def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     return {m: {t: [r["test"][t][m] for r in rows] for t in rows[0]["test"]} for m in HEADLINE[name]}
 
 
-def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int, ctc_steps: int = CTC_STEPS,
-              pretrained: bool = True, ctc_masking: CTCMasking = CTC_MASKING) -> dict[str, list[dict]]:
+def add_ctc_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CTC eval's budget, rate and schedule (``CTCSettings``), for this CLI and the compare's."""
+    parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTCSettings.steps,
+                        help="CTC fine-tuning steps per seed")
+    parser.add_argument("--ctc-lr", type=POSITIVE.arg(float), default=CTCSettings.lr,
+                        help="CTC fine-tuning peak learning rate (2e-3 for recipes/wav2vec2/small.yaml)")
+    parser.add_argument("--ctc-schedule", choices=SCHEDULES, default=CTCSettings.schedule,
+                        help="CTC fine-tuning learning-rate schedule")
+
+
+def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
+              ctc: CTCSettings = CTCSettings(), pretrained: bool = True) -> dict[str, list[dict]]:
     results = {}
     for name in evals:
         if name == "contrastive":
             results[name] = contrastive_eval(run_dir, data, seeds, pretrained)
         elif name == "ctc":
-            cfg = FinetuneConfig(lr=CTC_LR, batch_size=8, epochs=10**6, max_steps=ctc_steps,
-                                 eval_every=max(1, ctc_steps // 8), patience=ctc_steps, clip_grad_norm=10.0, seeds=seeds)
-            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, cfg, pretrained, ctc_masking)]
+            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, seeds, pretrained, ctc)]
         else:
             lr = 1e-2 if name == "probe" else 5e-4
             cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),

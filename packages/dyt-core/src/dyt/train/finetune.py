@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .trainer import seed_everything
 
+SCHEDULES = ("constant", "tri-stage")
+
 
 @dataclass
 class FinetuneConfig:
@@ -35,7 +37,14 @@ class FinetuneConfig:
     """Stop after this many optimizer steps (0: no limit)."""
     clip_grad_norm: float = 0.0
     """Clip the gradient norm to this (0: no clipping)."""
+    schedule: str = "constant"
+    """The learning rate over the planned steps: ``constant``, or ``tri-stage`` (fairseq's wav2vec 2.0
+    fine-tuning schedule: :func:`tri_stage`)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
 
 
 def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
@@ -180,6 +189,21 @@ class LengthBatches(Sampler[list[int]]):
             yield batches[index]
 
 
+def tri_stage(step: int, total: int, phases: tuple[float, float, float] = (0.1, 0.4, 0.5),
+              init_scale: float = 0.01, final_scale: float = 0.05) -> float:
+    """The learning rate's multiplier at ``step`` of ``total``: fairseq's ``tri_stage`` schedule with
+    the wav2vec 2.0 fine-tuning settings (``phase_ratio [0.1, 0.4, 0.5]``, ``init_lr_scale 0.01``,
+    ``final_lr_scale 0.05``): linear warm-up, a hold at the peak, then exponential decay. A constant
+    rate leaves the weights wherever the last noisy steps put them; the decay settles them."""
+    warmup, hold = int(phases[0] * total), int(phases[1] * total)
+    decay = max(1, total - warmup - hold)
+    if step < warmup:
+        return init_scale + (1.0 - init_scale) * step / warmup
+    if step < warmup + hold:
+        return 1.0
+    return final_scale ** (min(step - warmup - hold, decay) / decay)
+
+
 def planned_steps(cfg: FinetuneConfig, examples: int) -> int:
     """Optimizer steps ``finetune`` takes over ``examples`` training examples unless it stops early."""
     total = cfg.epochs * math.ceil(examples / cfg.batch_size)
@@ -238,6 +262,8 @@ def finetune(
         raise ValueError(f"{desc}: {len(train)} training and {len(validation)} validation examples; need both")
     total = planned_steps(cfg, len(train))
     every = cfg.eval_every or steps_per_epoch
+    scale = (lambda s: tri_stage(s, total)) if cfg.schedule == "tri-stage" else (lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
     sign = 1.0 if objective.higher_is_better else -1.0
     best: tuple[float, int, dict, dict] = (-math.inf, 0, {}, {})
     curve, waited, step = [], 0, 0
@@ -250,6 +276,7 @@ def finetune(
             if cfg.clip_grad_norm:
                 nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
             optimizer.step()
+            scheduler.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
