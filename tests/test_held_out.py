@@ -185,6 +185,37 @@ def test_wav2vec2_pretraining_hears_only_training_voices_and_sentences(speech_ro
         assert not shared, f"{manifest} says training sentences: {sorted(shared)[:5]}"
 
 
+
+def test_wav2vec2_speech_is_the_same_in_any_cache_dir_and_grows_by_appending(speech_root, tmp_path, monkeypatch):
+    """The built-in speech depends on nothing but the build's arguments: two cache dirs hear the same
+    voices say the same texts at the same pitch and speed, and a larger training set only appends."""
+    from dyt_wav2vec2 import speech
+    from dyt_wav2vec2.audio import SAMPLE_RATE, Utterance
+
+    def fake_synthesize(root, voice, text, out, rng):  # 0.1 s of silence; the drawn prosody in its length
+        out.parent.mkdir(parents=True, exist_ok=True)
+        samples = SAMPLE_RATE // 10 + rng.randint(0, 10_000)
+        soundfile.write(str(out), np.zeros(samples, dtype="float32"), SAMPLE_RATE, subtype="PCM_16")
+        return Utterance(out, samples, f"{voice}|{text}")
+
+    monkeypatch.setattr(speech, "synthesize", fake_synthesize)
+
+    def heard(out, train):
+        data = speech.build(out, {"train": train, "validation": 5, "test": 5}, keyword_voices=4)
+        return {name: [(Path(r.path).relative_to(data).as_posix(), r.num_samples, r.text)
+                       for r in speech.load_split(data, name)]
+                for name in ("sentences-train", "sentences-validation", "sentences-test", "keywords-train")}
+
+    first, second = heard(tmp_path / "a", 8), heard(tmp_path / "elsewhere" / "b", 8)
+    assert first == second
+    assert len({n for _, n, _ in first["sentences-train"]}) > 1  # the prosody is drawn, not constant
+    larger = heard(tmp_path / "a", 12)  # the same dir, rebuilt at another size
+    assert larger["sentences-train"][:8] == first["sentences-train"] and len(larger["sentences-train"]) == 12
+    assert {k: v for k, v in larger.items() if k != "sentences-train"} == {
+        k: v for k, v in first.items() if k != "sentences-train"}
+    assert heard(tmp_path / "a", 8) == first  # and back: not the larger build's manifests
+
+
 # ---------------------------------------------------------------- DNA: strains
 
 

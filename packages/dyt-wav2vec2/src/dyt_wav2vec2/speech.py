@@ -128,10 +128,14 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     out = out or cache_root() / "speech"
     per_split = per_split or {"train": 2000, "validation": 200, "test": 200}
     # v2: prompts split by distinct transcript (v1 split by prompt name, and prompts saying the same
-    # words leaked 6 validation and 11 test sentences into training).
-    key = f"v2-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
-    if (out / f".complete-{key}").is_file():
+    # words leaked 6 validation and 11 test sentences into training). v3: pitch and speed drawn from
+    # the file's path inside ``out`` (v2 drew them from the absolute path: each cache dir, each
+    # $HOME, heard different audio).
+    key = f"v3-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
+    complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
+    if complete.is_file() and complete.read_text() == key:
         return out
+    complete.unlink(missing_ok=True)
     root = package_root()
     voices, texts = voice_splits(root), prompts(root)
     sentence_split = _split_prompts(texts)
@@ -150,7 +154,7 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
 
     def run(job):
         name, voice, text, path = job
-        rng = random.Random(str(path))
+        rng = random.Random(path.relative_to(out).as_posix())
         return name, synthesize(root, voice, text, path, rng)
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
@@ -159,7 +163,7 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     for name, utterances in manifests.items():
         write_manifest(out / f"{name}.tsv", out / "audio", utterances)
     _write_real(root, out, texts, sentence_split["test"])
-    (out / f".complete-{key}").write_text("")
+    complete.write_text(key)
     return out
 
 
