@@ -24,6 +24,7 @@ from pathlib import Path
 
 import soundfile
 import torch
+from filelock import FileLock
 
 from dyt.errors import user_errors
 from dyt.train.config import AT_LEAST_ONE
@@ -123,8 +124,6 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     - ``keywords-{split}.tsv/.wrd``: the 36 keywords, ``keyword_voices`` voices each in train;
     - ``real-keywords.tsv/.wrd`` and ``real-sentences-test.tsv/.wrd``: Asterisk recordings.
     """
-    from tqdm.auto import tqdm
-
     out = out or cache_root() / "speech"
     per_split = per_split or {"train": 2000, "validation": 200, "test": 200}
     # v2: prompts split by distinct transcript (v1 split by prompt name, and prompts saying the same
@@ -133,9 +132,18 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     # $HOME, heard different audio).
     key = f"v3-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
     complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
-    if complete.is_file() and complete.read_text() == key:
-        return out
-    complete.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # the ranks of a launch all ask for the data at once
+        if not (complete.is_file() and complete.read_text() == key):
+            complete.unlink(missing_ok=True)
+            _synthesize_all(out, per_split, keyword_voices, workers)
+            complete.write_text(key)
+    return out
+
+
+def _synthesize_all(out: Path, per_split: dict[str, int], keyword_voices: int, workers: int | None) -> None:
+    from tqdm.auto import tqdm
+
     root = package_root()
     voices, texts = voice_splits(root), prompts(root)
     sentence_split = _split_prompts(texts)
@@ -163,8 +171,6 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     for name, utterances in manifests.items():
         write_manifest(out / f"{name}.tsv", out / "audio", utterances)
     _write_real(root, out, texts, sentence_split["test"])
-    complete.write_text(key)
-    return out
 
 
 def _write_real(root: Path, out: Path, texts: dict[str, str], test_prompts: list[str]) -> None:
