@@ -185,7 +185,6 @@ def test_wav2vec2_pretraining_hears_only_training_voices_and_sentences(speech_ro
         assert not shared, f"{manifest} says training sentences: {sorted(shared)[:5]}"
 
 
-
 def test_wav2vec2_speech_is_the_same_in_any_cache_dir_and_grows_by_appending(speech_root, tmp_path, monkeypatch):
     """The built-in speech depends on nothing but the build's arguments: two cache dirs hear the same
     voices say the same texts at the same pitch and speed, and a larger training set only appends."""
