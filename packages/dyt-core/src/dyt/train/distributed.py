@@ -62,24 +62,24 @@ def init_distributed() -> DistInfo:
 SHM_DIR = Path("/dev/shm")
 
 
-def shm_allreduce_buffer(rank: int) -> Path:
+def shm_allreduce_buffer(master_addr: str, master_port: str, rank: int) -> Path:
     """The shared-memory file DeepSpeed's CPU accelerator creates for ``rank``'s all-reduce
     workspace when all ranks share a machine (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: 66 MiB, named
-    by user, master address and port, and rank)."""
-    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    by user, the launch's master address and port, and rank)."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
 
 
 def _unlink_shm_allreduce_buffer() -> None:
     """Remove this rank's name of DeepSpeed's shared all-reduce workspace once every rank has mapped
-    every other rank's (the barrier: each rank maps them all inside ``init_distributed``). DeepSpeed
-    never unlinks them, so each CPU launch left world size x 66 MiB of RAM in /dev/shm until reboot
-    (132 files, 8.6 GiB, on the dev box after a few days of tests). The mappings stay valid; the
-    memory goes back when the last rank exits."""
+    every other rank's (the barrier: each rank maps them all inside ``deepspeed.init_distributed``).
+    DeepSpeed never unlinks them, so each CPU launch left world size x 66 MiB of RAM in /dev/shm
+    until reboot (132 files, 8.6 GiB, on the dev box after a few days of tests). The mappings stay
+    valid; the memory goes back when the last rank exits."""
     if os.environ.get("LOCAL_SIZE") != str(torch.distributed.get_world_size()):
         return  # DeepSpeed's own condition for the shared workspace: every rank on this machine
     torch.distributed.barrier()
-    shm_allreduce_buffer(torch.distributed.get_rank()).unlink(missing_ok=True)
+    shm_allreduce_buffer(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                         torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
 def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
