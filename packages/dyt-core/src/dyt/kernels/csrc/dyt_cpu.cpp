@@ -294,16 +294,14 @@ at::ScalarType kernel_type(const at::Tensor& x, const at::Tensor& weight) {
 // dispatched no-ops (to, detach, contiguous, item, zeros) they replace took 8-13% of the extension's
 // forward + backward at the tiny LLaMA's 1024 x 192 (docs/performance.md). No autograd history is
 // recorded either way: they run inside the autograd functions' forward and backward.
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 at::Tensor as_rows(const at::Tensor& t, at::ScalarType dtype) {
-  at::Tensor r = t.scalar_type() == dtype ? t : t.to(dtype);
+  at::Tensor r = as_type(t, dtype);
   return r.size(1) <= 1 || r.stride(1) == 1 ? r : r.contiguous();
 }
 
-at::Tensor as_param(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
-}
-
-at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+at::Tensor as_param(const at::Tensor& t, at::ScalarType dtype) { return as_type(t, dtype).contiguous(); }
 
 // (y, s) in x's dtype for x [+ residual] of any float dtype and parameters of any float dtype.
 std::vector<at::Tensor> forward_any(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& alpha,
