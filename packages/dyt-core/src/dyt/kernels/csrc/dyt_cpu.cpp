@@ -290,10 +290,11 @@ at::ScalarType kernel_type(const at::Tensor& x, const at::Tensor& weight) {
   return acc_type(x.scalar_type()) == ct ? x.scalar_type() : ct;
 }
 
-// The conversions below return their input untouched when it is already as the kernels read it: the
-// dispatched no-ops (to, detach, contiguous, item, zeros) they replace took 8-13% of the extension's
-// forward + backward at the tiny LLaMA's 1024 x 192 (docs/performance.md). No autograd history is
-// recorded either way: they run inside the autograd functions' forward and backward.
+// The conversions below return their input untouched when it is already as the kernels read it. The
+// dispatched no-ops they replace (to, detach, contiguous; with alpha's item() and the chunk sums'
+// zeros above) took 8-13% of the extension's forward + backward at the tiny LLaMA's 1024 x 192
+// (docs/performance.md). No autograd history is recorded either way: they run inside the autograd
+// functions' forward and backward.
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 at::Tensor as_rows(const at::Tensor& t, at::ScalarType dtype) {
