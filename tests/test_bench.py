@@ -33,3 +33,12 @@ def test_bench_times_llama_steps_interleaved(tmp_path, capsys):
     assert set(llama["results"]) == {"rmsnorm", "layernorm", "dyt"}
     assert all(row["train_step_ms"] > 0 and row["train_step_peak_bytes"] > 0 for row in llama["results"].values())
     assert "train/RMS" in capsys.readouterr().out
+
+
+def test_bench_records_how_openmp_threads_wait(tmp_path, capsys, monkeypatch):
+    # at small shapes OMP_WAIT_POLICY moves the ratios as much as the kernels do: the run must say it
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    out = tmp_path / "bench.json"
+    main(["--shape", "8x32", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert json.loads(out.read_text())["machine"]["openmp_env"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert "OpenMP waiting {'OMP_WAIT_POLICY': 'PASSIVE'}" in capsys.readouterr().out

@@ -6,7 +6,8 @@ speed hits all alike. Prints times, effective bandwidth, peak bytes and ratios; 
 
 Ratios compare ops timed in this one process; absolute times depend on the machine (and on CPU on
 glibc's allocator settings, recorded in the JSON: a fresh activation-sized tensor above its mmap
-threshold costs page faults, docs/performance.md).
+threshold costs page faults; and on how idle OpenMP threads wait, ``OMP_WAIT_POLICY``, also
+recorded: at small shapes waking sleeping threads costs as much as the op; docs/performance.md).
 
 Peak memory is the most bytes allocated at once above what was allocated before the op ran: on
 CUDA from ``torch.cuda.max_memory_allocated``; on CPU from the profiler's allocator events
@@ -355,6 +356,9 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "load_average": os.getloadavg(),  # other work on the machine while it ran (1, 5, 15 min)
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE"},
+        # how idle OpenMP threads wait: with PASSIVE every parallel region wakes sleeping threads,
+        # which at 1024 x 192 moved DyT / LayerNorm from 1.00x to 0.85x (docs/performance.md)
+        "openmp_env": {k: v for k, v in os.environ.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
     }
     try:
         import triton
@@ -442,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
           f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats} interleaved rounds; "
           f"'auto' = {auto_backend(device)}; load average {machine['load_average'][0]:.2f}; "
-          f"allocator {machine['allocator_env'] or 'glibc defaults'}")
+          f"allocator {machine['allocator_env'] or 'glibc defaults'}; "
+          f"OpenMP waiting {machine['openmp_env'] or 'default (spin, then sleep)'}")
     payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
     for rows, cols in shapes:
         results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
