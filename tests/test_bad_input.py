@@ -144,6 +144,14 @@ CASES = [
     Case("bench-repeats-zero", "dyt-bench", ("dyt-bench", "--repeats", "0"), ("--repeats", "at least 1")),
     Case("corpus-out-is-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml"),
          ("bad.yaml", "not a folder")),
+    # ---- built-in data on a machine without apt-get (PATH holds only the venv's programs)
+    Case("kjv-without-apt-get", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--kjv", "--out", "{tmp}/kjv"),
+         ("data error", "bible-kjv", "no apt-get"), env={"PATH": str(BIN)}),
+    Case("speech-without-apt-get", "dyt_wav2vec2.speech", ("-m", "dyt_wav2vec2.speech", "--out", "{tmp}/speech"),
+         ("espeak-ng", "no apt-get", "your own data"), env={"PATH": str(BIN)}),
+    Case("genomes-without-apt-get", "dyt_dna.train", ("-m", "dyt_dna.train", "--config", "recipes/dna/hyena-tiny.yaml",
+                                                      "--set", "train.out_dir={tmp}/out-genomes"),
+         ("data error", "ragout-examples", "no apt-get"), env={"PATH": str(BIN)}),
 ]
 if not torch.cuda.is_available():
     CASES.append(Case("bench-no-cuda", "dyt-bench", ("dyt-bench", "--device", "cuda"), ("--device", "CUDA is not available")))

@@ -25,7 +25,7 @@ class DyT(nn.Module):
         alpha_init: initial alpha (the paper's default 0.5; see :func:`dyt.alpha_init_for`).
         bias: ``False`` gives ``weight * tanh(alpha * x)``, the paper's LLaMA form.
         channels_last: ``False`` for ``(batch, channels, ...)`` inputs.
-        backend: ``eager`` / ``compiled`` / ``fused`` / ``auto``; None follows the process default
+        backend: ``eager`` / ``compiled`` / ``fused`` / ``cpu`` / ``auto``; None follows the process default
             (``DYT_BACKEND`` or :func:`dyt.use_backend`), itself ``auto`` unless set.
         squash: ``tanh`` (DyT) or one of the paper's ablations, ``hardtanh`` / ``sigmoid`` /
             ``identity`` (see :data:`dyt.kernels.eager.SQUASHES`).
@@ -104,8 +104,8 @@ class DyT(nn.Module):
 
 class ResidualDyT(DyT):
     """DyT that also does the residual add before it: ``forward(x, residual) -> (s, DyT(s))`` with
-    ``s = x + residual``, the two steps of a pre-norm block. With the fused backend both happen in
-    one kernel each way. Same parameters (and state-dict names) as :class:`DyT`."""
+    ``s = x + residual``, the two steps of a pre-norm block. With the fused or cpu backend both happen
+    in one kernel each way. Same parameters (and state-dict names) as :class:`DyT`."""
 
     def __init__(self, normalized_shape: int | Sequence[int], alpha_init: float = 0.5, bias: bool = True,
                  backend: str | None = None, device=None, dtype=None, **options) -> None:

@@ -5,16 +5,33 @@ or data hubs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from filelock import FileLock
 
 from .cache import cache_root
+
+
+class BuiltinDataUnavailable(RuntimeError):
+    """The Debian packages of a recipe's built-in data cannot be fetched or unpacked on this machine
+    (no apt-get or dpkg-deb, no package index, no registry). The recipes report it as their own data
+    error (:func:`reported_as`): one line naming the packages and what to do, not a traceback."""
+
+
+@contextlib.contextmanager
+def reported_as(error_type: type[Exception]) -> Iterator[None]:
+    """Re-raise :class:`BuiltinDataUnavailable` inside as ``error_type`` (a recipe's data error,
+    which its commands print as one line): this package stays free of the kernel package's errors."""
+    try:
+        yield
+    except BuiltinDataUnavailable as error:
+        raise error_type(str(error)) from error
 
 
 def _download(packages: Sequence[str], folder: str) -> None:
@@ -26,7 +43,12 @@ def _download(packages: Sequence[str], folder: str) -> None:
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
         done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"apt-get download {' '.join(packages)} failed: {done.stderr.strip()[-500:]}")
+        reason = " ".join(done.stderr.strip().splitlines()[-2:])[-300:] or f"status {done.returncode}"
+        raise BuiltinDataUnavailable(
+            f"the built-in data need the Debian package(s) {' '.join(packages)}, and `apt-get download` failed "
+            f"({reason}): run it where the Debian registry is reachable, or point the recipe at your own data "
+            "(see its docs)"
+        )
 
 
 def unpack(packages: Sequence[str], name: str) -> Path:
@@ -37,7 +59,7 @@ def unpack(packages: Sequence[str], name: str) -> Path:
         if (target / ".complete").is_file():
             return target
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            raise RuntimeError(
+            raise BuiltinDataUnavailable(
                 f"the built-in data come from the Debian package(s) {', '.join(packages)}, and this machine has "
                 "no apt-get/dpkg-deb: point the recipe at your own data instead (see its docs)"
             )
@@ -45,7 +67,9 @@ def unpack(packages: Sequence[str], name: str) -> Path:
             _download(packages, tmp)
             staging = Path(tmp) / "root"
             for deb in sorted(Path(tmp).glob("*.deb")):
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
+                done = subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], capture_output=True, text=True)
+                if done.returncode:
+                    raise BuiltinDataUnavailable(f"dpkg-deb -x {deb.name} failed: {done.stderr.strip()[-300:]}")
             if target.exists():
                 shutil.rmtree(target)
             shutil.move(str(staging), target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyt_data import unpack
+from dyt_data import reported_as, unpack
 
 PACKAGE = "ragout-examples"
 SYSTEM_DIR = Path("/usr/share/doc/ragout/examples")
@@ -30,14 +30,18 @@ class Genome:
 
 def builtin_genomes() -> list[Genome]:
     """Every reference genome, sorted by species then strain."""
-    root = SYSTEM_DIR if SYSTEM_DIR.is_dir() else unpack([PACKAGE], PACKAGE) / SYSTEM_DIR.relative_to("/")
+    from .data import DnaDataError  # data.py imports this module
+
+    with reported_as(DnaDataError):
+        root = SYSTEM_DIR if SYSTEM_DIR.is_dir() else unpack([PACKAGE], PACKAGE) / SYSTEM_DIR.relative_to("/")
     genomes = [
         Genome(path.parent.parent.name, path.name.removesuffix(".fasta.gz"), path)
         for path in sorted(root.glob("*/references/*.fasta.gz"))
     ]
     missing = set(HELD_OUT.items()) - {(g.species, g.strain) for g in genomes}
     if missing:
-        raise RuntimeError(f"{root}: expected genomes not found: {sorted(missing)}")
+        raise DnaDataError(f"{root}: the built-in genomes {sorted(missing)} are missing from {PACKAGE}; "
+                           "delete the folder to unpack it again, or train on your own FASTA (--set data.fasta=...)")
     return genomes
 
 

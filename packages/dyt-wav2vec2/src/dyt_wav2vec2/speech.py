@@ -28,9 +28,9 @@ from filelock import FileLock
 
 from dyt.errors import user_errors
 from dyt.train.config import AT_LEAST_ONE
-from dyt_data import cache_root, unpack
+from dyt_data import cache_root, reported_as, unpack
 
-from .audio import SAMPLE_RATE, Utterance, load_audio, read_manifest, write_manifest
+from .audio import SAMPLE_RATE, AudioError, Utterance, load_audio, read_manifest, write_manifest
 
 PACKAGES = [
     "espeak-ng", "libespeak-ng1", "espeak-ng-data", "libpcaudio0", "libsonic0", "libpulse0", "libasyncns0",
@@ -47,7 +47,8 @@ SPLITS = ("train", "validation", "test")
 
 
 def package_root() -> Path:
-    return unpack(PACKAGES, "speech")
+    with reported_as(AudioError):
+        return unpack(PACKAGES, "speech")
 
 
 def _asterisk_dir(root: Path) -> Path:

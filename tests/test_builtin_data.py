@@ -1,0 +1,44 @@
+"""The built-in data's Debian packages, where they cannot be fetched: dyt_data says which packages
+and why, and a recipe reports it as its own data error (one line, exit 2; the commands' cases are in
+tests/test_bad_input.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from dyt_data import BuiltinDataUnavailable, reported_as, unpack
+
+
+def _program(folder, name: str, script: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_a_failed_apt_get_download_names_the_packages_and_apt_gets_reason(tmp_path, monkeypatch):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    _program(tools, "apt-get", 'echo "E: Unable to locate package $2" >&2; exit 100')
+    _program(tools, "dpkg-deb", "exit 0")
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(BuiltinDataUnavailable) as raised:
+        unpack(["no-such-package"], "nothing")
+    message = str(raised.value)
+    assert "no-such-package" in message and "Unable to locate package" in message and "your own data" in message
+    assert not (tmp_path / "cache" / "debian" / "nothing" / ".complete").exists()  # a later run tries again
+
+
+def test_reported_as_turns_it_into_the_recipes_error_and_leaves_others_alone():
+    class RecipeDataError(ValueError):
+        pass
+
+    with pytest.raises(RecipeDataError, match="apt-get"):
+        with reported_as(RecipeDataError):
+            raise BuiltinDataUnavailable("no apt-get")
+    with pytest.raises(KeyError):
+        with reported_as(RecipeDataError):
+            raise KeyError("a bug keeps its type")
