@@ -524,6 +524,21 @@ def test_fine_tuning_eval_validates_every_quarter_of_the_steps(tmp_path):
     assert [row["step"] for row in results[0].curve] == [4, 8, 12, 14]
 
 
+def test_the_compare_and_the_eval_validate_four_times_over_the_steps_they_take():
+    """``dyt-dna-compare`` used ``max_steps // 4``: every step with ``--max-steps 0`` (epochs
+    decide), and fewer than four validations when epochs end before ``max_steps``."""
+    from dyt.train.finetune import FinetuneConfig
+    from dyt_dna.eval import finetune_for
+
+    def cadence(**options):
+        return finetune_for(FinetuneConfig(epochs=4, batch_size=16, **options), 400).eval_every
+
+    assert cadence(max_steps=40) == 10  # the compare's defaults: 40 of 100 planned steps
+    assert cadence(max_steps=0) == 25  # epochs decide: 4 x 25 batches
+    assert cadence(max_steps=160) == 25  # epochs end at 100, before max_steps
+    assert cadence(max_steps=2) == 1
+
+
 def test_truncate_note_is_printed_and_saved(tmp_path, capsys):
     import json
 

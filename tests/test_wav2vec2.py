@@ -491,3 +491,30 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert "train/codebook_perplexity" in resumed[-1] and "alpha/encoder.layers.0.self_attn_layer_norm" in resumed[-1]
     np.testing.assert_allclose([r["train/loss"] for r in resumed], [r["train/loss"] for r in whole], rtol=1e-5)
+
+
+def test_the_eval_builds_the_builtin_speech_at_the_runs_size(tmp_path, monkeypatch):
+    """Without ``--data`` the eval asks for the speech the run was pretrained beside, at the run's
+    ``data.builtin_sentences``: a default-sized build would rewrite that folder's manifests."""
+    import dyt_wav2vec2.task as task
+    from dyt.train import dump_yaml
+    from dyt_wav2vec2.eval import main as evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(task.Wav2Vec2PretrainConfig, ROOT / "recipes/wav2vec2/tiny.yaml", ["data.builtin_sentences=60"])
+    (run / "config.yaml").write_text(dump_yaml(config))
+    asked = []
+
+    class Built(Exception):
+        pass
+
+    def fake_build(out=None, per_split=None, **_):
+        asked.append(per_split)
+        raise Built
+
+    monkeypatch.setattr(task, "build", fake_build)
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))  # nothing real is built, even if this fails
+    with pytest.raises(Built):
+        evaluate(["--run", str(run), "--random-init", "--evals", "ctc", "--seeds", "0"])
+    assert asked == [{"train": 60, "validation": 200, "test": 200}]

@@ -42,7 +42,7 @@ from dyt.train.finetune import FinetuneConfig
 from dyt.train.recipe import Metric
 
 from .data import ClassificationData, check_task, load_task, pretraining_datasets
-from .eval import evaluate, results_json
+from .eval import evaluate, finetune_for, results_json
 from .recipe import SPEC
 from .task import DnaConfig
 
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
     for task, max_len in ((t, m) for t in tasks for m in sorted({p.config.model.max_len for p in plan})):
         task.check_length(max_len, truncate=False)
     finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
-                                  max_steps=args.max_steps, eval_every=max(1, args.max_steps // 4), seeds=args.seeds)
-    settings = {"finetune": asdict(finetune_cfg), "window": args.eval_window, "per_class": args.per_class}
+                                  max_steps=args.max_steps, seeds=args.seeds)
+    # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
+    task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}
     prepare_out(args)
 
     runs = train_runs(SPEC, args, plan)
@@ -97,10 +98,12 @@ def main(argv: list[str] | None = None) -> Path:
     for run in runs:
         for task, (pretrained, init) in ((t, i) for t in tasks for i in INITS.items()):
             print(f"== fine-tune {run.point.model} {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
+            cfg = task_cfgs[task.name]
+            settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class}
             evals[(run.point, task.name, init)] = reuse_or_compute(
                 run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
-                lambda run=run, task=task, pretrained=pretrained: results_json(
-                    task, evaluate(run.dir, task, finetune_cfg, pretrained=pretrained)))
+                lambda run=run, task=task, cfg=cfg, pretrained=pretrained: results_json(
+                    task, evaluate(run.dir, task, cfg, pretrained=pretrained)))
     report = write_report(args, runs, tasks, evals)
     print(f"\nreport: {report}")
     return report

@@ -16,7 +16,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,13 @@ from .data import ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
 
 VALIDATIONS = 4
+"""Validations per fine-tuning run (early stopping's patience counts them), at even intervals."""
+
+
+def finetune_for(cfg: FinetuneConfig, examples: int) -> FinetuneConfig:
+    """``cfg`` validating :data:`VALIDATIONS` times over the steps it takes on ``examples`` training
+    examples (epochs and ``max_steps`` decide them), for the eval and the compare alike."""
+    return replace(cfg, eval_every=max(1, math.ceil(planned_steps(cfg, examples) / VALIDATIONS)))
 """Validation runs this many times per fine-tuning run (every quarter of the steps)."""
 
 
@@ -128,9 +135,8 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     task = load_task(args.task, config.data.window, args.per_class).check_length(config.model.max_len, args.truncate)
     if task.note:
         print(f"{task.name}: {task.note}", flush=True)
-    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         seeds=args.seeds)
-    cfg.eval_every = math.ceil(planned_steps(cfg, len(task.train)) / VALIDATIONS)
+    cfg = finetune_for(FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                      patience=args.patience, seeds=args.seeds), len(task.train))
     results = evaluate(args.run, task, cfg, pretrained=not args.random_init)
     for metric, values in summarize(results).items():
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""

@@ -46,8 +46,8 @@ from dyt.train.recipe import Metric
 
 from .eval import CTCSettings, add_ctc_arguments, headline, run_evals
 from .recipe import SPEC
-from .speech import KEYWORDS, build
-from .task import Wav2Vec2PretrainTask
+from .speech import KEYWORDS
+from .task import Wav2Vec2PretrainTask, builtin_speech
 
 EVAL_NAMES = {"contrastive": "pretraining task, held out", "probe": "keywords, linear probe",
               "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], [args.pretrain_seed])  # config errors first
     config = plan[0].config
-    data = build(per_split={"train": config.data.builtin_sentences, "validation": 200, "test": 200})
+    data = builtin_speech(config.data)
     for checked in {repr(p.config.data): p.config for p in plan}.values():
         Wav2Vec2PretrainTask(checked)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)

@@ -47,8 +47,14 @@ from dyt.train.trainer import seed_everything
 
 from .audio import Utterance, load_audio
 from .model import build_wav2vec2, encode
-from .speech import KEYWORDS, build, load_split
-from .task import Wav2Vec2PretrainConfig, crop_and_batch, masking_min_samples, pretraining_loss
+from .speech import KEYWORDS, load_split
+from .task import (
+    Wav2Vec2PretrainConfig,
+    builtin_speech,
+    crop_and_batch,
+    masking_min_samples,
+    pretraining_loss,
+)
 
 CHARACTERS = ["<blank>", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 KEYWORD_TESTS = {"unseen voices": "keywords-test", "real recordings": "real-keywords"}
@@ -233,7 +239,7 @@ class CTCSettings:
 class FinetuneMasker(Wav2Vec2Masker):
     """:class:`CTCMasking` as a fairseq2 masker, drawn row by row with fairseq2's
     ``compute_row_mask`` (its own masker draws the same number of spans for every row of a batch and
-    rejects rows shorter than two spans; CTC batches hold sentences of 0.4-57 s): a row too short
+    rejects rows shorter than two spans; CTC batches hold sentences of 0.4-62 s): a row too short
     for one span stays unmasked. Masked frames get ``mask_embed``, the vector pretraining learned
     for them."""
 
@@ -379,7 +385,7 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
     extractor = make()
     datasets = {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
 
-    frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-57 s: batch by length
+    frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-62 s: batch by length
 
     def build_recogniser() -> CTCModel:
         return CTCModel(make(), config.model.dim, settings.masking).fit_standardize(datasets["train"], frames)
@@ -452,7 +458,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
     check_run(args.run, weights=not args.random_init)  # before any data is built
-    data = args.data or build()
+    # the speech the run was pretrained beside, at its size (a default-sized build would rewrite it)
+    data = args.data or builtin_speech(load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml",
+                                                   check_files=False).data)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
     results = run_evals(args.run, data, args.evals, args.seeds, args.steps, ctc, pretrained=not args.random_init)
     for name, rows in results.items():

@@ -131,13 +131,19 @@ def masking_min_samples(model: Wav2Vec2ModelConfig) -> int:
     return (math.ceil(2 * model.mask_span / model.mask_prob) + 2) * stride
 
 
+def builtin_speech(cfg: SpeechDataConfig) -> Path:
+    """The built-in speech folder at the size ``cfg`` asks for (built on first use): pretraining, the
+    compare and the evals all ask through here, so none of them rebuilds it at another size."""
+    return build(per_split={"train": cfg.builtin_sentences, "validation": 200, "test": 200})
+
+
 def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utterance], list[Utterance]]:
     if cfg.train_manifest:
         if not cfg.validation_manifest:
             raise AudioError("data.validation_manifest is empty: give a manifest of held-out speakers")
         train, validation = (audio_source(Path(p)) for p in (cfg.train_manifest, cfg.validation_manifest))
     else:
-        data = build(per_split={"train": cfg.builtin_sentences, "validation": 200, "test": 200})
+        data = builtin_speech(cfg)
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")
         validation = load_split(data, "sentences-validation")
     return (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio"),
