@@ -302,12 +302,12 @@ def test_what_the_failed_cases_left_behind(bad_input_runs):
     """The malformed DeepSpeed JSON stopped the run before any data was prepared; the manifest tool
     wrote the good files only."""
     runs, tmp = bad_input_runs
-    if "llama-deepspeed-json-malformed" in runs:
-        assert not (tmp / "cache" / "json-case").exists()
-    if "manifest-truncated-wav" in runs:
-        rows = (tmp / "out-truncated.tsv").read_text().splitlines()[1:]
-        assert sorted(r.split("\t")[0] for r in rows) == ["good0.wav", "sub/good1.wav"]
-        assert all(r.endswith("\t16000") for r in rows)
+    if not {"llama-deepspeed-json-malformed", "manifest-truncated-wav"} <= runs.keys():
+        pytest.skip("needs the cases llama-deepspeed-json-malformed and manifest-truncated-wav in the same run")
+    assert not (tmp / "cache" / "json-case").exists()
+    rows = (tmp / "out-truncated.tsv").read_text().splitlines()[1:]
+    assert sorted(r.split("\t")[0] for r in rows) == ["good0.wav", "sub/good1.wav"]
+    assert all(r.endswith("\t16000") for r in rows)
 
 
 # ---------------------------------------------------------------- DYT_DEBUG, ranks, a full disk

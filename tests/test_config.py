@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dyt import NormConfig
-from dyt.train import ConfigError, TrainConfig, dump_yaml, load_config, parse_args
+from dyt.train import ConfigError, TrainConfig, load_config, parse_args
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_recipe import ToyConfig  # noqa: E402
@@ -82,7 +82,8 @@ def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
     with pytest.raises(ConfigError, match="train.deepspeed_config: no such file"):
         load_config(ToyConfig, None, [f"train.deepspeed_config={tmp_path / 'none.json'}"])
     # an eval reading a finished run's config.yaml does not need the JSON
-    assert load_config(ToyConfig, None, [f"train.deepspeed_config={tmp_path / 'none.json'}"], check_files=False)
+    config = load_config(ToyConfig, None, [f"train.deepspeed_config={tmp_path / 'none.json'}"], check_files=False)
+    assert config.train.deepspeed_config == str(tmp_path / "none.json")
 
 
 def test_cross_field_checks_run_when_the_config_loads():
@@ -98,12 +99,22 @@ def test_cross_field_checks_run_when_the_config_loads():
 
 
 def test_print_config_round_trips(tmp_path, capsys):
-    config, args = parse_args(ToyConfig, ["--set", "model.norm=rmsnorm", "--print-config"])
-    assert args.print_config
-    text = dump_yaml(config)
+    """``--print-config`` prints the resolved config, which loads back to the same config, and
+    trains nothing (no task built, no run folder)."""
+    from dyt.train.cli import run_recipe
+
+    out = tmp_path / "run"
+    argv = ["--set", "model.norm=rmsnorm", "--set", f"train.out_dir={out}", "--print-config"]
+
+    def no_task(config):
+        raise AssertionError("--print-config built the task")
+
+    assert run_recipe(ToyConfig, no_task, argv) is None
     path = tmp_path / "resolved.yaml"
-    path.write_text(text)
-    assert load_config(ToyConfig, path) == config
+    path.write_text(capsys.readouterr().out)
+    config, _ = parse_args(ToyConfig, argv[:-1])
+    assert load_config(ToyConfig, path) == config and config.model.norm.kind == "rmsnorm"
+    assert not out.exists()
 
 
 def test_cli_config_error_exits_with_message(capsys):

@@ -15,6 +15,7 @@ other examples: the curves are then only statistically alike.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def _launch(cmd, cwd, **env):
            "PYTHONPATH": str(HERE), **env}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _series(out_dir, key):
@@ -204,8 +206,9 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
 
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
-    _launch([deepspeed, "--num_gpus", "2", *args, "--set", f"train.out_dir={tmp_path / 'resumed'}", "--resume"],
-            tmp_path, **cache)
+    proc = _launch([deepspeed, "--num_gpus", "2", *args, "--set", f"train.out_dir={tmp_path / 'resumed'}", "--resume"],
+                   tmp_path, **cache)
+    assert re.search(r"resumed from \S*step_00000002 \(step 2,", proc.stdout), proc.stdout[-2000:]
     rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")

@@ -2,6 +2,7 @@
 formats and errors, a 2-rank run, fine-tuning. Real DNA: the genomes shipped in pyrodigal's tests."""
 
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -130,10 +131,14 @@ def _scan_inputs(b, d, n, length, dtype, seed=0):
 
 @pytest.fixture(scope="module")
 def scan_cpu():
+    """Skipped only where there is no C++ compiler: with one, a failed build fails these tests with
+    the compiler's reason (a broken kernel must not turn into skips)."""
+    from dyt.backends import _have_cpp_compiler
     from dyt_dna import scan_cpu
 
-    if not scan_cpu.available():
-        pytest.skip(f"C++ selective scan not built here: {scan_cpu.EXTENSION.build_error()}")
+    if not _have_cpp_compiler():
+        pytest.skip("the C++ selective scan needs a C++ compiler (g++ or clang++)")
+    scan_cpu.EXTENSION.load()
     return scan_cpu
 
 
@@ -468,7 +473,7 @@ def test_two_rank_pretraining_then_fine_tuning(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["eval/loss"] > 0
+    assert [r["step"] for r in rows] == [1, 2, 3] and math.isfinite(rows[-1]["eval/loss"])
     assert "alpha/final_norm.module" in rows[-1]
 
     from dyt_dna.eval import main as evaluate
@@ -477,7 +482,10 @@ def test_two_rank_pretraining_then_fine_tuning(tmp_path):
     results = evaluate(["--run", str(tmp_path / "run"), "--task", str(tmp_path / "bench"), "--seeds", "0", "1",
                         "--epochs", "2", "--batch-size", "8"])
     assert len(results) == 2
-    assert all(0 <= r.test["test"]["accuracy"] <= 1 and len(r.details["test"]) == 2 for r in results)
+    for r in results:  # the confusion matrix covers the 2 x 16 test files, and the accuracy is read from it
+        confusion = r.details["test"]
+        assert len(confusion) == 2 and sum(map(sum, confusion)) == 32
+        assert r.test["test"]["accuracy"] == pytest.approx((confusion[0][0] + confusion[1][1]) / 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mamba_ssm's kernel needs CUDA")

@@ -4,6 +4,7 @@ and launches with 2 ranks under the deepspeed launcher and torchrun."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,14 +41,17 @@ def _final_weights(out_dir):
     return states
 
 
-def test_interrupted_run_resumes_on_the_same_curve(tmp_path):
+def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     straight = _run(tmp_path / "straight")
     assert straight.step == 8
     with pytest.raises(NonFiniteLossError, match=r"at step 6; last good checkpoint: .*step_00000004"):
         _run(tmp_path / "resumed", "data.nan_at_step=6")
     assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
+    capsys.readouterr()
     resumed = _run(tmp_path / "resumed", resume=True)
     assert resumed.step == 8
+    # a run that silently started over would draw the same curve: it must say where it resumed
+    assert re.search(r"resumed from \S*step_00000004 \(step 4,", capsys.readouterr().out)
 
     for key in ("train/loss", "eval/loss", "lr"):
         a, b = _series(tmp_path / "straight", key), _series(tmp_path / "resumed", key)
@@ -64,7 +68,7 @@ def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
     _run(tmp_path, "train.steps=6", "train.save_every=2", resume=True)
-    assert "resumed from" in capsys.readouterr().out.split("step_00000004")[0]
+    assert re.search(r"resumed from \S*step_00000004 \(step 4,", capsys.readouterr().out)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step_00000004", "step_00000006"]  # keep_checkpoints=2; the partial one removed
     assert _series(tmp_path, "train/loss").keys() == set(range(1, 7))
@@ -110,8 +114,9 @@ def test_two_ranks_deepspeed_launcher_then_torchrun_resume(tmp_path):
     assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
     assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
 
-    _launch([str(bindir / "torchrun"), "--nproc_per_node", "2", str(HERE / "toy_recipe.py"), *common,
-             "--set", "train.steps=4", "--resume"], tmp_path)
+    proc = _launch([str(bindir / "torchrun"), "--nproc_per_node", "2", str(HERE / "toy_recipe.py"), *common,
+                    "--set", "train.steps=4", "--resume"], tmp_path)
+    assert re.search(r"resumed from \S*step_00000002 \(step 2,", proc.stdout), proc.stdout[-2000:]
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "eval/loss" in rows[1] and "eval/loss" in rows[3]

@@ -1,6 +1,7 @@
 """dyt-llama: sizes, the norm switch, alpha0 per role, causality, data errors, a 2-rank run."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from dyt import DyT, NormConfig, iter_norms
 from dyt.train import load_config, read_metrics
-from dyt_llama.data import DataConfig, DataError, build_datasets
+from dyt_llama.data import DataConfig, DataError, build_datasets, load_documents
 from dyt_llama.model import Llama, ModelConfig, count_parameters
 from dyt_llama.task import LlamaConfig
 
@@ -157,9 +158,13 @@ def test_second_corpus_is_the_66_books_of_the_kjv_as_plain_prose(tmp_path):
 def test_jsonl_corpus_with_titles(tmp_path):
     path = tmp_path / "docs" / "d.jsonl"
     path.parent.mkdir()
-    path.write_text("".join(json.dumps({"title": f"t{i}", "text": SONNET * 6}) + "\n" for i in range(4)))
-    train, validation, _ = build_datasets(
-        DataConfig(corpus=str(path.parent), validation_works=["t3"], seq_len=16, cache_dir=str(tmp_path / "c")), 300, 32)
+    path.write_text("".join(json.dumps({"title": f"t{i}", "text": f"Document {i}. " + SONNET * 6}) + "\n"
+                            for i in range(4)))
+    cfg = DataConfig(corpus=str(path.parent), validation_works=["t3"], seq_len=16, cache_dir=str(tmp_path / "c"))
+    documents = load_documents(cfg)
+    assert documents["validation"]["title"] == ["t3"] and documents["train"]["title"] == ["t0", "t1", "t2"]
+    assert documents["validation"]["text"][0].startswith("Document 3. ")
+    train, validation, _ = build_datasets(cfg, 300, 32)
     assert len(train) > 2 * len(validation) > 0
 
 
@@ -180,9 +185,11 @@ def test_two_rank_deepspeed_run_logs_perplexity_and_resumes(corpus, tmp_path):
         proc = subprocess.run([deepspeed, "--num_gpus", "2", *common, "--set", f"train.steps={steps}", *extra],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"resumed from \S*step_00000002 \(step 2,", proc.stdout), proc.stdout[-2000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]["eval/perplexity"] > 1 and "alpha/blocks.0.attention_norm" in rows[-1]
+    assert rows[-1]["eval/perplexity"] == pytest.approx(math.exp(rows[-1]["eval/loss"]), rel=1e-5)
+    assert "alpha/blocks.0.attention_norm" in rows[-1]
     assert {"peak_rss_mb/rank0", "peak_rss_mb/rank1"} <= rows[-1].keys()
 
 
@@ -211,5 +218,7 @@ def test_own_corpus_without_validation_works_holds_out_every_tenth_document(tmp_
     root.mkdir()
     for i in range(10):
         (root / f"doc{i}.txt").write_text(SONNET * 3)
-    train, validation, _ = build_datasets(DataConfig(corpus=str(root), seq_len=16, cache_dir=str(tmp_path / "c")), 300, 32)
+    cfg = DataConfig(corpus=str(root), seq_len=16, cache_dir=str(tmp_path / "c"))
+    assert load_documents(cfg)["validation"]["title"] == ["doc9"]  # the 10th in sorted order
+    train, validation, _ = build_datasets(cfg, 300, 32)
     assert len(train) > 5 * len(validation) > 0

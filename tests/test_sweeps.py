@@ -324,6 +324,7 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
     downstream = table(text, "norm | sweep point | model")
     probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["model"] == "pretrained"]
     baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, "pretrained"]["probe"]]
+    assert len(probe) == len(runs) == 3
     for row, run in zip(probe, runs):
         mine = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "pretrained"]["probe"]]
         assert row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else verdict(

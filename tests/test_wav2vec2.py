@@ -3,6 +3,7 @@ real synthetic speech, manifests and bad audio, eval metrics, a 2-rank run with 
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -483,11 +484,15 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
                "--set", "train.log_every=1", "--set", "train.progress=false", "--set", f"train.out_dir={out}", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        printed.append(proc.stdout)
         return read_metrics(out / "metrics.jsonl")
 
+    printed: list[str] = []
     whole = launch(tmp_path / "whole", 4)
     launch(tmp_path / "split", 2)
     resumed = launch(tmp_path / "split", 4, "--resume")
+    # all 4 steps sit in the warm-up, so a silent fresh start would match too: it must say it resumed
+    assert re.search(r"resumed from \S*step_00000002 \(step 2,", printed[-1]), printed[-1][-2000:]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert "train/codebook_perplexity" in resumed[-1] and "alpha/encoder.layers.0.self_attn_layer_norm" in resumed[-1]
     np.testing.assert_allclose([r["train/loss"] for r in resumed], [r["train/loss"] for r in whole], rtol=1e-5)
