@@ -315,11 +315,15 @@ def test_every_variant_builds_lists_its_norms_and_trains(arch):
         for step in range(10):
             loss = loss_of(model)
             assert math.isfinite(loss.item()), f"{arch} {variant}: loss {loss.item()} at step {step}"
+            if step == 0:
+                first = loss.item()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), trainable[n])}
         assert changed, f"{arch} {variant}: nothing trained"
+        last = loss_of(model).item()  # the same batch (and masks) every step: it must have learned some of it
+        assert last < first, f"{arch} {variant}: loss {first:.4f} -> {last:.4f} over 10 steps"
         if variant == "dyt:fixed-alpha":
             assert alphas and all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in alphas.items())
         elif config.kind == "dyt":

@@ -115,10 +115,13 @@ def test_frozen_parameters_get_no_gradient():
 def test_compiled_backend_does_not_recompile_for_new_lengths():
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
+    start = counters["stats"]["unique_graphs"]
     layer = DyT(32, backend="compiled", device=DEVICE)
     layer(torch.randn(2, 9, 32, device=DEVICE, requires_grad=True)).sum().backward()
     layer(torch.randn(2, 10, 32, device=DEVICE, requires_grad=True)).sum().backward()  # first dynamic-shape compile
     before = counters["stats"]["unique_graphs"]
+    assert before > start  # it did compile (a silent fall back to eager would leave the count flat)
     for length in (11, 57, 300, 1001):
         layer(torch.randn(2, length, 32, device=DEVICE, requires_grad=True)).sum().backward()
     assert counters["stats"]["unique_graphs"] == before

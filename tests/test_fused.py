@@ -81,8 +81,11 @@ def test_tile_heuristic_is_cached_per_shape_and_dtype():
     for _ in range(3):
         fused._tiles(4096, 2, "cuda")
     assert fused._tiles.cache_info().misses == 1
-    block_m, block_n, warps = fused._tiles(4097, 2, "cuda")
-    assert block_n == 2048 and block_m >= 1 and warps in (4, 8)
+    # ~16 KB of input per program: 4 rows of 2048 bf16 or 1024 fp32 columns, 8 warps for such tiles
+    assert fused._tiles(4097, 2, "cuda") == (4, 2048, 8)
+    assert fused._tiles(4097, 4, "cuda") == (4, 1024, 8)
+    assert fused._tiles(32, 4, "cuda") == (64, 32, 4)  # small rows: 64 of them, 4 warps
+    assert fused._tiles.cache_info().misses == 4  # one per (shape, dtype) asked
 
 
 def test_backend_availability_with_the_interpreter(monkeypatch):

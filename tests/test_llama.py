@@ -115,8 +115,11 @@ def test_split_by_document_packing_and_cache(corpus, tmp_path):
     assert tokenizer.get_vocab_size() <= 300
     assert len(train) > 0 and len(validation) > 0 and train[0].shape == (17,)
     assert list(train[1][:1]) == list(train[0][-1:])  # packed windows overlap by the target token
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     again = build_datasets(_data(corpus, tmp_path), vocab_size=300, max_seq_len=32)
     assert torch.equal(again[0][3], train[3])
+    # the second call read the cache: no file rewritten, none added
+    assert cached and {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == cached
     assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
 
 
