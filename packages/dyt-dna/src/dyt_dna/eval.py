@@ -39,14 +39,13 @@ from .data import ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
 
 VALIDATIONS = 4
-"""Validations per fine-tuning run (early stopping's patience counts them), at even intervals."""
+"""Validation runs this many times per fine-tuning run (every quarter of the steps)."""
 
 
 def finetune_for(cfg: FinetuneConfig, examples: int) -> FinetuneConfig:
     """``cfg`` validating :data:`VALIDATIONS` times over the steps it takes on ``examples`` training
     examples (epochs and ``max_steps`` decide them), for the eval and the compare alike."""
     return replace(cfg, eval_every=max(1, math.ceil(planned_steps(cfg, examples) / VALIDATIONS)))
-"""Validation runs this many times per fine-tuning run (every quarter of the steps)."""
 
 
 class SequenceClassifier(nn.Module):
