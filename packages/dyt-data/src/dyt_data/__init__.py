@@ -7,6 +7,6 @@
 """
 
 from .cache import cache_root
-from .debian import BuiltinDataUnavailable, reported_as, unpack
+from .debian import BuiltinDataUnavailable, failure_reason, reported_as, unpack
 
-__all__ = ["BuiltinDataUnavailable", "cache_root", "reported_as", "unpack"]
+__all__ = ["BuiltinDataUnavailable", "cache_root", "failure_reason", "reported_as", "unpack"]

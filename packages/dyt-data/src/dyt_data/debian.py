@@ -34,6 +34,11 @@ def reported_as(error_type: type[Exception]) -> Iterator[None]:
         raise error_type(str(error)) from error
 
 
+def failure_reason(done: subprocess.CompletedProcess) -> str:
+    """The last lines of a failed command's stderr (or its status), short enough for a one-line error."""
+    return " ".join(done.stderr.strip().splitlines()[-2:])[-300:] or f"status {done.returncode}"
+
+
 def _download(packages: Sequence[str], folder: str) -> None:
     """``apt-get download``; as root, after one ``apt-get update`` when the first try fails (a fresh
     container has no package lists)."""
@@ -43,10 +48,9 @@ def _download(packages: Sequence[str], folder: str) -> None:
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
         done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     if done.returncode:
-        reason = " ".join(done.stderr.strip().splitlines()[-2:])[-300:] or f"status {done.returncode}"
         raise BuiltinDataUnavailable(
             f"the built-in data need the Debian package(s) {' '.join(packages)}, and `apt-get download` failed "
-            f"({reason}): run it where the Debian registry is reachable, or point the recipe at your own data "
+            f"({failure_reason(done)}): run it where the Debian registry is reachable, or point the recipe at your own data "
             "(see its docs)"
         )
 

