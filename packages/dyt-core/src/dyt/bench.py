@@ -348,6 +348,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change what a fresh CPU tensor costs: glibc's malloc thresholds
+# (MALLOC_*) and tunables (GLIBC_TUNABLES, e.g. glibc.malloc.hugetlb=1: 2 MB pages for its mmaps,
+# which halved both LayerNorm's and DyT's time at 8192 x 1024), torch's huge-page switch, and an
+# allocator swapped in with LD_PRELOAD (jemalloc, tcmalloc).
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+
+
+def allocator_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ALLOCATOR_ENV}
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -355,7 +366,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average": os.getloadavg(),  # other work on the machine while it ran (1, 5, 15 min)
-        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE"},
+        "allocator_env": allocator_env(),
         # how idle OpenMP threads wait: with PASSIVE every parallel region wakes sleeping threads,
         # which at 1024 x 192 moved DyT / LayerNorm from 1.00x to 0.85x (docs/performance.md)
         "openmp_env": {k: v for k, v in os.environ.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
