@@ -3,15 +3,19 @@
 #   1. gpu.txt: nvidia-smi, torch / CUDA / Triton versions, the commit.
 #   2. The benchmark (bench.json, bench.txt): kernels at the four LLaMA shapes in bf16, plus a
 #      LLaMA-7B decoder block.
-#   3. selfcheck.txt: every backend (eager, compiled, fused) against a float64 reference in
+#   3. tune.txt (tune.json): scripts/tune_fused_tiles.py, the fused kernels' tile sweep: chosen on
+#      LLaMA-7B shapes and a 13B-wide one, confirmed on held-out shapes beside the shipped
+#      constants (GPU only).
+#   4. selfcheck.txt: every backend (eager, compiled, fused) against a float64 reference in
 #      fp32/bf16/fp16, forward and gradients, at small odd shapes and at LLaMA shapes
 #      (python -m dyt.selfcheck: plain Python, PASS/FAIL per check, last line "N passed, M failed").
-#   4. tests.txt: tests/test_fused.py and tests/test_dyt_layer.py, when pytest is installed.
+#   5. tests.txt: tests/test_fused.py and tests/test_dyt_layer.py, when pytest is installed.
 # Needs only Python with torch + Triton: nothing is installed, nothing comes from a registry (dyt-core
 # is used from this checkout through PYTHONPATH). A failed step never stops the later ones: each
 # step's exit status goes to status.txt, and the script exits 1 when any step failed.
 # Without a GPU the GPU-only parts are skipped (noted in the files): the benchmark is a short CPU
-# smoke run, and the fused checks run at small shapes in Triton's interpreter.
+# smoke run, the tile sweep does not run, and the fused checks run at small shapes in Triton's
+# interpreter.
 #   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else runs/gpu; PYTHON picks the interpreter)
 set -uo pipefail
 out=${1:-${OUT:-runs/gpu}}
@@ -56,6 +60,7 @@ step info gpu.txt info
 
 if [ "$gpu" = 1 ]; then
   step bench bench.txt "$py" -m dyt.bench --block --json "$out/bench.json"
+  step tune tune.txt "$py" scripts/tune_fused_tiles.py --json "$out/tune.json"
   step selfcheck selfcheck.txt "$py" -m dyt.selfcheck
 else  # CPU: a smoke run of the same code paths, at sizes that take seconds
   step bench bench.txt "$py" -m dyt.bench --shape 512x256 --warmup 1 --repeats 3 --block \

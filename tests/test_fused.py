@@ -79,13 +79,36 @@ def test_residual_dyt_when_only_y_is_used():
 def test_tile_heuristic_is_cached_per_shape_and_dtype():
     fused._tiles.cache_clear()
     for _ in range(3):
-        fused._tiles(4096, 2, "cuda")
+        fused._tiles(4096, 2, "cuda", (4096, 8))
     assert fused._tiles.cache_info().misses == 1
-    # ~16 KB of input per program: 4 rows of 2048 bf16 or 1024 fp32 columns, 8 warps for such tiles
-    assert fused._tiles(4097, 2, "cuda") == (4, 2048, 8)
-    assert fused._tiles(4097, 4, "cuda") == (4, 1024, 8)
-    assert fused._tiles(32, 4, "cuda") == (64, 32, 4)  # small rows: 64 of them, 4 warps
-    assert fused._tiles.cache_info().misses == 4  # one per (shape, dtype) asked
+    # rows of up to 2048 half or 1024 wider columns, as many rows as fill the tile's elements
+    assert fused._tiles(4097, 2, "cuda", (4096, 8)) == (2, 2048, 8)
+    assert fused._tiles(4097, 4, "cuda", (4096, 8)) == (4, 1024, 8)
+    assert fused._tiles(4097, 2, "cuda", (1024, 4)) == (1, 1024, 4)
+    assert fused._tiles(32, 4, "cuda", (4096, 8)) == (64, 32, 8)  # narrow rows: at most 64 of them
+    assert fused._tiles.cache_info().misses == 5  # one per (shape, dtype, tile) asked
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
+@pytest.mark.parametrize("programs_per_sm", [1, 3, 64])
+def test_backward_splits_rows_over_programs_without_changing_the_result(programs_per_sm, prefetch, reference):
+    """The backward's row loop has a run-time bound: any split of rows over programs (ragged last
+    block, one program, more programs than row blocks), with or without prefetching the next row
+    block, gives the same gradients, to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(37, 300, generator=g).to(DEVICE) for _ in range(2))
+    alpha = torch.tensor([0.8], device=DEVICE)
+    weight = torch.randn(300, generator=g).to(DEVICE)
+    want = fused.fused_backward(dy, x, alpha, weight, True)
+    got = fused.fused_backward(dy, x, alpha, weight, True, programs_per_sm=programs_per_sm, prefetch=prefetch)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    x64 = x.double().requires_grad_()
+    w64, a64 = weight.double().requires_grad_(), alpha.double().requires_grad_()
+    b64 = torch.zeros(300, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    reference(x64, a64, w64, b64).backward(dy.double())
+    for a, b in zip(got, (x64.grad, a64.grad, w64.grad, b64.grad)):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5)
 
 
 def test_backend_availability_with_the_interpreter(monkeypatch):

@@ -1,10 +1,17 @@
 """The fused backend: Triton kernels for DyT and for residual-add + DyT.
 
 Forward: one pass (read x, write y). Backward: one pass over x and dy that writes dx and keeps
-per-program partials of d weight, d bias and d alpha in 2-D register tiles, reduced once at the end
+per-program partials of d weight, d bias and d alpha in register tiles, reduced once at the end
 of each program; a tiny torch reduction over programs finishes them. Math and partials are float32
 for half, bfloat16 and float32 input, float64 for float64 input. So the backward
 moves the memory floor (read x, dy; write dx) plus O(programs x channels) partials.
+
+Both passes are memory-bound only if the math per element stays short: tanh takes the exp form
+alone (~10 instructions) wherever the output's rounding exceeds its error (half dtypes; float64
+math), and the float32 path adds the polynomial near 0 that keeps it within 2 ulp. The backward's
+row loop has a run-time bound, so the compiler cannot unroll it into hundreds of live registers.
+Tile sizes per pass: :data:`FORWARD_TILE`, :data:`BACKWARD_TILE` (measured: docs/performance.md,
+``scripts/tune_fused_tiles.py``).
 
 Kernels take a 2-D ``(rows, channels)`` view whose last dim is contiguous (any row stride). Import
 this module only where Triton can run: on CUDA, or on CPU with ``TRITON_INTERPRET=1`` set before
@@ -28,9 +35,10 @@ _SATURATED = tl.constexpr(SATURATED)
 @triton.jit
 def _tanh(y, EXP_ONLY: tl.constexpr):
     # Same formulation as the compiled backend: odd Taylor polynomial near 0, exp form elsewhere
-    # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh. In float64
-    # (EXP_ONLY) the polynomial's 1e-8 truncation would show, so the exp form runs everywhere: its
-    # absolute error stays at float64 rounding.
+    # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh. EXP_ONLY runs the exp
+    # form everywhere: in float64 the polynomial's 1e-8 truncation would show, and for half and
+    # bfloat16 outputs the exp form's absolute error (~1e-7 near 0) is far below their rounding,
+    # while skipping the polynomial and its selects halves the instructions per element.
     ay = tl.abs(y)
     ay = tl.where(ay > _SATURATED, _SATURATED, ay)  # tanh is +-1 there; keeps exp(-2|y|) out of
     # subnormals. (A where, unlike tl.minimum's default, lets NaN through.)
@@ -53,11 +61,11 @@ def _forward_kernel(
     x_ptr, r_ptr, s_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr,
     rows, cols, stride_x, stride_r, stride_s, stride_y,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row offsets past 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < rows
     mask_n = offs_n < cols
@@ -68,19 +76,45 @@ def _forward_kernel(
     if HAS_RESIDUAL:
         x += tl.load(r_ptr + offs_m[:, None] * stride_r + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
         tl.store(s_ptr + offs_m[:, None] * stride_s + offs_n[None, :], x.to(s_ptr.dtype.element_ty), mask=mask)
-    y = w[None, :] * _tanh(alpha * x, COMPUTE == tl.float64)
+    y = w[None, :] * _tanh(alpha * x, EXP_TANH)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _load_rows(ptr, offs_m, offs_n, mask, stride):
+    return tl.load(ptr + offs_m[:, None] * stride + offs_n[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _backward_block(
+    x, dy, ds_ptr, dx_ptr, offs_m, offs_n, mask, alpha, w, dw_acc, db_acc, da_acc, stride_ds, stride_dx,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """dx for one loaded block of rows, and the block's terms added to the three accumulators."""
+    x = x.to(COMPUTE)
+    dy = dy.to(COMPUTE)
+    t = _tanh(alpha * x, EXP_TANH)
+    g = dy * w[None, :] * (1.0 - t * t)
+    dx = g * alpha
+    if HAS_RESIDUAL_GRAD:
+        dx += _load_rows(ds_ptr, offs_m, offs_n, mask, stride_ds).to(COMPUTE)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dw_acc += dy * t
+    if HAS_BIAS:
+        db_acc += dy
+    da_acc += g * x
+    return dw_acc, db_acc, da_acc
+
+
+@triton.jit
 def _backward_kernel(
     x_ptr, dy_ptr, ds_ptr, dx_ptr, alpha_ptr, w_ptr,
     dw_part_ptr, db_part_ptr, da_part_ptr,
-    rows, cols, stride_x, stride_dy, stride_ds, stride_dx,
+    rows, cols, rows_per_program, stride_x, stride_dy, stride_ds, stride_dx,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ITERS: tl.constexpr, COMPUTE: tl.constexpr,
+    PREFETCH: tl.constexpr, EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -91,46 +125,69 @@ def _backward_kernel(
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     da_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    row_start = pid_m * ITERS * BLOCK_M
-    for step in range(ITERS):
-        offs_m = row_start + step * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (offs_m < rows)[:, None] & mask_n[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dy + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
-        t = _tanh(alpha * x, COMPUTE == tl.float64)
-        g = dy * w[None, :] * (1.0 - t * t)
-        dx = g * alpha
-        if HAS_RESIDUAL_GRAD:
-            dx += tl.load(ds_ptr + offs_m[:, None] * stride_ds + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
-        tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += dy * t
-        if HAS_BIAS:
-            db_acc += dy
-        da_acc += g * x
+    row_start = pid_m.to(tl.int64) * rows_per_program  # int64: row offsets past 2**31
+    row_end = tl.minimum(row_start + rows_per_program, rows)
+    # The row loop's bound is a run-time value, so it is never unrolled into hundreds of live
+    # registers (a while loop: Triton 3.5's interpreter takes no run-time bound in range()).
+    # PREFETCH loads the next row block before computing this one, so its loads are in flight
+    # during the math and the store.
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask = (offs_m < row_end)[:, None] & mask_n[None, :]
+    if PREFETCH:
+        x = _load_rows(x_ptr, offs_m, offs_n, mask, stride_x)
+        dy = _load_rows(dy_ptr, offs_m, offs_n, mask, stride_dy)
+    step = 0
+    while step < rows_per_program:
+        next_m = offs_m + BLOCK_M
+        next_mask = (next_m < row_end)[:, None] & mask_n[None, :]
+        if PREFETCH:
+            next_x = _load_rows(x_ptr, next_m, offs_n, next_mask, stride_x)
+            next_dy = _load_rows(dy_ptr, next_m, offs_n, next_mask, stride_dy)
+        else:
+            x = _load_rows(x_ptr, offs_m, offs_n, mask, stride_x)
+            dy = _load_rows(dy_ptr, offs_m, offs_n, mask, stride_dy)
+        dw_acc, db_acc, da_acc = _backward_block(
+            x, dy, ds_ptr, dx_ptr, offs_m, offs_n, mask, alpha, w, dw_acc, db_acc, da_acc, stride_ds, stride_dx,
+            HAS_BIAS, HAS_RESIDUAL_GRAD, EXP_TANH, COMPUTE)
+        if PREFETCH:
+            x, dy = next_x, next_dy
+        offs_m, mask = next_m, next_mask
+        step += BLOCK_M
     tl.store(dw_part_ptr + pid_m * cols + offs_n, tl.sum(dw_acc, axis=0), mask=mask_n)
     if HAS_BIAS:
         tl.store(db_part_ptr + pid_m * cols + offs_n, tl.sum(db_acc, axis=0), mask=mask_n)
     tl.store(da_part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(da_acc, axis=1), axis=0))
 
 
+# (elements per program, warps) for each pass, and the backward's split of rows: chosen with
+# scripts/tune_fused_tiles.py on an H200 (bf16; LLaMA-7B shapes and a 13B-wide one), confirmed on
+# held-out shapes (docs/performance.md, "GPU"). The backward keeps three float32 accumulators per
+# element of its tile, so its tile is smaller; BACKWARD_PROGRAMS_PER_SM sets how many programs share
+# the rows (more: more parallelism, more partials to sum); BACKWARD_PREFETCH loads the next row block
+# before computing this one.
+FORWARD_TILE = (4096, 8)
+BACKWARD_TILE = (2048, 8)
+BACKWARD_PROGRAMS_PER_SM = 2
+BACKWARD_PREFETCH = True
+
+
 @functools.cache
-def _tiles(cols: int, element_size: int, device_type: str) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) per channel count and dtype: a tile of ~16 KB of input per
-    program keeps enough bytes in flight without spilling registers."""
-    block_n = min(triton.next_power_of_2(cols), 1024 if element_size >= 4 else 2048)
-    block_m = max(1, min(64, 16384 // (block_n * element_size)))
-    num_warps = 8 if block_n * block_m >= 4096 else 4
+def _tiles(cols: int, element_size: int, device_type: str, tile: tuple[int, int]) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for ``tile = (elements, warps)``: rows of up to 2048 half or
+    1024 wider columns, as many rows as fill the tile (at most 64)."""
+    elements, warps = tile
+    block_n = min(triton.next_power_of_2(cols), elements, 2048 if element_size <= 2 else 1024)
+    block_m = max(1, min(64, elements // block_n))
     if device_type == "cpu":  # interpreter: small tiles keep it quick
-        block_n, block_m, num_warps = min(block_n, 256), min(block_m, 4), 1
-    return block_m, block_n, num_warps
+        block_n, block_m, warps = min(block_n, 256), min(block_m, 4), 1
+    return block_m, block_n, warps
 
 
 @functools.cache
-def _row_programs(device: torch.device) -> int:
-    """Programs along rows in the backward: a few per SM, so partials stay small."""
+def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -142,8 +199,13 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def fused_forward(x, alpha, weight, bias, residual=None):
-    """y (and s = x + residual when given), from a 2-D ``(rows, channels)`` input."""
+def _exp_tanh(x: torch.Tensor) -> bool:
+    return x.dtype != torch.float32  # see _tanh
+
+
+def fused_forward(x, alpha, weight, bias, residual=None, tile=None):
+    """y (and s = x + residual when given), from a 2-D ``(rows, channels)`` input. ``tile``
+    overrides :data:`FORWARD_TILE` (for the tile sweep)."""
     x = _as_rows(x)
     rows, cols = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -151,7 +213,7 @@ def fused_forward(x, alpha, weight, bias, residual=None):
     if residual is not None:
         residual = _as_rows(residual)
         s = torch.empty_like(y)
-    block_m, block_n, warps = _tiles(cols, x.element_size(), x.device.type)
+    block_m, block_n, warps = _tiles(cols, x.element_size(), x.device.type, tile or FORWARD_TILE)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
     _forward_kernel[grid](
         x, residual if residual is not None else x, s if s is not None else y, y, alpha, weight,
@@ -159,23 +221,26 @@ def fused_forward(x, alpha, weight, bias, residual=None):
         rows, cols, x.stride(0), residual.stride(0) if residual is not None else 0,
         s.stride(0) if s is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE=_compute_dtype(x), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, EXP_TANH=_exp_tanh(x), COMPUTE=_compute_dtype(x), num_warps=warps,
     )
     return y, s
 
 
-def fused_backward(dy, x, alpha, weight, has_bias, ds=None):
+def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_per_sm=None, prefetch=None):
     """(dx, dalpha, dweight, dbias) for y = DyT(x); with ``ds``, dx also carries the gradient
-    arriving at s = x + residual (the residual-add op's second output)."""
+    arriving at s = x + residual (the residual-add op's second output). ``tile``, ``programs_per_sm``
+    and ``prefetch`` override :data:`BACKWARD_TILE`, :data:`BACKWARD_PROGRAMS_PER_SM` and
+    :data:`BACKWARD_PREFETCH` (for the tile sweep)."""
     dy, x = _as_rows(dy), _as_rows(x)
     rows, cols = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    block_m, block_n, warps = _tiles(cols, x.element_size(), x.device.type)
-    # Row blocks per program, rounded up to a power of two: a compile-time loop count with few
-    # distinct values (one kernel variant per bucket, not per row count).
-    target = max(1, min(_row_programs(x.device), triton.cdiv(rows, block_m)))
-    iters = triton.next_power_of_2(triton.cdiv(triton.cdiv(rows, target), block_m))
-    programs = triton.cdiv(rows, iters * block_m)
+    block_m, block_n, warps = _tiles(cols, x.element_size(), x.device.type, tile or BACKWARD_TILE)
+    # A few programs per multiprocessor share the rows, in whole row blocks: the loop bound is a
+    # run-time argument, so no row count compiles a new kernel variant.
+    target = (programs_per_sm or BACKWARD_PROGRAMS_PER_SM) * _multiprocessors(x.device)
+    target = max(1, min(target, triton.cdiv(rows, block_m)))
+    rows_per_program = max(1, triton.cdiv(triton.cdiv(rows, target), block_m)) * block_m
+    programs = max(1, triton.cdiv(rows, rows_per_program))
     col_blocks = triton.cdiv(cols, block_n)
     partial = {"device": x.device, "dtype": torch.float64 if x.dtype == torch.float64 else torch.float32}
     dw_part = torch.empty(programs, cols, **partial)
@@ -185,9 +250,9 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None):
         ds = _as_rows(ds)
     _backward_kernel[(programs, col_blocks)](
         x, dy, ds if ds is not None else dy, dx, alpha, weight, dw_part, db_part, da_part,
-        rows, cols, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
-        HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ITERS=iters, COMPUTE=_compute_dtype(x), num_warps=warps,
+        rows, cols, rows_per_program, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+        HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        PREFETCH=BACKWARD_PREFETCH if prefetch is None else prefetch, EXP_TANH=_exp_tanh(x), COMPUTE=_compute_dtype(x), num_warps=warps,
     )
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype) if has_bias else None
