@@ -1,7 +1,8 @@
 """Choose the fused Triton kernels' tiles on a GPU: sweep, select on some shapes, confirm on others.
 
 For each candidate tile (elements per program, warps) of the forward and of the backward (with the
-backward's programs per multiprocessor and whether it prefetches the next row block), every candidate is first checked against the float64
+backward's programs per multiprocessor, whether it prefetches the next row block and whether a
+program's rows are one range or interleaved with the other programs), every candidate is first checked against the float64
 reference (output and all four gradients, within dyt.selfcheck.TOL), then timed with
 ``triton.testing.do_bench`` (median) on the SELECTION shapes. The fastest by geometric mean over
 those shapes is chosen, and only then timed on the CONFIRMATION shapes beside the shipped constants
@@ -15,6 +16,7 @@ the same ``fused_forward`` / ``fused_backward`` (an earlier kernel) to the confi
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -27,6 +29,7 @@ FORWARD_TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8
 BACKWARD_TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
 PROGRAMS_PER_SM = [2, 4, 8]
 PREFETCH = [False, True]
+INTERLEAVE = [False, True]
 CHECK_SHAPE = (257, 4096)  # odd rows, a full LLaMA width: every candidate is checked here first
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -149,31 +152,34 @@ def main() -> None:
         fwd_score[tile] = ms
         record["select"][f"forward {tile}"] = ms
         print(f"forward tile {tile}: " + "  ".join(f"{m:.4f} ms" for m in ms), flush=True)
-    for tile, per_sm, prefetch in itertools.product(BACKWARD_TILES, PROGRAMS_PER_SM, PREFETCH):
-        bwd = lambda dy, x, a, w, hb, tile=tile, p=per_sm, f=prefetch: fused.fused_backward(  # noqa: E731
-            dy, x, a, w, hb, tile=tile, programs_per_sm=p, prefetch=f)
+    candidates = itertools.product(BACKWARD_TILES, PROGRAMS_PER_SM, PREFETCH, INTERLEAVE)
+    for tile, per_sm, prefetch, interleave in candidates:
+        bwd = functools.partial(fused.fused_backward, tile=tile, programs_per_sm=per_sm, prefetch=prefetch,
+                                interleave=interleave)
         if not _check(fused.fused_forward, bwd, CHECK_SHAPE, dtype):
             continue
         ms = [_time_backward(bwd, s, dtype) for s in args.select]
-        bwd_score[(tile, per_sm, prefetch)] = ms
-        record["select"][f"backward {tile} x{per_sm}/SM prefetch {prefetch}"] = ms
-        print(f"backward tile {tile}, {per_sm} programs/SM, prefetch {prefetch}: "
+        bwd_score[(tile, per_sm, prefetch, interleave)] = ms
+        record["select"][f"backward {tile} x{per_sm}/SM prefetch {prefetch} interleave {interleave}"] = ms
+        print(f"backward tile {tile}, {per_sm} programs/SM, prefetch {prefetch}, interleave {interleave}: "
               + "  ".join(f"{m:.4f} ms" for m in ms), flush=True)
     best_fwd = min(fwd_score, key=lambda k: _geomean(fwd_score[k]))
-    best_bwd, best_per_sm, best_prefetch = min(bwd_score, key=lambda k: _geomean(bwd_score[k]))
+    best_bwd, best_per_sm, best_prefetch, best_interleave = min(bwd_score, key=lambda k: _geomean(bwd_score[k]))
     record["chosen"] = {"forward": best_fwd, "backward": best_bwd, "programs_per_sm": best_per_sm,
-                        "prefetch": best_prefetch}
-    shipped = (fused.FORWARD_TILE, fused.BACKWARD_TILE, fused.BACKWARD_PROGRAMS_PER_SM, fused.BACKWARD_PREFETCH)
+                        "prefetch": best_prefetch, "interleave": best_interleave}
+    shipped = (fused.FORWARD_TILE, fused.BACKWARD_TILE, fused.BACKWARD_PROGRAMS_PER_SM, fused.BACKWARD_PREFETCH,
+               fused.BACKWARD_INTERLEAVE)
     record["shipped"] = shipped
     print(f"chosen on {args.select}: forward {best_fwd}, backward {best_bwd} with {best_per_sm} programs/SM, "
-          f"prefetch {best_prefetch}; shipped: forward {shipped[0]}, backward {shipped[1]} with {shipped[2]}, "
-          f"prefetch {shipped[3]}")
+          f"prefetch {best_prefetch}, interleave {best_interleave}; shipped: forward {shipped[0]}, backward "
+          f"{shipped[1]} with {shipped[2]}, prefetch {shipped[3]}, interleave {shipped[4]}")
 
     # 2. the choice, the shipped constants and the earlier kernel on the confirmation shapes
     variants = {
         "chosen": (lambda x, a, w, b: fused.fused_forward(x, a, w, b, tile=best_fwd),
                    lambda dy, x, a, w, hb: fused.fused_backward(dy, x, a, w, hb, tile=best_bwd,
-                                                                programs_per_sm=best_per_sm, prefetch=best_prefetch)),
+                                                                programs_per_sm=best_per_sm, prefetch=best_prefetch,
+                                                                interleave=best_interleave)),
         "shipped": (fused.fused_forward, fused.fused_backward),
     }
     if args.old:

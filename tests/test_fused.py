@@ -89,18 +89,21 @@ def test_tile_heuristic_is_cached_per_shape_and_dtype():
     assert fused._tiles.cache_info().misses == 5  # one per (shape, dtype, tile) asked
 
 
+@pytest.mark.parametrize("interleave", [False, True], ids=["ranges", "interleaved"])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
 @pytest.mark.parametrize("programs_per_sm", [1, 3, 64])
-def test_backward_splits_rows_over_programs_without_changing_the_result(programs_per_sm, prefetch, reference):
+def test_backward_splits_rows_over_programs_without_changing_the_result(programs_per_sm, prefetch, interleave,
+                                                                        reference):
     """The backward's row loop has a run-time bound: any split of rows over programs (ragged last
-    block, one program, more programs than row blocks), with or without prefetching the next row
-    block, gives the same gradients, to float32 rounding."""
+    block, one program, more programs than row blocks; contiguous ranges or interleaved row blocks),
+    with or without prefetching the next row block, gives the same gradients, to float32 rounding."""
     g = torch.Generator().manual_seed(0)
     x, dy = (torch.randn(37, 300, generator=g).to(DEVICE) for _ in range(2))
     alpha = torch.tensor([0.8], device=DEVICE)
     weight = torch.randn(300, generator=g).to(DEVICE)
     want = fused.fused_backward(dy, x, alpha, weight, True)
-    got = fused.fused_backward(dy, x, alpha, weight, True, programs_per_sm=programs_per_sm, prefetch=prefetch)
+    got = fused.fused_backward(dy, x, alpha, weight, True, programs_per_sm=programs_per_sm, prefetch=prefetch,
+                               interleave=interleave)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     x64 = x.double().requires_grad_()

@@ -114,7 +114,7 @@ def _backward_kernel(
     dw_part_ptr, db_part_ptr, da_part_ptr,
     rows, cols, rows_per_program, stride_x, stride_dy, stride_ds, stride_dx,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr, EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
+    PREFETCH: tl.constexpr, INTERLEAVE: tl.constexpr, EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -125,20 +125,28 @@ def _backward_kernel(
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     da_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    row_start = pid_m.to(tl.int64) * rows_per_program  # int64: row offsets past 2**31
-    row_end = tl.minimum(row_start + rows_per_program, rows)
-    # The row loop's bound is a run-time value, so it is never unrolled into hundreds of live
-    # registers (a while loop: Triton 3.5's interpreter takes no run-time bound in range()).
-    # PREFETCH loads the next row block before computing this one, so its loads are in flight
-    # during the math and the store.
-    offs_m = row_start + tl.arange(0, BLOCK_M)
+    # Each program takes rows_per_program rows: one contiguous range, or (INTERLEAVE) the row blocks
+    # pid, pid + programs, pid + 2 programs, ..., so the programs running at once read one
+    # contiguous slab, as the forward's grid does. The row loop's bound is a run-time value, so it
+    # is never unrolled into hundreds of live registers (a while loop: Triton 3.5's interpreter
+    # takes no run-time bound in range()). PREFETCH loads the next row block before computing this
+    # one, so its loads are in flight during the math and the store.
+    if INTERLEAVE:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row offsets past 2**31
+        row_end = rows
+        row_step = tl.num_programs(0) * BLOCK_M
+    else:
+        row_start = pid_m.to(tl.int64) * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, rows)
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        row_step = BLOCK_M
     mask = (offs_m < row_end)[:, None] & mask_n[None, :]
     if PREFETCH:
         x = _load_rows(x_ptr, offs_m, offs_n, mask, stride_x)
         dy = _load_rows(dy_ptr, offs_m, offs_n, mask, stride_dy)
     step = 0
     while step < rows_per_program:
-        next_m = offs_m + BLOCK_M
+        next_m = offs_m + row_step
         next_mask = (next_m < row_end)[:, None] & mask_n[None, :]
         if PREFETCH:
             next_x = _load_rows(x_ptr, next_m, offs_n, next_mask, stride_x)
@@ -169,6 +177,7 @@ FORWARD_TILE = (4096, 8)
 BACKWARD_TILE = (2048, 8)
 BACKWARD_PROGRAMS_PER_SM = 2
 BACKWARD_PREFETCH = True
+BACKWARD_INTERLEAVE = False  # a candidate of the sweep, not yet measured on a GPU
 
 
 @functools.cache
@@ -226,11 +235,12 @@ def fused_forward(x, alpha, weight, bias, residual=None, tile=None):
     return y, s
 
 
-def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_per_sm=None, prefetch=None):
+def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_per_sm=None, prefetch=None,
+                   interleave=None):
     """(dx, dalpha, dweight, dbias) for y = DyT(x); with ``ds``, dx also carries the gradient
-    arriving at s = x + residual (the residual-add op's second output). ``tile``, ``programs_per_sm``
-    and ``prefetch`` override :data:`BACKWARD_TILE`, :data:`BACKWARD_PROGRAMS_PER_SM` and
-    :data:`BACKWARD_PREFETCH` (for the tile sweep)."""
+    arriving at s = x + residual (the residual-add op's second output). ``tile``, ``programs_per_sm``,
+    ``prefetch`` and ``interleave`` override :data:`BACKWARD_TILE`, :data:`BACKWARD_PROGRAMS_PER_SM`,
+    :data:`BACKWARD_PREFETCH` and :data:`BACKWARD_INTERLEAVE` (for the tile sweep)."""
     dy, x = _as_rows(dy), _as_rows(x)
     rows, cols = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -250,9 +260,12 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_
         ds = _as_rows(ds)
     _backward_kernel[(programs, col_blocks)](
         x, dy, ds if ds is not None else dy, dx, alpha, weight, dw_part, db_part, da_part,
-        rows, cols, rows_per_program, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+        rows, cols, rows_per_program,
+        x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
         HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREFETCH=BACKWARD_PREFETCH if prefetch is None else prefetch, EXP_TANH=_exp_tanh(x), COMPUTE=_compute_dtype(x), num_warps=warps,
+        PREFETCH=BACKWARD_PREFETCH if prefetch is None else prefetch,
+        INTERLEAVE=BACKWARD_INTERLEAVE if interleave is None else interleave,
+        EXP_TANH=_exp_tanh(x), COMPUTE=_compute_dtype(x), num_warps=warps,
     )
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype) if has_bias else None
