@@ -58,6 +58,11 @@ def _tanh(y, EXP_ONLY: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptr, offs_m, offs_n, mask, stride):
+    return tl.load(ptr + offs_m[:, None] * stride + offs_n[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, r_ptr, s_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr,
     rows, cols, stride_x, stride_r, stride_s, stride_y,
@@ -73,19 +78,14 @@ def _forward_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     alpha = tl.load(alpha_ptr).to(COMPUTE)
     w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
+    x = _load_rows(x_ptr, offs_m, offs_n, mask, stride_x).to(COMPUTE)
     if HAS_RESIDUAL:
-        x += tl.load(r_ptr + offs_m[:, None] * stride_r + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x += _load_rows(r_ptr, offs_m, offs_n, mask, stride_r).to(COMPUTE)
         tl.store(s_ptr + offs_m[:, None] * stride_s + offs_n[None, :], x.to(s_ptr.dtype.element_ty), mask=mask)
     y = w[None, :] * _tanh(alpha * x, EXP_TANH)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_rows(ptr, offs_m, offs_n, mask, stride):
-    return tl.load(ptr + offs_m[:, None] * stride + offs_n[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
