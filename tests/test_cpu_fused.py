@@ -104,6 +104,172 @@ def _check_against_reference(x, alpha, weight, bias, tol=TOL[torch.float32], cha
         assert_grad_close(got.grad[~nan], want.grad[~nan], tol["grad"], f"grad {name}")
 
 
+class _NextLayer(torch.autograd.Function):
+    """Identity forward; its backward hands back a new gradient (3 g) that nothing else holds, as a
+    model's next layer does, and records where that gradient lives."""
+
+    sent: list[int] = []
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        out = g * 3
+        _NextLayer.sent.append(out.data_ptr())
+        return out
+
+
+class _PreviousLayer(torch.autograd.Function):
+    """Identity; its backward records where the gradient it receives (DyT's dx) lives."""
+
+    received: list[int] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _PreviousLayer.received.append(g.data_ptr())
+        return g
+
+
+@pytest.fixture
+def gradient_reuse():
+    """Sets whether backward may write dx over an unshared incoming gradient; restores it after."""
+    before = cpu_fused.reuse_gradient_buffers()
+    yield cpu_fused.reuse_gradient_buffers
+    cpu_fused.reuse_gradient_buffers(before)
+
+
+def _through_residual_and_dyt(x, r, params, upstream):
+    s, y = residual_dyt(_PreviousLayer.apply(x), r, *params, backend="cpu")
+    (_NextLayer.apply(y) * upstream).sum().backward()
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(40, 33), (2, 6, 33)], ids=["rows", "batch-tokens-channels"])
+@pytest.mark.parametrize("residual", [False, True], ids=["dyt", "residual-dyt"])
+def test_dx_is_written_over_an_unshared_incoming_gradient(gradient_reuse, kernels, dtype, shape, residual):
+    """In a model the gradient reaching the norm is the next layer's temporary: dx takes its memory
+    (no new activation-sized tensor), and every gradient is bit for bit what a new dx gives."""
+    assert kernels.owned_gradient_refs() > 0  # measured at import on this torch: reuse is possible
+    g = torch.Generator().manual_seed(7)
+    x0, r0 = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    upstream = torch.randn(shape, generator=g).to(dtype)
+    params0 = (torch.tensor([0.6]), torch.randn(33, generator=g), torch.randn(33, generator=g))
+    grads = {}
+    for reuse in (True, False):
+        gradient_reuse(reuse)
+        x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        params = [p.clone().requires_grad_() for p in params0]
+        if residual:
+            _through_residual_and_dyt(x, r, params, upstream)
+        else:
+            y = dyt_fn(_PreviousLayer.apply(x), *params, backend="cpu")
+            (_NextLayer.apply(y) * upstream).sum().backward()
+        assert (_PreviousLayer.received[-1] == _NextLayer.sent[-1]) == reuse
+        grads[reuse] = [t.grad for t in (x, *params, *([r] if residual else []))]
+    for with_reuse, without in zip(grads[True], grads[False]):
+        assert torch.equal(with_reuse, without)
+
+
+def _visible_gradient_scenarios():
+    """Graphs where the gradient reaching DyT is also seen elsewhere: (name, run) with run(layer, x)
+    returning the tensors the caller can see besides the leaves' grads."""
+
+    def held(layer, x):  # the caller passes and keeps the gradient
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+        layer(x).backward(dy)
+        return [dy]
+
+    def hook_keeps_it(layer, x):
+        kept = []
+        y = layer(x)
+        y.register_hook(kept.append)
+        (y * 2).sum().backward()
+        return kept
+
+    def retained(layer, x):
+        y = layer(x)
+        y.retain_grad()
+        (y * y.detach()).sum().backward()
+        return [y.grad]
+
+    def another_branch_reads_it(layer, x):  # y + w: the add hands one gradient to both branches
+        h = (x.detach() * 2).requires_grad_()
+        w = h * 1.5  # made before y, so its backward runs after DyT's: the gradient is still to be read
+        y = layer(x)
+        ((y + w) * 3).sum().backward()
+        return [h.grad]
+
+    def another_branch_read_it(layer, x):  # the same, the other branch's backward first
+        h = (x.detach() * 2).requires_grad_()
+        y = layer(x)
+        w = h * 1.5
+        ((y + w) * 3).sum().backward()
+        return [h.grad]
+
+    def used_twice(layer, x):
+        y = layer(x)
+        (y * 2 + y.exp()).sum().backward()
+        return []
+
+    def checkpointed(layer, x):
+        from torch.utils.checkpoint import checkpoint
+        out = [checkpoint(layer, x, use_reentrant=reentrant) for reentrant in (False, True)]
+        (out[0] * 2 + out[1] * 3).sum().backward()
+        return []
+
+    return [held, hook_keeps_it, retained, another_branch_reads_it, another_branch_read_it, used_twice,
+            checkpointed]
+
+
+@pytest.mark.parametrize("scenario", _visible_gradient_scenarios(), ids=lambda f: f.__name__)
+def test_a_gradient_seen_elsewhere_is_never_written_over(gradient_reuse, scenario):
+    """Held by the caller, kept by a hook, retained, still to be read by another branch: the
+    gradients and every tensor the caller sees are the same with reuse on as with it off."""
+    results = {}
+    for reuse in (True, False):
+        gradient_reuse(reuse)
+        torch.manual_seed(9)
+        layer = DyT(24, backend="cpu")
+        x = torch.randn(10, 24, requires_grad=True)
+        seen = scenario(layer, x)
+        results[reuse] = [x.grad, *(p.grad for p in layer.parameters()), *seen]
+    for with_reuse, without in zip(results[True], results[False], strict=True):
+        assert torch.equal(with_reuse, without)
+
+
+@pytest.mark.parametrize("upstream", ["s + y", "y alone", "s and y apart"])
+def test_residual_dyt_gradients_with_the_reuse_on_and_off(gradient_reuse, upstream):
+    """ds and dy may be one tensor (s + y), dy may come alone, or both owned: dx is the same."""
+    results = {}
+    for reuse in (True, False):
+        gradient_reuse(reuse)
+        torch.manual_seed(10)
+        layer = ResidualDyT(24, backend="cpu")
+        x, r = torch.randn(10, 24, requires_grad=True), torch.randn(10, 24, requires_grad=True)
+        s, y = layer(x, r)
+        loss = {"s + y": lambda: ((s + y) * 2).sum(), "y alone": lambda: (y * y.detach()).sum(),
+                "s and y apart": lambda: (s * 3).sum() + (y * 2).sum()}[upstream]()
+        loss.backward()
+        results[reuse] = [x.grad, r.grad, *(p.grad for p in layer.parameters())]
+    for with_reuse, without in zip(results[True], results[False], strict=True):
+        assert torch.equal(with_reuse, without)
+
+
+def test_the_held_gradient_is_left_as_it_was(gradient_reuse):
+    gradient_reuse(True)
+    dy = torch.randn(10, 24)
+    before = dy.clone()
+    DyT(24, backend="cpu")(torch.randn(10, 24, requires_grad=True)).backward(dy)
+    assert torch.equal(dy, before)
+
+
 def test_non_contiguous_input():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(9, 40, generator=g)

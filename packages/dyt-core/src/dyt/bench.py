@@ -4,6 +4,9 @@ LLaMA-style decoder block with each norm, and a recipe's LLaMA training step wit
 are timed interleaved (a call of each in turn, then the next round), so drift in the machine's
 speed hits all alike. Prints times, effective bandwidth, peak bytes and ratios; writes JSON.
 
+Forward+backward passes every op the same held gradient, which the cpu backend must never write
+``dx`` over (it does where a model hands it one: scripts/bench_gradient_reuse.py).
+
 Ratios compare ops timed in this one process; absolute times depend on the machine (and on CPU on
 glibc's allocator settings, recorded in the JSON: a fresh activation-sized tensor above its mmap
 threshold costs page faults; and on how idle OpenMP threads wait, ``OMP_WAIT_POLICY``, also

@@ -102,8 +102,9 @@ def residual_dyt(
         return s, dyt(s, alpha, weight, bias, backend=backend, squash=squash)
     _check_trailing(x, weight)
     channels = weight.numel()
+    rows = x.ndim == 2  # no reshape then: each is an autograd node each way
     s, y = impl.apply_residual(
-        x.reshape(-1, channels), residual.reshape(-1, channels), alpha, weight.reshape(channels),
-        None if bias is None else bias.reshape(channels),
+        x if rows else x.reshape(-1, channels), residual if rows else residual.reshape(-1, channels), alpha,
+        weight.reshape(channels), None if bias is None else bias.reshape(channels),
     )
-    return s.reshape(x.shape), y.reshape(x.shape)
+    return (s, y) if rows else (s.reshape(x.shape), y.reshape(x.shape))

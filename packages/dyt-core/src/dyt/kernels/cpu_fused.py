@@ -12,6 +12,14 @@ In float32 math tanh is a rational approximation (Eigen's form; max abs error 2.
 float64, within dyt.selfcheck's float32 tolerance): ATen's Sleef tanh and an exp-based tanh measured
 7x and 2x slower on this project's CPU (docs/performance.md). float64 math uses ATen's tanh.
 
+Backward writes dx over the incoming gradient when autograd hands over one that nothing else
+references (the usual case in a model: the next layer's input gradient is a temporary). That saves
+an activation-sized allocation per backward, and on Linux above glibc's 32 MiB mmap threshold the
+page faults of a fresh tensor (docs/performance.md). Ownership is judged by reference counts, as
+autograd's AccumulateGrad judges whether it may keep a gradient; a gradient the caller holds
+(``y.backward(g)``), one a hook keeps, a retained one, one another branch still has to read, and any
+under ``create_graph`` are never written over. :func:`reuse_gradient_buffers` turns it off.
+
 The extension is built with torch.utils.cpp_extension at first use and cached in torch's extension
 directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); cpp_extension's lock
 file there makes concurrent processes (ranks) wait for one build instead of compiling at once. The
@@ -48,3 +56,10 @@ def residual_dyt_cpu(x, residual, alpha, weight, bias):
     """(s, y) for 2-D ``(rows, channels)`` x and residual; see :func:`dyt.functional.residual_dyt`."""
     s, y = load().residual_dyt(x, residual, alpha, weight, bias)
     return s, y
+
+
+def reuse_gradient_buffers(enabled: bool | None = None) -> bool:
+    """Whether the cpu backend's backward writes dx over an unshared incoming gradient (on by default;
+    off where the reference count of an unshared gradient could not be measured at load). Sets it
+    for the process when ``enabled`` is given; returns the setting in effect."""
+    return load().reuse_gradient_buffers(enabled)

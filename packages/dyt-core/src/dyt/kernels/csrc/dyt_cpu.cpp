@@ -15,6 +15,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -246,19 +247,26 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
 }
 
 // (dx, dalpha, dweight, dbias) in the compute dtype (dx in x's); dbias undefined without bias.
-// With ds, dx also carries the gradient arriving at s = x + residual.
+// With ds, dx also carries the gradient arriving at s = x + residual. dx is written into `into` when
+// given (contiguous, x's shape and dtype; it may be dy or ds itself: each element of dy and ds is read
+// before dx is written at the same place), else into a new tensor.
 std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha,
-                                 const at::Tensor& weight, bool has_bias, const c10::optional<at::Tensor>& ds) {
+                                 const at::Tensor& weight, bool has_bias, const c10::optional<at::Tensor>& ds,
+                                 const c10::optional<at::Tensor>& into = c10::nullopt) {
   check_rows(x, x, "x");
   check_rows(dy, x, "dy");
   if (ds) check_rows(*ds, x, "ds");
+  if (into) {
+    check_rows(*into, x, "into");
+    TORCH_CHECK(into->is_contiguous(), "into must be contiguous");
+  }
   check_param(alpha, x, 1, "alpha");
   check_param(weight, x, x.size(1), "weight");
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), (rows + grain_rows(cols) - 1) / grain_rows(cols)));
   auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = into ? *into : at::empty(x.sizes(), x.options());
   at::Tensor dw_part = at::empty({chunks, cols}, acc);
   at::Tensor db_part = has_bias ? at::empty({chunks, cols}, acc) : dw_part;
   at::Tensor da_part = at::empty({chunks}, acc);
@@ -316,12 +324,24 @@ std::vector<at::Tensor> forward_any(const at::Tensor& x, const at::Tensor& resid
   return out;
 }
 
+// The buffer dx may be written into: the kernel-ready dy (else ds) when it is contiguous and either a
+// copy made here or a gradient autograd handed over with no other reference (`*_owned`).
+c10::optional<at::Tensor> dx_buffer(const at::Tensor& given, const at::Tensor& ready, bool owned) {
+  if (!ready.defined() || !ready.is_contiguous()) return c10::nullopt;
+  const bool copied = ready.unsafeGetTensorImpl() != given.unsafeGetTensorImpl();
+  return copied || owned ? c10::optional<at::Tensor>(ready) : c10::nullopt;
+}
+
 // (dx, dalpha, dweight, dbias), each in its input's dtype; dbias undefined without bias.
 std::vector<at::Tensor> backward_any(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha,
-                                     const at::Tensor& weight, bool has_bias, const at::Tensor& ds) {
+                                     const at::Tensor& weight, bool has_bias, const at::Tensor& ds,
+                                     bool dy_owned = false, bool ds_owned = false) {
   const at::ScalarType kt = kernel_type(x, weight), ct = compute_type(x, weight);
-  auto g = backward(as_rows(dy, kt), as_rows(x, kt), as_param(alpha, ct), as_param(weight, ct), has_bias,
-                    ds.defined() ? c10::optional<at::Tensor>(as_rows(ds, kt)) : c10::nullopt);
+  const at::Tensor dyk = as_rows(dy, kt), dsk = ds.defined() ? as_rows(ds, kt) : at::Tensor();
+  c10::optional<at::Tensor> into = dx_buffer(dy, dyk, dy_owned);
+  if (!into) into = dx_buffer(ds, dsk, ds_owned);
+  auto g = backward(dyk, as_rows(x, kt), as_param(alpha, ct), as_param(weight, ct), has_bias,
+                    dsk.defined() ? c10::optional<at::Tensor>(dsk) : c10::nullopt, into);
   at::Tensor dalpha = g[1].sizes() == alpha.sizes() ? g[1] : g[1].reshape(alpha.sizes());
   return {as_type(g[0], x.scalar_type()), as_type(dalpha, alpha.scalar_type()), as_type(g[2], weight.scalar_type()),
           has_bias ? as_type(g[3], weight.scalar_type()) : at::Tensor()};
@@ -329,6 +349,68 @@ std::vector<at::Tensor> backward_any(const at::Tensor& dy, const at::Tensor& x, 
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// ---- writing dx over the incoming gradient (what Liger-Kernel's in-place RMSNorm backward does, but
+// only when nothing else can see that gradient). In a model the gradient reaching a norm is a
+// temporary that no one else holds; writing dx into it saves allocating an activation-sized tensor
+// per backward (and, above glibc's mmap threshold, faulting in its pages: docs/performance.md).
+// Ownership is judged like autograd's AccumulateGrad judges whether it may keep a gradient: by the
+// tensor's reference count and its storage's. The count an unshared gradient shows inside
+// Function::backward depends on how the engine passes it, so it is measured once at import
+// (`calibrate_owned_refs`); a held gradient (`y.backward(g)` with the caller keeping g), one kept by a
+// hook or retained, one still waiting for another branch, a view of a larger buffer, and any
+// gradient under create_graph are never written over.
+
+std::atomic<int64_t> g_owned_refs{0};      // the reference count of an unshared gradient; 0: never reuse
+std::atomic<bool> g_reuse_enabled{true};   // reuse_gradient_buffers(False) turns it off
+std::atomic<int64_t> g_probe_refs{0};
+
+bool owned_gradient(const at::Tensor& g) {
+  const int64_t refs = g_owned_refs.load();
+  if (!g.defined() || refs == 0 || !g_reuse_enabled.load() || at::GradMode::is_enabled() || g.is_inference() ||
+      g.use_count() > refs)
+    return false;
+  if (!g.is_view()) return g.storage().use_count() == 1;
+  // A reshape of a model's (batch, tokens, channels) gradient to rows is a view that keeps its base
+  // alive: owned when the view alone holds the base, and the base's storage is held by the two only.
+  const at::TensorBase& base = g._base();
+  return base.use_count() == 1 && g.storage().use_count() == 2 && g.numel() == base.numel();
+}
+
+// Records the reference count of the gradient its backward receives, from the same parameter
+// position as DyTFunction's backward.
+struct RefCountProbe : public torch::autograd::Function<RefCountProbe> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& x) { return x * 2; }
+  static variable_list backward(AutogradContext*, variable_list grads) {
+    g_probe_refs = static_cast<int64_t>(grads[0].use_count());
+    return {grads[0] * 2};
+  }
+};
+
+int64_t probe_refs(bool caller_holds_gradient) {
+  c10::InferenceMode not_inference(false);
+  at::AutoGradMode grad_on(true);
+  at::Tensor x = torch::zeros({2}, torch::requires_grad());
+  at::Tensor y = RefCountProbe::apply(x);
+  if (caller_holds_gradient) {
+    at::Tensor g = torch::ones({2});
+    torch::autograd::backward({y}, {g});
+  } else {
+    torch::autograd::backward({(y * 3).sum()});  // y's gradient: the product's, a temporary
+  }
+  return g_probe_refs.load();
+}
+
+// The count an unshared gradient shows, checked against one the caller also holds (which must show
+// more); 0 (never reuse) when they do not differ or the probe fails.
+int64_t calibrate_owned_refs() {
+  try {
+    const int64_t owned = probe_refs(false), held = probe_refs(true);
+    return held > owned ? owned : 0;
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
 
 struct DyTFunction : public torch::autograd::Function<DyTFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight,
@@ -338,8 +420,10 @@ struct DyTFunction : public torch::autograd::Function<DyTFunction> {
     return forward_any(x, at::Tensor(), alpha, weight, bias.value_or(at::Tensor()))[0];
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool owned = owned_gradient(grads[0]);
     const auto saved = ctx->get_saved_variables();
-    auto g = backward_any(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), at::Tensor());
+    auto g = backward_any(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), at::Tensor(),
+                          owned);
     return {g[0], g[1], g[2], g[3]};
   }
 };
@@ -358,8 +442,10 @@ struct ResidualDyTFunction : public torch::autograd::Function<ResidualDyTFunctio
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor &ds = grads[0], &dy = grads[1];
     if (!dy.defined()) return {ds, ds, at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool dy_owned = owned_gradient(dy), ds_owned = owned_gradient(ds);
     const auto saved = ctx->get_saved_variables();
-    auto g = backward_any(dy, saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), ds);
+    auto g = backward_any(dy, saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), ds, dy_owned,
+                          ds_owned);
     return {g[0], g[0], g[1], g[2], g[3]};
   }
 };
@@ -379,10 +465,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DyT forward / backward (and residual-add + DyT) for CPU tensors";
   m.def("forward", &forward, "(y, s) = (DyT(x [+ residual]), x + residual)", py::arg("x"), py::arg("residual"),
         py::arg("alpha"), py::arg("weight"), py::arg("bias"));
-  m.def("backward", &backward, "(dx, dalpha, dweight, dbias)", py::arg("dy"), py::arg("x"), py::arg("alpha"),
-        py::arg("weight"), py::arg("has_bias"), py::arg("ds"));
+  m.def("backward", &backward, "(dx, dalpha, dweight, dbias); dx written into `into` when given", py::arg("dy"),
+        py::arg("x"), py::arg("alpha"), py::arg("weight"), py::arg("has_bias"), py::arg("ds"),
+        py::arg("into") = py::none());
   m.def("dyt", &dyt, "DyT(x) with autograd, any float dtypes", py::arg("x"), py::arg("alpha"), py::arg("weight"),
         py::arg("bias"));
   m.def("residual_dyt", &residual_dyt, "(x + residual, DyT(x + residual)) with autograd", py::arg("x"),
         py::arg("residual"), py::arg("alpha"), py::arg("weight"), py::arg("bias"));
+  {
+    py::gil_scoped_release no_gil;  // the autograd engine refuses to run while the GIL is held
+    g_owned_refs = calibrate_owned_refs();
+  }
+  m.def(
+      "reuse_gradient_buffers",
+      [](c10::optional<bool> enabled) {
+        if (enabled) g_reuse_enabled = *enabled;
+        return g_reuse_enabled.load() && g_owned_refs.load() > 0;
+      },
+      "Whether backward writes dx over an unshared incoming gradient; sets it when given a bool",
+      py::arg("enabled") = py::none());
+  m.def("owned_gradient_refs", [] { return g_owned_refs.load(); },
+        "The reference count an unshared gradient shows in backward (measured at import; 0: never reused)");
 }
