@@ -102,9 +102,8 @@ def residual_dyt(
         return s, dyt(s, alpha, weight, bias, backend=backend, squash=squash)
     _check_trailing(x, weight)
     channels = weight.numel()
-    rows = x.ndim == 2  # no reshape then: each is an autograd node each way
     s, y = impl.apply_residual(
-        x if rows else x.reshape(-1, channels), residual if rows else residual.reshape(-1, channels), alpha,
-        weight.reshape(channels), None if bias is None else bias.reshape(channels),
+        x.reshape(-1, channels), residual.reshape(-1, channels), alpha, weight.reshape(channels),
+        None if bias is None else bias.reshape(channels),
     )
-    return (s, y) if rows else (s.reshape(x.shape), y.reshape(x.shape))
+    return s.reshape(x.shape), y.reshape(x.shape)
