@@ -256,7 +256,7 @@ LLAMA_NORMS = {"rmsnorm": "model.norm=rmsnorm", "layernorm": "model.norm=layerno
 def run_llama(config_path: Path, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
     """Training steps (forward, cross-entropy, backward, AdamW step) of a dyt-llama recipe's model with
     each norm, one batch of its micro-batch size and sequence length. The variants' steps are
-    interleaved (one step of each in turn, ``repeats`` rounds), so a change in machine load hits
+    interleaved (one step of each in a random order per round, ``repeats`` rounds), so a change in machine load hits
     all of them alike; each variant's time is its median step."""
     try:
         from dyt_llama.model import Llama
