@@ -375,3 +375,17 @@ def test_no_compiler_at_all(monkeypatch):
     assert dyt.auto_backend("cpu", 2**22) == "eager"
     with pytest.raises(dyt.BackendUnavailableError, match=r"'cpu'.*needs? a C\+\+ compiler.*Usable here: eager"):
         dyt.select_backend("cpu", "cpu")
+
+
+def test_the_gradient_reuse_script_runs():
+    """scripts/bench_gradient_reuse.py at a tiny shape: every op timed, the DyT gradients checked equal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_gradient_reuse.py"
+    done = subprocess.run([sys.executable, str(script), "--shape", "16x8", "--rounds", "1", "--warmup", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("F.layer_norm", "F.rms_norm", "DyT cpu, dx over the gradient", "DyT cpu, dx a new tensor"):
+        assert row in done.stdout
