@@ -2,7 +2,8 @@
 forward and forward+backward, on the current device, with each op's peak memory; optionally a
 LLaMA-style decoder block with each norm, and a recipe's LLaMA training step with each norm. Ops
 are timed interleaved (a call of each in turn, in a new random order, then the next round), so
-drift in the machine's speed hits all alike and no op always follows the same one. Prints times, effective bandwidth, peak bytes and ratios; writes JSON.
+drift in the machine's speed hits all alike and no op always follows the same one. Prints times,
+effective bandwidth, peak bytes and ratios; writes JSON.
 
 Forward+backward passes every op the same held gradient, which the cpu backend must never write
 ``dx`` over (it does where a model hands it one: scripts/bench_gradient_reuse.py).
@@ -256,8 +257,8 @@ LLAMA_NORMS = {"rmsnorm": "model.norm=rmsnorm", "layernorm": "model.norm=layerno
 def run_llama(config_path: Path, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
     """Training steps (forward, cross-entropy, backward, AdamW step) of a dyt-llama recipe's model with
     each norm, one batch of its micro-batch size and sequence length. The variants' steps are
-    interleaved (one step of each in a random order per round, ``repeats`` rounds), so a change in machine load hits
-    all of them alike; each variant's time is its median step."""
+    interleaved (one step of each per round, in a random order, ``repeats`` rounds), so a change in
+    machine load hits all of them alike; each variant's time is its median step."""
     try:
         from dyt_llama.model import Llama
         from dyt_llama.task import LlamaConfig

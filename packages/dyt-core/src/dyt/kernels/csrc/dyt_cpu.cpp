@@ -367,8 +367,8 @@ std::atomic<int64_t> g_probe_refs{0};
 
 bool owned_gradient(const at::Tensor& g) {
   const int64_t refs = g_owned_refs.load();
-  if (!g.defined() || refs == 0 || !g_reuse_enabled.load() || at::GradMode::is_enabled() || g.is_inference() ||
-      g.use_count() > refs)
+  if (!g.defined() || refs == 0 || !g_reuse_enabled.load() || at::GradMode::is_enabled() || !g.has_storage() ||
+      g.is_inference() || g.use_count() > refs)
     return false;
   if (!g.is_view()) return g.storage().use_count() == 1;
   // A reshape of a model's (batch, tokens, channels) gradient to rows is a view that keeps its base
