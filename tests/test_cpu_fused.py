@@ -11,7 +11,14 @@ from dyt.backends import _have_cpp_compiler
 from dyt.functional import dyt as dyt_fn
 from dyt.functional import residual_dyt
 from dyt.kernels import cpu_fused
-from dyt.selfcheck import TOL, assert_grad_close, check_dyt, check_residual_dyt, reference
+from dyt.selfcheck import (
+    TOL,
+    assert_grad_close,
+    check_double_backward,
+    check_dyt,
+    check_residual_dyt,
+    reference,
+)
 
 pytestmark = pytest.mark.skipif(not _have_cpp_compiler(), reason="the cpu backend needs a C++ compiler")
 
@@ -389,3 +396,9 @@ def test_the_gradient_reuse_script_runs():
     assert done.returncode == 0, done.stderr[-2000:]
     for row in ("F.layer_norm", "F.rms_norm", "DyT cpu, dx over the gradient", "DyT cpu, dx a new tensor"):
         assert row in done.stdout
+
+
+def test_double_backward():
+    """Under create_graph the cpu backend's gradients are differentiable (before, a second backward
+    silently left DyT out: x.grad of sum(dyt(x) + x**2)'s gradient came out as 2 everywhere)."""
+    check_double_backward("cpu")

@@ -9,7 +9,7 @@ import torch
 import dyt
 from dyt import DyT, ResidualDyT, fold_dyt
 from dyt.functional import dyt as dyt_fn
-from dyt.selfcheck import LLAMA_SHAPES, TOL, check_dyt, check_residual_dyt
+from dyt.selfcheck import LLAMA_SHAPES, TOL, check_double_backward, check_dyt, check_residual_dyt
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,3 +153,8 @@ def test_residual_dyt_matches_float64_reference(dtype, with_bias):
 @pytest.mark.parametrize("shape", LLAMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_fused_at_llama_shapes_on_gpu(dtype, shape):
     check_dyt("fused", dtype, shape, True, "cuda")
+
+
+def test_fused_double_backward():
+    """As for the cpu backend: differentiable gradients under create_graph."""
+    check_double_backward("fused", DEVICE)

@@ -7,7 +7,8 @@ pytest (scripts/gpu_check.sh)::
     python -m dyt.selfcheck [--device cuda] [--backend fused] [--no-llama]
 
 It checks every backend usable on the device, in float32, bfloat16 and float16, forward and all
-gradients, at small odd shapes and (on CUDA) at LLaMA shapes; prints PASS/FAIL per check and a last
+gradients, at small odd shapes and (on CUDA) at LLaMA shapes, and each backend's second derivatives
+(double backward, float64); prints PASS/FAIL per check and a last
 line ``N passed, M failed``; exits 1 when a check failed or none ran. On CPU the fused backend runs
 only in Triton's interpreter (``TRITON_INTERPRET=1`` in the environment) and LLaMA shapes are skipped.
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .backends import available_backends
-from .functional import dyt
+from .functional import dyt, residual_dyt
 from .modules import ResidualDyT
 
 # (forward atol/rtol, gradient rtol) per input dtype: outputs are rounded to the input dtype.
@@ -122,15 +123,39 @@ def check_residual_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool 
         assert_grad_close(gv, wv, tol["grad"], f"grad {name}")
 
 
+def check_double_backward(backend: str, device="cpu") -> None:
+    """Second derivatives of DyT and residual DyT on ``backend`` against finite differences (float64,
+    ``gradgradcheck``), and the gradients of a gradient penalty beside another term against the eager
+    backend's (float32): a backend whose gradients carried no history would silently leave DyT out."""
+    g = torch.Generator().manual_seed(11)
+    x, r = (torch.randn(5, 7, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
+    alpha = torch.tensor([0.8], dtype=torch.float64, device=device, requires_grad=True)
+    weight, bias = (torch.randn(7, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
+    torch.autograd.gradgradcheck(lambda *t: dyt(*t, backend=backend), (x, alpha, weight, bias))
+    torch.autograd.gradgradcheck(lambda *t: residual_dyt(*t, backend=backend), (x, r, alpha, weight, bias))
+    penalties = {}
+    for name in (backend, "eager"):
+        leaves = [t.detach().float().requires_grad_() for t in (x, alpha, weight)]
+        y = dyt(*leaves, backend=name) + leaves[0] ** 2
+        (dx,) = torch.autograd.grad(y.sum(), leaves[0], create_graph=True)
+        dx.pow(2).sum().backward()
+        penalties[name] = [t.grad for t in leaves]
+    for what, got, want in zip(["x", "alpha", "weight"], penalties[backend], penalties["eager"], strict=True):
+        assert got is not None, f"double backward: no gradient for {what}"
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str, Callable[[], None]]]:
-    """(name, check) pairs: each backend and dtype at the small shapes (with and without bias) and
-    residual + DyT at one of them; with ``llama``, at LLaMA shapes too."""
+    """(name, check) pairs: each backend's second derivatives, and each backend and dtype at the small
+    shapes (with and without bias) and residual + DyT at one of them; with ``llama``, at LLaMA shapes
+    too."""
     def named(fn, backend, dtype, shape, with_bias):
         name = (f"{fn.__name__.removeprefix('check_')} {backend} {str(dtype).removeprefix('torch.')} "
                 f"{'x'.join(map(str, shape))} {'bias' if with_bias else 'nobias'}")
         return name, lambda: fn(backend, dtype, shape, with_bias, device)
 
     for backend in backends:
+        yield f"double_backward {backend}", lambda backend=backend: check_double_backward(backend, device)
         for dtype in TOL:
             for shape in SMALL_SHAPES:
                 for with_bias in (True, False):

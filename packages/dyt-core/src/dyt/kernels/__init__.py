@@ -15,6 +15,19 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
 
 
+def differentiable_backward(dy, x, alpha, weight, has_bias, ds=None):
+    """(dx, dalpha, dweight, dbias) for 2-D ``(rows, channels)`` x in torch ops, which autograd records:
+    what a fused backend's backward runs under ``create_graph`` (double backward), where its kernels'
+    gradients, carrying no history, would make a second backward silently leave DyT out."""
+    ct = compute_dtype(x, weight)
+    xc, dyc, a, w = x.to(ct), dy.to(ct), alpha.to(ct), weight.to(ct)
+    t = torch.tanh(a * xc)
+    g = dyc * w * (1 - t * t)
+    dx = g * a if ds is None else g * a + ds.to(ct)
+    return (dx.to(x.dtype), (g * xc).sum().reshape(alpha.shape).to(alpha.dtype), (dyc * t).sum(0).to(weight.dtype),
+            dyc.sum(0).to(weight.dtype) if has_bias else None)
+
+
 def autograd_functions(forward, backward) -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
     """The autograd wrappers of a fused backend's kernels: ``(DyT, residual DyT)`` functions.
 
@@ -33,6 +46,8 @@ def autograd_functions(forward, backward) -> tuple[type[torch.autograd.Function]
         @staticmethod
         def backward(ctx, dy):
             x, alpha, weight = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph: gradients that are themselves differentiable
+                return differentiable_backward(dy, x, alpha, weight, ctx.has_bias)
             return backward(dy.contiguous(), x, alpha, weight, ctx.has_bias)
 
     class ResidualDyTFunction(torch.autograd.Function):
@@ -48,6 +63,9 @@ def autograd_functions(forward, backward) -> tuple[type[torch.autograd.Function]
             s, alpha, weight = ctx.saved_tensors
             if dy is None:
                 return ds, ds, None, None, None
+            if torch.is_grad_enabled():  # create_graph: gradients that are themselves differentiable
+                dx, dalpha, dweight, dbias = differentiable_backward(dy, s, alpha, weight, ctx.has_bias, ds)
+                return dx, dx, dalpha, dweight, dbias
             dx, dalpha, dweight, dbias = backward(dy.contiguous(), s, alpha, weight, ctx.has_bias,
                                                   ds=None if ds is None else ds.contiguous())
             return dx, dx, dalpha, dweight, dbias

@@ -350,6 +350,23 @@ std::vector<at::Tensor> backward_any(const at::Tensor& dy, const at::Tensor& x, 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Under create_graph (double backward: gradient penalties, Hessian-vector products) the gradients
+// must themselves be differentiable, which the kernels' outputs are not (they would carry no history,
+// and a second backward would silently leave DyT's part out): there backward runs the same formula in
+// ATen ops, which autograd records. (dx, dalpha, dweight, dbias) like backward_any.
+std::vector<at::Tensor> differentiable_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha,
+                                                const at::Tensor& weight, bool has_bias, const at::Tensor& ds) {
+  const at::ScalarType ct = compute_type(x, weight);
+  const at::Tensor xc = x.to(ct), dyc = dy.to(ct), a = alpha.to(ct), w = weight.to(ct);
+  const at::Tensor t = at::tanh(a * xc);
+  const at::Tensor g = dyc * w * (1 - t * t);
+  at::Tensor dx = g * a;
+  if (ds.defined()) dx = dx + ds.to(ct);
+  const std::vector<int64_t> rows = {0};
+  return {dx.to(x.scalar_type()), (g * xc).sum().reshape(alpha.sizes()).to(alpha.scalar_type()),
+          (dyc * t).sum(rows).to(weight.scalar_type()), has_bias ? dyc.sum(rows).to(weight.scalar_type()) : at::Tensor()};
+}
+
 // ---- writing dx over the incoming gradient (what Liger-Kernel's in-place RMSNorm backward does, but
 // only when nothing else can see that gradient). In a model the gradient reaching a norm is a
 // temporary that no one else holds; writing dx into it saves allocating an activation-sized tensor
@@ -420,10 +437,11 @@ struct DyTFunction : public torch::autograd::Function<DyTFunction> {
     return forward_any(x, at::Tensor(), alpha, weight, bias.value_or(at::Tensor()))[0];
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool owned = owned_gradient(grads[0]);
     const auto saved = ctx->get_saved_variables();
-    auto g = backward_any(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), at::Tensor(),
-                          owned);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto g = at::GradMode::is_enabled()
+                 ? differentiable_backward(grads[0], saved[0], saved[1], saved[2], has_bias, at::Tensor())
+                 : backward_any(grads[0], saved[0], saved[1], saved[2], has_bias, at::Tensor(), owned_gradient(grads[0]));
     return {g[0], g[1], g[2], g[3]};
   }
 };
@@ -442,10 +460,11 @@ struct ResidualDyTFunction : public torch::autograd::Function<ResidualDyTFunctio
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor &ds = grads[0], &dy = grads[1];
     if (!dy.defined()) return {ds, ds, at::Tensor(), at::Tensor(), at::Tensor()};
-    const bool dy_owned = owned_gradient(dy), ds_owned = owned_gradient(ds);
     const auto saved = ctx->get_saved_variables();
-    auto g = backward_any(dy, saved[0], saved[1], saved[2], ctx->saved_data["has_bias"].toBool(), ds, dy_owned,
-                          ds_owned);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto g = at::GradMode::is_enabled()
+                 ? differentiable_backward(dy, saved[0], saved[1], saved[2], has_bias, ds)
+                 : backward_any(dy, saved[0], saved[1], saved[2], has_bias, ds, owned_gradient(dy), owned_gradient(ds));
     return {g[0], g[0], g[1], g[2], g[3]};
   }
 };
