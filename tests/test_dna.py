@@ -163,6 +163,16 @@ def test_cpp_scan_equals_step_by_step_reference_with_every_gradient(scan_cpu, sh
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance * max(scale, 1.0), msg=name)
 
 
+def test_cpp_scan_refuses_double_backward(scan_cpu):
+    """Its gradients carry no history, so a second backward must raise, not silently drop the scan."""
+    inputs = _scan_inputs(1, 2, 4, 5, torch.float64)
+    out = scan_cpu.selective_scan_cpu(*inputs)
+    with pytest.raises(RuntimeError, match="no double backward.*use_kernel=False"):
+        torch.autograd.grad(out.sum(), inputs[0], create_graph=True)
+    (gx,) = torch.autograd.grad(out.sum(), inputs[0])  # a plain backward is unaffected
+    assert gx.shape == inputs[0].shape
+
+
 def test_cpp_scan_survives_very_fast_decay_and_propagates_nan(scan_cpu):
     x, dt, A, B, C, D = _very_fast_decay()
     out = scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)

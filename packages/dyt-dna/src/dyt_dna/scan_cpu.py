@@ -37,6 +37,9 @@ class SelectiveScanCpu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        if torch.is_grad_enabled():  # create_graph: the kernel's gradients would carry no history
+            raise RuntimeError("dyt_dna: the C++ selective scan has no double backward (create_graph=True); "
+                               "call dyt_dna.scan.scan(..., use_kernel=False) for the chunked PyTorch scan")
         saved = ctx.saved_tensors
         gx, gdt, gA, gB, gC, gD = EXTENSION.load().backward(*saved, gy.to(saved[0].dtype).contiguous())
         grads = (gx, gdt, gA, gB.transpose(1, 2), gC.transpose(1, 2), gD)
