@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dyt.bench import _count
+from dyt.bench import DTYPES, _count, _shape
 
 FORWARD_TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
 BACKWARD_TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
@@ -40,12 +40,6 @@ PROGRAMS_PER_SM = [2, 4, 8]
 PREFETCH = [False, True]
 INTERLEAVE = [False, True]
 CHECK_SHAPE = (257, 4096)  # odd rows, a full LLaMA width: every candidate is checked here first
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _shape(text: str) -> tuple[int, int]:
-    rows, cols = text.lower().split("x")
-    return int(rows), int(cols)
 
 
 @functools.cache
