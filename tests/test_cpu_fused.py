@@ -396,3 +396,19 @@ def test_double_backward():
     """Under create_graph the cpu backend's gradients are differentiable (before, a second backward
     silently left DyT out: x.grad of sum(dyt(x) + x**2)'s gradient came out as 2 everywhere)."""
     check_double_backward("cpu")
+
+
+def test_the_reference_count_is_measured_when_first_used_under_inference_mode():
+    """The measurement at import runs autograd; a first use under inference_mode (or no_grad) must
+    not make it fail and turn the reuse off for the process."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom dyt.functional import dyt\nfrom dyt.kernels import cpu_fused\n"
+            "with torch.inference_mode():\n"
+            "    dyt(torch.randn(4, 8), torch.tensor([0.5]), torch.ones(8), backend='cpu')\n"
+            "print(cpu_fused.load().owned_gradient_refs(), cpu_fused.reuse_gradient_buffers())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refs, enabled = done.stdout.split()[-2:]
+    assert int(refs) > 0 and enabled == "True"
