@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dyt.bench import _count, _shape, machine_info, peak_bytes, time_interleaved
+from dyt.bench import count_arg, machine_info, peak_bytes, shape_arg, time_interleaved
 from dyt.functional import dyt
 from dyt.kernels import cpu_fused
 
@@ -59,10 +59,10 @@ def measure(rows: int, cols: int, warmup: int, rounds: int) -> dict[str, dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", dest="shapes", action="append", type=_shape, help="ROWSxCOLS, repeatable "
+    parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg, help="ROWSxCOLS, repeatable "
                         "(default: 8192x1024 and 1024x192)")
-    parser.add_argument("--warmup", type=_count(0), default=3)
-    parser.add_argument("--rounds", type=_count(1), default=15)
+    parser.add_argument("--warmup", type=count_arg(0), default=3)
+    parser.add_argument("--rounds", type=count_arg(1), default=15)
     args = parser.parse_args()
     if not cpu_fused.reuse_gradient_buffers():
         raise SystemExit("bench_gradient_reuse: the cpu backend does not reuse gradients on this torch "

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dyt.bench import DTYPES, _count, _shape
+from dyt.bench import DTYPES, count_arg, shape_arg
 
 FORWARD_TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
 BACKWARD_TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
@@ -148,11 +148,11 @@ def _select(candidates: dict, call, shapes, dtype, rounds: int) -> dict[object, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--select", type=_shape, nargs="+", default=[(4096, 4096), (16384, 4096), (4096, 5120)],
+    parser.add_argument("--select", type=shape_arg, nargs="+", default=[(4096, 4096), (16384, 4096), (4096, 5120)],
                         help="shapes the tiles are chosen on (default: LLaMA-7B's, and 13B's width)")
-    parser.add_argument("--confirm", type=_shape, nargs="+", default=[(32768, 4096), (8192, 8192), (8192, 5120)],
+    parser.add_argument("--confirm", type=shape_arg, nargs="+", default=[(32768, 4096), (8192, 8192), (8192, 5120)],
                         help="shapes the choice is then reported on")
-    parser.add_argument("--rounds", type=_count(1), default=3, help="interleaved timing rounds (median over them)")
+    parser.add_argument("--rounds", type=count_arg(1), default=3, help="interleaved timing rounds (median over them)")
     parser.add_argument("--old", help="a module file with an earlier fused_forward / fused_backward")
     parser.add_argument("--json", help="write every timing here")
     args = parser.parse_args()

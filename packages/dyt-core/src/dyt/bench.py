@@ -390,7 +390,7 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _shape(text: str) -> tuple[int, int]:
+def shape_arg(text: str) -> tuple[int, int]:
     rows, _, cols = text.lower().partition("x")
     try:
         shape = int(rows), int(cols)
@@ -413,7 +413,7 @@ def _block_size(text: str) -> tuple[int, int, int, int]:
     return dim, heads, ffn, tokens
 
 
-def _count(least: int):
+def count_arg(least: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="dyt-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--shape", dest="shapes", action="append", type=_shape,
+    parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg,
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")
@@ -441,8 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llama", type=Path, metavar="RECIPE.yaml",
                         help="also time training steps of this dyt-llama recipe's model (e.g. recipes/llama/tiny.yaml) "
                              "with each norm, steps interleaved (needs the dyt-llama package)")
-    parser.add_argument("--warmup", type=_count(0), default=5)
-    parser.add_argument("--repeats", type=_count(1), default=20)
+    parser.add_argument("--warmup", type=count_arg(0), default=5)
+    parser.add_argument("--repeats", type=count_arg(1), default=20)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     try:  # every option is checked before the first op is timed
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
 
     on_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
-    shapes = args.shapes or ([_shape(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
+    shapes = args.shapes or ([shape_arg(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
     machine = machine_info(device)
     print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
           f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats} interleaved rounds; "

@@ -8,8 +8,8 @@ pytest (scripts/gpu_check.sh)::
 
 It checks every backend usable on the device, in float32, bfloat16 and float16, forward and all
 gradients, at small odd shapes and (on CUDA) at LLaMA shapes, and each backend's second derivatives
-(double backward, float64); prints PASS/FAIL per check and a last
-line ``N passed, M failed``; exits 1 when a check failed or none ran. On CPU the fused backend runs
+(double backward, float64); prints PASS/FAIL per check and a last line ``N passed, M failed``;
+exits 1 when a check failed or none ran. On CPU the fused backend runs
 only in Triton's interpreter (``TRITON_INTERPRET=1`` in the environment) and LLaMA shapes are skipped.
 """
 

@@ -18,7 +18,9 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def differentiable_backward(dy, x, alpha, weight, has_bias, ds=None):
     """(dx, dalpha, dweight, dbias) for 2-D ``(rows, channels)`` x in torch ops, which autograd records:
     what a fused backend's backward runs under ``create_graph`` (double backward), where its kernels'
-    gradients, carrying no history, would make a second backward silently leave DyT out."""
+    gradients, carrying no history, would make a second backward silently leave DyT out. The cpu
+    backend's C++ autograd functions run the same formula (``differentiable_backward`` in
+    csrc/dyt_cpu.cpp)."""
     ct = compute_dtype(x, weight)
     xc, dyc, a, w = x.to(ct), dy.to(ct), alpha.to(ct), weight.to(ct)
     t = torch.tanh(a * xc)

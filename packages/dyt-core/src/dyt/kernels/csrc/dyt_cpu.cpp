@@ -353,7 +353,8 @@ using torch::autograd::variable_list;
 // Under create_graph (double backward: gradient penalties, Hessian-vector products) the gradients
 // must themselves be differentiable, which the kernels' outputs are not (they would carry no history,
 // and a second backward would silently leave DyT's part out): there backward runs the same formula in
-// ATen ops, which autograd records. (dx, dalpha, dweight, dbias) like backward_any.
+// ATen ops, which autograd records. (dx, dalpha, dweight, dbias) like backward_any. The Triton
+// backend's Python autograd functions run the same formula (dyt.kernels.differentiable_backward).
 std::vector<at::Tensor> differentiable_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha,
                                                 const at::Tensor& weight, bool has_bias, const at::Tensor& ds) {
   const at::ScalarType ct = compute_type(x, weight);
