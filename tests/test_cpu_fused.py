@@ -23,8 +23,9 @@ from dyt.selfcheck import (
 pytestmark = pytest.mark.skipif(not _have_cpp_compiler(), reason="the cpu backend needs a C++ compiler")
 
 # Odd channel counts cover vector tails (16 floats / 32 bf16 per vector on AVX-512); 1000 x 77 spans
-# several row chunks, so the per-chunk partial sums are reduced across chunks.
-SHAPES = [(1, 1), (3, 7), (33, 300), (5, 1023), (2, 4097), (1000, 77), (3, 5, 17)]
+# several row chunks where idle OpenMP threads spin, 600 x 501 also where they sleep (a task then needs
+# 2**18 elements: cpu_fused.task_elements), so the per-chunk partial sums are reduced across chunks.
+SHAPES = [(1, 1), (3, 7), (33, 300), (5, 1023), (2, 4097), (1000, 77), (600, 501), (3, 5, 17)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -412,3 +413,30 @@ def test_the_reference_count_is_measured_when_first_used_under_inference_mode():
     assert done.returncode == 0, done.stderr[-2000:]
     refs, enabled = done.stdout.split()[-2:]
     assert int(refs) > 0 and enabled == "True"
+
+
+@pytest.mark.parametrize(("env", "elements"), [
+    ({}, 32768),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, 2**18),
+    ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "10k"}, 32768),  # libgomp: the spin count wins
+    ({"GOMP_SPINCOUNT": "0"}, 2**18),
+], ids=["spin", "passive", "passive-but-spincount", "spincount-0"])
+def test_threads_follow_how_idle_openmp_threads_wait(env, elements):
+    """Where idle threads sleep, waking one costs more than a second thread saves on small inputs, so a
+    task needs 2**18 elements there; the kernels stay right on either side (300 x 400: one task where
+    threads sleep, several where they spin)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom dyt.kernels import cpu_fused\nfrom dyt.selfcheck import check_dyt, check_residual_dyt\n"
+            "torch.set_num_threads(2)\n"
+            "for dtype in (torch.float32, torch.bfloat16):\n"
+            "    check_dyt('cpu', dtype, (300, 400), True)\n"
+            "    check_residual_dyt('cpu', dtype, (300, 400), True)\n"
+            "print(cpu_fused.task_elements())\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**clean, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == elements

@@ -58,6 +58,14 @@ def residual_dyt_cpu(x, residual, alpha, weight, bias):
     return s, y
 
 
+def task_elements() -> int:
+    """Elements a parallel task needs before the kernels use another thread: ATen's grain (32768), or
+    2**18 where idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE`` or ``GOMP_SPINCOUNT=0``,
+    read when the extension loads), since waking one costs more than a second thread saves below
+    that size (docs/performance.md)."""
+    return load().task_elements()
+
+
 def reuse_gradient_buffers(enabled: bool | None = None) -> bool:
     """Whether the cpu backend's backward writes dx over an unshared incoming gradient (on by default;
     off where the reference count of an unshared gradient could not be measured at load). Sets it

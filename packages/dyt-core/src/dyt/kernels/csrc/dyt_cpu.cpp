@@ -16,7 +16,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <atomic>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
@@ -86,8 +89,33 @@ inline V load_acc(const A* p, int64_t n) { return n == V::size() ? V::loadu(p) :
 template <typename V, typename A>
 inline void store_acc(A* p, int64_t n, const V& v) { if (n == V::size()) v.store(p); else v.store(p, n); }
 
-// Rows per parallel task: enough elements that a task outweighs its scheduling (~32K).
-inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+// An environment variable's value, lower case, without spaces ("" when unset).
+std::string env_word(const char* name) {
+  std::string word;
+  if (const char* value = std::getenv(name))
+    for (const char* c = value; *c; ++c)
+      if (!std::isspace(static_cast<unsigned char>(*c))) word += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
+  return word;
+}
+
+// Whether libgomp's idle threads sleep as soon as a parallel region ends (spin count 0), from the
+// environment as libgomp reads it: GOMP_SPINCOUNT when set to a count ("0", "10k", "infinite"),
+// else OMP_WAIT_POLICY=PASSIVE.
+bool idle_threads_sleep() {
+  const std::string spin = env_word("GOMP_SPINCOUNT");
+  if (spin.rfind("inf", 0) == 0) return false;
+  if (!spin.empty() && std::isdigit(static_cast<unsigned char>(spin[0]))) return std::strtoull(spin.c_str(), nullptr, 10) == 0;
+  return env_word("OMP_WAIT_POLICY") == "passive";
+}
+
+// Elements a parallel task must have before the kernels use another thread: ATen's grain (32K)
+// where idle threads spin; 2^18 where they sleep, because waking a sleeping thread costs ~50 us a
+// parallel region on the project's VM, more than a second thread saves below that size
+// (docs/performance.md: chosen on 384- and 768-channel shapes, confirmed on others).
+const int64_t g_task_elements = idle_threads_sleep() ? int64_t(1) << 18 : 32768;
+
+// Rows per parallel task.
+inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, g_task_elements / std::max<int64_t>(cols, 1)); }
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& alpha_t,
@@ -504,6 +532,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Whether backward writes dx over an unshared incoming gradient; sets it when given a bool",
       py::arg("enabled") = py::none());
+  m.def("task_elements", [] { return g_task_elements; },
+        "Elements a parallel task needs before the kernels use another thread (2^18 where idle OpenMP "
+        "threads sleep, else 32768)");
   m.def("owned_gradient_refs", [] { return g_owned_refs.load(); },
         "The reference count an unshared gradient shows in backward (measured at import; 0: never reused)");
 }
