@@ -10,9 +10,13 @@ setup:
 demo: setup
 	$(PY) scripts/demo.py --out runs/demo
 
+# Two pytest-xdist workers, each taking whole test files (module fixtures are built once): on a
+# 2-core box the suite spends much of its time in launcher start-up and imports, which leave a core
+# idle. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(PY) -m ruff check .

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -82,12 +81,6 @@ def worker(mode: str, out_dir: Path, overrides: list[str], model_only: bool) -> 
     }))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=2)
@@ -105,6 +98,8 @@ def main() -> None:
         worker(args.worker, args.out, args.overrides, args.model_only)
         return
 
+    from dyt.train.distributed import free_port
+
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
            "OMP_WAIT_POLICY": "PASSIVE"}
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
@@ -112,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for mode in MODES:
-            cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), __file__,
+            cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), __file__,
                    "--worker", mode, "--out", str(out), *(a for item in args.overrides for a in ("--set", item)),
                    *(["--model-only"] if args.model_only else [])]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -47,10 +47,29 @@ echo "setup: installing the pinned environment into $venv (first time: a few min
   -e "$root/packages/dyt-llama" \
   -e "$root/packages/dyt-wav2vec2" \
   -e "$root/packages/dyt-dna" \
-  pytest ruff 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-# DyT's C++ CPU kernels build at first use (~1 min); build them now, so that no training run or test
-# pays for it inside its timing (a failure is not fatal: DyT then runs its compiled/eager backends).
-"$venv/bin/python" -c 'from dyt.kernels.cpu_fused import build_error; e = build_error(); print("setup: DyT cpu kernels:", e or "built")' \
-  2> >(grep -v "RuntimeWarning\|warnings.warn" >&2) || true
+  pytest pytest-xdist ruff 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# Three C++ extensions build at first use (20-35 s each on a 2-core box): DyT's CPU kernels, Caduceus'
+# selective scan and, without a GPU, DeepSpeed's CPU communication op (its CPU accelerator builds it
+# when a run starts). Build them now, side by side, so that no training run or test pays for one
+# inside its timing. A failure does not stop set-up: the DyT and scan kernels have slower fallbacks
+# (named in their line), and DeepSpeed retries its build, and reports, when a run starts.
+prebuild() {
+  "$venv/bin/python" -c "$1" 2> >(grep -v "RuntimeWarning\|warnings.warn\|No CUDA runtime is found" >&2) || true
+}
+prebuild 'from dyt.kernels.cpu_fused import build_error; e = build_error(); print("setup: DyT cpu kernels:", e or "built")' &
+prebuild 'from dyt_dna.scan_cpu import EXTENSION; e = EXTENSION.build_error(); print("setup: Caduceus C++ selective scan:", e or "built")' &
+prebuild '
+import contextlib, io, os, torch
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what dyt.train does without CUDA
+    with contextlib.redirect_stdout(io.StringIO()):
+        from deepspeed.comm.torch import build_shm_op
+        try:
+            e = None if build_shm_op() else "not available for this CPU"
+        except Exception as error:
+            e = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    print("setup: DeepSpeed CPU communication op:", e or "built", flush=True)
+' &
+wait
 echo "$want" > "$stamp"
 echo "setup: done ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

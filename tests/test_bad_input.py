@@ -24,6 +24,8 @@ import pytest
 import soundfile
 import torch
 
+from dyt.train.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TIMEOUT_S = 120
@@ -325,7 +327,8 @@ def test_dyt_debug_shows_the_traceback(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_an_error_every_rank_hits_is_printed_once(tmp_path):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "tests/toy_recipe.py", "--set", "train.steps=-5"]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "tests/toy_recipe.py",
+           "--set", "train.steps=-5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]

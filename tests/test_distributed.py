@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe
-from dyt.train.distributed import _free_port, shm_allreduce_buffer
+from dyt.train.distributed import free_port, shm_allreduce_buffer
 from dyt.train.trainer import DataPosition, ResumableBatches
 
 HERE = Path(__file__).parent
@@ -144,7 +144,7 @@ def test_two_ranks_follow_the_loss_curve_of_one_rank_with_grad_accum_2(tmp_path)
               "train.eval_every=4", "train.eval_batches=8", "train.save_every=0", "train.progress=false",
               "train.tensorboard=false", "model.dropout=0.0", "data.examples=64"]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    _launch([deepspeed, "--num_gpus", "2", str(HERE / "toy_recipe.py"),
+    _launch([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "toy_recipe.py"),
              *(arg for item in common + ["train.out_dir=two", "train.grad_accum=1"] for arg in ("--set", item))], tmp_path)
     run_recipe(ToyConfig, ToyTask, [arg for item in common + [f"train.out_dir={tmp_path / 'one'}", "train.grad_accum=2"]
                                     for arg in ("--set", item)])
@@ -163,7 +163,7 @@ def test_a_two_rank_cpu_launch_leaves_no_shared_memory_behind(tmp_path):
     """DeepSpeed's CPU accelerator maps a 66 MiB all-reduce workspace per rank from /dev/shm and
     never unlinks it: every launch used to leave world size x 66 MiB of RAM behind until reboot.
     The harness unlinks each rank's name once all ranks have mapped them."""
-    port = _free_port()
+    port = free_port()
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     settings = ["train.steps=2", "train.micro_batch_size=8", "train.eval_every=0", "train.save_every=0",
                 "train.progress=false", "train.tensorboard=false", "data.examples=32", "train.out_dir=run"]
@@ -199,15 +199,16 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
         args += ["--set", item]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     cache = {"DYT_CACHE": str(tmp_path / "cache")}
-    _launch([deepspeed, "--num_gpus", "2", *args, "--set", f"train.out_dir={tmp_path / 'whole'}"], tmp_path, **cache)
+    _launch([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *args,
+             "--set", f"train.out_dir={tmp_path / 'whole'}"], tmp_path, **cache)
     checkpoints = tmp_path / "whole" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
     assert json.loads((checkpoints / "step_00000002" / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
 
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
-    proc = _launch([deepspeed, "--num_gpus", "2", *args, "--set", f"train.out_dir={tmp_path / 'resumed'}", "--resume"],
-                   tmp_path, **cache)
+    proc = _launch([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *args,
+                    "--set", f"train.out_dir={tmp_path / 'resumed'}", "--resume"], tmp_path, **cache)
     assert re.search(r"resumed from \S*step_00000002 \(step 2,", proc.stdout), proc.stdout[-2000:]
     rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -13,6 +13,7 @@ import torch
 
 from dyt import DyT, NormConfig, iter_norms
 from dyt.train import read_metrics
+from dyt.train.distributed import free_port
 from dyt.train.finetune import Standardize
 from dyt_dna.caduceus import RCPS, BiMamba, RCPSEmbedding, RCPSLMHead, rc_hidden
 from dyt_dna.config import CaduceusOptions, DnaModelConfig
@@ -474,7 +475,8 @@ def test_start_windows_centre_on_start_codons_matched_codon_by_codon(tmp_path, m
 @pytest.mark.distributed
 def test_two_rank_pretraining_then_fine_tuning(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DYT_CACHE": str(tmp_path / "cache")}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--module", "dyt_dna.train",
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "dyt_dna.train",
            "--config", str(ROOT / "recipes/dna/caduceus-tiny.yaml"), "--set", "model.norm=dyt",
            "--set", f"data.fasta=[{GENOME_A}]", "--set", f"data.validation_fasta=[{GENOME_B}]",
            "--set", "data.window=64", "--set", "data.max_windows=64", "--set", "model.dim=16",

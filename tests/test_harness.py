@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dyt.train import NonFiniteLossError, TrainConfig, read_metrics, run_recipe, warmup_cosine
+from dyt.train.distributed import free_port
 from dyt.train.trainer import seed_everything
 
 HERE = Path(__file__).parent
@@ -108,13 +109,14 @@ def test_two_ranks_deepspeed_launcher_then_torchrun_resume(tmp_path):
         "--set", "train.out_dir=run", "--set", "train.zero_stage=2", "--set", "train.save_every=2",
         "--set", "train.eval_every=2", "--set", "train.micro_batch_size=8", "--set", "train.progress=false",
     ]
-    _launch([str(bindir / "deepspeed"), "--num_gpus", "2", str(HERE / "toy_recipe.py"), *common,
-             "--set", "train.steps=2"], tmp_path)
+    _launch([str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "toy_recipe.py"),
+             *common, "--set", "train.steps=2"], tmp_path)
     ckpt = tmp_path / "run/checkpoints/step_00000002"
     assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
     assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
 
-    proc = _launch([str(bindir / "torchrun"), "--nproc_per_node", "2", str(HERE / "toy_recipe.py"), *common,
+    proc = _launch([str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    str(HERE / "toy_recipe.py"), *common,
                     "--set", "train.steps=4", "--resume"], tmp_path)
     assert re.search(r"resumed from \S*step_00000002 \(step 2,", proc.stdout), proc.stdout[-2000:]
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
@@ -129,7 +131,7 @@ def test_zero3_bf16_run_gives_whole_trained_weights(tmp_path):
     from dyt.train import trained_weights
 
     bindir = Path(sys.executable).parent
-    _launch([str(bindir / "deepspeed"), "--num_gpus", "2", str(HERE / "toy_recipe.py"),
+    _launch([str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "toy_recipe.py"),
              "--set", "train.out_dir=run", "--set", "train.zero_stage=3", "--set", "train.precision=bf16",
              "--set", "train.steps=2", "--set", "train.micro_batch_size=8", "--set", "train.progress=false"], tmp_path)
     weights = trained_weights(tmp_path / "run")

@@ -13,6 +13,7 @@ import torch
 
 from dyt import DyT, NormConfig, iter_norms
 from dyt.train import load_config, read_metrics
+from dyt.train.distributed import free_port
 from dyt_llama.data import DataConfig, DataError, build_datasets, load_documents
 from dyt_llama.model import Llama, ModelConfig, count_parameters
 from dyt_llama.task import LlamaConfig
@@ -185,7 +186,8 @@ def test_two_rank_deepspeed_run_logs_perplexity_and_resumes(corpus, tmp_path):
     ]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     for steps, extra in ((2, []), (4, ["--resume"])):
-        proc = subprocess.run([deepspeed, "--num_gpus", "2", *common, "--set", f"train.steps={steps}", *extra],
+        proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *common,
+                               "--set", f"train.steps={steps}", *extra],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"resumed from \S*step_00000002 \(step 2,", proc.stdout), proc.stdout[-2000:]

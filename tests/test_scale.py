@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dyt.train import TrainConfig, Trainer, load_config, read_metrics, run_recipe
-from dyt.train.distributed import _free_port, normal_chunks
+from dyt.train.distributed import free_port, normal_chunks
 from dyt.train.trainer import engine_input_dtype, seed_everything
 
 HERE = Path(__file__).parent
@@ -37,7 +37,7 @@ def _launch(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) 
 
 
 def _deepspeed(ranks: int) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
 
 
 def _sets(items: list[str]) -> list[str]:

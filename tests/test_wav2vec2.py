@@ -1,9 +1,11 @@
 """dyt-wav2vec2: every LayerNorm swapped (and back), masking/quantizer shapes, the loss falls on
 real synthetic speech, manifests and bad audio, eval metrics, a 2-rank run with resume."""
 
+import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from fairseq2.nn import BatchLayout
 
 from dyt import DyT, NormConfig, convert_norms, iter_norms
 from dyt.train import load_config, read_metrics
+from dyt.train.distributed import free_port
 from dyt.train.finetune import Standardize, classification_metrics, confusion_matrix
 from dyt_wav2vec2.audio import (
     AudioError,
@@ -477,7 +480,8 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
     def launch(out, steps, *extra):
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--module", "dyt_wav2vec2.train",
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "dyt_wav2vec2.train",
                "--config", str(TINY), "--set", "model.norm=dyt", "--set", f"data.train_manifest={tmp_path / 'train.tsv'}",
                "--set", f"data.validation_manifest={tmp_path / 'valid.tsv'}", "--set", "train.micro_batch_size=2",
                "--set", f"train.steps={steps}", "--set", "train.eval_every=2", "--set", "train.save_every=2",
@@ -489,13 +493,18 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
 
     printed: list[str] = []
     whole = launch(tmp_path / "whole", 4)
-    launch(tmp_path / "split", 2)
+    # a copy cut back to step 2, as if the run had died in step 4 (its step-4 checkpoint and metrics
+    # row never written; row 3 is the resume's to drop). tests/test_llama.py's 2-rank test covers a
+    # resume that raises train.steps.
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step_00000004")
+    (tmp_path / "split" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:3]))
     resumed = launch(tmp_path / "split", 4, "--resume")
     # all 4 steps sit in the warm-up, so a silent fresh start would match too: it must say it resumed
     assert re.search(r"resumed from \S*step_00000002 \(step 2,", printed[-1]), printed[-1][-2000:]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # row 3 dropped and written again, row 4 new
     assert "train/codebook_perplexity" in resumed[-1] and "alpha/encoder.layers.0.self_attn_layer_norm" in resumed[-1]
-    np.testing.assert_allclose([r["train/loss"] for r in resumed], [r["train/loss"] for r in whole], rtol=1e-5)
+    np.testing.assert_allclose([r["train/loss"] for r in resumed[2:]], [r["train/loss"] for r in whole[2:]], rtol=1e-5)
 
 
 def test_the_eval_builds_the_builtin_speech_at_the_runs_size(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Annotated
 import datasets
 import numpy as np
 import torch
+from filelock import FileLock
 
 from dyt.errors import UserInputError
 from dyt.train.config import NON_NEGATIVE, PROBABILITY, Range
@@ -101,18 +103,21 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
             raise DnaDataError(f"{region.path}: no such FASTA file")
     key = _fingerprint([(_file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction)
     target = _cache_dir(cfg.cache_dir) / "windows" / key
-    if (target / "dataset_info.json").is_file():
-        rows = datasets.load_from_disk(str(target))
-    else:
-        try:
-            rows = datasets.Dataset.from_generator(
-                _windows, gen_kwargs={"regions": regions, "window": window, "stride": stride, "max_n": cfg.max_n_fraction, "key": key},
-                cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
-            )
-        except datasets.exceptions.DatasetGenerationError as error:
-            cause = error.__cause__ or error
-            raise (cause if isinstance(cause, (FastaError, ValueError)) else DnaDataError(str(cause))) from None
-        rows.save_to_disk(str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # the ranks of a launch all ask for the windows at once
+        if (target / "dataset_info.json").is_file():
+            rows = datasets.load_from_disk(str(target))
+        else:
+            try:
+                rows = datasets.Dataset.from_generator(
+                    _windows, gen_kwargs={"regions": regions, "window": window, "stride": stride,
+                                          "max_n": cfg.max_n_fraction, "key": key},
+                    cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
+                )
+            except datasets.exceptions.DatasetGenerationError as error:
+                cause = error.__cause__ or error
+                raise (cause if isinstance(cause, (FastaError, ValueError)) else DnaDataError(str(cause))) from None
+            rows.save_to_disk(str(target))
     if len(rows) == 0:
         names = ", ".join(r.path.name for r in regions)
         raise DnaDataError(f"no window of {window} bases fits in {names}: use shorter windows or longer records")
@@ -319,7 +324,9 @@ def _genes(genome: Genome) -> list[tuple[int, int, int]]:
     finder.train(sequence)
     genes = [(gene.begin - 1, gene.end, gene.strand) for gene in finder.find_genes(sequence)]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(genes))
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")  # a reader never sees half a file
+    partial.write_text(json.dumps(genes))
+    os.replace(partial, cache)
     return genes
 
 

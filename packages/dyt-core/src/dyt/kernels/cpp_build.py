@@ -59,7 +59,7 @@ class CpuExtension:
             cpp_extension.verify_ninja_availability()
         except RuntimeError as error:
             raise CpuKernelBuildError(f"building its {self.what} needs ninja ({error})") from error
-        log.info("building or loading %s for %s (a first build takes ~40 s)", self.what, level)
+        log.info("building or loading %s for %s (a first build takes ~20-30 s on 2 cores)", self.what, level)
         try:
             return cpp_extension.load(
                 name=f"{self.name}_{level.lower()}",

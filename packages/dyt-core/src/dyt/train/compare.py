@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from ..errors import UserInputError
 from ..norms import norm_variant_overrides
 from .checkpoint import complete_checkpoints, step_of
 from .config import dump_yaml, load_config
+from .distributed import free_port
 from .metrics import read_metrics
 from .recipe import Metric, ModelSpec, RecipeSpec
 
@@ -285,12 +285,6 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     return runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(module: str, launcher: str, nproc: int) -> list[str]:
     """The command that starts ``python -m module`` on ``nproc`` local ranks."""
     if launcher not in LAUNCHERS:
@@ -299,10 +293,10 @@ def launch_command(module: str, launcher: str, nproc: int) -> list[str]:
         raise ValueError("the python launcher runs one process: use nproc 1")
     bindir = Path(sys.executable).parent
     if launcher == "deepspeed":
-        return [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
+        return [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
                 "--module", module]
     if launcher == "torchrun":
-        return [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+        return [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                 "-m", module]
     return [sys.executable, "-m", module]
 

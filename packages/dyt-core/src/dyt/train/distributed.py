@@ -23,7 +23,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's ``--master_port`` or a world of one (the
+    OS picks it; two launches at once do not collide on a fixed default such as 29500)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,7 +41,7 @@ def init_distributed() -> DistInfo:
         # A fresh port, even if MASTER_PORT came inherited: a parent that trained in-process holds
         # the one it set, and a child reusing it fails with EADDRINUSE.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
