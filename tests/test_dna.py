@@ -1,11 +1,13 @@
 """dyt-dna: tokenizer and FASTA, the pure scan, RC equivariance, causality, norm coverage, data
 formats and errors, a 2-rank run, fine-tuning. Real DNA: the genomes shipped in pyrodigal's tests."""
 
+import dataclasses
 import gzip
 import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -374,6 +376,35 @@ def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path):
         pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], window=64, cache_dir=str(tmp_path)), 128)
     with pytest.raises(DnaDataError, match="longer than the model's context"):
         pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=256), 128)
+
+
+def test_ranks_asking_for_the_same_windows_wait_for_the_one_building_them(tmp_path):
+    """The ranks of a launch all ask for their windows at once: one builds and saves them while the
+    others wait on its lock, then load what it saved (without the lock each wrote the same folder).
+    Here the test holds the locks another rank would hold, in a second cache dir of the same keys."""
+    from filelock import FileLock
+
+    first = DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=64, max_windows=50,
+                          cache_dir=str(tmp_path / "first"))
+    pretraining_datasets(first, 128)
+    names = sorted(f"{folder.name}.lock" for folder in (tmp_path / "first" / "windows").iterdir() if folder.is_dir())
+    assert len(names) == 2  # the training and the validation windows
+    windows = tmp_path / "second" / "windows"  # the keys depend on the files, not on the cache dir
+    windows.mkdir(parents=True)
+    held = [FileLock(str(windows / name)) for name in names]
+    for lock in held:
+        lock.acquire()
+    built = {}
+    rank = threading.Thread(target=lambda: built.update(rows=pretraining_datasets(
+        dataclasses.replace(first, cache_dir=str(tmp_path / "second")), 128)))
+    rank.start()
+    rank.join(timeout=3)  # unlocked, the build finishes in under a second here
+    assert rank.is_alive() and not list(windows.glob("*/dataset_info.json"))
+    for lock in held:
+        lock.release()
+    rank.join(timeout=120)
+    train, validation = built["rows"]
+    assert len(train) == len(validation) == 50 and len(list(windows.glob("*/dataset_info.json"))) == 2
 
 
 def test_masked_lm_targets_only_chosen_positions():
