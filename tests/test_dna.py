@@ -392,16 +392,18 @@ def test_ranks_asking_for_the_same_windows_wait_for_the_one_building_them(tmp_pa
     windows = tmp_path / "second" / "windows"  # the keys depend on the files, not on the cache dir
     windows.mkdir(parents=True)
     held = [FileLock(str(windows / name)) for name in names]
-    for lock in held:
-        lock.acquire()
     built = {}
     rank = threading.Thread(target=lambda: built.update(rows=pretraining_datasets(
-        dataclasses.replace(first, cache_dir=str(tmp_path / "second")), 128)))
-    rank.start()
-    rank.join(timeout=3)  # unlocked, the build finishes in under a second here
-    assert rank.is_alive() and not list(windows.glob("*/dataset_info.json"))
-    for lock in held:
-        lock.release()
+        dataclasses.replace(first, cache_dir=str(tmp_path / "second")), 128)), daemon=True)
+    try:
+        for lock in held:
+            lock.acquire()
+        rank.start()
+        rank.join(timeout=3)  # unlocked, the build finishes in under a second here
+        assert rank.is_alive() and not list(windows.glob("*/dataset_info.json"))
+    finally:
+        for lock in held:
+            lock.release()
     rank.join(timeout=120)
     train, validation = built["rows"]
     assert len(train) == len(validation) == 50 and len(list(windows.glob("*/dataset_info.json"))) == 2

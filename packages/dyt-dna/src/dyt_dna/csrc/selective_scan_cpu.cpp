@@ -11,8 +11,8 @@
 // summed at the end, so no two threads write one value.
 // Built by dyt_dna/scan_cpu.py through dyt.kernels.cpp_build.
 
-// ATen and pybind11's tensor casters only, not <torch/extension.h> (the whole C++ frontend): a
-// first build takes ~10 s instead of ~30 s.
+// ATen and pybind11's tensor casters only, not <torch/extension.h> (the whole C++ frontend): built
+// and loaded in ~20 s instead of ~27 s on the 2-core box (docs/performance.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -71,7 +71,7 @@ void row_forward(const T* x, const T* dt, const T* A, const T* B, const T* C, T 
 
 template <typename T>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
-                           const at::Tensor& B, const at::Tensor& C, const at::Tensor& D) {
+                        const at::Tensor& B, const at::Tensor& C, const at::Tensor& D) {
   const int64_t b = x.size(0), d = x.size(1), l = x.size(2), n = A.size(1);
   auto y = at::empty_like(x);
   const T *xp = x.data_ptr<T>(), *dtp = dt.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Bp = B.data_ptr<T>(),
@@ -90,8 +90,8 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Ten
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
-                                         const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
-                                         const at::Tensor& gy) {
+                                      const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                                      const at::Tensor& gy) {
   using V = Vectorized<T>;
   const int64_t b = x.size(0), d = x.size(1), l = x.size(2), n = A.size(1);
   const int64_t threads = at::get_num_threads();
@@ -157,15 +157,14 @@ void check(const std::vector<at::Tensor>& tensors) {
               "selective_scan_cpu: float32 or float64");
 }
 
-at::Tensor forward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
-                      at::Tensor D) {
+at::Tensor forward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C, at::Tensor D) {
   check({x, dt, A, B, C, D});
   if (x.scalar_type() == at::kDouble) return forward_impl<double>(x, dt, A, B, C, D);
   return forward_impl<float>(x, dt, A, B, C, D);
 }
 
-std::vector<at::Tensor> backward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B,
-                                    at::Tensor C, at::Tensor D, at::Tensor gy) {
+std::vector<at::Tensor> backward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
+                                 at::Tensor D, at::Tensor gy) {
   check({x, dt, A, B, C, D, gy});
   if (x.scalar_type() == at::kDouble) return backward_impl<double>(x, dt, A, B, C, D, gy);
   return backward_impl<float>(x, dt, A, B, C, D, gy);
