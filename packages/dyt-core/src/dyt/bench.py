@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import applied
 from .backends import auto_backend, available_backends
 from .errors import UserInputError, user_errors
 from .functional import dyt, residual_dyt
@@ -366,7 +367,10 @@ ALLOCATOR_ENV = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
 def allocator_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ALLOCATOR_ENV}
+    """The allocator settings of the environment, and any mallopt this process made (a training run
+    in the same process: :mod:`dyt.allocator`)."""
+    made = {f"mallopt {name}": str(value) for name, value in applied().items()}
+    return {**{k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ALLOCATOR_ENV}, **made}
 
 
 def machine_info(device: torch.device) -> dict:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..allocator import applied, keep_freed_blocks
 from ..analysis import AlphaTracker
 from ..errors import UserInputError
 from . import checkpoint
@@ -380,6 +381,11 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, dist = self.cfg, self.dist
+        if cfg.reuse_freed_memory and dist.device.type == "cpu":
+            said = keep_freed_blocks()
+            if dist.is_main:
+                print(said + ("; train.reuse_freed_memory=false keeps glibc's defaults" if applied() else ""),
+                      flush=True)
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
         # Too little data is an error before the engine is built.
         batches = ResumableBatches(train_set, self.task, cfg, dist)

@@ -1,0 +1,99 @@
+"""glibc's malloc on CPU training ranks (dyt.allocator, train.reuse_freed_memory): a freed block above
+32 MiB is kept for the next step instead of being unmapped and faulted in again."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dyt.allocator import chosen_in_environment
+
+HERE = Path(__file__).parent
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+# Faults of filling a fresh 64 MiB tensor twice (the second after the first is freed), then whatever
+# keep_freed_blocks says, then the same again; in a fresh interpreter, so this process's malloc is
+# left as it was.
+PROBE = """
+import json, resource, torch
+from dyt.allocator import keep_freed_blocks
+from dyt.bench import allocator_env
+
+def second_fill_faults():
+    torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = second_fill_faults()
+said = keep_freed_blocks()
+print(json.dumps({"default": default, "said": said, "after": second_fill_faults(), "bench": allocator_env()}))
+"""
+
+
+def _probe(**env_extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
+    proc = subprocess.run([sys.executable, "-c", PROBE], env={**env, **env_extra}, capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _pages_of_64_mib() -> int:
+    """Faults of filling a fresh 64 MiB mapping: a page each, or a huge page each where the kernel
+    gives transparent huge pages to every mapping."""
+    try:
+        always = "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        always = False
+    return 64 * 2**20 // (2 * 2**20 if always else os.sysconf("SC_PAGE_SIZE"))
+
+
+def test_a_freed_large_block_is_reused_without_faulting_its_pages_again():
+    result = _probe()
+    pages = _pages_of_64_mib()
+    assert result["default"] >= 0.9 * pages  # glibc's defaults: a fresh mmap, every page faults
+    assert result["after"] < 0.05 * pages, result
+    assert "stay in the heap" in result["said"]
+    # a benchmark run later in the same process must not say "glibc defaults"
+    assert result["bench"] == {"mallopt M_MMAP_THRESHOLD": str(2**31 - 1), "mallopt M_TRIM_THRESHOLD": str(2**31 - 1)}
+
+
+def test_an_allocator_chosen_in_the_environment_is_left_alone():
+    result = _probe(MALLOC_TRIM_THRESHOLD_="131072")
+    pages = _pages_of_64_mib()
+    assert result["said"] == "allocator: MALLOC_TRIM_THRESHOLD_ is set, so glibc's malloc is left as the environment says"
+    assert result["after"] >= 0.9 * pages
+    assert "mallopt M_MMAP_THRESHOLD" not in result["bench"]
+
+
+@pytest.mark.parametrize("env, chosen", [
+    ({}, None),
+    ({"MALLOC_MMAP_THRESHOLD_": "1"}, "MALLOC_MMAP_THRESHOLD_"),
+    ({"MALLOC_TOP_PAD_": "0"}, "MALLOC_TOP_PAD_"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "GLIBC_TUNABLES"),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"}, None),  # not malloc's
+    ({"LD_PRELOAD": "libjemalloc.so.2"}, None),  # jemalloc ignores glibc's mallopt: nothing to leave
+])
+def test_which_environment_variables_choose_the_allocator(env, chosen):
+    assert chosen_in_environment(env) == chosen
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_training_on_cpu_keeps_freed_blocks_unless_turned_off(tmp_path, monkeypatch, capsys, reuse):
+    import dyt.train.trainer as trainer
+    from dyt.train import run_recipe
+
+    sys.path.insert(0, str(HERE))
+    from toy_recipe import ToyConfig, ToyTask
+
+    calls = []
+    monkeypatch.setattr(trainer, "keep_freed_blocks", lambda: calls.append(1) or "allocator: probe")
+    run_recipe(ToyConfig, ToyTask, ["--set", f"train.out_dir={tmp_path}", "--set", "train.steps=1",
+                                    "--set", "train.progress=false", "--set", f"train.reuse_freed_memory={reuse}"])
+    assert calls == ([1] if reuse else [])
+    assert ("allocator: probe" in capsys.readouterr().out) == reuse
