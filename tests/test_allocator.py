@@ -97,3 +97,20 @@ def test_training_on_cpu_keeps_freed_blocks_unless_turned_off(tmp_path, monkeypa
                                     "--set", "train.progress=false", "--set", f"train.reuse_freed_memory={reuse}"])
     assert calls == ([1] if reuse else [])
     assert ("allocator: probe" in capsys.readouterr().out) == reuse
+
+
+def test_the_allocator_script_times_every_setting(tmp_path):
+    """scripts/bench_allocator.py on the toy recipe, one rank, one round: every setting trained and
+    compared with glibc's defaults in the same round."""
+    script = HERE.parent / "scripts" / "bench_allocator.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "allocator.json"
+    done = subprocess.run([sys.executable, str(script), "--module", "toy_recipe", "--ranks", "1", "--rounds", "1",
+                           "--steps", "3", "--skip", "1", "--set", "train.tensorboard=false", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert sorted(r["setting"] for r in result["runs"]) == ["freed blocks reused", "glibc defaults", "huge pages"]
+    assert all(r["step_seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["runs"])
+    assert result["ratios"]["glibc defaults"] == {"step_seconds": 1.0, "peak_rss_mb": 1.0}
+    assert result["settings"]["glibc defaults"]["overrides"] == ["train.reuse_freed_memory=false"]
