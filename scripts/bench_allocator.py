@@ -27,9 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Variables removed from every run's environment first, so each setting is what it says.
-ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
-                       "MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 OFF = ["train.reuse_freed_memory=false"]
 SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     # (environment, config overrides)
@@ -43,10 +40,12 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
 
 def run_once(args: argparse.Namespace, setting: str, out: Path) -> dict[str, float]:
     """Train ``args.steps`` steps under ``setting``; its median step seconds and peak RSS (MiB)."""
+    from dyt.bench import is_allocator_setting
     from dyt.train.compare import launch_command, launch_env
     from dyt.train.metrics import read_metrics
 
-    env = {k: v for k, v in launch_env(args.ranks).items() if k not in ALLOCATOR_VARIABLES}
+    # every allocator setting dyt-bench would record is dropped first, so each setting is what it says
+    env = {k: v for k, v in launch_env(args.ranks).items() if not is_allocator_setting(k)}
     variables, overrides = SETTINGS[setting]
     env.update(variables)
     env.setdefault("TQDM_DISABLE", "1")

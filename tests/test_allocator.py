@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dyt.allocator import chosen_in_environment
+from dyt.bench import is_allocator_setting
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
@@ -36,8 +37,7 @@ print(json.dumps({"default": default, "said": said, "after": second_fill_faults(
 
 
 def _probe(**env_extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
+    env = {k: v for k, v in os.environ.items() if not is_allocator_setting(k)}
     proc = subprocess.run([sys.executable, "-c", PROBE], env={**env, **env_extra}, capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -366,11 +366,16 @@ def cpu_name() -> str:
 ALLOCATOR_ENV = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
+def is_allocator_setting(name: str) -> bool:
+    """Whether the environment variable ``name`` changes what a fresh CPU tensor costs."""
+    return name.startswith("MALLOC_") or name in ALLOCATOR_ENV
+
+
 def allocator_env() -> dict[str, str]:
     """The allocator settings of the environment, and any mallopt this process made (a training run
     in the same process: :mod:`dyt.allocator`)."""
     made = {f"mallopt {name}": str(value) for name, value in applied().items()}
-    return {**{k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ALLOCATOR_ENV}, **made}
+    return {**{k: v for k, v in os.environ.items() if is_allocator_setting(k)}, **made}
 
 
 def machine_info(device: torch.device) -> dict:
