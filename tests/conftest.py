@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Without a GPU, Triton kernels run in Triton's interpreter. Triton reads this when its language
 # module and our kernels are first imported, so it is set before anything imports triton.
@@ -22,3 +23,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def reference():
     return dyt_reference
+
+
+@pytest.fixture
+def fresh_mapping_faults():
+    """Page faults of filling a fresh anonymous mapping of ``nbytes``: one per page, or one per huge
+    page where the kernel gives transparent huge pages to every mapping."""
+    try:
+        always = "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        always = False
+    page = 2 * 2**20 if always else os.sysconf("SC_PAGE_SIZE")
+    return lambda nbytes: nbytes // page

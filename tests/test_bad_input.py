@@ -144,6 +144,9 @@ CASES = [
     Case("bench-block-size", "dyt-bench", ("dyt-bench", "--block", "--block-size", "30,4,64,16"),
          ("--block-size", "DIM (30)")),
     Case("bench-repeats-zero", "dyt-bench", ("dyt-bench", "--repeats", "0"), ("--repeats", "at least 1")),
+    Case("bench-training-allocator-chosen", "dyt-bench", ("dyt-bench", "--training-allocator"),
+         ("--training-allocator", "MALLOC_MMAP_THRESHOLD_ is set in the environment"),
+         env={"MALLOC_MMAP_THRESHOLD_": "131072"}),
     Case("corpus-out-is-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml"),
          ("bad.yaml", "not a folder")),
     # ---- built-in data on a machine without apt-get (PATH holds only the venv's programs)

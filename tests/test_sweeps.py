@@ -434,19 +434,32 @@ def test_demo_runs_every_recipe_compare_through_its_spec(tmp_path, monkeypatch):
     for spec in specs:
         monkeypatch.setattr(importlib.import_module(spec.compare_module), "main", fake_compare(spec))
 
+    row = {"forward_ms": 1.0, "forward_GBps": 1.0, "forward_peak_bytes": 1, "forward_backward_ms": 2.0,
+           "forward_backward_GBps": 1.0, "forward_backward_peak_bytes": 2}
+    kernels = {"8x8": {name: row for name in ("copy", "F.layer_norm", "F.rms_norm")}}
+
     def fake_bench(argv):
-        Path(argv[argv.index("--json") + 1]).write_text(json.dumps(
-            {"machine": {"device": "cpu", "threads": 2, "torch": "x"}, "kernels": {}, "dtype": "float32"}))
+        called.append(("bench", argv))
+        payload = {"machine": {"device": "cpu", "threads": 2, "torch": "x"}, "kernels": kernels, "dtype": "float32"}
+        if "--training-allocator" in argv:
+            payload["training_allocator"] = {"allocator_env": {}, "kernels": kernels}
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps(payload))
 
     monkeypatch.setattr(demo, "bench_main", fake_bench)
     monkeypatch.setattr(demo, "CONVERSIONS", [])
+    # a CPU whose malloc the bench may set as training ranks do: the second pass is asked for
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "cannot_keep_freed_blocks", lambda: None)
     monkeypatch.setattr(sys, "argv", ["demo.py", "--out", str(tmp_path / "demo"), "--nproc", "1"])
     demo.main()
-    assert [name for name, _ in called] == ["llama", "wav2vec2", "dna"]
+    assert [name for name, _ in called] == ["llama", "wav2vec2", "dna", "bench"]
     for (_, argv), spec in zip(called, specs):
         assert argv[:4] == ["--out", str(tmp_path / "demo" / spec.name), "--nproc", "1"]
+    assert "--training-allocator" in called[-1][1]
     text = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"## {spec.title} report" in text for spec in specs) and "](llama/x.png)" in text
+    assert "## DyT vs LayerNorm / RMSNorm, 8x8 float32 (median" in text
+    assert "## DyT vs LayerNorm / RMSNorm, 8x8 float32, as CPU training ranks allocate" in text
 
 
 def test_demo_converts_fairseq2_llama_with_the_recipe_roles():

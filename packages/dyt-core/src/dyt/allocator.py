@@ -40,19 +40,29 @@ def chosen_in_environment(environ: Mapping[str, str] = os.environ) -> str | None
     return None
 
 
-def keep_freed_blocks() -> str:
-    """Raise glibc's mmap and trim thresholds to :data:`KEEP_BELOW` in this process, unless the
-    environment already sets malloc's behaviour or the C library is not glibc. Returns one line that
-    says what was done, for the run's log."""
+def cannot_keep_freed_blocks() -> str | None:
+    """Why :func:`keep_freed_blocks` would leave malloc as it is in this process, or None."""
     if platform.libc_ver()[0] != "glibc":
-        return "allocator: not glibc, left as it is"
+        return "the C library is not glibc"
     chosen = chosen_in_environment()
     if chosen:
-        return f"allocator: {chosen} is set, so glibc's malloc is left as the environment says"
+        return f"{chosen} is set in the environment"
+    if _applied:
+        return "this process already keeps freed blocks"
+    return None
+
+
+def keep_freed_blocks() -> str:
+    """Raise glibc's mmap and trim thresholds to :data:`KEEP_BELOW` in this process, unless
+    :func:`cannot_keep_freed_blocks` says why not. Returns one line that says what was done, for the
+    run's log."""
+    reason = cannot_keep_freed_blocks()
+    if reason:
+        return f"allocator: {reason}, so malloc is left as it is"
     libc = ctypes.CDLL("libc.so.6")
     for name, param in (("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD), ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD)):
         if libc.mallopt(param, KEEP_BELOW) != 1:
-            return f"allocator: glibc refused mallopt({name}), left as it is"
+            return f"allocator: glibc refused mallopt({name}), so malloc is left as it is"
         _applied[name] = KEEP_BELOW
     return (f"allocator: freed blocks below {KEEP_BELOW / 2**30:.0f} GiB stay in the heap for the next step "
             "(glibc's mmap and trim thresholds raised)")

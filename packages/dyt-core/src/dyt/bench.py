@@ -16,7 +16,14 @@ recorded: at small shapes waking sleeping threads costs as much as the op; docs/
 Peak memory is the most bytes allocated at once above what was allocated before the op ran: on
 CUDA from ``torch.cuda.max_memory_allocated``; on CPU from the profiler's allocator events
 (``profile_memory``: every allocation and free of the CPU allocator, in every op, thread and C++
-extension, with its time), run once, outside the timed repeats.
+extension, with its time), run once, outside the timed repeats. On CPU each op's minor page faults
+are counted too (``getrusage``, every thread of the process; median of 3 calls): under glibc's defaults a
+fresh output above 32 MiB faults in every 4 KiB page, each call.
+
+``--training-allocator`` times the kernels a second time, after setting glibc's malloc as CPU
+training ranks set it (``train.reuse_freed_memory``, :mod:`dyt.allocator`): freed blocks are kept,
+fresh outputs fault in no pages, and the ratios show the kernels' own work. The setting cannot be
+undone in a process, so that pass runs last.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocator import applied
+from .allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from .backends import auto_backend, available_backends
 from .errors import UserInputError, user_errors
 from .functional import dyt, residual_dyt
@@ -108,6 +116,17 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def page_faults(fn: Callable[[], object], calls: int = 3) -> int:
+    """Minor page faults of a call of ``fn`` in every thread of this process, the median of ``calls``
+    calls (a heap that keeps freed blocks may still grow once after the profiler's run)."""
+    counts = []
+    for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return int(statistics.median(counts))
 
 
 @dataclass
@@ -195,6 +214,10 @@ def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
             both = both_ms[name]
             row.update(forward_backward_ms=both, forward_backward_GBps=op.accesses[1] * element_bytes / both / 1e6,
                        forward_backward_peak_bytes=peak_bytes(forward_backward[name], device))
+        if device.type == "cpu":
+            row["forward_page_faults"] = page_faults(forward_only[name])
+            if op.backward:
+                row["forward_backward_page_faults"] = page_faults(forward_backward[name])
         results[name] = row
     return results
 
@@ -304,10 +327,11 @@ def _mb(nbytes: float) -> float:
 
 def format_kernels(results: dict) -> str:
     ln, rms, copy = results["F.layer_norm"], results["F.rms_norm"], results["copy"]
+    faults = "forward_page_faults" in copy  # counted on CPU
     lines = [
         f"{'op':28} {'fwd ms':>9} {'fwd GB/s':>9} {'fwd+bwd ms':>11} {'GB/s':>7} "
         f"{'fwd/copy':>9} {'fwd/LN':>7} {'f+b/LN':>7} {'fwd/RMS':>8} {'f+b/RMS':>8} "
-        f"{'fwd MB':>8} {'f+b MB':>8} {'f+b MB/LN':>10}"
+        f"{'fwd MB':>8} {'f+b MB':>8} {'f+b MB/LN':>10}" + (f" {'f+b faults':>10}" if faults else "")
     ]
     for name, row in results.items():
         both = row.get("forward_backward_ms", math.nan)
@@ -319,6 +343,7 @@ def format_kernels(results: dict) -> str:
             f"{row['forward_ms'] / rms['forward_ms']:8.2f} {both / rms['forward_backward_ms']:8.2f} "
             f"{_mb(row['forward_peak_bytes']):8.1f} {_mb(both_peak):8.1f} "
             f"{both_peak / ln['forward_backward_peak_bytes']:10.2f}"
+            + (f" {row.get('forward_backward_page_faults', math.nan):10.0f}" if faults else "")
         )
     return "\n".join(lines)
 
@@ -450,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llama", type=Path, metavar="RECIPE.yaml",
                         help="also time training steps of this dyt-llama recipe's model (e.g. recipes/llama/tiny.yaml) "
                              "with each norm, steps interleaved (needs the dyt-llama package)")
+    parser.add_argument("--training-allocator", action="store_true",
+                        help="then time the kernels again with glibc's malloc set as CPU training ranks set it "
+                             "(train.reuse_freed_memory: freed blocks kept, no page faults for fresh outputs); "
+                             "CPU and glibc only; the setting stays for the rest of the process, so this pass runs last")
     parser.add_argument("--warmup", type=count_arg(0), default=5)
     parser.add_argument("--repeats", type=count_arg(1), default=20)
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -464,6 +493,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"argument --device: {args.device}: dyt-bench times cpu or cuda devices")
     if args.llama is not None and not args.llama.is_file():
         parser.error(f"argument --llama: {args.llama} is not a file")
+    if args.training_allocator:
+        if device.type != "cpu":
+            parser.error("argument --training-allocator: glibc's malloc holds host memory only; use --device cpu")
+        reason = cannot_keep_freed_blocks()
+        if reason:
+            parser.error(f"argument --training-allocator: {reason}, and CPU training ranks would leave malloc as it "
+                         "is too: the first pass already times the kernels as they allocate")
     if args.json is not None and args.json.exists() and not args.json.is_file():
         parser.error(f"argument --json: {args.json} is not a file")
     if args.json is not None and any(p.exists() and not p.is_dir() for p in args.json.parents):
@@ -493,6 +529,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nLLaMA training step ({args.llama}, {payload['llama']['tokens_per_step']} tokens, DyT backend "
               f"{payload['llama']['dyt_backend']}), median of {args.repeats} interleaved steps\n"
               f"{format_llama(payload['llama']['results'])}")
+    if args.training_allocator:
+        said = keep_freed_blocks()
+        if not applied():  # glibc refused mallopt
+            raise UserInputError(f"--training-allocator: {said}")
+        payload["training_allocator"] = {"allocator_env": allocator_env(), "kernels": {}}
+        print(f"\nagain, as CPU training ranks allocate ({said})")
+        for rows, cols in shapes:
+            results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
+            payload["training_allocator"]["kernels"][f"{rows}x{cols}"] = results
+            print(f"\n{rows} x {cols}, training's allocator\n{format_kernels(results)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
