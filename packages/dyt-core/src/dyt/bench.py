@@ -120,7 +120,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 def page_faults(fn: Callable[[], object], calls: int = 3) -> int:
     """Minor page faults of a call of ``fn`` in every thread of this process, the median of ``calls``
-    calls (a heap that keeps freed blocks may still grow once after the profiler's run)."""
+    calls (a heap that keeps freed blocks can still grow on a call or two before it settles)."""
     counts = []
     for _ in range(calls):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -515,10 +515,13 @@ def main(argv: list[str] | None = None) -> None:
           f"allocator {machine['allocator_env'] or 'glibc defaults'}; "
           f"OpenMP waiting {machine['openmp_env'] or 'default (spin, then sleep)'}")
     payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
-    for rows, cols in shapes:
-        results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
-        payload["kernels"][f"{rows}x{cols}"] = results
-        print(f"\n{rows} x {cols}\n{format_kernels(results)}")
+
+    def time_kernels(into: dict, heading: str = "") -> None:
+        for rows, cols in shapes:
+            into[f"{rows}x{cols}"] = results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
+            print(f"\n{rows} x {cols}{heading}\n{format_kernels(results)}")
+
+    time_kernels(payload["kernels"])
     if args.block:
         dim, heads, ffn, tokens = args.block_size or ((4096, 32, 11008, 4096) if on_cuda else (512, 8, 1376, 512))
         results = run_block(dim, heads, ffn, tokens, dtype, device, args.warmup, args.repeats)
@@ -535,10 +538,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserInputError(f"--training-allocator: {said}")
         payload["training_allocator"] = {"allocator_env": allocator_env(), "kernels": {}}
         print(f"\nagain, as CPU training ranks allocate ({said})")
-        for rows, cols in shapes:
-            results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
-            payload["training_allocator"]["kernels"][f"{rows}x{cols}"] = results
-            print(f"\n{rows} x {cols}, training's allocator\n{format_kernels(results)}")
+        time_kernels(payload["training_allocator"]["kernels"], ", training's allocator")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
