@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 # Faults of each of three fills of a fresh 64 MiB tensor, the one before freed each time, after six
 # fills that let the heap settle (a small allocation between a free and the next fill can take a bite
-# of the freed block, so that the heap grows up to three times before it holds one whole); then whatever
-# keep_freed_blocks says, then the same again. In a fresh interpreter, so this process's malloc is
+# of the freed block, so that the heap grows on some early fills before it holds one whole:
+# docs/performance.md); then whatever keep_freed_blocks says, then the same again. In a fresh interpreter, so this process's malloc is
 # left as it was.
 PROBE = """
 import json, resource, torch
