@@ -78,18 +78,23 @@ def test_which_environment_variables_choose_the_allocator(env, chosen):
     assert chosen_in_environment(env) == chosen
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_training_on_cpu_keeps_freed_blocks_unless_turned_off(tmp_path, monkeypatch, capsys, reuse):
+@pytest.mark.parametrize("reuse, already", [(True, False), (True, True), (False, False)])
+def test_training_on_cpu_keeps_freed_blocks_unless_turned_off(tmp_path, monkeypatch, capsys, reuse, already):
     import dyt.train.trainer as trainer
     from dyt.train import run_recipe
     from toy_recipe import ToyConfig, ToyTask
 
     calls = []
     monkeypatch.setattr(trainer, "keep_freed_blocks", lambda: calls.append(1) or "allocator: probe")
+    monkeypatch.setattr(trainer, "cannot_keep_freed_blocks", lambda: "this process already keeps freed blocks" if already else None)
+    monkeypatch.setattr(trainer, "applied", lambda: {"M_MMAP_THRESHOLD": 2**31 - 1})
     run_recipe(ToyConfig, ToyTask, ["--set", f"train.out_dir={tmp_path}", "--set", "train.steps=1",
                                     "--set", "train.progress=false", "--set", f"train.reuse_freed_memory={reuse}"])
     assert calls == ([1] if reuse else [])
-    assert ("allocator: probe" in capsys.readouterr().out) == reuse
+    printed = capsys.readouterr().out
+    assert ("allocator: probe" in printed) == reuse
+    # the way back is offered only by the fit that set it: a process cannot return to glibc's defaults
+    assert ("train.reuse_freed_memory=false keeps glibc's defaults" in printed) == (reuse and not already)
 
 
 def test_the_allocator_script_times_every_setting(tmp_path):

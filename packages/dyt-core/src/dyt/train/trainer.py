@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..allocator import applied, keep_freed_blocks
+from ..allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from ..analysis import AlphaTracker
 from ..errors import UserInputError
 from . import checkpoint
@@ -382,9 +382,10 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         if cfg.reuse_freed_memory and dist.device.type == "cpu":
+            sets_it_now = cannot_keep_freed_blocks() is None  # once set, a process cannot go back to the defaults
             said = keep_freed_blocks()
             if dist.is_main:
-                print(said + ("; train.reuse_freed_memory=false keeps glibc's defaults" if applied() else ""),
+                print(said + ("; train.reuse_freed_memory=false keeps glibc's defaults" if sets_it_now and applied() else ""),
                       flush=True)
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
         # Too little data is an error before the engine is built.
