@@ -17,8 +17,8 @@ Peak memory is the most bytes allocated at once above what was allocated before 
 CUDA from ``torch.cuda.max_memory_allocated``; on CPU from the profiler's allocator events
 (``profile_memory``: every allocation and free of the CPU allocator, in every op, thread and C++
 extension, with its time), run once, outside the timed repeats. On CPU each op's minor page faults
-are counted too (``getrusage``, every thread of the process; median of 3 calls): under glibc's defaults a
-fresh output above 32 MiB faults in every 4 KiB page, each call.
+per timed call are counted too (``getrusage``, every thread of the process, median over the
+repeats): under glibc's defaults a fresh output above 32 MiB faults in every 4 KiB page, each call.
 
 ``--training-allocator`` times the kernels a second time, after setting glibc's malloc as CPU
 training ranks set it (``train.reuse_freed_memory``, :mod:`dyt.allocator`): freed blocks are kept,
@@ -71,24 +71,34 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                     repeats: int) -> dict[str, float]:
+                     repeats: int, faults: dict[str, int] | None = None) -> dict[str, float]:
     """Median wall time of each of ``fns`` in milliseconds, timed in rounds (one call of each per
     round, ``repeats`` rounds after ``warmup``): a change in the machine's speed during the run
     (load, clocks) hits every op alike, so the ratios between them hold. Each round runs the ops in
     a new (seeded) random order: in a fixed order an op always follows the same one, and on CPU at
-    1024 x 192 the second of two identical DyT calls ran 9% faster than the first for that alone."""
+    1024 x 192 the second of two identical DyT calls ran 9% faster than the first for that alone.
+    ``faults``, when given, receives each op's median minor page faults over the same timed calls
+    (``getrusage``, every thread of this process, read outside the timed span)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    fault_samples: dict[str, list[int]] = {name: [] for name in fns}
     order = list(fns)
     shuffle = random.Random(0).shuffle
     for round_index in range(warmup + repeats):
         shuffle(order)
         for name in order:
+            if faults is not None:
+                faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             _sync(device)
             start = time.perf_counter()
             fns[name]()
             _sync(device)
+            elapsed = time.perf_counter() - start
             if round_index >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append(elapsed * 1e3)
+                if faults is not None:
+                    fault_samples[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
+    if faults is not None:
+        faults.update({name: int(statistics.median(counts)) for name, counts in fault_samples.items()})
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -116,17 +126,6 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
-
-
-def page_faults(fn: Callable[[], object], calls: int = 3) -> int:
-    """Minor page faults of a call of ``fn`` in every thread of this process, the median of ``calls``
-    calls (a heap that keeps freed blocks can still grow on a call or two before it settles)."""
-    counts = []
-    for _ in range(calls):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fn()
-        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return int(statistics.median(counts))
 
 
 @dataclass
@@ -203,8 +202,11 @@ def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
         forward_only[name] = forward
         if op.backward:
             forward_backward[name] = both
-    forward_ms = time_interleaved(forward_only, device, warmup, repeats)
-    both_ms = time_interleaved(forward_backward, device, warmup, repeats)
+    on_cpu = device.type == "cpu"
+    forward_faults: dict[str, int] | None = {} if on_cpu else None
+    both_faults: dict[str, int] | None = {} if on_cpu else None
+    forward_ms = time_interleaved(forward_only, device, warmup, repeats, faults=forward_faults)
+    both_ms = time_interleaved(forward_backward, device, warmup, repeats, faults=both_faults)
     results = {}
     for name, op in ops.items():
         fwd = forward_ms[name]
@@ -214,10 +216,10 @@ def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
             both = both_ms[name]
             row.update(forward_backward_ms=both, forward_backward_GBps=op.accesses[1] * element_bytes / both / 1e6,
                        forward_backward_peak_bytes=peak_bytes(forward_backward[name], device))
-        if device.type == "cpu":
-            row["forward_page_faults"] = page_faults(forward_only[name])
+        if on_cpu:
+            row["forward_page_faults"] = forward_faults[name]
             if op.backward:
-                row["forward_backward_page_faults"] = page_faults(forward_backward[name])
+                row["forward_backward_page_faults"] = both_faults[name]
         results[name] = row
     return results
 
