@@ -45,6 +45,8 @@ class Case:
     also: tuple[str, ...] = ()
     """What must be elsewhere in stderr (e.g. the reason each left-out file was left out)."""
     env: dict[str, str] = field(default_factory=dict, hash=False)
+    cwd: str = str(ROOT)
+    """Where the command runs (``{tmp}`` is the fixture folder)."""
 
 
 def _llama(*args):
@@ -137,6 +139,10 @@ CASES = [
     Case("dna-compare-task-missing", "dyt-dna-compare",
          ("dyt-dna-compare", "--tasks", "{tmp}/none", "--out", "{tmp}/cmp", "--set", "data.fasta=[{tmp}/fasta/good.fa]",
           "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]"), ("task", "none", "nor a folder")),
+    Case("llama-compare-nproc-zero", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/cmp", "--nproc", "0"),
+         ("--nproc", "at least 1")),
+    Case("dna-compare-fresh-deletes-cwd", "dyt-dna-compare", ("dyt-dna-compare", "--out", "{tmp}/cmp-fresh", "--fresh"),
+         ("--fresh", "cmp-fresh", "holds the current directory"), cwd="{tmp}/cmp-fresh/inner"),
     Case("w2v-compare-deepspeed-json", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "train.deepspeed_config={tmp}/bad.json"),
          ("bad.json:1:", "invalid JSON")),
@@ -185,6 +191,8 @@ def _inputs(tmp: Path) -> None:
     for name in ("a/one", "a/two", "b/three", "b/four"):
         (corpus / f"{name}.txt").parent.mkdir(parents=True, exist_ok=True)
         (corpus / f"{name}.txt").write_text("Shall I compare thee to a summer's day? " * 20)
+    (tmp / "cmp-fresh" / "inner").mkdir(parents=True)
+    (tmp / "cmp-fresh" / "inner" / "keep.txt").write_text("not to be deleted\n")
     latin = tmp / "latin1-corpus"
     latin.mkdir()
     (latin / "good.txt").write_text("plain text\n")
@@ -259,8 +267,8 @@ def _argv(command: tuple[str, ...], tmp: Path) -> list[str]:
 
 def _run(case: Case, tmp: Path) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(_argv(case.command, tmp), cwd=ROOT, env={**_env(tmp), **case.env}, capture_output=True,
-                              text=True, timeout=TIMEOUT_S)
+        return subprocess.run(_argv(case.command, tmp), cwd=case.cwd.replace("{tmp}", str(tmp)),
+                              env={**_env(tmp), **case.env}, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as expired:
         return subprocess.CompletedProcess(expired.cmd, -1, expired.stdout or "", f"timed out after {TIMEOUT_S} s")
 
@@ -313,6 +321,14 @@ def test_what_the_failed_cases_left_behind(bad_input_runs):
     rows = (tmp / "out-truncated.tsv").read_text().splitlines()[1:]
     assert sorted(r.split("\t")[0] for r in rows) == ["good0.wav", "sub/good1.wav"]
     assert all(r.endswith("\t16000") for r in rows)
+
+
+@pytest.mark.slow
+def test_a_refused_fresh_deleted_nothing(bad_input_runs):
+    runs, tmp = bad_input_runs
+    if "dna-compare-fresh-deletes-cwd" not in runs:
+        pytest.skip("needs the case dna-compare-fresh-deletes-cwd in the same run")
+    assert (tmp / "cmp-fresh" / "inner" / "keep.txt").read_text() == "not to be deleted\n"
 
 
 # ---------------------------------------------------------------- DYT_DEBUG, ranks, a full disk

@@ -379,6 +379,21 @@ def test_no_compiler_at_all(monkeypatch):
         dyt.select_backend("cpu", "cpu")
 
 
+def test_the_ninja_wheel_is_found_when_its_folder_is_off_path(monkeypatch, tmp_path):
+    """A venv's python run without activating the venv: the wheel's ninja is beside the scripts,
+    not on PATH, and cpp_extension looks on PATH only."""
+    import os
+    import shutil
+
+    from dyt.kernels import cpp_build
+
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    cpp_build.put_ninja_wheel_on_path()
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+
+
 def test_the_gradient_reuse_script_runs():
     """scripts/bench_gradient_reuse.py at a tiny shape: every op timed, the DyT gradients checked equal."""
     import subprocess

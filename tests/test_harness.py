@@ -191,7 +191,7 @@ def test_compare_wall_time_counts_only_launches_that_trained(tmp_path, monkeypat
 def test_fresh_deletes_its_out_folder_but_never_one_holding_the_working_directory(tmp_path, monkeypatch):
     import argparse
 
-    from dyt.train.compare import prepare_out
+    from dyt.train.compare import CompareError, prepare_out
 
     out = tmp_path / "runs"
     (out / "old-run").mkdir(parents=True)
@@ -200,6 +200,6 @@ def test_fresh_deletes_its_out_folder_but_never_one_holding_the_working_director
     (tmp_path / "keep.txt").write_text("mine")
     monkeypatch.chdir(out)
     for dangerous in (Path("."), tmp_path):
-        with pytest.raises(SystemExit, match="holds the current directory"):
+        with pytest.raises(CompareError, match="holds the current directory"):
             prepare_out(argparse.Namespace(out=dangerous, fresh=True))
     assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -1,5 +1,5 @@
 """dyt-core stands alone: importing it pulls in no recipe dependency, and it installs into a venv
-that has nothing but torch."""
+that has nothing but torch and ninja."""
 
 import importlib.metadata as metadata
 import os
@@ -45,13 +45,13 @@ def _requirement_closure(name: str) -> set[str]:
 
 @pytest.mark.slow
 def test_dyt_core_installs_alone_into_a_torch_only_venv(tmp_path):
-    """A venv whose site-packages holds torch and its own requirements (linked from this venv, to
-    skip a multi-GB download), then ``pip install ./packages/dyt-core``."""
+    """A venv whose site-packages holds torch, ninja and their own requirements (linked from this
+    venv, to skip a multi-GB download), then ``pip install ./packages/dyt-core``."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
-    for name in _requirement_closure("torch"):
+    for name in _requirement_closure("torch") | _requirement_closure("ninja"):
         dist = metadata.distribution(name)
         tops = {Path(str(f)).parts[0] for f in dist.files or []}
         for top in tops:

@@ -110,7 +110,7 @@ def prepare_kjv(out: Path | None = None) -> Path:
     """The second text corpus, for checking that settings chosen on the built-in one transfer (never
     for choosing them): the King James Bible from Debian's ``bible-kjv-text``, printed book by book
     by the package's own ``bible`` program (the data file is compressed in its own format). One
-    .txt file per book (66 documents, 4.3 MB), verse numbers and chapter headings dropped; under
+    .txt file per book (66 documents, 4.1 MB), verse numbers and chapter headings dropped; under
     ``$DYT_CACHE/text-kjv`` by default. Train on it with ``--set data.corpus=<that folder>``."""
     import re
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -39,6 +41,20 @@ def capability() -> str:
     return level if level in CAPABILITY_FLAGS else "DEFAULT"
 
 
+def put_ninja_wheel_on_path() -> None:
+    """Where no ``ninja`` is on PATH, add the folder of the ninja wheel's binary (a dyt-core
+    dependency): pip puts it beside the interpreter's scripts, which are off PATH when a venv's python
+    runs without the venv being activated, and cpp_extension looks for ``ninja`` on PATH only."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR:
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
 class CpuExtension:
     """One C++ file built at first use in a process, then kept; a failed build is kept too (no
     second attempt) and announced once with a RuntimeWarning that says what runs instead."""
@@ -55,6 +71,7 @@ class CpuExtension:
         reason when it cannot."""
         from torch.utils import cpp_extension
 
+        put_ninja_wheel_on_path()
         try:
             cpp_extension.verify_ninja_availability()
         except RuntimeError as error:

@@ -32,7 +32,7 @@ from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import UserInputError
 from ..norms import norm_variant_overrides
 from .checkpoint import complete_checkpoints, step_of
-from .config import dump_yaml, load_config
+from .config import AT_LEAST_ONE, dump_yaml, load_config
 from .distributed import free_port
 from .metrics import read_metrics
 from .recipe import Metric, ModelSpec, RecipeSpec
@@ -176,7 +176,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
                              "to that norm's runs, e.g. dyt:train.lr=1e-3,2e-3")
     parser.add_argument("--out", type=Path, default=Path(f"runs/{spec.name}-compare"))
     parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
-    parser.add_argument("--nproc", type=int, default=2, help="local ranks per training run")
+    parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2, help="local ranks per training run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
     parser.add_argument("--fresh", action="store_true",
@@ -192,6 +192,8 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
             parser.error(f"argument --sweep: {second.key} is swept twice for the same runs")
+    if args.fresh and holds_working_directory(args.out):
+        parser.error(f"argument --fresh: {FRESH_REFUSED.format(out=args.out)}")
     if args.norms is not None:
         if len(set(args.norms)) != len(args.norms):
             parser.error("argument --norms: a norm is listed twice")
@@ -202,13 +204,21 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
+FRESH_REFUSED = "it would delete {out}, which holds the current directory; give --out a folder of its own"
+
+
+def holds_working_directory(path: Path) -> bool:
+    here = Path.cwd().resolve()
+    return path.resolve() in (here, *here.parents)
+
+
 def prepare_out(args: argparse.Namespace) -> None:
-    """Create ``--out``; with ``--fresh`` delete it, and what earlier runs left there, first."""
+    """Create ``--out``; with ``--fresh`` delete it, and what earlier runs left there, first (never a
+    folder holding the working directory: the commands refuse that as they parse their options, and
+    this refuses it again for callers that build their arguments themselves)."""
     if args.fresh and args.out.exists():
-        here = Path.cwd().resolve()
-        if args.out.resolve() in (here, *here.parents):
-            raise SystemExit(f"--fresh would delete {args.out}, which holds the current directory; "
-                             "give --out a folder of its own")
+        if holds_working_directory(args.out):
+            raise CompareError(f"--fresh: {FRESH_REFUSED.format(out=args.out)}")
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
 
