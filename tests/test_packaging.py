@@ -117,3 +117,4 @@ def test_dyt_data_installs_alone_with_its_declared_dependencies(tmp_path):
         "print(s.TokenShards(folder).read(1, 3).tolist(), 'torch' in sys.modules)"), str(tmp_path / "stream")],
         capture_output=True, text=True, env=env)
     assert check.returncode == 0 and check.stdout.strip() == "[1, 2, 3] False", check.stdout + check.stderr
+
