@@ -100,7 +100,33 @@ CASES = [
          ("none.fa", "no such FASTA file")),
     Case("dna-window-over-context", "dyt_dna.train", _dna("--set", "data.window=4096"),
          ("data.window=4096", "model.max_len=512")),
+    Case("llama-norm-backend-unknown", "dyt_llama.train", _llama("--set", "model.norm=dyt", "--set", "model.norm.backend=bogus"),
+         ("model.norm", "unknown DyT backend 'bogus'")),
+    Case("llama-default-backend-unknown", "dyt_llama.train", _llama("--set", "model.norm=dyt"),
+         ("DYT_BACKEND", "unknown DyT backend 'bogus'"), env={"DYT_BACKEND": "bogus"}),
+    Case("llama-seed-too-large", "dyt_llama.train", _llama("--set", "train.seed=99999999999999999999"),
+         ("train.seed", "from 0 to 4294967295")),
+    Case("llama-lr-infinite", "dyt_llama.train", _llama("--set", "train.lr=.inf"), ("train.lr", "not a finite number")),
+    Case("llama-norm-eps-negative", "dyt_llama.train", _llama("--set", "model.norm.eps=-1"),
+         ("model.norm", "eps must be a positive number")),
+    Case("llama-alpha-init-nan", "dyt_llama.train", _llama("--set", "model.norm=dyt", "--set", "model.norm.alpha_init.ffn=.nan"),
+         ("alpha_init.ffn", "positive number")),
+    Case("llama-out-dir-under-a-file", "dyt_llama.train", _llama("--set", "train.out_dir={tmp}/bad.yaml/run"),
+         ("train.out_dir", "bad.yaml is a file, not a folder")),
+    Case("llama-out-dir-empty", "dyt_llama.train", _llama("--set", "train.out_dir="), ("train.out_dir is empty",)),
+    Case("llama-resume-damaged-marker", "dyt_llama.train",
+         _llama("--set", "train.out_dir={tmp}/llama-run-bad-marker", "--set", "model.norm=dyt", "--resume"),
+         ("checkpoint error", "step_00000001/COMPLETE", "not a checkpoint marker")),
     # ---- wav2vec 2.0 pretraining (python -m dyt_wav2vec2.train)
+    Case("w2v-heads-do-not-divide-dim", "dyt_wav2vec2.train",
+         ("-m", "dyt_wav2vec2.train", "--config", "recipes/wav2vec2/tiny.yaml", "--set", "model.heads=5"),
+         ("dim (64) must divide by heads (5)",)),
+    Case("w2v-conv-layers-malformed", "dyt_wav2vec2.train",
+         ("-m", "dyt_wav2vec2.train", "--config", "recipes/wav2vec2/tiny.yaml", "--set", "model.conv_layers=[[64,10]]"),
+         ("conv_layers", "[channels, kernel, stride]")),
+    Case("w2v-dropout-out-of-range", "dyt_wav2vec2.train",
+         ("-m", "dyt_wav2vec2.train", "--config", "recipes/wav2vec2/tiny.yaml", "--set", "model.dropout=7"),
+         ("model.dropout", "from 0 to 1")),
     Case("w2v-train-truncated-wav", "dyt_wav2vec2.train", _w2v("train_truncated.tsv"),
          ("training audio", "trunc.wav", "truncated", "header promises 16000 samples")),
     Case("w2v-train-stereo-wav", "dyt_wav2vec2.train", _w2v("train_stereo.tsv"),
@@ -114,9 +140,13 @@ CASES = [
     Case("manifest-stereo-wav", "dyt_wav2vec2.manifest",
          ("-m", "dyt_wav2vec2.manifest", "{tmp}/audio-stereo", "{tmp}/out-stereo.tsv"),
          ("out-stereo.tsv lists 2 of 3 files", "stereo.wav"), ("stereo.wav: 2 channels",)),
+    Case("manifest-out-is-a-folder", "dyt_wav2vec2.manifest",
+         ("-m", "dyt_wav2vec2.manifest", "{tmp}/audio-stereo", "{tmp}/fasta"), ("fasta is a folder",)),
     Case("manifest-no-folder", "dyt_wav2vec2.manifest",
          ("-m", "dyt_wav2vec2.manifest", "{tmp}/nowhere", "{tmp}/out.tsv"), ("nowhere", "no such folder")),
     # ---- evals
+    Case("dna-eval-out-is-a-folder", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--out", "{tmp}/fasta"),
+         ("--out", "fasta is a folder")),
     Case("dna-eval-no-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/nowhere", "--task", "{tmp}/csv"),
          ("nowhere", "no such run directory")),
     Case("dna-eval-untrained-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run-untrained"),
@@ -139,6 +169,19 @@ CASES = [
     Case("dna-compare-task-missing", "dyt-dna-compare",
          ("dyt-dna-compare", "--tasks", "{tmp}/none", "--out", "{tmp}/cmp", "--set", "data.fasta=[{tmp}/fasta/good.fa]",
           "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]"), ("task", "none", "nor a folder")),
+    Case("llama-compare-out-is-a-file", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/bad.yaml"),
+         ("--out", "bad.yaml is a file, not a folder")),
+    Case("llama-compare-sweep-of-the-norm", "dyt-llama-compare",
+         ("dyt-llama-compare", "--out", "{tmp}/cmp", "--sweep", "model.norm=dyt,layernorm"),
+         ("--sweep", "model.norm is what each --norms entry sets")),
+    Case("llama-compare-set-norm-kind", "dyt-llama-compare",
+         ("dyt-llama-compare", "--out", "{tmp}/cmp", "--set", "model.norm.kind=dyt"),
+         ("--set", "model.norm.kind is what each --norms entry sets")),
+    Case("llama-compare-seed-twice", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/cmp", "--seeds", "0", "0"),
+         ("--seeds", "listed twice")),
+    Case("dna-compare-one-model-twice", "dyt-dna-compare",
+         ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "recipes/dna/hyena-tiny.yaml"),
+         ("--configs", "both hyena models")),
     Case("llama-compare-nproc-zero", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/cmp", "--nproc", "0"),
          ("--nproc", "at least 1")),
     Case("dna-compare-fresh-deletes-cwd", "dyt-dna-compare", ("dyt-dna-compare", "--out", "{tmp}/cmp-fresh", "--fresh"),
@@ -155,6 +198,10 @@ CASES = [
          env={"MALLOC_MMAP_THRESHOLD_": "131072"}),
     Case("corpus-out-is-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml"),
          ("bad.yaml", "not a folder")),
+    Case("corpus-out-under-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml/sub"),
+         ("--out", "bad.yaml is a file, not a folder")),
+    Case("speech-out-is-a-file", "dyt_wav2vec2.speech", ("-m", "dyt_wav2vec2.speech", "--out", "{tmp}/bad.yaml"),
+         ("--out", "bad.yaml is a file, not a folder")),
     # ---- built-in data on a machine without apt-get (PATH holds only the venv's programs)
     Case("kjv-without-apt-get", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--kjv", "--out", "{tmp}/kjv"),
          ("data error", "bible-kjv", "no apt-get"), env={"PATH": str(BIN)}),
@@ -165,6 +212,11 @@ CASES = [
          ("data error", "ragout-examples", "no apt-get"), env={"PATH": str(BIN)}),
 ]
 if not torch.cuda.is_available():
+    CASES.append(Case("llama-fp16-without-cuda", "dyt_llama.train", _llama("--set", "train.precision=fp16"),
+                      ("train.precision='fp16'", "needs a CUDA GPU")))
+    CASES.append(Case("llama-fused-backend-without-cuda", "dyt_llama.train",
+                      _llama("--set", "model.norm=dyt", "--set", "model.norm.backend=fused"),
+                      ("model.norm.backend", "'fused' cannot run on cpu"), env={"TRITON_INTERPRET": "0"}))
     CASES.append(Case("bench-no-cuda", "dyt-bench", ("dyt-bench", "--device", "cuda"), ("--device", "CUDA is not available")))
 
 
@@ -235,6 +287,10 @@ def _inputs(tmp: Path) -> None:
     (llama_run / "checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
     (llama_run / "config.yaml").write_text(dump_yaml(load_config(
         LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [*overrides, "model.norm=dyt", f"train.out_dir={llama_run}"])))
+    damaged = tmp / "llama-run-bad-marker"
+    (damaged / "checkpoints/step_00000001").mkdir(parents=True)
+    (damaged / "checkpoints/step_00000001/COMPLETE").write_text("garbage{")
+    (damaged / "config.yaml").write_text((llama_run / "config.yaml").read_text())
     from dyt_dna.task import DnaConfig
 
     config = dump_yaml(load_config(DnaConfig, ROOT / "recipes/dna/hyena-tiny.yaml"))

@@ -44,6 +44,16 @@ def test_bench_times_llama_steps_interleaved(tmp_path, capsys):
     assert "train/RMS" in capsys.readouterr().out
 
 
+def test_a_bad_llama_recipe_stops_the_bench_before_any_timing(tmp_path, capsys):
+    recipe = tmp_path / "not-llama.yaml"
+    recipe.write_text("model: {arch: hyena}\n")  # a DNA recipe's key
+    with pytest.raises(SystemExit) as stopped:
+        main(["--shape", "8x32", "--repeats", "1", "--warmup", "0", "--llama", str(recipe)])
+    printed = capsys.readouterr()
+    assert stopped.value.code == 2 and "unknown key 'model.arch'" in printed.err
+    assert "8 x 32" not in printed.out
+
+
 def test_bench_records_how_openmp_threads_wait(tmp_path, capsys, monkeypatch):
     # at small shapes OMP_WAIT_POLICY moves the ratios as much as the kernels do: the run must say it
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")

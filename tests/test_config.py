@@ -46,12 +46,37 @@ def test_shorthand_keeps_other_norm_settings():
         ("train.betas=[0.9, 1.5]", "train.betas[1]: 1.5 is out of range: it must be at least 0 and less than 1"),
         ("train.zero_stage=4", "train.zero_stage: 4 is out of range: it must be from 0 to 3"),
         ("train.lr=[1", "override 'train.lr=[1': the value is not valid YAML"),
+        ("train.lr=.inf", "train.lr: inf is not a finite number: it must be greater than 0"),
+        ("train.grad_clip=.nan", "train.grad_clip: nan is not a finite number: it must be at least 0"),
+        ("train.seed=4294967296", "train.seed: 4294967296 is out of range: it must be from 0 to 4294967295"),
+        ("train.out_dir=", "train.out_dir is empty"),
+        ("model.norm.backend=bogus", "unknown DyT backend 'bogus'"),
+        ("model.norm.eps=0", "eps must be a positive number"),
+        ("model.norm.alpha_init.ffn=-3", "alpha_init.ffn must be a positive number"),
     ],
 )
 def test_override_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(ToyConfig, None, [override])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("0755", "0755"),  # YAML 1.1: the octal 493
+    ("1.10", "1.10"),  # a float, 1.1
+    ("yes", "yes"),  # true
+    ("runs/a #2", "runs/a #2"),  # ' #2' a comment
+    ("'quoted'", "quoted"),  # quotes are YAML's
+])
+def test_a_string_setting_keeps_the_override_text(value, expected):
+    config = load_config(ToyConfig, None, [f"train.out_dir={value}", "train.steps=12", "train.lr=1e-3"])
+    assert config.train.out_dir == expected
+    assert config.train.steps == 12 and config.train.lr == 1e-3  # other types: as YAML reads them
+
+
+def test_null_clears_an_optional_string_setting():
+    config = load_config(ToyConfig, None, ["train.deepspeed_config=recipes/x.json", "train.deepspeed_config=null"])
+    assert config.train.deepspeed_config is None
 
 
 def test_file_errors(tmp_path):

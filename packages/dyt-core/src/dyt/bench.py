@@ -280,21 +280,28 @@ def run_block(dim, heads, ffn, tokens, dtype, device, warmup, repeats) -> dict:
 LLAMA_NORMS = {"rmsnorm": "model.norm=rmsnorm", "layernorm": "model.norm=layernorm", "dyt": "model.norm=dyt"}
 
 
-def run_llama(config_path: Path, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Training steps (forward, cross-entropy, backward, AdamW step) of a dyt-llama recipe's model with
-    each norm, one batch of its micro-batch size and sequence length. The variants' steps are
-    interleaved (one step of each per round, in a random order, ``repeats`` rounds), so a change in
-    machine load hits all of them alike; each variant's time is its median step."""
+def llama_configs(config_path: Path) -> dict:
+    """The dyt-llama recipe's config with each norm of :data:`LLAMA_NORMS`: loaded before any timing,
+    so a bad recipe stops the command at once."""
     try:
-        from dyt_llama.model import Llama
         from dyt_llama.task import LlamaConfig
     except ImportError as error:
         raise UserInputError(f"--llama needs the dyt-llama package ({error})") from None
     from .train.config import load_config
 
+    return {name: load_config(LlamaConfig, config_path, [override], check_files=False)
+            for name, override in LLAMA_NORMS.items()}
+
+
+def run_llama(config_path: Path, configs: dict, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Training steps (forward, cross-entropy, backward, AdamW step) of a dyt-llama recipe's model with
+    each norm (:func:`llama_configs`), one batch of its micro-batch size and sequence length. The
+    variants' steps are interleaved (one step of each per round, in a random order, ``repeats``
+    rounds), so a change in machine load hits all of them alike; each variant's time is its median step."""
+    from dyt_llama.model import Llama
+
     variants = {}
-    for name, override in LLAMA_NORMS.items():
-        config = load_config(LlamaConfig, config_path, [override], check_files=False)
+    for name, config in configs.items():
         torch.manual_seed(0)
         model = Llama(config.model).to(device=device, dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
@@ -507,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None and any(p.exists() and not p.is_dir() for p in args.json.parents):
         parser.error(f"argument --json: {args.json}: a parent of it is a file, not a folder")
 
+    llama = llama_configs(args.llama) if args.llama else None
+
     on_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     shapes = args.shapes or ([shape_arg(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
@@ -530,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["block"] = {"size": [dim, heads, ffn, tokens], "results": results}
         print(f"\ndecoder block dim {dim}, {heads} heads, ffn {ffn}, {tokens} tokens\n{format_block(results)}")
     if args.llama:
-        payload["llama"] = run_llama(args.llama, dtype, device, args.warmup, args.repeats)
+        payload["llama"] = run_llama(args.llama, llama, dtype, device, args.warmup, args.repeats)
         print(f"\nLLaMA training step ({args.llama}, {payload['llama']['tokens_per_step']} tokens, DyT backend "
               f"{payload['llama']['dyt_backend']}), median of {args.repeats} interleaved steps\n"
               f"{format_llama(payload['llama']['results'])}")

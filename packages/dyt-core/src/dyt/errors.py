@@ -16,6 +16,7 @@ Standard library only: ``dyt-bench`` uses this without the ``train`` extra.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
@@ -24,6 +25,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "DYT_DEBUG"
@@ -105,3 +107,32 @@ def command(prog: str, target: str | Callable[[], object]) -> Callable[[], int]:
 
     run.__doc__ = f"The ``{prog}`` command."
     return run
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a folder to write into (existing or created on demand), or None: a
+    file stands at it or in place of one of its parents. Checked before work whose results would
+    otherwise be lost when the folder cannot be made at the end."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else f"{candidate} is a file, not a folder"
+    return None
+
+
+def output_folder(text: str) -> Path:
+    """argparse ``type=`` for a folder a command writes into."""
+    problem = folder_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return Path(text)
+
+
+def output_file(text: str) -> Path:
+    """argparse ``type=`` for a file a command writes: not a folder, in a folder that exists."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder {path.parent} does not exist")
+    return path

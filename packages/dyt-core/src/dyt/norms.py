@@ -4,6 +4,7 @@ their residual-branch and weight changes live in :mod:`dyt.baselines`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from .alpha import ROLES, alpha_init_for
-from .backends import BACKENDS, why_not_variant
+from .backends import BACKENDS, check_backend_name, why_not_variant
 from .kernels.eager import SQUASHES
 from .modules import ALPHA_SHAPES, DyT
 
@@ -65,6 +66,13 @@ class NormConfig:
             raise ValueError(f"unknown squash {self.squash!r}; choose one of {', '.join(SQUASHES)}")
         if self.alpha_shape not in ALPHA_SHAPES:
             raise ValueError(f"unknown alpha_shape {self.alpha_shape!r}; choose one of {', '.join(ALPHA_SHAPES)}")
+        if self.backend is not None:
+            check_backend_name(self.backend)
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a positive number, not {self.eps!r}")
+        for role, alpha in self.alpha_init.items():
+            if not (math.isfinite(alpha) and alpha > 0):
+                raise ValueError(f"alpha_init.{role} must be a positive number (alpha0), not {alpha!r}")
         if self.kind == "dyt" and self.backend in BACKENDS:  # e.g. fused with hardtanh: refused at load
             reason = why_not_variant(self.backend, self.squash, self.alpha_shape == "channel")
             if reason is not None:

@@ -12,6 +12,7 @@ reused, so a killed comparison continues.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from dataclasses import asdict
@@ -37,7 +38,7 @@ from dyt.train.compare import (
     train_runs,
     verdict,
 )
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import FinetuneConfig
 from dyt.train.recipe import Metric
 
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", nargs="+", default=["species"],
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
-    parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
-    parser.add_argument("--pretrain-seed", type=NON_NEGATIVE.arg(int), default=0)
+    parser.add_argument("--seeds", nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--pretrain-seed", type=SEED.arg(int), default=0)
     parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128, help="built-in tasks: bases per example")
     parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
                         help="built-in tasks: training examples per class")
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Each config's model.arch says which of the recipe's models it is (and so its default norms).
     models = [(SPEC.model(load_config(DnaConfig, path, args.overrides).model.arch), path) for path in args.configs]
+    for (first, first_path), (second, second_path) in itertools.combinations(models, 2):
+        if first.name == second.name:  # runs are named and reported by model
+            parser.error(f"argument --configs: {first_path} and {second_path} are both {first.name} models; "
+                         "give one config per model (compare sizes in separate --out folders)")
     plan = plan_runs(SPEC, args, models, [args.pretrain_seed])  # config errors before launching
     for spec in args.tasks:
         check_task(spec)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dyt.errors import output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
+from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
     Classification,
     FinetuneConfig,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species")
-    parser.add_argument("--seeds", type=NON_NEGATIVE.arg(int), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=10)
     parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
     parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=32)
@@ -124,10 +125,8 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
     parser.add_argument("--random-init", action="store_true",
                         help="fine-tune the run's model untrained (same config, seeds and budget): the baseline row")
-    parser.add_argument("--out", type=Path, help="write the per-seed results here as JSON")
+    parser.add_argument("--out", type=output_file, help="write the per-seed results here as JSON")
     args = parser.parse_args(argv)
-    if args.out is not None and not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
     check_run(args.run, weights=not args.random_init)  # before any data is built
     # the weights are loaded once, by evaluate
     config = load_config(DnaConfig, args.run / "config.yaml", check_files=False)

@@ -36,7 +36,7 @@ from dyt.train.compare import (
     train_runs,
     verdict,
 )
-from dyt.train.config import NON_NEGATIVE
+from dyt.train.config import SEED
 
 from .data import build_datasets, load_documents
 from .recipe import SPEC
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
-    parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0])
+    parser.add_argument("--seeds", nargs="+", type=SEED.arg(int), default=[0])
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 

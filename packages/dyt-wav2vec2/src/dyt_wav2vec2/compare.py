@@ -41,7 +41,7 @@ from dyt.train.compare import (
     train_runs,
     verdict,
 )
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE
+from dyt.train.config import AT_LEAST_ONE, SEED
 from dyt.train.recipe import Metric
 
 from .eval import CTCSettings, add_ctc_arguments, headline, run_evals
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
-    parser.add_argument("--seeds", nargs="+", type=NON_NEGATIVE.arg(int), default=[0, 1, 2], help="downstream seeds")
+    parser.add_argument("--seeds", nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=150, help="keyword fine-tuning (probe, finetune) steps per seed")
     add_ctc_arguments(parser)
-    parser.add_argument("--pretrain-seed", type=NON_NEGATIVE.arg(int), default=0)
+    parser.add_argument("--pretrain-seed", type=SEED.arg(int), default=0)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 

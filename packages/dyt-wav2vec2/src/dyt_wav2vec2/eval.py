@@ -31,8 +31,9 @@ from fairseq2.nn.utils.mask import compute_row_mask
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from dyt.errors import output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
+from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
     SCHEDULES,
     Classification,
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--evals", nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
-    parser.add_argument("--seeds", type=NON_NEGATIVE.arg(int), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=200, help="keyword fine-tuning steps per seed")
     add_ctc_arguments(parser)
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)")
     parser.add_argument("--ctc-mask-channels", type=float, default=CTCSettings.masking.channel_prob,
                         help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")
-    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument("--out", type=output_file, help="write the results here as JSON")
     args = parser.parse_args(argv)
     try:
         masking = CTCMasking(time_prob=args.ctc_mask_time, channel_prob=args.ctc_mask_channels)
@@ -455,8 +456,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.data is not None and not any(args.data.glob("*.tsv")):
         parser.error(f"--data {args.data}: no .tsv manifests there; give the folder `python -m dyt_wav2vec2.speech "
                      "--out DIR` built, or leave --data out")
-    if args.out is not None and not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: its folder {args.out.parent} does not exist")
     check_run(args.run, weights=not args.random_init)  # before any data is built
     # the speech the run was pretrained beside, at its size (a default-sized build would rewrite it)
     data = args.data or builtin_speech(load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml",

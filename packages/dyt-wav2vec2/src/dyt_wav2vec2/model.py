@@ -15,6 +15,7 @@ with ``apply_norm_free``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from fairseq2.models.transformer import StandardTransformerEncoderLayer, TransformerNormOrder
@@ -25,6 +26,7 @@ from fairseq2.nn.residual import ResidualConnect
 from torch import nn
 
 from dyt import NormConfig, apply_norm_free, convert_norms, make_norm, residual_gate
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
 
 NORM_ORDERS = {"pre": TransformerNormOrder.PRE, "post": TransformerNormOrder.POST}
 NORM_SCOPES = ("encoder", "all")
@@ -37,10 +39,10 @@ POST_EXTRACT = "encoder_frontend.post_extract_layer_norm"
 class Wav2Vec2ModelConfig:
     """The wav2vec 2.0 sizes and settings a recipe chooses; everything else is fairseq2's default."""
 
-    dim: int = 768
-    layers: int = 12
-    heads: int = 12
-    ffn_dim: int = 3072
+    dim: Annotated[int, AT_LEAST_ONE] = 768
+    layers: Annotated[int, AT_LEAST_ONE] = 12
+    heads: Annotated[int, AT_LEAST_ONE] = 12
+    ffn_dim: Annotated[int, AT_LEAST_ONE] = 3072
     conv_layers: list[list[int]] = field(
         default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2)
     """Feature extractor convs as [channels, kernel, stride]; the default is 320x downsampling (50 Hz)."""
@@ -48,19 +50,20 @@ class Wav2Vec2ModelConfig:
     """LayerNorm in every conv (large_lv60k) instead of fairseq2's GroupNorm in the first one."""
     norm_order: str = "post"
     """post (Base) | pre (Large, as the paper trained it)."""
-    pos_conv_kernel: int = 128
-    pos_conv_groups: int = 16
-    final_dim: int = 256
-    quantized_dim: int = 256
-    codebooks: int = 2
-    codebook_entries: int = 320
-    distractors: int = 100
-    codebook_temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995)
+    pos_conv_kernel: Annotated[int, AT_LEAST_ONE] = 128
+    pos_conv_groups: Annotated[int, AT_LEAST_ONE] = 16
+    final_dim: Annotated[int, AT_LEAST_ONE] = 256
+    quantized_dim: Annotated[int, AT_LEAST_ONE] = 256
+    codebooks: Annotated[int, AT_LEAST_ONE] = 2
+    codebook_entries: Annotated[int, AT_LEAST_ONE] = 320
+    distractors: Annotated[int, AT_LEAST_ONE] = 100
+    codebook_temperature: tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE],
+                                Annotated[float, Range(gt=0, le=1)]] = (2.0, 0.5, 0.999995)
     """Gumbel-softmax temperature: start, floor, decay per update (Base; Large floors at 0.1)."""
-    mask_prob: float = 0.65
-    mask_span: int = 10
-    dropout: float = 0.1
-    layer_drop: float = 0.05
+    mask_prob: Annotated[float, Range(gt=0, le=1)] = 0.65
+    mask_span: Annotated[int, AT_LEAST_ONE] = 10
+    dropout: Annotated[float, PROBABILITY] = 0.1
+    layer_drop: Annotated[float, PROBABILITY] = 0.05
     norm: NormConfig = field(
         default_factory=lambda: NormConfig(kind="layernorm", alpha_init={"default": 0.5, "input": 2.0}))
     """layernorm | dyt: with bias, alpha0 0.5 (the paper's) except 2 for the DyT over the conv
@@ -69,7 +72,7 @@ class Wav2Vec2ModelConfig:
     """Which norms ``norm`` sets: ``encoder`` (the post-extraction norm and every Transformer norm;
     the conv feature extractor keeps the baseline's GroupNorm / LayerNorms, as the paper's fairseq
     patch does) or ``all`` (the feature extractor's too: an ablation)."""
-    feature_grad_scale: float = 0.1
+    feature_grad_scale: Annotated[float, NON_NEGATIVE] = 0.1
     """Gradient scale into the conv feature extractor (fairseq v1's feature_grad_mult; Base 0.1)."""
     quantizer_encoder_grad: bool = True
     """Let the quantizer's losses (diversity, contrastive targets) send gradient into the frontend,
@@ -83,6 +86,12 @@ class Wav2Vec2ModelConfig:
             raise ValueError(f"model.norm_order must be pre or post, not {self.norm_order!r}")
         if self.norm_scope not in NORM_SCOPES:
             raise ValueError(f"model.norm_scope must be one of {', '.join(NORM_SCOPES)}, not {self.norm_scope!r}")
+        if not self.conv_layers or any(len(layer) != 3 or min(layer) < 1 for layer in self.conv_layers):
+            raise ValueError(f"conv_layers must be [channels, kernel, stride] triples of positive integers, "
+                             f"not {self.conv_layers!r}")
+        for whole, part in (("dim", "heads"), ("dim", "pos_conv_groups"), ("quantized_dim", "codebooks")):
+            if getattr(self, whole) % getattr(self, part):
+                raise ValueError(f"{whole} ({getattr(self, whole)}) must divide by {part} ({getattr(self, part)})")
 
     def fairseq2_config(self) -> Wav2Vec2Config:
         encoder = Wav2Vec2EncoderConfig(

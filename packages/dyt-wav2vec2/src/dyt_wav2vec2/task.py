@@ -73,9 +73,6 @@ class Wav2Vec2PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if not 0 < self.model.mask_prob <= 1:
-            raise ConfigError(f"model.mask_prob: {self.model.mask_prob!r} is out of range: it must be greater than 0 "
-                              "and at most 1")
         shortest = self.data.min_samples or masking_min_samples(self.model)
         if self.data.crop_samples < shortest:
             raise ConfigError(f"data.crop_samples={self.data.crop_samples} is shorter than the shortest audio "

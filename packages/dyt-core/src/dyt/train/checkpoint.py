@@ -107,9 +107,25 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: Dist
     return directory
 
 
+class CheckpointMarkerError(UserInputError):
+    """A checkpoint's ``COMPLETE`` marker does not hold what the harness writes there (edited or
+    damaged by hand: the harness writes it atomically)."""
+
+    kind = "checkpoint error"
+
+
 def saved_world_size(directory: Path) -> int:
     """The number of ranks that wrote a complete checkpoint."""
-    return json.loads((directory / MARKER).read_text())["world_size"]
+    marker = directory / MARKER
+    try:
+        world_size = json.loads(marker.read_text())["world_size"]
+    except (ValueError, KeyError, TypeError):
+        world_size = None
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise CheckpointMarkerError(f"{marker}: not a checkpoint marker (JSON with the step and world_size, "
+                                    f"written last by the save); delete {directory} to resume from the "
+                                    "checkpoint before it")
+    return world_size
 
 
 def _zero_sharded(directory: Path) -> bool:
@@ -175,8 +191,10 @@ def check_resume(config: Any) -> list[str]:
     when the run has no complete checkpoint yet (the run starts fresh)."""
     run_dir = Path(config.train.out_dir)
     saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file() or not complete_checkpoints(run_dir / "checkpoints"):
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    if not saved_file.is_file() or not checkpoints:
         return []
+    saved_world_size(checkpoints[-1])  # a damaged marker stops here, before any data is built
     try:
         saved = load_config(type(config), saved_file, check_files=False)
     except ConfigError as error:

@@ -7,14 +7,19 @@ any heavy work; ``user_errors`` is that boundary, shared by every command (see d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import torch
+
+from ..backends import BackendUnavailableError, select_backend
 from ..errors import UserInputError, command, user_errors
+from ..norms import NormConfig
 from .checkpoint import check_resume
-from .config import dump_yaml, load_config
+from .config import ConfigError, dump_yaml, load_config
 from .trainer import Task, Trainer, TrainResult
 
 C = TypeVar("C")
@@ -48,6 +53,34 @@ def parse_args(config_cls: type[C], argv: Sequence[str] | None = None, prog: str
     return config, args
 
 
+def _norm_configs(config: Any, prefix: str = "") -> Iterator[tuple[str, NormConfig]]:
+    """Every NormConfig in a recipe config, with its dotted key (``model.norm``)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, NormConfig):
+            yield prefix + f.name, value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _norm_configs(value, f"{prefix}{f.name}.")
+
+
+def check_machine(config: Any) -> None:
+    """What the config asks of this machine, checked before any data is prepared: fp16 needs CUDA
+    (DeepSpeed has no fp16 on CPU), and every DyT's backend (its ``backend`` key, else
+    ``DYT_BACKEND``) must run on the device the ranks train on."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as dyt.train.distributed picks it
+    if config.train.precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision='fp16' needs a CUDA GPU (DeepSpeed runs no fp16 on CPU): "
+                          "use fp32 or bf16 here")
+    for key, norm in _norm_configs(config):
+        if norm.kind != "dyt":
+            continue
+        where = f"{key}.backend" if norm.backend is not None else "DYT_BACKEND (the default backend)"
+        try:
+            select_backend(norm.backend, device, squash=norm.squash, channel_alpha=norm.alpha_shape == "channel")
+        except (BackendUnavailableError, ValueError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+
+
 def run_recipe(
     config_cls: type[C], make_task: Callable[[C], Task], argv: Sequence[str] | None = None, prog: str | None = None
 ) -> TrainResult | None:
@@ -64,6 +97,7 @@ def run_recipe(
             changed = check_resume(config)
             if changed and os.environ.get("RANK", "0") == "0":
                 print(f"--resume: changed since the run's config.yaml: {'; '.join(changed)}", flush=True)
+        check_machine(config)
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
         return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)

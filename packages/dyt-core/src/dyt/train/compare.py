@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
-from ..errors import UserInputError
-from ..norms import norm_variant_overrides
+from ..errors import UserInputError, output_folder
+from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
 from .checkpoint import complete_checkpoints, step_of
 from .config import AT_LEAST_ONE, dump_yaml, load_config
 from .distributed import free_port
@@ -145,7 +145,7 @@ class Sweep:
 
 def parse_sweep(text: str) -> Sweep:
     """``KEY=V1,V2`` or ``NORM:KEY=V1,V2`` (the norm may hold colons itself: ``dyt:x:train.lr=...``;
-    a dotted config key never does). Values are applied like ``--set`` (parsed as YAML)."""
+    a dotted config key never does). Values are applied like ``--set``."""
     target, sep, values = text.partition("=")
     norm, _, key = target.rpartition(":")
     items = tuple(v.strip() for v in values.split(","))
@@ -154,6 +154,13 @@ def parse_sweep(text: str) -> Sweep:
     if len(set(items)) != len(items):
         raise argparse.ArgumentTypeError(f"{text!r} lists a value twice")
     return Sweep(key.strip(), items, norm.strip() or None)
+
+
+NORM_KEYS = frozenset({"model.norm"} | {
+    item.partition("=")[0] for name in (*VARIANTS, *(f"dyt:{q}" for q in DYT_QUALIFIERS))
+    for item in norm_variant_overrides(name)})
+"""The keys a ``--norms`` entry sets (``model.norm.kind``, ``.squash``, ...): a ``--set`` or
+``--sweep`` of one would override the norm a run is named and reported by."""
 
 
 def norm_overrides(norm: str) -> list[str]:
@@ -174,7 +181,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
                         help="train every value of a config key (repeatable: the grid of all --sweep options, "
                              "each point with every norm and seed, one resumable run each); NORM: restricts it "
                              "to that norm's runs, e.g. dyt:train.lr=1e-3,2e-3")
-    parser.add_argument("--out", type=Path, default=Path(f"runs/{spec.name}-compare"))
+    parser.add_argument("--out", type=output_folder, default=Path(f"runs/{spec.name}-compare"))
     parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
     parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2, help="local ranks per training run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -192,6 +199,15 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
             parser.error(f"argument --sweep: {second.key} is swept twice for the same runs")
+    if len(set(getattr(args, "seeds", ()))) != len(getattr(args, "seeds", ())):
+        parser.error("argument --seeds: a seed is listed twice")
+    for option, keys in (("--sweep", [sweep.key for sweep in args.sweeps]),
+                         ("--set", [item.partition("=")[0].strip() for item in args.overrides])):
+        for key in keys:
+            if key in NORM_KEYS:
+                parser.error(f"argument {option}: {key} is what each --norms entry sets (every run would train "
+                             "the same norm under another name): compare norms and DyT variants with --norms, "
+                             "e.g. --norms rmsnorm dyt dyt:hardtanh")
     if args.fresh and holds_working_directory(args.out):
         parser.error(f"argument --fresh: {FRESH_REFUSED.format(out=args.out)}")
     if args.norms is not None:

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
-from ..errors import UserInputError
+from ..errors import UserInputError, folder_problem
 
 T = TypeVar("T")
 
@@ -54,19 +54,33 @@ class Range:
         return not (
             (self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
             or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt)
-            or (isinstance(value, float) and math.isnan(value))
+            or (isinstance(value, float) and not math.isfinite(value))
         )
 
     def __str__(self) -> str:
-        low = f"at least {self.ge:g}" if self.ge is not None else f"greater than {self.gt:g}" if self.gt is not None else ""
-        high = f"at most {self.le:g}" if self.le is not None else f"less than {self.lt:g}" if self.lt is not None else ""
+        def number(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() and abs(bound) < 2**53 else f"{bound:g}"
+
+        low = f"at least {number(self.ge)}" if self.ge is not None else (
+            f"greater than {number(self.gt)}" if self.gt is not None else "")
+        high = f"at most {number(self.le)}" if self.le is not None else (
+            f"less than {number(self.lt)}" if self.lt is not None else "")
         if self.ge is not None and self.le is not None:
-            return f"from {self.ge:g} to {self.le:g}"
-        return " and ".join(part for part in (low, high) if part) or "any number"
+            return f"from {number(self.ge)} to {number(self.le)}"
+        return " and ".join(part for part in (low, high) if part) or "any finite number"
+
+    def why_not(self, value: float) -> str | None:
+        """None for a value in range, else what is wrong with it (``is out of range: it must be ...``)."""
+        if value in self:
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"is not a finite number: it must be {self}"
+        return f"is out of range: it must be {self}"
 
     def check(self, value: float, key: str) -> None:
-        if value not in self:
-            raise ConfigError(f"{key}: {value!r} is out of range: it must be {self}")
+        problem = self.why_not(value)
+        if problem is not None:
+            raise ConfigError(f"{key}: {value!r} {problem}")
 
     def arg(self, kind: type = int):
         """An argparse ``type=`` that parses ``kind`` and checks this range (for command-line options)."""
@@ -77,8 +91,9 @@ class Range:
                 value = kind(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-            if value not in self:
-                raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {self}")
+            problem = self.why_not(value)
+            if problem is not None:
+                raise argparse.ArgumentTypeError(f"{text} {problem}")
             return value
 
         parse.__name__ = kind.__name__
@@ -89,6 +104,8 @@ POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 AT_LEAST_ONE = Range(ge=1)
 PROBABILITY = Range(ge=0, le=1)
+SEED = Range(ge=0, le=2**32 - 1)
+"""Seeds: numpy's stop at 2**32 - 1."""
 
 
 @dataclasses.dataclass
@@ -117,7 +134,8 @@ class TrainConfig:
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config the harness derives from these settings; read
     and checked when the config loads."""
-    seed: Annotated[int, NON_NEGATIVE] = 0
+    seed: Annotated[int, SEED] = 0
+    """Model init and data order."""
     log_every: Annotated[int, AT_LEAST_ONE] = 1
     eval_every: Annotated[int, NON_NEGATIVE] = 50
     """Validate every this many steps (and at the end); 0 turns validation off."""
@@ -187,9 +205,17 @@ class TrainConfig:
             "wall_clock_breakdown": False,
         }
 
+    def __post_init__(self) -> None:
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir is empty: give the run a folder of its own")
+
     def validate(self) -> None:
-        """The DeepSpeed JSON exists, parses, is an object, leaves the harness's own keys alone and
-        restates a train setting only with that setting's value: a conflict is an error naming both."""
+        """``out_dir`` can be a folder; the DeepSpeed JSON exists, parses, is an object, leaves the
+        harness's own keys alone and restates a train setting only with that setting's value: a
+        conflict is an error naming both."""
+        problem = folder_problem(self.out_dir)
+        if problem is not None:
+            raise ConfigError(f"train.out_dir: {problem}")
         if not self.deepspeed_config:
             return
         extra = read_json_object(self.deepspeed_config, "train.deepspeed_config")
@@ -374,8 +400,22 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
-def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any) -> None:
-    """Put ``value`` at dotted ``key`` in the raw mapping, walking ``cls`` to check every part."""
+def _as_typed(tp: Any, value: Any, raw: str) -> Any:
+    """An override's value for a setting of type ``tp``: a string setting keeps the text as typed
+    (YAML would read ``0755`` as 493, ``1.10`` as 1.1, ``yes`` as true, and cut `` #...`` as a
+    comment), unless it is quoted or is ``null`` for an optional one; anything else as YAML read it."""
+    arms = [_plain(a) for a in (typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,))]
+    if str not in arms or isinstance(value, (Mapping, list)):
+        return value
+    if value is None and type(None) in arms:
+        return None
+    text = raw.strip()
+    return value if isinstance(value, str) and text[:1] in ("'", '"') else text
+
+
+def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any, raw: str | None = None) -> None:
+    """Put ``value`` at dotted ``key`` in the raw mapping, walking ``cls`` to check every part;
+    ``raw``, the text ``value`` was read from, is kept as it is for a string setting."""
     parts = key.split(".")
     node, node_type, walked = data, cls, []
     for i, part in enumerate(parts):
@@ -401,7 +441,7 @@ def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any) -> None:
         else:
             raise ConfigError(f"'{'.'.join(walked)}' has no sub-keys (in '{key}')")
         if last:
-            node[part] = value
+            node[part] = value if raw is None else _as_typed(next_type, value, raw)
             return
         child = node.get(part)
         if not isinstance(child, dict):
@@ -444,7 +484,8 @@ def validate(config: Any) -> None:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
                 check_files: bool = True) -> T:
-    """Defaults of ``cls``, then the YAML file, then ``key=value`` overrides (values parsed as YAML);
+    """Defaults of ``cls``, then the YAML file, then ``key=value`` overrides (values parsed as YAML,
+    except that a string setting keeps the text as typed);
     then, with ``check_files``, every dataclass's ``validate()`` (files the config names, e.g. the
     DeepSpeed JSON). Evals that read a finished run's ``config.yaml`` pass ``check_files=False``."""
     data: dict[str, Any] = {}
@@ -465,7 +506,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_error(error)[1]}") from None
-        _set_dotted(data, cls, key.strip(), value)
+        _set_dotted(data, cls, key.strip(), value, raw)
     config = from_dict(cls, data)
     if check_files:
         validate(config)
