@@ -98,6 +98,12 @@ CASES = [
          ("empty.fa", "no FASTA records")),
     Case("dna-fasta-missing", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/none.fa]"),
          ("none.fa", "no such FASTA file")),
+    Case("dna-no-window-fits", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/short.fa]"),
+         ("no window of", "short.fa")),
+    Case("dna-validation-fasta-alone", "dyt_dna.train", _dna(),
+         ("data.validation_fasta is given without data.fasta",)),
+    Case("dna-cache-dir-under-a-file", "dyt_dna.train", _dna("--set", "data.cache_dir={tmp}/bad.yaml/dna"),
+         ("data.cache_dir", "bad.yaml is a file")),
     Case("dna-window-over-context", "dyt_dna.train", _dna("--set", "data.window=4096"),
          ("data.window=4096", "model.max_len=512")),
     Case("llama-norm-backend-unknown", "dyt_llama.train", _llama("--set", "model.norm=dyt", "--set", "model.norm.backend=bogus"),
@@ -147,6 +153,14 @@ CASES = [
     # ---- evals
     Case("dna-eval-out-is-a-folder", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--out", "{tmp}/fasta"),
          ("--out", "fasta is a folder")),
+    Case("dna-eval-csv-unquoted-comma", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv-comma"),
+         ("train.csv line 3", "3 fields, the header has 2")),
+    Case("dna-eval-csv-header-only", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv-empty"),
+         ("csv-empty", "the train split has no examples")),
+    Case("dna-eval-csv-one-class", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv-one-class"),
+         ("csv-one-class", "at least two classes")),
+    Case("dna-eval-csv-unseen-label", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv-unseen"),
+         ("csv-unseen", "test labels ['c'] never occur in training")),
     Case("dna-eval-no-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/nowhere", "--task", "{tmp}/csv"),
          ("nowhere", "no such run directory")),
     Case("dna-eval-untrained-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run-untrained"),
@@ -179,6 +193,13 @@ CASES = [
          ("--set", "model.norm.kind is what each --norms entry sets")),
     Case("llama-compare-seed-twice", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/cmp", "--seeds", "0", "0"),
          ("--seeds", "listed twice")),
+    Case("dna-compare-tasks-of-one-name", "dyt-dna-compare",
+         ("dyt-dna-compare", "--out", "{tmp}/cmp", "--tasks", "{tmp}/csv", "{tmp}/csv-comma/../csv"),
+         ("--tasks", "both named 'csv'")),
+    Case("dna-compare-eval-window-over-context", "dyt-dna-compare",
+         ("dyt-dna-compare", "--out", "{tmp}/cmp", "--eval-window", "100000"), ("--eval-window", "longer than the context")),
+    Case("w2v-eval-evals-twice", "dyt_wav2vec2.eval", ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "probe", "probe"),
+         ("--evals", "probe is listed twice")),
     Case("dna-compare-one-model-twice", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "recipes/dna/hyena-tiny.yaml"),
          ("--configs", "both hyena models")),
@@ -261,6 +282,7 @@ def _inputs(tmp: Path) -> None:
     (fasta / "bad_char.fa").write_text(f">chr1 first\n{bases[:600]}\n>chr2\nACGTACGXACGT{bases[600:1200]}\n")
     (fasta / "no_header.fa").write_text(f"{bases[:600]}\n")
     (fasta / "empty.fa").write_text("")
+    (fasta / "short.fa").write_text(f">tiny\n{bases[:50]}\n")
 
     audio = tmp / "audio"
     for i in range(3):
@@ -304,6 +326,15 @@ def _inputs(tmp: Path) -> None:
     for split in ("train", "test"):
         (csv / f"{split}.csv").write_text("sequence,label\nACGTACGT,a\nTTGGCCAA,b\n")
     (csv / "dev.csv").write_text("seq,label\nACGT,a\n")
+    good_rows = "sequence, label\nACGTACGT,a\nTTGGCCAA,b\nACGTTTGG,a\n"  # a space after the comma: still read
+    for name, train, test in (("csv-comma", "sequence,label\nACGTACGT,a\nTTGGCCAA,b,c\n", good_rows),
+                              ("csv-empty", "sequence,label\n", good_rows),
+                              ("csv-one-class", "sequence,label\nACGTACGT,a\nTTGGCCAA,a\n", good_rows),
+                              ("csv-unseen", good_rows, good_rows + "GGGGCCCC,c\n")):
+        (tmp / name).mkdir()
+        (tmp / name / "train.csv").write_text(train)
+        (tmp / name / "dev.csv").write_text(good_rows)
+        (tmp / name / "test.csv").write_text(test)
 
 
 def _env(tmp: Path) -> dict[str, str]:

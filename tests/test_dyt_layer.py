@@ -150,6 +150,44 @@ def test_module_init_and_repr():
         DyT((3, 4), channels_last=False)
 
 
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: DyT(0), ValueError, "positive channel count"),
+    (lambda: DyT(-3), ValueError, "positive channel count"),
+    (lambda: DyT(4.0), ValueError, "positive channel count"),
+    (lambda: DyT([]), ValueError, "positive channel count"),
+    (lambda: DyT(True), ValueError, "positive channel count"),
+    (lambda: DyT((4, 0)), ValueError, "positive channel count"),
+    (lambda: DyT(4, alpha_init=float("nan")), ValueError, "alpha_init must be a positive number"),
+    (lambda: DyT(4, alpha_init=0), ValueError, "alpha_init must be a positive number"),
+    (lambda: DyT(4, alpha_init=-1), ValueError, "alpha_init must be a positive number"),
+    (lambda: DyT(4, learnable_alpha="no"), TypeError, "learnable_alpha must be True or False"),
+    (lambda: DyT(4, bias="false"), TypeError, "bias must be True or False"),
+    (lambda: DyT(4, dtype=torch.int64), TypeError, "floating-point dtype"),
+    (lambda: dyt.make_norm("dyt", 4, role="bogus"), ValueError, "unknown role 'bogus'"),
+    (lambda: dyt.make_norm("layernorm", 0), ValueError, "positive channel count"),
+    (lambda: dyt.make_norm(None, 4), TypeError, "NormConfig or a norm kind"),
+    (lambda: dyt.NormConfig(kind="dyt", bias="false"), ValueError, "bias must be true or false"),
+    (lambda: dyt.NormConfig(alpha_init=0.5), ValueError, "alpha_init must map roles"),
+    (lambda: dyt.NormConfig(eps="1e-5"), ValueError, "eps must be a positive number"),
+], ids=lambda v: "" if callable(v) or isinstance(v, type) else v)
+def test_bad_arguments_are_refused_where_they_are_given(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_bad_operands_are_refused_before_any_backend(backend):
+    x, w = torch.randn(2, 4), torch.ones(4)
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+        DyT(4, backend=backend)(torch.ones(2, 4, dtype=torch.long))  # eager gave rounded zeros
+    with pytest.raises(TypeError, match="tensors for x, alpha and weight"):
+        dyt_fn(x, 0.5, w, backend=backend)
+    with pytest.raises(ValueError, match=r"bias shape \(2, 2\) differs"):
+        dyt.functional.residual_dyt(x, x, torch.ones(1), w, torch.zeros(2, 2), backend=backend)
+    with pytest.raises(ValueError, match="residual NoneType"):
+        dyt.ResidualDyT(4, backend=backend)(x, None)
+
+
 def test_shape_errors_are_clear():
     layer = DyT(8)
     with pytest.raises(ValueError, match=r"trailing dims \(8,\)"):

@@ -136,3 +136,16 @@ def output_file(text: str) -> Path:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: its folder {path.parent} does not exist")
     return path
+
+
+class DistinctValues(argparse.Action):
+    """argparse ``action=`` for a list option whose values must differ: a seed, eval or task given
+    twice would be run (and averaged) twice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = set()
+        for value in values:
+            if value in seen:
+                parser.error(f"argument {option_string}: {value} is listed twice")
+            seen.add(value)
+        setattr(namespace, self.dest, values)

@@ -14,6 +14,18 @@ def _check_trailing(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}")
 
 
+def _check_operands(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """What every backend assumes: floating-point tensors (an integer input would come back as
+    rounded zeros from eager, and fail inside a kernel elsewhere) and a bias shaped like weight."""
+    if not (isinstance(x, torch.Tensor) and isinstance(alpha, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError(f"DyT takes tensors for x, alpha and weight, got {type(x).__name__}, "
+                        f"{type(alpha).__name__} and {type(weight).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"DyT needs a floating-point input, got {x.dtype}")
+    if bias is not None and bias.shape != weight.shape:
+        raise ValueError(f"bias shape {tuple(bias.shape)} differs from weight shape {tuple(weight.shape)}")
+
+
 def dyt(
     x: torch.Tensor,
     alpha: torch.Tensor,
@@ -39,11 +51,10 @@ def dyt(
     Math runs in float32 (float64 for float64 inputs); the result has ``x``'s dtype.
     """
     check_squash(squash)
+    _check_operands(x, alpha, weight, bias)
     channel_alpha = alpha.numel() != 1
     if channel_alpha and alpha.shape != weight.shape:
         raise ValueError(f"alpha must have one element or weight's shape {tuple(weight.shape)}, got {tuple(alpha.shape)}")
-    if bias is not None and bias.shape != weight.shape:
-        raise ValueError(f"bias shape {tuple(bias.shape)} differs from weight shape {tuple(weight.shape)}")
     if channels_last:
         _check_trailing(x, weight)
         channels = weight.numel()
@@ -93,8 +104,10 @@ def residual_dyt(
     The fused and cpu backends do both in one pass (and one pass back); the others add, then call
     :func:`dyt`. Channels-last only.
     """
-    if x.shape != residual.shape:
-        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
+    _check_operands(x, alpha, weight, bias)
+    if not isinstance(residual, torch.Tensor) or x.shape != residual.shape:
+        shown = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+        raise ValueError(f"x {tuple(x.shape)} and residual {shown} differ in shape")
     impl = (BACKENDS["eager"] if torch.compiler.is_compiling()
             else select_backend(backend, x.device, x.numel(), squash, alpha.numel() != 1))
     if impl.apply_residual is None or x.numel() == 0:

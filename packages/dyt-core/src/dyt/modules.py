@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +14,15 @@ from .functional import dyt, residual_dyt
 from .kernels.eager import check_squash
 
 ALPHA_SHAPES = ("scalar", "channel")
+
+
+def as_normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
+    """A channel count, or a trailing shape as ``nn.LayerNorm`` takes it, as a tuple of positive
+    ints; a ValueError naming it otherwise (0, negative, float, bool, empty)."""
+    items = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    if not items or any(isinstance(d, bool) or not hasattr(d, "__index__") or operator.index(d) < 1 for d in items):
+        raise ValueError(f"normalized_shape must be a positive channel count (or a shape of them), not {value!r}")
+    return tuple(operator.index(d) for d in items)
 
 
 class DyT(nn.Module):
@@ -50,7 +61,15 @@ class DyT(nn.Module):
         alpha_shape: str = "scalar",
     ) -> None:
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        shape = as_normalized_shape(normalized_shape)
+        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not (
+                math.isfinite(alpha_init) and alpha_init > 0):
+            raise ValueError(f"alpha_init must be a positive number (alpha0), not {alpha_init!r}")
+        for name, flag in (("bias", bias), ("channels_last", channels_last), ("learnable_alpha", learnable_alpha)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, not {flag!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"DyT's parameters need a floating-point dtype, not {dtype}")
         if not channels_last and len(shape) != 1:
             raise ValueError(f"channels-first DyT takes one channel count, got {shape}")
         if alpha_shape not in ALPHA_SHAPES:

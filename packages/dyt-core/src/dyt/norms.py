@@ -5,7 +5,7 @@ their residual-branch and weight changes live in :mod:`dyt.baselines`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,7 +15,7 @@ from torch import nn
 from .alpha import ROLES, alpha_init_for
 from .backends import BACKENDS, check_backend_name, why_not_variant
 from .kernels.eager import SQUASHES
-from .modules import ALPHA_SHAPES, DyT
+from .modules import ALPHA_SHAPES, DyT, as_normalized_shape
 
 BASELINES = ("skipinit", "fixup", "sigma-reparam")
 """Normalization-free baselines: every norm layer is removed (a :class:`NoNorm`) and
@@ -66,12 +66,19 @@ class NormConfig:
             raise ValueError(f"unknown squash {self.squash!r}; choose one of {', '.join(SQUASHES)}")
         if self.alpha_shape not in ALPHA_SHAPES:
             raise ValueError(f"unknown alpha_shape {self.alpha_shape!r}; choose one of {', '.join(ALPHA_SHAPES)}")
+        for name in ("affine", "bias", "learnable_alpha"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if not isinstance(self.alpha_init, Mapping):
+            raise ValueError(f"alpha_init must map roles to alpha0 values (e.g. {{ffn: 0.5}}), not {self.alpha_init!r}")
         if self.backend is not None:
             check_backend_name(self.backend)
-        if not (math.isfinite(self.eps) and self.eps > 0):
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
+                math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a positive number, not {self.eps!r}")
         for role, alpha in self.alpha_init.items():
-            if not (math.isfinite(alpha) and alpha > 0):
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
+                    math.isfinite(alpha) and alpha > 0):
                 raise ValueError(f"alpha_init.{role} must be a positive number (alpha0), not {alpha!r}")
         if self.kind == "dyt" and self.backend in BACKENDS:  # e.g. fused with hardtanh: refused at load
             reason = why_not_variant(self.backend, self.squash, self.alpha_shape == "channel")
@@ -141,6 +148,11 @@ def make_norm(
     """
     if isinstance(config, str):
         config = NormConfig(kind=config)
+    if not isinstance(config, NormConfig):
+        raise TypeError(f"make_norm takes a NormConfig or a norm kind, not {config!r}")
+    as_normalized_shape(dim)
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     factory = {"device": device, "dtype": dtype}
     if config.layer_kind == "identity":
         return NoNorm(dim, channels_last, **factory)

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from dyt.errors import DistinctValues
 from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
     Run,
@@ -62,9 +63,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=Path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
-    parser.add_argument("--tasks", nargs="+", default=["species"],
+    parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
-    parser.add_argument("--seeds", nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
     parser.add_argument("--pretrain-seed", type=SEED.arg(int), default=0)
     parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128, help="built-in tasks: bases per example")
     parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
@@ -84,14 +85,23 @@ def main(argv: list[str] | None = None) -> Path:
             parser.error(f"argument --configs: {first_path} and {second_path} are both {first.name} models; "
                          "give one config per model (compare sizes in separate --out folders)")
     plan = plan_runs(SPEC, args, models, [args.pretrain_seed])  # config errors before launching
+    shortest_context = min(p.config.model.max_len for p in plan)
+    if args.eval_window > shortest_context:
+        parser.error(f"argument --eval-window: {args.eval_window} bases is longer than the context of a model "
+                     f"compared (model.max_len {shortest_context})")
     for spec in args.tasks:
         check_task(spec)
-    for data, max_len in {repr((p.config.data, p.config.model.max_len)): (p.config.data, p.config.model.max_len)
-                          for p in plan}.values():
-        pretraining_datasets(data, max_len)  # data errors early; warms the cache
+    for first, second in itertools.combinations(args.tasks, 2):
+        if Path(first).name == Path(second).name:  # results are stored and reported by task name
+            parser.error(f"argument --tasks: {first} and {second} are both named {Path(first).name!r}")
+    # the tasks first: their files are small and a bad one stops the command before the pretraining
+    # data is built; each model's context is checked against them as the fine-tuning will read them
     tasks = [load_task(spec, args.eval_window, args.per_class) for spec in args.tasks]
     for task, max_len in ((t, m) for t in tasks for m in sorted({p.config.model.max_len for p in plan})):
         task.check_length(max_len, truncate=False)
+    for data, max_len in {repr((p.config.data, p.config.model.max_len)): (p.config.data, p.config.model.max_len)
+                          for p in plan}.values():
+        pretraining_datasets(data, max_len)  # data errors early; warms the cache
     finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
                                   max_steps=args.max_steps, seeds=args.seeds)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does

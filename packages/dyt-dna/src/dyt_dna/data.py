@@ -8,6 +8,7 @@ Built-in splits never cut one genome into train and test: the held-out strain of
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import json
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from dyt.errors import UserInputError
-from dyt.train.config import NON_NEGATIVE, PROBABILITY, Range
+from dyt.errors import UserInputError, folder_problem
+from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
 from dyt_data import cache_root
 
 from .fasta import FastaError, read_fasta
@@ -58,6 +59,11 @@ class DnaDataConfig:
     """Masked-LM (Caduceus): fraction of bases predicted; of those 80% [MASK], 10% random, 10% kept."""
     cache_dir: str = ""
     """Where windows are cached (empty: $DYT_CACHE/dna)."""
+
+    def validate(self) -> None:
+        problem = folder_problem(_cache_dir(self.cache_dir))
+        if problem is not None:
+            raise ConfigError(f"data.cache_dir: {problem}")
 
 
 def _cache_dir(cfg_dir: str) -> Path:
@@ -101,6 +107,9 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
     for region in regions:
         if not region.path.is_file():
             raise DnaDataError(f"{region.path}: no such FASTA file")
+    no_window = DnaDataError(f"no window of {window} bases fits in {', '.join(r.path.name for r in regions)} "
+                             f"with at most {cfg.max_n_fraction:.0%} N (data.max_n_fraction): use shorter windows "
+                             "or longer records")
     key = _fingerprint([(_file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction)
     target = _cache_dir(cfg.cache_dir) / "windows" / key
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,11 +125,12 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
                 )
             except datasets.exceptions.DatasetGenerationError as error:
                 cause = error.__cause__ or error
+                if isinstance(cause, datasets.arrow_writer.SchemaInferenceError):  # no window at all
+                    raise no_window from None
                 raise (cause if isinstance(cause, (FastaError, ValueError)) else DnaDataError(str(cause))) from None
             rows.save_to_disk(str(target))
     if len(rows) == 0:
-        names = ", ".join(r.path.name for r in regions)
-        raise DnaDataError(f"no window of {window} bases fits in {names}: use shorter windows or longer records")
+        raise no_window
     if max_windows and len(rows) > max_windows:
         rows = rows.select(np.linspace(0, len(rows) - 1, max_windows).round().astype(int).tolist())
     return rows
@@ -135,6 +145,9 @@ def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]
                 "genome, never by window)"
             )
         return [Region(Path(p)) for p in cfg.fasta], [Region(Path(p)) for p in cfg.validation_fasta]
+    if cfg.validation_fasta:
+        raise DnaDataError("data.validation_fasta is given without data.fasta: the built-in strains would be used for "
+                           "both splits and the file ignored; give the training FASTA files too")
     genomes = builtin_genomes()
     return ([Region(g.path) for g in genomes if not g.held_out],
             [Region(g.path, 0.0, 0.5) for g in genomes if g.held_out])
@@ -239,36 +252,81 @@ def genomic_benchmarks(folder: Path, seed: int = 0, validation_fraction: float =
         raise DnaDataError(f"{folder}: train classes {classes} differ from test classes {splits['test'][1]}")
     pieces = datasets.Dataset.from_dict(splits["train"][0]).train_test_split(
         test_size=validation_fraction, seed=seed, stratify_by_column=None)
-    return ClassificationData(folder.name, classes, pieces["train"], pieces["test"],
-                              datasets.Dataset.from_dict(splits["test"][0]),
-                              f"GenomicBenchmarks layout; validation = {validation_fraction:.0%} of training files.")
+    return checked(ClassificationData(folder.name, classes, pieces["train"], pieces["test"],
+                                      datasets.Dataset.from_dict(splits["test"][0]),
+                                      f"GenomicBenchmarks layout; validation = {validation_fraction:.0%} of "
+                                      "training files."), where=str(folder))
+
+
+def checked(task: ClassificationData, where: str) -> ClassificationData:
+    """``task`` when a classifier can be trained and judged on it: every split has examples, the
+    training split at least two classes (a head fitted on one class scores 1.0 on a test set of that
+    class and learns nothing) and two examples, and every validation and test label is one training
+    has (else accuracy on it is 0 by construction); else a DnaDataError naming ``where``."""
+    for split in ("train", "validation", "test"):
+        if len(getattr(task, split)) == 0:
+            raise DnaDataError(f"{where}: the {split} split has no examples")
+    seen = set(task.train["label"])
+    if len(seen) < 2 or len(task.train) < 2:
+        raise DnaDataError(f"{where}: training needs at least two classes and two examples; it has "
+                           f"{len(task.train)} example(s) of {len(seen)} class(es)")
+    for split in ("validation", "test"):
+        unseen = sorted(task.classes[i] for i in set(getattr(task, split)["label"]) - seen)
+        if unseen:
+            raise DnaDataError(f"{where}: {split} labels {unseen} never occur in training")
+    return task
+
+
+def _read_csv_split(path: Path) -> dict[str, list[str]]:
+    """The ``sequence`` and ``label`` columns of one CSV split, every row checked: as many fields as
+    the header (an unquoted comma in a label shifts every column), a sequence of DNA letters and a
+    label in each."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle, skipinitialspace=True)
+            header = [name.strip() for name in next(reader, [])]
+            missing = {"sequence", "label"} - set(header)
+            if missing:
+                raise DnaDataError(f"{path}: missing column(s) {sorted(missing)}; found {header}")
+            columns = {"sequence": [], "label": []}
+            at = {name: header.index(name) for name in columns}
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DnaDataError(f"{path} line {line}: {len(row)} fields, the header has {len(header)} "
+                                       "(quote a label or sequence that holds a comma)")
+                sequence, label = row[at["sequence"]].strip(), row[at["label"]].strip()
+                if not sequence or not label:
+                    raise DnaDataError(f"{path} line {line}: an empty {'sequence' if not sequence else 'label'}")
+                encode(sequence.upper(), where=f"{path} line {line}")
+                columns["sequence"].append(sequence.upper())
+                columns["label"].append(label)
+    except UnicodeDecodeError as error:
+        raise DnaDataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except csv.Error as error:
+        raise DnaDataError(f"{path}: not a readable CSV file ({error})") from None
+    return columns
 
 
 def csv_task(folder: Path) -> ClassificationData:
-    """``train.csv``, ``dev.csv`` (or ``validation.csv``) and ``test.csv`` with ``sequence,label``."""
-    files = {"train": folder / "train.csv", "test": folder / "test.csv"}
-    files["validation"] = next((folder / n for n in ("dev.csv", "validation.csv") if (folder / n).is_file()),
-                               folder / "dev.csv")
+    """``train.csv``, ``dev.csv`` (or ``validation.csv``) and ``test.csv`` with ``sequence,label``
+    columns (others are ignored); classes are the labels' texts, sorted."""
+    files = {"train": folder / "train.csv", "validation": next(
+        (folder / n for n in ("dev.csv", "validation.csv") if (folder / n).is_file()), folder / "dev.csv"),
+        "test": folder / "test.csv"}
     for split, path in files.items():
         if not path.is_file():
             raise DnaDataError(f"{folder}: no {path.name} ({split} split with sequence,label columns)")
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            header = [name.strip() for name in handle.readline().split(",")]
-        missing = {"sequence", "label"} - set(header)
-        if missing:
-            raise DnaDataError(f"{path}: missing column(s) {sorted(missing)}; found {header}")
-    loaded = datasets.load_dataset("csv", data_files={k: str(v) for k, v in files.items()})
-    for split, rows in loaded.items():
-        for i, seq in enumerate(rows["sequence"]):
-            if not seq:
-                raise DnaDataError(f"{files[split]}: row {i + 2} has an empty sequence")
-            encode(seq, where=f"{files[split]} row {i + 2}")
-    names = sorted({str(v) for split in loaded.values() for v in split["label"]})
-    index = {n: i for i, n in enumerate(names)}
-    relabeled = loaded.map(lambda row: {"sequence": row["sequence"].upper(), "class_id": index[str(row["label"])]})
-    relabeled = relabeled.remove_columns("label").rename_column("class_id", "label")
-    return ClassificationData(folder.name, names, *(relabeled[s] for s in ("train", "validation", "test")),
-                              note="CSV layout (train / dev / test).")
+    columns = {split: _read_csv_split(path) for split, path in files.items()}
+    names = sorted({label for split in columns.values() for label in split["label"]})
+    index = {name: i for i, name in enumerate(names)}
+    splits = [datasets.Dataset.from_dict({"sequence": columns[s]["sequence"],
+                                          "label": [index[label] for label in columns[s]["label"]]})
+              for s in ("train", "validation", "test")]
+    return checked(ClassificationData(folder.name, names, *splits, note="CSV layout (train / dev / test)."),
+                   where=str(folder))
 
 
 @functools.lru_cache(maxsize=2)

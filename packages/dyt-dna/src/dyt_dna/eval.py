@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dyt.errors import output_file
+from dyt.errors import DistinctValues, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species")
-    parser.add_argument("--seeds", type=SEED.arg(int), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=10)
     parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
     parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=32)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dyt.errors import DistinctValues
 from dyt.train import command, load_config, trained_weights, user_errors
 from dyt.train.compare import (
     Run,
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
-    parser.add_argument("--seeds", nargs="+", type=SEED.arg(int), default=[0])
+    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0])
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
-from dyt.errors import command
+from dyt.errors import DistinctValues, command
 from dyt.train import load_config
 from dyt.train.compare import (
     Run,
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
-    parser.add_argument("--evals", nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
-    parser.add_argument("--seeds", nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
+    parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
+    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=150, help="keyword fine-tuning (probe, finetune) steps per seed")
     add_ctc_arguments(parser)
     parser.add_argument("--pretrain-seed", type=SEED.arg(int), default=0)

@@ -31,7 +31,7 @@ from fairseq2.nn.utils.mask import compute_row_mask
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dyt.errors import output_file
+from dyt.errors import DistinctValues, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
@@ -436,10 +436,10 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
-    parser.add_argument("--evals", nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
+    parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
-    parser.add_argument("--seeds", type=SEED.arg(int), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=200, help="keyword fine-tuning steps per seed")
     add_ctc_arguments(parser)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
-from ..errors import UserInputError, output_folder
+from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
 from .checkpoint import complete_checkpoints, step_of
 from .config import AT_LEAST_ONE, dump_yaml, load_config
@@ -174,7 +174,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
     """The options every ``dyt-*-compare`` shares: where runs go, how they are launched, which norms
     and which sweep grid."""
     default_norms = " / ".join(" ".join(m.norms) for m in spec.models)
-    parser.add_argument("--norms", nargs="+", metavar="NORM",
+    parser.add_argument("--norms", nargs="+", metavar="NORM", action=DistinctValues,
                         help=f"norms to train, the baseline first (verdicts compare with it); default {default_norms}")
     parser.add_argument("--sweep", dest="sweeps", action="append", type=parse_sweep, default=[],
                         metavar="[NORM:]KEY=V1,V2,...",
@@ -199,8 +199,6 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
             parser.error(f"argument --sweep: {second.key} is swept twice for the same runs")
-    if len(set(getattr(args, "seeds", ()))) != len(getattr(args, "seeds", ())):
-        parser.error("argument --seeds: a seed is listed twice")
     for option, keys in (("--sweep", [sweep.key for sweep in args.sweeps]),
                          ("--set", [item.partition("=")[0].strip() for item in args.overrides])):
         for key in keys:
@@ -211,8 +209,6 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     if args.fresh and holds_working_directory(args.out):
         parser.error(f"argument --fresh: {FRESH_REFUSED.format(out=args.out)}")
     if args.norms is not None:
-        if len(set(args.norms)) != len(args.norms):
-            parser.error("argument --norms: a norm is listed twice")
         for sweep in args.sweeps:
             if sweep.norm is not None and sweep.norm not in args.norms:
                 parser.error(f"argument --sweep: {sweep.norm}:{sweep.key} names a norm that is not trained "
