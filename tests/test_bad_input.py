@@ -161,6 +161,8 @@ CASES = [
          ("csv-one-class", "at least two classes")),
     Case("dna-eval-csv-unseen-label", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv-unseen"),
          ("csv-unseen", "test labels ['c'] never occur in training")),
+    Case("dna-eval-checkpoint-without-weights", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run-no-weights"),
+         ("run error", "step_00000001", "holds no model states")),
     Case("dna-eval-no-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/nowhere", "--task", "{tmp}/csv"),
          ("nowhere", "no such run directory")),
     Case("dna-eval-untrained-run", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run-untrained"),
@@ -200,6 +202,11 @@ CASES = [
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--eval-window", "100000"), ("--eval-window", "longer than the context")),
     Case("w2v-eval-evals-twice", "dyt_wav2vec2.eval", ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "probe", "probe"),
          ("--evals", "probe is listed twice")),
+    Case("dna-compare-too-little-data", "dyt-dna-compare",
+         ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "--tasks", "{tmp}/csv-good",
+          "--set", "data.fasta=[{tmp}/fasta/good.fa]", "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]",
+          "--set", "data.cache_dir={tmp}/cache/dna-compare"),
+         ("4 examples", "fewer than one micro-batch (4) per rank for 2 rank(s)")),
     Case("dna-compare-one-model-twice", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "recipes/dna/hyena-tiny.yaml"),
          ("--configs", "both hyena models")),
@@ -210,6 +217,23 @@ CASES = [
     Case("w2v-compare-deepspeed-json", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "train.deepspeed_config={tmp}/bad.json"),
          ("bad.json:1:", "invalid JSON")),
+    # ---- dyt-llama-prepare: corpus folders it cannot read as documents
+    Case("prepare-corpus-mixed-kinds", "dyt-llama-prepare",
+         ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/corpus-mixed",
+          "--set", "data.cache_dir={tmp}/cache/prepare"), ("corpus-mixed", "holds both .txt files")),
+    Case("prepare-jsonl-malformed", "dyt-llama-prepare",
+         ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/corpus-bad-json",
+          "--set", "data.cache_dir={tmp}/cache/prepare"), ("corpus-bad-json", "do not read as one table")),
+    Case("prepare-jsonl-text-not-strings", "dyt-llama-prepare",
+         ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/corpus-numbers",
+          "--set", "data.cache_dir={tmp}/cache/prepare"), ("corpus-numbers", "'text' column holds int64")),
+    Case("prepare-corpus-is-a-file", "dyt-llama-prepare",
+         ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/bad.yaml",
+          "--set", "data.cache_dir={tmp}/cache/prepare"), ("bad.yaml is a file",)),
+    Case("prepare-vocab-below-bytes", "dyt-llama-prepare",
+         ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/corpus",
+          "--set", "model.vocab_size=100", "--set", "data.cache_dir={tmp}/cache/prepare"),
+         ("model.vocab_size=100", "below the 257 tokens")),
     # ---- dyt-bench and the corpus builder
     Case("bench-block-size", "dyt-bench", ("dyt-bench", "--block", "--block-size", "30,4,64,16"),
          ("--block-size", "DIM (30)")),
@@ -266,6 +290,12 @@ def _inputs(tmp: Path) -> None:
         (corpus / f"{name}.txt").write_text("Shall I compare thee to a summer's day? " * 20)
     (tmp / "cmp-fresh" / "inner").mkdir(parents=True)
     (tmp / "cmp-fresh" / "inner" / "keep.txt").write_text("not to be deleted\n")
+    for name, files in (("corpus-mixed", {"a.txt": "some words\n", "b.jsonl": '{"text": "more words"}\n'}),
+                        ("corpus-bad-json", {"x.jsonl": '{"text": "fine"}\n{not json\n'}),
+                        ("corpus-numbers", {"x.jsonl": '{"text": 5}\n{"text": 6}\n'})):
+        (tmp / name).mkdir()
+        for file, text in files.items():
+            (tmp / name / file).write_text(text)
     latin = tmp / "latin1-corpus"
     latin.mkdir()
     (latin / "good.txt").write_text("plain text\n")
@@ -321,6 +351,10 @@ def _inputs(tmp: Path) -> None:
         (tmp / run / "config.yaml").write_text(config)
     (tmp / "run/checkpoints/step_00000001").mkdir(parents=True)  # complete as far as the checks go;
     (tmp / "run/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')  # never loaded
+    (tmp / "run/checkpoints/step_00000001/mp_rank_00_model_states.pt").write_bytes(b"")
+    (tmp / "run-no-weights/checkpoints/step_00000001").mkdir(parents=True)  # marked complete, weights missing
+    (tmp / "run-no-weights/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
+    (tmp / "run-no-weights/config.yaml").write_text(config)
     csv = tmp / "csv"
     csv.mkdir()
     for split in ("train", "test"):
@@ -330,7 +364,8 @@ def _inputs(tmp: Path) -> None:
     for name, train, test in (("csv-comma", "sequence,label\nACGTACGT,a\nTTGGCCAA,b,c\n", good_rows),
                               ("csv-empty", "sequence,label\n", good_rows),
                               ("csv-one-class", "sequence,label\nACGTACGT,a\nTTGGCCAA,a\n", good_rows),
-                              ("csv-unseen", good_rows, good_rows + "GGGGCCCC,c\n")):
+                              ("csv-unseen", good_rows, good_rows + "GGGGCCCC,c\n"),
+                              ("csv-good", good_rows, good_rows)):
         (tmp / name).mkdir()
         (tmp / name / "train.csv").write_text(train)
         (tmp / name / "dev.csv").write_text(good_rows)
@@ -393,6 +428,7 @@ def test_every_command_has_cases():
     progs = {c.prog for c in CASES}
     assert {"dyt_llama.train", "dyt_dna.train", "dyt_wav2vec2.train", "dyt_wav2vec2.manifest", "dyt_dna.eval",
             "dyt_wav2vec2.eval", "dyt-llama-compare", "dyt-dna-compare", "dyt-wav2vec2-compare", "dyt-bench",
+            "dyt-llama-prepare",
             "dyt_llama.corpus"} <= progs
     assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
 

@@ -169,6 +169,9 @@ def test_module_init_and_repr():
     (lambda: dyt.NormConfig(kind="dyt", bias="false"), ValueError, "bias must be true or false"),
     (lambda: dyt.NormConfig(alpha_init=0.5), ValueError, "alpha_init must map roles"),
     (lambda: dyt.NormConfig(eps="1e-5"), ValueError, "eps must be a positive number"),
+    (lambda: dyt.fold_dyt(torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)), TypeError, "folds a dyt.DyT, not LayerNorm"),
+    (lambda: dyt.fold_dyt(DyT(4), [torch.nn.Linear(4, 2)]), TypeError, "given one by one, not list"),
+    (lambda: dyt.convert_norms(torch.nn.LayerNorm(4), {"kind": "dyt"}), TypeError, "a NormConfig or a norm kind"),
 ], ids=lambda v: "" if callable(v) or isinstance(v, type) else v)
 def test_bad_arguments_are_refused_where_they_are_given(build, error, message):
     with pytest.raises(error, match=message):

@@ -244,7 +244,7 @@ def test_held_out_documents_are_never_in_the_training_shards(tmp_path):
 
 @pytest.mark.parametrize("args,names", [
     (["--set", "data.corpus={tmp}/nowhere"], ["corpus not found", "nowhere"]),
-    (["--num-proc", "0"], ["data.num_proc"]),
+    (["--num-proc", "0"], ["--num-proc", "0 is out of range: it must be at least 1"]),  # the option typed
 ], ids=["corpus-missing", "no-processes"])
 def test_prepare_command_reports_bad_input_in_one_line(tmp_path, args, names):
     import subprocess

@@ -251,6 +251,8 @@ def convert_norms(
     Returns a :class:`ConversionReport`. Layers already of the target kind stay as they are.
     """
     keep_bias = isinstance(to, str)
+    if not (keep_bias or isinstance(to, NormConfig)):
+        raise TypeError(f"convert_norms converts to a NormConfig or a norm kind, not {to!r}")
     target = NormConfig(kind=to) if keep_bias else to
     if target.kind not in KINDS:
         raise ValueError(f"unknown norm kind {target.kind!r}; choose one of {', '.join(KINDS)}")

@@ -33,10 +33,15 @@ def fold_dyt(dyt: DyT, *linears: nn.Linear) -> tuple[ScaledTanh, list[nn.Linear]
     Returns the ``ScaledTanh`` to put where the DyT was and new Linear layers (the originals are
     untouched). Folding is done in float64 and cast back, so it is exact to rounding.
     """
+    if not isinstance(dyt, DyT):
+        raise TypeError(f"fold_dyt folds a dyt.DyT, not {type(dyt).__name__}")
     if not dyt.channels_last or len(dyt.normalized_shape) != 1:
         raise ValueError("fold_dyt needs a channels-last DyT over one dimension")
     if not linears:
         raise ValueError("fold_dyt needs at least one nn.Linear that the DyT feeds")
+    for linear in linears:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"fold_dyt folds into nn.Linear layers given one by one, not {type(linear).__name__}")
     scale = dyt.weight.double()
     shift = None if dyt.bias is None else dyt.bias.double()
     folded = []

@@ -42,6 +42,7 @@ from dyt.train.compare import (
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import FinetuneConfig
 from dyt.train.recipe import Metric
+from dyt.train.trainer import check_one_micro_batch
 
 from .data import ClassificationData, check_task, load_task, pretraining_datasets
 from .eval import evaluate, finetune_for, results_json
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> Path:
         task.check_length(max_len, truncate=False)
     for data, max_len in {repr((p.config.data, p.config.model.max_len)): (p.config.data, p.config.model.max_len)
                           for p in plan}.values():
-        pretraining_datasets(data, max_len)  # data errors early; warms the cache
+        train, _ = pretraining_datasets(data, max_len)  # data errors early; warms the cache
+        for planned in (p for p in plan if p.config.data == data and p.config.model.max_len == max_len):
+            check_one_micro_batch(len(train), planned.config.train.micro_batch_size, args.nproc)
     finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
                                   max_steps=args.max_steps, seeds=args.seeds)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does

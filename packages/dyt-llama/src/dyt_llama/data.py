@@ -26,6 +26,10 @@ EOS = "<eos>"
 BUILTIN_VALIDATION = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
 
 
+BYTE_BPE_MIN_VOCAB = 257
+"""The byte-level BPE the recipe trains starts from 256 byte tokens and the end-of-text token."""
+
+
 @dataclass
 class DataConfig:
     corpus: str = ""
@@ -82,6 +86,19 @@ def _is_document(batch) -> list[bool]:
     return [bool(text.strip()) for text in batch["text"]]
 
 
+def _document_table(table, where):
+    """``table`` with a string ``text`` column and a ``title`` per document (numbered where it has
+    none), or a DataError naming ``where``."""
+    text = table.features.get("text")
+    if text is None:
+        raise DataError(f"{where}: documents need a 'text' column, found {table.column_names}")
+    if getattr(text, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{where}: the 'text' column holds {getattr(text, 'dtype', text)}, not strings")
+    if "title" not in table.column_names:
+        table = table.map(_numbered_titles, batched=True, with_indices=True)
+    return table
+
+
 def load_documents(cfg: DataConfig):
     """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of whole documents
     (columns ``title``, ``text``), held on disk by datasets (memory-mapped), never as one list."""
@@ -90,14 +107,19 @@ def load_documents(cfg: DataConfig):
     root = Path(cfg.corpus) if cfg.corpus else prepare_corpus()
     if not root.exists():
         raise DataError(f"corpus not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"corpus {root} is a file: give data.corpus the folder that holds the corpus files")
     if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict) and {"train", "validation"} <= set(loaded):
-            return loaded
-        table = loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return datasets.DatasetDict({s: _document_table(loaded[s], f"{root} ({s})") for s in ("train", "validation")})
+        table = _document_table(loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded, root)
     else:
         texts = sorted(root.rglob("*.txt"))
         tables = sorted(root.rglob("*.jsonl")) + sorted(root.rglob("*.parquet"))
+        if texts and tables:
+            raise DataError(f"corpus {root} holds both .txt files ({len(texts)}) and .jsonl / .parquet files "
+                            f"({len(tables)}), and only one kind would be read: keep one kind per corpus folder")
         if texts:
             files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in texts]
             try:
@@ -108,12 +130,16 @@ def load_documents(cfg: DataConfig):
             except datasets.exceptions.DatasetGenerationError as error:
                 raise (error.__cause__ if isinstance(error.__cause__, DataError) else error) from None
         elif tables:
+            if len({p.suffix for p in tables}) > 1:
+                raise DataError(f"corpus {root} holds both .jsonl and .parquet files: keep one kind per corpus folder")
             kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
-            table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train")
-            if "text" not in table.column_names:
-                raise DataError(f"{root}: files need a 'text' column, found {table.column_names}")
-            if "title" not in table.column_names:
-                table = table.map(_numbered_titles, batched=True, with_indices=True)
+            try:
+                table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train")
+            except datasets.exceptions.DatasetGenerationError as error:
+                cause = error.__cause__ or error
+                raise DataError(f"corpus {root}: its {kind} files do not read as one table "
+                                f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
+            table = _document_table(table, root)
         else:
             raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files")
     table = table.filter(_is_document, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None)

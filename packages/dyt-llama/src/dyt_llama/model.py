@@ -35,7 +35,7 @@ class ModelConfig:
     heads: Annotated[int, AT_LEAST_ONE] = 8
     kv_heads: Annotated[int, AT_LEAST_ONE] = 4
     ffn_dim: Annotated[int, AT_LEAST_ONE] = 688
-    vocab_size: Annotated[int, Range(ge=2)] = 4096
+    vocab_size: Annotated[int, Range(ge=2, le=2**32)] = 4096
     max_seq_len: Annotated[int, Range(ge=2)] = 256
     rope_theta: Annotated[float, POSITIVE] = 10000.0
     tied_embeddings: bool = False

@@ -24,7 +24,16 @@ from filelock import FileLock
 from dyt.errors import user_errors
 from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 
-from .data import EOS, DataConfig, _cache, document_digests, load_documents, load_tokenizer
+from .data import (
+    BYTE_BPE_MIN_VOCAB,
+    EOS,
+    DataConfig,
+    DataError,
+    _cache,
+    document_digests,
+    load_documents,
+    load_tokenizer,
+)
 
 SPLITS = ("train", "validation")
 ENCODE_CHARS = 1 << 18
@@ -122,6 +131,9 @@ def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer
 def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
     """Documents, tokenizer and both splits' token shards, built once under a file lock (the ranks
     that wait find them done)."""
+    if not cfg.tokenizer_file and vocab_size < BYTE_BPE_MIN_VOCAB:  # before the corpus is read
+        raise DataError(f"model.vocab_size={vocab_size} is below the {BYTE_BPE_MIN_VOCAB} tokens the byte-level BPE "
+                        "starts with (256 bytes and the end-of-text token): raise it, or give data.tokenizer_file")
     if cfg.num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker processes are the parallelism
     cache = _cache(cfg)
@@ -138,13 +150,15 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
 @user_errors("dyt-llama-prepare")
 def main(argv: list[str] | None = None) -> None:
     from dyt.train import load_config
+    from dyt.train.config import AT_LEAST_ONE
 
     from .task import LlamaConfig
 
     parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    parser.add_argument("--num-proc", type=int, default=None, help="tokenising processes (default: data.num_proc)")
+    parser.add_argument("--num-proc", type=AT_LEAST_ONE.arg(int), default=None,
+                        help="tokenising processes (default: data.num_proc)")
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])
     config = load_config(LlamaConfig, args.config, overrides)

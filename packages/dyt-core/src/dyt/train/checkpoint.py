@@ -219,8 +219,14 @@ def check_run(run_dir: str | Path, weights: bool = True) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise RunNotFoundError(f"{run_dir}: no config.yaml, so not a training run directory (give --run a training "
                                "run's train.out_dir)")
-    if weights and not complete_checkpoints(run_dir / "checkpoints"):
+    if not weights:
+        return
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if not done:
         raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
+    if not any(done[-1].glob("*model_states.pt")):  # DeepSpeed's mp_rank_00_ / zero_pp_rank_N_mp_rank_00_ files
+        raise RunNotFoundError(f"{done[-1]}: marked complete but holds no model states (*model_states.pt): a run "
+                               "copied in part? Copy the whole checkpoint folder, or delete it to use the one before")
 
 
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -220,6 +220,16 @@ class DataPosition:
     sample: int = 0
 
 
+def check_one_micro_batch(examples: int, micro_batch_size: int, world_size: int) -> None:
+    """A training set must give every rank at least one micro-batch; else a UserInputError saying
+    what to change (also asked by a comparison before it launches anything)."""
+    if examples < micro_batch_size * world_size:
+        raise UserInputError(
+            f"the training set has {examples} examples: fewer than one micro-batch ({micro_batch_size}) per rank "
+            f"for {world_size} rank(s); lower train.micro_batch_size or give more data"
+        )
+
+
 class ResumableBatches:
     """Micro-batches in a fixed order for (seed, epoch), startable at any :class:`DataPosition`, so
     that a resumed run sees exactly the examples the uninterrupted run would have seen.
@@ -234,14 +244,9 @@ class ResumableBatches:
         self.dataset, self.task, self.cfg, self.dist = dataset, task, cfg, dist
         self.step_examples = cfg.micro_batch_size * dist.world_size
         """Examples one micro-batch takes over all ranks."""
+        check_one_micro_batch(len(dataset), cfg.micro_batch_size, dist.world_size)
         self.per_epoch = len(dataset) // self.step_examples
         """Micro-batches per rank per epoch."""
-        if self.per_epoch == 0:
-            raise UserInputError(
-                f"the training set has {len(dataset)} examples: fewer than one micro-batch "
-                f"({cfg.micro_batch_size}) per rank for {dist.world_size} rank(s); lower train.micro_batch_size "
-                "or give more data"
-            )
         self.usable = self.per_epoch * self.step_examples
         self.position = DataPosition()
         """After the last micro-batch handed out: what a checkpoint saves."""
