@@ -445,7 +445,7 @@ def test_demo_runs_every_recipe_compare_through_its_spec(tmp_path, monkeypatch):
             payload["training_allocator"] = {"allocator_env": {}, "kernels": kernels}
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps(payload))
 
-    monkeypatch.setattr(demo, "bench_main", fake_bench)
+    monkeypatch.setattr(demo, "run_bench", fake_bench)
     monkeypatch.setattr(demo, "CONVERSIONS", [])
     # a CPU whose malloc the bench may set as training ranks do: the second pass is asked for
     monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
