@@ -17,12 +17,19 @@ def test_torchaudio_wav2vec2_base_all_layernorms_replaced():
     model = torchaudio.models.wav2vec2_base()
     layernorms = _count(model, nn.LayerNorm)
     assert layernorms > 20
-    weights = {p: m.weight.detach().clone() for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    with torch.no_grad():  # weights and biases unlike a fresh DyT's ones and zeros, so a copy shows
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    affine = {p: (m.weight.detach().clone(), m.bias.detach().clone())
+              for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     report = convert_norms(model, "dyt")
     assert len(report.replaced) == layernorms
     assert _count(model, nn.LayerNorm) == 0
-    for path, weight in weights.items():
+    for path, (weight, bias) in affine.items():
         torch.testing.assert_close(model.get_submodule(path).weight, weight)
+        torch.testing.assert_close(model.get_submodule(path).bias, bias)
     left = {a.type.rsplit(".", 1)[-1]: a.reason for a in report.left_alone}
     assert "GroupNorm" in left  # the feature extractor's first GroupNorm is not a per-token norm
     assert all(isinstance(m, DyT) and m.bias is not None for m in model.modules() if isinstance(m, DyT))

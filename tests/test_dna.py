@@ -262,7 +262,8 @@ def test_an_untied_lm_head_has_its_own_weight_at_unit_row_norm(arch):
     width = untied.output.weight.shape[1]
     embedding = untied.embed.embedding if arch == "caduceus" else untied.embed  # Caduceus-PS: RCPSEmbedding
     assert untied.output.weight.data_ptr() != embedding.weight.data_ptr()
-    assert 0.8 < untied.output.weight.std().item() * width**0.5 < 1.25
+    # a sample std of 7 x width values (224 for Caduceus' two strands of 32): 3 standard errors, about 15%
+    assert untied.output.weight.std().item() * width**0.5 == pytest.approx(1, rel=0.15)
     tokens = _real_tokens()
     untied(tokens).logsumexp(-1).sum().backward()
     assert untied.output.weight.grad.abs().sum() > 0

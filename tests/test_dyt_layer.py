@@ -150,6 +150,25 @@ def test_module_init_and_repr():
         DyT((3, 4), channels_last=False)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fold_dyt_into_linears(with_bias):
+    torch.manual_seed(0)
+    norm = DyT(24, alpha_init=0.7, bias=with_bias)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if with_bias:
+            norm.bias.uniform_(-0.5, 0.5)
+    q, k = torch.nn.Linear(24, 8), torch.nn.Linear(24, 6, bias=False)
+    tanh_only, (q2, k2) = dyt.fold_dyt(norm, q, k)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(q2(tanh_only(x)), q(norm(x)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k2(tanh_only(x)), k(norm(x)), atol=1e-6, rtol=1e-6)
+    assert (k2.bias is not None) == with_bias
+    with pytest.raises(ValueError, match="does not take"):
+        dyt.fold_dyt(norm, torch.nn.Linear(5, 2))
+
+
 @pytest.mark.parametrize("build, error, message", [
     (lambda: DyT(0), ValueError, "positive channel count"),
     (lambda: DyT(-3), ValueError, "positive channel count"),

@@ -7,9 +7,16 @@ import pytest
 import torch
 
 import dyt
-from dyt import DyT, ResidualDyT, fold_dyt
+from dyt import DyT
 from dyt.functional import dyt as dyt_fn
-from dyt.selfcheck import LLAMA_SHAPES, TOL, check_double_backward, check_dyt, check_residual_dyt
+from dyt.selfcheck import (
+    LLAMA_SHAPES,
+    TOL,
+    check_double_backward,
+    check_dyt,
+    check_residual_dyt,
+    check_residual_dyt_one_output,
+)
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,37 +50,8 @@ def test_fused_non_contiguous_channels_first_and_empty(reference):
     assert empty.shape == (0, 6)
 
 
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_residual_dyt_forward_and_all_gradients(reference, with_bias):
-    g = torch.Generator().manual_seed(3)
-    x, r, ds, dy = (torch.randn(7, 300, generator=g).to(DEVICE) for _ in range(4))
-    layer = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="fused", device=DEVICE)
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-    eager = ResidualDyT(300, alpha_init=0.9, bias=with_bias, backend="eager", device=DEVICE)
-    eager.load_state_dict(layer.state_dict())
-    outs = []
-    for module in (layer, eager):
-        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
-        s, y = module(xi, ri)
-        torch.autograd.backward([s, y], [ds, dy])
-        outs.append((s, y, xi.grad, ri.grad, [p.grad for p in module.parameters()]))
-    (s, y, gx, gr, gp), (s0, y0, gx0, gr0, gp0) = outs
-    torch.testing.assert_close(s, x + r)
-    torch.testing.assert_close(y.double(), reference(x + r, layer.alpha, layer.weight, layer.bias), atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(gx, gx0, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(gr, gr0, atol=2e-5, rtol=2e-5)
-    for a, b in zip(gp, gp0):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=2e-5)
-
-
-def test_residual_dyt_when_only_y_is_used():
-    layer = ResidualDyT(16, backend="fused", device=DEVICE)
-    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
-    r = torch.randn(4, 16, device=DEVICE, requires_grad=True)
-    _, y = layer(x, r)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, r.grad)
+def test_residual_dyt_when_one_output_is_used():
+    check_residual_dyt_one_output("fused", DEVICE)
 
 
 def test_tile_heuristic_is_cached_per_shape_and_dtype():
@@ -121,25 +99,6 @@ def test_backend_availability_with_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(dyt.BackendUnavailableError, match="need a CUDA device"):
         dyt.select_backend("fused", "cpu")
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_fold_dyt_into_linears(with_bias):
-    torch.manual_seed(0)
-    norm = DyT(24, alpha_init=0.7, bias=with_bias)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        if with_bias:
-            norm.bias.uniform_(-0.5, 0.5)
-    q, k = torch.nn.Linear(24, 8), torch.nn.Linear(24, 6, bias=False)
-    tanh_only, (q2, k2) = fold_dyt(norm, q, k)
-    x = torch.randn(5, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(q2(tanh_only(x)), q(norm(x)), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(k2(tanh_only(x)), k(norm(x)), atol=1e-6, rtol=1e-6)
-    assert (k2.bias is not None) == with_bias
-    with pytest.raises(ValueError, match="does not take"):
-        fold_dyt(norm, torch.nn.Linear(5, 2))
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)

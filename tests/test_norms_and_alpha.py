@@ -34,6 +34,8 @@ def test_make_norm_kinds():
     layer = make_norm("dyt", 8)
     assert isinstance(layer, DyT) and layer.alpha.item() == 0.5 and layer.bias is not None
     assert make_norm(NormConfig(kind="layernorm", bias=False), 8).bias is None
+    for kind in ("layernorm", "rmsnorm"):  # the config's eps reaches the layer, not torch's default
+        assert make_norm(NormConfig(kind=kind, eps=0.1), 8).eps == 0.1
     wrapped = make_norm("rmsnorm", 8, channels_last=False)
     assert isinstance(wrapped, ChannelsFirst)
     x = torch.randn(2, 8, 5)

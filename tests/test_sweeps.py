@@ -97,8 +97,8 @@ def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_pa
         assert trained.train.lr == float(swept["train.lr"]) and trained.train.seed == 0
         rows = read_metrics(run.dir / "metrics.jsonl")
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
-        # alpha starts where the sweep put it (one step of AdamW moves it by about lr)
-        assert rows[0]["alpha/1"] == pytest.approx(float(swept["model.norm.alpha_init.default"]), abs=0.1)
+        # alpha starts where the sweep put it (one step of AdamW moves it by about lr, at most 0.03 here)
+        assert rows[0]["alpha/1"] == pytest.approx(float(swept["model.norm.alpha_init.default"]), abs=0.05)
         assert shared.finished_step(run.dir) == 4
 
     # the report: a 2 x 2 table of the validation loss, a heatmap, the best point

@@ -123,9 +123,38 @@ def check_residual_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool 
         assert_grad_close(gv, wv, tol["grad"], f"grad {name}")
 
 
+def check_residual_dyt_one_output(backend: str, device="cpu") -> None:
+    """``ResidualDyT(x, r) -> (s, y)`` on ``backend`` when only one output is used, the other's gradient
+    arriving as None: only y (x and r both get DyT's gradient at s, against the float64 reference),
+    only s (x and r get that gradient alone, the parameters none)."""
+    g = torch.Generator(device).manual_seed(5)
+    x, r, dy = (torch.randn(4, 16, generator=g, device=device) for _ in range(3))
+    layer = ResidualDyT(16, alpha_init=0.9, backend=backend, device=device)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=g)
+        layer.bias.uniform_(-0.5, 0.5, generator=g)
+    xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+    layer(xi, ri)[1].backward(dy)
+    s64 = (x + r).double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in layer.parameters()]  # alpha, weight, bias
+    reference(s64, *params).backward(dy.double())
+    grads = [("x", xi.grad, s64.grad), ("residual", ri.grad, s64.grad)]
+    grads += [(name, p.grad, p64.grad) for name, p, p64 in zip(["alpha", "weight", "bias"], layer.parameters(), params)]
+    for name, got, want in grads:
+        assert got is not None, f"only y used: no gradient for {name}"
+        assert_grad_close(got, want, TOL[torch.float32]["grad"], f"only y used: grad {name}")
+    layer.zero_grad(set_to_none=True)
+    xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+    layer(xi, ri)[0].backward(dy)
+    torch.testing.assert_close(xi.grad, dy, msg="only s used: grad x is not the gradient at s")
+    torch.testing.assert_close(ri.grad, dy, msg="only s used: grad residual is not the gradient at s")
+    assert all(p.grad is None for p in layer.parameters()), "only s used: DyT's parameters got a gradient"
+
+
 def check_double_backward(backend: str, device="cpu") -> None:
     """Second derivatives of DyT and residual DyT on ``backend`` against finite differences (float64,
-    ``gradgradcheck``), and the gradients of a gradient penalty beside another term against the eager
+    ``gradgradcheck``), the first-order gradients built under ``create_graph`` against the float64
+    reference, and the gradients of a gradient penalty beside another term against the eager
     backend's (float32): a backend whose gradients carried no history would silently leave DyT out."""
     g = torch.Generator().manual_seed(11)
     x, r = (torch.randn(5, 7, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
@@ -133,6 +162,20 @@ def check_double_backward(backend: str, device="cpu") -> None:
     weight, bias = (torch.randn(7, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
     torch.autograd.gradgradcheck(lambda *t: dyt(*t, backend=backend), (x, alpha, weight, bias))
     torch.autograd.gradgradcheck(lambda *t: residual_dyt(*t, backend=backend), (x, r, alpha, weight, bias))
+    # gradgradcheck differentiates whatever first-order gradients the backward builds, right or wrong:
+    # those gradients (what runs under create_graph) against the reference's.
+    dy, ds = (torch.randn(5, 7, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    leaves = (x, alpha, weight, bias)
+    got = torch.autograd.grad(dyt(*leaves, backend=backend), leaves, dy, create_graph=True)
+    want = torch.autograd.grad(reference(*leaves), leaves, dy)
+    s, y = residual_dyt(x, r, alpha, weight, bias, backend=backend)
+    got += torch.autograd.grad((s, y), (x, r) + leaves[1:], (ds, dy), create_graph=True)
+    s64 = x + r
+    want += torch.autograd.grad((s64, reference(s64, *leaves[1:])), (x, r) + leaves[1:], (ds, dy))
+    names = [f"dyt {n}" for n in ("x", "alpha", "weight", "bias")]
+    names += [f"residual dyt {n}" for n in ("x", "residual", "alpha", "weight", "bias")]
+    for what, gv, wv in zip(names, got, want, strict=True):
+        assert_grad_close(gv.detach(), wv, TOL[torch.float64]["grad"], f"create_graph grad {what}")
     penalties = {}
     for name in (backend, "eager"):
         leaves = [t.detach().float().requires_grad_() for t in (x, alpha, weight)]
@@ -156,6 +199,8 @@ def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str,
 
     for backend in backends:
         yield f"double_backward {backend}", lambda backend=backend: check_double_backward(backend, device)
+        yield (f"residual_dyt_one_output {backend}",
+               lambda backend=backend: check_residual_dyt_one_output(backend, device))
         for dtype in TOL:
             for shape in SMALL_SHAPES:
                 for with_bias in (True, False):

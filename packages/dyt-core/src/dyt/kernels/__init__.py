@@ -56,6 +56,7 @@ def autograd_functions(forward, backward) -> tuple[type[torch.autograd.Function]
         @staticmethod
         def forward(ctx, x, residual, alpha, weight, bias):
             y, s = forward(x, alpha, weight, bias, residual=residual)
+            ctx.set_materialize_grads(False)  # an unused s or y arrives as None, not as zeros to run a kernel on
             ctx.save_for_backward(s, alpha, weight)
             ctx.has_bias = bias is not None
             return s, y
