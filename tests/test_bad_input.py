@@ -120,6 +120,13 @@ CASES = [
     Case("llama-out-dir-under-a-file", "dyt_llama.train", _llama("--set", "train.out_dir={tmp}/bad.yaml/run"),
          ("train.out_dir", "bad.yaml is a file, not a folder")),
     Case("llama-out-dir-empty", "dyt_llama.train", _llama("--set", "train.out_dir="), ("train.out_dir is empty",)),
+    Case("llama-resume-data-changed", "dyt_llama.train",
+         _llama("--set", "train.out_dir={tmp}/llama-run-data", "--set", "model.norm=dyt", "--resume"),
+         ("llama-run-data", "the data files it trained on changed since", "4 files", "start a new run")),
+    Case("llama-compare-data-changed", "dyt-llama-compare",
+         ("dyt-llama-compare", "--out", "{tmp}/cmp-data", "--set", "data.cache_dir={tmp}/cache/llama",
+          "--set", "data.corpus={tmp}/corpus", "--set", "data.validation_works=[b/four]"),
+         ("llama-rmsnorm-seed0", "the data files it trained on changed since", "--fresh")),
     Case("llama-resume-damaged-marker", "dyt_llama.train",
          _llama("--set", "train.out_dir={tmp}/llama-run-bad-marker", "--set", "model.norm=dyt", "--resume"),
          ("checkpoint error", "step_00000001/COMPLETE", "not a checkpoint marker")),
@@ -330,6 +337,7 @@ def _inputs(tmp: Path) -> None:
         bad(tmp / name / ("trunc.wav" if name == "audio-truncated" else "stereo.wav"))
 
     from dyt.train import dump_yaml, load_config
+    from dyt.train.data_files import files_signature
     from dyt_llama.task import LlamaConfig
 
     # A LLaMA run trained with DyT (its config.yaml and a checkpoint marker: the check comes first).
@@ -339,6 +347,17 @@ def _inputs(tmp: Path) -> None:
     (llama_run / "checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
     (llama_run / "config.yaml").write_text(dump_yaml(load_config(
         LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [*overrides, "model.norm=dyt", f"train.out_dir={llama_run}"])))
+    # The same run, as if trained on the corpus before one of its files was rewritten (a digest of
+    # other times); and a comparison's finished run the same way.
+    changed = tmp / "llama-run-data"
+    (changed / "checkpoints/step_00000001").mkdir(parents=True)
+    (changed / "checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
+    (changed / "config.yaml").write_text(dump_yaml(load_config(
+        LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [*overrides, "model.norm=dyt", f"train.out_dir={changed}"])))
+    stale = {**files_signature([tmp / "corpus"]), "digest": "0123456789abcdef"}
+    (changed / "data_files.json").write_text(json.dumps(stale))
+    (tmp / "cmp-data/llama-rmsnorm-seed0").mkdir(parents=True)
+    (tmp / "cmp-data/llama-rmsnorm-seed0/data_files.json").write_text(json.dumps(stale))
     damaged = tmp / "llama-run-bad-marker"
     (damaged / "checkpoints/step_00000001").mkdir(parents=True)
     (damaged / "checkpoints/step_00000001/COMPLETE").write_text("garbage{")

@@ -120,12 +120,14 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
     monkeypatch.setattr(compare, "plot_s_curves", fake_s_curves)
     out = tmp_path / "cmp"
     out.mkdir()
-    args = argparse.Namespace(out=out, config=LLAMA_TINY, overrides=[], nproc=ranks, launcher="deepspeed",
-                              norms=["rmsnorm", "dyt"], seeds=[0, 1], sweeps=[])
+    args = argparse.Namespace(out=out, config=LLAMA_TINY, overrides=["train.lr=0.002"], nproc=ranks,
+                              launcher="deepspeed", norms=["rmsnorm", "dyt"], seeds=[0, 1], sweeps=[])
     made = [_llama_run(out, norm, seed, ranks) for seed in args.seeds for norm in args.norms]  # main()'s order
     runs = [run for run, _ in made]
-    report = compare.write_report(args, runs, ["b/four", "c/five"])
+    report = compare.write_report(args, runs, ["b/four", "c/five"], "your corpus `/data/text`")
     text = report.read_text()
+    assert "text: your corpus `/data/text`. Validation: whole documents held out of training: b/four, c/five." in text
+    assert "Set over the config for every run: `train.lr=0.002`." in text  # what the runs were given, in the report
 
     rows = table(text, "norm")
     assert [r["norm"] for r in rows] == args.norms
@@ -312,7 +314,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
     from dyt_dna.data import ClassificationData
 
     args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS, nproc=12, launcher="deepspeed",
-                              pretrain_seed=0, seeds=[0, 1], norms=None, sweeps=[])
+                              pretrain_seed=0, seeds=[0, 1], norms=None, sweeps=[], overrides=[])
     args.out.mkdir()
     made = [_dna_run(args.out, path, norm) + (norm,)
             for path, norms in zip(DNA_CONFIGS, (("layernorm", "dyt"), ("rmsnorm", "dyt"))) for norm in norms]
@@ -337,7 +339,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                 evals[(run.point, task.name, init)] = reuse_or_compute(path, settings,
                                                                       lambda: pytest.fail("evals not reused"))
 
-    text = compare.write_report(args, runs, tasks, evals).read_text()
+    text = compare.write_report(args, runs, tasks, evals, "held-out strains").read_text()
     pretraining = table(text, "model")
     assert [(r["model"], r["norm"]) for r in pretraining] == [
         ("HyenaDNA", "layernorm"), ("HyenaDNA", "dyt"), ("Caduceus", "rmsnorm"), ("Caduceus", "dyt")]

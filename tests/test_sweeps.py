@@ -283,7 +283,7 @@ def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
     args = argparse.Namespace(out=out, config=LLAMA_TINY, overrides=[], nproc=2, launcher="deepspeed",
                               norms=["rmsnorm", "dyt"], seeds=[0, 1, 2], sweeps=[])
     made = [_llama_run(out, norm, seed, 2) for seed in args.seeds for norm in args.norms]
-    rows = table(compare.write_report(args, [run for run, _ in made], ["x"]).read_text(), "norm")
+    rows = table(compare.write_report(args, [run for run, _ in made], ["x"], "the built-in corpus").read_text(), "norm")
     losses = {norm: [e["eval"] for run, e in made if run.norm == norm] for norm in args.norms}
     expected = verdict(losses["dyt"], losses["rmsnorm"], higher_is_better=False, baseline_name="rmsnorm")
     assert expected != NO_VERDICT

@@ -33,18 +33,19 @@ from dyt.train.compare import (
     plot_losses,
     prepare_out,
     reuse_or_compute,
+    settings_notes,
     shown_path,
-    sweep_notes,
     sweep_section,
     train_runs,
     verdict,
 )
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
+from dyt.train.data_files import files_signature
 from dyt.train.finetune import FinetuneConfig
 from dyt.train.recipe import Metric
 from dyt.train.trainer import check_one_micro_batch
 
-from .data import ClassificationData, check_task, load_task, pretraining_datasets
+from .data import BUILTIN_TASKS, ClassificationData, check_task, load_task, pretraining_datasets
 from .eval import evaluate, finetune_for, results_json
 from .recipe import SPEC
 from .task import DnaConfig
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> Path:
                                   max_steps=args.max_steps, seeds=args.seeds)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
     task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}
+    task_files = task_signatures(tasks, args.tasks)
     prepare_out(args)
 
     runs = train_runs(SPEC, args, plan)
@@ -117,18 +119,30 @@ def main(argv: list[str] | None = None) -> Path:
         for task, (pretrained, init) in ((t, i) for t in tasks for i in INITS.items()):
             print(f"== fine-tune {run.point.model} {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
             cfg = task_cfgs[task.name]
-            settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class}
+            settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class,
+                        "task_files": task_files[task.name]}
             evals[(run.point, task.name, init)] = reuse_or_compute(
                 run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
                 lambda run=run, task=task, cfg=cfg, pretrained=pretrained: results_json(
                     task, evaluate(run.dir, task, cfg, pretrained=pretrained)))
-    report = write_report(args, runs, tasks, evals)
+    fasta = sorted({f for p in plan for f in p.config.data.validation_fasta})
+    validation = (f"your held-out FASTA files {', '.join(f'`{f}`' for f in fasta)}" if fasta
+                  else "held-out strains (never trained on)")
+    report = write_report(args, runs, tasks, evals, validation)
     print(f"\nreport: {report}")
     return report
 
 
-def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals) -> Path:
-    """``evals[(run.point, task name, init)]``: that fine-tuning's results, one per seed."""
+def task_signatures(tasks: list[ClassificationData], specs: list[str]) -> dict[str, dict | None]:
+    """Task name -> its folder's files as they are now (None for a built-in task), kept in each stored
+    eval's settings: an eval of a task folder edited since is made again, not reused."""
+    return {task.name: None if spec in BUILTIN_TASKS else files_signature([spec])
+            for task, spec in zip(tasks, specs, strict=True)}
+
+
+def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str) -> Path:
+    """``evals[(run.point, task name, init)]``: that fine-tuning's results, one per seed; ``validation``:
+    what the validation loss was measured on, in words."""
     out = args.out
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
@@ -162,9 +176,9 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals) 
         "# DNA: HyenaDNA and Caduceus, published norm vs DyT",
         "",
         f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed {args.pretrain_seed}, configs "
-        f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: held-out strains (never trained on).",
+        f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}.",
         "",
-        *sweep_notes(args),
+        *settings_notes(args),
         f"| model | norm |{point_column} final train loss | validation loss | validation perplexity | "
         f"{SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}) |",
         f"|---|---|{point_rule}---|---|---|---|---|---|---|",

@@ -60,6 +60,10 @@ class DnaDataConfig:
     cache_dir: str = ""
     """Where windows are cached (empty: $DYT_CACHE/dna)."""
 
+    def source_files(self) -> list[Path]:
+        """The user's FASTA files (``dyt.train.data_files``); none for the built-in strains."""
+        return [Path(p) for p in (*self.fasta, *self.validation_fasta)]
+
     def validate(self) -> None:
         problem = folder_problem(_cache_dir(self.cache_dir))
         if problem is not None:

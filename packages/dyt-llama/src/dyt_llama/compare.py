@@ -31,8 +31,8 @@ from dyt.train.compare import (
     plot_alphas_of_first,
     plot_losses,
     prepare_out,
+    settings_notes,
     shown_path,
-    sweep_notes,
     sweep_section,
     train_runs,
     verdict,
@@ -60,7 +60,7 @@ def plot_s_curves(run: Run, path: Path) -> None:
     plot_s_curves(recorder.records, path, title=f"{run.norm} model: norm input vs output (validation text)")
 
 
-def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
+def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Path:
     out = args.out
     model = SPEC.models[0]
     summaries = {run.point: SPEC.summarize(run) for run in runs}
@@ -74,10 +74,10 @@ def write_report(args, runs: list[Run], held_out: list[str]) -> Path:
         "# LLaMA: RMSNorm vs DyT",
         "",
         f"Config `{shown_path(args.config)}` with {args.nproc} rank(s) under `{args.launcher}`; seeds "
-        f"{sorted({r.seed for r in runs})}. Validation: whole documents held out of training: "
+        f"{sorted({r.seed for r in runs})}; text: {corpus}. Validation: whole documents held out of training: "
         f"{', '.join(held_out)}.",
         "",
-        *sweep_notes(args),
+        *settings_notes(args),
         "| norm |" + (" sweep point |" if swept else "") + " final train loss | validation loss | validation perplexity "
         f"| {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}, vs {baseline}) |",
         "|---|" + ("---|" if swept else "") + "---|---|---|---|---|---|---|",
@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> Path:
         build_datasets(data.data, data.model.vocab_size, data.model.max_seq_len)  # data errors; warms the cache
     held_out = list(load_documents(plan[0].config.data)["validation"]["title"])
     prepare_out(args)
-    report = write_report(args, train_runs(SPEC, args, plan), held_out)
+    corpus = plan[0].config.data.corpus
+    report = write_report(args, train_runs(SPEC, args, plan), held_out,
+                          f"your corpus `{corpus}`" if corpus else "the built-in corpus (Shakespeare and Austen)")
     print(f"\nreport: {report}")
     return report
 

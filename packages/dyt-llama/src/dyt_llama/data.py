@@ -54,6 +54,11 @@ class DataConfig:
     """Characters of text per token shard (whole documents; about 4 characters a token). A kill
     while shards are written loses at most the shard in progress."""
 
+    def source_files(self) -> list[Path]:
+        """The user's files this data is read from (``dyt.train.data_files``): the corpus and the
+        tokenizer file, where given."""
+        return [Path(p) for p in (self.corpus, self.tokenizer_file) if p]
+
 
 def _cache(cfg: DataConfig) -> Path:
     path = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
@@ -111,9 +116,19 @@ def load_documents(cfg: DataConfig):
         raise DataError(f"corpus {root} is a file: give data.corpus the folder that holds the corpus files")
     if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
         loaded = datasets.load_from_disk(str(root))
-        if isinstance(loaded, datasets.DatasetDict) and {"train", "validation"} <= set(loaded):
-            return datasets.DatasetDict({s: _document_table(loaded[s], f"{root} ({s})") for s in ("train", "validation")})
-        table = _document_table(loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded, root)
+        if isinstance(loaded, datasets.DatasetDict):
+            splits = set(loaded)
+            if not splits <= {"train", "validation"} or "train" not in splits:
+                raise DataError(f"corpus {root} is a DatasetDict of splits {sorted(splits)}: the recipe reads "
+                                "'train' and, if there, 'validation'; save those (or one Dataset)")
+            if "validation" in splits:
+                if cfg.validation_works:
+                    raise DataError(f"corpus {root} has a 'validation' split and data.validation_works names "
+                                    "documents to hold out as well: give one of the two")
+                return datasets.DatasetDict({s: _document_table(loaded[s], f"{root} ({s})")
+                                             for s in ("train", "validation")})
+            loaded = loaded["train"]
+        table = _document_table(loaded, root)
     else:
         texts = sorted(root.rglob("*.txt"))
         tables = sorted(root.rglob("*.jsonl")) + sorted(root.rglob("*.parquet"))

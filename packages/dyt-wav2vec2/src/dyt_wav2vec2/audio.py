@@ -186,11 +186,8 @@ def is_hf_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:
-    """The audio of a saved HF dataset, written once as 16 kHz wav files under ``cache`` (keyed by
-    the dataset's fingerprint), so every input takes the same path through the pipeline."""
-    import io
-
+def _hf_audio_rows(path: Path):
+    """A saved HF dataset's rows with their audio undecoded, and the name of its Audio column."""
     import datasets
 
     rows = datasets.load_from_disk(str(path))
@@ -199,8 +196,44 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     column = next((name for name, kind in rows.features.items() if isinstance(kind, datasets.Audio)), None)
     if column is None:
         raise AudioError(f"{path}: no Audio column among {list(rows.features)}")
-    rows = rows.cast_column(column, datasets.Audio(decode=False))
-    out = cache / rows._fingerprint
+    return rows.cast_column(column, datasets.Audio(decode=False)), column
+
+
+def _hf_audio_files(path: Path, rows, column: str) -> list[Path]:
+    """The files a saved HF dataset's audio is read from: its own folder, and the files of rows that
+    hold a path without the bytes (``save_to_disk`` embeds the bytes; older saves may not)."""
+    external = []
+    for chunk in rows.with_format("arrow")[column].chunks:
+        missing = chunk.field("bytes").is_null().to_pylist()
+        external += [Path(p) for gone, p in zip(missing, chunk.field("path").to_pylist()) if gone and p]
+    return [path, *external]
+
+
+def audio_source_files(path: Path) -> list[Path]:
+    """Every file a manifest or saved HF dataset reads audio from (``dyt.train.data_files``): the
+    manifest and the audio files it lists (a missing one is named by training, not here), or the
+    dataset's folder."""
+    if is_hf_dataset(path):
+        return _hf_audio_files(path, *_hf_audio_rows(path))
+    if not path.is_file():
+        return [path]
+    lines = path.read_text().splitlines()
+    root = Path(lines[0].strip()) if lines else path.parent
+    return [path, *(root / line.split("\t")[0] for line in lines[1:] if line.strip())]
+
+
+def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:
+    """The audio of a saved HF dataset, written once as 16 kHz wav files under ``cache``, so every
+    input takes the same path through the pipeline. Keyed by the dataset's fingerprint and its
+    files' sizes and times: a fingerprint follows the operations that made a dataset (for one built
+    from file paths, the paths), not the audio, so a dataset rebuilt from re-recorded files keeps it."""
+    import io
+
+    from dyt.train.data_files import files_signature
+
+    rows, column = _hf_audio_rows(path)
+    files = files_signature(_hf_audio_files(path, rows, column))
+    out = cache / f"{rows._fingerprint}-{files['digest']}"
     manifest = out / "manifest.tsv"
     if manifest.is_file():
         return read_manifest(manifest, manifest.with_suffix(".wrd") if manifest.with_suffix(".wrd").is_file() else None)

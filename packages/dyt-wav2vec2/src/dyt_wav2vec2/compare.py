@@ -35,8 +35,8 @@ from dyt.train.compare import (
     plot_losses,
     prepare_out,
     reuse_or_compute,
+    settings_notes,
     shown_path,
-    sweep_notes,
     sweep_section,
     train_runs,
     verdict,
@@ -117,7 +117,10 @@ def downstream_metric(name: str, metric: str, test: str) -> Metric:
 def write_report(args, runs: list[Run], evals: dict) -> Path:
     """``evals[(run.point, init)]``: that run's downstream results (eval name -> one result per seed)."""
     out = args.out
-    model = load_config(SPEC.config_class, args.config, args.overrides).model
+    config = load_config(SPEC.config_class, args.config, args.overrides)
+    model, data = config.model, config.data
+    validation = (f"your held-out audio `{data.validation_manifest}` (training: `{data.train_manifest}`)"
+                  if data.train_manifest else "synthetic sentences in voices never heard in training")
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
     baseline = (args.norms or SPEC.models[0].norms)[0]
@@ -139,14 +142,14 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         "",
         f"Config `{shown_path(args.config)}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed "
         f"{args.pretrain_seed}. "
-        "Validation: synthetic sentences in voices never heard in training, masked and with distractors "
+        f"Validation: {validation}, masked and with distractors "
         f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
         f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
         "counts as a tie, where fairseq2's training loss drops it. Accuracy: how often the target ranks first, "
         f"ties with such duplicates broken at random (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
         "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance.",
         "",
-        *sweep_notes(args),
+        *settings_notes(args),
         f"| norm |{point_column} final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
         f"| distractors equal to target | status | steps/s | {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) "
         f"| verdict ({main.title}) |",

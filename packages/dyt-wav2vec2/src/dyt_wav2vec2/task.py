@@ -22,6 +22,7 @@ from .audio import (
     SAMPLE_RATE,
     AudioError,
     Utterance,
+    audio_source_files,
     inspect_audio,
     is_hf_dataset,
     load_audio,
@@ -49,6 +50,11 @@ class SpeechDataConfig:
     max_bad_fraction: Annotated[float, PROBABILITY] = 0.0
     """Share of unreadable / empty / multi-channel / truncated files that may be skipped, each named
     (0: any stops the run)."""
+
+    def source_files(self) -> list[Path]:
+        """The user's audio files (``dyt.train.data_files``): the manifests and what they list, or
+        the saved datasets; none for the built-in speech."""
+        return [f for p in (self.train_manifest, self.validation_manifest) if p for f in audio_source_files(Path(p))]
 
 
 @dataclass

@@ -10,7 +10,8 @@ A ZeRO checkpoint (stage 1-3: optimizer state sharded by rank) loads only on the
 wrote it. On another world size, rank 0 converts it once with DeepSpeed's ``ds_to_universal`` into
 ``<tag>/universal`` (written as ``universal.tmp``, renamed when done) and every rank loads that with
 DeepSpeed's ``checkpoint.load_universal``. A ZeRO-0 checkpoint holds whole states and loads as is.
-Before any of that, :func:`check_resume` compares the run's saved ``config.yaml`` with the new config.
+Before any of that, :func:`check_resume` compares the run's saved ``config.yaml`` with the new config,
+and its record of the data files it read with those files now.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from ..errors import UserInputError
 from .config import ConfigError, load_config, resume_changes
+from .data_files import check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
 
 MARKER = "COMPLETE"
@@ -187,7 +189,8 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
 def check_resume(config: Any) -> list[str]:
     """Before a ``--resume``: the settings that changed since the run's saved ``config.yaml`` and may
     change (to print); a ConfigError naming every changed setting that may not (the model's, and
-    the train settings a checkpoint fixes: :attr:`TrainConfig.RESUME_MAY_CHANGE`). Nothing to check
+    the train settings a checkpoint fixes: :attr:`TrainConfig.RESUME_MAY_CHANGE`), or when the files
+    its data was read from changed (:mod:`dyt.train.data_files`). Nothing to check
     when the run has no complete checkpoint yet (the run starts fresh)."""
     run_dir = Path(config.train.out_dir)
     saved_file = run_dir / "config.yaml"
@@ -206,6 +209,7 @@ def check_resume(config: Any) -> list[str]:
             f"--resume: {'; '.join(fixed)} (saved in {saved_file}): a run keeps these settings, its checkpoint "
             "was made with them; put them back, or start a new run (another train.out_dir, or without --resume)"
         )
+    check_data_unchanged(run_dir, data_files_of(config))
     return allowed
 
 

@@ -33,6 +33,7 @@ from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
 from .checkpoint import complete_checkpoints, step_of
 from .config import AT_LEAST_ONE, dump_yaml, load_config
+from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
 from .metrics import read_metrics
 from .recipe import Metric, ModelSpec, RecipeSpec
@@ -291,7 +292,15 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
 
 
 def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[PlannedRun]) -> list[Run]:
-    """Train every planned run (finished ones are not launched again) and return them in plan order."""
+    """Train every planned run (finished ones are not launched again) and return them in plan order.
+    First, before any launch: a run already in ``--out`` whose data files changed since it trained is
+    an error (:func:`~dyt.train.data_files.check_data_unchanged`), not a result to report."""
+    signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
+    for planned in plan:
+        data = repr(getattr(planned.config, "data", None))
+        if data not in signatures:
+            signatures[data] = data_files_of(planned.config)
+        check_data_unchanged(planned.dir, signatures[data])
     runs = []
     for planned in plan:
         planned.dir.mkdir(parents=True, exist_ok=True)
@@ -636,10 +645,15 @@ def _plot_sweep(path: Path, sweeps: list[Sweep], cell_of: dict, metric: Metric, 
     plt.close(fig)
 
 
-def sweep_notes(args: argparse.Namespace) -> list[str]:
-    """One line saying what was swept (nothing without ``--sweep``)."""
-    if not args.sweeps:
-        return []
-    listed = "; ".join(f"{s.norm + ':' if s.norm else ''}{s.key} = {', '.join(s.values)}" for s in args.sweeps)
-    return [f"Swept: {listed} (every point a run of its own; a key with a norm prefix only in that norm's runs).", ""]
+def settings_notes(args: argparse.Namespace) -> list[str]:
+    """A line of the ``--set`` settings every run got over its config (its data among them), and one
+    of what was swept; nothing for what was not given."""
+    lines = []
+    if args.overrides:
+        lines += [f"Set over the config for every run: {', '.join(f'`{item}`' for item in args.overrides)}.", ""]
+    if args.sweeps:
+        listed = "; ".join(f"{s.norm + ':' if s.norm else ''}{s.key} = {', '.join(s.values)}" for s in args.sweeps)
+        lines += [f"Swept: {listed} (every point a run of its own; a key with a norm prefix only in that norm's runs).",
+                  ""]
+    return lines
 

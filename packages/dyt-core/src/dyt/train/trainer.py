@@ -26,6 +26,7 @@ from ..analysis import AlphaTracker
 from ..errors import UserInputError
 from . import checkpoint
 from .config import TrainConfig, dump_yaml, read_json_object
+from .data_files import record_data_files
 from .distributed import DistInfo, all_reduce, init_distributed
 from .metrics import MetricsLogger
 
@@ -420,11 +421,14 @@ class Trainer:
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(self.full_config))
+            record_data_files(self.full_config, self.out_dir)
         metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress), dynamic_ncols=True)
+        # off on other ranks and with train.progress false; otherwise tqdm's own TQDM_DISABLE still decides
+        hidden = {} if dist.is_main and cfg.progress else {"disable": True}
+        bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True, **hidden)
         stream = batches.iterate(position)
         input_dtype = engine_input_dtype(engine)
         train_loss, eval_loss = float("nan"), None

@@ -1,0 +1,83 @@
+"""Which files a run's data was read from, kept beside its ``config.yaml`` so that a resume, a
+comparison reusing a finished run, and a stored eval can tell when those files changed since.
+
+A path in a config says where data is, not what it was: a corpus folder edited in place, a FASTA
+rewritten or a manifest's audio re-recorded keeps every setting the same. The record is the count,
+total size and a digest of every file's resolved path, size and modification time (no file is
+read), so adding, removing, rewriting or touching one changes it.
+
+A recipe names its files by giving its data config a ``source_files()`` method (the files and
+folders the user pointed it at; empty for built-in data, which is built deterministically)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+DATA_FILES = "data_files.json"
+
+
+def files_signature(paths: Iterable[str | Path]) -> dict[str, Any]:
+    """``{"files", "bytes", "digest"}`` of every file at or under ``paths`` (folders recursively); a
+    missing path counts as no file but still enters the digest."""
+    entries = []
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            try:
+                stat = file.stat()
+            except FileNotFoundError:
+                entries.append((str(file), None, None))
+                continue
+            entries.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+    return {"files": sum(size is not None for _, size, _ in entries),
+            "bytes": sum(size or 0 for _, size, _ in entries),
+            "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]}
+
+
+def data_files_of(config: Any) -> dict[str, Any] | None:
+    """The signature of the files ``config.data.source_files()`` names; None where the recipe names
+    none (built-in data, or a config without a data section)."""
+    source_files = getattr(getattr(config, "data", None), "source_files", None)
+    paths = list(source_files()) if source_files is not None else []
+    return files_signature(paths) if paths else None
+
+
+def record_data_files(config: Any, run_dir: str | Path) -> None:
+    """Write (or, for built-in data, remove) the run's record of its data files."""
+    path = Path(run_dir) / DATA_FILES
+    signature = data_files_of(config)
+    if signature is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps(signature, indent=1) + "\n")
+
+
+def _size(signature: dict[str, Any] | None) -> str:
+    if signature is None:
+        return "the built-in data"
+    return f"{signature['files']} files, {signature['bytes'] / 1e6:.1f} MB"
+
+
+def check_data_unchanged(run_dir: str | Path, now: dict[str, Any] | None) -> None:
+    """A ConfigError when ``run_dir`` recorded data files that differ from ``now`` (the
+    :func:`data_files_of` the run's config now). Runs from before the record: nothing to compare."""
+    path = Path(run_dir) / DATA_FILES
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        digest = saved["digest"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: damaged (not the JSON record of a run's data files); start a new run "
+                          "(another train.out_dir, or --fresh for a comparison)") from None
+    if now is None or now["digest"] != digest:
+        raise ConfigError(
+            f"{run_dir}: the data files it trained on changed since ({_size(saved)} then, {_size(now)} now): "
+            "its checkpoints and results belong to the old files; start a new run (another train.out_dir, "
+            "or --fresh / another --out for a comparison)")

@@ -1,0 +1,125 @@
+"""A run's record of the user's data files (dyt.train.data_files): what changes it, what each recipe
+names, and the decoded-audio cache of a saved HF dataset, which must follow the audio, not the
+dataset's fingerprint."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import soundfile
+
+from dyt.train import ConfigError
+from dyt.train.data_files import check_data_unchanged, data_files_of, files_signature, record_data_files
+
+
+def _corpus(root):
+    for name, text in (("a/one.txt", "one two three\n"), ("b/two.txt", "four five\n")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_the_signature_changes_with_any_file_and_only_then(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    before = files_signature([corpus])
+    assert before == files_signature([corpus]) and (before["files"], before["bytes"]) == (2, 24)
+    changes = {
+        "added": lambda: (corpus / "b/three.txt").write_text("six\n"),
+        "removed": lambda: (corpus / "b/three.txt").unlink(),
+        "rewritten, same size": lambda: (corpus / "a/one.txt").write_text("ONE TWO THREE\n"),
+        "touched": lambda: os.utime(corpus / "b/two.txt", ns=(0, time.time_ns() + 10**9)),
+    }
+    for what, change in changes.items():
+        last = files_signature([corpus])
+        change()
+        assert files_signature([corpus])["digest"] != last["digest"], what
+    missing = files_signature([tmp_path / "nowhere"])
+    assert missing["files"] == 0 and missing["digest"] != files_signature([])["digest"]
+
+
+def test_a_run_refuses_data_files_that_changed(tmp_path):
+    from dyt_llama.task import LlamaConfig
+
+    corpus = _corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = LlamaConfig()
+    config.data.corpus = str(corpus)
+    record_data_files(config, run)
+    check_data_unchanged(run, data_files_of(config))  # the same files: nothing to say
+    (corpus / "a/one.txt").write_text("other words entirely\n")
+    with pytest.raises(ConfigError, match=r"changed since \(2 files, 0.0 MB then, 2 files, 0.0 MB now\)"):
+        check_data_unchanged(run, data_files_of(config))
+    with pytest.raises(ConfigError, match="the built-in data now"):
+        check_data_unchanged(run, data_files_of(LlamaConfig()))
+    record_data_files(LlamaConfig(), run)  # built-in data: no record, nothing to compare
+    assert not (run / "data_files.json").exists()
+    check_data_unchanged(run, data_files_of(config))
+    (run / "data_files.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="damaged"):
+        check_data_unchanged(run, data_files_of(config))
+
+
+def test_each_recipe_names_the_files_it_reads(tmp_path):
+    from dyt_dna.data import DnaDataConfig
+    from dyt_llama.data import DataConfig
+    from dyt_wav2vec2.task import SpeechDataConfig
+
+    assert DataConfig().source_files() == [] and DnaDataConfig().source_files() == []
+    assert SpeechDataConfig().source_files() == []
+    assert [str(p) for p in DataConfig(corpus="c", tokenizer_file="t.json").source_files()] == ["c", "t.json"]
+    assert [str(p) for p in DnaDataConfig(fasta=["a.fa"], validation_fasta=["b.fa"]).source_files()] == ["a.fa", "b.fa"]
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ("x.wav", "y.wav"):
+        soundfile.write(str(audio / name), np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
+    named = SpeechDataConfig(train_manifest=str(manifest), validation_manifest=str(manifest)).source_files()
+    assert named == [manifest, audio / "x.wav", audio / "y.wav"] * 2  # the manifests and every file they list
+
+
+def test_a_saved_audio_dataset_rebuilt_from_rewritten_files_is_decoded_again(tmp_path):
+    """A dataset made from file paths keeps its fingerprint when the files are re-recorded and it is
+    saved again (datasets fingerprints the paths): the decoded-audio cache must still follow the audio."""
+    datasets = pytest.importorskip("datasets")
+    from dyt_wav2vec2.audio import utterances_from_hf_dataset
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    paths = [str(audio / f"{i}.wav") for i in range(2)]
+
+    def save(level: float):
+        for path in paths:
+            soundfile.write(path, np.full(8000, level, dtype=np.float32), 16000)
+        rows = datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio())
+        rows.save_to_disk(str(tmp_path / "saved"))
+        return datasets.load_from_disk(str(tmp_path / "saved"))._fingerprint
+
+    cache = tmp_path / "cache"
+    first_fingerprint = save(0.25)
+    first = utterances_from_hf_dataset(tmp_path / "saved", cache)
+    assert soundfile.read(str(first[0].path))[0].mean() == pytest.approx(0.25, abs=1e-3)
+    assert save(-0.5) == first_fingerprint  # the fingerprint did not see the new audio
+    second = utterances_from_hf_dataset(tmp_path / "saved", cache)
+    assert second[0].path.parent != first[0].path.parent
+    assert soundfile.read(str(second[0].path))[0].mean() == pytest.approx(-0.5, abs=1e-3)
+    assert utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path == second[0].path  # and is reused
+
+
+def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):
+    """dyt-dna-compare keeps each task folder's signature in its stored evals' settings, so a stored
+    eval is reused only while the task's files are as they were."""
+    from dyt_dna.compare import task_signatures
+    from dyt_dna.data import load_task
+
+    folder = tmp_path / "mytask"
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.csv").write_text("sequence,label\nACGTACGT,a\nTTGGCCAA,b\nACGTTTGG,a\n")
+    tasks = [load_task(str(folder), 8, 4)]
+    before = task_signatures(tasks, [str(folder)])
+    assert before == task_signatures(tasks, [str(folder)]) and before["mytask"]["files"] == 3
+    (folder / "train.csv").write_text("sequence,label\nACGTACGT,b\nTTGGCCAA,a\nACGTTTGG,b\n")  # labels swapped
+    assert task_signatures(tasks, [str(folder)]) != before
