@@ -227,3 +227,25 @@ def test_own_corpus_without_validation_works_holds_out_every_tenth_document(tmp_
     assert load_documents(cfg)["validation"]["title"] == ["doc9"]  # the 10th in sorted order
     train, validation, _ = build_datasets(cfg, 300, 32)
     assert len(train) > 5 * len(validation) > 0
+
+
+def test_a_saved_dataset_dict_uses_its_validation_split_or_refuses(tmp_path):
+    """A saved DatasetDict: its 'validation' split is the held-out set; data.validation_works beside it,
+    or a split the recipe would not read, is refused rather than silently ignored or dropped."""
+    import datasets
+
+    def saved(name: str, **splits: list[str]) -> str:
+        parts = {s: datasets.Dataset.from_dict({"title": titles, "text": [SONNET * 3] * len(titles)})
+                 for s, titles in splits.items()}
+        datasets.DatasetDict(parts).save_to_disk(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    both = saved("both", train=["a", "b", "c"], validation=["v"])
+    documents = load_documents(DataConfig(corpus=both, cache_dir=str(tmp_path / "c")))
+    assert documents["validation"]["title"] == ["v"] and documents["train"]["title"] == ["a", "b", "c"]
+    with pytest.raises(DataError, match="has a 'validation' split and data.validation_works"):
+        load_documents(DataConfig(corpus=both, validation_works=["a"], cache_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match=r"splits \['test', 'train'\]"):
+        load_documents(DataConfig(corpus=saved("test", train=["a", "b"], test=["t"]), cache_dir=str(tmp_path / "c")))
+    only_train = saved("train", train=[f"d{i}" for i in range(10)])
+    assert load_documents(DataConfig(corpus=only_train, cache_dir=str(tmp_path / "c")))["validation"]["title"] == ["d9"]
