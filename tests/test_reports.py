@@ -367,6 +367,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                     values = [r["test"]["test"][metric] for r in results]
                     assert len(values) == 2 and row[column] == fmt(values), (row, metric)
                 assert row["verdict (accuracy)"] == ("baseline" if norm != "dyt" else NO_VERDICT)  # 2 seeds
+                assert row["pretrained − random init (accuracy)"] == ("-" if init == "random init" else NO_VERDICT)
     for task in tasks:
         assert (f"`{task.name}`: {len(task.classes)} classes ({', '.join(task.classes)}); {len(task.train)} / "
                 f"{len(task.validation)} / {len(task.test)} train / validation / test examples.") in text

@@ -179,7 +179,6 @@ def test_sweep_options_build_a_grid_per_norm():
     # a variant's name may hold a colon; the key is what follows the last one
     variant = shared.parse_sweep("dyt:hardtanh:train.lr=1,2")
     assert (variant.norm, variant.key, variant.values) == ("dyt:hardtanh", "train.lr", ("1", "2"))
-    assert shared.norm_overrides("rmsnorm") == ["model.norm.kind=rmsnorm"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -189,6 +188,8 @@ def test_sweep_options_build_a_grid_per_norm():
     (["--sweep", "train.lr=1,2", "--sweep", "dyt:train.lr=3,4"], "swept twice"),
     (["--norms", "dyt", "--sweep", "rmsnorm:train.lr=1,2"], "names a norm that is not trained"),
     (["--norms", "dyt", "dyt"], "listed twice"),
+    (["--sweep", "train.seed=0,1,2"], "train.seed is set for each run by the comparison itself"),
+    (["--set", "train.out_dir=x"], "train.out_dir is set for each run by the comparison itself"),
 ])
 def test_bad_sweep_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -255,6 +256,17 @@ def test_point_folders_differ_for_every_point_and_facts_never_come_from_names():
 def test_verdict_in_words(dyt, baseline, higher, words):
     assert verdict(dyt, baseline, higher_is_better=higher, baseline_name="rmsnorm") == words
     assert NO_VERDICT == "fewer than 3 seeds: no verdict"
+
+
+@pytest.mark.parametrize("pretrained, untrained, higher, words", [
+    ([0.60, 0.62, 0.64], [0.50, 0.51, 0.52], True, "+0.110, better than random init"),
+    ([0.25, 0.26, 0.24], [0.25, 0.24, 0.26], True, "+0.000, within random init's ± 2σ (0.020): no gain"),
+    ([0.40, 0.40, 0.40], [0.50, 0.51, 0.52], True, "-0.110, worse than random init"),
+    ([0.40, 0.41, 0.42], [0.50, 0.51, 0.52], False, "-0.100, better than random init"),  # a CER: lower is better
+    ([0.60, 0.62], [0.50, 0.51, 0.52], True, NO_VERDICT),
+])
+def test_what_pretraining_bought_in_words(pretrained, untrained, higher, words):
+    assert shared.pretraining_gain(pretrained, untrained, higher_is_better=higher) == words
 
 
 def test_each_point_is_judged_against_the_baseline_point_it_shares_keys_with():
@@ -329,6 +341,11 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
         mine = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "pretrained"]["probe"]]
         assert row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else verdict(
             mine, baseline, higher_is_better=True, baseline_name="layernorm"))
+        untrained = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "random init"]["probe"]]
+        assert row["pretrained − random init (real recordings)"] == shared.pretraining_gain(
+            mine, untrained, higher_is_better=True)  # each row against its own model untrained
+    untrained_rows = [r for r in downstream if r["model"] == "random init"]
+    assert untrained_rows and all(r["pretrained − random init (unseen voices)"] == "-" for r in untrained_rows)
     assert "| model.norm.alpha_init.input | validation contrastive loss |" in text
     assert "#### wav2vec 2.0, dyt: keywords, linear probe, accuracy (36 classes), real recordings over the sweep" in text
     assert (args.out / "sweep_wav2vec2_dyt_probe_accuracy_real_recordings.png").read_bytes()[:4] == b"\x89PNG"

@@ -26,12 +26,14 @@ from dyt.train.compare import (
     baseline_cell,
     cells_of,
     describe_sweep,
+    finished_step,
     mean_std,
     parse_run_arguments,
     plan_runs,
     plot_alphas_of_first,
     plot_losses,
     prepare_out,
+    pretraining_gain,
     reuse_or_compute,
     settings_notes,
     shown_path,
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"== fine-tune {run.point.model} {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
             cfg = task_cfgs[task.name]
             settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class,
-                        "task_files": task_files[task.name]}
+                        "task_files": task_files[task.name], "checkpoint_step": finished_step(run.dir)}
             evals[(run.point, task.name, init)] = reuse_or_compute(
                 run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
                 lambda run=run, task=task, cfg=cfg, pretrained=pretrained: results_json(
@@ -195,23 +197,30 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         "",
         f"Fine-tuning from each checkpoint (full model, pooled linear head, early stopping on validation MCC), "
         f"seeds {args.seeds}: test-split mean ± std. Each model is also fine-tuned untrained (random init, same "
-        "seeds and budget): what pretraining bought is the gap to that row. Verdict: the accuracy's mean against "
-        "the baseline norm's mean ± 2σ over seeds, same init and task.",
+        "seeds and budget): what pretraining bought is the gap to that row, given for each pretrained row "
+        "(its accuracy's mean minus the random-init mean, against the random-init runs' ± 2σ). Verdict: the "
+        "accuracy's mean against the baseline norm's mean ± 2σ over seeds, same init and task.",
         "",
-        f"| model | norm |{point_column} init | task | accuracy | MCC | F1 (macro) | verdict (accuracy) |",
-        f"|---|---|{point_rule}---|---|---|---|---|---|",
+        f"| model | norm |{point_column} init | task | accuracy | MCC | F1 (macro) | verdict (accuracy) "
+        "| pretrained − random init (accuracy) |",
+        f"|---|---|{point_rule}---|---|---|---|---|---|---|",
     ]
     summary = []
     accuracy = Metric("accuracy", "accuracy", higher_is_better=True)
+    def accuracies(task: ClassificationData, init: str) -> dict:
+        return {cell: [r["test"]["test"]["accuracy"] for p in summaries if p.cell == cell
+                       for r in evals[(p, task.name, init)]] for cell in cells}
+
     for task, init in ((t, i) for t in tasks for i in INITS.values()):
-        numbers = {cell: [r["test"]["test"]["accuracy"] for p in summaries if p.cell == cell
-                          for r in evals[(p, task.name, init)]] for cell in cells}
+        numbers, untrained = accuracies(task, init), accuracies(task, INITS[False])
         for cell in cells:
             results = [r for p in summaries if p.cell == cell for r in evals[(p, task.name, init)]]
             metric = {m: [r["test"]["test"][m] for r in results] for m in FINETUNE_METRICS}
+            gain = ("-" if init == INITS[False] else
+                    pretraining_gain(numbers[cell], untrained[cell], higher_is_better=True))
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                          + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
-                         + f" | {judged(cell, numbers, accuracy)} |")
+                         + f" | {judged(cell, numbers, accuracy)} | {gain} |")
             summary.append({"model": cell[0], "norm": cell[1], "sweep": [list(p) for p in cell[2]], "init": init,
                             "task": task.name, "seeds": args.seeds, **metric})
     lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "

@@ -211,15 +211,10 @@ def _hf_audio_files(path: Path, rows, column: str) -> list[Path]:
 
 def audio_source_files(path: Path) -> list[Path]:
     """Every file a manifest or saved HF dataset reads audio from (``dyt.train.data_files``): the
-    manifest and the audio files it lists (a missing one is named by training, not here), or the
-    dataset's folder."""
+    manifest and the audio files it lists, or the dataset's folder."""
     if is_hf_dataset(path):
         return _hf_audio_files(path, *_hf_audio_rows(path))
-    if not path.is_file():
-        return [path]
-    lines = path.read_text().splitlines()
-    root = Path(lines[0].strip()) if lines else path.parent
-    return [path, *(root / line.split("\t")[0] for line in lines[1:] if line.strip())]
+    return [path, *(row.path for row in read_manifest(path))]
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:

@@ -28,12 +28,14 @@ from dyt.train.compare import (
     cell_label,
     cells_of,
     describe_sweep,
+    finished_step,
     mean_std,
     parse_run_arguments,
     plan_runs,
     plot_alphas_of_first,
     plot_losses,
     prepare_out,
+    pretraining_gain,
     reuse_or_compute,
     settings_notes,
     shown_path,
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
         for pretrained, init in INITS.items():
             print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
+                        "checkpoint_step": finished_step(run.dir),
                         **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
             evals[run.point, init] = reuse_or_compute(
                 run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
@@ -170,11 +173,13 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                                            if "ctc" in args.evals else "")
     lines += ["", f"Downstream, seeds {args.seeds} ({budget}, best validation checkpoint): mean ± std. "
               "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
-              "pretraining bought is the gap to that row. Verdicts: each test set's mean against the baseline "
-              "norm's mean ± 2σ over seeds, same eval and init.", "",
+              "pretraining bought is the gap to that row, given for each pretrained row (its mean minus the "
+              "random-init mean, against the random-init runs' ± 2σ). Verdicts: each test set's mean against the "
+              "baseline norm's mean ± 2σ over seeds, same eval and init.", "",
               f"| norm |{point_column} model | eval | metric | unseen voices | real recordings "
-              "| verdict (unseen voices) | verdict (real recordings) |",
-              f"|---|{point_rule}---|---|---|---|---|---|---|"]
+              "| verdict (unseen voices) | verdict (real recordings) | pretrained − random init (unseen voices) "
+              "| pretrained − random init (real recordings) |",
+              f"|---|{point_rule}---|---|---|---|---|---|---|---|---|"]
     downstream = {}  # (init, eval, metric, test) -> cell -> values over seeds
     for (point, init), results in evals.items():
         for name, rows in results.items():
@@ -188,6 +193,9 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                 summary[f"{cell_label(point.cell)}/{init}/{name}/{metric}"] = per_test
                 judgements = [judged(point.cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric])
                               for test in TESTS]
+                judgements += ["-" if init == INITS[False] else pretraining_gain(
+                    per_test[test], downstream[INITS[False], name, metric, test][point.cell],
+                    higher_is_better=HIGHER_IS_BETTER[metric]) for test in TESTS]
                 lines.append(f"| {point.norm} |" + (f" {describe_sweep(point.sweep)} |" if swept else "")
                              + f" {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
                              + " | ".join(mean_std(per_test[test]) for test in TESTS) + " | "

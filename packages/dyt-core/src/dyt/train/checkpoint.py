@@ -51,8 +51,9 @@ def _tag(step: int) -> str:
 
 
 def step_of(directory: Path) -> int:
-    """The step of a checkpoint directory (``step_00000042`` -> 42)."""
-    return int(directory.name.removeprefix("step_"))
+    """The step a complete checkpoint holds, as its ``COMPLETE`` marker says (never read back from
+    the folder's name)."""
+    return _marker(directory)["step"]
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -116,18 +117,24 @@ class CheckpointMarkerError(UserInputError):
     kind = "checkpoint error"
 
 
-def saved_world_size(directory: Path) -> int:
-    """The number of ranks that wrote a complete checkpoint."""
+def _marker(directory: Path) -> dict[str, int]:
+    """A complete checkpoint's marker: ``{"step", "world_size"}`` as the save wrote them."""
     marker = directory / MARKER
     try:
-        world_size = json.loads(marker.read_text())["world_size"]
-    except (ValueError, KeyError, TypeError):
-        world_size = None
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        meta = json.loads(marker.read_text())
+    except ValueError:
+        meta = None
+    counts = [meta.get(key) if isinstance(meta, dict) else None for key in ("step", "world_size")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) or counts[0] < 0 or counts[1] < 1:
         raise CheckpointMarkerError(f"{marker}: not a checkpoint marker (JSON with the step and world_size, "
                                     f"written last by the save); delete {directory} to resume from the "
                                     "checkpoint before it")
-    return world_size
+    return meta
+
+
+def saved_world_size(directory: Path) -> int:
+    """The number of ranks that wrote a complete checkpoint."""
+    return _marker(directory)["world_size"]
 
 
 def _zero_sharded(directory: Path) -> bool:

@@ -163,12 +163,8 @@ NORM_KEYS = frozenset({"model.norm"} | {
 """The keys a ``--norms`` entry sets (``model.norm.kind``, ``.squash``, ...): a ``--set`` or
 ``--sweep`` of one would override the norm a run is named and reported by."""
 
-
-def norm_overrides(norm: str) -> list[str]:
-    """The ``--set`` items that make a run use ``norm``: the one place a ``--norms`` entry is
-    resolved. Any name ``dyt.norm_variant_overrides`` knows: a norm kind, a DyT variant
-    (``dyt:hardtanh``, ``dyt:fixed-alpha``, ...) or a normalization-free baseline (``skipinit``)."""
-    return norm_variant_overrides(norm)
+RUN_KEYS = {"train.seed": "from its seed option", "train.out_dir": "a folder of its own under --out"}
+"""The keys :func:`run_items` sets: what --set / --sweep may not."""
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None:
@@ -207,6 +203,9 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
                 parser.error(f"argument {option}: {key} is what each --norms entry sets (every run would train "
                              "the same norm under another name): compare norms and DyT variants with --norms, "
                              "e.g. --norms rmsnorm dyt dyt:hardtanh")
+            if key in RUN_KEYS:  # run_items comes last and wins: every point would train the same seed
+                parser.error(f"argument {option}: {key} is set for each run by the comparison itself "
+                             f"({RUN_KEYS[key]}), after --set and --sweep, so it would be ignored")
     if args.fresh and holds_working_directory(args.out):
         parser.error(f"argument --fresh: {FRESH_REFUSED.format(out=args.out)}")
     if args.norms is not None:
@@ -280,7 +279,7 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                 for sweep in grid(args.sweeps, norm):
                     point = Point(norm=norm, seed=seed, model=model.name, sweep=sweep)
                     out = args.out / point.dir_name()
-                    overrides = (*args.overrides, *norm_overrides(norm), *(f"{k}={v}" for k, v in sweep))
+                    overrides = (*args.overrides, *norm_variant_overrides(norm), *(f"{k}={v}" for k, v in sweep))
                     config = load_config(spec.config_class, config_path, [*overrides, *run_items(seed, out)])
                     plan.append(PlannedRun(point, Path(config_path), overrides, out, config))
     trained = {p.point.norm for p in plan}
@@ -445,6 +444,21 @@ def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_bet
         return f"within {band}"
     better = (mean > high) if higher_is_better else (mean < low)
     return f"{'better' if better else 'worse'} than {band}"
+
+
+def pretraining_gain(pretrained: Sequence[float], untrained: Sequence[float], *, higher_is_better: bool,
+                     digits: int = 3) -> str:
+    """What pretraining bought on a downstream metric, in words: the pretrained model's mean minus the
+    same model's untrained (random init) mean over the same seeds and budget, and whether the
+    difference lies beyond the untrained runs' mean ± 2σ (as :func:`verdict` judges: >= 3 seeds each).
+    A verdict between norms says nothing of this: two models that learned nothing tie."""
+    if min(len(pretrained), len(untrained)) < MIN_VERDICT_SEEDS:
+        return NO_VERDICT
+    gain = statistics.mean(pretrained) - statistics.mean(untrained)
+    spread = 2 * statistics.stdev(untrained)
+    if abs(gain) <= spread:
+        return f"{gain:+.{digits}f}, within random init's ± 2σ ({spread:.{digits}f}): no gain"
+    return f"{gain:+.{digits}f}, {'better' if (gain > 0) == higher_is_better else 'worse'} than random init"
 
 
 Cell = tuple[str, str, tuple[tuple[str, str], ...]]
