@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,10 +22,11 @@ from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
     Run,
     add_run_arguments,
-    baseline_cell,
+    baseline_norm,
     cells_of,
     describe_sweep,
     finished_step,
+    judge,
     mean_std,
     parse_run_arguments,
     plan_runs,
@@ -39,7 +39,6 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
-    verdict,
 )
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.data_files import files_signature
@@ -158,19 +157,9 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
                 r["test"]["test"]["accuracy"] for p in points for r in evals[(p, task.name, INITS[True])]]
     swept = any(sweep for _, _, sweep in cells)
 
-    def baseline_of(model: str) -> str:
-        return (args.norms or SPEC.model(model).norms)[0]
-
     def judged(cell, numbers: dict, metric: Metric) -> str:
-        """The verdict of ``cell`` on ``metric``; ``numbers[cell]``: its values."""
-        baseline = baseline_of(cell[0])
-        if cell[1] == baseline:
-            return "baseline"
-        reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(numbers[c]), metric.higher_is_better)
-        if reference is None:
-            return "no baseline run"
-        return verdict(numbers[cell], numbers[reference], higher_is_better=metric.higher_is_better,
-                       digits=metric.digits, baseline_name=baseline)
+        return judge(cell, numbers, baseline_norm(args, SPEC.model(cell[0])),
+                     higher_is_better=metric.higher_is_better, digits=metric.digits)
 
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
     main = SPEC.metrics[0]
@@ -232,7 +221,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         mine = [run for run in runs if run.point.model == name]
         plot_losses(mine, out / f"{name}_loss_curves.png", "cross-entropy (nats/base)")
         lines += [f"![{model.title} loss curves]({name}_loss_curves.png)", ""]
-        if plot_alphas_of_first([r for r in mine if r.norm != baseline_of(name)], out / f"{name}_dyt_alpha.png"):
+        if plot_alphas_of_first([r for r in mine if r.norm != baseline_norm(args, SPEC.model(name))], out / f"{name}_dyt_alpha.png"):
             lines += [f"![{model.title} DyT alpha]({name}_dyt_alpha.png)", ""]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report = out / "report.md"

@@ -22,9 +22,10 @@ from dyt.train import command, load_config, trained_weights, user_errors
 from dyt.train.compare import (
     Run,
     add_run_arguments,
-    baseline_cell,
+    baseline_norm,
     cells_of,
     describe_sweep,
+    judge,
     mean_std,
     parse_run_arguments,
     plan_runs,
@@ -35,7 +36,6 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
-    verdict,
 )
 from dyt.train.config import SEED
 
@@ -65,7 +65,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
     model = SPEC.models[0]
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
-    baseline = (args.norms or model.norms)[0]
+    baseline = baseline_norm(args, model)
     main = SPEC.metrics[0]
     values = {cell: {m.key: [s[m.key] for p, s in summaries.items() if p.cell == cell] for m in SPEC.metrics}
               for cell in cells}
@@ -85,11 +85,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
     for cell in cells:
         mine = [s for p, s in summaries.items() if p.cell == cell]
         rss = " / ".join(f"{statistics.mean(v):.0f}" for v in zip(*(m["peak_rss_mb"] for m in mine)))  # mean over seeds
-        reference = baseline_cell(cell, cells, baseline, lambda c: statistics.mean(values[c][main.key]),
-                                  main.higher_is_better)
-        judged = ("baseline" if cell[1] == baseline else "no baseline run" if reference is None else
-                  verdict(values[cell][main.key], values[reference][main.key], higher_is_better=main.higher_is_better,
-                          baseline_name=baseline))
+        judged = judge(cell, {c: values[c][main.key] for c in cells}, baseline, higher_is_better=main.higher_is_better)
         lines.append(
             f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
             + f" {mean_std([m['final_train_loss'] for m in mine])} | {mean_std([m['eval_loss'] for m in mine])} "

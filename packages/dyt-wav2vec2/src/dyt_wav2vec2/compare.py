@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from dyt.train import load_config
 from dyt.train.compare import (
     Run,
     add_run_arguments,
-    baseline_cell,
+    baseline_norm,
     cell_label,
     cells_of,
     describe_sweep,
     finished_step,
+    judge,
     mean_std,
     parse_run_arguments,
     plan_runs,
@@ -41,7 +41,6 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
-    verdict,
 )
 from dyt.train.config import AT_LEAST_ONE, SEED
 from dyt.train.recipe import Metric
@@ -126,17 +125,12 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                   if data.train_manifest else "synthetic sentences in voices never heard in training")
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
-    baseline = (args.norms or SPEC.models[0].norms)[0]
+    baseline = baseline_norm(args, SPEC.models[0])
     swept = any(sweep for _, _, sweep in cells)
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
 
     def judged(cell, numbers: dict, higher_is_better: bool) -> str:
-        if cell[1] == baseline:
-            return "baseline"
-        reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(numbers[c]), higher_is_better)
-        if reference is None:
-            return "no baseline run"
-        return verdict(numbers[cell], numbers[reference], higher_is_better=higher_is_better, baseline_name=baseline)
+        return judge(cell, numbers, baseline, higher_is_better=higher_is_better)
 
     main = SPEC.metrics[0]
     main_values = {cell: [summaries[p][main.key] for p in summaries if p.cell == cell] for cell in cells}

@@ -481,6 +481,25 @@ def baseline_cell(cell: Cell, cells: Iterable[Cell], baseline: str, score: Calla
     return (max if higher_is_better else min)(matches, key=score)
 
 
+def baseline_norm(args: argparse.Namespace, model: ModelSpec) -> str:
+    """The norm verdicts on ``model`` compare with: the first of ``--norms``, else of the model's own."""
+    return (args.norms or model.norms)[0]
+
+
+def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, higher_is_better: bool,
+          digits: int = 3) -> str:
+    """A report's verdict cell for ``cell`` (``numbers``: every cell's values over seeds): ``baseline``
+    for the baseline norm's own cells, else :func:`verdict` against the baseline cell it is judged
+    against (:func:`baseline_cell`, the best by mean where several)."""
+    if cell[1] == baseline:
+        return "baseline"
+    reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(numbers[c]), higher_is_better)
+    if reference is None:
+        return "no baseline run"
+    return verdict(numbers[cell], numbers[reference], higher_is_better=higher_is_better, digits=digits,
+                   baseline_name=baseline)
+
+
 def cell_label(cell: Cell) -> str:
     """A cell's norm and sweep point in words, for tables and keys (never parsed back)."""
     _, norm, sweep = cell
