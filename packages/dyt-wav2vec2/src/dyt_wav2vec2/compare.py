@@ -24,7 +24,6 @@ from dyt.train.compare import (
     Run,
     add_run_arguments,
     baseline_norm,
-    cell_label,
     cells_of,
     describe_sweep,
     finished_step,
@@ -180,11 +179,11 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
             for metric, per_test in headline(name, rows).items():
                 for test in TESTS:
                     downstream.setdefault((init, name, metric, test), {})[point.cell] = per_test[test]
-    summary = {}
+    summary = []  # one row per run, init, eval and metric: its values per test set, facts in fields of their own
     for (point, init), results in evals.items():
         for name, rows in results.items():
             for metric, per_test in headline(name, rows).items():
-                summary[f"{cell_label(point.cell)}/{init}/{name}/{metric}"] = per_test
+                summary.append({**point.to_json(), "init": init, "eval": name, "metric": metric, **per_test})
                 judgements = [judged(point.cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric])
                               for test in TESTS]
                 judgements += ["-" if init == INITS[False] else pretraining_gain(
