@@ -52,7 +52,7 @@ from .backends import auto_backend, available_backends
 from .errors import UserInputError, folder_problem, user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
-from .norms import NormConfig, make_norm
+from .norms import NormConfig, make_norm, norm_variant_overrides
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_SHAPES = ["4096x4096", "16384x4096", "32768x4096", "8192x8192"]
@@ -277,7 +277,9 @@ def run_block(dim, heads, ffn, tokens, dtype, device, warmup, repeats) -> dict:
                    "train_step_peak_bytes": peak_bytes(steps[name], device)} for name in blocks}
 
 
-LLAMA_NORMS = {"rmsnorm": "model.norm=rmsnorm", "layernorm": "model.norm=layernorm", "dyt": "model.norm=dyt"}
+LLAMA_NORMS = ("rmsnorm", "layernorm", "dyt")
+"""The norms a recipe's training step is timed with, each set as the comparisons set it
+(:func:`dyt.norm_variant_overrides`)."""
 
 
 def llama_configs(config_path: Path) -> dict:
@@ -289,8 +291,8 @@ def llama_configs(config_path: Path) -> dict:
         raise UserInputError(f"--llama needs the dyt-llama package ({error})") from None
     from .train.config import load_config
 
-    return {name: load_config(LlamaConfig, config_path, [override], check_files=False)
-            for name, override in LLAMA_NORMS.items()}
+    return {name: load_config(LlamaConfig, config_path, norm_variant_overrides(name), check_files=False)
+            for name in LLAMA_NORMS}
 
 
 def run_llama(config_path: Path, configs: dict, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
