@@ -17,7 +17,15 @@ import datasets
 import pytest
 
 from dyt.train import dump_yaml, load_config
-from dyt.train.compare import EVALS_VERSION, NO_VERDICT, Point, Run, reuse_or_compute
+from dyt.train.compare import (
+    EVALS_VERSION,
+    NO_VERDICT,
+    Point,
+    Run,
+    pretraining_gain,
+    reuse_or_compute,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TINY = ROOT / "recipes" / "llama" / "tiny.yaml"
@@ -218,7 +226,7 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     from dyt_wav2vec2.task import Wav2Vec2PretrainConfig
 
     args = argparse.Namespace(out=tmp_path / "cmp", config=WAV2VEC2_TINY, overrides=[], nproc=2, launcher="deepspeed",
-                              pretrain_seed=0, seeds=[0, 1], steps=150, ctc_steps=4000, ctc_lr=5e-3,
+                              pretrain_seeds=[0], seeds=[0, 1], steps=150, ctc_steps=4000, ctc_lr=5e-3,
                               ctc_schedule="tri-stage",
                               evals=["contrastive", "probe", "finetune", "ctc"],
                               norms=None, sweeps=[])
@@ -288,13 +296,13 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
 # ---------------------------------------------------------------- DNA
 
 
-def _dna_run(root: Path, config_path: Path, norm: str) -> tuple[object, Run, dict]:
+def _dna_run(root: Path, config_path: Path, norm: str, seed: int = 0) -> tuple[object, Run, dict]:
     from dyt_dna.task import DnaConfig
 
     config = load_config(DnaConfig, config_path, [f"model.norm.kind={norm}"])
     arch = config.model.arch
-    rng = random.Random(f"dna-{arch}-{norm}")
-    run_dir = root / f"{arch}-{norm}"
+    rng = random.Random(f"dna-{arch}-{norm}" + (f"-{seed}" if seed else ""))
+    run_dir = root / f"{arch}-{norm}" / f"seed{seed}"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(config))
     alphas = ["layers.0.norm1", "layers.1.norm1"] if norm == "dyt" else []
@@ -308,7 +316,7 @@ def _dna_run(root: Path, config_path: Path, norm: str) -> tuple[object, Run, dic
     wall = rng.uniform(50, 300)
     expected = {"final": statistics.mean(losses[-3:]), "eval": evals[100]["eval/loss"],
                 "ppl": evals[100]["eval/perplexity"], "bases": statistics.median(speeds[1:]), "rss": rss, "wall": wall}
-    return config, Run(Point(norm, 0, model=arch), run_dir, wall), expected
+    return config, Run(Point(norm, seed, model=arch), run_dir, wall), expected
 
 
 def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
@@ -316,7 +324,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
     from dyt_dna.data import ClassificationData
 
     args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS, nproc=12, launcher="deepspeed",
-                              pretrain_seed=0, seeds=[0, 1], norms=None, sweeps=[], overrides=[])
+                              pretrain_seeds=[0], seeds=[0, 1], norms=None, sweeps=[], overrides=[])
     args.out.mkdir()
     made = [_dna_run(args.out, path, norm) + (norm,)
             for path, norms in zip(DNA_CONFIGS, (("layernorm", "dyt"), ("rmsnorm", "dyt"))) for norm in norms]
@@ -377,6 +385,42 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
     assert len(summary) == 16 and all(len(s["mcc"]) == 2 for s in summary)
     for png in ("hyena_loss_curves.png", "hyena_dyt_alpha.png", "caduceus_loss_curves.png", "caduceus_dyt_alpha.png"):
         assert is_png(args.out / png), png
+
+
+def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tmp_path):
+    """--pretrain-seeds 0 1 2: each downstream cell's mean ± std and verdict are over the three
+    pretraining runs' means (each over the fine-tuning seeds), not over the pooled fine-tunings."""
+    from dyt_dna import compare
+    from dyt_dna.data import ClassificationData
+
+    args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS[:1], nproc=2, launcher="deepspeed",
+                              pretrain_seeds=[0, 1, 2], seeds=[0, 1], norms=None, sweeps=[], overrides=[])
+    args.out.mkdir()
+    runs = [_dna_run(args.out, DNA_CONFIGS[0], norm, seed)[1] for seed in args.pretrain_seeds
+            for norm in ("layernorm", "dyt")]
+    split = datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * 8, "label": [i % 4 for i in range(8)]})
+    task = ClassificationData("species", ["a", "b", "c", "d"], split, split, split, "note.")
+    evals = {(run.point, task.name, init): [
+        {**_finetune_result(random.Random(f"{run.point}-{init}-{seed}"), seed, ["test"], 4), "task": task.name,
+         "note": task.note} for seed in args.seeds] for run in runs for init in compare.INITS.values()}
+    text = compare.write_report(args, runs, [task], evals, "held-out strains").read_text()
+    assert "Pretraining seeds 0, 1, 2: each downstream mean ± std and verdict is over the pretraining runs' means" in text
+
+    def means(norm: str, init: str) -> list[float]:
+        return [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[(run.point, task.name, init)])
+                for run in runs if run.norm == norm]
+
+    rows = {(r["norm"], r["init"]): r for r in table(text, "model | norm | init")}
+    assert len(rows) == 4
+    for norm, init in rows:
+        assert rows[norm, init]["accuracy"] == fmt(means(norm, init))
+    assert rows["dyt", "pretrained"]["verdict (accuracy)"] == verdict(
+        means("dyt", "pretrained"), means("layernorm", "pretrained"), higher_is_better=True, baseline_name="layernorm")
+    assert rows["dyt", "pretrained"]["pretrained − random init (accuracy)"] == pretraining_gain(
+        means("dyt", "pretrained"), means("dyt", "random init"), higher_is_better=True)
+    pretraining = table(text, "model")
+    assert [r["norm"] for r in pretraining] == ["layernorm"] * 3 + ["dyt"] * 3  # a row per run, grouped by cell
+    assert NO_VERDICT not in pretraining[3]["verdict (validation loss)"]  # three pretraining seeds: a verdict
 
 
 def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path):

@@ -315,7 +315,7 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
 
     sweep = shared.parse_sweep("dyt:model.norm.alpha_init.input=1,2")
     args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
-                              nproc=1, launcher="python", pretrain_seed=0, seeds=[0, 1, 2], steps=4,
+                              nproc=1, launcher="python", pretrain_seeds=[0], seeds=[0, 1, 2], steps=4,
                               evals=["contrastive", "probe"], norms=None, sweeps=[sweep])
     args.out.mkdir()
     learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,

@@ -21,6 +21,7 @@ from dyt.errors import DistinctValues
 from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
     Run,
+    add_pretrain_seeds_argument,
     add_run_arguments,
     baseline_norm,
     cells_of,
@@ -28,12 +29,14 @@ from dyt.train.compare import (
     finished_step,
     judge,
     mean_std,
+    over_pretrainings,
     parse_run_arguments,
     plan_runs,
     plot_alphas_of_first,
     plot_losses,
     prepare_out,
     pretraining_gain,
+    pretrainings_note,
     reuse_or_compute,
     settings_notes,
     shown_path,
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
-    parser.add_argument("--pretrain-seed", type=SEED.arg(int), default=0)
+    add_pretrain_seeds_argument(parser)
     parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128, help="built-in tasks: bases per example")
     parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
                         help="built-in tasks: training examples per class")
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
         if first.name == second.name:  # runs are named and reported by model
             parser.error(f"argument --configs: {first_path} and {second_path} are both {first.name} models; "
                          "give one config per model (compare sizes in separate --out folders)")
-    plan = plan_runs(SPEC, args, models, [args.pretrain_seed])  # config errors before launching
+    plan = plan_runs(SPEC, args, models, args.pretrain_seeds)  # config errors before launching
     shortest_context = min(p.config.model.max_len for p in plan)
     if args.eval_window > shortest_context:
         parser.error(f"argument --eval-window: {args.eval_window} bases is longer than the context of a model "
@@ -148,13 +151,17 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
     metrics = (*SPEC.metrics, *(accuracy_metric(t.name) for t in tasks))
-    values = {}  # cell -> metric key -> its values (pretraining: the pretraining seeds; downstream: fine-tuning seeds)
+    def downstream(cell, task: ClassificationData, init: str, metric: str = "accuracy") -> list[float]:
+        """``cell``'s test values of ``metric``, as means and verdicts take them (over_pretrainings)."""
+        return over_pretrainings([[r["test"]["test"][metric] for r in evals[(p, task.name, init)]]
+                                  for p in summaries if p.cell == cell])
+
+    values = {}  # cell -> metric key -> its values (pretraining: the pretraining seeds; downstream: over_pretrainings)
     for cell in cells:
         points = [p for p in summaries if p.cell == cell]
         values[cell] = {m.key: [summaries[p][m.key] for p in points] for m in SPEC.metrics}
         for task in tasks:
-            values[cell][accuracy_metric(task.name).key] = [
-                r["test"]["test"]["accuracy"] for p in points for r in evals[(p, task.name, INITS[True])]]
+            values[cell][accuracy_metric(task.name).key] = downstream(cell, task, INITS[True])
     swept = any(sweep for _, _, sweep in cells)
 
     def judged(cell, numbers: dict, metric: Metric) -> str:
@@ -166,7 +173,8 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     lines = [
         "# DNA: HyenaDNA and Caduceus, published norm vs DyT",
         "",
-        f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed {args.pretrain_seed}, configs "
+        f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed(s) "
+        f"{', '.join(map(str, args.pretrain_seeds))}, configs "
         f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}.",
         "",
         *settings_notes(args),
@@ -188,7 +196,8 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         f"seeds {args.seeds}: test-split mean ± std. Each model is also fine-tuned untrained (random init, same "
         "seeds and budget): what pretraining bought is the gap to that row, given for each pretrained row "
         "(its accuracy's mean minus the random-init mean, against the random-init runs' ± 2σ). Verdict: the "
-        "accuracy's mean against the baseline norm's mean ± 2σ over seeds, same init and task.",
+        "accuracy's mean against the baseline norm's mean ± 2σ over seeds, same init and task. "
+        + pretrainings_note(args.pretrain_seeds),
         "",
         f"| model | norm |{point_column} init | task | accuracy | MCC | F1 (macro) | verdict (accuracy) "
         "| pretrained − random init (accuracy) |",
@@ -196,22 +205,20 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     ]
     summary = []
     accuracy = Metric("accuracy", "accuracy", higher_is_better=True)
-    def accuracies(task: ClassificationData, init: str) -> dict:
-        return {cell: [r["test"]["test"]["accuracy"] for p in summaries if p.cell == cell
-                       for r in evals[(p, task.name, init)]] for cell in cells}
-
     for task, init in ((t, i) for t in tasks for i in INITS.values()):
-        numbers, untrained = accuracies(task, init), accuracies(task, INITS[False])
+        numbers = {cell: downstream(cell, task, init) for cell in cells}
+        untrained = {cell: downstream(cell, task, INITS[False]) for cell in cells}
         for cell in cells:
-            results = [r for p in summaries if p.cell == cell for r in evals[(p, task.name, init)]]
-            metric = {m: [r["test"]["test"][m] for r in results] for m in FINETUNE_METRICS}
+            metric = {m: downstream(cell, task, init, m) for m in FINETUNE_METRICS}
             gain = ("-" if init == INITS[False] else
                     pretraining_gain(numbers[cell], untrained[cell], higher_is_better=True))
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                          + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
                          + f" | {judged(cell, numbers, accuracy)} | {gain} |")
-            summary.append({"model": cell[0], "norm": cell[1], "sweep": [list(p) for p in cell[2]], "init": init,
-                            "task": task.name, "seeds": args.seeds, **metric})
+            for point in (p for p in summaries if p.cell == cell):  # each run's own values, per fine-tuning seed
+                summary.append({**point.to_json(), "init": init, "task": task.name, "seeds": args.seeds,
+                                **{m: [r["test"]["test"][m] for r in evals[(point, task.name, init)]]
+                                   for m in FINETUNE_METRICS}})
     lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "
                      f"{len(t.validation)} / {len(t.test)} train / validation / test examples. {t.note}" for t in tasks]
     lines.append("")

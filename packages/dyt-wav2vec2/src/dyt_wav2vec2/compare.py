@@ -22,6 +22,7 @@ from dyt.errors import DistinctValues, command
 from dyt.train import load_config
 from dyt.train.compare import (
     Run,
+    add_pretrain_seeds_argument,
     add_run_arguments,
     baseline_norm,
     cells_of,
@@ -29,12 +30,14 @@ from dyt.train.compare import (
     finished_step,
     judge,
     mean_std,
+    over_pretrainings,
     parse_run_arguments,
     plan_runs,
     plot_alphas_of_first,
     plot_losses,
     prepare_out,
     pretraining_gain,
+    pretrainings_note,
     reuse_or_compute,
     settings_notes,
     shown_path,
@@ -83,11 +86,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
     parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=150, help="keyword fine-tuning (probe, finetune) steps per seed")
     add_ctc_arguments(parser)
-    parser.add_argument("--pretrain-seed", type=SEED.arg(int), default=0)
+    add_pretrain_seeds_argument(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 
-    plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], [args.pretrain_seed])  # config errors first
+    plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
     config = plan[0].config
     data = builtin_speech(config.data)
     for checked in {repr(p.config.data): p.config for p in plan}.values():
@@ -136,8 +139,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     lines = [
         "# wav2vec 2.0: LayerNorm vs DyT",
         "",
-        f"Config `{shown_path(args.config)}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed "
-        f"{args.pretrain_seed}. "
+        f"Config `{shown_path(args.config)}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed(s) "
+        f"{', '.join(map(str, args.pretrain_seeds))}. "
         f"Validation: {validation}, masked and with distractors "
         f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
         f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
@@ -168,31 +171,32 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
               "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
               "pretraining bought is the gap to that row, given for each pretrained row (its mean minus the "
               "random-init mean, against the random-init runs' ± 2σ). Verdicts: each test set's mean against the "
-              "baseline norm's mean ± 2σ over seeds, same eval and init.", "",
+              "baseline norm's mean ± 2σ over seeds, same eval and init. " + pretrainings_note(args.pretrain_seeds), "",
               f"| norm |{point_column} model | eval | metric | unseen voices | real recordings "
               "| verdict (unseen voices) | verdict (real recordings) | pretrained − random init (unseen voices) "
               "| pretrained − random init (real recordings) |",
               f"|---|{point_rule}---|---|---|---|---|---|---|---|---|"]
-    downstream = {}  # (init, eval, metric, test) -> cell -> values over seeds
-    for (point, init), results in evals.items():
-        for name, rows in results.items():
-            for metric, per_test in headline(name, rows).items():
-                for test in TESTS:
-                    downstream.setdefault((init, name, metric, test), {})[point.cell] = per_test[test]
+    per_run = {}  # (init, eval, metric, test) -> cell -> each pretraining run's values over the downstream seeds
+    table_rows = {}  # (cell, init, eval, metric), in the order of the runs
     summary = []  # one row per run, init, eval and metric: its values per test set, facts in fields of their own
     for (point, init), results in evals.items():
         for name, rows in results.items():
             for metric, per_test in headline(name, rows).items():
                 summary.append({**point.to_json(), "init": init, "eval": name, "metric": metric, **per_test})
-                judgements = [judged(point.cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric])
-                              for test in TESTS]
-                judgements += ["-" if init == INITS[False] else pretraining_gain(
-                    per_test[test], downstream[INITS[False], name, metric, test][point.cell],
-                    higher_is_better=HIGHER_IS_BETTER[metric]) for test in TESTS]
-                lines.append(f"| {point.norm} |" + (f" {describe_sweep(point.sweep)} |" if swept else "")
-                             + f" {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
-                             + " | ".join(mean_std(per_test[test]) for test in TESTS) + " | "
-                             + " | ".join(judgements) + " |")
+                table_rows[point.cell, init, name, metric] = None
+                for test in TESTS:
+                    per_run.setdefault((init, name, metric, test), {}).setdefault(point.cell, []).append(per_test[test])
+    downstream = {key: {cell: over_pretrainings(values) for cell, values in per_cell.items()}
+                  for key, per_cell in per_run.items()}  # (init, eval, metric, test) -> cell -> its values
+    for cell, init, name, metric in table_rows:
+        mine = [downstream[init, name, metric, test][cell] for test in TESTS]
+        judgements = [judged(cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric]) for test in TESTS]
+        judgements += ["-" if init == INITS[False] else pretraining_gain(
+            values, downstream[INITS[False], name, metric, test][cell], higher_is_better=HIGHER_IS_BETTER[metric])
+            for values, test in zip(mine, TESTS)]
+        lines.append(f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
+                     + f" {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
+                     + " | ".join(mean_std(values) for values in mine) + " | " + " | ".join(judgements) + " |")
     lines.append("")
     values = {cell: {m.key: main_values[cell] if m is main else [summaries[p][m.key] for p in summaries if p.cell == cell]
                      for m in SPEC.metrics} for cell in cells}

@@ -32,7 +32,7 @@ from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
 from .checkpoint import complete_checkpoints, step_of
-from .config import AT_LEAST_ONE, dump_yaml, load_config
+from .config import AT_LEAST_ONE, SEED, dump_yaml, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
 from .metrics import read_metrics
@@ -444,6 +444,35 @@ def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_bet
         return f"within {band}"
     better = (mean > high) if higher_is_better else (mean < low)
     return f"{'better' if better else 'worse'} than {band}"
+
+
+def over_pretrainings(per_run: Sequence[Sequence[float]]) -> list[float]:
+    """One cell's downstream values, for its mean ± std and verdicts, from each pretraining run's values
+    over the fine-tuning seeds: with at least ``MIN_VERDICT_SEEDS`` pretraining runs, each run's mean
+    (the spread between pretrainings, which fine-tuning seeds of one checkpoint understate); with
+    fewer, every fine-tuning value (the spread of fine-tuning one checkpoint)."""
+    if len(per_run) >= MIN_VERDICT_SEEDS:
+        return [statistics.mean(values) for values in per_run]
+    return [value for values in per_run for value in values]
+
+
+def add_pretrain_seeds_argument(parser: argparse.ArgumentParser) -> None:
+    """``--pretrain-seeds`` of the comparisons that fine-tune downstream (``--seeds`` are then the
+    fine-tuning seeds); ``--pretrain-seed`` is the same option."""
+    parser.add_argument("--pretrain-seeds", "--pretrain-seed", dest="pretrain_seeds", action=DistinctValues,
+                        nargs="+", type=SEED.arg(int), default=[0],
+                        help=f"pretraining seeds, one run each per norm (default 0; {MIN_VERDICT_SEEDS} or more: "
+                             "downstream means, spreads and verdicts over the pretrainings)")
+
+
+def pretrainings_note(pretrain_seeds: Sequence[int]) -> str:
+    """What a downstream cell's mean ± std is over (see :func:`over_pretrainings`), in words."""
+    if len(pretrain_seeds) >= MIN_VERDICT_SEEDS:
+        return (f"Pretraining seeds {', '.join(map(str, pretrain_seeds))}: each downstream mean ± std and verdict "
+                "is over the pretraining runs' means (each the mean over the fine-tuning seeds).")
+    return (f"Pretraining seed(s) {', '.join(map(str, pretrain_seeds))}: each downstream mean ± std and verdict is "
+            f"over the fine-tuning seeds, so it measures fine-tuning spread only (give {MIN_VERDICT_SEEDS} "
+            "pretraining seeds for the spread between pretrainings).")
 
 
 def pretraining_gain(pretrained: Sequence[float], untrained: Sequence[float], *, higher_is_better: bool,
