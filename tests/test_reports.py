@@ -420,6 +420,7 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
         means("dyt", "pretrained"), means("dyt", "random init"), higher_is_better=True)
     pretraining = table(text, "model")
     assert [r["norm"] for r in pretraining] == ["layernorm"] * 3 + ["dyt"] * 3  # a row per run, grouped by cell
+    assert [r["seed"] for r in pretraining] == ["0", "1", "2"] * 2
     assert NO_VERDICT not in pretraining[3]["verdict (validation loss)"]  # three pretraining seeds: a verdict
 
 

@@ -178,9 +178,9 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}.",
         "",
         *settings_notes(args),
-        f"| model | norm |{point_column} final train loss | validation loss | validation perplexity | "
+        f"| model | norm |{point_column} seed | final train loss | validation loss | validation perplexity | "
         f"{SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}) |",
-        f"|---|---|{point_rule}---|---|---|---|---|---|---|",
+        f"|---|---|{point_rule}---|---|---|---|---|---|---|---|",
     ]
     main_values = {cell: values[cell][main.key] for cell in cells}
     for cell in cells:
@@ -188,7 +188,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
             s = summaries[point]
             rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"])
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
-                         + f" {s['final_train_loss']:.4f} | {s['eval_loss']:.4f} | {s['eval_perplexity']:.3f} "
+                         + f" {point.seed} | {s['final_train_loss']:.4f} | {s['eval_loss']:.4f} | {s['eval_perplexity']:.3f} "
                          f"| {s['throughput']:.0f} | {rss} | {s['wall_s']:.0f} | {judged(cell, main_values, main)} |")
     lines += [
         "",

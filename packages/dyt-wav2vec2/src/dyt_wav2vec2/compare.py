@@ -149,17 +149,17 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance.",
         "",
         *settings_notes(args),
-        f"| norm |{point_column} final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
+        f"| norm |{point_column} seed | final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
         f"| distractors equal to target | status | steps/s | {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) "
         f"| verdict ({main.title}) |",
-        f"|---|{point_rule}---|---|---|---|---|---|---|---|---|---|---|",
+        f"|---|{point_rule}---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point, s in summaries.items():
         rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"])
         steps_per_s = "-" if s["steps_per_s"] is None else f"{s['steps_per_s']:.2f}"
         status = f"**collapsed** ({s['collapse']})" if s["collapse"] else "learning"
         lines.append(f"| {point.norm} |" + (f" {describe_sweep(point.sweep)} |" if swept else "")
-                     + f" {s['final_train_loss']:.3f} | "
+                     + f" {point.seed} | {s['final_train_loss']:.3f} | "
                      f"{s['eval_contrastive_kept']:.3f} | {s['eval_contrastive_accuracy']:.3f} | "
                      f"{s['eval_codebook_perplexity']:.1f} | {s['eval_distractors_equal_target']:.1%} | "
                      f"{status} | {steps_per_s} | "
