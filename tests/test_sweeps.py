@@ -249,6 +249,10 @@ def test_point_folders_differ_for_every_point_and_facts_never_come_from_names():
     ([0.80, 0.81, 0.82], [0.50, 0.52, 0.54], True, "better than rmsnorm's mean ± 2σ [0.480, 0.560]"),
     ([0.30, 0.31, 0.32], [0.50, 0.52, 0.54], True, "worse than rmsnorm's mean ± 2σ [0.480, 0.560]"),
     ([0.56, 0.56, 0.56], [0.50, 0.52, 0.54], True, "within rmsnorm's mean ± 2σ [0.480, 0.560]"),  # the edge is in
+    ([0.24, 0.25, 0.26], [0.25, 0.25, 0.25], True,  # the baseline stuck on one value: σ of DyT's seeds
+     "within rmsnorm's mean ± 2σ [0.230, 0.270] (σ of this row's seeds: the baseline's all agree)"),
+    ([0.80, 0.80, 0.80], [0.25, 0.25, 0.25], True,
+     "better than rmsnorm's mean ± 2σ [0.250, 0.250] (σ of this row's seeds: the baseline's all agree)"),
     ([4.95, 4.96], [4.94, 4.96, 4.95], False, NO_VERDICT),
     ([4.95, 4.96, 4.97], [4.94, 4.96], False, NO_VERDICT),
     ([4.95], [4.95], False, NO_VERDICT),
@@ -263,6 +267,7 @@ def test_verdict_in_words(dyt, baseline, higher, words):
     ([0.25, 0.26, 0.24], [0.25, 0.24, 0.26], True, "+0.000, within random init's ± 2σ (0.020): no gain"),
     ([0.40, 0.40, 0.40], [0.50, 0.51, 0.52], True, "-0.110, worse than random init"),
     ([0.40, 0.41, 0.42], [0.50, 0.51, 0.52], False, "-0.100, better than random init"),  # a CER: lower is better
+    ([0.24, 0.25, 0.26], [0.25, 0.25, 0.25], True, "+0.000, within the pretrained runs' ± 2σ (0.020): no gain"),
     ([0.60, 0.62], [0.50, 0.51, 0.52], True, NO_VERDICT),
 ])
 def test_what_pretraining_bought_in_words(pretrained, untrained, higher, words):

@@ -430,16 +430,26 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def two_sigma(reference: Sequence[float], other: Sequence[float]) -> float:
+    """Twice the sample standard deviation of ``reference``; where its seeds all gave the same value
+    (a model stuck on one answer: every seed's accuracy exactly chance), twice that of ``other``, so
+    that a difference within the other side's own noise is not called better or worse."""
+    return 2 * (statistics.stdev(reference) or statistics.stdev(other))
+
+
 def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool, digits: int = 3,
             baseline_name: str = "the baseline") -> str:
     """In words: does the mean of ``values`` (DyT's, over seeds) lie within the baseline's mean ± 2σ
-    (σ: the baseline's sample standard deviation over its seeds)? Both need at least 3 seeds."""
+    (σ: the baseline's sample standard deviation over its seeds; :func:`two_sigma`)? Both need at
+    least 3 seeds."""
     if min(len(values), len(baseline)) < MIN_VERDICT_SEEDS:
         return NO_VERDICT
-    centre, spread = statistics.mean(baseline), 2 * statistics.stdev(baseline)
+    centre, spread = statistics.mean(baseline), two_sigma(baseline, values)
     low, high = centre - spread, centre + spread
     mean = statistics.mean(values)
     band = f"{baseline_name}'s mean ± 2σ [{low:.{digits}f}, {high:.{digits}f}]"
+    if statistics.stdev(baseline) == 0:
+        band += " (σ of this row's seeds: the baseline's all agree)"
     if low <= mean <= high:
         return f"within {band}"
     better = (mean > high) if higher_is_better else (mean < low)
@@ -484,9 +494,10 @@ def pretraining_gain(pretrained: Sequence[float], untrained: Sequence[float], *,
     if min(len(pretrained), len(untrained)) < MIN_VERDICT_SEEDS:
         return NO_VERDICT
     gain = statistics.mean(pretrained) - statistics.mean(untrained)
-    spread = 2 * statistics.stdev(untrained)
+    spread = two_sigma(untrained, pretrained)
     if abs(gain) <= spread:
-        return f"{gain:+.{digits}f}, within random init's ± 2σ ({spread:.{digits}f}): no gain"
+        whose = "random init's" if statistics.stdev(untrained) else "the pretrained runs'"
+        return f"{gain:+.{digits}f}, within {whose} ± 2σ ({spread:.{digits}f}): no gain"
     return f"{gain:+.{digits}f}, {'better' if (gain > 0) == higher_is_better else 'worse'} than random init"
 
 
