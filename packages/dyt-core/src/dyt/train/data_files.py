@@ -78,6 +78,7 @@ def check_data_unchanged(run_dir: str | Path, now: dict[str, Any] | None) -> Non
                           "(another train.out_dir, or --fresh for a comparison)") from None
     if now is None or now["digest"] != digest:
         raise ConfigError(
-            f"{run_dir}: the data files it trained on changed since ({_size(saved)} then, {_size(now)} now): "
+            f"{run_dir}: the data files it trained on changed since (a file added, removed, rewritten or touched; "
+            f"{_size(saved)} then, {_size(now)} now): "
             "its checkpoints and results belong to the old files; start a new run (another train.out_dir, "
             "or --fresh / another --out for a comparison)")
