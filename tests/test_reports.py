@@ -22,6 +22,7 @@ from dyt.train.compare import (
     NO_VERDICT,
     Point,
     Run,
+    fine_tuned_runs,
     pretraining_gain,
     reuse_or_compute,
     verdict,
@@ -400,9 +401,11 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
             for norm in ("layernorm", "dyt")]
     split = datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * 8, "label": [i % 4 for i in range(8)]})
     task = ClassificationData("species", ["a", "b", "c", "d"], split, split, split, "note.")
-    evals = {(run.point, task.name, init): [
+    evals = {(run.point, task.name, init): [  # as main() makes them: random init once per cell
         {**_finetune_result(random.Random(f"{run.point}-{init}-{seed}"), seed, ["test"], 4), "task": task.name,
-         "note": task.note} for seed in args.seeds] for run in runs for init in compare.INITS.values()}
+         "note": task.note} for seed in args.seeds]
+        for pretrained, init in compare.INITS.items() for run in fine_tuned_runs(runs, pretrained)}
+    assert len(evals) == 6 + 2
     text = compare.write_report(args, runs, [task], evals, "held-out strains").read_text()
     assert "Pretraining seeds 0, 1, 2: each downstream mean ± std and verdict is over the pretraining runs' means" in text
 
@@ -410,14 +413,21 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
         return [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[(run.point, task.name, init)])
                 for run in runs if run.norm == norm]
 
+    def untrained(norm: str) -> list[float]:  # the one random-init fine-tuning of the cell, per fine-tuning seed
+        first = next(run for run in runs if run.norm == norm)
+        return [r["test"]["test"]["accuracy"] for r in evals[(first.point, task.name, "random init")]]
+
     rows = {(r["norm"], r["init"]): r for r in table(text, "model | norm | init")}
     assert len(rows) == 4
-    for norm, init in rows:
-        assert rows[norm, init]["accuracy"] == fmt(means(norm, init))
+    for norm in ("layernorm", "dyt"):
+        assert rows[norm, "pretrained"]["accuracy"] == fmt(means(norm, "pretrained"))
+        assert rows[norm, "random init"]["accuracy"] == fmt(untrained(norm))
     assert rows["dyt", "pretrained"]["verdict (accuracy)"] == verdict(
         means("dyt", "pretrained"), means("layernorm", "pretrained"), higher_is_better=True, baseline_name="layernorm")
     assert rows["dyt", "pretrained"]["pretrained − random init (accuracy)"] == pretraining_gain(
-        means("dyt", "pretrained"), means("dyt", "random init"), higher_is_better=True)
+        means("dyt", "pretrained"), untrained("dyt"), higher_is_better=True)
+    assert rows["dyt", "random init"]["verdict (accuracy)"] == verdict(
+        untrained("dyt"), untrained("layernorm"), higher_is_better=True, baseline_name="layernorm")
     pretraining = table(text, "model")
     assert [r["norm"] for r in pretraining] == ["layernorm"] * 3 + ["dyt"] * 3  # a row per run, grouped by cell
     assert [r["seed"] for r in pretraining] == ["0", "1", "2"] * 2

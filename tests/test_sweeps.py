@@ -512,3 +512,14 @@ def test_demo_converts_fairseq2_llama_with_the_recipe_roles():
     assert alphas == {"decoder.layers.0.self_attn_layer_norm": 1.0, "decoder.layers.0.ffn_layer_norm": 0.5,
                       "decoder.layer_norm": 0.5}
     assert len(to_dyt.replaced) == 3 and len(back.replaced) == 3 and back.target == "rmsnorm"
+
+
+def test_random_init_is_fine_tuned_once_per_cell():
+    """An untrained model does not depend on the pretraining seed: its downstream evals are made for the
+    first run of each cell only (three copies averaged would report a spread of 0)."""
+    runs = [shared.Run(Point(norm, seed, "m", sweep), Path(f"{norm}{seed}{len(sweep)}"), 1.0)
+            for seed in (0, 1, 2) for norm in ("layernorm", "dyt") for sweep in ((), (("train.lr", "1"),))]
+    assert shared.fine_tuned_runs(runs, pretrained=True) == runs
+    untrained = shared.fine_tuned_runs(runs, pretrained=False)
+    assert [(r.point.norm, r.point.seed, r.point.sweep) for r in untrained] == [
+        ("layernorm", 0, ()), ("layernorm", 0, (("train.lr", "1"),)), ("dyt", 0, ()), ("dyt", 0, (("train.lr", "1"),))]

@@ -26,6 +26,7 @@ from dyt.train.compare import (
     baseline_norm,
     cells_of,
     describe_sweep,
+    fine_tuned_runs,
     finished_step,
     judge,
     mean_std,
@@ -119,12 +120,13 @@ def main(argv: list[str] | None = None) -> Path:
 
     runs = train_runs(SPEC, args, plan)
     evals: dict[tuple, list[dict]] = {}
-    for run in runs:
-        for task, (pretrained, init) in ((t, i) for t in tasks for i in INITS.items()):
+    for pretrained, init in INITS.items():
+        for run, task in ((r, t) for r in fine_tuned_runs(runs, pretrained) for t in tasks):
             print(f"== fine-tune {run.point.model} {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
             cfg = task_cfgs[task.name]
             settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class,
-                        "task_files": task_files[task.name], "checkpoint_step": finished_step(run.dir)}
+                        "task_files": task_files[task.name],
+                        **({"checkpoint_step": finished_step(run.dir)} if pretrained else {})}
             evals[(run.point, task.name, init)] = reuse_or_compute(
                 run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
                 lambda run=run, task=task, cfg=cfg, pretrained=pretrained: results_json(
@@ -154,7 +156,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     def downstream(cell, task: ClassificationData, init: str, metric: str = "accuracy") -> list[float]:
         """``cell``'s test values of ``metric``, as means and verdicts take them (over_pretrainings)."""
         return over_pretrainings([[r["test"]["test"][metric] for r in evals[(p, task.name, init)]]
-                                  for p in summaries if p.cell == cell])
+                                  for p in summaries if p.cell == cell and (p, task.name, init) in evals])
 
     values = {}  # cell -> metric key -> its values (pretraining: the pretraining seeds; downstream: over_pretrainings)
     for cell in cells:
@@ -215,8 +217,8 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                          + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
                          + f" | {judged(cell, numbers, accuracy)} | {gain} |")
-            for point in (p for p in summaries if p.cell == cell):  # each run's own values, per fine-tuning seed
-                summary.append({**point.to_json(), "init": init, "task": task.name, "seeds": args.seeds,
+            for point in (p for p in summaries if p.cell == cell and (p, task.name, init) in evals):  # per run
+                summary.append({**point.to_json(), "init": init, "task": task.name, "finetune_seeds": args.seeds,
                                 **{m: [r["test"]["test"][m] for r in evals[(point, task.name, init)]]
                                    for m in FINETUNE_METRICS}})
     lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "

@@ -27,6 +27,7 @@ from dyt.train.compare import (
     baseline_norm,
     cells_of,
     describe_sweep,
+    fine_tuned_runs,
     finished_step,
     judge,
     mean_std,
@@ -98,11 +99,11 @@ def main(argv: list[str] | None = None) -> Path:
     prepare_out(args)
     runs, evals = train_runs(SPEC, args, plan), {}
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
-    for run in runs:
-        for pretrained, init in INITS.items():
+    for pretrained, init in INITS.items():
+        for run in fine_tuned_runs(runs, pretrained):
             print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
-                        "checkpoint_step": finished_step(run.dir),
+                        **({"checkpoint_step": finished_step(run.dir)} if pretrained else {}),
                         **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
             evals[run.point, init] = reuse_or_compute(
                 run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,

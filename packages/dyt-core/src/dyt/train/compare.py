@@ -466,6 +466,19 @@ def over_pretrainings(per_run: Sequence[Sequence[float]]) -> list[float]:
     return [value for values in per_run for value in values]
 
 
+def fine_tuned_runs(runs: Sequence[Run], pretrained: bool) -> list[Run]:
+    """The runs whose downstream evals a comparison makes: from the pretrained checkpoint, every run;
+    from random init, the first run of each cell only. No pretraining seed changes an untrained model
+    (a random-init fine-tuning draws it from the fine-tuning seed), so fine-tuning it once per pretraining
+    run would repeat one result, and averaging the copies would report a spread of 0."""
+    if pretrained:
+        return list(runs)
+    first: dict[Cell, Run] = {}
+    for run in runs:
+        first.setdefault(run.point.cell, run)
+    return list(first.values())
+
+
 def add_pretrain_seeds_argument(parser: argparse.ArgumentParser) -> None:
     """``--pretrain-seeds`` of the comparisons that fine-tune downstream (``--seeds`` are then the
     fine-tuning seeds); ``--pretrain-seed`` is the same option."""
