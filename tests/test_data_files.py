@@ -123,3 +123,40 @@ def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):
     assert before == task_signatures(tasks, [str(folder)]) and before["mytask"]["files"] == 3
     (folder / "train.csv").write_text("sequence,label\nACGTACGT,b\nTTGGCCAA,a\nACGTTTGG,b\n")  # labels swapped
     assert task_signatures(tasks, [str(folder)]) != before
+
+
+def test_what_the_recipe_does_not_read_is_not_its_data(tmp_path, monkeypatch):
+    """A cache or a note put inside the corpus folder, or datasets' cache files beside a saved
+    dataset, are not the run's data: adding them refuses no resume. A path not found from the working
+    directory (a relative path, another folder) is named as such."""
+    import datasets
+
+    from dyt_llama.data import DataConfig
+
+    corpus = _corpus(tmp_path / "corpus")
+    config = DataConfig(corpus=str(corpus))
+    before = files_signature(config.source_files())
+    (corpus / "NOTES.md").write_text("not a document\n")
+    (corpus / ".cache" / "tokens").mkdir(parents=True)
+    (corpus / ".cache" / "tokens" / "shard.bin").write_bytes(b"\0" * 64)
+    assert files_signature(config.source_files()) == before
+    (corpus / "b" / "three.txt").write_text("a document\n")
+    assert files_signature(config.source_files()) != before
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"title": ["t"], "text": ["x"]}).save_to_disk(str(saved))
+    config = DataConfig(corpus=str(saved))
+    before = files_signature(config.source_files())
+    (saved / "cache-0123abcd.arrow").write_bytes(b"\0" * 64)  # what datasets' filter writes there
+    assert files_signature(config.source_files()) == before
+    from dyt_llama.task import LlamaConfig
+
+    relative = LlamaConfig()
+    relative.data.corpus = "corpus"
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    record_data_files(relative, run)
+    assert (run / "data_files.json").is_file()
+    monkeypatch.chdir(run)
+    with pytest.raises(ConfigError, match=r"1 path\(s\) not found from .*run"):
+        check_data_unchanged(run, data_files_of(relative))

@@ -271,7 +271,7 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     assert rows[1]["status"].startswith("**collapsed**")
     assert f"{0.96 * most:.0f} of {most}" in rows[1]["status"]  # the perplexity against codebooks x entries
 
-    downstream = table(text, "norm | model")
+    downstream = table(text, "norm | init")
     expected = []
     for (point, init), results in evals.items():
         for name, per_seed in results.items():
@@ -280,7 +280,7 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
                           for t in ("unseen voices", "real recordings")}
                 expected.append(((point.norm, init, compare.EVAL_NAMES[name], compare.METRIC_NAMES[metric]), values))
     assert len(expected) == 2 * 2 * (2 + 1 + 1 + 2)  # norms x inits x (contrastive 2, probe, finetune, ctc 2)
-    assert [(r["norm"], r["model"], r["eval"], r["metric"]) for r in downstream] == [key for key, _ in expected]
+    assert [(r["norm"], r["init"], r["eval"], r["metric"]) for r in downstream] == [key for key, _ in expected]
     for row, (_, values) in zip(downstream, expected):
         for test, per_seed in values.items():
             assert len(per_seed) == 2 and row[test] == fmt(per_seed), (row, test)

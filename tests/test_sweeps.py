@@ -190,6 +190,8 @@ def test_sweep_options_build_a_grid_per_norm():
     (["--norms", "dyt", "dyt"], "listed twice"),
     (["--sweep", "train.seed=0,1,2"], "train.seed is set for each run by the comparison itself"),
     (["--set", "train.out_dir=x"], "train.out_dir is set for each run by the comparison itself"),
+    (["--set", "train={seed: 5, steps: 7}"], "train (it holds train.seed) is set for each run by the comparison"),
+    (["--set", "model={norm: {kind: dyt}}"], "model (it holds model.norm) is what each --norms entry sets"),
 ])
 def test_bad_sweep_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -338,8 +340,8 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
     rows = table(text, "norm")
     assert [(r["norm"], r["sweep point"]) for r in rows] == [
         ("layernorm", "-"), ("dyt", "model.norm.alpha_init.input=1"), ("dyt", "model.norm.alpha_init.input=2")]
-    downstream = table(text, "norm | sweep point | model")
-    probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["model"] == "pretrained"]
+    downstream = table(text, "norm | sweep point | init")
+    probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["init"] == "pretrained"]
     baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, "pretrained"]["probe"]]
     assert len(probe) == len(runs) == 3
     for row, run in zip(probe, runs):
@@ -349,7 +351,7 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
         untrained = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "random init"]["probe"]]
         assert row["pretrained − random init (real recordings)"] == shared.pretraining_gain(
             mine, untrained, higher_is_better=True)  # each row against its own model untrained
-    untrained_rows = [r for r in downstream if r["model"] == "random init"]
+    untrained_rows = [r for r in downstream if r["init"] == "random init"]
     assert untrained_rows and all(r["pretrained − random init (unseen voices)"] == "-" for r in untrained_rows)
     assert "| model.norm.alpha_init.input | validation contrastive loss |" in text
     assert "#### wav2vec 2.0, dyt: keywords, linear probe, accuracy (36 classes), real recordings over the sweep" in text

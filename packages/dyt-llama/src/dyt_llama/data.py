@@ -17,6 +17,7 @@ import torch
 from filelock import FileLock
 
 from dyt.train.config import Range
+from dyt.train.data_files import saved_dataset_files
 from dyt_data import cache_root
 from dyt_data.shards import TokenShards
 
@@ -55,9 +56,15 @@ class DataConfig:
     while shards are written loses at most the shard in progress."""
 
     def source_files(self) -> list[Path]:
-        """The user's files this data is read from (``dyt.train.data_files``): the corpus and the
-        tokenizer file, where given."""
-        return [Path(p) for p in (self.corpus, self.tokenizer_file) if p]
+        """The user's files this data is read from (``dyt.train.data_files``): the corpus's (only those
+        :func:`load_documents` reads: other files in its folder, a cache put there, are not data) and
+        the tokenizer file, where given."""
+        corpus = Path(self.corpus) if self.corpus else None
+        if corpus is not None and corpus.is_dir():
+            files = saved_dataset_files(corpus) if _is_saved_dataset(corpus) else sum(_text_files_and_tables(corpus), [])
+        else:
+            files = [corpus] if corpus is not None else []  # missing: recorded as missing
+        return files + ([Path(self.tokenizer_file)] if self.tokenizer_file else [])
 
 
 def _cache(cfg: DataConfig) -> Path:
@@ -104,6 +111,15 @@ def _document_table(table, where):
     return table
 
 
+def _is_saved_dataset(root: Path) -> bool:
+    return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
+
+
+def _text_files_and_tables(root: Path) -> tuple[list[Path], list[Path]]:
+    """A corpus folder's documents: its .txt files, and its .jsonl / .parquet tables."""
+    return sorted(root.rglob("*.txt")), sorted(root.rglob("*.jsonl")) + sorted(root.rglob("*.parquet"))
+
+
 def load_documents(cfg: DataConfig):
     """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of whole documents
     (columns ``title``, ``text``), held on disk by datasets (memory-mapped), never as one list."""
@@ -114,7 +130,7 @@ def load_documents(cfg: DataConfig):
         raise DataError(f"corpus not found: {root}")
     if not root.is_dir():
         raise DataError(f"corpus {root} is a file: give data.corpus the folder that holds the corpus files")
-    if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
+    if _is_saved_dataset(root):
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict):
             splits = set(loaded)
@@ -130,8 +146,7 @@ def load_documents(cfg: DataConfig):
             loaded = loaded["train"]
         table = _document_table(loaded, root)
     else:
-        texts = sorted(root.rglob("*.txt"))
-        tables = sorted(root.rglob("*.jsonl")) + sorted(root.rglob("*.parquet"))
+        texts, tables = _text_files_and_tables(root)
         if texts and tables:
             raise DataError(f"corpus {root} holds both .txt files ({len(texts)}) and .jsonl / .parquet files "
                             f"({len(tables)}), and only one kind would be read: keep one kind per corpus folder")

@@ -200,13 +200,16 @@ def _hf_audio_rows(path: Path):
 
 
 def _hf_audio_files(path: Path, rows, column: str) -> list[Path]:
-    """The files a saved HF dataset's audio is read from: its own folder, and the files of rows that
-    hold a path without the bytes (``save_to_disk`` embeds the bytes; older saves may not)."""
+    """The files a saved HF dataset's audio is read from: its own (not datasets' cache files), and the
+    files of rows that hold a path without the bytes (``save_to_disk`` embeds the bytes; older saves
+    may not)."""
+    from dyt.train.data_files import saved_dataset_files
+
     external = []
     for chunk in rows.with_format("arrow")[column].chunks:
         missing = chunk.field("bytes").is_null().to_pylist()
         external += [Path(p) for gone, p in zip(missing, chunk.field("path").to_pylist()) if gone and p]
-    return [path, *external]
+    return [*saved_dataset_files(path), *external]
 
 
 def audio_source_files(path: Path) -> list[Path]:

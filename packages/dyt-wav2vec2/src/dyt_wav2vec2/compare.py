@@ -173,7 +173,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
               "pretraining bought is the gap to that row, given for each pretrained row (its mean minus the "
               "random-init mean, against the random-init runs' ± 2σ). Verdicts: each test set's mean against the "
               "baseline norm's mean ± 2σ over seeds, same eval and init. " + pretrainings_note(args.pretrain_seeds), "",
-              f"| norm |{point_column} model | eval | metric | unseen voices | real recordings "
+              f"| norm |{point_column} init | eval | metric | unseen voices | real recordings "
               "| verdict (unseen voices) | verdict (real recordings) | pretrained − random init (unseen voices) "
               "| pretrained − random init (real recordings) |",
               f"|---|{point_rule}---|---|---|---|---|---|---|---|---|"]

@@ -199,13 +199,15 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     for option, keys in (("--sweep", [sweep.key for sweep in args.sweeps]),
                          ("--set", [item.partition("=")[0].strip() for item in args.overrides])):
         for key in keys:
-            if key in NORM_KEYS:
-                parser.error(f"argument {option}: {key} is what each --norms entry sets (every run would train "
-                             "the same norm under another name): compare norms and DyT variants with --norms, "
-                             "e.g. --norms rmsnorm dyt dyt:hardtanh")
-            if key in RUN_KEYS:  # run_items comes last and wins: every point would train the same seed
-                parser.error(f"argument {option}: {key} is set for each run by the comparison itself "
-                             f"({RUN_KEYS[key]}), after --set and --sweep, so it would be ignored")
+            for reserved in (k for k in (*sorted(NORM_KEYS), *RUN_KEYS) if k == key or k.startswith(key + ".")):
+                what = key if reserved == key else f"{key} (it holds {reserved})"
+                if reserved in NORM_KEYS:
+                    parser.error(f"argument {option}: {what} is what each --norms entry sets (every run would train "
+                                 "the same norm under another name): compare norms and DyT variants with --norms, "
+                                 "e.g. --norms rmsnorm dyt dyt:hardtanh")
+                # run_items comes last and wins: every point would train the same seed
+                parser.error(f"argument {option}: {what} is set for each run by the comparison itself "
+                             f"({RUN_KEYS[reserved]}), after --set and --sweep, so it would be ignored")
     if args.fresh and holds_working_directory(args.out):
         parser.error(f"argument --fresh: {FRESH_REFUSED.format(out=args.out)}")
     if args.norms is not None:

@@ -23,8 +23,8 @@ DATA_FILES = "data_files.json"
 
 
 def files_signature(paths: Iterable[str | Path]) -> dict[str, Any]:
-    """``{"files", "bytes", "digest"}`` of every file at or under ``paths`` (folders recursively); a
-    missing path counts as no file but still enters the digest."""
+    """``{"files", "missing", "bytes", "digest"}`` of every file at or under ``paths`` (folders
+    recursively); a missing path is counted apart and enters the digest."""
     entries = []
     for path in map(Path, paths):
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -36,8 +36,15 @@ def files_signature(paths: Iterable[str | Path]) -> dict[str, Any]:
                 continue
             entries.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
     return {"files": sum(size is not None for _, size, _ in entries),
+            "missing": sum(size is None for _, size, _ in entries),
             "bytes": sum(size or 0 for _, size, _ in entries),
             "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]}
+
+
+def saved_dataset_files(folder: Path) -> list[Path]:
+    """The files of a ``datasets.save_to_disk`` folder, without the ``cache-*.arrow`` files that
+    datasets' own transforms (``filter``, ``map``) write beside them when a run reads it."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("cache-"))
 
 
 def data_files_of(config: Any) -> dict[str, Any] | None:
@@ -61,7 +68,9 @@ def record_data_files(config: Any, run_dir: str | Path) -> None:
 def _size(signature: dict[str, Any] | None) -> str:
     if signature is None:
         return "the built-in data"
-    return f"{signature['files']} files, {signature['bytes'] / 1e6:.1f} MB"
+    missing = signature.get("missing", 0)
+    return (f"{signature['files']} files, {signature['bytes'] / 1e6:.1f} MB"
+            + (f", {missing} path(s) not found from {Path.cwd()}" if missing else ""))
 
 
 def check_data_unchanged(run_dir: str | Path, now: dict[str, Any] | None) -> None:
