@@ -131,8 +131,12 @@ def main(argv: list[str] | None = None) -> Path:
                 run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
                 lambda run=run, task=task, cfg=cfg, pretrained=pretrained: results_json(
                     task, evaluate(run.dir, task, cfg, pretrained=pretrained)))
-    fasta = sorted({f for p in plan for f in p.config.data.validation_fasta})
-    validation = (f"your held-out FASTA files {', '.join(f'`{f}`' for f in fasta)}" if fasta
+    def listed(files) -> str:
+        return ", ".join(f"`{f}`" for f in sorted(set(files)))
+
+    train_fasta = [f for p in plan for f in p.config.data.fasta]
+    validation = (f"your held-out FASTA files {listed(f for p in plan for f in p.config.data.validation_fasta)} "
+                  f"(pretraining on your {listed(train_fasta)})" if train_fasta
                   else "held-out strains (never trained on)")
     report = write_report(args, runs, tasks, evals, validation)
     print(f"\nreport: {report}")
