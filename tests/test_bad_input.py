@@ -356,7 +356,8 @@ def _inputs(tmp: Path) -> None:
         LlamaConfig, ROOT / "recipes/llama/tiny.yaml", [*overrides, "model.norm=dyt", f"train.out_dir={changed}"])))
     stale = {**files_signature([tmp / "corpus"]), "digest": "0123456789abcdef"}
     (changed / "data_files.json").write_text(json.dumps(stale))
-    (tmp / "cmp-data/llama-rmsnorm-seed0").mkdir(parents=True)
+    (tmp / "cmp-data/llama-rmsnorm-seed0/checkpoints/step_00000001").mkdir(parents=True)  # a run with a checkpoint
+    (tmp / "cmp-data/llama-rmsnorm-seed0/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 2}')
     (tmp / "cmp-data/llama-rmsnorm-seed0/data_files.json").write_text(json.dumps(stale))
     damaged = tmp / "llama-run-bad-marker"
     (damaged / "checkpoints/step_00000001").mkdir(parents=True)

@@ -160,3 +160,27 @@ def test_what_the_recipe_does_not_read_is_not_its_data(tmp_path, monkeypatch):
     monkeypatch.chdir(run)
     with pytest.raises(ConfigError, match=r"1 path\(s\) not found from .*run"):
         check_data_unchanged(run, data_files_of(relative))
+
+
+def test_a_manifest_with_a_missing_file_or_a_partial_record(tmp_path):
+    """A manifest whose audio file went missing counts it missing (the data changed), rather than
+    failing before the check can say so; a record without its counts is 'damaged', in one line."""
+    from dyt_wav2vec2.task import SpeechDataConfig
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ("x.wav", "y.wav"):
+        soundfile.write(str(audio / name), np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
+    config = SpeechDataConfig(train_manifest=str(manifest), validation_manifest=str(manifest))
+    before = files_signature(config.source_files())
+    (audio / "y.wav").unlink()
+    after = files_signature(config.source_files())
+    assert (after["files"], after["missing"]) == (4, 2) and after["digest"] != before["digest"]
+    assert files_signature(SpeechDataConfig(train_manifest=str(tmp_path / "none.tsv")).source_files())["missing"] == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_files.json").write_text('{"digest": "0123456789abcdef"}')
+    with pytest.raises(ConfigError, match="damaged"):
+        check_data_unchanged(run, before)

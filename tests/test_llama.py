@@ -196,6 +196,11 @@ def test_two_rank_deepspeed_run_logs_perplexity_and_resumes(corpus, tmp_path):
     assert rows[-1]["eval/perplexity"] == pytest.approx(math.exp(rows[-1]["eval/loss"]), rel=1e-5)
     assert "alpha/blocks.0.attention_norm" in rows[-1]
     assert {"peak_rss_mb/rank0", "peak_rss_mb/rank1"} <= rows[-1].keys()
+    # the run recorded the corpus files it read, as the resume check and the comparisons compare them
+    from dyt.train.data_files import files_signature
+
+    record = json.loads((tmp_path / "run" / "data_files.json").read_text())
+    assert record == files_signature(DataConfig(corpus=str(corpus)).source_files()) and record["files"] == 4
 
 
 @pytest.mark.slow

@@ -395,7 +395,7 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
     from dyt_dna.data import ClassificationData
 
     args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS[:1], nproc=2, launcher="deepspeed",
-                              pretrain_seeds=[0, 1, 2], seeds=[0, 1], norms=None, sweeps=[], overrides=[])
+                              pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], norms=None, sweeps=[], overrides=[])
     args.out.mkdir()
     runs = [_dna_run(args.out, DNA_CONFIGS[0], norm, seed)[1] for seed in args.pretrain_seeds
             for norm in ("layernorm", "dyt")]
@@ -407,7 +407,8 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
         for pretrained, init in compare.INITS.items() for run in fine_tuned_runs(runs, pretrained)}
     assert len(evals) == 6 + 2
     text = compare.write_report(args, runs, [task], evals, "held-out strains").read_text()
-    assert "Pretraining seeds 0, 1, 2: each downstream mean ± std and verdict is over the pretraining runs' means" in text
+    assert "Pretraining seeds 0, 1, 2: each pretrained row's mean ± std and verdict are over the pretraining runs' means" in text
+    assert "Random-init rows: the fine-tuning seeds of the one untrained model" in text
 
     def means(norm: str, init: str) -> list[float]:
         return [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[(run.point, task.name, init)])
@@ -424,10 +425,10 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
         assert rows[norm, "random init"]["accuracy"] == fmt(untrained(norm))
     assert rows["dyt", "pretrained"]["verdict (accuracy)"] == verdict(
         means("dyt", "pretrained"), means("layernorm", "pretrained"), higher_is_better=True, baseline_name="layernorm")
-    assert rows["dyt", "pretrained"]["pretrained − random init (accuracy)"] == pretraining_gain(
-        means("dyt", "pretrained"), untrained("dyt"), higher_is_better=True)
-    assert rows["dyt", "random init"]["verdict (accuracy)"] == verdict(
-        untrained("dyt"), untrained("layernorm"), higher_is_better=True, baseline_name="layernorm")
+    gain = pretraining_gain(means("dyt", "pretrained"), untrained("dyt"), higher_is_better=True)
+    assert gain != NO_VERDICT and rows["dyt", "pretrained"]["pretrained − random init (accuracy)"] == gain
+    judged = verdict(untrained("dyt"), untrained("layernorm"), higher_is_better=True, baseline_name="layernorm")
+    assert judged != NO_VERDICT and rows["dyt", "random init"]["verdict (accuracy)"] == judged
     pretraining = table(text, "model")
     assert [r["norm"] for r in pretraining] == ["layernorm"] * 3 + ["dyt"] * 3  # a row per run, grouped by cell
     assert [r["seed"] for r in pretraining] == ["0", "1", "2"] * 2

@@ -525,3 +525,12 @@ def test_random_init_is_fine_tuned_once_per_cell():
     untrained = shared.fine_tuned_runs(runs, pretrained=False)
     assert [(r.point.norm, r.point.seed, r.point.sweep) for r in untrained] == [
         ("layernorm", 0, ()), ("layernorm", 0, (("train.lr", "1"),)), ("dyt", 0, ()), ("dyt", 0, (("train.lr", "1"),))]
+
+
+def test_downstream_values_are_pretraining_means_whenever_there_are_several():
+    """One pretraining run: its fine-tuning values; several: each run's mean, so two pretraining seeds
+    give two values (no verdict) rather than pooling both runs' fine-tunings into a spread of neither."""
+    assert shared.over_pretrainings([[0.1, 0.2, 0.3]]) == [0.1, 0.2, 0.3]
+    assert shared.over_pretrainings([[0.1, 0.3], [0.5, 0.7]]) == pytest.approx([0.2, 0.6])
+    assert verdict(shared.over_pretrainings([[0.1, 0.3], [0.5, 0.7]]), [0.4, 0.5, 0.6],
+                   higher_is_better=True) == NO_VERDICT

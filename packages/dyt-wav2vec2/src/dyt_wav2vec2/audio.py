@@ -119,8 +119,9 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
     return round(held * SAMPLE_RATE / rate)
 
 
-def read_manifest(path: Path, texts: Path | None = None) -> list[Utterance]:
-    """Rows of a fairseq manifest; ``texts`` (one line per row, e.g. a .wrd file) adds transcripts."""
+def read_manifest(path: Path, texts: Path | None = None, check_files: bool = True) -> list[Utterance]:
+    """Rows of a fairseq manifest; ``texts`` (one line per row, e.g. a .wrd file) adds transcripts.
+    ``check_files=False``: rows whose audio file is missing are kept (to be counted missing)."""
     if not path.is_file():
         raise AudioError(f"{path}: no such manifest")
     lines = path.read_text().splitlines()
@@ -135,7 +136,7 @@ def read_manifest(path: Path, texts: Path | None = None) -> list[Utterance]:
         if len(parts) != 2 or not parts[1].strip().isdigit():
             raise AudioError(f"{path}:{number}: expected 'relative/path<TAB>num_samples', got {line!r}")
         audio = root / parts[0]
-        if not audio.is_file():
+        if check_files and not audio.is_file():
             raise AudioError(f"{path}:{number}: audio file {audio} does not exist")
         rows.append(Utterance(audio, int(parts[1])))
     if texts is not None:
@@ -217,7 +218,9 @@ def audio_source_files(path: Path) -> list[Path]:
     manifest and the audio files it lists, or the dataset's folder."""
     if is_hf_dataset(path):
         return _hf_audio_files(path, *_hf_audio_rows(path))
-    return [path, *(row.path for row in read_manifest(path))]
+    if not path.is_file():
+        return [path]  # counted as missing
+    return [path, *(row.path for row in read_manifest(path, check_files=False))]
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:

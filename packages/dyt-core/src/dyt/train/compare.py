@@ -294,10 +294,11 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
 
 def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[PlannedRun]) -> list[Run]:
     """Train every planned run (finished ones are not launched again) and return them in plan order.
-    First, before any launch: a run already in ``--out`` whose data files changed since it trained is
-    an error (:func:`~dyt.train.data_files.check_data_unchanged`), not a result to report."""
+    First, before any launch: a run already in ``--out`` with a complete checkpoint whose data files
+    changed since it trained is an error (:func:`~dyt.train.data_files.check_data_unchanged`), not a
+    result to report; one without a checkpoint starts afresh anyway (as ``check_resume`` judges it)."""
     signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
-    for planned in plan:
+    for planned in (p for p in plan if finished_step(p.dir) > 0):
         data = repr(getattr(planned.config, "data", None))
         if data not in signatures:
             signatures[data] = data_files_of(planned.config)
@@ -460,10 +461,11 @@ def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_bet
 
 def over_pretrainings(per_run: Sequence[Sequence[float]]) -> list[float]:
     """One cell's downstream values, for its mean ± std and verdicts, from each pretraining run's values
-    over the fine-tuning seeds: with at least ``MIN_VERDICT_SEEDS`` pretraining runs, each run's mean
-    (the spread between pretrainings, which fine-tuning seeds of one checkpoint understate); with
-    fewer, every fine-tuning value (the spread of fine-tuning one checkpoint)."""
-    if len(per_run) >= MIN_VERDICT_SEEDS:
+    over the fine-tuning seeds: with several pretraining runs, each run's mean (the spread between
+    pretrainings, which fine-tuning seeds of one checkpoint understate; fewer than
+    ``MIN_VERDICT_SEEDS`` of them: no verdict); with one, its fine-tuning values (the spread of
+    fine-tuning that checkpoint)."""
+    if len(per_run) > 1:
         return [statistics.mean(values) for values in per_run]
     return [value for values in per_run for value in values]
 
@@ -492,12 +494,16 @@ def add_pretrain_seeds_argument(parser: argparse.ArgumentParser) -> None:
 
 def pretrainings_note(pretrain_seeds: Sequence[int]) -> str:
     """What a downstream cell's mean ± std is over (see :func:`over_pretrainings`), in words."""
-    if len(pretrain_seeds) >= MIN_VERDICT_SEEDS:
-        return (f"Pretraining seeds {', '.join(map(str, pretrain_seeds))}: each downstream mean ± std and verdict "
-                "is over the pretraining runs' means (each the mean over the fine-tuning seeds).")
-    return (f"Pretraining seed(s) {', '.join(map(str, pretrain_seeds))}: each downstream mean ± std and verdict is "
-            f"over the fine-tuning seeds, so it measures fine-tuning spread only (give {MIN_VERDICT_SEEDS} "
-            "pretraining seeds for the spread between pretrainings).")
+    seeds = ", ".join(map(str, pretrain_seeds))
+    untrained = ("Random-init rows: the fine-tuning seeds of the one untrained model (no pretraining seed "
+                 "changes it).")
+    if len(pretrain_seeds) > 1:
+        return (f"Pretraining seeds {seeds}: each pretrained row's mean ± std and verdict are over the pretraining "
+                f"runs' means (each the mean over the fine-tuning seeds; fewer than {MIN_VERDICT_SEEDS} runs: no "
+                f"verdict). {untrained}")
+    return (f"Pretraining seed {seeds}: each mean ± std and verdict is over the fine-tuning seeds, so it measures "
+            f"fine-tuning spread only (give {MIN_VERDICT_SEEDS} pretraining seeds for the spread between "
+            "pretrainings).")
 
 
 def pretraining_gain(pretrained: Sequence[float], untrained: Sequence[float], *, higher_is_better: bool,

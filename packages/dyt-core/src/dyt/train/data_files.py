@@ -57,12 +57,14 @@ def data_files_of(config: Any) -> dict[str, Any] | None:
 
 def record_data_files(config: Any, run_dir: str | Path) -> None:
     """Write (or, for built-in data, remove) the run's record of its data files."""
+    from .checkpoint import _atomic_write_bytes  # a kill mid-write must not leave a damaged record
+
     path = Path(run_dir) / DATA_FILES
     signature = data_files_of(config)
     if signature is None:
         path.unlink(missing_ok=True)
     else:
-        path.write_text(json.dumps(signature, indent=1) + "\n")
+        _atomic_write_bytes(path, lambda handle: handle.write((json.dumps(signature, indent=1) + "\n").encode()))
 
 
 def _size(signature: dict[str, Any] | None) -> str:
@@ -82,7 +84,8 @@ def check_data_unchanged(run_dir: str | Path, now: dict[str, Any] | None) -> Non
     try:
         saved = json.loads(path.read_text())
         digest = saved["digest"]
-    except (ValueError, KeyError, TypeError):
+        _size(saved)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(f"{path}: damaged (not the JSON record of a run's data files); start a new run "
                           "(another train.out_dir, or --fresh for a comparison)") from None
     if now is None or now["digest"] != digest:
