@@ -20,6 +20,17 @@ def _corpus(root):
     return root
 
 
+def _manifest(root):
+    """An audio folder of two short wav files and a manifest listing both."""
+    audio = root / "audio"
+    audio.mkdir()
+    for name in ("x.wav", "y.wav"):
+        soundfile.write(str(audio / name), np.zeros(1600, dtype=np.float32), 16000)
+    manifest = root / "train.tsv"
+    manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
+    return audio, manifest
+
+
 def test_the_signature_changes_with_any_file_and_only_then(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     before = files_signature([corpus])
@@ -70,12 +81,7 @@ def test_each_recipe_names_the_files_it_reads(tmp_path):
     assert SpeechDataConfig().source_files() == []
     assert [str(p) for p in DataConfig(corpus="c", tokenizer_file="t.json").source_files()] == ["c", "t.json"]
     assert [str(p) for p in DnaDataConfig(fasta=["a.fa"], validation_fasta=["b.fa"]).source_files()] == ["a.fa", "b.fa"]
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    for name in ("x.wav", "y.wav"):
-        soundfile.write(str(audio / name), np.zeros(1600, dtype=np.float32), 16000)
-    manifest = tmp_path / "train.tsv"
-    manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
+    audio, manifest = _manifest(tmp_path)
     named = SpeechDataConfig(train_manifest=str(manifest), validation_manifest=str(manifest)).source_files()
     assert named == [manifest, audio / "x.wav", audio / "y.wav"] * 2  # the manifests and every file they list
 
@@ -167,12 +173,7 @@ def test_a_manifest_with_a_missing_file_or_a_partial_record(tmp_path):
     failing before the check can say so; a record without its counts is 'damaged', in one line."""
     from dyt_wav2vec2.task import SpeechDataConfig
 
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    for name in ("x.wav", "y.wav"):
-        soundfile.write(str(audio / name), np.zeros(1600, dtype=np.float32), 16000)
-    manifest = tmp_path / "train.tsv"
-    manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
+    audio, manifest = _manifest(tmp_path)
     config = SpeechDataConfig(train_manifest=str(manifest), validation_manifest=str(manifest))
     before = files_signature(config.source_files())
     (audio / "y.wav").unlink()
