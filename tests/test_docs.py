@@ -1,6 +1,9 @@
-"""The docs stay true where a test can tell: the README's Quick use runs as pasted, and every
-relative link in README.md, docs/ and the packages' READMEs reaches its file and heading."""
+"""The docs stay true where a test can tell: the README's Quick use runs as pasted, every relative
+link in README.md, docs/ and the packages' READMEs reaches its file and heading, and architecture.md's
+table of `train:` settings lists every setting with its default and whether `--resume` may change it."""
 
+import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -47,3 +50,19 @@ def test_relative_links_reach_their_file_and_heading(doc):
         elif anchor and dest.suffix == ".md" and anchor not in heading_anchors(dest.read_text()):
             broken.append(f"{target}: no such heading")
     assert not broken, broken
+
+
+def test_the_train_settings_table_matches_train_config():
+    """Each ``TrainConfig`` field is one row of architecture.md's table: its default as YAML writes
+    it, and "may change" exactly for ``RESUME_MAY_CHANGE``."""
+    from dyt.train.config import TrainConfig
+
+    section = (ROOT / "docs" / "architecture.md").read_text().split("### The `train:` settings", 1)[1]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|$", section.split("\n\n#", 1)[0], re.M))
+    fields = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    assert sorted(rows) == sorted(fields)
+    for name, default in fields.items():
+        shown, resume = (cell.strip() for cell in rows[name].split(" | ")[:2])
+        expected = json.dumps(list(default) if isinstance(default, tuple) else default)
+        assert shown.strip("`") == (default if isinstance(default, str) else expected), name
+        assert resume == ("may change" if name in TrainConfig.RESUME_MAY_CHANGE else "fixed"), name
