@@ -56,6 +56,24 @@ def _model(arch, norm="layernorm", rcps=True, dim=16, layers=2, tied=True):
 
 # ---------------------------------------------------------------- tokenizer and FASTA
 
+@pytest.mark.parametrize("arch", ["hyena", "caduceus"])
+@pytest.mark.parametrize("norm", ["layernorm", "dyt"])
+def test_weight_decay_skips_what_the_published_models_do_not_decay(arch, norm):
+    """Mamba's A_log and D and HyenaDNA's implicit filter are not decayed (mamba_ssm's and HyenaDNA's
+    ``_no_weight_decay`` / filter ``weight_decay: 0``), for both norms alike; the other matrices are."""
+    from dyt.train.trainer import _param_groups
+
+    model = _model(arch, norm)
+    decayed, kept = (group["params"] for group in _param_groups(model, 0.1))
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed_names, kept_names = {names[id(p)] for p in decayed}, {names[id(p)] for p in kept}
+    assert not any(name.endswith(("A_log", ".D", ".freq")) or ".filter." in name for name in decayed_names)
+    special = [n for n in kept_names if n.endswith("A_log") or (".filter.mlp." in n and n.endswith("weight"))]
+    assert special, sorted(kept_names)
+    assert any(name.endswith("in_proj.weight") for name in decayed_names)
+    assert not any("norm" in name for name in decayed_names)
+
+
 def test_tokenizer_round_trip_reverse_complement_and_ambiguity_codes():
     seq = _genome()[:500]
     assert decode(encode(seq)) == seq

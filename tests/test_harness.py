@@ -14,7 +14,7 @@ import torch
 
 from dyt.train import NonFiniteLossError, TrainConfig, read_metrics, run_recipe, warmup_cosine
 from dyt.train.distributed import free_port
-from dyt.train.trainer import seed_everything
+from dyt.train.trainer import seed_everything, validation_positions
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -88,10 +88,40 @@ def test_metrics_logs_alpha_lr_throughput_and_tensorboard(tmp_path):
 def test_warmup_cosine():
     factor = warmup_cosine(TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1))
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
-    assert factor(60) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert factor(110) == pytest.approx(0.1)
+    assert factor(10) < 1.0  # the peak is one update, not two
+    assert factor(59) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(109) == pytest.approx(0.1)  # the last of 110 updates (0-based) ends at min_lr
     assert all(factor(s) >= 0.1 - 1e-12 for s in range(0, 200))
     assert not math.isnan(factor(10))
+
+
+def test_validation_positions_spread_over_the_whole_set():
+    assert validation_positions(10, 4) == [0, 2, 5, 7]
+    assert validation_positions(5, 8) == [0, 1, 2, 3, 4]
+    positions = validation_positions(1000, 64)
+    assert len(set(positions)) == 64 and positions[0] == 0 and positions[-1] >= 1000 - math.ceil(1000 / 64)
+
+
+def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):
+    """The validation set is stored in document / genome order: with ``eval_batches`` x micro-batch
+    below its size, the scored examples must reach its last quarter."""
+    seen: list[torch.Tensor] = []
+
+    class Recording(ToyTask):
+        def eval_dataset(self):
+            return torch.utils.data.TensorDataset(torch.arange(256.0)[:, None].expand(256, 4).contiguous(),
+                                                  torch.zeros(256, 1))
+
+        def loss(self, model, batch):
+            if not torch.is_grad_enabled():
+                seen.append(batch[0][:, 0].clone())
+            return super().loss(model, batch)
+
+    run_recipe(ToyConfig, Recording, ["--set", f"train.out_dir={tmp_path}", "--set", "train.steps=1",
+                                      "--set", "train.micro_batch_size=4", "--set", "train.eval_batches=4",
+                                      "--set", "train.progress=false", "--set", "train.save_every=0"])
+    positions = torch.cat(seen).long().tolist()
+    assert positions == validation_positions(256, 16) and max(positions) >= 192
 
 
 def _launch(cmd, tmp_path):

@@ -43,6 +43,7 @@ class Mamba(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, cfg.state + 1, dtype=torch.float32)).repeat(inner, 1))
         self.D = nn.Parameter(torch.ones(inner))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as mamba_ssm: decay rates are not decayed
         self.state = cfg.state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

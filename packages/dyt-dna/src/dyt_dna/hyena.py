@@ -44,6 +44,8 @@ class ImplicitFilter(nn.Module):
             nn.Linear(width, width), Sin(width),
             nn.Linear(width, channels, bias=False),
         )
+        for parameter in self.mlp.parameters():  # HyenaDNA trains its filter without weight decay
+            parameter._no_weight_decay = True
         # Decay rates spread so some channels see far and some near (|h| falls to ~1% at their range).
         fast, slow = math.log(1e-2) / 0.3, math.log(1e-2) / 1.5
         self.register_buffer("decay", torch.linspace(fast, slow, channels).abs(), persistent=False)

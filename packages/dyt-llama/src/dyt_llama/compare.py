@@ -38,6 +38,7 @@ from dyt.train.compare import (
     train_runs,
 )
 from dyt.train.config import SEED
+from dyt.train.trainer import validation_positions
 
 from .data import build_datasets, load_documents
 from .recipe import SPEC
@@ -54,7 +55,7 @@ def plot_s_curves(run: Run, path: Path) -> None:
     model = Llama(config.model).eval()
     model.load_state_dict(trained_weights(run.dir))
     _, validation, _ = build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)
-    batch = torch.stack([validation[i] for i in range(min(4, len(validation)))])[:, :-1]
+    batch = torch.stack([validation[i] for i in validation_positions(len(validation), 4)])[:, :-1]
     with torch.no_grad(), NormRecorder(model, max_points=3000) as recorder:
         model(batch)
     plot_s_curves(recorder.records, path, title=f"{run.norm} model: norm input vs output (validation text)")

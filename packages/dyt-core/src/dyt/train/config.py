@@ -125,7 +125,8 @@ class TrainConfig:
     """The cosine schedule ends here."""
     warmup_steps: Annotated[int, NON_NEGATIVE] = 10
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.1
-    """AdamW decay on matrices; biases, norm parameters and DyT's alpha are never decayed."""
+    """AdamW decay on matrices; biases, norm parameters and DyT's alpha are never decayed, nor a matrix
+    model code marks ``_no_weight_decay`` (Mamba's A_log, HyenaDNA's implicit filter, as published)."""
     betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.95)
     grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
     """Gradient-norm clipping; 0: none."""

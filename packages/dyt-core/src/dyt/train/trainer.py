@@ -78,27 +78,37 @@ def seed_everything(seed: int) -> None:
 
 
 def warmup_cosine(cfg: TrainConfig):
-    """LR multiplier: linear warmup to 1, then cosine down to min_lr / lr at the last step."""
+    """LR multiplier of update ``step`` (0-based): linear warmup reaching 1 at the last warmup update,
+    then cosine down to min_lr / lr at the last update (``steps - 1``)."""
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        progress = min(1.0, (step + 1 - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
+def validation_positions(size: int, count: int) -> list[int]:
+    """``count`` example positions spread evenly over a validation set of ``size`` (all of it when
+    ``count >= size``). Validation sets are stored in document / genome order, so their first
+    examples would score one document (LLaMA's first 8k tokens were all Persuasion) or one strain."""
+    count = min(size, count)
+    return [i * size // count for i in range(count)]
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decayed, the rest not. A parameter built under ZeRO-3's partitioned init is an empty
-    placeholder whose real shape is ``ds_shape``."""
+    """Matrices decayed, the rest not, nor a matrix the model marks ``_no_weight_decay = True`` (the
+    mamba_ssm / HyenaDNA convention: Mamba's ``A_log``, HyenaDNA's implicit filter). A parameter built
+    under ZeRO-3's partitioned init is an empty placeholder whose real shape is ``ds_shape``."""
 
-    def is_matrix(p: torch.Tensor) -> bool:
-        return len(getattr(p, "ds_shape", p.shape)) >= 2
+    def decayed(p: torch.Tensor) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2 and not getattr(p, "_no_weight_decay", False)
 
-    decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
-    rest = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
+    decay = [p for p in model.parameters() if p.requires_grad and decayed(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not decayed(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -332,9 +342,12 @@ class Trainer:
 
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
         """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
-        over ``eval_batches`` micro-batches per rank, averaged over ranks."""
+        over at most ``eval_batches`` micro-batches per rank, averaged over ranks. The examples are
+        spread evenly over the whole validation set (:func:`validation_positions`), not its first ones."""
         self._check_validation_size(dataset)
-        indices = list(range(self.dist.rank, len(dataset), self.dist.world_size))
+        positions = validation_positions(len(dataset), self.cfg.eval_batches * self.cfg.micro_batch_size
+                                         * self.dist.world_size)
+        indices = positions[self.dist.rank::self.dist.world_size]
         loader = DataLoader(
             dataset,
             batch_size=self.cfg.micro_batch_size,
@@ -347,9 +360,7 @@ class Trainer:
         batches = 0
         engine.eval()
         with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if i >= self.cfg.eval_batches:
-                    break
+            for batch in loader:
                 loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
                 for name, value in {"loss": loss.item(), **extras}.items():
                     if name != "units":
