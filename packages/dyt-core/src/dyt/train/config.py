@@ -141,7 +141,8 @@ class TrainConfig:
     eval_every: Annotated[int, NON_NEGATIVE] = 50
     """Validate every this many steps (and at the end); 0 turns validation off."""
     eval_batches: Annotated[int, AT_LEAST_ONE] = 20
-    """Micro-batches per rank per validation."""
+    """At most this many micro-batches per rank per validation; their examples are spread evenly over
+    the whole validation set (all of it when it is smaller), which is stored in document order."""
     save_every: Annotated[int, NON_NEGATIVE] = 50
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: Annotated[int, AT_LEAST_ONE] = 2
