@@ -484,7 +484,7 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
                "--module", "dyt_wav2vec2.train",
                "--config", str(TINY), "--set", "model.norm=dyt", "--set", f"data.train_manifest={tmp_path / 'train.tsv'}",
                "--set", f"data.validation_manifest={tmp_path / 'valid.tsv'}", "--set", "train.micro_batch_size=2",
-               "--set", f"train.steps={steps}", "--set", "train.eval_every=2", "--set", "train.save_every=2",
+               "--set", "train.grad_accum=2", "--set", f"train.steps={steps}", "--set", "train.eval_every=2", "--set", "train.save_every=2",
                "--set", "train.log_every=1", "--set", "train.progress=false", "--set", f"train.out_dir={out}", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -505,6 +505,11 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # row 3 dropped and written again, row 4 new
     assert "train/codebook_perplexity" in resumed[-1] and "alpha/encoder.layers.0.self_attn_layer_norm" in resumed[-1]
     np.testing.assert_allclose([r["train/loss"] for r in resumed[2:]], [r["train/loss"] for r in whole[2:]], rtol=1e-5)
+    # the Gumbel temperature anneals per update, not per forward: 4 updates of 2 micro-batches each
+    for out in ("whole", "split"):
+        states = torch.load(next((tmp_path / out / "checkpoints" / "step_00000004").glob("*model_states.pt")),
+                            weights_only=False)["module"]
+        assert int(states["quantizer.num_updates"]) == 4, out
 
 
 def test_the_eval_builds_the_builtin_speech_at_the_runs_size(tmp_path, monkeypatch):

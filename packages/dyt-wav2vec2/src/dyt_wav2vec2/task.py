@@ -243,7 +243,19 @@ class Wav2Vec2PretrainTask:
         return crop_and_batch(waveforms, self.config.data.crop_samples)
 
     def loss(self, model, batch):
+        anneal_per_update(model)
         return pretraining_loss(model, batch, self.config.loss)
+
+
+def anneal_per_update(engine) -> None:
+    """Anneal the Gumbel temperature per optimizer update, as wav2vec 2.0 does (``temperature *
+    decay ** update``): fairseq2's quantizer counts its training forwards, so with ``train.grad_accum``
+    micro-batches a step it would anneal that many times too fast (Base: 8, Large: 32). Set to the
+    DeepSpeed engine's ``global_steps`` (restored on ``--resume``) before each training forward; a plain
+    module (tests, evals) keeps fairseq2's count."""
+    steps = getattr(engine, "global_steps", None)
+    if steps is not None and engine.training:
+        engine.module.quantizer.num_updates.fill_(steps)
 
 
 def pretraining_loss(model, batch: tuple[torch.Tensor, torch.Tensor], weights: LossConfig):
