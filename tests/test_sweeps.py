@@ -166,6 +166,25 @@ def test_more_steps_launch_a_finished_point_again(tmp_path, launches):
     assert len(launches) == 2 and [r["step"] for r in read_metrics(run.dir / "metrics.jsonl")][-1] == 6
 
 
+def test_a_run_trained_with_other_fixed_settings_is_refused_before_any_launch(tmp_path, launches):
+    """A finished run whose model or optimizer settings differ from the comparison's would be reported
+    beside runs trained as planned: refused as ``--resume`` refuses it, before anything trains; a setting
+    a run may change (more steps) is not refused."""
+    config = _toy_config(tmp_path)
+
+    def compare(*extra):
+        args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt", *extra])
+        return train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0, 1]))
+
+    compare()
+    with pytest.raises(shared.CompareError, match=r"dyt-seed0 was trained with other settings than this comparison's: "
+                                                  r"model\.width 16 -> 8; train\.lr 0\.0003 -> 0\.001; put them back"):
+        compare("--set", "train.lr=0.001", "--set", "model.width=8")
+    assert len(launches) == 2
+    compare("--set", "train.steps=5")
+    assert len(launches) == 4
+
+
 # ---------------------------------------------------------------- the sweep grammar and grid
 
 

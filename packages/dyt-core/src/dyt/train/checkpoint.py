@@ -193,30 +193,45 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     return client_state or {}
 
 
+def settings_changes(config: Any) -> tuple[list[str], list[str]] | None:
+    """(fixed, allowed): how ``config`` differs from the saved ``config.yaml`` of the run in its
+    ``train.out_dir`` (:func:`~dyt.train.config.resume_changes`); None when the run has no complete
+    checkpoint yet (it starts fresh, nothing is fixed). A damaged marker, or a saved config that does
+    not load as this recipe's, is a ConfigError."""
+    run_dir = Path(config.train.out_dir)
+    saved_file = run_dir / "config.yaml"
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    if not saved_file.is_file() or not checkpoints:
+        return None
+    saved_world_size(checkpoints[-1])  # a damaged marker stops here, before any data is built
+    try:
+        saved = load_config(type(config), saved_file, check_files=False)
+    except ConfigError as error:
+        raise ConfigError(f"the run's saved {saved_file} does not load as this recipe's config "
+                          f"({error}); start a new run (another train.out_dir)") from None
+    return resume_changes(saved, config)
+
+
 def check_resume(config: Any) -> list[str]:
     """Before a ``--resume``: the settings that changed since the run's saved ``config.yaml`` and may
     change (to print); a ConfigError naming every changed setting that may not (the model's, and
     the train settings a checkpoint fixes: :attr:`TrainConfig.RESUME_MAY_CHANGE`), or when the files
     its data was read from changed (:mod:`dyt.train.data_files`). Nothing to check
     when the run has no complete checkpoint yet (the run starts fresh)."""
-    run_dir = Path(config.train.out_dir)
-    saved_file = run_dir / "config.yaml"
-    checkpoints = complete_checkpoints(run_dir / "checkpoints")
-    if not saved_file.is_file() or not checkpoints:
-        return []
-    saved_world_size(checkpoints[-1])  # a damaged marker stops here, before any data is built
     try:
-        saved = load_config(type(config), saved_file, check_files=False)
+        changes = settings_changes(config)
     except ConfigError as error:
-        raise ConfigError(f"--resume: the run's saved {saved_file} does not load as this recipe's config "
-                          f"({error}); start a new run (another train.out_dir)") from None
-    fixed, allowed = resume_changes(saved, config)
+        raise ConfigError(f"--resume: {error}") from None
+    if changes is None:
+        return []
+    fixed, allowed = changes
     if fixed:
         raise ConfigError(
-            f"--resume: {'; '.join(fixed)} (saved in {saved_file}): a run keeps these settings, its checkpoint "
-            "was made with them; put them back, or start a new run (another train.out_dir, or without --resume)"
+            f"--resume: {'; '.join(fixed)} (saved in {Path(config.train.out_dir) / 'config.yaml'}): a run keeps these "
+            "settings, its checkpoint was made with them; put them back, or start a new run (another "
+            "train.out_dir, or without --resume)"
         )
-    check_data_unchanged(run_dir, data_files_of(config))
+    check_data_unchanged(Path(config.train.out_dir), data_files_of(config))
     return allowed
 
 
