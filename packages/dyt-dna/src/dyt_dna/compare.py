@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_fasta = [f for p in plan for f in p.config.data.fasta]
     validation = (f"your held-out FASTA files {listed(f for p in plan for f in p.config.data.validation_fasta)} "
                   f"(pretraining on your {listed(train_fasta)})" if train_fasta
-                  else "held-out strains (never trained on)")
+                  else "held-out strains (never trained on, but near relatives of the training strains: 60-99% of "
+                        "their 32-mers occur in them, docs/dna.md#data)")
     report = write_report(args, runs, tasks, evals, validation)
     print(f"\nreport: {report}")
     return report
