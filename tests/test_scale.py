@@ -188,6 +188,29 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
         "step": 6, "world_size": resumed_ranks}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_resume_on_another_world_size_keeps_the_groups_weight_decay(tmp_path):
+    """DeepSpeed's ZeRO-3 universal load copies the first parameter group's settings into every group,
+    so the never-decayed group (norm weights, DyT's alpha, biases) was decayed from the resume on, and
+    every later checkpoint saved it so. The harness puts the groups back: the resumed run's own
+    checkpoint holds the groups the run was built with."""
+    items = ["train.zero_stage=3"]
+    _toy(2, [*items, "train.grad_accum=1", "train.out_dir=whole"], tmp_path)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
+    out = _toy(1, [*items, "train.grad_accum=2", "train.out_dir=resumed", "--resume"], tmp_path).stdout
+    assert "loaded through DeepSpeed's universal checkpoint" in out
+
+    def weight_decays(run: str) -> list[float]:
+        states = torch.load(next((tmp_path / run / "checkpoints/step_00000006").glob("*optim_states.pt")),
+                            weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
+        return [group["weight_decay"] for group in states["param_groups"]]
+
+    assert weight_decays("whole") == [0.1, 0.0]
+    assert weight_decays("resumed") == [0.1, 0.0]
+
+
 # ---------------------------------------------------------------- the engine's dtype for inputs
 
 def test_inputs_follow_the_engines_dtype(tmp_path):

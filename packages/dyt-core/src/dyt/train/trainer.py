@@ -321,9 +321,22 @@ class Trainer:
             _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg))
+        self.optimizer, self.weight_decays = optimizer, [group["weight_decay"] for group in optimizer.param_groups]
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
+
+    def _restore_weight_decay(self) -> None:
+        """Put each parameter group's weight decay back after a checkpoint load. DeepSpeed's ZeRO-3
+        universal load copies the first group's settings into every group (``stage3.py``), so norm
+        weights, DyT's alpha and biases were decayed from then on, and every later checkpoint saved
+        it so. The groups are fixed by ``train.weight_decay`` (which ``--resume`` refuses to change)."""
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.weight_decays):
+            raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after the load, "
+                               f"{len(self.weight_decays)} when built")
+        for group, decay in zip(groups, self.weight_decays):
+            group["weight_decay"] = decay
 
     def build_model(self, config: dict[str, Any] | None = None) -> nn.Module:
         """The task's model as the engine gets it, from the run's seed (the same initial weights on
@@ -421,6 +434,7 @@ class Trainer:
         step, position, last_good = 0, DataPosition(), None
         if done:
             state = checkpoint.load(engine, done[-1], dist, universal)
+            self._restore_weight_decay()
             saved_world = checkpoint.saved_world_size(done[-1])
             step, position, last_good = state["step"], batches.position_of(state, saved_world), done[-1]
             if dist.is_main:
