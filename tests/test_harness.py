@@ -63,6 +63,26 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
         torch.testing.assert_close(_final_weights(tmp_path / "resumed")[name], tensor, rtol=1e-6, atol=1e-6)
 
 
+def test_a_new_run_into_a_folder_holding_checkpoints_is_refused(tmp_path, capsys):
+    """Without --resume, a folder with another run's checkpoints is refused before anything is built:
+    the new run's own checkpoints would be pruned as older than the old ones, and a later --resume
+    would continue the old weights under the new settings. --resume with fewer steps than its newest
+    checkpoint would train nothing."""
+    _run(tmp_path / "run")
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        _run(tmp_path / "run", "train.seed=5")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"config error: \S*run holds a run's checkpoints \(newest \S*step_00000008, step 8\): --resume "
+                     r"continues that run; a new run needs another train.out_dir", err), err
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "run", "train.steps=6", resume=True)
+    assert "--resume: train.steps 6 is below the step of the run's newest checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == before  # untouched
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     _run(tmp_path, "train.steps=4", "train.save_every=2")
     partial = tmp_path / "checkpoints" / "step_00000009"

@@ -212,6 +212,18 @@ def settings_changes(config: Any) -> tuple[list[str], list[str]] | None:
     return resume_changes(saved, config)
 
 
+def check_fresh_start(config: Any) -> None:
+    """Without ``--resume``: a ``train.out_dir`` that holds a complete checkpoint is another run's. A new
+    run there would overwrite its ``config.yaml``, lose its own checkpoints to the pruning of the old
+    ones (the newest are kept), and a later ``--resume`` would continue the old weights under the new
+    settings: a ConfigError instead."""
+    run_dir = Path(config.train.out_dir)
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if done:
+        raise ConfigError(f"{run_dir} holds a run's checkpoints (newest {done[-1]}, step {step_of(done[-1])}): "
+                          "--resume continues that run; a new run needs another train.out_dir (or that folder deleted)")
+
+
 def check_resume(config: Any) -> list[str]:
     """Before a ``--resume``: the settings that changed since the run's saved ``config.yaml`` and may
     change (to print); a ConfigError naming every changed setting that may not (the model's, and
@@ -228,9 +240,12 @@ def check_resume(config: Any) -> list[str]:
     if fixed:
         raise ConfigError(
             f"--resume: {'; '.join(fixed)} (saved in {Path(config.train.out_dir) / 'config.yaml'}): a run keeps these "
-            "settings, its checkpoint was made with them; put them back, or start a new run (another "
-            "train.out_dir, or without --resume)"
+            "settings, its checkpoint was made with them; put them back, or start a new run in another train.out_dir"
         )
+    newest = complete_checkpoints(Path(config.train.out_dir) / "checkpoints")[-1]
+    if config.train.steps < step_of(newest):
+        raise ConfigError(f"--resume: train.steps {config.train.steps} is below the step of the run's newest checkpoint "
+                          f"{newest} ({step_of(newest)}): nothing would train; give train.steps {step_of(newest)} or more")
     check_data_unchanged(Path(config.train.out_dir), data_files_of(config))
     return allowed
 

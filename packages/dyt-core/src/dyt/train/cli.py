@@ -18,7 +18,7 @@ import torch
 from ..backends import BackendUnavailableError, select_backend
 from ..errors import UserInputError, command, user_errors
 from ..norms import NormConfig
-from .checkpoint import check_resume
+from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
 from .trainer import Task, Trainer, TrainResult
 
@@ -97,6 +97,8 @@ def run_recipe(
             changed = check_resume(config)
             if changed and os.environ.get("RANK", "0") == "0":
                 print(f"--resume: changed since the run's config.yaml: {'; '.join(changed)}", flush=True)
+        else:
+            check_fresh_start(config)
         check_machine(config)
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
