@@ -48,6 +48,8 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     with pytest.raises(NonFiniteLossError, match=r"at step 6; last good checkpoint: .*step_00000004"):
         _run(tmp_path / "resumed", "data.nan_at_step=6")
     assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
+    with open(tmp_path / "resumed/metrics.jsonl", "a") as metrics:  # a kill in the middle of logging a row
+        metrics.write('{"step": 7, "train/lo')
     capsys.readouterr()
     resumed = _run(tmp_path / "resumed", resume=True)
     assert resumed.step == 8

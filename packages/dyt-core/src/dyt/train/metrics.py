@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserInputError
+
 
 class MetricsLogger:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to
@@ -21,9 +23,8 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in _rows(self.path, partial_last=True) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -46,4 +47,24 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return _rows(Path(path), partial_last=False)
+
+
+def _rows(path: Path, partial_last: bool) -> list[dict]:
+    """The rows of a ``metrics.jsonl``. With ``partial_last``, a last line cut off mid-write (a run
+    killed or out of disk while logging: the rows past its checkpoint are dropped on resume anyway)
+    is dropped; any other line that is not a JSON object is a damaged file, named with its line."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if partial_last and index == len(lines) - 1:
+                break
+            raise UserInputError(f"{path}:{number}: not a metrics row (damaged by hand?); delete the line "
+                                 "or the rows from it on, then run again")
+        rows.append(row)
+    return rows
