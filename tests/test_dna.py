@@ -30,6 +30,7 @@ from dyt_dna.data import (
     genomic_benchmarks,
     mask_for_mlm,
     pretraining_datasets,
+    tokens,
 )
 from dyt_dna.fasta import FastaError, read_fasta
 from dyt_dna.genomes import Genome
@@ -72,6 +73,34 @@ def test_weight_decay_skips_what_the_published_models_do_not_decay(arch, norm):
     assert special, sorted(kept_names)
     assert any(name.endswith("in_proj.weight") for name in decayed_names)
     assert not any("norm" in name for name in decayed_names)
+
+
+def test_rc_augment_draws_its_flips_in_the_ranks_process_in_training_only():
+    """The flip is drawn in ``loss`` from the RNG a checkpoint saves (collate runs in DataLoader workers
+    when train.num_workers > 0, whose RNG restarts on --resume); validation batches are not flipped."""
+    from dyt_dna.task import DnaConfig, DnaPretrainTask
+
+    task = DnaPretrainTask.__new__(DnaPretrainTask)
+    task.config = DnaConfig(model=DnaModelConfig(arch="hyena", dim=16, layers=1, max_len=64),
+                            data=DnaDataConfig(window=30, rc_augment=True))
+    torch.manual_seed(0)
+    batch = task.collate([{"sequence": "ACGTTGCAAC" * 3}] * 16)
+    assert torch.equal(batch, tokens(["ACGTTGCAAC" * 3] * 16))  # collate draws nothing
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, inputs):
+            seen.append(inputs.clone())
+            return torch.zeros(*inputs.shape, 8)
+
+    model = Recorder()
+    task.loss(model.train(), batch)
+    flipped = (seen[-1] != batch[:, :-1]).any(dim=1)
+    assert 0 < flipped.sum() < 16
+    assert torch.equal(seen[-1][flipped], reverse_complement(batch[flipped])[:, :-1])
+    task.loss(model.eval(), batch)
+    assert torch.equal(seen[-1], batch[:, :-1])
 
 
 def test_tokenizer_round_trip_reverse_complement_and_ambiguity_codes():

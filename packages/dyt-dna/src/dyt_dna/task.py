@@ -56,10 +56,14 @@ class DnaPretrainTask:
         return self.validation_rows
 
     def collate(self, rows: list[dict]) -> torch.Tensor:
-        batch = tokens([r["sequence"] for r in rows])
-        return maybe_reverse_complement(batch) if self.config.data.rc_augment else batch
+        return tokens([r["sequence"] for r in rows])
 
     def loss(self, model, batch):
+        # The random flip is drawn here, in the rank's process, from the RNG a checkpoint saves, not in
+        # collate: DataLoader workers restart their RNG on --resume, so a run resumed with
+        # train.num_workers > 0 drew other flips than the uninterrupted one. Validation is not flipped.
+        if self.config.data.rc_augment and model.training:
+            batch = maybe_reverse_complement(batch)
         if self.config.model.arch == "hyena":
             inputs, targets = batch[:, :-1], batch[:, 1:]
         else:
