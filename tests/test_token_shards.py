@@ -154,6 +154,19 @@ def test_a_killed_write_resumes_keeps_finished_shards_and_matches_an_uninterrupt
     assert calls == [10]
     assert (folder / "shard-00001.bin").read_bytes() == (tmp_path / "whole" / "shard-00001.bin").read_bytes()
 
+    # a complete stream whose shard was since cut short, or zeroed in place, is not reused as it is:
+    # the damaged shard is found (size and time, then sha256) and written again; an untouched one is reused
+    calls.clear()
+    write_shards(folder, plan, _counting(calls), np.uint16, {"k": 1})
+    assert calls == []
+    for damage in (lambda b: b[: len(b) // 2], lambda b: bytes(len(b))):
+        shard = folder / "shard-00002.bin"
+        shard.write_bytes(damage(shard.read_bytes()))
+        calls.clear()
+        assert write_shards(folder, plan, _counting(calls), np.uint16, {"k": 1}) == whole
+        assert calls == [20]
+        assert shard.read_bytes() == (tmp_path / "whole" / "shard-00002.bin").read_bytes()
+
     # another plan or meta (another tokenizer, other documents) starts over
     calls.clear()
     write_shards(folder, plan, _counting(calls), np.uint16, {"k": 2})

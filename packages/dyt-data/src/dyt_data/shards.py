@@ -5,7 +5,10 @@ SHA-256, and the documents it holds with their boundaries.
 Writing goes one shard at a time, so memory stays flat whatever the corpus size. Each shard is
 written to ``<name>.tmp`` and renamed when complete, then its sidecar ``<name>.json`` records its
 checksum. A rerun after a kill keeps every shard whose sidecar and checksum agree and redoes the
-rest; ``index.json`` is written last, so its presence means the whole stream is there.
+rest; ``index.json`` is written last, so its presence means the whole stream is there. A complete
+stream is reused while every shard file keeps the size and modification time recorded in
+``stamps.json`` (a stat each); a shard cut short, zeroed or rewritten since is checked by its sha256
+and written again, never read as tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 FORMAT = 1
 INDEX = "index.json"
 PLAN = "plan.json"
+STAMPS = "stamps.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -58,6 +62,29 @@ def _finished(folder: Path, name: str, dtype: np.dtype, documents: list[int]) ->
     return record if _sha256(data) == record.get("sha256") else None
 
 
+def _stamps(folder: Path, shards: Sequence[dict]) -> dict[str, list[int]]:
+    """Each shard file's size and modification time, as written or last verified by its sha256."""
+    stamps = {}
+    for shard in shards:
+        try:
+            stat = (folder / shard["file"]).stat()
+        except OSError:
+            continue
+        stamps[shard["file"]] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def _untouched(folder: Path, shards: Sequence[dict]) -> bool:
+    """Every shard file of a complete stream still has the size and modification time it had when
+    written or last verified (``STAMPS``): a stat per shard, so reusing a large stream stays instant,
+    while a file cut short, zeroed or rewritten in place since is caught (and then checked by sha256)."""
+    try:
+        stamps = json.loads((folder / STAMPS).read_text())
+    except (OSError, ValueError):
+        return False
+    return _stamps(folder, shards) == stamps
+
+
 WriteShard = Callable[[int, int, Path], Sequence[int]]
 """``(first_document, end_document, path) -> tokens per document``: write the tokens of documents
 ``first .. end - 1`` to ``path`` (raw ids of the stream's dtype), in order."""
@@ -75,10 +102,12 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
     wanted = {"format": FORMAT, "dtype": dtype.name, "meta": meta, "plan": plan}
     if (folder / INDEX).is_file():
         index = json.loads((folder / INDEX).read_text())
-        if {k: index.get(k) for k in wanted} == wanted:
+        if {k: index.get(k) for k in wanted} == wanted and _untouched(folder, index["shards"]):
             if progress:
                 progress(plan[-1][1] - plan[0][0] if plan else 0)
             return index
+        # A shard cut short, rewritten or deleted since: each shard is checked below (size, sha256)
+        # and the damaged ones written again, instead of training on what is there.
     try:
         same_plan = json.loads((folder / PLAN).read_text()) == wanted
     except (OSError, ValueError):
@@ -109,6 +138,7 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
             progress(end - first)
     index = {**wanted, "tokens": sum(s["tokens"] for s in shards), "documents": plan[-1][1] - plan[0][0] if plan else 0,
              "shards": shards}
+    _write_json(folder / STAMPS, _stamps(folder, shards))
     _write_json(folder / INDEX, index)
     return index
 
