@@ -132,6 +132,11 @@ def test_fasta_gzip_multi_record_lower_case_and_n_runs(tmp_path):
         read_fasta(tmp_path / "none.fa")
     with pytest.raises(FastaError, match="no such FASTA file"):
         read_fasta(tmp_path / "missing.fa")
+    damaged = bytearray(gzip.compress((">a\n" + "ACGTTGCA" * 4000 + "\n").encode()))
+    damaged[20:24] = b"\xff\x00\xff\x00"  # flipped bytes in the deflate stream: zlib's "invalid bit length repeat"
+    (tmp_path / "damaged.fa.gz").write_bytes(bytes(damaged))
+    with pytest.raises(FastaError, match=r"damaged.fa.gz: not a readable \(gzipped\) text FASTA file"):
+        read_fasta(tmp_path / "damaged.fa.gz")
 
 
 # ---------------------------------------------------------------- the scan
@@ -424,6 +429,12 @@ def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path):
         pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], window=64, cache_dir=str(tmp_path)), 128)
     with pytest.raises(DnaDataError, match="longer than the model's context"):
         pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=256), 128)
+    with pytest.raises(DnaDataError, match=r"in both data.fasta and data.validation_fasta: validation would score training"):
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A), str(GENOME_B)], validation_fasta=[str(GENOME_B)],
+                                           window=64, cache_dir=str(tmp_path)), 128)
+    with pytest.raises(DnaDataError, match=r"data.fasta names .* twice .*: its windows would count twice"):
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A), str(GENOME_A)], validation_fasta=[str(GENOME_B)],
+                                           window=64, cache_dir=str(tmp_path)), 128)
 
 
 def test_ranks_asking_for_the_same_windows_wait_for_the_one_building_them(tmp_path):

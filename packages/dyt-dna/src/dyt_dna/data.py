@@ -140,6 +140,22 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
     return rows
 
 
+def _check_distinct_files(train: list[str], validation: list[str]) -> None:
+    """One file named twice in a split would count its windows twice; a file in both splits would
+    validate on training windows."""
+    for key, files in (("data.fasta", train), ("data.validation_fasta", validation)):
+        seen: dict[Path, str] = {}
+        for name in files:
+            path = Path(name).resolve()
+            if path in seen:
+                raise DnaDataError(f"{key} names {seen[path]} twice (as {seen[path]} and {name}): its windows would count twice")
+            seen[path] = name
+    both = sorted({Path(n).resolve() for n in train} & {Path(n).resolve() for n in validation})
+    if both:
+        raise DnaDataError(f"{', '.join(map(str, both))} in both data.fasta and data.validation_fasta: validation would "
+                           "score training windows; hold out whole files of their own")
+
+
 def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]:
     """(training, validation) regions: the user's files, or the built-in strains."""
     if cfg.fasta:
@@ -148,6 +164,7 @@ def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]
                 "data.validation_fasta is empty: give whole held-out FASTA files (validation is split by "
                 "genome, never by window)"
             )
+        _check_distinct_files(cfg.fasta, cfg.validation_fasta)
         return [Region(Path(p)) for p in cfg.fasta], [Region(Path(p)) for p in cfg.validation_fasta]
     if cfg.validation_fasta:
         raise DnaDataError("data.validation_fasta is given without data.fasta: the built-in strains would be used for "

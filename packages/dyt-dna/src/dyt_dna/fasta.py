@@ -4,6 +4,7 @@ and record."""
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def read_fasta(path: str | Path) -> list[Record]:
                     if name is None:
                         raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
                     chunks.append(line)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise FastaError(f"{path}: not a readable (gzipped) text FASTA file: {error}") from None
     if name is not None:
         records.append(_finish(path, name, chunks))
