@@ -210,6 +210,11 @@ def test_manifest_round_trip_and_folder(speech, tmp_path):
     built = manifest_from_folder(folder, tmp_path / "all.tsv")
     assert sorted(r.num_samples for r in built) == sorted(r.num_samples for r in rows)
     assert load_audio(rows[0].path).numel() == rows[0].num_samples
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(rows[0].path, odd / "a\tb.wav")  # the manifest could not hold the name: refused, not written
+    with pytest.raises(AudioError, match=r"a tab or line break in its name"):
+        manifest_from_folder(odd, tmp_path / "odd.tsv")
 
 
 def test_hf_audio_dataset_is_read_through_the_same_pipeline(speech, tmp_path, monkeypatch):
@@ -241,6 +246,13 @@ def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):
         load_audio(tmp_path / "broken.wav")
     with pytest.raises(AudioError, match="empty.wav: empty audio"):
         load_audio(tmp_path / "empty.wav")
+    noisy = np.zeros(16000, dtype=np.float32)
+    noisy[[7, 90]] = [np.nan, np.inf]
+    soundfile.write(tmp_path / "nan.wav", noisy, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan.wav: 2 samples are NaN or infinite \(first at sample 7\)"):
+        load_audio(tmp_path / "nan.wav")
+    with pytest.raises(AudioError, match=r"nan.wav: samples that are NaN or infinite"):
+        inspect_audio(tmp_path / "nan.wav", decode=True)
     (tmp_path / "m.tsv").write_text(f"{folder}\n{rows[0].path.name}\t100\nmissing.wav\t100\n")
     with pytest.raises(AudioError, match=r"m.tsv:3: audio file .*missing.wav does not exist"):
         read_manifest(tmp_path / "m.tsv")

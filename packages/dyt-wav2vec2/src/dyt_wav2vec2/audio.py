@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import soundfile
 import torch
 import torchaudio
@@ -47,6 +48,10 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     if data.shape[1] != 1:
         raise AudioError(f"{name}: {data.shape[1]} channels; wav2vec 2.0 takes mono audio")
     waveform = torch.from_numpy(data[:, 0])
+    finite = torch.isfinite(waveform)
+    if not finite.all():  # a float WAV can hold NaN or Inf: the loss would turn NaN at the first step
+        first = int((~finite).nonzero()[0])
+        raise AudioError(f"{name}: {int((~finite).sum())} samples are NaN or infinite (first at sample {first})")
     if rate != SAMPLE_RATE:
         waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
     return waveform
@@ -83,7 +88,8 @@ def _wav_header_frames(path: Path) -> int | None:
 def inspect_audio(path: Path, decode: bool = False) -> int:
     """The samples at 16 kHz of one audio file as training reads it, or an AudioError naming the file
     and what is wrong: unreadable, not mono, empty, truncated (the header promises more samples than
-    the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest tool);
+    the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest tool; a float
+    file's NaN or infinite samples are an error there, and when training loads the file);
     without it the header is checked against the file and the last promised sample is read, which
     costs the same for any length (training's check of every file at start)."""
     try:
@@ -100,6 +106,8 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
             try:
                 if decode:
                     for block in audio.blocks(blocksize=1 << 16):
+                        if not np.isfinite(block).all():
+                            raise AudioError(f"{path}: samples that are NaN or infinite (from sample {held} on)")
                         held += len(block)
                 elif frames:
                     audio.seek(frames - 1)
@@ -172,6 +180,8 @@ def manifest_from_folder(folder: Path, out: Path, on_bad: Callable[[AudioError],
     utterances = []
     for path in files:
         try:
+            if any(c in str(path.relative_to(folder)) for c in "\t\n\r"):
+                raise AudioError(f"{path!r}: a tab or line break in its name, which a manifest row cannot hold; rename it")
             utterances.append(Utterance(path, inspect_audio(path, decode=True)))
         except AudioError as error:
             if on_bad is None:
