@@ -93,6 +93,12 @@ def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
     bad.write_text("train:\n  steps: [1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:3:1: invalid YAML: while parsing a flow sequence"):
         load_config(ToyConfig, bad)
+    bad.write_text("train:\n  steps: 3\nmodel:\n  width: 8\ntrain:\n  lr: 0.1\n")  # plain YAML keeps the last train:
+    with pytest.raises(ConfigError, match=r"bad.yaml:5:1: invalid YAML: the key 'train' appears twice in one mapping"):
+        load_config(ToyConfig, bad)
+    bad.write_text("train:\n  steps: 3\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:3: invalid YAML: the key 'steps' appears twice"):
+        load_config(ToyConfig, bad)
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2},, }')
     with pytest.raises(ConfigError, match=r"ds.json:1:36: invalid JSON in train.deepspeed_config"):

@@ -461,13 +461,29 @@ def _yaml_error(error: yaml.YAMLError) -> tuple[str, str]:
     return (f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""), problem or str(error)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one
+    silently, so a config with ``train:`` twice trained with half of what it said."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping (YAML would keep the last silently)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         at, problem = _yaml_error(error)
         raise ConfigError(f"{path}{at}: invalid YAML: {problem}") from None
