@@ -259,3 +259,15 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
                      "train.lr 0.0003 -> 0.001"]
     assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4"]
     assert resume_changes(saved, saved) == ([], [])
+
+    # the recipes' data settings that leave the data as it is (LLaMA's token stream, DNA's windows)
+    from dyt_dna.task import DnaConfig
+    from dyt_llama.task import LlamaConfig
+
+    text = load_config(LlamaConfig, None, [])
+    assert resume_changes(text, load_config(LlamaConfig, None, ["data.num_proc=4", "data.shard_chars=1000",
+                                                                "data.seq_len=64"])) == (
+        ["data.seq_len 128 -> 64"], ["data.num_proc 1 -> 4", "data.shard_chars 200000000 -> 1000"])
+    dna = load_config(DnaConfig, None, [])
+    assert resume_changes(dna, load_config(DnaConfig, None, ["data.cache_dir=/tmp/elsewhere"])) == (
+        [], ['data.cache_dir "" -> "/tmp/elsewhere"'])

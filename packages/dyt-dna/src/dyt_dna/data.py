@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import datasets
 import numpy as np
@@ -40,6 +40,9 @@ class DnaDataError(UserInputError):
 
 @dataclass
 class DnaDataConfig:
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
+    """``--resume`` accepts a moved window cache: the windows are rebuilt the same from the FASTA files."""
+
     fasta: list[str] = field(default_factory=list)
     """Pretraining FASTA files (.fa/.fasta, optionally .gz). Empty: the built-in training strains."""
     validation_fasta: list[str] = field(default_factory=list)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ BYTE_BPE_MIN_VOCAB = 257
 
 @dataclass
 class DataConfig:
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"num_proc", "shard_chars"})
+    """``--resume`` accepts these changed: the token stream is the same for any value (tests/test_token_shards.py)."""
+
     corpus: str = ""
     """A folder of .txt files (one document each, at any depth), .jsonl / .parquet files with a
     ``text`` column (one document per row), or a ``datasets.save_to_disk`` folder.
