@@ -85,6 +85,17 @@ def test_a_new_run_into_a_folder_holding_checkpoints_is_refused(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
 
 
+def test_a_damaged_file_in_a_complete_checkpoint_is_one_line(tmp_path, capsys):
+    _run(tmp_path / "run")
+    states = next((tmp_path / "run/checkpoints/step_00000008").glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])  # cut short after its save completed
+    with pytest.raises(SystemExit) as stopped:
+        _run(tmp_path / "run", "train.steps=10", resume=True)
+    assert stopped.value.code == 2
+    assert re.search(r"checkpoint error: \S*step_00000008 is marked complete but does not load \(.+\): a file in it "
+                     r"was damaged since the save, or the model differs", capsys.readouterr().err)
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     _run(tmp_path, "train.steps=4", "train.save_every=2")
     partial = tmp_path / "checkpoints" / "step_00000009"

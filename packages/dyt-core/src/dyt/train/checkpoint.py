@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 from argparse import Namespace
@@ -110,6 +111,13 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: Dist
     return directory
 
 
+class CheckpointLoadError(UserInputError):
+    """A complete checkpoint whose files do not load into this run's engine."""
+
+    kind = "checkpoint error"
+    every_rank = False  # a rank's own ZeRO shard may be the damaged file
+
+
 class CheckpointMarkerError(UserInputError):
     """A checkpoint's ``COMPLETE`` marker does not hold what the harness writes there (edited or
     damaged by hand: the harness writes it atomically)."""
@@ -183,10 +191,17 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     """Restore engine state and, on the same world size, this rank's RNG from a complete checkpoint
     (``universal``: from its universal form, for an engine built with ``load_universal``); returns
     the client state."""
-    if universal:
-        _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
-    else:
-        _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    try:
+        if universal:
+            _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
+        else:
+            _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointLoadError(
+            f"{directory} is marked complete but does not load ({first}): a file in it was damaged since the save, "
+            "or the model differs from the one that saved it; delete that folder to resume from the one before, "
+            "or start a new run in another train.out_dir") from None
     rng_file = directory / f"rng_rank{dist.rank}.pt"
     if saved_world_size(directory) == dist.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
