@@ -515,6 +515,9 @@ def test_csv_task_and_its_errors(tmp_path):
         (tmp_path / f"{split}.csv").write_text("sequence,label\n" + "\n".join(rows) + "\n")
     task = csv_task(tmp_path)
     assert task.classes == ["no", "yes"] and len(task.train) == 8 and set(task.test["label"]) == {0, 1}
+    train = tmp_path / "train.csv"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a byte-order mark, as spreadsheet exports write it
+    assert len(csv_task(tmp_path).train) == 8
     (tmp_path / "dev.csv").write_text("seq,label\nACGT,no\n")
     with pytest.raises(DnaDataError, match=r"dev.csv: missing column\(s\) \['sequence'\]"):
         csv_task(tmp_path)

@@ -264,6 +264,8 @@ def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):
     with pytest.raises(AudioError, match="2 of 5 files are bad"):
         check_audio(good + bad, 0.2, 1, "training audio")
     assert len(check_audio(good + bad, 0.5, 1, "training audio")) == 3
+    with pytest.raises(AudioError, match=r"training audio: no audio files listed"):  # a manifest of its root line alone
+        check_audio([], 0.5, 1, "training audio")
 
 
 def test_truncated_and_too_short_audio_are_named_never_dropped_silently(tmp_path, capsys):

@@ -306,7 +306,7 @@ def _read_csv_split(path: Path) -> dict[str, list[str]]:
     the header (an unquoted comma in a label shifts every column), a sequence of DNA letters and a
     label in each."""
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle, skipinitialspace=True)
             header = [name.strip() for name in next(reader, [])]
             missing = {"sequence", "label"} - set(header)

@@ -95,6 +95,9 @@ def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int
     readable, mono, not empty, not truncated), at least ``min_samples`` long at 16 kHz. Bad files
     beyond the ``max_bad_fraction`` allowance stop the run, naming the first; what is left out is
     said in one line per reason (how many, why, the first few names), on rank 0."""
+    if not rows:
+        raise AudioError(f"{what}: no audio files listed (a manifest holds the audio root on its first line, then "
+                         "one 'relative/path<TAB>num_samples' row per file)")
     good, bad, short = [], [], []
     for row in rows:
         try:
