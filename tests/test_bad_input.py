@@ -56,7 +56,7 @@ def _llama(*args):
 
 def _dna(*args):
     return ("-m", "dyt_dna.train", "--config", "recipes/dna/hyena-tiny.yaml", "--set", "train.out_dir={tmp}/out",
-            "--set", "data.cache_dir={tmp}/cache/dna", "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]", *args)
+            "--set", "data.cache_dir={tmp}/cache/dna", "--set", "data.validation_fasta=[{tmp}/fasta/held.fa]", *args)
 
 
 def _w2v(train, *args):
@@ -191,7 +191,7 @@ CASES = [
          ("dyt-dna-compare", "--configs", "{tmp}/none.yaml", "--out", "{tmp}/cmp"), ("config file not found", "none.yaml")),
     Case("dna-compare-task-missing", "dyt-dna-compare",
          ("dyt-dna-compare", "--tasks", "{tmp}/none", "--out", "{tmp}/cmp", "--set", "data.fasta=[{tmp}/fasta/good.fa]",
-          "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]"), ("task", "none", "nor a folder")),
+          "--set", "data.validation_fasta=[{tmp}/fasta/held.fa]"), ("task", "none", "nor a folder")),
     Case("llama-compare-out-is-a-file", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/bad.yaml"),
          ("--out", "bad.yaml is a file, not a folder")),
     Case("llama-compare-sweep-of-the-norm", "dyt-llama-compare",
@@ -211,7 +211,7 @@ CASES = [
          ("--evals", "probe is listed twice")),
     Case("dna-compare-too-little-data", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "--tasks", "{tmp}/csv-good",
-          "--set", "data.fasta=[{tmp}/fasta/good.fa]", "--set", "data.validation_fasta=[{tmp}/fasta/good.fa]",
+          "--set", "data.fasta=[{tmp}/fasta/good.fa]", "--set", "data.validation_fasta=[{tmp}/fasta/held.fa]",
           "--set", "data.cache_dir={tmp}/cache/dna-compare"),
          ("4 examples", "fewer than one micro-batch (4) per rank for 2 rank(s)")),
     Case("dna-compare-one-model-twice", "dyt-dna-compare",
@@ -316,6 +316,8 @@ def _inputs(tmp: Path) -> None:
     fasta.mkdir()
     bases = "".join(np.random.default_rng(0).choice(list("ACGT"), 3000))
     (fasta / "good.fa").write_text(f">chr1\n{bases[:1500]}\n>chr2\n{bases[1500:]}\n")
+    held = "".join(np.random.default_rng(1).choice(list("ACGT"), 3000))  # a file of its own for validation
+    (fasta / "held.fa").write_text(f">chr1\n{held[:1500]}\n>chr2\n{held[1500:]}\n")
     (fasta / "bad_char.fa").write_text(f">chr1 first\n{bases[:600]}\n>chr2\nACGTACGXACGT{bases[600:1200]}\n")
     (fasta / "no_header.fa").write_text(f"{bases[:600]}\n")
     (fasta / "empty.fa").write_text("")

@@ -96,6 +96,11 @@ def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
     bad.write_text("train:\n  steps: 3\nmodel:\n  width: 8\ntrain:\n  lr: 0.1\n")  # plain YAML keeps the last train:
     with pytest.raises(ConfigError, match=r"bad.yaml:5:1: invalid YAML: the key 'train' appears twice in one mapping"):
         load_config(ToyConfig, bad)
+    merged = tmp_path / "merged.yaml"  # YAML merge keys still load, a merged key overridden
+    merged.write_text("base: &base {steps: 3, lr: 0.1}\ntrain:\n  <<: *base\n  lr: 0.2\n")
+    from dyt.train.config import _read_yaml
+
+    assert _read_yaml(merged)["train"] == {"steps": 3, "lr": 0.2}
     bad.write_text("train:\n  steps: 3\n  steps: 4\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:3:3: invalid YAML: the key 'steps' appears twice"):
         load_config(ToyConfig, bad)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dyt.train import NonFiniteLossError, TrainConfig, read_metrics, run_recipe, warmup_cosine
+from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
 from dyt.train.trainer import seed_everything, validation_positions
 
@@ -50,6 +51,7 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
     with open(tmp_path / "resumed/metrics.jsonl", "a") as metrics:  # a kill in the middle of logging a row
         metrics.write('{"step": 7, "train/lo')
+    assert _last_step(tmp_path / "resumed") == 5  # what a comparison reads before it relaunches the run (6 went NaN)
     capsys.readouterr()
     resumed = _run(tmp_path / "resumed", resume=True)
     assert resumed.step == 8
@@ -92,8 +94,8 @@ def test_a_damaged_file_in_a_complete_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         _run(tmp_path / "run", "train.steps=10", resume=True)
     assert stopped.value.code == 2
-    assert re.search(r"checkpoint error: \S*step_00000008 is marked complete but does not load \(.+\): a file in it "
-                     r"was damaged since the save, or the model differs", capsys.readouterr().err)
+    assert re.search(r"checkpoint error: \S*step_00000008 is marked complete but does not load \(.+\): if a file in it "
+                     r"was damaged since the save, delete that folder", capsys.readouterr().err)
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):

@@ -196,12 +196,14 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
         else:
             _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError) as error:
+    except (torch.OutOfMemoryError, torch.distributed.DistBackendError):
+        raise  # not the checkpoint's fault
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointLoadError(
-            f"{directory} is marked complete but does not load ({first}): a file in it was damaged since the save, "
-            "or the model differs from the one that saved it; delete that folder to resume from the one before, "
-            "or start a new run in another train.out_dir") from None
+            f"{directory} is marked complete but does not load ({first}): if a file in it was damaged since the "
+            "save, delete that folder to resume from the one before; if the model or this code changed since (e.g. "
+            "its parameter groups), start a new run in another train.out_dir") from error
     rng_file = directory / f"rng_rank{dist.rank}.pt"
     if saved_world_size(directory) == dist.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -222,8 +224,7 @@ def settings_changes(config: Any) -> tuple[list[str], list[str]] | None:
     try:
         saved = load_config(type(config), saved_file, check_files=False)
     except ConfigError as error:
-        raise ConfigError(f"the run's saved {saved_file} does not load as this recipe's config "
-                          f"({error}); start a new run (another train.out_dir)") from None
+        raise ConfigError(f"the run's saved {saved_file} does not load as this recipe's config ({error})") from None
     return resume_changes(saved, config)
 
 
@@ -248,7 +249,7 @@ def check_resume(config: Any) -> list[str]:
     try:
         changes = settings_changes(config)
     except ConfigError as error:
-        raise ConfigError(f"--resume: {error}") from None
+        raise ConfigError(f"--resume: {error}; start a new run in another train.out_dir") from None
     if changes is None:
         return []
     fixed, allowed = changes

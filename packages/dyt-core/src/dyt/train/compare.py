@@ -301,7 +301,10 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     afresh anyway."""
     signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
     for planned in (p for p in plan if finished_step(p.dir) > 0):
-        fixed, _ = settings_changes(planned.config) or ([], [])
+        try:
+            fixed, _ = settings_changes(planned.config) or ([], [])
+        except UserInputError as error:
+            raise CompareError(f"{error}; use --fresh or another --out to train it anew") from None
         if fixed:
             raise CompareError(f"{planned.dir} was trained with other settings than this comparison's: {'; '.join(fixed)}; "
                                "put them back, or use --fresh or another --out to train it anew")
@@ -375,7 +378,8 @@ def run_training(
     With ``steps`` (the run's ``train.steps``), a run whose newest complete checkpoint is at that step
     already is not launched at all: the trainer would resume there and train nothing. ``config_text``
     (the resolved config as the trainer dumps it) is then compared with the run's ``config.yaml`` and
-    a difference is printed: the finished run was trained with other settings.
+    a difference is printed: one in settings a run may change (:func:`train_runs` refuses the others
+    before any launch), e.g. cadences, with which the finished run's results were made.
 
     The wall time is the sum over the launches that trained steps, kept in ``out``, so a run that was
     already finished reports the time it took then, not that of the check."""
@@ -407,7 +411,7 @@ def run_training(
 def _last_step(out: Path) -> int:
     """The last step a run in ``out`` logged (0 for none)."""
     path = out / "metrics.jsonl"
-    return max((row["step"] for row in read_metrics(path)), default=0) if path.is_file() else 0
+    return max((row["step"] for row in read_metrics(path, partial_last=True)), default=0) if path.is_file() else 0
 
 
 EVALS_VERSION = 2

@@ -46,8 +46,10 @@ class MetricsLogger:
             self.writer.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return _rows(Path(path), partial_last=False)
+def read_metrics(path: str | Path, partial_last: bool = False) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``; ``partial_last``: of a run that may have been killed while
+    logging (see :func:`_rows`)."""
+    return _rows(Path(path), partial_last=partial_last)
 
 
 def _rows(path: Path, partial_last: bool) -> list[dict]:
