@@ -166,7 +166,7 @@ def test_more_steps_launch_a_finished_point_again(tmp_path, launches):
     assert len(launches) == 2 and [r["step"] for r in read_metrics(run.dir / "metrics.jsonl")][-1] == 6
 
 
-def test_a_run_trained_with_other_fixed_settings_is_refused_before_any_launch(tmp_path, launches):
+def test_a_run_trained_with_other_fixed_settings_is_refused_before_any_launch(tmp_path, launches, capsys):
     """A finished run whose model or optimizer settings differ from the comparison's would be reported
     beside runs trained as planned: refused as ``--resume`` refuses it, before anything trains; a setting
     a run may change (more steps) is not refused."""
@@ -181,6 +181,10 @@ def test_a_run_trained_with_other_fixed_settings_is_refused_before_any_launch(tm
                                                   r"model\.width 16 -> 8; train\.lr 0\.0003 -> 0\.001; put them back"):
         compare("--set", "train.lr=0.001", "--set", "model.width=8")
     assert len(launches) == 2
+    capsys.readouterr()
+    compare("--set", "train.log_every=2")  # a finished run is reported as trained, and the note says with what
+    assert len(launches) == 2
+    assert "note: trained with train.log_every 1 -> 2 (old -> this comparison's)" in capsys.readouterr().out
     compare("--set", "train.steps=5")
     assert len(launches) == 4
 

@@ -253,16 +253,17 @@ def check_resume(config: Any) -> list[str]:
     if changes is None:
         return []
     fixed, allowed = changes
+    run_dir = Path(config.train.out_dir)
     if fixed:
         raise ConfigError(
-            f"--resume: {'; '.join(fixed)} (saved in {Path(config.train.out_dir) / 'config.yaml'}): a run keeps these "
+            f"--resume: {'; '.join(fixed)} (saved in {run_dir / 'config.yaml'}): a run keeps these "
             "settings, its checkpoint was made with them; put them back, or start a new run in another train.out_dir"
         )
-    newest = complete_checkpoints(Path(config.train.out_dir) / "checkpoints")[-1]
+    newest = complete_checkpoints(run_dir / "checkpoints")[-1]
     if config.train.steps < step_of(newest):
         raise ConfigError(f"--resume: train.steps {config.train.steps} is below the step of the run's newest checkpoint "
                           f"{newest} ({step_of(newest)}): nothing would train; give train.steps {step_of(newest)} or more")
-    check_data_unchanged(Path(config.train.out_dir), data_files_of(config))
+    check_data_unchanged(run_dir, data_files_of(config))
     return allowed
 
 

@@ -32,7 +32,7 @@ from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
 from .checkpoint import complete_checkpoints, settings_changes, step_of
-from .config import AT_LEAST_ONE, SEED, dump_yaml, load_config
+from .config import AT_LEAST_ONE, SEED, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
 from .metrics import read_metrics
@@ -300,9 +300,10 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     error, not a result to report beside runs trained as planned; one without a checkpoint starts
     afresh anyway."""
     signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
+    allowed: dict[Path, list[str]] = {}  # changes a run may take, said of a finished run that is not relaunched
     for planned in (p for p in plan if finished_step(p.dir) > 0):
         try:
-            fixed, _ = settings_changes(planned.config) or ([], [])
+            fixed, allowed[planned.dir] = settings_changes(planned.config) or ([], [])
         except UserInputError as error:
             raise CompareError(f"{error}; use --fresh or another --out to train it anew") from None
         if fixed:
@@ -322,7 +323,7 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
             raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
         wall = run_training(spec.train_module, planned.config_path, planned.dir, planned.overrides,
                             seed=planned.point.seed, label=planned.point.label, launcher=args.launcher, nproc=args.nproc,
-                            steps=planned.config.train.steps, config_text=dump_yaml(planned.config))
+                            steps=planned.config.train.steps, changes=allowed.get(planned.dir, []))
         runs.append(Run(planned.point, planned.dir, wall))
     return runs
 
@@ -370,16 +371,16 @@ def run_items(seed: int, out: Path) -> list[str]:
 
 def run_training(
     module: str, config: Path, out: Path, overrides: Sequence[str], *, seed: int, label: str,
-    launcher: str = "deepspeed", nproc: int = 2, steps: int | None = None, config_text: str | None = None,
+    launcher: str = "deepspeed", nproc: int = 2, steps: int | None = None, changes: Sequence[str] = (),
 ) -> float:
     """Train ``module`` with ``config`` + ``overrides`` + ``seed`` into ``out`` (``--resume``: what is there
     continues); returns the run's training wall time in seconds.
 
     With ``steps`` (the run's ``train.steps``), a run whose newest complete checkpoint is at that step
-    already is not launched at all: the trainer would resume there and train nothing. ``config_text``
-    (the resolved config as the trainer dumps it) is then compared with the run's ``config.yaml`` and
-    a difference is printed: one in settings a run may change (:func:`train_runs` refuses the others
-    before any launch), e.g. cadences, with which the finished run's results were made.
+    already is not launched at all: the trainer would resume there and train nothing. ``changes`` (the
+    settings a run may change that differ from its saved ``config.yaml``, e.g. cadences: :func:`train_runs`
+    refuses the others before any launch) are then printed: the finished run's results were made with
+    the saved ones.
 
     The wall time is the sum over the launches that trained steps, kept in ``out``, so a run that was
     already finished reports the time it took then, not that of the check."""
@@ -387,10 +388,9 @@ def run_training(
     done = finished_step(out)
     if steps is not None and done >= steps:
         print(f"\n== {label}, seed {seed}: finished (step {done} of {steps}) in {out}; not launched again", flush=True)
-        saved = out / "config.yaml"
-        if config_text is not None and saved.is_file() and saved.read_text() != config_text:
-            print(f"   note: {saved} differs from this comparison's settings for the run; its results are "
-                  "reported as trained (--fresh or another --out trains it anew)", flush=True)
+        if changes:
+            print(f"   note: trained with {'; '.join(changes)} (old -> this comparison's); its results are reported "
+                  "as trained (--fresh or another --out trains it anew)", flush=True)
         return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
     cmd = launch_command(module, launcher, nproc) + ["--config", str(config), "--resume"]
     for item in [*overrides, *run_items(seed, out)]:
