@@ -95,7 +95,8 @@ def test_norm_scope_all_replaces_every_layernorm_and_back(norm_order):
 @pytest.mark.parametrize("recipe", ["tiny", "base", "large"])
 def test_default_norm_scope_is_the_papers(recipe):
     """Post-extraction norm and every Transformer norm become DyT; the conv feature extractor keeps
-    the baseline's norms (GroupNorm for Base, per-conv LayerNorms for Large and tiny). Every DyT
+    the baseline's norms (GroupNorm for Base, over real frames only, per-conv LayerNorms for Large
+    and tiny). Every DyT
     takes the config's settings (bias, alpha0), the frontend's included."""
     overrides = ["model.norm=dyt", "model.norm.bias=false", "model.norm.alpha_init.default=0.7",
                  "model.norm.alpha_init.input=1.5"]
@@ -105,7 +106,7 @@ def test_default_norm_scope_is_the_papers(recipe):
     norms = {path: type(module).__name__ for path, module, _ in iter_norms(build_wav2vec2(cfg.model))}
     extractor = {p: t for p, t in norms.items() if p.startswith("encoder_frontend.feature_extractor.")}
     converted = {p: t for p, t in norms.items() if p not in extractor}
-    baseline = {"base": {"Float32GroupNorm"}}.get(recipe, {"StandardLayerNorm"})
+    baseline = {"base": {"RealFramesGroupNorm"}}.get(recipe, {"StandardLayerNorm"})
     assert extractor and set(extractor.values()) == baseline, extractor
     assert len(extractor) == (1 if recipe == "base" else 7)
     want = {"encoder_frontend.post_extract_layer_norm"} | {f"encoder.layers.{i}.{n}_layer_norm"
@@ -178,6 +179,40 @@ def test_conv_activations_on_contiguous_input_change_no_value_or_gradient():
     torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
     for ours_g, plain_g in zip(our_grads, plain_grads):
         torch.testing.assert_close(ours_g, plain_g, rtol=1e-4, atol=1e-5 * plain_g.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "dyt"])
+def test_base_group_norm_features_do_not_depend_on_the_padding_of_their_batch(norm):
+    """Base's first conv has a GroupNorm over time: an utterance's features must be the same alone
+    and padded in a batch beside a longer one (PyTorch's GroupNorm would take the padding into its
+    statistics), and equal fairseq2's GroupNorm where nothing is padded."""
+    from dyt_wav2vec2.model import RealFramesGroupNorm
+
+    torch.manual_seed(0)
+    model = build_wav2vec2(_config("model.conv_layer_norm=false", f"model.norm.kind={norm}").model).eval()
+    group_norm = model.encoder_frontend.feature_extractor.layers[0].group_norm
+    assert isinstance(group_norm, RealFramesGroupNorm)
+    with torch.no_grad():
+        group_norm.weight.uniform_(0.5, 1.5), group_norm.bias.uniform_(-0.5, 0.5)
+    short, long = torch.randn(1, 12000), torch.randn(1, 32000)
+    batch = torch.zeros(2, 32000)
+    batch[0, :12000], batch[1] = short[0], long[0]
+    with torch.no_grad():
+        alone, frames = encode(model, short, torch.tensor([12000]))
+        together, batch_frames = encode(model, batch, torch.tensor([12000, 32000]))
+        long_alone, _ = encode(model, long, torch.tensor([32000]))
+        conv = torch.randn(2, group_norm.num_channels, 50)
+        group_norm.real_frames = None
+        plain = torch.nn.functional.group_norm(conv, group_norm.num_groups, group_norm.weight, group_norm.bias,
+                                               group_norm.eps)
+        torch.testing.assert_close(group_norm(conv), plain)
+        group_norm.real_frames = torch.tensor([30, 50])
+        torch.testing.assert_close(group_norm(conv)[1], plain[1])
+        torch.testing.assert_close(group_norm(conv)[0, :, :30], torch.nn.functional.group_norm(
+            conv[:1, :, :30], group_norm.num_groups, group_norm.weight, group_norm.bias, group_norm.eps)[0])
+    assert batch_frames.tolist() == [frames.item(), 99]
+    torch.testing.assert_close(together[0, : frames.item()], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together[1], long_alone[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "dyt"])

@@ -172,6 +172,55 @@ def _contiguous_conv_activations(model: Wav2Vec2Model) -> None:
         layer.activation = ContiguousGELU()
 
 
+class RealFramesGroupNorm(nn.GroupNorm):
+    """fairseq2's float32 GroupNorm over Base's first conv (one group per channel, statistics over
+    time), with each example's statistics taken over its real frames only. PyTorch's GroupNorm has
+    no notion of padding, so in a padded batch a short utterance's mean and variance would take in
+    the padding, and its features would depend on what it is batched with (fairseq v1 avoids it in
+    pretraining by cropping a batch to its shortest utterance, but not when fine-tuning). Padding
+    frames come out as zeros. ``real_frames`` (per example) is set before each forward by the
+    feature extractor's hook; None: every frame is real."""
+
+    real_frames: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames, batch, length = self.real_frames, x.shape[0], x.shape[-1]
+        weight, bias = self.weight.float(), self.bias.float()
+        if frames is None or bool((frames >= length).all()):
+            return nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type_as(x)
+        real = (torch.arange(length, device=x.device) < frames.to(x.device)[:, None]).float()  # (N, T)
+        groups = x.float().reshape(batch, self.num_groups, -1, length)  # (N, G, C / G, T)
+        real = real[:, None, None, :]
+        count = real.sum((2, 3), keepdim=True) * groups.shape[2]
+        mean = (groups * real).sum((2, 3), keepdim=True) / count
+        centred = (groups - mean) * real
+        var = centred.square().sum((2, 3), keepdim=True) / count
+        y = (centred * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        y = y * weight[:, None] + bias[:, None]
+        return (y * real[:, 0]).type_as(x)
+
+
+def _group_norm_over_real_frames(model: Wav2Vec2Model) -> None:
+    """Replace the feature extractor's GroupNorm (Base) by :class:`RealFramesGroupNorm`, same
+    parameters, and tell it each forward's real frames from the batch layout."""
+    extractor = model.encoder_frontend.feature_extractor
+    first = extractor.layers[0]
+    if not isinstance(first.group_norm, nn.GroupNorm):
+        return
+    old = first.group_norm
+    first.group_norm = RealFramesGroupNorm(old.num_groups, old.num_channels, old.eps, old.affine,
+                                           device=old.weight.device, dtype=old.weight.dtype)
+    first.group_norm.load_state_dict(old.state_dict())
+    kernel, stride = extractor.layer_descs[0][1:3]
+
+    def real_frames(_module, args, kwargs):
+        layout = args[1] if len(args) > 1 else kwargs["seqs_layout"]
+        first.group_norm.real_frames = (
+            torch.div(layout.seq_lens_pt - kernel, stride, rounding_mode="floor") + 1 if layout.padded else None)
+
+    extractor.register_forward_pre_hook(real_frames, with_kwargs=True)
+
+
 def _run_quantizer_eagerly(quantizer: nn.Module) -> None:
     def eager(_module, _inputs):
         torch.compiler.set_stance("force_eager")
@@ -196,6 +245,7 @@ def build_wav2vec2(cfg: Wav2Vec2ModelConfig) -> Wav2Vec2Model:
         convert_norms(model, cfg.norm, only=in_scope, role_of=role_of)
     _gate_residuals(model, cfg.norm)
     _contiguous_conv_activations(model)
+    _group_norm_over_real_frames(model)
     apply_norm_free(model, cfg.norm)
     if not cfg.compile_quantizer:
         _run_quantizer_eagerly(model.quantizer)
