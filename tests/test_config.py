@@ -84,8 +84,9 @@ def test_file_errors(tmp_path):
         load_config(ToyConfig, tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stpes: 3\n")
-    with pytest.raises(ConfigError, match="unknown key 'train.stpes'; valid keys under 'train': out_dir, steps"):
+    with pytest.raises(ConfigError, match="unknown key 'train.stpes'; valid keys under 'train': out_dir, steps") as error:
         load_config(ToyConfig, bad)
+    assert str(error.value).startswith(f"{bad}: ")  # which file: e.g. an eval pointed at another recipe's run
 
 
 def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):

@@ -517,7 +517,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}")
         data = loaded
-        from_dict(cls, data)  # report errors against the file before overrides are applied
+        try:  # report errors against the file (named: e.g. an eval given another recipe's run) before overrides
+            from_dict(cls, data)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
