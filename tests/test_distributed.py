@@ -55,6 +55,27 @@ def _streams(examples: int, micro_batch: int, world: int, micro_batches: int, st
     return out
 
 
+class _RandomCollate:
+    """A collate that draws from the RNG, as wav2vec 2.0's random crops do."""
+
+    @staticmethod
+    def collate(items):
+        return torch.rand(len(items)).tolist()
+
+
+def test_data_loading_workers_draw_per_seed_and_rank():
+    """With ``num_workers`` > 0 the collate runs in workers seeded from the loader's generator: their
+    draws must differ between run seeds and between ranks, as the main process's do."""
+    draws = {}
+    for seed in (0, 1):
+        for rank in (0, 1):
+            cfg = TrainConfig(micro_batch_size=4, seed=seed, num_workers=1)
+            batches = ResumableBatches(list(range(32)), _RandomCollate(), cfg,
+                                       DistInfo(rank, 2, rank, torch.device("cpu")))
+            draws[seed, rank] = next(batches.iterate(DataPosition()))
+    assert len({tuple(d) for d in draws.values()}) == 4, draws
+
+
 @pytest.mark.parametrize("examples", [256, 100], ids=["multiple-of-16", "remainder"])
 def test_ranks_read_disjoint_data_covering_each_epoch_once(examples):
     micro_batch, world = 8, 2

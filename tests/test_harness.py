@@ -159,6 +159,36 @@ def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):
     assert positions == validation_positions(256, 16) and max(positions) >= 192
 
 
+class NoisyValidation(ToyTask):
+    """A task whose validation loss draws from the global RNG, as wav2vec 2.0's crops and masks do."""
+
+    def loss(self, model, batch):
+        loss, extras = super().loss(model, batch)
+        if not torch.is_grad_enabled():
+            loss = loss + torch.rand(())
+        return loss, extras
+
+
+def test_validation_draws_are_fixed_and_leave_training_untouched(tmp_path):
+    """Every validation scores the same random draws, and how often a run validates changes no
+    trained weight (the draws come from a forked, seeded RNG)."""
+    runs = {}
+    for eval_every in (1, 4):
+        out = tmp_path / f"every{eval_every}"
+        run_recipe(ToyConfig, NoisyValidation, [
+            "--set", f"train.out_dir={out}", "--set", "train.steps=4", "--set", "train.save_every=4",
+            "--set", f"train.eval_every={eval_every}", "--set", "train.lr=1e-9",
+            "--set", "train.progress=false"])
+        runs[eval_every] = out
+    every_step = _series(runs[1], "eval/loss")
+    values = list(every_step.values())  # lr 1e-9: the weights barely move, so the draws must be the same
+    assert len(values) == 4 and max(values) - min(values) < 1e-6
+    assert _series(runs[4], "eval/loss")[4] == every_step[4]
+    assert _series(runs[1], "loss") == _series(runs[4], "loss")  # dropout draws unchanged by validating
+    for name, weight in _final_weights(runs[1]).items():
+        torch.testing.assert_close(weight, _final_weights(runs[4])[name], rtol=0, atol=0)
+
+
 def _launch(cmd, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -252,13 +252,14 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
     from dyt.train.config import resume_changes
 
     saved = load_config(ToyConfig, None, ["model.norm=dyt"])
-    new = load_config(ToyConfig, None, ["model.norm=rmsnorm", "model.width=32", "train.steps=500",
-                                        "train.lr=1e-3", "train.grad_accum=4", "data.examples=128"])
-    fixed, allowed = resume_changes(saved, new)
+    fixed, allowed, results = resume_changes(saved, load_config(ToyConfig, None, [
+        "model.norm=rmsnorm", "model.width=32", "train.steps=500", "train.lr=1e-3", "train.grad_accum=4",
+        "data.examples=128", "train.log_every=7"]))
     assert fixed == ['model.width 16 -> 32', 'model.norm.kind "dyt" -> "rmsnorm"', "data.examples 256 -> 128",
                      "train.lr 0.0003 -> 0.001"]
-    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4"]
-    assert resume_changes(saved, saved) == ([], [])
+    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.log_every 1 -> 7"]
+    assert results == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4"]  # a cadence changes no number
+    assert resume_changes(saved, saved) == ([], [], [])
 
     # the recipes' data settings that leave the data as it is (LLaMA's token stream, DNA's windows)
     from dyt_dna.task import DnaConfig
@@ -267,7 +268,7 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
     text = load_config(LlamaConfig, None, [])
     assert resume_changes(text, load_config(LlamaConfig, None, ["data.num_proc=4", "data.shard_chars=1000",
                                                                 "data.seq_len=64"])) == (
-        ["data.seq_len 128 -> 64"], ["data.num_proc 1 -> 4", "data.shard_chars 200000000 -> 1000"])
+        ["data.seq_len 128 -> 64"], ["data.num_proc 1 -> 4", "data.shard_chars 200000000 -> 1000"], [])
     dna = load_config(DnaConfig, None, [])
     assert resume_changes(dna, load_config(DnaConfig, None, ["data.cache_dir=/tmp/elsewhere"])) == (
-        [], ['data.cache_dir "" -> "/tmp/elsewhere"'])
+        [], ['data.cache_dir "" -> "/tmp/elsewhere"'], [])

@@ -156,37 +156,33 @@ def test_sweep_report_one_key_charts_three_keys_table_only(tmp_path):
     assert "Best accuracy for dyt: train.lr=2, train.steps=2, model.width=2 (0.700, 1 seed(s))." in lines
 
 
-def test_more_steps_launch_a_finished_point_again(tmp_path, launches):
-    config = _toy_config(tmp_path)
-    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt"])
-    train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[3]))
-    longer = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
-                         "--set", "train.steps=6"])
-    (run,) = train_runs(TOY, longer, plan_runs(TOY, longer, [(TOY.models[0], config)], seeds=[3]))
-    assert len(launches) == 2 and [r["step"] for r in read_metrics(run.dir / "metrics.jsonl")][-1] == 6
-
-
-def test_a_run_trained_with_other_fixed_settings_is_refused_before_any_launch(tmp_path, launches, capsys):
-    """A finished run whose model or optimizer settings differ from the comparison's would be reported
-    beside runs trained as planned: refused as ``--resume`` refuses it, before anything trains; a setting
-    a run may change (more steps) is not refused."""
+def test_a_run_trained_with_other_settings_is_refused_before_any_launch(tmp_path, launches, capsys):
+    """A run in ``--out`` whose model, optimizer, schedule, batches, validation examples or number of
+    ranks differ from the comparison's would be reported beside runs trained as planned: refused
+    before anything trains. More steps too: a run trained on a 4-step schedule and continued is not a
+    6-step run. A cadence (log_every) changes no number: the finished run is reported as trained."""
     config = _toy_config(tmp_path)
 
-    def compare(*extra):
-        args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt", *extra])
+    def compare(*extra, launch=("python", "1")):
+        args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", launch[0], "--nproc", launch[1], "--norms", "dyt",
+                           *extra])
         return train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0, 1]))
 
     compare()
     with pytest.raises(shared.CompareError, match=r"dyt-seed0 was trained with other settings than this comparison's: "
                                                   r"model\.width 16 -> 8; train\.lr 0\.0003 -> 0\.001; put them back"):
         compare("--set", "train.lr=0.001", "--set", "model.width=8")
+    for changed in ("train.steps=6", "train.micro_batch_size=4", "train.eval_batches=1", "train.warmup_steps=2"):
+        with pytest.raises(shared.CompareError, match=rf"dyt-seed0 was trained with other settings than this "
+                                                      rf"comparison's: {changed.split('=')[0]}"):
+            compare("--set", changed)
+    with pytest.raises(shared.CompareError, match=r"other settings than this comparison's: ranks 1 -> 2; put them back"):
+        compare(launch=("torchrun", "2"))
     assert len(launches) == 2
     capsys.readouterr()
     compare("--set", "train.log_every=2")  # a finished run is reported as trained, and the note says with what
     assert len(launches) == 2
     assert "note: trained with train.log_every 1 -> 2 (old -> this comparison's)" in capsys.readouterr().out
-    compare("--set", "train.steps=5")
-    assert len(launches) == 4
 
 
 # ---------------------------------------------------------------- the sweep grammar and grid

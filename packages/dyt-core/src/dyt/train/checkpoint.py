@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from .config import ConfigError, load_config, resume_changes
+from .config import ConfigError, SettingChanges, load_config, resume_changes
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
 
@@ -210,8 +210,8 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     return client_state or {}
 
 
-def settings_changes(config: Any) -> tuple[list[str], list[str]] | None:
-    """(fixed, allowed): how ``config`` differs from the saved ``config.yaml`` of the run in its
+def settings_changes(config: Any) -> SettingChanges | None:
+    """How ``config`` differs from the saved ``config.yaml`` of the run in its
     ``train.out_dir`` (:func:`~dyt.train.config.resume_changes`); None when the run has no complete
     checkpoint yet (it starts fresh, nothing is fixed). A damaged marker, or a saved config that does
     not load as this recipe's, is a ConfigError."""
@@ -252,7 +252,7 @@ def check_resume(config: Any) -> list[str]:
         raise ConfigError(f"--resume: {error}; start a new run in another train.out_dir") from None
     if changes is None:
         return []
-    fixed, allowed = changes
+    fixed, allowed, _ = changes
     run_dir = Path(config.train.out_dir)
     if fixed:
         raise ConfigError(

@@ -31,7 +31,7 @@ import torch
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
-from .checkpoint import complete_checkpoints, settings_changes, step_of
+from .checkpoint import complete_checkpoints, saved_world_size, settings_changes, step_of
 from .config import AT_LEAST_ONE, SEED, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
@@ -295,20 +295,25 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
 def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[PlannedRun]) -> list[Run]:
     """Train every planned run (finished ones are not launched again) and return them in plan order.
     First, before any launch: a run already in ``--out`` with a complete checkpoint that was trained
-    with other fixed settings (model, optimizer: as ``--resume`` judges them, :func:`settings_changes`)
-    or whose data files changed since (:func:`~dyt.train.data_files.check_data_unchanged`) is an
-    error, not a result to report beside runs trained as planned; one without a checkpoint starts
-    afresh anyway."""
+    with other settings that make its numbers (model, optimizer, schedule, batches, validation
+    examples: :func:`settings_changes`), on another number of ranks, or whose data files changed since
+    (:func:`~dyt.train.data_files.check_data_unchanged`) is an error, not a result to report beside
+    runs trained as planned; one without a checkpoint starts afresh anyway."""
     signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
     allowed: dict[Path, list[str]] = {}  # changes a run may take, said of a finished run that is not relaunched
     for planned in (p for p in plan if finished_step(p.dir) > 0):
         try:
-            fixed, allowed[planned.dir] = settings_changes(planned.config) or ([], [])
+            changes = settings_changes(planned.config)
         except UserInputError as error:
             raise CompareError(f"{error}; use --fresh or another --out to train it anew") from None
-        if fixed:
-            raise CompareError(f"{planned.dir} was trained with other settings than this comparison's: {'; '.join(fixed)}; "
+        different = (changes.fixed + changes.results) if changes else []
+        world = saved_world_size(complete_checkpoints(planned.dir / "checkpoints")[-1])
+        if world != args.nproc:  # another global batch and other validation examples
+            different.append(f"ranks {world} -> {args.nproc}")
+        if different:
+            raise CompareError(f"{planned.dir} was trained with other settings than this comparison's: {'; '.join(different)}; "
                                "put them back, or use --fresh or another --out to train it anew")
+        allowed[planned.dir] = changes.allowed if changes else []
         data = repr(getattr(planned.config, "data", None))
         if data not in signatures:
             signatures[data] = data_files_of(planned.config)

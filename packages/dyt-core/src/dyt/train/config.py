@@ -192,6 +192,15 @@ class TrainConfig:
     order. The schedule is rebuilt from the new ``steps``, ``warmup_steps`` and ``min_lr`` at the
     saved step; the data position is kept in samples, so the batch settings may change too."""
 
+    RESUME_CHANGES_RESULTS: typing.ClassVar[frozenset[str]] = frozenset({
+        "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "grad_clip", "deepspeed_config",
+        "eval_batches", "num_workers",
+    })
+    """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
+    examples validation scores (``eval_batches``), the random crops of data-loading workers
+    (``num_workers``); the rest are cadences and memory (validating draws from its own RNG). A
+    comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""
+
     def derived_deepspeed_config(self) -> dict[str, Any]:
         """The DeepSpeed config these settings give, before any ``deepspeed_config`` file."""
         return {
@@ -540,16 +549,29 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def resume_changes(saved: Any, new: Any) -> tuple[list[str], list[str]]:
-    """(fixed, allowed): the settings that differ between a run's saved config and a new one, each
-    as ``key old -> new``. A setting may change on ``--resume`` when its dataclass names it in a
-    ``RESUME_MAY_CHANGE`` class attribute (TrainConfig does); every other one is fixed for a run, so
-    every model key (norm, sizes, vocabulary) is."""
-    fixed: list[str] = []
-    allowed: list[str] = []
+class SettingChanges(typing.NamedTuple):
+    """How a new config differs from a run's saved one, each change as ``key old -> new``."""
+
+    fixed: list[str]
+    """Changes ``--resume`` refuses: the run's checkpoint was made with the old values."""
+    allowed: list[str]
+    """Changes ``--resume`` accepts (``RESUME_MAY_CHANGE``)."""
+    results: list[str]
+    """The allowed changes that change what the run trains on or scores (``RESUME_CHANGES_RESULTS``):
+    a comparison does not report a run trained so beside runs trained as planned."""
+
+
+def resume_changes(saved: Any, new: Any) -> SettingChanges:
+    """The settings that differ between a run's saved config and a new one. A setting may change on
+    ``--resume`` when its dataclass names it in a ``RESUME_MAY_CHANGE`` class attribute (TrainConfig
+    does); every other one is fixed for a run, so every model key (norm, sizes, vocabulary) is. Of
+    those that may change, the ones a dataclass names in ``RESUME_CHANGES_RESULTS`` change a run's
+    numbers (its schedule, batches, validation examples); the others (cadences, caches) do not."""
+    changes = SettingChanges([], [], [])
 
     def walk(old: Any, cur: Any, prefix: str) -> None:
         may_change = getattr(type(cur), "RESUME_MAY_CHANGE", frozenset())
+        changes_results = getattr(type(cur), "RESUME_CHANGES_RESULTS", frozenset())
         for f in dataclasses.fields(cur):
             before, after = getattr(old, f.name), getattr(cur, f.name)
             key = prefix + f.name
@@ -557,7 +579,9 @@ def resume_changes(saved: Any, new: Any) -> tuple[list[str], list[str]]:
                 walk(before, after, key + ".")
             elif to_dict(before) != to_dict(after):
                 shown = f"{key} {json.dumps(to_dict(before))} -> {json.dumps(to_dict(after))}"
-                (allowed if f.name in may_change else fixed).append(shown)
+                (changes.allowed if f.name in may_change else changes.fixed).append(shown)
+                if f.name in may_change and f.name in changes_results:
+                    changes.results.append(shown)
 
     walk(saved, new, "")
-    return fixed, allowed
+    return changes

@@ -91,6 +91,10 @@ def warmup_cosine(cfg: TrainConfig):
     return factor
 
 
+VALIDATION_SEED = 20_251_205
+"""The seed of the random draws a task makes while validating (plus the rank)."""
+
+
 def validation_positions(size: int, count: int) -> list[int]:
     """``count`` example positions spread evenly over a validation set of ``size`` (all of it when
     ``count >= size``). Validation sets are stored in document / genome order, so their first
@@ -284,7 +288,9 @@ class ResumableBatches:
                 drop_last=True,
                 collate_fn=self.task.collate,
                 num_workers=self.cfg.num_workers,
-                generator=torch.Generator().manual_seed(epoch),  # keeps the global RNG untouched
+                # Keeps the global RNG untouched; with num_workers > 0 the workers' draws (random crops)
+                # depend on the run's seed and the rank, as the main process's do.
+                generator=torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + epoch) * 65_537 + self.dist.rank),
             )
             for batch in loader:
                 sample += self.step_examples
@@ -356,7 +362,16 @@ class Trainer:
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
         """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
         over at most ``eval_batches`` micro-batches per rank, averaged over ranks. The examples are
-        spread evenly over the whole validation set (:func:`validation_positions`), not its first ones."""
+        spread evenly over the whole validation set (:func:`validation_positions`), not its first ones.
+        Random draws the task makes while validating (crops, masks, distractors) come from a fixed
+        seed per rank in a forked RNG: every validation of every run scores the same draws, and
+        validating leaves the training RNG where it was (so ``eval_every`` changes no trained weight)."""
+        devices = [self.dist.device.index or 0] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(VALIDATION_SEED + self.dist.rank)
+            return self._validate(engine, dataset)
+
+    def _validate(self, engine, dataset: Dataset) -> dict[str, float]:
         self._check_validation_size(dataset)
         positions = validation_positions(len(dataset), self.cfg.eval_batches * self.cfg.micro_batch_size
                                          * self.dist.world_size)
