@@ -20,6 +20,7 @@ from dyt.train import dump_yaml, load_config
 from dyt.train.compare import (
     EVALS_VERSION,
     NO_VERDICT,
+    ONE_PRETRAINING,
     Point,
     Run,
     fine_tuned_runs,
@@ -284,7 +285,8 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     for row, (_, values) in zip(downstream, expected):
         for test, per_seed in values.items():
             assert len(per_seed) == 2 and row[test] == fmt(per_seed), (row, test)
-            assert row[f"verdict ({test})"] == ("baseline" if row["norm"] == "layernorm" else NO_VERDICT)
+            no_verdict = ONE_PRETRAINING if row["init"] == "pretrained" else NO_VERDICT  # 1 pretraining, 2 seeds
+            assert row[f"verdict ({test})"] == ("baseline" if row["norm"] == "layernorm" else no_verdict)
     summary = json.loads((args.out / "summary.json").read_text())
     rows = [r for r in summary if (r["norm"], r["init"], r["eval"], r["metric"]) == ("dyt", "random init", "ctc", "wer")]
     assert len(rows) == 1 and rows[0]["real recordings"] == [
@@ -377,7 +379,8 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                 for metric, column in (("accuracy", "accuracy"), ("mcc", "MCC"), ("f1", "F1 (macro)")):
                     values = [r["test"]["test"][metric] for r in results]
                     assert len(values) == 2 and row[column] == fmt(values), (row, metric)
-                assert row["verdict (accuracy)"] == ("baseline" if norm != "dyt" else NO_VERDICT)  # 2 seeds
+                no_verdict = ONE_PRETRAINING if init == "pretrained" else NO_VERDICT  # 1 pretraining, 2 seeds
+                assert row["verdict (accuracy)"] == ("baseline" if norm != "dyt" else no_verdict)
                 assert row["pretrained − random init (accuracy)"] == ("-" if init == "random init" else NO_VERDICT)
     for task in tasks:
         assert (f"`{task.name}`: {len(task.classes)} classes ({', '.join(task.classes)}); {len(task.train)} / "

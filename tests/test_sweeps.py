@@ -309,6 +309,32 @@ def test_each_point_is_judged_against_the_baseline_point_it_shares_keys_with():
     assert baseline_cell(("other", "dyt", ()), own, "rmsnorm") is None
 
 
+def test_verdicts_never_choose_on_test_numbers_nor_judge_one_checkpoint_per_norm(tmp_path):
+    """The baseline swept a key of its own: its point is chosen by the validation metric, whatever the
+    test numbers say; a sweep of a test metric names no best point; downstream values from one
+    pretraining run per norm (its fine-tuning seeds) give no verdict between norms."""
+    lr = lambda v: ("train.lr", v)  # noqa: E731
+    cells = [("m", "rmsnorm", (lr("1"),)), ("m", "rmsnorm", (lr("2"),)), ("m", "dyt", ())]
+    test = {cells[0]: [0.90, 0.91, 0.92], cells[1]: [0.60, 0.61, 0.62], cells[2]: [0.70, 0.71, 0.72]}
+    validation_loss = {cells[0]: [2.0, 2.0, 2.0], cells[1]: [1.0, 1.0, 1.0], cells[2]: [1.5, 1.5, 1.5]}
+    assert shared.judge(cells[2], test, "rmsnorm", higher_is_better=True).startswith("worse")  # vs lr 1, best on test
+    chosen = shared.judge(cells[2], test, "rmsnorm", higher_is_better=True, choose_by=validation_loss)
+    assert chosen.startswith("better") and "[0.590, 0.630]" in chosen  # vs lr 2, best on validation
+    assert shared.judge(cells[2], test, "rmsnorm", higher_is_better=True, choose_by=validation_loss,
+                        pretrainings=1) == shared.ONE_PRETRAINING
+    assert shared.judge(cells[2], test, "rmsnorm", higher_is_better=True, pretrainings=3).startswith("worse")
+
+    model = TOY.models[0]
+    values = {(model.name, *c[1:]): {"acc": v} for c, v in test.items()}
+    sweeps = [shared.parse_sweep("rmsnorm:train.lr=1,2")]
+    lines = sweep_section(tmp_path, model, values, [Metric("acc", "test accuracy", higher_is_better=True, test=True)],
+                          sweeps)
+    assert "| 1 | 0.910 ± 0.010 |" in lines and not any(line.startswith("Best") for line in lines)
+    assert "test accuracy is a test number: no point is chosen on it" in "\n".join(lines)
+    lines = sweep_section(tmp_path, model, values, [Metric("acc", "accuracy", higher_is_better=True)], sweeps)
+    assert "Best accuracy for rmsnorm: train.lr=1 (0.910 ± 0.010, 3 seed(s))." in lines
+
+
 def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
     """The LLaMA table's verdict column over 3 seeds, from hand-made runs (test_reports' helpers)."""
     from test_reports import LLAMA_TINY, _llama_run, table
@@ -334,7 +360,8 @@ def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
 def test_wav2vec2_report_with_a_sweep(tmp_path):
     """wav2vec 2.0's report with a per-norm sweep, from hand-made runs: a sweep-point column, the
     sweep tables of pretraining and downstream metrics, and each DyT point judged against the
-    (unswept) baseline with 3 downstream seeds."""
+    (unswept) baseline with 3 downstream seeds where they are the spread that counts (random init;
+    one pretraining run per norm gives its pretrained rows no verdict)."""
     from test_reports import _w2v_evals, _w2v_run, table
 
     from dyt_wav2vec2 import compare
@@ -361,13 +388,16 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
         ("layernorm", "-"), ("dyt", "model.norm.alpha_init.input=1"), ("dyt", "model.norm.alpha_init.input=2")]
     downstream = table(text, "norm | sweep point | init")
     probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["init"] == "pretrained"]
-    baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, "pretrained"]["probe"]]
     assert len(probe) == len(runs) == 3
-    for row, run in zip(probe, runs):
+    untrained_probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["init"] == "random init"]
+    untrained_baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, "random init"]["probe"]]
+    for row, untrained_row, run in zip(probe, untrained_probe, runs):
         mine = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "pretrained"]["probe"]]
-        assert row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else verdict(
-            mine, baseline, higher_is_better=True, baseline_name="layernorm"))
+        # one pretraining run per norm: its fine-tuning seeds judge no norm
+        assert row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else shared.ONE_PRETRAINING)
         untrained = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "random init"]["probe"]]
+        assert untrained_row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else verdict(
+            untrained, untrained_baseline, higher_is_better=True, baseline_name="layernorm"))
         assert row["pretrained − random init (real recordings)"] == shared.pretraining_gain(
             mine, untrained, higher_is_better=True)  # each row against its own model untrained
     untrained_rows = [r for r in downstream if r["init"] == "random init"]

@@ -62,7 +62,7 @@ FINETUNE_METRICS = {"accuracy": "accuracy", "mcc": "MCC", "f1": "F1 (macro)"}
 
 def accuracy_metric(task: str) -> Metric:
     """The downstream number sweeps chart and verdicts judge: test accuracy from the pretrained model."""
-    return Metric(f"{task}/accuracy", f"{task} accuracy (pretrained)", higher_is_better=True)
+    return Metric(f"{task}/accuracy", f"{task} test accuracy (pretrained)", higher_is_better=True, test=True)
 
 
 @user_errors("dyt-dna-compare")
@@ -170,13 +170,17 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         for task in tasks:
             values[cell][accuracy_metric(task.name).key] = downstream(cell, task, INITS[True])
     swept = any(sweep for _, _, sweep in cells)
+    main = SPEC.metrics[0]
 
-    def judged(cell, numbers: dict, metric: Metric) -> str:
+    def judged(cell, numbers: dict, metric: Metric, pretrainings: int | None = None) -> str:
+        """Several baseline points (a NORM: sweep of the baseline) are chosen between by the main
+        (validation) metric, never by a test number."""
         return judge(cell, numbers, baseline_norm(args, SPEC.model(cell[0])),
-                     higher_is_better=metric.higher_is_better, digits=metric.digits)
+                     higher_is_better=metric.higher_is_better, digits=metric.digits,
+                     choose_by={c: values[c][main.key] for c in cells}, choose_higher=main.higher_is_better,
+                     pretrainings=pretrainings)
 
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
-    main = SPEC.metrics[0]
     lines = [
         "# DNA: HyenaDNA and Caduceus, published norm vs DyT",
         "",
@@ -211,7 +215,8 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         f"|---|---|{point_rule}---|---|---|---|---|---|---|",
     ]
     summary = []
-    accuracy = Metric("accuracy", "accuracy", higher_is_better=True)
+    accuracy = Metric("accuracy", "accuracy", higher_is_better=True, test=True)
+    pretrainings = len(args.pretrain_seeds)
     for task, init in ((t, i) for t in tasks for i in INITS.values()):
         numbers = {cell: downstream(cell, task, init) for cell in cells}
         untrained = {cell: downstream(cell, task, INITS[False]) for cell in cells}
@@ -221,7 +226,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
                     pretraining_gain(numbers[cell], untrained[cell], higher_is_better=True))
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                          + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
-                         + f" | {judged(cell, numbers, accuracy)} | {gain} |")
+                         + f" | {judged(cell, numbers, accuracy, pretrainings if init == INITS[True] else None)} | {gain} |")
             for point in (p for p in summaries if p.cell == cell and (p, task.name, init) in evals):  # per run
                 summary.append({**point.to_json(), "init": init, "task": task.name, "finetune_seeds": args.seeds,
                                 **{m: [r["test"]["test"][m] for r in evals[(point, task.name, init)]]

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def downstream_metric(name: str, metric: str, test: str) -> Metric:
     return Metric(f"{name}/{metric}/{test}", f"{EVAL_NAMES[name]}, {METRIC_NAMES[metric]}, {test}",
-                  higher_is_better=HIGHER_IS_BETTER[metric])
+                  higher_is_better=HIGHER_IS_BETTER[metric], test=True)
 
 
 def write_report(args, runs: list[Run], evals: dict) -> Path:
@@ -132,11 +132,14 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     swept = any(sweep for _, _, sweep in cells)
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
 
-    def judged(cell, numbers: dict, higher_is_better: bool) -> str:
-        return judge(cell, numbers, baseline, higher_is_better=higher_is_better)
-
     main = SPEC.metrics[0]
     main_values = {cell: [summaries[p][main.key] for p in summaries if p.cell == cell] for cell in cells}
+
+    def judged(cell, numbers: dict, higher_is_better: bool, pretrainings: int | None = None) -> str:
+        """Several baseline points (a NORM: sweep of the baseline) are chosen between by the main
+        (validation) metric, never by a test number."""
+        return judge(cell, numbers, baseline, higher_is_better=higher_is_better, choose_by=main_values,
+                     choose_higher=main.higher_is_better, pretrainings=pretrainings)
     lines = [
         "# wav2vec 2.0: LayerNorm vs DyT",
         "",
@@ -191,7 +194,9 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                   for key, per_cell in per_run.items()}  # (init, eval, metric, test) -> cell -> its values
     for cell, init, name, metric in table_rows:
         mine = [downstream[init, name, metric, test][cell] for test in TESTS]
-        judgements = [judged(cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric]) for test in TESTS]
+        pretrainings = len(args.pretrain_seeds) if init == INITS[True] else None
+        judgements = [judged(cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric], pretrainings)
+                      for test in TESTS]
         judgements += ["-" if init == INITS[False] else pretraining_gain(
             values, downstream[INITS[False], name, metric, test][cell], higher_is_better=HIGHER_IS_BETTER[metric])
             for values, test in zip(mine, TESTS)]

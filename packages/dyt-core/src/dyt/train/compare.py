@@ -45,6 +45,8 @@ POINT_FILE = "point.json"
 """A run's facts (:class:`Point`), written by the comparison before its first launch."""
 MIN_VERDICT_SEEDS = 3
 NO_VERDICT = f"fewer than {MIN_VERDICT_SEEDS} seeds: no verdict"
+ONE_PRETRAINING = ("one pretraining run per norm: no verdict (its fine-tuning seeds measure fine-tuning spread, "
+                   f"not the norm's; give {MIN_VERDICT_SEEDS} pretraining seeds)")
 
 
 class CompareError(UserInputError):
@@ -516,9 +518,10 @@ def pretrainings_note(pretrain_seeds: Sequence[int]) -> str:
         return (f"Pretraining seeds {seeds}: each pretrained row's mean ± std and verdict are over the pretraining "
                 f"runs' means (each the mean over the fine-tuning seeds; fewer than {MIN_VERDICT_SEEDS} runs: no "
                 f"verdict). {untrained}")
-    return (f"Pretraining seed {seeds}: each mean ± std and verdict is over the fine-tuning seeds, so it measures "
-            f"fine-tuning spread only (give {MIN_VERDICT_SEEDS} pretraining seeds for the spread between "
-            "pretrainings).")
+    return (f"Pretraining seed {seeds}: each mean ± std is over the fine-tuning seeds, so it measures fine-tuning "
+            "spread only; the pretrained rows get no verdict between norms (one checkpoint each) and random-init rows "
+            f"get theirs over the fine-tuning seeds (give {MIN_VERDICT_SEEDS} pretraining seeds for the spread between "
+            "pretrainings and verdicts on them).")
 
 
 def pretraining_gain(pretrained: Sequence[float], untrained: Sequence[float], *, higher_is_better: bool,
@@ -563,15 +566,24 @@ def baseline_norm(args: argparse.Namespace, model: ModelSpec) -> str:
 
 
 def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, higher_is_better: bool,
-          digits: int = 3) -> str:
+          digits: int = 3, choose_by: dict[Cell, Sequence[float]] | None = None, choose_higher: bool = False,
+          pretrainings: int | None = None) -> str:
     """A report's verdict cell for ``cell`` (``numbers``: every cell's values over seeds): ``baseline``
     for the baseline norm's own cells, else :func:`verdict` against the baseline cell it is judged
-    against (:func:`baseline_cell`, the best by mean where several)."""
+    against (:func:`baseline_cell`). Where several baseline cells match (the baseline swept keys of
+    its own), the best is chosen by ``choose_by`` (a validation metric, ``choose_higher`` if higher
+    is better), never by test numbers; without it, by ``numbers`` (themselves validation numbers).
+    ``pretrainings``: for a pretrained model's downstream values, how many pretraining runs per cell
+    they come from; one gives :data:`ONE_PRETRAINING`, as its values are one checkpoint's fine-tunings."""
     if cell[1] == baseline:
         return "baseline"
-    reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(numbers[c]), higher_is_better)
+    if choose_by is None:
+        choose_by, choose_higher = numbers, higher_is_better
+    reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(choose_by[c]), choose_higher)
     if reference is None:
         return "no baseline run"
+    if pretrainings == 1:
+        return ONE_PRETRAINING
     return verdict(numbers[cell], numbers[reference], higher_is_better=higher_is_better, digits=digits,
                    baseline_name=baseline)
 
@@ -676,7 +688,8 @@ def sweep_section(out: Path, model: ModelSpec, values: dict[Cell, dict[str, list
     """The report's sweep part for one model: for every metric and every norm swept over more than
     one point, a table of mean ± std over seeds per grid point and a chart (one key: the metric
     against its values; two keys: a heatmap, rows the first key; more: the table alone), then the
-    best point of each norm. ``values[cell][metric.key]``: the numbers of that cell, one per seed.
+    best point of each norm (not for a test metric: nothing is chosen on test numbers).
+    ``values[cell][metric.key]``: the numbers of that cell, one per seed.
     Charts are written into ``out``; returns markdown lines (none without a swept grid)."""
     lines: list[str] = []
     for metric in metrics:
@@ -692,6 +705,10 @@ def sweep_section(out: Path, model: ModelSpec, values: dict[Cell, dict[str, list
                 png = re.sub(r"[^A-Za-z0-9._-]", "_", f"sweep_{model.name}_{norm}_{metric.key}.png")
                 _plot_sweep(out / png, mine, cell_of, metric, title)
                 lines += ["", f"![{title}]({png})"]
+            if metric.test:
+                lines += ["", f"{metric.title} is a test number: no point is chosen on it (choose on a validation "
+                              "metric), the table only shows how it moves.", ""]
+                continue
             best = (max if metric.higher_is_better else min)(cell_of, key=lambda p: statistics.mean(cell_of[p]))
             lines += ["", f"Best {metric.title} for {norm}: {describe_sweep(best)} "
                           f"({mean_std(cell_of[best], metric.digits)}, {len(cell_of[best])} seed(s)).", ""]

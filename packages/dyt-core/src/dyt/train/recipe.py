@@ -26,6 +26,9 @@ class Metric:
     """How the report names it, e.g. ``validation loss``."""
     higher_is_better: bool = False
     digits: int = 3
+    test: bool = False
+    """A test number (downstream test splits): sweeps show it but name no best point on it, and a
+    verdict on it picks among several baseline points by a validation metric."""
 
 
 @dataclass(frozen=True)
