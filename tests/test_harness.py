@@ -157,6 +157,8 @@ def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):
                                       "--set", "train.progress=false", "--set", "train.save_every=0"])
     positions = torch.cat(seen).long().tolist()
     assert positions == validation_positions(256, 16) and max(positions) >= 192
+    (row,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/loss" in r]
+    assert (row["eval/examples"], row["eval/examples_available"]) == (16, 256)  # what the reports state
 
 
 class NoisyValidation(ToyTask):

@@ -109,6 +109,7 @@ def _llama_run(root: Path, norm: str, seed: int, ranks: int) -> tuple[Run, dict]
     evals = {step: {"eval/loss": rng.uniform(3, 6)} for step in (20, 40)}
     for values in evals.values():
         values["eval/perplexity"] = math.exp(values["eval/loss"])
+        values["eval/examples"], values["eval/examples_available"] = 64, 1000
     rss = [rng.uniform(800, 1600) for _ in range(ranks)]
     write_metrics(run_dir, [train_row(rng, loss, speed, alphas) for loss, speed in zip(losses, speeds)], evals, rss)
     wall = rng.uniform(100, 400)
@@ -136,7 +137,8 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
     runs = [run for run, _ in made]
     report = compare.write_report(args, runs, ["b/four", "c/five"], "your corpus `/data/text`")
     text = report.read_text()
-    assert "text: your corpus `/data/text`. Validation: whole documents held out of training: b/four, c/five." in text
+    assert ("text: your corpus `/data/text`. Validation: whole documents held out of training: b/four, c/five; "
+            "each validation scored 64 of its 1000 windows, spread evenly over them.") in text
     assert "Set over the config for every run: `train.lr=0.002`." in text  # what the runs were given, in the report
 
     rows = table(text, "norm")
@@ -153,7 +155,7 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
             f"{statistics.mean(per_seed):.0f}" for per_seed in zip(*(e["rss"] for e in mine)))
         assert row["wall time (s)"] == fmt([e["wall"] for e in mine], 0)
         assert row["verdict (validation loss, vs rmsnorm)"] == ("baseline" if row["norm"] == "rmsnorm" else NO_VERDICT)
-    assert "seeds [0, 1]" in text and "b/four, c/five." in text
+    assert "seeds [0, 1]" in text and "b/four, c/five;" in text
 
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["norm"], s["seed"]) for s in summary] == [(r.norm, r.seed) for r in runs]

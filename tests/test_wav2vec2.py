@@ -512,6 +512,9 @@ def test_classification_metrics_on_a_hand_checked_confusion():
     # Gorodkin: (c*s - sum p_k t_k) / sqrt((s^2 - sum p^2)(s^2 - sum t^2)), c=4, s=6, p=(2,2,2), t=(2,3,1)
     assert scores["mcc"] == pytest.approx((4 * 6 - (2 * 2 + 2 * 3 + 2 * 1)) / ((36 - 12) * (36 - 14)) ** 0.5)
     assert classification_metrics(torch.tensor([[5, 0], [0, 5]]))["mcc"] == pytest.approx(1.0)
+    # class 2 predicted twice, never true: its F1 is 0 and counts (scikit-learn's macro F1), class 3 is absent
+    scores = classification_metrics(torch.tensor([[3, 0, 1, 0], [0, 2, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert scores["f1"] == pytest.approx((2 * 3 / (4 + 3) + 2 * 2 / (3 + 2) + 0) / 3)
 
 
 def test_keyword_classes():

@@ -43,6 +43,7 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
+    validation_share,
 )
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.data_files import files_signature
@@ -186,7 +187,8 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         "",
         f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed(s) "
         f"{', '.join(map(str, args.pretrain_seeds))}, configs "
-        f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}.",
+        f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}"
+        f"{validation_share(summaries.values(), 'windows')}.",
         "",
         *settings_notes(args),
         f"| model | norm |{point_column} seed | final train loss | validation loss | validation perplexity | "

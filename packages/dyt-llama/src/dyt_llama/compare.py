@@ -36,6 +36,7 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
+    validation_share,
 )
 from dyt.train.config import SEED
 from dyt.train.trainer import validation_positions
@@ -76,7 +77,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
         "",
         f"Config `{shown_path(args.config)}` with {args.nproc} rank(s) under `{args.launcher}`; seeds "
         f"{sorted({r.seed for r in runs})}; text: {corpus}. Validation: whole documents held out of training: "
-        f"{', '.join(held_out)}.",
+        f"{', '.join(held_out)}{validation_share(summaries.values(), 'windows')}.",
         "",
         *settings_notes(args),
         "| norm |" + (" sweep point |" if swept else "") + " final train loss | validation loss | validation perplexity "

@@ -44,6 +44,7 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
+    validation_share,
 )
 from dyt.train.config import AT_LEAST_ONE, SEED
 from dyt.train.recipe import Metric
@@ -145,7 +146,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         "",
         f"Config `{shown_path(args.config)}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed(s) "
         f"{', '.join(map(str, args.pretrain_seeds))}. "
-        f"Validation: {validation}, masked and with distractors "
+        f"Validation: {validation}{validation_share(summaries.values(), 'utterances')}, masked and with distractors "
         f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
         f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
         "counts as a tie, where fairseq2's training loss drops it. Accuracy: how often the target ranks first, "

@@ -610,6 +610,17 @@ def median_throughput(rows: list[dict]) -> float:
     return statistics.median(speeds[1:] or speeds)  # the first logged step includes warm-up
 
 
+def validation_share(summaries: Iterable[dict[str, Any]], unit: str) -> str:
+    """How much of the validation set each validation scored, in words, from the runs' own counts
+    (``eval_examples`` of ``eval_examples_available``); empty for runs logged before 2026-12-05."""
+    counts = sorted({(s["eval_examples"], s["eval_examples_available"]) for s in summaries if "eval_examples" in s})
+    if not counts:
+        return ""
+    shares = " or ".join(f"{scored} of its {available} {unit}" + (" (all)" if scored >= available else "")
+                         for scored, available in counts)
+    return f"; each validation scored {shares}, spread evenly over them"
+
+
 def pretraining_summary(run: Run) -> dict[str, Any]:
     """What every recipe reports of a pretraining run: the mean training loss of the last three
     logged steps, the last validation's values (``eval_loss``, and each ``eval/<name>`` as

@@ -53,7 +53,9 @@ def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, classes: int
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy, Matthews correlation (multi-class, Gorodkin's form) and macro F1 from a confusion matrix."""
+    """Accuracy, Matthews correlation (multi-class, Gorodkin's form) and macro F1 from a confusion matrix
+    (rows true, columns predicted), F1 averaged over the classes that are true or predicted somewhere,
+    as scikit-learn's ``f1_score(average="macro")``: a class predicted but never true scores 0."""
     c = confusion.double()
     total, correct = c.sum(), c.trace()
     true_counts, predicted_counts = c.sum(1), c.sum(0)
@@ -61,7 +63,7 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     mcc = (correct * total - (predicted_counts * true_counts).sum()) / denominator if denominator > 0 else c.new_tensor(0.0)
     diagonal = c.diagonal()
     f1 = torch.where(true_counts + predicted_counts > 0, 2 * diagonal / (true_counts + predicted_counts), c.new_zeros(()))
-    present = true_counts > 0
+    present = true_counts + predicted_counts > 0  # scikit-learn's labels: true or predicted somewhere
     return {
         "accuracy": (correct / total).item() if total > 0 else math.nan,
         "mcc": mcc.item(),

@@ -361,7 +361,8 @@ class Trainer:
 
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
         """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
-        over at most ``eval_batches`` micro-batches per rank, averaged over ranks. The examples are
+        over at most ``eval_batches`` micro-batches per rank, averaged over ranks; ``examples``: how many
+        validation examples that scored, of ``examples_available``. The examples are
         spread evenly over the whole validation set (:func:`validation_positions`), not its first ones.
         Random draws the task makes while validating (crops, masks, distractors) come from a fixed
         seed per rank in a forked RNG: every validation of every run scores the same draws, and
@@ -401,7 +402,9 @@ class Trainer:
         if count.item() == 0:
             raise ValueError("the validation set has no examples for this many ranks")
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
-        return {n: (t / count).item() for n, t in zip(names, totals)}
+        scored = all_reduce(torch.tensor([float(len(indices))], dtype=torch.float64))
+        return {**{n: (t / count).item() for n, t in zip(names, totals)},
+                "examples": int(scored.item()), "examples_available": len(dataset)}
 
     def _save(self, engine, step: int, position: DataPosition) -> Path:
         """A checkpoint of ``step``; a failed write (disk full, ...) stops the run with the step it could
