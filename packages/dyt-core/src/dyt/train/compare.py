@@ -421,9 +421,10 @@ def _last_step(out: Path) -> int:
     return max((row["step"] for row in read_metrics(path, partial_last=True)), default=0) if path.is_file() else 0
 
 
-EVALS_VERSION = 2
+EVALS_VERSION = 3
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
-standardising floor, 2026-12-02), so that a relaunch recomputes what older code stored instead of
+standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, and wav2vec 2.0 Base's
+GroupNorm over real frames, 2026-12-05), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
 
