@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dyt.errors import help_description
+
 OFF = ["train.reuse_freed_memory=false"]
 SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     # (environment, config overrides)
@@ -66,7 +68,7 @@ def run_once(args: argparse.Namespace, setting: str, out: Path) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--module", required=True, help="the recipe's training module, e.g. dyt_llama.train")
     parser.add_argument("--config", type=Path, help="the recipe's YAML (default: the module's own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

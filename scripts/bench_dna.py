@@ -19,6 +19,7 @@ import time
 import torch
 
 from dyt import NormConfig
+from dyt.errors import help_description
 from dyt_dna import caduceus
 from dyt_dna.config import DnaModelConfig
 from dyt_dna.hyena import HyenaDNA
@@ -86,7 +87,7 @@ def hyena_scaling(lengths: list[int], dim: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dyt.bench import count_arg, machine_info, peak_bytes, shape_arg, time_interleaved
+from dyt.errors import help_description
 from dyt.functional import dyt
 from dyt.kernels import cpu_fused
 
@@ -58,7 +59,7 @@ def measure(rows: int, cols: int, warmup: int, rounds: int) -> dict[str, dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg, help="ROWSxCOLS, repeatable "
                         "(default: 8192x1024 and 1024x192)")
     parser.add_argument("--warmup", type=count_arg(0), default=3)

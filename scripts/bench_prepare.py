@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dyt.errors import help_description
+
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
 
@@ -155,7 +157,7 @@ def _compare_training(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-prepare")
     parser.add_argument("--train", choices=["memmap", "table"], help=argparse.SUPPRESS)  # one training run

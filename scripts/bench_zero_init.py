@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dyt.errors import help_description
+
 MODES = ("whole", "partitioned")
 SIZE = ["model.dim=1024", "model.layers=20", "model.heads=16", "model.kv_heads=8", "model.ffn_dim=2816",
         "model.vocab_size=32000", "model.max_seq_len=1024", "data.seq_len=512"]
@@ -82,7 +84,7 @@ def worker(mode: str, out_dir: Path, overrides: list[str], model_only: bool) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="LLaMA config override, e.g. model.layers=24 (repeatable)")

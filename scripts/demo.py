@@ -30,6 +30,8 @@ import dyt_wav2vec2
 from dyt import convert_norms
 from dyt.allocator import cannot_keep_freed_blocks
 from dyt.bench import format_kernels
+from dyt.errors import output_folder
+from dyt.train.config import AT_LEAST_ONE
 from dyt.train.recipe import RecipeSpec
 
 PARTS = [  # (recipe, what the demo adds to its compare command's defaults, what it prints)
@@ -77,10 +79,10 @@ def run_bench(argv: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=output_folder, default=Path("runs/demo"))
     parser.add_argument("--llama-config", type=Path, default=None,
                         help="default: the tiny config shipped with dyt_llama")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks for the training runs")
+    parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2, help="ranks for the training runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

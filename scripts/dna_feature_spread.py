@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from dyt.errors import help_description, user_errors
 from dyt_dna.data import load_task, tokens
 from dyt_dna.eval import backbone_builder
 
 
+@user_errors("dna_feature_spread.py")
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--task", default="species", help="built-in task whose validation windows are pooled")
     parser.add_argument("--window", type=int, default=128)

@@ -18,6 +18,7 @@ import argparse
 
 import numpy as np
 
+from dyt.errors import help_description
 from dyt_dna.fasta import read_fasta
 from dyt_dna.genomes import builtin_genomes
 
@@ -53,7 +54,7 @@ def genome_bases(path) -> list[np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--k", type=int, default=32, help="k-mer length (at most 32)")
     parser.add_argument("--samples", type=int, default=20000, help="k-mers sampled per held-out strain")
     parser.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,9 @@
 # HOSTFILE: "<host> slots=<GPUs>" lines (see recipes/llama/hostfile.example) for several nodes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${DYT_VENV:-$root/.venv}/bin
+# The venv: DYT_VENV, else the one activated, else the checkout's .venv.
+bin=${DYT_VENV:-${VIRTUAL_ENV:-$root/.venv}}/bin
+[[ -x "$bin/deepspeed" ]] || { echo "launch_llama.sh: no deepspeed in $bin: run make setup, activate a venv or set DYT_VENV" >&2; exit 2; }
 [[ $# -ge 1 ]] || { sed -n '2,5p' "$0"; exit 2; }
 config=$1; shift
 where=()

@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--json", help="write every timing here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("tune_fused_tiles.py needs a CUDA device (the kernels' tiles matter only there)")
+        parser.exit(2, "tune_fused_tiles.py: needs a CUDA device (the kernels' tiles matter only there)\n")
     from dyt.kernels import fused
 
     dtype = DTYPES[args.dtype]

@@ -91,7 +91,7 @@ CASES = [
          ("bad.yaml", "data.tokenizer_file")),
     # ---- DNA training (python -m dyt_dna.train)
     Case("dna-fasta-bad-character", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/bad_char.fa]"),
-         ("bad_char.fa", "record 'chr2'", "'X' at position 7")),
+         ("bad_char.fa", "record 'chr2'", "'X' at base 8 (counting from 1)")),
     Case("dna-fasta-no-header", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/no_header.fa]"),
          ("no_header.fa:1", "before the first '>'")),
     Case("dna-fasta-empty", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/empty.fa]"),
@@ -270,6 +270,13 @@ if not torch.cuda.is_available():
                       _llama("--set", "model.norm=dyt", "--set", "model.norm.backend=fused"),
                       ("model.norm.backend", "'fused' cannot run on cpu"), env={"TRITON_INTERPRET": "0"}))
     CASES.append(Case("bench-no-cuda", "dyt-bench", ("dyt-bench", "--device", "cuda"), ("--device", "CUDA is not available")))
+    CASES.append(Case("selfcheck-no-cuda", "python -m dyt.selfcheck", ("-m", "dyt.selfcheck", "--device", "cuda"),
+                      ("--device", "CUDA is not available")))
+    CASES.append(Case("selfcheck-fused-on-cpu", "python -m dyt.selfcheck",
+                      ("-m", "dyt.selfcheck", "--device", "cpu", "--backend", "fused"),
+                      ("--backend", "fused cannot run on cpu", "usable here: cpu"), env={"TRITON_INTERPRET": "0"}))
+CASES.append(Case("demo-out-is-a-file", "demo.py", ("scripts/demo.py", "--out", "{tmp}/bad.yaml"),
+                  ("--out", "bad.yaml is a file, not a folder")))
 
 
 # ---------------------------------------------------------------- the tiny inputs

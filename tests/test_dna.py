@@ -111,7 +111,7 @@ def test_tokenizer_round_trip_reverse_complement_and_ambiguity_codes():
     assert torch.equal(reverse_complement(reverse_complement(encode(seq))), encode(seq))
     assert torch.equal(COMPLEMENT[COMPLEMENT], torch.arange(len(COMPLEMENT)))
     assert decode(encode("ACRYG")) == "ACNNG"
-    with pytest.raises(AlphabetError, match=r"'X' at position 3"):
+    with pytest.raises(AlphabetError, match=r"'X' at base 4 \(counting from 1\)"):
         encode("ACGXT")
 
 
@@ -125,7 +125,7 @@ def test_fasta_gzip_multi_record_lower_case_and_n_runs(tmp_path):
     with pytest.raises(FastaError, match="record 'b' is empty"):
         read_fasta(tmp_path / "empty.fa")
     (tmp_path / "bad.fa").write_text(">a\nACGT\nAC1T\n")
-    with pytest.raises(AlphabetError, match=r"bad.fa record 'a'.*'1' at position 6"):
+    with pytest.raises(AlphabetError, match=r"bad.fa record 'a'.*'1' at base 7 \(counting from 1\)"):
         read_fasta(tmp_path / "bad.fa")
     (tmp_path / "none.fa").write_text("ACGT\n")
     with pytest.raises(FastaError, match="before the first '>'"):
@@ -495,8 +495,11 @@ def test_genomic_benchmarks_folder_and_its_errors(tmp_path):
     assert task.classes == ["coding", "other"]
     assert len(task.train) + len(task.validation) == 12 and len(task.test) == 12
     assert task.check_length(128, truncate=False) is task
-    with pytest.raises(DnaDataError, match="longer than the model's context"):
+    with pytest.raises(DnaDataError, match="longer than the model's context .*; pass --truncate"):
         task.check_length(32, truncate=False)
+    with pytest.raises(DnaDataError, match="dyt-dna-compare fine-tunes on whole sequences: .* python -m dyt_dna.eval "
+                                           "--truncate"):  # the compare has no --truncate to suggest
+        task.check_length(32, truncate=None)
     assert max(len(s) for s in task.check_length(32, truncate=True).test["sequence"]) == 32
     empty = tmp_path / "task" / "train" / "third"
     empty.mkdir()

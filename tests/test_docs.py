@@ -70,3 +70,15 @@ def test_the_train_settings_table_matches_train_config():
         if name in TrainConfig.RESUME_MAY_CHANGE:
             expected = "may change (not in a comparison)" if name in TrainConfig.RESUME_CHANGES_RESULTS else "may change"
         assert resume == expected, name
+
+
+def test_help_descriptions_keep_what_a_paragraph_ending_in_a_colon_introduces():
+    """``--help`` shows a command's docstring up to its first paragraph, and the example or list a
+    paragraph ending in a colon introduces (dyt-llama-prepare's example was cut off before)."""
+    from dyt.errors import help_description
+    from dyt_llama import prepare
+
+    assert help_description("One.\n\nTwo.") == "One."
+    assert help_description("Builds it, e.g.::\n\n    cmd --x\n\nMore.") == "Builds it, e.g.::\n\n    cmd --x"
+    assert help_description(None) == ""
+    assert "dyt-llama-prepare --config" in help_description(prepare.__doc__)

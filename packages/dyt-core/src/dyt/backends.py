@@ -13,6 +13,7 @@ the ``DYT_BACKEND`` environment variable, ``"auto"``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib.util
@@ -167,6 +168,19 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _default = previous
+
+
+def device_arg(text: str) -> torch.device:
+    """A ``--device`` option's value (argparse ``type``): a cpu or cuda device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: DyT's tools run on cpu or cuda devices")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu")
+    return device
 
 
 def available_backends(device: torch.device | str) -> list[str]:

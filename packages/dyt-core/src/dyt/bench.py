@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
-from .backends import auto_backend, available_backends
-from .errors import UserInputError, folder_problem, user_errors
+from .backends import auto_backend, available_backends, device_arg
+from .errors import UserInputError, folder_problem, help_description, user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm, norm_variant_overrides
@@ -475,8 +475,8 @@ def count_arg(least: int):
 @user_errors("dyt-bench")
 def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="dyt-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser = argparse.ArgumentParser(prog="dyt-bench", description=help_description(__doc__))
+    parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg,
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
@@ -494,14 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=count_arg(1), default=20)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    try:  # every option is checked before the first op is timed
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"argument --device: {error}")
-    if device.type == "cuda" and not cuda:
-        parser.error(f"argument --device: {args.device}: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"argument --device: {args.device}: dyt-bench times cpu or cuda devices")
+    device = args.device  # every option is checked before the first op is timed
     if args.llama is not None and not args.llama.is_file():
         parser.error(f"argument --llama: {args.llama} is not a file")
     if args.training_allocator:

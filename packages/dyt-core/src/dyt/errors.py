@@ -109,6 +109,18 @@ def command(prog: str, target: str | Callable[[], object]) -> Callable[[], int]:
     return run
 
 
+def help_description(doc: str | None) -> str:
+    """A command's ``--help`` description from its module docstring: the first paragraph, and while a
+    paragraph ends in a colon, the next one too (the example or list it introduces)."""
+    paragraphs = (doc or "").strip().split("\n\n")
+    kept = paragraphs[:1]
+    for paragraph in paragraphs[1:]:
+        if not kept[-1].rstrip().endswith(":"):
+            break
+        kept.append(paragraph)
+    return "\n\n".join(kept)
+
+
 def folder_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be a folder to write into (existing or created on demand), or None: a
     file stands at it or in place of one of its parents. Checked before work whose results would

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .backends import available_backends
+from .backends import BACKENDS, available_backends, device_arg
+from .errors import help_description
 from .functional import dyt, residual_dyt
 from .modules import ResidualDyT
 
@@ -214,14 +215,18 @@ def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str,
 
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m dyt.selfcheck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--backend", dest="backends", action="append",
+    parser = argparse.ArgumentParser(prog="python -m dyt.selfcheck", description=help_description(__doc__))
+    parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
+    parser.add_argument("--backend", dest="backends", action="append", choices=list(BACKENDS),
                         help="repeatable (default: every backend usable on the device)")
     parser.add_argument("--no-llama", dest="llama", action="store_false", help="skip the LLaMA shapes")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     usable = available_backends(device)
+    for name in args.backends or []:  # an interpreter run (TRITON_INTERPRET=1) makes fused usable on cpu
+        if name not in usable:
+            parser.error(f"argument --backend: {name} cannot run on {device.type}: "
+                         f"{BACKENDS[name].why_unavailable(device)}; usable here: {', '.join(usable)}")
     backends = args.backends or usable
     llama = args.llama and device.type == "cuda"
     try:

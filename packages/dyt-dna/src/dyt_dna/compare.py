@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from dyt.errors import DistinctValues
+from dyt.errors import DistinctValues, help_description
 from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
     Run,
@@ -68,7 +68,7 @@ def accuracy_metric(task: str) -> Metric:
 
 @user_errors("dyt-dna-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=help_description(__doc__))
     parser.add_argument("--configs", type=Path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> Path:
     # data is built; each model's context is checked against them as the fine-tuning will read them
     tasks = [load_task(spec, args.eval_window, args.per_class) for spec in args.tasks]
     for task, max_len in ((t, m) for t in tasks for m in sorted({p.config.model.max_len for p in plan})):
-        task.check_length(max_len, truncate=False)
+        task.check_length(max_len, truncate=None)
     for data, max_len in {repr((p.config.data, p.config.model.max_len)): (p.config.data, p.config.model.max_len)
                           for p in plan}.values():
         train, _ = pretraining_datasets(data, max_len)  # data errors early; warms the cache
@@ -183,7 +183,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
 
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
     lines = [
-        "# DNA: HyenaDNA and Caduceus, published norm vs DyT",
+        f"# DNA: {' and '.join(dict.fromkeys(SPEC.model(cell[0]).title for cell in cells))}, published norm vs DyT",
         "",
         f"Pretraining: {args.nproc} rank(s) under `{args.launcher}`, seed(s) "
         f"{', '.join(map(str, args.pretrain_seeds))}, configs "

@@ -223,16 +223,18 @@ class ClassificationData:
     test: datasets.Dataset
     note: str = ""
 
-    def check_length(self, max_len: int, truncate: bool) -> ClassificationData:
-        """Error on sequences longer than the model's context, or cut them when ``truncate`` (and say so in ``note``)."""
+    def check_length(self, max_len: int, truncate: bool | None) -> ClassificationData:
+        """Error on sequences longer than the model's context, or cut them when ``truncate`` (and say so in
+        ``note``); ``None``: the caller cannot truncate (``dyt-dna-compare``), and the error says where to."""
         longest = max(max(len(s) for s in split["sequence"]) for split in (self.train, self.validation, self.test))
         if longest <= max_len:
             return self
         if not truncate:
-            raise DnaDataError(
-                f"task {self.name}: sequences up to {longest} bases, longer than the model's context ({max_len}); "
-                "pass --truncate to keep the first bases of each"
-            )
+            advice = ("pass --truncate to keep the first bases of each" if truncate is not None else
+                      "dyt-dna-compare fine-tunes on whole sequences: give a task whose sequences fit, or fine-tune "
+                      "each run with python -m dyt_dna.eval --truncate")
+            raise DnaDataError(f"task {self.name}: sequences up to {longest} bases, longer than the model's "
+                               f"context ({max_len}); {advice}")
         lengths = [len(s) for split in (self.train, self.validation, self.test) for s in split["sequence"]]
         cut_note = (f"--truncate: {sum(n > max_len for n in lengths)} of {len(lengths)} sequences (up to {longest} "
                     f"bases) cut to their first {max_len} bases, the model's context.")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dyt.errors import DistinctValues, output_file
+from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
@@ -112,7 +112,7 @@ def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
 
 @user_errors("dyt_dna.eval")
 def main(argv: list[str] | None = None) -> list[FinetuneResult]:
-    parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=help_description(__doc__))
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])

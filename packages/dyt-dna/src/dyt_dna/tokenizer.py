@@ -43,7 +43,7 @@ def encode(sequence: str, where: str = "sequence") -> torch.Tensor:
     if bad.size:
         i = int(bad[0])
         raise AlphabetError(
-            f"{where}: character {sequence[i]!r} at position {i} is not a DNA base "
+            f"{where}: character {sequence[i]!r} at base {i + 1} (counting from 1) is not a DNA base "
             f"(A, C, G, T, N or an IUPAC ambiguity code); {bad.size} such character(s) in all"
         )
     return torch.from_numpy(ids)

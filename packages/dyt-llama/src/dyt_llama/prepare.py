@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from dyt.errors import user_errors
+from dyt.errors import help_description, user_errors
 from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 
 from .data import (
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .task import LlamaConfig
 
-    parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=help_description(__doc__))
     parser.add_argument("--config", type=Path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--num-proc", type=AT_LEAST_ONE.arg(int), default=None,

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
-from dyt.errors import DistinctValues, command
+from dyt.errors import DistinctValues, command, help_description
 from dyt.train import load_config
 from dyt.train.compare import (
     Run,
@@ -81,7 +81,7 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__))
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])

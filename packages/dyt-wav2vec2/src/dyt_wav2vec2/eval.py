@@ -31,7 +31,7 @@ from fairseq2.nn.utils.mask import compute_row_mask
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dyt.errors import DistinctValues, output_file
+from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
@@ -434,7 +434,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
 
 @user_errors("dyt_wav2vec2.eval")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__))
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
     parser.add_argument("--random-init", action="store_true",

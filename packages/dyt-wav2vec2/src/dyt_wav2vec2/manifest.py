@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dyt.errors import output_file, user_errors
+from dyt.errors import help_description, output_file, user_errors
 
 from .audio import SAMPLE_RATE, AudioError, manifest_from_folder
 
@@ -18,7 +18,7 @@ PROG = "dyt_wav2vec2.manifest"
 
 @user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=help_description(__doc__))
     parser.add_argument("folder", type=Path)
     parser.add_argument("out", type=output_file)
     args = parser.parse_args(argv)
