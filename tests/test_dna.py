@@ -37,7 +37,7 @@ from dyt_dna.genomes import Genome
 from dyt_dna.hyena import fft_long_conv
 from dyt_dna.scan import selective_scan, selective_scan_reference
 from dyt_dna.task import build_model
-from dyt_dna.tokenizer import COMPLEMENT, MASK, AlphabetError, decode, encode, reverse_complement
+from dyt_dna.tokenizer import COMPLEMENT, MASK, PAD, AlphabetError, decode, encode, reverse_complement
 
 ROOT = Path(__file__).resolve().parents[1]
 PYRODIGAL_DATA = Path(__import__("pyrodigal").__file__).parent / "tests" / "data"
@@ -302,6 +302,27 @@ def test_whole_caduceus_is_rc_equivariant_and_its_pooling_invariant(norm, tied):
     pooled = model.pool(model.features(tokens), tokens)
     pooled_rc = model.pool(model.features(_rc_tokens(tokens)), _rc_tokens(tokens))
     torch.testing.assert_close(pooled_rc, pooled)
+
+
+@pytest.mark.parametrize("arch,rcps", [("hyena", True), ("caduceus", True), ("caduceus", False)],
+                         ids=["hyena", "caduceus-ps", "caduceus-no-rcps"])
+def test_a_sequences_features_do_not_depend_on_the_padding_of_its_batch(arch, rcps):
+    """A task folder's sequences of unequal length are right-padded: a short sequence's features,
+    logits and pooled features are the same alone and padded beside a longer one (Caduceus' backward
+    Mamba and RC half read each sequence from its own last base), and RC-equivariance still holds."""
+    torch.manual_seed(2)
+    model = _model(arch, "dyt", rcps=rcps).eval()
+    short, long = _real_tokens(1, 30), _real_tokens(2, 50)[1:]
+    batch = torch.cat([torch.nn.functional.pad(short, (0, 20), value=PAD), long])
+    with torch.no_grad():
+        alone, together, long_alone = model.features(short), model.features(batch), model.features(long)
+        torch.testing.assert_close(together[0, :30], alone[0])
+        torch.testing.assert_close(together[1], long_alone[0])
+        torch.testing.assert_close(model(batch)[0, :30], model(short)[0])
+        torch.testing.assert_close(model.pool(together, batch)[0], model.pool(alone, short)[0])
+        if arch == "caduceus" and rcps:  # the RC of each sequence, padded the same way: equal pooled features
+            rc = torch.cat([torch.nn.functional.pad(_rc_tokens(short), (0, 20), value=PAD), _rc_tokens(long)])
+            torch.testing.assert_close(model.pool(model.features(rc), rc), model.pool(together, batch))
 
 
 @pytest.mark.parametrize("arch", ["hyena", "caduceus"])

@@ -8,6 +8,8 @@ complement-permuted, flipped logits for x — checked by property tests, compone
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -21,10 +23,40 @@ from .config import CaduceusOptions, DnaModelConfig
 from .scan import scan
 from .tokenizer import COMPLEMENT, PAD, VOCAB
 
+_real_lengths: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("real_lengths", default=None)
+"""Per sequence, how many of its leading positions are real (the rest right-padding), while
+:meth:`Caduceus.features` runs a batch of unequal lengths; None: every position is real."""
+
+
+@contextlib.contextmanager
+def real_lengths(tokens: torch.Tensor):
+    """Within it, every flip of the sequence axis reverses each sequence's real positions only and
+    leaves its padding at the end: the backward Mamba and the reverse-complement half then read a
+    sequence from its own last base, not from the padding after it, so a sequence's features do not
+    depend on the batch it is padded in."""
+    lengths = (tokens != PAD).sum(1)
+    token = _real_lengths.set(None if bool((lengths == tokens.shape[1]).all()) else lengths)
+    try:
+        yield
+    finally:
+        _real_lengths.reset(token)
+
+
+def flip_sequence(h: torch.Tensor) -> torch.Tensor:
+    """Reverse the sequence axis (dim 1) of (b, l, ...) ``h``: within each sequence's real positions
+    inside :func:`real_lengths`, the whole axis otherwise."""
+    lengths = _real_lengths.get()
+    if lengths is None:
+        return h.flip(1)
+    positions = torch.arange(h.shape[1], device=h.device)
+    lengths = lengths.to(h.device)[:, None]
+    index = torch.where(positions < lengths, lengths - 1 - positions, positions)
+    return h.gather(1, index.view(*index.shape, *([1] * (h.dim() - 2))).expand_as(h))
+
 
 def rc_hidden(h: torch.Tensor) -> torch.Tensor:
     """Reverse complement of (b, l, c) hidden states: flip sequence and channels."""
-    return h.flip(-2, -1)
+    return flip_sequence(h).flip(-1)
 
 
 class Mamba(nn.Module):
@@ -68,7 +100,7 @@ class BiMamba(nn.Module):
         self.backward_mamba = Mamba(dim, cfg, in_proj, out_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_mamba(x) + self.backward_mamba(x.flip(1)).flip(1)
+        return self.forward_mamba(x) + flip_sequence(self.backward_mamba(flip_sequence(x)))
 
 
 class RCPS(nn.Module):
@@ -91,7 +123,7 @@ class RCPSEmbedding(nn.Module):
         self.register_buffer("complement", COMPLEMENT.clone(), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rc = self.embedding(self.complement[tokens].flip(-1))
+        rc = self.embedding(flip_sequence(self.complement[tokens]))
         return torch.cat([self.embedding(tokens), rc_hidden(rc)], dim=-1)
 
 
@@ -147,10 +179,11 @@ class Caduceus(nn.Module):
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_len:
             raise ValueError(f"sequence of {tokens.shape[1]} bases is longer than the model's context ({self.cfg.max_len})")
-        hidden, residual = self.embed_scale(self.embed(tokens)), None
-        for block in self.blocks:
-            hidden, residual = block(hidden, residual)
-        return self.final_norm(hidden + residual)
+        with real_lengths(tokens):
+            hidden, residual = self.embed_scale(self.embed(tokens)), None
+            for block in self.blocks:
+                hidden, residual = block(hidden, residual)
+            return self.final_norm(hidden + residual)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = self.features(tokens)

@@ -423,8 +423,8 @@ def _last_step(out: Path) -> int:
 
 EVALS_VERSION = 3
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
-standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, and wav2vec 2.0 Base's
-GroupNorm over real frames, 2026-12-05), so that a relaunch recomputes what older code stored instead of
+standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, wav2vec 2.0 Base's
+GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
 
