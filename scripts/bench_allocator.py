@@ -68,7 +68,8 @@ def run_once(args: argparse.Namespace, setting: str, out: Path) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=help_description(__doc__))
+    parser = argparse.ArgumentParser(description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--module", required=True, help="the recipe's training module, e.g. dyt_llama.train")
     parser.add_argument("--config", type=Path, help="the recipe's YAML (default: the module's own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -59,7 +59,8 @@ def measure(rows: int, cols: int, warmup: int, rounds: int) -> dict[str, dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=help_description(__doc__))
+    parser = argparse.ArgumentParser(description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg, help="ROWSxCOLS, repeatable "
                         "(default: 8192x1024 and 1024x192)")
     parser.add_argument("--warmup", type=count_arg(0), default=3)

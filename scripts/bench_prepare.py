@@ -157,7 +157,8 @@ def _compare_training(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=help_description(__doc__))
+    parser = argparse.ArgumentParser(description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-prepare")
     parser.add_argument("--train", choices=["memmap", "table"], help=argparse.SUPPRESS)  # one training run

@@ -84,7 +84,8 @@ def worker(mode: str, out_dir: Path, overrides: list[str], model_only: bool) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=help_description(__doc__))
+    parser = argparse.ArgumentParser(description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="LLaMA config override, e.g. model.layers=24 (repeatable)")

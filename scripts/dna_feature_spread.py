@@ -20,7 +20,8 @@ from dyt_dna.eval import backbone_builder
 
 @user_errors("dna_feature_spread.py")
 def main() -> None:
-    parser = argparse.ArgumentParser(description=help_description(__doc__))
+    parser = argparse.ArgumentParser(description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--task", default="species", help="built-in task whose validation windows are pooled")
     parser.add_argument("--window", type=int, default=128)

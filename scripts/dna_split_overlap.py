@@ -54,7 +54,8 @@ def genome_bases(path) -> list[np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=help_description(__doc__))
+    parser = argparse.ArgumentParser(description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=32, help="k-mer length (at most 32)")
     parser.add_argument("--samples", type=int, default=20000, help="k-mers sampled per held-out strain")
     parser.add_argument("--seed", type=int, default=0)

@@ -274,7 +274,7 @@ if not torch.cuda.is_available():
                       ("--device", "CUDA is not available")))
     CASES.append(Case("selfcheck-fused-on-cpu", "python -m dyt.selfcheck",
                       ("-m", "dyt.selfcheck", "--device", "cpu", "--backend", "fused"),
-                      ("--backend", "fused cannot run on cpu", "usable here: cpu"), env={"TRITON_INTERPRET": "0"}))
+                      ("--backend", "'fused' cannot run on cpu", "Usable here: cpu"), env={"TRITON_INTERPRET": "0"}))
 CASES.append(Case("demo-out-is-a-file", "demo.py", ("scripts/demo.py", "--out", "{tmp}/bad.yaml"),
                   ("--out", "bad.yaml is a file, not a folder")))
 

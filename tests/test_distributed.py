@@ -67,13 +67,13 @@ def test_data_loading_workers_draw_per_seed_and_rank():
     """With ``num_workers`` > 0 the collate runs in workers seeded from the loader's generator: their
     draws must differ between run seeds and between ranks, as the main process's do."""
     draws = {}
-    for seed in (0, 1):
+    for seed in (0, 1, 2**32 - 1):  # the largest seed a run takes
         for rank in (0, 1):
             cfg = TrainConfig(micro_batch_size=4, seed=seed, num_workers=1)
             batches = ResumableBatches(list(range(32)), _RandomCollate(), cfg,
                                        DistInfo(rank, 2, rank, torch.device("cpu")))
             draws[seed, rank] = next(batches.iterate(DataPosition()))
-    assert len({tuple(d) for d in draws.values()}) == 4, draws
+    assert len({tuple(d) for d in draws.values()}) == 6, draws
 
 
 @pytest.mark.parametrize("examples", [256, 100], ids=["multiple-of-16", "remainder"])

@@ -82,3 +82,6 @@ def test_help_descriptions_keep_what_a_paragraph_ending_in_a_colon_introduces():
     assert help_description("Builds it, e.g.::\n\n    cmd --x\n\nMore.") == "Builds it, e.g.::\n\n    cmd --x"
     assert help_description(None) == ""
     assert "dyt-llama-prepare --config" in help_description(prepare.__doc__)
+    shown = subprocess.run([sys.executable, "-m", "dyt_llama.prepare", "--help"], capture_output=True, text=True,
+                           check=True).stdout  # as printed: the example on a line of its own, not reflowed
+    assert "\n    dyt-llama-prepare --config recipes/llama/tiny.yaml --num-proc 8\n" in shown

@@ -254,10 +254,10 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
     saved = load_config(ToyConfig, None, ["model.norm=dyt"])
     fixed, allowed, results = resume_changes(saved, load_config(ToyConfig, None, [
         "model.norm=rmsnorm", "model.width=32", "train.steps=500", "train.lr=1e-3", "train.grad_accum=4",
-        "data.examples=128", "train.log_every=7"]))
+        "data.examples=128", "train.keep_checkpoints=7"]))
     assert fixed == ['model.width 16 -> 32', 'model.norm.kind "dyt" -> "rmsnorm"', "data.examples 256 -> 128",
                      "train.lr 0.0003 -> 0.001"]
-    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.log_every 1 -> 7"]
+    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.keep_checkpoints 2 -> 7"]
     assert results == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4"]  # a cadence changes no number
     assert resume_changes(saved, saved) == ([], [], [])
 

@@ -160,7 +160,8 @@ def test_a_run_trained_with_other_settings_is_refused_before_any_launch(tmp_path
     """A run in ``--out`` whose model, optimizer, schedule, batches, validation examples or number of
     ranks differ from the comparison's would be reported beside runs trained as planned: refused
     before anything trains. More steps too: a run trained on a 4-step schedule and continued is not a
-    6-step run. A cadence (log_every) changes no number: the finished run is reported as trained."""
+    6-step run. A cadence that changes no number (keep_checkpoints) leaves the finished run reported
+    as trained."""
     config = _toy_config(tmp_path)
 
     def compare(*extra, launch=("python", "1")):
@@ -170,19 +171,38 @@ def test_a_run_trained_with_other_settings_is_refused_before_any_launch(tmp_path
 
     compare()
     with pytest.raises(shared.CompareError, match=r"dyt-seed0 was trained with other settings than this comparison's: "
-                                                  r"model\.width 16 -> 8; train\.lr 0\.0003 -> 0\.001; put them back"):
+                                                  r"model\.width 16 -> 8 \(launch at step 0\); train\.lr 0\.0003 -> 0\.001 "
+                                                  r"\(launch at step 0\); put them back"):
         compare("--set", "train.lr=0.001", "--set", "model.width=8")
-    for changed in ("train.steps=6", "train.micro_batch_size=4", "train.eval_batches=1", "train.warmup_steps=2"):
+    for changed in ("train.steps=6", "train.micro_batch_size=4", "train.eval_batches=1", "train.warmup_steps=2",
+                    "train.log_every=2"):
         with pytest.raises(shared.CompareError, match=rf"dyt-seed0 was trained with other settings than this "
                                                       rf"comparison's: {changed.split('=')[0]}"):
             compare("--set", changed)
+    with pytest.raises(shared.CompareError, match=r"other settings than this comparison's: ranks 1 -> 2 \(launch at step 0\); "
+                                                  r"put them back"):
+        compare(launch=("torchrun", "2"))
+    launched = tmp_path / "cmp" / "toy-dyt-seed0" / "launches.jsonl"
+    kept = launched.read_text()
+    launched.unlink()  # a run from before launches were recorded: its config.yaml and checkpoint marker
     with pytest.raises(shared.CompareError, match=r"other settings than this comparison's: ranks 1 -> 2; put them back"):
         compare(launch=("torchrun", "2"))
+    with pytest.raises(shared.CompareError, match=r"other settings than this comparison's: train\.steps 4 -> 6; put"):
+        compare("--set", "train.steps=6")
+    launched.write_text(kept)
     assert len(launches) == 2
     capsys.readouterr()
-    compare("--set", "train.log_every=2")  # a finished run is reported as trained, and the note says with what
+    compare("--set", "train.keep_checkpoints=3")  # a finished run is reported as trained, the note says with what
     assert len(launches) == 2
-    assert "note: trained with train.log_every 1 -> 2 (old -> this comparison's)" in capsys.readouterr().out
+    assert "note: trained with train.keep_checkpoints 2 -> 3 (old -> this comparison's)" in capsys.readouterr().out
+
+    # continued by hand to 6 steps: its config.yaml now says 6, but its first 4 steps had a 4-step schedule
+    run_dir = tmp_path / "cmp" / "toy-dyt-seed0"
+    run_recipe(ToyConfig, ToyTask, ["--config", str(config), "--set", "train.seed=0", "--set", f"train.out_dir={run_dir}",
+                                    "--set", "train.steps=6", "--resume"])
+    with pytest.raises(shared.CompareError, match=r"dyt-seed0 was trained with other settings than this comparison's: "
+                                                  r"train\.steps 4 -> 6 \(launch at step 0\); put them back"):
+        compare("--set", "train.steps=6")
 
 
 # ---------------------------------------------------------------- the sweep grammar and grid

@@ -206,11 +206,14 @@ def test_base_group_norm_features_do_not_depend_on_the_padding_of_their_batch(no
         plain = torch.nn.functional.group_norm(conv, group_norm.num_groups, group_norm.weight, group_norm.bias,
                                                group_norm.eps)
         torch.testing.assert_close(group_norm(conv), plain)
-        group_norm.real_frames = torch.tensor([30, 50])
+        group_norm.real_frames = [30, 50]
         torch.testing.assert_close(group_norm(conv)[1], plain[1])
         torch.testing.assert_close(group_norm(conv)[0, :, :30], torch.nn.functional.group_norm(
             conv[:1, :, :30], group_norm.num_groups, group_norm.weight, group_norm.bias, group_norm.eps)[0])
-    assert batch_frames.tolist() == [frames.item(), 99]
+        group_norm.real_frames = [0, 50]  # an utterance shorter than the first conv's kernel: zeros, not NaN
+        assert group_norm(conv)[0].eq(0).all() and group_norm(conv)[1].isfinite().all()
+        group_norm.real_frames = None
+    assert batch_frames.tolist() == [frames.item(), 99] and group_norm.real_frames is None  # cleared after each forward
     torch.testing.assert_close(together[0, : frames.item()], alone[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together[1], long_alone[0], rtol=1e-4, atol=1e-5)
 

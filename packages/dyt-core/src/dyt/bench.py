@@ -475,7 +475,8 @@ def count_arg(least: int):
 @user_errors("dyt-bench")
 def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="dyt-bench", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt-bench", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg,
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")

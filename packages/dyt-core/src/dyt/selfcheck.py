@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .backends import BACKENDS, available_backends, device_arg
+from .backends import BACKENDS, BackendUnavailableError, available_backends, device_arg, select_backend
 from .errors import help_description
 from .functional import dyt, residual_dyt
 from .modules import ResidualDyT
@@ -215,7 +215,8 @@ def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str,
 
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m dyt.selfcheck", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="python -m dyt.selfcheck", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
     parser.add_argument("--backend", dest="backends", action="append", choices=list(BACKENDS),
                         help="repeatable (default: every backend usable on the device)")
@@ -224,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     usable = available_backends(device)
     for name in args.backends or []:  # an interpreter run (TRITON_INTERPRET=1) makes fused usable on cpu
-        if name not in usable:
-            parser.error(f"argument --backend: {name} cannot run on {device.type}: "
-                         f"{BACKENDS[name].why_unavailable(device)}; usable here: {', '.join(usable)}")
+        try:
+            select_backend(name, device)
+        except BackendUnavailableError as error:
+            parser.error(f"argument --backend: {error}")
     backends = args.backends or usable
     llama = args.llama and device.type == "cuda"
     try:

@@ -68,7 +68,8 @@ def accuracy_metric(task: str) -> Metric:
 
 @user_errors("dyt-dna-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=Path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
@@ -172,13 +173,14 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
             values[cell][accuracy_metric(task.name).key] = downstream(cell, task, INITS[True])
     swept = any(sweep for _, _, sweep in cells)
     main = SPEC.metrics[0]
+    main_values = {cell: values[cell][main.key] for cell in cells}
 
     def judged(cell, numbers: dict, metric: Metric, pretrainings: int | None = None) -> str:
         """Several baseline points (a NORM: sweep of the baseline) are chosen between by the main
         (validation) metric, never by a test number."""
         return judge(cell, numbers, baseline_norm(args, SPEC.model(cell[0])),
                      higher_is_better=metric.higher_is_better, digits=metric.digits,
-                     choose_by={c: values[c][main.key] for c in cells}, choose_higher=main.higher_is_better,
+                     choose_by=main_values, choose_higher=main.higher_is_better,
                      pretrainings=pretrainings)
 
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
@@ -195,7 +197,6 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         f"{SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}) |",
         f"|---|---|{point_rule}---|---|---|---|---|---|---|---|",
     ]
-    main_values = {cell: values[cell][main.key] for cell in cells}
     for cell in cells:
         for point in (p for p in summaries if p.cell == cell):
             s = summaries[point]

@@ -112,7 +112,8 @@ def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
 
 @user_errors("dyt_dna.eval")
 def main(argv: list[str] | None = None) -> list[FinetuneResult]:
-    parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])

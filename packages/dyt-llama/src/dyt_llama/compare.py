@@ -111,7 +111,8 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
 
 @user_errors("dyt-llama-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0])

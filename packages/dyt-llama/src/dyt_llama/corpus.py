@@ -137,7 +137,8 @@ def prepare_kjv(out: Path | None = None) -> Path:
 
 @user_errors("dyt_llama.corpus")
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=None, help="default: $DYT_CACHE/text-corpus (text-kjv)")
     parser.add_argument("--kjv", action="store_true",
                         help="build the second corpus (King James Bible) instead, to check settings transfer")

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from .task import LlamaConfig
 
-    parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--num-proc", type=AT_LEAST_ONE.arg(int), default=None,

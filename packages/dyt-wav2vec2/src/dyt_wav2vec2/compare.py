@@ -81,7 +81,8 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])

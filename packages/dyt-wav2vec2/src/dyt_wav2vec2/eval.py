@@ -311,8 +311,8 @@ class CTCModel(nn.Module):
 
 
 def conv_features(model: nn.Module, rows: list[Utterance]) -> list[torch.Tensor]:
-    """The feature extractor's output (frames, channels) of each utterance, one at a time so that
-    no padding reaches a GroupNorm."""
+    """The feature extractor's output (frames, channels) of each utterance, one at a time (without
+    padding: what the CTC eval caches)."""
     extractor = model.encoder_frontend.feature_extractor.eval()
     out = []
     with torch.no_grad():
@@ -434,7 +434,8 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
 
 @user_errors("dyt_wav2vec2.eval")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
     parser.add_argument("--random-init", action="store_true",

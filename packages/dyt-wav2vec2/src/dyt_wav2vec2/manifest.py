@@ -18,7 +18,8 @@ PROG = "dyt_wav2vec2.manifest"
 
 @user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=help_description(__doc__))
+    parser = argparse.ArgumentParser(prog=PROG, description=help_description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("out", type=output_file)
     args = parser.parse_args(argv)

@@ -178,20 +178,20 @@ class RealFramesGroupNorm(nn.GroupNorm):
     no notion of padding, so in a padded batch a short utterance's mean and variance would take in
     the padding, and its features would depend on what it is batched with (fairseq v1 avoids it in
     pretraining by cropping a batch to its shortest utterance, but not when fine-tuning). Padding
-    frames come out as zeros. ``real_frames`` (per example) is set before each forward by the
-    feature extractor's hook; None: every frame is real."""
+    frames come out as zeros. ``real_frames`` (per example) is set by the feature extractor's hooks
+    for the length of its forward; None: every frame is real."""
 
-    real_frames: torch.Tensor | None = None
+    real_frames: list[int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames, batch, length = self.real_frames, x.shape[0], x.shape[-1]
         weight, bias = self.weight.float(), self.bias.float()
-        if frames is None or bool((frames >= length).all()):
+        if frames is None or min(frames) >= length:
             return nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type_as(x)
-        real = (torch.arange(length, device=x.device) < frames.to(x.device)[:, None]).float()  # (N, T)
+        real = (torch.arange(length, device=x.device) < torch.tensor(frames, device=x.device)[:, None]).float()
         groups = x.float().reshape(batch, self.num_groups, -1, length)  # (N, G, C / G, T)
         real = real[:, None, None, :]
-        count = real.sum((2, 3), keepdim=True) * groups.shape[2]
+        count = (real.sum((2, 3), keepdim=True) * groups.shape[2]).clamp_min(1)  # an utterance without a frame
         mean = (groups * real).sum((2, 3), keepdim=True) / count
         centred = (groups - mean) * real
         var = centred.square().sum((2, 3), keepdim=True) / count
@@ -213,12 +213,15 @@ def _group_norm_over_real_frames(model: Wav2Vec2Model) -> None:
     first.group_norm.load_state_dict(old.state_dict())
     kernel, stride = extractor.layer_descs[0][1:3]
 
-    def real_frames(_module, args, kwargs):
+    def set_real_frames(_module, args, kwargs):
         layout = args[1] if len(args) > 1 else kwargs["seqs_layout"]
-        first.group_norm.real_frames = (
-            torch.div(layout.seq_lens_pt - kernel, stride, rounding_mode="floor") + 1 if layout.padded else None)
+        first.group_norm.real_frames = [(n - kernel) // stride + 1 for n in layout.seq_lens] if layout.padded else None
 
-    extractor.register_forward_pre_hook(real_frames, with_kwargs=True)
+    def clear_real_frames(*_):
+        first.group_norm.real_frames = None
+
+    extractor.register_forward_pre_hook(set_real_frames, with_kwargs=True)
+    extractor.register_forward_hook(clear_real_frames)
 
 
 def _run_quantizer_eagerly(quantizer: nn.Module) -> None:

@@ -32,11 +32,14 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from .config import ConfigError, SettingChanges, load_config, resume_changes
+from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
 
 MARKER = "COMPLETE"
+LAUNCHES = "launches.jsonl"
+"""In a run folder: one row per launch (the step it started at, its world size, its whole config),
+since ``config.yaml`` holds only the latest launch's settings."""
 UNIVERSAL = "universal"
 """The sub-folder of a checkpoint that holds its universal (world-size-free) form."""
 
@@ -224,8 +227,39 @@ def settings_changes(config: Any) -> SettingChanges | None:
     try:
         saved = load_config(type(config), saved_file, check_files=False)
     except ConfigError as error:
-        raise ConfigError(f"the run's saved {saved_file} does not load as this recipe's config ({error})") from None
+        raise ConfigError(f"the run's saved config does not load as this recipe's ({error})") from None
     return resume_changes(saved, config)
+
+
+def record_launch(run_dir: Path, step: int, world_size: int, config: Any) -> None:
+    """Append this launch to the run's :data:`LAUNCHES` (a fresh run, ``step`` 0, starts the file anew)."""
+    row = json.dumps({"step": step, "world_size": world_size, "config": to_dict(config)})
+    with open(run_dir / LAUNCHES, "w" if step == 0 else "a") as handle:
+        handle.write(row + "\n")
+
+
+def launches_differing(config: Any, world_size: int) -> list[str] | None:
+    """What any recorded launch of the run in ``config.train.out_dir`` trained with that differs from
+    ``config`` on ``world_size`` ranks in a setting that makes its numbers (fixed ones, and
+    ``RESUME_CHANGES_RESULTS``) or in its ranks, each ``key old -> new (launch at step N)``. A run
+    resumed by hand with other batches, or extended to more steps, keeps its latest settings in
+    ``config.yaml`` alone; this reads them all. None for runs from before the record (2026-12-05)."""
+    path = Path(config.train.out_dir) / LAUNCHES
+    if not path.is_file():
+        return None
+    found: list[str] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            launched = from_dict(type(config), row["config"])
+        except (ValueError, KeyError, TypeError) as error:  # ConfigError is a ValueError
+            raise ConfigError(f"{path}: a launch this code cannot read ({error})") from None
+        fixed, _, results = resume_changes(launched, config)
+        ranks = [] if row["world_size"] == world_size else [f"ranks {row['world_size']} -> {world_size}"]
+        found += [f"{change} (launch at step {row['step']})" for change in [*fixed, *results, *ranks]]
+    return list(dict.fromkeys(found))
 
 
 def check_fresh_start(config: Any) -> None:

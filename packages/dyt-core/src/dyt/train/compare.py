@@ -31,7 +31,7 @@ import torch
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
-from .checkpoint import complete_checkpoints, saved_world_size, settings_changes, step_of
+from .checkpoint import complete_checkpoints, launches_differing, saved_world_size, settings_changes, step_of
 from .config import AT_LEAST_ONE, SEED, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
@@ -306,12 +306,17 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     for planned in (p for p in plan if finished_step(p.dir) > 0):
         try:
             changes = settings_changes(planned.config)
+            # every launch of the run, not only the latest whose settings config.yaml holds
+            history = launches_differing(planned.config, args.nproc)
         except UserInputError as error:
             raise CompareError(f"{error}; use --fresh or another --out to train it anew") from None
-        different = (changes.fixed + changes.results) if changes else []
-        world = saved_world_size(complete_checkpoints(planned.dir / "checkpoints")[-1])
-        if world != args.nproc:  # another global batch and other validation examples
-            different.append(f"ranks {world} -> {args.nproc}")
+        if history is None:  # a run from before launches were recorded: its latest settings and ranks
+            different = (changes.fixed + changes.results) if changes else []
+            world = saved_world_size(complete_checkpoints(planned.dir / "checkpoints")[-1])
+            if world != args.nproc:  # another global batch and other validation examples
+                different.append(f"ranks {world} -> {args.nproc}")
+        else:
+            different = history
         if different:
             raise CompareError(f"{planned.dir} was trained with other settings than this comparison's: {'; '.join(different)}; "
                                "put them back, or use --fresh or another --out to train it anew")
@@ -614,12 +619,15 @@ def median_throughput(rows: list[dict]) -> float:
 def validation_share(summaries: Iterable[dict[str, Any]], unit: str) -> str:
     """How much of the validation set each validation scored, in words, from the runs' own counts
     (``eval_examples`` of ``eval_examples_available``); empty for runs logged before 2026-12-05."""
+    summaries = list(summaries)
     counts = sorted({(s["eval_examples"], s["eval_examples_available"]) for s in summaries if "eval_examples" in s})
     if not counts:
         return ""
     shares = " or ".join(f"{scored} of its {available} {unit}" + (" (all)" if scored >= available else "")
                          for scored, available in counts)
-    return f"; each validation scored {shares}, spread evenly over them"
+    older = sum("eval_examples" not in s for s in summaries)
+    return (f"; each validation scored {shares}, spread evenly over them"
+            + (f" ({older} run(s) logged before 2026-12-05 give no count)" if older else ""))
 
 
 def pretraining_summary(run: Run) -> dict[str, Any]:

@@ -194,12 +194,13 @@ class TrainConfig:
 
     RESUME_CHANGES_RESULTS: typing.ClassVar[frozenset[str]] = frozenset({
         "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "grad_clip", "deepspeed_config",
-        "eval_batches", "num_workers",
+        "eval_batches", "num_workers", "log_every",
     })
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
     examples validation scores (``eval_batches``), the random crops of data-loading workers
-    (``num_workers``); the rest are cadences and memory (validating draws from its own RNG). A
-    comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""
+    (``num_workers``), the logged rows a report's final training loss and throughput are taken from
+    (``log_every``); the rest are cadences, memory and display (validating draws from its own RNG).
+    A comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""
 
     def derived_deepspeed_config(self) -> dict[str, Any]:
         """The DeepSpeed config these settings give, before any ``deepspeed_config`` file."""

@@ -62,8 +62,8 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     denominator = torch.sqrt((total**2 - (predicted_counts**2).sum()) * (total**2 - (true_counts**2).sum()))
     mcc = (correct * total - (predicted_counts * true_counts).sum()) / denominator if denominator > 0 else c.new_tensor(0.0)
     diagonal = c.diagonal()
-    f1 = torch.where(true_counts + predicted_counts > 0, 2 * diagonal / (true_counts + predicted_counts), c.new_zeros(()))
     present = true_counts + predicted_counts > 0  # scikit-learn's labels: true or predicted somewhere
+    f1 = torch.where(present, 2 * diagonal / (true_counts + predicted_counts), c.new_zeros(()))
     return {
         "accuracy": (correct / total).item() if total > 0 else math.nan,
         "mcc": mcc.item(),

@@ -290,7 +290,8 @@ class ResumableBatches:
                 num_workers=self.cfg.num_workers,
                 # Keeps the global RNG untouched; with num_workers > 0 the workers' draws (random crops)
                 # depend on the run's seed and the rank, as the main process's do.
-                generator=torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + epoch) * 65_537 + self.dist.rank),
+                generator=torch.Generator().manual_seed(
+                    ((self.cfg.seed * 1_000_003 + epoch) * 65_537 + self.dist.rank) % 2**63),
             )
             for batch in loader:
                 sample += self.step_examples
@@ -383,7 +384,8 @@ class Trainer:
             sampler=indices,
             collate_fn=self.task.collate,
             num_workers=self.cfg.num_workers,
-            generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
+            # keeps the global RNG untouched; the draws of data-loading workers are fixed per rank too
+            generator=torch.Generator().manual_seed(VALIDATION_SEED + self.dist.rank),
         )
         sums: dict[str, float] = {}
         batches = 0
@@ -402,9 +404,8 @@ class Trainer:
         if count.item() == 0:
             raise ValueError("the validation set has no examples for this many ranks")
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
-        scored = all_reduce(torch.tensor([float(len(indices))], dtype=torch.float64))
         return {**{n: (t / count).item() for n, t in zip(names, totals)},
-                "examples": int(scored.item()), "examples_available": len(dataset)}
+                "examples": len(positions), "examples_available": len(dataset)}
 
     def _save(self, engine, step: int, position: DataPosition) -> Path:
         """A checkpoint of ``step``; a failed write (disk full, ...) stops the run with the step it could
@@ -464,6 +465,7 @@ class Trainer:
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(self.full_config))
+            checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
             record_data_files(self.full_config, self.out_dir)
         metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
 
