@@ -333,17 +333,29 @@ class Trainer:
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
-    def _restore_weight_decay(self) -> None:
-        """Put each parameter group's weight decay back after a checkpoint load. DeepSpeed's ZeRO-3
-        universal load copies the first group's settings into every group (``stage3.py``), so norm
-        weights, DyT's alpha and biases were decayed from then on, and every later checkpoint saved
-        it so. The groups are fixed by ``train.weight_decay`` (which ``--resume`` refuses to change)."""
+    def _repair_optimizer_after_load(self) -> None:
+        """Undo two things DeepSpeed's ZeRO-3 universal load (``stage3.py``) does to the optimizer, so
+        that a resume on another world size continues the run:
+
+        - it copies the first parameter group's settings into every group, so norm weights, DyT's
+          alpha and biases were decayed from then on (and every later checkpoint saved it so). The
+          groups' decays are fixed by ``train.weight_decay`` (which ``--resume`` refuses to change);
+        - it hands every flat fp32 partition one and the same ``step`` tensor, which AdamW advances in
+          place once per partition: with two groups a step resumed at 3 went 5, 7, 9, and Adam's bias
+          corrections were those of later steps. Each partition gets its own copy."""
         groups = self.optimizer.param_groups
         if len(groups) != len(self.weight_decays):
             raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after the load, "
                                f"{len(self.weight_decays)} when built")
         for group, decay in zip(groups, self.weight_decays):
             group["weight_decay"] = decay
+        seen: set[int] = set()
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(step))
 
     def build_model(self, config: dict[str, Any] | None = None) -> nn.Module:
         """The task's model as the engine gets it, from the run's seed (the same initial weights on
@@ -453,7 +465,7 @@ class Trainer:
         step, position, last_good = 0, DataPosition(), None
         if done:
             state = checkpoint.load(engine, done[-1], dist, universal)
-            self._restore_weight_decay()
+            self._repair_optimizer_after_load()
             saved_world = checkpoint.saved_world_size(done[-1])
             step, position, last_good = state["step"], batches.position_of(state, saved_world), done[-1]
             if dist.is_main:
