@@ -213,6 +213,31 @@ def test_zero3_resume_on_another_world_size_keeps_the_groups_weight_decay(tmp_pa
     assert weight_decays("resumed") == [0.1, 0.0]
 
 
+@pytest.mark.slow
+def test_resume_sets_an_adam_step_ahead_of_the_run_back(tmp_path):
+    """A ZeRO-3 run resumed on another world size before the shared-step repair saved checkpoints whose
+    Adam step ran ahead of the run's (9 at step 6). Resuming one sets it back to the run's step, says
+    so, and continues as the uninterrupted run: here a 1-rank ZeRO-3 checkpoint of step 3 with its
+    steps set to 5 (the value the bug left after one resumed step)."""
+    items = ["train.zero_stage=3", "train.grad_accum=2"]
+    _toy(1, [*items, "train.out_dir=whole"], tmp_path)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
+    path = next((tmp_path / "resumed/checkpoints/step_00000003").glob("*optim_states.pt"))
+    saved = torch.load(path, weights_only=False)
+    states = saved["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+    assert [state["step"].item() for state in states.values()] == [3.0, 3.0]
+    for state in states.values():
+        state["step"] = torch.tensor(5.0)
+    torch.save(saved, path)
+
+    out = _toy(1, [*items, "train.out_dir=resumed", "--resume"], tmp_path).stdout
+    assert "the checkpoint's Adam step (5) was ahead of the run's step (3)" in out
+    whole, resumed = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "resumed"))
+    for before, after in zip(whole[3:], resumed[3:]):
+        assert after["alpha/1"] == pytest.approx(before["alpha/1"], rel=1e-6), before["step"]
+
+
 # ---------------------------------------------------------------- the engine's dtype for inputs
 
 def test_inputs_follow_the_engines_dtype(tmp_path):

@@ -333,7 +333,7 @@ class Trainer:
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
-    def _repair_optimizer_after_load(self) -> None:
+    def _repair_optimizer_after_load(self, step: int) -> None:
         """Undo two things DeepSpeed's ZeRO-3 universal load (``stage3.py``) does to the optimizer, so
         that a resume on another world size continues the run:
 
@@ -342,7 +342,9 @@ class Trainer:
           groups' decays are fixed by ``train.weight_decay`` (which ``--resume`` refuses to change);
         - it hands every flat fp32 partition one and the same ``step`` tensor, which AdamW advances in
           place once per partition: with two groups a step resumed at 3 went 5, 7, 9, and Adam's bias
-          corrections were those of later steps. Each partition gets its own copy."""
+          corrections were those of later steps. Each partition gets its own copy, and a checkpoint
+          saved after such a resume (an Adam step ahead of the run's ``step``: one that skips no
+          update never gets there otherwise) has it set back to ``step``."""
         groups = self.optimizer.param_groups
         if len(groups) != len(self.weight_decays):
             raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after the load, "
@@ -350,12 +352,19 @@ class Trainer:
         for group, decay in zip(groups, self.weight_decays):
             group["weight_decay"] = decay
         seen: set[int] = set()
+        ahead = 0.0
         for state in self.optimizer.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    state["step"] = step.clone()
-                seen.add(id(step))
+            adam_step = state.get("step")
+            if isinstance(adam_step, torch.Tensor):
+                if id(adam_step) in seen:
+                    adam_step = state["step"] = adam_step.clone()
+                seen.add(id(adam_step))
+                if adam_step.item() > step:
+                    ahead = max(ahead, adam_step.item())
+                    adam_step.fill_(step)
+        if ahead and self.dist.is_main:
+            print(f"the checkpoint's Adam step ({ahead:.0f}) was ahead of the run's step ({step}), as a ZeRO-3 "
+                  f"resume on another world size left it before 2026-12-05; set back to {step}", flush=True)
 
     def build_model(self, config: dict[str, Any] | None = None) -> nn.Module:
         """The task's model as the engine gets it, from the run's seed (the same initial weights on
@@ -465,7 +474,7 @@ class Trainer:
         step, position, last_good = 0, DataPosition(), None
         if done:
             state = checkpoint.load(engine, done[-1], dist, universal)
-            self._repair_optimizer_after_load()
+            self._repair_optimizer_after_load(state["step"])
             saved_world = checkpoint.saved_world_size(done[-1])
             step, position, last_good = state["step"], batches.position_of(state, saved_world), done[-1]
             if dist.is_main:
