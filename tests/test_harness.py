@@ -137,6 +137,18 @@ def test_validation_positions_spread_over_the_whole_set():
     assert len(set(positions)) == 64 and positions[0] == 0 and positions[-1] >= 1000 - math.ceil(1000 / 64)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_validation_gives_every_rank_as_many_examples(world):
+    """Under ZeRO-3 a validation forward is collective: a rank with one batch more than the others
+    met their all-reduce (17 held-out examples on 2 ranks of micro-batch 8 gave 9 and 8)."""
+    for size in range(world, 60):
+        for count in (world, 16, 17, 32, 100):
+            positions = validation_positions(size, count, world)
+            per_rank = [len(positions[rank::world]) for rank in range(world)]
+            assert len(set(per_rank)) == 1 and per_rank[0] >= 1, (size, count, per_rank)
+            assert len(positions) > min(size, count) - world and len(set(positions)) == len(positions)
+
+
 def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):
     """The validation set is stored in document / genome order: with ``eval_batches`` x micro-batch
     below its size, the scored examples must reach its last quarter."""

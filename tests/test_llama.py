@@ -159,6 +159,21 @@ def test_second_corpus_is_the_66_books_of_the_kjv_as_plain_prose(tmp_path):
     assert 3.5e6 < sum(len(t) for t in texts.values()) < 4.5e6
 
 
+def test_third_corpus_is_debians_english_fortune_cookies_one_document_per_category(tmp_path):
+    """The second transfer-check corpus: one document per category file of Debian's ``fortunes``
+    (not the pictures of ``ascii-art``), the ``%`` separator lines gone, every cookie kept."""
+    from dyt_llama.corpus import prepare_fortunes
+
+    out = prepare_fortunes(tmp_path / "fortunes")
+    texts = {path.stem: path.read_text() for path in sorted(out.glob("*.txt"))}
+    assert len(texts) == 39 and "ascii-art" not in texts and {"tao", "songs-poems", "zippy"} <= set(texts)
+    assert json.loads((out / "manifest.json").read_text())["works"] == list(texts)
+    assert texts["tao"].startswith("The Way\n\nThe Way that can be experienced is not true;\n")
+    assert not any(line.strip() == "%" for text in texts.values() for line in text.splitlines())
+    assert texts["zippy"].endswith("Zippy's brain cells are straining to bridge synapses ...\n")
+    assert 2.3e6 < sum(len(t) for t in texts.values()) < 2.6e6
+
+
 def test_jsonl_corpus_with_titles(tmp_path):
     path = tmp_path / "docs" / "d.jsonl"
     path.parent.mkdir()

@@ -25,6 +25,8 @@ from dyt.train import TrainConfig, run_recipe  # noqa: E402
 class ToyModelConfig:
     width: int = 16
     dropout: float = 0.1
+    bias: bool = True
+    """False with ``norm.kind: identity``: a model of matrices only (one optimizer group)."""
     norm: NormConfig = field(default_factory=lambda: NormConfig(kind="dyt"))
 
 
@@ -53,13 +55,13 @@ class ToyTask:
         self.calls = 0
 
     def build_model(self) -> nn.Module:
-        width = self.config.model.width
+        width, bias = self.config.model.width, self.config.model.bias
         return nn.Sequential(
-            nn.Linear(4, width),
+            nn.Linear(4, width, bias=bias),
             make_norm(self.config.model.norm, width),
             nn.GELU(),
             nn.Dropout(self.config.model.dropout),
-            nn.Linear(width, 1),
+            nn.Linear(width, 1, bias=bias),
         )
 
     def _data(self, seed: int) -> TensorDataset:

@@ -43,7 +43,8 @@ def main() -> None:
             torch.save({name: p.detach().clone() for name, p in params.items()}, out / "initial.pt")
     if torch.distributed.get_rank() == 0:
         (out / "initial.json").write_text(json.dumps({"built_sharded": task.built_sharded,
-                                                      "world_size": torch.distributed.get_world_size()}))
+                                                      "world_size": torch.distributed.get_world_size(),
+                                                      "torch_linear": torch.nn.functional.linear is torch._C._nn.linear}))
 
 
 if __name__ == "__main__":

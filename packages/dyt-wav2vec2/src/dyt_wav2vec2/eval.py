@@ -487,7 +487,7 @@ def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
 def add_ctc_arguments(parser: argparse.ArgumentParser) -> None:
     """The CTC eval's budget, rate and schedule (``CTCSettings``), for this CLI and the compare's."""
     parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTCSettings.steps,
-                        help="CTC fine-tuning steps per seed")
+                        help="CTC fine-tuning steps per seed (8000 for recipes/wav2vec2/small.yaml)")
     parser.add_argument("--ctc-lr", type=POSITIVE.arg(float), default=CTCSettings.lr,
                         help="CTC fine-tuning peak learning rate (2e-3 for recipes/wav2vec2/small.yaml)")
     parser.add_argument("--ctc-schedule", choices=SCHEDULES, default=CTCSettings.schedule,

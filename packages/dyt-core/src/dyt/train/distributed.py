@@ -123,7 +123,8 @@ def init_normal_(param: torch.Tensor, std: float, mean: float = 0.0) -> None:
     shard, numel = param.ds_tensor, param.ds_numel
     first, last = rank * shard.ds_numel, min((rank + 1) * shard.ds_numel, numel)  # this rank's elements
     chunks = list(normal_chunks(numel, NORMAL_CHUNK))
-    drawn = torch.empty(max(size for _, size in chunks), dtype=shard.dtype)  # on the CPU, as a whole build draws
+    # On the CPU, as a whole build draws: zero.Init puts tensors made without a device on the accelerator.
+    drawn = torch.empty(max(size for _, size in chunks), dtype=shard.dtype, device="cpu")
     sent = drawn if shard.device.type == "cpu" else torch.empty_like(drawn, device=shard.device)
     for start, size in chunks:
         values = sent[:size]

@@ -95,11 +95,15 @@ VALIDATION_SEED = 20_251_205
 """The seed of the random draws a task makes while validating (plus the rank)."""
 
 
-def validation_positions(size: int, count: int) -> list[int]:
+def validation_positions(size: int, count: int, world_size: int = 1) -> list[int]:
     """``count`` example positions spread evenly over a validation set of ``size`` (all of it when
     ``count >= size``). Validation sets are stored in document / genome order, so their first
-    examples would score one document (LLaMA's first 8k tokens were all Persuasion) or one strain."""
+    examples would score one document (LLaMA's first 8k tokens were all Persuasion) or one strain.
+    The count is cut to a multiple of ``world_size``, so that every rank (taking every world-th
+    position) scores as many examples, in as many forwards: under ZeRO-3 a forward is collective
+    (each gathers the parameters from all ranks), and a rank's extra one met the others' all-reduce."""
     count = min(size, count)
+    count -= count % world_size
     return [i * size // count for i in range(count)]
 
 
@@ -202,6 +206,9 @@ def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype 
     # bf16 whatever dtype says (measured: an AMD EPYC box). With dtype None it takes the config's.
     fp32_config = {k: v for k, v in ds_config.items() if k not in ("bf16", "bfloat16", "fp16")}
     fp32_config.update(bf16={"enabled": False}, fp16={"enabled": False})
+    # The config's memory_efficient_linear (default true) overrides the argument, and a true one
+    # replaces torch.nn.functional.linear with DeepSpeed's for the rest of the process.
+    fp32_config["zero_optimization"] = {**fp32_config.get("zero_optimization", {}), "memory_efficient_linear": False}
     with _large_frees_returned(), deepspeed.zero.Init(config_dict_or_path=fp32_config, dtype=None,
                                                       mem_efficient_linear=False):
         model = build()
@@ -309,6 +316,19 @@ class ResumableBatches:
         return DataPosition(epoch, offset * step_examples)
 
 
+def _undo_construction_step(optimizer: torch.optim.Optimizer) -> None:
+    """Set back the Adam step that DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in bf16 / fp16 with a
+    torch optimizer) takes with zero gradients when it is built: left, every run of that set-up ran
+    one step ahead (its first update ~26% smaller with betas 0.9 / 0.95 than the other stages' first).
+    Its moments are zero, so step 0 makes the state that of an optimizer that never stepped, bar a
+    weight decay of ``lr x wd`` at the first warmup rate (a relative 7e-6 with the tiny configs)."""
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.item() > 0 and all(
+                not torch.any(state[key]) for key in ("exp_avg", "exp_avg_sq") if key in state):
+            step.zero_()
+
+
 class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None):
         self.task, self.cfg = task, cfg
@@ -328,12 +348,15 @@ class Trainer:
             _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg))
-        self.optimizer, self.weight_decays = optimizer, [group["weight_decay"] for group in optimizer.param_groups]
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        # After initialize: DeepSpeed drops empty groups in place (a model of matrices only, e.g. LLaMA
+        # with norm.kind=identity, keeps one of the two).
+        self.optimizer, self.weight_decays = optimizer, [group["weight_decay"] for group in optimizer.param_groups]
+        _undo_construction_step(optimizer)
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
-    def _repair_optimizer_after_load(self, step: int) -> None:
+    def _repair_optimizer_after_load(self) -> None:
         """Undo two things DeepSpeed's ZeRO-3 universal load (``stage3.py``) does to the optimizer, so
         that a resume on another world size continues the run:
 
@@ -342,9 +365,7 @@ class Trainer:
           groups' decays are fixed by ``train.weight_decay`` (which ``--resume`` refuses to change);
         - it hands every flat fp32 partition one and the same ``step`` tensor, which AdamW advances in
           place once per partition: with two groups a step resumed at 3 went 5, 7, 9, and Adam's bias
-          corrections were those of later steps. Each partition gets its own copy, and a checkpoint
-          saved after such a resume (an Adam step ahead of the run's ``step``: one that skips no
-          update never gets there otherwise) has it set back to ``step``."""
+          corrections were those of later steps. Each partition gets its own copy."""
         groups = self.optimizer.param_groups
         if len(groups) != len(self.weight_decays):
             raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after the load, "
@@ -352,19 +373,12 @@ class Trainer:
         for group, decay in zip(groups, self.weight_decays):
             group["weight_decay"] = decay
         seen: set[int] = set()
-        ahead = 0.0
         for state in self.optimizer.state.values():
             adam_step = state.get("step")
             if isinstance(adam_step, torch.Tensor):
                 if id(adam_step) in seen:
-                    adam_step = state["step"] = adam_step.clone()
+                    state["step"] = adam_step.clone()
                 seen.add(id(adam_step))
-                if adam_step.item() > step:
-                    ahead = max(ahead, adam_step.item())
-                    adam_step.fill_(step)
-        if ahead and self.dist.is_main:
-            print(f"the checkpoint's Adam step ({ahead:.0f}) was ahead of the run's step ({step}), as a ZeRO-3 "
-                  f"resume on another world size left it before 2026-12-05; set back to {step}", flush=True)
 
     def build_model(self, config: dict[str, Any] | None = None) -> nn.Module:
         """The task's model as the engine gets it, from the run's seed (the same initial weights on
@@ -396,9 +410,9 @@ class Trainer:
 
     def _validate(self, engine, dataset: Dataset) -> dict[str, float]:
         self._check_validation_size(dataset)
-        positions = validation_positions(len(dataset), self.cfg.eval_batches * self.cfg.micro_batch_size
-                                         * self.dist.world_size)
-        indices = positions[self.dist.rank::self.dist.world_size]
+        world = self.dist.world_size
+        positions = validation_positions(len(dataset), self.cfg.eval_batches * self.cfg.micro_batch_size * world, world)
+        indices = positions[self.dist.rank::world]
         loader = DataLoader(
             dataset,
             batch_size=self.cfg.micro_batch_size,
@@ -474,7 +488,7 @@ class Trainer:
         step, position, last_good = 0, DataPosition(), None
         if done:
             state = checkpoint.load(engine, done[-1], dist, universal)
-            self._repair_optimizer_after_load(state["step"])
+            self._repair_optimizer_after_load()
             saved_world = checkpoint.saved_world_size(done[-1])
             step, position, last_good = state["step"], batches.position_of(state, saved_world), done[-1]
             if dist.is_main:
