@@ -250,6 +250,46 @@ def test_bf16_zero0_takes_no_adam_step_before_training(tmp_path):
     assert alphas[0] == alphas[2]
 
 
+@pytest.mark.slow
+def test_a_grad_clip_changed_on_resume_applies_under_zero2(tmp_path):
+    """``train.grad_clip`` may change on ``--resume``. DeepSpeed's ZeRO-1/2 load puts the saved clip
+    back over the engine's, so a ZeRO-2 run kept clipping at 1.0 (its steps 4-6 equalled the
+    unchanged run's). With the harness setting the run's own again, the ZeRO-2 resume at clip 0.01
+    follows the ZeRO-0 one, which DeepSpeed never overrode."""
+    alphas = {}
+    for stage in (0, 2):
+        items = [f"train.zero_stage={stage}", "train.grad_accum=2"]
+        _toy(1, [*items, f"train.out_dir=z{stage}"], tmp_path)
+        shutil.copytree(tmp_path / f"z{stage}", tmp_path / f"r{stage}")
+        shutil.rmtree(tmp_path / f"r{stage}/checkpoints/step_00000006")
+        _toy(1, [*items, "train.grad_clip=0.01", f"train.out_dir=r{stage}", "--resume"], tmp_path)
+        alphas[stage] = [row["alpha/1"] for row in read_metrics(tmp_path / f"r{stage}/metrics.jsonl")]
+    unchanged = [row["alpha/1"] for row in read_metrics(tmp_path / "z2/metrics.jsonl")]
+    assert abs(alphas[0][3] - unchanged[3]) > 1e-4  # the smaller clip bites at step 4
+    assert alphas[2] == pytest.approx(alphas[0], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_on_another_world_size_restores_the_buffers(tmp_path):
+    """DeepSpeed's universal load restores parameters and optimizer states, not the module's buffers:
+    sigmaReparam's power-iteration vector ``u`` restarted from the initial weights' SVD (losses after
+    the resume off by ~1.6e-5 relative here). The harness loads them from the checkpoint's model
+    states. One rank resumes with micro-batch 16, so that, like the 2 x 8 ranks before, each step
+    runs one forward (``u`` moves once per training forward)."""
+    items = ["train.zero_stage=2", "model.norm.kind=sigma-reparam"]
+    _toy(2, [*items, "train.out_dir=whole"], tmp_path)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
+    out = _toy(1, [*items, "train.micro_batch_size=16", "train.out_dir=resumed", "--resume"], tmp_path).stdout
+    assert "loaded through DeepSpeed's universal checkpoint" in out
+    whole, resumed = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "resumed"))
+    for before, after in zip(whole[3:], resumed[3:]):
+        for key in ("train/loss", "eval/loss"):
+            if key in before:
+                assert after[key] == pytest.approx(before[key], rel=1e-6), (key, before["step"])
+
+
 # ---------------------------------------------------------------- the engine's dtype for inputs
 
 def test_inputs_follow_the_engines_dtype(tmp_path):

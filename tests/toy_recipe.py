@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dyt import NormConfig, make_norm  # noqa: E402
+from dyt import NormConfig, apply_norm_free, make_norm  # noqa: E402
 from dyt.train import TrainConfig, run_recipe  # noqa: E402
 
 
@@ -56,13 +56,14 @@ class ToyTask:
 
     def build_model(self) -> nn.Module:
         width, bias = self.config.model.width, self.config.model.bias
-        return nn.Sequential(
+        model = nn.Sequential(
             nn.Linear(4, width, bias=bias),
             make_norm(self.config.model.norm, width),
             nn.GELU(),
             nn.Dropout(self.config.model.dropout),
             nn.Linear(width, 1, bias=bias),
         )
+        return apply_norm_free(model, self.config.model.norm)  # sigma-reparam: a buffer per linear
 
     def _data(self, seed: int) -> TensorDataset:
         g = torch.Generator().manual_seed(seed)

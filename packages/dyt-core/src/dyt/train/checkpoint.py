@@ -207,10 +207,24 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
             f"{directory} is marked complete but does not load ({first}): if a file in it was damaged since the "
             "save, delete that folder to resume from the one before; if the model or this code changed since (e.g. "
             "its parameter groups), start a new run in another train.out_dir") from error
+    if universal:
+        _load_buffers(engine.module, directory)
     rng_file = directory / f"rng_rank{dist.rank}.pt"
     if saved_world_size(directory) == dist.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}
+
+
+def _load_buffers(module: torch.nn.Module, directory: Path) -> None:
+    """The module's persistent buffers from a checkpoint's model-states file. DeepSpeed's universal
+    load restores parameters and optimizer states only (``engine.py`` skips the module state dict),
+    so buffers came back as built: sigmaReparam's power-iteration vector ``u``, for one, restarted
+    from the initial weights' SVD. Buffers are whole on every rank under every ZeRO stage."""
+    saved = torch.load(sorted(directory.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved and saved[name].shape == buffer.shape:
+                buffer.copy_(saved[name])
 
 
 def settings_changes(config: Any) -> SettingChanges | None:

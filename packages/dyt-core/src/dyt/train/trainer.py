@@ -356,9 +356,15 @@ class Trainer:
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
-    def _repair_optimizer_after_load(self) -> None:
-        """Undo two things DeepSpeed's ZeRO-3 universal load (``stage3.py``) does to the optimizer, so
-        that a resume on another world size continues the run:
+    def _repair_optimizer_after_load(self, engine) -> None:
+        """Undo what DeepSpeed's checkpoint loads do to the optimizer's settings:
+
+        - ZeRO-1/2 (``stage_1_and_2.py``, same or another world size) and bf16's optimizer put the
+          saved gradient clip back over the one the engine was built with, so a ``train.grad_clip``
+          changed on ``--resume`` (an allowed change) was ignored; the run's own is set again.
+
+        And two things its ZeRO-3 universal load (``stage3.py``) does, so that a resume on another
+        world size continues the run:
 
         - it copies the first parameter group's settings into every group, so norm weights, DyT's
           alpha and biases were decayed from then on (and every later checkpoint saved it so). The
@@ -372,6 +378,8 @@ class Trainer:
                                f"{len(self.weight_decays)} when built")
         for group, decay in zip(groups, self.weight_decays):
             group["weight_decay"] = decay
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = self.cfg.grad_clip
         seen: set[int] = set()
         for state in self.optimizer.state.values():
             adam_step = state.get("step")
@@ -488,7 +496,7 @@ class Trainer:
         step, position, last_good = 0, DataPosition(), None
         if done:
             state = checkpoint.load(engine, done[-1], dist, universal)
-            self._repair_optimizer_after_load()
+            self._repair_optimizer_after_load(engine)
             saved_world = checkpoint.saved_world_size(done[-1])
             step, position, last_good = state["step"], batches.position_of(state, saved_world), done[-1]
             if dist.is_main:
