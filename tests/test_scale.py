@@ -157,15 +157,20 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     micro-batches on the other (tests/test_distributed.py compares the two set-ups alike); the
     fp32 weights and moments come through the universal checkpoint exactly."""
     accum = {1: 2, 2: 1}
-    _toy(saved_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[saved_ranks]}", "train.out_dir=whole"],
-         tmp_path)
+    extra = []
+    if stage == 3:  # every parameter partitioned, DyT's alpha too (logged gathered: it was NaN)
+        (tmp_path / "partition_all.json").write_text(
+            '{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
+        extra = ["train.deepspeed_config=partition_all.json"]
+    _toy(saved_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[saved_ranks]}", "train.out_dir=whole",
+                       *extra], tmp_path)
     checkpoints = tmp_path / "whole/checkpoints"
     assert json.loads((checkpoints / "step_00000003/COMPLETE").read_text()) == {"step": 3, "world_size": saved_ranks}
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
 
     resume = _toy(resumed_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[resumed_ranks]}",
-                                  "train.out_dir=resumed", "--resume"], tmp_path)
+                                  "train.out_dir=resumed", *extra, "--resume"], tmp_path)
     out = resume.stdout
     universal = (tmp_path / "resumed/checkpoints/step_00000003/universal/COMPLETE").is_file()
     if stage:

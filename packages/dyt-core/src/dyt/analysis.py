@@ -152,6 +152,10 @@ class AlphaTracker:
 
         return measure
 
+    def parameters(self) -> list[nn.Parameter]:
+        """Every DyT's alpha, for a caller that must gather them first (ZeRO-3)."""
+        return [m.alpha for _, m in dyt_layers(self.model)]
+
     def alphas(self) -> dict[str, float]:
         return {p: alpha_value(m) for p, m in dyt_layers(self.model)}
 

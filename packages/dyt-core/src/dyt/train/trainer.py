@@ -6,6 +6,7 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -316,6 +317,17 @@ class ResumableBatches:
         return DataPosition(epoch, offset * step_examples)
 
 
+def _whole(engine, params: list[nn.Parameter]):
+    """Under ZeRO-3, ``params`` gathered whole for reading (on every rank: the gather is collective);
+    a parameter below ``stage3_param_persistence_threshold`` stays whole anyway, others (an alpha
+    with a threshold of 0) are empty placeholders between forwards."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 def _undo_construction_step(optimizer: torch.optim.Optimizer) -> None:
     """Set back the Adam step that DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in bf16 / fp16 with a
     torch optimizer) takes with zero gradients when it is built: left, every run of that set-up ran
@@ -557,7 +569,8 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
                                 **extra_means})
-                    row.update(alpha_tracker.metrics())
+                    with _whole(engine, alpha_tracker.parameters()):
+                        row.update(alpha_tracker.metrics())
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     evaluated = self._evaluate(engine, eval_set)
                     eval_loss = evaluated["loss"]
