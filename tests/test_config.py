@@ -34,7 +34,7 @@ def test_shorthand_keeps_other_norm_settings():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.nrom=dyt", "unknown key 'model.nrom'; valid keys under 'model': width, dropout, norm"),
+        ("model.nrom=dyt", "unknown key 'model.nrom'; valid keys under 'model': width, dropout, bias, norm"),
         ("trian.steps=3", "unknown key 'trian.steps'; valid keys: model, data, train"),
         ("train.steps=many", "train.steps: expected an integer, got 'many'"),
         ("train.precision=fp8", "train.precision: 'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
@@ -254,6 +254,8 @@ def test_a_deepspeed_json_that_contradicts_train_settings_is_an_error_naming_bot
         ('{"data_types": {"param_dtype": "bf16"}}', "data_types.param_dtype"),
         ('{"checkpoint": {"load_universal": true}}', "checkpoint.load_universal"),
         ('{"optimizer": {"type": "Adam"}}', "optimizer"),
+        ('{"managed_gradient_accumulation": false}', "managed_gradient_accumulation"),
+        ('{"zero_optimization": {"load_from_fp32_weights": false}}', "zero_optimization.load_from_fp32_weights"),
     ],
 )
 def test_a_deepspeed_json_may_not_set_what_the_harness_derives(tmp_path, json_text, key):
@@ -261,6 +263,16 @@ def test_a_deepspeed_json_may_not_set_what_the_harness_derives(tmp_path, json_te
     ds.write_text(json_text)
     with pytest.raises(ConfigError, match=f"sets '{key}', which the harness derives: remove it and "):
         load_config(ToyConfig, None, [f"train.deepspeed_config={ds}"])
+
+
+@pytest.mark.parametrize("section", ["zero_optimization", "bf16", "fp16"])
+def test_a_deepspeed_json_section_must_be_an_object(tmp_path, section):
+    """DeepSpeed takes ``"zero_optimization": true`` as ZeRO-1 (the merge replaced the harness's
+    stage with the boolean), whatever train.zero_stage said."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({section: True}))
+    with pytest.raises(ConfigError, match=f"sets '{section}' to true, not an object"):
+        load_config(ToyConfig, None, [f"train.deepspeed_config={ds}", "train.zero_stage=3"])
 
 
 def test_a_deepspeed_json_may_restate_train_settings_and_add_its_own(tmp_path):

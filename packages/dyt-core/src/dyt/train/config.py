@@ -169,6 +169,9 @@ class TrainConfig:
         "torch_autocast": "set train.precision",
         "data_types.param_dtype": "set train.precision",
         "checkpoint.load_universal": "use --resume, which turns it on when the checkpoint's world size differs",
+        "managed_gradient_accumulation": "set train.grad_accum (false makes every micro-batch an optimizer step)",
+        "zero_optimization.load_from_fp32_weights": "let resumes load the fp32 master weights (false rebuilds them "
+                                                    "from the half-precision copies)",
     }
     """DeepSpeed JSON keys (dotted paths) the harness sets itself, and what to do instead."""
 
@@ -232,6 +235,11 @@ class TrainConfig:
             return
         extra = read_json_object(self.deepspeed_config, "train.deepspeed_config")
         where = f"{self.deepspeed_config} (train.deepspeed_config)"
+        for section in ("zero_optimization", "bf16", "fp16"):
+            if section in extra and not isinstance(extra[section], Mapping):
+                raise ConfigError(f"{where} sets {section!r} to {json.dumps(extra[section])}, not an object: give "
+                                  f"its keys in an object (DeepSpeed reads \"zero_optimization\": true as ZeRO-1, "
+                                  "whatever train.zero_stage says)")
         for key, instead in self.HARNESS_KEYS.items():
             if _dotted(extra, key) is not _ABSENT:
                 raise ConfigError(f"{where} sets {key!r}, which the harness derives: remove it and {instead}")
