@@ -120,6 +120,20 @@ def test_metrics_logs_alpha_lr_throughput_and_tensorboard(tmp_path):
     assert "norm:\n    kind: dyt" in (tmp_path / "config.yaml").read_text()
 
 
+def test_logged_lr_is_the_rate_of_that_steps_update(tmp_path):
+    """Read after the step, the rate was the next update's: step 1 logged the full rate, which the
+    warmup's first update (half of it here) never used."""
+    argv = []
+    for item in (f"train.out_dir={tmp_path}", "train.steps=6", "train.warmup_steps=2", "train.lr=0.01",
+                 "train.min_lr=0.001", "train.eval_every=0", "train.save_every=0", "train.progress=false"):
+        argv += ["--set", item]
+    run_recipe(ToyConfig, ToyTask, argv)
+    factor = warmup_cosine(TrainConfig(steps=6, warmup_steps=2, lr=0.01, min_lr=0.001))
+    logged = [row["lr"] for row in read_metrics(tmp_path / "metrics.jsonl")]
+    assert logged == pytest.approx([0.01 * factor(update) for update in range(6)], rel=1e-12)
+    assert logged[0] == pytest.approx(0.005)
+
+
 def test_warmup_cosine():
     factor = warmup_cosine(TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1))
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)

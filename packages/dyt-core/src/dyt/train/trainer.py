@@ -538,6 +538,7 @@ class Trainer:
                 started = time.perf_counter()
                 alpha_tracker.armed = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps  # logged steps only
                 loss_sum, units, extra_sums = 0.0, 0.0, {}
+                lr = engine.get_lr()[0]  # this step's update's rate (the schedule moves on at its end)
                 for _ in range(cfg.grad_accum):
                     batch = _to_device(next(stream), dist.device, input_dtype)
                     loss, extras = self.task.loss(engine, batch)
@@ -562,7 +563,6 @@ class Trainer:
                 train_loss = stats[0].item() / dist.world_size
                 throughput = stats[1].item() / elapsed
                 extra_means = {f"train/{n}": v.item() / dist.world_size for n, v in zip(names, stats[2:])}
-                lr = engine.get_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}")
                 row: dict[str, float] = {}
