@@ -134,6 +134,17 @@ def test_logged_lr_is_the_rate_of_that_steps_update(tmp_path):
     assert logged[0] == pytest.approx(0.005)
 
 
+def test_a_schedule_changed_on_resume_sets_the_first_resumed_update_rate(tmp_path):
+    """``train.steps`` (and warmup, min_lr) may change on ``--resume``. The optimizer state loads the
+    rate the old schedule gave the next update, so the first resumed update ran at it; every
+    resumed update now runs at the new schedule's rate for its step."""
+    _run(tmp_path, "train.save_every=3", "train.steps=6")
+    _run(tmp_path, "train.save_every=3", "train.steps=12", resume=True)  # from the finished step 6
+    factor = warmup_cosine(TrainConfig(steps=12, warmup_steps=2, lr=0.01))
+    logged = _series(tmp_path, "lr")
+    assert [logged[step] for step in range(7, 13)] == pytest.approx([0.01 * factor(s - 1) for s in range(7, 13)], rel=1e-12)
+
+
 def test_warmup_cosine():
     factor = warmup_cosine(TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1))
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)

@@ -373,7 +373,9 @@ class Trainer:
 
         - ZeRO-1/2 (``stage_1_and_2.py``, same or another world size) and bf16's optimizer put the
           saved gradient clip back over the one the engine was built with, so a ``train.grad_clip``
-          changed on ``--resume`` (an allowed change) was ignored; the run's own is set again.
+          changed on ``--resume`` (an allowed change) was ignored; the run's own is set again;
+        - every load restores the groups' rate for the next update as the saved schedule gave it;
+          it is recomputed from this run's schedule at the saved step.
 
         And two things its ZeRO-3 universal load (``stage3.py``) does, so that a resume on another
         world size continues the run:
@@ -392,6 +394,12 @@ class Trainer:
             group["weight_decay"] = decay
         if hasattr(engine.optimizer, "clip_grad"):
             engine.optimizer.clip_grad = self.cfg.grad_clip
+        # The loaded groups carry the rate the saved schedule gave the next update; a resume that
+        # changed steps, warmup or min_lr (allowed) would run that one update on the old schedule.
+        schedule = engine.lr_scheduler
+        for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = base * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in groups]
         seen: set[int] = set()
         for state in self.optimizer.state.values():
             adam_step = state.get("step")
