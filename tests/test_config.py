@@ -284,7 +284,8 @@ def test_a_deepspeed_json_may_restate_train_settings_and_add_its_own(tmp_path):
     config = load_config(ToyConfig, None, [f"train.deepspeed_config={ds}", "train.precision=bf16", "train.zero_stage=2"])
     merged = deepspeed_config(config.train)
     assert merged["bf16"] == {"enabled": True, "immediate_grad_update": True}
-    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True} and merged["gradient_clipping"] == 1
+    assert merged["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False, "overlap_comm": True}
+    assert merged["gradient_clipping"] == 1
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

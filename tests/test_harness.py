@@ -145,6 +145,18 @@ def test_a_schedule_changed_on_resume_sets_the_first_resumed_update_rate(tmp_pat
     assert [logged[step] for step in range(7, 13)] == pytest.approx([0.01 * factor(s - 1) for s in range(7, 13)], rel=1e-12)
 
 
+def test_zero3_leaves_torchs_linear_in_place(tmp_path):
+    """DeepSpeed's default ``memory_efficient_linear`` replaces ``torch.nn.functional.linear`` for the
+    rest of the process whenever ZeRO-3 wraps a model (``zero.Init`` inside ``deepspeed.initialize``
+    for a model built whole, as here); the harness's config turns it off."""
+    linear = torch.nn.functional.linear
+    try:
+        _run(tmp_path, "train.zero_stage=3", "train.steps=2", "train.eval_every=0", "train.save_every=0")
+        assert torch.nn.functional.linear is linear
+    finally:
+        torch.nn.functional.linear = linear
+
+
 def test_warmup_cosine():
     factor = warmup_cosine(TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1))
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
@@ -283,11 +295,11 @@ def test_deepspeed_config_derived_then_file_merged_over(tmp_path):
 
     derived = deepspeed_config(TrainConfig(micro_batch_size=4, grad_accum=3, zero_stage=1, precision="bf16"))
     assert derived["train_micro_batch_size_per_gpu"] == 4 and derived["gradient_accumulation_steps"] == 3
-    assert derived["zero_optimization"] == {"stage": 1} and derived["bf16"] == {"enabled": True}
+    assert derived["zero_optimization"] == {"stage": 1, "memory_efficient_linear": False} and derived["bf16"] == {"enabled": True}
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "gradient_clipping": 0.5}))
     merged = deepspeed_config(TrainConfig(deepspeed_config=str(extra)))
-    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False, "overlap_comm": True}
     assert merged["gradient_clipping"] == 0.5 and merged["train_micro_batch_size_per_gpu"] == 8
     with pytest.raises(FileNotFoundError, match="train.deepspeed_config: no such file"):
         deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "missing.json")))

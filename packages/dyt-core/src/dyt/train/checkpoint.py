@@ -197,6 +197,7 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     try:
         if universal:
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
+            _load_buffers(engine.module, directory)
         else:
             _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
     except (torch.OutOfMemoryError, torch.distributed.DistBackendError):
@@ -207,8 +208,6 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
             f"{directory} is marked complete but does not load ({first}): if a file in it was damaged since the "
             "save, delete that folder to resume from the one before; if the model or this code changed since (e.g. "
             "its parameter groups), start a new run in another train.out_dir") from error
-    if universal:
-        _load_buffers(engine.module, directory)
     rng_file = directory / f"rng_rank{dist.rank}.pt"
     if saved_world_size(directory) == dist.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -220,10 +219,16 @@ def _load_buffers(module: torch.nn.Module, directory: Path) -> None:
     load restores parameters and optimizer states only (``engine.py`` skips the module state dict),
     so buffers came back as built: sigmaReparam's power-iteration vector ``u``, for one, restarted
     from the initial weights' SVD. Buffers are whole on every rank under every ZeRO stage."""
-    saved = torch.load(sorted(directory.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)["module"]
+    files = sorted(directory.glob("*model_states.pt"))
+    if not files:
+        raise OSError(f"no model states file in {directory}")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
     with torch.no_grad():
         for name, buffer in module.named_buffers():
-            if name in saved and saved[name].shape == buffer.shape:
+            if name in saved:
+                if saved[name].shape != buffer.shape:
+                    raise ValueError(f"buffer {name} was saved with shape {tuple(saved[name].shape)}, "
+                                     f"the model's is {tuple(buffer.shape)}")
                 buffer.copy_(saved[name])
 
 

@@ -211,7 +211,9 @@ class TrainConfig:
             "train_micro_batch_size_per_gpu": self.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,
             "gradient_clipping": self.grad_clip,
-            "zero_optimization": {"stage": self.zero_stage},
+            # DeepSpeed's default (true) replaces torch.nn.functional.linear for the whole process as soon as
+            # ZeRO-3 builds or wraps a model (zero.Init); the harness keeps torch's.
+            "zero_optimization": {"stage": self.zero_stage, "memory_efficient_linear": False},
             "bf16": {"enabled": self.precision == "bf16"},
             "fp16": {"enabled": self.precision == "fp16"},
             "zero_allow_untested_optimizer": True,

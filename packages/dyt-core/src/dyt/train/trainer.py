@@ -207,9 +207,6 @@ def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype 
     # bf16 whatever dtype says (measured: an AMD EPYC box). With dtype None it takes the config's.
     fp32_config = {k: v for k, v in ds_config.items() if k not in ("bf16", "bfloat16", "fp16")}
     fp32_config.update(bf16={"enabled": False}, fp16={"enabled": False})
-    # The config's memory_efficient_linear (default true) overrides the argument, and a true one
-    # replaces torch.nn.functional.linear with DeepSpeed's for the rest of the process.
-    fp32_config["zero_optimization"] = {**fp32_config.get("zero_optimization", {}), "memory_efficient_linear": False}
     with _large_frees_returned(), deepspeed.zero.Init(config_dict_or_path=fp32_config, dtype=None,
                                                       mem_efficient_linear=False):
         model = build()
@@ -328,12 +325,26 @@ def _whole(engine, params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params)
 
 
-def _undo_construction_step(optimizer: torch.optim.Optimizer) -> None:
-    """Set back the Adam step that DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in bf16 / fp16 with a
-    torch optimizer) takes with zero gradients when it is built: left, every run of that set-up ran
-    one step ahead (its first update ~26% smaller with betas 0.9 / 0.95 than the other stages' first).
-    Its moments are zero, so step 0 makes the state that of an optimizer that never stepped, bar a
-    weight decay of ``lr x wd`` at the first warmup rate (a relative 7e-6 with the tiny configs)."""
+@contextlib.contextmanager
+def _construction_step_undone(optimizer: torch.optim.Optimizer):
+    """Around ``deepspeed.initialize``: undo the step DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in
+    bf16 / fp16 with a torch optimizer) takes with zero gradients when it is built. Left, every run
+    of that set-up ran one Adam step ahead (its first update ~26% smaller with betas 0.9 / 0.95 than
+    under the other stages) and its matrices decayed once by ``lr x wd`` at the first warmup rate.
+    Weight decay is 0 while it is built, so that step changes no weight, and its step count is set
+    back to 0 (its moments are those of zero gradients: zero), leaving an optimizer that never
+    stepped. The groups are the same dicts after ``initialize`` (DeepSpeed only drops empty ones)."""
+    decays = {id(group): group["weight_decay"] for group in optimizer.param_groups}
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0
+    try:
+        yield
+    finally:
+        for group in optimizer.param_groups:
+            if id(group) not in decays:
+                raise RuntimeError("deepspeed.initialize replaced the optimizer's parameter groups; their "
+                                   "weight decay cannot be put back")
+            group["weight_decay"] = decays[id(group)]
     for state in optimizer.state.values():
         step = state.get("step")
         if isinstance(step, torch.Tensor) and step.item() > 0 and all(
@@ -360,11 +371,12 @@ class Trainer:
             _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        with _construction_step_undone(optimizer):
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=config)
         # After initialize: DeepSpeed drops empty groups in place (a model of matrices only, e.g. LLaMA
         # with norm.kind=identity, keeps one of the two).
         self.optimizer, self.weight_decays = optimizer, [group["weight_decay"] for group in optimizer.param_groups]
-        _undo_construction_step(optimizer)
         seed_everything(self.cfg.seed + 7919 * (self.dist.rank + 1))  # distinct dropout per rank
         return engine
 
