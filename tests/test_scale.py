@@ -135,6 +135,15 @@ def _toy(ranks: int, items: list[str], cwd: Path) -> subprocess.CompletedProcess
     return _launch(cmd + _sets(TOY + [item for item in items if not item.startswith("--")]) + flags, cwd)
 
 
+def _resume_from_step_3(ranks: int, items: list[str], cwd: Path, whole: str = "whole",
+                        resumed: str = "resumed") -> subprocess.CompletedProcess:
+    """A copy of the 6-step toy run ``whole`` cut back to its step-3 checkpoint, resumed as ``resumed``
+    on ``ranks`` ranks with ``items``."""
+    shutil.copytree(cwd / whole, cwd / resumed)
+    shutil.rmtree(cwd / resumed / "checkpoints/step_00000006")
+    return _toy(ranks, [*items, f"train.out_dir={resumed}", "--resume"], cwd)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage, saved_ranks, resumed_ranks", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2), (0, 2, 1)],
@@ -166,11 +175,9 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
                        *extra], tmp_path)
     checkpoints = tmp_path / "whole/checkpoints"
     assert json.loads((checkpoints / "step_00000003/COMPLETE").read_text()) == {"step": 3, "world_size": saved_ranks}
-    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
 
-    resume = _toy(resumed_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[resumed_ranks]}",
-                                  "train.out_dir=resumed", *extra, "--resume"], tmp_path)
+    resume = _resume_from_step_3(resumed_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[resumed_ranks]}",
+                                                 *extra], tmp_path)
     out = resume.stdout
     universal = (tmp_path / "resumed/checkpoints/step_00000003/universal/COMPLETE").is_file()
     if stage:
@@ -206,9 +213,7 @@ def test_zero3_resume_on_another_world_size_keeps_the_groups_weight_decay(tmp_pa
     checkpoint holds the groups the run was built with."""
     items = ["train.zero_stage=3"]
     _toy(2, [*items, "train.grad_accum=1", "train.out_dir=whole"], tmp_path)
-    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
-    out = _toy(1, [*items, "train.grad_accum=2", "train.out_dir=resumed", "--resume"], tmp_path).stdout
+    out = _resume_from_step_3(1, [*items, "train.grad_accum=2"], tmp_path).stdout
     assert "loaded through DeepSpeed's universal checkpoint" in out
 
     def weight_decays(run: str) -> list[float]:
@@ -229,9 +234,7 @@ def test_a_model_of_matrices_only_resumes(tmp_path, stage):
     built"). The resumed steps follow the uninterrupted run."""
     items = [f"train.zero_stage={stage}", "model.norm.kind=identity", "model.bias=false", "train.grad_accum=2"]
     _toy(1, [*items, "train.out_dir=whole"], tmp_path)
-    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
-    _toy(1, [*items, "train.out_dir=resumed", "--resume"], tmp_path)
+    _resume_from_step_3(1, items, tmp_path)
     whole, resumed = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "resumed"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for before, after in zip(whole[3:], resumed[3:]):
@@ -265,9 +268,7 @@ def test_a_grad_clip_changed_on_resume_applies_under_zero2(tmp_path):
     for stage in (0, 2):
         items = [f"train.zero_stage={stage}", "train.grad_accum=2"]
         _toy(1, [*items, f"train.out_dir=z{stage}"], tmp_path)
-        shutil.copytree(tmp_path / f"z{stage}", tmp_path / f"r{stage}")
-        shutil.rmtree(tmp_path / f"r{stage}/checkpoints/step_00000006")
-        _toy(1, [*items, "train.grad_clip=0.01", f"train.out_dir=r{stage}", "--resume"], tmp_path)
+        _resume_from_step_3(1, [*items, "train.grad_clip=0.01"], tmp_path, whole=f"z{stage}", resumed=f"r{stage}")
         alphas[stage] = [row["alpha/1"] for row in read_metrics(tmp_path / f"r{stage}/metrics.jsonl")]
     unchanged = [row["alpha/1"] for row in read_metrics(tmp_path / "z2/metrics.jsonl")]
     assert abs(alphas[0][3] - unchanged[3]) > 1e-4  # the smaller clip bites at step 4
@@ -284,9 +285,7 @@ def test_resume_on_another_world_size_restores_the_buffers(tmp_path):
     runs one forward (``u`` moves once per training forward)."""
     items = ["train.zero_stage=2", "model.norm.kind=sigma-reparam"]
     _toy(2, [*items, "train.out_dir=whole"], tmp_path)
-    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed/checkpoints/step_00000006")
-    out = _toy(1, [*items, "train.micro_batch_size=16", "train.out_dir=resumed", "--resume"], tmp_path).stdout
+    out = _resume_from_step_3(1, [*items, "train.micro_batch_size=16"], tmp_path).stdout
     assert "loaded through DeepSpeed's universal checkpoint" in out
     whole, resumed = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "resumed"))
     for before, after in zip(whole[3:], resumed[3:]):
