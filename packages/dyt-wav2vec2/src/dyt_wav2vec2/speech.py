@@ -4,21 +4,29 @@
   flite voices, saying the Asterisk prompt sentences and 36 keywords (digits, NATO alphabet);
 - real recordings: the Asterisk core sounds (one speaker, 8 kHz) of the same prompts and keywords.
 
-Splits are by voice: a variant or flite voice is in exactly one of train / validation / test, so
-evaluation voices are never heard in training. Prompt sentences are also split by text, so the
-speech-recognition eval on real recordings uses sentences the model never saw transcribed.
+Splits are by voice family: espeak-ng ships near-copies of its variants (``Gene2`` is ``Gene`` at
+another pitch, ``klatt2``-``klatt6`` are ``klatt``, ``max`` is ``RicishayMax`` without echo), so
+variants that share a name stem or most of their settings form one family, and a family or flite
+voice is in exactly one of train / validation / test: evaluation voices are never heard in training,
+nor near-copies of them. Prompt sentences are split by text, with near-identical transcripts
+("user will join the conference" / "users will ...") kept in one split, so the speech-recognition
+evals use sentences the model never saw transcribed.
 ``python -m dyt_wav2vec2.speech`` builds everything (cached, parallel, with a progress bar).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import gzip
+import hashlib
+import itertools
 import os
 import random
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,13 +68,87 @@ def _libs(root: Path) -> dict[str, str]:
     return {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{lib / 'pulseaudio'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
 
 
+SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}  # of prompt transcripts
+VOICE_SHARES = {"train": 5 / 7, "validation": 1 / 7, "test": 1 / 7}  # of espeak-ng variants
+SAME_VOICE = 0.7  # share of two variants' settings that are equal when they are one voice family
+SAME_SENTENCE = 0.8  # difflib's similarity of two transcripts that are one sentence family
+# Lines of a variant file that do not make its voice: the build draws each utterance's pitch itself.
+NOT_VOICE_SETTINGS = {"name", "language", "pitch", "echo"}
+
+
+def _families(items: Iterable[str], same: Callable[[str, str], bool]) -> list[list[str]]:
+    """``items`` grouped into the connected components of ``same`` (each sorted, then sorted by
+    their first item)."""
+    items = sorted(items)
+    parent = {item: item for item in items}
+
+    def root(item: str) -> str:
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for a, b in itertools.combinations(items, 2):
+        if root(a) != root(b) and same(a, b):
+            parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for item in items:
+        groups.setdefault(root(item), []).append(item)
+    return sorted(groups.values())
+
+
+def _split_families(families: list[list[str]], shares: dict[str, float]) -> dict[str, list[str]]:
+    """Whole families to splits, each to the split furthest below its share of members so far, in
+    an order fixed by a hash of each family's first member (alphabetical order would hold out, say,
+    every voice whose name starts with a capital)."""
+    split: dict[str, list[str]] = {name: [] for name in shares}
+    for family in sorted(families, key=lambda f: hashlib.sha256(f[0].encode()).hexdigest()):
+        name = min(shares, key=lambda s: (len(split[s]) + len(family)) / shares[s])
+        split[name] += family
+    return {name: sorted(members) for name, members in split.items()}
+
+
+def variant_settings(path: Path) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """The settings that shape an espeak-ng variant's voice, keyed by setting (and formant or tone
+    number): comments and :data:`NOT_VOICE_SETTINGS` dropped; ``klatt N`` kept as "klatt" (N picks a
+    version of the one Klatt synthesiser)."""
+    settings: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        words = line.split("//")[0].split("#")[0].split()
+        if not words or words[0].lower() in NOT_VOICE_SETTINGS:
+            continue
+        key = words[0].lower()
+        if key == "klatt":
+            settings[(key,)] = ()
+        else:
+            settings[(key, words[1]) if key in ("formant", "tone") and len(words) > 1 else (key,)] = tuple(words[1:])
+    return settings
+
+
+def voice_families(root: Path) -> list[list[str]]:
+    """espeak-ng's variants grouped into voices: two variants are one family when their names differ
+    only in case and trailing digits (``iven``, ``iven2``) or at least :data:`SAME_VOICE` of their
+    settings (:func:`variant_settings`) are equal (``RicishayMax`` and ``max``, ``john`` and
+    ``Mr serious``), and so is everything linked to them."""
+    folder = root / "usr/lib/x86_64-linux-gnu/espeak-ng-data/voices/!v"
+    settings = {p.name: variant_settings(p) for p in folder.iterdir()}
+
+    def stem(name: str) -> str:
+        return re.sub(r"\d+$", "", name.lower())
+
+    def same(a: str, b: str) -> bool:
+        keys = settings[a].keys() | settings[b].keys()
+        equal = sum(settings[a].get(k) == settings[b].get(k) for k in keys)
+        return stem(a) == stem(b) or not keys or equal >= SAME_VOICE * len(keys)
+
+    return _families(settings, same)
+
+
 def voice_splits(root: Path) -> dict[str, list[str]]:
-    """espeak voices ``accent+variant`` and ``flite:<voice>`` per split (by variant, never shared)."""
-    variants = sorted(p.name for p in (root / "usr/lib/x86_64-linux-gnu/espeak-ng-data/voices/!v").iterdir())
-    split_of = {v: "validation" if i % 7 == 3 else "test" if i % 7 == 6 else "train" for i, v in enumerate(variants)}
-    voices: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for variant, split in split_of.items():
-        voices[split] += [f"{accent}+{variant}" for accent in ACCENTS]
+    """espeak voices ``accent+variant`` and ``flite:<voice>`` per split: a voice family
+    (:func:`voice_families`) in all its accents, or a flite voice, is in one split only."""
+    variants = _split_families(voice_families(root), VOICE_SHARES)
+    voices = {split: [f"{accent}+{variant}" for variant in variants[split] for accent in ACCENTS] for split in SPLITS}
     for voice, split in FLITE_SPLITS.items():
         voices[split].append(f"flite:{voice}")
     return voices
@@ -106,14 +188,25 @@ def synthesize(root: Path, voice: str, text: str, out: Path, rng: random.Random)
     return Utterance(out, waveform.numel(), text)
 
 
+def sentence_families(transcripts: Iterable[str]) -> list[list[str]]:
+    """Distinct transcripts grouped by near-identity: two whose characters match to at least
+    :data:`SAME_SENTENCE` (difflib's ratio: "the conference is now muted" / "... unmuted", "please
+    enter your password ..." / "please re enter your password ...") are one family, and so is
+    everything linked to them."""
+    def same(a: str, b: str) -> bool:
+        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+        return (matcher.real_quick_ratio() >= SAME_SENTENCE and matcher.quick_ratio() >= SAME_SENTENCE
+                and matcher.ratio() >= SAME_SENTENCE)
+
+    return _families(set(transcripts), same)
+
+
 def _split_prompts(texts: dict[str, str]) -> dict[str, list[str]]:
     """Prompt names split by their text: 80% train, 10% validation, 10% test of the distinct
-    transcripts, so prompts that say the same words (several Asterisk prompts do) share a split."""
-    shuffled = sorted(set(texts.values()))
-    random.Random(0).shuffle(shuffled)
-    n = len(shuffled)
-    split_of = {text: "train" if i < int(0.8 * n) else "validation" if i < int(0.9 * n) else "test"
-                for i, text in enumerate(shuffled)}
+    transcripts, a family of near-identical ones (:func:`sentence_families`) in one split, so
+    prompts that say the same or nearly the same words (several Asterisk prompts do) share a split."""
+    split_of = {text: split for split, members in _split_families(sentence_families(texts.values()), SHARES).items()
+                for text in members}
     return {split: sorted(name for name, text in texts.items() if split_of[text] == split) for split in SPLITS}
 
 
@@ -130,8 +223,9 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     # v2: prompts split by distinct transcript (v1 split by prompt name, and prompts saying the same
     # words leaked 6 validation and 11 test sentences into training). v3: pitch and speed drawn from
     # the file's path inside ``out`` (v2 drew them from the absolute path: each cache dir, each
-    # $HOME, heard different audio).
-    key = f"v3-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
+    # $HOME, heard different audio). v4: voices split by family and transcripts by near-identity
+    # (v3 held out near-copies of training variants and sentences one word from training ones).
+    key = f"v4-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
     complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # the ranks of a launch all ask for the data at once
