@@ -210,6 +210,29 @@ def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):
     assert (row["eval/examples"], row["eval/examples_available"]) == (16, 256)  # what the reports state
 
 
+def test_validation_loss_is_the_mean_over_examples_not_over_batches(tmp_path):
+    """10 validation examples in micro-batches of 4: a short last batch of 2 counts as 2 examples.
+    The loss here is each batch's mean of its examples' values (9 of 4.0, one of 8.0 at the end),
+    so the per-example mean is 4.4 (a mean of the three batch means would say 4.667)."""
+
+    class Uneven(ToyTask):
+        def eval_dataset(self):
+            values = torch.tensor([4.0] * 9 + [8.0])
+            return torch.utils.data.TensorDataset(values[:, None].expand(10, 4).contiguous(), torch.zeros(10, 1))
+
+        def loss(self, model, batch):
+            if not torch.is_grad_enabled():
+                return batch[0][:, 0].mean() + 0 * sum(p.sum() for p in model.parameters()), {"half": 0.5 * batch[0][:, 0].mean().item()}
+            return super().loss(model, batch)
+
+    run_recipe(ToyConfig, Uneven, ["--set", f"train.out_dir={tmp_path}", "--set", "train.steps=1",
+                                   "--set", "train.micro_batch_size=4", "--set", "train.eval_batches=8",
+                                   "--set", "train.progress=false", "--set", "train.save_every=0"])
+    (row,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/loss" in r]
+    assert row["eval/examples"] == 10
+    assert row["eval/loss"] == pytest.approx(4.4) and row["eval/half"] == pytest.approx(2.2)
+
+
 class NoisyValidation(ToyTask):
     """A task whose validation loss draws from the global RNG, as wav2vec 2.0's crops and masks do."""
 

@@ -437,7 +437,9 @@ class Trainer:
 
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
         """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
-        over at most ``eval_batches`` micro-batches per rank, averaged over ranks; ``examples``: how many
+        over at most ``eval_batches`` micro-batches per rank, averaged over the examples of all ranks
+        (each batch's mean weighted by its examples: a short last batch counts as its size, not as a
+        full one); ``examples``: how many
         validation examples that scored, of ``examples_available``. The examples are
         spread evenly over the whole validation set (:func:`validation_positions`), not its first ones.
         Random draws the task makes while validating (crops, masks, distractors) come from a fixed
@@ -463,19 +465,20 @@ class Trainer:
             generator=torch.Generator().manual_seed(VALIDATION_SEED + self.dist.rank),
         )
         sums: dict[str, float] = {}
-        batches = 0
+        examples = 0
         engine.eval()
         with torch.no_grad():
-            for batch in loader:
+            for start, batch in zip(range(0, len(indices), self.cfg.micro_batch_size), loader):
+                size = len(indices[start:start + self.cfg.micro_batch_size])
                 loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
                 for name, value in {"loss": loss.item(), **extras}.items():
                     if name != "units":
-                        sums[name] = sums.get(name, 0.0) + float(value)
-                batches += 1
+                        sums[name] = sums.get(name, 0.0) + float(value) * size
+                examples += size
         engine.train()
         # Every rank has at least one batch, so every rank reduces the same names in the same order.
         names = ["loss"] + sorted(n for n in sums if n != "loss")
-        count = all_reduce(torch.tensor([float(batches)], dtype=torch.float64))
+        count = all_reduce(torch.tensor([float(examples)], dtype=torch.float64))
         if count.item() == 0:
             raise ValueError("the validation set has no examples for this many ranks")
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
