@@ -663,6 +663,47 @@ def test_fine_tuning_eval_validates_every_quarter_of_the_steps(tmp_path):
     assert [row["step"] for row in results[0].curve] == [4, 8, 12, 14]
 
 
+def test_the_eval_by_itself_fine_tunes_as_the_compare_does(tmp_path, monkeypatch):
+    """``python -m dyt_dna.eval`` on a compare's checkpoint gives the report's numbers only with the
+    compare's fine-tuning settings: both commands' defaults must be one set (docs/dna.md's; the eval
+    had its own window, examples per class, epochs, batch and no step cap)."""
+    import dyt_dna.compare as dna_compare
+    import dyt_dna.eval as dna_eval
+    from dyt.train.finetune import FinetuneConfig
+
+    documented = FinetuneConfig(epochs=4, batch_size=16, lr=1e-3, patience=3, max_steps=40, seeds=[0, 1, 2])
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(key):
+        def record(*args, **kwargs):
+            seen[key] = args
+            raise Captured
+        return record
+
+    monkeypatch.setattr(dna_compare, "plan_runs", capture("compare"))
+    with pytest.raises(Captured):
+        dna_compare.main(["--out", str(tmp_path / "cmp")])
+    compare = seen["compare"][1]
+    assert (compare.eval_window, compare.per_class) == (128, 100)
+    assert dna_eval.finetune_settings(compare) == documented
+
+    run = _fake_run(tmp_path / "run")
+    with monkeypatch.context() as patched:
+        patched.setattr(dna_eval, "load_task", capture("window"))
+        with pytest.raises(Captured):
+            dna_eval.main(["--run", str(run)])  # a built-in task: cut to --eval-window
+    assert seen["window"][1:] == (128, 100)
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=16)
+    monkeypatch.setattr(dna_eval, "evaluate", capture("eval"))
+    with pytest.raises(Captured):
+        dna_eval.main(["--run", str(run), "--task", str(tmp_path / "bench")])
+    task, cfg = seen["eval"][1:3]
+    assert cfg == dna_eval.finetune_for(documented, len(task.train))
+
+
 def test_the_compare_and_the_eval_validate_four_times_over_the_steps_they_take():
     """``dyt-dna-compare`` used ``max_steps // 4``: every step with ``--max-steps 0`` (epochs
     decide), and fewer than four validations when epochs end before ``max_steps``."""

@@ -45,14 +45,20 @@ from dyt.train.compare import (
     train_runs,
     validation_share,
 )
-from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
+from dyt.train.config import SEED
 from dyt.train.data_files import files_signature
-from dyt.train.finetune import FinetuneConfig
 from dyt.train.recipe import Metric
 from dyt.train.trainer import check_one_micro_batch
 
 from .data import BUILTIN_TASKS, ClassificationData, check_task, load_task, pretraining_datasets
-from .eval import evaluate, finetune_for, results_json
+from .eval import (
+    add_finetune_arguments,
+    eval_window_error,
+    evaluate,
+    finetune_for,
+    finetune_settings,
+    results_json,
+)
 from .recipe import SPEC
 from .task import DnaConfig
 
@@ -76,14 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
     add_pretrain_seeds_argument(parser)
-    parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128, help="built-in tasks: bases per example")
-    parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
-                        help="built-in tasks: training examples per class")
-    parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=4)
-    parser.add_argument("--max-steps", type=NON_NEGATIVE.arg(int), default=40,
-                        help="fine-tuning steps per seed (0: epochs decide)")
-    parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=16)
-    parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
+    add_finetune_arguments(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 
@@ -94,10 +93,8 @@ def main(argv: list[str] | None = None) -> Path:
             parser.error(f"argument --configs: {first_path} and {second_path} are both {first.name} models; "
                          "give one config per model (compare sizes in separate --out folders)")
     plan = plan_runs(SPEC, args, models, args.pretrain_seeds)  # config errors before launching
-    shortest_context = min(p.config.model.max_len for p in plan)
-    if args.eval_window > shortest_context:
-        parser.error(f"argument --eval-window: {args.eval_window} bases is longer than the context of a model "
-                     f"compared (model.max_len {shortest_context})")
+    if error := eval_window_error(args.eval_window, args.tasks, min(p.config.model.max_len for p in plan)):
+        parser.error(error)
     for spec in args.tasks:
         check_task(spec)
     for first, second in itertools.combinations(args.tasks, 2):
@@ -113,8 +110,7 @@ def main(argv: list[str] | None = None) -> Path:
         train, _ = pretraining_datasets(data, max_len)  # data errors early; warms the cache
         for planned in (p for p in plan if p.config.data == data and p.config.model.max_len == max_len):
             check_one_micro_batch(len(train), planned.config.train.micro_batch_size, args.nproc)
-    finetune_cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=3,
-                                  max_steps=args.max_steps, seeds=args.seeds)
+    finetune_cfg = finetune_settings(args)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
     task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}
     task_files = task_signatures(tasks, args.tasks)

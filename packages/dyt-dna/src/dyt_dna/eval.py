@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
+from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import (
     Classification,
     FinetuneConfig,
@@ -36,11 +36,43 @@ from dyt.train.finetune import (
     planned_steps,
 )
 
-from .data import ClassificationData, load_task, tokens
+from .data import BUILTIN_TASKS, ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
 
 VALIDATIONS = 4
 """Validation runs this many times per fine-tuning run (every quarter of the steps)."""
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fine-tuning options, with the same defaults in ``python -m dyt_dna.eval`` and
+    ``dyt-dna-compare``: an eval run by itself gives the numbers the report gives (sized for the
+    2-core box; raise ``--per-class``, ``--epochs`` and ``--max-steps`` for a fuller one)."""
+    parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128,
+                        help="built-in tasks: bases per example (at most the model's context)")
+    parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
+                        help="built-in tasks: training examples per class")
+    parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=4)
+    parser.add_argument("--max-steps", type=NON_NEGATIVE.arg(int), default=40,
+                        help="fine-tuning steps per seed (0: epochs decide)")
+    parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=16)
+    parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
+    parser.add_argument("--patience", type=AT_LEAST_ONE.arg(int), default=3,
+                        help="stop after this many validations without a better MCC")
+
+
+def eval_window_error(window: int, tasks: list[str], max_len: int) -> str | None:
+    """Why ``--eval-window`` cannot cut the built-in ones of ``tasks`` for a model whose context is
+    ``max_len`` bases; None where it can (task folders keep their own lengths: ``--truncate``)."""
+    if window > max_len and any(task in BUILTIN_TASKS for task in tasks):
+        return f"argument --eval-window: {window} bases is longer than a model's context (model.max_len {max_len})"
+    return None
+
+
+def finetune_settings(args: argparse.Namespace) -> FinetuneConfig:
+    """The fine-tuning :func:`add_finetune_arguments` parsed (its validation interval is set per task
+    by :func:`finetune_for`)."""
+    return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                          max_steps=args.max_steps, seeds=args.seeds)
 
 
 def finetune_for(cfg: FinetuneConfig, examples: int) -> FinetuneConfig:
@@ -117,12 +149,7 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=10)
-    parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
-    parser.add_argument("--batch-size", type=AT_LEAST_ONE.arg(int), default=32)
-    parser.add_argument("--patience", type=AT_LEAST_ONE.arg(int), default=3)
-    parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=1000,
-                        help="built-in tasks: training windows per class")
+    add_finetune_arguments(parser)
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
     parser.add_argument("--random-init", action="store_true",
                         help="fine-tune the run's model untrained (same config, seeds and budget): the baseline row")
@@ -131,11 +158,12 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     check_run(args.run, weights=not args.random_init)  # before any data is built
     # the weights are loaded once, by evaluate
     config = load_config(DnaConfig, args.run / "config.yaml", check_files=False)
-    task = load_task(args.task, config.data.window, args.per_class).check_length(config.model.max_len, args.truncate)
+    if error := eval_window_error(args.eval_window, [args.task], config.model.max_len):
+        parser.error(error)
+    task = load_task(args.task, args.eval_window, args.per_class).check_length(config.model.max_len, args.truncate)
     if task.note:
         print(f"{task.name}: {task.note}", flush=True)
-    cfg = finetune_for(FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                      patience=args.patience, seeds=args.seeds), len(task.train))
+    cfg = finetune_for(finetune_settings(args), len(task.train))
     results = evaluate(args.run, task, cfg, pretrained=not args.random_init)
     for metric, values in summarize(results).items():
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
