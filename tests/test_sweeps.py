@@ -355,6 +355,32 @@ def test_verdicts_never_choose_on_test_numbers_nor_judge_one_checkpoint_per_norm
     assert "Best accuracy for rmsnorm: train.lr=1 (0.910 ± 0.010, 3 seed(s))." in lines
 
 
+def test_seeds_that_are_not_finite_are_named_not_a_crash_nor_a_winner(tmp_path):
+    """A seed whose validation diverged (NaN, inf) made ``statistics`` raise while the report was
+    written, after every run had trained; and a NaN cell won or lost a ranking by its place."""
+    nan, inf = float("nan"), float("inf")
+    assert shared.mean_std([4.0, nan, 5.0]) == "4.500 ± 0.707 (1 of 3 seeds not finite)"
+    assert shared.mean_std([inf]) == "(1 of 1 seeds not finite)"
+    assert verdict([4.9, nan, 4.8], [5.0, 5.1, 5.2], higher_is_better=False, baseline_name="rmsnorm") == (
+        "no verdict: not finite in 1 of 3 seeds of this row")
+    assert verdict([4.9, 4.8, 4.7], [5.0, inf, nan], higher_is_better=False, baseline_name="rmsnorm") == (
+        "no verdict: not finite in 2 of 3 seeds of rmsnorm")
+    assert shared.pretraining_gain([0.6, nan, 0.7], [0.5, 0.5, 0.4], higher_is_better=True).startswith("no verdict")
+    lr = lambda v: ("train.lr", v)  # noqa: E731
+    cells = [("m", "rmsnorm", (lr("1"),)), ("m", "rmsnorm", (lr("2"),)), ("m", "dyt", ())]
+    for first, second in ((cells[0], cells[1]), (cells[1], cells[0])):  # in either order
+        losses = {first: [nan, 4.0, 4.0], second: [5.0, 5.1, 5.2], cells[2]: [4.5, 4.5, 4.5]}
+        # judged against the finite baseline point (the NaN one would give "no verdict")
+        assert shared.judge(cells[2], losses, "rmsnorm", higher_is_better=False) == (
+            "better than rmsnorm's mean ± 2σ [4.900, 5.300]")
+    model = TOY.models[0]
+    values = {(model.name, "dyt", (lr("1"),)): {"loss": [nan, 1.0, 1.0]}, (model.name, "dyt", (lr("2"),)): {"loss": [2.0, 2.0, 2.0]}}
+    lines = sweep_section(tmp_path, model, values, [Metric("loss", "validation loss", higher_is_better=False)],
+                          [shared.parse_sweep("dyt:train.lr=1,2")])
+    best = [line for line in lines if line.startswith("Best")]
+    assert best == ["Best validation loss for dyt: train.lr=2 (2.000 ± 0.000, 3 seed(s))."], lines
+
+
 def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
     """The LLaMA table's verdict column over 3 seeds, from hand-made runs (test_reports' helpers)."""
     from test_reports import LLAMA_TINY, _llama_run, table

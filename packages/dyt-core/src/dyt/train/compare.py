@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -426,10 +427,12 @@ def _last_step(out: Path) -> int:
     return max((row["step"] for row in read_metrics(path, partial_last=True)), default=0) if path.is_file() else 0
 
 
-EVALS_VERSION = 3
+EVALS_VERSION = 4
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
 standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, wav2vec 2.0 Base's
-GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05), so that a relaunch recomputes what older code stored instead of
+GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05; 4: the wav2vec 2.0
+random-init probe draws its backbone per seed, the contrastive eval counts each recording once and
+weighs batches by their utterances, 2026-12-05), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
 
@@ -449,8 +452,30 @@ def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
 # ---------------------------------------------------------------- numbers and verdicts
 
 
+def not_finite(values: Sequence[float]) -> int:
+    """How many of ``values`` are NaN or infinite (a seed whose validation diverged)."""
+    return sum(not math.isfinite(v) for v in values)
+
+
+def seed_mean(values: Sequence[float]) -> float:
+    """The mean over seeds; NaN where a seed's value is not finite (``statistics`` raises there)."""
+    return statistics.mean(values) if not not_finite(values) else math.nan
+
+
+def ranking_mean(values: Sequence[float], higher_is_better: bool) -> float:
+    """The mean that ranks a cell among others: one with a seed that is not finite ranks last (a
+    NaN would win or lose by its place in the list)."""
+    if not_finite(values):
+        return -math.inf if higher_is_better else math.inf
+    return statistics.mean(values)
+
+
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """``mean ± std`` over seeds (just the value for one seed)."""
+    """``mean ± std`` over seeds (just the value for one seed); seeds that are not finite are left
+    out of it and counted."""
+    if bad := not_finite(values):
+        finite = [v for v in values if math.isfinite(v)]
+        return (f"{mean_std(finite, digits)} " if finite else "") + f"({bad} of {len(values)} seeds not finite)"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -463,6 +488,12 @@ def two_sigma(reference: Sequence[float], other: Sequence[float]) -> float:
     return 2 * (statistics.stdev(reference) or statistics.stdev(other))
 
 
+def _not_finite_note(*rows: tuple[Sequence[float], str]) -> str | None:
+    """"no verdict" naming the rows with seeds that are not finite; None where every seed is."""
+    bad = [f"{not_finite(values)} of {len(values)} seeds of {who}" for values, who in rows if not_finite(values)]
+    return f"no verdict: not finite in {' and '.join(bad)}" if bad else None
+
+
 def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool, digits: int = 3,
             baseline_name: str = "the baseline") -> str:
     """In words: does the mean of ``values`` (DyT's, over seeds) lie within the baseline's mean ± 2σ
@@ -470,6 +501,8 @@ def verdict(values: Sequence[float], baseline: Sequence[float], *, higher_is_bet
     least 3 seeds."""
     if min(len(values), len(baseline)) < MIN_VERDICT_SEEDS:
         return NO_VERDICT
+    if unusable := _not_finite_note((values, "this row"), (baseline, baseline_name)):
+        return unusable
     centre, spread = statistics.mean(baseline), two_sigma(baseline, values)
     low, high = centre - spread, centre + spread
     mean = statistics.mean(values)
@@ -489,7 +522,7 @@ def over_pretrainings(per_run: Sequence[Sequence[float]]) -> list[float]:
     ``MIN_VERDICT_SEEDS`` of them: no verdict); with one, its fine-tuning values (the spread of
     fine-tuning that checkpoint)."""
     if len(per_run) > 1:
-        return [statistics.mean(values) for values in per_run]
+        return [seed_mean(values) for values in per_run]
     return [value for values in per_run for value in values]
 
 
@@ -538,6 +571,8 @@ def pretraining_gain(pretrained: Sequence[float], untrained: Sequence[float], *,
     A verdict between norms says nothing of this: two models that learned nothing tie."""
     if min(len(pretrained), len(untrained)) < MIN_VERDICT_SEEDS:
         return NO_VERDICT
+    if unusable := _not_finite_note((pretrained, "the pretrained rows"), (untrained, "random init")):
+        return unusable
     gain = statistics.mean(pretrained) - statistics.mean(untrained)
     spread = two_sigma(untrained, pretrained)
     if abs(gain) <= spread:
@@ -585,7 +620,7 @@ def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, hi
         return "baseline"
     if choose_by is None:
         choose_by, choose_higher = numbers, higher_is_better
-    reference = baseline_cell(cell, numbers, baseline, lambda c: statistics.mean(choose_by[c]), choose_higher)
+    reference = baseline_cell(cell, numbers, baseline, lambda c: ranking_mean(choose_by[c], choose_higher), choose_higher)
     if reference is None:
         return "no baseline run"
     if pretrainings == 1:
@@ -665,7 +700,7 @@ def plot_losses(runs: Sequence[Run], path: Path, ylabel: str) -> None:
         for key in ("train/loss", "eval/loss"):
             per_run = [{r["step"]: r[key] for r in run.metrics if key in r} for run in members]
             steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
-            curves[key] = (steps, [statistics.mean(c[step] for c in per_run) for step in steps])
+            curves[key] = (steps, [seed_mean([c[step] for c in per_run]) for step in steps])
         seeds = f"{len(members)} seeds" if len(members) > 1 else f"seed {members[0].seed}"
         steps, losses = curves["train/loss"]
         line, = ax.plot(steps, losses, label=f"{label} ({seeds})", alpha=0.85, linewidth=1.2)
@@ -729,7 +764,8 @@ def sweep_section(out: Path, model: ModelSpec, values: dict[Cell, dict[str, list
                 lines += ["", f"{metric.title} is a test number: no point is chosen on it (choose on a validation "
                               "metric), the table only shows how it moves.", ""]
                 continue
-            best = (max if metric.higher_is_better else min)(cell_of, key=lambda p: statistics.mean(cell_of[p]))
+            best = (max if metric.higher_is_better else min)(
+                cell_of, key=lambda p: ranking_mean(cell_of[p], metric.higher_is_better))
             lines += ["", f"Best {metric.title} for {norm}: {describe_sweep(best)} "
                           f"({mean_std(cell_of[best], metric.digits)}, {len(cell_of[best])} seed(s)).", ""]
     return lines
@@ -760,8 +796,9 @@ def _plot_sweep(path: Path, sweeps: list[Sweep], cell_of: dict, metric: Metric, 
     if len(sweeps) == 1:
         (sweep,) = sweeps
         xs = [v for v in sweep.values if ((sweep.key, v),) in cell_of]
-        means = [statistics.mean(cell_of[((sweep.key, v),)]) for v in xs]
-        errors = [statistics.stdev(cell_of[((sweep.key, v),)]) if len(cell_of[((sweep.key, v),)]) > 1 else 0.0
+        means = [seed_mean(cell_of[((sweep.key, v),)]) for v in xs]
+        errors = [statistics.stdev(cell_of[((sweep.key, v),)])
+                  if len(cell_of[((sweep.key, v),)]) > 1 and not not_finite(cell_of[((sweep.key, v),)]) else 0.0
                   for v in xs]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.errorbar(range(len(xs)), means, yerr=errors, marker="o", capsize=4)
@@ -770,7 +807,7 @@ def _plot_sweep(path: Path, sweeps: list[Sweep], cell_of: dict, metric: Metric, 
         ax.set_ylabel(metric.title)
     else:
         rows, cols = sweeps
-        grid_means = [[statistics.mean(cell_of[((rows.key, r), (cols.key, c))])
+        grid_means = [[seed_mean(cell_of[((rows.key, r), (cols.key, c))])
                        if ((rows.key, r), (cols.key, c)) in cell_of else float("nan") for c in cols.values]
                       for r in rows.values]
         fig, ax = plt.subplots(figsize=(1.2 * len(cols.values) + 3, 0.8 * len(rows.values) + 2.5))
