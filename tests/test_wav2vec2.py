@@ -371,6 +371,43 @@ def test_probe_features_are_standardised_by_the_training_split_alone():
     torch.testing.assert_close(plain["test"].tensors[0], (raw_test - raw_train.mean(0)) / (variance + floor).sqrt())
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_the_random_init_probe_draws_its_backbone_per_seed(pretrained, monkeypatch):
+    """An untrained backbone drawn once (from the first seed) made the random-init probe's ± the
+    linear head's noise alone, and its "pretrained − random init" band too narrow; a trained one is
+    the same for every seed, so its features are taken once."""
+    import dyt_wav2vec2.eval as w2v_eval
+    from dyt.train.finetune import FinetuneConfig
+    from dyt_wav2vec2.audio import Utterance
+
+    config = load_config(Wav2Vec2PretrainConfig, ROOT / "recipes/wav2vec2/tiny.yaml")
+    drawn = []
+
+    def make():
+        drawn.append(1)
+        return build_wav2vec2(config.model)
+
+    monkeypatch.setattr(w2v_eval, "load_pretrained", lambda run, pretrained: (config, make))
+    waves = torch.randn(4, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    monkeypatch.setattr(w2v_eval, "_keyword_rows", lambda data, name: w2v_eval.LabeledAudio(
+        [Utterance(Path("x"), 16000, "one")] * 4, [0, 1, 2, 3]))
+    monkeypatch.setattr(w2v_eval, "load_audio", lambda path: waves[0])
+    monkeypatch.setattr(w2v_eval.LabeledAudio, "__getitem__", lambda self, i: (waves[i], self.labels[i]))
+    seen = {}
+
+    def fake_finetune(builder, train, validation, tests, collate, objective, cfg, seed, **_):
+        seen[seed] = train.tensors[0]
+        return seed
+
+    monkeypatch.setattr(w2v_eval, "finetune", fake_finetune)
+    w2v_eval.keyword_eval(Path("run"), Path("data"), "probe", FinetuneConfig(seeds=[0, 1, 2]), pretrained)
+    assert sorted(seen) == [0, 1, 2]
+    if pretrained:
+        assert len(drawn) == 1 and seen[0] is seen[1] is seen[2]
+    else:
+        assert len(drawn) == 3 and not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1], seen[2])
+
+
 def test_word_error_rate_on_hand_checked_strings():
     assert word_error_rate(["the cat sat"], ["the cat sat"]) == 0
     assert word_error_rate(["the cat"], ["the cat sat"]) == pytest.approx(1 / 3)  # one deletion

@@ -46,10 +46,10 @@ from dyt.train.compare import (
     train_runs,
     validation_share,
 )
-from dyt.train.config import AT_LEAST_ONE, SEED
+from dyt.train.config import SEED
 from dyt.train.recipe import Metric
 
-from .eval import CTCSettings, add_ctc_arguments, headline, run_evals
+from .eval import CTCSettings, add_ctc_arguments, add_keyword_arguments, headline, run_evals
 from .recipe import SPEC
 from .speech import KEYWORDS
 from .task import Wav2Vec2PretrainTask, builtin_speech
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
-    parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=150, help="keyword fine-tuning (probe, finetune) steps per seed")
+    add_keyword_arguments(parser)
     add_ctc_arguments(parser)
     add_pretrain_seeds_argument(parser)
     add_run_arguments(parser, SPEC)
@@ -216,7 +216,10 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                 values[cell][metrics[-1].key] = numbers
     lines += sweep_section(out, SPEC.models[0], values, metrics, args.sweeps)
     plot_losses(runs, out / "loss_curves.png", "wav2vec 2.0 loss per masked frame")
-    lines += ["![pretraining loss curves](loss_curves.png)", ""]
+    lines += ["![pretraining loss curves](loss_curves.png)", "",
+              "The curves (and the final train loss column) are fairseq2's loss, which drops distractors equal to "
+              "their target: a collapsed run's can lie below a learning one's. Judge by the validation contrastive "
+              "loss with duplicates kept, the accuracy and the status column.", ""]
     if plot_alphas_of_first([r for r in runs if r.norm != baseline], out / "dyt_alpha.png"):
         lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
     shown = set()  # a confusion matrix and CTC examples for the first point of each norm

@@ -140,22 +140,28 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pret
     splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
               **{name: _keyword_rows(data, manifest) for name, manifest in KEYWORD_TESTS.items()}}
     if mode == "probe":
-        seed_everything(cfg.seeds[0])  # an untrained backbone: drawn once, from the first seed
-        backbone = make().eval()
-        splits = standardized({name: _frozen_features(backbone, rows) for name, rows in splits.items()})
+        def probe_features(seed: int) -> dict[str, TensorDataset]:
+            seed_everything(seed)  # an untrained backbone is drawn from the seed
+            backbone = make().eval()
+            return standardized({name: _frozen_features(backbone, rows) for name, rows in splits.items()})
 
         def build_probe() -> nn.Module:
             return nn.Linear(config.model.dim, len(KEYWORDS))
 
+        # the trained backbone's features once; an untrained one's per seed, so the random-init row's
+        # spread covers the backbone's draw as a pretrained row's covers its pretraining (not the head's alone)
+        trained = probe_features(cfg.seeds[0]) if pretrained else None
+        per_seed = {seed: trained or probe_features(seed) for seed in cfg.seeds}
         builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     else:
         def build_classifier() -> nn.Module:
             return KeywordClassifier(make(), config.model.dim).fit_standardize(splits["train"])
 
+        per_seed = {seed: splits for seed in cfg.seeds}
         builder, collate = build_classifier, _collate_labels
-    tests = {name: splits[name] for name in KEYWORD_TESTS}
-    return [finetune(builder, splits["train"], splits["validation"], tests, collate, Classification(len(KEYWORDS)), cfg, seed,
-                     desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in cfg.seeds]
+    return [finetune(builder, per_seed[seed]["train"], per_seed[seed]["validation"],
+                     {name: per_seed[seed][name] for name in KEYWORD_TESTS}, collate, Classification(len(KEYWORDS)),
+                     cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in cfg.seeds]
 
 
 # ---------------------------------------------------------------- CTC speech recognition
@@ -416,18 +422,18 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
         model = make().eval()
         scores = {}
         for name, manifests in CONTRASTIVE_TESTS.items():
-            rows = [r for m in manifests for r in load_split(data, m)]
+            # each recording once: a real keyword can also be a held-out prompt sentence
+            rows = list({r.path: r for m in manifests for r in load_split(data, m)}.values())
             rows = [r for r in rows if r.num_samples >= masking_min_samples(config.model)]
             sums: dict[str, float] = {}
-            batches = 0
             with torch.no_grad():
                 for i in range(0, len(rows), 8):
-                    batch = crop_and_batch([load_audio(r.path) for r in rows[i : i + 8]], config.data.crop_samples)
+                    chunk = rows[i : i + 8]
+                    batch = crop_and_batch([load_audio(r.path) for r in chunk], config.data.crop_samples)
                     _, extras = pretraining_loss(model, batch, config.loss)
-                    for key, value in extras.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    batches += 1
-            scores[name] = {k: v / batches for k, v in sums.items() if k != "units"} | {"utterances": len(rows)}
+                    for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
+                        sums[key] = sums.get(key, 0.0) + value * len(chunk)
+            scores[name] = {k: v / len(rows) for k, v in sums.items() if k != "units"} | {"utterances": len(rows)}
         results.append({"seed": seed, "test": scores})
     return results
 
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
-    parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=200, help="keyword fine-tuning steps per seed")
+    add_keyword_arguments(parser)
     add_ctc_arguments(parser)
     parser.add_argument("--ctc-mask-time", type=float, default=CTCSettings.masking.time_prob,
                         help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)")
@@ -492,6 +498,15 @@ def add_ctc_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CTC fine-tuning peak learning rate (2e-3 for recipes/wav2vec2/small.yaml)")
     parser.add_argument("--ctc-schedule", choices=SCHEDULES, default=CTCSettings.schedule,
                         help="CTC fine-tuning learning-rate schedule")
+
+
+KEYWORD_STEPS = 150  # keyword fine-tuning steps per seed, in the comparisons and by itself alike
+
+
+def add_keyword_arguments(parser: argparse.ArgumentParser) -> None:
+    """The keyword evals' options, the same in ``dyt_wav2vec2.eval`` and ``dyt-wav2vec2-compare``."""
+    parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=KEYWORD_STEPS,
+                        help=f"keyword fine-tuning (probe, finetune) steps per seed (default {KEYWORD_STEPS})")
 
 
 def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
