@@ -72,6 +72,27 @@ def test_a_run_refuses_data_files_that_changed(tmp_path):
         check_data_unchanged(run, data_files_of(config))
 
 
+def test_a_run_on_another_build_of_the_builtin_speech_is_refused(tmp_path, monkeypatch):
+    """The built-in speech changed its split (v4: voice families; v3's held-out voices and sentences
+    are v4's training ones, and the reverse): a run trained on an older build must not be resumed or
+    reported beside runs on this one, nor one trained before builds were recorded."""
+    import dyt_wav2vec2.task as task
+    from dyt_wav2vec2.task import SpeechDataConfig, Wav2Vec2PretrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Wav2Vec2PretrainConfig()
+    with pytest.raises(ConfigError, match="before its build was recorded.*built-in speech v"):
+        check_data_unchanged(run, data_files_of(config))  # a run from before the record
+    record_data_files(config, run)
+    check_data_unchanged(run, data_files_of(config))  # the same build: nothing to say
+    monkeypatch.setattr(task, "BUILD_VERSION", "v999")
+    with pytest.raises(ConfigError, match=r"changed since \(.*built-in speech v\d+ then, built-in speech v999 now\)"):
+        check_data_unchanged(run, data_files_of(config))
+    audio, manifest = _manifest(tmp_path)
+    assert SpeechDataConfig(train_manifest=str(manifest), validation_manifest=str(manifest)).builtin_version() is None
+
+
 def test_each_recipe_names_the_files_it_reads(tmp_path):
     from dyt_dna.data import DnaDataConfig
     from dyt_llama.data import DataConfig

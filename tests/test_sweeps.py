@@ -379,6 +379,11 @@ def test_seeds_that_are_not_finite_are_named_not_a_crash_nor_a_winner(tmp_path):
                           [shared.parse_sweep("dyt:train.lr=1,2")])
     best = [line for line in lines if line.startswith("Best")]
     assert best == ["Best validation loss for dyt: train.lr=2 (2.000 ± 0.000, 3 seed(s))."], lines
+    values[model.name, "dyt", (lr("2"),)]["loss"][0] = inf
+    lines = sweep_section(tmp_path, model, values, [Metric("loss", "validation loss", higher_is_better=False)],
+                          [shared.parse_sweep("dyt:train.lr=1,2")])
+    assert [line for line in lines if line.startswith("Best")] == [
+        "Best validation loss for dyt: none, every point has seeds that are not finite."]
 
 
 def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):

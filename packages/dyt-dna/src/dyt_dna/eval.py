@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
+from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import (
     Classification,
@@ -165,11 +165,10 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
     results = evaluate(args.run, task, cfg, pretrained=not args.random_init)
-    for metric, values in summarize(results).items():
-        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-        print(f"{task.name} {metric}: {statistics.mean(values):.3f}{spread} over seeds {args.seeds}")
-    if args.out:
+    if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
         args.out.write_text(json.dumps(results_json(task, results), indent=1))
+    for metric, values in summarize(results).items():
+        print(f"{task.name} {metric}: {mean_std(values)} over seeds {args.seeds}")
     return results
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
+from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
     SCHEDULES,
@@ -150,8 +150,11 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pret
 
         # the trained backbone's features once; an untrained one's per seed, so the random-init row's
         # spread covers the backbone's draw as a pretrained row's covers its pretraining (not the head's alone)
-        trained = probe_features(cfg.seeds[0]) if pretrained else None
-        per_seed = {seed: trained or probe_features(seed) for seed in cfg.seeds}
+        if pretrained:
+            trained = probe_features(cfg.seeds[0])
+            per_seed = {seed: trained for seed in cfg.seeds}
+        else:
+            per_seed = {seed: probe_features(seed) for seed in cfg.seeds}
         builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     else:
         def build_classifier() -> nn.Module:
@@ -469,13 +472,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                    check_files=False).data)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
     results = run_evals(args.run, data, args.evals, args.seeds, args.steps, ctc, pretrained=not args.random_init)
+    if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
+        args.out.write_text(json.dumps(results, indent=1))
     for name, rows in results.items():
         for metric, cells in headline(name, rows).items():
             for test, values in cells.items():
-                spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-                print(f"{name} {metric} on {test}: {statistics.mean(values):.3f}{spread}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+                print(f"{name} {metric} on {test}: {mean_std(values)}")
     return results
 
 

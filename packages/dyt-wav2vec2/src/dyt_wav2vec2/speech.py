@@ -52,6 +52,10 @@ NATO = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"
         "xray", "yankee", "zulu"]
 KEYWORDS = DIGITS + NATO
 SPLITS = ("train", "validation", "test")
+BUILD_VERSION = "v4"
+"""Changes whenever the built-in speech does (its voices, texts or splits): runs record it
+(``SpeechDataConfig.builtin_version``), so a run trained on an older build is not resumed or
+reported beside runs on this one."""
 
 
 def package_root() -> Path:
@@ -98,9 +102,9 @@ def _families(items: Iterable[str], same: Callable[[str, str], bool]) -> list[li
 
 
 def _split_families(families: list[list[str]], shares: dict[str, float]) -> dict[str, list[str]]:
-    """Whole families to splits, each to the split furthest below its share of members so far, in
-    an order fixed by a hash of each family's first member (alphabetical order would hold out, say,
-    every voice whose name starts with a capital)."""
+    """Whole families to splits, each to the split that would be least over its share of members
+    with the family added, in an order fixed by a hash of each family's first member (alphabetical
+    order would hold out, say, every voice whose name starts with a capital)."""
     split: dict[str, list[str]] = {name: [] for name in shares}
     for family in sorted(families, key=lambda f: hashlib.sha256(f[0].encode()).hexdigest()):
         name = min(shares, key=lambda s: (len(split[s]) + len(family)) / shares[s])
@@ -113,7 +117,7 @@ def variant_settings(path: Path) -> dict[tuple[str, ...], tuple[str, ...]]:
     number): comments and :data:`NOT_VOICE_SETTINGS` dropped; ``klatt N`` kept as "klatt" (N picks a
     version of the one Klatt synthesiser)."""
     settings: dict[tuple[str, ...], tuple[str, ...]] = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         words = line.split("//")[0].split("#")[0].split()
         if not words or words[0].lower() in NOT_VOICE_SETTINGS:
             continue
@@ -188,15 +192,22 @@ def synthesize(root: Path, voice: str, text: str, out: Path, rng: random.Random)
     return Utterance(out, waveform.numel(), text)
 
 
+def sentence_similarity(a: str, b: str) -> float:
+    """How far two transcripts' characters match: difflib's ratio, the larger of its two argument
+    orders (it is not symmetric)."""
+    return max(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio(),
+               difflib.SequenceMatcher(None, b, a, autojunk=False).ratio())
+
+
 def sentence_families(transcripts: Iterable[str]) -> list[list[str]]:
     """Distinct transcripts grouped by near-identity: two whose characters match to at least
-    :data:`SAME_SENTENCE` (difflib's ratio: "the conference is now muted" / "... unmuted", "please
-    enter your password ..." / "please re enter your password ...") are one family, and so is
-    everything linked to them."""
+    :data:`SAME_SENTENCE` (:func:`sentence_similarity`: "the conference is now muted" / "... unmuted",
+    "please enter your password ..." / "please re enter your password ...") are one family, and so
+    is everything linked to them."""
     def same(a: str, b: str) -> bool:
-        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-        return (matcher.real_quick_ratio() >= SAME_SENTENCE and matcher.quick_ratio() >= SAME_SENTENCE
-                and matcher.ratio() >= SAME_SENTENCE)
+        quick = difflib.SequenceMatcher(None, a, b, autojunk=False)  # bounds on the ratio, either order
+        return (quick.real_quick_ratio() >= SAME_SENTENCE and quick.quick_ratio() >= SAME_SENTENCE
+                and sentence_similarity(a, b) >= SAME_SENTENCE)
 
     return _families(set(transcripts), same)
 
@@ -225,7 +236,7 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     # the file's path inside ``out`` (v2 drew them from the absolute path: each cache dir, each
     # $HOME, heard different audio). v4: voices split by family and transcripts by near-identity
     # (v3 held out near-copies of training variants and sentences one word from training ones).
-    key = f"v4-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
+    key = f"{BUILD_VERSION}-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
     complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # the ranks of a launch all ask for the data at once
@@ -242,6 +253,10 @@ def _synthesize_all(out: Path, per_split: dict[str, int], keyword_voices: int, w
     root = package_root()
     voices, texts = voice_splits(root), prompts(root)
     sentence_split = _split_prompts(texts)
+    for split in SPLITS:  # a Debian package that shrank would leave a split nothing to say or no one to say it
+        if not voices[split] or not sentence_split[split]:
+            raise AudioError(f"the speech packages in {root} give the {split} split no "
+                             f"{'voices' if not voices[split] else 'prompt sentences'}: rebuild them (delete the folder)")
     jobs = []  # (manifest name, voice, text, wav path)
     for split in SPLITS:
         rng = random.Random(f"sentences-{split}")

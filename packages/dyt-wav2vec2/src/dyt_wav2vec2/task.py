@@ -30,7 +30,7 @@ from .audio import (
     utterances_from_hf_dataset,
 )
 from .model import Wav2Vec2ModelConfig, build_wav2vec2
-from .speech import build, load_split
+from .speech import BUILD_VERSION, build, load_split
 
 
 @dataclass
@@ -55,6 +55,11 @@ class SpeechDataConfig:
         """The user's audio files (``dyt.train.data_files``): the manifests and what they list, or
         the saved datasets; none for the built-in speech."""
         return [f for p in (self.train_manifest, self.validation_manifest) if p for f in audio_source_files(Path(p))]
+
+    def builtin_version(self) -> str | None:
+        """The built-in speech build this config trains on (``dyt.train.data_files``); None for the
+        user's audio."""
+        return None if self.train_manifest else f"built-in speech {BUILD_VERSION}"
 
 
 @dataclass

@@ -707,6 +707,7 @@ def plot_losses(runs: Sequence[Run], path: Path, ylabel: str) -> None:
         ax.plot(*curves["eval/loss"], "o", color=line.get_color(), markersize=4)
         if steps:
             shown += [v for t, v in zip(steps, losses) if t >= steps[-1] / 10] + curves["eval/loss"][1]
+    shown = [v for v in shown if math.isfinite(v)]  # a diverged seed's NaN would decide min / max by its place
     if shown:
         low, high = min(shown), max(shown)
         ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
@@ -766,6 +767,9 @@ def sweep_section(out: Path, model: ModelSpec, values: dict[Cell, dict[str, list
                 continue
             best = (max if metric.higher_is_better else min)(
                 cell_of, key=lambda p: ranking_mean(cell_of[p], metric.higher_is_better))
+            if not_finite(cell_of[best]):
+                lines += ["", f"Best {metric.title} for {norm}: none, every point has seeds that are not finite.", ""]
+                continue
             lines += ["", f"Best {metric.title} for {norm}: {describe_sweep(best)} "
                           f"({mean_std(cell_of[best], metric.digits)}, {len(cell_of[best])} seed(s)).", ""]
     return lines

@@ -7,7 +7,10 @@ total size and a digest of every file's resolved path, size and modification tim
 read), so adding, removing, rewriting or touching one changes it.
 
 A recipe names its files by giving its data config a ``source_files()`` method (the files and
-folders the user pointed it at; empty for built-in data, which is built deterministically)."""
+folders the user pointed it at; empty for built-in data, which is built deterministically). Built-in
+data whose build can change (new voices, another split) also names its build, through a
+``builtin_version()`` method: a run records it, and one trained on another build (or before builds
+were recorded) is not resumed or reused."""
 
 from __future__ import annotations
 
@@ -48,11 +51,20 @@ def saved_dataset_files(folder: Path) -> list[Path]:
 
 
 def data_files_of(config: Any) -> dict[str, Any] | None:
-    """The signature of the files ``config.data.source_files()`` names; None where the recipe names
-    none (built-in data, or a config without a data section)."""
-    source_files = getattr(getattr(config, "data", None), "source_files", None)
+    """The signature of the files ``config.data.source_files()`` names; for built-in data, of the
+    build ``config.data.builtin_version()`` names; None where the recipe names neither (built-in data
+    that does not change, or a config without a data section)."""
+    data = getattr(config, "data", None)
+    source_files = getattr(data, "source_files", None)
     paths = list(source_files()) if source_files is not None else []
-    return files_signature(paths) if paths else None
+    if paths:
+        return files_signature(paths)
+    builtin_version = getattr(data, "builtin_version", None)
+    version = builtin_version() if builtin_version is not None else None
+    if version is None:
+        return None
+    return {"builtin": version, "files": 0, "missing": 0, "bytes": 0,
+            "digest": hashlib.sha256(version.encode()).hexdigest()[:16]}
 
 
 def record_data_files(config: Any, run_dir: str | Path) -> None:
@@ -70,6 +82,8 @@ def record_data_files(config: Any, run_dir: str | Path) -> None:
 def _size(signature: dict[str, Any] | None) -> str:
     if signature is None:
         return "the built-in data"
+    if "builtin" in signature:
+        return str(signature["builtin"])
     missing = signature.get("missing", 0)
     return (f"{signature['files']} files, {signature['bytes'] / 1e6:.1f} MB"
             + (f", {missing} path(s) not found from {Path.cwd()}" if missing else ""))
@@ -77,9 +91,15 @@ def _size(signature: dict[str, Any] | None) -> str:
 
 def check_data_unchanged(run_dir: str | Path, now: dict[str, Any] | None) -> None:
     """A ConfigError when ``run_dir`` recorded data files that differ from ``now`` (the
-    :func:`data_files_of` the run's config now). Runs from before the record: nothing to compare."""
+    :func:`data_files_of` the run's config now). Runs from before the record: nothing to compare,
+    except on built-in data that names its build (they trained on an older one)."""
     path = Path(run_dir) / DATA_FILES
     if not path.is_file():
+        if now is not None and "builtin" in now:
+            raise ConfigError(
+                f"{run_dir}: trained on the built-in data before its build was recorded, so on an older build than "
+                f"this one ({now['builtin']}): its checkpoints and results belong to the old data; start a new run "
+                "(another train.out_dir, or --fresh / another --out for a comparison)")
         return
     try:
         saved = json.loads(path.read_text())

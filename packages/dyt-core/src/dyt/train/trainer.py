@@ -468,7 +468,7 @@ class Trainer:
         examples = 0
         engine.eval()
         with torch.no_grad():
-            for start, batch in zip(range(0, len(indices), self.cfg.micro_batch_size), loader):
+            for start, batch in zip(range(0, len(indices), self.cfg.micro_batch_size), loader, strict=True):
                 size = len(indices[start:start + self.cfg.micro_batch_size])
                 loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
                 for name, value in {"loss": loss.item(), **extras}.items():
