@@ -408,6 +408,48 @@ def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
     assert expected.startswith("within" if inside else ("better", "worse"))
 
 
+def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_path):
+    """3 pretraining seeds per norm, the baseline's seed 1 collapsed (as LayerNorm's did on the v4
+    speech): its chance-level numbers stretched LayerNorm's mean ± 2σ until DyT was "within" on every
+    pretrained row. Those rows get no verdict naming the collapsed run; random-init rows keep theirs."""
+    from test_reports import _w2v_evals, _w2v_run, table
+
+    from dyt_wav2vec2 import compare
+
+    args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
+                              nproc=1, launcher="python", pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], steps=4,
+                              evals=["contrastive", "probe"], norms=None, sweeps=[])
+    args.out.mkdir()
+    learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
+                "eval/distractors_equal_target": 0.01}
+    collapsed = {"eval/contrastive_kept": 3.045, "eval/contrastive_accuracy": 0.048, "eval/codebook_perplexity": 2.0,
+                 "eval/distractors_equal_target": 1.0}
+    runs, evals = [], {}
+    for seed in args.pretrain_seeds:
+        for norm in ("layernorm", "dyt"):
+            last = collapsed if (norm, seed) == ("layernorm", 1) else learning
+            made, _ = _w2v_run(tmp_path / f"{norm}{seed}", norm, last, learning)
+            run = shared.Run(Point(norm, seed, "wav2vec2"), made.dir, made.wall_s)
+            runs.append(run)
+            for init in compare.INITS.values():
+                evals[run.point, init] = _w2v_evals(random.Random(f"{seed}-{norm}-{init}"), args.seeds)
+                evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
+    text = compare.write_report(args, runs, evals).read_text()
+    no_verdict = "no verdict: collapsed pretraining (layernorm seed 1)"
+    rows = table(text, "norm")
+    assert [r["status"].startswith("**collapsed**") for r in rows] == [False, False, True, False, False, False]
+    assert [r["verdict (validation contrastive loss)"] for r in rows if r["norm"] == "dyt"] == [no_verdict] * 3
+    downstream = table(text, "norm | init")
+    dyt = [r for r in downstream if r["norm"] == "dyt"]
+    assert {r["init"] for r in dyt} == {"pretrained", "random init"}
+    for row in dyt:
+        verdicts = {row["verdict (unseen voices)"], row["verdict (real recordings)"]}
+        if row["init"] == "pretrained":
+            assert verdicts == {no_verdict}, row
+        else:
+            assert not any(v.startswith("no verdict") for v in verdicts), row
+
+
 def test_wav2vec2_report_with_a_sweep(tmp_path):
     """wav2vec 2.0's report with a per-norm sweep, from hand-made runs: a sweep-point column, the
     sweep tables of pretraining and downstream metrics, and each DyT point judged against the

@@ -24,6 +24,7 @@ from dyt.train.compare import (
     Run,
     add_pretrain_seeds_argument,
     add_run_arguments,
+    baseline_cell,
     baseline_norm,
     cells_of,
     describe_sweep,
@@ -39,6 +40,7 @@ from dyt.train.compare import (
     prepare_out,
     pretraining_gain,
     pretrainings_note,
+    ranking_mean,
     reuse_or_compute,
     settings_notes,
     shown_path,
@@ -137,9 +139,24 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     main = SPEC.metrics[0]
     main_values = {cell: [summaries[p][main.key] for p in summaries if p.cell == cell] for cell in cells}
 
-    def judged(cell, numbers: dict, higher_is_better: bool, pretrainings: int | None = None) -> str:
+    collapsed: dict = {}  # cell -> the seeds of its pretraining runs that collapsed
+    for point, s in summaries.items():
+        if s["collapse"]:
+            collapsed.setdefault(point.cell, []).append(point.seed)
+
+    def judged(cell, numbers: dict, higher_is_better: bool, pretrainings: int | None = None,
+               pretrained: bool = True) -> str:
         """Several baseline points (a NORM: sweep of the baseline) are chosen between by the main
-        (validation) metric, never by a test number."""
+        (validation) metric, never by a test number. A pretrained model's row gets no verdict where
+        its cell or the baseline cell it is judged against has a collapsed pretraining run: a
+        collapsed seed's numbers stretch that cell's mean ± 2σ until anything is "within" it."""
+        if pretrained and cell[1] != baseline and pretrainings != 1:  # one pretraining run: judge says why not
+            reference = baseline_cell(cell, main_values, baseline,
+                                      lambda c: ranking_mean(main_values[c], main.higher_is_better), main.higher_is_better)
+            bad = [f"{c[1]} seed {', '.join(map(str, collapsed[c]))}" for c in dict.fromkeys((reference, cell))
+                   if c in collapsed]
+            if bad:
+                return f"no verdict: collapsed pretraining ({'; '.join(bad)})"
         return judge(cell, numbers, baseline, higher_is_better=higher_is_better, choose_by=main_values,
                      choose_higher=main.higher_is_better, pretrainings=pretrainings)
     lines = [
@@ -152,7 +169,9 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
         "counts as a tie, where fairseq2's training loss drops it. Accuracy: how often the target ranks first, "
         f"ties with such duplicates broken at random (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
-        "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance.",
+        "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance; "
+        "a pretrained row gets no verdict where its norm or the baseline has a collapsed pretraining run "
+        "(that seed's numbers would stretch the mean ± 2σ).",
         "",
         *settings_notes(args),
         f"| norm |{point_column} seed | final train loss | validation contrastive | contrastive accuracy | codebook perplexity "
@@ -197,8 +216,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     for cell, init, name, metric in table_rows:
         mine = [downstream[init, name, metric, test][cell] for test in TESTS]
         pretrainings = len(args.pretrain_seeds) if init == INITS[True] else None
-        judgements = [judged(cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric], pretrainings)
-                      for test in TESTS]
+        judgements = [judged(cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric], pretrainings,
+                             pretrained=init == INITS[True]) for test in TESTS]
         judgements += ["-" if init == INITS[False] else pretraining_gain(
             values, downstream[INITS[False], name, metric, test][cell], higher_is_better=HIGHER_IS_BETTER[metric])
             for values, test in zip(mine, TESTS)]
