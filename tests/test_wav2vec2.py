@@ -533,6 +533,28 @@ def test_ctc_finetunes_through_the_shared_loop(speech, tmp_path, monkeypatch, sa
     assert [ref for ref, _ in result.details["unseen voices"]] == [r.text for r in rows]
 
 
+def test_the_random_init_ctc_draws_its_feature_extractor_per_seed(speech, tmp_path, monkeypatch):
+    """As the probe: an untrained conv extractor drawn once (from the first seed) made every seed's
+    frozen features the same, and the random-init row's spread the head's and encoder's alone."""
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    root, rows = speech
+    for name in ("sentences-train", "sentences-validation", *CTC_TESTS.values()):
+        write_manifest(tmp_path / f"{name}.tsv", root, rows)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY.read_text())
+    seen = {}
+
+    def spy(make_model, train, validation, tests, collate, objective, cfg, seed, **kwargs):
+        seen[seed] = train.features[0]
+        return seed
+
+    monkeypatch.setattr(w2v_eval, "finetune", spy)
+    w2v_eval.ctc_eval(run, tmp_path, [0, 1], pretrained=False, settings=w2v_eval.CTCSettings(steps=1, batch_size=3))
+    assert sorted(seen) == [0, 1] and seen[0].shape == seen[1].shape and not torch.allclose(seen[0], seen[1])
+
+
 def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():
     ids = [text_to_ids(c).item() if c != "_" else 0 for c in "hh_ee_ll_llo  _wo"]
     log_probs = torch.nn.functional.one_hot(torch.tensor([ids]), 29).float().log()

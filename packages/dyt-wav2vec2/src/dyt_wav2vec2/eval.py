@@ -391,21 +391,28 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
     cfg = settings.finetune_config(seeds)
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
-    seed_everything(cfg.seeds[0])  # an untrained feature extractor: drawn once, from the first seed
-    extractor = make()
-    datasets = {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
+    def frozen_features(seed: int) -> dict[str, Transcribed]:
+        seed_everything(seed)  # an untrained feature extractor is drawn from the seed
+        extractor = make()
+        return {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
 
-    frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-62 s: batch by length
+    # the trained extractor's features once; an untrained one's per seed (one at a time: ~0.1 GB
+    # each), so the random-init row's spread covers the extractor's draw, as the probe's does
+    trained = frozen_features(cfg.seeds[0]) if pretrained else None
+    results = []
+    for seed in cfg.seeds:
+        datasets = trained if trained is not None else frozen_features(seed)
+        frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-62 s: batch by length
 
-    def build_recogniser() -> CTCModel:
-        return CTCModel(make(), config.model.dim, settings.masking).fit_standardize(datasets["train"], frames)
+        def build_recogniser(datasets=datasets, frames=frames) -> CTCModel:
+            return CTCModel(make(), config.model.dim, settings.masking).fit_standardize(datasets["train"], frames)
 
-    tests = {name: datasets[name] for name in CTC_TESTS}
-    return [finetune(build_recogniser, datasets["train"], datasets["validation"], tests, _collate_transcripts,
-                     CTCObjective(), cfg, seed,
-                     desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",
-                     lengths=frames)
-            for seed in cfg.seeds]
+        results.append(finetune(build_recogniser, datasets["train"], datasets["validation"],
+                                {name: datasets[name] for name in CTC_TESTS}, _collate_transcripts, CTCObjective(),
+                                cfg, seed,
+                                desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",
+                                lengths=frames))
+    return results
 
 
 # ---------------------------------------------------------------- the pretraining task on held-out speech

@@ -431,7 +431,7 @@ EVALS_VERSION = 4
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
 standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, wav2vec 2.0 Base's
 GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05; 4: the wav2vec 2.0
-random-init probe draws its backbone per seed, the contrastive eval counts each recording once and
+random-init probe draws its backbone per seed (and CTC its feature extractor), the contrastive eval counts each recording once and
 weighs batches by their utterances, 2026-12-05), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
