@@ -412,6 +412,7 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
                                 cfg, seed,
                                 desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",
                                 lengths=frames))
+        del datasets, frames, build_recogniser  # the next seed's features are built without these held
     return results
 
 

@@ -427,12 +427,13 @@ def _last_step(out: Path) -> int:
     return max((row["step"] for row in read_metrics(path, partial_last=True)), default=0) if path.is_file() else 0
 
 
-EVALS_VERSION = 4
+EVALS_VERSION = 5
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
 standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, wav2vec 2.0 Base's
 GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05; 4: the wav2vec 2.0
-random-init probe draws its backbone per seed (and CTC its feature extractor), the contrastive eval counts each recording once and
-weighs batches by their utterances, 2026-12-05), so that a relaunch recomputes what older code stored instead of
+random-init probe draws its backbone per seed, the contrastive eval counts each recording once and
+weighs batches by their utterances; 5: the wav2vec 2.0 random-init CTC draws its feature extractor
+per seed, 2026-12-05), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
 
