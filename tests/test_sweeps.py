@@ -408,6 +408,25 @@ def test_report_verdicts_with_three_seeds(tmp_path, monkeypatch):
     assert expected.startswith("within" if inside else ("better", "worse"))
 
 
+
+def _hand_made_w2v(root, seeds, plan):
+    """wav2vec 2.0 runs made by hand, one per ``(point, last validation, earlier validations)`` of
+    ``plan``, with contrastive and probe evals over ``seeds`` (pretrained and random init):
+    (runs, evals) as the compare passes them to ``write_report``."""
+    from test_reports import _w2v_evals, _w2v_run
+
+    from dyt_wav2vec2 import compare
+
+    runs, evals = [], {}
+    for point, last, earlier in plan:
+        made, _ = _w2v_run(root / f"r{len(runs)}", point.norm, last, earlier)
+        run = shared.Run(point, made.dir, made.wall_s)
+        runs.append(run)
+        for init in compare.INITS.values():
+            evals[run.point, init] = _w2v_evals(random.Random(f"{len(runs)}-{init}"), seeds)
+            evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
+    return runs, evals
+
 @pytest.mark.parametrize("collapsed_norm", ["layernorm", "dyt"])
 def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_path, collapsed_norm):
     """3 pretraining seeds per norm, the baseline's seed 1 collapsed (as LayerNorm's did on the v4
@@ -415,7 +434,7 @@ def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_
     pretrained row. Those rows get no verdict naming the collapsed run; random-init rows keep theirs.
     DyT's own collapsed seed only moves DyT's mean (the band is the baseline's): the verdict stands,
     the collapse named beside it."""
-    from test_reports import _w2v_evals, _w2v_run, table
+    from test_reports import table
 
     from dyt_wav2vec2 import compare
 
@@ -427,16 +446,9 @@ def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_
                 "eval/distractors_equal_target": 0.01}
     collapsed = {"eval/contrastive_kept": 3.045, "eval/contrastive_accuracy": 0.048, "eval/codebook_perplexity": 2.0,
                  "eval/distractors_equal_target": 1.0}
-    runs, evals = [], {}
-    for seed in args.pretrain_seeds:
-        for norm in ("layernorm", "dyt"):
-            last = collapsed if (norm, seed) == (collapsed_norm, 1) else learning
-            made, _ = _w2v_run(tmp_path / f"{norm}{seed}", norm, last, learning)
-            run = shared.Run(Point(norm, seed, "wav2vec2"), made.dir, made.wall_s)
-            runs.append(run)
-            for init in compare.INITS.values():
-                evals[run.point, init] = _w2v_evals(random.Random(f"{seed}-{norm}-{init}"), args.seeds)
-                evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
+    runs, evals = _hand_made_w2v(tmp_path, args.seeds, [
+        (Point(norm, seed, "wav2vec2"), collapsed if (norm, seed) == (collapsed_norm, 1) else learning, learning)
+        for seed in args.pretrain_seeds for norm in ("layernorm", "dyt")])
     text = compare.write_report(args, runs, evals).read_text()
     rows = table(text, "norm")
     assert [r["status"].startswith("**collapsed**") for r in rows] == [
@@ -462,7 +474,7 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
     sweep tables of pretraining and downstream metrics, and each DyT point judged against the
     (unswept) baseline with 3 downstream seeds where they are the spread that counts (random init;
     one pretraining run per norm gives its pretrained rows no verdict)."""
-    from test_reports import _w2v_evals, _w2v_run, table
+    from test_reports import table
 
     from dyt_wav2vec2 import compare
 
@@ -473,15 +485,10 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
     args.out.mkdir()
     learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
                 "eval/distractors_equal_target": 0.01}
-    runs, evals = [], {}
-    for norm, point in (("layernorm", ()), ("dyt", (("model.norm.alpha_init.input", "1"),)),
-                        ("dyt", (("model.norm.alpha_init.input", "2"),))):
-        made, _ = _w2v_run(tmp_path / f"r{len(runs)}", norm, learning, learning)
-        run = shared.Run(Point(norm, 0, "wav2vec2", point), made.dir, made.wall_s)
-        runs.append(run)
-        for init in compare.INITS.values():
-            evals[run.point, init] = _w2v_evals(random.Random(f"{len(runs)}-{init}"), args.seeds)
-            evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
+    runs, evals = _hand_made_w2v(tmp_path, args.seeds, [
+        (Point(norm, 0, "wav2vec2", point), learning, learning)
+        for norm, point in (("layernorm", ()), ("dyt", (("model.norm.alpha_init.input", "1"),)),
+                            ("dyt", (("model.norm.alpha_init.input", "2"),)))])
     text = compare.write_report(args, runs, evals).read_text()
     rows = table(text, "norm")
     assert [(r["norm"], r["sweep point"]) for r in rows] == [

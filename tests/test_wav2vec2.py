@@ -500,6 +500,18 @@ def test_keyword_fine_tune_head_reads_pooled_features_standardised_by_the_traini
     assert not torch.allclose(raw.std(0), torch.ones(64), atol=0.05)
 
 
+
+def _ctc_data_and_run(speech, tmp_path):
+    """The few synthetic utterances as every CTC manifest in ``tmp_path``, and an untrained tiny run
+    folder: (the utterances, the run)."""
+    root, rows = speech
+    for name in ("sentences-train", "sentences-validation", *CTC_TESTS.values()):
+        write_manifest(tmp_path / f"{name}.tsv", root, rows)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY.read_text())
+    return rows, run
+
 @pytest.mark.parametrize("sabotage", [False, True], ids=["lr", "lr-0"])
 def test_ctc_finetunes_through_the_shared_loop(speech, tmp_path, monkeypatch, sabotage):
     """CTC goes through dyt.train.finetune with its objective (selection by validation CER); on
@@ -507,12 +519,7 @@ def test_ctc_finetunes_through_the_shared_loop(speech, tmp_path, monkeypatch, sa
     put at lr 0."""
     from dyt_wav2vec2 import eval as w2v_eval
 
-    root, rows = speech
-    for name in ("sentences-train", "sentences-validation", *CTC_TESTS.values()):
-        write_manifest(tmp_path / f"{name}.tsv", root, rows)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(TINY.read_text())
+    rows, run = _ctc_data_and_run(speech, tmp_path)
     objectives = []
     real_finetune = w2v_eval.finetune
 
@@ -538,12 +545,7 @@ def test_the_random_init_ctc_draws_its_feature_extractor_per_seed(speech, tmp_pa
     frozen features the same, and the random-init row's spread the head's and encoder's alone."""
     from dyt_wav2vec2 import eval as w2v_eval
 
-    root, rows = speech
-    for name in ("sentences-train", "sentences-validation", *CTC_TESTS.values()):
-        write_manifest(tmp_path / f"{name}.tsv", root, rows)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(TINY.read_text())
+    rows, run = _ctc_data_and_run(speech, tmp_path)
     seen = {}
 
     def spy(make_model, train, validation, tests, collate, objective, cfg, seed, **kwargs):
