@@ -24,7 +24,6 @@ from dyt.train.compare import (
     Run,
     add_pretrain_seeds_argument,
     add_run_arguments,
-    baseline_cell,
     baseline_norm,
     cells_of,
     describe_sweep,
@@ -40,7 +39,6 @@ from dyt.train.compare import (
     prepare_out,
     pretraining_gain,
     pretrainings_note,
-    ranking_mean,
     reuse_or_compute,
     settings_notes,
     shown_path,
@@ -151,18 +149,15 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         the baseline cell it is judged against has a collapsed pretraining run: that seed's numbers
         stretch the baseline's mean ± 2σ until anything is "within" it. A collapse in the judged
         cell itself only moves its mean (the band is the baseline's): its verdict stands, noted."""
+        def collapsed_baseline(reference) -> str | None:
+            if reference in collapsed:
+                return f"no verdict: collapsed pretraining ({reference[1]} seed {', '.join(map(str, collapsed[reference]))})"
+            return None
+
         words = judge(cell, numbers, baseline, higher_is_better=higher_is_better, choose_by=main_values,
-                      choose_higher=main.higher_is_better, pretrainings=pretrainings)
-        if not pretrained or cell[1] == baseline or pretrainings == 1:  # one pretraining run: judge says why not
-            return words
-        reference = baseline_cell(cell, main_values, baseline,
-                                  lambda c: ranking_mean(main_values[c], main.higher_is_better), main.higher_is_better)
-        if reference is None:
-            return words
-        if reference in collapsed:
-            seeds = ", ".join(map(str, collapsed[reference]))
-            return f"no verdict: collapsed pretraining ({reference[1]} seed {seeds})"
-        if cell in collapsed:
+                      choose_higher=main.higher_is_better, pretrainings=pretrainings,
+                      withheld=collapsed_baseline if pretrained else None)
+        if pretrained and cell in collapsed and cell[1] != baseline and pretrainings != 1:
             return f"{words} ({cell[1]} seed {', '.join(map(str, collapsed[cell]))} collapsed)"
         return words
     lines = [

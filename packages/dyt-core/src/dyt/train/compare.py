@@ -609,14 +609,16 @@ def baseline_norm(args: argparse.Namespace, model: ModelSpec) -> str:
 
 def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, higher_is_better: bool,
           digits: int = 3, choose_by: dict[Cell, Sequence[float]] | None = None, choose_higher: bool = False,
-          pretrainings: int | None = None) -> str:
+          pretrainings: int | None = None, withheld: Callable[[Cell], str | None] | None = None) -> str:
     """A report's verdict cell for ``cell`` (``numbers``: every cell's values over seeds): ``baseline``
     for the baseline norm's own cells, else :func:`verdict` against the baseline cell it is judged
     against (:func:`baseline_cell`). Where several baseline cells match (the baseline swept keys of
     its own), the best is chosen by ``choose_by`` (a validation metric, ``choose_higher`` if higher
     is better), never by test numbers; without it, by ``numbers`` (themselves validation numbers).
     ``pretrainings``: for a pretrained model's downstream values, how many pretraining runs per cell
-    they come from; one gives :data:`ONE_PRETRAINING`, as its values are one checkpoint's fine-tunings."""
+    they come from; one gives :data:`ONE_PRETRAINING`, as its values are one checkpoint's fine-tunings.
+    ``withheld``: a recipe's reason to give no verdict against a baseline cell (wav2vec 2.0: a
+    collapsed pretraining run in it), or None."""
     if cell[1] == baseline:
         return "baseline"
     if choose_by is None:
@@ -626,6 +628,8 @@ def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, hi
         return "no baseline run"
     if pretrainings == 1:
         return ONE_PRETRAINING
+    if withheld is not None and (reason := withheld(reference)):
+        return reason
     return verdict(numbers[cell], numbers[reference], higher_is_better=higher_is_better, digits=digits,
                    baseline_name=baseline)
 
