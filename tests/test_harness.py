@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyt.train import NonFiniteLossError, TrainConfig, read_metrics, run_recipe, warmup_cosine
+from dyt.train import TrainConfig, read_metrics, run_recipe, warmup_cosine
+from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
 from dyt.train.trainer import seed_everything, validation_positions
@@ -46,15 +47,23 @@ def _final_weights(out_dir):
 def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     straight = _run(tmp_path / "straight")
     assert straight.step == 8
-    with pytest.raises(NonFiniteLossError, match=r"at step 6; last good checkpoint: .*step_00000004"):
+    with pytest.raises(SystemExit) as stopped:  # one line, not a traceback: a training outcome, not a bug
         _run(tmp_path / "resumed", "data.nan_at_step=6")
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"\S+: diverged: loss became nan at step 6; last good checkpoint: \S*step_00000004 "
+                        r"\(recorded in \S*diverged.json\); a smaller train.lr or DyT alpha0 may train", said), said
     assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
+    record = json.loads((tmp_path / "resumed" / DIVERGED).read_text())  # what a comparison reports it by
+    assert (record["step"], record["loss"], record["world_size"]) == (6, "nan", 1)
+    assert record["last_good"].endswith("step_00000004") and record["config"]["data"]["nan_at_step"] == 6
     with open(tmp_path / "resumed/metrics.jsonl", "a") as metrics:  # a kill in the middle of logging a row
         metrics.write('{"step": 7, "train/lo')
     assert _last_step(tmp_path / "resumed") == 5  # what a comparison reads before it relaunches the run (6 went NaN)
     capsys.readouterr()
     resumed = _run(tmp_path / "resumed", resume=True)
     assert resumed.step == 8
+    assert not (tmp_path / "resumed" / DIVERGED).exists()  # every launch removes the record of the last one
     # a run that silently started over would draw the same curve: it must say where it resumed
     assert re.search(r"resumed from \S*step_00000004 \(step 4,", capsys.readouterr().out)
 

@@ -7,6 +7,7 @@ computed here with statistics.mean / stdev over seeds."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -438,6 +439,67 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
     assert [r["norm"] for r in pretraining] == ["layernorm"] * 3 + ["dyt"] * 3  # a row per run, grouped by cell
     assert [r["seed"] for r in pretraining] == ["0", "1", "2"] * 2
     assert NO_VERDICT not in pretraining[3]["verdict (validation loss)"]  # three pretraining seeds: a verdict
+
+
+DIVERGED_AT_7 = {"step": 7, "loss": "nan", "last_good": None}
+"""A pretraining run's divergence record (dyt.train.checkpoint.DIVERGED) as a comparison reads it."""
+
+
+def test_llama_report_names_a_diverged_seed_and_gives_its_cell_no_verdict(tmp_path, monkeypatch):
+    """DyT's seed 1 diverged: its validation loss is no number to average, and a mean over the seeds
+    that trained would hide the failure behind a verdict."""
+    from dyt_llama import compare
+
+    monkeypatch.setattr(compare, "plot_s_curves", lambda run, path: path.write_bytes(b"\x89PNG"))
+    args = argparse.Namespace(out=tmp_path / "cmp", config=LLAMA_TINY, overrides=[], nproc=2, launcher="deepspeed",
+                              norms=["rmsnorm", "dyt"], seeds=[0, 1, 2], sweeps=[])
+    args.out.mkdir()
+    made = [_llama_run(args.out, norm, seed, 2) for seed in args.seeds for norm in args.norms]
+    runs = [dataclasses.replace(run, diverged=DIVERGED_AT_7) if (run.norm, run.seed) == ("dyt", 1) else run
+            for run, _ in made]
+    text = compare.write_report(args, runs, ["x"], "the built-in corpus").read_text()
+    rows = {r["norm"]: r for r in table(text, "norm")}
+    trained = [e for run, e in made if run.norm == "dyt" and run.seed != 1]
+    assert rows["dyt"]["validation loss"] == f"{fmt([e['eval'] for e in trained])} (1 of 3 seeds not finite)"
+    assert rows["dyt"]["verdict (validation loss, vs rmsnorm)"] == "no verdict: not finite in 1 of 3 seeds of this row"
+    assert rows["dyt"]["peak RSS per rank (MB)"] == " / ".join(
+        f"{statistics.mean(v):.0f}" for v in zip(*(e["rss"] for e in trained)))  # the runs that logged it
+    assert rows["rmsnorm"]["verdict (validation loss, vs rmsnorm)"] == "baseline"
+    assert "- dyt, seed 1: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
+
+
+def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path):
+    """A diverged pretraining run has no model to fine-tune: its downstream values are NaN, so the
+    cell says so and gets no verdict, instead of a mean over the two runs that trained."""
+    from dyt_dna import compare
+    from dyt_dna.data import ClassificationData
+
+    args = argparse.Namespace(out=tmp_path / "cmp", configs=DNA_CONFIGS[:1], nproc=2, launcher="deepspeed",
+                              pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], norms=None, sweeps=[], overrides=[])
+    args.out.mkdir()
+    runs = [_dna_run(args.out, DNA_CONFIGS[0], norm, seed)[1] for seed in args.pretrain_seeds
+            for norm in ("layernorm", "dyt")]
+    runs[3] = dataclasses.replace(runs[3], diverged=DIVERGED_AT_7)  # dyt, seed 1
+    split = datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * 8, "label": [i % 4 for i in range(8)]})
+    task = ClassificationData("species", ["a", "b", "c", "d"], split, split, split, "note.")
+    evals = {(run.point, task.name, init): [
+        {**_finetune_result(random.Random(f"{run.point}-{init}-{seed}"), seed, ["test"], 4), "task": task.name,
+         "note": task.note} for seed in args.seeds]
+        for pretrained, init in compare.INITS.items() for run in fine_tuned_runs(runs, pretrained)}
+    assert len(evals) == 5 + 2  # the diverged run is not fine-tuned; random init once per cell
+    text = compare.write_report(args, runs, [task], evals, "held-out strains").read_text()
+    rows = {(r["norm"], r["init"]): r for r in table(text, "model | norm | init")}
+    trained = [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[(run.point, task.name, "pretrained")])
+               for run in runs if run.norm == "dyt" and run.diverged is None]
+    assert rows["dyt", "pretrained"]["accuracy"] == f"{fmt(trained)} (1 of 3 seeds not finite)"
+    assert rows["dyt", "pretrained"]["verdict (accuracy)"] == "no verdict: not finite in 1 of 3 seeds of this row"
+    assert rows["dyt", "pretrained"]["pretrained − random init (accuracy)"].startswith("no verdict: not finite")
+    assert not rows["dyt", "random init"]["verdict (accuracy)"].startswith("no verdict")  # needs no pretraining
+    pretraining = table(text, "model")
+    assert [r["validation loss"] for r in pretraining if r["norm"] == "dyt"][1] == "nan"
+    assert [r["verdict (validation loss)"] for r in pretraining if r["norm"] == "dyt"] == [
+        "no verdict: not finite in 1 of 3 seeds of this row"] * 3
+    assert "- dyt, seed 1: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
 
 
 def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path):

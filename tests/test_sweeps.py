@@ -7,12 +7,15 @@ the launches and skips the seconds each new interpreter would take to import dee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,9 +65,13 @@ def launches(monkeypatch):
     def run_in_process(cmd, env, check):
         assert cmd[:3] == [sys.executable, "-m", "toy_recipe"], cmd
         made.append(cmd)
-        run_recipe(ToyConfig, ToyTask, cmd[3:])
+        try:
+            run_recipe(ToyConfig, ToyTask, cmd[3:])
+        except SystemExit as error:  # a launched run's failure is its exit status
+            raise subprocess.CalledProcessError(error.code, cmd) from error
 
-    monkeypatch.setattr(shared, "subprocess", SimpleNamespace(run=run_in_process))  # this module's launches only
+    monkeypatch.setattr(shared, "subprocess", SimpleNamespace(run=run_in_process,  # this module's launches only
+                                                              CalledProcessError=subprocess.CalledProcessError))
     return made
 
 
@@ -132,6 +139,42 @@ def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_pa
     assert len(launches) == 5 and f"train.out_dir={killed}" in launches[-1] and "--resume" in launches[-1]
     assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert shared.finished_step(killed) == 4
+
+
+def test_a_diverged_run_is_reported_and_the_comparison_goes_on(tmp_path, launches, capsys):
+    """A sweep point whose training loss goes NaN (as a too-large alpha0 or learning rate does) made
+    the launch fail and stopped the whole comparison, every later point untrained. It is now a run
+    reported as diverged (its numbers NaN: named, no verdict, ranked last), and a relaunch with the
+    same settings does not launch it again."""
+    config = _toy_config(tmp_path)
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
+                       "--sweep", "data.nan_at_step=3,0"])
+    plan = plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0])
+    prepare_out(args)
+    runs = train_runs(TOY, args, plan)
+    assert len(launches) == 2 and "diverged at step 3 (training loss nan); reported as diverged" in capsys.readouterr().out
+    diverged, trained = runs
+    assert diverged.diverged["step"] == 3 and diverged.diverged["last_good"].endswith("step_00000002")
+    assert trained.diverged is None and shared.finished_step(trained.dir) == 4
+    summaries = {run.point: TOY.summarize(run) for run in runs}
+    assert math.isnan(summaries[diverged.point]["eval_loss"]) and summaries[diverged.point]["diverged_at"] == 3
+    assert math.isfinite(summaries[trained.point]["eval_loss"])
+    values = {p.cell: {"eval_loss": [s["eval_loss"]]} for p, s in summaries.items()}
+    lines = sweep_section(args.out, TOY.models[0], values, TOY.metrics, args.sweeps)
+    assert any(line.startswith("Best validation loss for dyt: data.nan_at_step=0 (") for line in lines), lines
+    assert shared.divergence_notes(runs)[2] == (
+        f"- dyt (data.nan_at_step=3), seed 0: training loss nan at step 3 (last complete checkpoint: "
+        f"{diverged.diverged['last_good']})")
+    assert shared.divergence_notes([trained]) == []
+    assert shared.fine_tuned_runs(runs, pretrained=True) == [trained]
+
+    again = train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0]))
+    assert len(launches) == 2 and "not launched again" in capsys.readouterr().out
+    assert [run.diverged for run in again] == [run.diverged for run in runs]
+    # with a setting that changes the numbers, the record is another launch's: this one may not diverge
+    other = load_config(ToyConfig, config, [*plan[0].overrides, "train.lr=0.0001", f"train.out_dir={diverged.dir}"])
+    assert shared.divergence_of(other, 1) is None and shared.divergence_of(plan[0].config, 2) is None
+    assert shared.divergence_of(plan[0].config, 1)["step"] == 3
 
 
 def test_sweep_report_one_key_charts_three_keys_table_only(tmp_path):
@@ -467,6 +510,42 @@ def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_
         if row["init"] == "random init":
             verdicts = [row["verdict (unseen voices)"], row["verdict (real recordings)"]]
             assert not any(v.startswith("no verdict") or "collapsed" in v for v in verdicts), row
+
+
+def test_wav2vec2_report_names_a_diverged_pretraining_and_judges_no_cell_with_it(tmp_path):
+    """DyT's pretraining seed 1 diverged: no final validation (no collapse to judge either) and no
+    model to evaluate downstream. Its row says diverged, and every pretrained DyT cell counts it as
+    not finite and gets no verdict; the random-init rows need no pretraining and keep theirs."""
+    from test_reports import DIVERGED_AT_7, table
+
+    from dyt_wav2vec2 import compare
+
+    args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
+                              nproc=1, launcher="python", pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], steps=4,
+                              evals=["contrastive", "probe"], norms=None, sweeps=[])
+    args.out.mkdir()
+    learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
+                "eval/distractors_equal_target": 0.01}
+    runs, evals = _hand_made_w2v(tmp_path, args.seeds, [
+        (Point(norm, seed, "wav2vec2"), learning, learning) for seed in args.pretrain_seeds for norm in ("layernorm", "dyt")])
+    runs[3] = dataclasses.replace(runs[3], diverged=DIVERGED_AT_7)  # dyt, seed 1
+    evals[runs[3].point, "pretrained"] = None  # as the compare makes them: no model to evaluate
+    text = compare.write_report(args, runs, evals).read_text()
+    rows = table(text, "norm")
+    assert [r["status"] for r in rows] == ["learning"] * 3 + ["**diverged** at step 7"] + ["learning"] * 2
+    assert [r["verdict (validation contrastive loss)"] for r in rows if r["norm"] == "dyt"] == [
+        "no verdict: not finite in 1 of 3 seeds of this row"] * 3
+    downstream = table(text, "norm | init")
+    order = [(r["norm"], r["init"]) for r in downstream]  # as the evals came: each cell's pretrained rows, then random init
+    assert order == [(norm, init) for norm in ("layernorm", "dyt") for init in ("pretrained", "random init") for _ in range(3)]
+    for row in (r for r in downstream if r["norm"] == "dyt"):
+        verdicts = [row["verdict (unseen voices)"], row["verdict (real recordings)"]]
+        if row["init"] == "pretrained":
+            assert all(row[t].endswith("(1 of 3 seeds not finite)") for t in compare.TESTS), row
+            assert verdicts == ["no verdict: not finite in 1 of 3 seeds of this row"] * 2, row
+        else:
+            assert not any(v.startswith("no verdict") for v in verdicts), row
+    assert "- dyt, seed 1: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
 
 
 def test_wav2vec2_report_with_a_sweep(tmp_path):

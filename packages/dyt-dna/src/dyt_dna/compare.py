@@ -6,7 +6,8 @@ heatmaps, loss curves, DyT alpha per layer).
     dyt-dna-compare --out runs/dna-compare --nproc 2 [--sweep KEY=V1,V2 ...]
 
 Finished pretraining runs are not launched again, unfinished ones resume, and finished evals are
-reused, so a killed comparison continues.
+reused, so a killed comparison continues. A run whose training loss goes NaN or infinite is reported as
+diverged (no verdict on its cells) and the comparison goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dyt.train.compare import (
     baseline_norm,
     cells_of,
     describe_sweep,
+    diverged_values,
+    divergence_notes,
     fine_tuned_runs,
     finished_step,
     judge,
@@ -156,10 +159,16 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
     metrics = (*SPEC.metrics, *(accuracy_metric(t.name) for t in tasks))
+    diverged = {run.point for run in runs if run.diverged}  # no pretrained model to fine-tune
+
     def downstream(cell, task: ClassificationData, init: str, metric: str = "accuracy") -> list[float]:
-        """``cell``'s test values of ``metric``, as means and verdicts take them (over_pretrainings)."""
-        return over_pretrainings([[r["test"]["test"][metric] for r in evals[(p, task.name, init)]]
-                                  for p in summaries if p.cell == cell and (p, task.name, init) in evals])
+        """``cell``'s test values of ``metric``, as means and verdicts take them (over_pretrainings);
+        NaN for a diverged pretraining run's."""
+        return over_pretrainings([
+            diverged_values(args.seeds) if (p, task.name, init) not in evals
+            else [r["test"]["test"][metric] for r in evals[(p, task.name, init)]]
+            for p in summaries
+            if p.cell == cell and ((p, task.name, init) in evals or (p in diverged and init == INITS[True]))])
 
     values = {}  # cell -> metric key -> its values (pretraining: the pretraining seeds; downstream: over_pretrainings)
     for cell in cells:
@@ -196,12 +205,13 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     for cell in cells:
         for point in (p for p in summaries if p.cell == cell):
             s = summaries[point]
-            rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"])
+            rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"]) or "-"
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                          + f" {point.seed} | {s['final_train_loss']:.4f} | {s['eval_loss']:.4f} | {s['eval_perplexity']:.3f} "
                          f"| {s['throughput']:.0f} | {rss} | {s['wall_s']:.0f} | {judged(cell, main_values, main)} |")
     lines += [
         "",
+        *divergence_notes(runs),
         f"Fine-tuning from each checkpoint (full model, pooled linear head, early stopping on validation MCC), "
         f"seeds {args.seeds}: test-split mean ± std. Each model is also fine-tuned untrained (random init, same "
         "seeds and budget): what pretraining bought is the gap to that row, given for each pretrained row "

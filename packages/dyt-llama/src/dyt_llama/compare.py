@@ -5,7 +5,8 @@ verdict per row, sweep tables and heatmaps, and PNG plots.
     dyt-llama-compare --out runs/llama-compare --nproc 2 [--seeds 0 1 2] [--sweep KEY=V1,V2 ...]
 
 Each run resumes if its directory already holds checkpoints, and a finished one is not launched
-again, so a killed comparison continues.
+again, so a killed comparison continues. A run whose training loss goes NaN or infinite is reported as
+diverged (no verdict on its cells) and the comparison goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dyt.train.compare import (
     baseline_norm,
     cells_of,
     describe_sweep,
+    divergence_notes,
     judge,
     mean_std,
     parse_run_arguments,
@@ -86,7 +88,8 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
     ]
     for cell in cells:
         mine = [s for p, s in summaries.items() if p.cell == cell]
-        rss = " / ".join(f"{statistics.mean(v):.0f}" for v in zip(*(m["peak_rss_mb"] for m in mine)))  # mean over seeds
+        # mean over the seeds that logged it (a diverged run stops before the last step logs it)
+        rss = " / ".join(f"{statistics.mean(v):.0f}" for v in zip(*(m["peak_rss_mb"] for m in mine if m["peak_rss_mb"]))) or "-"
         judged = judge(cell, {c: values[c][main.key] for c in cells}, baseline, higher_is_better=main.higher_is_better)
         lines.append(
             f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
@@ -94,12 +97,12 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
             f"| {mean_std([m['eval_perplexity'] for m in mine], 1)} | {mean_std([m['throughput'] for m in mine], 0)} "
             f"| {rss} | {mean_std([m['wall_s'] for m in mine], 0)} | {judged} |"
         )
-    lines += ["", *sweep_section(out, model, values, SPEC.metrics, args.sweeps)]
+    lines += ["", *divergence_notes(runs), *sweep_section(out, model, values, SPEC.metrics, args.sweeps)]
     plot_losses(runs, out / "loss_curves.png", "cross-entropy (nats/token)")
     lines += ["", "![loss curves](loss_curves.png)", ""]
     if plot_alphas_of_first([r for r in runs if r.norm != baseline], out / "dyt_alpha.png"):
         lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
-    normalised = [r for r in runs if r.norm == baseline and r.norm in ("rmsnorm", "layernorm")]
+    normalised = [r for r in runs if r.norm == baseline and r.norm in ("rmsnorm", "layernorm") and r.diverged is None]
     if normalised:
         plot_s_curves(normalised[0], out / f"{baseline}_s_curves.png")
         lines += [f"![{baseline} S-curves]({baseline}_s_curves.png)", ""]

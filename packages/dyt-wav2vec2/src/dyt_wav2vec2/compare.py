@@ -6,7 +6,8 @@ heatmaps, confusion matrices, WER, loss curves, DyT alpha per layer).
     dyt-wav2vec2-compare --out runs/wav2vec2-compare --nproc 2 [--sweep KEY=V1,V2 ...]
 
 Finished pretraining runs are not launched again, unfinished ones resume, and finished evals are
-reused, so a killed comparison continues.
+reused, so a killed comparison continues. A run whose training loss goes NaN or infinite is reported as
+diverged (no verdict on its cells) and the comparison goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dyt.train.compare import (
     baseline_norm,
     cells_of,
     describe_sweep,
+    diverged_values,
+    divergence_notes,
     fine_tuned_runs,
     finished_step,
     judge,
@@ -102,7 +105,11 @@ def main(argv: list[str] | None = None) -> Path:
     runs, evals = train_runs(SPEC, args, plan), {}
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
     for pretrained, init in INITS.items():
-        for run in fine_tuned_runs(runs, pretrained):
+        evaluated = fine_tuned_runs(runs, pretrained)
+        for run in runs if pretrained else evaluated:
+            if run not in evaluated:  # a diverged pretraining: no model to evaluate
+                evals[run.point, init] = None
+                continue
             print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
                         **({"checkpoint_step": finished_step(run.dir)} if pretrained else {}),
@@ -122,7 +129,9 @@ def downstream_metric(name: str, metric: str, test: str) -> Metric:
 
 
 def write_report(args, runs: list[Run], evals: dict) -> Path:
-    """``evals[(run.point, init)]``: that run's downstream results (eval name -> one result per seed)."""
+    """``evals[(run.point, init)]``: that run's downstream results (eval name -> one result per seed), in
+    the order of the report's rows; None for a diverged pretraining run (no model to evaluate: its
+    values are NaN for every pretrained eval the other runs made)."""
     out = args.out
     config = load_config(SPEC.config_class, args.config, args.overrides)
     model, data = config.model, config.data
@@ -181,9 +190,10 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         f"|---|{point_rule}---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point, s in summaries.items():
-        rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"])
+        rss = " / ".join(f"{v:.0f}" for v in s["peak_rss_mb"]) or "-"
         steps_per_s = "-" if s["steps_per_s"] is None else f"{s['steps_per_s']:.2f}"
-        status = f"**collapsed** ({s['collapse']})" if s["collapse"] else "learning"
+        status = (f"**diverged** at step {s['diverged_at']}" if "diverged_at" in s
+                  else f"**collapsed** ({s['collapse']})" if s["collapse"] else "learning")
         lines.append(f"| {point.norm} |" + (f" {describe_sweep(point.sweep)} |" if swept else "")
                      + f" {point.seed} | {s['final_train_loss']:.3f} | "
                      f"{s['eval_contrastive_kept']:.3f} | {s['eval_contrastive_accuracy']:.3f} | "
@@ -191,6 +201,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                      f"{status} | {steps_per_s} | "
                      f"{s['throughput']:.1f} | {rss} | {s['wall_s']:.0f} | "
                      f"{judged(point.cell, main_values, main.higher_is_better)} |")
+    lines += ["", *divergence_notes(runs)]
     budget = f"{args.steps} steps each" + (f", CTC {args.ctc_steps} at peak lr {args.ctc_lr:g}, {args.ctc_schedule}"
                                            if "ctc" in args.evals else "")
     lines += ["", f"Downstream, seeds {args.seeds} ({budget}, best validation checkpoint): mean ± std. "
@@ -205,9 +216,19 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     per_run = {}  # (init, eval, metric, test) -> cell -> each pretraining run's values over the downstream seeds
     table_rows = {}  # (cell, init, eval, metric), in the order of the runs
     summary = []  # one row per run, init, eval and metric: its values per test set, facts in fields of their own
-    for (point, init), results in evals.items():
-        for name, rows in results.items():
-            for metric, per_test in headline(name, rows).items():
+    headlines = {key: None if results is None else {name: headline(name, rows) for name, rows in results.items()}
+                 for key, results in evals.items()}  # (point, init) -> eval -> metric -> test set -> values
+    made = list(dict.fromkeys((name, metric) for (_, init), evals_made in headlines.items()
+                              if evals_made and init == INITS[True] for name, per_metric in evals_made.items()
+                              for metric in per_metric))
+    for (point, init), evals_made in headlines.items():
+        for name, metric in made if evals_made is None else []:  # a diverged pretraining: NaN values
+            table_rows[point.cell, init, name, metric] = None
+            for test in TESTS:
+                per_run.setdefault((init, name, metric, test), {}).setdefault(point.cell, []).append(
+                    diverged_values(args.seeds))
+        for name, per_metric in (evals_made or {}).items():
+            for metric, per_test in per_metric.items():
                 summary.append({**point.to_json(), "init": init, "eval": name, "metric": metric, **per_test})
                 table_rows[point.cell, init, name, metric] = None
                 for test in TESTS:
@@ -244,7 +265,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
     shown = set()  # a confusion matrix and CTC examples for the first point of each norm
     for (point, init), results in evals.items():
-        if init != INITS[True] or point.norm in shown:
+        if init != INITS[True] or point.norm in shown or results is None:
             continue
         shown.add(point.norm)
         norm = point.norm

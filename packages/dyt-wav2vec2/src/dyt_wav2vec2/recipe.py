@@ -19,10 +19,12 @@ def summarize(run: Run) -> dict[str, Any]:
     summary = pretraining_summary(run)
     rows = run.metrics
     seconds = [r["step_seconds"] for r in [r for r in rows if "train/loss" in r][1:] if "step_seconds" in r]
-    last_eval = {k: v for k, v in [r for r in rows if "eval/loss" in r][-1].items() if k.startswith("eval/")}
-    model = load_config(Wav2Vec2PretrainConfig, run.dir / "config.yaml", check_files=False).model
-    return {**summary, "steps_per_s": 1 / statistics.median(seconds) if seconds else None,
-            "collapse": collapse_reason(last_eval, model)}
+    summary.update(steps_per_s=1 / statistics.median(seconds) if seconds else None, collapse=None)
+    if run.diverged is None:  # a diverged run has no final validation to judge a collapse by
+        last_eval = {k: v for k, v in [r for r in rows if "eval/loss" in r][-1].items() if k.startswith("eval/")}
+        model = load_config(Wav2Vec2PretrainConfig, run.dir / "config.yaml", check_files=False).model
+        summary["collapse"] = collapse_reason(last_eval, model)
+    return summary
 
 
 SPEC = RecipeSpec(

@@ -40,6 +40,11 @@ MARKER = "COMPLETE"
 LAUNCHES = "launches.jsonl"
 """In a run folder: one row per launch (the step it started at, its world size, its whole config),
 since ``config.yaml`` holds only the latest launch's settings."""
+DIVERGED = "diverged.json"
+"""In a run folder: written when the launch's training loss went NaN or infinite (the step, the
+loss, the last complete checkpoint, the launch's world size and config); every launch removes it.
+A comparison reports such a run as diverged instead of stopping, and does not launch it again with
+the same settings: an exact resume replays the same steps."""
 UNIVERSAL = "universal"
 """The sub-folder of a checkpoint that holds its universal (world-size-free) form."""
 
@@ -255,6 +260,33 @@ def record_launch(run_dir: Path, step: int, world_size: int, config: Any) -> Non
     row = json.dumps({"step": step, "world_size": world_size, "config": to_dict(config)})
     with open(run_dir / LAUNCHES, "w" if step == 0 else "a") as handle:
         handle.write(row + "\n")
+    (run_dir / DIVERGED).unlink(missing_ok=True)  # this launch's outcome is not known yet
+
+
+def record_divergence(run_dir: Path, step: int, loss: str, last_good: Path | None, world_size: int,
+                      config: Any) -> None:
+    """Write :data:`DIVERGED` for a launch whose training loss became ``loss`` (``nan``, ``inf``, in
+    words) at ``step``."""
+    record = {"step": step, "loss": loss, "last_good": str(last_good) if last_good else None,
+              "world_size": world_size, "config": to_dict(config)}
+    (run_dir / DIVERGED).write_text(json.dumps(record, indent=1))
+
+
+def divergence_of(config: Any, world_size: int) -> dict | None:
+    """The :data:`DIVERGED` record of the run in ``config.train.out_dir`` when it diverged with the
+    settings that make its numbers (fixed ones, and ``RESUME_CHANGES_RESULTS``) and the ranks of
+    ``config`` on ``world_size``: launched again, it would diverge again. None when it did not
+    diverge, or did with other settings (a launch with these may not)."""
+    path = Path(config.train.out_dir) / DIVERGED
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        launched = from_dict(type(config), record["config"])
+    except (ValueError, KeyError, TypeError) as error:  # ConfigError is a ValueError
+        raise ConfigError(f"{path}: a divergence record this code cannot read ({error})") from None
+    fixed, _, results = resume_changes(launched, config)
+    return None if fixed or results or record["world_size"] != world_size else record
 
 
 def launches_differing(config: Any, world_size: int) -> list[str] | None:

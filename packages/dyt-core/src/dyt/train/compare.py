@@ -32,7 +32,15 @@ import torch
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
-from .checkpoint import complete_checkpoints, launches_differing, saved_world_size, settings_changes, step_of
+from .checkpoint import (
+    DIVERGED,
+    complete_checkpoints,
+    divergence_of,
+    launches_differing,
+    saved_world_size,
+    settings_changes,
+    step_of,
+)
 from .config import AT_LEAST_ONE, SEED, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
@@ -109,6 +117,10 @@ class Run:
     point: Point
     dir: Path
     wall_s: float
+    diverged: dict | None = None
+    """The run's divergence record (``dyt.train.checkpoint.DIVERGED``: the step its training loss went
+    NaN or infinite, that loss, the last complete checkpoint) when training stopped there; None for
+    a run that trained to its end."""
 
     @property
     def norm(self) -> str:
@@ -124,7 +136,9 @@ class Run:
 
     @property
     def metrics(self) -> list[dict]:
-        return read_metrics(self.dir / "metrics.jsonl")
+        """The run's logged rows (none for a run that diverged before its first logged step)."""
+        path = self.dir / "metrics.jsonl"
+        return [] if self.diverged is not None and not path.is_file() else read_metrics(path)
 
 
 def read_point(run_dir: Path) -> Point | None:
@@ -336,8 +350,9 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
             raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
         wall = run_training(spec.train_module, planned.config_path, planned.dir, planned.overrides,
                             seed=planned.point.seed, label=planned.point.label, launcher=args.launcher, nproc=args.nproc,
-                            steps=planned.config.train.steps, changes=allowed.get(planned.dir, []))
-        runs.append(Run(planned.point, planned.dir, wall))
+                            steps=planned.config.train.steps, changes=allowed.get(planned.dir, []),
+                            diverged=divergence_of(planned.config, args.nproc))
+        runs.append(Run(planned.point, planned.dir, wall, divergence_of(planned.config, args.nproc)))
     return runs
 
 
@@ -385,6 +400,7 @@ def run_items(seed: int, out: Path) -> list[str]:
 def run_training(
     module: str, config: Path, out: Path, overrides: Sequence[str], *, seed: int, label: str,
     launcher: str = "deepspeed", nproc: int = 2, steps: int | None = None, changes: Sequence[str] = (),
+    diverged: dict | None = None,
 ) -> float:
     """Train ``module`` with ``config`` + ``overrides`` + ``seed`` into ``out`` (``--resume``: what is there
     continues); returns the run's training wall time in seconds.
@@ -395,10 +411,20 @@ def run_training(
     refuses the others before any launch) are then printed: the finished run's results were made with
     the saved ones.
 
+    A run whose training loss went NaN or infinite (its launch wrote ``DIVERGED``) does not stop the
+    comparison: it is reported as diverged. ``diverged``: that record, when it was made with this
+    run's settings (``dyt.train.checkpoint.divergence_of``): the run is not launched again, as an exact
+    resume would replay the same steps.
+
     The wall time is the sum over the launches that trained steps, kept in ``out``, so a run that was
     already finished reports the time it took then, not that of the check."""
     wall_file = out / WALL_FILE
     done = finished_step(out)
+    if diverged is not None:
+        print(f"\n== {label}, seed {seed}: diverged at step {diverged['step']} (training loss {diverged['loss']}) in "
+              f"{out}; not launched again, as the same settings would replay the same steps (--fresh or other "
+              "settings train it anew)", flush=True)
+        return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
     if steps is not None and done >= steps:
         print(f"\n== {label}, seed {seed}: finished (step {done} of {steps}) in {out}; not launched again", flush=True)
         if changes:
@@ -409,13 +435,20 @@ def run_training(
     for item in [*overrides, *run_items(seed, out)]:
         cmd += ["--set", item]
     print(f"\n== {label}, seed {seed}: {' '.join(cmd)}", flush=True)
+    (out / DIVERGED).unlink(missing_ok=True)  # another launch's, with other settings: a record after this one is its own
     steps_before = _last_step(out)
     started = time.perf_counter()
     try:
         subprocess.run(cmd, env=launch_env(nproc), check=True)
+    except subprocess.CalledProcessError:
+        if not (out / DIVERGED).is_file():  # every launch removes an older record first
+            raise
+        record = json.loads((out / DIVERGED).read_text())
+        print(f"\n== {label}, seed {seed}: diverged at step {record['step']} (training loss {record['loss']}); "
+              "reported as diverged, the comparison goes on", flush=True)
     finally:
         wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
-        if _last_step(out) > steps_before:
+        if _last_step(out) > steps_before or (out / DIVERGED).is_file():  # it trained steps
             wall += time.perf_counter() - started
             wall_file.write_text(json.dumps({"seconds": wall}))
     return wall
@@ -528,16 +561,37 @@ def over_pretrainings(per_run: Sequence[Sequence[float]]) -> list[float]:
 
 
 def fine_tuned_runs(runs: Sequence[Run], pretrained: bool) -> list[Run]:
-    """The runs whose downstream evals a comparison makes: from the pretrained checkpoint, every run;
+    """The runs whose downstream evals a comparison makes: from the pretrained checkpoint, every run
+    that trained to its end (a diverged one has no trained model: :func:`diverged_values` stands in);
     from random init, the first run of each cell only. No pretraining seed changes an untrained model
     (a random-init fine-tuning draws it from the fine-tuning seed), so fine-tuning it once per pretraining
     run would repeat one result, and averaging the copies would report a spread of 0."""
     if pretrained:
-        return list(runs)
+        return [run for run in runs if run.diverged is None]
     first: dict[Cell, Run] = {}
     for run in runs:
         first.setdefault(run.point.cell, run)
     return list(first.values())
+
+
+def diverged_values(seeds: Sequence[int]) -> list[float]:
+    """A diverged pretraining run's downstream values, one per fine-tuning seed: NaN, so that its
+    cell names it as not finite and gets no verdict, instead of a mean over the runs that trained."""
+    return [math.nan] * len(seeds)
+
+
+def divergence_notes(runs: Sequence[Run]) -> list[str]:
+    """A report's lines naming every diverged run (step, loss, last complete checkpoint); none if no
+    run diverged."""
+    models = len({run.point.model for run in runs}) > 1  # DNA compares two: name the model too
+    named = [f"- {f'{run.point.model} ' if models else ''}{run.label}, seed {run.seed}: training loss "
+             f"{run.diverged['loss']} at step {run.diverged['step']} "
+             f"(last complete checkpoint: {run.diverged['last_good'] or 'none'})" for run in runs if run.diverged]
+    if not named:
+        return []
+    return ["**Diverged** (training stopped there; the run's validation and downstream numbers count as not "
+            "finite: named in its cells, no verdict on them, ranked last in sweeps; a relaunch with the same "
+            "settings skips it, `--fresh` or other settings train it anew):", "", *named, ""]
 
 
 def add_pretrain_seeds_argument(parser: argparse.ArgumentParser) -> None:
@@ -659,7 +713,7 @@ def median_throughput(rows: list[dict]) -> float:
 def validation_share(summaries: Iterable[dict[str, Any]], unit: str) -> str:
     """How much of the validation set each validation scored, in words, from the runs' own counts
     (``eval_examples`` of ``eval_examples_available``); empty for runs logged before 2026-12-05."""
-    summaries = list(summaries)
+    summaries = [s for s in summaries if "diverged_at" not in s]  # no final validation
     counts = sorted({(s["eval_examples"], s["eval_examples_available"]) for s in summaries if "eval_examples" in s})
     if not counts:
         return ""
@@ -670,11 +724,28 @@ def validation_share(summaries: Iterable[dict[str, Any]], unit: str) -> str:
             + (f" ({older} run(s) logged before 2026-12-05 give no count)" if older else ""))
 
 
+class DivergedSummary(dict):
+    """The report numbers of a run whose training loss went NaN or infinite: no final validation, so
+    every ``eval_*`` number a report asks of it (and its final training loss) is NaN, which reports
+    count as not finite (named in the cell, no verdict, ranked last); speed and wall time as
+    measured, ``diverged_at`` the step."""
+
+    def __missing__(self, key: str) -> float:
+        if key.startswith("eval_"):
+            return math.nan
+        raise KeyError(key)
+
+
 def pretraining_summary(run: Run) -> dict[str, Any]:
     """What every recipe reports of a pretraining run: the mean training loss of the last three
     logged steps, the last validation's values (``eval_loss``, and each ``eval/<name>`` as
-    ``eval_<name>``), median throughput, peak memory per rank and wall time."""
+    ``eval_<name>``), median throughput, peak memory per rank and wall time (a
+    :class:`DivergedSummary` for a diverged run)."""
     rows = run.metrics
+    if run.diverged is not None:
+        logged = any("throughput" in r for r in rows)
+        return DivergedSummary(final_train_loss=math.nan, throughput=median_throughput(rows) if logged else math.nan,
+                               peak_rss_mb=[], wall_s=run.wall_s, diverged_at=run.diverged["step"])
     train = [r["train/loss"] for r in rows if "train/loss" in r]
     last_eval = [r for r in rows if "eval/loss" in r][-1]
     return {

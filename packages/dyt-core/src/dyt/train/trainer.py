@@ -32,8 +32,12 @@ from .distributed import DistInfo, all_reduce, init_distributed
 from .metrics import MetricsLogger
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+class NonFiniteLossError(UserInputError, RuntimeError):
+    """The training loss became NaN or infinite: the message names the step and the last good
+    checkpoint. A training outcome the user's settings can change, not a bug: one line (every rank
+    meets it alike, so rank 0 prints it), and the run folder's ``diverged.json`` records it."""
+
+    kind = "diverged"
 
 
 class CheckpointSaveError(UserInputError):
@@ -567,9 +571,15 @@ class Trainer:
                     loss, extras = self.task.loss(engine, batch)
                     finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
                     if finite.item() == 0:
+                        mine = loss.item()
+                        went = str(mine) if not math.isfinite(mine) else "not finite on another rank"
+                        if dist.is_main:
+                            checkpoint.record_divergence(self.out_dir, step + 1, went, last_good,
+                                                         dist.world_size, self.full_config)
                         raise NonFiniteLossError(
-                            f"loss became {loss.item()} at step {step + 1}; "
-                            f"last good checkpoint: {last_good or 'none yet'}"
+                            f"loss became {went} at step {step + 1}; "
+                            f"last good checkpoint: {last_good or 'none yet'} (recorded in "
+                            f"{self.out_dir / checkpoint.DIVERGED}); a smaller train.lr or DyT alpha0 may train"
                         )
                     engine.backward(loss)
                     engine.step()
@@ -605,6 +615,8 @@ class Trainer:
                     metrics.log(step, row)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     last_good = self._save(engine, step, batches.position)
+        except NonFiniteLossError:
+            raise  # every rank stops at the same step (the all-reduced check)
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
             raise
