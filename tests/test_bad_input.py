@@ -9,9 +9,11 @@ imports); every selected case still reports as its own test.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +87,8 @@ CASES = [
          ("--resume", "model.dim 192 -> 96", 'model.norm.kind "dyt" -> "rmsnorm"', "llama-run/config.yaml")),
     Case("llama-corpus-missing", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/nowhere"),
          ("corpus not found", "nowhere")),
+    Case("llama-validation-text-also-trained", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/corpus-copied"),
+         ("1 validation document(s) have the text of a training document", "'b/four' = training 'a/four-again'")),
     Case("llama-corpus-not-utf8", "dyt_llama.train", _llama("--set", "data.corpus={tmp}/latin1-corpus"),
          ("latin1.txt", "not UTF-8", "byte 3")),
     Case("llama-tokenizer-not-json", "dyt_llama.train", _llama("--set", "data.tokenizer_file={tmp}/bad.yaml"),
@@ -92,6 +96,9 @@ CASES = [
     # ---- DNA training (python -m dyt_dna.train)
     Case("dna-fasta-bad-character", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/bad_char.fa]"),
          ("bad_char.fa", "record 'chr2'", "'X' at base 8 (counting from 1)")),
+    Case("dna-validation-genome-also-trained", "dyt_dna.train",
+         _dna("--set", "data.fasta=[{tmp}/fasta/good.fa,{tmp}/fasta/held-again.fa.gz]"),
+         ("data.validation_fasta", "held.fa", "every record's sequence is also in data.fasta", "held-again.fa.gz")),
     Case("dna-fasta-no-header", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/no_header.fa]"),
          ("no_header.fa:1", "before the first '>'")),
     Case("dna-fasta-empty", "dyt_dna.train", _dna("--set", "data.fasta=[{tmp}/fasta/empty.fa]"),
@@ -146,6 +153,8 @@ CASES = [
          ("training audio", "stereo.wav", "2 channels")),
     Case("w2v-train-all-too-short", "dyt_wav2vec2.train", _w2v("train_short.tsv"),
          ("training audio", "3 of 3 files are shorter than 10560 samples", "short0.wav")),
+    Case("w2v-validation-audio-also-trained", "dyt_wav2vec2.train", _w2v("train_with_a_copy.tsv"),
+         ("validation audio", "4 of 4 files are also training audio", "good2.wav = ", "copy_of_good2.wav")),
     # ---- the manifest tool (python -m dyt_wav2vec2.manifest)
     Case("manifest-truncated-wav", "dyt_wav2vec2.manifest",
          ("-m", "dyt_wav2vec2.manifest", "{tmp}/audio-truncated", "{tmp}/out-truncated.tsv"),
@@ -300,10 +309,12 @@ def _manifest(path: Path, root: Path, files: list[str]) -> None:
 
 
 def _inputs(tmp: Path) -> None:
-    corpus = tmp / "corpus"
-    for name in ("a/one", "a/two", "b/three", "b/four"):
-        (corpus / f"{name}.txt").parent.mkdir(parents=True, exist_ok=True)
-        (corpus / f"{name}.txt").write_text("Shall I compare thee to a summer's day? " * 20)
+    for corpus, names in ((tmp / "corpus", ("a/one", "a/two", "b/three", "b/four")),
+                          (tmp / "corpus-copied", ("a/one", "a/two", "b/four"))):
+        for name in names:
+            (corpus / f"{name}.txt").parent.mkdir(parents=True, exist_ok=True)
+            (corpus / f"{name}.txt").write_text(f"Shall I compare thee to a summer's day? ({name}) " * 20)
+    shutil.copy(tmp / "corpus-copied" / "b" / "four.txt", tmp / "corpus-copied" / "a" / "four-again.txt")
     (tmp / "cmp-fresh" / "inner").mkdir(parents=True)
     (tmp / "cmp-fresh" / "inner" / "keep.txt").write_text("not to be deleted\n")
     for name, files in (("corpus-mixed", {"a.txt": "some words\n", "b.jsonl": '{"text": "more words"}\n'}),
@@ -327,6 +338,8 @@ def _inputs(tmp: Path) -> None:
     (fasta / "good.fa").write_text(f">chr1\n{bases[:1500]}\n>chr2\n{bases[1500:]}\n")
     held = "".join(np.random.default_rng(1).choice(list("ACGT"), 3000))  # a file of its own for validation
     (fasta / "held.fa").write_text(f">chr1\n{held[:1500]}\n>chr2\n{held[1500:]}\n")
+    with gzip.open(fasta / "held-again.fa.gz", "wt") as twin:  # the held-out genome, gzipped, among the training files
+        twin.write(f">chr1 other header\n{held[:1500].lower()}\n>chr2\n{held[1500:]}\n")
     (fasta / "bad_char.fa").write_text(f">chr1 first\n{bases[:600]}\n>chr2\nACGTACGXACGT{bases[600:1200]}\n")
     (fasta / "no_header.fa").write_text(f"{bases[:600]}\n")
     (fasta / "empty.fa").write_text("")
@@ -342,6 +355,8 @@ def _inputs(tmp: Path) -> None:
     _manifest(tmp / "train_truncated.tsv", audio, ["good0.wav", "good1.wav", "trunc.wav"])
     _manifest(tmp / "train_stereo.tsv", audio, ["good0.wav", "good1.wav", "stereo.wav"])
     _manifest(tmp / "train_short.tsv", audio, ["short0.wav", "short1.wav", "short2.wav"])
+    shutil.copy(audio / "good2.wav", audio / "copy_of_good2.wav")  # the validation recording, copied into training
+    _manifest(tmp / "train_with_a_copy.tsv", audio, ["good0.wav", "good1.wav", "copy_of_good2.wav"])
     for name, bad in (("audio-truncated", _truncated_wav), ("audio-stereo", lambda p: _wav(p, channels=2))):
         _wav(tmp / name / "good0.wav")
         _wav(tmp / name / "sub" / "good1.wav", seed=1)

@@ -27,6 +27,7 @@ from dyt_wav2vec2.audio import (
     load_audio,
     manifest_from_folder,
     read_manifest,
+    shared_recordings,
     write_manifest,
 )
 from dyt_wav2vec2.eval import (
@@ -270,6 +271,22 @@ def test_hf_audio_dataset_is_read_through_the_same_pipeline(speech, tmp_path, mo
     assert [u.num_samples for u in loaded] == [r.num_samples for r in rows]
     torch.testing.assert_close(load_audio(loaded[0].path), load_audio(rows[0].path), atol=1e-4, rtol=0)
     assert audio_source(saved)[0].path == loaded[0].path  # cached
+
+
+def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_path):
+    """One recording in both splits: named by another spelling of its path, or copied under another
+    name; same-length recordings with other samples are not the same recording."""
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "b.wav", "c.wav"):
+        soundfile.write(tmp_path / name, rng.standard_normal(16000).astype(np.float32) * 0.1, 16000, subtype="PCM_16")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(tmp_path / "c.wav", tmp_path / "sub" / "c-copy.wav")
+    row = lambda path: Utterance(path, 16000)  # noqa: E731
+    train = [row(tmp_path / "a.wav"), row(tmp_path / "sub" / "c-copy.wav")]
+    held_out = [row(tmp_path / "sub" / ".." / "a.wav"), row(tmp_path / "b.wav"), row(tmp_path / "c.wav")]
+    assert shared_recordings(train, held_out) == [(tmp_path / "sub" / ".." / "a.wav", tmp_path / "a.wav"),
+                                                  (tmp_path / "c.wav", tmp_path / "sub" / "c-copy.wav")]
+    assert shared_recordings(train, [row(tmp_path / "b.wav")]) == []
 
 
 def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):

@@ -159,6 +159,35 @@ def _check_distinct_files(train: list[str], validation: list[str]) -> None:
                            "score training windows; hold out whole files of their own")
 
 
+def _record_digests(path: Path, cache: Path) -> list[str]:
+    """SHA-256 of each record's sequence in ``path``, kept in ``cache`` by the file's path, size and
+    time (a genome is read once, not at every launch)."""
+    if not path.is_file():
+        raise DnaDataError(f"{path}: no such FASTA file")
+    target = cache / "records" / f"{_fingerprint(_file_key(path))}.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    digests = [hashlib.sha256(record.sequence.encode()).hexdigest() for record in read_fasta(path)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(digests))
+    partial.replace(target)
+    return digests
+
+
+def _check_held_out_sequences(train: list[str], validation: list[str], cache: Path) -> None:
+    """A validation file whose every record is a training record (the same genome copied, or given
+    once gzipped and once not) would validate on trained sequence; records shared in part (a plasmid
+    two strains carry) are biology, not a copy, and pass."""
+    trained = {digest: name for name in train for digest in _record_digests(Path(name), cache)}
+    for name in validation:
+        digests = _record_digests(Path(name), cache)
+        if all(d in trained for d in digests):
+            copies = ", ".join(dict.fromkeys(trained[d] for d in digests))
+            raise DnaDataError(f"data.validation_fasta {name}: every record's sequence is also in data.fasta ({copies}): "
+                               "validation would score trained sequence; hold out a genome training never reads")
+
+
 def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]:
     """(training, validation) regions: the user's files, or the built-in strains."""
     if cfg.fasta:
@@ -168,6 +197,7 @@ def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]
                 "genome, never by window)"
             )
         _check_distinct_files(cfg.fasta, cfg.validation_fasta)
+        _check_held_out_sequences(cfg.fasta, cfg.validation_fasta, _cache_dir(cfg.cache_dir))
         return [Region(Path(p)) for p in cfg.fasta], [Region(Path(p)) for p in cfg.validation_fasta]
     if cfg.validation_fasta:
         raise DnaDataError("data.validation_fasta is given without data.fasta: the built-in strains would be used for "

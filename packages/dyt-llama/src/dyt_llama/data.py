@@ -246,10 +246,17 @@ def _tokenizer_path(cfg: DataConfig) -> Path:
     return path
 
 
-def document_digests(batch) -> dict[str, list[str]]:
-    """SHA-256 of each document's title and text (a ``datasets.map`` function)."""
+DIGESTS_VERSION = 2
+"""Passed to :func:`document_digests` by ``datasets.map`` as part of its cache key: datasets names a
+module's function by reference, so a changed function would find its old results (2: ``text_digest``)."""
+
+
+def document_digests(batch, version: int = DIGESTS_VERSION) -> dict[str, list[str]]:
+    """SHA-256 of each document's title and text, and of its text alone (a ``datasets.map`` function;
+    ``version``: only a cache key)."""
     return {"digest": [hashlib.sha256(title.encode() + b"\0" + text.encode() + b"\0").hexdigest()
                        for title, text in zip(batch["title"], batch["text"])],
+            "text_digest": [hashlib.sha256(text.encode()).hexdigest() for text in batch["text"]],
             "chars": [len(text) for text in batch["text"]]}
 
 

@@ -26,6 +26,7 @@ from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 
 from .data import (
     BYTE_BPE_MIN_VOCAB,
+    DIGESTS_VERSION,
     EOS,
     DataConfig,
     DataError,
@@ -74,16 +75,37 @@ def _tokenise(batch, rank, tokenizer, eos: int, dtype: str, prefix: str) -> dict
     return {"tokens": counts}
 
 
-def _survey(docs, num_proc: int, shard_chars: int, name: str) -> tuple[str, list[list[int]]]:
-    """(the documents' content key, the shard plan): one pass over the text in ``num_proc``
-    processes (cached by datasets), then the small per-document results a batch at a time."""
+def _survey(docs, num_proc: int, shard_chars: int, name: str):
+    """(the documents' content key, the shard plan, the per-document digests): one pass over the text
+    in ``num_proc`` processes (cached by datasets), then the small per-document results a batch at a time."""
     stats = docs.map(document_digests, batched=True, batch_size=64, num_proc=num_proc if num_proc > 1 else None,
+                     fn_kwargs={"version": DIGESTS_VERSION},
                      remove_columns=docs.column_names, desc=f"reading {name} documents")
     content, sizes = hashlib.sha256(), []
     for batch in stats.with_format("numpy").iter(batch_size=100_000):
         content.update("".join(batch["digest"].tolist()).encode())
         sizes.append(batch["chars"])
-    return content.hexdigest(), plan_by_size(np.concatenate(sizes) if sizes else [], shard_chars)
+    return content.hexdigest(), plan_by_size(np.concatenate(sizes) if sizes else [], shard_chars), stats
+
+
+def check_validation_unseen(docs, stats) -> None:
+    """A validation document whose text is a training document's (one text under two titles or
+    files, a duplicated row) would validate on trained text: a DataError naming the first pair.
+    ``stats``: each split's :func:`_survey` digests; only the validation split's are held in memory."""
+    held = {}  # text digest -> validation title
+    for title, digest in zip(docs["validation"]["title"], stats["validation"]["text_digest"]):
+        held.setdefault(digest, title)
+    titles, found = docs["train"].select_columns(["title"]), []
+    start = 0
+    for batch in stats["train"].select_columns(["text_digest"]).iter(batch_size=100_000):
+        found += [(start + i, digest) for i, digest in enumerate(batch["text_digest"]) if digest in held]
+        start += len(batch["text_digest"])
+    if found:
+        index, digest = found[0]
+        shared = {digest for _, digest in found}
+        raise DataError(f"{len(shared)} validation document(s) have the text of a training document; first: validation "
+                        f"{held[digest]!r} = training {titles[index]['title']!r}: validation must be text training never "
+                        "reads (deduplicate the corpus, or hold out both copies: data.validation_works)")
 
 
 def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer_key: str, folder_root: Path,
@@ -140,9 +162,10 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
     with FileLock(str(cache / "data.lock")):
         docs = load_documents(cfg)
         surveys = {name: _survey(docs[name], cfg.num_proc, cfg.shard_chars, name) for name in SPLITS}
+        check_validation_unseen(docs, {name: survey[2] for name, survey in surveys.items()})
         tokenizer = load_tokenizer(cfg, docs["train"], vocab_size, content_key=surveys["train"][0])
         tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-        shards = {name: _write_split(docs[name], *surveys[name], tokenizer, tokenizer_key, cache / "tokens",
+        shards = {name: _write_split(docs[name], *surveys[name][:2], tokenizer, tokenizer_key, cache / "tokens",
                                      cfg.num_proc, name) for name in SPLITS}
     return Prepared(shards, tokenizer)
 

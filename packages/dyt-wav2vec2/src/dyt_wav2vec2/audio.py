@@ -6,6 +6,7 @@ them; nothing is left out without a word."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,6 +232,33 @@ def audio_source_files(path: Path) -> list[Path]:
     if not path.is_file():
         return [path]  # counted as missing
     return [path, *(row.path for row in read_manifest(path, check_files=False))]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shared_recordings(train: list[Utterance], held_out: list[Utterance]) -> list[tuple[Path, Path]]:
+    """(held-out file, training file) for every held-out file that is also training audio: the same
+    file (by resolved path), or a copy of one (the same bytes under another name, as a corpus copied
+    into two folders gives). Only files whose size both lists hold are read, so a check of disjoint
+    corpora costs one ``stat`` per file."""
+    trained = {row.path.resolve(): row.path for row in train}
+    shared = [(row.path, trained[row.path.resolve()]) for row in held_out if row.path.resolve() in trained]
+    named = {held for held, _ in shared}
+    by_size: dict[int, list[Path]] = {}
+    for path in trained.values():
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    candidates = [row.path for row in held_out if row.path not in named and row.path.stat().st_size in by_size]
+    digests: dict[str, Path] = {}  # of the training files of the sizes the candidates have
+    for size in dict.fromkeys(path.stat().st_size for path in candidates):
+        for path in by_size[size]:
+            digests.setdefault(_file_digest(path), path)
+    return shared + [(path, digests[digest]) for path in candidates if (digest := _file_digest(path)) in digests]
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:

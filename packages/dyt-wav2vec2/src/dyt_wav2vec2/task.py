@@ -27,6 +27,7 @@ from .audio import (
     is_hf_dataset,
     load_audio,
     read_manifest,
+    shared_recordings,
     utterances_from_hf_dataset,
 )
 from .model import Wav2Vec2ModelConfig, build_wav2vec2
@@ -157,8 +158,14 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
         data = builtin_speech(cfg)
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")
         validation = load_split(data, "sentences-validation")
-    return (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio"),
-            check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio"))
+    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio"),
+                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio"))
+    if cfg.train_manifest and (shared := shared_recordings(train, validation)):  # the built-in splits: by voice
+        held, trained = shared[0]
+        raise AudioError(f"validation audio: {len(shared)} of {len(validation)} files are also training audio (the same "
+                         f"file, or the same bytes); first: {held} = {trained} (data.validation_manifest, "
+                         "data.train_manifest): held-out audio must be recordings training never reads")
+    return train, validation
 
 
 class Waveforms(Dataset):
