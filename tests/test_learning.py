@@ -118,7 +118,8 @@ COUNTING = "one two three four five six seven eight nine ten eleven twelve"
 @pytest.mark.parametrize("norm, sabotage", [("rmsnorm", None), ("dyt", None), ("rmsnorm", "lr0"), ("dyt", "alpha0")],
                          ids=["rmsnorm", "dyt", "rmsnorm-sabotage-lr0", "dyt-sabotage-alpha0"])
 def test_llama_learns_repeated_text(tmp_path, norm, sabotage):
-    """Documents of counting words repeated; next-token cross-entropy on a held-out document.
+    """Documents of counting words repeated, each from another word; next-token cross-entropy on a
+    held-out document.
 
     Without context the best a model can do is the unigram entropy H1 of the training tokens
     (~2.5 nats); the untrained model starts near ln(vocab) = 5.7 (6.7 with its unit-norm head).
@@ -129,8 +130,9 @@ def test_llama_learns_repeated_text(tmp_path, norm, sabotage):
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(5):
-        (corpus / f"doc{i}.txt").write_text(" ".join([COUNTING] * 30))
+    words = COUNTING.split()
+    for i in range(5):  # each document counts from another word, so the held-out one is no training text
+        (corpus / f"doc{i}.txt").write_text(" ".join((words[i:] + words[:i]) * 30))
     config = load_config(LlamaConfig, ROOT / "recipes" / "llama" / "tiny.yaml", [
         f"model.norm={norm}", "model.dim=32", "model.layers=2", "model.heads=4", "model.kv_heads=2", "model.ffn_dim=64",
         "model.vocab_size=300", "model.max_seq_len=32", f"data.corpus={corpus}", "data.validation_works=[doc4]",

@@ -244,7 +244,7 @@ def test_own_corpus_without_validation_works_holds_out_every_tenth_document(tmp_
     root = tmp_path / "many"
     root.mkdir()
     for i in range(10):
-        (root / f"doc{i}.txt").write_text(SONNET * 3)
+        (root / f"doc{i}.txt").write_text(f"{SONNET * 3} ({i})")  # ten documents, not one text ten times
     cfg = DataConfig(corpus=str(root), seq_len=16, cache_dir=str(tmp_path / "c"))
     assert load_documents(cfg)["validation"]["title"] == ["doc9"]  # the 10th in sorted order
     train, validation, _ = build_datasets(cfg, 300, 32)

@@ -446,26 +446,30 @@ DIVERGED_AT_7 = {"step": 7, "loss": "nan", "last_good": None}
 
 
 def test_llama_report_names_a_diverged_seed_and_gives_its_cell_no_verdict(tmp_path, monkeypatch):
-    """DyT's seed 1 diverged: its validation loss is no number to average, and a mean over the seeds
-    that trained would hide the failure behind a verdict."""
+    """DyT's seed 1 and RMSNorm's seed 0 diverged: a validation loss that is no number to average,
+    and a mean over the seeds that trained would hide the failure behind a verdict."""
     from dyt_llama import compare
 
-    monkeypatch.setattr(compare, "plot_s_curves", lambda run, path: path.write_bytes(b"\x89PNG"))
+    s_curves = []  # from a run's last checkpoint: never a diverged one's
+    monkeypatch.setattr(compare, "plot_s_curves", lambda run, path: s_curves.append(run) or path.write_bytes(b"\x89PNG"))
     args = argparse.Namespace(out=tmp_path / "cmp", config=LLAMA_TINY, overrides=[], nproc=2, launcher="deepspeed",
                               norms=["rmsnorm", "dyt"], seeds=[0, 1, 2], sweeps=[])
     args.out.mkdir()
     made = [_llama_run(args.out, norm, seed, 2) for seed in args.seeds for norm in args.norms]
-    runs = [dataclasses.replace(run, diverged=DIVERGED_AT_7) if (run.norm, run.seed) == ("dyt", 1) else run
-            for run, _ in made]
+    runs = [dataclasses.replace(run, diverged=DIVERGED_AT_7) if (run.norm, run.seed) in (("dyt", 1), ("rmsnorm", 0))
+            else run for run, _ in made]
     text = compare.write_report(args, runs, ["x"], "the built-in corpus").read_text()
+    assert [(run.norm, run.seed) for run in s_curves] == [("rmsnorm", 1)]
     rows = {r["norm"]: r for r in table(text, "norm")}
     trained = [e for run, e in made if run.norm == "dyt" and run.seed != 1]
     assert rows["dyt"]["validation loss"] == f"{fmt([e['eval'] for e in trained])} (1 of 3 seeds not finite)"
-    assert rows["dyt"]["verdict (validation loss, vs rmsnorm)"] == "no verdict: not finite in 1 of 3 seeds of this row"
+    assert rows["dyt"]["verdict (validation loss, vs rmsnorm)"] == (
+        "no verdict: not finite in 1 of 3 seeds of this row and 1 of 3 seeds of rmsnorm")
     assert rows["dyt"]["peak RSS per rank (MB)"] == " / ".join(
         f"{statistics.mean(v):.0f}" for v in zip(*(e["rss"] for e in trained)))  # the runs that logged it
     assert rows["rmsnorm"]["verdict (validation loss, vs rmsnorm)"] == "baseline"
     assert "- dyt, seed 1: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
+    assert "- rmsnorm, seed 0: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
 
 
 def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path):

@@ -173,8 +173,12 @@ def test_a_diverged_run_is_reported_and_the_comparison_goes_on(tmp_path, launche
     assert [run.diverged for run in again] == [run.diverged for run in runs]
     # with a setting that changes the numbers, the record is another launch's: this one may not diverge
     other = load_config(ToyConfig, config, [*plan[0].overrides, "train.lr=0.0001", f"train.out_dir={diverged.dir}"])
-    assert shared.divergence_of(other, 1) is None and shared.divergence_of(plan[0].config, 2) is None
-    assert shared.divergence_of(plan[0].config, 1)["step"] == 3
+    assert shared.divergence_of(other, 1, None) is None and shared.divergence_of(plan[0].config, 2, None) is None
+    assert shared.divergence_of(plan[0].config, 1, None)["step"] == 3
+    # nor with other data files than the launch that diverged recorded
+    (diverged.dir / "data_files.json").write_text(json.dumps({"digest": "then", "files": 1, "bytes": 1}))
+    assert shared.divergence_of(plan[0].config, 1, {"digest": "now", "files": 1, "bytes": 1}) is None
+    assert shared.divergence_of(plan[0].config, 1, {"digest": "then", "files": 1, "bytes": 1})["step"] == 3
 
 
 def test_sweep_report_one_key_charts_three_keys_table_only(tmp_path):

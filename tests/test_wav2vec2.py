@@ -20,6 +20,7 @@ from dyt import DyT, NormConfig, convert_norms, iter_norms
 from dyt.train import load_config, read_metrics
 from dyt.train.distributed import free_port
 from dyt.train.finetune import Standardize, classification_metrics, confusion_matrix
+from dyt_wav2vec2 import audio
 from dyt_wav2vec2.audio import (
     AudioError,
     Utterance,
@@ -273,7 +274,7 @@ def test_hf_audio_dataset_is_read_through_the_same_pipeline(speech, tmp_path, mo
     assert audio_source(saved)[0].path == loaded[0].path  # cached
 
 
-def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_path):
+def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_path, monkeypatch):
     """One recording in both splits: named by another spelling of its path, or copied under another
     name; same-length recordings with other samples are not the same recording."""
     rng = np.random.default_rng(0)
@@ -287,6 +288,11 @@ def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_pat
     assert shared_recordings(train, held_out) == [(tmp_path / "sub" / ".." / "a.wav", tmp_path / "a.wav"),
                                                   (tmp_path / "c.wav", tmp_path / "sub" / "c-copy.wav")]
     assert shared_recordings(train, [row(tmp_path / "b.wav")]) == []
+    checks, read = tmp_path / "checks", []
+    monkeypatch.setattr(audio, "_file_digest", lambda path, digest=audio._file_digest: read.append(path) or digest(path))
+    assert shared_recordings(train, [row(tmp_path / "b.wav")], checks) == [] and len(read) == 3  # b and both trained
+    assert shared_recordings(train, [row(tmp_path / "b.wav")], checks) == [] and len(read) == 3  # the marker: none read
+    assert shared_recordings(train, held_out[1:], checks) == [(tmp_path / "c.wav", tmp_path / "sub" / "c-copy.wav")]
 
 
 def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):

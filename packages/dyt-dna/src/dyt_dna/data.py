@@ -165,13 +165,14 @@ def _record_digests(path: Path, cache: Path) -> list[str]:
     if not path.is_file():
         raise DnaDataError(f"{path}: no such FASTA file")
     target = cache / "records" / f"{_fingerprint(_file_key(path))}.json"
-    if target.is_file():
-        return json.loads(target.read_text())
-    digests = [hashlib.sha256(record.sequence.encode()).hexdigest() for record in read_fasta(path)]
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(digests))
-    partial.replace(target)
+    with FileLock(str(target) + ".lock"):  # the ranks of a launch all ask at once: one reads the genome
+        if target.is_file():
+            return json.loads(target.read_text())
+        digests = [hashlib.sha256(record.sequence.encode()).hexdigest() for record in read_fasta(path)]
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(digests))
+        partial.replace(target)
     return digests
 
 

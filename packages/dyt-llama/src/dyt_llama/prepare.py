@@ -91,21 +91,28 @@ def _survey(docs, num_proc: int, shard_chars: int, name: str):
 def check_validation_unseen(docs, stats) -> None:
     """A validation document whose text is a training document's (one text under two titles or
     files, a duplicated row) would validate on trained text: a DataError naming the first pair.
-    ``stats``: each split's :func:`_survey` digests; only the validation split's are held in memory."""
-    held = {}  # text digest -> validation title
+    ``stats``: each split's :func:`_survey` digests; the validation split's are held in memory, the
+    training split's compared a batch at a time by pyarrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    held = {}  # text digest -> the first validation title with it
     for title, digest in zip(docs["validation"]["title"], stats["validation"]["text_digest"]):
         held.setdefault(digest, title)
-    titles, found = docs["train"].select_columns(["title"]), []
-    start = 0
-    for batch in stats["train"].select_columns(["text_digest"]).iter(batch_size=100_000):
-        found += [(start + i, digest) for i, digest in enumerate(batch["text_digest"]) if digest in held]
-        start += len(batch["text_digest"])
-    if found:
-        index, digest = found[0]
-        shared = {digest for _, digest in found}
-        raise DataError(f"{len(shared)} validation document(s) have the text of a training document; first: validation "
-                        f"{held[digest]!r} = training {titles[index]['title']!r}: validation must be text training never "
-                        "reads (deduplicate the corpus, or hold out both copies: data.validation_works)")
+    wanted, start, first, seen = pa.array(list(held), pa.string()), 0, None, set()
+    for batch in stats["train"].select_columns(["text_digest"]).with_format("arrow").iter(batch_size=1_000_000):
+        column = batch.column("text_digest")
+        hits = pc.indices_nonzero(pc.is_in(column, value_set=wanted)).to_pylist()
+        if hits:
+            first = first or (start + hits[0], column[hits[0]].as_py())
+            seen.update(column.take(pa.array(hits, pa.uint64())).to_pylist())
+        start += len(column)
+    if first is not None:
+        index, digest = first
+        count = sum(d in seen for d in stats["validation"]["text_digest"])
+        raise DataError(f"{count} validation document(s) have the text of a training document; first: validation "
+                        f"{held[digest]!r} = training {docs['train'][index]['title']!r}: validation must be text "
+                        "training never reads (deduplicate the corpus, or hold out every copy: data.validation_works)")
 
 
 def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer_key: str, folder_root: Path,

@@ -6,7 +6,9 @@ them; nothing is left out without a word."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
+from filelock import FileLock
 
 from dyt.errors import UserInputError
 
@@ -242,23 +245,45 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def shared_recordings(train: list[Utterance], held_out: list[Utterance]) -> list[tuple[Path, Path]]:
+def shared_recordings(train: list[Utterance], held_out: list[Utterance],
+                      checked: Path | None = None) -> list[tuple[Path, Path]]:
     """(held-out file, training file) for every held-out file that is also training audio: the same
-    file (by resolved path), or a copy of one (the same bytes under another name, as a corpus copied
-    into two folders gives). Only files whose size both lists hold are read, so a check of disjoint
-    corpora costs one ``stat`` per file."""
-    trained = {row.path.resolve(): row.path for row in train}
-    shared = [(row.path, trained[row.path.resolve()]) for row in held_out if row.path.resolve() in trained]
+    file (device and inode, however the path is spelled or linked), or a copy of one (the same bytes
+    under another name, as a corpus copied into two folders gives). Only files whose size both lists
+    hold are read, and with ``checked`` (a folder of markers) only once: lists found disjoint leave a
+    marker keyed by every file's path, size and time, so a later launch on the same files reads none."""
+    stats = {row.path: row.path.stat() for row in [*train, *held_out]}
+
+    def identity(path: Path) -> tuple[int, int]:
+        return stats[path].st_dev, stats[path].st_ino
+
+    trained: dict[tuple[int, int], Path] = {}
+    for row in train:
+        trained.setdefault(identity(row.path), row.path)
+    shared = [(row.path, trained[identity(row.path)]) for row in held_out if identity(row.path) in trained]
     named = {held for held, _ in shared}
-    by_size: dict[int, list[Path]] = {}
-    for path in trained.values():
-        by_size.setdefault(path.stat().st_size, []).append(path)
-    candidates = [row.path for row in held_out if row.path not in named and row.path.stat().st_size in by_size]
-    digests: dict[str, Path] = {}  # of the training files of the sizes the candidates have
-    for size in dict.fromkeys(path.stat().st_size for path in candidates):
-        for path in by_size[size]:
-            digests.setdefault(_file_digest(path), path)
-    return shared + [(path, digests[digest]) for path in candidates if (digest := _file_digest(path)) in digests]
+    marker = None
+    if checked is not None and not shared:
+        held = {row.path for row in held_out}
+        key = hashlib.sha256(json.dumps(sorted((str(path), stat.st_size, stat.st_mtime_ns, path in held)
+                                               for path, stat in stats.items())).encode()).hexdigest()[:24]
+        marker = checked / f"{key}.disjoint"
+        checked.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(marker) + ".lock") if marker else contextlib.nullcontext():  # one rank reads, the others wait
+        if marker is not None and marker.is_file():
+            return shared
+        by_size: dict[int, list[Path]] = {}
+        for path in trained.values():
+            by_size.setdefault(stats[path].st_size, []).append(path)
+        candidates = [row.path for row in held_out if row.path not in named and stats[row.path].st_size in by_size]
+        digests: dict[str, Path] = {}  # of the training files of the sizes the candidates have
+        for size in dict.fromkeys(stats[path].st_size for path in candidates):
+            for path in by_size[size]:
+                digests.setdefault(_file_digest(path), path)
+        shared += [(path, digests[digest]) for path in candidates if (digest := _file_digest(path)) in digests]
+        if not shared and marker is not None:
+            marker.touch()
+    return shared
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:

@@ -160,11 +160,12 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
         validation = load_split(data, "sentences-validation")
     train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio"),
                          check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio"))
-    if cfg.train_manifest and (shared := shared_recordings(train, validation)):  # the built-in splits: by voice
-        held, trained = shared[0]
-        raise AudioError(f"validation audio: {len(shared)} of {len(validation)} files are also training audio (the same "
-                         f"file, or the same bytes); first: {held} = {trained} (data.validation_manifest, "
-                         "data.train_manifest): held-out audio must be recordings training never reads")
+    if cfg.train_manifest and (shared := shared_recordings(train, validation, cache_root() / "audio-checks")):
+        held, trained = shared[0]  # (the built-in splits are disjoint by voice family and transcript)
+        raise AudioError(f"validation audio: {len({h for h, _ in shared})} of {len({r.path for r in validation})} files "
+                         f"are also training audio (the same file, or the same bytes); first: {held} = {trained} "
+                         "(data.validation_manifest, data.train_manifest): held-out audio must be recordings training "
+                         "never reads")
     return train, validation
 
 

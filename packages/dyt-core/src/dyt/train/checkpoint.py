@@ -33,7 +33,7 @@ import torch
 
 from ..errors import UserInputError
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
-from .data_files import check_data_unchanged, data_files_of
+from .data_files import DATA_FILES, check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
 
 MARKER = "COMPLETE"
@@ -42,7 +42,8 @@ LAUNCHES = "launches.jsonl"
 since ``config.yaml`` holds only the latest launch's settings."""
 DIVERGED = "diverged.json"
 """In a run folder: written when the launch's training loss went NaN or infinite (the step, the
-loss, the last complete checkpoint, the launch's world size and config); every launch removes it.
+loss, the last complete checkpoint, the launch's world size and config); the trainer removes it
+when a launch starts (and a comparison before it launches a run).
 A comparison reports such a run as diverged instead of stopping, and does not launch it again with
 the same settings: an exact resume replays the same steps."""
 UNIVERSAL = "universal"
@@ -269,24 +270,52 @@ def record_divergence(run_dir: Path, step: int, loss: str, last_good: Path | Non
     words) at ``step``."""
     record = {"step": step, "loss": loss, "last_good": str(last_good) if last_good else None,
               "world_size": world_size, "config": to_dict(config)}
-    (run_dir / DIVERGED).write_text(json.dumps(record, indent=1))
+    partial = run_dir / f"{DIVERGED}.tmp"
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(run_dir / DIVERGED)
 
 
-def divergence_of(config: Any, world_size: int) -> dict | None:
-    """The :data:`DIVERGED` record of the run in ``config.train.out_dir`` when it diverged with the
-    settings that make its numbers (fixed ones, and ``RESUME_CHANGES_RESULTS``) and the ranks of
-    ``config`` on ``world_size``: launched again, it would diverge again. None when it did not
-    diverge, or did with other settings (a launch with these may not)."""
-    path = Path(config.train.out_dir) / DIVERGED
+def read_divergence(run_dir: Path) -> dict | None:
+    """The :data:`DIVERGED` record in ``run_dir`` (None: none there); a damaged one is a ConfigError."""
+    path = Path(run_dir) / DIVERGED
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
+        missing = [key for key in ("step", "loss", "last_good", "world_size", "config") if key not in record]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return record
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: a divergence record this code cannot read ({error}); delete it to launch the "
+                          "run again") from None
+
+
+def divergence_of(config: Any, world_size: int, data_now: dict | None) -> dict | None:
+    """The :data:`DIVERGED` record of the run in ``config.train.out_dir`` when it diverged with the
+    settings that make its numbers (fixed ones, and ``RESUME_CHANGES_RESULTS``) and the ranks of
+    ``config`` on ``world_size``, on the data files it would read now (``data_now``:
+    :func:`data_files_of`): launched again, it would diverge again. None when it did not diverge, or
+    did with other settings or data (a launch with these may not)."""
+    record = read_divergence(Path(config.train.out_dir))
+    if record is None:
+        return None
+    try:
         launched = from_dict(type(config), record["config"])
     except (ValueError, KeyError, TypeError) as error:  # ConfigError is a ValueError
-        raise ConfigError(f"{path}: a divergence record this code cannot read ({error})") from None
+        raise ConfigError(f"{Path(config.train.out_dir) / DIVERGED}: a divergence record this code cannot read "
+                          f"({error}); delete it to launch the run again") from None
     fixed, _, results = resume_changes(launched, config)
-    return None if fixed or results or record["world_size"] != world_size else record
+    if fixed or results or record["world_size"] != world_size:
+        return None
+    saved = Path(config.train.out_dir) / DATA_FILES  # written by the launch that diverged
+    if saved.is_file() and data_now is not None:
+        try:
+            if json.loads(saved.read_text())["digest"] != data_now["digest"]:
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None
+    return record
 
 
 def launches_differing(config: Any, world_size: int) -> list[str] | None:

@@ -37,6 +37,7 @@ from .checkpoint import (
     complete_checkpoints,
     divergence_of,
     launches_differing,
+    read_divergence,
     saved_world_size,
     settings_changes,
     step_of,
@@ -348,11 +349,18 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
             (planned.dir / POINT_FILE).write_text(json.dumps(planned.point.to_json(), indent=1))
         elif saved != planned.point:
             raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
+        diverged = None  # a divergence with this run's settings and data: not launched again
+        if read_divergence(planned.dir) is not None:
+            data = repr(getattr(planned.config, "data", None))
+            if data not in signatures:
+                signatures[data] = data_files_of(planned.config)
+            diverged = divergence_of(planned.config, args.nproc, signatures[data])
         wall = run_training(spec.train_module, planned.config_path, planned.dir, planned.overrides,
                             seed=planned.point.seed, label=planned.point.label, launcher=args.launcher, nproc=args.nproc,
-                            steps=planned.config.train.steps, changes=allowed.get(planned.dir, []),
-                            diverged=divergence_of(planned.config, args.nproc))
-        runs.append(Run(planned.point, planned.dir, wall, divergence_of(planned.config, args.nproc)))
+                            steps=planned.config.train.steps, changes=allowed.get(planned.dir, []), diverged=diverged)
+        if diverged is None and finished_step(planned.dir) < planned.config.train.steps:
+            diverged = read_divergence(planned.dir)  # this launch's (run_training raised on any other failure)
+        runs.append(Run(planned.point, planned.dir, wall, diverged))
     return runs
 
 
@@ -422,8 +430,8 @@ def run_training(
     done = finished_step(out)
     if diverged is not None:
         print(f"\n== {label}, seed {seed}: diverged at step {diverged['step']} (training loss {diverged['loss']}) in "
-              f"{out}; not launched again, as the same settings would replay the same steps (--fresh or other "
-              "settings train it anew)", flush=True)
+              f"{out}; not launched again, as the same settings and data would replay the same steps (delete its "
+              f"{DIVERGED} to launch it anyway)", flush=True)
         return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
     if steps is not None and done >= steps:
         print(f"\n== {label}, seed {seed}: finished (step {done} of {steps}) in {out}; not launched again", flush=True)
@@ -436,6 +444,8 @@ def run_training(
         cmd += ["--set", item]
     print(f"\n== {label}, seed {seed}: {' '.join(cmd)}", flush=True)
     (out / DIVERGED).unlink(missing_ok=True)  # another launch's, with other settings: a record after this one is its own
+    if done == 0:  # the run starts from step 0: the seconds of launches before its first checkpoint made nothing kept
+        wall_file.unlink(missing_ok=True)
     steps_before = _last_step(out)
     started = time.perf_counter()
     try:
@@ -591,7 +601,8 @@ def divergence_notes(runs: Sequence[Run]) -> list[str]:
         return []
     return ["**Diverged** (training stopped there; the run's validation and downstream numbers count as not "
             "finite: named in its cells, no verdict on them, ranked last in sweeps; a relaunch with the same "
-            "settings skips it, `--fresh` or other settings train it anew):", "", *named, ""]
+            "settings and data skips it: delete the run's `diverged.json` to launch it again, `--fresh` to train "
+            "every run anew):", "", *named, ""]
 
 
 def add_pretrain_seeds_argument(parser: argparse.ArgumentParser) -> None:
@@ -764,14 +775,20 @@ def plot_losses(runs: Sequence[Run], path: Path, ylabel: str) -> None:
     """Training loss (lines) and validation loss (dots) per report cell (norm and sweep point), each
     the mean over that cell's seeds at every step they share: one colour per cell, so a 10-variant,
     3-seed ablation stays readable. The y range leaves out the first tenth of training (the loss
-    from ln(vocabulary) down), where every run looks alike."""
+    from ln(vocabulary) down), where every run looks alike. A diverged seed would cut its cell's
+    curve at its last step: the mean is over the seeds that trained to the end (the diverged ones
+    alone where none did), and the legend counts the diverged ones."""
     plt = pyplot()
     cells: dict[str, list[Run]] = {}
     for run in runs:
         cells.setdefault(run.label, []).append(run)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     shown: list[float] = []
-    for label, members in cells.items():
+    for label, everyone in cells.items():
+        members = [run for run in everyone if run.diverged is None] or everyone
+        diverged = sum(run.diverged is not None for run in everyone)
+        if diverged:
+            label = f"{label}, {diverged} of {len(everyone)} diverged"
         curves = {}
         for key in ("train/loss", "eval/loss"):
             per_run = [{r["step"]: r[key] for r in run.metrics if key in r} for run in members]
@@ -808,8 +825,9 @@ def plot_alphas(run: Run, path: Path) -> bool:
 
 
 def plot_alphas_of_first(runs: Sequence[Run], path: Path) -> bool:
-    """The alpha chart of the first run that logged DyT alphas (False: none did)."""
-    return any(plot_alphas(run, path) for run in runs)
+    """The alpha chart of the first run that logged DyT alphas, one that trained to its end first
+    (False: none did)."""
+    return any(plot_alphas(run, path) for run in sorted(runs, key=lambda run: run.diverged is not None))
 
 
 # ---------------------------------------------------------------- sweeps in the report
