@@ -96,6 +96,8 @@ def check_validation_unseen(docs, stats) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if not len(docs["train"]) or not len(docs["validation"]):  # nothing to compare; build_datasets says what is empty
+        return
     held = {}  # text digest -> the first validation title with it
     for title, digest in zip(docs["validation"]["title"], stats["validation"]["text_digest"]):
         held.setdefault(digest, title)

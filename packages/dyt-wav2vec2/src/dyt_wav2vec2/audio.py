@@ -6,9 +6,9 @@ them; nothing is left out without a word."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,33 +245,45 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+SHARED_CHECK_VERSION = 1
+"""Part of the key of :func:`shared_recordings`' stored results: a change to the check makes old ones stale."""
+
+
 def shared_recordings(train: list[Utterance], held_out: list[Utterance],
                       checked: Path | None = None) -> list[tuple[Path, Path]]:
     """(held-out file, training file) for every held-out file that is also training audio: the same
     file (device and inode, however the path is spelled or linked), or a copy of one (the same bytes
     under another name, as a corpus copied into two folders gives). Only files whose size both lists
-    hold are read, and with ``checked`` (a folder of markers) only once: lists found disjoint leave a
-    marker keyed by every file's path, size and time, so a later launch on the same files reads none."""
+    hold are read, and with ``checked`` (a folder for results) once per version of the files: the
+    result is stored keyed by every file's path, inode, size and times, so a later launch, or another
+    rank of this one, on the same files reads none. An unwritable ``checked`` only costs the reads."""
     stats = {row.path: row.path.stat() for row in [*train, *held_out]}
 
-    def identity(path: Path) -> tuple[int, int]:
-        return stats[path].st_dev, stats[path].st_ino
+    def identity(path: Path) -> tuple:
+        stat = stats[path]  # a file system without inode numbers: the resolved path
+        return (stat.st_dev, stat.st_ino) if stat.st_ino else (str(path.resolve()),)
 
-    trained: dict[tuple[int, int], Path] = {}
+    trained: dict[tuple, Path] = {}
     for row in train:
         trained.setdefault(identity(row.path), row.path)
     shared = [(row.path, trained[identity(row.path)]) for row in held_out if identity(row.path) in trained]
     named = {held for held, _ in shared}
-    marker = None
-    if checked is not None and not shared:
+    result = None
+    if checked is not None:
         held = {row.path for row in held_out}
-        key = hashlib.sha256(json.dumps(sorted((str(path), stat.st_size, stat.st_mtime_ns, path in held)
-                                               for path, stat in stats.items())).encode()).hexdigest()[:24]
-        marker = checked / f"{key}.disjoint"
-        checked.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(marker) + ".lock") if marker else contextlib.nullcontext():  # one rank reads, the others wait
-        if marker is not None and marker.is_file():
-            return shared
+        key = hashlib.sha256(json.dumps([SHARED_CHECK_VERSION, sorted(
+            (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, path in held)
+            for path, stat in stats.items())]).encode()).hexdigest()[:24]
+        result = checked / f"{key}.json"
+        try:
+            checked.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(result) + ".lock")
+            lock.acquire()
+        except OSError:  # a read-only cache: check without storing
+            result = None
+    try:
+        if result is not None and result.is_file():
+            return [(Path(a), Path(b)) for a, b in json.loads(result.read_text())]
         by_size: dict[int, list[Path]] = {}
         for path in trained.values():
             by_size.setdefault(stats[path].st_size, []).append(path)
@@ -281,9 +293,14 @@ def shared_recordings(train: list[Utterance], held_out: list[Utterance],
             for path in by_size[size]:
                 digests.setdefault(_file_digest(path), path)
         shared += [(path, digests[digest]) for path in candidates if (digest := _file_digest(path)) in digests]
-        if not shared and marker is not None:
-            marker.touch()
-    return shared
+        if result is not None:
+            partial = result.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps([[str(a), str(b)] for a, b in shared]))
+            partial.replace(result)
+        return shared
+    finally:
+        if result is not None:
+            lock.release()
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:

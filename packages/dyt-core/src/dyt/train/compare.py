@@ -446,7 +446,7 @@ def run_training(
     (out / DIVERGED).unlink(missing_ok=True)  # another launch's, with other settings: a record after this one is its own
     if done == 0:  # the run starts from step 0: the seconds of launches before its first checkpoint made nothing kept
         wall_file.unlink(missing_ok=True)
-    steps_before = _last_step(out)
+    steps_before = _last_step(out) if done else 0
     started = time.perf_counter()
     try:
         subprocess.run(cmd, env=launch_env(nproc), check=True)
