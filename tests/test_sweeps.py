@@ -474,6 +474,20 @@ def _hand_made_w2v(root, seeds, plan):
             evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
     return runs, evals
 
+LEARNING_W2V = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
+                "eval/distractors_equal_target": 0.01}
+"""The last validation of a wav2vec 2.0 run that learned."""
+
+
+def _w2v_three_seed_args(tmp_path: Path) -> argparse.Namespace:
+    """A wav2vec 2.0 comparison's arguments: 3 pretraining seeds, 3 downstream seeds, contrastive and probe."""
+    args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
+                              nproc=1, launcher="python", pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], steps=4,
+                              evals=["contrastive", "probe"], norms=None, sweeps=[])
+    args.out.mkdir()
+    return args
+
+
 @pytest.mark.parametrize("collapsed_norm", ["layernorm", "dyt"])
 def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_path, collapsed_norm):
     """3 pretraining seeds per norm, the baseline's seed 1 collapsed (as LayerNorm's did on the v4
@@ -485,12 +499,7 @@ def test_wav2vec2_verdicts_leave_out_pretrained_rows_beside_a_collapsed_run(tmp_
 
     from dyt_wav2vec2 import compare
 
-    args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
-                              nproc=1, launcher="python", pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], steps=4,
-                              evals=["contrastive", "probe"], norms=None, sweeps=[])
-    args.out.mkdir()
-    learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
-                "eval/distractors_equal_target": 0.01}
+    args, learning = _w2v_three_seed_args(tmp_path), LEARNING_W2V
     collapsed = {"eval/contrastive_kept": 3.045, "eval/contrastive_accuracy": 0.048, "eval/codebook_perplexity": 2.0,
                  "eval/distractors_equal_target": 1.0}
     runs, evals = _hand_made_w2v(tmp_path, args.seeds, [
@@ -524,12 +533,7 @@ def test_wav2vec2_report_names_a_diverged_pretraining_and_judges_no_cell_with_it
 
     from dyt_wav2vec2 import compare
 
-    args = argparse.Namespace(out=tmp_path / "cmp", config=ROOT / "recipes" / "wav2vec2" / "tiny.yaml", overrides=[],
-                              nproc=1, launcher="python", pretrain_seeds=[0, 1, 2], seeds=[0, 1, 2], steps=4,
-                              evals=["contrastive", "probe"], norms=None, sweeps=[])
-    args.out.mkdir()
-    learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
-                "eval/distractors_equal_target": 0.01}
+    args, learning = _w2v_three_seed_args(tmp_path), LEARNING_W2V
     runs, evals = _hand_made_w2v(tmp_path, args.seeds, [
         (Point(norm, seed, "wav2vec2"), learning, learning) for seed in args.pretrain_seeds for norm in ("layernorm", "dyt")])
     runs[3] = dataclasses.replace(runs[3], diverged=DIVERGED_AT_7)  # dyt, seed 1

@@ -289,7 +289,7 @@ def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_pat
                                                   (tmp_path / "c.wav", tmp_path / "sub" / "c-copy.wav")]
     assert shared_recordings(train, [row(tmp_path / "b.wav")]) == []
     checks, read = tmp_path / "checks", []
-    monkeypatch.setattr(audio, "_file_digest", lambda path, digest=audio._file_digest: read.append(path) or digest(path))
+    monkeypatch.setattr(audio, "file_sha256", lambda path, digest=audio.file_sha256: read.append(path) or digest(path))
     assert shared_recordings(train, [row(tmp_path / "b.wav")], checks) == [] and len(read) == 3  # b and both trained
     assert shared_recordings(train, [row(tmp_path / "b.wav")], checks) == [] and len(read) == 3  # the marker: none read
     found = [(tmp_path / "c.wav", tmp_path / "sub" / "c-copy.wav")]

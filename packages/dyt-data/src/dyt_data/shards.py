@@ -14,7 +14,6 @@ and written again, never read as tokens.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .cache import file_sha256
 
 FORMAT = 1
 INDEX = "index.json"
@@ -32,14 +33,6 @@ STAMPS = "stamps.json"
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype that holds ids ``0 .. vocab_size - 1``."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, value) -> None:
@@ -59,7 +52,7 @@ def _finished(folder: Path, name: str, dtype: np.dtype, documents: list[int]) ->
     if (record.get("documents") != documents or not data.is_file()
             or data.stat().st_size != record.get("tokens", -1) * dtype.itemsize):
         return None
-    return record if _sha256(data) == record.get("sha256") else None
+    return record if file_sha256(data) == record.get("sha256") else None
 
 
 def _stamps(folder: Path, shards: Sequence[dict]) -> dict[str, list[int]]:
@@ -130,7 +123,7 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
             if written != sum(counts):
                 raise RuntimeError(f"{name}: {written} tokens written, the documents add up to {sum(counts)}")
             os.replace(tmp, folder / f"{name}.bin")
-            record = {"file": f"{name}.bin", "tokens": written, "sha256": _sha256(folder / f"{name}.bin"),
+            record = {"file": f"{name}.bin", "tokens": written, "sha256": file_sha256(folder / f"{name}.bin"),
                       "documents": [first, end], "document_ends": np.cumsum(counts).tolist()}
             _write_json(folder / f"{name}.json", record)
         shards.append(record)

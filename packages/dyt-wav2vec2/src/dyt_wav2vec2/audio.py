@@ -22,6 +22,7 @@ import torchaudio
 from filelock import FileLock
 
 from dyt.errors import UserInputError
+from dyt_data import file_sha256
 
 SAMPLE_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -237,14 +238,6 @@ def audio_source_files(path: Path) -> list[Path]:
     return [path, *(row.path for row in read_manifest(path, check_files=False))]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 SHARED_CHECK_VERSION = 1
 """Part of the key of :func:`shared_recordings`' stored results: a change to the check makes old ones stale."""
 
@@ -291,8 +284,8 @@ def shared_recordings(train: list[Utterance], held_out: list[Utterance],
         digests: dict[str, Path] = {}  # of the training files of the sizes the candidates have
         for size in dict.fromkeys(stats[path].st_size for path in candidates):
             for path in by_size[size]:
-                digests.setdefault(_file_digest(path), path)
-        shared += [(path, digests[digest]) for path in candidates if (digest := _file_digest(path)) in digests]
+                digests.setdefault(file_sha256(path), path)
+        shared += [(path, digests[digest]) for path in candidates if (digest := file_sha256(path)) in digests]
         if result is not None:
             partial = result.with_suffix(f".{os.getpid()}.tmp")
             partial.write_text(json.dumps([[str(a), str(b)] for a, b in shared]))
