@@ -17,6 +17,7 @@ from dyt import DyT, NormConfig, iter_norms
 from dyt.train import read_metrics
 from dyt.train.distributed import free_port
 from dyt.train.finetune import Standardize
+from dyt_dna import data as dna_data
 from dyt_dna.caduceus import RCPS, BiMamba, RCPSEmbedding, RCPSLMHead, rc_hidden
 from dyt_dna.config import CaduceusOptions, DnaModelConfig
 from dyt_dna.data import (
@@ -437,15 +438,20 @@ def test_dyt_models_scale_the_embedding():
 
 # ---------------------------------------------------------------- data
 
-def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path):
+def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path, monkeypatch):
     cfg = DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=64, max_windows=50,
                         cache_dir=str(tmp_path))
     train, validation = pretraining_datasets(cfg, 128)
     assert len(train) == 50 and len(validation) == 50
     assert all(len(s) == 64 for s in train["sequence"])
     assert set(train["source"]).isdisjoint(validation["source"])
-    assert list((tmp_path / "windows").iterdir())
+    cached = {p.name for p in (tmp_path / "windows").iterdir() if p.is_dir()}
+    assert len(cached) == 2  # a folder per split
     assert pretraining_datasets(cfg, 128)[0]["sequence"] == train["sequence"]
+    assert {p.name for p in (tmp_path / "windows").iterdir() if p.is_dir()} == cached  # read back
+    monkeypatch.setattr(dna_data, "WINDOWS_VERSION", dna_data.WINDOWS_VERSION + 1)  # as a change to _windows raises it
+    pretraining_datasets(cfg, 128)
+    assert len({p.name for p in (tmp_path / "windows").iterdir() if p.is_dir()} - cached) == 2  # made anew
     with pytest.raises(DnaDataError, match="validation_fasta is empty"):
         pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], window=64, cache_dir=str(tmp_path)), 128)
     with pytest.raises(DnaDataError, match="longer than the model's context"):

@@ -86,6 +86,11 @@ def _file_key(path: Path) -> tuple[str, int, float]:
     return str(path.resolve()), stat.st_size, stat.st_mtime
 
 
+WINDOWS_VERSION = 1
+"""Part of the windows cache's key: raise it when :func:`_windows` changes what it yields, or the
+windows cached by the old code are read back (the key is otherwise the files and settings only)."""
+
+
 @dataclass(frozen=True)
 class Region:
     """A part of one FASTA file: ``fraction`` (lo, hi) of each record."""
@@ -117,7 +122,8 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
     no_window = DnaDataError(f"no window of {window} bases fits in {', '.join(r.path.name for r in regions)} "
                              f"with at most {cfg.max_n_fraction:.0%} N (data.max_n_fraction): use shorter windows "
                              "or longer records")
-    key = _fingerprint([(_file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction)
+    key = _fingerprint([(_file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction,
+                       WINDOWS_VERSION)
     target = _cache_dir(cfg.cache_dir) / "windows" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # the ranks of a launch all ask for the windows at once

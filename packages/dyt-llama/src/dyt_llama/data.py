@@ -86,9 +86,15 @@ def _read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
-def _text_files(root: str, files: list[tuple[str, int, int]]):
+DOCUMENTS_VERSION = 1
+"""Passed to the corpus readers below (``_text_files``, ``_is_document``) as part of datasets' cache
+key: datasets names a module's function by reference, so a changed reader would find the documents
+its old code cached; raise it when one changes what it gives."""
+
+
+def _text_files(root: str, files: list[tuple[str, int, int]], version: int = DOCUMENTS_VERSION):
     """One row per .txt file; ``files`` carries (path, size, mtime) so that datasets' cache of the
-    generator changes when a file does."""
+    generator changes when a file does (``version``: only a cache key)."""
     for path, _, _ in files:
         yield {"title": str(Path(path).relative_to(root).with_suffix("")), "text": _read_utf8(Path(path))}
 
@@ -97,7 +103,7 @@ def _numbered_titles(batch, indices) -> dict[str, list[str]]:
     return {"title": [f"document-{i}" for i in indices]}
 
 
-def _is_document(batch) -> list[bool]:
+def _is_document(batch, version: int = DOCUMENTS_VERSION) -> list[bool]:
     return [bool(text.strip()) for text in batch["text"]]
 
 
@@ -157,7 +163,7 @@ def load_documents(cfg: DataConfig):
             files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in texts]
             try:
                 table = datasets.Dataset.from_generator(
-                    _text_files, gen_kwargs={"root": str(root), "files": files},
+                    _text_files, gen_kwargs={"root": str(root), "files": files, "version": DOCUMENTS_VERSION},
                     features=datasets.Features({"title": datasets.Value("string"), "text": datasets.Value("string")}),
                     cache_dir=str(_cache(cfg) / "hf"))
             except datasets.exceptions.DatasetGenerationError as error:
@@ -175,7 +181,8 @@ def load_documents(cfg: DataConfig):
             table = _document_table(table, root)
         else:
             raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files")
-    table = table.filter(_is_document, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None)
+    table = table.filter(_is_document, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                         fn_kwargs={"version": DOCUMENTS_VERSION})
     if len(table) == 0:
         raise DataError(f"corpus {root} has only empty documents")
     held_out = set(cfg.validation_works or ([] if cfg.corpus else BUILTIN_VALIDATION))
