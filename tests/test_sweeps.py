@@ -537,15 +537,19 @@ def test_wav2vec2_report_names_a_diverged_pretraining_and_judges_no_cell_with_it
     runs, evals = _hand_made_w2v(tmp_path, args.seeds, [
         (Point(norm, seed, "wav2vec2"), learning, learning) for seed in args.pretrain_seeds for norm in ("layernorm", "dyt")])
     runs[3] = dataclasses.replace(runs[3], diverged=DIVERGED_AT_7)  # dyt, seed 1
-    evals[runs[3].point, "pretrained"] = None  # as the compare makes them: no model to evaluate
-    text = compare.write_report(args, runs, evals).read_text()
+    asked = []  # as the compare makes them: every run but the diverged one from its checkpoint, random init per cell
+    made = compare.downstream_evals(runs, lambda run, pretrained: asked.append((run.point, pretrained))
+                                    or evals[run.point, compare.INITS[pretrained]])
+    assert asked == [(r.point, True) for r in runs if r is not runs[3]] + [(runs[0].point, False), (runs[1].point, False)]
+    assert made[runs[3].point, "pretrained"] is None and len(made) == 6 + 2
+    text = compare.write_report(args, runs, made).read_text()
     rows = table(text, "norm")
     assert [r["status"] for r in rows] == ["learning"] * 3 + ["**diverged** at step 7"] + ["learning"] * 2
     assert [r["verdict (validation contrastive loss)"] for r in rows if r["norm"] == "dyt"] == [
         "no verdict: not finite in 1 of 3 seeds of this row"] * 3
     downstream = table(text, "norm | init")
-    order = [(r["norm"], r["init"]) for r in downstream]  # as the evals came: each cell's pretrained rows, then random init
-    assert order == [(norm, init) for norm in ("layernorm", "dyt") for init in ("pretrained", "random init") for _ in range(3)]
+    order = [(r["norm"], r["init"]) for r in downstream]  # as the evals came: the pretrained rows, then random init
+    assert order == [(norm, init) for init in ("pretrained", "random init") for norm in ("layernorm", "dyt") for _ in range(3)]
     for row in (r for r in downstream if r["norm"] == "dyt"):
         verdicts = [row["verdict (unseen voices)"], row["verdict (real recordings)"]]
         if row["init"] == "pretrained":

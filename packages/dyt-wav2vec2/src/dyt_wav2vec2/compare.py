@@ -102,25 +102,35 @@ def main(argv: list[str] | None = None) -> Path:
     for checked in {repr(p.config.data): p.config for p in plan}.values():
         Wav2Vec2PretrainTask(checked)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)
-    runs, evals = train_runs(SPEC, args, plan), {}
+    runs = train_runs(SPEC, args, plan)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
+
+    def evaluate(run: Run, pretrained: bool) -> dict:
+        print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}",
+              flush=True)
+        settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
+                    **({"checkpoint_step": finished_step(run.dir)} if pretrained else {}),
+                    **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
+        return reuse_or_compute(run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
+                                lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
+                                                  pretrained=pretrained))
+
+    report = write_report(args, runs, downstream_evals(runs, evaluate))
+    print(f"\nreport: {report}")
+    return report
+
+
+def downstream_evals(runs: list[Run], evaluate) -> dict:
+    """``evaluate(run, pretrained)`` for every run :func:`~dyt.train.compare.fine_tuned_runs` names,
+    keyed ``(run.point, init)`` in the order of the report's rows (the pretrained models, then random
+    init once per cell); a diverged pretraining run's pretrained entry is None (no model to evaluate:
+    :func:`write_report` gives it NaN values)."""
+    evals = {}
     for pretrained, init in INITS.items():
         evaluated = fine_tuned_runs(runs, pretrained)
         for run in runs if pretrained else evaluated:
-            if run not in evaluated:  # a diverged pretraining: no model to evaluate
-                evals[run.point, init] = None
-                continue
-            print(f"== downstream evals of {run.label} ({init}): {', '.join(args.evals)}; seeds {args.seeds}", flush=True)
-            settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
-                        **({"checkpoint_step": finished_step(run.dir)} if pretrained else {}),
-                        **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
-            evals[run.point, init] = reuse_or_compute(
-                run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
-                lambda run=run, pretrained=pretrained: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
-                                                                 pretrained=pretrained))
-    report = write_report(args, runs, evals)
-    print(f"\nreport: {report}")
-    return report
+            evals[run.point, init] = evaluate(run, pretrained) if run in evaluated else None
+    return evals
 
 
 def downstream_metric(name: str, metric: str, test: str) -> Metric:
