@@ -432,13 +432,13 @@ def run_training(
         print(f"\n== {label}, seed {seed}: diverged at step {diverged['step']} (training loss {diverged['loss']}) in "
               f"{out}; not launched again, as the same settings and data would replay the same steps (delete its "
               f"{DIVERGED} to launch it anyway)", flush=True)
-        return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
+        return _recorded_wall(wall_file)
     if steps is not None and done >= steps:
         print(f"\n== {label}, seed {seed}: finished (step {done} of {steps}) in {out}; not launched again", flush=True)
         if changes:
             print(f"   note: trained with {'; '.join(changes)} (old -> this comparison's); its results are reported "
                   "as trained (--fresh or another --out trains it anew)", flush=True)
-        return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
+        return _recorded_wall(wall_file)
     cmd = launch_command(module, launcher, nproc) + ["--config", str(config), "--resume"]
     for item in [*overrides, *run_items(seed, out)]:
         cmd += ["--set", item]
@@ -457,11 +457,16 @@ def run_training(
         print(f"\n== {label}, seed {seed}: diverged at step {record['step']} (training loss {record['loss']}); "
               "reported as diverged, the comparison goes on", flush=True)
     finally:
-        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
+        wall = _recorded_wall(wall_file)
         if _last_step(out) > steps_before or (out / DIVERGED).is_file():  # it trained steps
             wall += time.perf_counter() - started
             wall_file.write_text(json.dumps({"seconds": wall}))
     return wall
+
+
+def _recorded_wall(wall_file: Path) -> float:
+    """The training seconds kept in a run's ``WALL_FILE`` (0 for none yet)."""
+    return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
 
 
 def _last_step(out: Path) -> int:
