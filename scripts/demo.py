@@ -30,7 +30,7 @@ import dyt_wav2vec2
 from dyt import convert_norms
 from dyt.allocator import cannot_keep_freed_blocks
 from dyt.bench import format_kernels
-from dyt.errors import output_folder
+from dyt.errors import output_folder, user_errors
 from dyt.train.config import AT_LEAST_ONE
 from dyt.train.recipe import RecipeSpec
 
@@ -77,6 +77,7 @@ def run_bench(argv: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "dyt.bench", *argv], check=True)
 
 
+@user_errors("demo")  # bad input in any part: one line, exit status 2, as each command alone
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=output_folder, default=Path("runs/demo"))

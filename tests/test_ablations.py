@@ -412,3 +412,30 @@ def test_training_logs_alpha_and_input_scale_at_logged_steps(tmp_path):
         assert row["alpha/1"] > 0 and 0 < row["inv_std/1"] < math.inf
     history = alpha_scale_history(rows)
     assert plot_alpha_vs_scale(history, tmp_path / "alpha.png").stat().st_size > 1000
+
+
+ALL_ROLES = ("attention", "ffn", "final", "input")
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_alpha_init_takes_the_roles_a_model_builds_and_refuses_the_others(arch):
+    """Each role a model declares sets the alpha0 of some DyT it builds; a role it has no norm of is
+    a config error (it would change nothing: a sweep over it trains one model several times)."""
+    from dyt.train import ConfigError
+
+    declared = {"llama": "dyt_llama.model", "wav2vec2": "dyt_wav2vec2.model"}
+    if arch in declared:
+        roles = __import__(declared[arch], fromlist=["NORM_ROLES"]).NORM_ROLES
+    else:
+        from dyt_dna.config import NORM_ROLES
+
+        roles = NORM_ROLES[arch]
+    for role in ALL_ROLES:
+        overrides = ["model.norm.kind=dyt", "model.norm.alpha_init={default: 1.0}", f"model.norm.alpha_init.{role}=3.25"]
+        if role not in roles:
+            with pytest.raises(ConfigError, match=rf"norm\.alpha_init\.{role}: .* has no norm of role"):
+                MODELS[arch](overrides)
+            continue
+        model, _, _ = MODELS[arch](overrides)
+        alphas = [m.alpha_init for m in model.modules() if isinstance(m, DyT)]
+        assert 3.25 in alphas, (arch, role, alphas)

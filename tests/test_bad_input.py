@@ -235,6 +235,20 @@ CASES = [
     Case("w2v-compare-deepspeed-json", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "train.deepspeed_config={tmp}/bad.json"),
          ("bad.json:1:", "invalid JSON")),
+    Case("llama-compare-validation-off", "dyt-llama-compare",
+         ("dyt-llama-compare", "--out", "{tmp}/cmp", "--set", "train.eval_every=0"),
+         ("train.eval_every=0 turns validation off", "give a positive train.eval_every")),
+    Case("llama-compare-backend-not-here", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/cmp"),
+         ("DYT_BACKEND", "fused", "need a CUDA device"), env={"DYT_BACKEND": "fused", "TRITON_INTERPRET": "0"}),
+    Case("w2v-compare-alpha-role-not-built", "dyt-wav2vec2-compare",
+         ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--sweep", "dyt:model.norm.alpha_init.ffn=1,2"),
+         ("norm.alpha_init.ffn", "wav2vec 2.0 has no norm of role 'ffn'")),
+    Case("w2v-compare-no-evals-and-evals", "dyt-wav2vec2-compare",
+         ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--evals", "none", "probe"), ("--evals none", "give it alone")),
+    Case("w2v-compare-own-audio-without-apt-get", "dyt-wav2vec2-compare",
+         ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "data.train_manifest={tmp}/train_short.tsv",
+          "--set", "data.validation_manifest={tmp}/valid.tsv"),
+         ("no apt-get", "the downstream evals run on the built-in speech", "--evals none"), env={"PATH": str(BIN)}),
     # ---- dyt-llama-prepare: corpus folders it cannot read as documents
     Case("prepare-corpus-mixed-kinds", "dyt-llama-prepare",
          ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/corpus-mixed",
@@ -468,6 +482,20 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_input_runs):
         assert name in last, (name, last)
     for name in case.also:
         assert name in proc.stderr, (name, shown)
+
+
+@pytest.mark.parametrize("recipe", ["dyt_llama", "dyt_wav2vec2", "dyt_dna"])
+def test_compare_mains_called_from_python_give_one_line(recipe, tmp_path, capsys):
+    """``scripts/demo.py`` calls each recipe's compare ``main`` directly, not its console script:
+    bad input there is one line and exit status 2 as well."""
+    import importlib
+
+    main = importlib.import_module(recipe).SPEC.compare_main()
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "cmp"), "--set", "train.eval_every=0"])
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"dyt-{recipe.removeprefix('dyt_').replace('_', '-')}-compare: ") and "train.eval_every=0" in last
 
 
 def test_every_command_has_cases():

@@ -63,10 +63,10 @@ def _model(arch, norm="layernorm", rcps=True, dim=16, layers=2, tied=True):
 def test_weight_decay_skips_what_the_published_models_do_not_decay(arch, norm):
     """Mamba's A_log and D and HyenaDNA's implicit filter are not decayed (mamba_ssm's and HyenaDNA's
     ``_no_weight_decay`` / filter ``weight_decay: 0``), for both norms alike; the other matrices are."""
-    from dyt.train.trainer import _param_groups
+    from dyt.train.trainer import weight_decay_groups
 
     model = _model(arch, norm)
-    decayed, kept = (group["params"] for group in _param_groups(model, 0.1))
+    decayed, kept = (group["params"] for group in weight_decay_groups(model, 0.1))
     names = {id(p): name for name, p in model.named_parameters()}
     decayed_names, kept_names = {names[id(p)] for p in decayed}, {names[id(p)] for p in kept}
     assert not any(name.endswith(("A_log", ".D", ".freq")) or ".filter." in name for name in decayed_names)
@@ -377,6 +377,23 @@ def test_classifier_head_reads_pooled_features_standardised_by_the_training_spli
         assert not torch.allclose(raw.std(0), raw.new_ones(raw.shape[1]), atol=0.05)
         window = _real_tokens()
         torch.testing.assert_close(classifier(_rc_tokens(window)), classifier(window))
+
+
+@pytest.mark.parametrize("arch", ["hyena", "caduceus"])
+def test_sigma_reparam_classifier_computes_each_weight_once_per_forward(arch):
+    """Fine-tuning reads the backbone through ``features``, not its forward (where sigma-reparam's
+    cache hooks sit): each parametrized weight is still made once per forward, so the power
+    iteration steps once and Caduceus' shared layers give both directions one weight."""
+    from dyt.baselines import sigma_reparam_layers
+    from dyt_dna.eval import SequenceClassifier
+
+    torch.manual_seed(0)
+    classifier = SequenceClassifier(_model(arch, "sigma-reparam"), 2).double().train()
+    calls = {}
+    for path, layer in sigma_reparam_layers(classifier.backbone):
+        layer.register_forward_hook(lambda module, args, out, path=path: calls.__setitem__(path, calls.get(path, 0) + 1))
+    classifier(_real_tokens())
+    assert calls and set(calls.values()) == {1}, calls
 
 
 def test_caduceus_without_parameter_sharing_is_not_equivariant():

@@ -316,6 +316,33 @@ def test_finetune_follows_its_learning_rate_schedule(monkeypatch, schedule):
     assert used == pytest.approx(expected)
 
 
+def test_finetune_decays_matrices_only_as_pretraining_does(monkeypatch):
+    """Fine-tuning's AdamW groups are pretraining's (``weight_decay_groups``): DyT's alpha and weight,
+    biases and other vectors keep no decay; the matrices get ``weight_decay``."""
+    groups = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            groups.extend(self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    built = []
+
+    def classifier():
+        built.append(torch.nn.Sequential(torch.nn.Linear(8, 16), make_norm(NormConfig(kind="dyt"), 16),
+                                         torch.nn.Linear(16, 3)))
+        return built[-1]
+
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=0.01, max_steps=2, eval_every=2, patience=10, seeds=[0],
+                         weight_decay=0.05)
+    finetune(classifier, _blobs(0), _blobs(1, 20), {}, torch.utils.data.default_collate, Classification(3), cfg, seed=0)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    model = built[0]
+    assert decay == {id(p): (0.05 if p.ndim == 2 else 0.0) for p in model.parameters()}
+    assert decay[id(model[1].alpha)] == 0.0 and decay[id(model[0].weight)] == 0.05
+
+
 def test_finetune_config_names_the_schedules_when_given_an_unknown_one():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosine'; choose from constant, tri-stage"):
         FinetuneConfig(max_steps=2, schedule="cosine", seeds=[0])

@@ -606,6 +606,31 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
     assert "Best contrastive accuracy for dyt: model.norm.alpha_init.input=" in text
 
 
+
+def test_w2v_report_without_downstream_evals_compares_pretraining_alone(tmp_path):
+    """``--evals none`` (pretraining on your own audio where the built-in speech the evals need
+    cannot be built): the runs' table and verdicts, a sweep table of pretraining metrics, and no
+    downstream table or sweep of downstream metrics."""
+    from test_reports import table
+
+    from dyt_wav2vec2 import compare
+
+    args = _w2v_three_seed_args(tmp_path)
+    args.evals, args.sweeps = [], [shared.parse_sweep("dyt:model.norm.alpha_init.input=1,2")]
+    runs, _ = _hand_made_w2v(tmp_path, args.seeds, [
+        (Point(norm, seed, "wav2vec2", point), LEARNING_W2V, LEARNING_W2V)
+        for seed in args.pretrain_seeds
+        for norm, point in (("layernorm", ()), ("dyt", (("model.norm.alpha_init.input", "1"),)),
+                            ("dyt", (("model.norm.alpha_init.input", "2"),)))])
+    text = compare.write_report(args, runs, {}).read_text()
+    rows = table(text, "norm")
+    assert len(rows) == 9 and {r["verdict (validation contrastive loss)"] for r in rows if r["norm"] == "dyt"} == {
+        verdict([2.3] * 3, [2.3] * 3, higher_is_better=False, baseline_name="layernorm")}
+    assert "No downstream evals (`--evals none`)." in text and "Downstream, seeds" not in text
+    assert "| model.norm.alpha_init.input | validation contrastive loss |" in text
+    assert "linear probe" not in text
+
+
 # ---------------------------------------------------------------- the recipe descriptions
 
 

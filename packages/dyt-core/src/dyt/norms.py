@@ -95,6 +95,15 @@ class NormConfig:
         """What each norm position holds: ``identity`` for the normalization-free baselines."""
         return "identity" if self.kind in BASELINES else self.kind
 
+    def check_roles(self, roles: Sequence[str], model: str) -> None:
+        """Refuse an ``alpha_init`` key for a role ``model`` has no norm of (``roles``: those it
+        builds): it would change nothing, so a sweep over it would train one model several times.
+        ``default`` covers every role without its own key and is always accepted."""
+        unused = [role for role in self.alpha_init if role != "default" and role not in roles]
+        if unused:
+            raise ValueError(f"norm.alpha_init.{unused[0]}: {model} has no norm of role {unused[0]!r} (its roles: "
+                             f"{', '.join(roles)}; alpha_init.default sets every role without a key of its own)")
+
     def alpha_for(self, width: int, role: str) -> float:
         """alpha0 for one DyT: an explicit override, else the policy."""
         if role in self.alpha_init:

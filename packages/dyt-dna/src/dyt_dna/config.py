@@ -14,6 +14,9 @@ from dyt import NormConfig
 from dyt.train.config import AT_LEAST_ONE, Range
 
 ARCHS = ("hyena", "caduceus")
+NORM_ROLES = {"hyena": ("attention", "ffn", "final"), "caduceus": ("default", "final")}
+"""The DyT roles of each architecture's norms (``model.norm.alpha_init`` keys): HyenaDNA's mixer
+norm is ``attention``; Caduceus' block norms are ``default``."""
 
 
 class EmbeddingScale(nn.Module):
@@ -91,5 +94,6 @@ class DnaModelConfig:
             raise ValueError(f"unknown model.arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.tied_embeddings is True and self.output_init_std is not None:
             raise ValueError("model.output_init_std sets an untied head's init; set model.tied_embeddings: false too")
+        self.norm.check_roles(NORM_ROLES[self.arch], f"model.arch={self.arch}")
         if self.arch == "caduceus" and self.caduceus.rcps and self.dim % 2:
             raise ValueError(f"Caduceus with RCPS needs an even model.dim (two halves); got {self.dim}")

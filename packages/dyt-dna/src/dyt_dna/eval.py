@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 from dyt.errors import DistinctValues, help_description, output_file
@@ -93,7 +94,11 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(backbone.feature_dim, classes)
 
     def pooled(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.backbone.pool(self.backbone.features(batch), batch)
+        # One weight per forward for parametrized layers (sigma-reparam): the backbone's own hooks run
+        # on its forward, which this bypasses; uncached, each read of a shared weight (Caduceus' two
+        # directions and reverse-complement halves) would take a power-iteration step of its own.
+        with parametrize.cached():
+            return self.backbone.pool(self.backbone.features(batch), batch)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.head(self.standardize(self.pooled(batch)))

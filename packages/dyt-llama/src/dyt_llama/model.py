@@ -24,6 +24,9 @@ from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, Range
 from dyt.train.distributed import init_normal_
 
+NORM_ROLES = ("attention", "ffn", "final")
+"""The DyT roles of the norms :class:`Transformer` builds (``model.norm.alpha_init`` keys)."""
+
 
 @dataclass
 class ModelConfig:
@@ -63,6 +66,7 @@ class ModelConfig:
             )
         if (self.dim // self.heads) % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.dim // self.heads}")
+        self.norm.check_roles(NORM_ROLES, "LLaMA")
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
-from dyt.errors import DistinctValues, command, help_description
+from dyt.errors import DistinctValues, command, help_description, user_errors
 from dyt.train import load_config
 from dyt.train.compare import (
     Run,
@@ -52,11 +52,14 @@ from dyt.train.compare import (
 from dyt.train.config import SEED
 from dyt.train.recipe import Metric
 
-from .eval import CTCSettings, add_ctc_arguments, add_keyword_arguments, headline, run_evals
+from .audio import AudioError
+from .eval import EVALS, CTCSettings, add_ctc_arguments, add_keyword_arguments, headline, run_evals
 from .recipe import SPEC
 from .speech import KEYWORDS
-from .task import Wav2Vec2PretrainTask, builtin_speech
+from .task import SpeechDataConfig, Wav2Vec2PretrainTask, builtin_speech
 
+NO_EVALS = "none"
+"""``--evals none``: compare pretraining alone (no built-in speech needed with your own audio)."""
 EVAL_NAMES = {"contrastive": "pretraining task, held out", "probe": "keywords, linear probe",
               "finetune": "keywords, full fine-tune", "ctc": "CTC speech recognition"}
 METRIC_NAMES = {"contrastive_accuracy": "contrastive accuracy", "contrastive_kept": "contrastive loss",
@@ -83,22 +86,29 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@user_errors("dyt-wav2vec2-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
-    parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=list(EVAL_NAMES), default=["contrastive", "probe", "finetune", "ctc"])
+    parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=[*EVAL_NAMES, NO_EVALS],
+                        default=list(EVALS),
+                        help="downstream evals, on the built-in speech (default: all four); none: compare "
+                             "pretraining alone (your own audio with no built-in speech on this machine)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
     add_keyword_arguments(parser)
     add_ctc_arguments(parser)
     add_pretrain_seeds_argument(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
+    if NO_EVALS in args.evals:
+        if len(args.evals) > 1:
+            parser.error(f"--evals {NO_EVALS} runs no eval: give it alone")
+        args.evals = []
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
-    config = plan[0].config
-    data = builtin_speech(config.data)
+    data = eval_speech(plan[0].config.data) if args.evals else None
     for checked in {repr(p.config.data): p.config for p in plan}.values():
         Wav2Vec2PretrainTask(checked)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)
@@ -115,9 +125,22 @@ def main(argv: list[str] | None = None) -> Path:
                                 lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
                                                   pretrained=pretrained))
 
-    report = write_report(args, runs, downstream_evals(runs, evaluate))
+    report = write_report(args, runs, downstream_evals(runs, evaluate) if args.evals else {})
     print(f"\nreport: {report}")
     return report
+
+
+def eval_speech(data: SpeechDataConfig) -> Path:
+    """The built-in speech the downstream evals run on (held-out voices, keywords, real recordings),
+    whatever audio pretraining reads; where it cannot be built and the runs pretrain on your own
+    audio, the error says that ``--evals none`` compares pretraining without it."""
+    try:
+        return builtin_speech(data)
+    except AudioError as error:
+        if not data.train_manifest:
+            raise
+        raise AudioError(f"the downstream evals run on the built-in speech, whatever audio pretraining reads: {error}; "
+                         f"or give --evals {NO_EVALS} to compare pretraining alone") from None
 
 
 def downstream_evals(runs: list[Run], evaluate) -> dict:
@@ -214,15 +237,17 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     lines += ["", *divergence_notes(runs)]
     budget = f"{args.steps} steps each" + (f", CTC {args.ctc_steps} at peak lr {args.ctc_lr:g}, {args.ctc_schedule}"
                                            if "ctc" in args.evals else "")
-    lines += ["", f"Downstream, seeds {args.seeds} ({budget}, best validation checkpoint): mean ± std. "
-              "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
-              "pretraining bought is the gap to that row, given for each pretrained row (its mean minus the "
-              "random-init mean, against the random-init runs' ± 2σ). Verdicts: each test set's mean against the "
-              "baseline norm's mean ± 2σ over seeds, same eval and init. " + pretrainings_note(args.pretrain_seeds), "",
-              f"| norm |{point_column} init | eval | metric | unseen voices | real recordings "
-              "| verdict (unseen voices) | verdict (real recordings) | pretrained − random init (unseen voices) "
-              "| pretrained − random init (real recordings) |",
-              f"|---|{point_rule}---|---|---|---|---|---|---|---|---|"]
+    downstream_header = [
+        "", f"Downstream, seeds {args.seeds} ({budget}, best validation checkpoint): mean ± std. "
+        "Each eval also runs on the same model untrained (random init, same seeds and budget): what "
+        "pretraining bought is the gap to that row, given for each pretrained row (its mean minus the "
+        "random-init mean, against the random-init runs' ± 2σ). Verdicts: each test set's mean against the "
+        "baseline norm's mean ± 2σ over seeds, same eval and init. " + pretrainings_note(args.pretrain_seeds), "",
+        f"| norm |{point_column} init | eval | metric | unseen voices | real recordings "
+        "| verdict (unseen voices) | verdict (real recordings) | pretrained − random init (unseen voices) "
+        "| pretrained − random init (real recordings) |",
+        f"|---|{point_rule}---|---|---|---|---|---|---|---|---|"]
+    lines += downstream_header if args.evals else ["", f"No downstream evals (`--evals {NO_EVALS}`).", ""]
     per_run = {}  # (init, eval, metric, test) -> cell -> each pretraining run's values over the downstream seeds
     table_rows = {}  # (cell, init, eval, metric), in the order of the runs
     summary = []  # one row per run, init, eval and metric: its values per test set, facts in fields of their own
@@ -256,7 +281,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         lines.append(f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                      + f" {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
                      + " | ".join(mean_std(values) for values in mine) + " | " + " | ".join(judgements) + " |")
-    lines.append("")
+    if args.evals:
+        lines.append("")
     values = {cell: {m.key: main_values[cell] if m is main else [summaries[p][m.key] for p in summaries if p.cell == cell]
                      for m in SPEC.metrics} for cell in cells}
     metrics = list(SPEC.metrics)

@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
-    parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=["probe", "finetune", "ctc"])
+    parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=list(EVALS),
+                        help="default: all four, as dyt-wav2vec2-compare runs them")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])

@@ -33,6 +33,8 @@ NORM_SCOPES = ("encoder", "all")
 FEATURE_EXTRACTOR = "encoder_frontend.feature_extractor"
 POST_EXTRACT = "encoder_frontend.post_extract_layer_norm"
 """The norm over the conv features: DyT role ``input`` (``model.norm.alpha_init.input``)."""
+NORM_ROLES = ("input", "default")
+"""The DyT roles of the model's norms (:func:`role_of`): ``model.norm.alpha_init`` keys."""
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Wav2Vec2ModelConfig:
         for whole, part in (("dim", "heads"), ("dim", "pos_conv_groups"), ("quantized_dim", "codebooks")):
             if getattr(self, whole) % getattr(self, part):
                 raise ValueError(f"{whole} ({getattr(self, whole)}) must divide by {part} ({getattr(self, part)})")
+        self.norm.check_roles(NORM_ROLES, "wav2vec 2.0")
 
     def fairseq2_config(self) -> Wav2Vec2Config:
         encoder = Wav2Vec2EncoderConfig(

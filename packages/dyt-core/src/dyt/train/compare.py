@@ -42,6 +42,7 @@ from .checkpoint import (
     settings_changes,
     step_of,
 )
+from .cli import check_machine
 from .config import AT_LEAST_ONE, SEED, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
@@ -290,7 +291,10 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
               seeds: Sequence[int]) -> list[PlannedRun]:
     """Every run of a comparison: per model, seeds outermost (the whole comparison at the first seed
     comes first), then norms, then sweep points. Each config is resolved now, so that a bad key or
-    value in ``--set``, ``--norms`` or ``--sweep`` stops the command before anything is launched."""
+    value in ``--set``, ``--norms`` or ``--sweep``, what it asks of this machine
+    (:func:`~dyt.train.cli.check_machine`: a DyT backend this device cannot run, fp16 on a CPU), or
+    validation turned off (a report compares validation) stops the command before anything is
+    launched, not after the runs before it have trained."""
     plan = []
     for model, config_path in models:
         norms = args.norms or list(model.norms)
@@ -301,6 +305,11 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     out = args.out / point.dir_name()
                     overrides = (*args.overrides, *norm_variant_overrides(norm), *(f"{k}={v}" for k, v in sweep))
                     config = load_config(spec.config_class, config_path, [*overrides, *run_items(seed, out)])
+                    check_machine(config)
+                    if config.train.eval_every == 0:
+                        raise CompareError(f"{point.label}: train.eval_every=0 turns validation off, and the report "
+                                           "compares each run's validation: give a positive train.eval_every "
+                                           "(how often it validates changes no trained weight)")
                     plan.append(PlannedRun(point, Path(config_path), overrides, out, config))
     trained = {p.point.norm for p in plan}
     for sweep in args.sweeps:

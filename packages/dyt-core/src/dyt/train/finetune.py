@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .trainer import seed_everything
+from .trainer import seed_everything, weight_decay_groups
 
 SCHEDULES = ("constant", "tri-stage")
 
@@ -29,6 +29,8 @@ class FinetuneConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
+    """AdamW decay on matrices only, as in pretraining (``weight_decay_groups``): DyT's alpha, norm
+    parameters, biases and the baselines' scalars are not decayed."""
     patience: int = 3
     """Stop after this many evaluations without a better validation MCC."""
     eval_every: int = 0
@@ -250,7 +252,7 @@ def finetune(
     seed_everything(seed)
     model = make_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
     generator = torch.Generator().manual_seed(seed)
     if lengths is None:
         loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)

@@ -112,10 +112,12 @@ def validation_positions(size: int, count: int, world_size: int = 1) -> list[int
     return [i * size // count for i in range(count)]
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decayed, the rest not, nor a matrix the model marks ``_no_weight_decay = True`` (the
-    mamba_ssm / HyenaDNA convention: Mamba's ``A_log``, HyenaDNA's implicit filter). A parameter built
-    under ZeRO-3's partitioned init is an empty placeholder whose real shape is ``ds_shape``."""
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters, for pretraining and fine-tuning alike: matrices
+    decayed; not the rest (biases, norm parameters, DyT's alpha, a baseline's scalars), nor a matrix
+    the model marks ``_no_weight_decay = True`` (the mamba_ssm / HyenaDNA convention: Mamba's
+    ``A_log``, HyenaDNA's implicit filter). A parameter built under ZeRO-3's partitioned init is an
+    empty placeholder whose real shape is ``ds_shape``."""
 
     def decayed(p: torch.Tensor) -> bool:
         return len(getattr(p, "ds_shape", p.shape)) >= 2 and not getattr(p, "_no_weight_decay", False)
@@ -372,7 +374,7 @@ class Trainer:
         config = deepspeed_config(self.cfg, load_universal)
         model = self.build_model(config)
         optimizer = torch.optim.AdamW(
-            _param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
+            weight_decay_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg))
         with _construction_step_undone(optimizer):
