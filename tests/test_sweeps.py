@@ -85,6 +85,30 @@ def _toy_config(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------- a 2 x 2 sweep end to end
 
 
+def test_machine_checks_cover_the_runs_still_to_train(tmp_path, launches, monkeypatch):
+    """A DyT backend this machine cannot run stops a comparison before any launch, not after the
+    baseline's runs trained; a comparison whose runs are all finished (a report rebuilt on another
+    machine) needs none, unless ``--fresh`` trains them again."""
+    from dyt.train import ConfigError
+
+    config = _toy_config(tmp_path)
+    argv = ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "layernorm", "dyt"]
+    monkeypatch.setenv("DYT_BACKEND", "fused")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="DYT_BACKEND .*'fused' cannot run on cpu"):
+        plan_runs(TOY, _args(TOY, argv), [(TOY.models[0], config)], seeds=[0])
+    assert not launches
+    monkeypatch.delenv("DYT_BACKEND")
+    args = _args(TOY, argv)
+    train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0]))
+    assert len(launches) == 2
+    monkeypatch.setenv("DYT_BACKEND", "fused")
+    train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0]))  # finished: nothing to run here
+    assert len(launches) == 2
+    with pytest.raises(ConfigError, match="DYT_BACKEND"):
+        plan_runs(TOY, _args(TOY, [*argv, "--fresh"]), [(TOY.models[0], config)], seeds=[0])
+
+
 def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_path, launches):
     config = _toy_config(tmp_path)
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",

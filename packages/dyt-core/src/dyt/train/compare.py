@@ -291,7 +291,7 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
               seeds: Sequence[int]) -> list[PlannedRun]:
     """Every run of a comparison: per model, seeds outermost (the whole comparison at the first seed
     comes first), then norms, then sweep points. Each config is resolved now, so that a bad key or
-    value in ``--set``, ``--norms`` or ``--sweep``, what it asks of this machine
+    value in ``--set``, ``--norms`` or ``--sweep``, what a run still to train asks of this machine
     (:func:`~dyt.train.cli.check_machine`: a DyT backend this device cannot run, fp16 on a CPU), or
     validation turned off (a report compares validation) stops the command before anything is
     launched, not after the runs before it have trained."""
@@ -305,7 +305,8 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     out = args.out / point.dir_name()
                     overrides = (*args.overrides, *norm_variant_overrides(norm), *(f"{k}={v}" for k, v in sweep))
                     config = load_config(spec.config_class, config_path, [*overrides, *run_items(seed, out)])
-                    check_machine(config)
+                    if getattr(args, "fresh", False) or finished_step(out) < config.train.steps:
+                        check_machine(config)  # a finished run is not launched: its report needs no training here
                     if config.train.eval_every == 0:
                         raise CompareError(f"{point.label}: train.eval_every=0 turns validation off, and the report "
                                            "compares each run's validation: give a positive train.eval_every "
@@ -484,13 +485,14 @@ def _last_step(out: Path) -> int:
     return max((row["step"] for row in read_metrics(path, partial_last=True)), default=0) if path.is_file() else 0
 
 
-EVALS_VERSION = 5
+EVALS_VERSION = 6
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
 standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, wav2vec 2.0 Base's
 GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05; 4: the wav2vec 2.0
 random-init probe draws its backbone per seed, the contrastive eval counts each recording once and
 weighs batches by their utterances; 5: the wav2vec 2.0 random-init CTC draws its feature extractor
-per seed, 2026-12-05), so that a relaunch recomputes what older code stored instead of
+per seed, 2026-12-05; 6: fine-tuning decays matrices only, and the DNA classifier computes each
+sigma-reparam weight once per forward, 2026-12-05), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
 
