@@ -25,7 +25,7 @@ from dyt.train.config import AT_LEAST_ONE, POSITIVE, Range
 from dyt.train.distributed import init_normal_
 
 NORM_ROLES = ("attention", "ffn", "final")
-"""The DyT roles of the norms :class:`Transformer` builds (``model.norm.alpha_init`` keys)."""
+"""The DyT roles of the norms :class:`Llama` builds (``model.norm.alpha_init`` keys)."""
 
 
 @dataclass
