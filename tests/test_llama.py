@@ -50,9 +50,10 @@ def test_norm_switch_changes_every_norm_and_only_norms(norm, cls):
     assert len(found) == 2 * 2 + 1 and all(t is cls for _, t in found)
     others = lambda m: sorted((p, type(x).__name__) for p, x in m.named_modules() if not isinstance(x, (torch.nn.RMSNorm, DyT, torch.nn.LayerNorm)))  # noqa: E731
     assert others(model) == others(baseline)
-    assert (model.embed_scale is not None) == (norm == "dyt")
+    assert model.embed_scale.item() == pytest.approx(32**0.5)  # every norm: one model bar the norm
+    assert (Llama(_tiny(norm, embedding_scale=None)).embed_scale is not None) == (norm == "dyt")  # the paper's recipes
     if norm == "dyt":
-        assert model.embed_scale.item() == pytest.approx(32**0.5) and model.norm.bias is None
+        assert model.norm.bias is None
 
 
 def test_output_head_init():
@@ -232,6 +233,7 @@ def test_compare_writes_report_with_table_and_plots(corpus, tmp_path, monkeypatc
     ])
     text = report.read_text()
     assert "| rmsnorm |" in text and "| dyt |" in text and "held out of training: b/four; each validation scored " in text
+    assert "Learnable sqrt(dim) scalar after the embedding (`model.embedding_scale`): every row." in text
     scored, available = map(int, re.search(r"each validation scored (\d+) of its (\d+) windows, spread", text).groups())
     assert scored == min(8 * 4, available)  # tiny.yaml's eval_batches x micro-batch x 1 rank
     for png in ("loss_curves.png", "dyt_alpha.png", "rmsnorm_s_curves.png"):

@@ -136,8 +136,9 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
                               launcher="deepspeed", norms=["rmsnorm", "dyt"], seeds=[0, 1], sweeps=[])
     made = [_llama_run(out, norm, seed, ranks) for seed in args.seeds for norm in args.norms]  # main()'s order
     runs = [run for run, _ in made]
-    report = compare.write_report(args, runs, ["b/four", "c/five"], "your corpus `/data/text`")
+    report = compare.write_report(args, runs, ["b/four", "c/five"], "your corpus `/data/text`", ["A note."])
     text = report.read_text()
+    assert "\n\nA note.\n\n" in text
     assert ("text: your corpus `/data/text`. Validation: whole documents held out of training: b/four, c/five; "
             "each validation scored 64 of its 1000 windows, spread evenly over them.") in text
     assert "Set over the config for every run: `train.lr=0.002`." in text  # what the runs were given, in the report
@@ -164,6 +165,40 @@ def test_llama_report_cells_are_means_over_pretraining_seeds(tmp_path, monkeypat
         assert s["eval_loss"] == e["eval"] and s["peak_rss_mb"] == e["rss"]
     assert is_png(out / "loss_curves.png") and is_png(out / "dyt_alpha.png")
     assert [r.norm for r in s_curves] == ["rmsnorm"]
+
+
+def test_reports_say_which_rows_have_what_the_norm_kind_decides():
+    """The scalar after the embedding decided the tiny LLaMA's parity (docs/llama.md), and a row's norm
+    name does not show whether its model had it: the reports say which rows did, as resolved from each
+    run's config (a sweep can set it per point), per model where a comparison has several."""
+    from dyt.norms import norm_variant_overrides
+    from dyt.train.compare import PlannedRun, rows_with
+    from dyt_dna.task import DnaConfig
+    from dyt_llama.task import LlamaConfig
+
+    def planned(config_class, path, norm, *sweep, model="llama"):
+        items = [*norm_variant_overrides(norm), *(f"{k}={v}" for k, v in sweep)]
+        point = Point(norm, 0, model=model, sweep=sweep)
+        return PlannedRun(point, path, items, Path("x"), load_config(config_class, path, items))
+
+    def scalar(plan, title=str):
+        return rows_with(plan, lambda config: config.model.scales_embedding(), "scalar", title)
+
+    def llama(norm, *sweep):
+        return planned(LlamaConfig, LLAMA_TINY, norm, *sweep)
+
+    assert scalar([llama("rmsnorm"), llama("dyt")]) == "scalar: every row."
+    paper = (("model.embedding_scale", "null"),)
+    assert scalar([llama("rmsnorm", *paper), llama("dyt", *paper), llama("fixup", *paper)]) == (
+        "scalar: only dyt (model.embedding_scale=null).")
+    off = (("model.embedding_scale", "false"),)
+    assert scalar([llama("rmsnorm", *off), llama("dyt", *off)]) == "scalar: no row."
+
+    dna = [planned(DnaConfig, ROOT / "recipes" / "dna" / f"{arch}-tiny.yaml", norm, model=arch)
+           for arch, norms in (("hyena", ("layernorm", "dyt")), ("caduceus", ("rmsnorm", "dyt"))) for norm in norms]
+    assert scalar(dna, str.upper) == "scalar: only HYENA dyt, CADUCEUS dyt."
+    assert rows_with(dna, lambda config: config.model.ties_embeddings(), "tied") == (
+        "tied: only hyena layernorm, hyena dyt, caduceus rmsnorm.")  # caduceus-tiny.yaml: untied for DyT
 
 
 # ---------------------------------------------------------------- wav2vec 2.0
@@ -355,7 +390,8 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                 evals[(run.point, task.name, init)] = reuse_or_compute(path, settings,
                                                                       lambda: pytest.fail("evals not reused"))
 
-    text = compare.write_report(args, runs, tasks, evals, "held-out strains").read_text()
+    text = compare.write_report(args, runs, tasks, evals, "held-out strains", ["A note.", "Another."]).read_text()
+    assert "\n\nA note.\n\nAnother.\n\n" in text  # each note a paragraph of its own
     pretraining = table(text, "model")
     assert [(r["model"], r["norm"]) for r in pretraining] == [
         ("HyenaDNA", "layernorm"), ("HyenaDNA", "dyt"), ("Caduceus", "rmsnorm"), ("Caduceus", "dyt")]

@@ -355,3 +355,19 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
     dna = load_config(DnaConfig, None, [])
     assert resume_changes(dna, load_config(DnaConfig, None, ["data.cache_dir=/tmp/elsewhere"])) == (
         [], ['data.cache_dir "" -> "/tmp/elsewhere"'], [])
+
+
+def test_runs_saved_with_a_null_compare_by_the_model_they_built():
+    """LLaMA runs trained before 2026-12-05 saved ``model.embedding_scale: null`` (the scalar for DyT
+    only); the default is now true. A DyT run built what the default builds and resumes; an RMSNorm
+    run did not, and the change is named by what it built."""
+    from dyt.train.config import resume_changes
+    from dyt_llama.task import LlamaConfig
+
+    def saved(norm):
+        return load_config(LlamaConfig, None, [f"model.norm={norm}", "model.embedding_scale=null"])
+
+    assert resume_changes(saved("dyt"), load_config(LlamaConfig, None, ["model.norm=dyt"])).fixed == []
+    assert resume_changes(saved("rmsnorm"), load_config(LlamaConfig, None, [])).fixed == [
+        "model.embedding_scale false -> true"]
+    assert resume_changes(saved("rmsnorm"), saved("rmsnorm")).fixed == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from dyt.train.compare import (
     pretraining_gain,
     pretrainings_note,
     reuse_or_compute,
+    rows_with,
     settings_notes,
     shown_path,
     sweep_section,
@@ -140,7 +142,14 @@ def main(argv: list[str] | None = None) -> Path:
                   f"(pretraining on your {listed(train_fasta)})" if train_fasta
                   else "held-out strains (never trained on, but near relatives of the training strains: 60-99% of "
                         "their 32-mers occur in them, docs/dna.md#data)")
-    report = write_report(args, runs, tasks, evals, validation)
+    def title(model: str) -> str:
+        return SPEC.model(model).title
+
+    notes = [rows_with(plan, lambda config: config.model.scales_embedding(),
+                       "Learnable sqrt(dim) scalar after the embedding (`model.embedding_scale`)", title),
+             rows_with(plan, lambda config: config.model.ties_embeddings(),
+                       "LM head tied to the embedding (`model.tied_embeddings`)", title)]
+    report = write_report(args, runs, tasks, evals, validation, notes)
     print(f"\nreport: {report}")
     return report
 
@@ -152,9 +161,11 @@ def task_signatures(tasks: list[ClassificationData], specs: list[str]) -> dict[s
             for task, spec in zip(tasks, specs, strict=True)}
 
 
-def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str) -> Path:
+def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str,
+                 notes: Sequence[str] = ()) -> Path:
     """``evals[(run.point, task name, init)]``: that fine-tuning's results, one per seed; ``validation``:
-    what the validation loss was measured on, in words."""
+    what the validation loss was measured on, in words; ``notes``: lines said of the whole comparison,
+    each a paragraph above the table."""
     out = args.out
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
@@ -197,6 +208,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}"
         f"{validation_share(summaries.values(), 'windows')}.",
         "",
+        *(line for note in notes for line in (note, "")),
         *settings_notes(args),
         f"| model | norm |{point_column} seed | final train loss | validation loss | validation perplexity | "
         f"{SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}) |",

@@ -84,10 +84,13 @@ class DnaModelConfig:
         nn.init.normal_(head.weight, std=std)
         return head
 
+    def scales_embedding(self) -> bool:
+        """Whether the model has the learnable scalar after the embedding, with None resolved by the norm."""
+        return self.embedding_scale if self.embedding_scale is not None else self.norm.kind == "dyt"
+
     def embedding_scaler(self) -> nn.Module:
         """sqrt(dim) * x with a learnable scale when wanted, else the identity."""
-        wanted = self.embedding_scale if self.embedding_scale is not None else self.norm.kind == "dyt"
-        return EmbeddingScale(math.sqrt(self.dim)) if wanted else nn.Identity()
+        return EmbeddingScale(math.sqrt(self.dim)) if self.scales_embedding() else nn.Identity()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

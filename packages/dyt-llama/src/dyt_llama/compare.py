@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from dyt.train.compare import (
     plot_alphas_of_first,
     plot_losses,
     prepare_out,
+    rows_with,
     settings_notes,
     shown_path,
     sweep_section,
@@ -64,7 +66,8 @@ def plot_s_curves(run: Run, path: Path) -> None:
     plot_s_curves(recorder.records, path, title=f"{run.norm} model: norm input vs output (validation text)")
 
 
-def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Path:
+def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes: Sequence[str] = ()) -> Path:
+    """``notes``: lines said of the whole comparison, each a paragraph above the table."""
     out = args.out
     model = SPEC.models[0]
     summaries = {run.point: SPEC.summarize(run) for run in runs}
@@ -81,6 +84,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str) -> Pat
         f"{sorted({r.seed for r in runs})}; text: {corpus}. Validation: whole documents held out of training: "
         f"{', '.join(held_out)}{validation_share(summaries.values(), 'windows')}.",
         "",
+        *(line for note in notes for line in (note, "")),
         *settings_notes(args),
         "| norm |" + (" sweep point |" if swept else "") + " final train loss | validation loss | validation perplexity "
         f"| {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}, vs {baseline}) |",
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> Path:
     prepare_out(args)
     corpus = plan[0].config.data.corpus
     report = write_report(args, train_runs(SPEC, args, plan), held_out,
-                          f"your corpus `{corpus}`" if corpus else "the built-in corpus (Shakespeare and Austen)")
+                          f"your corpus `{corpus}`" if corpus else "the built-in corpus (Shakespeare and Austen)",
+                          [rows_with(plan, lambda config: config.model.scales_embedding(),
+                                     "Learnable sqrt(dim) scalar after the embedding (`model.embedding_scale`)")])
     print(f"\nreport: {report}")
     return report
 

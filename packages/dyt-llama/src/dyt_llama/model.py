@@ -11,7 +11,7 @@ No parallelism or launcher logic lives here: the training harness wraps the mode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import torch
@@ -55,9 +55,11 @@ class ModelConfig:
     )
     """The recipe's norm defaults hold for every kind: ``--set model.norm=dyt`` alone is the paper's
     LLaMA DyT (no bias, alpha0 from its table by width and role)."""
-    embedding_scale: bool | None = None
-    """A learnable scalar after the embedding, initialised to sqrt(dim); None: on exactly when the
-    norm is DyT (the paper's LLaMA recipe)."""
+    embedding_scale: bool | None = True
+    """A learnable scalar after the embedding, initialised to sqrt(dim), for every norm: the paper adds
+    it to its DyT LLaMA, and given to DyT alone it, not DyT, made the tiny model's lead over RMSNorm
+    (docs/llama.md). None: on exactly when the norm is DyT, the paper's two recipes (the default, and
+    so what a run's config.yaml records, before 2026-12-05)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads or self.heads % self.kv_heads:
@@ -67,6 +69,15 @@ class ModelConfig:
         if (self.dim // self.heads) % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.dim // self.heads}")
         self.norm.check_roles(NORM_ROLES, "LLaMA")
+
+    def scales_embedding(self) -> bool:
+        """Whether the model has the learnable scalar after the embedding, with None resolved by the norm."""
+        return self.embedding_scale if self.embedding_scale is not None else self.norm.kind == "dyt"
+
+    def resolved_nulls(self) -> ModelConfig:
+        """This config as resume and comparisons compare it (:func:`dyt.train.config.resume_changes`): a
+        DyT run saved with ``embedding_scale: null`` built the model today's default builds."""
+        return replace(self, embedding_scale=self.scales_embedding())
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +143,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        scale = cfg.embedding_scale if cfg.embedding_scale is not None else cfg.norm.kind == "dyt"
-        self.embed_scale = nn.Parameter(torch.tensor([math.sqrt(cfg.dim)])) if scale else None
+        self.embed_scale = nn.Parameter(torch.tensor([math.sqrt(cfg.dim)])) if cfg.scales_embedding() else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = make_norm(cfg.norm, cfg.dim, role="final")
         self.output = None if cfg.tied_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -942,6 +942,22 @@ def _plot_sweep(path: Path, sweeps: list[Sweep], cell_of: dict, metric: Metric, 
     plt.close(fig)
 
 
+def rows_with(plan: Sequence[PlannedRun], has: Callable[[Any], bool], what: str,
+              title: Callable[[str], str] = str) -> str:
+    """A report line saying which rows' runs ``has`` (called with each run's config): for a setting a
+    config leaves to the norm kind, which a row's norm name alone does not show. ``title``: a model
+    name in words, for comparisons of several models."""
+    several = len({p.point.model for p in plan}) > 1
+
+    def row(planned: PlannedRun) -> str:
+        return f"{title(planned.point.model)} {planned.point.label}" if several else planned.point.label
+
+    rows = list(dict.fromkeys(row(p) for p in plan))
+    having = list(dict.fromkeys(row(p) for p in plan if has(p.config)))
+    which = "every row" if having == rows else "no row" if not having else "only " + ", ".join(having)
+    return f"{what}: {which}."
+
+
 def settings_notes(args: argparse.Namespace) -> list[str]:
     """A line of the ``--set`` settings every run got over its config (its data among them), and one
     of what was swept; nothing for what was not given."""
