@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> Path:
     if NO_EVALS in args.evals:
         if len(args.evals) > 1:
             parser.error(f"--evals {NO_EVALS} runs no eval: give it alone")
+        eval_options = ("seeds", "steps", "ctc_steps", "ctc_lr", "ctc_schedule")
+        if given := [f"--{d.replace('_', '-')}" for d in eval_options if getattr(args, d) != parser.get_default(d)]:
+            parser.error(f"{', '.join(given)} set the downstream evals, and --evals {NO_EVALS} runs none: drop them")
         args.evals = []
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
