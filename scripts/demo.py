@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--llama-config", type=Path, default=None,
                         help="default: the tiny config shipped with dyt_llama")
     parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2, help="ranks for the training runs")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every part anew (each compare's --fresh): for runs kept from before a change "
+                             "of a recipe's settings, which a re-run otherwise stops at, naming the change")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -98,7 +101,7 @@ def main() -> None:
     reports = []
     for number, (spec, extra, what) in enumerate(PARTS, 1):
         print(f"\n== {number}/5 {what}")
-        argv = ["--out", str(args.out / spec.name), "--nproc", str(args.nproc), *extra]
+        argv = ["--out", str(args.out / spec.name), "--nproc", str(args.nproc), *extra, *(["--fresh"] if args.fresh else [])]
         if spec is dyt_llama.SPEC and args.llama_config is not None:
             argv += ["--config", str(args.llama_config)]
         reports.append(part(spec.title, lambda spec=spec, argv=argv: spec.compare_main()(argv)))

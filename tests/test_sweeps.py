@@ -780,6 +780,12 @@ def test_demo_runs_every_recipe_compare_through_its_spec(tmp_path, monkeypatch):
     assert all(f"## {spec.title} report" in text for spec in specs) and "](llama/x.png)" in text
     assert "## DyT vs LayerNorm / RMSNorm, 8x8 float32 (median" in text
     assert "## DyT vs LayerNorm / RMSNorm, 8x8 float32, as CPU training ranks allocate" in text
+    assert not any("--fresh" in argv for _, argv in called)
+
+    called.clear()  # --fresh: every part trains anew
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--out", str(tmp_path / "demo"), "--nproc", "1", "--fresh"])
+    demo.main()
+    assert [argv[-1] for _, argv in called[:3]] == ["--fresh"] * 3
 
 
 def test_demo_converts_fairseq2_llama_with_the_recipe_roles():

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import torch
@@ -87,6 +87,14 @@ class DnaModelConfig:
     def scales_embedding(self) -> bool:
         """Whether the model has the learnable scalar after the embedding, with None resolved by the norm."""
         return self.embedding_scale if self.embedding_scale is not None else self.norm.kind == "dyt"
+
+    def resolved_nulls(self) -> DnaModelConfig:
+        """This config as resume and comparisons compare it (:func:`dyt.train.config.resume_changes`):
+        each null the norm decides, decided, so a run saved with ``null`` equals one given the value it
+        resolved to (a tied head has no init std of its own)."""
+        tied = self.ties_embeddings()
+        return replace(self, embedding_scale=self.scales_embedding(), tied_embeddings=tied,
+                       output_init_std=None if tied else self.output_init_std)
 
     def embedding_scaler(self) -> nn.Module:
         """sqrt(dim) * x with a learnable scale when wanted, else the identity."""

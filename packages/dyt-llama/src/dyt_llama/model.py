@@ -3,8 +3,8 @@
 Every norm comes from dyt-core's ``make_norm`` with its role (attention / ffn / final), so
 ``model.norm`` alone switches RMSNorm, LayerNorm or DyT everywhere (or a normalization-free baseline:
 each residual branch passes through ``residual_gate`` and ``apply_norm_free`` finishes the build,
-see dyt.baselines). With DyT, as the paper trained
-LLaMA, a learnable scalar multiplies the embeddings (initialised to sqrt(dim)).
+see dyt.baselines). A learnable scalar multiplies the embeddings (initialised to sqrt(dim)): the
+paper gives it to its DyT LLaMA; here every norm has it by default (``embedding_scale``).
 No parallelism or launcher logic lives here: the training harness wraps the model.
 """
 
@@ -57,8 +57,8 @@ class ModelConfig:
     LLaMA DyT (no bias, alpha0 from its table by width and role)."""
     embedding_scale: bool | None = True
     """A learnable scalar after the embedding, initialised to sqrt(dim), for every norm: the paper adds
-    it to its DyT LLaMA, and given to DyT alone it, not DyT, made the tiny model's lead over RMSNorm
-    (docs/llama.md). None: on exactly when the norm is DyT, the paper's two recipes (the default, and
+    it to its DyT LLaMA, and given to DyT alone, the scalar (not DyT) made the tiny DyT model's lead
+    over RMSNorm (docs/llama.md). None: on exactly when the norm is DyT, the paper's two recipes (the default, and
     so what a run's config.yaml records, before 2026-12-05)."""
 
     def __post_init__(self) -> None:

@@ -96,17 +96,17 @@ def main(argv: list[str] | None = None) -> Path:
                         default=list(EVALS),
                         help="downstream evals, on the built-in speech (default: all four); none: compare "
                              "pretraining alone (your own audio with no built-in speech on this machine)")
-    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="downstream seeds")
-    add_keyword_arguments(parser)
-    add_ctc_arguments(parser)
+    eval_options = [  # what --evals none refuses: it runs no eval for them to set
+        parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2],
+                            help="downstream seeds"),
+        *add_keyword_arguments(parser), *add_ctc_arguments(parser)]
     add_pretrain_seeds_argument(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
     if NO_EVALS in args.evals:
         if len(args.evals) > 1:
             parser.error(f"--evals {NO_EVALS} runs no eval: give it alone")
-        eval_options = ("seeds", "steps", "ctc_steps", "ctc_lr", "ctc_schedule")
-        if given := [f"--{d.replace('_', '-')}" for d in eval_options if getattr(args, d) != parser.get_default(d)]:
+        if given := [a.option_strings[0] for a in eval_options if getattr(args, a.dest) != a.default]:
             parser.error(f"{', '.join(given)} set the downstream evals, and --evals {NO_EVALS} runs none: drop them")
         args.evals = []
 

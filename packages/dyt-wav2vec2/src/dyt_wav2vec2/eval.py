@@ -501,23 +501,25 @@ def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     return {m: {t: [r["test"][t][m] for r in rows] for t in rows[0]["test"]} for m in HEADLINE[name]}
 
 
-def add_ctc_arguments(parser: argparse.ArgumentParser) -> None:
+def add_ctc_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The CTC eval's budget, rate and schedule (``CTCSettings``), for this CLI and the compare's."""
-    parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTCSettings.steps,
-                        help="CTC fine-tuning steps per seed (8000 for recipes/wav2vec2/small.yaml)")
-    parser.add_argument("--ctc-lr", type=POSITIVE.arg(float), default=CTCSettings.lr,
-                        help="CTC fine-tuning peak learning rate (2e-3 for recipes/wav2vec2/small.yaml)")
-    parser.add_argument("--ctc-schedule", choices=SCHEDULES, default=CTCSettings.schedule,
-                        help="CTC fine-tuning learning-rate schedule")
+    return [
+        parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTCSettings.steps,
+                            help="CTC fine-tuning steps per seed (8000 for recipes/wav2vec2/small.yaml)"),
+        parser.add_argument("--ctc-lr", type=POSITIVE.arg(float), default=CTCSettings.lr,
+                            help="CTC fine-tuning peak learning rate (2e-3 for recipes/wav2vec2/small.yaml)"),
+        parser.add_argument("--ctc-schedule", choices=SCHEDULES, default=CTCSettings.schedule,
+                            help="CTC fine-tuning learning-rate schedule"),
+    ]
 
 
 KEYWORD_STEPS = 150  # keyword fine-tuning steps per seed, in the comparisons and by itself alike
 
 
-def add_keyword_arguments(parser: argparse.ArgumentParser) -> None:
+def add_keyword_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The keyword evals' options, the same in ``dyt_wav2vec2.eval`` and ``dyt-wav2vec2-compare``."""
-    parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=KEYWORD_STEPS,
-                        help=f"keyword fine-tuning (probe, finetune) steps per seed (default {KEYWORD_STEPS})")
+    return [parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=KEYWORD_STEPS,
+                                help=f"keyword fine-tuning (probe, finetune) steps per seed (default {KEYWORD_STEPS})")]
 
 
 def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
