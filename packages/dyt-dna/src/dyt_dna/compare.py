@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
                   f"(pretraining on your {listed(train_fasta)})" if train_fasta
                   else "held-out strains (never trained on, but near relatives of the training strains: 60-99% of "
                         "their 32-mers occur in them, docs/dna.md#data)")
+
     def title(model: str) -> str:
         return SPEC.model(model).title
 
