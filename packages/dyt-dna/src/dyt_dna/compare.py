@@ -209,8 +209,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         f"{', '.join(f'`{shown_path(p)}`' for p in args.configs)}. Validation loss: {validation}"
         f"{validation_share(summaries.values(), 'windows')}.",
         "",
-        *(line for note in notes for line in (note, "")),
-        *settings_notes(args),
+        *settings_notes(args, notes),
         f"| model | norm |{point_column} seed | final train loss | validation loss | validation perplexity | "
         f"{SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}) |",
         f"|---|---|{point_rule}---|---|---|---|---|---|---|---|",

@@ -84,8 +84,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
         f"{sorted({r.seed for r in runs})}; text: {corpus}. Validation: whole documents held out of training: "
         f"{', '.join(held_out)}{validation_share(summaries.values(), 'windows')}.",
         "",
-        *(line for note in notes for line in (note, "")),
-        *settings_notes(args),
+        *settings_notes(args, notes),
         "| norm |" + (" sweep point |" if swept else "") + " final train loss | validation loss | validation perplexity "
         f"| {SPEC.throughput_unit} | peak RSS per rank (MB) | wall time (s) | verdict ({main.title}, vs {baseline}) |",
         "|---|" + ("---|" if swept else "") + "---|---|---|---|---|---|---|",

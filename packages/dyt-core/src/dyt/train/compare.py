@@ -958,10 +958,11 @@ def rows_with(plan: Sequence[PlannedRun], has: Callable[[Any], bool], what: str,
     return f"{what}: {which}."
 
 
-def settings_notes(args: argparse.Namespace) -> list[str]:
-    """A line of the ``--set`` settings every run got over its config (its data among them), and one
-    of what was swept; nothing for what was not given."""
-    lines = []
+def settings_notes(args: argparse.Namespace, notes: Sequence[str] = ()) -> list[str]:
+    """``notes`` (lines said of the whole comparison, e.g. :func:`rows_with`'s), a line of the
+    ``--set`` settings every run got over its config (its data among them), and one of what was
+    swept; each a paragraph; nothing for what was not given."""
+    lines = [line for note in notes for line in (note, "")]
     if args.overrides:
         lines += [f"Set over the config for every run: {', '.join(f'`{item}`' for item in args.overrides)}.", ""]
     if args.sweeps:
