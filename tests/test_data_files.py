@@ -3,6 +3,7 @@ names, and the decoded-audio cache of a saved HF dataset, which must follow the 
 dataset's fingerprint."""
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -133,6 +134,38 @@ def test_a_saved_audio_dataset_rebuilt_from_rewritten_files_is_decoded_again(tmp
     assert second[0].path.parent != first[0].path.parent
     assert soundfile.read(str(second[0].path))[0].mean() == pytest.approx(-0.5, abs=1e-3)
     assert utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path == second[0].path  # and is reused
+
+
+def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_writer(tmp_path, monkeypatch):
+    """The decoded copies are keyed by the conversion's version too (a changed decoder must not read
+    the old copies back), and the ranks of a launch, all asking at once, wait for the one writing them."""
+    datasets = pytest.importorskip("datasets")
+    from filelock import FileLock
+
+    import dyt_wav2vec2.audio as audio_module
+
+    paths = [str(tmp_path / f"{i}.wav") for i in range(2)]
+    for path in paths:
+        soundfile.write(path, np.full(8000, 0.25, dtype=np.float32), 16000)
+    datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio()).save_to_disk(
+        str(tmp_path / "saved"))
+    cache = tmp_path / "cache"
+    first = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)
+    monkeypatch.setattr(audio_module, "HF_AUDIO_VERSION", audio_module.HF_AUDIO_VERSION + 1)
+    folder = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path.parent
+    assert folder != first[0].path.parent  # decoded anew
+
+    other = tmp_path / "other-cache"  # the same key in a fresh cache, its lock held as a writing rank holds it
+    other.mkdir()
+    built = {}
+    rank = threading.Thread(target=lambda: built.update(
+        rows=audio_module.utterances_from_hf_dataset(tmp_path / "saved", other)), daemon=True)
+    with FileLock(str(other / folder.name) + ".lock"):
+        rank.start()
+        rank.join(timeout=3)  # unlocked, two short files decode in well under a second
+        assert rank.is_alive() and not list(other.glob("*/manifest.tsv"))
+    rank.join(timeout=60)
+    assert [u.num_samples for u in built["rows"]] == [8000, 8000]
 
 
 def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):

@@ -276,6 +276,21 @@ def test_prepare_command_reports_bad_input_in_one_line(tmp_path, args, names):
     assert all(name in last for name in names), last
 
 
+def test_the_corpus_readers_cached_results_follow_their_version(monkeypatch):
+    """datasets keys a module function's cached map or filter by its name, not its code: the
+    readers' results follow DOCUMENTS_VERSION only if every reader is given it."""
+    import datasets
+
+    from dyt_llama import data as data_module
+
+    table = datasets.Dataset.from_dict({"text": ["one", "two"]})
+    before = data_module._document_table(table, "corpus")
+    monkeypatch.setattr(data_module, "DOCUMENTS_VERSION", data_module.DOCUMENTS_VERSION + 1)
+    after = data_module._document_table(table, "corpus")
+    assert list(after["title"]) == list(before["title"]) == ["document-0", "document-1"]
+    assert after._fingerprint != before._fingerprint
+
+
 def test_parquet_corpus_without_titles_holds_out_every_tenth_document(tmp_path):
     import datasets
 

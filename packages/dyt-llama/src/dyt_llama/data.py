@@ -87,7 +87,7 @@ def _read_utf8(path: Path) -> str:
 
 
 DOCUMENTS_VERSION = 1
-"""Passed to the corpus readers below (``_text_files``, ``_is_document``) as part of datasets' cache
+"""Passed to the corpus readers below (``_text_files``, ``_numbered_titles``, ``_is_document``) as part of datasets' cache
 key: datasets names a module's function by reference, so a changed reader would find the documents
 its old code cached; raise it when one changes what it gives."""
 
@@ -99,7 +99,7 @@ def _text_files(root: str, files: list[tuple[str, int, int]], version: int = DOC
         yield {"title": str(Path(path).relative_to(root).with_suffix("")), "text": _read_utf8(Path(path))}
 
 
-def _numbered_titles(batch, indices) -> dict[str, list[str]]:
+def _numbered_titles(batch, indices, version: int = DOCUMENTS_VERSION) -> dict[str, list[str]]:
     return {"title": [f"document-{i}" for i in indices]}
 
 
@@ -116,7 +116,7 @@ def _document_table(table, where):
     if getattr(text, "dtype", None) not in ("string", "large_string"):
         raise DataError(f"{where}: the 'text' column holds {getattr(text, 'dtype', text)}, not strings")
     if "title" not in table.column_names:
-        table = table.map(_numbered_titles, batched=True, with_indices=True)
+        table = table.map(_numbered_titles, batched=True, with_indices=True, fn_kwargs={"version": DOCUMENTS_VERSION})
     return table
 
 

@@ -162,11 +162,15 @@ def read_manifest(path: Path, texts: Path | None = None, check_files: bool = Tru
 
 
 def write_manifest(path: Path, root: Path, utterances: list[Utterance]) -> None:
-    """A fairseq manifest for ``utterances`` (all under ``root``), plus ``.wrd`` transcripts if any."""
+    """A fairseq manifest for ``utterances`` (all under ``root``), plus ``.wrd`` transcripts if any.
+    The transcripts go first and the manifest appears whole (renamed into place), so a manifest on
+    disk is never half written nor without the transcripts written with it."""
     lines = [str(root.resolve())] + [f"{u.path.relative_to(root)}\t{u.num_samples}" for u in utterances]
-    path.write_text("\n".join(lines) + "\n")
     if any(u.text for u in utterances):
         path.with_suffix(".wrd").write_text("\n".join(u.text for u in utterances) + "\n")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(path)
 
 
 def manifest_from_folder(folder: Path, out: Path, on_bad: Callable[[AudioError], None] | None = None,
@@ -296,31 +300,41 @@ def shared_recordings(train: list[Utterance], held_out: list[Utterance],
             lock.release()
 
 
+HF_AUDIO_VERSION = 1
+"""Part of the key of :func:`utterances_from_hf_dataset`'s decoded copies: raise it when the decoding
+or the written format changes, or copies made by the old code are read back."""
+
+
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:
     """The audio of a saved HF dataset, written once as 16 kHz wav files under ``cache``, so every
     input takes the same path through the pipeline. Keyed by the dataset's fingerprint and its
     files' sizes and times: a fingerprint follows the operations that made a dataset (for one built
-    from file paths, the paths), not the audio, so a dataset rebuilt from re-recorded files keeps it."""
+    from file paths, the paths), not the audio, so a dataset rebuilt from re-recorded files keeps it.
+    The ranks of a launch all ask at once: one writes the copies under a lock while the others wait,
+    then read its manifest (written last, so a killed conversion is redone, never half read)."""
     import io
 
     from dyt.train.data_files import files_signature
 
     rows, column = _hf_audio_rows(path)
     files = files_signature(_hf_audio_files(path, rows, column))
-    out = cache / f"{rows._fingerprint}-{files['digest']}"
+    out = cache / f"v{HF_AUDIO_VERSION}-{rows._fingerprint}-{files['digest']}"
     manifest = out / "manifest.tsv"
-    if manifest.is_file():
-        return read_manifest(manifest, manifest.with_suffix(".wrd") if manifest.with_suffix(".wrd").is_file() else None)
-    utterances = []
-    for index, row in enumerate(rows):
-        audio, name = row[column], f"{path}[{index}]"
-        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
-        if source is None:
-            raise AudioError(f"{name}: neither bytes nor a path")
-        waveform = load_audio(Path(source) if isinstance(source, str) else source, name)
-        target = out / f"{index:07d}.wav"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
-        utterances.append(Utterance(target, waveform.numel(), str(row.get(text_column, "") or "")))
-    write_manifest(manifest, out, utterances)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if manifest.is_file():
+            words = manifest.with_suffix(".wrd")
+            return read_manifest(manifest, words if words.is_file() else None)
+        utterances = []
+        for index, row in enumerate(rows):
+            audio, name = row[column], f"{path}[{index}]"
+            source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
+            if source is None:
+                raise AudioError(f"{name}: neither bytes nor a path")
+            waveform = load_audio(Path(source) if isinstance(source, str) else source, name)
+            target = out / f"{index:07d}.wav"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
+            utterances.append(Utterance(target, waveform.numel(), str(row.get(text_column, "") or "")))
+        write_manifest(manifest, out, utterances)
     return utterances
