@@ -152,6 +152,8 @@ def test_wav2vec2_prompt_sentences_are_split_by_text(speech_root):
     from dyt_wav2vec2.speech import SPLITS, _split_prompts, prompts, sentence_similarity
 
     texts = prompts(speech_root)
+    assert texts["vm-review"] == "press one to accept this recording press two to listen to it press three to rerecord your message"
+    assert "silence/1" not in texts and texts["spy-iax2"] == "iax"  # a silent prompt; a note the recording does not say
     split = _split_prompts(texts)
     assert sorted(n for s in SPLITS for n in split[s]) == sorted(texts)  # every prompt, once
     said = {s: {texts[n] for n in split[s]} for s in SPLITS}

@@ -50,7 +50,7 @@ from dyt_wav2vec2.eval import (
     word_error_rate,
 )
 from dyt_wav2vec2.model import POST_EXTRACT, build_wav2vec2, encode
-from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, synthesize, voice_splits
+from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, spoken_text, synthesize, voice_splits
 from dyt_wav2vec2.task import Wav2Vec2PretrainConfig, check_audio, crop_and_batch, masking_min_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,6 +589,23 @@ def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():
     assert greedy_decode(log_probs, torch.tensor([len(ids)])) == ["hello wo"]
     assert normalize_text("Please enter your account number, followed by the pound-key.") == \
         "please enter your account number followed by the pound key"
+
+
+def test_prompt_transcripts_are_the_words_the_recordings_say():
+    """The Asterisk documentation writes keys as digits and symbols and adds notes in parentheses:
+    the transcripts (what the voices are given to say and what WER scores the real recordings
+    against) spell the keys and drop the notes; a prompt whose text says nothing, or holds a number
+    the text does not spell, is left out."""
+    assert spoken_text("press 1 to accept this recording press 2 to listen to it") == \
+        "press one to accept this recording press two to listen to it"
+    assert spoken_text("or 9 to save this message") == "or nine to save this message"
+    assert spoken_text("press * to toggle pause, press # to enter a new dictation filename") == \
+        "press star to toggle pause press pound to enter a new dictation filename"
+    assert spoken_text("Press 0 for greetings.  Press 5.") == "press zero for greetings press five"
+    assert spoken_text('IAX (note: does not say "2")') == "iax"
+    assert spoken_text("When done hang up. (simple tone sound plays)") == "when done hang up"
+    assert spoken_text("(10 seconds of silence)") is None
+    assert spoken_text("3D audio enabled") is None and spoken_text("H.323") is None
 
 
 def test_classification_metrics_on_a_hand_checked_confusion():

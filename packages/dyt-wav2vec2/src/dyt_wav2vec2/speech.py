@@ -52,7 +52,7 @@ NATO = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"
         "xray", "yankee", "zulu"]
 KEYWORDS = DIGITS + NATO
 SPLITS = ("train", "validation", "test")
-BUILD_VERSION = "v4"
+BUILD_VERSION = "v5"
 """Changes whenever the built-in speech does (its voices, texts or splits): runs record it
 (``SpeechDataConfig.builtin_version``), so a run trained on an older build is not resumed or
 reported beside runs on this one."""
@@ -159,16 +159,34 @@ def voice_splits(root: Path) -> dict[str, list[str]]:
 
 
 def prompts(root: Path) -> dict[str, str]:
-    """Asterisk prompt name -> transcript, for prompts with a real recording and plain-word text."""
+    """Asterisk prompt name -> transcript, for prompts with a real recording whose text can be
+    written as the words said (:func:`spoken_text`)."""
     doc = root / "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
     found = {}
     for line in gzip.open(doc, "rt", encoding="utf-8", errors="replace"):
         name, _, text = line.partition(":")
-        text = normalize_text(text)
-        if line.startswith(";") or not text or "[" in line or not (_asterisk_dir(root) / f"{name}.wav").is_file():
+        if line.startswith(";") or "[" in line or not (_asterisk_dir(root) / f"{name}.wav").is_file():
             continue
-        found[name] = text
+        if text := spoken_text(text):
+            found[name] = text
     return found
+
+
+SPOKEN_SYMBOLS = {**{str(digit): word for digit, word in enumerate(DIGITS)}, "*": "star", "#": "pound"}
+"""How the recordings say the keypad's keys: "press 1", "press * to toggle pause", "followed by #"."""
+
+
+def spoken_text(text: str) -> str | None:
+    """A prompt's documented text as the words its recording says: notes in parentheses dropped
+    ("IAX (note: does not say "2")", "(simple tone sound plays)", "(10 seconds of silence)": said
+    nothing), a key named by its digit or symbol spelled out (:data:`SPOKEN_SYMBOLS`), then
+    :func:`normalize_text`. None where the text is nothing said, or holds a number or code whose
+    reading the text does not give ("3D audio", "H.323")."""
+    text = re.sub(r"\([^)]*\)?", " ", text)
+    words = [SPOKEN_SYMBOLS.get(word.rstrip(".,;:!?"), word) for word in re.sub(r"([*#])", r" \1 ", text).split()]
+    if any(char.isdigit() for word in words for char in word):
+        return None
+    return normalize_text(" ".join(words)) or None
 
 
 def normalize_text(text: str) -> str:
@@ -236,6 +254,8 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     # the file's path inside ``out`` (v2 drew them from the absolute path: each cache dir, each
     # $HOME, heard different audio). v4: voices split by family and transcripts by near-identity
     # (v3 held out near-copies of training variants and sentences one word from training ones).
+    # v5: transcripts as the recordings say them (v4 dropped the keys of "press 1", "press *" and kept
+    # parenthesised notes: "iax note does not say", "seconds of silence" for a silent prompt).
     key = f"{BUILD_VERSION}-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
     complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
     out.parent.mkdir(parents=True, exist_ok=True)
