@@ -306,3 +306,17 @@ def test_the_shipped_deepspeed_jsons_run_what_the_config_says(stage):
     with pytest.raises(ConfigError, match=f"zero_optimization.stage={stage} but train.zero_stage={(stage + 1) % 4}"):
         load_config(LlamaConfig, ROOT / "recipes/llama/tiny.yaml",
                     [f"train.deepspeed_config={path}", f"train.zero_stage={(stage + 1) % 4}"])
+
+
+def test_a_schedule_ending_above_its_peak_is_refused():
+    with pytest.raises(ConfigError, match=r"train.min_lr=3e-05 is above train.lr=1e-05"):
+        TrainConfig(lr=1e-5)  # the default min_lr 3e-5
+    assert TrainConfig(lr=1e-5, min_lr=1e-6).min_lr == 1e-6
+
+
+@pytest.mark.parametrize("size", ["7b", "13b", "34b", "70b"])
+def test_the_llama_paper_configs_decay_to_a_tenth_of_their_peak(size):
+    import yaml
+
+    train = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "llama" / f"{size}.yaml").read_text())["train"]
+    assert train["min_lr"] == pytest.approx(train["lr"] / 10)

@@ -380,3 +380,46 @@ def test_fresh_deletes_its_out_folder_but_never_one_holding_the_working_director
         with pytest.raises(CompareError, match="holds the current directory"):
             prepare_out(argparse.Namespace(out=dangerous, fresh=True))
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_collectives_take_tensors_on_the_device_the_process_group_reduces_on(monkeypatch):
+    """On CUDA the group is NCCL's, which takes CUDA tensors only: the harness's loss, validation and
+    memory figures are CPU tensors, so its collectives move them to the group's device (a CPU tensor
+    there raises "No backend type associated with device type cpu" at the first step)."""
+    from dyt.train import distributed
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+
+    class Sent(Exception):
+        pass
+
+    seen = []
+
+    def collective(*tensors, **_):
+        seen.extend(t.device for t in tensors if isinstance(t, torch.Tensor))
+        seen.extend(t.device for arg in tensors if isinstance(arg, list) for t in arg)
+        raise Sent
+
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))  # stands for cuda
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", collective)
+    monkeypatch.setattr(torch.distributed, "all_gather", collective)
+    for helper in (distributed.all_reduce, distributed.all_gather):
+        seen.clear()
+        with pytest.raises(Sent):
+            helper(torch.ones(2))
+        assert seen and all(device.type == "meta" for device in seen), (helper.__name__, seen)
+
+
+def test_only_the_distributed_helpers_call_collectives():
+    """Every collective goes through dyt.train.distributed's helpers, which put tensors on the group's
+    device; a direct call elsewhere would hand NCCL a CPU tensor again."""
+    calls = re.compile(r"torch\.distributed\.(all_reduce|all_gather|all_gather_into_tensor|reduce_scatter|reduce|gather|scatter|broadcast)\(")
+    found = [f"{path}:{n}" for path in sorted(Path(__file__).parents[1].glob("packages/*/src/**/*.py"))
+             if path.name != "distributed.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if calls.search(line)]
+    assert not found, found

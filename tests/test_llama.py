@@ -258,8 +258,9 @@ def test_a_saved_dataset_dict_uses_its_validation_split_or_refuses(tmp_path):
     or a split the recipe would not read, is refused rather than silently ignored or dropped."""
     import datasets
 
-    def saved(name: str, **splits: list[str]) -> str:
-        parts = {s: datasets.Dataset.from_dict({"title": titles, "text": [SONNET * 3] * len(titles)})
+    def saved(name: str, **splits: list[str]) -> str:  # a title "empty-..." names a document of white space
+        parts = {s: datasets.Dataset.from_dict({"title": titles, "text": [" \n" if t.startswith("empty") else SONNET * 3
+                                                                          for t in titles]})
                  for s, titles in splits.items()}
         datasets.DatasetDict(parts).save_to_disk(str(tmp_path / name))
         return str(tmp_path / name)
@@ -271,5 +272,10 @@ def test_a_saved_dataset_dict_uses_its_validation_split_or_refuses(tmp_path):
         load_documents(DataConfig(corpus=both, validation_works=["a"], cache_dir=str(tmp_path / "c")))
     with pytest.raises(DataError, match=r"splits \['test', 'train'\]"):
         load_documents(DataConfig(corpus=saved("test", train=["a", "b"], test=["t"]), cache_dir=str(tmp_path / "c")))
+    with_empty = saved("with-empty", train=["a", "empty-b", "c"], validation=["v", "empty-w"])
+    documents = load_documents(DataConfig(corpus=with_empty, cache_dir=str(tmp_path / "c")))  # as a folder's are
+    assert documents["train"]["title"] == ["a", "c"] and documents["validation"]["title"] == ["v"]
+    with pytest.raises(DataError, match=r"validation split has only empty documents"):
+        load_documents(DataConfig(corpus=saved("empty", train=["a"], validation=["empty-v"]), cache_dir=str(tmp_path / "c")))
     only_train = saved("train", train=[f"d{i}" for i in range(10)])
     assert load_documents(DataConfig(corpus=only_train, cache_dir=str(tmp_path / "c")))["validation"]["title"] == ["d9"]

@@ -210,6 +210,20 @@ def test_prepare_killed_after_two_shards_resumes_to_the_same_token_data(tmp_path
     assert train.shards.read(0, len(train.shards)).tolist() == whole.shards.read(0, len(whole.shards)).tolist()
 
 
+def test_another_shard_size_gets_its_own_folder_and_leaves_the_old_shards_readable(tmp_path):
+    """data.shard_chars may change between a run and its resume, or between two jobs on one cache:
+    the other plan's shards go to a folder of their own, so shards a job has open keep their tokens."""
+    corpus = _write_corpus(tmp_path / "corpus")
+    first, _, _ = build_datasets(_config(tmp_path, corpus, shard_chars=700), 300, 32)
+    tokens = first.shards.read(0, len(first.shards)).tolist()
+    second, _, _ = build_datasets(_config(tmp_path, corpus, shard_chars=4000), 300, 32)
+    assert second.shards.folder != first.shards.folder
+    assert len(second.shards.index["shards"]) < len(first.shards.index["shards"])
+    assert second.shards.read(0, len(second.shards)).tolist() == tokens  # the same tokens, cut elsewhere
+    reopened = type(first.shards)(first.shards.folder)
+    assert reopened.index == first.shards.index and reopened.read(0, len(reopened)).tolist() == tokens
+
+
 def test_ranks_read_disjoint_windows_and_only_their_own(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus", count=30)
     train, _, _ = build_datasets(_config(tmp_path, corpus, shard_chars=1500), 300, 32)

@@ -120,6 +120,16 @@ def _document_table(table, where):
     return table
 
 
+def _nonempty_documents(table, cfg, where: str):
+    """``table`` without its empty documents (each would be a bare ``<eos>`` in the token stream),
+    or a DataError where nothing is left."""
+    table = table.filter(_is_document, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                         fn_kwargs={"version": DOCUMENTS_VERSION})
+    if len(table) == 0:
+        raise DataError(f"{where} has only empty documents")
+    return table
+
+
 def _is_saved_dataset(root: Path) -> bool:
     return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
 
@@ -150,7 +160,8 @@ def load_documents(cfg: DataConfig):
                 if cfg.validation_works:
                     raise DataError(f"corpus {root} has a 'validation' split and data.validation_works names "
                                     "documents to hold out as well: give one of the two")
-                return datasets.DatasetDict({s: _document_table(loaded[s], f"{root} ({s})")
+                return datasets.DatasetDict({s: _nonempty_documents(_document_table(loaded[s], f"{root} ({s})"), cfg,
+                                                                    f"corpus {root}'s {s} split")
                                              for s in ("train", "validation")})
             loaded = loaded["train"]
         table = _document_table(loaded, root)
@@ -173,7 +184,8 @@ def load_documents(cfg: DataConfig):
                 raise DataError(f"corpus {root} holds both .jsonl and .parquet files: keep one kind per corpus folder")
             kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
             try:
-                table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train")
+                table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train",
+                                              cache_dir=str(_cache(cfg) / "hf"))
             except datasets.exceptions.DatasetGenerationError as error:
                 cause = error.__cause__ or error
                 raise DataError(f"corpus {root}: its {kind} files do not read as one table "
@@ -181,10 +193,7 @@ def load_documents(cfg: DataConfig):
             table = _document_table(table, root)
         else:
             raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files")
-    table = table.filter(_is_document, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                         fn_kwargs={"version": DOCUMENTS_VERSION})
-    if len(table) == 0:
-        raise DataError(f"corpus {root} has only empty documents")
+    table = _nonempty_documents(table, cfg, f"corpus {root}")
     held_out = set(cfg.validation_works or ([] if cfg.corpus else BUILTIN_VALIDATION))
     if held_out:  # one byte a document, titles read a batch at a time
         is_validation = np.zeros(len(table), dtype=bool)

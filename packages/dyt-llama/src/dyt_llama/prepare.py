@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -123,7 +124,9 @@ def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer
     from tqdm.auto import tqdm
 
     processes = num_proc if num_proc > 1 else None
-    folder = folder_root / hashlib.sha256(f"{content}:{tokenizer_key}".encode()).hexdigest()[:24]
+    # the plan (shard boundaries, from data.shard_chars) is in the key: another plan gets a folder of its
+    # own, never rewrites one a running job memory-maps with the old boundaries' offsets
+    folder = folder_root / hashlib.sha256(f"{content}:{tokenizer_key}:{json.dumps(plan)}".encode()).hexdigest()[:24]
     dtype = token_dtype(tokenizer.get_vocab_size())
     eos = tokenizer.token_to_id(EOS)
 

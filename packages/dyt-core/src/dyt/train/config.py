@@ -225,6 +225,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.out_dir.strip():
             raise ConfigError("train.out_dir is empty: give the run a folder of its own")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr:g} is above train.lr={self.lr:g}: the cosine schedule would "
+                              "rise from the peak to its end; lower train.min_lr (e.g. a tenth of train.lr)")
 
     def validate(self) -> None:
         """``out_dir`` can be a folder; the DeepSpeed JSON exists, parses, is an object, leaves the

@@ -84,14 +84,32 @@ def _unlink_shm_allreduce_buffer() -> None:
                          torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives take their tensors: NCCL (the group on CUDA) takes
+    CUDA tensors only (a CPU tensor raises "No backend type associated with device type cpu"),
+    gloo takes CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """All-reduce a copy of ``value`` (sum, mean, min or max)."""
-    out = value.detach().clone()
+    """All-reduce a copy of ``value`` (sum, mean, min or max), on ``value``'s device whatever device
+    the group reduces on."""
+    out = value.detach().to(collective_device(), copy=True)
     reduce_op = {"sum": "SUM", "mean": "SUM", "min": "MIN", "max": "MAX"}[op]
     torch.distributed.all_reduce(out, op=getattr(torch.distributed.ReduceOp, reduce_op))
     if op == "mean":
         out /= torch.distributed.get_world_size()
-    return out
+    return out.to(value.device)
+
+
+def all_gather(value: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``value``, in rank order, on ``value``'s device."""
+    mine = value.detach().to(collective_device())
+    everyone = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, mine)
+    return [t.to(value.device) for t in everyone]
 
 
 def barrier() -> None:

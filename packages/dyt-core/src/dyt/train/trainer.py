@@ -28,7 +28,7 @@ from ..errors import UserInputError
 from . import checkpoint
 from .config import TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
-from .distributed import DistInfo, all_reduce, init_distributed
+from .distributed import DistInfo, all_gather, all_reduce, init_distributed
 from .metrics import MetricsLogger
 
 
@@ -226,14 +226,12 @@ def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype 
     return model
 
 
-def _peak_rss_per_rank(dist: DistInfo) -> dict[str, float]:
+def _peak_rss_per_rank() -> dict[str, float]:
     """Peak resident memory of every rank's process, in MB (Linux reports ru_maxrss in KB)."""
     import resource
 
     mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
-    everyone = [torch.zeros_like(mine) for _ in range(dist.world_size)]
-    torch.distributed.all_gather(everyone, mine)
-    return {f"peak_rss_mb/rank{i}": t.item() for i, t in enumerate(everyone)}
+    return {f"peak_rss_mb/rank{i}": t.item() for i, t in enumerate(all_gather(mine))}
 
 
 @dataclass(frozen=True)
@@ -612,7 +610,7 @@ class Trainer:
                     row.update({f"eval/{name}": value for name, value in evaluated.items()})
                     row.update(getattr(self.task, "eval_metrics", lambda _: {})(eval_loss))
                 if step == cfg.steps:
-                    row.update(_peak_rss_per_rank(dist))
+                    row.update(_peak_rss_per_rank())
                 if row:
                     metrics.log(step, row)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
