@@ -26,6 +26,22 @@ def test_defaults_file_then_overrides(tmp_path):
     assert config.data.examples == 256  # untouched default
 
 
+def test_a_section_given_as_a_mapping_keeps_the_files_other_keys(tmp_path):
+    """Defaults, then the file, then the overrides, also where an override gives a whole section:
+    `--set train={lr: 1e-3}` sets lr over the file's train section (it replaced the section, and the
+    file's steps and betas went back to the defaults); a mapping-valued setting is replaced whole."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  norm: {kind: dyt, alpha_init: {attention: 8, ffn: 4}}\ntrain:\n  steps: 7\n"
+                    "  betas: [0.8, 0.9]\n")
+    config = load_config(ToyConfig, path, ["train={lr: 1e-3}", "model.norm={eps: 1e-6}"])
+    assert config.train.lr == 1e-3 and config.train.steps == 7 and config.train.betas == (0.8, 0.9)
+    assert config.model.norm == NormConfig(kind="dyt", eps=1e-6, alpha_init={"attention": 8, "ffn": 4})
+    config = load_config(ToyConfig, path, ["model.norm={alpha_init: {ffn: 1}}"])
+    assert config.model.norm.alpha_init == {"ffn": 1}
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        load_config(ToyConfig, path, ["train={lrr: 1e-3}"])
+
+
 def test_shorthand_keeps_other_norm_settings():
     config = load_config(ToyConfig, None, ["model.norm.eps=1e-6", "model.norm=layernorm"])
     assert config.model.norm.kind == "layernorm" and config.model.norm.eps == 1e-6

@@ -333,6 +333,15 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     for png in ("loss_curves.png", "dyt_alpha.png", "confusion_layernorm.png", "confusion_dyt.png"):
         assert is_png(args.out / png), png
 
+    # DyT's pretraining diverged: its pretrained evals are rows of nulls in summary.json, as in the report
+    runs[1] = dataclasses.replace(runs[1], diverged=DIVERGED_AT_7)
+    evals[runs[1].point, "pretrained"] = None
+    compare.write_report(args, runs, evals)
+    summary = json.loads((args.out / "summary.json").read_text(), parse_constant=pytest.fail)
+    dead = [r for r in summary if (r["norm"], r["init"]) == ("dyt", "pretrained")]
+    assert len(summary) == len(expected) and len(dead) == 2 + 1 + 1 + 2
+    assert all(r["diverged_at"] == 7 and r["unseen voices"] is r["real recordings"] is None for r in dead)
+
 
 # ---------------------------------------------------------------- DNA
 
@@ -506,6 +515,8 @@ def test_llama_report_names_a_diverged_seed_and_gives_its_cell_no_verdict(tmp_pa
     assert rows["rmsnorm"]["verdict (validation loss, vs rmsnorm)"] == "baseline"
     assert "- dyt, seed 1: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
     assert "- rmsnorm, seed 0: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
+    summary = json.loads((args.out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert len(summary) == 6 and [r["eval_loss"] for r in summary if r["norm"] == "dyt"][1] is None
 
 
 def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path):
@@ -540,6 +551,11 @@ def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path)
     assert [r["verdict (validation loss)"] for r in pretraining if r["norm"] == "dyt"] == [
         "no verdict: not finite in 1 of 3 seeds of this row"] * 3
     assert "- dyt, seed 1: training loss nan at step 7 (last complete checkpoint: none)" in text.splitlines()
+    summary = json.loads((args.out / "summary.json").read_text(), parse_constant=pytest.fail)
+    pretrained = [r for r in summary if r["init"] == "pretrained"]
+    assert len(pretrained) == 6  # every pretraining run, the diverged one with null numbers, as the report counts it
+    assert {(r["norm"], r["seed"]) for r in pretrained if r["accuracy"] is None} == {("dyt", 1)}
+    assert [r.get("diverged_at") for r in pretrained if r["accuracy"] is None] == [7]
 
 
 def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path):
@@ -561,3 +577,8 @@ def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(t
         assert reuse_or_compute(path, settings, compute) == [{"seed": len(computed)}]
         assert json.loads(path.read_text())["evals_version"] == EVALS_VERSION
     assert len(computed) == 4
+    # a file cut short by a kill, or another tool's list, is computed again (it raised a traceback)
+    for stored in ('{"settings": {"finetune"', "[1, 2]"):
+        path.write_text(stored)
+        assert reuse_or_compute(path, settings, compute) == [{"seed": len(computed)}]
+    assert len(computed) == 6 and not list(tmp_path.glob("*.tmp"))

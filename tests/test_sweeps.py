@@ -109,6 +109,26 @@ def test_machine_checks_cover_the_runs_still_to_train(tmp_path, launches, monkey
         plan_runs(TOY, _args(TOY, [*argv, "--fresh"]), [(TOY.models[0], config)], seeds=[0])
 
 
+def test_a_folder_holding_another_run_stops_the_comparison_before_any_launch(tmp_path, launches):
+    """A planned run's folder whose point.json names another run (or no run: a file cut short) is
+    found before the first launch, not after the runs planned before it trained."""
+    from dyt.train.compare import CompareError
+
+    config = _toy_config(tmp_path)
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "layernorm",
+                       "dyt"])
+    plan = plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0])
+    prepare_out(args)
+    plan[-1].dir.mkdir(parents=True)
+    (plan[-1].dir / "point.json").write_text(json.dumps(plan[0].point.to_json()))
+    with pytest.raises(CompareError, match="holds the run"):
+        train_runs(TOY, args, plan)
+    (plan[-1].dir / "point.json").write_text('{"norm": "dy')
+    with pytest.raises(CompareError, match=r"point.json is not the JSON of a run's point"):
+        train_runs(TOY, args, plan)
+    assert not launches
+
+
 def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_path, launches):
     config = _toy_config(tmp_path)
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
@@ -398,6 +418,17 @@ def test_each_point_is_judged_against_the_baseline_point_it_shares_keys_with():
     assert baseline_cell(own[2], own, "rmsnorm", losses.get) == own[1]
     assert baseline_cell(own[2], own, "rmsnorm", losses.get, higher_is_better=True) == own[0]
     assert baseline_cell(("other", "dyt", ()), own, "rmsnorm") is None
+    # each norm tuned its own lr (rmsnorm:train.lr=1,2 beside dyt:train.lr=10,20): no value in common,
+    # so each DyT point meets the baseline's best lr (before: no baseline run, no verdict at all)
+    tuned = [*own[:2], ("m", "dyt", (lr("10"),)), ("m", "dyt", (lr("20"),))]
+    assert baseline_cell(tuned[2], tuned, "rmsnorm", losses.get) == baseline_cell(tuned[3], tuned, "rmsnorm",
+                                                                                   losses.get) == own[1]
+    # with a shared sweep beside it, that key still pairs the points
+    both = [("m", "rmsnorm", (alpha("1"), lr("1"))), ("m", "rmsnorm", (alpha("1"), lr("2"))),
+            ("m", "rmsnorm", (alpha("2"), lr("1"))), ("m", "rmsnorm", (alpha("2"), lr("2"))),
+            ("m", "dyt", (alpha("2"), lr("10")))]
+    scores = {both[0]: 1.0, both[1]: 2.0, both[2]: 4.0, both[3]: 3.0}
+    assert baseline_cell(both[4], both, "rmsnorm", scores.get) == both[3]
 
 
 def test_verdicts_never_choose_on_test_numbers_nor_judge_one_checkpoint_per_norm(tmp_path):
@@ -836,3 +867,13 @@ def test_downstream_values_are_pretraining_means_whenever_there_are_several():
     assert shared.over_pretrainings([[0.1, 0.3], [0.5, 0.7]]) == pytest.approx([0.2, 0.6])
     assert verdict(shared.over_pretrainings([[0.1, 0.3], [0.5, 0.7]]), [0.4, 0.5, 0.6],
                    higher_is_better=True) == NO_VERDICT
+
+
+def test_a_report_says_when_a_verdict_reads_the_numbers_its_baseline_point_was_chosen_on():
+    from dyt.train.compare import CHOSEN_IN_SAMPLE, parse_sweep, settings_notes
+
+    def notes(*sweeps):
+        return settings_notes(argparse.Namespace(overrides=[], sweeps=[parse_sweep(s) for s in sweeps]))
+
+    assert CHOSEN_IN_SAMPLE in notes("rmsnorm:train.lr=1e-3,2e-3", "dyt:train.lr=1e-2,2e-2")
+    assert CHOSEN_IN_SAMPLE not in notes("train.lr=1e-3,2e-3")  # every point paired with the baseline's same one

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +48,7 @@ from dyt.train.compare import (
     sweep_section,
     train_runs,
     validation_share,
+    write_json,
 )
 from dyt.train.config import SEED
 from dyt.train.data_files import files_signature
@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> Path:
     add_finetune_arguments(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
+    for option, keys in (("--sweep", [s.key for s in args.sweeps]), ("--set", [o.partition("=")[0].strip()
+                                                                              for o in args.overrides])):
+        if "model.arch" in keys:  # runs are named, grouped and judged by their config's model
+            parser.error(f"argument {option}: model.arch is the model each --configs file builds (runs are named "
+                         "and judged by it): give one config per model, e.g. --configs recipes/dna/hyena-tiny.yaml "
+                         "recipes/dna/caduceus-tiny.yaml")
 
     # Each config's model.arch says which of the recipe's models it is (and so its default norms).
     models = [(SPEC.model(load_config(DnaConfig, path, args.overrides).model.arch), path) for path in args.configs]
@@ -248,9 +254,12 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
                          + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
                          + f" | {judged(cell, numbers, accuracy, pretrainings if init == INITS[True] else None)} | {gain} |")
-            for point in (p for p in summaries if p.cell == cell and (p, task.name, init) in evals):  # per run
+            for point in (p for p in summaries if p.cell == cell and ((p, task.name, init) in evals or (
+                    p in diverged and init == INITS[True]))):  # per run fine-tuned; a diverged one's numbers null
+                done = evals.get((point, task.name, init))
                 summary.append({**point.to_json(), "init": init, "task": task.name, "finetune_seeds": args.seeds,
-                                **{m: [r["test"]["test"][m] for r in evals[(point, task.name, init)]]
+                                **({"diverged_at": summaries[point]["diverged_at"]} if done is None else {}),
+                                **{m: None if done is None else [r["test"]["test"][m] for r in done]
                                    for m in FINETUNE_METRICS}})
     lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "
                      f"{len(t.validation)} / {len(t.test)} train / validation / test examples. {t.note}" for t in tasks]
@@ -263,7 +272,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         lines += [f"![{model.title} loss curves]({name}_loss_curves.png)", ""]
         if plot_alphas_of_first([r for r in mine if r.norm != baseline_norm(args, SPEC.model(name))], out / f"{name}_dyt_alpha.png"):
             lines += [f"![{model.title} DyT alpha]({name}_dyt_alpha.png)", ""]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary, strict=True)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

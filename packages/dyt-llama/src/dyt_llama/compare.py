@@ -12,7 +12,6 @@ diverged (no verdict on its cells) and the comparison goes on.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from dyt.train.compare import (
     sweep_section,
     train_runs,
     validation_share,
+    write_json,
 )
 from dyt.train.config import SEED
 from dyt.train.trainer import validation_positions
@@ -109,7 +109,9 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
     if normalised:
         plot_s_curves(normalised[0], out / f"{baseline}_s_curves.png")
         lines += [f"![{baseline} S-curves]({baseline}_s_curves.png)", ""]
-    (out / "summary.json").write_text(json.dumps([{**r.point.to_json(), **summaries[r.point]} for r in runs], indent=1))
+    write_json(out / "summary.json", [{**r.point.to_json(), **summaries[r.point],  # a diverged run's numbers: null
+                                       **{m.key: summaries[r.point][m.key] for m in SPEC.metrics}} for r in runs],
+               strict=True)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -13,7 +13,6 @@ diverged (no verdict on its cells) and the comparison goes on.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +47,7 @@ from dyt.train.compare import (
     sweep_section,
     train_runs,
     validation_share,
+    write_json,
 )
 from dyt.train.config import SEED
 from dyt.train.recipe import Metric
@@ -261,6 +261,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                               for metric in per_metric))
     for (point, init), evals_made in headlines.items():
         for name, metric in made if evals_made is None else []:  # a diverged pretraining: NaN values
+            summary.append({**point.to_json(), "init": init, "eval": name, "metric": metric,
+                            "diverged_at": summaries[point]["diverged_at"], **{test: None for test in TESTS}})
             table_rows[point.cell, init, name, metric] = None
             for test in TESTS:
                 per_run.setdefault((init, name, metric, test), {}).setdefault(point.cell, []).append(
@@ -318,7 +320,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
                       "reference → hypothesis", ""]
             lines += [f"- `{ref}` → `{hyp}`" for ref, hyp in results["ctc"][0]["details"]["real recordings"]]
             lines.append("")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary, strict=True)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

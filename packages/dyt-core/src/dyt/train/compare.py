@@ -143,9 +143,44 @@ class Run:
         return [] if self.diverged is not None and not path.is_file() else read_metrics(path)
 
 
+def write_json(path: Path, value: Any, strict: bool = False) -> None:
+    """``value`` as JSON at ``path``, renamed into place: a kill mid-write leaves the old file or
+    none, never half of one. ``strict``: NaN and infinities as null (``json`` writes them as bare
+    ``NaN`` tokens, which strict JSON readers refuse), for files people's tools read."""
+    if strict:
+        value = _finite_or_null(value)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(value, indent=1, allow_nan=not strict))
+    partial.replace(path)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON at ``path``; None where there is none or it does not parse (a file cut short)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def read_point(run_dir: Path) -> Point | None:
     path = Path(run_dir) / POINT_FILE
-    return Point.from_json(json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise CompareError(f"{path} is not the JSON of a run's point; delete that run folder, or use --fresh or "
+                           "another --out")
+    return Point.from_json(saved)
 
 
 # ---------------------------------------------------------------- command line
@@ -329,6 +364,10 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     runs trained as planned; one without a checkpoint starts afresh anyway."""
     signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
     allowed: dict[Path, list[str]] = {}  # changes a run may take, said of a finished run that is not relaunched
+    for planned in plan:
+        saved = read_point(planned.dir)
+        if saved is not None and saved != planned.point:
+            raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
     for planned in (p for p in plan if finished_step(p.dir) > 0):
         try:
             changes = settings_changes(planned.config)
@@ -354,11 +393,8 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     runs = []
     for planned in plan:
         planned.dir.mkdir(parents=True, exist_ok=True)
-        saved = read_point(planned.dir)
-        if saved is None:
-            (planned.dir / POINT_FILE).write_text(json.dumps(planned.point.to_json(), indent=1))
-        elif saved != planned.point:
-            raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
+        if read_point(planned.dir) is None:  # its point checked above, before any launch
+            write_json(planned.dir / POINT_FILE, planned.point.to_json())
         diverged = None  # a divergence with this run's settings and data: not launched again
         if read_divergence(planned.dir) is not None:
             data = repr(getattr(planned.config, "data", None))
@@ -470,13 +506,14 @@ def run_training(
         wall = _recorded_wall(wall_file)
         if _last_step(out) > steps_before or (out / DIVERGED).is_file():  # it trained steps
             wall += time.perf_counter() - started
-            wall_file.write_text(json.dumps({"seconds": wall}))
+            write_json(wall_file, {"seconds": wall})
     return wall
 
 
 def _recorded_wall(wall_file: Path) -> float:
     """The training seconds kept in a run's ``WALL_FILE`` (0 for none yet)."""
-    return json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
+    saved = read_json(wall_file)
+    return float(saved["seconds"]) if isinstance(saved, dict) and "seconds" in saved else 0.0
 
 
 def _last_step(out: Path) -> int:
@@ -500,12 +537,11 @@ def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
     """The JSON result stored at ``path`` when it was made with the same ``settings`` by evals of
     this ``EVALS_VERSION``; otherwise ``compute()``, stored with both. Lets a killed comparison skip
     its finished evals."""
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION:
-            return saved["results"]
+    saved = read_json(path)  # none, or cut short by a kill before writes were atomic: computed again
+    if isinstance(saved, dict) and saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION:
+        return saved["results"]
     results = compute()
-    path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
+    write_json(path, {"settings": settings, "evals_version": EVALS_VERSION, "results": results})
     return results
 
 
@@ -670,14 +706,19 @@ Cell = tuple[str, str, tuple[tuple[str, str], ...]]
 def baseline_cell(cell: Cell, cells: Iterable[Cell], baseline: str, score: Callable[[Cell], float] | None = None,
                   higher_is_better: bool = False) -> Cell | None:
     """The baseline cell ``cell`` is judged against: the baseline's cell of the same model that has
-    the same value of every sweep key both share; where several do (the baseline swept keys of its
-    own, ``NORM:KEY``), the best by ``score``. None without a baseline cell."""
+    the same value of every sweep key both share (a sweep of every norm: each point against the
+    baseline's same point); where several do, the best by ``score``: the baseline swept keys of its
+    own (``NORM:KEY``), or each norm tuned the same key over values of its own
+    (``rmsnorm:train.lr=...`` beside ``dyt:train.lr=...``: a value no baseline cell has is not
+    matched, so DyT's point meets the baseline's best). None without a baseline cell."""
     model, _, sweep = cell
-    mine = dict(sweep)
-    matches = [c for c in cells if c[0] == model and c[1] == baseline
-               and all(mine.get(key, value) == value for key, value in c[2])]
+    matches = [c for c in cells if c[0] == model and c[1] == baseline]
     if not matches:
         return None
+    for key, value in sweep:
+        same = [c for c in matches if dict(c[2]).get(key, value) == value]
+        if same:  # else the baseline never ran this value: the key is each norm's own tuning
+            matches = same
     if len(matches) == 1 or score is None:
         return matches[0]
     return (max if higher_is_better else min)(matches, key=score)
@@ -958,6 +999,13 @@ def rows_with(plan: Sequence[PlannedRun], has: Callable[[Any], bool], what: str,
     return f"{what}: {which}."
 
 
+CHOSEN_IN_SAMPLE = (
+    "A key swept for one norm alone is that norm's tuning: a point of another norm is judged against the "
+    "baseline's best point over it, chosen on the same validation numbers the verdict reads, and a best of "
+    "several points is favoured by their noise alone; confirm such a verdict on data no point was chosen on "
+    "(another corpus, a test set).")
+
+
 def settings_notes(args: argparse.Namespace, notes: Sequence[str] = ()) -> list[str]:
     """``notes`` (lines said of the whole comparison, e.g. :func:`rows_with`'s), a line of the
     ``--set`` settings every run got over its config (its data among them), and one of what was
@@ -969,5 +1017,7 @@ def settings_notes(args: argparse.Namespace, notes: Sequence[str] = ()) -> list[
         listed = "; ".join(f"{s.norm + ':' if s.norm else ''}{s.key} = {', '.join(s.values)}" for s in args.sweeps)
         lines += [f"Swept: {listed} (every point a run of its own; a key with a norm prefix only in that norm's runs).",
                   ""]
+        if any(s.norm for s in args.sweeps):
+            lines += [CHOSEN_IN_SAMPLE, ""]
     return lines
 

@@ -461,6 +461,14 @@ def _set_dotted(data: dict[str, Any], cls: type, key: str, value: Any, raw: str 
                 child[inner.SHORTHAND] = value
                 return
             next_type = inner if inner is not None else field_type
+            if last and inner is not None and isinstance(value, Mapping):
+                # a section given as a mapping sets the keys it names, each over the file's: the rest
+                # of the file's section stays (a mapping-valued setting, alpha_init, is replaced whole)
+                for sub_key, sub_value in value.items():
+                    _set_dotted(data, cls, f"{key}.{sub_key}", sub_value)
+                if not isinstance(node.get(part), dict | str) and not value:
+                    node[part] = {}
+                return
         elif typing.get_origin(node_type) in (dict, Mapping):
             next_type = _plain((typing.get_args(node_type) or (Any, Any))[1])
         else:
