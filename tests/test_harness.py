@@ -61,8 +61,13 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
         metrics.write('{"step": 7, "train/lo')
     assert _last_step(tmp_path / "resumed") == 5  # what a comparison reads before it relaunches the run (6 went NaN)
     capsys.readouterr()
+    # a save of step 8 interrupted once by a larger world: its shards must not end up in the new step 8
+    stale = tmp_path / "resumed/checkpoints/step_00000008/zero_pp_rank_5_mp_rank_00_optim_states.pt"
+    stale.parent.mkdir()
+    stale.write_bytes(b"from 8 ranks")
     resumed = _run(tmp_path / "resumed", resume=True)
     assert resumed.step == 8
+    assert not stale.exists() and (stale.parent / "COMPLETE").is_file()
     assert not (tmp_path / "resumed" / DIVERGED).exists()  # every launch removes the record of the last one
     # a run that silently started over would draw the same curve: it must say where it resumed
     assert re.search(r"resumed from \S*step_00000004 \(step 4,", capsys.readouterr().out)
@@ -423,3 +428,40 @@ def test_only_the_distributed_helpers_call_collectives():
              if path.name != "distributed.py"
              for n, line in enumerate(path.read_text().splitlines(), 1) if calls.search(line)]
     assert not found, found
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_marked_complete(tmp_path, monkeypatch):
+    """DeepSpeed writes its shards without fsync: the harness flushes every file of the checkpoint
+    (each rank its own view) before the marker that makes it the one a resume takes."""
+    from dyt.train import checkpoint
+
+    flushed = []
+    real = checkpoint._fsync_tree
+
+    def spy(directory):
+        assert not (directory / checkpoint.MARKER).exists()
+        files = {p.name for p in directory.iterdir()}
+        assert any(name.endswith("model_states.pt") for name in files) and "rng_rank0.pt" in files, files
+        real(directory)
+        flushed.append(directory.name)
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", spy)
+    _run(tmp_path / "run")
+    assert flushed == ["step_00000004", "step_00000008"]
+
+
+def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
+    """After a lost node the same config trains fewer examples per step under a schedule that runs by
+    step: the resume warns, naming the grad_accum that keeps the checkpoint's global batch."""
+    from dyt.train import TrainConfig
+    from dyt.train.trainer import global_batch_change
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("train:\n  micro_batch_size: 4\n  grad_accum: 1\n")
+    said = global_batch_change(saved, 16, TrainConfig(micro_batch_size=4), 8)
+    assert said.startswith("warning: global batch 64 -> 32 examples per step (micro_batch_size x ranks x grad_accum: "
+                           "4 x 16 x 1 -> 4 x 8 x 1)") and said.endswith("--set train.grad_accum=2 keeps it")
+    assert global_batch_change(saved, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 8) is None
+    assert "no train.grad_accum keeps it" in global_batch_change(saved, 16, TrainConfig(micro_batch_size=4), 5)
+    saved.write_text("model: {}\n")  # the defaults
+    assert global_batch_change(saved, 2, TrainConfig(), 2) is None

@@ -101,12 +101,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
 
 
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` (and the folders' entries) to disk: DeepSpeed's
+    checkpoint engine writes without fsync, and a marker written before the shards reach the disk
+    would call a checkpoint complete that a crashed node leaves cut short."""
+    for path in sorted(directory.rglob("*"), reverse=True) + [directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
-    """Save on every rank; returns the checkpoint directory once it is complete."""
+    """Save on every rank; returns the checkpoint directory once it is complete (its files on disk)."""
     tag = _tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     directory = root / tag
+    if dist.is_main and directory.is_dir() and not (directory / MARKER).exists():
+        # an interrupted save of this step (a run killed mid-save, resumed from the checkpoint before):
+        # DeepSpeed would write into it and keep the old world's extra shards beside the new ones
+        shutil.rmtree(directory)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt", lambda h: torch.save(rng_state(), h))
+    _fsync_tree(directory)
     barrier()
     if dist.is_main:
         meta = json.dumps({"step": step, "world_size": dist.world_size}).encode()

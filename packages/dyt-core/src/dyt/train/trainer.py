@@ -226,6 +226,29 @@ def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype 
     return model
 
 
+def global_batch_change(saved_config: Path, saved_world: int, cfg: TrainConfig, world: int) -> str | None:
+    """A warning where a resume trains on another global batch than the checkpoint's launch did
+    (``micro_batch_size x ranks x grad_accum``; a lost node, more GPUs): the LR schedule runs by step,
+    so each step's examples change under it. Names the ``grad_accum`` that keeps the batch, if one does."""
+    import yaml
+
+    try:
+        saved = (yaml.safe_load(saved_config.read_text()) or {}).get("train") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    micro = saved.get("micro_batch_size", TrainConfig.micro_batch_size)
+    accum = saved.get("grad_accum", TrainConfig.grad_accum)
+    before, now = micro * saved_world * accum, cfg.micro_batch_size * world * cfg.grad_accum
+    if before == now:
+        return None
+    keep, left = divmod(before, cfg.micro_batch_size * world)
+    hint = (f"; --set train.grad_accum={keep} keeps it" if keep and not left
+            else "; no train.grad_accum keeps it at this micro-batch size and rank count")
+    return (f"warning: global batch {before} -> {now} examples per step (micro_batch_size x ranks x grad_accum: "
+            f"{micro} x {saved_world} x {accum} -> {cfg.micro_batch_size} x {world} x {cfg.grad_accum}): the "
+            f"schedule runs by step, so every step from here sees {now / before:.3g}x the examples{hint}")
+
+
 def _peak_rss_per_rank() -> dict[str, float]:
     """Peak resident memory of every rank's process, in MB (Linux reports ru_maxrss in KB)."""
     import resource
@@ -544,6 +567,8 @@ class Trainer:
                          if saved_world != dist.world_size else "")
                 print(f"resumed from {done[-1]} (step {step}, data epoch {position.epoch} example "
                       f"{position.sample}{moved})", flush=True)
+                if (said := global_batch_change(self.out_dir / "config.yaml", saved_world, cfg, dist.world_size)):
+                    print(said, flush=True)
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(self.full_config))
