@@ -16,7 +16,7 @@ from dyt.train import TrainConfig, read_metrics, run_recipe, warmup_cosine
 from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
-from dyt.train.trainer import seed_everything, validation_positions
+from dyt.train.trainer import DataPosition, seed_everything, validation_positions
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -465,3 +465,25 @@ def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
     assert "no train.grad_accum keeps it" in global_batch_change(saved, 16, TrainConfig(micro_batch_size=4), 5)
     saved.write_text("model: {}\n")  # the defaults
     assert global_batch_change(saved, 2, TrainConfig(), 2) is None
+
+
+def test_the_data_order_is_a_tensor_read_in_blocks_and_the_order_it_always_was(monkeypatch):
+    """The epoch's order is kept as an int32 tensor (a list of ints took ~52 bytes an example), read
+    by the sampler a block at a time, and is the order the list gave: a run saved before resumes on
+    the same examples."""
+    from dyt.train import DistInfo, TrainConfig
+    from dyt.train.trainer import IndexSampler, ResumableBatches
+
+    monkeypatch.setattr(IndexSampler, "BLOCK", 7)  # several blocks, one cut short
+    examples = list(range(100))
+    task = type("Collate", (), {"collate": staticmethod(torch.tensor)})()
+    cfg = TrainConfig(micro_batch_size=4, seed=3)
+    for rank in range(2):
+        batches = ResumableBatches(examples, task, cfg, DistInfo(rank, 2, rank, torch.device("cpu")))
+        assert batches._order(1).dtype == torch.int32
+        read = [b.tolist() for b, _ in zip(batches.iterate(DataPosition()), range(2 * batches.per_epoch))]
+        listed = [torch.randperm(100, generator=torch.Generator().manual_seed(3 * 1_000_003 + e)).tolist()
+                  for e in (0, 1)]  # the old order: a list of every index
+        mine = [i for order in listed for i in order[:batches.usable][rank::2]]
+        assert sum(read, []) == mine
+        assert all(type(i) is int for i in IndexSampler(torch.arange(10, dtype=torch.int32)))

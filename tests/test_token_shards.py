@@ -68,6 +68,8 @@ def test_windows_from_the_memory_map_are_the_packed_rows(tmp_path, num_proc, sha
     # document boundaries: each document's tokens end with <eos> at the recorded end
     lengths = [len(e.ids) + 1 for e in tokenizer.encode_batch(list(docs["train"]["text"]))]
     assert train.shards.document_ends().tolist() == np.cumsum(lengths).tolist()
+    # kept beside the shards, not in the index every rank and worker loads (its size: one line per shard)
+    assert all(set(shard) == {"file", "tokens", "sha256", "documents", "ends_file"} for shard in index["shards"])
     for shard in index["shards"]:
         data = np.fromfile(train.shards.folder / shard["file"], dtype=np.uint16)
         assert len(data) == shard["tokens"] and data[-1] == tokenizer.token_to_id(EOS)

@@ -1,6 +1,8 @@
 """A token stream on disk: numbered shards of raw token ids (uint16 when the vocabulary fits, else
 uint32) read through ``numpy.memmap``, and ``index.json`` naming each shard's file, token count,
-SHA-256, and the documents it holds with their boundaries.
+SHA-256, and the documents it holds; each shard's document boundaries go in ``<name>.ends.npy``
+beside it (``index.json`` holds no per-document list, so opening a stream costs the same whatever
+the number of documents: every rank and DataLoader worker reads it).
 
 Writing goes one shard at a time, so memory stays flat whatever the corpus size. Each shard is
 written to ``<name>.tmp`` and renamed when complete, then its sidecar ``<name>.json`` records its
@@ -24,7 +26,9 @@ import numpy as np
 
 from .cache import file_sha256
 
-FORMAT = 1
+FORMAT = 2
+"""2: document boundaries in ``.ends.npy`` files, not in ``index.json`` (1: a JSON list of every
+document's end, ~47 bytes a document loaded by every reader)."""
 INDEX = "index.json"
 PLAN = "plan.json"
 STAMPS = "stamps.json"
@@ -44,12 +48,12 @@ def _write_json(path: Path, value) -> None:
 
 def _finished(folder: Path, name: str, dtype: np.dtype, documents: list[int]) -> dict | None:
     """The sidecar of a complete, intact shard, or None (missing, partial or corrupt: redo it)."""
-    sidecar, data = folder / f"{name}.json", folder / f"{name}.bin"
+    sidecar, data, ends = folder / f"{name}.json", folder / f"{name}.bin", folder / f"{name}.ends.npy"
     try:
         record = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return None
-    if (record.get("documents") != documents or not data.is_file()
+    if (record.get("documents") != documents or not data.is_file() or not ends.is_file()
             or data.stat().st_size != record.get("tokens", -1) * dtype.itemsize):
         return None
     return record if file_sha256(data) == record.get("sha256") else None
@@ -123,8 +127,11 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
             if written != sum(counts):
                 raise RuntimeError(f"{name}: {written} tokens written, the documents add up to {sum(counts)}")
             os.replace(tmp, folder / f"{name}.bin")
+            with open(folder / f"{name}.ends.npy.tmp", "wb") as handle:
+                np.save(handle, np.cumsum(np.asarray(counts, dtype=np.int64)))
+            os.replace(folder / f"{name}.ends.npy.tmp", folder / f"{name}.ends.npy")
             record = {"file": f"{name}.bin", "tokens": written, "sha256": file_sha256(folder / f"{name}.bin"),
-                      "documents": [first, end], "document_ends": np.cumsum(counts).tolist()}
+                      "documents": [first, end], "ends_file": f"{name}.ends.npy"}
             _write_json(folder / f"{name}.json", record)
         shards.append(record)
         if progress:
@@ -194,7 +201,7 @@ class TokenShards:
         return np.concatenate(pieces) if len(pieces) != 1 else np.array(pieces[0])
 
     def document_ends(self) -> np.ndarray:
-        """Where each document's tokens end in the stream (cumulative, int64)."""
-        ends = [np.asarray(s["document_ends"], dtype=np.int64) + start
-                for s, start in zip(self.index["shards"], self.starts)]
+        """Where each document's tokens end in the stream (cumulative, int64), read from the shards'
+        ``.ends.npy`` files (nothing in training reads them: tests and tools do)."""
+        ends = [np.load(self.folder / s["ends_file"]) + start for s, start in zip(self.index["shards"], self.starts)]
         return np.concatenate(ends) if ends else np.zeros(0, np.int64)
