@@ -6,6 +6,7 @@ documents never reach the training shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -18,7 +19,7 @@ from dyt.train.trainer import DataPosition, ResumableBatches
 from dyt_data import shards as shard_module
 from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 from dyt_llama import prepare as prepare_module
-from dyt_llama.data import EOS, DataConfig, build_datasets, load_documents
+from dyt_llama.data import EOS, DataConfig, DataError, build_datasets, load_documents
 
 WORDS = ("shall compare thee summer day thou art more lovely temperate rough winds shake darling buds may "
          "lease hath short date sometime too hot eye heaven shines often gold complexion dimmed").split()
@@ -94,6 +95,29 @@ def test_a_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
     assert stream.max() > 65_535  # ids above uint16 survive the round trip
     assert stream[:100].tolist() == [vocab[f"w{(k * 104729) % 70_000}"] for k in range(100)]
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_a_tokenizer_with_its_own_end_of_text_token(tmp_path):
+    """LLaMA's tokenizers end a document with </s> (1 and 2) or <|end_of_text|> (3), not the recipe's
+    <eos>: data.eos_token names it, and a tokenizer without the named token is refused, naming the key."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(50)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "llama.json"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"w{(i + k) % 50}" for k in range(40)))
+    cfg = DataConfig(corpus=str(corpus), validation_works=["d3"], tokenizer_file=str(tmp_path / "llama.json"),
+                     seq_len=16, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"has no '<eos>' token \(data.eos_token"):
+        build_datasets(cfg, vocab_size=53, max_seq_len=32)
+    train, _, _ = build_datasets(dataclasses.replace(cfg, eos_token="</s>"), vocab_size=53, max_seq_len=32)
+    stream = train.shards.read(0, len(train.shards)).tolist()
+    assert [stream[end - 1] for end in train.shards.document_ends().tolist()] == [2, 2, 2]
+    assert stream.count(2) == 3 and train.shards.index["meta"]["eos"] == 2
 
 
 class _Killed(Exception):

@@ -24,6 +24,10 @@ from dyt_data.shards import TokenShards
 from .corpus import DataError, prepare_corpus
 
 EOS = "<eos>"
+"""The end-of-text token of the byte-level BPE the recipe trains (``data.eos_token``'s default)."""
+TOKENIZER_VERSION = 1
+"""Part of the trained BPE's cache key: raise it when :func:`load_tokenizer`'s training changes (its
+pre-tokenizer, trainer settings), or tokenizers trained by the old code are read back."""
 BUILTIN_VALIDATION = ["shakespeare/hamlet", "shakespeare/tempest", "austen/persuasion"]
 
 
@@ -47,6 +51,9 @@ class DataConfig:
     tokenizer_file: str = ""
     """A ``tokenizers`` JSON file; empty: train a byte-level BPE of ``model.vocab_size`` on the
     training documents."""
+    eos_token: str = EOS
+    """The token that ends each document in the token stream: one of the tokenizer's (LLaMA 1/2's
+    tokenizer: ``</s>``, Llama 3's: ``<|end_of_text|>``); the trained BPE is given it."""
     seq_len: Annotated[int, Range(ge=2)] = 128
     """Tokens per training sequence (at most model.max_seq_len)."""
     cache_dir: str = ""
@@ -233,7 +240,8 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: st
             reason = " ".join(str(error).split())[:200]
             raise DataError(f"{path} (data.tokenizer_file) is not a tokenizers JSON file: {reason}") from None
     else:
-        path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{content_key[:16]}.json"
+        key = hashlib.sha256(f"{TOKENIZER_VERSION}:{content_key}:{cfg.eos_token}".encode()).hexdigest()[:16]
+        path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if path.is_file():
@@ -243,15 +251,18 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: st
                 tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
                 tokenizer.decoder = decoders.ByteLevel()
                 trainer = trainers.BpeTrainer(
-                    vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                    vocab_size=vocab_size, special_tokens=[cfg.eos_token],
+                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                     show_progress=False,
                 )
                 tokenizer.train_from_iterator(_texts(train_docs), trainer, length=len(train_docs))
                 tokenizer.save(str(path))
     if tokenizer.get_vocab_size() > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than model.vocab_size={vocab_size}")
-    if tokenizer.token_to_id(EOS) is None:
-        raise DataError(f"tokenizer {path} has no {EOS} token")
+    if tokenizer.token_to_id(cfg.eos_token) is None:
+        raise DataError(f"tokenizer {path} has no {cfg.eos_token!r} token (data.eos_token, which ends each document): "
+                        "give its end-of-text token, e.g. --set data.eos_token='</s>' (LLaMA 1/2) or "
+                        "'<|end_of_text|>' (Llama 3)")
     return tokenizer
 
 

@@ -28,7 +28,6 @@ from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 from .data import (
     BYTE_BPE_MIN_VOCAB,
     DIGESTS_VERSION,
-    EOS,
     DataConfig,
     DataError,
     _cache,
@@ -118,17 +117,17 @@ def check_validation_unseen(docs, stats) -> None:
                         "training never reads (deduplicate the corpus, or hold out every copy: data.validation_works)")
 
 
-def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer_key: str, folder_root: Path,
-                 num_proc: int, name: str) -> TokenShards:
+def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer_key: str, eos_token: str,
+                 folder_root: Path, num_proc: int, name: str) -> TokenShards:
     import datasets
     from tqdm.auto import tqdm
 
     processes = num_proc if num_proc > 1 else None
-    # the plan (shard boundaries, from data.shard_chars) is in the key: another plan gets a folder of its
-    # own, never rewrites one a running job memory-maps with the old boundaries' offsets
-    folder = folder_root / hashlib.sha256(f"{content}:{tokenizer_key}:{json.dumps(plan)}".encode()).hexdigest()[:24]
+    # every input of the stream is in the key, the plan (shard boundaries, from data.shard_chars) too:
+    # another gets a folder of its own, never rewrites one a running job memory-maps with the old offsets
+    eos = tokenizer.token_to_id(eos_token)
+    folder = folder_root / hashlib.sha256(f"{content}:{tokenizer_key}:{eos}:{json.dumps(plan)}".encode()).hexdigest()[:24]
     dtype = token_dtype(tokenizer.get_vocab_size())
-    eos = tokenizer.token_to_id(EOS)
 
     def write_shard(first: int, end: int, path: Path) -> list[int]:
         prefix = str(path) + ".tokens"
@@ -177,8 +176,8 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
         check_validation_unseen(docs, {name: survey[2] for name, survey in surveys.items()})
         tokenizer = load_tokenizer(cfg, docs["train"], vocab_size, content_key=surveys["train"][0])
         tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-        shards = {name: _write_split(docs[name], *surveys[name][:2], tokenizer, tokenizer_key, cache / "tokens",
-                                     cfg.num_proc, name) for name in SPLITS}
+        shards = {name: _write_split(docs[name], *surveys[name][:2], tokenizer, tokenizer_key, cfg.eos_token,
+                                     cache / "tokens", cfg.num_proc, name) for name in SPLITS}
     return Prepared(shards, tokenizer)
 
 
