@@ -345,3 +345,23 @@ def test_parquet_corpus_without_titles_holds_out_every_tenth_document(tmp_path):
     assert list(docs["validation"]["text"]) == [texts[9], texts[19]]
     for rows, split in ((train, "train"), (validation, "validation")):
         assert [rows[i].tolist() for i in range(len(rows))] == _old_packed_rows(docs[split], tokenizer, cfg.seq_len)
+
+
+def test_later_ranks_read_the_survey_instead_of_passing_over_every_document(tmp_path, monkeypatch):
+    """Every rank prepares its data under one lock, one after another: the first records the
+    documents' content key, shard plan and duplicate check, and the others (and later launches) read
+    them. A corpus file changed since is surveyed again."""
+    corpus = _write_corpus(tmp_path / "corpus")
+    cfg = _config(tmp_path, corpus, shard_chars=700)
+    first, _, _ = build_datasets(cfg, 300, 32)
+
+    def passed_over(*args):
+        raise AssertionError("surveyed again")
+
+    monkeypatch.setattr(prepare_module, "_content_and_plan", passed_over)
+    monkeypatch.setattr(prepare_module, "check_validation_unseen", passed_over)
+    again, _, _ = build_datasets(cfg, 300, 32)
+    assert again.shards.folder == first.shards.folder
+    (corpus / "a" / "doc00.txt").write_text("Opening of document 00. rewritten since\n")
+    with pytest.raises(AssertionError, match="surveyed again"):
+        build_datasets(cfg, 300, 32)

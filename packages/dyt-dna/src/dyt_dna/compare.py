@@ -48,10 +48,10 @@ from dyt.train.compare import (
     sweep_section,
     train_runs,
     validation_share,
-    write_json,
 )
 from dyt.train.config import SEED
 from dyt.train.data_files import files_signature
+from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
 from dyt.train.trainer import check_one_micro_batch
 

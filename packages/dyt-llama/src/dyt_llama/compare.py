@@ -40,9 +40,9 @@ from dyt.train.compare import (
     sweep_section,
     train_runs,
     validation_share,
-    write_json,
 )
 from dyt.train.config import SEED
+from dyt.train.jsonio import write_json
 from dyt.train.trainer import validation_positions
 
 from .data import build_datasets, load_documents

@@ -47,9 +47,9 @@ from dyt.train.compare import (
     sweep_section,
     train_runs,
     validation_share,
-    write_json,
 )
 from dyt.train.config import SEED
+from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
 
 from .audio import AudioError

@@ -46,6 +46,7 @@ from .cli import check_machine
 from .config import AT_LEAST_ONE, SEED, load_config
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
+from .jsonio import read_json, write_json
 from .metrics import read_metrics
 from .recipe import Metric, ModelSpec, RecipeSpec
 
@@ -141,35 +142,6 @@ class Run:
         """The run's logged rows (none for a run that diverged before its first logged step)."""
         path = self.dir / "metrics.jsonl"
         return [] if self.diverged is not None and not path.is_file() else read_metrics(path)
-
-
-def write_json(path: Path, value: Any, strict: bool = False) -> None:
-    """``value`` as JSON at ``path``, renamed into place: a kill mid-write leaves the old file or
-    none, never half of one. ``strict``: NaN and infinities as null (``json`` writes them as bare
-    ``NaN`` tokens, which strict JSON readers refuse), for files people's tools read."""
-    if strict:
-        value = _finite_or_null(value)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(value, indent=1, allow_nan=not strict))
-    partial.replace(path)
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_null(v) for v in value]
-    return value
-
-
-def read_json(path: Path) -> Any | None:
-    """The JSON at ``path``; None where there is none or it does not parse (a file cut short)."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def read_point(run_dir: Path) -> Point | None:

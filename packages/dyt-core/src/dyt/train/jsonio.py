@@ -1,0 +1,39 @@
+"""JSON files written whole (renamed into place) and read back leniently: run records, stored
+evals, reports' summaries and data surveys, which a kill must never leave half written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, value: Any, strict: bool = False) -> None:
+    """``value`` as JSON at ``path``, renamed into place: a kill mid-write leaves the old file or
+    none, never half of one. ``strict``: NaN and infinities as null (``json`` writes them as bare
+    ``NaN`` tokens, which strict JSON readers refuse), for files people's tools read."""
+    if strict:
+        value = _finite_or_null(value)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(value, indent=1, allow_nan=not strict))
+    partial.replace(path)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON at ``path``; None where there is none or it does not parse (a file cut short)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
