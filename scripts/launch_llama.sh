@@ -13,6 +13,10 @@ config=$1; shift
 where=()
 if [[ $# -ge 1 && -f "$1" ]]; then
   where=(--hostfile "$1"); shift
+elif [[ $# -ge 1 && "$1" != -* && ! "$1" =~ ^[0-9]+$ ]]; then
+  # neither a rank count nor an option: a hostfile path that is not there (else every rank would fail
+  # on it as an unknown argument)
+  echo "launch_llama.sh: $1: no such hostfile (the second argument is a rank count or a hostfile)" >&2; exit 2
 else
   gpus=$("$bin/python" -c 'import torch; print(torch.cuda.device_count())')
   if [[ $# -ge 1 && "$1" =~ ^[0-9]+$ ]]; then ranks=$1; shift; else ranks=$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2); fi

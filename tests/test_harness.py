@@ -487,3 +487,42 @@ def test_the_data_order_is_a_tensor_read_in_blocks_and_the_order_it_always_was(m
         mine = [i for order in listed for i in order[:batches.usable][rank::2]]
         assert sum(read, []) == mine
         assert all(type(i) is int for i in IndexSampler(torch.arange(10, dtype=torch.int32)))
+
+
+def test_ranks_wait_for_the_universal_conversion_on_disk_not_in_a_collective(tmp_path, capsys):
+    """Rank 0 converts a ZeRO checkpoint for another world size alone, for longer than a process
+    group's timeout at 7B: the others wait for its marker file, and stop at once on its failure."""
+    import threading
+
+    from dyt.train.checkpoint import wait_for_conversion
+
+    marker, failed = tmp_path / "universal" / "COMPLETE", tmp_path / "universal.failed"
+    marker.parent.mkdir()
+    threading.Timer(0.3, marker.write_text, args=("{}",)).start()
+    wait_for_conversion(marker, failed, poll_s=0.05, say_every_s=0.1)
+    assert "waiting for rank 0's universal checkpoint" in capsys.readouterr().out
+    marker.unlink()
+    threading.Timer(0.2, failed.write_text, args=("OSError: disk full",)).start()
+    with pytest.raises(RuntimeError, match="could not convert .* OSError: disk full"):
+        wait_for_conversion(marker, failed, poll_s=0.05)
+
+
+def test_a_rank_restores_the_cuda_rng_of_its_own_device_only(monkeypatch):
+    """Saving every visible device's CUDA RNG and restoring them all raised an IndexError where a
+    resume sees fewer devices per process; each rank keeps and restores its own device's."""
+    from dyt.train import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state.tolist()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every device's state restored"))
+    state = checkpoint.rng_state()
+    checkpoint.set_rng_state(state)
+    older = {**state, "cuda": [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]}
+    del older["cuda_device"]
+    checkpoint.set_rng_state(older)  # saved by every device: this rank's (device 1) entry
+    checkpoint.set_rng_state({**older, "cuda": older["cuda"][:1]})  # fewer saved than this device: left as is
+    assert restored == [[7], [2]]

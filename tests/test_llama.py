@@ -279,3 +279,14 @@ def test_a_saved_dataset_dict_uses_its_validation_split_or_refuses(tmp_path):
         load_documents(DataConfig(corpus=saved("empty", train=["a"], validation=["empty-v"]), cache_dir=str(tmp_path / "c")))
     only_train = saved("train", train=[f"d{i}" for i in range(10)])
     assert load_documents(DataConfig(corpus=only_train, cache_dir=str(tmp_path / "c")))["validation"]["title"] == ["d9"]
+
+
+def test_the_launch_script_names_a_hostfile_that_is_not_there(tmp_path):
+    """A mistyped hostfile path was taken for a training argument: every local rank then failed on it
+    as unknown. It is a one-line error before anything starts."""
+    script = Path(__file__).parents[1] / "scripts" / "launch_llama.sh"
+    proc = subprocess.run(["bash", str(script), "recipes/llama/tiny.yaml", str(tmp_path / "hosts.txt")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "DYT_VENV": sys.prefix})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"launch_llama.sh: {tmp_path / 'hosts.txt'}: no such hostfile (the second argument is a rank count or a "
+        "hostfile)"), proc.stderr

@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
@@ -82,16 +83,24 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()  # this rank's device: the one it draws on
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back a rank's RNG states. The CUDA one goes to this rank's device alone: a resume may see
+    fewer devices per process (``--gpus-per-task=1``) than the save did, where restoring every device
+    saved raised an IndexError. A state saved before (``cuda``: every visible device's) gives this
+    rank's device its own entry."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state and torch.cuda.current_device() < len(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"][torch.cuda.current_device()])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -106,7 +115,10 @@ def _fsync_tree(directory: Path) -> None:
     checkpoint engine writes without fsync, and a marker written before the shards reach the disk
     would call a checkpoint complete that a crashed node leaves cut short."""
     for path in sorted(directory.rglob("*"), reverse=True) + [directory]:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # not ours to flush: e.g. a file renamed by another rank's writer
+            continue
         try:
             os.fsync(fd)
         finally:
@@ -124,7 +136,8 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: Dist
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt", lambda h: torch.save(rng_state(), h))
-    _fsync_tree(directory)
+    barrier()  # every rank's files written
+    _fsync_tree(directory)  # every rank: on several nodes, each flushes what its node wrote
     barrier()
     if dist.is_main:
         meta = json.dumps({"step": step, "world_size": dist.world_size}).encode()
@@ -184,17 +197,22 @@ def needs_universal(directory: Path, dist: DistInfo) -> bool:
 def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
     """``<directory>/universal``: DeepSpeed's universal form of a ZeRO checkpoint, converted once by
     rank 0 (``ds_to_universal``: fp32 weights and optimizer moments per parameter, whole) and reused
-    by later resumes. Every rank calls this; it returns once the conversion is complete."""
-    target = directory / UNIVERSAL
-    failure: BaseException | None = None
+    by later resumes. Every rank calls this; it returns once the conversion is complete. The other
+    ranks wait for its marker on the file system, not in a collective: a 7B checkpoint converts for
+    longer than a process group's timeout (10 min by default) would let a barrier wait."""
+    target, failed = directory / UNIVERSAL, directory / f"{UNIVERSAL}.failed"
+    if dist.is_main:
+        failed.unlink(missing_ok=True)  # a failure of an earlier launch
+    barrier()
     if dist.is_main and not (target / MARKER).is_file():
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         partial = directory / f"{UNIVERSAL}.tmp"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
-        args = Namespace(input_folder=str(directory), output_folder=str(partial), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+        args = Namespace(input_folder=str(directory), output_folder=str(partial), num_extract_workers=workers,
+                         num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True)
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -203,15 +221,28 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
             (partial / MARKER).write_text(json.dumps({"from_world_size": saved_world_size(directory)}))
             os.replace(partial, target)
             print(f"converted {directory} to a universal checkpoint in {target}", flush=True)
-        except Exception as error:  # the other ranks wait at the barrier below: tell them, then raise
-            failure = error
+        except Exception as error:  # the other ranks wait for the marker: tell them, then raise
+            failed.write_text(f"{type(error).__name__}: {error}")
             print(log.getvalue()[-3000:], flush=True)
+            raise
+    elif not dist.is_main:
+        wait_for_conversion(target / MARKER, failed)
     barrier()
-    if failure is not None:
-        raise failure
-    if not (target / MARKER).is_file():
-        raise RuntimeError(f"rank 0 could not convert {directory} to a universal checkpoint (see its log)")
     return target
+
+
+def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_every_s: float = 300.0) -> None:
+    """Wait (rank 1 and up) until rank 0's conversion writes ``marker``; a RuntimeError as soon as it
+    writes ``failed`` instead. Says every ``say_every_s`` that it is still waiting."""
+    started = last_said = time.monotonic()
+    while not marker.is_file():
+        if failed.is_file():
+            raise RuntimeError(f"rank 0 could not convert {marker.parent.parent} to a universal checkpoint: "
+                               f"{failed.read_text()} (see its log)")
+        time.sleep(poll_s)
+        if time.monotonic() - last_said >= say_every_s:
+            last_said = time.monotonic()
+            print(f"waiting for rank 0's universal checkpoint ({last_said - started:.0f} s)", flush=True)
 
 
 def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
