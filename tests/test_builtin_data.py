@@ -42,3 +42,18 @@ def test_reported_as_turns_it_into_the_recipes_error_and_leaves_others_alone():
     with pytest.raises(KeyError):
         with reported_as(RecipeDataError):
             raise KeyError("a bug keeps its type")
+
+
+def test_an_unpacked_folder_names_the_package_versions_it_holds(tmp_path, monkeypatch):
+    """Caches built from unpacked packages (the built-in speech) are keyed by the .deb files' names,
+    which carry the versions: another version builds anew instead of reusing the old build."""
+    from dyt_data import unpacked_versions
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    _program(tools, "apt-get", 'for p in "$@"; do [ "$p" = download ] || : > "${p}_1.2-3_amd64.deb"; done')
+    _program(tools, "dpkg-deb", 'mkdir -p "$3/usr/share"')
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    root = unpack(["voice-data", "voice"], "voices")
+    assert unpacked_versions(root) == ["voice-data_1.2-3_amd64.deb", "voice_1.2-3_amd64.deb"]

@@ -588,6 +588,23 @@ def test_coding_windows_lie_inside_genes_and_non_coding_touch_none(tmp_path, mon
         assert any(b <= start and start + 100 <= e for b, e in spans)
 
 
+def test_gene_calls_are_cached_by_pyrodigal_version_and_their_own(tmp_path, monkeypatch):
+    """The coding and start tasks' labels come from pyrodigal's calls: a newer pyrodigal, or a change
+    to how they are called, must call the genes again, not read the old calls back."""
+    import pyrodigal
+
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path))
+    genome = Genome("test", "NCTC11397", GENOME_B)
+    calls = dna_data._cache_dir("") / "genes-stranded"
+    genes = _genes(genome)
+    assert len(list(calls.iterdir())) == 1 and _genes(genome) == genes  # read back
+    monkeypatch.setattr(dna_data, "GENES_VERSION", dna_data.GENES_VERSION + 1)
+    assert _genes(genome) == genes and len(list(calls.iterdir())) == 2
+    monkeypatch.setattr(pyrodigal, "__version__", "0.0.1")
+    _genes(genome)
+    assert len(list(calls.iterdir())) == 3
+
+
 def test_start_windows_centre_on_start_codons_matched_codon_by_codon(tmp_path, monkeypatch):
     """Both classes centre on a start-like codon in frame of a called gene (the start itself, or
     one at least 60 bases in), with the same codons in each class: only context tells them apart."""

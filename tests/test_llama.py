@@ -290,3 +290,22 @@ def test_the_launch_script_names_a_hostfile_that_is_not_there(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"launch_llama.sh: {tmp_path / 'hosts.txt'}: no such hostfile (the second argument is a rank count or a "
         "hostfile)"), proc.stderr
+
+
+def test_a_corpus_built_by_an_older_builder_is_built_again(tmp_path, monkeypatch):
+    """A corpus folder is reused while its manifest names the builder's version; an older build's works
+    are deleted first (a category the new builder leaves out would stay a document otherwise)."""
+    from dyt_llama import corpus
+
+    out = tmp_path / "text-fortunes"
+    out.mkdir()
+    for work in ("art", "ascii-art"):
+        (out / f"{work}.txt").write_text("text\n")
+    (out / "manifest.json").write_text(json.dumps({"works": ["art", "ascii-art"], "sources": ["fortunes"]}))
+    (out / "notes.md").write_text("the user's own file, not a work")
+    assert corpus._built(out, "fortunes")  # no version: the first, the current one
+    monkeypatch.setitem(corpus.CORPUS_VERSIONS, "fortunes", 2)
+    assert not corpus._built(out, "fortunes")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
+    (out / "manifest.json").write_text(json.dumps({"works": [], "version": 2}))
+    assert corpus._built(out, "fortunes")

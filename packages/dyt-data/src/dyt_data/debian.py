@@ -70,12 +70,21 @@ def unpack(packages: Sequence[str], name: str) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             _download(packages, tmp)
             staging = Path(tmp) / "root"
-            for deb in sorted(Path(tmp).glob("*.deb")):
+            debs = sorted(Path(tmp).glob("*.deb"))
+            for deb in debs:
                 done = subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], capture_output=True, text=True)
                 if done.returncode:
                     raise BuiltinDataUnavailable(f"dpkg-deb -x {deb.name} failed: {done.stderr.strip()[-300:]}")
             if target.exists():
                 shutil.rmtree(target)
             shutil.move(str(staging), target)
-        (target / ".complete").write_text("\n".join(packages))
+        # the .deb files' names (package_version_arch): what was unpacked, for the caches built from it
+        (target / ".complete").write_text("\n".join(deb.name for deb in debs))
     return target
+
+
+def unpacked_versions(root: Path) -> list[str]:
+    """The ``.deb`` files (``package_version_arch.deb``) :func:`unpack` unpacked into ``root``: data
+    built from them keys its caches by these, so another package version builds anew (a folder
+    unpacked before 2026-12-05 lists the package names alone)."""
+    return (root / ".complete").read_text().split()

