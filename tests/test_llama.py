@@ -309,3 +309,12 @@ def test_a_corpus_built_by_an_older_builder_is_built_again(tmp_path, monkeypatch
     assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
     (out / "manifest.json").write_text(json.dumps({"works": [], "version": 2}))
     assert corpus._built(out, "fortunes")
+
+
+def test_a_corpus_too_small_for_every_tenth_document_says_what_to_give(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for i in range(5):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(SONNET)
+    with pytest.raises(DataError, match=r"leaves no validation documents \(every 10th document is held out, and it has "
+                                        r"5\): name the documents to hold out in data.validation_works"):
+        load_documents(DataConfig(corpus=str(tmp_path / "corpus"), cache_dir=str(tmp_path / "c")))

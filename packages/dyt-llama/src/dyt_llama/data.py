@@ -59,8 +59,9 @@ class DataConfig:
     cache_dir: str = ""
     """Default: $DYT_CACHE (~/.cache/dyt)."""
     num_proc: Annotated[int, Range(ge=1)] = 1
-    """Processes that read and tokenise the corpus when its token shards are built (datasets.map
-    num_proc); the shards are the same for any value."""
+    """Processes that filter, survey and tokenise the corpus's documents when its token shards are
+    built (datasets' ``filter`` / ``map`` num_proc; the files themselves are read by one); the shards
+    are the same for any value."""
     shard_chars: Annotated[int, Range(ge=1)] = 200_000_000
     """Characters of text per token shard (whole documents; about 4 characters a token). A kill
     while shards are written loses at most the shard in progress."""
@@ -215,7 +216,10 @@ def load_documents(cfg: DataConfig):
     else:
         is_validation = np.arange(len(table)) % 10 == 9
     if is_validation.all() or not is_validation.any():
-        raise DataError(f"the split leaves no {'training' if is_validation.all() else 'validation'} documents")
+        rule = ("data.validation_works holds out every document" if is_validation.all() else
+                f"every 10th document is held out, and it has {len(table)}")
+        raise DataError(f"the split of corpus {root} leaves no {'training' if is_validation.all() else 'validation'} "
+                        f"documents ({rule}): name the documents to hold out in data.validation_works")
     return datasets.DatasetDict(
         train=table.select(np.flatnonzero(~is_validation)),
         validation=table.select(np.flatnonzero(is_validation)),
