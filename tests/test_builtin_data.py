@@ -5,6 +5,7 @@ tests/test_bad_input.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -57,3 +58,29 @@ def test_an_unpacked_folder_names_the_package_versions_it_holds(tmp_path, monkey
     monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
     root = unpack(["voice-data", "voice"], "voices")
     assert unpacked_versions(root) == ["voice-data_1.2-3_amd64.deb", "voice_1.2-3_amd64.deb"]
+
+
+def test_the_built_in_speech_is_rebuilt_for_other_package_versions_and_kept_without_them(tmp_path, monkeypatch):
+    """The speech build's key holds the unpacked packages' versions: other versions synthesise anew.
+    Where the unpacked packages are gone since, the finished build stands and nothing is fetched."""
+    from dyt_data import unpacked_root
+    from dyt_wav2vec2 import speech
+
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    assert unpacked_root("speech") is None
+    root = tmp_path / "cache" / "debian" / "speech"
+    root.mkdir(parents=True)
+    (root / ".complete").write_text("espeak-ng-data_1.51_amd64.deb\nflite_2.2_amd64.deb")
+    made = []
+    monkeypatch.setattr(speech, "_synthesize_all", lambda out, *args: out.mkdir(exist_ok=True) or made.append(out))
+    out = tmp_path / "speech"
+    speech.build(out)
+    speech.build(out)
+    assert unpacked_root("speech") == root and len(made) == 1
+    (root / ".complete").write_text("espeak-ng-data_1.52_amd64.deb\nflite_2.2_amd64.deb")  # a newer voice set
+    speech.build(out)
+    assert len(made) == 2
+    shutil.rmtree(root)
+    monkeypatch.setattr(speech, "package_root", lambda: pytest.fail("fetched again"))
+    speech.build(out)
+    assert len(made) == 2

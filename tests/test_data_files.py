@@ -184,6 +184,19 @@ def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):
     (folder / "train.csv").write_text("sequence,label\nACGTACGT,b\nTTGGCCAA,a\nACGTTTGG,b\n")  # labels swapped
     assert task_signatures(tasks, [str(folder)]) != before
 
+    # a built-in task: its windows and labels, which new genomes, windowing or gene calls change
+    import datasets
+
+    from dyt_dna.data import ClassificationData
+
+    def builtin(labels):
+        split = datasets.Dataset.from_dict({"sequence": ["ACGT", "TTGG"], "label": labels})
+        return ClassificationData("coding", ["coding", "non-coding"], split, split, split, "note")
+
+    first = task_signatures([builtin([0, 1])], ["coding"])
+    assert first == task_signatures([builtin([0, 1])], ["coding"]) and first["coding"]["builtin"] == "coding"
+    assert task_signatures([builtin([1, 0])], ["coding"]) != first  # other gene calls, other labels
+
 
 def test_what_the_recipe_does_not_read_is_not_its_data(tmp_path, monkeypatch):
     """A cache or a note put inside the corpus folder, or datasets' cache files beside a saved

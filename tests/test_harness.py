@@ -452,19 +452,24 @@ def test_a_checkpoint_is_on_disk_before_it_is_marked_complete(tmp_path, monkeypa
 
 def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
     """After a lost node the same config trains fewer examples per step under a schedule that runs by
-    step: the resume warns, naming the grad_accum that keeps the checkpoint's global batch."""
+    step: the resume warns, naming the grad_accum that keeps the checkpoint's global batch. The batch
+    compared is the saving launch's (from the launch record), not a later launch's that died unsaved."""
     from dyt.train import TrainConfig
     from dyt.train.trainer import global_batch_change
 
-    saved = tmp_path / "config.yaml"
-    saved.write_text("train:\n  micro_batch_size: 4\n  grad_accum: 1\n")
-    said = global_batch_change(saved, 16, TrainConfig(micro_batch_size=4), 8)
+    (tmp_path / "config.yaml").write_text("train:\n  micro_batch_size: 4\n  grad_accum: 1\n")
+    said = global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4), 8)
     assert said.startswith("warning: global batch 64 -> 32 examples per step (micro_batch_size x ranks x grad_accum: "
                            "4 x 16 x 1 -> 4 x 8 x 1)") and said.endswith("--set train.grad_accum=2 keeps it")
-    assert global_batch_change(saved, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 8) is None
-    assert "no train.grad_accum keeps it" in global_batch_change(saved, 16, TrainConfig(micro_batch_size=4), 5)
-    saved.write_text("model: {}\n")  # the defaults
-    assert global_batch_change(saved, 2, TrainConfig(), 2) is None
+    assert global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 8) is None
+    assert "no train.grad_accum keeps it" in global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4), 5)
+    # launched at step 0 with grad_accum 2 (saved step 100), relaunched at 100 with 4, killed before saving:
+    # config.yaml holds the dead launch's 4; the checkpoint was made with 2
+    launches = [{"step": 0, "world_size": 16, "config": {"train": {"micro_batch_size": 4, "grad_accum": 2}}},
+                {"step": 100, "world_size": 16, "config": {"train": {"micro_batch_size": 4, "grad_accum": 4}}}]
+    (tmp_path / "launches.jsonl").write_text("".join(json.dumps(row) + "\n" for row in launches))
+    assert global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 16) is None
+    assert "128 -> 64" in global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=1), 16)
 
 
 def test_the_data_order_is_a_tensor_read_in_blocks_and_the_order_it_always_was(monkeypatch):
@@ -505,24 +510,28 @@ def test_ranks_wait_for_the_universal_conversion_on_disk_not_in_a_collective(tmp
     threading.Timer(0.2, failed.write_text, args=("OSError: disk full",)).start()
     with pytest.raises(RuntimeError, match="could not convert .* OSError: disk full"):
         wait_for_conversion(marker, failed, poll_s=0.05)
+    failed.unlink()
+    with pytest.raises(RuntimeError, match=r"did not convert .* in 0 s \(killed\?"):  # rank 0 gone without a word
+        wait_for_conversion(marker, failed, poll_s=0.05, give_up_s=0.2)
 
 
 def test_a_rank_restores_the_cuda_rng_of_its_own_device_only(monkeypatch):
     """Saving every visible device's CUDA RNG and restoring them all raised an IndexError where a
-    resume sees fewer devices per process; each rank keeps and restores its own device's."""
+    resume sees fewer devices per process; each rank keeps and restores its own device's. A state
+    saved the old way is restored where the devices are as many as then, else left as seeded."""
     from dyt.train import checkpoint
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state saved"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state.tolist()))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every device's state restored"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append([s.tolist() for s in states]))
     state = checkpoint.rng_state()
     checkpoint.set_rng_state(state)
     older = {**state, "cuda": [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]}
     del older["cuda_device"]
-    checkpoint.set_rng_state(older)  # saved by every device: this rank's (device 1) entry
-    checkpoint.set_rng_state({**older, "cuda": older["cuda"][:1]})  # fewer saved than this device: left as is
-    assert restored == [[7], [2]]
+    checkpoint.set_rng_state(older)  # as many devices as the save saw: every one as saved
+    checkpoint.set_rng_state({**older, "cuda": older["cuda"] * 4})  # saved by 8 devices, 2 seen now: left
+    assert restored == [[7], [[1], [2]]]

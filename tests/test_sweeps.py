@@ -418,17 +418,23 @@ def test_each_point_is_judged_against_the_baseline_point_it_shares_keys_with():
     assert baseline_cell(own[2], own, "rmsnorm", losses.get) == own[1]
     assert baseline_cell(own[2], own, "rmsnorm", losses.get, higher_is_better=True) == own[0]
     assert baseline_cell(("other", "dyt", ()), own, "rmsnorm") is None
-    # each norm tuned its own lr (rmsnorm:train.lr=1,2 beside dyt:train.lr=10,20): no value in common,
-    # so each DyT point meets the baseline's best lr (before: no baseline run, no verdict at all)
-    tuned = [*own[:2], ("m", "dyt", (lr("10"),)), ("m", "dyt", (lr("20"),))]
-    assert baseline_cell(tuned[2], tuned, "rmsnorm", losses.get) == baseline_cell(tuned[3], tuned, "rmsnorm",
-                                                                                   losses.get) == own[1]
-    # with a shared sweep beside it, that key still pairs the points
+    # each norm tuned its own lr (rmsnorm:train.lr=1,2 beside dyt:train.lr=2,4): a tuned key is never
+    # paired by value, so every DyT point meets the baseline's best lr (before: DyT lr=2 met the
+    # baseline's lr=2 and lr=4 none at all, or the best, by whether the values overlapped)
+    tuned = [*own[:2], ("m", "dyt", (lr("2"),)), ("m", "dyt", (lr("4"),))]
+    for dyt_point in tuned[2:]:
+        assert baseline_cell(dyt_point, tuned, "rmsnorm", losses.get, tuned={"train.lr"}) == own[1]
+    assert baseline_cell(tuned[2], tuned, "rmsnorm", losses.get) == own[1]  # paired: the same lr, 2
+    assert baseline_cell(tuned[3], tuned, "rmsnorm", losses.get) is None  # paired, and no baseline lr 4
+    # with a sweep of every norm beside it, that key still pairs the points
     both = [("m", "rmsnorm", (alpha("1"), lr("1"))), ("m", "rmsnorm", (alpha("1"), lr("2"))),
             ("m", "rmsnorm", (alpha("2"), lr("1"))), ("m", "rmsnorm", (alpha("2"), lr("2"))),
             ("m", "dyt", (alpha("2"), lr("10")))]
     scores = {both[0]: 1.0, both[1]: 2.0, both[2]: 4.0, both[3]: 3.0}
-    assert baseline_cell(both[4], both, "rmsnorm", scores.get) == both[3]
+    assert baseline_cell(both[4], both, "rmsnorm", scores.get, tuned={"train.lr"}) == both[3]
+    args = _args(TOY, ["--norms", "layernorm", "dyt", "--sweep", "layernorm:train.lr=1,2", "--sweep", "dyt:train.lr=2,4",
+                       "--sweep", "model.norm.alpha_init.default=1,2"])
+    assert shared.tuned_keys(args) == {"train.lr"}
 
 
 def test_verdicts_never_choose_on_test_numbers_nor_judge_one_checkpoint_per_norm(tmp_path):

@@ -7,6 +7,13 @@
 """
 
 from .cache import cache_root, file_sha256
-from .debian import BuiltinDataUnavailable, failure_reason, reported_as, unpack, unpacked_versions
+from .debian import (
+    BuiltinDataUnavailable,
+    failure_reason,
+    reported_as,
+    unpack,
+    unpacked_root,
+    unpacked_versions,
+)
 
-__all__ = ["BuiltinDataUnavailable", "cache_root", "failure_reason", "file_sha256", "reported_as", "unpack", "unpacked_versions"]
+__all__ = ["BuiltinDataUnavailable", "cache_root", "failure_reason", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]

@@ -83,6 +83,12 @@ def unpack(packages: Sequence[str], name: str) -> Path:
     return target
 
 
+def unpacked_root(name: str) -> Path | None:
+    """``$DYT_CACHE/debian/<name>`` where :func:`unpack` completed it, else None (nothing fetched)."""
+    target = cache_root() / "debian" / name
+    return target if (target / ".complete").is_file() else None
+
+
 def unpacked_versions(root: Path) -> list[str]:
     """The ``.deb`` files (``package_version_arch.deb``) :func:`unpack` unpacked into ``root``: data
     built from them keys its caches by these, so another package version builds anew (a folder

@@ -13,7 +13,9 @@ diverged (no verdict on its cells) and the comparison goes on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +49,7 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
+    tuned_keys,
     validation_share,
 )
 from dyt.train.config import SEED
@@ -161,11 +164,21 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-def task_signatures(tasks: list[ClassificationData], specs: list[str]) -> dict[str, dict | None]:
-    """Task name -> its folder's files as they are now (None for a built-in task), kept in each stored
-    eval's settings: an eval of a task folder edited since is made again, not reused."""
-    return {task.name: None if spec in BUILTIN_TASKS else files_signature([spec])
+def task_signatures(tasks: list[ClassificationData], specs: list[str]) -> dict[str, dict]:
+    """Task name -> what its examples are now, kept in each stored eval's settings, so an eval of
+    examples changed since is made again, not reused: a task folder's files, or, for a built-in task,
+    a digest of its windows and labels (they come from genomes, windowing and pyrodigal's gene calls,
+    any of which a new version changes)."""
+    return {task.name: builtin_task_signature(task) if spec in BUILTIN_TASKS else files_signature([spec])
             for task, spec in zip(tasks, specs, strict=True)}
+
+
+def builtin_task_signature(task: ClassificationData) -> dict[str, str]:
+    digest = hashlib.sha256(json.dumps(task.classes).encode())
+    for split in (task.train, task.validation, task.test):
+        for batch in split.select_columns(["sequence", "label"]).iter(batch_size=1024):
+            digest.update(json.dumps([batch["sequence"], batch["label"]]).encode())
+    return {"builtin": task.name, "digest": digest.hexdigest()[:16]}
 
 
 def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str,
@@ -204,7 +217,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
         return judge(cell, numbers, baseline_norm(args, SPEC.model(cell[0])),
                      higher_is_better=metric.higher_is_better, digits=metric.digits,
                      choose_by=main_values, choose_higher=main.higher_is_better,
-                     pretrainings=pretrainings)
+                     pretrainings=pretrainings, tuned=tuned_keys(args))
 
     point_column, point_rule = (" sweep point |", "---|") if swept else ("", "")
     lines = [

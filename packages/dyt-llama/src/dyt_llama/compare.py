@@ -39,6 +39,7 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
+    tuned_keys,
     validation_share,
 )
 from dyt.train.config import SEED
@@ -93,7 +94,8 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
         mine = [s for p, s in summaries.items() if p.cell == cell]
         # mean over the seeds that logged it (a diverged run stops before the last step logs it)
         rss = " / ".join(f"{statistics.mean(v):.0f}" for v in zip(*(m["peak_rss_mb"] for m in mine if m["peak_rss_mb"]))) or "-"
-        judged = judge(cell, {c: values[c][main.key] for c in cells}, baseline, higher_is_better=main.higher_is_better)
+        judged = judge(cell, {c: values[c][main.key] for c in cells}, baseline, higher_is_better=main.higher_is_better,
+                       tuned=tuned_keys(args))
         lines.append(
             f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
             + f" {mean_std([m['final_train_loss'] for m in mine])} | {mean_std([m['eval_loss'] for m in mine])} "

@@ -216,10 +216,11 @@ def load_documents(cfg: DataConfig):
     else:
         is_validation = np.arange(len(table)) % 10 == 9
     if is_validation.all() or not is_validation.any():
-        rule = ("data.validation_works holds out every document" if is_validation.all() else
-                f"every 10th document is held out, and it has {len(table)}")
-        raise DataError(f"the split of corpus {root} leaves no {'training' if is_validation.all() else 'validation'} "
-                        f"documents ({rule}): name the documents to hold out in data.validation_works")
+        if is_validation.all():
+            raise DataError(f"the split of corpus {root} leaves no training documents (data.validation_works holds "
+                            "out every one): hold out fewer")
+        raise DataError(f"the split of corpus {root} leaves no validation documents (every 10th document is held "
+                        f"out, and it has {len(table)}): name the documents to hold out in data.validation_works")
     return datasets.DatasetDict(
         train=table.select(np.flatnonzero(~is_validation)),
         validation=table.select(np.flatnonzero(is_validation)),

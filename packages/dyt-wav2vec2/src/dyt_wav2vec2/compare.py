@@ -46,6 +46,7 @@ from dyt.train.compare import (
     shown_path,
     sweep_section,
     train_runs,
+    tuned_keys,
     validation_share,
 )
 from dyt.train.config import SEED
@@ -201,7 +202,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
 
         words = judge(cell, numbers, baseline, higher_is_better=higher_is_better, choose_by=main_values,
                       choose_higher=main.higher_is_better, pretrainings=pretrainings,
-                      withheld=collapsed_baseline if pretrained else None)
+                      withheld=collapsed_baseline if pretrained else None, tuned=tuned_keys(args))
         if pretrained and cell in collapsed and cell[1] != baseline and pretrainings != 1:
             return f"{words} ({cell[1]} seed {', '.join(map(str, collapsed[cell]))} collapsed)"
         return words

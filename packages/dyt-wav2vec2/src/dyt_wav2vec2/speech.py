@@ -36,7 +36,7 @@ from filelock import FileLock
 
 from dyt.errors import help_description, output_folder, user_errors
 from dyt.train.config import AT_LEAST_ONE
-from dyt_data import cache_root, reported_as, unpack, unpacked_versions
+from dyt_data import cache_root, reported_as, unpack, unpacked_root, unpacked_versions
 
 from .audio import SAMPLE_RATE, AudioError, Utterance, load_audio, read_manifest, write_manifest
 
@@ -256,17 +256,22 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
     # (v3 held out near-copies of training variants and sentences one word from training ones).
     # v5: transcripts as the recordings say them (v4 dropped the keys of "press 1", "press *" and kept
     # parenthesised notes: "iax note does not say", "seconds of silence" for a silent prompt).
-    # and the package versions unpacked: the voices (so the splits) and recordings come from them
-    packages = hashlib.sha256(" ".join(unpacked_versions(package_root())).encode()).hexdigest()[:12]
-    key = (f"{BUILD_VERSION}-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
-           f"-{packages}")
+    # Then the unpacked packages' versions: the voices (so the splits) and recordings come from them.
+    build = f"{BUILD_VERSION}-{per_split['train']}-{per_split['validation']}-{per_split['test']}-{keyword_voices}"
+
+    def key(root: Path) -> str:
+        return f"{build}-{hashlib.sha256(' '.join(unpacked_versions(root)).encode()).hexdigest()[:12]}"
+
     complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # the ranks of a launch all ask for the data at once
-        if not (complete.is_file() and complete.read_text() == key):
-            complete.unlink(missing_ok=True)
-            _synthesize_all(out, per_split, keyword_voices, workers)
-            complete.write_text(key)
+        done = complete.read_text() if complete.is_file() else ""
+        unpacked = unpacked_root("speech")  # none (deleted since the build): the build stands, no download
+        if done.startswith(f"{build}-") and (unpacked is None or done == key(unpacked)):
+            return out
+        complete.unlink(missing_ok=True)
+        _synthesize_all(out, per_split, keyword_voices, workers)
+        complete.write_text(key(package_root()))
     return out
 
 

@@ -90,8 +90,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Put back a rank's RNG states. The CUDA one goes to this rank's device alone: a resume may see
     fewer devices per process (``--gpus-per-task=1``) than the save did, where restoring every device
-    saved raised an IndexError. A state saved before (``cuda``: every visible device's) gives this
-    rank's device its own entry."""
+    saved raised an IndexError. A state saved before (``cuda``: every visible device's) is restored
+    where this process sees as many devices as the save did (numbered as then), else left as seeded."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -99,8 +99,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         return
     if "cuda_device" in state:
         torch.cuda.set_rng_state(state["cuda_device"])
-    elif "cuda" in state and torch.cuda.current_device() < len(state["cuda"]):
-        torch.cuda.set_rng_state(state["cuda"][torch.cuda.current_device()])
+    elif "cuda" in state and len(state["cuda"]) == torch.cuda.device_count():  # numbered as the save's devices
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -137,7 +137,8 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: Dist
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt", lambda h: torch.save(rng_state(), h))
     barrier()  # every rank's files written
-    _fsync_tree(directory)  # every rank: on several nodes, each flushes what its node wrote
+    if dist.local_rank == 0:  # one process a node: a node's page cache holds what all its ranks wrote
+        _fsync_tree(directory)
     barrier()
     if dist.is_main:
         meta = json.dumps({"step": step, "world_size": dist.world_size}).encode()
@@ -205,24 +206,26 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
         failed.unlink(missing_ok=True)  # a failure of an earlier launch
     barrier()
     if dist.is_main and not (target / MARKER).is_file():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        partial = directory / f"{UNIVERSAL}.tmp"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-        args = Namespace(input_folder=str(directory), output_folder=str(partial), num_extract_workers=workers,
-                         num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True)
         log = io.StringIO()
         try:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            partial = directory / f"{UNIVERSAL}.tmp"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            # one worker each: an extract worker holds a rank's whole ZeRO optimizer shard in memory
+            args = Namespace(input_folder=str(directory), output_folder=str(partial), num_extract_workers=1,
+                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 ds_to_universal(args)
             (directory / "latest_universal").unlink(missing_ok=True)  # its pointer; we pass the tag
             (partial / MARKER).write_text(json.dumps({"from_world_size": saved_world_size(directory)}))
             os.replace(partial, target)
             print(f"converted {directory} to a universal checkpoint in {target}", flush=True)
-        except Exception as error:  # the other ranks wait for the marker: tell them, then raise
-            failed.write_text(f"{type(error).__name__}: {error}")
+        except BaseException as error:  # the other ranks wait for the marker: tell them, then raise
+            reason = f"{type(error).__name__}: {error}".encode()
+            with contextlib.suppress(OSError):
+                _atomic_write_bytes(failed, lambda h: h.write(reason))
             print(log.getvalue()[-3000:], flush=True)
             raise
     elif not dist.is_main:
@@ -231,14 +234,23 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
     return target
 
 
-def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_every_s: float = 300.0) -> None:
+CONVERSION_WAIT_S = 6 * 3600.0
+"""How long ranks 1 and up wait for rank 0's universal conversion before giving up (a rank 0 killed
+outright writes no failure file): hours, as a 70B checkpoint's conversion takes."""
+
+
+def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_every_s: float = 300.0,
+                        give_up_s: float = CONVERSION_WAIT_S) -> None:
     """Wait (rank 1 and up) until rank 0's conversion writes ``marker``; a RuntimeError as soon as it
-    writes ``failed`` instead. Says every ``say_every_s`` that it is still waiting."""
+    writes ``failed`` instead, or after ``give_up_s``. Says every ``say_every_s`` that it is still waiting."""
     started = last_said = time.monotonic()
     while not marker.is_file():
         if failed.is_file():
             raise RuntimeError(f"rank 0 could not convert {marker.parent.parent} to a universal checkpoint: "
                                f"{failed.read_text()} (see its log)")
+        if time.monotonic() - started > give_up_s:
+            raise RuntimeError(f"rank 0 did not convert {marker.parent.parent} to a universal checkpoint in "
+                               f"{give_up_s:.0f} s (killed? see its log); convert it alone and resume")
         time.sleep(poll_s)
         if time.monotonic() - last_said >= say_every_s:
             last_said = time.monotonic()

@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,11 +148,11 @@ def read_point(run_dir: Path) -> Point | None:
     path = Path(run_dir) / POINT_FILE
     if not path.is_file():
         return None
-    saved = read_json(path)
-    if not isinstance(saved, dict):
+    try:
+        return Point.from_json(read_json(path))
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise CompareError(f"{path} is not the JSON of a run's point; delete that run folder, or use --fresh or "
-                           "another --out")
-    return Point.from_json(saved)
+                           "another --out") from None
 
 
 # ---------------------------------------------------------------- command line
@@ -676,24 +676,26 @@ Cell = tuple[str, str, tuple[tuple[str, str], ...]]
 
 
 def baseline_cell(cell: Cell, cells: Iterable[Cell], baseline: str, score: Callable[[Cell], float] | None = None,
-                  higher_is_better: bool = False) -> Cell | None:
+                  higher_is_better: bool = False, tuned: Collection[str] = ()) -> Cell | None:
     """The baseline cell ``cell`` is judged against: the baseline's cell of the same model that has
     the same value of every sweep key both share (a sweep of every norm: each point against the
-    baseline's same point); where several do, the best by ``score``: the baseline swept keys of its
-    own (``NORM:KEY``), or each norm tuned the same key over values of its own
-    (``rmsnorm:train.lr=...`` beside ``dyt:train.lr=...``: a value no baseline cell has is not
-    matched, so DyT's point meets the baseline's best). None without a baseline cell."""
+    baseline's same point), bar the ``tuned`` keys: those swept for one norm alone (``NORM:KEY``,
+    e.g. ``rmsnorm:train.lr=...`` beside ``dyt:train.lr=...``), each norm's own tuning, never paired
+    by value. Where several cells match, the best by ``score``. None without a baseline cell."""
     model, _, sweep = cell
-    matches = [c for c in cells if c[0] == model and c[1] == baseline]
+    mine = dict(sweep)
+    matches = [c for c in cells if c[0] == model and c[1] == baseline
+               and all(mine.get(key, value) == value for key, value in c[2] if key not in tuned)]
     if not matches:
         return None
-    for key, value in sweep:
-        same = [c for c in matches if dict(c[2]).get(key, value) == value]
-        if same:  # else the baseline never ran this value: the key is each norm's own tuning
-            matches = same
     if len(matches) == 1 or score is None:
         return matches[0]
     return (max if higher_is_better else min)(matches, key=score)
+
+
+def tuned_keys(args: argparse.Namespace) -> frozenset[str]:
+    """The keys swept for one norm alone (``--sweep NORM:KEY=...``): tuning, never paired across norms."""
+    return frozenset(s.key for s in args.sweeps if s.norm is not None)
 
 
 def baseline_norm(args: argparse.Namespace, model: ModelSpec) -> str:
@@ -703,7 +705,8 @@ def baseline_norm(args: argparse.Namespace, model: ModelSpec) -> str:
 
 def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, higher_is_better: bool,
           digits: int = 3, choose_by: dict[Cell, Sequence[float]] | None = None, choose_higher: bool = False,
-          pretrainings: int | None = None, withheld: Callable[[Cell], str | None] | None = None) -> str:
+          pretrainings: int | None = None, withheld: Callable[[Cell], str | None] | None = None,
+          tuned: Collection[str] = ()) -> str:
     """A report's verdict cell for ``cell`` (``numbers``: every cell's values over seeds): ``baseline``
     for the baseline norm's own cells, else :func:`verdict` against the baseline cell it is judged
     against (:func:`baseline_cell`). Where several baseline cells match (the baseline swept keys of
@@ -712,12 +715,13 @@ def judge(cell: Cell, numbers: dict[Cell, Sequence[float]], baseline: str, *, hi
     ``pretrainings``: for a pretrained model's downstream values, how many pretraining runs per cell
     they come from; one gives :data:`ONE_PRETRAINING`, as its values are one checkpoint's fine-tunings.
     ``withheld``: a recipe's reason to give no verdict against a baseline cell (wav2vec 2.0: a
-    collapsed pretraining run in it), or None."""
+    collapsed pretraining run in it), or None. ``tuned``: :func:`tuned_keys`."""
     if cell[1] == baseline:
         return "baseline"
     if choose_by is None:
         choose_by, choose_higher = numbers, higher_is_better
-    reference = baseline_cell(cell, numbers, baseline, lambda c: ranking_mean(choose_by[c], choose_higher), choose_higher)
+    reference = baseline_cell(cell, numbers, baseline, lambda c: ranking_mean(choose_by[c], choose_higher), choose_higher,
+                              tuned)
     if reference is None:
         return "no baseline run"
     if pretrainings == 1:

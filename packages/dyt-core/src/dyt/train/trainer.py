@@ -7,6 +7,7 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import shutil
@@ -226,18 +227,27 @@ def build_partitioned(build, ds_config: dict[str, Any], half_dtype: torch.dtype 
     return model
 
 
-def global_batch_change(saved_config: Path, saved_world: int, cfg: TrainConfig, world: int) -> str | None:
-    """A warning where a resume trains on another global batch than the checkpoint's launch did
-    (``micro_batch_size x ranks x grad_accum``; a lost node, more GPUs): the LR schedule runs by step,
-    so each step's examples change under it. Names the ``grad_accum`` that keeps the batch, if one does."""
+def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainConfig, world: int) -> str | None:
+    """A warning where a resume from ``step`` trains on another global batch than the launch that
+    saved it did (``micro_batch_size x ranks x grad_accum``; a lost node, more GPUs): the LR schedule
+    runs by step, so each step's examples change under it. The saving launch is read from the run's
+    launch record (the last launch that started before ``step``; a launch since may have died before
+    its first save), else its ``config.yaml``. Names the ``grad_accum`` that keeps the batch, if one does."""
     import yaml
 
-    try:
-        saved = (yaml.safe_load(saved_config.read_text()) or {}).get("train") or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    micro = saved.get("micro_batch_size", TrainConfig.micro_batch_size)
-    accum = saved.get("grad_accum", TrainConfig.grad_accum)
+    train = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in (run_dir / checkpoint.LAUNCHES).read_text().splitlines():
+            row = json.loads(line) if line.strip() else None
+            if row and row["step"] < step:
+                train = row["config"].get("train") or {}
+    if train is None:
+        try:
+            train = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train") or {}
+        except (OSError, yaml.YAMLError):
+            return None
+    micro = train.get("micro_batch_size", TrainConfig.micro_batch_size)
+    accum = train.get("grad_accum", TrainConfig.grad_accum)
     before, now = micro * saved_world * accum, cfg.micro_batch_size * world * cfg.grad_accum
     if before == now:
         return None
@@ -587,7 +597,7 @@ class Trainer:
                          if saved_world != dist.world_size else "")
                 print(f"resumed from {done[-1]} (step {step}, data epoch {position.epoch} example "
                       f"{position.sample}{moved})", flush=True)
-                if (said := global_batch_change(self.out_dir / "config.yaml", saved_world, cfg, dist.world_size)):
+                if (said := global_batch_change(self.out_dir, step, saved_world, cfg, dist.world_size)):
                     print(said, flush=True)
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
