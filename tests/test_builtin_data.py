@@ -19,13 +19,18 @@ def _program(folder, name: str, script: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def test_a_failed_apt_get_download_names_the_packages_and_apt_gets_reason(tmp_path, monkeypatch):
+def _fake_debian(tmp_path, monkeypatch, apt_get: str, dpkg_deb: str) -> None:
+    """``apt-get`` and ``dpkg-deb`` as the given shell scripts, first on PATH; the cache under tmp_path."""
     tools = tmp_path / "bin"
     tools.mkdir()
-    _program(tools, "apt-get", 'echo "E: Unable to locate package $2" >&2; exit 100')
-    _program(tools, "dpkg-deb", "exit 0")
+    _program(tools, "apt-get", apt_get)
+    _program(tools, "dpkg-deb", dpkg_deb)
     monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_failed_apt_get_download_names_the_packages_and_apt_gets_reason(tmp_path, monkeypatch):
+    _fake_debian(tmp_path, monkeypatch, 'echo "E: Unable to locate package $2" >&2; exit 100', "exit 0")
     with pytest.raises(BuiltinDataUnavailable) as raised:
         unpack(["no-such-package"], "nothing")
     message = str(raised.value)
@@ -50,12 +55,8 @@ def test_an_unpacked_folder_names_the_package_versions_it_holds(tmp_path, monkey
     which carry the versions: another version builds anew instead of reusing the old build."""
     from dyt_data import unpacked_versions
 
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    _program(tools, "apt-get", 'for p in "$@"; do [ "$p" = download ] || : > "${p}_1.2-3_amd64.deb"; done')
-    _program(tools, "dpkg-deb", 'mkdir -p "$3/usr/share"')
-    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    _fake_debian(tmp_path, monkeypatch, 'for p in "$@"; do [ "$p" = download ] || : > "${p}_1.2-3_amd64.deb"; done',
+                 'mkdir -p "$3/usr/share"')
     root = unpack(["voice-data", "voice"], "voices")
     assert unpacked_versions(root) == ["voice-data_1.2-3_amd64.deb", "voice_1.2-3_amd64.deb"]
 
