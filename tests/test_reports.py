@@ -294,6 +294,13 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
 
     text = compare.write_report(args, runs, evals).read_text()
     assert "(150 steps each, CTC 4000 at peak lr 0.005, tri-stage, best validation checkpoint)" in text
+    d, codes = model.distractors, model.codebooks * model.codebook_entries
+    assert (f"Contrastive loss over all 1 + {d} candidates (chance ln {d + 1} = {math.log(d + 1):.3f})" in text
+            and f"Perplexity of {codes} codes." in text)
+    # the runs' own models, where a sweep changed them (the header read the base config)
+    assert compare.chance_levels({(d, codes), (7, 64)}).endswith(
+        f"The runs' models differ (a sweep): 7 distractors (chance ln 8 = 2.079, 1/8), 64 codes; "
+        f"{d} distractors (chance ln {d + 1} = {math.log(d + 1):.3f}, 1/{d + 1}), {codes} codes.")
     rows = table(text, "norm")
     assert [r["norm"] for r in rows] == ["layernorm", "dyt"]
     for row, (_, e) in zip(rows, made):
@@ -341,6 +348,12 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     dead = [r for r in summary if (r["norm"], r["init"]) == ("dyt", "pretrained")]
     assert len(summary) == len(expected) and len(dead) == 2 + 1 + 1 + 2
     assert all(r["diverged_at"] == 7 and r["unseen voices"] is r["real recordings"] is None for r in dead)
+
+    # a run whose saved model has other distractors (as a sweep of model.distractors makes): the header says so
+    saved = load_config(Wav2Vec2PretrainConfig, runs[0].dir / "config.yaml", check_files=False)
+    saved.model.distractors = 7
+    (runs[0].dir / "config.yaml").write_text(dump_yaml(saved))
+    assert "The runs' models differ (a sweep): 7 distractors" in compare.write_report(args, runs, evals).read_text()
 
 
 # ---------------------------------------------------------------- DNA

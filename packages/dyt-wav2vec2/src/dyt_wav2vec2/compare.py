@@ -160,6 +160,21 @@ def downstream_evals(runs: list[Run], evaluate) -> dict:
     return evals
 
 
+def chance_levels(built: set[tuple[int, int]]) -> str:
+    """The report's words on the contrastive task's chance levels and the codebook, for the
+    (distractors, codes) of the models its runs built: one pair, or several where a sweep changed them."""
+    tie = ("a distractor equal to its target counts as a tie, where fairseq2's training loss drops it. Accuracy: how "
+           "often the target ranks first, ties with such duplicates broken at random")
+    if len(built) == 1:
+        ((distractors, codes),) = built
+        return (f"Contrastive loss over all 1 + {distractors} candidates (chance ln {distractors + 1} = "
+                f"{math.log(distractors + 1):.3f}): {tie} (chance 1/{distractors + 1}). Perplexity of {codes} codes.")
+    listed = "; ".join(f"{d} distractors (chance ln {d + 1} = {math.log(d + 1):.3f}, 1/{d + 1}), {c} codes"
+                       for d, c in sorted(built))
+    return (f"Contrastive loss over all 1 + K candidates, K the run's distractors: {tie}. The runs' models differ "
+            f"(a sweep): {listed}.")
+
+
 def downstream_metric(name: str, metric: str, test: str) -> Metric:
     return Metric(f"{name}/{metric}/{test}", f"{EVAL_NAMES[name]}, {METRIC_NAMES[metric]}, {test}",
                   higher_is_better=HIGHER_IS_BETTER[metric], test=True)
@@ -171,7 +186,12 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     values are NaN for every pretrained eval the other runs made)."""
     out = args.out
     config = load_config(SPEC.config_class, args.config, args.overrides)
-    model, data = config.model, config.data
+    data = config.data
+    # the header's chance levels and codebook size from the models the runs built (a sweep may change them)
+    built = {(m.distractors, m.codebooks * m.codebook_entries) for m in (
+        load_config(SPEC.config_class, run.dir / "config.yaml", check_files=False).model for run in runs
+        if (run.dir / "config.yaml").is_file())} or {(config.model.distractors,
+                                                      config.model.codebooks * config.model.codebook_entries)}
     validation = (f"your held-out audio `{data.validation_manifest}` (training: `{data.train_manifest}`)"
                   if data.train_manifest else "synthetic sentences in voices never heard in training")
     summaries = {run.point: SPEC.summarize(run) for run in runs}
@@ -212,11 +232,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         f"Config `{shown_path(args.config)}`, {args.nproc} rank(s) under `{args.launcher}`, pretraining seed(s) "
         f"{', '.join(map(str, args.pretrain_seeds))}. "
         f"Validation: {validation}{validation_share(summaries.values(), 'utterances')}, masked and with distractors "
-        f"sampled as in training. Contrastive loss over all 1 + {model.distractors} candidates (chance "
-        f"ln {model.distractors + 1} = {math.log(model.distractors + 1):.3f}): a distractor equal to its target "
-        "counts as a tie, where fairseq2's training loss drops it. Accuracy: how often the target ranks first, "
-        f"ties with such duplicates broken at random (chance 1/{model.distractors + 1}). Perplexity of {model.codebooks * model.codebook_entries} "
-        "codes. **Collapsed**: codebook perplexity >= 95% of its maximum, or accuracy under twice chance; "
+        f"sampled as in training. {chance_levels(built)} **Collapsed**: codebook perplexity >= 95% of its "
+        "maximum, or accuracy under twice chance (each run's own); "
         "a pretrained row gets no verdict where the baseline has a collapsed pretraining run "
         "(that seed's numbers would stretch its mean ± 2σ); a row's own collapsed runs are named beside its verdict.",
         "",
