@@ -36,6 +36,7 @@ from ..errors import UserInputError
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
+from .jsonio import write_json
 
 MARKER = "COMPLETE"
 LAUNCHES = "launches.jsonl"
@@ -331,9 +332,7 @@ def record_divergence(run_dir: Path, step: int, loss: str, last_good: Path | Non
     words) at ``step``."""
     record = {"step": step, "loss": loss, "last_good": str(last_good) if last_good else None,
               "world_size": world_size, "config": to_dict(config)}
-    partial = run_dir / f"{DIVERGED}.tmp"
-    partial.write_text(json.dumps(record, indent=1))
-    partial.replace(run_dir / DIVERGED)
+    write_json(run_dir / DIVERGED, record)
 
 
 def read_divergence(run_dir: Path) -> dict | None:
@@ -379,6 +378,18 @@ def divergence_of(config: Any, world_size: int, data_now: dict | None) -> dict |
     return record
 
 
+def recorded_launches(run_dir: Path) -> list[dict] | None:
+    """The run's launches as :func:`record_launch` wrote them (``step``, ``world_size``, ``config``), in
+    order; None for a run without the record; a ConfigError for a line that is not JSON."""
+    path = Path(run_dir) / LAUNCHES
+    if not path.is_file():
+        return None
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as error:
+        raise ConfigError(f"{path}: a launch this code cannot read ({error})") from None
+
+
 def launches_differing(config: Any, world_size: int) -> list[str] | None:
     """What any recorded launch of the run in ``config.train.out_dir`` trained with that differs from
     ``config`` on ``world_size`` ranks in a setting that makes its numbers (fixed ones, and
@@ -386,14 +397,12 @@ def launches_differing(config: Any, world_size: int) -> list[str] | None:
     resumed by hand with other batches, or extended to more steps, keeps its latest settings in
     ``config.yaml`` alone; this reads them all. None for runs from before the record (2026-12-05)."""
     path = Path(config.train.out_dir) / LAUNCHES
-    if not path.is_file():
+    rows = recorded_launches(path.parent)
+    if rows is None:
         return None
     found: list[str] = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
+    for row in rows:
         try:
-            row = json.loads(line)
             launched = from_dict(type(config), row["config"])
         except (ValueError, KeyError, TypeError) as error:  # ConfigError is a ValueError
             raise ConfigError(f"{path}: a launch this code cannot read ({error})") from None

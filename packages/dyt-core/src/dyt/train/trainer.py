@@ -7,7 +7,6 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -236,10 +235,9 @@ def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainCo
     import yaml
 
     train = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in (run_dir / checkpoint.LAUNCHES).read_text().splitlines():
-            row = json.loads(line) if line.strip() else None
-            if row and row["step"] < step:
+    with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):  # a damaged record: config.yaml
+        for row in checkpoint.recorded_launches(run_dir) or []:
+            if row["step"] < step:
                 train = row["config"].get("train") or {}
     if train is None:
         try:
