@@ -138,7 +138,8 @@ def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_pa
     runs = train_runs(TOY, args, plan)
 
     assert len(launches) == 4 and len({run.dir for run in runs}) == 4
-    expected = [(("model.norm.alpha_init.default", a), ("train.lr", lr)) for a in ("0.25", "2") for lr in ("0.001", "0.03")]
+    # values as the settings they make: "2" of a float setting is 2.0
+    expected = [(("model.norm.alpha_init.default", a), ("train.lr", lr)) for a in ("0.25", "2.0") for lr in ("0.001", "0.03")]
     assert [run.point.sweep for run in runs] == expected
     for run in runs:
         assert read_point(run.dir) == run.point  # the facts, saved beside the run
@@ -159,7 +160,7 @@ def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_pa
     text = "\n".join(lines)
     header = next(i for i, line in enumerate(lines) if line.startswith("| model.norm.alpha_init.default \\ train.lr |"))
     assert lines[header] == "| model.norm.alpha_init.default \\ train.lr | 0.001 | 0.03 |"
-    for offset, alpha in enumerate(("0.25", "2"), start=2):
+    for offset, alpha in enumerate(("0.25", "2.0"), start=2):
         cells = [f"{summaries[Point('dyt', 0, 'toy', (('model.norm.alpha_init.default', alpha), ('train.lr', lr)))]['eval_loss']:.3f}"
                  for lr in ("0.001", "0.03")]
         assert lines[header + offset] == f"| {alpha} | {cells[0]} | {cells[1]} |"
@@ -175,6 +176,11 @@ def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_pa
     assert len(launches) == 4
     assert [r.wall_s for r in again] == [r.wall_s for r in runs]
     assert all((run.dir / "metrics.jsonl").read_bytes() == before[run.dir] for run in runs)
+    # nor do the same settings spelled otherwise, their --sweep options in the other order
+    respelled = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
+                            "--sweep", "train.lr=1e-3,3e-2", "--sweep", "model.norm.alpha_init.default=.25,2"])
+    again = train_runs(TOY, respelled, plan_runs(TOY, respelled, [(TOY.models[0], config)], seeds=[0]))
+    assert len(launches) == 4 and sorted(r.dir for r in again) == sorted(r.dir for r in runs)
 
     # a run killed after its step-2 checkpoint: only that one is launched, and it resumes
     killed = runs[1].dir
@@ -341,6 +347,11 @@ def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "rmsnorm:train.lr=1,2"])
     with pytest.raises(shared.CompareError, match="rmsnorm:train.lr names a norm no run trains"):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    # two spellings of one setting: one run, asked for twice
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "train.lr=1e-3,0.002,0.001"])
+    with pytest.raises(shared.CompareError, match=r"--sweep train.lr: 1e-3 and 0.001 are the same setting \(0.001\)"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    assert launches == [] and not (tmp_path / "cmp").exists()
 
 
 def test_norms_take_ablation_variants_and_baselines(tmp_path):

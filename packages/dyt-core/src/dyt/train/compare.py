@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from .checkpoint import (
     step_of,
 )
 from .cli import check_machine
-from .config import AT_LEAST_ONE, SEED, load_config
+from .config import AT_LEAST_ONE, SEED, load_config, setting_value
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
 from .jsonio import read_json, write_json
@@ -89,14 +89,22 @@ class Point:
         """For printing and chart legends only."""
         return cell_label(self.cell)
 
+    def same_run(self, other: Point) -> bool:
+        """Whether ``other`` names this run: the sweep's keys in any order (``--sweep`` options
+        given in another order train the same runs)."""
+        return (self.model, self.norm, self.seed, sorted(self.sweep)) == (
+            other.model, other.norm, other.seed, sorted(other.sweep))
+
     def dir_name(self) -> str:
         """A folder name made from the facts (never parsed back): values kept readable where they are
         plain, and a hash of the exact sweep whenever there is one, so distinct points never share a
-        folder."""
+        folder; the sweep's keys sorted, so that one run has one folder whatever the order of the
+        ``--sweep`` options."""
         parts = [self.model, self.norm] if self.model else [self.norm]
         if self.sweep:
-            digest = hashlib.sha1(json.dumps(self.sweep).encode()).hexdigest()[:6]
-            parts.append(",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.sweep) + "-" + digest)
+            sweep = sorted(self.sweep)
+            digest = hashlib.sha1(json.dumps(sweep).encode()).hexdigest()[:6]
+            parts.append(",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in sweep) + "-" + digest)
         parts.append(f"seed{self.seed}")
         return re.sub(r"[^A-Za-z0-9._=,+-]", "_", "-".join(parts))
 
@@ -275,6 +283,37 @@ def shown_path(path: Path) -> str:
 # ---------------------------------------------------------------- planning and launching
 
 
+def setting_text(value: Any, given: str) -> str:
+    """A swept value as the setting it makes (a number, a boolean or null as its value reads), so
+    that spellings of one setting (``1e-3`` and ``0.001``, ``yes`` and ``true``) are one sweep point,
+    one label and one run folder; a string or mapping setting keeps the text as given."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    return given
+
+
+def canonical_sweeps(spec: RecipeSpec, args: argparse.Namespace, config_path: Path) -> list[Sweep]:
+    """``args.sweeps`` with every value as :func:`setting_text` writes it, read from the config the
+    value makes (over ``--set`` and the norm the sweep is for); two values that make one setting are
+    an error, as a value given twice is."""
+    sweeps = []
+    for sweep in args.sweeps:
+        norm_items = norm_variant_overrides(sweep.norm) if sweep.norm else ()
+        texts: dict[str, str] = {}
+        for given in sweep.values:
+            config = load_config(spec.config_class, config_path,
+                                 [*args.overrides, *norm_items, f"{sweep.key}={given}"], check_files=False)
+            text = setting_text(setting_value(config, sweep.key), given)
+            if text in texts:
+                raise CompareError(f"--sweep {sweep.key}: {texts[text]} and {given} are the same setting ({text}); "
+                                   "give it once")
+            texts[text] = given
+        sweeps.append(replace(sweep, values=tuple(texts)))
+    return sweeps
+
+
 def grid(sweeps: Sequence[Sweep], norm: str) -> list[tuple[tuple[str, str], ...]]:
     """Every sweep point of ``norm``'s runs: the product of the sweeps that apply to it, in the
     order given (one empty point without sweeps)."""
@@ -301,7 +340,9 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
     value in ``--set``, ``--norms`` or ``--sweep``, what a run still to train asks of this machine
     (:func:`~dyt.train.cli.check_machine`: a DyT backend this device cannot run, fp16 on a CPU), or
     validation turned off (a report compares validation) stops the command before anything is
-    launched, not after the runs before it have trained."""
+    launched, not after the runs before it have trained. ``args.sweeps`` is replaced by
+    :func:`canonical_sweeps` first: the points, labels and report tables use the values so written."""
+    args.sweeps = canonical_sweeps(spec, args, models[0][1]) if models else args.sweeps
     plan = []
     for model, config_path in models:
         norms = args.norms or list(model.norms)
@@ -338,7 +379,7 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     allowed: dict[Path, list[str]] = {}  # changes a run may take, said of a finished run that is not relaunched
     for planned in plan:
         saved = read_point(planned.dir)
-        if saved is not None and saved != planned.point:
+        if saved is not None and not saved.same_run(planned.point):
             raise CompareError(f"{planned.dir} holds the run {saved}, not {planned.point}; use another --out or --fresh")
     for planned in (p for p in plan if finished_step(p.dir) > 0):
         try:

@@ -273,6 +273,15 @@ def _dotted(data: Mapping[str, Any], key: str) -> Any:
     return node
 
 
+def setting_value(config: Any, key: str) -> Any:
+    """The plain value (as :func:`to_dict` gives it) of dotted ``key`` in a loaded config; KeyError
+    where the config has no such setting."""
+    value = _dotted(to_dict(config), key)
+    if value is _ABSENT:
+        raise KeyError(key)
+    return value
+
+
 def read_json_object(path: str | Path, key: str) -> dict[str, Any]:
     """The JSON object in ``path`` (named by config ``key``), or a ConfigError naming the file and,
     for a syntax error, the line and column."""
