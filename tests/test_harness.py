@@ -134,6 +134,26 @@ def test_metrics_logs_alpha_lr_throughput_and_tensorboard(tmp_path):
     assert "norm:\n    kind: dyt" in (tmp_path / "config.yaml").read_text()
 
 
+def test_updates_deepspeed_skipped_are_logged(tmp_path, monkeypatch):
+    """fp16's loss scaler skips the update of a step whose gradients overflow (and the schedule with
+    it), yet the step counts: each logged row says how many updates were skipped so far."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    step = DeepSpeedEngine.step
+    calls = []
+
+    def overflowing_second_step(engine, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # as DeepSpeed counts an overflow: the update is not taken
+            engine.skipped_steps += 1
+            return None
+        return step(engine, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "step", overflowing_second_step)
+    _run(tmp_path, "train.steps=3", "train.eval_every=0", "train.grad_accum=1")
+    assert [r["skipped_steps"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 1]
+
+
 def test_logged_lr_is_the_rate_of_that_steps_update(tmp_path):
     """Read after the step, the rate was the next update's: step 1 logged the full rate, which the
     warmup's first update (half of it here) never used."""

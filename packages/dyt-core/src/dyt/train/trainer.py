@@ -649,12 +649,16 @@ class Trainer:
                 train_loss = stats[0].item() / dist.world_size
                 throughput = stats[1].item() / elapsed
                 extra_means = {f"train/{n}": v.item() / dist.world_size for n, v in zip(names, stats[2:])}
+                # updates DeepSpeed skipped (fp16 loss-scale overflows; non-finite gradients): a step of this
+                # count that moved no weight and left the schedule where it was (saved in checkpoints)
+                skipped = int(getattr(engine, "skipped_steps", 0))
                 bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}")
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}",
+                                **({"skipped": skipped} if skipped else {}))
                 row: dict[str, float] = {}
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
-                                **extra_means})
+                                "skipped_steps": skipped, **extra_means})
                     with _whole(engine, alpha_tracker.parameters()):
                         row.update(alpha_tracker.metrics())
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
