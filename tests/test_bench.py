@@ -54,6 +54,16 @@ def test_a_bad_llama_recipe_stops_the_bench_before_any_timing(tmp_path, capsys):
     assert "8 x 32" not in printed.out
 
 
+def test_a_default_backend_this_device_cannot_run_stops_the_bench_before_any_timing(capsys, monkeypatch):
+    monkeypatch.setenv("DYT_BACKEND", "fused")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", "cpu", "--shape", "8x32", "--repeats", "1", "--warmup", "0", "--block"])
+    printed = capsys.readouterr()
+    assert stopped.value.code == 2 and "DYT_BACKEND: DyT backend 'fused' cannot run on cpu" in printed.err
+    assert "8 x 32" not in printed.out
+
+
 def test_bench_records_how_openmp_threads_wait(tmp_path, capsys, monkeypatch):
     # at small shapes OMP_WAIT_POLICY moves the ratios as much as the kernels do: the run must say it
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
@@ -112,3 +122,17 @@ def test_the_training_allocator_pass_times_the_kernels_without_page_faults(tmp_p
         assert defaults[op]["forward_backward_page_faults"] >= 2 * 0.9 * pages, (op, defaults[op])
         assert training[op]["forward_backward_page_faults"] < 0.05 * pages, (op, training[op])
     assert "8192 x 1024, training's allocator" in done.stdout
+
+
+def test_a_cuda_device_index_this_machine_lacks_is_an_option_error(monkeypatch):
+    import argparse
+
+    import torch
+
+    from dyt.backends import device_arg
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_arg("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(argparse.ArgumentTypeError, match="has 1 CUDA device"):
+        device_arg("cuda:7")

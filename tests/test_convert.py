@@ -187,3 +187,93 @@ def test_a_norm_config_target_is_followed_and_a_bare_kind_keeps_each_bias():
     assert model[0].bias is not None and model[2].bias is None
     back = convert_norms(model, NormConfig(kind="layernorm", eps=1e-3))
     assert len(back.replaced) == 2 and model[0].eps == 1e-3 and model[2].eps == 1e-3
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """timm's / torchvision's image LayerNorm: normalises the channels of (N, C, H, W), 4-D only."""
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError("expected (N, C, H, W)")
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _ConvNeXtLayerNorm(nn.Module):
+    """The official ConvNeXt's channels-first LayerNorm (the paper converts ConvNeXt)."""
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.rand(channels) - 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+@pytest.mark.parametrize("norm", [_LayerNorm2d, _ConvNeXtLayerNorm])
+def test_image_models_channels_first_layernorms_found_on_4d_input(norm):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm(8))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    images = torch.randn(2, 3, 6, 6)
+    report = convert_norms(model, "dyt")
+    assert len(report.replaced) == 1 and not report.replaced[0].channels_last, report
+    back = convert_norms(model, "layernorm")
+    assert len(back.replaced) == 1
+    assert model(images).shape == (2, 8, 4, 4)
+
+
+def test_a_norm_without_affine_is_rebuilt_where_its_model_is():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False)).to(torch.bfloat16)
+    convert_norms(model, "dyt")
+    assert isinstance(model[1], DyT) and model[1].alpha.dtype == torch.bfloat16
+    assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_model_on_the_meta_device_converts_probed_norms_too():
+    class LlamaRMSNorm(nn.Module):  # HF's, found by probing
+        def __init__(self, dim, eps=1e-6):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), LlamaRMSNorm(16), nn.LayerNorm(16))
+    report = convert_norms(model, "dyt")
+    assert len(report.replaced) == 2 and not report.left_alone, report
+    assert all(isinstance(m, DyT) and m.alpha.device.type == "meta" for m in (model[1], model[2]))
+    assert model[1].bias is None and model[2].bias is not None  # the paper's forms: RMSNorm -> DyT without bias
+
+
+def test_a_residual_dyt_is_left_alone_not_swapped_for_a_one_input_norm():
+    from dyt import ResidualDyT
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.add_module("norm", ResidualDyT(4))
+    report = convert_norms(model, "layernorm")
+    assert not report.replaced and "residual add" in report.left_alone[0].reason
+    assert isinstance(model.norm, ResidualDyT)
+
+
+def test_a_bare_kind_keeps_the_epsilon_of_the_norm_it_replaces():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, eps=1e-12))
+    convert_norms(model, "rmsnorm")
+    assert isinstance(model[1], nn.RMSNorm) and model[1].eps == 1e-12
+    convert_norms(model, "layernorm")
+    assert model[1].eps == 1e-12
+
+
+def test_the_llm_alpha_policy_needs_the_layers_roles():
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.LayerNorm(4096))
+    with pytest.raises(ValueError, match="alpha_policy 'llm' sets alpha0 by each layer's role"):
+        convert_norms(model, NormConfig(kind="dyt", alpha_policy="llm"))
+    convert_norms(model, NormConfig(kind="dyt", alpha_policy="llm"), role_of=lambda path: "ffn")
+    assert model[1].alpha.item() == pytest.approx(0.2)  # the paper's alpha0 for a 4096-wide LLM's ffn norms

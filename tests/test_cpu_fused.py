@@ -67,6 +67,16 @@ def test_residual_goes_through_the_fused_kernel(monkeypatch, kernels):
     torch.testing.assert_close(s, x + r)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_residual_dyt_adds_two_dtypes_in_the_wider_one(backend):
+    """A bfloat16 branch output added to a float32 residual stream: s stays float32 and exact on
+    every backend, as ``x + residual`` (the cpu kernel rounded it to bfloat16)."""
+    x, r = torch.randn(8, 16).bfloat16(), torch.randn(8, 16)
+    s, y = residual_dyt(x, r, torch.tensor([0.5]), torch.ones(16), backend=backend)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, x.float() + r, rtol=0, atol=0)
+
+
 def test_residual_dyt_when_one_output_is_used():
     check_residual_dyt_one_output("cpu")
 
@@ -363,6 +373,24 @@ def test_a_failed_build_names_the_alternatives_and_auto_falls_back(monkeypatch):
         DyT(4, backend="cpu")(torch.randn(2, 4))
     y = DyT(4)(torch.randn(2, 4))  # auto still runs
     assert y.shape == (2, 4)
+
+
+def test_a_build_is_named_by_what_makes_it(monkeypatch, tmp_path):
+    """Two environments sharing torch's extension cache (another venv: another torch folder) or
+    another source or flags get builds of their own, not one folder rebuilt in turn."""
+    import torch as torch_module
+
+    flags = ["-O3", "-mavx2"]
+    name = cpu_fused.EXTENSION.build_name("AVX2", flags)
+    assert name.startswith("dyt_cpu_avx2_") and name == cpu_fused.EXTENSION.build_name("AVX2", list(flags))
+    assert cpu_fused.EXTENSION.build_name("AVX2", [*flags, "-g"]) != name
+    source = tmp_path / "kernels.cpp"
+    source.write_bytes(cpu_fused.EXTENSION.source.read_bytes() + b"\n")
+    monkeypatch.setattr(cpu_fused.EXTENSION, "source", source)
+    assert cpu_fused.EXTENSION.build_name("AVX2", flags) != name
+    monkeypatch.undo()
+    monkeypatch.setattr(torch_module, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert cpu_fused.EXTENSION.build_name("AVX2", flags) != name
 
 
 def test_no_compiler_at_all(monkeypatch):

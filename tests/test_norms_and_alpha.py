@@ -95,3 +95,23 @@ def test_alpha_tracker_records_alpha_and_inverse_std(tmp_path):
     assert tracker.plot(tmp_path / "alpha.png").stat().st_size > 1000
     tracker.close()
     assert not model[4]._forward_pre_hooks
+
+
+def test_alpha_tracker_measures_what_a_residual_dyt_squashes():
+    """A ResidualDyT squashes s = x + residual: 1/std is that sum's, not x's alone."""
+    from dyt import ResidualDyT
+
+    layer = ResidualDyT(6)
+    tracker = AlphaTracker(layer)
+    x, residual = torch.randn(32, 6) * 0.01, torch.randn(32, 6) * 10
+    layer(x, residual)
+    assert tracker.record(0)["inv_std"][""] == pytest.approx(1 / (x + residual).std().item(), rel=1e-5)
+    tracker.close()
+
+
+def test_s_curves_thinned_to_any_number_of_panels(tmp_path):
+    records = {str(i): (torch.randn(10), torch.randn(10)) for i in range(5)}
+    assert plot_s_curves(records, tmp_path / "one.png", max_panels=1).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="max_panels must be at least 1"):
+        plot_s_curves(records, tmp_path / "none.png", max_panels=0)
+

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .convert import NormInfo, iter_norms
-from .modules import DyT
+from .modules import DyT, ResidualDyT
 
 
 def _channels_last_flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -86,6 +86,18 @@ def _save(fig, path: str | Path, title: str) -> Path:
     return path
 
 
+def _thinned(names: list[str], max_panels: int) -> list[str]:
+    """At most ``max_panels`` of ``names``, evenly spread from the first to the last (one: the first)."""
+    if max_panels < 1:
+        raise ValueError(f"max_panels must be at least 1, not {max_panels}")
+    if len(names) <= max_panels:
+        return names
+    if max_panels == 1:
+        return names[:1]
+    step = (len(names) - 1) / (max_panels - 1)
+    return [names[round(i * step)] for i in range(max_panels)]
+
+
 def plot_s_curves(
     records: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, title: str = "", max_panels: int = 12
 ) -> Path:
@@ -95,9 +107,7 @@ def plot_s_curves(
     names = list(records)
     if not names:
         raise ValueError("no norm layers were recorded (did the model run inside NormRecorder?)")
-    if len(names) > max_panels:
-        step = (len(names) - 1) / (max_panels - 1)
-        names = [names[round(i * step)] for i in range(max_panels)]
+    names = _thinned(names, max_panels)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
@@ -147,8 +157,9 @@ class AlphaTracker:
     def _hook(self, path: str):
         def measure(module, inputs):
             if self.armed and module.training:
-                with torch.no_grad():
-                    self._inv_std[path] = inputs[0].detach().float().std().reciprocal()
+                with torch.no_grad():  # a ResidualDyT squashes the sum of its two inputs
+                    squashed = inputs[0] + inputs[1] if isinstance(module, ResidualDyT) else inputs[0]
+                    self._inv_std[path] = squashed.detach().float().std().reciprocal()
 
         return measure
 
@@ -207,9 +218,7 @@ def plot_alpha_vs_scale(
     if not history:
         raise ValueError("nothing recorded: no rows with alpha (is there a DyT in the model?)")
     names = list(history[-1]["alpha"])
-    if len(names) > max_panels:
-        step = (len(names) - 1) / (max_panels - 1)
-        names = [names[round(i * step)] for i in range(max_panels)]
+    names = _thinned(names, max_panels)
     cols = min(4, len(names) + 1)
     rows = math.ceil((len(names) + 1) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)

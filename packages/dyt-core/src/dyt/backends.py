@@ -180,6 +180,9 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"{text}: DyT's tools run on cpu or cuda devices")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

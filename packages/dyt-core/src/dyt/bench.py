@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
-from .backends import auto_backend, available_backends, device_arg
+from .backends import BackendUnavailableError, auto_backend, available_backends, device_arg, select_backend
 from .errors import UserInputError, folder_problem, help_description, user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
@@ -505,6 +505,10 @@ def main(argv: list[str] | None = None) -> None:
         if reason:
             parser.error(f"argument --training-allocator: {reason}, and CPU training ranks would leave malloc as it "
                          "is too: the first pass already times the kernels as they allocate")
+    try:  # the default backend (DYT_BACKEND) that the block and LLaMA timings' DyT layers take
+        select_backend(None, device)
+    except (BackendUnavailableError, ValueError) as error:
+        parser.error(f"DYT_BACKEND: {error}")
     if args.json is not None and args.json.exists() and not args.json.is_file():
         parser.error(f"argument --json: {args.json} is not a file")
     if args.json is not None and (problem := folder_problem(args.json.parent)):

@@ -13,6 +13,7 @@ alone and listed in the report with the reason.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .modules import DyT
+from .modules import DyT, ResidualDyT
 from .norms import KINDS, ChannelsFirst, NoNorm, NormConfig, make_norm
 
 
@@ -33,8 +34,13 @@ class NormInfo:
     channels_last: bool
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device | None
+    """None for a layer holding no floating-point tensor (a norm without affine): it goes where its
+    parent's tensors are (:func:`convert_norms`)."""
+    dtype: torch.dtype | None
+    eps: float | None = None
+    """The LayerNorm/RMSNorm epsilon, kept by a conversion to a bare kind (None: DyT or identity, or
+    an RMSNorm using its dtype's own)."""
 
 
 @dataclass(frozen=True)
@@ -98,17 +104,36 @@ def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None
     )
 
 
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _placement(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype of the module's first floating-point tensor; (None, None) without one."""
     for t in (*module.parameters(), *module.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
+    return None, None
+
+
+def _eps(module: nn.Module) -> float | None:
+    return next((float(v) for a in ("eps", "variance_epsilon")
+                 if isinstance(v := getattr(module, a, None), float | int) and not isinstance(v, bool)), None)
 
 
 def _info(module: nn.Module, kind: str, shape, channels_last: bool) -> NormInfo:
     weight, bias = _affine(module)
     device, dtype = _placement(module)
-    return NormInfo(kind, tuple(shape), channels_last, weight, bias, device, dtype)
+    eps = _eps(module) if kind in ("layernorm", "rmsnorm") else None
+    return NormInfo(kind, tuple(shape), channels_last, weight, bias, device, dtype, eps)
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy of a module on the meta device (which holds no values to run), its parameters drawn
+    at random away from zero: what the probe runs where the original cannot."""
+    clone = copy.deepcopy(module).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in (*clone.parameters(), *clone.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+    return clone
 
 
 def _is_exact(module: nn.Module, cls: type) -> bool:
@@ -135,8 +160,15 @@ def _reference(kind: str, x: torch.Tensor, eps: float, weight, bias) -> torch.Te
 
 
 def _probe(module: nn.Module) -> NormInfo | str:
-    """Identify an unknown norm-like module by running it; a string says why it was not."""
-    weight, bias = _affine(module)
+    """Identify an unknown norm-like module by running it (a module on the meta device: a CPU copy
+    of it), channels-last, then channels-first on 3-D and on 4-D input (an image model's
+    ``LayerNorm2d``); a string says why it was not."""
+    device, dtype = _placement(module)
+    runs = module
+    if device is not None and device.type == "meta":
+        runs = _probe_copy(module)
+        device = torch.device("cpu")
+    weight, bias = _affine(runs)
     if weight is not None and weight.ndim == 1:
         channels = weight.shape[0]
     else:
@@ -147,33 +179,36 @@ def _probe(module: nn.Module) -> NormInfo | str:
         channels = shape[0]
     if bias is not None and bias.shape != (channels,):
         return f"bias of shape {tuple(bias.shape)} is not per-channel"
-    eps = next(
-        (float(getattr(module, a)) for a in ("eps", "variance_epsilon") if isinstance(getattr(module, a, None), float)),
-        1e-5,
-    )
-    device, dtype = _placement(module)
+    eps = _eps(module)
+    eps = 1e-5 if eps is None else eps
+    dtype = dtype or torch.get_default_dtype()
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
     generator = torch.Generator().manual_seed(0)
-    x = (torch.randn(2, 5, channels, generator=generator) * 2 + 0.7).to(device)
-    for channels_last in (True, False):
-        probe_in = x if channels_last else x.movedim(-1, 1)
+    x = (torch.randn(2, 5, channels, generator=generator) * 2 + 0.7).to(device or "cpu")
+    images = (torch.randn(2, 3, 3, channels, generator=generator) * 2 + 0.7).to(device or "cpu")
+    for given, channels_last in ((x, True), (x, False), (images, False)):
+        probe_in = given if channels_last else given.movedim(-1, 1)
         try:
             with torch.no_grad():
-                out = module(probe_in.to(dtype))
+                out = runs(probe_in.to(dtype))
         except Exception:  # noqa: BLE001 - a failed probe just means "not this layout"
             continue
         if not isinstance(out, torch.Tensor) or out.shape != probe_in.shape:
             continue
         out = (out if channels_last else out.movedim(1, -1)).float()
         for kind in ("layernorm", "rmsnorm"):
-            if torch.allclose(out, _reference(kind, x, eps, weight, bias), rtol=tol, atol=tol):
+            if torch.allclose(out, _reference(kind, given, eps, weight, bias), rtol=tol, atol=tol):
                 return _info(module, kind, (channels,), channels_last)
-    return "its output matches neither LayerNorm nor RMSNorm (probed channels-last and channels-first)"
+    return ("its output matches neither LayerNorm nor RMSNorm (probed channels-last, and channels-first on 3-D "
+            "and 4-D input)")
 
 
 def classify_norm(module: nn.Module) -> NormInfo | str | None:
     """NormInfo for a convertible norm layer, a reason string for a norm-like module that is not
     convertible, None for anything else."""
+    if isinstance(module, ResidualDyT):
+        return ("a residual add fused with DyT (two inputs, two outputs): no one-input norm stands in for it; "
+                "change the model's code instead")
     if isinstance(module, DyT):
         return _info(module, "dyt", module.normalized_shape, module.channels_last)
     if isinstance(module, NoNorm):
@@ -181,9 +216,7 @@ def classify_norm(module: nn.Module) -> NormInfo | str | None:
     if isinstance(module, ChannelsFirst):
         inner = classify_norm(module.norm)
         if isinstance(inner, NormInfo) and inner.channels_last:
-            return NormInfo(
-                inner.kind, inner.shape, False, inner.weight, inner.bias, inner.device, inner.dtype
-            )
+            return dataclasses.replace(inner, channels_last=False)
         return inner
     if _is_exact(module, nn.LayerNorm):
         return _info(module, "layernorm", module.normalized_shape, True)
@@ -211,9 +244,21 @@ def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, NormInfo | st
         yield path, module, found
 
 
+def _ancestor_placement(model: nn.Module, path: str) -> tuple[torch.device | None, torch.dtype | None]:
+    """The placement of the nearest module above ``path`` that holds a floating-point tensor (its
+    submodules' included); (None, None) where none does."""
+    while path:
+        path = path.rpartition(".")[0]
+        device, dtype = _placement(model.get_submodule(path))
+        if device is not None:
+            return device, dtype
+    return None, None
+
+
 def build_norm(info: NormInfo, target: NormConfig, *, copy_affine: bool = True, role: str = "default") -> nn.Module:
     """The ``target`` layer, built by :func:`make_norm` (the one norm builder), that stands where a
-    layer described by ``info`` stood: same shape, layout, device and dtype; bias, eps and alpha0
+    layer described by ``info`` stood: same shape, layout, device and dtype (a layer holding no
+    tensor: CPU and the default dtype, unless :func:`convert_norms` placed it); bias, eps and alpha0
     as ``target`` says. The original's weight (and bias, where both have one) are copied over."""
     new = make_norm(target, info.shape, role=role, channels_last=info.channels_last, device=info.device, dtype=info.dtype)
     inner = new.norm if isinstance(new, ChannelsFirst) else new
@@ -241,10 +286,14 @@ def convert_norms(
             bare kind (``dyt``, ``layernorm``, ``rmsnorm``, ``identity``): NormConfig's defaults,
             except that each new layer has a bias exactly when the layer it replaces had one. A
             baseline kind (``skipinit``, ``fixup``, ``sigma-reparam``) only removes the norms here;
+            a bare ``layernorm`` / ``rmsnorm`` also keeps the epsilon of a LayerNorm or RMSNorm it
+            replaces;
             its residual gates and weight changes come with building the model (:mod:`dyt.baselines`).
         copy_affine: carry the per-channel weight (and bias) over to the new layer.
         role_of: maps a module path to a DyT role (attention / ffn / final / input / default) for the
-            alpha0 policy; default: every layer is ``default``.
+            alpha0 policy; default: every layer is ``default``. A ``to`` with ``alpha_policy="llm"``
+            needs it (that policy sets alpha0 by role: without roles every layer would get the
+            default 0.5).
         only: converts just the layers whose path it accepts (e.g. the paper's wav2vec 2.0 scope,
             everything but the conv feature extractor); the rest are reported as left alone.
 
@@ -256,6 +305,9 @@ def convert_norms(
     target = NormConfig(kind=to) if keep_bias else to
     if target.kind not in KINDS:
         raise ValueError(f"unknown norm kind {target.kind!r}; choose one of {', '.join(KINDS)}")
+    if target.layer_kind == "dyt" and target.alpha_policy == "llm" and role_of is None:
+        raise ValueError("alpha_policy 'llm' sets alpha0 by each layer's role: give convert_norms a role_of "
+                         "(path -> attention / ffn / final / input / default), e.g. a recipe's SPEC.role_of")
     report = ConversionReport(target=target.kind)
     swapped: dict[int, nn.Module] = {}
     for path, module, found in list(iter_norms(model)):
@@ -272,7 +324,12 @@ def convert_norms(
             raise ValueError("convert_norms replaces submodules; the model itself is a norm layer")
         if id(module) not in swapped:
             role = role_of(path) if role_of is not None else "default"
-            layer_target = dataclasses.replace(target, bias=found.bias is not None) if keep_bias else target
+            layer_target = target
+            if keep_bias:
+                layer_target = dataclasses.replace(target, bias=found.bias is not None,
+                                                   **({"eps": found.eps} if found.eps is not None else {}))
+            if found.device is None:  # no tensor of its own: where its nearest ancestor's are
+                found = dataclasses.replace(found, **dict(zip(("device", "dtype"), _ancestor_placement(model, path))))
             swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role)
         new = swapped[id(module)]
         parent_path, _, name = path.rpartition(".")

@@ -102,12 +102,16 @@ def residual_dyt(
     """``(s, dyt(s))`` with ``s = x + residual``: a pre-norm block's residual add and norm.
 
     The fused and cpu backends do both in one pass (and one pass back); the others add, then call
-    :func:`dyt`. Channels-last only.
+    :func:`dyt`. Channels-last only. ``x`` and ``residual`` of two dtypes are added in the wider one,
+    as ``x + residual`` would be, on every backend.
     """
     _check_operands(x, alpha, weight, bias)
     if not isinstance(residual, torch.Tensor) or x.shape != residual.shape:
         shown = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
         raise ValueError(f"x {tuple(x.shape)} and residual {shown} differ in shape")
+    if residual.dtype != x.dtype:  # s in the wider dtype on every backend (a float32 residual stream stays so)
+        wider = torch.result_type(x, residual)
+        x, residual = x.to(wider), residual.to(wider)
     impl = (BACKENDS["eager"] if torch.compiler.is_compiling()
             else select_backend(backend, x.device, x.numel(), squash, alpha.numel() != 1))
     if impl.apply_residual is None or x.numel() == 0:

@@ -12,7 +12,6 @@ import csv
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from filelock import FileLock
 
 from dyt.errors import UserInputError, folder_problem
 from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
+from dyt.train.jsonio import write_json
 from dyt_data import cache_root
 
 from .fasta import FastaError, read_fasta
@@ -176,9 +176,7 @@ def _record_digests(path: Path, cache: Path) -> list[str]:
         if target.is_file():
             return json.loads(target.read_text())
         digests = [hashlib.sha256(record.sequence.encode()).hexdigest() for record in read_fasta(path)]
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(digests))
-        partial.replace(target)
+        write_json(target, digests)
     return digests
 
 
@@ -452,9 +450,7 @@ def _genes(genome: Genome) -> list[tuple[int, int, int]]:
     finder.train(sequence)
     genes = [(gene.begin - 1, gene.end, gene.strand) for gene in finder.find_genes(sequence)]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")  # a reader never sees half a file
-    partial.write_text(json.dumps(genes))
-    os.replace(partial, cache)
+    write_json(cache, genes)  # renamed into place: a reader never sees half a file
     return genes
 
 

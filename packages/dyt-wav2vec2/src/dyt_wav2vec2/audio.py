@@ -22,6 +22,7 @@ import torchaudio
 from filelock import FileLock
 
 from dyt.errors import UserInputError
+from dyt.train.jsonio import write_json
 from dyt_data import file_sha256
 
 SAMPLE_RATE = 16_000
@@ -291,9 +292,7 @@ def shared_recordings(train: list[Utterance], held_out: list[Utterance],
                 digests.setdefault(file_sha256(path), path)
         shared += [(path, digests[digest]) for path in candidates if (digest := file_sha256(path)) in digests]
         if result is not None:
-            partial = result.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps([[str(a), str(b)] for a, b in shared]))
-            partial.replace(result)
+            write_json(result, [[str(a), str(b)] for a, b in shared])
         return shared
     finally:
         if result is not None:
