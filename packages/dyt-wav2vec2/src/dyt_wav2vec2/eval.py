@@ -54,6 +54,7 @@ from .task import (
     builtin_speech,
     crop_and_batch,
     masking_min_samples,
+    normalize_waveform,
     pretraining_loss,
 )
 
@@ -321,12 +322,12 @@ class CTCModel(nn.Module):
 
 def conv_features(model: nn.Module, rows: list[Utterance]) -> list[torch.Tensor]:
     """The feature extractor's output (frames, channels) of each utterance, one at a time (without
-    padding: what the CTC eval caches)."""
+    padding: what the CTC eval caches), read from the normalised waveform as in pretraining."""
     extractor = model.encoder_frontend.feature_extractor.eval()
     out = []
     with torch.no_grad():
         for row in rows:
-            wave = load_audio(row.path)[None]
+            wave = normalize_waveform(load_audio(row.path))[None]
             features, _ = extractor(wave, BatchLayout(wave.shape, seq_lens=[wave.shape[1]]))
             out.append(features[0])
     return out

@@ -180,14 +180,20 @@ class Waveforms(Dataset):
         return load_audio(self.rows[index].path)
 
 
+def normalize_waveform(wave: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance: what the model reads in pretraining and in every eval, so that no
+    number depends on a recording's level."""
+    return (wave - wave.mean()) / (wave.std() + 1e-5)
+
+
 def crop_and_batch(waveforms: list[torch.Tensor], crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Randomly crop to ``crop`` samples, normalise each to zero mean / unit variance, right-pad."""
+    """Randomly crop to ``crop`` samples, normalise each (:func:`normalize_waveform`), right-pad."""
     pieces = []
     for wave in waveforms:
         if wave.numel() > crop:
             start = int(torch.randint(0, wave.numel() - crop + 1, ()))
             wave = wave[start : start + crop]
-        pieces.append((wave - wave.mean()) / (wave.std() + 1e-5))
+        pieces.append(normalize_waveform(wave))
     lengths = torch.tensor([p.numel() for p in pieces])
     return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True), lengths
 

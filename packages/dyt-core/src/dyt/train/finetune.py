@@ -32,7 +32,8 @@ class FinetuneConfig:
     """AdamW decay on matrices only, as in pretraining (``weight_decay_groups``): DyT's alpha, norm
     parameters, biases and the baselines' scalars are not decayed."""
     patience: int = 3
-    """Stop after this many evaluations without a better validation MCC."""
+    """Stop after this many evaluations without a better validation score (the objective's selection
+    metric: MCC for keywords and DNA, CER for CTC)."""
     eval_every: int = 0
     """Validate every this many steps (0: once per epoch)."""
     max_steps: int = 0
