@@ -77,6 +77,50 @@ def test_residual_dyt_adds_two_dtypes_in_the_wider_one(backend):
     torch.testing.assert_close(s, x.float() + r, rtol=0, atol=0)
 
 
+def test_saturated_inputs_give_no_gradient_to_alpha_or_x():
+    """tanh is +-1 in float where the kernel clamps: 1 - t^2 is 0 there, so an outlier pushes alpha by
+    nothing (the rational form's 0.99999988 gave d alpha 2.4e-7 dy w x: 19.5 at x = 1e4)."""
+    for value in (50.0, 1e4, -1e30):
+        x = torch.full((64, 64), value, requires_grad=True)
+        alpha, weight = torch.tensor([0.5], requires_grad=True), torch.ones(64, requires_grad=True)
+        y = dyt_fn(x, alpha, weight, torch.zeros(64), backend="cpu")
+        y.sum().backward()
+        assert torch.equal(y, torch.full_like(y, 1.0 if value > 0 else -1.0))
+        assert alpha.grad.item() == 0 and x.grad.abs().max().item() == 0
+
+
+def test_parameter_gradients_keep_their_digits_over_many_rows_and_any_thread_count():
+    """Float partial sums over every row of a chunk lost digits (dbias 2.3e-5 off over 262144 rows);
+    and the chunks followed the thread count, so the sums' bits did too."""
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(262144, 8, generator=g, requires_grad=True)
+            dy = torch.rand(262144, 8, generator=g)
+            alpha, weight = torch.tensor([0.5], requires_grad=True), torch.ones(8, requires_grad=True)
+            bias = torch.zeros(8, requires_grad=True)
+            dyt_fn(x, alpha, weight, bias, backend="cpu").backward(dy)
+            exact = dy.double().sum(0)
+            assert ((bias.grad.double() - exact).abs() / exact).max() < 1e-6
+            grads.append((alpha.grad, weight.grad, bias.grad))
+        assert all(torch.equal(one, two) for one, two in zip(*grads))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_residual_dyt_squashes_s_as_stored(dtype):
+    """y is DyT of s rounded to its dtype (the s returned and read back by the backward), as eager."""
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(512, 64, generator=g).to(dtype), torch.randn(512, 64, generator=g).to(dtype)
+    alpha, weight = torch.tensor([0.7]), torch.randn(64, generator=g)
+    s, y = residual_dyt(x, r, alpha, weight, backend="cpu")
+    assert torch.equal(y, dyt_fn(s, alpha, weight, backend="cpu"))
+
+
 def test_residual_dyt_when_one_output_is_used():
     check_residual_dyt_one_output("cpu")
 

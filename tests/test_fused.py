@@ -50,6 +50,37 @@ def test_fused_non_contiguous_channels_first_and_empty(reference):
     assert empty.shape == (0, 6)
 
 
+@pytest.mark.parametrize("dtype, scale, rtol", [(torch.bfloat16, 1e-8, 1e-2), (torch.float64, 1e-12, 1e-12)],
+                         ids=str)  # (float16's own subnormals below 6e-5 lose more than the formula did)
+def test_tiny_inputs_keep_their_relative_precision(dtype, scale, rtol, reference):
+    """Near 0 the exp form of tanh cancels (relative error ~eps / |y|: bf16 returned 0 below 1e-9);
+    each dtype keeps y itself or the polynomial there."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 64, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+    alpha, w = torch.tensor([0.5], device=DEVICE), torch.ones(64, dtype=torch.float32, device=DEVICE)
+    if dtype == torch.float64:
+        w = w.double()
+    torch.testing.assert_close(dyt_fn(x, alpha, w, None, backend="fused").double(), reference(x, alpha, w, None),
+                               rtol=rtol, atol=0)
+
+
+def test_float64_weights_give_float64_math_as_every_backend():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 33, generator=g).to(DEVICE)
+    alpha, w = torch.tensor([0.9], dtype=torch.float64, device=DEVICE), torch.randn(33, generator=g, dtype=torch.float64).to(DEVICE)
+    torch.testing.assert_close(dyt_fn(x, alpha, w, None, backend="fused"), dyt_fn(x, alpha, w, None, backend="eager"),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_residual_dyt_squashes_s_as_stored(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(64, 48, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    alpha, w = torch.tensor([0.7], device=DEVICE), torch.randn(48, generator=g).to(DEVICE)
+    s, y = dyt.residual_dyt(x, r, alpha, w, backend="fused")
+    assert torch.equal(y, dyt_fn(s, alpha, w, backend="fused"))
+
+
 def test_residual_dyt_when_one_output_is_used():
     check_residual_dyt_one_output("fused", DEVICE)
 

@@ -26,34 +26,44 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autograd_functions
+from . import autograd_functions, compute_dtype
 from .compiled import SATURATED
 
 _SATURATED = tl.constexpr(SATURATED)
 
 
+TANH_FLOAT32, TANH_FLOAT64, TANH_HALF = 0, 1, 2
+"""``_tanh``'s modes: float32 math for float32 output; float64 math; float32 math for half and
+bfloat16 output."""
+
+
 @triton.jit
-def _tanh(y, EXP_ONLY: tl.constexpr):
+def _tanh(y, MODE: tl.constexpr):
     # Same formulation as the compiled backend: odd Taylor polynomial near 0, exp form elsewhere
-    # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh. EXP_ONLY runs the exp
-    # form everywhere: in float64 the polynomial's 1e-8 truncation would show, and for half and
-    # bfloat16 outputs the exp form's absolute error (~1e-7 near 0) is far below their rounding,
-    # while skipping the polynomial and its selects takes the bf16 forward from ~30 to ~22
-    # instructions per element (sm_90 machine code).
+    # (within 2 ulp of float32 tanh), with no dependence on a libdevice tanh. The exp form alone
+    # cancels near 0 (relative error ~eps / |y|), so each mode keeps something else there:
+    # TANH_FLOAT32 the polynomial below 0.4; TANH_FLOAT64 the polynomial below 2^-10 (its float32
+    # literals' rounding adds ~2e-8 y^2 relative, 2e-14 there; the exp form's is 1.1e-16 / 2|y|,
+    # 6e-14 there, and the truncation at 0.4 would show, 2e-8); TANH_HALF
+    # y itself below 2^-7 (relative error y^2 / 3 < 2e-5; above it the exp form's 1e-7 / |y| is
+    # < 1.3e-5; half's rounding is 4.9e-4, bfloat16's 3.9e-3), one select instead of the
+    # polynomial's, which takes the bf16 forward from ~30 to ~22 instructions per element (sm_90).
     ay = tl.abs(y)
     ay = tl.where(ay > _SATURATED, _SATURATED, ay)  # tanh is +-1 there; keeps exp(-2|y|) out of
     # subnormals. (A where, unlike tl.minimum's default, lets NaN through.)
     e = tl.exp(-2.0 * ay)
     large = (1.0 - e) / (1.0 + e)
     large = tl.where(y < 0, -large, large)
+    if MODE == 2:
+        return tl.where(ay < 0.0078125, y, large)
     y2 = y * y
     p = y2 * (21844.0 / 6081075.0) - 1382.0 / 155925.0
     p = p * y2 + 62.0 / 2835.0
     p = p * y2 - 17.0 / 315.0
     p = p * y2 + 2.0 / 15.0
     p = p * y2 - 1.0 / 3.0
-    if EXP_ONLY:
-        return large
+    if MODE == 1:
+        return tl.where(ay < 0.0009765625, y + y * y2 * p, large)
     return tl.where(ay < 0.4, y + y * y2 * p, large)
 
 
@@ -67,7 +77,7 @@ def _forward_kernel(
     x_ptr, r_ptr, s_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr,
     rows, cols, stride_x, stride_r, stride_s, stride_y,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
+    TANH_MODE: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -79,10 +89,11 @@ def _forward_kernel(
     alpha = tl.load(alpha_ptr).to(COMPUTE)
     w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)
     x = _load_rows(x_ptr, offs_m, offs_n, mask, stride_x).to(COMPUTE)
-    if HAS_RESIDUAL:
-        x += _load_rows(r_ptr, offs_m, offs_n, mask, stride_r).to(COMPUTE)
-        tl.store(s_ptr + offs_m[:, None] * stride_s + offs_n[None, :], x.to(s_ptr.dtype.element_ty), mask=mask)
-    y = w[None, :] * _tanh(alpha * x, EXP_TANH)
+    if HAS_RESIDUAL:  # y from s as stored (rounded to its dtype), as the backward reads it back
+        s = (x + _load_rows(r_ptr, offs_m, offs_n, mask, stride_r).to(COMPUTE)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs_m[:, None] * stride_s + offs_n[None, :], s, mask=mask)
+        x = s.to(COMPUTE)
+    y = w[None, :] * _tanh(alpha * x, TANH_MODE)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(COMPUTE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -91,12 +102,12 @@ def _forward_kernel(
 @triton.jit
 def _backward_block(
     x, dy, ds_ptr, dx_ptr, offs_m, offs_n, mask, alpha, w, dw_acc, db_acc, da_acc, stride_ds, stride_dx,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, TANH_MODE: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """dx for one loaded block of rows, and the block's terms added to the three accumulators."""
     x = x.to(COMPUTE)
     dy = dy.to(COMPUTE)
-    t = _tanh(alpha * x, EXP_TANH)
+    t = _tanh(alpha * x, TANH_MODE)
     g = dy * w[None, :] * (1.0 - t * t)
     dx = g * alpha
     if HAS_RESIDUAL_GRAD:
@@ -115,7 +126,7 @@ def _backward_kernel(
     dw_part_ptr, db_part_ptr, da_part_ptr,
     rows, cols, rows_per_program, stride_x, stride_dy, stride_ds, stride_dx,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr, INTERLEAVE: tl.constexpr, EXP_TANH: tl.constexpr, COMPUTE: tl.constexpr,
+    PREFETCH: tl.constexpr, INTERLEAVE: tl.constexpr, TANH_MODE: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -157,7 +168,7 @@ def _backward_kernel(
             dy = _load_rows(dy_ptr, offs_m, offs_n, mask, stride_dy)
         dw_acc, db_acc, da_acc = _backward_block(
             x, dy, ds_ptr, dx_ptr, offs_m, offs_n, mask, alpha, w, dw_acc, db_acc, da_acc, stride_ds, stride_dx,
-            HAS_BIAS, HAS_RESIDUAL_GRAD, EXP_TANH, COMPUTE)
+            HAS_BIAS, HAS_RESIDUAL_GRAD, TANH_MODE, COMPUTE)
         if PREFETCH:
             x, dy = next_x, next_dy
         offs_m, mask = next_m, next_mask
@@ -200,17 +211,21 @@ def _multiprocessors(device: torch.device) -> int:
     return 1
 
 
-def _compute_dtype(x: torch.Tensor):
-    """float64 math for float64 input (as every backend promises); float32 for the rest."""
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
+    """float64 math where x or the weight is float64 (:func:`dyt.kernels.compute_dtype`, as every
+    backend promises); float32 for the rest."""
+    return tl.float64 if compute_dtype(x, weight) == torch.float64 else tl.float32
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _exp_tanh(x: torch.Tensor) -> bool:
-    return x.dtype != torch.float32  # see _tanh
+def _tanh_mode(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """See ``_tanh``."""
+    if compute_dtype(x, weight) == torch.float64:
+        return TANH_FLOAT64
+    return TANH_FLOAT32 if x.dtype == torch.float32 else TANH_HALF
 
 
 def fused_forward(x, alpha, weight, bias, residual=None, tile=None):
@@ -231,7 +246,7 @@ def fused_forward(x, alpha, weight, bias, residual=None, tile=None):
         rows, cols, x.stride(0), residual.stride(0) if residual is not None else 0,
         s.stride(0) if s is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, EXP_TANH=_exp_tanh(x), COMPUTE=_compute_dtype(x), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, TANH_MODE=_tanh_mode(x, weight), COMPUTE=_compute_dtype(x, weight), num_warps=warps,
     )
     return y, s
 
@@ -253,7 +268,7 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_
     rows_per_program = max(1, triton.cdiv(triton.cdiv(rows, target), block_m)) * block_m
     programs = max(1, triton.cdiv(rows, rows_per_program))
     col_blocks = triton.cdiv(cols, block_n)
-    partial = {"device": x.device, "dtype": torch.float64 if x.dtype == torch.float64 else torch.float32}
+    partial = {"device": x.device, "dtype": compute_dtype(x, weight)}
     dw_part = torch.empty(programs, cols, **partial)
     db_part = torch.empty(programs, cols, **partial) if has_bias else dw_part
     da_part = torch.empty(programs, col_blocks, **partial)
@@ -266,7 +281,7 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_
         HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         PREFETCH=BACKWARD_PREFETCH if prefetch is None else prefetch,
         INTERLEAVE=BACKWARD_INTERLEAVE if interleave is None else interleave,
-        EXP_TANH=_exp_tanh(x), COMPUTE=_compute_dtype(x), num_warps=warps,
+        TANH_MODE=_tanh_mode(x, weight), COMPUTE=_compute_dtype(x, weight), num_warps=warps,
     )
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype) if has_bias else None

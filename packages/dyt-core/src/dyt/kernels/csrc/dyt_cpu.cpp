@@ -2,7 +2,9 @@
 //
 // One pass forward (read x, write y), one pass backward (read x, dy, write dx) that keeps
 // per-chunk partial column sums of dweight and dbias and a per-chunk dalpha, reduced at the end.
-// Math and partials run in float for float / bfloat16 / half input, in double for double.
+// Math runs in float for float / bfloat16 / half input, in double for double; the partials are
+// summed in that type over at most 256 rows (256 vectors for d alpha), then in double, and the
+// chunks are set by the shape alone: the same bits on any thread count.
 // Built by dyt/kernels/cpu_fused.py through torch.utils.cpp_extension, once per CPU capability
 // (the flags select ATen's AVX2 / AVX-512 Vectorized): see that module for why.
 //
@@ -20,6 +22,7 @@
 #include <torch/csrc/autograd/generated/variable_factories.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <cmath>
@@ -34,13 +37,17 @@ using VF = Vectorized<float>;
 using VD = Vectorized<double>;
 
 // tanh in float: a rational minimax approximation, odd degree 13 over even degree 6 (the form and
-// coefficients of Eigen's ptanh_float), with y clamped to +-7.90531 where it reaches +-1 in float.
-// 10 FMAs, 2 multiplies and one division per vector; measured 2x faster than an exp-based tanh and
-// 7x faster than ATen's Sleef tanh on AVX-512 (docs/performance.md). Max abs error vs float64
-// measured at 2.6e-7 to 2.8e-7 (float32 tanh's: 3e-8; dyt.selfcheck's float32 atol: 2e-6), relative
-// error near 0 at 3e-7. NaN propagates: the clamp's max/min return their NaN operand.
+// coefficients of Eigen's ptanh_float), with y clamped to +-7.90531, and exactly +-1 from there on
+// (the rational form gives 0.99999988 there: 1 - t^2 would stay 2.4e-7, and a saturated element
+// would add 2.4e-7 dy w x to d alpha, growing with x). 10 FMAs, 2 multiplies, one division and two
+// selects per vector; measured 2x faster than an exp-based tanh and 7x faster than ATen's Sleef tanh
+// on AVX-512 (docs/performance.md). Max abs error vs float64 measured at 2.6e-7 to 2.8e-7 (float32
+// tanh's: 3e-8; dyt.selfcheck's float32 atol: 2e-6; 1 - tanh(7.90531) is 2.7e-7), relative error
+// near 0 at 3e-7. NaN propagates: the clamp's max/min return their NaN operand, and compares with
+// NaN are false.
+constexpr float kTanhSaturates = 7.90531110763549805f;
 inline VF fast_tanh(VF y) {
-  const VF x = at::vec::clamp(y, VF(-7.90531110763549805f), VF(7.90531110763549805f));
+  const VF x = at::vec::clamp(y, VF(-kTanhSaturates), VF(kTanhSaturates));
   const VF x2 = x * x;
   VF p = at::vec::fmadd(x2, VF(-2.76076847742355e-16f), VF(2.00018790482477e-13f));
   p = at::vec::fmadd(p, x2, VF(-8.60467152213735e-11f));
@@ -51,7 +58,8 @@ inline VF fast_tanh(VF y) {
   VF q = at::vec::fmadd(x2, VF(1.19825839466702e-06f), VF(1.18534705686654e-04f));
   q = at::vec::fmadd(q, x2, VF(2.26843463243900e-03f));
   q = at::vec::fmadd(q, x2, VF(4.89352518554385e-03f));
-  return p * x / q;
+  const VF t = VF::blendv(p * x / q, VF(1.f), x >= VF(kTanhSaturates));
+  return VF::blendv(t, VF(-1.f), x <= VF(-kTanhSaturates));
 }
 
 // double: ATen's (Sleef, 1 ulp) tanh; float64 callers want accuracy, not speed.
@@ -122,6 +130,11 @@ const int64_t g_task_elements = idle_threads_sleep() ? int64_t(1) << 18 : 32768;
 // Rows per parallel task.
 inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, g_task_elements / std::max<int64_t>(cols, 1)); }
 
+// The backward's chunks of rows (each with its own partial sums): at least this many elements each,
+// and at most this many chunks.
+constexpr int64_t kChunkElements = 32768;
+constexpr int64_t kMaxChunks = 64;
+
 template <typename T>
 void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& alpha_t,
                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& y,
@@ -151,6 +164,8 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
           L::load(rp + row * sr + c, n, r);
           for (int k = 0; k < L::N; ++k) v[k] = v[k] + r[k];
           L::store(sp + row * cols + c, n, v);
+          // y from s as stored (rounded to T), as eager's dyt(s) and the backward, which reads s back
+          if (L::N > 1) L::load(sp + row * cols + c, n, v);
         }
         for (int k = 0; k < L::N; ++k) {
           const int64_t off = k * V::size();
@@ -166,67 +181,88 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   });
 }
 
+// Rows summed in the compute type before their column sums go into the chunk's double partials, and
+// vectors of one row summed before they go into d alpha's double: float sums of more terms lose
+// digits (a float sum of 20M ones stops at 2^24).
+constexpr int64_t kFlushRows = 256;
+constexpr int64_t kFlushSteps = 256;
+
 template <typename T>
 void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha_t, const at::Tensor& weight,
                    bool has_bias, const c10::optional<at::Tensor>& ds, at::Tensor& dx, at::Tensor& dw_part,
-                   at::Tensor& db_part, at::Tensor& da_part) {
+                   at::Tensor& db_part, at::Tensor& da_part, int64_t rows_per_chunk) {
   using L = Lanes<T>;
   using A = typename L::acc_t;
   using V = typename L::V;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t chunks = dw_part.size(0);
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   const T* xp = x.const_data_ptr<T>();
   const T* dyp = dy.const_data_ptr<T>();
   const T* dsp = ds ? ds->const_data_ptr<T>() : nullptr;
   const int64_t sx = x.stride(0), sdy = dy.stride(0), sds = ds ? ds->stride(0) : 0;
   T* dxp = dx.data_ptr<T>();
   const A* wp = weight.const_data_ptr<A>();
-  A* dwp = dw_part.data_ptr<A>();
-  A* dbp = db_part.data_ptr<A>();
-  A* dap = da_part.data_ptr<A>();
+  double* dwp = dw_part.data_ptr<double>();
+  double* dbp = db_part.data_ptr<double>();
+  double* dap = da_part.data_ptr<double>();
   const V alpha(*alpha_t.const_data_ptr<A>());
   const V one(A(1));
-  // One task per chunk of rows: partials are indexed by chunk, not by thread, so the sums do not
-  // depend on which thread ran which chunk.
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+  // Chunks of rows fixed by the shape alone (not by the thread count), partials indexed by chunk:
+  // the sums do not depend on how many threads ran, nor on which ran which chunk. A task takes as
+  // many chunks as make g_task_elements.
+  const int64_t chunk_grain = std::max<int64_t>(1, g_task_elements / std::max<int64_t>(1, rows_per_chunk * cols));
+  at::parallel_for(0, chunks, chunk_grain, [&](int64_t chunk_begin, int64_t chunk_end) {
     V v[L::N], g[L::N], d[L::N];
+    std::vector<A> dw(cols), db(has_bias ? cols : 0);  // this block of rows' sums, in the compute type
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      A* dw = dwp + chunk * cols;
-      A* db = dbp + chunk * cols;
-      std::fill(dw, dw + cols, A(0));
-      if (has_bias) std::fill(db, db + cols, A(0));
-      double dalpha = 0;  // summed per row in V, across rows in double
-      const int64_t row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
-      for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-        V da_row(A(0));
-        const T* xrow = xp + row * sx;
-        const T* dyrow = dyp + row * sdy;
-        T* dxrow = dxp + row * cols;
-        for (int64_t c = 0; c < cols; c += L::width) {
-          const int64_t n = std::min<int64_t>(L::width, cols - c);
-          L::load(xrow + c, n, v);
-          L::load(dyrow + c, n, d);  // tail lanes load as 0: they add nothing below
-          for (int k = 0; k < L::N; ++k) {
-            const int64_t off = k * V::size();
-            const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
-            if (m == 0) break;
-            const V t = fast_tanh(alpha * v[k]);
-            store_acc(dw + c + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw + c + off, m)));
-            if (has_bias) store_acc(db + c + off, m, load_acc<V>(db + c + off, m) + d[k]);
-            const V gk = d[k] * load_acc<V>(wp + c + off, m) * at::vec::fnmadd(t, t, one);
-            da_row = at::vec::fmadd(gk, v[k], da_row);
-            g[k] = gk * alpha;
+      double* dw_sum = dwp + chunk * cols;
+      double* db_sum = dbp + chunk * cols;
+      std::fill(dw_sum, dw_sum + cols, 0.0);
+      if (has_bias) std::fill(db_sum, db_sum + cols, 0.0);
+      double dalpha = 0;  // summed in V over at most kFlushSteps vectors, then in double
+      const int64_t row_begin = chunk * rows_per_chunk, row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
+      for (int64_t block = row_begin; block < row_end; block += kFlushRows) {
+        std::fill(dw.begin(), dw.end(), A(0));
+        std::fill(db.begin(), db.end(), A(0));
+        for (int64_t row = block; row < std::min(row_end, block + kFlushRows); ++row) {
+          V da_row(A(0));
+          int64_t steps = 0;
+          const T* xrow = xp + row * sx;
+          const T* dyrow = dyp + row * sdy;
+          T* dxrow = dxp + row * cols;
+          for (int64_t c = 0; c < cols; c += L::width) {
+            const int64_t n = std::min<int64_t>(L::width, cols - c);
+            L::load(xrow + c, n, v);
+            L::load(dyrow + c, n, d);  // tail lanes load as 0: they add nothing below
+            for (int k = 0; k < L::N; ++k) {
+              const int64_t off = k * V::size();
+              const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
+              if (m == 0) break;
+              const V t = fast_tanh(alpha * v[k]);
+              store_acc(dw.data() + c + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw.data() + c + off, m)));
+              if (has_bias) store_acc(db.data() + c + off, m, load_acc<V>(db.data() + c + off, m) + d[k]);
+              const V gk = d[k] * load_acc<V>(wp + c + off, m) * at::vec::fnmadd(t, t, one);
+              da_row = at::vec::fmadd(gk, v[k], da_row);
+              g[k] = gk * alpha;
+            }
+            if (dsp) {
+              L::load(dsp + row * sds + c, n, d);
+              for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
+            }
+            L::store(dxrow + c, n, g);
+            if (++steps == kFlushSteps) {
+              dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
+              da_row = V(A(0));
+              steps = 0;
+            }
           }
-          if (dsp) {
-            L::load(dsp + row * sds + c, n, d);
-            for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
-          }
-          L::store(dxrow + c, n, g);
+          dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
         }
-        dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
+        for (int64_t c = 0; c < cols; ++c) dw_sum[c] += dw[c];
+        if (has_bias)
+          for (int64_t c = 0; c < cols; ++c) db_sum[c] += db[c];
       }
-      dap[chunk] = static_cast<A>(dalpha);
+      dap[chunk] = dalpha;
     }
   });
 }
@@ -246,17 +282,20 @@ void check_param(const at::Tensor& p, const at::Tensor& x, int64_t numel, const 
   TORCH_CHECK(p.scalar_type() == acc_type(x.scalar_type()), name, " must have dtype ", acc_type(x.scalar_type()));
 }
 
-// Sum of a (chunks, cols) partials tensor over chunks, in chunk order: a handful of rows, so a plain
-// loop (no dispatch or threading overhead, which at small shapes cost more than the kernel's sums).
-at::Tensor sum_chunks(const at::Tensor& part, at::IntArrayRef shape) {
-  at::Tensor out = at::empty(shape, part.options());
-  AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "dyt_cpu_sum_chunks", [&] {
-    const scalar_t* p = part.const_data_ptr<scalar_t>();
+// Sum of a (chunks, cols) double partials tensor over chunks, in chunk order and in double, as
+// ``dtype``: at most kMaxChunks rows, so a plain loop (no dispatch or threading overhead, which at
+// small shapes cost more than the kernel's sums).
+at::Tensor sum_chunks(const at::Tensor& part, at::IntArrayRef shape, at::ScalarType dtype) {
+  at::Tensor out = at::empty(shape, part.options().dtype(dtype));
+  const double* p = part.const_data_ptr<double>();
+  const int64_t chunks = part.size(0), cols = part.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dyt_cpu_sum_chunks", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t cols = part.size(1);
-    std::copy(p, p + cols, o);
-    for (int64_t chunk = 1; chunk < part.size(0); ++chunk)
-      for (int64_t c = 0; c < cols; ++c) o[c] += p[chunk * cols + c];
+    for (int64_t c = 0; c < cols; ++c) {
+      double sum = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += p[chunk * cols + c];
+      o[c] = static_cast<scalar_t>(sum);
+    }
   });
   return out;
 }
@@ -296,23 +335,28 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   check_param(alpha, x, 1, "alpha");
   check_param(weight, x, x.size(1), "weight");
   const int64_t rows = x.size(0), cols = x.size(1);
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (rows + grain_rows(cols) - 1) / grain_rows(cols)));
-  auto acc = x.options().dtype(acc_type(x.scalar_type()));
+  // Chunks of at least kChunkElements elements, at most kMaxChunks of them: set by the shape alone, so
+  // the parameter gradients are the same bits on any thread count (up to kMaxChunks threads share it).
+  const int64_t min_rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1));
+  const int64_t rows_per_chunk = std::max<int64_t>({int64_t(1), min_rows, (rows + kMaxChunks - 1) / kMaxChunks});
+  const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
+  auto partials = x.options().dtype(at::kDouble);
   at::Tensor dx = into ? *into : at::empty(x.sizes(), x.options());
-  at::Tensor dw_part = at::empty({chunks, cols}, acc);
-  at::Tensor db_part = has_bias ? at::empty({chunks, cols}, acc) : dw_part;
-  at::Tensor da_part = at::empty({chunks}, acc);
+  at::Tensor dw_part = at::empty({chunks, cols}, partials);
+  at::Tensor db_part = has_bias ? at::empty({chunks, cols}, partials) : dw_part;
+  at::Tensor da_part = at::empty({chunks}, partials);
   if (rows > 0) {
-    DYT_DISPATCH(x.scalar_type(), "dyt_cpu_backward",
-                 [&] { backward_impl<scalar_t>(dy, x, alpha, weight, has_bias, ds, dx, dw_part, db_part, da_part); });
+    DYT_DISPATCH(x.scalar_type(), "dyt_cpu_backward", [&] {
+      backward_impl<scalar_t>(dy, x, alpha, weight, has_bias, ds, dx, dw_part, db_part, da_part, rows_per_chunk);
+    });
   } else {
     dw_part.zero_();
     db_part.zero_();
     da_part.zero_();
   }
-  return {dx, sum_chunks(da_part.view({chunks, 1}), {1}), sum_chunks(dw_part, {cols}),
-          has_bias ? sum_chunks(db_part, {cols}) : at::Tensor()};
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  return {dx, sum_chunks(da_part.view({chunks, 1}), {1}, acc), sum_chunks(dw_part, {cols}, acc),
+          has_bias ? sum_chunks(db_part, {cols}, acc) : at::Tensor()};
 }
 
 // ---- autograd: the backend's entry points, so a training step crosses into Python once per call
