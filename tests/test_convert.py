@@ -264,6 +264,9 @@ def test_a_residual_dyt_is_left_alone_not_swapped_for_a_one_input_norm():
 
 
 def test_a_bare_kind_keeps_the_epsilon_of_the_norm_it_replaces():
+    zero_eps = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, eps=0.0))  # only a norm's eps is kept: DyT has none
+    convert_norms(zero_eps, "dyt")
+    assert isinstance(zero_eps[1], DyT)
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, eps=1e-12))
     convert_norms(model, "rmsnorm")
     assert isinstance(model[1], nn.RMSNorm) and model[1].eps == 1e-12
@@ -275,5 +278,9 @@ def test_the_llm_alpha_policy_needs_the_layers_roles():
     model = nn.Sequential(nn.Linear(4096, 4096), nn.LayerNorm(4096))
     with pytest.raises(ValueError, match="alpha_policy 'llm' sets alpha0 by each layer's role"):
         convert_norms(model, NormConfig(kind="dyt", alpha_policy="llm"))
+    # unless alpha_init sets every role itself
+    other = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    convert_norms(other, NormConfig(kind="dyt", alpha_policy="llm", alpha_init={"default": 0.7}))
+    assert other[1].alpha.item() == pytest.approx(0.7)
     convert_norms(model, NormConfig(kind="dyt", alpha_policy="llm"), role_of=lambda path: "ffn")
     assert model[1].alpha.item() == pytest.approx(0.2)  # the paper's alpha0 for a 4096-wide LLM's ffn norms

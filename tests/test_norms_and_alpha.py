@@ -104,8 +104,11 @@ def test_alpha_tracker_measures_what_a_residual_dyt_squashes():
     layer = ResidualDyT(6)
     tracker = AlphaTracker(layer)
     x, residual = torch.randn(32, 6) * 0.01, torch.randn(32, 6) * 10
-    layer(x, residual)
-    assert tracker.record(0)["inv_std"][""] == pytest.approx(1 / (x + residual).std().item(), rel=1e-5)
+    expected = 1 / (x + residual).std().item()
+    for step, call in enumerate((lambda: layer(x, residual), lambda: layer(x, residual=residual),
+                                 lambda: layer(residual=residual, x=x))):
+        call()
+        assert tracker.record(step)["inv_std"][""] == pytest.approx(expected, rel=1e-5)
     tracker.close()
 
 

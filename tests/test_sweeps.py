@@ -182,6 +182,20 @@ def test_two_by_two_sweep_makes_four_resumable_runs_a_table_and_a_heatmap(tmp_pa
     again = train_runs(TOY, respelled, plan_runs(TOY, respelled, [(TOY.models[0], config)], seeds=[0]))
     assert len(launches) == 4 and sorted(r.dir for r in again) == sorted(r.dir for r in runs)
 
+    # runs trained before folders were named by the settings (values as given, keys in the order given)
+    # are moved to their folders, not trained again
+    for run in runs:
+        as_given = dataclasses.replace(run.point, sweep=tuple((k, "2" if v == "2.0" else v) for k, v in run.point.sweep))
+        if as_given.legacy_dir_name() != run.dir.name:
+            run.dir.rename(args.out / as_given.legacy_dir_name())
+            (args.out / as_given.legacy_dir_name() / "point.json").write_text(json.dumps(as_given.to_json()))
+    assert sum(not run.dir.exists() for run in runs) == 2
+    as_before = _args(TOY, ["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1", "--norms", "dyt",
+                            "--sweep", "model.norm.alpha_init.default=0.25,2", "--sweep", "train.lr=0.001,0.03"])
+    again = train_runs(TOY, as_before, plan_runs(TOY, as_before, [(TOY.models[0], config)], seeds=[0]))
+    assert len(launches) == 4 and all(run.dir.is_dir() and read_point(run.dir) == run.point for run in runs)
+    assert sorted(p.name for p in args.out.iterdir() if p.is_dir()) == sorted(run.dir.name for run in runs)
+
     # a run killed after its step-2 checkpoint: only that one is launched, and it resumes
     killed = runs[1].dir
     shutil.rmtree(killed / "checkpoints" / "step_00000004")
@@ -347,6 +361,9 @@ def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "rmsnorm:train.lr=1,2"])
     with pytest.raises(shared.CompareError, match="rmsnorm:train.lr names a norm no run trains"):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    # settings checked against each other at each point of the grid, not each value alone against the file
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "train.lr=1e-4,2e-4", "--sweep", "train.min_lr=0,1e-5"])
+    assert len(plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])) == 8  # 2 norms x 4 points
     # two spellings of one setting: one run, asked for twice
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "train.lr=1e-3,0.002,0.001"])
     with pytest.raises(shared.CompareError, match=r"--sweep train.lr: 1e-3 and 0.001 are the same setting \(0.001\)"):

@@ -151,14 +151,16 @@ class AlphaTracker:
     def __post_init__(self) -> None:
         self._inv_std: dict[str, torch.Tensor] = {}
         self._handles = [
-            module.register_forward_pre_hook(self._hook(path)) for path, module in dyt_layers(self.model)
+            module.register_forward_pre_hook(self._hook(path), with_kwargs=True)
+            for path, module in dyt_layers(self.model)
         ]
 
     def _hook(self, path: str):
-        def measure(module, inputs):
+        def measure(module, args, kwargs):
             if self.armed and module.training:
+                given = [*args, *kwargs.values()]  # the forward's tensors in order, by position or name
                 with torch.no_grad():  # a ResidualDyT squashes the sum of its two inputs
-                    squashed = inputs[0] + inputs[1] if isinstance(module, ResidualDyT) else inputs[0]
+                    squashed = given[0] + given[1] if isinstance(module, ResidualDyT) else given[0]
                     self._inv_std[path] = squashed.detach().float().std().reciprocal()
 
         return measure

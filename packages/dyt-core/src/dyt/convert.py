@@ -305,7 +305,7 @@ def convert_norms(
     target = NormConfig(kind=to) if keep_bias else to
     if target.kind not in KINDS:
         raise ValueError(f"unknown norm kind {target.kind!r}; choose one of {', '.join(KINDS)}")
-    if target.layer_kind == "dyt" and target.alpha_policy == "llm" and role_of is None:
+    if target.layer_kind == "dyt" and target.alpha_policy == "llm" and role_of is None and "default" not in target.alpha_init:
         raise ValueError("alpha_policy 'llm' sets alpha0 by each layer's role: give convert_norms a role_of "
                          "(path -> attention / ffn / final / input / default), e.g. a recipe's SPEC.role_of")
     report = ConversionReport(target=target.kind)
@@ -326,8 +326,9 @@ def convert_norms(
             role = role_of(path) if role_of is not None else "default"
             layer_target = target
             if keep_bias:
+                kept_eps = found.eps is not None and target.kind in ("layernorm", "rmsnorm")
                 layer_target = dataclasses.replace(target, bias=found.bias is not None,
-                                                   **({"eps": found.eps} if found.eps is not None else {}))
+                                                   **({"eps": found.eps} if kept_eps else {}))
             if found.device is None:  # no tensor of its own: where its nearest ancestor's are
                 found = dataclasses.replace(found, **dict(zip(("device", "dtype"), _ancestor_placement(model, path))))
             swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role)

@@ -100,9 +100,15 @@ class Point:
         plain, and a hash of the exact sweep whenever there is one, so distinct points never share a
         folder; the sweep's keys sorted, so that one run has one folder whatever the order of the
         ``--sweep`` options."""
+        return self._folder_name(sorted(self.sweep))
+
+    def legacy_dir_name(self) -> str:
+        """The folder name before 2026-12-05: the sweep's values as given, its keys in the order given."""
+        return self._folder_name(list(self.sweep))
+
+    def _folder_name(self, sweep: list[tuple[str, str]]) -> str:
         parts = [self.model, self.norm] if self.model else [self.norm]
-        if self.sweep:
-            sweep = sorted(self.sweep)
+        if sweep:
             digest = hashlib.sha1(json.dumps(sweep).encode()).hexdigest()[:6]
             parts.append(",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in sweep) + "-" + digest)
         parts.append(f"seed{self.seed}")
@@ -294,24 +300,33 @@ def setting_text(value: Any, given: str) -> str:
     return given
 
 
-def canonical_sweeps(spec: RecipeSpec, args: argparse.Namespace, config_path: Path) -> list[Sweep]:
-    """``args.sweeps`` with every value as :func:`setting_text` writes it, read from the config the
-    value makes (over ``--set`` and the norm the sweep is for); two values that make one setting are
-    an error, as a value given twice is."""
-    sweeps = []
+def canonical_sweeps(spec: RecipeSpec, args: argparse.Namespace,
+                     models: Sequence[tuple[ModelSpec, Path]]) -> tuple[list[Sweep], dict[tuple[str, str], str]]:
+    """``args.sweeps`` with every value as :func:`setting_text` writes it, read from the configs of
+    the grid's points (each over ``--set``, its norm and the point's other values: settings checked
+    against each other, e.g. ``train.min_lr`` against a swept ``train.lr``, see the point's own);
+    two values that make one setting are an error, as a value given twice is. Also returns each
+    (key, written value)'s spelling as given, which named run folders before 2026-12-05."""
+    texts: dict[tuple[str, str], str] = {}
+    for model, config_path in models:
+        for norm in args.norms or model.norms:
+            for point in grid(args.sweeps, norm):
+                items = [*args.overrides, *norm_variant_overrides(norm), *(f"{k}={v}" for k, v in point)]
+                config = load_config(spec.config_class, config_path, items, check_files=False)
+                for key, given in point:
+                    texts.setdefault((key, given), setting_text(setting_value(config, key), given))
+    sweeps, spelled = [], {}
     for sweep in args.sweeps:
-        norm_items = norm_variant_overrides(sweep.norm) if sweep.norm else ()
-        texts: dict[str, str] = {}
+        written: dict[str, str] = {}
         for given in sweep.values:
-            config = load_config(spec.config_class, config_path,
-                                 [*args.overrides, *norm_items, f"{sweep.key}={given}"], check_files=False)
-            text = setting_text(setting_value(config, sweep.key), given)
-            if text in texts:
-                raise CompareError(f"--sweep {sweep.key}: {texts[text]} and {given} are the same setting ({text}); "
+            text = texts.get((sweep.key, given), given)  # a norm no run trains: plan_runs says so
+            if text in written:
+                raise CompareError(f"--sweep {sweep.key}: {written[text]} and {given} are the same setting ({text}); "
                                    "give it once")
-            texts[text] = given
-        sweeps.append(replace(sweep, values=tuple(texts)))
-    return sweeps
+            written[text] = given
+            spelled[(sweep.key, text)] = given
+        sweeps.append(replace(sweep, values=tuple(written)))
+    return sweeps, spelled
 
 
 def grid(sweeps: Sequence[Sweep], norm: str) -> list[tuple[tuple[str, str], ...]]:
@@ -331,6 +346,9 @@ class PlannedRun:
     """``--set`` items after the config file (``run_training`` adds train.seed and train.out_dir)."""
     dir: Path
     config: Any = field(compare=False)
+    as_given: Point | None = None
+    """The point with its values spelled as given and its keys in the order given, where that named
+    another folder before 2026-12-05 (``Point.legacy_dir_name``): ``train_runs`` moves such a folder."""
 
 
 def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple[ModelSpec, Path]],
@@ -342,7 +360,7 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
     validation turned off (a report compares validation) stops the command before anything is
     launched, not after the runs before it have trained. ``args.sweeps`` is replaced by
     :func:`canonical_sweeps` first: the points, labels and report tables use the values so written."""
-    args.sweeps = canonical_sweeps(spec, args, models[0][1]) if models else args.sweeps
+    args.sweeps, spelled = canonical_sweeps(spec, args, models)
     plan = []
     for model, config_path in models:
         norms = args.norms or list(model.norms)
@@ -359,7 +377,9 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                         raise CompareError(f"{point.label}: train.eval_every=0 turns validation off, and the report "
                                            "compares each run's validation: give a positive train.eval_every "
                                            "(how often it validates changes no trained weight)")
-                    plan.append(PlannedRun(point, Path(config_path), overrides, out, config))
+                    as_given = replace(point, sweep=tuple((k, spelled[(k, v)]) for k, v in sweep))
+                    moved = args.out / as_given.legacy_dir_name() != out
+                    plan.append(PlannedRun(point, Path(config_path), overrides, out, config, as_given if moved else None))
     trained = {p.point.norm for p in plan}
     for sweep in args.sweeps:
         if sweep.norm is not None and sweep.norm not in trained:
@@ -377,6 +397,15 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
     runs trained as planned; one without a checkpoint starts afresh anyway."""
     signatures: dict[str, dict | None] = {}  # per data section: runs of one comparison share their files
     allowed: dict[Path, list[str]] = {}  # changes a run may take, said of a finished run that is not relaunched
+    for planned in plan:  # a run trained before run folders were named by the settings: moved, not trained again
+        legacy = args.out / planned.as_given.legacy_dir_name() if planned.as_given is not None else None
+        if legacy is not None and legacy.is_dir() and not planned.dir.exists():
+            saved = read_point(legacy)
+            if saved is not None and saved.same_run(planned.as_given):
+                legacy.rename(planned.dir)
+                write_json(planned.dir / POINT_FILE, planned.point.to_json())
+                print(f"moved {shown_path(legacy)} to {shown_path(planned.dir)} (run folders are named by the "
+                      "settings a sweep makes since 2026-12-05)", flush=True)
     for planned in plan:
         saved = read_point(planned.dir)
         if saved is not None and not saved.same_run(planned.point):

@@ -3,7 +3,7 @@
 // One pass forward (read x, write y), one pass backward (read x, dy, write dx) that keeps
 // per-chunk partial column sums of dweight and dbias and a per-chunk dalpha, reduced at the end.
 // Math runs in float for float / bfloat16 / half input, in double for double; the partials are
-// summed in that type over at most 256 rows (256 vectors for d alpha), then in double, and the
+// summed in that type over at most 256 rows (256 vector steps of a row for d alpha), then in double, and the
 // chunks are set by the shape alone: the same bits on any thread count.
 // Built by dyt/kernels/cpu_fused.py through torch.utils.cpp_extension, once per CPU capability
 // (the flags select ATen's AVX2 / AVX-512 Vectorized): see that module for why.
@@ -182,7 +182,8 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
 }
 
 // Rows summed in the compute type before their column sums go into the chunk's double partials, and
-// vectors of one row summed before they go into d alpha's double: float sums of more terms lose
+// vector steps of one row (one vector of T: two float vectors for bfloat16 / half) summed before they
+// go into d alpha's double: float sums of more terms lose
 // digits (a float sum of 20M ones stops at 2^24).
 constexpr int64_t kFlushRows = 256;
 constexpr int64_t kFlushSteps = 256;
