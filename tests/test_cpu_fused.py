@@ -78,15 +78,20 @@ def test_residual_dyt_adds_two_dtypes_in_the_wider_one(backend):
 
 
 def test_saturated_inputs_give_no_gradient_to_alpha_or_x():
-    """tanh is +-1 in float where the kernel clamps: 1 - t^2 is 0 there, so an outlier pushes alpha by
-    nothing (the rational form's 0.99999988 gave d alpha 2.4e-7 dy w x: 19.5 at x = 1e4)."""
+    """Where the kernel's tanh saturates its derivative is 0, so an outlier pushes alpha by nothing
+    (the rational form stops at 0.99999976: 1 - t^2 = 4.8e-7 gave d alpha 4.8e-7 dy w x, 19.5 at
+    x = 1e4); a NaN still gives NaN gradients."""
     for value in (50.0, 1e4, -1e30):
         x = torch.full((64, 64), value, requires_grad=True)
         alpha, weight = torch.tensor([0.5], requires_grad=True), torch.ones(64, requires_grad=True)
         y = dyt_fn(x, alpha, weight, torch.zeros(64), backend="cpu")
         y.sum().backward()
-        assert torch.equal(y, torch.full_like(y, 1.0 if value > 0 else -1.0))
+        torch.testing.assert_close(y, torch.full_like(y, 1.0 if value > 0 else -1.0), atol=3e-7, rtol=0)
         assert alpha.grad.item() == 0 and x.grad.abs().max().item() == 0
+    x = torch.tensor([[1.0, float("nan")]], requires_grad=True)
+    alpha = torch.tensor([0.5], requires_grad=True)
+    dyt_fn(x, alpha, torch.ones(2), None, backend="cpu").sum().backward()
+    assert x.grad[0, 0].isfinite() and x.grad[0, 1].isnan() and alpha.grad.isnan().all()
 
 
 def test_parameter_gradients_keep_their_digits_over_many_rows_and_any_thread_count():

@@ -37,17 +37,14 @@ using VF = Vectorized<float>;
 using VD = Vectorized<double>;
 
 // tanh in float: a rational minimax approximation, odd degree 13 over even degree 6 (the form and
-// coefficients of Eigen's ptanh_float), with y clamped to +-7.90531, and exactly +-1 from there on
-// (the rational form gives 0.99999988 there: 1 - t^2 would stay 2.4e-7, and a saturated element
-// would add 2.4e-7 dy w x to d alpha, growing with x). 10 FMAs, 2 multiplies, one division and two
-// selects per vector; measured 2x faster than an exp-based tanh and 7x faster than ATen's Sleef tanh
-// on AVX-512 (docs/performance.md). Max abs error vs float64 measured at 2.6e-7 to 2.8e-7 (float32
-// tanh's: 3e-8; dyt.selfcheck's float32 atol: 2e-6; 1 - tanh(7.90531) is 2.7e-7), relative error
-// near 0 at 3e-7. NaN propagates: the clamp's max/min return their NaN operand, and compares with
-// NaN are false.
-constexpr float kTanhSaturates = 7.90531110763549805f;
+// coefficients of Eigen's ptanh_float), with y clamped to +-7.90531 where it reaches +-1 in float
+// (to 0.99999976: the backward's derivative_of_tanh takes that as saturated).
+// 10 FMAs, 2 multiplies and one division per vector; measured 2x faster than an exp-based tanh and
+// 7x faster than ATen's Sleef tanh on AVX-512 (docs/performance.md). Max abs error vs float64
+// measured at 2.6e-7 to 2.8e-7 (float32 tanh's: 3e-8; dyt.selfcheck's float32 atol: 2e-6), relative
+// error near 0 at 3e-7. NaN propagates: the clamp's max/min return their NaN operand.
 inline VF fast_tanh(VF y) {
-  const VF x = at::vec::clamp(y, VF(-kTanhSaturates), VF(kTanhSaturates));
+  const VF x = at::vec::clamp(y, VF(-7.90531110763549805f), VF(7.90531110763549805f));
   const VF x2 = x * x;
   VF p = at::vec::fmadd(x2, VF(-2.76076847742355e-16f), VF(2.00018790482477e-13f));
   p = at::vec::fmadd(p, x2, VF(-8.60467152213735e-11f));
@@ -58,12 +55,23 @@ inline VF fast_tanh(VF y) {
   VF q = at::vec::fmadd(x2, VF(1.19825839466702e-06f), VF(1.18534705686654e-04f));
   q = at::vec::fmadd(q, x2, VF(2.26843463243900e-03f));
   q = at::vec::fmadd(q, x2, VF(4.89352518554385e-03f));
-  const VF t = VF::blendv(p * x / q, VF(1.f), x >= VF(kTanhSaturates));
-  return VF::blendv(t, VF(-1.f), x <= VF(-kTanhSaturates));
+  return p * x / q;
 }
 
 // double: ATen's (Sleef, 1 ulp) tanh; float64 callers want accuracy, not speed.
 inline VD fast_tanh(VD y) { return y.tanh(); }
+
+// tanh's derivative 1 - t^2 from t = fast_tanh(y), 0 where t is saturated. The float tanh above stops
+// at 0.99999976 (1 - t^2 = 4.8e-7, and 7.2e-7 one float step below): left as it is, every saturated
+// element would add 4.8e-7 dy w x to d alpha, growing with x (19.5 over 4096 elements at x = 1e4, where the
+// gradient is 0). (Taking a constant off 1 - t^2 instead, one op less, biased d alpha by its sum over
+// every element.) One compare and one blend per vector, in the backward only; a NaN stays NaN (its
+// compare is false). Double: 1 - t^2 as is.
+inline VF derivative_of_tanh(VF t) {
+  const VF d = at::vec::fnmadd(t, t, VF(1.f));
+  return VF::blendv(d, VF(0.f), d <= VF(6e-7f));
+}
+inline VD derivative_of_tanh(VD t) { return at::vec::fnmadd(t, t, VD(1.0)); }
 
 // Lanes<T>: moves `width` values of T to and from N vectors of the compute type.
 template <typename T>
@@ -207,7 +215,6 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   double* dbp = db_part.data_ptr<double>();
   double* dap = da_part.data_ptr<double>();
   const V alpha(*alpha_t.const_data_ptr<A>());
-  const V one(A(1));
   // Chunks of rows fixed by the shape alone (not by the thread count), partials indexed by chunk:
   // the sums do not depend on how many threads ran, nor on which ran which chunk. A task takes as
   // many chunks as make g_task_elements.
@@ -220,44 +227,40 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
       double* db_sum = dbp + chunk * cols;
       std::fill(dw_sum, dw_sum + cols, 0.0);
       if (has_bias) std::fill(db_sum, db_sum + cols, 0.0);
-      double dalpha = 0;  // summed in V over at most kFlushSteps vectors, then in double
+      double dalpha = 0;  // summed in V over spans of at most kFlushSteps vector steps of a row, then in double
       const int64_t row_begin = chunk * rows_per_chunk, row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
       for (int64_t block = row_begin; block < row_end; block += kFlushRows) {
         std::fill(dw.begin(), dw.end(), A(0));
         std::fill(db.begin(), db.end(), A(0));
         for (int64_t row = block; row < std::min(row_end, block + kFlushRows); ++row) {
-          V da_row(A(0));
-          int64_t steps = 0;
           const T* xrow = xp + row * sx;
           const T* dyrow = dyp + row * sdy;
           T* dxrow = dxp + row * cols;
-          for (int64_t c = 0; c < cols; c += L::width) {
-            const int64_t n = std::min<int64_t>(L::width, cols - c);
-            L::load(xrow + c, n, v);
-            L::load(dyrow + c, n, d);  // tail lanes load as 0: they add nothing below
-            for (int k = 0; k < L::N; ++k) {
-              const int64_t off = k * V::size();
-              const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
-              if (m == 0) break;
-              const V t = fast_tanh(alpha * v[k]);
-              store_acc(dw.data() + c + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw.data() + c + off, m)));
-              if (has_bias) store_acc(db.data() + c + off, m, load_acc<V>(db.data() + c + off, m) + d[k]);
-              const V gk = d[k] * load_acc<V>(wp + c + off, m) * at::vec::fnmadd(t, t, one);
-              da_row = at::vec::fmadd(gk, v[k], da_row);
-              g[k] = gk * alpha;
+          for (int64_t span = 0; span < cols; span += kFlushSteps * L::width) {
+            V da_row(A(0));
+            for (int64_t c = span; c < std::min(cols, span + kFlushSteps * L::width); c += L::width) {
+              const int64_t n = std::min<int64_t>(L::width, cols - c);
+              L::load(xrow + c, n, v);
+              L::load(dyrow + c, n, d);  // tail lanes load as 0: they add nothing below
+              for (int k = 0; k < L::N; ++k) {
+                const int64_t off = k * V::size();
+                const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
+                if (m == 0) break;
+                const V t = fast_tanh(alpha * v[k]);
+                store_acc(dw.data() + c + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw.data() + c + off, m)));
+                if (has_bias) store_acc(db.data() + c + off, m, load_acc<V>(db.data() + c + off, m) + d[k]);
+                const V gk = d[k] * load_acc<V>(wp + c + off, m) * derivative_of_tanh(t);
+                da_row = at::vec::fmadd(gk, v[k], da_row);
+                g[k] = gk * alpha;
+              }
+              if (dsp) {
+                L::load(dsp + row * sds + c, n, d);
+                for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
+              }
+              L::store(dxrow + c, n, g);
             }
-            if (dsp) {
-              L::load(dsp + row * sds + c, n, d);
-              for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
-            }
-            L::store(dxrow + c, n, g);
-            if (++steps == kFlushSteps) {
-              dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
-              da_row = V(A(0));
-              steps = 0;
-            }
+            dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
           }
-          dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
         }
         for (int64_t c = 0; c < cols; ++c) dw_sum[c] += dw[c];
         if (has_bias)
