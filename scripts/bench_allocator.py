@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dyt.bench import count_arg
 from dyt.errors import help_description
 
 OFF = ["train.reuse_freed_memory=false"]
@@ -74,10 +75,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="the recipe's YAML (default: the module's own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override (repeatable)")
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--skip", type=int, default=3, help="first steps left out of the median (warm-up)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ranks", type=count_arg(1), default=2)
+    parser.add_argument("--steps", type=count_arg(1), default=12)
+    parser.add_argument("--skip", type=count_arg(0), default=3, help="first steps left out of the median (warm-up)")
+    parser.add_argument("--rounds", type=count_arg(1), default=3)
     parser.add_argument("--seed", type=int, default=0, help="seeds the order of the settings in each round")
     parser.add_argument("--json", type=Path, help="also write every run and the ratios here")
     args = parser.parse_args()

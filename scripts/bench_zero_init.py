@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dyt.bench import count_arg
 from dyt.errors import help_description
 
 MODES = ("whole", "partitioned")
@@ -86,7 +87,7 @@ def worker(mode: str, out_dir: Path, overrides: list[str], model_only: bool) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=count_arg(1), default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="LLaMA config override, e.g. model.layers=24 (repeatable)")
     parser.add_argument("--model-only", action="store_true",

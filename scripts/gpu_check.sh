@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU run (H100/H200), in this order:
+# One prepared GPU run (H100/H200), in this order (correctness first: a run cut short by the device's
+# per-command limit loses timings, not the checks):
 #   1. gpu.txt: nvidia-smi, torch / CUDA / Triton versions, the commit.
-#   2. The benchmark (bench.json, bench.txt): kernels at the four LLaMA shapes in bf16, plus a
+#   2. selfcheck.txt: every backend (eager, compiled, fused) against a float64 reference in
+#      fp32/bf16/fp16/fp64, forward and gradients, residual add + DyT with one output used, double
+#      backward, at small odd shapes and at LLaMA shapes (python -m dyt.selfcheck: plain Python,
+#      PASS/FAIL per check, last line "N passed, M failed").
+#   3. tests.txt: tests/test_fused.py and tests/test_dyt_layer.py, when pytest is installed.
+#   4. The benchmark (bench.json, bench.txt): kernels at the four LLaMA shapes in bf16, plus a
 #      LLaMA-7B decoder block.
-#   3. tune.txt (tune.json): scripts/tune_fused_tiles.py, the fused kernels' tile sweep: chosen on
+#   5. tune.txt (tune.json): scripts/tune_fused_tiles.py, the fused kernels' tile sweep: chosen on
 #      LLaMA-7B shapes and a 13B-wide one, confirmed on held-out shapes beside the shipped
-#      constants (GPU only).
-#   4. selfcheck.txt: every backend (eager, compiled, fused) against a float64 reference in
-#      fp32/bf16/fp16, forward and gradients, at small odd shapes and at LLaMA shapes
-#      (python -m dyt.selfcheck: plain Python, PASS/FAIL per check, last line "N passed, M failed").
-#   5. tests.txt: tests/test_fused.py and tests/test_dyt_layer.py, when pytest is installed.
+#      constants (GPU only; stopped after TUNE_SECONDS, default 240; tune.json gets the selection's
+#      timings once that stage ends).
 # Needs only Python with torch + Triton: nothing is installed, nothing comes from a registry (dyt-core
 # is used from this checkout through PYTHONPATH). A failed step never stops the later ones: each
 # step's exit status goes to status.txt, and the script exits 1 when any step failed.
@@ -59,12 +62,8 @@ except ImportError:
 step info gpu.txt info
 
 if [ "$gpu" = 1 ]; then
-  step bench bench.txt "$py" -m dyt.bench --block --json "$out/bench.json"
-  step tune tune.txt "$py" scripts/tune_fused_tiles.py --json "$out/tune.json"
   step selfcheck selfcheck.txt "$py" -m dyt.selfcheck
-else  # CPU: a smoke run of the same code paths, at sizes that take seconds
-  step bench bench.txt "$py" -m dyt.bench --shape 512x256 --warmup 1 --repeats 3 --block \
-    --block-size 128,4,344,64 --json "$out/bench.json"
+else
   step selfcheck selfcheck.txt env TRITON_INTERPRET=1 "$py" -m dyt.selfcheck
 fi
 
@@ -73,6 +72,14 @@ if "$py" -c "import pytest" 2>/dev/null; then  # tests/conftest.py sets TRITON_I
 else
   echo "pytest not installed: tests skipped (selfcheck.txt has the correctness checks)" | tee "$out/tests.txt"
   echo "pytest skipped" >>"$out/status.txt"
+fi
+
+if [ "$gpu" = 1 ]; then
+  step bench bench.txt "$py" -m dyt.bench --block --json "$out/bench.json"
+  step tune tune.txt timeout "${TUNE_SECONDS:-240}" "$py" scripts/tune_fused_tiles.py --json "$out/tune.json"
+else  # CPU: a smoke run of the same code paths, at sizes that take seconds
+  step bench bench.txt "$py" -m dyt.bench --shape 512x256 --warmup 1 --repeats 3 --block \
+    --block-size 128,4,344,64 --json "$out/bench.json"
 fi
 
 echo "== step exit statuses (in $out/status.txt)"

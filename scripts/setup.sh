@@ -10,11 +10,13 @@ py=${PYTHON:-python3}
 stamp=$venv/.dyt-setup-stamp
 
 if [[ "${1:-}" == "--relock" ]]; then
-  {
+  [[ -x "$venv/bin/pip" ]] || { echo "setup.sh --relock: no venv at $venv (DYT_VENV) to read the versions from" >&2; exit 1; }
+  {  # written beside it, then moved: a failure leaves constraints.txt as it was
     echo "# Pinned environment for the whole monorepo (pip constraints): one file, every version."
     echo "# Regenerate with: scripts/setup.sh --relock"
     "$venv/bin/pip" freeze --exclude-editable | grep -v -E '^(dyt-|-e )'
-  } > "$root/constraints.txt"
+  } > "$root/constraints.txt.new"
+  mv "$root/constraints.txt.new" "$root/constraints.txt"
   echo "constraints.txt rewritten from $venv"
   exit 0
 fi
@@ -27,7 +29,7 @@ fi
 
 # fairseq2's native part loads the system libsndfile; torch.compile on CPU needs a C++ compiler.
 need_apt=()
-ldconfig -p 2>/dev/null | grep -q 'libsndfile\.so\.1' || need_apt+=(libsndfile1)
+PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q 'libsndfile\.so\.1' || need_apt+=(libsndfile1)  # ldconfig: /sbin, off a user's PATH
 command -v g++ >/dev/null || need_apt+=(g++)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) == 0 ]]; then

@@ -15,7 +15,8 @@ interleaved rounds (one ``do_bench`` of each per round, median over rounds): the
 varied by ~25% between runs of the same configuration on an H200, so a drift or a tensor placement
 must hit every candidate alike.
 
-    python scripts/tune_fused_tiles.py [--dtype bf16] [--rounds 3] [--json OUT.json] [--old OLD_FUSED.py]
+    python scripts/tune_fused_tiles.py [--dtype bf16] [--select ROWSxCOLS ...] [--confirm ROWSxCOLS ...]
+        [--rounds 3] [--json OUT.json] [--old OLD_FUSED.py]
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _check(fwd, bwd, shape, dtype) -> bool:
     a failure is printed and the candidate dropped."""
     try:
         _assert_close_to_reference(fwd, bwd, shape, dtype)
-    except AssertionError as error:
-        print(f"FAIL at {shape}: {str(error).splitlines()[0]}", flush=True)
+    except Exception as error:  # noqa: BLE001 - a wrong result, or a candidate Triton cannot compile (resources)
+        print(f"FAIL at {shape}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}", flush=True)
         return False
     return True
 
@@ -160,6 +161,7 @@ def main() -> None:
         parser.exit(2, "tune_fused_tiles.py: needs a CUDA device (the kernels' tiles matter only there)\n")
     from dyt.kernels import fused
 
+    old = _load_old(args.old) if args.old else None  # before the sweep: a bad file fails in seconds, not after it
     dtype = DTYPES[args.dtype]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}; "
           f"select on {args.select}, confirm on {args.confirm}; median of {args.rounds} interleaved rounds")
@@ -175,6 +177,8 @@ def main() -> None:
         for tile, per_sm, prefetch, interleave in itertools.product(BACKWARD_TILES, PROGRAMS_PER_SM, PREFETCH,
                                                                     INTERLEAVE)}
     backwards = {k: b for k, b in backwards.items() if _check(fused.fused_forward, b, CHECK_SHAPE, dtype)}
+    if not forwards or not backwards:
+        parser.exit(1, "tune_fused_tiles.py: no forward or no backward candidate passed the float64 check (above)\n")
     fwd_score = _select(forwards, _forward_call, args.select, dtype, args.rounds)
     bwd_score = _select(backwards, _backward_call, args.select, dtype, args.rounds)
     for tile, ms in fwd_score.items():
@@ -192,14 +196,12 @@ def main() -> None:
                fused.BACKWARD_INTERLEAVE)
     record["shipped"] = {"forward": fused.FORWARD_TILE, **dict(zip(keys, shipped))}
     print(f"chosen on {args.select}: {record['chosen']}\nshipped: {record['shipped']}", flush=True)
+    _write(args.json, record)  # the sweep's timings kept if the confirmation stage fails
 
     # 2. the choice, the shipped constants and the earlier kernel on the confirmation shapes
     variants = {"chosen": (forwards[best_fwd], backwards[best_bwd]),
                 "shipped": (fused.fused_forward, fused.fused_backward)}
-    if args.old:
-        spec = importlib.util.spec_from_file_location("old_fused", args.old)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
+    if old is not None:
         variants["old"] = (old.fused_forward, old.fused_backward)
     print(f"\n{'shape':>11} {'op':<22} {'fwd ms':>8} {'f+b ms':>8} {'fwd/copy':>8} {'f+b/LN':>7} {'f+b/RMS':>7}")
     for s in args.confirm:
@@ -216,8 +218,20 @@ def main() -> None:
         for name, r in rows.items():
             print(f"{s[0]:>5}x{s[1]:<5} {name:<22} {r['fwd']:8.4f} {r['f+b']:8.4f} {r['fwd'] / copy:8.2f} "
                   f"{r['f+b'] / ln:7.2f} {r['f+b'] / rms:7.2f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    _write(args.json, record)
+
+
+def _load_old(path: str):
+    """An earlier fused.py as a module of dyt.kernels, so its relative imports resolve."""
+    spec = importlib.util.spec_from_file_location("dyt.kernels._old_fused", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(record, f, indent=1, default=str)
 
 
