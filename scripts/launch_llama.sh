@@ -7,8 +7,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # The venv: DYT_VENV, else the one activated, else the checkout's .venv.
 bin=${DYT_VENV:-${VIRTUAL_ENV:-$root/.venv}}/bin
-[[ -x "$bin/deepspeed" ]] || { echo "launch_llama.sh: no deepspeed in $bin: run make setup, activate a venv or set DYT_VENV" >&2; exit 2; }
 [[ $# -ge 1 ]] || { sed -n '2,5p' "$0"; exit 2; }
+[[ -x "$bin/deepspeed" ]] || { echo "launch_llama.sh: no deepspeed in $bin: run make setup, activate a venv or set DYT_VENV" >&2; exit 2; }
 config=$1; shift
 where=()
 if [[ $# -ge 1 && -f "$1" ]]; then
@@ -20,6 +20,7 @@ elif [[ $# -ge 1 && "$1" != -* && ! "$1" =~ ^[0-9]+$ ]]; then
 else
   gpus=$("$bin/python" -c 'import torch; print(torch.cuda.device_count())')
   if [[ $# -ge 1 && "$1" =~ ^[0-9]+$ ]]; then ranks=$1; shift; else ranks=$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2); fi
+  [[ $ranks -ge 1 ]] || { echo "launch_llama.sh: $ranks ranks: give at least 1" >&2; exit 2; }
   where=(--num_gpus "$ranks")
   if [[ $gpus -eq 0 ]]; then
     # CPU ranks share the cores: one OpenMP team each, waiting passively (see docs/performance.md).

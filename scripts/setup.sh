@@ -27,10 +27,14 @@ if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; t
   exit 0
 fi
 
-# fairseq2's native part loads the system libsndfile; torch.compile on CPU needs a C++ compiler.
+# fairseq2's native part loads the system libsndfile; torch.compile on CPU needs a C++ compiler, and the
+# C++ extensions Python's headers; Debian's python3 makes a venv only with python3-venv.
 need_apt=()
 PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q 'libsndfile\.so\.1' || need_apt+=(libsndfile1)  # ldconfig: /sbin, off a user's PATH
 command -v g++ >/dev/null || need_apt+=(g++)
+"$py" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need_apt+=(python3-dev)
+[[ -x "$venv/bin/python" ]] || "$py" -c "import ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) == 0 ]]; then
     echo "setup: installing system packages: ${need_apt[*]}"

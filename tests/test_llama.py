@@ -290,6 +290,10 @@ def test_the_launch_script_names_a_hostfile_that_is_not_there(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"launch_llama.sh: {tmp_path / 'hosts.txt'}: no such hostfile (the second argument is a rank count or a "
         "hostfile)"), proc.stderr
+    # a rank count of 0 (was bash's "division by 0" on a CPU machine)
+    proc = subprocess.run(["bash", str(script), "recipes/llama/tiny.yaml", "0"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "DYT_VENV": sys.prefix})
+    assert proc.returncode == 2 and proc.stderr.strip() == "launch_llama.sh: 0 ranks: give at least 1", proc.stderr
 
 
 def test_a_corpus_built_by_an_older_builder_is_built_again(tmp_path, monkeypatch):
