@@ -479,6 +479,22 @@ def test_the_gradient_reuse_script_runs():
         assert row in done.stdout
 
 
+def test_the_kernel_ab_script_runs():
+    """scripts/bench_cpu_kernel_ab.py at a tiny shape, the current kernels as the "old" ones (the same
+    build): both timed beside F.layer_norm, their gradients equal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_cpu_kernel_ab.py"
+    done = subprocess.run([sys.executable, str(script), "--old", str(cpu_fused.SOURCE), "--shape", "16x8",
+                           "--rounds", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "new / old" in done.stdout and "0.00e+00, 0.00e+00, 0.00e+00, 0.00e+00" in done.stdout, done.stdout
+    for row in ("DyT cpu (new)", "DyT cpu (old)", "F.layer_norm"):
+        assert row in done.stdout
+
+
 def test_double_backward():
     """Under create_graph the cpu backend's gradients are differentiable (before, a second backward
     silently left DyT out: x.grad of sum(dyt(x) + x**2)'s gradient came out as 2 everywhere)."""
