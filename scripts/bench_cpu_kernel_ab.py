@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dyt.allocator import keep_freed_blocks
-from dyt.bench import count_arg, machine_info, shape_arg, time_interleaved
+from dyt.bench import count_arg, cpu_timing_header, shape_arg, time_interleaved
 from dyt.errors import help_description
 from dyt.functional import dyt
 from dyt.kernels import cpu_fused
@@ -78,11 +78,7 @@ def main() -> None:
         old = CpuExtension("dyt_cpu", args.old, what="C++ kernels", unavailable="--old", instead="").load()
     except CpuKernelBuildError as error:
         parser.exit(1, f"bench_cpu_kernel_ab.py: --old {args.old}: {error}\n")
-    allocator = keep_freed_blocks() if args.training_allocator else "glibc defaults"
-    machine = machine_info(torch.device("cpu"))
-    print(f"{machine['device']}, torch {machine['torch']}, {machine['threads']} threads, fp32, median of "
-          f"{args.rounds} interleaved rounds, load average {machine['load_average'][0]:.2f}, allocator "
-          f"{allocator}, OpenMP {machine['openmp_env'] or 'default'}")
+    print(cpu_timing_header(args.rounds, keep_freed_blocks().removeprefix("allocator: ") if args.training_allocator else None))
     for rows, cols in args.shapes or [(8192, 1024), (1024, 192)]:
         times = measure({"new": new, "old": old}, rows, cols, args.warmup, args.rounds)
         difference = times.pop("largest gradient difference (x, alpha, weight, bias)")

@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dyt.bench import count_arg, machine_info, peak_bytes, shape_arg, time_interleaved
+from dyt.bench import count_arg, cpu_timing_header, peak_bytes, shape_arg, time_interleaved
 from dyt.errors import help_description
 from dyt.functional import dyt
 from dyt.kernels import cpu_fused
@@ -69,10 +69,7 @@ def main() -> None:
     if not cpu_fused.reuse_gradient_buffers():
         raise SystemExit("bench_gradient_reuse: the cpu backend does not reuse gradients on this torch "
                          "(owned_gradient_refs() is 0), so there is nothing to compare")
-    machine = machine_info(torch.device("cpu"))
-    print(f"{machine['device']}, torch {machine['torch']}, {machine['threads']} threads, fp32, median of "
-          f"{args.rounds} interleaved rounds, load average {machine['load_average'][0]:.2f}, allocator "
-          f"{machine['allocator_env'] or 'glibc defaults'}, OpenMP {machine['openmp_env'] or 'default'}")
+    print(cpu_timing_header(args.rounds))
     print("forward + backward of norm(x) * g (same gradients with the reuse on and off: checked)")
     for rows, cols in args.shapes or [(8192, 1024), (1024, 192)]:
         results = measure(rows, cols, args.warmup, args.rounds)

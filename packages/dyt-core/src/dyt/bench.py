@@ -435,6 +435,15 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def cpu_timing_header(rounds: int, allocator: str | None = None) -> str:
+    """The first line of a CPU timing script's output: the machine, torch, threads, rounds, load and
+    the allocator and OpenMP settings the ratios below were measured under."""
+    machine = machine_info(torch.device("cpu"))
+    return (f"{machine['device']}, torch {machine['torch']}, {machine['threads']} threads, fp32, median of "
+            f"{rounds} interleaved rounds, load average {machine['load_average'][0]:.2f}, allocator "
+            f"{allocator or machine['allocator_env'] or 'glibc defaults'}, OpenMP {machine['openmp_env'] or 'default'}")
+
+
 def shape_arg(text: str) -> tuple[int, int]:
     rows, _, cols = text.lower().partition("x")
     try:

@@ -35,6 +35,7 @@ _SATURATED = tl.constexpr(SATURATED)
 TANH_FLOAT32, TANH_FLOAT64, TANH_HALF = 0, 1, 2
 """``_tanh``'s modes: float32 math for float32 output; float64 math; float32 math for half and
 bfloat16 output."""
+_TANH_FLOAT64, _TANH_HALF = tl.constexpr(TANH_FLOAT64), tl.constexpr(TANH_HALF)  # as the kernels read them
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def _tanh(y, MODE: tl.constexpr):
     e = tl.exp(-2.0 * ay)
     large = (1.0 - e) / (1.0 + e)
     large = tl.where(y < 0, -large, large)
-    if MODE == 2:
+    if MODE == _TANH_HALF:
         return tl.where(ay < 0.0078125, y, large)
     y2 = y * y
     p = y2 * (21844.0 / 6081075.0) - 1382.0 / 155925.0
@@ -62,7 +63,7 @@ def _tanh(y, MODE: tl.constexpr):
     p = p * y2 - 17.0 / 315.0
     p = p * y2 + 2.0 / 15.0
     p = p * y2 - 1.0 / 3.0
-    if MODE == 1:
+    if MODE == _TANH_FLOAT64:
         return tl.where(ay < 0.0009765625, y + y * y2 * p, large)
     return tl.where(ay < 0.4, y + y * y2 * p, large)
 
