@@ -27,6 +27,11 @@ if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; t
   exit 0
 fi
 
+# constraints.txt pins releases (numpy 2.4, pandas 3.1, ...) that need Python 3.11 or newer
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || {
+  echo "setup: $py is Python $("$py" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(not found)');" \
+       "the pinned environment needs 3.11 or newer: set PYTHON=python3.11 (or newer)" >&2; exit 1; }
+
 # fairseq2's native part loads the system libsndfile; torch.compile on CPU needs a C++ compiler, and the
 # C++ extensions Python's headers; Debian's python3 makes a venv only with python3-venv.
 need_apt=()

@@ -336,3 +336,36 @@ def test_the_llama_paper_configs_decay_to_a_tenth_of_their_peak(size):
 
     train = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "llama" / f"{size}.yaml").read_text())["train"]
     assert train["min_lr"] == pytest.approx(train["lr"] / 10)
+
+
+@pytest.mark.parametrize("size", ["7b", "13b", "34b", "70b"])
+def test_the_llama_paper_configs_train_on_4m_token_batches_whatever_the_rank_count(size):
+    """LLaMA 2's global batch, 4M tokens, on any power-of-two GPU count from 1 to 256 (grad_accum derived)."""
+    config = load_config(__import__("dyt_llama.task", fromlist=["LlamaConfig"]).LlamaConfig,
+                         Path(__file__).parents[1] / "recipes" / "llama" / f"{size}.yaml", [])
+    assert config.train.global_batch_size * config.data.seq_len == 4 * 2**20
+    for ranks in (1, 8, 64, 256):
+        train = config.train.for_world(ranks)
+        assert train.micro_batch_size * ranks * train.grad_accum == config.train.global_batch_size
+
+
+def test_a_global_batch_size_sets_grad_accum_for_each_rank_count():
+    from dyt.train.cli import check_machine
+
+    train = TrainConfig(micro_batch_size=4, global_batch_size=64)
+    assert [train.for_world(n).grad_accum for n in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    assert train.for_world(8).derived_deepspeed_config()["gradient_accumulation_steps"] == 2
+    assert TrainConfig(grad_accum=3).for_world(5).grad_accum == 3  # none set: grad_accum as given
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=64 on 3 rank\(s\) at train.micro_batch_size=4: 16 "
+                                          r"micro-batches per step do not split evenly over 3 ranks; launch 1, 2, 4, 8, "
+                                          r"16 rank\(s\), or change train.micro_batch_size"):
+        train.for_world(3)
+    with pytest.raises(ConfigError, match=r"on 32 rank\(s\)"):  # fewer micro-batches than ranks
+        train.for_world(32)
+    with pytest.raises(ConfigError, match="train.global_batch_size=64 and train.grad_accum=2 both set the batch"):
+        TrainConfig(grad_accum=2, global_batch_size=64)
+    with pytest.raises(ConfigError, match="train.global_batch_size=64 is not a multiple of train.micro_batch_size=3"):
+        TrainConfig(micro_batch_size=3, global_batch_size=64)
+    with pytest.raises(ConfigError, match="global_batch_size"):  # checked before a launch prepares any data
+        check_machine(load_config(ToyConfig, None, ["train.global_batch_size=24", "train.micro_batch_size=8"]), 2)
+    check_machine(load_config(ToyConfig, None, ["train.global_batch_size=24", "train.micro_batch_size=8"]), 3)

@@ -480,7 +480,8 @@ def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
     (tmp_path / "config.yaml").write_text("train:\n  micro_batch_size: 4\n  grad_accum: 1\n")
     said = global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4), 8)
     assert said.startswith("warning: global batch 64 -> 32 examples per step (micro_batch_size x ranks x grad_accum: "
-                           "4 x 16 x 1 -> 4 x 8 x 1)") and said.endswith("--set train.grad_accum=2 keeps it")
+                           "4 x 16 x 1 -> 4 x 8 x 1)") and said.endswith(
+        "--set train.grad_accum=2 keeps it (train.global_batch_size: 64 keeps it on every rank count that divides it)")
     assert global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 8) is None
     assert "no train.grad_accum keeps it" in global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4), 5)
     # launched at step 0 with grad_accum 2 (saved step 100), relaunched at 100 with 4, killed before saving:
@@ -490,6 +491,14 @@ def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
     (tmp_path / "launches.jsonl").write_text("".join(json.dumps(row) + "\n" for row in launches))
     assert global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 16) is None
     assert "128 -> 64" in global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=1), 16)
+    # saved with a global batch of 128 on 16 ranks (grad_accum derived: 2), resumed on 8 with the same setting
+    (tmp_path / "launches.jsonl").unlink()
+    (tmp_path / "config.yaml").write_text("train:\n  micro_batch_size: 4\n  global_batch_size: 128\n")
+    kept = TrainConfig(micro_batch_size=4, global_batch_size=128)
+    assert global_batch_change(tmp_path, 100, 16, kept.for_world(8), 8) is None
+    said = global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, global_batch_size=64).for_world(8), 8)
+    assert "global batch 128 -> 64 examples per step (micro_batch_size x ranks x grad_accum: 4 x 16 x 2 -> 4 x 8 x 2)" in said
+    assert said.endswith("--set train.global_batch_size=128 keeps it")
 
 
 def test_the_data_order_is_a_tensor_read_in_blocks_and_the_order_it_always_was(monkeypatch):

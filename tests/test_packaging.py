@@ -118,3 +118,59 @@ def test_dyt_data_installs_alone_with_its_declared_dependencies(tmp_path):
         capture_output=True, text=True, env=env)
     assert check.returncode == 0 and check.stdout.strip() == "[1, 2, 3] False", check.stdout + check.stderr
 
+
+
+OPTIONAL_IMPORTS = {
+    "dyt-core": {"triton", "liger_kernel", "mamba_ssm", "dyt_llama"},
+    "dyt-dna": {"mamba_ssm"},
+}
+"""Modules a package imports only behind a guard that names what to install (the Triton backends, the
+Liger and Mamba references of ``dyt-bench``, its ``--llama`` timing, Caduceus' CUDA scan), so not
+dependencies."""
+
+USED_WITHOUT_IMPORT = {"ninja", "tensorboard"}
+"""Declared, never imported by name: torch's cpp_extension runs ninja, torch.utils.tensorboard needs
+tensorboard."""
+
+
+def _imported_distributions(src: Path, optional: set[str]) -> dict[str, set[str]]:
+    """Distribution name -> the modules of ``src`` that import it, for every ``import`` statement
+    anywhere in the files (lazy imports inside functions too); the standard library and the
+    package's own modules and the ``optional`` ones left out."""
+    import ast
+
+    owners = metadata.packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in optional or (src / top).is_dir():
+                    continue
+                for dist in owners.get(top, [f"(no installed distribution provides {top!r})"]):
+                    found.setdefault(dist.lower().replace("_", "-"), set()).add(path.relative_to(src).as_posix())
+    return found
+
+
+@pytest.mark.parametrize("package", ["dyt-core", "dyt-data", "dyt-llama", "dyt-wav2vec2", "dyt-dna"])
+def test_each_package_declares_every_distribution_it_imports(package):
+    """A package installed alone gets only what its pyproject.toml declares (extras included for
+    dyt-core, whose extras are what ``dyt.train`` and the plots need): an import that arrives through
+    someone else's requirements breaks when they drop it."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project.get("optional-dependencies", {}).values()
+                                                 for r in extra)]
+    declared = {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    imported = _imported_distributions(ROOT / "packages" / package / "src", OPTIONAL_IMPORTS.get(package, set()))
+    missing = {dist: sorted(files) for dist, files in imported.items() if dist not in declared | {package}}
+    assert not missing, f"{package} imports distributions its pyproject.toml does not declare: {missing}"
+    unused = declared - set(imported) - USED_WITHOUT_IMPORT
+    assert not unused, f"{package} declares distributions it never imports: {sorted(unused)}"

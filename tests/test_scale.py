@@ -146,9 +146,13 @@ def _resume_from_step_3(ranks: int, items: list[str], cwd: Path, whole: str = "w
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage, saved_ranks, resumed_ranks", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2), (0, 2, 1)],
-                         ids=["zero2-2-to-1", "zero2-1-to-2", "zero3-2-to-1", "zero3-1-to-2", "zero0-2-to-1"])
-def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, stage, saved_ranks, resumed_ranks):
+@pytest.mark.parametrize("stage, saved_ranks, resumed_ranks, global_batch",
+                         [(2, 2, 1, False), (2, 1, 2, False), (3, 2, 1, False), (3, 1, 2, False), (0, 2, 1, False),
+                          (0, 2, 1, True)],
+                         ids=["zero2-2-to-1", "zero2-1-to-2", "zero3-2-to-1", "zero3-1-to-2", "zero0-2-to-1",
+                              "zero0-2-to-1-global-batch"])
+def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, stage, saved_ranks, resumed_ranks,
+                                                                      global_batch):
     """A toy run of 6 steps on ``saved_ranks`` checkpoints at steps 3 and 6. A copy cut back to step
     3 resumes on ``resumed_ranks`` with grad_accum set so that the global batch stays 16 examples
     (2 ranks x 8, or 1 rank x 8 x 2 micro-batches). DeepSpeed refuses a ZeRO-2 checkpoint on another
@@ -157,6 +161,8 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     holds whole states and loads as is. Under ZeRO-3 DeepSpeed's universal load hands both parameter
     groups one shared Adam ``step`` tensor, which AdamW then advanced twice per step (alpha at step 4
     was 0.48921 against 0.48940); the harness gives each its own (``_repair_optimizer_after_load``).
+    With ``global_batch``, both launches say ``train.global_batch_size=16`` instead, and each derives
+    its grad_accum: the same settings resume on a lost rank with no change to make.
 
     What must continue: the step (metrics rows 4-6 follow 1-3), the LR schedule (same lr per step),
     the data position (same examples per step: the losses would differ at step 4 otherwise, e.g.
@@ -166,18 +172,18 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     micro-batches on the other (tests/test_distributed.py compares the two set-ups alike); the
     fp32 weights and moments come through the universal checkpoint exactly."""
     accum = {1: 2, 2: 1}
+    batch = {n: ["train.global_batch_size=16"] if global_batch else [f"train.grad_accum={accum[n]}"] for n in accum}
     extra = []
     if stage == 3:  # every parameter partitioned, DyT's alpha too (logged gathered: it was NaN)
         (tmp_path / "partition_all.json").write_text(
             '{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
         extra = ["train.deepspeed_config=partition_all.json"]
-    _toy(saved_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[saved_ranks]}", "train.out_dir=whole",
-                       *extra], tmp_path)
+    saved = _toy(saved_ranks, [f"train.zero_stage={stage}", *batch[saved_ranks], "train.out_dir=whole", *extra],
+                 tmp_path)
     checkpoints = tmp_path / "whole/checkpoints"
     assert json.loads((checkpoints / "step_00000003/COMPLETE").read_text()) == {"step": 3, "world_size": saved_ranks}
 
-    resume = _resume_from_step_3(resumed_ranks, [f"train.zero_stage={stage}", f"train.grad_accum={accum[resumed_ranks]}",
-                                                 *extra], tmp_path)
+    resume = _resume_from_step_3(resumed_ranks, [f"train.zero_stage={stage}", *batch[resumed_ranks], *extra], tmp_path)
     out = resume.stdout
     universal = (tmp_path / "resumed/checkpoints/step_00000003/universal/COMPLETE").is_file()
     if stage:
@@ -186,7 +192,13 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     else:
         assert f"saved by {saved_ranks} rank(s), now {resumed_ranks})" in out and not universal
     assert "(step 3, data epoch 0 example 48;" in out  # 3 steps x 16 examples
-    assert f"train.grad_accum {accum[saved_ranks]} -> {accum[resumed_ranks]}" in out
+    if global_batch:
+        for proc, ranks in ((saved, saved_ranks), (resume, resumed_ranks)):
+            assert (f"global batch 16 examples per step: micro-batch 8 x {ranks} rank(s) x grad_accum {accum[ranks]}"
+                    in proc.stdout)
+        assert "train.grad_accum" not in out and "warning: global batch" not in out  # nothing to change by hand
+    else:
+        assert f"train.grad_accum {accum[saved_ranks]} -> {accum[resumed_ranks]}" in out
 
     whole = read_metrics(tmp_path / "whole/metrics.jsonl")
     resumed = read_metrics(tmp_path / "resumed/metrics.jsonl")

@@ -17,11 +17,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tomllib
 
 from dyt.train import compare as shared
 from dyt.train import load_config, read_metrics, run_recipe

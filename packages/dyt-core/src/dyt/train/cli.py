@@ -63,10 +63,12 @@ def _norm_configs(config: Any, prefix: str = "") -> Iterator[tuple[str, NormConf
             yield from _norm_configs(value, f"{prefix}{f.name}.")
 
 
-def check_machine(config: Any) -> None:
-    """What the config asks of this machine, checked before any data is prepared: fp16 needs CUDA
-    (DeepSpeed has no fp16 on CPU), and every DyT's backend (its ``backend`` key, else
-    ``DYT_BACKEND``) must run on the device the ranks train on."""
+def check_machine(config: Any, ranks: int) -> None:
+    """What the config asks of this machine and a launch of ``ranks`` processes, checked before any
+    data is prepared: fp16 needs CUDA (DeepSpeed has no fp16 on CPU), every DyT's backend (its
+    ``backend`` key, else ``DYT_BACKEND``) must run on the device the ranks train on, and a
+    ``train.global_batch_size`` must split over the ranks."""
+    config.train.for_world(ranks)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # as dyt.train.distributed picks it
     if config.train.precision == "fp16" and device == "cpu":
         raise ConfigError("train.precision='fp16' needs a CUDA GPU (DeepSpeed runs no fp16 on CPU): "
@@ -99,7 +101,7 @@ def run_recipe(
                 print(f"--resume: changed since the run's config.yaml: {'; '.join(changed)}", flush=True)
         else:
             check_fresh_start(config)
-        check_machine(config)
+        check_machine(config, int(os.environ.get("WORLD_SIZE", "1")))  # set by the deepspeed launcher and torchrun
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
         return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)

@@ -372,7 +372,7 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     overrides = (*args.overrides, *norm_variant_overrides(norm), *(f"{k}={v}" for k, v in sweep))
                     config = load_config(spec.config_class, config_path, [*overrides, *run_items(seed, out)])
                     if getattr(args, "fresh", False) or finished_step(out) < config.train.steps:
-                        check_machine(config)  # a finished run is not launched: its report needs no training here
+                        check_machine(config, args.nproc)  # a finished run is not launched: its report needs no training here
                     if config.train.eval_every == 0:
                         raise CompareError(f"{point.label}: train.eval_every=0 turns validation off, and the report "
                                            "compares each run's validation: give a positive train.eval_every "
@@ -458,13 +458,14 @@ def launch_command(module: str, launcher: str, nproc: int) -> list[str]:
         raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     if launcher == "python" and nproc != 1:
         raise ValueError("the python launcher runs one process: use nproc 1")
-    bindir = Path(sys.executable).parent
+    # The launchers' modules under this interpreter, not their console scripts: those are not beside
+    # sys.executable in a --user or system install.
     if launcher == "deepspeed":
-        return [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-                "--module", module]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), "--module", module]
     if launcher == "torchrun":
-        return [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                "-m", module]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), "-m", module]
     return [sys.executable, "-m", module]
 
 

@@ -18,6 +18,7 @@ A dataclass with a ``SHORTHAND`` class attribute accepts a bare scalar for that 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -120,6 +121,11 @@ class TrainConfig:
     """Examples per rank per forward."""
     grad_accum: Annotated[int, AT_LEAST_ONE] = 1
     """Micro-batches per optimizer step."""
+    global_batch_size: Annotated[int, AT_LEAST_ONE] | None = None
+    """Examples per optimizer step over all ranks, whatever their number: each launch derives
+    ``grad_accum`` = global_batch_size / (micro_batch_size x ranks), which must divide evenly, so a
+    run resumed on fewer or more ranks (a lost node) goes on with the same batch. None: the batch is
+    micro_batch_size x ranks x grad_accum."""
     lr: Annotated[float, POSITIVE] = 3e-4
     min_lr: Annotated[float, NON_NEGATIVE] = 3e-5
     """The cosine schedule ends here."""
@@ -161,7 +167,7 @@ class TrainConfig:
     HARNESS_KEYS: typing.ClassVar[dict[str, str]] = {
         "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
         "gradient_accumulation_steps": "set train.grad_accum",
-        "train_batch_size": "set train.micro_batch_size and train.grad_accum",
+        "train_batch_size": "set train.global_batch_size (or train.micro_batch_size and train.grad_accum)",
         "optimizer": "set train.lr, train.betas and train.weight_decay (the harness builds AdamW)",
         "scheduler": "set train.lr, train.min_lr and train.warmup_steps (the harness builds the schedule)",
         "bfloat16": "set train.precision (bfloat16 is DeepSpeed's old name of bf16)",
@@ -185,8 +191,8 @@ class TrainConfig:
     that setting derives (``train.*`` is the run's one source of truth)."""
 
     RESUME_MAY_CHANGE: typing.ClassVar[frozenset[str]] = frozenset({
-        "out_dir", "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "grad_clip",
-        "deepspeed_config", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+        "out_dir", "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size",
+        "grad_clip", "deepspeed_config", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
         "num_workers", "progress", "tensorboard", "reuse_freed_memory",
     })
     """Settings ``--resume`` accepts changed (see :func:`resume_changes`). The others are fixed for a
@@ -196,8 +202,8 @@ class TrainConfig:
     saved step; the data position is kept in samples, so the batch settings may change too."""
 
     RESUME_CHANGES_RESULTS: typing.ClassVar[frozenset[str]] = frozenset({
-        "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "grad_clip", "deepspeed_config",
-        "eval_batches", "num_workers", "log_every",
+        "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size", "grad_clip",
+        "deepspeed_config", "eval_batches", "num_workers", "log_every",
     })
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
     examples validation scores (``eval_batches``), the random crops of data-loading workers
@@ -228,6 +234,33 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr:g} is above train.lr={self.lr:g}: the cosine schedule would "
                               "rise from the peak to its end; lower train.min_lr (e.g. a tenth of train.lr)")
+        if self.global_batch_size is not None:
+            if self.grad_accum != 1:
+                raise ConfigError(f"train.global_batch_size={self.global_batch_size} and train.grad_accum="
+                                  f"{self.grad_accum} both set the batch (each launch derives grad_accum from the "
+                                  "global batch): drop one of them")
+            if self.global_batch_size % self.micro_batch_size:
+                raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                                  f"train.micro_batch_size={self.micro_batch_size}: no number of ranks and "
+                                  "micro-batches makes it")
+
+    def for_world(self, ranks: int) -> TrainConfig:
+        """These settings as ``ranks`` processes train them: with ``global_batch_size``, ``grad_accum``
+        derived from it (an error naming the rank counts that divide it, where ``ranks`` does not)."""
+        if self.global_batch_size is None:
+            return self
+        accum, left = divmod(self.global_batch_size, self.micro_batch_size * ranks)
+        if accum and not left:
+            derived = copy.copy(self)  # not dataclasses.replace: __post_init__ refuses grad_accum beside the global batch
+            derived.grad_accum = accum
+            return derived
+        micro_batches = self.global_batch_size // self.micro_batch_size
+        fits = [n for n in range(1, micro_batches + 1) if micro_batches % n == 0]
+        shown = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
+        raise ConfigError(f"train.global_batch_size={self.global_batch_size} on {ranks} rank(s) at "
+                          f"train.micro_batch_size={self.micro_batch_size}: {micro_batches} micro-batches per "
+                          f"step do not split evenly over {ranks} ranks; launch {shown} rank(s), or change "
+                          "train.micro_batch_size")
 
     def validate(self) -> None:
         """``out_dir`` can be a folder; the DeepSpeed JSON exists, parses, is an object, leaves the

@@ -231,7 +231,8 @@ def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainCo
     saved it did (``micro_batch_size x ranks x grad_accum``; a lost node, more GPUs): the LR schedule
     runs by step, so each step's examples change under it. The saving launch is read from the run's
     launch record (the last launch that started before ``step``; a launch since may have died before
-    its first save), else its ``config.yaml``. Names the ``grad_accum`` that keeps the batch, if one does."""
+    its first save), else its ``config.yaml``. Names the ``grad_accum`` that keeps the batch, if one
+    does. ``cfg``: the settings as this launch trains them (``TrainConfig.for_world``)."""
     import yaml
 
     train = None
@@ -246,12 +247,18 @@ def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainCo
             return None
     micro = train.get("micro_batch_size", TrainConfig.micro_batch_size)
     accum = train.get("grad_accum", TrainConfig.grad_accum)
+    if train.get("global_batch_size") is not None:  # that launch derived its grad_accum from it
+        accum = train["global_batch_size"] // (micro * saved_world)
     before, now = micro * saved_world * accum, cfg.micro_batch_size * world * cfg.grad_accum
     if before == now:
         return None
     keep, left = divmod(before, cfg.micro_batch_size * world)
-    hint = (f"; --set train.grad_accum={keep} keeps it" if keep and not left
-            else "; no train.grad_accum keeps it at this micro-batch size and rank count")
+    if cfg.global_batch_size is not None:
+        hint = f"; --set train.global_batch_size={before} keeps it"
+    else:
+        hint = (f"; --set train.grad_accum={keep} keeps it" if keep and not left
+                else "; no train.grad_accum keeps it at this micro-batch size and rank count")
+        hint += f" (train.global_batch_size: {before} keeps it on every rank count that divides it)"
     return (f"warning: global batch {before} -> {now} examples per step (micro_batch_size x ranks x grad_accum: "
             f"{micro} x {saved_world} x {accum} -> {cfg.micro_batch_size} x {world} x {cfg.grad_accum}): the "
             f"schedule runs by step, so every step from here sees {now / before:.3g}x the examples{hint}")
@@ -409,9 +416,9 @@ def _construction_step_undone(optimizer: torch.optim.Optimizer):
 
 class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None):
-        self.task, self.cfg = task, cfg
         self.full_config = full_config if full_config is not None else cfg
         self.dist = init_distributed()
+        self.task, self.cfg = task, cfg.for_world(self.dist.world_size)  # grad_accum from a global batch
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
 
@@ -569,6 +576,9 @@ class Trainer:
             if dist.is_main:
                 print(said + ("; train.reuse_freed_memory=false keeps glibc's defaults" if sets_it_now and applied() else ""),
                       flush=True)
+        if cfg.global_batch_size is not None and dist.is_main:
+            print(f"global batch {cfg.global_batch_size} examples per step: micro-batch {cfg.micro_batch_size} x "
+                  f"{dist.world_size} rank(s) x grad_accum {cfg.grad_accum}", flush=True)
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
         # Too little data is an error before the engine is built.
         batches = ResumableBatches(train_set, self.task, cfg, dist)
