@@ -31,6 +31,7 @@ from dyt import convert_norms
 from dyt.allocator import cannot_keep_freed_blocks
 from dyt.bench import format_kernels
 from dyt.errors import output_folder, user_errors
+from dyt.train.compare import too_many_ranks
 from dyt.train.config import AT_LEAST_ONE
 from dyt.train.recipe import RecipeSpec
 
@@ -79,7 +80,7 @@ def run_bench(argv: list[str]) -> None:
 
 @user_errors("demo")  # bad input in any part: one line, exit status 2, as each command alone
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=Path("runs/demo"))
     parser.add_argument("--llama-config", type=Path, default=None,
                         help="default: the tiny config shipped with dyt_llama")
@@ -88,6 +89,8 @@ def main() -> None:
                         help="train every part anew (each compare's --fresh): for runs kept from before a change "
                              "of a recipe's settings, which a re-run otherwise stops at, naming the change")
     args = parser.parse_args()
+    if (problem := too_many_ranks(args.nproc)) is not None:  # before the first part trains anything
+        parser.error(problem)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}  # each part's wall time, for the report

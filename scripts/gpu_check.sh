@@ -21,8 +21,15 @@
 # interpreter.
 #   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else runs/gpu; PYTHON picks the interpreter)
 set -uo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+  -*) echo "gpu_check.sh: unknown option $1 (usage: scripts/gpu_check.sh [OUT_DIR])" >&2; exit 2 ;;
+esac
+[[ $# -le 1 ]] || { echo "gpu_check.sh: one OUT_DIR at most, got $#: $*" >&2; exit 2; }
 out=${1:-${OUT:-runs/gpu}}
-mkdir -p "$out" && out=$(cd "$out" && pwd)
+# every step's log goes there: a folder that cannot be made would leave a whole device run without them
+mkdir -p "$out" 2>/dev/null && out=$(cd "$out" && pwd) \
+  || { echo "gpu_check.sh: cannot make the folder $out for the logs (a file is there, or no permission)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 py=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD/packages/dyt-core/src${PYTHONPATH:+:$PYTHONPATH}"

@@ -2,6 +2,7 @@
 # Create or refresh the project's virtual environment: the pinned stack from constraints.txt and the
 # five packages installed editable. Idempotent: when nothing changed since the last run it exits at once.
 #   DYT_VENV   where the venv lives (default: .venv at the repo root)
+#   PYTHON     the interpreter the venv is made from (3.11 or newer; default python3)
 #   --relock   rewrite constraints.txt from what is installed now (after changing a dependency)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,6 +10,11 @@ venv=${DYT_VENV:-$root/.venv}
 py=${PYTHON:-python3}
 stamp=$venv/.dyt-setup-stamp
 
+case "$#:${1:-}" in
+  0:|1:--relock) ;;
+  1:-h|1:--help) sed -n '2,6p' "$0"; exit 0 ;;
+  *) echo "setup.sh: unknown arguments: $* (usage: scripts/setup.sh [--relock])" >&2; exit 2 ;;
+esac
 if [[ "${1:-}" == "--relock" ]]; then
   [[ -x "$venv/bin/pip" ]] || { echo "setup.sh --relock: no venv at $venv (DYT_VENV) to read the versions from" >&2; exit 1; }
   {  # written beside it, then moved: a failure leaves constraints.txt as it was

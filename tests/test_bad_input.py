@@ -213,6 +213,9 @@ CASES = [
          ("--set", "model.norm.kind is what each --norms entry sets")),
     Case("llama-compare-seed-twice", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/cmp", "--seeds", "0", "0"),
          ("--seeds", "listed twice")),
+    Case("llama-compare-seeds-option-twice", "dyt-llama-compare",  # argparse kept the last: seed 2 alone
+         ("dyt-llama-compare", "--out", "{tmp}/cmp", "--seeds", "0", "1", "--seeds", "2"),
+         ("--seeds", "given twice: list every value after one --seeds")),
     Case("dna-compare-tasks-of-one-name", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--tasks", "{tmp}/csv", "{tmp}/csv-comma/../csv"),
          ("--tasks", "both named 'csv'")),
@@ -221,6 +224,12 @@ CASES = [
          ("--sweep", "model.arch is the model each --configs file builds")),
     Case("dna-compare-eval-window-over-context", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--eval-window", "100000"), ("--eval-window", "longer than a model's context")),
+    Case("w2v-compare-ctc-option-without-ctc", "dyt-wav2vec2-compare",
+         ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--evals", "contrastive", "probe", "--ctc-steps", "100"),
+         ("--ctc-steps", "an eval that --evals contrastive probe does not run")),
+    Case("w2v-eval-keyword-steps-without-keywords", "dyt_wav2vec2.eval",
+         ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "ctc", "--steps", "10", "--ctc-mask-time", "0.1"),
+         ("--steps set(s) an eval that --evals ctc does not run",)),  # the CTC masking is CTC's own: accepted
     Case("w2v-eval-evals-twice", "dyt_wav2vec2.eval", ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "probe", "probe"),
          ("--evals", "probe is listed twice")),
     Case("dna-compare-too-little-data", "dyt-dna-compare",

@@ -13,7 +13,7 @@ from dyt.bench import is_allocator_setting, main
 
 def test_bench_writes_kernels_and_block(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["--shape", "64x48", "--repeats", "1", "--warmup", "0", "--block", "--block-size", "32,2,64,16",
+    main(["--shape", "64x48", "--repeats", "1", "--warmup", "0", "--block-size", "32,2,64,16",  # a size implies --block
           "--json", str(out)])
     payload = json.loads(out.read_text())
     ops = payload["kernels"]["64x48"]

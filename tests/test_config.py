@@ -98,6 +98,8 @@ def test_null_clears_an_optional_string_setting():
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(ToyConfig, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a folder: give a config file"):
+        load_config(ToyConfig, tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'; valid keys under 'train': out_dir, steps") as error:
@@ -168,6 +170,13 @@ def test_print_config_round_trips(tmp_path, capsys):
     config, _ = parse_args(ToyConfig, argv[:-1])
     assert load_config(ToyConfig, path) == config and config.model.norm.kind == "rmsnorm"
     assert not out.exists()
+    # a global batch: the grad_accum printed is not the one a launch trains with, and the output says so
+    argv = ["--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=4", "--print-config"]
+    assert run_recipe(ToyConfig, no_task, argv) is None
+    printed = capsys.readouterr().out
+    assert printed.endswith("# train.grad_accum is derived by each launch from train.global_batch_size: 32 / (4 x ranks)\n")
+    path.write_text(printed)
+    assert load_config(ToyConfig, path) == parse_args(ToyConfig, argv[:-1])[0]
 
 
 def test_cli_config_error_exits_with_message(capsys):

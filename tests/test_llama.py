@@ -296,6 +296,43 @@ def test_the_launch_script_names_a_hostfile_that_is_not_there(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "launch_llama.sh: 0 ranks: give at least 1", proc.stderr
 
 
+def test_the_launch_script_helps_checks_its_config_and_takes_a_port_of_its_own(tmp_path):
+    """--help was handed to every rank as a training argument, a missing config started the launcher
+    first, and every local launch met on DeepSpeed's port 29500 (two at once collided). A venv whose
+    deepspeed prints its arguments shows what the script would run."""
+    script = Path(__file__).parents[1] / "scripts" / "launch_llama.sh"
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "deepspeed").write_text('#!/bin/bash\necho "deepspeed $*"\n')
+    (venv / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    for tool in ("deepspeed", "python"):
+        (venv / tool).chmod(0o755)
+    env = {**os.environ, "DYT_VENV": str(venv.parent)}
+    env.pop("MASTER_PORT", None)
+
+    def launch(*argv, **extra):
+        return subprocess.run(["bash", str(script), *argv], capture_output=True, text=True, timeout=60,
+                              env={**env, **extra})
+
+    proc = launch("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("# Launch dyt-llama pretraining") and "MASTER_PORT" in proc.stdout
+    proc = launch("recipes/llama/nope.yaml")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "launch_llama.sh: recipes/llama/nope.yaml: no such config file"), proc.stderr
+    ports = set()
+    for _ in range(2):
+        proc = launch("recipes/llama/tiny.yaml", "2", "--set", "model.norm=dyt")
+        assert proc.returncode == 0, proc.stderr
+        said = re.fullmatch(r"deepspeed --num_gpus 2 --master_port (\d+) --module dyt_llama.train --config "
+                            r"recipes/llama/tiny.yaml --set model.norm=dyt", proc.stdout.strip())
+        assert said, proc.stdout
+        ports.add(said.group(1))
+    assert "29500" not in ports
+    proc = launch("recipes/llama/tiny.yaml", "recipes/llama/hostfile.example", MASTER_PORT="6000")
+    assert proc.stdout.strip() == ("deepspeed --hostfile recipes/llama/hostfile.example --master_port 6000 --module "
+                                   "dyt_llama.train --config recipes/llama/tiny.yaml"), proc.stdout + proc.stderr
+
+
 def test_a_corpus_built_by_an_older_builder_is_built_again(tmp_path, monkeypatch):
     """A corpus folder is reused while its manifest names the builder's version; an older build's works
     are deleted first (a category the new builder leaves out would stay a document otherwise)."""

@@ -1,5 +1,7 @@
 """The norm factory, the alpha0 policy, and the analysis tools."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,24 @@ def test_s_curves_thinned_to_any_number_of_panels(tmp_path):
     with pytest.raises(ValueError, match="max_panels must be at least 1"):
         plot_s_curves(records, tmp_path / "none.png", max_panels=0)
 
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "dyt", "identity", "skipinit", "fixup", "sigma-reparam"])
+def test_a_norm_kind_reads_the_fields_it_says_it_reads(kind):
+    """``NormConfig.reads`` (which a comparison uses to refuse sweeping a setting some norm ignores)
+    agrees with make_norm: changing a field changes the layer built exactly where the kind reads it."""
+    from dyt import NormConfig, make_norm
+
+    values = {"eps": (1e-5, 1e-3), "affine": (True, False), "bias": (True, False), "alpha_policy": ("default", "llm"),
+              "alpha_init": ({}, {"default": 2.0}), "backend": (None, "eager"), "squash": ("tanh", "hardtanh"),
+              "learnable_alpha": (True, False), "alpha_shape": ("scalar", "channel")}
+    assert set(values) | {"kind"} == {f.name for f in dataclasses.fields(NormConfig)}
+
+    def built(**setting):
+        layer = make_norm(NormConfig(kind=kind, **setting), 64, role="ffn")
+        return (repr(layer), {k: v.tolist() for k, v in layer.state_dict().items()},
+                [(name, p.requires_grad) for name, p in layer.named_parameters()])
+
+    for name, (first, second) in values.items():
+        changes = built(**{name: first}) != built(**{name: second})
+        assert changes == NormConfig(kind=kind).reads(name), (kind, name, changes)

@@ -338,6 +338,8 @@ def test_sweep_options_build_a_grid_per_norm():
     (["--sweep", "train.lr=1,2", "--sweep", "dyt:train.lr=3,4"], "swept twice"),
     (["--norms", "dyt", "--sweep", "rmsnorm:train.lr=1,2"], "names a norm that is not trained"),
     (["--norms", "dyt", "dyt"], "listed twice"),
+    (["--norms", "layernorm", "--norms", "dyt"], "argument --norms: given twice: list every value after one --norms"),
+    (["--sweep", "train.betas=[0.9,0.95],[0.9,0.99]"], "the values are split at every comma, so a list or mapping"),
     (["--sweep", "train.seed=0,1,2"], "train.seed is set for each run by the comparison itself"),
     (["--set", "train.out_dir=x"], "train.out_dir is set for each run by the comparison itself"),
     (["--set", "train={seed: 5, steps: 7}"], "train (it holds train.seed) is set for each run by the comparison"),
@@ -347,6 +349,22 @@ def test_bad_sweep_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _args(TOY, argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_more_ranks_than_cuda_devices_is_a_one_line_error(monkeypatch, capsys):
+    """On CUDA each rank takes a device: rank 1 of 2 on a one-GPU machine would fail, after the data
+    is built, on a device ordinal that is not there."""
+    monkeypatch.setattr(shared.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shared.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exit_info:
+        _args(TOY, ["--nproc", "2"])
+    assert exit_info.value.code == 2
+    assert ("--nproc 2: this machine has 1 CUDA device(s) and each rank takes one: give --nproc 1 or fewer (the global "
+            "batch is micro_batch_size x ranks x grad_accum: --set train.grad_accum=2 keeps a 2-rank batch on 1 where "
+            "it divides)") in capsys.readouterr().err
+    assert _args(TOY, ["--nproc", "1"]).nproc == 1
+    monkeypatch.setattr(shared.torch.cuda, "is_available", lambda: False)  # CPU ranks share the cores
+    assert _args(TOY, ["--nproc", "4"]).nproc == 4
 
 
 def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
@@ -368,6 +386,21 @@ def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "train.lr=1e-3,0.002,0.001"])
     with pytest.raises(shared.CompareError, match=r"--sweep train.lr: 1e-3 and 0.001 are the same setting \(0.001\)"):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    # a norm setting swept for every norm where one of them builds no layer that reads it: that norm's
+    # points would all train one model
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.alpha_init.default=0.5,1"])
+    with pytest.raises(shared.CompareError, match=(
+            r"--sweep model.norm.alpha_init.default: the layernorm runs build no layer that reads model.norm.alpha_init "
+            r"\(only dyt do\), so its 2 points would train one model 2 times: prefix the sweep with each norm it is "
+            r"for, e.g. --sweep dyt:model.norm.alpha_init.default=0.5,1")):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.eps=1e-5,1e-6"])
+    with pytest.raises(shared.CompareError, match=r"the dyt runs build no layer that reads model.norm.eps \(only "
+                                                  r"layernorm and rmsnorm do\)"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "dyt:model.norm.alpha_init.default=0.5,1",
+                       "--sweep", "model.norm.bias=false,true"])  # both norms read bias
+    assert len(plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])) == 2 + 4
     assert launches == [] and not (tmp_path / "cmp").exists()
 
 

@@ -492,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")
     parser.add_argument("--block-size", type=_block_size, default=None, metavar="DIM,HEADS,FFN,TOKENS",
-                        help="default: 4096,32,11008,4096 (LLaMA-7B) on CUDA, 512,8,1376,512 on CPU")
+                        help="the decoder block's size (implies --block); default: 4096,32,11008,4096 (LLaMA-7B) on "
+                             "CUDA, 512,8,1376,512 on CPU")
     parser.add_argument("--llama", type=Path, metavar="RECIPE.yaml",
                         help="also time training steps of this dyt-llama recipe's model (e.g. recipes/llama/tiny.yaml) "
                              "with each norm, steps interleaved (needs the dyt-llama package)")
@@ -505,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     device = args.device  # every option is checked before the first op is timed
+    args.block = args.block or args.block_size is not None  # a size asks for the block it sizes
     if args.llama is not None and not args.llama.is_file():
         parser.error(f"argument --llama: {args.llama} is not a file")
     if args.training_allocator:

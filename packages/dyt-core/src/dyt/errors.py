@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,9 +153,14 @@ def output_file(text: str) -> Path:
 
 class DistinctValues(argparse.Action):
     """argparse ``action=`` for a list option whose values must differ: a seed, eval or task given
-    twice would be run (and averaged) twice."""
+    twice would be run (and averaged) twice. The option itself may come once: argparse keeps the last
+    of ``--seeds 0 1 --seeds 2`` and drops the rest without a word."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        given = self.__dict__.setdefault("_given_in", [])  # the namespaces this option was seen in (weakly)
+        if any(ref() is namespace for ref in given):
+            parser.error(f"argument {option_string}: given twice: list every value after one {option_string}")
+        given[:] = [ref for ref in given if ref() is not None] + [weakref.ref(namespace)]
         seen = set()
         for value in values:
             if value in seen:

@@ -95,6 +95,19 @@ class NormConfig:
         """What each norm position holds: ``identity`` for the normalization-free baselines."""
         return "identity" if self.kind in BASELINES else self.kind
 
+    READ_BY_KIND: ClassVar[dict[str, frozenset[str]]] = {
+        "dyt": frozenset({"alpha_policy", "alpha_init", "bias", "backend", "squash", "learnable_alpha", "alpha_shape"}),
+        "layernorm": frozenset({"eps", "affine", "bias"}),
+        "rmsnorm": frozenset({"eps", "affine"}),
+        "identity": frozenset(),
+    }
+    """The fields :func:`make_norm` builds each layer kind from (the normalization-free baselines
+    hold ``identity`` layers and read the kind alone)."""
+
+    def reads(self, name: str) -> bool:
+        """Whether the layers this config builds depend on field ``name`` (``kind`` always)."""
+        return name == "kind" or name in self.READ_BY_KIND[self.layer_kind]
+
     def check_roles(self, roles: Sequence[str], model: str) -> None:
         """Refuse an ``alpha_init`` key for a role ``model`` has no norm of (``roles``: those it
         builds): it would change nothing, so a sweep over it would train one model several times.

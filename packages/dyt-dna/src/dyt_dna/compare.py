@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
                         help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
-    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
     add_pretrain_seeds_argument(parser)
     add_finetune_arguments(parser)
     add_run_arguments(parser, SPEC)

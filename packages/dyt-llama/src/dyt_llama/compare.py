@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
-    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0])
+    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0],
+                        help="seeds: model init and data order, one run each per norm (default 0)")
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
 

@@ -54,7 +54,15 @@ from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
 
 from .audio import AudioError
-from .eval import EVALS, CTCSettings, add_ctc_arguments, add_keyword_arguments, headline, run_evals
+from .eval import (
+    EVALS,
+    CTCSettings,
+    add_ctc_arguments,
+    add_keyword_arguments,
+    check_eval_options,
+    headline,
+    run_evals,
+)
 from .recipe import SPEC
 from .speech import KEYWORDS
 from .task import SpeechDataConfig, Wav2Vec2PretrainTask, builtin_speech
@@ -97,10 +105,10 @@ def main(argv: list[str] | None = None) -> Path:
                         default=list(EVALS),
                         help="downstream evals, on the built-in speech (default: all four); none: compare "
                              "pretraining alone (your own audio with no built-in speech on this machine)")
+    keyword_options, ctc_options = add_keyword_arguments(parser), add_ctc_arguments(parser)
     eval_options = [  # what --evals none refuses: it runs no eval for them to set
         parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2],
-                            help="downstream seeds"),
-        *add_keyword_arguments(parser), *add_ctc_arguments(parser)]
+                            help="downstream seeds (default 0 1 2)"), *keyword_options, *ctc_options]
     add_pretrain_seeds_argument(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> Path:
         if given := [a.option_strings[0] for a in eval_options if getattr(args, a.dest) != a.default]:
             parser.error(f"{', '.join(given)} set the downstream evals, and --evals {NO_EVALS} runs none: drop them")
         args.evals = []
+    else:
+        check_eval_options(parser, args, keyword_options, ctc_options)
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
     data = eval_speech(plan[0].config.data) if args.evals else None

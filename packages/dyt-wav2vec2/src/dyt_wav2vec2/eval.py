@@ -461,14 +461,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
-    add_keyword_arguments(parser)
-    add_ctc_arguments(parser)
-    parser.add_argument("--ctc-mask-time", type=float, default=CTCSettings.masking.time_prob,
-                        help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)")
-    parser.add_argument("--ctc-mask-channels", type=float, default=CTCSettings.masking.channel_prob,
-                        help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")
+    keyword_options = add_keyword_arguments(parser)
+    ctc_options = [*add_ctc_arguments(parser),
+                   parser.add_argument("--ctc-mask-time", type=float, default=CTCSettings.masking.time_prob,
+                                       help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)"),
+                   parser.add_argument("--ctc-mask-channels", type=float, default=CTCSettings.masking.channel_prob,
+                                       help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")]
     parser.add_argument("--out", type=output_file, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    check_eval_options(parser, args, keyword_options, ctc_options)
     try:
         masking = CTCMasking(time_prob=args.ctc_mask_time, channel_prob=args.ctc_mask_channels)
     except ValueError as error:
@@ -515,6 +516,17 @@ def add_ctc_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 KEYWORD_STEPS = 150  # keyword fine-tuning steps per seed, in the comparisons and by itself alike
+
+
+def check_eval_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       keyword_options: list[argparse.Action], ctc_options: list[argparse.Action]) -> None:
+    """Refuse an eval's option given where ``--evals`` leaves that eval out: it would change nothing,
+    and the run would look as if it had."""
+    idle = [*(keyword_options if not {"probe", "finetune"} & set(args.evals) else []),
+            *(ctc_options if "ctc" not in args.evals else [])]
+    if given := [a.option_strings[0] for a in idle if getattr(args, a.dest) != a.default]:
+        parser.error(f"{', '.join(given)} set(s) an eval that --evals {' '.join(args.evals)} does not run: add the "
+                     "eval to --evals, or drop the option")
 
 
 def add_keyword_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -94,6 +94,10 @@ def run_recipe(
         config, args = parse_args(config_cls, argv, prog)
         if args.print_config:
             sys.stdout.write(dump_yaml(config))
+            if (batch := config.train.global_batch_size) is not None:  # type: ignore[attr-defined]
+                micro = config.train.micro_batch_size  # type: ignore[attr-defined]
+                sys.stdout.write(f"# train.grad_accum is derived by each launch from train.global_batch_size: "
+                                 f"{batch} / ({micro} x ranks)\n")
             return None
         if args.resume:
             changed = check_resume(config)

@@ -31,7 +31,7 @@ import torch
 
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
-from ..norms import DYT_QUALIFIERS, VARIANTS, norm_variant_overrides
+from ..norms import DYT_QUALIFIERS, VARIANTS, NormConfig, norm_variant_overrides
 from .checkpoint import (
     DIVERGED,
     complete_checkpoints,
@@ -192,6 +192,10 @@ def parse_sweep(text: str) -> Sweep:
     items = tuple(v.strip() for v in values.split(","))
     if not sep or not key.strip() or not all(items):
         raise argparse.ArgumentTypeError(f"{text!r} is not [NORM:]KEY=V1,V2,... (e.g. model.norm.alpha_init.ffn=0.2,0.5)")
+    if any(bracket in values for bracket in "[]{}"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the values are split at every comma, so a list or mapping cannot be one of them: sweep a "
+            "mapping's keys one by one (model.norm.alpha_init.ffn=0.2,0.5), or run one comparison per list")
     if len(set(items)) != len(items):
         raise argparse.ArgumentTypeError(f"{text!r} lists a value twice")
     return Sweep(key.strip(), items, norm.strip() or None)
@@ -218,9 +222,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
                         help="train every value of a config key (repeatable: the grid of all --sweep options, "
                              "each point with every norm and seed, one resumable run each); NORM: restricts it "
                              "to that norm's runs, e.g. dyt:train.lr=1e-3,2e-3")
-    parser.add_argument("--out", type=output_folder, default=Path(f"runs/{spec.name}-compare"))
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
-    parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2, help="local ranks per training run")
+    parser.add_argument("--out", type=output_folder, default=Path(f"runs/{spec.name}-compare"),
+                        help=f"the runs' folders and report.md (default runs/{spec.name}-compare)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed", help="default deepspeed")
+    parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2,
+                        help="local ranks per training run (default 2; on CUDA at most the GPU count)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
     parser.add_argument("--fresh", action="store_true",
@@ -228,10 +234,23 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
                              "current directory)")
 
 
+def too_many_ranks(nproc: int) -> str | None:
+    """Why ``nproc`` local ranks cannot train here, or None: on CUDA each rank takes a device of its
+    own (the launchers hand rank r device r, and rank 1 of 2 on a one-GPU machine would fail on a
+    device that is not there, after the data is built)."""
+    if not torch.cuda.is_available() or nproc <= (gpus := torch.cuda.device_count()):
+        return None
+    return (f"--nproc {nproc}: this machine has {gpus} CUDA device(s) and each rank takes one: give --nproc {gpus} "
+            f"or fewer (the global batch is micro_batch_size x ranks x grad_accum: --set train.grad_accum="
+            f"{max(1, nproc // gpus)} keeps a {nproc}-rank batch on {gpus} where it divides)")
+
+
 def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.launcher == "python" and args.nproc != 1:
         parser.error("--launcher python runs one process: use --nproc 1")
+    if (problem := too_many_ranks(args.nproc)) is not None:
+        parser.error(problem)
     for first, second in itertools.combinations(args.sweeps, 2):
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
@@ -381,11 +400,34 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     moved = args.out / as_given.legacy_dir_name() != out
                     plan.append(PlannedRun(point, Path(config_path), overrides, out, config, as_given if moved else None))
     trained = {p.point.norm for p in plan}
+    for sweep in (s for s in args.sweeps if s.norm is None and len(s.values) > 1):
+        for planned in plan:
+            norm_config, name = _norm_field(planned.config, sweep.key)
+            if norm_config is not None and not norm_config.reads(name):
+                readers = sorted(kind for kind, names in NormConfig.READ_BY_KIND.items() if name in names)
+                raise CompareError(
+                    f"--sweep {sweep.key}: the {planned.point.norm} runs build no layer that reads model.norm.{name} "
+                    f"(only {' and '.join(readers) or 'none'} do), so its {len(sweep.values)} points would train one "
+                    f"model {len(sweep.values)} times: prefix the sweep with each norm it is for, e.g. --sweep "
+                    f"{readers[0] if readers else 'dyt'}:{sweep.key}={','.join(sweep.values)}")
     for sweep in args.sweeps:
         if sweep.norm is not None and sweep.norm not in trained:
             raise CompareError(f"--sweep {sweep.norm}:{sweep.key} names a norm no run trains "
                                f"(norms: {', '.join(sorted(trained))})")
     return plan
+
+
+def _norm_field(config: Any, key: str) -> tuple[NormConfig | None, str]:
+    """The norm config a dotted ``key`` lies in and the field of it the key sets (``model.norm.alpha_init.ffn``:
+    the model's NormConfig and ``alpha_init``); (None, "") where the key is no norm setting."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, NormConfig):
+            return node, part
+        if not hasattr(node, part) or i == len(parts) - 1:
+            return None, ""
+        node = getattr(node, part)
+    return None, ""
 
 
 def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[PlannedRun]) -> list[Run]:

@@ -584,6 +584,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: give a config file (e.g. recipes/llama/tiny.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         loaded = _read_yaml(path) or {}
