@@ -391,12 +391,12 @@ def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.alpha_init.default=0.5,1"])
     with pytest.raises(shared.CompareError, match=(
             r"--sweep model.norm.alpha_init.default: the layernorm runs build no layer that reads model.norm.alpha_init "
-            r"\(only dyt do\), so its 2 points would train one model 2 times: prefix the sweep with each norm it is "
+            r"\(a dyt setting\), so its 2 points would train one model 2 times: prefix the sweep with each norm it is "
             r"for, e.g. --sweep dyt:model.norm.alpha_init.default=0.5,1")):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.eps=1e-5,1e-6"])
-    with pytest.raises(shared.CompareError, match=r"the dyt runs build no layer that reads model.norm.eps \(only "
-                                                  r"layernorm and rmsnorm do\)"):
+    with pytest.raises(shared.CompareError, match=r"the dyt runs build no layer that reads model.norm.eps \(a "
+                                                  r"layernorm or rmsnorm setting\)"):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "dyt:model.norm.alpha_init.default=0.5,1",
                        "--sweep", "model.norm.bias=false,true"])  # both norms read bias

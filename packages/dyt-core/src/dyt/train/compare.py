@@ -407,7 +407,7 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                 readers = sorted(kind for kind, names in NormConfig.READ_BY_KIND.items() if name in names)
                 raise CompareError(
                     f"--sweep {sweep.key}: the {planned.point.norm} runs build no layer that reads model.norm.{name} "
-                    f"(only {' and '.join(readers) or 'none'} do), so its {len(sweep.values)} points would train one "
+                    f"(a {' or '.join(readers) or 'no'} setting), so its {len(sweep.values)} points would train one "
                     f"model {len(sweep.values)} times: prefix the sweep with each norm it is for, e.g. --sweep "
                     f"{readers[0] if readers else 'dyt'}:{sweep.key}={','.join(sweep.values)}")
     for sweep in args.sweeps:
