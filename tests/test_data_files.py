@@ -120,7 +120,7 @@ def test_a_saved_audio_dataset_rebuilt_from_rewritten_files_is_decoded_again(tmp
 
     def save(level: float):
         for path in paths:
-            soundfile.write(path, np.full(8000, level, dtype=np.float32), 16000)
+            soundfile.write(path, np.full(8000, level, dtype=np.float32), 16000, subtype="FLOAT")
         rows = datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio())
         rows.save_to_disk(str(tmp_path / "saved"))
         return datasets.load_from_disk(str(tmp_path / "saved"))._fingerprint
@@ -134,6 +134,9 @@ def test_a_saved_audio_dataset_rebuilt_from_rewritten_files_is_decoded_again(tmp
     assert second[0].path.parent != first[0].path.parent
     assert soundfile.read(str(second[0].path))[0].mean() == pytest.approx(-0.5, abs=1e-3)
     assert utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path == second[0].path  # and is reused
+    save(3.0)  # float audio beyond +-1 (saved at int16 scale): kept as decoded (16-bit copies clipped it to 1)
+    loud = utterances_from_hf_dataset(tmp_path / "saved", cache)
+    assert soundfile.read(str(loud[0].path))[0].mean() == pytest.approx(3.0, abs=1e-3)
 
 
 def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_writer(tmp_path, monkeypatch):
@@ -252,3 +255,34 @@ def test_a_manifest_with_a_missing_file_or_a_partial_record(tmp_path):
     (run / "data_files.json").write_text('{"digest": "0123456789abcdef"}')
     with pytest.raises(ConfigError, match="damaged"):
         check_data_unchanged(run, before)
+
+
+def test_a_manifest_is_read_as_utf8_with_or_without_a_bom(tmp_path, monkeypatch):
+    """A BOM (Windows editors write one) was read as part of the root folder's name, so every file
+    'did not exist' under a path with an invisible first character; other bytes were a traceback."""
+    from dyt_wav2vec2.audio import AudioError, read_manifest
+
+    soundfile.write(str(tmp_path / "a.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"\ufeff{tmp_path}\na.wav\t1600\n", encoding="utf-8")
+    assert [u.path for u in read_manifest(manifest)] == [tmp_path / "a.wav"]
+    manifest.write_bytes(f"{tmp_path}\nd\xe9j\xe0.wav\t1600\n".encode("latin-1"))
+    with pytest.raises(AudioError, match=r"train.tsv: not UTF-8 text \(byte \d+\): save the manifest as UTF-8"):
+        read_manifest(manifest)
+    monkeypatch.chdir(tmp_path)  # a relative root is read from the current directory, as fairseq reads it
+    manifest.write_text("audio\na.wav\t1600\n")
+    with pytest.raises(AudioError, match=rf"audio file audio/a.wav does not exist \(the manifest's root audio is "
+                                         rf"relative: read from the current directory {tmp_path}"):
+        read_manifest(manifest)
+
+
+def test_an_audio_file_name_that_is_not_utf8_is_an_audio_error(tmp_path):
+    """soundfile hands libsndfile the name as UTF-8: a Latin-1 name was a UnicodeEncodeError traceback
+    that stopped the manifest tool; now it is left out by name like any unreadable file."""
+    from dyt_wav2vec2.audio import AudioError, inspect_audio
+
+    name = type(tmp_path)(os.fsdecode(bytes(tmp_path / "d") + b"\xe9j\xe0.wav"))
+    soundfile.write(str(tmp_path / "ok.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    name.write_bytes((tmp_path / "ok.wav").read_bytes())
+    with pytest.raises(AudioError, match="a file name that is not UTF-8, which soundfile cannot open: rename the file"):
+        inspect_audio(name, decode=True)

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -481,6 +482,46 @@ def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path, monkey
                                            window=64, cache_dir=str(tmp_path)), 128)
 
 
+def test_a_validation_genome_that_is_mostly_trained_sequence_is_refused(tmp_path):
+    """Refused once half a validation file's bases are training records, on either strand: a copy
+    with one record added, or reverse-complemented, passed a check that wanted every record shared;
+    a small record shared (a plasmid two strains carry) still passes."""
+    rng = np.random.default_rng(0)
+    chromosome, plasmid, other = ("".join(rng.choice(list("ACGT"), n)) for n in (4000, 400, 3000))
+    complement = str.maketrans("ACGT", "TGCA")
+
+    def fasta(name, *records):
+        path = tmp_path / name
+        path.write_text("".join(f">r{i}\n{seq}\n" for i, seq in enumerate(records)))
+        return str(path)
+
+    train = fasta("train.fa", chromosome, plasmid)
+    cases = {"copy-and-more.fa": (chromosome, other[:500]), "reverse.fa": (chromosome.translate(complement)[::-1],)}
+    for name, records in cases.items():
+        with pytest.raises(DnaDataError, match=rf"data.validation_fasta \S*{name}: 1 of its {len(records)} record\(s\), "
+                                               r"4,000 of [\d,]+ bases, are sequences of data.fasta \(\S*train.fa; "
+                                               r"either strand\)"):
+            pretraining_datasets(DnaDataConfig(fasta=[train], validation_fasta=[fasta(name, *records)], window=64,
+                                               cache_dir=str(tmp_path / "cache")), 128)
+    held = fasta("held.fa", other, plasmid)  # 400 of 3400 bases shared: biology
+    pretraining_datasets(DnaDataConfig(fasta=[train], validation_fasta=[held], window=64,
+                                       cache_dir=str(tmp_path / "cache")), 128)
+
+
+def test_every_fasta_file_gives_windows_and_ambiguity_codes_count_as_n(tmp_path):
+    """A file whose records are all shorter than the window added nothing without a word (the error
+    came only where no file gave a window); IUPAC codes, which the tokenizer reads as N, did not count
+    toward data.max_n_fraction (a window of RYKM... trained as all N)."""
+    (tmp_path / "short.fa").write_text(">tiny\nACGTACGT\n")
+    with pytest.raises(DnaDataError, match=r"short.fa: no window of 64 bases fits \(records too short"):
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B), str(tmp_path / "short.fa")],
+                                           window=64, cache_dir=str(tmp_path / "cache")), 128)
+    (tmp_path / "ambiguous.fa").write_text(">r\n" + "ACGT" * 16 + "RYKMSWBD" * 8 + "ACGT" * 16 + "\n")
+    windows = dna_data.window_dataset([dna_data.Region(tmp_path / "ambiguous.fa")], 64, 64, 0,
+                                      DnaDataConfig(window=64, cache_dir=str(tmp_path / "cache")))
+    assert windows["start"] == [0, 128]  # the window of codes is left out
+
+
 def test_ranks_asking_for_the_same_windows_wait_for_the_one_building_them(tmp_path):
     """The ranks of a launch all ask for their windows at once: one builds and saves them while the
     others wait on its lock, then load what it saved (without the lock each wrote the same folder).
@@ -550,6 +591,15 @@ def test_genomic_benchmarks_folder_and_its_errors(tmp_path):
     with pytest.raises(DnaDataError, match="third: label folder with no .txt files"):
         genomic_benchmarks(tmp_path / "task")
     empty.rmdir()
+    for split in ("train", "test"):  # an editor's hidden folder is no class
+        (tmp_path / "task" / split / ".ipynb_checkpoints").mkdir()
+        (tmp_path / "task" / split / ".ipynb_checkpoints" / "0-checkpoint.txt").write_text("ACGT")
+    assert genomic_benchmarks(tmp_path / "task").classes == ["coding", "other"]
+    two = tmp_path / "task" / "train" / "other" / "1.txt"
+    two.write_text(">r1\nACGTACGT\n>r2\nTTTTGGGG\n")  # joined, the two records made one sequence
+    with pytest.raises(DnaDataError, match=r"1.txt: 2 FASTA records; a benchmark file holds one sequence"):
+        genomic_benchmarks(tmp_path / "task")
+    two.write_text(">r1\nACGTACGT\n")
     (tmp_path / "task" / "test" / "other" / "0.txt").write_text("ACGT?")
     with pytest.raises(AlphabetError, match=r"0.txt.*'\?'"):
         genomic_benchmarks(tmp_path / "task")
@@ -565,6 +615,21 @@ def test_csv_task_and_its_errors(tmp_path):
     train = tmp_path / "train.csv"
     train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a byte-order mark, as spreadsheet exports write it
     assert len(csv_task(tmp_path).train) == 8
+    (tmp_path / "validation.csv").write_text((tmp_path / "dev.csv").read_text())
+    with pytest.raises(DnaDataError, match="both dev.csv and validation.csv: which is the validation split"):
+        csv_task(tmp_path)
+    (tmp_path / "validation.csv").unlink()
+    test = (tmp_path / "test.csv").read_text()
+    (tmp_path / "test.csv").write_text(test.replace(",no\n", ",No\n", 1))  # one row spelled otherwise
+    with pytest.raises(DnaDataError, match=r"labels that differ only in case \(No / no\)"):
+        csv_task(tmp_path)
+    (tmp_path / "test.csv").write_text(test.replace("sequence,label", "sequence,label,label"))
+    with pytest.raises(DnaDataError, match="test.csv: the header names label twice"):
+        csv_task(tmp_path)
+    for split in ("train", "dev", "test"):  # integer labels: in numeric order, 2 before 10
+        rows = [f"{seq[i * 70 : i * 70 + 60]},{(2, 10, 3)[i % 3]}" for i in range(9)]
+        (tmp_path / f"{split}.csv").write_text("sequence,label\n" + "\n".join(rows) + "\n")
+    assert csv_task(tmp_path).classes == ["2", "3", "10"]
     (tmp_path / "dev.csv").write_text("seq,label\nACGT,no\n")
     with pytest.raises(DnaDataError, match=r"dev.csv: missing column\(s\) \['sequence'\]"):
         csv_task(tmp_path)

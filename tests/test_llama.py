@@ -242,6 +242,30 @@ def test_compare_writes_report_with_table_and_plots(corpus, tmp_path, monkeypatc
     assert {s["norm"] for s in summary} == {"rmsnorm", "dyt"} and all(s["eval_perplexity"] > 1 for s in summary)
 
 
+def test_a_users_corpus_is_split_by_title_and_skips_hidden_folders_null_texts_and_names_bad_bytes(tmp_path):
+    """Every tenth *title* is held out: a book in several rows (a chunked corpus) put some of its
+    chunks in training and the rest in validation. An editor's hidden checkpoint folder was read as
+    documents; a JSON null text was a traceback, and so were a .jsonl's bytes that are not UTF-8."""
+    rows = [{"title": f"book{b}", "text": f"Book {b}, part {part}. " + SONNET} for b in range(12) for part in range(3)]
+    rows.insert(5, {"title": "nothing", "text": None})
+    chunked = tmp_path / "chunked"
+    chunked.mkdir()
+    (chunked / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    documents = load_documents(DataConfig(corpus=str(chunked), cache_dir=str(tmp_path / "c")))
+    assert set(documents["validation"]["title"]) == {"book9"} and len(documents["validation"]) == 3  # 10th title
+    assert not set(documents["train"]["title"]) & {"book9", "nothing"}  # the null text: empty, left out
+    (chunked / "e.jsonl").write_bytes(b'{"title": "x", "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"e.jsonl \(byte 27\) is not UTF-8 text; save it as UTF-8"):
+        load_documents(DataConfig(corpus=str(chunked), cache_dir=str(tmp_path / "c")))
+    texts = tmp_path / "texts"
+    (texts / ".ipynb_checkpoints").mkdir(parents=True)
+    for i in range(10):
+        (texts / f"doc{i}.txt").write_text(f"{SONNET} ({i})")
+    (texts / ".ipynb_checkpoints" / "doc9-checkpoint.txt").write_text(f"{SONNET} (9)")
+    documents = load_documents(DataConfig(corpus=str(texts), cache_dir=str(tmp_path / "c")))
+    assert documents["validation"]["title"] == ["doc9"] and len(documents["train"]) == 9
+
+
 def test_own_corpus_without_validation_works_holds_out_every_tenth_document(tmp_path):
     root = tmp_path / "many"
     root.mkdir()

@@ -944,3 +944,25 @@ def test_a_report_says_when_a_verdict_reads_the_numbers_its_baseline_point_was_c
 
     assert CHOSEN_IN_SAMPLE in notes("rmsnorm:train.lr=1e-3,2e-3", "dyt:train.lr=1e-2,2e-2")
     assert CHOSEN_IN_SAMPLE not in notes("train.lr=1e-3,2e-3")  # every point paired with the baseline's same one
+
+
+def test_stored_evals_are_asked_for_in_one_order_whatever_the_command_lines(monkeypatch, tmp_path):
+    """Stored evals are reused by their settings: ``--seeds 2 0 1`` or ``--evals probe contrastive``
+    asked for what ``--seeds 0 1 2 --evals contrastive probe`` stored, and ran it all again."""
+    from dyt_dna.eval import finetune_settings
+    from dyt_wav2vec2 import compare
+
+    class Planned(Exception):
+        pass
+
+    def stop(spec, args, models, seeds):
+        raise Planned(args)
+
+    monkeypatch.setattr(compare, "plan_runs", stop)
+    with pytest.raises(Planned) as planned:
+        compare.main(["--out", str(tmp_path / "cmp"), "--launcher", "python", "--nproc", "1",
+                      "--evals", "probe", "contrastive", "--seeds", "2", "0", "1"])
+    args = planned.value.args[0]
+    assert (args.evals, args.seeds) == (["contrastive", "probe"], [0, 1, 2])
+    dna = argparse.Namespace(epochs=1, batch_size=2, lr=1e-3, patience=1, max_steps=1, seeds=[2, 0, 1])
+    assert finetune_settings(dna).seeds == [0, 1, 2]

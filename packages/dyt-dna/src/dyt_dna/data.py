@@ -81,14 +81,18 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_key(path: Path) -> tuple[str, int, float]:
+def _file_key(path: Path) -> tuple[str, int, int, int, int]:
+    """What says a file is unchanged: its path, size, modification and change times, and inode. The
+    change time moves on every write even where a copy kept the old modification time (``cp -p``,
+    ``rsync -t``, a tarball's), and a file replaced by another gets another inode."""
     stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
-WINDOWS_VERSION = 1
+WINDOWS_VERSION = 2
 """Part of the windows cache's key: raise it when :func:`_windows` changes what it yields, or the
-windows cached by the old code are read back (the key is otherwise the files and settings only)."""
+windows cached by the old code are read back (the key is otherwise the files and settings only;
+2: IUPAC ambiguity codes count as N, as :func:`~dyt_dna.tokenizer.encode` reads them)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ def _windows(regions: list[Region], window: int, stride: int, max_n: float, key:
             first, last = int(len(seq) * region.lo), int(len(seq) * region.hi)
             for start in range(first, last - window + 1, stride):
                 piece = seq[start : start + window]
-                if piece.count("N") <= max_n * window:
+                unknown = window - sum(piece.count(base) for base in "ACGT")  # N and the ambiguity codes
+                if unknown <= max_n * window:
                     yield {"sequence": piece, "source": f"{region.path.name}:{record.name}", "start": start}
 
 
@@ -144,6 +149,11 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
             rows.save_to_disk(str(target))
     if len(rows) == 0:
         raise no_window
+    given = {source.partition(":")[0] for source in rows.unique("source")}
+    if empty := [str(r.path) for r in regions if r.path.name not in given]:  # the others gave some: say which not
+        raise DnaDataError(f"{', '.join(empty)}: no window of {window} bases fits (records too short, or more than "
+                           f"{cfg.max_n_fraction:.0%} N, data.max_n_fraction): the file would add nothing; drop it, "
+                           "or use shorter windows")
     if max_windows and len(rows) > max_windows:
         rows = rows.select(np.linspace(0, len(rows) - 1, max_windows).round().astype(int).tolist())
     return rows
@@ -165,32 +175,51 @@ def _check_distinct_files(train: list[str], validation: list[str]) -> None:
                            "score training windows; hold out whole files of their own")
 
 
-def _record_digests(path: Path, cache: Path) -> list[str]:
-    """SHA-256 of each record's sequence in ``path``, kept in ``cache`` by the file's path, size and
-    time (a genome is read once, not at every launch)."""
+_COMPLEMENT = str.maketrans("ACGTRYKMSWBDHVN", "TGCAYRMKSWVHDBN")
+"""Each base's complement, IUPAC ambiguity codes included (R = A/G pairs with Y = C/T, ...)."""
+
+RECORDS_VERSION = 2
+"""Part of the record digests' cache key (2: each record's reverse complement and length too)."""
+
+
+def _record_digests(path: Path, cache: Path) -> list[tuple[str, str, int]]:
+    """(SHA-256 of the sequence, of its reverse complement, its length) of each record in ``path``,
+    kept in ``cache`` by the file's :func:`_file_key` (a genome is read once, not at every launch)."""
     if not path.is_file():
         raise DnaDataError(f"{path}: no such FASTA file")
-    target = cache / "records" / f"{_fingerprint(_file_key(path))}.json"
+    target = cache / "records" / f"{_fingerprint(_file_key(path), RECORDS_VERSION)}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # the ranks of a launch all ask at once: one reads the genome
         if target.is_file():
-            return json.loads(target.read_text())
-        digests = [hashlib.sha256(record.sequence.encode()).hexdigest() for record in read_fasta(path)]
+            return [tuple(row) for row in json.loads(target.read_text())]
+        digests = [(hashlib.sha256(record.sequence.encode()).hexdigest(),
+                    hashlib.sha256(record.sequence.translate(_COMPLEMENT)[::-1].encode()).hexdigest(),
+                    len(record.sequence))
+                   for record in read_fasta(path)]
         write_json(target, digests)
     return digests
 
 
 def _check_held_out_sequences(train: list[str], validation: list[str], cache: Path) -> None:
-    """A validation file whose every record is a training record (the same genome copied, or given
-    once gzipped and once not) would validate on trained sequence; records shared in part (a plasmid
-    two strains carry) are biology, not a copy, and pass."""
-    trained = {digest: name for name in train for digest in _record_digests(Path(name), cache)}
+    """A validation file whose records hold half its bases or more as training records, on either
+    strand (the same genome copied, given once gzipped and once not, reverse-complemented, or with a
+    record added), would validate on trained sequence; a small record shared (a plasmid two strains
+    carry) is biology, not a copy, and passes."""
+    trained = {}
+    for name in train:
+        for forward, reverse, _ in _record_digests(Path(name), cache):
+            trained.setdefault(forward, name)
+            trained.setdefault(reverse, name)
     for name in validation:
-        digests = _record_digests(Path(name), cache)
-        if all(d in trained for d in digests):
-            copies = ", ".join(dict.fromkeys(trained[d] for d in digests))
-            raise DnaDataError(f"data.validation_fasta {name}: every record's sequence is also in data.fasta ({copies}): "
-                               "validation would score trained sequence; hold out a genome training never reads")
+        records = _record_digests(Path(name), cache)
+        shared = [(forward, length) for forward, _, length in records if forward in trained]
+        if 2 * sum(length for _, length in shared) >= sum(length for _, _, length in records):
+            copies = ", ".join(dict.fromkeys(trained[digest] for digest, _ in shared))
+            raise DnaDataError(
+                f"data.validation_fasta {name}: {len(shared)} of its {len(records)} record(s), "
+                f"{sum(length for _, length in shared):,} of {sum(length for _, _, length in records):,} bases, are "
+                f"sequences of data.fasta ({copies}; either strand): validation would score trained sequence; hold "
+                "out a genome training never reads")
 
 
 def pretraining_regions(cfg: DnaDataConfig) -> tuple[list[Region], list[Region]]:
@@ -280,9 +309,13 @@ class ClassificationData:
 
 def _read_sequence_file(path: Path) -> str:
     try:
-        text = "".join(line.strip() for line in path.read_text(encoding="ascii").splitlines() if not line.startswith(">"))
+        lines = path.read_text(encoding="ascii").splitlines()
     except UnicodeDecodeError:
         raise DnaDataError(f"{path}: not an ASCII sequence file") from None
+    if sum(line.startswith(">") for line in lines) > 1:  # joined, two sequences would make one
+        raise DnaDataError(f"{path}: {sum(line.startswith('>') for line in lines)} FASTA records; a benchmark file "
+                           "holds one sequence: split the file, one per record")
+    text = "".join(line.strip() for line in lines if not line.startswith(">"))
     if not text:
         raise DnaDataError(f"{path}: empty sequence")
     encode(text.upper(), where=str(path))
@@ -297,7 +330,8 @@ def genomic_benchmarks(folder: Path, seed: int = 0, validation_fraction: float =
         root = folder / split
         if not root.is_dir():
             raise DnaDataError(f"{folder}: no {split}/ folder (expected <task>/{{train,test}}/<class>/*.txt)")
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        # hidden folders (.ipynb_checkpoints, .git) are no class
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise DnaDataError(f"{root}: no class folders")
         rows = {"sequence": [], "label": []}
@@ -349,6 +383,8 @@ def _read_csv_split(path: Path) -> dict[str, list[str]]:
             missing = {"sequence", "label"} - set(header)
             if missing:
                 raise DnaDataError(f"{path}: missing column(s) {sorted(missing)}; found {header}")
+            if twice := sorted({name for name in ("sequence", "label") if header.count(name) > 1}):
+                raise DnaDataError(f"{path}: the header names {', '.join(twice)} twice: which column holds it?")
             columns = {"sequence": [], "label": []}
             at = {name: header.index(name) for name in columns}
             for row in reader:
@@ -373,7 +409,10 @@ def _read_csv_split(path: Path) -> dict[str, list[str]]:
 
 def csv_task(folder: Path) -> ClassificationData:
     """``train.csv``, ``dev.csv`` (or ``validation.csv``) and ``test.csv`` with ``sequence,label``
-    columns (others are ignored); classes are the labels' texts, sorted."""
+    columns (others are ignored); classes are the labels' texts, sorted (as numbers where every
+    label is an integer, so 10 comes after 2)."""
+    if (folder / "dev.csv").is_file() and (folder / "validation.csv").is_file():
+        raise DnaDataError(f"{folder}: both dev.csv and validation.csv: which is the validation split? keep one")
     files = {"train": folder / "train.csv", "validation": next(
         (folder / n for n in ("dev.csv", "validation.csv") if (folder / n).is_file()), folder / "dev.csv"),
         "test": folder / "test.csv"}
@@ -381,7 +420,15 @@ def csv_task(folder: Path) -> ClassificationData:
         if not path.is_file():
             raise DnaDataError(f"{folder}: no {path.name} ({split} split with sequence,label columns)")
     columns = {split: _read_csv_split(path) for split, path in files.items()}
-    names = sorted({label for split in columns.values() for label in split["label"]})
+    labels = {label for split in columns.values() for label in split["label"]}
+    integers = all(label.lstrip("-").isdigit() for label in labels)
+    names = sorted(labels, key=lambda label: (int(label), label) if integers else (0, label))
+    folded: dict[str, list[str]] = {}
+    for label in names:
+        folded.setdefault(label.casefold(), []).append(label)
+    if spelled := [" / ".join(group) for group in folded.values() if len(group) > 1]:
+        raise DnaDataError(f"{folder}: labels that differ only in case ({'; '.join(spelled)}) would be classes of "
+                           "their own: spell each class one way")
     index = {name: i for i, name in enumerate(names)}
     splits = [datasets.Dataset.from_dict({"sequence": columns[s]["sequence"],
                                           "label": [index[label] for label in columns[s]["label"]]})

@@ -73,7 +73,7 @@ def finetune_settings(args: argparse.Namespace) -> FinetuneConfig:
     """The fine-tuning :func:`add_finetune_arguments` parsed (its validation interval is set per task
     by :func:`finetune_for`)."""
     return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                          max_steps=args.max_steps, seeds=args.seeds)
+                          max_steps=args.max_steps, seeds=sorted(args.seeds))  # stored evals: one order
 
 
 def finetune_for(cfg: FinetuneConfig, examples: int) -> FinetuneConfig:

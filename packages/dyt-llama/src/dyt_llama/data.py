@@ -7,7 +7,9 @@ ranks from building the same cache twice, and the ranks that wait read what the 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -87,6 +89,21 @@ def _cache(cfg: DataConfig) -> Path:
     return path
 
 
+def _not_utf8(paths: list[Path]) -> str:
+    """The first of ``paths`` that is not UTF-8, named with the byte where it stops being so ('' for none)."""
+    for path in paths:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        read = 0
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as error:
+                    return f"{path} (byte {read + error.start})"
+                read += len(block)
+    return ""
+
+
 def _read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -100,10 +117,10 @@ key: datasets names a module's function by reference, so a changed reader would 
 its old code cached; raise it when one changes what it gives."""
 
 
-def _text_files(root: str, files: list[tuple[str, int, int]], version: int = DOCUMENTS_VERSION):
-    """One row per .txt file; ``files`` carries (path, size, mtime) so that datasets' cache of the
-    generator changes when a file does (``version``: only a cache key)."""
-    for path, _, _ in files:
+def _text_files(root: str, files: list[tuple], version: int = DOCUMENTS_VERSION):
+    """One row per .txt file; ``files`` carries each path's :func:`_file_keys` so that datasets' cache
+    of the generator changes when a file does (``version``: only a cache key)."""
+    for path, *_ in files:
         yield {"title": str(Path(path).relative_to(root).with_suffix("")), "text": _read_utf8(Path(path))}
 
 
@@ -112,7 +129,7 @@ def _numbered_titles(batch, indices, version: int = DOCUMENTS_VERSION) -> dict[s
 
 
 def _is_document(batch, version: int = DOCUMENTS_VERSION) -> list[bool]:
-    return [bool(text.strip()) for text in batch["text"]]
+    return [bool(text and text.strip()) for text in batch["text"]]  # a null text (JSON null) is empty too
 
 
 def _document_table(table, where):
@@ -143,8 +160,19 @@ def _is_saved_dataset(root: Path) -> bool:
 
 
 def _text_files_and_tables(root: Path) -> tuple[list[Path], list[Path]]:
-    """A corpus folder's documents: its .txt files, and its .jsonl / .parquet tables."""
-    return sorted(root.rglob("*.txt")), sorted(root.rglob("*.jsonl")) + sorted(root.rglob("*.parquet"))
+    """A corpus folder's documents: its .txt files, and its .jsonl / .parquet tables; none under a
+    hidden folder or hidden itself (an editor's ``.ipynb_checkpoints`` holds older copies of documents,
+    which would train beside the documents they copy)."""
+    def visible(pattern: str) -> list[Path]:
+        return sorted(p for p in root.rglob(pattern) if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+    return visible("*.txt"), visible("*.jsonl") + visible("*.parquet")
+
+
+def _file_keys(paths: list[Path]) -> list[tuple[str, int, int, int, int]]:
+    """What says each file is unchanged: path, size, modification and change times, inode (the change
+    time moves on every write, also where a copy kept the old modification time: ``cp -p``, ``rsync -t``)."""
+    return [(str(p), (st := p.stat()).st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for p in paths]
 
 
 def load_documents(cfg: DataConfig):
@@ -157,6 +185,7 @@ def load_documents(cfg: DataConfig):
         raise DataError(f"corpus not found: {root}")
     if not root.is_dir():
         raise DataError(f"corpus {root} is a file: give data.corpus the folder that holds the corpus files")
+    tables: list[Path] = []  # the .jsonl / .parquet files read, if any
     if _is_saved_dataset(root):
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict):
@@ -179,7 +208,7 @@ def load_documents(cfg: DataConfig):
             raise DataError(f"corpus {root} holds both .txt files ({len(texts)}) and .jsonl / .parquet files "
                             f"({len(tables)}), and only one kind would be read: keep one kind per corpus folder")
         if texts:
-            files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in texts]
+            files = _file_keys(texts)
             try:
                 table = datasets.Dataset.from_generator(
                     _text_files, gen_kwargs={"root": str(root), "files": files, "version": DOCUMENTS_VERSION},
@@ -192,8 +221,10 @@ def load_documents(cfg: DataConfig):
                 raise DataError(f"corpus {root} holds both .jsonl and .parquet files: keep one kind per corpus folder")
             kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
             try:
+                # datasets keys its cache by path and modification time: a folder of ours per _file_keys
+                key = hashlib.sha256(json.dumps(_file_keys(tables)).encode()).hexdigest()[:16]
                 table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train",
-                                              cache_dir=str(_cache(cfg) / "hf"))
+                                              cache_dir=str(_cache(cfg) / "hf" / f"tables-{key}"))
             except datasets.exceptions.DatasetGenerationError as error:
                 cause = error.__cause__ or error
                 raise DataError(f"corpus {root}: its {kind} files do not read as one table "
@@ -201,7 +232,12 @@ def load_documents(cfg: DataConfig):
             table = _document_table(table, root)
         else:
             raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files")
-    table = _nonempty_documents(table, cfg, f"corpus {root}")
+    try:
+        table = _nonempty_documents(table, cfg, f"corpus {root}")
+    except UnicodeDecodeError as error:  # pyarrow reads a .jsonl's bytes as they are; the first decode fails
+        found = _not_utf8(tables)
+        raise DataError(f"corpus {root}: {found} is not UTF-8 text; save it as UTF-8" if found else
+                        f"corpus {root}: a document is not UTF-8 text ({error.reason}); save it as UTF-8") from None
     held_out = set(cfg.validation_works or ([] if cfg.corpus else BUILTIN_VALIDATION))
     if held_out:  # one byte a document, titles read a batch at a time
         is_validation = np.zeros(len(table), dtype=bool)
@@ -212,9 +248,16 @@ def load_documents(cfg: DataConfig):
             found.update(t for t, c in zip(batch["title"], chosen) if c)
             start += len(chosen)
         if held_out - found:
-            raise DataError(f"validation_works not in the corpus: {sorted(held_out - found)}")
-    else:
-        is_validation = np.arange(len(table)) % 10 == 9
+            raise DataError(f"validation_works not in the corpus: {sorted(held_out - found)} (or empty there: empty "
+                            "documents are left out)")
+    else:  # every 10th title (a document in several rows, a chunked book, stays whole on one side)
+        is_validation = np.zeros(len(table), dtype=bool)
+        order: dict[str, int] = {}
+        start = 0
+        for batch in table.select_columns(["title"]).iter(batch_size=10_000):
+            chosen = [order.setdefault(title, len(order)) % 10 == 9 for title in batch["title"]]
+            is_validation[start : start + len(chosen)] = chosen
+            start += len(chosen)
     if is_validation.all() or not is_validation.any():
         if is_validation.all():
             raise DataError(f"the split of corpus {root} leaves no training documents (data.validation_works holds "
@@ -278,17 +321,19 @@ def _tokenizer_path(cfg: DataConfig) -> Path:
     return path
 
 
-DIGESTS_VERSION = 2
+DIGESTS_VERSION = 3
 """Passed to :func:`document_digests` by ``datasets.map`` as part of its cache key: datasets names a
-module's function by reference, so a changed function would find its old results (2: ``text_digest``)."""
+module's function by reference, so a changed function would find its old results (2: ``text_digest``;
+3: ``text_digest`` of the text without a byte-order mark and surrounding whitespace)."""
 
 
 def document_digests(batch, version: int = DIGESTS_VERSION) -> dict[str, list[str]]:
-    """SHA-256 of each document's title and text, and of its text alone (a ``datasets.map`` function;
-    ``version``: only a cache key)."""
+    """SHA-256 of each document's title and text, and of its text alone (the copy check's: without a
+    byte-order mark or whitespace around it, so a copy saved by another editor still matches; a
+    ``datasets.map`` function; ``version``: only a cache key)."""
     return {"digest": [hashlib.sha256(title.encode() + b"\0" + text.encode() + b"\0").hexdigest()
                        for title, text in zip(batch["title"], batch["text"])],
-            "text_digest": [hashlib.sha256(text.encode()).hexdigest() for text in batch["text"]],
+            "text_digest": [hashlib.sha256(text.lstrip("\ufeff").strip().encode()).hexdigest() for text in batch["text"]],
             "chars": [len(text) for text in batch["text"]]}
 
 

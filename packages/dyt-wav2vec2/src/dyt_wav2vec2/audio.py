@@ -124,6 +124,9 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
         raise
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
         raise AudioError(f"{path}: unreadable audio ({error})") from None
+    except UnicodeEncodeError:  # soundfile passes the name to libsndfile as UTF-8
+        raise AudioError(f"{os.fsencode(path)!r}: a file name that is not UTF-8, which soundfile cannot open: "
+                         "rename the file") from None
     if promised == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     if held < promised:
@@ -138,7 +141,10 @@ def read_manifest(path: Path, texts: Path | None = None, check_files: bool = Tru
     ``check_files=False``: rows whose audio file is missing are kept (to be counted missing)."""
     if not path.is_file():
         raise AudioError(f"{path}: no such manifest")
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of the root
+    except UnicodeDecodeError as error:
+        raise AudioError(f"{path}: not UTF-8 text (byte {error.start}): save the manifest as UTF-8") from None
     if not lines:
         raise AudioError(f"{path}: empty manifest (the first line must be the audio root dir)")
     root = Path(lines[0].strip())
@@ -151,10 +157,12 @@ def read_manifest(path: Path, texts: Path | None = None, check_files: bool = Tru
             raise AudioError(f"{path}:{number}: expected 'relative/path<TAB>num_samples', got {line!r}")
         audio = root / parts[0]
         if check_files and not audio.is_file():
-            raise AudioError(f"{path}:{number}: audio file {audio} does not exist")
+            where = "" if root.is_absolute() else (f" (the manifest's root {root} is relative: read from the current "
+                                                    f"directory {Path.cwd()}, as fairseq reads it)")
+            raise AudioError(f"{path}:{number}: audio file {audio} does not exist{where}")
         rows.append(Utterance(audio, int(parts[1])))
     if texts is not None:
-        transcripts = texts.read_text().splitlines()
+        transcripts = texts.read_text(encoding="utf-8-sig").splitlines()
         if len(transcripts) != len(rows):
             raise AudioError(f"{texts}: {len(transcripts)} transcripts for {len(rows)} manifest rows")
         for row, text in zip(rows, transcripts):
@@ -299,9 +307,10 @@ def shared_recordings(train: list[Utterance], held_out: list[Utterance],
             lock.release()
 
 
-HF_AUDIO_VERSION = 1
+HF_AUDIO_VERSION = 2
 """Part of the key of :func:`utterances_from_hf_dataset`'s decoded copies: raise it when the decoding
-or the written format changes, or copies made by the old code are read back."""
+or the written format changes, or copies made by the old code are read back (2: float wav files; 16-bit
+PCM cut off every sample beyond +-1, which float audio at int16 scale is)."""
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:
@@ -333,7 +342,8 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             waveform = load_audio(Path(source) if isinstance(source, str) else source, name)
             target = out / f"{index:07d}.wav"
             target.parent.mkdir(parents=True, exist_ok=True)
-            soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
+            # float: the samples as decoded, as a manifest's file would give them (16-bit PCM clips beyond +-1)
+            soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="FLOAT")
             utterances.append(Utterance(target, waveform.numel(), str(row.get(text_column, "") or "")))
         write_manifest(manifest, out, utterances)
     return utterances

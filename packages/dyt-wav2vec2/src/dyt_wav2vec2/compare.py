@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> Path:
         args.evals = []
     else:
         check_eval_options(parser, args, keyword_options, ctc_options)
+    # one order whatever the command line's: stored evals are reused by their settings, so that
+    # --seeds 1 0 finds what --seeds 0 1 stored
+    args.evals, args.seeds = [e for e in EVALS if e in args.evals], sorted(args.seeds)
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
     data = eval_speech(plan[0].config.data) if args.evals else None
