@@ -577,7 +577,7 @@ def _write_benchmark(root: Path, seq: str, files_per_class: int = 6):
 def test_genomic_benchmarks_folder_and_its_errors(tmp_path):
     _write_benchmark(tmp_path / "task", _genome())
     task = genomic_benchmarks(tmp_path / "task")
-    assert task.classes == ["coding", "other"]
+    assert task.classes == ["coding", "other"] and "training sequences" not in task.note  # no copies here
     assert len(task.train) + len(task.validation) == 12 and len(task.test) == 12
     assert task.check_length(128, truncate=False) is task
     with pytest.raises(DnaDataError, match="longer than the model's context .*; pass --truncate"):
@@ -612,6 +612,9 @@ def test_csv_task_and_its_errors(tmp_path):
         (tmp_path / f"{split}.csv").write_text("sequence,label\n" + "\n".join(rows) + "\n")
     task = csv_task(tmp_path)
     assert task.classes == ["no", "yes"] and len(task.train) == 8 and set(task.test["label"]) == {0, 1}
+    # the three files hold the same rows here: said in the task's note (the reports print it)
+    assert task.note.endswith("8 of 8 validation and 8 of 8 test sequences are training sequences (either strand): "
+                              "their scores measure recall, not generalisation.")
     train = tmp_path / "train.csv"
     train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a byte-order mark, as spreadsheet exports write it
     assert len(csv_task(tmp_path).train) == 8

@@ -147,10 +147,8 @@ def _resume_from_step_3(ranks: int, items: list[str], cwd: Path, whole: str = "w
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage, saved_ranks, resumed_ranks, global_batch",
-                         [(2, 2, 1, False), (2, 1, 2, False), (3, 2, 1, False), (3, 1, 2, False), (0, 2, 1, False),
-                          (0, 2, 1, True)],
-                         ids=["zero2-2-to-1", "zero2-1-to-2", "zero3-2-to-1", "zero3-1-to-2", "zero0-2-to-1",
-                              "zero0-2-to-1-global-batch"])
+                         [(2, 2, 1, False), (2, 1, 2, False), (3, 2, 1, False), (3, 1, 2, False), (0, 2, 1, True)],
+                         ids=["zero2-2-to-1", "zero2-1-to-2", "zero3-2-to-1", "zero3-1-to-2", "zero0-2-to-1-global-batch"])
 def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, stage, saved_ranks, resumed_ranks,
                                                                       global_batch):
     """A toy run of 6 steps on ``saved_ranks`` checkpoints at steps 3 and 6. A copy cut back to step

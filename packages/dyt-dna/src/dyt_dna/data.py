@@ -9,6 +9,7 @@ Built-in splits never cut one genome into train and test: the held-out strain of
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
@@ -369,6 +370,14 @@ def checked(task: ClassificationData, where: str) -> ClassificationData:
         unseen = sorted(task.classes[i] for i in set(getattr(task, split)["label"]) - seen)
         if unseen:
             raise DnaDataError(f"{where}: {split} labels {unseen} never occur in training")
+    trained = set(task.train["sequence"])
+    trained |= {sequence.translate(_COMPLEMENT)[::-1] for sequence in trained}
+    copies = [f"{sum(s in trained for s in getattr(task, split)['sequence'])} of {len(getattr(task, split))} {split}"
+              for split in ("validation", "test")]
+    if any(not copy.startswith("0 ") for copy in copies):  # said, not refused: benchmarks ship such rows
+        note = (f"{' and '.join(copies)} sequences are training sequences (either strand): their scores measure "
+                "recall, not generalisation.")
+        task = dataclasses.replace(task, note=" ".join(filter(None, (task.note, note))))
     return task
 
 
