@@ -157,6 +157,7 @@ def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_
     monkeypatch.setattr(audio_module, "HF_AUDIO_VERSION", audio_module.HF_AUDIO_VERSION + 1)
     folder = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path.parent
     assert folder != first[0].path.parent  # decoded anew
+    assert not first[0].path.parent.exists()  # and the older conversion's copies, never read again, removed
 
     other = tmp_path / "other-cache"  # the same key in a fresh cache, its lock held as a writing rank holds it
     other.mkdir()
@@ -267,7 +268,7 @@ def test_a_manifest_is_read_as_utf8_with_or_without_a_bom(tmp_path, monkeypatch)
     manifest.write_text(f"\ufeff{tmp_path}\na.wav\t1600\n", encoding="utf-8")
     assert [u.path for u in read_manifest(manifest)] == [tmp_path / "a.wav"]
     manifest.write_bytes(f"{tmp_path}\nd\xe9j\xe0.wav\t1600\n".encode("latin-1"))
-    with pytest.raises(AudioError, match=r"train.tsv: not UTF-8 text \(byte \d+\): save the manifest as UTF-8"):
+    with pytest.raises(AudioError, match=r"train.tsv: not UTF-8 text \(byte \d+\): save it as UTF-8"):
         read_manifest(manifest)
     monkeypatch.chdir(tmp_path)  # a relative root is read from the current directory, as fairseq reads it
     manifest.write_text("audio\na.wav\t1600\n")

@@ -516,6 +516,15 @@ def test_every_fasta_file_gives_windows_and_ambiguity_codes_count_as_n(tmp_path)
     with pytest.raises(DnaDataError, match=r"short.fa: no window of 64 bases fits \(records too short"):
         pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B), str(tmp_path / "short.fa")],
                                            window=64, cache_dir=str(tmp_path / "cache")), 128)
+    for folder, record in (("a", "ACGT" * 40), ("b", "ACGT")):  # one name in two folders: each file judged
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "g.fa").write_text(f">r\n{record}\n")
+    with pytest.raises(DnaDataError, match=r"/b/g.fa: no window of 64 bases fits"):
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(tmp_path / "a/g.fa"),
+                                           str(tmp_path / "b/g.fa")], window=64, cache_dir=str(tmp_path / "cache")), 128)
+    (tmp_path / "chr1:1-160.fa").write_text(f">r\n{'ACGT' * 40}\n")  # a region extract's name, colon and all
+    pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(tmp_path / "chr1:1-160.fa")],
+                                       window=64, cache_dir=str(tmp_path / "cache")), 128)
     (tmp_path / "ambiguous.fa").write_text(">r\n" + "ACGT" * 16 + "RYKMSWBD" * 8 + "ACGT" * 16 + "\n")
     windows = dna_data.window_dataset([dna_data.Region(tmp_path / "ambiguous.fa")], 64, 64, 0,
                                       DnaDataConfig(window=64, cache_dir=str(tmp_path / "cache")))
@@ -551,6 +560,33 @@ def test_ranks_asking_for_the_same_windows_wait_for_the_one_building_them(tmp_pa
     rank.join(timeout=120)
     train, validation = built["rows"]
     assert len(train) == len(validation) == 50 and len(list(windows.glob("*/dataset_info.json"))) == 2
+
+
+def test_masking_and_flips_draw_on_the_cpu_and_follow_the_batch_to_its_device(monkeypatch):
+    """The trainer moves a batch to its device before the task's loss masks it: on a GPU the masks
+    drawn on the CPU met a CUDA batch in torch.where and stopped Caduceus at its first step. The meta
+    device stands in for CUDA here (any tensor on another device than the masks fails alike); the
+    draws are the CPU generator's, so the masks are the ones a CPU run makes from the same state."""
+    import torch.fx.experimental._config as fx_config
+
+    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # boolean indexing on meta
+    torch.manual_seed(0)
+    on_cpu = mask_for_mlm(_real_tokens(4, 100), 0.15)
+    torch.manual_seed(0)
+    inputs, targets = mask_for_mlm(_real_tokens(4, 100).to("meta"), 0.15)
+    assert inputs.device.type == targets.device.type == "meta" and inputs.shape == on_cpu[0].shape
+    assert dna_data.maybe_reverse_complement(_real_tokens(4, 100).to("meta")).device.type == "meta"
+
+
+def test_hyena_runs_with_half_precision_weights_and_float32_buffers():
+    """DeepSpeed's bf16 casts parameters, not buffers: the implicit filter's features (from its float32
+    buffers) went into a bf16 linear layer and stopped HyenaDNA at its first forward."""
+    model = _model("hyena").float()
+    for parameter in model.parameters():  # as DeepSpeed's engine casts a module for bf16
+        parameter.data = parameter.data.to(torch.bfloat16)
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    out = model(_real_tokens(2, 50))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_masked_lm_targets_only_chosen_positions():

@@ -483,7 +483,8 @@ def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
                            "4 x 16 x 1 -> 4 x 8 x 1)") and said.endswith(
         "--set train.grad_accum=2 keeps it (train.global_batch_size: 64 keeps it on every rank count that divides it)")
     assert global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, grad_accum=2), 8) is None
-    assert "no train.grad_accum keeps it" in global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4), 5)
+    assert global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4), 5).endswith(
+        "; no setting keeps it at this micro-batch size and rank count")
     # launched at step 0 with grad_accum 2 (saved step 100), relaunched at 100 with 4, killed before saving:
     # config.yaml holds the dead launch's 4; the checkpoint was made with 2
     launches = [{"step": 0, "world_size": 16, "config": {"train": {"micro_batch_size": 4, "grad_accum": 2}}},
@@ -499,6 +500,8 @@ def test_a_resume_on_another_global_batch_says_so_and_what_keeps_it(tmp_path):
     said = global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, global_batch_size=64).for_world(8), 8)
     assert "global batch 128 -> 64 examples per step (micro_batch_size x ranks x grad_accum: 4 x 16 x 2 -> 4 x 8 x 2)" in said
     assert said.endswith("--set train.global_batch_size=128 keeps it")
+    said = global_batch_change(tmp_path, 100, 16, TrainConfig(micro_batch_size=4, global_batch_size=24).for_world(3), 3)
+    assert "128 -> 24" in said and said.endswith("no setting keeps it at this micro-batch size and rank count")
 
 
 def test_the_data_order_is_a_tensor_read_in_blocks_and_the_order_it_always_was(monkeypatch):

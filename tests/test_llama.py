@@ -243,9 +243,10 @@ def test_compare_writes_report_with_table_and_plots(corpus, tmp_path, monkeypatc
 
 
 def test_a_users_corpus_is_split_by_title_and_skips_hidden_folders_null_texts_and_names_bad_bytes(tmp_path):
-    """Every tenth *title* is held out: a book in several rows (a chunked corpus) put some of its
-    chunks in training and the rest in validation. An editor's hidden checkpoint folder was read as
-    documents; a JSON null text was a traceback, and so were a .jsonl's bytes that are not UTF-8."""
+    """Every tenth document is held out, consecutive rows of one title counting once: counted by row,
+    a book in several rows (a chunked corpus) put some of its chunks in training and the rest in
+    validation. An editor's hidden checkpoint folder was read as documents; a JSON null text was a
+    traceback, and so were a .jsonl's bytes that are not UTF-8."""
     rows = [{"title": f"book{b}", "text": f"Book {b}, part {part}. " + SONNET} for b in range(12) for part in range(3)]
     rows.insert(5, {"title": "nothing", "text": None})
     chunked = tmp_path / "chunked"
@@ -255,8 +256,11 @@ def test_a_users_corpus_is_split_by_title_and_skips_hidden_folders_null_texts_an
     assert set(documents["validation"]["title"]) == {"book9"} and len(documents["validation"]) == 3  # 10th title
     assert not set(documents["train"]["title"]) & {"book9", "nothing"}  # the null text: empty, left out
     (chunked / "e.jsonl").write_bytes(b'{"title": "x", "text": "caf\xe9"}\n')
+    tables = sorted((tmp_path / "c" / "hf").glob("tables-*"))
     with pytest.raises(DataError, match=r"e.jsonl \(byte 27\) is not UTF-8 text; save it as UTF-8"):
         load_documents(DataConfig(corpus=str(chunked), cache_dir=str(tmp_path / "c")))
+    now = sorted((tmp_path / "c" / "hf").glob("tables-*"))  # the files changed: read anew, the old copy removed
+    assert len(tables) == len(now) == 1 and tables != now
     texts = tmp_path / "texts"
     (texts / ".ipynb_checkpoints").mkdir(parents=True)
     for i in range(10):
@@ -310,13 +314,15 @@ def test_the_launch_script_names_a_hostfile_that_is_not_there(tmp_path):
     as unknown. It is a one-line error before anything starts."""
     script = Path(__file__).parents[1] / "scripts" / "launch_llama.sh"
     proc = subprocess.run(["bash", str(script), "recipes/llama/tiny.yaml", str(tmp_path / "hosts.txt")],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "DYT_VENV": sys.prefix})
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "DYT_VENV": sys.prefix},
+                          cwd=script.parents[1])
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"launch_llama.sh: {tmp_path / 'hosts.txt'}: no such hostfile (the second argument is a rank count or a "
         "hostfile)"), proc.stderr
     # a rank count of 0 (was bash's "division by 0" on a CPU machine)
     proc = subprocess.run(["bash", str(script), "recipes/llama/tiny.yaml", "0"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "DYT_VENV": sys.prefix})
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "DYT_VENV": sys.prefix},
+                          cwd=script.parents[1])
     assert proc.returncode == 2 and proc.stderr.strip() == "launch_llama.sh: 0 ranks: give at least 1", proc.stderr
 
 
@@ -328,7 +334,7 @@ def test_the_launch_script_helps_checks_its_config_and_takes_a_port_of_its_own(t
     venv = tmp_path / "venv" / "bin"
     venv.mkdir(parents=True)
     (venv / "deepspeed").write_text('#!/bin/bash\necho "deepspeed $*"\n')
-    (venv / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    (venv / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
     for tool in ("deepspeed", "python"):
         (venv / tool).chmod(0o755)
     env = {**os.environ, "DYT_VENV": str(venv.parent)}
@@ -336,7 +342,7 @@ def test_the_launch_script_helps_checks_its_config_and_takes_a_port_of_its_own(t
 
     def launch(*argv, **extra):
         return subprocess.run(["bash", str(script), *argv], capture_output=True, text=True, timeout=60,
-                              env={**env, **extra})
+                              env={**env, **extra}, cwd=script.parents[1])  # the configs' paths are the checkout's
 
     proc = launch("--help")
     assert proc.returncode == 0 and proc.stdout.startswith("# Launch dyt-llama pretraining") and "MASTER_PORT" in proc.stdout

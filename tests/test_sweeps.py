@@ -351,20 +351,27 @@ def test_bad_sweep_options_are_one_line_errors(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_more_ranks_than_cuda_devices_is_a_one_line_error(monkeypatch, capsys):
+def test_more_ranks_than_cuda_devices_is_refused_for_runs_to_train(tmp_path, monkeypatch, launches):
     """On CUDA each rank takes a device: rank 1 of 2 on a one-GPU machine would fail, after the data
-    is built, on a device ordinal that is not there."""
+    is built, on a device ordinal that is not there. Checked when the runs are planned, for the ones
+    to train (a finished comparison's report needs no GPU), with the grad_accum that keeps the batch."""
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setattr(shared.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(shared.torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(SystemExit) as exit_info:
-        _args(TOY, ["--nproc", "2"])
-    assert exit_info.value.code == 2
-    assert ("--nproc 2: this machine has 1 CUDA device(s) and each rank takes one: give --nproc 1 or fewer (the global "
-            "batch is micro_batch_size x ranks x grad_accum: --set train.grad_accum=2 keeps a 2-rank batch on 1 where "
-            "it divides)") in capsys.readouterr().err
-    assert _args(TOY, ["--nproc", "1"]).nproc == 1
-    monkeypatch.setattr(shared.torch.cuda, "is_available", lambda: False)  # CPU ranks share the cores
-    assert _args(TOY, ["--nproc", "4"]).nproc == 4
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--nproc", "2", "--set", "train.grad_accum=3"])
+    with pytest.raises(shared.CompareError, match=(
+            r"--nproc 2: this machine has 1 CUDA device\(s\) and each rank takes one: give --nproc 1 or fewer "
+            r"\(--set train.grad_accum=6 keeps the 2-rank global batch")):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--nproc", "2", "--set", "train.global_batch_size=64"])
+    with pytest.raises(shared.CompareError, match=r"\(train.global_batch_size keeps the batch on any rank count"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    assert len(plan_runs(TOY, _args(TOY, ["--out", str(tmp_path / "cmp"), "--nproc", "1"]),
+                         [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])) == 2
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # CPU ranks on a GPU machine share the cores
+    assert len(plan_runs(TOY, _args(TOY, ["--out", str(tmp_path / "cmp"), "--nproc", "2"]),
+                         [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])) == 2
+    assert launches == [] and not (tmp_path / "cmp").exists()
 
 
 def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):

@@ -6,7 +6,7 @@
   in constant memory and resumable after a kill.
 """
 
-from .cache import cache_root, file_sha256
+from .cache import cache_root, file_key, file_sha256
 from .debian import (
     BuiltinDataUnavailable,
     failure_reason,
@@ -16,4 +16,4 @@ from .debian import (
     unpacked_versions,
 )
 
-__all__ = ["BuiltinDataUnavailable", "cache_root", "failure_reason", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]
+__all__ = ["BuiltinDataUnavailable", "cache_root", "failure_reason", "file_key", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]

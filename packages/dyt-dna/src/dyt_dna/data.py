@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from filelock import FileLock
 from dyt.errors import UserInputError, folder_problem
 from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
 from dyt.train.jsonio import write_json
-from dyt_data import cache_root
+from dyt_data import cache_root, file_key
 
 from .fasta import FastaError, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
@@ -82,18 +83,11 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_key(path: Path) -> tuple[str, int, int, int, int]:
-    """What says a file is unchanged: its path, size, modification and change times, and inode. The
-    change time moves on every write even where a copy kept the old modification time (``cp -p``,
-    ``rsync -t``, a tarball's), and a file replaced by another gets another inode."""
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
-
-
 WINDOWS_VERSION = 2
 """Part of the windows cache's key: raise it when :func:`_windows` changes what it yields, or the
 windows cached by the old code are read back (the key is otherwise the files and settings only;
-2: IUPAC ambiguity codes count as N, as :func:`~dyt_dna.tokenizer.encode` reads them)."""
+2: IUPAC ambiguity codes count as N, as :func:`~dyt_dna.tokenizer.encode` reads them, and each
+window names its region, ``region``)."""
 
 
 @dataclass(frozen=True)
@@ -106,9 +100,9 @@ class Region:
 
 
 def _windows(regions: list[Region], window: int, stride: int, max_n: float, key: str = "") -> Iterator[dict]:
-    # ``key`` (the files' size and mtime) is unused here but part of datasets' own cache key for the
+    # ``key`` (the files' sizes and times, dyt_data.file_key) is unused here but part of datasets' own cache key for the
     # generator: without it a FASTA rewritten in place at the same path gave its old windows.
-    for region in regions:
+    for index, region in enumerate(regions):
         for record in read_fasta(region.path):
             seq = record.sequence
             first, last = int(len(seq) * region.lo), int(len(seq) * region.hi)
@@ -116,7 +110,8 @@ def _windows(regions: list[Region], window: int, stride: int, max_n: float, key:
                 piece = seq[start : start + window]
                 unknown = window - sum(piece.count(base) for base in "ACGT")  # N and the ambiguity codes
                 if unknown <= max_n * window:
-                    yield {"sequence": piece, "source": f"{region.path.name}:{record.name}", "start": start}
+                    yield {"sequence": piece, "source": f"{region.path.name}:{record.name}", "start": start,
+                           "region": index}
 
 
 def window_dataset(regions: list[Region], window: int, stride: int, max_windows: int, cfg: DnaDataConfig,
@@ -128,7 +123,7 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
     no_window = DnaDataError(f"no window of {window} bases fits in {', '.join(r.path.name for r in regions)} "
                              f"with at most {cfg.max_n_fraction:.0%} N (data.max_n_fraction): use shorter windows "
                              "or longer records")
-    key = _fingerprint([(_file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction,
+    key = _fingerprint([(file_key(r.path), r.lo, r.hi) for r in regions], window, stride, cfg.max_n_fraction,
                        WINDOWS_VERSION)
     target = _cache_dir(cfg.cache_dir) / "windows" / key
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +145,8 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
             rows.save_to_disk(str(target))
     if len(rows) == 0:
         raise no_window
-    given = {source.partition(":")[0] for source in rows.unique("source")}
-    if empty := [str(r.path) for r in regions if r.path.name not in given]:  # the others gave some: say which not
+    given = set(rows.unique("region"))
+    if empty := [str(r.path) for i, r in enumerate(regions) if i not in given]:  # the others gave some: say which not
         raise DnaDataError(f"{', '.join(empty)}: no window of {window} bases fits (records too short, or more than "
                            f"{cfg.max_n_fraction:.0%} N, data.max_n_fraction): the file would add nothing; drop it, "
                            "or use shorter windows")
@@ -185,10 +180,10 @@ RECORDS_VERSION = 2
 
 def _record_digests(path: Path, cache: Path) -> list[tuple[str, str, int]]:
     """(SHA-256 of the sequence, of its reverse complement, its length) of each record in ``path``,
-    kept in ``cache`` by the file's :func:`_file_key` (a genome is read once, not at every launch)."""
+    kept in ``cache`` by the file's :func:`dyt_data.file_key` (a genome is read once, not at every launch)."""
     if not path.is_file():
         raise DnaDataError(f"{path}: no such FASTA file")
-    target = cache / "records" / f"{_fingerprint(_file_key(path), RECORDS_VERSION)}.json"
+    target = cache / "records" / f"{_fingerprint(file_key(path), RECORDS_VERSION)}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # the ranks of a launch all ask at once: one reads the genome
         if target.is_file():
@@ -258,21 +253,25 @@ def tokens(sequences: list[str], where: str = "sequence") -> torch.Tensor:
 
 
 def maybe_reverse_complement(batch: torch.Tensor) -> torch.Tensor:
-    flip = torch.rand(batch.shape[0]) < 0.5
+    flip = (torch.rand(batch.shape[0]) < 0.5).to(batch.device)  # drawn on the CPU, as mask_for_mlm draws
     batch = batch.clone()
     batch[flip] = reverse_complement(batch[flip])
     return batch
 
 
 def mask_for_mlm(batch: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) for masked-LM: targets are -100 except at the chosen positions."""
+    """(inputs, targets) for masked-LM: targets are -100 except at the chosen positions. The draws
+    come from the CPU generator whatever the batch's device (the same masks on a GPU as on a CPU, from
+    the RNG state checkpoints keep) and move to the batch's device (the trainer moves batches first)."""
     chosen = torch.rand(batch.shape) < prob
-    targets = torch.where(chosen, batch, torch.full_like(batch, -100))
     roll = torch.rand(batch.shape)
+    random_base = chosen & (roll >= 0.8) & (roll < 0.9)
+    bases = torch.randint(len(SPECIALS), len(SPECIALS) + 4, (int(random_base.sum()),))
+    chosen, roll, random_base = (t.to(batch.device) for t in (chosen, roll, random_base))
+    targets = torch.where(chosen, batch, torch.full_like(batch, -100))
     inputs = batch.clone()
     inputs[chosen & (roll < 0.8)] = MASK
-    random_base = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[random_base] = torch.randint(len(SPECIALS), len(SPECIALS) + 4, (int(random_base.sum()),))
+    inputs[random_base] = bases.to(batch.device, batch.dtype)
     return inputs, targets
 
 
@@ -430,7 +429,7 @@ def csv_task(folder: Path) -> ClassificationData:
             raise DnaDataError(f"{folder}: no {path.name} ({split} split with sequence,label columns)")
     columns = {split: _read_csv_split(path) for split, path in files.items()}
     labels = {label for split in columns.values() for label in split["label"]}
-    integers = all(label.lstrip("-").isdigit() for label in labels)
+    integers = all(re.fullmatch(r"-?[0-9]+", label) for label in labels)
     names = sorted(labels, key=lambda label: (int(label), label) if integers else (0, label))
     folded: dict[str, list[str]] = {}
     for label in names:
@@ -496,7 +495,7 @@ def _genes(genome: Genome) -> list[tuple[int, int, int]]:
     cached per genome, pyrodigal version and :data:`GENES_VERSION`."""
     import pyrodigal
 
-    key = _fingerprint(_file_key(genome.path), pyrodigal.__version__, GENES_VERSION)
+    key = _fingerprint(file_key(genome.path), pyrodigal.__version__, GENES_VERSION)
     cache = _cache_dir("") / "genes-stranded" / f"{key}.json"
     if cache.is_file():
         return [tuple(g) for g in json.loads(cache.read_text())]

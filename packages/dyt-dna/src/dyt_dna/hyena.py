@@ -56,7 +56,8 @@ class ImplicitFilter(nn.Module):
         t = torch.linspace(0, 1, self.max_len, device=self.decay.device)[:length, None]
         angle = 2 * math.pi * self.bands * torch.arange(length, device=t.device)[:, None] / self.max_len
         features = torch.cat([t, torch.cos(angle), -torch.sin(angle)], dim=-1)
-        taps = self.mlp(features) * torch.exp(-t * self.decay)
+        # features are float32 (from the buffers, which DeepSpeed's bf16 leaves alone): in the MLP's dtype
+        taps = self.mlp(features.to(self.mlp[0].weight.dtype)) * torch.exp(-t * self.decay)
         return rearrange(taps, "l c -> c l")
 
 

@@ -14,6 +14,9 @@ at -700 / T: a decay below e^-43 per step (T = 16) already zeroes the state in a
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
@@ -57,10 +60,14 @@ def selective_scan_reference(x, dt, A, B, C, D) -> torch.Tensor:
     return torch.stack(ys, dim=-1) + D[:, None] * x
 
 
+@functools.cache  # a failed import is not cached by Python: it would be tried again at every scan
 def _cuda_kernel():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ImportError:
+        print("warning: mamba_ssm is not installed: Caduceus scans CUDA tensors with the chunked PyTorch scan "
+              "(float64 inside a chunk; far slower and larger than Mamba's kernel): pip install mamba-ssm",
+              file=sys.stderr, flush=True)
         return None
     return selective_scan_fn
 
@@ -70,7 +77,8 @@ def scan(x, dt_raw, dt_bias, A, B, C, D, use_kernel: bool = True) -> torch.Tenso
     if use_kernel and x.is_cuda:
         kernel = _cuda_kernel()
         if kernel is not None:
-            return kernel(x, dt_raw, A, B, C, D.float(), delta_bias=dt_bias.float(), delta_softplus=True)
+            # the kernel takes A, D and the bias in float32 only (under bf16 DeepSpeed casts A_log too)
+            return kernel(x, dt_raw, A.float(), B, C, D.float(), delta_bias=dt_bias.float(), delta_softplus=True)
     dt = F.softplus(dt_raw + dt_bias[:, None])
     if use_kernel and x.device.type == "cpu" and scan_cpu.available():
         return scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -20,7 +21,7 @@ from filelock import FileLock
 
 from dyt.train.config import Range
 from dyt.train.data_files import saved_dataset_files
-from dyt_data import cache_root
+from dyt_data import cache_root, file_key
 from dyt_data.shards import TokenShards
 
 from .corpus import DataError, prepare_corpus
@@ -106,6 +107,8 @@ def _not_utf8(paths: list[Path]) -> str:
 
 def _read_utf8(path: Path) -> str:
     try:
+        # a byte-order mark stays part of the text: one built-in work starts with one, and its tokens
+        # (so every LLaMA figure) would change without it
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
@@ -169,10 +172,10 @@ def _text_files_and_tables(root: Path) -> tuple[list[Path], list[Path]]:
     return visible("*.txt"), visible("*.jsonl") + visible("*.parquet")
 
 
-def _file_keys(paths: list[Path]) -> list[tuple[str, int, int, int, int]]:
-    """What says each file is unchanged: path, size, modification and change times, inode (the change
-    time moves on every write, also where a copy kept the old modification time: ``cp -p``, ``rsync -t``)."""
-    return [(str(p), (st := p.stat()).st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for p in paths]
+def _file_keys(paths: list[Path]) -> list[tuple[str, int, int, int]]:
+    """Each path as found (titles are taken relative to the corpus folder) with its
+    :func:`dyt_data.file_key`, so that a file changed in place changes the cache key."""
+    return [(str(p), *file_key(p)[1:]) for p in paths]
 
 
 def load_documents(cfg: DataConfig):
@@ -221,10 +224,16 @@ def load_documents(cfg: DataConfig):
                 raise DataError(f"corpus {root} holds both .jsonl and .parquet files: keep one kind per corpus folder")
             kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
             try:
-                # datasets keys its cache by path and modification time: a folder of ours per _file_keys
+                # datasets keys its cache by path and modification time: a folder of ours per _file_keys,
+                # named by the corpus folder too, so that a change removes this corpus's older copies
+                corpus_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
                 key = hashlib.sha256(json.dumps(_file_keys(tables)).encode()).hexdigest()[:16]
+                tables_cache = _cache(cfg) / "hf" / f"tables-{corpus_key}-{key}"
                 table = datasets.load_dataset(kind, data_files=[str(p) for p in tables], split="train",
-                                              cache_dir=str(_cache(cfg) / "hf" / f"tables-{key}"))
+                                              cache_dir=str(tables_cache))
+                for older in tables_cache.parent.glob(f"tables-{corpus_key}-*"):
+                    if older != tables_cache:
+                        shutil.rmtree(older, ignore_errors=True)
             except datasets.exceptions.DatasetGenerationError as error:
                 cause = error.__cause__ or error
                 raise DataError(f"corpus {root}: its {kind} files do not read as one table "
@@ -239,6 +248,7 @@ def load_documents(cfg: DataConfig):
         raise DataError(f"corpus {root}: {found} is not UTF-8 text; save it as UTF-8" if found else
                         f"corpus {root}: a document is not UTF-8 text ({error.reason}); save it as UTF-8") from None
     held_out = set(cfg.validation_works or ([] if cfg.corpus else BUILTIN_VALIDATION))
+    documents = len(table)
     if held_out:  # one byte a document, titles read a batch at a time
         is_validation = np.zeros(len(table), dtype=bool)
         found, start = set(), 0
@@ -250,12 +260,15 @@ def load_documents(cfg: DataConfig):
         if held_out - found:
             raise DataError(f"validation_works not in the corpus: {sorted(held_out - found)} (or empty there: empty "
                             "documents are left out)")
-    else:  # every 10th title (a document in several rows, a chunked book, stays whole on one side)
+    else:  # every 10th document, a run of rows with one title counting once: a chunked book stays whole
         is_validation = np.zeros(len(table), dtype=bool)
-        order: dict[str, int] = {}
-        start = 0
+        documents, previous, start = 0, object(), 0
         for batch in table.select_columns(["title"]).iter(batch_size=10_000):
-            chosen = [order.setdefault(title, len(order)) % 10 == 9 for title in batch["title"]]
+            chosen = []
+            for title in batch["title"]:
+                documents += title != previous
+                previous = title
+                chosen.append(documents % 10 == 0)  # the 10th, 20th, ... document
             is_validation[start : start + len(chosen)] = chosen
             start += len(chosen)
     if is_validation.all() or not is_validation.any():
@@ -263,7 +276,8 @@ def load_documents(cfg: DataConfig):
             raise DataError(f"the split of corpus {root} leaves no training documents (data.validation_works holds "
                             "out every one): hold out fewer")
         raise DataError(f"the split of corpus {root} leaves no validation documents (every 10th document is held "
-                        f"out, and it has {len(table)}): name the documents to hold out in data.validation_works")
+                        f"out, and it has {documents}{'' if documents == len(table) else f' in {len(table)} rows'}): "
+                        "name the documents to hold out in data.validation_works")
     return datasets.DatasetDict(
         train=table.select(np.flatnonzero(~is_validation)),
         validation=table.select(np.flatnonzero(is_validation)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,15 +137,20 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
     return round(held * SAMPLE_RATE / rate)
 
 
+def _utf8_lines(path: Path) -> list[str]:
+    """A manifest's or transcript file's lines, UTF-8 (a byte-order mark is no part of the first)."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise AudioError(f"{path}: not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+
+
 def read_manifest(path: Path, texts: Path | None = None, check_files: bool = True) -> list[Utterance]:
     """Rows of a fairseq manifest; ``texts`` (one line per row, e.g. a .wrd file) adds transcripts.
     ``check_files=False``: rows whose audio file is missing are kept (to be counted missing)."""
     if not path.is_file():
         raise AudioError(f"{path}: no such manifest")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of the root
-    except UnicodeDecodeError as error:
-        raise AudioError(f"{path}: not UTF-8 text (byte {error.start}): save the manifest as UTF-8") from None
+    lines = _utf8_lines(path)
     if not lines:
         raise AudioError(f"{path}: empty manifest (the first line must be the audio root dir)")
     root = Path(lines[0].strip())
@@ -162,7 +168,7 @@ def read_manifest(path: Path, texts: Path | None = None, check_files: bool = Tru
             raise AudioError(f"{path}:{number}: audio file {audio} does not exist{where}")
         rows.append(Utterance(audio, int(parts[1])))
     if texts is not None:
-        transcripts = texts.read_text(encoding="utf-8-sig").splitlines()
+        transcripts = _utf8_lines(texts)
         if len(transcripts) != len(rows):
             raise AudioError(f"{texts}: {len(transcripts)} transcripts for {len(rows)} manifest rows")
         for row, text in zip(rows, transcripts):
@@ -176,9 +182,9 @@ def write_manifest(path: Path, root: Path, utterances: list[Utterance]) -> None:
     disk is never half written nor without the transcripts written with it."""
     lines = [str(root.resolve())] + [f"{u.path.relative_to(root)}\t{u.num_samples}" for u in utterances]
     if any(u.text for u in utterances):
-        path.with_suffix(".wrd").write_text("\n".join(u.text for u in utterances) + "\n")
+        path.with_suffix(".wrd").write_text("\n".join(u.text for u in utterances) + "\n", encoding="utf-8")
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text("\n".join(lines) + "\n")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")  # as read_manifest reads it, whatever the locale
     partial.replace(path)
 
 
@@ -346,4 +352,6 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="FLOAT")
             utterances.append(Utterance(target, waveform.numel(), str(row.get(text_column, "") or "")))
         write_manifest(manifest, out, utterances)
+        for older in range(1, HF_AUDIO_VERSION):  # this dataset's copies by older conversions: never read again
+            shutil.rmtree(cache / f"v{older}-{rows._fingerprint}-{files['digest']}", ignore_errors=True)
     return utterances

@@ -20,6 +20,7 @@ the import (Triton's interpreter, for tests: slow, small shapes).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -222,6 +223,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: the tensor's must be current (``dyt-bench --device
+    cuda:1`` otherwise ran cuda:0's kernel on cuda:1's memory); the interpreter's CPU tensors need none."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _tanh_mode(x: torch.Tensor, weight: torch.Tensor) -> int:
     """See ``_tanh``."""
     if compute_dtype(x, weight) == torch.float64:
@@ -241,14 +248,15 @@ def fused_forward(x, alpha, weight, bias, residual=None, tile=None):
         s = torch.empty_like(y)
     block_m, block_n, warps = _tiles(cols, x.element_size(), x.device.type, tile or FORWARD_TILE)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    _forward_kernel[grid](
-        x, residual if residual is not None else x, s if s is not None else y, y, alpha, weight,
-        bias if bias is not None else weight,
-        rows, cols, x.stride(0), residual.stride(0) if residual is not None else 0,
-        s.stride(0) if s is not None else 0, y.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, TANH_MODE=_tanh_mode(x, weight), COMPUTE=_compute_dtype(x, weight), num_warps=warps,
-    )
+    with _on(x.device):
+        _forward_kernel[grid](
+            x, residual if residual is not None else x, s if s is not None else y, y, alpha, weight,
+            bias if bias is not None else weight,
+            rows, cols, x.stride(0), residual.stride(0) if residual is not None else 0,
+            s.stride(0) if s is not None else 0, y.stride(0),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, TANH_MODE=_tanh_mode(x, weight), COMPUTE=_compute_dtype(x, weight), num_warps=warps,
+        )
     return y, s
 
 
@@ -275,15 +283,16 @@ def fused_backward(dy, x, alpha, weight, has_bias, ds=None, tile=None, programs_
     da_part = torch.empty(programs, col_blocks, **partial)
     if ds is not None:
         ds = _as_rows(ds)
-    _backward_kernel[(programs, col_blocks)](
-        x, dy, ds if ds is not None else dy, dx, alpha, weight, dw_part, db_part, da_part,
-        rows, cols, rows_per_program,
-        x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
-        HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREFETCH=BACKWARD_PREFETCH if prefetch is None else prefetch,
-        INTERLEAVE=BACKWARD_INTERLEAVE if interleave is None else interleave,
-        TANH_MODE=_tanh_mode(x, weight), COMPUTE=_compute_dtype(x, weight), num_warps=warps,
-    )
+    with _on(x.device):
+        _backward_kernel[(programs, col_blocks)](
+            x, dy, ds if ds is not None else dy, dx, alpha, weight, dw_part, db_part, da_part,
+            rows, cols, rows_per_program,
+            x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+            HAS_BIAS=has_bias, HAS_RESIDUAL_GRAD=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            PREFETCH=BACKWARD_PREFETCH if prefetch is None else prefetch,
+            INTERLEAVE=BACKWARD_INTERLEAVE if interleave is None else interleave,
+            TANH_MODE=_tanh_mode(x, weight), COMPUTE=_compute_dtype(x, weight), num_warps=warps,
+        )
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype) if has_bias else None
     dalpha = da_part.sum().reshape(alpha.shape).to(alpha.dtype)

@@ -234,23 +234,28 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
                              "current directory)")
 
 
-def too_many_ranks(nproc: int) -> str | None:
-    """Why ``nproc`` local ranks cannot train here, or None: on CUDA each rank takes a device of its
-    own (the launchers hand rank r device r, and rank 1 of 2 on a one-GPU machine would fail on a
-    device that is not there, after the data is built)."""
-    if not torch.cuda.is_available() or nproc <= (gpus := torch.cuda.device_count()):
+def too_many_ranks(nproc: int, train: Any) -> str | None:
+    """Why ``nproc`` local ranks cannot train ``train`` (a run's TrainConfig) here, or None: on CUDA
+    each rank takes a device of its own (the launchers hand rank r device r, and rank 1 of 2 on a
+    one-GPU machine would fail on a device that is not there, after the data is built)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+        return None  # CPU ranks share the cores
+    if nproc <= (gpus := torch.cuda.device_count()):
         return None
-    return (f"--nproc {nproc}: this machine has {gpus} CUDA device(s) and each rank takes one: give --nproc {gpus} "
-            f"or fewer (the global batch is micro_batch_size x ranks x grad_accum: --set train.grad_accum="
-            f"{max(1, nproc // gpus)} keeps a {nproc}-rank batch on {gpus} where it divides)")
+    if train.global_batch_size is not None:
+        keeps = "train.global_batch_size keeps the batch on any rank count that divides it"
+    elif nproc % gpus == 0:
+        keeps = (f"--set train.grad_accum={train.grad_accum * nproc // gpus} keeps the {nproc}-rank global batch "
+                 f"(micro_batch_size x ranks x grad_accum)")
+    else:
+        keeps = "the global batch is micro_batch_size x ranks x grad_accum"
+    return f"--nproc {nproc}: this machine has {gpus} CUDA device(s) and each rank takes one: give --nproc {gpus} or fewer ({keeps})"
 
 
 def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.launcher == "python" and args.nproc != 1:
         parser.error("--launcher python runs one process: use --nproc 1")
-    if (problem := too_many_ranks(args.nproc)) is not None:
-        parser.error(problem)
     for first, second in itertools.combinations(args.sweeps, 2):
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
@@ -392,6 +397,8 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     config = load_config(spec.config_class, config_path, [*overrides, *run_items(seed, out)])
                     if getattr(args, "fresh", False) or finished_step(out) < config.train.steps:
                         check_machine(config, args.nproc)  # a finished run is not launched: its report needs no training here
+                        if (problem := too_many_ranks(args.nproc, config.train)) is not None:
+                            raise CompareError(problem)
                     if config.train.eval_every == 0:
                         raise CompareError(f"{point.label}: train.eval_every=0 turns validation off, and the report "
                                            "compares each run's validation: give a positive train.eval_every "
@@ -405,11 +412,13 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
             norm_config, name = _norm_field(planned.config, sweep.key)
             if norm_config is not None and not norm_config.reads(name):
                 readers = sorted(kind for kind, names in NormConfig.READ_BY_KIND.items() if name in names)
+                ours = [p.point.norm for p in plan if (n := _norm_field(p.config, sweep.key)[0]) and n.reads(name)]
                 raise CompareError(
                     f"--sweep {sweep.key}: the {planned.point.norm} runs build no layer that reads model.norm.{name} "
                     f"(a {' or '.join(readers) or 'no'} setting), so its {len(sweep.values)} points would train one "
-                    f"model {len(sweep.values)} times: prefix the sweep with each norm it is for, e.g. --sweep "
-                    f"{readers[0] if readers else 'dyt'}:{sweep.key}={','.join(sweep.values)}")
+                    f"model {len(sweep.values)} times: "
+                    + (f"prefix the sweep with each norm it is for, e.g. --sweep {ours[0]}:{sweep.key}={','.join(sweep.values)}"
+                       if ours else "no norm of this comparison reads it: drop the sweep"))
     for sweep in args.sweeps:
         if sweep.norm is not None and sweep.norm not in trained:
             raise CompareError(f"--sweep {sweep.norm}:{sweep.key} names a norm no run trains "

@@ -166,7 +166,7 @@ class TrainConfig:
 
     HARNESS_KEYS: typing.ClassVar[dict[str, str]] = {
         "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
-        "gradient_accumulation_steps": "set train.grad_accum",
+        "gradient_accumulation_steps": "set train.grad_accum (or train.global_batch_size)",
         "train_batch_size": "set train.global_batch_size (or train.micro_batch_size and train.grad_accum)",
         "optimizer": "set train.lr, train.betas and train.weight_decay (the harness builds AdamW)",
         "scheduler": "set train.lr, train.min_lr and train.warmup_steps (the harness builds the schedule)",

@@ -253,12 +253,12 @@ def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainCo
     if before == now:
         return None
     keep, left = divmod(before, cfg.micro_batch_size * world)
-    if cfg.global_batch_size is not None:
-        hint = f"; --set train.global_batch_size={before} keeps it"
+    if keep and not left:
+        hint = (f"; --set train.global_batch_size={before} keeps it" if cfg.global_batch_size is not None else
+                f"; --set train.grad_accum={keep} keeps it (train.global_batch_size: {before} keeps it on every "
+                "rank count that divides it)")
     else:
-        hint = (f"; --set train.grad_accum={keep} keeps it" if keep and not left
-                else "; no train.grad_accum keeps it at this micro-batch size and rank count")
-        hint += f" (train.global_batch_size: {before} keeps it on every rank count that divides it)"
+        hint = "; no setting keeps it at this micro-batch size and rank count"
     return (f"warning: global batch {before} -> {now} examples per step (micro_batch_size x ranks x grad_accum: "
             f"{micro} x {saved_world} x {accum} -> {cfg.micro_batch_size} x {world} x {cfg.grad_accum}): the "
             f"schedule runs by step, so every step from here sees {now / before:.3g}x the examples{hint}")
@@ -355,6 +355,7 @@ class ResumableBatches:
                 drop_last=True,
                 collate_fn=self.task.collate,
                 num_workers=self.cfg.num_workers,
+                pin_memory=self.dist.device.type == "cuda",  # the copies to the GPU run without waiting
                 # Keeps the global RNG untouched; with num_workers > 0 the workers' draws (random crops)
                 # depend on the run's seed and the rank, as the main process's do.
                 generator=torch.Generator().manual_seed(
@@ -523,6 +524,7 @@ class Trainer:
             sampler=indices,
             collate_fn=self.task.collate,
             num_workers=self.cfg.num_workers,
+            pin_memory=self.dist.device.type == "cuda",
             # keeps the global RNG untouched; the draws of data-loading workers are fixed per rank too
             generator=torch.Generator().manual_seed(VALIDATION_SEED + self.dist.rank),
         )
