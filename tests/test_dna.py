@@ -514,14 +514,14 @@ def test_every_fasta_file_gives_windows_and_ambiguity_codes_count_as_n(tmp_path)
     toward data.max_n_fraction (a window of RYKM... trained as all N)."""
     (tmp_path / "short.fa").write_text(">tiny\nACGTACGT\n")
     with pytest.raises(DnaDataError, match=r"short.fa: no window of 64 bases fits \(records too short"):
-        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B), str(tmp_path / "short.fa")],
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(tmp_path / "short.fa"), str(GENOME_B)],
                                            window=64, cache_dir=str(tmp_path / "cache")), 128)
     for folder, record in (("a", "ACGT" * 40), ("b", "ACGT")):  # one name in two folders: each file judged
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "g.fa").write_text(f">r\n{record}\n")
     with pytest.raises(DnaDataError, match=r"/b/g.fa: no window of 64 bases fits"):
-        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(tmp_path / "a/g.fa"),
-                                           str(tmp_path / "b/g.fa")], window=64, cache_dir=str(tmp_path / "cache")), 128)
+        pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(tmp_path / "b/g.fa"),
+                                           str(tmp_path / "a/g.fa")], window=64, cache_dir=str(tmp_path / "cache")), 128)
     (tmp_path / "chr1:1-160.fa").write_text(f">r\n{'ACGT' * 40}\n")  # a region extract's name, colon and all
     pretraining_datasets(DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(tmp_path / "chr1:1-160.fa")],
                                        window=64, cache_dir=str(tmp_path / "cache")), 128)

@@ -99,10 +99,13 @@ class Region:
     hi: float = 1.0
 
 
-def _windows(regions: list[Region], window: int, stride: int, max_n: float, key: str = "") -> Iterator[dict]:
+def _windows(regions: list[tuple[int, Region]], window: int, stride: int, max_n: float, key: str = "",
+             ) -> Iterator[dict]:
     # ``key`` (the files' sizes and times, dyt_data.file_key) is unused here but part of datasets' own cache key for the
     # generator: without it a FASTA rewritten in place at the same path gave its old windows.
-    for index, region in enumerate(regions):
+    # (index, region) pairs: datasets hands a list argument to the generator in shards, one sublist
+    # per call, so a position in the list it sees is not the region's
+    for index, region in regions:
         for record in read_fasta(region.path):
             seq = record.sequence
             first, last = int(len(seq) * region.lo), int(len(seq) * region.hi)
@@ -133,7 +136,7 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
         else:
             try:
                 rows = datasets.Dataset.from_generator(
-                    _windows, gen_kwargs={"regions": regions, "window": window, "stride": stride,
+                    _windows, gen_kwargs={"regions": list(enumerate(regions)), "window": window, "stride": stride,
                                           "max_n": cfg.max_n_fraction, "key": key},
                     cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
                 )
