@@ -5,7 +5,7 @@ beside it (``index.json`` holds no per-document list, so opening a stream costs 
 the number of documents: every rank and DataLoader worker reads it).
 
 Writing goes one shard at a time, so memory stays flat whatever the corpus size. Each shard is
-written to ``<name>.tmp`` and renamed when complete, then its sidecar ``<name>.json`` records its
+written to ``<name>.<host>.<pid>.tmp`` and renamed when complete, then its sidecar ``<name>.json`` records its
 checksum. A rerun after a kill keeps every shard whose sidecar and checksum agree and redoes the
 rest; ``index.json`` is written last, so its presence means the whole stream is there. A complete
 stream is reused while every shard file keeps the size and modification time recorded in
@@ -19,6 +19,7 @@ import bisect
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,9 +42,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _write_json(path: Path, value) -> None:
     """Write then rename: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(_partial_name(path.name))
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
+
+
+def _partial_name(name: str) -> str:
+    """A file's name while it is written: by host and process, so two writers never share one (the
+    cache's lock keeps builders apart only where ``flock`` holds across the nodes sharing it)."""
+    return f"{name}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
 def _finished(folder: Path, name: str, dtype: np.dtype, documents: list[int]) -> dict | None:
@@ -118,8 +125,9 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
         name = f"shard-{number:05d}"
         record = _finished(folder, name, dtype, [first, end])
         if record is None:
-            tmp = folder / f"{name}.bin.tmp"
-            tmp.unlink(missing_ok=True)
+            for stale in folder.glob(f"{name}.bin.*.tmp"):  # a killed build's (any host or process)
+                stale.unlink()
+            tmp = folder / _partial_name(f"{name}.bin")
             counts = [int(c) for c in write_shard(first, end, tmp)]
             if len(counts) != end - first:
                 raise RuntimeError(f"{name}: {len(counts)} document token counts for {end - first} documents")
@@ -127,9 +135,10 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
             if written != sum(counts):
                 raise RuntimeError(f"{name}: {written} tokens written, the documents add up to {sum(counts)}")
             os.replace(tmp, folder / f"{name}.bin")
-            with open(folder / f"{name}.ends.npy.tmp", "wb") as handle:
+            ends_tmp = folder / _partial_name(f"{name}.ends.npy")
+            with open(ends_tmp, "wb") as handle:
                 np.save(handle, np.cumsum(np.asarray(counts, dtype=np.int64)))
-            os.replace(folder / f"{name}.ends.npy.tmp", folder / f"{name}.ends.npy")
+            os.replace(ends_tmp, folder / f"{name}.ends.npy")
             record = {"file": f"{name}.bin", "tokens": written, "sha256": file_sha256(folder / f"{name}.bin"),
                       "documents": [first, end], "ends_file": f"{name}.ends.npy"}
             _write_json(folder / f"{name}.json", record)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -306,9 +308,13 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: st
         path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
+            tokenizer = None
             if path.is_file():
-                tokenizer = Tokenizer.from_file(str(path))
-            else:
+                try:
+                    tokenizer = Tokenizer.from_file(str(path))
+                except Exception:  # cut short by a kill before saves were renamed into place: trained again
+                    path.unlink()
+            if tokenizer is None:
                 tokenizer = Tokenizer(models.BPE())
                 tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
                 tokenizer.decoder = decoders.ByteLevel()
@@ -318,7 +324,9 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: st
                     show_progress=False,
                 )
                 tokenizer.train_from_iterator(_texts(train_docs), trainer, length=len(train_docs))
-                tokenizer.save(str(path))
+                partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+                tokenizer.save(str(partial))
+                partial.replace(path)  # whole or not at all: every later launch reads this file
     if tokenizer.get_vocab_size() > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than model.vocab_size={vocab_size}")
     if tokenizer.token_to_id(cfg.eos_token) is None:

@@ -205,9 +205,17 @@ def synthesize(root: Path, voice: str, text: str, out: Path, rng: random.Random)
                    "-p", str(rng.randint(25, 75)), "-s", str(rng.randint(130, 190)), "-w", str(raw), text]
         subprocess.run(cmd, env=_libs(root), check=True, capture_output=True)
         waveform = load_audio(raw)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(out), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
+    _write_wav(out, waveform)
     return Utterance(out, waveform.numel(), text)
+
+
+def _write_wav(path: Path, waveform: torch.Tensor) -> None:
+    """16-bit PCM at ``path``, renamed into place: a build for another size rewrites the folder's files
+    while jobs on an earlier build may still read them, and they must never read one half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.wav")
+    soundfile.write(str(partial), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    partial.replace(path)
 
 
 def sentence_similarity(a: str, b: str) -> float:
@@ -321,8 +329,7 @@ def _write_real(root: Path, out: Path, texts: dict[str, str], test_prompts: list
         for prompt, text in items.items():
             waveform = load_audio(sounds / f"{prompt}.wav")
             path = out / "audio" / "real" / f"{prompt.replace('/', '-')}.wav"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            soundfile.write(str(path), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
+            _write_wav(path, waveform)
             utterances.append(Utterance(path, waveform.numel(), text))
         write_manifest(out / f"{name}.tsv", out / "audio", utterances)
 

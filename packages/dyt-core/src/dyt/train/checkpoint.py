@@ -36,7 +36,7 @@ from ..errors import UserInputError
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
-from .jsonio import write_json
+from .jsonio import write_json, write_text_whole
 
 MARKER = "COMPLETE"
 LAUNCHES = "launches.jsonl"
@@ -320,9 +320,17 @@ def settings_changes(config: Any) -> SettingChanges | None:
 
 def record_launch(run_dir: Path, step: int, world_size: int, config: Any) -> None:
     """Append this launch to the run's :data:`LAUNCHES` (a fresh run, ``step`` 0, starts the file anew)."""
-    row = json.dumps({"step": step, "world_size": world_size, "config": to_dict(config)})
-    with open(run_dir / LAUNCHES, "w" if step == 0 else "a") as handle:
-        handle.write(row + "\n")
+    row = json.dumps({"step": step, "world_size": world_size, "config": to_dict(config)}) + "\n"
+    path = run_dir / LAUNCHES
+    if step == 0 or not path.is_file():
+        write_text_whole(path, row)
+    else:
+        text = path.read_text()
+        if text and not text.endswith("\n"):  # a launch killed while recording itself: its line goes
+            write_text_whole(path, text[: text.rfind("\n") + 1] + row)
+        else:
+            with open(path, "a") as handle:
+                handle.write(row)
     (run_dir / DIVERGED).unlink(missing_ok=True)  # this launch's outcome is not known yet
 
 
@@ -380,14 +388,22 @@ def divergence_of(config: Any, world_size: int, data_now: dict | None) -> dict |
 
 def recorded_launches(run_dir: Path) -> list[dict] | None:
     """The run's launches as :func:`record_launch` wrote them (``step``, ``world_size``, ``config``), in
-    order; None for a run without the record; a ConfigError for a line that is not JSON."""
+    order; None for a run without the record; a ConfigError for a line that is not JSON, but for a
+    last line cut off mid-write (a launch killed while recording itself; the next one appends after it)."""
     path = Path(run_dir) / LAUNCHES
     if not path.is_file():
         return None
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except ValueError as error:
-        raise ConfigError(f"{path}: a launch this code cannot read ({error})") from None
+    rows = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as error:
+            if not line.endswith("\n"):  # cut short, the last line
+                break
+            raise ConfigError(f"{path}: a launch this code cannot read ({error})") from None
+    return rows
 
 
 def launches_differing(config: Any, world_size: int) -> list[str] | None:

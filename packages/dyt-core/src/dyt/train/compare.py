@@ -32,6 +32,7 @@ import torch
 from ..analysis import alpha_scale_history, plot_alpha_vs_scale, pyplot
 from ..errors import DistinctValues, UserInputError, output_folder
 from ..norms import DYT_QUALIFIERS, VARIANTS, NormConfig, norm_variant_overrides
+from . import runlock
 from .checkpoint import (
     DIVERGED,
     complete_checkpoints,
@@ -293,12 +294,20 @@ def holds_working_directory(path: Path) -> bool:
 def prepare_out(args: argparse.Namespace) -> None:
     """Create ``--out``; with ``--fresh`` delete it, and what earlier runs left there, first (never a
     folder holding the working directory: the commands refuse that as they parse their options, and
-    this refuses it again for callers that build their arguments themselves)."""
-    if args.fresh and args.out.exists():
-        if holds_working_directory(args.out):
-            raise CompareError(f"--fresh: {FRESH_REFUSED.format(out=args.out)}")
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    this refuses it again for callers that build their arguments themselves). The comparison holds
+    ``--out``'s lock from here until it exits: a second comparison there (or a ``--fresh`` one, which
+    would delete the first one's runs under it) stops with one line (:mod:`dyt.train.runlock`)."""
+    if args.fresh and args.out.exists() and holds_working_directory(args.out):
+        raise CompareError(f"--fresh: {FRESH_REFUSED.format(out=args.out)}")
+    runlock.hold_for_process(args.out, "comparison")
+    if args.fresh:
+        for entry in args.out.iterdir():
+            if entry.name == runlock.LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def shown_path(path: Path) -> str:

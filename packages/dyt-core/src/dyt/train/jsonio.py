@@ -1,4 +1,4 @@
-"""JSON files written whole (renamed into place) and read back leniently: run records, stored
+"""JSON (and other text) files written whole (renamed into place) and read back leniently: run records, stored
 evals, reports' summaries and data surveys, which a kill must never leave half written."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,15 @@ def write_json(path: Path, value: Any, strict: bool = False) -> None:
     ``NaN`` tokens, which strict JSON readers refuse), for files people's tools read."""
     if strict:
         value = _finite_or_null(value)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(value, indent=1, allow_nan=not strict))
+    write_text_whole(path, json.dumps(value, indent=1, allow_nan=not strict))
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """``text`` at ``path``, renamed into place (a kill mid-write leaves the old file or none); the
+    partial file is named by host and pid, so writers on two nodes of a shared file system never
+    share one."""
+    partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    partial.write_text(text)
     partial.replace(path)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserInputError
+from .jsonio import write_text_whole
 
 
 class MetricsLogger:
@@ -21,10 +22,12 @@ class MetricsLogger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            write_text_whole(self.path, "")
         elif self.path.exists():
             kept = [row for row in _rows(self.path, partial_last=True) if row.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            text = "".join(json.dumps(row) + "\n" for row in kept)
+            if text != self.path.read_text():  # renamed into place: a kill here keeps the rows before the checkpoint
+                write_text_whole(self.path, text)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from ..analysis import AlphaTracker
 from ..errors import UserInputError
-from . import checkpoint
-from .config import TrainConfig, dump_yaml, read_json_object
+from . import checkpoint, runlock
+from .config import ConfigError, TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
 from .distributed import DistInfo, all_gather, all_reduce, init_distributed
+from .jsonio import write_text_whole
 from .metrics import MetricsLogger
 
 
@@ -549,6 +550,20 @@ class Trainer:
         return {**{n: (t / count).item() for n, t in zip(names, totals)},
                 "examples": len(positions), "examples_available": len(dataset)}
 
+    def _check_ranks_agree_on(self, done: list[Path]) -> None:
+        """Every rank must resume from the same checkpoint: one that loads another step's shards, or
+        starts fresh beside ranks that load (a ``train.out_dir`` on each node's own disk, where only
+        rank 0's node sees the ``COMPLETE`` marker), would train on mixed weights or hang."""
+        newest = float(checkpoint.step_of(done[-1])) if done else -1.0
+        highest, lowest = all_reduce(torch.tensor([newest, -newest], dtype=torch.float64), "max").tolist()
+        lowest = -lowest
+        if highest != lowest:
+            def said(step: float) -> str:
+                return "none" if step < 0 else f"step {step:.0f}"
+            raise ConfigError(
+                f"the ranks see different newest complete checkpoints in {self.ckpt_root} ({said(lowest)} on "
+                f"some, {said(highest)} on others): train.out_dir must be on a file system every node shares")
+
     def _save(self, engine, step: int, position: DataPosition) -> Path:
         """A checkpoint of ``step``; a failed write (disk full, ...) stops the run with the step it could
         not save and the complete checkpoint that ``--resume`` will take (the failed one never got
@@ -571,6 +586,20 @@ class Trainer:
             ) from error
 
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``train.steps`` (from the newest complete checkpoint with ``resume``), holding the
+        run folder's lock throughout: a second launch into the same ``train.out_dir`` stops at once."""
+        with contextlib.ExitStack() as held:
+            folder_free = 1.0
+            if self.dist.is_main:
+                try:
+                    held.enter_context(runlock.holding(self.out_dir, "launch"))
+                except runlock.FolderInUseError as error:
+                    in_use, folder_free = error, 0.0
+            if all_reduce(torch.tensor([folder_free], dtype=torch.float64), "min").item() == 0:
+                raise in_use if self.dist.is_main else runlock.FolderInUseError(f"{self.out_dir} is in use")
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         if cfg.reuse_freed_memory and dist.device.type == "cpu":
             sets_it_now = cannot_keep_freed_blocks() is None  # once set, a process cannot go back to the defaults
@@ -587,6 +616,7 @@ class Trainer:
         if eval_set is not None and cfg.eval_every:
             self._check_validation_size(eval_set)
         done = checkpoint.complete_checkpoints(self.ckpt_root) if resume else []
+        self._check_ranks_agree_on(done)
         if resume and not done and dist.is_main:
             print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
         # A ZeRO checkpoint of another world size loads through DeepSpeed's universal form.
@@ -611,7 +641,7 @@ class Trainer:
                     print(said, flush=True)
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump_yaml(self.full_config))
+            write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
             checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
             record_data_files(self.full_config, self.out_dir)
         metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)

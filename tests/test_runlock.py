@@ -1,0 +1,153 @@
+"""One writer per run folder and per comparison folder, and the run records a kill can cut short."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dyt.train import run_recipe, runlock
+from dyt.train.checkpoint import LAUNCHES, record_launch, recorded_launches
+from dyt.train.metrics import MetricsLogger, read_metrics
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from toy_recipe import ToyConfig, ToyTask  # noqa: E402
+
+
+class _Holder:
+    """Another process holding ``folder``'s lock until it is stopped."""
+
+    def __init__(self, folder: Path, what: str):
+        code = textwrap.dedent(f"""
+            import sys
+            from dyt.train import runlock
+            with runlock.holding({str(folder)!r}, {what!r}):
+                print("held", flush=True)
+                sys.stdin.read()
+        """)
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+        assert self.process.stdout.readline().strip() == "held"
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        assert self.process.wait(timeout=60) == 0
+
+
+def _train(out_dir: Path, resume: bool = False, steps: int = 2):
+    argv = ["--set", f"train.out_dir={out_dir}", "--set", f"train.steps={steps}", "--set", "train.save_every=2",
+            "--set", "train.micro_batch_size=16", "--set", "train.progress=false"]
+    return run_recipe(ToyConfig, ToyTask, argv + (["--resume"] if resume else []))
+
+
+def test_a_second_launch_into_a_run_folder_stops_with_one_line_naming_the_holder(tmp_path, capsys):
+    holder = _Holder(tmp_path / "run", "launch")
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            _train(tmp_path / "run")
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"folder in use: {tmp_path / 'run'} is being written by another launch (host " in err, err
+        assert f"pid {holder.process.pid}, since " in err, err
+        assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        holder.stop()
+    assert _train(tmp_path / "run").step == 2  # the kernel dropped the lock with its holder
+    with runlock.holding(tmp_path / "run", "launch"):  # and the finished launch released its own
+        pass
+
+
+def test_a_comparison_holds_its_out_folder_and_fresh_keeps_only_the_lock(tmp_path):
+    from dyt.train.compare import prepare_out
+
+    out = tmp_path / "runs"
+    (out / "old-run").mkdir(parents=True)
+    holder = _Holder(out, "comparison")
+    try:
+        with pytest.raises(runlock.FolderInUseError, match="being written by another comparison"):
+            prepare_out(argparse.Namespace(out=out, fresh=True))
+        assert (out / "old-run").is_dir()  # nothing deleted under the live comparison
+    finally:
+        holder.stop()
+    prepare_out(argparse.Namespace(out=out, fresh=True))
+    assert [p.name for p in out.iterdir()] == [runlock.LOCK_FILE]
+    prepare_out(argparse.Namespace(out=out, fresh=False))  # the process holding it may take it again
+
+
+def test_another_process_cannot_take_a_comparisons_out_folder(tmp_path):
+    from dyt.train.compare import prepare_out
+
+    out = tmp_path / "runs"
+    prepare_out(argparse.Namespace(out=out, fresh=False))
+    taken = subprocess.run(
+        [sys.executable, "-c", f"from dyt.train import runlock; runlock.hold_for_process({str(out)!r}, 'comparison')"],
+        capture_output=True, text=True)
+    assert taken.returncode != 0 and f"pid {os.getpid()}, since" in taken.stderr, taken.stderr
+
+
+def test_a_launch_record_cut_short_is_read_up_to_the_cut_and_appended_after(tmp_path):
+    record_launch(tmp_path, 0, 2, ToyConfig())
+    path = tmp_path / LAUNCHES
+    whole = path.read_text()
+    path.write_text(whole + whole[: len(whole) // 2])  # a second launch killed while recording itself
+    assert [row["step"] for row in recorded_launches(tmp_path)] == [0]
+    record_launch(tmp_path, 4, 1, ToyConfig())
+    assert [(row["step"], row["world_size"]) for row in recorded_launches(tmp_path)] == [(0, 2), (4, 1)]
+    path.write_text(whole[: len(whole) // 2] + "\n" + whole)  # damaged inside: still an error
+    with pytest.raises(ValueError, match="a launch this code cannot read"):
+        recorded_launches(tmp_path)
+
+
+def test_resume_rewrites_metrics_only_to_drop_rows_and_renames_them_into_place(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    logger = MetricsLogger(tmp_path, True, False)
+    for step in (1, 2, 3):
+        logger.log(step, {"train/loss": float(step)})
+    before = path.stat().st_ino
+    MetricsLogger(tmp_path, True, False, resume_step=3)  # nothing past the checkpoint: the file is left alone
+    assert path.stat().st_ino == before
+    MetricsLogger(tmp_path, True, False, resume_step=2)
+    assert [row["step"] for row in read_metrics(path)] == [1, 2] and path.stat().st_ino != before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_cached_tokenizer_cut_short_is_trained_again(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from dyt_llama.data import DataConfig, load_tokenizer
+
+    docs = datasets.Dataset.from_dict({"text": ["to be or not to be, that is the question"] * 20})
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    first = load_tokenizer(cfg, docs, 300, content_key="k")
+    (cached,) = (tmp_path / "tokenizers").glob("*.json")
+    cached.write_text(cached.read_text()[:100])  # as a kill during the save used to leave it
+    again = load_tokenizer(cfg, docs, 300, content_key="k")
+    assert again.to_str() == first.to_str()
+    assert json.loads(cached.read_text()) == json.loads(first.to_str())
+    assert not list((tmp_path / "tokenizers").glob("*.tmp"))
+
+
+def test_ranks_that_see_different_newest_checkpoints_stop_before_loading(tmp_path, monkeypatch, capsys):
+    """A train.out_dir on each node's own disk: only rank 0's node sees the COMPLETE marker."""
+    import torch
+
+    from dyt.train import trainer
+
+    _train(tmp_path / "run")
+    real = trainer.all_reduce
+
+    def another_rank_sees_no_checkpoint(value, op="sum"):
+        if op == "max" and value.numel() == 2:
+            return torch.maximum(real(value, op), torch.tensor([-1.0, 1.0], dtype=value.dtype))
+        return real(value, op)
+
+    monkeypatch.setattr(trainer, "all_reduce", another_rank_sees_no_checkpoint)
+    with pytest.raises(SystemExit) as stopped:
+        _train(tmp_path / "run", resume=True, steps=4)
+    assert stopped.value.code == 2
+    assert ("the ranks see different newest complete checkpoints in " f"{tmp_path / 'run' / 'checkpoints'} (none on "
+            "some, step 2 on others): train.out_dir must be on a file system every node shares") in capsys.readouterr().err
