@@ -168,6 +168,25 @@ def _very_fast_decay():
     return x, torch.full((1, 2, 40), 8.0), torch.tensor([[-16.0], [-1.0]]), B, C, torch.zeros(2)
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_bf16_scan_takes_its_time_step_in_float32(use_kernel):
+    """dt = softplus(dt_raw + dt_bias) in float32, as mamba_ssm's kernel: in bf16 a bias near -6.9
+    (Mamba's init for dt ~ 1e-3) is off by up to 0.03, and the state's input with it (the scan's output
+    was 4x further from float64 on the same bf16 values)."""
+    from dyt_dna.scan import scan
+
+    torch.manual_seed(0)
+    b, d, n, length = 2, 16, 8, 64
+    dt = torch.exp(torch.empty(d).uniform_(math.log(1e-3), math.log(0.1)))
+    dt_bias = (dt + torch.log(-torch.expm1(-dt))).bfloat16()  # softplus^-1, as Mamba initialises it
+    x, dt_raw = torch.randn(b, d, length).bfloat16(), (torch.randn(b, d, length) * 0.1).bfloat16()
+    B, C = torch.randn(b, n, length).bfloat16(), torch.randn(b, n, length).bfloat16()
+    A, D = -torch.arange(1, n + 1).float().repeat(d, 1), torch.zeros(d)  # no skip term: the scan alone
+    y = scan(x, dt_raw, dt_bias, A, B, C, D, use_kernel=use_kernel).float()
+    reference = scan(*(t.double() for t in (x, dt_raw, dt_bias, A, B, C, D)), use_kernel=False)
+    assert ((y - reference).norm() / reference.norm()).item() < 3e-3  # bf16's rounding of y; 6.7e-3 before
+
+
 def test_scan_survives_very_fast_decay():
     """The result must stay finite and right."""
     inputs = _very_fast_decay()

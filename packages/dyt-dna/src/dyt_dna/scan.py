@@ -79,7 +79,8 @@ def scan(x, dt_raw, dt_bias, A, B, C, D, use_kernel: bool = True) -> torch.Tenso
         if kernel is not None:
             # the kernel takes A, D and the bias in float32 only (under bf16 DeepSpeed casts A_log too)
             return kernel(x, dt_raw, A.float(), B, C, D.float(), delta_bias=dt_bias.float(), delta_softplus=True)
-    dt = F.softplus(dt_raw + dt_bias[:, None])
+    math = torch.promote_types(dt_raw.dtype, torch.float32)  # as the kernel: in bf16 dt_bias ~ -6.9 is off by 0.03
+    dt = F.softplus(dt_raw.to(math) + dt_bias.to(math)[:, None])
     if use_kernel and x.device.type == "cpu" and scan_cpu.available():
         return scan_cpu.selective_scan_cpu(x, dt, A, B, C, D)
     return selective_scan(x, dt, A, B, C, D)

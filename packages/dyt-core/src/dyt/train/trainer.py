@@ -607,6 +607,8 @@ class Trainer:
             if dist.is_main:
                 print(said + ("; train.reuse_freed_memory=false keeps glibc's defaults" if sets_it_now and applied() else ""),
                       flush=True)
+        if (said := cfg.bf16_gradient_sum_warning()) and dist.is_main:
+            print(said, flush=True)
         if cfg.global_batch_size is not None and dist.is_main:
             print(f"global batch {cfg.global_batch_size} examples per step: micro-batch {cfg.micro_batch_size} x "
                   f"{dist.world_size} rank(s) x grad_accum {cfg.grad_accum}", flush=True)
