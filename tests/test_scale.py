@@ -267,6 +267,15 @@ def test_bf16_zero0_takes_no_adam_step_before_training(tmp_path):
     states = saved["optimizer"]["optimizer_state_dict"]["state"]
     assert {state["step"].item() for state in states.values()} == {3.0}
     assert alphas[0] == alphas[2]
+    # evals read the fp32 master weights at every stage (ZeRO-0 saved them unnamed: the copies were read)
+    from dyt.train.checkpoint import trained_weights
+
+    masters = {stage: trained_weights(tmp_path / f"z{stage}") for stage in (0, 2)}
+    assert masters[0].keys() == masters[2].keys()
+    for name, weight in masters[0].items():
+        assert weight.dtype == torch.float32, name
+        # the two stages sum the 2 micro-batches in bf16 / fp32: masters 3e-5 apart, bf16 copies up to 4e-3
+        assert (weight - masters[2][name]).abs().max() < 1e-4, name
 
 
 @pytest.mark.slow

@@ -40,6 +40,9 @@ from .jsonio import write_json, write_text_whole
 
 MARKER = "COMPLETE"
 LAUNCHES = "launches.jsonl"
+MASTER_NAMES = "fp32_master_names"
+"""Client-state key of a ZeRO-0 half-precision checkpoint: the parameter names of DeepSpeed's
+``fp32_groups`` (the fp32 master weights), by group and position."""
 """In a run folder: one row per launch (the step it started at, its world size, its whole config),
 since ``config.yaml`` holds only the latest launch's settings."""
 DIVERGED = "diverged.json"
@@ -489,7 +492,9 @@ def check_run(run_dir: str | Path, weights: bool = True) -> None:
 
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of a run's newest complete checkpoint, whole on one process (for evals and
-    analysis). ZeRO-sharded checkpoints are gathered with DeepSpeed's own fp32 consolidation."""
+    analysis). ZeRO-sharded checkpoints are gathered with DeepSpeed's own fp32 consolidation; a
+    ZeRO-0 half-precision one gives its fp32 master weights where the harness recorded their names
+    (checkpoints from 2026-12-06 on; older ones give the half-precision copies, as before)."""
     done = complete_checkpoints(Path(run_dir) / "checkpoints")
     if not done:
         raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
@@ -498,7 +503,14 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
-    return torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    states = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    weights = states["module"]
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    if states.get(MASTER_NAMES) and masters:  # ZeRO-0 in half precision: the fp32 masters, not the copies
+        for names, group in zip(states[MASTER_NAMES], masters, strict=True):
+            for name, master in zip(names, group, strict=True):
+                weights[name] = master.reshape(weights[name].shape)
+    return weights
 
 
 def run_model_builder(run_dir: str | Path, build: Callable[[], torch.nn.Module],

@@ -389,6 +389,18 @@ def _whole(engine, params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params)
 
 
+def _master_weight_names(engine) -> list[list[str]] | None:
+    """ZeRO-0 in bf16 / fp16: the parameter names of the fp32 master weights DeepSpeed saves in the
+    optimizer state (``fp32_groups``, by group and position, with no names), so that evals read the
+    masters, as ZeRO-1/2/3's consolidation does, not the half-precision copies
+    (:func:`checkpoint.trained_weights`). None for other optimizers."""
+    optimizer = engine.optimizer
+    if not (hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list)):
+        return None
+    name_of = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[name_of[id(p)] for p in group] for group in optimizer.fp16_groups]
+
+
 @contextlib.contextmanager
 def _construction_step_undone(optimizer: torch.optim.Optimizer):
     """Around ``deepspeed.initialize``: undo the step DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in
@@ -569,6 +581,8 @@ class Trainer:
         not save and the complete checkpoint that ``--resume`` will take (the failed one never got
         its COMPLETE marker, and older ones are deleted only after a new one is complete)."""
         client = {"step": step, "data_position": {"epoch": position.epoch, "sample": position.sample}}
+        if (names := _master_weight_names(engine)) is not None:
+            client[checkpoint.MASTER_NAMES] = names
         try:
             return checkpoint.save(engine, self.ckpt_root, step, client, self.dist, self.cfg.keep_checkpoints)
         except (OSError, RuntimeError) as error:
