@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +129,11 @@ def dyt_layers(model: nn.Module) -> Iterator[tuple[str, DyT]]:
             yield path, module
 
 
-def alpha_value(layer: DyT) -> float:
-    """A DyT's alpha as one number: the scalar, or the mean of a per-channel alpha."""
-    return layer.alpha.detach().float().mean().item()
+def alpha_value(layer: DyT, read: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """A DyT's alpha as one number: the scalar, or the mean of a per-channel alpha; ``read``: where
+    the value lives other than in the parameter (a mixed-precision optimizer's fp32 master)."""
+    alpha = layer.alpha if read is None else read(layer.alpha)
+    return alpha.detach().float().mean().item()
 
 
 @dataclass
@@ -169,16 +171,17 @@ class AlphaTracker:
         """Every DyT's alpha, for a caller that must gather them first (ZeRO-3)."""
         return [m.alpha for _, m in dyt_layers(self.model)]
 
-    def alphas(self) -> dict[str, float]:
-        return {p: alpha_value(m) for p, m in dyt_layers(self.model)}
+    def alphas(self, read: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Every DyT's alpha (:func:`alpha_value`, with ``read``)."""
+        return {p: alpha_value(m, read) for p, m in dyt_layers(self.model)}
 
     def inverse_stds(self) -> dict[str, float]:
         """1/std of each DyT's input at its latest measured forward (layers not measured yet are absent)."""
         return {p: t.item() for p, t in self._inv_std.items()}
 
-    def metrics(self) -> dict[str, float]:
-        """``alpha/<layer>`` and ``inv_std/<layer>`` for a metrics row."""
-        return {**{f"alpha/{p}": v for p, v in self.alphas().items()},
+    def metrics(self, read: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """``alpha/<layer>`` and ``inv_std/<layer>`` for a metrics row (alphas through ``read``)."""
+        return {**{f"alpha/{p}": v for p, v in self.alphas(read).items()},
                 **{f"inv_std/{p}": v for p, v in self.inverse_stds().items()}}
 
     def record(self, step: int) -> dict:

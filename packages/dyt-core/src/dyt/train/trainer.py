@@ -11,7 +11,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,6 +401,28 @@ def _master_weight_names(engine) -> list[list[str]] | None:
     return [[name_of[id(p)] for p in group] for group in optimizer.fp16_groups]
 
 
+def _master_weight_reader(engine) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """In half precision, a function giving a parameter's fp32 master weight (what the optimizer
+    updates; the model's bf16 copy of an alpha near 0.5 moves in steps of 2^-9, so logged curves
+    were staircases); None in fp32. ZeRO-1/2/3 gather it with DeepSpeed's ``safe_get_full_fp32_param``
+    (a collective: every rank logs the same rows)."""
+    model_dtype, _ = engine.get_data_types()
+    if model_dtype == torch.float32:
+        return None
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list):  # ZeRO-0
+        master_of = {id(p): m for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+                     for p, m in zip(group, masters, strict=True)}
+        return lambda param: master_of.get(id(param), param)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    def gathered(param: torch.Tensor) -> torch.Tensor:
+        master = safe_get_full_fp32_param(param)
+        return param if master is None else master
+
+    return gathered
+
+
 @contextlib.contextmanager
 def _construction_step_undone(optimizer: torch.optim.Optimizer):
     """Around ``deepspeed.initialize``: undo the step DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in
@@ -671,6 +693,7 @@ class Trainer:
         input_dtype = engine_input_dtype(engine)
         train_loss, eval_loss = float("nan"), None
         alpha_tracker = AlphaTracker(engine.module, armed=False)  # alpha and 1/std of each DyT's input
+        read_alpha = _master_weight_reader(engine)  # bf16 / fp16: alpha as the optimizer holds it
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
@@ -718,7 +741,7 @@ class Trainer:
                     row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
                                 "skipped_steps": skipped, **extra_means})
                     with _whole(engine, alpha_tracker.parameters()):
-                        row.update(alpha_tracker.metrics())
+                        row.update(alpha_tracker.metrics(read_alpha))
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     evaluated = self._evaluate(engine, eval_set)
                     eval_loss = evaluated["loss"]
