@@ -339,7 +339,7 @@ def test_a_schedule_ending_above_its_peak_is_refused():
     assert TrainConfig(lr=1e-5, min_lr=1e-6).min_lr == 1e-6
 
 
-@pytest.mark.parametrize("size", ["7b", "13b", "34b", "70b"])
+@pytest.mark.parametrize("size", ["125m", "1b", "7b", "13b", "34b", "70b"])
 def test_the_llama_paper_configs_decay_to_a_tenth_of_their_peak(size):
     import yaml
 

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--configs", type=Path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
-                        help="built-in task names or task folders (see python -m dyt_dna.eval --help)")
+                        help=f"built-in tasks ({', '.join(BUILTIN_TASKS)}) or task folders (docs/dna.md); "
+                             "default species")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
     add_pretrain_seeds_argument(parser)
     add_finetune_arguments(parser)

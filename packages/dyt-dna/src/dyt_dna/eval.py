@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
-    parser.add_argument("--task", default="species")
+    parser.add_argument("--task", default="species",
+                        help=f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a task folder (docs/dna.md); default species")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
     add_finetune_arguments(parser)
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
