@@ -188,13 +188,40 @@ def test_gates_and_fixup_init():
     plain, fixup = build("identity"), build("fixup")
     gates = [m for m in fixup.modules() if isinstance(m, FixupGate)]
     assert len(gates) == 6
-    scale = 6 ** -0.5  # L ** (-1 / (2m - 2)) with L = 6 branches, m = 2
+    # L ** (-1 / (2m - 2)) with L = 6 branches: attention m = 2 (layers in series), SwiGLU m = 3 (w1 and w3
+    # multiply, so each gets L^-1/4 and their product L^-1/2)
+    scales = {"attention.wq": 6 ** -0.5, "attention.wk": 6 ** -0.5, "attention.wv": 6 ** -0.5,
+              "feed_forward.w1": 6 ** -0.25, "feed_forward.w3": 6 ** -0.25}
     for i in range(3):
         p, f = plain.blocks[i], fixup.blocks[i]
         assert f.attention.wo.weight.abs().sum() == 0 and f.feed_forward.w2.weight.abs().sum() == 0
-        for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
+        for name, scale in scales.items():
             torch.testing.assert_close(f.get_submodule(name).weight, p.get_submodule(name).weight * scale)
+        x = torch.randn(5, 24)  # the SwiGLU's gated product shrinks by L^-1/2, as a two-layer branch's inner layer
+        gated = {m: F.silu(m.feed_forward.w1(x)) * m.feed_forward.w3(x) for m in (p, f)}
+        ratio = gated[f].norm() / gated[p].norm()
+        assert 0.8 * 6 ** -0.5 < ratio < 1.25 * 6 ** -0.5, ratio
     torch.testing.assert_close(fixup.output.weight, plain.output.weight)  # outside the branches: untouched
+
+
+def test_fixup_scales_hyenas_long_filter_not_its_frequencies():
+    """HyenaDNA's long filter comes from an MLP of Sin activations: Fixup scales its last layer, so
+    the filter is the same shape, smaller; scaling the hidden layers lowered its frequencies."""
+    from dyt_dna.config import DnaModelConfig
+    from dyt_dna.task import build_model
+
+    def build(kind):
+        torch.manual_seed(0)
+        return build_model(DnaModelConfig(arch="hyena", dim=16, layers=2, max_len=128, norm=NormConfig(kind=kind)))
+
+    plain, fixup = build("identity"), build("fixup")
+    scale = 4 ** -0.5  # L = 4 branches, m = 2
+    for p, f in zip(plain.blocks, fixup.blocks, strict=True):
+        with torch.no_grad():
+            taps = {m: m.mixer.filter(128) for m in (p, f)}
+        torch.testing.assert_close(taps[f], taps[p] * scale)
+        torch.testing.assert_close(f.mixer.in_proj.weight, p.mixer.in_proj.weight * scale)
+        assert f.mixer.out_proj.weight.abs().sum() == 0
 
 
 @pytest.mark.parametrize("variant,want", [

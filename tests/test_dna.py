@@ -468,9 +468,18 @@ def test_norm_switch_covers_every_norm_including_the_add_norm_path(arch, expecte
         assert not [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
 
 
-def test_dyt_models_scale_the_embedding():
-    assert _model("hyena", "dyt").embed_scale.scale.item() == pytest.approx(4.0)
-    assert isinstance(_model("caduceus", "rmsnorm").embed_scale, torch.nn.Identity)
+@pytest.mark.parametrize("arch", ["hyena", "caduceus"])
+def test_every_model_without_a_normalization_layer_scales_the_embedding(arch):
+    """By default the sqrt(dim) scalar goes to DyT, identity and the normalization-free baselines
+    alike (the baselines trained worse without it: docs/dna.md), never to LayerNorm / RMSNorm."""
+    from dyt.norms import KINDS
+
+    for kind in KINDS:
+        scaler = _model(arch, kind).embed_scale
+        if kind in ("layernorm", "rmsnorm"):
+            assert isinstance(scaler, torch.nn.Identity), kind
+        else:
+            assert scaler.scale.item() == pytest.approx(4.0), kind
 
 
 # ---------------------------------------------------------------- data

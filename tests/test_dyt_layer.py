@@ -282,3 +282,20 @@ def test_selfcheck_runner(capsys):
     assert selfcheck.main(["--backend", "eager", "--device", DEVICE, "--no-llama"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and out.rstrip().endswith(" passed, 0 failed")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_half_precision_check_catches_a_forward_computed_in_half_precision(dtype):
+    """The backends' bf16 / fp16 outputs are checked within one unit in the last place of the float64
+    reference (``assert_output_close``); a forward whose math ran in the half dtype, which the old
+    absolute tolerance let through, is 70-200 units off and must fail."""
+    from dyt.selfcheck import _inputs, assert_output_close, reference
+
+    g, (x,) = _inputs((33, 300), dtype, "cpu", 1)
+    alpha, weight, bias = torch.tensor([0.7]), torch.randn(300, generator=g), torch.randn(300, generator=g)
+    want = reference(x, alpha, weight, bias)
+    assert_output_close((weight * torch.tanh(alpha * x.float()) + bias).to(dtype), want, dtype)  # float32 math
+    in_half = weight.to(dtype) * torch.tanh(alpha.to(dtype) * x) + bias.to(dtype)
+    torch.testing.assert_close(in_half.double(), want, atol=TOL[dtype]["atol"], rtol=TOL[dtype]["rtol"])  # passed
+    with pytest.raises(AssertionError, match="times the bound of one"):
+        assert_output_close(in_half, want, dtype)

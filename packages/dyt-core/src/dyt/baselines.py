@@ -15,9 +15,11 @@ The baselines (what is implemented, and where it departs from the papers):
 * ``skipinit`` (De & Smith, 2020): a learnable scalar on each residual branch, initialised to 0,
   so every block starts as the identity: ``x + g * branch(x)``.
 * ``fixup`` (Zhang, Dauphin & Ma, 2019), its rules 1-3 on residual branches: each branch's output
-  projection is initialised to 0 (weight and bias); every other linear layer inside the branch is
-  scaled by ``L ** (-1 / (2m - 2))`` with ``L`` the number of residual branches and ``m = 2`` (an
-  attention or MLP branch: input projections, then the output projection), i.e. by ``L ** -0.5``;
+  projection is initialised to 0 (weight and bias); the branch's other layers (by default every
+  other linear layer in it; a model may name them) are scaled by ``L ** (-1 / (2m - 2))`` with ``L``
+  the number of residual branches and ``m`` the weight layers the branch's output is a product of
+  (2 for layers in series, i.e. ``L ** -0.5``; 3 for a gated MLP, whose two gated layers each get
+  ``L ** -0.25``, so that their product shrinks as one layer of a two-layer branch would);
   each branch gets a scalar multiplier (init 1) and a scalar bias (init 0) on its output. Fixup's
   scalar biases before every inner layer and its zero-initialised classifier are not added (a
   language-model head tied to the embedding cannot start at 0), so this is "Fixup-style".
@@ -43,7 +45,8 @@ from torch.nn.utils import parametrize
 from .norms import NormConfig
 
 FIXUP_BRANCH_DEPTH = 2
-"""Fixup's m for an attention or MLP branch: the scale of the inner layers is L ** (-1 / (2m - 2))."""
+"""Fixup's m for a branch of two weight layers in series (an MLP; attention's value and output
+projections): the scale of the inner layers is L ** (-1 / (2m - 2))."""
 
 
 class SkipInitGate(nn.Module):
@@ -62,11 +65,20 @@ class FixupGate(nn.Module):
     also remembers its branch and the branch's output projection, not as submodules (they belong
     to the model), for :func:`apply_norm_free`'s initialisation."""
 
-    def __init__(self, branch: nn.Module, output: nn.Module) -> None:
+    def __init__(self, branch: nn.Module, output: nn.Module, scaled: tuple[nn.Module, ...] | None = None,
+                 depth: int = FIXUP_BRANCH_DEPTH) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
         self.shift = nn.Parameter(torch.zeros(1))
-        self._targets = (branch, output)  # a tuple: not registered, so not listed twice
+        # a tuple: not registered, so not listed twice
+        self._targets = (branch, output, scaled, depth)
+
+    def scaled_layers(self) -> list[nn.Module]:
+        """The branch's layers Fixup scales: those given, else every linear layer but the output."""
+        branch, output, scaled, _ = self._targets
+        if scaled is not None:
+            return list(scaled)
+        return [layer for layer in branch.modules() if is_linear(layer) and layer is not output]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
@@ -82,19 +94,29 @@ def is_linear(module: nn.Module) -> bool:
             and hasattr(module, "input_dim") and hasattr(module, "output_dim"))
 
 
-def residual_gate(config: NormConfig, branch: nn.Module, output: nn.Module) -> nn.Module:
+def residual_gate(config: NormConfig, branch: nn.Module, output: nn.Module,
+                  scaled: tuple[nn.Module, ...] | None = None, depth: int = FIXUP_BRANCH_DEPTH) -> nn.Module:
     """The module a model applies to a residual branch's output before the residual add:
     SkipInit's zero-initialised scalar, Fixup's scalar multiplier and bias, else ``nn.Identity``.
 
     ``branch`` is the residual branch and ``output`` its last projection (a linear layer inside it,
-    see :func:`is_linear`), which Fixup initialises to zero.
+    see :func:`is_linear`), which Fixup initialises to zero. Fixup scales the branch's other layers
+    (``scaled``; default: every other linear layer of the branch) by ``L ** (-1 / (2 depth - 2))``,
+    ``depth`` being the weight layers the branch's output is a product of, the output included:
+    2 for layers in series; 3 for a gated MLP (SwiGLU: w2 (silu(w1 x) * w3 x), where w1 and w3 each
+    get ``L^-1/4``, so that their product shrinks by ``L^-1/2`` as one layer of a two-layer branch).
     """
     if config.kind == "skipinit":
         return SkipInitGate()
     if config.kind == "fixup":
-        if not any(m is output for m in branch.modules()):
+        inside = list(branch.modules())
+        if not any(m is output for m in inside):
             raise ValueError("residual_gate: the output projection must be a module of the branch")
-        return FixupGate(branch, output)
+        if scaled is not None and not all(any(m is layer for m in inside) for layer in scaled):
+            raise ValueError("residual_gate: every scaled layer must be a module of the branch")
+        if depth < 2:
+            raise ValueError(f"residual_gate: a branch's depth is at least 2 (an inner layer and the output); got {depth}")
+        return FixupGate(branch, output, scaled, depth)
     return nn.Identity()
 
 
@@ -147,13 +169,11 @@ def _fixup_init(model: nn.Module) -> int:
     gates = [m for m in model.modules() if isinstance(m, FixupGate)]
     if not gates:
         raise ValueError("model.norm.kind=fixup, but the model has no residual gates (residual_gate) to initialise")
-    scale = len(gates) ** (-1.0 / (2 * FIXUP_BRANCH_DEPTH - 2))
     with torch.no_grad():
         for gate in gates:
-            branch, output = gate._targets
-            for layer in branch.modules():
-                if is_linear(layer) and layer is not output:
-                    layer.weight.mul_(scale)
+            _, output, _, depth = gate._targets
+            for layer in gate.scaled_layers():
+                layer.weight.mul_(len(gates) ** (-1.0 / (2 * depth - 2)))
             output.weight.zero_()
             if getattr(output, "bias", None) is not None:
                 output.bias.zero_()

@@ -15,6 +15,8 @@ from dyt.train.config import AT_LEAST_ONE, Range
 
 ARCHS = ("hyena", "caduceus")
 NORM_ROLES = {"hyena": ("attention", "ffn", "final"), "caduceus": ("default", "final")}
+NORMALIZING_KINDS = ("layernorm", "rmsnorm")
+"""The norm kinds that normalise; every other kind gets the embedding's scalar by default."""
 """The DyT roles of each architecture's norms (``model.norm.alpha_init`` keys): HyenaDNA's mixer
 norm is ``attention``; Caduceus' block norms are ``default``."""
 
@@ -60,8 +62,10 @@ class DnaModelConfig:
     norm: NormConfig = field(default_factory=NormConfig)
     embedding_scale: bool | None = None
     """A learnable scalar after the embedding, initialised to sqrt(dim), as the paper's LLaMA DyT;
-    None: on exactly when the norm is DyT (with 0.02-std embeddings DyT otherwise sees inputs so
-    small that its features ignore the sequence; see docs/dna.md)."""
+    None: on for every kind without a normalization layer (DyT, identity and the normalization-free
+    baselines: with 0.02-std embeddings DyT otherwise sees inputs so small that its features ignore
+    the sequence, and the baselines train worse without it), off for LayerNorm and RMSNorm (where it
+    changes nothing measurable); see docs/dna.md."""
     tied_embeddings: bool | None = True
     """The LM head reads the embedding's 0.02-std weight (HyenaDNA and Caduceus as published); false:
     a head of its own, N(0, output_init_std^2); None: untied for DyT only (the tiny Caduceus' DyT
@@ -86,7 +90,9 @@ class DnaModelConfig:
 
     def scales_embedding(self) -> bool:
         """Whether the model has the learnable scalar after the embedding, with None resolved by the norm."""
-        return self.embedding_scale if self.embedding_scale is not None else self.norm.kind == "dyt"
+        if self.embedding_scale is not None:
+            return self.embedding_scale
+        return self.norm.kind not in NORMALIZING_KINDS
 
     def resolved_nulls(self) -> DnaModelConfig:
         """This config as resume and comparisons compare it (:func:`dyt.train.config.resume_changes`):

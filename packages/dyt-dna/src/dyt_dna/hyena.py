@@ -94,7 +94,10 @@ class HyenaBlock(nn.Module):
         super().__init__()
         self.mixer_norm = make_norm(norm, d, role="attention")
         self.mixer = HyenaOperator(d, max_len, cfg)
-        self.mixer_gate = residual_gate(norm, self.mixer, self.mixer.out_proj)
+        # Fixup scales the long filter through its MLP's last layer (linear in it): scaling the hidden
+        # layers would lower the frequencies their Sin activations give, changing the filter's shape
+        self.mixer_gate = residual_gate(norm, self.mixer, self.mixer.out_proj,
+                                        scaled=(self.mixer.in_proj, self.mixer.filter.mlp[-1]))
         self.ffn_norm = make_norm(norm, d, role="ffn")
         self.ffn = nn.Sequential(
             nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * d, d),

@@ -131,7 +131,8 @@ class Block(nn.Module):
         self.attention_gate = residual_gate(cfg.norm, self.attention, self.attention.wo)
         self.ffn_norm = make_norm(cfg.norm, cfg.dim, role="ffn")
         self.feed_forward = FeedForward(cfg)
-        self.ffn_gate = residual_gate(cfg.norm, self.feed_forward, self.feed_forward.w2)
+        # SwiGLU: w2 (silu(w1 x) * w3 x) is a product of three weight layers (Fixup's m = 3)
+        self.ffn_gate = residual_gate(cfg.norm, self.feed_forward, self.feed_forward.w2, depth=3)
 
     def forward(self, x, cos, sin):
         x = x + self.attention_gate(self.attention(self.attention_norm(x), cos, sin))
