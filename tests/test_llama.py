@@ -125,6 +125,33 @@ def test_split_by_document_packing_and_cache(corpus, tmp_path):
     assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
 
 
+def test_a_prepared_corpus_is_opened_without_the_lock_or_reading_it_again(corpus, tmp_path, monkeypatch):
+    """Every rank of a launch prepares the data: after the first, the others (and later launches) find
+    the record of the finished preparation and open its shards without taking the cache's lock or
+    reading the corpus (each used to read the whole corpus in turn, holding the lock). A corpus file
+    changed since is read and tokenised again."""
+    from dyt_llama import prepare as prep
+
+    first = prep.prepare(_data(corpus, tmp_path), 300)
+    reads = []
+    monkeypatch.setattr(prep, "load_documents", lambda cfg: reads.append(cfg) or pytest.fail("corpus read again"))
+    monkeypatch.setattr(prep, "FileLock", lambda *a, **k: pytest.fail("lock taken"))
+    again = prep.prepare(_data(corpus, tmp_path, num_proc=2), 300)  # processes do not change the data
+    assert {n: s.folder for n, s in again.shards.items()} == {n: s.folder for n, s in first.shards.items()}
+    assert again.tokenizer.to_str() == first.tokenizer.to_str()
+    monkeypatch.undo()
+    cfg = _data(corpus, tmp_path)
+    done = prep._done_record(prep._cache(cfg), cfg, 300, prep.files_signature(cfg.source_files())["digest"])
+    assert prep._ready(done) is not None
+    shard = next(first.shards["validation"].folder.glob("*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2])  # cut short since: not opened as it is, rebuilt under the lock
+    assert prep._ready(done) is None
+    assert prep.prepare(cfg, 300).shards["validation"].folder == first.shards["validation"].folder
+    assert prep._ready(done) is not None
+    (corpus / "a" / "one.txt").write_text(SONNET * 3)  # the corpus changed: read and tokenised again
+    assert prep.prepare(cfg, 300).shards["train"].folder != first.shards["train"].folder
+
+
 def test_bad_inputs_stop_with_one_clear_message(corpus, tmp_path):
     with pytest.raises(DataError, match="corpus not found"):
         build_datasets(_data(tmp_path / "nowhere", tmp_path), 300, 32)

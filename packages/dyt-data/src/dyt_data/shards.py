@@ -89,6 +89,16 @@ def _untouched(folder: Path, shards: Sequence[dict]) -> bool:
     return _stamps(folder, shards) == stamps
 
 
+def complete(folder: Path) -> bool:
+    """A stream written whole and untouched since (``index.json`` of this format, every shard's size
+    and time as recorded): what a reader may open without rebuilding or checking it."""
+    try:
+        index = json.loads((Path(folder) / INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return index.get("format") == FORMAT and _untouched(Path(folder), index.get("shards", []))
+
+
 WriteShard = Callable[[int, int, Path], Sequence[int]]
 """``(first_document, end_document, path) -> tokens per document``: write the tokens of documents
 ``first .. end - 1`` to ``path`` (raw ids of the stream's dtype), in order."""

@@ -12,6 +12,7 @@ shard it was writing. Training calls this itself when the shards are missing; ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,12 +25,16 @@ from filelock import FileLock
 
 from dyt.errors import help_description, user_errors
 from dyt.train.data_files import files_signature
-from dyt.train.jsonio import read_json, write_json
+from dyt.train.jsonio import read_json, write_json, write_text_whole
+from dyt_data.shards import FORMAT as SHARDS_FORMAT
 from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
+from dyt_data.shards import complete as shards_complete
 
 from .data import (
     BYTE_BPE_MIN_VOCAB,
     DIGESTS_VERSION,
+    DOCUMENTS_VERSION,
+    TOKENIZER_VERSION,
     DataConfig,
     DataError,
     _cache,
@@ -197,17 +202,25 @@ def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer
 
 
 def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
-    """Documents, tokenizer and both splits' token shards, built once under a file lock (the ranks
-    that wait find them done)."""
+    """Documents, tokenizer and both splits' token shards, built once under a file lock. For a corpus of
+    the user's, the finished preparation is recorded (:func:`_done_record`), so the other ranks, and
+    later launches, open the shards without the lock and without reading the corpus again: only the
+    corpus files are stat'ed (every rank of a large launch used to read the whole corpus in turn)."""
     if not cfg.tokenizer_file and vocab_size < BYTE_BPE_MIN_VOCAB:  # before the corpus is read
         raise DataError(f"model.vocab_size={vocab_size} is below the {BYTE_BPE_MIN_VOCAB} tokens the byte-level BPE "
                         "starts with (256 bytes and the end-of-text token): raise it, or give data.tokenizer_file")
     if cfg.num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker processes are the parallelism
     cache = _cache(cfg)
+    files = files_signature(cfg.source_files())["digest"]
+    done = _done_record(cache, cfg, vocab_size, files)
+    if (ready := _ready(done)) is not None:  # no lock, no corpus read: what every rank after the first finds
+        return ready
     with FileLock(str(cache / "data.lock")):
+        if (ready := _ready(done)) is not None:  # built while this rank waited
+            return ready
         docs = load_documents(cfg)
-        records, files = cache / "surveys", files_signature(cfg.source_files())["digest"]
+        records = cache / "surveys"
         records.mkdir(parents=True, exist_ok=True)
         surveys = {name: _survey(docs[name], cfg.num_proc, cfg.shard_chars, name, records, files) for name in SPLITS}
         _checked_unseen(docs, {name: survey[2] for name, survey in surveys.items()}, records, files)
@@ -215,7 +228,46 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
         tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
         shards = {name: _write_split(docs[name], *surveys[name][:2], tokenizer, tokenizer_key, cfg.eos_token,
                                      cache / "tokens", cfg.num_proc, name) for name in SPLITS}
+        if done is not None:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            write_text_whole(done.with_suffix(".tokenizer.json"), tokenizer.to_str())
+            write_json(done, {name: str(shards[name].folder) for name in SPLITS})
     return Prepared(shards, tokenizer)
+
+
+PREPARED_VERSION = 1
+
+
+def _done_record(cache: Path, cfg: DataConfig, vocab_size: int, files: str) -> Path | None:
+    """Where a finished preparation of a corpus of the user's records its shard folders and tokenizer,
+    keyed by every data setting, the corpus files' paths, sizes and times, and the versions of the
+    code that reads them. None for the built-in corpus (small; its text comes from packages, which
+    the key would not see change)."""
+    if not cfg.corpus:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "cache_dir")}
+    key = json.dumps([PREPARED_VERSION, SURVEYS_VERSION, DIGESTS_VERSION, DOCUMENTS_VERSION, TOKENIZER_VERSION,
+                      SHARDS_FORMAT, settings, vocab_size, files], sort_keys=True, default=str)
+    return cache / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _ready(done: Path | None) -> Prepared | None:
+    """The preparation ``done`` records, where both splits' shards are complete and untouched."""
+    if done is None:
+        return None
+    folders = read_json(done)
+    tokenizer_file = done.with_suffix(".tokenizer.json")
+    if not isinstance(folders, dict) or set(folders) != set(SPLITS) or not tokenizer_file.is_file():
+        return None
+    if not all(shards_complete(Path(folders[name])) for name in SPLITS):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception:  # the tokenizers library raises plain Exceptions from Rust; rebuilt under the lock
+        return None
+    return Prepared({name: TokenShards(Path(folders[name])) for name in SPLITS}, tokenizer)
 
 
 @user_errors("dyt-llama-prepare")
