@@ -471,8 +471,10 @@ def test_norm_switch_covers_every_norm_including_the_add_norm_path(arch, expecte
 @pytest.mark.parametrize("arch", ["hyena", "caduceus"])
 def test_every_model_without_a_normalization_layer_scales_the_embedding(arch):
     """By default the sqrt(dim) scalar goes to DyT, identity and the normalization-free baselines
-    alike (the baselines trained worse without it: docs/dna.md), never to LayerNorm / RMSNorm."""
+    alike (a baseline gets what DyT gets: docs/dna.md), never to LayerNorm / RMSNorm."""
     from dyt.norms import KINDS
+    from dyt.train.config import resume_changes
+    from dyt_dna.task import DnaConfig
 
     for kind in KINDS:
         scaler = _model(arch, kind).embed_scale
@@ -480,6 +482,14 @@ def test_every_model_without_a_normalization_layer_scales_the_embedding(arch):
             assert isinstance(scaler, torch.nn.Identity), kind
         else:
             assert scaler.scale.item() == pytest.approx(4.0), kind
+    # a run saved before (embedding_scale: null, the scalar for DyT only) still describes the model it built:
+    # a resume or comparison of such a baseline under the new default sees the changed model
+    saved = DnaConfig(model=DnaModelConfig(arch=arch, embedding_scale=None, norm=NormConfig(kind="skipinit")))
+    assert not saved.model.scales_embedding()
+    now = dataclasses.replace(saved, model=dataclasses.replace(saved.model, embedding_scale="no-norm"))
+    fixed, _, _ = resume_changes(saved, now)
+    assert any("model.embedding_scale" in change for change in fixed), fixed
+    assert DnaModelConfig(arch=arch, embedding_scale=None, norm=NormConfig(kind="dyt")).scales_embedding()
 
 
 # ---------------------------------------------------------------- data

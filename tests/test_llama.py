@@ -141,13 +141,17 @@ def test_a_prepared_corpus_is_opened_without_the_lock_or_reading_it_again(corpus
     assert again.tokenizer.to_str() == first.tokenizer.to_str()
     monkeypatch.undo()
     cfg = _data(corpus, tmp_path)
-    done = prep._done_record(prep._cache(cfg), cfg, 300, prep.files_signature(cfg.source_files())["digest"])
+    done = prep._done_record(prep._cache(cfg), cfg, 300)
     assert prep._ready(done) is not None
     shard = next(first.shards["validation"].folder.glob("*.bin"))
     shard.write_bytes(shard.read_bytes()[:-2])  # cut short since: not opened as it is, rebuilt under the lock
     assert prep._ready(done) is None
     assert prep.prepare(cfg, 300).shards["validation"].folder == first.shards["validation"].folder
     assert prep._ready(done) is not None
+    stat = (corpus / "a" / "one.txt").stat()  # a copy of the same size and modification time
+    (corpus / "a" / "one.txt").write_text(("X" + SONNET[1:]) * 8)
+    os.utime(corpus / "a" / "one.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prep._ready(prep._done_record(prep._cache(cfg), cfg, 300)) is None
     (corpus / "a" / "one.txt").write_text(SONNET * 3)  # the corpus changed: read and tokenised again
     assert prep.prepare(cfg, 300).shards["train"].folder != first.shards["train"].folder
 

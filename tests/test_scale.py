@@ -281,6 +281,42 @@ def test_bf16_zero0_takes_no_adam_step_before_training(tmp_path):
         assert alphas[stage][-1] == masters[stage]["1.alpha"].item()
 
 
+def test_a_shared_parameters_fp32_master_reaches_every_name_it_has(tmp_path):
+    """Caduceus' two Mamba directions share projections: the state dict holds the parameter under two
+    names and ``named_parameters`` under one. ZeRO-0's masters are recorded under every name, so the
+    eval model loads the fp32 master whichever name ``load_state_dict`` writes last."""
+    import json
+
+    from dyt.train.checkpoint import MARKER, MASTER_NAMES, trained_weights
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.forward_dir = torch.nn.Linear(3, 3, bias=False)
+            self.backward_dir = torch.nn.Module()
+            self.backward_dir.proj = self.forward_dir
+
+    model = Shared().bfloat16()
+    master = torch.randn(3, 3)
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    folder.mkdir(parents=True)
+    from types import SimpleNamespace
+
+    from dyt.train.trainer import _master_weight_names
+
+    engine = SimpleNamespace(module=model, optimizer=SimpleNamespace(fp16_groups=[[model.forward_dir.weight]],
+                                                                      fp32_groups=[[master]]))
+    names = _master_weight_names(engine)
+    assert names == [[["forward_dir.weight", "backward_dir.proj.weight"]]]
+    torch.save({"module": model.state_dict(), "optimizer": {"fp32_groups": [[master]]}, MASTER_NAMES: names},
+               folder / "mp_rank_00_model_states.pt")
+    (folder / MARKER).write_text(json.dumps({"step": 1, "world_size": 1}))
+    weights = trained_weights(tmp_path)
+    fresh = Shared()
+    fresh.load_state_dict(weights)
+    assert torch.equal(fresh.forward_dir.weight.detach(), master)
+
+
 @pytest.mark.slow
 def test_a_grad_clip_changed_on_resume_applies_under_zero2(tmp_path):
     """``train.grad_clip`` may change on ``--resume``. DeepSpeed's ZeRO-1/2 load puts the saved clip

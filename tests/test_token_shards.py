@@ -158,6 +158,8 @@ def test_a_killed_write_resumes_keeps_finished_shards_and_matches_an_uninterrupt
     partial, = folder.glob("shard-00002.bin.*.tmp")
     assert not (folder / "index.json").exists()
     partial.rename(folder / "shard-00002.bin.another-host.1.tmp")  # as a killed process on another node leaves it
+    (folder / "shard-00002.bin.another-host.1.tmp.tokens.part00000").write_bytes(b"\x01\x00")  # its tokeniser's parts
+    (folder / "shard-00002.ends.npy.another-host.1.tmp").write_bytes(b"")
     kept = {n: (folder / f"shard-0000{n}.bin").stat() for n in (0, 1)}
 
     calls.clear()
@@ -166,7 +168,7 @@ def test_a_killed_write_resumes_keeps_finished_shards_and_matches_an_uninterrupt
     for n, stat in kept.items():
         now = (folder / f"shard-0000{n}.bin").stat()
         assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    assert not list(folder.glob("*.tmp"))
+    assert not list(folder.glob("*.tmp*"))
     assert resumed == whole
     for n in range(4):
         name = f"shard-0000{n}.bin"

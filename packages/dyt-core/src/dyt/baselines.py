@@ -70,12 +70,12 @@ class FixupGate(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
         self.shift = nn.Parameter(torch.zeros(1))
-        # a tuple: not registered, so not listed twice
-        self._targets = (branch, output, scaled, depth)
+        # a tuple: the modules are not registered here, so not listed twice
+        self._fixup_spec = (branch, output, scaled, depth)
 
     def scaled_layers(self) -> list[nn.Module]:
         """The branch's layers Fixup scales: those given, else every linear layer but the output."""
-        branch, output, scaled, _ = self._targets
+        branch, output, scaled, _ = self._fixup_spec
         if scaled is not None:
             return list(scaled)
         return [layer for layer in branch.modules() if is_linear(layer) and layer is not output]
@@ -171,7 +171,7 @@ def _fixup_init(model: nn.Module) -> int:
         raise ValueError("model.norm.kind=fixup, but the model has no residual gates (residual_gate) to initialise")
     with torch.no_grad():
         for gate in gates:
-            _, output, _, depth = gate._targets
+            _, output, _, depth = gate._fixup_spec
             for layer in gate.scaled_layers():
                 layer.weight.mul_(len(gates) ** (-1.0 / (2 * depth - 2)))
             output.weight.zero_()

@@ -56,7 +56,9 @@ def ulp(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype``'s numbers at each element of ``value`` (float64), subnormals included."""
     info = torch.finfo(dtype)
     _, exponent = torch.frexp(value.double())
-    return torch.clamp(info.eps * torch.pow(2.0, exponent.double() - 1), min=info.smallest_normal * info.eps)
+    spacing = info.eps * torch.pow(2.0, exponent.double() - 1)
+    subnormal = info.smallest_normal * info.eps
+    return torch.where(value == 0, subnormal, spacing.clamp_min(subnormal))
 
 
 HALF_MATH_ERROR = 3e-5

@@ -48,8 +48,9 @@ def _write_json(path: Path, value) -> None:
 
 
 def _partial_name(name: str) -> str:
-    """A file's name while it is written: by host and process, so two writers never share one (the
-    cache's lock keeps builders apart only where ``flock`` holds across the nodes sharing it)."""
+    """A file's name while it is written, by host and process. Builders are kept apart by the cache's
+    lock, which needs ``flock`` to hold across the nodes sharing the cache (docs/errors.md); a build
+    clears every partial file of a shard, whoever left it, before writing that shard."""
     return f"{name}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
@@ -135,8 +136,8 @@ def write_shards(folder: Path, plan: Sequence[Sequence[int]], write_shard: Write
         name = f"shard-{number:05d}"
         record = _finished(folder, name, dtype, [first, end])
         if record is None:
-            for stale in folder.glob(f"{name}.bin.*.tmp"):  # a killed build's (any host or process)
-                stale.unlink()
+            for stale in [*folder.glob(f"{name}.bin.*.tmp*"), *folder.glob(f"{name}.ends.npy.*.tmp")]:
+                stale.unlink()  # a killed build's partial shard, token parts and ends (any host or process)
             tmp = folder / _partial_name(f"{name}.bin")
             counts = [int(c) for c in write_shard(first, end, tmp)]
             if len(counts) != end - first:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -15,10 +15,10 @@ from dyt.train.config import AT_LEAST_ONE, Range
 
 ARCHS = ("hyena", "caduceus")
 NORM_ROLES = {"hyena": ("attention", "ffn", "final"), "caduceus": ("default", "final")}
-NORMALIZING_KINDS = ("layernorm", "rmsnorm")
-"""The norm kinds that normalise; every other kind gets the embedding's scalar by default."""
 """The DyT roles of each architecture's norms (``model.norm.alpha_init`` keys): HyenaDNA's mixer
 norm is ``attention``; Caduceus' block norms are ``default``."""
+NORMALIZING_KINDS = ("layernorm", "rmsnorm")
+"""The norm kinds that normalise; ``embedding_scale: no-norm`` gives the scalar to every other kind."""
 
 
 class EmbeddingScale(nn.Module):
@@ -60,12 +60,13 @@ class DnaModelConfig:
     max_len: Annotated[int, Range(ge=2)] = 1024
     """Longest input in bases."""
     norm: NormConfig = field(default_factory=NormConfig)
-    embedding_scale: bool | None = None
-    """A learnable scalar after the embedding, initialised to sqrt(dim), as the paper's LLaMA DyT;
-    None: on for every kind without a normalization layer (DyT, identity and the normalization-free
-    baselines: with 0.02-std embeddings DyT otherwise sees inputs so small that its features ignore
-    the sequence, and the baselines train worse without it), off for LayerNorm and RMSNorm (where it
-    changes nothing measurable); see docs/dna.md."""
+    embedding_scale: bool | Literal["no-norm"] | None = "no-norm"
+    """A learnable scalar after the embedding, initialised to sqrt(dim), as the paper's LLaMA DyT.
+    ``no-norm`` (the default since 2026-12-06): on for every kind without a normalization layer
+    (DyT, with 0.02-std embeddings, otherwise sees inputs so small that its features ignore the
+    sequence; the normalization-free baselines get what DyT gets), off for LayerNorm and RMSNorm
+    (where it changes nothing measurable); see docs/dna.md. ``null``: DyT only, the default before,
+    kept so that runs saved with it still describe the models they built."""
     tied_embeddings: bool | None = True
     """The LM head reads the embedding's 0.02-std weight (HyenaDNA and Caduceus as published); false:
     a head of its own, N(0, output_init_std^2); None: untied for DyT only (the tiny Caduceus' DyT
@@ -89,15 +90,18 @@ class DnaModelConfig:
         return head
 
     def scales_embedding(self) -> bool:
-        """Whether the model has the learnable scalar after the embedding, with None resolved by the norm."""
-        if self.embedding_scale is not None:
-            return self.embedding_scale
-        return self.norm.kind not in NORMALIZING_KINDS
+        """Whether the model has the learnable scalar after the embedding, ``no-norm`` and None
+        resolved by the norm."""
+        if self.embedding_scale == "no-norm":
+            return self.norm.kind not in NORMALIZING_KINDS
+        if self.embedding_scale is None:
+            return self.norm.kind == "dyt"
+        return self.embedding_scale
 
     def resolved_nulls(self) -> DnaModelConfig:
         """This config as resume and comparisons compare it (:func:`dyt.train.config.resume_changes`):
-        each null the norm decides, decided, so a run saved with ``null`` equals one given the value it
-        resolved to (a tied head has no init std of its own)."""
+        each null (and ``no-norm``) the norm decides, decided, so a run saved with ``null`` equals one
+        given the value it resolved to (a tied head has no init std of its own)."""
         tied = self.ties_embeddings()
         return replace(self, embedding_scale=self.scales_embedding(), tied_embeddings=tied,
                        output_init_std=None if tied else self.output_init_std)

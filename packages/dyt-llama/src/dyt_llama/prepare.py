@@ -38,6 +38,7 @@ from .data import (
     DataConfig,
     DataError,
     _cache,
+    _file_keys,
     document_digests,
     load_documents,
     load_tokenizer,
@@ -212,15 +213,14 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
     if cfg.num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker processes are the parallelism
     cache = _cache(cfg)
-    files = files_signature(cfg.source_files())["digest"]
-    done = _done_record(cache, cfg, vocab_size, files)
+    done = _done_record(cache, cfg, vocab_size)
     if (ready := _ready(done)) is not None:  # no lock, no corpus read: what every rank after the first finds
         return ready
     with FileLock(str(cache / "data.lock")):
         if (ready := _ready(done)) is not None:  # built while this rank waited
             return ready
         docs = load_documents(cfg)
-        records = cache / "surveys"
+        records, files = cache / "surveys", files_signature(cfg.source_files())["digest"]
         records.mkdir(parents=True, exist_ok=True)
         surveys = {name: _survey(docs[name], cfg.num_proc, cfg.shard_chars, name, records, files) for name in SPLITS}
         _checked_unseen(docs, {name: survey[2] for name, survey in surveys.items()}, records, files)
@@ -238,16 +238,17 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
 PREPARED_VERSION = 1
 
 
-def _done_record(cache: Path, cfg: DataConfig, vocab_size: int, files: str) -> Path | None:
+def _done_record(cache: Path, cfg: DataConfig, vocab_size: int) -> Path | None:
     """Where a finished preparation of a corpus of the user's records its shard folders and tokenizer,
-    keyed by every data setting, the corpus files' paths, sizes and times, and the versions of the
-    code that reads them. None for the built-in corpus (small; its text comes from packages, which
-    the key would not see change)."""
+    keyed by every data setting, the corpus files' paths, sizes, modification and change times (a
+    copy that kept the modification time changes the last: ``dyt_data.file_key``), and the versions
+    of the code that reads them. None for the built-in corpus (small; its text comes from packages,
+    which the key would not see change)."""
     if not cfg.corpus:
         return None
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "cache_dir")}
     key = json.dumps([PREPARED_VERSION, SURVEYS_VERSION, DIGESTS_VERSION, DOCUMENTS_VERSION, TOKENIZER_VERSION,
-                      SHARDS_FORMAT, settings, vocab_size, files], sort_keys=True, default=str)
+                      SHARDS_FORMAT, settings, vocab_size, _file_keys(cfg.source_files())], sort_keys=True, default=str)
     return cache / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 

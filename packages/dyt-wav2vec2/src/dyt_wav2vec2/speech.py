@@ -24,6 +24,7 @@ import itertools
 import os
 import random
 import re
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
@@ -213,7 +214,7 @@ def _write_wav(path: Path, waveform: torch.Tensor) -> None:
     """16-bit PCM at ``path``, renamed into place: a build for another size rewrites the folder's files
     while jobs on an earlier build may still read them, and they must never read one half written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.wav")
+    partial = path.with_name(f"{path.stem}.{socket.gethostname()}.{os.getpid()}.tmp.wav")
     soundfile.write(str(partial), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16", format="WAV")
     partial.replace(path)
 

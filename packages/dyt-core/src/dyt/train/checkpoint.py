@@ -40,11 +40,11 @@ from .jsonio import write_json, write_text_whole
 
 MARKER = "COMPLETE"
 LAUNCHES = "launches.jsonl"
-MASTER_NAMES = "fp32_master_names"
-"""Client-state key of a ZeRO-0 half-precision checkpoint: the parameter names of DeepSpeed's
-``fp32_groups`` (the fp32 master weights), by group and position."""
 """In a run folder: one row per launch (the step it started at, its world size, its whole config),
 since ``config.yaml`` holds only the latest launch's settings."""
+MASTER_NAMES = "fp32_master_names"
+"""Client-state key of a ZeRO-0 half-precision checkpoint: the state-dict names of each of DeepSpeed's
+``fp32_groups`` (the fp32 master weights), by group and position (several for a shared parameter)."""
 DIVERGED = "diverged.json"
 """In a run folder: written when the launch's training loss went NaN or infinite (the step, the
 loss, the last complete checkpoint, the launch's world size and config); the trainer removes it
@@ -508,8 +508,9 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     masters = (states.get("optimizer") or {}).get("fp32_groups")
     if states.get(MASTER_NAMES) and masters:  # ZeRO-0 in half precision: the fp32 masters, not the copies
         for names, group in zip(states[MASTER_NAMES], masters, strict=True):
-            for name, master in zip(names, group, strict=True):
-                weights[name] = master.reshape(weights[name].shape)
+            for aliases, master in zip(names, group, strict=True):
+                for name in aliases:  # a shared parameter under each of its names
+                    weights[name] = master.reshape(weights[name].shape)
     return weights
 
 

@@ -305,6 +305,8 @@ def prepare_out(args: argparse.Namespace) -> None:
             if entry.name == runlock.LOCK_FILE:
                 continue
             if entry.is_dir() and not entry.is_symlink():
+                with runlock.holding(entry, "launch"):  # a run still training there (a killed comparison's child)
+                    pass
                 shutil.rmtree(entry)
             else:
                 entry.unlink()

@@ -36,9 +36,12 @@ class FolderInUseError(UserInputError):
 
 def _take(folder: Path, what: str) -> int | None:
     """An open descriptor holding the folder's lock (None where the file system cannot lock)."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise UserInputError(f"cannot write {folder}: {error.strerror}; give a folder this user can write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -52,15 +55,19 @@ def _take(folder: Path, what: str) -> int | None:
         print(f"warning: cannot lock {path} ({error.strerror}); nothing stops a second {what} from "
               "writing this folder at the same time", file=sys.stderr, flush=True)
         return None
-    os.ftruncate(fd, 0)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {stamp}\n".encode(), 0)
+    try:  # who holds it, for the next one's message; a full disk must not stop the run here
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {stamp}\n".encode(), 0)
+    except OSError:
+        pass
     return fd
 
 
 @contextlib.contextmanager
 def holding(folder: Path, what: str) -> Iterator[None]:
-    """Hold ``folder``'s lock for the ``with`` block (a FolderInUseError if another process has it)."""
+    """Hold ``folder``'s lock for the ``with`` block (a FolderInUseError if another process has it, a
+    UserInputError if the folder cannot be written)."""
     fd = _take(Path(folder), what)
     try:
         yield

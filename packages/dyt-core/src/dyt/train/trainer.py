@@ -389,16 +389,19 @@ def _whole(engine, params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params)
 
 
-def _master_weight_names(engine) -> list[list[str]] | None:
-    """ZeRO-0 in bf16 / fp16: the parameter names of the fp32 master weights DeepSpeed saves in the
-    optimizer state (``fp32_groups``, by group and position, with no names), so that evals read the
-    masters, as ZeRO-1/2/3's consolidation does, not the half-precision copies
-    (:func:`checkpoint.trained_weights`). None for other optimizers."""
+def _master_weight_names(engine) -> list[list[list[str]]] | None:
+    """ZeRO-0 in bf16 / fp16: the state-dict names of each fp32 master weight DeepSpeed saves in the
+    optimizer state (``fp32_groups``, by group and position, with no names), every name of a shared
+    parameter (Caduceus' two Mamba directions share projections), so that evals read the masters, as
+    ZeRO-1/2/3's consolidation does, not the half-precision copies (:func:`checkpoint.trained_weights`).
+    None for other optimizers."""
     optimizer = engine.optimizer
     if not (hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list)):
         return None
-    name_of = {id(p): n for n, p in engine.module.named_parameters()}
-    return [[name_of[id(p)] for p in group] for group in optimizer.fp16_groups]
+    names_of: dict[int, list[str]] = {}
+    for name, param in engine.module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return [[names_of[id(p)] for p in group] for group in optimizer.fp16_groups]
 
 
 def _master_weight_reader(engine) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -629,10 +632,10 @@ class Trainer:
             if self.dist.is_main:
                 try:
                     held.enter_context(runlock.holding(self.out_dir, "launch"))
-                except runlock.FolderInUseError as error:
-                    in_use, folder_free = error, 0.0
+                except UserInputError as error:  # in use, or not writable: every rank stops, rank 0 says why
+                    refused, folder_free = error, 0.0
             if all_reduce(torch.tensor([folder_free], dtype=torch.float64), "min").item() == 0:
-                raise in_use if self.dist.is_main else runlock.FolderInUseError(f"{self.out_dir} is in use")
+                raise refused if self.dist.is_main else runlock.FolderInUseError(f"{self.out_dir} is in use")
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> TrainResult:
