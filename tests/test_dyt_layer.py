@@ -36,6 +36,13 @@ def test_matches_float64_reference(backend, dtype, channels, with_bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_matches_float64_reference_with_parameters_in_half_precision(backend, dtype):
+    """DeepSpeed's bf16 / fp16 engines hold alpha, weight and bias in that dtype, not float32."""
+    check_dyt(backend, dtype, (3, 5, 300), True, DEVICE, params_in_dtype=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_channels_first(reference, backend):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(6, 40, 33, generator=g).to(DEVICE)

@@ -107,18 +107,23 @@ def _inputs(shape, dtype, device, count):
     return g, [t.to(dtype) for t in tensors]
 
 
-def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+def _param_dtype(dtype: torch.dtype, params_in_dtype: bool = False) -> torch.dtype:
     """Parameters as a model holds them: float32 beside half / bfloat16 / float32 activations (their
-    gradients are float32-rounded), float64 in a float64 model."""
+    gradients are float32-rounded), float64 in a float64 model; with ``params_in_dtype``, in the
+    activations' dtype (a DeepSpeed bf16 / fp16 engine's working copy, beside its fp32 masters)."""
+    if params_in_dtype:
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool = True, device="cpu") -> None:
+def check_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool = True, device="cpu",
+              params_in_dtype: bool = False) -> None:
     """``dyt(x)`` (channels last) on ``backend``: output dtype, output and the gradients of x, alpha,
-    weight and bias against :func:`reference` in float64, within ``TOL[dtype]``."""
+    weight and bias against :func:`reference` in float64, within ``TOL[dtype]`` (the reference reads
+    the parameters as given, so ``params_in_dtype`` checks the math on bf16 / fp16 parameters)."""
     g, (x, dy) = _inputs(shape, dtype, device, 2)
     cols = shape[-1]
-    params = {"device": device, "dtype": _param_dtype(dtype)}
+    params = {"device": device, "dtype": _param_dtype(dtype, params_in_dtype)}
     alpha = torch.tensor([0.7], **params)
     weight = torch.randn(cols, generator=g, **params)
     bias = torch.randn(cols, generator=g, **params) if with_bias else None
@@ -254,6 +259,11 @@ def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str,
                 for with_bias in (True, False):
                     yield named(check_dyt, backend, dtype, shape, with_bias)
             yield named(check_residual_dyt, backend, dtype, (33, 300), True)
+            if dtype in (torch.bfloat16, torch.float16):  # parameters as DeepSpeed's half-precision engines hold them
+                yield (f"dyt {backend} {str(dtype).removeprefix('torch.')} 33x300 bias, parameters in "
+                       f"{str(dtype).removeprefix('torch.')}",
+                       lambda backend=backend, dtype=dtype: check_dyt(backend, dtype, (33, 300), True, device,
+                                                                      params_in_dtype=True))
             if llama:
                 for shape in LLAMA_SHAPES:
                     yield named(check_dyt, backend, dtype, shape, True)
