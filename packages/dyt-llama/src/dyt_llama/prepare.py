@@ -244,7 +244,7 @@ def _done_record(cache: Path, cfg: DataConfig, vocab_size: int) -> Path | None:
     copy that kept the modification time changes the last: ``dyt_data.file_key``), and the versions
     of the code that reads them. None for the built-in corpus (small; its text comes from packages,
     which the key would not see change)."""
-    if not cfg.corpus:
+    if not cfg.corpus or not Path(cfg.corpus).exists():  # missing: the preparation names it
         return None
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "cache_dir")}
     key = json.dumps([PREPARED_VERSION, SURVEYS_VERSION, DIGESTS_VERSION, DOCUMENTS_VERSION, TOKENIZER_VERSION,
