@@ -169,7 +169,7 @@ def check_residual_dyt(backend: str, dtype: torch.dtype, shape, with_bias: bool 
         slope = (weight64 * alpha64 * (1 - torch.tanh(alpha64 * s64.detach()) ** 2)).abs()
         terms = (weight64 * torch.tanh(alpha64 * s64.detach())).abs() + (params[2].detach().abs() if with_bias else 0.0)
     assert_output_close(y, y64.detach(), dtype, terms=terms, also=y_of_rounded_sum,
-                        also_slack=slope * ulp(s64.detach(), dtype) if dtype in (torch.bfloat16, torch.float16) else 0.0)
+                        also_slack=slope * ulp(s64.detach(), dtype))
     got = [xi.grad, ri.grad] + [p.grad for p in layer.parameters()]
     want = [x64.grad, r64.grad] + [p.grad for p in params]
     for name, gv, wv in zip(["x", "residual", "alpha", "weight", "bias"], got, want):

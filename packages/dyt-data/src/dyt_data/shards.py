@@ -48,7 +48,8 @@ def _write_json(path: Path, value) -> None:
 
 
 def _partial_name(name: str) -> str:
-    """A file's name while it is written, by host and process. Builders are kept apart by the cache's
+    """A file's name while it is written, by host and process (as ``dyt.train.jsonio.partial_path``
+    names them; dyt-data does not depend on dyt-core). Builders are kept apart by the cache's
     lock, which needs ``flock`` to hold across the nodes sharing the cache (docs/errors.md); a build
     clears every partial file of a shard, whoever left it, before writing that shard."""
     return f"{name}.{socket.gethostname()}.{os.getpid()}.tmp"

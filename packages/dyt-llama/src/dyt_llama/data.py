@@ -10,9 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -23,6 +21,7 @@ from filelock import FileLock
 
 from dyt.train.config import Range
 from dyt.train.data_files import saved_dataset_files
+from dyt.train.jsonio import partial_path
 from dyt_data import cache_root, file_key
 from dyt_data.shards import TokenShards
 
@@ -324,7 +323,7 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: st
                     show_progress=False,
                 )
                 tokenizer.train_from_iterator(_texts(train_docs), trainer, length=len(train_docs))
-                partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+                partial = partial_path(path)
                 tokenizer.save(str(partial))
                 partial.replace(path)  # whole or not at all: every later launch reads this file
     if tokenizer.get_vocab_size() > vocab_size:

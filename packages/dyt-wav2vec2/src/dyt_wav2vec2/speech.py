@@ -24,7 +24,6 @@ import itertools
 import os
 import random
 import re
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from filelock import FileLock
 
 from dyt.errors import help_description, output_folder, user_errors
 from dyt.train.config import AT_LEAST_ONE
+from dyt.train.jsonio import partial_path
 from dyt_data import cache_root, reported_as, unpack, unpacked_root, unpacked_versions
 
 from .audio import SAMPLE_RATE, AudioError, Utterance, load_audio, read_manifest, write_manifest
@@ -214,7 +214,7 @@ def _write_wav(path: Path, waveform: torch.Tensor) -> None:
     """16-bit PCM at ``path``, renamed into place: a build for another size rewrites the folder's files
     while jobs on an earlier build may still read them, and they must never read one half written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{socket.gethostname()}.{os.getpid()}.tmp.wav")
+    partial = partial_path(path)  # not *.wav: a folder scan for audio never takes one left by a kill
     soundfile.write(str(partial), waveform.numpy(), SAMPLE_RATE, subtype="PCM_16", format="WAV")
     partial.replace(path)
 

@@ -392,7 +392,7 @@ def divergence_of(config: Any, world_size: int, data_now: dict | None) -> dict |
 def recorded_launches(run_dir: Path) -> list[dict] | None:
     """The run's launches as :func:`record_launch` wrote them (``step``, ``world_size``, ``config``), in
     order; None for a run without the record; a ConfigError for a line that is not JSON, but for a
-    last line cut off mid-write (a launch killed while recording itself; the next one appends after it)."""
+    last line cut off mid-write (a launch killed while recording itself: the next launch drops it)."""
     path = Path(run_dir) / LAUNCHES
     if not path.is_file():
         return None

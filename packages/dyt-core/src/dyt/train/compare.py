@@ -292,7 +292,7 @@ def holds_working_directory(path: Path) -> bool:
 
 
 def prepare_out(args: argparse.Namespace) -> None:
-    """Create ``--out``; with ``--fresh`` delete it, and what earlier runs left there, first (never a
+    """Create ``--out``; with ``--fresh`` empty it of what earlier runs left there first (never a
     folder holding the working directory: the commands refuse that as they parse their options, and
     this refuses it again for callers that build their arguments themselves). The comparison holds
     ``--out``'s lock from here until it exits: a second comparison there (or a ``--fresh`` one, which

@@ -20,11 +20,15 @@ def write_json(path: Path, value: Any, strict: bool = False) -> None:
     write_text_whole(path, json.dumps(value, indent=1, allow_nan=not strict))
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: named by host and process, so two
+    writers (on two nodes of a shared file system) never share one."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def write_text_whole(path: Path, text: str) -> None:
-    """``text`` at ``path``, renamed into place (a kill mid-write leaves the old file or none); the
-    partial file is named by host and pid, so writers on two nodes of a shared file system never
-    share one."""
-    partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    """``text`` at ``path``, renamed into place: a kill mid-write leaves the old file or none."""
+    partial = partial_path(path)
     partial.write_text(text)
     partial.replace(path)
 

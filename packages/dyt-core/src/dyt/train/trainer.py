@@ -389,14 +389,22 @@ def _whole(engine, params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params)
 
 
+def _zero0_half_optimizer(engine):
+    """DeepSpeed's ZeRO-0 half-precision optimizer wrapper (``fp16_groups``: the model's parameters,
+    ``fp32_groups``: their fp32 masters, a list beside them), else None (ZeRO-3's has no such list)."""
+    optimizer = engine.optimizer
+    has_lists = hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list)
+    return optimizer if has_lists else None
+
+
 def _master_weight_names(engine) -> list[list[list[str]]] | None:
     """ZeRO-0 in bf16 / fp16: the state-dict names of each fp32 master weight DeepSpeed saves in the
     optimizer state (``fp32_groups``, by group and position, with no names), every name of a shared
     parameter (Caduceus' two Mamba directions share projections), so that evals read the masters, as
     ZeRO-1/2/3's consolidation does, not the half-precision copies (:func:`checkpoint.trained_weights`).
     None for other optimizers."""
-    optimizer = engine.optimizer
-    if not (hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list)):
+    optimizer = _zero0_half_optimizer(engine)
+    if optimizer is None:
         return None
     names_of: dict[int, list[str]] = {}
     for name, param in engine.module.named_parameters(remove_duplicate=False):
@@ -412,8 +420,8 @@ def _master_weight_reader(engine) -> Callable[[torch.Tensor], torch.Tensor] | No
     model_dtype, _ = engine.get_data_types()
     if model_dtype == torch.float32:
         return None
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list):  # ZeRO-0
+    optimizer = _zero0_half_optimizer(engine)
+    if optimizer is not None:
         master_of = {id(p): m for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
                      for p, m in zip(group, masters, strict=True)}
         return lambda param: master_of.get(id(param), param)
