@@ -23,7 +23,7 @@ import torchaudio
 from filelock import FileLock
 
 from dyt.errors import UserInputError
-from dyt.train.jsonio import write_json
+from dyt.train.jsonio import partial_path, write_json
 from dyt_data import file_sha256
 
 SAMPLE_RATE = 16_000
@@ -183,7 +183,7 @@ def write_manifest(path: Path, root: Path, utterances: list[Utterance]) -> None:
     lines = [str(root.resolve())] + [f"{u.path.relative_to(root)}\t{u.num_samples}" for u in utterances]
     if any(u.text for u in utterances):
         path.with_suffix(".wrd").write_text("\n".join(u.text for u in utterances) + "\n", encoding="utf-8")
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial = partial_path(path)
     partial.write_text("\n".join(lines) + "\n", encoding="utf-8")  # as read_manifest reads it, whatever the locale
     partial.replace(path)
 

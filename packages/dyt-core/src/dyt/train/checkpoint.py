@@ -36,7 +36,7 @@ from ..errors import UserInputError
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged, data_files_of
 from .distributed import DistInfo, barrier
-from .jsonio import write_json, write_text_whole
+from .jsonio import partial_path, write_json, write_text_whole
 
 MARKER = "COMPLETE"
 LAUNCHES = "launches.jsonl"
@@ -72,7 +72,7 @@ def step_of(directory: Path) -> int:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = partial_path(path)
     with open(tmp, "wb") as handle:
         write(handle)
         handle.flush()
