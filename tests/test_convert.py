@@ -1,6 +1,8 @@
 """convert_norms on real model architectures (torchaudio wav2vec2, fairseq2 LLaMA, HF LLaMA) and
 on the awkward cases: channels-first norms, shared modules, look-alikes that must be left alone."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -258,7 +260,8 @@ def test_a_residual_dyt_is_left_alone_not_swapped_for_a_one_input_norm():
 
     model = nn.Sequential(nn.Linear(4, 4))
     model.add_module("norm", ResidualDyT(4))
-    report = convert_norms(model, "layernorm")
+    with pytest.warns(UserWarning, match="replaced nothing"):
+        report = convert_norms(model, "layernorm")
     assert not report.replaced and "residual add" in report.left_alone[0].reason
     assert isinstance(model.norm, ResidualDyT)
 
@@ -284,3 +287,65 @@ def test_the_llm_alpha_policy_needs_the_layers_roles():
     assert other[1].alpha.item() == pytest.approx(0.7)
     convert_norms(model, NormConfig(kind="dyt", alpha_policy="llm"), role_of=lambda path: "ffn")
     assert model[1].alpha.item() == pytest.approx(0.2)  # the paper's alpha0 for a 4096-wide LLM's ffn norms
+
+
+def test_a_new_layer_keeps_the_training_mode_and_frozen_affine_of_the_old():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).eval()
+    model[1].weight.requires_grad_(False)
+    convert_norms(model, "dyt")
+    assert not model[1].training
+    assert not model[1].weight.requires_grad and model[1].bias.requires_grad  # as they were
+    assert model[1].alpha.requires_grad  # new: nothing to carry over
+    model.train()
+    convert_norms(model, "layernorm")
+    assert model[1].training and not model[1].weight.requires_grad
+
+
+@pytest.mark.parametrize("norm, to, copy_affine, copied", [
+    (nn.LayerNorm(8), "dyt", True, True),
+    (nn.LayerNorm(8), "dyt", False, False),
+    (nn.LayerNorm(8), NormConfig(kind="dyt", bias=False), True, False),  # the bias is dropped
+    (nn.LayerNorm(8, bias=False), NormConfig(kind="dyt", bias=False), True, True),
+    (nn.LayerNorm(8), "identity", True, False),
+    (nn.LayerNorm(8, elementwise_affine=False), "dyt", True, False),  # nothing to copy
+])
+def test_affine_copied_says_whether_everything_the_old_layer_had_was_carried(norm, to, copy_affine, copied):
+    report = convert_norms(nn.Sequential(nn.Linear(8, 8), norm), to, copy_affine=copy_affine)
+    assert report.replaced[0].affine_copied is copied
+
+
+def test_a_model_whose_norms_are_functions_gets_a_warning():
+    class FunctionalNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return nn.functional.layer_norm(self.linear(x), (8,))
+
+    with pytest.warns(UserWarning, match=r"F\.layer_norm or F\.rms_norm, is no module"):
+        report = convert_norms(FunctionalNorm(), "dyt")
+    assert "replaced 0 (nothing)" in str(report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_norms(nn.Sequential(DyT(8)), "dyt")  # nothing replaced, but its norm is already DyT
+
+
+def test_torch_transformer_fast_path_fails_after_conversion_until_turned_off():
+    """Documented, not handled: in eval mode a batch-first nn.TransformerEncoderLayer reads norm1.eps
+    for its fast path, which would run LayerNorm from the norms' weights itself."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    convert_norms(layer, "dyt")
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        through_modules = layer(x)  # training mode: never the fast path
+        layer.eval()
+        with pytest.raises(AttributeError, match="'DyT' object has no attribute 'eps'"):
+            layer(x)
+        was_enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.testing.assert_close(layer(x), through_modules)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(was_enabled)

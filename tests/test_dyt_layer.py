@@ -176,6 +176,27 @@ def test_fold_dyt_into_linears(with_bias):
         dyt.fold_dyt(norm, torch.nn.Linear(5, 2))
 
 
+def test_fold_dyt_refuses_what_folding_would_change():
+    """Folding assumes each consumer computes x W^T + b and that the DyT has one output."""
+
+    class ScaledLinear(torch.nn.Linear):  # a forward of its own: not x W^T + b
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class PlainSubclass(torch.nn.Linear):  # nn.Linear's own forward: folds as one
+        pass
+
+    with pytest.raises(ValueError, match="ScaledLinear: it overrides nn.Linear.forward"):
+        dyt.fold_dyt(DyT(4), torch.nn.Linear(4, 2), ScaledLinear(4, 2))
+    with pytest.raises(ValueError, match="cannot fold a ResidualDyT: it also returns the residual sum"):
+        dyt.fold_dyt(dyt.ResidualDyT(4), torch.nn.Linear(4, 2))
+    norm, linear = DyT(4), PlainSubclass(4, 2)
+    tanh_only, (folded,) = dyt.fold_dyt(norm, linear)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(tanh_only(x)), linear(norm(x)))
+
+
 @pytest.mark.parametrize("build, error, message", [
     (lambda: DyT(0), ValueError, "positive channel count"),
     (lambda: DyT(-3), ValueError, "positive channel count"),

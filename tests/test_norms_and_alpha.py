@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dyt import ChannelsFirst, DyT, NormConfig, alpha_init_for, make_norm
+from dyt import ChannelsFirst, DyT, NoNorm, NormConfig, alpha_init_for, make_norm
 from dyt.analysis import AlphaTracker, NormRecorder, plot_s_curves
 
 
@@ -74,6 +75,76 @@ def test_norm_recorder_and_s_curve_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no norm layers"):
         plot_s_curves({}, tmp_path / "empty.png")
+
+
+def _with_affine(norm: nn.Module) -> nn.Module:
+    """``norm`` with a per-channel weight away from 1 and bias away from 0."""
+    with torch.no_grad():
+        for name, p in norm.named_parameters():
+            if name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    return norm
+
+
+@pytest.mark.parametrize("norm, channels_last, before_affine", [
+    (nn.LayerNorm(16, eps=1e-3), True, lambda x: F.layer_norm(x, (16,), eps=1e-3)),
+    (nn.RMSNorm(16, eps=1e-6), True, lambda x: F.rms_norm(x, (16,), eps=1e-6)),
+    (DyT(16, alpha_init=0.7, squash="hardtanh"), True, lambda x: F.hardtanh(0.7 * x)),
+    (DyT(16, alpha_init=0.7, channels_last=False), False, lambda x: torch.tanh(0.7 * x)),
+    (make_norm("layernorm", 16, channels_last=False), False, lambda x: F.layer_norm(x, (16,))),
+    (NoNorm(16), True, lambda x: x),
+], ids=["layernorm", "rmsnorm", "dyt-hardtanh", "dyt-channels-first", "channels-first-layernorm", "identity"])
+def test_norm_recorder_records_the_output_before_the_affine(norm, channels_last, before_affine):
+    """The paper's Fig. 2 plots each norm's output before its per-channel weight and bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_with_affine(norm))
+    x = torch.randn(3, 5, 16) * 3 if channels_last else torch.randn(3, 16, 5) * 3
+    with NormRecorder(model, max_points=x.numel()) as recorder:
+        model(x)
+    recorded_x, recorded_y = recorder.records["0"]
+    x_last = x if channels_last else x.movedim(1, -1)
+    torch.testing.assert_close(recorded_x, x_last.reshape(-1))
+    torch.testing.assert_close(recorded_y, before_affine(x_last).reshape(-1))
+
+
+def test_norm_recorder_pools_every_call_uniformly():
+    """A layer called on several batches is sampled from all of them, in proportion to their sizes;
+    while everything fits, everything is kept."""
+    model = nn.Sequential(DyT(10))
+    with NormRecorder(model, max_points=100) as recorder:
+        model(torch.full((3, 10), -1.0))
+        model(torch.full((5, 10), 2.0))
+    assert sorted(recorder.records["0"][0].tolist()) == [-1.0] * 30 + [2.0] * 50
+    with NormRecorder(model, max_points=2000) as recorder:
+        for value, rows in ((-1.0, 100), (2.0, 300), (5.0, 400)):  # 1000, 3000 and 4000 elements
+            model(torch.full((rows, 10), value))
+    x, y = recorder.records["0"]
+    assert x.shape == y.shape == (2000,)
+    shares = [(x == value).float().mean().item() for value in (-1.0, 2.0, 5.0)]
+    assert shares == pytest.approx([1 / 8, 3 / 8, 4 / 8], abs=0.04)
+    torch.testing.assert_close(y, torch.tanh(0.5 * x))
+
+
+def test_norm_recorder_takes_a_keyword_input_and_hooks_a_shared_norm_once():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.again = self.norm  # one module under two names
+
+        def forward(self, x):
+            return self.again(input=self.norm(input=x))
+
+    block = Block()
+    x = torch.randn(4, 8)
+    with NormRecorder(block, max_points=1000) as recorder:
+        assert len(block.norm._forward_hooks) == 1
+        block(x)
+    assert set(recorder.records) == {"norm"}
+    once = F.layer_norm(x, (8,))
+    torch.testing.assert_close(recorder.records["norm"][0], torch.cat([x, once]).reshape(-1))
 
 
 def test_alpha_tracker_records_alpha_and_inverse_std(tmp_path):

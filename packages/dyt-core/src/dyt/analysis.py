@@ -1,8 +1,8 @@
 """Look inside norm layers: the paper's input->output S-curves, and DyT's alpha against 1/std.
 
 ``NormRecorder`` hooks every norm layer (anything :func:`dyt.iter_norms` recognises) and keeps a
-sample of (input, output) pairs; ``plot_s_curves`` draws one panel per layer (matplotlib, extra
-``analysis``). ``AlphaTracker`` records each DyT's alpha and the 1/std of its input over training:
+sample of (input, output before the per-channel affine) pairs, pooled over calls; ``plot_s_curves``
+draws one panel per layer (matplotlib, extra ``analysis``). ``AlphaTracker`` records each DyT's alpha and the 1/std of its input over training:
 the paper observes alpha tracking 1/std. The training harness keeps one on every run and logs
 ``alpha/<layer>`` and ``inv_std/<layer>`` at each logged step; ``plot_alpha_vs_scale`` draws the
 paper's figure from those metrics (``alpha_scale_history``) or from a tracker's own history.
@@ -17,18 +17,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .convert import NormInfo, iter_norms
+from .kernels.eager import SQUASH_FUNCTIONS
 from .modules import DyT, ResidualDyT
+from .norms import ChannelsFirst
 
 
-def _channels_last_flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return (t if channels_last else t.movedim(1, -1)).detach().float().reshape(-1)
+def before_affine(module: nn.Module, info: NormInfo, x: torch.Tensor) -> torch.Tensor:
+    """What norm ``module`` (classified as ``info``) computes from channels-last ``x`` before its
+    per-channel weight and bias: the curve the paper's Fig. 2 plots, the same for every channel."""
+    if info.kind == "layernorm":
+        return F.layer_norm(x, info.shape, eps=1e-5 if info.eps is None else info.eps)  # None: a probed one, matched at 1e-5
+    if info.kind == "rmsnorm":
+        return F.rms_norm(x, info.shape, eps=info.eps)  # None: the dtype's own, as nn.RMSNorm
+    if info.kind == "dyt":
+        layer = module.norm if isinstance(module, ChannelsFirst) else module
+        return SQUASH_FUNCTIONS[layer.squash](layer.alpha.to(x.dtype) * x)
+    return x  # identity: a removed norm has no affine
 
 
 class NormRecorder:
-    """Context manager recording a sample of each norm layer's (input, output) elements.
+    """Context manager recording a sample of each norm layer's (input, output before its affine)
+    element pairs, pooled over every call made inside it.
+
+    The output is recomputed from the input without the per-channel weight and bias
+    (:func:`before_affine`), as the paper's Fig. 2 plots it: the layer's own S-curve, not each
+    channel's rescaling of it. Each layer keeps at most ``max_points`` pairs: all of them while its
+    calls so far held no more, then ``max_points`` slots each drawn uniformly (with replacement)
+    from every element of every call, so a layer run on several batches is sampled across all of
+    them. The indices are drawn on the activations' device (generators seeded with ``seed``) and
+    only the sample is copied to the CPU. A module reached by several paths is hooked once, under
+    its first path; an input given by keyword is found as well as a positional one.
 
     >>> with NormRecorder(model) as rec:
     ...     model(batch)
@@ -36,16 +58,22 @@ class NormRecorder:
     """
 
     def __init__(self, model: nn.Module, max_points: int = 4096, seed: int = 0) -> None:
+        if max_points < 1:
+            raise ValueError(f"max_points must be at least 1, not {max_points}")
         self.model = model
         self.max_points = max_points
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seen: dict[str, int] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list = []
 
     def __enter__(self) -> NormRecorder:
+        hooked: set[int] = set()
         for path, module, info in iter_norms(self.model):
-            if isinstance(info, NormInfo):
-                self._handles.append(module.register_forward_hook(self._hook(path, info.channels_last)))
+            if isinstance(info, NormInfo) and id(module) not in hooked:
+                hooked.add(id(module))
+                self._handles.append(module.register_forward_hook(self._hook(path, info), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -53,16 +81,41 @@ class NormRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, path: str, channels_last: bool):
-        def record(module, inputs, output):
-            x = _channels_last_flat(inputs[0], channels_last).cpu()
-            y = _channels_last_flat(output, channels_last).cpu()
-            if x.numel() > self.max_points:
-                keep = torch.randperm(x.numel(), generator=self.generator)[: self.max_points]
-                x, y = x[keep], y[keep]
-            self.records[path] = (x, y)
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def _hook(self, path: str, info: NormInfo):
+        def record(module, args, kwargs, output):
+            given = [*args, *kwargs.values()]  # the forward's input, by position or by name
+            with torch.no_grad():
+                x = given[0] if info.channels_last else given[0].movedim(1, -1)
+                self._keep(path, x, before_affine(module, info, x))
 
         return record
+
+    def _keep(self, path: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Pool this call's pairs into ``path``'s sample: while everything seen fits, all of it; then
+        each slot takes one of this call's elements with probability n / (seen + n), so every slot
+        stays a uniform draw over all the elements seen."""
+        n, seen, limit = x.numel(), self._seen.get(path, 0), self.max_points
+        self._seen[path] = seen + n
+        kept = self.records.get(path)
+        if seen + n <= limit:
+            pairs = (x.reshape(-1).to("cpu", torch.float32), y.reshape(-1).to("cpu", torch.float32))
+            self.records[path] = pairs if kept is None else (torch.cat([kept[0], pairs[0]]), torch.cat([kept[1], pairs[1]]))
+            return
+        on_cpu = self._generator(torch.device("cpu"))
+        from_this_call = torch.rand(limit, generator=on_cpu) < n / (seen + n)
+        xs, ys = torch.empty(limit), torch.empty(limit)
+        if kept is not None:  # slots already (seen > limit), or a uniform draw from all seen elements, all kept
+            earlier = torch.arange(limit) if seen > limit else torch.randint(seen, (limit,), generator=on_cpu)
+            xs, ys = kept[0][earlier], kept[1][earlier]
+        index = torch.randint(n, (int(from_this_call.sum()),), generator=self._generator(x.device), device=x.device)
+        xs[from_this_call] = torch.take(x, index).to("cpu", torch.float32)
+        ys[from_this_call] = torch.take(y, index).to("cpu", torch.float32)
+        self.records[path] = (xs, ys)
 
 
 def pyplot():
@@ -101,8 +154,8 @@ def _thinned(names: list[str], max_panels: int) -> list[str]:
 def plot_s_curves(
     records: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, title: str = "", max_panels: int = 12
 ) -> Path:
-    """One scatter panel (input vs output) per norm layer, in model order; evenly thinned to
-    ``max_panels``. Writes a PNG and returns its path."""
+    """One scatter panel (input vs output before the affine, as :class:`NormRecorder` records) per norm
+    layer, in model order; evenly thinned to ``max_panels``. Writes a PNG and returns its path."""
     plt = pyplot()
     names = list(records)
     if not names:
@@ -116,7 +169,7 @@ def plot_s_curves(
         ax.scatter(x.numpy(), y.numpy(), s=1, alpha=0.3)
         ax.set_title(name, fontsize=7)
         ax.set_xlabel("input", fontsize=7)
-        ax.set_ylabel("output", fontsize=7)
+        ax.set_ylabel("output before affine", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -51,6 +52,8 @@ class Replacement:
     shape: tuple[int, ...]
     channels_last: bool
     affine_copied: bool
+    """The old layer had a weight or bias and the new one took every one it had: False without
+    ``copy_affine``, and where the target keeps less (a DyT without bias for a LayerNorm, identity)."""
 
 
 @dataclass(frozen=True)
@@ -255,19 +258,27 @@ def _ancestor_placement(model: nn.Module, path: str) -> tuple[torch.device | Non
     return None, None
 
 
+def _affine_pairs(info: NormInfo, new: nn.Module) -> list[tuple[torch.Tensor, nn.Parameter]]:
+    """(old, new) for each of weight and bias that both the old layer and ``new`` have."""
+    inner = new.norm if isinstance(new, ChannelsFirst) else new
+    return [(old, getattr(inner, name)) for name, old in (("weight", info.weight), ("bias", info.bias))
+            if old is not None and getattr(inner, name, None) is not None]
+
+
 def build_norm(info: NormInfo, target: NormConfig, *, copy_affine: bool = True, role: str = "default") -> nn.Module:
     """The ``target`` layer, built by :func:`make_norm` (the one norm builder), that stands where a
     layer described by ``info`` stood: same shape, layout, device and dtype (a layer holding no
     tensor: CPU and the default dtype, unless :func:`convert_norms` placed it); bias, eps and alpha0
-    as ``target`` says. The original's weight (and bias, where both have one) are copied over."""
+    as ``target`` says. The original's weight (and bias, where both have one) are copied over, each
+    with its ``requires_grad`` (a frozen norm stays frozen); what the new layer adds (alpha, a bias
+    the old lacked) is trainable."""
     new = make_norm(target, info.shape, role=role, channels_last=info.channels_last, device=info.device, dtype=info.dtype)
-    inner = new.norm if isinstance(new, ChannelsFirst) else new
     if copy_affine:
         with torch.no_grad():
-            if info.weight is not None and getattr(inner, "weight", None) is not None:
-                inner.weight.copy_(info.weight.reshape(inner.weight.shape))
-            if info.bias is not None and getattr(inner, "bias", None) is not None:
-                inner.bias.copy_(info.bias.reshape(inner.bias.shape))
+            for old, param in _affine_pairs(info, new):
+                param.copy_(old.reshape(param.shape))
+                if isinstance(old, nn.Parameter):
+                    param.requires_grad_(old.requires_grad)
     return new
 
 
@@ -279,7 +290,17 @@ def convert_norms(
     role_of: Callable[[str], str] | None = None,
     only: Callable[[str], bool] | None = None,
 ) -> ConversionReport:
-    """Replace every LayerNorm/RMSNorm/DyT-like layer of ``model`` with a ``to`` layer, in place.
+    """Replace every norm module of ``model`` (``nn.LayerNorm``, ``nn.RMSNorm``, DyT, and other libraries'
+    LayerNorm/RMSNorm modules, found by probing) with a ``to`` layer, in place. A norm computed by a
+    function inside a forward (``F.layer_norm``, ``F.rms_norm``) is no module and is not seen: a model
+    where no norm module is found gets a warning saying so. Each new layer takes the old one's
+    training mode.
+
+    torch's ``nn.TransformerEncoderLayer`` (and so ``nn.TransformerEncoder``) with ``batch_first=True``
+    reads ``norm1.eps`` in eval mode to decide on its fast path, and that path runs LayerNorm from
+    ``norm1.weight`` / ``.bias`` itself: after conversion such a layer raises ``AttributeError: 'DyT'
+    object has no attribute 'eps'`` in eval mode; ``torch.backends.mha.set_fastpath_enabled(False)``
+    runs it through its modules.
 
     Args:
         to: a NormConfig, whose settings (bias, eps, alpha0, backend) every new layer takes; or a
@@ -310,10 +331,12 @@ def convert_norms(
                          "(path -> attention / ffn / final / input / default), e.g. a recipe's SPEC.role_of")
     report = ConversionReport(target=target.kind)
     swapped: dict[int, nn.Module] = {}
+    any_norm_module = False
     for path, module, found in list(iter_norms(model)):
         if isinstance(found, str):
             report.left_alone.append(LeftAlone(path, _type_name(module), found))
             continue
+        any_norm_module = True
         if only is not None and not only(path):
             report.left_alone.append(LeftAlone(path, _type_name(module), "outside the requested scope"))
             continue
@@ -331,18 +354,17 @@ def convert_norms(
                                                    **({"eps": found.eps} if kept_eps else {}))
             if found.device is None:  # no tensor of its own: where its nearest ancestor's are
                 found = dataclasses.replace(found, **dict(zip(("device", "dtype"), _ancestor_placement(model, path))))
-            swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role)
+            swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role).train(module.training)
         new = swapped[id(module)]
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, new)
+        affine_had = (found.weight is not None) + (found.bias is not None)
+        affine_copied = copy_affine and affine_had > 0 and len(_affine_pairs(found, new)) == affine_had
         report.replaced.append(
-            Replacement(
-                path,
-                _type_name(module),
-                _type_name(new),
-                found.shape,
-                found.channels_last,
-                copy_affine and (found.weight is not None or found.bias is not None),
-            )
+            Replacement(path, _type_name(module), _type_name(new), found.shape, found.channels_last, affine_copied)
         )
+    if not any_norm_module:
+        warnings.warn("convert_norms replaced nothing: the model has no LayerNorm / RMSNorm / DyT module to convert "
+                      "(a norm computed by a function in a forward, F.layer_norm or F.rms_norm, is no module and is "
+                      "not converted)", stacklevel=2)
     return report

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .convert import _is_exact
 from .kernels.eager import SQUASH_FUNCTIONS, check_squash
-from .modules import DyT
+from .modules import DyT, ResidualDyT
 
 
 class ScaledTanh(nn.Module):
@@ -32,7 +33,17 @@ def fold_dyt(dyt: DyT, *linears: nn.Linear) -> tuple[ScaledTanh, list[nn.Linear]
 
     Returns the ``ScaledTanh`` to put where the DyT was and new Linear layers (the originals are
     untouched). Folding is done in float64 and cast back, so it is exact to rounding.
+
+    Precondition, which only the caller can see: every consumer of the DyT's output is among
+    ``linears``. Anything else that reads it (a residual taken from the norm's output, an
+    activation, a pooling) would get ``tanh(alpha x)`` without the weight and bias. Refused: a
+    ``ResidualDyT`` (its residual sum is a second output, and one-output ``ScaledTanh`` cannot stand
+    where it stood) and an ``nn.Linear`` subclass with a forward of its own (its output need not be
+    ``x W^T + b``, which the folding assumes).
     """
+    if isinstance(dyt, ResidualDyT):
+        raise ValueError("fold_dyt cannot fold a ResidualDyT: it also returns the residual sum, which a one-output "
+                         "ScaledTanh cannot give; fold a DyT after a separate residual add")
     if not isinstance(dyt, DyT):
         raise TypeError(f"fold_dyt folds a dyt.DyT, not {type(dyt).__name__}")
     if not dyt.channels_last or len(dyt.normalized_shape) != 1:
@@ -42,6 +53,9 @@ def fold_dyt(dyt: DyT, *linears: nn.Linear) -> tuple[ScaledTanh, list[nn.Linear]
     for linear in linears:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"fold_dyt folds into nn.Linear layers given one by one, not {type(linear).__name__}")
+        if not _is_exact(linear, nn.Linear):
+            raise ValueError(f"fold_dyt cannot fold into {type(linear).__name__}: it overrides nn.Linear.forward, so its "
+                             "output need not be x W^T + b, which folding the DyT's weight and bias into W and b assumes")
     scale = dyt.weight.double()
     shift = None if dyt.bias is None else dyt.bias.double()
     folded = []

@@ -52,7 +52,8 @@ from .task import LlamaConfig
 
 
 def plot_s_curves(run: Run, path: Path) -> None:
-    """Load a (normalised) model's last checkpoint and record its norms on one validation batch."""
+    """Load a (normalised) model's last checkpoint and record its norms on one validation batch (output
+    before the per-channel weight: :class:`dyt.analysis.NormRecorder`)."""
     from dyt.analysis import NormRecorder, plot_s_curves
 
     from .model import Llama
@@ -64,7 +65,8 @@ def plot_s_curves(run: Run, path: Path) -> None:
     batch = torch.stack([validation[i] for i in validation_positions(len(validation), 4)])[:, :-1]
     with torch.no_grad(), NormRecorder(model, max_points=3000) as recorder:
         model(batch)
-    plot_s_curves(recorder.records, path, title=f"{run.norm} model: norm input vs output (validation text)")
+    plot_s_curves(recorder.records, path,
+                  title=f"{run.norm} model: norm input vs output before the affine (validation text)")
 
 
 def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes: Sequence[str] = ()) -> Path:
@@ -110,7 +112,9 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
     normalised = [r for r in runs if r.norm == baseline and r.norm in ("rmsnorm", "layernorm") and r.diverged is None]
     if normalised:
         plot_s_curves(normalised[0], out / f"{baseline}_s_curves.png")
-        lines += [f"![{baseline} S-curves]({baseline}_s_curves.png)", ""]
+        lines += [f"![{baseline} S-curves]({baseline}_s_curves.png)", "",
+                  "Each point: one element of a norm layer's input and its output before the per-channel weight and "
+                  "bias (as the paper's Fig. 2), on validation text.", ""]
     write_json(out / "summary.json", [{**r.point.to_json(), **summaries[r.point],  # a diverged run's numbers: null
                                        **{m.key: summaries[r.point][m.key] for m in SPEC.metrics}} for r in runs],
                strict=True)
