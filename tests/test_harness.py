@@ -44,6 +44,82 @@ def _final_weights(out_dir):
     return states
 
 
+def test_the_gradient_norm_is_logged_before_clipping_at_every_zero_stage(tmp_path):
+    """DeepSpeed keeps the gradient norm in its own optimizers (ZeRO-1/2/3, half precision) but not at
+    ZeRO-0 in fp32, where it runs torch's AdamW as is: the harness takes it there before the update.
+    Both are the norm before clipping (the clip, 0.05, bites on every step)."""
+    norms = {}
+    for stage in (0, 2):
+        _run(tmp_path / f"z{stage}", f"train.zero_stage={stage}", "train.log_every=1", "train.grad_clip=0.05")
+        norms[stage] = _series(tmp_path / f"z{stage}", "grad_norm")
+    assert sorted(norms[0]) == list(range(1, 9))
+    assert all(norm > 0.05 for norm in norms[0].values())
+    assert [norms[2][k] for k in sorted(norms[2])] == pytest.approx([norms[0][k] for k in sorted(norms[0])], rel=1e-5)
+
+
+def _diverged(capsys, out_dir, *overrides) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        _run(out_dir, *overrides)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_updates_skipped_in_a_row_stop_the_run_as_diverged(tmp_path, capsys):
+    """With gradients NaN and the loss finite, ZeRO-2 skips every update (the step counts, the weights
+    and schedule stay): a run that only skips would "train" for days. After MAX_SKIPPED_IN_A_ROW it
+    stops as diverged, recorded for comparisons like a NaN loss."""
+    from dyt.train.trainer import MAX_SKIPPED_IN_A_ROW
+
+    steps = 2 + MAX_SKIPPED_IN_A_ROW + 2
+    said = _diverged(capsys, tmp_path / "run", "train.zero_stage=2", f"train.steps={steps}", "train.save_every=2",
+                     "data.nan_gradient_from_step=3", "train.log_every=1")
+    stop = 2 + MAX_SKIPPED_IN_A_ROW
+    assert f"DeepSpeed skipped the last {MAX_SKIPPED_IN_A_ROW} updates" in said and f"at step {stop};" in said, said
+    # the newest save: weights as at step 2 (the updates since were skipped), finite
+    assert re.search(rf"last good checkpoint: \S*step_{stop - 2:08d} ", said), said
+    record = json.loads((tmp_path / "run" / DIVERGED).read_text())
+    assert record["step"] == stop and "skipped" in record["loss"]
+    skipped = _series(tmp_path / "run", "skipped_steps")
+    assert skipped[2] == 0 and skipped[stop - 1] == MAX_SKIPPED_IN_A_ROW - 1
+
+
+def test_fp16_at_its_smallest_loss_scale_stops_as_diverged(tmp_path, capsys, monkeypatch):
+    """DeepSpeed's fp16 scaler raises a bare Exception once gradients overflow at the smallest scale
+    (fp16 needs CUDA here, so its raise is stood in for at step 3): a divergence, one line and a
+    record, not a traceback on every rank. Any other exception from the step still propagates."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    step = DeepSpeedEngine.step
+
+    def overflowing(engine, *args, **kwargs):
+        if engine.global_steps == 2:
+            raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+        return step(engine, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "step", overflowing)
+    said = _diverged(capsys, tmp_path / "run", "train.grad_accum=1")
+    assert "fp16 gradients overflowed at the smallest loss scale at step 3;" in said, said
+    assert json.loads((tmp_path / "run" / DIVERGED).read_text())["step"] == 3
+
+    def broken(engine, *args, **kwargs):
+        raise Exception("something else")
+
+    monkeypatch.setattr(DeepSpeedEngine, "step", broken)
+    with pytest.raises(Exception, match="something else"):
+        _run(tmp_path / "other")
+
+
+def test_non_finite_weights_are_never_saved_as_a_good_checkpoint(tmp_path, capsys):
+    """At ZeRO-0 in fp32 DeepSpeed applies a NaN gradient (torch's AdamW has no overflow check): the
+    weights go NaN with the loss of that step finite. A checkpoint of them would be the one --resume
+    takes and the one a divergence record called last good; the run stops before saving it."""
+    said = _diverged(capsys, tmp_path / "run", "train.zero_stage=0", "data.nan_gradient_from_step=8")
+    assert "the weights became NaN or infinite at step 8;" in said, said
+    assert "last good checkpoint: " in said and "step_00000004" in said, said
+    assert not (tmp_path / "run/checkpoints/step_00000008").exists()
+    assert json.loads((tmp_path / "run" / DIVERGED).read_text())["step"] == 8
+
+
 def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     straight = _run(tmp_path / "straight")
     assert straight.step == 8
@@ -52,7 +128,8 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     assert stopped.value.code == 2
     said = capsys.readouterr().err.strip()
     assert re.fullmatch(r"\S+: diverged: loss became nan at step 6; last good checkpoint: \S*step_00000004 "
-                        r"\(recorded in \S*diverged.json\); a smaller train.lr or DyT alpha0 may train", said), said
+                        r"\(recorded in \S*diverged.json\); --resume would replay the same steps: a new run with a smaller "
+                        r"train.lr or DyT alpha0 may train", said), said
     assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
     record = json.loads((tmp_path / "resumed" / DIVERGED).read_text())  # what a comparison reports it by
     assert (record["step"], record["loss"], record["world_size"]) == (6, "nan", 1)

@@ -36,6 +36,9 @@ class ToyDataConfig:
     nan_at_step: int = 0
     """Make the loss NaN at this optimizer step (0: never): for testing the non-finite stop."""
 
+    nan_gradient_from_step: int = 0
+    """From this optimizer step on, every gradient is NaN while the loss stays finite (0: never)."""
+
     RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step"})
     """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
@@ -88,6 +91,9 @@ class ToyTask:
             step = (self.calls - 1) // self.config.train.grad_accum + 1
             if step == self.config.data.nan_at_step:
                 loss = loss * float("nan")
+            if 0 < self.config.data.nan_gradient_from_step <= step:  # 0 * sqrt(0): the value 0, the gradient NaN
+                first = next(model.parameters()).sum()
+                loss = loss + 0.0 * torch.sqrt(first - first.detach())
         return loss, {"units": float(len(x))}
 
 

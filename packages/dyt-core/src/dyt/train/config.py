@@ -116,7 +116,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
     steps: Annotated[int, AT_LEAST_ONE] = 100
-    """Optimizer steps."""
+    """Optimizer steps, counting any update DeepSpeed skipped (non-finite gradients, fp16 overflows;
+    logged as ``skipped_steps``), as Megatron counts iterations: a skipped update moves neither the
+    weights nor the LR schedule."""
     micro_batch_size: Annotated[int, AT_LEAST_ONE] = 8
     """Examples per rank per forward."""
     grad_accum: Annotated[int, AT_LEAST_ONE] = 1

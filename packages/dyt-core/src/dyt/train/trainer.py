@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ from .metrics import MetricsLogger
 
 
 class NonFiniteLossError(UserInputError, RuntimeError):
-    """The training loss became NaN or infinite: the message names the step and the last good
+    """Training diverged: the loss became NaN or infinite, or the loss stayed finite while no update
+    could be applied (:data:`MAX_SKIPPED_IN_A_ROW` skipped in a row, fp16's loss scale at its
+    minimum) or an update left non-finite weights. The message names the step and the last good
     checkpoint. A training outcome the user's settings can change, not a bug: one line (every rank
     meets it alike, so rank 0 prints it), and the run folder's ``diverged.json`` records it."""
 
@@ -98,6 +100,10 @@ def warmup_cosine(cfg: TrainConfig):
 
 
 VALIDATION_SEED = 20_251_205
+MAX_SKIPPED_IN_A_ROW = 50
+"""Updates DeepSpeed may skip in a row (non-finite gradients; fp16 loss-scale overflows) before the
+run stops as diverged. fp16's dynamic scale, from 2^16 with DeepSpeed's hysteresis of 2, skips at
+most 32 in a row on its way down to a scale of 1; bf16 and fp32 skip only on non-finite gradients."""
 """The seed of the random draws a task makes while validating (plus the rank)."""
 
 
@@ -263,6 +269,12 @@ def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainCo
     return (f"warning: global batch {before} -> {now} examples per step (micro_batch_size x ranks x grad_accum: "
             f"{micro} x {saved_world} x {accum} -> {cfg.micro_batch_size} x {world} x {cfg.grad_accum}): the "
             f"schedule runs by step, so every step from here sees {now / before:.3g}x the examples{hint}")
+
+
+def _weights_finite(engine) -> bool:
+    """Whether every weight is finite on every rank (each checks what it holds: ZeRO-3's partition)."""
+    mine = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    return all_reduce(torch.tensor([float(mine)], dtype=torch.float64), "min").item() == 1
 
 
 def _peak_rss_per_rank() -> dict[str, float]:
@@ -632,6 +644,16 @@ class Trainer:
                 "Free disk space (or point train.out_dir elsewhere) and run again with --resume"
             ) from error
 
+    def _stop_diverged(self, step: int, loss: str, what: str, last_good: Path | None) -> NoReturn:
+        """Record the divergence in the run folder (rank 0) and stop every rank: ``what`` happened at
+        ``step``, with the training loss ``loss`` (in words)."""
+        if self.dist.is_main:
+            checkpoint.record_divergence(self.out_dir, step, loss, last_good, self.dist.world_size, self.full_config)
+        raise NonFiniteLossError(
+            f"{what} at step {step}; last good checkpoint: {last_good or 'none yet'} (recorded in "
+            f"{self.out_dir / checkpoint.DIVERGED}); --resume would replay the same steps: a new run with a "
+            "smaller train.lr or DyT alpha0 may train")
+
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``train.steps`` (from the newest complete checkpoint with ``resume``), holding the
         run folder's lock throughout: a second launch into the same ``train.out_dir`` stops at once."""
@@ -705,29 +727,37 @@ class Trainer:
         train_loss, eval_loss = float("nan"), None
         alpha_tracker = AlphaTracker(engine.module, armed=False)  # alpha and 1/std of each DyT's input
         read_alpha = _master_weight_reader(engine)  # bf16 / fp16: alpha as the optimizer holds it
+        # DeepSpeed's own optimizers keep the gradient norm (before clipping); torch's, which it runs
+        # as is at ZeRO-0 in fp32, does not: the harness takes it before the update there
+        own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
+        skipped = skipped_before = int(getattr(engine, "skipped_steps", 0))
+        skipped_in_a_row = 0
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
-                alpha_tracker.armed = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps  # logged steps only
-                loss_sum, units, extra_sums = 0.0, 0.0, {}
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+                alpha_tracker.armed = logged
+                loss_sum, units, extra_sums, grad_norm = 0.0, 0.0, {}, None
                 lr = engine.get_lr()[0]  # this step's update's rate (the schedule moves on at its end)
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch = _to_device(next(stream), dist.device, input_dtype)
                     loss, extras = self.task.loss(engine, batch)
                     finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
                     if finite.item() == 0:
                         mine = loss.item()
                         went = str(mine) if not math.isfinite(mine) else "not finite on another rank"
-                        if dist.is_main:
-                            checkpoint.record_divergence(self.out_dir, step + 1, went, last_good,
-                                                         dist.world_size, self.full_config)
-                        raise NonFiniteLossError(
-                            f"loss became {went} at step {step + 1}; "
-                            f"last good checkpoint: {last_good or 'none yet'} (recorded in "
-                            f"{self.out_dir / checkpoint.DIVERGED}); a smaller train.lr or DyT alpha0 may train"
-                        )
+                        self._stop_diverged(step + 1, went, f"loss became {went}", last_good)
                     engine.backward(loss)
-                    engine.step()
+                    if own_grad_norm and logged and micro == cfg.grad_accum - 1:  # gradients summed over ranks
+                        grad_norm = torch.nn.utils.get_total_norm(
+                            [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
+                    try:
+                        engine.step()
+                    except Exception as error:  # DeepSpeed's fp16 scaler raises a bare Exception, all ranks alike
+                        if "loss scale already at minimum" not in str(error):
+                            raise
+                        self._stop_diverged(step + 1, "finite, but fp16's loss scale at its minimum",
+                                            "fp16 gradients overflowed at the smallest loss scale", last_good)
                     loss_sum += loss.item()
                     units += float(extras.get("units", cfg.micro_batch_size))
                     for name, value in extras.items():
@@ -743,7 +773,12 @@ class Trainer:
                 extra_means = {f"train/{n}": v.item() / dist.world_size for n, v in zip(names, stats[2:])}
                 # updates DeepSpeed skipped (fp16 loss-scale overflows; non-finite gradients): a step of this
                 # count that moved no weight and left the schedule where it was (saved in checkpoints)
-                skipped = int(getattr(engine, "skipped_steps", 0))
+                skipped, skipped_before = int(getattr(engine, "skipped_steps", 0)), skipped
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped > skipped_before else 0
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    self._stop_diverged(step, f"finite, but {skipped_in_a_row} updates in a row skipped",
+                                        f"DeepSpeed skipped the last {skipped_in_a_row} updates (gradients not "
+                                        "finite, or fp16 overflows)", last_good)
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}",
                                 **({"skipped": skipped} if skipped else {}))
@@ -751,6 +786,10 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
                                 "skipped_steps": skipped, **extra_means})
+                    if not own_grad_norm:
+                        grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed computed none
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
                     with _whole(engine, alpha_tracker.parameters()):
                         row.update(alpha_tracker.metrics(read_alpha))
                 if eval_set is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -763,6 +802,9 @@ class Trainer:
                 if row:
                     metrics.log(step, row)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                    if not _weights_finite(engine):  # at ZeRO-0 in fp32 a non-finite gradient is applied as is
+                        self._stop_diverged(step, "finite, but the weights not finite after its update",
+                                            "the weights became NaN or infinite", last_good)
                     last_good = self._save(engine, step, batches.position)
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
@@ -772,4 +814,5 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+            alpha_tracker.close()  # its hooks would measure every later forward of the module
         return TrainResult(self.out_dir, step, train_loss, eval_loss)
