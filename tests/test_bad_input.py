@@ -1,18 +1,23 @@
 """Bad input gets one clear line, before any heavy work, in every command (docs/errors.md).
 
-Each case runs a command as a user would, in a subprocess, on tiny files under a temporary folder
-(no built-in corpus, genome or speech set is built: DYT_CACHE is an empty folder). Every case must
-exit with status 2, print no traceback, and end stderr with one line that starts with the program's
-name and names the file or key. The cases run two at a time (each is mostly Python start-up and
-imports); every selected case still reports as its own test.
+Each case runs a command as a user would, in a process of its own, on tiny files under a temporary
+folder (no built-in corpus, genome or speech set is built: DYT_CACHE is an empty folder). Every case
+must exit with status 2, print no traceback, and end stderr with one line that starts with the
+program's name and names the file or key. Alone, each case is mostly Python start-up and imports,
+so the cases run two at a time as forks of servers that imported their modules once
+(tests/forked_commands.py; a case with an environment of its own starts a fresh interpreter);
+every selected case still reports as its own test.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 import os
+import queue
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -472,16 +477,78 @@ def _run(case: Case, tmp: Path) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(expired.cmd, -1, expired.stdout or "", f"timed out after {TIMEOUT_S} s")
 
 
+class ForkedCommands:
+    """A tests/forked_commands.py server: cases run as forks of a process that imported their
+    modules once (each case's own process, exit status and stderr; see that file for what differs)."""
+
+    def __init__(self, tmp: Path, modules: list[str]):
+        self.tmp = tmp
+        self.server = subprocess.Popen([sys.executable, str(ROOT / "tests/forked_commands.py"), *modules],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(tmp), cwd=ROOT,
+                                       text=True)
+
+    def _reply(self, timeout: float | None = None) -> dict | None:
+        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
+        return json.loads(self.server.stdout.readline()) if ready else None
+
+    def run(self, case: Case) -> subprocess.CompletedProcess:
+        args = [part.replace("{tmp}", str(self.tmp)) for part in case.command]
+        if args[0] != "-m" and not args[0].endswith(".py"):
+            args[0] = str(BIN / args[0])  # a console script: its wrapper runs as a script
+        streams = self.tmp / "streams" / case.name
+        streams.mkdir(parents=True)
+        self.server.stdin.write(json.dumps({"argv": args, "cwd": case.cwd.replace("{tmp}", str(self.tmp)),
+                                            "stdout": str(streams / "out"), "stderr": str(streams / "err")}) + "\n")
+        self.server.stdin.flush()
+        pid = self._reply()["pid"]
+        done = self._reply(TIMEOUT_S)
+        if done is None:
+            os.kill(pid, signal.SIGKILL)
+            self._reply()
+            return subprocess.CompletedProcess(args, -1, "", f"timed out after {TIMEOUT_S} s")
+        return subprocess.CompletedProcess(args, done["returncode"], (streams / "out").read_text(),
+                                           (streams / "err").read_text())
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+def _modules_of(cases: list[Case]) -> list[str]:
+    """What the cases import first: their ``-m`` modules and their console scripts' modules."""
+    scripts = {ep.name: ep.module for ep in importlib.metadata.entry_points(group="console_scripts")}
+    named = [c.command[1] if c.command[0] == "-m" else scripts.get(c.command[0]) for c in cases]
+    return ["torch", *dict.fromkeys(name for name in named if name)]
+
+
 @pytest.fixture(scope="module")
 def bad_input_runs(request, tmp_path_factory):
-    """Every selected case, run two at a time: name -> (finished process, fixture folder)."""
+    """Every selected case, run two at a time: name -> (finished process, fixture folder). A case
+    with an environment of its own runs in a fresh interpreter, the others as forks of a server."""
     tmp = tmp_path_factory.mktemp("bad-input")
     _inputs(tmp)
     selected = {item.callspec.params["case"].name for item in request.session.items
                 if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
     cases = [c for c in CASES if c.name in selected]
-    with ThreadPoolExecutor(2) as pool:
-        done = dict(zip((c.name for c in cases), pool.map(lambda c: _run(c, tmp), cases)))
+    servers = queue.Queue()
+    for _ in range(2):
+        servers.put(ForkedCommands(tmp, _modules_of([c for c in cases if not c.env])))
+
+    def run(case: Case) -> subprocess.CompletedProcess:
+        if case.env:
+            return _run(case, tmp)
+        server = servers.get()
+        try:
+            return server.run(case)
+        finally:
+            servers.put(server)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            done = dict(zip((c.name for c in cases), pool.map(run, cases)))
+    finally:
+        while not servers.empty():
+            servers.get().close()
     return done, tmp
 
 

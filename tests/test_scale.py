@@ -169,7 +169,12 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     validation loss and DyT alpha). 64 examples = 4 global batches, so the 6 steps cross an epoch
     boundary. Tolerance rel 1e-5: the gradient is averaged over ranks on one side and over
     micro-batches on the other (tests/test_distributed.py compares the two set-ups alike); the
-    fp32 weights and moments come through the universal checkpoint exactly."""
+    fp32 weights and moments come through the universal checkpoint exactly.
+
+    DeepSpeed's ZeRO-3 universal load also copies the first parameter group's settings into every
+    group, so the never-decayed group (norm weights, DyT's alpha, biases) was decayed from the
+    resume on, and every later checkpoint saved it so. The harness puts the groups back: the resumed
+    run's own checkpoint holds the groups the run was built with."""
     accum = {1: 2, 2: 1}
     batch = {n: ["train.global_batch_size=16"] if global_batch else [f"train.grad_accum={accum[n]}"] for n in accum}
     extra = []
@@ -214,26 +219,14 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     assert json.loads((tmp_path / "resumed/checkpoints/step_00000006/COMPLETE").read_text()) == {
         "step": 6, "world_size": resumed_ranks}
 
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_zero3_resume_on_another_world_size_keeps_the_groups_weight_decay(tmp_path):
-    """DeepSpeed's ZeRO-3 universal load copies the first parameter group's settings into every group,
-    so the never-decayed group (norm weights, DyT's alpha, biases) was decayed from the resume on, and
-    every later checkpoint saved it so. The harness puts the groups back: the resumed run's own
-    checkpoint holds the groups the run was built with."""
-    items = ["train.zero_stage=3"]
-    _toy(2, [*items, "train.grad_accum=1", "train.out_dir=whole"], tmp_path)
-    out = _resume_from_step_3(1, [*items, "train.grad_accum=2"], tmp_path).stdout
-    assert "loaded through DeepSpeed's universal checkpoint" in out
-
     def weight_decays(run: str) -> list[float]:
         states = torch.load(next((tmp_path / run / "checkpoints/step_00000006").glob("*optim_states.pt")),
                             weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
         return [group["weight_decay"] for group in states["param_groups"]]
 
-    assert weight_decays("whole") == [0.1, 0.0]
-    assert weight_decays("resumed") == [0.1, 0.0]
+    if stage == 3:
+        assert weight_decays("whole") == [0.1, 0.0]
+        assert weight_decays("resumed") == [0.1, 0.0]
 
 
 @pytest.mark.slow
