@@ -100,11 +100,11 @@ def warmup_cosine(cfg: TrainConfig):
 
 
 VALIDATION_SEED = 20_251_205
+"""The seed of the random draws a task makes while validating (plus the rank)."""
 MAX_SKIPPED_IN_A_ROW = 50
 """Updates DeepSpeed may skip in a row (non-finite gradients; fp16 loss-scale overflows) before the
 run stops as diverged. fp16's dynamic scale, from 2^16 with DeepSpeed's hysteresis of 2, skips at
 most 32 in a row on its way down to a scale of 1; bf16 and fp32 skip only on non-finite gradients."""
-"""The seed of the random draws a task makes while validating (plus the rank)."""
 
 
 def validation_positions(size: int, count: int, world_size: int = 1) -> list[int]:
@@ -748,7 +748,7 @@ class Trainer:
                         went = str(mine) if not math.isfinite(mine) else "not finite on another rank"
                         self._stop_diverged(step + 1, went, f"loss became {went}", last_good)
                     engine.backward(loss)
-                    if own_grad_norm and logged and micro == cfg.grad_accum - 1:  # gradients summed over ranks
+                    if own_grad_norm and logged and micro == cfg.grad_accum - 1:  # averaged over ranks by now
                         grad_norm = torch.nn.utils.get_total_norm(
                             [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
                     try:
