@@ -44,6 +44,30 @@ def _final_weights(out_dir):
     return states
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_smaller_lr_on_resume_continues_the_schedule_at_the_new_peak(tmp_path, stage):
+    """After a loss spike the usual answer is the last good checkpoint with a smaller peak rate.
+    DeepSpeed's load restores the saved base rate with the scheduler, so the harness sets the run's
+    own ``train.lr`` again: steps 5-8 follow the schedule of ``lr=0.004`` at those steps."""
+    import shutil
+
+    items = [f"train.zero_stage={stage}", "train.log_every=1"]
+    _run(tmp_path / "whole", *items)
+    shutil.copytree(tmp_path / "whole", tmp_path / "smaller")
+    shutil.rmtree(tmp_path / "smaller/checkpoints/step_00000008")
+    _run(tmp_path / "smaller", *items, "train.lr=0.004", resume=True)
+    whole, smaller = _series(tmp_path / "whole", "lr"), _series(tmp_path / "smaller", "lr")
+
+    def schedule(lr):
+        factor = warmup_cosine(TrainConfig(steps=8, warmup_steps=2, lr=lr))
+        return [lr * factor(step - 1) for step in range(5, 9)]
+
+    assert [whole[step] for step in range(5, 9)] == pytest.approx(schedule(0.01), rel=1e-12)
+    assert [smaller[step] for step in range(5, 9)] == pytest.approx(schedule(0.004), rel=1e-12)
+    losses = _series(tmp_path / "whole", "train/loss"), _series(tmp_path / "smaller", "train/loss")
+    assert losses[1][5] == pytest.approx(losses[0][5], rel=1e-6) and losses[1][6] != pytest.approx(losses[0][6], rel=1e-6)
+
+
 def test_the_gradient_norm_is_logged_before_clipping_at_every_zero_stage(tmp_path):
     """DeepSpeed keeps the gradient norm in its own optimizers (ZeRO-1/2/3, half precision) but not at
     ZeRO-0 in fp32, where it runs torch's AdamW as is: the harness takes it there before the update.
@@ -128,8 +152,9 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
     assert stopped.value.code == 2
     said = capsys.readouterr().err.strip()
     assert re.fullmatch(r"\S+: diverged: loss became nan at step 6; last good checkpoint: \S*step_00000004 "
-                        r"\(recorded in \S*diverged.json\); --resume would replay the same steps: a new run with a smaller "
-                        r"train.lr or DyT alpha0 may train", said), said
+                        r"\(recorded in \S*diverged.json\); the same settings would replay the same steps: a smaller "
+                        r"train.lr \(--resume --set train.lr=... continues from that checkpoint\) or DyT alpha0 "
+                        r"\(a new run\) may train", said), said
     assert not (tmp_path / "resumed/checkpoints/step_00000008").exists()
     record = json.loads((tmp_path / "resumed" / DIVERGED).read_text())  # what a comparison reports it by
     assert (record["step"], record["loss"], record["world_size"]) == (6, "nan", 1)

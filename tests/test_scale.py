@@ -405,12 +405,13 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
 
     saved = load_config(ToyConfig, None, ["model.norm=dyt"])
     fixed, allowed, results = resume_changes(saved, load_config(ToyConfig, None, [
-        "model.norm=rmsnorm", "model.width=32", "train.steps=500", "train.lr=1e-3", "train.grad_accum=4",
-        "data.examples=128", "train.keep_checkpoints=7"]))
+        "model.norm=rmsnorm", "model.width=32", "train.steps=500", "train.lr=1e-4", "train.weight_decay=0.05",
+        "train.grad_accum=4", "data.examples=128", "train.keep_checkpoints=7"]))
     assert fixed == ['model.width 16 -> 32', 'model.norm.kind "dyt" -> "rmsnorm"', "data.examples 256 -> 128",
-                     "train.lr 0.0003 -> 0.001"]
-    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.keep_checkpoints 2 -> 7"]
-    assert results == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4"]  # a cadence changes no number
+                     "train.weight_decay 0.1 -> 0.05"]
+    assert allowed == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.lr 0.0003 -> 0.0001",
+                       "train.keep_checkpoints 2 -> 7"]
+    assert results == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.lr 0.0003 -> 0.0001"]  # a cadence changes no number
     assert resume_changes(saved, saved) == ([], [], [])
 
     # the recipes' data settings that leave the data as it is (LLaMA's token stream, DNA's windows)

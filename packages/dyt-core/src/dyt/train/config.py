@@ -193,18 +193,19 @@ class TrainConfig:
     that setting derives (``train.*`` is the run's one source of truth)."""
 
     RESUME_MAY_CHANGE: typing.ClassVar[frozenset[str]] = frozenset({
-        "out_dir", "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size",
+        "out_dir", "steps", "lr", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size",
         "grad_clip", "deepspeed_config", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
         "num_workers", "progress", "tensorboard", "reuse_freed_memory",
     })
     """Settings ``--resume`` accepts changed (see :func:`resume_changes`). The others are fixed for a
-    run: ``lr``, ``betas`` and ``weight_decay`` come back with the optimizer state (a new value would
-    be silently ignored), ``precision`` and ``zero_stage`` shape the checkpoint, ``seed`` the data
-    order. The schedule is rebuilt from the new ``steps``, ``warmup_steps`` and ``min_lr`` at the
-    saved step; the data position is kept in samples, so the batch settings may change too."""
+    run: ``betas`` and ``weight_decay`` come back with the optimizer state (a new value would be
+    silently ignored), ``precision`` and ``zero_stage`` shape the checkpoint, ``seed`` the data
+    order. The schedule is rebuilt from the new ``lr``, ``steps``, ``warmup_steps`` and ``min_lr`` at
+    the saved step (a smaller ``lr`` from the last good checkpoint is the usual answer to a loss
+    spike); the data position is kept in samples, so the batch settings may change too."""
 
     RESUME_CHANGES_RESULTS: typing.ClassVar[frozenset[str]] = frozenset({
-        "steps", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size", "grad_clip",
+        "steps", "lr", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size", "grad_clip",
         "deepspeed_config", "eval_batches", "num_workers", "log_every",
     })
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the

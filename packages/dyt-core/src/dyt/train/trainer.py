@@ -507,8 +507,10 @@ class Trainer:
         - ZeRO-1/2 (``stage_1_and_2.py``, same or another world size) and bf16's optimizer put the
           saved gradient clip back over the one the engine was built with, so a ``train.grad_clip``
           changed on ``--resume`` (an allowed change) was ignored; the run's own is set again;
-        - every load restores the groups' rate for the next update as the saved schedule gave it;
-          it is recomputed from this run's schedule at the saved step.
+        - every load restores the groups' rate for the next update as the saved schedule gave it, and
+          the schedule's base rate as saved; both are set from this run's ``train.lr`` and schedule
+          at the saved step (``lr``, ``steps``, ``warmup_steps`` and ``min_lr`` may change on
+          ``--resume``).
 
         And two things its ZeRO-3 universal load (``stage3.py``) does, so that a resume on another
         world size continues the run:
@@ -527,10 +529,13 @@ class Trainer:
             group["weight_decay"] = decay
         if hasattr(engine.optimizer, "clip_grad"):
             engine.optimizer.clip_grad = self.cfg.grad_clip
-        # The loaded groups carry the rate the saved schedule gave the next update; a resume that
-        # changed steps, warmup or min_lr (allowed) would run that one update on the old schedule.
+        # The loaded groups carry the rate the saved schedule gave the next update, the scheduler the
+        # saved base rate; a resume that changed lr, steps, warmup or min_lr (allowed) would run on
+        # the old ones. Every group is built at train.lr (weight_decay_groups).
         schedule = engine.lr_scheduler
+        schedule.base_lrs = [self.cfg.lr] * len(groups)
         for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["initial_lr"] = base
             group["lr"] = base * factor(schedule.last_epoch)
         schedule._last_lr = [group["lr"] for group in groups]
         seen: set[int] = set()
@@ -649,10 +654,11 @@ class Trainer:
         ``step``, with the training loss ``loss`` (in words)."""
         if self.dist.is_main:
             checkpoint.record_divergence(self.out_dir, step, loss, last_good, self.dist.world_size, self.full_config)
+        remedy = ("a smaller train.lr (--resume --set train.lr=... continues from that checkpoint) or DyT alpha0 "
+                  "(a new run) may train" if last_good else "a new run with a smaller train.lr or DyT alpha0 may train")
         raise NonFiniteLossError(
             f"{what} at step {step}; last good checkpoint: {last_good or 'none yet'} (recorded in "
-            f"{self.out_dir / checkpoint.DIVERGED}); --resume would replay the same steps: a new run with a "
-            "smaller train.lr or DyT alpha0 may train")
+            f"{self.out_dir / checkpoint.DIVERGED}); the same settings would replay the same steps: {remedy}")
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``train.steps`` (from the newest complete checkpoint with ``resume``), holding the
