@@ -9,18 +9,23 @@ directory first on ``sys.path``; a script with its folder first). What a fork ca
 an environment read at start-up (glibc's ``MALLOC_*``) or at import (``TRITON_INTERPRET``,
 ``DYT_BACKEND``): commands with an environment of their own run in a fresh interpreter instead.
 
-Protocol, one JSON object a line: the client writes ``{"argv", "cwd", "stdout", "stderr"}``; the
-server answers ``{"pid"}`` once the child runs, then ``{"returncode"}`` (negative: killed by that
-signal, as ``subprocess`` reports it).
+Protocol, one JSON object a line: the client writes ``{"argv", "cwd", "stdout", "stderr",
+"timeout"}``; the server answers ``{"returncode", "timed_out"}`` once the child has ended
+(negative: killed by that signal, as ``subprocess`` reports it; a child still running after
+``timeout`` seconds is killed).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
 import runpy
+import signal
 import sys
+import threading
+import time
 
 
 def _run_child(request: dict) -> int:
@@ -28,7 +33,6 @@ def _run_child(request: dict) -> int:
     os.chdir(request["cwd"])
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     argv = request["argv"]
     try:
         if argv[0] == "-m":
@@ -52,12 +56,14 @@ def _run_child(request: dict) -> int:
 
 
 def _child(request: dict, channel_fds: tuple[int, ...]) -> None:
-    for fd in channel_fds:
-        os.close(fd)
-    code = _run_child(request)
+    """Run the command and end the process as the interpreter would: non-daemon threads joined,
+    ``atexit`` handlers run, streams flushed; never back into the server's loop."""
+    code = 1
     try:
-        import atexit
-
+        for fd in channel_fds:
+            os.close(fd)
+        code = _run_child(request)
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -68,27 +74,41 @@ def _child(request: dict, channel_fds: tuple[int, ...]) -> None:
         os._exit(code & 0xFF)
 
 
+def _wait(pid: int, timeout: float) -> dict:
+    """The child's exit status as ``subprocess`` gives it (negative: killed by that signal), and
+    whether it was killed for running past ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": False}
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return {"returncode": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "timed_out": True}
+        time.sleep(0.01)
+
+
 def serve(modules: list[str]) -> None:
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the child imports it again and fails as a fresh process would
-            pass
+    # The requests and replies keep fds of their own; the server's (and so every child's) stdin and
+    # stdout point nowhere before anything is imported: output at import reaches no reply or case.
     requests = os.fdopen(os.dup(0), "r")
     replies = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the child imports it again and fails as a fresh process would
+            pass
     for line in requests:
         request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             _child(request, (requests.fileno(), replies.fileno()))
-        replies.write(json.dumps({"pid": pid}) + "\n")
-        replies.flush()
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        replies.write(json.dumps({"returncode": code}) + "\n")
+        replies.write(json.dumps(_wait(pid, request["timeout"])) + "\n")
         replies.flush()
 
 

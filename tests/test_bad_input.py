@@ -17,7 +17,6 @@ import json
 import os
 import queue
 import resource
-import select
 import shutil
 import signal
 import subprocess
@@ -487,10 +486,6 @@ class ForkedCommands:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(tmp), cwd=ROOT,
                                        text=True)
 
-    def _reply(self, timeout: float | None = None) -> dict | None:
-        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
-        return json.loads(self.server.stdout.readline()) if ready else None
-
     def run(self, case: Case) -> subprocess.CompletedProcess:
         args = [part.replace("{tmp}", str(self.tmp)) for part in case.command]
         if args[0] != "-m" and not args[0].endswith(".py"):
@@ -498,15 +493,13 @@ class ForkedCommands:
         streams = self.tmp / "streams" / case.name
         streams.mkdir(parents=True)
         self.server.stdin.write(json.dumps({"argv": args, "cwd": case.cwd.replace("{tmp}", str(self.tmp)),
-                                            "stdout": str(streams / "out"), "stderr": str(streams / "err")}) + "\n")
+                                            "stdout": str(streams / "out"), "stderr": str(streams / "err"),
+                                            "timeout": TIMEOUT_S}) + "\n")
         self.server.stdin.flush()
-        pid = self._reply()["pid"]
-        done = self._reply(TIMEOUT_S)
-        if done is None:
-            os.kill(pid, signal.SIGKILL)
-            self._reply()
+        ended = json.loads(self.server.stdout.readline())
+        if ended["timed_out"]:
             return subprocess.CompletedProcess(args, -1, "", f"timed out after {TIMEOUT_S} s")
-        return subprocess.CompletedProcess(args, done["returncode"], (streams / "out").read_text(),
+        return subprocess.CompletedProcess(args, ended["returncode"], (streams / "out").read_text(),
                                            (streams / "err").read_text())
 
     def close(self) -> None:

@@ -28,7 +28,8 @@ from .norms import ChannelsFirst
 
 def before_affine(module: nn.Module, info: NormInfo, x: torch.Tensor) -> torch.Tensor:
     """What norm ``module`` (classified as ``info``) computes from channels-last ``x`` before its
-    per-channel weight and bias: the curve the paper's Fig. 2 plots, the same for every channel."""
+    per-channel weight and bias: the curve the paper's Fig. 2 plots (one curve for every channel, but
+    for a DyT with an alpha per channel)."""
     if info.kind == "layernorm":
         return F.layer_norm(x, info.shape, eps=1e-5 if info.eps is None else info.eps)  # None: a probed one, matched at 1e-5
     if info.kind == "rmsnorm":
@@ -100,6 +101,8 @@ class NormRecorder:
         each slot takes one of this call's elements with probability n / (seen + n), so every slot
         stays a uniform draw over all the elements seen."""
         n, seen, limit = x.numel(), self._seen.get(path, 0), self.max_points
+        if n == 0:  # an empty batch, an expert given no token: nothing to pool
+            return
         self._seen[path] = seen + n
         kept = self.records.get(path)
         if seen + n <= limit:

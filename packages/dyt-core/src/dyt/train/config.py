@@ -198,8 +198,8 @@ class TrainConfig:
         "num_workers", "progress", "tensorboard", "reuse_freed_memory",
     })
     """Settings ``--resume`` accepts changed (see :func:`resume_changes`). The others are fixed for a
-    run: ``betas`` and ``weight_decay`` come back with the optimizer state (a new value would be
-    silently ignored), ``precision`` and ``zero_stage`` shape the checkpoint, ``seed`` the data
+    run: ``betas`` come back with the optimizer state (a new value would be silently ignored) and
+    ``weight_decay`` is kept with them as the run's optimizer, ``precision`` and ``zero_stage`` shape the checkpoint, ``seed`` the data
     order. The schedule is rebuilt from the new ``lr``, ``steps``, ``warmup_steps`` and ``min_lr`` at
     the saved step (a smaller ``lr`` from the last good checkpoint is the usual answer to a loss
     spike); the data position is kept in samples, so the batch settings may change too."""

@@ -103,8 +103,10 @@ VALIDATION_SEED = 20_251_205
 """The seed of the random draws a task makes while validating (plus the rank)."""
 MAX_SKIPPED_IN_A_ROW = 50
 """Updates DeepSpeed may skip in a row (non-finite gradients; fp16 loss-scale overflows) before the
-run stops as diverged. fp16's dynamic scale, from 2^16 with DeepSpeed's hysteresis of 2, skips at
-most 32 in a row on its way down to a scale of 1; bf16 and fp32 skip only on non-finite gradients."""
+run stops as diverged. fp16's dynamic scale from its default 2^16 reaches 1 in 17 overflows in a row
+(DeepSpeed's hysteresis of 2); at ZeRO-1/2/3 the next one raises (stopped as diverged too), at
+ZeRO-0 it goes on skipping at the smallest scale, which this limit stops. bf16 and fp32 skip only
+on non-finite gradients. The count starts again at each launch."""
 
 
 def validation_positions(size: int, count: int, world_size: int = 1) -> list[int]:
@@ -269,6 +271,15 @@ def global_batch_change(run_dir: Path, step: int, saved_world: int, cfg: TrainCo
     return (f"warning: global batch {before} -> {now} examples per step (micro_batch_size x ranks x grad_accum: "
             f"{micro} x {saved_world} x {accum} -> {cfg.micro_batch_size} x {world} x {cfg.grad_accum}): the "
             f"schedule runs by step, so every step from here sees {now / before:.3g}x the examples{hint}")
+
+
+def _zero0_gradient_norm(engine) -> float:
+    """At ZeRO-0, between the last micro-batch's backward (which averaged the gradients over ranks)
+    and the update: the norm of the model's gradients in fp32, fp16's loss scale divided out."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in engine.module.parameters()
+             if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    return total / (engine.optimizer.cur_scale if engine.fp16_enabled() else 1.0)
 
 
 def _weights_finite(engine) -> bool:
@@ -733,9 +744,9 @@ class Trainer:
         train_loss, eval_loss = float("nan"), None
         alpha_tracker = AlphaTracker(engine.module, armed=False)  # alpha and 1/std of each DyT's input
         read_alpha = _master_weight_reader(engine)  # bf16 / fp16: alpha as the optimizer holds it
-        # DeepSpeed's own optimizers keep the gradient norm (before clipping); torch's, which it runs
-        # as is at ZeRO-0 in fp32, does not: the harness takes it before the update there
-        own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
+        # ZeRO-1/2/3 keep the gradient norm before clipping, the loss scale divided out; at ZeRO-0
+        # torch's AdamW (fp32) keeps none and DeepSpeed's fp16 wrapper keeps it scaled: the harness's own
+        own_grad_norm = engine.zero_optimization_stage() == 0
         skipped = skipped_before = int(getattr(engine, "skipped_steps", 0))
         skipped_in_a_row = 0
         try:
@@ -755,8 +766,7 @@ class Trainer:
                         self._stop_diverged(step + 1, went, f"loss became {went}", last_good)
                     engine.backward(loss)
                     if own_grad_norm and logged and micro == cfg.grad_accum - 1:  # averaged over ranks by now
-                        grad_norm = torch.nn.utils.get_total_norm(
-                            [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
+                        grad_norm = _zero0_gradient_norm(engine)
                     try:
                         engine.step()
                     except Exception as error:  # DeepSpeed's fp16 scaler raises a bare Exception, all ranks alike
