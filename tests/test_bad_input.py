@@ -487,9 +487,9 @@ class ForkedCommands:
                                        text=True)
 
     def run(self, case: Case) -> subprocess.CompletedProcess:
-        args = [part.replace("{tmp}", str(self.tmp)) for part in case.command]
-        if args[0] != "-m" and not args[0].endswith(".py"):
-            args[0] = str(BIN / args[0])  # a console script: its wrapper runs as a script
+        args = _argv(case.command, self.tmp)
+        if args[0] == sys.executable:  # the server is the interpreter; a console script's wrapper runs by path
+            args = args[1:]
         streams = self.tmp / "streams" / case.name
         streams.mkdir(parents=True)
         self.server.stdin.write(json.dumps({"argv": args, "cwd": case.cwd.replace("{tmp}", str(self.tmp)),
