@@ -799,7 +799,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", units_per_s=f"{throughput:.0f}",
                                 **({"skipped": skipped} if skipped else {}))
                 row: dict[str, float] = {}
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if logged:
                     row.update({"train/loss": train_loss, "lr": lr, "throughput": throughput, "step_seconds": elapsed,
                                 "skipped_steps": skipped, **extra_means})
                     if not own_grad_norm:
