@@ -175,6 +175,30 @@ def test_wav2vec2_prompt_sentences_are_split_by_text(speech_root):
     assert sentence_similarity(a, b) == sentence_similarity(b, a) >= 0.8 and split_of[a] == split_of[b]
 
 
+def test_wav2vec2_test_split_holds_nothing_a_setting_was_chosen_on(speech_root):
+    """The recipes' settings were chosen on builds v2-v3's validation voices and prompts; v4-v5 put
+    two of those variants (antonio, quincy) and six of those prompts into test."""
+    from dyt_wav2vec2.speech import (
+        CHOSEN_ON_PROMPTS,
+        CHOSEN_ON_VARIANTS,
+        _asterisk_dir,
+        _split_prompts,
+        prompts,
+        voice_splits,
+    )
+
+    folder = speech_root / "usr/lib/x86_64-linux-gnu/espeak-ng-data/voices/!v"
+    assert all((folder / v).is_file() for v in CHOSEN_ON_VARIANTS)  # names of real variants and recordings
+    assert all((_asterisk_dir(speech_root) / f"{n}.wav").is_file() for n in CHOSEN_ON_PROMPTS)
+    test_voices = {v.split("+", 1)[1] for v in voice_splits(speech_root)["test"] if not v.startswith("flite:")}
+    assert not test_voices & CHOSEN_ON_VARIANTS, sorted(test_voices & CHOSEN_ON_VARIANTS)
+    texts = prompts(speech_root)
+    chosen_texts = {texts[n] for n in CHOSEN_ON_PROMPTS if n in texts}
+    assert len(chosen_texts) > 20
+    test_texts = {texts[n] for n in _split_prompts(texts)["test"]}
+    assert not test_texts & chosen_texts, sorted(test_texts & chosen_texts)
+
+
 def test_wav2vec2_pretraining_hears_only_training_voices_and_sentences(speech_root, tmp_path, monkeypatch):
     """Build the built-in data as pretraining does (task.pretraining_audio), with a fake synthesiser
     that writes 0.1 s of noise and notes which voice spoke each file."""
