@@ -853,7 +853,7 @@ def test_the_eval_by_itself_fine_tunes_as_the_compare_does(tmp_path, monkeypatch
     import dyt_dna.eval as dna_eval
     from dyt.train.finetune import FinetuneConfig
 
-    documented = FinetuneConfig(epochs=4, batch_size=16, lr=1e-3, patience=3, max_steps=40, seeds=[0, 1, 2])
+    documented = FinetuneConfig(epochs=4, batch_size=16, lr=1e-3, patience=3, max_steps=40)
     seen = {}
 
     class Captured(Exception):
@@ -870,7 +870,7 @@ def test_the_eval_by_itself_fine_tunes_as_the_compare_does(tmp_path, monkeypatch
         dna_compare.main(["--out", str(tmp_path / "cmp")])
     compare = seen["compare"][1]
     assert (compare.eval_window, compare.per_class) == (128, 100)
-    assert dna_eval.finetune_settings(compare) == documented
+    assert dna_eval.finetune_settings(compare) == documented and dna_eval.finetune_seeds(compare) == [0, 1, 2]
 
     run = _fake_run(tmp_path / "run")
     with monkeypatch.context() as patched:
@@ -882,8 +882,8 @@ def test_the_eval_by_itself_fine_tunes_as_the_compare_does(tmp_path, monkeypatch
     monkeypatch.setattr(dna_eval, "evaluate", capture("eval"))
     with pytest.raises(Captured):
         dna_eval.main(["--run", str(run), "--task", str(tmp_path / "bench")])
-    task, cfg = seen["eval"][1:3]
-    assert cfg == dna_eval.finetune_for(documented, len(task.train))
+    task, cfg, seeds = seen["eval"][1:4]
+    assert cfg == dna_eval.finetune_for(documented, len(task.train)) and seeds == [0, 1, 2]
 
 
 def test_the_compare_and_the_eval_validate_four_times_over_the_steps_they_take():
@@ -937,11 +937,11 @@ def test_random_init_eval_starts_from_fresh_weights_not_the_checkpoint(tmp_path,
 
     monkeypatch.setattr(dna_eval, "finetune", spy)
     task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
-    cfg = dna_eval.FinetuneConfig(epochs=1, batch_size=4, seeds=[0])
-    dna_eval.evaluate(run, task, cfg, pretrained=True)
+    cfg = dna_eval.FinetuneConfig(epochs=1, batch_size=4)
+    dna_eval.evaluate(run, task, cfg, [0], pretrained=True)
     assert all(torch.equal(starts[0][k], saved[k]) for k in saved)
     import dyt.train.checkpoint as checkpoint  # where run_model_builder reads the weights
 
     monkeypatch.setattr(checkpoint, "trained_weights", lambda _: pytest.fail("random init read the checkpoint"))
-    dna_eval.evaluate(run, task, cfg, pretrained=False)
+    dna_eval.evaluate(run, task, cfg, [0], pretrained=False)
     assert not all(torch.equal(starts[1][k], saved[k]) for k in saved)

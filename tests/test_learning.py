@@ -278,7 +278,7 @@ def test_finetune_learns_a_separable_classification(sabotage):
                                    torch.nn.Linear(16, 3))
 
     cfg = FinetuneConfig(epochs=10, batch_size=16, lr=0.0 if sabotage else 0.01, max_steps=40, eval_every=10,
-                         patience=10, seeds=[0])
+                         patience=10)
     result = finetune(classifier, _blobs(0), _blobs(1, 20), {"test": _blobs(2, 20)},
                       torch.utils.data.default_collate, Classification(3), cfg, seed=0)
     _judge(result.curve[-1]["validation/loss"], math.log(3) / 4, sabotage, "validation loss")
@@ -309,7 +309,7 @@ def test_finetune_follows_its_learning_rate_schedule(monkeypatch, schedule):
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     cfg = FinetuneConfig(epochs=10, batch_size=16, lr=0.01, max_steps=40, eval_every=10, patience=10,
-                         schedule=schedule, seeds=[0])
+                         schedule=schedule)
     finetune(lambda: torch.nn.Linear(8, 3), _blobs(0), _blobs(1, 20), {}, torch.utils.data.default_collate,
              Classification(3), cfg, seed=0)
     expected = [0.01 * (tri_stage(s, 40) if schedule == "tri-stage" else 1.0) for s in range(40)]
@@ -334,7 +334,7 @@ def test_finetune_decays_matrices_only_as_pretraining_does(monkeypatch):
                                          torch.nn.Linear(16, 3)))
         return built[-1]
 
-    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=0.01, max_steps=2, eval_every=2, patience=10, seeds=[0],
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=0.01, max_steps=2, eval_every=2, patience=10,
                          weight_decay=0.05)
     finetune(classifier, _blobs(0), _blobs(1, 20), {}, torch.utils.data.default_collate, Classification(3), cfg, seed=0)
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
@@ -345,7 +345,7 @@ def test_finetune_decays_matrices_only_as_pretraining_does(monkeypatch):
 
 def test_finetune_config_names_the_schedules_when_given_an_unknown_one():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosine'; choose from constant, tri-stage"):
-        FinetuneConfig(max_steps=2, schedule="cosine", seeds=[0])
+        FinetuneConfig(max_steps=2, schedule="cosine")
 
 
 def test_length_batches_group_similar_lengths_and_cover_every_example_once_per_epoch():

@@ -20,11 +20,12 @@ import pytest
 from dyt.train import dump_yaml, load_config
 from dyt.train.compare import (
     EVALS_VERSION,
+    INITS,
     NO_VERDICT,
     ONE_PRETRAINING,
     Point,
     Run,
-    fine_tuned_runs,
+    downstream_evals,
     pretraining_gain,
     reuse_or_compute,
     verdict,
@@ -283,14 +284,14 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     made = [_w2v_run(args.out, "layernorm", learning, collapsed), _w2v_run(args.out, "dyt", collapsed, learning)]
     runs = [run for run, _ in made]
 
-    evals = {}  # as main() makes it: (point, init) -> the eval JSON reused from the run folder
+    evals = {}  # as main() makes it: (point, pretrained) -> the eval JSON reused from the run folder
     for run in runs:
         for pretrained, init in compare.INITS.items():
             settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
             path = run.dir / ("evals.json" if pretrained else "evals-random-init.json")
             results = _w2v_evals(random.Random(f"evals-{run.label}-{init}"), args.seeds)
             path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
-            evals[run.point, init] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
+            evals[run.point, pretrained] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, evals).read_text()
     assert "(150 steps each, CTC 4000 at peak lr 0.005, tri-stage, best validation checkpoint)" in text
@@ -319,12 +320,13 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
 
     downstream = table(text, "norm | init")
     expected = []
-    for (point, init), results in evals.items():
+    for (point, pretrained), results in evals.items():
         for name, per_seed in results.items():
             for metric in HEADLINE[name]:
                 values = {t: [r["test"][t][metric] for r in per_seed]
                           for t in ("unseen voices", "real recordings")}
-                expected.append(((point.norm, init, compare.EVAL_NAMES[name], compare.METRIC_NAMES[metric]), values))
+                expected.append(((point.norm, compare.INITS[pretrained], compare.EVAL_NAMES[name],
+                                  compare.METRIC_NAMES[metric]), values))
     assert len(expected) == 2 * 2 * (2 + 1 + 1 + 2)  # norms x inits x (contrastive 2, probe, finetune, ctc 2)
     assert [(r["norm"], r["init"], r["eval"], r["metric"]) for r in downstream] == [key for key, _ in expected]
     for row, (_, values) in zip(downstream, expected):
@@ -335,14 +337,14 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     summary = json.loads((args.out / "summary.json").read_text())
     rows = [r for r in summary if (r["norm"], r["init"], r["eval"], r["metric"]) == ("dyt", "random init", "ctc", "wer")]
     assert len(rows) == 1 and rows[0]["real recordings"] == [
-        r["test"]["real recordings"]["wer"] for r in evals[runs[1].point, "random init"]["ctc"]]
+        r["test"]["real recordings"]["wer"] for r in evals[runs[1].point, False]["ctc"]]
     assert len(summary) == len(expected)
     for png in ("loss_curves.png", "dyt_alpha.png", "confusion_layernorm.png", "confusion_dyt.png"):
         assert is_png(args.out / png), png
 
     # DyT's pretraining diverged: its pretrained evals are rows of nulls in summary.json, as in the report
     runs[1] = dataclasses.replace(runs[1], diverged=DIVERGED_AT_7)
-    evals[runs[1].point, "pretrained"] = None
+    evals[runs[1].point, True] = None
     compare.write_report(args, runs, evals)
     summary = json.loads((args.out / "summary.json").read_text(), parse_constant=pytest.fail)
     dead = [r for r in summary if (r["norm"], r["init"]) == ("dyt", "pretrained")]
@@ -400,7 +402,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                                 split(8, 4), "species note."),
              ClassificationData("coding", ["non-coding", "coding"], split(30, 2), split(6, 2), split(10, 2), "coding note.")]
     settings = {"finetune": {"seeds": args.seeds}, "window": 128, "per_class": 100}
-    evals = {}  # as main() makes it: (run.point, task, init) -> the eval JSON reused from the run folder
+    evals = {}  # as main() makes it: (run.point, pretrained) -> task -> the eval JSON reused from the run folder
     for run in runs:
         for task in tasks:
             for pretrained, init in compare.INITS.items():
@@ -409,8 +411,8 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                             "note": task.note} for seed in args.seeds]  # results_json's rows
                 path = run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json"
                 path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
-                evals[(run.point, task.name, init)] = reuse_or_compute(path, settings,
-                                                                      lambda: pytest.fail("evals not reused"))
+                evals.setdefault((run.point, pretrained), {})[task.name] = reuse_or_compute(
+                    path, settings, lambda: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, tasks, evals, "held-out strains", ["A note.", "Another."]).read_text()
     assert "\n\nA note.\n\nAnother.\n\n" in text  # each note a paragraph of its own
@@ -434,8 +436,8 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
     for run in runs:
         norm, model = run.norm, SPEC.model(run.point.model).title
         for task in tasks:
-            for init in ("pretrained", "random init"):
-                results = evals[(run.point, task.name, init)]
+            for pretrained, init in compare.INITS.items():
+                results = evals[run.point, pretrained][task.name]
                 row = keyed[(model, norm, init, task.name)]
                 for metric, column in (("accuracy", "accuracy"), ("mcc", "MCC"), ("f1", "F1 (macro)")):
                     values = [r["test"]["test"][metric] for r in results]
@@ -452,6 +454,13 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
         assert is_png(args.out / png), png
 
 
+def _dna_results(run: Run, pretrained: bool, task, seeds: list[int]) -> dict[str, list[dict]]:
+    """One run's fine-tuning results on ``task`` as the DNA compare's fine-tuning returns them (task name ->
+    results_json's rows), for :func:`~dyt.train.compare.downstream_evals`."""
+    return {task.name: [{**_finetune_result(random.Random(f"{run.point}-{INITS[pretrained]}-{seed}"), seed, ["test"], 4),
+                         "task": task.name, "note": task.note} for seed in seeds]}
+
+
 def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tmp_path):
     """--pretrain-seeds 0 1 2: each downstream cell's mean ± std and verdict are over the three
     pretraining runs' means (each over the fine-tuning seeds), not over the pooled fine-tunings."""
@@ -465,31 +474,29 @@ def test_dna_downstream_cells_are_over_pretraining_seeds_when_there_are_three(tm
             for norm in ("layernorm", "dyt")]
     split = datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * 8, "label": [i % 4 for i in range(8)]})
     task = ClassificationData("species", ["a", "b", "c", "d"], split, split, split, "note.")
-    evals = {(run.point, task.name, init): [  # as main() makes them: random init once per cell
-        {**_finetune_result(random.Random(f"{run.point}-{init}-{seed}"), seed, ["test"], 4), "task": task.name,
-         "note": task.note} for seed in args.seeds]
-        for pretrained, init in compare.INITS.items() for run in fine_tuned_runs(runs, pretrained)}
+    # as main() makes them: random init once per cell
+    evals = downstream_evals(runs, lambda run, pretrained: _dna_results(run, pretrained, task, args.seeds))
     assert len(evals) == 6 + 2
     text = compare.write_report(args, runs, [task], evals, "held-out strains").read_text()
     assert "Pretraining seeds 0, 1, 2: each pretrained row's mean ± std and verdict are over the pretraining runs' means" in text
     assert "Random-init rows: the fine-tuning seeds of the one untrained model" in text
 
-    def means(norm: str, init: str) -> list[float]:
-        return [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[(run.point, task.name, init)])
+    def means(norm: str) -> list[float]:  # the pretrained runs' means over the fine-tuning seeds
+        return [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[run.point, True][task.name])
                 for run in runs if run.norm == norm]
 
     def untrained(norm: str) -> list[float]:  # the one random-init fine-tuning of the cell, per fine-tuning seed
         first = next(run for run in runs if run.norm == norm)
-        return [r["test"]["test"]["accuracy"] for r in evals[(first.point, task.name, "random init")]]
+        return [r["test"]["test"]["accuracy"] for r in evals[first.point, False][task.name]]
 
     rows = {(r["norm"], r["init"]): r for r in table(text, "model | norm | init")}
     assert len(rows) == 4
     for norm in ("layernorm", "dyt"):
-        assert rows[norm, "pretrained"]["accuracy"] == fmt(means(norm, "pretrained"))
+        assert rows[norm, "pretrained"]["accuracy"] == fmt(means(norm))
         assert rows[norm, "random init"]["accuracy"] == fmt(untrained(norm))
     assert rows["dyt", "pretrained"]["verdict (accuracy)"] == verdict(
-        means("dyt", "pretrained"), means("layernorm", "pretrained"), higher_is_better=True, baseline_name="layernorm")
-    gain = pretraining_gain(means("dyt", "pretrained"), untrained("dyt"), higher_is_better=True)
+        means("dyt"), means("layernorm"), higher_is_better=True, baseline_name="layernorm")
+    gain = pretraining_gain(means("dyt"), untrained("dyt"), higher_is_better=True)
     assert gain != NO_VERDICT and rows["dyt", "pretrained"]["pretrained − random init (accuracy)"] == gain
     judged = verdict(untrained("dyt"), untrained("layernorm"), higher_is_better=True, baseline_name="layernorm")
     assert judged != NO_VERDICT and rows["dyt", "random init"]["verdict (accuracy)"] == judged
@@ -546,14 +553,11 @@ def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path)
     runs[3] = dataclasses.replace(runs[3], diverged=DIVERGED_AT_7)  # dyt, seed 1
     split = datasets.Dataset.from_dict({"sequence": ["ACGT" * 8] * 8, "label": [i % 4 for i in range(8)]})
     task = ClassificationData("species", ["a", "b", "c", "d"], split, split, split, "note.")
-    evals = {(run.point, task.name, init): [
-        {**_finetune_result(random.Random(f"{run.point}-{init}-{seed}"), seed, ["test"], 4), "task": task.name,
-         "note": task.note} for seed in args.seeds]
-        for pretrained, init in compare.INITS.items() for run in fine_tuned_runs(runs, pretrained)}
-    assert len(evals) == 5 + 2  # the diverged run is not fine-tuned; random init once per cell
+    evals = downstream_evals(runs, lambda run, pretrained: _dna_results(run, pretrained, task, args.seeds))
+    assert len(evals) == 6 + 2 and evals[runs[3].point, True] is None  # the diverged run is not fine-tuned
     text = compare.write_report(args, runs, [task], evals, "held-out strains").read_text()
     rows = {(r["norm"], r["init"]): r for r in table(text, "model | norm | init")}
-    trained = [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[(run.point, task.name, "pretrained")])
+    trained = [statistics.mean(r["test"]["test"]["accuracy"] for r in evals[run.point, True][task.name])
                for run in runs if run.norm == "dyt" and run.diverged is None]
     assert rows["dyt", "pretrained"]["accuracy"] == f"{fmt(trained)} (1 of 3 seeds not finite)"
     assert rows["dyt", "pretrained"]["verdict (accuracy)"] == "no verdict: not finite in 1 of 3 seeds of this row"

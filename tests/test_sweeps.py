@@ -598,9 +598,9 @@ def _hand_made_w2v(root, seeds, plan):
         made, _ = _w2v_run(root / f"r{len(runs)}", point.norm, last, earlier)
         run = shared.Run(point, made.dir, made.wall_s)
         runs.append(run)
-        for init in compare.INITS.values():
-            evals[run.point, init] = _w2v_evals(random.Random(f"{len(runs)}-{init}"), seeds)
-            evals[run.point, init].pop("finetune"), evals[run.point, init].pop("ctc")
+        for pretrained, init in compare.INITS.items():
+            evals[run.point, pretrained] = _w2v_evals(random.Random(f"{len(runs)}-{init}"), seeds)
+            evals[run.point, pretrained].pop("finetune"), evals[run.point, pretrained].pop("ctc")
     return runs, evals
 
 LEARNING_W2V = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 50.0,
@@ -667,10 +667,10 @@ def test_wav2vec2_report_names_a_diverged_pretraining_and_judges_no_cell_with_it
         (Point(norm, seed, "wav2vec2"), learning, learning) for seed in args.pretrain_seeds for norm in ("layernorm", "dyt")])
     runs[3] = dataclasses.replace(runs[3], diverged=DIVERGED_AT_7)  # dyt, seed 1
     asked = []  # as the compare makes them: every run but the diverged one from its checkpoint, random init per cell
-    made = compare.downstream_evals(runs, lambda run, pretrained: asked.append((run.point, pretrained))
-                                    or evals[run.point, compare.INITS[pretrained]])
+    made = shared.downstream_evals(runs, lambda run, pretrained: asked.append((run.point, pretrained))
+                                   or evals[run.point, pretrained])
     assert asked == [(r.point, True) for r in runs if r is not runs[3]] + [(runs[0].point, False), (runs[1].point, False)]
-    assert made[runs[3].point, "pretrained"] is None and len(made) == 6 + 2
+    assert made[runs[3].point, True] is None and len(made) == 6 + 2
     text = compare.write_report(args, runs, made).read_text()
     rows = table(text, "norm")
     assert [r["status"] for r in rows] == ["learning"] * 3 + ["**diverged** at step 7"] + ["learning"] * 2
@@ -717,12 +717,12 @@ def test_wav2vec2_report_with_a_sweep(tmp_path):
     probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["init"] == "pretrained"]
     assert len(probe) == len(runs) == 3
     untrained_probe = [r for r in downstream if r["eval"] == compare.EVAL_NAMES["probe"] and r["init"] == "random init"]
-    untrained_baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, "random init"]["probe"]]
+    untrained_baseline = [r["test"]["real recordings"]["accuracy"] for r in evals[runs[0].point, False]["probe"]]
     for row, untrained_row, run in zip(probe, untrained_probe, runs):
-        mine = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "pretrained"]["probe"]]
+        mine = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, True]["probe"]]
         # one pretraining run per norm: its fine-tuning seeds judge no norm
         assert row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else shared.ONE_PRETRAINING)
-        untrained = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, "random init"]["probe"]]
+        untrained = [r["test"]["real recordings"]["accuracy"] for r in evals[run.point, False]["probe"]]
         assert untrained_row["verdict (real recordings)"] == ("baseline" if run.norm == "layernorm" else verdict(
             untrained, untrained_baseline, higher_is_better=True, baseline_name="layernorm"))
         assert row["pretrained − random init (real recordings)"] == shared.pretraining_gain(
@@ -956,7 +956,7 @@ def test_a_report_says_when_a_verdict_reads_the_numbers_its_baseline_point_was_c
 def test_stored_evals_are_asked_for_in_one_order_whatever_the_command_lines(monkeypatch, tmp_path):
     """Stored evals are reused by their settings: ``--seeds 2 0 1`` or ``--evals probe contrastive``
     asked for what ``--seeds 0 1 2 --evals contrastive probe`` stored, and ran it all again."""
-    from dyt_dna.eval import finetune_settings
+    from dyt_dna.eval import finetune_seeds
     from dyt_wav2vec2 import compare
 
     class Planned(Exception):
@@ -972,4 +972,4 @@ def test_stored_evals_are_asked_for_in_one_order_whatever_the_command_lines(monk
     args = planned.value.args[0]
     assert (args.evals, args.seeds) == (["contrastive", "probe"], [0, 1, 2])
     dna = argparse.Namespace(epochs=1, batch_size=2, lr=1e-3, patience=1, max_steps=1, seeds=[2, 0, 1])
-    assert finetune_settings(dna).seeds == [0, 1, 2]
+    assert finetune_seeds(dna) == [0, 1, 2]

@@ -426,7 +426,7 @@ def test_the_random_init_probe_draws_its_backbone_per_seed(pretrained, monkeypat
         return seed
 
     monkeypatch.setattr(w2v_eval, "finetune", fake_finetune)
-    w2v_eval.keyword_eval(Path("run"), Path("data"), "probe", FinetuneConfig(seeds=[0, 1, 2]), pretrained)
+    w2v_eval.keyword_eval(Path("run"), Path("data"), "probe", FinetuneConfig(), [0, 1, 2], pretrained)
     assert sorted(seen) == [0, 1, 2]
     if pretrained:
         assert len(drawn) == 1 and seen[0] is seen[1] is seen[2]

@@ -23,19 +23,19 @@ from pathlib import Path
 from dyt.errors import DistinctValues, help_description
 from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
+    INITS,
     Run,
     add_pretrain_seeds_argument,
     add_run_arguments,
     baseline_norm,
     cells_of,
+    checkpoint_setting,
     describe_sweep,
-    diverged_values,
     divergence_notes,
-    fine_tuned_runs,
-    finished_step,
+    downstream_evals,
+    downstream_values,
     judge,
     mean_std,
-    over_pretrainings,
     parse_run_arguments,
     plan_runs,
     plot_alphas_of_first,
@@ -43,10 +43,10 @@ from dyt.train.compare import (
     prepare_out,
     pretraining_gain,
     pretrainings_note,
-    reuse_or_compute,
     rows_with,
     settings_notes,
     shown_path,
+    stored_eval,
     sweep_section,
     train_runs,
     tuned_keys,
@@ -64,14 +64,13 @@ from .eval import (
     eval_window_error,
     evaluate,
     finetune_for,
+    finetune_seeds,
     finetune_settings,
     results_json,
 )
 from .recipe import SPEC
 from .task import DnaConfig
 
-INITS = {True: "pretrained", False: "random init"}
-"""Every fine-tuning runs from the pretrained checkpoint and from the same model untrained."""
 FINETUNE_METRICS = {"accuracy": "accuracy", "mcc": "MCC", "f1": "F1 (macro)"}
 
 
@@ -125,25 +124,31 @@ def main(argv: list[str] | None = None) -> Path:
         train, _ = pretraining_datasets(data, max_len)  # data errors early; warms the cache
         for planned in (p for p in plan if p.config.data == data and p.config.model.max_len == max_len):
             check_one_micro_batch(len(train), planned.config.train.micro_batch_size, args.nproc)
-    finetune_cfg = finetune_settings(args)
+    finetune_cfg, seeds = finetune_settings(args), finetune_seeds(args)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
     task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}
     task_files = task_signatures(tasks, args.tasks)
     prepare_out(args)
 
     runs = train_runs(SPEC, args, plan)
-    evals: dict[tuple, list[dict]] = {}
-    for pretrained, init in INITS.items():
-        for run, task in ((r, t) for r in fine_tuned_runs(runs, pretrained) for t in tasks):
-            print(f"== fine-tune {run.point.model} {run.label} ({init}) on {task.name}, seeds {args.seeds}", flush=True)
+
+    def fine_tune(run: Run, pretrained: bool) -> dict[str, list[dict]]:
+        """Task name -> one result per seed."""
+        results = {}
+        for task in tasks:
+            print(f"== fine-tune {run.point.model} {run.label} ({INITS[pretrained]}) on {task.name}, seeds {args.seeds}",
+                  flush=True)
             cfg = task_cfgs[task.name]
-            settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class,
-                        "task_files": task_files[task.name],
-                        **({"checkpoint_step": finished_step(run.dir)} if pretrained else {})}
-            evals[(run.point, task.name, init)] = reuse_or_compute(
-                run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json", settings,
-                lambda run=run, task=task, cfg=cfg, pretrained=pretrained: results_json(
-                    task, evaluate(run.dir, task, cfg, pretrained=pretrained)))
+            settings = {"finetune": {**asdict(cfg), "seeds": seeds}, "window": args.eval_window,
+                        "per_class": args.per_class, "task_files": task_files[task.name],
+                        **checkpoint_setting(run, pretrained)}
+            results[task.name] = stored_eval(run, f"eval-{task.name}", pretrained, settings,
+                                             lambda task=task, cfg=cfg: results_json(
+                                                 task, evaluate(run.dir, task, cfg, seeds, pretrained=pretrained)))
+        return results
+
+    evals = downstream_evals(runs, fine_tune)
+
     def listed(files) -> str:
         return ", ".join(f"`{f}`" for f in sorted(set(files)))
 
@@ -184,30 +189,27 @@ def builtin_task_signature(task: ClassificationData) -> dict[str, str]:
 
 def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str,
                  notes: Sequence[str] = ()) -> Path:
-    """``evals[(run.point, task name, init)]``: that fine-tuning's results, one per seed; ``validation``:
-    what the validation loss was measured on, in words; ``notes``: lines said of the whole comparison,
-    each a paragraph above the table."""
+    """``evals[(run.point, pretrained)]``: that run's fine-tuning results (task name -> one result per
+    seed), as :func:`~dyt.train.compare.downstream_evals` makes them (None for a diverged run);
+    ``validation``: what the validation loss was measured on, in words; ``notes``: lines said of the
+    whole comparison, each a paragraph above the table."""
     out = args.out
     summaries = {run.point: SPEC.summarize(run) for run in runs}
     cells = cells_of(summaries)
     metrics = (*SPEC.metrics, *(accuracy_metric(t.name) for t in tasks))
-    diverged = {run.point for run in runs if run.diverged}  # no pretrained model to fine-tune
 
-    def downstream(cell, task: ClassificationData, init: str, metric: str = "accuracy") -> list[float]:
-        """``cell``'s test values of ``metric``, as means and verdicts take them (over_pretrainings);
-        NaN for a diverged pretraining run's."""
-        return over_pretrainings([
-            diverged_values(args.seeds) if (p, task.name, init) not in evals
-            else [r["test"]["test"][metric] for r in evals[(p, task.name, init)]]
-            for p in summaries
-            if p.cell == cell and ((p, task.name, init) in evals or (p in diverged and init == INITS[True]))])
+    def downstream(task: ClassificationData, pretrained: bool, metric: str = "accuracy") -> dict:
+        """Cell -> its test values of ``metric`` on ``task``."""
+        return downstream_values(evals, pretrained, lambda results: [r["test"]["test"][metric] for r in results[task.name]],
+                                 args.seeds)
 
     values = {}  # cell -> metric key -> its values (pretraining: the pretraining seeds; downstream: over_pretrainings)
     for cell in cells:
         points = [p for p in summaries if p.cell == cell]
         values[cell] = {m.key: [summaries[p][m.key] for p in points] for m in SPEC.metrics}
-        for task in tasks:
-            values[cell][accuracy_metric(task.name).key] = downstream(cell, task, INITS[True])
+    for task in tasks:
+        for cell, numbers in downstream(task, True).items():
+            values[cell][accuracy_metric(task.name).key] = numbers
     swept = any(sweep for _, _, sweep in cells)
     main = SPEC.metrics[0]
     main_values = {cell: values[cell][main.key] for cell in cells}
@@ -258,22 +260,22 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     summary = []
     accuracy = Metric("accuracy", "accuracy", higher_is_better=True, test=True)
     pretrainings = len(args.pretrain_seeds)
-    for task, init in ((t, i) for t in tasks for i in INITS.values()):
-        numbers = {cell: downstream(cell, task, init) for cell in cells}
-        untrained = {cell: downstream(cell, task, INITS[False]) for cell in cells}
+    for task, pretrained in ((t, p) for t in tasks for p in (True, False)):
+        per_metric = {m: downstream(task, pretrained, m) for m in FINETUNE_METRICS}
+        numbers, untrained = per_metric["accuracy"], downstream(task, False)
         for cell in cells:
-            metric = {m: downstream(cell, task, init, m) for m in FINETUNE_METRICS}
-            gain = ("-" if init == INITS[False] else
+            gain = ("-" if not pretrained else
                     pretraining_gain(numbers[cell], untrained[cell], higher_is_better=True))
             lines.append(f"| {SPEC.model(cell[0]).title} | {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
-                         + f" {init} | {task.name} | " + " | ".join(mean_std(metric[m]) for m in FINETUNE_METRICS)
-                         + f" | {judged(cell, numbers, accuracy, pretrainings if init == INITS[True] else None)} | {gain} |")
-            for point in (p for p in summaries if p.cell == cell and ((p, task.name, init) in evals or (
-                    p in diverged and init == INITS[True]))):  # per run fine-tuned; a diverged one's numbers null
-                done = evals.get((point, task.name, init))
-                summary.append({**point.to_json(), "init": init, "task": task.name, "finetune_seeds": args.seeds,
+                         + f" {INITS[pretrained]} | {task.name} | "
+                         + " | ".join(mean_std(per_metric[m][cell]) for m in FINETUNE_METRICS)
+                         + f" | {judged(cell, numbers, accuracy, pretrainings if pretrained else None)} | {gain} |")
+            for point in (p for p in summaries if p.cell == cell and (p, pretrained) in evals):
+                done = evals[point, pretrained]  # per run fine-tuned; a diverged one's numbers null
+                summary.append({**point.to_json(), "init": INITS[pretrained], "task": task.name,
+                                "finetune_seeds": args.seeds,
                                 **({"diverged_at": summaries[point]["diverged_at"]} if done is None else {}),
-                                **{m: None if done is None else [r["test"]["test"][m] for r in done]
+                                **{m: None if done is None else [r["test"]["test"][m] for r in done[task.name]]
                                    for m in FINETUNE_METRICS}})
     lines += [""] + [f"- `{t.name}`: {len(t.classes)} classes ({', '.join(t.classes)}); {len(t.train)} / "
                      f"{len(t.validation)} / {len(t.test)} train / validation / test examples. {t.note}" for t in tasks]

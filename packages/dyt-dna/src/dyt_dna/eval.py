@@ -73,7 +73,13 @@ def finetune_settings(args: argparse.Namespace) -> FinetuneConfig:
     """The fine-tuning :func:`add_finetune_arguments` parsed (its validation interval is set per task
     by :func:`finetune_for`)."""
     return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                          max_steps=args.max_steps, seeds=sorted(args.seeds))  # stored evals: one order
+                          max_steps=args.max_steps)
+
+
+def finetune_seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds`` in one order: stored evals are reused by their settings, so that ``--seeds 1 0``
+    finds what ``--seeds 0 1`` stored."""
+    return sorted(args.seeds)
 
 
 def finetune_for(cfg: FinetuneConfig, examples: int) -> FinetuneConfig:
@@ -118,10 +124,11 @@ def backbone_builder(run_dir: Path, pretrained: bool = True) -> tuple[DnaConfig,
     return config, run_model_builder(run_dir, lambda: build_model(config.model), pretrained)
 
 
-def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
-    """Fine-tune the run's pretrained model on ``task`` once per seed; with ``pretrained`` False the
-    same model untrained (each seed's own initialisation): the baseline that shows what pretraining
-    bought."""
+def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, seeds: list[int],
+             pretrained: bool = True) -> list[FinetuneResult]:
+    """Fine-tune the run's pretrained model on ``task`` once per seed of ``seeds``; with ``pretrained``
+    False the same model untrained (each seed's own initialisation): the baseline that shows what
+    pretraining bought."""
     config, build_backbone = backbone_builder(run_dir, pretrained)
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +141,7 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, pretr
         finetune(make_model, task.train, task.validation, {"test": task.test}, collate, Classification(len(task.classes)), cfg, seed,
                  desc=f"{config.model.arch}/{config.model.norm.kind}{'' if pretrained else ' (random init)'} "
                       f"{task.name} seed {seed}")
-        for seed in cfg.seeds
+        for seed in seeds
     ]
 
 
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     if task.note:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
-    results = evaluate(args.run, task, cfg, pretrained=not args.random_init)
+    results = evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init)
     if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
         args.out.write_text(json.dumps(results_json(task, results), indent=1))
     for metric, values in summarize(results).items():

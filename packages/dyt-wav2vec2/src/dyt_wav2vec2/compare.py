@@ -21,19 +21,19 @@ from dyt.analysis import pyplot
 from dyt.errors import DistinctValues, command, help_description, user_errors
 from dyt.train import load_config
 from dyt.train.compare import (
+    INITS,
     Run,
     add_pretrain_seeds_argument,
     add_run_arguments,
     baseline_norm,
     cells_of,
+    checkpoint_setting,
     describe_sweep,
-    diverged_values,
     divergence_notes,
-    fine_tuned_runs,
-    finished_step,
+    downstream_evals,
+    downstream_values,
     judge,
     mean_std,
-    over_pretrainings,
     parse_run_arguments,
     plan_runs,
     plot_alphas_of_first,
@@ -41,9 +41,9 @@ from dyt.train.compare import (
     prepare_out,
     pretraining_gain,
     pretrainings_note,
-    reuse_or_compute,
     settings_notes,
     shown_path,
+    stored_eval,
     sweep_section,
     train_runs,
     tuned_keys,
@@ -77,8 +77,6 @@ METRIC_NAMES = {"contrastive_accuracy": "contrastive accuracy", "contrastive_kep
 HIGHER_IS_BETTER = {"contrastive_accuracy": True, "contrastive_kept": False, "accuracy": True, "cer": False,
                     "wer": False}
 TESTS = ("unseen voices", "real recordings")
-INITS = {True: "pretrained", False: "random init"}
-"""Every downstream eval runs on the pretrained model and on the same model untrained."""
 
 
 def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
@@ -136,11 +134,9 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}",
               flush=True)
         settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
-                    **({"checkpoint_step": finished_step(run.dir)} if pretrained else {}),
-                    **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
-        return reuse_or_compute(run.dir / ("evals.json" if pretrained else "evals-random-init.json"), settings,
-                                lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
-                                                  pretrained=pretrained))
+                    **checkpoint_setting(run, pretrained), **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
+        return stored_eval(run, "evals", pretrained, settings,
+                           lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc, pretrained=pretrained))
 
     report = write_report(args, runs, downstream_evals(runs, evaluate) if args.evals else {})
     print(f"\nreport: {report}")
@@ -158,19 +154,6 @@ def eval_speech(data: SpeechDataConfig) -> Path:
             raise
         raise AudioError(f"the downstream evals run on the built-in speech, whatever audio pretraining reads: {error}; "
                          f"or give --evals {NO_EVALS} to compare pretraining alone") from None
-
-
-def downstream_evals(runs: list[Run], evaluate) -> dict:
-    """``evaluate(run, pretrained)`` for every run :func:`~dyt.train.compare.fine_tuned_runs` names,
-    keyed ``(run.point, init)`` in the order of the report's rows (the pretrained models, then random
-    init once per cell); a diverged pretraining run's pretrained entry is None (no model to evaluate:
-    :func:`write_report` gives it NaN values)."""
-    evals = {}
-    for pretrained, init in INITS.items():
-        evaluated = fine_tuned_runs(runs, pretrained)
-        for run in runs if pretrained else evaluated:
-            evals[run.point, init] = evaluate(run, pretrained) if run in evaluated else None
-    return evals
 
 
 def chance_levels(built: set[tuple[int, int]]) -> str:
@@ -194,9 +177,9 @@ def downstream_metric(name: str, metric: str, test: str) -> Metric:
 
 
 def write_report(args, runs: list[Run], evals: dict) -> Path:
-    """``evals[(run.point, init)]``: that run's downstream results (eval name -> one result per seed), in
-    the order of the report's rows; None for a diverged pretraining run (no model to evaluate: its
-    values are NaN for every pretrained eval the other runs made)."""
+    """``evals[(run.point, pretrained)]``: that run's downstream results (eval name -> one result per
+    seed), as :func:`~dyt.train.compare.downstream_evals` makes them; None for a diverged pretraining
+    run (no model to evaluate: its values are NaN for every pretrained eval the other runs made)."""
     out = args.out
     config = load_config(SPEC.config_class, args.config, args.overrides)
     data = config.data
@@ -282,50 +265,49 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
         "| pretrained − random init (real recordings) |",
         f"|---|{point_rule}---|---|---|---|---|---|---|---|---|"]
     lines += downstream_header if args.evals else ["", f"No downstream evals (`--evals {NO_EVALS}`).", ""]
-    per_run = {}  # (init, eval, metric, test) -> cell -> each pretraining run's values over the downstream seeds
-    table_rows = {}  # (cell, init, eval, metric), in the order of the runs
+    table_rows = {}  # (cell, pretrained, eval, metric), in the order of the runs
     summary = []  # one row per run, init, eval and metric: its values per test set, facts in fields of their own
     headlines = {key: None if results is None else {name: headline(name, rows) for name, rows in results.items()}
-                 for key, results in evals.items()}  # (point, init) -> eval -> metric -> test set -> values
-    made = list(dict.fromkeys((name, metric) for (_, init), evals_made in headlines.items()
-                              if evals_made and init == INITS[True] for name, per_metric in evals_made.items()
+                 for key, results in evals.items()}  # (point, pretrained) -> eval -> metric -> test set -> values
+    made = list(dict.fromkeys((name, metric) for (_, pretrained), evals_made in headlines.items()
+                              if evals_made and pretrained for name, per_metric in evals_made.items()
                               for metric in per_metric))
-    for (point, init), evals_made in headlines.items():
+    for (point, pretrained), evals_made in headlines.items():
         for name, metric in made if evals_made is None else []:  # a diverged pretraining: NaN values
-            summary.append({**point.to_json(), "init": init, "eval": name, "metric": metric,
+            summary.append({**point.to_json(), "init": INITS[pretrained], "eval": name, "metric": metric,
                             "diverged_at": summaries[point]["diverged_at"], **{test: None for test in TESTS}})
-            table_rows[point.cell, init, name, metric] = None
-            for test in TESTS:
-                per_run.setdefault((init, name, metric, test), {}).setdefault(point.cell, []).append(
-                    diverged_values(args.seeds))
+            table_rows[point.cell, pretrained, name, metric] = None
         for name, per_metric in (evals_made or {}).items():
             for metric, per_test in per_metric.items():
-                summary.append({**point.to_json(), "init": init, "eval": name, "metric": metric, **per_test})
-                table_rows[point.cell, init, name, metric] = None
-                for test in TESTS:
-                    per_run.setdefault((init, name, metric, test), {}).setdefault(point.cell, []).append(per_test[test])
-    downstream = {key: {cell: over_pretrainings(values) for cell, values in per_cell.items()}
-                  for key, per_cell in per_run.items()}  # (init, eval, metric, test) -> cell -> its values
-    for cell, init, name, metric in table_rows:
-        mine = [downstream[init, name, metric, test][cell] for test in TESTS]
-        pretrainings = len(args.pretrain_seeds) if init == INITS[True] else None
-        judgements = [judged(cell, downstream[init, name, metric, test], HIGHER_IS_BETTER[metric], pretrainings,
-                             pretrained=init == INITS[True]) for test in TESTS]
-        judgements += ["-" if init == INITS[False] else pretraining_gain(
-            values, downstream[INITS[False], name, metric, test][cell], higher_is_better=HIGHER_IS_BETTER[metric])
+                summary.append({**point.to_json(), "init": INITS[pretrained], "eval": name, "metric": metric,
+                                **per_test})
+                table_rows[point.cell, pretrained, name, metric] = None
+
+    def per_cell(pretrained: bool, name: str, metric: str, test: str) -> dict:
+        return downstream_values(headlines, pretrained, lambda result: result[name][metric][test], args.seeds)
+
+    downstream = {(*key, test): per_cell(*key, test) for key in dict.fromkeys(row[1:] for row in table_rows)
+                  for test in TESTS}  # (pretrained, eval, metric, test) -> cell -> its values
+    for cell, pretrained, name, metric in table_rows:
+        mine = [downstream[pretrained, name, metric, test][cell] for test in TESTS]
+        pretrainings = len(args.pretrain_seeds) if pretrained else None
+        judgements = [judged(cell, downstream[pretrained, name, metric, test], HIGHER_IS_BETTER[metric], pretrainings,
+                             pretrained=pretrained) for test in TESTS]
+        judgements += ["-" if not pretrained else pretraining_gain(
+            values, downstream[False, name, metric, test][cell], higher_is_better=HIGHER_IS_BETTER[metric])
             for values, test in zip(mine, TESTS)]
         lines.append(f"| {cell[1]} |" + (f" {describe_sweep(cell[2])} |" if swept else "")
-                     + f" {init} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
+                     + f" {INITS[pretrained]} | {EVAL_NAMES[name]} | {METRIC_NAMES[metric]} | "
                      + " | ".join(mean_std(values) for values in mine) + " | " + " | ".join(judgements) + " |")
     if args.evals:
         lines.append("")
     values = {cell: {m.key: main_values[cell] if m is main else [summaries[p][m.key] for p in summaries if p.cell == cell]
                      for m in SPEC.metrics} for cell in cells}
     metrics = list(SPEC.metrics)
-    for (init, name, metric, test), per_cell in downstream.items():
-        if init == INITS[True]:
+    for (pretrained, name, metric, test), numbers_of in downstream.items():
+        if pretrained:
             metrics.append(downstream_metric(name, metric, test))
-            for cell, numbers in per_cell.items():
+            for cell, numbers in numbers_of.items():
                 values[cell][metrics[-1].key] = numbers
     lines += sweep_section(out, SPEC.models[0], values, metrics, args.sweeps)
     plot_losses(runs, out / "loss_curves.png", "wav2vec 2.0 loss per masked frame")
@@ -336,8 +318,8 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
     if plot_alphas_of_first([r for r in runs if r.norm != baseline], out / "dyt_alpha.png"):
         lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
     shown = set()  # a confusion matrix and CTC examples for the first point of each norm
-    for (point, init), results in evals.items():
-        if init != INITS[True] or point.norm in shown or results is None:
+    for (point, pretrained), results in evals.items():
+        if not pretrained or point.norm in shown or results is None:
             continue
         shown.add(point.norm)
         norm = point.norm

@@ -135,7 +135,8 @@ def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[st
     return {name: TensorDataset(standardize(d.tensors[0]), d.tensors[1]) for name, d in splits.items()}
 
 
-def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pretrained: bool = True) -> list[FinetuneResult]:
+def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seeds: list[int],
+                 pretrained: bool = True) -> list[FinetuneResult]:
     """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
     config, make = load_pretrained(run_dir, pretrained)
     splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
@@ -152,20 +153,20 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, pret
         # the trained backbone's features once; an untrained one's per seed, so the random-init row's
         # spread covers the backbone's draw as a pretrained row's covers its pretraining (not the head's alone)
         if pretrained:
-            trained = probe_features(cfg.seeds[0])
-            per_seed = {seed: trained for seed in cfg.seeds}
+            trained = probe_features(seeds[0])
+            per_seed = {seed: trained for seed in seeds}
         else:
-            per_seed = {seed: probe_features(seed) for seed in cfg.seeds}
+            per_seed = {seed: probe_features(seed) for seed in seeds}
         builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     else:
         def build_classifier() -> nn.Module:
             return KeywordClassifier(make(), config.model.dim).fit_standardize(splits["train"])
 
-        per_seed = {seed: splits for seed in cfg.seeds}
+        per_seed = {seed: splits for seed in seeds}
         builder, collate = build_classifier, _collate_labels
     return [finetune(builder, per_seed[seed]["train"], per_seed[seed]["validation"],
                      {name: per_seed[seed][name] for name in KEYWORD_TESTS}, collate, Classification(len(KEYWORDS)),
-                     cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in cfg.seeds]
+                     cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in seeds]
 
 
 # ---------------------------------------------------------------- CTC speech recognition
@@ -241,10 +242,10 @@ class CTCSettings:
     batch_size: int = 8
     """Sentences per batch, grouped by length."""
 
-    def finetune_config(self, seeds: list[int]) -> FinetuneConfig:
+    def finetune_config(self) -> FinetuneConfig:
         return FinetuneConfig(lr=self.lr, batch_size=self.batch_size, epochs=10**6, max_steps=self.steps,
                               eval_every=max(1, self.steps // 8), patience=self.steps, clip_grad_norm=10.0,
-                              schedule=self.schedule, seeds=seeds)
+                              schedule=self.schedule)
 
 
 class FinetuneMasker(Wav2Vec2Masker):
@@ -389,7 +390,7 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
     shared ``finetune`` loop as ``settings`` say, selecting on validation CER; test on unseen
     voices saying unseen sentences and on real recordings of them."""
     config, make = load_pretrained(run_dir, pretrained)
-    cfg = settings.finetune_config(seeds)
+    cfg = settings.finetune_config()
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
     def frozen_features(seed: int) -> dict[str, Transcribed]:
@@ -399,9 +400,9 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
 
     # the trained extractor's features once; an untrained one's per seed (one at a time: ~0.1 GB
     # each), so the random-init row's spread covers the extractor's draw, as the probe's does
-    trained = frozen_features(cfg.seeds[0]) if pretrained else None
+    trained = frozen_features(seeds[0]) if pretrained else None
     results = []
-    for seed in cfg.seeds:
+    for seed in seeds:
         datasets = trained if trained is not None else frozen_features(seed)
         frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-62 s: batch by length
 
@@ -546,8 +547,8 @@ def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], ste
         else:
             lr = 1e-2 if name == "probe" else 5e-4
             cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),
-                                 patience=4, seeds=seeds)
-            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg, pretrained)]
+                                 patience=4)
+            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg, seeds, pretrained)]
     return results
 
 

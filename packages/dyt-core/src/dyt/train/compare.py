@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -746,6 +746,48 @@ def diverged_values(seeds: Sequence[int]) -> list[float]:
     """A diverged pretraining run's downstream values, one per fine-tuning seed: NaN, so that its
     cell names it as not finite and gets no verdict, instead of a mean over the runs that trained."""
     return [math.nan] * len(seeds)
+
+
+INITS = {True: "pretrained", False: "random init"}
+"""A downstream row's init in words, keyed by ``pretrained``, for printing only: every downstream eval
+runs on the pretrained model and on the same model untrained, whose gap is what pretraining bought."""
+
+
+def checkpoint_setting(run: Run, pretrained: bool) -> dict[str, int]:
+    """The stored eval settings' entry naming the checkpoint a pretrained model came from, so that a
+    run trained further is evaluated again; an untrained model reads no checkpoint."""
+    return {"checkpoint_step": finished_step(run.dir)} if pretrained else {}
+
+
+def stored_eval(run: Run, stem: str, pretrained: bool, settings: dict, compute: Callable[[], object]):
+    """:func:`reuse_or_compute` in the run's ``<stem>.json``, or ``<stem>-random-init.json`` for the
+    untrained model, so that neither overwrites the other."""
+    return reuse_or_compute(run.dir / f"{stem}{'' if pretrained else '-random-init'}.json", settings, compute)
+
+
+def downstream_evals(runs: Sequence[Run], evaluate: Callable[[Run, bool], Any]) -> dict[tuple[Point, bool], Any]:
+    """``evaluate(run, pretrained)`` for every run :func:`fine_tuned_runs` names, keyed
+    ``(run.point, pretrained)`` in the order of the report's rows (the pretrained models, then random
+    init once per cell); a diverged run's pretrained entry is None (no model to evaluate:
+    :func:`downstream_values` gives it NaN)."""
+    evals = {}
+    for pretrained in (True, False):
+        evaluated = fine_tuned_runs(runs, pretrained)
+        for run in runs if pretrained else evaluated:
+            evals[run.point, pretrained] = evaluate(run, pretrained) if run in evaluated else None
+    return evals
+
+
+def downstream_values(evals: Mapping[tuple[Point, bool], Any], pretrained: bool,
+                      values: Callable[[Any], Sequence[float]], seeds: Sequence[int]) -> dict[Cell, list[float]]:
+    """Each cell's values of one downstream number, as means and verdicts take them
+    (:func:`over_pretrainings`), from the results of :func:`downstream_evals` with this ``pretrained``:
+    ``values(result)`` per run, NaN for a diverged run's (:func:`diverged_values`)."""
+    per_run: dict[Cell, list[Sequence[float]]] = {}
+    for (point, made_pretrained), result in evals.items():
+        if made_pretrained == pretrained:
+            per_run.setdefault(point.cell, []).append(diverged_values(seeds) if result is None else values(result))
+    return {cell: over_pretrainings(each) for cell, each in per_run.items()}
 
 
 def divergence_notes(runs: Sequence[Run]) -> list[str]:

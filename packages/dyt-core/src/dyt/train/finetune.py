@@ -11,7 +11,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -25,6 +25,8 @@ SCHEDULES = ("constant", "tri-stage")
 
 @dataclass
 class FinetuneConfig:
+    """How :func:`finetune` trains; no seeds: each eval calls it once per seed of its own."""
+
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -43,7 +45,6 @@ class FinetuneConfig:
     schedule: str = "constant"
     """The learning rate over the planned steps: ``constant``, or ``tri-stage`` (fairseq's wav2vec 2.0
     fine-tuning schedule: :func:`tri_stage`)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
