@@ -19,6 +19,7 @@ import argparse
 import numpy as np
 
 from dyt.errors import help_description
+from dyt_dna.data import DnaDataConfig, Region, pretraining_regions
 from dyt_dna.fasta import read_fasta
 from dyt_dna.genomes import builtin_genomes
 
@@ -49,8 +50,10 @@ def both_strands(bases: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([kmer_codes(bases, k), kmer_codes(np.ascontiguousarray(reverse_complement), k)])
 
 
-def genome_bases(path) -> list[np.ndarray]:
-    return [codes(record.sequence) for record in read_fasta(path)]
+def region_bases(region: Region) -> list[np.ndarray]:
+    """Each record's part in ``region``, cut as pretraining cuts it (its fractions of the record)."""
+    sequences = (record.sequence for record in read_fasta(region.path))
+    return [codes(s[int(len(s) * region.lo):int(len(s) * region.hi)]) for s in sequences]
 
 
 def main() -> None:
@@ -64,11 +67,13 @@ def main() -> None:
         parser.error("--k must be between 1 and 32")
     rng = np.random.default_rng(args.seed)
     genomes = builtin_genomes()
+    training, validation = pretraining_regions(DnaDataConfig())  # the built-in split
+    region_of = {region.path: region for region in (*training, *validation)}
     species = sorted({g.species for g in genomes})
     trained = {}
     for name in species:
         parts = [both_strands(b, args.k) for g in genomes if g.species == name and not g.held_out
-                 for b in genome_bases(g.path)]
+                 for b in region_bases(region_of[g.path])]
         trained[name] = np.unique(np.concatenate(parts))
     print(f"k = {args.k}, {args.samples} k-mers sampled from each held-out strain's validation half (first half)")
     print("| species | held-out strain | training strains | in its species' training strains | "
@@ -76,7 +81,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in species:
         held_out = next(g for g in genomes if g.species == name and g.held_out)
-        half = np.concatenate([kmer_codes(b[: int(len(b) * 0.5)], args.k) for b in genome_bases(held_out.path)])
+        half = np.concatenate([kmer_codes(b, args.k) for b in region_bases(region_of[held_out.path])])
         sample = half[rng.choice(len(half), size=min(args.samples, len(half)), replace=False)]
         same = np.isin(sample, trained[name]).mean()
         other = max(np.isin(sample, trained[o]).mean() for o in species if o != name)

@@ -180,21 +180,32 @@ def _fixup_init(model: nn.Module) -> int:
     return len(gates)
 
 
+def _sigma_reparam(model: nn.Module) -> None:
+    linears = [m for m in model.modules() if is_linear(m) and not parametrize.is_parametrized(m)]
+    if not linears:
+        raise ValueError("model.norm.kind=sigma-reparam, but the model has no linear layers")
+    for linear in linears:
+        parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight))
+    hooks = _OneWeightPerForward()
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.exit, always_call=True)
+
+
+_REWRITES_BUILT_MODEL = {"fixup": _fixup_init, "sigma-reparam": _sigma_reparam}
+
+
+def rewrites_built_model(config: NormConfig) -> bool:
+    """Whether :func:`apply_norm_free` changes the built model for this kind (so it needs the model
+    whole: not built shard by shard under ZeRO-3)."""
+    return config.kind in _REWRITES_BUILT_MODEL
+
+
 def apply_norm_free(model: nn.Module, config: NormConfig) -> nn.Module:
     """The model-level part of a normalization-free baseline, in place, once the model is built and
     initialised: Fixup's initialisation of the residual branches (``fixup``), or sigmaReparam on every
     linear layer (``sigma-reparam``). Any other kind: nothing. Returns ``model``."""
-    if config.kind == "fixup":
-        _fixup_init(model)
-    elif config.kind == "sigma-reparam":
-        linears = [m for m in model.modules() if is_linear(m) and not parametrize.is_parametrized(m)]
-        if not linears:
-            raise ValueError("model.norm.kind=sigma-reparam, but the model has no linear layers")
-        for linear in linears:
-            parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight))
-        hooks = _OneWeightPerForward()
-        model.register_forward_pre_hook(hooks.enter)
-        model.register_forward_hook(hooks.exit, always_call=True)
+    if rewrites_built_model(config):
+        _REWRITES_BUILT_MODEL[config.kind](model)
     return model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,11 @@ from torch import nn
 
 from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 
-from .config import CaduceusOptions, DnaModelConfig
 from .scan import scan
 from .tokenizer import COMPLEMENT, PAD, VOCAB
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module for its table of models
+    from .config import CaduceusOptions, DnaModelConfig
 
 _real_lengths: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("real_lengths", default=None)
 """Per sequence, how many of its leading positions are real (the rest right-padding), while
@@ -161,6 +164,7 @@ class Caduceus(nn.Module):
     """Bidirectional DNA LM for masked-base prediction; ``features`` for classification heads."""
 
     causal = False
+    """Reads the whole sequence both ways: pretrained on masked bases (``DnaPretrainTask.loss``)."""
 
     def __init__(self, cfg: DnaModelConfig) -> None:
         super().__init__()

@@ -13,7 +13,11 @@ from torch import nn
 from dyt import NormConfig
 from dyt.train.config import AT_LEAST_ONE, Range
 
-ARCHS = ("hyena", "caduceus")
+from .caduceus import Caduceus
+from .hyena import HyenaDNA
+
+MODELS: dict[str, type[nn.Module]] = {"hyena": HyenaDNA, "caduceus": Caduceus}
+"""``model.arch`` -> the model class it builds."""
 NORM_ROLES = {"hyena": ("attention", "ffn", "final"), "caduceus": ("default", "final")}
 """The DyT roles of each architecture's norms (``model.norm.alpha_init`` keys): HyenaDNA's mixer
 norm is ``attention``; Caduceus' block norms are ``default``."""
@@ -111,8 +115,8 @@ class DnaModelConfig:
         return EmbeddingScale(math.sqrt(self.dim)) if self.scales_embedding() else nn.Identity()
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown model.arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch not in MODELS:
+            raise ValueError(f"unknown model.arch {self.arch!r}; choose one of {', '.join(MODELS)}")
         if self.tied_embeddings is True and self.output_init_std is not None:
             raise ValueError("model.output_init_std sets an untied head's init; set model.tied_embeddings: false too")
         self.norm.check_roles(NORM_ROLES[self.arch], f"model.arch={self.arch}")

@@ -8,6 +8,7 @@ decay window); an FFT long convolution in O(L log L); gating y = x0 * (h * (x1 *
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,10 @@ from torch import nn
 
 from dyt import NormConfig, apply_norm_free, make_norm, residual_gate
 
-from .config import DnaModelConfig, HyenaOptions
 from .tokenizer import PAD, VOCAB
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module for its table of models
+    from .config import DnaModelConfig, HyenaOptions
 
 
 class Sin(nn.Module):
@@ -113,6 +116,7 @@ class HyenaDNA(nn.Module):
     """Causal DNA LM. ``features`` gives the final-norm hidden states for classification heads."""
 
     causal = True
+    """Predicts each base from the ones before it: pretrained on the next base (``DnaPretrainTask.loss``)."""
 
     def __init__(self, cfg: DnaModelConfig) -> None:
         super().__init__()

@@ -11,10 +11,8 @@ from torch import nn
 
 from dyt.train import ConfigError, TrainConfig
 
-from .caduceus import Caduceus
-from .config import DnaModelConfig
+from .config import MODELS, DnaModelConfig
 from .data import DnaDataConfig, mask_for_mlm, maybe_reverse_complement, pretraining_datasets, tokens
-from .hyena import HyenaDNA
 
 
 @dataclass
@@ -32,7 +30,7 @@ class DnaConfig:
 
 
 def build_model(cfg: DnaModelConfig) -> nn.Module:
-    return HyenaDNA(cfg) if cfg.arch == "hyena" else Caduceus(cfg)
+    return MODELS[cfg.arch](cfg)
 
 
 class DnaPretrainTask:
@@ -64,7 +62,7 @@ class DnaPretrainTask:
         # train.num_workers > 0 drew other flips than the uninterrupted one. Validation is not flipped.
         if self.config.data.rc_augment and model.training:
             batch = maybe_reverse_complement(batch)
-        if self.config.model.arch == "hyena":
+        if MODELS[self.config.model.arch].causal:  # next base
             inputs, targets = batch[:, :-1], batch[:, 1:]
         else:
             inputs, targets = mask_for_mlm(batch, self.config.data.mask_prob)

@@ -51,6 +51,11 @@ from .recipe import SPEC
 from .task import LlamaConfig
 
 
+def run_config(run: Run) -> LlamaConfig:
+    """The config a run trained with, as it saved it (its norm resolved, whatever its ``--norms`` name)."""
+    return load_config(LlamaConfig, run.dir / "config.yaml", check_files=False)
+
+
 def plot_s_curves(run: Run, path: Path) -> None:
     """Load a (normalised) model's last checkpoint and record its norms on one validation batch (output
     before the per-channel weight: :class:`dyt.analysis.NormRecorder`)."""
@@ -58,7 +63,7 @@ def plot_s_curves(run: Run, path: Path) -> None:
 
     from .model import Llama
 
-    config = load_config(LlamaConfig, run.dir / "config.yaml", check_files=False)
+    config = run_config(run)
     model = Llama(config.model).eval()
     model.load_state_dict(trained_weights(run.dir))
     _, validation, _ = build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)
@@ -109,9 +114,10 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
     lines += ["", "![loss curves](loss_curves.png)", ""]
     if plot_alphas_of_first([r for r in runs if r.norm != baseline], out / "dyt_alpha.png"):
         lines += ["![DyT alpha and 1/std of its input per layer](dyt_alpha.png)", ""]
-    normalised = [r for r in runs if r.norm == baseline and r.norm in ("rmsnorm", "layernorm") and r.diverged is None]
-    if normalised:
-        plot_s_curves(normalised[0], out / f"{baseline}_s_curves.png")
+    normalised = next((r for r in runs if r.norm == baseline and r.diverged is None
+                       and run_config(r).model.norm.kind in ("rmsnorm", "layernorm")), None)
+    if normalised is not None:
+        plot_s_curves(normalised, out / f"{baseline}_s_curves.png")
         lines += [f"![{baseline} S-curves]({baseline}_s_curves.png)", "",
                   "Each point: one element of a norm layer's input and its output before the per-channel weight and "
                   "bias (as the paper's Fig. 2), on validation text.", ""]

@@ -102,6 +102,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * self.head_dim, cfg.dim, bias=False)
+        self.wo._residual_output = True  # the residual branch's output: its init is scaled by depth (Llama._init_std)
 
     def forward(self, x, cos, sin):
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.heads)
@@ -118,6 +119,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w2._residual_output = True  # the residual branch's output: its init is scaled by depth (Llama._init_std)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -158,17 +160,18 @@ class Llama(nn.Module):
         """Matrices from a normal of :meth:`_init_std`. Through ``init_normal_``, so that under
         ZeRO-3's partitioned build (children already sharded) the weights are the same as a whole
         build's and no parameter is gathered whole."""
-        for name, p in self.named_parameters():
-            if len(getattr(p, "ds_shape", p.shape)) == 2:
-                init_normal_(p, std=self._init_std(name))
+        for module in self.modules():  # the order of named_parameters(): the same draws
+            for p in module.parameters(recurse=False):
+                if len(getattr(p, "ds_shape", p.shape)) == 2:
+                    init_normal_(p, std=self._init_std(module))
 
-    def _init_std(self, name: str) -> float:
-        """Embeddings and projections: init_std; residual output projections scaled by depth
-        (GPT-2); an untied head: output_init_std (default 1/sqrt(dim))."""
+    def _init_std(self, module: nn.Module) -> float:
+        """Embeddings and projections: init_std; a residual branch's output projection (marked
+        ``_residual_output``) scaled by depth (GPT-2); an untied head: output_init_std (default 1/sqrt(dim))."""
         cfg = self.cfg
-        if name == "output.weight":
+        if module is self.output:
             return cfg.dim**-0.5 if cfg.output_init_std is None else cfg.output_init_std
-        if name.endswith(("wo.weight", "w2.weight")):
+        if getattr(module, "_residual_output", False):
             return cfg.init_std / math.sqrt(2 * cfg.layers)
         return cfg.init_std
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dyt.baselines import rewrites_built_model
 from dyt.train import ConfigError, TrainConfig
 
 from .data import DataConfig, build_datasets
@@ -51,9 +52,9 @@ class LlamaTask:
     @property
     def partitioned_init(self) -> bool:
         """Under ZeRO-3 the harness may build this model shard by shard (``Llama.reset_parameters``
-        goes through ``init_normal_``); not the normalization-free baselines whose
-        ``apply_norm_free`` rewrites built weights (fixup, sigma-reparam): they need it whole."""
-        return self.config.model.norm.kind not in ("fixup", "sigma-reparam")
+        goes through ``init_normal_``); not a normalization-free baseline whose ``apply_norm_free``
+        rewrites the built model (:func:`dyt.baselines.rewrites_built_model`): it needs the model whole."""
+        return not rewrites_built_model(self.config.model.norm)
 
     def build_model(self) -> Llama:
         model = Llama(self.config.model)
