@@ -83,10 +83,11 @@ those rows cannot tell whether the settings carry over; the checks on data no ch
 - LLaMA: α0 (attention 8, FFN 4) was chosen on this corpus's validation works, so its validation
   losses are in-sample for DyT. On corpora the α0 choice did not see (Debian's fortunes, the KJV),
   with the embedding scalar for both norms, DyT trails RMSNorm (docs/llama.md).
-- DNA: HyenaDNA's α0 5 on these held-out strains' validation loss (seed 0), Caduceus' α0 4 and its
-  DyT-only untied head on their species validation half (pretraining seeds 0-2): the validation
-  losses are in-sample for DyT, and the species accuracies come from the other half of the same
-  strains. On fresh pretraining seeds and a species outside the four: docs/dna.md.
+- DNA: HyenaDNA's α0 5 on these held-out strains' validation loss (seed 0), Caduceus' α0 4 and
+  untied head on their species validation half (pretraining seeds 0-2; the head for DyT, then by the
+  same rule for RMSNorm): the validation losses are in-sample for DyT, and the species accuracies
+  come from the other half of the same strains. On fresh pretraining seeds and a species outside the
+  four: docs/dna.md.
 - wav2vec 2.0: lr, steps and the input DyT's α0 were chosen on validation voices and sentences of an
   older build, kept out of test since: the unseen-voice and real-recording rows saw no choice; the
   validation loss partly did (docs/wav2vec2.md).

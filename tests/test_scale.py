@@ -442,12 +442,13 @@ def test_runs_saved_with_a_null_compare_by_the_model_they_built():
         "model.embedding_scale false -> true"]
     assert resume_changes(saved("rmsnorm"), saved("rmsnorm")).fixed == []
 
-    # DNA decides its defaults by the norm (the scalar: no-norm; caduceus-tiny.yaml's head: null): a run
-    # saved with them equals one given the values they resolved to, and not one given others
+    # DNA decides its defaults by the norm (the scalar: no-norm; the head: null, caduceus-tiny.yaml's
+    # until 2026-12-06): a run saved with them equals one given the values they resolved to, and not
+    # one given others
     from dyt_dna.task import DnaConfig
 
     caduceus = Path(__file__).resolve().parents[1] / "recipes" / "dna" / "caduceus-tiny.yaml"
-    dyt = load_config(DnaConfig, caduceus, ["model.norm=dyt"])
+    dyt = load_config(DnaConfig, caduceus, ["model.norm=dyt", "model.tied_embeddings=null"])
     assert (dyt.model.embedding_scale, dyt.model.tied_embeddings) == ("no-norm", None)
     resolved = load_config(DnaConfig, caduceus, ["model.norm=dyt", "model.embedding_scale=true",
                                                  "model.tied_embeddings=false"])
