@@ -363,7 +363,7 @@ def test_an_untied_lm_head_has_its_own_weight_at_unit_row_norm(arch):
     assert untied.output.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="tied_embeddings: false"):
         DnaModelConfig(arch=arch, output_init_std=0.1)
-    # None: the norm decides (untied for DyT only), as the tiny Caduceus config ships it
+    # None: the norm decides (untied for DyT only), as the tiny Caduceus config shipped it until 2026-12-06
     for norm, has_head in (("dyt", True), ("rmsnorm", False), ("layernorm", False), ("skipinit", False)):
         cfg = DnaModelConfig(arch=arch, dim=16, max_len=128, norm=NormConfig(kind=norm), tied_embeddings=None,
                              caduceus=CaduceusOptions(state=4))

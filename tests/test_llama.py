@@ -70,6 +70,19 @@ def test_output_head_init():
     assert tied.output is None and tied.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)
 
 
+def test_residual_output_projections_start_scaled_by_depth():
+    """GPT-2's init: each residual branch's last projection (attention's wo, the MLP's w2) at
+    init_std / sqrt(2 layers), every other projection at init_std."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(dim=256, layers=8, heads=4, kv_heads=2, ffn_dim=512, vocab_size=256))
+    scaled = 0.02 / (2 * 8) ** 0.5
+    for block in model.blocks:
+        assert block.attention.wo.weight.std().item() == pytest.approx(scaled, rel=0.05)
+        assert block.feed_forward.w2.weight.std().item() == pytest.approx(scaled, rel=0.05)
+        for linear in (block.attention.wq, block.attention.wv, block.feed_forward.w1, block.feed_forward.w3):
+            assert linear.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_alpha_overrides_per_role():
     cfg = _tiny("dyt")
     cfg.norm.alpha_init = {"attention": 0.6, "final": 0.1}

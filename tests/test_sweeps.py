@@ -884,6 +884,9 @@ def test_demo_runs_every_recipe_compare_through_its_spec(tmp_path, monkeypatch):
     text = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"## {spec.title} report" in text for spec in specs) and "](llama/x.png)" in text
     assert "## DyT vs LayerNorm / RMSNorm, 8x8 float32 (median" in text
+    # which rows are in-sample: the shipped LLaMA config's provenance, not claimed for a config of the user's
+    assert demo.LLAMA_IN_SAMPLE in text and demo.OTHERS_IN_SAMPLE in text
+    assert demo.LLAMA_IN_SAMPLE not in demo.in_sample_note(Path("mine.yaml"))
     assert "## DyT vs LayerNorm / RMSNorm, 8x8 float32, as CPU training ranks allocate" in text
     assert not any("--fresh" in argv for _, argv in called)
 

@@ -262,7 +262,8 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
     pretrainings = len(args.pretrain_seeds)
     for task, pretrained in ((t, p) for t in tasks for p in (True, False)):
         per_metric = {m: downstream(task, pretrained, m) for m in FINETUNE_METRICS}
-        numbers, untrained = per_metric["accuracy"], downstream(task, False)
+        numbers = per_metric["accuracy"]
+        untrained = numbers if not pretrained else downstream(task, False)
         for cell in cells:
             gain = ("-" if not pretrained else
                     pretraining_gain(numbers[cell], untrained[cell], higher_is_better=True))
