@@ -219,6 +219,21 @@ def test_third_corpus_is_debians_english_fortune_cookies_one_document_per_catego
     assert 2.3e6 < sum(len(t) for t in texts.values()) < 2.6e6
 
 
+def test_fourth_corpus_is_webster_1913_one_document_per_letter(tmp_path):
+    """The third transfer-check corpus: GCIDE's entries by initial letter, each letter capped, no line
+    that is only a source tag, no database notes."""
+    from dyt_llama.corpus import GCIDE_LETTER_CHARS, prepare_gcide
+
+    out = prepare_gcide(tmp_path / "gcide")
+    texts = {path.stem: path.read_text() for path in sorted(out.glob("*.txt"))}
+    assert list(texts) == [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    assert json.loads((out / "manifest.json").read_text())["works"] == list(texts)
+    assert texts["a"].startswith("A \\A\\ (named") and "00-database" not in texts["a"]
+    assert not any(re.fullmatch(r"\[[^\]]*\]", line) for text in texts.values() for line in text.splitlines())
+    assert all(len(text) < GCIDE_LETTER_CHARS * 1.05 for text in texts.values())
+    assert 6.5e6 < sum(len(t) for t in texts.values()) < 7.1e6
+
+
 def test_jsonl_corpus_with_titles(tmp_path):
     path = tmp_path / "docs" / "d.jsonl"
     path.parent.mkdir()

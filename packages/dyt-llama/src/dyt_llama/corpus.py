@@ -82,7 +82,7 @@ def _austen(out: Path) -> list[str]:
     return sorted(names)
 
 
-CORPUS_VERSIONS = {"builtin": 1, "kjv": 1, "fortunes": 1}
+CORPUS_VERSIONS = {"builtin": 1, "kjv": 1, "fortunes": 1, "gcide": 1}
 """Each corpus builder's version, kept in its ``manifest.json``: raise one when its builder changes
 what it writes (a work split or cleaned otherwise, a category left out), and a folder built by the
 old code is built again instead of being read as the new corpus."""
@@ -207,20 +207,82 @@ def prepare_fortunes(out: Path | None = None) -> Path:
     return out
 
 
+GCIDE_DEB = "dict-gcide"
+GCIDE_LETTER_CHARS = 300_000
+"""Each letter's document is its first entries (in the dictionary's order) up to this many
+characters: ~7 MB in all, the size of the other check corpora, where the whole is ~40 MB."""
+DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(digits: str) -> int:
+    """A dictd index's offset or length: base 64, most significant digit first."""
+    value = 0
+    for digit in digits:
+        value = value * 64 + DICTD_DIGITS.index(digit)
+    return value
+
+
+def prepare_gcide(out: Path | None = None) -> Path:
+    """The fourth text corpus, only for checking (never for choosing): the GNU Collaborative
+    International Dictionary of English (Webster's 1913 with WordNet additions) from Debian's
+    ``dict-gcide``, one document per initial letter (26), each its first entries up to
+    :data:`GCIDE_LETTER_CHARS` characters, an entry's lines unindented and its source tags
+    ("[1913 Webster]") dropped; under ``$DYT_CACHE/text-gcide`` by default. Definitions and dated
+    quotations: a register none of the other corpora has."""
+    import gzip
+    import re
+
+    out = Path(out) if out is not None else cache_root() / "text-gcide"
+    manifest = out / "manifest.json"
+    if _built(out, "gcide"):
+        return out
+    if problem := folder_problem(out):
+        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
+    with reported_as(DataError):
+        root = unpack([GCIDE_DEB], GCIDE_DEB)
+    folder = root / "usr/share/dictd"
+    text = gzip.decompress((folder / "gcide.dict.dz").read_bytes()).decode("utf-8", errors="replace")
+    spans = {}  # offset -> (headword, length): headwords that share an entry list it once
+    for line in (folder / "gcide.index").read_text(encoding="utf-8", errors="replace").splitlines():
+        headword, offset, length = line.split("\t")[:3]
+        spans.setdefault(_dictd_number(offset), (headword, _dictd_number(length)))
+    letters: dict[str, list[str]] = {}
+    for offset in sorted(spans):
+        headword, length = spans[offset]
+        letter = headword[:1].lower()
+        if not ("a" <= letter <= "z"):
+            continue  # the database's own notes (00-database-*), numerals, symbols
+        lines = [line.strip() for line in text[offset:offset + length].splitlines()]
+        entry = "\n".join(line for line in lines if not re.fullmatch(r"\[[^\]]*\]", line)).strip()
+        kept = letters.setdefault(letter, [])
+        if entry and sum(map(len, kept)) + len(entry) <= GCIDE_LETTER_CHARS:
+            kept.append(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    works = sorted(letters)
+    for letter in works:
+        (out / f"{letter}.txt").write_text("\n\n".join(letters[letter]) + "\n")
+    manifest.write_text(json.dumps({"works": works, "sources": [GCIDE_DEB], "version": CORPUS_VERSIONS["gcide"]},
+                                   indent=1))
+    return out
+
+
 @user_errors("dyt_llama.corpus")
 def main() -> None:
     parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=None,
-                        help="default: $DYT_CACHE/text-corpus (text-kjv, text-fortunes)")
+                        help="default: $DYT_CACHE/text-corpus (text-kjv, text-fortunes, text-gcide)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--kjv", action="store_true",
                        help="build the second corpus (King James Bible) instead, to check settings transfer")
     which.add_argument("--fortunes", action="store_true",
                        help="build the third corpus (Debian's English fortune cookies) instead, to check settings transfer")
+    which.add_argument("--gcide", action="store_true",
+                       help="build the fourth corpus (Webster's 1913 dictionary, Debian's dict-gcide) instead, to check "
+                            "settings transfer")
     args = parser.parse_args()
     out = (prepare_kjv(args.out) if args.kjv else prepare_fortunes(args.out) if args.fortunes
-           else prepare_corpus(args.out))
+           else prepare_gcide(args.out) if args.gcide else prepare_corpus(args.out))
     try:
         works = json.loads((out / "manifest.json").read_text())["works"]
     except (ValueError, KeyError):
