@@ -74,7 +74,8 @@ class DnaModelConfig:
     tied_embeddings: bool | None = True
     """The LM head reads the embedding's 0.02-std weight (HyenaDNA and Caduceus as published); false:
     a head of its own, N(0, output_init_std^2); None: untied for DyT only (the tiny Caduceus'
-    recipe until 2026-12-06; it unties every norm's now). Untied, DyT's final norm no longer saturates in pretraining (docs/dna.md)."""
+    recipe until 2026-12-06; it unties every norm's now). Untied, DyT's final norm no longer
+    saturates in pretraining (docs/dna.md)."""
     output_init_std: Annotated[float, Range(gt=0)] | None = None
     """Untied head only; default 1/sqrt(width) (unit-norm rows, as dyt-llama's untied head)."""
     hyena: HyenaOptions = field(default_factory=HyenaOptions)

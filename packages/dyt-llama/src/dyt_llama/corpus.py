@@ -209,7 +209,7 @@ def prepare_fortunes(out: Path | None = None) -> Path:
 
 GCIDE_DEB = "dict-gcide"
 GCIDE_LETTER_CHARS = 300_000
-"""Each letter's document is its first entries (in the dictionary's order) up to this many
+"""Each letter's document holds its entries, in the dictionary's order, while they fit in this many
 characters: ~7 MB in all, the size of the other check corpora, where the whole is ~40 MB."""
 DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
@@ -225,8 +225,8 @@ def _dictd_number(digits: str) -> int:
 def prepare_gcide(out: Path | None = None) -> Path:
     """The fourth text corpus, only for checking (never for choosing): the GNU Collaborative
     International Dictionary of English (Webster's 1913 with WordNet additions) from Debian's
-    ``dict-gcide``, one document per initial letter (26), each its first entries up to
-    :data:`GCIDE_LETTER_CHARS` characters, an entry's lines unindented and its source tags
+    ``dict-gcide``, one document per initial letter (26), each the letter's entries in the
+    dictionary's order that fit in :data:`GCIDE_LETTER_CHARS` characters, an entry's lines unindented and its source tags
     ("[1913 Webster]") dropped; under ``$DYT_CACHE/text-gcide`` by default. Definitions and dated
     quotations: a register none of the other corpora has."""
     import gzip
@@ -247,6 +247,7 @@ def prepare_gcide(out: Path | None = None) -> Path:
         headword, offset, length = line.split("\t")[:3]
         spans.setdefault(_dictd_number(offset), (headword, _dictd_number(length)))
     letters: dict[str, list[str]] = {}
+    size: dict[str, int] = {}  # characters kept per letter
     for offset in sorted(spans):
         headword, length = spans[offset]
         letter = headword[:1].lower()
@@ -254,9 +255,9 @@ def prepare_gcide(out: Path | None = None) -> Path:
             continue  # the database's own notes (00-database-*), numerals, symbols
         lines = [line.strip() for line in text[offset:offset + length].splitlines()]
         entry = "\n".join(line for line in lines if not re.fullmatch(r"\[[^\]]*\]", line)).strip()
-        kept = letters.setdefault(letter, [])
-        if entry and sum(map(len, kept)) + len(entry) <= GCIDE_LETTER_CHARS:
-            kept.append(entry)
+        if entry and size.get(letter, 0) + len(entry) <= GCIDE_LETTER_CHARS:
+            letters.setdefault(letter, []).append(entry)
+            size[letter] = size.get(letter, 0) + len(entry)
     out.mkdir(parents=True, exist_ok=True)
     works = sorted(letters)
     for letter in works:
