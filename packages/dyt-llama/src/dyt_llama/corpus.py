@@ -131,6 +131,17 @@ KJV_BOOKS = (
 ).split()
 
 
+def _debian_source(out: Path, corpus: str, debs: list[str], name: str) -> Path | None:
+    """The unpacked Debian packages a check corpus is built from, into their cache folder ``name``;
+    None when ``out`` holds ``corpus`` already (:func:`_built`)."""
+    if _built(out, corpus):
+        return None
+    if problem := folder_problem(out):
+        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
+    with reported_as(DataError):
+        return unpack(debs, name)
+
+
 def prepare_kjv(out: Path | None = None) -> Path:
     """The second text corpus, for checking that settings chosen on the built-in one transfer (never
     for choosing them): the King James Bible from Debian's ``bible-kjv-text``, printed book by book
@@ -140,13 +151,10 @@ def prepare_kjv(out: Path | None = None) -> Path:
     import re
 
     out = Path(out) if out is not None else cache_root() / "text-kjv"
-    manifest = out / "manifest.json"
-    if _built(out, "kjv"):
+    root = _debian_source(out, "kjv", list(KJV_DEBS), "bible-kjv")
+    if root is None:
         return out
-    if problem := folder_problem(out):
-        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
-    with reported_as(DataError):
-        root = unpack(list(KJV_DEBS), "bible-kjv")
+    manifest = out / "manifest.json"
     out.mkdir(parents=True, exist_ok=True)
     for number, book in enumerate(KJV_BOOKS, 1):
         name = book.replace("_", " ")
@@ -177,13 +185,10 @@ def prepare_fortunes(out: Path | None = None) -> Path:
     own line breaks kept; under ``$DYT_CACHE/text-fortunes`` by default. Neither the built-in corpus
     nor the KJV shares its register, and no setting has been chosen on it."""
     out = Path(out) if out is not None else cache_root() / "text-fortunes"
-    manifest = out / "manifest.json"
-    if _built(out, "fortunes"):
+    root = _debian_source(out, "fortunes", [FORTUNES_DEB], FORTUNES_DEB)
+    if root is None:
         return out
-    if problem := folder_problem(out):
-        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
-    with reported_as(DataError):
-        root = unpack([FORTUNES_DEB], FORTUNES_DEB)
+    manifest = out / "manifest.json"
     files = sorted(path for path in (root / "usr/share/games/fortunes").iterdir()
                    if path.is_file() and not path.suffix and path.name not in FORTUNES_NOT_PROSE)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,13 +238,10 @@ def prepare_gcide(out: Path | None = None) -> Path:
     import re
 
     out = Path(out) if out is not None else cache_root() / "text-gcide"
-    manifest = out / "manifest.json"
-    if _built(out, "gcide"):
+    root = _debian_source(out, "gcide", [GCIDE_DEB], GCIDE_DEB)
+    if root is None:
         return out
-    if problem := folder_problem(out):
-        raise DataError(f"{out}: {problem}; give --out a folder for the corpus (or DYT_CACHE a cache folder)")
-    with reported_as(DataError):
-        root = unpack([GCIDE_DEB], GCIDE_DEB)
+    manifest = out / "manifest.json"
     folder = root / "usr/share/dictd"
     text = gzip.decompress((folder / "gcide.dict.dz").read_bytes()).decode("utf-8", errors="replace")
     spans = {}  # offset -> (headword, length): headwords that share an entry list it once
