@@ -976,3 +976,11 @@ def test_stored_evals_are_asked_for_in_one_order_whatever_the_command_lines(monk
     assert (args.evals, args.seeds) == (["contrastive", "probe"], [0, 1, 2])
     dna = argparse.Namespace(epochs=1, batch_size=2, lr=1e-3, patience=1, max_steps=1, seeds=[2, 0, 1])
     assert finetune_seeds(dna) == [0, 1, 2]
+    # the DNA compare takes that order for what it stores, reports and writes in summary.json
+    from dyt_dna import compare as dna_compare
+
+    monkeypatch.setattr(dna_compare, "plan_runs", stop)
+    with pytest.raises(Planned) as planned:
+        dna_compare.main(["--out", str(tmp_path / "dna"), "--launcher", "python", "--nproc", "1",
+                          "--seeds", "2", "0", "1"])
+    assert planned.value.args[0].seeds == [0, 1, 2]

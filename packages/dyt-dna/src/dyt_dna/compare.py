@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> Path:
     add_finetune_arguments(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
+    args.seeds = finetune_seeds(args)  # one order for the stored evals, the report and summary.json
     for option, keys in (("--sweep", [s.key for s in args.sweeps]), ("--set", [o.partition("=")[0].strip()
                                                                               for o in args.overrides])):
         if "model.arch" in keys:  # runs are named, grouped and judged by their config's model
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
         train, _ = pretraining_datasets(data, max_len)  # data errors early; warms the cache
         for planned in (p for p in plan if p.config.data == data and p.config.model.max_len == max_len):
             check_one_micro_batch(len(train), planned.config.train.micro_batch_size, args.nproc)
-    finetune_cfg, seeds = finetune_settings(args), finetune_seeds(args)
+    finetune_cfg = finetune_settings(args)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
     task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}
     task_files = task_signatures(tasks, args.tasks)
@@ -139,12 +140,12 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"== fine-tune {run.point.model} {run.label} ({INITS[pretrained]}) on {task.name}, seeds {args.seeds}",
                   flush=True)
             cfg = task_cfgs[task.name]
-            settings = {"finetune": {**asdict(cfg), "seeds": seeds}, "window": args.eval_window,
+            settings = {"finetune": {**asdict(cfg), "seeds": args.seeds}, "window": args.eval_window,
                         "per_class": args.per_class, "task_files": task_files[task.name],
                         **checkpoint_setting(run, pretrained)}
             results[task.name] = stored_eval(run, f"eval-{task.name}", pretrained, settings,
                                              lambda task=task, cfg=cfg: results_json(
-                                                 task, evaluate(run.dir, task, cfg, seeds, pretrained=pretrained)))
+                                                 task, evaluate(run.dir, task, cfg, args.seeds, pretrained=pretrained)))
         return results
 
     evals = downstream_evals(runs, fine_tune)
