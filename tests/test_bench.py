@@ -1,4 +1,4 @@
-"""dyt-bench runs end to end and writes what it printed (timings themselves are not asserted)."""
+"""dyt-bench and dyt-llama-bench run end to end and write what they printed (timings themselves are not asserted)."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from dyt.bench import is_allocator_setting, main
+from dyt_llama.bench import main as llama_bench
 
 
 def test_bench_writes_kernels_and_block(tmp_path, capsys):
@@ -31,27 +32,27 @@ def test_bench_writes_kernels_and_block(tmp_path, capsys):
     assert "'auto' = cpu" in printed and "f+b faults" in printed
 
 
-def test_bench_times_llama_steps_interleaved(tmp_path, capsys):
+def test_llama_bench_times_training_steps_interleaved(tmp_path, capsys):
     recipe = tmp_path / "llama.yaml"
     recipe.write_text("model: {dim: 32, layers: 1, heads: 2, kv_heads: 1, ffn_dim: 64, vocab_size: 64, max_seq_len: 16}\n"
                       "data: {seq_len: 8}\ntrain: {micro_batch_size: 2}\n")
     out = tmp_path / "bench.json"
-    main(["--shape", "8x32", "--repeats", "2", "--warmup", "0", "--llama", str(recipe), "--json", str(out)])
-    llama = json.loads(out.read_text())["llama"]
-    assert llama["tokens_per_step"] == 16 and llama["dyt_backend"] == "cpu"
+    llama_bench(["--config", str(recipe), "--repeats", "2", "--warmup", "0", "--json", str(out)])
+    llama = json.loads(out.read_text())
+    assert llama["tokens_per_step"] == 16 and llama["dyt_backend"] == "cpu" and llama["config"] == str(recipe)
     assert set(llama["results"]) == {"rmsnorm", "layernorm", "dyt"}
     assert all(row["train_step_ms"] > 0 and row["train_step_peak_bytes"] > 0 for row in llama["results"].values())
     assert "train/RMS" in capsys.readouterr().out
 
 
-def test_a_bad_llama_recipe_stops_the_bench_before_any_timing(tmp_path, capsys):
+def test_a_bad_llama_recipe_stops_the_llama_bench_before_any_timing(tmp_path, capsys):
     recipe = tmp_path / "not-llama.yaml"
     recipe.write_text("model: {arch: hyena}\n")  # a DNA recipe's key
     with pytest.raises(SystemExit) as stopped:
-        main(["--shape", "8x32", "--repeats", "1", "--warmup", "0", "--llama", str(recipe)])
+        llama_bench(["--config", str(recipe), "--repeats", "1", "--warmup", "0"])
     printed = capsys.readouterr()
     assert stopped.value.code == 2 and "unknown key 'model.arch'" in printed.err
-    assert "8 x 32" not in printed.out
+    assert "dyt-llama-bench on" not in printed.out
 
 
 def test_a_default_backend_this_device_cannot_run_stops_the_bench_before_any_timing(capsys, monkeypatch):

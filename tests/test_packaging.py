@@ -121,11 +121,11 @@ def test_dyt_data_installs_alone_with_its_declared_dependencies(tmp_path):
 
 
 OPTIONAL_IMPORTS = {
-    "dyt-core": {"triton", "liger_kernel", "mamba_ssm", "dyt_llama"},
+    "dyt-core": {"triton", "liger_kernel", "mamba_ssm"},
     "dyt-dna": {"mamba_ssm"},
 }
 """Modules a package imports only behind a guard that names what to install (the Triton backends, the
-Liger and Mamba references of ``dyt-bench``, its ``--llama`` timing, Caduceus' CUDA scan), so not
+Liger and Mamba references of ``dyt-bench``, Caduceus' CUDA scan), so not
 dependencies."""
 
 USED_WITHOUT_IMPORT = {"ninja", "tensorboard"}

@@ -1,6 +1,6 @@
 """dyt-bench: time DyT's backends against copy, LayerNorm, RMSNorm and the LLaMA reference RMSNorm,
 forward and forward+backward, on the current device, with each op's peak memory; optionally a
-LLaMA-style decoder block with each norm, and a recipe's LLaMA training step with each norm. Ops
+LLaMA-style decoder block with each norm (a recipe's whole training step: ``dyt-llama-bench``). Ops
 are timed interleaved (a call of each in turn, in a new random order, then the next round), so
 drift in the machine's speed hits all alike and no op always follows the same one. Prints times,
 effective bandwidth, peak bytes and ratios; writes JSON.
@@ -52,7 +52,7 @@ from .backends import BackendUnavailableError, auto_backend, available_backends,
 from .errors import UserInputError, folder_problem, help_description, user_errors
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
-from .norms import NormConfig, make_norm, norm_variant_overrides
+from .norms import NormConfig, make_norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_SHAPES = ["4096x4096", "16384x4096", "32768x4096", "8192x8192"]
@@ -277,61 +277,6 @@ def run_block(dim, heads, ffn, tokens, dtype, device, warmup, repeats) -> dict:
                    "train_step_peak_bytes": peak_bytes(steps[name], device)} for name in blocks}
 
 
-LLAMA_NORMS = ("rmsnorm", "layernorm", "dyt")
-"""The norms a recipe's training step is timed with, each set as the comparisons set it
-(:func:`dyt.norm_variant_overrides`)."""
-
-
-def llama_configs(config_path: Path) -> dict:
-    """The dyt-llama recipe's config with each norm of :data:`LLAMA_NORMS`: loaded before any timing,
-    so a bad recipe stops the command at once."""
-    try:
-        from dyt_llama.task import LlamaConfig
-    except ImportError as error:
-        raise UserInputError(f"--llama needs the dyt-llama package ({error})") from None
-    from .train.config import load_config
-
-    return {name: load_config(LlamaConfig, config_path, norm_variant_overrides(name), check_files=False)
-            for name in LLAMA_NORMS}
-
-
-def run_llama(config_path: Path, configs: dict, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Training steps (forward, cross-entropy, backward, AdamW step) of a dyt-llama recipe's model with
-    each norm (:func:`llama_configs`), one batch of its micro-batch size and sequence length. The
-    variants' steps are interleaved (one step of each per round, in a random order, ``repeats``
-    rounds), so a change in machine load hits all of them alike; each variant's time is its median step."""
-    from dyt_llama.model import Llama
-
-    variants = {}
-    for name, config in configs.items():
-        torch.manual_seed(0)
-        model = Llama(config.model).to(device=device, dtype=dtype)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
-        variants[name] = (model, optimizer)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    batch = torch.randint(config.model.vocab_size, (config.train.micro_batch_size, config.data.seq_len + 1),
-                          generator=generator).to(device)
-
-    def step(model, optimizer):
-        logits = model(batch[:, :-1])
-        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    steps = {name: functools.partial(step, *variant) for name, variant in variants.items()}
-    step_ms = time_interleaved(steps, device, warmup, repeats)
-    dyt_backend = auto_backend(device, config.train.micro_batch_size * config.data.seq_len * config.model.dim)
-    return {
-        "config": str(config_path),
-        "tokens_per_step": config.train.micro_batch_size * config.data.seq_len,
-        "dyt_backend": dyt_backend,
-        "results": {
-            name: {"train_step_ms": step_ms[name], "train_step_peak_bytes": peak_bytes(steps[name], device)}
-            for name in variants
-        },
-    }
-
-
 def _mb(nbytes: float) -> float:
     return nbytes / 2**20
 
@@ -367,18 +312,6 @@ def format_block(results: dict) -> str:
         lines.append(
             f"{name:20} {row['inference_ms']:13.3f} {row['train_step_ms']:14.3f} "
             f"{row['inference_ms'] / base['inference_ms']:8.2f} {row['train_step_ms'] / base['train_step_ms']:10.2f} "
-            f"{_mb(row['train_step_peak_bytes']):8.1f} "
-            f"{row['train_step_peak_bytes'] / base['train_step_peak_bytes']:9.2f}"
-        )
-    return "\n".join(lines)
-
-
-def format_llama(results: dict) -> str:
-    base = results["rmsnorm"]
-    lines = [f"{'norm':12} {'train step ms':>14} {'train/RMS':>10} {'peak MB':>8} {'peak/RMS':>9}"]
-    for name, row in results.items():
-        lines.append(
-            f"{name:12} {row['train_step_ms']:14.3f} {row['train_step_ms'] / base['train_step_ms']:10.2f} "
             f"{_mb(row['train_step_peak_bytes']):8.1f} "
             f"{row['train_step_peak_bytes'] / base['train_step_peak_bytes']:9.2f}"
         )
@@ -481,34 +414,56 @@ def count_arg(least: int):
     return parse
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every timing command shares (``dyt-bench``, ``dyt-llama-bench``): device, dtype,
+    warm-up, repeats and where the JSON goes; :func:`checked_timing_arguments` checks them."""
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--warmup", type=count_arg(0), default=5)
+    parser.add_argument("--repeats", type=count_arg(1), default=20)
+    parser.add_argument("--json", type=Path, help="write the results here")
+
+
+def checked_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.dtype:
+    """Stops the command before anything is timed where the default DyT backend (``DYT_BACKEND``,
+    which the DyT layers of blocks and models take) cannot run on the device, or ``--json`` cannot
+    be written; returns the dtype to time in."""
+    try:
+        select_backend(None, args.device)
+    except (BackendUnavailableError, ValueError) as error:
+        parser.error(f"DYT_BACKEND: {error}")
+    if args.json is not None and args.json.exists() and not args.json.is_file():
+        parser.error(f"argument --json: {args.json} is not a file")
+    if args.json is not None and (problem := folder_problem(args.json.parent)):
+        parser.error(f"argument --json: {args.json}: {problem}")
+    return DTYPES[args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
+
+
+def write_results(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {path}")
+
+
 @user_errors("dyt-bench")
 def main(argv: list[str] | None = None) -> None:
-    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="dyt-bench", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg,
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")
     parser.add_argument("--block-size", type=_block_size, default=None, metavar="DIM,HEADS,FFN,TOKENS",
                         help="the decoder block's size (implies --block); default: 4096,32,11008,4096 (LLaMA-7B) on "
                              "CUDA, 512,8,1376,512 on CPU")
-    parser.add_argument("--llama", type=Path, metavar="RECIPE.yaml",
-                        help="also time training steps of this dyt-llama recipe's model (e.g. recipes/llama/tiny.yaml) "
-                             "with each norm, steps interleaved (needs the dyt-llama package)")
     parser.add_argument("--training-allocator", action="store_true",
                         help="then time the kernels again with glibc's malloc set as CPU training ranks set it "
                              "(train.reuse_freed_memory: freed blocks kept, no page faults for fresh outputs); "
                              "CPU and glibc only; the setting stays for the rest of the process, so this pass runs last")
-    parser.add_argument("--warmup", type=count_arg(0), default=5)
-    parser.add_argument("--repeats", type=count_arg(1), default=20)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
     device = args.device  # every option is checked before the first op is timed
     args.block = args.block or args.block_size is not None  # a size asks for the block it sizes
-    if args.llama is not None and not args.llama.is_file():
-        parser.error(f"argument --llama: {args.llama} is not a file")
     if args.training_allocator:
         if device.type != "cpu":
             parser.error("argument --training-allocator: glibc's malloc holds host memory only; use --device cpu")
@@ -516,19 +471,9 @@ def main(argv: list[str] | None = None) -> None:
         if reason:
             parser.error(f"argument --training-allocator: {reason}, and CPU training ranks would leave malloc as it "
                          "is too: the first pass already times the kernels as they allocate")
-    try:  # the default backend (DYT_BACKEND) that the block and LLaMA timings' DyT layers take
-        select_backend(None, device)
-    except (BackendUnavailableError, ValueError) as error:
-        parser.error(f"DYT_BACKEND: {error}")
-    if args.json is not None and args.json.exists() and not args.json.is_file():
-        parser.error(f"argument --json: {args.json} is not a file")
-    if args.json is not None and (problem := folder_problem(args.json.parent)):
-        parser.error(f"argument --json: {args.json}: {problem}")
-
-    llama = llama_configs(args.llama) if args.llama else None
+    dtype = checked_timing_arguments(parser, args)
 
     on_cuda = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     shapes = args.shapes or ([shape_arg(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
     machine = machine_info(device)
     print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
@@ -549,11 +494,6 @@ def main(argv: list[str] | None = None) -> None:
         results = run_block(dim, heads, ffn, tokens, dtype, device, args.warmup, args.repeats)
         payload["block"] = {"size": [dim, heads, ffn, tokens], "results": results}
         print(f"\ndecoder block dim {dim}, {heads} heads, ffn {ffn}, {tokens} tokens\n{format_block(results)}")
-    if args.llama:
-        payload["llama"] = run_llama(args.llama, llama, dtype, device, args.warmup, args.repeats)
-        print(f"\nLLaMA training step ({args.llama}, {payload['llama']['tokens_per_step']} tokens, DyT backend "
-              f"{payload['llama']['dyt_backend']}), median of {args.repeats} interleaved steps\n"
-              f"{format_llama(payload['llama']['results'])}")
     if args.training_allocator:
         said = keep_freed_blocks()
         if not applied():  # glibc refused mallopt
@@ -561,10 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["training_allocator"] = {"allocator_env": allocator_env(), "kernels": {}}
         print(f"\nagain, as CPU training ranks allocate ({said})")
         time_kernels(payload["training_allocator"]["kernels"], ", training's allocator")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"\nwrote {args.json}")
+    write_results(args.json, payload)
 
 
 if __name__ == "__main__":
