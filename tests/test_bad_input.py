@@ -285,13 +285,17 @@ CASES = [
          ("dyt-llama-prepare", "--config", "recipes/llama/tiny.yaml", "--set", "data.corpus={tmp}/corpus",
           "--set", "model.vocab_size=100", "--set", "data.cache_dir={tmp}/cache/prepare"),
          ("model.vocab_size=100", "below the 257 tokens")),
-    # ---- dyt-bench and the corpus builder
+    # ---- dyt-bench, dyt-llama-bench and the corpus builder
     Case("bench-block-size", "dyt-bench", ("dyt-bench", "--block", "--block-size", "30,4,64,16"),
          ("--block-size", "DIM (30)")),
     Case("bench-repeats-zero", "dyt-bench", ("dyt-bench", "--repeats", "0"), ("--repeats", "at least 1")),
     Case("bench-training-allocator-chosen", "dyt-bench", ("dyt-bench", "--training-allocator"),
          ("--training-allocator", "MALLOC_MMAP_THRESHOLD_ is set in the environment"),
          env={"MALLOC_MMAP_THRESHOLD_": "131072"}),
+    Case("llama-bench-config-missing", "dyt-llama-bench", ("dyt-llama-bench", "--config", "{tmp}/missing.yaml"),
+         ("--config", "missing.yaml", "not a file")),
+    Case("llama-bench-dna-recipe", "dyt-llama-bench", ("dyt-llama-bench", "--config", "recipes/dna/hyena-tiny.yaml"),
+         ("model.arch",)),
     Case("corpus-out-is-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml"),
          ("bad.yaml", "not a folder")),
     Case("corpus-out-under-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml/sub"),
@@ -579,7 +583,7 @@ def test_every_command_has_cases():
     progs = {c.prog for c in CASES}
     assert {"dyt_llama.train", "dyt_dna.train", "dyt_wav2vec2.train", "dyt_wav2vec2.manifest", "dyt_dna.eval",
             "dyt_wav2vec2.eval", "dyt-llama-compare", "dyt-dna-compare", "dyt-wav2vec2-compare", "dyt-bench",
-            "dyt-llama-prepare",
+            "dyt-llama-prepare", "dyt-llama-bench",
             "dyt_llama.corpus"} <= progs
     assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
 
