@@ -78,9 +78,10 @@ def run_bench(argv: list[str]) -> None:
 
 
 LLAMA_IN_SAMPLE = """\
-- LLaMA: α0 (attention 8, FFN 4) was chosen on this corpus's validation works, so its validation
-  losses are in-sample for DyT. On corpora the α0 choice did not see (Debian's fortunes, the KJV,
-  Webster's 1913), with the embedding scalar for both norms, DyT trails RMSNorm (docs/llama.md)."""
+- LLaMA: α0 (attention 8, FFN 4) was chosen on this corpus's validation works, and so was the
+  learning rate both norms train at (RMSNorm's best), so its validation losses are in-sample for DyT
+  and for RMSNorm. On corpora the α0 choice did not see (Debian's fortunes, the KJV, Webster's 1913,
+  which confirmed the rate), with the embedding scalar for both norms, DyT trails RMSNorm (docs/llama.md)."""
 OTHERS_IN_SAMPLE = """\
 - DNA: HyenaDNA's α0 5 on these held-out strains' validation loss (seed 0), Caduceus' α0 4 and
   untied head on their species validation half (pretraining seeds 0-2; the head for DyT, then by the
