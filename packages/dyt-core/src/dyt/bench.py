@@ -439,6 +439,16 @@ def checked_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     return DTYPES[args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
 
 
+def timing_header(command: str, device: torch.device, machine: dict, dtype: torch.dtype, what: str) -> str:
+    """The line a timing command prints before it times anything: the machine, torch and Triton, the
+    threads, the dtype, ``what`` is timed, and the load, allocator and OpenMP settings that move the
+    ratios on CPU (docs/performance.md)."""
+    return (f"{command} on {device} ({machine['device']}, torch {machine['torch']}, "
+            f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, {what}; "
+            f"load average {machine['load_average'][0]:.2f}; allocator {machine['allocator_env'] or 'glibc defaults'}; "
+            f"OpenMP waiting {machine['openmp_env'] or 'default (spin, then sleep)'}")
+
+
 def write_results(path: Path | None, payload: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,11 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     on_cuda = device.type == "cuda"
     shapes = args.shapes or ([shape_arg(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
     machine = machine_info(device)
-    print(f"dyt-bench on {device} ({machine['device']}, torch {machine['torch']}, "
-          f"triton {machine.get('triton', '-')}, {machine['threads']} CPU threads), {dtype}, median of {args.repeats} interleaved rounds; "
-          f"'auto' = {auto_backend(device)}; load average {machine['load_average'][0]:.2f}; "
-          f"allocator {machine['allocator_env'] or 'glibc defaults'}; "
-          f"OpenMP waiting {machine['openmp_env'] or 'default (spin, then sleep)'}")
+    print(timing_header("dyt-bench", device, machine, dtype,
+                        f"median of {args.repeats} interleaved rounds; 'auto' = {auto_backend(device)}"))
     payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
 
     def time_kernels(into: dict, heading: str = "") -> None:

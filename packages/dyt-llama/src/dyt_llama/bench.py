@@ -26,6 +26,7 @@ from dyt.bench import (
     machine_info,
     peak_bytes,
     time_interleaved,
+    timing_header,
     write_results,
 )
 from dyt.errors import help_description, user_errors
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     configs = norm_configs(args.config)
 
     machine = machine_info(args.device)
-    print(f"dyt-llama-bench on {args.device} ({machine['device']}, torch {machine['torch']}, {machine['threads']} CPU "
-          f"threads), {dtype}, {args.config}, median of {args.repeats} interleaved steps; load average "
-          f"{machine['load_average'][0]:.2f}; allocator {machine['allocator_env'] or 'glibc defaults'}")
+    print(timing_header("dyt-llama-bench", args.device, machine, dtype,
+                        f"{args.config}, median of {args.repeats} interleaved steps"))
     timed = time_steps(configs, dtype, args.device, args.warmup, args.repeats)
     print(f"{timed['tokens_per_step']} tokens a step, DyT backend {timed['dyt_backend']}\n{format_steps(timed['results'])}")
     write_results(args.json, {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "config": str(args.config),
