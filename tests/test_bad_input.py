@@ -51,6 +51,7 @@ class Case:
     also: tuple[str, ...] = ()
     """What must be elsewhere in stderr (e.g. the reason each left-out file was left out)."""
     env: dict[str, str] = field(default_factory=dict, hash=False)
+    """Set for this case (``{tmp}`` is the fixture folder); such a case runs in a fresh interpreter."""
     cwd: str = str(ROOT)
     """Where the command runs (``{tmp}`` is the fixture folder)."""
 
@@ -248,6 +249,13 @@ CASES = [
          ("--nproc", "at least 1")),
     Case("dna-compare-fresh-deletes-cwd", "dyt-dna-compare", ("dyt-dna-compare", "--out", "{tmp}/cmp-fresh", "--fresh"),
          ("--fresh", "cmp-fresh", "holds the current directory"), cwd="{tmp}/cmp-fresh/inner"),
+    Case("llama-compare-fresh-foreign-folder", "dyt-llama-compare", ("dyt-llama-compare", "--out", "{tmp}/foreign", "--fresh"),
+         ("--fresh", "foreign holds files that no comparison wrote")),
+    Case("llama-compare-out-empty", "dyt-llama-compare", ("dyt-llama-compare", "--out", ""), ("--out", "an empty path")),
+    Case("w2v-compare-cache-is-a-file", "dyt-wav2vec2-compare", ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--evals", "none"),
+         ("cache folder", "bad.yaml", "a file stands at it"), env={"DYT_CACHE": "{tmp}/bad.yaml"}),
+    Case("speech-cache-is-a-file", "dyt_wav2vec2.speech", ("-m", "dyt_wav2vec2.speech"),
+         ("cache folder", "bad.yaml", "a file stands at it"), env={"DYT_CACHE": "{tmp}/bad.yaml"}),
     Case("w2v-compare-deepspeed-json", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "train.deepspeed_config={tmp}/bad.json"),
          ("bad.json:1:", "invalid JSON")),
@@ -289,6 +297,8 @@ CASES = [
     Case("bench-block-size", "dyt-bench", ("dyt-bench", "--block", "--block-size", "30,4,64,16"),
          ("--block-size", "DIM (30)")),
     Case("bench-repeats-zero", "dyt-bench", ("dyt-bench", "--repeats", "0"), ("--repeats", "at least 1")),
+    Case("bench-backend-unknown", "dyt-bench", ("dyt-bench",), ("DYT_BACKEND", "unknown DyT backend 'bogus'"),
+         env={"DYT_BACKEND": "bogus"}),
     Case("bench-training-allocator-chosen", "dyt-bench", ("dyt-bench", "--training-allocator"),
          ("--training-allocator", "MALLOC_MMAP_THRESHOLD_ is set in the environment"),
          env={"MALLOC_MMAP_THRESHOLD_": "131072"}),
@@ -296,6 +306,8 @@ CASES = [
          ("--config", "missing.yaml", "not a file")),
     Case("llama-bench-dna-recipe", "dyt-llama-bench", ("dyt-llama-bench", "--config", "recipes/dna/hyena-tiny.yaml"),
          ("model.arch",)),
+    Case("llama-bench-backend-unknown", "dyt-llama-bench", ("dyt-llama-bench",),
+         ("DYT_BACKEND", "unknown DyT backend 'bogus'"), env={"DYT_BACKEND": "bogus"}),
     Case("corpus-out-is-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml"),
          ("bad.yaml", "not a folder")),
     Case("corpus-out-under-a-file", "dyt_llama.corpus", ("-m", "dyt_llama.corpus", "--out", "{tmp}/bad.yaml/sub"),
@@ -356,6 +368,8 @@ def _inputs(tmp: Path) -> None:
         "\ufeff" + (tmp / "corpus-copied" / "b" / "four.txt").read_text() + "\n", encoding="utf-8")
     (tmp / "cmp-fresh" / "inner").mkdir(parents=True)
     (tmp / "cmp-fresh" / "inner" / "keep.txt").write_text("not to be deleted\n")
+    (tmp / "foreign").mkdir()
+    (tmp / "foreign" / "keep.txt").write_text("not to be deleted\n")
     for name, files in (("corpus-mixed", {"a.txt": "some words\n", "b.jsonl": '{"text": "more words"}\n'}),
                         ("corpus-bad-json", {"x.jsonl": '{"text": "fine"}\n{not json\n'}),
                         ("corpus-numbers", {"x.jsonl": '{"text": 5}\n{"text": 6}\n'})):
@@ -475,7 +489,8 @@ def _argv(command: tuple[str, ...], tmp: Path) -> list[str]:
 def _run(case: Case, tmp: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(_argv(case.command, tmp), cwd=case.cwd.replace("{tmp}", str(tmp)),
-                              env={**_env(tmp), **case.env}, capture_output=True, text=True, timeout=TIMEOUT_S)
+                              env={**_env(tmp), **{k: v.replace("{tmp}", str(tmp)) for k, v in case.env.items()}},
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as expired:
         return subprocess.CompletedProcess(expired.cmd, -1, expired.stdout or "", f"timed out after {TIMEOUT_S} s")
 
@@ -604,9 +619,10 @@ def test_what_the_failed_cases_left_behind(bad_input_runs):
 @pytest.mark.slow
 def test_a_refused_fresh_deleted_nothing(bad_input_runs):
     runs, tmp = bad_input_runs
-    if "dna-compare-fresh-deletes-cwd" not in runs:
-        pytest.skip("needs the case dna-compare-fresh-deletes-cwd in the same run")
+    if not {"dna-compare-fresh-deletes-cwd", "llama-compare-fresh-foreign-folder"} <= runs.keys():
+        pytest.skip("needs the cases dna-compare-fresh-deletes-cwd and llama-compare-fresh-foreign-folder in the same run")
     assert (tmp / "cmp-fresh" / "inner" / "keep.txt").read_text() == "not to be deleted\n"
+    assert (tmp / "foreign" / "keep.txt").read_text() == "not to be deleted\n"
 
 
 # ---------------------------------------------------------------- DYT_DEBUG, ranks, a full disk

@@ -65,6 +65,20 @@ def test_a_default_backend_this_device_cannot_run_stops_the_bench_before_any_tim
     assert "8 x 32" not in printed.out
 
 
+def test_a_json_path_that_cannot_be_written_stops_the_bench_before_timing(tmp_path, capsys, monkeypatch):
+    # as root every folder is writable, so the check's answer is stood in for
+    out = tmp_path / "new" / "bench.json"
+    asked, access = [], os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: asked.append(path) is not None if path in (
+        out, *out.parents) else access(path, mode))  # a compiler's lookup (shutil.which) asks too
+    with pytest.raises(SystemExit) as stopped:
+        main(["--shape", "8x32", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert stopped.value.code == 2 and asked == [tmp_path]  # the nearest folder that exists
+    assert f"argument --json: {out}: {tmp_path} is not writable here" in printed.err
+    assert "8 x 32" not in printed.out
+
+
 def test_bench_records_how_openmp_threads_wait(tmp_path, capsys, monkeypatch):
     # at small shapes OMP_WAIT_POLICY moves the ratios as much as the kernels do: the run must say it
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")

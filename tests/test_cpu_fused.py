@@ -442,6 +442,31 @@ def test_a_build_is_named_by_what_makes_it(monkeypatch, tmp_path):
     assert cpu_fused.EXTENSION.build_name("AVX2", flags) != name
 
 
+def test_the_lock_file_a_killed_build_left_does_not_stop_later_loads():
+    """torch's build lock is a plain file: a build killed midway (a rank's SIGKILL, a Ctrl-C) leaves
+    it, and every later process that loads the extension would wait on it forever. The build's own
+    kernel lock (dropped with its holder) tells such a leftover from a live build's, and removes it."""
+    import subprocess
+    import sys
+
+    from dyt.kernels.cpp_build import build_flags, capability
+
+    extension = cpu_fused.EXTENSION
+    folder = extension.build_folder(extension.build_name(capability(), build_flags(capability())))
+    baton = folder / "lock"
+    baton.touch()  # what torch's FileBaton leaves behind when its holder is killed
+    try:
+        done = subprocess.run([sys.executable, "-c", "from dyt.kernels.cpu_fused import EXTENSION; EXTENSION.load()"],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the load waited on the leftover lock file")
+    finally:
+        left = baton.exists()
+        baton.unlink(missing_ok=True)  # a failure here must not hang the rest of the suite
+    assert done.returncode == 0, done.stderr
+    assert not left and "left by a build that was killed" in done.stderr
+
+
 def test_no_compiler_at_all(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr("dyt.backends._have_cpp_compiler", lambda: False)

@@ -100,6 +100,7 @@ def test_machine_checks_cover_the_runs_still_to_train(tmp_path, launches, monkey
     assert not launches
     monkeypatch.delenv("DYT_BACKEND")
     args = _args(TOY, argv)
+    prepare_out(args)  # as the commands do: the comparison's lock file marks --out as its own for --fresh
     train_runs(TOY, args, plan_runs(TOY, args, [(TOY.models[0], config)], seeds=[0]))
     assert len(launches) == 2
     monkeypatch.setenv("DYT_BACKEND", "fused")
@@ -339,6 +340,11 @@ def test_sweep_options_build_a_grid_per_norm():
     (["--norms", "dyt", "--sweep", "rmsnorm:train.lr=1,2"], "names a norm that is not trained"),
     (["--norms", "dyt", "dyt"], "listed twice"),
     (["--norms", "layernorm", "--norms", "dyt"], "argument --norms: given twice: list every value after one --norms"),
+    (["--norms", "layernorm", "dyt", "dyt:tanh"], "argument --norms: dyt and dyt:tanh are the same norm"),
+    (["--norms", "dyt:sigmoid:fixed-alpha", "dyt:fixed-alpha:sigmoid"], "dyt:sigmoid:fixed-alpha and "
+     "dyt:fixed-alpha:sigmoid are the same norm (model.norm.kind=dyt model.norm.squash=sigmoid"),
+    (["--set", "train.steps=5", "--set", "train.steps = 7"], "argument --set: train.steps is set twice"),
+    (["--set", "train.lr=5e-3", "--sweep", "dyt:train.lr=1e-3,2e-3"], "argument --set: train.lr is also swept"),
     (["--sweep", "train.betas=[0.9,0.95],[0.9,0.99]"], "the values are split at every comma, so a list or mapping"),
     (["--sweep", "train.seed=0,1,2"], "train.seed is set for each run by the comparison itself"),
     (["--set", "train.out_dir=x"], "train.out_dir is set for each run by the comparison itself"),
@@ -404,6 +410,16 @@ def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.eps=1e-5,1e-6"])
     with pytest.raises(shared.CompareError, match=r"the dyt runs build no layer that reads model.norm.eps \(a "
                                                   r"layernorm or rmsnorm setting\)"):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    # the same restricted to a norm that reads no such setting
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "layernorm:model.norm.alpha_init.default=0.5,1"])
+    with pytest.raises(shared.CompareError, match=(
+            r"--sweep layernorm:model.norm.alpha_init.default: the layernorm runs build no layer that reads "
+            r"model.norm.alpha_init .*e.g. --sweep dyt:model.norm.alpha_init.default=0.5,1")):
+        plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
+    args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--norms", "layernorm",
+                       "--sweep", "layernorm:model.norm.alpha_init.default=0.5,1"])
+    with pytest.raises(shared.CompareError, match="no norm of this comparison reads it: drop the sweep"):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "dyt:model.norm.alpha_init.default=0.5,1",
                        "--sweep", "model.norm.bias=false,true"])  # both norms read bias

@@ -134,7 +134,10 @@ def folder_problem(path: str | Path) -> str | None:
 
 
 def output_folder(text: str) -> Path:
-    """argparse ``type=`` for a folder a command writes into."""
+    """argparse ``type=`` for a folder a command writes into; not empty (that would write into, and
+    with ``--fresh`` empty, the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a folder (e.g. runs/compare)")
     problem = folder_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{text}: {problem}")

@@ -1,12 +1,13 @@
 """Data plumbing shared by the recipes, kept out of the kernel package (``dyt``):
 
-* :mod:`dyt_data.cache`: ``$DYT_CACHE`` (default ``~/.cache/dyt``), where every recipe keeps data;
+* :mod:`dyt_data.cache`: ``$DYT_CACHE`` (default ``~/.cache/dyt``), where every recipe keeps data,
+  and its folders made with a one-line reason where they cannot be;
 * :mod:`dyt_data.debian`: Debian packages unpacked into that cache (no install, no root);
 * :mod:`dyt_data.shards`: token streams on disk as memory-mapped shards with a JSON index, written
   in constant memory and resumable after a kill.
 """
 
-from .cache import cache_root, file_key, file_sha256
+from .cache import CacheFolderUnusable, cache_folder, cache_root, file_key, file_sha256
 from .debian import (
     BuiltinDataUnavailable,
     failure_reason,
@@ -16,4 +17,4 @@ from .debian import (
     unpacked_versions,
 )
 
-__all__ = ["BuiltinDataUnavailable", "cache_root", "failure_reason", "file_key", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]
+__all__ = ["BuiltinDataUnavailable", "CacheFolderUnusable", "cache_folder", "cache_root", "failure_reason", "file_key", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]

@@ -7,9 +7,28 @@ import os
 from pathlib import Path
 
 
+class CacheFolderUnusable(RuntimeError):
+    """A cache folder cannot be made: a file stands at it or above it, or no permission. The recipes
+    report it as their own data error (:func:`dyt_data.reported_as`): one line, not a traceback."""
+
+
 def cache_root() -> Path:
-    """``$DYT_CACHE`` or ``~/.cache/dyt``: every recipe's downloads and derived data."""
-    return Path(os.environ.get("DYT_CACHE", Path.home() / ".cache" / "dyt"))
+    """``$DYT_CACHE`` or ``~/.cache/dyt``: every recipe's downloads and derived data. An empty
+    ``DYT_CACHE`` counts as unset (it would otherwise put the cache in the current folder)."""
+    return Path(os.environ.get("DYT_CACHE") or Path.home() / ".cache" / "dyt")
+
+
+def cache_folder(path: Path) -> Path:
+    """``path`` made, with its parents, for a cache to write into, or :class:`CacheFolderUnusable`
+    naming why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        why = ("a file stands at it or above it" if isinstance(error, FileExistsError | NotADirectoryError)
+               else error.strerror or str(error))
+        raise CacheFolderUnusable(f"cache folder {path} cannot be created: {why} (the cache lives in $DYT_CACHE, "
+                                  "default ~/.cache/dyt, unless a recipe's data.cache_dir says otherwise)") from None
+    return path
 
 
 def file_sha256(path: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .cache import cache_root
+from .cache import CacheFolderUnusable, cache_folder, cache_root
 
 
 class BuiltinDataUnavailable(RuntimeError):
@@ -26,11 +26,12 @@ class BuiltinDataUnavailable(RuntimeError):
 
 @contextlib.contextmanager
 def reported_as(error_type: type[Exception]) -> Iterator[None]:
-    """Re-raise :class:`BuiltinDataUnavailable` inside as ``error_type`` (a recipe's data error,
-    which its commands print as one line): this package stays free of the kernel package's errors."""
+    """Re-raise :class:`BuiltinDataUnavailable` and :class:`~dyt_data.cache.CacheFolderUnusable`
+    inside as ``error_type`` (a recipe's data error, which its commands print as one line): this
+    package stays free of the kernel package's errors."""
     try:
         yield
-    except BuiltinDataUnavailable as error:
+    except (BuiltinDataUnavailable, CacheFolderUnusable) as error:
         raise error_type(str(error)) from error
 
 
@@ -58,7 +59,7 @@ def _download(packages: Sequence[str], folder: str) -> None:
 def unpack(packages: Sequence[str], name: str) -> Path:
     """Unpack ``packages`` into ``$DYT_CACHE/debian/<name>`` (once) and return that root."""
     target = cache_root() / "debian" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    cache_folder(target.parent)
     with FileLock(str(target) + ".lock"):
         if (target / ".complete").is_file():
             return target

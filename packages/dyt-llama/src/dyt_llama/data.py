@@ -22,7 +22,7 @@ from filelock import FileLock
 from dyt.train.config import Range
 from dyt.train.data_files import saved_dataset_files
 from dyt.train.jsonio import partial_path
-from dyt_data import cache_root, file_key
+from dyt_data import cache_folder, cache_root, file_key, reported_as
 from dyt_data.shards import TokenShards
 
 from .corpus import DataError, prepare_corpus
@@ -84,11 +84,8 @@ class DataConfig:
 
 def _cache(cfg: DataConfig) -> Path:
     path = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(f"cache folder {path} (data.cache_dir or $DYT_CACHE) cannot be created: {error.strerror}") from None
-    return path
+    with reported_as(DataError):
+        return cache_folder(path)
 
 
 def _not_utf8(paths: list[Path]) -> str:

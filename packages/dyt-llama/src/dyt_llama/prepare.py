@@ -240,9 +240,9 @@ PREPARED_VERSION = 1
 
 def _done_record(cache: Path, cfg: DataConfig, vocab_size: int) -> Path | None:
     """Where a finished preparation of a corpus of the user's records its shard folders and tokenizer,
-    keyed by every data setting, the corpus files' paths, sizes, modification and change times (a
-    copy that kept the modification time changes the last: ``dyt_data.file_key``), and the versions
-    of the code that reads them. None for the built-in corpus (small; its text comes from packages,
+    keyed by every data setting but ``num_proc`` and ``cache_dir`` (where it lives), the corpus
+    files' paths, sizes, modification and change times (a copy that kept the modification time
+    changes the last: ``dyt_data.file_key``), and the versions of the code that reads them. None for the built-in corpus (small; its text comes from packages,
     which the key would not see change)."""
     if not cfg.corpus or not Path(cfg.corpus).exists():  # missing: the preparation names it
         return None

@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from dyt.errors import UserInputError
 from dyt.train.jsonio import partial_path, write_json
-from dyt_data import file_sha256
+from dyt_data import cache_folder, file_sha256, reported_as
 
 SAMPLE_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -148,6 +148,8 @@ def _utf8_lines(path: Path) -> list[str]:
 def read_manifest(path: Path, texts: Path | None = None, check_files: bool = True) -> list[Utterance]:
     """Rows of a fairseq manifest; ``texts`` (one line per row, e.g. a .wrd file) adds transcripts.
     ``check_files=False``: rows whose audio file is missing are kept (to be counted missing)."""
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder: give the manifest file in it (a .tsv whose first line is the audio root)")
     if not path.is_file():
         raise AudioError(f"{path}: no such manifest")
     lines = _utf8_lines(path)
@@ -334,7 +336,8 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     files = files_signature(_hf_audio_files(path, rows, column))
     out = cache / f"v{HF_AUDIO_VERSION}-{rows._fingerprint}-{files['digest']}"
     manifest = out / "manifest.tsv"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with reported_as(AudioError):
+        cache_folder(out.parent)
     with FileLock(str(out) + ".lock"):
         if manifest.is_file():
             words = manifest.with_suffix(".wrd")

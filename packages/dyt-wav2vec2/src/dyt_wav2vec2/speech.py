@@ -38,7 +38,7 @@ from filelock import FileLock
 from dyt.errors import help_description, output_folder, user_errors
 from dyt.train.config import AT_LEAST_ONE
 from dyt.train.jsonio import partial_path
-from dyt_data import cache_root, reported_as, unpack, unpacked_root, unpacked_versions
+from dyt_data import cache_folder, cache_root, reported_as, unpack, unpacked_root, unpacked_versions
 
 from .audio import SAMPLE_RATE, AudioError, Utterance, load_audio, read_manifest, write_manifest
 
@@ -297,7 +297,8 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
         return f"{build}-{hashlib.sha256(' '.join(unpacked_versions(root)).encode()).hexdigest()[:12]}"
 
     complete = out / ".complete"  # names the build the manifests hold: another size rebuilds them
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with reported_as(AudioError):
+        cache_folder(out.parent)
     with FileLock(str(out) + ".lock"):  # the ranks of a launch all ask for the data at once
         done = complete.read_text() if complete.is_file() else ""
         unpacked = unpacked_root("speech")  # none (deleted since the build): the build stands, no download

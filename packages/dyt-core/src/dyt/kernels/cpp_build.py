@@ -4,7 +4,9 @@ One build per CPU capability, with the flags of the instruction set torch itself
 (AVX-512, AVX2 or the portable default), so ATen's ``Vectorized`` in the extension matches torch's
 own kernels. torch.utils.cpp_extension caches the build in ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``) and its lock file makes concurrent processes (ranks) wait for one
-build instead of compiling at once. The build's name carries a digest of what makes it (source,
+build instead of compiling at once; that lock file outlives a build that was killed, and every
+later process would wait on it forever, so builds here take a kernel lock of their own first
+(released when its holder dies) and, holding it, remove such a leftover. The build's name carries a digest of what makes it (source,
 flags, the torch it is built against): cpp_extension keeps one folder per name and rebuilds in it
 whenever those change, so two environments (two venvs, two checkouts) sharing the cache would
 otherwise rebuild it in turn, ~20-30 s each time.
@@ -12,6 +14,8 @@ otherwise rebuild it in turn, ~20-30 s each time.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -19,6 +23,7 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +64,31 @@ def put_ninja_wheel_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
+def build_flags(level: str) -> list[str]:
+    """The compiler flags of a build for ``level``. -fopenmp: ATen's parallel_for is inline OpenMP in
+    the headers; without it the kernels run on one thread. The extension then shares torch's libgomp
+    (same soname, loaded first)."""
+    return ["-O3", "-std=c++17", "-fopenmp", *CAPABILITY_FLAGS[level]]
+
+
+@contextlib.contextmanager
+def held_build_folder(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s build to this process: an exclusive ``flock`` (the kernel drops it when the
+    holder dies, however it dies). Holding it, a ``lock`` file of torch's in the folder can only be
+    left by a killed build (every build here holds this first), and is removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "dyt-build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            baton = folder / "lock"
+            if baton.exists():
+                log.warning("removing %s, left by a build that was killed (later builds would wait on it forever)", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class CpuExtension:
     """One C++ file built at first use in a process, then kept; a failed build is kept too (no
     second attempt) and announced once with a RuntimeWarning that says what runs instead."""
@@ -81,17 +111,19 @@ class CpuExtension:
         except RuntimeError as error:
             raise CpuKernelBuildError(f"building its {self.what} needs ninja ({error})") from error
         log.info("building or loading %s for %s (a first build takes ~20-30 s on 2 cores)", self.what, level)
-        # -fopenmp: ATen's parallel_for is inline OpenMP in the headers; without it the kernels run on
-        # one thread. The extension then shares torch's libgomp (same soname, loaded first).
-        cflags = ["-O3", "-std=c++17", "-fopenmp", *CAPABILITY_FLAGS[level]]
+        cflags = build_flags(level)
+        name = self.build_name(level, cflags)
+        folder = self.build_folder(name)
         try:
-            return cpp_extension.load(
-                name=self.build_name(level, cflags),
-                sources=[str(self.source)],
-                extra_cflags=cflags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            with held_build_folder(folder):
+                return cpp_extension.load(
+                    name=name,
+                    sources=[str(self.source)],
+                    extra_cflags=cflags,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder),
+                    verbose=False,
+                )
         except Exception as error:  # compiler missing or failing: cpp_extension raises several types
             lines = str(error).strip().splitlines()
             raise CpuKernelBuildError(
@@ -105,6 +137,14 @@ class CpuExtension:
         for part in (*cflags, torch.__version__, str(Path(torch.__file__).resolve().parent)):
             made_of.update(b"\0" + part.encode())
         return f"{self.name}_{level.lower()}_{made_of.hexdigest()[:10]}"
+
+    @staticmethod
+    def build_folder(name: str) -> Path:
+        """Where torch.utils.cpp_extension builds and caches ``name`` (``TORCH_EXTENSIONS_DIR``, or
+        its default with the Python and CUDA versions in it)."""
+        from torch.utils import cpp_extension
+
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
 
     def load(self):
         """The extension module; raises CpuKernelBuildError when it cannot be built."""

@@ -232,7 +232,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, spec: RecipeSpec) -> None
                         help="override a config key in every run (repeatable)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete the --out folder and everything in it first (refused where --out holds the "
-                             "current directory)")
+                             "current directory, or holds files no comparison wrote)")
 
 
 def too_many_ranks(nproc: int, train: Any) -> str | None:
@@ -261,8 +261,8 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
             parser.error(f"argument --sweep: {second.key} is swept twice for the same runs")
-    for option, keys in (("--sweep", [sweep.key for sweep in args.sweeps]),
-                         ("--set", [item.partition("=")[0].strip() for item in args.overrides])):
+    set_keys = [item.partition("=")[0].strip() for item in args.overrides]
+    for option, keys in (("--sweep", [sweep.key for sweep in args.sweeps]), ("--set", set_keys)):
         for key in keys:
             for reserved in (k for k in (*sorted(NORM_KEYS), *RUN_KEYS) if k == key or k.startswith(key + ".")):
                 what = key if reserved == key else f"{key} (it holds {reserved})"
@@ -273,9 +273,25 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
                 # run_items comes last and wins: every point would train the same seed
                 parser.error(f"argument {option}: {what} is set for each run by the comparison itself "
                              f"({RUN_KEYS[reserved]}), after --set and --sweep, so it would be ignored")
-    if args.fresh and holds_working_directory(args.out):
-        parser.error(f"argument --fresh: {FRESH_REFUSED.format(out=args.out)}")
+    for key in dict.fromkeys(k for k in set_keys if set_keys.count(k) > 1):
+        parser.error(f"argument --set: {key} is set twice (the last would win without a word): give it once")
+    for sweep in args.sweeps:
+        if sweep.key in set_keys:
+            parser.error(f"argument --set: {sweep.key} is also swept (--sweep {sweep.key}=...), and each point's value "
+                         "would replace it: drop the --set, or add its value to the sweep")
+    if args.fresh and (problem := fresh_problem(args.out)):
+        parser.error(f"argument --fresh: {problem}")
     if args.norms is not None:
+        named: dict[tuple[str, ...], str] = {}
+        for norm in args.norms:
+            try:
+                settings = tuple(norm_variant_overrides(norm))
+            except UserInputError:
+                continue  # an unknown name: the plan names it
+            if settings in named:
+                parser.error(f"argument --norms: {named[settings]} and {norm} are the same norm "
+                             f"({' '.join(settings)}): list it once")
+            named[settings] = norm
         for sweep in args.sweeps:
             if sweep.norm is not None and sweep.norm not in args.norms:
                 parser.error(f"argument --sweep: {sweep.norm}:{sweep.key} names a norm that is not trained "
@@ -283,22 +299,28 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
-FRESH_REFUSED = "it would delete {out}, which holds the current directory; give --out a folder of its own"
-
-
-def holds_working_directory(path: Path) -> bool:
+def fresh_problem(out: Path) -> str | None:
+    """Why ``--fresh`` must not empty ``out``, or None: it holds the current directory, or it holds
+    files but no comparison (nor run) has written there (no lock file: a mistyped ``--out ~`` or
+    ``--out runs`` would otherwise lose everything in it)."""
     here = Path.cwd().resolve()
-    return path.resolve() in (here, *here.parents)
+    if out.resolve() in (here, *here.parents):
+        return f"it would delete {out}, which holds the current directory; give --out a folder of its own"
+    if out.is_dir() and not (out / runlock.LOCK_FILE).exists() and any(out.iterdir()):
+        return (f"{out} holds files that no comparison wrote (it has no {runlock.LOCK_FILE}), and --fresh would "
+                "delete them all; give --out a folder of its own, or delete what you mean to yourself")
+    return None
 
 
 def prepare_out(args: argparse.Namespace) -> None:
     """Create ``--out``; with ``--fresh`` empty it of what earlier runs left there first (never a
-    folder holding the working directory: the commands refuse that as they parse their options, and
-    this refuses it again for callers that build their arguments themselves). The comparison holds
+    folder holding the working directory, nor one no comparison wrote: :func:`fresh_problem`; the
+    commands refuse those as they parse their options, and this refuses them again for callers that
+    build their arguments themselves). The comparison holds
     ``--out``'s lock from here until it exits: a second comparison there (or a ``--fresh`` one, which
     would delete the first one's runs under it) stops with one line (:mod:`dyt.train.runlock`)."""
-    if args.fresh and args.out.exists() and holds_working_directory(args.out):
-        raise CompareError(f"--fresh: {FRESH_REFUSED.format(out=args.out)}")
+    if args.fresh and args.out.exists() and (problem := fresh_problem(args.out)):
+        raise CompareError(f"--fresh: {problem}")
     runlock.hold_for_process(args.out, "comparison")
     if args.fresh:
         for entry in args.out.iterdir():
@@ -418,14 +440,15 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     moved = args.out / as_given.legacy_dir_name() != out
                     plan.append(PlannedRun(point, Path(config_path), overrides, out, config, as_given if moved else None))
     trained = {p.point.norm for p in plan}
-    for sweep in (s for s in args.sweeps if s.norm is None and len(s.values) > 1):
-        for planned in plan:
+    for sweep in (s for s in args.sweeps if len(s.values) > 1):
+        for planned in (p for p in plan if sweep.norm in (None, p.point.norm)):
             norm_config, name = _norm_field(planned.config, sweep.key)
             if norm_config is not None and not norm_config.reads(name):
                 readers = sorted(kind for kind, names in NormConfig.READ_BY_KIND.items() if name in names)
                 ours = [p.point.norm for p in plan if (n := _norm_field(p.config, sweep.key)[0]) and n.reads(name)]
                 raise CompareError(
-                    f"--sweep {sweep.key}: the {planned.point.norm} runs build no layer that reads model.norm.{name} "
+                    f"--sweep {sweep.norm + ':' if sweep.norm else ''}{sweep.key}: the {planned.point.norm} runs build "
+                    f"no layer that reads model.norm.{name} "
                     f"(a {' or '.join(readers) or 'no'} setting), so its {len(sweep.values)} points would train one "
                     f"model {len(sweep.values)} times: "
                     + (f"prefix the sweep with each norm it is for, e.g. --sweep {ours[0]}:{sweep.key}={','.join(sweep.values)}"
