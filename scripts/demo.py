@@ -31,6 +31,7 @@ from dyt import convert_norms
 from dyt.allocator import cannot_keep_freed_blocks
 from dyt.bench import format_kernels
 from dyt.errors import output_folder, user_errors
+from dyt.train.compare import fresh_problem
 from dyt.train.config import AT_LEAST_ONE
 from dyt.train.recipe import RecipeSpec
 
@@ -114,6 +115,9 @@ def main() -> None:
                         help="train every part anew (each compare's --fresh): for runs kept from before a change "
                              "of a recipe's settings, which a re-run otherwise stops at, naming the change")
     args = parser.parse_args()
+    for spec, _, _ in PARTS if args.fresh else ():  # every part checked before the first trains
+        if problem := fresh_problem(args.out / spec.name):
+            parser.error(f"argument --fresh: {problem}")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}  # each part's wall time, for the report

@@ -321,6 +321,8 @@ def test_a_run_trained_with_other_settings_is_refused_before_any_launch(tmp_path
 
 
 def test_sweep_options_build_a_grid_per_norm():
+    # a --set of a key swept for one norm is the other norms' value
+    assert _args(TOY, ["--set", "train.lr=5e-3", "--sweep", "dyt:train.lr=1e-3,2e-3"]).overrides == ["train.lr=5e-3"]
     args = _args(TOY, ["--norms", "layernorm", "dyt", "--sweep", "train.lr=1e-3,2e-3,4e-3",
                        "--sweep", "dyt:model.norm.alpha_init.ffn=0.2,0.5"])
     assert [s.norm for s in args.sweeps] == [None, "dyt"]
@@ -344,7 +346,8 @@ def test_sweep_options_build_a_grid_per_norm():
     (["--norms", "dyt:sigmoid:fixed-alpha", "dyt:fixed-alpha:sigmoid"], "dyt:sigmoid:fixed-alpha and "
      "dyt:fixed-alpha:sigmoid are the same norm (model.norm.kind=dyt model.norm.squash=sigmoid"),
     (["--set", "train.steps=5", "--set", "train.steps = 7"], "argument --set: train.steps is set twice"),
-    (["--set", "train.lr=5e-3", "--sweep", "dyt:train.lr=1e-3,2e-3"], "argument --set: train.lr is also swept"),
+    (["--set", "train.lr=5e-3", "--sweep", "train.lr=1e-3,2e-3"], "argument --set: train.lr is also swept"),
+    (["--norms", "dyt", "--set", "train.lr=5e-3", "--sweep", "dyt:train.lr=1e-3,2e-3"], "train.lr is also swept"),
     (["--sweep", "train.betas=[0.9,0.95],[0.9,0.99]"], "the values are split at every comma, so a list or mapping"),
     (["--sweep", "train.seed=0,1,2"], "train.seed is set for each run by the comparison itself"),
     (["--set", "train.out_dir=x"], "train.out_dir is set for each run by the comparison itself"),

@@ -436,9 +436,10 @@ def checked_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(f"argument --json: {args.json} is not a file")
     if args.json is not None and (problem := folder_problem(args.json.parent)):
         parser.error(f"argument --json: {args.json}: {problem}")
-    if args.json is not None and not os.access(existing := next(p for p in (args.json, *args.json.parents) if p.exists()),
-                                               os.W_OK):
-        parser.error(f"argument --json: {args.json}: {existing} is not writable here")  # found now, not after the timing
+    if args.json is not None:  # found now, not when the results are written after the timing
+        nearest = next(p for p in (args.json, *args.json.parents) if p.exists())
+        if not os.access(nearest, os.W_OK):
+            parser.error(f"argument --json: {args.json}: {nearest} is not writable here")
     return DTYPES[args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
 
 

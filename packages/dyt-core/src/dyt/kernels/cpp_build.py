@@ -74,11 +74,19 @@ def build_flags(level: str) -> list[str]:
 @contextlib.contextmanager
 def held_build_folder(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s build to this process: an exclusive ``flock`` (the kernel drops it when the
-    holder dies, however it dies). Holding it, a ``lock`` file of torch's in the folder can only be
-    left by a killed build (every build here holds this first), and is removed."""
+    holder dies, however it dies). Holding it, a ``lock`` file of torch's in the folder was left by
+    a killed build (every build here holds this first; only a checkout from before 2026-12-06
+    building the same digest at this moment would not), and is removed. Where the file system has no
+    ``flock`` (some NFS mounts) the build goes on without it, as before, with a warning."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "dyt-build.flock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            log.warning("building in %s without a lock of its own (%s): a lock file a killed build left there "
+                        "stays, and later builds wait on it", folder, error.strerror or error)
+            yield
+            return
         try:
             baton = folder / "lock"
             if baton.exists():
@@ -113,8 +121,8 @@ class CpuExtension:
         log.info("building or loading %s for %s (a first build takes ~20-30 s on 2 cores)", self.what, level)
         cflags = build_flags(level)
         name = self.build_name(level, cflags)
-        folder = self.build_folder(name)
         try:
+            folder = self.build_folder(name)  # an unwritable TORCH_EXTENSIONS_DIR: a build error as any
             with held_build_folder(folder):
                 return cpp_extension.load(
                     name=name,

@@ -273,12 +273,12 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
                 # run_items comes last and wins: every point would train the same seed
                 parser.error(f"argument {option}: {what} is set for each run by the comparison itself "
                              f"({RUN_KEYS[reserved]}), after --set and --sweep, so it would be ignored")
-    for key in dict.fromkeys(k for k in set_keys if set_keys.count(k) > 1):
-        parser.error(f"argument --set: {key} is set twice (the last would win without a word): give it once")
-    for sweep in args.sweeps:
-        if sweep.key in set_keys:
-            parser.error(f"argument --set: {sweep.key} is also swept (--sweep {sweep.key}=...), and each point's value "
-                         "would replace it: drop the --set, or add its value to the sweep")
+    if twice := next((k for k in set_keys if set_keys.count(k) > 1), None):
+        parser.error(f"argument --set: {twice} is set twice (the last would win without a word): give it once")
+    for sweep in args.sweeps:  # a sweep for one norm leaves the --set value to the other norms' runs
+        if sweep.key in set_keys and (sweep.norm is None or args.norms == [sweep.norm]):
+            parser.error(f"argument --set: {sweep.key} is also swept for every run (--sweep {sweep.key}=...), and each "
+                         "point's value would replace it: drop the --set, or add its value to the sweep")
     if args.fresh and (problem := fresh_problem(args.out)):
         parser.error(f"argument --fresh: {problem}")
     if args.norms is not None:
@@ -299,16 +299,22 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
+COMPARISON_MARKS = (runlock.LOCK_FILE, "summary.json", "report.md", "*/point.json")
+"""What a comparison leaves in its ``--out`` (its lock's file since 2026-12-06, before that its
+report, summary or a run's point): a folder holding files but none of these is not one."""
+
+
 def fresh_problem(out: Path) -> str | None:
     """Why ``--fresh`` must not empty ``out``, or None: it holds the current directory, or it holds
-    files but no comparison (nor run) has written there (no lock file: a mistyped ``--out ~`` or
-    ``--out runs`` would otherwise lose everything in it)."""
+    files but nothing a comparison writes (a mistyped ``--out ~`` or ``--out runs`` would otherwise
+    lose everything in it)."""
     here = Path.cwd().resolve()
     if out.resolve() in (here, *here.parents):
         return f"it would delete {out}, which holds the current directory; give --out a folder of its own"
-    if out.is_dir() and not (out / runlock.LOCK_FILE).exists() and any(out.iterdir()):
-        return (f"{out} holds files that no comparison wrote (it has no {runlock.LOCK_FILE}), and --fresh would "
-                "delete them all; give --out a folder of its own, or delete what you mean to yourself")
+    if out.is_dir() and any(out.iterdir()) and not any(next(out.glob(mark), None) for mark in COMPARISON_MARKS):
+        return (f"{out} holds files that no comparison wrote (no {runlock.LOCK_FILE}, report, summary or run "
+                "folder), and --fresh would delete them all; give --out a folder of its own, or delete what you "
+                "mean to yourself")
     return None
 
 
