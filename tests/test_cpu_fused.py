@@ -446,8 +446,10 @@ def test_the_lock_file_a_killed_build_left_does_not_stop_later_loads():
     """torch's build lock is a plain file: a build killed midway (a rank's SIGKILL, a Ctrl-C) leaves
     it, and every later process that loads the extension would wait on it forever. The build's own
     kernel lock (dropped with its holder) tells such a leftover from a live build's, and removes it."""
+    import os
     import subprocess
     import sys
+    import time
 
     from dyt.kernels.cpp_build import build_flags, capability, held_build_folder
 
@@ -455,7 +457,8 @@ def test_the_lock_file_a_killed_build_left_does_not_stop_later_loads():
     folder = extension.build_folder(extension.build_name(capability(), build_flags(capability())))
     baton = folder / "lock"
     with held_build_folder(folder):  # no other process (another test worker) is loading it meanwhile
-        baton.touch()  # what torch's FileBaton leaves behind when its holder is killed
+        baton.touch()  # what torch's FileBaton leaves behind when its holder is killed, here an hour ago
+        os.utime(baton, (time.time() - 3600, time.time() - 3600))
     try:
         done = subprocess.run([sys.executable, "-c", "from dyt.kernels.cpu_fused import EXTENSION; EXTENSION.load()"],
                               capture_output=True, text=True, timeout=120)
@@ -465,6 +468,29 @@ def test_the_lock_file_a_killed_build_left_does_not_stop_later_loads():
         pytest.fail("the load waited on the leftover lock file")
     assert done.returncode == 0, done.stderr  # its warning names the file removed (unless another worker's load
     # took the kernel lock first and removed it: the same mechanism, so not asserted on this process's stderr)
+
+
+def test_a_young_build_lock_is_waited_on_and_an_old_one_removed(tmp_path, monkeypatch):
+    """A ``lock`` file younger than STALE_BUILD_LOCK_S may be a live build's by code that takes no
+    kernel lock (an older checkout sharing the cache): removing it would let two builds run at once."""
+    import threading
+    import time
+
+    from dyt.kernels import cpp_build
+
+    monkeypatch.setattr(cpp_build, "STALE_BUILD_LOCK_S", 1.0)
+    baton = tmp_path / "lock"
+    baton.touch()
+    begun = time.perf_counter()
+    cpp_build.clear_stale_build_lock(baton)
+    assert not baton.exists() and time.perf_counter() - begun >= 0.9  # waited for it to age, then removed it
+    baton.touch()
+    released = threading.Timer(0.3, baton.unlink)  # its holder finishes and removes it itself
+    released.start()
+    begun = time.perf_counter()
+    cpp_build.clear_stale_build_lock(baton)
+    released.join()
+    assert time.perf_counter() - begun < 0.9
 
 
 def test_no_compiler_at_all(monkeypatch):

@@ -6,7 +6,8 @@ own kernels. torch.utils.cpp_extension caches the build in ``TORCH_EXTENSIONS_DI
 ``~/.cache/torch_extensions``) and its lock file makes concurrent processes (ranks) wait for one
 build instead of compiling at once; that lock file outlives a build that was killed, and every
 later process would wait on it forever, so builds here take a kernel lock of their own first
-(released when its holder dies) and, holding it, remove such a leftover. The build's name carries a digest of what makes it (source,
+(released when its holder dies) and, holding it, remove such a leftover once it is old enough not
+to be a live build's. The build's name carries a digest of what makes it (source,
 flags, the torch it is built against): cpp_extension keeps one folder per name and rebuilds in it
 whenever those change, so two environments (two venvs, two checkouts) sharing the cache would
 otherwise rebuild it in turn, ~20-30 s each time.
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,13 +73,40 @@ def build_flags(level: str) -> list[str]:
     return ["-O3", "-std=c++17", "-fopenmp", *CAPABILITY_FLAGS[level]]
 
 
+STALE_BUILD_LOCK_S = 300.0
+"""Age at which torch's ``lock`` file in a build folder counts as a killed build's: a build of
+these files takes ~30 s on 2 cores, and a load of a built one well under a second."""
+
+
+def clear_stale_build_lock(baton: Path) -> None:
+    """Wait while torch's ``lock`` file ``baton`` is younger than :data:`STALE_BUILD_LOCK_S` (a build
+    by code that does not take :func:`held_build_folder`'s lock, e.g. a checkout from before
+    2026-12-06 sharing the cache, may hold it), then remove it if it is still there."""
+    said = False
+    while True:
+        try:
+            age = time.time() - baton.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= STALE_BUILD_LOCK_S:
+            log.warning("removing %s, left by a build that was killed %.0f s ago (later builds would wait on it "
+                        "forever)", baton, age)
+            baton.unlink(missing_ok=True)
+            return
+        if not said:
+            log.warning("waiting for %s: another process is building there, or one was killed while it did (the "
+                        "file is then removed once %.0f s old)", baton, STALE_BUILD_LOCK_S)
+            said = True
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def held_build_folder(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s build to this process: an exclusive ``flock`` (the kernel drops it when the
-    holder dies, however it dies). Holding it, a ``lock`` file of torch's in the folder was left by
-    a killed build (every build here holds this first; only a checkout from before 2026-12-06
-    building the same digest at this moment would not), and is removed. Where the file system has no
-    ``flock`` (some NFS mounts) the build goes on without it, as before, with a warning."""
+    holder dies, however it dies). Every build here holds it around torch's own ``lock`` file, so,
+    holding it, such a file is a killed build's or one of code that does not take it
+    (:func:`clear_stale_build_lock`). Where the file system has no ``flock`` (some NFS mounts) the
+    build goes on without it, as before, with a warning."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "dyt-build.flock", "a") as handle:
         try:
@@ -88,10 +117,7 @@ def held_build_folder(folder: Path) -> Iterator[None]:
             yield
             return
         try:
-            baton = folder / "lock"
-            if baton.exists():
-                log.warning("removing %s, left by a build that was killed (later builds would wait on it forever)", baton)
-                baton.unlink(missing_ok=True)
+            clear_stale_build_lock(folder / "lock")
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
