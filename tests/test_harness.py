@@ -504,6 +504,9 @@ def test_fresh_deletes_its_out_folder_but_never_one_holding_the_working_director
     (out / "old-run").mkdir(parents=True)
     with pytest.raises(CompareError, match=r"holds files that no comparison wrote \(no .in_use, report, summary"):
         prepare_out(argparse.Namespace(out=out, fresh=True))  # a mistyped --out ~: nothing of it deleted
+    (out / "report.md").write_text("mine")  # a common name: alone it marks no comparison's folder
+    with pytest.raises(CompareError, match="holds files that no comparison wrote"):
+        prepare_out(argparse.Namespace(out=out, fresh=True))
     assert (out / "old-run").is_dir()
     (out / "old-run" / "point.json").write_text("{}")  # a run of a comparison older than its lock's file
     prepare_out(argparse.Namespace(out=out, fresh=True))

@@ -348,6 +348,8 @@ def test_sweep_options_build_a_grid_per_norm():
     (["--set", "train.steps=5", "--set", "train.steps = 7"], "argument --set: train.steps is set twice"),
     (["--set", "train.lr=5e-3", "--sweep", "train.lr=1e-3,2e-3"], "argument --set: train.lr is also swept"),
     (["--norms", "dyt", "--set", "train.lr=5e-3", "--sweep", "dyt:train.lr=1e-3,2e-3"], "train.lr is also swept"),
+    (["--norms", "dyt", "rmsnorm", "--set", "train.lr=5e-3", "--sweep", "dyt:train.lr=1e-3,2e-3",
+      "--sweep", "rmsnorm:train.lr=1e-3,4e-3"], "train.lr is also swept"),
     (["--sweep", "train.betas=[0.9,0.95],[0.9,0.99]"], "the values are split at every comma, so a list or mapping"),
     (["--sweep", "train.seed=0,1,2"], "train.seed is set for each run by the comparison itself"),
     (["--set", "train.out_dir=x"], "train.out_dir is set for each run by the comparison itself"),
@@ -407,8 +409,8 @@ def test_a_bad_sweep_key_stops_before_any_launch(tmp_path, launches):
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.alpha_init.default=0.5,1"])
     with pytest.raises(shared.CompareError, match=(
             r"--sweep model.norm.alpha_init.default: the layernorm runs build no layer that reads model.norm.alpha_init "
-            r"\(a dyt setting\), so its 2 points would train one model 2 times: prefix the sweep with each norm it is "
-            r"for, e.g. --sweep dyt:model.norm.alpha_init.default=0.5,1")):
+            r"\(a dyt setting\), so its 2 points would train one model 2 times: sweep it for the norms that read "
+            r"it, e.g. --sweep dyt:model.norm.alpha_init.default=0.5,1")):
         plan_runs(TOY, args, [(TOY.models[0], _toy_config(tmp_path))], seeds=[0])
     args = _args(TOY, ["--out", str(tmp_path / "cmp"), "--sweep", "model.norm.eps=1e-5,1e-6"])
     with pytest.raises(shared.CompareError, match=r"the dyt runs build no layer that reads model.norm.eps \(a "
@@ -871,6 +873,7 @@ def test_demo_runs_every_recipe_compare_through_its_spec(tmp_path, monkeypatch):
             called.append((spec.name, argv))
             report = Path(argv[argv.index("--out") + 1]) / "report.md"
             report.parent.mkdir(parents=True, exist_ok=True)
+            (report.parent / ".in_use").touch()  # as a comparison's prepare_out leaves it
             report.write_text(f"# {spec.title} report\n\n![x](x.png)\n")
             return report
         return main

@@ -3,11 +3,11 @@
 One build per CPU capability, with the flags of the instruction set torch itself dispatches to
 (AVX-512, AVX2 or the portable default), so ATen's ``Vectorized`` in the extension matches torch's
 own kernels. torch.utils.cpp_extension caches the build in ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``) and its lock file makes concurrent processes (ranks) wait for one
-build instead of compiling at once; that lock file outlives a build that was killed, and every
-later process would wait on it forever, so builds here take a kernel lock of their own first
-(released when its holder dies) and, holding it, remove such a leftover once it is old enough not
-to be a live build's. The build's name carries a digest of what makes it (source,
+``~/.cache/torch_extensions``) under a lock file of its own; that file outlives a build that was
+killed, and every later process would wait on it forever. So builds here take a kernel lock
+first, ``dyt-build.flock`` in the build folder (released when its holder dies, however it dies),
+on which concurrent processes (ranks) wait for one build instead of compiling at once, and,
+holding it, remove a leftover of torch's once it is old enough not to be a live build's. The build's name carries a digest of what makes it (source,
 flags, the torch it is built against): cpp_extension keeps one folder per name and rebuilds in it
 whenever those change, so two environments (two venvs, two checkouts) sharing the cache would
 otherwise rebuild it in turn, ~20-30 s each time.

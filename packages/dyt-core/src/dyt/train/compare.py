@@ -275,8 +275,9 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
                              f"({RUN_KEYS[reserved]}), after --set and --sweep, so it would be ignored")
     if twice := next((k for k in set_keys if set_keys.count(k) > 1), None):
         parser.error(f"argument --set: {twice} is set twice (the last would win without a word): give it once")
-    for sweep in args.sweeps:  # a sweep for one norm leaves the --set value to the other norms' runs
-        if sweep.key in set_keys and (sweep.norm is None or args.norms == [sweep.norm]):
+    for sweep in args.sweeps:  # a sweep for some norms leaves the --set value to the other norms' runs
+        swept_for = {s.norm for s in args.sweeps if s.key == sweep.key}
+        if sweep.key in set_keys and (None in swept_for or args.norms is not None and set(args.norms) <= swept_for):
             parser.error(f"argument --set: {sweep.key} is also swept for every run (--sweep {sweep.key}=...), and each "
                          "point's value would replace it: drop the --set, or add its value to the sweep")
     if args.fresh and (problem := fresh_problem(args.out)):
@@ -299,9 +300,10 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
-COMPARISON_MARKS = (runlock.LOCK_FILE, "summary.json", "report.md", "*/point.json")
-"""What a comparison leaves in its ``--out`` (its lock's file since 2026-12-06, before that its
-report, summary or a run's point): a folder holding files but none of these is not one."""
+COMPARISON_MARKS = ((runlock.LOCK_FILE,), ("*/point.json",), ("report.md", "summary.json"))
+"""What a comparison leaves in its ``--out``, any one group whole: its lock's file (since
+2026-12-06), a run's point, or its report and summary together (a ``report.md`` alone is a common
+name). A folder holding files but none of these is not a comparison's."""
 
 
 def fresh_problem(out: Path) -> str | None:
@@ -311,7 +313,8 @@ def fresh_problem(out: Path) -> str | None:
     here = Path.cwd().resolve()
     if out.resolve() in (here, *here.parents):
         return f"it would delete {out}, which holds the current directory; give --out a folder of its own"
-    if out.is_dir() and any(out.iterdir()) and not any(next(out.glob(mark), None) for mark in COMPARISON_MARKS):
+    if out.is_dir() and any(out.iterdir()) and not any(
+            all(next(out.glob(mark), None) for mark in group) for group in COMPARISON_MARKS):
         return (f"{out} holds files that no comparison wrote (no {runlock.LOCK_FILE}, report, summary or run "
                 "folder), and --fresh would delete them all; give --out a folder of its own, or delete what you "
                 "mean to yourself")
@@ -457,7 +460,7 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     f"no layer that reads model.norm.{name} "
                     f"(a {' or '.join(readers) or 'no'} setting), so its {len(sweep.values)} points would train one "
                     f"model {len(sweep.values)} times: "
-                    + (f"prefix the sweep with each norm it is for, e.g. --sweep {ours[0]}:{sweep.key}={','.join(sweep.values)}"
+                    + (f"sweep it for the norms that read it, e.g. --sweep {ours[0]}:{sweep.key}={','.join(sweep.values)}"
                        if ours else "no norm of this comparison reads it: drop the sweep"))
     for sweep in args.sweeps:
         if sweep.norm is not None and sweep.norm not in trained:
