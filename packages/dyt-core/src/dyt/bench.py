@@ -432,11 +432,11 @@ def checked_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         select_backend(None, args.device)
     except (BackendUnavailableError, ValueError) as error:
         parser.error(f"DYT_BACKEND: {error}")
-    if args.json is not None and args.json.exists() and not args.json.is_file():
-        parser.error(f"argument --json: {args.json} is not a file")
-    if args.json is not None and (problem := folder_problem(args.json.parent)):
-        parser.error(f"argument --json: {args.json}: {problem}")
     if args.json is not None:  # found now, not when the results are written after the timing
+        if args.json.exists() and not args.json.is_file():
+            parser.error(f"argument --json: {args.json} is not a file")
+        if problem := folder_problem(args.json.parent):
+            parser.error(f"argument --json: {args.json}: {problem}")
         nearest = next(p for p in (args.json, *args.json.parents) if p.exists())
         if not os.access(nearest, os.W_OK):
             parser.error(f"argument --json: {args.json}: {nearest} is not writable here")

@@ -7,10 +7,11 @@ own kernels. torch.utils.cpp_extension caches the build in ``TORCH_EXTENSIONS_DI
 killed, and every later process would wait on it forever. So builds here take a kernel lock
 first, ``dyt-build.flock`` in the build folder (released when its holder dies, however it dies),
 on which concurrent processes (ranks) wait for one build instead of compiling at once, and,
-holding it, remove a leftover of torch's once it is old enough not to be a live build's. The build's name carries a digest of what makes it (source,
-flags, the torch it is built against): cpp_extension keeps one folder per name and rebuilds in it
-whenever those change, so two environments (two venvs, two checkouts) sharing the cache would
-otherwise rebuild it in turn, ~20-30 s each time.
+holding it, remove a leftover of torch's once it is old enough not to be a live build's. The
+build's name carries a digest of what makes it (source, flags, the torch it is built against):
+cpp_extension keeps one folder per name and rebuilds in it whenever those change, so two
+environments (two venvs, two checkouts) sharing the cache would otherwise rebuild it in turn,
+~20-30 s each time.
 """
 
 from __future__ import annotations
