@@ -235,6 +235,9 @@ CASES = [
     Case("w2v-eval-keyword-steps-without-keywords", "dyt_wav2vec2.eval",
          ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "ctc", "--steps", "10", "--ctc-mask-time", "0.1"),
          ("--steps set(s) an eval that --evals ctc does not run",)),  # the CTC masking is CTC's own: accepted
+    Case("w2v-eval-keyword-steps-at-default-without-keywords", "dyt_wav2vec2.eval",  # given, though at the default
+         ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "ctc", "--steps", "150"),
+         ("--steps set(s) an eval that --evals ctc does not run",)),
     Case("w2v-eval-evals-twice", "dyt_wav2vec2.eval", ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/run", "--evals", "probe", "probe"),
          ("--evals", "probe is listed twice")),
     Case("dna-compare-too-little-data", "dyt-dna-compare",
@@ -272,6 +275,9 @@ CASES = [
     Case("w2v-compare-no-evals-with-eval-options", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--evals", "none", "--seeds", "4", "--ctc-lr", "0.1"),
          ("--seeds, --ctc-lr set the downstream evals", "--evals none runs none")),
+    Case("w2v-compare-no-evals-with-default-eval-options", "dyt-wav2vec2-compare",  # abbreviated, at the defaults
+         ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--evals", "none", "--ctc-sched", "tri-stage", "--seeds", "0", "1", "2"),
+         ("--seeds, --ctc-schedule set the downstream evals", "--evals none runs none")),
     Case("w2v-compare-own-audio-without-apt-get", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "data.train_manifest={tmp}/train_short.tsv",
           "--set", "data.validation_manifest={tmp}/valid.tsv"),

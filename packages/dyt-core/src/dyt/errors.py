@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -152,6 +152,16 @@ def output_file(text: str) -> Path:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: its folder {path.parent} does not exist")
     return path
+
+
+def options_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                  actions: Sequence[argparse.Action]) -> list[str]:
+    """The first option string of each of ``actions`` that the command line gives, whatever its value:
+    an option given at its default value is still a request that a check must see (comparing values
+    with the defaults would let ``--ctc-schedule tri-stage`` pass where no CTC eval runs)."""
+    unset = object()  # argparse fills a default only where the namespace has no value yet
+    namespace = parser.parse_args(argv, argparse.Namespace(**{action.dest: unset for action in actions}))
+    return [action.option_strings[0] for action in actions if getattr(namespace, action.dest) is not unset]
 
 
 class DistinctValues(argparse.Action):

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
-from dyt.errors import DistinctValues, command, help_description, user_errors
+from dyt.errors import DistinctValues, command, help_description, options_given, user_errors
 from dyt.train import load_config
 from dyt.train.compare import (
     INITS,
@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> Path:
     if NO_EVALS in args.evals:
         if len(args.evals) > 1:
             parser.error(f"--evals {NO_EVALS} runs no eval: give it alone")
-        if given := [a.option_strings[0] for a in eval_options if getattr(args, a.dest) != a.default]:
+        if given := options_given(parser, argv, eval_options):
             parser.error(f"{', '.join(given)} set the downstream evals, and --evals {NO_EVALS} runs none: drop them")
         args.evals = []
     else:
-        check_eval_options(parser, args, keyword_options, ctc_options)
+        check_eval_options(parser, argv, args, keyword_options, ctc_options)
     # one order whatever the command line's: stored evals are reused by their settings, so that
     # --seeds 1 0 finds what --seeds 0 1 stored
     args.evals, args.seeds = [e for e in EVALS if e in args.evals], sorted(args.seeds)

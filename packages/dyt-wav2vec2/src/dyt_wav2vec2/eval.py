@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from fairseq2.nn.utils.mask import compute_row_mask
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dyt.errors import DistinctValues, help_description, output_file
+from dyt.errors import DistinctValues, help_description, options_given, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")]
     parser.add_argument("--out", type=output_file, help="write the results here as JSON")
     args = parser.parse_args(argv)
-    check_eval_options(parser, args, keyword_options, ctc_options)
+    check_eval_options(parser, argv, args, keyword_options, ctc_options)
     try:
         masking = CTCMasking(time_prob=args.ctc_mask_time, channel_prob=args.ctc_mask_channels)
     except ValueError as error:
@@ -519,13 +520,13 @@ def add_ctc_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 KEYWORD_STEPS = 150  # keyword fine-tuning steps per seed, in the comparisons and by itself alike
 
 
-def check_eval_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+def check_eval_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None, args: argparse.Namespace,
                        keyword_options: list[argparse.Action], ctc_options: list[argparse.Action]) -> None:
     """Refuse an eval's option given where ``--evals`` leaves that eval out: it would change nothing,
     and the run would look as if it had."""
     idle = [*(keyword_options if not {"probe", "finetune"} & set(args.evals) else []),
             *(ctc_options if "ctc" not in args.evals else [])]
-    if given := [a.option_strings[0] for a in idle if getattr(args, a.dest) != a.default]:
+    if given := options_given(parser, argv, idle):
         parser.error(f"{', '.join(given)} set(s) an eval that --evals {' '.join(args.evals)} does not run: add the "
                      "eval to --evals, or drop the option")
 
