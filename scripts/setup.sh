@@ -80,9 +80,9 @@ import contextlib, io, os, torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what dyt.train does without CUDA
     with contextlib.redirect_stdout(io.StringIO()):
-        from deepspeed.comm.torch import build_shm_op
+        from dyt.train.distributed import load_cpu_communication_op
         try:
-            e = None if build_shm_op() else "not available for this CPU"
+            e = None if load_cpu_communication_op() else "not available for this CPU"
         except Exception as error:
             e = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     print("setup: DeepSpeed CPU communication op:", e or "built", flush=True)

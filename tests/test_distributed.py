@@ -241,3 +241,32 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
             if key in before:
                 assert after[key] == pytest.approx(before[key], rel=1e-5), (key, before["step"])
     assert rows[-1]["train/loss"] != whole[0]["train/loss"]  # it trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed's CPU communication op is built without CUDA only")
+def test_a_lock_file_left_in_the_cpu_communication_ops_build_folder_does_not_hang_a_run():
+    """torch takes a plain ``lock`` file in an extension's build folder on every load, even of a built
+    one; a run killed while DeepSpeed loaded its CPU communication op (as it starts) left it, and every
+    later CPU run waited on it forever without a word. The harness loads the op under the build
+    folder's kernel lock, which removes such a leftover."""
+    import time
+
+    from dyt.kernels.cpp_build import CpuExtension, held_build_folder
+
+    folder = CpuExtension.build_folder("deepspeed_shm_comm")  # ShareMemCommBuilder.NAME's build
+    with held_build_folder(folder):  # no other test worker's run is loading it meanwhile
+        (folder / "lock").touch()  # what torch's FileBaton leaves behind when its holder is killed, an hour ago
+        os.utime(folder / "lock", (time.time() - 3600, time.time() - 3600))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    try:
+        done = subprocess.run([sys.executable, "-c", "from dyt.train.distributed import init_distributed; "
+                               "print(init_distributed().world_size)"], capture_output=True, text=True, env=env,
+                              timeout=180)
+    except subprocess.TimeoutExpired:
+        with held_build_folder(folder):  # removes the file: the rest of the suite must not hang on it
+            pass
+        pytest.fail("the run waited on the leftover lock file")
+    assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stderr
+    assert not (folder / "lock").exists()

@@ -48,6 +48,8 @@ def init_distributed() -> DistInfo:
     import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator at import
 
     if not torch.distributed.is_initialized():
+        if not use_cuda:
+            load_cpu_communication_op()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
         if not use_cuda:
             _unlink_shm_allreduce_buffer()
@@ -59,6 +61,27 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
+
+
+def load_cpu_communication_op() -> bool:
+    """Load DeepSpeed's CPU communication op (building it the first time) holding the build folder's
+    kernel lock (:func:`dyt.kernels.cpp_build.held_build_folder`), before ``deepspeed.init_distributed``
+    loads it without one. torch takes a plain ``lock`` file in that folder on every load, even of a
+    built op, and a process killed meanwhile (a run stopped as it started) left it: each later CPU run
+    then waited on it forever without a word. Holding the kernel lock, such a leftover is removed, and
+    ranks load one at a time. DeepSpeed keeps the module, so its own load finds it. False where the op
+    does not suit this CPU (DeepSpeed then reduces through gloo alone)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from dyt.kernels.cpp_build import CpuExtension, held_build_folder
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return False  # deepspeed.comm.torch.build_shm_op's own test
+    with held_build_folder(CpuExtension.build_folder(builder.name)):
+        builder.load()
+    return True
 
 
 SHM_DIR = Path("/dev/shm")
