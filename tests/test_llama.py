@@ -422,6 +422,34 @@ def test_the_launch_script_helps_checks_its_config_and_takes_a_port_of_its_own(t
                                    "dyt_llama.train --config recipes/llama/tiny.yaml"), proc.stdout + proc.stderr
 
 
+def test_the_launch_script_keeps_to_the_visible_gpus(tmp_path):
+    """deepspeed's ``--num_gpus N`` takes GPUs 0..N-1 and drops CUDA_VISIBLE_DEVICES, so a launch on
+    a shared node's GPUs 4-7 ran on 0-3; more ranks than GPUs failed rank by rank in set_device. A venv
+    whose python reports 4 GPUs and whose deepspeed prints its arguments shows what the script runs."""
+    script = Path(__file__).parents[1] / "scripts" / "launch_llama.sh"
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "deepspeed").write_text('#!/bin/bash\necho "deepspeed $*"\n')
+    (venv / "python").write_text('#!/bin/bash\necho "4 29999"\n')  # torch.cuda.device_count() and a free port
+    for tool in ("deepspeed", "python"):
+        (venv / tool).chmod(0o755)
+    env = {**os.environ, "DYT_VENV": str(venv.parent)}
+    for key in ("MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)
+
+    def launch(*argv, **extra):
+        return subprocess.run(["bash", str(script), "recipes/llama/tiny.yaml", *argv], capture_output=True, text=True,
+                              timeout=60, env={**env, **extra}, cwd=script.parents[1])
+
+    tail = " --master_port 29999 --module dyt_llama.train --config recipes/llama/tiny.yaml"
+    assert launch().stdout.strip() == "deepspeed --num_gpus 4" + tail
+    assert launch(CUDA_VISIBLE_DEVICES="4,5,6,7").stdout.strip() == "deepspeed --include localhost:4,5,6,7" + tail
+    assert launch("2", CUDA_VISIBLE_DEVICES="4,5,6,7").stdout.strip() == "deepspeed --include localhost:4,5" + tail
+    proc = launch("5", CUDA_VISIBLE_DEVICES="4,5,6,7")
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.strip() == (
+        "launch_llama.sh: 5 ranks on 4 visible GPU(s): give at most 4, or a hostfile for several nodes"), proc.stderr
+
+
 def test_a_corpus_built_by_an_older_builder_is_built_again(tmp_path, monkeypatch):
     """A corpus folder is reused while its manifest names the builder's version; an older build's works
     are deleted first (a category the new builder leaves out would stay a document otherwise)."""
