@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyt.train import TrainConfig, read_metrics, run_recipe, warmup_cosine
+from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe, warmup_cosine
 from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
@@ -643,7 +643,7 @@ def test_ranks_wait_for_the_universal_conversion_on_disk_not_in_a_collective(tmp
     group's timeout at 7B: the others wait for its marker file, and stop at once on its failure."""
     import threading
 
-    from dyt.train.checkpoint import wait_for_conversion
+    from dyt.train.checkpoint import UniversalConversionError, wait_for_conversion
 
     marker, failed = tmp_path / "universal" / "COMPLETE", tmp_path / "universal.failed"
     marker.parent.mkdir()
@@ -652,11 +652,47 @@ def test_ranks_wait_for_the_universal_conversion_on_disk_not_in_a_collective(tmp
     assert "waiting for rank 0's universal checkpoint" in capsys.readouterr().out
     marker.unlink()
     threading.Timer(0.2, failed.write_text, args=("OSError: disk full",)).start()
-    with pytest.raises(RuntimeError, match="could not convert .* OSError: disk full"):
+    with pytest.raises(UniversalConversionError, match="could not convert .* OSError: disk full") as caught:
         wait_for_conversion(marker, failed, poll_s=0.05)
+    assert caught.value.every_rank  # rank 0 says why; the others stop quietly
     failed.unlink()
-    with pytest.raises(RuntimeError, match=r"did not convert .* in 0 s \(killed\?"):  # rank 0 gone without a word
-        wait_for_conversion(marker, failed, poll_s=0.05, give_up_s=0.2)
+    with pytest.raises(UniversalConversionError, match=r"did not convert .* in 0 s \(killed\?") as caught:
+        wait_for_conversion(marker, failed, poll_s=0.05, give_up_s=0.2)  # rank 0 gone without a word
+    assert not caught.value.every_rank  # no rank 0 left to say it: each waiting rank does
+
+
+def test_a_failed_universal_conversion_is_one_line_on_rank_0_and_stops_the_others(tmp_path, monkeypatch, capsys):
+    """A full disk during rank 0's conversion (it writes ~12 bytes a parameter) was a traceback on
+    rank 0 and RuntimeError tracebacks on the others; its half-written copy stayed. Now one line that
+    says what to do, a failure file the waiting ranks stop on, and no partial folder."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    from dyt.errors import one_line
+    from dyt.train import checkpoint
+
+    directory = tmp_path / "checkpoints" / "step_00000003"
+    directory.mkdir(parents=True)
+    (directory / checkpoint.MARKER).write_text('{"step": 3, "world_size": 2}')
+
+    def full_disk(args):
+        Path(args.output_folder, "zero").mkdir(parents=True)
+        print("extracting shards", flush=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ds_to_universal, "main", full_disk)
+    monkeypatch.setattr(checkpoint, "barrier", lambda: None)
+    with pytest.raises(checkpoint.UniversalConversionError) as caught:
+        checkpoint.convert_to_universal(directory, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert one_line("dyt_llama.train", caught.value) == (
+        f"dyt_llama.train: checkpoint error: could not convert {directory} to a universal checkpoint for 1 rank(s) "
+        "(OSError: [Errno 28] No space left on device; the converter's output is above): it writes the fp32 weights "
+        "and both Adam moments whole, ~12 bytes a parameter and more while it runs, beside the checkpoint; free disk "
+        "space there and resume again, or resume on 2 rank(s), which loads the checkpoint as saved")
+    assert "extracting shards" in capsys.readouterr().out
+    assert sorted(p.name for p in directory.iterdir()) == [checkpoint.MARKER, "universal.failed"]
+    with pytest.raises(checkpoint.UniversalConversionError, match="rank 0 could not convert .*No space left"):
+        checkpoint.wait_for_conversion(directory / "universal" / checkpoint.MARKER, directory / "universal.failed",
+                                       poll_s=0.05)
 
 
 def test_a_rank_restores_the_cuda_rng_of_its_own_device_only(monkeypatch):

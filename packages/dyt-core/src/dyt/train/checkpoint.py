@@ -199,6 +199,20 @@ def needs_universal(directory: Path, dist: DistInfo) -> bool:
     return saved_world_size(directory) != dist.world_size and _zero_sharded(directory)
 
 
+class UniversalConversionError(UserInputError):
+    """Rank 0 could not convert a ZeRO checkpoint to its universal form (a full disk, a damaged
+    shard): every rank stops with it, rank 0 saying why."""
+
+    kind = "checkpoint error"
+
+
+class UniversalConversionLostError(UniversalConversionError):
+    """Rank 0 wrote neither the universal checkpoint nor a failure in time (killed outright): each
+    waiting rank says so, as no rank 0 is left to."""
+
+    every_rank = False
+
+
 def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
     """``<directory>/universal``: DeepSpeed's universal form of a ZeRO checkpoint, converted once by
     rank 0 (``ds_to_universal``: fp32 weights and optimizer moments per parameter, whole) and reused
@@ -223,15 +237,25 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 ds_to_universal(args)
             (directory / "latest_universal").unlink(missing_ok=True)  # its pointer; we pass the tag
-            (partial / MARKER).write_text(json.dumps({"from_world_size": saved_world_size(directory)}))
+            _fsync_tree(partial)  # on disk before it is marked, as a save's files are
+            _atomic_write_bytes(partial / MARKER,
+                                lambda h: h.write(json.dumps({"from_world_size": saved_world_size(directory)}).encode()))
             os.replace(partial, target)
             print(f"converted {directory} to a universal checkpoint in {target}", flush=True)
         except BaseException as error:  # the other ranks wait for the marker: tell them, then raise
-            reason = f"{type(error).__name__}: {error}".encode()
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
             with contextlib.suppress(OSError):
-                _atomic_write_bytes(failed, lambda h: h.write(reason))
+                _atomic_write_bytes(failed, lambda h: h.write(reason.encode()))
             print(log.getvalue()[-3000:], flush=True)
-            raise
+            if not isinstance(error, Exception):
+                raise  # a Ctrl-C, a SystemExit: as they came
+            shutil.rmtree(directory / f"{UNIVERSAL}.tmp", ignore_errors=True)  # a full disk's half-written copy
+            raise UniversalConversionError(
+                f"could not convert {directory} to a universal checkpoint for {dist.world_size} rank(s) ({reason}; "
+                f"the converter's output is above): it writes the fp32 weights and both Adam moments whole, ~12 "
+                f"bytes a parameter and more while it runs, beside the checkpoint; free disk space there and resume again, or resume on "
+                f"{saved_world_size(directory)} rank(s), which loads the checkpoint as saved") from error
     elif not dist.is_main:
         wait_for_conversion(target / MARKER, failed)
     barrier()
@@ -250,11 +274,12 @@ def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_eve
     started = last_said = time.monotonic()
     while not marker.is_file():
         if failed.is_file():
-            raise RuntimeError(f"rank 0 could not convert {marker.parent.parent} to a universal checkpoint: "
-                               f"{failed.read_text()} (see its log)")
+            raise UniversalConversionError(f"rank 0 could not convert {marker.parent.parent} to a universal "
+                                           f"checkpoint: {failed.read_text()} (see its log)")
         if time.monotonic() - started > give_up_s:
-            raise RuntimeError(f"rank 0 did not convert {marker.parent.parent} to a universal checkpoint in "
-                               f"{give_up_s:.0f} s (killed? see its log); convert it alone and resume")
+            raise UniversalConversionLostError(
+                f"rank 0 did not convert {marker.parent.parent} to a universal checkpoint in {give_up_s:.0f} s "
+                f"(killed? see its log); delete {marker.parent} if it is there and resume again")
         time.sleep(poll_s)
         if time.monotonic() - last_said >= say_every_s:
             last_said = time.monotonic()
@@ -275,6 +300,11 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
         raise  # not the checkpoint's fault
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if universal:  # the checkpoint as saved may be sound: its universal copy is what can be made again
+            raise CheckpointLoadError(
+                f"{directory / UNIVERSAL}, the universal form of {directory} for this world size, does not load "
+                f"({first}): delete that folder (not the checkpoint) for the next resume to convert it again; if "
+                "the model or this code changed since, start a new run in another train.out_dir") from error
         raise CheckpointLoadError(
             f"{directory} is marked complete but does not load ({first}): if a file in it was damaged since the "
             "save, delete that folder to resume from the one before; if the model or this code changed since (e.g. "
