@@ -270,3 +270,38 @@ def test_a_lock_file_left_in_the_cpu_communication_ops_build_folder_does_not_han
         pytest.fail("the run waited on the leftover lock file")
     assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stderr
     assert not (folder / "lock").exists()
+
+
+def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
+    """A ``train.out_dir`` on each node's own disk was accepted on a fresh start: rank 0 then marked
+    checkpoints complete that held its node's shards alone, found out at the first ``--resume``. Two
+    ranks given two folders (what one path on two nodes' own disks is) stop before training, with
+    the rank that did not see rank 0's file named; given one folder, they go on."""
+    script = ("import sys\nfrom pathlib import Path\nfrom dyt.errors import UserInputError, one_line\n"
+              "from dyt.train.distributed import init_distributed\nfrom dyt.train.trainer import check_folder_shared\n"
+              "dist = init_distributed()\nfolder = Path(sys.argv[1].replace('RANK', str(dist.rank)))\n"
+              "folder.mkdir(parents=True, exist_ok=True)\n"
+              "try:\n    check_folder_shared(folder, dist, wait_s=1.0)\nexcept UserInputError as error:\n"
+              "    print(one_line('t', error))\nelse:\n    print('shared')\n"
+              "import torch\ntorch.distributed.destroy_process_group()\n")  # else gloo may abort at exit
+    port = free_port()
+
+    def launch(folder: str) -> list[str]:
+        procs = [subprocess.Popen([sys.executable, "-c", script, folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                                  "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+                 for rank in (0, 1)]
+        outs = [proc.communicate(timeout=180) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+        return [out.strip().splitlines()[-1] for out, _ in outs]
+
+    assert launch(str(tmp_path / "one")) == ["shared", "shared"]
+    assert not any((tmp_path / "one").iterdir())  # the check's file is gone
+    port = free_port()
+    said = launch(str(tmp_path / "own-disk-RANK"))
+    assert said == [
+        f"t: config error: train.out_dir {tmp_path / f'own-disk-{rank}'} is not one folder for every rank: rank(s) 1 "
+        "of 2 did not find in 1 s the file rank 0 wrote there; put it on a file system every node shares (a relative "
+        "path is taken from each node's working directory), else rank 0 alone would hold complete checkpoints"
+        for rank in (0, 1)], said

@@ -484,6 +484,51 @@ def _construction_step_undone(optimizer: torch.optim.Optimizer):
             step.zero_()
 
 
+
+SHARED_FOLDER_WAIT_S = 30.0
+"""How long a rank looks for the file rank 0 wrote in ``train.out_dir`` (a shared file system may
+show a new file on other nodes a little later) before the folder counts as not shared."""
+
+
+def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOLDER_WAIT_S) -> None:
+    """Every rank must write the same ``folder``: on a ``train.out_dir`` on each node's own disk (a
+    relative path is each node's own working directory's) rank 0 marks checkpoints complete that hold
+    its node's shards alone, and the run only learns so at its first ``--resume``, days later. So at
+    every start rank 0 writes a random number there, and each rank must read it back."""
+    if dist.world_size == 1:
+        return
+    token = folder / ".ranks_share_this_folder"
+    number = float(random.SystemRandom().getrandbits(52)) if dist.is_main else 0.0
+    unwritable = None
+    if dist.is_main:
+        try:
+            write_text_whole(token, f"{number:.0f}\n")
+        except OSError as error:  # every rank waits below: tell them
+            unwritable, number = error.strerror or str(error), -1.0
+    number = all_reduce(torch.tensor([number], dtype=torch.float64), "max").item()
+    if number < 0:
+        raise ConfigError(f"cannot write in train.out_dir {folder}: {unwritable or 'see rank 0'}")
+    deadline, seen = time.monotonic() + wait_s, False
+    while not seen:
+        try:
+            seen = float(token.read_text().strip() or "nan") == number
+        except (OSError, ValueError):
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    blind = [rank for rank, saw in enumerate(all_gather(torch.tensor([float(seen)], dtype=torch.float64)))
+             if not saw.item()]
+    if dist.is_main:
+        token.unlink(missing_ok=True)
+    if blind:
+        shown = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
+        raise ConfigError(f"train.out_dir {folder} is not one folder for every rank: rank(s) {shown} of "
+                          f"{dist.world_size} did not find in {wait_s:.0f} s the file rank 0 wrote there; put it on "
+                          "a file system every node shares (a relative path is taken from each node's working "
+                          "directory), else rank 0 alone would hold complete checkpoints")
+
+
 class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None):
         self.full_config = full_config if full_config is not None else cfg
@@ -683,6 +728,7 @@ class Trainer:
                     refused, folder_free = error, 0.0
             if all_reduce(torch.tensor([folder_free], dtype=torch.float64), "min").item() == 0:
                 raise refused if self.dist.is_main else runlock.FolderInUseError(f"{self.out_dir} is in use")
+            check_folder_shared(self.out_dir, self.dist)
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> TrainResult:
