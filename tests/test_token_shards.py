@@ -369,3 +369,27 @@ def test_later_ranks_read_the_survey_instead_of_passing_over_every_document(tmp_
     (corpus / "a" / "doc00.txt").write_text("Opening of document 00. rewritten since\n")
     with pytest.raises(AssertionError, match="surveyed again"):
         build_datasets(cfg, 300, 32)
+
+
+def test_the_copy_check_holds_64_bits_a_validation_document_and_confirms_by_the_whole_digest():
+    """The validation digests were held as Python strings with their titles (~400 bytes a document:
+    40 GB for a billion-document corpus's tenth); now their first 64 bits. Two digests alike in those
+    bits and no more are not a copy; real copies are counted, the first named."""
+    import datasets
+
+    def split(titles, digests):
+        return datasets.Dataset.from_dict({"title": titles}), datasets.Dataset.from_dict({"text_digest": digests})
+
+    same_head = "0123456789abcdef"
+    train_docs, train_stats = split(["t0", "t1", "t2"], [same_head + "1" * 48, "a" * 64, "b" * 64])
+    validation_docs, validation_stats = split(["v0", "v1", "v2"], [same_head + "2" * 48, "c" * 64, "d" * 64])
+    docs = {"train": train_docs, "validation": validation_docs}
+    prepare_module.check_validation_unseen(docs, {"train": train_stats, "validation": validation_stats})  # 64 bits alike
+    validation_docs, validation_stats = split(["v0", "v1", "v2", "v3"],
+                                              [same_head + "2" * 48, "b" * 64, "c" * 64, "a" * 64])
+    with pytest.raises(DataError, match=r"^2 validation document\(s\) have the text of a training document; first: "
+                                        r"validation 'v1' = training 't2'"):
+        prepare_module.check_validation_unseen({"train": train_docs, "validation": validation_docs},
+                                               {"train": train_stats, "validation": validation_stats})
+    keys = prepare_module._digest_keys(validation_stats.with_format("arrow")["text_digest"])
+    assert keys.dtype == np.uint64 and int(keys[0]) == 0x0123456789ABCDEF and int(keys[1]) == 0xBBBBBBBBBBBBBBBB

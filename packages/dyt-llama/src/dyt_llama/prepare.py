@@ -129,33 +129,69 @@ def _checked_unseen(docs, stats, records: Path, files: str) -> None:
     write_json(record, True)
 
 
+_HEX_VALUES = np.zeros(256, np.uint64)
+_HEX_VALUES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint64)
+
+
+def _digest_keys(column) -> np.ndarray:
+    """The first 64 bits of each hex SHA-256 digest of ``column`` (an arrow string array), as uint64:
+    8 bytes a document where a digest string and a title take a few hundred. Read from arrow's
+    buffers: no Python string per document."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        heads = pc.utf8_slice_codeunits(chunk, 0, 16)  # the first 16 hex digits, packed one after another
+        offsets = np.frombuffer(heads.buffers()[1], np.int32)[heads.offset:heads.offset + len(heads) + 1]
+        if len(heads) and heads.null_count == 0 and offsets[-1] - offsets[0] == 16 * len(heads):
+            text = np.frombuffer(heads.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        else:  # not 64-digit hex digests: none of _survey's
+            raise ValueError(f"not SHA-256 hex digests: {chunk.slice(0, 3).to_pylist()}")
+        nibbles = _HEX_VALUES[text].reshape(-1, 16)
+        keys.append(np.bitwise_or.reduce(nibbles << np.arange(60, -4, -4, dtype=np.uint64), axis=1))
+    return np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+
+
+def _digest_batches(stats):
+    """``stats``'s ``text_digest`` column, a million rows at a time, as arrow arrays."""
+    for batch in stats.select_columns(["text_digest"]).with_format("arrow").iter(batch_size=1_000_000):
+        yield batch.column("text_digest")
+
+
 def check_validation_unseen(docs, stats) -> None:
     """A validation document whose text is a training document's (one text under two titles or
     files, a duplicated row) would validate on trained text: a DataError naming the first pair.
-    ``stats``: each split's :func:`_survey` digests; the validation split's are held in memory, the
-    training split's compared a batch at a time by pyarrow."""
+    ``stats``: each split's :func:`_survey` digests. Memory is 8 bytes a validation document: the
+    first 64 bits of each digest are held, the training split's compared a batch at a time, and only
+    the documents they match are compared by their whole digests."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not len(docs["train"]) or not len(docs["validation"]):  # nothing to compare; build_datasets says what is empty
         return
-    held = {}  # text digest -> the first validation title with it
-    for title, digest in zip(docs["validation"]["title"], stats["validation"]["text_digest"]):
-        held.setdefault(digest, title)
-    wanted, start, first, seen = pa.array(list(held), pa.string()), 0, None, set()
-    for batch in stats["train"].select_columns(["text_digest"]).with_format("arrow").iter(batch_size=1_000_000):
-        column = batch.column("text_digest")
-        hits = pc.indices_nonzero(pc.is_in(column, value_set=wanted)).to_pylist()
-        if hits:
-            first = first or (start + hits[0], column[hits[0]].as_py())
-            seen.update(column.take(pa.array(hits, pa.uint64())).to_pylist())
+    held = np.unique(np.concatenate([_digest_keys(column) for column in _digest_batches(stats["validation"])]))
+    candidates: dict[str, int] = {}  # whole digest -> the first training index with it, where its 64 bits match
+    start = 0
+    for column in _digest_batches(stats["train"]):
+        keys = _digest_keys(column)
+        for index in np.flatnonzero(held[np.minimum(np.searchsorted(held, keys), len(held) - 1)] == keys):
+            candidates.setdefault(column[int(index)].as_py(), start + int(index))
         start += len(column)
+    if not candidates:
+        return
+    wanted, first, count, start = pa.array(list(candidates), pa.string()), None, 0, 0
+    for column in _digest_batches(stats["validation"]):  # the candidates' whole digests: 64 bits can collide
+        hits = pc.indices_nonzero(pc.is_in(column, value_set=wanted)).to_numpy()
+        if len(hits) and first is None:
+            first = start + int(hits[0]), column[int(hits[0])].as_py()
+        count, start = count + len(hits), start + len(column)
     if first is not None:
-        index, digest = first
-        count = sum(d in seen for d in stats["validation"]["text_digest"])
+        where, digest = first
         raise DataError(f"{count} validation document(s) have the text of a training document; first: validation "
-                        f"{held[digest]!r} = training {docs['train'][index]['title']!r}: validation must be text "
-                        "training never reads (deduplicate the corpus, or hold out every copy: data.validation_works)")
+                        f"{docs['validation'][where]['title']!r} = training {docs['train'][candidates[digest]]['title']!r}: "
+                        "validation must be text training never reads (deduplicate the corpus, or hold out every "
+                        "copy: data.validation_works)")
 
 
 def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer_key: str, eos_token: str,
