@@ -120,6 +120,36 @@ def test_partitioned_init_is_declared_by_the_task():
     assert not getattr(ToyTask(ToyConfig()), "partitioned_init", False)
 
 
+def test_a_whole_build_too_large_for_the_node_is_refused_before_it_starts(monkeypatch):
+    """A task that cannot be built shard by shard (the fixup and sigma-reparam baselines) is built
+    whole in fp32 on every rank before ZeRO-3 shards it: a 70B one took 276 GB a rank and ran the node
+    out of memory without a word. Its parameters are counted on the meta device first (sigmaReparam's
+    SVD skipped there), with no random draw, and a build that would not fit is a config error."""
+    from dyt.train.config import ConfigError
+    from dyt.train.trainer import whole_build_problem
+    from dyt_llama.model import Llama
+    from dyt_llama.task import LlamaConfig
+
+    config = load_config(LlamaConfig, ROOT / "recipes/llama/70b.yaml", ["model.norm.kind=sigma-reparam"],
+                         check_files=False)
+    torch.manual_seed(0)
+    first_draw = torch.rand(1).item()
+    torch.manual_seed(0)
+    said = whole_build_problem(lambda: Llama(config.model), 8, 1000 * 2**30)
+    assert torch.rand(1).item() == first_draw  # counting drew nothing from the generator the build then seeds
+    assert said == ("under ZeRO-3 this model (68.98B parameters) is built whole in fp32 on every rank before DeepSpeed "
+                    "shards it (it cannot be built shard by shard: e.g. the fixup and sigma-reparam baselines rewrite "
+                    "the built model), 2055.6 GiB for the 8 rank(s) on this node, and 1000.0 GiB is available: train a "
+                    "smaller model or fewer ranks a node")
+    assert whole_build_problem(lambda: Llama(config.model), 8, 3000 * 2**30) is None
+    assert whole_build_problem(lambda: Llama(config.model), 8, None) is None  # memory unknown: not told
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.task = TrainConfig(zero_stage=3), ToyTask(ToyConfig())
+    monkeypatch.setattr("dyt.train.trainer.available_host_memory", lambda: 100)  # the toy: 130 parameters, 520 bytes
+    with pytest.raises(ConfigError, match=r"built whole in fp32 on every rank .* 0.0 GiB is available"):
+        trainer.build_model()  # the toy task, not partitioned, at ZeRO-3
+
+
 # ---------------------------------------------------------------- resume on another world size
 
 TOY = ["train.steps=6", "train.save_every=3", "train.micro_batch_size=8", "train.lr=0.01", "train.warmup_steps=2",

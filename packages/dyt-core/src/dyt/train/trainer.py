@@ -7,7 +7,9 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import os
 import random
 import shutil
 import time
@@ -529,6 +531,45 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
                           "directory), else rank 0 alone would hold complete checkpoints")
 
 
+
+def local_ranks() -> int:
+    """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``, the deepspeed launcher's ``LOCAL_SIZE``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (``MemAvailable`` in /proc/meminfo), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def whole_build_problem(build: Callable[[], nn.Module], ranks: int, available: int | None) -> str | None:
+    """Why a model built whole in fp32 on each of ``ranks`` ranks of a node (a task that cannot be
+    built shard by shard, e.g. a baseline that rewrites the built model, before ZeRO-3 shards it)
+    would not fit the node's ``available`` bytes of host memory; None where it fits or cannot be
+    told. Counted on the meta device (no memory, no random draws); without this the build ran the
+    node out of memory with no message (a 70B model: 276 GB a rank)."""
+    if available is None:
+        return None
+    try:
+        with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+            numel = sum(p.numel() for p in build().parameters())
+    except Exception:  # code that cannot run on the meta device: built as before, unchecked
+        return None
+    needed = numel * 4 * ranks
+    if needed <= available:
+        return None
+    return (f"under ZeRO-3 this model ({numel / 1e9:.2f}B parameters) is built whole in fp32 on every rank before "
+            f"DeepSpeed shards it (it cannot be built shard by shard: e.g. the fixup and sigma-reparam baselines "
+            f"rewrite the built model), {needed / 2**30:.1f} GiB for the {ranks} rank(s) on this node, and "
+            f"{available / 2**30:.1f} GiB is available: train a smaller model or fewer ranks a node")
+
+
 class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None):
         self.full_config = full_config if full_config is not None else cfg
@@ -606,10 +647,14 @@ class Trainer:
         """The task's model as the engine gets it, from the run's seed (the same initial weights on
         every rank): under ZeRO-3, for a task that declares ``partitioned_init``, built shard by
         shard (:func:`build_partitioned`, ``config`` the DeepSpeed config); otherwise whole."""
-        seed_everything(self.cfg.seed)
         if self.cfg.zero_stage == 3 and getattr(self.task, "partitioned_init", False):
+            seed_everything(self.cfg.seed)
             config = deepspeed_config(self.cfg) if config is None else config
             return build_partitioned(self.task.build_model, config, HALF_PRECISION.get(self.cfg.precision))
+        if self.cfg.zero_stage == 3 and (problem := whole_build_problem(self.task.build_model, local_ranks(),
+                                                                       available_host_memory())):
+            raise ConfigError(problem)
+        seed_everything(self.cfg.seed)
         return self.task.build_model()
 
     def _check_validation_size(self, dataset: Dataset) -> None:
