@@ -244,7 +244,7 @@ CASES = [
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "--tasks", "{tmp}/csv-good",
           "--set", "data.fasta=[{tmp}/fasta/good.fa]", "--set", "data.validation_fasta=[{tmp}/fasta/held.fa]",
           "--set", "data.cache_dir={tmp}/cache/dna-compare"),
-         ("4 examples", "fewer than one micro-batch (4) per rank for 2 rank(s)")),
+         ("4 examples", "fewer than one step's batch (4 x 2 rank(s) = 8)")),
     Case("dna-compare-one-model-twice", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--configs", "recipes/dna/hyena-tiny.yaml", "recipes/dna/hyena-tiny.yaml"),
          ("--configs", "both hyena models")),

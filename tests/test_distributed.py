@@ -2,15 +2,13 @@
 gradient accumulation, and a 2-rank LLaMA run resumed from a checkpoint against the uninterrupted run.
 
 The data order (trainer.ResumableBatches): each epoch is one seeded permutation of the training set,
-cut to ``per_rank_batches * micro_batch * world`` examples; rank r reads every world-th example of
-it from position r, in micro-batches. So step k of a 2-rank run with micro-batch m reads positions
-[2mk, 2m(k+1)) of the permutation (rank 0 the even ones, rank 1 the odd ones), and step k of a
-1-rank run with grad_accum 2 reads the same positions as its two micro-batches: the same examples
-per step, hence the same loss curve. That holds while both runs cut the epoch at the same place,
-i.e. when the training set is a multiple of world * micro_batch (256 = 16 * 16 below). Otherwise
-the 1-rank run keeps examples the 2-rank run drops (1 rank keeps N // m micro-batches, 2 ranks
-2 * (N // 2 // m)), its epochs are longer and, from the first epoch boundary on, its steps read
-other examples: the curves are then only statistically alike.
+cut to a multiple of the global batch ``micro_batch * world * grad_accum``; rank r reads every
+world-th example of it from position r, in micro-batches. So step k of a 2-rank run with micro-batch
+m reads positions [2mk, 2m(k+1)) of the permutation (rank 0 the even ones, rank 1 the odd ones), and
+step k of a 1-rank run with grad_accum 2 reads the same positions as its two micro-batches: the same
+examples per step, hence the same loss curve, over epoch boundaries too (both cut the epoch at the
+same place; before 2026-12-06 the cut was a multiple of ``micro_batch * world``, and the two runs
+parted at the first boundary unless the training set was a multiple of world * micro_batch).
 """
 
 import json
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dyt.errors import UserInputError
 from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe
 from dyt.train.distributed import free_port, shm_allreduce_buffer
 from dyt.train.trainer import DataPosition, ResumableBatches
@@ -98,6 +97,27 @@ def test_ranks_read_disjoint_data_covering_each_epoch_once(examples):
     for start in (1, per_epoch, per_epoch + 2):
         resumed = _streams(examples, micro_batch, world, 4, start)
         assert resumed == [rank0[start : start + 4], rank1[start : start + 4]]
+
+
+def test_a_step_reads_the_same_examples_on_another_world_size_across_epochs():
+    """The epoch is cut to a multiple of the global batch, not of one micro-batch step over the ranks:
+    4 ranks x 8 and 2 ranks x 4 x grad_accum 4 (a resume after losing half the ranks, same global
+    batch 32) cut 1000 examples alike (992) and read the same examples in every step, over epoch
+    boundaries too (cut at 992 and 1000 before, every step after the first boundary moved by 8)."""
+
+    def steps(world: int, micro_batch: int, grad_accum: int, count: int) -> list[list[int]]:
+        cfg = TrainConfig(micro_batch_size=micro_batch, grad_accum=grad_accum, seed=3)
+        streams = [ResumableBatches(list(range(1000)), _Indices(), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+                   .iterate(DataPosition()) for rank in range(world)]
+        return [sorted(i for _ in range(grad_accum) for stream in streams for i in next(stream)) for _ in range(count)]
+
+    four, two = steps(4, 8, 1, 70), steps(2, 4, 4, 70)  # 31 steps an epoch: past two boundaries
+    assert four == two
+    assert all(len(step) == len(set(step)) == 32 for step in four)
+    with pytest.raises(UserInputError, match=r"^the training set has 1000 examples: fewer than one step's batch "
+                                             r"\(8 x 2 rank\(s\) x grad_accum 64 = 1024\); lower"):
+        ResumableBatches(list(range(1000)), _Indices(), TrainConfig(micro_batch_size=8, grad_accum=64),
+                         DistInfo(0, 2, 0, torch.device("cpu")))
 
 
 def test_two_ranks_read_per_step_what_one_rank_reads_with_grad_accum_2():

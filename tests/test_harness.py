@@ -473,7 +473,7 @@ def test_too_small_training_set_is_a_clear_error(tmp_path, capsys):
         _run(tmp_path, "data.examples=8")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "fewer than one micro-batch" in err and "Traceback" not in err
+    assert "fewer than one step's batch" in err and "Traceback" not in err
     assert not (tmp_path / "checkpoints").exists()
 
 

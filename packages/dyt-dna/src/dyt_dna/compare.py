@@ -56,7 +56,7 @@ from dyt.train.config import SEED
 from dyt.train.data_files import files_signature
 from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
-from dyt.train.trainer import check_one_micro_batch
+from dyt.train.trainer import check_one_step_of_data
 
 from .data import BUILTIN_TASKS, ClassificationData, check_task, load_task, pretraining_datasets
 from .eval import (
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
                           for p in plan}.values():
         train, _ = pretraining_datasets(data, max_len)  # data errors early; warms the cache
         for planned in (p for p in plan if p.config.data == data and p.config.model.max_len == max_len):
-            check_one_micro_batch(len(train), planned.config.train.micro_batch_size, args.nproc)
+            train_cfg = planned.config.train.for_world(args.nproc)
+            check_one_step_of_data(len(train), train_cfg.micro_batch_size, args.nproc, train_cfg.grad_accum)
     finetune_cfg = finetune_settings(args)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
     task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}

@@ -308,13 +308,16 @@ class DataPosition:
     sample: int = 0
 
 
-def check_one_micro_batch(examples: int, micro_batch_size: int, world_size: int) -> None:
-    """A training set must give every rank at least one micro-batch; else a UserInputError saying
-    what to change (also asked by a comparison before it launches anything)."""
-    if examples < micro_batch_size * world_size:
+def check_one_step_of_data(examples: int, micro_batch_size: int, world_size: int, grad_accum: int = 1) -> None:
+    """A training set must hold at least one optimizer step's examples (every rank's micro-batches
+    of the step); else a UserInputError saying what to change (also asked by a comparison before it
+    launches anything)."""
+    if examples < micro_batch_size * world_size * grad_accum:
+        step = f"{micro_batch_size} x {world_size} rank(s)" + (f" x grad_accum {grad_accum}" if grad_accum > 1 else "")
         raise UserInputError(
-            f"the training set has {examples} examples: fewer than one micro-batch ({micro_batch_size}) per rank "
-            f"for {world_size} rank(s); lower train.micro_batch_size or give more data"
+            f"the training set has {examples} examples: fewer than one step's batch ({step} = "
+            f"{micro_batch_size * world_size * grad_accum}); lower train.micro_batch_size"
+            f"{' or the batch (train.grad_accum or train.global_batch_size)' if grad_accum > 1 else ''} or give more data"
         )
 
 
@@ -339,20 +342,23 @@ class ResumableBatches:
     """Micro-batches in a fixed order for (seed, epoch), startable at any :class:`DataPosition`, so
     that a resumed run sees exactly the examples the uninterrupted run would have seen.
 
-    Each epoch is one seeded permutation of the training set, cut to a multiple of ``micro_batch *
-    world`` examples. From position ``sample`` on, each micro-batch step takes the next ``micro_batch
-    * world`` examples of that order, rank r every world-th one from r. A step therefore reads the
-    same examples whatever the world size once ``micro_batch * world * grad_accum`` is the same; an
-    epoch remainder smaller than one such micro-batch step is skipped (as ``drop_last``)."""
+    Each epoch is one seeded permutation of the training set, cut to a multiple of the global batch
+    (``micro_batch * world * grad_accum`` examples; an epoch remainder smaller than one optimizer
+    step is skipped, as ``drop_last``). From position ``sample`` on, each micro-batch step takes the
+    next ``micro_batch * world`` examples of that order, rank r every world-th one from r. An
+    optimizer step therefore reads the same examples whatever the world size once the global batch
+    is the same, across epochs too (until 2026-12-06 the cut was a multiple of ``micro_batch *
+    world``, so a resume on another world size moved every step after the next epoch's start)."""
 
     def __init__(self, dataset: Dataset, task: Task, cfg: TrainConfig, dist: DistInfo):
         self.dataset, self.task, self.cfg, self.dist = dataset, task, cfg, dist
         self.step_examples = cfg.micro_batch_size * dist.world_size
         """Examples one micro-batch takes over all ranks."""
-        check_one_micro_batch(len(dataset), cfg.micro_batch_size, dist.world_size)
-        self.per_epoch = len(dataset) // self.step_examples
+        check_one_step_of_data(len(dataset), cfg.micro_batch_size, dist.world_size, cfg.grad_accum)
+        global_batch = self.step_examples * cfg.grad_accum
+        self.usable = len(dataset) // global_batch * global_batch
+        self.per_epoch = self.usable // self.step_examples
         """Micro-batches per rank per epoch."""
-        self.usable = self.per_epoch * self.step_examples
         self.position = DataPosition()
         """After the last micro-batch handed out: what a checkpoint saves."""
 
