@@ -246,8 +246,6 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
     if not cfg.tokenizer_file and vocab_size < BYTE_BPE_MIN_VOCAB:  # before the corpus is read
         raise DataError(f"model.vocab_size={vocab_size} is below the {BYTE_BPE_MIN_VOCAB} tokens the byte-level BPE "
                         "starts with (256 bytes and the end-of-text token): raise it, or give data.tokenizer_file")
-    if cfg.num_proc > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker processes are the parallelism
     cache = _cache(cfg)
     done = _done_record(cache, cfg, vocab_size)
     if (ready := _ready(done)) is not None:  # no lock, no corpus read: what every rank after the first finds
@@ -261,6 +259,9 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
         surveys = {name: _survey(docs[name], cfg.num_proc, cfg.shard_chars, name, records, files) for name in SPLITS}
         _checked_unseen(docs, {name: survey[2] for name, survey in surveys.items()}, records, files)
         tokenizer = load_tokenizer(cfg, docs["train"], vocab_size, content_key=surveys["train"][0])
+        if cfg.num_proc > 1:  # the worker processes are the tokenising's parallelism; set only now, as the BPE
+            # trains on every core (1.6x faster on 2 cores than with the setting in force)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
         shards = {name: _write_split(docs[name], *surveys[name][:2], tokenizer, tokenizer_key, cfg.eos_token,
                                      cache / "tokens", cfg.num_proc, name) for name in SPLITS}
