@@ -367,12 +367,12 @@ def test_a_global_batch_size_sets_grad_accum_for_each_rank_count():
     assert TrainConfig(grad_accum=3).for_world(5).grad_accum == 3  # none set: grad_accum as given
     with pytest.raises(ConfigError, match=r"train.global_batch_size=64 on 3 rank\(s\) at train.micro_batch_size=4: 16 "
                                           r"micro-batches per step do not split evenly over 3 ranks; launch 1, 2, 4, 8, "
-                                          r"16 rank\(s\), no train.micro_batch_size splits 64 over 3 ranks: to train "
-                                          r"on 3, set train.global_batch_size to a multiple of 12 \(60 or 72;"):
+                                          r"16 rank\(s\), or, to train on 3 \(no train.micro_batch_size splits 64 "
+                                          r"over 3\), set train.global_batch_size to a multiple of 12 \(60 or 72;"):
         train.for_world(3)
     with pytest.raises(ConfigError, match=r"launch 1, 2, 4, 8, 16 rank\(s\), or set train.micro_batch_size to 1, 2$"):
         TrainConfig(micro_batch_size=4, global_batch_size=64).for_world(32)  # fewer micro-batches than ranks
-    with pytest.raises(ConfigError, match=r"1024 over 56 ranks: to train on 56, .* a multiple of 224 \(896 or 1120;"):
+    with pytest.raises(ConfigError, match=r"to train on 56 \(no train.micro_batch_size splits 1024 over 56\), .* a multiple of 224 \(896 or 1120;"):
         TrainConfig(micro_batch_size=4, global_batch_size=1024).for_world(56)  # one 8-GPU node of 64 lost
     with pytest.raises(ConfigError, match=r"on 32 rank\(s\)"):  # fewer micro-batches than ranks
         train.for_world(32)

@@ -300,7 +300,7 @@ def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
     script = ("import sys\nfrom pathlib import Path\nfrom dyt.errors import UserInputError, one_line\n"
               "from dyt.train.distributed import init_distributed\nfrom dyt.train.trainer import check_folder_shared\n"
               "dist = init_distributed()\nfolder = Path(sys.argv[1].replace('RANK', str(dist.rank)))\n"
-              "folder.mkdir(parents=True, exist_ok=True)\n"
+              "folder.is_file() or folder.mkdir(parents=True, exist_ok=True)\n"
               "try:\n    check_folder_shared(folder, dist, wait_s=1.0)\nexcept UserInputError as error:\n"
               "    print(one_line('t', error))\nelse:\n    print('shared')\n"
               "import torch\ntorch.distributed.destroy_process_group()\n")  # else gloo may abort at exit
@@ -325,3 +325,7 @@ def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
         "of 2 did not find in 1 s the file rank 0 wrote there; put it on a file system every node shares (a relative "
         "path is taken from each node's working directory), else rank 0 alone would hold complete checkpoints"
         for rank in (0, 1)], said
+    port = free_port()
+    (tmp_path / "a-file").write_text("not a folder")  # rank 0 cannot write in it: every rank says so at once
+    assert launch(str(tmp_path / "a-file")) == [f"t: config error: cannot write in train.out_dir {tmp_path / 'a-file'}: "
+                                                f"{why}" for why in ("Not a directory", "see rank 0")]

@@ -146,8 +146,12 @@ def test_a_whole_build_too_large_for_the_node_is_refused_before_it_starts(monkey
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.task = TrainConfig(zero_stage=3), ToyTask(ToyConfig())
     monkeypatch.setattr("dyt.train.trainer.available_host_memory", lambda: 100)  # the toy: 130 parameters, 520 bytes
+    reduced = []  # a world of one: every rank decides on the lowest measure, which all_reduce hands round
+    monkeypatch.setattr("dyt.train.trainer.barrier", lambda: None)
+    monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op: reduced.append(op) or value)
     with pytest.raises(ConfigError, match=r"built whole in fp32 on every rank .* 0.0 GiB is available"):
         trainer.build_model()  # the toy task, not partitioned, at ZeRO-3
+    assert reduced == ["min"]
 
 
 # ---------------------------------------------------------------- resume on another world size

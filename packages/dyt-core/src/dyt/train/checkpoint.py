@@ -245,12 +245,14 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
         except BaseException as error:  # the other ranks wait for the marker: tell them, then raise
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+            print(log.getvalue()[-3000:], flush=True)
+            if isinstance(error, Exception):  # the half-written copy first: it frees the space the next write needs
+                shutil.rmtree(directory / f"{UNIVERSAL}.tmp", ignore_errors=True)
+            # last before raising: the ranks that read it stop within seconds, and the launcher then stops this one
             with contextlib.suppress(OSError):
                 _atomic_write_bytes(failed, lambda h: h.write(reason.encode()))
-            print(log.getvalue()[-3000:], flush=True)
             if not isinstance(error, Exception):
                 raise  # a Ctrl-C, a SystemExit: as they came
-            shutil.rmtree(directory / f"{UNIVERSAL}.tmp", ignore_errors=True)  # a full disk's half-written copy
             raise UniversalConversionError(
                 f"could not convert {directory} to a universal checkpoint for {dist.world_size} rank(s) ({reason}; "
                 f"the converter's output is above): it writes the fp32 weights and both Adam moments whole, ~12 "
@@ -269,8 +271,8 @@ outright writes no failure file): hours, as a 70B checkpoint's conversion takes.
 
 def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_every_s: float = 300.0,
                         give_up_s: float = CONVERSION_WAIT_S) -> None:
-    """Wait (rank 1 and up) until rank 0's conversion writes ``marker``; a RuntimeError as soon as it
-    writes ``failed`` instead, or after ``give_up_s``. Says every ``say_every_s`` that it is still waiting."""
+    """Wait (rank 1 and up) until rank 0's conversion writes ``marker``; a UniversalConversionError as
+    soon as it writes ``failed`` instead, or (UniversalConversionLostError) after ``give_up_s``. Says every ``say_every_s`` that it is still waiting."""
     started = last_said = time.monotonic()
     while not marker.is_file():
         if failed.is_file():
@@ -290,9 +292,11 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     """Restore engine state and, on the same world size, this rank's RNG from a complete checkpoint
     (``universal``: from its universal form, for an engine built with ``load_universal``); returns
     the client state."""
+    loading = directory / UNIVERSAL if universal else directory
     try:
         if universal:
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
+            loading = directory  # the buffers come from the checkpoint as saved
             _load_buffers(engine.module, directory)
         else:
             _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
@@ -300,9 +304,9 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
         raise  # not the checkpoint's fault
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if universal:  # the checkpoint as saved may be sound: its universal copy is what can be made again
+        if loading != directory:  # the checkpoint as saved may be sound: its universal copy is what can be made again
             raise CheckpointLoadError(
-                f"{directory / UNIVERSAL}, the universal form of {directory} for this world size, does not load "
+                f"{loading}, the universal form of {directory} for this world size, does not load "
                 f"({first}): delete that folder (not the checkpoint) for the next resume to convert it again; if "
                 "the model or this code changed since, start a new run in another train.out_dir") from error
         raise CheckpointLoadError(

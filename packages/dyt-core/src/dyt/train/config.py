@@ -276,13 +276,13 @@ class TrainConfig:
         fits = [n for n in range(1, micro_batches + 1) if micro_batches % n == 0]
         shown = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
         micros = [m for m in range(1, self.global_batch_size // ranks + 1) if self.global_batch_size % (m * ranks) == 0]
-        if micros:  # e.g. 64 on 3 ranks: no micro-batch size splits it
+        if micros:  # e.g. 64 on 32 ranks at micro-batch 4: micro-batch 1 or 2 splits it
             instead = f"or set train.micro_batch_size to {', '.join(map(str, micros[:8]))}{', ...' if len(micros) > 8 else ''}"
-        else:  # e.g. one 8-GPU node of 64 lost: 1024 on 56 ranks
+        else:  # e.g. 64 on 3 ranks, or one 8-GPU node of 64 lost: 1024 on 56 ranks
             step = self.micro_batch_size * ranks
             near = [b for b in ((self.global_batch_size // step) * step, (self.global_batch_size // step + 1) * step) if b]
-            instead = (f"no train.micro_batch_size splits {self.global_batch_size} over {ranks} ranks: to train on "
-                       f"{ranks}, set train.global_batch_size to a multiple of {step} ({' or '.join(map(str, near))}; "
+            instead = (f"or, to train on {ranks} (no train.micro_batch_size splits {self.global_batch_size} over "
+                       f"{ranks}), set train.global_batch_size to a multiple of {step} ({' or '.join(map(str, near))}; "
                        "--resume accepts it, and the run then trains on that batch)")
         raise ConfigError(f"train.global_batch_size={self.global_batch_size} on {ranks} rank(s) at "
                           f"train.micro_batch_size={self.micro_batch_size}: {micro_batches} micro-batches per "

@@ -30,7 +30,7 @@ from ..errors import UserInputError
 from . import checkpoint, runlock
 from .config import ConfigError, TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
-from .distributed import DistInfo, all_gather, all_reduce, init_distributed
+from .distributed import DistInfo, all_gather, all_reduce, barrier, init_distributed
 from .jsonio import write_text_whole
 from .metrics import MetricsLogger
 
@@ -513,7 +513,9 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
             write_text_whole(token, f"{number:.0f}\n")
         except OSError as error:  # every rank waits below: tell them
             unwritable, number = error.strerror or str(error), -1.0
-    number = all_reduce(torch.tensor([number], dtype=torch.float64), "max").item()
+    else:
+        number = math.inf  # the "min" below hands every rank rank 0's number
+    number = all_reduce(torch.tensor([number], dtype=torch.float64), "min").item()
     if number < 0:
         raise ConfigError(f"cannot write in train.out_dir {folder}: {unwritable or 'see rank 0'}")
     deadline, seen = time.monotonic() + wait_s, False
@@ -544,14 +546,44 @@ def local_ranks() -> int:
 
 
 def available_host_memory() -> int | None:
-    """Bytes of host memory available now (``MemAvailable`` in /proc/meminfo), None where unknown."""
+    """Bytes of host memory available now: ``MemAvailable`` in /proc/meminfo, or what this process's
+    cgroup (v2) still allows where that is less (a batch job's share of a node); None where unknown."""
+    found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    found += _cgroup_memory_left()
+    return min(found) if found else None
+
+
+def _cgroup_memory_left() -> list[int]:
+    """Bytes this process's memory cgroup (v2, or v1's memory controller) still allows, where it sets
+    a limit; a container's own cgroup is mounted at the root, its path in /proc/self/cgroup the host's."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            files, folders = ("memory.max", "memory.current"), (root / path.lstrip("/"), root)
+        elif "memory" in controllers.split(","):
+            files, folders = ("memory.limit_in_bytes", "memory.usage_in_bytes"), (root / "memory" / path.lstrip("/"),
+                                                                                   root / "memory")
+        else:
+            continue
+        for folder in folders:
+            try:
+                limit = (folder / files[0]).read_text().strip()
+                return [] if limit == "max" else [int(limit) - int((folder / files[1]).read_text())]
+            except (OSError, ValueError):
+                continue
+    return []
 
 
 def whole_build_problem(build: Callable[[], nn.Module], ranks: int, available: int | None) -> str | None:
@@ -564,10 +596,11 @@ def whole_build_problem(build: Callable[[], nn.Module], ranks: int, available: i
         return None
     try:
         with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
-            numel = sum(p.numel() for p in build().parameters())
+            parameters = list(build().parameters())
     except Exception:  # code that cannot run on the meta device: built as before, unchecked
         return None
-    needed = numel * 4 * ranks
+    numel = sum(p.numel() for p in parameters)
+    needed = sum(p.numel() * p.element_size() for p in parameters) * ranks
     if needed <= available:
         return None
     return (f"under ZeRO-3 this model ({numel / 1e9:.2f}B parameters) is built whole in fp32 on every rank before "
@@ -657,9 +690,14 @@ class Trainer:
             seed_everything(self.cfg.seed)
             config = deepspeed_config(self.cfg) if config is None else config
             return build_partitioned(self.task.build_model, config, HALF_PRECISION.get(self.cfg.precision))
-        if self.cfg.zero_stage == 3 and (problem := whole_build_problem(self.task.build_model, local_ranks(),
-                                                                       available_host_memory())):
-            raise ConfigError(problem)
+        if self.cfg.zero_stage == 3:
+            barrier()  # every rank measures before any builds; then all decide on the lowest measure alike
+            available = available_host_memory()
+            lowest = all_reduce(torch.tensor([math.inf if available is None else float(available)],
+                                             dtype=torch.float64), "min").item()
+            if problem := whole_build_problem(self.task.build_model, local_ranks(),
+                                              None if math.isinf(lowest) else int(lowest)):
+                raise ConfigError(problem)
         seed_everything(self.cfg.seed)
         return self.task.build_model()
 
