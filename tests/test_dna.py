@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -493,6 +494,22 @@ def test_every_model_without_a_normalization_layer_scales_the_embedding(arch):
 
 
 # ---------------------------------------------------------------- data
+
+def test_a_full_disk_while_cutting_windows_is_one_line(tmp_path, monkeypatch):
+    """The windows' table written to a full disk was a traceback (or the errno's bare text): one data
+    error naming the cache folder and what to do."""
+    import errno
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    cfg = DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=64, max_windows=5,
+                        cache_dir=str(tmp_path))
+    with pytest.raises(DnaDataError, match=rf"^the disk is full, or the quota spent \(No space left on device, writing "
+                                           rf"in {tmp_path}, \d+ MiB free there\): free space"):
+        pretraining_datasets(cfg, 128)
+
 
 def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path, monkeypatch):
     cfg = DnaDataConfig(fasta=[str(GENOME_A)], validation_fasta=[str(GENOME_B)], window=64, max_windows=50,

@@ -393,3 +393,49 @@ def test_the_copy_check_holds_64_bits_a_validation_document_and_confirms_by_the_
                                                {"train": train_stats, "validation": validation_stats})
     keys = prepare_module._digest_keys(validation_stats.with_format("arrow")["text_digest"])
     assert keys.dtype == np.uint64 and int(keys[0]) == 0x0123456789ABCDEF and int(keys[1]) == 0xBBBBBBBBBBBBBBBB
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_a_rerun_finishes_the_same_shards(tmp_path, monkeypatch):
+    """A full disk (or quota) while the token shards were written was a traceback, and under
+    ``datasets.map`` workers one whose cause came back as text; numpy's ``tofile`` even reported it as
+    a short write without an errno. It is one data error naming the cache and its free space, and a
+    rerun with room finishes shards equal to an undisturbed preparation's."""
+    import errno
+
+    from dyt_data import disk_full
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    reference, _, _ = build_datasets(_config(tmp_path / "reference", corpus), 300, 32)
+    cfg = _config(tmp_path, corpus)
+    writes = []
+
+    class FullDisk:
+        """The part file as a full disk leaves it: the second write fails."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+    real_open = open
+    monkeypatch.setattr(prepare_module, "open", lambda path, mode="r", *args: (
+        FullDisk if mode == "ab" else lambda handle: handle)(real_open(path, mode, *args)), raising=False)  # part files
+    with pytest.raises(DataError, match=rf"^the disk is full, or the quota spent \(No space left on device, writing in "
+                                        rf"{tmp_path / 'cache'}, \d+ MiB free there\): free space, or point the cache"):
+        build_datasets(cfg, 300, 32)
+    monkeypatch.undo()
+    again, _, _ = build_datasets(cfg, 300, 32)
+    assert [again[i].tolist() for i in range(len(again))] == [reference[i].tolist() for i in range(len(reference))]
+    text = RuntimeError("a worker failed")  # a datasets.map worker's error: its cause is its traceback's text
+    text.__cause__ = Exception("Traceback ...\nOSError: [Errno 122] Disk quota exceeded\n")
+    assert disk_full(text) is text.__cause__ and disk_full(ValueError("no")) is None

@@ -7,7 +7,7 @@
   in constant memory and resumable after a kill.
 """
 
-from .cache import CacheFolderUnusable, cache_folder, cache_root, file_key, file_sha256
+from .cache import CacheFolderUnusable, cache_folder, cache_root, disk_full, file_key, file_sha256
 from .debian import (
     BuiltinDataUnavailable,
     failure_reason,
@@ -17,4 +17,4 @@ from .debian import (
     unpacked_versions,
 )
 
-__all__ = ["BuiltinDataUnavailable", "CacheFolderUnusable", "cache_folder", "cache_root", "failure_reason", "file_key", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]
+__all__ = ["BuiltinDataUnavailable", "CacheFolderUnusable", "cache_folder", "cache_root", "disk_full", "failure_reason", "file_key", "file_sha256", "reported_as", "unpack", "unpacked_root", "unpacked_versions"]

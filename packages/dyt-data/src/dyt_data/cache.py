@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -16,6 +17,22 @@ def cache_root() -> Path:
     """``$DYT_CACHE`` or ``~/.cache/dyt``: every recipe's downloads and derived data. An empty
     ``DYT_CACHE`` counts as unset (it would otherwise put the cache in the current folder)."""
     return Path(os.environ.get("DYT_CACHE") or Path.home() / ".cache" / "dyt")
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: BaseException | None) -> BaseException | None:
+    """The exception, ``error`` or one it was raised from or while handling, that says the disk is
+    full or the quota spent (ENOSPC, EDQUOT), or None. By errno, or by its text: pyarrow raises it
+    without an errno, and a ``datasets.map`` worker's comes back as its traceback's text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) in FULL_DISK or any(os.strerror(code) in str(error) for code in FULL_DISK):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def cache_folder(path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .cache import CacheFolderUnusable, cache_folder, cache_root
+from .cache import FULL_DISK, CacheFolderUnusable, cache_folder, cache_root, disk_full
 
 
 class BuiltinDataUnavailable(RuntimeError):
@@ -25,14 +25,30 @@ class BuiltinDataUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
-def reported_as(error_type: type[Exception]) -> Iterator[None]:
-    """Re-raise :class:`BuiltinDataUnavailable` and :class:`~dyt_data.cache.CacheFolderUnusable`
-    inside as ``error_type`` (a recipe's data error, which its commands print as one line): this
-    package stays free of the kernel package's errors."""
+def reported_as(error_type: type[Exception], folder: Path | None = None) -> Iterator[None]:
+    """Re-raise :class:`BuiltinDataUnavailable`, :class:`~dyt_data.cache.CacheFolderUnusable` and a
+    full disk (:func:`~dyt_data.cache.disk_full`, however wrapped) inside as ``error_type`` (a recipe's
+    data error, which its commands print as one line; ``folder``: where it writes, named with its free
+    space in a full disk's line): this package stays free of the kernel package's errors."""
     try:
         yield
     except (BuiltinDataUnavailable, CacheFolderUnusable) as error:
         raise error_type(str(error)) from error
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        code = getattr(full, "errno", None)
+        code = code if code in FULL_DISK else next(c for c in FULL_DISK if os.strerror(c) in str(full))
+        where = getattr(full, "filename", None) or folder
+        try:
+            free = f", {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there" if folder is not None else ""
+        except OSError:
+            free = ""
+        raise error_type(
+            f"the disk is full, or the quota spent ({os.strerror(code)}"
+            f"{f', writing in {where}' if where else ''}{free}): free space, or point the cache at a larger disk "
+            "($DYT_CACHE, or the recipe's data.cache_dir), and run again (what was finished is kept)") from error
 
 
 def failure_reason(done: subprocess.CompletedProcess) -> str:

@@ -27,7 +27,7 @@ from filelock import FileLock
 from dyt.errors import UserInputError, folder_problem
 from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
 from dyt.train.jsonio import write_json
-from dyt_data import cache_root, file_key
+from dyt_data import cache_root, disk_full, file_key, reported_as
 
 from .fasta import FastaError, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
@@ -141,6 +141,8 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
                     cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
                 )
             except datasets.exceptions.DatasetGenerationError as error:
+                if disk_full(error):
+                    raise  # with its cause, for reported_as
                 cause = error.__cause__ or error
                 if isinstance(cause, datasets.arrow_writer.SchemaInferenceError):  # no window at all
                     raise no_window from None
@@ -251,8 +253,9 @@ def pretraining_datasets(cfg: DnaDataConfig, max_len: int) -> tuple[datasets.Dat
         raise DnaDataError(f"data.window ({cfg.window}) is longer than the model's context (model.max_len {max_len})")
     train, validation = pretraining_regions(cfg)
     stride = cfg.stride or cfg.window
-    return (window_dataset(train, cfg.window, stride, cfg.max_windows, cfg),
-            window_dataset(validation, cfg.window, cfg.window, cfg.max_windows, cfg))
+    with reported_as(DnaDataError, _cache_dir(cfg.cache_dir)):  # a full disk: one line
+        return (window_dataset(train, cfg.window, stride, cfg.max_windows, cfg),
+                window_dataset(validation, cfg.window, cfg.window, cfg.max_windows, cfg))
 
 
 def tokens(sequences: list[str], where: str = "sequence") -> torch.Tensor:

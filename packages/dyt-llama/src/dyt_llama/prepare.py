@@ -26,6 +26,7 @@ from filelock import FileLock
 from dyt.errors import help_description, user_errors
 from dyt.train.data_files import files_signature
 from dyt.train.jsonio import read_json, write_json, write_text_whole
+from dyt_data import reported_as
 from dyt_data.shards import FORMAT as SHARDS_FORMAT
 from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 from dyt_data.shards import complete as shards_complete
@@ -79,7 +80,7 @@ def _tokenise(batch, rank, tokenizer, eos: int, dtype: str, prefix: str) -> dict
             for encoding in tokenizer.encode_batch_fast(group):
                 pieces += [encoding.ids, [eos]]
                 counts.append(len(encoding.ids) + 1)
-            np.concatenate(pieces).astype(dtype, copy=False).tofile(out)
+            out.write(np.concatenate(pieces).astype(dtype, copy=False))  # not tofile: a full disk raises ENOSPC, not a short write
     return {"tokens": counts}
 
 
@@ -252,7 +253,7 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
     done = _done_record(cache, cfg, vocab_size)
     if (ready := _ready(done)) is not None:  # no lock, no corpus read: what every rank after the first finds
         return ready
-    with FileLock(str(cache / "data.lock")):
+    with FileLock(str(cache / "data.lock")), reported_as(DataError, cache):  # a full disk: one line
         if (ready := _ready(done)) is not None:  # built while this rank waited
             return ready
         docs = load_documents(cfg)
