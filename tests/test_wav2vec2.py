@@ -697,3 +697,21 @@ def test_the_eval_builds_the_builtin_speech_at_the_runs_size(tmp_path, monkeypat
     with pytest.raises(Built):
         evaluate(["--run", str(run), "--random-init", "--evals", "ctc", "--seeds", "0"])
     assert asked == [{"train": 60, "validation": 200, "test": 200}]
+
+
+def test_a_full_disk_while_building_the_speech_is_one_line(tmp_path, monkeypatch):
+    """The built-in speech synthesised onto a full disk stopped with a traceback: one audio error
+    naming the folder and what to do, and no completion mark (the next run builds it again)."""
+    import errno
+
+    from dyt_wav2vec2 import speech
+
+    def full(out, *args):
+        (out / "audio").mkdir(parents=True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "audio" / "s00001.wav"))
+
+    monkeypatch.setattr(speech, "_synthesize_all", full)
+    with pytest.raises(AudioError, match=rf"^the disk is full, or the quota spent \(No space left on device, writing in "
+                                         rf"{tmp_path / 'speech' / 'audio' / 's00001.wav'}, \d+ MiB free there\)"):
+        speech.build(tmp_path / "speech")
+    assert not (tmp_path / "speech" / ".complete").exists()

@@ -48,7 +48,7 @@ def reported_as(error_type: type[Exception], folder: Path | None = None) -> Iter
         raise error_type(
             f"the disk is full, or the quota spent ({os.strerror(code)}"
             f"{f', writing in {where}' if where else ''}{free}): free space, or point the cache at a larger disk "
-            "($DYT_CACHE, or the recipe's data.cache_dir), and run again (what was finished is kept)") from error
+            "($DYT_CACHE, or the recipe's data.cache_dir), and run again") from error
 
 
 def failure_reason(done: subprocess.CompletedProcess) -> str:

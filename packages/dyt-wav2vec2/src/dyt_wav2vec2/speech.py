@@ -305,8 +305,9 @@ def build(out: Path | None = None, per_split: dict[str, int] | None = None, keyw
         if done.startswith(f"{build}-") and (unpacked is None or done == key(unpacked)):
             return out
         complete.unlink(missing_ok=True)
-        _synthesize_all(out, per_split, keyword_voices, workers)
-        complete.write_text(key(package_root()))
+        with reported_as(AudioError, out):  # a full disk: one line
+            _synthesize_all(out, per_split, keyword_voices, workers)
+            complete.write_text(key(package_root()))
     return out
 
 
