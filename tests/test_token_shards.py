@@ -393,6 +393,10 @@ def test_the_copy_check_holds_64_bits_a_validation_document_and_confirms_by_the_
                                                {"train": train_stats, "validation": validation_stats})
     keys = prepare_module._digest_keys(validation_stats.with_format("arrow")["text_digest"])
     assert keys.dtype == np.uint64 and int(keys[0]) == 0x0123456789ABCDEF and int(keys[1]) == 0xBBBBBBBBBBBBBBBB
+    import pyarrow as pa
+
+    large = pa.chunked_array([pa.array([], pa.large_string()), pa.array(["b" * 64, "c" * 64], pa.large_string())[1:]])
+    assert prepare_module._digest_keys(large).tolist() == [0xCCCCCCCCCCCCCCCC]  # 64-bit offsets, a sliced chunk
 
 
 def test_a_full_disk_while_preparing_is_one_line_and_a_rerun_finishes_the_same_shards(tmp_path, monkeypatch):

@@ -146,7 +146,8 @@ def _digest_keys(column) -> np.ndarray:
         if not len(chunk):
             continue
         heads = pc.utf8_slice_codeunits(chunk, 0, 16)  # the first 16 hex digits, packed one after another
-        offsets = np.frombuffer(heads.buffers()[1], np.int32)[heads.offset:heads.offset + len(heads) + 1]
+        width = np.int64 if pa.types.is_large_string(heads.type) else np.int32
+        offsets = np.frombuffer(heads.buffers()[1], width)[heads.offset:heads.offset + len(heads) + 1]
         if heads.null_count == 0 and offsets[-1] - offsets[0] == 16 * len(heads):
             text = np.frombuffer(heads.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
         else:  # not 64-digit hex digests: none of _survey's

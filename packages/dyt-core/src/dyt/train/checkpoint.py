@@ -254,10 +254,11 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
             if not isinstance(error, Exception):
                 raise  # a Ctrl-C, a SystemExit: as they came
             raise UniversalConversionError(
-                f"could not convert {directory} to a universal checkpoint for {dist.world_size} rank(s) ({reason}; "
-                f"the converter's output is above): it writes the fp32 weights and both Adam moments whole, ~12 "
-                f"bytes a parameter and more while it runs, beside the checkpoint; free disk space there and resume again, or resume on "
-                f"{saved_world_size(directory)} rank(s), which loads the checkpoint as saved") from error
+                f"could not convert {directory} to a universal checkpoint for {dist.world_size} rank(s) "
+                f"({reason}; the converter's output is above): it writes the fp32 weights and both Adam moments "
+                "whole, ~12 bytes a parameter and more while it runs, beside the checkpoint; free disk space there "
+                f"and resume again, or resume on {saved_world_size(directory)} rank(s), which loads the checkpoint "
+                "as saved") from error
     elif not dist.is_main:
         wait_for_conversion(target / MARKER, failed)
     barrier()
@@ -272,7 +273,8 @@ outright writes no failure file): hours, as a 70B checkpoint's conversion takes.
 def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_every_s: float = 300.0,
                         give_up_s: float = CONVERSION_WAIT_S) -> None:
     """Wait (rank 1 and up) until rank 0's conversion writes ``marker``; a UniversalConversionError as
-    soon as it writes ``failed`` instead, or (UniversalConversionLostError) after ``give_up_s``. Says every ``say_every_s`` that it is still waiting."""
+    soon as it writes ``failed`` instead, or (UniversalConversionLostError) after ``give_up_s``. Says
+    every ``say_every_s`` that it is still waiting."""
     started = last_said = time.monotonic()
     while not marker.is_file():
         if failed.is_file():
@@ -281,7 +283,7 @@ def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_eve
         if time.monotonic() - started > give_up_s:
             raise UniversalConversionLostError(
                 f"rank 0 did not convert {marker.parent.parent} to a universal checkpoint in {give_up_s:.0f} s "
-                f"(killed? see its log); delete {marker.parent} if it is there and resume again")
+                "(killed? see its log); resume again: rank 0 converts it anew")
         time.sleep(poll_s)
         if time.monotonic() - last_said >= say_every_s:
             last_said = time.monotonic()

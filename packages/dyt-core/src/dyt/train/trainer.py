@@ -492,7 +492,6 @@ def _construction_step_undone(optimizer: torch.optim.Optimizer):
             step.zero_()
 
 
-
 SHARED_FOLDER_WAIT_S = 30.0
 """How long a rank looks for the file rank 0 wrote in ``train.out_dir`` (a shared file system may
 show a new file on other nodes a little later) before the folder counts as not shared."""
@@ -539,7 +538,6 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
                           "directory), else rank 0 alone would hold complete checkpoints")
 
 
-
 def local_ranks() -> int:
     """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``, the deepspeed launcher's ``LOCAL_SIZE``)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
@@ -547,7 +545,7 @@ def local_ranks() -> int:
 
 def available_host_memory() -> int | None:
     """Bytes of host memory available now: ``MemAvailable`` in /proc/meminfo, or what this process's
-    cgroup (v2) still allows where that is less (a batch job's share of a node); None where unknown."""
+    memory cgroup still allows where that is less (a batch job's share of a node); None where unknown."""
     found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
