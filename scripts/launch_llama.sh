@@ -30,13 +30,14 @@ with socket.socket() as s:
   [[ $ranks -ge 1 ]] || { echo "launch_llama.sh: $ranks ranks: give at least 1" >&2; exit 2; }
   [[ $gpus -eq 0 || $ranks -le $gpus ]] || {
     echo "launch_llama.sh: $ranks ranks on $gpus visible GPU(s): give at most $gpus, or a hostfile for several nodes" >&2; exit 2; }
-  # a port of its own, so that two launches on one machine (an RMSNorm and a DyT run) do not meet
-  where=(--num_gpus "$ranks" --master_port "${MASTER_PORT:-$port}")
+  where=(--num_gpus "$ranks")
   if [[ $gpus -gt 0 && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     # deepspeed's --num_gpus N takes GPUs 0..N-1 and drops CUDA_VISIBLE_DEVICES: name the visible ones
     IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
-    where=(--include "localhost:$(IFS=,; echo "${visible[*]:0:ranks}")" --master_port "${MASTER_PORT:-$port}")
+    where=(--include "localhost:$(IFS=,; echo "${visible[*]:0:ranks}")")
   fi
+  # a port of its own, so that two launches on one machine (an RMSNorm and a DyT run) do not meet
+  where+=(--master_port "${MASTER_PORT:-$port}")
   if [[ $gpus -eq 0 ]]; then
     # CPU ranks share the cores: one OpenMP team each, waiting passively (see docs/performance.md).
     export DS_ACCELERATOR=cpu OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyt.train import TrainConfig, Trainer, load_config, read_metrics, run_recipe
+from dyt.train import DistInfo, TrainConfig, Trainer, load_config, read_metrics, run_recipe
 from dyt.train.distributed import free_port, normal_chunks
 from dyt.train.trainer import engine_input_dtype, seed_everything
 
@@ -124,7 +124,8 @@ def test_a_whole_build_too_large_for_the_node_is_refused_before_it_starts(monkey
     """A task that cannot be built shard by shard (the fixup and sigma-reparam baselines) is built
     whole in fp32 on every rank before ZeRO-3 shards it: a 70B one took 276 GB a rank and ran the node
     out of memory without a word. Its parameters are counted on the meta device first (sigmaReparam's
-    SVD skipped there), with no random draw, and a build that would not fit is a config error."""
+    SVD included: torch runs it there), with no random draw, and a build that would not fit is a
+    config error."""
     from dyt.train.config import ConfigError
     from dyt.train.trainer import whole_build_problem
     from dyt_llama.model import Llama
@@ -145,6 +146,7 @@ def test_a_whole_build_too_large_for_the_node_is_refused_before_it_starts(monkey
     assert whole_build_problem(lambda: Llama(config.model), 8, None) is None  # memory unknown: not told
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.task = TrainConfig(zero_stage=3), ToyTask(ToyConfig())
+    trainer.dist = DistInfo(0, 1, 0, torch.device("cpu"), local_world_size=1)
     monkeypatch.setattr("dyt.train.trainer.available_host_memory", lambda: 100)  # the toy: 130 parameters, 520 bytes
     reduced = []  # a world of one: every rank decides on the lowest measure, which all_reduce hands round
     monkeypatch.setattr("dyt.train.trainer.barrier", lambda: None)

@@ -442,4 +442,7 @@ def test_a_full_disk_while_preparing_is_one_line_and_a_rerun_finishes_the_same_s
     assert [again[i].tolist() for i in range(len(again))] == [reference[i].tolist() for i in range(len(reference))]
     text = RuntimeError("a worker failed")  # a datasets.map worker's error: its cause is its traceback's text
     text.__cause__ = Exception("Traceback ...\nOSError: [Errno 122] Disk quota exceeded\n")
-    assert disk_full(text) is text.__cause__ and disk_full(ValueError("no")) is None
+    assert disk_full(text) == (text.__cause__, errno.EDQUOT) and disk_full(ValueError("no")) is None
+    quoted = DataError("corpus x: its json files do not read as one table (OSError: No space left on device)")
+    quoted.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/cache/hf/part.arrow")
+    assert disk_full(quoted) == (quoted.__context__, errno.ENOSPC)  # the errno's, which names the file, first

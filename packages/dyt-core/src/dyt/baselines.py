@@ -131,15 +131,10 @@ class SigmaReparam(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        if weight.is_meta:  # a model counted, not computed (dyt.train.trainer.whole_build_problem): no SVD there
-            first_right, first_singular = torch.empty(weight[0].numel(), device="meta"), torch.empty(1, device="meta")
-        else:
-            with torch.no_grad():
-                _, singular, vh = torch.linalg.svd(weight.detach().float().reshape(weight.shape[0], -1),
-                                                   full_matrices=False)
-            first_right, first_singular = vh[0], singular[:1]
-        self.register_buffer("u", first_right.clone())
-        self.gamma = nn.Parameter(first_singular.to(weight.dtype).clone())
+        with torch.no_grad():
+            _, singular, vh = torch.linalg.svd(weight.detach().float().reshape(weight.shape[0], -1), full_matrices=False)
+        self.register_buffer("u", vh[0].clone())
+        self.gamma = nn.Parameter(singular[:1].to(weight.dtype).clone())
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.float().reshape(weight.shape[0], -1)

@@ -22,16 +22,24 @@ def cache_root() -> Path:
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full(error: BaseException | None) -> BaseException | None:
+def disk_full(error: BaseException | None) -> tuple[BaseException, int] | None:
     """The exception, ``error`` or one it was raised from or while handling, that says the disk is
-    full or the quota spent (ENOSPC, EDQUOT), or None. By errno, or by its text: pyarrow raises it
-    without an errno, and a ``datasets.map`` worker's comes back as its traceback's text."""
-    seen = set()
+    full or the quota spent, with that errno (ENOSPC, EDQUOT); None where none does. One with the
+    errno first (it names the file), else one that says so in its text: pyarrow raises it without an
+    errno, a ``datasets.map`` worker's comes back as its traceback's text, and a recipe's own error
+    may quote it."""
+    chain, seen = [], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if getattr(error, "errno", None) in FULL_DISK or any(os.strerror(code) in str(error) for code in FULL_DISK):
-            return error
+        chain.append(error)
         error = error.__cause__ or error.__context__
+    for each in chain:
+        if getattr(each, "errno", None) in FULL_DISK:
+            return each, each.errno
+    for each in chain:
+        for code in FULL_DISK:
+            if os.strerror(code) in str(each):
+                return each, code
     return None
 
 

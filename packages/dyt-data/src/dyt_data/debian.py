@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .cache import FULL_DISK, CacheFolderUnusable, cache_folder, cache_root, disk_full
+from .cache import CacheFolderUnusable, cache_folder, cache_root, disk_full
 
 
 class BuiltinDataUnavailable(RuntimeError):
@@ -35,11 +35,9 @@ def reported_as(error_type: type[Exception], folder: Path | None = None) -> Iter
     except (BuiltinDataUnavailable, CacheFolderUnusable) as error:
         raise error_type(str(error)) from error
     except Exception as error:
-        full = disk_full(error)
-        if full is None:
+        if (found := disk_full(error)) is None:
             raise
-        code = getattr(full, "errno", None)
-        code = code if code in FULL_DISK else next(c for c in FULL_DISK if os.strerror(c) in str(full))
+        full, code = found
         where = getattr(full, "filename", None) or folder
         try:
             free = f", {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there" if folder is not None else ""

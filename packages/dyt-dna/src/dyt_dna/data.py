@@ -27,7 +27,7 @@ from filelock import FileLock
 from dyt.errors import UserInputError, folder_problem
 from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
 from dyt.train.jsonio import write_json
-from dyt_data import cache_root, disk_full, file_key, reported_as
+from dyt_data import cache_root, file_key, reported_as
 
 from .fasta import FastaError, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
@@ -141,8 +141,6 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
                     cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
                 )
             except datasets.exceptions.DatasetGenerationError as error:
-                if disk_full(error):
-                    raise  # with its cause, for reported_as
                 cause = error.__cause__ or error
                 if isinstance(cause, datasets.arrow_writer.SchemaInferenceError):  # no window at all
                     raise no_window from None

@@ -22,7 +22,7 @@ from filelock import FileLock
 from dyt.train.config import Range
 from dyt.train.data_files import saved_dataset_files
 from dyt.train.jsonio import partial_path
-from dyt_data import cache_folder, cache_root, disk_full, file_key, reported_as
+from dyt_data import cache_folder, cache_root, file_key, reported_as
 from dyt_data.shards import TokenShards
 
 from .corpus import DataError, prepare_corpus
@@ -216,8 +216,6 @@ def load_documents(cfg: DataConfig):
                     features=datasets.Features({"title": datasets.Value("string"), "text": datasets.Value("string")}),
                     cache_dir=str(_cache(cfg) / "hf"))
             except datasets.exceptions.DatasetGenerationError as error:
-                if disk_full(error):
-                    raise  # with its cause, for reported_as
                 raise (error.__cause__ if isinstance(error.__cause__, DataError) else error) from None
         elif tables:
             if len({p.suffix for p in tables}) > 1:
@@ -235,8 +233,6 @@ def load_documents(cfg: DataConfig):
                     if older != tables_cache:
                         shutil.rmtree(older, ignore_errors=True)
             except datasets.exceptions.DatasetGenerationError as error:
-                if disk_full(error):
-                    raise  # with its cause, for reported_as
                 cause = error.__cause__ or error
                 raise DataError(f"corpus {root}: its {kind} files do not read as one table "
                                 f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None

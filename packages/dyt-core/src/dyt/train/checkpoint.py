@@ -219,7 +219,7 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
     by later resumes. Every rank calls this; it returns once the conversion is complete. The other
     ranks wait for its marker on the file system, not in a collective: a 7B checkpoint converts for
     longer than a process group's timeout (10 min by default) would let a barrier wait."""
-    target, failed = directory / UNIVERSAL, directory / f"{UNIVERSAL}.failed"
+    target, partial, failed = directory / UNIVERSAL, directory / f"{UNIVERSAL}.tmp", directory / f"{UNIVERSAL}.failed"
     if dist.is_main:
         failed.unlink(missing_ok=True)  # a failure of an earlier launch
     barrier()
@@ -228,7 +228,6 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
         try:
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-            partial = directory / f"{UNIVERSAL}.tmp"
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
             # one worker each: an extract worker holds a rank's whole ZeRO optimizer shard in memory
@@ -247,7 +246,7 @@ def convert_to_universal(directory: Path, dist: DistInfo) -> Path:
             reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
             print(log.getvalue()[-3000:], flush=True)
             if isinstance(error, Exception):  # the half-written copy first: it frees the space the next write needs
-                shutil.rmtree(directory / f"{UNIVERSAL}.tmp", ignore_errors=True)
+                shutil.rmtree(partial, ignore_errors=True)
             # last before raising: the ranks that read it stop within seconds, and the launcher then stops this one
             with contextlib.suppress(OSError):
                 _atomic_write_bytes(failed, lambda h: h.write(reason.encode()))

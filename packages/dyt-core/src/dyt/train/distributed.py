@@ -17,6 +17,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
+    """Ranks on this rank's node (torchrun's ``LOCAL_WORLD_SIZE``, the deepspeed launcher's ``LOCAL_SIZE``)."""
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +62,8 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return DistInfo(rank, world, local_rank, device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return DistInfo(rank, world, local_rank, device, local_world)
 
 
 def load_cpu_communication_op() -> bool:

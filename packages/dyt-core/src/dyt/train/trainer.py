@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import random
 import shutil
 import time
@@ -505,20 +504,18 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
     if dist.world_size == 1:
         return
     token = folder / ".ranks_share_this_folder"
-    number = float(random.SystemRandom().getrandbits(52)) if dist.is_main else 0.0
+    number = float(random.SystemRandom().getrandbits(52)) if dist.is_main else math.inf  # "min" hands on rank 0's
     unwritable = None
     if dist.is_main:
         try:
             write_text_whole(token, f"{number:.0f}\n")
         except OSError as error:  # every rank waits below: tell them
             unwritable, number = error.strerror or str(error), -1.0
-    else:
-        number = math.inf  # the "min" below hands every rank rank 0's number
     number = all_reduce(torch.tensor([number], dtype=torch.float64), "min").item()
     if number < 0:
         raise ConfigError(f"cannot write in train.out_dir {folder}: {unwritable or 'see rank 0'}")
-    deadline, seen = time.monotonic() + wait_s, False
-    while not seen:
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             seen = float(token.read_text().strip() or "nan") == number
         except (OSError, ValueError):
@@ -536,11 +533,6 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
                           f"{dist.world_size} did not find in {wait_s:.0f} s the file rank 0 wrote there; put it on "
                           "a file system every node shares (a relative path is taken from each node's working "
                           "directory), else rank 0 alone would hold complete checkpoints")
-
-
-def local_ranks() -> int:
-    """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``, the deepspeed launcher's ``LOCAL_SIZE``)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
 
 
 def available_host_memory() -> int | None:
@@ -693,7 +685,7 @@ class Trainer:
             available = available_host_memory()
             lowest = all_reduce(torch.tensor([math.inf if available is None else float(available)],
                                              dtype=torch.float64), "min").item()
-            if problem := whole_build_problem(self.task.build_model, local_ranks(),
+            if problem := whole_build_problem(self.task.build_model, self.dist.local_world_size,
                                               None if math.isinf(lowest) else int(lowest)):
                 raise ConfigError(problem)
         seed_everything(self.cfg.seed)
