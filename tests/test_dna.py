@@ -495,6 +495,15 @@ def test_every_model_without_a_normalization_layer_scales_the_embedding(arch):
 
 # ---------------------------------------------------------------- data
 
+def test_a_task_csv_reads_sequences_longer_than_the_csv_modules_field_limit(tmp_path):
+    """csv's default field limit (131072 characters) made a longer sequence "not a readable CSV
+    file"; long-context tasks have them."""
+    path = tmp_path / "train.csv"
+    long = "ACGT" * 50_000  # 200,000 bases
+    path.write_text(f"sequence,label\n{long},a\nACGTACGT,b\n")
+    assert dna_data._read_csv_split(path) == {"sequence": [long, "ACGTACGT"], "label": ["a", "b"]}
+
+
 def test_a_full_disk_while_cutting_windows_is_one_line(tmp_path, monkeypatch):
     """The windows' table written to a full disk was a traceback (or the errno's bare text): one data
     error naming the cache folder and what to do."""
@@ -520,6 +529,7 @@ def test_pretraining_windows_are_cached_and_need_held_out_files(tmp_path, monkey
     assert set(train["source"]).isdisjoint(validation["source"])
     cached = {p.name for p in (tmp_path / "windows").iterdir() if p.is_dir()}
     assert len(cached) == 2  # a folder per split
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records", "windows"]  # datasets' own build copy is gone (was hf/)
     assert pretraining_datasets(cfg, 128)[0]["sequence"] == train["sequence"]
     assert {p.name for p in (tmp_path / "windows").iterdir() if p.is_dir()} == cached  # read back
     monkeypatch.setattr(dna_data, "WINDOWS_VERSION", dna_data.WINDOWS_VERSION + 1)  # as a change to _windows raises it

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,18 +135,24 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
         if (target / "dataset_info.json").is_file():
             rows = datasets.load_from_disk(str(target))
         else:
+            # datasets' own build goes to a folder of this build's, removed once the windows are saved: in a
+            # shared <cache>/hf it stayed beside them, every window on disk twice (~3 GB for a human genome)
+            building = target.parent / f".{key}.building"
             try:
                 rows = datasets.Dataset.from_generator(
                     _windows, gen_kwargs={"regions": list(enumerate(regions)), "window": window, "stride": stride,
                                           "max_n": cfg.max_n_fraction, "key": key},
-                    cache_dir=str(_cache_dir(cfg.cache_dir) / "hf"),
+                    cache_dir=str(building),
                 )
+                rows.save_to_disk(str(target))
             except datasets.exceptions.DatasetGenerationError as error:
                 cause = error.__cause__ or error
                 if isinstance(cause, datasets.arrow_writer.SchemaInferenceError):  # no window at all
                     raise no_window from None
                 raise (cause if isinstance(cause, (FastaError, ValueError)) else DnaDataError(str(cause))) from None
-            rows.save_to_disk(str(target))
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
+            rows = datasets.load_from_disk(str(target))  # its own files, not the removed build's
     if len(rows) == 0:
         raise no_window
     given = set(rows.unique("region"))
@@ -395,6 +402,7 @@ def _read_csv_split(path: Path) -> dict[str, list[str]]:
     label in each."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
+            csv.field_size_limit(2**31 - 1)  # the default, 131072 characters, refused longer sequences as unreadable
             reader = csv.reader(handle, skipinitialspace=True)
             header = [name.strip() for name in next(reader, [])]
             missing = {"sequence", "label"} - set(header)
