@@ -142,6 +142,25 @@ def test_fasta_gzip_multi_record_lower_case_and_n_runs(tmp_path):
         read_fasta(tmp_path / "damaged.fa.gz")
 
 
+def test_fasta_records_come_one_at_a_time():
+    """A genome is read record by record (a human one held whole took ~6 GB): the first record is
+    handed over before a later bad one is read, and an empty file still says it has no records."""
+    import tempfile
+
+    from dyt_dna.fasta import iter_fasta
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "chromosomes.fa"
+        path.write_text(">chr1\nACGTN\n>chr2\nAC1T\n")
+        records = iter_fasta(path)
+        assert next(records).sequence == "ACGTN"
+        with pytest.raises(AlphabetError, match="record 'chr2'"):
+            next(records)
+        (Path(folder) / "empty.fa").write_text("; a comment, no record\n")
+        with pytest.raises(FastaError, match="no FASTA records"):
+            list(iter_fasta(Path(folder) / "empty.fa"))
+
+
 # ---------------------------------------------------------------- the scan
 
 @pytest.mark.parametrize("length", [1, 7, 37, 100])

@@ -30,7 +30,7 @@ from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
 from dyt.train.jsonio import write_json
 from dyt_data import cache_root, file_key, reported_as
 
-from .fasta import FastaError, read_fasta
+from .fasta import FastaError, iter_fasta, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
 from .tokenizer import MASK, SPECIALS, encode, reverse_complement
 
@@ -107,7 +107,7 @@ def _windows(regions: list[tuple[int, Region]], window: int, stride: int, max_n:
     # (index, region) pairs: datasets hands a list argument to the generator in shards, one sublist
     # per call, so a position in the list it sees is not the region's
     for index, region in regions:
-        for record in read_fasta(region.path):
+        for record in iter_fasta(region.path):
             seq = record.sequence
             first, last = int(len(seq) * region.lo), int(len(seq) * region.hi)
             for start in range(first, last - window + 1, stride):
@@ -207,7 +207,7 @@ def _record_digests(path: Path, cache: Path) -> list[tuple[str, str, int]]:
         digests = [(hashlib.sha256(record.sequence.encode()).hexdigest(),
                     hashlib.sha256(_reverse_complement_text(record.sequence).encode()).hexdigest(),
                     len(record.sequence))
-                   for record in read_fasta(path)]
+                   for record in iter_fasta(path)]
         write_json(target, digests)
     return digests
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from dyt.errors import UserInputError
 
-from .tokenizer import encode
+from .tokenizer import check_alphabet
 
 
 class FastaError(UserInputError):
@@ -27,21 +28,28 @@ class Record:
 
 def read_fasta(path: str | Path) -> list[Record]:
     """All records of ``path``; sequences upper-cased and checked against the DNA alphabet."""
+    return list(iter_fasta(path))
+
+
+def iter_fasta(path: str | Path) -> Iterator[Record]:
+    """The records of ``path`` one at a time, as :func:`read_fasta` gives them: a genome is never held
+    whole (a human one took ~6 GB as a list), only the record being read. Errors come as the
+    reading reaches them."""
     path = Path(path)
     if not path.is_file():
         raise FastaError(f"{path}: no such FASTA file")
     opener = gzip.open if path.suffix == ".gz" else open
-    records: list[Record] = []
-    name, chunks = None, []
+    count, name, chunks = 0, None, []
     try:
         with opener(path, "rt", encoding="ascii") as handle:
             for number, line in enumerate(handle, 1):
                 line = line.strip()
                 if line.startswith(">"):
                     if name is not None:
-                        records.append(_finish(path, name, chunks))
+                        count += 1
+                        yield _finish(path, name, chunks)
                     header = line[1:].split()
-                    name, chunks = (header[0] if header else f"record{len(records) + 1}"), []
+                    name, chunks = (header[0] if header else f"record{count + 1}"), []
                 elif line and not line.startswith(";"):
                     if name is None:
                         raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
@@ -49,15 +57,16 @@ def read_fasta(path: str | Path) -> list[Record]:
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise FastaError(f"{path}: not a readable (gzipped) text FASTA file: {error}") from None
     if name is not None:
-        records.append(_finish(path, name, chunks))
-    if not records:
+        count += 1
+        yield _finish(path, name, chunks)
+    if not count:
         raise FastaError(f"{path}: no FASTA records")
-    return records
 
 
 def _finish(path: Path, name: str, chunks: list[str]) -> Record:
     sequence = "".join(chunks).upper()
+    chunks.clear()  # the lines go before the record is used: one copy of it, not two
     if not sequence:
         raise FastaError(f"{path}: record {name!r} is empty")
-    encode(sequence, where=f"{path} record {name!r}")  # raises AlphabetError naming the position
+    check_alphabet(sequence, where=f"{path} record {name!r}")  # raises AlphabetError naming the position
     return Record(name, sequence)
