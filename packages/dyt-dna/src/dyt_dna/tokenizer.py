@@ -36,12 +36,8 @@ _VALID = _TABLE >= 0
 COMPLEMENT = torch.tensor([VOCAB.index(c) for c in ("[PAD]", "[MASK]", "T", "G", "C", "A", "N")])
 
 
-def check_alphabet(sequence: str, where: str = "sequence") -> None:
-    """An AlphabetError naming the first character of ``sequence`` that is neither a base nor an
-    IUPAC code (case-insensitive); ``where`` names the source. Two bytes a base, where :func:`encode`'s
-    ids take nine: what a whole chromosome is checked with."""
-    raw = np.frombuffer(sequence.encode("latin-1", errors="replace"), dtype=np.uint8)
-    bad = np.flatnonzero(~_VALID[raw])
+def _refuse(sequence: str, bad: np.ndarray, where: str) -> None:
+    """An AlphabetError naming the first of the positions ``bad`` (not a base or an IUPAC code), if any."""
     if bad.size:
         i = int(bad[0])
         raise AlphabetError(
@@ -50,10 +46,18 @@ def check_alphabet(sequence: str, where: str = "sequence") -> None:
         )
 
 
+def check_alphabet(sequence: str, where: str = "sequence") -> None:
+    """:func:`encode`'s AlphabetError without its ids: two bytes a base where the ids take nine, what a
+    whole chromosome is checked with. ``where`` names the source."""
+    _refuse(sequence, np.flatnonzero(~_VALID[np.frombuffer(sequence.encode("latin-1", errors="replace"),
+                                                            dtype=np.uint8)]), where)
+
+
 def encode(sequence: str, where: str = "sequence") -> torch.Tensor:
     """Token ids of ``sequence`` (case-insensitive). ``where`` names the source in errors."""
-    check_alphabet(sequence, where)
-    return torch.from_numpy(_TABLE[np.frombuffer(sequence.encode("latin-1", errors="replace"), dtype=np.uint8)])
+    ids = _TABLE[np.frombuffer(sequence.encode("latin-1", errors="replace"), dtype=np.uint8)]
+    _refuse(sequence, np.flatnonzero(ids < 0), where)
+    return torch.from_numpy(ids)
 
 
 def decode(ids: torch.Tensor) -> str:
