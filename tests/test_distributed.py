@@ -120,6 +120,43 @@ def test_a_step_reads_the_same_examples_on_another_world_size_across_epochs():
                          DistInfo(0, 2, 0, torch.device("cpu")))
 
 
+class _LengthIndices(_Indices):
+    """Indices whose lengths the task gives (``train_lengths``), as wav2vec 2.0's clips."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths
+
+    def train_lengths(self) -> list[int]:
+        return self.lengths
+
+
+def test_a_task_with_lengths_gets_global_batches_of_like_length_on_any_world_size():
+    """With ``train_lengths`` each epoch keeps the examples it would keep without, regrouped into
+    global batches that each cover a run of the epoch's lengths in sorted order (so no two batches
+    overlap in length), in a fresh random order per epoch; and a step reads the same examples on
+    4 ranks x 8 as on 2 ranks x 4 x grad_accum 4."""
+    lengths = [(i * 7919) % 97 for i in range(1000)]  # 97 distinct lengths, ~10 examples each
+
+    def steps(task, world: int, micro_batch: int, grad_accum: int, count: int) -> list[list[int]]:
+        cfg = TrainConfig(micro_batch_size=micro_batch, grad_accum=grad_accum, seed=3)
+        streams = [ResumableBatches(list(range(1000)), task, cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+                   .iterate(DataPosition()) for rank in range(world)]
+        return [sorted(i for _ in range(grad_accum) for stream in streams for i in next(stream)) for _ in range(count)]
+
+    four = steps(_LengthIndices(lengths), 4, 8, 1, 62)  # two epochs of 31 steps
+    assert four == steps(_LengthIndices(lengths), 2, 4, 4, 62)
+    plain = steps(_Indices(), 4, 8, 1, 62)
+    for epoch in range(2):
+        batches = four[31 * epoch : 31 * (epoch + 1)]
+        assert sorted(i for b in batches for i in b) == sorted(i for b in plain[31 * epoch : 31 * (epoch + 1)] for i in b)
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+        assert all(high <= low for (_, high), (low, _) in zip(spans, spans[1:])), spans  # like length
+    assert four[:31] != four[31:] and [min(lengths[i] for i in b) for b in four[:8]] != sorted(
+        min(lengths[i] for i in b) for b in four[:8])  # batches in random order, reshuffled per epoch
+    with pytest.raises(ValueError, match="gave \\(999,\\) lengths for 1000 examples"):
+        ResumableBatches(list(range(1000)), _LengthIndices(lengths[1:]), TrainConfig(), DistInfo(0, 1, 0, torch.device("cpu")))
+
+
 def test_two_ranks_read_per_step_what_one_rank_reads_with_grad_accum_2():
     """Same examples per optimizer step over several epochs (256 examples: a multiple of 2 x 8)."""
     steps = 3 * 256 // 16

@@ -51,7 +51,16 @@ from dyt_wav2vec2.eval import (
 )
 from dyt_wav2vec2.model import POST_EXTRACT, build_wav2vec2, encode
 from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, spoken_text, synthesize, voice_splits
-from dyt_wav2vec2.task import Wav2Vec2PretrainConfig, check_audio, crop_and_batch, masking_min_samples
+from dyt_wav2vec2.task import (
+    Wav2Vec2PretrainConfig,
+    Wav2Vec2PretrainTask,
+    by_length,
+    check_audio,
+    crop_and_batch,
+    crop_to_shortest,
+    masking_min_samples,
+    pretraining_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "wav2vec2" / "tiny.yaml"
@@ -239,6 +248,46 @@ def test_loss_decreases_on_real_synthetic_speech(speech, norm):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_a_pretraining_batch_masks_every_clip_as_the_config_asks(monkeypatch):
+    """fairseq2's masker draws for every row as many spans as the batch's shortest row allows, so
+    the pretraining batch (``crop_to_shortest``) holds clips of one length: each row gets the spans
+    its own length allows, 0.65 / 10 x (frames - 1). A padded batch of three 2 s crops and one
+    0.69 s clip gave each row the short clip's 2 spans instead of 6."""
+    from fairseq2.nn.utils import mask
+
+    cfg = _config()
+    drawn = []
+
+    def spy(row_lens, span_len, max_mask_prob, min_num_spans):
+        indices = compute_spans(row_lens, span_len, max_mask_prob, min_num_spans)
+        drawn.append((row_lens.tolist(), indices.shape[1] // span_len))
+        return indices
+
+    compute_spans = mask._compute_mask_spans
+    monkeypatch.setattr(mask, "_compute_mask_spans", spy)
+    torch.manual_seed(0)
+    waves = [torch.randn(n) for n in (32_000, 40_000, 11_000, 32_000)]
+    batch = crop_to_shortest(waves, cfg.data.crop_samples)
+    assert batch[0].shape == (4, 11_000) and batch[1].tolist() == [11_000] * 4
+    pretraining_loss(build_wav2vec2(cfg.model), batch, cfg.loss)
+    ((row_lens, spans),) = drawn
+    assert spans == int(cfg.model.mask_prob / cfg.model.mask_span * (row_lens[0] - 1)) >= 2
+    assert row_lens == [row_lens[0]] * 4
+    assert crop_to_shortest([waves[0], waves[1], waves[3]], cfg.data.crop_samples)[0].shape == (3, 32_000)
+
+
+def test_pretraining_batches_clips_of_like_length():
+    """The task gives the harness each training clip's cropped length (``train_lengths``: global
+    batches of like length) and its validation clips by length, so that neighbouring positions,
+    which the harness batches, are of like length."""
+    rows = [Utterance(Path(f"/a/{i}.wav"), n) for i, n in enumerate([50_000, 9_000, 40_000, 12_000, 9_000])]
+    assert [r.path.name for r in by_length(rows, 32_000)] == ["1.wav", "4.wav", "3.wav", "0.wav", "2.wav"]
+    task = Wav2Vec2PretrainTask.__new__(Wav2Vec2PretrainTask)
+    task.config, task.train_rows, task.validation_rows = _config(), rows, rows
+    assert task.train_lengths() == [32_000, 9_000, 32_000, 12_000, 9_000]
+    assert task.eval_dataset().rows == by_length(rows, 32_000)
+
+
 # ---------------------------------------------------------------- audio inputs
 
 def test_manifest_round_trip_and_folder(speech, tmp_path):
@@ -345,6 +394,8 @@ def test_truncated_and_too_short_audio_are_named_never_dropped_silently(tmp_path
     with pytest.raises(AudioError, match=r"training audio: 1 of 4 files are bad .*trunc.wav: truncated"):
         check_audio(rows, 0.0, 1000, "training audio")
     assert [r.path.name for r in check_audio(rows, 0.5, 1000, "training audio")] == ["a.wav", "b.wav"]
+    # each row kept with what its file holds (batching by length reads it), not what a manifest said
+    assert check_audio([Utterance(tmp_path / "a.wav", 5)], 0.0, 1000, "training audio")[0].num_samples == 16000
     out = capsys.readouterr().out
     assert "training audio: left out 1 bad file(s) of 4 (allowed: 50.0%)" in out and "trunc.wav: truncated" in out
     assert "training audio: left out 1 file(s) of 4 shorter than 1000 samples" in out and "short.wav" in out

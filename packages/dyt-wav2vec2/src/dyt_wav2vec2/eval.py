@@ -53,7 +53,9 @@ from .speech import KEYWORDS, load_split
 from .task import (
     Wav2Vec2PretrainConfig,
     builtin_speech,
+    by_length,
     crop_and_batch,
+    crop_to_shortest,
     masking_min_samples,
     normalize_waveform,
     pretraining_loss,
@@ -438,12 +440,13 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
         for name, manifests in CONTRASTIVE_TESTS.items():
             # each recording once: a real keyword can also be a held-out prompt sentence
             rows = list({r.path: r for m in manifests for r in load_split(data, m)}.values())
-            rows = [r for r in rows if r.num_samples >= masking_min_samples(config.model)]
+            rows = by_length([r for r in rows if r.num_samples >= masking_min_samples(config.model)],
+                             config.data.crop_samples)
             sums: dict[str, float] = {}
             with torch.no_grad():
                 for i in range(0, len(rows), 8):
                     chunk = rows[i : i + 8]
-                    batch = crop_and_batch([load_audio(r.path) for r in chunk], config.data.crop_samples)
+                    batch = crop_to_shortest([load_audio(r.path) for r in chunk], config.data.crop_samples)
                     _, extras = pretraining_loss(model, batch, config.loss)
                     for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
                         sums[key] = sums.get(key, 0.0) + value * len(chunk)

@@ -58,6 +58,8 @@ class Task(Protocol):
     extra is averaged over the step and logged as ``train/<name>``, and over validation batches as
     ``eval/<name>``. Optionally,
     ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity), and
+    ``train_lengths() -> Sequence[int]`` (one length per training example) makes every global
+    batch hold examples of like length (:func:`like_length_batches`), and
     ``partitioned_init = True`` says that ``build_model`` may run under ``deepspeed.zero.Init``: with
     ``train.zero_stage: 3`` each rank then only ever holds its shard of the weights (see
     :func:`build_partitioned`). A model whose code writes a child module's parameters after the
@@ -320,6 +322,17 @@ def check_one_step_of_data(examples: int, micro_batch_size: int, world_size: int
         )
 
 
+def like_length_batches(order: torch.Tensor, lengths: torch.Tensor, batch: int,
+                        generator: torch.Generator) -> torch.Tensor:
+    """``order`` (a multiple of ``batch`` examples) regrouped into batches of like length, the batches
+    in random order: what fairseq does for speech (examples sorted by size, ties in random order,
+    batches shuffled). wav2vec 2.0 needs it: a batch is cropped to its shortest clip, so that
+    fairseq2's masker, which draws as many spans for every row as the shortest allows, masks each
+    clip as the config asks; in a batch of mixed lengths that crop would throw most audio away."""
+    by_length = order[torch.argsort(lengths[order], stable=True)].view(-1, batch)
+    return by_length[torch.randperm(len(by_length), generator=generator)].flatten()
+
+
 class IndexSampler(torch.utils.data.Sampler[int]):
     """The examples of a tensor of indices, in order, as ints (a dataset's ``__getitem__`` takes ints),
     read a block at a time: no list of every index is ever made."""
@@ -347,15 +360,22 @@ class ResumableBatches:
     next ``micro_batch * world`` examples of that order, rank r every world-th one from r. An
     optimizer step therefore reads the same examples whatever the world size once the global batch
     is the same, across epochs too (until 2026-12-06 the cut was a multiple of ``micro_batch *
-    world``, so a resume on another world size moved every step after the next epoch's start)."""
+    world``, so a resume on another world size moved every step after the next epoch's start).
+    A task with ``train_lengths`` gets each epoch's kept examples regrouped into global batches of
+    like length (:func:`like_length_batches`)."""
 
     def __init__(self, dataset: Dataset, task: Task, cfg: TrainConfig, dist: DistInfo):
         self.dataset, self.task, self.cfg, self.dist = dataset, task, cfg, dist
         self.step_examples = cfg.micro_batch_size * dist.world_size
         """Examples one micro-batch takes over all ranks."""
         check_one_step_of_data(len(dataset), cfg.micro_batch_size, dist.world_size, cfg.grad_accum)
-        global_batch = self.step_examples * cfg.grad_accum
-        self.usable = len(dataset) // global_batch * global_batch
+        self.global_batch = self.step_examples * cfg.grad_accum
+        self.usable = len(dataset) // self.global_batch * self.global_batch
+        self.lengths = None
+        if hasattr(task, "train_lengths"):
+            self.lengths = torch.as_tensor(task.train_lengths(), dtype=torch.int64)
+            if self.lengths.shape != (len(dataset),):
+                raise ValueError(f"train_lengths() gave {tuple(self.lengths.shape)} lengths for {len(dataset)} examples")
         self.per_epoch = self.usable // self.step_examples
         """Micro-batches per rank per epoch."""
         self.position = DataPosition()
@@ -366,7 +386,10 @@ class ResumableBatches:
         list of ints took ~52 (25 GB per rank for a 2T-token corpus of 4096-token rows)."""
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         dtype = torch.int32 if len(self.dataset) < 2**31 else torch.int64  # the same order either way
-        return torch.randperm(len(self.dataset), generator=generator, dtype=dtype)
+        order = torch.randperm(len(self.dataset), generator=generator, dtype=dtype)
+        if self.lengths is None:
+            return order
+        return like_length_batches(order[: self.usable], self.lengths, self.global_batch, generator)
 
     def iterate(self, start: DataPosition) -> Iterator[Any]:
         self.position = start
