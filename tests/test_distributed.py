@@ -137,14 +137,15 @@ def test_a_task_with_lengths_gets_global_batches_of_like_length_on_any_world_siz
     4 ranks x 8 as on 2 ranks x 4 x grad_accum 4."""
     lengths = [(i * 7919) % 97 for i in range(1000)]  # 97 distinct lengths, ~10 examples each
 
-    def steps(task, world: int, micro_batch: int, grad_accum: int, count: int) -> list[list[int]]:
+    def steps(task, world: int, micro_batch: int, grad_accum: int, count: int, start: DataPosition | None = None):
         cfg = TrainConfig(micro_batch_size=micro_batch, grad_accum=grad_accum, seed=3)
         streams = [ResumableBatches(list(range(1000)), task, cfg, DistInfo(rank, world, rank, torch.device("cpu")))
-                   .iterate(DataPosition()) for rank in range(world)]
+                   .iterate(start or DataPosition()) for rank in range(world)]
         return [sorted(i for _ in range(grad_accum) for stream in streams for i in next(stream)) for _ in range(count)]
 
     four = steps(_LengthIndices(lengths), 4, 8, 1, 62)  # two epochs of 31 steps
     assert four == steps(_LengthIndices(lengths), 2, 4, 4, 62)
+    assert four[10:40] == steps(_LengthIndices(lengths), 2, 4, 4, 30, DataPosition(0, 320))  # resumed at step 10
     plain = steps(_Indices(), 4, 8, 1, 62)
     for epoch in range(2):
         batches = four[31 * epoch : 31 * (epoch + 1)]

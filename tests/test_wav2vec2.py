@@ -41,6 +41,7 @@ from dyt_wav2vec2.eval import (
     Transcribed,
     _collate_labels,
     character_error_rate,
+    contrastive_batches,
     conv_features,
     greedy_decode,
     headline,
@@ -286,6 +287,17 @@ def test_pretraining_batches_clips_of_like_length():
     task.config, task.train_rows, task.validation_rows = _config(), rows, rows
     assert task.train_lengths() == [32_000, 9_000, 32_000, 12_000, 9_000]
     assert task.eval_dataset().rows == by_length(rows, 32_000)
+    assert task.collate([torch.randn(20_000), torch.randn(15_000)])[1].tolist() == [15_000, 15_000]
+
+
+def test_the_contrastive_eval_batches_recordings_as_pretraining_does(speech):
+    folder, rows = speech
+    crop = sorted(r.num_samples for r in rows)[1]  # one recording shorter, two cut to it
+    batches = list(contrastive_batches(rows, crop, size=2))
+    expected = [min(r.num_samples, crop) for r in by_length(rows, crop)]
+    assert [len(lengths) for _, lengths in batches] == [len(expected[i : i + 2]) for i in range(0, len(expected), 2)]
+    for (waves, lengths), start in zip(batches, range(0, len(expected), 2)):
+        assert lengths.tolist() == [min(expected[start : start + 2])] * len(lengths) == [waves.shape[1]] * len(lengths)
 
 
 # ---------------------------------------------------------------- audio inputs

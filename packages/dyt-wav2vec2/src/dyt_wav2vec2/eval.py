@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -426,6 +426,14 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
 CONTRASTIVE_TESTS = {"unseen voices": ["sentences-test"], "real recordings": ["real-sentences-test", "real-keywords"]}
 
 
+def contrastive_batches(rows: list[Utterance], crop: int, size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Held-out recordings in batches of ``size`` as pretraining reads its own: by length, each
+    batch cropped to its shortest (so the masker masks every recording as the config asks)."""
+    rows = by_length(rows, crop)
+    for start in range(0, len(rows), size):
+        yield crop_to_shortest([load_audio(r.path) for r in rows[start : start + size]], crop)
+
+
 def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True) -> list[dict]:
     """The validation scores of pretraining (``pretraining_loss``'s extras: contrastive loss with
     every distractor kept, accuracy, perplexities) on held-out speech, once per seed of the masks
@@ -440,16 +448,13 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
         for name, manifests in CONTRASTIVE_TESTS.items():
             # each recording once: a real keyword can also be a held-out prompt sentence
             rows = list({r.path: r for m in manifests for r in load_split(data, m)}.values())
-            rows = by_length([r for r in rows if r.num_samples >= masking_min_samples(config.model)],
-                             config.data.crop_samples)
+            rows = [r for r in rows if r.num_samples >= masking_min_samples(config.model)]
             sums: dict[str, float] = {}
             with torch.no_grad():
-                for i in range(0, len(rows), 8):
-                    chunk = rows[i : i + 8]
-                    batch = crop_to_shortest([load_audio(r.path) for r in chunk], config.data.crop_samples)
+                for batch in contrastive_batches(rows, config.data.crop_samples):
                     _, extras = pretraining_loss(model, batch, config.loss)
                     for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
-                        sums[key] = sums.get(key, 0.0) + value * len(chunk)
+                        sums[key] = sums.get(key, 0.0) + value * len(batch[1])
             scores[name] = {k: v / len(rows) for k, v in sums.items() if k != "units"} | {"utterances": len(rows)}
         results.append({"seed": seed, "test": scores})
     return results

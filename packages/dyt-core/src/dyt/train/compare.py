@@ -659,7 +659,7 @@ def _last_step(out: Path) -> int:
     return max((row["step"] for row in read_metrics(path, partial_last=True)), default=0) if path.is_file() else 0
 
 
-EVALS_VERSION = 7
+EVALS_VERSION = 8
 """Bumped whenever a change to the downstream evals changes their results (2: the head's
 standardising floor, 2026-12-02; 3: macro F1 over classes true or predicted, wav2vec 2.0 Base's
 GroupNorm and Caduceus' flips over real frames / bases only, 2026-12-05; 4: the wav2vec 2.0
@@ -667,7 +667,9 @@ random-init probe draws its backbone per seed, the contrastive eval counts each 
 weighs batches by their utterances; 5: the wav2vec 2.0 random-init CTC draws its feature extractor
 per seed, 2026-12-05; 6: fine-tuning decays matrices only, and the DNA classifier computes each
 sigma-reparam weight once per forward, 2026-12-05; 7: the wav2vec 2.0 CTC eval reads normalised
-waveforms, as pretraining and the other evals do, 2026-12-05), so that a relaunch recomputes what older code stored instead of
+waveforms, as pretraining and the other evals do, 2026-12-05; 8: the wav2vec 2.0 contrastive eval
+batches recordings of like length and crops each batch to its shortest, as pretraining now does,
+2026-12-06), so that a relaunch recomputes what older code stored instead of
 reporting it beside new results."""
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .trainer import seed_everything, weight_decay_groups
+from .trainer import like_length_batches, seed_everything, weight_decay_groups
 
 SCHEDULES = ("constant", "tri-stage")
 
@@ -182,17 +182,16 @@ class LengthBatches(Sampler[list[int]]):
     of its frames would be padding."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator):
-        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+        self.lengths = torch.as_tensor(lengths, dtype=torch.int64)
+        self.batch_size, self.generator = batch_size, generator
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
-        ties = torch.rand(len(self.lengths), generator=self.generator).tolist()
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], ties[i]))
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for index in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[index]
+        ties = torch.argsort(torch.rand(len(self.lengths), generator=self.generator), stable=True)
+        for batch in like_length_batches(ties, self.lengths, self.batch_size, self.generator):
+            yield batch.tolist()
 
 
 def tri_stage(step: int, total: int, phases: tuple[float, float, float] = (0.1, 0.4, 0.5),

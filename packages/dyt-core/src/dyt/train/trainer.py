@@ -58,8 +58,9 @@ class Task(Protocol):
     extra is averaged over the step and logged as ``train/<name>``, and over validation batches as
     ``eval/<name>``. Optionally,
     ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity), and
-    ``train_lengths() -> Sequence[int]`` (one length per training example) makes every global
-    batch hold examples of like length (:func:`like_length_batches`), and
+    ``train_lengths() -> Sequence[int]`` (one length per training example: the same on every rank
+    and for the whole run, as it sets the data order) makes every global batch hold examples of
+    like length (:func:`like_length_batches`), and
     ``partitioned_init = True`` says that ``build_model`` may run under ``deepspeed.zero.Init``: with
     ``train.zero_stage: 3`` each rank then only ever holds its shard of the weights (see
     :func:`build_partitioned`). A model whose code writes a child module's parameters after the
@@ -323,14 +324,17 @@ def check_one_step_of_data(examples: int, micro_batch_size: int, world_size: int
 
 
 def like_length_batches(order: torch.Tensor, lengths: torch.Tensor, batch: int,
-                        generator: torch.Generator) -> torch.Tensor:
-    """``order`` (a multiple of ``batch`` examples) regrouped into batches of like length, the batches
-    in random order: what fairseq does for speech (examples sorted by size, ties in random order,
-    batches shuffled). wav2vec 2.0 needs it: a batch is cropped to its shortest clip, so that
-    fairseq2's masker, which draws as many spans for every row as the shortest allows, masks each
-    clip as the config asks; in a batch of mixed lengths that crop would throw most audio away."""
-    by_length = order[torch.argsort(lengths[order], stable=True)].view(-1, batch)
-    return by_length[torch.randperm(len(by_length), generator=generator)].flatten()
+                        generator: torch.Generator) -> list[torch.Tensor]:
+    """The examples of ``order`` in batches of ``batch`` of like length (the last one shorter when
+    ``batch`` does not divide them), the batches in random order: fairseq's ordering for speech
+    (sorted by size, ties in ``order``'s order, batches shuffled). Used for pretraining
+    (``ResumableBatches``, a task with ``train_lengths``: wav2vec 2.0 crops each batch to its
+    shortest clip, so that fairseq2's masker, which draws as many spans for every row as the
+    shortest allows, masks each clip as the config asks; a batch of mixed lengths would lose most
+    of its audio to that crop) and for fine-tuning (``finetune.LengthBatches``: less padding)."""
+    ranked = order[torch.argsort(lengths[order], stable=True)]
+    batches = ranked.split(batch)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 class IndexSampler(torch.utils.data.Sampler[int]):
@@ -389,7 +393,7 @@ class ResumableBatches:
         order = torch.randperm(len(self.dataset), generator=generator, dtype=dtype)
         if self.lengths is None:
             return order
-        return like_length_batches(order[: self.usable], self.lengths, self.global_batch, generator)
+        return torch.cat(like_length_batches(order[: self.usable], self.lengths, self.global_batch, generator))
 
     def iterate(self, start: DataPosition) -> Iterator[Any]:
         self.position = start
