@@ -5,10 +5,12 @@ dataset's fingerprint."""
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from dyt.train import ConfigError
 from dyt.train.data_files import check_data_unchanged, data_files_of, files_signature, record_data_files
@@ -137,6 +139,54 @@ def test_a_saved_audio_dataset_rebuilt_from_rewritten_files_is_decoded_again(tmp
     save(3.0)  # float audio beyond +-1 (saved at int16 scale): kept as decoded (16-bit copies clipped it to 1)
     loud = utterances_from_hf_dataset(tmp_path / "saved", cache)
     assert soundfile.read(str(loud[0].path))[0].mean() == pytest.approx(3.0, abs=1e-3)
+
+
+def test_decoded_audio_is_written_small_where_that_loses_no_sample(tmp_path):
+    """16-bit PCM values (k / 32768, from -1 to 1 - 1/32768) go to 16-bit FLAC; anything else (a
+    resampled or float source, a sample of 1.0) to a float WAV; either reads back bit for bit."""
+    from dyt_wav2vec2.audio import load_audio, write_decoded
+
+    pcm = torch.from_numpy(np.random.default_rng(0).integers(-32768, 32768, 16000).astype(np.float32)) / 32768
+    pcm[:2] = torch.tensor([-1.0, 32767 / 32768])
+    for name, wave, suffix in [("pcm", pcm, ".flac"), ("float", pcm + 1e-6, ".wav"),
+                               ("one", torch.cat([pcm, torch.ones(1)]), ".wav")]:
+        path = write_decoded(wave, tmp_path / name)
+        assert path.suffix == suffix and torch.equal(load_audio(path), wave), name
+
+
+def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path):
+    """``num_proc`` processes write the same copies, texts and sample counts as one; a bad row stops
+    either with the AudioError naming it; the cache keeps the audio and the manifest, not map's tables.
+    The workers are forked after this process's torch has run OpenMP threads, as a training rank's
+    has: without the worker's one-thread setting the first reduction in a worker waited forever."""
+    datasets = pytest.importorskip("datasets")
+    from dyt_wav2vec2.audio import AudioError, load_audio, utterances_from_hf_dataset
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.ones(1 << 22).sum() == 1 << 22  # a reduction large enough to run on the threads
+    finally:
+        torch.set_num_threads(threads)
+
+    rng, paths = np.random.default_rng(0), []
+    for i in range(5):
+        paths.append(str(tmp_path / f"{i}.flac"))
+        soundfile.write(paths[-1], rng.integers(-32768, 32768, 8000 + i, dtype=np.int16), 16000, format="FLAC")
+    datasets.Dataset.from_dict({"audio": paths, "text": [f"row {i}" for i in range(5)]}).cast_column(
+        "audio", datasets.Audio()).save_to_disk(str(tmp_path / "saved"))
+    one = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "one")
+    two = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "two", num_proc=2)
+    assert [(u.num_samples, u.text) for u in two] == [(u.num_samples, u.text) for u in one] == [
+        (8000 + i, f"row {i}") for i in range(5)]
+    for a, b, source in zip(one, two, paths):
+        assert torch.equal(load_audio(b.path), load_audio(Path(source))) and torch.equal(load_audio(a.path), load_audio(b.path))
+    assert sorted(p.suffix for p in two[0].path.parent.iterdir()) == [".flac"] * 5 + [".tsv", ".wrd"]
+    datasets.Dataset.from_dict({"audio": [{"bytes": b"not audio", "path": None}] * 3}).cast_column(
+        "audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "bad"))
+    for num_proc in (1, 2):
+        with pytest.raises(AudioError, match=r"bad\[0\]: unreadable audio"):
+            utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}", num_proc=num_proc)
 
 
 def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_writer(tmp_path, monkeypatch):

@@ -315,21 +315,61 @@ def shared_recordings(train: list[Utterance], held_out: list[Utterance],
             lock.release()
 
 
-HF_AUDIO_VERSION = 2
+HF_AUDIO_VERSION = 3
 """Part of the key of :func:`utterances_from_hf_dataset`'s decoded copies: raise it when the decoding
 or the written format changes, or copies made by the old code are read back (2: float wav files; 16-bit
-PCM cut off every sample beyond +-1, which float audio at int16 scale is)."""
+PCM cut off every sample beyond +-1, which float audio at int16 scale is; 3: 16-bit FLAC where that
+holds every sample exactly, :func:`write_decoded`)."""
 
 
-def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text") -> list[Utterance]:
-    """The audio of a saved HF dataset, written once as 16 kHz wav files under ``cache``, so every
-    input takes the same path through the pipeline. Keyed by the dataset's fingerprint and its
-    files' sizes and times: a fingerprint follows the operations that made a dataset (for one built
-    from file paths, the paths), not the audio, so a dataset rebuilt from re-recorded files keeps it.
-    The ranks of a launch all ask at once: one writes the copies under a lock while the others wait,
-    then read its manifest (written last, so a killed conversion is redone, never half read)."""
+def write_decoded(waveform: torch.Tensor, stem: Path) -> Path:
+    """``waveform`` (16 kHz) written where :func:`load_audio` reads back the same samples, in the
+    smallest such form: 16-bit FLAC when every sample is a 16-bit PCM value (k / 32768, what a 16-bit
+    source decodes to: LibriSpeech's FLAC, most corpora's WAV), about a quarter of a float WAV's size
+    (LibriSpeech 960 h: ~60 GB against 221); else a float WAV (resampled audio, float sources, audio
+    at int16 scale). The file is ``stem`` with the suffix of its format."""
+    pcm = waveform * 32768
+    if bool((pcm == pcm.round()).all()) and -32768 <= pcm.min() and pcm.max() <= 32767:
+        path = stem.with_suffix(".flac")
+        soundfile.write(str(path), pcm.to(torch.int16).numpy(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    else:
+        path = stem.with_suffix(".wav")
+        soundfile.write(str(path), waveform.numpy(), SAMPLE_RATE, subtype="FLOAT")
+    return path
+
+
+def _convert_hf_rows(batch: dict, indices: list[int], column: str, text_column: str, source: Path, out: Path,
+                     forked: bool) -> dict:
+    """``datasets.map`` worker of :func:`utterances_from_hf_dataset`: decode and write a batch of rows.
+    ``forked``: in a worker process forked from one whose torch had run OpenMP threads, torch's
+    first multi-threaded op waits forever (measured: a reduction in :func:`write_decoded`), so such
+    a worker runs torch on one thread, as DataLoader workers do."""
     import io
 
+    if forked:
+        torch.set_num_threads(1)
+    names, samples, texts = [], [], []
+    for index, audio, text in zip(indices, batch[column], batch.get(text_column, [""] * len(indices))):
+        name = f"{source}[{index}]"
+        data = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
+        if data is None:
+            raise AudioError(f"{name}: neither bytes nor a path")
+        waveform = load_audio(Path(data) if isinstance(data, str) else data, name)
+        names.append(write_decoded(waveform, out / f"{index:07d}").name)
+        samples.append(waveform.numel())
+        texts.append(str(text or ""))
+    return {"file": names, "samples": samples, "words": texts}
+
+
+def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text", num_proc: int = 1) -> list[Utterance]:
+    """The audio of a saved HF dataset, written once as 16 kHz files under ``cache``
+    (:func:`write_decoded`: 16-bit FLAC or float WAV, the samples as decoded), so every input takes
+    the same path through the pipeline; ``num_proc`` processes decode and write (``datasets.map``).
+    Keyed by the dataset's fingerprint and its files' sizes and times: a fingerprint follows the
+    operations that made a dataset (for one built from file paths, the paths), not the audio, so a
+    dataset rebuilt from re-recorded files keeps it. The ranks of a launch all ask at once: one
+    writes the copies under a lock while the others wait, then read its manifest (written last, so a
+    killed conversion is redone, never half read)."""
     from dyt.train.data_files import files_signature
 
     rows, column = _hf_audio_rows(path)
@@ -342,18 +382,19 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
         if manifest.is_file():
             words = manifest.with_suffix(".wrd")
             return read_manifest(manifest, words if words.is_file() else None)
-        utterances = []
-        for index, row in enumerate(rows):
-            audio, name = row[column], f"{path}[{index}]"
-            source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
-            if source is None:
-                raise AudioError(f"{name}: neither bytes nor a path")
-            waveform = load_audio(Path(source) if isinstance(source, str) else source, name)
-            target = out / f"{index:07d}.wav"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # float: the samples as decoded, as a manifest's file would give them (16-bit PCM clips beyond +-1)
-            soundfile.write(str(target), waveform.numpy(), SAMPLE_RATE, subtype="FLOAT")
-            utterances.append(Utterance(target, waveform.numel(), str(row.get(text_column, "") or "")))
+        out.mkdir(parents=True, exist_ok=True)
+        workers = min(num_proc, len(rows))
+        written = rows.map(_convert_hf_rows, batched=True, batch_size=64, with_indices=True,
+                           remove_columns=rows.column_names, num_proc=workers if workers > 1 else None,
+                           cache_file_name=str(out / "rows.arrow"), load_from_cache_file=False,
+                           fn_kwargs={"column": column, "text_column": text_column, "source": path, "out": out,
+                                      "forked": workers > 1},
+                           desc=f"decoding {path.name}")
+        utterances = [Utterance(out / name, samples, words) for name, samples, words
+                      in zip(written["file"], written["samples"], written["words"])]
+        del written
+        for table in out.glob("rows*.arrow"):  # map's results, read: only the audio files are kept
+            table.unlink()
         write_manifest(manifest, out, utterances)
         for older in range(1, HF_AUDIO_VERSION):  # this dataset's copies by older conversions: never read again
             shutil.rmtree(cache / f"v{older}-{rows._fingerprint}-{files['digest']}", ignore_errors=True)

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from fairseq2.nn import BatchLayout
@@ -51,6 +51,12 @@ class SpeechDataConfig:
     max_bad_fraction: Annotated[float, PROBABILITY] = 0.0
     """Share of unreadable / empty / multi-channel / truncated files that may be skipped, each named
     (0: any stops the run)."""
+    num_proc: Annotated[int, AT_LEAST_ONE] = 1
+    """Processes that decode a saved HF dataset's audio into the cache on first use (``datasets.map``
+    num_proc); the copies are the same for any value."""
+
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"num_proc"})
+    """``--resume`` accepts these changed."""
 
     def source_files(self) -> list[Path]:
         """The user's audio files (``dyt.train.data_files``): the manifests and what they list, or
@@ -131,10 +137,10 @@ def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int
     return good
 
 
-def audio_source(path: Path) -> list[Utterance]:
-    """A fairseq manifest, or a saved HF dataset with an Audio column."""
+def audio_source(path: Path, num_proc: int = 1) -> list[Utterance]:
+    """A fairseq manifest, or a saved HF dataset with an Audio column (decoded by ``num_proc`` processes)."""
     if is_hf_dataset(path):
-        return utterances_from_hf_dataset(path, cache_root() / "hf-audio")
+        return utterances_from_hf_dataset(path, cache_root() / "hf-audio", num_proc=num_proc)
     return read_manifest(path)
 
 
@@ -154,7 +160,7 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
     if cfg.train_manifest:
         if not cfg.validation_manifest:
             raise AudioError("data.validation_manifest is empty: give a manifest of held-out speakers")
-        train, validation = (audio_source(Path(p)) for p in (cfg.train_manifest, cfg.validation_manifest))
+        train, validation = (audio_source(Path(p), cfg.num_proc) for p in (cfg.train_manifest, cfg.validation_manifest))
     else:
         data = builtin_speech(cfg)
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")
