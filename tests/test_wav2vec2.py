@@ -359,6 +359,31 @@ def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_pat
     assert shared_recordings(train, held_out[1:], checks) == found and len(read) == reads
 
 
+def test_audio_checks_are_stored_for_every_rank_and_launch_until_a_file_changes(tmp_path, monkeypatch):
+    """``check_audio`` with a results folder: the first call opens every file, a second (another rank
+    of the launch, a relaunch) opens none and keeps the same rows and reasons; a rewritten file is
+    checked anew; a folder that cannot be written only costs the reads."""
+    rng = np.random.default_rng(0)
+    for name, samples in (("a.wav", 16000), ("b.wav", 12000)):
+        soundfile.write(tmp_path / name, rng.normal(0, 0.1, samples).astype(np.float32), 16000, subtype="PCM_16")
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not really audio")
+    rows = [Utterance(tmp_path / name, 1) for name in ("a.wav", "b.wav", "bad.wav")]
+    opened = []
+    monkeypatch.setattr(audio, "inspect_audio", lambda path, inspect=audio.inspect_audio: opened.append(path) or inspect(path))
+    checks = tmp_path / "checks"
+    first = check_audio(rows, 0.5, 1000, "training audio", checks)
+    assert [(r.path.name, r.num_samples) for r in first] == [("a.wav", 16000), ("b.wav", 12000)] and len(opened) == 3
+    assert check_audio(rows, 0.5, 1000, "training audio", checks) == first and len(opened) == 3
+    with pytest.raises(AudioError, match="1 of 3 files are bad .*bad.wav: unreadable audio"):
+        check_audio(rows, 0.0, 1000, "training audio", checks)  # the stored reason, as the check gave it
+    assert len(opened) == 3
+    soundfile.write(tmp_path / "b.wav", np.zeros(8000, dtype=np.float32), 16000, subtype="PCM_16")
+    assert [r.num_samples for r in check_audio(rows, 0.5, 1000, "training audio", checks)] == [16000, 8000]
+    assert len(opened) == 6
+    (tmp_path / "file").write_text("")
+    assert check_audio(rows, 0.5, 1000, "training audio", tmp_path / "file" / "checks") == check_audio(rows, 0.5, 1000, "t")
+
+
 def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):
     folder, rows = speech
     (tmp_path / "stereo.wav").parent.mkdir(exist_ok=True)

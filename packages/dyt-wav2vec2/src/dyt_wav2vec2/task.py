@@ -23,7 +23,7 @@ from .audio import (
     AudioError,
     Utterance,
     audio_source_files,
-    inspect_audio,
+    inspected,
     is_hf_dataset,
     load_audio,
     read_manifest,
@@ -102,9 +102,11 @@ def _first(items: list[str], count: int = 3) -> str:
     return "; ".join(items[:count]) + (f"; and {len(items) - count} more" if len(items) > count else "")
 
 
-def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int, what: str) -> list[Utterance]:
+def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int, what: str,
+                checked: Path | None = None) -> list[Utterance]:
     """The rows training can use: every file checked as training reads it (:func:`inspect_audio`:
-    readable, mono, not empty, not truncated), at least ``min_samples`` long at 16 kHz, each with
+    readable, mono, not empty, not truncated; with ``checked``, once per version of the files for
+    all ranks and launches, :func:`inspected`), at least ``min_samples`` long at 16 kHz, each with
     the samples it holds at 16 kHz (what batching by length reads, whatever a manifest said). Bad files
     beyond the ``max_bad_fraction`` allowance stop the run, naming the first; what is left out is
     said in one line per reason (how many, why, the first few names), on rank 0."""
@@ -112,13 +114,11 @@ def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int
         raise AudioError(f"{what}: no audio files listed (a manifest holds the audio root on its first line, then "
                          "one 'relative/path<TAB>num_samples' row per file)")
     good, bad, short = [], [], []
-    for row in rows:
-        try:
-            samples = inspect_audio(row.path)
-        except AudioError as error:
-            bad.append(str(error))
-            continue
-        (good if samples >= min_samples else short).append(replace(row, num_samples=samples))
+    for row, samples in zip(rows, inspected(rows, checked)):
+        if isinstance(samples, str):
+            bad.append(samples)
+        else:
+            (good if samples >= min_samples else short).append(replace(row, num_samples=samples))
     if len(bad) > max_bad_fraction * len(rows):
         raise AudioError(f"{what}: {len(bad)} of {len(rows)} files are bad (allowed: "
                          f"{max_bad_fraction:.1%}, data.max_bad_fraction); first: {bad[0]}")
@@ -165,9 +165,10 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
         data = builtin_speech(cfg)
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")
         validation = load_split(data, "sentences-validation")
-    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio"),
-                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio"))
-    if cfg.train_manifest and (shared := shared_recordings(train, validation, cache_root() / "audio-checks")):
+    checked = cache_root() / "audio-checks"
+    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio", checked),
+                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio", checked))
+    if cfg.train_manifest and (shared := shared_recordings(train, validation, checked)):
         held, trained = shared[0]  # (the built-in splits are disjoint by voice family and transcript)
         raise AudioError(f"validation audio: {len({h for h, _ in shared})} of {len({r.path for r in validation})} files "
                          f"are also training audio (the same file, or the same bytes); first: {held} = {trained} "
