@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 from toy_recipe import ToyConfig, ToyTask  # noqa: E402
 
 
-def _run(out_dir, *overrides, resume=False):
+def _run(out_dir, *overrides, resume=False, task=ToyTask):
     argv = [
         "--set", f"train.out_dir={out_dir}", "--set", "train.steps=8", "--set", "train.save_every=4",
         "--set", "train.eval_every=4", "--set", "train.grad_accum=2", "--set", "train.warmup_steps=2",
@@ -31,7 +31,7 @@ def _run(out_dir, *overrides, resume=False):
     ]
     for item in overrides:
         argv += ["--set", item]
-    return run_recipe(ToyConfig, ToyTask, argv + (["--resume"] if resume else []))
+    return run_recipe(ToyConfig, task, argv + (["--resume"] if resume else []))
 
 
 def _series(out_dir, key):
@@ -184,6 +184,36 @@ def test_interrupted_run_resumes_on_the_same_curve(tmp_path, capsys):
             assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (key, step)
     for name, tensor in _final_weights(tmp_path / "straight").items():
         torch.testing.assert_close(_final_weights(tmp_path / "resumed")[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_a_resume_on_data_made_otherwise_is_refused(tmp_path, capsys):
+    """A task's ``data_identity`` (LLaMA: its tokenizer's digest) is recorded at the run's start;
+    a ``--resume`` whose data came out otherwise (a BPE trained again in a moved cache) stops before
+    training, naming the change; the same identity resumes; a run from before the record resumes
+    and records what it has now."""
+
+    class Identified(ToyTask):
+        digest = "aaa"
+
+        def data_identity(self) -> dict[str, str]:
+            return {"tokenizer sha256": self.digest}
+
+    _run(tmp_path / "run", task=Identified)
+    record = tmp_path / "run" / "data_identity.json"
+    assert json.loads(record.read_text()) == {"tokenizer sha256": "aaa"}
+    Identified.digest = "bbb"
+    with pytest.raises(SystemExit) as stopped:
+        _run(tmp_path / "run", "train.steps=12", resume=True, task=Identified)
+    assert stopped.value.code == 2
+    assert re.search(r"config error: --resume: the data is not what \S*run trained on \(tokenizer sha256 aaa -> bbb; "
+                     r"recorded in \S*data_identity.json\)", capsys.readouterr().err)
+    assert _last_step(tmp_path / "run") == 8
+    Identified.digest = "aaa"
+    assert _run(tmp_path / "run", "train.steps=12", resume=True, task=Identified).step == 12
+    record.unlink()
+    Identified.digest = "ccc"
+    assert _run(tmp_path / "run", "train.steps=16", resume=True, task=Identified).step == 16
+    assert json.loads(record.read_text()) == {"tokenizer sha256": "ccc"}
 
 
 def test_a_new_run_into_a_folder_holding_checkpoints_is_refused(tmp_path, capsys):

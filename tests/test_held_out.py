@@ -93,6 +93,11 @@ def test_llama_validation_documents_never_reach_training_rows_or_the_tokenizer(t
     assert any("jvk" in token for token in vocab)  # a word of the training documents was learnt
     assert not [token for token in vocab if "qxz" in token or "qx" in token or "xz" in token], \
         "the tokenizer learnt merges from the validation documents"
+    if named:  # what a --resume checks: a BPE trained again in a moved cache is the same one; another is not
+        moved = load_config(LlamaConfig, ROOT / "recipes" / "llama" / "tiny.yaml", [*overrides, f"data.cache_dir={tmp_path / 'moved'}"])
+        assert LlamaTask(moved).data_identity() == task.data_identity()
+        smaller = load_config(LlamaConfig, ROOT / "recipes" / "llama" / "tiny.yaml", [*overrides, "model.vocab_size=380"])
+        assert LlamaTask(smaller).data_identity() != task.data_identity()
     assert len(task.tokenizer.encode(" qxzqxzq").ids) > len(task.tokenizer.encode(" jvkjvkj").ids)
 
 

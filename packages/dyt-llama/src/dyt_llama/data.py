@@ -41,8 +41,10 @@ BYTE_BPE_MIN_VOCAB = 257
 
 @dataclass
 class DataConfig:
-    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"num_proc", "shard_chars"})
-    """``--resume`` accepts these changed: the token stream is the same for any value (tests/test_token_shards.py)."""
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"num_proc", "shard_chars", "cache_dir"})
+    """``--resume`` accepts these changed: the token stream is the same for any value (tests/test_token_shards.py);
+    a cache elsewhere trains the BPE again, and the run's recorded tokenizer digest stops the resume
+    if that came out different (``LlamaTask.data_identity``)."""
 
     corpus: str = ""
     """A folder of .txt files (one document each, at any depth), .jsonl / .parquet files with a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -62,6 +63,11 @@ class LlamaTask:
             print(f"LLaMA {count_parameters(model) / 1e6:.2f}M parameters, norm={self.config.model.norm.kind}, "
                   f"{len(self.train_rows)} training sequences of {self.config.data.seq_len} tokens", flush=True)
         return model
+
+    def data_identity(self) -> dict[str, str]:
+        """The tokenizer's sha256 (its JSON as ``tokenizers`` writes it): a BPE trained again in
+        another cache (``data.cache_dir``, ``$DYT_CACHE``) must come out the same for a ``--resume``."""
+        return {"tokenizer sha256": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()}
 
     def train_dataset(self):
         return self.train_rows

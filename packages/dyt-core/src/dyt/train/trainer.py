@@ -30,7 +30,7 @@ from . import checkpoint, runlock
 from .config import ConfigError, TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
 from .distributed import DistInfo, all_gather, all_reduce, barrier, init_distributed
-from .jsonio import write_text_whole
+from .jsonio import write_json, write_text_whole
 from .metrics import MetricsLogger
 
 
@@ -58,6 +58,9 @@ class Task(Protocol):
     extra is averaged over the step and logged as ``train/<name>``, and over validation batches as
     ``eval/<name>``. Optionally,
     ``eval_metrics(eval_loss) -> dict`` adds derived validation metrics (e.g. perplexity), and
+    ``data_identity() -> dict[str, str]`` names what the data was made with that its files do not
+    show (LLaMA: the tokenizer's digest): recorded at a run's start, a ``--resume`` that finds it
+    changed stops (:func:`check_data_identity`);
     ``train_lengths() -> Sequence[int]`` (one length per training example: the same on every rank
     and for the whole run, as it sets the data order) makes every global batch hold examples of
     like length (:func:`like_length_batches`), and
@@ -321,6 +324,27 @@ def check_one_step_of_data(examples: int, micro_batch_size: int, world_size: int
             f"{micro_batch_size * world_size * grad_accum}); lower train.micro_batch_size"
             f"{' or the batch (train.grad_accum or train.global_batch_size)' if grad_accum > 1 else ''} or give more data"
         )
+
+
+DATA_IDENTITY = "data_identity.json"
+"""In a run folder: the task's ``data_identity`` as the run's first launch (or its first launch
+that recorded one) had it."""
+
+
+def check_data_identity(run_dir: Path, now: dict[str, str] | None) -> None:
+    """Before a resumed run loads its checkpoint: a ConfigError when the task's ``data_identity``
+    differs from the one recorded in ``run_dir`` (LLaMA: a BPE trained again in another cache,
+    ``data.cache_dir`` or ``$DYT_CACHE`` moved, that came out different, would feed the saved
+    weights other token ids). Nothing recorded (a run from before the record): nothing to compare."""
+    path = run_dir / DATA_IDENTITY
+    if now is None or not path.is_file():
+        return
+    saved = read_json_object(path, "the run's record of its data")
+    changed = [f"{name} {saved.get(name)} -> {value}" for name, value in now.items() if saved.get(name) != value]
+    if changed:
+        raise ConfigError(f"--resume: the data is not what {run_dir} trained on ({'; '.join(changed)}; recorded in "
+                          f"{path}): its checkpoints would read other inputs; resume with the data it was "
+                          "made from, or start a new run in another train.out_dir")
 
 
 def like_length_batches(order: torch.Tensor, lengths: torch.Tensor, batch: int,
@@ -857,6 +881,9 @@ class Trainer:
             self._check_validation_size(eval_set)
         done = checkpoint.complete_checkpoints(self.ckpt_root) if resume else []
         self._check_ranks_agree_on(done)
+        identity = self.task.data_identity() if hasattr(self.task, "data_identity") else None
+        if done:
+            check_data_identity(self.out_dir, identity)
         if resume and not done and dist.is_main:
             print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
         # A ZeRO checkpoint of another world size loads through DeepSpeed's universal form.
@@ -884,6 +911,8 @@ class Trainer:
             write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
             checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
             record_data_files(self.full_config, self.out_dir)
+            if identity is not None and not (done and (self.out_dir / DATA_IDENTITY).is_file()):
+                write_json(self.out_dir / DATA_IDENTITY, identity)
         metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
 
         from tqdm.auto import tqdm
