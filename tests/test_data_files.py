@@ -154,12 +154,13 @@ def test_decoded_audio_is_written_small_where_that_loses_no_sample(tmp_path):
         assert path.suffix == suffix and torch.equal(load_audio(path), wave), name
 
 
-def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path):
+def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path, monkeypatch):
     """``num_proc`` processes write the same copies, texts and sample counts as one; a bad row stops
     either with the AudioError naming it; the cache keeps the audio and the manifest, not map's tables.
     The workers are forked after this process's torch has run OpenMP threads, as a training rank's
     has: without the worker's one-thread setting the first reduction in a worker waited forever."""
     datasets = pytest.importorskip("datasets")
+    import dyt_wav2vec2.audio as audio_module
     from dyt_wav2vec2.audio import AudioError, load_audio, utterances_from_hf_dataset
 
     threads = torch.get_num_threads()
@@ -176,7 +177,16 @@ def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path):
     datasets.Dataset.from_dict({"audio": paths, "text": [f"row {i}" for i in range(5)]}).cast_column(
         "audio", datasets.Audio()).save_to_disk(str(tmp_path / "saved"))
     one = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "one")
+    writers = tmp_path / "writers"
+    writers.mkdir()
+
+    def write_decoded(waveform, stem, write=audio_module.write_decoded):  # the processes that write
+        (writers / str(os.getpid())).touch()
+        return write(waveform, stem)
+
+    monkeypatch.setattr(audio_module, "write_decoded", write_decoded)
     two = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "two", num_proc=2)
+    assert len({p.name for p in writers.iterdir()} - {str(os.getpid())}) == 2
     assert [(u.num_samples, u.text) for u in two] == [(u.num_samples, u.text) for u in one] == [
         (8000 + i, f"row {i}") for i in range(5)]
     for a, b, source in zip(one, two, paths):
@@ -187,6 +197,7 @@ def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path):
     for num_proc in (1, 2):
         with pytest.raises(AudioError, match=r"bad\[0\]: unreadable audio"):
             utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}", num_proc=num_proc)
+        assert not [p for p in (tmp_path / f"bad-{num_proc}").iterdir() if p.is_dir()]  # no partial copies left
 
 
 def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_writer(tmp_path, monkeypatch):

@@ -361,25 +361,36 @@ def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_pat
 
 def test_audio_checks_are_stored_for_every_rank_and_launch_until_a_file_changes(tmp_path, monkeypatch):
     """``check_audio`` with a results folder: the first call opens every file, a second (another rank
-    of the launch, a relaunch) opens none and keeps the same rows and reasons; a rewritten file is
-    checked anew; a folder that cannot be written only costs the reads."""
+    of the launch, a relaunch) opens only the one that failed (a failure may have passed) and keeps
+    the same rows and reasons; a rewritten file is checked anew, and a failure that has passed is
+    good again; a folder that cannot be written only costs the reads."""
     rng = np.random.default_rng(0)
     for name, samples in (("a.wav", 16000), ("b.wav", 12000)):
         soundfile.write(tmp_path / name, rng.normal(0, 0.1, samples).astype(np.float32), 16000, subtype="PCM_16")
     (tmp_path / "bad.wav").write_bytes(b"RIFF not really audio")
     rows = [Utterance(tmp_path / name, 1) for name in ("a.wav", "b.wav", "bad.wav")]
-    opened = []
-    monkeypatch.setattr(audio, "inspect_audio", lambda path, inspect=audio.inspect_audio: opened.append(path) or inspect(path))
+    opened, failing = [], {tmp_path / "a.wav"}  # a.wav's first read fails, as on a file server's error
+
+    def inspect(path, inspect=audio.inspect_audio):
+        opened.append(path.name)
+        if path in failing:
+            failing.discard(path)
+            raise AudioError(f"{path}: unreadable audio (Input/output error)")
+        return inspect(path)
+
+    monkeypatch.setattr(audio, "inspect_audio", inspect)
     checks = tmp_path / "checks"
-    first = check_audio(rows, 0.5, 1000, "training audio", checks)
-    assert [(r.path.name, r.num_samples) for r in first] == [("a.wav", 16000), ("b.wav", 12000)] and len(opened) == 3
-    assert check_audio(rows, 0.5, 1000, "training audio", checks) == first and len(opened) == 3
+    assert [r.path.name for r in check_audio(rows, 0.7, 1000, "training audio", checks)] == ["b.wav"]
+    assert opened == ["a.wav", "b.wav", "bad.wav"]
+    first = check_audio(rows, 0.5, 1000, "training audio", checks)  # another rank, a relaunch
+    assert [(r.path.name, r.num_samples) for r in first] == [("a.wav", 16000), ("b.wav", 12000)]
+    assert opened[3:] == ["a.wav", "bad.wav"]  # the stored failures only
     with pytest.raises(AudioError, match="1 of 3 files are bad .*bad.wav: unreadable audio"):
-        check_audio(rows, 0.0, 1000, "training audio", checks)  # the stored reason, as the check gave it
-    assert len(opened) == 3
+        check_audio(rows, 0.0, 1000, "training audio", checks)
     soundfile.write(tmp_path / "b.wav", np.zeros(8000, dtype=np.float32), 16000, subtype="PCM_16")
+    del opened[:]
     assert [r.num_samples for r in check_audio(rows, 0.5, 1000, "training audio", checks)] == [16000, 8000]
-    assert len(opened) == 6
+    assert opened == ["a.wav", "b.wav", "bad.wav"]
     (tmp_path / "file").write_text("")
     assert check_audio(rows, 0.5, 1000, "training audio", tmp_path / "file" / "checks") == check_audio(rows, 0.5, 1000, "t")
 

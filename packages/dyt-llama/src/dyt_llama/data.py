@@ -45,6 +45,9 @@ class DataConfig:
     """``--resume`` accepts these changed: the token stream is the same for any value (tests/test_token_shards.py);
     a cache elsewhere trains the BPE again, and the run's recorded tokenizer digest stops the resume
     if that came out different (``LlamaTask.data_identity``)."""
+    RESUME_CHANGES_RESULTS: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
+    """A comparison does not reuse a finished run whose cache moved: its tokenizer, trained again
+    there, is checked only when a run is launched."""
 
     corpus: str = ""
     """A folder of .txt files (one document each, at any depth), .jsonl / .parquet files with a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -65,9 +66,14 @@ class LlamaTask:
         return model
 
     def data_identity(self) -> dict[str, str]:
-        """The tokenizer's sha256 (its JSON as ``tokenizers`` writes it): a BPE trained again in
-        another cache (``data.cache_dir``, ``$DYT_CACHE``) must come out the same for a ``--resume``."""
-        return {"tokenizer sha256": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()}
+        """A sha256 of the tokenizer's vocabulary (token -> id) and merges: a BPE trained again in
+        another cache (``data.cache_dir``, ``$DYT_CACHE``) must come out the same for a ``--resume``.
+        Read from its content, not its JSON text, whose layout ``tokenizers`` releases have changed
+        (0.20: merges as pairs, not "a b" strings)."""
+        merges = json.loads(self.tokenizer.to_str())["model"].get("merges", [])
+        content = {"vocab": sorted(self.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]),
+                   "merges": [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in merges]}
+        return {"tokenizer sha256": hashlib.sha256(json.dumps(content).encode()).hexdigest()}
 
     def train_dataset(self):
         return self.train_rows

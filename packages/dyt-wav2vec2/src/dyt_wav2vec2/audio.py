@@ -298,20 +298,29 @@ def inspected(rows: list[Utterance], checked: Path | None = None) -> list[int | 
     inode, size and times: every rank of a launch checks the same manifests at start-up, and on a
     corpus of 281k files (LibriSpeech 960 h) x 64 ranks that was 18M file opens on the shared file
     system; now the first rank opens each file once, the others and later launches read its result."""
-    def compute() -> list[int | str]:
-        results: list[int | str] = []
-        for row in rows:
-            try:
-                results.append(inspect_audio(row.path))
-            except AudioError as error:
-                results.append(str(error))
-        return results
+    def inspect(row: Utterance) -> int | str:
+        try:
+            return inspect_audio(row.path)
+        except AudioError as error:
+            return str(error)
 
     try:
-        key = [INSPECT_VERSION, [(str(row.path), *_version(row.path.stat())) for row in rows]]
+        key = [INSPECT_VERSION, soundfile.__libsndfile_version__,
+               [(str(row.path), *_version(row.path.stat())) for row in rows]]
     except OSError:  # a file gone: nothing to key by; checked, and named, without storing
         checked, key = None, None
-    return stored_check(checked, key, compute)
+    computed = []
+
+    def compute() -> list[int | str]:
+        computed.append(True)
+        return [inspect(row) for row in rows]
+
+    results = stored_check(checked, key, compute)
+    if computed:
+        return results
+    # a stored failure is checked again (the few bad files): a read that failed for a passing
+    # reason (a file server's error, too many open files) must not stay bad until the file changes
+    return [inspect(row) if isinstance(result, str) else result for row, result in zip(rows, results)]
 
 
 SHARED_CHECK_VERSION = 1
@@ -413,6 +422,8 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     from dyt.train.data_files import files_signature
 
     rows, column = _hf_audio_rows(path)
+    if len(rows) == 0:
+        return []  # named by the audio check as a source without audio files
     files = files_signature(_hf_audio_files(path, rows, column))
     out = cache / f"v{HF_AUDIO_VERSION}-{rows._fingerprint}-{files['digest']}"
     manifest = out / "manifest.tsv"
@@ -424,12 +435,16 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             return read_manifest(manifest, words if words.is_file() else None)
         out.mkdir(parents=True, exist_ok=True)
         workers = min(num_proc, len(rows))
-        written = rows.map(_convert_hf_rows, batched=True, batch_size=64, with_indices=True,
-                           remove_columns=rows.column_names, num_proc=workers if workers > 1 else None,
-                           cache_file_name=str(out / "rows.arrow"), load_from_cache_file=False,
-                           fn_kwargs={"column": column, "text_column": text_column, "source": path, "out": out,
-                                      "forked": workers > 1},
-                           desc=f"decoding {path.name}")
+        try:
+            written = rows.map(_convert_hf_rows, batched=True, batch_size=64, with_indices=True,
+                               remove_columns=rows.column_names, num_proc=workers if workers > 1 else None,
+                               cache_file_name=str(out / "rows.arrow"), load_from_cache_file=False,
+                               fn_kwargs={"column": column, "text_column": text_column, "source": path, "out": out,
+                                          "forked": workers > 1},
+                               desc=f"decoding {path.name}")
+        except BaseException:  # its copies so far would stay unread (a fixed dataset has another key)
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         utterances = [Utterance(out / name, samples, words) for name, samples, words
                       in zip(written["file"], written["samples"], written["words"])]
         del written

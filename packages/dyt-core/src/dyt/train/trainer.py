@@ -30,7 +30,7 @@ from . import checkpoint, runlock
 from .config import ConfigError, TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
 from .distributed import DistInfo, all_gather, all_reduce, barrier, init_distributed
-from .jsonio import write_json, write_text_whole
+from .jsonio import read_json, write_json, write_text_whole
 from .metrics import MetricsLogger
 
 
@@ -335,12 +335,13 @@ def check_data_identity(run_dir: Path, now: dict[str, str] | None) -> None:
     """Before a resumed run loads its checkpoint: a ConfigError when the task's ``data_identity``
     differs from the one recorded in ``run_dir`` (LLaMA: a BPE trained again in another cache,
     ``data.cache_dir`` or ``$DYT_CACHE`` moved, that came out different, would feed the saved
-    weights other token ids). Nothing recorded (a run from before the record): nothing to compare."""
+    weights other token ids). Only what the record holds is compared: nothing for a run from before
+    the record, nor for a name a task began to give later (the launch adds it)."""
     path = run_dir / DATA_IDENTITY
     if now is None or not path.is_file():
         return
     saved = read_json_object(path, "the run's record of its data")
-    changed = [f"{name} {saved.get(name)} -> {value}" for name, value in now.items() if saved.get(name) != value]
+    changed = [f"{name} {saved[name]} -> {value}" for name, value in now.items() if name in saved and saved[name] != value]
     if changed:
         raise ConfigError(f"--resume: the data is not what {run_dir} trained on ({'; '.join(changed)}; recorded in "
                           f"{path}): its checkpoints would read other inputs; resume with the data it was "
@@ -882,8 +883,16 @@ class Trainer:
         done = checkpoint.complete_checkpoints(self.ckpt_root) if resume else []
         self._check_ranks_agree_on(done)
         identity = self.task.data_identity() if hasattr(self.task, "data_identity") else None
+        problem = None
         if done:
-            check_data_identity(self.out_dir, identity)
+            try:
+                check_data_identity(self.out_dir, identity)
+            except ConfigError as error:
+                problem = error
+        # every rank stops, or none: a rank going on into the engine's collectives would wait forever
+        if all_reduce(torch.tensor([float(problem is not None)], dtype=torch.float64), "max").item():
+            raise problem or ConfigError("--resume: another rank's data is not what the run trained on (that rank "
+                                         "says what differs)")
         if resume and not done and dist.is_main:
             print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
         # A ZeRO checkpoint of another world size loads through DeepSpeed's universal form.
@@ -911,8 +920,9 @@ class Trainer:
             write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
             checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
             record_data_files(self.full_config, self.out_dir)
-            if identity is not None and not (done and (self.out_dir / DATA_IDENTITY).is_file()):
-                write_json(self.out_dir / DATA_IDENTITY, identity)
+            if identity is not None:  # the record kept, names it lacks added
+                recorded = read_json(self.out_dir / DATA_IDENTITY) if done else None
+                write_json(self.out_dir / DATA_IDENTITY, {**identity, **(recorded if isinstance(recorded, dict) else {})})
         metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
 
         from tqdm.auto import tqdm
