@@ -294,33 +294,37 @@ INSPECT_VERSION = 1
 
 def inspected(rows: list[Utterance], checked: Path | None = None) -> list[int | str]:
     """:func:`inspect_audio` of each row: its samples at 16 kHz, or what is wrong with it. With
-    ``checked`` (a folder for results) once per version of the files, keyed by every file's path,
-    inode, size and times: every rank of a launch checks the same manifests at start-up, and on a
-    corpus of 281k files (LibriSpeech 960 h) x 64 ranks that was 18M file opens on the shared file
-    system; now the first rank opens each file once, the others and later launches read its result."""
+    ``checked`` (a folder for results) stored once per version of the files, keyed by every file's
+    path, inode, size and times: the first rank of a launch opens each file, the others and later
+    launches read its result (every rank used to open every file at every start). Stored failures
+    are read again (a read may fail for a passing reason: a file server's error, too many open files)."""
     def inspect(row: Utterance) -> int | str:
         try:
             return inspect_audio(row.path)
         except AudioError as error:
             return str(error)
 
+    def inspect_all() -> list[int | str]:
+        return [inspect(row) for row in rows]
+
+    if checked is None:
+        return inspect_all()
     try:
         key = [INSPECT_VERSION, soundfile.__libsndfile_version__,
                [(str(row.path), *_version(row.path.stat())) for row in rows]]
     except OSError:  # a file gone: nothing to key by; checked, and named, without storing
-        checked, key = None, None
-    computed = []
+        return inspect_all()
+    fresh = None
 
     def compute() -> list[int | str]:
-        computed.append(True)
-        return [inspect(row) for row in rows]
+        nonlocal fresh
+        fresh = inspect_all()
+        return fresh
 
-    results = stored_check(checked, key, compute)
-    if computed:
-        return results
-    # a stored failure is checked again (the few bad files): a read that failed for a passing
-    # reason (a file server's error, too many open files) must not stay bad until the file changes
-    return [inspect(row) if isinstance(result, str) else result for row, result in zip(rows, results)]
+    stored = stored_check(checked, key, compute)
+    if fresh is not None:
+        return fresh
+    return [inspect(row) if isinstance(result, str) else result for row, result in zip(rows, stored)]
 
 
 SHARED_CHECK_VERSION = 1
@@ -435,12 +439,13 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             return read_manifest(manifest, words if words.is_file() else None)
         out.mkdir(parents=True, exist_ok=True)
         workers = min(num_proc, len(rows))
+        forked = workers > 1
         try:
             written = rows.map(_convert_hf_rows, batched=True, batch_size=64, with_indices=True,
-                               remove_columns=rows.column_names, num_proc=workers if workers > 1 else None,
+                               remove_columns=rows.column_names, num_proc=workers if forked else None,
                                cache_file_name=str(out / "rows.arrow"), load_from_cache_file=False,
                                fn_kwargs={"column": column, "text_column": text_column, "source": path, "out": out,
-                                          "forked": workers > 1},
+                                          "forked": forked},
                                desc=f"decoding {path.name}")
         except BaseException:  # its copies so far would stay unread (a fixed dataset has another key)
             shutil.rmtree(out, ignore_errors=True)

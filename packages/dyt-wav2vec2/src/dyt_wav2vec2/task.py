@@ -106,7 +106,7 @@ def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int
                 checked: Path | None = None) -> list[Utterance]:
     """The rows training can use: every file checked as training reads it (:func:`inspect_audio`:
     readable, mono, not empty, not truncated; with ``checked``, once per version of the files for
-    all ranks and launches, :func:`inspected`), at least ``min_samples`` long at 16 kHz, each with
+    all ranks and launches, failures read again, :func:`inspected`), at least ``min_samples`` long at 16 kHz, each with
     the samples it holds at 16 kHz (what batching by length reads, whatever a manifest said). Bad files
     beyond the ``max_bad_fraction`` allowance stop the run, naming the first; what is left out is
     said in one line per reason (how many, why, the first few names), on rank 0."""
@@ -210,9 +210,8 @@ def crop_to_shortest(waveforms: list[torch.Tensor], crop: int) -> tuple[torch.Te
     """A pretraining batch: every clip randomly cropped to the batch's shortest (and to at most
     ``crop`` samples), normalised. fairseq2's masker draws as many mask spans for every row as the
     batch's shortest row allows, so a padded batch of mixed lengths masks its long clips far less
-    than the config asks (four 2 s crops: 32 masked frames a row; with one 0.69 s clip: 17); fairseq
-    v1 and fairseq2's recipes crop to the shortest too, and batch clips of like length
-    (``train_lengths``) so that little is cut."""
+    than the config asks; fairseq v1 and fairseq2's recipes crop to the shortest too, and batch
+    clips of like length (``train_lengths``) so that little is cut."""
     return crop_and_batch(waveforms, min(crop, *(wave.numel() for wave in waveforms)))
 
 

@@ -189,8 +189,9 @@ class LengthBatches(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
-        ties = torch.argsort(torch.rand(len(self.lengths), generator=self.generator), stable=True)
-        for batch in like_length_batches(ties, self.lengths, self.batch_size, self.generator):
+        # argsort of rand, not randperm: the draws this sampler made before it shared the ordering
+        shuffled = torch.argsort(torch.rand(len(self.lengths), generator=self.generator), stable=True)
+        for batch in like_length_batches(shuffled, self.lengths, self.batch_size, self.generator):
             yield batch.tolist()
 
 

@@ -348,17 +348,14 @@ def check_data_identity(run_dir: Path, now: dict[str, str] | None) -> None:
                           "made from, or start a new run in another train.out_dir")
 
 
-def like_length_batches(order: torch.Tensor, lengths: torch.Tensor, batch: int,
+def like_length_batches(order: torch.Tensor, lengths: torch.Tensor, batch_size: int,
                         generator: torch.Generator) -> list[torch.Tensor]:
-    """The examples of ``order`` in batches of ``batch`` of like length (the last one shorter when
-    ``batch`` does not divide them), the batches in random order: fairseq's ordering for speech
-    (sorted by size, ties in ``order``'s order, batches shuffled). Used for pretraining
-    (``ResumableBatches``, a task with ``train_lengths``: wav2vec 2.0 crops each batch to its
-    shortest clip, so that fairseq2's masker, which draws as many spans for every row as the
-    shortest allows, masks each clip as the config asks; a batch of mixed lengths would lose most
-    of its audio to that crop) and for fine-tuning (``finetune.LengthBatches``: less padding)."""
+    """The examples of ``order`` in batches of ``batch_size`` of like length (the last one shorter
+    when ``batch_size`` does not divide them), the batches in random order: fairseq's ordering for
+    speech (sorted by size, ties in ``order``'s order, batches shuffled). Used by
+    ``ResumableBatches`` (a task's ``train_lengths``) and ``finetune.LengthBatches``."""
     ranked = order[torch.argsort(lengths[order], stable=True)]
-    batches = ranked.split(batch)
+    batches = ranked.split(batch_size)
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
@@ -920,9 +917,9 @@ class Trainer:
             write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
             checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
             record_data_files(self.full_config, self.out_dir)
-            if identity is not None:  # the record kept, names it lacks added
-                recorded = read_json(self.out_dir / DATA_IDENTITY) if done else None
-                write_json(self.out_dir / DATA_IDENTITY, {**identity, **(recorded if isinstance(recorded, dict) else {})})
+            if identity is not None:  # the record kept (checked above), names it lacks added
+                recorded = (read_json(self.out_dir / DATA_IDENTITY) if done else None) or {}
+                write_json(self.out_dir / DATA_IDENTITY, {**identity, **recorded})
         metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
 
         from tqdm.auto import tqdm
