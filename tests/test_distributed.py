@@ -217,14 +217,17 @@ def test_two_ranks_follow_the_loss_curve_of_one_rank_with_grad_accum_2(tmp_path)
     """2 ranks x micro-batch 8 against 1 rank x grad_accum 2 x micro-batch 8: the same examples per
     step (64 examples, a multiple of 2 x 8, see the module docstring; 4 steps an epoch, so the 8
     steps cross an epoch boundary), dropout off, gradients averaged over ranks in one and over
-    micro-batches in the other, so the same updates up to float rounding. Validation: 8 batches of
-    8 on 1 rank, 4 per rank on 2, the whole validation set either way."""
+    micro-batches in the other, so the same updates up to float rounding. Validation: 5 batches of
+    8 of the 64 examples, 3 on rank 0 and 2 on rank 1, with random draws in reading, collating and
+    the loss (``data.eval_noise``), read by a data-loading worker on 2 ranks and in the main process
+    on 1: the same examples and draws, so the same validation loss."""
     common = ["train.steps=8", "train.micro_batch_size=8", "train.lr=0.01", "train.warmup_steps=2",
-              "train.eval_every=4", "train.eval_batches=8", "train.save_every=0", "train.progress=false",
-              "train.tensorboard=false", "model.dropout=0.0", "data.examples=64"]
+              "train.eval_every=4", "train.eval_batches=5", "train.save_every=0", "train.progress=false",
+              "train.tensorboard=false", "model.dropout=0.0", "data.examples=64", "data.eval_noise=0.5"]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    two_ranks = ["train.out_dir=two", "train.grad_accum=1", "train.num_workers=1"]
     _launch([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "toy_recipe.py"),
-             *(arg for item in common + ["train.out_dir=two", "train.grad_accum=1"] for arg in ("--set", item))], tmp_path)
+             *(arg for item in common + two_ranks for arg in ("--set", item))], tmp_path)
     run_recipe(ToyConfig, ToyTask, [arg for item in common + [f"train.out_dir={tmp_path / 'one'}", "train.grad_accum=2"]
                                     for arg in ("--set", item)])
     for key in ("train/loss", "eval/loss", "alpha/1"):

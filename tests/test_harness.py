@@ -16,7 +16,7 @@ from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe, warmup_co
 from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
-from dyt.train.trainer import DataPosition, seed_everything, validation_positions
+from dyt.train.trainer import DataPosition, seed_everything, validation_batches, validation_positions
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -343,16 +343,84 @@ def test_validation_positions_spread_over_the_whole_set():
     assert len(set(positions)) == 64 and positions[0] == 0 and positions[-1] >= 1000 - math.ceil(1000 / 64)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_validation_gives_every_rank_as_many_examples(world):
-    """Under ZeRO-3 a validation forward is collective: a rank with one batch more than the others
-    met their all-reduce (17 held-out examples on 2 ranks of micro-batch 8 gave 9 and 8)."""
-    for size in range(world, 60):
-        for count in (world, 16, 17, 32, 100):
-            positions = validation_positions(size, count, world)
-            per_rank = [len(positions[rank::world]) for rank in range(world)]
-            assert len(set(per_rank)) == 1 and per_rank[0] >= 1, (size, count, per_rank)
-            assert len(positions) > min(size, count) - world and len(set(positions)) == len(positions)
+def test_validation_batches_cut_the_spread_positions_in_order():
+    assert validation_batches(10, 2, 3) == [[0, 1, 3], [5, 6, 8]]
+    assert validation_batches(5, 4, 2) == [[0, 1], [2, 3], [4]]  # the whole set; the last batch short
+    for size in range(1, 40):
+        for batches, micro in ((1, 1), (3, 4), (5, 8)):
+            cut = validation_batches(size, batches, micro)
+            assert sum(cut, []) == validation_positions(size, batches * micro)
+            assert len(cut) <= batches and all(len(b) == micro for b in cut[:-1])
+
+
+class _Engine:
+    """What validation asks of a DeepSpeed engine, around a plain module."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+    def get_data_types(self):
+        return torch.float32, torch.float32
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        self.module.train()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypatch, num_workers):
+    """Each rank of a world of 1, 2, 3 or 7 validates alone here (the all-reduce stubbed to hand back
+    the rank's own sums): over a world's ranks the counted batches must be the world of one's, each
+    once, with the same draws (reading, collating and the loss all draw: ToyDataConfig.eval_noise),
+    and every rank must run as many forwards, or a ZeRO-3 collective forward hangs. 5 batches of 4
+    (20 of 52 examples; the last of 5 batches short when the set is 18)."""
+    from dyt.train.trainer import Trainer
+
+    config = ToyConfig()
+    config.data.examples, config.data.eval_noise, config.model.dropout = 52, 0.5, 0.0
+    task = ToyTask(config)
+    torch.manual_seed(0)
+    engine = _Engine(task.build_model())
+    scored: list[float] = []  # each forward's batch: the mean of its drawn targets
+
+    def loss(model, batch):
+        scored.append(round(batch[1].mean().item(), 6))
+        return ToyTask.loss(task, model, batch)
+
+    monkeypatch.setattr(task, "loss", loss)
+    reduced: list[torch.Tensor] = []  # per rank: its example count, then its sums
+    monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": reduced.append(value) or value)
+
+    def validate(world: int, size: int) -> tuple[float, int, list[list[float]]]:
+        """The world's loss and examples (as the real all-reduce would sum them), and each rank's forwards."""
+        config.data.examples = size
+        dataset = task.eval_dataset()
+        forwards, reduced[:] = [], []
+        for rank in range(world):
+            trainer = Trainer.__new__(Trainer)
+            trainer.cfg = TrainConfig(micro_batch_size=4, eval_batches=5, num_workers=num_workers)
+            trainer.task, trainer.dist = task, DistInfo(rank, world, rank, torch.device("cpu"))
+            scored.clear()
+            examples = trainer._evaluate(engine, dataset)["examples"]
+            forwards.append(list(scored))
+        count, totals = sum(reduced[0::2]), sum(reduced[1::2])
+        assert count.item() == examples
+        return (totals[0] / count).item(), examples, forwards
+
+    for size in (52, 18):
+        loss_one, examples, (one,) = validate(1, size)
+        assert examples == min(20, size) and len(one) == 5
+        for world in (2, 3, 7):
+            loss_world, _, forwards = validate(world, size)
+            assert len({len(f) for f in forwards}) == 1, (world, [len(f) for f in forwards])  # as many forwards
+            counted = [f[i] for r, f in enumerate(forwards) for i in range(len(range(r, 5, world)))]
+            assert sorted(counted) == sorted(one), (world, size)  # each batch once, with the same draws
+            assert loss_world == pytest.approx(loss_one, rel=1e-12), (world, size)
 
 
 def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):

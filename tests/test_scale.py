@@ -159,8 +159,11 @@ def test_a_whole_build_too_large_for_the_node_is_refused_before_it_starts(monkey
 # ---------------------------------------------------------------- resume on another world size
 
 TOY = ["train.steps=6", "train.save_every=3", "train.micro_batch_size=8", "train.lr=0.01", "train.warmup_steps=2",
-       "train.eval_every=3", "train.eval_batches=8", "train.progress=false",
-       "train.tensorboard=false", "model.dropout=0.0", "data.examples=64"]
+       "train.eval_every=3", "train.eval_batches=3", "train.progress=false",
+       "train.tensorboard=false", "model.dropout=0.0", "data.examples=64", "data.eval_noise=0.5"]
+"""Validation: 3 batches of 8 with random draws (``data.eval_noise``), so on 2 ranks rank 1 runs one
+forward it does not count (a ZeRO-3 forward is collective), and a resume on another world size must
+score the same examples with the same draws."""
 
 
 def _toy(ranks: int, items: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -215,8 +218,11 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
     batch = {n: ["train.global_batch_size=16"] if global_batch else [f"train.grad_accum={accum[n]}"] for n in accum}
     extra = []
     if stage == 3:  # every parameter partitioned, DyT's alpha too (logged gathered: it was NaN)
+        # ... and gathered again for every forward (nothing kept live between them), so that a
+        # validation forward on one rank alone would wait for the others
         (tmp_path / "partition_all.json").write_text(
-            '{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
+            '{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, '
+            '"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}')
         extra = ["train.deepspeed_config=partition_all.json"]
     saved = _toy(saved_ranks, [f"train.zero_stage={stage}", *batch[saved_ranks], "train.out_dir=whole", *extra],
                  tmp_path)

@@ -39,6 +39,12 @@ class ToyDataConfig:
     nan_gradient_from_step: int = 0
     """From this optimizer step on, every gradient is NaN while the loss stays finite (0: never)."""
 
+    eval_noise: float = 0.0
+    """Validation draws random numbers as a real task's does, at each of its stages: every example's
+    target gets ``eval_noise`` x a uniform draw when it is read, every batch's when it is collated,
+    and the loss one more (0: none). For testing that validation scores the same draws on any
+    world size and any number of data-loading workers."""
+
     RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step"})
     """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
@@ -78,14 +84,20 @@ class ToyTask:
         return self._data(0)
 
     def eval_dataset(self):
-        return self._data(1)
+        data = self._data(1)
+        return _NoisyValidation(data, self.config.data.eval_noise) if self.config.data.eval_noise else data
 
     def collate(self, items):
+        if len(items[0]) == 3:  # _NoisyValidation's (x, y, noise): the batch draws once more
+            x, y, noise = torch.utils.data.default_collate(items)
+            return x, y + noise[:, None] * torch.rand(len(y), 1)
         return torch.utils.data.default_collate(items)
 
     def loss(self, model, batch):
         x, y = batch
         loss = nn.functional.mse_loss(model(x), y)
+        if not torch.is_grad_enabled() and self.config.data.eval_noise:
+            loss = loss + self.config.data.eval_noise * torch.rand(())
         if torch.is_grad_enabled():  # a training micro-batch (validation runs under no_grad)
             self.calls += 1
             step = (self.calls - 1) // self.config.train.grad_accum + 1
@@ -95,6 +107,20 @@ class ToyTask:
                 first = next(model.parameters()).sum()
                 loss = loss + 0.0 * torch.sqrt(first - first.detach())
         return loss, {"units": float(len(x))}
+
+
+class _NoisyValidation(torch.utils.data.Dataset):
+    """The validation examples, each target with a draw made when it is read (ToyDataConfig.eval_noise)."""
+
+    def __init__(self, data: TensorDataset, noise: float):
+        self.data, self.noise = data, noise
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        x, y = self.data[index]
+        return x, y + self.noise * torch.rand(1), torch.tensor(self.noise)
 
 
 if __name__ == "__main__":

@@ -149,8 +149,10 @@ class TrainConfig:
     eval_every: Annotated[int, NON_NEGATIVE] = 50
     """Validate every this many steps (and at the end); 0 turns validation off."""
     eval_batches: Annotated[int, AT_LEAST_ONE] = 20
-    """At most this many micro-batches per rank per validation; their examples are spread evenly over
-    the whole validation set (all of it when it is smaller), which is stored in document order."""
+    """At most this many micro-batches per validation, over all ranks (batch b on rank b % world
+    size); their examples are spread evenly over the whole validation set (all of it when it is
+    smaller), which is stored in document order. Neither the examples nor their random draws depend
+    on the world size."""
     save_every: Annotated[int, NON_NEGATIVE] = 50
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: Annotated[int, AT_LEAST_ONE] = 2
@@ -209,7 +211,7 @@ class TrainConfig:
         "deepspeed_config", "eval_batches", "num_workers", "log_every",
     })
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
-    examples validation scores (``eval_batches``), the random crops of data-loading workers
+    examples validation scores (``eval_batches``), the random crops of training's data-loading workers
     (``num_workers``), the logged rows a report's final training loss and throughput are taken from
     (``log_every``); the rest are cadences, memory and display (validating draws from its own RNG).
     A comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""

@@ -107,7 +107,7 @@ def warmup_cosine(cfg: TrainConfig):
 
 
 VALIDATION_SEED = 20_251_205
-"""The seed of the random draws a task makes while validating (plus the rank)."""
+"""The base of the seeds of the random draws a task makes while validating (:func:`validation_seed`)."""
 MAX_SKIPPED_IN_A_ROW = 50
 """Updates DeepSpeed may skip in a row (non-finite gradients; fp16 loss-scale overflows) before the
 run stops as diverged. fp16's dynamic scale from its default 2^16 reaches 1 in 17 overflows in a row
@@ -116,16 +116,56 @@ ZeRO-0 it goes on skipping at the smallest scale, which this limit stops. bf16 a
 on non-finite gradients. The count starts again at each launch."""
 
 
-def validation_positions(size: int, count: int, world_size: int = 1) -> list[int]:
+def validation_positions(size: int, count: int) -> list[int]:
     """``count`` example positions spread evenly over a validation set of ``size`` (all of it when
     ``count >= size``). Validation sets are stored in document / genome order, so their first
-    examples would score one document (LLaMA's first 8k tokens were all Persuasion) or one strain.
-    The count is cut to a multiple of ``world_size``, so that every rank (taking every world-th
-    position) scores as many examples, in as many forwards: under ZeRO-3 a forward is collective
-    (each gathers the parameters from all ranks), and a rank's extra one met the others' all-reduce."""
+    examples would score one document (LLaMA's first 8k tokens were all Persuasion) or one strain."""
     count = min(size, count)
-    count -= count % world_size
     return [i * size // count for i in range(count)]
+
+
+def validation_batches(size: int, batches: int, micro_batch_size: int) -> list[list[int]]:
+    """The validation's global micro-batches: ``batches`` x ``micro_batch_size`` positions
+    (:func:`validation_positions`) cut in order into micro-batches, the last one possibly short.
+    Batch ``b`` is scored by rank ``b % world_size``: what is scored, and how it is batched, does
+    not depend on the world size."""
+    positions = validation_positions(size, batches * micro_batch_size)
+    return [positions[start:start + micro_batch_size] for start in range(0, len(positions), micro_batch_size)]
+
+
+def validation_seed(stage: int, number: int) -> int:
+    """The seed of a validation's random draws at ``stage`` (0: reading example ``number``, 1:
+    collating global batch ``number``, 2: its loss), so that each example and each batch draws the
+    same whatever rank, world size or data-loading worker scores it."""
+    return VALIDATION_SEED + 4 * number + stage
+
+
+class _SeededExamples(Dataset):
+    """A validation set read by ``(batch, position)`` keys: each example is read under its own seed,
+    and comes back with its global batch's number for :class:`_SeededCollate`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        batch, position = key
+        torch.manual_seed(validation_seed(0, position))
+        return batch, self.dataset[position]
+
+
+class _SeededCollate:
+    """The task's collate under its global batch's seed; returns ``(batch number, batch)``."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[int, Any]]) -> tuple[int, Any]:
+        number = items[0][0]
+        torch.manual_seed(validation_seed(1, number))
+        return number, self.collate([item for _, item in items])
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -740,61 +780,60 @@ class Trainer:
         seed_everything(self.cfg.seed)
         return self.task.build_model()
 
-    def _check_validation_size(self, dataset: Dataset) -> None:
-        if len(dataset) < self.dist.world_size:  # a rank without a batch could not name the extras
-            raise UserInputError(f"the validation set has {len(dataset)} examples, fewer than the {self.dist.world_size} "
-                                 "ranks: give more validation data or launch fewer ranks")
-
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
         """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
-        over at most ``eval_batches`` micro-batches per rank, averaged over the examples of all ranks
-        (each batch's mean weighted by its examples: a short last batch counts as its size, not as a
-        full one); ``examples``: how many
-        validation examples that scored, of ``examples_available``. The examples are
-        spread evenly over the whole validation set (:func:`validation_positions`), not its first ones.
-        Random draws the task makes while validating (crops, masks, distractors) come from a fixed
-        seed per rank in a forked RNG: every validation of every run scores the same draws, and
-        validating leaves the training RNG where it was (so ``eval_every`` changes no trained weight)."""
+        over at most ``eval_batches`` global micro-batches (:func:`validation_batches`: their
+        examples spread evenly over the whole validation set, not its first ones), averaged over
+        the examples (each batch's mean weighted by its examples: a short last batch counts as its
+        size, not as a full one); ``examples``: how many validation examples that scored, of
+        ``examples_available``. Batch ``b`` is scored on rank ``b % world_size``, and the random
+        draws the task makes while reading an example, collating a batch and in its loss (crops,
+        masks, distractors) come from seeds of that example and that batch
+        (:func:`validation_seed`): every validation scores the same examples with the same draws on
+        any world size (a resume on another one continues the curve) and any ``num_workers``.
+        Drawn in a forked RNG, so validating leaves the training RNG where it was (``eval_every``
+        changes no trained weight). Under ZeRO-3 a forward is collective (each gathers the
+        parameters from all ranks), so a rank with fewer batches than others runs its first batch
+        again (or batch 0, when it has none) as many times, uncounted."""
         devices = [self.dist.device.index or 0] if self.dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(VALIDATION_SEED + self.dist.rank)
             return self._validate(engine, dataset)
 
     def _validate(self, engine, dataset: Dataset) -> dict[str, float]:
-        self._check_validation_size(dataset)
         world = self.dist.world_size
-        positions = validation_positions(len(dataset), self.cfg.eval_batches * self.cfg.micro_batch_size * world, world)
-        indices = positions[self.dist.rank::world]
+        batches = validation_batches(len(dataset), self.cfg.eval_batches, self.cfg.micro_batch_size)
+        mine = list(range(self.dist.rank, len(batches), world))
+        forwards = -(-len(batches) // world)
+        fillers = [mine[0] if mine else 0] * (forwards - len(mine))  # scored, not counted: ZeRO-3's collective forwards
         loader = DataLoader(
-            dataset,
-            batch_size=self.cfg.micro_batch_size,
-            sampler=indices,
-            collate_fn=self.task.collate,
+            _SeededExamples(dataset),
+            batch_sampler=[[(b, position) for position in batches[b]] for b in mine + fillers],
+            collate_fn=_SeededCollate(self.task.collate),
             num_workers=self.cfg.num_workers,
             pin_memory=self.dist.device.type == "cuda",
-            # keeps the global RNG untouched; the draws of data-loading workers are fixed per rank too
-            generator=torch.Generator().manual_seed(VALIDATION_SEED + self.dist.rank),
         )
         sums: dict[str, float] = {}
         examples = 0
         engine.eval()
         with torch.no_grad():
-            for start, batch in zip(range(0, len(indices), self.cfg.micro_batch_size), loader, strict=True):
-                size = len(indices[start:start + self.cfg.micro_batch_size])
+            for turn, (number, batch) in enumerate(loader):
+                torch.manual_seed(validation_seed(2, number))
                 loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
+                if turn >= len(mine):
+                    continue
+                size = len(batches[number])
                 for name, value in {"loss": loss.item(), **extras}.items():
                     if name != "units":
                         sums[name] = sums.get(name, 0.0) + float(value) * size
                 examples += size
         engine.train()
-        # Every rank has at least one batch, so every rank reduces the same names in the same order.
-        names = ["loss"] + sorted(n for n in sums if n != "loss")
+        # Every rank reduces the same names in the same order: a rank without a batch of its own
+        # learns them from its filler's loss.
+        names = ["loss"] + sorted(n for n in extras if n != "units")
         count = all_reduce(torch.tensor([float(examples)], dtype=torch.float64))
-        if count.item() == 0:
-            raise ValueError("the validation set has no examples for this many ranks")
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
         return {**{n: (t / count).item() for n, t in zip(names, totals)},
-                "examples": len(positions), "examples_available": len(dataset)}
+                "examples": sum(map(len, batches)), "examples_available": len(dataset)}
 
     def _check_ranks_agree_on(self, done: list[Path]) -> None:
         """Every rank must resume from the same checkpoint: one that loads another step's shards, or
@@ -875,8 +914,8 @@ class Trainer:
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
         # Too little data is an error before the engine is built.
         batches = ResumableBatches(train_set, self.task, cfg, dist)
-        if eval_set is not None and cfg.eval_every:
-            self._check_validation_size(eval_set)
+        if eval_set is not None and cfg.eval_every and len(eval_set) == 0:
+            raise UserInputError("the validation set is empty: give validation data or set train.eval_every=0")
         done = checkpoint.complete_checkpoints(self.ckpt_root) if resume else []
         self._check_ranks_agree_on(done)
         identity = self.task.data_identity() if hasattr(self.task, "data_identity") else None
