@@ -4,11 +4,13 @@ and launches with 2 ranks under the deepspeed launcher and torchrun."""
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +18,13 @@ from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe, warmup_co
 from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
-from dyt.train.trainer import DataPosition, seed_everything, validation_batches, validation_positions
+from dyt.train.trainer import (
+    DataPosition,
+    idle_validation_warning,
+    seed_everything,
+    validation_batches,
+    validation_positions,
+)
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -353,6 +361,15 @@ def test_validation_batches_cut_the_spread_positions_in_order():
             assert len(cut) <= batches and all(len(b) == micro for b in cut[:-1])
 
 
+def test_a_validation_with_fewer_batches_than_ranks_is_said():
+    cfg = TrainConfig(micro_batch_size=4, eval_batches=20)
+    assert idle_validation_warning(1000, cfg, 16) is None and idle_validation_warning(1000, cfg, 20) is None
+    assert idle_validation_warning(1000, cfg, 64) == (
+        "warning: validation scores 20 micro-batch(es) on 64 ranks, so 44 rank(s) score none (train.eval_batches "
+        "counts micro-batches over all ranks; a multiple of the ranks uses every one)")
+    assert "scores 2 micro-batch(es) on 4 ranks" in idle_validation_warning(6, cfg, 4)  # a small set: its batches
+
+
 class _Engine:
     """What validation asks of a DeepSpeed engine, around a plain module."""
 
@@ -390,11 +407,14 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
 
     def loss(model, batch):
         scored.append(round(batch[1].mean().item(), 6))
-        return ToyTask.loss(task, model, batch)
+        value, extras = ToyTask.loss(task, model, batch)  # + Python's and numpy's draws: seeded alike
+        value = value + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return value, {**extras, "target": batch[1].mean().item()}
 
     monkeypatch.setattr(task, "loss", loss)
     reduced: list[torch.Tensor] = []  # per rank: its example count, then its sums
-    monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": reduced.append(value) or value)
+    monkeypatch.setattr("dyt.train.trainer.all_reduce",
+                        lambda value, op="sum": (op == "sum" and reduced.append(value)) or value)
 
     def validate(world: int, size: int) -> tuple[float, int, list[list[float]]]:
         """The world's loss and examples (as the real all-reduce would sum them), and each rank's forwards."""
@@ -408,6 +428,7 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
             scored.clear()
             examples = trainer._evaluate(engine, dataset)["examples"]
             forwards.append(list(scored))
+        assert len({len(t) for t in reduced[1::2]}) == 1  # every rank reduces loss and target, those without a batch too
         count, totals = sum(reduced[0::2]), sum(reduced[1::2])
         assert count.item() == examples
         return (totals[0] / count).item(), examples, forwards
@@ -421,6 +442,36 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
             counted = [f[i] for r, f in enumerate(forwards) for i in range(len(range(r, 5, world)))]
             assert sorted(counted) == sorted(one), (world, size)  # each batch once, with the same draws
             assert loss_world == pytest.approx(loss_one, rel=1e-12), (world, size)
+
+
+def test_an_empty_validation_set_stops_the_run_before_training(tmp_path, capsys):
+    class NoValidation(ToyTask):
+        def eval_dataset(self):
+            return torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1))
+
+    with pytest.raises(SystemExit) as stopped:
+        _run(tmp_path / "run", task=NoValidation)
+    assert stopped.value.code == 2
+    assert "the validation set is empty: give validation data or set train.eval_every=0" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert _run(tmp_path / "off", "train.eval_every=0", task=NoValidation).eval_loss is None
+
+
+def test_validation_stops_when_ranks_report_other_extras(monkeypatch):
+    """The ranks reduce one vector of the loss and the extras' sums: if another rank's extras are
+    named otherwise (a digest of the names, all-reduced, differs), the sums would be added across
+    names; validation stops instead."""
+    from dyt.train.trainer import Trainer
+
+    task = ToyTask(ToyConfig())
+    engine = _Engine(task.build_model())
+    monkeypatch.setattr("dyt.train.trainer.all_reduce",
+                        lambda value, op="sum": value + torch.tensor([1.0, 0.0], dtype=value.dtype) if op == "max" else value)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = TrainConfig(micro_batch_size=4, eval_batches=2)
+    trainer.task, trainer.dist = task, DistInfo(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"the task's loss reported other extras on other ranks while validating"):
+        trainer._evaluate(engine, task.eval_dataset())
 
 
 def test_validation_scores_examples_from_the_whole_set_not_its_first(tmp_path):
@@ -471,19 +522,22 @@ def test_validation_loss_is_the_mean_over_examples_not_over_batches(tmp_path):
 
 
 class NoisyValidation(ToyTask):
-    """A task whose validation loss draws from the global RNG, as wav2vec 2.0's crops and masks do."""
+    """A task whose validation loss draws from the global RNGs (torch's, as wav2vec 2.0's crops and
+    masks do; Python's and numpy's, as a task's own code might), and whose training loss is scaled by
+    draws from Python's and numpy's: a validation that moved those would change the trained weights."""
 
     def loss(self, model, batch):
         loss, extras = super().loss(model, batch)
         if not torch.is_grad_enabled():
-            loss = loss + torch.rand(())
-        return loss, extras
+            return loss + torch.rand(()) + random.random() + float(np.random.rand()), extras
+        return loss * (1 + 0.1 * random.random() + 0.1 * float(np.random.rand())), extras
 
 
 def test_validation_draws_are_fixed_and_leave_training_untouched(tmp_path):
     """Every validation scores the same random draws whatever validated before it, and how often a
     run validates changes no trained weight nor training loss (the draws come from a forked, seeded
-    RNG; the toy's dropout draws from the training RNG)."""
+    RNG; the toy's dropout draws from the training RNG), and Python's and numpy's RNGs are left as
+    they were."""
     runs = {}
     for eval_every in (1, 4):
         out = tmp_path / f"every{eval_every}"

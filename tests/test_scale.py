@@ -376,8 +376,9 @@ def test_resume_on_another_world_size_restores_the_buffers(tmp_path):
     sigmaReparam's power-iteration vector ``u`` restarted from the initial weights' SVD (losses after
     the resume off by ~1.6e-5 relative here). The harness loads them from the checkpoint's model
     states. One rank resumes with micro-batch 16, so that, like the 2 x 8 ranks before, each step
-    runs one forward (``u`` moves once per training forward)."""
-    items = ["train.zero_stage=2", "model.norm.kind=sigma-reparam"]
+    runs one forward (``u`` moves once per training forward). Validation takes the whole set, without
+    draws, either way: its batches are micro-batches, so another micro-batch size batches it otherwise."""
+    items = ["train.zero_stage=2", "model.norm.kind=sigma-reparam", "train.eval_batches=8", "data.eval_noise=0.0"]
     _toy(2, [*items, "train.out_dir=whole"], tmp_path)
     out = _resume_from_step_3(1, [*items, "train.micro_batch_size=16"], tmp_path).stdout
     assert "loaded through DeepSpeed's universal checkpoint" in out

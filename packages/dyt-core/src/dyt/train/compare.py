@@ -514,7 +514,7 @@ def train_runs(spec: RecipeSpec, args: argparse.Namespace, plan: Sequence[Planne
         if history is None:  # a run from before launches were recorded: its latest settings and ranks
             different = (changes.fixed + changes.results) if changes else []
             world = saved_world_size(complete_checkpoints(planned.dir / "checkpoints")[-1])
-            if world != args.nproc:  # another global batch and other validation examples
+            if world != args.nproc:  # another global batch (and, before 2026-12-06, other validation examples)
                 different.append(f"ranks {world} -> {args.nproc}")
         else:
             different = history

@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,17 @@ def validation_batches(size: int, batches: int, micro_batch_size: int) -> list[l
     return [positions[start:start + micro_batch_size] for start in range(0, len(positions), micro_batch_size)]
 
 
+def idle_validation_warning(size: int, cfg: TrainConfig, world_size: int) -> str | None:
+    """A warning when validation has fewer micro-batches than there are ranks (``eval_batches``
+    counts them over all ranks): the others score nothing of their own."""
+    scored = len(validation_batches(size, cfg.eval_batches, cfg.micro_batch_size))
+    if scored >= world_size:
+        return None
+    return (f"warning: validation scores {scored} micro-batch(es) on {world_size} ranks, so {world_size - scored} "
+            "rank(s) score none (train.eval_batches counts micro-batches over all ranks; a multiple of the ranks "
+            "uses every one)")
+
+
 def validation_seed(stage: int, number: int) -> int:
     """The seed of a validation's random draws at ``stage`` (0: reading example ``number``, 1:
     collating global batch ``number``, 2: its loss), so that each example and each batch draws the
@@ -152,7 +164,7 @@ class _SeededExamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
         batch, position = key
-        torch.manual_seed(validation_seed(0, position))
+        seed_everything(validation_seed(0, position))
         return batch, self.dataset[position]
 
 
@@ -164,7 +176,7 @@ class _SeededCollate:
 
     def __call__(self, items: list[tuple[int, Any]]) -> tuple[int, Any]:
         number = items[0][0]
-        torch.manual_seed(validation_seed(1, number))
+        seed_everything(validation_seed(1, number))
         return number, self.collate([item for _, item in items])
 
 
@@ -791,13 +803,18 @@ class Trainer:
         masks, distractors) come from seeds of that example and that batch
         (:func:`validation_seed`): every validation scores the same examples with the same draws on
         any world size (a resume on another one continues the curve) and any ``num_workers``.
-        Drawn in a forked RNG, so validating leaves the training RNG where it was (``eval_every``
-        changes no trained weight). Under ZeRO-3 a forward is collective (each gathers the
+        Seeded alike in torch, ``random`` and numpy, whose states are restored afterwards, so
+        validating leaves the training RNGs where they were (``eval_every`` changes no trained weight). Under ZeRO-3 a forward is collective (each gathers the
         parameters from all ranks), so a rank with fewer batches than others runs its first batch
         again (or batch 0, when it has none) as many times, uncounted."""
         devices = [self.dist.device.index or 0] if self.dist.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return self._validate(engine, dataset)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return self._validate(engine, dataset)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
     def _validate(self, engine, dataset: Dataset) -> dict[str, float]:
         world = self.dist.world_size
@@ -811,14 +828,17 @@ class Trainer:
             collate_fn=_SeededCollate(self.task.collate),
             num_workers=self.cfg.num_workers,
             pin_memory=self.dist.device.type == "cuda",
+            generator=torch.Generator().manual_seed(VALIDATION_SEED),  # the workers' base seed
         )
         sums: dict[str, float] = {}
+        names: set[str] = set()
         examples = 0
         engine.eval()
         with torch.no_grad():
             for turn, (number, batch) in enumerate(loader):
-                torch.manual_seed(validation_seed(2, number))
+                seed_everything(validation_seed(2, number))
                 loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
+                names.update(name for name in extras if name != "units")
                 if turn >= len(mine):
                     continue
                 size = len(batches[number])
@@ -827,9 +847,14 @@ class Trainer:
                         sums[name] = sums.get(name, 0.0) + float(value) * size
                 examples += size
         engine.train()
-        # Every rank reduces the same names in the same order: a rank without a batch of its own
-        # learns them from its filler's loss.
-        names = ["loss"] + sorted(n for n in extras if n != "units")
+        # Every rank must reduce the same names in the same order (a rank without a batch of its own
+        # learns them from its filler's loss): a task whose extras differ between batches stops here.
+        names = ["loss", *sorted(names)]
+        digest = zlib.crc32("\n".join(names).encode())
+        most, fewest = all_reduce(torch.tensor([digest, -digest], dtype=torch.float64), "max").tolist()
+        if most != -fewest:
+            raise ValueError(f"the task's loss reported other extras on other ranks while validating (this rank: "
+                             f"{names[1:]}): every batch must report the same names")
         count = all_reduce(torch.tensor([float(examples)], dtype=torch.float64))
         totals = all_reduce(torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64))
         return {**{n: (t / count).item() for n, t in zip(names, totals)},
@@ -914,8 +939,11 @@ class Trainer:
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
         # Too little data is an error before the engine is built.
         batches = ResumableBatches(train_set, self.task, cfg, dist)
-        if eval_set is not None and cfg.eval_every and len(eval_set) == 0:
-            raise UserInputError("the validation set is empty: give validation data or set train.eval_every=0")
+        if eval_set is not None and cfg.eval_every:
+            if len(eval_set) == 0:
+                raise UserInputError("the validation set is empty: give validation data or set train.eval_every=0")
+            if dist.is_main and (said := idle_validation_warning(len(eval_set), cfg, dist.world_size)):
+                print(said, flush=True)
         done = checkpoint.complete_checkpoints(self.ckpt_root) if resume else []
         self._check_ranks_agree_on(done)
         identity = self.task.data_identity() if hasattr(self.task, "data_identity") else None
