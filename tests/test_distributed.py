@@ -330,7 +330,10 @@ def test_a_lock_file_left_in_the_cpu_communication_ops_build_folder_does_not_han
             pass
         pytest.fail("the run waited on the leftover lock file")
     assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stderr
-    assert not (folder / "lock").exists()
+    try:  # the leftover is gone; another test worker's run loading the op meanwhile holds a lock of its own, new
+        assert (folder / "lock").stat().st_mtime > time.time() - 1800, "the leftover lock file is still there"
+    except FileNotFoundError:
+        pass
 
 
 def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
