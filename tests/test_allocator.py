@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
-# Faults of each of three fills of a fresh 64 MiB tensor, the one before freed each time, after twelve
+# Faults of each of three fills of a fresh 64 MiB tensor, the one before freed each time, after SETTLING
 # fills that let the heap settle (a small allocation between a free and the next fill can take a bite
 # of the freed block, so that the heap grows on some early fills before it holds one whole:
 # docs/performance.md; with another process busy on the CPUs, as in the suite, up to the sixth fill
@@ -25,16 +25,17 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # left as it was.
 PROBE = """
 import json, resource, torch
+SETTLING = 12
 from dyt.allocator import keep_freed_blocks
 from dyt.bench import allocator_env
 
 def settled_fill_faults():
     counts = []
-    for _ in range(15):
+    for _ in range(SETTLING + 3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return counts[12:]
+    return counts[SETTLING:]
 
 default = settled_fill_faults()
 said = keep_freed_blocks()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe, warmup_cosine
+from dyt.train import DistInfo, TrainConfig, Trainer, read_metrics, run_recipe, warmup_cosine
 from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
 from dyt.train.distributed import free_port
@@ -370,23 +370,19 @@ def test_a_validation_with_fewer_batches_than_ranks_is_said():
     assert "scores 2 micro-batch(es) on 4 ranks" in idle_validation_warning(6, cfg, 4)  # a small set: its batches
 
 
-class _Engine:
-    """What validation asks of a DeepSpeed engine, around a plain module."""
+def _validating_rank(task, cfg: TrainConfig, rank: int, world: int):
+    """A trainer of ``task`` that can validate as ``rank`` of ``world`` (nothing else built), and a plain
+    module that stands in for the DeepSpeed engine (what validation asks of one)."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.task, trainer.dist = cfg, task, DistInfo(rank, world, rank, torch.device("cpu"))
+    return trainer
 
-    def __init__(self, module):
-        self.module = module
 
-    def __call__(self, *args):
-        return self.module(*args)
-
-    def get_data_types(self):
-        return torch.float32, torch.float32
-
-    def eval(self):
-        self.module.eval()
-
-    def train(self):
-        self.module.train()
+def _engine_of(task):
+    torch.manual_seed(0)
+    engine = task.build_model()
+    engine.get_data_types = lambda: (torch.float32, torch.float32)
+    return engine
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -396,13 +392,10 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
     once, with the same draws (reading, collating and the loss all draw: ToyDataConfig.eval_noise),
     and every rank must run as many forwards, or a ZeRO-3 collective forward hangs. 5 batches of 4
     (20 of 52 examples; the last of 5 batches short when the set is 18)."""
-    from dyt.train.trainer import Trainer
-
     config = ToyConfig()
     config.data.examples, config.data.eval_noise, config.model.dropout = 52, 0.5, 0.0
     task = ToyTask(config)
-    torch.manual_seed(0)
-    engine = _Engine(task.build_model())
+    engine = _engine_of(task)
     scored: list[float] = []  # each forward's batch: the mean of its drawn targets
 
     def loss(model, batch):
@@ -422,9 +415,8 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
         dataset = task.eval_dataset()
         forwards, reduced[:] = [], []
         for rank in range(world):
-            trainer = Trainer.__new__(Trainer)
-            trainer.cfg = TrainConfig(micro_batch_size=4, eval_batches=5, num_workers=num_workers)
-            trainer.task, trainer.dist = task, DistInfo(rank, world, rank, torch.device("cpu"))
+            trainer = _validating_rank(task, TrainConfig(micro_batch_size=4, eval_batches=5, num_workers=num_workers),
+                                       rank, world)
             scored.clear()
             examples = trainer._evaluate(engine, dataset)["examples"]
             forwards.append(list(scored))
@@ -439,7 +431,7 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
         for world in (2, 3, 7):
             loss_world, _, forwards = validate(world, size)
             assert len({len(f) for f in forwards}) == 1, (world, [len(f) for f in forwards])  # as many forwards
-            counted = [f[i] for r, f in enumerate(forwards) for i in range(len(range(r, 5, world)))]
+            counted = [x for r, f in enumerate(forwards) for x in f[:len(range(r, 5, world))]]
             assert sorted(counted) == sorted(one), (world, size)  # each batch once, with the same draws
             assert loss_world == pytest.approx(loss_one, rel=1e-12), (world, size)
 
@@ -461,15 +453,11 @@ def test_validation_stops_when_ranks_report_other_extras(monkeypatch):
     """The ranks reduce one vector of the loss and the extras' sums: if another rank's extras are
     named otherwise (a digest of the names, all-reduced, differs), the sums would be added across
     names; validation stops instead."""
-    from dyt.train.trainer import Trainer
-
     task = ToyTask(ToyConfig())
-    engine = _Engine(task.build_model())
+    engine = _engine_of(task)
     monkeypatch.setattr("dyt.train.trainer.all_reduce",
                         lambda value, op="sum": value + torch.tensor([1.0, 0.0], dtype=value.dtype) if op == "max" else value)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = TrainConfig(micro_batch_size=4, eval_batches=2)
-    trainer.task, trainer.dist = task, DistInfo(0, 2, 0, torch.device("cpu"))
+    trainer = _validating_rank(task, TrainConfig(micro_batch_size=4, eval_batches=2), 0, 2)
     with pytest.raises(ValueError, match=r"the task's loss reported other extras on other ranks while validating"):
         trainer._evaluate(engine, task.eval_dataset())
 
@@ -535,9 +523,8 @@ class NoisyValidation(ToyTask):
 
 def test_validation_draws_are_fixed_and_leave_training_untouched(tmp_path):
     """Every validation scores the same random draws whatever validated before it, and how often a
-    run validates changes no trained weight nor training loss (the draws come from a forked, seeded
-    RNG; the toy's dropout draws from the training RNG), and Python's and numpy's RNGs are left as
-    they were."""
+    run validates changes no trained weight nor training loss (the draws come from seeds per example
+    and per batch, and the training RNGs, which the toy's dropout and this task draw from, are put back)."""
     runs = {}
     for eval_every in (1, 4):
         out = tmp_path / f"every{eval_every}"

@@ -85,10 +85,10 @@ class ToyTask:
 
     def eval_dataset(self):
         data = self._data(1)
-        return _NoisyValidation(data, self.config.data.eval_noise) if self.config.data.eval_noise else data
+        return _NoisyReads(data, self.config.data.eval_noise) if self.config.data.eval_noise else data
 
     def collate(self, items):
-        if len(items[0]) == 3:  # _NoisyValidation's (x, y, noise): the batch draws once more
+        if len(items[0]) == 3:  # _NoisyReads's (x, y, noise): the batch draws once more
             x, y, noise = torch.utils.data.default_collate(items)
             return x, y + noise[:, None] * torch.rand(len(y), 1)
         return torch.utils.data.default_collate(items)
@@ -96,9 +96,10 @@ class ToyTask:
     def loss(self, model, batch):
         x, y = batch
         loss = nn.functional.mse_loss(model(x), y)
-        if not torch.is_grad_enabled() and self.config.data.eval_noise:
-            loss = loss + self.config.data.eval_noise * torch.rand(())
-        if torch.is_grad_enabled():  # a training micro-batch (validation runs under no_grad)
+        if not torch.is_grad_enabled():  # validation (it runs under no_grad)
+            if self.config.data.eval_noise:
+                loss = loss + self.config.data.eval_noise * torch.rand(())
+        else:  # a training micro-batch
             self.calls += 1
             step = (self.calls - 1) // self.config.train.grad_accum + 1
             if step == self.config.data.nan_at_step:
@@ -109,7 +110,7 @@ class ToyTask:
         return loss, {"units": float(len(x))}
 
 
-class _NoisyValidation(torch.utils.data.Dataset):
+class _NoisyReads(torch.utils.data.Dataset):
     """The validation examples, each target with a draw made when it is read (ToyDataConfig.eval_noise)."""
 
     def __init__(self, data: TensorDataset, noise: float):

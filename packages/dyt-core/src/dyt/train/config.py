@@ -213,7 +213,7 @@ class TrainConfig:
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
     examples validation scores (``eval_batches``), the random crops of training's data-loading workers
     (``num_workers``), the logged rows a report's final training loss and throughput are taken from
-    (``log_every``); the rest are cadences, memory and display (validating draws from its own RNG).
+    (``log_every``); the rest are cadences, memory and display (validating draws from seeds of its own).
     A comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""
 
     def derived_deepspeed_config(self) -> dict[str, Any]:

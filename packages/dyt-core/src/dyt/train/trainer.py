@@ -145,39 +145,40 @@ def idle_validation_warning(size: int, cfg: TrainConfig, world_size: int) -> str
             "uses every one)")
 
 
+READ, COLLATE, LOSS = range(3)
+"""The stages of a validation that draw random numbers, each seeded on its own (:func:`validation_seed`)."""
+
+
 def validation_seed(stage: int, number: int) -> int:
-    """The seed of a validation's random draws at ``stage`` (0: reading example ``number``, 1:
-    collating global batch ``number``, 2: its loss), so that each example and each batch draws the
-    same whatever rank, world size or data-loading worker scores it."""
+    """The seed of a validation's random draws at ``stage`` for example ``number`` (``READ``) or
+    global batch ``number`` (``COLLATE``, ``LOSS``): each example and each batch draws the same
+    whatever rank, world size or data-loading worker scores it. Distinct for every (stage, number);
+    the stride of 4 leaves a stage to spare."""
     return VALIDATION_SEED + 4 * number + stage
 
 
-class _SeededExamples(Dataset):
-    """A validation set read by ``(batch, position)`` keys: each example is read under its own seed,
-    and comes back with its global batch's number for :class:`_SeededCollate`."""
+class _SeededBatches(Dataset):
+    """The validation's global batches by number: each example read under its own seed, the batch
+    collated under its own, so that a data-loading worker draws as the main process would."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, collate: Callable[[list], Any], batches: list[list[int]]):
+        self.dataset, self.collate, self.batches = dataset, collate, batches
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.batches)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
-        batch, position = key
-        seed_everything(validation_seed(0, position))
-        return batch, self.dataset[position]
+    def __getitem__(self, number: int) -> tuple[int, Any]:
+        items = []
+        for position in self.batches[number]:
+            seed_everything(validation_seed(READ, position))
+            items.append(self.dataset[position])
+        seed_everything(validation_seed(COLLATE, number))
+        return number, self.collate(items)
 
 
-class _SeededCollate:
-    """The task's collate under its global batch's seed; returns ``(batch number, batch)``."""
-
-    def __init__(self, collate: Callable[[list], Any]):
-        self.collate = collate
-
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[int, Any]:
-        number = items[0][0]
-        seed_everything(validation_seed(1, number))
-        return number, self.collate([item for _, item in items])
+def _as_is(batch: Any) -> Any:
+    """A DataLoader's collate for items that are whole batches already (a module function: workers pickle it)."""
+    return batch
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -793,52 +794,43 @@ class Trainer:
         return self.task.build_model()
 
     def _evaluate(self, engine, dataset: Dataset) -> dict[str, float]:
-        """Validation loss and the mean of every extra the task's loss reports (bar ``units``),
-        over at most ``eval_batches`` global micro-batches (:func:`validation_batches`: their
-        examples spread evenly over the whole validation set, not its first ones), averaged over
-        the examples (each batch's mean weighted by its examples: a short last batch counts as its
-        size, not as a full one); ``examples``: how many validation examples that scored, of
-        ``examples_available``. Batch ``b`` is scored on rank ``b % world_size``, and the random
-        draws the task makes while reading an example, collating a batch and in its loss (crops,
-        masks, distractors) come from seeds of that example and that batch
-        (:func:`validation_seed`): every validation scores the same examples with the same draws on
-        any world size (a resume on another one continues the curve) and any ``num_workers``.
-        Seeded alike in torch, ``random`` and numpy, whose states are restored afterwards, so
-        validating leaves the training RNGs where they were (``eval_every`` changes no trained weight). Under ZeRO-3 a forward is collective (each gathers the
-        parameters from all ranks), so a rank with fewer batches than others runs its first batch
-        again (or batch 0, when it has none) as many times, uncounted."""
-        devices = [self.dist.device.index or 0] if self.dist.device.type == "cuda" else []
-        python_state, numpy_state = random.getstate(), np.random.get_state()
+        """Validation loss and the mean of every extra the task's loss reports (bar ``units``) over
+        :func:`validation_batches`, weighted by examples (a short last batch counts as its size);
+        ``examples``: how many scored, of ``examples_available``. Global batch ``b`` is scored on
+        rank ``b % world_size`` and its draws (crops, masks) come from seeds of its examples and of
+        ``b`` (:func:`validation_seed`), so a validation scores the same on any world size and any
+        ``num_workers``, and a resume on another world size continues the curve. The training RNGs
+        are put back afterwards: ``eval_every`` changes no trained weight."""
+        state = checkpoint.rng_state()
         try:
-            with torch.random.fork_rng(devices=devices):
-                return self._validate(engine, dataset)
+            return self._validate(engine, dataset)
         finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            checkpoint.set_rng_state(state)
 
     def _validate(self, engine, dataset: Dataset) -> dict[str, float]:
         world = self.dist.world_size
         batches = validation_batches(len(dataset), self.cfg.eval_batches, self.cfg.micro_batch_size)
         mine = list(range(self.dist.rank, len(batches), world))
-        forwards = -(-len(batches) // world)
-        fillers = [mine[0] if mine else 0] * (forwards - len(mine))  # scored, not counted: ZeRO-3's collective forwards
+        # Under ZeRO-3 a forward is collective (it gathers the parameters from all ranks): a rank with
+        # fewer batches runs one again (batch 0 when it has none) as many times, uncounted.
+        fillers = [mine[0] if mine else 0] * (math.ceil(len(batches) / world) - len(mine))
         loader = DataLoader(
-            _SeededExamples(dataset),
-            batch_sampler=[[(b, position) for position in batches[b]] for b in mine + fillers],
-            collate_fn=_SeededCollate(self.task.collate),
+            _SeededBatches(dataset, self.task.collate, batches),
+            batch_size=None,
+            sampler=mine + fillers,
+            collate_fn=_as_is,
             num_workers=self.cfg.num_workers,
             pin_memory=self.dist.device.type == "cuda",
-            generator=torch.Generator().manual_seed(VALIDATION_SEED),  # the workers' base seed
         )
         sums: dict[str, float] = {}
-        names: set[str] = set()
+        extra_names: set[str] = set()
         examples = 0
         engine.eval()
         with torch.no_grad():
             for turn, (number, batch) in enumerate(loader):
-                seed_everything(validation_seed(2, number))
+                seed_everything(validation_seed(LOSS, number))
                 loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
-                names.update(name for name in extras if name != "units")
+                extra_names.update(name for name in extras if name != "units")
                 if turn >= len(mine):
                     continue
                 size = len(batches[number])
@@ -847,9 +839,9 @@ class Trainer:
                         sums[name] = sums.get(name, 0.0) + float(value) * size
                 examples += size
         engine.train()
-        # Every rank must reduce the same names in the same order (a rank without a batch of its own
-        # learns them from its filler's loss): a task whose extras differ between batches stops here.
-        names = ["loss", *sorted(names)]
+        # Every rank must reduce the same names in the same order (one without a batch of its own
+        # learns them from its filler's loss); ranks whose losses named other extras stop here.
+        names = ["loss", *sorted(extra_names)]
         digest = zlib.crc32("\n".join(names).encode())
         most, fewest = all_reduce(torch.tensor([digest, -digest], dtype=torch.float64), "max").tolist()
         if most != -fewest:
