@@ -371,14 +371,14 @@ def test_a_validation_with_fewer_batches_than_ranks_is_said():
 
 
 def _validating_rank(task, cfg: TrainConfig, rank: int, world: int):
-    """A trainer of ``task`` that can validate as ``rank`` of ``world`` (nothing else built), and a plain
-    module that stands in for the DeepSpeed engine (what validation asks of one)."""
+    """A trainer of ``task`` that can validate as ``rank`` of ``world`` (nothing else built)."""
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.task, trainer.dist = cfg, task, DistInfo(rank, world, rank, torch.device("cpu"))
     return trainer
 
 
 def _engine_of(task):
+    """The task's model as a stand-in for the DeepSpeed engine: what validation asks of one."""
     torch.manual_seed(0)
     engine = task.build_model()
     engine.get_data_types = lambda: (torch.float32, torch.float32)
