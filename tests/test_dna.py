@@ -991,3 +991,37 @@ def test_random_init_eval_starts_from_fresh_weights_not_the_checkpoint(tmp_path,
     monkeypatch.setattr(checkpoint, "trained_weights", lambda _: pytest.fail("random init read the checkpoint"))
     dna_eval.evaluate(run, task, cfg, [0], pretrained=False)
     assert not all(torch.equal(starts[1][k], saved[k]) for k in saved)
+
+
+def test_the_classifier_is_built_and_fine_tuned_on_the_device_asked_for(tmp_path, monkeypatch):
+    """``--device`` reaches the fine-tuning, and the classifier it trains is built there, its head's
+    input statistics fitted there from the training split (every parameter and buffer on the
+    device). The meta device stands in for a GPU: shapes flow through it, no value is read
+    (Caduceus reads its sequences' real lengths, so HyenaDNA is the model here)."""
+    import dyt_dna.eval as dna_eval
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=4)
+    run = _fake_run(tmp_path / "run")
+    seen = []
+
+    class Asked(Exception):
+        pass
+
+    def asked(*args, device, **kwargs):
+        seen.append(device)
+        raise Asked
+
+    monkeypatch.setattr(dna_eval, "evaluate", asked)
+    with pytest.raises(Asked):
+        dna_eval.main(["--run", str(run), "--task", str(tmp_path / "bench"), "--random-init", "--device", "cpu"])
+    assert seen == [torch.device("cpu")]
+    monkeypatch.undo()
+
+    meta, built = torch.device("meta"), []
+    monkeypatch.setattr(dna_eval, "finetune", lambda make_model, *args, device, **kwargs: built.append(
+        (make_model(), device)))
+    task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
+    dna_eval.evaluate(run, task, dna_eval.FinetuneConfig(epochs=1, batch_size=4), [0, 1], pretrained=False, device=meta)
+    assert [device for _, device in built] == [meta, meta]
+    for model, _ in built:
+        assert {t.device for t in [*model.parameters(), *model.buffers()]} == {meta}

@@ -24,7 +24,18 @@ from torch.utils.data import TensorDataset
 from dyt import NormConfig, make_norm
 from dyt.analysis import dyt_layers
 from dyt.train import Trainer, load_config, read_metrics
-from dyt.train.finetune import Classification, FinetuneConfig, LengthBatches, Standardize, finetune, tri_stage
+from dyt.train.finetune import (
+    Classification,
+    FinetuneConfig,
+    LengthBatches,
+    OnDevice,
+    Standardize,
+    eval_device,
+    finetune,
+    module_device,
+    to_device,
+    tri_stage,
+)
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -342,6 +353,84 @@ def test_finetune_decays_matrices_only_as_pretraining_does(monkeypatch):
     model = built[0]
     assert decay == {id(p): (0.05 if p.ndim == 2 else 0.0) for p in model.parameters()}
     assert decay[id(model[1].alpha)] == 0.0 and decay[id(model[0].weight)] == 0.05
+
+
+def test_eval_device_takes_auto_cpu_and_the_gpus_torch_sees(monkeypatch):
+    """``--device``: auto is a GPU where torch sees one, else the CPU; a device this machine lacks,
+    or one the evals do not run on, is a one-line argparse error naming what there is."""
+    import argparse
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device("auto") == eval_device("cpu") == torch.device("cpu")
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda': torch sees no CUDA GPU on this machine; use cpu"):
+        eval_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert eval_device("auto") == eval_device("cuda") == torch.device("cuda", 0)
+    assert eval_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda:2': this machine has 2 CUDA GPU.s., cuda:0 to cuda:1"):
+        eval_device("cuda:2")
+    with pytest.raises(argparse.ArgumentTypeError, match="'meta': the evals run on cpu or cuda"):
+        eval_device("meta")
+    with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a device"):
+        eval_device("gpu")
+
+
+def test_batches_reach_the_device_as_the_loop_takes_them():
+    """Every tensor of a batch, at any depth, moves (the meta device stands in for a GPU here);
+    transcripts and other values stay as they are, and so do the containers' types."""
+    import collections
+
+    Pair = collections.namedtuple("Pair", "waves lengths")
+    batch = ((torch.ones(2, 3), Pair(torch.zeros(2), torch.tensor([3, 1]))), ["one", torch.ones(1)], {"x": torch.ones(1)})
+    moved = to_device(batch, torch.device("meta"))
+    (waves, pair), (text, ones), named = moved
+    assert isinstance(pair, Pair) and isinstance(moved[1], list) and text == "one"
+    assert all(t.is_meta for t in (waves, pair.waves, pair.lengths, ones, named["x"]))
+    assert all(not t.is_meta for t in (batch[0][0], batch[0][1].lengths))  # the loader's batch is left as it was
+    loader = torch.utils.data.DataLoader(_blobs(0, per_class=5), batch_size=4)
+    on_meta = OnDevice(loader, "meta")
+    assert len(on_meta) == len(loader) == 4 and all(x.is_meta and y.is_meta for x, y in on_meta)
+    assert module_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    assert module_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+def test_finetune_trains_and_scores_on_its_device(monkeypatch):
+    """The model is moved to ``device`` before its optimizer is built, and every batch the
+    objective trains or scores on is there with it (on a CPU-only machine the device is the CPU:
+    the same numbers as without one)."""
+    seen = []
+
+    class Recording(Classification):
+        def loss(self, model, batch):
+            seen.append(("loss", batch[0].device, module_device(model)))
+            return super().loss(model, batch)
+
+        def evaluate(self, model, loader):
+            batches = list(loader)
+            seen.extend(("evaluate", inputs.device, module_device(model)) for inputs, _ in batches)
+            return super().evaluate(model, batches)
+
+    moved = []
+    real_to_device = to_device
+
+    def spy(batch, device):
+        if isinstance(batch, list):  # a whole batch (default_collate's), not a tensor of one
+            moved.append(device)
+        return real_to_device(batch, device)
+
+    import dyt.train.finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "to_device", spy)
+    cfg = FinetuneConfig(epochs=10, batch_size=16, lr=0.01, max_steps=8, eval_every=4, patience=10)
+    results = [finetune(lambda: torch.nn.Linear(8, 3), _blobs(0), _blobs(1, 20), {"test": _blobs(2, 20)},
+                        torch.utils.data.default_collate, Recording(3), cfg, seed=0, **device)
+               for device in ({}, {"device": torch.device("cpu")})]
+    assert results[0] == results[1]
+    assert {kind for kind, _, _ in seen} == {"loss", "evaluate"}
+    assert all(batch == model == torch.device("cpu") for _, batch, model in seen)
+    # in each run: every training batch (8), every validation batch (2 validations of 4) and the 4 test batches
+    assert moved == [torch.device("cpu")] * 2 * (8 + 2 * 4 + 4)
 
 
 def test_finetune_config_names_the_schedules_when_given_an_unknown_one():

@@ -683,6 +683,40 @@ def test_the_random_init_ctc_draws_its_feature_extractor_per_seed(speech, tmp_pa
     assert sorted(seen) == [0, 1] and seen[0].shape == seen[1].shape and not torch.allclose(seen[0], seen[1])
 
 
+def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkeypatch):
+    """``--device`` reaches each eval and what it runs there: the contrastive eval's model and
+    batches, the backbones whose features are frozen, the fine-tuning loop. The meta device
+    stands in for a GPU: the spies stop each eval before a value would be read."""
+    from dyt.train.finetune import module_device
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    rows, run = _ctc_data_and_run(speech, tmp_path)
+    write_manifest(tmp_path / "real-keywords.tsv", *speech)
+    meta, seen = torch.device("meta"), []
+    real_run_evals = w2v_eval.run_evals
+    monkeypatch.setattr(w2v_eval, "run_evals", lambda *args, device, **kwargs: seen.append(("main", device)) or {})
+    w2v_eval.main(["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "ctc", "--seeds", "0",
+                   "--device", "cpu"])
+    assert seen == [("main", torch.device("cpu"))]
+
+    seen.clear()
+    monkeypatch.setattr(w2v_eval, "pretraining_loss", lambda model, batch, loss: seen.append(
+        ("contrastive", module_device(model), *(t.device for t in batch))) or (None, {}))
+    monkeypatch.setattr(w2v_eval, "conv_features", lambda model, utterances: seen.append(
+        ("conv features", module_device(model))) or [torch.zeros(5, 8) for _ in utterances])
+    monkeypatch.setattr(w2v_eval, "_frozen_features", lambda model, dataset: seen.append(
+        ("pooled features", module_device(model))) or torch.utils.data.TensorDataset(torch.randn(4, 8), torch.arange(4)))
+    monkeypatch.setattr(w2v_eval, "_keyword_rows", lambda data, name: w2v_eval.LabeledAudio(rows, [0, 1, 2]))
+    monkeypatch.setattr(w2v_eval, "finetune", lambda *args, desc, device, **kwargs: seen.append(
+        (desc, device)) or w2v_eval.FinetuneResult(0, 0, {}, {}, {}, []))
+    real_run_evals(run, tmp_path, w2v_eval.EVALS, [0], steps=1, pretrained=False, device=meta)
+    where = {}
+    for step, *devices in seen:
+        where.setdefault(step.split(" (")[0].split(" seed")[0], set()).update(devices)
+    assert where == {"contrastive": {meta}, "pooled features": {meta}, "keywords probe": {meta},
+                     "keywords finetune": {meta}, "conv features": {meta}, "CTC": {meta}}, seen
+
+
 def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():
     ids = [text_to_ids(c).item() if c != "_" else 0 for c in "hh_ee_ll_llo  _wo"]
     log_probs = torch.nn.functional.one_hot(torch.tensor([ids]), 29).float().log()

@@ -138,15 +138,16 @@ def main(argv: list[str] | None = None) -> Path:
         """Task name -> one result per seed."""
         results = {}
         for task in tasks:
-            print(f"== fine-tune {run.point.model} {run.label} ({INITS[pretrained]}) on {task.name}, seeds {args.seeds}",
-                  flush=True)
+            print(f"== fine-tune {run.point.model} {run.label} ({INITS[pretrained]}) on {task.name}, seeds {args.seeds}, "
+                  f"on {args.device}", flush=True)
             cfg = task_cfgs[task.name]
             settings = {"finetune": {**asdict(cfg), "seeds": args.seeds}, "window": args.eval_window,
                         "per_class": args.per_class, "task_files": task_files[task.name],
                         **checkpoint_setting(run, pretrained)}
             results[task.name] = stored_eval(run, f"eval-{task.name}", pretrained, settings,
                                              lambda task=task, cfg=cfg: results_json(
-                                                 task, evaluate(run.dir, task, cfg, args.seeds, pretrained=pretrained)))
+                                                 task, evaluate(run.dir, task, cfg, args.seeds, pretrained=pretrained,
+                                                                device=args.device)))
         return results
 
     evals = downstream_evals(runs, fine_tune)

@@ -7,6 +7,7 @@ accuracy, MCC and F1 on the test split.
 
 ``--task``: a built-in task (species, coding, start), a GenomicBenchmarks task folder
 (``{train,test}/<class>/*.txt``) or a folder with train.csv / dev.csv / test.csv (sequence,label).
+Fine-tuning runs on a CUDA GPU where torch sees one (``--device``), else on the CPU.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from dyt.train.finetune import (
     FinetuneConfig,
     FinetuneResult,
     Standardize,
+    add_device_argument,
     evaluating,
     finetune,
+    module_device,
     planned_steps,
 )
 
@@ -59,6 +62,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=POSITIVE.arg(float), default=1e-3)
     parser.add_argument("--patience", type=AT_LEAST_ONE.arg(int), default=3,
                         help="stop after this many validations without a better MCC")
+    add_device_argument(parser)
 
 
 def eval_window_error(window: int, tasks: list[str], max_len: int) -> str | None:
@@ -111,9 +115,11 @@ class SequenceClassifier(nn.Module):
 
     def fit_standardize(self, dataset, collate: Callable, batch_size: int = 64) -> SequenceClassifier:
         """Set the head's input statistics from every example of ``dataset``, as the backbone is now."""
+        device = module_device(self)
         with evaluating(self):
             self.standardize = Standardize.fit(
-                self.pooled(inputs) for inputs, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+                self.pooled(inputs.to(device))
+                for inputs, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
         return self
 
 
@@ -125,7 +131,7 @@ def backbone_builder(run_dir: Path, pretrained: bool = True) -> tuple[DnaConfig,
 
 
 def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, seeds: list[int],
-             pretrained: bool = True) -> list[FinetuneResult]:
+             pretrained: bool = True, device: torch.device | str = "cpu") -> list[FinetuneResult]:
     """Fine-tune the run's pretrained model on ``task`` once per seed of ``seeds``; with ``pretrained``
     False the same model untrained (each seed's own initialisation): the baseline that shows what
     pretraining bought."""
@@ -135,12 +141,12 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, seeds
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
 
     def make_model() -> SequenceClassifier:
-        return SequenceClassifier(build_backbone(), len(task.classes)).fit_standardize(task.train, collate)
+        return SequenceClassifier(build_backbone(), len(task.classes)).to(device).fit_standardize(task.train, collate)
 
     return [
         finetune(make_model, task.train, task.validation, {"test": task.test}, collate, Classification(len(task.classes)), cfg, seed,
                  desc=f"{config.model.arch}/{config.model.norm.kind}{'' if pretrained else ' (random init)'} "
-                      f"{task.name} seed {seed}")
+                      f"{task.name} seed {seed}", device=device)
         for seed in seeds
     ]
 
@@ -177,7 +183,8 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     if task.note:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
-    results = evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init)
+    print(f"fine-tuning on {args.device}", flush=True)
+    results = evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init, device=args.device)
     if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
         args.out.write_text(json.dumps(results_json(task, results), indent=1))
     for metric, values in summarize(results).items():

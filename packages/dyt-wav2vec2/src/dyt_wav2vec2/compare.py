@@ -50,6 +50,7 @@ from dyt.train.compare import (
     validation_share,
 )
 from dyt.train.config import SEED
+from dyt.train.finetune import add_device_argument
 from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> Path:
     keyword_options, ctc_options = add_keyword_arguments(parser), add_ctc_arguments(parser)
     eval_options = [  # what --evals none refuses: it runs no eval for them to set
         parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2],
-                            help="downstream seeds (default 0 1 2)"), *keyword_options, *ctc_options]
+                            help="downstream seeds (default 0 1 2)"), add_device_argument(parser),
+        *keyword_options, *ctc_options]
     add_pretrain_seeds_argument(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
@@ -131,12 +133,13 @@ def main(argv: list[str] | None = None) -> Path:
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
 
     def evaluate(run: Run, pretrained: bool) -> dict:
-        print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}",
-              flush=True)
+        print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}; "
+              f"on {args.device}", flush=True)
         settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
                     **checkpoint_setting(run, pretrained), **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
         return stored_eval(run, "evals", pretrained, settings,
-                           lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc, pretrained=pretrained))
+                           lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
+                                             pretrained=pretrained, device=args.device))
 
     report = write_report(args, runs, downstream_evals(runs, evaluate) if args.evals else {})
     print(f"\nreport: {report}")

@@ -13,6 +13,8 @@ several seeds:
 Every head reads its features standardised by the training split's statistics (``Standardize``).
 
     python -m dyt_wav2vec2.eval --run runs/wav2vec2/tiny --evals probe finetune ctc --seeds 0 1 2
+
+They run on a CUDA GPU where torch sees one (``--device``), else on the CPU.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ from dyt.train.finetune import (
     FinetuneResult,
     LengthBatches,
     Standardize,
+    add_device_argument,
     evaluating,
     finetune,
+    module_device,
+    to_device,
 )
 from dyt.train.trainer import seed_everything
 
@@ -98,7 +103,8 @@ def _keyword_rows(data: Path, name: str) -> LabeledAudio:
 def pooled(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Mean of the encoder's output over each utterance's valid frames."""
     features, frames = encode(model, *batch)
-    keep = (torch.arange(features.shape[1])[None, :] < frames[:, None]).unsqueeze(-1).to(features.dtype)
+    keep = (torch.arange(features.shape[1], device=frames.device)[None, :] < frames[:, None]).unsqueeze(-1)
+    keep = keep.to(features.dtype)
     return (features * keep).sum(1) / keep.sum(1)
 
 
@@ -118,15 +124,17 @@ class KeywordClassifier(nn.Module):
     def fit_standardize(self, dataset: LabeledAudio) -> KeywordClassifier:
         """Set the head's input statistics from every utterance of ``dataset``, as the encoder is now."""
         with evaluating(self):
-            self.standardize = Standardize.fit(_frozen_features(self.backbone, dataset).tensors[0])
+            features = _frozen_features(self.backbone, dataset).tensors[0]
+            self.standardize = Standardize.fit(features).to(module_device(self))
         return self
 
 
 def _frozen_features(model: nn.Module, dataset: LabeledAudio) -> TensorDataset:
+    """Mean-pooled features of every utterance, computed on ``model``'s device and kept on the CPU."""
     chunks, labels = [], []
     with torch.no_grad():
         for batch, label in DataLoader(dataset, batch_size=32, collate_fn=_collate_labels):
-            chunks.append(pooled(model, batch))
+            chunks.append(pooled(model, to_device(batch, module_device(model))).cpu())
             labels.append(label)
     return TensorDataset(torch.cat(chunks), torch.cat(labels))
 
@@ -139,7 +147,7 @@ def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[st
 
 
 def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seeds: list[int],
-                 pretrained: bool = True) -> list[FinetuneResult]:
+                 pretrained: bool = True, device: torch.device | str = "cpu") -> list[FinetuneResult]:
     """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
     config, make = load_pretrained(run_dir, pretrained)
     splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
@@ -147,7 +155,7 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seed
     if mode == "probe":
         def probe_features(seed: int) -> dict[str, TensorDataset]:
             seed_everything(seed)  # an untrained backbone is drawn from the seed
-            backbone = make().eval()
+            backbone = make().to(device).eval()
             return standardized({name: _frozen_features(backbone, rows) for name, rows in splits.items()})
 
         def build_probe() -> nn.Module:
@@ -163,13 +171,14 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seed
         builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     else:
         def build_classifier() -> nn.Module:
-            return KeywordClassifier(make(), config.model.dim).fit_standardize(splits["train"])
+            return KeywordClassifier(make(), config.model.dim).to(device).fit_standardize(splits["train"])
 
         per_seed = {seed: splits for seed in seeds}
         builder, collate = build_classifier, _collate_labels
     return [finetune(builder, per_seed[seed]["train"], per_seed[seed]["validation"],
                      {name: per_seed[seed][name] for name in KEYWORD_TESTS}, collate, Classification(len(KEYWORDS)),
-                     cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}") for seed in seeds]
+                     cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}", device=device)
+            for seed in seeds]
 
 
 # ---------------------------------------------------------------- CTC speech recognition
@@ -181,7 +190,7 @@ def text_to_ids(text: str) -> torch.Tensor:
 def greedy_decode(log_probs: torch.Tensor, frames: torch.Tensor) -> list[str]:
     """Best path: most likely character per frame, repeats merged, blanks dropped."""
     texts = []
-    for row, length in zip(log_probs.argmax(-1), frames.tolist()):
+    for row, length in zip(log_probs.argmax(-1).cpu(), frames.tolist()):
         ids = torch.unique_consecutive(row[:length])
         texts.append("".join(CHARACTERS[i] for i in ids.tolist() if i != 0))
     return [" ".join(t.split()) for t in texts]
@@ -313,11 +322,13 @@ class CTCModel(nn.Module):
         """Set the head's input statistics from every valid frame of ``dataset`` (batches of similar
         length: little padding to run), as the encoder is now."""
         batches = LengthBatches(lengths, batch_size, torch.Generator().manual_seed(0))
+        device = module_device(self)
 
         def valid_frames():
-            for (features, frames), _ in DataLoader(dataset, batch_sampler=batches, collate_fn=_collate_transcripts):
+            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate_transcripts)
+            for (features, frames), _ in (to_device(batch, device) for batch in loader):
                 encoded = self.encoded(features, frames)
-                yield encoded[torch.arange(encoded.shape[1])[None, :] < frames[:, None]]
+                yield encoded[torch.arange(encoded.shape[1], device=device)[None, :] < frames[:, None]]
 
         with evaluating(self):
             self.standardize = Standardize.fit(valid_frames())
@@ -326,14 +337,16 @@ class CTCModel(nn.Module):
 
 def conv_features(model: nn.Module, rows: list[Utterance]) -> list[torch.Tensor]:
     """The feature extractor's output (frames, channels) of each utterance, one at a time (without
-    padding: what the CTC eval caches), read from the normalised waveform as in pretraining."""
+    padding: what the CTC eval caches), read from the normalised waveform as in pretraining; computed
+    on ``model``'s device, kept on the CPU."""
     extractor = model.encoder_frontend.feature_extractor.eval()
+    device = module_device(model)
     out = []
     with torch.no_grad():
         for row in rows:
-            wave = normalize_waveform(load_audio(row.path))[None]
-            features, _ = extractor(wave, BatchLayout(wave.shape, seq_lens=[wave.shape[1]]))
-            out.append(features[0])
+            wave = normalize_waveform(load_audio(row.path))[None].to(device)
+            features, _ = extractor(wave, BatchLayout(wave.shape, seq_lens=[wave.shape[1]], device=device))
+            out.append(features[0].cpu())
     return out
 
 
@@ -367,7 +380,7 @@ class CTCObjective:
     @staticmethod
     def _ctc(log_probs: torch.Tensor, frames: torch.Tensor, texts: list[str]) -> torch.Tensor:
         targets = [text_to_ids(t) for t in texts]
-        return nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), frames,
+        return nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets).to(log_probs.device), frames,
                                       torch.tensor([len(t) for t in targets]), zero_infinity=True)
 
     def loss(self, model: CTCModel, batch) -> torch.Tensor:
@@ -388,7 +401,7 @@ class CTCObjective:
 
 
 def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True,
-             settings: CTCSettings = CTCSettings()) -> list[FinetuneResult]:
+             settings: CTCSettings = CTCSettings(), device: torch.device | str = "cpu") -> list[FinetuneResult]:
     """Fine-tune the model with a character head under CTC on synthetic sentences, through the
     shared ``finetune`` loop as ``settings`` say, selecting on validation CER; test on unseen
     voices saying unseen sentences and on real recordings of them."""
@@ -398,7 +411,7 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
     def frozen_features(seed: int) -> dict[str, Transcribed]:
         seed_everything(seed)  # an untrained feature extractor is drawn from the seed
-        extractor = make()
+        extractor = make().to(device)
         return {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
 
     # the trained extractor's features once; an untrained one's per seed (one at a time: ~0.1 GB
@@ -410,13 +423,14 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
         frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-62 s: batch by length
 
         def build_recogniser(datasets=datasets, frames=frames) -> CTCModel:
-            return CTCModel(make(), config.model.dim, settings.masking).fit_standardize(datasets["train"], frames)
+            recogniser = CTCModel(make(), config.model.dim, settings.masking).to(device)
+            return recogniser.fit_standardize(datasets["train"], frames)
 
         results.append(finetune(build_recogniser, datasets["train"], datasets["validation"],
                                 {name: datasets[name] for name in CTC_TESTS}, _collate_transcripts, CTCObjective(),
                                 cfg, seed,
                                 desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",
-                                lengths=frames))
+                                lengths=frames, device=device))
         del datasets, frames, build_recogniser  # the next seed's features are built without these held
     return results
 
@@ -434,7 +448,8 @@ def contrastive_batches(rows: list[Utterance], crop: int, size: int = 8) -> Iter
         yield crop_to_shortest([load_audio(r.path) for r in rows[start : start + size]], crop)
 
 
-def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True) -> list[dict]:
+def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True,
+                     device: torch.device | str = "cpu") -> list[dict]:
     """The validation scores of pretraining (``pretraining_loss``'s extras: contrastive loss with
     every distractor kept, accuracy, perplexities) on held-out speech, once per seed of the masks
     and distractors. Speech the run never validated on (the real recordings) confirms what a
@@ -443,7 +458,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
     results = []
     for seed in seeds:
         seed_everything(seed)
-        model = make().eval()
+        model = make().to(device).eval()
         scores = {}
         for name, manifests in CONTRASTIVE_TESTS.items():
             # each recording once: a real keyword can also be a held-out prompt sentence
@@ -452,7 +467,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
             sums: dict[str, float] = {}
             with torch.no_grad():
                 for batch in contrastive_batches(rows, config.data.crop_samples):
-                    _, extras = pretraining_loss(model, batch, config.loss)
+                    _, extras = pretraining_loss(model, to_device(batch, device), config.loss)
                     for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
                         sums[key] = sums.get(key, 0.0) + value * len(batch[1])
             scores[name] = {k: v / len(rows) for k, v in sums.items() if k != "units"} | {"utterances": len(rows)}
@@ -477,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        help="CTC fine-tuning: masked share of frames, at most (spans of 10 frames)"),
                    parser.add_argument("--ctc-mask-channels", type=float, default=CTCSettings.masking.channel_prob,
                                        help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")]
+    add_device_argument(parser)
     parser.add_argument("--out", type=output_file, help="write the results here as JSON")
     args = parser.parse_args(argv)
     check_eval_options(parser, argv, args, keyword_options, ctc_options)
@@ -492,7 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.data or builtin_speech(load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml",
                                                    check_files=False).data)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
-    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, ctc, pretrained=not args.random_init)
+    print(f"evals on {args.device}", flush=True)
+    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, ctc, pretrained=not args.random_init,
+                        device=args.device)
     if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
         args.out.write_text(json.dumps(results, indent=1))
     for name, rows in results.items():
@@ -546,18 +564,19 @@ def add_keyword_arguments(parser: argparse.ArgumentParser) -> list[argparse.Acti
 
 
 def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
-              ctc: CTCSettings = CTCSettings(), pretrained: bool = True) -> dict[str, list[dict]]:
+              ctc: CTCSettings = CTCSettings(), pretrained: bool = True,
+              device: torch.device | str = "cpu") -> dict[str, list[dict]]:
     results = {}
     for name in evals:
         if name == "contrastive":
-            results[name] = contrastive_eval(run_dir, data, seeds, pretrained)
+            results[name] = contrastive_eval(run_dir, data, seeds, pretrained, device)
         elif name == "ctc":
-            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, seeds, pretrained, ctc)]
+            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, seeds, pretrained, ctc, device)]
         else:
             lr = 1e-2 if name == "probe" else 5e-4
             cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),
                                  patience=4)
-            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg, seeds, pretrained)]
+            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg, seeds, pretrained, device)]
     return results
 
 

@@ -3,13 +3,16 @@ classification metrics; the standardising every downstream head reads its featur
 Single process: evals are small next to pretraining.
 
 Used by dyt-dna (sequence classification) and dyt-wav2vec2 (keyword probe and fine-tune:
-``Classification``; CTC speech recognition: its own ``Objective``)."""
+``Classification``; CTC speech recognition: its own ``Objective``). The evals run on one device
+(``--device``: a GPU where torch sees one); data is read and collated on the CPU, and each batch
+is moved to the device as the loop takes it (:class:`OnDevice`)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +24,73 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .trainer import like_length_batches, seed_everything, weight_decay_groups
 
 SCHEDULES = ("constant", "tri-stage")
+
+
+EVAL_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def eval_device(text: str) -> torch.device:
+    """The device an eval runs on, from ``--device``: ``auto`` (the first CUDA GPU when torch sees
+    one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; an ``argparse.ArgumentTypeError`` (one
+    line) for a device this machine does not have."""
+    if text == "auto":
+        return eval_device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, cuda or cuda:N") from None
+    if device.type not in EVAL_DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the evals run on {' or '.join(EVAL_DEVICE_TYPES)} (or auto)")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA GPU on this machine; use cpu (or auto)")
+    if (index := device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> argparse.Action:
+    """``--device`` for a command that runs the downstream evals (its eval CLI and its compare alike)."""
+    return parser.add_argument("--device", type=eval_device, default="auto",
+                        help="where the downstream evals run: auto (a CUDA GPU where torch sees one, else the "
+                             "CPU), cpu, cuda or cuda:N")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (in tuples, lists and dicts, at any depth) on ``device``;
+    anything else (transcripts, names) as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(to_device(item, device) for item in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+class OnDevice:
+    """The batches of ``loader`` moved to ``device`` one at a time, as they are taken: the loader
+    (and its workers) read and collate on the CPU; only the batch in use is on the device."""
+
+    def __init__(self, loader: Iterable[Any], device: torch.device | str):
+        self.loader, self.device = loader, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield to_device(batch, self.device)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters are (the CPU for one without any)."""
+    return next(module.parameters(), torch.empty(0)).device
 
 
 @dataclass
@@ -100,8 +170,9 @@ class Objective(Protocol):
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[dict[str, float], Any]:
-        """Metrics over ``loader`` (``loss`` among them) and the details kept for test sets."""
+    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> tuple[dict[str, float], Any]:
+        """Metrics over ``loader``'s batches (on the model's device; ``loss`` among the metrics) and
+        the details kept for test sets."""
         ...
 
 
@@ -118,14 +189,14 @@ class Classification:
         inputs, labels = batch
         return nn.functional.cross_entropy(model(inputs).float(), labels)
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[dict[str, float], list[list[int]]]:
+    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> tuple[dict[str, float], list[list[int]]]:
         confusion = torch.zeros(self.classes, self.classes, dtype=torch.long)
         loss_sum, count = 0.0, 0
         for inputs, labels in loader:
             logits = model(inputs)
             loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
             count += len(labels)
-            confusion += confusion_matrix(logits.argmax(-1), labels, self.classes)
+            confusion += confusion_matrix(logits.argmax(-1).cpu(), labels.cpu(), self.classes)
         return {"loss": loss_sum / max(1, count), **classification_metrics(confusion)}, confusion.tolist()
 
 
@@ -230,7 +301,7 @@ def evaluating(model: nn.Module):
 
 def _evaluate(model: nn.Module, objective: Objective, loader: DataLoader) -> tuple[dict[str, float], Any]:
     with evaluating(model):
-        return objective.evaluate(model, loader)
+        return objective.evaluate(model, OnDevice(loader, module_device(model)))
 
 
 def finetune(
@@ -244,15 +315,18 @@ def finetune(
     seed: int,
     desc: str = "fine-tune",
     lengths: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> FinetuneResult:
     """Train ``make_model()`` on ``train`` with ``objective``'s loss; keep the weights with the best
     validation ``objective.selection``; report the metrics of those weights on each of ``tests``.
     Parameters with ``requires_grad=False`` stay frozen (a probe). With ``lengths`` (one per
-    training example), each batch holds examples of similar length (``LengthBatches``)."""
+    training example), each batch holds examples of similar length (``LengthBatches``). The model
+    trains and is scored on ``device`` (``make_model`` may build it there already: a head fitted
+    to the backbone's features reads them there)."""
     from tqdm.auto import tqdm
 
     seed_everything(seed)
-    model = make_model()
+    model = make_model().to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
     generator = torch.Generator().manual_seed(seed)
@@ -275,7 +349,7 @@ def finetune(
     curve, waited, step = [], 0, 0
     bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
     while step < total and waited < cfg.patience:
-        for batch in loader:
+        for batch in OnDevice(loader, device):
             loss = objective.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
