@@ -243,7 +243,7 @@ def _finetune_result(rng: random.Random, seed: int, tests: list[str], classes: i
 
 
 def _w2v_evals(rng: random.Random, seeds: list[int]) -> dict[str, list[dict]]:
-    """One model's run_evals results as evals.json holds them (dataclasses.asdict, through JSON)."""
+    """One model's run_evals results (dataclasses.asdict, through JSON), as the eval-<name>.json files hold them per seed."""
     from dyt_wav2vec2.eval import CONTRASTIVE_TESTS, CTC_TESTS, KEYWORD_TESTS
     from dyt_wav2vec2.speech import KEYWORDS
 
@@ -284,14 +284,17 @@ def test_wav2vec2_report_marks_the_collapsed_run_and_averages_downstream_seeds(t
     made = [_w2v_run(args.out, "layernorm", learning, collapsed), _w2v_run(args.out, "dyt", collapsed, learning)]
     runs = [run for run, _ in made]
 
-    evals = {}  # as main() makes it: (point, pretrained) -> the eval JSON reused from the run folder
+    evals = {}  # as main() makes it: (point, pretrained) -> eval -> the results reused from the run folder
     for run in runs:
         for pretrained, init in compare.INITS.items():
-            settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained}
-            path = run.dir / ("evals.json" if pretrained else "evals-random-init.json")
+            settings = {"steps": args.steps, "pretrained": pretrained}
             results = _w2v_evals(random.Random(f"evals-{run.label}-{init}"), args.seeds)
-            path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
-            evals[run.point, pretrained] = reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused"))
+            for name, rows in results.items():
+                path = run.dir / f"eval-{name}{'' if pretrained else '-random-init'}.json"
+                path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION,
+                                            "seeds": {str(row["seed"]): row for row in rows}}, indent=1))
+                evals.setdefault((run.point, pretrained), {})[name] = reuse_or_compute(
+                    path, settings, args.seeds, lambda seed: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, evals).read_text()
     assert "(150 steps each, CTC 4000 at peak lr 0.005, tri-stage, best validation checkpoint)" in text
@@ -401,7 +404,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
     tasks = [ClassificationData("species", ["E.Coli", "H.Pylori", "S.Aureus", "V.Cholerae"], split(40, 4), split(12, 4),
                                 split(8, 4), "species note."),
              ClassificationData("coding", ["non-coding", "coding"], split(30, 2), split(6, 2), split(10, 2), "coding note.")]
-    settings = {"finetune": {"seeds": args.seeds}, "window": 128, "per_class": 100}
+    settings = {"finetune": {"lr": 1e-3}, "window": 128, "per_class": 100}
     evals = {}  # as main() makes it: (run.point, pretrained) -> task -> the eval JSON reused from the run folder
     for run in runs:
         for task in tasks:
@@ -410,9 +413,10 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
                 results = [{**_finetune_result(rng, seed, ["test"], len(task.classes)), "task": task.name,
                             "note": task.note} for seed in args.seeds]  # results_json's rows
                 path = run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json"
-                path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION, "results": results}, indent=1))
+                path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION,
+                                            "seeds": {str(row["seed"]): row for row in results}}, indent=1))
                 evals.setdefault((run.point, pretrained), {})[task.name] = reuse_or_compute(
-                    path, settings, lambda: pytest.fail("evals not reused"))
+                    path, settings, args.seeds, lambda seed: pytest.fail("evals not reused"))
 
     text = compare.write_report(args, runs, tasks, evals, "held-out strains", ["A note.", "Another."]).read_text()
     assert "\n\nA note.\n\nAnother.\n\n" in text  # each note a paragraph of its own
@@ -577,25 +581,112 @@ def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path)
 
 def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path):
     """A relaunch reuses an eval's stored results; results made with other settings, or by older
-    evals (before EVALS_VERSION, or another version), are recomputed and stored anew."""
-    path, settings = tmp_path / "eval-species.json", {"finetune": {"seeds": [0, 1]}, "window": 128}
+    evals (before EVALS_VERSION, or another version, or stored before results were kept per seed),
+    are recomputed and stored anew."""
+    path, settings = tmp_path / "eval-species.json", {"finetune": {"lr": 1e-3}, "window": 128}
     computed = []
 
-    def compute():
-        computed.append(1)
-        return [{"seed": len(computed)}]
+    def compute(seed):
+        computed.append(seed)
+        return {"seed": seed, "made": len(computed)}
 
-    assert reuse_or_compute(path, settings, compute) == [{"seed": 1}]
-    assert reuse_or_compute(path, settings, lambda: pytest.fail("evals not reused")) == [{"seed": 1}]
-    assert reuse_or_compute(path, {**settings, "window": 256}, compute) == [{"seed": 2}]
-    older = {"settings": settings, "results": [{"seed": "stale"}]}  # as stored before EVALS_VERSION
-    for stored in (older, {**older, "evals_version": EVALS_VERSION - 1}):
+    def never(seed):
+        pytest.fail(f"seed {seed} not reused")
+
+    assert reuse_or_compute(path, settings, [0, 1], compute) == [{"seed": 0, "made": 1}, {"seed": 1, "made": 2}]
+    assert reuse_or_compute(path, settings, [0, 1], never) == [{"seed": 0, "made": 1}, {"seed": 1, "made": 2}]
+    assert reuse_or_compute(path, {**settings, "window": 256}, [0], compute) == [{"seed": 0, "made": 3}]
+    older = {"settings": settings, "seeds": {"0": {"seed": "stale"}}}  # as stored before EVALS_VERSION
+    for stored in (older, {**older, "evals_version": EVALS_VERSION - 1},
+                   {"settings": settings, "evals_version": EVALS_VERSION, "results": [{"seed": "stale"}]}):
         path.write_text(json.dumps(stored))
-        assert reuse_or_compute(path, settings, compute) == [{"seed": len(computed)}]
+        assert reuse_or_compute(path, settings, [0], compute) == [{"seed": 0, "made": len(computed)}]
         assert json.loads(path.read_text())["evals_version"] == EVALS_VERSION
-    assert len(computed) == 4
+    assert len(computed) == 6
     # a file cut short by a kill, or another tool's list, is computed again (it raised a traceback)
     for stored in ('{"settings": {"finetune"', "[1, 2]"):
         path.write_text(stored)
-        assert reuse_or_compute(path, settings, compute) == [{"seed": len(computed)}]
-    assert len(computed) == 6 and not list(tmp_path.glob("*.tmp"))
+        assert reuse_or_compute(path, settings, [0], compute) == [{"seed": 0, "made": len(computed)}]
+    assert len(computed) == 8 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_stored_evals_keep_each_seed_as_it_finishes(tmp_path):
+    """A comparison killed on its third seed keeps the first two: the relaunch computes the third
+    alone. More seeds later compute only the new ones, fewer reuse theirs, in the order asked."""
+    path, settings = tmp_path / "eval-probe.json", {"steps": 150}
+    computed = []
+
+    class Killed(Exception):
+        pass
+
+    def killed_on(bad):
+        def compute(seed):
+            if seed == bad:
+                raise Killed
+            computed.append(seed)
+            return {"seed": seed}
+        return compute
+
+    with pytest.raises(Killed):
+        reuse_or_compute(path, settings, [0, 1, 2], killed_on(2))
+    assert computed == [0, 1] and sorted(json.loads(path.read_text())["seeds"]) == ["0", "1"]
+    assert reuse_or_compute(path, settings, [0, 1, 2], killed_on(None)) == [{"seed": s} for s in (0, 1, 2)]
+    assert computed == [0, 1, 2]
+    assert reuse_or_compute(path, settings, [3, 0, 1, 2, 4], killed_on(None)) == [{"seed": s} for s in (3, 0, 1, 2, 4)]
+    assert computed == [0, 1, 2, 3, 4]
+    assert reuse_or_compute(path, settings, [4, 1], killed_on(None)) == [{"seed": 4}, {"seed": 1}]
+    assert computed == [0, 1, 2, 3, 4]
+
+
+def test_the_wav2vec2_compare_stores_each_eval_and_seed_as_it_finishes(tmp_path, monkeypatch):
+    """``dyt-wav2vec2-compare``'s evals go one eval and one seed at a time into the run's
+    ``eval-<name>.json``: a comparison killed in an eval keeps every seed and eval done before, more
+    seeds or another eval later compute only what is new, and the report reads the same numbers."""
+    from dyt_wav2vec2 import compare
+    from dyt_wav2vec2.task import Wav2Vec2PretrainConfig
+
+    out = tmp_path / "cmp"
+    learning = {"eval/contrastive_kept": 2.3, "eval/contrastive_accuracy": 0.3, "eval/codebook_perplexity": 300.0,
+                "eval/distractors_equal_target": 0.01}
+    runs = [_w2v_run(out, norm, learning, learning)[0] for norm in ("layernorm", "dyt")]
+    config = load_config(Wav2Vec2PretrainConfig, WAV2VEC2_TINY)
+    monkeypatch.setattr(compare, "plan_runs", lambda spec, args, models, seeds: [argparse.Namespace(config=config)])
+    monkeypatch.setattr(compare, "eval_speech", lambda data: tmp_path / "speech")
+    monkeypatch.setattr(compare, "Wav2Vec2PretrainTask", lambda config: None)
+    monkeypatch.setattr(compare, "prepare_out", lambda args: None)
+    monkeypatch.setattr(compare, "train_runs", lambda spec, args, plan: runs)
+    computed, kill = [], {}
+
+    class Killed(Exception):
+        pass
+
+    def run_evals(run_dir, data, evals, seeds, steps, ctc, pretrained, device):
+        (name,), (seed,) = evals, seeds
+        done = (run_dir.name, name, seed, pretrained)
+        if kill.get("at") == done:
+            raise Killed
+        computed.append(done)
+        return {name: _w2v_evals(random.Random(str(done)), [seed])[name]}
+
+    monkeypatch.setattr(compare, "run_evals", run_evals)
+
+    def main(*options):
+        return compare.main(["--out", str(out), "--launcher", "python", "--nproc", "1", *options]).read_text()
+
+    kill["at"] = ("dyt", "probe", 1, True)
+    with pytest.raises(Killed):
+        main("--evals", "contrastive", "probe", "--seeds", "0", "1")
+    assert computed == [("layernorm", "contrastive", 0, True), ("layernorm", "contrastive", 1, True),
+                        ("layernorm", "probe", 0, True), ("layernorm", "probe", 1, True),
+                        ("dyt", "contrastive", 0, True), ("dyt", "contrastive", 1, True), ("dyt", "probe", 0, True)]
+    assert json.loads((out / "dyt" / "eval-probe.json").read_text())["seeds"].keys() == {"0"}
+    kill.clear()
+    computed.clear()
+    first = main("--evals", "contrastive", "probe", "--seeds", "0", "1")
+    assert computed[0] == ("dyt", "probe", 1, True) and all(not pretrained for *_, pretrained in computed[1:])
+    assert len(computed) == 1 + 2 * 2 * 2  # random init: each cell's first run, both evals, both seeds
+    computed.clear()
+    assert main("--evals", "contrastive", "probe", "--seeds", "0", "1") == first and computed == []
+    main("--evals", "contrastive", "probe", "ctc", "--seeds", "0", "1", "2")
+    assert sorted({(name, seed) for _, name, seed, _ in computed}) == [
+        ("contrastive", 2), ("ctc", 0), ("ctc", 1), ("ctc", 2), ("probe", 2)]

@@ -141,13 +141,12 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"== fine-tune {run.point.model} {run.label} ({INITS[pretrained]}) on {task.name}, seeds {args.seeds}, "
                   f"on {args.device}", flush=True)
             cfg = task_cfgs[task.name]
-            settings = {"finetune": {**asdict(cfg), "seeds": args.seeds}, "window": args.eval_window,
-                        "per_class": args.per_class, "task_files": task_files[task.name],
-                        **checkpoint_setting(run, pretrained)}
-            results[task.name] = stored_eval(run, f"eval-{task.name}", pretrained, settings,
-                                             lambda task=task, cfg=cfg: results_json(
-                                                 task, evaluate(run.dir, task, cfg, args.seeds, pretrained=pretrained,
-                                                                device=args.device)))
+            settings = {"finetune": asdict(cfg), "window": args.eval_window, "per_class": args.per_class,
+                        "task_files": task_files[task.name], **checkpoint_setting(run, pretrained)}
+            results[task.name] = stored_eval(
+                run, f"eval-{task.name}", pretrained, settings, args.seeds,
+                lambda seed, task=task, cfg=cfg: results_json(
+                    task, evaluate(run.dir, task, cfg, [seed], pretrained=pretrained, device=args.device))[0])
         return results
 
     evals = downstream_evals(runs, fine_tune)

@@ -132,14 +132,22 @@ def main(argv: list[str] | None = None) -> Path:
     runs = train_runs(SPEC, args, plan)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
 
+    own_settings = {"contrastive": {}, "probe": {"steps": args.steps}, "finetune": {"steps": args.steps},
+                    "ctc": {"ctc": asdict(ctc)}}  # what each eval's results depend on, besides the checkpoint
+
     def evaluate(run: Run, pretrained: bool) -> dict:
+        """Eval name -> one result per seed, each stored in the run's ``eval-<name>.json`` as it is done."""
         print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}; "
               f"on {args.device}", flush=True)
-        settings = {"evals": args.evals, "seeds": args.seeds, "steps": args.steps, "pretrained": pretrained,
-                    **checkpoint_setting(run, pretrained), **({"ctc": asdict(ctc)} if "ctc" in args.evals else {})}
-        return stored_eval(run, "evals", pretrained, settings,
-                           lambda: run_evals(run.dir, data, args.evals, args.seeds, args.steps, ctc,
-                                             pretrained=pretrained, device=args.device))
+
+        def one_seed(name: str, seed: int) -> dict:
+            return run_evals(run.dir, data, [name], [seed], args.steps, ctc, pretrained=pretrained,
+                             device=args.device)[name][0]
+
+        return {name: stored_eval(run, f"eval-{name}", pretrained,
+                                  {"pretrained": pretrained, **checkpoint_setting(run, pretrained), **own_settings[name]},
+                                  args.seeds, lambda seed, name=name: one_seed(name, seed))
+                for name in args.evals}
 
     report = write_report(args, runs, downstream_evals(runs, evaluate) if args.evals else {})
     print(f"\nreport: {report}")

@@ -673,16 +673,21 @@ batches recordings of like length and crops each batch to its shortest, as pretr
 reporting it beside new results."""
 
 
-def reuse_or_compute(path: Path, settings: dict, compute: Callable[[], object]):
-    """The JSON result stored at ``path`` when it was made with the same ``settings`` by evals of
-    this ``EVALS_VERSION``; otherwise ``compute()``, stored with both. Lets a killed comparison skip
-    its finished evals."""
+def reuse_or_compute(path: Path, settings: dict, seeds: Sequence[int], compute_seed: Callable[[int], Any]) -> list:
+    """One JSON result per seed of ``seeds``, in their order: the seeds stored at ``path`` with the same
+    ``settings`` by evals of this ``EVALS_VERSION``, and ``compute_seed(seed)`` for the others, each
+    stored as soon as it is done. A killed comparison loses at most the seed it was on, and a later
+    one with more seeds computes only those (``settings`` hold no seeds)."""
     saved = read_json(path)  # none, or cut short by a kill before writes were atomic: computed again
-    if isinstance(saved, dict) and saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION:
-        return saved["results"]
-    results = compute()
-    write_json(path, {"settings": settings, "evals_version": EVALS_VERSION, "results": results})
-    return results
+    done: dict[str, Any] = {}
+    if (isinstance(saved, dict) and saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION
+            and isinstance(saved.get("seeds"), dict)):  # stored per seed since 2026-12-06: older files computed again
+        done = saved["seeds"]
+    for seed in seeds:
+        if str(seed) not in done:
+            done[str(seed)] = compute_seed(seed)
+            write_json(path, {"settings": settings, "evals_version": EVALS_VERSION, "seeds": done})
+    return [done[str(seed)] for seed in seeds]
 
 
 # ---------------------------------------------------------------- numbers and verdicts
@@ -793,10 +798,12 @@ def checkpoint_setting(run: Run, pretrained: bool) -> dict[str, int]:
     return {"checkpoint_step": finished_step(run.dir)} if pretrained else {}
 
 
-def stored_eval(run: Run, stem: str, pretrained: bool, settings: dict, compute: Callable[[], object]):
+def stored_eval(run: Run, stem: str, pretrained: bool, settings: dict, seeds: Sequence[int],
+                compute_seed: Callable[[int], Any]) -> list:
     """:func:`reuse_or_compute` in the run's ``<stem>.json``, or ``<stem>-random-init.json`` for the
     untrained model, so that neither overwrites the other."""
-    return reuse_or_compute(run.dir / f"{stem}{'' if pretrained else '-random-init'}.json", settings, compute)
+    return reuse_or_compute(run.dir / f"{stem}{'' if pretrained else '-random-init'}.json", settings, seeds,
+                            compute_seed)
 
 
 def downstream_evals(runs: Sequence[Run], evaluate: Callable[[Run, bool], Any]) -> dict[tuple[Point, bool], Any]:
