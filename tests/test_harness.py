@@ -436,6 +436,34 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
             assert loss_world == pytest.approx(loss_one, rel=1e-12), (world, size)
 
 
+def test_validation_batches_by_its_own_micro_batch_size_where_one_is_set(monkeypatch):
+    """``eval_micro_batch_size`` decides what validation scores and how it batches it, whatever the
+    training micro-batch: halving ``micro_batch_size`` (an out-of-memory resume) with it set to the
+    old size scores the same batches with the same draws; unset, validation follows the new size."""
+    config = ToyConfig()
+    config.data.eval_noise, config.model.dropout = 0.5, 0.0
+    task = ToyTask(config)
+    engine, dataset = _engine_of(task), task.eval_dataset()
+    monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": value)
+    sizes: list[int] = []
+    real_loss = task.loss
+    monkeypatch.setattr(task, "loss", lambda model, batch: sizes.append(len(batch[0])) or real_loss(model, batch))
+
+    def validate(**settings) -> tuple[dict, list[int]]:
+        sizes.clear()
+        scores = _validating_rank(task, TrainConfig(eval_batches=5, **settings), 0, 1)._evaluate(engine, dataset)
+        return scores, list(sizes)
+
+    before, batched = validate(micro_batch_size=8)
+    assert batched == [8] * 5 and before["examples"] == 40
+    kept, batched = validate(micro_batch_size=4, eval_micro_batch_size=8)
+    assert batched == [8] * 5 and kept == before
+    followed, batched = validate(micro_batch_size=4)
+    assert batched == [4] * 5 and followed["examples"] == 20 and followed["loss"] != before["loss"]
+    larger, batched = validate(micro_batch_size=4, eval_micro_batch_size=16)
+    assert batched == [16] * 5 and larger["examples"] == 80
+
+
 def test_an_empty_validation_set_stops_the_run_before_training(tmp_path, capsys):
     class NoValidation(ToyTask):
         def eval_dataset(self):

@@ -457,6 +457,14 @@ def test_resume_changes_split_model_keys_from_allowed_ones():
     assert results == ["train.steps 100 -> 500", "train.grad_accum 1 -> 4", "train.lr 0.0003 -> 0.0001"]  # a cadence changes no number
     assert resume_changes(saved, saved) == ([], [], [])
 
+    # validation batches by micro_batch_size where eval_micro_batch_size is null: a resume says both change
+    micro = load_config(ToyConfig, None, ["train.micro_batch_size=8"])
+    assert resume_changes(micro, load_config(ToyConfig, None, ["train.micro_batch_size=4"])).results == [
+        "train.micro_batch_size 8 -> 4", "train.eval_micro_batch_size 8 -> 4"]
+    assert resume_changes(micro, load_config(ToyConfig, None, ["train.micro_batch_size=4",
+                                                               "train.eval_micro_batch_size=8"])).results == [
+        "train.micro_batch_size 8 -> 4"]  # validation as before
+
     # the recipes' data settings that leave the data as it is (LLaMA's token stream, DNA's windows)
     from dyt_dna.task import DnaConfig
     from dyt_llama.task import LlamaConfig

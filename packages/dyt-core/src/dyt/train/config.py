@@ -149,10 +149,15 @@ class TrainConfig:
     eval_every: Annotated[int, NON_NEGATIVE] = 50
     """Validate every this many steps (and at the end); 0 turns validation off."""
     eval_batches: Annotated[int, AT_LEAST_ONE] = 20
-    """At most this many micro-batches per validation, over all ranks (batch b on rank b % world
-    size); their examples are spread evenly over the whole validation set (all of it when it is
-    smaller), which is stored in document order. Neither the examples nor their random draws depend
-    on the world size."""
+    """At most this many validation micro-batches (of ``eval_micro_batch_size`` examples) per
+    validation, over all ranks (batch b on rank b % world size); their examples are spread evenly over
+    the whole validation set (all of it when it is smaller), which is stored in document order.
+    Neither the examples nor their random draws depend on the world size."""
+    eval_micro_batch_size: Annotated[int, AT_LEAST_ONE] | None = None
+    """Examples per validation micro-batch; None: ``micro_batch_size``. What validation scores, and
+    its draws, follow it: give it the old ``micro_batch_size`` to keep validating as before when a
+    resume changes the training micro-batch (halved after an out-of-memory error, say), or a larger
+    one than training fits (validation keeps no gradients)."""
     save_every: Annotated[int, NON_NEGATIVE] = 50
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: Annotated[int, AT_LEAST_ONE] = 2
@@ -196,7 +201,8 @@ class TrainConfig:
 
     RESUME_MAY_CHANGE: typing.ClassVar[frozenset[str]] = frozenset({
         "out_dir", "steps", "lr", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size",
-        "grad_clip", "deepspeed_config", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+        "grad_clip", "deepspeed_config", "log_every", "eval_every", "eval_batches", "eval_micro_batch_size",
+        "save_every", "keep_checkpoints",
         "num_workers", "progress", "tensorboard", "reuse_freed_memory",
     })
     """Settings ``--resume`` accepts changed (see :func:`resume_changes`). The others are fixed for a
@@ -208,13 +214,24 @@ class TrainConfig:
 
     RESUME_CHANGES_RESULTS: typing.ClassVar[frozenset[str]] = frozenset({
         "steps", "lr", "min_lr", "warmup_steps", "micro_batch_size", "grad_accum", "global_batch_size", "grad_clip",
-        "deepspeed_config", "eval_batches", "num_workers", "log_every",
+        "deepspeed_config", "eval_batches", "eval_micro_batch_size", "num_workers", "log_every",
     })
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
-    examples validation scores (``eval_batches``), the random crops of training's data-loading workers
+    examples validation scores and how it batches them (``eval_batches``, ``eval_micro_batch_size``, which
+    follows ``micro_batch_size`` where it is None: :meth:`resolved_nulls`), the random crops of training's data-loading workers
     (``num_workers``), the logged rows a report's final training loss and throughput are taken from
     (``log_every``); the rest are cadences, memory and display (validating draws from seeds of its own).
     A comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""
+
+    @property
+    def validation_micro_batch_size(self) -> int:
+        """Examples per validation micro-batch: ``eval_micro_batch_size``, else ``micro_batch_size``."""
+        return self.eval_micro_batch_size or self.micro_batch_size
+
+    def resolved_nulls(self) -> TrainConfig:
+        """A copy with ``eval_micro_batch_size`` decided, for :func:`resume_changes`: a resume that
+        changes ``micro_batch_size`` under a null one names the change of validation's batches too."""
+        return dataclasses.replace(self, eval_micro_batch_size=self.validation_micro_batch_size)
 
     def derived_deepspeed_config(self) -> dict[str, Any]:
         """The DeepSpeed config these settings give, before any ``deepspeed_config`` file. Under bf16

@@ -137,7 +137,7 @@ def validation_batches(size: int, batches: int, micro_batch_size: int) -> list[l
 def idle_validation_warning(size: int, cfg: TrainConfig, world_size: int) -> str | None:
     """A warning when validation has fewer micro-batches than there are ranks (``eval_batches``
     counts them over all ranks): the others score nothing of their own."""
-    scored = len(validation_batches(size, cfg.eval_batches, cfg.micro_batch_size))
+    scored = len(validation_batches(size, cfg.eval_batches, cfg.validation_micro_batch_size))
     if scored >= world_size:
         return None
     return (f"warning: validation scores {scored} micro-batch(es) on {world_size} ranks, so {world_size - scored} "
@@ -809,7 +809,7 @@ class Trainer:
 
     def _validate(self, engine, dataset: Dataset) -> dict[str, float]:
         world = self.dist.world_size
-        batches = validation_batches(len(dataset), self.cfg.eval_batches, self.cfg.micro_batch_size)
+        batches = validation_batches(len(dataset), self.cfg.eval_batches, self.cfg.validation_micro_batch_size)
         mine = list(range(self.dist.rank, len(batches), world))
         # Under ZeRO-3 a forward is collective (it gathers the parameters from all ranks): a rank with
         # fewer batches runs one again (batch 0 when it has none) as many times, uncounted.
