@@ -996,8 +996,9 @@ def test_random_init_eval_starts_from_fresh_weights_not_the_checkpoint(tmp_path,
 def test_the_classifier_is_built_and_fine_tuned_on_the_device_asked_for(tmp_path, monkeypatch):
     """``--device`` reaches the fine-tuning, and the classifier it trains is built there, its head's
     input statistics fitted there from the training split (every parameter and buffer on the
-    device). The meta device stands in for a GPU: shapes flow through it, no value is read
-    (Caduceus reads its sequences' real lengths, so HyenaDNA is the model here)."""
+    device; a DyT trained with a backend that cannot run there gets ``auto``). The meta device
+    stands in for a GPU: shapes flow through it, no value is read (Caduceus reads its sequences'
+    real lengths, so HyenaDNA is the model here)."""
     import dyt_dna.eval as dna_eval
 
     _write_benchmark(tmp_path / "bench", _genome(), files_per_class=4)
@@ -1017,11 +1018,34 @@ def test_the_classifier_is_built_and_fine_tuned_on_the_device_asked_for(tmp_path
     assert seen == [torch.device("cpu")]
     monkeypatch.undo()
 
+    # a DyT run trained with the CPU kernels: on another device the evals give its DyT 'auto'
+    from dyt.train import dump_yaml, load_config
+    from dyt_dna.task import DnaConfig
+
+    config = load_config(DnaConfig, run / "config.yaml", ["model.norm=dyt", "model.norm.backend=cpu"], check_files=False)
+    (run / "config.yaml").write_text(dump_yaml(config))
     meta, built = torch.device("meta"), []
     monkeypatch.setattr(dna_eval, "finetune", lambda make_model, *args, device, **kwargs: built.append(
         (make_model(), device)))
     task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
-    dna_eval.evaluate(run, task, dna_eval.FinetuneConfig(epochs=1, batch_size=4), [0, 1], pretrained=False, device=meta)
+    with pytest.warns(UserWarning, match="model.norm.backend 'cpu' cannot run here .* the evals use DyT backend 'auto'"):
+        dna_eval.evaluate(run, task, dna_eval.FinetuneConfig(epochs=1, batch_size=4), [0, 1], pretrained=False,
+                          device=meta)
     assert [device for _, device in built] == [meta, meta]
     for model, _ in built:
         assert {t.device for t in [*model.parameters(), *model.buffers()]} == {meta}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_fine_tuning_eval_runs_on_its_device(tmp_path, device):
+    """The eval's whole path (build, standardising, fine-tuning, scoring) runs on the device given
+    (on a GPU machine, there)."""
+    import dyt_dna.eval as dna_eval
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=4)
+    run = _fake_run(tmp_path / "run")
+    task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
+    (result,) = dna_eval.evaluate(run, task, dna_eval.FinetuneConfig(epochs=1, batch_size=4, max_steps=2), [0],
+                                  device=torch.device(device))
+    assert 0 <= result.test["test"]["accuracy"] <= 1

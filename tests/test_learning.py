@@ -362,18 +362,38 @@ def test_eval_device_takes_auto_cpu_and_the_gpus_torch_sees(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert eval_device("auto") == eval_device("cpu") == torch.device("cpu")
-    with pytest.raises(argparse.ArgumentTypeError, match="'cuda': torch sees no CUDA GPU on this machine; use cpu"):
+    with pytest.raises(argparse.ArgumentTypeError, match="cuda: CUDA is not available on this machine; use cpu"):
         eval_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert eval_device("auto") == eval_device("cuda") == torch.device("cuda", 0)
+    assert eval_device("auto") == eval_device("cuda:0") == torch.device("cuda", 0)
     assert eval_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(argparse.ArgumentTypeError, match="'cuda:2': this machine has 2 CUDA GPU.s., cuda:0 to cuda:1"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
         eval_device("cuda:2")
-    with pytest.raises(argparse.ArgumentTypeError, match="'meta': the evals run on cpu or cuda"):
+    with pytest.raises(argparse.ArgumentTypeError, match="meta: DyT's tools run on cpu or cuda devices"):
         eval_device("meta")
-    with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a device"):
+    with pytest.raises(argparse.ArgumentTypeError, match="device type at start of device string: gpu"):
         eval_device("gpu")
+
+
+def test_the_evals_give_a_dyt_whose_backend_cannot_run_on_their_device_auto(monkeypatch):
+    """A run trained with the CPU kernels, evaluated on a GPU (or one trained with the fused kernels,
+    on a laptop): that DyT's backend key, or DYT_BACKEND where it names none, becomes ``auto``, and
+    each change is said; a backend that runs there, and the norms that are not DyT, stay as they are."""
+    from dyt.train.cli import backends_for_device
+    from dyt_dna.task import DnaConfig
+
+    config = load_config(DnaConfig, None, ["model.norm=dyt", "model.norm.backend=cpu"])
+    assert backends_for_device(config, "cpu") == [] and config.model.norm.backend == "cpu"
+    notes = backends_for_device(config, "cuda")
+    assert config.model.norm.backend == "auto" and len(notes) == 1
+    assert notes[0].startswith("model.norm.backend 'cpu' cannot run here (DyT backend 'cpu' cannot run on cuda tensors")
+    assert notes[0].endswith("; the evals use DyT backend 'auto'")
+    monkeypatch.setenv("DYT_BACKEND", "cpu")
+    config = load_config(DnaConfig, None, ["model.norm=dyt"])
+    assert backends_for_device(config, "cuda")[0].startswith("DYT_BACKEND cannot run here") and config.model.norm.backend == "auto"
+    config = load_config(DnaConfig, None, ["model.norm=layernorm"])
+    assert backends_for_device(config, "cuda") == [] and config.model.norm.backend is None
 
 
 def test_batches_reach_the_device_as_the_loop_takes_them():
@@ -396,9 +416,9 @@ def test_batches_reach_the_device_as_the_loop_takes_them():
 
 
 def test_finetune_trains_and_scores_on_its_device(monkeypatch):
-    """The model is moved to ``device`` before its optimizer is built, and every batch the
-    objective trains or scores on is there with it (on a CPU-only machine the device is the CPU:
-    the same numbers as without one)."""
+    """Every batch the objective trains or scores on is moved to ``device`` as the loop takes it
+    (counted: each whole batch once), where the model is; on a CPU-only machine the device is the
+    CPU, with the same numbers as without one."""
     seen = []
 
     class Recording(Classification):

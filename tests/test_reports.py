@@ -679,7 +679,8 @@ def test_the_wav2vec2_compare_stores_each_eval_and_seed_as_it_finishes(tmp_path,
     assert computed == [("layernorm", "contrastive", 0, True), ("layernorm", "contrastive", 1, True),
                         ("layernorm", "probe", 0, True), ("layernorm", "probe", 1, True),
                         ("dyt", "contrastive", 0, True), ("dyt", "contrastive", 1, True), ("dyt", "probe", 0, True)]
-    assert json.loads((out / "dyt" / "eval-probe.json").read_text())["seeds"].keys() == {"0"}
+    stored = json.loads((out / "dyt" / "eval-probe.json").read_text())["seeds"]
+    assert stored.keys() == {"0"} and stored["0"]["device"] == "cpu"  # where it ran, beside its numbers
     kill.clear()
     computed.clear()
     first = main("--evals", "contrastive", "probe", "--seeds", "0", "1")

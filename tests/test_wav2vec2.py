@@ -33,6 +33,7 @@ from dyt_wav2vec2.audio import (
 )
 from dyt_wav2vec2.eval import (
     CTC_TESTS,
+    KEYWORD_TESTS,
     CTCMasking,
     CTCModel,
     FinetuneMasker,
@@ -512,7 +513,7 @@ def test_the_random_init_probe_draws_its_backbone_per_seed(pretrained, monkeypat
         drawn.append(1)
         return build_wav2vec2(config.model)
 
-    monkeypatch.setattr(w2v_eval, "load_pretrained", lambda run, pretrained: (config, make))
+    monkeypatch.setattr(w2v_eval, "load_pretrained", lambda run, pretrained, device: (config, make))
     waves = torch.randn(4, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
     monkeypatch.setattr(w2v_eval, "_keyword_rows", lambda data, name: w2v_eval.LabeledAudio(
         [Utterance(Path("x"), 16000, "one")] * 4, [0, 1, 2, 3]))
@@ -715,6 +716,29 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
         where.setdefault(step.split(" (")[0].split(" seed")[0], set()).update(devices)
     assert where == {"contrastive": {meta}, "pooled features": {meta}, "keywords probe": {meta},
                      "keywords finetune": {meta}, "conv features": {meta}, "CTC": {meta}}, seen
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_every_speech_eval_runs_on_its_device(speech, tmp_path, device):
+    """Each eval's whole path runs on the device given (on a GPU machine, there): the contrastive
+    pass, the probe's frozen features, the keyword fine-tune, CTC's cached conv features and its
+    fine-tuning (2 steps each, a random-init tiny model, three utterances)."""
+    import dataclasses
+
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    root, rows = speech
+    _, run = _ctc_data_and_run(speech, tmp_path)
+    said = [dataclasses.replace(row, text=word) for row, word in zip(rows, KEYWORDS)]  # as if keywords
+    for name in ("keywords-train", "keywords-validation", *KEYWORD_TESTS.values()):
+        write_manifest(tmp_path / f"{name}.tsv", root, said)
+    results = w2v_eval.run_evals(run, tmp_path, w2v_eval.EVALS, [0], steps=2,
+                                 ctc=w2v_eval.CTCSettings(steps=2, batch_size=3), pretrained=False,
+                                 device=torch.device(device))
+    assert list(results) == w2v_eval.EVALS and all(len(rows) == 1 for rows in results.values())
+    assert all(0 <= r["test"][t]["accuracy"] <= 1 for r in results["probe"] + results["finetune"] for t in KEYWORD_TESTS)
+    assert all(r["test"][t]["cer"] >= 0 for r in results["ctc"] for t in CTC_TESTS)
 
 
 def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():

@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> Path:
                         "task_files": task_files[task.name], **checkpoint_setting(run, pretrained)}
             results[task.name] = stored_eval(
                 run, f"eval-{task.name}", pretrained, settings, args.seeds,
-                lambda seed, task=task, cfg=cfg: results_json(
-                    task, evaluate(run.dir, task, cfg, [seed], pretrained=pretrained, device=args.device))[0])
+                lambda seed, task=task, cfg=cfg: {**results_json(task, evaluate(
+                    run.dir, task, cfg, [seed], pretrained=pretrained, device=args.device))[0],
+                    "device": str(args.device)})  # where it ran: not a setting, a stored result is reused
         return results
 
     evals = downstream_evals(runs, fine_tune)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
+from dyt.train.cli import backends_for_device
 from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import (
@@ -123,10 +125,14 @@ class SequenceClassifier(nn.Module):
         return self
 
 
-def backbone_builder(run_dir: Path, pretrained: bool = True) -> tuple[DnaConfig, Callable[[], nn.Module]]:
+def backbone_builder(run_dir: Path, pretrained: bool = True,
+                     device: torch.device | str = "cpu") -> tuple[DnaConfig, Callable[[], nn.Module]]:
     """The run's config and a function that builds its backbone: with the trained weights (read once
-    here), or untrained with ``pretrained`` False (each call its own initialisation)."""
+    here), or untrained with ``pretrained`` False (each call its own initialisation); its DyT backends
+    ones that run on ``device`` (``backends_for_device``)."""
     config = load_config(DnaConfig, run_dir / "config.yaml", check_files=False)
+    for note in backends_for_device(config, device):
+        warnings.warn(note, stacklevel=2)  # once per process, however many tasks and seeds load the run
     return config, run_model_builder(run_dir, lambda: build_model(config.model), pretrained)
 
 
@@ -135,7 +141,7 @@ def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, seeds
     """Fine-tune the run's pretrained model on ``task`` once per seed of ``seeds``; with ``pretrained``
     False the same model untrained (each seed's own initialisation): the baseline that shows what
     pretraining bought."""
-    config, build_backbone = backbone_builder(run_dir, pretrained)
+    config, build_backbone = backbone_builder(run_dir, pretrained, device)
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])

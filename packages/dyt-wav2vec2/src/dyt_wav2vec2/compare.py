@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"on {args.device}", flush=True)
 
         def one_seed(name: str, seed: int) -> dict:
-            return run_evals(run.dir, data, [name], [seed], args.steps, ctc, pretrained=pretrained,
-                             device=args.device)[name][0]
+            row = run_evals(run.dir, data, [name], [seed], args.steps, ctc, pretrained=pretrained, device=args.device)
+            return {**row[name][0], "device": str(args.device)}  # where it ran: not a setting, a stored result is reused
 
         return {name: stored_eval(run, f"eval-{name}", pretrained,
                                   {"pretrained": pretrained, **checkpoint_setting(run, pretrained), **own_settings[name]},

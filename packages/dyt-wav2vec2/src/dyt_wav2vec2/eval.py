@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.errors import DistinctValues, help_description, options_given, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
+from dyt.train.cli import backends_for_device
 from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
@@ -71,11 +73,14 @@ KEYWORD_TESTS = {"unseen voices": "keywords-test", "real recordings": "real-keyw
 CTC_TESTS = {"unseen voices": "sentences-test", "real recordings": "real-sentences-test"}
 
 
-def load_pretrained(run_dir: Path, pretrained: bool = True):
+def load_pretrained(run_dir: Path, pretrained: bool = True, device: torch.device | str = "cpu"):
     """The run's config and a builder of its model: with the trained weights, or (``pretrained``
-    False) freshly initialised, seeded by the caller like every fine-tuning run."""
+    False) freshly initialised, seeded by the caller like every fine-tuning run; its DyT backends
+    ones that run on ``device`` (``backends_for_device``)."""
     config = load_config(Wav2Vec2PretrainConfig, run_dir / "config.yaml", check_files=False)
     config.model.compile_quantizer = False  # eager: evals are small, compiling costs more than it saves
+    for note in backends_for_device(config, device):
+        warnings.warn(note, stacklevel=2)  # once per process, however many evals and seeds load the run
     return config, run_model_builder(run_dir, lambda: build_wav2vec2(config.model), pretrained)
 
 
@@ -149,7 +154,7 @@ def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[st
 def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seeds: list[int],
                  pretrained: bool = True, device: torch.device | str = "cpu") -> list[FinetuneResult]:
     """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
-    config, make = load_pretrained(run_dir, pretrained)
+    config, make = load_pretrained(run_dir, pretrained, device)
     splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
               **{name: _keyword_rows(data, manifest) for name, manifest in KEYWORD_TESTS.items()}}
     if mode == "probe":
@@ -405,7 +410,7 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
     """Fine-tune the model with a character head under CTC on synthetic sentences, through the
     shared ``finetune`` loop as ``settings`` say, selecting on validation CER; test on unseen
     voices saying unseen sentences and on real recordings of them."""
-    config, make = load_pretrained(run_dir, pretrained)
+    config, make = load_pretrained(run_dir, pretrained, device)
     cfg = settings.finetune_config()
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
@@ -454,7 +459,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
     every distractor kept, accuracy, perplexities) on held-out speech, once per seed of the masks
     and distractors. Speech the run never validated on (the real recordings) confirms what a
     setting chosen on the validation voices does."""
-    config, make = load_pretrained(run_dir, pretrained)
+    config, make = load_pretrained(run_dir, pretrained, device)
     results = []
     for seed in seeds:
         seed_everything(seed)

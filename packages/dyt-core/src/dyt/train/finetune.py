@@ -21,35 +21,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..backends import device_arg
 from .trainer import like_length_batches, seed_everything, weight_decay_groups
 
 SCHEDULES = ("constant", "tri-stage")
 
 
-EVAL_DEVICE_TYPES = ("cpu", "cuda")
-
-
 def eval_device(text: str) -> torch.device:
     """The device an eval runs on, from ``--device``: ``auto`` (the first CUDA GPU when torch sees
-    one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; an ``argparse.ArgumentTypeError`` (one
-    line) for a device this machine does not have."""
+    one, else the CPU), or a cpu / cuda device this machine has (:func:`dyt.backends.device_arg`: an
+    ``argparse.ArgumentTypeError``, one line, for any other)."""
     if text == "auto":
-        return eval_device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, cuda or cuda:N") from None
-    if device.type not in EVAL_DEVICE_TYPES:
-        raise argparse.ArgumentTypeError(f"{text!r}: the evals run on {' or '.join(EVAL_DEVICE_TYPES)} (or auto)")
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA GPU on this machine; use cpu (or auto)")
-    if (index := device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "
-            f"cuda:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
+        text = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device_arg(text)
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> argparse.Action:
