@@ -285,7 +285,7 @@ CASES = [
          ("-m", "dyt_wav2vec2.eval", "--run", "{tmp}/no-run", "--device", "cuda:1"),
          ("argument --device", "cuda:1: CUDA is not available on this machine; use cpu"), env={"CUDA_VISIBLE_DEVICES": ""}),
     Case("dna-compare-device-not-a-device", "dyt-dna-compare", ("dyt-dna-compare", "--out", "{tmp}/cmp", "--device", "gpu"),
-         ("argument --device", "device type at start of device string: gpu")),
+         ("argument --device", "'gpu' is not a device: give auto, cpu, cuda or cuda:N")),
     Case("w2v-compare-own-audio-without-apt-get", "dyt-wav2vec2-compare",
          ("dyt-wav2vec2-compare", "--out", "{tmp}/cmp", "--set", "data.train_manifest={tmp}/train_short.tsv",
           "--set", "data.validation_manifest={tmp}/valid.tsv"),

@@ -984,12 +984,12 @@ def test_random_init_eval_starts_from_fresh_weights_not_the_checkpoint(tmp_path,
     monkeypatch.setattr(dna_eval, "finetune", spy)
     task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
     cfg = dna_eval.FinetuneConfig(epochs=1, batch_size=4)
-    dna_eval.evaluate(run, task, cfg, [0], pretrained=True)
+    list(dna_eval.evaluate(run, task, cfg, [0], pretrained=True))
     assert all(torch.equal(starts[0][k], saved[k]) for k in saved)
     import dyt.train.checkpoint as checkpoint  # where run_model_builder reads the weights
 
     monkeypatch.setattr(checkpoint, "trained_weights", lambda _: pytest.fail("random init read the checkpoint"))
-    dna_eval.evaluate(run, task, cfg, [0], pretrained=False)
+    list(dna_eval.evaluate(run, task, cfg, [0], pretrained=False))
     assert not all(torch.equal(starts[1][k], saved[k]) for k in saved)
 
 
@@ -1028,12 +1028,12 @@ def test_the_classifier_is_built_and_fine_tuned_on_the_device_asked_for(tmp_path
     monkeypatch.setattr(dna_eval, "finetune", lambda make_model, *args, device, **kwargs: built.append(
         (make_model(), device)))
     task = dna_eval.load_task(str(tmp_path / "bench"), 60, 4)
-    with pytest.warns(UserWarning, match="model.norm.backend 'cpu' cannot run here .* the evals use DyT backend 'auto'"):
-        dna_eval.evaluate(run, task, dna_eval.FinetuneConfig(epochs=1, batch_size=4), [0, 1], pretrained=False,
-                          device=meta)
-    assert [device for _, device in built] == [meta, meta]
+    with pytest.warns(UserWarning, match="model.norm.backend cannot run here .* the evals use DyT backend 'auto'"):
+        list(dna_eval.evaluate(run, task, dna_eval.FinetuneConfig(epochs=1, batch_size=4), [0, 1], pretrained=False,
+                               device=meta))
+    assert [device for _, device in built] == [meta, meta]  # where finetune moves the head too
     for model, _ in built:
-        assert {t.device for t in [*model.parameters(), *model.buffers()]} == {meta}
+        assert {t.device for t in [*model.backbone.parameters(), *model.standardize.buffers()]} == {meta}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -28,14 +28,13 @@ from dyt.train.finetune import (
     Classification,
     FinetuneConfig,
     LengthBatches,
-    OnDevice,
     Standardize,
-    eval_device,
     finetune,
     module_device,
-    to_device,
+    on_device,
     tri_stage,
 )
+from dyt.train.trainer import to_device
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -355,61 +354,71 @@ def test_finetune_decays_matrices_only_as_pretraining_does(monkeypatch):
     assert decay[id(model[1].alpha)] == 0.0 and decay[id(model[0].weight)] == 0.05
 
 
-def test_eval_device_takes_auto_cpu_and_the_gpus_torch_sees(monkeypatch):
-    """``--device``: auto is a GPU where torch sees one, else the CPU; a device this machine lacks,
-    or one the evals do not run on, is a one-line argparse error naming what there is."""
+def test_the_evals_device_option_takes_auto_cpu_and_the_gpus_torch_sees(monkeypatch):
+    """``--device`` (``dyt.backends.device_arg``): auto is the current GPU where torch sees one, else
+    the CPU; a GPU always has its index (one device, one name in the stored results); a device this
+    machine lacks, or one the tools do not run on, is a one-line argparse error naming what there is."""
     import argparse
 
+    from dyt.backends import device_arg
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert eval_device("auto") == eval_device("cpu") == torch.device("cpu")
+    assert device_arg("auto") == device_arg("cpu") == torch.device("cpu")
     with pytest.raises(argparse.ArgumentTypeError, match="cuda: CUDA is not available on this machine; use cpu"):
-        eval_device("cuda")
+        device_arg("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert eval_device("auto") == eval_device("cuda:0") == torch.device("cuda", 0)
-    assert eval_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert device_arg("auto") == device_arg("cuda") == device_arg("cuda:1") == torch.device("cuda", 1)
+    assert device_arg("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(argparse.ArgumentTypeError, match=r"cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
-        eval_device("cuda:2")
+        device_arg("cuda:2")
     with pytest.raises(argparse.ArgumentTypeError, match="meta: DyT's tools run on cpu or cuda devices"):
-        eval_device("meta")
-    with pytest.raises(argparse.ArgumentTypeError, match="device type at start of device string: gpu"):
-        eval_device("gpu")
+        device_arg("meta")
+    with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a device: give auto, cpu, cuda or cuda:N"):
+        device_arg("gpu")
 
 
 def test_the_evals_give_a_dyt_whose_backend_cannot_run_on_their_device_auto(monkeypatch):
     """A run trained with the CPU kernels, evaluated on a GPU (or one trained with the fused kernels,
     on a laptop): that DyT's backend key, or DYT_BACKEND where it names none, becomes ``auto``, and
     each change is said; a backend that runs there, and the norms that are not DyT, stay as they are."""
+    import warnings
+
     from dyt.train.cli import backends_for_device
     from dyt_dna.task import DnaConfig
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say where the backend runs, or for a LayerNorm
+        config = load_config(DnaConfig, None, ["model.norm=dyt", "model.norm.backend=eager"])
+        backends_for_device(config, "cpu", "run-a")
+        assert config.model.norm.backend == "eager"
+        config = load_config(DnaConfig, None, ["model.norm=layernorm"])
+        backends_for_device(config, "cuda", "run-a")
+        assert config.model.norm.backend is None
     config = load_config(DnaConfig, None, ["model.norm=dyt", "model.norm.backend=cpu"])
-    assert backends_for_device(config, "cpu") == [] and config.model.norm.backend == "cpu"
-    notes = backends_for_device(config, "cuda")
-    assert config.model.norm.backend == "auto" and len(notes) == 1
-    assert notes[0].startswith("model.norm.backend 'cpu' cannot run here (DyT backend 'cpu' cannot run on cuda tensors")
-    assert notes[0].endswith("; the evals use DyT backend 'auto'")
+    with pytest.warns(UserWarning, match=r"^run-a: model.norm.backend cannot run here \(DyT backend 'cpu' cannot run on "
+                                         r"cuda tensors.*\); the evals use DyT backend 'auto'$"):
+        backends_for_device(config, "cuda", "run-a")
+    assert config.model.norm.backend == "auto"
     monkeypatch.setenv("DYT_BACKEND", "cpu")
     config = load_config(DnaConfig, None, ["model.norm=dyt"])
-    assert backends_for_device(config, "cuda")[0].startswith("DYT_BACKEND cannot run here") and config.model.norm.backend == "auto"
-    config = load_config(DnaConfig, None, ["model.norm=layernorm"])
-    assert backends_for_device(config, "cuda") == [] and config.model.norm.backend is None
+    with pytest.warns(UserWarning, match=r"^run-b: DYT_BACKEND \(the default backend\) cannot run here"):
+        backends_for_device(config, "cuda", "run-b")
+    assert config.model.norm.backend == "auto"
 
 
 def test_batches_reach_the_device_as_the_loop_takes_them():
     """Every tensor of a batch, at any depth, moves (the meta device stands in for a GPU here);
     transcripts and other values stay as they are, and so do the containers' types."""
-    import collections
-
-    Pair = collections.namedtuple("Pair", "waves lengths")
-    batch = ((torch.ones(2, 3), Pair(torch.zeros(2), torch.tensor([3, 1]))), ["one", torch.ones(1)], {"x": torch.ones(1)})
+    batch = ((torch.ones(2, 3), (torch.zeros(2), torch.tensor([3, 1]))), ["one", torch.ones(1)], {"x": torch.ones(1)})
     moved = to_device(batch, torch.device("meta"))
-    (waves, pair), (text, ones), named = moved
-    assert isinstance(pair, Pair) and isinstance(moved[1], list) and text == "one"
-    assert all(t.is_meta for t in (waves, pair.waves, pair.lengths, ones, named["x"]))
-    assert all(not t.is_meta for t in (batch[0][0], batch[0][1].lengths))  # the loader's batch is left as it was
+    (waves, (zeros, lengths)), (text, ones), named = moved
+    assert isinstance(moved[1], list) and text == "one"
+    assert all(t.is_meta for t in (waves, zeros, lengths, ones, named["x"]))
+    assert all(not t.is_meta for t in (batch[0][0], batch[0][1][1]))  # the loader's batch is left as it was
     loader = torch.utils.data.DataLoader(_blobs(0, per_class=5), batch_size=4)
-    on_meta = OnDevice(loader, "meta")
+    on_meta = list(on_device(loader, "meta"))
     assert len(on_meta) == len(loader) == 4 and all(x.is_meta and y.is_meta for x, y in on_meta)
     assert module_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
     assert module_device(torch.nn.ReLU()) == torch.device("cpu")
@@ -434,10 +443,10 @@ def test_finetune_trains_and_scores_on_its_device(monkeypatch):
     moved = []
     real_to_device = to_device
 
-    def spy(batch, device):
+    def spy(batch, device, float_dtype=None):
         if isinstance(batch, list):  # a whole batch (default_collate's), not a tensor of one
             moved.append(device)
-        return real_to_device(batch, device)
+        return real_to_device(batch, device, float_dtype)
 
     import dyt.train.finetune as finetune_module
 

@@ -411,7 +411,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
             for pretrained, init in compare.INITS.items():
                 rng = random.Random(f"{run.point.model}-{run.norm}-{task.name}-{init}")
                 results = [{**_finetune_result(rng, seed, ["test"], len(task.classes)), "task": task.name,
-                            "note": task.note} for seed in args.seeds]  # results_json's rows
+                            "note": task.note} for seed in args.seeds]  # result_row's rows
                 path = run.dir / f"eval-{task.name}{'' if pretrained else '-random-init'}.json"
                 path.write_text(json.dumps({"settings": settings, "evals_version": EVALS_VERSION,
                                             "seeds": {str(row["seed"]): row for row in results}}, indent=1))
@@ -460,7 +460,7 @@ def test_dna_report_rows_per_model_norm_init_and_task(tmp_path):
 
 def _dna_results(run: Run, pretrained: bool, task, seeds: list[int]) -> dict[str, list[dict]]:
     """One run's fine-tuning results on ``task`` as the DNA compare's fine-tuning returns them (task name ->
-    results_json's rows), for :func:`~dyt.train.compare.downstream_evals`."""
+    result_row's rows), for :func:`~dyt.train.compare.downstream_evals`."""
     return {task.name: [{**_finetune_result(random.Random(f"{run.point}-{INITS[pretrained]}-{seed}"), seed, ["test"], 4),
                          "task": task.name, "note": task.note} for seed in seeds]}
 
@@ -586,12 +586,13 @@ def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(t
     path, settings = tmp_path / "eval-species.json", {"finetune": {"lr": 1e-3}, "window": 128}
     computed = []
 
-    def compute(seed):
-        computed.append(seed)
-        return {"seed": seed, "made": len(computed)}
+    def compute(seeds):
+        for seed in seeds:
+            computed.append(seed)
+            yield {"seed": seed, "made": len(computed)}
 
-    def never(seed):
-        pytest.fail(f"seed {seed} not reused")
+    def never(seeds):
+        pytest.fail(f"seeds {seeds} not reused")
 
     assert reuse_or_compute(path, settings, [0, 1], compute) == [{"seed": 0, "made": 1}, {"seed": 1, "made": 2}]
     assert reuse_or_compute(path, settings, [0, 1], never) == [{"seed": 0, "made": 1}, {"seed": 1, "made": 2}]
@@ -611,31 +612,36 @@ def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(t
 
 
 def test_stored_evals_keep_each_seed_as_it_finishes(tmp_path):
-    """A comparison killed on its third seed keeps the first two: the relaunch computes the third
-    alone. More seeds later compute only the new ones, fewer reuse theirs, in the order asked."""
+    """The missing seeds go to one computation (what is done once per run, weights and frozen
+    features, is done once), whose results are stored one by one as they come: a comparison killed
+    on its third seed keeps the first two, and the relaunch computes the third alone. More seeds later
+    compute only the new ones, fewer reuse theirs, in the order asked."""
     path, settings = tmp_path / "eval-probe.json", {"steps": 150}
-    computed = []
+    calls = []
 
     class Killed(Exception):
         pass
 
     def killed_on(bad):
-        def compute(seed):
-            if seed == bad:
-                raise Killed
-            computed.append(seed)
-            return {"seed": seed}
+        def compute(seeds):
+            calls.append(list(seeds))
+            for seed in seeds:
+                if seed == bad:
+                    raise Killed
+                yield {"seed": seed}
         return compute
 
     with pytest.raises(Killed):
         reuse_or_compute(path, settings, [0, 1, 2], killed_on(2))
-    assert computed == [0, 1] and sorted(json.loads(path.read_text())["seeds"]) == ["0", "1"]
+    assert calls == [[0, 1, 2]] and sorted(json.loads(path.read_text())["seeds"]) == ["0", "1"]
     assert reuse_or_compute(path, settings, [0, 1, 2], killed_on(None)) == [{"seed": s} for s in (0, 1, 2)]
-    assert computed == [0, 1, 2]
+    assert calls[1:] == [[2]]
     assert reuse_or_compute(path, settings, [3, 0, 1, 2, 4], killed_on(None)) == [{"seed": s} for s in (3, 0, 1, 2, 4)]
-    assert computed == [0, 1, 2, 3, 4]
+    assert calls[2:] == [[3, 4]]
     assert reuse_or_compute(path, settings, [4, 1], killed_on(None)) == [{"seed": 4}, {"seed": 1}]
-    assert computed == [0, 1, 2, 3, 4]
+    assert len(calls) == 3
+    with pytest.raises(ValueError):  # a computation that yields fewer results than seeds
+        reuse_or_compute(path, settings, [5, 6], lambda seeds: iter([{"seed": 5}]))
 
 
 def test_the_wav2vec2_compare_stores_each_eval_and_seed_as_it_finishes(tmp_path, monkeypatch):
@@ -660,18 +666,19 @@ def test_the_wav2vec2_compare_stores_each_eval_and_seed_as_it_finishes(tmp_path,
     class Killed(Exception):
         pass
 
-    def run_evals(run_dir, data, evals, seeds, steps, ctc, pretrained, device):
-        (name,), (seed,) = evals, seeds
-        done = (run_dir.name, name, seed, pretrained)
-        if kill.get("at") == done:
-            raise Killed
-        computed.append(done)
-        return {name: _w2v_evals(random.Random(str(done)), [seed])[name]}
+    def eval_results(name, run_dir, data, seeds, steps, ctc, pretrained, device):
+        for seed in seeds:
+            done = (run_dir.name, name, seed, pretrained)
+            if kill.get("at") == done:
+                raise Killed
+            computed.append(done)
+            yield _w2v_evals(random.Random(str(done)), [seed])[name][0]
 
-    monkeypatch.setattr(compare, "run_evals", run_evals)
+    monkeypatch.setattr(compare, "eval_results", eval_results)
 
     def main(*options):
-        return compare.main(["--out", str(out), "--launcher", "python", "--nproc", "1", *options]).read_text()
+        return compare.main(["--out", str(out), "--launcher", "python", "--nproc", "1", "--device", "cpu",
+                             *options]).read_text()
 
     kill["at"] = ("dyt", "probe", 1, True)
     with pytest.raises(Killed):

@@ -526,7 +526,7 @@ def test_the_random_init_probe_draws_its_backbone_per_seed(pretrained, monkeypat
         return seed
 
     monkeypatch.setattr(w2v_eval, "finetune", fake_finetune)
-    w2v_eval.keyword_eval(Path("run"), Path("data"), "probe", FinetuneConfig(), [0, 1, 2], pretrained)
+    list(w2v_eval.keyword_eval(Path("run"), Path("data"), "probe", FinetuneConfig(), [0, 1, 2], pretrained))
     assert sorted(seen) == [0, 1, 2]
     if pretrained:
         assert len(drawn) == 1 and seen[0] is seen[1] is seen[2]
@@ -680,7 +680,7 @@ def test_the_random_init_ctc_draws_its_feature_extractor_per_seed(speech, tmp_pa
         return seed
 
     monkeypatch.setattr(w2v_eval, "finetune", spy)
-    w2v_eval.ctc_eval(run, tmp_path, [0, 1], pretrained=False, settings=w2v_eval.CTCSettings(steps=1, batch_size=3))
+    list(w2v_eval.ctc_eval(run, tmp_path, [0, 1], pretrained=False, settings=w2v_eval.CTCSettings(steps=1, batch_size=3)))
     assert sorted(seen) == [0, 1] and seen[0].shape == seen[1].shape and not torch.allclose(seen[0], seen[1])
 
 

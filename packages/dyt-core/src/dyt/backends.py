@@ -171,11 +171,15 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def device_arg(text: str) -> torch.device:
-    """A ``--device`` option's value (argparse ``type``): a cpu or cuda device this machine has."""
+    """A ``--device`` option's value (argparse ``type``): a cpu or cuda device this machine has, or
+    ``auto`` (the current CUDA GPU where torch sees one, else the CPU); a GPU always with its index,
+    so one device has one name."""
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(text)
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text}: DyT's tools run on cpu or cuda devices")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -183,6 +187,8 @@ def device_arg(text: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -66,7 +66,7 @@ from .eval import (
     finetune_for,
     finetune_seeds,
     finetune_settings,
-    results_json,
+    result_row,
 )
 from .recipe import SPEC
 from .task import DnaConfig
@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> Path:
                         "task_files": task_files[task.name], **checkpoint_setting(run, pretrained)}
             results[task.name] = stored_eval(
                 run, f"eval-{task.name}", pretrained, settings, args.seeds,
-                lambda seed, task=task, cfg=cfg: {**results_json(task, evaluate(
-                    run.dir, task, cfg, [seed], pretrained=pretrained, device=args.device))[0],
-                    "device": str(args.device)})  # where it ran: not a setting, a stored result is reused
+                lambda missing, task=task, cfg=cfg: (result_row(task, r) for r in evaluate(
+                    run.dir, task, cfg, missing, pretrained=pretrained, device=args.device)), args.device)
         return results
 
     evals = downstream_evals(runs, fine_tune)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import DistinctValues, help_description, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.cli import backends_for_device
+from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import (
@@ -35,7 +34,6 @@ from dyt.train.finetune import (
     FinetuneConfig,
     FinetuneResult,
     Standardize,
-    add_device_argument,
     evaluating,
     finetune,
     module_device,
@@ -83,8 +81,7 @@ def finetune_settings(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def finetune_seeds(args: argparse.Namespace) -> list[int]:
-    """``--seeds`` in one order: stored evals are reused by their settings, so that ``--seeds 1 0``
-    finds what ``--seeds 0 1`` stored."""
+    """``--seeds`` in one order, for the results, the report and ``summary.json`` alike."""
     return sorted(args.seeds)
 
 
@@ -127,39 +124,38 @@ class SequenceClassifier(nn.Module):
 
 def backbone_builder(run_dir: Path, pretrained: bool = True,
                      device: torch.device | str = "cpu") -> tuple[DnaConfig, Callable[[], nn.Module]]:
-    """The run's config and a function that builds its backbone: with the trained weights (read once
-    here), or untrained with ``pretrained`` False (each call its own initialisation); its DyT backends
-    ones that run on ``device`` (``backends_for_device``)."""
+    """The run's config and a function that builds its backbone on ``device``: with the trained
+    weights (read once here), or untrained with ``pretrained`` False (each call its own
+    initialisation); built on the CPU and moved, so a seed draws the same weights on any device."""
     config = load_config(DnaConfig, run_dir / "config.yaml", check_files=False)
-    for note in backends_for_device(config, device):
-        warnings.warn(note, stacklevel=2)  # once per process, however many tasks and seeds load the run
-    return config, run_model_builder(run_dir, lambda: build_model(config.model), pretrained)
+    backends_for_device(config, device, str(run_dir))
+    build = run_model_builder(run_dir, lambda: build_model(config.model), pretrained)
+    return config, lambda: build().to(device)
 
 
 def evaluate(run_dir: Path, task: ClassificationData, cfg: FinetuneConfig, seeds: list[int],
-             pretrained: bool = True, device: torch.device | str = "cpu") -> list[FinetuneResult]:
-    """Fine-tune the run's pretrained model on ``task`` once per seed of ``seeds``; with ``pretrained``
-    False the same model untrained (each seed's own initialisation): the baseline that shows what
-    pretraining bought."""
+             pretrained: bool = True, device: torch.device | str = "cpu") -> Iterator[FinetuneResult]:
+    """Fine-tune the run's pretrained model on ``task`` once per seed of ``seeds``, yielding each
+    result as it finishes; with ``pretrained`` False the same model untrained (each seed's own
+    initialisation): the baseline that shows what pretraining bought."""
     config, build_backbone = backbone_builder(run_dir, pretrained, device)
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokens([r["sequence"] for r in rows]), torch.tensor([r["label"] for r in rows])
 
     def make_model() -> SequenceClassifier:
-        return SequenceClassifier(build_backbone(), len(task.classes)).to(device).fit_standardize(task.train, collate)
+        return SequenceClassifier(build_backbone(), len(task.classes)).fit_standardize(task.train, collate)
 
-    return [
-        finetune(make_model, task.train, task.validation, {"test": task.test}, collate, Classification(len(task.classes)), cfg, seed,
-                 desc=f"{config.model.arch}/{config.model.norm.kind}{'' if pretrained else ' (random init)'} "
-                      f"{task.name} seed {seed}", device=device)
-        for seed in seeds
-    ]
+    for seed in seeds:
+        yield finetune(make_model, task.train, task.validation, {"test": task.test}, collate,
+                       Classification(len(task.classes)), cfg, seed,
+                       desc=f"{config.model.arch}/{config.model.norm.kind}{'' if pretrained else ' (random init)'} "
+                            f"{task.name} seed {seed}", device=device)
 
 
-def results_json(task: ClassificationData, results: list[FinetuneResult]) -> list[dict]:
-    """Per-seed results as JSON rows, each with the task's name and note (e.g. what ``--truncate`` cut)."""
-    return [{**asdict(r), "task": task.name, "note": task.note} for r in results]
+def result_row(task: ClassificationData, result: FinetuneResult) -> dict:
+    """One seed's result as a JSON row, with the task's name and note (e.g. what ``--truncate`` cut)."""
+    return {**asdict(result), "task": task.name, "note": task.note}
 
 
 def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
@@ -190,9 +186,10 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
     print(f"fine-tuning on {args.device}", flush=True)
-    results = evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init, device=args.device)
+    results = list(evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init,
+                            device=args.device))
     if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
-        args.out.write_text(json.dumps(results_json(task, results), indent=1))
+        args.out.write_text(json.dumps([result_row(task, r) for r in results], indent=1))
     for metric, values in summarize(results).items():
         print(f"{task.name} {metric}: {mean_std(values)} over seeds {args.seeds}")
     return results

@@ -20,6 +20,7 @@ from pathlib import Path
 from dyt.analysis import pyplot
 from dyt.errors import DistinctValues, command, help_description, options_given, user_errors
 from dyt.train import load_config
+from dyt.train.cli import add_device_argument
 from dyt.train.compare import (
     INITS,
     Run,
@@ -50,7 +51,6 @@ from dyt.train.compare import (
     validation_share,
 )
 from dyt.train.config import SEED
-from dyt.train.finetune import add_device_argument
 from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
 
@@ -61,8 +61,8 @@ from .eval import (
     add_ctc_arguments,
     add_keyword_arguments,
     check_eval_options,
+    eval_results,
     headline,
-    run_evals,
 )
 from .recipe import SPEC
 from .speech import KEYWORDS
@@ -132,21 +132,17 @@ def main(argv: list[str] | None = None) -> Path:
     runs = train_runs(SPEC, args, plan)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
 
-    own_settings = {"contrastive": {}, "probe": {"steps": args.steps}, "finetune": {"steps": args.steps},
-                    "ctc": {"ctc": asdict(ctc)}}  # what each eval's results depend on, besides the checkpoint
+    settings_by_eval = {"contrastive": {}, "probe": {"steps": args.steps}, "finetune": {"steps": args.steps},
+                        "ctc": {"ctc": asdict(ctc)}}  # what each eval's results depend on, besides the checkpoint
 
     def evaluate(run: Run, pretrained: bool) -> dict:
         """Eval name -> one result per seed, each stored in the run's ``eval-<name>.json`` as it is done."""
         print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}; "
               f"on {args.device}", flush=True)
-
-        def one_seed(name: str, seed: int) -> dict:
-            row = run_evals(run.dir, data, [name], [seed], args.steps, ctc, pretrained=pretrained, device=args.device)
-            return {**row[name][0], "device": str(args.device)}  # where it ran: not a setting, a stored result is reused
-
         return {name: stored_eval(run, f"eval-{name}", pretrained,
-                                  {"pretrained": pretrained, **checkpoint_setting(run, pretrained), **own_settings[name]},
-                                  args.seeds, lambda seed, name=name: one_seed(name, seed))
+                                  {"pretrained": pretrained, **checkpoint_setting(run, pretrained), **settings_by_eval[name]},
+                                  args.seeds, lambda missing, name=name: eval_results(
+                                      name, run.dir, data, missing, args.steps, ctc, pretrained, args.device), args.device)
                 for name in args.evals}
 
     report = write_report(args, runs, downstream_evals(runs, evaluate) if args.evals else {})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.errors import DistinctValues, help_description, options_given, output_file
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.cli import backends_for_device
+from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import mean_std
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
@@ -46,13 +45,12 @@ from dyt.train.finetune import (
     FinetuneResult,
     LengthBatches,
     Standardize,
-    add_device_argument,
     evaluating,
     finetune,
     module_device,
-    to_device,
+    on_device,
 )
-from dyt.train.trainer import seed_everything
+from dyt.train.trainer import seed_everything, to_device
 
 from .audio import Utterance, load_audio
 from .model import build_wav2vec2, encode
@@ -74,14 +72,14 @@ CTC_TESTS = {"unseen voices": "sentences-test", "real recordings": "real-sentenc
 
 
 def load_pretrained(run_dir: Path, pretrained: bool = True, device: torch.device | str = "cpu"):
-    """The run's config and a builder of its model: with the trained weights, or (``pretrained``
-    False) freshly initialised, seeded by the caller like every fine-tuning run; its DyT backends
-    ones that run on ``device`` (``backends_for_device``)."""
+    """The run's config and a builder of its model on ``device``: with the trained weights, or
+    (``pretrained`` False) freshly initialised, seeded by the caller like every fine-tuning run; built
+    on the CPU and moved, so a seed draws the same weights on any device."""
     config = load_config(Wav2Vec2PretrainConfig, run_dir / "config.yaml", check_files=False)
     config.model.compile_quantizer = False  # eager: evals are small, compiling costs more than it saves
-    for note in backends_for_device(config, device):
-        warnings.warn(note, stacklevel=2)  # once per process, however many evals and seeds load the run
-    return config, run_model_builder(run_dir, lambda: build_wav2vec2(config.model), pretrained)
+    backends_for_device(config, device, str(run_dir))
+    make = run_model_builder(run_dir, lambda: build_wav2vec2(config.model), pretrained)
+    return config, lambda: make().to(device)
 
 
 class LabeledAudio(Dataset):
@@ -129,8 +127,7 @@ class KeywordClassifier(nn.Module):
     def fit_standardize(self, dataset: LabeledAudio) -> KeywordClassifier:
         """Set the head's input statistics from every utterance of ``dataset``, as the encoder is now."""
         with evaluating(self):
-            features = _frozen_features(self.backbone, dataset).tensors[0]
-            self.standardize = Standardize.fit(features).to(module_device(self))
+            self.standardize = Standardize.fit(_frozen_features(self.backbone, dataset).tensors[0])
         return self
 
 
@@ -152,15 +149,16 @@ def standardized(splits: dict[str, TensorDataset], by: str = "train") -> dict[st
 
 
 def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seeds: list[int],
-                 pretrained: bool = True, device: torch.device | str = "cpu") -> list[FinetuneResult]:
-    """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too."""
+                 pretrained: bool = True, device: torch.device | str = "cpu") -> Iterator[FinetuneResult]:
+    """``probe``: a linear head on frozen features; ``finetune``: the whole encoder trains too. One
+    result per seed, yielded as each finishes."""
     config, make = load_pretrained(run_dir, pretrained, device)
     splits = {"train": _keyword_rows(data, "keywords-train"), "validation": _keyword_rows(data, "keywords-validation"),
               **{name: _keyword_rows(data, manifest) for name, manifest in KEYWORD_TESTS.items()}}
     if mode == "probe":
         def probe_features(seed: int) -> dict[str, TensorDataset]:
             seed_everything(seed)  # an untrained backbone is drawn from the seed
-            backbone = make().to(device).eval()
+            backbone = make().eval()
             return standardized({name: _frozen_features(backbone, rows) for name, rows in splits.items()})
 
         def build_probe() -> nn.Module:
@@ -176,14 +174,14 @@ def keyword_eval(run_dir: Path, data: Path, mode: str, cfg: FinetuneConfig, seed
         builder, collate = build_probe, lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     else:
         def build_classifier() -> nn.Module:
-            return KeywordClassifier(make(), config.model.dim).to(device).fit_standardize(splits["train"])
+            return KeywordClassifier(make(), config.model.dim).fit_standardize(splits["train"])
 
         per_seed = {seed: splits for seed in seeds}
         builder, collate = build_classifier, _collate_labels
-    return [finetune(builder, per_seed[seed]["train"], per_seed[seed]["validation"],
-                     {name: per_seed[seed][name] for name in KEYWORD_TESTS}, collate, Classification(len(KEYWORDS)),
-                     cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}", device=device)
-            for seed in seeds]
+    for seed in seeds:
+        yield finetune(builder, per_seed[seed]["train"], per_seed[seed]["validation"],
+                       {name: per_seed[seed][name] for name in KEYWORD_TESTS}, collate, Classification(len(KEYWORDS)),
+                       cfg, seed, desc=f"keywords {mode} ({config.model.norm.kind}) seed {seed}", device=device)
 
 
 # ---------------------------------------------------------------- CTC speech recognition
@@ -331,7 +329,7 @@ class CTCModel(nn.Module):
 
         def valid_frames():
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate_transcripts)
-            for (features, frames), _ in (to_device(batch, device) for batch in loader):
+            for (features, frames), _ in on_device(loader, device):
                 encoded = self.encoded(features, frames)
                 yield encoded[torch.arange(encoded.shape[1], device=device)[None, :] < frames[:, None]]
 
@@ -406,38 +404,35 @@ class CTCObjective:
 
 
 def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True,
-             settings: CTCSettings = CTCSettings(), device: torch.device | str = "cpu") -> list[FinetuneResult]:
+             settings: CTCSettings = CTCSettings(), device: torch.device | str = "cpu") -> Iterator[FinetuneResult]:
     """Fine-tune the model with a character head under CTC on synthetic sentences, through the
     shared ``finetune`` loop as ``settings`` say, selecting on validation CER; test on unseen
-    voices saying unseen sentences and on real recordings of them."""
+    voices saying unseen sentences and on real recordings of them. One result per seed, yielded as
+    each finishes."""
     config, make = load_pretrained(run_dir, pretrained, device)
     cfg = settings.finetune_config()
     splits = {"train": load_split(data, "sentences-train"), "validation": load_split(data, "sentences-validation"),
               **{name: load_split(data, manifest) for name, manifest in CTC_TESTS.items()}}
     def frozen_features(seed: int) -> dict[str, Transcribed]:
         seed_everything(seed)  # an untrained feature extractor is drawn from the seed
-        extractor = make().to(device)
+        extractor = make()
         return {name: Transcribed(conv_features(extractor, rows), rows) for name, rows in splits.items()}
 
     # the trained extractor's features once; an untrained one's per seed (one at a time: ~0.1 GB
     # each), so the random-init row's spread covers the extractor's draw, as the probe's does
     trained = frozen_features(seeds[0]) if pretrained else None
-    results = []
     for seed in seeds:
         datasets = trained if trained is not None else frozen_features(seed)
         frames = [len(f) for f in datasets["train"].features]  # the sentences last 0.4-62 s: batch by length
 
         def build_recogniser(datasets=datasets, frames=frames) -> CTCModel:
-            recogniser = CTCModel(make(), config.model.dim, settings.masking).to(device)
-            return recogniser.fit_standardize(datasets["train"], frames)
+            return CTCModel(make(), config.model.dim, settings.masking).fit_standardize(datasets["train"], frames)
 
-        results.append(finetune(build_recogniser, datasets["train"], datasets["validation"],
-                                {name: datasets[name] for name in CTC_TESTS}, _collate_transcripts, CTCObjective(),
-                                cfg, seed,
-                                desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",
-                                lengths=frames, device=device))
+        yield finetune(build_recogniser, datasets["train"], datasets["validation"],
+                       {name: datasets[name] for name in CTC_TESTS}, _collate_transcripts, CTCObjective(), cfg, seed,
+                       desc=f"CTC ({config.model.norm.kind}{'' if pretrained else ', random init'}) seed {seed}",
+                       lengths=frames, device=device)
         del datasets, frames, build_recogniser  # the next seed's features are built without these held
-    return results
 
 
 # ---------------------------------------------------------------- the pretraining task on held-out speech
@@ -454,16 +449,15 @@ def contrastive_batches(rows: list[Utterance], crop: int, size: int = 8) -> Iter
 
 
 def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True,
-                     device: torch.device | str = "cpu") -> list[dict]:
+                     device: torch.device | str = "cpu") -> Iterator[dict]:
     """The validation scores of pretraining (``pretraining_loss``'s extras: contrastive loss with
     every distractor kept, accuracy, perplexities) on held-out speech, once per seed of the masks
     and distractors. Speech the run never validated on (the real recordings) confirms what a
-    setting chosen on the validation voices does."""
+    setting chosen on the validation voices does. One result per seed, yielded as each finishes."""
     config, make = load_pretrained(run_dir, pretrained, device)
-    results = []
     for seed in seeds:
         seed_everything(seed)
-        model = make().to(device).eval()
+        model = make().eval()
         scores = {}
         for name, manifests in CONTRASTIVE_TESTS.items():
             # each recording once: a real keyword can also be a held-out prompt sentence
@@ -476,8 +470,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
                     for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
                         sums[key] = sums.get(key, 0.0) + value * len(batch[1])
             scores[name] = {k: v / len(rows) for k, v in sums.items() if k != "units"} | {"utterances": len(rows)}
-        results.append({"seed": seed, "test": scores})
-    return results
+        yield {"seed": seed, "test": scores}
 
 
 @user_errors("dyt_wav2vec2.eval")
@@ -571,18 +564,23 @@ def add_keyword_arguments(parser: argparse.ArgumentParser) -> list[argparse.Acti
 def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
               ctc: CTCSettings = CTCSettings(), pretrained: bool = True,
               device: torch.device | str = "cpu") -> dict[str, list[dict]]:
-    results = {}
-    for name in evals:
-        if name == "contrastive":
-            results[name] = contrastive_eval(run_dir, data, seeds, pretrained, device)
-        elif name == "ctc":
-            results[name] = [asdict(r) for r in ctc_eval(run_dir, data, seeds, pretrained, ctc, device)]
-        else:
-            lr = 1e-2 if name == "probe" else 5e-4
-            cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),
-                                 patience=4)
-            results[name] = [asdict(r) for r in keyword_eval(run_dir, data, name, cfg, seeds, pretrained, device)]
-    return results
+    """Eval name -> one JSON result per seed."""
+    return {name: list(eval_results(name, run_dir, data, seeds, steps, ctc, pretrained, device)) for name in evals}
+
+
+def eval_results(name: str, run_dir: Path, data: Path, seeds: list[int], steps: int,
+                 ctc: CTCSettings = CTCSettings(), pretrained: bool = True,
+                 device: torch.device | str = "cpu") -> Iterator[dict]:
+    """One eval's JSON result per seed, yielded as each finishes (what the compare stores)."""
+    if name == "contrastive":
+        yield from contrastive_eval(run_dir, data, seeds, pretrained, device)
+    elif name == "ctc":
+        yield from map(asdict, ctc_eval(run_dir, data, seeds, pretrained, ctc, device))
+    else:
+        lr = 1e-2 if name == "probe" else 5e-4
+        cfg = FinetuneConfig(lr=lr, batch_size=32, epochs=100, max_steps=steps, eval_every=max(1, steps // 8),
+                             patience=4)
+        yield from map(asdict, keyword_eval(run_dir, data, name, cfg, seeds, pretrained, device))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 
-from ..backends import AUTO, BackendUnavailableError, select_backend
+from ..backends import AUTO, BackendUnavailableError, device_arg, select_backend
 from ..errors import UserInputError, command, user_errors
 from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
@@ -73,34 +74,37 @@ def check_machine(config: Any, ranks: int) -> None:
     if config.train.precision == "fp16" and device == "cpu":
         raise ConfigError("train.precision='fp16' needs a CUDA GPU (DeepSpeed runs no fp16 on CPU): "
                           "use fp32 or bf16 here")
-    for key, norm, error in _backend_problems(config, device):
-        where = f"{key}.backend" if norm.backend is not None else "DYT_BACKEND (the default backend)"
+    for where, _, error in _backend_problems(config, device):
         raise ConfigError(f"{where}: {error}")
 
 
 def _backend_problems(config: Any, device: torch.device | str) -> Iterator[tuple[str, NormConfig, Exception]]:
-    """(dotted key, NormConfig, why) for every DyT of ``config`` whose backend (its ``backend`` key,
-    else ``DYT_BACKEND``) cannot run on ``device``."""
+    """(where it is set, NormConfig, why) for every DyT of ``config`` whose backend (its ``backend``
+    key, else ``DYT_BACKEND``) cannot run on ``device``."""
     for key, norm in _norm_configs(config):
         if norm.kind != "dyt":
             continue
         try:
             select_backend(norm.backend, device, squash=norm.squash, channel_alpha=norm.alpha_shape == "channel")
         except (BackendUnavailableError, ValueError) as error:
-            yield key, norm, error
+            yield (f"{key}.backend" if norm.backend is not None else "DYT_BACKEND (the default backend)"), norm, error
 
 
-def backends_for_device(config: Any, device: torch.device | str) -> list[str]:
-    """Set every DyT of ``config`` whose backend cannot run on ``device`` to ``auto`` (every backend
-    computes the same function), and say so, one line each: the downstream evals rebuild a run's model
-    on their own ``--device``, so a run trained on GPUs with the fused kernels is evaluated on a laptop,
-    and one trained with the CPU kernels on a GPU."""
-    notes = []
-    for key, norm, error in list(_backend_problems(config, device)):
-        where = f"{key}.backend {norm.backend!r}" if norm.backend is not None else "DYT_BACKEND"
-        notes.append(f"{where} cannot run here ({error}); the evals use DyT backend 'auto'")
+def backends_for_device(config: Any, device: torch.device | str, run: str) -> None:
+    """Give every DyT of ``config`` (``run``'s) whose backend cannot run on ``device`` the backend
+    ``auto``, with a warning (once per run and setting): every backend computes the same function,
+    and the downstream evals rebuild a run's model on their own ``--device``, so a run trained with
+    the fused kernels is evaluated on a laptop, and one trained with the CPU kernels on a GPU."""
+    for where, norm, error in _backend_problems(config, device):
+        warnings.warn(f"{run}: {where} cannot run here ({error}); the evals use DyT backend 'auto'", stacklevel=2)
         norm.backend = AUTO
-    return notes
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> argparse.Action:
+    """``--device`` for a command that runs the downstream evals (its eval CLI and its compare alike)."""
+    return parser.add_argument("--device", type=device_arg, default="auto",
+                               help="where the downstream evals run: auto (a CUDA GPU where torch sees one, else the "
+                                    "CPU), cpu, cuda or cuda:N")
 
 
 def run_recipe(

@@ -673,19 +673,20 @@ batches recordings of like length and crops each batch to its shortest, as pretr
 reporting it beside new results."""
 
 
-def reuse_or_compute(path: Path, settings: dict, seeds: Sequence[int], compute_seed: Callable[[int], Any]) -> list:
+def reuse_or_compute(path: Path, settings: dict, seeds: Sequence[int],
+                     compute: Callable[[list[int]], Iterable[Any]]) -> list:
     """One JSON result per seed of ``seeds``, in their order: the seeds stored at ``path`` with the same
-    ``settings`` by evals of this ``EVALS_VERSION``, and ``compute_seed(seed)`` for the others, each
-    stored as soon as it is done. A killed comparison loses at most the seed it was on, and a later
-    one with more seeds computes only those (``settings`` hold no seeds)."""
+    ``settings`` by evals of this ``EVALS_VERSION``; for the others, what ``compute(missing)`` yields, one
+    result per missing seed in their order, each stored as it comes. A killed comparison loses at most
+    the seed it was on, and a later one with more seeds computes only those (``settings`` hold no seeds)."""
     saved = read_json(path)  # none, or cut short by a kill before writes were atomic: computed again
     done: dict[str, Any] = {}
     if (isinstance(saved, dict) and saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION
-            and isinstance(saved.get("seeds"), dict)):  # stored per seed since 2026-12-06: older files computed again
+            and isinstance(saved.get("seeds"), dict)):
         done = saved["seeds"]
-    for seed in seeds:
-        if str(seed) not in done:
-            done[str(seed)] = compute_seed(seed)
+    if missing := [seed for seed in seeds if str(seed) not in done]:
+        for seed, result in zip(missing, compute(missing), strict=True):
+            done[str(seed)] = result
             write_json(path, {"settings": settings, "evals_version": EVALS_VERSION, "seeds": done})
     return [done[str(seed)] for seed in seeds]
 
@@ -799,11 +800,12 @@ def checkpoint_setting(run: Run, pretrained: bool) -> dict[str, int]:
 
 
 def stored_eval(run: Run, stem: str, pretrained: bool, settings: dict, seeds: Sequence[int],
-                compute_seed: Callable[[int], Any]) -> list:
+                compute: Callable[[list[int]], Iterable[dict]], device: torch.device) -> list[dict]:
     """:func:`reuse_or_compute` in the run's ``<stem>.json``, or ``<stem>-random-init.json`` for the
-    untrained model, so that neither overwrites the other."""
+    untrained model, so that neither overwrites the other; each result computed here names the
+    ``device`` it ran on (not a setting: a stored result is reused on any device)."""
     return reuse_or_compute(run.dir / f"{stem}{'' if pretrained else '-random-init'}.json", settings, seeds,
-                            compute_seed)
+                            lambda missing: ({**row, "device": str(device)} for row in compute(missing)))
 
 
 def downstream_evals(runs: Sequence[Run], evaluate: Callable[[Run, bool], Any]) -> dict[tuple[Point, bool], Any]:

@@ -5,11 +5,10 @@ Single process: evals are small next to pretraining.
 Used by dyt-dna (sequence classification) and dyt-wav2vec2 (keyword probe and fine-tune:
 ``Classification``; CTC speech recognition: its own ``Objective``). The evals run on one device
 (``--device``: a GPU where torch sees one); data is read and collated on the CPU, and each batch
-is moved to the device as the loop takes it (:class:`OnDevice`)."""
+is moved to the device as the loop takes it (:func:`on_device`)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,55 +20,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..backends import device_arg
-from .trainer import like_length_batches, seed_everything, weight_decay_groups
+from .trainer import like_length_batches, seed_everything, to_device, weight_decay_groups
 
 SCHEDULES = ("constant", "tri-stage")
 
 
-def eval_device(text: str) -> torch.device:
-    """The device an eval runs on, from ``--device``: ``auto`` (the first CUDA GPU when torch sees
-    one, else the CPU), or a cpu / cuda device this machine has (:func:`dyt.backends.device_arg`: an
-    ``argparse.ArgumentTypeError``, one line, for any other)."""
-    if text == "auto":
-        text = "cuda:0" if torch.cuda.is_available() else "cpu"
-    return device_arg(text)
-
-
-def add_device_argument(parser: argparse.ArgumentParser) -> argparse.Action:
-    """``--device`` for a command that runs the downstream evals (its eval CLI and its compare alike)."""
-    return parser.add_argument("--device", type=eval_device, default="auto",
-                        help="where the downstream evals run: auto (a CUDA GPU where torch sees one, else the "
-                             "CPU), cpu, cuda or cuda:N")
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (in tuples, lists and dicts, at any depth) on ``device``;
-    anything else (transcripts, names) as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(to_device(item, device) for item in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(item, device) for item in batch)
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    return batch
-
-
-class OnDevice:
-    """The batches of ``loader`` moved to ``device`` one at a time, as they are taken: the loader
-    (and its workers) read and collate on the CPU; only the batch in use is on the device."""
-
-    def __init__(self, loader: Iterable[Any], device: torch.device | str):
-        self.loader, self.device = loader, torch.device(device)
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            yield to_device(batch, self.device)
+def on_device(batches: Iterable[Any], device: torch.device | str) -> Iterator[Any]:
+    """``batches`` moved to ``device`` one at a time, as they are taken: a loader (and its workers)
+    reads and collates on the CPU; only the batch in use is on the device."""
+    for batch in batches:
+        yield to_device(batch, torch.device(device))
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -285,7 +245,7 @@ def evaluating(model: nn.Module):
 
 def _evaluate(model: nn.Module, objective: Objective, loader: DataLoader) -> tuple[dict[str, float], Any]:
     with evaluating(model):
-        return objective.evaluate(model, OnDevice(loader, module_device(model)))
+        return objective.evaluate(model, on_device(loader, module_device(model)))
 
 
 def finetune(
@@ -333,7 +293,7 @@ def finetune(
     curve, waited, step = [], 0, 0
     bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
     while step < total and waited < cfg.patience:
-        for batch in OnDevice(loader, device):
+        for batch in on_device(loader, device):
             loss = objective.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -220,16 +220,17 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def _to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Move a batch to ``device``; floating tensors (waveforms, features) also to the engine's
-    bf16/fp16 weights' dtype, so a recipe's float inputs meet its half-precision layers."""
+def to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move a batch (tensors in tuples, lists and dicts, at any depth) to ``device``; with
+    ``float_dtype``, floating tensors (waveforms, features) also to the engine's bf16/fp16 weights'
+    dtype, so a recipe's float inputs meet its half-precision layers."""
     if isinstance(batch, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
         return batch.to(device, dtype=dtype, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device, float_dtype) for k, v in batch.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device, float_dtype) for v in batch)
+        return type(batch)(to_device(v, device, float_dtype) for v in batch)
     return batch
 
 
@@ -829,7 +830,7 @@ class Trainer:
         with torch.no_grad():
             for turn, (number, batch) in enumerate(loader):
                 seed_everything(validation_seed(LOSS, number))
-                loss, extras = self.task.loss(engine, _to_device(batch, self.dist.device, engine_input_dtype(engine)))
+                loss, extras = self.task.loss(engine, to_device(batch, self.dist.device, engine_input_dtype(engine)))
                 extra_names.update(name for name in extras if name != "units")
                 if turn >= len(mine):
                     continue
@@ -1004,7 +1005,7 @@ class Trainer:
                 loss_sum, units, extra_sums, grad_norm = 0.0, 0.0, {}, None
                 lr = engine.get_lr()[0]  # this step's update's rate (the schedule moves on at its end)
                 for micro in range(cfg.grad_accum):
-                    batch = _to_device(next(stream), dist.device, input_dtype)
+                    batch = to_device(next(stream), dist.device, input_dtype)
                     loss, extras = self.task.loss(engine, batch)
                     finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
                     if finite.item() == 0:
