@@ -672,6 +672,32 @@ def _file_size_limit(limit: int):
 
 
 @pytest.mark.slow
+def test_too_little_room_for_the_next_checkpoint_stops_before_saving(tmp_path, monkeypatch, capsys):
+    """After the first save, one that would not fit beside the newest complete checkpoint (rank 0
+    measures; every rank stops on it together) stops the run before DeepSpeed writes anything, with
+    one line naming the free space, the checkpoint's size and the step --resume continues from."""
+    import collections
+
+    from dyt.train import run_recipe
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from toy_recipe import ToyConfig, ToyTask
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("dyt.train.trainer.shutil.disk_usage", lambda path: usage(2**30, 2**30 - 2**10, 2**10))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(ToyConfig, ToyTask, ["--set", f"train.out_dir={out}", "--set", "train.steps=4", "--set",
+                                        "train.save_every=2", "--set", "train.eval_every=0", "--set",
+                                        "train.progress=false", "--set", "train.tensorboard=false"], prog="toy")
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"toy: checkpoint error: no room to save the checkpoint of step 4 in {out / 'checkpoints'}: "
+                           "0.0 MiB free, the last checkpoint took "), last
+    assert "--resume continues from step 2" in last and "step_00000002" in last, last
+    assert (out / "checkpoints/step_00000002/COMPLETE").is_file() and not (out / "checkpoints/step_00000004").exists()
+
+
 def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(tmp_path):
     """A file-size limit (as a full disk) makes the step-4 checkpoint fail: the run stops with exit
     status 2 naming step 4 and the step-2 checkpoint a resume takes; --resume then finishes."""

@@ -53,6 +53,13 @@ class CheckpointSaveError(UserInputError):
     every_rank = False  # one rank's write fails; that rank reports it
 
 
+class NoRoomToSaveError(CheckpointSaveError):
+    """Too little free space for the next checkpoint, found before saving: every rank stops on it
+    together (an all-reduce), and rank 0 alone says so."""
+
+    every_rank = True
+
+
 class Task(Protocol):
     """What a recipe provides. ``loss`` returns the loss and extra scalars; an extra named
     ``units`` (e.g. tokens in the batch) sets the unit of the throughput metric, and every other
@@ -874,21 +881,42 @@ class Trainer:
         client = {"step": step, "data_position": {"epoch": position.epoch, "sample": position.sample}}
         if (names := _master_weight_names(engine)) is not None:
             client[checkpoint.MASTER_NAMES] = names
+        self._check_room_to_save(step)
         try:
             return checkpoint.save(engine, self.ckpt_root, step, client, self.dist, self.cfg.keep_checkpoints)
         except (OSError, RuntimeError) as error:
-            done = checkpoint.complete_checkpoints(self.ckpt_root)
             cause = " ".join(str(error).split())[:300]
             try:
                 cause += f"; {shutil.disk_usage(self.ckpt_root).free / 2**20:.0f} MiB free there"
             except OSError:
                 pass
-            resume = (f"--resume continues from step {checkpoint.step_of(done[-1])} ({done[-1]})" if done
-                      else "there is no complete checkpoint yet: --resume starts from step 0")
-            raise CheckpointSaveError(
-                f"could not save the checkpoint of step {step} in {self.ckpt_root} ({cause}); {resume}. "
-                "Free disk space (or point train.out_dir elsewhere) and run again with --resume"
-            ) from error
+            raise CheckpointSaveError(f"could not save the checkpoint of step {step} in {self.ckpt_root} ({cause}); "
+                                      f"{self._resume_from()}. Free disk space (or point train.out_dir elsewhere) "
+                                      "and run again with --resume") from error
+
+    def _resume_from(self) -> str:
+        """What ``--resume`` would start from, in words, for an error that stops the run."""
+        done = checkpoint.complete_checkpoints(self.ckpt_root)
+        return (f"--resume continues from step {checkpoint.step_of(done[-1])} ({done[-1]})" if done
+                else "there is no complete checkpoint yet: --resume starts from step 0")
+
+    def _check_room_to_save(self, step: int) -> None:
+        """Before a save, room for one more checkpoint the size of the newest complete one (older ones
+        are deleted only once the new one is complete), measured by rank 0; every rank stops on it
+        together. Why: a save that fails on one rank (a full disk, the usual cause) leaves the others
+        waiting inside DeepSpeed's save, on other nodes until the collective timeout. The first save
+        has nothing to measure by."""
+        measured = [0.0, 0.0]  # free bytes, bytes needed
+        if self.dist.is_main and (done := checkpoint.complete_checkpoints(self.ckpt_root)):
+            with contextlib.suppress(OSError):  # unmeasurable: the save itself will say what fails
+                measured = [float(shutil.disk_usage(self.ckpt_root).free),
+                            float(sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()))]
+        free, need = all_reduce(torch.tensor(measured, dtype=torch.float64), "max").tolist()
+        if free < need:
+            raise NoRoomToSaveError(
+                f"no room to save the checkpoint of step {step} in {self.ckpt_root}: {free / 2**20:.1f} MiB free, "
+                f"the last checkpoint took {need / 2**20:.1f} MiB; {self._resume_from()}. Free disk space (or point "
+                "train.out_dir elsewhere) and run again with --resume")
 
     def _stop_diverged(self, step: int, loss: str, what: str, last_good: Path | None) -> NoReturn:
         """Record the divergence in the run folder (rank 0) and stop every rank: ``what`` happened at
@@ -1072,6 +1100,8 @@ class Trainer:
                     last_good = self._save(engine, step, batches.position)
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
+        except NoRoomToSaveError:
+            raise  # every rank stops on it together, rank 0 saying why
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
             raise
