@@ -219,9 +219,10 @@ class TrainConfig:
     """Of those, the ones that change a run's numbers: its schedule, its batches, its gradient, the
     examples validation scores and how it batches them (``eval_batches``, ``eval_micro_batch_size``,
     which follows ``micro_batch_size`` where it is None: :meth:`resolved_nulls`), the random crops of
-    training's data-loading workers (``num_workers``), the logged rows a report's final training loss and throughput are taken from
-    (``log_every``); the rest are cadences, memory and display (validating draws from seeds of its own).
-    A comparison refuses a run in its folder trained with other values (``dyt.train.compare``)."""
+    training's data-loading workers (``num_workers``), the logged rows a report's final training loss
+    and throughput are taken from (``log_every``); the rest are cadences, memory and display
+    (validating draws from seeds of its own). A comparison refuses a run in its folder trained with
+    other values (``dyt.train.compare``)."""
 
     @property
     def validation_micro_batch_size(self) -> int:
