@@ -355,9 +355,10 @@ def test_finetune_decays_matrices_only_as_pretraining_does(monkeypatch):
 
 
 def test_the_evals_device_option_takes_auto_cpu_and_the_gpus_torch_sees(monkeypatch):
-    """``--device`` (``dyt.backends.device_arg``): auto is the current GPU where torch sees one, else
-    the CPU; a GPU always has its index (one device, one name in the stored results); a device this
-    machine lacks, or one the tools do not run on, is a one-line argparse error naming what there is."""
+    """``--device`` (``dyt.backends.device_arg``): auto is the first GPU where torch sees one, else
+    the CPU; a GPU always has its index (one device, one name in the stored results), found without
+    starting CUDA; a device this machine lacks, or one the tools do not run on, is a one-line argparse
+    error naming what there is."""
     import argparse
 
     from dyt.backends import device_arg
@@ -368,9 +369,9 @@ def test_the_evals_device_option_takes_auto_cpu_and_the_gpus_torch_sees(monkeypa
         device_arg("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert device_arg("auto") == device_arg("cuda") == device_arg("cuda:1") == torch.device("cuda", 1)
-    assert device_arg("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("parsing started CUDA"))
+    assert device_arg("auto") == device_arg("cuda") == device_arg("cuda:0") == torch.device("cuda", 0)
+    assert device_arg("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(argparse.ArgumentTypeError, match=r"cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
         device_arg("cuda:2")
     with pytest.raises(argparse.ArgumentTypeError, match="meta: DyT's tools run on cpu or cuda devices"):

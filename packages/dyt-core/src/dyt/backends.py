@@ -172,7 +172,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def device_arg(text: str) -> torch.device:
     """A ``--device`` option's value (argparse ``type``): a cpu or cuda device this machine has, or
-    ``auto`` (the current CUDA GPU where torch sees one, else the CPU); a GPU always with its index,
+    ``auto`` (the first CUDA GPU where torch sees one, else the CPU); a GPU always with its index,
     so one device has one name."""
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,7 +188,9 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        # a new process's current GPU, named without asking CUDA: parsing must not start a CUDA
+        # context (a compare's parent process would hold one on GPU 0 while its ranks train there)
+        return torch.device("cuda", 0)
     return device
 
 
