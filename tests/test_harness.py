@@ -464,6 +464,43 @@ def test_validation_batches_by_its_own_micro_batch_size_where_one_is_set(monkeyp
     assert batched == [16] * 5 and larger["examples"] == 80
 
 
+def test_the_room_a_save_needs_is_the_newest_checkpoint_without_its_universal_copy(tmp_path, monkeypatch):
+    """Before a save, rank 0 wants room for the newest complete checkpoint's files, not counting the
+    universal copy a resume on another world size made inside it (not saved again), and counts an
+    unfinished save of the same step as free (the save deletes it first)."""
+    import collections
+    import shutil
+
+    from dyt.train.trainer import NoRoomToSaveError
+
+    root = tmp_path / "checkpoints"
+    newest = root / "step_00000002"
+    (newest / "universal").mkdir(parents=True)
+    (newest / "model.pt").write_bytes(b"x" * 3000)
+    (newest / "universal" / "fp32.pt").write_bytes(b"x" * 50_000)
+    (newest / "COMPLETE").write_text('{"step": 2, "world_size": 1}')
+    leftover = root / "step_00000004"
+    leftover.mkdir()
+    (leftover / "part.pt").write_bytes(b"x" * 2000)
+    trainer = _validating_rank(None, TrainConfig(), 0, 1)
+    trainer.ckpt_root = root
+    monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": value)
+    usage = collections.namedtuple("usage", "total used free")
+
+    def check_with_free(free: int) -> None:
+        monkeypatch.setattr("dyt.train.trainer.shutil.disk_usage", lambda path: usage(10**9, 0, free))
+        trainer._check_room_to_save(4)
+
+    check_with_free(1500)  # 1500 + the leftover's 2000 fit the 3000 and the marker
+    with pytest.raises(NoRoomToSaveError, match=r"no room to save the checkpoint of step 4 .*: 0\.0 MiB free, the last "
+                                                r"checkpoint took 0\.0 MiB; --resume continues from step 2"):
+        check_with_free(900)
+    shutil.rmtree(leftover)
+    with pytest.raises(NoRoomToSaveError):
+        check_with_free(1500)
+    check_with_free(3100)
+
+
 def test_an_empty_validation_set_stops_the_run_before_training(tmp_path, capsys):
     class NoValidation(ToyTask):
         def eval_dataset(self):

@@ -129,14 +129,21 @@ def _fsync_tree(directory: Path) -> None:
             os.close(fd)
 
 
+def unfinished_save(root: Path, step: int) -> Path | None:
+    """The folder an interrupted save of ``step`` left in ``root`` (no ``COMPLETE`` marker: a run killed
+    mid-save, or a failed write, resumed from the checkpoint before), which the next save of that step
+    deletes first; None where there is none."""
+    directory = root / _tag(step)
+    return directory if directory.is_dir() and not (directory / MARKER).exists() else None
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
     """Save on every rank; returns the checkpoint directory once it is complete (its files on disk)."""
     tag = _tag(step)
     directory = root / tag
-    if dist.is_main and directory.is_dir() and not (directory / MARKER).exists():
-        # an interrupted save of this step (a run killed mid-save, resumed from the checkpoint before):
+    if dist.is_main and (left := unfinished_save(root, step)):
         # DeepSpeed would write into it and keep the old world's extra shards beside the new ones
-        shutil.rmtree(directory)
+        shutil.rmtree(left)
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt", lambda h: torch.save(rng_state(), h))

@@ -241,6 +241,16 @@ def to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None 
     return batch
 
 
+def _files_size(folder: Path | None, leave_out: str | None = None) -> int:
+    """Bytes of the files under ``folder`` (0 for None), but for those under its subfolder
+    ``leave_out`` (a checkpoint's universal copy, made for a resume on another world size and not
+    saved again)."""
+    if folder is None:
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*")
+               if f.is_file() and f.relative_to(folder).parts[0] != leave_out)
+
+
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -904,13 +914,14 @@ class Trainer:
         """Before a save, room for one more checkpoint the size of the newest complete one (older ones
         are deleted only once the new one is complete), measured by rank 0; every rank stops on it
         together. Why: a save that fails on one rank (a full disk, the usual cause) leaves the others
-        waiting inside DeepSpeed's save, on other nodes until the collective timeout. The first save
-        has nothing to measure by."""
+        waiting inside DeepSpeed's save, on other nodes until the collective timeout. Nothing to
+        measure by before a run's first checkpoint."""
         measured = [0.0, 0.0]  # free bytes, bytes needed
         if self.dist.is_main and (done := checkpoint.complete_checkpoints(self.ckpt_root)):
             with contextlib.suppress(OSError):  # unmeasurable: the save itself will say what fails
-                measured = [float(shutil.disk_usage(self.ckpt_root).free),
-                            float(sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()))]
+                measured = [float(shutil.disk_usage(self.ckpt_root).free + _files_size(
+                                checkpoint.unfinished_save(self.ckpt_root, step))),  # deleted before saving
+                            float(_files_size(done[-1], leave_out=checkpoint.UNIVERSAL))]
         free, need = all_reduce(torch.tensor(measured, dtype=torch.float64), "max").tolist()
         if free < need:
             raise NoRoomToSaveError(
