@@ -137,6 +137,15 @@ def unfinished_save(root: Path, step: int) -> Path | None:
     return directory if directory.is_dir() and not (directory / MARKER).exists() else None
 
 
+def saved_bytes(directory: Path | None) -> int:
+    """Bytes a save wrote in checkpoint ``directory`` (0 for None): its files, without the universal
+    copy a resume on another world size made inside it (not saved again)."""
+    if directory is None:
+        return 0
+    return sum(f.stat().st_size for f in directory.rglob("*")
+               if f.is_file() and f.relative_to(directory).parts[0] != UNIVERSAL)
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
     """Save on every rank; returns the checkpoint directory once it is complete (its files on disk)."""
     tag = _tag(step)

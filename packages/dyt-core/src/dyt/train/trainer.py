@@ -241,16 +241,6 @@ def to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None 
     return batch
 
 
-def _files_size(folder: Path | None, leave_out: str | None = None) -> int:
-    """Bytes of the files under ``folder`` (0 for None), but for those under its subfolder
-    ``leave_out`` (a checkpoint's universal copy, made for a resume on another world size and not
-    saved again)."""
-    if folder is None:
-        return 0
-    return sum(f.stat().st_size for f in folder.rglob("*")
-               if f.is_file() and f.relative_to(folder).parts[0] != leave_out)
-
-
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -919,9 +909,9 @@ class Trainer:
         measured = [0.0, 0.0]  # free bytes, bytes needed
         if self.dist.is_main and (done := checkpoint.complete_checkpoints(self.ckpt_root)):
             with contextlib.suppress(OSError):  # unmeasurable: the save itself will say what fails
-                measured = [float(shutil.disk_usage(self.ckpt_root).free + _files_size(
+                measured = [float(shutil.disk_usage(self.ckpt_root).free + checkpoint.saved_bytes(
                                 checkpoint.unfinished_save(self.ckpt_root, step))),  # deleted before saving
-                            float(_files_size(done[-1], leave_out=checkpoint.UNIVERSAL))]
+                            float(checkpoint.saved_bytes(done[-1]))]
         free, need = all_reduce(torch.tensor(measured, dtype=torch.float64), "max").tolist()
         if free < need:
             raise NoRoomToSaveError(
