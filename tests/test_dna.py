@@ -891,6 +891,32 @@ def test_fine_tuning_eval_validates_every_quarter_of_the_steps(tmp_path):
     assert [row["step"] for row in results[0].curve] == [4, 8, 12, 14]
 
 
+def test_the_eval_writes_each_seed_to_out_as_it_finishes(tmp_path, monkeypatch):
+    """A kill in the second seed keeps the first seed's row in ``--out`` (the file was written only
+    at the end: a kill lost every finished fine-tuning)."""
+    import json
+
+    import dyt_dna.eval as dna_eval
+
+    real_finetune, calls = dna_eval.finetune, []
+
+    def killed_on_the_second_seed(*args, **kwargs):
+        calls.append(args[7])  # the seed
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(dna_eval, "finetune", killed_on_the_second_seed)
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=16)
+    out = tmp_path / "results.json"
+    with pytest.raises(KeyboardInterrupt):
+        dna_eval.main(["--run", str(_fake_run(tmp_path / "run")), "--task", str(tmp_path / "bench"),
+                       "--seeds", "3", "5", "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    assert calls == [3, 5]
+    rows = json.loads(out.read_text())
+    assert [(row["seed"], row["task"]) for row in rows] == [(3, "bench")]
+
+
 def test_the_eval_by_itself_fine_tunes_as_the_compare_does(tmp_path, monkeypatch):
     """``python -m dyt_dna.eval`` on a compare's checkpoint gives the report's numbers only with the
     compare's fine-tuning settings: both commands' defaults must be one set (docs/dna.md's; the eval

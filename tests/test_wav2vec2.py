@@ -694,10 +694,14 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
     rows, run = _ctc_data_and_run(speech, tmp_path)
     write_manifest(tmp_path / "real-keywords.tsv", *speech)
     meta, seen = torch.device("meta"), []
-    real_run_evals = w2v_eval.run_evals
-    monkeypatch.setattr(w2v_eval, "run_evals", lambda *args, device, **kwargs: seen.append(("main", device)) or {})
-    w2v_eval.main(["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "ctc", "--seeds", "0",
-                   "--device", "cpu"])
+    def started(*args):
+        seen.append(("main", args[-1]))
+        raise InterruptedError  # the eval asked for: nothing to run
+
+    with monkeypatch.context() as patched, pytest.raises(InterruptedError):
+        patched.setattr(w2v_eval, "eval_results", started)
+        w2v_eval.main(["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "ctc", "--seeds", "0",
+                       "--device", "cpu"])
     assert seen == [("main", torch.device("cpu"))]
 
     seen.clear()
@@ -710,12 +714,35 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
     monkeypatch.setattr(w2v_eval, "_keyword_rows", lambda data, name: w2v_eval.LabeledAudio(rows, [0, 1, 2]))
     monkeypatch.setattr(w2v_eval, "finetune", lambda *args, desc, device, **kwargs: seen.append(
         (desc, device)) or w2v_eval.FinetuneResult(0, 0, {}, {}, {}, []))
-    real_run_evals(run, tmp_path, w2v_eval.EVALS, [0], steps=1, pretrained=False, device=meta)
+    w2v_eval.run_evals(run, tmp_path, w2v_eval.EVALS, [0], steps=1, pretrained=False, device=meta)
     where = {}
     for step, *devices in seen:
         where.setdefault(step.split(" (")[0].split(" seed")[0], set()).update(devices)
     assert where == {"contrastive": {meta}, "pooled features": {meta}, "keywords probe": {meta},
                      "keywords finetune": {meta}, "conv features": {meta}, "CTC": {meta}}, seen
+
+
+def test_the_eval_writes_each_seed_to_out_as_it_finishes(speech, tmp_path, monkeypatch):
+    """A kill in an eval's second seed keeps the finished evals and seeds in ``--out`` (the file was
+    written only at the end: a kill in CTC's third seed lost every finished fine-tuning)."""
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    _, run = _ctc_data_and_run(speech, tmp_path)
+
+    def results(name, run_dir, data, seeds, *rest):
+        for seed in seeds:
+            if (name, seed) == ("ctc", 1):
+                raise KeyboardInterrupt
+            yield {"eval": name, "seed": seed}
+
+    monkeypatch.setattr(w2v_eval, "eval_results", results)
+    out = tmp_path / "results.json"
+    with pytest.raises(KeyboardInterrupt):
+        w2v_eval.main(["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "contrastive", "ctc",
+                       "--seeds", "0", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == {"contrastive": [{"eval": "contrastive", "seed": 0},
+                                                           {"eval": "contrastive", "seed": 1}],
+                                           "ctc": [{"eval": "ctc", "seed": 0}]}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -13,7 +13,6 @@ Fine-tuning runs on a CUDA GPU where torch sees one (``--device``), else on the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -39,6 +38,7 @@ from dyt.train.finetune import (
     module_device,
     planned_steps,
 )
+from dyt.train.jsonio import write_json
 
 from .data import BUILTIN_TASKS, ClassificationData, load_task, tokens
 from .task import DnaConfig, build_model
@@ -186,10 +186,12 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
     print(f"fine-tuning on {args.device}", flush=True)
-    results = list(evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init,
-                            device=args.device))
-    if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
-        args.out.write_text(json.dumps([result_row(task, r) for r in results], indent=1))
+    results = []
+    for result in evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init,
+                           device=args.device):
+        results.append(result)
+        if args.out:  # as each seed finishes: a kill keeps the finished ones, whatever their numbers
+            write_json(args.out, [result_row(task, r) for r in results])
     for metric, values in summarize(results).items():
         print(f"{task.name} {metric}: {mean_std(values)} over seeds {args.seeds}")
     return results

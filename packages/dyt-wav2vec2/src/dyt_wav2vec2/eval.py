@@ -20,7 +20,6 @@ They run on a CUDA GPU where torch sees one (``--device``), else on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from dyt.train.finetune import (
     module_device,
     on_device,
 )
+from dyt.train.jsonio import write_json
 from dyt.train.trainer import seed_everything, to_device
 
 from .audio import Utterance, load_audio
@@ -507,10 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                    check_files=False).data)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
     print(f"evals on {args.device}", flush=True)
-    results = run_evals(args.run, data, args.evals, args.seeds, args.steps, ctc, pretrained=not args.random_init,
-                        device=args.device)
-    if args.out:  # before the summary: the fine-tuning is saved whatever its numbers
-        args.out.write_text(json.dumps(results, indent=1))
+    results: dict[str, list[dict]] = {}
+    for name in args.evals:
+        results[name] = []
+        for row in eval_results(name, args.run, data, args.seeds, args.steps, ctc, not args.random_init, args.device):
+            results[name].append(row)
+            if args.out:  # as each seed finishes: a kill keeps the finished ones, whatever their numbers
+                write_json(args.out, results)
     for name, rows in results.items():
         for metric, cells in headline(name, rows).items():
             for test, values in cells.items():
