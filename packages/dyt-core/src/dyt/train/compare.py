@@ -58,8 +58,9 @@ POINT_FILE = "point.json"
 """A run's facts (:class:`Point`), written by the comparison before its first launch."""
 MIN_VERDICT_SEEDS = 3
 NO_VERDICT = f"fewer than {MIN_VERDICT_SEEDS} seeds: no verdict"
-ONE_PRETRAINING = ("one pretraining run per norm: no verdict (its fine-tuning seeds measure fine-tuning spread, "
-                   f"not the norm's; give {MIN_VERDICT_SEEDS} pretraining seeds)")
+ONE_PRETRAINING = "one pretraining run per norm: no verdict"
+"""A pretrained downstream row's verdict cell; why, and what to give instead, is said once above the
+table (:func:`pretrainings_note`), not in every cell."""
 
 
 class CompareError(UserInputError):
