@@ -139,6 +139,14 @@ CASES = [
          ("dyt-llama-compare", "--out", "{tmp}/cmp-data", "--set", "data.cache_dir={tmp}/cache/llama",
           "--set", "data.corpus={tmp}/corpus", "--set", "data.validation_works=[b/four]"),
          ("llama-rmsnorm-seed0", "the data files it trained on changed since", "--fresh")),
+    Case("llama-resume-config-missing", "dyt_llama.train",
+         _llama("--set", "train.out_dir={tmp}/llama-run-no-config", "--resume"),
+         ("llama-run-no-config/config.yaml is missing beside the run's checkpoints", "launches.jsonl")),
+    Case("llama-config-given-twice", "dyt_llama.train",
+         ("-m", "dyt_llama.train", "--config", "recipes/llama/tiny.yaml", "--config", "recipes/llama/125m.yaml"),
+         ("--config", "given twice", "not merged")),
+    Case("llama-config-empty", "dyt_llama.train", ("-m", "dyt_llama.train", "--config", "{tmp}/empty.yaml"),
+         ("empty.yaml holds no settings", "write {} in it")),
     Case("llama-resume-damaged-marker", "dyt_llama.train",
          _llama("--set", "train.out_dir={tmp}/llama-run-bad-marker", "--set", "model.norm=dyt", "--resume"),
          ("checkpoint error", "step_00000001/COMPLETE", "not a checkpoint marker")),
@@ -172,6 +180,12 @@ CASES = [
     Case("manifest-no-folder", "dyt_wav2vec2.manifest",
          ("-m", "dyt_wav2vec2.manifest", "{tmp}/nowhere", "{tmp}/out.tsv"), ("nowhere", "no such folder")),
     # ---- evals
+    Case("dna-eval-weights-damaged", "dyt_dna.eval",
+         ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/task-ok", "--seeds", "0"),
+         ("step_00000001 is marked complete but its weights do not load", "Ran out of input")),
+    Case("dna-eval-config-not-the-weights", "dyt_dna.eval",
+         ("-m", "dyt_dna.eval", "--run", "{tmp}/run-mismatch", "--task", "{tmp}/task-ok", "--seeds", "0"),
+         ("run-mismatch", "weights do not fit the model its config.yaml builds", "Missing key(s)", "edited")),
     Case("dna-eval-out-is-a-folder", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--out", "{tmp}/fasta"),
          ("--out", "fasta is a folder")),
     Case("dna-eval-csv-unquoted-comma", "dyt_dna.eval", ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/csv-comma"),
@@ -452,6 +466,9 @@ def _inputs(tmp: Path) -> None:
     (tmp / "cmp-data/llama-rmsnorm-seed0/checkpoints/step_00000001").mkdir(parents=True)  # a run with a checkpoint
     (tmp / "cmp-data/llama-rmsnorm-seed0/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 2}')
     (tmp / "cmp-data/llama-rmsnorm-seed0/data_files.json").write_text(json.dumps(stale))
+    (tmp / "cmp-data/llama-rmsnorm-seed0/config.yaml").write_text(dump_yaml(load_config(  # as the comparison plans it
+        LlamaConfig, ROOT / "recipes/llama/tiny.yaml",
+        [*overrides, "model.norm=rmsnorm", f"train.out_dir={tmp / 'cmp-data/llama-rmsnorm-seed0'}"])))
     damaged = tmp / "llama-run-bad-marker"
     (damaged / "checkpoints/step_00000001").mkdir(parents=True)
     (damaged / "checkpoints/step_00000001/COMPLETE").write_text("garbage{")
@@ -468,6 +485,24 @@ def _inputs(tmp: Path) -> None:
     (tmp / "run-no-weights/checkpoints/step_00000001").mkdir(parents=True)  # marked complete, weights missing
     (tmp / "run-no-weights/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
     (tmp / "run-no-weights/config.yaml").write_text(config)
+    # trained weights of a one-layer model beside the config of the recipe's model
+    from dyt_dna.task import build_model
+
+    one_layer = load_config(DnaConfig, ROOT / "recipes/dna/hyena-tiny.yaml", ["model.layers=1"])
+    (tmp / "run-mismatch/checkpoints/step_00000001").mkdir(parents=True)
+    (tmp / "run-mismatch/checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
+    torch.save({"module": build_model(one_layer.model).state_dict()},
+               tmp / "run-mismatch/checkpoints/step_00000001/mp_rank_00_model_states.pt")
+    (tmp / "run-mismatch/config.yaml").write_text(config)
+    for split, offset in (("train", 0), ("test", 40)):  # a task that loads: 2 classes of 4 files
+        for label, letters in (("a", "ACGT"), ("b", "GGCA")):
+            (tmp / "task-ok" / split / label).mkdir(parents=True)
+            for i in range(4):
+                (tmp / "task-ok" / split / label / f"{i}.txt").write_text((letters * 8)[i:] + bases[offset + i:][:20])
+    no_config = tmp / "llama-run-no-config"  # its config.yaml lost (deleted, or a copy in part)
+    (no_config / "checkpoints/step_00000001").mkdir(parents=True)
+    (no_config / "checkpoints/step_00000001/COMPLETE").write_text('{"step": 1, "world_size": 1}')
+    (tmp / "empty.yaml").write_text("# nothing but a comment\n")
     csv = tmp / "csv"
     csv.mkdir()
     for split in ("train", "test"):

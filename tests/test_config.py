@@ -383,3 +383,54 @@ def test_a_global_batch_size_sets_grad_accum_for_each_rank_count():
     with pytest.raises(ConfigError, match="global_batch_size"):  # checked before a launch prepares any data
         check_machine(load_config(ToyConfig, None, ["train.global_batch_size=24", "train.micro_batch_size=8"]), 2)
     check_machine(load_config(ToyConfig, None, ["train.global_batch_size=24", "train.micro_batch_size=8"]), 3)
+
+
+def test_a_path_setting_under_home_is_expanded(tmp_path, monkeypatch):
+    """``~`` in a setting (which no shell expands inside ``--set key=~/x`` or a YAML file) and in a
+    command's path options means the home folder; it made a folder named ``~`` where the command ran."""
+    import argparse
+
+    from dyt.errors import output_file, output_folder, user_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "base.yaml").write_text("train:\n  out_dir: ~/runs/a\n")
+    (tmp_path / "ds.json").write_text("{}")
+    config = load_config(ToyConfig, "~/base.yaml", ["train.deepspeed_config=~/ds.json"])
+    assert (config.train.out_dir, config.train.deepspeed_config) == (f"{tmp_path}/runs/a", f"{tmp_path}/ds.json")
+    assert load_config(ToyConfig, None, ["train.out_dir=runs/~x"]).train.out_dir == "runs/~x"  # only a leading ~
+    assert user_path("~/x") == output_folder("~/x") == tmp_path / "x" and output_file("~/r.json") == tmp_path / "r.json"
+    with pytest.raises(argparse.ArgumentTypeError, match="its folder .* does not exist"):
+        output_file("~/nowhere/r.json")
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    """An empty file (or one of comments) read as every default trained a model nobody chose, and a
+    run whose config.yaml was emptied resumed against the defaults; ``{}`` still asks for them."""
+    (tmp_path / "empty.yaml").write_text("# settings to come\n")
+    with pytest.raises(ConfigError, match="empty.yaml holds no settings"):
+        load_config(ToyConfig, tmp_path / "empty.yaml")
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert load_config(ToyConfig, tmp_path / "defaults.yaml") == load_config(ToyConfig, None)
+
+
+def test_an_option_of_one_value_given_twice_is_refused(capsys):
+    """argparse keeps the last of ``--config a.yaml --config b.yaml`` and drops the first without a
+    word; the commands' parser refuses it, and leaves options that collect (append) alone."""
+    from dyt.errors import CommandParser, DistinctValues, options_given
+
+    parser = CommandParser(prog="cmd")
+    config = parser.add_argument("--config")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=int)
+    args = parser.parse_args(["--config", "a.yaml", "--set", "x=1", "--set", "y=2", "--fresh", "--seeds", "0", "1"])
+    assert (args.config, args.set, args.fresh, args.seeds) == ("a.yaml", ["x=1", "y=2"], True, [0, 1])
+    assert parser.parse_args(["--config", "b.yaml"]).config == "b.yaml"  # a new parse starts afresh
+    assert options_given(parser, ["--config", "a.yaml"], [config]) == ["--config"]
+    for argv, said in ((["--config", "a.yaml", "--conf", "b.yaml"], "argument --config: given twice: give it once (the "
+                                                                    "last would be used alone, not merged"),
+                       (["--fresh", "--fresh"], "argument --fresh: given twice: give it once\n"),
+                       (["--seeds", "0", "--seeds", "1"], "argument --seeds: given twice")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert said in capsys.readouterr().err

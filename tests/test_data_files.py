@@ -234,33 +234,32 @@ def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_
 
 
 def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):
-    """dyt-dna-compare keeps each task folder's signature in its stored evals' settings, so a stored
-    eval is reused only while the task's files are as they were."""
-    from dyt_dna.compare import task_signatures
-    from dyt_dna.data import load_task
+    """dyt-dna-compare keeps each task's signature (its examples as loaded) in its stored evals'
+    settings, so a stored eval is reused only while the task's examples are as they were: a folder's
+    files, a built-in task's windows and labels, a GenomicBenchmarks folder's validation draw."""
+    import datasets
+
+    from dyt_dna.compare import task_signature
+    from dyt_dna.data import ClassificationData, load_task
 
     folder = tmp_path / "mytask"
     folder.mkdir()
     for split in ("train", "dev", "test"):
         (folder / f"{split}.csv").write_text("sequence,label\nACGTACGT,a\nTTGGCCAA,b\nACGTTTGG,a\n")
-    tasks = [load_task(str(folder), 8, 4)]
-    before = task_signatures(tasks, [str(folder)])
-    assert before == task_signatures(tasks, [str(folder)]) and before["mytask"]["files"] == 3
+    before = task_signature(load_task(str(folder), 8, 4), builtin=False)
+    assert before == task_signature(load_task(str(folder), 8, 4), builtin=False) and before["task"] == "mytask"
     (folder / "train.csv").write_text("sequence,label\nACGTACGT,b\nTTGGCCAA,a\nACGTTTGG,b\n")  # labels swapped
-    assert task_signatures(tasks, [str(folder)]) != before
+    assert task_signature(load_task(str(folder), 8, 4), builtin=False) != before
 
-    # a built-in task: its windows and labels, which new genomes, windowing or gene calls change
-    import datasets
-
-    from dyt_dna.data import ClassificationData
-
-    def builtin(labels):
+    def task(labels, validation=("ACGT", "TTGG")):  # a built-in task: new genomes, windowing or gene calls
         split = datasets.Dataset.from_dict({"sequence": ["ACGT", "TTGG"], "label": labels})
-        return ClassificationData("coding", ["coding", "non-coding"], split, split, split, "note")
+        held = datasets.Dataset.from_dict({"sequence": list(validation), "label": labels})
+        return ClassificationData("coding", ["coding", "non-coding"], split, held, split, "note")
 
-    first = task_signatures([builtin([0, 1])], ["coding"])
-    assert first == task_signatures([builtin([0, 1])], ["coding"]) and first["coding"]["builtin"] == "coding"
-    assert task_signatures([builtin([1, 0])], ["coding"]) != first  # other gene calls, other labels
+    first = task_signature(task([0, 1]), builtin=True)
+    assert first == task_signature(task([0, 1]), builtin=True) and first["builtin"] == "coding"  # as stored before
+    assert task_signature(task([1, 0]), builtin=True) != first  # other gene calls, other labels
+    assert task_signature(task([0, 1], validation=("TTGG", "ACGT")), builtin=True) != first  # another validation draw
 
 
 def test_what_the_recipe_does_not_read_is_not_its_data(tmp_path, monkeypatch):

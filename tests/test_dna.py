@@ -725,6 +725,28 @@ def test_genomic_benchmarks_folder_and_its_errors(tmp_path):
         genomic_benchmarks(tmp_path / "task")
 
 
+def test_a_benchmark_folder_draws_validation_by_class(tmp_path):
+    """Validation takes its share of each class's training files: a draw over all files took the one
+    file of a small class 1 time in 10 and left training with a single class (seen as "training needs
+    at least two classes" on a folder of two)."""
+    seq = _genome()
+    for files in (2, 3):  # the small class's training files
+        for seed in range(10):
+            root = tmp_path / f"task-{files}-{seed}"
+            for split, counts in (("train", {"big": 19, "small": files}), ("test", {"big": 3, "small": 3})):
+                for label, count in counts.items():
+                    (root / split / label).mkdir(parents=True)
+                    for i in range(count):
+                        start = (i + (0 if label == "big" else 200) + (100 if split == "test" else 0)) * 70
+                        (root / split / label / f"{i}.txt").write_text(seq[start : start + 60])
+            task = genomic_benchmarks(root, seed=seed)
+            assert len(task.validation) == 3 and sorted(set(task.train["label"])) == [0, 1], (files, seed)
+            assert task.validation["label"].count(1) <= 1  # its share of 3 held-out files: about 0.3
+    (tmp_path / "task-2-0" / "train" / "small" / "1.txt").unlink()
+    with pytest.raises(DnaDataError, match="small: one training file; validation takes a share of each class's"):
+        genomic_benchmarks(tmp_path / "task-2-0")
+
+
 def test_csv_task_and_its_errors(tmp_path):
     seq = _genome()
     for split in ("train", "dev", "test"):

@@ -919,3 +919,32 @@ def test_a_rank_restores_the_cuda_rng_of_its_own_device_only(monkeypatch):
     checkpoint.set_rng_state(older)  # as many devices as the save saw: every one as saved
     checkpoint.set_rng_state({**older, "cuda": older["cuda"] * 4})  # saved by 8 devices, 2 seen now: left
     assert restored == [[7], [[1], [2]]]
+
+
+def test_a_checkpoint_that_does_not_load_is_named_in_one_line(tmp_path):
+    """A complete checkpoint without its model states stops --resume with the folder named (DeepSpeed
+    asserted, a traceback); a damaged weights file stops an eval so too (torch.load's EOFError); and
+    load_state_dict's message keeps its first detail, not only its "Error(s) in loading ...:" line."""
+    import torch
+
+    from dyt.train import checkpoint
+    from dyt.train.distributed import DistInfo
+
+    folder = tmp_path / "run" / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE").write_text('{"step": 2, "world_size": 1}')
+    with pytest.raises(checkpoint.RunNotFoundError, match="step_00000002: marked complete but holds no model states"):
+        checkpoint.load(None, folder, DistInfo(0, 1, 0, torch.device("cpu")))  # checked before the engine is asked
+    with pytest.raises(checkpoint.RunNotFoundError, match="holds no model states"):
+        checkpoint.trained_weights(tmp_path / "run")
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02")  # cut short
+    with pytest.raises(checkpoint.CheckpointLoadError, match="step_00000002 is marked complete but its weights do not "
+                                                            "load .*: if a file in it was damaged"):
+        checkpoint.trained_weights(tmp_path / "run")
+    torch.save({"module": torch.nn.Linear(2, 3).state_dict()}, folder / "mp_rank_00_model_states.pt")
+    build = checkpoint.run_model_builder(tmp_path / "run", lambda: torch.nn.Linear(2, 4))
+    with pytest.raises(checkpoint.CheckpointLoadError, match=r"do not fit the model its config.yaml builds \(Error\(s\) "
+                                                            r"in loading state_dict for Linear: size mismatch for weight"):
+        build()
+    assert isinstance(checkpoint.run_model_builder(tmp_path / "run", lambda: torch.nn.Linear(2, 3))(), torch.nn.Linear)
+    assert checkpoint.error_gist(ValueError("")) == "ValueError"

@@ -49,7 +49,7 @@ from torch import nn
 
 from .allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from .backends import BackendUnavailableError, auto_backend, available_backends, device_arg, select_backend
-from .errors import UserInputError, folder_problem, help_description, user_errors
+from .errors import CommandParser, UserInputError, folder_problem, help_description, user_errors, user_path
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm
@@ -421,7 +421,7 @@ def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=count_arg(0), default=5)
     parser.add_argument("--repeats", type=count_arg(1), default=20)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=user_path, help="write the results here")
 
 
 def checked_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.dtype:
@@ -462,7 +462,7 @@ def write_results(path: Path | None, payload: dict) -> None:
 
 @user_errors("dyt-bench")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dyt-bench", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt-bench", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg,
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")

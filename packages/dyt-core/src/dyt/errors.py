@@ -27,6 +27,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "DYT_DEBUG"
@@ -133,20 +134,28 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
+def user_path(text: str) -> Path:
+    """argparse ``type=`` for a path: ``~`` and ``~user`` expanded, as a shell does before a separate
+    word but not in ``--out=~/x``."""
+    return Path(text).expanduser()
+
+
 def output_folder(text: str) -> Path:
-    """argparse ``type=`` for a folder a command writes into; not empty (that would write into, and
-    with ``--fresh`` empty, the current folder)."""
+    """argparse ``type=`` for a folder a command writes into (:func:`user_path`); not empty (that
+    would write into, and with ``--fresh`` empty, the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name a folder (e.g. runs/compare)")
-    problem = folder_problem(text)
+    path = user_path(text)
+    problem = folder_problem(path)
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{text}: {problem}")
-    return Path(text)
+    return path
 
 
 def output_file(text: str) -> Path:
-    """argparse ``type=`` for a file a command writes: not a folder, in a folder that exists."""
-    path = Path(text)
+    """argparse ``type=`` for a file a command writes (:func:`user_path`): not a folder, in a folder
+    that exists."""
+    path = user_path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name")
     if not path.parent.is_dir():
@@ -164,16 +173,49 @@ def options_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     return [action.option_strings[0] for action in actions if getattr(namespace, action.dest) is not unset]
 
 
+def _seen_before(action: argparse.Action, namespace: argparse.Namespace) -> bool:
+    """Whether ``action`` already ran in the parse that fills ``namespace``, noting that it has; the
+    namespaces are held weakly, so a parser parses again (:func:`options_given`) afresh."""
+    given = action.__dict__.setdefault("_given_in", [])
+    if any(ref() is namespace for ref in given):
+        return True
+    given[:] = [ref for ref in given if ref() is not None] + [weakref.ref(namespace)]
+    return False
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The commands' parser: an option that holds one value (or one list) given twice is an error.
+    argparse keeps the last and drops the others without a word, so ``--config base.yaml --config
+    big.yaml`` ran big.yaml alone where layering was meant. Options that collect (``--set``,
+    ``--sweep``: ``action="append"``) are not touched."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in (None, "store", "store_const", "store_true", "store_false"):
+            self.register("action", name, _given_once(self._registry_get("action", name)))
+
+
+def _given_once(store: type[argparse.Action]) -> type[argparse.Action]:
+    """``store`` (an argparse action class) refusing a second use in one parse."""
+
+    class GivenOnce(store):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            if _seen_before(self, namespace):
+                why = " (the last would be used alone, not merged with the first)" if self.nargs != 0 else ""
+                parser.error(f"argument {option_string}: given twice: give it once{why}")
+            super().__call__(parser, namespace, values, option_string)
+
+    return GivenOnce
+
+
 class DistinctValues(argparse.Action):
     """argparse ``action=`` for a list option whose values must differ: a seed, eval or task given
     twice would be run (and averaged) twice. The option itself may come once: argparse keeps the last
     of ``--seeds 0 1 --seeds 2`` and drops the rest without a word."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        given = self.__dict__.setdefault("_given_in", [])  # the namespaces this option was seen in (weakly)
-        if any(ref() is namespace for ref in given):
+        if _seen_before(self, namespace):
             parser.error(f"argument {option_string}: given twice: list every value after one {option_string}")
-        given[:] = [ref for ref in given if ref() is not None] + [weakref.ref(namespace)]
         seen = set()
         for value in values:
             if value in seen:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .backends import BACKENDS, BackendUnavailableError, available_backends, device_arg, select_backend
-from .errors import help_description
+from .errors import CommandParser, help_description
 from .functional import dyt, residual_dyt
 from .modules import ResidualDyT
 
@@ -272,7 +272,7 @@ def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str,
 
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m dyt.selfcheck", description=help_description(__doc__),
+    parser = CommandParser(prog="python -m dyt.selfcheck", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
     parser.add_argument("--backend", dest="backends", action="append", choices=list(BACKENDS),

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from dyt.errors import DistinctValues, help_description
+from dyt.errors import CommandParser, DistinctValues, help_description, user_path
 from dyt.train import command, load_config, user_errors
 from dyt.train.compare import (
     INITS,
@@ -53,7 +53,6 @@ from dyt.train.compare import (
     validation_share,
 )
 from dyt.train.config import SEED
-from dyt.train.data_files import files_signature
 from dyt.train.jsonio import write_json
 from dyt.train.recipe import Metric
 from dyt.train.trainer import check_one_step_of_data
@@ -81,9 +80,9 @@ def accuracy_metric(task: str) -> Metric:
 
 @user_errors("dyt-dna-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-dna-compare", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt-dna-compare", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", type=Path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
+    parser.add_argument("--configs", type=user_path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
                         help=f"built-in tasks ({', '.join(BUILTIN_TASKS)}) or task folders (docs/dna.md); "
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     finetune_cfg = finetune_settings(args)
     # each task validates VALIDATIONS times over the steps it will take, as python -m dyt_dna.eval does
     task_cfgs = {task.name: finetune_for(finetune_cfg, len(task.train)) for task in tasks}
-    task_files = task_signatures(tasks, args.tasks)
+    task_files = {task.name: task_signature(task, spec in BUILTIN_TASKS) for task, spec in zip(tasks, args.tasks, strict=True)}
     prepare_out(args)
 
     runs = train_runs(SPEC, args, plan)
@@ -172,21 +171,18 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-def task_signatures(tasks: list[ClassificationData], specs: list[str]) -> dict[str, dict]:
-    """Task name -> what its examples are now, kept in each stored eval's settings, so an eval of
-    examples changed since is made again, not reused: a task folder's files, or, for a built-in task,
-    a digest of its windows and labels (they come from genomes, windowing and pyrodigal's gene calls,
-    any of which a new version changes)."""
-    return {task.name: builtin_task_signature(task) if spec in BUILTIN_TASKS else files_signature([spec])
-            for task, spec in zip(tasks, specs, strict=True)}
-
-
-def builtin_task_signature(task: ClassificationData) -> dict[str, str]:
+def task_signature(task: ClassificationData, builtin: bool) -> dict[str, str]:
+    """What a task's examples are now, kept in each stored eval's settings, so an eval of examples
+    changed since is made again, not reused: a digest of its classes and of each split's sequences
+    and labels, as loaded. A built-in task's come from genomes, windowing and pyrodigal's gene calls,
+    a folder's from its files and, for a GenomicBenchmarks folder, the validation draw: a new version
+    of any of them changes it. (A built-in task's is keyed ``builtin``, as stored before folders were
+    signed this way, so that its stored evals stay valid.)"""
     digest = hashlib.sha256(json.dumps(task.classes).encode())
     for split in (task.train, task.validation, task.test):
         for batch in split.select_columns(["sequence", "label"]).iter(batch_size=1024):
             digest.update(json.dumps([batch["sequence"], batch["label"]]).encode())
-    return {"builtin": task.name, "digest": digest.hexdigest()[:16]}
+    return {"builtin" if builtin else "task": task.name, "digest": digest.hexdigest()[:16]}
 
 
 def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str,

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -341,7 +342,9 @@ def _read_sequence_file(path: Path) -> str:
 
 def genomic_benchmarks(folder: Path, seed: int = 0, validation_fraction: float = 0.1) -> ClassificationData:
     """``<task>/{train,test}/<class>/*.txt``, one sequence per file; validation: a seeded
-    ``validation_fraction`` of the training files (the benchmark ships no validation split)."""
+    ``validation_fraction`` of the training files (the benchmark ships no validation split), at least
+    as many as there are classes, drawn by class so that each class keeps its share of training (a
+    draw over all files could take a small class's every file out of training)."""
     splits = {}
     for split in ("train", "test"):
         root = folder / split
@@ -356,18 +359,23 @@ def genomic_benchmarks(folder: Path, seed: int = 0, validation_fraction: float =
             files = sorted(class_dir.glob("*.txt"))
             if not files:
                 raise DnaDataError(f"{class_dir}: label folder with no .txt files")
+            if split == "train" and len(files) < 2:
+                raise DnaDataError(f"{class_dir}: one training file; validation takes a share of each class's "
+                                   "training files, so each class needs at least two")
             rows["sequence"] += [_read_sequence_file(f) for f in files]
             rows["label"] += [label] * len(files)
         splits[split] = (rows, [p.name for p in class_dirs])
     classes = splits["train"][1]
     if splits["test"][1] != classes:
         raise DnaDataError(f"{folder}: train classes {classes} differ from test classes {splits['test'][1]}")
-    pieces = datasets.Dataset.from_dict(splits["train"][0]).train_test_split(
-        test_size=validation_fraction, seed=seed, stratify_by_column=None)
+    features = datasets.Features({"sequence": datasets.Value("string"), "label": datasets.ClassLabel(names=classes)})
+    train = datasets.Dataset.from_dict(splits["train"][0], features=features)
+    held = max(math.ceil(validation_fraction * len(train)), len(classes))
+    pieces = train.train_test_split(test_size=held, seed=seed, stratify_by_column="label")
     return checked(ClassificationData(folder.name, classes, pieces["train"], pieces["test"],
-                                      datasets.Dataset.from_dict(splits["test"][0]),
+                                      datasets.Dataset.from_dict(splits["test"][0], features=features),
                                       f"GenomicBenchmarks layout; validation = {validation_fraction:.0%} of "
-                                      "training files."), where=str(folder))
+                                      "training files, by class."), where=str(folder))
 
 
 def checked(task: ClassificationData, where: str) -> ClassificationData:

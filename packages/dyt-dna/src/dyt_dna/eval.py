@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from dyt.errors import DistinctValues, help_description, output_file
+from dyt.errors import CommandParser, DistinctValues, help_description, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import mean_std
@@ -164,9 +164,9 @@ def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
 
 @user_errors("dyt_dna.eval")
 def main(argv: list[str] | None = None) -> list[FinetuneResult]:
-    parser = argparse.ArgumentParser(prog="dyt_dna.eval", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt_dna.eval", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
+    parser.add_argument("--run", type=user_path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species",
                         help=f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a task folder (docs/dna.md); default species")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])

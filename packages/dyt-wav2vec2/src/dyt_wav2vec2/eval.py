@@ -32,7 +32,7 @@ from fairseq2.nn.utils.mask import compute_row_mask
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dyt.errors import DistinctValues, help_description, options_given, output_file
+from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import mean_std
@@ -475,15 +475,15 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
 
 @user_errors("dyt_wav2vec2.eval")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="a pretraining run directory")
+    parser.add_argument("--run", type=user_path, required=True, help="a pretraining run directory")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=list(EVALS),
                         help="default: all four, as dyt-wav2vec2-compare runs them")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the run's model untrained (same config, seeds and budget): the baseline row")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
-    parser.add_argument("--data", type=Path, default=None, help="built-in speech data dir (default: built on demand)")
+    parser.add_argument("--data", type=user_path, default=None, help="built-in speech data dir (default: built on demand)")
     keyword_options = add_keyword_arguments(parser)
     ctc_options = [*add_ctc_arguments(parser),
                    parser.add_argument("--ctc-mask-time", type=float, default=CTCSettings.masking.time_prob,

@@ -7,9 +7,8 @@ files, and the command then exits with status 2, naming the files it left out.""
 
 import argparse
 import sys
-from pathlib import Path
 
-from dyt.errors import help_description, output_file, user_errors
+from dyt.errors import CommandParser, help_description, output_file, user_errors, user_path
 
 from .audio import SAMPLE_RATE, AudioError, manifest_from_folder
 
@@ -18,9 +17,9 @@ PROG = "dyt_wav2vec2.manifest"
 
 @user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=help_description(__doc__),
+    parser = CommandParser(prog=PROG, description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=user_path)
     parser.add_argument("out", type=output_file)
     args = parser.parse_args(argv)
     bad: list[AudioError] = []

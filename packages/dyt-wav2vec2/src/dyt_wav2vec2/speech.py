@@ -35,7 +35,7 @@ import soundfile
 import torch
 from filelock import FileLock
 
-from dyt.errors import help_description, output_folder, user_errors
+from dyt.errors import CommandParser, help_description, output_folder, user_errors
 from dyt.train.config import AT_LEAST_ONE
 from dyt.train.jsonio import partial_path
 from dyt_data import cache_folder, cache_root, reported_as, unpack, unpacked_root, unpacked_versions
@@ -370,7 +370,7 @@ def load_split(data_dir: Path, name: str) -> list[Utterance]:
 
 @user_errors("dyt_wav2vec2.speech")
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="dyt_wav2vec2.speech", description=help_description(__doc__),
+    parser = CommandParser(prog="dyt_wav2vec2.speech", description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=None, help="default: $DYT_CACHE/speech")
     parser.add_argument("--train", type=AT_LEAST_ONE.arg(int), default=2000, help="synthetic training sentences")

@@ -4,7 +4,7 @@ checkpoints, JSONL + TensorBoard metrics, progress bar, one error boundary for e
 docs/architecture.md and docs/errors.md."""
 
 from ..errors import UserInputError
-from .checkpoint import RunNotFoundError, check_run, run_model_builder, trained_weights
+from .checkpoint import RunNotFoundError, check_run, load_run_weights, run_model_builder, trained_weights
 from .cli import command, parse_args, run_recipe, user_errors
 from .config import ConfigError, Range, TrainConfig, dump_yaml, from_dict, load_config, to_dict
 from .distributed import DistInfo, init_distributed
@@ -38,6 +38,7 @@ __all__ = [
     "from_dict",
     "init_distributed",
     "load_config",
+    "load_run_weights",
     "parse_args",
     "read_metrics",
     "run_recipe",

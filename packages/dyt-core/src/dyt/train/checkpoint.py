@@ -305,11 +305,36 @@ def wait_for_conversion(marker: Path, failed: Path, poll_s: float = 2.0, say_eve
             print(f"waiting for rank 0's universal checkpoint ({last_said - started:.0f} s)", flush=True)
 
 
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError, AssertionError)
+"""What loading a damaged or mismatched checkpoint raises: torch.load's errors on a cut or damaged file,
+``load_state_dict``'s on other shapes or names, and DeepSpeed's own asserts on what it finds."""
+
+
+def error_gist(error: BaseException) -> str:
+    """An exception in one line: its first line, with the next where the first only introduces a list
+    (``load_state_dict``'s "Error(s) in loading state_dict for Llama:"); its type where it says nothing."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def _missing_model_states(directory: Path) -> RunNotFoundError | None:
+    """The error for a complete checkpoint without DeepSpeed's model states (``mp_rank_00_`` /
+    ``zero_pp_rank_N_mp_rank_00_`` files: a run copied in part), or None."""
+    if any(directory.glob("*model_states.pt")):
+        return None
+    return RunNotFoundError(f"{directory}: marked complete but holds no model states (*model_states.pt): a run copied "
+                            "in part? Copy the whole checkpoint folder, or delete it to use the one before")
+
+
 def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
     """Restore engine state and, on the same world size, this rank's RNG from a complete checkpoint
     (``universal``: from its universal form, for an engine built with ``load_universal``); returns
     the client state."""
     loading = directory / UNIVERSAL if universal else directory
+    if missing := _missing_model_states(directory):
+        raise missing
     try:
         if universal:
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
@@ -319,8 +344,8 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
             _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name)
     except (torch.OutOfMemoryError, torch.distributed.DistBackendError):
         raise  # not the checkpoint's fault
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except LOAD_ERRORS as error:
+        first = error_gist(error)
         if loading != directory:  # the checkpoint as saved may be sound: its universal copy is what can be made again
             raise CheckpointLoadError(
                 f"{loading}, the universal form of {directory} for this world size, does not load "
@@ -357,13 +382,18 @@ def _load_buffers(module: torch.nn.Module, directory: Path) -> None:
 def settings_changes(config: Any) -> SettingChanges | None:
     """How ``config`` differs from the saved ``config.yaml`` of the run in its
     ``train.out_dir`` (:func:`~dyt.train.config.resume_changes`); None when the run has no complete
-    checkpoint yet (it starts fresh, nothing is fixed). A damaged marker, or a saved config that does
-    not load as this recipe's, is a ConfigError."""
+    checkpoint yet (it starts fresh, nothing is fixed). A damaged marker, or a saved config that is
+    missing or does not load as this recipe's, is a ConfigError (the settings the checkpoints were made
+    with cannot be checked: a model changed since would fail to load them, or train on quietly)."""
     run_dir = Path(config.train.out_dir)
     saved_file = run_dir / "config.yaml"
     checkpoints = complete_checkpoints(run_dir / "checkpoints")
-    if not saved_file.is_file() or not checkpoints:
+    if not checkpoints:
         return None
+    if not saved_file.is_file():
+        raise ConfigError(f"{saved_file} is missing beside the run's checkpoints, so the settings they were made with "
+                          f"cannot be checked (each launch's are in {run_dir / LAUNCHES}: put the last one's config "
+                          "back as config.yaml)")
     saved_world_size(checkpoints[-1])  # a damaged marker stops here, before any data is built
     try:
         saved = load_config(type(config), saved_file, check_files=False)
@@ -536,9 +566,8 @@ def check_run(run_dir: str | Path, weights: bool = True) -> None:
     done = complete_checkpoints(run_dir / "checkpoints")
     if not done:
         raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
-    if not any(done[-1].glob("*model_states.pt")):  # DeepSpeed's mp_rank_00_ / zero_pp_rank_N_mp_rank_00_ files
-        raise RunNotFoundError(f"{done[-1]}: marked complete but holds no model states (*model_states.pt): a run "
-                               "copied in part? Copy the whole checkpoint folder, or delete it to use the one before")
+    if missing := _missing_model_states(done[-1]):
+        raise missing
 
 
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -550,11 +579,17 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     if not done:
         raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
     newest = done[-1]
-    if any(newest.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if missing := _missing_model_states(newest):
+        raise missing
+    try:
+        if any(newest.glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
-    states = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
+        states = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    except LOAD_ERRORS as error:
+        raise CheckpointLoadError(f"{newest} is marked complete but its weights do not load ({error_gist(error)}): if a "
+                                  "file in it was damaged since the save, delete that folder to use the one before") from error
     weights = states["module"]
     masters = (states.get("optimizer") or {}).get("fp32_groups")
     if states.get(MASTER_NAMES) and masters:  # ZeRO-0 in half precision: the fp32 masters, not the copies
@@ -563,6 +598,17 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
                 for name in aliases:  # a shared parameter under each of its names
                     weights[name] = master.reshape(weights[name].shape)
     return weights
+
+
+def load_run_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: str | Path) -> None:
+    """``model.load_state_dict(weights)``; a CheckpointLoadError where they do not fit, which means the
+    run's ``config.yaml`` no longer describes the model its checkpoint holds."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointLoadError(f"{run_dir}: the newest checkpoint's weights do not fit the model its config.yaml "
+                                  f"builds ({error_gist(error)}): was config.yaml edited since training? Put the "
+                                  "trained settings back") from error
 
 
 def run_model_builder(run_dir: str | Path, build: Callable[[], torch.nn.Module],
@@ -575,7 +621,7 @@ def run_model_builder(run_dir: str | Path, build: Callable[[], torch.nn.Module],
     def make() -> torch.nn.Module:
         model = build()
         if weights is not None:
-            model.load_state_dict(weights)
+            load_run_weights(model, weights, run_dir)
         return model
 
     return make

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..backends import AUTO, BackendUnavailableError, device_arg, select_backend
-from ..errors import UserInputError, command, user_errors
+from ..errors import CommandParser, UserInputError, command, user_errors
 from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
@@ -29,7 +29,7 @@ __all__ = ["UserInputError", "command", "parse_args", "run_recipe", "user_errors
 
 
 def _parser(config_cls: type, prog: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__)
+    parser = CommandParser(prog=prog, description=config_cls.__doc__)
     parser.add_argument("--config", help="YAML file with the recipe's settings")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

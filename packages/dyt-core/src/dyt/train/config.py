@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -464,7 +465,9 @@ def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     if tp is str:
         if isinstance(value, (Mapping, list, tuple)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        # a path under a home folder, as a shell would have expanded it: no shell expands a YAML value
+        # or --set key=~/x, and the literal one made a folder named ~ where the command ran
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else str(value)
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -629,12 +632,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     DeepSpeed JSON). Evals that read a finished run's ``config.yaml`` pass ``check_files=False``."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.is_dir():
             raise ConfigError(f"{path} is a folder: give a config file (e.g. recipes/llama/tiny.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = _read_yaml(path) or {}
+        loaded = _read_yaml(path)
+        if loaded is None:  # read as every default, it would train (or resume against) a model nobody chose
+            raise ConfigError(f"{path} holds no settings (empty, or comments only): write {{}} in it for every default")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}")
         data = loaded
