@@ -463,7 +463,7 @@ def write_results(path: Path | None, payload: dict) -> None:
 @user_errors("dyt-bench")
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(prog="dyt-bench", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", dest="shapes", action="append", type=shape_arg,
                         help=f"ROWSxCOLS, repeatable (default: 8192x1024 on CPU; {', '.join(CUDA_SHAPES)} on CUDA)")
     parser.add_argument("--block", action="store_true", help="also time a decoder block with each norm")

@@ -273,7 +273,7 @@ def checks(device: str, backends: list[str], llama: bool) -> Iterator[tuple[str,
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     parser = CommandParser(prog="python -m dyt.selfcheck", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu")
     parser.add_argument("--backend", dest="backends", action="append", choices=list(BACKENDS),
                         help="repeatable (default: every backend usable on the device)")

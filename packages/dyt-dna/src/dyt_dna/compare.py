@@ -60,6 +60,7 @@ from dyt.train.trainer import check_one_step_of_data
 from .data import BUILTIN_TASKS, ClassificationData, check_task, load_task, pretraining_datasets
 from .eval import (
     add_finetune_arguments,
+    check_builtin_options,
     eval_window_error,
     evaluate,
     finetune_for,
@@ -81,7 +82,7 @@ def accuracy_metric(task: str) -> Metric:
 @user_errors("dyt-dna-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = CommandParser(prog="dyt-dna-compare", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=user_path, nargs="+", default=[SPEC.config_path(m) for m in SPEC.models],
                         help="default: the tiny HyenaDNA and Caduceus configs shipped with dyt_dna")
     parser.add_argument("--tasks", action=DistinctValues, nargs="+", default=["species"],
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> Path:
                              "default species")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
     add_pretrain_seeds_argument(parser)
-    add_finetune_arguments(parser)
+    builtin_only = add_finetune_arguments(parser)
     add_run_arguments(parser, SPEC)
     args = parse_run_arguments(parser, argv)
+    check_builtin_options(parser, argv, args.tasks, builtin_only)
     args.seeds = finetune_seeds(args)  # one order for the stored evals, the report and summary.json
     for option, keys in (("--sweep", [s.key for s in args.sweeps]), ("--set", [o.partition("=")[0].strip()
                                                                               for o in args.overrides])):

@@ -31,7 +31,7 @@ from dyt.train.config import NON_NEGATIVE, PROBABILITY, ConfigError, Range
 from dyt.train.jsonio import write_json
 from dyt_data import cache_root, file_key, reported_as
 
-from .fasta import FastaError, iter_fasta, read_fasta
+from .fasta import FastaError, iter_fasta, not_a_fasta_file, read_fasta
 from .genomes import HELD_OUT, Genome, builtin_genomes, species_names
 from .tokenizer import MASK, SPECIALS, encode, reverse_complement
 
@@ -124,7 +124,7 @@ def window_dataset(regions: list[Region], window: int, stride: int, max_windows:
     """Windows of ``regions``, cached on disk keyed by the files, window and stride."""
     for region in regions:
         if not region.path.is_file():
-            raise DnaDataError(f"{region.path}: no such FASTA file")
+            raise DnaDataError(not_a_fasta_file(region.path))
     no_window = DnaDataError(f"no window of {window} bases fits in {', '.join(r.path.name for r in regions)} "
                              f"with at most {cfg.max_n_fraction:.0%} N (data.max_n_fraction): use shorter windows "
                              "or longer records")
@@ -199,7 +199,7 @@ def _record_digests(path: Path, cache: Path) -> list[tuple[str, str, int]]:
     """(SHA-256 of the sequence, of its reverse complement, its length) of each record in ``path``,
     kept in ``cache`` by the file's :func:`dyt_data.file_key` (a genome is read once, not at every launch)."""
     if not path.is_file():
-        raise DnaDataError(f"{path}: no such FASTA file")
+        raise DnaDataError(not_a_fasta_file(path))
     target = cache / "records" / f"{_fingerprint(file_key(path), RECORDS_VERSION)}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # the ranks of a launch all ask at once: one reads the genome
@@ -349,7 +349,8 @@ def genomic_benchmarks(folder: Path, seed: int = 0, validation_fraction: float =
     for split in ("train", "test"):
         root = folder / split
         if not root.is_dir():
-            raise DnaDataError(f"{folder}: no {split}/ folder (expected <task>/{{train,test}}/<class>/*.txt)")
+            raise DnaDataError(f"{folder}: no {split}/ folder (a task folder holds <task>/{{train,test}}/<class>/*.txt, "
+                               "or train.csv, dev.csv and test.csv: docs/dna.md)")
         # hidden folders (.ipynb_checkpoints, .git) are no class
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:

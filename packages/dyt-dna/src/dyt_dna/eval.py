@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from dyt.errors import CommandParser, DistinctValues, help_description, output_file, user_path
+from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
 from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import mean_std
@@ -47,14 +47,16 @@ VALIDATIONS = 4
 """Validation runs this many times per fine-tuning run (every quarter of the steps)."""
 
 
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The fine-tuning options, with the same defaults in ``python -m dyt_dna.eval`` and
     ``dyt-dna-compare``: an eval run by itself gives the numbers the report gives (sized for the
-    2-core box; raise ``--per-class``, ``--epochs`` and ``--max-steps`` for a fuller one)."""
-    parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128,
-                        help="built-in tasks: bases per example (at most the model's context)")
-    parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
-                        help="built-in tasks: training examples per class")
+    2-core box; raise ``--per-class``, ``--epochs`` and ``--max-steps`` for a fuller one). Returns
+    the options that shape the built-in tasks alone (:func:`check_builtin_options`)."""
+    builtin_only = [
+        parser.add_argument("--eval-window", type=Range(ge=2).arg(int), default=128,
+                            help="built-in tasks: bases per example (at most the model's context)"),
+        parser.add_argument("--per-class", type=AT_LEAST_ONE.arg(int), default=100,
+                            help="built-in tasks: training examples per class")]
     parser.add_argument("--epochs", type=AT_LEAST_ONE.arg(int), default=4)
     parser.add_argument("--max-steps", type=NON_NEGATIVE.arg(int), default=40,
                         help="fine-tuning steps per seed (0: epochs decide)")
@@ -63,6 +65,17 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=AT_LEAST_ONE.arg(int), default=3,
                         help="stop after this many validations without a better MCC")
     add_device_argument(parser)
+    return builtin_only
+
+
+def check_builtin_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None, tasks: list[str],
+                          builtin_only: list[argparse.Action]) -> None:
+    """Refuse ``--eval-window`` and ``--per-class`` where no task is a built-in one: a task folder's
+    files decide its examples, and the option would change nothing while the run looked as if it had."""
+    if not any(task in BUILTIN_TASKS for task in tasks) and (given := options_given(parser, argv, builtin_only)):
+        parser.error(f"{', '.join(given)} shape(s) the built-in tasks' examples, and {' '.join(tasks)} "
+                     f"{'is a task folder' if len(tasks) == 1 else 'are task folders'}, whose files decide them: "
+                     "drop the option")
 
 
 def eval_window_error(window: int, tasks: list[str], max_len: int) -> str | None:
@@ -165,17 +178,18 @@ def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
 @user_errors("dyt_dna.eval")
 def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser = CommandParser(prog="dyt_dna.eval", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=user_path, required=True, help="a pretraining run directory")
     parser.add_argument("--task", default="species",
                         help=f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a task folder (docs/dna.md); default species")
     parser.add_argument("--seeds", action=DistinctValues, type=SEED.arg(int), nargs="+", default=[0, 1, 2])
-    add_finetune_arguments(parser)
+    builtin_only = add_finetune_arguments(parser)
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
     parser.add_argument("--random-init", action="store_true",
                         help="fine-tune the run's model untrained (same config, seeds and budget): the baseline row")
     parser.add_argument("--out", type=output_file, help="write the per-seed results here as JSON")
     args = parser.parse_args(argv)
+    check_builtin_options(parser, argv, [args.task], builtin_only)
     check_run(args.run, weights=not args.random_init)  # before any data is built
     # the weights are loaded once, by evaluate
     config = load_config(DnaConfig, args.run / "config.yaml", check_files=False)

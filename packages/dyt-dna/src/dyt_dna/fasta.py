@@ -31,13 +31,18 @@ def read_fasta(path: str | Path) -> list[Record]:
     return list(iter_fasta(path))
 
 
+def not_a_fasta_file(path: Path) -> str:
+    """Why ``path``, which is no file, cannot be read as FASTA, in words."""
+    return f"{path}: a folder, not a FASTA file" if path.is_dir() else f"{path}: no such FASTA file"
+
+
 def iter_fasta(path: str | Path) -> Iterator[Record]:
     """The records of ``path`` one at a time, as :func:`read_fasta` gives them: a genome is never held
     whole (a human one took ~6 GB as a list), only the record being read. Errors come as the
     reading reaches them."""
     path = Path(path)
     if not path.is_file():
-        raise FastaError(f"{path}: no such FASTA file")
+        raise FastaError(not_a_fasta_file(path))
     opener = gzip.open if path.suffix == ".gz" else open
     count, name, chunks = 0, None, []
     try:

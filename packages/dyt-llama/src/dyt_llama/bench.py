@@ -93,7 +93,7 @@ def format_steps(results: dict) -> str:
 @user_errors("dyt-llama-bench")
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(prog="dyt-llama-bench", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=user_path, default=SPEC.config_path(),
                         help="the recipe (default: the tiny config shipped with dyt_llama, recipes/llama/tiny.yaml)")
     add_timing_arguments(parser)

@@ -132,7 +132,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
 @user_errors("dyt-llama-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = CommandParser(prog="dyt-llama-compare", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=user_path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_llama (recipes/llama/tiny.yaml)")
     parser.add_argument("--seeds", action=DistinctValues, nargs="+", type=SEED.arg(int), default=[0],

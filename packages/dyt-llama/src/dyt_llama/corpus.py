@@ -279,7 +279,7 @@ def prepare_gcide(out: Path | None = None) -> Path:
 @user_errors("dyt_llama.corpus")
 def main() -> None:
     parser = CommandParser(prog="dyt_llama.corpus", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=None,
                         help="default: $DYT_CACHE/text-corpus (text-kjv, text-fortunes, text-gcide)")
     which = parser.add_mutually_exclusive_group()

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     from .task import LlamaConfig
 
     parser = CommandParser(prog="dyt-llama-prepare", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=user_path, default=None, help="a LLaMA recipe YAML (its model: and data: sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--num-proc", type=AT_LEAST_ONE.arg(int), default=None,

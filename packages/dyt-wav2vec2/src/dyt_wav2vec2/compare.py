@@ -105,7 +105,7 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
 @user_errors("dyt-wav2vec2-compare")
 def main(argv: list[str] | None = None) -> Path:
     parser = CommandParser(prog="dyt-wav2vec2-compare", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=user_path, default=SPEC.config_path(),
                         help="default: the tiny config shipped with dyt_wav2vec2 (recipes/wav2vec2/tiny.yaml)")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=[*EVAL_NAMES, NO_EVALS],

@@ -476,7 +476,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
 @user_errors("dyt_wav2vec2.eval")
 def main(argv: list[str] | None = None) -> dict:
     parser = CommandParser(prog="dyt_wav2vec2.eval", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=user_path, required=True, help="a pretraining run directory")
     parser.add_argument("--evals", action=DistinctValues, nargs="+", choices=EVALS, default=list(EVALS),
                         help="default: all four, as dyt-wav2vec2-compare runs them")
@@ -499,8 +499,10 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         parser.error(str(error))
     if args.data is not None and not any(args.data.glob("*.tsv")):
-        parser.error(f"--data {args.data}: no .tsv manifests there; give the folder `python -m dyt_wav2vec2.speech "
-                     "--out DIR` built, or leave --data out")
+        found = ("a file, not a folder" if args.data.is_file() else "no .tsv manifests there" if args.data.is_dir()
+                 else "no such folder")
+        parser.error(f"--data {args.data}: {found}; give the folder `python -m dyt_wav2vec2.speech --out DIR` built, "
+                     "or leave --data out")
     check_run(args.run, weights=not args.random_init)  # before any data is built
     # the speech the run was pretrained beside, at its size (a default-sized build would rewrite it)
     data = args.data or builtin_speech(load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml",

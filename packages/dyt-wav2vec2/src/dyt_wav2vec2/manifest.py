@@ -18,7 +18,7 @@ PROG = "dyt_wav2vec2.manifest"
 @user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(prog=PROG, description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=user_path)
     parser.add_argument("out", type=output_file)
     args = parser.parse_args(argv)

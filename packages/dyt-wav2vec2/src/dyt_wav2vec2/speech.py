@@ -371,7 +371,7 @@ def load_split(data_dir: Path, name: str) -> list[Utterance]:
 @user_errors("dyt_wav2vec2.speech")
 def main() -> None:
     parser = CommandParser(prog="dyt_wav2vec2.speech", description=help_description(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=None, help="default: $DYT_CACHE/speech")
     parser.add_argument("--train", type=AT_LEAST_ONE.arg(int), default=2000, help="synthetic training sentences")
     args = parser.parse_args()
