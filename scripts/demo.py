@@ -30,7 +30,7 @@ import dyt_wav2vec2
 from dyt import convert_norms
 from dyt.allocator import cannot_keep_freed_blocks
 from dyt.bench import format_kernels
-from dyt.errors import output_folder, user_errors
+from dyt.errors import CommandParser, output_folder, user_errors, user_path
 from dyt.train.compare import fresh_problem
 from dyt.train.config import AT_LEAST_ONE
 from dyt.train.recipe import RecipeSpec
@@ -108,9 +108,9 @@ def in_sample_note(llama_config: Path | None) -> str:
 
 @user_errors("demo")  # bad input in any part: one line, exit status 2, as each command alone
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=Path("runs/demo"))
-    parser.add_argument("--llama-config", type=Path, default=None,
+    parser.add_argument("--llama-config", type=user_path, default=None,
                         help="default: the tiny config shipped with dyt_llama")
     parser.add_argument("--nproc", type=AT_LEAST_ONE.arg(int), default=2, help="ranks for the training runs")
     parser.add_argument("--fresh", action="store_true",

@@ -189,6 +189,9 @@ CASES = [
     Case("dna-eval-per-class-with-a-task-folder", "dyt_dna.eval",
          ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "{tmp}/task-ok", "--per-class", "5"),
          ("--per-class", "task-ok is a task folder, whose files decide them")),
+    Case("dna-eval-mistyped-task-with-per-class", "dyt_dna.eval",  # the name first, not "a task folder"
+         ("-m", "dyt_dna.eval", "--run", "{tmp}/run", "--task", "speceis", "--per-class", "5"),
+         ("task 'speceis'", "not a built-in task")),
     Case("dna-compare-eval-window-with-task-folders", "dyt-dna-compare",
          ("dyt-dna-compare", "--out", "{tmp}/cmp", "--tasks", "{tmp}/task-ok", "--eval-window", "64"),
          ("--eval-window", "task-ok is a task folder")),

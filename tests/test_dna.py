@@ -728,23 +728,29 @@ def test_genomic_benchmarks_folder_and_its_errors(tmp_path):
 def test_a_benchmark_folder_draws_validation_by_class(tmp_path):
     """Validation takes its share of each class's training files: a draw over all files took the one
     file of a small class 1 time in 10 and left training with a single class (seen as "training needs
-    at least two classes" on a folder of two)."""
+    at least two classes" on a folder of two), and gave two balanced classes 2 + 2 of 4 held-out
+    files only 4 draws in 10."""
     seq = _genome()
-    for files in (2, 3):  # the small class's training files
-        for seed in range(10):
-            root = tmp_path / f"task-{files}-{seed}"
-            for split, counts in (("train", {"big": 19, "small": files}), ("test", {"big": 3, "small": 3})):
-                for label, count in counts.items():
-                    (root / split / label).mkdir(parents=True)
-                    for i in range(count):
-                        start = (i + (0 if label == "big" else 200) + (100 if split == "test" else 0)) * 70
-                        (root / split / label / f"{i}.txt").write_text(seq[start : start + 60])
-            task = genomic_benchmarks(root, seed=seed)
-            assert len(task.validation) == 3 and sorted(set(task.train["label"])) == [0, 1], (files, seed)
-            assert task.validation["label"].count(1) <= 1  # its share of 3 held-out files: about 0.3
-    (tmp_path / "task-2-0" / "train" / "small" / "1.txt").unlink()
+
+    def folder(name: str, counts: dict[str, int]) -> Path:
+        root = tmp_path / name
+        for split, sizes in (("train", counts), ("test", {label: 3 for label in counts})):
+            for offset, (label, count) in enumerate(sizes.items()):
+                (root / split / label).mkdir(parents=True)
+                for i in range(count):
+                    start = (i + 200 * offset + (100 if split == "test" else 0)) * 70
+                    (root / split / label / f"{i}.txt").write_text(seq[start : start + 60])
+        return root
+
+    balanced, small = folder("balanced", {"a": 18, "b": 18}), folder("small", {"big": 19, "small": 2})
+    for seed in range(10):
+        task = genomic_benchmarks(balanced, seed=seed)  # 10% of 36: 4 files, 2 of each class
+        assert sorted(task.validation["label"]) == [0, 0, 1, 1] and len(task.train) == 32, seed
+        task = genomic_benchmarks(small, seed=seed)  # 10% of 21: 3 files, the small class's share 0.3
+        assert len(task.validation) == 3 and sorted(task.train["label"]).count(1) == 2, seed
+    (small / "train" / "small" / "1.txt").unlink()
     with pytest.raises(DnaDataError, match="small: one training file; validation takes a share of each class's"):
-        genomic_benchmarks(tmp_path / "task-2-0")
+        genomic_benchmarks(small)
 
 
 def test_csv_task_and_its_errors(tmp_path):

@@ -948,3 +948,6 @@ def test_a_checkpoint_that_does_not_load_is_named_in_one_line(tmp_path):
         build()
     assert isinstance(checkpoint.run_model_builder(tmp_path / "run", lambda: torch.nn.Linear(2, 3))(), torch.nn.Linear)
     assert checkpoint.error_gist(ValueError("")) == "ValueError"
+    assert checkpoint.error_gist(AssertionError("no shards")) == "AssertionError: no shards"  # DeepSpeed's, or a bug
+    long = checkpoint.error_gist(RuntimeError("Error(s) in loading:\n\tMissing key(s): " + "layer.weight, " * 100))
+    assert len(long) == 300 and long.startswith("Error(s) in loading: Missing key(s): layer.weight,") and long.endswith("...")

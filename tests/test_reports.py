@@ -233,7 +233,7 @@ def _w2v_run(root: Path, norm: str, last_eval: dict, earlier_eval: dict) -> tupl
 
 
 def _finetune_result(rng: random.Random, seed: int, tests: list[str], classes: int) -> dict:
-    """One seed's FinetuneResult as run_evals stores it (dataclasses.asdict, through JSON)."""
+    """One seed's FinetuneResult as eval_results yields it (dataclasses.asdict, through JSON)."""
     confusion = [[rng.randint(0, 3) for _ in range(classes)] for _ in range(classes)]
     return {"seed": seed, "best_step": 40, "validation": {"accuracy": 0.5, "mcc": 0.4, "f1": 0.45},
             "test": {t: {"accuracy": rng.uniform(0.1, 0.9), "mcc": rng.uniform(0, 0.8), "f1": rng.uniform(0.1, 0.9)}
@@ -243,7 +243,7 @@ def _finetune_result(rng: random.Random, seed: int, tests: list[str], classes: i
 
 
 def _w2v_evals(rng: random.Random, seeds: list[int]) -> dict[str, list[dict]]:
-    """One model's run_evals results (dataclasses.asdict, through JSON), as the eval-<name>.json files hold them per seed."""
+    """One model's eval_results (dataclasses.asdict, through JSON), as the eval-<name>.json files hold them per seed."""
     from dyt_wav2vec2.eval import CONTRASTIVE_TESTS, CTC_TESTS, KEYWORD_TESTS
     from dyt_wav2vec2.speech import KEYWORDS
 

@@ -714,7 +714,8 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
     monkeypatch.setattr(w2v_eval, "_keyword_rows", lambda data, name: w2v_eval.LabeledAudio(rows, [0, 1, 2]))
     monkeypatch.setattr(w2v_eval, "finetune", lambda *args, desc, device, **kwargs: seen.append(
         (desc, device)) or w2v_eval.FinetuneResult(0, 0, {}, {}, {}, []))
-    w2v_eval.run_evals(run, tmp_path, w2v_eval.EVALS, [0], steps=1, pretrained=False, device=meta)
+    for name in w2v_eval.EVALS:
+        list(w2v_eval.eval_results(name, run, tmp_path, [0], 1, pretrained=False, device=meta))
     where = {}
     for step, *devices in seen:
         where.setdefault(step.split(" (")[0].split(" seed")[0], set()).update(devices)
@@ -760,9 +761,9 @@ def test_every_speech_eval_runs_on_its_device(speech, tmp_path, device):
     said = [dataclasses.replace(row, text=word) for row, word in zip(rows, KEYWORDS)]  # as if keywords
     for name in ("keywords-train", "keywords-validation", *KEYWORD_TESTS.values()):
         write_manifest(tmp_path / f"{name}.tsv", root, said)
-    results = w2v_eval.run_evals(run, tmp_path, w2v_eval.EVALS, [0], steps=2,
-                                 ctc=w2v_eval.CTCSettings(steps=2, batch_size=3), pretrained=False,
-                                 device=torch.device(device))
+    ctc = w2v_eval.CTCSettings(steps=2, batch_size=3)
+    results = {name: list(w2v_eval.eval_results(name, run, tmp_path, [0], 2, ctc, pretrained=False,
+                                                device=torch.device(device))) for name in w2v_eval.EVALS}
     assert list(results) == w2v_eval.EVALS and all(len(rows) == 1 for rows in results.values())
     assert all(0 <= r["test"][t]["accuracy"] <= 1 for r in results["probe"] + results["finetune"] for t in KEYWORD_TESTS)
     assert all(r["test"][t]["cer"] >= 0 for r in results["ctc"] for t in CTC_TESTS)

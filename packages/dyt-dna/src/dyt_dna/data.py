@@ -649,7 +649,7 @@ BUILTIN_TASKS = ("species", "coding", "start")
 
 def check_task(spec: str) -> None:
     """A DnaDataError unless ``spec`` names a built-in task or an existing folder (a cheap check)."""
-    if spec not in BUILTIN_TASKS and not Path(spec).is_dir():
+    if spec not in BUILTIN_TASKS and not Path(spec).expanduser().is_dir():
         raise DnaDataError(f"task {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a folder")
 
 
@@ -662,7 +662,7 @@ def load_task(spec: str, window: int, per_class: int) -> ClassificationData:
     if spec == "start":
         return start_task(window, per_class)
     check_task(spec)
-    folder = Path(spec)
+    folder = Path(spec).expanduser()
     if (folder / "train.csv").is_file():
         return csv_task(folder)
     return genomic_benchmarks(folder)

@@ -40,7 +40,7 @@ from dyt.train.finetune import (
 )
 from dyt.train.jsonio import write_json
 
-from .data import BUILTIN_TASKS, ClassificationData, load_task, tokens
+from .data import BUILTIN_TASKS, ClassificationData, check_task, load_task, tokens
 from .task import DnaConfig, build_model
 
 VALIDATIONS = 4
@@ -71,7 +71,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> list[argparse.Act
 def check_builtin_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None, tasks: list[str],
                           builtin_only: list[argparse.Action]) -> None:
     """Refuse ``--eval-window`` and ``--per-class`` where no task is a built-in one: a task folder's
-    files decide its examples, and the option would change nothing while the run looked as if it had."""
+    files decide its examples, and the option would change nothing while the run looked as if it had.
+    A task that is neither (a mistyped name) is named first (:func:`check_task`)."""
+    for task in tasks:
+        check_task(task)
     if not any(task in BUILTIN_TASKS for task in tasks) and (given := options_given(parser, argv, builtin_only)):
         parser.error(f"{', '.join(given)} shape(s) the built-in tasks' examples, and {' '.join(tasks)} "
                      f"{'is a task folder' if len(tasks) == 1 else 'are task folders'}, whose files decide them: "

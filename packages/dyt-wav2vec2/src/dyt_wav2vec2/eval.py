@@ -566,13 +566,6 @@ def add_keyword_arguments(parser: argparse.ArgumentParser) -> list[argparse.Acti
                                 help=f"keyword fine-tuning (probe, finetune) steps per seed (default {KEYWORD_STEPS})")]
 
 
-def run_evals(run_dir: Path, data: Path, evals: list[str], seeds: list[int], steps: int,
-              ctc: CTCSettings = CTCSettings(), pretrained: bool = True,
-              device: torch.device | str = "cpu") -> dict[str, list[dict]]:
-    """Eval name -> one JSON result per seed."""
-    return {name: list(eval_results(name, run_dir, data, seeds, steps, ctc, pretrained, device)) for name in evals}
-
-
 def eval_results(name: str, run_dir: Path, data: Path, seeds: list[int], steps: int,
                  ctc: CTCSettings = CTCSettings(), pretrained: bool = True,
                  device: torch.device | str = "cpu") -> Iterator[dict]:

@@ -310,13 +310,18 @@ LOAD_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError
 ``load_state_dict``'s on other shapes or names, and DeepSpeed's own asserts on what it finds."""
 
 
-def error_gist(error: BaseException) -> str:
-    """An exception in one line: its first line, with the next where the first only introduces a list
-    (``load_state_dict``'s "Error(s) in loading state_dict for Llama:"); its type where it says nothing."""
+def error_gist(error: BaseException, limit: int = 300) -> str:
+    """An exception in one line of at most ``limit`` characters: its first line, with the next where the
+    first only introduces a list (``load_state_dict``'s "Error(s) in loading state_dict for Llama:",
+    whose next line may list every key); its type where it says nothing, and before an assert's text
+    (DeepSpeed's checks of what it finds are asserts, and so is a bug's)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    gist = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if isinstance(error, AssertionError):
+        gist = f"AssertionError: {gist}"
+    return gist if len(gist) <= limit else gist[: limit - 3] + "..."
 
 
 def _missing_model_states(directory: Path) -> RunNotFoundError | None:
@@ -392,8 +397,8 @@ def settings_changes(config: Any) -> SettingChanges | None:
         return None
     if not saved_file.is_file():
         raise ConfigError(f"{saved_file} is missing beside the run's checkpoints, so the settings they were made with "
-                          f"cannot be checked (each launch's are in {run_dir / LAUNCHES}: put the last one's config "
-                          "back as config.yaml)")
+                          f"cannot be checked (each launch's are in {run_dir / LAUNCHES} where the run has one, since "
+                          "2026-12-05: put the last one's config back as config.yaml)")
     saved_world_size(checkpoints[-1])  # a damaged marker stops here, before any data is built
     try:
         saved = load_config(type(config), saved_file, check_files=False)
@@ -581,10 +586,12 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     newest = done[-1]
     if missing := _missing_model_states(newest):
         raise missing
+    from deepspeed.utils.zero_to_fp32 import (
+        get_fp32_state_dict_from_zero_checkpoint,  # its failures are not the files'
+    )
+
     try:
         if any(newest.glob("*zero_pp_rank_*optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
             return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
         states = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     except LOAD_ERRORS as error:

@@ -465,9 +465,9 @@ def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     if tp is str:
         if isinstance(value, (Mapping, list, tuple)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        # a path under a home folder, as a shell would have expanded it: no shell expands a YAML value
+        # a path under the home folder, as a shell would have expanded it: no shell expands a YAML value
         # or --set key=~/x, and the literal one made a folder named ~ where the command ran
-        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else str(value)
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~/") else str(value)
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
