@@ -349,3 +349,14 @@ def test_torch_transformer_fast_path_fails_after_conversion_until_turned_off():
             torch.testing.assert_close(layer(x), through_modules)
         finally:
             torch.backends.mha.set_fastpath_enabled(was_enabled)
+
+
+def test_a_conversion_refused_midway_leaves_the_model_as_it_was():
+    """convert_norms swapped each layer as it built it, so an error at the second layer (an unknown
+    role, a shape DyT cannot take) left the first converted and the model half DyT."""
+    model = nn.Sequential(nn.LayerNorm(4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="unknown role 'attn'"):
+        convert_norms(model, NormConfig(kind="dyt"), role_of=lambda path: "attn" if path == "1" else "default")
+    assert [type(m) for m in model] == [nn.LayerNorm, nn.LayerNorm]
+    report = convert_norms(model, NormConfig(kind="dyt"))
+    assert [type(m) for m in model] == [DyT, DyT] and len(report.replaced) == 2

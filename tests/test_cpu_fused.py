@@ -593,3 +593,45 @@ def test_threads_follow_how_idle_openmp_threads_wait(env, elements):
                           env={**clean, **env})
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split()[-1]) == elements
+
+
+def test_tracers_transforms_and_forward_ad_get_the_formula_not_the_kernel():
+    """The C++ kernels write through data pointers no tracer sees: ``torch.jit.trace`` and
+    ``make_fx`` of a cpu-backend DyT recorded a bare ``aten::empty`` and returned uninitialised
+    memory; ``torch.func`` transforms and forward-mode AD refused the C++ autograd Function. Under
+    each, every backend now runs the eager formula, whose values the kernels match."""
+    from torch.autograd import forward_ad
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    layer, residual_layer = DyT(16, backend="cpu", alpha_init=0.7), ResidualDyT(16, backend="cpu")
+    with torch.no_grad():
+        layer.weight.normal_(), layer.bias.normal_()
+    x, r = torch.randn(6, 16), torch.randn(6, 16)
+    expected = layer.weight * torch.tanh(layer.alpha * x) + layer.bias
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    graphed = make_fx(layer)(x)
+    assert "tanh" in str(traced.graph) and "tanh" in str(graphed.graph)
+    other = torch.randn(6, 16)  # the graphs compute, not replay
+    for run in (traced, graphed):
+        torch.testing.assert_close(run(x), expected)
+        torch.testing.assert_close(run(other), layer(other))
+    torch.testing.assert_close(make_fx(residual_layer)(x, r)(other, r), residual_layer(other, r))
+    stacked = torch.randn(3, 6, 16)
+    torch.testing.assert_close(torch.func.vmap(layer)(stacked), layer(stacked))
+    per_sample = torch.func.vmap(torch.func.grad(lambda v: layer(v).sum()))(x)
+    torch.testing.assert_close(per_sample, layer.weight * layer.alpha * (1 - torch.tanh(layer.alpha * x) ** 2))
+    with forward_ad.dual_level():
+        out = layer(forward_ad.make_dual(x, torch.ones_like(x)))
+        tangent = forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, layer.weight * layer.alpha * (1 - torch.tanh(layer.alpha * x) ** 2))
+
+
+def test_a_channels_first_result_is_contiguous_as_on_every_backend():
+    """The cpu backend transposes channels-first input for its kernel; it returned the transposed
+    layout, so ``y.view(...)`` worked on eager and failed on the default backend."""
+    x = torch.randn(2, 8, 3, 3)
+    layer = DyT(8, channels_last=False, backend="cpu")
+    y = layer(x)
+    assert y.is_contiguous() and y.view(2, -1).shape == (2, 72)
+    torch.testing.assert_close(y, DyT(8, channels_last=False, backend="eager")(x))

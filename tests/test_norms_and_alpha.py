@@ -212,3 +212,38 @@ def test_a_norm_kind_reads_the_fields_it_says_it_reads(kind):
     for name, (first, second) in values.items():
         changes = built(**{name: first}) != built(**{name: second})
         assert changes == NormConfig(kind=kind).reads(name), (kind, name, changes)
+
+
+def test_make_norm_takes_any_integer_count_and_one_channel_count_channels_first():
+    """A numpy or 0-d tensor channel count built a DyT only by accident of a later index (numpy's
+    int64 failed there); a channels-first layer over two dims was built for LayerNorm and refused
+    for DyT, so a model built with it could never be converted."""
+    import numpy as np
+
+    for count in (np.int64(8), torch.tensor(8), 8):
+        for kind in ("dyt", "layernorm", "rmsnorm"):
+            layer = make_norm(kind, count)
+            assert layer(torch.randn(2, 8)).shape == (2, 8), (kind, count)
+    assert make_norm("dyt", np.int64(8), role="attention").alpha.item() == make_norm("dyt", 8, role="attention").alpha.item()
+    for kind in ("dyt", "layernorm", "rmsnorm", "identity"):
+        with pytest.raises(ValueError, match="a channels-first norm layer takes one channel count, not \\(4, 8\\)"):
+            make_norm(kind, (4, 8), channels_last=False)
+    assert isinstance(make_norm("layernorm", (4, 8)), nn.LayerNorm)  # channels-last: a trailing shape, as nn.LayerNorm
+
+
+def test_backend_names_read_as_the_environment_variable_is_and_say_where_they_came_from(monkeypatch):
+    from dyt.backends import default_backend
+
+    assert DyT(4, backend=" CPU ").backend == "cpu"
+    monkeypatch.setenv("DYT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown DyT backend 'bogus' \\(in DYT_BACKEND\\); choose one of auto"):
+        default_backend()
+    with pytest.raises(ValueError, match="unknown DyT backend 'fast'; choose one of"):
+        DyT(4, backend="fast")
+
+
+def test_channels_first_dyt_takes_an_empty_batch():
+    for backend in ("eager", "auto"):
+        layer = DyT(8, channels_last=False, backend=backend)
+        assert layer(torch.randn(0, 8, 4, 4)).shape == (0, 8, 4, 4)
+        assert layer(torch.randn(2, 8, 0)).shape == (2, 8, 0)

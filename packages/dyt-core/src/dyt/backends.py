@@ -129,10 +129,13 @@ NAMES = (AUTO, *BACKENDS)
 _default: str | None = None
 
 
-def check_backend_name(name: str) -> str:
-    if name not in NAMES:
-        raise ValueError(f"unknown DyT backend {name!r}; choose one of {', '.join(NAMES)}")
-    return name
+def check_backend_name(name: str, where: str = "") -> str:
+    """``name`` as a backend's name (spaces and case aside, as ``DYT_BACKEND`` is read), or a
+    ValueError naming ``where`` it came from and the choices."""
+    word = name.strip().lower() if isinstance(name, str) else name
+    if word not in NAMES:
+        raise ValueError(f"unknown DyT backend {name!r}{where}; choose one of {', '.join(NAMES)}")
+    return word
 
 
 def why_not_variant(name: str, squash: str, channel_alpha: bool) -> str | None:
@@ -149,7 +152,7 @@ def default_backend() -> str:
     """The backend used when a layer or call names none."""
     if _default is not None:
         return _default
-    return check_backend_name(os.environ.get("DYT_BACKEND", AUTO).strip().lower() or AUTO)
+    return check_backend_name(os.environ.get("DYT_BACKEND", "").strip() or AUTO, " (in DYT_BACKEND)")
 
 
 def set_default_backend(name: str | None) -> None:

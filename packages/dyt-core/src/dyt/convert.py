@@ -318,7 +318,8 @@ def convert_norms(
         only: converts just the layers whose path it accepts (e.g. the paper's wav2vec 2.0 scope,
             everything but the conv feature extractor); the rest are reported as left alone.
 
-    Returns a :class:`ConversionReport`. Layers already of the target kind stay as they are.
+    Returns a :class:`ConversionReport`. Layers already of the target kind stay as they are. A layer
+    that cannot be converted raises before any is replaced: the model is converted whole or not at all.
     """
     keep_bias = isinstance(to, str)
     if not (keep_bias or isinstance(to, NormConfig)):
@@ -331,6 +332,7 @@ def convert_norms(
                          "(path -> attention / ffn / final / input / default), e.g. a recipe's SPEC.role_of")
     report = ConversionReport(target=target.kind)
     swapped: dict[int, nn.Module] = {}
+    placed: list[tuple[str, str, nn.Module]] = []  # (parent path, name, new layer): placed once all are built
     any_norm_module = False
     for path, module, found in list(iter_norms(model)):
         if isinstance(found, str):
@@ -357,12 +359,16 @@ def convert_norms(
             swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role).train(module.training)
         new = swapped[id(module)]
         parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, new)
+        placed.append((parent_path, name, new))
         affine_had = (found.weight is not None) + (found.bias is not None)
         affine_copied = copy_affine and affine_had > 0 and len(_affine_pairs(found, new)) == affine_had
         report.replaced.append(
             Replacement(path, _type_name(module), _type_name(new), found.shape, found.channels_last, affine_copied)
         )
+    # only now, so that a layer refused midway (an unknown role, a shape DyT cannot take) leaves the
+    # model as it was instead of half converted
+    for parent_path, name, new in placed:
+        setattr(model.get_submodule(parent_path), name, new)
     if not any_norm_module:
         warnings.warn("convert_norms replaced nothing: the model has no LayerNorm / RMSNorm / DyT module to convert "
                       "(a norm computed by a function in a forward, F.layer_norm or F.rms_norm, is no module and is "

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .backends import BACKENDS, select_backend
 from .kernels.eager import check_squash
+
+
+def _plain_formula_needed() -> bool:
+    """Where only the eager formula is right, whatever the backend: inside torch.compile (it fuses the
+    formula itself); under a tracer (``torch.jit.trace``, ``make_fx``) or any other dispatch mode,
+    which never see a C++ kernel write through a data pointer, so a traced graph returned uninitialised
+    memory; under a ``torch.func`` transform (vmap, grad, jacrev: no C++ or ctx-less autograd
+    Function runs there); in forward-mode AD (no backend but eager defines a jvp)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def _check_trailing(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -71,13 +85,13 @@ def dyt(
                 f"channels-first DyT with {weight.numel()} channels got input of shape {tuple(x.shape)}"
             )
         channels = weight.shape[0]
-        canonical = x.reshape(x.shape[0], channels, -1)
+        canonical = x.reshape(x.shape[0], channels, math.prod(x.shape[2:]))  # an explicit size: an empty batch too
         w, b = weight.reshape(channels, 1), None if bias is None else bias.reshape(channels, 1)
         a = alpha.reshape(channels, 1) if channel_alpha else alpha
         reduce_dims = (0, 2)
 
-    if torch.compiler.is_compiling():
-        impl = BACKENDS["eager"]  # an outer torch.compile fuses the plain formula itself
+    if _plain_formula_needed():
+        impl = BACKENDS["eager"]
     else:
         impl = select_backend(backend, x.device, x.numel(), squash, channel_alpha)
         if x.numel() == 0:
@@ -112,7 +126,7 @@ def residual_dyt(
     if residual.dtype != x.dtype:  # s in the wider dtype on every backend (a float32 residual stream stays so)
         wider = torch.result_type(x, residual)
         x, residual = x.to(wider), residual.to(wider)
-    impl = (BACKENDS["eager"] if torch.compiler.is_compiling()
+    impl = (BACKENDS["eager"] if _plain_formula_needed()
             else select_backend(backend, x.device, x.numel(), squash, alpha.numel() != 1))
     if impl.apply_residual is None or x.numel() == 0:
         s = x + residual

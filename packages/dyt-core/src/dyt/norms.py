@@ -172,7 +172,10 @@ def make_norm(
         config = NormConfig(kind=config)
     if not isinstance(config, NormConfig):
         raise TypeError(f"make_norm takes a NormConfig or a norm kind, not {config!r}")
-    as_normalized_shape(dim)
+    shape = as_normalized_shape(dim)
+    if not channels_last and len(shape) != 1:  # as DyT, ChannelsFirst and convert_norms take them
+        raise ValueError(f"a channels-first norm layer takes one channel count, not {dim!r}")
+    dim = shape[0] if len(shape) == 1 else shape  # plain ints: a numpy or 0-d tensor count too
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     factory = {"device": device, "dtype": dtype}
@@ -181,7 +184,7 @@ def make_norm(
     if config.kind == "dyt":
         return DyT(
             dim,
-            alpha_init=config.alpha_for(dim if isinstance(dim, int) else dim[-1], role),
+            alpha_init=config.alpha_for(shape[-1], role),
             bias=config.bias,
             channels_last=channels_last,
             backend=config.backend,

@@ -44,11 +44,12 @@ build_error = EXTENSION.build_error  # None when the kernels are built, else why
 
 def dyt_cpu(x, alpha, weight, bias, reduce_dims):
     """CPU-fused DyT on the canonical layout (see :mod:`dyt.kernels`); channels-first input is
-    transposed to channels-last (a copy) because the kernel streams rows of channels."""
+    transposed to channels-last (a copy) because the kernel streams rows of channels, and the result
+    back to the contiguous layout every other backend returns (``y.view(...)`` works on any)."""
     if x.ndim == 3:
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         y = dyt_cpu(rows, alpha, weight.reshape(-1), None if bias is None else bias.reshape(-1), (0,))
-        return y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1)
+        return y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1).contiguous()
     return load().dyt(x, alpha, weight, bias)
 
 
