@@ -627,11 +627,13 @@ def test_tracers_transforms_and_forward_ad_get_the_formula_not_the_kernel():
     torch.testing.assert_close(tangent, layer.weight * layer.alpha * (1 - torch.tanh(layer.alpha * x) ** 2))
 
 
-def test_a_channels_first_result_is_contiguous_as_on_every_backend():
+def test_a_channels_first_result_comes_back_in_the_layout_eager_gives():
     """The cpu backend transposes channels-first input for its kernel; it returned the transposed
-    layout, so ``y.view(...)`` worked on eager and failed on the default backend."""
-    x = torch.randn(2, 8, 3, 3)
-    layer = DyT(8, channels_last=False, backend="cpu")
-    y = layer(x)
-    assert y.is_contiguous() and y.view(2, -1).shape == (2, 72)
-    torch.testing.assert_close(y, DyT(8, channels_last=False, backend="eager")(x))
+    layout, so ``y.view(...)`` worked on eager and failed on the default backend. A contiguous input
+    gives a contiguous result, and one stored channels-last keeps its strides, as on eager."""
+    layer, eager = DyT(8, channels_last=False, backend="cpu"), DyT(8, channels_last=False, backend="eager")
+    for x in (torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)):
+        y, expected = layer(x), eager(x)
+        assert y.stride() == expected.stride(), (y.stride(), expected.stride())
+        torch.testing.assert_close(y, expected)
+    assert layer(torch.randn(2, 8, 3, 3)).view(2, -1).shape == (2, 72)

@@ -224,7 +224,9 @@ def test_make_norm_takes_any_integer_count_and_one_channel_count_channels_first(
         for kind in ("dyt", "layernorm", "rmsnorm"):
             layer = make_norm(kind, count)
             assert layer(torch.randn(2, 8)).shape == (2, 8), (kind, count)
-    assert make_norm("dyt", np.int64(8), role="attention").alpha.item() == make_norm("dyt", 8, role="attention").alpha.item()
+    llm = NormConfig(kind="dyt", alpha_policy="llm")  # alpha0 by the width: the count is read, not assumed
+    wide = make_norm(llm, np.int64(8192), role="attention").alpha.item()
+    assert wide == make_norm(llm, 8192, role="attention").alpha.item() != make_norm(llm, 256, role="attention").alpha.item()
     for kind in ("dyt", "layernorm", "rmsnorm", "identity"):
         with pytest.raises(ValueError, match="a channels-first norm layer takes one channel count, not \\(4, 8\\)"):
             make_norm(kind, (4, 8), channels_last=False)
@@ -234,7 +236,9 @@ def test_make_norm_takes_any_integer_count_and_one_channel_count_channels_first(
 def test_backend_names_read_as_the_environment_variable_is_and_say_where_they_came_from(monkeypatch):
     from dyt.backends import default_backend
 
-    assert DyT(4, backend=" CPU ").backend == "cpu"
+    assert DyT(4, backend=" CPU ").backend == "cpu" and NormConfig(kind="dyt", backend="Eager").backend == "eager"
+    with pytest.raises(ValueError, match="runs tanh with a scalar alpha only"):  # checked under either spelling
+        NormConfig(kind="dyt", backend="Fused", squash="hardtanh")
     monkeypatch.setenv("DYT_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown DyT backend 'bogus' \\(in DYT_BACKEND\\); choose one of auto"):
         default_backend()

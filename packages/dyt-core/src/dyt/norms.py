@@ -71,8 +71,8 @@ class NormConfig:
                 raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if not isinstance(self.alpha_init, Mapping):
             raise ValueError(f"alpha_init must map roles to alpha0 values (e.g. {{ffn: 0.5}}), not {self.alpha_init!r}")
-        if self.backend is not None:
-            check_backend_name(self.backend)
+        if self.backend is not None:  # one spelling stored (and saved in a run's config.yaml)
+            self.backend = check_backend_name(self.backend)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
                 math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a positive number, not {self.eps!r}")

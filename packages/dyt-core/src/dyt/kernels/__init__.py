@@ -15,6 +15,13 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
 
 
+def in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, a channels-first kernel's result transposed back from its rows of channels, in the
+    layout eager's elementwise ops give for ``x``: contiguous for contiguous ``x`` (a copy), else as
+    it comes (it then has ``x``'s strides, e.g. an image batch stored channels-last)."""
+    return y.contiguous() if x.is_contiguous() else y
+
+
 def differentiable_backward(dy, x, alpha, weight, has_bias, ds=None):
     """(dx, dalpha, dweight, dbias) for 2-D ``(rows, channels)`` x in torch ops, which autograd records:
     what a fused backend's backward runs under ``create_graph`` (double backward), where its kernels'

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import in_layout_of
 from .cpp_build import CpuExtension, CpuKernelBuildError, capability  # noqa: F401 (re-exported)
 
 SOURCE = Path(__file__).parent / "csrc" / "dyt_cpu.cpp"
@@ -45,11 +46,12 @@ build_error = EXTENSION.build_error  # None when the kernels are built, else why
 def dyt_cpu(x, alpha, weight, bias, reduce_dims):
     """CPU-fused DyT on the canonical layout (see :mod:`dyt.kernels`); channels-first input is
     transposed to channels-last (a copy) because the kernel streams rows of channels, and the result
-    back to the contiguous layout every other backend returns (``y.view(...)`` works on any)."""
+    comes back in the input's layout, as eager's elementwise ops return it (``y.view(...)`` works where
+    it works on eager's)."""
     if x.ndim == 3:
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         y = dyt_cpu(rows, alpha, weight.reshape(-1), None if bias is None else bias.reshape(-1), (0,))
-        return y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1).contiguous()
+        return in_layout_of(x, y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1))
     return load().dyt(x, alpha, weight, bias)
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autograd_functions, compute_dtype
+from . import autograd_functions, compute_dtype, in_layout_of
 from .compiled import SATURATED
 
 _SATURATED = tl.constexpr(SATURATED)
@@ -304,9 +304,10 @@ FusedDyTFunction, FusedResidualDyTFunction = autograd_functions(fused_forward, f
 
 def dyt_fused(x, alpha, weight, bias, reduce_dims):
     """Fused DyT on the canonical layout (see :mod:`dyt.kernels`); channels-first input is
-    transposed to channels-last (a copy) because the kernels stream rows of channels."""
+    transposed to channels-last (a copy) because the kernels stream rows of channels, and the result
+    comes back in the input's layout (:func:`~dyt.kernels.in_layout_of`)."""
     if x.ndim == 3:
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         y = FusedDyTFunction.apply(rows, alpha, weight.reshape(-1), None if bias is None else bias.reshape(-1))
-        return y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1)
+        return in_layout_of(x, y.reshape(x.shape[0], x.shape[2], x.shape[1]).movedim(-1, 1))
     return FusedDyTFunction.apply(x, alpha, weight, bias)
