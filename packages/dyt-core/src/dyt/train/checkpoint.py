@@ -586,12 +586,11 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     newest = done[-1]
     if missing := _missing_model_states(newest):
         raise missing
-    from deepspeed.utils.zero_to_fp32 import (
-        get_fp32_state_dict_from_zero_checkpoint,  # its failures are not the files'
-    )
-
+    sharded = any(newest.glob("*zero_pp_rank_*optim_states.pt"))
+    if sharded:  # imported outside the try (its failures are not the files'), and only where needed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     try:
-        if any(newest.glob("*zero_pp_rank_*optim_states.pt")):
+        if sharded:
             return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
         states = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     except LOAD_ERRORS as error:
