@@ -347,3 +347,66 @@ def test_an_audio_file_name_that_is_not_utf8_is_an_audio_error(tmp_path):
     name.write_bytes((tmp_path / "ok.wav").read_bytes())
     with pytest.raises(AudioError, match="a file name that is not UTF-8, which soundfile cannot open: rename the file"):
         inspect_audio(name, decode=True)
+
+
+def test_a_corpus_folder_is_listed_once_and_its_hidden_folders_not_at_all(tmp_path, monkeypatch):
+    """Every rank lists a corpus of perhaps millions of files at start-up: one walk, not one per kind
+    of document file (three), and none into a hidden folder, whose files are not read anyway."""
+    from dyt_llama.data import DataConfig
+
+    corpus = _corpus(tmp_path / "corpus")
+    (corpus / "c").mkdir()
+    (corpus / "c" / "rows.jsonl").write_text('{"text": "x"}\n')
+    (corpus / ".ipynb_checkpoints").mkdir()
+    (corpus / ".ipynb_checkpoints" / "one-checkpoint.txt").write_text("an older copy\n")
+    (corpus / "folder.txt").mkdir()  # a folder named like a document is not one
+    listed = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(Path(path)) or scandir(path))
+    files = DataConfig(corpus=str(corpus)).source_files()
+    assert [p.relative_to(corpus).as_posix() for p in files] == ["a/one.txt", "b/two.txt", "c/rows.jsonl"]
+    assert sorted(p.relative_to(corpus).as_posix() for p in listed) == [".", "a", "b", "c", "folder.txt"]
+
+
+def test_a_resumed_launch_takes_its_data_files_record_once(tmp_path, monkeypatch):
+    """The record is checked before a ``--resume`` and written when training starts: one listing of
+    the data files for both, on each rank, not one for each."""
+    import dyt.train.checkpoint as checkpoint
+    import dyt.train.data_files as data_files
+    from dyt.train import run_recipe
+    from toy_recipe import ToyConfig, ToyTask
+
+    argv = ["--set", f"train.out_dir={tmp_path}", "--set", "train.progress=false", "--set", "train.save_every=1"]
+    run_recipe(ToyConfig, ToyTask, [*argv, "--set", "train.steps=1"])
+    taken = []
+    original = data_files.data_files_of
+    counted = lambda config: taken.append(1) or original(config)  # noqa: E731
+    for module in (data_files, checkpoint):
+        monkeypatch.setattr(module, "data_files_of", counted)
+    run_recipe(ToyConfig, ToyTask, [*argv, "--set", "train.steps=2", "--resume"])
+    assert taken == [1]
+
+
+def test_pretraining_audio_stats_each_file_twice_at_most(tmp_path, monkeypatch):
+    """Reading the manifests (does each file exist?) and then the checks of every file (readable? the
+    same recording in training and validation?) stat each file: once for the manifest, once for all
+    checks, where each check used to take its own."""
+    from dyt_wav2vec2.task import SpeechDataConfig, pretraining_audio
+
+    audio, manifest = _manifest(tmp_path)
+    for name in ("x.wav", "y.wav"):  # the manifest's rows are 1600 samples: long enough for min_samples below
+        soundfile.write(str(audio / name), np.random.default_rng(len(name)).standard_normal(16000).astype(np.float32) / 4,
+                        16000)
+    held = tmp_path / "held"
+    held.mkdir()
+    soundfile.write(str(held / "z.wav"), np.full(16000, 0.1, dtype=np.float32), 16000)
+    validation = tmp_path / "validation.tsv"
+    validation.write_text(f"{held}\nz.wav\t16000\n")
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    stats = []
+    stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: stats.append(self.name) or stat(self, **kw))
+    train, held_out = pretraining_audio(SpeechDataConfig(train_manifest=str(manifest), validation_manifest=str(validation)),
+                                        min_samples=1000)
+    assert [r.path.name for r in train] == ["x.wav", "y.wav"] and [r.path.name for r in held_out] == ["z.wav"]
+    assert {name: stats.count(name) for name in ("x.wav", "y.wav", "z.wav")} == {"x.wav": 2, "y.wav": 2, "z.wav": 2}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +170,13 @@ def _text_files_and_tables(root: Path) -> tuple[list[Path], list[Path]]:
     """A corpus folder's documents: its .txt files, and its .jsonl / .parquet tables; none under a
     hidden folder or hidden itself (an editor's ``.ipynb_checkpoints`` holds older copies of documents,
     which would train beside the documents they copy)."""
-    def visible(pattern: str) -> list[Path]:
-        return sorted(p for p in root.rglob(pattern) if not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-    return visible("*.txt"), visible("*.jsonl") + visible("*.parquet")
+    found: dict[str, list[Path]] = {".txt": [], ".jsonl": [], ".parquet": []}
+    for folder, subfolders, names in os.walk(root):  # one walk (every rank lists it; a corpus may hold millions)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and (kind := os.path.splitext(name)[1]) in found:
+                found[kind].append(Path(folder, name))
+    return sorted(found[".txt"]), sorted(found[".jsonl"]) + sorted(found[".parquet"])
 
 
 def _file_keys(paths: list[Path]) -> list[tuple[str, int, int, int]]:

@@ -6,6 +6,7 @@ them; nothing is left out without a word."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -292,12 +293,25 @@ INSPECT_VERSION = 1
 """Part of the key of :func:`inspected`'s stored results: a change to :func:`inspect_audio` makes old ones stale."""
 
 
-def inspected(rows: list[Utterance], checked: Path | None = None) -> list[int | str]:
+def file_stats(rows: list[Utterance]) -> dict[Path, os.stat_result]:
+    """Each row's file's stat, taken once for the checks of a launch's set-up (:func:`inspected`,
+    :func:`shared_recordings`), which would otherwise each stat every file on every rank; a file that
+    cannot be stat'ed is left out (and named by the check that reads it)."""
+    stats = {}
+    for row in rows:
+        with contextlib.suppress(OSError):
+            stats[row.path] = row.path.stat()
+    return stats
+
+
+def inspected(rows: list[Utterance], checked: Path | None = None,
+              stats: dict[Path, os.stat_result] | None = None) -> list[int | str]:
     """:func:`inspect_audio` of each row: its samples at 16 kHz, or what is wrong with it. With
     ``checked`` (a folder for results) stored once per version of the files, keyed by every file's
     path, inode, size and times: the first rank of a launch opens each file, the others and later
     launches read its result (every rank used to open every file at every start). Stored failures
-    are read again (a read may fail for a passing reason: a file server's error, too many open files)."""
+    are read again (a read may fail for a passing reason: a file server's error, too many open files).
+    ``stats``: the files' :func:`file_stats`, where the launch took them already."""
     def inspect(row: Utterance) -> int | str:
         try:
             return inspect_audio(row.path)
@@ -309,11 +323,10 @@ def inspected(rows: list[Utterance], checked: Path | None = None) -> list[int | 
 
     if checked is None:
         return inspect_all()
-    try:
-        key = [INSPECT_VERSION, soundfile.__libsndfile_version__,
-               [(str(row.path), *_version(row.path.stat())) for row in rows]]
-    except OSError:  # a file gone: nothing to key by; checked, and named, without storing
+    stats = file_stats(rows) if stats is None else stats
+    if any(row.path not in stats for row in rows):  # a file gone: nothing to key by; checked, and named, without storing
         return inspect_all()
+    key = [INSPECT_VERSION, soundfile.__libsndfile_version__, [(str(row.path), *_version(stats[row.path])) for row in rows]]
     fresh = None
 
     def compute() -> list[int | str]:
@@ -331,15 +344,17 @@ SHARED_CHECK_VERSION = 1
 """Part of the key of :func:`shared_recordings`' stored results: a change to the check makes old ones stale."""
 
 
-def shared_recordings(train: list[Utterance], held_out: list[Utterance],
-                      checked: Path | None = None) -> list[tuple[Path, Path]]:
+def shared_recordings(train: list[Utterance], held_out: list[Utterance], checked: Path | None = None,
+                      stats: dict[Path, os.stat_result] | None = None) -> list[tuple[Path, Path]]:
     """(held-out file, training file) for every held-out file that is also training audio: the same
     file (device and inode, however the path is spelled or linked), or a copy of one (the same bytes
     under another name, as a corpus copied into two folders gives). Only files whose size both lists
     hold are read, and with ``checked`` (a folder for results) once per version of the files
     (:func:`stored_check`, keyed by every file's path, inode, size and times), so a later launch, or
-    another rank of this one, on the same files reads none."""
-    stats = {row.path: row.path.stat() for row in [*train, *held_out]}
+    another rank of this one, on the same files reads none. ``stats``: the files' :func:`file_stats`,
+    where the launch took them already."""
+    given = stats or {}
+    stats = {row.path: given.get(row.path) or row.path.stat() for row in [*train, *held_out]}
 
     def identity(path: Path) -> tuple:
         stat = stats[path]  # a file system without inode numbers: the resolved path

@@ -23,6 +23,7 @@ from .audio import (
     AudioError,
     Utterance,
     audio_source_files,
+    file_stats,
     inspected,
     is_hf_dataset,
     load_audio,
@@ -103,7 +104,7 @@ def _first(items: list[str], count: int = 3) -> str:
 
 
 def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int, what: str,
-                checked: Path | None = None) -> list[Utterance]:
+                checked: Path | None = None, stats: dict[Path, os.stat_result] | None = None) -> list[Utterance]:
     """The rows training can use: every file checked as training reads it (:func:`inspect_audio`:
     readable, mono, not empty, not truncated; with ``checked``, once per version of the files for
     all ranks and launches, failures read again, :func:`inspected`), at least ``min_samples`` long at 16 kHz, each with
@@ -114,7 +115,7 @@ def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int
         raise AudioError(f"{what}: no audio files listed (a manifest holds the audio root on its first line, then "
                          "one 'relative/path<TAB>num_samples' row per file)")
     good, bad, short = [], [], []
-    for row, samples in zip(rows, inspected(rows, checked)):
+    for row, samples in zip(rows, inspected(rows, checked, stats)):
         if isinstance(samples, str):
             bad.append(samples)
         else:
@@ -165,10 +166,10 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
         data = builtin_speech(cfg)
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")
         validation = load_split(data, "sentences-validation")
-    checked = cache_root() / "audio-checks"
-    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio", checked),
-                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio", checked))
-    if cfg.train_manifest and (shared := shared_recordings(train, validation, checked)):
+    checked, stats = cache_root() / "audio-checks", file_stats([*train, *validation])  # each file stat'ed once
+    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio", checked, stats),
+                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio", checked, stats))
+    if cfg.train_manifest and (shared := shared_recordings(train, validation, checked, stats)):
         held, trained = shared[0]  # (the built-in splits are disjoint by voice family and transcript)
         raise AudioError(f"validation audio: {len({h for h, _ in shared})} of {len({r.path for r in validation})} files "
                          f"are also training audio (the same file, or the same bytes); first: {held} = {trained} "

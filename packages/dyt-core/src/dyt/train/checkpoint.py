@@ -529,12 +529,13 @@ def check_fresh_start(config: Any) -> None:
                           "--resume continues that run; a new run needs another train.out_dir (or that folder deleted)")
 
 
-def check_resume(config: Any) -> list[str]:
+def check_resume(config: Any, data_files: Callable[[], dict[str, Any] | None] | None = None) -> list[str]:
     """Before a ``--resume``: the settings that changed since the run's saved ``config.yaml`` and may
     change (to print); a ConfigError naming every changed setting that may not (the model's, and
     the train settings a checkpoint fixes: :attr:`TrainConfig.RESUME_MAY_CHANGE`), or when the files
     its data was read from changed (:mod:`dyt.train.data_files`). Nothing to check
-    when the run has no complete checkpoint yet (the run starts fresh)."""
+    when the run has no complete checkpoint yet (the run starts fresh). ``data_files``: the launch's
+    :func:`~dyt.train.data_files.data_files_once`, so that the files are listed once."""
     try:
         changes = settings_changes(config)
     except ConfigError as error:
@@ -552,7 +553,7 @@ def check_resume(config: Any) -> list[str]:
     if config.train.steps < step_of(newest):
         raise ConfigError(f"--resume: train.steps {config.train.steps} is below the step of the run's newest checkpoint "
                           f"{newest} ({step_of(newest)}): nothing would train; give train.steps {step_of(newest)} or more")
-    check_data_unchanged(run_dir, data_files_of(config))
+    check_data_unchanged(run_dir, data_files() if data_files is not None else data_files_of(config))
     return allowed
 
 

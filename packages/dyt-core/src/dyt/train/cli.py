@@ -21,6 +21,7 @@ from ..errors import CommandParser, UserInputError, command, user_errors
 from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
+from .data_files import data_files_once
 from .trainer import Task, Trainer, TrainResult
 
 C = TypeVar("C")
@@ -123,8 +124,9 @@ def run_recipe(
                 sys.stdout.write(f"# train.grad_accum is derived by each launch from train.global_batch_size: "
                                  f"{batch} / ({micro} x ranks)\n")
             return None
+        data_files = data_files_once(config)  # listed at most once, by the check or by the record
         if args.resume:
-            changed = check_resume(config)
+            changed = check_resume(config, data_files)
             if changed and os.environ.get("RANK", "0") == "0":
                 print(f"--resume: changed since the run's config.yaml: {'; '.join(changed)}", flush=True)
         else:
@@ -132,4 +134,4 @@ def run_recipe(
         check_machine(config, int(os.environ.get("WORLD_SIZE", "1")))  # set by the deepspeed launcher and torchrun
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
-        return Trainer(task, train_cfg, full_config=config).fit(resume=args.resume)
+        return Trainer(task, train_cfg, full_config=config, data_files=data_files).fit(resume=args.resume)

@@ -14,9 +14,10 @@ were recorded) is not resumed or reused."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,13 @@ def saved_dataset_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("cache-"))
 
 
+def data_files_once(config: Any) -> Callable[[], dict[str, Any] | None]:
+    """:func:`data_files_of` ``config``, taken at the first call and kept: a launch checks the record
+    before ``--resume`` and writes it once training starts, and every rank would otherwise list and
+    stat a corpus of perhaps millions of files once for each."""
+    return functools.cache(lambda: data_files_of(config))
+
+
 def data_files_of(config: Any) -> dict[str, Any] | None:
     """The signature of the files ``config.data.source_files()`` names; for built-in data, of the
     build ``config.data.builtin_version()`` names; None where the recipe names neither (built-in data
@@ -67,12 +75,14 @@ def data_files_of(config: Any) -> dict[str, Any] | None:
             "digest": hashlib.sha256(version.encode()).hexdigest()[:16]}
 
 
-def record_data_files(config: Any, run_dir: str | Path) -> None:
-    """Write (or, for built-in data, remove) the run's record of its data files."""
+def record_data_files(config: Any, run_dir: str | Path,
+                      signature: Callable[[], dict[str, Any] | None] | None = None) -> None:
+    """Write (or, for built-in data, remove) the run's record of its data files: ``signature()``,
+    where the launch already took it (:func:`data_files_once`), else :func:`data_files_of` the config."""
     from .checkpoint import _atomic_write_bytes  # a kill mid-write must not leave a damaged record
 
     path = Path(run_dir) / DATA_FILES
-    signature = data_files_of(config)
+    signature = signature() if signature is not None else data_files_of(config)
     if signature is None:
         path.unlink(missing_ok=True)
     else:

@@ -710,8 +710,12 @@ def whole_build_problem(build: Callable[[], nn.Module], ranks: int, available: i
 
 
 class Trainer:
-    def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None):
+    def __init__(self, task: Task, cfg: TrainConfig, full_config: Any = None,
+                 data_files: Callable[[], dict[str, Any] | None] | None = None):
+        """``data_files``: the launch's record of its data files where it already took one
+        (``dyt.train.data_files.data_files_once``); by default taken from ``full_config`` when written."""
         self.full_config = full_config if full_config is not None else cfg
+        self.data_files = data_files
         self.dist = init_distributed()
         self.task, self.cfg = task, cfg.for_world(self.dist.world_size)  # grad_accum from a global batch
         self.out_dir = Path(cfg.out_dir)
@@ -1005,7 +1009,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
             checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
-            record_data_files(self.full_config, self.out_dir)
+            record_data_files(self.full_config, self.out_dir, self.data_files)
             if identity is not None:  # the record kept (checked above), names it lacks added
                 recorded = (read_json(self.out_dir / DATA_IDENTITY) if done else None) or {}
                 write_json(self.out_dir / DATA_IDENTITY, {**identity, **recorded})
