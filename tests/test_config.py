@@ -1,14 +1,17 @@
 """Recipe configs: YAML, dotted overrides, shorthand, errors that name the key."""
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dyt import NormConfig
 from dyt.train import ConfigError, TrainConfig, load_config, parse_args
+from dyt.train.config import unknown_keys
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_recipe import ToyConfig  # noqa: E402
@@ -105,6 +108,37 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'; valid keys under 'train': out_dir, steps") as error:
         load_config(ToyConfig, bad)
     assert str(error.value).startswith(f"{bad}: ")  # which file: e.g. an eval pointed at another recipe's run
+
+
+@pytest.mark.parametrize("recipe, command, first", [
+    ("llama/tiny.yaml", "dyt_wav2vec2.task:Wav2Vec2PretrainConfig", "model.kv_heads"),
+    ("wav2vec2/tiny.yaml", "dyt_dna.task:DnaConfig", "model.heads"),
+    ("dna/hyena-tiny.yaml", "dyt_llama.task:LlamaConfig", "model.arch"),
+])
+def test_another_recipes_config_is_named_as_perhaps_that(recipe, command, first):
+    """A shipped config given to another recipe's command was refused for its first unknown key, with
+    that section's valid keys: as if one setting were mistyped. Several unknown keys say what it is."""
+    import importlib
+
+    module, name = command.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    path = Path(__file__).parents[1] / "recipes" / recipe
+    with pytest.raises(ConfigError) as error:
+        load_config(cls, path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert re.search(rf"\d+ keys this recipe does not have \({re.escape(first)}, .*\): another recipe's config\? "
+                     rf"This command reads a {name} \(sections model, data, ", str(error.value)), str(error.value)
+
+
+def test_one_or_two_unknown_keys_are_named_with_the_valid_ones(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stpes: 3\n  lrr: 0.1\nmodel: {widht: 4}\n")
+    assert unknown_keys(ToyConfig, yaml.safe_load(bad.read_text())) == ["train.stpes", "train.lrr", "model.widht"]
+    with pytest.raises(ConfigError, match="3 keys this recipe does not have .train.stpes, train.lrr, model.widht.: "):
+        load_config(ToyConfig, bad)
+    bad.write_text("train:\n  stpes: 3\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.stpes'; valid keys under 'train': "):
+        load_config(ToyConfig, bad)
 
 
 def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):

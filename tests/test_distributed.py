@@ -25,7 +25,7 @@ import torch
 
 from dyt.errors import UserInputError
 from dyt.train import DistInfo, TrainConfig, read_metrics, run_recipe
-from dyt.train.distributed import free_port, shm_allreduce_buffer
+from dyt.train.distributed import LaunchEnvironmentError, free_port, launcher_number, shm_allreduce_buffer
 from dyt.train.trainer import DataPosition, ResumableBatches
 
 HERE = Path(__file__).parent
@@ -372,3 +372,20 @@ def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")  # rank 0 cannot write in it: every rank says so at once
     assert launch(str(tmp_path / "a-file")) == [f"t: config error: cannot write in train.out_dir {tmp_path / 'a-file'}: "
                                                 f"{why}" for why in ("Not a directory", "see rank 0")]
+
+
+@pytest.mark.parametrize("value", ["abc", "2.0", "0", "-1", "1e3"])
+def test_a_launcher_variable_that_is_no_count_is_a_one_line_error(value, monkeypatch, capsys):
+    """``WORLD_SIZE=abc`` left in a shell was int()'s ValueError traceback from the set-up."""
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(LaunchEnvironmentError, match=rf"WORLD_SIZE='{re.escape(value)}' in the environment: a launcher "
+                                                     r"\(deepspeed, torchrun\) sets it to a whole number of at least 1"):
+        launcher_number("WORLD_SIZE", default=1, least=1)
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(ToyConfig, ToyTask, ["--set", "train.steps=1"])
+    assert stopped.value.code == 2 and "launch error: WORLD_SIZE=" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_SIZE", " 4 ")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
+    assert launcher_number("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=1, least=1) == 4
+    monkeypatch.delenv("WORLD_SIZE")
+    assert launcher_number("WORLD_SIZE", default=1, least=1) == 1 and launcher_number("LOCAL_RANK", default=0, least=0) == 0

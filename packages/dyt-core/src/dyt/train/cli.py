@@ -22,6 +22,7 @@ from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
 from .data_files import data_files_once
+from .distributed import launcher_number
 from .trainer import Task, Trainer, TrainResult
 
 C = TypeVar("C")
@@ -131,7 +132,7 @@ def run_recipe(
                 print(f"--resume: changed since the run's config.yaml: {'; '.join(changed)}", flush=True)
         else:
             check_fresh_start(config)
-        check_machine(config, int(os.environ.get("WORLD_SIZE", "1")))  # set by the deepspeed launcher and torchrun
+        check_machine(config, launcher_number("WORLD_SIZE", default=1, least=1))  # set by the deepspeed launcher and torchrun
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
         return Trainer(task, train_cfg, full_config=config, data_files=data_files).fit(resume=args.resume)

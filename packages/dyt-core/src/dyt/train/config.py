@@ -501,6 +501,27 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", base: T |
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from error
 
 
+ANOTHER_RECIPES = 3
+"""Unknown keys in a config file from which it is named as perhaps another recipe's: one or two are
+a typo or a setting of another version, and are named with the valid keys instead."""
+
+
+def unknown_keys(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of ``data`` that ``cls`` does not have, nested sections included."""
+    fields, hints, found = _fields(cls), _hints(cls), []
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            found.append(key)
+            continue
+        tp = hints[name]
+        arms = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+        section = next((a for a in map(_plain, arms) if dataclasses.is_dataclass(a)), None)
+        if section is not None and isinstance(value, Mapping):
+            found += unknown_keys(section, value, f"{key}.")
+    return found
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) of a config, ready for YAML or JSON."""
 
@@ -646,6 +667,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         try:  # report errors against the file (named: e.g. an eval given another recipe's run) before overrides
             from_dict(cls, data)
         except ConfigError as error:
+            if len(unknown := unknown_keys(cls, data)) >= ANOTHER_RECIPES:
+                raise ConfigError(
+                    f"{path}: {len(unknown)} keys this recipe does not have ({', '.join(unknown[:4])}"
+                    f"{', ...' if len(unknown) > 4 else ''}): another recipe's config? This command reads a "
+                    f"{cls.__name__} (sections {', '.join(_fields(cls))}) (--print-config alone prints its keys)") from None
             raise ConfigError(f"{path}: {error}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserInputError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -23,6 +25,25 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class LaunchEnvironmentError(UserInputError):
+    kind = "launch error"
+
+
+def launcher_number(*names: str, default: int, least: int) -> int:
+    """The first of ``names`` set in the environment (by the deepspeed launcher or torchrun), as a
+    whole number of at least ``least``; ``default`` where none is set. Another value is a one-line
+    error naming it, not a traceback from deep in the set-up."""
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        if value.lstrip("-").isdigit() and int(value) >= least:
+            return int(value)
+        raise LaunchEnvironmentError(f"{name}={os.environ[name]!r} in the environment: a launcher (deepspeed, torchrun) "
+                                     f"sets it to a whole number of at least {least}; unset it to run one process")
+    return default
 
 
 def free_port() -> int:
@@ -56,13 +77,13 @@ def init_distributed() -> DistInfo:
         if not use_cuda:
             _unlink_shm_allreduce_buffer()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = launcher_number("LOCAL_RANK", default=0, least=0)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    local_world = launcher_number("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=1, least=1)
     return DistInfo(rank, world, local_rank, device, local_world)
 
 
