@@ -446,3 +446,28 @@ def test_a_full_disk_while_preparing_is_one_line_and_a_rerun_finishes_the_same_s
     quoted = DataError("corpus x: its json files do not read as one table (OSError: No space left on device)")
     quoted.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/cache/hf/part.arrow")
     assert disk_full(quoted) == (quoted.__context__, errno.ENOSPC)  # the errno's, which names the file, first
+
+
+def test_worker_processes_are_at_most_the_cpus_this_process_may_use(monkeypatch, capsys, tmp_path):
+    """``--num-proc 64`` on a 2-CPU share of a node started 64 workers, each with its own tokenizer:
+    memory and switching for shards that are the same for any count."""
+    import dyt_data.processes as processes
+    from dyt_data import worker_processes
+
+    monkeypatch.setattr(processes, "usable_cpus", lambda: 2)
+    assert worker_processes(2, "data.num_proc") == 2 and capsys.readouterr().out == ""
+    assert worker_processes(64, "data.num_proc") == 2
+    assert capsys.readouterr().out == "data.num_proc 64 is more than the 2 CPU(s) this process may use: 2 worker processes\n"
+    from dyt_llama import prepare as prep
+    from dyt_llama.data import DataConfig
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):  # every 10th is held out
+        (corpus / f"d{i:02d}.txt").write_text(f"document {i} " * 50)
+    asked = []
+    monkeypatch.setattr(prep, "worker_processes", lambda n, setting: asked.append((n, setting)) or 1)
+    monkeypatch.setattr(prep, "_survey", lambda docs, num_proc, *a: asked.append(num_proc) or pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception, match="stop here"):
+        prep.prepare(DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "cache"), num_proc=64), 300)
+    assert asked == [(64, "data.num_proc"), 1]  # the preparation works with the capped count

@@ -70,8 +70,8 @@ class DataConfig:
     """Default: $DYT_CACHE (~/.cache/dyt)."""
     num_proc: Annotated[int, Range(ge=1)] = 1
     """Processes that filter, survey and tokenise the corpus's documents when its token shards are
-    built (datasets' ``filter`` / ``map`` num_proc; the files themselves are read by one); the shards
-    are the same for any value."""
+    built (datasets' ``filter`` / ``map`` num_proc, at most the CPUs this process may use; the files
+    themselves are read by one); the shards are the same for any value."""
     shard_chars: Annotated[int, Range(ge=1)] = 200_000_000
     """Characters of text per token shard (whole documents; about 4 characters a token). A kill
     while shards are written loses at most the shard in progress."""

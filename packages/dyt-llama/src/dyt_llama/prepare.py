@@ -26,7 +26,7 @@ from filelock import FileLock
 from dyt.errors import CommandParser, help_description, user_errors, user_path
 from dyt.train.data_files import files_signature
 from dyt.train.jsonio import read_json, write_json, write_text_whole
-from dyt_data import reported_as
+from dyt_data import reported_as, worker_processes
 from dyt_data.shards import FORMAT as SHARDS_FORMAT
 from dyt_data.shards import TokenShards, plan_by_size, token_dtype, write_shards
 from dyt_data.shards import complete as shards_complete
@@ -258,17 +258,18 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Prepared:
         if (ready := _ready(done)) is not None:  # built while this rank waited
             return ready
         docs = load_documents(cfg)
+        processes = worker_processes(cfg.num_proc, "data.num_proc")
         records, files = cache / "surveys", files_signature(cfg.source_files())["digest"]
         records.mkdir(parents=True, exist_ok=True)
-        surveys = {name: _survey(docs[name], cfg.num_proc, cfg.shard_chars, name, records, files) for name in SPLITS}
+        surveys = {name: _survey(docs[name], processes, cfg.shard_chars, name, records, files) for name in SPLITS}
         _checked_unseen(docs, {name: survey[2] for name, survey in surveys.items()}, records, files)
         tokenizer = load_tokenizer(cfg, docs["train"], vocab_size, content_key=surveys["train"][0])
-        if cfg.num_proc > 1:  # the worker processes are the tokenising's parallelism; set only now, as the BPE
+        if processes > 1:  # the worker processes are the tokenising's parallelism; set only now, as the BPE
             # trains on every core (1.6x faster on 2 cores than with the setting in force)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
         shards = {name: _write_split(docs[name], *surveys[name][:2], tokenizer, tokenizer_key, cfg.eos_token,
-                                     cache / "tokens", cfg.num_proc, name) for name in SPLITS}
+                                     cache / "tokens", processes, name) for name in SPLITS}
         if done is not None:
             done.parent.mkdir(parents=True, exist_ok=True)
             write_text_whole(done.with_suffix(".tokenizer.json"), tokenizer.to_str())

@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from dyt.errors import UserInputError
 from dyt.train.jsonio import partial_path, write_json
-from dyt_data import cache_folder, file_sha256, reported_as
+from dyt_data import cache_folder, file_sha256, reported_as, worker_processes
 
 SAMPLE_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -453,7 +453,7 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             words = manifest.with_suffix(".wrd")
             return read_manifest(manifest, words if words.is_file() else None)
         out.mkdir(parents=True, exist_ok=True)
-        workers = min(num_proc, len(rows))
+        workers = min(worker_processes(num_proc, "data.num_proc"), len(rows))
         forked = workers > 1
         try:
             written = rows.map(_convert_hf_rows, batched=True, batch_size=64, with_indices=True,

@@ -54,7 +54,7 @@ class SpeechDataConfig:
     (0: any stops the run)."""
     num_proc: Annotated[int, AT_LEAST_ONE] = 1
     """Processes that decode a saved HF dataset's audio into the cache on first use (``datasets.map``
-    num_proc); the copies are the same for any value."""
+    num_proc, at most the CPUs this process may use); the copies are the same for any value."""
 
     RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"num_proc"})
     """``--resume`` accepts these changed."""
