@@ -410,3 +410,17 @@ def test_pretraining_audio_stats_each_file_twice_at_most(tmp_path, monkeypatch):
                                         min_samples=1000)
     assert [r.path.name for r in train] == ["x.wav", "y.wav"] and [r.path.name for r in held_out] == ["z.wav"]
     assert {name: stats.count(name) for name in ("x.wav", "y.wav", "z.wav")} == {"x.wav": 2, "y.wav": 2, "z.wav": 2}
+
+
+def test_a_manifest_without_its_root_line_says_so(tmp_path):
+    """The first row where the root belongs read every file under a folder named 'x.wav<TAB>1600',
+    and the error printed that tab raw."""
+    from dyt_wav2vec2.audio import AudioError, read_manifest
+
+    audio, manifest = _manifest(tmp_path)
+    manifest.write_text("x.wav\t1600\ny.wav\t1600\n")
+    with pytest.raises(AudioError, match=r"train.tsv:1: 'x.wav\\t1600' is a row, not the audio root: a manifest's "
+                                         "first line is the folder its rows' paths are relative to"):
+        read_manifest(manifest)
+    manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
+    assert [u.path.name for u in read_manifest(manifest)] == ["x.wav", "y.wav"]

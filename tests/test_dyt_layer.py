@@ -225,6 +225,25 @@ def test_bad_arguments_are_refused_where_they_are_given(build, error, message):
         build()
 
 
+def test_numpy_scalars_are_numbers_to_the_layer_and_the_config():
+    """An alpha0 or eps taken from a numpy array (a sweep's ``np.linspace``) was refused as 'not a
+    positive number' unless it was float64; the config stores plain floats, which its YAML can write."""
+    import numpy as np
+
+    from dyt.train.config import dump_yaml
+
+    for value in (np.float32(0.25), np.float64(0.25), np.int64(2)):
+        assert DyT(4, alpha_init=value).alpha_init == float(value)
+        config = dyt.NormConfig(kind="dyt", alpha_init={"ffn": value}, eps=value)
+        assert type(config.alpha_init["ffn"]) is float and type(config.eps) is float
+        assert dump_yaml(config) == dump_yaml(dyt.NormConfig(kind="dyt", alpha_init={"ffn": float(value)}, eps=float(value)))
+    for bad in (np.bool_(True), True, np.float32("nan"), np.int64(0)):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            DyT(4, alpha_init=bad)
+        with pytest.raises(ValueError, match="must be a positive number"):
+            dyt.NormConfig(kind="dyt", alpha_init={"ffn": bad})
+
+
 @pytest.mark.parametrize("backend", ["eager", "auto"])
 def test_bad_operands_are_refused_before_any_backend(backend):
     x, w = torch.randn(2, 4), torch.ones(4)

@@ -242,6 +242,9 @@ def test_backend_names_read_as_the_environment_variable_is_and_say_where_they_ca
     monkeypatch.setenv("DYT_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown DyT backend 'bogus' \\(in DYT_BACKEND\\); choose one of auto"):
         default_backend()
+    with pytest.raises(ValueError, match="unknown DyT backend 'bogus' \\(in DYT_BACKEND\\)"):
+        DyT(4)  # where the model is built, not at its first forward
+    assert DyT(4, backend="eager").backend == "eager"  # a layer that names its backend does not read it
     with pytest.raises(ValueError, match="unknown DyT backend 'fast'; choose one of"):
         DyT(4, backend="fast")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 ROLES = ("attention", "ffn", "final", "input", "default")
 """Where a DyT sits: LLM blocks' attention / ffn / final norms (the paper's table), ``input`` (the norm
 over a model's raw input features, e.g. wav2vec 2.0's post-extraction norm, whose input scale is set
@@ -18,6 +21,13 @@ LLM_ALPHA_TABLE: dict[int, tuple[float, float]] = {
     8192: (0.2, 0.05),
 }
 DEFAULT_ALPHA = 0.5
+
+
+def positive_number(value: object) -> bool:
+    """``value`` is a finite number above 0: an int or float, numpy's scalars too (an alpha0 taken from
+    an array), not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def alpha_init_for(width: int, role: str) -> float:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .backends import check_backend_name, why_not_variant
+from .alpha import positive_number
+from .backends import check_backend_name, default_backend, why_not_variant
 from .functional import dyt, residual_dyt
 from .kernels.eager import check_squash
 
@@ -62,8 +62,7 @@ class DyT(nn.Module):
     ) -> None:
         super().__init__()
         shape = as_normalized_shape(normalized_shape)
-        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not (
-                math.isfinite(alpha_init) and alpha_init > 0):
+        if not positive_number(alpha_init):
             raise ValueError(f"alpha_init must be a positive number (alpha0), not {alpha_init!r}")
         for name, flag in (("bias", bias), ("channels_last", channels_last), ("learnable_alpha", learnable_alpha)):
             if not isinstance(flag, bool):
@@ -78,6 +77,8 @@ class DyT(nn.Module):
         self.alpha_init = float(alpha_init)
         self.channels_last = channels_last
         self.backend = None if backend is None else check_backend_name(backend)
+        if backend is None:
+            default_backend()  # a mistyped DYT_BACKEND is named where the model is built, not at its first forward
         self.squash = check_squash(squash)
         self.learnable_alpha = learnable_alpha
         self.alpha_shape = alpha_shape

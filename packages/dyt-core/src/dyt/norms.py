@@ -4,7 +4,6 @@ their residual-branch and weight changes live in :mod:`dyt.baselines`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -12,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .alpha import ROLES, alpha_init_for
+from .alpha import ROLES, alpha_init_for, positive_number
 from .backends import BACKENDS, check_backend_name, why_not_variant
 from .kernels.eager import SQUASHES
 from .modules import ALPHA_SHAPES, DyT, as_normalized_shape
@@ -73,13 +72,14 @@ class NormConfig:
             raise ValueError(f"alpha_init must map roles to alpha0 values (e.g. {{ffn: 0.5}}), not {self.alpha_init!r}")
         if self.backend is not None:  # one spelling stored (and saved in a run's config.yaml)
             self.backend = check_backend_name(self.backend)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                math.isfinite(self.eps) and self.eps > 0):
+        if not positive_number(self.eps):
             raise ValueError(f"eps must be a positive number, not {self.eps!r}")
         for role, alpha in self.alpha_init.items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
-                    math.isfinite(alpha) and alpha > 0):
+            if not positive_number(alpha):
                 raise ValueError(f"alpha_init.{role} must be a positive number (alpha0), not {alpha!r}")
+        # plain floats stored (numpy's scalars accepted above): a run's config.yaml is written from these
+        self.eps = float(self.eps)
+        self.alpha_init = {role: float(alpha) for role, alpha in self.alpha_init.items()}
         if self.kind == "dyt" and self.backend in BACKENDS:  # e.g. fused with hardtanh: refused at load
             reason = why_not_variant(self.backend, self.squash, self.alpha_shape == "channel")
             if reason is not None:

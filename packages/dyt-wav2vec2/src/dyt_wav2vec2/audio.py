@@ -156,7 +156,11 @@ def read_manifest(path: Path, texts: Path | None = None, check_files: bool = Tru
     lines = _utf8_lines(path)
     if not lines:
         raise AudioError(f"{path}: empty manifest (the first line must be the audio root dir)")
-    root = Path(lines[0].strip())
+    first = lines[0].strip()
+    if "\t" in first:  # a row where the root belongs: every path would be read under "x.wav<TAB>1600/"
+        raise AudioError(f"{path}:1: {first!r} is a row, not the audio root: a manifest's first line is the folder "
+                         "its rows' paths are relative to (fairseq's layout); add that line")
+    root = Path(first)
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
