@@ -247,6 +247,32 @@ def test_jsonl_corpus_with_titles(tmp_path):
     assert len(train) > 2 * len(validation) > 0
 
 
+def test_null_and_numbered_titles_are_documents_and_other_titles_are_named(tmp_path):
+    """A ``title`` of null or a number (a book's id) was an AttributeError traceback from the digest
+    of every document: an untitled row is a document of its own (as without the column), a number is
+    its text, an all-null column numbers every row; a title that is no text or number is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    titles = [None, 3, 3, None, 7, None, 11, 12, 13, 14, 15, 16]
+    (folder / "d.jsonl").write_text("".join(json.dumps({"title": t, "text": f"Document {i}. " + SONNET})
+                                            + "\n" for i, t in enumerate(titles)))
+    documents = load_documents(DataConfig(corpus=str(folder), validation_works=["7"], cache_dir=str(tmp_path / "c")))
+    assert documents["validation"]["title"] == ["7"]
+    assert sorted(set(documents["train"]["title"])) == sorted(["document-0", "3", "document-3", "document-5",
+                                                              *map(str, titles[6:])])
+    (folder / "d.jsonl").unlink()
+    pq.write_table(pa.table({"title": pa.nulls(12), "text": [f"Document {i}. " + SONNET for i in range(12)]}),
+                   folder / "d.parquet")
+    documents = load_documents(DataConfig(corpus=str(folder), cache_dir=str(tmp_path / "c")))
+    assert sorted([*documents["validation"]["title"], *documents["train"]["title"]]) == sorted(f"document-{i}" for i in range(12))
+    pq.write_table(pa.table({"title": [[1, 2]] * 12, "text": ["x " + SONNET] * 12}), folder / "d.parquet")
+    with pytest.raises(DataError, match=r"docs: the 'title' column holds List.*: give each document's title as text"):
+        load_documents(DataConfig(corpus=str(folder), cache_dir=str(tmp_path / "c")))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_deepspeed_run_logs_perplexity_and_resumes(corpus, tmp_path):

@@ -135,20 +135,36 @@ def _numbered_titles(batch, indices, version: int = DOCUMENTS_VERSION) -> dict[s
     return {"title": [f"document-{i}" for i in indices]}
 
 
+def _titles_filled(batch, indices, version: int = DOCUMENTS_VERSION) -> dict[str, list[str]]:
+    return {"title": [f"document-{i}" if title is None else title for title, i in zip(batch["title"], indices)]}
+
+
 def _is_document(batch, version: int = DOCUMENTS_VERSION) -> list[bool]:
     return [bool(text and text.strip()) for text in batch["text"]]  # a null text (JSON null) is empty too
 
 
 def _document_table(table, where):
     """``table`` with a string ``text`` column and a ``title`` per document (numbered where it has
-    none), or a DataError naming ``where``."""
+    none, or a row's is null; numbers as their text), or a DataError naming ``where``."""
     text = table.features.get("text")
     if text is None:
         raise DataError(f"{where}: documents need a 'text' column, found {table.column_names}")
     if getattr(text, "dtype", None) not in ("string", "large_string"):
         raise DataError(f"{where}: the 'text' column holds {getattr(text, 'dtype', text)}, not strings")
     if "title" not in table.column_names:
-        table = table.map(_numbered_titles, batched=True, with_indices=True, fn_kwargs={"version": DOCUMENTS_VERSION})
+        return table.map(_numbered_titles, batched=True, with_indices=True, fn_kwargs={"version": DOCUMENTS_VERSION})
+    import datasets
+
+    title = table.features["title"]
+    kind = getattr(title, "dtype", None)
+    if not isinstance(title, datasets.Value) or not (
+            kind in ("string", "large_string", "null") or kind.startswith(("int", "uint", "float"))):
+        raise DataError(f"{where}: the 'title' column holds {kind or title}: give each document's title as text "
+                        "(rows of one title are one document), or leave the column out to number the documents")
+    if kind not in ("string", "large_string"):  # numbered titles (a book's id): their text; all null: none
+        table = table.cast_column("title", datasets.Value("string"))
+    if table.data.column("title").null_count:  # an untitled row is a document of its own, as without the column
+        table = table.map(_titles_filled, batched=True, with_indices=True, fn_kwargs={"version": DOCUMENTS_VERSION})
     return table
 
 
