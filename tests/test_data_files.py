@@ -424,3 +424,64 @@ def test_a_manifest_without_its_root_line_says_so(tmp_path):
         read_manifest(manifest)
     manifest.write_text(f"{audio}\nx.wav\t1600\ny.wav\t1600\n")
     assert [u.path.name for u in read_manifest(manifest)] == ["x.wav", "y.wav"]
+
+
+def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
+    """``Path.rglob`` did not enter a linked folder (a corpus gathered by links lost those files
+    without a word), a link to nothing was a traceback where it was read, and the manifest tool listed
+    hidden folders the LLaMA reader skips."""
+    from dyt_data import files_by_suffix
+
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    for name in ("a.txt", "deep/b.TXT", "notes.md"):
+        (outside / name).write_text("x")
+    root = tmp_path / "root"
+    (root / ".cache").mkdir(parents=True)
+    (root / ".cache" / "old.txt").write_text("x")
+    (root / ".hidden.txt").write_text("x")
+    (root / "c.txt").write_text("x")
+    (root / "linked").symlink_to(outside)
+    (root / "again").symlink_to(outside)  # the same folder twice: listed once
+    (outside / "loop").symlink_to(root)  # a loop back: walked once
+    (root / "file-link.txt").symlink_to(outside / "a.txt")
+    listed = files_by_suffix(root, [".txt", ".jsonl"], ValueError)
+    names = [p.relative_to(root).as_posix() for p in listed.found[".txt"]]
+    assert names == ["again/a.txt", "again/deep/b.TXT", "c.txt", "file-link.txt"]  # folders in name order
+    assert listed.found[".jsonl"] == [] and listed.other == {".md": 1}
+    assert listed.other_kinds() == "1 file(s) of other kinds (.md: 1)"
+    (root / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(ValueError, match=r"gone.txt: a link to '.*nowhere.txt', which does not exist: restore its "
+                                         "target, or remove the link"):
+        files_by_suffix(root, [".txt"], ValueError)
+
+
+def test_the_corpus_and_the_manifest_tool_read_linked_folders_and_say_what_they_leave_out(tmp_path, capsys):
+    from dyt_llama.data import DataConfig, load_documents
+    from dyt_wav2vec2.audio import manifest_from_folder
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(12):
+        (elsewhere / f"doc{i:02d}.{'TXT' if i % 2 else 'txt'}").write_text(f"document {i} " * 20)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "books").symlink_to(elsewhere)
+    (corpus / "README.md").write_text("about the corpus\n")
+    documents = load_documents(DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "c")))
+    assert len(documents["train"]) + len(documents["validation"]) == 12
+    assert "books/doc01" in [*documents["train"]["title"], *documents["validation"]["title"]]
+    assert f"corpus {corpus}: reading 12 .txt / .jsonl / .parquet file(s); left out 1 file(s) of other kinds (.md: 1)" \
+        in capsys.readouterr().out
+    audio = tmp_path / "audio"
+    (audio / "speaker").mkdir(parents=True)
+    (audio / ".trash").mkdir()
+    tone = (np.sin(np.arange(16000) / 7) * 0.3).astype(np.float32)
+    soundfile.write(str(audio / "speaker" / "a.mp3"), tone, 16000, format="MP3")
+    soundfile.write(str(audio / ".trash" / "b.wav"), tone, 16000)
+    (audio / "linked").symlink_to(elsewhere)
+    soundfile.write(str(elsewhere / "c.FLAC"), tone, 16000)
+    told = []
+    rows = manifest_from_folder(audio, tmp_path / "train.tsv", on_other=told.append)
+    assert sorted(r.path.relative_to(audio).as_posix() for r in rows) == ["linked/c.FLAC", "speaker/a.mp3"]
+    assert told == ["left out 12 file(s) of other kinds (.txt: 12)"]

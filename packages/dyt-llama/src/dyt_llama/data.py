@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from filelock import FileLock
 from dyt.train.config import Range
 from dyt.train.data_files import saved_dataset_files
 from dyt.train.jsonio import partial_path
-from dyt_data import cache_folder, cache_root, file_key, reported_as
+from dyt_data import FolderFiles, cache_folder, cache_root, file_key, files_by_suffix, reported_as
 from dyt_data.shards import TokenShards
 
 from .corpus import DataError, prepare_corpus
@@ -116,12 +115,22 @@ def _read_utf8(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:  # inside datasets' generator it surfaced as a DatasetGenerationError naming nothing
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
 
 
 DOCUMENTS_VERSION = 1
 """Passed to the corpus readers below (``_text_files``, ``_numbered_titles``, ``_is_document``) as part of datasets' cache
 key: datasets names a module's function by reference, so a changed reader would find the documents
 its old code cached; raise it when one changes what it gives."""
+
+
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding, kept by Python as surrogates
+        return False
+    return True
 
 
 def _text_files(root: str, files: list[tuple], version: int = DOCUMENTS_VERSION):
@@ -182,17 +191,21 @@ def _is_saved_dataset(root: Path) -> bool:
     return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
 
 
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def _corpus_files(root: Path) -> FolderFiles:
+    """A corpus folder's files, in one walk (every rank lists it; a corpus may hold millions):
+    :func:`dyt_data.files_by_suffix`, so none under a hidden folder or hidden itself (an editor's
+    ``.ipynb_checkpoints`` holds older copies of documents, which would train beside the documents
+    they copy), linked folders entered, a link to nothing named."""
+    return files_by_suffix(root, CORPUS_SUFFIXES, DataError)
+
+
 def _text_files_and_tables(root: Path) -> tuple[list[Path], list[Path]]:
-    """A corpus folder's documents: its .txt files, and its .jsonl / .parquet tables; none under a
-    hidden folder or hidden itself (an editor's ``.ipynb_checkpoints`` holds older copies of documents,
-    which would train beside the documents they copy)."""
-    found: dict[str, list[Path]] = {".txt": [], ".jsonl": [], ".parquet": []}
-    for folder, subfolders, names in os.walk(root):  # one walk (every rank lists it; a corpus may hold millions)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        for name in names:
-            if not name.startswith(".") and (kind := os.path.splitext(name)[1]) in found:
-                found[kind].append(Path(folder, name))
-    return sorted(found[".txt"]), sorted(found[".jsonl"]) + sorted(found[".parquet"])
+    """A corpus folder's documents: its .txt files, and its .jsonl / .parquet tables (:func:`_corpus_files`)."""
+    found = _corpus_files(root).found
+    return found[".txt"], found[".jsonl"] + found[".parquet"]
 
 
 def _file_keys(paths: list[Path]) -> list[tuple[str, int, int, int]]:
@@ -229,7 +242,14 @@ def load_documents(cfg: DataConfig):
             loaded = loaded["train"]
         table = _document_table(loaded, root)
     else:
-        texts, tables = _text_files_and_tables(root)
+        listed = _corpus_files(root)
+        texts, tables = listed.found[".txt"], listed.found[".jsonl"] + listed.found[".parquet"]
+        if (others := listed.other_kinds()) and (texts or tables):
+            print(f"corpus {root}: reading {len(texts) + len(tables)} .txt / .jsonl / .parquet file(s); "
+                  f"left out {others}", flush=True)
+        if unnamed := next((p for p in texts if not _utf8_name(p)), None):
+            raise DataError(f"{unnamed!r}: a file name that is not UTF-8, which its document's title cannot hold: "
+                            "rename the file")
         if texts and tables:
             raise DataError(f"corpus {root} holds both .txt files ({len(texts)}) and .jsonl / .parquet files "
                             f"({len(tables)}), and only one kind would be read: keep one kind per corpus folder")
@@ -243,9 +263,9 @@ def load_documents(cfg: DataConfig):
             except datasets.exceptions.DatasetGenerationError as error:
                 raise (error.__cause__ if isinstance(error.__cause__, DataError) else error) from None
         elif tables:
-            if len({p.suffix for p in tables}) > 1:
+            if len({p.suffix.lower() for p in tables}) > 1:
                 raise DataError(f"corpus {root} holds both .jsonl and .parquet files: keep one kind per corpus folder")
-            kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
+            kind = "json" if tables[0].suffix.lower() == ".jsonl" else "parquet"
             try:
                 # datasets keys its cache by path and modification time: a folder of ours per _file_keys,
                 # named by the corpus folder too, so that a change removes this corpus's older copies
@@ -263,7 +283,8 @@ def load_documents(cfg: DataConfig):
                                 f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
             table = _document_table(table, root)
         else:
-            raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files")
+            raise DataError(f"corpus {root} has no .txt, .jsonl or .parquet files"
+                            + (f" (it holds {others})" if others else " (hidden files and folders are not read)"))
     try:
         table = _nonempty_documents(table, cfg, f"corpus {root}")
     except UnicodeDecodeError as error:  # pyarrow reads a .jsonl's bytes as they are; the first decode fails

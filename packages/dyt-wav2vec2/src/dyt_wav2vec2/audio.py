@@ -25,10 +25,11 @@ from filelock import FileLock
 
 from dyt.errors import UserInputError
 from dyt.train.jsonio import partial_path, write_json
-from dyt_data import cache_folder, file_sha256, reported_as, worker_processes
+from dyt_data import cache_folder, file_sha256, files_by_suffix, reported_as, worker_processes
 
 SAMPLE_RATE = 16_000
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
+"""What the manifest tool lists in a folder (any case): what libsndfile decodes (mp3 since its 1.1)."""
 
 
 class AudioError(UserInputError):
@@ -196,18 +197,24 @@ def write_manifest(path: Path, root: Path, utterances: list[Utterance]) -> None:
 
 
 def manifest_from_folder(folder: Path, out: Path, on_bad: Callable[[AudioError], None] | None = None,
-                         ) -> list[Utterance]:
+                         on_other: Callable[[str], None] | None = None) -> list[Utterance]:
     """Build a manifest for every audio file under ``folder`` (``python -m dyt_wav2vec2.manifest``),
-    each file decoded as training reads it (:func:`inspect_audio`), sample counts at 16 kHz. A bad
-    file raises its AudioError; with ``on_bad`` it is passed there instead and left out, and the
-    manifest holds the good files only. Returns the rows written."""
+    listed as every recipe lists a folder (:func:`dyt_data.files_by_suffix`: linked folders entered,
+    hidden names skipped), each file decoded as training reads it (:func:`inspect_audio`), sample
+    counts at 16 kHz. A bad file raises its AudioError; with ``on_bad`` it is passed there instead
+    and left out, and the manifest holds the good files only; ``on_other`` is told of files of other
+    kinds, in words. Returns the rows written."""
     if not folder.is_dir():
         raise AudioError(f"{folder}: no such folder")
     if not out.parent.is_dir():
         raise AudioError(f"{out}: its folder {out.parent} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    listed = files_by_suffix(folder, AUDIO_SUFFIXES, AudioError)
+    files = sorted(path for paths in listed.found.values() for path in paths)
     if not files:
-        raise AudioError(f"{folder}: no {', '.join(AUDIO_SUFFIXES)} files")
+        raise AudioError(f"{folder}: no {', '.join(AUDIO_SUFFIXES)} files"
+                         + (f" (it holds {listed.other_kinds()})" if listed.other else " (hidden files and folders are not read)"))
+    if listed.other and on_other is not None:
+        on_other(f"left out {listed.other_kinds()}")
     utterances = []
     for path in files:
         try:

@@ -1,5 +1,7 @@
 """``python -m dyt_wav2vec2.manifest AUDIO_DIR OUT.tsv``: a fairseq manifest of every .wav / .flac /
-.ogg file under a folder (sample counts at 16 kHz), for ``data.train_manifest`` and friends.
+.ogg / .opus / .mp3 / .aiff file under a folder (linked folders too; hidden files and folders are not
+read; sample counts at 16 kHz), for ``data.train_manifest`` and friends. Files of other kinds are
+counted in one line.
 
 Every file is decoded as training will read it. A file that cannot be used (unreadable, empty,
 multi-channel, truncated) is printed with its reason and left out; the manifest holds the good
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
         bad.append(error)
         print(f"{PROG}: left out {error}", file=sys.stderr, flush=True)
 
-    rows = manifest_from_folder(args.folder, args.out, on_bad=left_out)
+    rows = manifest_from_folder(args.folder, args.out, on_bad=left_out,
+                                on_other=lambda said: print(f"{PROG}: {args.folder}: {said}", file=sys.stderr, flush=True))
     hours = sum(r.num_samples for r in rows) / SAMPLE_RATE / 3600
     print(f"{args.out}: {len(rows)} files, {hours:.2f} h")
     if bad:
