@@ -3,6 +3,7 @@ names, and the decoded-audio cache of a saved HF dataset, which must follow the 
 dataset's fingerprint."""
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -129,15 +130,15 @@ def test_a_saved_audio_dataset_rebuilt_from_rewritten_files_is_decoded_again(tmp
 
     cache = tmp_path / "cache"
     first_fingerprint = save(0.25)
-    first = utterances_from_hf_dataset(tmp_path / "saved", cache)
-    assert soundfile.read(str(first[0].path))[0].mean() == pytest.approx(0.25, abs=1e-3)
+    first, problems = utterances_from_hf_dataset(tmp_path / "saved", cache)
+    assert soundfile.read(str(first[0].path))[0].mean() == pytest.approx(0.25, abs=1e-3) and problems == []
     assert save(-0.5) == first_fingerprint  # the fingerprint did not see the new audio
-    second = utterances_from_hf_dataset(tmp_path / "saved", cache)
+    second, _ = utterances_from_hf_dataset(tmp_path / "saved", cache)
     assert second[0].path.parent != first[0].path.parent
     assert soundfile.read(str(second[0].path))[0].mean() == pytest.approx(-0.5, abs=1e-3)
-    assert utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path == second[0].path  # and is reused
+    assert utterances_from_hf_dataset(tmp_path / "saved", cache)[0][0].path == second[0].path  # and is reused
     save(3.0)  # float audio beyond +-1 (saved at int16 scale): kept as decoded (16-bit copies clipped it to 1)
-    loud = utterances_from_hf_dataset(tmp_path / "saved", cache)
+    loud, _ = utterances_from_hf_dataset(tmp_path / "saved", cache)
     assert soundfile.read(str(loud[0].path))[0].mean() == pytest.approx(3.0, abs=1e-3)
 
 
@@ -155,13 +156,14 @@ def test_decoded_audio_is_written_small_where_that_loses_no_sample(tmp_path):
 
 
 def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path, monkeypatch):
-    """``num_proc`` processes write the same copies, texts and sample counts as one; a bad row stops
-    either with the AudioError naming it; the cache keeps the audio and the manifest, not map's tables.
+    """``num_proc`` processes write the same copies, texts and sample counts as one; a bad row is
+    named, for the audio check to count (it stopped the run, whatever data.max_bad_fraction allowed);
+    the cache keeps the audio and the manifest, not map's tables.
     The workers are forked after this process's torch has run OpenMP threads, as a training rank's
     has: without the worker's one-thread setting the first reduction in a worker waited forever."""
     datasets = pytest.importorskip("datasets")
     import dyt_wav2vec2.audio as audio_module
-    from dyt_wav2vec2.audio import AudioError, load_audio, utterances_from_hf_dataset
+    from dyt_wav2vec2.audio import load_audio, utterances_from_hf_dataset
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -176,7 +178,7 @@ def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path, monk
         soundfile.write(paths[-1], rng.integers(-32768, 32768, 8000 + i, dtype=np.int16), 16000, format="FLAC")
     datasets.Dataset.from_dict({"audio": paths, "text": [f"row {i}" for i in range(5)]}).cast_column(
         "audio", datasets.Audio()).save_to_disk(str(tmp_path / "saved"))
-    one = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "one")
+    one, _ = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "one")
     writers = tmp_path / "writers"
     writers.mkdir()
 
@@ -185,19 +187,20 @@ def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path, monk
         return write(waveform, stem)
 
     monkeypatch.setattr(audio_module, "write_decoded", write_decoded)
-    two = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "two", num_proc=2)
+    two, _ = utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "two", num_proc=2)
     assert len({p.name for p in writers.iterdir()} - {str(os.getpid())}) == 2
     assert [(u.num_samples, u.text) for u in two] == [(u.num_samples, u.text) for u in one] == [
         (8000 + i, f"row {i}") for i in range(5)]
     for a, b, source in zip(one, two, paths):
         assert torch.equal(load_audio(b.path), load_audio(Path(source))) and torch.equal(load_audio(a.path), load_audio(b.path))
-    assert sorted(p.suffix for p in two[0].path.parent.iterdir()) == [".flac"] * 5 + [".tsv", ".wrd"]
+    assert sorted(p.suffix for p in two[0].path.parent.iterdir()) == [".flac"] * 5 + [".json", ".tsv", ".wrd"]
     datasets.Dataset.from_dict({"audio": [{"bytes": b"not audio", "path": None}] * 3}).cast_column(
         "audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "bad"))
     for num_proc in (1, 2):
-        with pytest.raises(AudioError, match=r"bad\[0\]: unreadable audio"):
-            utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}", num_proc=num_proc)
-        assert not [p for p in (tmp_path / f"bad-{num_proc}").iterdir() if p.is_dir()]  # no partial copies left
+        rows, problems = utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}", num_proc=num_proc)
+        assert rows == [] and [re.sub(r" \(.*", "", p) for p in problems] == [
+            f"{tmp_path / 'bad'}[{i}]: unreadable audio" for i in range(3)]
+        assert utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}") == (rows, problems)  # stored
 
 
 def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_writer(tmp_path, monkeypatch):
@@ -214,9 +217,9 @@ def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_
     datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio()).save_to_disk(
         str(tmp_path / "saved"))
     cache = tmp_path / "cache"
-    first = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)
+    first, _ = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)
     monkeypatch.setattr(audio_module, "HF_AUDIO_VERSION", audio_module.HF_AUDIO_VERSION + 1)
-    folder = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)[0].path.parent
+    folder = audio_module.utterances_from_hf_dataset(tmp_path / "saved", cache)[0][0].path.parent
     assert folder != first[0].path.parent  # decoded anew
     assert not first[0].path.parent.exists()  # and the older conversion's copies, never read again, removed
 
@@ -230,7 +233,7 @@ def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_
         rank.join(timeout=3)  # unlocked, two short files decode in well under a second
         assert rank.is_alive() and not list(other.glob("*/manifest.tsv"))
     rank.join(timeout=60)
-    assert [u.num_samples for u in built["rows"]] == [8000, 8000]
+    assert [u.num_samples for u in built["rows"][0]] == [8000, 8000]
 
 
 def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):
@@ -485,3 +488,37 @@ def test_the_corpus_and_the_manifest_tool_read_linked_folders_and_say_what_they_
     rows = manifest_from_folder(audio, tmp_path / "train.tsv", on_other=told.append)
     assert sorted(r.path.relative_to(audio).as_posix() for r in rows) == ["linked/c.FLAC", "speaker/a.mp3"]
     assert told == ["left out 12 file(s) of other kinds (.txt: 12)"]
+
+
+def test_a_saved_audio_datasets_bad_rows_count_against_the_allowance(tmp_path, monkeypatch, capsys):
+    """One stereo row among 20 stopped the run whatever ``data.max_bad_fraction`` allowed (a manifest's
+    bad file is left out within it): the row is now left out by name, within the allowance."""
+    datasets = pytest.importorskip("datasets")
+    from dyt_wav2vec2.audio import AudioError
+    from dyt_wav2vec2.task import SpeechDataConfig, pretraining_audio
+
+    monkeypatch.setenv("DYT_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(20):
+        paths.append(str(tmp_path / f"{i}.wav"))
+        soundfile.write(paths[-1], (rng.standard_normal(16000) / 4).astype(np.float32), 16000)
+    paths.append(str(tmp_path / "stereo.wav"))
+    soundfile.write(paths[-1], (rng.standard_normal((16000, 2)) / 4).astype(np.float32), 16000)
+    datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio()).save_to_disk(
+        str(tmp_path / "saved"))
+    held = tmp_path / "held"
+    held.mkdir()
+    soundfile.write(str(held / "z.wav"), (rng.standard_normal(16000) / 4).astype(np.float32), 16000)
+    (tmp_path / "validation.tsv").write_text(f"{held}\nz.wav\t16000\n")
+
+    def config(allowed: float) -> SpeechDataConfig:
+        return SpeechDataConfig(train_manifest=str(tmp_path / "saved"), validation_manifest=str(tmp_path / "validation.tsv"),
+                                max_bad_fraction=allowed)
+
+    with pytest.raises(AudioError, match=r"training audio: 1 of 21 files are bad \(allowed: 0.0%.*saved\[20\]: 2 channels; "
+                                         r"wav2vec 2.0 takes mono audio \(mix it down"):
+        pretraining_audio(config(0.0), min_samples=1000)
+    train, validation = pretraining_audio(config(0.1), min_samples=1000)
+    assert len(train) == 20 and len(validation) == 1
+    assert "training audio: left out 1 bad file(s) of 21 (allowed: 10.0%)" in capsys.readouterr().out

@@ -329,11 +329,11 @@ def test_hf_audio_dataset_is_read_through_the_same_pipeline(speech, tmp_path, mo
     saved = tmp_path / "hf"
     datasets.Dataset.from_dict({"audio": [str(r.path) for r in rows], "text": [r.text for r in rows]}).cast_column(
         "audio", datasets.Audio(decode=False)).save_to_disk(str(saved))
-    loaded = audio_source(saved)
-    assert [u.text for u in loaded] == [r.text for r in rows]
+    loaded, problems = audio_source(saved)
+    assert problems == [] and [u.text for u in loaded] == [r.text for r in rows]
     assert [u.num_samples for u in loaded] == [r.num_samples for r in rows]
     torch.testing.assert_close(load_audio(loaded[0].path), load_audio(rows[0].path), atol=1e-4, rtol=0)
-    assert audio_source(saved)[0].path == loaded[0].path  # cached
+    assert audio_source(saved)[0][0].path == loaded[0].path  # cached
 
 
 def test_held_out_audio_that_is_training_audio_is_found_by_path_or_bytes(tmp_path, monkeypatch):

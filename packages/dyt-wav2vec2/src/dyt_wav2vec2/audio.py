@@ -24,7 +24,7 @@ import torchaudio
 from filelock import FileLock
 
 from dyt.errors import UserInputError
-from dyt.train.jsonio import partial_path, write_json
+from dyt.train.jsonio import partial_path, read_json, write_json
 from dyt_data import cache_folder, file_sha256, files_by_suffix, reported_as, worker_processes
 
 SAMPLE_RATE = 16_000
@@ -55,7 +55,8 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     if data.shape[0] == 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
     if data.shape[1] != 1:
-        raise AudioError(f"{name}: {data.shape[1]} channels; wav2vec 2.0 takes mono audio")
+        raise AudioError(f"{name}: {data.shape[1]} channels; wav2vec 2.0 takes mono audio (mix it down, "
+                         "e.g. sox in.wav -c 1 out.wav)")
     waveform = torch.from_numpy(data[:, 0])
     finite = torch.isfinite(waveform)
     if not finite.all():  # a float WAV can hold NaN or Inf: the loss would turn NaN at the first step
@@ -427,21 +428,29 @@ def _convert_hf_rows(batch: dict, indices: list[int], column: str, text_column: 
 
     if forked:
         torch.set_num_threads(1)
-    names, samples, texts = [], [], []
+    names, samples, texts, problems = [], [], [], []
     for index, audio, text in zip(indices, batch[column], batch.get(text_column, [""] * len(indices))):
         name = f"{source}[{index}]"
         data = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
-        if data is None:
-            raise AudioError(f"{name}: neither bytes nor a path")
-        waveform = load_audio(Path(data) if isinstance(data, str) else data, name)
+        try:
+            if data is None:
+                raise AudioError(f"{name}: neither bytes nor a path")
+            waveform = load_audio(Path(data) if isinstance(data, str) else data, name)
+        except AudioError as error:  # counted against data.max_bad_fraction, as a manifest's bad file is
+            names.append(""), samples.append(0), texts.append(""), problems.append(str(error))
+            continue
         names.append(write_decoded(waveform, out / f"{index:07d}").name)
         samples.append(waveform.numel())
         texts.append(str(text or ""))
-    return {"file": names, "samples": samples, "words": texts}
+        problems.append("")
+    return {"file": names, "samples": samples, "words": texts, "problem": problems}
 
 
-def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text", num_proc: int = 1) -> list[Utterance]:
-    """The audio of a saved HF dataset, written once as 16 kHz files under ``cache``
+def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text",
+                               num_proc: int = 1) -> tuple[list[Utterance], list[str]]:
+    """The audio of a saved HF dataset, and what is wrong with each row that cannot be used (one line
+    each: the audio check counts them against ``data.max_bad_fraction``, as a manifest's bad files),
+    the audio written once as 16 kHz files under ``cache``
     (:func:`write_decoded`: 16-bit FLAC or float WAV, the samples as decoded), so every input takes
     the same path through the pipeline; ``num_proc`` processes decode and write (``datasets.map``).
     Keyed by the dataset's fingerprint and its files' sizes and times: a fingerprint follows the
@@ -453,16 +462,16 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
 
     rows, column = _hf_audio_rows(path)
     if len(rows) == 0:
-        return []  # named by the audio check as a source without audio files
+        return [], []  # named by the audio check as a source without audio files
     files = files_signature(_hf_audio_files(path, rows, column))
     out = cache / f"v{HF_AUDIO_VERSION}-{rows._fingerprint}-{files['digest']}"
-    manifest = out / "manifest.tsv"
+    manifest, problems_file = out / "manifest.tsv", out / "problems.json"
     with reported_as(AudioError):
         cache_folder(out.parent)
     with FileLock(str(out) + ".lock"):
         if manifest.is_file():
             words = manifest.with_suffix(".wrd")
-            return read_manifest(manifest, words if words.is_file() else None)
+            return read_manifest(manifest, words if words.is_file() else None), read_json(problems_file) or []
         out.mkdir(parents=True, exist_ok=True)
         workers = min(worker_processes(num_proc, "data.num_proc"), len(rows))
         forked = workers > 1
@@ -476,12 +485,14 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
         except BaseException:  # its copies so far would stay unread (a fixed dataset has another key)
             shutil.rmtree(out, ignore_errors=True)
             raise
-        utterances = [Utterance(out / name, samples, words) for name, samples, words
-                      in zip(written["file"], written["samples"], written["words"])]
+        utterances = [Utterance(out / name, samples, words) for name, samples, words, problem
+                      in zip(written["file"], written["samples"], written["words"], written["problem"]) if not problem]
+        problems = [problem for problem in written["problem"] if problem]
         del written
         for table in out.glob("rows*.arrow"):  # map's results, read: only the audio files are kept
             table.unlink()
+        write_json(problems_file, problems)  # before the manifest, which marks the conversion whole
         write_manifest(manifest, out, utterances)
         for older in range(1, HF_AUDIO_VERSION):  # this dataset's copies by older conversions: never read again
             shutil.rmtree(cache / f"v{older}-{rows._fingerprint}-{files['digest']}", ignore_errors=True)
-    return utterances
+    return utterances, problems

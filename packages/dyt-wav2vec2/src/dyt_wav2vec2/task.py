@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -104,45 +105,50 @@ def _first(items: list[str], count: int = 3) -> str:
 
 
 def check_audio(rows: list[Utterance], max_bad_fraction: float, min_samples: int, what: str,
-                checked: Path | None = None, stats: dict[Path, os.stat_result] | None = None) -> list[Utterance]:
+                checked: Path | None = None, stats: dict[Path, os.stat_result] | None = None,
+                known_bad: Sequence[str] = ()) -> list[Utterance]:
     """The rows training can use: every file checked as training reads it (:func:`inspect_audio`:
     readable, mono, not empty, not truncated; with ``checked``, once per version of the files for
     all ranks and launches, failures read again, :func:`inspected`), at least ``min_samples`` long at 16 kHz, each with
     the samples it holds at 16 kHz (what batching by length reads, whatever a manifest said). Bad files
     beyond the ``max_bad_fraction`` allowance stop the run, naming the first; what is left out is
-    said in one line per reason (how many, why, the first few names), on rank 0."""
-    if not rows:
+    said in one line per reason (how many, why, the first few names), on rank 0. ``known_bad``: what is
+    wrong with each of the source's items that never became a row (a saved dataset's undecodable rows),
+    counted as bad files."""
+    if not rows and not known_bad:
         raise AudioError(f"{what}: no audio files listed (a manifest holds the audio root on its first line, then "
                          "one 'relative/path<TAB>num_samples' row per file)")
-    good, bad, short = [], [], []
+    good, bad, short = [], list(known_bad), []
     for row, samples in zip(rows, inspected(rows, checked, stats)):
         if isinstance(samples, str):
             bad.append(samples)
         else:
             (good if samples >= min_samples else short).append(replace(row, num_samples=samples))
-    if len(bad) > max_bad_fraction * len(rows):
-        raise AudioError(f"{what}: {len(bad)} of {len(rows)} files are bad (allowed: "
+    total = len(rows) + len(known_bad)
+    if len(bad) > max_bad_fraction * total:
+        raise AudioError(f"{what}: {len(bad)} of {total} files are bad (allowed: "
                          f"{max_bad_fraction:.1%}, data.max_bad_fraction); first: {bad[0]}")
     loud = os.environ.get("RANK", "0") in ("", "0")
     if bad and loud:
-        print(f"{what}: left out {len(bad)} bad file(s) of {len(rows)} (allowed: {max_bad_fraction:.1%}): "
+        print(f"{what}: left out {len(bad)} bad file(s) of {total} (allowed: {max_bad_fraction:.1%}): "
               f"{_first(bad)}", flush=True)
     shortest = f"shorter than {min_samples} samples ({min_samples / SAMPLE_RATE:.2f} s at 16 kHz)"
     if not good:
-        raise AudioError(f"{what}: no usable utterance: {len(short)} of {len(rows)} files are {shortest}, "
+        raise AudioError(f"{what}: no usable utterance: {len(short)} of {total} files are {shortest}, "
                          f"{len(bad)} bad; first short: {_first([str(r.path) for r in short])}; give longer audio "
                          "or lower data.min_samples / the model's masking (model.mask_prob, model.mask_span)")
     if short and loud:
-        print(f"{what}: left out {len(short)} file(s) of {len(rows)} {shortest}, too short for the model's "
+        print(f"{what}: left out {len(short)} file(s) of {total} {shortest}, too short for the model's "
               f"masking or data.min_samples: {_first([str(r.path) for r in short])}", flush=True)
     return good
 
 
-def audio_source(path: Path, num_proc: int = 1) -> list[Utterance]:
-    """A fairseq manifest, or a saved HF dataset with an Audio column (decoded by ``num_proc`` processes)."""
+def audio_source(path: Path, num_proc: int = 1) -> tuple[list[Utterance], list[str]]:
+    """A fairseq manifest, or a saved HF dataset with an Audio column (decoded by ``num_proc`` processes):
+    its rows, and what is wrong with each of the dataset's rows that cannot be decoded."""
     if is_hf_dataset(path):
         return utterances_from_hf_dataset(path, cache_root() / "hf-audio", num_proc=num_proc)
-    return read_manifest(path)
+    return read_manifest(path), []
 
 
 def masking_min_samples(model: Wav2Vec2ModelConfig) -> int:
@@ -161,14 +167,18 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
     if cfg.train_manifest:
         if not cfg.validation_manifest:
             raise AudioError("data.validation_manifest is empty: give a manifest of held-out speakers")
-        train, validation = (audio_source(Path(p), cfg.num_proc) for p in (cfg.train_manifest, cfg.validation_manifest))
+        (train, train_bad), (validation, validation_bad) = (audio_source(Path(p), cfg.num_proc)
+                                                            for p in (cfg.train_manifest, cfg.validation_manifest))
     else:
         data = builtin_speech(cfg)
         train = load_split(data, "sentences-train") + load_split(data, "keywords-train")
         validation = load_split(data, "sentences-validation")
+        train_bad = validation_bad = []
     checked, stats = cache_root() / "audio-checks", file_stats([*train, *validation])  # each file stat'ed once
-    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio", checked, stats),
-                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio", checked, stats))
+    train, validation = (check_audio(train, cfg.max_bad_fraction, min_samples, "training audio", checked, stats,
+                                     train_bad),
+                         check_audio(validation, cfg.max_bad_fraction, min_samples, "validation audio", checked, stats,
+                                     validation_bad))
     if cfg.train_manifest and (shared := shared_recordings(train, validation, checked, stats)):
         held, trained = shared[0]  # (the built-in splits are disjoint by voice family and transcript)
         raise AudioError(f"validation audio: {len({h for h, _ in shared})} of {len({r.path for r in validation})} files "
