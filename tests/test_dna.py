@@ -138,8 +138,27 @@ def test_fasta_gzip_multi_record_lower_case_and_n_runs(tmp_path):
     damaged = bytearray(gzip.compress((">a\n" + "ACGTTGCA" * 4000 + "\n").encode()))
     damaged[20:24] = b"\xff\x00\xff\x00"  # flipped bytes in the deflate stream: zlib's "invalid bit length repeat"
     (tmp_path / "damaged.fa.gz").write_bytes(bytes(damaged))
-    with pytest.raises(FastaError, match=r"damaged.fa.gz: not a readable \(gzipped\) text FASTA file"):
+    with pytest.raises(FastaError, match=r"damaged.fa.gz: not a readable gzipped FASTA file"):
         read_fasta(tmp_path / "damaged.fa.gz")
+
+
+def test_fasta_headers_are_text_of_any_script_and_gzip_is_known_by_its_bytes(tmp_path):
+    """A header with non-ASCII text (an en dash, a micro sign) or a byte-order mark was refused as 'not
+    a readable text FASTA file' ('ascii' codec), though a header never reaches the model; gzip was
+    known by a '.gz' name only, and other compressions got the same codec message."""
+    import bz2
+
+    text = "\ufeff>chr1 Escherichia coli \u2013 5 \u00b5m plasmid\nACGT\nacgn\n"
+    (tmp_path / "utf8.fa").write_text(text, encoding="utf-8")
+    assert [(r.name, r.sequence) for r in read_fasta(tmp_path / "utf8.fa")] == [("chr1", "ACGTACGN")]
+    (tmp_path / "GENOME.FA.GZIP").write_bytes(gzip.compress(text.encode()))
+    assert [r.sequence for r in read_fasta(tmp_path / "GENOME.FA.GZIP")] == ["ACGTACGN"]
+    (tmp_path / "genome.fa.bz2").write_bytes(bz2.compress(text.encode()))
+    with pytest.raises(FastaError, match=r"genome.fa.bz2: compressed as bzip2 \(bunzip2 it\): give it plain or gzipped"):
+        read_fasta(tmp_path / "genome.fa.bz2")
+    (tmp_path / "odd.fa").write_bytes(b">a\nACGT\nAC\xc3\x9fT\n")
+    with pytest.raises(FastaError, match=r"odd.fa:3: byte 0xc3 at column 3 of a sequence line is not ASCII"):
+        read_fasta(tmp_path / "odd.fa")
 
 
 def test_fasta_records_come_one_at_a_time():

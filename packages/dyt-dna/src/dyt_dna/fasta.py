@@ -36,31 +36,47 @@ def not_a_fasta_file(path: Path) -> str:
     return f"{path}: a folder, not a FASTA file" if path.is_dir() else f"{path}: no such FASTA file"
 
 
+COMPRESSED = {b"BZh": "bzip2 (bunzip2 it)", b"\xfd7zXZ\x00": "xz (unxz it)", b"(\xb5/\xfd": "zstd (unzstd it)",
+              b"PK\x03\x04": "a zip archive (unzip it)"}
+"""Leading bytes of the compressed forms FASTA comes in that this reader does not open, and what to do."""
+
+
 def iter_fasta(path: str | Path) -> Iterator[Record]:
     """The records of ``path`` one at a time, as :func:`read_fasta` gives them: a genome is never held
     whole (a human one took ~6 GB as a list), only the record being read. Errors come as the
-    reading reaches them."""
+    reading reaches them. Gzip is known by its leading bytes, whatever the file's name; a header is
+    read as UTF-8 (its text never reaches the model; a byte-order mark before it is dropped), a
+    sequence line as ASCII."""
     path = Path(path)
     if not path.is_file():
         raise FastaError(not_a_fasta_file(path))
-    opener = gzip.open if path.suffix == ".gz" else open
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if kind := next((what for magic, what in COMPRESSED.items() if head.startswith(magic)), None):
+        raise FastaError(f"{path}: compressed as {kind}: give it plain or gzipped")
+    opener = gzip.open if head.startswith(b"\x1f\x8b") else open
     count, name, chunks = 0, None, []
     try:
-        with opener(path, "rt", encoding="ascii") as handle:
-            for number, line in enumerate(handle, 1):
-                line = line.strip()
-                if line.startswith(">"):
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if number == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                if raw.startswith(b">"):
                     if name is not None:
                         count += 1
                         yield _finish(path, name, chunks)
-                    header = line[1:].split()
+                    header = raw[1:].decode("utf-8", errors="replace").split()
                     name, chunks = (header[0] if header else f"record{count + 1}"), []
-                elif line and not line.startswith(";"):
+                elif (line := raw.strip()) and not line.startswith(b";"):
                     if name is None:
                         raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
-                    chunks.append(line)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise FastaError(f"{path}: not a readable (gzipped) text FASTA file: {error}") from None
+                    try:
+                        chunks.append(line.decode("ascii"))
+                    except UnicodeDecodeError as error:
+                        raise FastaError(f"{path}:{number}: byte {line[error.start]:#04x} at column {error.start + 1} "
+                                         "of a sequence line is not ASCII, so no DNA base") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise FastaError(f"{path}: not a readable gzipped FASTA file: {error}") from None
     if name is not None:
         count += 1
         yield _finish(path, name, chunks)
