@@ -186,6 +186,15 @@ def test_bad_inputs_stop_with_one_clear_message(corpus, tmp_path):
     bare.mkdir()
     with pytest.raises(DataError, match="has no .txt, .jsonl or .parquet files"):
         build_datasets(DataConfig(corpus=str(bare), seq_len=16, cache_dir=str(tmp_path / "c3")), 300, 32)
+    (corpus / "b" / "latin1.txt").unlink()
+    with pytest.raises(DataError, match=r"validation_works not in the corpus: \['FOUR.txt', 'nine'\] \(a .txt file's "
+                                        r"title is its path under the corpus folder without .txt, e.g. 'books/emma'; "
+                                        r"'FOUR.txt': perhaps 'b/four'; empty documents are left out\)"):
+        load_documents(DataConfig(corpus=str(corpus), validation_works=["FOUR.txt", "nine"], cache_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match=r"the validation documents hold \d+ tokens, fewer than the 1025 of one sequence "
+                                        r"\(data.seq_len \+ 1\): give more text, or lower data.seq_len"):
+        build_datasets(DataConfig(corpus=str(corpus), validation_works=["b/four"], seq_len=1024,
+                                  cache_dir=str(tmp_path / "cache")), 300, 1024)
 
 
 def test_second_corpus_is_the_66_books_of_the_kjv_as_plain_prose(tmp_path):

@@ -296,13 +296,21 @@ def load_documents(cfg: DataConfig):
     if held_out:  # one byte a document, titles read a batch at a time
         is_validation = np.zeros(len(table), dtype=bool)
         found, start = set(), 0
+        # a name given as a file's (doc3.txt, or without its folders): the title it perhaps meant
+        stems = {Path(name).stem.lower(): name for name in held_out}
+        meant: dict[str, str] = {}
         for batch in table.select_columns(["title"]).iter(batch_size=10_000):
             chosen = [title in held_out for title in batch["title"]]
             is_validation[start : start + len(chosen)] = chosen
             found.update(t for t, c in zip(batch["title"], chosen) if c)
+            for title in batch["title"]:
+                if (name := stems.get(title.rsplit("/", 1)[-1].lower())) is not None and name != title:
+                    meant.setdefault(name, title)
             start += len(chosen)
-        if held_out - found:
-            raise DataError(f"validation_works not in the corpus: {sorted(held_out - found)} (or empty there: empty "
+        if missing := sorted(held_out - found):
+            hint = "; ".join(f"{name!r}: perhaps {meant[name]!r}" for name in missing if name in meant)
+            raise DataError(f"validation_works not in the corpus: {missing} (a .txt file's title is its path under the "
+                            f"corpus folder without .txt, e.g. 'books/emma'; {hint + '; ' if hint else ''}empty "
                             "documents are left out)")
     else:  # every 10th document, a run of rows with one title counting once: a chunked book stays whole
         is_validation = np.zeros(len(table), dtype=bool)
@@ -436,5 +444,6 @@ def build_datasets(cfg: DataConfig, vocab_size: int, max_seq_len: int):
     train, validation = (TokenWindows(prepared.shards[s], cfg.seq_len) for s in ("train", "validation"))
     for name, rows in (("training", train), ("validation", validation)):
         if len(rows) == 0:
-            raise DataError(f"the {name} documents hold fewer than {cfg.seq_len + 1} tokens")
+            raise DataError(f"the {name} documents hold {len(rows.shards)} tokens, fewer than the {cfg.seq_len + 1} "
+                            "of one sequence (data.seq_len + 1): give more text, or lower data.seq_len")
     return train, validation, prepared.tokenizer
