@@ -471,3 +471,68 @@ def test_worker_processes_are_at_most_the_cpus_this_process_may_use(monkeypatch,
     with pytest.raises(pytest.fail.Exception, match="stop here"):
         prep.prepare(DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "cache"), num_proc=64), 300)
     assert asked == [(64, "data.num_proc"), 1]  # the preparation works with the capped count
+
+
+def test_a_long_document_is_encoded_in_pieces_to_the_tokens_of_the_whole(tmp_path, monkeypatch):
+    """A 15 MB single-document corpus (nanoGPT's input.txt) took ~3.8 GB to tokenise (about 200 bytes a
+    character in the tokenizer's encodings): a document longer than ENCODE_CHARS is now cut between
+    two words, where the trained byte-level BPE gives the tokens of the whole; a tokenizer for which a
+    cut would change them (a template adding <s>) still encodes it whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rng = random.Random(0)
+    words = ["Shall", "I", "compare", "thee", "to", "a", "summer's", "day?", "Thou", "art", "more", "lovely",
+             "42", "1599", "--", "\u00e9t\u00e9", "na\u00efve", "(May)", "x" * 40, "  ", "\t", "don't", "CAPS!"]
+    text = "".join(rng.choice(words) + rng.choice([" ", " ", " ", "\n", "\n\n", ", ", " \n", "  "]) for _ in range(6000))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert prepare_module.cuts_exactly(tokenizer)
+    eos = tokenizer.token_to_id(EOS)
+    short = "A short one.\n"
+    whole = tokenizer.encode(text).ids + [eos] + tokenizer.encode(short).ids + [eos]
+    monkeypatch.setattr(prepare_module, "ENCODE_CHARS", 500)
+    pieces = list(prepare_module._pieces(text, 500))
+    assert "".join(pieces) == text and len(pieces) > len(text) // 500 and max(map(len, pieces)) <= 500
+    encoded = []
+
+    class Watched:  # the tokenizer, telling how many characters each call hands it
+        def encode_batch_fast(self, texts):
+            encoded.append(sum(map(len, texts)))
+            return tokenizer.encode_batch_fast(texts)
+
+    counts = prepare_module._tokenise({"text": [text, short]}, 0, Watched(), eos, "uint16", str(tmp_path / "a"), cut=True)
+    assert max(encoded) <= 500 and sum(encoded) == len(text) + len(short)
+    written = np.fromfile(tmp_path / "a.part0000", dtype=np.uint16).tolist()
+    assert written == whole and counts == {"tokens": [len(whole) - len(tokenizer.encode(short).ids) - 1,
+                                                      len(tokenizer.encode(short).ids) + 1]}
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, eos)])
+    assert not prepare_module.cuts_exactly(tokenizer)
+    assert list(prepare_module._pieces("x" * 2000, 500)) == ["x" * 2000]  # no gap: whole
+
+
+def test_the_bpe_trains_on_a_long_run_without_whitespace_in_pieces_and_on_other_text_as_it_is(tmp_path):
+    """The BPE trainer's time grows with the square of a word's length (a 200k-character run took
+    40 s to prepare, a 5 MB base64 blob hours): such a run is trained on in pieces; ordinary text, and
+    the tokenizer trained on it, are unchanged, and every run is still encoded whole."""
+    import datasets
+
+    from dyt_llama import data as data_module
+
+    texts = ["Shall I compare thee to a summer's day?\n" * 50, "a blob: " + "QUJD" * 600 + " ends.\n"]
+    trained = list(data_module._bpe_training_texts(datasets.Dataset.from_dict({"text": texts})))
+    assert trained[0] == texts[0]
+    assert trained[1].split() == ["a", "blob:", "QUJD" * 250, "QUJD" * 250, "QUJD" * 100, "ends."]
+    cfg = DataConfig(cache_dir=str(tmp_path / "c"))
+    ordinary = datasets.Dataset.from_dict({"text": [texts[0]]})
+    tokenizer = data_module.load_tokenizer(cfg, ordinary, 300, content_key="ordinary")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    plain = Tokenizer(models.BPE())  # trained on the text as it is, as before
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.decoder = decoders.ByteLevel()
+    plain.train_from_iterator([texts[0]], trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tokenizer.to_str() == plain.to_str()

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,44 @@ from .data import (
 
 SPLITS = ("train", "validation")
 ENCODE_CHARS = 1 << 18
-"""Characters handed to the tokenizer at once (whole documents, so one long document may exceed it):
-its encodings take about 200 bytes a character, so this bounds their memory."""
+"""Characters handed to the tokenizer at once: its encodings take about 200 bytes a character, so
+this bounds their memory. A longer document is encoded in pieces cut between two words where that
+gives the tokens of the whole (:func:`cuts_exactly`); with another tokenizer, whole."""
+
+WORD_GAP = re.compile(r"(?<=[A-Za-z0-9])(?= [A-Za-z0-9])|(?<=[A-Za-z0-9]\n)(?=[A-Za-z0-9])")
+"""Where a document may be cut for a byte-level BPE (the GPT-2 split: a space goes with the word after
+it, a line break is a word of its own): before a single space between two letters or digits, or after a
+line break between them. ASCII on both sides, so that no reading of "whitespace" differs from the
+tokenizer's."""
+
+
+def cuts_exactly(tokenizer) -> bool:
+    """A document cut at a :data:`WORD_GAP` encodes, piece by piece, to its tokens as a whole: a
+    byte-level BPE with the GPT-2 split, no prefix space, no normalizer, no tokens added around each
+    text (the BPE this recipe trains). Another tokenizer (a SentencePiece conversion's prefix, a
+    template adding ``<s>``) would change tokens at a cut."""
+    spec = json.loads(tokenizer.to_str())
+    pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor")
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
+            and pre.get("use_regex", True) and (post is None or post.get("type") == "ByteLevel"))
+
+
+def _pieces(text: str, limit: int):
+    """``text`` in pieces of about ``limit`` characters or fewer, cut at a :data:`WORD_GAP` in the second
+    half of each (past it where there is none there; a text without one stays whole)."""
+    start = 0
+    while len(text) - start > limit:
+        cut = None
+        for match in WORD_GAP.finditer(text, start + limit // 2, start + limit):
+            cut = match.start()
+        if cut is None:
+            match = WORD_GAP.search(text, start + limit)
+            if match is None:
+                break
+            cut = match.start()
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 @dataclass
@@ -57,29 +94,38 @@ class Prepared:
     tokenizer: object
 
 
-def _groups(texts: list[str], limit: int):
+def _groups(units: list[tuple[bool, str]], limit: int):
     group, size = [], 0
-    for text in texts:
-        if group and size + len(text) > limit:
+    for unit in units:
+        if group and size + len(unit[1]) > limit:
             yield group
             group, size = [], 0
-        group.append(text)
-        size += len(text)
+        group.append(unit)
+        size += len(unit[1])
     if group:
         yield group
 
 
-def _tokenise(batch, rank, tokenizer, eos: int, dtype: str, prefix: str) -> dict[str, list[int]]:
+def _tokenise(batch, rank, tokenizer, eos: int, dtype: str, prefix: str, cut: bool = False) -> dict[str, list[int]]:
     """Append the batch's tokens (each document + <eos>) to this worker's part file; return each
     document's token count. datasets gives worker ``rank`` a contiguous run of documents in
-    order, so the parts concatenated by rank are the documents in order."""
-    counts = []
+    order, so the parts concatenated by rank are the documents in order. ``cut``: a document longer
+    than :data:`ENCODE_CHARS` is encoded in pieces (:func:`cuts_exactly` the tokenizer)."""
+    units = []  # (last piece of its document?, text)
+    for text in batch["text"]:
+        pieces = list(_pieces(text, ENCODE_CHARS)) if cut and len(text) > ENCODE_CHARS else [text]
+        units += [(i == len(pieces) - 1, piece) for i, piece in enumerate(pieces)]
+    counts, running = [], 0
     with open(f"{prefix}.part{rank or 0:04d}", "ab") as out:
-        for group in _groups(batch["text"], ENCODE_CHARS):
+        for group in _groups(units, ENCODE_CHARS):
             pieces = []
-            for encoding in tokenizer.encode_batch_fast(group):
-                pieces += [encoding.ids, [eos]]
-                counts.append(len(encoding.ids) + 1)
+            for (last, _), encoding in zip(group, tokenizer.encode_batch_fast([text for _, text in group]), strict=True):
+                pieces.append(encoding.ids)
+                running += len(encoding.ids)
+                if last:
+                    pieces.append([eos])
+                    counts.append(running + 1)
+                    running = 0
             out.write(np.concatenate(pieces).astype(dtype, copy=False))  # not tofile: a full disk raises ENOSPC, not a short write
     return {"tokens": counts}
 
@@ -209,6 +255,7 @@ def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer
     eos = tokenizer.token_to_id(eos_token)
     folder = folder_root / hashlib.sha256(f"{content}:{tokenizer_key}:{eos}:{json.dumps(plan)}".encode()).hexdigest()[:24]
     dtype = token_dtype(tokenizer.get_vocab_size())
+    cut = cuts_exactly(tokenizer)
 
     def write_shard(first: int, end: int, path: Path) -> list[int]:
         prefix = str(path) + ".tokens"
@@ -219,7 +266,7 @@ def _write_split(docs, content: str, plan: list[list[int]], tokenizer, tokenizer
             _tokenise, batched=True, batch_size=16, with_rank=True, num_proc=min(processes or 1, len(piece)) if processes else None,
             remove_columns=piece.column_names, keep_in_memory=True, load_from_cache_file=False,
             new_fingerprint=hashlib.sha256(f"{folder}:{first}:{end}".encode()).hexdigest()[:16],
-            fn_kwargs={"tokenizer": tokenizer, "eos": eos, "dtype": dtype.name, "prefix": prefix},
+            fn_kwargs={"tokenizer": tokenizer, "eos": eos, "dtype": dtype.name, "prefix": prefix, "cut": cut},
         )["tokens"]
         parts = sorted(path.parent.glob(Path(prefix).name + ".part*"))
         with open(path, "wb") as out:
