@@ -432,7 +432,8 @@ def test_a_manifest_without_its_root_line_says_so(tmp_path):
 def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     """``Path.rglob`` did not enter a linked folder (a corpus gathered by links lost those files
     without a word), a link to nothing was a traceback where it was read, and the manifest tool listed
-    hidden folders the LLaMA reader skips."""
+    hidden folders the LLaMA reader skips. A folder reached both ways keeps its spelling without the
+    link; a link up to a folder above adds nothing; what is left out is named."""
     from dyt_data import files_by_suffix
 
     outside = tmp_path / "outside"
@@ -443,16 +444,36 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     (root / ".cache").mkdir(parents=True)
     (root / ".cache" / "old.txt").write_text("x")
     (root / ".hidden.txt").write_text("x")
-    (root / "c.txt").write_text("x")
+    (root / "data").mkdir()
+    (root / "data" / "c.txt").write_text("x")
+    (root / "backup").symlink_to(root / "data")  # sorts first, yet the real spelling is kept
     (root / "linked").symlink_to(outside)
-    (root / "again").symlink_to(outside)  # the same folder twice: listed once
-    (outside / "loop").symlink_to(root)  # a loop back: walked once
+    (root / "again").symlink_to(outside)  # the same folder twice: listed once, by the first link found
+    (outside / "loop").symlink_to(root)  # a loop back: adds nothing
+    (root / "up").symlink_to(tmp_path)  # a folder above: adds nothing, nor what lies beside the root
     (root / "file-link.txt").symlink_to(outside / "a.txt")
+    (root / "gone").symlink_to(tmp_path / "no-such-folder")
+    (tmp_path / "beside.txt").write_text("x")
     listed = files_by_suffix(root, [".txt", ".jsonl"], ValueError)
-    names = [p.relative_to(root).as_posix() for p in listed.found[".txt"]]
-    assert names == ["again/a.txt", "again/deep/b.TXT", "c.txt", "file-link.txt"]  # folders in name order
-    assert listed.found[".jsonl"] == [] and listed.other == {".md": 1}
-    assert listed.other_kinds() == "1 file(s) of other kinds (.md: 1)"
+    assert [p.relative_to(root).as_posix() for p in listed.found[".txt"]] == ["again/a.txt", "data/c.txt", "file-link.txt"]
+    assert listed.found[".jsonl"] == [] and listed.other == {".md": 1, ".TXT": 1}
+    assert [p.relative_to(root).as_posix() for p in files_by_suffix(root, [".txt"], any_case=True).found[".txt"]] == [
+        "again/a.txt", "again/deep/b.TXT", "data/c.txt", "file-link.txt"]
+    assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s): {root / 'gone'} "
+                                    f"(a link to '{tmp_path / 'no-such-folder'}', which does not exist)")
+    (root / "lost+found").mkdir()  # root-only on a mounted disk: it was passed over, and still is, but said
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path).name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", refusing)
+        locked = files_by_suffix(root, [".txt"], ValueError)
+    assert locked.found == {".txt": listed.found[".txt"]}
+    assert f"{root / 'lost+found'} (cannot be listed: Permission denied)" in locked.skipped
     (root / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     with pytest.raises(ValueError, match=r"gone.txt: a link to '.*nowhere.txt', which does not exist: restore its "
                                          "target, or remove the link"):
@@ -466,7 +487,8 @@ def test_the_corpus_and_the_manifest_tool_read_linked_folders_and_say_what_they_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for i in range(12):
-        (elsewhere / f"doc{i:02d}.{'TXT' if i % 2 else 'txt'}").write_text(f"document {i} " * 20)
+        (elsewhere / f"doc{i:02d}.txt").write_text(f"document {i} " * 20)
+    (elsewhere / "shouting.TXT").write_text("NOT READ: ITS SUFFIX IS NOT .txt " * 20)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "books").symlink_to(elsewhere)
@@ -474,8 +496,8 @@ def test_the_corpus_and_the_manifest_tool_read_linked_folders_and_say_what_they_
     documents = load_documents(DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "c")))
     assert len(documents["train"]) + len(documents["validation"]) == 12
     assert "books/doc01" in [*documents["train"]["title"], *documents["validation"]["title"]]
-    assert f"corpus {corpus}: reading 12 .txt / .jsonl / .parquet file(s); left out 1 file(s) of other kinds (.md: 1)" \
-        in capsys.readouterr().out
+    assert (f"corpus {corpus}: reading 12 .txt / .jsonl / .parquet file(s); left out 2 file(s) of other kinds "
+            "(.md: 1, .TXT: 1)") in capsys.readouterr().out
     audio = tmp_path / "audio"
     (audio / "speaker").mkdir(parents=True)
     (audio / ".trash").mkdir()
@@ -487,7 +509,7 @@ def test_the_corpus_and_the_manifest_tool_read_linked_folders_and_say_what_they_
     told = []
     rows = manifest_from_folder(audio, tmp_path / "train.tsv", on_other=told.append)
     assert sorted(r.path.relative_to(audio).as_posix() for r in rows) == ["linked/c.FLAC", "speaker/a.mp3"]
-    assert told == ["left out 12 file(s) of other kinds (.txt: 12)"]
+    assert told == ["left out 13 file(s) of other kinds (.txt: 13)"]  # audio suffixes in any case, others too
 
 
 def test_a_saved_audio_datasets_bad_rows_count_against_the_allowance(tmp_path, monkeypatch, capsys):
@@ -522,3 +544,32 @@ def test_a_saved_audio_datasets_bad_rows_count_against_the_allowance(tmp_path, m
     train, validation = pretraining_audio(config(0.1), min_samples=1000)
     assert len(train) == 20 and len(validation) == 1
     assert "training audio: left out 1 bad file(s) of 21 (allowed: 10.0%)" in capsys.readouterr().out
+
+
+def test_a_saved_audio_datasets_failed_rows_are_decoded_again_at_the_next_launch(tmp_path, monkeypatch):
+    """A row whose read failed for a passing reason (a file server's error) was stored as bad until the
+    dataset changed: it is decoded again at every launch, and joins the copies in its place once read."""
+    datasets = pytest.importorskip("datasets")
+    import dyt_wav2vec2.audio as audio_module
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.wav"))
+        soundfile.write(paths[-1], np.full(8000 + i, 0.25, dtype=np.float32), 16000)
+    datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "saved"))
+    load_audio = audio_module.load_audio
+
+    def flaky(data, name=None):
+        if name.endswith("[1]"):
+            raise audio_module.AudioError(f"{name}: unreadable audio (Error: Input/output error)")
+        return load_audio(data, name)
+
+    monkeypatch.setattr(audio_module, "load_audio", flaky)
+    rows, problems = audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache")
+    assert [u.num_samples for u in rows] == [8000, 8002] and problems == [f"{tmp_path / 'saved'}[1]: unreadable audio "
+                                                                         "(Error: Input/output error)"]
+    assert audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache") == (rows, problems)  # still
+    monkeypatch.setattr(audio_module, "load_audio", load_audio)
+    rows, problems = audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache")
+    assert [u.num_samples for u in rows] == [8000, 8001, 8002] and problems == []
+    assert audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache") == (rows, [])  # kept

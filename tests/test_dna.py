@@ -156,6 +156,8 @@ def test_fasta_headers_are_text_of_any_script_and_gzip_is_known_by_its_bytes(tmp
     (tmp_path / "genome.fa.bz2").write_bytes(bz2.compress(text.encode()))
     with pytest.raises(FastaError, match=r"genome.fa.bz2: compressed as bzip2 \(bunzip2 it\): give it plain or gzipped"):
         read_fasta(tmp_path / "genome.fa.bz2")
+    (tmp_path / "mac.fa").write_bytes(b">a x\rACGT\rAC\r  >b\rTT\r")  # old Mac line ends, an indented header
+    assert [(r.name, r.sequence) for r in read_fasta(tmp_path / "mac.fa")] == [("a", "ACGTAC"), ("b", "TT")]
     (tmp_path / "odd.fa").write_bytes(b">a\nACGT\nAC\xc3\x9fT\n")
     with pytest.raises(FastaError, match=r"odd.fa:3: byte 0xc3 at column 3 of a sequence line is not ASCII"):
         read_fasta(tmp_path / "odd.fa")

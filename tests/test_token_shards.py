@@ -454,6 +454,12 @@ def test_worker_processes_are_at_most_the_cpus_this_process_may_use(monkeypatch,
     import dyt_data.processes as processes
     from dyt_data import worker_processes
 
+    quota = tmp_path / "cpu.max"
+    for written, cpus in (("max 100000\n", None), ("150000 100000\n", 1.5), ("", None)):
+        quota.write_text(written)
+        assert processes._cgroup_quota(quota) == cpus
+    monkeypatch.setattr(processes, "_cgroup_quota", lambda: 0.5)  # docker --cpus 0.5
+    assert processes.usable_cpus() == 1
     monkeypatch.setattr(processes, "usable_cpus", lambda: 2)
     assert worker_processes(2, "data.num_proc") == 2 and capsys.readouterr().out == ""
     assert worker_processes(64, "data.num_proc") == 2
@@ -508,8 +514,18 @@ def test_a_long_document_is_encoded_in_pieces_to_the_tokens_of_the_whole(tmp_pat
     written = np.fromfile(tmp_path / "a.part0000", dtype=np.uint16).tolist()
     assert written == whole and counts == {"tokens": [len(whole) - len(tokenizer.encode(short).ids) - 1,
                                                       len(tokenizer.encode(short).ids) + 1]}
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, eos)])
-    assert not prepare_module.cuts_exactly(tokenizer)
+    from tokenizers import AddedToken
+
+    for change in (lambda t: setattr(t, "post_processor", processors.TemplateProcessing(single=f"{EOS} $A",
+                                                                                     special_tokens=[(EOS, eos)])),
+                   lambda t: t.add_tokens(["New York"]), lambda t: t.add_tokens([AddedToken("abc", rstrip=True)]),
+                   lambda t: t.add_tokens([AddedToken("def", lstrip=True)]), lambda t: t.enable_truncation(8),
+                   lambda t: t.enable_padding()):
+        changed = Tokenizer.from_str(tokenizer.to_str())
+        change(changed)
+        assert not prepare_module.cuts_exactly(changed)
+    tokenizer.add_tokens(["<code>"])  # an added token with no whitespace, taking none: matched alike
+    assert prepare_module.cuts_exactly(tokenizer)
     assert list(prepare_module._pieces("x" * 2000, 500)) == ["x" * 2000]  # no gap: whole
 
 
@@ -521,10 +537,13 @@ def test_the_bpe_trains_on_a_long_run_without_whitespace_in_pieces_and_on_other_
 
     from dyt_llama import data as data_module
 
-    texts = ["Shall I compare thee to a summer's day?\n" * 50, "a blob: " + "QUJD" * 600 + " ends.\n"]
+    texts = ["Shall I compare thee to a summer's day?\n" * 50, "a blob: " + "QUJD" * 600 + " ends." + " " * 2500 + "!"]
     trained = list(data_module._bpe_training_texts(datasets.Dataset.from_dict({"text": texts})))
-    assert trained[0] == texts[0]
-    assert trained[1].split() == ["a", "blob:", "QUJD" * 250, "QUJD" * 250, "QUJD" * 100, "ends."]
+    assert trained[0] == texts[0] and "".join(trained[1:]) == texts[1]  # nothing added
+    assert trained[1:] == ["a blob: " + "QUJD" * 250, "QUJD" * 250, "QUJD" * 100 + " ends." + " " * 1000,
+                           " " * 1000, " " * 500 + "!"]
+    assert data_module._has_long_runs(datasets.Dataset.from_dict({"text": texts}))
+    assert not data_module._has_long_runs(datasets.Dataset.from_dict({"text": texts[:1]}))
     cfg = DataConfig(cache_dir=str(tmp_path / "c"))
     ordinary = datasets.Dataset.from_dict({"text": [texts[0]]})
     tokenizer = data_module.load_tokenizer(cfg, ordinary, 300, content_key="ordinary")

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: a batch scheduler's share of a node, not the node's count)."""
+    """CPUs this process may use: its affinity (a batch scheduler's cpuset), and a container's CPU
+    quota (docker ``--cpus``, a Kubernetes limit: cgroup ``cpu.max``), not the node's count."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """CPUs' worth of time per period that cgroup v2 allows this process's group; None for no limit."""
+    try:
+        limit, period = path.read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 def worker_processes(asked: int, setting: str) -> int:

@@ -14,49 +14,79 @@ class FolderFiles:
     """What :func:`files_by_suffix` found under a folder."""
 
     found: dict[str, list[Path]]
-    """Suffix asked for (lower case) -> its files, sorted."""
+    """Suffix asked for -> its files, sorted."""
     other: Counter = field(default_factory=Counter)
     """Suffix (``""`` for none) -> how many other files: not read, and said so."""
+    skipped: list[str] = field(default_factory=list)
+    """Folders left out, each with why: one that cannot be listed, a link to nothing."""
 
     def other_kinds(self, count: int = 4) -> str:
-        """The other files in words, e.g. ``3 files of other kinds (.md: 2, .gz: 1)``; '' for none."""
-        if not self.other:
-            return ""
-        kinds = ", ".join(f"{suffix or 'no suffix'}: {n}" for suffix, n in self.other.most_common(count))
-        more = ", ..." if len(self.other) > count else ""
-        return f"{sum(self.other.values())} file(s) of other kinds ({kinds}{more})"
+        """What was not read, in words, e.g. ``3 file(s) of other kinds (.md: 2, .gz: 1)``; '' for nothing."""
+        said = []
+        if self.other:
+            kinds = ", ".join(f"{suffix or 'no suffix'}: {n}" for suffix, n in self.other.most_common(count))
+            said.append(f"{sum(self.other.values())} file(s) of other kinds ({kinds}{', ...' if len(self.other) > count else ''})")
+        if self.skipped:
+            said.append(f"{len(self.skipped)} folder(s): {'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")
+        return " and ".join(said)
 
 
-def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] = OSError) -> FolderFiles:
-    """Every file under ``root`` whose suffix (any case) is one of ``suffixes``, in one walk that
-    enters linked folders (each real folder once: a link loop is walked once) and skips hidden names
-    (a file or folder whose name starts with a dot: an editor's ``.ipynb_checkpoints`` holds older
-    copies, macOS's ``._*`` files are not data). A link to nothing among them is ``error``, naming it
+def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] = OSError,
+                    any_case: bool = False) -> FolderFiles:
+    """Every file under ``root`` whose suffix is one of ``suffixes`` (``any_case``: in upper case too).
+
+    One walk of the folder itself, then of each linked folder that leads out of it (each real folder
+    once, so a folder reached both ways keeps the spelling without the link, and a link back into the
+    tree or up to a folder above it adds nothing). Hidden names (a dot first: an editor's
+    ``.ipynb_checkpoints`` holds older copies, macOS's ``._*`` files are not data) are skipped. A
+    folder that cannot be listed (``lost+found``) or a link to nothing is left out and named in
+    :attr:`FolderFiles.skipped`; a file with a wanted suffix that is a link to nothing is ``error``
     (read later, it was a traceback from deep in the reading)."""
-    wanted = {suffix.lower(): [] for suffix in suffixes}
-    other: Counter = Counter()
+    wanted = {(suffix.lower() if any_case else suffix): [] for suffix in suffixes}
+    listed = FolderFiles(wanted)
+    top = os.stat(root)
     seen: set[tuple[int, int]] = set()
+    links: list[str] = []
 
-    def unreadable(problem: OSError) -> None:  # os.walk's default passes over a folder it cannot list
-        raise error(f"{problem.filename}: cannot be listed ({problem.strerror or problem}): its files would be "
-                    "left out; make it readable, or move it out of the folder")
+    def unlistable(problem: OSError) -> None:
+        listed.skipped.append(f"{problem.filename} (cannot be listed: {problem.strerror or problem})")
 
-    for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
-        real = os.stat(folder)
-        if (real.st_dev, real.st_ino) in seen:  # reached again through a link
-            subfolders[:] = []
-            continue
-        seen.add((real.st_dev, real.st_ino))
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in names:
-            if name.startswith("."):
+    def walk(start: str) -> None:
+        for folder, subfolders, names in os.walk(start, onerror=unlistable):
+            real = os.stat(folder)
+            if (real.st_dev, real.st_ino) in seen:
+                subfolders[:] = []
                 continue
-            path, suffix = Path(folder, name), os.path.splitext(name)[1].lower()
-            if suffix not in wanted:
-                other[suffix] += 1
-            elif not os.path.exists(path):
-                raise error(f"{path}: a link to {os.readlink(path)!r}, which does not exist: restore its target, "
-                            "or remove the link")
-            else:
-                wanted[suffix].append(path)
-    return FolderFiles({suffix: sorted(paths) for suffix, paths in wanted.items()}, other)
+            seen.add((real.st_dev, real.st_ino))
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+            links.extend(os.path.join(folder, name) for name in subfolders if os.path.islink(os.path.join(folder, name)))
+            for name in names:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(folder, name)
+                suffix = os.path.splitext(name)[1]
+                suffix = suffix.lower() if any_case else suffix
+                if not os.path.exists(path):  # a link to nothing
+                    if suffix in wanted:
+                        raise error(f"{path}: a link to {os.readlink(path)!r}, which does not exist: restore its "
+                                    "target, or remove the link")
+                    listed.skipped.append(f"{path} (a link to {os.readlink(path)!r}, which does not exist)")
+                elif suffix in wanted:
+                    wanted[suffix].append(Path(path))
+                else:
+                    listed.other[suffix] += 1
+
+    walk(str(root))  # os.walk does not enter a linked folder: those come after, in the order found
+    while links:
+        link = links.pop(0)
+        target = os.stat(link)
+        if (target.st_dev, target.st_ino) in seen:
+            continue
+        if _contains(os.path.realpath(link), os.path.realpath(root)) or (target.st_dev, target.st_ino) == (top.st_dev, top.st_ino):
+            continue  # a folder above the root: the tree itself again, and whatever lies beside it
+        walk(link)
+    return FolderFiles({suffix: sorted(paths) for suffix, paths in wanted.items()}, listed.other, listed.skipped)
+
+
+def _contains(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder

@@ -61,20 +61,23 @@ def iter_fasta(path: str | Path) -> Iterator[Record]:
             for number, raw in enumerate(handle, 1):
                 if number == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")
-                if raw.startswith(b">"):
-                    if name is not None:
-                        count += 1
-                        yield _finish(path, name, chunks)
-                    header = raw[1:].decode("utf-8", errors="replace").split()
-                    name, chunks = (header[0] if header else f"record{count + 1}"), []
-                elif (line := raw.strip()) and not line.startswith(b";"):
-                    if name is None:
-                        raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
-                    try:
-                        chunks.append(line.decode("ascii"))
-                    except UnicodeDecodeError as error:
-                        raise FastaError(f"{path}:{number}: byte {line[error.start]:#04x} at column {error.start + 1} "
-                                         "of a sequence line is not ASCII, so no DNA base") from None
+                # old Mac line ends (a lone CR) split here, as text mode's universal newlines did
+                for line in raw.split(b"\r") if b"\r" in raw.rstrip(b"\r\n") else (raw,):
+                    line = line.strip()
+                    if line.startswith(b">"):
+                        if name is not None:
+                            count += 1
+                            yield _finish(path, name, chunks)
+                        header = line[1:].decode("utf-8", errors="replace").split()
+                        name, chunks = (header[0] if header else f"record{count + 1}"), []
+                    elif line and not line.startswith(b";"):
+                        if name is None:
+                            raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
+                        try:
+                            chunks.append(line.decode("ascii"))
+                        except UnicodeDecodeError as error:
+                            raise FastaError(f"{path}:{number}: byte {line[error.start]:#04x} at column {error.start + 1} "
+                                             "of a sequence line is not ASCII, so no DNA base") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise FastaError(f"{path}: not a readable gzipped FASTA file: {error}") from None
     if name is not None:

@@ -338,20 +338,36 @@ def load_documents(cfg: DataConfig):
 
 
 LONG_RUN = 1000
-"""Characters without whitespace beyond which the BPE is trained on a run in pieces of this length."""
-_LONG_RUN = re.compile(rf"\S{{{LONG_RUN + 1},}}")
+"""Characters of one kind (whitespace, or none) beyond which the BPE trains on a run in pieces."""
+_LONG_RUN = re.compile(rf"\S{{{LONG_RUN + 1},}}|\s{{{LONG_RUN + 1},}}")
+
+
+def _texts(docs, batch_size: int = 16):
+    for batch in docs.select_columns(["text"]).iter(batch_size=batch_size):
+        yield from batch["text"]
 
 
 def _bpe_training_texts(docs, batch_size: int = 16):
-    """The documents' texts as the BPE trains on them: a run of more than :data:`LONG_RUN` characters
-    without whitespace (a base64 blob, minified code, a sequence dump) in pieces of that length, since
-    the trainer's time grows with the square of a word's length (measured: a 100k-character run 6.7 s,
-    a 5 MB one hours). Text without such a run is as it is, so the BPE of ordinary text is unchanged;
-    encoding is not affected (every run is encoded whole)."""
-    for batch in docs.select_columns(["text"]).iter(batch_size=batch_size):
-        for text in batch["text"]:
-            yield text if _LONG_RUN.search(text) is None else _LONG_RUN.sub(
-                lambda run: " ".join(run[0][i : i + LONG_RUN] for i in range(0, len(run[0]), LONG_RUN)), text)
+    """The documents' texts as the BPE trains on them: a text with a run of more than :data:`LONG_RUN`
+    characters without whitespace (a base64 blob, minified code, a sequence dump) or of whitespace is
+    handed over in pieces cut every :data:`LONG_RUN` characters of such a run, since the trainer's
+    time grows with the square of a word's length (measured: ``'x' * 100_000`` 6.6 s, a 5 MB run
+    hours). Nothing is added to the text, and a text without such a run is as it is, so the BPE of
+    ordinary text is unchanged; encoding is not affected (every run is encoded whole)."""
+    for text in _texts(docs, batch_size):
+        start = 0
+        for run in _LONG_RUN.finditer(text):
+            for cut in range(run.start() + LONG_RUN, run.end(), LONG_RUN):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
+
+
+def _has_long_runs(docs) -> bool:
+    """Whether the BPE trains on any text in pieces (:func:`_bpe_training_texts`): part of its cache
+    key, so a tokenizer trained on such text as a whole (before 2026-12-07) is not read back, while
+    every other one still is."""
+    return any(_LONG_RUN.search(text) for text in _texts(docs))
 
 
 def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: str):
@@ -367,7 +383,8 @@ def load_tokenizer(cfg: DataConfig, train_docs, vocab_size: int, content_key: st
             reason = " ".join(str(error).split())[:200]
             raise DataError(f"{path} (data.tokenizer_file) is not a tokenizers JSON file: {reason}") from None
     else:
-        key = hashlib.sha256(f"{TOKENIZER_VERSION}:{content_key}:{cfg.eos_token}".encode()).hexdigest()[:16]
+        pieces = ":long-runs-in-pieces" if _has_long_runs(train_docs) else ""
+        key = hashlib.sha256(f"{TOKENIZER_VERSION}:{content_key}:{cfg.eos_token}{pieces}".encode()).hexdigest()[:16]
         path = _cache(cfg) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):

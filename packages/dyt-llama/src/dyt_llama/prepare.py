@@ -62,12 +62,17 @@ tokenizer's."""
 def cuts_exactly(tokenizer) -> bool:
     """A document cut at a :data:`WORD_GAP` encodes, piece by piece, to its tokens as a whole: a
     byte-level BPE with the GPT-2 split, no prefix space, no normalizer, no tokens added around each
-    text (the BPE this recipe trains). Another tokenizer (a SentencePiece conversion's prefix, a
-    template adding ``<s>``) would change tokens at a cut."""
+    text, no truncation or padding, and added tokens that hold no whitespace nor take the whitespace
+    beside them (the BPE this recipe trains). Another tokenizer (a SentencePiece conversion's prefix,
+    a template adding ``<s>``, an added token ``New York``) could change tokens at a cut."""
     spec = json.loads(tokenizer.to_str())
     pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor")
+    # an added token matched across a cut ("New York"), or one that takes the whitespace beside it
+    added_whole = all(not any(c.isspace() for c in token["content"]) and not token.get("lstrip")
+                      and not token.get("rstrip") and not token.get("single_word") for token in spec.get("added_tokens", []))
     return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
-            and pre.get("use_regex", True) and (post is None or post.get("type") == "ByteLevel"))
+            and pre.get("use_regex", True) and (post is None or post.get("type") == "ByteLevel") and added_whole
+            and spec.get("truncation") is None and spec.get("padding") is None)
 
 
 def _pieces(text: str, limit: int):

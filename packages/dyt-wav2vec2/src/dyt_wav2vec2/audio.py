@@ -51,7 +51,8 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     try:
         data, rate = soundfile.read(path if not isinstance(path, Path) else str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-        raise AudioError(f"{name}: unreadable audio ({error})") from None
+        # libsndfile's own words, not its "Error opening <_io.BytesIO object at 0x...>" for a file object
+        raise AudioError(f"{name}: unreadable audio ({getattr(error, 'error_string', None) or error})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
     if data.shape[1] != 1:
@@ -209,7 +210,7 @@ def manifest_from_folder(folder: Path, out: Path, on_bad: Callable[[AudioError],
         raise AudioError(f"{folder}: no such folder")
     if not out.parent.is_dir():
         raise AudioError(f"{out}: its folder {out.parent} does not exist")
-    listed = files_by_suffix(folder, AUDIO_SUFFIXES, AudioError)
+    listed = files_by_suffix(folder, AUDIO_SUFFIXES, AudioError, any_case=True)
     files = sorted(path for paths in listed.found.values() for path in paths)
     if not files:
         raise AudioError(f"{folder}: no {', '.join(AUDIO_SUFFIXES)} files"
@@ -437,13 +438,16 @@ def _convert_hf_rows(batch: dict, indices: list[int], column: str, text_column: 
                 raise AudioError(f"{name}: neither bytes nor a path")
             waveform = load_audio(Path(data) if isinstance(data, str) else data, name)
         except AudioError as error:  # counted against data.max_bad_fraction, as a manifest's bad file is
-            names.append(""), samples.append(0), texts.append(""), problems.append(str(error))
+            names.append("")
+            samples.append(0)
+            texts.append("")
+            problems.append(str(error))
             continue
         names.append(write_decoded(waveform, out / f"{index:07d}").name)
         samples.append(waveform.numel())
         texts.append(str(text or ""))
         problems.append("")
-    return {"file": names, "samples": samples, "words": texts, "problem": problems}
+    return {"file": names, "samples": samples, "words": texts, "problem": problems, "index": list(indices)}
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text",
@@ -457,7 +461,8 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     operations that made a dataset (for one built from file paths, the paths), not the audio, so a
     dataset rebuilt from re-recorded files keeps it. The ranks of a launch all ask at once: one
     writes the copies under a lock while the others wait, then read its manifest (written last, so a
-    killed conversion is redone, never half read)."""
+    killed conversion is redone, never half read). The rows that failed are decoded again at every
+    launch (a read may fail for a passing reason: a file server's error), as :func:`inspected` does."""
     from dyt.train.data_files import files_signature
 
     rows, column = _hf_audio_rows(path)
@@ -471,7 +476,20 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     with FileLock(str(out) + ".lock"):
         if manifest.is_file():
             words = manifest.with_suffix(".wrd")
-            return read_manifest(manifest, words if words.is_file() else None), read_json(problems_file) or []
+            utterances = read_manifest(manifest, words if words.is_file() else None)
+            if not (failed := read_json(problems_file) or []):
+                return utterances, []
+            again = _convert_hf_rows(rows.select([index for index, _ in failed])[:], [index for index, _ in failed],
+                                     column, text_column, path, out, forked=False)
+            if all(again["problem"]):
+                return utterances, again["problem"]
+            utterances = sorted([*utterances, *(Utterance(out / name, samples, words) for name, samples, words, problem
+                                                in zip(again["file"], again["samples"], again["words"], again["problem"])
+                                                if not problem)], key=lambda u: u.path.name)  # in the dataset's order
+            failed = [[index, problem] for index, problem in zip(again["index"], again["problem"]) if problem]
+            write_json(problems_file, failed)
+            write_manifest(manifest, out, utterances)
+            return utterances, [problem for _, problem in failed]
         out.mkdir(parents=True, exist_ok=True)
         workers = min(worker_processes(num_proc, "data.num_proc"), len(rows))
         forked = workers > 1
@@ -487,12 +505,12 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             raise
         utterances = [Utterance(out / name, samples, words) for name, samples, words, problem
                       in zip(written["file"], written["samples"], written["words"], written["problem"]) if not problem]
-        problems = [problem for problem in written["problem"] if problem]
+        failed = [[index, problem] for index, problem in enumerate(written["problem"]) if problem]
         del written
         for table in out.glob("rows*.arrow"):  # map's results, read: only the audio files are kept
             table.unlink()
-        write_json(problems_file, problems)  # before the manifest, which marks the conversion whole
+        write_json(problems_file, failed)  # before the manifest, which marks the conversion whole
         write_manifest(manifest, out, utterances)
         for older in range(1, HF_AUDIO_VERSION):  # this dataset's copies by older conversions: never read again
             shutil.rmtree(cache / f"v{older}-{rows._fingerprint}-{files['digest']}", ignore_errors=True)
-    return utterances, problems
+    return utterances, [problem for _, problem in failed]

@@ -1,5 +1,5 @@
 """``python -m dyt_wav2vec2.manifest AUDIO_DIR OUT.tsv``: a fairseq manifest of every .wav / .flac /
-.ogg / .opus / .mp3 / .aiff file under a folder (linked folders too; hidden files and folders are not
+.ogg / .opus / .mp3 / .aiff / .aif file under a folder (linked folders too; hidden files and folders are not
 read; sample counts at 16 kHz), for ``data.train_manifest`` and friends. Files of other kinds are
 counted in one line.
 

@@ -39,7 +39,7 @@ def launcher_number(*names: str, default: int, least: int) -> int:
         value = os.environ.get(name, "").strip()
         if not value:
             continue
-        if value.lstrip("-").isdigit() and int(value) >= least:
+        if value.lstrip("-").isascii() and value.lstrip("-").isdigit() and int(value) >= least:  # not "²"
             return int(value)
         raise LaunchEnvironmentError(f"{name}={os.environ[name]!r} in the environment: a launcher (deepspeed, torchrun) "
                                      f"sets it to a whole number of at least {least}; unset it to run one process")
