@@ -195,6 +195,10 @@ def test_bad_inputs_stop_with_one_clear_message(corpus, tmp_path):
                                         r"\(data.seq_len \+ 1\): give more text, or lower data.seq_len"):
         build_datasets(DataConfig(corpus=str(corpus), validation_works=["b/four"], seq_len=1024,
                                   cache_dir=str(tmp_path / "cache")), 300, 1024)
+    (corpus / "b" / os.fsdecode(b"caf\xe9.txt")).write_text(SONNET)  # a Latin-1 name: pyarrow's traceback, unnamed
+    with pytest.raises(DataError, match=r"'.*caf\\udce9.txt': a file name that is not UTF-8, which its document's title "
+                                        "cannot hold: rename the file"):
+        load_documents(DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "c4")))
 
 
 def test_second_corpus_is_the_66_books_of_the_kjv_as_plain_prose(tmp_path):

@@ -249,7 +249,7 @@ def load_documents(cfg: DataConfig):
             print(f"corpus {root}: reading {len(texts) + len(tables)} .txt / .jsonl / .parquet file(s); "
                   f"left out {others}", flush=True)
         if unnamed := next((p for p in texts if not _utf8_name(p)), None):
-            raise DataError(f"{unnamed!r}: a file name that is not UTF-8, which its document's title cannot hold: "
+            raise DataError(f"{str(unnamed)!r}: a file name that is not UTF-8, which its document's title cannot hold: "
                             "rename the file")
         if texts and tables:
             raise DataError(f"corpus {root} holds both .txt files ({len(texts)}) and .jsonl / .parquet files "
