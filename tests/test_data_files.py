@@ -4,6 +4,7 @@ dataset's fingerprint."""
 
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -200,7 +201,8 @@ def test_hf_audio_decoded_by_several_processes_is_what_one_writes(tmp_path, monk
         rows, problems = utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}", num_proc=num_proc)
         assert rows == [] and [re.sub(r" \(.*", "", p) for p in problems] == [
             f"{tmp_path / 'bad'}[{i}]: unreadable audio" for i in range(3)]
-        assert utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}") == (rows, problems)  # stored
+        stored = utterances_from_hf_dataset(tmp_path / "bad", tmp_path / f"bad-{num_proc}")
+        assert stored[0] == [] and [p.split(" (stored by the conversion in ")[0] for p in stored[1]] == problems
 
 
 def test_decoded_hf_audio_follows_the_conversion_version_and_ranks_wait_for_one_writer(tmp_path, monkeypatch):
@@ -459,8 +461,23 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     assert listed.found[".jsonl"] == [] and listed.other == {".md": 1, ".TXT": 1}
     assert [p.relative_to(root).as_posix() for p in files_by_suffix(root, [".txt"], any_case=True).found[".txt"]] == [
         "again/a.txt", "again/deep/b.TXT", "data/c.txt", "file-link.txt"]
-    assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s): {root / 'gone'} "
-                                    f"(a link to '{tmp_path / 'no-such-folder'}', which does not exist)")
+    assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s): {root / 'gone'}: "
+                                    f"a link to '{tmp_path / 'no-such-folder'}', which does not exist")
+    (tmp_path / "ext" / "books").mkdir(parents=True)  # up from inside a linked folder: what lies beside stays out
+    (tmp_path / "ext" / "books" / "parent").symlink_to(tmp_path / "ext")
+    (tmp_path / "ext" / "private").mkdir()
+    (tmp_path / "ext" / "private" / "secret.txt").write_text("x")
+    (root / "books").symlink_to(tmp_path / "ext" / "books")
+    assert files_by_suffix(root, [".txt"]).found == {".txt": listed.found[".txt"]}
+    (root / "books").unlink()
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "r").symlink_to(root)  # the root given through a link, holding a link up to its folder
+    (root / "to-top").symlink_to(tmp_path / "top")
+    (tmp_path / "top" / "other.txt").write_text("x")
+    through = files_by_suffix(tmp_path / "top" / "r", [".txt"])
+    assert [p.relative_to(tmp_path / "top" / "r").as_posix() for p in through.found[".txt"]] == [
+        "again/a.txt", "data/c.txt", "file-link.txt"]
+    (root / "to-top").unlink()
     (root / "lost+found").mkdir()  # root-only on a mounted disk: it was passed over, and still is, but said
     scandir = os.scandir
 
@@ -546,9 +563,10 @@ def test_a_saved_audio_datasets_bad_rows_count_against_the_allowance(tmp_path, m
     assert "training audio: left out 1 bad file(s) of 21 (allowed: 10.0%)" in capsys.readouterr().out
 
 
-def test_a_saved_audio_datasets_failed_rows_are_decoded_again_at_the_next_launch(tmp_path, monkeypatch):
-    """A row whose read failed for a passing reason (a file server's error) was stored as bad until the
-    dataset changed: it is decoded again at every launch, and joins the copies in its place once read."""
+def test_a_saved_audio_datasets_failed_rows_are_stored_and_named_with_the_folder_to_delete(tmp_path, monkeypatch):
+    """What was wrong with a row is stored with the copies (every rank of a launch must see the same
+    rows, so none decodes it again on its own): read back, it names the folder whose deletion decodes
+    the rows anew, e.g. after a file server's passing error."""
     datasets = pytest.importorskip("datasets")
     import dyt_wav2vec2.audio as audio_module
 
@@ -561,15 +579,18 @@ def test_a_saved_audio_datasets_failed_rows_are_decoded_again_at_the_next_launch
 
     def flaky(data, name=None):
         if name.endswith("[1]"):
-            raise audio_module.AudioError(f"{name}: unreadable audio (Error: Input/output error)")
+            raise audio_module.AudioError(f"{name}: unreadable audio (Input/output error)")
         return load_audio(data, name)
 
     monkeypatch.setattr(audio_module, "load_audio", flaky)
     rows, problems = audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache")
-    assert [u.num_samples for u in rows] == [8000, 8002] and problems == [f"{tmp_path / 'saved'}[1]: unreadable audio "
-                                                                         "(Error: Input/output error)"]
-    assert audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache") == (rows, problems)  # still
-    monkeypatch.setattr(audio_module, "load_audio", load_audio)
+    assert [u.num_samples for u in rows] == [8000, 8002]
+    assert problems == [f"{tmp_path / 'saved'}[1]: unreadable audio (Input/output error)"]
+    monkeypatch.setattr(audio_module, "load_audio", load_audio)  # the file server is back
+    again, stored = audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache")
+    assert again == rows and len(stored) == 1
+    folder = re.search(r"stored by the conversion in (.*): delete that folder to decode the rows again\)$", stored[0])[1]
+    assert stored[0].startswith(problems[0]) and Path(folder) == rows[0].path.parent
+    shutil.rmtree(folder)
     rows, problems = audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache")
     assert [u.num_samples for u in rows] == [8000, 8001, 8002] and problems == []
-    assert audio_module.utterances_from_hf_dataset(tmp_path / "saved", tmp_path / "cache") == (rows, [])  # kept

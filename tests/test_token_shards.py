@@ -519,17 +519,22 @@ def test_a_long_document_is_encoded_in_pieces_to_the_tokens_of_the_whole(tmp_pat
     for change in (lambda t: setattr(t, "post_processor", processors.TemplateProcessing(single=f"{EOS} $A",
                                                                                      special_tokens=[(EOS, eos)])),
                    lambda t: t.add_tokens(["New York"]), lambda t: t.add_tokens([AddedToken("abc", rstrip=True)]),
-                   lambda t: t.add_tokens([AddedToken("def", lstrip=True)]), lambda t: t.enable_truncation(8),
+                   lambda t: t.add_tokens([AddedToken("def", lstrip=True)]),
+                   lambda t: t.add_tokens([AddedToken("ghi", single_word=True)]), lambda t: t.enable_truncation(8),
                    lambda t: t.enable_padding()):
         changed = Tokenizer.from_str(tokenizer.to_str())
         change(changed)
         assert not prepare_module.cuts_exactly(changed)
     tokenizer.add_tokens(["<code>"])  # an added token with no whitespace, taking none: matched alike
     assert prepare_module.cuts_exactly(tokenizer)
+    coded = text.replace("thee ", "<code> thee <code>")
+    (tmp_path / "b.part0000").unlink(missing_ok=True)
+    prepare_module._tokenise({"text": [coded]}, 0, tokenizer, eos, "uint16", str(tmp_path / "b"), cut=True)
+    assert np.fromfile(tmp_path / "b.part0000", dtype=np.uint16).tolist() == tokenizer.encode(coded).ids + [eos]
     assert list(prepare_module._pieces("x" * 2000, 500)) == ["x" * 2000]  # no gap: whole
 
 
-def test_the_bpe_trains_on_a_long_run_without_whitespace_in_pieces_and_on_other_text_as_it_is(tmp_path):
+def test_the_bpe_trains_on_a_long_run_without_whitespace_in_pieces_and_on_other_text_as_it_is(tmp_path, monkeypatch):
     """The BPE trainer's time grows with the square of a word's length (a 200k-character run took
     40 s to prepare, a 5 MB base64 blob hours): such a run is trained on in pieces; ordinary text, and
     the tokenizer trained on it, are unchanged, and every run is still encoded whole."""
@@ -555,3 +560,8 @@ def test_the_bpe_trains_on_a_long_run_without_whitespace_in_pieces_and_on_other_
     plain.train_from_iterator([texts[0]], trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False,
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     assert tokenizer.to_str() == plain.to_str()
+    blob = datasets.Dataset.from_dict({"text": texts})  # trained on in pieces: a key of its own, not the whole-run one's
+    data_module.load_tokenizer(cfg, blob, 300, content_key="blob")
+    monkeypatch.setattr(data_module, "_has_long_runs", lambda docs: False)
+    data_module.load_tokenizer(cfg, blob, 300, content_key="blob")
+    assert len(list((tmp_path / "c" / "tokenizers").glob("*.json"))) == 3

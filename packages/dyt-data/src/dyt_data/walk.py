@@ -36,8 +36,9 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     """Every file under ``root`` whose suffix is one of ``suffixes`` (``any_case``: in upper case too).
 
     One walk of the folder itself, then of each linked folder that leads out of it (each real folder
-    once, so a folder reached both ways keeps the spelling without the link, and a link back into the
-    tree or up to a folder above it adds nothing). Hidden names (a dot first: an editor's
+    once, so a folder reached both ways keeps the spelling without the link; a link up to a folder
+    above the root, or above the folder that holds the link, adds nothing: it would bring in what lies
+    beside). Hidden names (a dot first: an editor's
     ``.ipynb_checkpoints`` holds older copies, macOS's ``._*`` files are not data) are skipped. A
     folder that cannot be listed (``lost+found``) or a link to nothing is left out and named in
     :attr:`FolderFiles.skipped`; a file with a wanted suffix that is a link to nothing is ``error``
@@ -46,7 +47,7 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     listed = FolderFiles(wanted)
     top = os.stat(root)
     seen: set[tuple[int, int]] = set()
-    links: list[str] = []
+    links: list[tuple[str, str]] = []  # (link, the folder holding it)
 
     def unlistable(problem: OSError) -> None:
         listed.skipped.append(f"{problem.filename} (cannot be listed: {problem.strerror or problem})")
@@ -59,34 +60,48 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
                 continue
             seen.add((real.st_dev, real.st_ino))
             subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-            links.extend(os.path.join(folder, name) for name in subfolders if os.path.islink(os.path.join(folder, name)))
+            links.extend((os.path.join(folder, name), folder) for name in subfolders
+                         if os.path.islink(os.path.join(folder, name)))
             for name in names:
                 if name.startswith("."):
                     continue
                 path = os.path.join(folder, name)
                 suffix = os.path.splitext(name)[1]
                 suffix = suffix.lower() if any_case else suffix
-                if not os.path.exists(path):  # a link to nothing
+                # a file to read, or a name without a suffix (perhaps a link to a folder that is gone)
+                if (suffix in wanted or not suffix) and not os.path.exists(path):
+                    said = f"{path}: a link to {_target(path)}, which does not exist"
                     if suffix in wanted:
-                        raise error(f"{path}: a link to {os.readlink(path)!r}, which does not exist: restore its "
-                                    "target, or remove the link")
-                    listed.skipped.append(f"{path} (a link to {os.readlink(path)!r}, which does not exist)")
+                        raise error(f"{said}: restore its target, or remove the link")
+                    listed.skipped.append(said)
                 elif suffix in wanted:
                     wanted[suffix].append(Path(path))
                 else:
                     listed.other[suffix] += 1
 
     walk(str(root))  # os.walk does not enter a linked folder: those come after, in the order found
+    above = {os.path.realpath(root), os.path.abspath(root)}
     while links:
-        link = links.pop(0)
-        target = os.stat(link)
-        if (target.st_dev, target.st_ino) in seen:
+        link, holder = links.pop(0)
+        try:
+            target = os.stat(link)
+        except OSError:
+            continue  # gone since it was listed
+        real = os.path.realpath(link)
+        if (target.st_dev, target.st_ino) in seen or (target.st_dev, target.st_ino) == (top.st_dev, top.st_ino):
             continue
-        if _contains(os.path.realpath(link), os.path.realpath(root)) or (target.st_dev, target.st_ino) == (top.st_dev, top.st_ino):
-            continue  # a folder above the root: the tree itself again, and whatever lies beside it
+        if any(_contains(real, spelled) for spelled in (*above, os.path.realpath(holder))):
+            continue  # a folder above: the tree again, and whatever lies beside it
         walk(link)
     return FolderFiles({suffix: sorted(paths) for suffix, paths in wanted.items()}, listed.other, listed.skipped)
 
 
 def _contains(folder: str, path: str) -> bool:
     return os.path.commonpath([folder, path]) == folder
+
+
+def _target(link: str) -> str:
+    try:
+        return repr(os.readlink(link))
+    except OSError:  # not a link (a file removed while the folder was listed)
+        return "nothing"

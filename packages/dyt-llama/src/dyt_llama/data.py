@@ -339,7 +339,7 @@ def load_documents(cfg: DataConfig):
 
 LONG_RUN = 1000
 """Characters of one kind (whitespace, or none) beyond which the BPE trains on a run in pieces."""
-_LONG_RUN = re.compile(rf"\S{{{LONG_RUN + 1},}}|\s{{{LONG_RUN + 1},}}")
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{LONG_RUN + 1},}}|(?<!\s)\s{{{LONG_RUN + 1},}}")  # anchored: one pass
 
 
 def _texts(docs, batch_size: int = 16):

@@ -447,7 +447,7 @@ def _convert_hf_rows(batch: dict, indices: list[int], column: str, text_column: 
         samples.append(waveform.numel())
         texts.append(str(text or ""))
         problems.append("")
-    return {"file": names, "samples": samples, "words": texts, "problem": problems, "index": list(indices)}
+    return {"file": names, "samples": samples, "words": texts, "problem": problems}
 
 
 def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text",
@@ -461,8 +461,10 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     operations that made a dataset (for one built from file paths, the paths), not the audio, so a
     dataset rebuilt from re-recorded files keeps it. The ranks of a launch all ask at once: one
     writes the copies under a lock while the others wait, then read its manifest (written last, so a
-    killed conversion is redone, never half read). The rows that failed are decoded again at every
-    launch (a read may fail for a passing reason: a file server's error), as :func:`inspected` does."""
+    killed conversion is redone, never half read). What was wrong with a row is stored with the
+    copies, and said again with the folder to delete for it to be decoded anew (a read that failed
+    for a passing reason, a file server's error: every rank of a launch must see the same rows, so
+    no rank decodes it again on its own)."""
     from dyt.train.data_files import files_signature
 
     rows, column = _hf_audio_rows(path)
@@ -476,20 +478,9 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
     with FileLock(str(out) + ".lock"):
         if manifest.is_file():
             words = manifest.with_suffix(".wrd")
-            utterances = read_manifest(manifest, words if words.is_file() else None)
-            if not (failed := read_json(problems_file) or []):
-                return utterances, []
-            again = _convert_hf_rows(rows.select([index for index, _ in failed])[:], [index for index, _ in failed],
-                                     column, text_column, path, out, forked=False)
-            if all(again["problem"]):
-                return utterances, again["problem"]
-            utterances = sorted([*utterances, *(Utterance(out / name, samples, words) for name, samples, words, problem
-                                                in zip(again["file"], again["samples"], again["words"], again["problem"])
-                                                if not problem)], key=lambda u: u.path.name)  # in the dataset's order
-            failed = [[index, problem] for index, problem in zip(again["index"], again["problem"]) if problem]
-            write_json(problems_file, failed)
-            write_manifest(manifest, out, utterances)
-            return utterances, [problem for _, problem in failed]
+            stored = [f"{problem} (stored by the conversion in {out}: delete that folder to decode the rows again)"
+                      for problem in read_json(problems_file) or []]
+            return read_manifest(manifest, words if words.is_file() else None), stored
         out.mkdir(parents=True, exist_ok=True)
         workers = min(worker_processes(num_proc, "data.num_proc"), len(rows))
         forked = workers > 1
@@ -505,12 +496,12 @@ def utterances_from_hf_dataset(path: Path, cache: Path, text_column: str = "text
             raise
         utterances = [Utterance(out / name, samples, words) for name, samples, words, problem
                       in zip(written["file"], written["samples"], written["words"], written["problem"]) if not problem]
-        failed = [[index, problem] for index, problem in enumerate(written["problem"]) if problem]
+        problems = [problem for problem in written["problem"] if problem]
         del written
         for table in out.glob("rows*.arrow"):  # map's results, read: only the audio files are kept
             table.unlink()
-        write_json(problems_file, failed)  # before the manifest, which marks the conversion whole
+        write_json(problems_file, problems)  # before the manifest, which marks the conversion whole
         write_manifest(manifest, out, utterances)
         for older in range(1, HF_AUDIO_VERSION):  # this dataset's copies by older conversions: never read again
             shutil.rmtree(cache / f"v{older}-{rows._fingerprint}-{files['digest']}", ignore_errors=True)
-    return utterances, [problem for _, problem in failed]
+    return utterances, problems
