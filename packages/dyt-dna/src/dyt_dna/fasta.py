@@ -4,6 +4,7 @@ and record."""
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ def not_a_fasta_file(path: Path) -> str:
 COMPRESSED = {b"BZh": "bzip2 (bunzip2 it)", b"\xfd7zXZ\x00": "xz (unxz it)", b"(\xb5/\xfd": "zstd (unzstd it)",
               b"PK\x03\x04": "a zip archive (unzip it)"}
 """Leading bytes of the compressed forms FASTA comes in that this reader does not open, and what to do."""
+ASCII_SPACE = " \t\r\n\v\f"
+"""What a line is stripped of (``str.strip()`` would also take Latin-1's no-break space from a sequence)."""
 
 
 def iter_fasta(path: str | Path) -> Iterator[Record]:
@@ -57,27 +60,27 @@ def iter_fasta(path: str | Path) -> Iterator[Record]:
     opener = gzip.open if head.startswith(b"\x1f\x8b") else open
     count, name, chunks = 0, None, []
     try:
-        with opener(path, "rb") as handle:
-            for number, raw in enumerate(handle, 1):
+        with opener(path, "rb") as binary:
+            # Latin-1 maps each byte to one character, so nothing fails to decode here; newline=None reads
+            # any line end (an old Mac's lone CR too) a line at a time
+            for number, line in enumerate(io.TextIOWrapper(binary, encoding="latin-1", newline=None), 1):
                 if number == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")
-                # old Mac line ends (a lone CR) split here, as text mode's universal newlines did
-                for line in raw.split(b"\r") if b"\r" in raw.rstrip(b"\r\n") else (raw,):
-                    line = line.strip()
-                    if line.startswith(b">"):
-                        if name is not None:
-                            count += 1
-                            yield _finish(path, name, chunks)
-                        header = line[1:].decode("utf-8", errors="replace").split()
-                        name, chunks = (header[0] if header else f"record{count + 1}"), []
-                    elif line and not line.startswith(b";"):
-                        if name is None:
-                            raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
-                        try:
-                            chunks.append(line.decode("ascii"))
-                        except UnicodeDecodeError as error:
-                            raise FastaError(f"{path}:{number}: byte {line[error.start]:#04x} at column {error.start + 1} "
-                                             "of a sequence line is not ASCII, so no DNA base") from None
+                    line = line.removeprefix("\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                line = line.strip(ASCII_SPACE)
+                if line.startswith(">"):
+                    if name is not None:
+                        count += 1
+                        yield _finish(path, name, chunks)
+                    header = line[1:].encode("latin-1").decode("utf-8", errors="replace").split()
+                    name, chunks = (header[0] if header else f"record{count + 1}"), []
+                elif line and not line.startswith(";"):
+                    if name is None:
+                        raise FastaError(f"{path}:{number}: sequence before the first '>' header; is this FASTA?")
+                    if not line.isascii():
+                        column = next(i for i, c in enumerate(line) if not c.isascii())
+                        raise FastaError(f"{path}:{number}: byte {ord(line[column]):#04x} at column {column + 1} "
+                                         "of a sequence line is not ASCII, so no DNA base")
+                    chunks.append(line)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise FastaError(f"{path}: not a readable gzipped FASTA file: {error}") from None
     if name is not None:
