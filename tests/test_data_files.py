@@ -461,7 +461,8 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     assert listed.found[".jsonl"] == [] and listed.other == {".md": 1, ".TXT": 1}
     assert [p.relative_to(root).as_posix() for p in files_by_suffix(root, [".txt"], any_case=True).found[".txt"]] == [
         "again/a.txt", "again/deep/b.TXT", "data/c.txt", "file-link.txt"]
-    assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s): {root / 'gone'}: "
+    assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s) that cannot be listed or "
+                                    f"link(s) to nothing: {root / 'gone'}: "
                                     f"a link to '{tmp_path / 'no-such-folder'}', which does not exist")
     (tmp_path / "ext" / "books").mkdir(parents=True)  # up from inside a linked folder: what lies beside stays out
     (tmp_path / "ext" / "books" / "parent").symlink_to(tmp_path / "ext")

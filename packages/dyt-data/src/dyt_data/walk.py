@@ -27,7 +27,8 @@ class FolderFiles:
             kinds = ", ".join(f"{suffix or 'no suffix'}: {n}" for suffix, n in self.other.most_common(count))
             said.append(f"{sum(self.other.values())} file(s) of other kinds ({kinds}{', ...' if len(self.other) > count else ''})")
         if self.skipped:
-            said.append(f"{len(self.skipped)} folder(s): {'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")
+            said.append(f"{len(self.skipped)} folder(s) that cannot be listed or link(s) to nothing: "
+                        f"{'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")
         return " and ".join(said)
 
 

@@ -264,9 +264,9 @@ def load_documents(cfg: DataConfig):
             except datasets.exceptions.DatasetGenerationError as error:
                 raise (error.__cause__ if isinstance(error.__cause__, DataError) else error) from None
         elif tables:
-            if len({p.suffix.lower() for p in tables}) > 1:
+            if len({p.suffix for p in tables}) > 1:
                 raise DataError(f"corpus {root} holds both .jsonl and .parquet files: keep one kind per corpus folder")
-            kind = "json" if tables[0].suffix.lower() == ".jsonl" else "parquet"
+            kind = "json" if tables[0].suffix == ".jsonl" else "parquet"
             try:
                 # datasets keys its cache by path and modification time: a folder of ours per _file_keys,
                 # named by the corpus folder too, so that a change removes this corpus's older copies
