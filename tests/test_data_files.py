@@ -479,6 +479,11 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     assert [p.relative_to(tmp_path / "top" / "r").as_posix() for p in through.found[".txt"]] == [
         "again/a.txt", "data/c.txt", "file-link.txt"]
     (root / "to-top").unlink()
+    stat, stated = os.stat, []
+    with pytest.MonkeyPatch.context() as patch:  # a listing stats folders and links, not each of perhaps millions of files
+        patch.setattr(os, "stat", lambda path, *a, **k: stated.append(os.fspath(path)) or stat(path, *a, **k))
+        assert files_by_suffix(root, [".txt", ".jsonl"], ValueError).found == listed.found
+    assert stated and not [path for path in stated if path.endswith("c.txt")]
     (root / "lost+found").mkdir()  # root-only on a mounted disk: it was passed over, and still is, but said
     scandir = os.scandir
 

@@ -50,37 +50,48 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     seen: set[tuple[int, int]] = set()
     links: list[tuple[str, str]] = []  # (link, the folder holding it)
 
-    def unlistable(problem: OSError) -> None:
-        listed.skipped.append(f"{problem.filename} (cannot be listed: {problem.strerror or problem})")
-
     def walk(start: str) -> None:
-        for folder, subfolders, names in os.walk(start, onerror=unlistable):
-            real = os.stat(folder)
-            if (real.st_dev, real.st_ino) in seen:
-                subfolders[:] = []
-                continue
-            seen.add((real.st_dev, real.st_ino))
-            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-            links.extend((os.path.join(folder, name), folder) for name in subfolders
-                         if os.path.islink(os.path.join(folder, name)))
-            for name in names:
-                if name.startswith("."):
+        """Depth first, each folder's entries in name order; no file is stat'ed but a link (the
+        entry's type comes from the listing), as ``os.walk`` lists."""
+        stack = [start]
+        while stack:
+            folder = stack.pop()
+            try:
+                real = os.stat(folder)
+                if (real.st_dev, real.st_ino) in seen:
                     continue
-                path = os.path.join(folder, name)
-                suffix = os.path.splitext(name)[1]
+                seen.add((real.st_dev, real.st_ino))
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError as problem:
+                listed.skipped.append(f"{folder} (cannot be listed: {problem.strerror or problem})")
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                suffix = os.path.splitext(entry.name)[1]
                 suffix = suffix.lower() if any_case else suffix
-                # a file to read, or a name without a suffix (perhaps a link to a folder that is gone)
-                if (suffix in wanted or not suffix) and not os.path.exists(path):
-                    said = f"{path}: a link to {_target(path)}, which does not exist"
-                    if suffix in wanted:
-                        raise error(f"{said}: restore its target, or remove the link")
-                    listed.skipped.append(said)
-                elif suffix in wanted:
-                    wanted[suffix].append(Path(path))
+                if entry.is_symlink():
+                    if _is_folder(entry):
+                        links.append((entry.path, folder))
+                        continue
+                    if not os.path.exists(entry.path):
+                        said = f"{entry.path}: a link to {_target(entry.path)}, which does not exist"
+                        if suffix in wanted:
+                            raise error(f"{said}: restore its target, or remove the link")
+                        listed.skipped.append(said)
+                        continue
+                elif entry.is_dir(follow_symlinks=False):
+                    subfolders.append(entry.path)
+                    continue
+                if suffix in wanted:
+                    wanted[suffix].append(Path(entry.path))
                 else:
                     listed.other[suffix] += 1
+            stack.extend(reversed(subfolders))  # the first in name order is walked next
 
-    walk(str(root))  # os.walk does not enter a linked folder: those come after, in the order found
+    walk(str(root))  # linked folders come after, in the order found
     above = {os.path.realpath(root), os.path.abspath(root)}
     while links:
         link, holder = links.pop(0)
@@ -99,6 +110,13 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
 
 def _contains(folder: str, path: str) -> bool:
     return os.path.commonpath([folder, path]) == folder
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # through the link
+    except OSError:
+        return False
 
 
 def _target(link: str) -> str:
