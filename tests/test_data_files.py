@@ -386,8 +386,8 @@ def test_a_resumed_launch_takes_its_data_files_record_once(tmp_path, monkeypatch
     taken = []
     original = data_files.data_files_of
     counted = lambda config: taken.append(1) or original(config)  # noqa: E731
-    for module in (data_files, checkpoint):
-        monkeypatch.setattr(module, "data_files_of", counted)
+    monkeypatch.setattr(data_files, "data_files_of", counted)
+    assert not hasattr(checkpoint, "data_files_of")  # the resume check takes the launch's record, no copy of its own
     run_recipe(ToyConfig, ToyTask, [*argv, "--set", "train.steps=2", "--resume"])
     assert taken == [1]
 

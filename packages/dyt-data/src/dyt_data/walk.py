@@ -46,7 +46,6 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     (read later, it was a traceback from deep in the reading)."""
     wanted = {(suffix.lower() if any_case else suffix): [] for suffix in suffixes}
     listed = FolderFiles(wanted)
-    top = os.stat(root)
     seen: set[tuple[int, int]] = set()
     links: list[tuple[str, str]] = []  # (link, the folder holding it)
 
@@ -100,7 +99,7 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
         except OSError:
             continue  # gone since it was listed
         real = os.path.realpath(link)
-        if (target.st_dev, target.st_ino) in seen or (target.st_dev, target.st_ino) == (top.st_dev, top.st_ino):
+        if (target.st_dev, target.st_ino) in seen:  # the root among them
             continue
         if any(_contains(real, spelled) for spelled in (*above, os.path.realpath(holder))):
             continue  # a folder above: the tree again, and whatever lies beside it

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UserInputError
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
-from .data_files import DATA_FILES, check_data_unchanged, data_files_of
+from .data_files import DATA_FILES, check_data_unchanged
 from .distributed import DistInfo, barrier
 from .jsonio import partial_path, write_json, write_text_whole
 
@@ -529,7 +529,7 @@ def check_fresh_start(config: Any) -> None:
                           "--resume continues that run; a new run needs another train.out_dir (or that folder deleted)")
 
 
-def check_resume(config: Any, data_files: Callable[[], dict[str, Any] | None] | None = None) -> list[str]:
+def check_resume(config: Any, data_files: Callable[[], dict[str, Any] | None]) -> list[str]:
     """Before a ``--resume``: the settings that changed since the run's saved ``config.yaml`` and may
     change (to print); a ConfigError naming every changed setting that may not (the model's, and
     the train settings a checkpoint fixes: :attr:`TrainConfig.RESUME_MAY_CHANGE`), or when the files
@@ -553,7 +553,7 @@ def check_resume(config: Any, data_files: Callable[[], dict[str, Any] | None] | 
     if config.train.steps < step_of(newest):
         raise ConfigError(f"--resume: train.steps {config.train.steps} is below the step of the run's newest checkpoint "
                           f"{newest} ({step_of(newest)}): nothing would train; give train.steps {step_of(newest)} or more")
-    check_data_unchanged(run_dir, data_files() if data_files is not None else data_files_of(config))
+    check_data_unchanged(run_dir, data_files())
     return allowed
 
 
