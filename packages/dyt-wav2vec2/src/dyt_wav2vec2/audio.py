@@ -30,6 +30,8 @@ from dyt_data import cache_folder, file_sha256, files_by_suffix, reported_as, wo
 SAMPLE_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
 """What the manifest tool lists in a folder (any case): what libsndfile decodes (mp3 since its 1.1)."""
+TAKES_MONO = "wav2vec 2.0 takes mono audio (mix it down, e.g. sox in.wav -c 1 out.wav)"
+"""What a multi-channel file is told, by the check of a file and by its reading alike."""
 
 
 class AudioError(UserInputError):
@@ -56,8 +58,7 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     if data.shape[0] == 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
     if data.shape[1] != 1:
-        raise AudioError(f"{name}: {data.shape[1]} channels; wav2vec 2.0 takes mono audio (mix it down, "
-                         "e.g. sox in.wav -c 1 out.wav)")
+        raise AudioError(f"{name}: {data.shape[1]} channels; {TAKES_MONO}")
     waveform = torch.from_numpy(data[:, 0])
     finite = torch.isfinite(waveform)
     if not finite.all():  # a float WAV can hold NaN or Inf: the loss would turn NaN at the first step
@@ -109,8 +110,7 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
             promised = _wav_header_frames(path) if audio.format in ("WAV", "WAVEX") else None
             promised = max(frames, promised or 0)
             if channels != 1:
-                raise AudioError(f"{path}: {channels} channels; wav2vec 2.0 takes mono audio (mix it down, "
-                                 "e.g. sox in.wav -c 1 out.wav)")
+                raise AudioError(f"{path}: {channels} channels; {TAKES_MONO}")
             if rate <= 0:
                 raise AudioError(f"{path}: sample rate {rate} Hz")
             held, failure = (0 if decode else frames), ""
