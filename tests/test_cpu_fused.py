@@ -2,6 +2,8 @@
 are checked in test_fused.py. The extension builds once per machine (cached in torch's extension
 directory); the first test that needs it pays the ~40 s build."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -625,6 +627,45 @@ def test_tracers_transforms_and_forward_ad_get_the_formula_not_the_kernel():
         out = layer(forward_ad.make_dual(x, torch.ones_like(x)))
         tangent = forward_ad.unpack_dual(out).tangent
     torch.testing.assert_close(tangent, layer.weight * layer.alpha * (1 - torch.tanh(layer.alpha * x) ** 2))
+
+
+def test_a_traced_dyt_warns_nothing_and_generalises_to_other_batches():
+    """Every size is a tensor under ``torch.jit.trace``, so DyT's shape checks and branches gave 4
+    TracerWarnings per layer traced (a model, dozens), each saying the trace might not generalise.
+    Their answers are fixed by the parameters' shapes, so none is shown; the traced graph still
+    computes for other batch shapes, and a warning from the caller's own code still shows."""
+    torch.manual_seed(0)
+    layers = {
+        "channels last": (DyT(16, backend="cpu", alpha_init=0.7), torch.randn(2, 6, 16), torch.randn(5, 3, 16)),
+        "per-channel alpha": (DyT(16, alpha_shape="channel"), torch.randn(6, 16), torch.randn(9, 16)),
+        "channels first": (DyT(8, channels_last=False), torch.randn(2, 8, 5), torch.randn(3, 8, 7)),
+        "trailing shape, no bias": (DyT((4, 8), bias=False), torch.randn(3, 4, 8), torch.randn(1, 2, 4, 8)),
+    }
+    for name, (layer, example, other) in layers.items():
+        with torch.no_grad():
+            layer.weight.normal_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            traced = torch.jit.trace(layer, example)
+        torch.testing.assert_close(traced(other), layer(other), msg=name)
+    residual_layer, x, r = ResidualDyT(16, backend="cpu"), torch.randn(6, 16), torch.randn(6, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traced = torch.jit.trace(residual_layer, (x, r))
+    other = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    for got, expected in zip(traced(*other), residual_layer(*other)):
+        torch.testing.assert_close(got, expected)
+
+    class Branching(torch.nn.Module):  # the caller's own data-dependent branch around a DyT
+        def __init__(self):
+            super().__init__()
+            self.norm = DyT(16)
+
+        def forward(self, x):
+            return self.norm(x) if x.sum() > 0 else -self.norm(x)
+
+    with pytest.warns(torch.jit.TracerWarning):
+        torch.jit.trace(Branching(), torch.ones(2, 16))
 
 
 def test_a_channels_first_result_comes_back_in_the_layout_eager_gives():

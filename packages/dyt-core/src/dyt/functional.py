@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.autograd import forward_ad
@@ -64,6 +65,21 @@ def dyt(
 
     Math runs in float32 (float64 for float64 inputs); the result has ``x``'s dtype.
     """
+    if torch.jit.is_tracing():
+        with _shape_checks_fixed_by_the_trace():
+            return _dyt(x, alpha, weight, bias, channels_last, backend, squash)
+    return _dyt(x, alpha, weight, bias, channels_last, backend, squash)
+
+
+def _shape_checks_fixed_by_the_trace() -> warnings.catch_warnings:
+    """Under ``torch.jit.trace`` every size is a tensor, so each shape check and branch of DyT warned
+    (TracerWarning) that its answer is fixed in the trace. It is meant to be: they read the
+    parameters' shapes, which a traced module keeps, and the input's trailing dims, which its weight
+    fixes. Only DyT's own lines run inside, so the caller's code still warns."""
+    return warnings.catch_warnings(action="ignore", category=torch.jit.TracerWarning)
+
+
+def _dyt(x, alpha, weight, bias, channels_last, backend, squash) -> torch.Tensor:
     check_squash(squash)
     _check_operands(x, alpha, weight, bias)
     channel_alpha = alpha.numel() != 1
@@ -100,7 +116,7 @@ def dyt(
         y = impl.apply(canonical, a, w, b, reduce_dims)
     else:
         y = impl.apply(canonical, a, w, b, reduce_dims, squash=squash)
-    return y if canonical is x else y.reshape(x.shape)
+    return y if canonical is x else y.reshape_as(x)  # reshape_as: a traced graph takes any rank
 
 
 def residual_dyt(
@@ -119,6 +135,13 @@ def residual_dyt(
     :func:`dyt`. Channels-last only. ``x`` and ``residual`` of two dtypes are added in the wider one,
     as ``x + residual`` would be, on every backend.
     """
+    if torch.jit.is_tracing():
+        with _shape_checks_fixed_by_the_trace():
+            return _residual_dyt(x, residual, alpha, weight, bias, backend, squash)
+    return _residual_dyt(x, residual, alpha, weight, bias, backend, squash)
+
+
+def _residual_dyt(x, residual, alpha, weight, bias, backend, squash) -> tuple[torch.Tensor, torch.Tensor]:
     _check_operands(x, alpha, weight, bias)
     if not isinstance(residual, torch.Tensor) or x.shape != residual.shape:
         shown = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
@@ -137,4 +160,4 @@ def residual_dyt(
         x.reshape(-1, channels), residual.reshape(-1, channels), alpha, weight.reshape(channels),
         None if bias is None else bias.reshape(channels),
     )
-    return s.reshape(x.shape), y.reshape(x.shape)
+    return s.reshape_as(x), y.reshape_as(x)
