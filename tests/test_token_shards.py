@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -454,10 +455,20 @@ def test_worker_processes_are_at_most_the_cpus_this_process_may_use(monkeypatch,
     import dyt_data.processes as processes
     from dyt_data import worker_processes
 
-    quota = tmp_path / "cpu.max"
+    quota = tmp_path / "cpu.max"  # cgroup v2
     for written, cpus in (("max 100000\n", None), ("150000 100000\n", 1.5), ("", None)):
         quota.write_text(written)
-        assert processes._cgroup_quota(quota) == cpus
+        assert processes._cgroup_quota(tmp_path) == cpus
+    quota.unlink()
+    assert processes._cgroup_quota(tmp_path) is None
+    for folder in ("cpu", "cpu,cpuacct"):  # cgroup v1, which docker on such a host sets too
+        v1 = tmp_path / "v1" / folder
+        v1.mkdir(parents=True)
+        (v1 / "cpu.cfs_period_us").write_text("100000\n")
+        for written, cpus in (("-1\n", None), ("250000\n", 2.5), ("", None)):
+            (v1 / "cpu.cfs_quota_us").write_text(written)
+            assert processes._cgroup_quota(tmp_path / "v1") == cpus, (folder, written)
+        shutil.rmtree(tmp_path / "v1")
     monkeypatch.setattr(processes, "_cgroup_quota", lambda: 0.5)  # docker --cpus 0.5
     assert processes.usable_cpus() == 1
     monkeypatch.setattr(processes, "usable_cpus", lambda: 2)

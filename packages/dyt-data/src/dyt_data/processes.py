@@ -9,7 +9,7 @@ from pathlib import Path
 
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity (a batch scheduler's cpuset), and a container's CPU
-    quota (docker ``--cpus``, a Kubernetes limit: cgroup ``cpu.max``), not the node's count."""
+    quota (docker ``--cpus``, a Kubernetes limit: the cgroup's CPU quota), not the node's count."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -18,13 +18,25 @@ def usable_cpus() -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
-def _cgroup_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
-    """CPUs' worth of time per period that cgroup v2 allows this process's group; None for no limit."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs' worth of time per period that this process's cgroup allows, None for no limit: cgroup v2's
+    ``cpu.max``, else v1's ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (-1: no limit), which hosts
+    still on v1 (and docker on them) set. Both as a container sees its own group, at the root."""
     try:
-        limit, period = path.read_text().split()[:2]
+        limit, period = (root / "cpu.max").read_text().split()[:2]
         return None if limit == "max" else int(limit) / int(period)
     except (OSError, ValueError):
-        return None
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            limit = int((folder / "cpu.cfs_quota_us").read_text())
+            return None if limit < 0 else limit / int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    return None
 
 
 def worker_processes(asked: int, setting: str) -> int:
