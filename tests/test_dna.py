@@ -774,6 +774,33 @@ def test_a_benchmark_folder_draws_validation_by_class(tmp_path):
         genomic_benchmarks(small)
 
 
+def test_a_sequence_under_two_labels_is_said_in_the_task_note(tmp_path):
+    """A benchmark that ships one sequence under two labels (a duplicated file sorted twice) caps the
+    accuracy any classifier can reach; nothing said so, and the row read as the model's failure."""
+    seq = _genome()
+    window = [seq[i * 70 : i * 70 + 60] for i in range(40)]
+    splits = {"train": range(0, 16), "dev": range(16, 24), "test": range(24, 32)}
+    for split, indices in splits.items():
+        rows = [f"{window[i]},{'yes' if i % 2 else 'no'}" for i in indices]
+        (tmp_path / f"{split}.csv").write_text("sequence,label\n" + "\n".join(rows) + "\n")
+    assert "labels" not in csv_task(tmp_path).note
+    with open(tmp_path / "train.csv", "a") as train:  # window 0 ("no") again, as "yes"; window 1 twice as "yes"
+        train.write(f"{window[0]},yes\n{window[1]},yes\n")
+    with open(tmp_path / "test.csv", "a") as test:
+        test.write(f"{window[0]},no\n")
+    note = csv_task(tmp_path).note
+    assert note.endswith("1 distinct sequence(s) carry two or more labels (2 train, 1 test rows): no classifier "
+                         "scores every one of them right."), note
+    folder = tmp_path / "benchmark"
+    for split, indices in (("train", range(0, 12)), ("test", range(24, 30))):
+        for i in indices:
+            (folder / split / ("yes" if i % 2 else "no")).mkdir(parents=True, exist_ok=True)
+            (folder / split / ("yes" if i % 2 else "no") / f"{i}.txt").write_text(window[i])
+    assert "labels" not in genomic_benchmarks(folder).note
+    (folder / "test" / "yes" / "copy.txt").write_text(window[24])  # 24 is a "no" test file
+    assert "1 distinct sequence(s) carry two or more labels (2 test rows)" in genomic_benchmarks(folder).note
+
+
 def test_csv_task_and_its_errors(tmp_path):
     seq = _genome()
     for split in ("train", "dev", "test"):

@@ -383,7 +383,9 @@ def checked(task: ClassificationData, where: str) -> ClassificationData:
     """``task`` when a classifier can be trained and judged on it: every split has examples, the
     training split at least two classes (a head fitted on one class scores 1.0 on a test set of that
     class and learns nothing) and two examples, and every validation and test label is one training
-    has (else accuracy on it is 0 by construction); else a DnaDataError naming ``where``."""
+    has (else accuracy on it is 0 by construction); else a DnaDataError naming ``where``. Said in its
+    note, not refused (benchmarks ship both): evaluation sequences that training holds, and one
+    sequence under two labels anywhere in the task."""
     for split in ("train", "validation", "test"):
         if len(getattr(task, split)) == 0:
             raise DnaDataError(f"{where}: the {split} split has no examples")
@@ -401,6 +403,17 @@ def checked(task: ClassificationData, where: str) -> ClassificationData:
     if any(copies.values()):  # said, not refused: benchmarks ship such rows
         counted = " and ".join(f"{n} of {len(getattr(task, split))} {split}" for split, n in copies.items())
         note = f"{counted} sequences are training sequences (either strand): their scores measure recall, not generalisation."
+        task = dataclasses.replace(task, note=" ".join(filter(None, (task.note, note))))
+    labels_of: dict[str, set[int]] = {}
+    for split in ("train", "validation", "test"):
+        for sequence, label in zip(getattr(task, split)["sequence"], getattr(task, split)["label"]):
+            labels_of.setdefault(sequence, set()).add(label)
+    if conflicting := {sequence for sequence, labels in labels_of.items() if len(labels) > 1}:
+        rows = {split: sum(s in conflicting for s in getattr(task, split)["sequence"])
+                for split in ("train", "validation", "test")}
+        counted = ", ".join(f"{n} {split}" for split, n in rows.items() if n)
+        note = (f"{len(conflicting)} distinct sequence(s) carry two or more labels ({counted} rows): no classifier "
+                "scores every one of them right.")
         task = dataclasses.replace(task, note=" ".join(filter(None, (task.note, note))))
     return task
 
