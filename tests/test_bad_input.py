@@ -781,3 +781,47 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(t
     assert (out / "checkpoints/step_00000004/COMPLETE").is_file()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.distributed
+def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
+    """Rank 1's checkpoint write failing (its own full disk) inside DeepSpeed's save raised on rank 1
+    alone: the others waited in the save's next collective, on another node until the process group's
+    timeout (10 min); here gloo saw the peer go and rank 0 reported "Connection closed by peer" as its
+    own save failure. The two ranks are started by hand, as on two nodes, with no launcher to stop
+    the others. At ZeRO-3, whose save also gathers parameters after the writes, both now stop at
+    once, rank 0 naming rank 1 and its error in one line, and a --resume trains through."""
+    out = tmp_path / "run"
+
+    def train(*extra: str, limit: int | None = None) -> list[tuple[int, str, str]]:
+        """Each rank's exit status, stdout and stderr; ``limit``: rank 1's file-size limit."""
+        env = {**_env(tmp_path), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}
+        cmd = [sys.executable, str(ROOT / "tests/toy_recipe.py"), "--set", f"train.out_dir={out}", "--set",
+               "train.steps=4", "--set", "train.save_every=2", "--set", "train.eval_every=0", "--set",
+               "train.tensorboard=false", "--set", "train.progress=false", "--set", "model.width=64", "--set",
+               "train.zero_stage=3", *extra]
+        procs = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  preexec_fn=_file_size_limit(limit) if limit and rank == 1 else None)
+                 for rank in (0, 1)]
+        try:
+            said = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+        return [(proc.returncode, stdout, stderr) for proc, (stdout, stderr) in zip(procs, said)]
+
+    ranks = train(limit=3000)  # above the start-up files rank 1 writes, below its ZeRO-3 shards
+    assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+    last = ranks[0][2].strip().splitlines()[-1]
+    assert last.startswith(f"toy_recipe.py: checkpoint error: could not save the checkpoint of step 2 in "
+                           f"{out / 'checkpoints'} (rank 1: RuntimeError: "), last
+    assert "file write failed" in last and "there is no complete checkpoint yet: --resume starts from step 0" in last
+    assert "checkpoint error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+    assert not (out / "checkpoints/step_00000002/COMPLETE").exists()
+    ranks = train("--resume")
+    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
+    assert (out / "checkpoints/step_00000004/COMPLETE").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # started anew: there was no complete checkpoint to resume from

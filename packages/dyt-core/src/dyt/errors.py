@@ -8,7 +8,7 @@ traceback. Any other exception is a bug and keeps its traceback (exit status 1).
 
 Under a launcher (``RANK`` set), an error every rank hits in the same way (everything found while
 setting up: config, data) is printed by rank 0 only; the other ranks exit 2 without a word. An
-error found on one rank only (``every_rank = False``, e.g. a checkpoint that could not be written)
+error found on one rank only (``every_rank = False``, e.g. a damaged file met while training)
 is printed by the rank that hit it.
 
 Standard library only: ``dyt-bench`` uses this without the ``train`` extra.

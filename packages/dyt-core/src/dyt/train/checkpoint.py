@@ -2,7 +2,8 @@
 
 DeepSpeed's ``save_checkpoint`` writes model, optimizer and LR-scheduler state (and our client
 state: step and data position) under ``checkpoints/<tag>/``; each rank adds its RNG state with an
-atomic rename; after a barrier rank 0 writes ``COMPLETE`` (with the step and world size). Resume
+atomic rename; once every rank's writes succeeded (each rank's outcome gathered; one rank's failed
+write stops every rank together) rank 0 writes ``COMPLETE`` (with the step and world size). Resume
 takes the newest tag that has ``COMPLETE``, so a run killed mid-save resumes from the previous
 checkpoint.
 
@@ -146,29 +147,107 @@ def saved_bytes(directory: Path | None) -> int:
                if f.is_file() and f.relative_to(directory).parts[0] != UNIVERSAL)
 
 
+class SaveFailed(Exception):
+    """A save that one or more ranks could not write: ``failures`` holds each such rank and its
+    error, in words, in rank order. Every rank raises it together (they agreed on it)."""
+
+    def __init__(self, failures: list[tuple[int, str]]):
+        super().__init__("; ".join(f"rank {rank}: {cause}" for rank, cause in failures))
+        self.failures = failures
+
+
+class _WritesKept:
+    """Stands in for DeepSpeed's checkpoint engine (its ``save`` and ``makedirs``) during one save:
+    the first write that fails is kept, not raised, and this rank's later writes are skipped. So a
+    rank whose disk is full still makes every collective of DeepSpeed's save (its barriers, ZeRO-3's
+    gather of persistent parameters) as the others do, where raising left them waiting in one (over
+    several nodes until the process group's timeout); the ranks then agree on what failed."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.error = inner, None
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def attempt(self, write: Callable, *args, **kwargs) -> None:
+        if self.error is None:
+            try:
+                write(*args, **kwargs)
+            except (OSError, RuntimeError) as error:  # torch.save's zip writer says a full disk as RuntimeError
+                self.error = error
+
+    def save(self, state_dict, path: str) -> None:
+        self.attempt(self.inner.save, state_dict, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.attempt(self.inner.makedirs, path, exist_ok=exist_ok)
+
+
+@contextlib.contextmanager
+def _writes_kept(engine):
+    """The engine's writes through a :class:`_WritesKept` for the ``with`` block; also rank 0's copy
+    of DeepSpeed's recovery scripts, written with ``shutil.copyfile`` beside the checkpoint engine."""
+    kept = _WritesKept(engine.checkpoint_engine)
+    engine.checkpoint_engine = kept
+    copy_scripts = engine._copy_recovery_script
+    engine._copy_recovery_script = lambda path: kept.attempt(copy_scripts, path)
+    try:
+        yield kept
+    finally:
+        engine.checkpoint_engine = kept.inner
+        del engine._copy_recovery_script  # the class's method again
+
+
+def _attempt(write: Callable[[], Any]) -> BaseException | None:
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        return error
+    return None
+
+
+def _agree(error: BaseException | None) -> None:
+    """Where a barrier stood: every rank learns whether any rank's writes failed, and if so all raise
+    :class:`SaveFailed` together, naming the ranks and their errors (one rank raising alone left the
+    others in the next collective)."""
+    said = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error is not None else None
+    everyone: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, said)
+    if failures := [(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]:
+        raise SaveFailed(failures)
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
-    """Save on every rank; returns the checkpoint directory once it is complete (its files on disk)."""
+    """Save on every rank; returns the checkpoint directory once it is complete (its files on disk).
+    A write that fails on any rank (a full disk, a quota, permissions) raises :class:`SaveFailed` on
+    every rank at the next agreement, before the ``COMPLETE`` marker is written and before older
+    checkpoints are deleted: the complete checkpoint before stays the one ``--resume`` takes."""
     tag = _tag(step)
     directory = root / tag
+    error = None
     if dist.is_main and (left := unfinished_save(root, step)):
         # DeepSpeed would write into it and keep the old world's extra shards beside the new ones
-        shutil.rmtree(left)
-    barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt", lambda h: torch.save(rng_state(), h))
-    barrier()  # every rank's files written
-    if dist.local_rank == 0:  # one process a node: a node's page cache holds what all its ranks wrote
-        _fsync_tree(directory)
-    barrier()
+        error = _attempt(lambda: shutil.rmtree(left))
+    _agree(error)
+    with _writes_kept(engine) as kept:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    error = kept.error or _attempt(lambda: _atomic_write_bytes(directory / f"rng_rank{dist.rank}.pt",
+                                                               lambda h: torch.save(rng_state(), h)))
+    _agree(error)  # every rank's files written
+    # one process a node: a node's page cache holds what all its ranks wrote
+    _agree(_attempt(lambda: _fsync_tree(directory)) if dist.local_rank == 0 else None)
+    error = None
     if dist.is_main:
         meta = json.dumps({"step": step, "world_size": dist.world_size}).encode()
-        _atomic_write_bytes(directory / MARKER, lambda h: h.write(meta))
-        done = complete_checkpoints(root)
-        for old in done[: max(0, len(done) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in (p for p in root.iterdir() if p.is_dir() and not (p / MARKER).exists()):
-            shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
-    barrier()
+        error = _attempt(lambda: _atomic_write_bytes(directory / MARKER, lambda h: h.write(meta)))
+    if dist.is_main and error is None:
+        with contextlib.suppress(OSError):  # saved all the same; the next save prunes again
+            done = complete_checkpoints(root)
+            for old in done[: max(0, len(done) - keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+            for partial in (p for p in root.iterdir() if p.is_dir() and not (p / MARKER).exists()):
+                shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
+    _agree(error)
     return directory
 
 

@@ -47,17 +47,14 @@ class NonFiniteLossError(UserInputError, RuntimeError):
 
 class CheckpointSaveError(UserInputError):
     """A checkpoint could not be written (disk full, quota, permissions); the message names the step
-    that was not saved and the complete checkpoint a resume will start from."""
+    that was not saved, the rank that failed and the complete checkpoint a resume will start from.
+    Every rank stops on it together (they agree on every rank's writes), and rank 0 alone says so."""
 
     kind = "checkpoint error"
-    every_rank = False  # one rank's write fails; that rank reports it
 
 
 class NoRoomToSaveError(CheckpointSaveError):
-    """Too little free space for the next checkpoint, found before saving: every rank stops on it
-    together (an all-reduce), and rank 0 alone says so."""
-
-    every_rank = True
+    """Too little free space for the next checkpoint, found before saving (an all-reduce)."""
 
 
 class Task(Protocol):
@@ -879,24 +876,29 @@ class Trainer:
                 f"some, {said(highest)} on others): train.out_dir must be on a file system every node shares")
 
     def _save(self, engine, step: int, position: DataPosition) -> Path:
-        """A checkpoint of ``step``; a failed write (disk full, ...) stops the run with the step it could
-        not save and the complete checkpoint that ``--resume`` will take (the failed one never got
-        its COMPLETE marker, and older ones are deleted only after a new one is complete)."""
+        """A checkpoint of ``step``; a failed write (disk full, ...) on any rank stops every rank together
+        with the step it could not save, the failing rank and its error, and the complete checkpoint
+        that ``--resume`` will take (the failed one never got its COMPLETE marker, and older ones are
+        deleted only after a new one is complete)."""
         client = {"step": step, "data_position": {"epoch": position.epoch, "sample": position.sample}}
         if (names := _master_weight_names(engine)) is not None:
             client[checkpoint.MASTER_NAMES] = names
         self._check_room_to_save(step)
         try:
             return checkpoint.save(engine, self.ckpt_root, step, client, self.dist, self.cfg.keep_checkpoints)
-        except (OSError, RuntimeError) as error:
-            cause = " ".join(str(error).split())[:300]
+        except checkpoint.SaveFailed as failed:
+            rank, cause = failed.failures[0]
+            if len(failed.failures) > 1:
+                cause += f"; {len(failed.failures) - 1} more rank(s) failed too"
+            if self.dist.world_size > 1:
+                cause = f"rank {rank}: {cause}"
             try:
                 cause += f"; {shutil.disk_usage(self.ckpt_root).free / 2**20:.0f} MiB free there"
             except OSError:
                 pass
             raise CheckpointSaveError(f"could not save the checkpoint of step {step} in {self.ckpt_root} ({cause}); "
                                       f"{self._resume_from()}. Free disk space (or point train.out_dir elsewhere) "
-                                      "and run again with --resume") from error
+                                      "and run again with --resume") from failed
 
     def _resume_from(self) -> str:
         """What ``--resume`` would start from, in words, for an error that stops the run."""
@@ -1105,8 +1107,8 @@ class Trainer:
                     last_good = self._save(engine, step, batches.position)
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
-        except NoRoomToSaveError:
-            raise  # every rank stops on it together, rank 0 saying why
+        except CheckpointSaveError:
+            raise  # every rank stops on it together (no room, or a write that failed), rank 0 saying why
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
             raise
