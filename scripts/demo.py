@@ -33,6 +33,7 @@ from dyt.bench import format_kernels
 from dyt.errors import CommandParser, output_folder, user_errors, user_path
 from dyt.train.compare import fresh_problem
 from dyt.train.config import AT_LEAST_ONE
+from dyt.train.jsonio import write_text_whole
 from dyt.train.recipe import RecipeSpec
 
 PARTS = [  # (recipe, what the demo adds to its compare command's defaults, what it prints)
@@ -202,7 +203,7 @@ def main() -> None:
     lines += ["", "| demo part | wall time (s) |", "|---|---|"]
     lines += [f"| {name} | {value:.0f} |" for name, value in seconds.items()]
     lines += ["", f"Total demo time: {time.perf_counter() - started:.0f} s.", ""]
-    (args.out / "report.md").write_text("\n".join(lines))
+    write_text_whole(args.out / "report.md", "\n".join(lines))
     print(f"\nreport: {args.out / 'report.md'}")
 
 

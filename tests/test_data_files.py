@@ -244,8 +244,8 @@ def test_a_stored_dna_eval_follows_its_task_folder(tmp_path):
     files, a built-in task's windows and labels, a GenomicBenchmarks folder's validation draw."""
     import datasets
 
-    from dyt_dna.compare import task_signature
     from dyt_dna.data import ClassificationData, load_task
+    from dyt_dna.eval import task_signature
 
     folder = tmp_path / "mytask"
     folder.mkdir()

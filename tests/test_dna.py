@@ -953,7 +953,7 @@ def _fake_run(root: Path, max_len: int = 128) -> Path:
     checkpoint = root / "checkpoints" / "step_00000001"
     checkpoint.mkdir(parents=True)
     torch.save({"module": build_model(config.model).state_dict()}, checkpoint / "mp_rank_00_model_states.pt")
-    (checkpoint / "COMPLETE").write_text("{}")
+    (checkpoint / "COMPLETE").write_text('{"step": 1, "world_size": 1}')
     return root
 
 
@@ -967,9 +967,11 @@ def test_fine_tuning_eval_validates_every_quarter_of_the_steps(tmp_path):
     assert [row["step"] for row in results[0].curve] == [4, 8, 12, 14]
 
 
-def test_the_eval_writes_each_seed_to_out_as_it_finishes(tmp_path, monkeypatch):
+def test_the_eval_writes_each_seed_to_out_as_it_finishes_and_resumes_from_it(tmp_path, monkeypatch, capsys):
     """A kill in the second seed keeps the first seed's row in ``--out`` (the file was written only
-    at the end: a kill lost every finished fine-tuning)."""
+    at the end: a kill lost every finished fine-tuning), and the same command again reads it back
+    and fine-tunes the second seed alone (it recomputed every seed, and replaced the file at the
+    first one). The file names what it measured: the run, its checkpoint's step, the settings."""
     import json
 
     import dyt_dna.eval as dna_eval
@@ -984,13 +986,61 @@ def test_the_eval_writes_each_seed_to_out_as_it_finishes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dna_eval, "finetune", killed_on_the_second_seed)
     _write_benchmark(tmp_path / "bench", _genome(), files_per_class=16)
-    out = tmp_path / "results.json"
+    out, run = tmp_path / "results.json", _fake_run(tmp_path / "run")
+    command = ["--run", str(run), "--task", str(tmp_path / "bench"), "--seeds", "3", "5", "--epochs", "1",
+               "--batch-size", "8", "--out", str(out)]
     with pytest.raises(KeyboardInterrupt):
-        dna_eval.main(["--run", str(_fake_run(tmp_path / "run")), "--task", str(tmp_path / "bench"),
-                       "--seeds", "3", "5", "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+        dna_eval.main(command)
     assert calls == [3, 5]
-    rows = json.loads(out.read_text())
-    assert [(row["seed"], row["task"]) for row in rows] == [(3, "bench")]
+    stored = json.loads(out.read_text())["evals"]["bench"]
+    assert [(row["seed"], row["task"], row["device"]) for row in stored["seeds"].values()] == [(3, "bench", "cpu")]
+    settings = stored["settings"]
+    assert settings["run"] == str(run.resolve()) and settings["checkpoint_step"] == 1 and settings["pretrained"]
+    assert settings["finetune"]["epochs"] == 1 and settings["task_files"]["task"] == "bench"
+    capsys.readouterr()
+    results = dna_eval.main(command)
+    assert calls == [3, 5, 5] and [r.seed for r in results] == [3, 5]
+    said = capsys.readouterr().out
+    assert f"{run}: checkpoint step 1 of " in said and "bench: seeds [3] read back from" in said and "computing [5]" in said
+    assert list(json.loads(out.read_text())["evals"]["bench"]["seeds"]) == ["3", "5"]
+    assert [r.seed for r in dna_eval.main(command)] == [3, 5] and calls == [3, 5, 5]  # all read back
+
+
+def test_the_eval_refuses_an_out_that_holds_something_else(tmp_path, capsys):
+    """``--out`` was overwritten whatever it held: another eval's seeds (``--random-init`` into the
+    same file replaced the pretrained rows, and nothing in the file said which it was) or the run's
+    own config.yaml, given by mistake. Such a file is now refused in one line, before any fine-tuning."""
+    import json
+
+    from dyt_dna.eval import main as evaluate
+
+    _write_benchmark(tmp_path / "bench", _genome(), files_per_class=4)
+    run, out = _fake_run(tmp_path / "run"), tmp_path / "results.json"
+    command = ["--run", str(run), "--task", str(tmp_path / "bench"), "--seeds", "0", "--batch-size", "4",
+               "--epochs", "1", "--out", str(out)]
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            evaluate(argv)
+        assert stopped.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    evaluate(command)
+    before = out.read_text()
+    assert refused([*command[:-3], "2", "--out", str(out)]) == (
+        f"dyt_dna.eval: output error: --out {out} holds bench results of other settings (finetune.epochs 1 -> 2): "
+        "give another --out, or delete it to replace them")
+    assert "(checkpoint_step 1 -> '(none)'; pretrained True -> False)" in refused([*command, "--random-init"])
+    assert out.read_text() == before
+    config = run / "config.yaml"
+    kept = config.read_text()
+    assert refused([*command[:-1], str(config)]) == (
+        f"dyt_dna.eval: output error: --out {config} exists and is not a results file an eval writes (since "
+        "2026-12-07): give another --out; nothing was written to it")
+    assert config.read_text() == kept
+    out.write_text(json.dumps([{"seed": 0}]))  # what --out held before 2026-12-07
+    assert "is not a results file an eval writes" in refused(command)
 
 
 def test_the_eval_by_itself_fine_tunes_as_the_compare_does(tmp_path, monkeypatch):
@@ -1060,7 +1110,7 @@ def test_truncate_note_is_printed_and_saved(tmp_path, capsys):
               "--seeds", "0", "1", "--epochs", "1", "--batch-size", "4", "--truncate", "--out", str(out)])
     printed = [line for line in capsys.readouterr().out.splitlines() if "cut to" in line]
     assert len(printed) == 1 and "32 bases" in printed[0], printed
-    saved = json.loads(out.read_text())
+    saved = list(json.loads(out.read_text())["evals"]["bench"]["seeds"].values())
     assert len(saved) == 2 and all("cut to their first 32 bases" in row["note"] for row in saved)
 
 

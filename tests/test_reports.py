@@ -579,10 +579,11 @@ def test_dna_report_gives_a_diverged_pretraining_nan_downstream_values(tmp_path)
     assert [r.get("diverged_at") for r in pretrained if r["accuracy"] is None] == [7]
 
 
-def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path):
+def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(tmp_path, capsys):
     """A relaunch reuses an eval's stored results; results made with other settings, or by older
     evals (before EVALS_VERSION, or another version, or stored before results were kept per seed),
-    are recomputed and stored anew."""
+    are recomputed and stored anew. Seeds read back, and seeds of other settings replaced, are said
+    (the log was the same whether a seed was reused or made again)."""
     path, settings = tmp_path / "eval-species.json", {"finetune": {"lr": 1e-3}, "window": 128}
     computed = []
 
@@ -595,20 +596,26 @@ def test_stored_evals_are_reused_only_from_the_same_settings_and_evals_version(t
         pytest.fail(f"seeds {seeds} not reused")
 
     assert reuse_or_compute(path, settings, [0, 1], compute) == [{"seed": 0, "made": 1}, {"seed": 1, "made": 2}]
+    assert "read back" not in capsys.readouterr().out
     assert reuse_or_compute(path, settings, [0, 1], never) == [{"seed": 0, "made": 1}, {"seed": 1, "made": 2}]
+    assert capsys.readouterr().out == f"{path}: seeds [0, 1] read back\n"
     assert reuse_or_compute(path, {**settings, "window": 256}, [0], compute) == [{"seed": 0, "made": 3}]
+    assert capsys.readouterr().out == (f"{path}: its seeds were evaluated with other settings (window 128 -> 256); "
+                                       "evaluated again, replacing them\n")
+    assert reuse_or_compute(path, {**settings, "window": 256}, [0, 5], compute)[1] == {"seed": 5, "made": 4}
+    assert capsys.readouterr().out == f"{path}: seeds [0] read back, computing [5]\n"
     older = {"settings": settings, "seeds": {"0": {"seed": "stale"}}}  # as stored before EVALS_VERSION
     for stored in (older, {**older, "evals_version": EVALS_VERSION - 1},
                    {"settings": settings, "evals_version": EVALS_VERSION, "results": [{"seed": "stale"}]}):
         path.write_text(json.dumps(stored))
         assert reuse_or_compute(path, settings, [0], compute) == [{"seed": 0, "made": len(computed)}]
         assert json.loads(path.read_text())["evals_version"] == EVALS_VERSION
-    assert len(computed) == 6
+    assert len(computed) == 7
     # a file cut short by a kill, or another tool's list, is computed again (it raised a traceback)
     for stored in ('{"settings": {"finetune"', "[1, 2]"):
         path.write_text(stored)
         assert reuse_or_compute(path, settings, [0], compute) == [{"seed": 0, "made": len(computed)}]
-    assert len(computed) == 8 and not list(tmp_path.glob("*.tmp"))
+    assert len(computed) == 9 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_stored_evals_keep_each_seed_as_it_finishes(tmp_path):

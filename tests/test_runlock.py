@@ -151,3 +151,51 @@ def test_ranks_that_see_different_newest_checkpoints_stop_before_loading(tmp_pat
     assert stopped.value.code == 2
     assert ("the ranks see different newest complete checkpoints in " f"{tmp_path / 'run' / 'checkpoints'} (none on "
             "some, step 2 on others): train.out_dir must be on a file system every node shares") in capsys.readouterr().err
+
+
+def test_an_eval_says_which_checkpoint_it_reads_and_that_a_launch_is_writing_the_run(tmp_path):
+    """The evals read the newest complete checkpoint and said nothing of it: an unfinished run, a run
+    stopped by a divergence, or one still training was evaluated at an earlier step without a word.
+    The line names the step of train.steps and each of those, and asking for the lock does not take it."""
+    from dyt.train.checkpoint import DIVERGED, evaluated_checkpoint
+
+    run = tmp_path / "run"
+    _train(run, steps=2)
+    assert evaluated_checkpoint(run, 2) == (2, f"{run}: checkpoint step 2 of 2")
+    assert evaluated_checkpoint(run, 10)[1] == f"{run}: checkpoint step 2 of 10 (the run is unfinished: --resume it to train on)"
+    (run / DIVERGED).write_text(json.dumps({"step": 3, "loss": "nan", "last_good": "x", "world_size": 1, "config": {}}))
+    assert evaluated_checkpoint(run, 10)[1].endswith("(the run diverged at step 3: this is its last good checkpoint)")
+    (run / DIVERGED).unlink()
+    assert runlock.holder(run) is None and runlock.holder(tmp_path / "no-such-run") is None
+    holder = _Holder(run, "launch")
+    try:
+        line = evaluated_checkpoint(run, 2)[1]
+        assert "; a training launch is writing the run now (host " in line and f"pid {holder.process.pid}" in line, line
+        assert runlock.holder(run) is not None  # asked twice: the question took no lock the holder could lose
+    finally:
+        holder.stop()
+    assert runlock.holder(run) is None
+    with runlock.holding(run, "launch"):  # nothing left held by the question
+        pass
+
+
+def test_a_checkpoint_pruned_while_an_eval_reads_it_is_said_so(tmp_path, monkeypatch):
+    """A launch training the run on deletes its older checkpoints: one read by an eval meanwhile gave
+    "marked complete but its weights do not load ... delete that folder", of a folder already gone."""
+    import shutil
+
+    import torch
+
+    from dyt.train.checkpoint import CheckpointLoadError, trained_weights
+
+    run = tmp_path / "run"
+    _train(run, steps=2)
+    newest = run / "checkpoints" / "step_00000002"
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        shutil.rmtree(newest)
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(torch, "load", pruned_meanwhile)
+    with pytest.raises(CheckpointLoadError, match="step_00000002 was deleted while its weights were read"):
+        trained_weights(run)

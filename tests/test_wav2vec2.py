@@ -723,27 +723,70 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
                      "keywords finetune": {meta}, "conv features": {meta}, "CTC": {meta}}, seen
 
 
-def test_the_eval_writes_each_seed_to_out_as_it_finishes(speech, tmp_path, monkeypatch):
+def test_the_eval_writes_each_seed_to_out_as_it_finishes_and_resumes_from_it(speech, tmp_path, monkeypatch, capsys):
     """A kill in an eval's second seed keeps the finished evals and seeds in ``--out`` (the file was
-    written only at the end: a kill in CTC's third seed lost every finished fine-tuning)."""
+    written only at the end: a kill in CTC's third seed lost every finished fine-tuning); the same
+    command again reads them back and computes the missing seed alone (it recomputed everything,
+    and replaced the file at its first seed). Each finished seed is said in one line."""
     from dyt_wav2vec2 import eval as w2v_eval
 
     _, run = _ctc_data_and_run(speech, tmp_path)
+    write_manifest(tmp_path / "real-keywords.tsv", *speech)  # the contrastive eval's too
+    computed, killed = [], [("ctc", 1)]
 
     def results(name, run_dir, data, seeds, *rest):
         for seed in seeds:
-            if (name, seed) == ("ctc", 1):
+            if (name, seed) in killed:
+                killed.clear()
                 raise KeyboardInterrupt
-            yield {"eval": name, "seed": seed}
+            computed.append((name, seed))
+            yield {"seed": seed, "test": {"unseen voices": {metric: seed / 10 for metric in w2v_eval.HEADLINE[name]}}}
 
     monkeypatch.setattr(w2v_eval, "eval_results", results)
     out = tmp_path / "results.json"
+    command = ["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "contrastive", "ctc",
+               "--seeds", "0", "1", "--out", str(out)]
     with pytest.raises(KeyboardInterrupt):
-        w2v_eval.main(["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "contrastive", "ctc",
-                       "--seeds", "0", "1", "--out", str(out)])
-    assert json.loads(out.read_text()) == {"contrastive": [{"eval": "contrastive", "seed": 0},
-                                                           {"eval": "contrastive", "seed": 1}],
-                                           "ctc": [{"eval": "ctc", "seed": 0}]}
+        w2v_eval.main(command)
+    stored = json.loads(out.read_text())["evals"]
+    assert {name: list(entry["seeds"]) for name, entry in stored.items()} == {"contrastive": ["0", "1"], "ctc": ["0"]}
+    assert stored["ctc"]["settings"]["ctc"]["steps"] == w2v_eval.CTCSettings.steps
+    assert stored["ctc"]["settings"]["speech"].startswith("manifests-") and not stored["ctc"]["settings"]["pretrained"]
+    assert "ctc seed 0: cer on unseen voices 0.000, wer on unseen voices 0.000" in capsys.readouterr().out
+    results_now = w2v_eval.main(command)
+    assert computed == [("contrastive", 0), ("contrastive", 1), ("ctc", 0), ("ctc", 1)]
+    assert [row["seed"] for row in results_now["ctc"]] == [0, 1]
+    said = capsys.readouterr().out
+    assert "contrastive: seeds [0, 1] read back from" in said and "ctc: seeds [0] read back from" in said
+    assert list(json.loads(out.read_text())["evals"]["ctc"]["seeds"]) == ["0", "1"]
+    (tmp_path / "sentences-test.wrd").write_text("please enter your account number\nalpha\nx\n")
+    with pytest.raises(SystemExit):  # other speech: refused, not replaced
+        w2v_eval.main(command)
+    assert "holds contrastive results of other settings (speech 'manifests-" in capsys.readouterr().err
+
+
+def test_the_eval_checks_the_transcripts_it_scores_before_any_work(speech, tmp_path, capsys):
+    """A keyword outside the 36, or a CTC transcript with a capital or a digit, was a ValueError
+    after minutes of work (the CTC test set's after the whole fine-tune): one line naming the line."""
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    _, run = _ctc_data_and_run(speech, tmp_path)
+    (tmp_path / "sentences-test.wrd").write_text("please enter your account number\nPress 1\nalpha\n")
+
+    def refused(*evals: str) -> str:
+        with pytest.raises(SystemExit):
+            w2v_eval.main(["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", *evals,
+                           "--seeds", "0"])
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert refused("ctc") == (f"dyt_wav2vec2.eval: audio error: {tmp_path / 'sentences-test.wrd'}:2: 'Press 1' holds "
+                              "'P', outside the CTC eval's characters (a-z, space, apostrophe): give transcripts in "
+                              "lower case, numbers spelled out")
+    for split in ("train", "validation", "test"):
+        write_manifest(tmp_path / f"keywords-{split}.tsv", *speech)
+    write_manifest(tmp_path / "real-keywords.tsv", *speech)
+    assert refused("probe").endswith("keywords-train.wrd:1: 'please enter your account number' is not one of the 36 "
+                                     "keywords the probe eval classifies (zero, one, two, ..., zulu)")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

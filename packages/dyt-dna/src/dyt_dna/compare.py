@@ -13,9 +13,7 @@ diverged (no verdict on its cells) and the comparison goes on.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +51,7 @@ from dyt.train.compare import (
     validation_share,
 )
 from dyt.train.config import SEED
-from dyt.train.jsonio import write_json
+from dyt.train.jsonio import write_json, write_text_whole
 from dyt.train.recipe import Metric
 from dyt.train.trainer import check_one_step_of_data
 
@@ -67,6 +65,7 @@ from .eval import (
     finetune_seeds,
     finetune_settings,
     result_row,
+    task_signature,
 )
 from .recipe import SPEC
 from .task import DnaConfig
@@ -173,20 +172,6 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-def task_signature(task: ClassificationData, builtin: bool) -> dict[str, str]:
-    """What a task's examples are now, kept in each stored eval's settings, so an eval of examples
-    changed since is made again, not reused: a digest of its classes and of each split's sequences
-    and labels, as loaded. A built-in task's come from genomes, windowing and pyrodigal's gene calls,
-    a folder's from its files and, for a GenomicBenchmarks folder, the validation draw: a new version
-    of any of them changes it. (A built-in task's is keyed ``builtin``, as stored before folders were
-    signed this way, so that its stored evals stay valid.)"""
-    digest = hashlib.sha256(json.dumps(task.classes).encode())
-    for split in (task.train, task.validation, task.test):
-        for batch in split.select_columns(["sequence", "label"]).iter(batch_size=1024):
-            digest.update(json.dumps([batch["sequence"], batch["label"]]).encode())
-    return {"builtin" if builtin else "task": task.name, "digest": digest.hexdigest()[:16]}
-
-
 def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, validation: str,
                  notes: Sequence[str] = ()) -> Path:
     """``evals[(run.point, pretrained)]``: that run's fine-tuning results (task name -> one result per
@@ -291,7 +276,7 @@ def write_report(args, runs: list[Run], tasks: list[ClassificationData], evals, 
             lines += [f"![{model.title} DyT alpha]({name}_dyt_alpha.png)", ""]
     write_json(out / "summary.json", summary, strict=True)
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_text_whole(report, "\n".join(lines))  # after summary.json; a kill leaves the old report whole
     return report
 
 

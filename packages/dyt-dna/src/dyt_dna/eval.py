@@ -13,9 +13,11 @@ Fine-tuning runs on a CUDA GPU where torch sees one (``--device``), else on the 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
+from dyt.train.checkpoint import evaluated_checkpoint
 from dyt.train.cli import add_device_argument, backends_for_device
-from dyt.train.compare import mean_std
+from dyt.train.compare import eval_out_seeds, mean_std, read_eval_out
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
 from dyt.train.finetune import (
     Classification,
@@ -38,7 +41,6 @@ from dyt.train.finetune import (
     module_device,
     planned_steps,
 )
-from dyt.train.jsonio import write_json
 
 from .data import BUILTIN_TASKS, ClassificationData, check_task, load_task, tokens
 from .task import DnaConfig, build_model
@@ -174,6 +176,20 @@ def result_row(task: ClassificationData, result: FinetuneResult) -> dict:
     return {**asdict(result), "task": task.name, "note": task.note}
 
 
+def task_signature(task: ClassificationData, builtin: bool) -> dict[str, str]:
+    """What a task's examples are now, kept in each stored eval's settings, so an eval of examples
+    changed since is made again, not reused: a digest of its classes and of each split's sequences
+    and labels, as loaded. A built-in task's come from genomes, windowing and pyrodigal's gene calls,
+    a folder's from its files and, for a GenomicBenchmarks folder, the validation draw: a new version
+    of any of them changes it. (A built-in task's is keyed ``builtin``, as stored before folders were
+    signed this way, so that its stored evals stay valid.)"""
+    digest = hashlib.sha256(json.dumps(task.classes).encode())
+    for split in (task.train, task.validation, task.test):
+        for batch in split.select_columns(["sequence", "label"]).iter(batch_size=1024):
+            digest.update(json.dumps([batch["sequence"], batch["label"]]).encode())
+    return {"builtin" if builtin else "task": task.name, "digest": digest.hexdigest()[:16]}
+
+
 def summarize(results: list[FinetuneResult]) -> dict[str, list[float]]:
     return {metric: [r.test["test"][metric] for r in results] for metric in ("accuracy", "mcc", "f1")}
 
@@ -190,10 +206,14 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than the model's context")
     parser.add_argument("--random-init", action="store_true",
                         help="fine-tune the run's model untrained (same config, seeds and budget): the baseline row")
-    parser.add_argument("--out", type=output_file, help="write the per-seed results here as JSON")
+    parser.add_argument("--out", type=output_file,
+                        help="keep the per-seed results here (JSON), as each seed finishes; run again with the same "
+                             "--out, the seeds it holds for the same settings are read back")
     args = parser.parse_args(argv)
     check_builtin_options(parser, argv, [args.task], builtin_only)
     check_run(args.run, weights=not args.random_init)  # before any data is built
+    if args.out:
+        read_eval_out(args.out)  # a file that is not an eval's results is refused before any work
     # the weights are loaded once, by evaluate
     config = load_config(DnaConfig, args.run / "config.yaml", check_files=False)
     if error := eval_window_error(args.eval_window, [args.task], config.model.max_len):
@@ -202,13 +222,26 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
     if task.note:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
+    pretrained = not args.random_init
+    settings = {"run": str(args.run.resolve()), "pretrained": pretrained, "finetune": asdict(cfg),
+                "window": args.eval_window, "per_class": args.per_class, "truncate": args.truncate,
+                "task_files": task_signature(task, args.task in BUILTIN_TASKS)}
+    if pretrained:
+        settings["checkpoint_step"], said = evaluated_checkpoint(args.run, config.train.steps)
+        print(said, flush=True)
     print(f"fine-tuning on {args.device}", flush=True)
-    results = []
-    for result in evaluate(args.run, task, cfg, finetune_seeds(args), pretrained=not args.random_init,
-                           device=args.device):
-        results.append(result)
-        if args.out:  # as each seed finishes: a kill keeps the finished ones, whatever their numbers
-            write_json(args.out, [result_row(task, r) for r in results])
+    seeds = finetune_seeds(args)
+
+    def compute(missing: list[int]) -> Iterator[dict]:
+        for seed, result in zip(missing, evaluate(args.run, task, cfg, missing, pretrained=pretrained, device=args.device),
+                                strict=True):
+            print(f"{task.name} seed {seed}: accuracy {result.test['test']['accuracy']:.3f}, "
+                  f"mcc {result.test['test']['mcc']:.3f}", flush=True)
+            yield result_row(task, result)
+
+    rows = (eval_out_seeds(args.out, task.name, settings, seeds, compute, args.device) if args.out
+            else [row for row in compute(seeds)])
+    results = [FinetuneResult(**{f.name: row[f.name] for f in fields(FinetuneResult)}) for row in rows]
     for metric, values in summarize(results).items():
         print(f"{task.name} {metric}: {mean_std(values)} over seeds {args.seeds}")
     return results

@@ -43,7 +43,7 @@ from dyt.train.compare import (
     validation_share,
 )
 from dyt.train.config import SEED
-from dyt.train.jsonio import write_json
+from dyt.train.jsonio import write_json, write_text_whole
 from dyt.train.trainer import validation_positions
 
 from .data import build_datasets, load_documents
@@ -125,7 +125,7 @@ def write_report(args, runs: list[Run], held_out: list[str], corpus: str, notes:
                                        **{m.key: summaries[r.point][m.key] for m in SPEC.metrics}} for r in runs],
                strict=True)
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_text_whole(report, "\n".join(lines))  # after summary.json; a kill leaves the old report whole
     return report
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 from dyt.analysis import pyplot
@@ -59,7 +58,7 @@ from dyt.train.compare import (
     validation_share,
 )
 from dyt.train.config import SEED
-from dyt.train.jsonio import write_json
+from dyt.train.jsonio import write_json, write_text_whole
 from dyt.train.recipe import Metric
 
 from .audio import AudioError
@@ -70,10 +69,11 @@ from .eval import (
     add_keyword_arguments,
     check_eval_options,
     eval_results,
+    eval_settings,
     headline,
 )
 from .recipe import SPEC
-from .speech import KEYWORDS
+from .speech import KEYWORDS, speech_identity
 from .task import SpeechDataConfig, Wav2Vec2PretrainTask, builtin_speech
 
 NO_EVALS = "none"
@@ -133,24 +133,24 @@ def main(argv: list[str] | None = None) -> Path:
     args.evals, args.seeds = [e for e in EVALS if e in args.evals], sorted(args.seeds)
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
-    data = eval_speech(plan[0].config.data) if args.evals else None
+    if args.evals:  # built (or found) before any training: a speech error stops the compare first
+        eval_speech(plan[0].config.data)
     for checked in {repr(p.config.data): p.config for p in plan}.values():
         Wav2Vec2PretrainTask(checked)  # the runs' own audio checks (and thresholds), before launching
     prepare_out(args)
     runs = train_runs(SPEC, args, plan)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule)
 
-    settings_by_eval = {"contrastive": {}, "probe": {"steps": args.steps}, "finetune": {"steps": args.steps},
-                        "ctc": {"ctc": asdict(ctc)}}  # what each eval's results depend on, besides the checkpoint
-
     def evaluate(run: Run, pretrained: bool) -> dict:
         """Eval name -> one result per seed, each stored in the run's ``eval-<name>.json`` as it is done."""
         print(f"== downstream evals of {run.label} ({INITS[pretrained]}): {', '.join(args.evals)}; seeds {args.seeds}; "
               f"on {args.device}", flush=True)
-        return {name: stored_eval(run, f"eval-{name}", pretrained,
-                                  {"pretrained": pretrained, **checkpoint_setting(run, pretrained), **settings_by_eval[name]},
+        # asked again: a sweep of data.builtin_sentences rebuilt the folder at each run's size
+        speech = eval_speech(plan[0].config.data)
+        common = {"pretrained": pretrained, **checkpoint_setting(run, pretrained), "speech": speech_identity(speech)}
+        return {name: stored_eval(run, f"eval-{name}", pretrained, {**common, **eval_settings(name, args.steps, ctc)},
                                   args.seeds, lambda missing, name=name: eval_results(
-                                      name, run.dir, data, missing, args.steps, ctc, pretrained, args.device), args.device)
+                                      name, run.dir, speech, missing, args.steps, ctc, pretrained, args.device), args.device)
                 for name in args.evals}
 
     report = write_report(args, runs, downstream_evals(runs, evaluate) if args.evals else {})
@@ -350,7 +350,7 @@ def write_report(args, runs: list[Run], evals: dict) -> Path:
             lines.append("")
     write_json(out / "summary.json", summary, strict=True)
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_text_whole(report, "\n".join(lines))  # after summary.json; a kill leaves the old report whole
     return report
 
 

@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
+from dyt.train.checkpoint import RunNotFoundError, evaluated_checkpoint
 from dyt.train.cli import add_device_argument, backends_for_device
-from dyt.train.compare import mean_std
+from dyt.train.compare import eval_out_seeds, finished_step, mean_std, read_eval_out
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
     SCHEDULES,
@@ -49,12 +50,11 @@ from dyt.train.finetune import (
     module_device,
     on_device,
 )
-from dyt.train.jsonio import write_json
 from dyt.train.trainer import seed_everything, to_device
 
-from .audio import Utterance, load_audio
+from .audio import AudioError, Utterance, load_audio
 from .model import build_wav2vec2, encode
-from .speech import KEYWORDS, load_split
+from .speech import KEYWORDS, load_split, speech_identity
 from .task import (
     Wav2Vec2PretrainConfig,
     builtin_speech,
@@ -491,7 +491,9 @@ def main(argv: list[str] | None = None) -> dict:
                    parser.add_argument("--ctc-mask-channels", type=float, default=CTCSettings.masking.channel_prob,
                                        help="CTC fine-tuning: zeroed share of channels, at most (spans of 8)")]
     add_device_argument(parser)
-    parser.add_argument("--out", type=output_file, help="write the results here as JSON")
+    parser.add_argument("--out", type=output_file,
+                        help="keep the per-seed results here (JSON), as each seed finishes; run again with the same "
+                             "--out, the seeds it holds for the same settings are read back")
     args = parser.parse_args(argv)
     check_eval_options(parser, argv, args, keyword_options, ctc_options)
     try:
@@ -504,18 +506,35 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--data {args.data}: {found}; give the folder `python -m dyt_wav2vec2.speech --out DIR` built, "
                      "or leave --data out")
     check_run(args.run, weights=not args.random_init)  # before any data is built
+    if args.out:
+        read_eval_out(args.out)  # a file that is not an eval's results is refused before any work
+    config = load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml", check_files=False)
     # the speech the run was pretrained beside, at its size (a default-sized build would rewrite it)
-    data = args.data or builtin_speech(load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml",
-                                                   check_files=False).data)
+    data = args.data or builtin_speech(config.data)
+    check_eval_data(data, args.evals)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
+    pretrained = not args.random_init
+    common = {"run": str(args.run.resolve()), "pretrained": pretrained, "speech": speech_identity(data)}
+    if pretrained:
+        common["checkpoint_step"], said = evaluated_checkpoint(args.run, config.train.steps)
+        print(said, flush=True)
     print(f"evals on {args.device}", flush=True)
     results: dict[str, list[dict]] = {}
     for name in args.evals:
-        results[name] = []
-        for row in eval_results(name, args.run, data, args.seeds, args.steps, ctc, not args.random_init, args.device):
-            results[name].append(row)
-            if args.out:  # as each seed finishes: a kill keeps the finished ones, whatever their numbers
-                write_json(args.out, results)
+        def compute(missing: list[int], name: str = name) -> Iterator[dict]:
+            rows = eval_results(name, args.run, data, missing, args.steps, ctc, pretrained, args.device)
+            for seed, row in zip(missing, rows, strict=True):
+                if pretrained and (now := finished_step(args.run)) != common["checkpoint_step"]:
+                    raise RunNotFoundError(f"{args.run} saved its checkpoint of step {now} while this eval read step "
+                                           f"{common['checkpoint_step']}: evaluate it once its training has stopped")
+                print(f"{name} seed {seed}: " + ", ".join(f"{metric} on {test} {values[0]:.3f}" for metric, cells
+                                                          in headline(name, [row]).items() for test, values in cells.items()),
+                      flush=True)
+                yield row
+
+        settings = {**common, **eval_settings(name, args.steps, ctc)}
+        results[name] = (eval_out_seeds(args.out, name, settings, args.seeds, compute, args.device) if args.out
+                         else list(compute(args.seeds)))
     for name, rows in results.items():
         for metric, cells in headline(name, rows).items():
             for test, values in cells.items():
@@ -564,6 +583,41 @@ def add_keyword_arguments(parser: argparse.ArgumentParser) -> list[argparse.Acti
     """The keyword evals' options, the same in ``dyt_wav2vec2.eval`` and ``dyt-wav2vec2-compare``."""
     return [parser.add_argument("--steps", type=AT_LEAST_ONE.arg(int), default=KEYWORD_STEPS,
                                 help=f"keyword fine-tuning (probe, finetune) steps per seed (default {KEYWORD_STEPS})")]
+
+
+def eval_settings(name: str, steps: int, ctc: CTCSettings) -> dict:
+    """What one eval's results depend on besides the model and the speech (its budget), kept with
+    its stored results by the compare and by ``--out``."""
+    return {"contrastive": {}, "probe": {"steps": steps}, "finetune": {"steps": steps}, "ctc": {"ctc": asdict(ctc)}}[name]
+
+
+KEYWORD_MANIFESTS = ["keywords-train", "keywords-validation", *KEYWORD_TESTS.values()]
+CTC_MANIFESTS = ["sentences-train", "sentences-validation", *CTC_TESTS.values()]
+EVAL_MANIFESTS = {"contrastive": sorted({m for names in CONTRASTIVE_TESTS.values() for m in names}),
+                  "probe": KEYWORD_MANIFESTS, "finetune": KEYWORD_MANIFESTS, "ctc": CTC_MANIFESTS}
+"""The manifests (``<name>.tsv``, with ``.wrd`` transcripts where scored) each eval reads."""
+
+
+def check_eval_data(data: Path, evals: Sequence[str]) -> None:
+    """Every manifest ``evals`` read, its audio files and the transcripts they score, before any eval
+    runs (an AudioError naming the line): a keyword that is not one of :data:`KEYWORDS`, or a CTC
+    transcript with a character outside :data:`CHARACTERS` (upper case, a digit), was a ValueError
+    after minutes of work, the CTC test set's after the whole fine-tune."""
+    for name in evals:
+        for manifest in EVAL_MANIFESTS[name]:
+            rows = load_split(data, manifest)
+            if name == "contrastive":
+                continue
+            texts = data / f"{manifest}.wrd"
+            if not texts.is_file():
+                raise AudioError(f"{texts}: no such transcripts file, which the {name} eval scores against")
+            for line, row in enumerate(rows, start=1):
+                if name != "ctc" and row.text not in KEYWORDS:
+                    raise AudioError(f"{texts}:{line}: {row.text!r} is not one of the {len(KEYWORDS)} keywords the "
+                                     f"{name} eval classifies ({', '.join(KEYWORDS[:3])}, ..., {KEYWORDS[-1]})")
+                if name == "ctc" and (odd := next((c for c in row.text if c not in CHARACTERS[1:]), None)):
+                    raise AudioError(f"{texts}:{line}: {row.text!r} holds {odd!r}, outside the CTC eval's characters "
+                                     "(a-z, space, apostrophe): give transcripts in lower case, numbers spelled out")
 
 
 def eval_results(name: str, run_dir: Path, data: Path, seeds: list[int], steps: int,

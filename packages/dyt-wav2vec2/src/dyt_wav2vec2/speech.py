@@ -362,6 +362,20 @@ def _write_real(root: Path, out: Path, texts: dict[str, str], test_prompts: list
         write_manifest(out / f"{name}.tsv", out / "audio", utterances)
 
 
+def speech_identity(folder: Path) -> str:
+    """What the speech in ``folder`` is, for stored evals' settings (a rebuilt folder's evals are made
+    again, not reused): the built-in build's key (its ``.complete``: the build's version and sizes, the
+    voice and recording packages' versions), or, for another folder, a digest of its manifests and
+    transcripts (which name every file and its length, not the audio's samples)."""
+    complete = folder / ".complete"
+    if complete.is_file():
+        return complete.read_text().strip()
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("*.tsv"), *folder.glob("*.wrd")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"manifests-{digest.hexdigest()[:16]}"
+
+
 def load_split(data_dir: Path, name: str) -> list[Utterance]:
     manifest = data_dir / f"{name}.tsv"
     texts = manifest.with_suffix(".wrd")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from . import runlock
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged
 from .distributed import DistInfo, barrier
@@ -655,6 +656,23 @@ def check_run(run_dir: str | Path, weights: bool = True) -> None:
         raise missing
 
 
+def evaluated_checkpoint(run_dir: str | Path, steps: int) -> tuple[int, str]:
+    """The step of the newest complete checkpoint of the run in ``run_dir``, which an eval reads, and a
+    line saying so: with the run's ``steps`` (``train.steps``), and whether the run is unfinished,
+    stopped by a divergence, or being trained now (its lock held: a newer checkpoint may come, and the
+    one read may be pruned meanwhile). :func:`check_run` first."""
+    run_dir = Path(run_dir)
+    step = step_of(complete_checkpoints(run_dir / "checkpoints")[-1])
+    line = f"{run_dir}: checkpoint step {step} of {steps}"
+    if (diverged := read_divergence(run_dir)) is not None:
+        line += f" (the run diverged at step {diverged['step']}: this is its last good checkpoint)"
+    elif step < steps:
+        line += " (the run is unfinished: --resume it to train on)"
+    if (writer := runlock.holder(run_dir)) is not None:
+        line += f"; a training launch is writing the run now ({writer}): a newer checkpoint it saves is not evaluated"
+    return step, line
+
+
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of a run's newest complete checkpoint, whole on one process (for evals and
     analysis). ZeRO-sharded checkpoints are gathered with DeepSpeed's own fp32 consolidation; a
@@ -674,6 +692,9 @@ def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
             return get_fp32_state_dict_from_zero_checkpoint(str(newest.parent), tag=newest.name)
         states = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     except LOAD_ERRORS as error:
+        if not (newest / MARKER).exists():  # deleted while read: pruned by a launch training the run on
+            raise CheckpointLoadError(f"{newest} was deleted while its weights were read (a training launch keeping "
+                                      "only its newest checkpoints?): run again, or once the training stops") from error
         raise CheckpointLoadError(f"{newest} is marked complete but its weights do not load ({error_gist(error)}): if a "
                                   "file in it was damaged since the save, delete that folder to use the one before") from error
     weights = states["module"]

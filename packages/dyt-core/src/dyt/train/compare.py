@@ -679,16 +679,84 @@ def reuse_or_compute(path: Path, settings: dict, seeds: Sequence[int],
     """One JSON result per seed of ``seeds``, in their order: the seeds stored at ``path`` with the same
     ``settings`` by evals of this ``EVALS_VERSION``; for the others, what ``compute(missing)`` yields, one
     result per missing seed in their order, each stored as it comes. A killed comparison loses at most
-    the seed it was on, and a later one with more seeds computes only those (``settings`` hold no seeds)."""
+    the seed it was on, and a later one with more seeds computes only those (``settings`` hold no seeds).
+    What is read back, and stored seeds of other settings that are replaced, are said in one line."""
     saved = read_json(path)  # none, or cut short by a kill before writes were atomic: computed again
     done: dict[str, Any] = {}
-    if (isinstance(saved, dict) and saved.get("settings") == settings and saved.get("evals_version") == EVALS_VERSION
-            and isinstance(saved.get("seeds"), dict)):
-        done = saved["seeds"]
-    if missing := [seed for seed in seeds if str(seed) not in done]:
+    if (isinstance(saved, dict) and saved.get("evals_version") == EVALS_VERSION
+            and isinstance(saved.get("seeds"), dict) and saved["seeds"]):
+        if saved.get("settings") == settings:
+            done = saved["seeds"]
+        else:
+            changed = "; ".join(setting_differences(saved.get("settings"), settings))
+            print(f"{shown_path(path)}: its seeds were evaluated with other settings ({changed}); evaluated again, "
+                  "replacing them", flush=True)
+    missing = [seed for seed in seeds if str(seed) not in done]
+    if reused := [seed for seed in seeds if str(seed) in done]:
+        print(f"{shown_path(path)}: seeds {reused} read back" + (f", computing {missing}" if missing else ""), flush=True)
+    if missing:
         for seed, result in zip(missing, compute(missing), strict=True):
             done[str(seed)] = result
             write_json(path, {"settings": settings, "evals_version": EVALS_VERSION, "seeds": done})
+    return [done[str(seed)] for seed in seeds]
+
+
+def setting_differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``key old -> new`` for each entry where two (nested) settings differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for name in sorted(old.keys() | new.keys(), key=str)
+                for change in setting_differences(old.get(name, "(none)"), new.get(name, "(none)"),
+                                                  f"{key}.{name}" if key else str(name))]
+    return [] if old == new else [f"{key or 'settings'} {old!r} -> {new!r}"]
+
+
+class EvalOutError(UserInputError):
+    """A standalone eval's ``--out`` that holds what the eval must not overwrite."""
+
+    kind = "output error"
+
+
+def read_eval_out(path: Path) -> dict[str, dict]:
+    """What a standalone eval's ``--out`` holds: eval name -> ``{"settings", "seeds"}`` ({} where there
+    is no file yet). Any other file (a run's config.yaml given by mistake, the list of rows evals wrote
+    before 2026-12-07, results of older evals) is refused, not overwritten."""
+    if not path.exists():
+        return {}
+    saved = read_json(path)
+    evals = saved.get("evals") if isinstance(saved, dict) else None
+    if not (isinstance(evals, dict) and "evals_version" in saved
+            and all(isinstance(e, dict) and "settings" in e and isinstance(e.get("seeds"), dict) for e in evals.values())):
+        raise EvalOutError(f"--out {path} exists and is not a results file an eval writes (since 2026-12-07): give "
+                           "another --out; nothing was written to it")
+    if saved["evals_version"] != EVALS_VERSION:
+        raise EvalOutError(f"--out {path} holds results of older evals (version {saved['evals_version']}, now "
+                           f"{EVALS_VERSION}) that new ones would not match: give another --out, or delete it")
+    return evals
+
+
+def eval_out_seeds(path: Path, name: str, settings: dict, seeds: Sequence[int],
+                   compute: Callable[[list[int]], Iterable[dict]], device: torch.device | str) -> list[dict]:
+    """A standalone eval's results for ``name``, one per seed of ``seeds``, kept in ``path`` (its
+    ``--out``) as each seed finishes, as the compare keeps its own (:func:`reuse_or_compute`): seeds
+    the file holds for the same ``settings`` are read back, so a killed eval resumes and one with more
+    seeds computes only those; ``name`` held for other settings (another run, checkpoint or budget) is
+    refused, naming what differs, not overwritten. Each row computed here names its ``device``."""
+    evals = read_eval_out(path)
+    done: dict[str, dict] = {}
+    if name in evals:
+        if changed := setting_differences(evals[name]["settings"], settings):
+            raise EvalOutError(f"--out {path} holds {name} results of other settings ({'; '.join(changed)}): give "
+                               "another --out, or delete it to replace them")
+        done = dict(evals[name]["seeds"])
+    missing = [seed for seed in seeds if str(seed) not in done]
+    if reused := [seed for seed in seeds if str(seed) in done]:
+        print(f"{name}: seeds {reused} read back from {path}" + (f", computing {missing}" if missing else ""),
+              flush=True)
+    if missing:
+        for seed, row in zip(missing, compute(missing), strict=True):
+            done[str(seed)] = {**row, "device": str(device)}
+            evals[name] = {"settings": settings, "seeds": done}
+            write_json(path, {"evals_version": EVALS_VERSION, "evals": evals})
     return [done[str(seed)] for seed in seeds]
 
 

@@ -84,3 +84,22 @@ def hold_for_process(folder: Path, what: str) -> None:
         fd = _take(key, what)
         if fd is not None:
             _HELD_FOR_PROCESS[key] = fd
+
+
+def holder(folder: Path) -> str | None:
+    """Who holds ``folder``'s lock now (its file's host, pid and start), None where no process does,
+    or the folder has no lock file or cannot be locked: asked without taking it (a shared lock, given
+    back at once), for a reader that must say a run is being written while it reads."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases a shared lock taken
+    return None
