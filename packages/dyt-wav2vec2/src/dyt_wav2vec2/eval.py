@@ -133,9 +133,12 @@ class KeywordClassifier(nn.Module):
 
 def _frozen_features(model: nn.Module, dataset: LabeledAudio) -> TensorDataset:
     """Mean-pooled features of every utterance, computed on ``model``'s device and kept on the CPU."""
+    from tqdm.auto import tqdm
+
     chunks, labels = [], []
+    batches = DataLoader(dataset, batch_size=32, collate_fn=_collate_labels)
     with torch.no_grad():
-        for batch, label in DataLoader(dataset, batch_size=32, collate_fn=_collate_labels):
+        for batch, label in tqdm(batches, desc="keyword features", leave=False, dynamic_ncols=True):
             chunks.append(pooled(model, to_device(batch, module_device(model))).cpu())
             labels.append(label)
     return TensorDataset(torch.cat(chunks), torch.cat(labels))
@@ -342,11 +345,13 @@ def conv_features(model: nn.Module, rows: list[Utterance]) -> list[torch.Tensor]
     """The feature extractor's output (frames, channels) of each utterance, one at a time (without
     padding: what the CTC eval caches), read from the normalised waveform as in pretraining; computed
     on ``model``'s device, kept on the CPU."""
+    from tqdm.auto import tqdm
+
     extractor = model.encoder_frontend.feature_extractor.eval()
     device = module_device(model)
     out = []
     with torch.no_grad():
-        for row in rows:
+        for row in tqdm(rows, desc="CTC features", leave=False, dynamic_ncols=True):
             wave = normalize_waveform(load_audio(row.path))[None].to(device)
             features, _ = extractor(wave, BatchLayout(wave.shape, seq_lens=[wave.shape[1]], device=device))
             out.append(features[0].cpu())
@@ -454,6 +459,8 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
     every distractor kept, accuracy, perplexities) on held-out speech, once per seed of the masks
     and distractors. Speech the run never validated on (the real recordings) confirms what a
     setting chosen on the validation voices does. One result per seed, yielded as each finishes."""
+    from tqdm.auto import tqdm
+
     config, make = load_pretrained(run_dir, pretrained, device)
     for seed in seeds:
         seed_everything(seed)
@@ -465,7 +472,8 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
             rows = [r for r in rows if r.num_samples >= masking_min_samples(config.model)]
             sums: dict[str, float] = {}
             with torch.no_grad():
-                for batch in contrastive_batches(rows, config.data.crop_samples):
+                for batch in tqdm(contrastive_batches(rows, config.data.crop_samples), total=-(-len(rows) // 8),
+                                  desc=f"contrastive, {name}", leave=False, dynamic_ncols=True):
                     _, extras = pretraining_loss(model, to_device(batch, device), config.loss)
                     for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
                         sums[key] = sums.get(key, 0.0) + value * len(batch[1])
