@@ -671,7 +671,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                 raise ConfigError(
                     f"{path}: {len(unknown)} keys this recipe does not have ({', '.join(unknown[:4])}"
                     f"{', ...' if len(unknown) > 4 else ''}): another recipe's config? This command reads a "
-                    f"{cls.__name__} (sections {', '.join(_fields(cls))}) (--print-config alone prints its keys)") from None
+                    f"{cls.__name__} (sections {', '.join(_fields(cls))}; the recipe's training command prints its "
+                    "keys with --print-config)") from None
             raise ConfigError(f"{path}: {error}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
