@@ -453,17 +453,18 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     (root / "again").symlink_to(outside)  # the same folder twice: listed once, by the first link found
     (outside / "loop").symlink_to(root)  # a loop back: adds nothing
     (root / "up").symlink_to(tmp_path)  # a folder above: adds nothing, nor what lies beside the root
-    (root / "file-link.txt").symlink_to(outside / "a.txt")
+    (root / "file-link.txt").symlink_to(outside / "a.txt")  # found first; again/a.txt, the same file, is not listed
     (root / "gone").symlink_to(tmp_path / "no-such-folder")
     (tmp_path / "beside.txt").write_text("x")
     listed = files_by_suffix(root, [".txt", ".jsonl"], ValueError)
-    assert [p.relative_to(root).as_posix() for p in listed.found[".txt"]] == ["again/a.txt", "data/c.txt", "file-link.txt"]
-    assert listed.found[".jsonl"] == [] and listed.other == {".md": 1, ".TXT": 1}
+    assert [p.relative_to(root).as_posix() for p in listed.found[".txt"]] == ["data/c.txt", "file-link.txt"]
+    assert listed.found[".jsonl"] == [] and listed.other == {".md": 1, ".TXT": 1} and listed.again == 1
     assert [p.relative_to(root).as_posix() for p in files_by_suffix(root, [".txt"], any_case=True).found[".txt"]] == [
-        "again/a.txt", "again/deep/b.TXT", "data/c.txt", "file-link.txt"]
+        "again/deep/b.TXT", "data/c.txt", "file-link.txt"]
     assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s) that cannot be listed or "
                                     f"link(s) to nothing: {root / 'gone'}: "
-                                    f"a link to '{tmp_path / 'no-such-folder'}', which does not exist")
+                                    f"a link to '{tmp_path / 'no-such-folder'}', which does not exist and 1 file(s) "
+                                    "reached a second time through a link (read once)")
     (tmp_path / "ext" / "books").mkdir(parents=True)  # up from inside a linked folder: what lies beside stays out
     (tmp_path / "ext" / "books" / "parent").symlink_to(tmp_path / "ext")
     (tmp_path / "ext" / "private").mkdir()
@@ -477,7 +478,7 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     (tmp_path / "top" / "other.txt").write_text("x")
     through = files_by_suffix(tmp_path / "top" / "r", [".txt"])
     assert [p.relative_to(tmp_path / "top" / "r").as_posix() for p in through.found[".txt"]] == [
-        "again/a.txt", "data/c.txt", "file-link.txt"]
+        "data/c.txt", "file-link.txt"]
     (root / "to-top").unlink()
     stat, stated = os.stat, []
     with pytest.MonkeyPatch.context() as patch:  # a listing stats folders and links, not each of perhaps millions of files

@@ -19,6 +19,9 @@ class FolderFiles:
     """Suffix (``""`` for none) -> how many other files: not read, and said so."""
     skipped: list[str] = field(default_factory=list)
     """Folders left out, each with why: one that cannot be listed, a link to nothing."""
+    again: int = 0
+    """Files reached a second time (a link to a file listed already, or a file in a linked folder that
+    a link listed already): each is listed once, where it was first found."""
 
     def other_kinds(self, count: int = 4) -> str:
         """What was not read, in words, e.g. ``3 file(s) of other kinds (.md: 2, .gz: 1)``; '' for nothing."""
@@ -29,6 +32,8 @@ class FolderFiles:
         if self.skipped:
             said.append(f"{len(self.skipped)} folder(s) that cannot be listed or link(s) to nothing: "
                         f"{'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")
+        if self.again:
+            said.append(f"{self.again} file(s) reached a second time through a link (read once)")
         return " and ".join(said)
 
 
@@ -39,7 +44,9 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     One walk of the folder itself, then of each linked folder that leads out of it (each real folder
     once, so a folder reached both ways keeps the spelling without the link; a link up to a folder
     above the root, or above the folder that holds the link, adds nothing: it would bring in what lies
-    beside). Hidden names (a dot first: an editor's
+    beside). A file reached twice (a link to a file that is listed too) is listed where it was found
+    first, and counted in :attr:`FolderFiles.again`: read twice, a document would weigh double in
+    training. Hidden names (a dot first: an editor's
     ``.ipynb_checkpoints`` holds older copies, macOS's ``._*`` files are not data) are skipped. A
     folder that cannot be listed (``lost+found``) or a link to nothing is left out and named in
     :attr:`FolderFiles.skipped`; a file with a wanted suffix that is a link to nothing is ``error``
@@ -47,6 +54,7 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     wanted = {(suffix.lower() if any_case else suffix): [] for suffix in suffixes}
     listed = FolderFiles(wanted)
     seen: set[tuple[int, int]] = set()
+    listed_files: set[tuple[int, int, str]] = set()  # (its real folder's device and inode, its name)
     links: list[tuple[str, str]] = []  # (link, the folder holding it)
 
     def walk(start: str) -> None:
@@ -75,7 +83,13 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
                     if _is_folder(entry):
                         links.append((entry.path, folder))
                         continue
-                    if not os.path.exists(entry.path):
+                    target = os.path.realpath(entry.path)
+                    try:
+                        holder = os.stat(os.path.dirname(target))
+                        identity = (holder.st_dev, holder.st_ino, os.path.basename(target))
+                    except OSError:
+                        identity = None
+                    if identity is None or not os.path.exists(entry.path):
                         said = f"{entry.path}: a link to {_target(entry.path)}, which does not exist"
                         if suffix in wanted:
                             raise error(f"{said}: restore its target, or remove the link")
@@ -84,10 +98,15 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
                 elif entry.is_dir(follow_symlinks=False):
                     subfolders.append(entry.path)
                     continue
-                if suffix in wanted:
-                    wanted[suffix].append(Path(entry.path))
                 else:
+                    identity = (real.st_dev, real.st_ino, entry.name)
+                if suffix not in wanted:
                     listed.other[suffix] += 1
+                elif identity in listed_files:
+                    listed.again += 1
+                else:
+                    listed_files.add(identity)
+                    wanted[suffix].append(Path(entry.path))
             stack.extend(reversed(subfolders))  # the first in name order is walked next
 
     walk(str(root))  # linked folders come after, in the order found
@@ -104,7 +123,8 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
         if any(_contains(real, spelled) for spelled in (*above, os.path.realpath(holder))):
             continue  # a folder above: the tree again, and whatever lies beside it
         walk(link)
-    return FolderFiles({suffix: sorted(paths) for suffix, paths in wanted.items()}, listed.other, listed.skipped)
+    return FolderFiles({suffix: sorted(paths) for suffix, paths in wanted.items()}, listed.other, listed.skipped,
+                       listed.again)
 
 
 def _contains(folder: str, path: str) -> bool:

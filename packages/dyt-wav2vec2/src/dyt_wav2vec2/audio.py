@@ -215,8 +215,8 @@ def manifest_from_folder(folder: Path, out: Path, on_bad: Callable[[AudioError],
     if not files:
         raise AudioError(f"{folder}: no {', '.join(AUDIO_SUFFIXES)} files"
                          + (f" (it holds {listed.other_kinds()})" if listed.other else " (hidden files and folders are not read)"))
-    if listed.other and on_other is not None:
-        on_other(f"left out {listed.other_kinds()}")
+    if (others := listed.other_kinds()) and on_other is not None:
+        on_other(f"left out {others}")
     utterances = []
     for path in files:
         try:
