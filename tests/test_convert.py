@@ -360,3 +360,105 @@ def test_a_conversion_refused_midway_leaves_the_model_as_it_was():
     assert [type(m) for m in model] == [nn.LayerNorm, nn.LayerNorm]
     report = convert_norms(model, NormConfig(kind="dyt"))
     assert [type(m) for m in model] == [DyT, DyT] and len(report.replaced) == 2
+
+
+class _LocalRMSNorm(nn.Module):
+    """An HF-style RMSNorm defined in the user's code: found by probing."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class _RunningRMSNorm(_LocalRMSNorm):
+    """An RMSNorm that counts its training calls: state the probe must not change."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+        return super().forward(x)
+
+
+class _ScaleNorm(nn.Module):
+    """``g x / ||x||`` with one scalar gain (Nguyen & Salazar 2019): no per-channel weight."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(1) * dim**0.5), 1e-5
+
+    def forward(self, x):
+        return self.weight * x / x.norm(dim=-1, keepdim=True).clamp(min=self.eps)
+
+
+def test_probing_a_norm_changes_nothing_of_it_and_fires_none_of_its_hooks():
+    """The probe ran the module itself: its state changed (a step count, a running statistic) and the
+    user's hooks saw the probe's input. It now runs a copy, hooks off."""
+    model = nn.Sequential(nn.Linear(8, 8), _RunningRMSNorm(8))
+    seen = []
+    model[1].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    model[1].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    assert classify_norm(model[1]).kind == "rmsnorm"
+    assert int(model[1].steps) == 0 and seen == []
+
+
+def test_a_scalar_gain_is_not_taken_for_one_channel():
+    """A ScaleNorm's one gain was read as a 1-channel RMSNorm's weight (any normalisation matches on one
+    channel): converted, the model then failed at its first forward. It is left alone, with why."""
+    model = nn.Sequential(nn.Linear(64, 64), _ScaleNorm(64))
+    with pytest.warns(UserWarning, match="convert_norms replaced nothing"):
+        report = convert_norms(model, "dyt")
+    assert report.replaced == [] and isinstance(model[1], _ScaleNorm)
+    assert "its weight is one number, not one per channel" in report.left_alone[0].reason
+    assert model(torch.randn(2, 64)).shape == (2, 64)
+    one = _LocalRMSNorm(1)
+    one.normalized_shape = (1,)  # a real 1-channel norm says so, and is converted
+    assert classify_norm(one).shape == (1,)
+
+
+def test_a_parametrized_norm_is_left_alone_and_said():
+    """A norm with a parametrized weight (``torch.nn.utils.parametrize``) was skipped without a word
+    when found by probing, and converted, its parametrization dropped, when an nn.LayerNorm."""
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs()
+
+    model = nn.Sequential(_LocalRMSNorm(8), nn.Linear(8, 8), _LocalRMSNorm(8), nn.LayerNorm(8),
+                          nn.Linear(8, 8))
+    for index in (2, 3, 4):
+        parametrize.register_parametrization(model[index], "weight", Positive())
+    report = convert_norms(model, "dyt")
+    assert [r.path for r in report.replaced] == ["0"]
+    reasons = {a.path: a.reason for a in report.left_alone}
+    assert set(reasons) == {"2", "3"}  # the parametrized Linear is no norm
+    assert all("parametrized (torch.nn.utils.parametrize)" in reason for reason in reasons.values())
+
+
+def test_converting_a_wrapped_model_is_refused_and_replaced_hooks_are_said():
+    """After DistributedDataParallel (or FSDP, or DeepSpeed) has taken a model's parameters, a new
+    layer's are not synchronised: each rank's DyT trained alone, silently. Hooks on a replaced layer
+    stayed on it, silently too."""
+
+    class DistributedDataParallel(nn.Module):  # the wrapper's name is what is checked: no process group needed
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    inner = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    with pytest.raises(ValueError, match=r"the model is a DistributedDataParallel, .* convert the norms first, then wrap"):
+        convert_norms(DistributedDataParallel(inner), "dyt")
+    with pytest.raises(ValueError, match=r"convert_norms: 1 is a DistributedDataParallel"):
+        convert_norms(nn.Sequential(nn.Linear(8, 8), DistributedDataParallel(nn.LayerNorm(8))), "dyt")
+    assert isinstance(inner[1], nn.LayerNorm)
+    inner[1].register_forward_hook(lambda module, args, out: None)
+    with pytest.warns(UserWarning, match=r"convert_norms: 1 had hooks of their own .* register them again"):
+        convert_norms(inner, "dyt")
+    assert isinstance(inner[1], DyT)

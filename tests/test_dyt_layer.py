@@ -176,6 +176,17 @@ def test_fold_dyt_into_linears(with_bias):
         dyt.fold_dyt(norm, torch.nn.Linear(5, 2))
 
 
+def test_the_folded_tanh_computes_in_float32_for_half_precision_input():
+    """``ScaledTanh`` rounded ``alpha * x`` to bf16 before the tanh: twice the error of the DyT it
+    stands for (whose math runs in float32); it now gives the float32 tanh rounded once."""
+    norm = DyT(256, alpha_init=0.37).to(torch.bfloat16)
+    tanh_only, _ = dyt.fold_dyt(norm, torch.nn.Linear(256, 4).to(torch.bfloat16))
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    once = torch.tanh(norm.alpha.float() * x.float()).to(torch.bfloat16)
+    got = tanh_only(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, once)
+
+
 def test_fold_dyt_refuses_what_folding_would_change():
     """Folding assumes each consumer computes x W^T + b and that the DyT has one output."""
 
@@ -346,3 +357,53 @@ def test_the_half_precision_check_catches_a_forward_computed_in_half_precision(d
     torch.testing.assert_close(in_half.double(), want, atol=TOL[dtype]["atol"], rtol=TOL[dtype]["rtol"])  # passed
     with pytest.raises(AssertionError, match="times the bound of one"):
         assert_output_close(in_half, want, dtype)
+
+
+def test_dyt_runs_on_dtensors_as_the_norms_it_replaces_do(tmp_path):
+    """Under torch's tensor parallelism (``SequenceParallel``, ``distribute_module``) a DyT gets
+    DTensors: it reshaped them to rows of channels for its kernels, which their sharding refused
+    ("Sharding propagation failed"), and the C++ kernel read no data ("its data is not allocated
+    yet"), where nn.LayerNorm and nn.RMSNorm run. Each backend now gives the plain formula's values
+    and gradients there (one process: a 1-rank gloo group, in a process of its own)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import copy, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+from dyt import DyT, ResidualDyT
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+torch.manual_seed(0)
+x = torch.randn(2, 4, 8)
+for backend in ("eager", "compiled", "cpu", "auto"):
+    plain = DyT(8, backend="eager", alpha_init=0.7)
+    with torch.no_grad():
+        plain.weight.normal_(), plain.bias.normal_()
+    layer = copy.deepcopy(plain)
+    layer.backend = backend
+    parallel = parallelize_module(torch.nn.Sequential(layer), mesh, {{"0": SequenceParallel()}})
+    y = parallel(x)
+    expected = plain(x)
+    torch.testing.assert_close(y.full_tensor(), expected)
+    y.full_tensor().square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad.full_tensor(), plain.weight.grad)
+    torch.testing.assert_close(layer.alpha.grad.full_tensor(), plain.alpha.grad)
+first = DyT(8, channels_last=False, backend="cpu")
+plain = copy.deepcopy(first)
+distribute_module(first, mesh)
+images = torch.randn(2, 8, 3, 5)
+torch.testing.assert_close(first(distribute_tensor(images, mesh, [Replicate()])).full_tensor(), plain(images))
+residual = ResidualDyT(8, backend="cpu")
+plain = copy.deepcopy(residual)
+distribute_module(residual, mesh)
+s, y = residual(*(distribute_tensor(t, mesh, [Replicate()]) for t in (x, 2 * x)))
+torch.testing.assert_close(y.full_tensor(), plain(x, 2 * x)[1])
+dist.destroy_process_group()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .modules import DyT, ResidualDyT
 from .norms import KINDS, ChannelsFirst, NoNorm, NormConfig, make_norm
@@ -139,16 +140,42 @@ def _probe_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+PROBE_MAX_ELEMENTS = 2**20
+"""A norm-like module holding more than this many parameter and buffer elements is no norm layer
+(one over even 65536 channels holds 131072): it is not copied to be probed."""
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _quiet_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` to run for the probe, its hooks taken off: probing the module itself
+    changed its state (a running statistic, a step count) and fired the user's hooks on the probe's
+    input."""
+    clone = copy.deepcopy(module)
+    for part in clone.modules():
+        for name in _HOOKS:
+            if isinstance(hooks := getattr(part, name, None), dict):
+                hooks.clear()
+    return clone
+
+
+WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
+"""Classes (by name: their packages need not be importable here) that take a model's parameters when
+they wrap it, so that a layer put in after wrapping is not synchronised, sharded or optimised."""
+
+
 def _is_exact(module: nn.Module, cls: type) -> bool:
     """An instance of ``cls`` whose forward is ``cls``'s own (subclasses may change the layout)."""
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
-def _looks_norm_like(module: nn.Module) -> bool:
-    if type(module).__module__.startswith("torch.nn.utils.parametriz"):
+def _looks_norm_like(module: nn.Module, cls: type | None = None) -> bool:
+    """An epsilon, or "norm" in the name of its class (``cls``, else the module's own)."""
+    cls = cls or type(module)
+    if cls.__module__.startswith("torch.nn.utils.parametriz"):
         return False  # weight-norm parametrizations reshape weights, not activations
     has_eps = any(isinstance(getattr(module, a, None), float) for a in ("eps", "variance_epsilon"))
-    return has_eps or "norm" in type(module).__name__.lower()
+    return has_eps or "norm" in cls.__name__.lower()
 
 
 def _reference(kind: str, x: torch.Tensor, eps: float, weight, bias) -> torch.Tensor:
@@ -167,16 +194,24 @@ def _probe(module: nn.Module) -> NormInfo | str:
     of it), channels-last, then channels-first on 3-D and on 4-D input (an image model's
     ``LayerNorm2d``); a string says why it was not."""
     device, dtype = _placement(module)
-    runs = module
+    if (size := sum(t.numel() for t in (*module.parameters(), *module.buffers()))) > PROBE_MAX_ELEMENTS:
+        return f"holds {size} parameter and buffer elements, more than a norm layer's"
     if device is not None and device.type == "meta":
         runs = _probe_copy(module)
         device = torch.device("cpu")
-    weight, bias = _affine(runs)
-    if weight is not None and weight.ndim == 1:
-        channels = weight.shape[0]
     else:
-        shape = getattr(module, "normalized_shape", None)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
+        try:
+            runs = _quiet_copy(module)
+        except Exception as error:  # noqa: BLE001 - whatever a module's own __deepcopy__ raises
+            return f"cannot be copied to be probed ({type(error).__name__}: {error})"
+    weight, bias = _affine(runs)
+    shape = getattr(module, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
+    if weight is not None and weight.ndim == 1 and (weight.shape[0] != 1 or shape == (1,)):
+        channels = weight.shape[0]
+    elif weight is not None and weight.numel() == 1:
+        return "its weight is one number, not one per channel (a ScaleNorm's gain?), and DyT's is per channel"
+    else:
         if len(shape) != 1:
             return "cannot tell its channel count (no 1-D weight or normalized_shape)"
         channels = shape[0]
@@ -193,7 +228,7 @@ def _probe(module: nn.Module) -> NormInfo | str:
         probe_in = given if channels_last else given.movedim(-1, 1)
         try:
             with torch.no_grad():
-                out = runs(probe_in.to(dtype))
+                out = runs.forward(probe_in.to(dtype))  # forward, not __call__: no global hooks either
         except Exception:  # noqa: BLE001 - a failed probe just means "not this layout"
             continue
         if not isinstance(out, torch.Tensor) or out.shape != probe_in.shape:
@@ -209,6 +244,12 @@ def _probe(module: nn.Module) -> NormInfo | str:
 def classify_norm(module: nn.Module) -> NormInfo | str | None:
     """NormInfo for a convertible norm layer, a reason string for a norm-like module that is not
     convertible, None for anything else."""
+    if parametrize.is_parametrized(module):
+        original = type(module).__bases__[0]  # the class register_parametrization put its own over
+        if issubclass(original, (nn.LayerNorm, nn.RMSNorm, DyT, NoNorm)) or _looks_norm_like(module, original):
+            return ("a parameter of it is parametrized (torch.nn.utils.parametrize), which a new layer would not keep: "
+                    "convert before parametrizing, or remove the parametrization first")
+        return None
     if isinstance(module, ResidualDyT):
         return ("a residual add fused with DyT (two inputs, two outputs): no one-input norm stands in for it; "
                 "change the model's code instead")
@@ -320,6 +361,8 @@ def convert_norms(
 
     Returns a :class:`ConversionReport`. Layers already of the target kind stay as they are. A layer
     that cannot be converted raises before any is replaced: the model is converted whole or not at all.
+    A model already wrapped (:data:`WRAPPERS`: DDP, FSDP, a DeepSpeed engine) is refused: convert, then
+    wrap. Hooks of a replaced layer stay on it, and a warning names such layers.
     """
     keep_bias = isinstance(to, str)
     if not (keep_bias or isinstance(to, NormConfig)):
@@ -330,7 +373,13 @@ def convert_norms(
     if target.layer_kind == "dyt" and target.alpha_policy == "llm" and role_of is None and "default" not in target.alpha_init:
         raise ValueError("alpha_policy 'llm' sets alpha0 by each layer's role: give convert_norms a role_of "
                          "(path -> attention / ffn / final / input / default), e.g. a recipe's SPEC.role_of")
+    if wrapped := next(((path, cls.__name__) for path, part in model.named_modules() for cls in type(part).__mro__
+                        if cls.__name__ in WRAPPERS), None):
+        raise ValueError(f"convert_norms: {wrapped[0] or 'the model'} is a {wrapped[1]}, which has taken the model's "
+                         "parameters to synchronise, shard or optimise: a new layer's would train on each rank alone; "
+                         "convert the norms first, then wrap the model")
     report = ConversionReport(target=target.kind)
+    hooked: list[str] = []  # replaced layers with hooks of their own, which the new layers do not get
     swapped: dict[int, nn.Module] = {}
     placed: list[tuple[str, str, nn.Module]] = []  # (parent path, name, new layer): placed once all are built
     any_norm_module = False
@@ -358,6 +407,8 @@ def convert_norms(
                 found = dataclasses.replace(found, **dict(zip(("device", "dtype"), _ancestor_placement(model, path))))
             swapped[id(module)] = build_norm(found, layer_target, copy_affine=copy_affine, role=role).train(module.training)
         new = swapped[id(module)]
+        if any(getattr(module, hooks, None) for hooks in _HOOKS):
+            hooked.append(path)
         parent_path, _, name = path.rpartition(".")
         placed.append((parent_path, name, new))
         affine_had = (found.weight is not None) + (found.bias is not None)
@@ -369,6 +420,9 @@ def convert_norms(
     # model as it was instead of half converted
     for parent_path, name, new in placed:
         setattr(model.get_submodule(parent_path), name, new)
+    if hooked:
+        warnings.warn(f"convert_norms: {', '.join(hooked)} had hooks of their own (forward or backward), which stay "
+                      "on the layers replaced, not on the new ones: register them again on the new layers", stacklevel=2)
     if not any_norm_module:
         warnings.warn("convert_norms replaced nothing: the model has no LayerNorm / RMSNorm / DyT module to convert "
                       "(a norm computed by a function in a forward, F.layer_norm or F.rms_norm, is no module and is "

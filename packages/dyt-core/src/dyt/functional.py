@@ -7,10 +7,10 @@ import warnings
 
 import torch
 from torch.autograd import forward_ad
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
 from .backends import BACKENDS, select_backend
-from .kernels.eager import check_squash
+from .kernels.eager import check_squash, dyt_eager
 
 
 def _plain_formula_needed() -> bool:
@@ -27,6 +27,30 @@ def _check_trailing(x: torch.Tensor, weight: torch.Tensor) -> None:
     """Channels-last DyT needs x's trailing dims to be weight's shape (never a silent reshape)."""
     if tuple(x.shape[x.ndim - weight.ndim :]) != tuple(weight.shape):
         raise ValueError(f"DyT over trailing dims {tuple(weight.shape)} got input of shape {tuple(x.shape)}")
+
+
+def _check_channels_first(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.ndim != 1 or x.ndim < 2 or x.shape[1] != weight.shape[0]:
+        raise ValueError(f"channels-first DyT with {weight.numel()} channels got input of shape {tuple(x.shape)}")
+
+
+def _wrapper_subclass(x: torch.Tensor) -> bool:
+    """A DTensor or another wrapper subclass (checked for ``x`` alone: its parameters follow it)."""
+    return type(x) is not torch.Tensor and is_traceable_wrapper_subclass(x)
+
+
+def _broadcast_formula(x, alpha, weight, bias, channels_last: bool, squash: str) -> torch.Tensor:
+    """The eager formula on ``x``'s own shape, the parameters broadcast over it, for a tensor subclass
+    (a DTensor of tensor or sequence parallelism): reshaping it to rows of channels, as the kernels
+    need, fails its sharding, and no C++ kernel sees a subclass's local shards."""
+    if channels_last:
+        _check_trailing(x, weight)
+    else:
+        _check_channels_first(x, weight)
+        view = (weight.shape[0],) + (1,) * (x.ndim - 2)
+        weight, bias = weight.reshape(view), None if bias is None else bias.reshape(view)
+        alpha = alpha.reshape(view) if alpha.numel() != 1 else alpha
+    return dyt_eager(x, alpha, weight, bias, squash)
 
 
 def _check_operands(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -85,6 +109,8 @@ def _dyt(x, alpha, weight, bias, channels_last, backend, squash) -> torch.Tensor
     channel_alpha = alpha.numel() != 1
     if channel_alpha and alpha.shape != weight.shape:
         raise ValueError(f"alpha must have one element or weight's shape {tuple(weight.shape)}, got {tuple(alpha.shape)}")
+    if _wrapper_subclass(x):
+        return _broadcast_formula(x, alpha, weight, bias, channels_last, squash)
     if channels_last:
         _check_trailing(x, weight)
         channels = weight.numel()
@@ -96,10 +122,7 @@ def _dyt(x, alpha, weight, bias, channels_last, backend, squash) -> torch.Tensor
         a = alpha.reshape(channels) if channel_alpha and alpha.ndim != 1 else alpha
         reduce_dims: tuple[int, ...] = (0,)
     else:
-        if weight.ndim != 1 or x.ndim < 2 or x.shape[1] != weight.shape[0]:
-            raise ValueError(
-                f"channels-first DyT with {weight.numel()} channels got input of shape {tuple(x.shape)}"
-            )
+        _check_channels_first(x, weight)
         channels = weight.shape[0]
         canonical = x.reshape(x.shape[0], channels, math.prod(x.shape[2:]))  # an explicit size: an empty batch too
         w, b = weight.reshape(channels, 1), None if bias is None else bias.reshape(channels, 1)
@@ -151,7 +174,7 @@ def _residual_dyt(x, residual, alpha, weight, bias, backend, squash) -> tuple[to
         x, residual = x.to(wider), residual.to(wider)
     impl = (BACKENDS["eager"] if _plain_formula_needed()
             else select_backend(backend, x.device, x.numel(), squash, alpha.numel() != 1))
-    if impl.apply_residual is None or x.numel() == 0:
+    if impl.apply_residual is None or x.numel() == 0 or _wrapper_subclass(x):
         s = x + residual
         return s, dyt(s, alpha, weight, bias, backend=backend, squash=squash)
     _check_trailing(x, weight)

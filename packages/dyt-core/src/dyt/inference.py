@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .convert import _is_exact
+from .kernels import compute_dtype
 from .kernels.eager import SQUASH_FUNCTIONS, check_squash
 from .modules import DyT, ResidualDyT
 
@@ -24,7 +25,8 @@ class ScaledTanh(nn.Module):
         self.squash = check_squash(squash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SQUASH_FUNCTIONS[self.squash](self.alpha.to(x.dtype) * x)
+        ct = compute_dtype(x, self.alpha)  # float32 math for half-precision input, as DyT's own
+        return SQUASH_FUNCTIONS[self.squash](self.alpha.to(ct) * x.to(ct)).to(x.dtype)
 
 
 @torch.no_grad()
