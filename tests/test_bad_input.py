@@ -715,6 +715,14 @@ def test_an_error_every_rank_hits_is_printed_once(tmp_path):
     assert "Traceback" not in out
 
 
+def _communication_op_built(tmp: Path) -> None:
+    """DeepSpeed's CPU communication op, built (once per machine) before a run under a file-size limit
+    loads it: its compiler, started by that run, inherits the limit and dies on its first object file."""
+    code = "from dyt.train.distributed import load_cpu_communication_op; load_cpu_communication_op()"
+    done = subprocess.run([sys.executable, "-c", code], env=_env(tmp), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _file_size_limit(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
@@ -764,6 +772,7 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(t
 
     first = train(2)
     assert first.returncode == 0, first.stderr[-3000:]
+    _communication_op_built(tmp_path)
     model_file = out / "checkpoints/step_00000002/mp_rank_00_model_states.pt"
     limit = model_file.stat().st_size // 2  # metrics.jsonl and config.yaml stay far below it
     full = train(4, "--resume", limit=limit)
@@ -812,6 +821,7 @@ def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
                 proc.kill()
         return [(proc.returncode, stdout, stderr) for proc, (stdout, stderr) in zip(procs, said)]
 
+    _communication_op_built(tmp_path)
     ranks = train(limit=3000)  # above the start-up files rank 1 writes, below its ZeRO-3 shards
     assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
     last = ranks[0][2].strip().splitlines()[-1]
