@@ -11,6 +11,7 @@ every selected case still reports as its own test.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.metadata
 import json
@@ -715,10 +716,12 @@ def test_an_error_every_rank_hits_is_printed_once(tmp_path):
     assert "Traceback" not in out
 
 
-def _communication_op_built(tmp: Path) -> None:
-    """DeepSpeed's CPU communication op, built (once per machine) before a run under a file-size limit
-    loads it: its compiler, started by that run, inherits the limit and dies on its first object file."""
-    code = "from dyt.train.distributed import load_cpu_communication_op; load_cpu_communication_op()"
+def _extensions_built(tmp: Path) -> None:
+    """DeepSpeed's CPU communication op and DyT's cpu kernels, built (once per machine) before a run
+    under a file-size limit loads them: a compiler started by that run inherits the limit and dies on
+    its first object file."""
+    code = ("from dyt.train.distributed import load_cpu_communication_op; load_cpu_communication_op()\n"
+            "from dyt.kernels import cpu_fused; cpu_fused.load()")
     done = subprocess.run([sys.executable, "-c", code], env=_env(tmp), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -772,7 +775,7 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(t
 
     first = train(2)
     assert first.returncode == 0, first.stderr[-3000:]
-    _communication_op_built(tmp_path)
+    _extensions_built(tmp_path)
     model_file = out / "checkpoints/step_00000002/mp_rank_00_model_states.pt"
     limit = model_file.stat().st_size // 2  # metrics.jsonl and config.yaml stay far below it
     full = train(4, "--resume", limit=limit)
@@ -810,18 +813,22 @@ def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
                "train.steps=4", "--set", "train.save_every=2", "--set", "train.eval_every=0", "--set",
                "train.tensorboard=false", "--set", "train.progress=false", "--set", "model.width=64", "--set",
                "train.zero_stage=3", *extra]
-        procs = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  preexec_fn=_file_size_limit(limit) if limit and rank == 1 else None)
-                 for rank in (0, 1)]
-        try:
-            said = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
-        finally:
-            for proc in procs:
-                proc.kill()
-        return [(proc.returncode, stdout, stderr) for proc, (stdout, stderr) in zip(procs, said)]
+        logs = [(tmp_path / f"rank{rank}.out", tmp_path / f"rank{rank}.err") for rank in (0, 1)]  # no pipe to fill
+        with contextlib.ExitStack() as files:
+            procs = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                      stdout=files.enter_context(open(out, "w")),
+                                      stderr=files.enter_context(open(err, "w")),
+                                      preexec_fn=_file_size_limit(limit) if limit and rank == 1 else None)
+                     for rank, (out, err) in enumerate(logs)]
+            try:
+                for proc in procs:
+                    proc.wait(timeout=TIMEOUT_S)
+            finally:
+                for proc in procs:
+                    proc.kill()
+        return [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(procs, logs)]
 
-    _communication_op_built(tmp_path)
+    _extensions_built(tmp_path)
     ranks = train(limit=3000)  # above the start-up files rank 1 writes, below its ZeRO-3 shards
     assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
     last = ranks[0][2].strip().splitlines()[-1]

@@ -400,12 +400,21 @@ class _ScaleNorm(nn.Module):
 def test_probing_a_norm_changes_nothing_of_it_and_fires_none_of_its_hooks():
     """The probe ran the module itself: its state changed (a step count, a running statistic) and the
     user's hooks saw the probe's input. It now runs a copy, hooks off."""
+    import threading
+
+    class Recorder:  # a hook's owner that cannot be copied (a lock), as a logger or writer holds
+        def __init__(self):
+            self.lock, self.seen = threading.Lock(), []
+
+        def hook(self, module, args, out):
+            self.seen.append(args[0].shape)
+
     model = nn.Sequential(nn.Linear(8, 8), _RunningRMSNorm(8))
-    seen = []
-    model[1].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
-    model[1].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    recorder = Recorder()
+    model[1].register_forward_hook(recorder.hook)
+    model[1].register_forward_pre_hook(lambda module, args: recorder.seen.append("pre"))
     assert classify_norm(model[1]).kind == "rmsnorm"
-    assert int(model[1].steps) == 0 and seen == []
+    assert int(model[1].steps) == 0 and recorder.seen == []
 
 
 def test_a_scalar_gain_is_not_taken_for_one_channel():

@@ -453,14 +453,14 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     (root / "again").symlink_to(outside)  # the same folder twice: listed once, by the first link found
     (outside / "loop").symlink_to(root)  # a loop back: adds nothing
     (root / "up").symlink_to(tmp_path)  # a folder above: adds nothing, nor what lies beside the root
-    (root / "file-link.txt").symlink_to(outside / "a.txt")  # found first; again/a.txt, the same file, is not listed
+    (root / "file-link.txt").symlink_to(outside / "a.txt")  # the same file as again/a.txt: listed once, by its name
     (root / "gone").symlink_to(tmp_path / "no-such-folder")
     (tmp_path / "beside.txt").write_text("x")
     listed = files_by_suffix(root, [".txt", ".jsonl"], ValueError)
-    assert [p.relative_to(root).as_posix() for p in listed.found[".txt"]] == ["data/c.txt", "file-link.txt"]
+    assert [p.relative_to(root).as_posix() for p in listed.found[".txt"]] == ["again/a.txt", "data/c.txt"]
     assert listed.found[".jsonl"] == [] and listed.other == {".md": 1, ".TXT": 1} and listed.again == 1
     assert [p.relative_to(root).as_posix() for p in files_by_suffix(root, [".txt"], any_case=True).found[".txt"]] == [
-        "again/deep/b.TXT", "data/c.txt", "file-link.txt"]
+        "again/a.txt", "again/deep/b.TXT", "data/c.txt"]
     assert listed.other_kinds() == (f"2 file(s) of other kinds (.md: 1, .TXT: 1) and 1 folder(s) that cannot be listed or "
                                     f"link(s) to nothing: {root / 'gone'}: "
                                     f"a link to '{tmp_path / 'no-such-folder'}', which does not exist and 1 file(s) "
@@ -478,8 +478,11 @@ def test_a_data_folder_is_listed_through_links_without_hidden_names(tmp_path):
     (tmp_path / "top" / "other.txt").write_text("x")
     through = files_by_suffix(tmp_path / "top" / "r", [".txt"])
     assert [p.relative_to(tmp_path / "top" / "r").as_posix() for p in through.found[".txt"]] == [
-        "data/c.txt", "file-link.txt"]
+        "again/a.txt", "data/c.txt"]
     (root / "to-top").unlink()
+    (root / "a-link.txt").symlink_to(root / "data" / "c.txt")  # found before its target: the target's name is kept
+    assert files_by_suffix(root, [".txt"]).found == {".txt": listed.found[".txt"]}
+    (root / "a-link.txt").unlink()
     stat, stated = os.stat, []
     with pytest.MonkeyPatch.context() as patch:  # a listing stats folders and links, not each of perhaps millions of files
         patch.setattr(os, "stat", lambda path, *a, **k: stated.append(os.fspath(path)) or stat(path, *a, **k))

@@ -993,9 +993,10 @@ def test_the_eval_writes_each_seed_to_out_as_it_finishes_and_resumes_from_it(tmp
         dna_eval.main(command)
     assert calls == [3, 5]
     stored = json.loads(out.read_text())["evals"]["bench"]
-    assert [(row["seed"], row["task"], row["device"]) for row in stored["seeds"].values()] == [(3, "bench", "cpu")]
+    assert [(row["seed"], row["task"], row["device"], row["run"]) for row in stored["seeds"].values()] == [
+        (3, "bench", "cpu", str(run))]
     settings = stored["settings"]
-    assert settings["run"] == str(run.resolve()) and settings["checkpoint_step"] == 1 and settings["pretrained"]
+    assert settings["checkpoint_step"] == 1 and settings["pretrained"] and len(settings["run_config"]) == 16
     assert settings["finetune"]["epochs"] == 1 and settings["task_files"]["task"] == "bench"
     capsys.readouterr()
     results = dna_eval.main(command)
@@ -1031,9 +1032,14 @@ def test_the_eval_refuses_an_out_that_holds_something_else(tmp_path, capsys):
     assert refused([*command[:-3], "2", "--out", str(out)]) == (
         f"dyt_dna.eval: output error: --out {out} holds bench results of other settings (finetune.epochs 1 -> 2): "
         "give another --out, or delete it to replace them")
-    assert "(checkpoint_step 1 -> '(none)'; pretrained True -> False)" in refused([*command, "--random-init"])
     assert out.read_text() == before
+    evaluate([*command, "--random-init"])  # the untrained row is stored beside the pretrained one
+    assert sorted(json.loads(out.read_text())["evals"]) == ["bench", "bench-random-init"]
+    before = out.read_text()
     config = run / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: 7"))  # the run trained anew, in the same folder
+    assert "holds bench results of other settings (run_config '" in refused(command)
+    assert out.read_text() == before
     kept = config.read_text()
     assert refused([*command[:-1], str(config)]) == (
         f"dyt_dna.eval: output error: --out {config} exists and is not a results file an eval writes (since "

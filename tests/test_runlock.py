@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from dyt.train import run_recipe, runlock
 from dyt.train.checkpoint import LAUNCHES, record_launch, recorded_launches
@@ -199,3 +200,38 @@ def test_a_checkpoint_pruned_while_an_eval_reads_it_is_said_so(tmp_path, monkeyp
     monkeypatch.setattr(torch, "load", pruned_meanwhile)
     with pytest.raises(CheckpointLoadError, match="step_00000002 was deleted while its weights were read"):
         trained_weights(run)
+
+
+def test_an_eval_reads_the_checkpoint_it_names_whatever_is_saved_meanwhile(tmp_path):
+    """An eval names the checkpoint it reads in its results; a launch training the run on saved newer
+    ones meanwhile, and the weights read were the newest: results of one checkpoint under another's
+    step. Pinned, the named one is read, and one pruned meanwhile is said so."""
+    from dyt.train.checkpoint import CheckpointLoadError, checkpoint_pinned, trained_weights
+
+    run = tmp_path / "run"
+    _train(run, steps=4)  # checkpoints of steps 2 and 4
+    newest, older = trained_weights(run), None
+    with checkpoint_pinned(run, 2):
+        older = trained_weights(run)
+        assert trained_weights(tmp_path / ".." / tmp_path.name / "run").keys() == older.keys()  # any spelling of it
+    assert any(not torch.equal(older[name], newest[name]) for name in newest)
+    assert all(torch.equal(trained_weights(run)[name], newest[name]) for name in newest)  # the pin ends with its block
+    with checkpoint_pinned(run, 6), pytest.raises(CheckpointLoadError, match="step_00000006, the checkpoint this eval "
+                                                                           "reads, is gone"):
+        trained_weights(run)
+
+
+def test_a_launch_is_not_refused_while_an_eval_asks_who_writes_the_run(tmp_path):
+    """``holder`` holds a shared lock for a moment; a launch starting then was refused, naming the
+    last writer (perhaps long gone). The launch tries again for a moment before refusing."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "run"
+    with runlock.holding(run, "launch"):
+        pass
+    fd = os.open(run / runlock.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what holder() takes while it asks
+    threading.Timer(0.15, os.close, args=(fd,)).start()
+    with runlock.holding(run, "launch"):
+        pass

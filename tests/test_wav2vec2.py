@@ -749,20 +749,23 @@ def test_the_eval_writes_each_seed_to_out_as_it_finishes_and_resumes_from_it(spe
     with pytest.raises(KeyboardInterrupt):
         w2v_eval.main(command)
     stored = json.loads(out.read_text())["evals"]
-    assert {name: list(entry["seeds"]) for name, entry in stored.items()} == {"contrastive": ["0", "1"], "ctc": ["0"]}
-    assert stored["ctc"]["settings"]["ctc"]["steps"] == w2v_eval.CTCSettings.steps
-    assert stored["ctc"]["settings"]["speech"].startswith("manifests-") and not stored["ctc"]["settings"]["pretrained"]
+    assert {name: list(entry["seeds"]) for name, entry in stored.items()} == {
+        "contrastive-random-init": ["0", "1"], "ctc-random-init": ["0"]}
+    settings = stored["ctc-random-init"]["settings"]
+    assert settings["ctc"]["steps"] == w2v_eval.CTCSettings.steps and not settings["pretrained"]
+    assert settings["speech"].startswith("manifests-") and stored["ctc-random-init"]["seeds"]["0"]["run"] == str(run)
     assert "ctc seed 0: cer on unseen voices 0.000, wer on unseen voices 0.000" in capsys.readouterr().out
     results_now = w2v_eval.main(command)
     assert computed == [("contrastive", 0), ("contrastive", 1), ("ctc", 0), ("ctc", 1)]
     assert [row["seed"] for row in results_now["ctc"]] == [0, 1]
     said = capsys.readouterr().out
-    assert "contrastive: seeds [0, 1] read back from" in said and "ctc: seeds [0] read back from" in said
-    assert list(json.loads(out.read_text())["evals"]["ctc"]["seeds"]) == ["0", "1"]
+    assert "contrastive-random-init: seeds [0, 1] read back from" in said and "ctc-random-init: seeds [0] read back" in said
+    assert list(json.loads(out.read_text())["evals"]["ctc-random-init"]["seeds"]) == ["0", "1"]
     (tmp_path / "sentences-test.wrd").write_text("please enter your account number\nalpha\nx\n")
     with pytest.raises(SystemExit):  # other speech: refused, not replaced
         w2v_eval.main(command)
-    assert "holds contrastive results of other settings (speech 'manifests-" in capsys.readouterr().err
+    assert "holds contrastive-random-init results of other settings (speech 'manifests-" in capsys.readouterr().err
+    assert computed[4:] == []  # refused before any eval computed
 
 
 def test_the_eval_checks_the_transcripts_it_scores_before_any_work(speech, tmp_path, capsys):

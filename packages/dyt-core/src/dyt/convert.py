@@ -151,12 +151,11 @@ def _quiet_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` to run for the probe, its hooks taken off: probing the module itself
     changed its state (a running statistic, a step count) and fired the user's hooks on the probe's
     input."""
-    clone = copy.deepcopy(module)
-    for part in clone.modules():
-        for name in _HOOKS:
-            if isinstance(hooks := getattr(part, name, None), dict):
-                hooks.clear()
-    return clone
+    # each hook table copied as an empty one: the hooks themselves (a method of an object holding a
+    # lock or a file, of the whole model) are never copied
+    memo = {id(hooks): type(hooks)() for part in module.modules() for name in _HOOKS
+            if isinstance(hooks := getattr(part, name, None), dict)}
+    return copy.deepcopy(module, memo)
 
 
 WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})

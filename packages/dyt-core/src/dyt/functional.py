@@ -9,7 +9,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
-from .backends import BACKENDS, select_backend
+from .backends import BACKENDS, check_backend_name, select_backend
 from .kernels.eager import check_squash, dyt_eager
 
 
@@ -34,15 +34,24 @@ def _check_channels_first(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"channels-first DyT with {weight.numel()} channels got input of shape {tuple(x.shape)}")
 
 
+def _shape_checks_fixed_by_the_trace() -> warnings.catch_warnings:
+    """Under ``torch.jit.trace`` every size is a tensor, so each shape check of DyT warned
+    (TracerWarning) that its answer is fixed in the trace. It is meant to be: they read the
+    parameters' shapes, which a traced module keeps, and the input's trailing dims, which its weight
+    fixes. Only DyT's own checks run inside, so the caller's code still warns."""
+    return warnings.catch_warnings(action="ignore", category=torch.jit.TracerWarning)
+
+
 def _wrapper_subclass(x: torch.Tensor) -> bool:
     """A DTensor or another wrapper subclass (checked for ``x`` alone: its parameters follow it)."""
     return type(x) is not torch.Tensor and is_traceable_wrapper_subclass(x)
 
 
 def _broadcast_formula(x, alpha, weight, bias, channels_last: bool, squash: str) -> torch.Tensor:
-    """The eager formula on ``x``'s own shape, the parameters broadcast over it, for a tensor subclass
-    (a DTensor of tensor or sequence parallelism): reshaping it to rows of channels, as the kernels
-    need, fails its sharding, and no C++ kernel sees a subclass's local shards."""
+    """The eager formula on ``x``'s own shape, the parameters broadcast over it: for a tensor subclass
+    (a DTensor of tensor or sequence parallelism: reshaping it to rows of channels, as the kernels
+    need, fails its sharding, and no C++ kernel sees a subclass's local shards), and under
+    ``torch.jit.trace`` (a channels-last trace then takes inputs of any rank)."""
     if channels_last:
         _check_trailing(x, weight)
     else:
@@ -89,27 +98,18 @@ def dyt(
 
     Math runs in float32 (float64 for float64 inputs); the result has ``x``'s dtype.
     """
-    if torch.jit.is_tracing():
-        with _shape_checks_fixed_by_the_trace():
-            return _dyt(x, alpha, weight, bias, channels_last, backend, squash)
-    return _dyt(x, alpha, weight, bias, channels_last, backend, squash)
-
-
-def _shape_checks_fixed_by_the_trace() -> warnings.catch_warnings:
-    """Under ``torch.jit.trace`` every size is a tensor, so each shape check and branch of DyT warned
-    (TracerWarning) that its answer is fixed in the trace. It is meant to be: they read the
-    parameters' shapes, which a traced module keeps, and the input's trailing dims, which its weight
-    fixes. Only DyT's own lines run inside, so the caller's code still warns."""
-    return warnings.catch_warnings(action="ignore", category=torch.jit.TracerWarning)
-
-
-def _dyt(x, alpha, weight, bias, channels_last, backend, squash) -> torch.Tensor:
     check_squash(squash)
+    if torch._C._is_tracing():
+        with _shape_checks_fixed_by_the_trace():
+            _check_operands(x, alpha, weight, bias)
+            return _broadcast_formula(x, alpha, weight, bias, channels_last, squash)
     _check_operands(x, alpha, weight, bias)
     channel_alpha = alpha.numel() != 1
     if channel_alpha and alpha.shape != weight.shape:
         raise ValueError(f"alpha must have one element or weight's shape {tuple(weight.shape)}, got {tuple(alpha.shape)}")
-    if _wrapper_subclass(x):
+    if type(x) is not torch.Tensor and is_traceable_wrapper_subclass(x):  # a DTensor
+        if backend is not None:
+            check_backend_name(backend)
         return _broadcast_formula(x, alpha, weight, bias, channels_last, squash)
     if channels_last:
         _check_trailing(x, weight)
@@ -158,13 +158,9 @@ def residual_dyt(
     :func:`dyt`. Channels-last only. ``x`` and ``residual`` of two dtypes are added in the wider one,
     as ``x + residual`` would be, on every backend.
     """
-    if torch.jit.is_tracing():
-        with _shape_checks_fixed_by_the_trace():
-            return _residual_dyt(x, residual, alpha, weight, bias, backend, squash)
-    return _residual_dyt(x, residual, alpha, weight, bias, backend, squash)
-
-
-def _residual_dyt(x, residual, alpha, weight, bias, backend, squash) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch._C._is_tracing() or _wrapper_subclass(x):  # a trace records the add; a DTensor takes no kernel
+        s = x + residual
+        return s, dyt(s, alpha, weight, bias, backend=backend, squash=squash)
     _check_operands(x, alpha, weight, bias)
     if not isinstance(residual, torch.Tensor) or x.shape != residual.shape:
         shown = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
@@ -174,7 +170,7 @@ def _residual_dyt(x, residual, alpha, weight, bias, backend, squash) -> tuple[to
         x, residual = x.to(wider), residual.to(wider)
     impl = (BACKENDS["eager"] if _plain_formula_needed()
             else select_backend(backend, x.device, x.numel(), squash, alpha.numel() != 1))
-    if impl.apply_residual is None or x.numel() == 0 or _wrapper_subclass(x):
+    if impl.apply_residual is None or x.numel() == 0:
         s = x + residual
         return s, dyt(s, alpha, weight, bias, backend=backend, squash=squash)
     _check_trailing(x, weight)

@@ -44,9 +44,9 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     One walk of the folder itself, then of each linked folder that leads out of it (each real folder
     once, so a folder reached both ways keeps the spelling without the link; a link up to a folder
     above the root, or above the folder that holds the link, adds nothing: it would bring in what lies
-    beside). A file reached twice (a link to a file that is listed too) is listed where it was found
-    first, and counted in :attr:`FolderFiles.again`: read twice, a document would weigh double in
-    training. Hidden names (a dot first: an editor's
+    beside). A file reached twice (a link to a file that is listed too) is listed once, by its own
+    name where that is reached (else where found first), and counted in :attr:`FolderFiles.again`:
+    read twice, a document would weigh double in training. Hidden names (a dot first: an editor's
     ``.ipynb_checkpoints`` holds older copies, macOS's ``._*`` files are not data) are skipped. A
     folder that cannot be listed (``lost+found``) or a link to nothing is left out and named in
     :attr:`FolderFiles.skipped`; a file with a wanted suffix that is a link to nothing is ``error``
@@ -54,7 +54,8 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
     wanted = {(suffix.lower() if any_case else suffix): [] for suffix in suffixes}
     listed = FolderFiles(wanted)
     seen: set[tuple[int, int]] = set()
-    listed_files: set[tuple[int, int, str]] = set()  # (its real folder's device and inode, its name)
+    # a file's (real folder's device and inode, name) -> (its suffix, its place in that list, found by a link)
+    listed_files: dict[tuple[int, int, str], tuple[str, int, bool]] = {}
     links: list[tuple[str, str]] = []  # (link, the folder holding it)
 
     def walk(start: str) -> None:
@@ -104,8 +105,12 @@ def files_by_suffix(root: Path, suffixes: Iterable[str], error: type[Exception] 
                     listed.other[suffix] += 1
                 elif identity in listed_files:
                     listed.again += 1
+                    kind, place, by_link = listed_files[identity]
+                    if by_link and not entry.is_symlink():  # the file's own spelling, not a link's
+                        wanted[kind][place] = Path(entry.path)
+                        listed_files[identity] = (kind, place, False)
                 else:
-                    listed_files.add(identity)
+                    listed_files[identity] = (suffix, len(wanted[suffix]), entry.is_symlink())
                     wanted[suffix].append(Path(entry.path))
             stack.extend(reversed(subfolders))  # the first in name order is walked next
 

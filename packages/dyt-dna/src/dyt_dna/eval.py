@@ -13,6 +13,7 @@ Fine-tuning runs on a CUDA GPU where torch sees one (``--device``), else on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.checkpoint import evaluated_checkpoint
+from dyt.train.checkpoint import checkpoint_pinned, config_digest, evaluated_checkpoint
 from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import eval_out_seeds, mean_std, read_eval_out
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
@@ -223,12 +224,17 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
         print(f"{task.name}: {task.note}", flush=True)
     cfg = finetune_for(finetune_settings(args), len(task.train))
     pretrained = not args.random_init
-    settings = {"run": str(args.run.resolve()), "pretrained": pretrained, "finetune": asdict(cfg),
-                "window": args.eval_window, "per_class": args.per_class, "truncate": args.truncate,
-                "task_files": task_signature(task, args.task in BUILTIN_TASKS)}
+    name = task.name if pretrained else f"{task.name}-random-init"  # both may share one --out
+    settings = {"run_config": config_digest(args.run), "pretrained": pretrained, "finetune": asdict(cfg),
+                "window": args.eval_window, "per_class": args.per_class,
+                "task_files": task_signature(task, args.task in BUILTIN_TASKS)}  # what --truncate cut, too
+    pinned = contextlib.nullcontext()
     if pretrained:
         settings["checkpoint_step"], said = evaluated_checkpoint(args.run, config.train.steps)
         print(said, flush=True)
+        pinned = checkpoint_pinned(args.run, settings["checkpoint_step"])
+    if args.out:
+        read_eval_out(args.out, {name: settings})  # other settings held there: refused before any fine-tuning
     print(f"fine-tuning on {args.device}", flush=True)
     seeds = finetune_seeds(args)
 
@@ -237,10 +243,11 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
                                 strict=True):
             print(f"{task.name} seed {seed}: accuracy {result.test['test']['accuracy']:.3f}, "
                   f"mcc {result.test['test']['mcc']:.3f}", flush=True)
-            yield result_row(task, result)
+            yield {**result_row(task, result), "run": str(args.run)}
 
-    rows = (eval_out_seeds(args.out, task.name, settings, seeds, compute, args.device) if args.out
-            else [row for row in compute(seeds)])
+    with pinned:
+        rows = (eval_out_seeds(args.out, name, settings, seeds, compute, args.device) if args.out
+                else list(compute(seeds)))
     results = [FinetuneResult(**{f.name: row[f.name] for f in fields(FinetuneResult)}) for row in rows]
     for metric, values in summarize(results).items():
         print(f"{task.name} {metric}: {mean_std(values)} over seeds {args.seeds}")

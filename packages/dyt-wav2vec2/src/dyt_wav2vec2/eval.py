@@ -20,6 +20,7 @@ They run on a CUDA GPU where torch sees one (``--device``), else on the CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +35,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.checkpoint import RunNotFoundError, evaluated_checkpoint
+from dyt.train.checkpoint import checkpoint_pinned, config_digest, evaluated_checkpoint
 from dyt.train.cli import add_device_argument, backends_for_device
-from dyt.train.compare import eval_out_seeds, finished_step, mean_std, read_eval_out
+from dyt.train.compare import eval_out_seeds, mean_std, read_eval_out
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
 from dyt.train.finetune import (
     SCHEDULES,
@@ -522,27 +523,30 @@ def main(argv: list[str] | None = None) -> dict:
     check_eval_data(data, args.evals)
     ctc = CTCSettings(steps=args.ctc_steps, lr=args.ctc_lr, schedule=args.ctc_schedule, masking=masking)
     pretrained = not args.random_init
-    common = {"run": str(args.run.resolve()), "pretrained": pretrained, "speech": speech_identity(data)}
+    common = {"run_config": config_digest(args.run), "pretrained": pretrained, "speech": speech_identity(data)}
+    pinned = contextlib.nullcontext()
     if pretrained:
         common["checkpoint_step"], said = evaluated_checkpoint(args.run, config.train.steps)
         print(said, flush=True)
+        pinned = checkpoint_pinned(args.run, common["checkpoint_step"])
+    stored = {name: name if pretrained else f"{name}-random-init" for name in args.evals}  # both may share one --out
+    settings = {name: {**common, **eval_settings(name, args.steps, ctc)} for name in args.evals}
+    if args.out:  # every eval's settings against the file's, before the first eval computes
+        read_eval_out(args.out, {stored[name]: settings[name] for name in args.evals})
     print(f"evals on {args.device}", flush=True)
     results: dict[str, list[dict]] = {}
-    for name in args.evals:
-        def compute(missing: list[int], name: str = name) -> Iterator[dict]:
-            rows = eval_results(name, args.run, data, missing, args.steps, ctc, pretrained, args.device)
-            for seed, row in zip(missing, rows, strict=True):
-                if pretrained and (now := finished_step(args.run)) != common["checkpoint_step"]:
-                    raise RunNotFoundError(f"{args.run} saved its checkpoint of step {now} while this eval read step "
-                                           f"{common['checkpoint_step']}: evaluate it once its training has stopped")
-                print(f"{name} seed {seed}: " + ", ".join(f"{metric} on {test} {values[0]:.3f}" for metric, cells
-                                                          in headline(name, [row]).items() for test, values in cells.items()),
-                      flush=True)
-                yield row
+    with pinned:
+        for name in args.evals:
+            def compute(missing: list[int], name: str = name) -> Iterator[dict]:
+                rows = eval_results(name, args.run, data, missing, args.steps, ctc, pretrained, args.device)
+                for seed, row in zip(missing, rows, strict=True):
+                    print(f"{name} seed {seed}: " + ", ".join(
+                        f"{metric} on {test} {values[0]:.3f}" for metric, cells in headline(name, [row]).items()
+                        for test, values in cells.items()), flush=True)
+                    yield {**row, "run": str(args.run)}
 
-        settings = {**common, **eval_settings(name, args.steps, ctc)}
-        results[name] = (eval_out_seeds(args.out, name, settings, args.seeds, compute, args.device) if args.out
-                         else list(compute(args.seeds)))
+            results[name] = (eval_out_seeds(args.out, stored[name], settings[name], args.seeds, compute, args.device)
+                             if args.out else list(compute(args.seeds)))
     for name, rows in results.items():
         for metric, cells in headline(name, rows).items():
             for test, values in cells.items():

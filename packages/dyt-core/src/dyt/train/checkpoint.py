@@ -18,6 +18,8 @@ and its record of the data files it read with those files now.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import hashlib
 import io
 import json
 import os
@@ -26,7 +28,7 @@ import random
 import shutil
 import time
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +192,17 @@ def _writes_kept(engine):
     of DeepSpeed's recovery scripts, written with ``shutil.copyfile`` beside the checkpoint engine."""
     kept = _WritesKept(engine.checkpoint_engine)
     engine.checkpoint_engine = kept
+    own = engine.__dict__.get("_copy_recovery_script")  # an instance's own, put back after; else the class's
     copy_scripts = engine._copy_recovery_script
     engine._copy_recovery_script = lambda path: kept.attempt(copy_scripts, path)
     try:
         yield kept
     finally:
         engine.checkpoint_engine = kept.inner
-        del engine._copy_recovery_script  # the class's method again
+        if own is None:
+            del engine._copy_recovery_script
+        else:
+            engine._copy_recovery_script = own
 
 
 def _attempt(write: Callable[[], Any]) -> BaseException | None:
@@ -210,12 +216,13 @@ def _attempt(write: Callable[[], Any]) -> BaseException | None:
 def _agree(error: BaseException | None) -> None:
     """Where a barrier stood: every rank learns whether any rank's writes failed, and if so all raise
     :class:`SaveFailed` together, naming the ranks and their errors (one rank raising alone left the
-    others in the next collective)."""
+    others in the next collective). The failing rank's own error is chained (its traceback under
+    ``DYT_DEBUG=1``)."""
     said = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error is not None else None
     everyone: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, said)
     if failures := [(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]:
-        raise SaveFailed(failures)
+        raise SaveFailed(failures) from error
 
 
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
@@ -656,6 +663,13 @@ def check_run(run_dir: str | Path, weights: bool = True) -> None:
         raise missing
 
 
+def config_digest(run_dir: str | Path) -> str:
+    """A digest of the run's ``config.yaml``: in a standalone eval's stored settings, so that a run
+    trained anew in the same folder (other settings, norm or seed) is evaluated anew, while the same
+    run moved elsewhere is still recognised."""
+    return hashlib.sha256((Path(run_dir) / "config.yaml").read_bytes()).hexdigest()[:16]
+
+
 def evaluated_checkpoint(run_dir: str | Path, steps: int) -> tuple[int, str]:
     """The step of the newest complete checkpoint of the run in ``run_dir``, which an eval reads, and a
     line saying so: with the run's ``steps`` (``train.steps``), and whether the run is unfinished,
@@ -664,24 +678,47 @@ def evaluated_checkpoint(run_dir: str | Path, steps: int) -> tuple[int, str]:
     run_dir = Path(run_dir)
     step = step_of(complete_checkpoints(run_dir / "checkpoints")[-1])
     line = f"{run_dir}: checkpoint step {step} of {steps}"
+    writer = runlock.holder(run_dir)
     if (diverged := read_divergence(run_dir)) is not None:
         line += f" (the run diverged at step {diverged['step']}: this is its last good checkpoint)"
-    elif step < steps:
+    elif step < steps and writer is None:
         line += " (the run is unfinished: --resume it to train on)"
-    if (writer := runlock.holder(run_dir)) is not None:
+    if writer is not None:
         line += f"; a training launch is writing the run now ({writer}): a newer checkpoint it saves is not evaluated"
     return step, line
 
 
+_PINNED: contextvars.ContextVar[tuple[tuple[Path, int], ...]] = contextvars.ContextVar("pinned_checkpoints", default=())
+
+
+@contextlib.contextmanager
+def checkpoint_pinned(run_dir: str | Path, step: int) -> Iterator[None]:
+    """Within the block :func:`trained_weights` reads the run's checkpoint of ``step``, not its newest:
+    an eval reads the checkpoint its results name (:func:`evaluated_checkpoint`), whatever a launch
+    still training the run saves meanwhile (and says so if that launch pruned it)."""
+    token = _PINNED.set((*_PINNED.get(), (Path(run_dir).resolve(), step)))
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a run's newest complete checkpoint, whole on one process (for evals and
-    analysis). ZeRO-sharded checkpoints are gathered with DeepSpeed's own fp32 consolidation; a
-    ZeRO-0 half-precision one gives its fp32 master weights where the harness recorded their names
-    (checkpoints from 2026-12-06 on; older ones give the half-precision copies, as before)."""
-    done = complete_checkpoints(Path(run_dir) / "checkpoints")
-    if not done:
+    """The model weights of a run's newest complete checkpoint (the one :func:`checkpoint_pinned`
+    names, inside it), whole on one process (for evals and analysis). ZeRO-sharded checkpoints are
+    gathered with DeepSpeed's own fp32 consolidation; a ZeRO-0 half-precision one gives its fp32
+    master weights where the harness recorded their names (checkpoints from 2026-12-06 on; older
+    ones give the half-precision copies, as before)."""
+    root = Path(run_dir) / "checkpoints"
+    if (pinned := dict(_PINNED.get()).get(Path(run_dir).resolve())) is not None:
+        newest = root / _tag(pinned)
+        if not (newest / MARKER).is_file():
+            raise CheckpointLoadError(f"{newest}, the checkpoint this eval reads, is gone (pruned by a launch training "
+                                      "the run on?): run the eval again, or once the training stops")
+    elif done := complete_checkpoints(root):
+        newest = done[-1]
+    else:
         raise RunNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run trained?)")
-    newest = done[-1]
     if missing := _missing_model_states(newest):
         raise missing
     sharded = any(newest.glob("*zero_pp_rank_*optim_states.pt"))

@@ -716,11 +716,12 @@ class EvalOutError(UserInputError):
     kind = "output error"
 
 
-def read_eval_out(path: Path) -> dict[str, dict]:
+def read_eval_out(path: Path, expected: Mapping[str, dict] | None = None) -> dict[str, dict]:
     """What a standalone eval's ``--out`` holds: eval name -> ``{"settings", "seeds"}`` ({} where there
-    is no file yet). Any other file (a run's config.yaml given by mistake, the list of rows evals wrote
-    before 2026-12-07, results of older evals) is refused, not overwritten."""
-    if not path.exists():
+    is no file yet, or an empty one). Any other file (a run's config.yaml given by mistake, the list of
+    rows evals wrote before 2026-12-07, results of older evals) is refused, not overwritten; so is an
+    eval of ``expected`` (name -> settings) held with other settings, before any eval computes."""
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
         return {}
     saved = read_json(path)
     evals = saved.get("evals") if isinstance(saved, dict) else None
@@ -731,7 +732,16 @@ def read_eval_out(path: Path) -> dict[str, dict]:
     if saved["evals_version"] != EVALS_VERSION:
         raise EvalOutError(f"--out {path} holds results of older evals (version {saved['evals_version']}, now "
                            f"{EVALS_VERSION}) that new ones would not match: give another --out, or delete it")
+    for name, settings in (expected or {}).items():
+        if name in evals and (changed := setting_differences(evals[name]["settings"], _as_stored(settings))):
+            raise EvalOutError(f"--out {path} holds {name} results of other settings ({'; '.join(changed)}): give "
+                               "another --out, or delete it to replace them")
     return evals
+
+
+def _as_stored(settings: dict) -> Any:
+    """``settings`` as JSON gives them back (tuples as lists), to compare with stored ones."""
+    return json.loads(json.dumps(settings))
 
 
 def eval_out_seeds(path: Path, name: str, settings: dict, seeds: Sequence[int],
@@ -740,14 +750,13 @@ def eval_out_seeds(path: Path, name: str, settings: dict, seeds: Sequence[int],
     ``--out``) as each seed finishes, as the compare keeps its own (:func:`reuse_or_compute`): seeds
     the file holds for the same ``settings`` are read back, so a killed eval resumes and one with more
     seeds computes only those; ``name`` held for other settings (another run, checkpoint or budget) is
-    refused, naming what differs, not overwritten. Each row computed here names its ``device``."""
-    evals = read_eval_out(path)
-    done: dict[str, dict] = {}
-    if name in evals:
-        if changed := setting_differences(evals[name]["settings"], settings):
-            raise EvalOutError(f"--out {path} holds {name} results of other settings ({'; '.join(changed)}): give "
-                               "another --out, or delete it to replace them")
-        done = dict(evals[name]["seeds"])
+    refused, naming what differs, not overwritten. Each row computed here names its ``device``. Each
+    write takes the file's lock and reads it again, so evals of other names may share the file."""
+    from filelock import FileLock
+
+    settings = _as_stored(settings)
+    evals = read_eval_out(path, {name: settings})
+    done: dict[str, dict] = dict(evals[name]["seeds"]) if name in evals else {}
     missing = [seed for seed in seeds if str(seed) not in done]
     if reused := [seed for seed in seeds if str(seed) in done]:
         print(f"{name}: seeds {reused} read back from {path}" + (f", computing {missing}" if missing else ""),
@@ -755,8 +764,10 @@ def eval_out_seeds(path: Path, name: str, settings: dict, seeds: Sequence[int],
     if missing:
         for seed, row in zip(missing, compute(missing), strict=True):
             done[str(seed)] = {**row, "device": str(device)}
-            evals[name] = {"settings": settings, "seeds": done}
-            write_json(path, {"evals_version": EVALS_VERSION, "evals": evals})
+            with FileLock(f"{path}.lock"):
+                evals = read_eval_out(path, {name: settings})
+                evals[name] = {"settings": settings, "seeds": {**evals.get(name, {}).get("seeds", {}), **done}}
+                write_json(path, {"evals_version": EVALS_VERSION, "evals": evals})
     return [done[str(seed)] for seed in seeds]
 
 

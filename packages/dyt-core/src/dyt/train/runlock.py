@@ -34,6 +34,18 @@ class FolderInUseError(UserInputError):
     kind = "folder in use"
 
 
+def _lock_exclusive(fd: int, tries: int = 10, wait_s: float = 0.05) -> None:
+    """The exclusive lock, tried a few times: a reader asking who writes the folder (:func:`holder`)
+    holds a shared one for a moment, which a writer starting then must not take for another writer."""
+    for _ in range(tries - 1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(wait_s)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _take(folder: Path, what: str) -> int | None:
     """An open descriptor holding the folder's lock (None where the file system cannot lock)."""
     path = folder / LOCK_FILE
@@ -43,7 +55,7 @@ def _take(folder: Path, what: str) -> int | None:
     except OSError as error:
         raise UserInputError(f"cannot write {folder}: {error.strerror}; give a folder this user can write") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_exclusive(fd)
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
         os.close(fd)
