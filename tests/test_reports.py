@@ -665,6 +665,7 @@ def test_the_wav2vec2_compare_stores_each_eval_and_seed_as_it_finishes(tmp_path,
     config = load_config(Wav2Vec2PretrainConfig, WAV2VEC2_TINY)
     monkeypatch.setattr(compare, "plan_runs", lambda spec, args, models, seeds: [argparse.Namespace(config=config)])
     monkeypatch.setattr(compare, "eval_speech", lambda data: tmp_path / "speech")
+    monkeypatch.setattr(compare, "speech_identity", lambda folder: "manifests-v1")
     monkeypatch.setattr(compare, "Wav2Vec2PretrainTask", lambda config: None)
     monkeypatch.setattr(compare, "prepare_out", lambda args: None)
     monkeypatch.setattr(compare, "train_runs", lambda spec, args, plan: runs)
@@ -705,3 +706,9 @@ def test_the_wav2vec2_compare_stores_each_eval_and_seed_as_it_finishes(tmp_path,
     main("--evals", "contrastive", "probe", "ctc", "--seeds", "0", "1", "2")
     assert sorted({(name, seed) for _, name, seed, _ in computed}) == [
         ("contrastive", 2), ("ctc", 0), ("ctc", 1), ("ctc", 2), ("probe", 2)]
+    # the speech rebuilt (another build's key): every eval is made again, not reused
+    assert json.loads((out / "dyt" / "eval-probe.json").read_text())["settings"]["speech"] == "manifests-" + "v1"
+    monkeypatch.setattr(compare, "speech_identity", lambda folder: "manifests-v2")
+    computed.clear()
+    main("--evals", "probe", "--seeds", "0")
+    assert sorted({(run, name, seed) for run, name, seed, _ in computed}) == [("dyt", "probe", 0), ("layernorm", "probe", 0)]
