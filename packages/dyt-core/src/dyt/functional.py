@@ -139,7 +139,7 @@ def dyt(
         y = impl.apply(canonical, a, w, b, reduce_dims)
     else:
         y = impl.apply(canonical, a, w, b, reduce_dims, squash=squash)
-    return y if canonical is x else y.reshape_as(x)  # reshape_as: a traced graph takes any rank
+    return y if canonical is x else y.reshape_as(x)
 
 
 def residual_dyt(
