@@ -21,7 +21,7 @@ class FolderFiles:
     """Folders left out, each with why: one that cannot be listed, a link to nothing."""
     again: int = 0
     """Files reached a second time (a link to a file listed already, or a file in a linked folder that
-    a link listed already): each is listed once, where it was first found."""
+    a link listed already): each is listed once, by its own name where the walk reaches it."""
 
     def other_kinds(self, count: int = 4) -> str:
         """What was not read, in words, e.g. ``3 file(s) of other kinds (.md: 2, .gz: 1)``; '' for nothing."""

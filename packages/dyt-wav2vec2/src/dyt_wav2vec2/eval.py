@@ -446,7 +446,12 @@ def ctc_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = Tru
 CONTRASTIVE_TESTS = {"unseen voices": ["sentences-test"], "real recordings": ["real-sentences-test", "real-keywords"]}
 
 
-def contrastive_batches(rows: list[Utterance], crop: int, size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+CONTRASTIVE_BATCH = 8
+"""Recordings per batch of the contrastive eval."""
+
+
+def contrastive_batches(rows: list[Utterance], crop: int,
+                        size: int = CONTRASTIVE_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Held-out recordings in batches of ``size`` as pretraining reads its own: by length, each
     batch cropped to its shortest (so the masker masks every recording as the config asks)."""
     rows = by_length(rows, crop)
@@ -473,7 +478,7 @@ def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bo
             rows = [r for r in rows if r.num_samples >= masking_min_samples(config.model)]
             sums: dict[str, float] = {}
             with torch.no_grad():
-                for batch in tqdm(contrastive_batches(rows, config.data.crop_samples), total=-(-len(rows) // 8),
+                for batch in tqdm(contrastive_batches(rows, config.data.crop_samples), total=-(-len(rows) // CONTRASTIVE_BATCH),
                                   desc=f"contrastive, {name}", leave=False, dynamic_ncols=True):
                     _, extras = pretraining_loss(model, to_device(batch, device), config.loss)
                     for key, value in extras.items():  # weighted by utterances: a short last batch counts as its size
@@ -615,21 +620,25 @@ def check_eval_data(data: Path, evals: Sequence[str]) -> None:
     runs (an AudioError naming the line): a keyword that is not one of :data:`KEYWORDS`, or a CTC
     transcript with a character outside :data:`CHARACTERS` (upper case, a digit), was a ValueError
     after minutes of work, the CTC test set's after the whole fine-tune."""
+    scored = {}  # manifest -> the first eval that scores its transcripts (None: read for its audio alone)
     for name in evals:
         for manifest in EVAL_MANIFESTS[name]:
-            rows = load_split(data, manifest)
-            if name == "contrastive":
-                continue
-            texts = data / f"{manifest}.wrd"
-            if not texts.is_file():
-                raise AudioError(f"{texts}: no such transcripts file, which the {name} eval scores against")
-            for line, row in enumerate(rows, start=1):
-                if name != "ctc" and row.text not in KEYWORDS:
-                    raise AudioError(f"{texts}:{line}: {row.text!r} is not one of the {len(KEYWORDS)} keywords the "
-                                     f"{name} eval classifies ({', '.join(KEYWORDS[:3])}, ..., {KEYWORDS[-1]})")
-                if name == "ctc" and (odd := next((c for c in row.text if c not in CHARACTERS[1:]), None)):
-                    raise AudioError(f"{texts}:{line}: {row.text!r} holds {odd!r}, outside the CTC eval's characters "
-                                     "(a-z, space, apostrophe): give transcripts in lower case, numbers spelled out")
+            if scored.get(manifest) is None:
+                scored[manifest] = None if name == "contrastive" else name
+    for manifest, name in scored.items():  # each manifest read once, whichever evals read it
+        rows = load_split(data, manifest)
+        if name is None:
+            continue
+        texts = data / f"{manifest}.wrd"
+        if not texts.is_file():
+            raise AudioError(f"{texts}: no such transcripts file, which the {name} eval scores against")
+        for line, row in enumerate(rows, start=1):
+            if name != "ctc" and row.text not in KEYWORDS:
+                raise AudioError(f"{texts}:{line}: {row.text!r} is not one of the {len(KEYWORDS)} keywords the "
+                                 f"{name} eval classifies ({', '.join(KEYWORDS[:3])}, ..., {KEYWORDS[-1]})")
+            if name == "ctc" and (odd := next((c for c in row.text if c not in CHARACTERS[1:]), None)):
+                raise AudioError(f"{texts}:{line}: {row.text!r} holds {odd!r}, outside the CTC eval's characters "
+                                 "(a-z, space, apostrophe): give transcripts in lower case, numbers spelled out")
 
 
 def eval_results(name: str, run_dir: Path, data: Path, seeds: list[int], steps: int,
