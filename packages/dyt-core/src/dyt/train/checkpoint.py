@@ -219,6 +219,7 @@ def _agree(error: BaseException | None) -> None:
     others in the next collective). The failing rank's own error is chained (its traceback under
     ``DYT_DEBUG=1``)."""
     said = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error is not None else None
+    barrier()  # as before the agreement: gloo's barrier also waits out every collective still in flight
     everyone: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, said)
     if failures := [(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]:
