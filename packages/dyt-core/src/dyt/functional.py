@@ -15,11 +15,12 @@ from .kernels.eager import check_squash, dyt_eager
 
 def _plain_formula_needed() -> bool:
     """Where only the eager formula is right, whatever the backend: inside torch.compile (it fuses the
-    formula itself); under a tracer (``torch.jit.trace``, ``make_fx``) or any other dispatch mode,
-    which never see a C++ kernel write through a data pointer, so a traced graph returned uninitialised
-    memory; under a ``torch.func`` transform (vmap, grad, jacrev: no C++ or ctx-less autograd
-    Function runs there); in forward-mode AD (no backend but eager defines a jvp)."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+    formula itself); under ``make_fx`` or any other dispatch mode, which never see a C++ kernel write
+    through a data pointer, so a traced graph returned uninitialised memory (``torch.jit.trace`` is
+    met before this, in :func:`dyt` and :func:`residual_dyt`); under a ``torch.func`` transform (vmap,
+    grad, jacrev: no C++ or ctx-less autograd Function runs there); in forward-mode AD (no backend
+    but eager defines a jvp)."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
