@@ -39,7 +39,7 @@ from ..errors import UserInputError
 from . import runlock
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, all_reduce, barrier
 from .jsonio import partial_path, write_json, write_text_whole
 
 MARKER = "COMPLETE"
@@ -218,12 +218,13 @@ def _agree(error: BaseException | None) -> None:
     :class:`SaveFailed` together, naming the ranks and their errors (one rank raising alone left the
     others in the next collective). The failing rank's own error is chained (its traceback under
     ``DYT_DEBUG=1``)."""
-    said = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error is not None else None
     barrier()  # as before the agreement: gloo's barrier also waits out every collective still in flight
+    if all_reduce(torch.tensor([float(error is not None)]), "max").item() == 0:
+        return  # the usual case: one all-reduce, the words are gathered only when a rank failed
+    said = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error is not None else None
     everyone: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, said)
-    if failures := [(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]:
-        raise SaveFailed(failures) from error
+    raise SaveFailed([(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]) from error
 
 
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
