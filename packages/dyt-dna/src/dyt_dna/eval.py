@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.checkpoint import checkpoint_pinned, config_digest, evaluated_checkpoint
+from dyt.train.checkpoint import config_digest, pin_evaluated_checkpoint
 from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import eval_out_seeds, mean_std, read_eval_out
 from dyt.train.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> list[FinetuneResult]:
                 "task_files": task_signature(task, args.task in BUILTIN_TASKS)}  # what --truncate cut, too
     pinned = contextlib.nullcontext()
     if pretrained:
-        settings["checkpoint_step"], said = evaluated_checkpoint(args.run, config.train.steps)
-        print(said, flush=True)
-        pinned = checkpoint_pinned(args.run, settings["checkpoint_step"])
+        settings["checkpoint_step"], pinned = pin_evaluated_checkpoint(args.run, config.train.steps)
     if args.out:
         read_eval_out(args.out, {name: settings})  # other settings held there: refused before any fine-tuning
     print(f"fine-tuning on {args.device}", flush=True)

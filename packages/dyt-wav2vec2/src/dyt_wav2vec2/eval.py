@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dyt.errors import CommandParser, DistinctValues, help_description, options_given, output_file, user_path
 from dyt.train import check_run, load_config, run_model_builder, user_errors
-from dyt.train.checkpoint import checkpoint_pinned, config_digest, evaluated_checkpoint
+from dyt.train.checkpoint import config_digest, pin_evaluated_checkpoint
 from dyt.train.cli import add_device_argument, backends_for_device
 from dyt.train.compare import eval_out_seeds, mean_std, read_eval_out
 from dyt.train.config import AT_LEAST_ONE, POSITIVE, SEED
@@ -531,9 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"run_config": config_digest(args.run), "pretrained": pretrained, "speech": speech_identity(data)}
     pinned = contextlib.nullcontext()
     if pretrained:
-        common["checkpoint_step"], said = evaluated_checkpoint(args.run, config.train.steps)
-        print(said, flush=True)
-        pinned = checkpoint_pinned(args.run, common["checkpoint_step"])
+        common["checkpoint_step"], pinned = pin_evaluated_checkpoint(args.run, config.train.steps)
     stored = {name: name if pretrained else f"{name}-random-init" for name in args.evals}  # both may share one --out
     settings = {name: {**common, **eval_settings(name, args.steps, ctc)} for name in args.evals}
     if args.out:  # every eval's settings against the file's, before the first eval computes

@@ -705,6 +705,15 @@ def checkpoint_pinned(run_dir: str | Path, step: int) -> Iterator[None]:
         _PINNED.reset(token)
 
 
+def pin_evaluated_checkpoint(run_dir: str | Path, steps: int) -> tuple[int, contextlib.AbstractContextManager[None]]:
+    """What a standalone eval does before reading a run: print which checkpoint it reads
+    (:func:`evaluated_checkpoint`), and return its step and the block that keeps reading that one
+    (:func:`checkpoint_pinned`)."""
+    step, line = evaluated_checkpoint(run_dir, steps)
+    print(line, flush=True)
+    return step, checkpoint_pinned(run_dir, step)
+
+
 def trained_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of a run's newest complete checkpoint (the one :func:`checkpoint_pinned`
     names, inside it), whole on one process (for evals and analysis). ZeRO-sharded checkpoints are
