@@ -125,4 +125,4 @@ class _NoisyReads(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    run_recipe(ToyConfig, ToyTask)
+    run_recipe(ToyConfig, ToyTask, ends_process=True)

@@ -7,7 +7,7 @@ from .task import DnaConfig, DnaPretrainTask
 
 
 def main() -> None:
-    run_recipe(DnaConfig, DnaPretrainTask, prog="dyt_dna.train")
+    run_recipe(DnaConfig, DnaPretrainTask, prog="dyt_dna.train", ends_process=True)
 
 
 if __name__ == "__main__":

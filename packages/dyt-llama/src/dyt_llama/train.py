@@ -7,7 +7,7 @@ from .task import LlamaConfig, LlamaTask
 
 
 def main() -> None:
-    run_recipe(LlamaConfig, LlamaTask, prog="dyt_llama.train")
+    run_recipe(LlamaConfig, LlamaTask, prog="dyt_llama.train", ends_process=True)
 
 
 if __name__ == "__main__":

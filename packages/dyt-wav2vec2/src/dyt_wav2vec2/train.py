@@ -7,7 +7,7 @@ from .task import Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask
 
 
 def main() -> None:
-    run_recipe(Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask, prog="dyt_wav2vec2.train")
+    run_recipe(Wav2Vec2PretrainConfig, Wav2Vec2PretrainTask, prog="dyt_wav2vec2.train", ends_process=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
 from .data_files import data_files_once
-from .distributed import launcher_number
+from .distributed import launcher_number, leave_process_group
 from .trainer import Task, Trainer, TrainResult
 
 C = TypeVar("C")
@@ -110,12 +110,17 @@ def add_device_argument(parser: argparse.ArgumentParser) -> argparse.Action:
 
 
 def run_recipe(
-    config_cls: type[C], make_task: Callable[[C], Task], argv: Sequence[str] | None = None, prog: str | None = None
+    config_cls: type[C], make_task: Callable[[C], Task], argv: Sequence[str] | None = None, prog: str | None = None,
+    *, ends_process: bool = False,
 ) -> TrainResult | None:
     """Parse the command line, build the task from the config, train. The config class must have
     a ``train`` field of type :class:`~dyt.train.TrainConfig`. Every config and data error comes
     before the engine is built, as one line (exit status 2); with ``--resume``, so is a change of
-    a setting the run's checkpoint fixes (``checkpoint.check_resume``)."""
+    a setting the run's checkpoint fixes (``checkpoint.check_resume``).
+
+    ``ends_process``: the process exits next (a recipe's ``python -m`` main, under a launcher or
+    not): once every rank has finished, or has raised the same error together, its process group is
+    destroyed (:func:`~dyt.train.distributed.leave_process_group`)."""
     with user_errors(prog or os.path.basename(sys.argv[0])):
         config, args = parse_args(config_cls, argv, prog)
         if args.print_config:
@@ -135,4 +140,13 @@ def run_recipe(
         check_machine(config, launcher_number("WORLD_SIZE", default=1, least=1))  # set by the deepspeed launcher and torchrun
         task = make_task(config)
         train_cfg: Any = config.train  # type: ignore[attr-defined]
-        return Trainer(task, train_cfg, full_config=config, data_files=data_files).fit(resume=args.resume)
+        trainer = Trainer(task, train_cfg, full_config=config, data_files=data_files)
+        try:
+            result = trainer.fit(resume=args.resume)
+        except UserInputError as error:
+            if ends_process and error.every_rank:
+                leave_process_group()
+            raise
+        if ends_process:
+            leave_process_group()
+        return result

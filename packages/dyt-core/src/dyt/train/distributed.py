@@ -87,6 +87,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, device, local_world)
 
 
+def leave_process_group() -> None:
+    """Destroy this process's process group, where it joined one, while the interpreter is whole.
+    Left to the interpreter's exit, gloo's worker threads could still hold the last collectives'
+    work, whose tensors then met a half torn-down interpreter: a 2-rank CPU run that had trained and
+    saved aborted at exit now and then ("terminate called without an active exception", exit -6).
+    Only where every rank gets here together (a finished run, an error every rank raised at once):
+    a rank destroying its group while another still waits in a collective can hang."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def load_cpu_communication_op() -> bool:
     """Load DeepSpeed's CPU communication op (building it the first time) holding the build folder's
     kernel lock (:func:`dyt.kernels.cpp_build.held_build_folder`), before ``deepspeed.init_distributed``
