@@ -11,7 +11,7 @@ every selected case still reports as its own test.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import gzip
 import importlib.metadata
 import json
@@ -795,6 +795,30 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_continues(t
     assert steps == [1, 2, 3, 4]
 
 
+def _two_ranks_by_hand(tmp_path: Path, out: Path, *extra: str, limit: int | None = None,
+                       limited_rank: int = 1) -> list[tuple[int, str, str]]:
+    """A 2-rank toy run at ZeRO-3 with its ranks started by hand, as on two nodes, with no launcher to
+    stop the others once one exits: each rank's exit status, stdout and stderr. ``limit``: the file-size
+    limit (a full disk) of ``limited_rank``."""
+    env = {**_env(tmp_path), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, str(ROOT / "tests/toy_recipe.py"), "--set", f"train.out_dir={out}", "--set",
+           "train.steps=4", "--set", "train.save_every=2", "--set", "train.eval_every=0", "--set",
+           "train.tensorboard=false", "--set", "train.progress=false", "--set", "model.width=64", "--set",
+           "train.zero_stage=3", *extra]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_file_size_limit(limit) if limit and rank == limited_rank else None)
+             for rank in (0, 1)]  # pipes, drained side by side: a file the rank writes would be under its limit
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+            outputs = list(pool.map(lambda proc: proc.communicate(timeout=TIMEOUT_S), procs))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(proc.returncode, stdout, stderr) for proc, (stdout, stderr) in zip(procs, outputs)]
+
+
 @pytest.mark.distributed
 def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
     """Rank 1's checkpoint write failing (its own full disk) inside DeepSpeed's save raised on rank 1
@@ -804,32 +828,8 @@ def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
     the others. At ZeRO-3, whose save also gathers parameters after the writes, both now stop at
     once, rank 0 naming rank 1 and its error in one line, and a --resume trains through."""
     out = tmp_path / "run"
-
-    def train(*extra: str, limit: int | None = None) -> list[tuple[int, str, str]]:
-        """Each rank's exit status, stdout and stderr; ``limit``: rank 1's file-size limit."""
-        env = {**_env(tmp_path), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port())}
-        cmd = [sys.executable, str(ROOT / "tests/toy_recipe.py"), "--set", f"train.out_dir={out}", "--set",
-               "train.steps=4", "--set", "train.save_every=2", "--set", "train.eval_every=0", "--set",
-               "train.tensorboard=false", "--set", "train.progress=false", "--set", "model.width=64", "--set",
-               "train.zero_stage=3", *extra]
-        logs = [(tmp_path / f"rank{rank}.out", tmp_path / f"rank{rank}.err") for rank in (0, 1)]  # no pipe to fill
-        with contextlib.ExitStack() as files:
-            procs = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                      stdout=files.enter_context(open(out, "w")),
-                                      stderr=files.enter_context(open(err, "w")),
-                                      preexec_fn=_file_size_limit(limit) if limit and rank == 1 else None)
-                     for rank, (out, err) in enumerate(logs)]
-            try:
-                for proc in procs:
-                    proc.wait(timeout=TIMEOUT_S)
-            finally:
-                for proc in procs:
-                    proc.kill()
-        return [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(procs, logs)]
-
     _extensions_built(tmp_path)
-    ranks = train(limit=3000)  # above the start-up files rank 1 writes, below its ZeRO-3 shards
+    ranks = _two_ranks_by_hand(tmp_path, out, limit=3000)  # above the start-up files rank 1 writes, below its ZeRO-3 shards
     assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
     last = ranks[0][2].strip().splitlines()[-1]
     assert last.startswith(f"toy_recipe.py: checkpoint error: could not save the checkpoint of step 2 in "
@@ -837,8 +837,34 @@ def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
     assert "file write failed" in last and "there is no complete checkpoint yet: --resume starts from step 0" in last
     assert "checkpoint error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
     assert not (out / "checkpoints/step_00000002/COMPLETE").exists()
-    ranks = train("--resume")
+    ranks = _two_ranks_by_hand(tmp_path, out, "--resume")
     assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
     assert (out / "checkpoints/step_00000004/COMPLETE").is_file()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # started anew: there was no complete checkpoint to resume from
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("write", ["records", "metrics"])
+def test_rank_0_failing_to_write_the_run_folder_stops_every_rank_together(tmp_path, write):
+    """Rank 0 alone writes the run's records (config.yaml, launches.jsonl, ...) at the start and a
+    metrics row each logged step. When one failed (a full disk) it stopped alone with a traceback, and
+    the other ranks went on into the next collective (on another node until the process group's
+    timeout; here gloo saw rank 0 go). Now every rank stops at that write together, rank 0 saying why
+    in one line. The records fail on a folder in config.yaml's place, the metrics on a file-size limit
+    of rank 0 (above the start-up files, below metrics.jsonl at its 24th row)."""
+    out = tmp_path / "run"
+    _extensions_built(tmp_path)
+    if write == "records":
+        (out / "config.yaml").mkdir(parents=True)
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.steps=24", "--set", "train.save_every=0",
+                               limit=4000 if write == "metrics" else None, limited_rank=0)
+    assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+    last = ranks[0][2].strip().splitlines()[-1]
+    said = {"records": f"the run's records in {out} (IsADirectoryError: ", "metrics": "the metrics of step "}[write]
+    assert last.startswith("toy_recipe.py: write error: could not write " + said), last
+    assert "there is no complete checkpoint yet: --resume starts from step 0" in last, last
+    if write == "metrics":
+        assert f"to {out / 'metrics.jsonl'} (OSError: [Errno 27] File too large" in last, last
+    assert "write error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())

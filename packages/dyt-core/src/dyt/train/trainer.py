@@ -7,6 +7,7 @@ A recipe supplies a :class:`Task` (model, datasets, loss); the harness does the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import random
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ from .distributed import DistInfo, all_gather, all_reduce, barrier, init_distrib
 from .jsonio import read_json, write_json, write_text_whole
 from .metrics import MetricsLogger
 
+T = TypeVar("T")
+
 
 class NonFiniteLossError(UserInputError, RuntimeError):
     """Training diverged: the loss became NaN or infinite, or the loss stayed finite while no update
@@ -43,6 +46,13 @@ class NonFiniteLossError(UserInputError, RuntimeError):
     meets it alike, so rank 0 prints it), and the run folder's ``diverged.json`` records it."""
 
     kind = "diverged"
+
+
+class RunFolderWriteError(UserInputError):
+    """Rank 0 could not write the run's records or its metrics (a full disk, a quota). Every rank
+    stops on it together (they agree after each such write), and rank 0 alone says why."""
+
+    kind = "write error"
 
 
 class CheckpointSaveError(UserInputError):
@@ -900,6 +910,24 @@ class Trainer:
                                       f"{self._resume_from()}. Free disk space (or point train.out_dir elsewhere) "
                                       "and run again with --resume") from failed
 
+    def _rank0_writes_agreed(self, write: Callable[[], T], what: str) -> T:
+        """``write`` (rank 0's writes to the run folder: its records at the start, a metrics row each
+        logged step), then one all-reduce so that every rank learns whether it failed. Without it, rank
+        0 stopped alone on a full disk, with a traceback, and the other ranks went on into the next
+        collective, on other nodes until the process group's timeout."""
+        failed: OSError | None = None
+        try:
+            result = write()
+        except OSError as error:
+            failed = error
+        if all_reduce(torch.tensor([float(failed is not None)], dtype=torch.float64), "max").item() == 0:
+            return result
+        cause = f"{type(failed).__name__}: {failed}" if failed is not None else "see rank 0"  # rank 0 alone says it
+        with contextlib.suppress(OSError):
+            cause += f"; {shutil.disk_usage(self.out_dir).free / 2**20:.0f} MiB free there"
+        raise RunFolderWriteError(f"could not {what} ({cause}); {self._resume_from()}. Free disk space (or point "
+                                  "train.out_dir elsewhere) and run again with --resume") from failed
+
     def _resume_from(self) -> str:
         """What ``--resume`` would start from, in words, for an error that stops the run."""
         done = checkpoint.complete_checkpoints(self.ckpt_root)
@@ -1007,15 +1035,18 @@ class Trainer:
                       f"{position.sample}{moved})", flush=True)
                 if (said := global_batch_change(self.out_dir, step, saved_world, cfg, dist.world_size)):
                     print(said, flush=True)
-        if dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
-            checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
-            record_data_files(self.full_config, self.out_dir, self.data_files)
-            if identity is not None:  # the record kept (checked above), names it lacks added
-                recorded = (read_json(self.out_dir / DATA_IDENTITY) if done else None) or {}
-                write_json(self.out_dir / DATA_IDENTITY, {**identity, **recorded})
-        metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
+        def records_written() -> MetricsLogger:
+            if dist.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                write_text_whole(self.out_dir / "config.yaml", dump_yaml(self.full_config))
+                checkpoint.record_launch(self.out_dir, step, dist.world_size, self.full_config)
+                record_data_files(self.full_config, self.out_dir, self.data_files)
+                if identity is not None:  # the record kept (checked above), names it lacks added
+                    recorded = (read_json(self.out_dir / DATA_IDENTITY) if done else None) or {}
+                    write_json(self.out_dir / DATA_IDENTITY, {**identity, **recorded})
+            return MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, step if resume else None)
+
+        metrics = self._rank0_writes_agreed(records_written, f"write the run's records in {self.out_dir}")
 
         from tqdm.auto import tqdm
 
@@ -1098,8 +1129,9 @@ class Trainer:
                     row.update(getattr(self.task, "eval_metrics", lambda _: {})(eval_loss))
                 if step == cfg.steps:
                     row.update(_peak_rss_per_rank())
-                if row:
-                    metrics.log(step, row)
+                if row:  # the same steps on every rank
+                    self._rank0_writes_agreed(functools.partial(metrics.log, step, row),
+                                              f"write the metrics of step {step} to {metrics.path}")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     if not _weights_finite(engine):  # at ZeRO-0 in fp32 a non-finite gradient is applied as is
                         self._stop_diverged(step, "finite, but the weights not finite after its update",
@@ -1107,7 +1139,7 @@ class Trainer:
                     last_good = self._save(engine, step, batches.position)
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
-        except CheckpointSaveError:
+        except (CheckpointSaveError, RunFolderWriteError):
             raise  # every rank stops on it together (no room, or a write that failed), rank 0 saying why
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
