@@ -845,18 +845,29 @@ def test_a_save_failing_on_one_rank_stops_every_rank_together(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("write", ["records", "metrics"])
+@pytest.mark.parametrize("write", ["records", "metrics", "damaged metrics"])
 def test_rank_0_failing_to_write_the_run_folder_stops_every_rank_together(tmp_path, write):
     """Rank 0 alone writes the run's records (config.yaml, launches.jsonl, ...) at the start and a
     metrics row each logged step. When one failed (a full disk) it stopped alone with a traceback, and
     the other ranks went on into the next collective (on another node until the process group's
     timeout; here gloo saw rank 0 go). Now every rank stops at that write together, rank 0 saying why
     in one line. The records fail on a folder in config.yaml's place, the metrics on a file-size limit
-    of rank 0 (above the start-up files, below metrics.jsonl at its 24th row)."""
+    of rank 0 (above the start-up files, below metrics.jsonl at its 24th row); a metrics.jsonl damaged
+    by hand, read by rank 0 alone on --resume, stops every rank too, rank 0 naming its line."""
     out = tmp_path / "run"
     _extensions_built(tmp_path)
     if write == "records":
         (out / "config.yaml").mkdir(parents=True)
+    if write == "damaged metrics":  # --resume with no checkpoint yet starts from step 0, reading the file
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 1}\nnot a row\n{"step": 2}\n')
+        ranks = _two_ranks_by_hand(tmp_path, out, "--resume")
+        assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+        last = ranks[0][2].strip().splitlines()[-1]
+        assert last == (f"toy_recipe.py: error: {out / 'metrics.jsonl'}:2: not a metrics row (damaged by hand?); "
+                        "delete the line or the rows from it on, then run again"), last
+        assert "toy_recipe.py:" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+        return
     ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.steps=24", "--set", "train.save_every=0",
                                limit=4000 if write == "metrics" else None, limited_rank=0)
     assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]

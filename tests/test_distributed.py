@@ -394,14 +394,15 @@ def test_a_launcher_variable_that_is_no_count_is_a_one_line_error(value, monkeyp
 
 @pytest.mark.parametrize("ends_process, outcome, leaves", [
     (True, "finished", True),
-    (True, "every rank", True),  # e.g. a failed save: every rank raises it together
+    (True, "together", True),  # e.g. a failed save: every rank raises it at once, after agreeing on it
+    (True, "together, the teardown failing", True),  # still the error's one line
     (True, "one rank", False),  # another rank may wait in a collective: destroying the group could hang
     (False, "finished", False),  # in-process callers (tests, notebooks) train again in the same process
 ])
 def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(tmp_path, monkeypatch, ends_process,
                                                                                  outcome, leaves):
     """A recipe's main destroys its process group before the interpreter exits, as gloo needs (see the
-    next test); only where no other rank can still be in a collective."""
+    next test); only where no other rank can still be in a collective (``raised_together``)."""
     import dyt.train.cli as cli
 
     left = []
@@ -414,20 +415,27 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
             if outcome == "finished":
                 return "result"
             error = UserInputError("a write failed")
-            error.every_rank = outcome == "every rank"
+            error.raised_together = outcome.startswith("together")
             raise error
 
+    def leave():
+        left.append(True)
+        if outcome.endswith("failing"):
+            raise RuntimeError("the teardown failed")
+
     monkeypatch.setattr(cli, "Trainer", Trained)
-    monkeypatch.setattr(cli, "leave_process_group", lambda: left.append(True))
+    monkeypatch.setattr(cli, "leave_process_group", leave)
     argv = ["--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.steps=1"]
     if outcome == "finished":
         assert run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process) == "result"
     else:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process)
+        assert stopped.value.code == 2
     assert left == ([True] if leaves else [])
 
 
+@pytest.mark.distributed
 def test_gloo_aborts_at_exit_now_and_then_unless_the_process_group_is_destroyed(tmp_path):
     """Why :func:`leave_process_group` exists, on plain torch: two gloo ranks whose last collective is
     an ``all_gather_object`` and that exit without destroying their group abort at exit now and then
@@ -444,13 +452,17 @@ def test_gloo_aborts_at_exit_now_and_then_unless_the_process_group_is_destroyed(
         assert not dist.is_initialized()
     """)
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    for launch in range(6):
+    for launch in range(3):
         env["MASTER_PORT"] = str(free_port())
         ranks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-        for rank in ranks:
-            output = rank.communicate(timeout=120)[0]
-            assert rank.returncode == 0, f"launch {launch}: exit {rank.returncode}: {output[-2000:]}"
+        try:
+            for rank in ranks:
+                output = rank.communicate(timeout=120)[0]
+                assert rank.returncode == 0, f"launch {launch}: exit {rank.returncode}: {output[-2000:]}"
+        finally:
+            for rank in ranks:
+                rank.kill()
 
 
 @pytest.mark.parametrize("module", ["dyt_llama.train", "dyt_wav2vec2.train", "dyt_dna.train"])

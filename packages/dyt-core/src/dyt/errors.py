@@ -44,6 +44,9 @@ class UserInputError(ValueError):
     """Printed after the program's name: ``config error``, ``data error``, ``audio error``, ..."""
     every_rank = True
     """True: every rank of a launch hits this error alike, and rank 0 alone reports it."""
+    raised_together = False
+    """True: every rank raises it at the same point, once a collective agreed on it (a failed save, a
+    divergence), so no rank is left in a collective and a launch may tear its process group down."""
 
 
 def debug() -> bool:

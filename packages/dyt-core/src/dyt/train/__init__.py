@@ -12,6 +12,7 @@ from .metrics import read_metrics
 from .trainer import (
     CheckpointSaveError,
     NonFiniteLossError,
+    RunFolderWriteError,
     Task,
     Trainer,
     TrainResult,
@@ -25,6 +26,7 @@ __all__ = [
     "DistInfo",
     "NonFiniteLossError",
     "Range",
+    "RunFolderWriteError",
     "RunNotFoundError",
     "Task",
     "TrainConfig",

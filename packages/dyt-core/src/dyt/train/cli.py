@@ -1,5 +1,5 @@
 """The command line every recipe shares: ``--config FILE``, ``--set key=value``, ``--print-config``,
-``--resume``. A recipe's ``__main__`` is ``run_recipe(MyConfig, MyTask)``.
+``--resume``. A recipe's ``__main__`` is ``run_recipe(MyConfig, MyTask, ends_process=True)``.
 
 Bad input (a config key, a data file, ...) stops the command with one line and exit status 2 before
 any heavy work; ``user_errors`` is that boundary, shared by every command (see docs/errors.md)."""
@@ -7,6 +7,7 @@ any heavy work; ``user_errors`` is that boundary, shared by every command (see d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -119,8 +120,8 @@ def run_recipe(
     a setting the run's checkpoint fixes (``checkpoint.check_resume``).
 
     ``ends_process``: the process exits next (a recipe's ``python -m`` main, under a launcher or
-    not): once every rank has finished, or has raised the same error together, its process group is
-    destroyed (:func:`~dyt.train.distributed.leave_process_group`)."""
+    not): once every rank has finished, or has raised the same error together (``raised_together``), its
+    process group is destroyed (:func:`~dyt.train.distributed.leave_process_group`)."""
     with user_errors(prog or os.path.basename(sys.argv[0])):
         config, args = parse_args(config_cls, argv, prog)
         if args.print_config:
@@ -144,8 +145,9 @@ def run_recipe(
         try:
             result = trainer.fit(resume=args.resume)
         except UserInputError as error:
-            if ends_process and error.every_rank:
-                leave_process_group()
+            if ends_process and error.raised_together:
+                with contextlib.suppress(Exception):  # the error's one line, not a failed teardown, is what counts
+                    leave_process_group()
             raise
         if ends_process:
             leave_process_group()

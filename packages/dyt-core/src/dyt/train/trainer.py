@@ -46,6 +46,7 @@ class NonFiniteLossError(UserInputError, RuntimeError):
     meets it alike, so rank 0 prints it), and the run folder's ``diverged.json`` records it."""
 
     kind = "diverged"
+    raised_together = True  # the all-reduced loss check, or a save's agreement
 
 
 class RunFolderWriteError(UserInputError):
@@ -53,6 +54,7 @@ class RunFolderWriteError(UserInputError):
     stops on it together (they agree after each such write), and rank 0 alone says why."""
 
     kind = "write error"
+    raised_together = True
 
 
 class CheckpointSaveError(UserInputError):
@@ -61,6 +63,7 @@ class CheckpointSaveError(UserInputError):
     Every rank stops on it together (they agree on every rank's writes), and rank 0 alone says so."""
 
     kind = "checkpoint error"
+    raised_together = True
 
 
 class NoRoomToSaveError(CheckpointSaveError):
@@ -914,14 +917,17 @@ class Trainer:
         """``write`` (rank 0's writes to the run folder: its records at the start, a metrics row each
         logged step), then one all-reduce so that every rank learns whether it failed. Without it, rank
         0 stopped alone on a full disk, with a traceback, and the other ranks went on into the next
-        collective, on other nodes until the process group's timeout."""
-        failed: OSError | None = None
+        collective, on other nodes until the process group's timeout. A failed write is a
+        :class:`RunFolderWriteError`; another error rank 0 met there is raised as it was."""
+        failed: Exception | None = None
         try:
             result = write()
-        except OSError as error:
+        except Exception as error:  # a damaged metrics.jsonl on --resume, a bug: the other ranks must not wait
             failed = error
         if all_reduce(torch.tensor([float(failed is not None)], dtype=torch.float64), "max").item() == 0:
             return result
+        if failed is not None and not isinstance(failed, OSError):
+            raise failed  # as it was (a UserInputError names its file); the other ranks stop quietly below
         cause = f"{type(failed).__name__}: {failed}" if failed is not None else "see rank 0"  # rank 0 alone says it
         with contextlib.suppress(OSError):
             cause += f"; {shutil.disk_usage(self.out_dir).free / 2**20:.0f} MiB free there"
