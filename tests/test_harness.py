@@ -99,6 +99,33 @@ def _diverged(capsys, out_dir, *overrides) -> str:
     return capsys.readouterr().err.strip()
 
 
+def test_a_metrics_writer_failing_at_close_does_not_hide_the_error_that_stops_the_run(tmp_path, capsys, monkeypatch):
+    """TensorBoard's writer re-raises at close what its thread met (a full disk): closed while a
+    divergence stops the run, that replaced the divergence's one line with a traceback."""
+    from dyt.train.metrics import MetricsLogger
+
+    def close(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MetricsLogger, "close", close)
+    said = _diverged(capsys, tmp_path / "run", "data.nan_at_step=3")
+    assert said.splitlines()[-1].split(": ", 1)[1].startswith("diverged: loss became nan at step 3;"), said[-2000:]
+    with pytest.raises(OSError, match="No space left"):  # a run that finishes still says so
+        _run(tmp_path / "finished", "train.steps=2")
+
+
+def test_a_divergence_that_cannot_be_recorded_is_still_the_one_line_that_stops_the_run(tmp_path, capsys, monkeypatch):
+    """Rank 0 records a divergence in diverged.json; on a full disk that write raised on rank 0 alone,
+    a traceback in place of the divergence's line (the other ranks stopped quietly on it)."""
+    def record_divergence(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("dyt.train.checkpoint.record_divergence", record_divergence)
+    said = _diverged(capsys, tmp_path / "run", "data.nan_at_step=3").splitlines()[-1]
+    assert said.split(": ", 1)[1].startswith("diverged: loss became nan at step 3; last good checkpoint: none yet (not "
+                                             f"recorded in {tmp_path / 'run' / DIVERGED}: No space left on device); "), said
+
+
 def test_updates_skipped_in_a_row_stop_the_run_as_diverged(tmp_path, capsys):
     """With gradients NaN and the loss finite, ZeRO-2 skips every update (the step counts, the weights
     and schedule stay): a run that only skips would "train" for days. After MAX_SKIPPED_IN_A_ROW it

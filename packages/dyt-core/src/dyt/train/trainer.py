@@ -12,6 +12,7 @@ import io
 import math
 import random
 import shutil
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -962,13 +963,18 @@ class Trainer:
     def _stop_diverged(self, step: int, loss: str, what: str, last_good: Path | None) -> NoReturn:
         """Record the divergence in the run folder (rank 0) and stop every rank: ``what`` happened at
         ``step``, with the training loss ``loss`` (in words)."""
+        recorded = f"recorded in {self.out_dir / checkpoint.DIVERGED}"
         if self.dist.is_main:
-            checkpoint.record_divergence(self.out_dir, step, loss, last_good, self.dist.world_size, self.full_config)
+            try:
+                checkpoint.record_divergence(self.out_dir, step, loss, last_good, self.dist.world_size,
+                                             self.full_config)
+            except OSError as error:  # a full disk: the divergence is still what stops the run
+                recorded = f"not recorded in {self.out_dir / checkpoint.DIVERGED}: {error.strerror or error}"
         remedy = ("a smaller train.lr (--resume --set train.lr=... continues from that checkpoint) or DyT alpha0 "
                   "(a new run) may train" if last_good else "a new run with a smaller train.lr or DyT alpha0 may train")
         raise NonFiniteLossError(
-            f"{what} at step {step}; last good checkpoint: {last_good or 'none yet'} (recorded in "
-            f"{self.out_dir / checkpoint.DIVERGED}); the same settings would replay the same steps: {remedy}")
+            f"{what} at step {step}; last good checkpoint: {last_good or 'none yet'} ({recorded}); the same settings "
+            f"would replay the same steps: {remedy}")
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``train.steps`` (from the newest complete checkpoint with ``resume``), holding the
@@ -1152,6 +1158,9 @@ class Trainer:
             raise
         finally:
             bar.close()
-            metrics.close()
+            # TensorBoard's writer re-raises at close what its thread met (a full disk): not over the error
+            # that stops the run
+            with contextlib.suppress(Exception) if sys.exc_info()[1] is not None else contextlib.nullcontext():
+                metrics.close()
             alpha_tracker.close()  # its hooks would measure every later forward of the module
         return TrainResult(self.out_dir, step, train_loss, eval_loss)
