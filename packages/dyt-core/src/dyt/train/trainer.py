@@ -361,9 +361,21 @@ def _zero0_gradient_norm(engine) -> float:
     return total / (engine.optimizer.cur_scale if engine.fp16_enabled() else 1.0)
 
 
+def _held_values(param: nn.Parameter) -> torch.Tensor:
+    """The values of ``param`` this rank holds: the whole parameter, or under ZeRO-3 its shard's
+    elements of the parameter. A shard is padded to equal size on every rank and DeepSpeed leaves the
+    padding as allocated (``partition_parameters._partition_param``), so it may hold anything: a NaN
+    there stopped a healthy 2-rank run as diverged now and then (a 1-element alpha, rank 1 all padding)."""
+    shard = getattr(param, "ds_tensor", None)
+    if shard is None:
+        return param
+    first = torch.distributed.get_rank(param.ds_process_group) * shard.ds_numel
+    return shard.narrow(0, 0, min(max(param.ds_numel - first, 0), shard.ds_numel))
+
+
 def _weights_finite(engine) -> bool:
-    """Whether every weight is finite on every rank (each checks what it holds: ZeRO-3's partition)."""
-    mine = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    """Whether every weight is finite on every rank (each checks what it holds: ZeRO-3's shard)."""
+    mine = all(bool(torch.isfinite(_held_values(p)).all()) for p in engine.module.parameters())
     return all_reduce(torch.tensor([float(mine)], dtype=torch.float64), "min").item() == 1
 
 
