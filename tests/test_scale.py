@@ -510,18 +510,28 @@ def test_runs_saved_with_a_null_compare_by_the_model_they_built():
         "model.tied_embeddings false -> true"]
 
 
-@pytest.mark.parametrize("rank, held", [(0, [1.0, 2.0]), (1, [3.0]), (2, [])])
-def test_a_zero3_shard_is_checked_without_its_padding(monkeypatch, rank, held):
-    """ZeRO-3 pads every shard to one size and leaves the padding as allocated, so it may hold a NaN:
-    the divergence check before each save read whole shards and stopped a healthy 2-rank ZeRO-3 run
-    as diverged now and then ("the weights became NaN or infinite at step 3"). A 3-element
-    parameter in shards of 2: rank 0 holds 2 elements, rank 1 one and padding, rank 2 padding only."""
-    from dyt.train.trainer import _held_values
+@pytest.mark.parametrize("numel, world, rank, shard, held", [
+    (5, 3, 0, [1.0, 2.0], [1.0, 2.0]), (5, 3, 2, [5.0, float("nan")], [5.0]),  # shards of 2, the last padded
+    (3, 4, 3, [float("nan")], []),  # shards of 1: rank 3 holds padding only
+])
+def test_a_zero3_shard_is_checked_without_its_padding(monkeypatch, numel, world, rank, shard, held):
+    """ZeRO-3 pads every shard to one size (ceil(numel / world)) and leaves the padding as allocated,
+    so it may hold a NaN: the divergence check before each save read whole shards and stopped a
+    healthy 2-rank ZeRO-3 run as diverged now and then ("the weights became NaN or infinite at step
+    3"). Each rank checks its shard's own elements; a NaN among them still counts."""
+    from types import SimpleNamespace
+
+    import dyt.train.trainer as trainer
 
     param = torch.nn.Parameter(torch.empty(0))
-    param.ds_tensor = torch.tensor({0: [1.0, 2.0], 1: [3.0, float("nan")], 2: [float("nan"), float("inf")]}[rank])
-    param.ds_tensor.ds_numel, param.ds_numel, param.ds_process_group = 2, 3, None
+    param.ds_tensor = torch.tensor(shard)
+    param.ds_tensor.ds_numel, param.ds_numel, param.ds_process_group = -(-numel // world), numel, None
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
-    assert _held_values(param).tolist() == held
-    plain = torch.nn.Parameter(torch.tensor([float("nan")]))
-    assert _held_values(plain) is plain  # not sharded: all of it
+    monkeypatch.setattr(trainer, "all_reduce", lambda value, op: value)  # this rank's verdict
+    module = torch.nn.Module()
+    module.weight = param
+    engine = SimpleNamespace(module=module)
+    assert trainer._held_values(param).tolist() == held
+    assert trainer._weights_finite(engine)
+    param.ds_tensor[0] = float("inf") if held else param.ds_tensor[0]
+    assert trainer._weights_finite(engine) == (not held)

@@ -12,7 +12,6 @@ import io
 import math
 import random
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -1087,6 +1086,7 @@ class Trainer:
         own_grad_norm = engine.zero_optimization_stage() == 0
         skipped = skipped_before = int(getattr(engine, "skipped_steps", 0))
         skipped_in_a_row = 0
+        stopped = True  # until the last step is done
         try:
             while step < cfg.steps:
                 started = time.perf_counter()
@@ -1161,6 +1161,7 @@ class Trainer:
                         self._stop_diverged(step, "finite, but the weights not finite after its update",
                                             "the weights became NaN or infinite", last_good)
                     last_good = self._save(engine, step, batches.position)
+            stopped = False
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
         except (CheckpointSaveError, RunFolderWriteError):
@@ -1170,9 +1171,9 @@ class Trainer:
             raise
         finally:
             bar.close()
+            alpha_tracker.close()  # its hooks would measure every later forward of the module
             # TensorBoard's writer re-raises at close what its thread met (a full disk): not over the error
             # that stops the run
-            with contextlib.suppress(Exception) if sys.exc_info()[1] is not None else contextlib.nullcontext():
+            with contextlib.suppress(Exception) if stopped else contextlib.nullcontext():
                 metrics.close()
-            alpha_tracker.close()  # its hooks would measure every later forward of the module
         return TrainResult(self.out_dir, step, train_loss, eval_loss)
