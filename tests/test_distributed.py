@@ -425,6 +425,7 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
 
     monkeypatch.setattr(cli, "Trainer", Trained)
     monkeypatch.setattr(cli, "leave_process_group", leave)
+    monkeypatch.setattr(cli, "end_process", lambda: left.append("ended"))
     argv = ["--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.steps=1"]
     if outcome == "finished":
         assert run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process) == "result"
@@ -432,7 +433,7 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
         with pytest.raises(SystemExit) as stopped:
             run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process)
         assert stopped.value.code == 2
-    assert left == ([True] if leaves else [])
+    assert left == ([True, "ended"] if leaves and outcome == "finished" else [True] if leaves else [])
 
 
 @pytest.mark.distributed

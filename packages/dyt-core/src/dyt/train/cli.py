@@ -23,7 +23,7 @@ from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
 from .data_files import data_files_once
-from .distributed import launcher_number, leave_process_group
+from .distributed import end_process, launcher_number, leave_process_group
 from .trainer import Task, Trainer, TrainResult
 
 C = TypeVar("C")
@@ -121,7 +121,8 @@ def run_recipe(
 
     ``ends_process``: the process exits next (a recipe's ``python -m`` main, under a launcher or
     not): once every rank has finished, or has raised the same error together (``raised_together``), its
-    process group is destroyed (:func:`~dyt.train.distributed.leave_process_group`)."""
+    process group is destroyed (:func:`~dyt.train.distributed.leave_process_group`), and a finished
+    run's process ends at once with status 0 (:func:`~dyt.train.distributed.end_process`)."""
     with user_errors(prog or os.path.basename(sys.argv[0])):
         config, args = parse_args(config_cls, argv, prog)
         if args.print_config:
@@ -151,4 +152,5 @@ def run_recipe(
             raise
         if ends_process:
             leave_process_group()
+            end_process()  # without the interpreter's teardown, where gloo could still abort
         return result
