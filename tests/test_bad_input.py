@@ -879,3 +879,38 @@ def test_rank_0_failing_to_write_the_run_folder_stops_every_rank_together(tmp_pa
         assert f"to {out / 'metrics.jsonl'} (OSError: [Errno 27] File too large" in last, last
     assert "write error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("split, failing", [("train", 1), ("validation", 0)])
+def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split, failing):
+    """A file damaged or gone mid-run, met by one rank reading its batch, stopped that rank alone,
+    and the other ranks waited in the step's next collective (on another node until the process
+    group's timeout; here gloo saw the peer go, and rank 0 crashed with a traceback of its own). Now
+    the ranks agree after each batch read, for training and validation alike: both stop together,
+    rank 0 naming the rank that failed and its error in one line, and a --resume trains through.
+    Rank 1 fails in step 3's training batch (its reads 9 to 12 at micro-batch 4), rank 0 in its first
+    validation batch at step 2, before step 2's checkpoint."""
+    out = tmp_path / "run"
+    _extensions_built(tmp_path)
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.micro_batch_size=4", "--set", "train.eval_every=2",
+                               "--set", "train.eval_batches=2", "--set", "data.unreadable_from_read="
+                               + ("10" if split == "train" else "1"), "--set", f"data.unreadable_split={split}",
+                               "--set", f"data.unreadable_rank={failing}")
+    assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+    last = ranks[0][2].strip().splitlines()[-1]
+    what = ("the training batch of step 3" if split == "train"
+            else "a validation batch (turn 1 of 1 on each rank)")
+    assert last.startswith(f"toy_recipe.py: data error: could not read {what} (rank {failing}: _ToyDataError: "
+                           "example "), last
+    assert last.endswith("of the toy data is unreadable (data.unreadable_from_read)); " + (
+        f"--resume continues from step 2 ({out / 'checkpoints/step_00000002'})" if split == "train"
+        else "there is no complete checkpoint yet: --resume starts from step 0")
+        + ". Mend what the error names and run again with --resume"), last
+    assert "data error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.micro_batch_size=4", "--set", "train.eval_every=2",
+                               "--set", "train.eval_batches=2", "--set", f"data.unreadable_split={split}",
+                               "--set", f"data.unreadable_rank={failing}", "--resume")
+    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # trimmed to the checkpoint's step (or started anew), then trained through

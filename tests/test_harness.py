@@ -129,6 +129,35 @@ def test_a_divergence_that_cannot_be_recorded_is_still_the_one_line_that_stops_t
                                              f"recorded in {tmp_path / 'run' / DIVERGED}: No space left on device); "), said
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_batch_that_cannot_be_read_is_one_line_and_a_bug_in_a_collate_keeps_its_traceback(tmp_path, capsys,
+                                                                                             num_workers):
+    """Every batch read is agreed by the ranks (tests/test_bad_input.py stops two): a data error is
+    one line naming the micro-batch, the error's own words (a DataLoader worker's error arrives with
+    the worker's traceback as its message) and what --resume takes; any other error a read raised (a
+    bug in the task's collate) is raised as it was. Micro-batches of 16, 2 a step: read 40 is in step
+    2's first."""
+    said = _diverged(capsys, tmp_path / "run", "data.unreadable_from_read=40", "data.unreadable_rank=0",
+                     f"train.num_workers={num_workers}")
+    assert said.splitlines()[-1].split(": ", 1)[1] == (
+        "data error: could not read training micro-batch 1 of 2 of step 2 (_ToyDataError: example "
+        f"{said.split('(_ToyDataError: example ')[1].split()[0]} of the toy data is unreadable "
+        "(data.unreadable_from_read)); there is no complete checkpoint yet: --resume starts from step 0. Mend what "
+        "the error names and run again with --resume"), said
+
+    class BuggyCollate(ToyTask):
+        collated = 0  # in the process that collates: with num_workers=1 the worker's copy of the task
+
+        def collate(self, items):
+            self.collated += 1
+            if self.collated == 3:
+                raise KeyError("a bug")
+            return super().collate(items)
+
+    with pytest.raises(KeyError, match="a bug"):
+        _run(tmp_path / "bug", f"train.num_workers={num_workers}", task=BuggyCollate)
+
+
 def test_updates_skipped_in_a_row_stop_the_run_as_diverged(tmp_path, capsys):
     """With gradients NaN and the loss finite, ZeRO-2 skips every update (the step counts, the weights
     and schedule stay): a run that only skips would "train" for days. After MAX_SKIPPED_IN_A_ROW it
@@ -407,6 +436,11 @@ def _validating_rank(task, cfg: TrainConfig, rank: int, world: int):
     return trainer
 
 
+def _reads_agreed_alone(monkeypatch) -> None:
+    """Each batch read agreed as by a world of one (for a rank validating alone, its all-reduce stubbed)."""
+    monkeypatch.setattr("dyt.train.trainer.failures_agreed", lambda error, words=None: [(0, words)] if error else [])
+
+
 def _engine_of(task):
     """The task's model as a stand-in for the DeepSpeed engine: what validation asks of one."""
     torch.manual_seed(0)
@@ -438,6 +472,7 @@ def test_validation_scores_the_same_batches_and_draws_on_any_world_size(monkeypa
     reduced: list[torch.Tensor] = []  # per rank: its example count, then its sums
     monkeypatch.setattr("dyt.train.trainer.all_reduce",
                         lambda value, op="sum": (op == "sum" and reduced.append(value)) or value)
+    _reads_agreed_alone(monkeypatch)
 
     def validate(world: int, size: int) -> tuple[float, int, list[list[float]]]:
         """The world's loss and examples (as the real all-reduce would sum them), and each rank's forwards."""
@@ -475,6 +510,7 @@ def test_validation_batches_by_its_own_micro_batch_size_where_one_is_set(monkeyp
     task = ToyTask(config)
     engine, dataset = _engine_of(task), task.eval_dataset()
     monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": value)
+    _reads_agreed_alone(monkeypatch)
     sizes: list[int] = []
     real_loss = task.loss
     monkeypatch.setattr(task, "loss", lambda model, batch: sizes.append(len(batch[0])) or real_loss(model, batch))
@@ -515,6 +551,7 @@ def test_the_room_a_save_needs_is_the_newest_checkpoint_without_its_universal_co
     trainer = _validating_rank(None, TrainConfig(), 0, 1)
     trainer.ckpt_root = root
     monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": value)
+    _reads_agreed_alone(monkeypatch)
     usage = collections.namedtuple("usage", "total used free")
 
     def check_with_free(free: int) -> None:
@@ -552,6 +589,7 @@ def test_validation_stops_when_ranks_report_other_extras(monkeypatch):
     engine = _engine_of(task)
     monkeypatch.setattr("dyt.train.trainer.all_reduce",
                         lambda value, op="sum": value + torch.tensor([1.0, 0.0], dtype=value.dtype) if op == "max" else value)
+    _reads_agreed_alone(monkeypatch)
     trainer = _validating_rank(task, TrainConfig(micro_batch_size=4, eval_batches=2), 0, 2)
     with pytest.raises(ValueError, match=r"the task's loss reported other extras on other ranks while validating"):
         trainer._evaluate(engine, task.eval_dataset())

@@ -6,10 +6,11 @@ not DyT's quality. Run as ``python tests/toy_recipe.py --config ... --set ...`` 
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dyt import NormConfig, apply_norm_free, make_norm  # noqa: E402
-from dyt.train import TrainConfig, run_recipe  # noqa: E402
+from dyt.train import TrainConfig, UserInputError, run_recipe  # noqa: E402
 
 
 @dataclass
@@ -45,7 +46,15 @@ class ToyDataConfig:
     and the loss one more (0: none). For testing that validation scores the same draws on any
     world size and any number of data-loading workers."""
 
-    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step"})
+    unreadable_from_read: int = 0
+    """On rank ``unreadable_rank``, reading an example of ``unreadable_split`` fails from this read
+    on, counted from 1 in this process, with a data error (0: never): a file damaged or gone mid-run.
+    For testing that every rank stops together."""
+
+    unreadable_rank: int = 1
+    unreadable_split: Literal["train", "validation"] = "train"
+
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step", "unreadable_from_read"})
     """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
 
@@ -81,11 +90,19 @@ class ToyTask:
         return TensorDataset(x, y)
 
     def train_dataset(self):
-        return self._data(0)
+        return self._maybe_unreadable(self._data(0), "train")
 
     def eval_dataset(self):
         data = self._data(1)
-        return _NoisyReads(data, self.config.data.eval_noise) if self.config.data.eval_noise else data
+        data = _NoisyReads(data, self.config.data.eval_noise) if self.config.data.eval_noise else data
+        return self._maybe_unreadable(data, "validation")
+
+    def _maybe_unreadable(self, data, split: str):
+        cfg = self.config.data
+        if cfg.unreadable_from_read and split == cfg.unreadable_split and \
+                os.environ.get("RANK", "0") == str(cfg.unreadable_rank):
+            return _UnreadableFrom(data, cfg.unreadable_from_read)
+        return data
 
     def collate(self, items):
         if len(items[0]) == 3:  # _NoisyReads's (x, y, noise): the batch draws once more
@@ -122,6 +139,26 @@ class _NoisyReads(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         x, y = self.data[index]
         return x, y + self.noise * torch.rand(1), torch.tensor(self.noise)
+
+
+class _UnreadableFrom(torch.utils.data.Dataset):
+    """``data`` whose reads fail from the ``first``-th on (ToyDataConfig.unreadable_from_read)."""
+
+    def __init__(self, data, first: int):
+        self.data, self.first, self.reads = data, first, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        if self.reads >= self.first:
+            raise _ToyDataError(f"example {index} of the toy data is unreadable (data.unreadable_from_read)")
+        return self.data[index]
+
+
+class _ToyDataError(UserInputError):
+    kind = "data error"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from .config import ConfigError, Range, TrainConfig, dump_yaml, from_dict, load_
 from .distributed import DistInfo, init_distributed
 from .metrics import read_metrics
 from .trainer import (
+    BatchReadError,
     CheckpointSaveError,
     NonFiniteLossError,
     RunFolderWriteError,
@@ -21,6 +22,7 @@ from .trainer import (
 )
 
 __all__ = [
+    "BatchReadError",
     "CheckpointSaveError",
     "ConfigError",
     "DistInfo",

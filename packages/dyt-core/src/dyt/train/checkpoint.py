@@ -39,7 +39,7 @@ from ..errors import UserInputError
 from . import runlock
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged
-from .distributed import DistInfo, all_reduce, barrier
+from .distributed import DistInfo, barrier, failures_agreed
 from .jsonio import partial_path, write_json, write_text_whole
 
 MARKER = "COMPLETE"
@@ -219,12 +219,8 @@ def _agree(error: BaseException | None) -> None:
     others in the next collective). The failing rank's own error is chained (its traceback under
     ``DYT_DEBUG=1``)."""
     barrier()  # as before the agreement: gloo's barrier also waits out every collective still in flight
-    if all_reduce(torch.tensor([float(error is not None)]), "max").item() == 0:
-        return  # the usual case: one all-reduce, the words are gathered only when a rank failed
-    said = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error is not None else None
-    everyone: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, said)
-    raise SaveFailed([(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]) from error
+    if failures := failures_agreed(error):
+        raise SaveFailed(failures) from error
 
 
 def save(engine, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo, keep: int) -> Path:

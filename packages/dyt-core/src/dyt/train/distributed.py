@@ -178,6 +178,24 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return out.to(value.device)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce): how the ranks agree to stop together
+    where one rank alone met a problem, rather than leaving the others in the next collective."""
+    return all_reduce(torch.tensor([float(flag)], dtype=torch.float64), "max").item() == 1
+
+
+def failures_agreed(error: BaseException | None, words: str | None = None) -> list[tuple[int, str]]:
+    """Every rank's failure at this point, known on every rank: ``[]`` where no rank's ``error`` is set
+    (one all-reduce; the words are gathered only when some rank failed), else ``(rank, words)`` of each
+    rank that failed, ``words`` (by default ``"Type: message"``) on one line and cut to 300 characters."""
+    if not any_rank(error is not None):
+        return []
+    said = " ".join((words or f"{type(error).__name__}: {error}").split())[:300] if error is not None else None
+    everyone: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, said)
+    return [(rank, cause) for rank, cause in enumerate(everyone) if cause is not None]
+
+
 def all_gather(value: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``value``, in rank order, on ``value``'s device."""
     mine = value.detach().to(collective_device())

@@ -31,7 +31,15 @@ from ..errors import UserInputError
 from . import checkpoint, runlock
 from .config import ConfigError, TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
-from .distributed import DistInfo, all_gather, all_reduce, barrier, init_distributed
+from .distributed import (
+    DistInfo,
+    all_gather,
+    all_reduce,
+    any_rank,
+    barrier,
+    failures_agreed,
+    init_distributed,
+)
 from .jsonio import read_json, write_json, write_text_whole
 from .metrics import MetricsLogger
 
@@ -63,6 +71,17 @@ class CheckpointSaveError(UserInputError):
     Every rank stops on it together (they agree on every rank's writes), and rank 0 alone says so."""
 
     kind = "checkpoint error"
+    raised_together = True
+
+
+class BatchReadError(UserInputError):
+    """A rank could not read a batch while training or validating (a file damaged, changed or gone since
+    the start-up checks, a file system's error). Every rank stops on it together (they agree after each
+    batch read), and rank 0 says which rank failed and why; a failing rank's error that is neither a
+    :class:`UserInputError` nor an OSError (a bug in the task's collate) is raised there as it was, its
+    traceback kept."""
+
+    kind = "data error"
     raised_together = True
 
 
@@ -375,7 +394,7 @@ def _held_values(param: nn.Parameter) -> torch.Tensor:
 def _weights_finite(engine) -> bool:
     """Whether every weight is finite on every rank (each checks what it holds: ZeRO-3's shard)."""
     mine = all(bool(torch.isfinite(_held_values(p)).all()) for p in engine.module.parameters())
-    return all_reduce(torch.tensor([float(mine)], dtype=torch.float64), "min").item() == 1
+    return not any_rank(not mine)
 
 
 def _peak_rss_per_rank() -> dict[str, float]:
@@ -412,6 +431,22 @@ def check_one_step_of_data(examples: int, micro_batch_size: int, world_size: int
 DATA_IDENTITY = "data_identity.json"
 """In a run folder: the task's ``data_identity`` as the run's first launch (or its first launch
 that recorded one) had it."""
+
+
+def worker_error_words(error: BaseException) -> str:
+    """``"Type: message"`` of ``error``; for an error a DataLoader worker raised, of the worker's own
+    error. torch raises that again in the main process with the worker's whole traceback as its
+    message, which put the words that matter, the error's own, past the end of a one-line report."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return f"{type(error).__name__}: {text}"
+    lines = text.rstrip().splitlines()
+    last_frame = max(n for n, line in enumerate(lines) if line.startswith(" ") or "Original Traceback" in line)
+    own = "\n".join(lines[last_frame + 1:])  # "module.Type: message" as a traceback names it
+    named, _, message = own.partition(": ")
+    if named.rsplit(".", 1)[-1] != type(error).__name__:
+        return f"{type(error).__name__}: {text}"
+    return f"{type(error).__name__}: {message}"
 
 
 def check_data_identity(run_dir: Path, now: dict[str, str] | None) -> None:
@@ -860,10 +895,13 @@ class Trainer:
         extra_names: set[str] = set()
         examples = 0
         engine.eval()
+        read, input_dtype = iter(loader), engine_input_dtype(engine)
         with torch.no_grad():
-            for turn, (number, batch) in enumerate(loader):
+            for turn in range(len(mine) + len(fillers)):
+                number, batch = self._read_together(
+                    lambda: next(read), f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)")
                 seed_everything(validation_seed(LOSS, number))
-                loss, extras = self.task.loss(engine, to_device(batch, self.dist.device, engine_input_dtype(engine)))
+                loss, extras = self.task.loss(engine, to_device(batch, self.dist.device, input_dtype))
                 extra_names.update(name for name in extras if name != "units")
                 if turn >= len(mine):
                     continue
@@ -936,7 +974,7 @@ class Trainer:
             result = write()
         except Exception as error:  # a damaged metrics.jsonl on --resume, a bug: the other ranks must not wait
             failed = error
-        if all_reduce(torch.tensor([float(failed is not None)], dtype=torch.float64), "max").item() == 0:
+        if not any_rank(failed is not None):
             return result
         if failed is not None and not isinstance(failed, OSError):
             raise failed  # as it was (a UserInputError names its file); the other ranks stop quietly below
@@ -945,6 +983,30 @@ class Trainer:
             cause += f"; {shutil.disk_usage(self.out_dir).free / 2**20:.0f} MiB free there"
         raise RunFolderWriteError(f"could not {what} ({cause}); {self._resume_from()}. Free disk space (or point "
                                   "train.out_dir elsewhere) and run again with --resume") from failed
+
+    def _read_together(self, read: Callable[[], T], what: str) -> T:
+        """``read()`` (a batch: read, collated, on its device), then one all-reduce so that every rank
+        learns whether any rank's read failed. A file damaged or gone mid-run, met by one rank, stopped
+        that rank alone, and the others waited in the step's next collective: on other nodes until the
+        process group's timeout (DeepSpeed's default, 10 min). The agreement comes before the forward,
+        which under ZeRO-3 is collective (it gathers the parameters)."""
+        failed: Exception | None = None
+        try:
+            batch = read()
+        except Exception as error:  # a damaged file, a bug in a collate: the other ranks must not wait
+            failed = error
+        failures = failures_agreed(failed, failed and worker_error_words(failed))
+        if not failures:
+            return batch
+        if failed is not None and not isinstance(failed, (UserInputError, OSError)):
+            raise failed  # a bug: its traceback, here; the other ranks say which rank failed
+        rank, cause = failures[0]
+        if len(failures) > 1:
+            cause += f"; {len(failures) - 1} more rank(s) failed too"
+        if self.dist.world_size > 1:
+            cause = f"rank {rank}: {cause}"
+        raise BatchReadError(f"could not read {what} ({cause}); {self._resume_from()}. Mend what the error names "
+                             "and run again with --resume") from failed
 
     def _resume_from(self) -> str:
         """What ``--resume`` would start from, in words, for an error that stops the run."""
@@ -991,14 +1053,14 @@ class Trainer:
         """Train to ``train.steps`` (from the newest complete checkpoint with ``resume``), holding the
         run folder's lock throughout: a second launch into the same ``train.out_dir`` stops at once."""
         with contextlib.ExitStack() as held:
-            folder_free = 1.0
+            refused: UserInputError | None = None
             if self.dist.is_main:
                 try:
                     held.enter_context(runlock.holding(self.out_dir, "launch"))
                 except UserInputError as error:  # in use, or not writable: every rank stops, rank 0 says why
-                    refused, folder_free = error, 0.0
-            if all_reduce(torch.tensor([folder_free], dtype=torch.float64), "min").item() == 0:
-                raise refused if self.dist.is_main else runlock.FolderInUseError(f"{self.out_dir} is in use")
+                    refused = error
+            if any_rank(refused is not None):
+                raise refused or runlock.FolderInUseError(f"{self.out_dir} is in use")
             check_folder_shared(self.out_dir, self.dist)
             return self._fit(resume)
 
@@ -1033,7 +1095,7 @@ class Trainer:
             except ConfigError as error:
                 problem = error
         # every rank stops, or none: a rank going on into the engine's collectives would wait forever
-        if all_reduce(torch.tensor([float(problem is not None)], dtype=torch.float64), "max").item():
+        if any_rank(problem is not None):
             raise problem or ConfigError("--resume: another rank's data is not what the run trained on (that rank "
                                          "says what differs)")
         if resume and not done and dist.is_main:
@@ -1095,7 +1157,10 @@ class Trainer:
                 loss_sum, units, extra_sums, grad_norm = 0.0, 0.0, {}, None
                 lr = engine.get_lr()[0]  # this step's update's rate (the schedule moves on at its end)
                 for micro in range(cfg.grad_accum):
-                    batch = to_device(next(stream), dist.device, input_dtype)
+                    batch = self._read_together(
+                        lambda: to_device(next(stream), dist.device, input_dtype),
+                        f"the training batch of step {step + 1}" if cfg.grad_accum == 1
+                        else f"training micro-batch {micro + 1} of {cfg.grad_accum} of step {step + 1}")
                     loss, extras = self.task.loss(engine, batch)
                     finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
                     if finite.item() == 0:
@@ -1164,8 +1229,8 @@ class Trainer:
             stopped = False
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
-        except (CheckpointSaveError, RunFolderWriteError):
-            raise  # every rank stops on it together (no room, or a write that failed), rank 0 saying why
+        except (CheckpointSaveError, RunFolderWriteError, BatchReadError):
+            raise  # every rank stops on it together (no room, a write or a read that failed), rank 0 saying why
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
             raise
