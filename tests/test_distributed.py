@@ -399,10 +399,11 @@ def test_a_launcher_variable_that_is_no_count_is_a_one_line_error(value, monkeyp
     (True, "one rank", False),  # another rank may wait in a collective: destroying the group could hang
     (False, "finished", False),  # in-process callers (tests, notebooks) train again in the same process
 ])
-def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(tmp_path, monkeypatch, ends_process,
-                                                                                 outcome, leaves):
+def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(tmp_path, monkeypatch, capsys,
+                                                                                 ends_process, outcome, leaves):
     """A recipe's main destroys its process group before the interpreter exits, as gloo needs (see the
-    next test); only where no other rank can still be in a collective (``raised_together``)."""
+    next test), and ends its process without the teardown, with the status of how it ended; only where
+    no other rank can still be in a collective (``raised_together``). The error's line comes once."""
     import dyt.train.cli as cli
 
     left = []
@@ -425,7 +426,7 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
 
     monkeypatch.setattr(cli, "Trainer", Trained)
     monkeypatch.setattr(cli, "leave_process_group", leave)
-    monkeypatch.setattr(cli, "end_process", lambda: left.append("ended"))
+    monkeypatch.setattr(cli, "end_process", lambda status=0: left.append(("ended", status)))
     argv = ["--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.steps=1"]
     if outcome == "finished":
         assert run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process) == "result"
@@ -433,7 +434,8 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
         with pytest.raises(SystemExit) as stopped:
             run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process)
         assert stopped.value.code == 2
-    assert left == ([True, "ended"] if leaves and outcome == "finished" else [True] if leaves else [])
+        assert capsys.readouterr().err.count("error: a write failed") == 1
+    assert left == ([True, ("ended", 0 if outcome == "finished" else 2)] if leaves else [])
 
 
 @pytest.mark.distributed

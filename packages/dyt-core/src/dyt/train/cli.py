@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..backends import AUTO, BackendUnavailableError, device_arg, select_backend
-from ..errors import CommandParser, UserInputError, command, user_errors
+from ..errors import CommandParser, UserInputError, command, report, user_errors
 from ..norms import NormConfig
 from .checkpoint import check_fresh_start, check_resume
 from .config import ConfigError, dump_yaml, load_config
@@ -122,8 +122,10 @@ def run_recipe(
     ``ends_process``: the process exits next (a recipe's ``python -m`` main, under a launcher or
     not): once every rank has finished, or has raised the same error together (``raised_together``), its
     process group is destroyed (:func:`~dyt.train.distributed.leave_process_group`), and a finished
-    run's process ends at once with status 0 (:func:`~dyt.train.distributed.end_process`)."""
-    with user_errors(prog or os.path.basename(sys.argv[0])):
+    run's process ends at once with status 0 (:func:`~dyt.train.distributed.end_process`), and one
+    stopped by such an error with status 2, once it has printed the error's line."""
+    prog = prog or os.path.basename(sys.argv[0])
+    with user_errors(prog):
         config, args = parse_args(config_cls, argv, prog)
         if args.print_config:
             sys.stdout.write(dump_yaml(config))
@@ -149,6 +151,11 @@ def run_recipe(
             if ends_process and error.raised_together:
                 with contextlib.suppress(Exception):  # the error's one line, not a failed teardown, is what counts
                     leave_process_group()
+                try:
+                    report(prog, error)  # the line (rank 0), then SystemExit(2)
+                except SystemExit as stop:
+                    end_process(stop.code)  # as a finished run: gloo could abort in the teardown, exit -6
+                    raise
             raise
         if ends_process:
             leave_process_group()

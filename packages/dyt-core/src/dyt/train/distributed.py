@@ -101,8 +101,9 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def end_process() -> NoReturn:
-    """End a finished launch's process now, exit status 0, without the interpreter's teardown. DeepSpeed
+def end_process(status: int = 0) -> NoReturn:
+    """End a launch's process now with exit ``status``, without the interpreter's teardown: a finished
+    run (0), or one every rank stopped together with an error it has printed (2). DeepSpeed
     keeps its process groups referenced (its ``groups`` module, the engine), so even after
     :func:`leave_process_group` gloo's groups outlived it into the interpreter's finalization, and a
     rank that had trained and saved aborted there now and then ("terminate called without an active
@@ -111,7 +112,7 @@ def end_process() -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def load_cpu_communication_op() -> bool:
