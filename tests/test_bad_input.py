@@ -914,3 +914,37 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
     assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # trimmed to the checkpoint's step (or started anew), then trained through
+
+
+@pytest.mark.distributed
+def test_a_damaged_or_missing_checkpoint_file_stops_every_rank_together_at_resume(tmp_path):
+    """DeepSpeed's load is collective: rank 1's own ZeRO-3 shard cut short (a copy that stopped) made
+    rank 1 stop alone, and rank 0, in the load's next collective, reported gloo's lost peer as its own
+    load failure (over several nodes it would wait until the process group's timeout). Every rank now
+    checks its share of the files first, and all stop together, rank 0 naming the file: one cut short,
+    then one missing. With the files put back the resume trains through (the check passes a sound
+    checkpoint)."""
+    out = tmp_path / "run"
+    _extensions_built(tmp_path)
+    ranks = _two_ranks_by_hand(tmp_path, out)
+    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
+    newest = out / "checkpoints/step_00000004"
+    for name, damage in [("zero_pp_rank_1_mp_rank_00_optim_states.pt", "cut"),
+                         ("zero_pp_rank_1_mp_rank_00_model_states.pt", "missing")]:
+        sound = (newest / name).read_bytes()
+        if damage == "cut":
+            (newest / name).write_bytes(sound[: len(sound) // 2])
+        else:
+            (newest / name).unlink()
+        ranks = _two_ranks_by_hand(tmp_path, out, "--resume", "--set", "train.steps=6")
+        assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+        last = ranks[0][2].strip().splitlines()[-1]
+        said = {"cut": f"{name}: File is not a zip file", "missing": f"{name} is missing"}[damage]
+        assert last == (f"toy_recipe.py: checkpoint error: {newest} is marked complete but a file in it is damaged or "
+                        f"missing ({said}): delete that folder to resume from the one before"), last
+        assert "checkpoint error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+        (newest / name).write_bytes(sound)
+    ranks = _two_ranks_by_hand(tmp_path, out, "--resume", "--set", "train.steps=6")
+    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
+    assert "resumed from " + str(newest) in ranks[0][1]
+    assert (out / "checkpoints/step_00000006/COMPLETE").is_file()

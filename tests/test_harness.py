@@ -304,9 +304,21 @@ def test_a_new_run_into_a_folder_holding_checkpoints_is_refused(tmp_path, capsys
 
 
 def test_a_damaged_file_in_a_complete_checkpoint_is_one_line(tmp_path, capsys):
+    """A file cut short is found before DeepSpeed's load (every rank checks its share of the files:
+    tests/test_bad_input.py stops two ranks on one); a sound torch file that does not hold what the
+    load expects is DeepSpeed's load error, in one line."""
     _run(tmp_path / "run")
-    states = next((tmp_path / "run/checkpoints/step_00000008").glob("*model_states.pt"))
-    states.write_bytes(states.read_bytes()[:100])  # cut short after its save completed
+    newest = tmp_path / "run/checkpoints/step_00000008"
+    states = next(newest.glob("*model_states.pt"))
+    sound = states.read_bytes()
+    states.write_bytes(sound[:100])  # cut short after its save completed
+    with pytest.raises(SystemExit) as stopped:
+        _run(tmp_path / "run", "train.steps=10", resume=True)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(": ", 1)[1] == (
+        f"checkpoint error: {newest} is marked complete but a file in it is damaged or missing ({states.name}: File is "
+        "not a zip file): delete that folder to resume from the one before")
+    torch.save({"not": "model states"}, states)
     with pytest.raises(SystemExit) as stopped:
         _run(tmp_path / "run", "train.steps=10", resume=True)
     assert stopped.value.code == 2

@@ -25,8 +25,10 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import time
+import zipfile
 from argparse import Namespace
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -418,13 +420,53 @@ def _missing_model_states(directory: Path) -> RunNotFoundError | None:
                             "in part? Copy the whole checkpoint folder, or delete it to use the one before")
 
 
+SHARD_NAME = re.compile(r"(.*zero_pp_rank_)(\d+)(_mp_rank_\d+_(?:model|optim)_states\.pt)")
+"""DeepSpeed's name of a rank's ZeRO file: ``[bf16_]zero_pp_rank_<rank>_mp_rank_00_{model,optim}_states.pt``."""
+
+
+def _damaged_file(directory: Path, universal: bool, dist: DistInfo) -> tuple[Exception, str] | None:
+    """This rank's share of the checkpoint's files (each file checked by one rank) that is cut short
+    or not a torch file, or a rank's ZeRO file missing (rank 0 looks): the error and its words, or None.
+    A torch file is a zip archive whose directory is at its end, so a cut one fails to open as one."""
+    files = sorted(directory.glob("*.pt")) + (sorted((directory / UNIVERSAL).rglob("*.pt")) if universal else [])
+    for path in files[dist.rank :: dist.world_size]:
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile) as error:
+            return error, f"{path.relative_to(directory)}: {error_gist(error)}"
+    if dist.is_main:
+        ranks: dict[tuple[str, str], set[int]] = {}
+        for path in files:
+            if found := SHARD_NAME.fullmatch(path.name):
+                ranks.setdefault((found[1], found[3]), set()).add(int(found[2]))
+        saved = saved_world_size(directory)
+        for (head, tail), present in sorted(ranks.items()):
+            if absent := sorted(set(range(saved)) - present):
+                error = FileNotFoundError(f"{head}{absent[0]}{tail}")
+                others = f", and {len(absent) - 1} more of the {saved} ranks' files like it" if len(absent) > 1 else ""
+                return error, f"{error} is missing{others}"
+    return None
+
+
 def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
     """Restore engine state and, on the same world size, this rank's RNG from a complete checkpoint
     (``universal``: from its universal form, for an engine built with ``load_universal``); returns
-    the client state."""
+    the client state. Every rank first checks its share of the files, and all stop together on a
+    damaged or missing one: DeepSpeed's load is collective, so a rank whose own shard failed to load
+    stopped alone, and the others waited in the load's next collective (on gloo, rank 0 reported
+    the lost peer as its own load failure)."""
     loading = directory / UNIVERSAL if universal else directory
     if missing := _missing_model_states(directory):
         raise missing
+    damaged = _damaged_file(directory, universal, dist)
+    if failures := failures_agreed(*damaged if damaged else (None, None)):
+        _, said = failures[0]
+        more = f"; {len(failures) - 1} more found by other ranks" if len(failures) > 1 else ""
+        error = CheckpointLoadError(f"{directory} is marked complete but a file in it is damaged or missing ({said}"
+                                    f"{more}): delete that folder to resume from the one before")
+        error.every_rank, error.raised_together = True, True  # every rank raises it here; rank 0 says it
+        raise error from damaged[0] if damaged else None
     try:
         if universal:
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
