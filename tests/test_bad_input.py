@@ -922,8 +922,8 @@ def test_a_damaged_or_missing_checkpoint_file_stops_every_rank_together_at_resum
     rank 1 stop alone, and rank 0, in the load's next collective, reported gloo's lost peer as its own
     load failure (over several nodes it would wait until the process group's timeout). Every rank now
     checks its share of the files first, and all stop together, rank 0 naming the file: one cut short,
-    then one missing. With the files put back the resume trains through (the check passes a sound
-    checkpoint)."""
+    then one missing. (Every resume of the suite passes the check on a sound checkpoint: the 2-rank
+    ZeRO-3 resumes of tests/test_scale.py among them.)"""
     out = tmp_path / "run"
     _extensions_built(tmp_path)
     ranks = _two_ranks_by_hand(tmp_path, out)
@@ -944,7 +944,3 @@ def test_a_damaged_or_missing_checkpoint_file_stops_every_rank_together_at_resum
                         f"missing ({said}): delete that folder to resume from the one before"), last
         assert "checkpoint error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
         (newest / name).write_bytes(sound)
-    ranks = _two_ranks_by_hand(tmp_path, out, "--resume", "--set", "train.steps=6")
-    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
-    assert "resumed from " + str(newest) in ranks[0][1]
-    assert (out / "checkpoints/step_00000006/COMPLETE").is_file()
