@@ -54,6 +54,7 @@ from dyt_wav2vec2.eval import (
 from dyt_wav2vec2.model import POST_EXTRACT, build_wav2vec2, encode
 from dyt_wav2vec2.speech import KEYWORDS, normalize_text, package_root, spoken_text, synthesize, voice_splits
 from dyt_wav2vec2.task import (
+    SpeechEvalConfig,
     Wav2Vec2PretrainConfig,
     Wav2Vec2PretrainTask,
     by_length,
@@ -721,6 +722,52 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
         where.setdefault(step.split(" (")[0].split(" seed")[0], set()).update(devices)
     assert where == {"contrastive": {meta}, "pooled features": {meta}, "keywords probe": {meta},
                      "keywords finetune": {meta}, "conv features": {meta}, "CTC": {meta}}, seen
+
+
+def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkeypatch):
+    """A small.yaml run evaluated without --ctc-steps / --ctc-lr took the tiny model's budget and rate
+    (4000 steps at 5e-3, against the 8000 at 2e-3 chosen for small): the eval now takes what the run's
+    config.yaml says in its eval section, the options overriding it; the compare takes --config's.
+    small.yaml's own section holds the chosen budget, and a sweep of it is refused (every run of a
+    comparison is evaluated alike)."""
+    from dyt_wav2vec2 import compare
+    from dyt_wav2vec2 import eval as w2v_eval
+
+    assert load_config(Wav2Vec2PretrainConfig, ROOT / "recipes/wav2vec2/small.yaml", check_files=False).eval == \
+        SpeechEvalConfig(ctc_steps=8000, ctc_lr=2e-3)
+    assert load_config(Wav2Vec2PretrainConfig, TINY, check_files=False).eval == SpeechEvalConfig()
+    _, run = _ctc_data_and_run(speech, tmp_path)
+    (run / "config.yaml").write_text(TINY.read_text() + "eval: {ctc_steps: 7, ctc_lr: 1.0e-3}\n")
+    budgets = []
+
+    def results(name, run_dir, data, seeds, steps, ctc, *rest):
+        budgets.append((ctc.steps, ctc.lr))
+        yield from ({"seed": seed, "test": {"unseen voices": {"cer": 0.5, "wer": 0.5}}} for seed in seeds)
+
+    monkeypatch.setattr(w2v_eval, "eval_results", results)
+    command = ["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "ctc", "--seeds", "0"]
+    w2v_eval.main(command)
+    w2v_eval.main([*command, "--ctc-steps", "9"])
+    w2v_eval.main([*command, "--ctc-lr", "3e-3"])
+    assert budgets == [(7, 1e-3), (9, 1e-3), (7, 3e-3)]
+
+    class Planned(Exception):
+        pass
+
+    def planned(spec, args, plan):
+        raise Planned((args.ctc_steps, args.ctc_lr))
+
+    for name, value in [("eval_speech", lambda data: None), ("Wav2Vec2PretrainTask", lambda config: None),
+                        ("prepare_out", lambda args: None), ("train_runs", planned)]:
+        monkeypatch.setattr(compare, name, value)
+    small = ["--config", str(ROOT / "recipes/wav2vec2/small.yaml"), "--out", str(tmp_path / "cmp"), "--evals", "ctc"]
+    for extra, budget in [([], (8000, 2e-3)), (["--set", "eval.ctc_steps=5"], (5, 2e-3)), (["--ctc-lr", "1e-2"], (8000, 1e-2))]:
+        with pytest.raises(Planned) as stopped:
+            compare.main([*small, *extra])
+        assert stopped.value.args[0] == budget, extra
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([*small, "--sweep", "eval.ctc_lr=1e-3,2e-3"])
+    assert stopped.value.code == 2
 
 
 def test_the_eval_writes_each_seed_to_out_as_it_finishes_and_resumes_from_it(speech, tmp_path, monkeypatch, capsys):

@@ -71,6 +71,7 @@ from .eval import (
     eval_results,
     eval_settings,
     headline,
+    resolve_ctc_budget,
 )
 from .recipe import SPEC
 from .speech import KEYWORDS, speech_identity
@@ -132,7 +133,11 @@ def main(argv: list[str] | None = None) -> Path:
     # --seeds 1 0 finds what --seeds 0 1 stored
     args.evals, args.seeds = [e for e in EVALS if e in args.evals], sorted(args.seeds)
 
+    if swept := next((s.key for s in args.sweeps if s.key == "eval" or s.key.startswith("eval.")), None):
+        parser.error(f"argument --sweep: {swept} sets the downstream evals, which run alike for every run of a "
+                     "comparison (and pretraining reads none of it): give it with --set, or --ctc-steps / --ctc-lr")
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
+    resolve_ctc_budget(args, plan[0].config.eval)
     if args.evals:  # built (or found) before any training: a speech error stops the compare first
         eval_speech(plan[0].config.data)
     for checked in {repr(p.config.data): p.config for p in plan}.values():

@@ -57,6 +57,7 @@ from .audio import AudioError, Utterance, load_audio
 from .model import build_wav2vec2, encode
 from .speech import KEYWORDS, load_split, speech_identity
 from .task import (
+    SpeechEvalConfig,
     Wav2Vec2PretrainConfig,
     builtin_speech,
     by_length,
@@ -249,10 +250,10 @@ class CTCSettings:
     within a few hundred steps), peak rate, schedule and input masking. Defaults chosen on the
     validation voices (docs/wav2vec2.md)."""
 
-    steps: int = 4000
-    """CTC leaves the all-blank plateau after ~1000-1500 steps at lr 5e-3."""
-    lr: float = 5e-3
-    """The peak rate, for the tiny config; the small one's is 2e-3 (``--ctc-lr``)."""
+    steps: int = SpeechEvalConfig.ctc_steps
+    """A run's own come from its config's ``eval.ctc_steps`` (:func:`resolve_ctc_budget`)."""
+    lr: float = SpeechEvalConfig.ctc_lr
+    """The peak rate; a run's own comes from its config's ``eval.ctc_lr``."""
     schedule: str = "tri-stage"
     """fairseq's wav2vec 2.0 fine-tuning schedule (``dyt.train.finetune.tri_stage``); a constant
     rate left the weights where the last noisy steps put them (validation CER 0.655 vs 0.618)."""
@@ -523,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         read_eval_out(args.out)  # a file that is not an eval's results is refused before any work
     config = load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml", check_files=False)
+    resolve_ctc_budget(args, config.eval)
     # the speech the run was pretrained beside, at its size (a default-sized build would rewrite it)
     data = args.data or builtin_speech(config.data)
     check_eval_data(data, args.evals)
@@ -571,13 +573,24 @@ def headline(name: str, rows: list[dict]) -> dict[str, dict[str, list[float]]]:
 def add_ctc_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The CTC eval's budget, rate and schedule (``CTCSettings``), for this CLI and the compare's."""
     return [
-        parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=CTCSettings.steps,
-                            help="CTC fine-tuning steps per seed (8000 for recipes/wav2vec2/small.yaml)"),
-        parser.add_argument("--ctc-lr", type=POSITIVE.arg(float), default=CTCSettings.lr,
-                            help="CTC fine-tuning peak learning rate (2e-3 for recipes/wav2vec2/small.yaml)"),
+        parser.add_argument("--ctc-steps", type=AT_LEAST_ONE.arg(int), default=None,
+                            help="CTC fine-tuning steps per seed (default: the config's eval.ctc_steps, "
+                                 f"{SpeechEvalConfig.ctc_steps} unless it sets one; 8000 in recipes/wav2vec2/small.yaml)"),
+        parser.add_argument("--ctc-lr", type=POSITIVE.arg(float), default=None,
+                            help="CTC fine-tuning peak learning rate (default: the config's eval.ctc_lr, "
+                                 f"{SpeechEvalConfig.ctc_lr:g} unless it sets one; 2e-3 in recipes/wav2vec2/small.yaml)"),
         parser.add_argument("--ctc-schedule", choices=SCHEDULES, default=CTCSettings.schedule,
                             help="CTC fine-tuning learning-rate schedule"),
     ]
+
+
+def resolve_ctc_budget(args: argparse.Namespace, config: SpeechEvalConfig) -> None:
+    """``--ctc-steps`` and ``--ctc-lr`` where given, else what the run's config says for its model's
+    size: a small.yaml run evaluated without them took the tiny model's budget and rate."""
+    if args.ctc_steps is None:
+        args.ctc_steps = config.ctc_steps
+    if args.ctc_lr is None:
+        args.ctc_lr = config.ctc_lr
 
 
 KEYWORD_STEPS = 150  # keyword fine-tuning steps per seed, in the comparisons and by itself alike
