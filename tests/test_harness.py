@@ -326,6 +326,29 @@ def test_a_damaged_file_in_a_complete_checkpoint_is_one_line(tmp_path, capsys):
                      r"was damaged since the save, delete that folder", capsys.readouterr().err)
 
 
+def test_the_check_before_a_load_passes_whole_torch_files_of_either_format(tmp_path):
+    """DeepSpeed writes torch's zip format unless its config says ``checkpoint_serialization: false``
+    (the legacy pickle format, which cannot be checked without loading it): both pass, and a zip cut
+    short, an empty file or another file do not."""
+    from dyt.train.checkpoint import _torch_file_problem
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    whole = (tmp_path / "zip.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:-1])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not a torch file")
+    assert [_torch_file_problem(tmp_path / f"{name}.pt") is None for name in ("zip", "legacy", "cut", "empty", "text")] \
+        == [True, True, False, False, False]
+    assert _torch_file_problem(tmp_path / "gone.pt") is not None
+    extra = tmp_path / "ds.json"  # a whole run saving the legacy format resumes
+    extra.write_text(json.dumps({"checkpoint": {"checkpoint_serialization": False}}))
+    _run(tmp_path / "run", "train.steps=4", f"train.deepspeed_config={extra}")
+    assert (tmp_path / "run/checkpoints/step_00000004/mp_rank_00_model_states.pt").read_bytes()[:1] == b"\x80"
+    _run(tmp_path / "run", "train.steps=6", f"train.deepspeed_config={extra}", resume=True)
+    assert (tmp_path / "run/checkpoints/step_00000006/COMPLETE").is_file()
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     _run(tmp_path, "train.steps=4", "train.save_every=2")
     partial = tmp_path / "checkpoints" / "step_00000009"

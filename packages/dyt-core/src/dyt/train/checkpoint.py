@@ -424,17 +424,29 @@ SHARD_NAME = re.compile(r"(.*zero_pp_rank_)(\d+)(_mp_rank_\d+_(?:model|optim)_st
 """DeepSpeed's name of a rank's ZeRO file: ``[bf16_]zero_pp_rank_<rank>_mp_rank_00_{model,optim}_states.pt``."""
 
 
+def _torch_file_problem(path: Path) -> Exception | None:
+    """Why ``path`` is not a whole torch file, or None. ``torch.save`` writes a zip archive whose
+    directory is at its end, so one cut short does not open as one; a file in torch's legacy format
+    (a pickle: DeepSpeed's ``checkpoint_serialization: false``) cannot be checked without loading it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head[:1] == b"\x80":  # the legacy format's pickle protocol byte; a zip starts "PK\x03\x04"
+            return None
+        with zipfile.ZipFile(path):
+            return None
+    except (OSError, zipfile.BadZipFile) as error:
+        return error
+
+
 def _damaged_file(directory: Path, universal: bool, dist: DistInfo) -> tuple[Exception, str] | None:
     """This rank's share of the checkpoint's files (each file checked by one rank) that is cut short
-    or not a torch file, or a rank's ZeRO file missing (rank 0 looks): the error and its words, or None.
-    A torch file is a zip archive whose directory is at its end, so a cut one fails to open as one."""
+    or not a torch file (:func:`_torch_file_problem`), or a rank's ZeRO file missing (rank 0 looks):
+    the error and its words, or None."""
     files = sorted(directory.glob("*.pt")) + (sorted((directory / UNIVERSAL).rglob("*.pt")) if universal else [])
     for path in files[dist.rank :: dist.world_size]:
-        try:
-            with zipfile.ZipFile(path):
-                pass
-        except (OSError, zipfile.BadZipFile) as error:
-            return error, f"{path.relative_to(directory)}: {error_gist(error)}"
+        if (problem := _torch_file_problem(path)) is not None:
+            return problem, f"{path.relative_to(directory)}: {error_gist(problem)}"
     if dist.is_main:
         ranks: dict[tuple[str, str], set[int]] = {}
         for path in files:
