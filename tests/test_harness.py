@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from dyt.errors import UserInputError
 from dyt.train import DistInfo, TrainConfig, Trainer, read_metrics, run_recipe, warmup_cosine
 from dyt.train.checkpoint import DIVERGED
 from dyt.train.compare import _last_step
@@ -156,6 +157,69 @@ def test_a_batch_that_cannot_be_read_is_one_line_and_a_bug_in_a_collate_keeps_it
 
     with pytest.raises(KeyError, match="a bug"):
         _run(tmp_path / "bug", f"train.num_workers={num_workers}", task=BuggyCollate)
+
+
+def test_a_validation_batch_is_agreed_on_once_it_is_on_its_device(tmp_path, monkeypatch):
+    """Moving a batch to its device is part of the read the ranks agree on, in validation as in
+    training: a rank failing there (a GPU's memory) would otherwise leave the others in ZeRO-3's
+    collective forward."""
+    from dyt.train import BatchReadError
+
+    task = ToyTask(ToyConfig())
+    engine = _engine_of(task)
+    _reads_agreed_alone(monkeypatch)
+
+    def to_device(batch, device, float_dtype=None):
+        raise OSError("the device is gone")
+
+    monkeypatch.setattr("dyt.train.trainer.to_device", to_device)
+    trainer = _validating_rank(task, TrainConfig(micro_batch_size=4, eval_batches=2), 0, 1)
+    trainer.ckpt_root = tmp_path  # no checkpoint yet
+    with pytest.raises(BatchReadError, match=r"could not read a validation batch \(turn 1 of 2 on each rank\) "
+                                             r"\(OSError: the device is gone\); there is no complete checkpoint yet"):
+        trainer._evaluate(engine, task.eval_dataset())
+
+
+def test_the_other_ranks_learn_a_read_errors_own_words_and_whether_it_is_a_bug():
+    """What rank 0 prints of another rank's failed read: a DataLoader worker's error as its own words
+    (torch wraps it in the worker's traceback), a bug said to be one, and words even where the
+    unwrapping fails (every other rank waits for them)."""
+    from dyt.train.trainer import _read_failure_words
+
+    class DataError(UserInputError):
+        pass
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\n    g()\nmod.DataError: file a.wav is cut short\n")
+    assert _read_failure_words(wrapped) == "DataError: file a.wav is cut short"
+    assert _read_failure_words(KeyError("k")) == "KeyError: 'k' (a bug, not the data: that rank prints its traceback)"
+    assert _read_failure_words(OSError(5, "Input/output error")) == "OSError: [Errno 5] Input/output error"
+
+    class Unprintable(ValueError):
+        def __str__(self):
+            raise RuntimeError("no words")
+
+    assert _read_failure_words(Unprintable()) == "Unprintable (a bug, not the data: that rank prints its traceback)"
+
+
+def test_a_damaged_universal_copy_names_the_copy_to_delete_not_the_checkpoint(tmp_path, monkeypatch):
+    """The universal form of a checkpoint for another world size is made again from the checkpoint
+    when deleted: a damaged file in it must not send the user to delete the sound checkpoint."""
+    from dyt.train import checkpoint
+
+    directory = tmp_path / "step_00000004"
+    (directory / "universal/zero/weight").mkdir(parents=True)
+    torch.save({}, directory / "mp_rank_00_model_states.pt")
+    (directory / "COMPLETE").write_text(json.dumps({"step": 4, "world_size": 2}))
+    torch.save({}, directory / "universal/zero/weight/fp32.pt")
+    (directory / "universal/zero/weight/exp_avg.pt").write_bytes(b"PK\x03\x04 cut short")
+    monkeypatch.setattr(checkpoint, "failures_agreed", lambda error, words=None: [(0, words)] if error else [])
+    with pytest.raises(checkpoint.CheckpointLoadError) as stopped:
+        checkpoint.load(None, directory, DistInfo(0, 1, 0, torch.device("cpu")), universal=True)
+    assert str(stopped.value) == (
+        f"{directory / 'universal'}, the universal form of {directory} for this world size, holds a damaged file "
+        "(universal/zero/weight/exp_avg.pt: File is not a zip file): delete that folder (not the checkpoint) for the "
+        "next resume to convert it again")
 
 
 def test_updates_skipped_in_a_row_stop_the_run_as_diverged(tmp_path, capsys):

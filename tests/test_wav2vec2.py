@@ -1,6 +1,7 @@
 """dyt-wav2vec2: every LayerNorm swapped (and back), masking/quantizer shapes, the loss falls on
 real synthetic speech, manifests and bad audio, eval metrics, a 2-rank run with resume."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from fairseq2.nn import BatchLayout
 
 from dyt import DyT, NormConfig, convert_norms, iter_norms
 from dyt.train import load_config, read_metrics
+from dyt.train.config import resume_changes
 from dyt.train.distributed import free_port
 from dyt.train.finetune import Standardize, classification_metrics, confusion_matrix
 from dyt_wav2vec2 import audio
@@ -724,12 +726,13 @@ def test_every_speech_eval_runs_on_the_device_asked_for(speech, tmp_path, monkey
                      "keywords finetune": {meta}, "conv features": {meta}, "CTC": {meta}}, seen
 
 
-def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkeypatch):
+def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkeypatch, capsys):
     """A small.yaml run evaluated without --ctc-steps / --ctc-lr took the tiny model's budget and rate
     (4000 steps at 5e-3, against the 8000 at 2e-3 chosen for small): the eval now takes what the run's
-    config.yaml says in its eval section, the options overriding it; the compare takes --config's.
-    small.yaml's own section holds the chosen budget, and a sweep of it is refused (every run of a
-    comparison is evaluated alike)."""
+    config.yaml says in its eval section, the options overriding it, and says which; the compare takes
+    --config's. small.yaml's own section holds the chosen budget, a sweep of it is refused (every run
+    of a comparison is evaluated alike), and --resume does not compare it (pretraining reads none of
+    it)."""
     from dyt_wav2vec2 import compare
     from dyt_wav2vec2 import eval as w2v_eval
 
@@ -747,9 +750,17 @@ def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkey
     monkeypatch.setattr(w2v_eval, "eval_results", results)
     command = ["--run", str(run), "--random-init", "--data", str(tmp_path), "--evals", "ctc", "--seeds", "0"]
     w2v_eval.main(command)
+    assert f"CTC budget: 7 steps at peak lr 0.001, tri-stage (the eval section of {run / 'config.yaml'})" in \
+        capsys.readouterr().out
     w2v_eval.main([*command, "--ctc-steps", "9"])
+    assert f"(--ctc-steps, the eval section of {run / 'config.yaml'})" in capsys.readouterr().out
     w2v_eval.main([*command, "--ctc-lr", "3e-3"])
     assert budgets == [(7, 1e-3), (9, 1e-3), (7, 3e-3)]
+    (run / "config.yaml").write_text(TINY.read_text())  # a run from before the section: the defaults, said
+    w2v_eval.main(command)
+    assert budgets[-1] == (4000, 5e-3)
+    assert f"(the defaults: {run / 'config.yaml'} has no eval section (a config from before 2026-12-07; for a " \
+           "small.yaml run give --ctc-steps 8000 --ctc-lr 2e-3))" in capsys.readouterr().out
 
     class Planned(Exception):
         pass
@@ -765,9 +776,14 @@ def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkey
         with pytest.raises(Planned) as stopped:
             compare.main([*small, *extra])
         assert stopped.value.args[0] == budget, extra
+    assert "CTC budget: 8000 steps at peak lr 0.01, tri-stage (--ctc-lr, the eval section of " in capsys.readouterr().out
     with pytest.raises(SystemExit) as stopped:
         compare.main([*small, "--sweep", "eval.ctc_lr=1e-3,2e-3"])
     assert stopped.value.code == 2
+    assert "argument --sweep: eval.ctc_lr sets the downstream evals, which run alike for every run of a comparison" \
+        in capsys.readouterr().err
+    saved = load_config(Wav2Vec2PretrainConfig, ROOT / "recipes/wav2vec2/small.yaml", check_files=False)
+    assert resume_changes(saved, dataclasses.replace(saved, eval=SpeechEvalConfig(ctc_steps=1))) == ([], [], [])
 
 
 def test_the_eval_writes_each_seed_to_out_as_it_finishes_and_resumes_from_it(speech, tmp_path, monkeypatch, capsys):

@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"argument --sweep: {swept} sets the downstream evals, which run alike for every run of a "
                      "comparison (and pretraining reads none of it): give it with --set, or --ctc-steps / --ctc-lr")
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
-    resolve_ctc_budget(args, plan[0].config.eval)
+    set_eval = any(item.partition("=")[0].strip().split(".")[0] == "eval" for item in args.overrides)
+    budget = resolve_ctc_budget(args, plan[0].config.eval, args.config, f"{args.config} and --set" if set_eval else None)
+    if "ctc" in args.evals:
+        print(budget, flush=True)
     if args.evals:  # built (or found) before any training: a speech error stops the compare first
         eval_speech(plan[0].config.data)
     for checked in {repr(p.config.data): p.config for p in plan}.values():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torchaudio
+import yaml
 from fairseq2.models.wav2vec2.masker import Wav2Vec2Masker
 from fairseq2.nn import BatchLayout
 from fairseq2.nn.utils.mask import compute_row_mask
@@ -524,7 +525,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         read_eval_out(args.out)  # a file that is not an eval's results is refused before any work
     config = load_config(Wav2Vec2PretrainConfig, args.run / "config.yaml", check_files=False)
-    resolve_ctc_budget(args, config.eval)
+    budget = resolve_ctc_budget(args, config.eval, args.run / "config.yaml")
+    if "ctc" in args.evals:
+        print(budget, flush=True)
     # the speech the run was pretrained beside, at its size (a default-sized build would rewrite it)
     data = args.data or builtin_speech(config.data)
     check_eval_data(data, args.evals)
@@ -584,13 +587,30 @@ def add_ctc_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     ]
 
 
-def resolve_ctc_budget(args: argparse.Namespace, config: SpeechEvalConfig) -> None:
-    """``--ctc-steps`` and ``--ctc-lr`` where given, else what the run's config says for its model's
-    size: a small.yaml run evaluated without them took the tiny model's budget and rate."""
+def resolve_ctc_budget(args: argparse.Namespace, config: SpeechEvalConfig, config_file: Path,
+                       config_label: str | None = None) -> str:
+    """``--ctc-steps`` and ``--ctc-lr`` where given, else what the config (the run's, or the
+    comparison's: ``config_file``, named ``config_label`` where overrides may have set it too) says
+    for its model's size in its ``eval`` section: a small.yaml run evaluated without them took the
+    tiny model's budget and rate. Returns the budget and where it came from, in one line."""
+    given = [option for option, value in (("--ctc-steps", args.ctc_steps), ("--ctc-lr", args.ctc_lr))
+             if value is not None]
     if args.ctc_steps is None:
         args.ctc_steps = config.ctc_steps
     if args.ctc_lr is None:
         args.ctc_lr = config.ctc_lr
+    try:
+        written = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError):  # read by load_config already: not this function's to say
+        written = {"eval": None}
+    if len(given) == 2:
+        source = "--ctc-steps and --ctc-lr"
+    elif isinstance(written, dict) and "eval" in written or config_label:
+        source = ", ".join([*given, f"the eval section of {config_label or config_file}"])
+    else:
+        source = ", ".join([*given, f"the defaults: {config_file} has no eval section (a config from before 2026-12-07; "
+                                    "for a small.yaml run give --ctc-steps 8000 --ctc-lr 2e-3)"])
+    return f"CTC budget: {args.ctc_steps} steps at peak lr {args.ctc_lr:g}, {args.ctc_schedule} ({source})"
 
 
 KEYWORD_STEPS = 150  # keyword fine-tuning steps per seed, in the comparisons and by itself alike

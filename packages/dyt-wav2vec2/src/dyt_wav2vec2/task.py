@@ -96,8 +96,9 @@ class SpeechEvalConfig:
     """CTC fine-tuning's peak rate (``--ctc-lr``), chosen on the validation voices for tiny.yaml (and
     2e-3 for small.yaml: docs/wav2vec2.md)."""
 
-    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"ctc_steps", "ctc_lr"})
-    """Eval settings: ``--resume`` accepts them changed."""
+    TRAINING_READS_NONE: ClassVar[bool] = True
+    """``--resume`` and a comparison's check of its finished runs leave this section out
+    (``dyt.train.config.resume_changes``)."""
 
 
 @dataclass

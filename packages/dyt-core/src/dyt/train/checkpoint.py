@@ -435,14 +435,14 @@ def _torch_file_problem(path: Path) -> Exception | None:
             return None
         with zipfile.ZipFile(path):
             return None
-    except (OSError, zipfile.BadZipFile) as error:
+    except Exception as error:  # BadZipFile, OSError, and what a damaged directory makes zipfile raise
         return error
 
 
 def _damaged_file(directory: Path, universal: bool, dist: DistInfo) -> tuple[Exception, str] | None:
     """This rank's share of the checkpoint's files (each file checked by one rank) that is cut short
     or not a torch file (:func:`_torch_file_problem`), or a rank's ZeRO file missing (rank 0 looks):
-    the error and its words, or None."""
+    the error and its words (the file's path in the checkpoint first), or None."""
     files = sorted(directory.glob("*.pt")) + (sorted((directory / UNIVERSAL).rglob("*.pt")) if universal else [])
     for path in files[dist.rank :: dist.world_size]:
         if (problem := _torch_file_problem(path)) is not None:
@@ -475,8 +475,13 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     if failures := failures_agreed(*damaged if damaged else (None, None)):
         _, said = failures[0]
         more = f"; {len(failures) - 1} more found by other ranks" if len(failures) > 1 else ""
-        error = CheckpointLoadError(f"{directory} is marked complete but a file in it is damaged or missing ({said}"
-                                    f"{more}): delete that folder to resume from the one before")
+        if said.startswith(UNIVERSAL + "/"):  # a copy made for this world size: made again, the checkpoint kept
+            error = CheckpointLoadError(
+                f"{directory / UNIVERSAL}, the universal form of {directory} for this world size, holds a damaged "
+                f"file ({said}{more}): delete that folder (not the checkpoint) for the next resume to convert it again")
+        else:
+            error = CheckpointLoadError(f"{directory} is marked complete but a file in it is damaged or missing "
+                                        f"({said}{more}): delete that folder to resume from the one before")
         error.every_rank, error.raised_together = True, True  # every rank raises it here; rank 0 says it
         raise error from damaged[0] if damaged else None
     try:

@@ -710,13 +710,16 @@ def resume_changes(saved: Any, new: Any) -> SettingChanges:
     ``--resume`` when its dataclass names it in a ``RESUME_MAY_CHANGE`` class attribute (TrainConfig
     does); every other one is fixed for a run, so every model key (norm, sizes, vocabulary) is. Of
     those that may change, the ones a dataclass names in ``RESUME_CHANGES_RESULTS`` change a run's
-    numbers (its schedule, batches, validation examples); the others (cadences, caches) do not.
+    numbers (its schedule, batches, validation examples); the others (cadences, caches) do not. A
+    dataclass whose ``TRAINING_READS_NONE`` is True (a recipe's eval settings) is not compared at all.
     A dataclass with a ``resolved_nulls()`` method compares by what it returns, a copy whose settings
     that ``null`` lets other settings decide are decided: a run that saved ``null`` for a setting
     whose default became a value compares by the model it built."""
     changes = SettingChanges([], [], [])
 
     def walk(old: Any, cur: Any, prefix: str) -> None:
+        if getattr(type(cur), "TRAINING_READS_NONE", False):
+            return  # settings of what runs after training (the evals'): no run's checkpoint or numbers depend on them
         if hasattr(cur, "resolved_nulls") and type(old) is type(cur):
             old, cur = old.resolved_nulls(), cur.resolved_nulls()
         may_change = getattr(type(cur), "RESUME_MAY_CHANGE", frozenset())

@@ -212,6 +212,12 @@ class _SeededBatches(Dataset):
         return number, self.collate(items)
 
 
+def _on_device(numbered: tuple[int, Any], device: torch.device, float_dtype: torch.dtype | None) -> tuple[int, Any]:
+    """A validation batch's number, and the batch on ``device`` (:func:`to_device`)."""
+    number, batch = numbered
+    return number, to_device(batch, device, float_dtype)
+
+
 def _as_is(batch: Any) -> Any:
     """A DataLoader's collate for items that are whole batches already (a module function: workers pickle it)."""
     return batch
@@ -447,6 +453,18 @@ def worker_error_words(error: BaseException) -> str:
     if named.rsplit(".", 1)[-1] != type(error).__name__:
         return f"{type(error).__name__}: {text}"
     return f"{type(error).__name__}: {message}"
+
+
+def _read_failure_words(error: Exception) -> str:
+    """What the other ranks say of ``error``, which a batch read raised: its own words, and for an
+    error that is neither a data nor a file system error, that it is a bug with its traceback there."""
+    try:
+        words = worker_error_words(error)
+    except Exception:  # these words must not fail: every other rank waits for them
+        words = type(error).__name__
+    if not isinstance(error, (UserInputError, OSError)):
+        words += " (a bug, not the data: that rank prints its traceback)"
+    return words
 
 
 def check_data_identity(run_dir: Path, now: dict[str, str] | None) -> None:
@@ -899,9 +917,10 @@ class Trainer:
         with torch.no_grad():
             for turn in range(len(mine) + len(fillers)):
                 number, batch = self._read_together(
-                    lambda: next(read), f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)")
+                    lambda: _on_device(next(read), self.dist.device, input_dtype),
+                    f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)")
                 seed_everything(validation_seed(LOSS, number))
-                loss, extras = self.task.loss(engine, to_device(batch, self.dist.device, input_dtype))
+                loss, extras = self.task.loss(engine, batch)
                 extra_names.update(name for name in extras if name != "units")
                 if turn >= len(mine):
                     continue
@@ -995,7 +1014,7 @@ class Trainer:
             batch = read()
         except Exception as error:  # a damaged file, a bug in a collate: the other ranks must not wait
             failed = error
-        failures = failures_agreed(failed, failed and worker_error_words(failed))
+        failures = failures_agreed(failed, failed and _read_failure_words(failed))
         if not failures:
             return batch
         if failed is not None and not isinstance(failed, (UserInputError, OSError)):
