@@ -896,7 +896,7 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
     ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.micro_batch_size=4", "--set", "train.eval_every=2",
                                "--set", "train.eval_batches=2", "--set", "data.unreadable_from_read="
                                + ("10" if split == "train" else "1"), "--set", f"data.unreadable_split={split}",
-                               "--set", f"data.unreadable_rank={failing}")
+                               "--set", f"data.fault_rank={failing}")
     assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
     last = ranks[0][2].strip().splitlines()[-1]
     what = ("the training batch of step 3" if split == "train"
@@ -910,7 +910,7 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
     assert "data error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
     ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.micro_batch_size=4", "--set", "train.eval_every=2",
                                "--set", "train.eval_batches=2", "--set", f"data.unreadable_split={split}",
-                               "--set", f"data.unreadable_rank={failing}", "--resume")
+                               "--set", f"data.fault_rank={failing}", "--resume")
     assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # trimmed to the checkpoint's step (or started anew), then trained through
@@ -944,3 +944,23 @@ def test_a_damaged_or_missing_checkpoint_file_stops_every_rank_together_at_resum
                         f"missing ({said}): delete that folder to resume from the one before"), last
         assert "checkpoint error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
         (newest / name).write_bytes(sound)
+
+
+@pytest.mark.distributed
+def test_a_forward_failing_on_one_rank_stops_every_rank_together_below_zero3(tmp_path):
+    """A forward that raised on one rank alone (a GPU out of memory on a longer batch, a bug met by
+    one rank's data) left the other ranks in the step's loss check, on other nodes until the process
+    group's timeout. At ZeRO-0/1/2 the forward is not collective, so the loss check all-reduces a
+    failure flag with the loss's finiteness (no collective more): every rank stops there, rank 0
+    naming rank 1 and its error in one line, rank 1 printing its own traceback. (Under ZeRO-3 the
+    forward gathers the parameters: a rank that left it cannot agree, and is raised as before.)"""
+    out = tmp_path / "run"
+    _extensions_built(tmp_path)
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.zero_stage=2", "--set", "data.forward_fails_at_step=3")
+    assert [code for code, _, _ in ranks] == [2, 1], [err[-3000:] for _, _, err in ranks]
+    last = ranks[0][2].strip().splitlines()[-1]
+    assert last == ("toy_recipe.py: error: the forward of the training batch of step 3 failed (rank 1: RuntimeError: an "
+                    "injected failure of the forward of step 3 (data.forward_fails_at_step) (not a data error: that rank "
+                    f"prints its traceback)); --resume continues from step 2 ({out / 'checkpoints/step_00000002'}). "
+                    "Mend what the error names and run again with --resume"), last
+    assert "Traceback" not in ranks[0][2] and "RuntimeError: an injected failure" in ranks[1][2].strip().splitlines()[-1]

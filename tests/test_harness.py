@@ -138,7 +138,7 @@ def test_a_batch_that_cannot_be_read_is_one_line_and_a_bug_in_a_collate_keeps_it
     the worker's traceback as its message) and what --resume takes; any other error a read raised (a
     bug in the task's collate) is raised as it was. Micro-batches of 16, 2 a step: read 40 is in step
     2's first."""
-    said = _diverged(capsys, tmp_path / "run", "data.unreadable_from_read=40", "data.unreadable_rank=0",
+    said = _diverged(capsys, tmp_path / "run", "data.unreadable_from_read=40", "data.fault_rank=0",
                      f"train.num_workers={num_workers}")
     assert said.splitlines()[-1].split(": ", 1)[1] == (
         "data error: could not read training micro-batch 1 of 2 of step 2 (_ToyDataError: example "
@@ -184,22 +184,22 @@ def test_the_other_ranks_learn_a_read_errors_own_words_and_whether_it_is_a_bug()
     """What rank 0 prints of another rank's failed read: a DataLoader worker's error as its own words
     (torch wraps it in the worker's traceback), a bug said to be one, and words even where the
     unwrapping fails (every other rank waits for them)."""
-    from dyt.train.trainer import _read_failure_words
+    from dyt.train.trainer import _failure_words
 
     class DataError(UserInputError):
         pass
 
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                         "last):\n  File \"x.py\", line 1, in f\n    g()\nmod.DataError: file a.wav is cut short\n")
-    assert _read_failure_words(wrapped) == "DataError: file a.wav is cut short"
-    assert _read_failure_words(KeyError("k")) == "KeyError: 'k' (a bug, not the data: that rank prints its traceback)"
-    assert _read_failure_words(OSError(5, "Input/output error")) == "OSError: [Errno 5] Input/output error"
+    assert _failure_words(wrapped) == "DataError: file a.wav is cut short"
+    assert _failure_words(KeyError("k")) == "KeyError: 'k' (not a data error: that rank prints its traceback)"
+    assert _failure_words(OSError(5, "Input/output error")) == "OSError: [Errno 5] Input/output error"
 
     class Unprintable(ValueError):
         def __str__(self):
             raise RuntimeError("no words")
 
-    assert _read_failure_words(Unprintable()) == "Unprintable (a bug, not the data: that rank prints its traceback)"
+    assert _failure_words(Unprintable()) == "Unprintable (not a data error: that rank prints its traceback)"
 
 
 def test_a_damaged_universal_copy_names_the_copy_to_delete_not_the_checkpoint(tmp_path, monkeypatch):

@@ -47,14 +47,19 @@ class ToyDataConfig:
     world size and any number of data-loading workers."""
 
     unreadable_from_read: int = 0
-    """On rank ``unreadable_rank``, reading an example of ``unreadable_split`` fails from this read
-    on, counted from 1 in this process, with a data error (0: never): a file damaged or gone mid-run.
+    """On rank ``fault_rank``, reading an example of ``unreadable_split`` fails from this read on,
+    counted from 1 in this process, with a data error (0: never): a file damaged or gone mid-run.
     For testing that every rank stops together."""
 
-    unreadable_rank: int = 1
     unreadable_split: Literal["train", "validation"] = "train"
+    forward_fails_at_step: int = 0
+    """On rank ``fault_rank``, the training forward of this optimizer step raises a RuntimeError (0:
+    never): a GPU out of memory on one rank."""
 
-    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step", "unreadable_from_read"})
+    fault_rank: int = 1
+
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step", "unreadable_from_read",
+                                                             "forward_fails_at_step"})
     """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
 
@@ -100,7 +105,7 @@ class ToyTask:
     def _maybe_unreadable(self, data, split: str):
         cfg = self.config.data
         if cfg.unreadable_from_read and split == cfg.unreadable_split and \
-                os.environ.get("RANK", "0") == str(cfg.unreadable_rank):
+                os.environ.get("RANK", "0") == str(cfg.fault_rank):
             return _UnreadableFrom(data, cfg.unreadable_from_read)
         return data
 
@@ -121,6 +126,9 @@ class ToyTask:
             step = (self.calls - 1) // self.config.train.grad_accum + 1
             if step == self.config.data.nan_at_step:
                 loss = loss * float("nan")
+            if step == self.config.data.forward_fails_at_step and os.environ.get("RANK", "0") == str(
+                    self.config.data.fault_rank):
+                raise RuntimeError(f"an injected failure of the forward of step {step} (data.forward_fails_at_step)")
             if 0 < self.config.data.nan_gradient_from_step <= step:  # 0 * sqrt(0): the value 0, the gradient NaN
                 first = next(model.parameters()).sum()
                 loss = loss + 0.0 * torch.sqrt(first - first.detach())

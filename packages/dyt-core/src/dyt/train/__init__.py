@@ -12,6 +12,7 @@ from .metrics import read_metrics
 from .trainer import (
     BatchReadError,
     CheckpointSaveError,
+    ForwardFailedError,
     NonFiniteLossError,
     RunFolderWriteError,
     Task,
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointSaveError",
     "ConfigError",
     "DistInfo",
+    "ForwardFailedError",
     "NonFiniteLossError",
     "Range",
     "RunFolderWriteError",

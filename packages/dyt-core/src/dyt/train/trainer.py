@@ -85,6 +85,15 @@ class BatchReadError(UserInputError):
     raised_together = True
 
 
+class ForwardFailedError(UserInputError):
+    """A rank's forward (the task's loss) raised while training, at ZeRO-0/1/2, whose forward is not
+    collective: every rank stops on it together (the loss check all-reduces a failure flag too), rank
+    0 naming the rank and its error; the failing rank prints its own traceback (a GPU out of memory, a
+    bug). Under ZeRO-3 the forward gathers the parameters, and a rank that left it cannot agree."""
+
+    raised_together = True
+
+
 class NoRoomToSaveError(CheckpointSaveError):
     """Too little free space for the next checkpoint, found before saving (an all-reduce)."""
 
@@ -455,16 +464,22 @@ def worker_error_words(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def _read_failure_words(error: Exception) -> str:
-    """What the other ranks say of ``error``, which a batch read raised: its own words, and for an
-    error that is neither a data nor a file system error, that it is a bug with its traceback there."""
+def _failure_words(error: Exception) -> str:
+    """What the other ranks say of ``error``, which a rank's batch read or forward raised: its own
+    words, and for an error that is neither a data nor a file system error (a bug, a GPU out of
+    memory) that the rank prints its traceback."""
     try:
         words = worker_error_words(error)
     except Exception:  # these words must not fail: every other rank waits for them
         words = type(error).__name__
-    if not isinstance(error, (UserInputError, OSError)):
-        words += " (a bug, not the data: that rank prints its traceback)"
+    if not _said_in_one_line(error):
+        words += " (not a data error: that rank prints its traceback)"
     return words
+
+
+def _said_in_one_line(error: Exception) -> bool:
+    """A data, input or file system error (one line), not a bug or a device's failure (a traceback)."""
+    return isinstance(error, (UserInputError, OSError))
 
 
 def check_data_identity(run_dir: Path, now: dict[str, str] | None) -> None:
@@ -1014,18 +1029,26 @@ class Trainer:
             batch = read()
         except Exception as error:  # a damaged file, a bug in a collate: the other ranks must not wait
             failed = error
-        failures = failures_agreed(failed, failed and _read_failure_words(failed))
+        failures = failures_agreed(failed, failed and _failure_words(failed))
         if not failures:
             return batch
-        if failed is not None and not isinstance(failed, (UserInputError, OSError)):
-            raise failed  # a bug: its traceback, here; the other ranks say which rank failed
+        self._stop_together(failed, failures, BatchReadError, f"could not read {what}")
+
+    def _stop_together(self, failed: Exception | None, failures: list[tuple[int, str]],
+                       error_type: type[UserInputError], what: str) -> NoReturn:
+        """Stop every rank after they agreed that ``failures`` happened: a failing rank's error that
+        is not said in one line (:func:`_said_in_one_line`) is raised there as it was, its traceback
+        kept; every other rank raises ``error_type``, ``what`` happened, naming the (first) rank
+        that failed and its words, and what ``--resume`` takes (rank 0 prints it)."""
+        if failed is not None and not _said_in_one_line(failed):
+            raise failed
         rank, cause = failures[0]
         if len(failures) > 1:
             cause += f"; {len(failures) - 1} more rank(s) failed too"
         if self.dist.world_size > 1:
             cause = f"rank {rank}: {cause}"
-        raise BatchReadError(f"could not read {what} ({cause}); {self._resume_from()}. Mend what the error names "
-                             "and run again with --resume") from failed
+        raise error_type(f"{what} ({cause}); {self._resume_from()}. Mend what the error names and run again with "
+                         "--resume") from failed
 
     def _resume_from(self) -> str:
         """What ``--resume`` would start from, in words, for an error that stops the run."""
@@ -1165,6 +1188,7 @@ class Trainer:
         # ZeRO-1/2/3 keep the gradient norm before clipping, the loss scale divided out; at ZeRO-0
         # torch's AdamW (fp32) keeps none and DeepSpeed's fp16 wrapper keeps it scaled: the harness's own
         own_grad_norm = engine.zero_optimization_stage() == 0
+        partitioned = engine.zero_optimization_stage() == 3
         skipped = skipped_before = int(getattr(engine, "skipped_steps", 0))
         skipped_in_a_row = 0
         stopped = True  # until the last step is done
@@ -1176,13 +1200,23 @@ class Trainer:
                 loss_sum, units, extra_sums, grad_norm = 0.0, 0.0, {}, None
                 lr = engine.get_lr()[0]  # this step's update's rate (the schedule moves on at its end)
                 for micro in range(cfg.grad_accum):
-                    batch = self._read_together(
-                        lambda: to_device(next(stream), dist.device, input_dtype),
-                        f"the training batch of step {step + 1}" if cfg.grad_accum == 1
-                        else f"training micro-batch {micro + 1} of {cfg.grad_accum} of step {step + 1}")
-                    loss, extras = self.task.loss(engine, batch)
-                    finite = all_reduce(torch.isfinite(loss.detach()).to(torch.float32).reshape(1).cpu(), "min")
-                    if finite.item() == 0:
+                    what = (f"the training batch of step {step + 1}" if cfg.grad_accum == 1
+                            else f"training micro-batch {micro + 1} of {cfg.grad_accum} of step {step + 1}")
+                    batch = self._read_together(lambda: to_device(next(stream), dist.device, input_dtype), what)
+                    failed = None
+                    try:
+                        loss, extras = self.task.loss(engine, batch)
+                        finite_here = float(torch.isfinite(loss.detach()).all())
+                    except Exception as error:  # a GPU out of memory, a bug, on this rank alone
+                        if partitioned:
+                            raise  # ZeRO-3's forward is collective: the other ranks wait in it, not below
+                        failed, finite_here = error, 1.0
+                    # one all-reduce: whether the loss is finite on every rank, and whether every forward ran
+                    finite, ran = all_reduce(torch.tensor([finite_here, float(failed is None)]), "min").tolist()
+                    if ran == 0:
+                        self._stop_together(failed, failures_agreed(failed, failed and _failure_words(failed)),
+                                            ForwardFailedError, f"the forward of {what} failed")
+                    if finite == 0:
                         mine = loss.item()
                         went = str(mine) if not math.isfinite(mine) else "not finite on another rank"
                         self._stop_diverged(step + 1, went, f"loss became {went}", last_good)
@@ -1248,7 +1282,7 @@ class Trainer:
             stopped = False
         except NonFiniteLossError:
             raise  # every rank stops at the same step (the all-reduced check)
-        except (CheckpointSaveError, RunFolderWriteError, BatchReadError):
+        except (CheckpointSaveError, RunFolderWriteError, BatchReadError, ForwardFailedError):
             raise  # every rank stops on it together (no room, a write or a read that failed), rank 0 saying why
         except UserInputError as error:
             error.every_rank = False  # met while training (a bad file, a failed write): maybe on this rank alone
