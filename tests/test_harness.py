@@ -180,6 +180,39 @@ def test_a_validation_batch_is_agreed_on_once_it_is_on_its_device(tmp_path, monk
         trainer._evaluate(engine, task.eval_dataset())
 
 
+@pytest.mark.parametrize("raised", [UserInputError("example 5 holds no target"), RuntimeError("out of memory")])
+def test_a_validation_forward_failing_on_one_rank_is_agreed_on_after_every_read(tmp_path, monkeypatch, raised):
+    """Below ZeRO-3 a validation forward is not collective, but every batch read is agreed on: a rank
+    whose forward raised (a GPU out of memory, a bad example) reads on with the others, runs no more
+    forwards, and the ranks agree on the failure after the loop (one all-reduce), as after a training
+    forward: a failure said in one line stops every rank with rank 0's line, any other is raised as
+    it was on its rank (the others stop with the line)."""
+    from dyt.train import ForwardFailedError
+
+    task = ToyTask(ToyConfig())
+    engine = _engine_of(task)
+    _reads_agreed_alone(monkeypatch)
+    forwards, reads = [], []
+    real_loss, real_read = task.loss, Trainer._read_together
+
+    def loss(model, batch):
+        forwards.append(1)
+        if len(forwards) == 2:
+            raise raised
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(task, "loss", loss)
+    monkeypatch.setattr(Trainer, "_read_together", lambda self, *args: reads.append(1) or real_read(self, *args))
+    trainer = _validating_rank(task, TrainConfig(micro_batch_size=4, eval_batches=4), 0, 1)
+    trainer.ckpt_root = tmp_path
+    with pytest.raises(ForwardFailedError if isinstance(raised, UserInputError) else RuntimeError) as stopped:
+        trainer._evaluate(engine, task.eval_dataset())
+    assert (len(reads), len(forwards)) == (4, 2)
+    if isinstance(raised, UserInputError):
+        assert str(stopped.value).startswith("the forward of a validation batch failed (UserInputError: example 5 "
+                                             "holds no target); there is no complete checkpoint yet")
+
+
 def test_the_other_ranks_learn_a_read_errors_own_words_and_whether_it_is_a_bug():
     """What rank 0 prints of another rank's failed read: a DataLoader worker's error as its own words
     (torch wraps it in the worker's traceback), a bug said to be one, and words even where the

@@ -929,22 +929,33 @@ class Trainer:
         examples = 0
         engine.eval()
         read, input_dtype = iter(loader), engine_input_dtype(engine)
+        partitioned = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+        failed: Exception | None = None  # a forward that raised here, below ZeRO-3: agreed on after the loop
         with torch.no_grad():
             for turn in range(len(mine) + len(fillers)):
                 number, batch = self._read_together(
                     lambda: _on_device(next(read), self.dist.device, input_dtype),
                     f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)")
-                seed_everything(validation_seed(LOSS, number))
-                loss, extras = self.task.loss(engine, batch)
-                extra_names.update(name for name in extras if name != "units")
-                if turn >= len(mine):
-                    continue
-                size = len(batches[number])
-                for name, value in {"loss": loss.item(), **extras}.items():
-                    if name != "units":
-                        sums[name] = sums.get(name, 0.0) + float(value) * size
-                examples += size
+                if failed is not None:
+                    continue  # the other ranks' reads still wait for this rank's agreement
+                try:
+                    seed_everything(validation_seed(LOSS, number))
+                    loss, extras = self.task.loss(engine, batch)
+                    extra_names.update(name for name in extras if name != "units")
+                    if turn >= len(mine):
+                        continue
+                    size = len(batches[number])
+                    for name, value in {"loss": loss.item(), **extras}.items():
+                        if name != "units":
+                            sums[name] = sums.get(name, 0.0) + float(value) * size
+                    examples += size
+                except Exception as error:  # a GPU out of memory, a bug, on this rank alone
+                    if partitioned:
+                        raise  # ZeRO-3's forward is collective: the other ranks wait in it
+                    failed = error
         engine.train()
+        if failures := failures_agreed(failed, failed and _failure_words(failed)):
+            self._stop_together(failed, failures, ForwardFailedError, "the forward of a validation batch failed")
         # Every rank must reduce the same names in the same order (one without a batch of its own
         # learns them from its filler's loss); ranks whose losses named other extras stop here.
         names = ["loss", *sorted(extra_names)]
