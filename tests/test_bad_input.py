@@ -964,3 +964,21 @@ def test_a_forward_failing_on_one_rank_stops_every_rank_together_below_zero3(tmp
                     f"prints its traceback)); --resume continues from step 2 ({out / 'checkpoints/step_00000002'}). "
                     "Mend what the error names and run again with --resume"), last
     assert "Traceback" not in ranks[0][2] and "RuntimeError: an injected failure" in ranks[1][2].strip().splitlines()[-1]
+
+
+@pytest.mark.distributed
+def test_data_made_otherwise_on_one_rank_is_said_by_rank_0(tmp_path):
+    """Every rank checks its data's identity against the run's record before a resume loads, and all
+    stop if any differs. The rank whose data differed raised a config error every rank meets alike,
+    so it stayed quiet, and rank 0 said only "another rank's data is not what the run trained on (that
+    rank says what differs)", which no rank said. Rank 0 now names the rank and what differs."""
+    out = tmp_path / "run"
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.steps=2", "--set", "train.save_every=2")
+    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.steps=4", "--set", "train.save_every=2",
+                               "--set", "data.data_made_otherwise=true", "--resume")
+    assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+    last = ranks[0][2].strip().splitlines()[-1]
+    assert last.startswith(f"toy_recipe.py: config error: rank 1: --resume: the data is not what {out} trained on "
+                           "(toy data as always -> made otherwise; recorded in "), last
+    assert "config error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)

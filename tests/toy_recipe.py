@@ -57,9 +57,12 @@ class ToyDataConfig:
     never): a GPU out of memory on one rank."""
 
     fault_rank: int = 1
+    data_made_otherwise: bool = False
+    """Rank ``fault_rank``'s data identity differs from the others' (``Task.data_identity``): its data
+    made otherwise on its node."""
 
     RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step", "unreadable_from_read",
-                                                             "forward_fails_at_step"})
+                                                             "forward_fails_at_step", "data_made_otherwise"})
     """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
 
@@ -93,6 +96,11 @@ class ToyTask:
         x = torch.randn(self.config.data.examples, 4, generator=g)
         y = (x[:, :1] * 2 - x[:, 1:2]).tanh() + 0.05 * torch.randn(len(x), 1, generator=g)
         return TensorDataset(x, y)
+
+    def data_identity(self) -> dict[str, str]:
+        cfg = self.config.data
+        otherwise = cfg.data_made_otherwise and os.environ.get("RANK", "0") == str(cfg.fault_rank)
+        return {"toy data": "made otherwise" if otherwise else "as always"}
 
     def train_dataset(self):
         return self._maybe_unreadable(self._data(0), "train")

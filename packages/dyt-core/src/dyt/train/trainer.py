@@ -94,6 +94,16 @@ class ForwardFailedError(UserInputError):
     raised_together = True
 
 
+E = TypeVar("E", bound=UserInputError)
+
+
+def raised_together(error: E) -> E:
+    """``error``, marked as raised by every rank at the same point after a collective agreed on it
+    (``UserInputError.raised_together``): a recipe's main then ends without the teardown."""
+    error.raised_together = True
+    return error
+
+
 class NoRoomToSaveError(CheckpointSaveError):
     """Too little free space for the next checkpoint, found before saving (an all-reduce)."""
 
@@ -713,7 +723,7 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
             unwritable, number = error.strerror or str(error), -1.0
     number = all_reduce(torch.tensor([number], dtype=torch.float64), "min").item()
     if number < 0:
-        raise ConfigError(f"cannot write in train.out_dir {folder}: {unwritable or 'see rank 0'}")
+        raise raised_together(ConfigError(f"cannot write in train.out_dir {folder}: {unwritable or 'see rank 0'}"))
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -729,10 +739,10 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
         token.unlink(missing_ok=True)
     if blind:
         shown = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
-        raise ConfigError(f"train.out_dir {folder} is not one folder for every rank: rank(s) {shown} of "
-                          f"{dist.world_size} did not find in {wait_s:.0f} s the file rank 0 wrote there; put it on "
-                          "a file system every node shares (a relative path is taken from each node's working "
-                          "directory), else rank 0 alone would hold complete checkpoints")
+        raise raised_together(ConfigError(
+            f"train.out_dir {folder} is not one folder for every rank: rank(s) {shown} of {dist.world_size} did not "
+            f"find in {wait_s:.0f} s the file rank 0 wrote there; put it on a file system every node shares (a relative "
+            "path is taken from each node's working directory), else rank 0 alone would hold complete checkpoints"))
 
 
 def available_host_memory() -> int | None:
@@ -979,9 +989,9 @@ class Trainer:
         if highest != lowest:
             def said(step: float) -> str:
                 return "none" if step < 0 else f"step {step:.0f}"
-            raise ConfigError(
+            raise raised_together(ConfigError(
                 f"the ranks see different newest complete checkpoints in {self.ckpt_root} ({said(lowest)} on "
-                f"some, {said(highest)} on others): train.out_dir must be on a file system every node shares")
+                f"some, {said(highest)} on others): train.out_dir must be on a file system every node shares"))
 
     def _save(self, engine, step: int, position: DataPosition) -> Path:
         """A checkpoint of ``step``; a failed write (disk full, ...) on any rank stops every rank together
@@ -1113,7 +1123,7 @@ class Trainer:
                 except UserInputError as error:  # in use, or not writable: every rank stops, rank 0 says why
                     refused = error
             if any_rank(refused is not None):
-                raise refused or runlock.FolderInUseError(f"{self.out_dir} is in use")
+                raise raised_together(refused or runlock.FolderInUseError(f"{self.out_dir} is in use"))
             check_folder_shared(self.out_dir, self.dist)
             return self._fit(resume)
 
@@ -1147,10 +1157,12 @@ class Trainer:
                 check_data_identity(self.out_dir, identity)
             except ConfigError as error:
                 problem = error
-        # every rank stops, or none: a rank going on into the engine's collectives would wait forever
-        if any_rank(problem is not None):
-            raise problem or ConfigError("--resume: another rank's data is not what the run trained on (that rank "
-                                         "says what differs)")
+        # every rank stops, or none: a rank going on into the engine's collectives would wait forever;
+        # rank 0 says what differs, on whichever rank (the others' lines are quiet)
+        if failures := failures_agreed(problem, problem and " ".join(str(problem).split())):
+            rank, said = failures[0]
+            raise raised_together(problem if problem is not None and dist.is_main else ConfigError(
+                f"rank {rank}: {said}" if dist.world_size > 1 else said))
         if resume and not done and dist.is_main:
             print(f"nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
         # A ZeRO checkpoint of another world size loads through DeepSpeed's universal form.
