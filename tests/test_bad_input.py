@@ -917,36 +917,6 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
 
 
 @pytest.mark.distributed
-def test_a_damaged_or_missing_checkpoint_file_stops_every_rank_together_at_resume(tmp_path):
-    """DeepSpeed's load is collective: rank 1's own ZeRO-3 shard cut short (a copy that stopped) made
-    rank 1 stop alone, and rank 0, in the load's next collective, reported gloo's lost peer as its own
-    load failure (over several nodes it would wait until the process group's timeout). Every rank now
-    checks its share of the files first, and all stop together, rank 0 naming the file: one cut short,
-    then one missing. (Every resume of the suite passes the check on a sound checkpoint: the 2-rank
-    ZeRO-3 resumes of tests/test_scale.py among them.)"""
-    out = tmp_path / "run"
-    _extensions_built(tmp_path)
-    ranks = _two_ranks_by_hand(tmp_path, out)
-    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
-    newest = out / "checkpoints/step_00000004"
-    for name, damage in [("zero_pp_rank_1_mp_rank_00_optim_states.pt", "cut"),
-                         ("zero_pp_rank_1_mp_rank_00_model_states.pt", "missing")]:
-        sound = (newest / name).read_bytes()
-        if damage == "cut":
-            (newest / name).write_bytes(sound[: len(sound) // 2])
-        else:
-            (newest / name).unlink()
-        ranks = _two_ranks_by_hand(tmp_path, out, "--resume", "--set", "train.steps=6")
-        assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
-        last = ranks[0][2].strip().splitlines()[-1]
-        said = {"cut": f"{name}: File is not a zip file", "missing": f"{name} is missing"}[damage]
-        assert last == (f"toy_recipe.py: checkpoint error: {newest} is marked complete but a file in it is damaged or "
-                        f"missing ({said}): delete that folder to resume from the one before"), last
-        assert "checkpoint error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
-        (newest / name).write_bytes(sound)
-
-
-@pytest.mark.distributed
 def test_a_forward_failing_on_one_rank_stops_every_rank_together_below_zero3(tmp_path):
     """A forward that raised on one rank alone (a GPU out of memory on a longer batch, a bug met by
     one rank's data) left the other ranks in the step's loss check, on other nodes until the process
@@ -967,18 +937,40 @@ def test_a_forward_failing_on_one_rank_stops_every_rank_together_below_zero3(tmp
 
 
 @pytest.mark.distributed
-def test_data_made_otherwise_on_one_rank_is_said_by_rank_0(tmp_path):
-    """Every rank checks its data's identity against the run's record before a resume loads, and all
-    stop if any differs. The rank whose data differed raised a config error every rank meets alike,
-    so it stayed quiet, and rank 0 said only "another rank's data is not what the run trained on (that
-    rank says what differs)", which no rank said. Rank 0 now names the rank and what differs."""
+def test_a_resume_one_rank_cannot_make_stops_every_rank_together_rank_0_saying_why(tmp_path):
+    """Before a resume loads, every rank checks its data's identity against the run's record and its
+    share of the checkpoint's files, and all stop if any rank found a problem, rank 0 naming it.
+    - Data made otherwise on rank 1 alone: rank 1 raised a config error every rank meets alike, so it
+      stayed quiet, and rank 0 said only "another rank's data is not what the run trained on (that
+      rank says what differs)", which no rank said. Rank 0 now names the rank and what differs.
+    - Rank 1's own ZeRO-3 shard cut short (a copy that stopped), then missing: DeepSpeed's load is
+      collective, so rank 1 stopped alone and rank 0, in the load's next collective, reported gloo's
+      lost peer as its own load failure (over several nodes it would wait until the timeout).
+    (Every resume of the suite passes the file check on a sound checkpoint: the 2-rank ZeRO-3 resumes
+    of tests/test_scale.py among them.)"""
     out = tmp_path / "run"
-    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.steps=2", "--set", "train.save_every=2")
+    _extensions_built(tmp_path)
+    ranks = _two_ranks_by_hand(tmp_path, out)
     assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
-    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.steps=4", "--set", "train.save_every=2",
-                               "--set", "data.data_made_otherwise=true", "--resume")
-    assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
-    last = ranks[0][2].strip().splitlines()[-1]
+
+    def resumed(*extra: str) -> str:
+        ranks = _two_ranks_by_hand(tmp_path, out, "--resume", "--set", "train.steps=6", *extra)
+        assert [code for code, _, _ in ranks] == [2, 2], [err[-3000:] for _, _, err in ranks]
+        assert "toy_recipe.py:" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+        return ranks[0][2].strip().splitlines()[-1]
+
+    last = resumed("--set", "data.data_made_otherwise=true")
     assert last.startswith(f"toy_recipe.py: config error: rank 1: --resume: the data is not what {out} trained on "
                            "(toy data as always -> made otherwise; recorded in "), last
-    assert "config error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
+    newest = out / "checkpoints/step_00000004"
+    for name, damage in [("zero_pp_rank_1_mp_rank_00_optim_states.pt", "cut"),
+                         ("zero_pp_rank_1_mp_rank_00_model_states.pt", "missing")]:
+        sound = (newest / name).read_bytes()
+        if damage == "cut":
+            (newest / name).write_bytes(sound[: len(sound) // 2])
+        else:
+            (newest / name).unlink()
+        said = {"cut": f"{name}: File is not a zip file", "missing": f"{name} is missing"}[damage]
+        assert resumed() == (f"toy_recipe.py: checkpoint error: {newest} is marked complete but a file in it is "
+                             f"damaged or missing ({said}): delete that folder to resume from the one before")
+        (newest / name).write_bytes(sound)

@@ -397,6 +397,7 @@ def test_a_launcher_variable_that_is_no_count_is_a_one_line_error(value, monkeyp
     (True, "together", True),  # e.g. a failed save: every rank raises it at once, after agreeing on it
     (True, "together, the teardown failing", True),  # still the error's one line
     (True, "one rank", False),  # another rank may wait in a collective: destroying the group could hang
+    (True, "together, a bug", True),  # its traceback, exit 1: the other ranks stopped with it (a failed forward)
     (False, "finished", False),  # in-process callers (tests, notebooks) train again in the same process
 ])
 def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(tmp_path, monkeypatch, capsys,
@@ -415,7 +416,7 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
         def fit(self, resume):
             if outcome == "finished":
                 return "result"
-            error = UserInputError("a write failed")
+            error = RuntimeError("a bug") if outcome.endswith("bug") else UserInputError("a write failed")
             error.raised_together = outcome.startswith("together")
             raise error
 
@@ -430,12 +431,17 @@ def test_a_process_main_leaves_its_process_group_where_every_rank_ends_together(
     argv = ["--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.steps=1"]
     if outcome == "finished":
         assert run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process) == "result"
+    elif outcome.endswith("bug"):
+        with pytest.raises(RuntimeError):  # the stub of end_process returns
+            run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process)
+        assert "RuntimeError: a bug" in capsys.readouterr().err
     else:
         with pytest.raises(SystemExit) as stopped:
             run_recipe(ToyConfig, ToyTask, argv, ends_process=ends_process)
         assert stopped.value.code == 2
         assert capsys.readouterr().err.count("error: a write failed") == 1
-    assert left == ([True, ("ended", 0 if outcome == "finished" else 2)] if leaves else [])
+    status = 0 if outcome == "finished" else 1 if outcome.endswith("bug") else 2
+    assert left == ([True, ("ended", status)] if leaves else [])
 
 
 @pytest.mark.distributed

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -156,6 +157,13 @@ def run_recipe(
                 except SystemExit as stop:
                     end_process(stop.code)  # as a finished run: gloo could abort in the teardown, exit -6
                     raise
+            raise
+        except Exception as error:  # a bug, or a GPU out of memory, that the other ranks stopped with
+            if ends_process and getattr(error, "raised_together", False):
+                with contextlib.suppress(Exception):
+                    leave_process_group()
+                traceback.print_exception(error)  # as the interpreter would, then its status
+                end_process(1)
             raise
         if ends_process:
             leave_process_group()

@@ -13,6 +13,7 @@ import math
 import random
 import shutil
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -416,6 +417,14 @@ def _held_values(param: nn.Parameter) -> torch.Tensor:
     return shard.narrow(0, 0, min(max(param.ds_numel - first, 0), shard.ds_numel))
 
 
+def collective_forward(engine) -> bool:
+    """Whether the engine's forward runs collectives (ZeRO-3 gathers the parameters; DeepSpeed's
+    AutoTP all-reduces inside the layers): a rank whose forward raised cannot then agree with the
+    others, which wait inside the forward. An engine stand-in without DeepSpeed's methods: no."""
+    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
+    return stage == 3 or (getattr(engine, "autotp_size", lambda: 1)() or 1) > 1
+
+
 def _weights_finite(engine) -> bool:
     """Whether every weight is finite on every rank (each checks what it holds: ZeRO-3's shard)."""
     mine = all(bool(torch.isfinite(_held_values(p)).all()) for p in engine.module.parameters())
@@ -736,7 +745,8 @@ def check_folder_shared(folder: Path, dist: DistInfo, wait_s: float = SHARED_FOL
     blind = [rank for rank, saw in enumerate(all_gather(torch.tensor([float(seen)], dtype=torch.float64)))
              if not saw.item()]
     if dist.is_main:
-        token.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # rank 0 alone: a failure here must not leave it apart from the others
+            token.unlink(missing_ok=True)
     if blind:
         shown = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
         raise raised_together(ConfigError(
@@ -939,12 +949,12 @@ class Trainer:
         examples = 0
         engine.eval()
         read, input_dtype = iter(loader), engine_input_dtype(engine)
-        partitioned = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
-        failed: Exception | None = None  # a forward that raised here, below ZeRO-3: agreed on after the loop
+        collective = collective_forward(engine)
+        failed: Exception | None = None  # a forward that raised here, not collective: agreed on after the loop
         with torch.no_grad():
             for turn in range(len(mine) + len(fillers)):
-                number, batch = self._read_together(
-                    lambda: _on_device(next(read), self.dist.device, input_dtype),
+                number, batch = self._read_together(  # after a failed forward, nothing read: only the agreement
+                    (lambda: _on_device(next(read), self.dist.device, input_dtype)) if failed is None else lambda: (0, None),
                     f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)")
                 if failed is not None:
                     continue  # the other ranks' reads still wait for this rank's agreement
@@ -960,8 +970,9 @@ class Trainer:
                             sums[name] = sums.get(name, 0.0) + float(value) * size
                     examples += size
                 except Exception as error:  # a GPU out of memory, a bug, on this rank alone
-                    if partitioned:
-                        raise  # ZeRO-3's forward is collective: the other ranks wait in it
+                    if collective:
+                        raise  # the other ranks wait inside the forward, not in an agreement
+                    traceback.clear_frames(error.__traceback__)  # the forward's tensors freed: the agreement allocates
                     failed = error
         engine.train()
         if failures := failures_agreed(failed, failed and _failure_words(failed)):
@@ -1032,6 +1043,7 @@ class Trainer:
         if not any_rank(failed is not None):
             return result
         if failed is not None and not isinstance(failed, OSError):
+            failed.raised_together = True  # type: ignore[union-attr]  # the others stop below, at this same point
             raise failed  # as it was (a UserInputError names its file); the other ranks stop quietly below
         cause = f"{type(failed).__name__}: {failed}" if failed is not None else "see rank 0"  # rank 0 alone says it
         with contextlib.suppress(OSError):
@@ -1062,6 +1074,7 @@ class Trainer:
         kept; every other rank raises ``error_type``, ``what`` happened, naming the (first) rank
         that failed and its words, and what ``--resume`` takes (rank 0 prints it)."""
         if failed is not None and not _said_in_one_line(failed):
+            failed.raised_together = True  # type: ignore[attr-defined]  # with the others' error, at this point
             raise failed
         rank, cause = failures[0]
         if len(failures) > 1:
@@ -1157,6 +1170,9 @@ class Trainer:
                 check_data_identity(self.out_dir, identity)
             except ConfigError as error:
                 problem = error
+            except OSError as error:  # the record unreadable on this rank: every rank must still agree below
+                problem = ConfigError(f"--resume: cannot read the run's record of its data in {self.out_dir} "
+                                      f"({type(error).__name__}: {error})")
         # every rank stops, or none: a rank going on into the engine's collectives would wait forever;
         # rank 0 says what differs, on whichever rank (the others' lines are quiet)
         if failures := failures_agreed(problem, problem and " ".join(str(problem).split())):
@@ -1211,7 +1227,7 @@ class Trainer:
         # ZeRO-1/2/3 keep the gradient norm before clipping, the loss scale divided out; at ZeRO-0
         # torch's AdamW (fp32) keeps none and DeepSpeed's fp16 wrapper keeps it scaled: the harness's own
         own_grad_norm = engine.zero_optimization_stage() == 0
-        partitioned = engine.zero_optimization_stage() == 3
+        collective = collective_forward(engine)
         skipped = skipped_before = int(getattr(engine, "skipped_steps", 0))
         skipped_in_a_row = 0
         stopped = True  # until the last step is done
@@ -1230,9 +1246,12 @@ class Trainer:
                     try:
                         loss, extras = self.task.loss(engine, batch)
                         finite_here = float(torch.isfinite(loss.detach()).all())
+                        units_here = float(extras.get("units", cfg.micro_batch_size))
+                        extra_values = {name: float(value) for name, value in extras.items() if name != "units"}
                     except Exception as error:  # a GPU out of memory, a bug, on this rank alone
-                        if partitioned:
-                            raise  # ZeRO-3's forward is collective: the other ranks wait in it, not below
+                        if collective:
+                            raise  # the other ranks wait inside the forward, not below
+                        traceback.clear_frames(error.__traceback__)  # the forward's tensors freed: the agreement allocates
                         failed, finite_here = error, 1.0
                     # one all-reduce: whether the loss is finite on every rank, and whether every forward ran
                     finite, ran = all_reduce(torch.tensor([finite_here, float(failed is None)]), "min").tolist()
@@ -1254,10 +1273,9 @@ class Trainer:
                         self._stop_diverged(step + 1, "finite, but fp16's loss scale at its minimum",
                                             "fp16 gradients overflowed at the smallest loss scale", last_good)
                     loss_sum += loss.item()
-                    units += float(extras.get("units", cfg.micro_batch_size))
-                    for name, value in extras.items():
-                        if name != "units":
-                            extra_sums[name] = extra_sums.get(name, 0.0) + float(value) / cfg.grad_accum
+                    units += units_here
+                    for name, value in extra_values.items():
+                        extra_sums[name] = extra_sums.get(name, 0.0) + value / cfg.grad_accum
                 step += 1
                 elapsed = time.perf_counter() - started
                 names = sorted(extra_sums)
