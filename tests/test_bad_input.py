@@ -917,22 +917,31 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
 
 
 @pytest.mark.distributed
-def test_a_forward_failing_on_one_rank_stops_every_rank_together_below_zero3(tmp_path):
+@pytest.mark.parametrize("stage", ["training", "validation"])
+def test_a_forward_failing_on_one_rank_stops_every_rank_together_below_zero3(tmp_path, stage):
     """A forward that raised on one rank alone (a GPU out of memory on a longer batch, a bug met by
     one rank's data) left the other ranks in the step's loss check, on other nodes until the process
-    group's timeout. At ZeRO-0/1/2 the forward is not collective, so the loss check all-reduces a
-    failure flag with the loss's finiteness (no collective more): every rank stops there, rank 0
-    naming rank 1 and its error in one line, rank 1 printing its own traceback. (Under ZeRO-3 the
-    forward gathers the parameters: a rank that left it cannot agree, and is raised as before.)"""
+    group's timeout. At ZeRO-0/1/2 the forward is not collective: in training the loss check
+    all-reduces a failure flag with the loss's finiteness (no collective more); in validation the
+    failing rank reads on with the others (each read is agreed on) and all agree after the last
+    batch. Every rank stops there, rank 0 naming rank 1 and its error in one line, rank 1 printing
+    its own traceback and exiting 1. (Under ZeRO-3 the forward gathers the parameters: a rank that
+    left it cannot agree, and is raised as before.) Validation: 4 batches, 2 a rank, at step 2."""
     out = tmp_path / "run"
     _extensions_built(tmp_path)
-    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.zero_stage=2", "--set", "data.forward_fails_at_step=3")
+    fault = ["--set", "data.forward_fails_at_step=3"] if stage == "training" else [
+        "--set", "data.validation_forward_fails=true", "--set", "train.eval_every=2", "--set", "train.eval_batches=4"]
+    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.zero_stage=2", *fault)
     assert [code for code, _, _ in ranks] == [2, 1], [err[-3000:] for _, _, err in ranks]
     last = ranks[0][2].strip().splitlines()[-1]
-    assert last == ("toy_recipe.py: error: the forward of the training batch of step 3 failed (rank 1: RuntimeError: an "
-                    "injected failure of the forward of step 3 (data.forward_fails_at_step) (not a data error: that rank "
-                    f"prints its traceback)); --resume continues from step 2 ({out / 'checkpoints/step_00000002'}). "
-                    "Mend what the error names and run again with --resume"), last
+    if stage == "training":
+        said, resume = ("the training batch of step 3 failed (rank 1: RuntimeError: an injected failure of the forward "
+                        "of step 3 (data.forward_fails_at_step)", f"--resume continues from step 2 ({out / 'checkpoints/step_00000002'})")
+    else:  # at step 2, before step 2's checkpoint
+        said, resume = ("a validation batch failed (rank 1: RuntimeError: an injected failure of a validation forward "
+                        "(data.validation_forward_fails)", "there is no complete checkpoint yet: --resume starts from step 0")
+    assert last == (f"toy_recipe.py: error: the forward of {said} (not a data error: that rank prints its traceback)); "
+                    f"{resume}. Mend what the error names and run again with --resume"), last
     assert "Traceback" not in ranks[0][2] and "RuntimeError: an injected failure" in ranks[1][2].strip().splitlines()[-1]
 
 

@@ -56,13 +56,17 @@ class ToyDataConfig:
     """On rank ``fault_rank``, the training forward of this optimizer step raises a RuntimeError (0:
     never): a GPU out of memory on one rank."""
 
+    validation_forward_fails: bool = False
+    """On rank ``fault_rank``, every validation forward raises a RuntimeError."""
+
     fault_rank: int = 1
     data_made_otherwise: bool = False
     """Rank ``fault_rank``'s data identity differs from the others' (``Task.data_identity``): its data
     made otherwise on its node."""
 
     RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({"nan_at_step", "unreadable_from_read",
-                                                             "forward_fails_at_step", "data_made_otherwise"})
+                                                             "forward_fails_at_step", "data_made_otherwise",
+                                                             "validation_forward_fails"})
     """A fault injected once: a resume after the stop runs without it (dyt.train.config.resume_changes)."""
 
 
@@ -126,7 +130,10 @@ class ToyTask:
     def loss(self, model, batch):
         x, y = batch
         loss = nn.functional.mse_loss(model(x), y)
+        on_fault_rank = os.environ.get("RANK", "0") == str(self.config.data.fault_rank)
         if not torch.is_grad_enabled():  # validation (it runs under no_grad)
+            if self.config.data.validation_forward_fails and on_fault_rank:
+                raise RuntimeError("an injected failure of a validation forward (data.validation_forward_fails)")
             if self.config.data.eval_noise:
                 loss = loss + self.config.data.eval_noise * torch.rand(())
         else:  # a training micro-batch
@@ -134,8 +141,7 @@ class ToyTask:
             step = (self.calls - 1) // self.config.train.grad_accum + 1
             if step == self.config.data.nan_at_step:
                 loss = loss * float("nan")
-            if step == self.config.data.forward_fails_at_step and os.environ.get("RANK", "0") == str(
-                    self.config.data.fault_rank):
+            if step == self.config.data.forward_fails_at_step and on_fault_rank:
                 raise RuntimeError(f"an injected failure of the forward of step {step} (data.forward_fails_at_step)")
             if 0 < self.config.data.nan_gradient_from_step <= step:  # 0 * sqrt(0): the value 0, the gradient NaN
                 first = next(model.parameters()).sum()
