@@ -888,7 +888,7 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
     and the other ranks waited in the step's next collective (on another node until the process
     group's timeout; here gloo saw the peer go, and rank 0 crashed with a traceback of its own). Now
     the ranks agree after each batch read, for training and validation alike: both stop together,
-    rank 0 naming the rank that failed and its error in one line, and a --resume trains through.
+    rank 0 naming the rank that failed and its error in one line, and what --resume takes.
     Rank 1 fails in step 3's training batch (its reads 9 to 12 at micro-batch 4), rank 0 in its first
     validation batch at step 2, before step 2's checkpoint."""
     out = tmp_path / "run"
@@ -901,19 +901,13 @@ def test_a_batch_one_rank_cannot_read_stops_every_rank_together(tmp_path, split,
     last = ranks[0][2].strip().splitlines()[-1]
     what = ("the training batch of step 3" if split == "train"
             else "a validation batch (turn 1 of 1 on each rank)")
-    assert last.startswith(f"toy_recipe.py: data error: could not read {what} (rank {failing}: _ToyDataError: "
+    assert last.startswith(f"toy_recipe.py: read error: could not read {what} (rank {failing}: _ToyDataError: "
                            "example "), last
     assert last.endswith("of the toy data is unreadable (data.unreadable_from_read)); " + (
         f"--resume continues from step 2 ({out / 'checkpoints/step_00000002'})" if split == "train"
         else "there is no complete checkpoint yet: --resume starts from step 0")
         + ". Mend what the error names and run again with --resume"), last
-    assert "data error" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
-    ranks = _two_ranks_by_hand(tmp_path, out, "--set", "train.micro_batch_size=4", "--set", "train.eval_every=2",
-                               "--set", "train.eval_batches=2", "--set", f"data.unreadable_split={split}",
-                               "--set", f"data.fault_rank={failing}", "--resume")
-    assert [code for code, _, _ in ranks] == [0, 0], [err[-3000:] for _, _, err in ranks]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # trimmed to the checkpoint's step (or started anew), then trained through
+    assert "toy_recipe.py:" not in ranks[1][2] and not any("Traceback" in err for _, _, err in ranks)
 
 
 @pytest.mark.distributed
@@ -952,11 +946,11 @@ def test_a_resume_one_rank_cannot_make_stops_every_rank_together_rank_0_saying_w
     - Data made otherwise on rank 1 alone: rank 1 raised a config error every rank meets alike, so it
       stayed quiet, and rank 0 said only "another rank's data is not what the run trained on (that
       rank says what differs)", which no rank said. Rank 0 now names the rank and what differs.
-    - Rank 1's own ZeRO-3 shard cut short (a copy that stopped), then missing: DeepSpeed's load is
-      collective, so rank 1 stopped alone and rank 0, in the load's next collective, reported gloo's
-      lost peer as its own load failure (over several nodes it would wait until the timeout).
-    (Every resume of the suite passes the file check on a sound checkpoint: the 2-rank ZeRO-3 resumes
-    of tests/test_scale.py among them.)"""
+    - Rank 1's own ZeRO-3 shard cut short (a copy that stopped): DeepSpeed's load is collective, so
+      rank 1 stopped alone and rank 0, in the load's next collective, reported gloo's lost peer as its
+      own load failure (over several nodes it would wait until the timeout). A missing file is found
+      by rank 0 (tests/test_harness.py), and every resume of the suite passes the check on a sound
+      checkpoint: the 2-rank ZeRO-3 resumes of tests/test_scale.py among them."""
     out = tmp_path / "run"
     _extensions_built(tmp_path)
     ranks = _two_ranks_by_hand(tmp_path, out)
@@ -971,15 +965,8 @@ def test_a_resume_one_rank_cannot_make_stops_every_rank_together_rank_0_saying_w
     last = resumed("--set", "data.data_made_otherwise=true")
     assert last.startswith(f"toy_recipe.py: config error: rank 1: --resume: the data is not what {out} trained on "
                            "(toy data as always -> made otherwise; recorded in "), last
-    newest = out / "checkpoints/step_00000004"
-    for name, damage in [("zero_pp_rank_1_mp_rank_00_optim_states.pt", "cut"),
-                         ("zero_pp_rank_1_mp_rank_00_model_states.pt", "missing")]:
-        sound = (newest / name).read_bytes()
-        if damage == "cut":
-            (newest / name).write_bytes(sound[: len(sound) // 2])
-        else:
-            (newest / name).unlink()
-        said = {"cut": f"{name}: File is not a zip file", "missing": f"{name} is missing"}[damage]
-        assert resumed() == (f"toy_recipe.py: checkpoint error: {newest} is marked complete but a file in it is "
-                             f"damaged or missing ({said}): delete that folder to resume from the one before")
-        (newest / name).write_bytes(sound)
+    newest, name = out / "checkpoints/step_00000004", "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    sound = (newest / name).read_bytes()
+    (newest / name).write_bytes(sound[: len(sound) // 2])
+    assert resumed() == (f"toy_recipe.py: checkpoint error: {newest} is marked complete but a file in it is damaged "
+                         f"or missing ({name}: File is not a zip file): delete that folder to resume from the one before")

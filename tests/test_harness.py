@@ -141,7 +141,7 @@ def test_a_batch_that_cannot_be_read_is_one_line_and_a_bug_in_a_collate_keeps_it
     said = _diverged(capsys, tmp_path / "run", "data.unreadable_from_read=40", "data.fault_rank=0",
                      f"train.num_workers={num_workers}")
     assert said.splitlines()[-1].split(": ", 1)[1] == (
-        "data error: could not read training micro-batch 1 of 2 of step 2 (_ToyDataError: example "
+        "read error: could not read training micro-batch 1 of 2 of step 2 (_ToyDataError: example "
         f"{said.split('(_ToyDataError: example ')[1].split()[0]} of the toy data is unreadable "
         "(data.unreadable_from_read)); there is no complete checkpoint yet: --resume starts from step 0. Mend what "
         "the error names and run again with --resume"), said
@@ -180,8 +180,9 @@ def test_a_validation_batch_is_agreed_on_once_it_is_on_its_device(tmp_path, monk
         trainer._evaluate(engine, task.eval_dataset())
 
 
-@pytest.mark.parametrize("raised", [UserInputError("example 5 holds no target"), RuntimeError("out of memory")])
-def test_a_validation_forward_failing_on_one_rank_is_agreed_on_after_every_read(tmp_path, monkeypatch, raised):
+@pytest.mark.parametrize("make_error", [lambda: UserInputError("example 5 holds no target"),
+                                        lambda: RuntimeError("out of memory")], ids=["data", "runtime"])
+def test_a_validation_forward_failing_on_one_rank_is_agreed_on_after_every_read(tmp_path, monkeypatch, make_error):
     """Below ZeRO-3 a validation forward is not collective, but every batch read is agreed on: a rank
     whose forward raised (a GPU out of memory, a bad example) reads on with the others, runs no more
     forwards, and the ranks agree on the failure after the loop (one all-reduce), as after a training
@@ -192,6 +193,7 @@ def test_a_validation_forward_failing_on_one_rank_is_agreed_on_after_every_read(
     task = ToyTask(ToyConfig())
     engine = _engine_of(task)
     _reads_agreed_alone(monkeypatch)
+    raised = make_error()
     forwards, reads = [], []
     real_loss, real_read = task.loss, Trainer._read_together
 
@@ -202,7 +204,8 @@ def test_a_validation_forward_failing_on_one_rank_is_agreed_on_after_every_read(
         return real_loss(model, batch)
 
     monkeypatch.setattr(task, "loss", loss)
-    monkeypatch.setattr(Trainer, "_read_together", lambda self, *args: reads.append(1) or real_read(self, *args))
+    monkeypatch.setattr(Trainer, "_read_together",
+                        lambda self, *args, **kwargs: reads.append(1) or real_read(self, *args, **kwargs))
     trainer = _validating_rank(task, TrainConfig(micro_batch_size=4, eval_batches=4), 0, 1)
     trainer.ckpt_root = tmp_path
     with pytest.raises(ForwardFailedError if isinstance(raised, UserInputError) else RuntimeError) as stopped:
@@ -213,10 +216,10 @@ def test_a_validation_forward_failing_on_one_rank_is_agreed_on_after_every_read(
                                              "holds no target); there is no complete checkpoint yet")
 
 
-def test_the_other_ranks_learn_a_read_errors_own_words_and_whether_it_is_a_bug():
-    """What rank 0 prints of another rank's failed read: a DataLoader worker's error as its own words
-    (torch wraps it in the worker's traceback), a bug said to be one, and words even where the
-    unwrapping fails (every other rank waits for them)."""
+def test_the_other_ranks_learn_a_failures_own_words_and_whether_it_is_a_data_error():
+    """What rank 0 prints of another rank's failed read or forward: a DataLoader worker's error as its
+    own words (torch wraps it in the worker's traceback), an error that is not a data error said to be
+    one, and words even where the unwrapping fails (every other rank waits for them)."""
     from dyt.train.trainer import _failure_words
 
     class DataError(UserInputError):
@@ -233,6 +236,23 @@ def test_the_other_ranks_learn_a_read_errors_own_words_and_whether_it_is_a_bug()
             raise RuntimeError("no words")
 
     assert _failure_words(Unprintable()) == "Unprintable (not a data error: that rank prints its traceback)"
+
+
+def test_the_missing_file_check_counts_data_parallel_ranks_under_model_parallelism(tmp_path):
+    """DeepSpeed names a rank's ZeRO files by its data-parallel rank and its model-parallel rank
+    (AutoTP): 4 ranks as 2 x 2 write zero_pp_rank_{0,1}_mp_rank_{00,01}; none is missing there, and
+    one taken away is named."""
+    from dyt.train.checkpoint import _damaged_file
+
+    (tmp_path / "COMPLETE").write_text(json.dumps({"step": 4, "world_size": 4}))
+    for data_rank in (0, 1):
+        for model_rank in ("00", "01"):
+            for kind in ("model", "optim"):
+                torch.save({}, tmp_path / f"zero_pp_rank_{data_rank}_mp_rank_{model_rank}_{kind}_states.pt")
+    alone = DistInfo(0, 1, 0, torch.device("cpu"))
+    assert _damaged_file(tmp_path, False, alone) is None
+    (tmp_path / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
+    assert _damaged_file(tmp_path, False, alone)[1] == "zero_pp_rank_1_mp_rank_01_optim_states.pt is missing"
 
 
 def test_a_damaged_universal_copy_names_the_copy_to_delete_not_the_checkpoint(tmp_path, monkeypatch):
@@ -569,7 +589,8 @@ def _validating_rank(task, cfg: TrainConfig, rank: int, world: int):
 
 
 def _reads_agreed_alone(monkeypatch) -> None:
-    """Each batch read agreed as by a world of one (for a rank validating alone, its all-reduce stubbed)."""
+    """Each agreement on a failure (a batch read, a forward) made as by a world of one (for a rank
+    validating alone, its all-reduce stubbed)."""
     monkeypatch.setattr("dyt.train.trainer.failures_agreed", lambda error, words=None: [(0, words)] if error else [])
 
 
@@ -683,7 +704,6 @@ def test_the_room_a_save_needs_is_the_newest_checkpoint_without_its_universal_co
     trainer = _validating_rank(None, TrainConfig(), 0, 1)
     trainer.ckpt_root = root
     monkeypatch.setattr("dyt.train.trainer.all_reduce", lambda value, op="sum": value)
-    _reads_agreed_alone(monkeypatch)
     usage = collections.namedtuple("usage", "total used free")
 
     def check_with_free(free: int) -> None:

@@ -740,7 +740,8 @@ def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkey
         SpeechEvalConfig(ctc_steps=8000, ctc_lr=2e-3)
     assert load_config(Wav2Vec2PretrainConfig, TINY, check_files=False).eval == SpeechEvalConfig()
     _, run = _ctc_data_and_run(speech, tmp_path)
-    (run / "config.yaml").write_text(TINY.read_text() + "eval: {ctc_steps: 7, ctc_lr: 1.0e-3}\n")
+    without_section = TINY.read_text().split("\neval:")[0] + "\n"  # as a run from before the section
+    (run / "config.yaml").write_text(without_section + "eval: {ctc_steps: 7, ctc_lr: 1.0e-3}\n")
     budgets = []
 
     def results(name, run_dir, data, seeds, steps, ctc, *rest):
@@ -756,11 +757,11 @@ def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkey
     assert f"(--ctc-steps, the eval section of {run / 'config.yaml'})" in capsys.readouterr().out
     w2v_eval.main([*command, "--ctc-lr", "3e-3"])
     assert budgets == [(7, 1e-3), (9, 1e-3), (7, 3e-3)]
-    (run / "config.yaml").write_text(TINY.read_text())  # a run from before the section: the defaults, said
+    (run / "config.yaml").write_text(without_section)
     w2v_eval.main(command)
     assert budgets[-1] == (4000, 5e-3)
-    assert f"(the defaults: {run / 'config.yaml'} has no eval section (a config from before 2026-12-07; for a " \
-           "small.yaml run give --ctc-steps 8000 --ctc-lr 2e-3))" in capsys.readouterr().out
+    assert f"(the defaults, chosen for tiny.yaml: {run / 'config.yaml'} has no eval section (a small.yaml run from " \
+           "before 2026-12-07 takes --ctc-steps 8000 --ctc-lr 2e-3))" in capsys.readouterr().out
 
     class Planned(Exception):
         pass
@@ -777,6 +778,10 @@ def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkey
             compare.main([*small, *extra])
         assert stopped.value.args[0] == budget, extra
     assert "CTC budget: 8000 steps at peak lr 0.01, tri-stage (--ctc-lr, the eval section of " in capsys.readouterr().out
+    with pytest.raises(Planned) as stopped:  # the default config, the packaged tiny.yaml, says its own
+        compare.main(["--out", str(tmp_path / "cmp"), "--evals", "ctc"])
+    assert stopped.value.args[0] == (4000, 5e-3)
+    assert "CTC budget: 4000 steps at peak lr 0.005, tri-stage (the eval section of " in capsys.readouterr().out
     with pytest.raises(SystemExit) as stopped:
         compare.main([*small, "--sweep", "eval.ctc_lr=1e-3,2e-3"])
     assert stopped.value.code == 2

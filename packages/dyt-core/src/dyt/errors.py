@@ -27,7 +27,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "DYT_DEBUG"
@@ -47,6 +47,17 @@ class UserInputError(ValueError):
     raised_together = False
     """True: every rank raises it at the same point, once a collective agreed on it (a failed save, a
     divergence), so no rank is left in a collective and a launch may tear its process group down."""
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def raised_together(error: E) -> E:
+    """``error``, marked as raised by every rank at the same point after a collective agreed on it
+    (:attr:`UserInputError.raised_together`; for another error, its traceback's rank stopping with
+    the others): a recipe's main then ends without the interpreter's teardown."""
+    error.raised_together = True  # type: ignore[attr-defined]
+    return error
 
 
 def debug() -> bool:

@@ -252,7 +252,7 @@ class CTCSettings:
     validation voices (docs/wav2vec2.md)."""
 
     steps: int = SpeechEvalConfig.ctc_steps
-    """A run's own come from its config's ``eval.ctc_steps`` (:func:`resolve_ctc_budget`)."""
+    """A run's own comes from its config's ``eval.ctc_steps`` (:func:`resolve_ctc_budget`)."""
     lr: float = SpeechEvalConfig.ctc_lr
     """The peak rate; a run's own comes from its config's ``eval.ctc_lr``."""
     schedule: str = "tri-stage"
@@ -608,8 +608,8 @@ def resolve_ctc_budget(args: argparse.Namespace, config: SpeechEvalConfig, confi
     elif isinstance(written, dict) and "eval" in written or config_label:
         source = ", ".join([*given, f"the eval section of {config_label or config_file}"])
     else:
-        source = ", ".join([*given, f"the defaults: {config_file} has no eval section (a config from before 2026-12-07; "
-                                    "for a small.yaml run give --ctc-steps 8000 --ctc-lr 2e-3)"])
+        source = ", ".join([*given, f"the defaults, chosen for tiny.yaml: {config_file} has no eval section (a small.yaml "
+                                    "run from before 2026-12-07 takes --ctc-steps 8000 --ctc-lr 2e-3)"])
     return f"CTC budget: {args.ctc_steps} steps at peak lr {args.ctc_lr:g}, {args.ctc_schedule} ({source})"
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserInputError
+from ..errors import UserInputError, raised_together
 from . import runlock
 from .config import ConfigError, SettingChanges, from_dict, load_config, resume_changes, to_dict
 from .data_files import DATA_FILES, check_data_unchanged
@@ -420,8 +420,9 @@ def _missing_model_states(directory: Path) -> RunNotFoundError | None:
                             "in part? Copy the whole checkpoint folder, or delete it to use the one before")
 
 
-SHARD_NAME = re.compile(r"(.*zero_pp_rank_)(\d+)(_mp_rank_\d+_(?:model|optim)_states\.pt)")
-"""DeepSpeed's name of a rank's ZeRO file: ``[bf16_]zero_pp_rank_<rank>_mp_rank_00_{model,optim}_states.pt``."""
+SHARD_NAME = re.compile(r"(.*zero_pp_rank_)(\d+)(_mp_rank_)(\d+)(_(?:model|optim)_states\.pt)")
+"""DeepSpeed's name of a rank's ZeRO file: ``[bf16_]zero_pp_rank_<data-parallel rank>_mp_rank_<model-parallel
+rank>_{model,optim}_states.pt``."""
 
 
 def _torch_file_problem(path: Path) -> Exception | None:
@@ -448,14 +449,15 @@ def _damaged_file(directory: Path, universal: bool, dist: DistInfo) -> tuple[Exc
         if (problem := _torch_file_problem(path)) is not None:
             return problem, f"{path.relative_to(directory)}: {error_gist(problem)}"
     if dist.is_main:
-        ranks: dict[tuple[str, str], set[int]] = {}
+        ranks: dict[tuple[str, str, str], set[int]] = {}  # a name with its ranks left out -> the data-parallel ranks
         for path in files:
             if found := SHARD_NAME.fullmatch(path.name):
-                ranks.setdefault((found[1], found[3]), set()).add(int(found[2]))
-        saved = saved_world_size(directory)
-        for (head, tail), present in sorted(ranks.items()):
+                ranks.setdefault((found[1], found[3] + found[4], found[5]), set()).add(int(found[2]))
+        model_parallel = len({middle for _, middle, _ in ranks}) or 1  # AutoTP: the ranks split over these
+        saved = saved_world_size(directory) // model_parallel
+        for (head, middle, tail), present in sorted(ranks.items()):
             if absent := sorted(set(range(saved)) - present):
-                error = FileNotFoundError(f"{head}{absent[0]}{tail}")
+                error = FileNotFoundError(f"{head}{absent[0]}{middle}{tail}")
                 others = f", and {len(absent) - 1} more of the {saved} ranks' files like it" if len(absent) > 1 else ""
                 return error, f"{error} is missing{others}"
     return None
@@ -482,8 +484,8 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
         else:
             error = CheckpointLoadError(f"{directory} is marked complete but a file in it is damaged or missing "
                                         f"({said}{more}): delete that folder to resume from the one before")
-        error.every_rank, error.raised_together = True, True  # every rank raises it here; rank 0 says it
-        raise error from damaged[0] if damaged else None
+        error.every_rank = True  # every rank raises it here; rank 0 says it
+        raise raised_together(error) from damaged[0] if damaged else None
     try:
         if universal:
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)

@@ -123,8 +123,9 @@ def run_recipe(
     ``ends_process``: the process exits next (a recipe's ``python -m`` main, under a launcher or
     not): once every rank has finished, or has raised the same error together (``raised_together``), its
     process group is destroyed (:func:`~dyt.train.distributed.leave_process_group`), and a finished
-    run's process ends at once with status 0 (:func:`~dyt.train.distributed.end_process`), and one
-    stopped by such an error with status 2, once it has printed the error's line."""
+    run's process ends at once with status 0 (:func:`~dyt.train.distributed.end_process`), one stopped
+    by such an error with status 2 once it has printed the error's line, and the rank whose own error
+    (a bug, a GPU out of memory) the others stopped with with status 1 after its traceback."""
     prog = prog or os.path.basename(sys.argv[0])
     with user_errors(prog):
         config, args = parse_args(config_cls, argv, prog)

@@ -103,7 +103,8 @@ def leave_process_group() -> None:
 
 def end_process(status: int = 0) -> NoReturn:
     """End a launch's process now with exit ``status``, without the interpreter's teardown: a finished
-    run (0), or one every rank stopped together with an error it has printed (2). DeepSpeed
+    run (0), one every rank stopped together with an error it has printed (2), or the rank whose own
+    error (its traceback printed) the others stopped with (1). DeepSpeed
     keeps its process groups referenced (its ``groups`` module, the engine), so even after
     :func:`leave_process_group` gloo's groups outlived it into the interpreter's finalization, and a
     rank that had trained and saved aborted there now and then ("terminate called without an active

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from ..analysis import AlphaTracker
-from ..errors import UserInputError
+from ..errors import UserInputError, raised_together
 from . import checkpoint, runlock
 from .config import ConfigError, TrainConfig, dump_yaml, read_json_object
 from .data_files import record_data_files
@@ -77,32 +77,23 @@ class CheckpointSaveError(UserInputError):
 
 class BatchReadError(UserInputError):
     """A rank could not read a batch while training or validating (a file damaged, changed or gone since
-    the start-up checks, a file system's error). Every rank stops on it together (they agree after each
-    batch read), and rank 0 says which rank failed and why; a failing rank's error that is neither a
-    :class:`UserInputError` nor an OSError (a bug in the task's collate) is raised there as it was, its
-    traceback kept."""
+    the start-up checks, a file system's error, a bug in the task's collate). Every rank stops on it
+    together (they agree after each batch read), and rank 0 says which rank failed and why; a failing
+    rank's error that is neither a :class:`UserInputError` nor an OSError (a bug) is raised there as it
+    was, its traceback kept (exit 1)."""
 
-    kind = "data error"
+    kind = "read error"
     raised_together = True
 
 
 class ForwardFailedError(UserInputError):
-    """A rank's forward (the task's loss) raised while training, at ZeRO-0/1/2, whose forward is not
-    collective: every rank stops on it together (the loss check all-reduces a failure flag too), rank
-    0 naming the rank and its error; the failing rank prints its own traceback (a GPU out of memory, a
-    bug). Under ZeRO-3 the forward gathers the parameters, and a rank that left it cannot agree."""
+    """A rank's forward (the task's loss) raised, in training or validation, where the forward is not
+    collective (:func:`collective_forward`: not under ZeRO-3 nor AutoTP): every rank stops on it
+    together, rank 0 naming the rank and its error. A failing rank's error that is neither a
+    :class:`UserInputError` nor an OSError (a GPU out of memory, a bug) is raised there as it was,
+    its traceback printed (exit 1); a data error is rank 0's line alone."""
 
     raised_together = True
-
-
-E = TypeVar("E", bound=UserInputError)
-
-
-def raised_together(error: E) -> E:
-    """``error``, marked as raised by every rank at the same point after a collective agreed on it
-    (``UserInputError.raised_together``): a recipe's main then ends without the teardown."""
-    error.raised_together = True
-    return error
 
 
 class NoRoomToSaveError(CheckpointSaveError):
@@ -423,6 +414,17 @@ def collective_forward(engine) -> bool:
     others, which wait inside the forward. An engine stand-in without DeepSpeed's methods: no."""
     stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
     return stage == 3 or (getattr(engine, "autotp_size", lambda: 1)() or 1) > 1
+
+
+def _forward_failed(error: Exception, collective: bool) -> Exception:
+    """``error``, which this rank's forward raised, kept for the ranks' agreement; raised at once
+    where the forward is collective (the other ranks wait inside it, not in an agreement). Its
+    frames are cleared first: an out-of-memory error's traceback kept the forward's tensors, and
+    the agreement allocates."""
+    if collective:
+        raise error
+    traceback.clear_frames(error.__traceback__)
+    return error
 
 
 def _weights_finite(engine) -> bool:
@@ -955,7 +957,7 @@ class Trainer:
             for turn in range(len(mine) + len(fillers)):
                 number, batch = self._read_together(  # after a failed forward, nothing read: only the agreement
                     (lambda: _on_device(next(read), self.dist.device, input_dtype)) if failed is None else lambda: (0, None),
-                    f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)")
+                    f"a validation batch (turn {turn + 1} of {len(mine) + len(fillers)} on each rank)", pending=failed)
                 if failed is not None:
                     continue  # the other ranks' reads still wait for this rank's agreement
                 try:
@@ -970,12 +972,9 @@ class Trainer:
                             sums[name] = sums.get(name, 0.0) + float(value) * size
                     examples += size
                 except Exception as error:  # a GPU out of memory, a bug, on this rank alone
-                    if collective:
-                        raise  # the other ranks wait inside the forward, not in an agreement
-                    traceback.clear_frames(error.__traceback__)  # the forward's tensors freed: the agreement allocates
-                    failed = error
+                    failed = _forward_failed(error, collective)
         engine.train()
-        if failures := failures_agreed(failed, failed and _failure_words(failed)):
+        if failures := self._failures_agreed(failed):
             self._stop_together(failed, failures, ForwardFailedError, "the forward of a validation batch failed")
         # Every rank must reduce the same names in the same order (one without a batch of its own
         # learns them from its filler's loss); ranks whose losses named other extras stop here.
@@ -1043,29 +1042,35 @@ class Trainer:
         if not any_rank(failed is not None):
             return result
         if failed is not None and not isinstance(failed, OSError):
-            failed.raised_together = True  # type: ignore[union-attr]  # the others stop below, at this same point
-            raise failed  # as it was (a UserInputError names its file); the other ranks stop quietly below
+            raise raised_together(failed)  # as it was (a UserInputError names its file); the other ranks stop quietly below
         cause = f"{type(failed).__name__}: {failed}" if failed is not None else "see rank 0"  # rank 0 alone says it
         with contextlib.suppress(OSError):
             cause += f"; {shutil.disk_usage(self.out_dir).free / 2**20:.0f} MiB free there"
         raise RunFolderWriteError(f"could not {what} ({cause}); {self._resume_from()}. Free disk space (or point "
                                   "train.out_dir elsewhere) and run again with --resume") from failed
 
-    def _read_together(self, read: Callable[[], T], what: str) -> T:
+    def _failures_agreed(self, failed: Exception | None) -> list[tuple[int, str]]:
+        """:func:`~dyt.train.distributed.failures_agreed` with each failure's words for the others
+        (:func:`_failure_words`)."""
+        return failures_agreed(failed, failed and _failure_words(failed))
+
+    def _read_together(self, read: Callable[[], T], what: str, pending: Exception | None = None) -> T:
         """``read()`` (a batch: read, collated, on its device), then one all-reduce so that every rank
         learns whether any rank's read failed. A file damaged or gone mid-run, met by one rank, stopped
         that rank alone, and the others waited in the step's next collective: on other nodes until the
         process group's timeout (DeepSpeed's default, 10 min). The agreement comes before the forward,
-        which under ZeRO-3 is collective (it gathers the parameters)."""
+        which under ZeRO-3 is collective (it gathers the parameters). ``pending``: an error this rank
+        met earlier and has not agreed on yet (a validation forward), raised if another rank's read
+        stops them all first."""
         failed: Exception | None = None
         try:
             batch = read()
         except Exception as error:  # a damaged file, a bug in a collate: the other ranks must not wait
             failed = error
-        failures = failures_agreed(failed, failed and _failure_words(failed))
-        if not failures:
+        if not (failures := self._failures_agreed(failed)):
             return batch
-        self._stop_together(failed, failures, BatchReadError, f"could not read {what}")
+        # ``pending``: this rank's own failed validation forward, not yet agreed on: its traceback too
+        self._stop_together(failed or pending, failures, BatchReadError, f"could not read {what}")
 
     def _stop_together(self, failed: Exception | None, failures: list[tuple[int, str]],
                        error_type: type[UserInputError], what: str) -> NoReturn:
@@ -1074,8 +1079,7 @@ class Trainer:
         kept; every other rank raises ``error_type``, ``what`` happened, naming the (first) rank
         that failed and its words, and what ``--resume`` takes (rank 0 prints it)."""
         if failed is not None and not _said_in_one_line(failed):
-            failed.raised_together = True  # type: ignore[attr-defined]  # with the others' error, at this point
-            raise failed
+            raise raised_together(failed)  # its traceback, as the other ranks stop with the line below
         rank, cause = failures[0]
         if len(failures) > 1:
             cause += f"; {len(failures) - 1} more rank(s) failed too"
@@ -1249,15 +1253,12 @@ class Trainer:
                         units_here = float(extras.get("units", cfg.micro_batch_size))
                         extra_values = {name: float(value) for name, value in extras.items() if name != "units"}
                     except Exception as error:  # a GPU out of memory, a bug, on this rank alone
-                        if collective:
-                            raise  # the other ranks wait inside the forward, not below
-                        traceback.clear_frames(error.__traceback__)  # the forward's tensors freed: the agreement allocates
-                        failed, finite_here = error, 1.0
+                        failed, finite_here = _forward_failed(error, collective), 1.0
                     # one all-reduce: whether the loss is finite on every rank, and whether every forward ran
                     finite, ran = all_reduce(torch.tensor([finite_here, float(failed is None)]), "min").tolist()
                     if ran == 0:
-                        self._stop_together(failed, failures_agreed(failed, failed and _failure_words(failed)),
-                                            ForwardFailedError, f"the forward of {what} failed")
+                        self._stop_together(failed, self._failures_agreed(failed), ForwardFailedError,
+                                            f"the forward of {what} failed")
                     if finite == 0:
                         mine = loss.item()
                         went = str(mine) if not math.isfinite(mine) else "not finite on another rank"
