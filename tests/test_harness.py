@@ -250,9 +250,10 @@ def test_the_missing_file_check_counts_data_parallel_ranks_under_model_paralleli
             for kind in ("model", "optim"):
                 torch.save({}, tmp_path / f"zero_pp_rank_{data_rank}_mp_rank_{model_rank}_{kind}_states.pt")
     alone = DistInfo(0, 1, 0, torch.device("cpu"))
-    assert _damaged_file(tmp_path, False, alone) is None
+    assert _damaged_file(tmp_path, sorted(tmp_path.glob("*.pt")), alone) is None
     (tmp_path / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
-    assert _damaged_file(tmp_path, False, alone)[1] == "zero_pp_rank_1_mp_rank_01_optim_states.pt is missing"
+    assert _damaged_file(tmp_path, sorted(tmp_path.glob("*.pt")), alone)[1] == \
+        "zero_pp_rank_1_mp_rank_01_optim_states.pt is missing"
 
 
 def test_a_damaged_universal_copy_names_the_copy_to_delete_not_the_checkpoint(tmp_path, monkeypatch):
@@ -270,9 +271,9 @@ def test_a_damaged_universal_copy_names_the_copy_to_delete_not_the_checkpoint(tm
     with pytest.raises(checkpoint.CheckpointLoadError) as stopped:
         checkpoint.load(None, directory, DistInfo(0, 1, 0, torch.device("cpu")), universal=True)
     assert str(stopped.value) == (
-        f"{directory / 'universal'}, the universal form of {directory} for this world size, holds a damaged file "
-        "(universal/zero/weight/exp_avg.pt: File is not a zip file): delete that folder (not the checkpoint) for the "
-        "next resume to convert it again")
+        f"{directory / 'universal'}, the universal form of {directory} for this world size, holds a damaged or missing "
+        "file (universal/zero/weight/exp_avg.pt: File is not a zip file): delete that folder (not the checkpoint) for "
+        "the next resume to convert it again")
 
 
 def test_updates_skipped_in_a_row_stop_the_run_as_diverged(tmp_path, capsys):

@@ -440,11 +440,10 @@ def _torch_file_problem(path: Path) -> Exception | None:
         return error
 
 
-def _damaged_file(directory: Path, universal: bool, dist: DistInfo) -> tuple[Exception, str] | None:
-    """This rank's share of the checkpoint's files (each file checked by one rank) that is cut short
-    or not a torch file (:func:`_torch_file_problem`), or a rank's ZeRO file missing (rank 0 looks):
-    the error and its words (the file's path in the checkpoint first), or None."""
-    files = sorted(directory.glob("*.pt")) + (sorted((directory / UNIVERSAL).rglob("*.pt")) if universal else [])
+def _damaged_file(directory: Path, files: list[Path], dist: DistInfo) -> tuple[Exception, str] | None:
+    """This rank's share of ``files`` (each checked by one rank) that is cut short or not a torch file
+    (:func:`_torch_file_problem`), or, of the ZeRO files among them, a rank's missing (rank 0 looks):
+    the error and its words (the file's path in ``directory`` first), or None."""
     for path in files[dist.rank :: dist.world_size]:
         if (problem := _torch_file_problem(path)) is not None:
             return problem, f"{path.relative_to(directory)}: {error_gist(problem)}"
@@ -463,6 +462,18 @@ def _damaged_file(directory: Path, universal: bool, dist: DistInfo) -> tuple[Exc
     return None
 
 
+def _check_files_together(directory: Path, files: list[Path], dist: DistInfo, advice: Callable[[str], str]) -> None:
+    """Every rank checks its share of ``files`` (:func:`_damaged_file`), and all stop together on a
+    problem any rank found: a :class:`CheckpointLoadError` whose message ``advice`` makes from the
+    first problem's words, printed by rank 0."""
+    damaged = _damaged_file(directory, files, dist)
+    if failures := failures_agreed(*damaged if damaged else (None, None)):
+        said = failures[0][1] + (f"; {len(failures) - 1} more found by other ranks" if len(failures) > 1 else "")
+        error = CheckpointLoadError(advice(said))
+        error.every_rank = True  # every rank raises it here; rank 0 says it
+        raise raised_together(error) from damaged[0] if damaged else None
+
+
 def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
     """Restore engine state and, on the same world size, this rank's RNG from a complete checkpoint
     (``universal``: from its universal form, for an engine built with ``load_universal``); returns
@@ -473,19 +484,13 @@ def load(engine, directory: Path, dist: DistInfo, universal: bool = False) -> di
     loading = directory / UNIVERSAL if universal else directory
     if missing := _missing_model_states(directory):
         raise missing
-    damaged = _damaged_file(directory, universal, dist)
-    if failures := failures_agreed(*damaged if damaged else (None, None)):
-        _, said = failures[0]
-        more = f"; {len(failures) - 1} more found by other ranks" if len(failures) > 1 else ""
-        if said.startswith(UNIVERSAL + "/"):  # a copy made for this world size: made again, the checkpoint kept
-            error = CheckpointLoadError(
-                f"{directory / UNIVERSAL}, the universal form of {directory} for this world size, holds a damaged "
-                f"file ({said}{more}): delete that folder (not the checkpoint) for the next resume to convert it again")
-        else:
-            error = CheckpointLoadError(f"{directory} is marked complete but a file in it is damaged or missing "
-                                        f"({said}{more}): delete that folder to resume from the one before")
-        error.every_rank = True  # every rank raises it here; rank 0 says it
-        raise raised_together(error) from damaged[0] if damaged else None
+    _check_files_together(directory, sorted(directory.glob("*.pt")), dist, lambda said: (
+        f"{directory} is marked complete but a file in it is damaged or missing ({said}): delete that folder to "
+        "resume from the one before"))
+    if universal:  # a copy made for this world size: made again when deleted, the checkpoint kept
+        _check_files_together(directory, sorted((directory / UNIVERSAL).rglob("*.pt")), dist, lambda said: (
+            f"{directory / UNIVERSAL}, the universal form of {directory} for this world size, holds a damaged or "
+            f"missing file ({said}): delete that folder (not the checkpoint) for the next resume to convert it again"))
     try:
         if universal:
             _, client_state = engine.load_checkpoint(str(directory), tag=UNIVERSAL)
