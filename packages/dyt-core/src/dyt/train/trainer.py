@@ -1179,7 +1179,7 @@ class Trainer:
                                       f"({type(error).__name__}: {error})")
         # every rank stops, or none: a rank going on into the engine's collectives would wait forever;
         # rank 0 says what differs, on whichever rank (the others' lines are quiet)
-        if failures := failures_agreed(problem, problem and " ".join(str(problem).split())):
+        if failures := failures_agreed(problem, problem and str(problem)):  # its words on one line, as said
             rank, said = failures[0]
             raise raised_together(problem if problem is not None and dist.is_main else ConfigError(
                 f"rank {rank}: {said}" if dist.world_size > 1 else said))
