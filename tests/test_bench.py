@@ -32,6 +32,21 @@ def test_bench_writes_kernels_and_block(tmp_path, capsys):
     assert "'auto' = cpu" in printed and "f+b faults" in printed
 
 
+def test_ops_times_the_ops_it_names_and_the_baselines_alone(tmp_path, capsys):
+    """``--ops`` leaves out the ops it does not name, never the three every ratio is taken to; a name
+    not timed at a shape on this device stops the bench before anything is timed, naming those that are."""
+    out = tmp_path / "bench.json"
+    main(["--shape", "16x32", "--repeats", "1", "--warmup", "0", "--ops", "DyT eager", "--json", str(out)])
+    assert list(json.loads(out.read_text())["kernels"]["16x32"]) == ["copy", "F.layer_norm", "F.rms_norm", "DyT eager"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(["--shape", "16x32", "--shape", "8x8", "--repeats", "1", "--warmup", "0", "--ops", "DyT cpu", "DyT fused"])
+    printed = capsys.readouterr()
+    assert stopped.value.code == 2 and "16 x 32" not in printed.out
+    assert printed.err.strip().splitlines()[-1].startswith(
+        "dyt-bench: error: argument --ops: 'DyT fused': not an op timed at 16x32 on cpu ('copy', 'F.layer_norm', ")
+
+
 def test_llama_bench_times_training_steps_interleaved(tmp_path, capsys):
     recipe = tmp_path / "llama.yaml"
     recipe.write_text("model: {dim: 32, layers: 1, heads: 2, kv_heads: 1, ffn_dim: 64, vocab_size: 64, max_seq_len: 16}\n"
@@ -125,7 +140,8 @@ def test_the_training_allocator_pass_times_the_kernels_without_page_faults(tmp_p
     env = {k: v for k, v in os.environ.items() if not is_allocator_setting(k)}
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "dyt.bench", "--shape", "8192x1024", "--repeats", "5", "--warmup", "2",
-                           "--training-allocator", "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                           "--ops", "DyT cpu", "--training-allocator", "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(out.read_text())
     assert payload["machine"]["allocator_env"] == {}

@@ -13,6 +13,7 @@ parted at the first boundary unless the training set was a multiple of world * m
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -269,7 +270,9 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
     step 2 (the step-4 checkpoint deleted, as if the run had died after saving step 2; its metrics
     rows 3-4 are the resume's to drop) resumes with the same config: its steps 3 and 4 must repeat
     the uninterrupted run's (losses, validation, DyT alphas) to float tolerance. Same config, so
-    the LR schedule is the same; tests/test_llama.py's 2-rank test covers a resume with more steps."""
+    the LR schedule is the same (a resume that raises train.steps: tests/test_scale.py, in one
+    process). The LLaMA recipe's 2-rank deepspeed launch: it logs perplexity, each rank's peak RSS
+    and the corpus files it read."""
     corpus = tmp_path / "corpus"
     for i in range(4):
         (corpus / f"doc{i}.txt").parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +290,15 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
              "--set", f"train.out_dir={tmp_path / 'whole'}"], tmp_path, **cache)
     checkpoints = tmp_path / "whole" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    last = read_metrics(tmp_path / "whole" / "metrics.jsonl")[-1]
+    assert last["eval/perplexity"] == pytest.approx(math.exp(last["eval/loss"]), rel=1e-5)
+    assert {"alpha/blocks.0.attention_norm", "peak_rss_mb/rank0", "peak_rss_mb/rank1"} <= last.keys()
+    # the run recorded the corpus files it read, as the resume check and the comparisons compare them
+    from dyt.train.data_files import files_signature
+    from dyt_llama.data import DataConfig
+
+    record = json.loads((tmp_path / "whole" / "data_files.json").read_text())
+    assert record == files_signature(DataConfig(corpus=str(corpus)).source_files()) and record["files"] == 4
     assert json.loads((checkpoints / "step_00000002" / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
 
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")

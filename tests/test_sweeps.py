@@ -1006,3 +1006,33 @@ def test_stored_evals_are_asked_for_in_one_order_whatever_the_command_lines(monk
         dna_compare.main(["--out", str(tmp_path / "dna"), "--launcher", "python", "--nproc", "1",
                           "--seeds", "2", "0", "1"])
     assert planned.value.args[0].seeds == [0, 1, 2]
+
+
+def test_a_section_no_training_reads_is_found_along_the_key():
+    """A comparison refuses a sweep inside a section marked ``TRAINING_READS_NONE`` (wav2vec 2.0's
+    ``eval``: tests/test_wav2vec2.py runs the refusal), the section itself included, at any depth;
+    keys elsewhere, and names that are not settings, are not in one."""
+    from dyt.train.config import section_training_reads_none
+
+    @dataclasses.dataclass
+    class Budget:
+        steps: int = 1
+        TRAINING_READS_NONE = True
+
+    @dataclasses.dataclass
+    class Inner:
+        budget: Budget = dataclasses.field(default_factory=Budget)
+        lr: float = 1.0
+
+    @dataclasses.dataclass
+    class Config:
+        train: Inner = dataclasses.field(default_factory=Inner)
+        eval: Budget = dataclasses.field(default_factory=Budget)
+
+    config = Config()
+    assert section_training_reads_none(config, "eval.steps") == "eval"
+    assert section_training_reads_none(config, "eval") == "eval"
+    assert section_training_reads_none(config, "train.budget.steps") == "train.budget"
+    assert section_training_reads_none(config, "train.lr") is None
+    assert section_training_reads_none(config, "train") is None
+    assert section_training_reads_none(config, "model.dim") is None

@@ -1,6 +1,6 @@
 """Builds a LLaMA engine through the harness (``Trainer.build_engine``) and saves its initial
 weights, gathered whole on rank 0, to ``<train.out_dir>/initial.pt``, for tests/test_scale.py. Run
-under the deepspeed launcher with the LLaMA recipe's options (``--config``, ``--set``). No data is
+under a launcher (torchrun, deepspeed) with the LLaMA recipe's options (``--config``, ``--set``). No data is
 built: the task's model is all the engine needs."""
 
 from __future__ import annotations

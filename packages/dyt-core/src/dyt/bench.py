@@ -39,7 +39,7 @@ import random
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +49,22 @@ from torch import nn
 
 from .allocator import applied, cannot_keep_freed_blocks, keep_freed_blocks
 from .backends import BackendUnavailableError, auto_backend, available_backends, device_arg, select_backend
-from .errors import CommandParser, UserInputError, folder_problem, help_description, user_errors, user_path
+from .errors import (
+    CommandParser,
+    DistinctValues,
+    UserInputError,
+    folder_problem,
+    help_description,
+    user_errors,
+    user_path,
+)
 from .functional import dyt, residual_dyt
 from .kernels.eager import dyt_eager
 from .norms import NormConfig, make_norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BASELINE_OPS = ("copy", "F.layer_norm", "F.rms_norm")
+"""Timed whatever ``--ops`` names: every ratio in the table is to one of them."""
 CUDA_SHAPES = ["4096x4096", "16384x4096", "32768x4096", "8192x8192"]
 
 
@@ -172,7 +182,18 @@ def kernel_ops(x, r, weight, bias, alpha) -> dict[str, Op]:
     return ops
 
 
-def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> dict:
+def kernel_op_names(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """The ops :func:`run_kernels` times at this size (the residual op is named by the backend
+    ``auto`` picks for it), read from :func:`kernel_ops` over stand-ins that hold no memory."""
+    scalar = torch.empty((), device=device, dtype=dtype)
+    x, row = scalar.expand(rows, cols), scalar.expand(cols)
+    return list(kernel_ops(x, x, row, row, scalar.expand(1)))
+
+
+def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int,
+                only: Collection[str] | None = None) -> dict:
+    """Every op's times, bandwidth, peak bytes (and page faults on CPU); ``only``: just these ops
+    and the baselines (``--ops``)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def make(*shape, grad=False):
@@ -185,7 +206,8 @@ def run_kernels(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
     alpha = torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True)
     leaves = (x, r, weight, bias, alpha)
     element_bytes = x.element_size() * x.numel()
-    ops = kernel_ops(x, r, weight, bias, alpha)
+    ops = {name: op for name, op in kernel_ops(x, r, weight, bias, alpha).items()
+           if only is None or name in only or name in BASELINE_OPS}
     forward_only, forward_backward = {}, {}
     for name, op in ops.items():
 
@@ -474,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="then time the kernels again with glibc's malloc set as CPU training ranks set it "
                              "(train.reuse_freed_memory: freed blocks kept, no page faults for fresh outputs); "
                              "CPU and glibc only; the setting stays for the rest of the process, so this pass runs last")
+    parser.add_argument("--ops", nargs="+", metavar="OP", action=DistinctValues,
+                        help=f"time only these ops, named as the table names them (e.g. 'DyT cpu'), besides "
+                             f"{', '.join(BASELINE_OPS)}, the ratios' baselines (default: every op)")
     add_timing_arguments(parser)
     args = parser.parse_args(argv)
     device = args.device  # every option is checked before the first op is timed
@@ -489,6 +514,11 @@ def main(argv: list[str] | None = None) -> None:
 
     on_cuda = device.type == "cuda"
     shapes = args.shapes or ([shape_arg(s) for s in CUDA_SHAPES] if on_cuda else [(8192, 1024)])
+    for rows, cols in shapes if args.ops else ():
+        names = kernel_op_names(rows, cols, dtype, device)
+        if unknown := [op for op in args.ops if op not in names]:
+            parser.error(f"argument --ops: {', '.join(map(repr, unknown))}: not an op timed at {rows}x{cols} on "
+                         f"{device.type} ({', '.join(map(repr, names))})")
     machine = machine_info(device)
     print(timing_header("dyt-bench", device, machine, dtype,
                         f"median of {args.repeats} interleaved rounds; 'auto' = {auto_backend(device)}"))
@@ -496,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def time_kernels(into: dict, heading: str = "") -> None:
         for rows, cols in shapes:
-            into[f"{rows}x{cols}"] = results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats)
+            into[f"{rows}x{cols}"] = results = run_kernels(rows, cols, dtype, device, args.warmup, args.repeats,
+                                                           args.ops)
             print(f"\n{rows} x {cols}{heading}\n{format_kernels(results)}")
 
     time_kernels(payload["kernels"])

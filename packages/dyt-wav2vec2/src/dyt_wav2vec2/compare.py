@@ -133,9 +133,6 @@ def main(argv: list[str] | None = None) -> Path:
     # --seeds 1 0 finds what --seeds 0 1 stored
     args.evals, args.seeds = [e for e in EVALS if e in args.evals], sorted(args.seeds)
 
-    if swept := next((s.key for s in args.sweeps if s.key == "eval" or s.key.startswith("eval.")), None):
-        parser.error(f"argument --sweep: {swept} sets the downstream evals, which run alike for every run of a "
-                     "comparison (and pretraining reads none of it): give it with --set, or --ctc-steps / --ctc-lr")
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
     set_eval = any(item.partition("=")[0].strip().split(".")[0] == "eval" for item in args.overrides)
     budget = resolve_ctc_budget(args, plan[0].config.eval, args.config, f"{args.config} and --set" if set_eval else None)

@@ -44,7 +44,7 @@ from .checkpoint import (
     step_of,
 )
 from .cli import check_machine
-from .config import AT_LEAST_ONE, SEED, load_config, setting_value
+from .config import AT_LEAST_ONE, SEED, load_config, section_training_reads_none, setting_value
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
 from .jsonio import read_json, write_json
@@ -450,6 +450,11 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     moved = args.out / as_given.legacy_dir_name() != out
                     plan.append(PlannedRun(point, Path(config_path), overrides, out, config, as_given if moved else None))
     trained = {p.point.norm for p in plan}
+    for sweep in args.sweeps:
+        if plan and (section := section_training_reads_none(plan[0].config, sweep.key)) is not None:
+            raise CompareError(f"--sweep {sweep.key}: {section} holds settings no training reads (what runs after "
+                               "it, alike for every run of a comparison), so each point would train the same model: "
+                               f"give it with --set {sweep.key}=...")
     for sweep in (s for s in args.sweeps if len(s.values) > 1):
         for planned in (p for p in plan if sweep.norm in (None, p.point.norm)):
             norm_config, name = _norm_field(planned.config, sweep.key)

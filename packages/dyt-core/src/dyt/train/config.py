@@ -705,6 +705,18 @@ class SettingChanges(typing.NamedTuple):
     a comparison does not report a run trained so beside runs trained as planned."""
 
 
+def section_training_reads_none(config: Any, key: str) -> str | None:
+    """The section along dotted ``key`` that no training reads (a dataclass whose
+    ``TRAINING_READS_NONE`` is True: a recipe's eval settings), or None. A comparison sweeps no key
+    in one (its points would train one model each time), and ``--resume`` compares none."""
+    value, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        value = getattr(value, part, None)
+        if getattr(type(value), "TRAINING_READS_NONE", False):
+            return ".".join(parts[: depth + 1])
+    return None
+
+
 def resume_changes(saved: Any, new: Any) -> SettingChanges:
     """The settings that differ between a run's saved config and a new one. A setting may change on
     ``--resume`` when its dataclass names it in a ``RESUME_MAY_CHANGE`` class attribute (TrainConfig
