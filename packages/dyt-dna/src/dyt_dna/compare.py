@@ -50,7 +50,7 @@ from dyt.train.compare import (
     tuned_keys,
     validation_share,
 )
-from dyt.train.config import SEED
+from dyt.train.config import SEED, override_keys
 from dyt.train.jsonio import write_json, write_text_whole
 from dyt.train.recipe import Metric
 from dyt.train.trainer import check_one_step_of_data
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_run_arguments(parser, argv)
     check_builtin_options(parser, argv, args.tasks, builtin_only)
     args.seeds = finetune_seeds(args)  # one order for the stored evals, the report and summary.json
-    for option, keys in (("--sweep", [s.key for s in args.sweeps]), ("--set", [o.partition("=")[0].strip()
-                                                                              for o in args.overrides])):
+    for option, keys in (("--sweep", [s.key for s in args.sweeps]), ("--set", override_keys(args.overrides))):
         if "model.arch" in keys:  # runs are named, grouped and judged by their config's model
             parser.error(f"argument {option}: model.arch is the model each --configs file builds (runs are named "
                          "and judged by it): give one config per model, e.g. --configs recipes/dna/hyena-tiny.yaml "

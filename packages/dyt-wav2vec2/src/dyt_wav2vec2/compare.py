@@ -57,7 +57,7 @@ from dyt.train.compare import (
     tuned_keys,
     validation_share,
 )
-from dyt.train.config import SEED
+from dyt.train.config import SEED, override_keys
 from dyt.train.jsonio import write_json, write_text_whole
 from dyt.train.recipe import Metric
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
     args.evals, args.seeds = [e for e in EVALS if e in args.evals], sorted(args.seeds)
 
     plan = plan_runs(SPEC, args, [(SPEC.models[0], args.config)], args.pretrain_seeds)  # config errors first
-    set_eval = any(item.partition("=")[0].strip().split(".")[0] == "eval" for item in args.overrides)
+    set_eval = any(key.split(".")[0] == "eval" for key in override_keys(args.overrides))
     budget = resolve_ctc_budget(args, plan[0].config.eval, args.config, f"{args.config} and --set" if set_eval else None)
     if "ctc" in args.evals:
         print(budget, flush=True)

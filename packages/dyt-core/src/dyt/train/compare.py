@@ -44,7 +44,7 @@ from .checkpoint import (
     step_of,
 )
 from .cli import check_machine
-from .config import AT_LEAST_ONE, SEED, load_config, section_training_reads_none, setting_value
+from .config import AT_LEAST_ONE, SEED, load_config, override_keys, section_training_reads_none, setting_value
 from .data_files import check_data_unchanged, data_files_of
 from .distributed import free_port
 from .jsonio import read_json, write_json
@@ -262,7 +262,7 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if first.key == second.key and None in (first.norm, second.norm) or (first.key, first.norm) == (
                 second.key, second.norm):
             parser.error(f"argument --sweep: {second.key} is swept twice for the same runs")
-    set_keys = [item.partition("=")[0].strip() for item in args.overrides]
+    set_keys = override_keys(args.overrides)
     for option, keys in (("--sweep", [sweep.key for sweep in args.sweeps]), ("--set", set_keys)):
         for key in keys:
             for reserved in (k for k in (*sorted(NORM_KEYS), *RUN_KEYS) if k == key or k.startswith(key + ".")):

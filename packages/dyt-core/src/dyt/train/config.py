@@ -645,6 +645,12 @@ def validate(config: Any) -> None:
         check()
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys ``--set`` items (``key=value``, as :func:`load_config` takes them) set, in
+    order: what a command checks of them before any config loads."""
+    return [item.partition("=")[0].strip() for item in overrides]
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
                 check_files: bool = True) -> T:
     """Defaults of ``cls``, then the YAML file, then ``key=value`` overrides (values parsed as YAML,
