@@ -223,14 +223,21 @@ def test_two_ranks_follow_the_loss_curve_of_one_rank_with_grad_accum_2(tmp_path)
     micro-batches in the other, so the same updates up to float rounding. Validation: 5 batches of
     8 of the 64 examples, 3 on rank 0 and 2 on rank 1, with random draws in reading, collating and
     the loss (``data.eval_noise``), read by a data-loading worker on 2 ranks and in the main process
-    on 1: the same examples and draws, so the same validation loss."""
+    on 1: the same examples and draws, so the same validation loss.
+
+    DeepSpeed's CPU accelerator maps a 66 MiB all-reduce workspace per rank from /dev/shm and never
+    unlinks it: every launch used to leave world size x 66 MiB of RAM behind until reboot. The
+    harness unlinks each rank's name once all ranks have mapped them: the 2-rank launch leaves none."""
     common = ["train.steps=8", "train.micro_batch_size=8", "train.lr=0.01", "train.warmup_steps=2",
               "train.eval_every=4", "train.eval_batches=5", "train.save_every=0", "train.progress=false",
               "train.tensorboard=false", "model.dropout=0.0", "data.examples=64", "data.eval_noise=0.5"]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     two_ranks = ["train.out_dir=two", "train.grad_accum=1", "train.num_workers=1"]
-    _launch([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "toy_recipe.py"),
+    port = free_port()
+    _launch([deepspeed, "--num_gpus", "2", "--master_port", str(port), str(HERE / "toy_recipe.py"),
              *(arg for item in common + two_ranks for arg in ("--set", item))], tmp_path)
+    left = [path for path in (shm_allreduce_buffer("127.0.0.1", str(port), rank) for rank in (0, 1)) if path.exists()]
+    assert not left, f"left in /dev/shm: {left}"
     run_recipe(ToyConfig, ToyTask, [arg for item in common + [f"train.out_dir={tmp_path / 'one'}", "train.grad_accum=2"]
                                     for arg in ("--set", item)])
     for key in ("train/loss", "eval/loss", "alpha/1"):
@@ -240,23 +247,6 @@ def test_two_ranks_follow_the_loss_curve_of_one_rank_with_grad_accum_2(tmp_path)
             assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-7), (key, step, two[step], one[step])
     alphas = _series(tmp_path / "one", "alpha/1")
     assert abs(alphas[8] - alphas[1]) > 1e-4  # it trained: the comparison is not of two frozen runs
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_two_rank_cpu_launch_leaves_no_shared_memory_behind(tmp_path):
-    """DeepSpeed's CPU accelerator maps a 66 MiB all-reduce workspace per rank from /dev/shm and
-    never unlinks it: every launch used to leave world size x 66 MiB of RAM behind until reboot.
-    The harness unlinks each rank's name once all ranks have mapped them."""
-    port = free_port()
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    settings = ["train.steps=2", "train.micro_batch_size=8", "train.eval_every=0", "train.save_every=0",
-                "train.progress=false", "train.tensorboard=false", "data.examples=32", "train.out_dir=run"]
-    _launch([deepspeed, "--num_gpus", "2", "--master_port", str(port), str(HERE / "toy_recipe.py"),
-             *(arg for item in settings for arg in ("--set", item))], tmp_path)
-    assert (tmp_path / "run" / "metrics.jsonl").exists()
-    left = [path for path in (shm_allreduce_buffer("127.0.0.1", str(port), rank) for rank in (0, 1)) if path.exists()]
-    assert not left, f"left in /dev/shm: {left}"
 
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
