@@ -260,8 +260,8 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
     step 2 (the step-4 checkpoint deleted, as if the run had died after saving step 2; its metrics
     rows 3-4 are the resume's to drop) resumes with the same config: its steps 3 and 4 must repeat
     the uninterrupted run's (losses, validation, DyT alphas) to float tolerance. Same config, so
-    the LR schedule is the same (a resume that raises train.steps: tests/test_scale.py, in one
-    process). The LLaMA recipe's 2-rank deepspeed launch: it logs perplexity, each rank's peak RSS
+    the LR schedule is the same (a resume that raises train.steps: tests/test_harness.py's 2-rank toy
+    launcher test, and tests/test_scale.py's in one process). The LLaMA recipe's 2-rank deepspeed launch: it logs perplexity, each rank's peak RSS
     and the corpus files it read."""
     corpus = tmp_path / "corpus"
     for i in range(4):
@@ -306,6 +306,10 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
             if key in before:
                 assert after[key] == pytest.approx(before[key], rel=1e-5), (key, before["step"])
     assert rows[-1]["train/loss"] != whole[0]["train/loss"]  # it trained
+    # the resumed launch logs as the first did, and its data record still names the files it read
+    assert rows[-1]["eval/perplexity"] == pytest.approx(math.exp(rows[-1]["eval/loss"]), rel=1e-5)
+    assert {"peak_rss_mb/rank0", "peak_rss_mb/rank1"} <= rows[-1].keys()
+    assert json.loads((tmp_path / "resumed" / "data_files.json").read_text()) == record
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed's CPU communication op is built without CUDA only")

@@ -1,4 +1,5 @@
-"""dyt-llama: sizes, the norm switch, alpha0 per role, causality, data errors, a 2-rank run."""
+"""dyt-llama: sizes, the norm switch, alpha0 per role, causality, data errors (its 2-rank deepspeed
+launch and resume: tests/test_distributed.py)."""
 
 import json
 import os

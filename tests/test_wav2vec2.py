@@ -786,8 +786,9 @@ def test_the_ctc_budget_is_the_run_configs_unless_given(speech, tmp_path, monkey
         compare.main([*small, "--sweep", "eval.ctc_lr=1e-3,2e-3"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "dyt-wav2vec2-compare: compare error: --sweep eval.ctc_lr: eval holds settings no training reads (what runs after it, alike "
-        "for every run of a comparison), so each point would train the same model: give it with --set eval.ctc_lr=...")
+        "dyt-wav2vec2-compare: compare error: --sweep eval.ctc_lr: eval holds the settings of what runs after training "
+        "(no training reads them, and every run of a comparison is evaluated alike), so every point would train the same "
+        "model: give it with --set eval.ctc_lr=VALUE")
     saved = load_config(Wav2Vec2PretrainConfig, ROOT / "recipes/wav2vec2/small.yaml", check_files=False)
     assert resume_changes(saved, dataclasses.replace(saved, eval=SpeechEvalConfig(ctc_steps=1))) == ([], [], [])
 
@@ -954,8 +955,8 @@ def test_two_rank_pretraining_resumes_on_the_same_curve(speech, tmp_path):
     printed: list[str] = []
     whole = launch(tmp_path / "whole", 4)
     # a copy cut back to step 2, as if the run had died in step 4 (its step-4 checkpoint and metrics
-    # row never written; row 3 is the resume's to drop). tests/test_scale.py covers a resume that
-    # raises train.steps.
+    # row never written; row 3 is the resume's to drop). tests/test_harness.py's 2-rank toy launcher
+    # test covers a resume that raises train.steps.
     shutil.copytree(tmp_path / "whole", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "step_00000004")
     (tmp_path / "split" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:3]))

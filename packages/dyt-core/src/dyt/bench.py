@@ -517,12 +517,12 @@ def main(argv: list[str] | None = None) -> None:
     for rows, cols in shapes if args.ops else ():
         names = kernel_op_names(rows, cols, dtype, device)
         if unknown := [op for op in args.ops if op not in names]:
-            parser.error(f"argument --ops: {', '.join(map(repr, unknown))}: not an op timed at {rows}x{cols} on "
-                         f"{device.type} ({', '.join(map(repr, names))})")
+            parser.error(f"argument --ops: {', '.join(map(repr, unknown))}: not {'ops' if len(unknown) > 1 else 'an op'} "
+                         f"timed at {rows}x{cols} on {device.type} ({', '.join(map(repr, names))})")
     machine = machine_info(device)
     print(timing_header("dyt-bench", device, machine, dtype,
                         f"median of {args.repeats} interleaved rounds; 'auto' = {auto_backend(device)}"))
-    payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "kernels": {}}
+    payload: dict = {"machine": machine, "dtype": str(dtype).removeprefix("torch."), "ops": args.ops, "kernels": {}}
 
     def time_kernels(into: dict, heading: str = "") -> None:
         for rows, cols in shapes:

@@ -427,6 +427,14 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
     validation turned off (a report compares validation) stops the command before anything is
     launched, not after the runs before it have trained. ``args.sweeps`` is replaced by
     :func:`canonical_sweeps` first: the points, labels and report tables use the values so written."""
+    if args.sweeps:  # whatever its values: no point of such a sweep would train another model
+        given = load_config(spec.config_class, models[0][1], args.overrides, check_files=False)
+        for sweep in args.sweeps:
+            if (section := section_training_reads_none(given, sweep.key)) is not None:
+                raise CompareError(
+                    f"--sweep {sweep.norm + ':' if sweep.norm else ''}{sweep.key}: {section} holds the settings of what "
+                    "runs after training (no training reads them, and every run of a comparison is evaluated alike), "
+                    f"so every point would train the same model: give it with --set {sweep.key}=VALUE")
     args.sweeps, spelled = canonical_sweeps(spec, args, models)
     plan = []
     for model, config_path in models:
@@ -450,11 +458,6 @@ def plan_runs(spec: RecipeSpec, args: argparse.Namespace, models: Sequence[tuple
                     moved = args.out / as_given.legacy_dir_name() != out
                     plan.append(PlannedRun(point, Path(config_path), overrides, out, config, as_given if moved else None))
     trained = {p.point.norm for p in plan}
-    for sweep in args.sweeps:
-        if plan and (section := section_training_reads_none(plan[0].config, sweep.key)) is not None:
-            raise CompareError(f"--sweep {sweep.key}: {section} holds settings no training reads (what runs after "
-                               "it, alike for every run of a comparison), so each point would train the same model: "
-                               f"give it with --set {sweep.key}=...")
     for sweep in (s for s in args.sweeps if len(s.values) > 1):
         for planned in (p for p in plan if sweep.norm in (None, p.point.norm)):
             norm_config, name = _norm_field(planned.config, sweep.key)
