@@ -261,8 +261,9 @@ def test_two_rank_llama_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
     rows 3-4 are the resume's to drop) resumes with the same config: its steps 3 and 4 must repeat
     the uninterrupted run's (losses, validation, DyT alphas) to float tolerance. Same config, so
     the LR schedule is the same (a resume that raises train.steps: tests/test_harness.py's 2-rank toy
-    launcher test, and tests/test_scale.py's in one process). The LLaMA recipe's 2-rank deepspeed launch: it logs perplexity, each rank's peak RSS
-    and the corpus files it read."""
+    launcher test, and tests/test_scale.py's in one process). Also the LLaMA recipe's 2-rank
+    deepspeed launch: both launches log perplexity and each rank's peak RSS, and record the corpus
+    files they read."""
     corpus = tmp_path / "corpus"
     for i in range(4):
         (corpus / f"doc{i}.txt").parent.mkdir(parents=True, exist_ok=True)
