@@ -144,6 +144,41 @@ inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, g_task_ele
 constexpr int64_t kChunkElements = 32768;
 constexpr int64_t kMaxChunks = 64;
 
+// Inlined into the loops below, which call it with n == Lanes<T>::width (a constant: no partial-load
+// branch, and the lanes stay in registers) and once more for a row's tail.
+#if defined(__GNUC__)
+#define DYT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define DYT_ALWAYS_INLINE inline
+#endif
+
+// y = DyT(x [+ r]) for `n` (<= Lanes<T>::width) columns; s = x + r is stored when r is given.
+template <typename T>
+DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const typename Lanes<T>::acc_t* w,
+                                    const typename Lanes<T>::acc_t* b, typename Lanes<T>::V alpha, int64_t n) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  V v[L::N];
+  L::load(x, n, v);
+  if (r) {
+    V rv[L::N];
+    L::load(r, n, rv);
+    for (int k = 0; k < L::N; ++k) v[k] = v[k] + rv[k];
+    L::store(s, n, v);
+    // y from s as stored (rounded to T), as eager's dyt(s) and the backward, which reads s back
+    if (L::N > 1) L::load(s, n, v);
+  }
+  for (int k = 0; k < L::N; ++k) {
+    const int64_t off = k * V::size();
+    const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
+    if (m == 0) break;
+    V out = fast_tanh(alpha * v[k]) * load_acc<V>(w + off, m);
+    if (b) out = out + load_acc<V>(b + off, m);
+    v[k] = out;
+  }
+  L::store(y, n, v);
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& alpha_t,
                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& y,
@@ -160,32 +195,30 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   T* yp = y.data_ptr<T>();
   const A* wp = weight.const_data_ptr<A>();
   const A* bp = bias ? bias->const_data_ptr<A>() : nullptr;
-  const V alpha(*alpha_t.const_data_ptr<A>());
+  const A alpha_value = *alpha_t.const_data_ptr<A>();
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
-    V v[L::N], r[L::N];
+    // Local copies of what the loop reads: through the lambda's references the compiler would reload
+    // them after every vector store (which may alias anything).
+    const V alpha(alpha_value);
+    const T* const x0 = xp;
+    const T* const r0 = rp;
+    T* const s0 = sp;
+    T* const y0 = yp;
+    const A* const w = wp;
+    const A* const b = bp;
+    const int64_t ncols = cols, x_stride = sx, r_stride = sr;
     for (int64_t row = begin; row < end; ++row) {
-      const T* xrow = xp + row * sx;
-      T* yrow = yp + row * cols;
-      for (int64_t c = 0; c < cols; c += L::width) {
-        const int64_t n = std::min<int64_t>(L::width, cols - c);
-        L::load(xrow + c, n, v);
-        if (rp) {
-          L::load(rp + row * sr + c, n, r);
-          for (int k = 0; k < L::N; ++k) v[k] = v[k] + r[k];
-          L::store(sp + row * cols + c, n, v);
-          // y from s as stored (rounded to T), as eager's dyt(s) and the backward, which reads s back
-          if (L::N > 1) L::load(sp + row * cols + c, n, v);
-        }
-        for (int k = 0; k < L::N; ++k) {
-          const int64_t off = k * V::size();
-          const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
-          if (m == 0) break;
-          V out = fast_tanh(alpha * v[k]) * load_acc<V>(wp + c + off, m);
-          if (bp) out = out + load_acc<V>(bp + c + off, m);
-          v[k] = out;
-        }
-        L::store(yrow + c, n, v);
-      }
+      const T* xrow = x0 + row * x_stride;
+      const T* rrow = r0 ? r0 + row * r_stride : nullptr;
+      T* srow = s0 ? s0 + row * ncols : nullptr;
+      T* yrow = y0 + row * ncols;
+      int64_t c = 0;
+      for (; c + L::width <= ncols; c += L::width)
+        forward_step<T>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c, b ? b + c : nullptr,
+                        alpha, L::width);
+      if (c < ncols)
+        forward_step<T>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c, b ? b + c : nullptr,
+                        alpha, ncols - c);
     }
   });
 }
@@ -196,6 +229,35 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
 // digits (a float sum of 20M ones stops at 2^24).
 constexpr int64_t kFlushRows = 256;
 constexpr int64_t kFlushSteps = 256;
+
+// The backward of `n` (<= Lanes<T>::width) columns of one row: dx = dy w tanh'(alpha x) alpha [+ ds] into
+// dx; dy tanh(alpha x) added into dw, dy into db (when given), dy w tanh'(alpha x) x into da.
+template <typename T>
+DYT_ALWAYS_INLINE void backward_step(const T* x, const T* dy, const T* ds, T* dx, const typename Lanes<T>::acc_t* w,
+                                     typename Lanes<T>::acc_t* dw, typename Lanes<T>::acc_t* db,
+                                     typename Lanes<T>::V alpha, int64_t n, typename Lanes<T>::V& da) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  V v[L::N], d[L::N], g[L::N];
+  L::load(x, n, v);
+  L::load(dy, n, d);  // tail lanes load as 0: they add nothing below
+  for (int k = 0; k < L::N; ++k) {
+    const int64_t off = k * V::size();
+    const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
+    if (m == 0) break;
+    const V t = fast_tanh(alpha * v[k]);
+    store_acc(dw + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw + off, m)));
+    if (db) store_acc(db + off, m, load_acc<V>(db + off, m) + d[k]);
+    const V gk = d[k] * load_acc<V>(w + off, m) * derivative_of_tanh(t);
+    da = at::vec::fmadd(gk, v[k], da);
+    g[k] = gk * alpha;
+  }
+  if (ds) {
+    L::load(ds, n, d);
+    for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
+  }
+  L::store(dx, n, g);
+}
 
 template <typename T>
 void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha_t, const at::Tensor& weight,
@@ -215,57 +277,54 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   double* dwp = dw_part.data_ptr<double>();
   double* dbp = db_part.data_ptr<double>();
   double* dap = da_part.data_ptr<double>();
-  const V alpha(*alpha_t.const_data_ptr<A>());
+  const A alpha_value = *alpha_t.const_data_ptr<A>();
   // Chunks of rows fixed by the shape alone (not by the thread count), partials indexed by chunk:
   // the sums do not depend on how many threads ran, nor on which ran which chunk. A task takes as
   // many chunks as make g_task_elements.
   const int64_t chunk_grain = std::max<int64_t>(1, g_task_elements / std::max<int64_t>(1, rows_per_chunk * cols));
   at::parallel_for(0, chunks, chunk_grain, [&](int64_t chunk_begin, int64_t chunk_end) {
-    V v[L::N], g[L::N], d[L::N];
-    std::vector<A> dw(cols), db(has_bias ? cols : 0);  // this block of rows' sums, in the compute type
+    // Local copies, as in forward_impl.
+    const V alpha(alpha_value);
+    const T* const x0 = xp;
+    const T* const dy0 = dyp;
+    const T* const ds0 = dsp;
+    T* const dx0 = dxp;
+    const A* const w = wp;
+    const int64_t ncols = cols, x_stride = sx, dy_stride = sdy, ds_stride = sds, chunk_rows = rows_per_chunk;
+    std::vector<A> dw(ncols), db(has_bias ? ncols : 0);  // this block of rows' sums, in the compute type
+    A* const dw0 = dw.data();
+    A* const db0 = has_bias ? db.data() : nullptr;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      double* dw_sum = dwp + chunk * cols;
-      double* db_sum = dbp + chunk * cols;
-      std::fill(dw_sum, dw_sum + cols, 0.0);
-      if (has_bias) std::fill(db_sum, db_sum + cols, 0.0);
+      double* dw_sum = dwp + chunk * ncols;
+      double* db_sum = dbp + chunk * ncols;
+      std::fill(dw_sum, dw_sum + ncols, 0.0);
+      if (db0) std::fill(db_sum, db_sum + ncols, 0.0);
       double dalpha = 0;  // summed in V over spans of at most kFlushSteps vector steps of a row, then in double
-      const int64_t row_begin = chunk * rows_per_chunk, row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
+      const int64_t row_begin = chunk * chunk_rows, row_end = std::min(rows, (chunk + 1) * chunk_rows);
       for (int64_t block = row_begin; block < row_end; block += kFlushRows) {
         std::fill(dw.begin(), dw.end(), A(0));
         std::fill(db.begin(), db.end(), A(0));
         for (int64_t row = block; row < std::min(row_end, block + kFlushRows); ++row) {
-          const T* xrow = xp + row * sx;
-          const T* dyrow = dyp + row * sdy;
-          T* dxrow = dxp + row * cols;
-          for (int64_t span = 0; span < cols; span += kFlushSteps * L::width) {
+          const T* xrow = x0 + row * x_stride;
+          const T* dyrow = dy0 + row * dy_stride;
+          const T* dsrow = ds0 ? ds0 + row * ds_stride : nullptr;
+          T* dxrow = dx0 + row * ncols;
+          for (int64_t span = 0; span < ncols; span += kFlushSteps * L::width) {
+            const int64_t span_end = std::min(ncols, span + kFlushSteps * L::width);
             V da_row(A(0));
-            for (int64_t c = span; c < std::min(cols, span + kFlushSteps * L::width); c += L::width) {
-              const int64_t n = std::min<int64_t>(L::width, cols - c);
-              L::load(xrow + c, n, v);
-              L::load(dyrow + c, n, d);  // tail lanes load as 0: they add nothing below
-              for (int k = 0; k < L::N; ++k) {
-                const int64_t off = k * V::size();
-                const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
-                if (m == 0) break;
-                const V t = fast_tanh(alpha * v[k]);
-                store_acc(dw.data() + c + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw.data() + c + off, m)));
-                if (has_bias) store_acc(db.data() + c + off, m, load_acc<V>(db.data() + c + off, m) + d[k]);
-                const V gk = d[k] * load_acc<V>(wp + c + off, m) * derivative_of_tanh(t);
-                da_row = at::vec::fmadd(gk, v[k], da_row);
-                g[k] = gk * alpha;
-              }
-              if (dsp) {
-                L::load(dsp + row * sds + c, n, d);
-                for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
-              }
-              L::store(dxrow + c, n, g);
-            }
+            int64_t c = span;
+            for (; c + L::width <= span_end; c += L::width)
+              backward_step<T>(xrow + c, dyrow + c, dsrow ? dsrow + c : nullptr, dxrow + c, w + c, dw0 + c,
+                               db0 ? db0 + c : nullptr, alpha, L::width, da_row);
+            if (c < span_end)
+              backward_step<T>(xrow + c, dyrow + c, dsrow ? dsrow + c : nullptr, dxrow + c, w + c, dw0 + c,
+                               db0 ? db0 + c : nullptr, alpha, span_end - c, da_row);
             dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
           }
         }
-        for (int64_t c = 0; c < cols; ++c) dw_sum[c] += dw[c];
-        if (has_bias)
-          for (int64_t c = 0; c < cols; ++c) db_sum[c] += db[c];
+        for (int64_t c = 0; c < ncols; ++c) dw_sum[c] += dw[c];
+        if (db0)
+          for (int64_t c = 0; c < ncols; ++c) db_sum[c] += db[c];
       }
       dap[chunk] = dalpha;
     }
