@@ -6,7 +6,10 @@ by its digest) and both are loaded side by side. Forward + backward of DyT with 
 F.layer_norm, are timed in interleaved rounds (median), so a change in the machine's speed hits all
 three alike: the ratios new / old and each / LayerNorm hold within the run. Gradients of the two
 versions are printed as their largest difference (they need not agree bit for bit: a kernel change
-may sum in another order). ``--training-allocator`` first sets glibc's malloc as CPU training
+may sum in another order). Before timing, both versions' outputs (forward y and s, backward dx and
+the parameter gradients) are compared bit for bit on small cases that reach every path of the
+kernels: each dtype, tails, rows wider than one d alpha span, residual, bias, row-strided input.
+``--training-allocator`` first sets glibc's malloc as CPU training
 ranks set it (no page faults for fresh outputs).
 
     python scripts/bench_cpu_kernel_ab.py --old /tmp/old.cpp [--shape 8192x1024 --shape 1024x192]
@@ -16,6 +19,7 @@ ranks set it (no page faults for fresh outputs).
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -60,6 +64,42 @@ def measure(kernels: dict[str, object], rows: int, cols: int, warmup: int, round
     return times
 
 
+# Small cases reaching every path: each dtype; tails at several lane positions; rows wider than one d
+# alpha span (2048 fp32 columns on AVX2, 1024 on AVX-512); residual; bias; row-strided input.
+CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CHECK_SHAPES = ((1, 1), (3, 7), (5, 17), (300, 129), (2, 2048), (33, 4097), (7, 5000))
+OUTPUTS = ("y", "s", "dx", "d alpha", "d weight", "d bias")
+
+
+def differing_outputs(new, old) -> tuple[int, list[str]]:
+    """Both versions' forward and backward on the check cases: (how many cases, one line per output
+    whose bits differ between them, with the case and the largest difference)."""
+    generator = torch.Generator().manual_seed(0)
+    cases, differing = 0, []
+    for dtype, (rows, cols), residual, bias, strided in itertools.product(
+            CHECK_DTYPES, CHECK_SHAPES, (False, True), (False, True), (False, True)):
+        params = torch.float64 if dtype == torch.float64 else torch.float32
+
+        def draw(*shape, to=dtype):
+            return (3 * torch.randn(*shape, generator=generator)).to(to)
+
+        x = draw(rows, 2 * cols)[:, :cols] if strided else draw(rows, cols)
+        r, ds = (draw(rows, cols), draw(rows, cols)) if residual else (None, None)
+        dy = draw(rows, cols)
+        alpha, weight = torch.tensor([0.7], dtype=params), draw(cols, to=params)
+        b = draw(cols, to=params) if bias else None
+        results = []
+        for kernels in (new, old):
+            y, s = kernels.forward(x, r, alpha, weight, b)
+            results.append((y, s, *kernels.backward(dy, s if residual else x, alpha, weight, bias, ds)))
+        cases += 1
+        for name, a, o in zip(OUTPUTS, *results):
+            if a is not None and not torch.equal(a, o):
+                differing.append(f"{name}, {str(dtype).removeprefix('torch.')} {rows}x{cols} residual={residual} "
+                                 f"bias={bias} strided={strided}: {(a.double() - o.double()).abs().max().item():.2e}")
+    return cases, differing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=help_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +118,12 @@ def main() -> None:
         old = CpuExtension("dyt_cpu", args.old, what="C++ kernels", unavailable="--old", instead="").load()
     except CpuKernelBuildError as error:
         parser.exit(1, f"bench_cpu_kernel_ab.py: --old {args.old}: {error}\n")
+    cases, differing = differing_outputs(new, old)
+    if differing:
+        print(f"outputs old vs new: {len(differing)} differ over {cases} cases (largest difference each):")
+        print("\n".join(f"  {line}" for line in differing))
+    else:
+        print(f"outputs old vs new ({', '.join(OUTPUTS)}): the same bits in all {cases} cases")
     print(cpu_timing_header(args.rounds, keep_freed_blocks().removeprefix("allocator: ") if args.training_allocator else None))
     for rows, cols in args.shapes or [(8192, 1024), (1024, 192)]:
         times = measure({"new": new, "old": old}, rows, cols, args.warmup, args.rounds)

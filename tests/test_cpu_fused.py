@@ -534,7 +534,8 @@ def test_the_gradient_reuse_script_runs():
 
 def test_the_kernel_ab_script_runs():
     """scripts/bench_cpu_kernel_ab.py at a tiny shape, the current kernels as the "old" ones (the same
-    build): both timed beside F.layer_norm, their gradients equal."""
+    build): every output of the check cases the same bits, both timed beside F.layer_norm, their
+    gradients equal."""
     import subprocess
     import sys
     from pathlib import Path
@@ -544,6 +545,7 @@ def test_the_kernel_ab_script_runs():
                            "--rounds", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "new / old" in done.stdout and "0.00e+00, 0.00e+00, 0.00e+00, 0.00e+00" in done.stdout, done.stdout
+    assert "the same bits in all 224 cases" in done.stdout, done.stdout
     for row in ("DyT cpu (new)", "DyT cpu (old)", "F.layer_norm"):
         assert row in done.stdout
 
