@@ -144,8 +144,9 @@ inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, g_task_ele
 constexpr int64_t kChunkElements = 32768;
 constexpr int64_t kMaxChunks = 64;
 
-// Inlined into the loops below, which call it with n == Lanes<T>::width (a constant: no partial-load
-// branch, and the lanes stay in registers) and once more for a row's tail.
+// The step functions below are forced inline into their loops, which call them with n ==
+// Lanes<T>::width (a constant: no partial-load branch, and the lanes stay in registers) and once more
+// for a row's tail.
 #if defined(__GNUC__)
 #define DYT_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -257,7 +258,7 @@ DYT_ALWAYS_INLINE void backward_step(const T* x, const T* dy, const T* ds, T* dx
   for (; k < L::N; ++k) g[k] = V(typename L::acc_t(0));
   if (ds) {
     L::load(ds, n, d);
-    for (int k = 0; k < L::N; ++k) g[k] = g[k] + d[k];
+    for (int j = 0; j < L::N; ++j) g[j] = g[j] + d[j];
   }
   L::store(dx, n, g);
 }
