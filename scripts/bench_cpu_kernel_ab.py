@@ -65,7 +65,7 @@ def measure(kernels: dict[str, object], rows: int, cols: int, warmup: int, round
 
 
 # Small cases reaching every path: each dtype; tails at several lane positions; rows wider than one d
-# alpha span (2048 fp32 columns on AVX2, 1024 on AVX-512); residual; bias; row-strided input.
+# alpha span (2048 fp32 columns on AVX2, 4096 on AVX-512); residual; bias; row-strided input.
 CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CHECK_SHAPES = ((1, 1), (3, 7), (5, 17), (300, 129), (2, 2048), (33, 4097), (7, 5000))
 OUTPUTS = ("y", "s", "dx", "d alpha", "d weight", "d bias")
