@@ -30,36 +30,51 @@
 #include <string>
 #include <vector>
 
+// The step functions and what they call are forced inline into their loops, which call them with `n` a
+// constant for whole steps (no partial-load branch, and the lanes stay in registers), then for the
+// whole vectors left over and a row's tail.
+#if defined(__GNUC__)
+#define DYT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define DYT_ALWAYS_INLINE inline
+#endif
+
 namespace {
 
 using at::vec::Vectorized;
 using VF = Vectorized<float>;
 using VD = Vectorized<double>;
 
-// tanh in float: a rational minimax approximation, odd degree 13 over even degree 6 (the form and
-// coefficients of Eigen's ptanh_float), with y clamped to +-7.90531 where it reaches +-1 in float
-// (to 0.99999976: the backward's derivative_of_tanh takes that as saturated).
+// tanh of K float vectors in place, stage by stage: a rational minimax approximation, odd degree 13
+// over even degree 6 (the form and coefficients of Eigen's ptanh_float), with y clamped to +-7.90531
+// where it reaches +-1 in float (to 0.99999976: the backward's derivative_of_tanh takes that as
+// saturated).
 // 9 FMAs, 2 multiplies and one division per vector; measured 2x faster than an exp-based tanh and
 // 7x faster than ATen's Sleef tanh on AVX-512 (docs/performance.md). Max abs error vs float64
 // measured at 2.6e-7 to 2.8e-7 (float32 tanh's: 3e-8; dyt.selfcheck's float32 atol: 2e-6), relative
 // error near 0 at 3e-7. NaN propagates: the clamp's max/min return their NaN operand.
-inline VF fast_tanh(VF y) {
-  const VF x = at::vec::clamp(y, VF(-7.90531110763549805f), VF(7.90531110763549805f));
-  const VF x2 = x * x;
-  VF p = at::vec::fmadd(x2, VF(-2.76076847742355e-16f), VF(2.00018790482477e-13f));
-  p = at::vec::fmadd(p, x2, VF(-8.60467152213735e-11f));
-  p = at::vec::fmadd(p, x2, VF(5.12229709037114e-08f));
-  p = at::vec::fmadd(p, x2, VF(1.48572235717979e-05f));
-  p = at::vec::fmadd(p, x2, VF(6.37261928875436e-04f));
-  p = at::vec::fmadd(p, x2, VF(4.89352455891786e-03f));
-  VF q = at::vec::fmadd(x2, VF(1.19825839466702e-06f), VF(1.18534705686654e-04f));
-  q = at::vec::fmadd(q, x2, VF(2.26843463243900e-03f));
-  q = at::vec::fmadd(q, x2, VF(4.89352518554385e-03f));
-  return p * x / q;
+template <int K>
+DYT_ALWAYS_INLINE void fast_tanh(VF* v) {
+  VF x2[K], p[K], q[K];
+  for (int k = 0; k < K; ++k) v[k] = at::vec::clamp(v[k], VF(-7.90531110763549805f), VF(7.90531110763549805f));
+  for (int k = 0; k < K; ++k) x2[k] = v[k] * v[k];
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(x2[k], VF(-2.76076847742355e-16f), VF(2.00018790482477e-13f));
+  for (int k = 0; k < K; ++k) q[k] = at::vec::fmadd(x2[k], VF(1.19825839466702e-06f), VF(1.18534705686654e-04f));
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], x2[k], VF(-8.60467152213735e-11f));
+  for (int k = 0; k < K; ++k) q[k] = at::vec::fmadd(q[k], x2[k], VF(2.26843463243900e-03f));
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], x2[k], VF(5.12229709037114e-08f));
+  for (int k = 0; k < K; ++k) q[k] = at::vec::fmadd(q[k], x2[k], VF(4.89352518554385e-03f));
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], x2[k], VF(1.48572235717979e-05f));
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], x2[k], VF(6.37261928875436e-04f));
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], x2[k], VF(4.89352455891786e-03f));
+  for (int k = 0; k < K; ++k) v[k] = p[k] * v[k] / q[k];
 }
 
 // double: ATen's (Sleef, 1 ulp) tanh; float64 callers want accuracy, not speed.
-inline VD fast_tanh(VD y) { return y.tanh(); }
+template <int K>
+DYT_ALWAYS_INLINE void fast_tanh(VD* v) {
+  for (int k = 0; k < K; ++k) v[k] = v[k].tanh();
+}
 
 // tanh's derivative 1 - t^2 from t = fast_tanh(y), 0 where t is saturated. The float tanh above stops
 // at 0.99999976 (1 - t^2 = 4.8e-7; the threshold, 6e-7, also takes the float below it, 6.0e-7, and no
@@ -73,6 +88,21 @@ inline VF derivative_of_tanh(VF t) {
   return VF::blendv(d, VF(0.f), d <= VF(6e-7f));
 }
 inline VD derivative_of_tanh(VD t) { return at::vec::fnmadd(t, t, VD(1.0)); }
+
+// v as it stands, rounded: an empty asm the compiler cannot see through, so that it cannot contract
+// the multiply that made v and a following add into one FMA. y is weight * tanh rounded, then + bias,
+// as eager's formula rounds it; left to g++ (-ffp-contract=fast), whether it fused them changed with
+// the shape of the loop around them. The portable build has no FMA to contract into.
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+DYT_ALWAYS_INLINE VF rounded(VF v) { __m512 r = v; asm("" : "+v"(r)); return r; }
+DYT_ALWAYS_INLINE VD rounded(VD v) { __m512d r = v; asm("" : "+v"(r)); return r; }
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+DYT_ALWAYS_INLINE VF rounded(VF v) { __m256 r = v; asm("" : "+x"(r)); return r; }
+DYT_ALWAYS_INLINE VD rounded(VD v) { __m256d r = v; asm("" : "+x"(r)); return r; }
+#else
+template <typename V>
+DYT_ALWAYS_INLINE V rounded(V v) { return v; }
+#endif
 
 // Lanes<T>: moves `width` values of T to and from N vectors of the compute type.
 template <typename T>
@@ -144,40 +174,53 @@ inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, g_task_ele
 constexpr int64_t kChunkElements = 32768;
 constexpr int64_t kMaxChunks = 64;
 
-// The step functions below are forced inline into their loops, which call them with n ==
-// Lanes<T>::width (a constant: no partial-load branch, and the lanes stay in registers) and once more
-// for a row's tail.
-#if defined(__GNUC__)
-#define DYT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DYT_ALWAYS_INLINE inline
-#endif
+// How many vectors of the compute type one step of the loops takes (a bfloat16 / half vector holds
+// two). Their dependency chains (the tanh alone is ~50 cycles deep) are interleaved stage by stage,
+// so the core has independent work while one waits. Measured on the AVX2 AMD EPYC against the
+// previous kernels in one process (docs/performance.md, 2026-12-07 night): the fp32 backward at 2 took
+// 0.93-0.94x the time of one at a time (at 4: no faster than 1); the forward at 4 0.86x on
+// cache-resident rows, the same at 8192 x 1024, where memory bounds it.
+constexpr int kForwardStepFloats = 4;
+constexpr int kBackwardStepFloats = 2;
 
-// y = DyT(x [+ r]) for `n` (<= Lanes<T>::width) columns; s = x + r is stored when r is given.
+// Vectors of T per step for that many vectors of the compute type.
 template <typename T>
+constexpr int step_vectors(int compute_vectors) { return std::max(1, compute_vectors / Lanes<T>::N); }
+
+// The vectors of the compute type holding a step's first `n` columns (all of them in a whole step).
+template <typename T>
+constexpr int active_vectors(int64_t n) {
+  using V = typename Lanes<T>::V;
+  return static_cast<int>((n + V::size() - 1) / V::size());
+}
+
+// y = DyT(x [+ r]) for `n` (<= U * Lanes<T>::width) columns; s = x + r is stored when r is given.
+template <typename T, int U>
 DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const typename Lanes<T>::acc_t* w,
                                     const typename Lanes<T>::acc_t* b, typename Lanes<T>::V alpha, int64_t n) {
   using L = Lanes<T>;
   using V = typename L::V;
-  V v[L::N];
-  L::load(x, n, v);
+  constexpr int K = U * L::N;
+  V v[K];
+  for (int u = 0; u < U; ++u) L::load(x + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
   if (r) {
-    V rv[L::N];
-    L::load(r, n, rv);
-    for (int k = 0; k < L::N; ++k) v[k] = v[k] + rv[k];
-    L::store(s, n, v);
+    V rv[K];
+    for (int u = 0; u < U; ++u) L::load(r + u * L::width, std::min(L::width, n - u * L::width), rv + u * L::N);
+    for (int k = 0; k < K; ++k) v[k] = v[k] + rv[k];
+    for (int u = 0; u < U; ++u) L::store(s + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
     // y from s as stored (rounded to T), as eager's dyt(s) and the backward, which reads s back
-    if (L::N > 1) L::load(s, n, v);
+    if (L::N > 1)
+      for (int u = 0; u < U; ++u) L::load(s + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
   }
-  for (int k = 0; k < L::N; ++k) {
-    const int64_t off = k * V::size();
-    const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
-    if (m == 0) break;
-    V out = fast_tanh(alpha * v[k]) * load_acc<V>(w + off, m);
-    if (b) out = out + load_acc<V>(b + off, m);
-    v[k] = out;
+  const int active = active_vectors<T>(n);
+  for (int k = 0; k < K; ++k) v[k] = alpha * v[k];
+  fast_tanh<K>(v);
+  for (int k = 0; k < active; ++k) {
+    const int64_t off = k * V::size(), m = std::min<int64_t>(V::size(), n - off);
+    v[k] = rounded(v[k] * load_acc<V>(w + off, m));
+    if (b) v[k] = v[k] + load_acc<V>(b + off, m);
   }
-  L::store(y, n, v);
+  for (int u = 0; u < U; ++u) L::store(y + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
 }
 
 template <typename T>
@@ -187,6 +230,7 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   using L = Lanes<T>;
   using A = typename L::acc_t;
   using V = typename L::V;
+  constexpr int U = step_vectors<T>(kForwardStepFloats);
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t sx = x.stride(0);
   const T* xp = x.const_data_ptr<T>();
@@ -214,12 +258,12 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
       T* srow = s0 ? s0 + row * ncols : nullptr;
       T* yrow = y0 + row * ncols;
       int64_t c = 0;
-      for (; c + L::width <= ncols; c += L::width)
-        forward_step<T>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c, b ? b + c : nullptr,
-                        alpha, L::width);
-      if (c < ncols)
-        forward_step<T>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c, b ? b + c : nullptr,
-                        alpha, ncols - c);
+      for (; c + U * L::width <= ncols; c += U * L::width)
+        forward_step<T, U>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c,
+                           b ? b + c : nullptr, alpha, U * L::width);
+      for (; c < ncols; c += L::width)
+        forward_step<T, 1>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c,
+                           b ? b + c : nullptr, alpha, std::min(L::width, ncols - c));
     }
   });
 }
@@ -231,36 +275,38 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
 constexpr int64_t kFlushRows = 256;
 constexpr int64_t kFlushSteps = 256;
 
-// The backward of `n` (<= Lanes<T>::width) columns of one row: dx = dy w tanh'(alpha x) alpha [+ ds] into
-// dx; dy tanh(alpha x) added into dw, dy into db (when given), dy w tanh'(alpha x) x into da.
-template <typename T>
+// The backward of `n` (<= U * Lanes<T>::width) columns of one row: dx = dy w tanh'(alpha x) alpha [+ ds]
+// into dx; dy tanh(alpha x) added into dw, dy into db (when given), dy w tanh'(alpha x) x into da (in
+// column order, as one vector at a time would).
+template <typename T, int U>
 DYT_ALWAYS_INLINE void backward_step(const T* x, const T* dy, const T* ds, T* dx, const typename Lanes<T>::acc_t* w,
                                      typename Lanes<T>::acc_t* dw, typename Lanes<T>::acc_t* db,
                                      typename Lanes<T>::V alpha, int64_t n, typename Lanes<T>::V& da) {
   using L = Lanes<T>;
   using V = typename L::V;
-  V v[L::N], d[L::N], g[L::N];
-  L::load(x, n, v);
-  L::load(dy, n, d);  // tail lanes load as 0: they add nothing below
-  int k = 0;
-  for (; k < L::N; ++k) {
-    const int64_t off = k * V::size();
-    const int64_t m = std::max<int64_t>(0, std::min<int64_t>(V::size(), n - off));
-    if (m == 0) break;
-    const V t = fast_tanh(alpha * v[k]);
-    store_acc(dw + off, m, at::vec::fmadd(d[k], t, load_acc<V>(dw + off, m)));
+  constexpr int K = U * L::N;
+  V v[K], d[K], t[K], g[K];
+  for (int u = 0; u < U; ++u) L::load(x + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+  // tail lanes load as 0: they add nothing below
+  for (int u = 0; u < U; ++u) L::load(dy + u * L::width, std::min(L::width, n - u * L::width), d + u * L::N);
+  const int active = active_vectors<T>(n);
+  for (int k = 0; k < K; ++k) t[k] = alpha * v[k];
+  fast_tanh<K>(t);
+  for (int k = 0; k < active; ++k) {
+    const int64_t off = k * V::size(), m = std::min<int64_t>(V::size(), n - off);
+    store_acc(dw + off, m, at::vec::fmadd(d[k], t[k], load_acc<V>(dw + off, m)));
     if (db) store_acc(db + off, m, load_acc<V>(db + off, m) + d[k]);
-    const V gk = d[k] * load_acc<V>(w + off, m) * derivative_of_tanh(t);
-    da = at::vec::fmadd(gk, v[k], da);
-    g[k] = gk * alpha;
+    g[k] = d[k] * load_acc<V>(w + off, m) * derivative_of_tanh(t[k]);
   }
+  for (int k = 0; k < active; ++k) da = at::vec::fmadd(g[k], v[k], da);
+  for (int k = 0; k < active; ++k) g[k] = g[k] * alpha;
   // A bfloat16 / half tail within one float vector: the other is read below (not stored), so defined.
-  for (; k < L::N; ++k) g[k] = V(typename L::acc_t(0));
+  for (int k = active; k < K; ++k) g[k] = V(typename L::acc_t(0));
   if (ds) {
-    L::load(ds, n, d);
-    for (int j = 0; j < L::N; ++j) g[j] = g[j] + d[j];
+    for (int u = 0; u < U; ++u) L::load(ds + u * L::width, std::min(L::width, n - u * L::width), d + u * L::N);
+    for (int k = 0; k < K; ++k) g[k] = g[k] + d[k];
   }
-  L::store(dx, n, g);
+  for (int u = 0; u < U; ++u) L::store(dx + u * L::width, std::min(L::width, n - u * L::width), g + u * L::N);
 }
 
 template <typename T>
@@ -270,6 +316,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   using L = Lanes<T>;
   using A = typename L::acc_t;
   using V = typename L::V;
+  constexpr int U = step_vectors<T>(kBackwardStepFloats);
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t chunks = dw_part.size(0);
   const T* xp = x.const_data_ptr<T>();
@@ -317,12 +364,12 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
             const int64_t span_end = std::min(ncols, span + kFlushSteps * L::width);
             V da_row(A(0));
             int64_t c = span;
-            for (; c + L::width <= span_end; c += L::width)
-              backward_step<T>(xrow + c, dyrow + c, dsrow ? dsrow + c : nullptr, dxrow + c, w + c, dw0 + c,
-                               db0 ? db0 + c : nullptr, alpha, L::width, da_row);
-            if (c < span_end)
-              backward_step<T>(xrow + c, dyrow + c, dsrow ? dsrow + c : nullptr, dxrow + c, w + c, dw0 + c,
-                               db0 ? db0 + c : nullptr, alpha, span_end - c, da_row);
+            for (; c + U * L::width <= span_end; c += U * L::width)
+              backward_step<T, U>(xrow + c, dyrow + c, dsrow ? dsrow + c : nullptr, dxrow + c, w + c, dw0 + c,
+                                  db0 ? db0 + c : nullptr, alpha, U * L::width, da_row);
+            for (; c < span_end; c += L::width)
+              backward_step<T, 1>(xrow + c, dyrow + c, dsrow ? dsrow + c : nullptr, dxrow + c, w + c, dw0 + c,
+                                  db0 ? db0 + c : nullptr, alpha, std::min(L::width, span_end - c), da_row);
             dalpha += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, da_row);
           }
         }
