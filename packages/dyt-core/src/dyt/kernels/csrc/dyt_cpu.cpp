@@ -176,10 +176,10 @@ constexpr int64_t kMaxChunks = 64;
 
 // How many vectors of the compute type one step of the loops takes (a bfloat16 / half vector holds
 // two). Their dependency chains (the tanh alone is ~50 cycles deep) are interleaved stage by stage,
-// so the core has independent work while one waits. Measured on the AVX2 AMD EPYC against the
-// previous kernels in one process (docs/performance.md, 2026-12-07 night): the fp32 backward at 2 took
-// 0.93-0.94x the time of one at a time (at 4: no faster than 1); the forward at 4 0.86x on
-// cache-resident rows, the same at 8192 x 1024, where memory bounds it.
+// so the core has independent work while one waits. Measured on the AVX2 AMD EPYC against one vector
+// a step, in one process (docs/performance.md, 2026-12-07 night): the fp32 backward at 2 took
+// 0.91-0.95x the time on cache-resident rows, 0.90-0.98x at 8192 x 1024 (at 4: no faster than 1);
+// the forward at 4 0.86x on cache-resident rows, the same at 8192 x 1024, where memory bounds it.
 constexpr int kForwardStepFloats = 4;
 constexpr int kBackwardStepFloats = 2;
 
