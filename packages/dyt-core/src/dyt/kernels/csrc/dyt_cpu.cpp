@@ -174,14 +174,16 @@ inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, g_task_ele
 constexpr int64_t kChunkElements = 32768;
 constexpr int64_t kMaxChunks = 64;
 
-// How many vectors of the compute type one step of the loops takes (a bfloat16 / half vector holds
-// two). Their dependency chains (the tanh alone is ~50 cycles deep) are interleaved stage by stage,
-// so the core has independent work while one waits. Measured on the AVX2 AMD EPYC against one vector
-// a step, in one process (docs/performance.md, 2026-12-07 night): the fp32 backward at 2 took
-// 0.91-0.95x the time on cache-resident rows, 0.90-0.98x at 8192 x 1024 (at 4: no faster than 1);
-// the forward at 4 0.86x on cache-resident rows, the same at 8192 x 1024, where memory bounds it.
+// How many vectors one step of the loops takes: forward, vectors of the compute type (a bfloat16 /
+// half vector holds two); backward, vectors of T. Their dependency chains (the tanh alone is ~50
+// cycles deep) are interleaved stage by stage, so the core has independent work while one waits.
+// Measured on the AVX2 AMD EPYC against one vector a step, in one process (docs/performance.md,
+// 2026-12-07 night): the fp32 backward at 2 took 0.91-0.95x the time on cache-resident rows,
+// 0.90-0.98x at 8192 x 1024 (at 4: no faster than 1), the bfloat16 backward at 2 (four float
+// vectors) 0.92x at 8192 x 1024; the forward at 4 0.86x on cache-resident rows, the same at
+// 8192 x 1024, where memory bounds it.
 constexpr int kForwardStepFloats = 4;
-constexpr int kBackwardStepFloats = 2;
+constexpr int kBackwardStepVectors = 2;
 
 // Vectors of T per step for that many vectors of the compute type.
 template <typename T>
@@ -316,7 +318,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   using L = Lanes<T>;
   using A = typename L::acc_t;
   using V = typename L::V;
-  constexpr int U = step_vectors<T>(kBackwardStepFloats);
+  constexpr int U = kBackwardStepVectors;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t chunks = dw_part.size(0);
   const T* xp = x.const_data_ptr<T>();
