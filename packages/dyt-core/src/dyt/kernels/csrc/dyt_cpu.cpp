@@ -196,6 +196,18 @@ constexpr int active_vectors(int64_t n) {
   return static_cast<int>((n + V::size() - 1) / V::size());
 }
 
+// The first `n` (<= U * Lanes<T>::width) values of T at p, to and from U * Lanes<T>::N vectors.
+template <typename T, int U>
+DYT_ALWAYS_INLINE void load_step(const T* p, int64_t n, typename Lanes<T>::V* out) {
+  using L = Lanes<T>;
+  for (int u = 0; u < U; ++u) L::load(p + u * L::width, std::min(L::width, n - u * L::width), out + u * L::N);
+}
+template <typename T, int U>
+DYT_ALWAYS_INLINE void store_step(T* p, int64_t n, const typename Lanes<T>::V* v) {
+  using L = Lanes<T>;
+  for (int u = 0; u < U; ++u) L::store(p + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+}
+
 // y = DyT(x [+ r]) for `n` (<= U * Lanes<T>::width) columns; s = x + r is stored when r is given.
 template <typename T, int U>
 DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const typename Lanes<T>::acc_t* w,
@@ -204,15 +216,14 @@ DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const ty
   using V = typename L::V;
   constexpr int K = U * L::N;
   V v[K];
-  for (int u = 0; u < U; ++u) L::load(x + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+  load_step<T, U>(x, n, v);
   if (r) {
     V rv[K];
-    for (int u = 0; u < U; ++u) L::load(r + u * L::width, std::min(L::width, n - u * L::width), rv + u * L::N);
+    load_step<T, U>(r, n, rv);
     for (int k = 0; k < K; ++k) v[k] = v[k] + rv[k];
-    for (int u = 0; u < U; ++u) L::store(s + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+    store_step<T, U>(s, n, v);
     // y from s as stored (rounded to T), as eager's dyt(s) and the backward, which reads s back
-    if (L::N > 1)
-      for (int u = 0; u < U; ++u) L::load(s + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+    if (L::N > 1) load_step<T, U>(s, n, v);
   }
   const int active = active_vectors<T>(n);
   for (int k = 0; k < K; ++k) v[k] = alpha * v[k];
@@ -222,7 +233,7 @@ DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const ty
     v[k] = rounded(v[k] * load_acc<V>(w + off, m));
     if (b) v[k] = v[k] + load_acc<V>(b + off, m);
   }
-  for (int u = 0; u < U; ++u) L::store(y + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+  store_step<T, U>(y, n, v);
 }
 
 template <typename T>
@@ -288,9 +299,9 @@ DYT_ALWAYS_INLINE void backward_step(const T* x, const T* dy, const T* ds, T* dx
   using V = typename L::V;
   constexpr int K = U * L::N;
   V v[K], d[K], t[K], g[K];
-  for (int u = 0; u < U; ++u) L::load(x + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
+  load_step<T, U>(x, n, v);
   // tail lanes load as 0: they add nothing below
-  for (int u = 0; u < U; ++u) L::load(dy + u * L::width, std::min(L::width, n - u * L::width), d + u * L::N);
+  load_step<T, U>(dy, n, d);
   const int active = active_vectors<T>(n);
   for (int k = 0; k < K; ++k) t[k] = alpha * v[k];
   fast_tanh<K>(t);
@@ -305,10 +316,10 @@ DYT_ALWAYS_INLINE void backward_step(const T* x, const T* dy, const T* ds, T* dx
   // A bfloat16 / half tail within one float vector: the other is read below (not stored), so defined.
   for (int k = active; k < K; ++k) g[k] = V(typename L::acc_t(0));
   if (ds) {
-    for (int u = 0; u < U; ++u) L::load(ds + u * L::width, std::min(L::width, n - u * L::width), d + u * L::N);
+    load_step<T, U>(ds, n, d);
     for (int k = 0; k < K; ++k) g[k] = g[k] + d[k];
   }
-  for (int u = 0; u < U; ++u) L::store(dx + u * L::width, std::min(L::width, n - u * L::width), g + u * L::N);
+  store_step<T, U>(dx, n, g);
 }
 
 template <typename T>
