@@ -389,6 +389,30 @@ def test_tanh_accuracy_against_float64(kernels):
     assert (err[small] / want[small].abs().clamp(min=1e-30)).max().item() < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_a_column_gets_the_same_bits_wherever_it_falls_in_the_row(kernels, dtype):
+    """The loops take several vectors a step, then single vectors, then the row's tail: a column's
+    y, s, dx, d weight and d bias must not depend on which of those paths computed it (g++ fused
+    weight * tanh + bias into one FMA in whole steps only, until dyt_cpu.cpp's fma_barrier). 200
+    columns in one call reach whole steps on AVX2 and AVX-512; 7 at a time reach only tails."""
+    g = torch.Generator().manual_seed(9)
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    rows, cols, part = 3, 200, 7
+    x, r, dy, ds = ((3 * torch.randn(rows, cols, generator=g)).to(dtype) for _ in range(4))
+    alpha = torch.tensor([0.7], dtype=params)
+    weight, bias = ((3 * torch.randn(cols, generator=g)).to(params) for _ in range(2))
+
+    def run(lo, hi):
+        y, s = kernels.forward(x[:, lo:hi], r[:, lo:hi], alpha, weight[lo:hi], bias[lo:hi])
+        dx, _, dw, db = kernels.backward(dy[:, lo:hi], s, alpha, weight[lo:hi], True, ds[:, lo:hi])
+        return y, s, dx, dw, db
+
+    whole = run(0, cols)
+    parts = [run(lo, min(lo + part, cols)) for lo in range(0, cols, part)]
+    for name, got, pieces in zip(("y", "s", "dx", "d weight", "d bias"), whole, zip(*parts)):
+        assert torch.equal(got, torch.cat(pieces, dim=-1)), name
+
+
 def test_float64_parameters_give_float64_math():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(7, 31, generator=g)

@@ -3,8 +3,8 @@
 // One pass forward (read x, write y), one pass backward (read x, dy, write dx) that keeps
 // per-chunk partial column sums of dweight and dbias and a per-chunk dalpha, reduced at the end.
 // Math runs in float for float / bfloat16 / half input, in double for double; the partials are
-// summed in that type over at most 256 rows (256 vector steps of a row for d alpha), then in double, and the
-// chunks are set by the shape alone: the same bits on any thread count.
+// summed in that type over at most 256 rows (256 vectors of T of a row for d alpha), then in double,
+// and the chunks are set by the shape alone: the same bits on any thread count.
 // Built by dyt/kernels/cpu_fused.py through torch.utils.cpp_extension, once per CPU capability
 // (the flags select ATen's AVX2 / AVX-512 Vectorized): see that module for why.
 //
@@ -30,9 +30,9 @@
 #include <string>
 #include <vector>
 
-// The step functions and what they call are forced inline into their loops, which call them with `n` a
-// constant for whole steps (no partial-load branch, and the lanes stay in registers), then for the
-// whole vectors left over and a row's tail.
+// The step functions (and the helpers they share) are forced inline into their loops, which call them
+// with `n` a constant for whole steps (no partial-load branch, and the lanes stay in registers), then
+// for the whole vectors left over and a row's tail.
 #if defined(__GNUC__)
 #define DYT_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -89,19 +89,21 @@ inline VF derivative_of_tanh(VF t) {
 }
 inline VD derivative_of_tanh(VD t) { return at::vec::fnmadd(t, t, VD(1.0)); }
 
-// v as it stands, rounded: an empty asm the compiler cannot see through, so that it cannot contract
-// the multiply that made v and a following add into one FMA. y is weight * tanh rounded, then + bias,
-// as eager's formula rounds it; left to g++ (-ffp-contract=fast), whether it fused them changed with
-// the shape of the loop around them. The portable build has no FMA to contract into.
+// v, as the multiply that made it rounded it: an empty asm the compiler cannot see through, so it
+// cannot contract that multiply and a following add into one FMA. Without it g++ (-ffp-contract=fast)
+// fused weight * tanh + bias in the forward's whole steps but not in its tails: a column's bits
+// depended on where in the row it fell. With it, y (and dx with ds) round the product, then the sum,
+// wherever the column falls, as eager's float32 / float64 formula rounds them. The x86-64 baseline
+// build (DEFAULT) has no FMA instruction to contract into.
 #if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
-DYT_ALWAYS_INLINE VF rounded(VF v) { __m512 r = v; asm("" : "+v"(r)); return r; }
-DYT_ALWAYS_INLINE VD rounded(VD v) { __m512d r = v; asm("" : "+v"(r)); return r; }
+DYT_ALWAYS_INLINE VF fma_barrier(VF v) { __m512 r = v; asm("" : "+v"(r)); return r; }
+DYT_ALWAYS_INLINE VD fma_barrier(VD v) { __m512d r = v; asm("" : "+v"(r)); return r; }
 #elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
-DYT_ALWAYS_INLINE VF rounded(VF v) { __m256 r = v; asm("" : "+x"(r)); return r; }
-DYT_ALWAYS_INLINE VD rounded(VD v) { __m256d r = v; asm("" : "+x"(r)); return r; }
+DYT_ALWAYS_INLINE VF fma_barrier(VF v) { __m256 r = v; asm("" : "+x"(r)); return r; }
+DYT_ALWAYS_INLINE VD fma_barrier(VD v) { __m256d r = v; asm("" : "+x"(r)); return r; }
 #else
 template <typename V>
-DYT_ALWAYS_INLINE V rounded(V v) { return v; }
+DYT_ALWAYS_INLINE V fma_barrier(V v) { return v; }
 #endif
 
 // Lanes<T>: moves `width` values of T to and from N vectors of the compute type.
@@ -175,14 +177,12 @@ constexpr int64_t kChunkElements = 32768;
 constexpr int64_t kMaxChunks = 64;
 
 // How many vectors one step of the loops takes: forward, vectors of the compute type (a bfloat16 /
-// half vector holds two); backward, vectors of T. Their dependency chains (the tanh alone is ~50
-// cycles deep) are interleaved stage by stage, so the core has independent work while one waits.
-// Measured on the AVX2 AMD EPYC against one vector a step, in one process (docs/performance.md,
-// 2026-12-07 night): the fp32 backward at 2 took 0.91-0.95x the time on cache-resident rows,
-// 0.90-0.98x at 8192 x 1024 (at 4: no faster than 1), the bfloat16 backward at 2 (four float
-// vectors) 0.92x at 8192 x 1024; the forward at 4 0.86x on cache-resident rows, the same at
-// 8192 x 1024, where memory bounds it.
-constexpr int kForwardStepFloats = 4;
+// half vector holds two); backward, vectors of T (four float vectors for bfloat16). Their dependency
+// chains (the tanh alone is ~50 cycles deep) are interleaved stage by stage, so the core has
+// independent work while one waits. Chosen on the AVX2 AMD EPYC (docs/performance.md, 2026-12-07
+// night): the fp32 and bfloat16 backward gained at 2 vectors of T (fp32: none at 4), the forward at
+// 4 compute vectors where rows stay in cache. float64 (whose tanh is a Sleef call) was not measured.
+constexpr int kForwardStepComputeVectors = 4;
 constexpr int kBackwardStepVectors = 2;
 
 // Vectors of T per step for that many vectors of the compute type.
@@ -196,7 +196,8 @@ constexpr int active_vectors(int64_t n) {
   return static_cast<int>((n + V::size() - 1) / V::size());
 }
 
-// The first `n` (<= U * Lanes<T>::width) values of T at p, to and from U * Lanes<T>::N vectors.
+// The first `n` values of T at p, to and from U * Lanes<T>::N vectors: n == U * Lanes<T>::width when
+// U > 1 (a whole step), else n <= Lanes<T>::width.
 template <typename T, int U>
 DYT_ALWAYS_INLINE void load_step(const T* p, int64_t n, typename Lanes<T>::V* out) {
   using L = Lanes<T>;
@@ -208,7 +209,7 @@ DYT_ALWAYS_INLINE void store_step(T* p, int64_t n, const typename Lanes<T>::V* v
   for (int u = 0; u < U; ++u) L::store(p + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
 }
 
-// y = DyT(x [+ r]) for `n` (<= U * Lanes<T>::width) columns; s = x + r is stored when r is given.
+// y = DyT(x [+ r]) for `n` columns (as load_step takes them); s = x + r is stored when r is given.
 template <typename T, int U>
 DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const typename Lanes<T>::acc_t* w,
                                     const typename Lanes<T>::acc_t* b, typename Lanes<T>::V alpha, int64_t n) {
@@ -230,7 +231,7 @@ DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const ty
   fast_tanh<K>(v);
   for (int k = 0; k < active; ++k) {
     const int64_t off = k * V::size(), m = std::min<int64_t>(V::size(), n - off);
-    v[k] = rounded(v[k] * load_acc<V>(w + off, m));
+    v[k] = fma_barrier(v[k] * load_acc<V>(w + off, m));
     if (b) v[k] = v[k] + load_acc<V>(b + off, m);
   }
   store_step<T, U>(y, n, v);
@@ -243,7 +244,7 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   using L = Lanes<T>;
   using A = typename L::acc_t;
   using V = typename L::V;
-  constexpr int U = step_vectors<T>(kForwardStepFloats);
+  constexpr int U = step_vectors<T>(kForwardStepComputeVectors);
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t sx = x.stride(0);
   const T* xp = x.const_data_ptr<T>();
@@ -282,13 +283,13 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
 }
 
 // Rows summed in the compute type before their column sums go into the chunk's double partials, and
-// vector steps of one row (one vector of T: two float vectors for bfloat16 / half) summed before they
+// vectors of T of one row (two float vectors each for bfloat16 / half) summed before they
 // go into d alpha's double: float sums of more terms lose
 // digits (a float sum of 20M ones stops at 2^24).
 constexpr int64_t kFlushRows = 256;
-constexpr int64_t kFlushSteps = 256;
+constexpr int64_t kFlushVectors = 256;
 
-// The backward of `n` (<= U * Lanes<T>::width) columns of one row: dx = dy w tanh'(alpha x) alpha [+ ds]
+// The backward of `n` columns of one row (as load_step takes them): dx = dy w tanh'(alpha x) alpha [+ ds]
 // into dx; dy tanh(alpha x) added into dw, dy into db (when given), dy w tanh'(alpha x) x into da (in
 // column order, as one vector at a time would).
 template <typename T, int U>
@@ -312,7 +313,7 @@ DYT_ALWAYS_INLINE void backward_step(const T* x, const T* dy, const T* ds, T* dx
     g[k] = d[k] * load_acc<V>(w + off, m) * derivative_of_tanh(t[k]);
   }
   for (int k = 0; k < active; ++k) da = at::vec::fmadd(g[k], v[k], da);
-  for (int k = 0; k < active; ++k) g[k] = g[k] * alpha;
+  for (int k = 0; k < active; ++k) g[k] = fma_barrier(g[k] * alpha);
   // A bfloat16 / half tail within one float vector: the other is read below (not stored), so defined.
   for (int k = active; k < K; ++k) g[k] = V(typename L::acc_t(0));
   if (ds) {
@@ -330,6 +331,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   using A = typename L::acc_t;
   using V = typename L::V;
   constexpr int U = kBackwardStepVectors;
+  static_assert(kFlushVectors % U == 0, "a d alpha span holds whole steps");
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t chunks = dw_part.size(0);
   const T* xp = x.const_data_ptr<T>();
@@ -363,7 +365,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
       double* db_sum = dbp + chunk * ncols;
       std::fill(dw_sum, dw_sum + ncols, 0.0);
       if (db0) std::fill(db_sum, db_sum + ncols, 0.0);
-      double dalpha = 0;  // summed in V over spans of at most kFlushSteps vector steps of a row, then in double
+      double dalpha = 0;  // summed in V over spans of at most kFlushVectors vectors of T of a row, then in double
       const int64_t row_begin = chunk * chunk_rows, row_end = std::min(rows, (chunk + 1) * chunk_rows);
       for (int64_t block = row_begin; block < row_end; block += kFlushRows) {
         std::fill(dw.begin(), dw.end(), A(0));
@@ -373,8 +375,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           const T* dyrow = dy0 + row * dy_stride;
           const T* dsrow = ds0 ? ds0 + row * ds_stride : nullptr;
           T* dxrow = dx0 + row * ncols;
-          for (int64_t span = 0; span < ncols; span += kFlushSteps * L::width) {
-            const int64_t span_end = std::min(ncols, span + kFlushSteps * L::width);
+          for (int64_t span = 0; span < ncols; span += kFlushVectors * L::width) {
+            const int64_t span_end = std::min(ncols, span + kFlushVectors * L::width);
             V da_row(A(0));
             int64_t c = span;
             for (; c + U * L::width <= span_end; c += U * L::width)
