@@ -394,7 +394,8 @@ def test_a_column_gets_the_same_bits_wherever_it_falls_in_the_row(kernels, dtype
     """The loops take several vectors a step, then single vectors, then the row's tail: a column's
     y, s, dx, d weight and d bias must not depend on which of those paths computed it (g++ fused
     weight * tanh + bias into one FMA in whole steps only, until dyt_cpu.cpp's fma_barrier). 200
-    columns in one call reach whole steps on AVX2 and AVX-512; 7 at a time reach only tails."""
+    columns in one call reach whole steps on AVX2 and AVX-512; 7 at a time reach none (only single
+    vectors and tails)."""
     g = torch.Generator().manual_seed(9)
     params = torch.float64 if dtype == torch.float64 else torch.float32
     rows, cols, part = 3, 200, 7
