@@ -2,6 +2,7 @@
 are checked in test_fused.py. The extension builds once per machine (cached in torch's extension
 directory); the first test that needs it pays the ~40 s build."""
 
+import mmap
 import warnings
 
 import pytest
@@ -412,6 +413,64 @@ def test_a_column_gets_the_same_bits_wherever_it_falls_in_the_row(kernels, dtype
     parts = [run(lo, min(lo + part, cols)) for lo in range(0, cols, part)]
     for name, got, pieces in zip(("y", "s", "dx", "d weight", "d bias"), whole, zip(*parts)):
         assert torch.equal(got, torch.cat(pieces, dim=-1)), name
+
+
+@pytest.fixture
+def streaming_at_any_size(kernels):
+    """y streamed from 0 bytes on (``cpu_fused.stream_min_bytes``), put back after the test."""
+    before = cpu_fused.stream_min_bytes()
+    assert cpu_fused.stream_min_bytes(0) == 0
+    yield kernels
+    cpu_fused.stream_min_bytes(before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided rows", "residual"])
+def test_y_written_with_streaming_stores_has_the_same_bits(streaming_at_any_size, layout):
+    """A large float32 y on mapped pages goes out through streaming stores in whole steps and plain
+    stores for the vectors left over: the same bits as plain stores alone. 208 columns are whole
+    vectors on AVX2 (26: 6 steps of 4, 2 left over) and on AVX-512 (13: 3 steps, 1 left over)."""
+    kernels = streaming_at_any_size
+    if not kernels.streams_y(torch.empty(4, 64).fill_(0)):
+        pytest.skip("this build writes y with plain stores only (no AVX2 / AVX-512, or not Linux)")
+    rows, cols = 24, 208
+    g = torch.Generator().manual_seed(10)
+    wide = 3 * torch.randn(rows, cols + 16, generator=g)
+    x = wide[:, :cols] if layout == "strided rows" else wide[:, :cols].contiguous()
+    r = torch.randn(rows, cols, generator=g) if layout == "residual" else None
+    alpha, weight, bias = torch.tensor([0.7]), 3 * torch.randn(cols, generator=g), torch.randn(cols, generator=g)
+    # y must land on mapped pages: glibc hands a block of this size (from its heap) freed just now back
+    torch.empty(rows, cols).fill_(0)
+    before = kernels.streamed_forwards()
+    streamed = kernels.forward(x, r, alpha, weight, bias)
+    assert kernels.streamed_forwards() == before + 1
+    kernels.stream_min_bytes(2**62)
+    plain = kernels.forward(x, r, alpha, weight, bias)
+    assert kernels.streamed_forwards() == before + 1
+    assert torch.equal(streamed[0], plain[0])
+    if r is not None:
+        assert torch.equal(streamed[1], plain[1])
+
+
+def test_y_is_streamed_only_where_it_is_float32_whole_vectors_large_and_mapped(streaming_at_any_size):
+    """On a fresh mapping (what glibc gives every output above 32 MiB by default) the first write
+    faults each page in, zeroed through the cache: streaming stores cost 1.4x there on the Intel box,
+    so y is streamed only once a page in its middle is mapped."""
+    kernels = streaming_at_any_size
+    if not kernels.streams_y(torch.empty(4, 64)):
+        pytest.skip("this build writes y with plain stores only (no AVX2 / AVX-512, or not Linux)")
+    assert not kernels.streams_y(torch.empty(4, 64, dtype=torch.float64))
+    assert not kernels.streams_y(torch.empty(4, 64, dtype=torch.bfloat16))
+    assert not kernels.streams_y(torch.empty(4, 65))  # rows off the vector boundary
+    assert not kernels.streams_y(torch.empty(0, 64))
+    fresh = mmap.mmap(-1, 2**22)  # anonymous: no page mapped until written
+    y = torch.frombuffer(fresh, dtype=torch.float32).view(1024, 1024)
+    assert not kernels.streams_y(y)
+    y.fill_(1.0)
+    assert kernels.streams_y(y)
+    kernels.stream_min_bytes(y.numel() * 4 + 1)
+    assert not kernels.streams_y(y)
+    del y
+    fresh.close()
 
 
 def test_float64_parameters_give_float64_math():

@@ -69,6 +69,14 @@ def task_elements() -> int:
     return load().task_elements()
 
 
+def stream_min_bytes(nbytes: int | None = None) -> int:
+    """The size from which the forward writes a float32 ``y`` whose pages are already mapped with
+    streaming stores (16 MiB by default: below it an output may stay in cache for the op that reads
+    it next; docs/performance.md). Sets it for the process when ``nbytes`` is given (a huge value
+    turns streaming off); returns the setting in effect."""
+    return load().stream_min_bytes(nbytes)
+
+
 def reuse_gradient_buffers(enabled: bool | None = None) -> bool:
     """Whether the cpu backend's backward writes dx over an unshared incoming gradient (on by default;
     off where the reference count of an unshared gradient could not be measured at load). Sets it

@@ -26,9 +26,20 @@
 #include <atomic>
 #include <cctype>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
+#include <immintrin.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define DYT_STREAMS_Y 1
+#else
+#define DYT_STREAMS_Y 0
+#endif
 
 // The step functions (and the helpers they share) are forced inline into their loops, which call them
 // with `n` a constant for whole steps (no partial-load branch, and the lanes stay in registers), then
@@ -209,10 +220,60 @@ DYT_ALWAYS_INLINE void store_step(T* p, int64_t n, const typename Lanes<T>::V* v
   for (int u = 0; u < U; ++u) L::store(p + u * L::width, std::min(L::width, n - u * L::width), v + u * L::N);
 }
 
+// A float32 y of at least this many bytes, on pages already mapped, is written with streaming
+// (non-temporal) stores: they skip the read of each line that a plain store makes first, and do not
+// fill the cache with an output too large to stay in it; a smaller y may stay in cache for the op
+// that reads it next. Chosen on the AVX2 AMD EPYC on 4-16 MiB outputs, where streaming began to pay
+// at ~12 MiB (docs/performance.md, "2026-12-07 (late)"). stream_min_bytes() sets it.
+std::atomic<int64_t> g_stream_min_bytes{int64_t(16) << 20};
+std::atomic<int64_t> g_streamed_forwards{0};  // forward calls that streamed y (tests)
+
+// Whether forward_impl streams y: float32 (the only dtype measured), every row starting on a vector
+// boundary, at least g_stream_min_bytes, and a page in the middle of y already mapped (mincore). On
+// a fresh mapping, which glibc's defaults give every output above 32 MiB, the page fault has just
+// zeroed the page through the cache, and streaming stores there lost on the Intel AVX-512 box and
+// gained nothing on the AMD one (docs/performance.md).
+template <typename T>
+bool streams_y(const at::Tensor& y) {
+#if DYT_STREAMS_Y
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t bytes = y.numel() * static_cast<int64_t>(sizeof(float));
+    const auto address = reinterpret_cast<uintptr_t>(y.data_ptr());
+    if (bytes == 0 || bytes < g_stream_min_bytes.load() || address % sizeof(VF) != 0 ||
+        (y.size(1) * sizeof(float)) % sizeof(VF) != 0)
+      return false;
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    unsigned char mapped = 0;
+    void* middle = reinterpret_cast<void*>((address + bytes / 2) / page * page);
+    return mincore(middle, page, &mapped) == 0 && (mapped & 1);
+  }
+#endif
+  return false;
+}
+
+// Stores U float vectors at p (aligned to a vector) with streaming stores.
+template <int U>
+DYT_ALWAYS_INLINE void stream_step(float* p, const VF* v) {
+#if DYT_STREAMS_Y && defined(CPU_CAPABILITY_AVX512)
+  for (int u = 0; u < U; ++u) _mm512_stream_ps(p + u * VF::size(), v[u]);
+#elif DYT_STREAMS_Y
+  for (int u = 0; u < U; ++u) _mm256_stream_ps(p + u * VF::size(), v[u]);
+#endif
+}
+
+// Orders a thread's streaming stores before what follows (they are weakly ordered).
+inline void stream_fence() {
+#if DYT_STREAMS_Y
+  _mm_sfence();
+#endif
+}
+
 // y = DyT(x [+ r]) for `n` columns (as load_step takes them); s = x + r is stored when r is given.
-template <typename T, int U>
+// With Stream (float32 whole steps only), y goes out through stream_step.
+template <typename T, int U, bool Stream = false>
 DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const typename Lanes<T>::acc_t* w,
                                     const typename Lanes<T>::acc_t* b, typename Lanes<T>::V alpha, int64_t n) {
+  static_assert(!Stream || (std::is_same_v<T, float> && U > 1), "streamed: float32 whole steps");
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr int K = U * L::N;
@@ -234,7 +295,10 @@ DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const ty
     v[k] = fma_barrier(v[k] * load_acc<V>(w + off, m));
     if (b) v[k] = v[k] + load_acc<V>(b + off, m);
   }
-  store_step<T, U>(y, n, v);
+  if constexpr (Stream)
+    stream_step<U>(y, v);
+  else
+    store_step<T, U>(y, n, v);
 }
 
 template <typename T>
@@ -255,7 +319,11 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   const A* wp = weight.const_data_ptr<A>();
   const A* bp = bias ? bias->const_data_ptr<A>() : nullptr;
   const A alpha_value = *alpha_t.const_data_ptr<A>();
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+  const bool stream = streams_y<T>(y);
+  if (stream) ++g_streamed_forwards;
+  // Rows [begin, end), y streamed or not: a template argument, so no branch in the loop.
+  auto rows_of = [&](auto streamed, int64_t begin, int64_t end) {
+    constexpr bool Stream = decltype(streamed)::value;
     // Local copies of what the loop reads: through the lambda's references the compiler would reload
     // them after every vector store (which may alias anything).
     const V alpha(alpha_value);
@@ -273,12 +341,19 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
       T* yrow = y0 + row * ncols;
       int64_t c = 0;
       for (; c + U * L::width <= ncols; c += U * L::width)
-        forward_step<T, U>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c,
-                           b ? b + c : nullptr, alpha, U * L::width);
+        forward_step<T, U, Stream>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c,
+                                   b ? b + c : nullptr, alpha, U * L::width);
       for (; c < ncols; c += L::width)
         forward_step<T, 1>(xrow + c, rrow ? rrow + c : nullptr, srow ? srow + c : nullptr, yrow + c, w + c,
                            b ? b + c : nullptr, alpha, std::min(L::width, ncols - c));
     }
+    if constexpr (Stream) stream_fence();
+  };
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float> && U > 1) {
+      if (stream) return rows_of(std::true_type{}, begin, end);
+    }
+    rows_of(std::false_type{}, begin, end);
   });
 }
 
@@ -711,6 +786,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Whether backward writes dx over an unshared incoming gradient; sets it when given a bool",
       py::arg("enabled") = py::none());
+  m.def(
+      "stream_min_bytes",
+      [](c10::optional<int64_t> bytes) {
+        if (bytes) g_stream_min_bytes = *bytes;
+        return g_stream_min_bytes.load();
+      },
+      "The size from which a float32 y on mapped pages is written with streaming stores; sets it when given",
+      py::arg("bytes") = py::none());
+  m.def("streamed_forwards", [] { return g_streamed_forwards.load(); },
+        "How many forward calls in this process have written y with streaming stores");
+  m.def("streams_y", [](const at::Tensor& y) { return y.scalar_type() == at::kFloat && y.dim() == 2 && streams_y<float>(y); },
+        "Whether the forward would write this (rows, cols) tensor as y with streaming stores");
   m.def("task_elements", [] { return g_task_elements; },
         "Elements a parallel task needs before the kernels use another thread (2^18 where idle OpenMP "
         "threads sleep, else 32768)");
