@@ -222,25 +222,31 @@ DYT_ALWAYS_INLINE void store_step(T* p, int64_t n, const typename Lanes<T>::V* v
 
 // A float32 y of at least this many bytes, on pages already mapped, is written with streaming
 // (non-temporal) stores: they skip the read of each line that a plain store makes first, and do not
-// fill the cache with an output too large to stay in it; a smaller y may stay in cache for the op
-// that reads it next. Chosen on the AVX2 AMD EPYC on 4-16 MiB outputs, where streaming began to pay
-// at ~12 MiB (docs/performance.md, "2026-12-07 (late)"). stream_min_bytes() sets it.
+// fill the cache with an output too large to stay there; a smaller y may still be in cache for the
+// op that reads it next. Chosen on the AVX2 AMD EPYC (docs/performance.md, "2026-12-07 (late)").
+// stream_min_bytes() sets it.
 std::atomic<int64_t> g_stream_min_bytes{int64_t(16) << 20};
 std::atomic<int64_t> g_streamed_forwards{0};  // forward calls that streamed y (tests)
 
-// Whether forward_impl streams y: float32 (the only dtype measured), every row starting on a vector
-// boundary, at least g_stream_min_bytes, and a page in the middle of y already mapped (mincore). On
-// a fresh mapping, which glibc's defaults give every output above 32 MiB, the page fault has just
-// zeroed the page through the cache, and streaming stores there lost on the Intel AVX-512 box and
-// gained nothing on the AMD one (docs/performance.md).
+// Whether the forward's whole steps of T can be streamed at all: float32 (the only dtype measured),
+// AVX2 / AVX-512 on Linux.
 template <typename T>
+constexpr bool kStreamable = DYT_STREAMS_Y && std::is_same_v<T, float>;
+
+// Whether forward_impl streams y: kStreamable, every row starting on a cache line (a step then writes
+// whole lines, 64-byte aligned as the stores need), at least one whole step a row, at least
+// g_stream_min_bytes, and a page in the middle of y already mapped (mincore). A fresh mapping, which
+// glibc's defaults give every output above 32 MiB, has just been zeroed through the cache by its
+// page fault; streaming over it lost on the Intel AVX-512 box and gained nothing on the AMD one.
+template <typename T, int U>
 bool streams_y(const at::Tensor& y) {
 #if DYT_STREAMS_Y
-  if constexpr (std::is_same_v<T, float>) {
-    const int64_t bytes = y.numel() * static_cast<int64_t>(sizeof(float));
+  if constexpr (kStreamable<T>) {
+    constexpr int64_t kLine = 64;
+    const int64_t bytes = y.numel() * static_cast<int64_t>(sizeof(T));
     const auto address = reinterpret_cast<uintptr_t>(y.data_ptr());
-    if (bytes == 0 || bytes < g_stream_min_bytes.load() || address % sizeof(VF) != 0 ||
-        (y.size(1) * sizeof(float)) % sizeof(VF) != 0)
+    if (bytes == 0 || bytes < g_stream_min_bytes.load() || address % kLine != 0 ||
+        (y.size(1) * static_cast<int64_t>(sizeof(T))) % kLine != 0 || y.size(1) < U * Lanes<T>::width)
       return false;
     const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
     unsigned char mapped = 0;
@@ -273,7 +279,7 @@ inline void stream_fence() {
 template <typename T, int U, bool Stream = false>
 DYT_ALWAYS_INLINE void forward_step(const T* x, const T* r, T* s, T* y, const typename Lanes<T>::acc_t* w,
                                     const typename Lanes<T>::acc_t* b, typename Lanes<T>::V alpha, int64_t n) {
-  static_assert(!Stream || (std::is_same_v<T, float> && U > 1), "streamed: float32 whole steps");
+  static_assert(!Stream || (kStreamable<T> && U > 1), "streamed: whole steps of a streamable type");
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr int K = U * L::N;
@@ -319,11 +325,11 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   const A* wp = weight.const_data_ptr<A>();
   const A* bp = bias ? bias->const_data_ptr<A>() : nullptr;
   const A alpha_value = *alpha_t.const_data_ptr<A>();
-  const bool stream = streams_y<T>(y);
-  if (stream) ++g_streamed_forwards;
+  const bool stream_y = streams_y<T, U>(y);
+  if (stream_y) ++g_streamed_forwards;
   // Rows [begin, end), y streamed or not: a template argument, so no branch in the loop.
-  auto rows_of = [&](auto streamed, int64_t begin, int64_t end) {
-    constexpr bool Stream = decltype(streamed)::value;
+  auto forward_rows = [&](auto stream_tag, int64_t begin, int64_t end) {
+    constexpr bool Stream = decltype(stream_tag)::value;
     // Local copies of what the loop reads: through the lambda's references the compiler would reload
     // them after every vector store (which may alias anything).
     const V alpha(alpha_value);
@@ -350,10 +356,10 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
     if constexpr (Stream) stream_fence();
   };
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float> && U > 1) {
-      if (stream) return rows_of(std::true_type{}, begin, end);
+    if constexpr (kStreamable<T> && U > 1) {
+      if (stream_y) return forward_rows(std::true_type{}, begin, end);
     }
-    rows_of(std::false_type{}, begin, end);
+    forward_rows(std::false_type{}, begin, end);
   });
 }
 
@@ -796,8 +802,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("bytes") = py::none());
   m.def("streamed_forwards", [] { return g_streamed_forwards.load(); },
         "How many forward calls in this process have written y with streaming stores");
-  m.def("streams_y", [](const at::Tensor& y) { return y.scalar_type() == at::kFloat && y.dim() == 2 && streams_y<float>(y); },
-        "Whether the forward would write this (rows, cols) tensor as y with streaming stores");
+  m.def(
+      "streams_y",
+      [](const at::Tensor& y) {
+        TORCH_CHECK(y.dim() == 2, "y must be 2-D (rows, cols)");
+        bool stream_y = false;
+        DYT_DISPATCH(y.scalar_type(), "dyt_cpu_streams_y",
+                     [&] { stream_y = streams_y<scalar_t, step_vectors<scalar_t>(kForwardStepComputeVectors)>(y); });
+        return stream_y;
+      },
+      "Whether the forward would write this (rows, cols) tensor as y with streaming stores");
   m.def("task_elements", [] { return g_task_elements; },
         "Elements a parallel task needs before the kernels use another thread (2^18 where idle OpenMP "
         "threads sleep, else 32768)");
