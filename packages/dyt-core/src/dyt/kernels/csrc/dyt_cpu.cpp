@@ -200,6 +200,10 @@ constexpr int kBackwardStepVectors = 2;
 template <typename T>
 constexpr int step_vectors(int compute_vectors) { return std::max(1, compute_vectors / Lanes<T>::N); }
 
+// Vectors of T in one of the forward's steps.
+template <typename T>
+constexpr int kForwardStepVectors = step_vectors<T>(kForwardStepComputeVectors);
+
 // The vectors of the compute type holding a step's first `n` columns (all of them in a whole step).
 template <typename T>
 constexpr int active_vectors(int64_t n) {
@@ -314,7 +318,7 @@ void forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   using L = Lanes<T>;
   using A = typename L::acc_t;
   using V = typename L::V;
-  constexpr int U = step_vectors<T>(kForwardStepComputeVectors);
+  constexpr int U = kForwardStepVectors<T>;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t sx = x.stride(0);
   const T* xp = x.const_data_ptr<T>();
@@ -808,7 +812,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         TORCH_CHECK(y.dim() == 2, "y must be 2-D (rows, cols)");
         bool stream_y = false;
         DYT_DISPATCH(y.scalar_type(), "dyt_cpu_streams_y",
-                     [&] { stream_y = streams_y<scalar_t, step_vectors<scalar_t>(kForwardStepComputeVectors)>(y); });
+                     [&] { stream_y = streams_y<scalar_t, kForwardStepVectors<scalar_t>>(y); });
         return stream_y;
       },
       "Whether the forward would write this (rows, cols) tensor as y with streaming stores");
