@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not _have_cpp_compiler(), reason="the cpu backen
 
 # Odd channel counts cover vector tails (16 floats / 32 bf16 per vector on AVX-512); 1000 x 77 spans
 # several row chunks where idle OpenMP threads spin, 600 x 501 also where they sleep (a task then needs
-# 2**18 elements: cpu_fused.task_elements), so the per-chunk partial sums are reduced across chunks.
+# 2**18 elements: cpu_fused.task_elements; the suite's default, tests/conftest.py), so the per-chunk
+# partial sums are reduced across chunks.
 SHAPES = [(1, 1), (3, 7), (33, 300), (5, 1023), (2, 4097), (1000, 77), (600, 501), (3, 5, 17)]
 
 
@@ -584,6 +585,75 @@ def test_a_young_build_lock_is_waited_on_and_an_old_one_removed(tmp_path, monkey
     cpp_build.clear_stale_build_lock(baton)
     released.join()
     assert time.perf_counter() - begun < 0.9
+
+
+def test_a_built_extension_loads_in_a_new_process_without_cpp_extension():
+    """Once a build is stamped (the module fixture's load stamps it, if no earlier load did), a new
+    process imports the library itself: no ninja run, no setuptools or hipify import (~0.7 s of each
+    rank's start-up), and the kernels run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom dyt.kernels.cpu_fused import EXTENSION\nx = torch.randn(3, 5)\n"
+            "y = EXTENSION.load().dyt(x, torch.tensor(0.5), torch.ones(5), torch.zeros(5))\n"
+            "assert torch.allclose(y, torch.tanh(0.5 * x), atol=1e-6)\n"
+            "print('torch.utils.cpp_extension' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False"], "the built extension was loaded through cpp_extension"
+
+
+def test_a_stamp_is_trusted_only_for_its_own_build_and_library(tmp_path):
+    """load_built imports what record_built stamped, and nothing else: not for another build, not a
+    library rewritten or touched since, not while torch's lock file is there, not a library gone.
+    (A Python file stands in for the built library: the same import machinery loads either.)"""
+    import os
+    import types
+
+    from dyt.kernels import cpp_build
+
+    library = tmp_path / "stand_in_kernels.py"
+    library.write_text("VALUE = 1\n")
+    cpp_build.record_built(tmp_path, types.SimpleNamespace(__file__=str(library), __name__="stand_in_kernels"),
+                           made_of="build-a")
+    assert cpp_build.load_built(tmp_path, "build-a").VALUE == 1
+    assert cpp_build.load_built(tmp_path, "build-b") is None  # another build's stamp
+    (tmp_path / "lock").touch()
+    assert cpp_build.load_built(tmp_path, "build-a") is None  # a build is running, or a killed one left it
+    (tmp_path / "lock").unlink()
+    stat = library.stat()
+    os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cpp_build.load_built(tmp_path, "build-a") is None  # rebuilt in place since (same size)
+    os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cpp_build.load_built(tmp_path, "build-a") is not None
+    library.write_text("VALUE = 22\n")
+    os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cpp_build.load_built(tmp_path, "build-a") is None  # another size
+    library.unlink()
+    assert cpp_build.load_built(tmp_path, "build-a") is None
+    assert cpp_build.load_built(tmp_path / "never-built", "build-a") is None
+
+
+def test_the_build_folder_is_cpp_extensions_own(monkeypatch, tmp_path):
+    """CpuExtension.build_folder writes out cpp_extension's rule so that a load need not import it:
+    the two must name the same folder, with TORCH_EXTENSIONS_DIR and with its default."""
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from dyt.kernels.cpp_build import CpuExtension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert CpuExtension.build_folder("dyt_rule_check") == Path(cpp_extension._get_build_directory("dyt_rule_check",
+                                                                                                  False))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    folder = CpuExtension.build_folder("dyt_rule_check")
+    existed = folder.exists()
+    try:
+        assert folder == Path(cpp_extension._get_build_directory("dyt_rule_check", False))
+    finally:
+        if not existed:
+            folder.rmdir()  # cpp_extension made it
 
 
 def test_no_compiler_at_all(monkeypatch):

@@ -343,6 +343,30 @@ def test_a_lock_file_left_in_the_cpu_communication_ops_build_folder_does_not_han
         assert (folder / "lock").stat().st_mtime > time.time() - 1800, "the leftover lock file is still there"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed's CPU communication op is built without CUDA only")
+def test_a_new_process_takes_the_built_cpu_communication_op_without_cpp_extension():
+    """After one load has stamped DeepSpeed's CPU communication op, a new run imports its library
+    itself (no ninja run, no setuptools or hipify import) and DeepSpeed's own load hands back that
+    module; the process group then comes up on it."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    stamp = ("from dyt.train.distributed import load_cpu_communication_op\n"
+             "assert load_cpu_communication_op()")
+    done = subprocess.run([sys.executable, "-c", stamp], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    code = ("import sys\nfrom deepspeed.accelerator import get_accelerator\n"
+            "from dyt.train.distributed import init_distributed, load_cpu_communication_op\n"
+            "assert load_cpu_communication_op()\n"
+            "builder = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+            "assert builder.load() is builder._loaded_ops[builder.name] and hasattr(builder.load(), 'initialize')\n"
+            "print(init_distributed().world_size, 'torch.utils.cpp_extension' in sys.modules)\n"
+            "import torch\ntorch.distributed.destroy_process_group()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["1", "False"], done.stdout + done.stderr[-3000:]
+
+
 def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
     """A ``train.out_dir`` on each node's own disk was accepted on a fresh start: rank 0 then marked
     checkpoints complete that held its node's shards alone, found out at the first ``--resume``. Two

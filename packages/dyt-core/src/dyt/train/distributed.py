@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -122,19 +123,45 @@ def load_cpu_communication_op() -> bool:
     loads it without one. torch takes a plain ``lock`` file in that folder on every load, even of a
     built op, and a process killed meanwhile (a run stopped as it started) left it: each later CPU run
     then waited on it forever without a word. Holding the kernel lock, such a leftover is removed, and
-    ranks load one at a time. DeepSpeed keeps the module, so its own load finds it. False where the op
-    does not suit this CPU (DeepSpeed then reduces through gloo alone)."""
+    ranks load one at a time. Once a load has stamped the build (:func:`dyt.kernels.cpp_build.record_built`),
+    later ranks import its library directly, as for DyT's own kernels. DeepSpeed keeps the module, so
+    its own load finds it. False where the op does not suit this CPU (DeepSpeed then reduces through
+    gloo alone)."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    from dyt.kernels.cpp_build import CpuExtension, held_build_folder
+    from dyt.kernels.cpp_build import CpuExtension, held_build_folder, load_built, record_built
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return False  # deepspeed.comm.torch.build_shm_op's own test
-    with held_build_folder(CpuExtension.build_folder(builder.name)):
-        builder.load()
+    loaded = builder._loaded_ops  # OpBuilder's modules by name, which its load() returns when there
+    if builder.name in loaded:
+        return True
+    folder = CpuExtension.build_folder(builder.name)
+    made_of = _communication_op_made_of(builder)
+    built = load_built(folder, made_of)
+    if built is not None:
+        loaded[builder.name] = built
+        return True
+    with held_build_folder(folder):
+        record_built(folder, builder.load(), made_of)
     return True
+
+
+def _communication_op_made_of(builder) -> str:
+    """A digest of what DeepSpeed's build of ``builder`` is made of: its sources and flags, and the
+    DeepSpeed and torch it is built for. The op's folder has no digest in its name (two environments
+    sharing the cache build it there in turn), so a stamp there must say which build it is for."""
+    import deepspeed
+
+    made_of = hashlib.sha256()
+    for source in builder.sources():
+        made_of.update(Path(builder.deepspeed_src_path(source)).read_bytes())
+    for part in (*builder.cxx_args(), *builder.include_paths(), deepspeed.__version__, deepspeed.__file__,
+                 torch.__version__, torch.__file__):
+        made_of.update(b"\0" + str(part).encode())
+    return made_of.hexdigest()
 
 
 SHM_DIR = Path("/dev/shm")
