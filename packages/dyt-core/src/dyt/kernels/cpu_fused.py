@@ -21,9 +21,10 @@ autograd's AccumulateGrad judges whether it may keep a gradient; a gradient the 
 under ``create_graph`` are never written over. :func:`reuse_gradient_buffers` turns it off.
 
 The extension is built with torch.utils.cpp_extension at first use and cached in torch's extension
-directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); cpp_extension's lock
-file there makes concurrent processes (ranks) wait for one build instead of compiling at once. The
-build targets the CPU capability torch itself dispatches to (AVX-512, AVX2 or the portable
+directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); a kernel lock in the
+build folder makes concurrent processes (ranks) wait for one build instead of compiling at once, and
+once a build is stamped later processes import its library directly (:mod:`dyt.kernels.cpp_build`).
+The build targets the CPU capability torch itself dispatches to (AVX-512, AVX2 or the portable
 default), so the flags match the machine and one build exists per capability.
 """
 
