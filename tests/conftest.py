@@ -2,8 +2,8 @@ import os
 from pathlib import Path
 
 # Idle OpenMP threads sleep at once instead of spinning: two test workers, each with 2 threads, share
-# 2 cores, and a spinning thread takes the core the other worker computes on (test_ablations.py and
-# test_fused.py run side by side: 59 and 35 s of CPU spinning, 33 and 30 s sleeping). libgomp reads it
+# 2 cores, and a spinning thread takes the core the other worker computes on (test_ablations.py beside
+# test_fused.py: 59-60 s of CPU spinning, 33-37 s sleeping; docs/performance.md). libgomp reads it
 # when torch loads it, so before torch is imported; workers and the commands tests start inherit it.
 # tests/test_cpu_fused.py runs the kernels under both settings in processes of their own.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

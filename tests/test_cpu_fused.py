@@ -540,6 +540,7 @@ def test_the_lock_file_a_killed_build_left_does_not_stop_later_loads():
     """torch's build lock is a plain file: a build killed midway (a rank's SIGKILL, a Ctrl-C) leaves
     it, and every later process that loads the extension would wait on it forever. The build's own
     kernel lock (dropped with its holder) tells such a leftover from a live build's, and removes it."""
+    import contextlib
     import os
     import subprocess
     import sys
@@ -562,6 +563,8 @@ def test_the_lock_file_a_killed_build_left_does_not_stop_later_loads():
         pytest.fail("the load waited on the leftover lock file")
     assert done.returncode == 0, done.stderr  # its warning names the file removed (unless another worker's load
     # took the kernel lock first and removed it: the same mechanism, so not asserted on this process's stderr)
+    with contextlib.suppress(FileNotFoundError):  # gone; or another worker's build holds a new one
+        assert baton.stat().st_mtime > time.time() - 1800, "the leftover lock file is still there"
 
 
 def test_a_young_build_lock_is_waited_on_and_an_old_one_removed(tmp_path, monkeypatch):
@@ -632,6 +635,50 @@ def test_a_stamp_is_trusted_only_for_its_own_build_and_library(tmp_path):
     library.unlink()
     assert cpp_build.load_built(tmp_path, "build-a") is None
     assert cpp_build.load_built(tmp_path / "never-built", "build-a") is None
+    library.write_text("raise ImportError('a library that does not load')\n")
+    cpp_build.record_built(tmp_path, types.SimpleNamespace(__file__=str(library), __name__="stand_in_kernels"),
+                           made_of="build-a")
+    assert cpp_build.load_built(tmp_path, "build-a") is None  # the full load then says why
+
+
+def test_a_stamped_build_loads_from_wherever_the_cache_moved(tmp_path):
+    """The stamp names its library relative to the folder: a cache copied or moved elsewhere (with
+    its files' times, as ``cp -a`` keeps them) still loads without cpp_extension."""
+    import shutil
+    import types
+
+    from dyt.kernels import cpp_build
+
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "stand_in_moved.py").write_text("VALUE = 3\n")
+    cpp_build.record_built(built, types.SimpleNamespace(__file__=str(built / "stand_in_moved.py"),
+                                                        __name__="stand_in_moved"), made_of="build-a")
+    shutil.copytree(built, tmp_path / "moved")
+    shutil.rmtree(built)
+    assert cpp_build.load_built(tmp_path / "moved", "build-a").VALUE == 3
+
+
+def test_a_stamped_load_waits_while_a_build_holds_the_folder(tmp_path):
+    """A build (the kernel lock held exclusively) may be rewriting the library: a load of the stamped
+    build waits for it instead of importing a half-written file."""
+    import threading
+    import time
+    import types
+
+    from dyt.kernels import cpp_build
+
+    (tmp_path / "stand_in_waiting.py").write_text("VALUE = 4\n")
+    cpp_build.record_built(tmp_path, types.SimpleNamespace(__file__=str(tmp_path / "stand_in_waiting.py"),
+                                                           __name__="stand_in_waiting"), made_of="build-a")
+    loaded = []
+    with cpp_build.held_build_folder(tmp_path):
+        loader = threading.Thread(target=lambda: loaded.append(cpp_build.load_built(tmp_path, "build-a")))
+        loader.start()
+        time.sleep(0.3)
+        assert loader.is_alive() and not loaded, "the load did not wait for the build"
+    loader.join(timeout=10)
+    assert loaded and loaded[0].VALUE == 4
 
 
 def test_the_build_folder_is_cpp_extensions_own(monkeypatch, tmp_path):
@@ -741,17 +788,19 @@ def test_the_reference_count_is_measured_when_first_used_under_inference_mode():
 ], ids=["spin", "passive", "passive-but-spincount", "spincount-0"])
 def test_threads_follow_how_idle_openmp_threads_wait(env, elements):
     """Where idle threads sleep, waking one costs more than a second thread saves on small inputs, so a
-    task needs 2**18 elements there; the kernels stay right on either side (300 x 400: one task where
-    threads sleep, several where they spin)."""
+    task needs 2**18 elements there; the kernels stay right on either side (300 x 400 and 1000 x 77,
+    every dtype: one task where threads sleep, several where they spin; the rest of this file runs
+    where they sleep, tests/conftest.py)."""
     import os
     import subprocess
     import sys
 
     code = ("import torch\nfrom dyt.kernels import cpu_fused\nfrom dyt.selfcheck import check_dyt, check_residual_dyt\n"
             "torch.set_num_threads(2)\n"
-            "for dtype in (torch.float32, torch.bfloat16):\n"
-            "    check_dyt('cpu', dtype, (300, 400), True)\n"
-            "    check_residual_dyt('cpu', dtype, (300, 400), True)\n"
+            "for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
+            "    for shape in ((300, 400), (1000, 77)):\n"
+            "        check_dyt('cpu', dtype, shape, True)\n"
+            "        check_residual_dyt('cpu', dtype, shape, True)\n"
             "print(cpu_fused.task_elements())\n")
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

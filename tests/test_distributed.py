@@ -367,6 +367,32 @@ def test_a_new_process_takes_the_built_cpu_communication_op_without_cpp_extensio
     assert done.stdout.split()[-2:] == ["1", "False"], done.stdout + done.stderr[-3000:]
 
 
+def test_the_cpu_communication_ops_stamp_follows_its_sources_headers_and_torch(monkeypatch, tmp_path):
+    """The op's folder is shared by every environment on the machine and carries no digest, so its
+    stamp must change with any file its build reads (a header edited in a DeepSpeed checkout, which
+    ninja's dependency files used to catch) and with the torch it is built against."""
+    from deepspeed.accelerator import get_accelerator
+
+    from dyt.train.distributed import _communication_op_made_of
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        pytest.skip("no CPU communication op for this accelerator")
+    made_of = _communication_op_made_of(builder)
+    sources = Path(builder.deepspeed_src_path(builder.sources()[0])).parent
+    copy = tmp_path / "csrc"
+    shutil.copytree(sources, copy)
+    monkeypatch.setattr(builder, "deepspeed_src_path", lambda path: str(copy / Path(path).name))
+    copied = _communication_op_made_of(builder)
+    header = next(copy.rglob("*.h"))
+    header.write_bytes(header.read_bytes() + b"\n")
+    assert _communication_op_made_of(builder) != copied
+    monkeypatch.undo()
+    assert _communication_op_made_of(builder) == made_of
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert _communication_op_made_of(builder) != made_of
+
+
 def test_a_run_folder_that_is_not_shared_by_every_rank_stops_at_start(tmp_path):
     """A ``train.out_dir`` on each node's own disk was accepted on a fresh start: rank 0 then marked
     checkpoints complete that held its node's shards alone, found out at the first ``--resume``. Two

@@ -136,10 +136,12 @@ def held_build_folder(folder: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def shared_build_folder(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s kernel lock shared: any number of loads at once, none while a build
-    (:func:`held_build_folder`, exclusive) may be rewriting the library. Without ``flock`` (some NFS
-    mounts, or a cache this user may not write) loads go on without it."""
+    (:func:`held_build_folder`, exclusive) may be rewriting the library. The lock file is opened
+    read-only, so a user who may read the cache but not write it waits for a build too; where it is
+    missing (no build here took it) or the file system has no ``flock`` (some NFS mounts), loads go on
+    without it."""
     try:
-        handle = open(folder / "dyt-build.flock", "a")
+        handle = open(folder / "dyt-build.flock")
     except OSError:
         yield
         return
@@ -153,6 +155,12 @@ def shared_build_folder(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def torch_identity() -> tuple[str, str]:
+    """The torch a build is for: its version and the folder it is installed in (another venv's torch
+    is another build, even at the same version)."""
+    return torch.__version__, str(Path(torch.__file__).resolve().parent)
 
 
 BUILT_STAMP = "dyt-built.json"
@@ -174,21 +182,25 @@ def record_built(folder: Path, module, made_of: str) -> None:
         os.replace(partial, folder / BUILT_STAMP)
     except OSError as error:  # the module is loaded all the same; later loads go through cpp_extension
         log.info("could not stamp the build in %s (%s)", folder, error.strerror or error)
+        partial.unlink(missing_ok=True)
 
 
 def load_built(folder: Path, made_of: str):
     """The module of the build stamped in ``folder`` (:func:`record_built`), imported without
     cpp_extension; None where there is no stamp, it is for another ``made_of``, the library is not the
     one stamped (rebuilt, touched or gone), torch's ``lock`` file is there (the full load clears a
-    killed build's, :func:`held_build_folder`), or the import fails. The caller then loads through
-    cpp_extension, which builds whatever is missing."""
-    stamp_file = folder / BUILT_STAMP
-    if not stamp_file.is_file():
-        return None
-    with shared_build_folder(folder):
-        if (folder / "lock").exists():
+    killed build's, :func:`held_build_folder`), or anything else fails: the stamp only saves time, and
+    the caller's load through cpp_extension, which builds whatever is missing, reports real errors.
+    Code that builds here without the kernel lock (DeepSpeed loading its op by itself, a checkout from
+    before 2026-12-06) is kept out only by the ``lock`` check; a relink it starts between that check
+    and the import is not."""
+    try:
+        stamp_file = folder / BUILT_STAMP
+        if not stamp_file.is_file():
             return None
-        try:
+        with shared_build_folder(folder):
+            if (folder / "lock").exists():
+                return None
             stamp = json.loads(stamp_file.read_text())
             library = folder / stamp["library"]
             stat = library.stat()
@@ -197,10 +209,10 @@ def load_built(folder: Path, made_of: str):
             spec = importlib.util.spec_from_file_location(stamp["module"], library)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as error:
-            log.info("loading the build in %s through cpp_extension (its stamp did not serve: %s)", folder, error)
-            return None
-    return module
+            return module
+    except Exception as error:  # noqa: BLE001 - a cache: any failure means the full load
+        log.info("loading the build in %s through cpp_extension (its stamp did not serve: %s)", folder, error)
+        return None
 
 
 class CpuExtension:
@@ -253,7 +265,7 @@ class CpuExtension:
         """``<name>_<level>_<digest>``: the digest of the source, the flags and the torch (its
         version and where it is installed) the build is for."""
         made_of = hashlib.sha256(self.source.read_bytes())
-        for part in (*cflags, torch.__version__, str(Path(torch.__file__).resolve().parent)):
+        for part in (*cflags, *torch_identity()):
             made_of.update(b"\0" + part.encode())
         return f"{self.name}_{level.lower()}_{made_of.hexdigest()[:10]}"
 

@@ -139,27 +139,39 @@ def load_cpu_communication_op() -> bool:
     if builder.name in loaded:
         return True
     folder = CpuExtension.build_folder(builder.name)
-    made_of = _communication_op_made_of(builder)
-    built = load_built(folder, made_of)
+    try:
+        made_of = _communication_op_made_of(builder)
+    except OSError:  # sources not where DeepSpeed's builder says (an install without csrc): no stamp
+        made_of = None
+    built = None if made_of is None else load_built(folder, made_of=made_of)
     if built is not None:
         loaded[builder.name] = built
         return True
     with held_build_folder(folder):
-        record_built(folder, builder.load(), made_of)
+        module = builder.load()
+        if made_of is not None:
+            record_built(folder, module, made_of=made_of)
     return True
 
 
 def _communication_op_made_of(builder) -> str:
-    """A digest of what DeepSpeed's build of ``builder`` is made of: its sources and flags, and the
-    DeepSpeed and torch it is built for. The op's folder has no digest in its name (two environments
-    sharing the cache build it there in turn), so a stamp there must say which build it is for."""
+    """A digest of what DeepSpeed's build of ``builder`` is made of: every file in its sources' and
+    include folders (headers too: ninja's dependency files caught an edited header, a stamp must as
+    well), its flags, and the DeepSpeed and torch it is built for. The op's folder has no digest in
+    its name (two environments sharing the cache build it there in turn), so a stamp there must say
+    which build it is for."""
     import deepspeed
 
+    from dyt.kernels.cpp_build import torch_identity
+
+    folders = {Path(builder.deepspeed_src_path(source)).parent for source in builder.sources()}
+    folders |= {Path(builder.deepspeed_src_path(path)) for path in builder.include_paths()}
     made_of = hashlib.sha256()
-    for source in builder.sources():
-        made_of.update(Path(builder.deepspeed_src_path(source)).read_bytes())
-    for part in (*builder.cxx_args(), *builder.include_paths(), deepspeed.__version__, deepspeed.__file__,
-                 torch.__version__, torch.__file__):
+    for folder in sorted(folders):
+        for file in sorted(path for path in folder.rglob("*") if path.is_file()):
+            made_of.update(str(file).encode() + b"\0" + file.read_bytes())
+    for part in (*builder.cxx_args(), *builder.extra_ldflags(), deepspeed.__version__,
+                 str(Path(deepspeed.__file__).resolve().parent), *torch_identity()):
         made_of.update(b"\0" + str(part).encode())
     return made_of.hexdigest()
 
