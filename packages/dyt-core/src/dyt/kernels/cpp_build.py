@@ -16,8 +16,9 @@ environments (two venvs, two checkouts) sharing the cache would otherwise rebuil
 A build that finished leaves a stamp beside its library (:data:`BUILT_STAMP`: the library's path,
 size and modification time, and what the build is made of). A later process whose build matches the
 stamp imports the library itself (:func:`load_built`): cpp_extension's load writes a ninja file,
-runs ninja and imports setuptools and hipify first, ~0.7 s of every rank's start-up on the 2-core
-box, for a library that is already there.
+runs ninja and imports setuptools and hipify first, for a library that is already there (~0.7 s of a
+process that loads the kernels and DeepSpeed's op, measured alone on the 2-core box; a launch's
+time did not show it: docs/performance.md).
 """
 
 from __future__ import annotations
