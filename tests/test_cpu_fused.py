@@ -592,8 +592,8 @@ def test_a_young_build_lock_is_waited_on_and_an_old_one_removed(tmp_path, monkey
 
 def test_a_built_extension_loads_in_a_new_process_without_cpp_extension():
     """Once a build is stamped (the module fixture's load stamps it, if no earlier load did), a new
-    process imports the library itself: no ninja run, no setuptools or hipify import (~0.7 s of each
-    rank's start-up), and the kernels run."""
+    process imports the library itself: no ninja run, no setuptools or hipify import (~0.7 s of a
+    process that loads them, measured alone), and the kernels run."""
     import subprocess
     import sys
 
