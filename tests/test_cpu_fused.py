@@ -39,6 +39,17 @@ def kernels():
     return cpu_fused.load()
 
 
+def _stdout_of_a_new_process(code: str, env: dict[str, str] | None = None) -> str:
+    """What ``python -c code`` printed in a fresh interpreter (one that loads the extension as a new
+    rank does, or reads the environment when it loads it); fails the test with its stderr otherwise."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
@@ -594,16 +605,11 @@ def test_a_built_extension_loads_in_a_new_process_without_cpp_extension():
     """Once a build is stamped (the module fixture's load stamps it, if no earlier load did), a new
     process imports the library itself: no ninja run, no setuptools or hipify import (~0.7 s of a
     process that loads them, measured alone), and the kernels run."""
-    import subprocess
-    import sys
-
     code = ("import sys, torch\nfrom dyt.kernels.cpu_fused import EXTENSION\nx = torch.randn(3, 5)\n"
             "y = EXTENSION.load().dyt(x, torch.tensor(0.5), torch.ones(5), torch.zeros(5))\n"
             "assert torch.allclose(y, torch.tanh(0.5 * x), atol=1e-6)\n"
             "print('torch.utils.cpp_extension' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["False"], "the built extension was loaded through cpp_extension"
+    assert _stdout_of_a_new_process(code).split() == ["False"], "the built extension was loaded through cpp_extension"
 
 
 def test_a_stamp_is_trusted_only_for_its_own_build_and_library(tmp_path):
@@ -767,16 +773,11 @@ def test_double_backward():
 def test_the_reference_count_is_measured_when_first_used_under_inference_mode():
     """The measurement at import runs autograd; a first use under inference_mode (or no_grad) must
     not make it fail and turn the reuse off for the process."""
-    import subprocess
-    import sys
-
     code = ("import torch\nfrom dyt.functional import dyt\nfrom dyt.kernels import cpu_fused\n"
             "with torch.inference_mode():\n"
             "    dyt(torch.randn(4, 8), torch.tensor([0.5]), torch.ones(8), backend='cpu')\n"
             "print(cpu_fused.load().owned_gradient_refs(), cpu_fused.reuse_gradient_buffers())\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    refs, enabled = done.stdout.split()[-2:]
+    refs, enabled = _stdout_of_a_new_process(code).split()[-2:]
     assert int(refs) > 0 and enabled == "True"
 
 
@@ -792,8 +793,6 @@ def test_threads_follow_how_idle_openmp_threads_wait(env, elements):
     every dtype: one task where threads sleep, several where they spin; the rest of this file runs
     where they sleep, tests/conftest.py)."""
     import os
-    import subprocess
-    import sys
 
     code = ("import torch\nfrom dyt.kernels import cpu_fused\nfrom dyt.selfcheck import check_dyt, check_residual_dyt\n"
             "torch.set_num_threads(2)\n"
@@ -803,10 +802,7 @@ def test_threads_follow_how_idle_openmp_threads_wait(env, elements):
             "        check_residual_dyt('cpu', dtype, shape, True)\n"
             "print(cpu_fused.task_elements())\n")
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**clean, **env})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) == elements
+    assert int(_stdout_of_a_new_process(code, env={**clean, **env}).split()[-1]) == elements
 
 
 def test_tracers_transforms_and_forward_ad_get_the_formula_not_the_kernel():
