@@ -24,6 +24,7 @@ from dyt.train.distributed import free_port
 from dyt.train.finetune import Standardize, classification_metrics, confusion_matrix
 from dyt_wav2vec2 import audio
 from dyt_wav2vec2.audio import (
+    AudioClip,
     AudioError,
     Utterance,
     inspect_audio,
@@ -397,6 +398,67 @@ def test_audio_checks_are_stored_for_every_rank_and_launch_until_a_file_changes(
     assert opened == ["a.wav", "b.wav", "bad.wav"]
     (tmp_path / "file").write_text("")
     assert check_audio(rows, 0.5, 1000, "training audio", tmp_path / "file" / "checks") == check_audio(rows, 0.5, 1000, "t")
+
+
+def _long_recordings(speech, folder: Path) -> dict[str, Path]:
+    """The fixture's utterances end to end, three times over (~15 s), written as each kind of file a
+    clip reads differently: 16 kHz WAV (16-bit and float) and FLAC, read a span at a time; 22.05 kHz
+    WAV (resampled) and 16 kHz Ogg Vorbis (not counted exactly in its header), read whole."""
+    import torchaudio
+
+    long = torch.cat([load_audio(r.path) for r in speech[1]] * 3)
+    writes = {"pcm.wav": (long, 16000, {"subtype": "PCM_16"}), "float.wav": (long, 16000, {"subtype": "FLOAT"}),
+              "pcm.flac": (long, 16000, {"format": "FLAC", "subtype": "PCM_16"}),
+              "low.wav": (torchaudio.functional.resample(long, 16000, 22050), 22050, {"subtype": "PCM_16"}),
+              "vorbis.ogg": (long, 16000, {"format": "OGG", "subtype": "VORBIS"})}
+    for name, (wave, rate, kind) in writes.items():
+        soundfile.write(folder / name, wave.numpy(), rate, **kind)
+    return {name: folder / name for name in writes}
+
+
+def test_clips_batch_as_their_loaded_waveforms_and_a_16khz_wav_or_flac_is_read_for_its_crop_alone(
+        speech, tmp_path, monkeypatch):
+    paths = _long_recordings(speech, tmp_path)
+    names = list(paths)
+    for crop in (8000, 10**9):  # a crop of each, and each whole
+        for first in range(len(names)):  # each file once the batch's shortest, and at each place in it
+            order = names[first:] + names[:first]
+            torch.manual_seed(crop + first)
+            loaded = crop_to_shortest([load_audio(paths[n]) for n in order], crop)
+            torch.manual_seed(crop + first)
+            clipped = crop_to_shortest([AudioClip(paths[n]) for n in order], crop)
+            assert torch.equal(loaded[0], clipped[0]) and torch.equal(loaded[1], clipped[1]), (crop, order)
+    decoded, frames_read = [], []
+    monkeypatch.setattr(audio, "load_audio", lambda path, name=None: decoded.append(path.name) or load_audio(path))
+    read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read",
+                        lambda self, frames=-1, *a, **k: frames_read.append((Path(self.name).name, frames)) or
+                        read(self, frames, *a, **k))
+    batch, lengths = crop_and_batch([AudioClip(paths[n]) for n in names], 8000)
+    assert lengths.tolist() == [8000] * len(names)
+    assert sorted(decoded) == ["low.wav", "vorbis.ogg"]  # resampled, and a count the header estimates
+    whole = {name: soundfile.info(paths[name]).frames for name in ("low.wav", "vorbis.ogg")}
+    assert sorted(frames_read) == sorted([("float.wav", 8000), ("pcm.flac", 8000), ("pcm.wav", 8000), *whole.items()])
+
+
+def test_a_clip_refuses_nan_samples_where_it_reads_and_a_file_shorter_than_its_header_said(tmp_path):
+    noisy = np.zeros(48000, dtype=np.float32)
+    noisy[[30007, 30090]] = [np.nan, np.inf]
+    soundfile.write(tmp_path / "nan.wav", noisy, 16000, subtype="FLOAT")
+    clip = AudioClip(tmp_path / "nan.wav")
+    assert clip.numel() == 48000 and torch.equal(clip.span(0, 30000), torch.zeros(30000))  # NaN not read: no error
+    with pytest.raises(AudioError, match=r"nan.wav: 2 samples of 30000-31000 are NaN or infinite \(first at sample 30007\)"):
+        clip.span(30000, 1000)
+    soundfile.write(tmp_path / "nan.wav", noisy[:20000], 16000, subtype="FLOAT")  # changed since it was counted
+    with pytest.raises(AudioError, match=r"nan.wav: the header counts 48000 samples, but samples 19000-27000 read "
+                                         r"1000; re-export or remove the file"):
+        clip.span(19000, 8000)
+    soundfile.write(tmp_path / "stereo.wav", np.zeros((16000, 2), dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="stereo.wav: 2 channels"):
+        AudioClip(tmp_path / "stereo.wav").numel()
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really audio")
+    with pytest.raises(AudioError, match="broken.wav: unreadable audio"):
+        AudioClip(tmp_path / "broken.wav").numel()
 
 
 def test_bad_audio_and_manifest_rows_are_named(speech, tmp_path):

@@ -69,6 +69,63 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     return waveform
 
 
+SPAN_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF")
+"""The formats whose header counts their frames exactly, so a 16 kHz file of one of them is read a
+span at a time (:class:`AudioClip`); libsndfile estimates an MP3's count, and the others are read
+whole as before."""
+
+
+class AudioClip:
+    """One file's audio as the pretraining batches read it: its length first (:meth:`numel`), then
+    only the span a crop takes (:meth:`span`). A 16 kHz WAV, FLAC or AIFF file is read a span at a
+    time, so a ten-minute recording no longer decodes whole (and sits in memory) for every 2 s crop;
+    any other file is decoded whole and resampled at :meth:`numel`, as :func:`load_audio` reads it.
+    The samples are the same either way: a span is exactly those of the whole file, and NaN or
+    infinite samples are refused where they are read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._frames: int | None = None  # a file read by spans: its frames, from the header
+        self._whole: torch.Tensor | None = None  # any other file, decoded
+
+    def numel(self) -> int:
+        """Its samples at 16 kHz: what ``load_audio(path).numel()`` is, from the header where it can."""
+        if self._frames is None and self._whole is None:
+            try:
+                info = soundfile.info(str(self.path))
+            except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+                raise AudioError(f"{self.path}: unreadable audio ({getattr(error, 'error_string', None) or error})") from None
+            if info.samplerate == SAMPLE_RATE and info.format in SPAN_FORMATS and info.channels == 1 and info.frames > 0:
+                self._frames = info.frames
+            else:  # load_audio names what is wrong (channels, empty)
+                self._whole = load_audio(self.path)
+        return self._frames if self._frames is not None else self._whole.numel()
+
+    def span(self, start: int, length: int) -> torch.Tensor:
+        """Samples ``[start, start + length)`` (within :meth:`numel`), float32 at 16 kHz."""
+        total = self.numel()
+        if not 0 <= start <= start + length <= total:
+            raise ValueError(f"span [{start}, {start + length}) outside {self.path}'s {total} samples")
+        if self._whole is not None:
+            return self._whole[start : start + length]
+        try:
+            with soundfile.SoundFile(str(self.path)) as audio:
+                audio.seek(start)
+                data = audio.read(length, dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+            raise AudioError(f"{self.path}: unreadable audio ({getattr(error, 'error_string', None) or error})") from None
+        if data.shape[0] != length:  # changed since it was checked, or damaged past its header
+            raise AudioError(f"{self.path}: the header counts {total} samples, but samples {start}-{start + length} "
+                             f"read {data.shape[0]}; re-export or remove the file")
+        waveform = torch.from_numpy(data[:, 0])
+        finite = torch.isfinite(waveform)
+        if not finite.all():
+            first = start + int((~finite).nonzero()[0])
+            raise AudioError(f"{self.path}: {int((~finite).sum())} samples of {start}-{start + length} are NaN or "
+                             f"infinite (first at sample {first})")
+        return waveform
+
+
 def _wav_header_frames(path: Path) -> int | None:
     """The frames a RIFF/WAVE file's ``data`` chunk header promises (None: not a plain WAV, or a
     streamed one whose header leaves the size open). libsndfile reports the frames the file really

@@ -54,7 +54,7 @@ from dyt.train.finetune import (
 )
 from dyt.train.trainer import seed_everything, to_device
 
-from .audio import AudioError, Utterance, load_audio
+from .audio import AudioClip, AudioError, Utterance, load_audio
 from .model import build_wav2vec2, encode
 from .speech import KEYWORDS, load_split, speech_identity
 from .task import (
@@ -458,7 +458,7 @@ def contrastive_batches(rows: list[Utterance], crop: int,
     batch cropped to its shortest (so the masker masks every recording as the config asks)."""
     rows = by_length(rows, crop)
     for start in range(0, len(rows), size):
-        yield crop_to_shortest([load_audio(r.path) for r in rows[start : start + size]], crop)
+        yield crop_to_shortest([AudioClip(r.path) for r in rows[start : start + size]], crop)
 
 
 def contrastive_eval(run_dir: Path, data: Path, seeds: list[int], pretrained: bool = True,

@@ -21,13 +21,13 @@ from dyt_data import cache_root
 
 from .audio import (
     SAMPLE_RATE,
+    AudioClip,
     AudioError,
     Utterance,
     audio_source_files,
     file_stats,
     inspected,
     is_hf_dataset,
-    load_audio,
     read_manifest,
     shared_recordings,
     utterances_from_hf_dataset,
@@ -208,14 +208,16 @@ def pretraining_audio(cfg: SpeechDataConfig, min_samples: int) -> tuple[list[Utt
 
 
 class Waveforms(Dataset):
+    """The rows' audio, each an :class:`AudioClip` that the collate reads a crop of."""
+
     def __init__(self, rows: list[Utterance]):
         self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return load_audio(self.rows[index].path)
+    def __getitem__(self, index: int) -> AudioClip:
+        return AudioClip(self.rows[index].path)
 
 
 def normalize_waveform(wave: torch.Tensor) -> torch.Tensor:
@@ -224,19 +226,22 @@ def normalize_waveform(wave: torch.Tensor) -> torch.Tensor:
     return (wave - wave.mean()) / (wave.std() + 1e-5)
 
 
-def crop_and_batch(waveforms: list[torch.Tensor], crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Randomly crop to ``crop`` samples, normalise each (:func:`normalize_waveform`), right-pad."""
+def crop_and_batch(waveforms: list[torch.Tensor | AudioClip], crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly crop to ``crop`` samples, normalise each (:func:`normalize_waveform`), right-pad. A
+    clip is read for its crop alone; the draws depend on the lengths only, so a clip and its loaded
+    waveform give the same batch."""
     pieces = []
     for wave in waveforms:
-        if wave.numel() > crop:
-            start = int(torch.randint(0, wave.numel() - crop + 1, ()))
-            wave = wave[start : start + crop]
-        pieces.append(normalize_waveform(wave))
+        start, length = 0, wave.numel()
+        if length > crop:
+            start, length = int(torch.randint(0, length - crop + 1, ())), crop
+        pieces.append(normalize_waveform(wave.span(start, length) if isinstance(wave, AudioClip)
+                                         else wave[start : start + length]))
     lengths = torch.tensor([p.numel() for p in pieces])
     return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True), lengths
 
 
-def crop_to_shortest(waveforms: list[torch.Tensor], crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_to_shortest(waveforms: list[torch.Tensor | AudioClip], crop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A pretraining batch: every clip randomly cropped to the batch's shortest (and to at most
     ``crop`` samples), normalised. fairseq2's masker draws as many mask spans for every row as the
     batch's shortest row allows, so a padded batch of mixed lengths masks its long clips far less
