@@ -441,17 +441,67 @@ def test_clips_batch_as_their_loaded_waveforms_and_a_16khz_wav_or_flac_is_read_f
     assert sorted(frames_read) == sorted([("float.wav", 8000), ("pcm.flac", 8000), ("pcm.wav", 8000), *whole.items()])
 
 
-def test_a_clip_refuses_nan_samples_where_it_reads_and_a_file_shorter_than_its_header_said(tmp_path):
+def test_a_clip_of_every_wav_aiff_and_flac_subtype_batches_as_its_loaded_waveform(speech, tmp_path, monkeypatch):
+    """Every subtype libsndfile writes in the containers a clip may read by spans, 16 kHz: the same
+    crops as the whole file's, read by spans where libsndfile can seek in the file and whole where it
+    cannot (GSM 6.10, G.721, NMS ADPCM: a seek there fails even at 0)."""
+    wave = torch.cat([load_audio(r.path) for r in speech[1]])[:60000].numpy()
+    decoded = []
+    monkeypatch.setattr(audio, "load_audio", lambda path, name=None: decoded.append(path.name) or load_audio(path))
+    written, unseekable = [], set()
+    for kind in ("WAV", "WAVEX", "AIFF", "FLAC"):
+        for subtype in soundfile.available_subtypes(kind):
+            path = tmp_path / f"{kind}-{subtype}.{'flac' if kind == 'FLAC' else 'wav' if 'WAV' in kind else 'aiff'}"
+            try:
+                soundfile.write(path, wave, 16000, format=kind, subtype=subtype)
+            except (RuntimeError, TypeError, ValueError):  # a subtype libsndfile lists but cannot write
+                continue
+            with soundfile.SoundFile(path) as opened:
+                if not opened.seekable():
+                    unseekable.add(path.name)
+            written.append(path)
+    assert len(written) >= 30 and {"WAV-GSM610.wav", "WAV-PCM_24.wav", "AIFF-ULAW.aiff"} <= {p.name for p in written}
+    unreadable = []
+    for path in written:
+        try:
+            load_audio(path)
+        except AudioError:  # libsndfile writes DWVW AIFF that it cannot read back: the clip refuses it too
+            unreadable.append(path.name)
+            with pytest.raises(AudioError, match=f"{path.name}: unreadable audio"):
+                crop_and_batch([AudioClip(path)], 7000)
+            continue
+        for crop in (7000, 10**9):
+            torch.manual_seed(crop)
+            expected = crop_and_batch([load_audio(path)], crop)
+            torch.manual_seed(crop)
+            got = crop_and_batch([AudioClip(path)], crop)
+            assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1]), (path.name, crop)
+    assert sorted(set(decoded) - set(unreadable)) == sorted(unseekable - set(unreadable)), unreadable
+    assert "WAV-GSM610.wav" in unseekable and len(unreadable) < 5
+
+
+def test_the_audio_crops_script_runs(speech, tmp_path):
+    """scripts/bench_audio_crops.py on a short FLAC: both ways timed, their batches checked equal."""
+    soundfile.write(tmp_path / "a.flac", torch.cat([load_audio(r.path) for r in speech[1]]).numpy(), 16000,
+                    subtype="PCM_16")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_audio_crops.py"), "--file", str(tmp_path / "a.flac"),
+                           "--clips", "2", "--crop", "4000", "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the batches equal" in done.stdout and "decoded whole" in done.stdout and "read for the crop" in done.stdout
+
+
+def test_a_clip_refuses_nan_samples_where_it_reads_and_a_file_shortened_since_it_was_counted(tmp_path):
     noisy = np.zeros(48000, dtype=np.float32)
     noisy[[30007, 30090]] = [np.nan, np.inf]
     soundfile.write(tmp_path / "nan.wav", noisy, 16000, subtype="FLOAT")
     clip = AudioClip(tmp_path / "nan.wav")
     assert clip.numel() == 48000 and torch.equal(clip.span(0, 30000), torch.zeros(30000))  # NaN not read: no error
-    with pytest.raises(AudioError, match=r"nan.wav: 2 samples of 30000-31000 are NaN or infinite \(first at sample 30007\)"):
+    with pytest.raises(AudioError, match=r"nan.wav: 2 of samples 30000 to 30999 are NaN or infinite "
+                                         r"\(first at sample 30007\)"):
         clip.span(30000, 1000)
     soundfile.write(tmp_path / "nan.wav", noisy[:20000], 16000, subtype="FLOAT")  # changed since it was counted
-    with pytest.raises(AudioError, match=r"nan.wav: the header counts 48000 samples, but samples 19000-27000 read "
-                                         r"1000; re-export or remove the file"):
+    with pytest.raises(AudioError, match=r"nan.wav: 48000 samples when counted, but samples 19000 to 26999 read "
+                                         r"1000: changed during the run\? Re-export or remove the file"):
         clip.span(19000, 8000)
     soundfile.write(tmp_path / "stereo.wav", np.zeros((16000, 2), dtype=np.float32), 16000)
     with pytest.raises(AudioError, match="stereo.wav: 2 channels"):

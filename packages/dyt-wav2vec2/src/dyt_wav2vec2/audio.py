@@ -47,57 +47,83 @@ class Utterance:
     text: str = ""
 
 
+READ_ERRORS = (RuntimeError, OSError)
+"""What soundfile raises for a file it cannot open, seek in or decode (its LibsndfileError is a
+RuntimeError)."""
+
+
+def _unreadable(name: str, error: BaseException) -> AudioError:
+    # libsndfile's own words, not its "Error opening <_io.BytesIO object at 0x...>" for a file object
+    return AudioError(f"{name}: unreadable audio ({getattr(error, 'error_string', None) or error})")
+
+
+def _refuse_non_finite(name: str, waveform: torch.Tensor, start: int | None = None) -> None:
+    """An AudioError naming the NaN or infinite samples of ``waveform``, the whole file or its samples
+    from ``start`` on: a float WAV can hold them, and the loss would turn NaN at the first step."""
+    finite = torch.isfinite(waveform)
+    if not finite.all():
+        first = (start or 0) + int((~finite).nonzero()[0])
+        count = int((~finite).sum())
+        which = f"{count} samples" if start is None else f"{count} of samples {start} to {start + waveform.numel() - 1}"
+        raise AudioError(f"{name}: {which} are NaN or infinite (first at sample {first})")
+
+
 def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     """Mono float32 waveform at 16 kHz from a file (or a file object; ``name`` then names it in errors)."""
     name = name or str(path)
     try:
         data, rate = soundfile.read(path if not isinstance(path, Path) else str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-        # libsndfile's own words, not its "Error opening <_io.BytesIO object at 0x...>" for a file object
-        raise AudioError(f"{name}: unreadable audio ({getattr(error, 'error_string', None) or error})") from None
+    except READ_ERRORS as error:
+        raise _unreadable(name, error) from None
     if data.shape[0] == 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
     if data.shape[1] != 1:
         raise AudioError(f"{name}: {data.shape[1]} channels; {TAKES_MONO}")
     waveform = torch.from_numpy(data[:, 0])
-    finite = torch.isfinite(waveform)
-    if not finite.all():  # a float WAV can hold NaN or Inf: the loss would turn NaN at the first step
-        first = int((~finite).nonzero()[0])
-        raise AudioError(f"{name}: {int((~finite).sum())} samples are NaN or infinite (first at sample {first})")
+    _refuse_non_finite(name, waveform)
     if rate != SAMPLE_RATE:
         waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
     return waveform
 
 
 SPAN_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF")
-"""The formats whose header counts their frames exactly, so a 16 kHz file of one of them is read a
-span at a time (:class:`AudioClip`); libsndfile estimates an MP3's count, and the others are read
-whole as before."""
+"""The containers a 16 kHz file of which is read a span at a time (:class:`AudioClip`) where
+libsndfile can seek in it and knows its length: it counts their frames from the data itself (MP3's
+it estimates). Others, and these where it cannot seek (GSM 6.10, G.721, NMS ADPCM) or a FLAC whose
+header leaves the length open, are read whole as before."""
+
+UNKNOWN_FRAMES = 2**63 - 1
+"""libsndfile's frame count for a file whose length it does not know (SF_COUNT_MAX)."""
 
 
 class AudioClip:
     """One file's audio as the pretraining batches read it: its length first (:meth:`numel`), then
-    only the span a crop takes (:meth:`span`). A 16 kHz WAV, FLAC or AIFF file is read a span at a
-    time, so a ten-minute recording no longer decodes whole (and sits in memory) for every 2 s crop;
-    any other file is decoded whole and resampled at :meth:`numel`, as :func:`load_audio` reads it.
-    The samples are the same either way: a span is exactly those of the whole file, and NaN or
-    infinite samples are refused where they are read."""
+    only the span a crop takes (:meth:`span`). A 16 kHz WAV, FLAC or AIFF file that libsndfile can
+    seek in is read a span at a time, so a ten-minute recording is no longer decoded whole (and held
+    in memory) for each 2 s crop; any other file is decoded whole and resampled at :meth:`numel`,
+    as :func:`load_audio` reads it. For an intact file the samples are the same either way; NaN or
+    infinite samples, and damage inside a file whose ends read well, are found where a crop reads
+    them (decoded whole, at any crop)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._frames: int | None = None  # a file read by spans: its frames, from the header
+        self._frames: int | None = None  # a file read by spans: its frames
         self._whole: torch.Tensor | None = None  # any other file, decoded
 
     def numel(self) -> int:
-        """Its samples at 16 kHz: what ``load_audio(path).numel()`` is, from the header where it can."""
+        """Its samples at 16 kHz: ``load_audio(path).numel()``, from the header where it can."""
         if self._frames is None and self._whole is None:
             try:
-                info = soundfile.info(str(self.path))
-            except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-                raise AudioError(f"{self.path}: unreadable audio ({getattr(error, 'error_string', None) or error})") from None
-            if info.samplerate == SAMPLE_RATE and info.format in SPAN_FORMATS and info.channels == 1 and info.frames > 0:
-                self._frames = info.frames
-            else:  # load_audio names what is wrong (channels, empty)
+                with soundfile.SoundFile(str(self.path)) as audio:
+                    rate, kind, channels, frames = audio.samplerate, audio.format, audio.channels, audio.frames
+                    seekable = audio.seekable()
+            except READ_ERRORS as error:
+                raise _unreadable(str(self.path), error) from None
+            if channels != 1:
+                raise AudioError(f"{self.path}: {channels} channels; {TAKES_MONO}")
+            if rate == SAMPLE_RATE and kind in SPAN_FORMATS and seekable and 0 < frames < UNKNOWN_FRAMES:
+                self._frames = frames
+            else:
                 self._whole = load_audio(self.path)
         return self._frames if self._frames is not None else self._whole.numel()
 
@@ -112,17 +138,13 @@ class AudioClip:
             with soundfile.SoundFile(str(self.path)) as audio:
                 audio.seek(start)
                 data = audio.read(length, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-            raise AudioError(f"{self.path}: unreadable audio ({getattr(error, 'error_string', None) or error})") from None
-        if data.shape[0] != length:  # changed since it was checked, or damaged past its header
-            raise AudioError(f"{self.path}: the header counts {total} samples, but samples {start}-{start + length} "
-                             f"read {data.shape[0]}; re-export or remove the file")
+        except READ_ERRORS as error:
+            raise _unreadable(str(self.path), error) from None
+        if data.shape[0] != length:  # shortened since it was counted
+            raise AudioError(f"{self.path}: {total} samples when counted, but samples {start} to {start + length - 1} "
+                             f"read {data.shape[0]}: changed during the run? Re-export or remove the file")
         waveform = torch.from_numpy(data[:, 0])
-        finite = torch.isfinite(waveform)
-        if not finite.all():
-            first = start + int((~finite).nonzero()[0])
-            raise AudioError(f"{self.path}: {int((~finite).sum())} samples of {start}-{start + length} are NaN or "
-                             f"infinite (first at sample {first})")
+        _refuse_non_finite(str(self.path), waveform, start)
         return waveform
 
 
@@ -158,7 +180,7 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
     """The samples at 16 kHz of one audio file as training reads it, or an AudioError naming the file
     and what is wrong: unreadable, not mono, empty, truncated (the header promises more samples than
     the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest tool; a float
-    file's NaN or infinite samples are an error there, and when training loads the file);
+    file's NaN or infinite samples are an error there, and where training reads them);
     without it the header is checked against the file and the last promised sample is read, which
     costs the same for any length (training's check of every file at start)."""
     try:
@@ -180,12 +202,12 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
                 elif frames:
                     audio.seek(frames - 1)
                     held = frames if len(audio.read(1)) == 1 else 0
-            except (soundfile.LibsndfileError, RuntimeError) as error:
+            except RuntimeError as error:  # soundfile's LibsndfileError among them
                 held, failure = (held if decode else 0), f" ({error})"
     except AudioError:
         raise
-    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
-        raise AudioError(f"{path}: unreadable audio ({error})") from None
+    except READ_ERRORS as error:
+        raise _unreadable(str(path), error) from None
     except UnicodeEncodeError:  # soundfile passes the name to libsndfile as UTF-8
         raise AudioError(f"{os.fsencode(path)!r}: a file name that is not UTF-8, which soundfile cannot open: "
                          "rename the file") from None
