@@ -480,6 +480,31 @@ def test_a_clip_of_every_wav_aiff_and_flac_subtype_batches_as_its_loaded_wavefor
     assert "WAV-GSM610.wav" in unseekable and len(unreadable) < 5
 
 
+def test_every_wav_subtype_is_checked_as_training_reads_it_and_refused_cut_in_half(tmp_path):
+    """The start-up check of every WAV / WAVEX subtype libsndfile writes: a whole file counts the
+    samples training reads (block-coded ones too: GSM 6.10, G.721 and NMS ADPCM, where libsndfile
+    cannot seek, are read through, where they were refused as truncated), and a file cut in half is
+    refused as truncated, by the fact chunk's count for block-coded ones (ADPCM cut in half had passed
+    as a shorter file)."""
+    wave = (0.3 * np.sin(np.arange(60000) / 10)).astype(np.float32)
+    checked = 0
+    for kind in ("WAV", "WAVEX"):
+        for subtype in soundfile.available_subtypes(kind):
+            path = tmp_path / f"{kind}-{subtype}.wav"
+            try:
+                soundfile.write(path, wave, 16000, format=kind, subtype=subtype)
+            except (RuntimeError, TypeError, ValueError):  # a subtype libsndfile lists but cannot write
+                continue
+            cut = tmp_path / f"cut-{kind}-{subtype}.wav"
+            cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            for decode in (False, True):
+                assert inspect_audio(path, decode=decode) == load_audio(path).numel(), (path.name, decode)
+                with pytest.raises(AudioError, match=f"{cut.name}: truncated: the header promises"):
+                    inspect_audio(cut, decode=decode)
+            checked += 1
+    assert checked >= 20
+
+
 def test_the_audio_crops_script_runs(speech, tmp_path):
     """scripts/bench_audio_crops.py on a short FLAC: both ways timed, their batches checked equal."""
     soundfile.write(tmp_path / "a.flac", torch.cat([load_audio(r.path) for r in speech[1]]).numpy(), 16000,

@@ -148,29 +148,42 @@ class AudioClip:
         return waveform
 
 
+SAMPLE_CODED_WAV = (1, 3, 6, 7)
+"""WAVE format tags whose ``data`` chunk holds whole frames of ``block_align`` bytes: PCM, IEEE
+float, A-law, mu-law. Other codecs (ADPCM, GSM 6.10, ...) code blocks of many samples, and their
+sample count is the ``fact`` chunk's."""
+
+
 def _wav_header_frames(path: Path) -> int | None:
-    """The frames a RIFF/WAVE file's ``data`` chunk header promises (None: not a plain WAV, or a
-    streamed one whose header leaves the size open). libsndfile reports the frames the file really
+    """The frames a RIFF/WAVE file's header promises: its ``data`` chunk's size in frames, or a
+    block-coded file's ``fact`` chunk (None: not a WAV, a streamed one whose header leaves the size
+    open, or a block-coded one without a ``fact``). libsndfile reports the frames the file really
     holds, so a truncated WAV looks whole to it: this is what the header says."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(12)
             if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
                 return None
-            block_align = None
+            block_align = tag = fact = None
             while True:
                 chunk = handle.read(8)
                 if len(chunk) < 8:
-                    return None
+                    return fact
                 name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
                 if name == b"fmt ":
                     fmt = handle.read(size + (size & 1))
+                    tag = struct.unpack("<H", fmt[:2])[0] if len(fmt) >= 2 else None
+                    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: its sub-format's tag
+                        tag = struct.unpack("<H", fmt[24:26])[0]
                     block_align = struct.unpack("<H", fmt[12:14])[0] if len(fmt) >= 14 else None
-                elif name == b"data":
+                elif name == b"fact":
+                    body = handle.read(size + (size & 1))
+                    fact = struct.unpack("<I", body[:4])[0] if len(body) >= 4 else None
+                elif name == b"data" and tag in SAMPLE_CODED_WAV:
                     if not block_align or size in (0, 0xFFFFFFFF):
                         return None
                     return size // block_align
-                else:
+                else:  # a block-coded file's data: its fact chunk may come after it
                     handle.seek(size + (size & 1), 1)
     except OSError:
         return None
@@ -182,7 +195,8 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
     the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest tool; a float
     file's NaN or infinite samples are an error there, and where training reads them);
     without it the header is checked against the file and the last promised sample is read, which
-    costs the same for any length (training's check of every file at start)."""
+    costs the same for any length (training's check of every file at start), except in a file
+    libsndfile cannot seek in, which is read through."""
     try:
         with soundfile.SoundFile(str(path)) as audio:
             frames, channels, rate = audio.frames, audio.channels, audio.samplerate
@@ -192,18 +206,20 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
                 raise AudioError(f"{path}: {channels} channels; {TAKES_MONO}")
             if rate <= 0:
                 raise AudioError(f"{path}: sample rate {rate} Hz")
-            held, failure = (0 if decode else frames), ""
+            # a codec libsndfile cannot seek in (GSM 6.10, G.721, NMS ADPCM) is read through, as decode does
+            read_through = decode or not audio.seekable()
+            held, failure = (0 if read_through else frames), ""
             try:
-                if decode:
-                    for block in audio.blocks(blocksize=1 << 16):
-                        if not np.isfinite(block).all():
+                if read_through:
+                    while len(block := audio.read(1 << 16)):
+                        if decode and not np.isfinite(block).all():
                             raise AudioError(f"{path}: samples that are NaN or infinite (from sample {held} on)")
                         held += len(block)
                 elif frames:
                     audio.seek(frames - 1)
                     held = frames if len(audio.read(1)) == 1 else 0
             except RuntimeError as error:  # soundfile's LibsndfileError among them
-                held, failure = (held if decode else 0), f" ({error})"
+                held, failure = (held if read_through else 0), f" ({error})"
     except AudioError:
         raise
     except READ_ERRORS as error:
@@ -214,7 +230,7 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
     if promised == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     if held < promised:
-        holds = f"the file holds {held}" if decode or not failure else "its end cannot be read"
+        holds = f"the file holds {held}" if read_through or not failure else "its end cannot be read"
         raise AudioError(f"{path}: truncated: the header promises {promised} samples, {holds}{failure}; "
                          "re-export or remove the file")
     return round(held * SAMPLE_RATE / rate)
