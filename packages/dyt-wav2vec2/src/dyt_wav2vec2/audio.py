@@ -397,8 +397,9 @@ def _version(stat: os.stat_result) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-INSPECT_VERSION = 1
-"""Part of the key of :func:`inspected`'s stored results: a change to :func:`inspect_audio` makes old ones stale."""
+INSPECT_VERSION = 2
+"""Part of the key of :func:`inspected`'s stored results: a change to :func:`inspect_audio` makes old ones stale
+(2: block-coded WAVs checked against their fact chunk, and read through where libsndfile cannot seek)."""
 
 
 def file_stats(rows: list[Utterance]) -> dict[Path, os.stat_result]:
