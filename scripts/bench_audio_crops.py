@@ -1,8 +1,9 @@
 """One wav2vec 2.0 pretraining batch collated from long recordings: each file decoded whole (what
 the batches did before 2026-12-08) against :class:`dyt_wav2vec2.audio.AudioClip`, which reads a
 16 kHz WAV / FLAC / AIFF file for its crop alone. Both are timed in interleaved rounds in one
-process (median), with the peak memory one batch's reading allocates (tracemalloc, which sees
-soundfile's numpy buffers), and the two batches are checked to be the same tensor.
+process (median), then the peak memory one batch's reading allocates is traced (tracemalloc,
+which sees soundfile's numpy buffers, not torch's own allocations such as a resampling's), and the
+two batches of every round are checked to be the same tensor.
 
 Without ``--file`` it writes a 10-minute 16 kHz recording (a gliding tone with noise) as 16-bit
 FLAC and WAV in a temporary folder and times each.
@@ -46,21 +47,24 @@ def collate(path: Path, clips: int, crop: int, whole: bool, seed: int) -> torch.
 
 
 def measure(path: Path, clips: int, crop: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Per way of reading: (median ms a batch, peak MiB one batch allocates)."""
-    times: dict[str, list[float]] = {"decoded whole": [], "read for the crop": []}
-    peaks: dict[str, float] = {}
+    """Per way of reading: (median ms a batch, peak MiB one batch allocates). The rounds are timed
+    without tracemalloc (it slows every allocation); one more batch each way is then traced."""
+    ways = {"decoded whole": True, "read for the crop": False}
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for round_index in range(rounds):
         batches = {}
-        for name in (list(times) if round_index % 2 else list(times)[::-1]):
-            whole = name == "decoded whole"
-            tracemalloc.start()
+        for name in (list(ways) if round_index % 2 else list(ways)[::-1]):
             start = time.perf_counter()
-            batches[name] = collate(path, clips, crop, whole, round_index)
+            batches[name] = collate(path, clips, crop, ways[name], round_index)
             times[name].append((time.perf_counter() - start) * 1e3)
-            peaks[name] = max(peaks.get(name, 0.0), tracemalloc.get_traced_memory()[1] / 2**20)
-            tracemalloc.stop()
         if not torch.equal(*batches.values()):
             raise SystemExit(f"bench_audio_crops.py: {path}: the two batches of round {round_index} differ")
+    peaks = {}
+    for name, whole in ways.items():
+        tracemalloc.start()
+        collate(path, clips, crop, whole, 0)
+        peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return {name: (statistics.median(values), peaks[name]) for name, values in times.items()}
 
 
@@ -76,10 +80,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for path in args.files or long_recordings(Path(folder), 10):
             info = soundfile.info(str(path))
+            results = measure(path, args.clips, args.crop, args.rounds)
             print(f"{path.name}: {info.frames / info.samplerate:.0f} s at {info.samplerate} Hz, "
                   f"{path.stat().st_size / 2**20:.1f} MiB; {args.clips} clips of {args.crop} samples, "
                   f"median of {args.rounds} interleaved rounds; the batches equal")
-            results = measure(path, args.clips, args.crop, args.rounds)
             whole = results["decoded whole"][0]
             for name, (ms, peak) in results.items():
                 print(f"  {name:18s} {ms:9.2f} ms  {ms / whole:6.3f} x whole  peak {peak:8.1f} MiB")

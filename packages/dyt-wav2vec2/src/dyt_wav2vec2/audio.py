@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import soundfile
 import torch
 import torchaudio
@@ -57,6 +56,13 @@ def _unreadable(name: str, error: BaseException) -> AudioError:
     return AudioError(f"{name}: unreadable audio ({getattr(error, 'error_string', None) or error})")
 
 
+def _length_unknown(name: str) -> AudioError:
+    """A file whose length libsndfile does not know (a FLAC written to a pipe leaves it open in its
+    header): soundfile cannot read it, whole or in blocks (its reads seek, which fails there)."""
+    return AudioError(f"{name}: unreadable audio (its header does not give its length, as a FLAC written to a pipe "
+                      "leaves it: soundfile cannot read it); re-encode it from a file, e.g. ffmpeg -i in.flac out.flac")
+
+
 def _refuse_non_finite(name: str, waveform: torch.Tensor, start: int | None = None) -> None:
     """An AudioError naming the NaN or infinite samples of ``waveform``, the whole file or its samples
     from ``start`` on: a float WAV can hold them, and the loss would turn NaN at the first step."""
@@ -64,15 +70,20 @@ def _refuse_non_finite(name: str, waveform: torch.Tensor, start: int | None = No
     if not finite.all():
         first = (start or 0) + int((~finite).nonzero()[0])
         count = int((~finite).sum())
-        which = f"{count} samples" if start is None else f"{count} of samples {start} to {start + waveform.numel() - 1}"
-        raise AudioError(f"{name}: {which} are NaN or infinite (first at sample {first})")
+        which = (f"{count} sample{'s' if count != 1 else ''}" if start is None
+                 else f"{count} of samples {start} to {start + waveform.numel() - 1}")
+        raise AudioError(f"{name}: {which} {'is' if count == 1 else 'are'} NaN or infinite (first at sample {first})")
 
 
 def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     """Mono float32 waveform at 16 kHz from a file (or a file object; ``name`` then names it in errors)."""
     name = name or str(path)
     try:
-        data, rate = soundfile.read(path if not isinstance(path, Path) else str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(path if not isinstance(path, Path) else str(path)) as audio:
+            rate = audio.samplerate
+            if audio.frames >= UNKNOWN_FRAMES:  # soundfile's read would ask for 2^63 frames
+                raise _length_unknown(name)
+            data = audio.read(audio.frames, dtype="float32", always_2d=True)  # what soundfile.read asks
     except READ_ERRORS as error:
         raise _unreadable(name, error) from None
     if data.shape[0] == 0:
@@ -86,11 +97,10 @@ def load_audio(path: Path | BinaryIO, name: str | None = None) -> torch.Tensor:
     return waveform
 
 
-SPAN_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF")
+SPAN_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF")
 """The containers a 16 kHz file of which is read a span at a time (:class:`AudioClip`) where
-libsndfile can seek in it and knows its length: it counts their frames from the data itself (MP3's
-it estimates). Others, and these where it cannot seek (GSM 6.10, G.721, NMS ADPCM) or a FLAC whose
-header leaves the length open, are read whole as before."""
+libsndfile can seek in it: it counts their frames from the data itself (MP3's it estimates). Others,
+and these where it cannot seek (GSM 6.10, G.721, NMS ADPCM), are read whole as before."""
 
 UNKNOWN_FRAMES = 2**63 - 1
 """libsndfile's frame count for a file whose length it does not know (SF_COUNT_MAX)."""
@@ -150,25 +160,34 @@ class AudioClip:
 
 SAMPLE_CODED_WAV = (1, 3, 6, 7)
 """WAVE format tags whose ``data`` chunk holds whole frames of ``block_align`` bytes: PCM, IEEE
-float, A-law, mu-law. Other codecs (ADPCM, GSM 6.10, ...) code blocks of many samples, and their
-sample count is the ``fact`` chunk's."""
+float, A-law, mu-law. Other codecs (ADPCM, GSM 6.10, ...) code blocks of many samples."""
 
 
-def _wav_header_frames(path: Path) -> int | None:
-    """The frames a RIFF/WAVE file's header promises: its ``data`` chunk's size in frames, or a
-    block-coded file's ``fact`` chunk (None: not a WAV, a streamed one whose header leaves the size
-    open, or a block-coded one without a ``fact``). libsndfile reports the frames the file really
-    holds, so a truncated WAV looks whole to it: this is what the header says."""
+@dataclass
+class WavHeader:
+    """What a RIFF/WAVE file's header says of its ``data`` chunk (:func:`_wav_header`)."""
+
+    frames: int | None  # the frames its size holds (sample-coded); else the fact chunk's count, where it gives one
+    sample_coded: bool
+    missing_bytes: int  # of the data chunk's declared size, how many the file lacks
+
+
+def _wav_header(path: Path) -> WavHeader | None:
+    """The ``data`` chunk a RIFF/WAVE file's header declares (None: not a WAV, or a streamed one whose
+    header leaves the size open). libsndfile reports the frames the file really holds, so a truncated
+    WAV looks whole to it: this is what the header says. A block-coded file's last block may be
+    partial, and libsndfile counts it whole, so its truncation shows in bytes, not frames."""
     try:
         with open(path, "rb") as handle:
+            size_on_disk = os.fstat(handle.fileno()).st_size  # the open file's: no second stat of the path
             head = handle.read(12)
             if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
                 return None
-            block_align = tag = fact = None
+            block_align = tag = fact = data = None
             while True:
                 chunk = handle.read(8)
                 if len(chunk) < 8:
-                    return fact
+                    break
                 name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
                 if name == b"fmt ":
                     fmt = handle.read(size + (size & 1))
@@ -179,47 +198,54 @@ def _wav_header_frames(path: Path) -> int | None:
                 elif name == b"fact":
                     body = handle.read(size + (size & 1))
                     fact = struct.unpack("<I", body[:4])[0] if len(body) >= 4 else None
-                elif name == b"data" and tag in SAMPLE_CODED_WAV:
-                    if not block_align or size in (0, 0xFFFFFFFF):
+                elif name == b"data":
+                    if size in (0, 0xFFFFFFFF) or not block_align:
                         return None
-                    return size // block_align
-                else:  # a block-coded file's data: its fact chunk may come after it
+                    data = (handle.tell(), size)
+                    if tag in SAMPLE_CODED_WAV:
+                        break
+                    handle.seek(size + (size & 1), 1)  # a block-coded file's fact chunk may come after its data
+                else:
                     handle.seek(size + (size & 1), 1)
     except OSError:
         return None
+    if data is None:
+        return None
+    (start, size), sample_coded = data, tag in SAMPLE_CODED_WAV
+    frames = size // block_align if sample_coded else (fact if fact not in (0, 0xFFFFFFFF) else None)
+    return WavHeader(frames, sample_coded, max(0, start + size - size_on_disk))
 
 
 def inspect_audio(path: Path, decode: bool = False) -> int:
     """The samples at 16 kHz of one audio file as training reads it, or an AudioError naming the file
-    and what is wrong: unreadable, not mono, empty, truncated (the header promises more samples than
-    the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest tool; a float
-    file's NaN or infinite samples are an error there, and where training reads them);
-    without it the header is checked against the file and the last promised sample is read, which
-    costs the same for any length (training's check of every file at start), except in a file
-    libsndfile cannot seek in, which is read through."""
+    and what is wrong: unreadable, not mono, empty, truncated (a WAV whose header promises more samples
+    or bytes than the file holds), or a bad sample rate. ``decode`` reads every sample (the manifest
+    tool; a float file's NaN or infinite samples are an error there, and where training reads them);
+    without it the header is checked against the file and the last sample libsndfile counts is read,
+    which costs the same for any length (training's check of every file at start). A file libsndfile
+    cannot seek in (GSM 6.10, G.721, NMS ADPCM) is taken at libsndfile's count, which follows its
+    bytes; one whose length it does not know (a FLAC written to a pipe) is unreadable to soundfile."""
     try:
         with soundfile.SoundFile(str(path)) as audio:
             frames, channels, rate = audio.frames, audio.channels, audio.samplerate
-            promised = _wav_header_frames(path) if audio.format in ("WAV", "WAVEX") else None
-            promised = max(frames, promised or 0)
+            header = _wav_header(path) if audio.format in ("WAV", "WAVEX") else None
             if channels != 1:
                 raise AudioError(f"{path}: {channels} channels; {TAKES_MONO}")
             if rate <= 0:
                 raise AudioError(f"{path}: sample rate {rate} Hz")
-            # a codec libsndfile cannot seek in (GSM 6.10, G.721, NMS ADPCM) is read through, as decode does
-            read_through = decode or not audio.seekable()
-            held, failure = (0 if read_through else frames), ""
+            if frames >= UNKNOWN_FRAMES:
+                raise _length_unknown(str(path))
+            held, failure = (0 if decode else frames), ""
             try:
-                if read_through:
+                if decode:
                     while len(block := audio.read(1 << 16)):
-                        if decode and not np.isfinite(block).all():
-                            raise AudioError(f"{path}: samples that are NaN or infinite (from sample {held} on)")
+                        _refuse_non_finite(str(path), torch.from_numpy(block), held)
                         held += len(block)
-                elif frames:
+                elif frames and audio.seekable():
                     audio.seek(frames - 1)
                     held = frames if len(audio.read(1)) == 1 else 0
             except RuntimeError as error:  # soundfile's LibsndfileError among them
-                held, failure = (held if read_through else 0), f" ({error})"
+                held, failure = (held if decode else 0), f" ({getattr(error, 'error_string', None) or error})"
     except AudioError:
         raise
     except READ_ERRORS as error:
@@ -227,12 +253,18 @@ def inspect_audio(path: Path, decode: bool = False) -> int:
     except UnicodeEncodeError:  # soundfile passes the name to libsndfile as UTF-8
         raise AudioError(f"{os.fsencode(path)!r}: a file name that is not UTF-8, which soundfile cannot open: "
                          "rename the file") from None
+    # a sample-coded WAV's data size counts its frames; a block-coded one's truncation shows in bytes, below
+    promised = max(frames, header.frames if header and header.sample_coded and header.frames else 0)
     if promised == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     if held < promised:
-        holds = f"the file holds {held}" if read_through or not failure else "its end cannot be read"
+        holds = f"the file holds {held}" if decode or not failure else "its end cannot be read"
         raise AudioError(f"{path}: truncated: the header promises {promised} samples, {holds}{failure}; "
                          "re-export or remove the file")
+    if header and not header.sample_coded and header.missing_bytes:
+        count = f" (of {header.frames} samples in all)" if header.frames else ""
+        raise AudioError(f"{path}: truncated: the header declares {header.missing_bytes} more bytes of coded audio than "
+                         f"the file holds{count}; re-export or remove the file")
     return round(held * SAMPLE_RATE / rate)
 
 
