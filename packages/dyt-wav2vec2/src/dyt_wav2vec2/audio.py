@@ -108,10 +108,10 @@ UNKNOWN_FRAMES = 2**63 - 1
 
 class AudioClip:
     """One file's audio as the pretraining batches read it: its length first (:meth:`numel`), then
-    only the span a crop takes (:meth:`span`). A 16 kHz WAV, FLAC or AIFF file that libsndfile can
-    seek in is read a span at a time, so a ten-minute recording is no longer decoded whole (and held
-    in memory) for each 2 s crop; any other file is decoded whole and resampled at :meth:`numel`,
-    as :func:`load_audio` reads it. For an intact file the samples are the same either way; NaN or
+    only the span a crop takes (:meth:`span`). A 16 kHz WAV (RF64, W64), FLAC or AIFF file that
+    libsndfile can seek in is read a span at a time, so a ten-minute recording is no longer decoded
+    whole (and held in memory) for each 2 s crop; any other file is decoded whole and resampled at
+    :meth:`numel`, as :func:`load_audio` reads it. For an intact file the samples are the same either way; NaN or
     infinite samples, and damage inside a file whose ends read well, are found where a crop reads
     them (decoded whole, at any crop)."""
 
@@ -431,7 +431,7 @@ def _version(stat: os.stat_result) -> tuple:
 
 INSPECT_VERSION = 2
 """Part of the key of :func:`inspected`'s stored results: a change to :func:`inspect_audio` makes old ones stale
-(2: block-coded WAVs checked against their fact chunk, and read through where libsndfile cannot seek)."""
+(2: a block-coded WAV judged truncated by its bytes; a file libsndfile cannot seek in taken at its count)."""
 
 
 def file_stats(rows: list[Utterance]) -> dict[Path, os.stat_result]:
