@@ -418,6 +418,8 @@ def _long_recordings(speech, folder: Path) -> dict[str, Path]:
 
 def test_clips_batch_as_their_loaded_waveforms_and_a_16khz_wav_or_flac_is_read_for_its_crop_alone(
         speech, tmp_path, monkeypatch):
+    """Batches of clips against batches of the loaded waveforms under the same seed, each file at
+    each place: the same tensors; then which files were decoded whole and how many frames were read."""
     paths = _long_recordings(speech, tmp_path)
     names = list(paths)
     for crop in (8000, 10**9):  # a crop of each, and each whole
@@ -443,7 +445,7 @@ def test_clips_batch_as_their_loaded_waveforms_and_a_16khz_wav_or_flac_is_read_f
 
 def _every_subtype(folder: Path, wave: np.ndarray, kinds: tuple[str, ...]) -> list[Path]:
     """``wave`` written at 16 kHz in every subtype libsndfile writes in each of ``kinds``
-    (``{kind}-{subtype}.wav`` / ``.aiff`` / ``.flac``)."""
+    (``{kind}-{subtype}.wav`` / ``.w64`` / ``.aiff`` / ``.flac``)."""
     written = []
     for kind in kinds:
         for subtype in soundfile.available_subtypes(kind):
@@ -491,10 +493,10 @@ def test_a_clip_of_every_wav_aiff_and_flac_subtype_batches_as_its_loaded_wavefor
 
 def test_every_wav_subtype_is_checked_as_training_reads_it_and_refused_cut_in_half(tmp_path):
     """The start-up check of every WAV / WAVEX subtype libsndfile writes: a whole file counts the
-    samples training reads (block-coded ones too: GSM 6.10, G.721 and NMS ADPCM, where libsndfile
-    cannot seek, are read through, where they were refused as truncated), and a file cut in half is
-    refused as truncated, by the fact chunk's count for block-coded ones (ADPCM cut in half had passed
-    as a shorter file)."""
+    samples training reads (GSM 6.10, G.721 and NMS ADPCM too, which libsndfile cannot seek in and
+    which were refused as truncated), and a file cut in half is refused as truncated: by its header's
+    frames where the data holds whole frames, by its data chunk's bytes for block-coded ones (ADPCM
+    cut in half had passed as a shorter file)."""
     wave = (0.3 * np.sin(np.arange(60000) / 10)).astype(np.float32)
     written = _every_subtype(tmp_path, wave, ("WAV", "WAVEX"))
     for path in written:
